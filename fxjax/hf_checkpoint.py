@@ -1,0 +1,237 @@
+"""Stream HF Qwen2.5-VL safetensors checkpoints into an fxjax model, and write them back.
+
+Loading builds the model abstractly (no random init), then reads one tensor at a time, converts it
+to fxjax layout and the target dtype and puts it on its device(s), so host memory stays near the
+model plus the largest tensor. Export gathers one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from fxjax.hf_config import config_to_hub_dict, load_config
+from fxjax.hf_params import canonical_name, hf_name, is_ignored, param_path, to_fxjax, to_hf, transformers_name
+from model import Qwen25VL, Qwen25VLConfig
+from model.qwen2_5_vl import as_dtype
+
+# Files a checkpoint directory carries besides weights and config: copied on export so the output serves.
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+               "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+               "chat_template.jinja", "video_preprocessor_config.json")
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """Where a model came from, so export can reproduce it exactly."""
+
+    directory: str
+    raw_config: dict[str, Any]
+    naming: str  # "hub" or "transformers"
+    dtype: str  # dtype of the tensors on disk
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors.index.json or a single model.safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.exists():
+                raise CheckpointError(f"{index}: names shard {file.name}, which does not exist")
+        return files
+    single = directory / "model.safetensors"
+    if single.exists():
+        with safe_open(str(single), framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, np.ndarray]]:
+    """(name, file, tensor) one at a time, file by file."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="numpy") as f:
+            for name in names:
+                yield name, file, f.get_tensor(name)
+
+
+def abstract_model(cfg: Qwen25VLConfig, dtype, param_dtype) -> Qwen25VL:
+    return nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+
+
+def load_weights(model: Qwen25VL, files: dict[str, Path],
+                 place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> str:
+    """Fill the Params of an (abstract) model from HF tensors; returns the naming scheme seen."""
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    loaded: set[tuple] = set()
+    naming = "hub"
+    place = place or (lambda path, array: jnp.asarray(array))
+    for name, file, tensor in iter_tensors(files):
+        if is_ignored(name):
+            continue
+        if name.startswith(("model.visual.", "model.language_model.")):
+            naming = "transformers"
+        canonical = canonical_name(name)
+        if canonical == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # tied: HF ignores a stored lm_head too
+        path = param_path(canonical)
+        if path is not None and path not in params and path[-1] == "weight":
+            path = path[:-1] + ("kernel",)
+        if path is None or path not in params:
+            raise CheckpointError(f"{file}: tensor {name!r} does not belong to this Qwen2.5-VL config")
+        variable = params[path]
+        array = to_fxjax(tensor, path[-1], tensor.ndim)
+        if array.shape != tuple(variable.shape):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tensor.shape}, expected {_hf_shape(variable.shape, path)} "
+                f"for this config")
+        variable.set_value(place(path, array.astype(variable.dtype)))
+        loaded.add(path)
+        del tensor, array
+    missing = [hf_name(p) for p in params if p not in loaded]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+    return naming
+
+
+def _hf_shape(shape, path) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
+
+
+def _disk_dtype(files: dict[str, Path]) -> str:
+    name, file = next(iter(files.items()))
+    with safe_open(str(file), framework="numpy") as f:
+        return str(f.get_slice(name).get_dtype()).lower().replace("bf16", "bfloat16").replace(
+            "f32", "float32").replace("f16", "float16")
+
+
+def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None) -> Qwen25VL:
+    """Load an HF Qwen2.5-VL checkpoint directory. `dtype` is the compute dtype; weights are stored
+    in `param_dtype` (default: the same)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    cfg, raw = load_config(directory)
+    files = weight_files(directory)
+    model = abstract_model(cfg, as_dtype(dtype), as_dtype(param_dtype or dtype))
+    naming = load_weights(model, files)
+    model.hf_source = HFSource(str(directory), raw, naming, _disk_dtype(files))
+    return model
+
+
+def _patch_embed_shape(cfg: Qwen25VLConfig) -> tuple[int, ...]:
+    v = cfg.vision
+    return (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+
+
+def hf_tensors(model: Qwen25VL, naming: str = "hub") -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(HF name, thunk giving the host tensor) for each parameter; a thunk gathers one tensor."""
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = hf_name(path)
+        if naming == "transformers":
+            name = transformers_name(name)
+        shape = _patch_embed_shape(model.config) if name.endswith("patch_embed.proj.weight") else None
+
+        def thunk(variable=variable, path=path, shape=shape) -> np.ndarray:
+            return to_hf(np.asarray(jax.device_get(variable[...])), path, shape)
+
+        yield name, thunk
+
+
+def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
+                    max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write config.json, generation_config.json and sharded safetensors with an index.
+
+    dtype defaults to the dtype the checkpoint had on disk (or the parameter dtype for a model
+    not loaded from HF), so HF -> fxjax -> HF reproduces every tensor bit for bit.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source: HFSource | None = getattr(model, "hf_source", None)
+    dtype = dtype or (source.dtype if source else jnp.dtype(_param_dtype(model)).name)
+    if dtype not in _NP_DTYPES:
+        raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
+    naming = source.naming if source else "hub"
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    weight_map: dict[str, str] = {}
+    total = 0
+    written: list[str] = []
+
+    def flush(final: bool) -> None:
+        if not shards[-1]:
+            return
+        name = f"model-{len(written) + 1:05d}.safetensors"
+        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+        for key in shards[-1]:
+            weight_map[key] = name
+        written.append(name)
+        shards[-1] = {}
+        sizes[-1] = 0
+
+    for name, thunk in hf_tensors(model, naming):
+        array = thunk().astype(_NP_DTYPES[dtype])
+        if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+            flush(final=False)
+        shards[-1][name] = array
+        sizes[-1] += array.nbytes
+        total += array.nbytes
+    flush(final=True)
+    count = len(written)
+    renamed = {}
+    for i, old in enumerate(written, start=1):
+        new = f"model-{i:05d}-of-{count:05d}.safetensors"
+        (out / old).rename(out / new)
+        renamed[old] = new
+    weight_map = {k: renamed[v] for k, v in sorted(weight_map.items())}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+    raw = dict(source.raw_config) if source else config_to_hub_dict(model.config, dtype)
+    if source:
+        raw["torch_dtype" if "torch_dtype" in raw else "dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    _write_generation_config(model.config, out, source)
+    if source:
+        for side in _SIDE_FILES:
+            if (Path(source.directory) / side).exists():
+                shutil.copy(Path(source.directory) / side, out / side)
+    return out
+
+
+def _param_dtype(model: Qwen25VL):
+    return model.embed_tokens.embedding.dtype
+
+
+def _write_generation_config(cfg: Qwen25VLConfig, out: Path, source: HFSource | None) -> None:
+    if source and (Path(source.directory) / "generation_config.json").exists():
+        shutil.copy(Path(source.directory) / "generation_config.json", out / "generation_config.json")
+        return
+    eos: Any = list(cfg.eos_token_id) if len(cfg.eos_token_id) != 1 else cfg.eos_token_id[0]
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
+           "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))

@@ -1,0 +1,165 @@
+"""Read and write HF Qwen2.5-VL config.json in both layouts.
+
+Hub releases are flat (text fields at the top level, `rope_theta`, `rope_scaling: {type: mrope,
+mrope_section}`); transformers 5.x writes a nested `text_config` with `rope_parameters`. Every token id
+comes from the file, never from a literal here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from model.config import Qwen25VLConfig, TextConfig, VisionConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _rope(section: dict[str, Any]) -> dict[str, Any]:
+    """The rope dict of a text section, whichever key holds it (rope_parameters wins)."""
+    rope = section.get("rope_parameters") or section.get("rope_scaling") or {}
+    return rope if isinstance(rope, dict) else {}
+
+
+def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
+    """`flat` is the top-level dict (Hub layout) or text_config (transformers 5.x) merged over it."""
+    rope = _rope(flat)
+    theta = rope.get("rope_theta", flat.get("rope_theta", 1000000.0))
+    section = rope.get("mrope_section")
+    if section is None:
+        raise ConfigError(f"{source}: no mrope_section in rope_parameters/rope_scaling")
+    if flat.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5-VL releases have it off)")
+    try:
+        heads = int(flat["num_attention_heads"])
+        return TextConfig(
+            vocab_size=int(flat["vocab_size"]),
+            hidden_size=int(flat["hidden_size"]),
+            intermediate_size=int(flat["intermediate_size"]),
+            num_hidden_layers=int(flat["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(flat.get("num_key_value_heads") or heads),
+            hidden_act=str(flat.get("hidden_act", "silu")),
+            rms_norm_eps=float(flat.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            mrope_section=tuple(int(s) for s in section),
+            max_position_embeddings=int(flat.get("max_position_embeddings", 128000)),
+        )
+    except KeyError as err:
+        raise ConfigError(f"{source}: missing text config key {err.args[0]!r}") from None
+
+
+def vision_config_from_dict(v: dict[str, Any], source: str) -> VisionConfig:
+    rope = v.get("rope_parameters") or {}
+    try:
+        return VisionConfig(
+            depth=int(v["depth"]),
+            hidden_size=int(v["hidden_size"]),
+            intermediate_size=int(v["intermediate_size"]),
+            num_heads=int(v["num_heads"]),
+            in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+            patch_size=int(v.get("patch_size", 14)),
+            temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+            spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+            window_size=int(v.get("window_size", 112)),
+            fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            out_hidden_size=int(v["out_hidden_size"]),
+            hidden_act=str(v.get("hidden_act", "silu")),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+        )
+    except KeyError as err:
+        raise ConfigError(f"{source}: missing vision_config key {err.args[0]!r}") from None
+
+
+def _eos_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> Qwen25VLConfig:
+    if raw.get("model_type") not in (None, "qwen2_5_vl"):
+        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not 'qwen2_5_vl'")
+    if "vision_config" not in raw:
+        raise ConfigError(f"{source}: no vision_config")
+    nested = raw.get("text_config")
+    text_section = {**raw, **nested} if isinstance(nested, dict) else raw
+    text = text_config_from_dict(text_section, source)
+    vision = vision_config_from_dict(raw["vision_config"], source)
+    tie = bool(raw.get("tie_word_embeddings", False) or text_section.get("tie_word_embeddings", False))
+    try:
+        return Qwen25VLConfig(
+            vision=vision, text=text, tie_word_embeddings=tie,
+            image_token_id=int(raw.get("image_token_id", text_section.get("image_token_id", 151655))),
+            video_token_id=int(raw.get("video_token_id", text_section.get("video_token_id", 151656))),
+            vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
+            vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
+            bos_token_id=text_section.get("bos_token_id"),
+            eos_token_id=_eos_tuple(text_section.get("eos_token_id")),
+            pad_token_id=text_section.get("pad_token_id"),
+        )
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(path: str | Path) -> tuple[Qwen25VLConfig, dict[str, Any]]:
+    """(parsed config, raw dict) from a checkpoint directory or a config.json path."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        raise ConfigError(f"{file}: not found (expected an HF Qwen2.5-VL checkpoint directory)")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file}: invalid JSON ({err})") from None
+    return config_from_dict(raw, str(file)), raw
+
+
+def config_to_hub_dict(cfg: Qwen25VLConfig, dtype: str) -> dict[str, Any]:
+    """The flat Hub layout, which both transformers 4.x and 5.x read."""
+    t, v = cfg.text, cfg.vision
+    eos: Any = list(cfg.eos_token_id) if len(cfg.eos_token_id) != 1 else cfg.eos_token_id[0]
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "torch_dtype": dtype,
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "hidden_act": t.hidden_act,
+        "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rope_theta": t.rope_theta,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+        "use_sliding_window": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": cfg.pad_token_id,
+        "image_token_id": cfg.image_token_id,
+        "video_token_id": cfg.video_token_id,
+        "vision_start_token_id": cfg.vision_start_token_id,
+        "vision_end_token_id": cfg.vision_end_token_id,
+        "vision_config": {
+            "model_type": "qwen2_5_vl",
+            "depth": v.depth,
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads,
+            "in_chans": v.in_channels,
+            "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "out_hidden_size": v.out_hidden_size,
+            "hidden_act": v.hidden_act,
+            "tokens_per_second": 2,
+        },
+    }

@@ -1,0 +1,35 @@
+"""Fixed-size KV cache for prefill + one-token decode steps under jit."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class KVCache(NamedTuple):
+    keys: tuple[jax.Array, ...]  # per layer [B, S, KVH, D]
+    values: tuple[jax.Array, ...]
+    key_mask: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
+    length: jax.Array  # int32 scalar: slots written so far
+
+    @classmethod
+    def init(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        return cls(
+            keys=tuple(zeros for _ in range(num_layers)),
+            values=tuple(zeros for _ in range(num_layers)),
+            key_mask=jnp.zeros((batch, max_len), bool),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return int(self.key_mask.shape[1])
+
+
+def write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, L, ...] into buffer [B, S, ...] at slot `start`."""
+    index = (jnp.zeros((), jnp.int32), start.astype(jnp.int32)) + (jnp.zeros((), jnp.int32),) * (buffer.ndim - 2)
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), index)

@@ -1,0 +1,94 @@
+"""Basic NNX layers with HF Qwen2.5-VL numerics: Linear, RMSNorm, Embedding, activations."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _init_normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, scale: float) -> jax.Array:
+    return (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, kernel stored [in, out] (HF stores [out, in]; import transposes).
+
+    Parameters live in `param_dtype`; the matmul runs in `dtype` (the compute dtype).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        scale = 1.0 / math.sqrt(in_features)
+        self.kernel = nnx.Param(_init_normal(rngs, (in_features, out_features), param_dtype, scale))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF Qwen2RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(in_dtype)
+        return self.weight[...].astype(in_dtype) * normed
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.embedding = nnx.Param(_init_normal(rngs, (num_embeddings, features), param_dtype, 0.02))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied lm_head: logits = x @ embedding.T."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)); the vision MLP has biases, the decoder's has none."""
+
+    def __init__(self, hidden: int, intermediate: int, *, act: str, use_bias: bool, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Linear(hidden, intermediate, **kw)
+        self.up_proj = Linear(hidden, intermediate, **kw)
+        self.down_proj = Linear(intermediate, hidden, **kw)
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

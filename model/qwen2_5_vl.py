@@ -1,0 +1,76 @@
+"""Qwen2.5-VL for conditional generation as one Flax NNX module."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import Qwen25VLConfig
+from model.decoder import TextDecoder
+from model.inputs import ModelInputs, prepare_inputs
+from model.kv_cache import KVCache
+from model.layers import Embedding, Linear
+from model.vision import VisionEncoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+class Qwen25VL(nnx.Module):
+    """Vision encoder + merger + decoder + lm_head.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights.
+    Call it like the HF model (`model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...)`)
+    for logits; training code calls `hidden_states` / `logits` on prepared `ModelInputs` inside jit.
+    """
+
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+        self.config = cfg
+        self.dtype = dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.visual = VisionEncoder(cfg.vision, **kw)
+        self.embed_tokens = Embedding(cfg.text.vocab_size, cfg.text.hidden_size, **kw)
+        self.decoder = TextDecoder(cfg.text, **kw)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, **kw)
+
+    def embed(self, inputs: ModelInputs) -> jax.Array:
+        """Token embeddings with the merged image features placed at the image-pad positions."""
+        x = self.embed_tokens(inputs.input_ids)
+        if inputs.vision is not None:
+            features = self.visual(inputs.vision).astype(x.dtype)
+            placed = jnp.take(features, inputs.image_feature_index, axis=0)
+            is_image = (inputs.input_ids == self.config.image_token_id)[..., None]
+            x = jnp.where(is_image, placed, x)
+        return x
+
+    def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        return self.decoder(self.embed(inputs), inputs.position_ids, inputs.attention_mask, cache)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> ModelInputs:
+        return prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        """HF-shaped inputs -> logits [B, L, vocab] (float32 when computing in float32)."""
+        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+        return _forward_logits(self, inputs)
+
+
+@nnx.jit
+def _forward_logits(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
+    hidden, _ = model.hidden_states(inputs)
+    return model.logits(hidden)

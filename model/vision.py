@@ -1,0 +1,106 @@
+"""Qwen2.5-VL vision encoder: patch embedding, window/full-attention blocks, patch merger."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import dot_product_attention
+from model.config import VisionConfig
+from model.layers import GatedMLP, Linear, RMSNorm
+from model.rope import apply_rotary, vision_rotary
+
+
+class VisionInputs(NamedTuple):
+    """Device-side vision batch, in padded window order (see model.vision_layout)."""
+
+    patches: jax.Array  # [P, patch_dim] pixel rows (zeros in padding slots)
+    valid: jax.Array  # [P] bool
+    segment_ids: jax.Array  # [P] int32
+    pos_hw: jax.Array  # [P, 2] int32
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.num_heads = cfg.num_heads
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, **kw)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        *lead, dim = x.shape
+        qkv = self.qkv(x).reshape(*lead, 3, self.num_heads, dim // self.num_heads)
+        q = apply_rotary(qkv[..., 0, :, :], cos, sin, upcast=True)
+        k = apply_rotary(qkv[..., 1, :, :], cos, sin, upcast=True)
+        out = dot_product_attention(q, k, qkv[..., 2, :, :], mask)
+        return self.proj(out.reshape(*lead, dim))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=True,
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then 2x2 neighbouring patches concatenated -> Linear -> exact GELU -> Linear."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        merged = cfg.hidden_size * cfg.merge_unit
+        self.merge_unit = cfg.merge_unit
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.fc1 = Linear(merged, merged, use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc2 = Linear(merged, cfg.out_hidden_size, use_bias=True, rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x)
+        x = x.reshape(x.shape[0] // self.merge_unit, -1)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionEncoder(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def encode(self, inputs: VisionInputs) -> jax.Array:
+        """Patch tokens after the last block, [P, hidden] (before the merger)."""
+        cfg = self.cfg
+        slots = cfg.window_merged_side ** 2 * cfg.merge_unit
+        n = inputs.valid.shape[0]
+        x = self.patch_embed(inputs.patches)
+        cos, sin = vision_rotary(inputs.pos_hw, cfg.head_dim, cfg.rope_theta)
+
+        valid = inputs.valid
+        full_mask = (inputs.segment_ids[:, None] == inputs.segment_ids[None, :]) & valid[None, :]
+        win_valid = valid.reshape(-1, slots)
+        window_mask = win_valid[:, None, :] & jnp.ones((1, slots, 1), bool)
+        win_cos, win_sin = cos.reshape(-1, slots, cos.shape[-1]), sin.reshape(-1, slots, sin.shape[-1])
+
+        fullatt = set(cfg.fullatt_block_indexes)
+        for i, block in enumerate(self.blocks):
+            if i in fullatt:
+                x = block(x, cos, sin, full_mask)
+            else:
+                x = block(x.reshape(-1, slots, x.shape[-1]), win_cos, win_sin, window_mask).reshape(n, -1)
+        return x
+
+    def __call__(self, inputs: VisionInputs) -> jax.Array:
+        """Merged image tokens in padded window order, [P // merge_unit, out_hidden]."""
+        return self.merger(self.encode(inputs))
