@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random HF Qwen2.5-VL checkpoints built with torch + save_pretrained (the oracle)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Non-default token ids inside a small vocab: proves every id comes from the config.
+TINY_TOKENS = dict(image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+
+
+def tiny_hf_config(*, vocab_size=128, hidden=32, layers=2, heads=4, kv_heads=2, vision_depth=3,
+                   vision_hidden=32, vision_heads=2, window_size=56, fullatt=(1,), tie=False,
+                   mrope_section=(2, 1, 1)):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=48,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "mrope_section": list(mrope_section),
+                                          "rope_theta": 1e6},
+                         tie_word_embeddings=tie),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=40,
+                           num_heads=vision_heads, out_hidden_size=hidden, fullatt_block_indexes=list(fullatt),
+                           window_size=window_size),
+        tie_word_embeddings=tie,
+        **TINY_TOKENS,
+    )
+
+
+def build_hf_model(seed: int = 0, **config_overrides):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(**config_overrides)).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb them so a mis-mapped tensor shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf_model(model, directory: Path, **kwargs) -> Path:
+    model.save_pretrained(str(directory), **kwargs)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny untied checkpoint (fp32, Hub naming) with its HF model's path."""
+    directory = tmp_path_factory.mktemp("tiny")
+    return save_hf_model(build_hf_model(), directory)
+
+
+def image_prompt(grids, rng: np.random.RandomState, *, prefix=(5, 6), between=(7, 8), suffix=(9, 10, 11)):
+    """Token ids with each image as <vision_start> <image_pad> * n <vision_end>, plus random pixel rows."""
+    ids = list(prefix)
+    for i, (t, h, w) in enumerate(grids):
+        if i:
+            ids += list(between)
+        ids += [TINY_TOKENS["vision_start_token_id"]] + [TINY_TOKENS["image_token_id"]] * (t * h * w // 4)
+        ids += [TINY_TOKENS["vision_end_token_id"]]
+    ids += list(suffix)
+    rows = int(sum(t * h * w for t, h, w in grids))
+    pixel_values = rng.randn(rows, 3 * 2 * 14 * 14).astype(np.float32)
+    return np.array(ids, dtype=np.int64), pixel_values, np.array(grids, dtype=np.int64)
+
+
+def mm_token_type_ids(input_ids: np.ndarray) -> np.ndarray:
+    """What HF's processor returns (1 at image tokens); transformers 5.x needs it for 3D positions."""
+    return (input_ids == TINY_TOKENS["image_token_id"]).astype(np.int64)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
