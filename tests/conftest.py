@@ -87,3 +87,31 @@ def mm_token_type_ids(input_ids: np.ndarray) -> np.ndarray:
 def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+# ---- helpers shared by test_parity.py and test_hf_io.py -------------------------------------------
+
+def load_hf_model(directory, dtype="float32"):
+    """The transformers oracle loaded from a saved checkpoint directory (eval mode)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(directory), dtype=getattr(torch, dtype)).eval()
+
+
+def hf_logits(hf_model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> np.ndarray:
+    """HF logits as float32 numpy; passes mm_token_type_ids so transformers 5.x builds 3D M-RoPE positions."""
+    import torch
+
+    input_ids = np.asarray(input_ids)
+    kwargs = dict(input_ids=torch.as_tensor(input_ids, dtype=torch.long), use_cache=False)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    if pixel_values is not None:
+        kwargs["pixel_values"] = torch.as_tensor(np.asarray(pixel_values)).to(hf_model.dtype)
+        kwargs["image_grid_thw"] = torch.as_tensor(np.asarray(image_grid_thw), dtype=torch.long)
+        kwargs["mm_token_type_ids"] = torch.as_tensor(mm_token_type_ids(input_ids))
+    hf_model.model.rope_deltas = None  # HF caches rope deltas between calls; keep each call independent
+    with torch.no_grad():
+        return hf_model(**kwargs).logits.float().numpy()

@@ -1,0 +1,33 @@
+"""Random-initialised models from a config or preset (the same object from_pretrained returns)."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from fxjax.presets import load_preset
+from model import Qwen25VL, Qwen25VLConfig
+
+
+def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "float32",
+               param_dtype: str | None = None) -> Qwen25VL:
+    """A Qwen2.5-VL with random weights; `config` may be a preset name or YAML path."""
+    cfg = load_preset(config) if isinstance(config, str) else config
+    return Qwen25VL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype or dtype)
+
+
+def parameter_counts(model: Qwen25VL) -> dict[str, int]:
+    """Parameters per top-level component (visual, embed_tokens, decoder, lm_head)."""
+    counts: dict[str, int] = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        counts[str(path[0])] = counts.get(str(path[0]), 0) + int(value.size)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def abstract_parameter_counts(cfg: Qwen25VLConfig) -> dict[str, int]:
+    """Same as parameter_counts without allocating weights (works for 72B on a laptop)."""
+    abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+    return parameter_counts(abstract)
+
+
+__all__ = ["init_model", "parameter_counts", "abstract_parameter_counts"]

@@ -1,0 +1,57 @@
+"""Model presets: YAML files in configs/models mapped onto the typed model config."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import Qwen25VLConfig, TextConfig, VisionConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESET_DIR = CONFIG_DIR / "models"
+
+
+class PresetError(ValueError):
+    pass
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise PresetError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise PresetError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise PresetError(f"{where}: {err}") from None
+
+
+def config_from_yaml_dict(data: dict[str, Any], where: str) -> Qwen25VLConfig:
+    data = dict(data or {})
+    text = _build(TextConfig, data.pop("text", {}), f"{where}: text")
+    vision = _build(VisionConfig, data.pop("vision", {}), f"{where}: vision")
+    return _build(Qwen25VLConfig, {**data, "text": text, "vision": vision}, where)
+
+
+def load_preset(name_or_path: str | Path) -> Qwen25VLConfig:
+    """A preset name (tiny, 3b, 7b, 32b, 72b) or a path to a YAML file of the same shape."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise PresetError(f"model preset {str(name_or_path)!r} not found; presets: {preset_names()}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PresetError(f"{path}: invalid YAML ({err})") from None
+    return config_from_yaml_dict(data, str(path))

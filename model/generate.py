@@ -1,0 +1,235 @@
+"""Autoregressive decoding with the KV cache: one jitted prefill, then one jitted decode loop.
+
+Layers, from low to high:
+
+* `prefill(model, inputs, cache_len)` and `decode_step(model, tokens, positions, cache)` are plain
+  traceable functions on the module (no jit of their own), for callers that build their own jitted
+  loop (e.g. a GRPO sampler).
+* `decode_loop(model, first_logits, cache, positions, ...)` runs the whole decode as one
+  `jax.lax.while_loop` (greedy, or sampling with a temperature), stopping once every row has emitted
+  EOS; no host round trip per token.
+* `generate` / `greedy_generate` take HF-shaped inputs and return what HF `generate` returns: the
+  prompt followed by the generated tokens, with `pad_token_id` after a row's EOS, and as many new
+  columns as steps were run (fewer than `max_new_tokens` when every row finished early).
+
+Positions: the k-th generated token (k = 0, 1, ...) of a row sits at position
+`valid_prompt_length + k + rope_delta = max prompt position + 1 + k` on all three M-RoPE axes. HF
+`generate` continues each axis from the prompt's last position (`position_ids[..., -1] + 1 + k`); for a
+left-padded prompt that ends in a text token (always the case: an image is closed by
+<vision_end>), all axes of the last position equal the maximum, so the two agree. The rope-delta form
+also stays right for a right-padded prompt: logits are taken at each row's last real token and the
+padding slots stay masked in the cache.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.inputs import ModelInputs
+from model.kv_cache import KVCache
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # [B, N] int32 generated tokens, pad_token_id after a row's EOS (and past num_steps)
+    logprobs: jax.Array  # [B, N] float32 log-softmax of the model's (untempered) logits at the chosen token; 0 at pads
+    finished: jax.Array  # [B] bool: the row emitted EOS
+    num_steps: jax.Array  # int32 scalar: tokens generated per row (columns of `tokens` filled), <= N
+
+
+# ----------------------------------------------------------------------------------------------------
+# Traceable building blocks.
+
+
+def init_cache(model, batch: int, cache_len: int) -> KVCache:
+    t = model.config.text
+    return KVCache.init(t.num_hidden_layers, batch, cache_len, t.num_key_value_heads, t.head_dim, model.dtype)
+
+
+def next_positions(inputs: ModelInputs):
+    """Position (all three axes) of the first generated token per row: valid length + rope delta. [B] int32."""
+    xp = np if isinstance(inputs.attention_mask, np.ndarray) else jnp
+    valid = xp.sum(xp.asarray(inputs.attention_mask).astype(xp.int32), axis=-1)
+    return (valid + xp.asarray(inputs.rope_deltas).astype(xp.int32)).astype(xp.int32)
+
+
+def prefill(model, inputs: ModelInputs, cache_len: int) -> tuple[jax.Array, KVCache]:
+    """Run the prompt through the model, writing slots [0, L) of a fresh cache of `cache_len` slots.
+
+    Returns the logits at each row's last real token [B, vocab] and the cache.
+    """
+    b, length = inputs.input_ids.shape
+    if cache_len < length:
+        raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({length})")
+    cache = init_cache(model, b, cache_len)
+    hidden, cache = model.hidden_states(inputs, cache)
+    mask = jnp.asarray(inputs.attention_mask).astype(bool)
+    # Last real token: the last column under left padding; the last 1 of the mask in general.
+    last = length - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
+    return model.logits(last_hidden)[:, 0], cache
+
+
+def decode_step(model, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row (tokens [B]) at `positions` [B] (same on the three M-RoPE axes) into the
+    next cache slot. Returns logits [B, vocab] and the updated cache."""
+    b = tokens.shape[0]
+    ids = tokens.astype(jnp.int32)[:, None]
+    pos = jnp.broadcast_to(positions.astype(jnp.int32)[None, :, None], (3, b, 1))
+    inputs = ModelInputs(
+        input_ids=ids,
+        attention_mask=jnp.ones((b, 1), jnp.int32),
+        position_ids=pos,
+        rope_deltas=jnp.zeros((b,), jnp.int32),
+        image_feature_index=jnp.zeros((b, 1), jnp.int32),
+        vision=None,
+    )
+    hidden, cache = model.hidden_states(inputs, cache)
+    return model.logits(hidden)[:, 0], cache
+
+
+def _choose(logits: jax.Array, greedy: bool, temperature, key) -> tuple[jax.Array, jax.Array]:
+    """Pick a token per row; also return its log-prob under the untempered logits."""
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        token = jax.random.categorical(key, logits / temperature, axis=-1)
+    token = token.astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logp
+
+
+def _is_eos(token: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    return jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+
+
+def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.Array, *, max_new_tokens: int,
+                eos_ids: jax.Array, pad_id, greedy: bool = True, temperature=1.0,
+                rng: jax.Array | None = None) -> tuple[GenerateOutput, KVCache]:
+    """Generate up to `max_new_tokens` tokens in one `lax.while_loop`.
+
+    first_logits [B, vocab] come from `prefill`; positions [B] is the position of the first generated
+    token (`next_positions`). Token k is fed back at position positions + k into cache slot
+    cache.length. The loop stops when every row has emitted one of eos_ids [E] (int32), like HF; tokens
+    after a row's EOS are pad_id. `cache` needs max_new_tokens - 1 free slots.
+    """
+    b = first_logits.shape[0]
+    n = max_new_tokens
+    eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+    pad_id = jnp.asarray(pad_id, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    if greedy:
+        rng = jax.random.key(0)  # unused
+    elif rng is None:
+        raise ValueError("sampling (greedy=False) needs an rng key")
+
+    token, logp = _choose(first_logits, greedy, temperature, jax.random.fold_in(rng, 0))
+    finished = _is_eos(token, eos_ids)
+    tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
+
+    def cond(carry):
+        step, _, _, _, _, finished = carry
+        return (step < n) & ~jnp.all(finished)
+
+    def body(carry):
+        step, cache, tokens, logprobs, previous, finished = carry
+        logits, cache = decode_step(model, previous, positions + step - 1, cache)
+        token, logp = _choose(logits, greedy, temperature, jax.random.fold_in(rng, step))
+        token = jnp.where(finished, pad_id, token)
+        logp = jnp.where(finished, 0.0, logp)
+        finished = finished | _is_eos(token, eos_ids)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (jnp.int32(0), step))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, logp[:, None], (jnp.int32(0), step))
+        return step + 1, cache, tokens, logprobs, token, finished
+
+    carry = (jnp.int32(1), cache, tokens, logprobs, token, finished)
+    step, cache, tokens, logprobs, _, finished = jax.lax.while_loop(cond, body, carry)
+    return GenerateOutput(tokens, logprobs, finished, step), cache
+
+
+# ----------------------------------------------------------------------------------------------------
+# Jitted stages (the model goes through nnx.jit; it is only read, never updated).
+
+
+@nnx.jit(static_argnames=("cache_len",))
+def prefill_jit(model, inputs: ModelInputs, cache_len: int) -> tuple[jax.Array, KVCache]:
+    return prefill(model, inputs, cache_len)
+
+
+@nnx.jit(static_argnames=("max_new_tokens", "greedy"))
+def decode_loop_jit(model, first_logits, cache, positions, eos_ids, pad_id, temperature, rng, *,
+                    max_new_tokens: int, greedy: bool) -> GenerateOutput:
+    out, _ = decode_loop(model, first_logits, cache, positions, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                         pad_id=pad_id, greedy=greedy, temperature=temperature, rng=rng)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# HF-shaped entry points.
+
+
+def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int]:
+    cfg = model.config
+    if eos_token_ids is None:
+        eos_token_ids = cfg.eos_token_id
+    if eos_token_ids is None:
+        eos_token_ids = ()
+    elif isinstance(eos_token_ids, (int, np.integer)):
+        eos_token_ids = (int(eos_token_ids),)
+    eos = np.asarray(list(eos_token_ids), np.int32).reshape(-1)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos.size else 0
+    return eos, int(pad_token_id)
+
+
+def generate_device(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids=None, pad_token_id=None,
+                    temperature: float = 0.0, rng: jax.Array | None = None) -> GenerateOutput:
+    """Prepared inputs -> GenerateOutput (device arrays, fixed [B, max_new_tokens]); no host sync."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos, pad = _special_tokens(model, eos_token_ids, pad_token_id)
+    greedy = not temperature
+    if not greedy and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an rng key")
+    if rng is None:
+        rng = jax.random.key(0)
+    length = inputs.input_ids.shape[1]
+    first_logits, cache = prefill_jit(model, inputs, cache_len=length + max_new_tokens)
+    return decode_loop_jit(model, first_logits, cache, next_positions(inputs), eos, np.int32(pad),
+                           np.float32(temperature if not greedy else 1.0), rng,
+                           max_new_tokens=max_new_tokens, greedy=greedy)
+
+
+def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+             max_new_tokens: int, eos_token_ids: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, temperature: float = 0.0,
+             rng: jax.Array | None = None) -> np.ndarray:
+    """HF-style generate: [B, L] prompt -> [B, L + steps] (prompt then generated tokens), numpy int.
+
+    temperature 0 is greedy (argmax, exactly HF's do_sample=False); > 0 samples from
+    softmax(logits / temperature) with `rng`. steps = max_new_tokens unless every row emitted EOS
+    earlier (then it is the step at which the last row did, as in HF).
+    """
+    inputs = model.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+    out = generate_device(model, inputs, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                          pad_token_id=pad_token_id, temperature=temperature, rng=rng)
+    steps = int(out.num_steps)
+    prompt = np.asarray(input_ids)
+    new = np.asarray(out.tokens)[:, :steps].astype(prompt.dtype)
+    return np.concatenate([prompt, new], axis=1)
+
+
+def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                    max_new_tokens: int, eos_token_ids: int | Sequence[int] | None = None,
+                    pad_token_id: int | None = None) -> np.ndarray:
+    """Greedy decoding with the KV cache; equals HF `generate(do_sample=False)` token for token."""
+    return generate(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=max_new_tokens,
+                    eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, temperature=0.0)

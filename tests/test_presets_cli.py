@@ -1,0 +1,60 @@
+"""Model presets, random init exported in HF layout, and the command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from fxjax.cli import main
+from fxjax.model_init import abstract_parameter_counts, init_model
+from fxjax.presets import PresetError, config_from_yaml_dict, load_preset, preset_names
+
+
+def test_presets_match_published_sizes():
+    assert {"tiny", "3b", "7b", "32b", "72b"} <= set(preset_names())
+    # Totals of the published Qwen2.5-VL checkpoints (3B ties its embeddings).
+    assert abstract_parameter_counts(load_preset("3b"))["total"] == 3_754_622_976
+    assert abstract_parameter_counts(load_preset("7b"))["total"] == 8_292_166_656
+    assert load_preset("32b").text.num_hidden_layers == 64
+    assert load_preset("72b").text.hidden_size == 8192
+
+
+def test_preset_errors_name_the_key():
+    with pytest.raises(PresetError, match=r"text: unknown key\(s\) \['hidden'\]"):
+        config_from_yaml_dict({"text": {"hidden": 3}}, "x.yaml")
+    with pytest.raises(PresetError, match="not found"):
+        load_preset("no-such-preset")
+
+
+def test_random_init_exports_a_checkpoint_transformers_loads(tmp_path):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import fxjax
+
+    model = init_model("tiny", seed=3)
+    fxjax.save_pretrained(model, tmp_path / "hf")
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ids = np.random.RandomState(0).randint(0, 151000, size=(1, 9))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    assert rel_err(model(ids), ref) <= 1e-5
+
+
+def test_cli_help_info_and_init(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "selfcheck" in capsys.readouterr().out
+    assert main(["info", "7b"]) == 0
+    assert "8,292,166,656" in capsys.readouterr().out
+    assert main(["init", str(tmp_path / "m"), "--preset", "tiny"]) == 0
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert main(["info", "missing-preset"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_selfcheck_passes(tmp_path):
+    assert main(["selfcheck", "--workdir", str(tmp_path)]) == 0
