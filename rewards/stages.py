@@ -1,0 +1,116 @@
+"""Reward weights: the stage presets alpha / beta / gamma and the continuous schedule (REFERENCE.md section 3).
+
+The presets live in configs/rewards.yaml; the same numbers are built in here (DEFAULT_CONFIG) so the package
+works where the configs folder is not shipped, and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "rewards.yaml"
+STAGES = ("alpha", "beta", "gamma")
+RELAXATIONS = ("paper", "authors")
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "relaxation": "paper",
+    "eta": 1.1,
+    "power": 1.1,
+    "stages": {
+        "alpha": dict(base=0.0, w_iou=1.0, label_plus=1.0, label_minus=-1.0, format_plus=2.0, format_minus=-1.0),
+        "beta": dict(base=0.0, w_iou=1.5, label_plus=2.0, label_minus=-2.0, format_plus=1.0, format_minus=-1.0),
+        "gamma": dict(base=-1.0, w_iou=2.0, label_plus=0.5, label_minus=-1.0, format_plus=0.5, format_minus=-1.0),
+    },
+    "continuous": dict(w_iou_start=0.5, w_iou_end=1.0, base=0.0, label_plus=1.0, label_minus=-1.0,
+                       format_plus=1.0, format_minus=-1.0),
+}
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """total = base + w_iou * R_G + (label ok ? label_plus : label_minus) + (format ok ? format_plus : format_minus)."""
+
+    base: float
+    w_iou: float
+    label_plus: float
+    label_minus: float
+    format_plus: float
+    format_minus: float
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, float(getattr(self, f.name)))
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> "RewardWeights":
+        names = [f.name for f in fields(cls)]
+        unknown = set(m) - set(names)
+        missing = set(names) - set(m)
+        if unknown or missing:
+            raise ValueError(f"reward weights: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        return cls(**{k: m[k] for k in names})
+
+    def as_array(self) -> np.ndarray:
+        return np.array(astuple(self), dtype=np.float64)
+
+
+WeightsLike = Union[RewardWeights, Mapping[str, Any]]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def load_config(path: Optional[Union[str, Path]] = None) -> dict:
+    """The reward config: `path`, else configs/rewards.yaml when present, else DEFAULT_CONFIG."""
+    if path is None:
+        if not CONFIG_PATH.is_file():
+            return DEFAULT_CONFIG
+        path = CONFIG_PATH
+    cfg = _load_yaml(str(Path(path).resolve()))
+    if not isinstance(cfg, dict) or "stages" not in cfg:
+        raise ValueError(f"{path}: expected a mapping with a 'stages' key")
+    if cfg.get("relaxation", "paper") not in RELAXATIONS:
+        raise ValueError(f"{path}: relaxation must be one of {RELAXATIONS}")
+    return cfg
+
+
+def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardWeights:
+    """The preset weights of stage "alpha", "beta" or "gamma"."""
+    stages = load_config(config)["stages"]
+    if stage not in stages:
+        raise ValueError(f"unknown reward stage {stage!r}; known: {sorted(stages)} (or 'continuous')")
+    return RewardWeights.from_mapping(stages[stage])
+
+
+def continuous_weights(t: float, T: float, config: Optional[Union[str, Path]] = None) -> RewardWeights:
+    """The ICLR schedule: w_G(t) = 0.5 + 0.5 * t / T (t clipped to [0, T]); label and format weights 1."""
+    c = load_config(config)["continuous"]
+    if not T > 0:
+        raise ValueError(f"total steps T must be positive, got {T}")
+    frac = min(max(float(t) / float(T), 0.0), 1.0)
+    w = float(c["w_iou_start"]) + (float(c["w_iou_end"]) - float(c["w_iou_start"])) * frac
+    rest = {k: c[k] for k in ("base", "label_plus", "label_minus", "format_plus", "format_minus")}
+    return RewardWeights(w_iou=w, **rest)
+
+
+def resolve_weights(stage: Optional[str] = "alpha", weights: Optional[WeightsLike] = None,
+                    step: Optional[float] = None, total_steps: Optional[float] = None,
+                    config: Optional[Union[str, Path]] = None) -> RewardWeights:
+    """`weights` when given, else the stage preset, else the continuous schedule at step / total_steps."""
+    if weights is not None:
+        return weights if isinstance(weights, RewardWeights) else RewardWeights.from_mapping(weights)
+    if stage == "continuous":
+        if step is None or total_steps is None:
+            raise ValueError("stage='continuous' needs step and total_steps")
+        return continuous_weights(step, total_steps, config)
+    return load_stage(stage, config)

@@ -1,0 +1,419 @@
+"""GRPO rewards (REFERENCE.md section 3): golden cases per part and stage, and the jitted batch function against
+a plain-Python implementation on 1,000 random cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rewards
+from rewards import RewardWeights, box_iou, continuous_weights, load_stage, score
+from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+from rewards.stages import CONFIG_PATH, DEFAULT_CONFIG, load_config
+
+E = re.escape
+
+
+# ---- a plain-Python implementation of REFERENCE.md section 3 -------------------------------------
+
+GEN_RE = re.compile(r"<think>(" + E(REF_START) + r".*?" + E(REF_END) + r"\s*" + E(BOX_START) + r".*?" + E(BOX_END)
+                    + r".*?)+.*?<tag>.*?</tag>.*?</think>\s*<verdict>.*?</verdict>", re.DOTALL)
+# Under DOTALL, `(G)+.*?` accepts what `G.*?` accepts (G ends in a lazy `.*?` that can absorb later
+# repetitions), so whether the search succeeds is the same with one repetition; the nested form backtracks
+# exponentially on completions with many regions (seconds on the random cases below), so the reference
+# uses the flat one, and checks it against the literal one where that is cheap.
+GEN_FLAT_RE = re.compile(r"<think>" + E(REF_START) + r".*?" + E(REF_END) + r"\s*" + E(BOX_START) + r".*?"
+                         + E(BOX_END) + r".*?<tag>.*?</tag>.*?</think>\s*<verdict>.*?</verdict>", re.DOTALL)
+REAL_RE = re.compile(r"<think>.*?</think>\s*<verdict>.*?</verdict>", re.DOTALL)
+BOX_RE = re.compile(E(REF_START) + r".*?" + E(REF_END) + r"\s*" + E(BOX_START) + r"(.*?)" + E(BOX_END))
+VERDICT_RE = re.compile(r"<verdict>(.*?)</verdict>")
+STAGES = {  # the table in REFERENCE.md: base, w_iou, label +/-, format +/-
+    "alpha": (0, 1.0, 1, -1, 2, -1),
+    "beta": (0, 1.5, 2, -2, 1, -1),
+    "gamma": (-1, 2.0, 0.5, -1, 0.5, -1),
+}
+
+
+def ref_box(raw):
+    try:
+        v = json.loads(raw)
+    except Exception:
+        return None
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(p, list) and len(p) == 2 for p in v):
+        v = [v[0][0], v[0][1], v[1][0], v[1][1]]
+    if not (isinstance(v, list) and len(v) == 4):
+        return None
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+        return None
+    try:
+        v = [float(x) for x in v]
+    except OverflowError:
+        return None
+    return v if all(math.isfinite(x) and abs(x) <= 1e7 for x in v) else None
+
+
+def ref_iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def ref_centre_distance(a, b):
+    dx = (a[0] + a[2]) / 2 - (b[0] + b[2]) / 2
+    dy = (a[1] + a[3]) / 2 - (b[1] + b[3]) / 2
+    return math.sqrt(dx * dx + dy * dy)
+
+
+def ref_matched_iou(preds, gts):
+    if not preds or not gts:
+        return 0.0
+    unmatched, total = list(range(len(gts))), 0.0
+    for p in preds:
+        if not unmatched:
+            break
+        j = min(unmatched, key=lambda j: ref_centre_distance(p, gts[j]))
+        unmatched.remove(j)
+        total += ref_iou(p, gts[j])
+    return total / len(gts)
+
+
+def ref_reward(completion, target, w, relaxation="paper", eta=1.1, power=1.1):
+    base, w_iou, lp, lm, fp, fm = w
+    label = target["label"]
+    fmt = bool((GEN_FLAT_RE if label == "generated" else REAL_RE).search(completion))
+    if label == "generated" and completion.count(BOX_END) <= 4:
+        assert fmt == bool(GEN_RE.search(completion))
+    m = VERDICT_RE.search(completion)
+    lab = m is not None and m.group(1).strip().lower() == label
+    if label == "real":
+        iou = 1.0
+    else:
+        preds = [b for b in (ref_box(r) for r in BOX_RE.findall(completion)) if b is not None]
+        iou = ref_matched_iou(preds, [list(map(float, b)) for b in target["boxes"]])
+    r_g = min(1.0, eta * iou) if relaxation == "paper" else iou ** power
+    return dict(total=base + w_iou * r_g + (lp if lab else lm) + (fp if fmt else fm), format=float(fmt),
+                label=float(lab), iou=iou, iou_relaxed=r_g)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def region(box, caption="artifact", sep=""):
+    text = box if isinstance(box, str) else "[" + ", ".join(str(v) for v in box) + "]"
+    return f"{REF_START}{caption}{REF_END}{sep}{BOX_START}{text}{BOX_END}"
+
+
+def completion(boxes=(), verdict="generated", tag=True, reasoning=""):
+    """A completion that passes the generated format check (when it has a box, a tag and a verdict)."""
+    return ("<think>" + reasoning + "".join(region(b) for b in boxes) + ("<tag>texture quality</tag>" if tag else "")
+            + "</think>\n" + (f"<verdict>{verdict}</verdict>" if verdict is not None else ""))
+
+
+def iou_of(boxes, gt):
+    return float(score([completion(boxes)], [{"label": "generated", "boxes": gt}])["iou"][0])
+
+
+# ---- golden: IoU ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("a,b,want", [
+    ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
+    ([0, 0, 10, 10], [5, 0, 15, 10], 1 / 3),
+    ([0, 0, 4, 4], [1, 1, 3, 3], 0.25),
+    ([0, 0, 1, 1], [2, 2, 3, 3], 0.0),  # apart on both axes: the authors' product clamp would give 1.0
+    ([0, 0, 1, 1], [1, 0, 2, 1], 0.0),  # touching
+    ([10, 10, 0, 0], [0, 0, 10, 10], 0.0),  # inverted prediction
+    ([10, 0, 0, 10], [0, 0, 10, 10], 0.0),  # inverted on one axis only: negative area, union 0 -> 0
+    ([3, 3, 3, 3], [3, 3, 3, 3], 0.0),  # union 0
+    ([0, 0, 10, 10], [0, 0, 10, 5], 0.5),
+])
+def test_iou_golden(a, b, want):
+    assert float(box_iou(np.array(a, float), np.array(b, float))) == pytest.approx(want, abs=1e-7)
+    assert ref_iou(a, b) == pytest.approx(want, abs=1e-12)
+    assert iou_of([a], [b]) == pytest.approx(want, abs=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-1e7, 1e7, allow_nan=False), min_size=8, max_size=8))
+def test_iou_in_unit_interval(v):
+    out = float(box_iou(np.array(v[:4]), np.array(v[4:])))
+    assert 0.0 <= out <= 1.0
+
+
+# ---- golden: matching -----------------------------------------------------------------------------
+
+A, B = [0, 0, 10, 10], [20, 0, 30, 10]
+
+
+def test_matching_nearest_centre_in_output_order():
+    # [12, 0, 22, 10] (centre 17) is nearer B (centre 25) than A (centre 5): IoU with B = 20 / 180.
+    assert iou_of([[12, 0, 22, 10], A], [A, B]) == pytest.approx((1 / 9 + 1) / 2, abs=1e-12)
+
+
+def test_matching_is_greedy_not_optimal():
+    a, b = [0, 0, 10, 10], [4, 0, 14, 10]
+    # p1 (centre 8) takes b (IoU 90/110); p2 == b then gets a (IoU 60/140). Optimal would be 7/13 + 1.
+    assert iou_of([[3, 0, 13, 10], b], [a, b]) == pytest.approx((9 / 11 + 3 / 7) / 2, abs=1e-12)
+
+
+def test_matching_tie_goes_to_lowest_gt_index():
+    a, b, p = [0, 0, 10, 10], [16, -5, 34, 15], [10, 0, 20, 10]  # centres 5 and 25; p's centre 15: a tie
+    assert ref_centre_distance(p, a) == ref_centre_distance(p, b)
+    assert iou_of([p], [a, b]) == 0.0  # a (index 0): touching, IoU 0
+    assert iou_of([p], [b, a]) == pytest.approx((2 / 21) / 2, abs=1e-12)  # b first: 40 / 420
+
+
+def test_matching_extra_missing_and_no_predictions():
+    assert iou_of([A, A, B], [A]) == 1.0  # later predictions match nothing
+    assert iou_of([A, [100, 100, 110, 110]], [A]) == 1.0
+    assert iou_of([A], [A, B]) == 0.5  # missing predictions
+    assert iou_of([], [A, B]) == 0.0  # no predicted boxes
+    assert iou_of(["[1, 2, 3]", "[NaN, 0, 1, 1]", "(0,0),(10,10)", [[0, 0], [10, 10]]], [A]) == 1.0  # skipped
+    assert iou_of([A], []) == 0.0  # generated with no GT boxes: nothing to match (0 / 0 -> 0)
+
+
+def test_caption_with_newline_is_not_a_region():
+    text = (f"<think>{REF_START}a\nb{REF_END}{BOX_START}[0, 0, 10, 10]{BOX_END}<tag>t</tag></think>"
+            "<verdict>generated</verdict>")
+    out = score([text], [{"label": "generated", "boxes": [A]}])
+    assert out["iou"][0] == 0.0 and out["format"][0] == 1.0
+
+
+def test_real_ground_truth_iou_term_is_one():
+    out = score(["<think>fine</think><verdict>real</verdict>", completion([B]), "nothing"],
+                [{"label": "real"}, {"label": "real", "boxes": [A]}, {"label": "real", "boxes": []}])
+    np.testing.assert_array_equal(out["iou"], [1, 1, 1])
+    np.testing.assert_array_equal(out["format"], [1, 1, 0])
+    np.testing.assert_array_equal(out["label"], [1, 0, 0])
+
+
+# ---- golden: relaxations, label, format, stages ----------------------------------------------------
+
+HALF = [0, 0, 5, 10]  # IoU 0.5 with A
+
+
+@pytest.mark.parametrize("iou_boxes,relaxation,want", [
+    ([HALF], "paper", 0.55), ([HALF], "authors", 0.5 ** 1.1),
+    ([[0, 0, 10, 9.5]], "paper", 1.0), ([[0, 0, 10, 9.5]], "authors", 0.95 ** 1.1),
+    ([], "paper", 0.0), ([], "authors", 0.0), ([A], "authors", 1.0),
+])
+def test_relaxations(iou_boxes, relaxation, want):
+    out = score([completion(iou_boxes)], [{"label": "generated", "boxes": [A]}], relaxation=relaxation)
+    assert out["iou_relaxed"][0] == pytest.approx(want, abs=1e-12)
+    eta = score([completion(iou_boxes)], [{"label": "generated", "boxes": [A]}], eta=1.5)["iou_relaxed"][0]
+    assert eta == pytest.approx(min(1.0, 1.5 * (out["iou"][0])), abs=1e-12)
+
+
+GOOD = completion([HALF])  # format ok, verdict generated, IoU 0.5 -> R_G 0.55
+BAD = completion([HALF], verdict="real", tag=False)  # format fails, label wrong, IoU 0.5
+GT = {"label": "generated", "boxes": [A]}
+REAL_GOOD = "<think>looks natural</think>\n<verdict>Real</verdict>"
+
+
+@pytest.mark.parametrize("stage,good,bad,real", [
+    ("alpha", 0.55 + 1 + 2, 0.55 - 1 - 1, 1 + 1 + 2),
+    ("beta", 1.5 * 0.55 + 2 + 1, 1.5 * 0.55 - 2 - 1, 1.5 + 2 + 1),
+    ("gamma", -1 + 2 * 0.55 + 0.5 + 0.5, -1 + 2 * 0.55 - 1 - 1, -1 + 2 + 0.5 + 0.5),
+])
+def test_stage_totals_golden(stage, good, bad, real):
+    out = score([GOOD, BAD, REAL_GOOD], [GT, GT, {"label": "real", "boxes": []}], stage=stage)
+    np.testing.assert_allclose(out["total"], [good, bad, real], atol=1e-12)
+    np.testing.assert_array_equal(out["format"], [1, 0, 1])
+    np.testing.assert_array_equal(out["label"], [1, 0, 1])
+    np.testing.assert_allclose(out["iou"], [0.5, 0.5, 1.0], atol=1e-12)
+
+
+def test_label_and_format_parts_golden():
+    cases = {  # completion -> (format, label) against a generated ground truth
+        completion([A]): (1, 1),
+        completion([A], verdict=" GENERATED "): (1, 1),
+        completion([A], verdict="gen\nerated"): (1, 0),  # verdict spans a line: format ok, label not found
+        completion([A], verdict="fake"): (1, 0),
+        completion([A], reasoning="because "): (0, 1),  # text before the first region
+        completion([], verdict="generated"): (0, 1),  # no region
+        completion([A], verdict=None): (0, 0),
+        completion([A])[:-5]: (0, 0),  # truncated
+    }
+    texts = list(cases)
+    out = score(texts, [GT] * len(texts))
+    np.testing.assert_array_equal(np.stack([out["format"], out["label"]], 1), list(cases.values()))
+
+
+def test_continuous_schedule():
+    assert continuous_weights(0, 100) == RewardWeights(0, 0.5, 1, -1, 1, -1)
+    assert continuous_weights(50, 100).w_iou == 0.75
+    assert continuous_weights(100, 100).w_iou == 1.0
+    assert continuous_weights(250, 100).w_iou == 1.0 and continuous_weights(-5, 100).w_iou == 0.5
+    for t, w in ((0, 0.5), (50, 0.75), (100, 1.0)):
+        out = score([GOOD, BAD], [GT, GT], stage="continuous", step=t, total_steps=100)
+        np.testing.assert_allclose(out["total"], [w * 0.55 + 2, w * 0.55 - 2], atol=1e-12)
+    with pytest.raises(ValueError):
+        score([GOOD], [GT], stage="continuous")
+    with pytest.raises(ValueError):
+        continuous_weights(1, 0)
+
+
+def test_presets_yaml_matches_reference_table_and_builtins():
+    assert CONFIG_PATH.is_file()
+    cfg = load_config()
+    assert cfg == DEFAULT_CONFIG
+    assert cfg["relaxation"] == "paper" and cfg["eta"] == 1.1 and cfg["power"] == 1.1
+    for stage, row in STAGES.items():
+        assert load_stage(stage) == RewardWeights(*row)
+        assert load_stage(stage, CONFIG_PATH) == RewardWeights(*row)
+    with pytest.raises(ValueError):
+        load_stage("delta")
+
+
+def test_weights_override_and_options():
+    w = RewardWeights(base=10, w_iou=0, label_plus=0, label_minus=0, format_plus=0, format_minus=0)
+    assert score([GOOD], [GT], weights=w)["total"][0] == 10
+    assert score([GOOD], [GT], weights=dict(base=0, w_iou=2, label_plus=0, label_minus=0, format_plus=0,
+                                            format_minus=0))["total"][0] == pytest.approx(1.1)
+    with pytest.raises(ValueError):
+        score([GOOD], [GT], weights=dict(base=0))
+    with pytest.raises(ValueError):
+        score([GOOD], [GT], relaxation="cubic")
+    with pytest.raises(ValueError):
+        score([GOOD], [GT], stage="delta")
+
+
+def test_grouping_and_validation():
+    out = score([GOOD, BAD, REAL_GOOD, GOOD], [GT, {"label": "real"}])  # two groups of two
+    np.testing.assert_array_equal(out["label"], [1, 0, 1, 0])
+    assert score([], [])["total"].shape == (0,)
+    with pytest.raises(ValueError):
+        score([GOOD] * 3, [GT, GT])
+    with pytest.raises(ValueError):
+        score([GOOD] * 4, [GT, GT], group_size=3)
+    for bad in ({"label": "fake", "boxes": []}, {"boxes": []}, {"label": "generated", "boxes": [[1, 2, 3]]},
+                {"label": "generated", "boxes": [[0, 0, float("nan"), 1]]}):
+        with pytest.raises(ValueError):
+            score([GOOD], [bad])
+
+
+def test_public_api():
+    for name in ("score", "parse_completion", "render_completion", "RewardWeights", "load_stage", "scale_boxes",
+                 "continuous_weights", "reward_core"):
+        assert hasattr(rewards, name)
+    out = rewards.score([GOOD], [GT], stage="alpha")
+    assert {"total", "format", "label", "iou"} <= set(out)
+    assert all(isinstance(v, np.ndarray) and v.shape == (1,) for v in out.values())
+
+
+def test_rewards_package_imports_nothing_else_of_ours():
+    import ast
+    from pathlib import Path
+
+    for path in Path(rewards.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] in ("fxjax", "model", "train") for n in names), (path, names)
+
+
+# ---- the jitted batch function against the plain-Python implementation on random cases ------------
+
+def random_case(rng: np.random.Generator, group: int):
+    """A target and `group` completions: malformed / inverted / pair / float boxes, extra and missing boxes,
+    near and exact hits, distance ties, real images, broken format, odd verdicts, truncation."""
+    real = rng.random() < 0.25
+    n_gt = int(rng.integers(0, 7)) if rng.random() < 0.95 else 0
+    gts = []
+    for _ in range(n_gt):
+        if gts and rng.random() < 0.1:
+            gts.append(list(gts[int(rng.integers(len(gts)))]))  # duplicate GT boxes: distance ties
+            continue
+        x, y = rng.integers(0, 900, 2)
+        w, h = rng.integers(1, 300, 2)
+        gts.append([int(x), int(y), int(x + w), int(y + h)])
+    target = {"label": "real" if real else "generated", "boxes": gts}
+    texts = []
+    for _ in range(group):
+        parts = []
+        for _ in range(int(rng.integers(0, 9))):
+            r = rng.random()
+            if gts and r < 0.35:  # exact or jittered GT box
+                b = np.array(gts[int(rng.integers(len(gts)))]) + (rng.integers(-20, 21, 4) if rng.random() < 0.6 else 0)
+                box = [int(v) for v in b]
+            elif r < 0.55:
+                x, y = rng.integers(0, 1000, 2)
+                box = [int(x), int(y), int(x + rng.integers(-50, 300)), int(y + rng.integers(-50, 300))]
+            elif r < 0.62:
+                box = [round(float(v), 3) for v in rng.uniform(0, 1000, 4)]
+            elif r < 0.7:
+                x, y = rng.integers(0, 900, 2)
+                box = f"[[{x}, {y}], [{x + rng.integers(1, 200)}, {y + rng.integers(1, 200)}]]"
+            else:
+                box = str(rng.choice(["[1, 2, 3]", "[NaN, 1, 2, 3]", "(1,2),(3,4)", "[1e400, 0, 0, 0]",
+                                      "[true, 1, 2, 3]", "[a, b, c, d]", "", "[5, 5, 5, 5]", "[2e7, 0, 1, 1]",
+                                      "[[1, 2], [3]]"]))
+            caption = str(rng.choice(["hand", "blurry text", "a\nb", ""]))
+            sep = str(rng.choice(["", "", " ", "\n", " x "]))
+            parts.append(region(box, caption, sep))
+        head = str(rng.choice(["<think>", "<think>", "<think> reasoning\n", "", "<think>\n"]))
+        joiner = str(rng.choice(["", "\n", " some text "]))
+        tag = str(rng.choice(["<tag>texture quality, recognizability</tag>", "", "<tag>t"]))
+        verdict = str(rng.choice(["generated", "real", " Generated ", "REAL\t", "fake", "gen\nerated", ""]))
+        close = str(rng.choice(["</think>\n", "</think>", "</think> x ", ""]))
+        text = head + joiner.join(parts) + tag + close + f"<verdict>{verdict}</verdict>"
+        if rng.random() < 0.15:
+            text += f"<verdict>{rng.choice(['real', 'generated'])}</verdict>"
+        if rng.random() < 0.2:
+            text = text[:int(rng.integers(0, len(text) + 1))]  # truncated
+        texts.append(text)
+    return target, texts
+
+
+def test_jitted_rewards_equal_plain_python_on_1000_random_cases():
+    rng = np.random.default_rng(1234)
+    group = 4
+    cases = [random_case(rng, group) for _ in range(250)]
+    targets = [t for t, _ in cases]
+    texts = [c for _, cs in cases for c in cs]
+    assert len(texts) == 1000
+    settings_ = [(stage, relaxation) for stage in STAGES for relaxation in ("paper", "authors")]
+    seen = dict(fmt=0, lab=0, partial=0, real=0)
+    for stage, relaxation in settings_ + [("continuous", "paper")]:
+        w = STAGES.get(stage) or tuple(continuous_weights(30, 100).as_array())
+        out = score(texts, targets, stage, relaxation=relaxation, step=30, total_steps=100)
+        for i, text in enumerate(texts):
+            want = ref_reward(text, targets[i // group], w, relaxation)
+            for key, value in want.items():
+                assert abs(out[key][i] - value) <= 1e-6, (stage, relaxation, key, text, targets[i // group])
+        assert ((out["iou"] >= 0) & (out["iou"] <= 1)).all()
+    seen["fmt"] = int(out["format"].sum())
+    seen["lab"] = int(out["label"].sum())
+    seen["partial"] = int(((out["iou"] > 0) & (out["iou"] < 1)).sum())
+    seen["real"] = sum(t["label"] == "real" for t in targets) * group
+    assert min(seen.values()) > 50, seen  # the random cases exercise every branch
+
+
+def test_group_size_one_equals_grouped():
+    rng = np.random.default_rng(7)
+    cases = [random_case(rng, 3) for _ in range(20)]
+    targets = [t for t, _ in cases]
+    texts = [c for _, cs in cases for c in cs]
+    grouped = score(texts, targets, "beta")
+    flat = score(texts, [t for t in targets for _ in range(3)], "beta")
+    for k in grouped:
+        np.testing.assert_allclose(grouped[k], flat[k], rtol=0, atol=1e-12)
+
+
+def test_buckets_keep_compiles_few():
+    assert [rewards.bucket(n) for n in (0, 1, 2, 3, 4, 5, 16, 17)] == [1, 1, 2, 4, 4, 8, 16, 32]
+    assert rewards.bucket(3, 8) == 8 and rewards.bucket(9, 8) == 16
+    rewards.reward_core.clear_cache()
+    for n in (3, 4, 8):  # up to 8 targets and 4 boxes -> one shape
+        score([completion([A] * (n % 2 + 1))] * n, [{"label": "generated", "boxes": [A, B]}] * n, "gamma")
+    score([GOOD] * 4, [GT] * 4, "alpha", relaxation="authors")  # weights and relaxation are traced values
+    score(["x"], [{"label": "real"}], "continuous", step=1, total_steps=2)
+    assert rewards.reward_core._cache_size() == 1
+    score([completion([A] * 5)] * 9, [{"label": "generated", "boxes": [A] * 5}] * 9)
+    assert rewards.reward_core._cache_size() == 2
