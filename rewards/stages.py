@@ -1,7 +1,6 @@
 """Reward weights: the stage presets alpha / beta / gamma and the continuous schedule (REFERENCE.md section 3).
 
-The presets live in configs/rewards.yaml; the same numbers are built in here (DEFAULT_CONFIG) so the package
-works where the configs folder is not shipped, and a test keeps the two equal.
+The presets live in configs/rewards.yaml and nowhere else: one owner for the stage weights.
 """
 
 from __future__ import annotations
@@ -16,20 +15,6 @@ import numpy as np
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "rewards.yaml"
 STAGES = ("alpha", "beta", "gamma")
 RELAXATIONS = ("paper", "authors")
-
-DEFAULT_CONFIG: dict[str, Any] = {
-    "relaxation": "paper",
-    "eta": 1.1,
-    "power": 1.1,
-    "stages": {
-        "alpha": dict(base=0.0, w_iou=1.0, label_plus=1.0, label_minus=-1.0, format_plus=2.0, format_minus=-1.0),
-        "beta": dict(base=0.0, w_iou=1.5, label_plus=2.0, label_minus=-2.0, format_plus=1.0, format_minus=-1.0),
-        "gamma": dict(base=-1.0, w_iou=2.0, label_plus=0.5, label_minus=-1.0, format_plus=0.5, format_minus=-1.0),
-    },
-    "continuous": dict(w_iou_start=0.5, w_iou_end=1.0, base=0.0, label_plus=1.0, label_minus=-1.0,
-                       format_plus=1.0, format_minus=-1.0),
-}
-
 
 @dataclass(frozen=True)
 class RewardWeights:
@@ -71,10 +56,11 @@ def _load_yaml(path: str) -> dict:
 
 
 def load_config(path: Optional[Union[str, Path]] = None) -> dict:
-    """The reward config: `path`, else configs/rewards.yaml when present, else DEFAULT_CONFIG."""
+    """The reward config: `path`, else the repository's configs/rewards.yaml."""
     if path is None:
         if not CONFIG_PATH.is_file():
-            return DEFAULT_CONFIG
+            raise FileNotFoundError(f"{CONFIG_PATH}: reward presets not found (install fxjax from its repository "
+                                    "with `pip install -e .`, or pass the YAML path)")
         path = CONFIG_PATH
     cfg = _load_yaml(str(Path(path).resolve()))
     if not isinstance(cfg, dict) or "stages" not in cfg:
