@@ -1,0 +1,256 @@
+"""A small native-format dataset anyone can make offline, from the photographs inside scikit-image.
+
+Real images are random crops / scales / horizontal flips of those photographs. "Generated" images are
+the same kind of crops with 1 to 3 non-overlapping regions rewritten by procedural artefact generators,
+each with its caption, plus image-level tags and a templated reasoning text. Everything is a function of
+``(seed, n, sizes)``: the same call writes byte-identical files.
+
+    make_demo_data(out, n=1000, seed=0)  # writes out/images/*.png, out/train.jsonl, out/test.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+__all__ = ["ARTEFACTS", "PHOTOS", "make_demo_data", "make_demo_example"]
+
+# scikit-image bundled photographs -> scene description used in the reasoning text.
+PHOTOS: dict[str, str] = {
+    "astronaut.png": "a portrait of an astronaut in a spacesuit",
+    "brick.png": "a close-up of a brick wall",
+    "camera.png": "a black-and-white photograph of a man with a camera on a tripod",
+    "chelsea.png": "a close-up of a tabby cat",
+    "coffee.png": "a cup of coffee on a saucer",
+    "coins.png": "old coins on a dark background",
+    "grass.png": "a patch of grass",
+    "gravel.png": "gravel on the ground",
+    "hubble_deep_field.jpg": "a telescope image of distant galaxies",
+    "ihc.png": "a microscope image of stained tissue",
+    "moon.png": "the surface of the moon",
+    "motorcycle_left.png": "a motorcycle parked indoors",
+    "retina.jpg": "a fundus photograph of a human retina",
+    "rocket.jpg": "a rocket on its launch pad",
+}
+
+
+@dataclass(frozen=True)
+class Artefact:
+    name: str
+    caption: str
+    description: str  # phrase for the reasoning text
+    tags: tuple[str, ...]
+    apply: Callable[[np.ndarray, tuple[int, int, int, int], np.random.Generator], None]
+
+
+def _soft_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """An elliptical mask that fills most of the box, feathered at its edge: [h, w, 1] in [0, 1]."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    d = ((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2
+    return np.clip((1.0 - d) / 0.3, 0.0, 1.0)[..., None]
+
+
+def _smooth(img, box, rng):
+    x1, y1, x2, y2 = box
+    patch = Image.fromarray(img[y1:y2, x1:x2])
+    img[y1:y2, x1:x2] = np.asarray(patch.filter(ImageFilter.GaussianBlur(float(rng.uniform(2.5, 5.0)))))
+
+
+def _repeat(img, box, rng):
+    x1, y1, x2, y2 = box
+    h, w = y2 - y1, x2 - x1
+    th, tw = max(4, h // int(rng.integers(3, 5))), max(4, w // int(rng.integers(3, 5)))
+    ty, tx = y1 + int(rng.integers(0, h - th + 1)), x1 + int(rng.integers(0, w - tw + 1))
+    tile = img[ty:ty + th, tx:tx + tw].copy()
+    img[y1:y2, x1:x2] = np.tile(tile, (-(-h // th), -(-w // tw), 1))[:h, :w]
+
+
+def _checkerboard(img, box, rng):
+    x1, y1, x2, y2 = box
+    region = img[y1:y2, x1:x2].astype(np.float32)
+    h, w = region.shape[:2]
+    low = region[::2, ::2]
+    up = np.repeat(np.repeat(low, 2, axis=0), 2, axis=1)[:h, :w]
+    period = int(rng.choice([2, 4]))
+    yy, xx = np.mgrid[0:h, 0:w]
+    checker = np.where(((yy // (period // 2)) + (xx // (period // 2))) % 2 == 0, 1.0, -1.0)[..., None]
+    img[y1:y2, x1:x2] = np.clip(up + checker * float(rng.uniform(10, 22)), 0, 255).astype(np.uint8)
+
+
+def _colour_blob(img, box, rng):
+    x1, y1, x2, y2 = box
+    region = img[y1:y2, x1:x2].astype(np.float32)
+    h, w = region.shape[:2]
+    shift = rng.uniform(-1, 1, size=3)
+    shift = shift / (np.abs(shift).max() + 1e-6) * float(rng.uniform(45, 80))
+    mask = _soft_mask(h, w, rng)
+    img[y1:y2, x1:x2] = np.clip(region + mask * shift, 0, 255).astype(np.uint8)
+
+
+def _copy_move(img, box, rng):
+    x1, y1, x2, y2 = box
+    h, w = y2 - y1, x2 - x1
+    H, W = img.shape[:2]
+    for _ in range(20):  # a source that does not overlap the target
+        sy, sx = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+        if sx + w <= x1 or sx >= x2 or sy + h <= y1 or sy >= y2:
+            break
+    else:
+        sy, sx = (0 if y1 >= h else H - h), (0 if x1 >= w else W - w)
+    source = img[sy:sy + h, sx:sx + w].copy()
+    img[y1:y2, x1:x2] = source[:, ::-1] if rng.random() < 0.5 else source
+
+
+def _banding(img, box, rng):
+    x1, y1, x2, y2 = box
+    levels = int(rng.integers(3, 6))
+    region = img[y1:y2, x1:x2].astype(np.float32)
+    step = 255.0 / (levels - 1)
+    img[y1:y2, x1:x2] = (np.round(region / step) * step).astype(np.uint8)
+
+
+ARTEFACTS: tuple[Artefact, ...] = (
+    Artefact("over_smoothed", "over-smoothed, waxy patch that lacks fine detail",
+             "an over-smoothed patch with no fine texture", ("texture quality",), _smooth),
+    Artefact("repeated_texture", "texture repeated in a regular tiled pattern",
+             "a texture that repeats in a regular grid", ("texture quality", "structural coherence"), _repeat),
+    Artefact("checkerboard", "checkerboard artefact typical of up-sampling layers",
+             "a checkerboard pattern left by up-sampling", ("texture quality", "generation artefacts"),
+             _checkerboard),
+    Artefact("colour_shift", "colour-shifted blob inconsistent with the surrounding lighting",
+             "a colour cast that does not follow the scene lighting", ("colour consistency", "lighting"),
+             _colour_blob),
+    Artefact("copy_move", "content duplicated from another part of the image",
+             "content that duplicates another part of the image", ("structural coherence", "recognizability"),
+             _copy_move),
+    Artefact("banding", "posterised colour banding with abrupt tone steps",
+             "posterised colour bands with abrupt tone steps", ("colour consistency",), _banding),
+)
+
+
+MIN_CHANGE = 3.0  # mean absolute change (0..255 levels) an artefact must make inside its box
+
+
+def _load_photos() -> dict[str, np.ndarray]:
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    photos = {}
+    for name in PHOTOS:
+        path = folder / name
+        if path.is_file():
+            with Image.open(path) as im:
+                photos[name] = np.asarray(im.convert("RGB"))
+    if not photos:
+        raise FileNotFoundError(f"no scikit-image photographs found in {folder}")
+    return photos
+
+
+def _random_view(photo: np.ndarray, rng: np.random.Generator, min_side: int, max_side: int) -> np.ndarray:
+    """A random crop (45-100 % of each side), rescaled so its longer side is in [min_side, max_side], maybe flipped."""
+    H, W = photo.shape[:2]
+    ch = int(H * rng.uniform(0.45, 1.0))
+    cw = int(np.clip(ch * rng.uniform(0.75, 1.33) * W / H, W * 0.45, W))
+    y, x = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
+    crop = Image.fromarray(photo[y:y + ch, x:x + cw])
+    side = int(rng.integers(min_side, max_side + 1))
+    scale = side / max(ch, cw)
+    size = (max(32, round(cw * scale)), max(32, round(ch * scale)))
+    view = np.asarray(crop.resize(size, Image.Resampling.BICUBIC))
+    return view[:, ::-1].copy() if rng.random() < 0.5 else view.copy()
+
+
+def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(50 * k):
+        if len(boxes) == k:
+            break
+        bw, bh = int(w * rng.uniform(0.18, 0.38)), int(h * rng.uniform(0.18, 0.38))
+        bw, bh = max(bw, 12), max(bh, 12)
+        x1, y1 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+        box = (x1, y1, x1 + bw, y1 + bh)
+        if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in boxes):
+            boxes.append(box)
+    return boxes
+
+
+def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.ndarray],
+                      min_side: int = 192, max_side: int = 384) -> tuple[np.ndarray, dict]:
+    """One image and its native record (without the "image" field)."""
+    rng = np.random.default_rng((seed, i))
+    names = sorted(photos)
+    name = names[int(rng.integers(len(names)))]
+    img = _random_view(photos[name], rng, min_side, max_side)
+    scene = PHOTOS[name]
+    h, w = img.shape[:2]
+    if not generated:
+        reasoning = (f"The image shows {scene}. Textures, noise, lighting and edges are consistent across the "
+                     "whole frame, and I find no smoothed, repeated, up-sampled or colour-shifted regions. It "
+                     "looks like an ordinary camera photograph.")
+        return img, dict(label="real", regions=[], tags=[], reasoning=reasoning, generator=None,
+                         source_photo=name)
+    boxes = _random_boxes(h, w, int(rng.integers(1, 4)), rng)
+    img = img.copy()
+    kinds = []
+    for box in boxes:
+        x1, y1, x2, y2 = box
+        clean = img[y1:y2, x1:x2].copy()
+        # Try the artefacts in a random order; keep the first that visibly changes this region (a smoothed
+        # or copied patch of flat sky would be a label without evidence).
+        for j in rng.permutation(len(ARTEFACTS)):
+            ARTEFACTS[j].apply(img, box, rng)
+            if np.abs(img[y1:y2, x1:x2].astype(np.int16) - clean).mean() >= MIN_CHANGE:
+                break
+            img[y1:y2, x1:x2] = clean
+        else:  # nothing showed (never seen in practice): the checkerboard changes even flat black or white
+            j = next(k for k, a in enumerate(ARTEFACTS) if a.name == "checkerboard")
+            ARTEFACTS[j].apply(img, box, rng)
+        kinds.append(ARTEFACTS[j])
+    tags = sorted({t for k in kinds for t in k.tags})
+    found = "; ".join(k.description for k in kinds)
+    reasoning = (f"The image shows {scene}. At first glance it looks plausible, but closer inspection reveals "
+                 f"{len(kinds)} region{'s' if len(kinds) > 1 else ''} that a camera would not produce: {found}. "
+                 "These local inconsistencies indicate that the image was synthesised or edited by a generative "
+                 "model.")
+    regions = [dict(bbox=list(box), caption=k.caption) for k, box in zip(kinds, boxes)]
+    return img, dict(label="generated", regions=regions, tags=tags, reasoning=reasoning,
+                     generator="procedural:" + "+".join(k.name for k in kinds), source_photo=name)
+
+
+def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: float = 0.1,
+                   min_side: int = 192, max_side: int = 384, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``n`` examples (half real, half generated, in a seeded order) to ``out``.
+
+    Files: ``images/000000.png`` ..., ``train.jsonl`` and ``test.jsonl`` (the last
+    ``round(n * test_fraction)`` examples). Returns the paths of the JSONL files.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if not 32 <= min_side <= max_side:
+        raise ValueError(f"need 32 <= min_side <= max_side, got {min_side}, {max_side}")
+    out = Path(out)
+    files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
+    if not overwrite and any(f.exists() for f in files.values()):
+        raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    photos = _load_photos()
+    generated = np.random.default_rng((seed, n, 7)).permutation(n) % 2 == 1
+    n_test = int(round(n * test_fraction))
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    for i in range(n):
+        img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side)
+        rel = f"images/{i:06d}.png"
+        Image.fromarray(img).save(out / rel, format="PNG", optimize=False, compress_level=6)
+        record = {"id": f"demo-{seed}-{i:06d}", "image": rel, **record}
+        lines["test" if i >= n - n_test else "train"].append(json.dumps(record, ensure_ascii=False))
+    for split, path in files.items():
+        path.write_text("".join(line + "\n" for line in lines[split]), encoding="utf-8")
+    return files

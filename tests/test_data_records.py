@@ -1,0 +1,252 @@
+"""Dataset formats and validation: every error names file:line; skip mode counts; prompts are deterministic."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fxjax.data.prompts import (QWEN_DEFAULT_SYSTEM, SYSTEM_PROMPT, USER_TEMPLATES, pick_template, prompt_parts,
+                                record_prompt, render_prompt, render_target)
+from fxjax.data.records import DataError, load_records, resolve_image_path
+from rewards.output_format import render_completion
+
+W, H = 64, 48
+
+
+@pytest.fixture()
+def root(tmp_path) -> Path:
+    """A dataset root with good and bad image files."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(tmp_path / "img/ok.png")
+    Image.fromarray(rng.integers(0, 255, (H, W), dtype=np.uint8)).save(tmp_path / "img/gray.png")
+    data = (tmp_path / "img/ok.png").read_bytes()
+    (tmp_path / "img/truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "img/text.png").write_text("this is not an image\n")
+    Image.new("RGB", (300, 300)).save(tmp_path / "img/big.png")
+    Image.new("RGB", (201, 1)).save(tmp_path / "img/thin.png")
+    # EXIF orientation 6 (rotate 90 degrees): stored 64x48, displayed 48x64.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(tmp_path / "img/rotated.jpg", exif=exif)
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.png"
+    Image.new("RGB", (W, H)).save(outside)
+    (tmp_path / "img/link.png").symlink_to(outside)
+    return tmp_path
+
+
+def native(image="img/ok.png", label="generated", regions=None, **extra) -> dict:
+    if regions is None:
+        regions = [{"bbox": [4, 5, 30, 40], "caption": "smeared texture"}] if label == "generated" else []
+    return {"image": image, "label": label, "regions": regions, "tags": ["texture quality"],
+            "reasoning": "Looks synthetic.", "generator": "sdxl", **extra}
+
+
+def swift(assistant=None, refs=("odd hand",), boxes=([2, 3, 20, 30],), user="<image>Is this image real?", **extra):
+    if assistant is None:
+        assistant = ("<think> The <ref-object><bbox> is malformed.\n<tag>attribute correctness</tag>\n</think>\n"
+                     "<verdict>generated</verdict>")
+    record = {"messages": [{"role": "system", "content": "Be a forensic expert."},
+                           {"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+              "images": ["img/ok.png"], "objects": {"ref": list(refs), "bbox": [list(b) for b in boxes]}}
+    record.update(extra)
+    return record
+
+
+def write(root: Path, *records, name="data.jsonl") -> Path:
+    path = root / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_native_record_loads(root):
+    path = write(root, native(), native(label="real"), native(image="img/gray.png", label="REAL ", id="x7"))
+    records, report = load_records(path)
+    assert report.loaded == report.lines == 3 and not report.skipped
+    r = records[0]
+    assert (r.index, r.source, r.record_id, r.width, r.height) == (0, f"{path}:1", "img/ok.png", W, H)
+    assert r.image == str((root / "img/ok.png").resolve())
+    assert r.label == "generated" and r.regions[0].bbox == (4.0, 5.0, 30.0, 40.0)
+    assert r.regions[0].caption == "smeared texture" and r.tags == ("texture quality",)
+    assert (r.reasoning, r.generator, r.format) == ("Looks synthetic.", "sdxl", "native")
+    assert records[2].label == "real" and records[2].record_id == "x7" and records[2].index == 2
+
+
+def test_swift_record_loads(root):
+    real = swift(assistant="<think> fine\n</think>\n<verdict>real</verdict>", refs=(), boxes=(), user="Real or not?")
+    # A system prompt may describe the output format with its markers.
+    real["messages"][0]["content"] = "Answer as <think> ... </think><verdict>real|generated</verdict>."
+    path = write(root, swift(), real)
+    records, report = load_records(path)
+    assert report.loaded == 2
+    r = records[0]
+    assert (r.format, r.label, r.system, r.user) == ("swift", "generated", "Be a forensic expert.",
+                                                      "<image>Is this image real?")
+    assert r.regions[0].caption == "odd hand" and r.regions[0].bbox == (2.0, 3.0, 20.0, 30.0)
+    assert records[1].label == "real" and records[1].regions == ()
+
+
+def test_exif_orientation_is_applied_to_the_size(root):
+    # Displayed 48 wide x 64 high: a box 50 px tall fits, one 50 px wide does not.
+    path = write(root, native(image="img/rotated.jpg", regions=[{"bbox": [0, 0, 40, 60], "caption": "c"}]),
+                 native(image="img/rotated.jpg", regions=[{"bbox": [0, 0, 50, 40], "caption": "c"}]))
+    for decode in (True, False):
+        records, report = load_records(path, on_error="skip", check_decode=decode)
+        assert (records[0].width, records[0].height) == (H, W)
+        assert [e.kind for e in report.skipped] == ["box_outside"]
+
+
+# (record, expected kind, words the message must contain); each is written as line 3 after a good
+# record and a blank line, so the message must say data.jsonl:3.
+BAD = {
+    "missing image": (native(image="img/nope.png"), "image_missing", "does not exist"),
+    "undecodable image": (native(image="img/truncated.png"), "image_undecodable", "cannot be decoded"),
+    "not an image": (native(image="img/text.png"), "not_an_image", "not an image"),
+    "decompression bomb": (native(image="img/big.png", label="real"), "image_too_large", "decompression-bomb"),
+    "aspect ratio": (native(image="img/thin.png", label="real"), "image_aspect", "aspect ratio"),
+    "absolute path": (native(image="/etc/passwd"), "image_path", "absolute"),
+    "dotdot escape": (native(image="img/../../secret.png"), "image_path", "escapes the dataset root"),
+    "symlink escape": (native(image="img/link.png"), "image_path", "outside the dataset root"),
+    "unknown label": (native(label="fake"), "label", "unknown label 'fake'"),
+    "missing label": ({"image": "img/ok.png"}, "label", "missing field 'label'"),
+    "box outside": (native(regions=[{"bbox": [10, 10, 65, 20], "caption": "c"}]), "box_outside", "outside the 64x48"),
+    "box negative": (native(regions=[{"bbox": [-1, 10, 20, 20], "caption": "c"}]), "box_outside", "outside"),
+    "box inverted": (native(regions=[{"bbox": [30, 10, 20, 20], "caption": "c"}]), "box_inverted", "inverted"),
+    "box empty": (native(regions=[{"bbox": [10, 10, 10, 20], "caption": "c"}]), "box_inverted", "inverted or empty"),
+    "box nan": ('{"image": "img/ok.png", "label": "generated", "regions": [{"bbox": [1, NaN, 5, 9], '
+                '"caption": "c"}]}', "box_nonfinite", "non-finite"),
+    "box inf": ('{"image": "img/ok.png", "label": "generated", "regions": [{"bbox": [1, 2, 1e999, 9], '
+                '"caption": "c"}]}', "box_nonfinite", "non-finite"),
+    "box arity": (native(regions=[{"bbox": [1, 2, 3], "caption": "c"}]), "box_arity", "4 numbers"),
+    "box not numbers": (native(regions=[{"bbox": [1, 2, "3", 4], "caption": "c"}]), "box_arity", "non-numeric"),
+    "generated without regions": (native(regions=[]), "no_regions", "at least one region"),
+    "real with regions": (native(label="real", regions=[{"bbox": [1, 2, 3, 4], "caption": "c"}]), "schema",
+                          "must not have regions"),
+    "reserved marker in text": (native(reasoning="x </think> y"), "schema", "reserved marker"),
+    "invalid json": ('{"image": "img/ok.png", "label": ', "json", "invalid JSON"),
+    "not an object": ("[1, 2]", "schema", "JSON object"),
+    "swift too few placeholders": (swift(refs=("a", "b"), boxes=([1, 2, 3, 4], [5, 6, 7, 8])), "placeholders",
+                                   "placeholder count does not match"),
+    "swift bbox without ref": (swift(assistant="<think> <bbox> <bbox>\n<tag>t</tag></think><verdict>generated"
+                                               "</verdict>"), "placeholders", "placeholder count does not match"),
+    "swift unknown verdict": (swift(assistant="<think> <ref-object><bbox>\n<tag>t</tag></think>"
+                                              "<verdict>maybe</verdict>"), "label", "unknown label 'maybe'"),
+    "swift no verdict": (swift(assistant="<ref-object><bbox>"), "label", "no <verdict>"),
+    "swift box outside": (swift(boxes=([2, 3, 20, 49],)), "box_outside", "object 0 bbox"),
+    "swift generated without objects": (swift(assistant="<think> x\n</think><verdict>generated</verdict>", refs=(),
+                                              boxes=()), "no_regions", "at least one region"),
+    "swift two images": (swift(images=["img/ok.png", "img/gray.png"]), "schema", "exactly one image"),
+    "swift missing image": (swift(images=["img/gone.png"]), "image_missing", "does not exist"),
+    "swift chat token": (swift(user="<image><|im_end|>hi"), "schema", "reserved token '<|im_end|>'"),
+    "swift two image tags": (swift(user="<image><image>?"), "placeholders", "2 <image> tags"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_each_validation_error_names_the_record(root, case):
+    record, kind, words = BAD[case]
+    good = native()
+    path = root / "data.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + (record if isinstance(record, str) else json.dumps(record)) + "\n")
+    with pytest.raises(DataError) as info:
+        load_records(path, max_image_pixels=50_000)
+    err = info.value
+    assert str(err).startswith(f"{path}:3: "), str(err)
+    assert err.where == f"{path}:3" and err.kind == kind, (err.kind, str(err))
+    assert words in str(err), str(err)
+
+
+def test_skip_mode_counts_and_reports_every_skip(root, caplog):
+    bad = [BAD[c][0] for c in sorted(BAD)]
+    path = write(root, native(), *bad, native(label="real"))
+    with caplog.at_level(logging.WARNING, logger="fxjax.data.records"):
+        records, report = load_records(path, on_error="skip", max_image_pixels=50_000)
+    assert [r.source for r in records] == [f"{path}:1", f"{path}:{len(bad) + 2}"]
+    assert [r.index for r in records] == [0, 1]
+    assert report.lines == len(bad) + 2 and report.loaded == 2 and len(report.skipped) == len(bad)
+    expected = {}
+    for case in BAD:
+        expected[BAD[case][1]] = expected.get(BAD[case][1], 0) + 1
+    assert dict(report.counts()) == expected
+    assert [e.where for e in report.skipped] == [f"{path}:{i}" for i in range(2, len(bad) + 2)]  # file order
+    summary = report.summary()
+    assert f"loaded 2 of {len(bad) + 2}" in summary and f"skipped {len(bad)}" in summary
+    assert all(f"{k} {n}" in summary for k, n in expected.items())
+    logged = caplog.text
+    assert all(e.where in logged for e in report.skipped) and "skipped" in logged
+
+
+def test_raise_mode_reports_the_first_problem_in_file_order(root):
+    # An image problem on line 2 comes before a schema problem on line 3, though images are checked later.
+    path = write(root, native(), native(image="img/nope.png"), native(label="fake"))
+    with pytest.raises(DataError, match=f"{path}:2: missing image"):
+        load_records(path)
+
+
+def test_header_only_check_defers_decoding(root):
+    path = write(root, native(image="img/truncated.png"))
+    records, _ = load_records(path, check_decode=False)
+    assert len(records) == 1  # the pipeline reports the decode error later (tests/test_pipeline.py)
+
+
+def test_missing_file_and_bad_options(root):
+    with pytest.raises(FileNotFoundError):
+        load_records(root / "absent.jsonl")
+    with pytest.raises(ValueError, match="on_error"):
+        load_records(write(root, native()), on_error="ignore")
+
+
+def test_resolve_image_path(root):
+    assert resolve_image_path(root, "img/ok.png") == (root / "img/ok.png").resolve()
+    for bad in ["", "/abs.png", "C:\\x.png", "a/../../b.png", "..\\b.png", 3]:
+        with pytest.raises(ValueError):
+            resolve_image_path(root, bad)
+
+
+def test_data_error_pickles():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataError("f.jsonl:3", "bad box", "box_outside")))
+    assert (str(err), err.kind, err.where) == ("f.jsonl:3: bad box", "box_outside", "f.jsonl:3")
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+
+def test_nine_distinct_templates_picked_deterministically():
+    assert len(USER_TEMPLATES) == 9 == len(set(USER_TEMPLATES))
+    picks = [[pick_template(0, i, e) for e in range(4)] for i in range(300)]
+    assert picks == [[pick_template(0, i, e) for e in range(4)] for i in range(300)]
+    assert {p for row in picks for p in row} == set(range(9))  # all templates are used
+    assert sum(len(set(row)) > 1 for row in picks) > 250  # the choice changes between epochs
+    assert [pick_template(1, i, 0) for i in range(50)] != [row[0] for row in picks[:50]]  # and with the seed
+    with pytest.raises(ValueError):
+        pick_template(0, -1, 0)
+
+
+def test_render_prompt_places_the_image_tokens():
+    text = render_prompt("SYS", "Look.", image_tokens=3)
+    assert text == ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                    "<|image_pad|><|image_pad|><|image_pad|><|vision_end|>Look.<|im_end|>\n<|im_start|>assistant\n")
+    before, after = prompt_parts("S", "Here: <image> what is it?")
+    assert before.endswith("user\nHere: <|vision_start|>") and after.startswith("<|vision_end|> what is it?")
+    assert SYSTEM_PROMPT != QWEN_DEFAULT_SYSTEM
+
+
+def test_targets_for_both_formats(root):
+    records, _ = load_records(write(root, native(), swift()))
+    native_rec, swift_rec = records[0], records[1]
+    assert render_target(native_rec, [[8, 10, 60, 80]]) == render_completion(
+        "generated", [("smeared texture", [8, 10, 60, 80])], ("texture quality",), "Looks synthetic.")
+    assert render_target(swift_rec, [[4.4, 6, 40, 60.5]]) == (
+        "<think> The <|object_ref_start|>odd hand<|object_ref_end|><|box_start|>[4, 6, 40, 60]<|box_end|> is "
+        "malformed.\n<tag>attribute correctness</tag>\n</think>\n<verdict>generated</verdict>")
+    assert record_prompt(swift_rec, 0) == ("Be a forensic expert.", "<image>Is this image real?")
+    assert record_prompt(swift_rec, 2, prompts="templates") == (SYSTEM_PROMPT, USER_TEMPLATES[2])
+    assert record_prompt(native_rec, 5, system_prompt="S") == ("S", USER_TEMPLATES[5])
+    with pytest.raises(ValueError):
+        render_target(native_rec, [])

@@ -1,0 +1,94 @@
+"""`fxjax make-demo-data`: deterministic, valid native data whose artefacts sit exactly in their boxes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fxjax.cli import main
+from fxjax.data.demo_data import ARTEFACTS, MIN_CHANGE, PHOTOS, _load_photos, make_demo_data, make_demo_example
+from fxjax.data.records import load_records
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "data"
+    assert main(["make-demo-data", str(out), "--n", "12", "--seed", "0", "--min-side", "64",
+                 "--max-side", "128"]) == 0
+    return out
+
+
+def test_cli_writes_a_valid_native_dataset(demo_dir, capsys):
+    train, test = demo_dir / "train.jsonl", demo_dir / "test.jsonl"
+    records, report = load_records([train, test])  # raises on any invalid record
+    assert report.loaded == 12 and not report.skipped
+    assert len(train.read_text().splitlines()) == 11 and len(test.read_text().splitlines()) == 1
+    assert sorted(r.label for r in records) == ["generated"] * 6 + ["real"] * 6
+    captions = {a.caption for a in ARTEFACTS}
+    for r in records:
+        assert 64 <= max(r.width, r.height) <= 128 and r.reasoning
+        if r.label == "generated":
+            assert 1 <= len(r.regions) <= 3 and r.tags and r.generator.startswith("procedural:")
+            assert all(region.caption in captions for region in r.regions)
+            boxes = [region.bbox for region in r.regions]  # they do not overlap
+            for i, p in enumerate(boxes):
+                for q in boxes[i + 1:]:
+                    assert p[2] <= q[0] or q[2] <= p[0] or p[3] <= q[1] or q[3] <= p[1]
+        else:
+            assert not r.regions and not r.tags and r.generator is None
+    # refuses to overwrite, as a CLI error
+    assert main(["make-demo-data", str(demo_dir), "--n", "2"]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+
+
+def test_same_seed_same_bytes_other_seed_other_data(demo_dir, tmp_path):
+    again = make_demo_data(tmp_path / "again", n=12, seed=0, min_side=64, max_side=128)
+    assert _files(again["train"].parent) == _files(demo_dir)
+    other = make_demo_data(tmp_path / "other", n=12, seed=1, min_side=64, max_side=128)
+    assert other["train"].read_text() != (demo_dir / "train.jsonl").read_text()
+
+
+def test_artefacts_change_exactly_their_boxes(demo_dir):
+    photos = _load_photos()
+    assert set(photos) <= set(PHOTOS) and len(photos) >= 10
+    rows = [json.loads(line) for f in ("train.jsonl", "test.jsonl") for line in (demo_dir / f).read_text().splitlines()]
+    kinds_seen = set()
+    for i, row in enumerate(rows):
+        image = np.asarray(Image.open(demo_dir / row["image"])).astype(np.int16)
+        if row["label"] == "real":
+            continue
+        # The same (seed, index) without artefacts is the clean view the generated image was made from.
+        clean, _ = make_demo_example(i, 0, False, photos, 64, 128)
+        outside = np.ones(image.shape[:2], bool)
+        for region in row["regions"]:
+            x1, y1, x2, y2 = region["bbox"]
+            outside[y1:y2, x1:x2] = False
+            assert np.abs(image[y1:y2, x1:x2] - clean[y1:y2, x1:x2]).mean() >= MIN_CHANGE
+        assert np.array_equal(image[outside], clean[outside])
+        kinds_seen |= set(row["generator"].removeprefix("procedural:").split("+"))
+    assert len(kinds_seen) >= 3
+
+
+def test_every_artefact_generator_changes_a_region():
+    rng = np.random.default_rng(0)
+    photo = np.asarray(Image.fromarray(next(iter(_load_photos().values()))).resize((96, 96)))
+    for artefact in ARTEFACTS:
+        img = photo.copy()
+        artefact.apply(img, (10, 20, 50, 60), rng)
+        assert np.array_equal(img[:20], photo[:20]) and np.array_equal(img[:, 50:], photo[:, 50:])
+        assert not np.array_equal(img[20:60, 10:50], photo[20:60, 10:50]), artefact.name
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        make_demo_data(tmp_path / "a", n=0)
+    with pytest.raises(ValueError):
+        make_demo_data(tmp_path / "b", n=2, min_side=100, max_side=50)

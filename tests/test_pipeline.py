@@ -1,0 +1,327 @@
+"""The grain pipeline: example contents, label mask, buckets, long samples, restore, sharding, workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fxjax.data.demo_data import make_demo_data
+from fxjax.data.pipeline import IGNORE_INDEX, DataConfig, DataPipeline, Dropped, ExampleBuilder, tokens_for
+from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES, pick_template, render_prompt
+from fxjax.data.records import DataError, load_records
+from fxjax.data.tokenizer import cached_qwen_tokenizer
+from fxjax.image_processing import model_input_size, process_image
+from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # at most 16 image tokens
+_R, _RE, _B, _BE = (re.escape(m) for m in (REF_START, REF_END, BOX_START, BOX_END))
+FORMAT_CHECK = {  # the authors' format checks (REFERENCE.md section 2), searched with DOTALL
+    "generated": f"<think>({_R}.*?{_RE}\\s*{_B}.*?{_BE}.*?)+.*?<tag>.*?</tag>.*?</think>\\s*<verdict>.*?</verdict>",
+    "real": r"<think>.*?</think>\s*<verdict>.*?</verdict>",
+}
+IM_START, IM_END, PAD = 151644, 151645, 151643
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(request, tmp_path_factory) -> Path:
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("fxjax_data")) if cache is not None else tmp_path_factory.mktemp("fxjax_data")
+    return cached_qwen_tokenizer(root)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """15 images: 12 in train.jsonl, 3 in test.jsonl."""
+    return make_demo_data(tmp_path_factory.mktemp("demo"), n=15, seed=0, test_fraction=0.2, min_side=64,
+                          max_side=160)
+
+
+@pytest.fixture(scope="session")
+def records(demo):
+    return load_records([demo["train"], demo["test"]])[0]
+
+
+def make_cfg(demo, tokenizer_dir, **kw) -> DataConfig:
+    base = dict(data_files=(str(demo["train"]), str(demo["test"])), tokenizer=str(tokenizer_dir),
+                min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_length=512, length_buckets=(128, 256, 384, 512),
+                batch_size=2, shard_index=0, shard_count=1, seed=3)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def same_batches(a, b) -> bool:
+    for x, y in zip(a, b, strict=True):
+        for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw"):
+            if x[k].shape != y[k].shape or not np.array_equal(x[k], y[k]):
+                return False
+        if [(m["index"], m["epoch"], m["template"]) for m in x["meta"]] != \
+                [(m["index"], m["epoch"], m["template"]) for m in y["meta"]]:
+            return False
+    return True
+
+
+def assistant_start(ids) -> int:
+    """Position right after the last `<|im_start|>assistant\\n`."""
+    starts = np.flatnonzero(np.asarray(ids) == IM_START)
+    return int(starts[-1]) + 3  # <|im_start|> "assistant" "\n"
+
+
+def test_examples_are_hf_shaped_with_the_assistant_span_labelled(demo, tokenizer_dir, records):
+    from fxjax.presets import load_preset
+    from model.inputs import prepare_inputs
+
+    cfg = make_cfg(demo, tokenizer_dir, shuffle=False, num_epochs=1, batch_size=3)
+    tok = tokens_for(cfg.tokenizer).tok
+    batches = list(DataPipeline(cfg, records))
+    assert [len(b["meta"]) for b in batches] == [3] * 5  # 15 records
+    model_cfg = load_preset("tiny")
+    for batch in batches:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert ids.dtype == mask.dtype == labels.dtype == np.int32 and ids.shape[1] in cfg.buckets
+        assert batch["pixel_values"].dtype == np.float32 and batch["image_grid_thw"].shape == (3, 3)
+        row_start = 0
+        for i, meta in enumerate(batch["meta"]):
+            record = records[meta["index"]]
+            n = int(mask[i].sum())
+            assert mask[i, :n].all() and not mask[i, n:].any() and (ids[i, n:] == PAD).all()
+            grid = batch["image_grid_thw"][i]
+            assert (ids[i] == 151655).sum() == grid.prod() // 4 == meta["num_image_tokens"]
+            start = assistant_start(ids[i, :n])
+            assert start == meta["prompt_length"]
+            assert (labels[i, :start] == IGNORE_INDEX).all() and (labels[i, n:] == IGNORE_INDEX).all()
+            assert np.array_equal(labels[i, start:n], ids[i, start:n]) and ids[i, n - 1] == IM_END
+            assert tok.decode(ids[i, start:n].tolist(), skip_special_tokens=False) == meta["target"] + "<|im_end|>"
+            assert tok.decode(ids[i, :start].tolist(), skip_special_tokens=False) == render_prompt(
+                SYSTEM_PROMPT, USER_TEMPLATES[meta["template"]], meta["num_image_tokens"])
+            # pixels: exactly fxjax.process_image of the file
+            image = Image.open(record.image)
+            expected, expected_grid = process_image(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+            rows = int(grid.prod())
+            assert np.array_equal(batch["pixel_values"][row_start:row_start + rows], expected)
+            assert np.array_equal(expected_grid[0], grid)
+            row_start += rows
+            # metadata: sizes and boxes in model-input pixels
+            h, w = model_input_size(record.height, record.width, MIN_PIXELS, MAX_PIXELS)
+            assert meta["original_size"] == (record.height, record.width) and meta["model_size"] == (h, w)
+            scale = np.array([w / record.width, h / record.height] * 2)
+            expected_boxes = np.array([r.bbox for r in record.regions]).reshape(-1, 4) * scale
+            np.testing.assert_allclose(meta["boxes"], expected_boxes, rtol=1e-6)
+            assert meta["label"] == record.label and meta["record_id"] == record.record_id
+            assert meta["source"] == record.source and meta["truncated"] == 0
+            assert re.search(FORMAT_CHECK[meta["label"]], meta["target"], re.DOTALL)
+        assert row_start == batch["pixel_values"].shape[0]
+        # The model's host-side preparation accepts the batch as is.
+        prepared = prepare_inputs(model_cfg, ids, mask, batch["pixel_values"], batch["image_grid_thw"])
+        assert prepared.position_ids.shape == (3, *ids.shape)
+
+
+def test_batches_are_deterministic_and_use_few_shapes(demo, tokenizer_dir, records):
+    cfg = make_cfg(demo, tokenizer_dir, batch_size=2, length_buckets=(256, 512))
+    first, second = take(iter(DataPipeline(cfg, records)), 10), take(iter(DataPipeline(cfg, records)), 10)
+    assert same_batches(first, second)
+    assert {b["input_ids"].shape for b in first} <= {(2, 256), (2, 512)}
+    # The default buckets: powers of two from 64, capped by max_length.
+    assert dataclasses.replace(cfg, length_buckets=(), max_length=300).buckets == (64, 128, 256, 300)
+
+
+def test_restore_from_saved_state_yields_the_same_next_batches(demo, tokenizer_dir, records):
+    cfg = make_cfg(demo, tokenizer_dir, batch_size=4, max_length=384, length_buckets=())
+    it = iter(DataPipeline(cfg, records))
+    take(it, 5)  # past the first epoch boundary (15 records)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    expected = take(it, 6)
+    restored = iter(DataPipeline(cfg, records))
+    restored.set_state(state)
+    assert same_batches(take(restored, 6), expected)
+    assert restored.get_state() == it.get_state()
+    assert {m["epoch"] for b in expected for m in b["meta"]} >= {1, 2}  # restore across epochs too
+
+
+def test_two_shards_cover_every_record_exactly_once_per_epoch(demo, tokenizer_dir, records):
+    assert len(records) == 15  # odd: the shards differ in size by one
+    seen = {}
+    for shard in (0, 1):
+        cfg = make_cfg(demo, tokenizer_dir, shard_index=shard, shard_count=2, num_epochs=2, batch_size=1,
+                       drop_remainder=False)
+        pipeline = DataPipeline(cfg, records)
+        assert len(pipeline) == (8, 7)[shard]
+        metas = [m for b in pipeline for m in b["meta"]]
+        seen[shard] = [(m["epoch"], m["index"]) for m in metas]
+        # the template depends on (seed, record, epoch) only, not on the shard layout
+        assert all(m["template"] == pick_template(cfg.seed, m["index"], m["epoch"]) for m in metas)
+    for epoch in (0, 1):
+        per_shard = [[i for e, i in seen[s] if e == epoch] for s in (0, 1)]
+        assert sorted(per_shard[0] + per_shard[1]) == list(range(15))
+        assert not set(per_shard[0]) & set(per_shard[1])
+    order = [[i for e, i in seen[0] if e == epoch] for epoch in (0, 1)]
+    assert order[0] != order[1] and sorted(order[0]) == sorted(order[1])  # reshuffled each epoch
+    # drop_remainder: equal shards
+    cfg = make_cfg(demo, tokenizer_dir, shard_index=1, shard_count=2, shard_drop_remainder=True)
+    assert len(DataPipeline(cfg, records)) == 7
+
+
+def _free_text(tokens, ids) -> str:
+    return tokens.tok.decode([t for t, f in zip(ids, tokens.free_mask(ids)) if f], skip_special_tokens=False)
+
+
+def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_dir, records):
+    generated = [r for r in records if r.label == "generated"]
+    full_cfg = make_cfg(demo, tokenizer_dir)
+    full = {r.index: ExampleBuilder(full_cfg, len(records)).build(r) for r in generated}
+    lengths = sorted(len(e["input_ids"]) for e in full.values())
+    max_length = lengths[len(lengths) // 2] - 20  # over half of them are too long
+    cfg = make_cfg(demo, tokenizer_dir, max_length=max_length, length_buckets=())
+    builder, tokens = ExampleBuilder(cfg, len(records)), tokens_for(cfg.tokenizer)
+    truncated = dropped = 0
+    for r in generated:
+        ex, ref = builder.build(r), full[r.index]
+        if isinstance(ex, Dropped):
+            assert ex.kind == "too_long" and r.source in ex.message
+            dropped += 1
+            continue
+        assert len(ex["input_ids"]) <= max_length
+        start = ex["meta"]["prompt_length"]
+        if len(ref["input_ids"]) <= max_length:
+            assert np.array_equal(ex["input_ids"], ref["input_ids"])
+            continue
+        truncated += 1
+        assert ex["meta"]["truncated"] == len(ref["input_ids"]) - len(ex["input_ids"]) > 0
+        assert np.array_equal(ex["input_ids"][:start], ref["input_ids"][:start])  # prompt untouched
+        cut, whole = ex["input_ids"][start:].tolist(), ref["input_ids"][start:].tolist()
+        text = tokens.tok.decode(cut, skip_special_tokens=False)
+        # Every structural token is kept, in order: <think>, regions (captions and boxes), tags, </think>,
+        # the verdict and <|im_end|>; only free text (the reasoning) got shorter.
+        structure = lambda ids: [t for t, f in zip(ids, tokens.free_mask(ids)) if not f]  # noqa: E731
+        assert structure(cut) == structure(whole) and cut[-1] == IM_END
+        assert re.search(FORMAT_CHECK["generated"], text, re.DOTALL) and text.endswith(
+            "<verdict>generated</verdict><|im_end|>")
+        for caption, box in zip(ex["meta"]["captions"], ex["meta"]["boxes"]):
+            assert f"{REF_START}{caption}{REF_END}{BOX_START}[" in text
+        # ... and the reasoning that is left is a prefix of the original one, still on its own line(s).
+        kept, original = _free_text(tokens, cut), _free_text(tokens, whole)
+        assert original.startswith(kept.rstrip()) and len(kept) < len(original)
+        assert kept.rstrip() == kept.rstrip("\n").rstrip() and kept.endswith("\n")
+    assert truncated >= 2
+    # long_samples="drop": every over-long example is dropped, and counted by the iterator.
+    cfg_drop = dataclasses.replace(cfg, long_samples="drop", num_epochs=1, batch_size=1, drop_remainder=False)
+    it = iter(DataPipeline(cfg_drop, records))
+    kept = [m["index"] for b in it for m in b["meta"]]
+    too_long = {r.index for r in generated if len(full[r.index]["input_ids"]) > max_length}
+    assert not too_long & set(kept) and it.get_state()["dropped"] == {"too_long": len(too_long)}
+    assert len(kept) + len(too_long) == len(records) and f"too_long {len(too_long)}" in it.report()
+    # truncate mode counts truncations and the rare drops in the state as well
+    it = iter(DataPipeline(dataclasses.replace(cfg, num_epochs=1, batch_size=1, drop_remainder=False), records))
+    list(it)
+    assert it.get_state()["truncated"] == truncated
+    assert it.get_state()["dropped"] == ({"too_long": dropped} if dropped else {})
+
+
+def test_decode_errors_skip_with_a_count_or_raise_naming_the_record(demo, tokenizer_dir, tmp_path):
+    rows = [json.loads(line) for line in Path(demo["train"]).read_text().splitlines()[:4]]
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    for row in rows:
+        (root / row["image"]).write_bytes((Path(demo["train"]).parent / row["image"]).read_bytes())
+    data = (root / rows[2]["image"]).read_bytes()
+    (root / rows[2]["image"]).write_bytes(data[: len(data) // 2])  # truncated: the header still reads
+    path = root / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(demo, tokenizer_dir, data_files=(str(path),), root=str(root), check_decode=False,
+                   num_epochs=1, batch_size=1, drop_remainder=False, shuffle=False, on_error="skip")
+    it = iter(DataPipeline(cfg))
+    assert [m["index"] for b in it for m in b["meta"]] == [0, 1, 3]
+    assert it.get_state()["dropped"] == {"decode": 1} and "decode 1" in it.report()
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}:3: cannot decode image"):
+        list(DataPipeline(dataclasses.replace(cfg, on_error="raise")))
+
+
+def test_swift_records_keep_their_prompts_and_fill_placeholders(demo, tokenizer_dir, records, tmp_path):
+    real = next(r for r in records if r.label == "real")
+    gen = next(r for r in records if r.label == "generated")
+    root = Path(demo["train"]).parent
+    rel = lambda r: str(Path(r.image).relative_to(root.resolve()))  # noqa: E731
+    swift = [
+        {"messages": [{"role": "user", "content": "Is <image> fake?"},
+                      {"role": "assistant", "content": "<think> Look at <ref-object><bbox>.\n<tag>texture</tag>\n"
+                                                       "</think>\n<verdict>generated</verdict>"}],
+         "images": [rel(gen)], "objects": {"ref": [gen.regions[0].caption], "bbox": [list(gen.regions[0].bbox)]}},
+        {"messages": [{"role": "system", "content": "SYS"}, {"role": "user", "content": "<image>Real?"},
+                      {"role": "assistant", "content": "<think> fine\n</think>\n<verdict>real</verdict>"}],
+         "images": [rel(real)]},
+    ]
+    path = tmp_path / "swift.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in swift))
+    cfg = make_cfg(demo, tokenizer_dir, data_files=(str(path),), root=str(root), shuffle=False, num_epochs=1)
+    batch = next(iter(DataPipeline(cfg)))
+    tok = tokens_for(cfg.tokenizer).tok
+    m0, m1 = batch["meta"]
+    box = m0["boxes"][0]
+    assert m0["target"] == (f"<think> Look at {REF_START}{gen.regions[0].caption}{REF_END}{BOX_START}"
+                            f"[{', '.join(str(int(round(float(v)))) for v in box)}]{BOX_END}.\n<tag>texture</tag>\n"
+                            "</think>\n<verdict>generated</verdict>")
+    prompt0 = tok.decode(batch["input_ids"][0, :m0["prompt_length"]].tolist(), skip_special_tokens=False)
+    assert prompt0 == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nIs "
+                       "<|vision_start|>" + "<|image_pad|>" * m0["num_image_tokens"] + "<|vision_end|> fake?"
+                       "<|im_end|>\n<|im_start|>assistant\n")
+    prompt1 = tok.decode(batch["input_ids"][1, :m1["prompt_length"]].tolist(), skip_special_tokens=False)
+    assert prompt1.startswith("<|im_start|>system\nSYS<|im_end|>") and m0["template"] == m1["template"] == -1
+    # prompts="templates" replaces the record's prompts with the project's
+    batch = next(iter(DataPipeline(dataclasses.replace(cfg, prompts="templates"))))
+    assert batch["meta"][0]["template"] >= 0
+    prompt = tok.decode(batch["input_ids"][0, :batch["meta"][0]["prompt_length"]].tolist(), skip_special_tokens=False)
+    assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}")
+
+
+def test_prompt_mode_is_left_padded_without_targets(demo, tokenizer_dir, records):
+    cfg = make_cfg(demo, tokenizer_dir, mode="prompt", batch_size=3, shuffle=False)
+    batch = next(iter(DataPipeline(cfg, records)))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (batch["labels"] == IGNORE_INDEX).all()
+    assert mask[:, -1].all() and (ids[:, -3:] == ids[0, -3:]).all() and ids[0, -3] == IM_START
+    for i, meta in enumerate(batch["meta"]):
+        n = int(mask[i].sum())
+        assert n == meta["prompt_length"] and not mask[i, :-n].any() and (ids[i, :-n] == PAD).all()
+        assert meta["target"].endswith(f"<verdict>{meta['label']}</verdict>")
+
+
+def test_worker_processes_give_the_same_batches_and_restore(demo, tokenizer_dir, records):
+    cfg = make_cfg(demo, tokenizer_dir, batch_size=3)
+    expected = take(iter(DataPipeline(cfg, records)), 4)
+    mp_cfg = dataclasses.replace(cfg, worker_count=1)
+    it = iter(DataPipeline(mp_cfg, records))
+    try:
+        assert same_batches(take(it, 2), expected[:2])
+        state = json.loads(json.dumps(it.get_state()))
+        assert same_batches(take(it, 2), expected[2:])
+    finally:
+        it.close()
+    restored = iter(DataPipeline(mp_cfg, records))
+    try:
+        restored.set_state(state)
+        assert same_batches(take(restored, 2), expected[2:])
+    finally:
+        restored.close()
+
+
+def test_config_validation():
+    ok = dict(data_files=("a.jsonl",), tokenizer="tok")
+    DataConfig(**ok)
+    for bad in [dict(on_error="ignore"), dict(format="csv"), dict(long_samples="cut"), dict(batch_size=0),
+                dict(shard_index=0), dict(shard_index=2, shard_count=2), dict(length_buckets=(256, 128)),
+                dict(length_buckets=(128,), max_length=256), dict(num_epochs=0), dict(data_files=())]:
+        with pytest.raises(ValueError):
+            DataConfig(**{**ok, **bad})
+    cfg = DataConfig.from_dict({"data_files": "a.jsonl", "tokenizer": "tok", "length_buckets": [64, 8192]})
+    assert cfg.data_files == ("a.jsonl",) and cfg.length_buckets == (64, 8192)
+    with pytest.raises(ValueError, match="unknown"):
+        DataConfig.from_dict({**ok, "bogus": 1})
