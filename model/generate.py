@@ -175,6 +175,8 @@ def decode_loop_jit(model, first_logits, cache, positions, eos_ids, pad_id, temp
 
 
 def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int]:
+    """EOS ids as an int32 array padded with -1 (matches no token) to a multiple of 4, so a different
+    number of EOS ids rarely recompiles the loop; pad id defaulting like HF (config pad, else first EOS)."""
     cfg = model.config
     if eos_token_ids is None:
         eos_token_ids = cfg.eos_token_id
@@ -182,12 +184,13 @@ def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int
         eos_token_ids = ()
     elif isinstance(eos_token_ids, (int, np.integer)):
         eos_token_ids = (int(eos_token_ids),)
-    eos = np.asarray(list(eos_token_ids), np.int32).reshape(-1)
+    eos = [int(e) for e in eos_token_ids]
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id
     if pad_token_id is None:
-        pad_token_id = int(eos[0]) if eos.size else 0
-    return eos, int(pad_token_id)
+        pad_token_id = eos[0] if eos else 0
+    size = max(4, -(-len(eos) // 4) * 4)
+    return np.asarray(eos + [-1] * (size - len(eos)), np.int32), int(pad_token_id)
 
 
 def generate_device(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids=None, pad_token_id=None,
