@@ -42,9 +42,15 @@ class HFSource:
     """Where a model came from, so export can reproduce it exactly."""
 
     directory: str
-    raw_config: dict[str, Any]
+    # config.json as read, kept as JSON text: the model's graph statics (this object included) must be
+    # hashable, or nnx.split(model)'s GraphDef cannot be a jit static argument.
+    raw_config_json: str
     naming: str  # "hub" or "transformers"
     dtype: str  # dtype of the tensors on disk
+
+    @property
+    def raw_config(self) -> dict[str, Any]:
+        return json.loads(self.raw_config_json)
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -113,7 +119,8 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         del tensor, array
     missing = [hf_name(p) for p in params if p not in loaded]
     if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+        where = ", ".join(sorted({str(file.parent) for file in files.values()})) or "checkpoint"
+        raise CheckpointError(f"{where}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
     return naming
 
 
@@ -138,7 +145,7 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     files = weight_files(directory)
     model = abstract_model(cfg, as_dtype(dtype), as_dtype(param_dtype or dtype))
     naming = load_weights(model, files)
-    model.hf_source = HFSource(str(directory), raw, naming, _disk_dtype(files))
+    model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))
     return model
 
 
