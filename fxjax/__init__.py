@@ -3,11 +3,17 @@
 Public API:
     model = fxjax.from_pretrained(path, dtype="float32")
     logits = model(input_ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)
-    fxjax.save_pretrained(model, out_dir)
+    fxjax.save_pretrained(model, out_dir)          # LoRA adapters, if any, merged into the weights
+    model = fxjax.from_pretrained(path, lora=fxjax.LoRAConfig(rank=8, alpha=32))   # fresh adapters
+    model = fxjax.from_pretrained(path, adapter=peft_dir)                         # a PEFT adapter
+    fxjax.save_peft_adapter(model, out_dir)         # loads with peft.PeftModel.from_pretrained
     pixel_values, image_grid_thw = fxjax.process_image(pil_image, min_pixels=3136, max_pixels=12845056)
 """
 
 from fxjax.hf_checkpoint import from_pretrained, save_pretrained
 from fxjax.image_processing import process_image
+from fxjax.peft_io import load_peft_adapter, save_peft_adapter
+from model.lora import LoRAConfig, apply_lora, lora_disabled
 
-__all__ = ["from_pretrained", "save_pretrained", "process_image"]
+__all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "lora_disabled",
+           "load_peft_adapter", "save_peft_adapter"]

@@ -23,7 +23,10 @@ from safetensors.numpy import save_file
 
 from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.hf_params import canonical_name, hf_name, is_ignored, param_path, to_fxjax, to_hf, transformers_name
+from fxjax.peft_io import attach_lora
+from fxjax.sharding import barrier, gather, placer
 from model import Qwen25VL, Qwen25VLConfig
+from model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from model.qwen2_5_vl import as_dtype
 
 # Files a checkpoint directory carries besides weights and config: copied on export so the output serves.
@@ -91,7 +94,7 @@ def abstract_model(cfg: Qwen25VLConfig, dtype, param_dtype) -> Qwen25VL:
 def load_weights(model: Qwen25VL, files: dict[str, Path],
                  place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> str:
     """Fill the Params of an (abstract) model from HF tensors; returns the naming scheme seen."""
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    params = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
     loaded: set[tuple] = set()
     naming = "hub"
     place = place or (lambda path, array: jnp.asarray(array))
@@ -135,17 +138,25 @@ def _disk_dtype(files: dict[str, Path]) -> str:
             "f32", "float32").replace("f16", "float16")
 
 
-def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None) -> Qwen25VL:
+def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None,
+                    *, mesh: jax.sharding.Mesh | None = None, adapter: str | Path | None = None,
+                    lora: LoRAConfig | None = None, lora_seed: int = 0) -> Qwen25VL:
     """Load an HF Qwen2.5-VL checkpoint directory. `dtype` is the compute dtype; weights are stored
-    in `param_dtype` (default: the same)."""
+    in `param_dtype` (default: the same). With `mesh` (fxjax.sharding.make_mesh), each tensor goes
+    straight onto its shards as it streams in (fxjax.sharding.PARTITION_RULES); with several processes
+    each materialises only its addressable shards.
+    `adapter` loads a PEFT LoRA adapter directory (fxjax.peft_io); `lora` attaches fresh adapters
+    (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`)."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     cfg, raw = load_config(directory)
     files = weight_files(directory)
     model = abstract_model(cfg, as_dtype(dtype), as_dtype(param_dtype or dtype))
-    naming = load_weights(model, files)
+    naming = load_weights(model, files, placer(mesh) if mesh is not None else None)
     model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))
+    if adapter is not None or lora is not None:
+        attach_lora(model, adapter=adapter, lora=lora, seed=lora_seed)
     return model
 
 
@@ -156,14 +167,21 @@ def _patch_embed_shape(cfg: Qwen25VLConfig) -> tuple[int, ...]:
 
 def hf_tensors(model: Qwen25VL, naming: str = "hub") -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(HF name, thunk giving the host tensor) for each parameter; a thunk gathers one tensor."""
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    # Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B); the model is not changed.
+    adapters = {path: linear.lora for path, linear in lora_linears(model) if linear.lora.enabled}
+    for path, variable in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
         name = hf_name(path)
         if naming == "transformers":
             name = transformers_name(name)
         shape = _patch_embed_shape(model.config) if name.endswith("patch_embed.proj.weight") else None
 
-        def thunk(variable=variable, path=path, shape=shape) -> np.ndarray:
-            return to_hf(np.asarray(jax.device_get(variable[...])), path, shape)
+        adapter = adapters.get(path[:-1]) if path[-1] == "kernel" else None
+
+        def thunk(variable=variable, path=path, shape=shape, adapter=adapter) -> np.ndarray:
+            array = gather(variable[...])  # a collective across processes
+            if adapter is not None:
+                array = merge_lora(array, gather(adapter.lora_a[...]), gather(adapter.lora_b[...]), adapter.scaling)
+            return to_hf(array, path, shape)
 
         yield name, thunk
 
@@ -182,6 +200,11 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     if dtype not in _NP_DTYPES:
         raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
     naming = source.naming if source else "hub"
+    if jax.process_index() != 0:  # several processes: all join each tensor's gather, process 0 writes
+        for _, thunk in hf_tensors(model, naming):
+            thunk()
+        barrier("fxjax.save_pretrained")
+        return out
 
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
@@ -227,6 +250,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         for side in _SIDE_FILES:
             if (Path(source.directory) / side).exists():
                 shutil.copy(Path(source.directory) / side, out / side)
+    barrier("fxjax.save_pretrained")
     return out
 
 

@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from model.hf_names import canonical_name, hf_name, transformers_name  # noqa: F401  (re-exported)
+
 Path = tuple[str | int, ...]
 
 # (canonical prefix, fxjax path prefix); longest first wins.
@@ -25,24 +27,6 @@ _PREFIXES: tuple[tuple[str, Path], ...] = (
 _RENAMES = {"mlp.0": "fc1", "mlp.2": "fc2", "patch_embed.proj": "patch_embed"}
 # HF keys that hold no parameters (old checkpoints saved rotary buffers).
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|rotary_pos_emb\.inv_freq)$")
-
-
-def canonical_name(name: str) -> str:
-    """Any supported HF naming -> the Hub naming."""
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    return name
-
-
-def transformers_name(canonical: str) -> str:
-    """Hub naming -> transformers 4.52+ module naming (as in-memory state_dict keys and PEFT adapters)."""
-    if canonical.startswith("visual."):
-        return "model." + canonical
-    if canonical.startswith("model."):
-        return "model.language_model." + canonical[len("model."):]
-    return canonical
 
 
 def is_ignored(name: str) -> bool:
@@ -64,22 +48,6 @@ def param_path(canonical: str) -> Path | None:
         if canonical.startswith(prefix) and prefix.endswith("."):
             return target + tuple(_split(canonical[len(prefix):]))
     return None
-
-
-def hf_name(path: Path) -> str:
-    """fxjax param path -> canonical HF name (inverse of param_path + kernel naming)."""
-    if path == ("embed_tokens", "embedding"):
-        return "model.embed_tokens.weight"
-    parts = [str(p) for p in path]
-    if parts[-1] == "kernel":
-        parts[-1] = "weight"
-    if parts[:2] == ["decoder", "layers"]:
-        parts = ["model", "layers"] + parts[2:]
-    elif parts[:2] == ["decoder", "norm"]:
-        parts = ["model", "norm"] + parts[2:]
-    name = ".".join(parts)
-    name = name.replace("merger.fc1", "merger.mlp.0").replace("merger.fc2", "merger.mlp.2")
-    return name.replace("patch_embed.weight", "patch_embed.proj.weight")
 
 
 def to_fxjax(array: np.ndarray, leaf: str, hf_shape_ndim: int) -> np.ndarray:

@@ -32,6 +32,8 @@ class Linear(nnx.Module):
     """y = x @ kernel + bias, kernel stored [in, out] (HF stores [out, in]; import transposes).
 
     Parameters live in `param_dtype`; the matmul runs in `dtype` (the compute dtype).
+    `lora` is None or a `model.lora.LoRAAdapter` (attached by `model.lora.apply_lora`); an enabled
+    adapter adds its low-rank update after the bias, as PEFT does.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
@@ -42,11 +44,14 @@ class Linear(nnx.Module):
         scale = 1.0 / math.sqrt(in_features)
         self.kernel = nnx.Param(_init_normal(rngs, (in_features, out_features), param_dtype, scale))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.lora = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None and self.lora.enabled:
+            y = y + self.lora(x)
         return y
 
 

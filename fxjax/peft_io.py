@@ -1,0 +1,315 @@
+"""PEFT LoRA adapter directories <-> fxjax LoRA adapters.
+
+A PEFT adapter is `adapter_config.json` (peft_type LORA, r, lora_alpha, target_modules, ...) plus
+`adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` [r, in] and
+`.lora_B.weight` [out, r], where <module> is the transformers module name of the version that saved it:
+transformers >= 4.52 (what the installed peft writes) uses `model.visual.*`, `model.language_model.*`,
+`lm_head`; older versions `visual.*`, `model.layers.*`, `lm_head`. Both load; an adapter saves back
+with the naming, dtype and config it came with, so its keys and tensors round-trip bit for bit.
+A LoRA on the patch embedding (PEFT's Conv3d LoRA: A [r, C, T, p, p], B [out, r, 1, 1, 1]) loads too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from model.hf_names import HUB, TRANSFORMERS, module_name
+from model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linears, lora_linears, pattern_key,
+                        target_matches)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_PATCH_EMBED = ("visual", "patch_embed")
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# adapter_config.json keys that change the weights or the forward pass in ways fxjax does not implement:
+# any of them set (truthy) is an error rather than a silently different model.
+_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
+                "target_parameters", "trainable_token_indices", "layer_replication", "use_qalora",
+                "alora_invocation_tokens", "use_bdlora", "arrow_config", "fan_in_fan_out")
+_AUTO_MAPPING = {"base_model_class": "Qwen2_5_VLForConditionalGeneration",
+                 "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"}
+
+
+class AdapterError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PeftSource:
+    """Where a loaded adapter came from, so saving reproduces it (hashable: it is a graph static)."""
+
+    directory: str
+    raw_config_json: str
+    naming: str  # "transformers" (>= 4.52 module names) or "hub" (< 4.52)
+    dtype: str  # dtype of the tensors on disk
+    lora_config: LoRAConfig  # what load recorded as model.lora_config
+
+    @property
+    def raw_config(self) -> dict[str, Any]:
+        return json.loads(self.raw_config_json)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: not a directory (expected a PEFT adapter directory)")
+    path = directory / ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterError(f"{path}: missing; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    if raw.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only 'LORA')")
+    if raw.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias {raw['bias']!r} is not supported (only 'none')")
+    for key in _UNSUPPORTED:
+        if raw.get(key):
+            raise AdapterError(f"{path}: {key} = {raw[key]!r} is not supported by fxjax")
+    r = raw.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{path}: r must be a positive integer, got {r!r}")
+    for key in ("lora_alpha", "lora_dropout"):
+        if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], (int, float))):
+            raise AdapterError(f"{path}: {key} must be a number, got {raw[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(raw.get(key) or {}, dict):
+            raise AdapterError(f"{path}: {key} must be an object, got {raw[key]!r}")
+    return raw
+
+
+def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
+    path = directory / ADAPTER_WEIGHTS
+    if not path.exists():
+        other = " (only safetensors adapters are supported; adapter_model.bin found)" if (
+            directory / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"{path}: missing{other}")
+    tensors, dtypes = {}, set()
+    with safe_open(str(path), framework="numpy") as f:
+        for key in f.keys():
+            dtypes.add(_ST_DTYPES.get(f.get_slice(key).get_dtype(), f.get_slice(key).get_dtype()))
+            tensors[key] = f.get_tensor(key)
+    if not tensors:
+        raise AdapterError(f"{path}: holds no tensors")
+    unsupported = dtypes - set(_NP_DTYPES)
+    if unsupported or len(dtypes) > 1:
+        raise AdapterError(f"{path}: tensor dtypes {sorted(dtypes)}; expected one of {sorted(_NP_DTYPES)} throughout")
+    return tensors, dtypes.pop()
+
+
+def _lora_shapes(model, path, rank: int, linear) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """PEFT's lora_A / lora_B weight shapes for the Linear at `path` (Conv3d shapes for the patch embedding)."""
+    if tuple(path) == _PATCH_EMBED:
+        v = model.config.vision
+        return (rank, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), (
+            linear.out_features, rank, 1, 1, 1)
+    return (rank, linear.in_features), (linear.out_features, rank)
+
+
+def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None = None) -> list[str]:
+    """Attach the LoRA adapter saved by PEFT in `adapter_dir` to a Qwen25VL without adapters.
+
+    Returns the adapted module names as the adapter spells them. Records `model.lora_config` and
+    `model.peft_source` (used by save_peft_adapter to write the adapter back as it came).
+    """
+    directory = Path(adapter_dir)
+    raw = _read_config(directory)
+    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    tensors, disk_dtype = _read_tensors(directory)
+    if has_lora(model):
+        raise AdapterError(f"{directory}: the model already has LoRA adapters; call model.lora.remove_lora first")
+
+    by_name = {naming: {module_name(path, naming): path for path, _ in linears(model)} for naming in (TRANSFORMERS, HUB)}
+    modules: dict[str, dict[str, str]] = {}
+    for key in tensors:
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterError(
+                f"{weights_file}: tensor {key!r} is not a '{_PREFIX}<module>.lora_A/lora_B.weight' LoRA weight "
+                f"(DoRA magnitudes, LoRA biases and embedding adapters are not supported)")
+        modules.setdefault(match["module"], {})[match["which"]] = key
+    schemes = set()
+    for module, keys in modules.items():
+        found = {naming for naming, names in by_name.items() if module in names}
+        if not found:
+            key = next(iter(keys.values()))
+            raise AdapterError(f"{weights_file}: tensor {key!r} is for module {module!r}, which is not a Linear "
+                               f"layer of this Qwen2.5-VL (names look like "
+                               f"{next(iter(by_name[TRANSFORMERS]))!r})")
+        if len(found) == 1:
+            schemes |= found
+        for which in "AB":
+            if which not in keys:
+                raise AdapterError(f"{weights_file}: module {module!r} has no lora_{which}.weight")
+    if len(schemes) > 1:
+        raise AdapterError(f"{weights_file}: mixes transformers >= 4.52 and < 4.52 module names")
+    naming = schemes.pop() if schemes else TRANSFORMERS
+    names = by_name[naming]
+
+    targets, exclude = raw.get("target_modules"), raw.get("exclude_modules")
+    if targets is not None:
+        try:
+            selected = {n for n, p in names.items() if target_matches(n, targets, exclude, path=p)}
+        except re.error as err:
+            raise AdapterError(f"{config_file}: target_modules / exclude_modules is not a valid regex ({err})") from None
+        extra = sorted(set(modules) - selected)
+        if extra:
+            raise AdapterError(f"{weights_file}: has tensors for {len(extra)} module(s) that target_modules in "
+                               f"{config_file.name} does not select, e.g. {extra[:3]}")
+        missing = sorted(selected - set(modules))
+        if missing:
+            raise AdapterError(f"{weights_file}: lacks tensors for {len(missing)} module(s) that target_modules in "
+                               f"{config_file.name} selects, e.g. {missing[:3]}")
+
+    r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+    use_rslora, dropout = bool(raw.get("use_rslora", False)), float(raw.get("lora_dropout", 0.0))
+    by_path = dict(linears(model))
+    plan = []
+    for module, keys in modules.items():
+        path = names[module]
+        linear = by_path[path]
+        rank_key, alpha_key = pattern_key(list(rank_pattern), module), pattern_key(list(alpha_pattern), module)
+        rank = rank_pattern[rank_key] if rank_key is not None else r
+        module_alpha = alpha_pattern[alpha_key] if alpha_key is not None else alpha
+        want_a, want_b = _lora_shapes(model, path, rank, linear)
+        where = f"rank_pattern[{rank_key!r}] = {rank}" if rank_key is not None else f"r = {rank}"
+        for which, want in (("A", want_a), ("B", want_b)):
+            got = tensors[keys[which]].shape
+            if tuple(got) != want:
+                raise AdapterError(f"{weights_file}: tensor {keys[which]!r} has shape {tuple(got)}, expected {want} "
+                                   f"({where} in {config_file.name}, layer {linear.in_features} -> "
+                                   f"{linear.out_features})")
+        plan.append((linear, rank, module_alpha, tensors[keys["A"]], tensors[keys["B"]]))
+
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    for linear, rank, module_alpha, a, b in plan:
+        adapter = add_adapter(linear, rank=rank, alpha=module_alpha, use_rslora=use_rslora, dropout=dropout, rngs=rngs)
+        adapter.lora_a.set_value(jnp.asarray(np.ascontiguousarray(a.reshape(rank, -1).T), jnp.float32))
+        adapter.lora_b.set_value(jnp.asarray(np.ascontiguousarray(b.reshape(b.shape[0], rank).T), jnp.float32))
+
+    spec = targets if targets is not None else sorted(modules)
+    lora_config = LoRAConfig(rank=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                             target_modules=spec, exclude_modules=exclude)
+    model.lora_config = lora_config
+    model.peft_source = PeftSource(str(directory), json.dumps(raw), naming, disk_dtype, lora_config)
+    return list(modules)
+
+
+def _fresh_config(model, items, names: list[str], naming: str) -> dict[str, Any]:
+    """adapter_config.json for adapters made in fxjax (PEFT's LoraConfig fields that matter)."""
+    cfg: LoRAConfig | None = getattr(model, "lora_config", None)
+    adapters = [linear.lora for _, linear in items]
+    if len({a.use_rslora for a in adapters}) > 1:
+        raise AdapterError("cannot save adapters that mix rsLoRA and plain LoRA scaling in one PEFT config")
+    r = cfg.rank if cfg else Counter(a.rank for a in adapters).most_common(1)[0][0]
+    alpha = cfg.alpha if cfg else Counter(a.alpha for a in adapters).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): a.rank for n, a in zip(names, adapters) if a.rank != r}
+    alpha_pattern = {re.escape(n): _number(a.alpha) for n, a in zip(names, adapters) if a.alpha != alpha}
+    rates = {a.dropout.rate if a.dropout is not None else 0.0 for a in adapters}
+    dropout = cfg.dropout if cfg else max(rates)
+    if cfg is not None and naming == TRANSFORMERS and not (
+            isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == ALL_LINEAR):
+        # the spec as given: it was matched against these (transformers >= 4.52) names
+        targets: Any = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+        exclude = cfg.exclude_modules if isinstance(cfg.exclude_modules, (str, type(None))) else list(cfg.exclude_modules)
+    else:  # the exact adapted set, unambiguous in any naming
+        targets, exclude = sorted(names), None
+    source = getattr(model, "hf_source", None)
+    return {
+        "alpha_pattern": alpha_pattern,
+        "auto_mapping": _AUTO_MAPPING,
+        "base_model_name_or_path": source.directory if source is not None else None,
+        "bias": "none",
+        "exclude_modules": exclude,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": _number(alpha),
+        "lora_bias": False,
+        "lora_dropout": dropout,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": rank_pattern,
+        "revision": None,
+        "target_modules": targets,
+        "task_type": None,
+        "use_dora": False,
+        "use_rslora": adapters[0].use_rslora,
+    }
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, dtype: str | None = None) -> Path:
+    """Write the model's LoRA adapters as a PEFT adapter directory that
+    `peft.PeftModel.from_pretrained(hf_model, out_dir)` loads.
+
+    A loaded adapter is written back with its own naming, dtype and adapter_config.json; fxjax-made ones
+    with the transformers >= 4.52 module names (what the installed peft writes) in float32.
+    """
+    items = list(lora_linears(model))
+    if not items:
+        raise AdapterError("the model has no LoRA adapters to save")
+    source: PeftSource | None = getattr(model, "peft_source", None)
+    if source is not None and getattr(model, "lora_config", None) != source.lora_config:
+        source = None  # adapters replaced since loading
+    naming = naming or (source.naming if source else TRANSFORMERS)
+    dtype = dtype or (source.dtype if source else "float32")
+    if dtype not in _NP_DTYPES:
+        raise AdapterError(f"cannot save adapters in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, names = {}, []
+    for path, linear in items:
+        name = module_name(path, naming)
+        adapter = linear.lora
+        a = np.asarray(jax.device_get(adapter.lora_a[...]), np.float32).T  # [r, in]
+        b = np.asarray(jax.device_get(adapter.lora_b[...]), np.float32).T  # [out, r]
+        want_a, want_b = _lora_shapes(model, path, adapter.rank, linear)
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(want_a).astype(_NP_DTYPES[dtype]))
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(want_b).astype(_NP_DTYPES[dtype]))
+        names.append(name)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = source.raw_config if source is not None else _fresh_config(model, items, names, naming)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return out
+
+
+def attach_lora(model, *, adapter: str | Path | None = None, lora: LoRAConfig | None = None, seed: int = 0) -> None:
+    """from_pretrained's `adapter=` (a PEFT adapter directory) / `lora=` (fresh adapters) arguments."""
+    if adapter is not None and lora is not None:
+        raise ValueError("pass adapter= (load a PEFT adapter) or lora= (fresh adapters), not both")
+    if adapter is not None:
+        load_peft_adapter(model, adapter, rngs=nnx.Rngs(seed))
+    elif lora is not None:
+        if not isinstance(lora, LoRAConfig):
+            raise TypeError(f"lora= takes a LoRAConfig, got {type(lora).__name__}")
+        apply_lora(model, lora, rngs=nnx.Rngs(seed))
+
+
+__all__ = ["load_peft_adapter", "save_peft_adapter", "attach_lora", "AdapterError", "PeftSource",
+           "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]

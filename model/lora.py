@@ -1,0 +1,278 @@
+"""LoRA on fxjax `Linear` layers, with PEFT's semantics (targets, scaling, init, forward, merge).
+
+Layout: a targeted `model.layers.Linear` gets `linear.lora = LoRAAdapter(...)` with
+`lora_a` = nnx.LoRAParam [in_features, rank] and `lora_b` = nnx.LoRAParam [rank, out_features]
+(PEFT's lora_A.weight [r, in] and lora_B.weight [out, r], transposed like every fxjax kernel), so a
+LoRA weight's state path is e.g. ('decoder', 'layers', 0, 'self_attn', 'q_proj', 'lora', 'lora_a').
+
+    y = x @ W + b + scaling * (dropout(x) @ A) @ B,   scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+LoRA parameters are their own state type: filter them with `LORA_PARAMS` and the base weights with
+`BASE_PARAMS` (nnx.LoRAParam subclasses nnx.Param, so a bare nnx.Param filter selects both). They are
+stored in float32 whatever the base's param_dtype and computed in the layer's compute dtype.
+
+Targets are chosen by HF module name (transformers >= 4.52 names, e.g.
+"model.language_model.layers.0.self_attn.q_proj", "model.visual.blocks.0.attn.qkv",
+"model.visual.merger.mlp.0", "lm_head") as PEFT's `target_modules` does: a sequence of names matches
+a module whose name equals one of them or ends with "." + one of them; a string is a regex that must
+match the whole name; "all-linear" is every Linear except the output head (`lm_head`) and the patch
+embedding (a Conv3d in HF, so never one of PEFT's all-linear targets).
+
+Imports nothing of fxjax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.hf_names import TRANSFORMERS, Path, module_name
+from model.layers import Linear
+
+# The frozen base weights and the trainable LoRA weights. Use these filters everywhere.
+LORA_PARAMS = nnx.LoRAParam
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+ALL_LINEAR = "all-linear"
+# Linear modules that "all-linear" leaves out (fxjax paths): PEFT drops the output embedding
+# (lm_head) and only selects nn.Linear / Conv1D, which the Conv3d patch embedding is not.
+_NOT_ALL_LINEAR: tuple[Path, ...] = (("lm_head",), ("visual", "patch_embed"))
+
+def _as_spec(value, what: str):
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        if not all(isinstance(v, str) for v in items):
+            raise TypeError(f"{what} must be a string or a sequence of strings, got {value!r}")
+        return tuple(items)
+    raise TypeError(f"{what} must be a string or a sequence of strings, got {type(value).__name__}")
+
+
+def _is_all_linear(spec) -> bool:
+    return isinstance(spec, str) and spec.lower() == ALL_LINEAR
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA hyper-parameters, PEFT's LoraConfig in fxjax words (r -> rank, lora_alpha -> alpha).
+
+    target_modules: "all-linear", a sequence of module names (suffix match on name components) or a
+    regex string (full match); exclude_modules: the same forms, removing matches.
+    """
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
+    exclude_modules: str | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "use_rslora", bool(self.use_rslora))
+        targets = _as_spec(self.target_modules, "target_modules")
+        if not targets:
+            raise ValueError("target_modules is empty; use 'all-linear', module names or a regex")
+        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "exclude_modules", _as_spec(self.exclude_modules, "exclude_modules") or None)
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.rank, self.alpha, self.use_rslora)
+
+    def selects(self, name: str, path: Path | None = None) -> bool:
+        """Whether this config targets the Linear named `name` (HF module name; fxjax `path` for all-linear)."""
+        return target_matches(name, self.target_modules, self.exclude_modules, path=path)
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def target_matches(name: str, target_modules, exclude_modules=None, *, path: Path | None = None) -> bool:
+    """PEFT's check_target_module_exists for a Linear module named `name`.
+
+    For "all-linear" the fxjax `path` decides (lm_head and the patch embedding are left out).
+    """
+    if exclude_modules:
+        if isinstance(exclude_modules, str):
+            if re.fullmatch(exclude_modules, name):
+                return False
+        elif name in exclude_modules or any(name.endswith(f".{e}") for e in exclude_modules):
+            return False
+    if _is_all_linear(target_modules):
+        if path is None:
+            raise ValueError("'all-linear' needs the module's fxjax path")
+        return tuple(path) not in _NOT_ALL_LINEAR
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith(f".{t}") for t in target_modules)
+
+
+def pattern_key(patterns: Sequence[str], name: str) -> str | None:
+    """PEFT's get_pattern_key for rank_pattern / alpha_pattern: the first key matching the name's end."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+class LoRAAdapter(nnx.Module):
+    """The low-rank update of one Linear: scaling * (dropout(x) @ lora_a) @ lora_b.
+
+    `lora_a` starts like PEFT's (kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))),
+    `lora_b` at zero, so a fresh adapter changes nothing. Dropout (rate > 0) draws from the `dropout`
+    rng stream and is active only in train mode (`model.train()`; `model.eval()` turns it off; a fresh
+    adapter starts in eval mode). `enabled` = False switches the adapter off (see `lora_disabled`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
+                 use_rslora: bool = False, dropout: float = 0.0, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha, self.use_rslora = int(rank), float(alpha), bool(use_rslora)
+        self.dtype = dtype
+        bound = 1.0 / math.sqrt(in_features)
+        a = jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a.astype(param_dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
+        self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
+        self.enabled = True
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.rank, self.alpha, self.use_rslora)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
+        return jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
+
+
+def linears(model: nnx.Module) -> Iterator[tuple[Path, Linear]]:
+    """(fxjax path, Linear) for every Linear of the model, in graph order."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Linear):
+            yield tuple(path), module
+
+
+def lora_linears(model: nnx.Module) -> Iterator[tuple[Path, Linear]]:
+    """(fxjax path, Linear) for every Linear that carries a LoRA adapter."""
+    for path, linear in linears(model):
+        if linear.lora is not None:
+            yield path, linear
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return next(lora_linears(model), None) is not None
+
+
+def add_adapter(linear: Linear, *, rank: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0,
+                rngs: nnx.Rngs) -> LoRAAdapter:
+    """Attach one adapter (float32 parameters, the layer's compute dtype) to `linear`."""
+    if linear.lora is not None:
+        raise ValueError("this Linear already has a LoRA adapter; call remove_lora first")
+    linear.lora = LoRAAdapter(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
+                              use_rslora=use_rslora, dropout=dropout, rngs=rngs, dtype=linear.dtype)
+    return linear.lora
+
+
+def select_targets(model: nnx.Module, cfg: LoRAConfig, naming: str = TRANSFORMERS) -> dict[str, Path]:
+    """HF module name -> fxjax path of each Linear that `cfg` targets (names in `naming`)."""
+    chosen = {}
+    for path, _ in linears(model):
+        name = module_name(path, naming)
+        if cfg.selects(name, path):
+            chosen[name] = path
+    return chosen
+
+
+def apply_lora(model: nnx.Module, cfg: LoRAConfig | None = None, *, rngs: nnx.Rngs | None = None) -> list[str]:
+    """Attach fresh adapters (B = 0) to the Linears of a Qwen25VL that `cfg` targets.
+
+    Returns the targeted HF module names (transformers >= 4.52 naming). Records `model.lora_config`.
+    `rngs` gives the `params` stream (A's init) and the `dropout` stream (default Rngs(0)).
+    """
+    cfg = cfg or LoRAConfig()
+    if has_lora(model):
+        raise ValueError("the model already has LoRA adapters; call remove_lora(model) first")
+    targets = select_targets(model, cfg)
+    if not targets:
+        raise ValueError(f"target_modules {cfg.target_modules!r} matches no Linear of the model "
+                         f"(names look like {module_name(next(linears(model))[0])!r})")
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    by_path = dict(linears(model))
+    for name, path in targets.items():
+        add_adapter(by_path[path], rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
+                    dropout=cfg.dropout, rngs=rngs)
+    model.lora_config = cfg
+    return list(targets)
+
+
+def remove_lora(model: nnx.Module) -> None:
+    """Drop every adapter (the base model is left as it was)."""
+    for _, linear in list(lora_linears(model)):
+        linear.lora = None
+    if getattr(model, "lora_config", None) is not None:
+        model.lora_config = None
+
+
+def set_lora_enabled(model: nnx.Module, enabled: bool) -> None:
+    for _, linear in lora_linears(model):
+        linear.lora.enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nnx.Module):
+    """Inside, the model computes exactly its base (every adapter off): the reference policy without a
+    copy of the weights. Works around eager calls and inside nnx.jit-ed functions alike."""
+    adapters = [linear.lora for _, linear in lora_linears(model)]
+    before = [a.enabled for a in adapters]
+    try:
+        for a in adapters:
+            a.enabled = False
+        yield model
+    finally:
+        for a, flag in zip(adapters, before):
+            a.enabled = flag
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+    return nnx.state(model, LORA_PARAMS)
+
+
+def merge_lora(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scaling: float) -> np.ndarray:
+    """W + scaling * A @ B on host arrays in fxjax layout (kernel [in, out], A [in, r], B [r, out]), float32
+    (PEFT's merge: W + (B @ A) * scaling in HF layout)."""
+    delta = (np.asarray(lora_a, np.float32) @ np.asarray(lora_b, np.float32)) * np.float32(scaling)
+    return np.asarray(kernel).astype(np.float32) + delta
+
+
+def merged_kernel(linear: Linear) -> np.ndarray:
+    """The Linear's kernel with its enabled adapter merged, as a host array [in, out] (single process)."""
+    kernel = np.asarray(jax.device_get(linear.kernel[...]))
+    if linear.lora is None or not linear.lora.enabled:
+        return kernel
+    return merge_lora(kernel, jax.device_get(linear.lora.lora_a[...]), jax.device_get(linear.lora.lora_b[...]),
+                      linear.lora.scaling)
+
+
+__all__ = ["LoRAConfig", "LoRAAdapter", "LORA_PARAMS", "BASE_PARAMS", "ALL_LINEAR", "apply_lora", "add_adapter",
+           "remove_lora", "lora_disabled", "set_lora_enabled", "lora_linears", "linears", "has_lora",
+           "select_targets", "target_matches", "pattern_key", "lora_scaling", "lora_state", "merge_lora", "merged_kernel"]
