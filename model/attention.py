@@ -14,15 +14,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     fp32 and as a bf16 run needs for stability. A fully masked row yields a uniform average instead of
     NaN (HF's min-value masking does the same); callers ignore such rows.
     """
-    *batch, lq, h, d = q.shape
-    kvh = k.shape[-2]
-    groups = h // kvh
-    qg = q.reshape(*batch, lq, kvh, groups, d)
-    scores = jnp.einsum("...qkgd,...skd->...kgqs", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
+    h, kvh, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if h != kvh:
+        # Repeating KV to full heads (HF's repeat_kv) lets XLA fuse the softmax into the second matmul;
+        # the grouped [kv, group] einsum layout costed an extra copy of the score tensor on CPU.
+        k = jnp.repeat(k, h // kvh, axis=-2)
+        v = jnp.repeat(v, h // kvh, axis=-2)
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     if mask is not None:
-        m = mask[..., None, None, :, :]  # broadcast over (kvh, groups)
-        scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask[..., None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...kgqs,...skd->...qkgd", probs, v)
-    return out.reshape(*batch, lq, h, d)
+    return jnp.einsum("...hqk,...khd->...qhd", probs, v)

@@ -53,5 +53,6 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids, attention_mask=None, pixel_va
             raise ValueError(f"Image features and image tokens do not match: tokens {n_tokens}, features {n_features}")
         feature_index[is_image] = layout.merged_index  # row-major order, as HF's masked_scatter
         patches = pixel_values[layout.patch_source] * layout.valid[:, None]
-        vision = VisionInputs(patches, layout.valid, layout.segment_ids, layout.pos_hw)
+        vision = VisionInputs(patches, layout.valid, layout.segment_ids, layout.pos_hw, layout.segment_slots,
+                              layout.segment_valid, layout.slot_in_segment)
     return ModelInputs(input_ids, mask, positions, deltas, feature_index, vision)

@@ -21,6 +21,11 @@ class VisionInputs(NamedTuple):
     valid: jax.Array  # [P] bool
     segment_ids: jax.Array  # [P] int32
     pos_hw: jax.Array  # [P, 2] int32
+    # Per-segment gather for full attention (model.vision_layout); without them full attention falls
+    # back to one masked attention over all P slots, which gives the same result at more cost.
+    segment_slots: jax.Array | None = None  # [S, Ls] int32
+    segment_valid: jax.Array | None = None  # [S, Ls] bool
+    slot_in_segment: jax.Array | None = None  # [P] int32
 
 
 class VisionAttention(nnx.Module):
@@ -87,19 +92,33 @@ class VisionEncoder(nnx.Module):
         x = self.patch_embed(inputs.patches)
         cos, sin = vision_rotary(inputs.pos_hw, cfg.head_dim, cfg.rope_theta)
 
-        valid = inputs.valid
-        full_mask = (inputs.segment_ids[:, None] == inputs.segment_ids[None, :]) & valid[None, :]
-        win_valid = valid.reshape(-1, slots)
-        window_mask = win_valid[:, None, :] & jnp.ones((1, slots, 1), bool)
+        window_mask = inputs.valid.reshape(-1, 1, slots)
         win_cos, win_sin = cos.reshape(-1, slots, cos.shape[-1]), sin.reshape(-1, slots, sin.shape[-1])
+        full_block = self._full_attention_block(inputs, cos, sin)
 
         fullatt = set(cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             if i in fullatt:
-                x = block(x, cos, sin, full_mask)
+                x = full_block(block, x)
             else:
                 x = block(x.reshape(-1, slots, x.shape[-1]), win_cos, win_sin, window_mask).reshape(n, -1)
         return x
+
+    @staticmethod
+    def _full_attention_block(inputs: VisionInputs, cos, sin):
+        """How a full-attention block runs: per segment when the layout gives the gather, else masked."""
+        if inputs.segment_slots is None:
+            mask = (inputs.segment_ids[:, None] == inputs.segment_ids[None, :]) & inputs.valid[None, :]
+            return lambda block, x: block(x, cos, sin, mask)
+        gather = inputs.segment_slots
+        mask = inputs.segment_valid[:, None, :]
+        seg_cos, seg_sin = cos[gather], sin[gather]
+
+        def run(block, x):
+            out = block(x[gather], seg_cos, seg_sin, mask)
+            return out.reshape(-1, out.shape[-1])[inputs.slot_in_segment]
+
+        return run
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
         """Merged image tokens in padded window order, [P // merge_unit, out_hidden]."""

@@ -4,8 +4,10 @@ All images of a batch (any number, any grids) become one token sequence in *padd
 every attention window of window_merged_side x window_merged_side merged units gets a fixed number of
 slots (partial windows at the right/bottom edges are padded), and the number of windows is rounded up
 to a bucket so that only a few shapes are ever compiled. Window attention is then a reshape to
-[windows, slots]; full attention masks by segment (one segment per image frame, as HF's cu_seqlens).
-HF's own window permutation and un-permutation become one gather, `merged_index`.
+[windows, slots]. Full attention runs per segment (one per image frame, as HF's cu_seqlens): the slots
+of each segment are gathered into a [segments, segment_slots] block, so a batch of n images costs n
+attentions over one image each, not one over all of them. HF's own window permutation and
+un-permutation become one gather, `merged_index`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class VisionLayout:
     pos_hw: np.ndarray  # [P, 2] int32 (row, col) of the patch in its image
     merged_index: np.ndarray  # [M] int32 merged token (HF order) -> merged slot (P // merge_unit)
     window_slots: int
+    segment_slots: np.ndarray  # [S, Ls] int32 slots of each segment (0 in padding)
+    segment_valid: np.ndarray  # [S, Ls] bool
+    slot_in_segment: np.ndarray  # [P] int32 position of each slot in the flattened [S * Ls] block (0 for padding)
 
     @property
     def num_slots(self) -> int:
@@ -99,6 +104,7 @@ def vision_layout(image_grid_thw: np.ndarray, cfg: VisionConfig, min_windows: in
         src[wi], pos[wi] = s, p
         seg[wi] = np.where(s >= 0, g, -1)
     valid = src.ravel() >= 0
+    segment_slots, segment_valid, slot_in_segment = _segment_blocks(seg.ravel(), window_slots)
     return VisionLayout(
         patch_source=np.where(valid, src.ravel(), 0).astype(np.int32),
         valid=valid,
@@ -106,4 +112,24 @@ def vision_layout(image_grid_thw: np.ndarray, cfg: VisionConfig, min_windows: in
         pos_hw=pos.reshape(-1, 2).astype(np.int32),
         merged_index=(np.concatenate(merged_index) if merged_index else np.zeros((0,), np.int64)).astype(np.int32),
         window_slots=window_slots,
+        segment_slots=segment_slots,
+        segment_valid=segment_valid,
+        slot_in_segment=slot_in_segment,
     )
+
+
+def _segment_blocks(segment_of_slot: np.ndarray, window_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gather indices for per-segment full attention; sizes bucketed like the window count."""
+    ids = [g for g in np.unique(segment_of_slot) if g >= 0]
+    members = [np.flatnonzero(segment_of_slot == g) for g in ids]
+    longest_windows = max((len(m) + window_slots - 1) // window_slots for m in members) if members else 1
+    length = bucket(longest_windows) * window_slots
+    count = bucket(len(members))
+    slots = np.zeros((count, length), np.int32)
+    ok = np.zeros((count, length), bool)
+    where = np.zeros(segment_of_slot.shape, np.int32)
+    for i, m in enumerate(members):
+        slots[i, :len(m)] = m
+        ok[i, :len(m)] = True
+        where[m] = i * length + np.arange(len(m))
+    return slots, ok, where
