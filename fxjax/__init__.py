@@ -8,12 +8,15 @@ Public API:
     model = fxjax.from_pretrained(path, adapter=peft_dir)                         # a PEFT adapter
     fxjax.save_peft_adapter(model, out_dir)         # loads with peft.PeftModel.from_pretrained
     pixel_values, image_grid_thw = fxjax.process_image(pil_image, min_pixels=3136, max_pixels=12845056)
+    mesh = fxjax.make_mesh(fxjax.MeshConfig(data=1, fsdp=4, tensor=2))   # axes ("data", "fsdp", "tensor")
+    model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh)   # each tensor straight to its shards
 """
 
 from fxjax.hf_checkpoint import from_pretrained, save_pretrained
 from fxjax.image_processing import process_image
 from fxjax.peft_io import load_peft_adapter, save_peft_adapter
+from fxjax.sharding import MeshConfig, make_mesh
 from model.lora import LoRAConfig, apply_lora, lora_disabled
 
 __all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "lora_disabled",
-           "load_peft_adapter", "save_peft_adapter"]
+           "load_peft_adapter", "save_peft_adapter", "MeshConfig", "make_mesh"]

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.hf_params import canonical_name, hf_name, is_ignored, param_path, to_fxjax, to_hf, transformers_name
 from fxjax.peft_io import attach_lora
-from fxjax.sharding import barrier, gather, placer
+from fxjax.sharding import barrier, gather, placer, shard_model
 from model import Qwen25VL, Qwen25VLConfig
 from model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from model.qwen2_5_vl import as_dtype
@@ -157,6 +157,8 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))
     if adapter is not None or lora is not None:
         attach_lora(model, adapter=adapter, lora=lora, seed=lora_seed)
+        if mesh is not None:
+            shard_model(model, mesh)  # the adapters onto the mesh: A/B take their base kernel's dims
     return model
 
 

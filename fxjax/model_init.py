@@ -9,10 +9,21 @@ from model import Qwen25VL, Qwen25VLConfig
 
 
 def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "float32",
-               param_dtype: str | None = None) -> Qwen25VL:
-    """A Qwen2.5-VL with random weights; `config` may be a preset name or YAML path."""
+               param_dtype: str | None = None, mesh=None) -> Qwen25VL:
+    """A Qwen2.5-VL with random weights; `config` may be a preset name or YAML path.
+
+    With `mesh` (fxjax.sharding.make_mesh) the weights are created under jit directly on their shards
+    (no device ever holds a whole unsharded model); values match the unsharded init to float rounding."""
     cfg = load_preset(config) if isinstance(config, str) else config
-    return Qwen25VL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype or dtype)
+
+    def build() -> Qwen25VL:
+        return Qwen25VL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype or dtype)
+
+    if mesh is None:
+        return build()
+    from fxjax.sharding import init_sharded
+
+    return init_sharded(build, mesh)
 
 
 def parameter_counts(model: Qwen25VL) -> dict[str, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,17 @@ from model.layers import Embedding, Linear
 from model.vision import VisionEncoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Shard dim 0 (the batch) over the ambient mesh's ("data", "fsdp") axes (jax.sharding.set_mesh);
+    a no-op without such a mesh. Pins activations so that sharded weights are gathered (FSDP) rather
+    than activations."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 def as_dtype(dtype) -> jnp.dtype:
@@ -54,12 +67,14 @@ class Qwen25VL(nnx.Module):
         return x
 
     def hidden_states(self, inputs: ModelInputs, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        return self.decoder(self.embed(inputs), inputs.position_ids, inputs.attention_mask, cache)
+        hidden, cache = self.decoder(shard_batch(self.embed(inputs)), inputs.position_ids, inputs.attention_mask,
+                                     cache)
+        return shard_batch(hidden), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
-            return self.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+            return shard_batch(self.embed_tokens.attend(hidden))
+        return shard_batch(self.lm_head(hidden))
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> ModelInputs:
         return prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)

@@ -1,0 +1,438 @@
+"""Device meshes and the one table of partition rules for Qwen2.5-VL parameters.
+
+Mesh axes are ("data", "fsdp", "tensor"); any may have size 1.
+
+* fsdp shards every large weight along its model ("embed") dimension: the hidden size of the decoder,
+  the vision width, the merger's input, the patch row of the patch embedding. A device holds about
+  1/fsdp of the base weights and XLA gathers each weight where it is used.
+* tensor shards attention heads and MLP width Megatron-style: column-parallel kernels [in, out]
+  (q/k/v, gate/up, vision qkv, merger fc1, patch embedding, lm_head) split `out`, row-parallel ones
+  (o_proj, down_proj, vision attn.proj, merger fc2) split `in`; column-parallel biases follow `out`,
+  the embedding splits its vocabulary. Norm scales and row-parallel biases are replicated.
+* LoRA A [in, r] takes the spec of its base kernel's `in` dimension, B [r, out] that of `out`; the
+  rank dimension is replicated.
+* Activations shard the batch over ("data", "fsdp"); the vision encoder's packed patch axis is not a
+  batch axis and stays replicated.
+
+A dimension that its mesh axes do not divide is replicated instead (`replicated_dims` lists them), so
+small test configs run on any mesh. A parameter no rule names is an error, never silently replicated.
+
+Use:
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))       # after fxjax.distributed.initialize()
+    model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh, lora=LoRAConfig(...))
+    inputs = shard_inputs(model.prepare(ids, mask, pixel_values, grid), mesh)
+    with use_mesh(mesh):                # the model pins activations' batch to ("data", "fsdp")
+        loss, grads = jitted_step(model, optimizer, inputs)   # ending in constrain(model), constrain(optimizer)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+COLUMN = P("fsdp", "tensor")  # kernel [in, out]: out split over heads / MLP width
+ROW = P("tensor", "fsdp")  # kernel [in, out]: in split over heads / MLP width
+COLUMN_BIAS = P("tensor")
+REPLICATED = P()
+
+_L = r"\d+"
+# (regex over the '/'-joined parameter path, logical PartitionSpec); the first match wins.
+PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    # language model
+    (r"embed_tokens/embedding", P("tensor", "fsdp")),  # [vocab, hidden]: vocab-parallel
+    (rf"decoder/layers/{_L}/self_attn/(q_proj|k_proj|v_proj)/kernel", COLUMN),
+    (rf"decoder/layers/{_L}/self_attn/(q_proj|k_proj|v_proj)/bias", COLUMN_BIAS),
+    (rf"decoder/layers/{_L}/self_attn/o_proj/kernel", ROW),
+    (rf"decoder/layers/{_L}/mlp/(gate_proj|up_proj)/kernel", COLUMN),
+    (rf"decoder/layers/{_L}/mlp/down_proj/kernel", ROW),
+    (rf"decoder/layers/{_L}/(input_layernorm|post_attention_layernorm)/weight", REPLICATED),
+    (r"decoder/norm/weight", REPLICATED),
+    (r"lm_head/kernel", COLUMN),  # [hidden, vocab]
+    # vision encoder
+    (r"visual/patch_embed/kernel", COLUMN),  # [C*T*p*p, hidden]
+    (rf"visual/blocks/{_L}/attn/qkv/kernel", COLUMN),
+    (rf"visual/blocks/{_L}/attn/qkv/bias", COLUMN_BIAS),
+    (rf"visual/blocks/{_L}/attn/proj/kernel", ROW),
+    (rf"visual/blocks/{_L}/attn/proj/bias", REPLICATED),
+    (rf"visual/blocks/{_L}/mlp/(gate_proj|up_proj)/kernel", COLUMN),
+    (rf"visual/blocks/{_L}/mlp/(gate_proj|up_proj)/bias", COLUMN_BIAS),
+    (rf"visual/blocks/{_L}/mlp/down_proj/kernel", ROW),
+    (rf"visual/blocks/{_L}/mlp/down_proj/bias", REPLICATED),
+    (rf"visual/blocks/{_L}/(norm1|norm2)/weight", REPLICATED),
+    # merger
+    (r"visual/merger/ln_q/weight", REPLICATED),
+    (r"visual/merger/fc1/kernel", COLUMN),
+    (r"visual/merger/fc1/bias", COLUMN_BIAS),
+    (r"visual/merger/fc2/kernel", ROW),
+    (r"visual/merger/fc2/bias", REPLICATED),
+)
+_COMPILED = tuple((re.compile(pattern), spec) for pattern, spec in PARTITION_RULES)
+# A LoRA factor lives at <base Linear>/lora/lora_a|lora_b next to the base <base Linear>/kernel.
+_LORA = re.compile(r"(.*)/lora/(lora_a|lora_b)")
+
+
+class ShardingError(ValueError):
+    pass
+
+
+# ---- meshes -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes. One size may be -1: it takes the devices the others leave."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "MeshConfig":
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(AXES))
+        if unknown:
+            raise ShardingError(f"unknown mesh axis/axes {unknown}; axes are {list(AXES)}")
+        return cls(**{k: int(v) for k, v in data.items()})
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    def resolve(self, device_count: int) -> "MeshConfig":
+        """Fill a -1 size and check that the sizes multiply to `device_count`."""
+        sizes = list(self.shape)
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ShardingError(f"mesh sizes must be positive (or one -1), got {dict(zip(AXES, sizes))}")
+        if sizes.count(-1) > 1:
+            raise ShardingError(f"at most one mesh size may be -1, got {dict(zip(AXES, sizes))}")
+        if -1 in sizes:
+            known = math.prod(s for s in sizes if s != -1)
+            if device_count % known:
+                raise ShardingError(f"cannot fill mesh {dict(zip(AXES, sizes))}: {device_count} devices "
+                                    f"are not a multiple of {known}")
+            sizes[sizes.index(-1)] = device_count // known
+        if math.prod(sizes) != device_count:
+            raise ShardingError(
+                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+                f"but {device_count} device(s) are available; make the sizes multiply to {device_count}")
+        return MeshConfig(*sizes)
+
+
+def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None, devices: Iterable | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all global devices, every process's).
+
+    Axes are Auto (GSPMD propagation). Devices are laid out in process order, then local order, so the
+    fastest-varying axes (tensor, then fsdp) stay inside a host where they can.
+    """
+    if cfg is None:
+        cfg = MeshConfig(fsdp=-1)
+    elif not isinstance(cfg, MeshConfig):
+        cfg = MeshConfig.from_dict(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    cfg = cfg.resolve(len(devices))
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    grid = np.array(devices, dtype=object).reshape(cfg.shape)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def axis_sizes(mesh: Mesh | Mapping[str, int] | MeshConfig) -> dict[str, int]:
+    if isinstance(mesh, MeshConfig):
+        return dict(zip(AXES, mesh.shape))
+    if isinstance(mesh, Mapping):
+        return {a: int(mesh.get(a, 1)) for a in AXES}
+    return {a: int(mesh.shape[a]) if a in mesh.shape else 1 for a in AXES}
+
+
+# ---- partition specs --------------------------------------------------------------------------------
+
+def path_str(path: Iterable) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def logical_spec(path: Iterable | str) -> P:
+    """The rule's spec for a base parameter path (before divisibility). Raises for unknown paths."""
+    name = path if isinstance(path, str) else path_str(path)
+    for pattern, spec in _COMPILED:
+        if pattern.fullmatch(name):
+            return spec
+    raise ShardingError(
+        f"no partition rule for parameter {name!r}; add one to fxjax.sharding.PARTITION_RULES "
+        f"(unknown parameters are not replicated silently)")
+
+
+class ReplicatedDim(NamedTuple):
+    """A dimension its rule wanted sharded, replicated because the mesh axes do not divide it."""
+
+    path: str
+    dim: int
+    size: int
+    axes: tuple[str, ...]
+    axes_size: int
+
+
+def _fit(spec: P, shape: tuple[int, ...], sizes: Mapping[str, int], name: str,
+         dropped: list[ReplicatedDim] | None) -> P:
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    if len(entries) > len(shape):
+        raise ShardingError(f"{name}: rule {spec} has more entries than the parameter's shape {shape}")
+    out = []
+    for dim, (entry, size) in enumerate(zip(entries, shape)):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        n = math.prod(sizes[a] for a in axes)
+        if axes and size % n:
+            if dropped is not None:
+                dropped.append(ReplicatedDim(name, dim, size, axes, n))
+            entry = None
+        out.append(entry)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def param_spec(path: Iterable | str, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int] | MeshConfig,
+               *, dropped: list[ReplicatedDim] | None = None) -> P:
+    """The PartitionSpec of one parameter of `shape` on `mesh` (divisibility applied).
+
+    LoRA factors (…/lora/lora_a [in, r], …/lora/lora_b [r, out]) take the entry of their base kernel
+    (…/kernel [in, out]) for the dimension they share with it; the rank dimension is replicated.
+    """
+    name = path if isinstance(path, str) else path_str(path)
+    sizes = axis_sizes(mesh)
+    lora = _LORA.fullmatch(name)
+    if lora is None:
+        return _fit(logical_spec(name), tuple(shape), sizes, name, dropped)
+    base_name, which = lora.group(1) + "/kernel", lora.group(2)
+    if len(shape) != 2:
+        raise ShardingError(f"{name}: a LoRA factor must be 2-D, got shape {tuple(shape)}")
+    base = list(logical_spec(base_name)) + [None, None]
+    spec = P(base[0], None) if which == "lora_a" else P(None, base[1])
+    return _fit(spec, tuple(shape), sizes, name, dropped)
+
+
+def state_spec(path: Iterable, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int] | MeshConfig,
+               *, is_param: bool = False) -> P:
+    """Spec of any variable: a parameter by the rules; state that mirrors a parameter at the end of its
+    path (optimizer moments: ('opt_state', 0, 'mu', 'decoder', ...)) like that parameter; else
+    replicated. A Parameter (`is_param`) that no rule names is an error."""
+    path = tuple(path)
+    name = path_str(path)
+    if is_param or _known(name):
+        return param_spec(name, shape, mesh)
+    for start in range(1, len(path)):
+        suffix = path_str(path[start:])
+        if _known(suffix):
+            return param_spec(suffix, shape, mesh)
+    return REPLICATED
+
+
+def _known(name: str) -> bool:
+    lora = _LORA.fullmatch(name)
+    name = lora.group(1) + "/kernel" if lora else name
+    return any(pattern.fullmatch(name) for pattern, _ in _COMPILED)
+
+
+def constrain(node, mesh: Mesh | None = None):
+    """Inside jit: pin every variable of an nnx Module/Optimizer to its rule's sharding (in place).
+
+    Call it at the end of a jitted train step so updated parameters and optimizer moments keep their
+    layout instead of whatever the compiler propagated. `mesh` defaults to the ambient one (use_mesh);
+    without either it does nothing."""
+    target = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if not target.axis_names:
+        return node
+    for path, variable in nnx.to_flat_state(nnx.state(node)):
+        value = variable.get_value()
+        if not hasattr(value, "shape"):
+            continue
+        spec = state_spec(path, tuple(value.shape), target, is_param=isinstance(variable, nnx.Param))
+        variable.set_value(jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec) if mesh else spec))
+    return node
+
+
+def use_mesh(mesh: Mesh):
+    """Context manager making `mesh` the ambient mesh: the model then shards activations' batch over
+    ("data", "fsdp") (see model.qwen2_5_vl) and bare PartitionSpecs resolve against it."""
+    return jax.sharding.set_mesh(mesh)
+
+
+def _flat(model_or_state) -> list[tuple[tuple, Any]]:
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    return list(nnx.to_flat_state(state))
+
+
+def _shape(value) -> tuple[int, ...]:
+    value = value.get_value() if isinstance(value, nnx.Variable) else value
+    return tuple(getattr(value, "shape", ()))
+
+
+def _specs(model_or_state, mesh, dropped) -> list[tuple[tuple, P]]:
+    out = []
+    for path, variable in _flat(model_or_state):
+        if isinstance(variable, nnx.Param):
+            spec = param_spec(path, _shape(variable), mesh, dropped=dropped)
+        else:  # RNG keys/counts and other non-parameter state: small, replicated
+            spec = REPLICATED
+        out.append((path, spec))
+    return out
+
+
+def partition_specs(model_or_state, mesh: Mesh | Mapping[str, int] | MeshConfig) -> nnx.State:
+    """nnx.State of PartitionSpecs for every variable of a model (or its state); a tree prefix of it."""
+    return nnx.from_flat_state(_specs(model_or_state, mesh, None))
+
+
+def param_shardings(model_or_state, mesh: Mesh) -> nnx.State:
+    """nnx.State of NamedShardings, usable as jit in/out_shardings and device_put target for the state."""
+    return nnx.from_flat_state([(p, NamedSharding(mesh, s)) for p, s in _specs(model_or_state, mesh, None)])
+
+
+def replicated_dims(model_or_state, mesh: Mesh | Mapping[str, int] | MeshConfig) -> list[ReplicatedDim]:
+    """Dimensions a rule wanted sharded but the mesh does not divide (they are replicated)."""
+    dropped: list[ReplicatedDim] = []
+    _specs(model_or_state, mesh, dropped)
+    return dropped
+
+
+# ---- placing parameters -----------------------------------------------------------------------------
+
+def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Host array -> global jax.Array; each process materialises only its addressable shards.
+
+    Works with one process or many (each must pass the same global value). Every shard is a copy, so
+    no device buffer keeps the whole host tensor alive.
+    """
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.array(array[index], copy=True))
+
+
+def placer(mesh: Mesh) -> Callable[[tuple, np.ndarray], jax.Array]:
+    """A `place(path, array)` callback for hf_checkpoint.load_weights: each tensor straight to its shards."""
+    def place(path: tuple, array: np.ndarray) -> jax.Array:
+        return put(array, NamedSharding(mesh, param_spec(path, array.shape, mesh)))
+    return place
+
+
+def shard_model(model, mesh: Mesh):
+    """Move every variable of a model onto `mesh` by the rules, in place (one variable at a time)."""
+    for (path, spec), (_, variable) in zip(_specs(model, mesh, None), _flat(model)):
+        sharding = NamedSharding(mesh, spec)
+        value = variable.get_value()
+        if isinstance(value, jax.Array) and value.sharding == sharding:
+            continue
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            variable.set_value(jax.jit(lambda x: x, out_shardings=sharding)(value))
+        else:
+            variable.set_value(put(np.asarray(jax.device_get(value)), sharding))
+    return model
+
+
+def compile_sharded_init(build: Callable[[], Any], mesh: Mesh):
+    """(graphdef, compiled init) for `build()` (which constructs an nnx.Module) with the rules as
+    out_shardings; `compiled.memory_analysis()` gives the per-device bytes before anything is allocated."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+
+    def init():
+        return nnx.split(build())[1]
+
+    return graphdef, jax.jit(init, out_shardings=param_shardings(abstract_state, mesh)).lower().compile()
+
+
+def init_sharded(build: Callable[[], Any], mesh: Mesh):
+    """Run `build()` under jit with every variable born on its shards (no device holds it whole)."""
+    graphdef, compiled = compile_sharded_init(build, mesh)
+    return nnx.merge(graphdef, compiled())
+
+
+# ---- activations ------------------------------------------------------------------------------------
+
+def batch_spec(ndim: int = 1, batch_dim: int = 0) -> P:
+    entries: list = [None] * ndim
+    entries[batch_dim] = BATCH_AXES
+    return P(*entries)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1, batch_dim: int = 0) -> NamedSharding:
+    """Sharding of a [B, ...] activation: batch over ("data", "fsdp")."""
+    return NamedSharding(mesh, batch_spec(ndim, batch_dim))
+
+
+def shard_inputs(inputs, mesh: Mesh):
+    """model.ModelInputs (host arrays, the same on every process) -> global arrays on `mesh`.
+
+    [B, ...] fields shard the batch over ("data", "fsdp"), position_ids [3, B, L] its second axis; the
+    vision fields (packed patch axis, not a batch axis) are replicated. The batch must be divisible by
+    data * fsdp.
+    """
+    sizes = axis_sizes(mesh)
+    batch = int(np.shape(inputs.input_ids)[0])
+    if batch % (sizes["data"] * sizes["fsdp"]):
+        raise ShardingError(f"batch {batch} is not divisible by data x fsdp = {sizes['data'] * sizes['fsdp']}")
+
+    def on(x, batch_dim):
+        x = np.asarray(x)
+        spec = REPLICATED if batch_dim is None else batch_spec(x.ndim, batch_dim)
+        return put(x, NamedSharding(mesh, spec))
+
+    vision = inputs.vision
+    if vision is not None:
+        vision = type(vision)(*(on(v, None) for v in vision))
+    return type(inputs)(input_ids=on(inputs.input_ids, 0), attention_mask=on(inputs.attention_mask, 0),
+                        position_ids=on(inputs.position_ids, 1), rope_deltas=on(inputs.rope_deltas, 0),
+                        image_feature_index=on(inputs.image_feature_index, 0), vision=vision)
+
+
+# ---- gathering and accounting -----------------------------------------------------------------------
+
+def gather(value) -> np.ndarray:
+    """One array -> its full host value, on every process (a collective when the array spans processes)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def device_bytes(model_or_state, filter=nnx.Param) -> dict[Any, int]:
+    """Live buffer accounting: bytes of the filtered variables held on each addressable device."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, filter)
+    totals: dict[Any, int] = {}
+    for _, variable in nnx.to_flat_state(state):
+        value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+        for shard in value.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
+
+
+def shard_bytes(model_or_state, mesh: Mesh | Mapping[str, int] | MeshConfig, filter=nnx.Param) -> int:
+    """Largest per-device bytes of the filtered variables from shapes and specs alone (abstract models)."""
+    sizes = axis_sizes(mesh)
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, filter)
+    total = 0
+    flat = dict(_flat(state))
+    for path, spec in _specs(state, sizes, None):
+        value = flat[path].get_value() if isinstance(flat[path], nnx.Variable) else flat[path]
+        shape = list(value.shape)
+        for dim, entry in enumerate(spec):
+            if entry is not None:
+                axes = (entry,) if isinstance(entry, str) else entry
+                shape[dim] //= math.prod(sizes[a] for a in axes)
+        total += math.prod(shape) * np.dtype(value.dtype).itemsize
+    return total

@@ -1,0 +1,367 @@
+"""Subprocess worker for tests/test_sharding.py and tests/test_multihost.py.
+
+JAX fixes its device count when its backend starts, so the multi-device checks run here, in a fresh
+process, and print/write JSON the tests assert on. Importing this module touches no JAX backend.
+
+    python tests/sharding_worker.py meshes CKPT OUT.json [--meshes 8,1,1 1,8,1 ...]
+        8 simulated CPU devices: single-device reference (logits, LoRA gradients, one AdamW step on
+        the LoRA parameters), then per mesh the same from fxjax.from_pretrained(CKPT, mesh=...),
+        plus shard-shape checks, per-device bytes and an export round trip from the sharded model.
+    python tests/sharding_worker.py multihost CKPT OUTDIR [--meshes 1,8,1 2,2,2]
+        one of several processes (FXJAX_COORDINATOR / FXJAX_NUM_PROCESSES / FXJAX_PROCESS_ID /
+        FXJAX_LOCAL_DEVICE_COUNT in the environment): load onto one global mesh, logits, export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8))
+# Every dimension a rule shards is divisible by 8 (tensor heads 8 / kv 4 of 8, MLP 48, vision 64 / 40,
+# merger 256, vocab 128, patch row 1176), so on every mesh every rule really splits its parameter.
+CHECKPOINT_KW = dict(hidden=64, heads=8, kv_heads=4, vision_hidden=64, vision_heads=8, vocab_size=128)
+LORA_KW = dict(rank=4, alpha=8.0, target_modules="all-linear")
+BATCH, LENGTH = 8, 24
+LR = 1e-4  # the authors' LoRA learning rate (REFERENCE.md section 1)
+IMAGE, VISION_START, VISION_END = 100, 102, 103
+
+
+def build_checkpoint(directory: Path) -> Path:
+    """A tiny HF Qwen2.5-VL (transformers' own save_pretrained) whose sharded dims all divide by 8."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_hf_model, save_hf_model
+
+    return save_hf_model(build_hf_model(seed=1, **CHECKPOINT_KW), Path(directory))
+
+
+def batch() -> dict[str, np.ndarray]:
+    """HF-shaped inputs: 8 rows, two with an image, one left-padded; plus next-token targets."""
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, 90, size=(BATCH, LENGTH)).astype(np.int64)
+    mask = np.ones_like(ids)
+    ids[0, 2], ids[0, 3:19], ids[0, 19] = VISION_START, IMAGE, VISION_END  # grid (1, 8, 8) -> 16 tokens
+    ids[3, 5], ids[3, 6:14], ids[3, 14] = VISION_START, IMAGE, VISION_END  # grid (1, 4, 8) -> 8 tokens
+    mask[1, :5] = 0
+    ids[1, :5] = 0
+    grid = np.array([[1, 8, 8], [1, 4, 8]], np.int64)
+    pixel_values = rng.randn(int(np.prod(grid, axis=1).sum()), 1176).astype(np.float32)
+    targets = np.roll(ids, -1, axis=1)
+    weights = (mask * np.roll(mask, -1, axis=1)).astype(np.float32)
+    weights[:, -1] = 0
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid,
+                targets=targets, weights=weights)
+
+
+def rel(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    scale = np.abs(ref).max()
+    return float(np.abs(out - ref).max() / scale) if scale > 0 else float(np.abs(out).max())
+
+
+# ---- JAX side (imported lazily, after the device count is set) ---------------------------------------
+
+def _setup(devices: int) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, str(REPO))
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", devices)
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _functions():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fxjax import sharding
+    from model.lora import LORA_PARAMS
+
+    def loss_fn(model, inputs, targets, weights):
+        hidden, _ = model.hidden_states(inputs)
+        logits = model.logits(hidden)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return (nll * weights).sum() / weights.sum(), logits
+
+    @nnx.jit
+    def forward(model, inputs):
+        hidden, _ = model.hidden_states(inputs)
+        return model.logits(hidden)
+
+    @nnx.jit
+    def train_step(model, optimizer, inputs, targets, weights):
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, LORA_PARAMS), has_aux=True)(
+            model, inputs, targets, weights)
+        optimizer.update(model, grads)
+        sharding.constrain(model)  # keep the rules' layout (ambient mesh; no-op without one)
+        sharding.constrain(optimizer)
+        return loss, logits, grads
+
+    return forward, train_step
+
+
+def _set_lora_b(model):
+    """Fixed non-zero B (fresh adapters have B = 0, which would leave A without gradient), written onto
+    B's existing shards."""
+    import jax.numpy as jnp
+
+    from fxjax import sharding
+    from model.lora import lora_linears
+
+    rng = np.random.RandomState(7)
+    for _, linear in lora_linears(model):
+        b = linear.lora.lora_b
+        value = (0.05 * rng.randn(*b.shape)).astype(np.float32)
+        current = b.get_value()
+        b.set_value(sharding.put(value, current.sharding) if len(current.sharding.device_set) > 1 else jnp.asarray(value))
+    return model
+
+
+def _host_inputs(model, data):
+    return model.prepare(data["input_ids"], data["attention_mask"], data["pixel_values"], data["image_grid_thw"])
+
+
+def _flat_host(state) -> dict[str, np.ndarray]:
+    from flax import nnx
+
+    from fxjax.sharding import gather, path_str
+
+    return {path_str(p): gather(v.get_value() if isinstance(v, nnx.Variable) else v)
+            for p, v in nnx.to_flat_state(state)}
+
+
+def shard_report(model, mesh) -> dict:
+    """Per parameter: every addressable shard has the shape its spec implies; how many really split."""
+    from flax import nnx
+
+    from fxjax import sharding
+    from model.lora import BASE_PARAMS, LORA_PARAMS
+
+    sizes = sharding.axis_sizes(mesh)
+    specs = dict(nnx.to_flat_state(sharding.partition_specs(model, mesh)))
+    bad, split, total, lora_split = [], 0, 0, 0
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = variable.get_value()
+        spec = specs[path]
+        if value.sharding.spec != spec and not value.sharding.is_equivalent_to(
+                sharding.NamedSharding(mesh, spec), value.ndim):
+            bad.append(f"{sharding.path_str(path)}: sharding {value.sharding.spec} != rule {spec}")
+        expected = list(value.shape)
+        for dim, entry in enumerate(spec):
+            if entry is not None:
+                axes = (entry,) if isinstance(entry, str) else entry
+                expected[dim] //= math.prod(sizes[a] for a in axes)
+        shapes = {tuple(s.data.shape) for s in value.addressable_shards}
+        if shapes != {tuple(expected)}:
+            bad.append(f"{sharding.path_str(path)}: shard shapes {shapes} != {tuple(expected)}")
+        total += 1
+        if tuple(expected) != tuple(value.shape):
+            split += 1
+            lora_split += isinstance(variable, nnx.LoRAParam)
+    base = sharding.device_bytes(model, BASE_PARAMS)
+    lora = sharding.device_bytes(model, LORA_PARAMS)
+    return dict(bad=bad, split=split, total=total, lora_split=lora_split,
+                base_bytes_per_device=sorted(base.values()), lora_bytes_per_device=sorted(lora.values()),
+                replicated_dims=[tuple(d) for d in sharding.replicated_dims(model, mesh)])
+
+
+def _drift(node, mesh) -> list[str]:
+    """Variables whose sharding differs from the rules' (after a jitted step)."""
+    from flax import nnx
+
+    from fxjax import sharding
+
+    out = []
+    for path, variable in nnx.to_flat_state(nnx.state(node)):
+        value = variable.get_value()
+        if not hasattr(value, "sharding") or not value.ndim:
+            continue
+        spec = sharding.state_spec(path, value.shape, mesh, is_param=isinstance(variable, nnx.Param))
+        if not value.sharding.is_equivalent_to(sharding.NamedSharding(mesh, spec), value.ndim):
+            out.append(f"{sharding.path_str(path)}: {value.sharding.spec} != {spec}")
+    return out
+
+
+def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
+    _setup(8)
+    import jax
+    import optax
+    from flax import nnx
+
+    import fxjax
+    from fxjax import sharding
+    from model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig
+
+    assert jax.device_count() == 8, jax.devices()
+    forward, train_step = _functions()
+    data = batch()
+    t0 = time.time()
+
+    def run(mesh):
+        model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh, lora=LoRAConfig(**LORA_KW))
+        _set_lora_b(model)
+        inputs = _host_inputs(model, data)
+        targets, weights = data["targets"], data["weights"]
+        if mesh is not None:
+            inputs = sharding.shard_inputs(inputs, mesh)
+            spec = sharding.batch_sharding(mesh, 2)
+            targets, weights = sharding.put(targets.astype(np.int32), spec), sharding.put(weights, spec)
+        before = _flat_host(nnx.state(model, LORA_PARAMS))
+        with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            optimizer = nnx.Optimizer(model, optax.adamw(LR), wrt=LORA_PARAMS)
+            loss, logits, grads = train_step(model, optimizer, inputs, targets, weights)
+            opt_drift = _drift(optimizer, mesh) if mesh is not None else []
+        return model, dict(logits=np.asarray(logits), loss=float(loss), grads=_flat_host(grads),
+                           stepped=_flat_host(nnx.state(model, LORA_PARAMS)), logits_sharding=str(logits.sharding),
+                           before=before, opt_drift=opt_drift)
+
+    ref_model, ref = run(None)
+    base_total = sum(sharding.device_bytes(ref_model, BASE_PARAMS).values())
+    results = dict(reference_seconds=time.time() - t0, base_bytes_total=base_total,
+                   lora_params=len(ref["grads"]), meshes={},
+                   reference_step_changed=sum(not np.array_equal(ref["before"][k], ref["stepped"][k])
+                                              for k in ref["stepped"]),
+                   reference_grad_nonzero=sum(bool(np.any(g)) for g in ref["grads"].values()),
+                   reference_step_min_rel=min(rel(ref["stepped"][k], ref["before"][k]) for k in ref["stepped"]))
+    for shape in meshes:
+        t = time.time()
+        mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+        model, got = run(mesh)
+        report = shard_report(model, mesh)
+        # the LoRA parameters keep their rule's sharding through a jitted optimizer step
+        drift = _drift(model, mesh) + got["opt_drift"]
+        entry = dict(
+            logits_rel=rel(got["logits"], ref["logits"]),
+            loss_rel=abs(got["loss"] - ref["loss"]) / abs(ref["loss"]),
+            grad_rel=max(rel(got["grads"][k], ref["grads"][k]) for k in ref["grads"]),
+            grad_keys_match=sorted(got["grads"]) == sorted(ref["grads"]),
+            step_rel=max(rel(got["stepped"][k], ref["stepped"][k]) for k in ref["stepped"]),
+            sharding_drift=drift, logits_sharding=got["logits_sharding"], **report)
+        if shape == (2, 2, 2):  # export from the sharded model: one tensor gathered at a time
+            export = out.parent / "export_222"
+            from model.lora import remove_lora
+            remove_lora(model)
+            fxjax.save_pretrained(model, export)
+            entry["export_mismatch"] = _compare_checkpoints(checkpoint, export)
+        entry["seconds"] = time.time() - t
+        results["meshes"][",".join(map(str, shape))] = entry
+        print(shape, json.dumps({k: v for k, v in entry.items() if k not in ("bad",)}), flush=True)
+    results["init"] = check_sharded_init(checkpoint)
+    results["total_seconds"] = time.time() - t0
+    out.write_text(json.dumps(results, indent=1))
+
+
+def check_sharded_init(checkpoint: Path) -> dict:
+    """The sharded random init (what init_model(cfg, mesh=) runs) is laid out by the rules, and with
+    fsdp = 8 its compiled per-device output (memory_analysis) matches the live per-device bytes."""
+    from flax import nnx
+
+    from fxjax import sharding
+    from fxjax.hf_config import load_config
+    from model import Qwen25VL
+
+    cfg, _ = load_config(Path(checkpoint))
+    out = {}
+    for shape in ((1, 8, 1),):
+        mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+        build = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(3))  # noqa: E731
+        graphdef, compiled = sharding.compile_sharded_init(build, mesh)
+        model = nnx.merge(graphdef, compiled())
+        live = sharding.device_bytes(model, nnx.Param)
+        report = shard_report(model, mesh)
+        values = _flat_host(nnx.state(model, nnx.Param))
+        out[",".join(map(str, shape))] = dict(
+            bad=report["bad"], split=report["split"], live_max=max(live.values()), live_min=min(live.values()),
+            compiled_output_bytes=int(compiled.memory_analysis().output_size_in_bytes),
+            abstract_bytes=sharding.shard_bytes(model, mesh, nnx.Param),
+            total_bytes=sum(v.nbytes for v in values.values()),
+            finite=all(bool(np.isfinite(v).all()) for v in values.values()),
+            kernel_std=float(np.std(values["decoder/layers/0/mlp/gate_proj/kernel"])))
+    return out
+
+
+def _compare_checkpoints(a: Path, b: Path) -> list[str]:
+    """Names whose tensors differ (or exist in one only) between two checkpoint directories."""
+    from fxjax.hf_checkpoint import iter_tensors, weight_files
+
+    left = {name: t for name, _, t in iter_tensors(weight_files(Path(a)))}
+    right = {name: t for name, _, t in iter_tensors(weight_files(Path(b)))}
+    bad = sorted(set(left) ^ set(right))
+    bad += [n for n in sorted(set(left) & set(right)) if not np.array_equal(left[n], right[n])]
+    return bad
+
+
+def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, str(REPO))
+    import dataclasses
+
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from fxjax import distributed
+
+    cfg = distributed.initialize()  # everything from the FXJAX_* environment variables
+    import fxjax
+    from fxjax import sharding
+    from model.lora import BASE_PARAMS
+
+    forward, _ = _functions()
+    rank = jax.process_index()
+    data = batch()
+    info = dict(process_index=rank, process_count=jax.process_count(), device_count=jax.device_count(),
+                local_device_count=jax.local_device_count(), config=dataclasses.asdict(cfg), meshes={})
+    for i, shape in enumerate(meshes):
+        mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+        model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
+        with sharding.use_mesh(mesh):
+            logits = forward(model, sharding.shard_inputs(_host_inputs(model, data), mesh))
+        full = sharding.gather(logits)
+        local = sharding.device_bytes(model, BASE_PARAMS)
+        report = shard_report(model, mesh)
+        key = ",".join(map(str, shape))
+        info["meshes"][key] = dict(local_devices=len(local), local_base_bytes=sum(local.values()),
+                                   logits_fully_addressable=bool(logits.is_fully_addressable),
+                                   bad=report["bad"], split=report["split"], total=report["total"])
+        np.save(out / f"logits_{key.replace(',', '')}_{rank}.npy", full)
+        if i == 0:  # export from the model spread over both processes; process 0 writes
+            fxjax.save_pretrained(model, out / "export")
+    (out / f"info_{rank}.json").write_text(json.dumps(info, default=str))
+    distributed.shutdown()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="mode", required=True)
+    m = sub.add_parser("meshes")
+    m.add_argument("checkpoint", type=Path)
+    m.add_argument("out", type=Path)
+    m.add_argument("--meshes", nargs="*", default=[",".join(map(str, s)) for s in MESHES])
+    h = sub.add_parser("multihost")
+    h.add_argument("checkpoint", type=Path)
+    h.add_argument("out", type=Path)
+    h.add_argument("--meshes", nargs="*", default=["1,8,1", "2,2,2"])
+    b = sub.add_parser("build")
+    b.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    if args.mode == "meshes":
+        run_meshes(args.checkpoint, args.out, [tuple(int(x) for x in s.split(",")) for s in args.meshes])
+    elif args.mode == "multihost":
+        run_multihost(args.checkpoint, args.out, [tuple(int(x) for x in s.split(",")) for s in args.meshes])
+    else:
+        build_checkpoint(args.directory)
+
+
+if __name__ == "__main__":
+    main()

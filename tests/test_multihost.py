@@ -1,0 +1,119 @@
+"""Two processes on localhost (4 simulated CPU devices each, gloo collectives) load one checkpoint onto
+one global 8-device mesh and compute the single-process logits; export gathers and process 0 writes.
+
+fxjax.distributed.initialize() in each worker is driven by FXJAX_* environment variables only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sharding_worker as worker
+
+MESHES = ("1,8,1", "2,2,2")
+TOL = 1e-5
+TIMEOUT = 240  # seconds for both processes together (about 15 s normally)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return worker.build_checkpoint(tmp_path_factory.mktemp("multihost_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def two_processes(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost_out")
+    port = _free_port()
+    procs, logs = [], []
+    start = time.time()
+    for rank in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", FXJAX_COORDINATOR=f"localhost:{port}", FXJAX_NUM_PROCESSES="2",
+                   FXJAX_PROCESS_ID=str(rank), FXJAX_LOCAL_DEVICE_COUNT="4")
+        env.pop("XLA_FLAGS", None)
+        log = open(out / f"log_{rank}.txt", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(worker.__file__)), "multihost", str(checkpoint), str(out), "--meshes", *MESHES],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, TIMEOUT - (time.time() - start)))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:  # only the processes (and their groups) this fixture started
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in logs:
+            log.close()
+    seconds = time.time() - start
+    codes = [p.returncode for p in procs]
+    if codes != [0, 0]:
+        tails = "\n".join(f"--- process {r} (exit {c}):\n" + (out / f"log_{r}.txt").read_text()[-3000:]
+                          for r, c in enumerate(codes))
+        pytest.fail(f"multi-process workers failed after {seconds:.0f}s:\n{tails}")
+    infos = [json.loads((out / f"info_{r}.json").read_text()) for r in range(2)]
+    return dict(out=out, infos=infos, seconds=seconds)
+
+
+@pytest.fixture(scope="module")
+def single_process_logits(checkpoint):
+    import fxjax
+
+    model = fxjax.from_pretrained(checkpoint, dtype="float32")
+    data = worker.batch()
+    return np.asarray(model(data["input_ids"], attention_mask=data["attention_mask"],
+                            pixel_values=data["pixel_values"], image_grid_thw=data["image_grid_thw"]))
+
+
+def test_two_processes_form_one_global_mesh(two_processes):
+    for rank, info in enumerate(two_processes["infos"]):
+        assert info["process_index"] == rank
+        assert (info["process_count"], info["device_count"], info["local_device_count"]) == (2, 8, 4)
+        assert info["config"]["num_processes"] == 2 and info["config"]["process_id"] == rank
+        for key, mesh in info["meshes"].items():
+            assert not mesh["logits_fully_addressable"], key  # the logits really span both processes
+            assert mesh["local_devices"] == 4, key
+            assert mesh["bad"] == [], (key, mesh["bad"][:5])
+            assert mesh["split"] > 0, key
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_multi_process_logits_equal_single_process(two_processes, single_process_logits, mesh):
+    for rank in range(2):
+        got = np.load(two_processes["out"] / f"logits_{mesh.replace(',', '')}_{rank}.npy")
+        assert got.shape == single_process_logits.shape
+        assert worker.rel(got, single_process_logits) <= TOL, (mesh, rank)
+
+
+def test_fsdp_across_processes_halves_each_hosts_weights(two_processes, checkpoint):
+    """(1, 8, 1): fsdp spans both processes, so each holds about half the base weights, not all."""
+    from fxjax.hf_checkpoint import iter_tensors, weight_files
+
+    total = sum(t.nbytes for _, _, t in iter_tensors(weight_files(checkpoint)))
+    for info in two_processes["infos"]:
+        local = info["meshes"]["1,8,1"]["local_base_bytes"]
+        assert local < 0.6 * total, (local, total)
+
+
+def test_export_from_two_processes_is_bit_exact(two_processes, checkpoint):
+    export = two_processes["out"] / "export"
+    assert worker._compare_checkpoints(checkpoint, export) == []
+    assert (export / "config.json").exists() and (export / "model.safetensors.index.json").exists()

@@ -1,0 +1,281 @@
+"""Sharding: partition rules, meshes, sharded loading / init / export, and parity with one device.
+
+The multi-device checks run in ONE subprocess (tests/sharding_worker.py) with 8 simulated CPU devices
+(jax_num_cpu_devices must be set before JAX's backend starts, which this pytest process has already
+done). It loads a tiny HF checkpoint whose sharded dimensions all divide by 8 onto the meshes
+(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2), (1,1,8), and compares logits, LoRA gradients
+and one AdamW step on the LoRA parameters with a single-device run of the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import sharding_worker as worker
+from fxjax import distributed, sharding
+from fxjax.presets import load_preset
+from fxjax.sharding import MeshConfig, ShardingError
+from model import Qwen25VL
+from model.lora import LoRAConfig, apply_lora
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+WORKER_TIMEOUT = 600
+
+
+# ---- rules, specs and configs (in this process, from shapes alone) ---------------------------------
+
+def abstract_model(preset: str, lora: LoRAConfig | None = None, layers: int | None = 2) -> Qwen25VL:
+    """A preset's model from shapes alone; `layers` shortens both stacks (every kind of parameter stays)."""
+    cfg = load_preset(preset)
+    if layers is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=layers),
+                          vision=dataclasses.replace(cfg.vision, depth=layers, fullatt_block_indexes=(layers - 1,)))
+
+    def build():
+        model = Qwen25VL(cfg, rngs=nnx.Rngs(0), param_dtype="bfloat16")
+        if lora is not None:
+            apply_lora(model, lora, rngs=nnx.Rngs(1))
+        return model
+
+    return nnx.eval_shape(build)
+
+
+@pytest.fixture(scope="module")
+def abstract_7b():
+    return abstract_model("7b", LoRAConfig(rank=8, alpha=32.0, dropout=0.05))
+
+
+def test_every_parameter_of_every_preset_has_a_rule():
+    for preset in ("tiny", "3b", "7b", "32b", "72b"):
+        model = abstract_model(preset)
+        specs = dict(nnx.to_flat_state(sharding.partition_specs(model, MeshConfig(1, 8, 8))))
+        params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        assert set(params) <= set(specs)
+
+
+def test_rules_shard_big_weights_megatron_style():
+    spec = sharding.logical_spec
+    assert spec("decoder/layers/3/self_attn/q_proj/kernel") == P("fsdp", "tensor")
+    assert spec("decoder/layers/3/self_attn/k_proj/bias") == P("tensor")
+    assert spec("decoder/layers/3/self_attn/o_proj/kernel") == P("tensor", "fsdp")
+    assert spec("decoder/layers/0/mlp/up_proj/kernel") == P("fsdp", "tensor")
+    assert spec("decoder/layers/0/mlp/down_proj/kernel") == P("tensor", "fsdp")
+    assert spec("visual/blocks/31/attn/qkv/kernel") == P("fsdp", "tensor")
+    assert spec("visual/blocks/31/attn/proj/kernel") == P("tensor", "fsdp")
+    assert spec("visual/merger/fc1/kernel") == P("fsdp", "tensor")
+    assert spec("visual/merger/fc2/kernel") == P("tensor", "fsdp")
+    assert spec("embed_tokens/embedding") == P("tensor", "fsdp")
+    assert spec("lm_head/kernel") == P("fsdp", "tensor")
+    assert spec("decoder/layers/0/input_layernorm/weight") == P()
+    assert spec("visual/blocks/0/attn/proj/bias") == P()
+
+
+def test_unknown_parameter_is_an_error_not_replicated():
+    with pytest.raises(ShardingError, match="no partition rule for parameter 'decoder/layers/0/new_thing/kernel'"):
+        sharding.logical_spec("decoder/layers/0/new_thing/kernel")
+
+    class Extra(nnx.Module):
+        def __init__(self):
+            self.big = nnx.Param(jnp.zeros((1024, 1024)))
+
+    with pytest.raises(ShardingError, match="'big'"):
+        sharding.partition_specs(Extra(), MeshConfig(1, 8, 1))
+
+
+def test_lora_factors_follow_their_base_with_rank_replicated(abstract_7b):
+    sizes = MeshConfig(2, 2, 2)
+    base = "decoder/layers/0/self_attn/q_proj"
+    assert sharding.param_spec(f"{base}/lora/lora_a", (3584, 8), sizes) == P("fsdp")  # [in, r]
+    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 3584), sizes) == P(None, "tensor")  # [r, out]
+    row = "decoder/layers/0/mlp/down_proj"
+    assert sharding.param_spec(f"{row}/lora/lora_a", (18944, 8), sizes) == P("tensor")
+    assert sharding.param_spec(f"{row}/lora/lora_b", (8, 3584), sizes) == P(None, "fsdp")
+    specs = dict(nnx.to_flat_state(sharding.partition_specs(abstract_7b, sizes)))
+    loras = [(p, s) for p, s in specs.items() if p[-2:] in (("lora", "lora_a"), ("lora", "lora_b"))]
+    assert len(loras) == 2 * (2 * 7 + 2 * 5 + 2)  # all-linear: decoder 7, vision 5 per block, merger 2
+    for path, spec in loras:
+        base_spec = specs[path[:-2] + ("kernel",)]
+        entries = list(base_spec) + [None, None]
+        want = P(entries[0]) if path[-1] == "lora_a" else P(None, entries[1])
+        assert spec == (want if any(want) else P()), (path, spec, base_spec)
+    rng_state = [s for p, s in specs.items() if "rngs" in p]  # LoRA dropout's RNG state: replicated
+    assert rng_state and all(s == P() for s in rng_state)
+
+
+def test_indivisible_dims_are_replicated_and_reported(abstract_7b):
+    assert sharding.replicated_dims(abstract_7b, MeshConfig(1, 8, 1)) == []
+    dropped = sharding.replicated_dims(abstract_7b, MeshConfig(1, 8, 8))
+    # the vision MLP width 3420 is not a multiple of 8 (28 heads of 128 split evenly by columns)
+    assert dropped and {d.size for d in dropped} == {3420}
+    assert all(d.axes == ("tensor",) and d.axes_size == 8 for d in dropped)
+    spec = sharding.param_spec("visual/blocks/0/mlp/gate_proj/kernel", (1280, 3420), MeshConfig(1, 8, 8))
+    assert spec == P("fsdp")
+    tiny = abstract_model("tiny")  # hidden 64, vocab 151936: fsdp 3 divides nothing but the vocab
+    names = {d.path for d in sharding.replicated_dims(tiny, {"fsdp": 3})}
+    assert "decoder/layers/0/mlp/gate_proj/kernel" in names
+
+
+def test_mesh_config_sizes_and_errors():
+    assert MeshConfig(2, -1, 2).resolve(8) == MeshConfig(2, 2, 2)
+    assert MeshConfig.from_dict({"fsdp": 4, "tensor": 2}).shape == (1, 4, 2)
+    with pytest.raises(ShardingError, match=r"data=2 x fsdp=2 x tensor=2 = 8 devices, but 1 device\(s\)"):
+        MeshConfig(2, 2, 2).resolve(1)
+    with pytest.raises(ShardingError, match="unknown mesh axis"):
+        MeshConfig.from_dict({"model": 2})
+    with pytest.raises(ShardingError, match="at most one"):
+        MeshConfig(-1, -1, 1).resolve(8)
+    mesh = sharding.make_mesh(MeshConfig())  # this process has one device
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.shape == (1, 1, 1)
+    assert sharding.batch_sharding(mesh, 3).spec == P(("data", "fsdp"), None, None)
+
+
+def test_7b_per_device_bytes_fall_as_one_over_fsdp():
+    spec = importlib.util.spec_from_file_location("sharding_memory", REPO / "bench" / "sharding_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [r for r in bench.abstract("7b") if "tensor" not in r]
+    total = rows[0]["total"]
+    assert 15 * 2**30 < total < 16 * 2**30  # 8.3 B parameters in bf16
+    for row in rows:
+        share = row["abstract"] / total
+        assert 1 / row["fsdp"] <= share <= 1.01 / row["fsdp"], row
+
+
+def test_distributed_settings_from_env_and_arguments(monkeypatch):
+    env = {"FXJAX_COORDINATOR": "10.0.0.1:1234", "FXJAX_NUM_PROCESSES": "4", "FXJAX_PROCESS_ID": "3"}
+    cfg = distributed.DistributedConfig.from_env(env)
+    assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == ("10.0.0.1:1234", 4, 3)
+    jax_env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
+    assert distributed.DistributedConfig.from_env(jax_env).num_processes == 2
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.resolve(process_id=1).process_id == 1  # arguments beat the environment
+    assert distributed.resolve({"num_processes": 2, "process_id": 1}).num_processes == 2  # so does config
+    with pytest.raises(distributed.DistributedError, match="process_id 5 is not in"):
+        distributed.resolve(process_id=5)
+    monkeypatch.delenv("FXJAX_PROCESS_ID")
+    with pytest.raises(distributed.DistributedError, match="FXJAX_PROCESS_ID"):
+        distributed.resolve()
+    with pytest.raises(distributed.DistributedError, match="not an integer"):
+        distributed.DistributedConfig.from_env({"FXJAX_NUM_PROCESSES": "two"})
+    for key in env:
+        monkeypatch.delenv(key, raising=False)
+    assert not distributed.initialize().multi_process  # one process: nothing to start
+    assert not jax.distributed.is_initialized()
+    distributed.initialize(local_device_count=jax.local_device_count())  # already so: fine
+    with pytest.raises(distributed.DistributedError, match="before JAX starts its backends"):
+        distributed.initialize(local_device_count=jax.local_device_count() + 3)
+
+
+def test_single_device_mesh_load_matches_plain_load(tmp_path):
+    """from_pretrained(mesh=) on this process's single device: same values, rule shardings."""
+    ckpt = worker.build_checkpoint(tmp_path / "ckpt")
+    import fxjax
+
+    mesh = sharding.make_mesh(MeshConfig())
+    a = fxjax.from_pretrained(ckpt, mesh=mesh)
+    b = fxjax.from_pretrained(ckpt)
+    for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, nnx.Param)), nnx.to_flat_state(nnx.state(b, nnx.Param))):
+        assert np.array_equal(np.asarray(x[...]), np.asarray(y[...])), path
+        assert x[...].sharding.mesh.axis_names == ("data", "fsdp", "tensor")
+
+
+# ---- 8 simulated devices, one subprocess ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mesh_results(tmp_path_factory):
+    work = tmp_path_factory.mktemp("sharding")
+    ckpt = worker.build_checkpoint(work / "ckpt")
+    out = work / "results.json"
+    proc = subprocess.run([sys.executable, str(Path(worker.__file__)), "meshes", str(ckpt), str(out)],
+                          capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+    if proc.returncode:
+        pytest.fail(f"sharding worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(out.read_text())
+
+
+MESH_KEYS = [",".join(map(str, m)) for m in worker.MESHES]
+
+
+@pytest.mark.parametrize("mesh", MESH_KEYS)
+def test_mesh_logits_and_lora_gradients_match_one_device(mesh_results, mesh):
+    r = mesh_results["meshes"][mesh]
+    assert r["logits_rel"] <= TOL, r["logits_rel"]
+    assert r["loss_rel"] <= TOL
+    assert r["grad_keys_match"] and mesh_results["lora_params"] > 0
+    assert r["grad_rel"] <= TOL, r["grad_rel"]
+    assert mesh_results["reference_grad_nonzero"] == mesh_results["lora_params"]
+
+
+@pytest.mark.parametrize("mesh", MESH_KEYS)
+def test_mesh_lora_adamw_step_matches_one_device(mesh_results, mesh):
+    """One AdamW step on the LoRA parameters only; (2,2,2) is the acceptance case."""
+    r = mesh_results["meshes"][mesh]
+    assert mesh_results["reference_step_changed"] == mesh_results["lora_params"]
+    assert mesh_results["reference_step_min_rel"] > 10 * TOL  # the step moves every parameter visibly
+    assert r["step_rel"] <= TOL, r["step_rel"]
+    assert r["sharding_drift"] == []  # params and AdamW moments keep the rules' layout through jit
+
+
+@pytest.mark.parametrize("mesh", MESH_KEYS)
+def test_mesh_parameters_really_split(mesh_results, mesh):
+    r = mesh_results["meshes"][mesh]
+    data, fsdp, tensor = map(int, mesh.split(","))
+    assert r["bad"] == [], r["bad"][:5]  # every addressable shard has the shape its spec implies
+    assert r["replicated_dims"] == []
+    if fsdp * tensor == 1:
+        assert r["split"] == 0  # pure data parallel: every device holds a full replica
+    else:
+        assert r["split"] > 0 and r["lora_split"] > 0
+    total = mesh_results["base_bytes_total"]
+    per_device = r["base_bytes_per_device"]
+    assert len(per_device) == 8 and max(per_device) <= 1.1 * total / (fsdp * tensor) + 2048, (per_device, total)
+
+
+def test_batch_stays_sharded_over_data_and_fsdp(mesh_results):
+    assert "spec=P('data',)" in mesh_results["meshes"]["8,1,1"]["logits_sharding"]
+    assert "spec=P('fsdp',)" in mesh_results["meshes"]["1,8,1"]["logits_sharding"]
+    assert "spec=P(('data', 'fsdp'),)" in mesh_results["meshes"]["2,2,2"]["logits_sharding"]
+
+
+def test_export_from_sharded_model_is_bit_exact(mesh_results):
+    assert mesh_results["meshes"]["2,2,2"]["export_mismatch"] == []
+
+
+def test_sharded_random_init(mesh_results):
+    """The sharded init (init_model(mesh=)) follows the rules; with fsdp = 8 a device holds ~1/8 of the
+    weights, by live buffers and by the compiled init's memory analysis."""
+    r = mesh_results["init"]["1,8,1"]
+    assert r["bad"] == [] and r["split"] > 0 and r["finite"]
+    assert math.isclose(r["kernel_std"], 1 / math.sqrt(64), rel_tol=0.1)  # Linear init N(0, 1/in)
+    assert r["live_max"] == r["live_min"] == r["abstract_bytes"]
+    assert math.isclose(r["compiled_output_bytes"], r["live_max"], rel_tol=0.02)
+    assert r["live_max"] <= 1.1 * r["total_bytes"] / 8 + 2048
+
+
+def test_sharded_init_equals_unsharded_init():
+    """init_model(cfg, mesh=) runs the build under jit with out_shardings; the values are the eager ones."""
+    from fxjax.model_init import init_model
+
+    cfg = load_preset("tiny")
+    mesh = sharding.make_mesh(MeshConfig())
+    a = nnx.to_flat_state(nnx.state(init_model(cfg, seed=5, mesh=mesh), nnx.Param))
+    b = dict(nnx.to_flat_state(nnx.state(init_model(cfg, seed=5), nnx.Param)))
+    assert {p for p, _ in a} == set(b)
+    for path, x in a:
+        assert x[...].sharding.spec == sharding.param_spec(path, x.shape, mesh)
+        np.testing.assert_allclose(np.asarray(x[...]), np.asarray(b[path][...]), rtol=0, atol=1e-6)
