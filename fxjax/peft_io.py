@@ -26,6 +26,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fxjax.sharding import barrier, gather
 from model.hf_names import HUB, TRANSFORMERS, module_name
 from model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linears, lora_linears, pattern_key,
                         target_matches)
@@ -287,15 +288,18 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
     for path, linear in items:
         name = module_name(path, naming)
         adapter = linear.lora
-        a = np.asarray(jax.device_get(adapter.lora_a[...]), np.float32).T  # [r, in]
-        b = np.asarray(jax.device_get(adapter.lora_b[...]), np.float32).T  # [out, r]
+        # gather() is a collective for arrays spanning processes: every process runs it, one tensor at a time.
+        a = gather(adapter.lora_a[...]).astype(np.float32).T  # [r, in]
+        b = gather(adapter.lora_b[...]).astype(np.float32).T  # [out, r]
         want_a, want_b = _lora_shapes(model, path, adapter.rank, linear)
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(want_a).astype(_NP_DTYPES[dtype]))
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(want_b).astype(_NP_DTYPES[dtype]))
         names.append(name)
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = source.raw_config if source is not None else _fresh_config(model, items, names, naming)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if jax.process_index() == 0:
+        save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = source.raw_config if source is not None else _fresh_config(model, items, names, naming)
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    barrier("fxjax.save_peft_adapter")
     return out
 
 
