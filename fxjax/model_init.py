@@ -6,6 +6,7 @@ from flax import nnx
 
 from fxjax.presets import load_preset
 from model import Qwen25VL, Qwen25VLConfig
+from model.lora import BASE_PARAMS, LORA_PARAMS
 
 
 def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "float32",
@@ -27,11 +28,15 @@ def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "flo
 
 
 def parameter_counts(model: Qwen25VL) -> dict[str, int]:
-    """Parameters per top-level component (visual, embed_tokens, decoder, lm_head)."""
+    """Base parameters per top-level component (visual, embed_tokens, decoder, lm_head), their total,
+    and the LoRA parameters on their own ("lora", only when adapters are attached)."""
     counts: dict[str, int] = {}
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, value in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
         counts[str(path[0])] = counts.get(str(path[0]), 0) + int(value.size)
     counts["total"] = sum(counts.values())
+    lora = sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, LORA_PARAMS)))
+    if lora:
+        counts["lora"] = lora
     return counts
 
 
