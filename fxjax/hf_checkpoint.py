@@ -77,14 +77,23 @@ def weight_files(directory: Path) -> dict[str, Path]:
 
 
 def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, np.ndarray]]:
-    """(name, file, tensor) one at a time, file by file."""
+    """(name, file, tensor) one at a time, file by file.
+
+    The file is reopened per tensor: a mapping kept open over a whole file leaves every tensor read so
+    far resident as file-backed pages, so peak RSS grew by a whole file (bench/load_memory.py).
+    """
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="numpy") as f:
-            for name in names:
-                yield name, file, f.get_tensor(name)
+        for name in names:
+            # No local keeps the tensor: the consumer's `del` must be able to free it.
+            yield name, file, _read_tensor(file, name)
+
+
+def _read_tensor(file: Path, name: str) -> np.ndarray:
+    with safe_open(str(file), framework="numpy") as f:
+        return f.get_tensor(name)
 
 
 def abstract_model(cfg: Qwen25VLConfig, dtype, param_dtype) -> Qwen25VL:
@@ -112,14 +121,17 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         if path is None or path not in params:
             raise CheckpointError(f"{file}: tensor {name!r} does not belong to this Qwen2.5-VL config")
         variable = params[path]
+        hf_shape = tensor.shape
         array = to_fxjax(tensor, path[-1], tensor.ndim)
+        del tensor  # free each intermediate before the next copy: peak stays near one extra tensor
         if array.shape != tuple(variable.shape):
             raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {tensor.shape}, expected {_hf_shape(variable.shape, path)} "
+                f"{file}: tensor {name!r} has shape {hf_shape}, expected {_hf_shape(variable.shape, path)} "
                 f"for this config")
-        variable.set_value(place(path, array.astype(variable.dtype)))
+        array = array.astype(variable.dtype, copy=False)
+        variable.set_value(place(path, array))
         loaded.add(path)
-        del tensor, array
+        del array
     missing = [hf_name(p) for p in params if p not in loaded]
     if missing:
         where = ", ".join(sorted({str(file.parent) for file in files.values()})) or "checkpoint"
