@@ -1,22 +1,28 @@
 """Forward throughput: fxjax (JAX/Flax NNX) vs transformers (torch) Qwen2.5-VL, fp32 on the CPU.
 
-One process builds a random-weight HF model, saves it with save_pretrained, loads the same weights
-with fxjax.from_pretrained, runs both on the same batch (one real photo per sample + text), checks
-the logits agree, and times:
+One command. The parent builds a random-weight HF model, save_pretrained's it to a temp dir and
+writes one batch (a real photo per sample through fxjax.process_image, plus text). Then one child
+process per framework loads that checkpoint (transformers from_pretrained / fxjax.from_pretrained:
+the same weights), runs the batch, and times it; the parent checks that the logits agree and prints
+the table. Children keep the two runtimes' thread pools (torch OpenMP, XLA Eigen) from competing
+for the cores. Measurements:
 
-  torch      model(**inputs) under torch.inference_mode (sdpa attention, use_cache=False)
+  torch      model(**inputs, use_cache=False) under torch.inference_mode, sdpa attention
   fxjax jit  the jitted forward on prepared device inputs (model.prepare once), block_until_ready
   fxjax e2e  model(input_ids, ...) as a user calls it: host prep + transfer + jitted forward
 
-and, with --breakdown, the vision encoder (incl. merger) and the decoder + lm_head on their own.
+and, with --breakdown, the vision encoder (+ merger) and the decoder + lm_head on their own.
+tokens/s counts batch * sequence length, image tokens included.
 
-    python bench/forward.py                  # mid-size (~150M) config, batch 4
+    python bench/forward.py --breakdown      # mid-size (~154M) config, batch 4
     python bench/forward.py --small --iters 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import os
 import statistics
 import sys
@@ -119,12 +125,16 @@ def make_batch(batch: int, text_tokens: int, image_side: int, vocab: int, seed: 
     )
 
 
-def timed(fn, iters: int) -> list[float]:
-    out = []
+def time_calls(fns: dict, iters: int) -> dict[str, dict[str, list[float]]]:
+    """Round-robin over fns (one call of each per round, so a burst of load from other processes
+    hits every measurement alike); wall and process-CPU seconds per call."""
+    out = {name: {"wall": [], "cpu": []} for name in fns}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            out[name]["wall"].append(time.perf_counter() - t0)
+            out[name]["cpu"].append(time.process_time() - c0)
     return out
 
 
@@ -133,167 +143,218 @@ def rel_err(out, ref) -> float:
     return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=5, help="timed iterations per measurement (median reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) one")
-    ap.add_argument("--small", action="store_true", help="tiny config for a quick smoke run")
-    ap.add_argument("--image-side", type=int, default=448)
-    ap.add_argument("--text-tokens", type=int, default=64, help="non-image tokens per sample (incl. 2 vision markers)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
-    ap.add_argument("--breakdown", action="store_true", help="also time vision and decoder+lm_head separately")
-    args = ap.parse_args(argv)
-
-    import jax
-    import jax.numpy as jnp
+def worker_torch(workdir: Path, args) -> dict:
     import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.set_num_threads(args.cores)
+    t0 = time.perf_counter()
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(workdir / "ckpt"), dtype=torch.float32, attn_implementation="sdpa").eval()
+    load_s = time.perf_counter() - t0
+    data = dict(np.load(workdir / "batch.npz"))
+    t_in = {k: torch.from_numpy(v) for k, v in data.items()}
+
+    def forward():
+        with torch.inference_mode():
+            return hf(**t_in, use_cache=False).logits
+
+    t0 = time.perf_counter()
+    logits = forward().numpy()
+    first_s = time.perf_counter() - t0
+    np.save(workdir / "logits_torch.npy", logits)
+    fns = {"forward": forward}
+    if args.breakdown:
+        grid, pv, ids = t_in["image_grid_thw"], t_in["pixel_values"], t_in["input_ids"]
+
+        def vision():
+            with torch.inference_mode():
+                return hf.model.visual(pv, grid_thw=grid).pooler_output
+
+        with torch.inference_mode():
+            embeds = hf.model.get_input_embeddings()(ids)
+            mask = (ids == hf.config.image_token_id)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, vision())
+            pos = hf.model.compute_3d_position_ids(
+                input_ids=ids, image_grid_thw=grid, video_grid_thw=None, second_per_grid_ts=None,
+                inputs_embeds=embeds, attention_mask=t_in["attention_mask"], cache=None,
+                mm_token_type_ids=t_in["mm_token_type_ids"])
+
+        def decoder():
+            with torch.inference_mode():
+                h = hf.model.language_model(inputs_embeds=embeds, position_ids=pos,
+                                            attention_mask=t_in["attention_mask"], use_cache=False)
+                return hf.lm_head(h.last_hidden_state)
+
+        fns.update(vision=vision, decoder=decoder)
+    for fn in fns.values():
+        for _ in range(1 + args.warmup):
+            fn()
+    load = [os.getloadavg()[0]]
+    times = time_calls(fns, args.iters)
+    load.append(os.getloadavg()[0])
+    return dict(times=times, first_s=first_s, load_s=load_s, loadavg=load,
+                version=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def worker_fxjax(workdir: Path, args) -> dict:
+    import jax
     from flax import nnx
 
     import fxjax
     from model.qwen2_5_vl import _forward_logits
 
-    torch.set_num_threads(args.threads)
-    name = "small" if args.small else "mid"
-
     t0 = time.perf_counter()
-    hf = build_hf_model(name)
-    n_params = sum(p.numel() for p in hf.parameters())
-    n_vision = sum(p.numel() for p in hf.model.visual.parameters())
-    tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_")
-    hf.save_pretrained(tmp.name)
-    model = fxjax.from_pretrained(tmp.name, dtype="float32")
-    build_s = time.perf_counter() - t0
-
-    data = make_batch(args.batch, args.text_tokens, args.image_side, CONFIGS[name][0]["vocab_size"])
-    b, length = data["input_ids"].shape
-    tokens = b * length
-    n_image_tokens = int(data["mm_token_type_ids"].sum())
-    t_inputs = {k: torch.from_numpy(v) for k, v in data.items()}
-
-    print(f"config {name}: {n_params / 1e6:.1f}M params (vision {n_vision / 1e6:.1f}M, "
-          f"text+lm_head {(n_params - n_vision) / 1e6:.1f}M)")
-    print(f"  text  {CONFIGS[name][0]}\n  vision {CONFIGS[name][1]}")
-    print(f"batch {b} x {length} tokens ({n_image_tokens // b} image + {length - n_image_tokens // b} text per sample; "
-          f"{data['pixel_values'].shape[0]} patches, grid {data['image_grid_thw'][0].tolist()} per image)")
-    print(f"torch {torch.__version__} threads={torch.get_num_threads()}, jax {jax.__version__} "
-          f"{jax.devices()[0].platform}, cores={os.cpu_count()}; build+save+load {build_s:.1f}s")
-
-    # ---- torch
-    def torch_forward():
-        with torch.inference_mode():
-            return hf(**t_inputs, use_cache=False).logits
-
-    t0 = time.perf_counter()
-    ref = torch_forward().numpy()
-    torch_first = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        torch_forward()
-    torch_times = timed(torch_forward, args.iters)
-
-    # ---- fxjax, jitted on prepared device inputs
+    model = fxjax.from_pretrained(workdir / "ckpt", dtype="float32")
+    load_s = time.perf_counter() - t0
+    data = dict(np.load(workdir / "batch.npz"))
     prep_args = (data["input_ids"], data["attention_mask"], data["pixel_values"], data["image_grid_thw"])
     t0 = time.perf_counter()
     inputs = model.prepare(*prep_args)
     prep_s = time.perf_counter() - t0
-    dev_inputs = jax.device_put(inputs)
+    dev = jax.device_put(inputs)
 
-    def jax_forward():
-        return _forward_logits(model, dev_inputs).block_until_ready()
+    def forward():
+        return _forward_logits(model, dev).block_until_ready()
 
-    t0 = time.perf_counter()
-    out = np.asarray(jax_forward())
-    first_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        jax_forward()
-    jax_times = timed(jax_forward, args.iters)
-
-    def jax_e2e():
+    def e2e():
         return model(*prep_args).block_until_ready()
 
-    jax_e2e()
-    e2e_times = timed(jax_e2e, args.iters)
-
-    err = rel_err(out, ref)
-    compile_s = first_s - statistics.median(jax_times)
-    argmax_agree = float((out.argmax(-1) == ref.argmax(-1)).mean())
-
-    rows = [("torch (sdpa, inference_mode)", torch_times),
-            ("fxjax jitted forward", jax_times),
-            ("fxjax model(...) end to end", e2e_times)]
-
-    # ---- breakdown: vision encoder (+merger) and decoder + lm_head
+    t0 = time.perf_counter()
+    logits = np.asarray(forward())
+    first_s = time.perf_counter() - t0
+    np.save(workdir / "logits_fxjax.npy", logits)
+    fns = {"forward": forward, "e2e": e2e}
     if args.breakdown:
-        grid_t = t_inputs["image_grid_thw"]
-        pv_t = t_inputs["pixel_values"]
+        vision_fn = nnx.jit(lambda m, v: m.visual(v))
+        decoder_fn = nnx.jit(lambda m, x, p, am: m.logits(m.decoder(x, p, am)[0]))
+        x = nnx.jit(lambda m, i: m.embed(i))(model, dev).block_until_ready()
 
-        def torch_vision():
-            with torch.inference_mode():
-                return hf.model.visual(pv_t, grid_thw=grid_t).pooler_output
+        def vision():
+            return vision_fn(model, dev.vision).block_until_ready()
 
-        with torch.inference_mode():
-            embeds = hf.model.get_input_embeddings()(t_inputs["input_ids"])
-            image_embeds = torch_vision()
-            mask = (t_inputs["input_ids"] == TOKENS["image_token_id"])[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, image_embeds)
-            pos = hf.model.compute_3d_position_ids(
-                input_ids=t_inputs["input_ids"], image_grid_thw=grid_t, video_grid_thw=None,
-                second_per_grid_ts=None, inputs_embeds=embeds, attention_mask=t_inputs["attention_mask"],
-                cache=None, mm_token_type_ids=t_inputs["mm_token_type_ids"])
+        def decoder():
+            return decoder_fn(model, x, dev.position_ids, dev.attention_mask).block_until_ready()
 
-        def torch_decoder():
-            with torch.inference_mode():
-                h = hf.model.language_model(inputs_embeds=embeds, position_ids=pos,
-                                            attention_mask=t_inputs["attention_mask"], use_cache=False)
-                return hf.lm_head(h.last_hidden_state)
+        fns.update(vision=vision, decoder=decoder)
+    for fn in fns.values():
+        for _ in range(1 + args.warmup):
+            fn()
+    load = [os.getloadavg()[0]]
+    times = time_calls(fns, args.iters)
+    load.append(os.getloadavg()[0])
+    return dict(times=times, first_s=first_s, compile_s=first_s - min(times["forward"]["wall"]), load_s=load_s,
+                prep_s=prep_s, loadavg=load, version=f"jax {jax.__version__} ({jax.devices()[0].platform})")
 
-        @nnx.jit
-        def jax_vision_fn(m, vision):
-            return m.visual(vision)
 
-        @nnx.jit
-        def jax_decoder_fn(m, x, position_ids, attention_mask):
-            return m.logits(m.decoder(x, position_ids, attention_mask)[0])
+def _stats(ts: list[float]) -> tuple[float, float]:
+    return statistics.median(ts), min(ts)
 
-        x_dev = nnx.jit(lambda m, i: m.embed(i))(model, dev_inputs).block_until_ready()
 
-        def jax_vision():
-            return jax_vision_fn(model, dev_inputs.vision).block_until_ready()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=5, help="timed calls per measurement (median and min reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) one")
+    ap.add_argument("--small", action="store_true", help="tiny config for a quick smoke run")
+    ap.add_argument("--image-side", type=int, default=448)
+    ap.add_argument("--text-tokens", type=int, default=64, help="non-image tokens per sample (incl. 2 vision markers)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(),
+                    help="pin each child to this many cores (XLA sizes its pool to them); torch threads = cores")
+    ap.add_argument("--breakdown", action="store_true", help="also time vision and decoder + lm_head separately")
+    ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
 
-        def jax_decoder():
-            return jax_decoder_fn(model, x_dev, dev_inputs.position_ids, dev_inputs.attention_mask).block_until_ready()
+    if args.worker:
+        if args.cores < os.cpu_count():
+            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
+        workdir = Path(args.workdir)
+        result = (worker_torch if args.worker == "torch" else worker_fxjax)(workdir, args)
+        (workdir / f"result_{args.worker}.json").write_text(json.dumps(result))
+        return 0
 
-        for fn in (torch_vision, torch_decoder, jax_vision, jax_decoder):
-            for _ in range(1 + args.warmup):
-                fn()
-        rows += [("torch vision encoder + merger", timed(torch_vision, args.iters)),
-                 ("fxjax vision encoder + merger", timed(jax_vision, args.iters)),
-                 ("torch decoder + lm_head", timed(torch_decoder, args.iters)),
-                 ("fxjax decoder + lm_head", timed(jax_decoder, args.iters))]
+    import torch
 
+    name = "small" if args.small else "mid"
+    tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_")
+    workdir = Path(tmp.name)
+    t0 = time.perf_counter()
+    hf = build_hf_model(name)
+    n_params = sum(p.numel() for p in hf.parameters())
+    n_vision = sum(p.numel() for p in hf.model.visual.parameters())
+    hf.save_pretrained(str(workdir / "ckpt"))
+    del hf
+    data = make_batch(args.batch, args.text_tokens, args.image_side, CONFIGS[name][0]["vocab_size"])
+    np.savez(workdir / "batch.npz", **data)
+    build_s = time.perf_counter() - t0
+    b, length = data["input_ids"].shape
+    tokens = b * length
+    n_image = int(data["mm_token_type_ids"].sum()) // b
+
+    print(f"config {name}: {n_params / 1e6:.1f}M params (vision {n_vision / 1e6:.1f}M, "
+          f"text + lm_head {(n_params - n_vision) / 1e6:.1f}M), fp32, untied lm_head")
+    print(f"  text   {CONFIGS[name][0]}\n  vision {CONFIGS[name][1]}")
+    print(f"batch {b} x {length} tokens = {tokens} tokens/forward ({n_image} image + {length - n_image} text per "
+          f"sample); {data['pixel_values'].shape[0]} patches, grid {data['image_grid_thw'][0].tolist()} per image")
+    print(f"build + save_pretrained + batch: {build_s:.1f}s; machine: {os.cpu_count()} cores, "
+          f"children pinned to {args.cores}")
+
+    results = {}
+    passthrough = ["--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
+                   "--cores", str(args.cores)] + (["--breakdown"] if args.breakdown else [])
+    for worker in ("torch", "fxjax"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--workdir", str(workdir)]
+        subprocess.run(cmd + passthrough, check=True)
+        results[worker] = json.loads((workdir / f"result_{worker}.json").read_text())
+    ref = np.load(workdir / "logits_torch.npy")
+    out = np.load(workdir / "logits_fxjax.npy")
+    tmp.cleanup()
+
+    tr, fx = results["torch"], results["fxjax"]
+    print(f"{tr['version']}; {fx['version']}")
     print()
-    print(f"logits {out.shape}: rel err fxjax vs torch {err:.2e} (max|diff| / max(1, max|ref|)), "
-          f"argmax agreement {argmax_agree * 100:.1f}%")
-    print(f"torch first call {torch_first:.2f}s; fxjax first jitted call {first_s:.2f}s "
-          f"(trace+compile ~{compile_s:.2f}s excluded from timings), model.prepare (host) {prep_s * 1e3:.1f} ms")
+    print(f"logits {out.shape}: rel err fxjax vs torch {rel_err(out, ref):.2e} (max|diff| / max(1, max|ref|)), "
+          f"argmax agreement {(out.argmax(-1) == ref.argmax(-1)).mean() * 100:.1f}%")
+    print(f"load: torch from_pretrained {tr['load_s']:.1f}s, fxjax.from_pretrained {fx['load_s']:.1f}s")
+    print(f"first call: torch {tr['first_s']:.2f}s; fxjax {fx['first_s']:.2f}s, of which trace + compile "
+          f"~{fx['compile_s']:.2f}s (excluded from timings); model.prepare (host) {fx['prep_s'] * 1e3:.1f} ms")
+    busy = max(tr["loadavg"] + fx["loadavg"])
+    print(f"1-min load average around timing: torch {tr['loadavg'][0]:.2f}/{tr['loadavg'][1]:.2f}, fxjax "
+          f"{fx['loadavg'][0]:.2f}/{fx['loadavg'][1]:.2f} on {os.cpu_count()} cores"
+          + ("  << other processes competed for the CPU: trust 'min' more" if busy > os.cpu_count() + 0.5 else ""))
     print()
-    header = f"{'measurement':34s} {'median s':>9s} {'min s':>8s} {'tokens/s':>10s} {'vs torch':>9s}"
+    rows = [("torch (sdpa, inference_mode)", tr, "forward", None),
+            ("fxjax jitted forward", fx, "forward", "forward"),
+            ("fxjax model(...) end to end", fx, "e2e", "forward")]
+    if args.breakdown:
+        rows += [("torch vision encoder + merger", tr, "vision", None),
+                 ("fxjax vision encoder + merger", fx, "vision", "vision"),
+                 ("torch decoder + lm_head", tr, "decoder", None),
+                 ("fxjax decoder + lm_head", fx, "decoder", "decoder")]
+    header = (f"{'measurement':31s} {'median s':>9s} {'min s':>7s} {'cpu s':>6s} {'tok/s med':>10s} "
+              f"{'tok/s min':>10s} {'speedup vs torch (med/min)':>27s}")
     print(header)
     print("-" * len(header))
-    torch_med = statistics.median(torch_times)
-    for label, times in rows:
-        med = statistics.median(times)
-        full = not ("vision" in label or "decoder" in label)
-        tps = f"{tokens / med:10.1f}" if full else f"{'':10s}"
-        ref_med = torch_med
-        if "vision" in label or "decoder" in label:
-            ref_label = "torch " + label.split(" ", 1)[1]
-            ref_med = statistics.median(dict(rows)[ref_label])
-        print(f"{label:34s} {med:9.3f} {min(times):8.3f} {tps} {ref_med / med:8.2f}x")
+    for label, res, key, ref_key in rows:
+        med, best = _stats(res["times"][key]["wall"])
+        cpu = statistics.median(res["times"][key]["cpu"])
+        tps = f"{tokens / med:10.1f} {tokens / best:10.1f}" if key in ("forward", "e2e") else " " * 21
+        ratio = ""
+        if ref_key:
+            rmed, rbest = _stats(tr["times"][ref_key]["wall"])
+            ratio = f"{rmed / med:.2f}x / {rbest / best:.2f}x"
+        print(f"{label:31s} {med:9.3f} {best:7.3f} {cpu:6.2f} {tps} {ratio:>27s}")
     print()
-    print(f"ratio fxjax/torch throughput: jitted {torch_med / statistics.median(jax_times):.2f}, "
-          f"end to end {torch_med / statistics.median(e2e_times):.2f}  (>= 1.0: fxjax faster)")
-    tmp.cleanup()
+    tmed, tbest = _stats(tr["times"]["forward"]["wall"])
+    jmed, jbest = _stats(fx["times"]["forward"]["wall"])
+    emed, ebest = _stats(fx["times"]["e2e"]["wall"])
+    print(f"throughput ratio fxjax/torch (>= 1.0: fxjax faster): jitted {tmed / jmed:.2f} (min-based "
+          f"{tbest / jbest:.2f}), end to end {tmed / emed:.2f} (min-based {tbest / ebest:.2f})")
+    tcpu = statistics.median(tr["times"]["forward"]["cpu"])
+    jcpu = statistics.median(fx["times"]["forward"]["cpu"])
+    print(f"process CPU seconds per forward (less sensitive to other load): torch {tcpu:.2f}, fxjax {jcpu:.2f} "
+          f"(ratio {tcpu / jcpu:.2f})")
     return 0
 
 
