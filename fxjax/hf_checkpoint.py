@@ -106,7 +106,7 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
     params = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
     loaded: set[tuple] = set()
     naming = "hub"
-    place = place or (lambda path, array: jnp.asarray(array))
+    place = place or (lambda path, array: jax.device_put(array))
     for name, file, tensor in iter_tensors(files):
         if is_ignored(name):
             continue

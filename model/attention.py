@@ -13,15 +13,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     [..., Lq, Lk] (True = may attend). Scores and softmax run in float32, as HF's eager/sdpa do for
     fp32 and as a bf16 run needs for stability. A fully masked row yields a uniform average instead of
     NaN (HF's min-value masking does the same); callers ignore such rows.
+
+    Layout: the query groups of each KV head are folded into the query axis, so both matmuls are plain
+    batched [kvh] matmuls with the score tensor as [..., kvh, groups * Lq, Lk]: XLA then fuses the
+    softmax into the second matmul and never copies the score tensor (the grouped 5-D einsum did), and
+    K/V are read once per KV head (no repeat to full heads, which would multiply decode traffic).
     """
-    h, kvh, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    if h != kvh:
-        # Repeating KV to full heads (HF's repeat_kv) lets XLA fuse the softmax into the second matmul;
-        # the grouped [kv, group] einsum layout costed an extra copy of the score tensor on CPU.
-        k = jnp.repeat(k, h // kvh, axis=-2)
-        v = jnp.repeat(v, h // kvh, axis=-2)
-    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    *batch, lq, h, d = q.shape
+    kvh = k.shape[-2]
+    groups = h // kvh
+    n = len(batch)
+    qf = jnp.moveaxis(q.reshape(*batch, lq, kvh, groups, d), n, n + 2)  # [..., kvh, groups, Lq, D]
+    qf = qf.reshape(*batch, kvh, groups * lq, d)
+    kt = jnp.moveaxis(k, n, n + 1)  # [..., kvh, Lk, D]
+    vt = jnp.moveaxis(v, n, n + 1)
+    scores = jnp.einsum("...kqd,...ksd->...kqs", qf, kt, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
     if mask is not None:
-        scores = jnp.where(mask[..., None, :, :], scores, jnp.finfo(jnp.float32).min)
+        scores = scores.reshape(*batch, kvh, groups, lq, -1)
+        scores = jnp.where(mask[..., None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        scores = scores.reshape(*batch, kvh, groups * lq, -1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", probs, v)
+    out = jnp.einsum("...kqs,...ksd->...kqd", probs, vt).reshape(*batch, kvh, groups, lq, d)
+    return jnp.moveaxis(out, (n, n + 1), (n + 1, n + 2)).reshape(*batch, lq, h, d)
