@@ -1,0 +1,222 @@
+"""One LoRA SFT step: fxjax (JAX, train.step) vs transformers + peft (torch), fp32 on the CPU.
+
+One command. The parent builds a random-weight HF Qwen2.5-VL (bench/forward.py's configs), saves it and
+one batch (one real photo per sample, text around it, the last `--target-tokens` tokens of each sample
+labelled as the assistant span). One child process per framework loads the same checkpoint, attaches LoRA
+(r 8, alpha 32, all-linear: vision, merger and decoder Linears; dropout 0) and times full training steps:
+
+  torch   peft.get_peft_model; model(**inputs, labels=labels).loss.backward(); clip_grad_norm_(1.0);
+          AdamW.step(); zero_grad()  (transformers computes full [B, L, vocab] logits and the loss on them)
+  fxjax   the jitted step of `fxjax sft` (train.step.make_train_step): chunked cross-entropy on the
+          supervised tokens only, clipping, AdamW; state donated; batch prepared on the host beforehand
+
+tokens/s = batch x sequence length (image tokens included) / step time (median of --iters after
+--warmup untimed steps; fxjax's first step compiles and is reported on its own). Peak memory is the
+child's peak resident set size (model, optimiser, activations, runtime), from getrusage.
+
+    python bench/sft_step.py                  # mid config (~150M), batch 4, 5 timed steps (~3-5 min on 2 cores)
+    python bench/sft_step.py --small --iters 2
+    python bench/sft_step.py --vocab 151936   # the real vocabulary (the lm_head dominates)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(REPO), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import forward as fw  # noqa: E402  (bench/forward.py: configs, model and batch builders)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _labels(input_ids: np.ndarray, targets: int) -> np.ndarray:
+    labels = np.full_like(input_ids, -100)
+    labels[:, -targets:] = input_ids[:, -targets:]
+    return labels
+
+
+def worker_torch(workdir: Path, args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.set_num_threads(args.cores)
+    data = dict(np.load(workdir / "batch.npz"))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(workdir / "ckpt"), dtype=torch.float32,
+                                                                attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    inputs = {k: torch.as_tensor(v) for k, v in data.items() if k != "labels"}
+    labels = torch.as_tensor(data["labels"])
+
+    def step():
+        out = model(**inputs, labels=labels, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    t = time.perf_counter()
+    first_loss = step()
+    first = time.perf_counter() - t
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=_peak_rss_mb(),
+                trainable=sum(p.numel() for p in params), version=f"torch {torch.__version__}",
+                loadavg=list(os.getloadavg()))
+
+
+def worker_fxjax(workdir: Path, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import fxjax
+    from fxjax.train_config import OptimSection
+    from model.lora import LoRAConfig, apply_lora
+    from train.batching import build_step_batch
+    from train.optimizer import make_optimizer
+    from train.step import RNG_IMPL, TrainState, make_train_step, split_model
+
+    data = dict(np.load(workdir / "batch.npz"))
+    model = fxjax.from_pretrained(workdir / "ckpt", dtype="float32")
+    apply_lora(model, LoRAConfig(rank=8, alpha=32.0, dropout=0.0), rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, params, base, rest = split_model(model)
+    tx, schedule = make_optimizer(OptimSection(learning_rate=1e-4, warmup_steps=0, schedule="constant",
+                                               max_grad_norm=1.0), 1000)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.key_data(jax.random.key(0, impl=RNG_IMPL)))
+    step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=args.loss_chunk, remat=args.remat,
+                              remat_vision=args.remat)
+    host = {k: v for k, v in data.items() if k != "mm_token_type_ids"}
+    t = time.perf_counter()
+    batch = build_step_batch([host], model.config, pad_id=0)
+    batch = jax.device_put(batch)
+    prep = time.perf_counter() - t
+
+    def step():
+        nonlocal state
+        state, metrics = step_fn(state, base, rest, batch)
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    t = time.perf_counter()
+    first_loss = step()
+    first = time.perf_counter() - t
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=_peak_rss_mb(), prep_s=prep,
+                trainable=sum(int(x.size) for x in jax.tree.leaves(params)), version=f"jax {jax.__version__}",
+                loadavg=list(os.getloadavg()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=5, help="timed steps (median and min reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+    ap.add_argument("--small", action="store_true", help="tiny config for a quick smoke run")
+    ap.add_argument("--vocab", type=int, default=None, help="override the config's vocabulary size")
+    ap.add_argument("--image-side", type=int, default=224, help="one image per sample, side in pixels")
+    ap.add_argument("--text-tokens", type=int, default=256, help="non-image tokens per sample")
+    ap.add_argument("--target-tokens", type=int, default=192, help="labelled (assistant) tokens per sample")
+    ap.add_argument("--loss-chunk", type=int, default=512, help="fxjax: supervised tokens per lm_head chunk")
+    ap.add_argument("--remat", default="none", help="fxjax: remat policy of decoder layers / vision blocks")
+    ap.add_argument("--cores", type=int, default=os.cpu_count())
+    ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        if args.cores < os.cpu_count():
+            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
+        workdir = Path(args.workdir)
+        result = (worker_torch if args.worker == "torch" else worker_fxjax)(workdir, args)
+        (workdir / f"result_{args.worker}.json").write_text(json.dumps(result))
+        return 0
+
+    name = "small" if args.small else "mid"
+    if args.vocab:
+        text, vision = fw.CONFIGS[name]
+        fw.CONFIGS[name] = ({**text, "vocab_size": args.vocab}, vision)
+    vocab = fw.CONFIGS[name][0]["vocab_size"]
+    tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_sft_")
+    workdir = Path(tmp.name)
+    hf = fw.build_hf_model(name)
+    n_params = sum(p.numel() for p in hf.parameters())
+    hf.save_pretrained(str(workdir / "ckpt"))
+    del hf
+    data = fw.make_batch(args.batch, args.text_tokens, args.image_side, vocab)
+    data["labels"] = _labels(data["input_ids"], args.target_tokens)
+    np.savez(workdir / "batch.npz", **data)
+    b, length = data["input_ids"].shape
+    tokens = b * length
+    n_image = int(data["mm_token_type_ids"].sum()) // b
+    print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, fp32; LoRA r 8, alpha 32, all-linear "
+          f"(vision + merger + decoder), AdamW, grad clip 1.0")
+    print(f"batch {b} x {length} tokens ({n_image} image + {length - n_image} text per sample, one "
+          f"{args.image_side}px image each), {args.target_tokens} labelled tokens per sample; "
+          f"{os.cpu_count()} cores, children pinned to {args.cores}")
+    results = {}
+    passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--cores", str(args.cores),
+                   "--loss-chunk", str(args.loss_chunk), "--remat", args.remat]
+    for worker in ("torch", "fxjax"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--workdir", str(workdir)]
+        subprocess.run(cmd + passthrough, check=True)
+        results[worker] = json.loads((workdir / f"result_{worker}.json").read_text())
+    tmp.cleanup()
+    tr, fx = results["torch"], results["fxjax"]
+    print(f"{tr['version']}; {fx['version']}; trainable LoRA parameters: torch {tr['trainable']:,}, "
+          f"fxjax {fx['trainable']:,}")
+    print(f"first step: torch {tr['first_s']:.2f}s (loss {tr['first_loss']:.4f}); fxjax {fx['first_s']:.2f}s incl. "
+          f"trace + compile (loss {fx['first_loss']:.4f}); fxjax host batch prep {fx['prep_s'] * 1e3:.0f} ms")
+    print(f"1-min load average while timing: torch {tr['loadavg'][0]:.2f}, fxjax {fx['loadavg'][0]:.2f}")
+    print()
+    print(f"| {'one LoRA SFT step':<32} | {'median s':>8} | {'min s':>7} | {'tokens/s':>9} | {'peak RSS MB':>11} |")
+    print(f"|{'-' * 34}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 13}|")
+    med = {}
+    for label, r in (("transformers + peft (torch)", tr), ("fxjax (jitted step)", fx)):
+        med[label] = statistics.median(r["times"])
+        print(f"| {label:<32} | {med[label]:>8.3f} | {min(r['times']):>7.3f} | {tokens / med[label]:>9.0f} | "
+              f"{r['peak_mb']:>11.0f} |")
+    ratio = med["transformers + peft (torch)"] / med["fxjax (jitted step)"]
+    print(f"\nfxjax / torch throughput: {ratio:.2f}x (target >= 1.5x); peak memory fxjax / torch: "
+          f"{fx['peak_mb'] / tr['peak_mb']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The SFT run configuration: YAML mapped onto typed, frozen dataclasses.
+
+    cfg = load_sft_config("configs/sft.yaml", overrides=["optim.learning_rate=2e-4", "train.steps=100"])
+    cfg.optim.learning_rate   # 0.0002
+    cfg.to_dict()             # the resolved config (what a checkpoint records)
+
+Every section is a frozen dataclass. Loading is strict: an unknown key, a value of the wrong type or a
+value outside its allowed choices is a `ConfigError` that names the key by its dotted path
+(``optim.learning_rate: expected a number, got 'fast'``). ``--set key=value`` overrides parse the value
+as a YAML scalar/list (``train.steps=20``, ``data.train_files=[a.jsonl, b.jsonl]``, ``lora=null``).
+
+This module imports nothing of train/ (the dependency points the other way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+__all__ = [
+    "CheckpointSection",
+    "ConfigError",
+    "DataSection",
+    "DistributedSection",
+    "EvalSection",
+    "ExportSection",
+    "LoRASection",
+    "MeshSection",
+    "ModelSection",
+    "OptimSection",
+    "REMAT_POLICIES",
+    "SFTConfig",
+    "TrainSection",
+    "apply_overrides",
+    "from_dict",
+    "load_sft_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, mistyped or out of range; the message starts with its dotted key."""
+
+
+# Names accepted by model.remat / model.remat_vision (see train.remat).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The base model: an HF checkpoint directory (`path`) or a preset with random init (`preset`)."""
+
+    path: str | None = None  # HF Qwen2.5-VL directory (config.json + safetensors)
+    preset: str | None = None  # tiny, 3b, 7b, 32b, 72b or a preset YAML; random init with init_seed
+    init_seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] | None = None  # base weights' storage dtype (default: dtype)
+    remat: str = "full"  # rematerialisation policy of the decoder layers (REMAT_POLICIES)
+    remat_vision: str | None = None  # ... of the vision blocks (default: the same as remat)
+    adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
+
+    def validate(self, where: str) -> None:
+        if (self.path is None) == (self.preset is None):
+            raise ConfigError(f"{where}: set exactly one of model.path (an HF checkpoint directory) and "
+                              f"model.preset (random init)")
+        for name in ("remat", "remat_vision"):
+            value = getattr(self, name)
+            if value is not None and value not in REMAT_POLICIES:
+                raise ConfigError(f"{where}.{name}: must be one of {list(REMAT_POLICIES)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoRASection:
+    """LoRA adapters (model.lora.LoRAConfig); enabled = false trains nothing but is refused by `sft`."""
+
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    use_rslora: bool = False
+    target_modules: str | tuple[str, ...] = "all-linear"
+    exclude_modules: str | tuple[str, ...] | None = None
+    init_seed: int = 0  # seed of the A matrices
+
+    def validate(self, where: str) -> None:
+        _positive(self.rank, f"{where}.rank")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh axis sizes (fxjax.sharding.MeshConfig); one may be -1 (the rest of the devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class DistributedSection:
+    """Multi-process start-up (fxjax.distributed); unset values come from FXJAX_* / JAX_* variables."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_count: int | None = None
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Training/eval data; most fields pass through to fxjax.data.DataConfig."""
+
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    tokenizer: str | None = None  # directory with tokenizer.json (default: model.path)
+    root: str | None = None
+    format: Literal["auto", "native", "swift"] = "auto"
+    on_error: Literal["raise", "skip"] = "raise"
+    check_decode: bool = True
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    max_length: int = 8192
+    length_buckets: tuple[int, ...] = ()
+    long_samples: Literal["truncate", "drop"] = "truncate"
+    prompts: Literal["auto", "templates", "record"] = "auto"
+    system_prompt: str | None = None
+    batch_size: int = 1  # global micro-batch (examples per forward pass, all processes together)
+    shuffle: bool = True
+    seed: int = 0
+    worker_count: int = 0
+    read_threads: int = 2
+    prefetch_buffer_size: int = 8
+
+    def validate(self, where: str) -> None:
+        if not self.train_files:
+            raise ConfigError(f"{where}.train_files: give at least one JSONL file")
+        for name in ("min_pixels", "max_pixels", "max_length", "batch_size"):
+            _positive(getattr(self, name), f"{where}.{name}")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """optax AdamW with linear warmup then cosine (or constant / linear) decay, global-norm clipping and
+    gradient accumulation (grad_accum micro-batches per update, scanned inside the one jitted step)."""
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.05  # of the total steps (ignored when warmup_steps is set)
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    grad_accum: int = 1
+
+    def validate(self, where: str) -> None:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"{where}.learning_rate: must be a positive number, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"{where}.max_grad_norm: must be positive or null, got {self.max_grad_norm}")
+        _positive(self.grad_accum, f"{where}.grad_accum")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int | None = None  # optimiser updates; or give epochs
+    epochs: float | None = None  # passes over train_files (rounded up to whole updates)
+    seed: int = 0  # dropout and anything else random in the step
+    loss_chunk: int = 256  # target tokens per lm_head chunk of the cross-entropy
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
+    output_dir: str = "runs/sft"
+    log_every: int = 1  # metrics.jsonl / progress bar interval (steps)
+    progress_bar: bool = True
+    tensorboard: bool = True  # write TensorBoard events when a writer is installed
+
+    def validate(self, where: str) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"{where}: set exactly one of train.steps and train.epochs")
+        if self.steps is not None:
+            _positive(self.steps, f"{where}.steps")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"{where}.epochs: must be positive, got {self.epochs}")
+        _positive(self.loss_chunk, f"{where}.loss_chunk")
+        _positive(self.log_every, f"{where}.log_every")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    dir: str | None = None  # default: <train.output_dir>/checkpoints
+    every: int = 500  # save every N steps (and always at the end); 0: only at the end
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True
+    resume: bool = True  # continue from the latest checkpoint in dir when there is one
+
+    def validate(self, where: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
+        _positive(self.keep, f"{where}.keep")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every: int = 0  # evaluate every N steps (0: only at_start / at_end)
+    at_start: bool = False
+    at_end: bool = True
+    max_examples: int | None = None  # first N held-out examples (None: all)
+    batch_size: int = 8
+    generate: bool = True  # greedy decoding -> format rate, verdict accuracy, mean IoU
+    max_new_tokens: int = 512
+
+    def validate(self, where: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
+        _positive(self.batch_size, f"{where}.batch_size")
+        _positive(self.max_new_tokens, f"{where}.max_new_tokens")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    merged_dir: str | None = None  # write base + LoRA merged as an HF checkpoint at the end
+    adapter_dir: str | None = None  # write the LoRA adapter as a PEFT adapter directory at the end
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    def validate(self) -> "SFTConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        if self.eval.every and not self.data.eval_files:
+            raise ConfigError("eval.every: periodic evaluation needs data.eval_files")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def replace(self, **sections) -> "SFTConfig":
+        return dataclasses.replace(self, **sections)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.output_dir) / "checkpoints"
+
+    @property
+    def tokenizer(self) -> str:
+        tok = self.data.tokenizer or self.model.path
+        if tok is None:
+            raise ConfigError("data.tokenizer: a preset model has no tokenizer; give a directory with tokenizer.json")
+        return tok
+
+
+# ---- strict typed mapping --------------------------------------------------------------------------
+
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _positive(value, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be positive, got {value}")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, _type_name(item))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp, where: str) -> Any:
+    """value (from YAML) -> tp, or ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{key}: unknown key; {where or 'the config'} takes {names}")
+    values = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def _to_plain(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def from_dict(data: Mapping[str, Any]) -> SFTConfig:
+    """A plain mapping (parsed YAML) -> validated SFTConfig."""
+    return _build(SFTConfig, data, "").validate()
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cls = SFTConfig
+    node = data
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i + 1])
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if part not in names:
+            raise ConfigError(f"{where}: unknown key (in --set {key}=...)")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{where}: is not a section; cannot set {key}")
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {child!r}")
+        node = child
+
+
+def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys, YAML values) to a parsed config mapping (copied)."""
+    import copy
+
+    out = copy.deepcopy(dict(data or {}))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value (e.g. optim.learning_rate=2e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse value {raw!r} ({err})") from None
+        _set_dotted(out, key, value)
+    return out
+
+
+def load_sft_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                    base: Mapping[str, Any] | None = None) -> SFTConfig:
+    """YAML file (optional) + ``key=value`` overrides -> validated SFTConfig.
+
+    Relative paths in the file stay as written (relative to the working directory).
+    """
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: invalid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data.update(loaded or {})
+    return from_dict(apply_overrides(data, overrides))

@@ -1,0 +1,156 @@
+"""The SFT loss: chunked = unchunked, no loss on prompt or padding, the step's accumulation and remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TINY_TOKENS, image_prompt
+from model import Qwen25VL
+from model.config import Qwen25VLConfig, TextConfig, VisionConfig
+from model.lora import LORA_PARAMS, LoRAConfig, apply_lora
+from train.batching import build_step_batch
+from train.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_sum, loss_targets, reference_cross_entropy
+from train.optimizer import make_optimizer
+from train.step import TrainState, make_train_step, micro_loss, split_model
+from fxjax.train_config import OptimSection
+
+
+def small_model(seed=0) -> Qwen25VL:
+    cfg = Qwen25VLConfig(
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=32,
+                            window_size=56, fullatt_block_indexes=(1,)),
+        text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 1, 1)),
+        eos_token_id=(2,), **TINY_TOKENS)
+    model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(seed + 1))
+    key = jax.random.key(seed + 2)
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, LORA_PARAMS))):  # B = 0 would hide A's grads
+        var.set_value(0.1 * jax.random.normal(jax.random.fold_in(key, i), var.shape))
+    return model
+
+
+def labelled_batch(rng, grids, prompt_len=(4, 7), completion=(5, 9), length=None):
+    """HF-style dict batch: image prompts, completions labelled, right padding with pad id 0."""
+    rows = []
+    for grid in grids:
+        ids, pv, g = image_prompt([grid], rng, prefix=tuple(rng.randint(10, 90, size=rng.randint(*prompt_len))))
+        comp = rng.randint(10, 90, size=rng.randint(*completion))
+        rows.append((np.concatenate([ids, comp]), len(ids), pv, g))
+    length = length or max(len(r[0]) for r in rows)
+    b = len(rows)
+    input_ids = np.zeros((b, length), np.int32)
+    mask = np.zeros((b, length), np.int32)
+    labels = np.full((b, length), IGNORE_INDEX, np.int32)
+    for i, (ids, n_prompt, _, _) in enumerate(rows):
+        input_ids[i, :len(ids)] = ids
+        mask[i, :len(ids)] = 1
+        labels[i, n_prompt:len(ids)] = ids[n_prompt:]
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels,
+                pixel_values=np.concatenate([r[2] for r in rows]), image_grid_thw=np.concatenate([r[3] for r in rows]))
+
+
+def test_chunked_cross_entropy_equals_the_unchunked_one_with_gradients():
+    rng = np.random.RandomState(0)
+    b, length, d, v = 3, 21, 16, 97
+    hidden = jnp.asarray(rng.randn(b, length, d), jnp.float32)
+    w = jnp.asarray(rng.randn(d, v), jnp.float32)
+    labels = rng.randint(0, v, size=(b, length)).astype(np.int32)
+    labels[0, :8] = IGNORE_INDEX  # prompt
+    labels[1, :3] = IGNORE_INDEX
+    labels[1, 15:] = IGNORE_INDEX  # padding
+    labels[2, :] = IGNORE_INDEX  # a row with nothing to learn
+
+    def full(hidden, w):
+        total, count = cross_entropy_sum(hidden @ w, labels)
+        return total / count
+
+    want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, w)
+    assert np.isclose(float(want), float(reference_cross_entropy(hidden @ w, labels)))
+    for chunk in (1, 7, 16, 64, 1000):
+        targets = loss_targets(labels, multiple=16)
+
+        def chunked(hidden, w):
+            total, count = chunked_cross_entropy(hidden, targets, lambda h: h @ w, chunk)
+            return total / count
+
+        got, got_grads = jax.value_and_grad(chunked, argnums=(0, 1))(hidden, w)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for g, e in zip(got_grads, want_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_targets_take_exactly_the_assistant_span():
+    labels = np.full((2, 8), IGNORE_INDEX, np.int32)
+    labels[0, 3:6] = [11, 12, 13]  # prompt 0..2, padding 6..7
+    labels[1, 5:8] = [21, 22, 23]
+    t = loss_targets(labels, size=8)
+    n = int(t.weight.sum())
+    assert n == 6
+    # hidden state at flat position p predicts the label at p + 1 of the same row
+    assert t.index[:n].tolist() == [2, 3, 4, 8 + 4, 8 + 5, 8 + 6]
+    assert t.target[:n].tolist() == [11, 12, 13, 21, 22, 23]
+    assert not t.weight[n:].any() and not t.target[n:].any()
+    with pytest.raises(ValueError, match="do not fit"):
+        loss_targets(labels, size=4)
+
+
+def test_no_loss_and_no_gradient_on_prompt_or_padding_tokens():
+    model = small_model()
+    graphdef, params, base, rest = split_model(model)
+    rng = np.random.RandomState(1)
+    batch = labelled_batch(rng, [(1, 4, 4), (1, 4, 8)])
+    batch["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, 5)))  # extra padding columns
+    batch["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (0, 5)))
+    batch["labels"] = np.pad(batch["labels"], ((0, 0), (0, 5)), constant_values=IGNORE_INDEX)
+    inputs = model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+    targets = loss_targets(batch["labels"], multiple=8)
+
+    def loss_of_hidden(hidden):
+        total, count = chunked_cross_entropy(hidden, targets, model.logits, 8)
+        return total / count
+
+    hidden, _ = jax.jit(lambda: model.hidden_states(inputs))()
+    grad = np.asarray(jax.jit(jax.grad(loss_of_hidden))(hidden))
+    predicts = np.zeros(batch["labels"].shape, bool)
+    predicts[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+    assert np.abs(grad[predicts]).sum(axis=-1).min() > 0
+    assert not grad[~predicts].any()  # prompt, image, padding and final positions get no gradient at all
+    # and the model-level loss equals the reference on full logits over the labelled tokens only
+    total, count, _ = jax.jit(lambda p, b, r: micro_loss(graphdef, p, b, r, inputs, targets,
+                                                         jax.random.key(0, impl="rbg"), loss_chunk=5, remat=None,
+                                                         remat_vision=None, grad=False))(params, base, rest)
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+    np.testing.assert_allclose(float(total / count), float(reference_cross_entropy(logits, batch["labels"])),
+                               rtol=1e-5)
+    assert int(count) == int(predicts.sum())
+
+
+def _step(model, micro_batches, remat=None):
+    graphdef, params, base, rest = split_model(model)
+    tx, schedule = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0), 10)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.key_data(jax.random.key(0, impl="rbg")))
+    step = make_train_step(graphdef, tx, schedule, loss_chunk=16, remat=remat, remat_vision=remat)
+    batch = build_step_batch(micro_batches, model.config, 0)
+    new_state, metrics = step(state, base, rest, batch)
+    return jax.device_get(new_state.params), {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_remat_changes_nothing():
+    rng = np.random.RandomState(2)
+    grids = [(1, 4, 4), (1, 4, 8)]
+    rows = [labelled_batch(rng, [g], length=40) for g in grids]
+    both = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    big_params, big = _step(small_model(), [both])  # one batch of two rows, no remat
+    # two micro-batches of one row each scanned into one update, decoder layers and vision blocks rematerialised
+    acc_params, acc = _step(small_model(), rows, remat="full")
+    assert big["target_tokens"] == acc["target_tokens"] > 0
+    np.testing.assert_allclose(acc["loss"], big["loss"], rtol=1e-5)
+    np.testing.assert_allclose(acc["grad_norm"], big["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(big_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)  # Adam: lr 1e-2 steps

@@ -1,0 +1,225 @@
+"""`fxjax sft` end to end on the tiny preset (real Qwen tokenizer, demo images), in subprocesses:
+
+* resume is exact: 4 steps straight == 2 steps, SIGKILL, resume (SIGTERM at 3: saved, exit 0), resume
+  (SIGKILL during the save of 4: the checkpoint of 3 stays good), resume to 4; the exported LoRA
+  parameters are bitwise equal;
+* two processes (gloo on localhost, one CPU device each) == one process with two devices;
+* a non-finite loss stops the run naming the step (last good checkpoint kept), or is skipped.
+
+Subprocesses share a persistent XLA compilation cache, so each program compiles once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fxjax.data.demo_data import make_demo_data
+from fxjax.data.tokenizer import cached_qwen_tokenizer
+
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(request, tmp_path_factory) -> Path:
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("fxjax_data")) if cache is not None else tmp_path_factory.mktemp("fxjax_data")
+    return cached_qwen_tokenizer(root)
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer_dir, tmp_path_factory):
+    """A tiny random model in HF layout with the real tokenizer, 12 demo images, an SFT config."""
+    from fxjax.hf_checkpoint import save_pretrained
+    from fxjax.model_init import init_model
+
+    root = tmp_path_factory.mktemp("sft")
+    files = make_demo_data(root / "data", n=12, seed=0, test_fraction=0.25, min_side=64, max_side=112)
+    model_dir = save_pretrained(init_model("tiny", seed=0), root / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, model_dir / name)
+    config = {
+        "model": {"path": str(model_dir), "dtype": "float32", "remat": "full"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "qkv", "fc2"]},
+        "data": {"train_files": [str(files["train"])], "min_pixels": 3136, "max_pixels": 3136, "max_length": 384,
+                 "length_buckets": [384], "batch_size": 2, "seed": 1},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 1},
+        "train": {"steps": 4, "loss_chunk": 256, "progress_bar": False, "output_dir": str(root / "out")},
+        "checkpoint": {"every": 2, "keep": 3},
+        "eval": {"at_end": False},
+    }
+    path = root / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cache = root / "xla_cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1")
+    for key in ("XLA_FLAGS", "FXJAX_TEST_PAUSE_AFTER_STEP", "FXJAX_TEST_SLOW_SAVE_STEP"):
+        env.pop(key, None)
+    return dict(root=root, config=path, env=env, files=files, model=model_dir)
+
+
+def sft(setup, name: str, *, env=None, until: str | None = None, then: int | None = None, extra=()):
+    """Run `fxjax sft` for run `name` (its own checkpoint dir and adapter dir unless given in extra). With
+    `until`, wait for that line on stderr and send signal `then`. Returns (returncode, stderr text)."""
+    root = setup["root"]
+    args = [sys.executable, "-m", "fxjax.cli", "sft", "--config", str(setup["config"]),
+            "--set", f"checkpoint.dir={root / name / 'ckpt'}", "--set", f"export.adapter_dir={root / name / 'adapter'}",
+            "--set", f"train.output_dir={root / name}"]
+    for item in extra:
+        args += ["--set", item]
+    log_path = root / f"{name}-{time.time_ns()}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, env={**setup["env"], **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            if until is not None:
+                deadline = time.time() + TIMEOUT
+                while until not in log_path.read_text():
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise AssertionError(f"{name}: never printed {until!r}:\n{log_path.read_text()[-3000:]}")
+                    time.sleep(0.05)
+                os.kill(proc.pid, then)
+            proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return proc.returncode, log_path.read_text()
+
+
+def adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+def committed_steps(ckpt: Path) -> list[int]:
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    code, log = sft(setup, "straight")
+    assert code == 0, log[-3000:]
+    return adapter_tensors(setup["root"] / "straight" / "adapter")
+
+
+@pytest.fixture(scope="module")
+def interrupted(setup):
+    """2 steps, SIGKILL; resume, SIGTERM after 3; resume, SIGKILL while saving 4; resume to the end."""
+    ckpt = setup["root"] / "chain" / "ckpt"
+    out = {}
+    code, log = sft(setup, "chain", env={"FXJAX_TEST_PAUSE_AFTER_STEP": "2"},
+                    until="fxjax-test: paused after step 2", then=signal.SIGKILL)
+    out["killed"] = (code, committed_steps(ckpt))
+    code, log = sft(setup, "chain", env={"FXJAX_TEST_PAUSE_AFTER_STEP": "3"},
+                    until="fxjax-test: paused after step 3", then=signal.SIGTERM)
+    out["sigterm"] = (code, log, committed_steps(ckpt))
+    code, log = sft(setup, "chain", env={"FXJAX_TEST_SLOW_SAVE_STEP": "4"},
+                    until="fxjax-test: slow save of step 4", then=signal.SIGKILL)
+    out["killed_in_save"] = (code, committed_steps(ckpt), sorted(p.name for p in ckpt.iterdir()))
+    code, log = sft(setup, "chain")
+    out["final"] = (code, log)
+    out["adapter"] = adapter_tensors(setup["root"] / "chain" / "adapter") if code == 0 else None
+    return out
+
+
+def test_sigkill_then_resume_continues_from_the_last_checkpoint(interrupted):
+    code, steps = interrupted["killed"]
+    assert code == -signal.SIGKILL and steps == [2]
+
+
+def test_sigterm_saves_and_exits_cleanly(interrupted):
+    code, log, steps = interrupted["sigterm"]
+    assert code == 0, log[-3000:]
+    assert "resumed from step 2" in log and "received signal 15; saved step 3" in log and "preempted at step 3/4" in log
+    assert steps == [2, 3]
+
+
+def test_a_save_killed_midway_leaves_the_last_good_checkpoint(interrupted):
+    code, steps, names = interrupted["killed_in_save"]
+    assert code == -signal.SIGKILL
+    assert steps == [2, 3]  # step 4 never committed ...
+    assert any(n.startswith("4") and not n.isdigit() for n in names), names  # ... only its temporary directory
+    code, log = interrupted["final"]
+    assert code == 0, log[-3000:]
+    assert "resumed from step 3" in log
+
+
+def test_resumed_run_is_bitwise_equal_to_the_straight_run(straight, interrupted):
+    resumed = interrupted["adapter"]
+    assert resumed is not None and resumed.keys() == straight.keys() and len(straight) > 0
+    for key in straight:
+        assert np.array_equal(resumed[key], straight[key]), key
+    assert any(np.abs(v).max() > 0 for k, v in straight.items() if "lora_B" in k)  # it did train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(setup, straight):
+    root = setup["root"]
+    port = _free_port()
+    procs, logs = [], []
+    for rank in range(2):
+        env = {**setup["env"], "FXJAX_COORDINATOR": f"localhost:{port}", "FXJAX_NUM_PROCESSES": "2",
+               "FXJAX_PROCESS_ID": str(rank), "FXJAX_LOCAL_DEVICE_COUNT": "1"}
+        log = root / f"multi-{rank}.log"
+        logs.append(log)
+        args = [sys.executable, "-m", "fxjax.cli", "sft", "--config", str(setup["config"]),
+                "--set", f"checkpoint.dir={root / 'multi' / 'ckpt'}", "--set", f"export.adapter_dir={root / 'multi' / 'adapter'}",
+                "--set", f"train.output_dir={root / 'multi'}"]
+        procs.append(subprocess.Popen(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    start = time.time()
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, TIMEOUT - (time.time() - start)))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
+    assert "2 process(es), 2 cpu device(s)" in logs[0].read_text()
+    multi = adapter_tensors(root / "multi" / "adapter")
+    assert multi.keys() == straight.keys()
+    for key in straight:
+        np.testing.assert_allclose(multi[key], straight[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert committed_steps(root / "multi" / "ckpt") == [2, 4]
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
+    code, log = sft(setup, f"nan-{mode}", extra=["optim.learning_rate=1e30", "optim.warmup_steps=0",
+                                                 "optim.max_grad_norm=null", "checkpoint.every=1",
+                                                 f"train.on_nonfinite={mode}", "train.steps=3"])
+    ckpt = setup["root"] / f"nan-{mode}" / "ckpt"
+    if mode == "stop":
+        assert code == 3, log[-3000:]
+        assert "non-finite loss at step 2" in log and "the last good checkpoint is step 1" in log
+        assert committed_steps(ckpt) == [1]
+    else:
+        assert code == 0, log[-3000:]
+        assert "step 2: non-finite loss/gradient" in log and "update skipped (2 so far)" in log
+        assert committed_steps(ckpt) == [1, 2, 3]
+        records = [json.loads(line) for line in (setup["root"] / "nan-skip" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["skipped"] for r in records if r["kind"] == "train"] == [0, 1, 2]

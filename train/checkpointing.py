@@ -1,0 +1,159 @@
+"""Training checkpoints with orbax's CheckpointManager.
+
+A checkpoint of step N is one orbax step directory ``<dir>/<N>/`` with three items:
+
+* ``state``: the train state as a flat mapping of arrays (LoRA parameters, optimiser state, step, RNG key
+  data), saved asynchronously (the arrays are copied off the device before `save` returns; the writes
+  and the atomic commit run in the background while training goes on);
+* ``data``: the grain iterator state (JSON), so resuming continues with exactly the next batch;
+* ``config``: the resolved SFT config (JSON), for the record and for `fxjax sft --resume` checks.
+
+Orbax writes a step into a temporary directory and renames it into place only when every item is
+complete, so a process killed mid-save (SIGKILL, OOM, preemption without grace) leaves at most a
+``*.orbax-checkpoint-tmp-*`` directory that `latest_step()` ignores and the next manager removes: the
+last good checkpoint is never spoiled. The last `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainCheckpointer", "flatten_tree", "unflatten_tree"]
+
+# Test hooks (environment): make the save of one step hang inside its background write, so a test can
+# SIGKILL the process while that checkpoint is half written.
+_SLOW_SAVE_STEP = "FXJAX_TEST_SLOW_SAVE_STEP"
+_SLOW_SAVE_SECONDS = "FXJAX_TEST_SLOW_SAVE_SECONDS"
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def flatten_tree(tree) -> dict[str, Any]:
+    """A pytree -> {"a.b.0.c": leaf}; the names are stable for a given tree structure."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out = {}
+    for path, leaf in flat:
+        name = ".".join(_key_name(p) for p in path) or "value"
+        if name in out:
+            raise ValueError(f"two leaves flatten to the name {name!r}")
+        out[name] = leaf
+    return out
+
+
+def unflatten_tree(template, flat: Mapping[str, Any]):
+    """Inverse of `flatten_tree` against a template of the same structure."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, _ in paths:
+        name = ".".join(_key_name(p) for p in path) or "value"
+        if name not in flat:
+            raise KeyError(f"checkpoint lacks {name!r}")
+        leaves.append(flat[name])
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class _DataStateHandler(ocp.JsonCheckpointHandler):
+    """JSON handler for the iterator state, with the slow-save test hook."""
+
+    def __init__(self, filename: str):
+        super().__init__(filename)
+
+    async def _save_fn(self, x, directory):
+        slow = os.environ.get(_SLOW_SAVE_STEP)
+        if slow is not None and int(slow) == int(x.get("step", -1)):
+            seconds = float(os.environ.get(_SLOW_SAVE_SECONDS, "600"))
+            print(f"fxjax-test: slow save of step {x['step']} in progress ({directory})", file=sys.stderr,
+                  flush=True)
+            time.sleep(seconds)
+        await super()._save_fn(x, directory)
+
+
+@ocp.args.register_with_handler(_DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class _DataStateSave(ocp.args.CheckpointArgs):
+    item: Mapping[str, Any]
+
+
+@ocp.args.register_with_handler(_DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataStateRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
+class TrainCheckpointer:
+    """Save / restore (train state, data iterator state, config) with a CheckpointManager."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": _DataStateHandler("data_state.json"),
+                           "config": ocp.JsonCheckpointHandler("config.json")})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+        """Start saving `state` (any pytree of arrays) for `step`; returns once the arrays are copied."""
+        saved = self.manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(flatten_tree(state)),
+                                    data=_DataStateSave({"step": int(step), **dict(data_state)}),
+                                    config=ocp.args.JsonSave(dict(config))),
+            force=True)
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Block until every pending save is committed."""
+        self.manager.wait_until_finished()
+
+    def restore(self, template, step: int | None = None) -> tuple[Any, dict, dict, int]:
+        """(state, data_state, config, step) of `step` (default: the latest). `template` is a pytree of the
+        state's structure whose leaves are arrays or jax.ShapeDtypeStruct with shardings (restored onto them)."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = {k: _abstract(v) for k, v in flatten_tree(template).items()}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=_DataStateRestore(),
+                                          config=ocp.args.JsonRestore()))
+        state = unflatten_tree(template, restored["state"])
+        data = dict(restored["data"])
+        data.pop("step", None)
+        return state, data, dict(restored["config"]), step
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _abstract(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    arr = np.asarray(leaf)
+    return jax.ShapeDtypeStruct(arr.shape, arr.dtype)

@@ -1,0 +1,111 @@
+"""Token cross-entropy on the assistant span without materialising [batch, length, vocab] logits.
+
+Labels follow HF: ``labels[b, t]`` is the token at position t, -100 outside the assistant span; the
+hidden state at position t predicts ``labels[b, t + 1]``. Only the supervised positions need the lm_head
+at all, so the host gathers them first (`loss_targets`): ``index[b, j]`` is the position whose hidden
+state predicts ``target[b, j]``, ``weight[b, j]`` is 1 for a real target and 0 for padding. Then
+`chunked_cross_entropy` runs the lm_head matmul and the log-softmax one chunk of targets at a time in a
+`lax.scan` whose body is rematerialised: at most [batch, chunk, vocab] float32 logits exist at once,
+forward or backward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "LossTargets", "chunked_cross_entropy", "cross_entropy_sum", "loss_targets",
+           "reference_cross_entropy"]
+
+
+class LossTargets(NamedTuple):
+    """The supervised tokens of a batch, flattened: slot j is the token ``target[j]`` predicted by the
+    hidden state at flat position ``index[j]`` (= row * length + column) of the [B, L] batch."""
+
+    index: np.ndarray  # [N] int32 flat position of the hidden state that predicts the target
+    target: np.ndarray  # [N] int32 target token id (0 in padding slots)
+    weight: np.ndarray  # [N] float32 1 for a supervised token, 0 for a padding slot
+
+
+def loss_targets(labels: np.ndarray, size: int | None = None, multiple: int = 1) -> LossTargets:
+    """Host side: gather the supervised positions of ``labels`` [B, L] into N slots.
+
+    N is ``size`` or the number of supervised tokens rounded up to ``multiple``. Position t predicts
+    labels[t + 1], so the last column of a row never predicts anything. Flattening the whole batch (rather
+    than padding every row to the longest row's count) leaves only the batch's total to pad.
+    """
+    labels = np.asarray(labels)
+    b, length = labels.shape
+    shifted = np.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    flat = np.flatnonzero(shifted.reshape(-1) != IGNORE_INDEX)
+    need = int(flat.size)
+    if size is None:
+        size = max(multiple, -(-need // multiple) * multiple)
+    if need > size:
+        raise ValueError(f"{need} supervised tokens do not fit {size} loss slots")
+    index = np.zeros((size,), np.int32)
+    target = np.zeros((size,), np.int32)
+    weight = np.zeros((size,), np.float32)
+    index[:need] = flat
+    target[:need] = shifted.reshape(-1)[flat]
+    weight[:need] = 1.0
+    return LossTargets(index, target, weight)
+
+
+def _nll(logits: jax.Array, target: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse - picked
+
+
+def chunked_cross_entropy(hidden: jax.Array, targets: LossTargets, logits_fn: Callable[[jax.Array], jax.Array],
+                          chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of token NLLs, number of supervised tokens), both float32 scalars.
+
+    hidden [B, L, D] final hidden states; targets from `loss_targets` (device arrays, N slots); logits_fn
+    maps [C, D] -> [C, vocab] (the model's lm_head). The N slots are processed ``chunk`` at a time (N is
+    padded up to a multiple of chunk with zero-weight slots); each chunk's logits are recomputed in the
+    backward pass instead of being stored.
+    """
+    index, target, weight = (jnp.asarray(a) for a in targets)
+    n_slots = index.shape[0]
+    chunk = max(1, min(int(chunk), n_slots))
+    n = -(-n_slots // chunk)
+    pad = n * chunk - n_slots
+    if pad:
+        index, target = (jnp.pad(a, (0, pad)) for a in (index, target))
+        weight = jnp.pad(weight, (0, pad))
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    gathered = jnp.take(flat_hidden, index, axis=0)  # [N, D]
+    xs = (gathered.reshape(n, chunk, -1), target.reshape(n, chunk), weight.reshape(n, chunk))
+
+    @jax.checkpoint
+    def body(total, x):
+        h, tgt, w = x
+        nll = _nll(logits_fn(h), tgt)
+        return total + jnp.sum(nll * w), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(weight).astype(jnp.float32)
+
+
+def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Unchunked reference on full logits [B, L, V] and HF labels [B, L]: (sum of NLLs, token count)."""
+    labels = jnp.asarray(labels)
+    shifted = labels[:, 1:]
+    mask = (shifted != IGNORE_INDEX).astype(jnp.float32)
+    nll = _nll(logits[:, :-1], jnp.where(shifted == IGNORE_INDEX, 0, shifted))
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def reference_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean token NLL over the supervised tokens, from full logits (for tests and small models)."""
+    total, count = cross_entropy_sum(logits, labels)
+    return total / jnp.maximum(count, 1.0)

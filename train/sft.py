@@ -1,0 +1,379 @@
+"""The LoRA SFT loop: `run_sft(cfg)` (what `fxjax sft --config configs/sft.yaml` runs).
+
+    model (HF dir or preset) + LoRA -> mesh -> data pipeline -> jitted step (donated state)
+      -> metrics.jsonl / TensorBoard / tqdm -> periodic evaluation -> orbax checkpoints -> export
+
+Resume: with checkpoint.resume (default) a run whose checkpoint directory already holds a checkpoint
+continues from the latest one: LoRA parameters, optimiser state, step, RNG and the data iterator's
+position are restored, so the continued run computes exactly what an uninterrupted one would.
+
+Signals: SIGTERM / SIGINT (preemption) finish the current step, save a checkpoint, wait for it to be
+committed and return with `result.preempted` (the CLI exits 0). A non-finite loss or gradient stops the
+run (`NonFiniteError`, naming the step; the last good checkpoint stays the latest) unless
+train.on_nonfinite is "skip", which skips that update and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fxjax.train_config import ConfigError, SFTConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteError", "SFTResult", "build_model", "data_config", "run_sft"]
+
+# Test hook: after the checkpoint of this step is committed, print a marker and wait to be killed.
+_PAUSE_AFTER_STEP = "FXJAX_TEST_PAUSE_AFTER_STEP"
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a NaN/inf loss or gradient (train.on_nonfinite = "stop")."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: int | None, directory: Path):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        where = (f"the last good checkpoint is step {last_checkpoint} in {directory}" if last_checkpoint is not None
+                 else "no checkpoint was written before it")
+        super().__init__(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
+                         f"(loss {loss}, grad norm {grad_norm}); stopped without applying it; {where}. "
+                         f"Set train.on_nonfinite=skip to skip such updates instead.")
+
+
+@dataclass
+class SFTResult:
+    steps: int  # updates done when the run returned
+    total_steps: int
+    final_loss: float | None = None
+    preempted: bool = False
+    resumed_from: int | None = None
+    skipped_steps: int = 0
+    evals: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics)
+    checkpoint_dir: str | None = None
+    exported: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    params: Any = None  # final LoRA parameters (nnx.State of jax arrays)
+    model: Any = None  # the model with the final LoRA parameters
+
+
+# ---- set-up ----------------------------------------------------------------------------------------
+
+def data_config(cfg: SFTConfig):
+    """The training DataConfig: every process reads the same global batches (one shard)."""
+    from fxjax.data.pipeline import DataConfig
+
+    d = cfg.data
+    return DataConfig(data_files=d.train_files, tokenizer=cfg.tokenizer, root=d.root, format=d.format,
+                      on_error=d.on_error, check_decode=d.check_decode, min_pixels=d.min_pixels,
+                      max_pixels=d.max_pixels, max_length=d.max_length, length_buckets=d.length_buckets,
+                      long_samples=d.long_samples, mode="sft", prompts=d.prompts, system_prompt=d.system_prompt,
+                      batch_size=d.batch_size, drop_remainder=True, shuffle=d.shuffle, seed=d.seed, num_epochs=None,
+                      worker_count=d.worker_count, read_threads=d.read_threads,
+                      prefetch_buffer_size=d.prefetch_buffer_size, shard_index=0, shard_count=1)
+
+
+def build_model(cfg: SFTConfig, mesh):
+    """The base model (HF checkpoint or random preset) on the mesh, with LoRA adapters attached and placed."""
+    from fxjax.model_init import init_model
+    from fxjax.peft_io import load_peft_adapter
+    from model.lora import LoRAConfig, apply_lora
+
+    m = cfg.model
+    param_dtype = m.param_dtype or m.dtype
+    if m.path is not None:
+        from fxjax.hf_checkpoint import from_pretrained
+
+        model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh)
+    else:
+        model = init_model(m.preset, seed=m.init_seed, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh)
+    rngs = nnx.Rngs(params=cfg.lora.init_seed, dropout=cfg.lora.init_seed)
+    if m.adapter is not None:
+        load_peft_adapter(model, m.adapter, rngs=rngs)
+    else:
+        lc = cfg.lora
+        apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, use_rslora=lc.use_rslora,
+                                     target_modules=lc.target_modules, exclude_modules=lc.exclude_modules),
+                   rngs=rngs)
+    place_model(model, mesh)
+    return model
+
+
+def place_model(model, mesh) -> None:
+    """Every variable onto the mesh: parameters by fxjax.sharding's rules (already-placed ones stay), RNG
+    keys and counts (LoRA dropout streams) replicated."""
+    from fxjax.sharding import put, shard_model
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    shard_model(nnx.state(model, nnx.Param), mesh)
+    replicated = NamedSharding(mesh, P())
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
+        value = variable.get_value()
+        if not isinstance(value, jax.Array) or value.sharding == replicated:
+            continue
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(value)
+            variable.set_value(jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(value)), replicated),
+                                                        impl=impl))
+        else:
+            variable.set_value(put(np.asarray(value), replicated))
+
+
+def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:
+    if cfg.train.steps is not None:
+        return int(cfg.train.steps)
+    per_step = cfg.data.batch_size * cfg.optim.grad_accum
+    return max(1, math.ceil(cfg.train.epochs * records_per_epoch / per_step))
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag the loop checks between steps (all processes agree on it)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+
+    def stop_requested(self) -> bool:
+        flag = self.received is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+        return flag
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_resume_config(saved: dict, cfg: SFTConfig, log: Callable[[str], None]) -> None:
+    current = cfg.to_dict()
+    for section in ("model", "lora", "optim", "data"):
+        if saved.get(section) != current.get(section):
+            changed = sorted(k for k in set(saved.get(section, {})) | set(current.get(section, {}))
+                             if saved.get(section, {}).get(k) != current.get(section, {}).get(k))
+            log(f"warning: resuming with a different {section} config than the checkpoint's ({', '.join(changed)})")
+
+
+def _place(sharding, subtree):
+    """Put every array of `subtree` on `sharding` (already-placed arrays are left alone)."""
+    from fxjax.sharding import put
+
+    def one(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        return put(np.asarray(jax.device_get(x)), sharding)
+
+    return jax.tree.map(one, subtree)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTResult:
+    """Run (or resume) LoRA SFT as configured. See the module docstring."""
+    from fxjax import distributed
+    from fxjax.data.pipeline import DataPipeline
+    from fxjax.sharding import MeshConfig, make_mesh, param_shardings, put
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
+    from train.checkpointing import TrainCheckpointer
+    from train.evaluation import Evaluator
+    from train.export import save_adapter, save_merged
+    from train.metrics import MetricsLogger, ProgressBar
+    from train.optimizer import make_optimizer
+    from train.step import RNG_IMPL, TrainState, make_train_step, split_model
+
+    started = time.perf_counter()
+    dist = cfg.distributed
+    distributed.initialize({k: v for k, v in vars(dist).items() if v is not None})
+    main = jax.process_index() == 0
+    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    if not main:
+        say = lambda text: None  # noqa: E731
+    if not cfg.lora.enabled and cfg.model.adapter is None:
+        raise ConfigError("lora.enabled: SFT trains LoRA adapters only; set lora.enabled=true")
+
+    mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"mesh {dict(mesh.shape)}")
+    dcfg = data_config(cfg)
+    pipeline = DataPipeline(dcfg)
+    steps_total = total_steps(cfg, len(pipeline))
+    model = build_model(cfg, mesh)
+    model.train()
+    graphdef, params, base, rest = split_model(model)
+    n_lora = sum(int(x.size) for x in jax.tree.leaves(params))
+    say(f"sft: model {cfg.model.path or cfg.model.preset} ({cfg.model.dtype} compute), LoRA r={cfg.lora.rank} "
+        f"alpha={cfg.lora.alpha}: {n_lora:,} trainable parameters; {len(pipeline)} training records; "
+        f"{steps_total} steps of {cfg.data.batch_size} x {cfg.optim.grad_accum} examples")
+
+    tx, schedule = make_optimizer(cfg.optim, steps_total)
+    replicated = NamedSharding(mesh, P())
+    params_sh = param_shardings(params, mesh)
+    base_sh = param_shardings(base, mesh)
+    rest_sh = jax.tree.map(lambda _: replicated, rest)
+    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+    state_sh = TrainState(replicated, params_sh, jax.tree.map(lambda _: replicated, opt_state), replicated)
+    rng = jax.random.key_data(jax.random.key(cfg.train.seed, impl=RNG_IMPL))
+    state = TrainState(put(np.zeros((), np.int32), replicated), params, opt_state, put(np.asarray(rng), replicated))
+    state = jax.tree.map(_place, state_sh, state)
+
+    ckpt_dir = cfg.checkpoint_dir
+    checkpointer = TrainCheckpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    iterator = iter(pipeline)
+    result = SFTResult(steps=0, total_steps=steps_total, checkpoint_dir=str(ckpt_dir))
+    floor: dict[str, int] = {}  # running max of the padded batch shapes (see train.batching)
+    latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, data_state, saved_cfg, latest = checkpointer.restore(template, latest)
+        iterator.set_state(data_state["iterator"])
+        floor = dict(data_state.get("shape_floor", {}))
+        _check_resume_config(saved_cfg, cfg, say)
+        result.resumed_from = latest
+        say(f"sft: resumed from step {latest} in {ckpt_dir}")
+    step_now = int(jax.device_get(state.step))
+
+    evaluator = None
+    if cfg.data.eval_files and (cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end):
+        evaluator = Evaluator(dcfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
+                              max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
+                              loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+    metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard)
+    resolved = cfg.to_dict()
+
+    def evaluate(tag: str) -> dict:
+        nnx.update(model, state.params)
+        res = evaluator.evaluate(model, state.params, base, rest, generate=cfg.eval.generate)
+        values = res.metrics()
+        metrics.log(step_now, "eval", values)
+        result.evals.append((step_now, values))
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        say(f"sft: eval ({tag}, step {step_now}): {shown}")
+        return values
+
+    def save(step: int) -> None:
+        checkpointer.save(step, state, {"iterator": iterator.get_state(), "shape_floor": floor}, resolved)
+
+    step_fn = None
+    batch_sh = None
+    skipped = 0
+    last_saved = latest
+    pause_after = os.environ.get(_PAUSE_AFTER_STEP)
+    bar = ProgressBar(steps_total, step_now, enabled=main and cfg.train.progress_bar)
+    try:
+        with _Signals() as signals:
+            if evaluator is not None and cfg.eval.at_start and latest is None:
+                evaluate("start")
+            while step_now < steps_total:
+                t0 = time.perf_counter()
+                micro = [next(iterator) for _ in range(cfg.optim.grad_accum)]
+                batch = build_step_batch(micro, model.config, pipeline.pad_id, floor=floor)
+                floor = grow_floor(floor, batch, model.config)
+                if batch_sh is None:
+                    n_batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+                    batch_sh = batch_shardings(batch, mesh, cfg.data.batch_size % n_batch_devices == 0)
+                    step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
+                                              remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
+                                              state_shardings=state_sh, base_shardings=base_sh,
+                                              rest_shardings=rest_sh, batch_shardings=batch_sh)
+                tokens = int(batch.inputs.attention_mask.sum())
+                placed = place_batch(batch, batch_sh)
+                state, out = step_fn(state, base, rest, placed)
+                out = {k: float(v) for k, v in jax.device_get(out).items()}
+                dt = time.perf_counter() - t0
+                if not out["finite"]:
+                    if cfg.train.on_nonfinite == "stop":
+                        checkpointer.wait()
+                        raise NonFiniteError(step_now + 1, out["loss"], out["grad_norm"], checkpointer.latest_step(),
+                                             ckpt_dir)
+                    skipped += 1
+                    say(f"sft: step {step_now + 1}: non-finite loss/gradient (loss {out['loss']}, grad norm "
+                        f"{out['grad_norm']}); update skipped ({skipped} so far)")
+                step_now += 1
+                values = dict(loss=out["loss"], learning_rate=out["learning_rate"], grad_norm=out["grad_norm"],
+                              step_time=dt, tokens_per_s=tokens / dt, target_tokens=out["target_tokens"],
+                              skipped=skipped)
+                result.final_loss = out["loss"]
+                if step_now % cfg.train.log_every == 0 or step_now == steps_total:
+                    metrics.log(step_now, "train", values)
+                bar.update(1, dict(loss=out["loss"], lr=out["learning_rate"], tok_s=round(tokens / dt)))
+                every = cfg.checkpoint.every
+                if (every and step_now % every == 0) or step_now == steps_total:
+                    save(step_now)
+                    last_saved = step_now
+                if evaluator is not None and cfg.eval.every and step_now % cfg.eval.every == 0 \
+                        and step_now != steps_total:
+                    evaluate("periodic")
+                if pause_after is not None and step_now == int(pause_after):
+                    checkpointer.wait()
+                    print(f"fxjax-test: paused after step {step_now}", file=sys.stderr, flush=True)
+                    while signals.received is None:  # until killed, or a SIGTERM ends the pause
+                        time.sleep(0.1)
+                if signals.stop_requested():
+                    if last_saved != step_now:
+                        save(step_now)
+                        last_saved = step_now
+                    checkpointer.wait()
+                    bar.close()
+                    say(f"sft: received signal {signals.received}; saved step {step_now} to {ckpt_dir}; exiting "
+                        f"(resume by running the same command)")
+                    result.preempted = True
+                    break
+            else:
+                if last_saved != step_now:
+                    save(step_now)
+                    last_saved = step_now
+            checkpointer.wait()
+        bar.close()
+        result.steps = step_now
+        result.skipped_steps = skipped
+        nnx.update(model, state.params)
+        if not result.preempted:
+            if evaluator is not None and cfg.eval.at_end:
+                evaluate("end")
+            if cfg.export.adapter_dir:
+                result.exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir))
+                say(f"sft: wrote the PEFT adapter to {cfg.export.adapter_dir}")
+            if cfg.export.merged_dir:
+                result.exported["merged"] = str(save_merged(model, cfg.export.merged_dir))
+                say(f"sft: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
+    finally:
+        bar.close()
+        try:
+            checkpointer.wait()
+        finally:
+            checkpointer.close()
+            metrics.close()
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+    result.params = state.params
+    result.model = model
+    result.seconds = time.perf_counter() - started
+    return result
