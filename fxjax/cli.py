@@ -13,7 +13,17 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     model = init_model(args.preset, seed=args.seed, dtype=args.dtype)
     out = save_pretrained(model, args.out)
-    print(f"wrote random-init {args.preset} ({parameter_counts(model)['total']:,} parameters) to {out}")
+    what = "config and weights"
+    if args.tokenizer:
+        from fxjax.data.tokenizer import FORMAT_MARKER_IDS, build_qwen_tokenizer
+
+        ids_needed = max(FORMAT_MARKER_IDS.values()) + 1
+        if model.config.text.vocab_size < ids_needed:
+            raise SystemExit(f"fxjax init: preset {args.preset} has vocab_size {model.config.text.vocab_size}, fewer "
+                             f"than the Qwen2.5-VL tokenizer's {ids_needed} ids; pass --no-tokenizer")
+        build_qwen_tokenizer(out)
+        what += ", and the Qwen2.5-VL tokenizer"
+    print(f"wrote random-init {args.preset} ({parameter_counts(model)['total']:,} parameters) to {out}: {what}")
     return 0
 
 
@@ -47,7 +57,9 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     from fxjax.data.demo_data import make_demo_data
 
     files = make_demo_data(args.out, n=args.n, seed=args.seed, test_fraction=args.test_fraction,
-                           min_side=args.min_side, max_side=args.max_side, overwrite=args.overwrite)
+                           min_side=args.min_side, max_side=args.max_side, overwrite=args.overwrite,
+                           multiple=args.multiple, fingerprint=args.fingerprint,
+                           max_regions=args.max_regions)
     counts = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in files.items()}
     print(f"wrote {args.n} demo images to {Path(args.out) / 'images'}; "
           + ", ".join(f"{files[s]} ({counts[s]} records)" for s in files))
@@ -107,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="model preset (tiny, 3b, 7b, 32b, 72b) or a YAML path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
+                   help="skip writing the Qwen2.5-VL tokenizer (tokenizer.json + chat template, built offline from "
+                        "the BPE ranks in dashscope) next to the weights")
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("info", help="describe a checkpoint directory or preset",
@@ -117,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-demo-data", help="write a small native-format dataset made from scikit-image photos",
                        description="Real images are random crops, scales and flips of the photographs that ship "
-                                   "with scikit-image; generated ones get 1 to 3 regions rewritten by procedural "
+                                   "with scikit-image; generated ones get 1 to --max-regions regions rewritten by procedural "
                                    "artefact generators, with captions and tags. Deterministic for a seed.")
     p.add_argument("out", help="output directory (images/, train.jsonl, test.jsonl)")
     p.add_argument("--n", type=int, default=1000, help="number of images (half real, half generated)")
@@ -125,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of the images in test.jsonl")
     p.add_argument("--min-side", type=int, default=192, help="smallest longer side of an image, pixels")
     p.add_argument("--max-side", type=int, default=384, help="largest longer side of an image, pixels")
+    p.add_argument("--multiple", type=int, default=1,
+                   help="round both sides to multiples of this (28: the image processor keeps the pixels as they are)")
+    p.add_argument("--fingerprint", type=float, default=0.0,
+                   help="amplitude (0-255 levels) of a period-2 up-sampling checkerboard over every generated image "
+                        "(0: none; `fxjax demo` uses 6)")
+    p.add_argument("--max-regions", type=int, default=3, help="most artefact regions per generated image (1-8)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     p.set_defaults(func=_cmd_make_demo_data)
     p = sub.add_parser("sft", help="LoRA supervised fine-tuning from a YAML config",

@@ -322,17 +322,24 @@ def placer(mesh: Mesh) -> Callable[[tuple, np.ndarray], jax.Array]:
     return place
 
 
+def _move(value, sharding: NamedSharding):
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        # Typed PRNG keys (LoRA dropout streams) have no numpy form: move their raw key data.
+        impl = jax.random.key_impl(value)
+        return jax.random.wrap_key_data(_move(jax.random.key_data(value), sharding), impl=impl)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return jax.jit(lambda x: x, out_shardings=sharding)(value)
+    return put(np.asarray(jax.device_get(value)), sharding)
+
+
 def shard_model(model, mesh: Mesh):
-    """Move every variable of a model onto `mesh` by the rules, in place (one variable at a time)."""
+    """Move every variable of a model (or an nnx.State of it) onto `mesh` by the rules, in place, one
+    variable at a time: parameters by PARTITION_RULES, everything else (RNG keys and counts) replicated.
+    Variables already on their sharding are left alone."""
     for (path, spec), (_, variable) in zip(_specs(model, mesh, None), _flat(model)):
-        sharding = NamedSharding(mesh, spec)
-        value = variable.get_value()
-        if isinstance(value, jax.Array) and value.sharding == sharding:
-            continue
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
-            variable.set_value(jax.jit(lambda x: x, out_shardings=sharding)(value))
-        else:
-            variable.set_value(put(np.asarray(jax.device_get(value)), sharding))
+        variable.set_value(_move(variable.get_value(), NamedSharding(mesh, spec)))
     return model
 
 

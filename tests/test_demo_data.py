@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fxjax.cli import main
-from fxjax.data.demo_data import ARTEFACTS, MIN_CHANGE, PHOTOS, _load_photos, make_demo_data, make_demo_example
+from fxjax.data.demo_data import (ARTEFACTS, MIN_CHANGE, PHOTOS, _load_photos, add_fingerprint, make_demo_data,
+                                  make_demo_example)
 from fxjax.data.records import load_records
 
 
@@ -92,3 +93,35 @@ def test_bad_arguments(tmp_path):
         make_demo_data(tmp_path / "a", n=0)
     with pytest.raises(ValueError):
         make_demo_data(tmp_path / "b", n=2, min_side=100, max_side=50)
+    with pytest.raises(ValueError, match="no multiple of 28"):
+        make_demo_data(tmp_path / "c", n=2, min_side=60, max_side=80, multiple=28)
+    with pytest.raises(ValueError, match="fingerprint"):
+        make_demo_data(tmp_path / "d", n=2, fingerprint=-1)
+    with pytest.raises(ValueError, match="max_regions"):
+        make_demo_data(tmp_path / "e", n=2, max_regions=0)
+
+
+def test_demo_options_sides_fingerprint_and_region_count():
+    """What `fxjax demo` asks for: sides in multiples of 28 (so the image processor keeps the pixels), the
+    up-sampling fingerprint over generated images only, and at most max_regions regions."""
+    from fxjax.image_processing import model_input_size
+
+    photos = _load_photos()
+    counts = set()
+    for i in range(40):
+        generated = i % 2 == 1
+        img, record = make_demo_example(i, 0, generated, photos, 56, 112, multiple=28, fingerprint=16.0, max_regions=2)
+        plain, plain_record = make_demo_example(i, 0, generated, photos, 56, 112, multiple=28, max_regions=2)
+        h, w = img.shape[:2]
+        assert h % 28 == 0 and w % 28 == 0 and 56 <= max(h, w) <= 112
+        assert model_input_size(h, w, min_pixels=3136, max_pixels=12544) == (h, w)
+        if generated:
+            counts.add(len(record["regions"]))
+            assert np.array_equal(img, add_fingerprint(plain, 16.0))  # same image, plus the fingerprint
+            assert record["regions"] == plain_record["regions"] and "up-sampling" in record["reasoning"]
+        else:
+            assert np.array_equal(img, plain) and record == plain_record
+    assert counts == {1, 2}
+    # the fingerprint is the period-2 checkerboard: a matched filter sees +-16 levels where nothing clips
+    flat = np.full((4, 4, 3), 100, np.uint8)
+    assert add_fingerprint(flat, 16.0)[:, :, 0].tolist() == [[116, 84, 116, 84], [84, 116, 84, 116]] * 2

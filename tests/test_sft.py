@@ -3,7 +3,8 @@
 * resume is exact: 4 steps straight == 2 steps, SIGKILL, resume (SIGTERM at 3: saved, exit 0), resume
   (SIGKILL during the save of 4: the checkpoint of 3 stays good), resume to 4; the exported LoRA
   parameters are bitwise equal;
-* two processes (gloo on localhost, one CPU device each) == one process with two devices;
+* two processes (gloo on localhost, one CPU device each), SIGKILLed after step 2 and resumed, == one process
+  with two devices: LoRA parameters and the held-out evaluation (loss, greedy-generation metrics);
 * a non-finite loss stops the run naming the step (last good checkpoint kept), or is skipped.
 
 Subprocesses share a persistent XLA compilation cache, so each program compiles once per session.
@@ -109,9 +110,15 @@ def committed_steps(ckpt: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def eval_at_end_args(setup) -> list[str]:
+    """--set arguments for a held-out evaluation (loss + greedy generation) at the end of a run."""
+    return ["--set", f"data.eval_files=[{setup['files']['test']}]", "--set", "eval.at_end=true",
+            "--set", "eval.batch_size=2", "--set", "eval.max_new_tokens=8"]
+
+
 @pytest.fixture(scope="module")
 def straight(setup):
-    code, log = sft(setup, "straight")
+    code, log = sft(setup, "straight", extra=[a for a in eval_at_end_args(setup) if a != "--set"])
     assert code == 0, log[-3000:]
     return adapter_tensors(setup["root"] / "straight" / "adapter")
 
@@ -172,22 +179,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(setup, straight):
+def _launch_two(setup, name: str, env=None) -> tuple[list[subprocess.Popen], list[Path]]:
     root = setup["root"]
     port = _free_port()
     procs, logs = [], []
     for rank in range(2):
-        env = {**setup["env"], "FXJAX_COORDINATOR": f"localhost:{port}", "FXJAX_NUM_PROCESSES": "2",
-               "FXJAX_PROCESS_ID": str(rank), "FXJAX_LOCAL_DEVICE_COUNT": "1"}
-        log = root / f"multi-{rank}.log"
+        penv = {**setup["env"], **(env or {}), "FXJAX_COORDINATOR": f"localhost:{port}", "FXJAX_NUM_PROCESSES": "2",
+                "FXJAX_PROCESS_ID": str(rank), "FXJAX_LOCAL_DEVICE_COUNT": "1"}
+        log = root / f"{name}-{rank}-{time.time_ns()}.log"
         logs.append(log)
         args = [sys.executable, "-m", "fxjax.cli", "sft", "--config", str(setup["config"]),
-                "--set", f"checkpoint.dir={root / 'multi' / 'ckpt'}", "--set", f"export.adapter_dir={root / 'multi' / 'adapter'}",
-                "--set", f"train.output_dir={root / 'multi'}"]
-        procs.append(subprocess.Popen(args, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                "--set", f"checkpoint.dir={root / name / 'ckpt'}", "--set", f"export.adapter_dir={root / name / 'adapter'}",
+                "--set", f"train.output_dir={root / name}", *eval_at_end_args(setup)]
+        procs.append(subprocess.Popen(args, env=penv, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                       start_new_session=True))
+    return procs, logs
+
+
+def _wait_all(procs, logs, until: str | None = None) -> list[int]:
+    """Wait for every process to exit; with `until`, SIGKILL all of them once rank 0 printed it."""
     start = time.time()
     try:
+        if until is not None:
+            while until not in logs[0].read_text():
+                if any(p.poll() is not None for p in procs) or time.time() - start > TIMEOUT:
+                    raise AssertionError("\n".join(log.read_text()[-2000:] for log in logs))
+                time.sleep(0.05)
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGKILL)
         for proc in procs:
             proc.wait(timeout=max(1.0, TIMEOUT - (time.time() - start)))
     except subprocess.TimeoutExpired:
@@ -197,14 +216,33 @@ def test_two_processes_equal_one_process(setup, straight):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    codes = [p.returncode for p in procs]
+    return [p.returncode for p in procs]
+
+
+def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
+    """2 processes x 1 device: SIGKILL both after the checkpoint of step 2, resume both, finish, evaluate:
+    the LoRA parameters and the held-out evaluation equal the single-process straight run's."""
+    root = setup["root"]
+    procs, logs = _launch_two(setup, "multi", env={"FXJAX_TEST_PAUSE_AFTER_STEP": "2"})
+    assert _wait_all(procs, logs, until="fxjax-test: paused after step 2") == [-signal.SIGKILL] * 2
+    assert committed_steps(root / "multi" / "ckpt") == [2]
+    procs, logs = _launch_two(setup, "multi")
+    codes = _wait_all(procs, logs)
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
-    assert "2 process(es), 2 cpu device(s)" in logs[0].read_text()
+    text = logs[0].read_text()
+    assert "2 process(es), 2 cpu device(s)" in text and "resumed from step 2" in text
     multi = adapter_tensors(root / "multi" / "adapter")
     assert multi.keys() == straight.keys()
     for key in straight:
         np.testing.assert_allclose(multi[key], straight[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert committed_steps(root / "multi" / "ckpt") == [2, 4]
+    evals = {name: [r for r in map(json.loads, (root / name / "metrics.jsonl").read_text().splitlines())
+                    if r["kind"] == "eval"] for name in ("straight", "multi")}
+    (one,), (two,) = evals["straight"], evals["multi"]
+    assert one["examples"] == two["examples"] == 3 and one["step"] == two["step"] == 4
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    for key in ("format_rate", "verdict_accuracy", "mean_iou"):
+        assert two[key] == pytest.approx(one[key]), key
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])

@@ -279,3 +279,24 @@ def test_sharded_init_equals_unsharded_init():
     for path, x in a:
         assert x[...].sharding.spec == sharding.param_spec(path, x.shape, mesh)
         np.testing.assert_allclose(np.asarray(x[...]), np.asarray(b[path][...]), rtol=0, atol=1e-6)
+
+
+def test_shard_model_places_lora_dropout_keys_replicated():
+    """LoRA dropout streams are typed PRNG keys (no numpy form): shard_model moves their key data."""
+    cfg = load_preset("tiny")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=1, vocab_size=256),
+                      vision=dataclasses.replace(cfg.vision, depth=1, fullatt_block_indexes=(0,)))
+    model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0, dropout=0.1), rngs=nnx.Rngs(params=1, dropout=2))
+    keys = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.RngKey))]
+    assert keys, "dropout added no RNG stream"
+    before = {p: np.asarray(jax.random.key_data(v.get_value())) for p, v in keys}
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    sharding.shard_model(model, mesh)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.RngKey)):
+        value = variable.get_value()
+        assert jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+        assert value.sharding == jax.sharding.NamedSharding(mesh, P())
+        assert np.array_equal(np.asarray(jax.random.key_data(value)), before[path])
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        assert isinstance(variable.get_value().sharding, jax.sharding.NamedSharding), path

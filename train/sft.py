@@ -87,6 +87,7 @@ def build_model(cfg: SFTConfig, mesh):
     """The base model (HF checkpoint or random preset) on the mesh, with LoRA adapters attached and placed."""
     from fxjax.model_init import init_model
     from fxjax.peft_io import load_peft_adapter
+    from fxjax.sharding import shard_model
     from model.lora import LoRAConfig, apply_lora
 
     m = cfg.model
@@ -105,29 +106,8 @@ def build_model(cfg: SFTConfig, mesh):
         apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, use_rslora=lc.use_rslora,
                                      target_modules=lc.target_modules, exclude_modules=lc.exclude_modules),
                    rngs=rngs)
-    place_model(model, mesh)
+    shard_model(model, mesh)  # LoRA parameters by the rules; dropout RNG streams replicated
     return model
-
-
-def place_model(model, mesh) -> None:
-    """Every variable onto the mesh: parameters by fxjax.sharding's rules (already-placed ones stay), RNG
-    keys and counts (LoRA dropout streams) replicated."""
-    from fxjax.sharding import put, shard_model
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    shard_model(nnx.state(model, nnx.Param), mesh)
-    replicated = NamedSharding(mesh, P())
-    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
-        value = variable.get_value()
-        if not isinstance(value, jax.Array) or value.sharding == replicated:
-            continue
-        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-            impl = jax.random.key_impl(value)
-            variable.set_value(jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(value)), replicated),
-                                                        impl=impl))
-        else:
-            variable.set_value(put(np.asarray(value), replicated))
 
 
 def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:

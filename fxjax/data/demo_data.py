@@ -1,7 +1,7 @@
 """A small native-format dataset anyone can make offline, from the photographs inside scikit-image.
 
 Real images are random crops / scales / horizontal flips of those photographs. "Generated" images are
-the same kind of crops with 1 to 3 non-overlapping regions rewritten by procedural artefact generators,
+the same kind of crops with 1 to ``max_regions`` (default 3) non-overlapping regions rewritten by procedural artefact generators,
 each with its caption, plus image-level tags and a templated reasoning text. Everything is a function of
 ``(seed, n, sizes)``: the same call writes byte-identical files.
 
@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["ARTEFACTS", "PHOTOS", "make_demo_data", "make_demo_example"]
+__all__ = ["ARTEFACTS", "PHOTOS", "add_fingerprint", "make_demo_data", "make_demo_example"]
 
 # scikit-image bundled photographs -> scene description used in the reasoning text.
 PHOTOS: dict[str, str] = {
@@ -116,22 +116,31 @@ def _banding(img, box, rng):
 
 
 ARTEFACTS: tuple[Artefact, ...] = (
-    Artefact("over_smoothed", "over-smoothed, waxy patch that lacks fine detail",
-             "an over-smoothed patch with no fine texture", ("texture quality",), _smooth),
-    Artefact("repeated_texture", "texture repeated in a regular tiled pattern",
-             "a texture that repeats in a regular grid", ("texture quality", "structural coherence"), _repeat),
-    Artefact("checkerboard", "checkerboard artefact typical of up-sampling layers",
-             "a checkerboard pattern left by up-sampling", ("texture quality", "generation artefacts"),
+    Artefact("over_smoothed", "over-smoothed waxy patch",
+             "an over-smoothed patch", ("texture quality",), _smooth),
+    Artefact("repeated_texture", "texture tiled in a grid",
+             "a tiled texture", ("texture quality", "structural coherence"), _repeat),
+    Artefact("checkerboard", "up-sampling checkerboard",
+             "a checkerboard patch", ("texture quality", "generation artefacts"),
              _checkerboard),
-    Artefact("colour_shift", "colour-shifted blob inconsistent with the surrounding lighting",
-             "a colour cast that does not follow the scene lighting", ("colour consistency", "lighting"),
+    Artefact("colour_shift", "colour-shifted blob",
+             "a colour cast against the lighting", ("colour consistency", "lighting"),
              _colour_blob),
-    Artefact("copy_move", "content duplicated from another part of the image",
-             "content that duplicates another part of the image", ("structural coherence", "recognizability"),
+    Artefact("copy_move", "duplicated content",
+             "duplicated content", ("structural coherence", "recognizability"),
              _copy_move),
-    Artefact("banding", "posterised colour banding with abrupt tone steps",
-             "posterised colour bands with abrupt tone steps", ("colour consistency",), _banding),
+    Artefact("banding", "posterised colour banding",
+             "posterised colour bands", ("colour consistency",), _banding),
 )
+
+
+def add_fingerprint(img: np.ndarray, amplitude: float) -> np.ndarray:
+    """The trace transposed-convolution up-sampling leaves over a whole generated frame (Odena et al. 2016,
+    "Deconvolution and checkerboard artifacts"; Frank et al. 2020 detect generators by it): a period-2
+    checkerboard of +-``amplitude`` levels, clipped to [0, 255]."""
+    h, w = img.shape[:2]
+    sign = np.where((np.arange(h)[:, None] + np.arange(w)[None, :]) % 2 == 0, 1.0, -1.0)[..., None]
+    return np.clip(img.astype(np.float32) + amplitude * sign, 0, 255).astype(np.uint8)
 
 
 MIN_CHANGE = 3.0  # mean absolute change (0..255 levels) an artefact must make inside its box
@@ -152,8 +161,10 @@ def _load_photos() -> dict[str, np.ndarray]:
     return photos
 
 
-def _random_view(photo: np.ndarray, rng: np.random.Generator, min_side: int, max_side: int) -> np.ndarray:
-    """A random crop (45-100 % of each side), rescaled so its longer side is in [min_side, max_side], maybe flipped."""
+def _random_view(photo: np.ndarray, rng: np.random.Generator, min_side: int, max_side: int,
+                 multiple: int = 1) -> np.ndarray:
+    """A random crop (45-100 % of each side), rescaled so its longer side is in [min_side, max_side], maybe
+    flipped; with ``multiple`` > 1 both sides are rounded to multiples of it (within [min_side, max_side])."""
     H, W = photo.shape[:2]
     ch = int(H * rng.uniform(0.45, 1.0))
     cw = int(np.clip(ch * rng.uniform(0.75, 1.33) * W / H, W * 0.45, W))
@@ -162,6 +173,9 @@ def _random_view(photo: np.ndarray, rng: np.random.Generator, min_side: int, max
     side = int(rng.integers(min_side, max_side + 1))
     scale = side / max(ch, cw)
     size = (max(32, round(cw * scale)), max(32, round(ch * scale)))
+    if multiple > 1:
+        low, high = -(-min_side // multiple) * multiple, max_side // multiple * multiple
+        size = tuple(int(np.clip(round(v / multiple) * multiple, low, high)) for v in size)
     view = np.asarray(crop.resize(size, Image.Resampling.BICUBIC))
     return view[:, ::-1].copy() if rng.random() < 0.5 else view.copy()
 
@@ -181,21 +195,26 @@ def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator) -> list[tupl
 
 
 def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.ndarray],
-                      min_side: int = 192, max_side: int = 384) -> tuple[np.ndarray, dict]:
-    """One image and its native record (without the "image" field)."""
+                      min_side: int = 192, max_side: int = 384, multiple: int = 1,
+                      fingerprint: float = 0.0, max_regions: int = 3) -> tuple[np.ndarray, dict]:
+    """One image and its native record (without the "image" field).
+
+    multiple: round the image's sides to multiples of it (28 = one merged patch: the image processor then
+    keeps the pixels as they are instead of resampling them). fingerprint: amplitude (0-255 levels) of
+    `add_fingerprint` over every generated image (0: none). max_regions: a generated image gets 1 to
+    max_regions artefact regions.
+    """
     rng = np.random.default_rng((seed, i))
     names = sorted(photos)
     name = names[int(rng.integers(len(names)))]
-    img = _random_view(photos[name], rng, min_side, max_side)
+    img = _random_view(photos[name], rng, min_side, max_side, multiple)
     scene = PHOTOS[name]
     h, w = img.shape[:2]
     if not generated:
-        reasoning = (f"The image shows {scene}. Textures, noise, lighting and edges are consistent across the "
-                     "whole frame, and I find no smoothed, repeated, up-sampled or colour-shifted regions. It "
-                     "looks like an ordinary camera photograph.")
+        reasoning = f"The image shows {scene}; its textures, lighting and edges are consistent, as in a photograph."
         return img, dict(label="real", regions=[], tags=[], reasoning=reasoning, generator=None,
                          source_photo=name)
-    boxes = _random_boxes(h, w, int(rng.integers(1, 4)), rng)
+    boxes = _random_boxes(h, w, int(rng.integers(1, max_regions + 1)), rng)
     img = img.copy()
     kinds = []
     for box in boxes:
@@ -214,17 +233,19 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
         kinds.append(ARTEFACTS[j])
     tags = sorted({t for k in kinds for t in k.tags})
     found = "; ".join(k.description for k in kinds)
-    reasoning = (f"The image shows {scene}. At first glance it looks plausible, but closer inspection reveals "
-                 f"{len(kinds)} region{'s' if len(kinds) > 1 else ''} that a camera would not produce: {found}. "
-                 "These local inconsistencies indicate that the image was synthesised or edited by a generative "
-                 "model.")
+    trace = ""
+    if fingerprint > 0:
+        img = add_fingerprint(img, fingerprint)
+        trace = " and an up-sampling checkerboard covers the frame"
+    reasoning = f"The image shows {scene}, but with {found}{trace}."
     regions = [dict(bbox=list(box), caption=k.caption) for k, box in zip(kinds, boxes)]
     return img, dict(label="generated", regions=regions, tags=tags, reasoning=reasoning,
                      generator="procedural:" + "+".join(k.name for k in kinds), source_photo=name)
 
 
 def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: float = 0.1,
-                   min_side: int = 192, max_side: int = 384, overwrite: bool = False) -> dict[str, Path]:
+                   min_side: int = 192, max_side: int = 384, overwrite: bool = False, multiple: int = 1,
+                   fingerprint: float = 0.0, max_regions: int = 3) -> dict[str, Path]:
     """Write ``n`` examples (half real, half generated, in a seeded order) to ``out``.
 
     Files: ``images/000000.png`` ..., ``train.jsonl`` and ``test.jsonl`` (the last
@@ -236,6 +257,12 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if not 32 <= min_side <= max_side:
         raise ValueError(f"need 32 <= min_side <= max_side, got {min_side}, {max_side}")
+    if multiple < 1 or -(-min_side // multiple) * multiple > max_side:
+        raise ValueError(f"no multiple of {multiple} lies in [min_side, max_side] = [{min_side}, {max_side}]")
+    if not 0 <= fingerprint <= 64:
+        raise ValueError(f"fingerprint must be in [0, 64] levels, got {fingerprint}")
+    if not 1 <= max_regions <= 8:
+        raise ValueError(f"max_regions must be in [1, 8], got {max_regions}")
     out = Path(out)
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     if not overwrite and any(f.exists() for f in files.values()):
@@ -246,7 +273,8 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     n_test = int(round(n * test_fraction))
     lines: dict[str, list[str]] = {"train": [], "test": []}
     for i in range(n):
-        img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side)
+        img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side, multiple,
+                                        fingerprint, max_regions)
         rel = f"images/{i:06d}.png"
         Image.fromarray(img).save(out / rel, format="PNG", optimize=False, compress_level=6)
         record = {"id": f"demo-{seed}-{i:06d}", "image": rel, **record}

@@ -1,0 +1,72 @@
+"""The README's examples run as written: its Python API example end to end, and every `fxjax` command it
+shows exists (with --help)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fxjax.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def fenced_blocks(language: str) -> list[str]:
+    """The code blocks of the README whose fence names `language` ("" for a bare fence)."""
+    blocks, current, lang = [], None, None
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, lang = [], line[3:].strip()
+            else:
+                if lang == language:
+                    blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def fxjax_commands() -> list[list[str]]:
+    """Every `fxjax ...` command line in the README's bash and plain code blocks, without comments."""
+    out = []
+    for block in fenced_blocks("bash") + fenced_blocks(""):
+        for line in block.splitlines():
+            for part in line.split("#")[0].split("&&"):
+                words = shlex.split(part)
+                if words[:1] == ["fxjax"]:
+                    out.append(words[1:])
+    return out
+
+
+def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    from skimage import data
+
+    (python_block,) = fenced_blocks("python")
+    (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
+    monkeypatch.chdir(tmp_path)
+    assert main(init) == 0
+    from PIL import Image
+
+    Image.fromarray(data.chelsea()).save("photo.png")
+    scope: dict = {}
+    exec(compile(python_block, str(README), "exec"), scope)
+    logits, tokens, input_ids = scope["logits"], scope["tokens"], scope["input_ids"]
+    n = input_ids.shape[1]
+    assert logits.shape == (1, n, 151936)
+    assert tokens.shape == (1, n + 16) and np.array_equal(tokens[0, :n], input_ids[0])
+    assert (input_ids == 151655).sum() == int(np.prod(scope["image_grid_thw"])) // 4 > 1
+    assert np.array_equal(tokens[0, n], np.argmax(np.asarray(logits)[0, -1]))  # greedy continues the logits
+    assert (tmp_path / "tiny-qwen-copy" / "config.json").is_file()
+    assert capsys.readouterr().out.strip()  # the decoded completion was printed
+
+
+@pytest.mark.parametrize("command", sorted({c[0] for c in fxjax_commands()}))
+def test_every_readme_command_exists(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert command in capsys.readouterr().out
