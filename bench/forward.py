@@ -251,6 +251,16 @@ def _stats(ts: list[float]) -> tuple[float, float]:
     return statistics.median(ts), min(ts)
 
 
+def run_worker(args, workers) -> int:
+    """Child-process side of a benchmark: pin to args.cores cores, run workers[args.worker], write its result."""
+    if args.cores < os.cpu_count():
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
+    workdir = Path(args.workdir)
+    result = workers[args.worker](workdir, args)
+    (workdir / f"result_{args.worker}.json").write_text(json.dumps(result))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -267,12 +277,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        if args.cores < os.cpu_count():
-            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
-        workdir = Path(args.workdir)
-        result = (worker_torch if args.worker == "torch" else worker_fxjax)(workdir, args)
-        (workdir / f"result_{args.worker}.json").write_text(json.dumps(result))
-        return 0
+        return run_worker(args, {"torch": worker_torch, "fxjax": worker_fxjax})
 
     import torch
 

@@ -161,12 +161,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.worker:
-        if args.cores < os.cpu_count():
-            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
-        workdir = Path(args.workdir)
-        result = (worker_torch if args.worker == "torch" else worker_fxjax)(workdir, args)
-        (workdir / f"result_{args.worker}.json").write_text(json.dumps(result))
-        return 0
+        return fw.run_worker(args, {"torch": worker_torch, "fxjax": worker_fxjax})
 
     name = "small" if args.small else "mid"
     if args.vocab:

@@ -90,10 +90,11 @@ def prepare_batch(completions: Sequence[str], targets: Sequence[Mapping[str, Any
 
 
 def _cpu_device():
+    # This process's own device: in a multi-process run jax.devices()[0] belongs to process 0.
     try:
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS without cpu: the default device then
-        return jax.devices()[0]
+        return jax.local_devices()[0]
 
 
 def relax_params(relaxation: str, eta: float, power: float) -> np.ndarray:

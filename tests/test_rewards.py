@@ -3,9 +3,7 @@ a plain-Python implementation on 1,000 random cases."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 
 import numpy as np
 import pytest
@@ -17,45 +15,16 @@ from rewards import RewardWeights, box_iou, continuous_weights, load_stage, scor
 from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
 from rewards.stages import CONFIG_PATH, load_config
 
-E = re.escape
+from reference_format import BOX_RE, GEN_FLAT_RE, GEN_RE, REAL_RE, VERDICT_RE, ref_box
 
 
 # ---- a plain-Python implementation of REFERENCE.md section 3 -------------------------------------
 
-GEN_RE = re.compile(r"<think>(" + E(REF_START) + r".*?" + E(REF_END) + r"\s*" + E(BOX_START) + r".*?" + E(BOX_END)
-                    + r".*?)+.*?<tag>.*?</tag>.*?</think>\s*<verdict>.*?</verdict>", re.DOTALL)
-# Under DOTALL, `(G)+.*?` accepts what `G.*?` accepts (G ends in a lazy `.*?` that can absorb later
-# repetitions), so whether the search succeeds is the same with one repetition; the nested form backtracks
-# exponentially on completions with many regions (seconds on the random cases below), so the reference
-# uses the flat one, and checks it against the literal one where that is cheap.
-GEN_FLAT_RE = re.compile(r"<think>" + E(REF_START) + r".*?" + E(REF_END) + r"\s*" + E(BOX_START) + r".*?"
-                         + E(BOX_END) + r".*?<tag>.*?</tag>.*?</think>\s*<verdict>.*?</verdict>", re.DOTALL)
-REAL_RE = re.compile(r"<think>.*?</think>\s*<verdict>.*?</verdict>", re.DOTALL)
-BOX_RE = re.compile(E(REF_START) + r".*?" + E(REF_END) + r"\s*" + E(BOX_START) + r"(.*?)" + E(BOX_END))
-VERDICT_RE = re.compile(r"<verdict>(.*?)</verdict>")
 STAGES = {  # the table in REFERENCE.md: base, w_iou, label +/-, format +/-
     "alpha": (0, 1.0, 1, -1, 2, -1),
     "beta": (0, 1.5, 2, -2, 1, -1),
     "gamma": (-1, 2.0, 0.5, -1, 0.5, -1),
 }
-
-
-def ref_box(raw):
-    try:
-        v = json.loads(raw)
-    except Exception:
-        return None
-    if isinstance(v, list) and len(v) == 2 and all(isinstance(p, list) and len(p) == 2 for p in v):
-        v = [v[0][0], v[0][1], v[1][0], v[1][1]]
-    if not (isinstance(v, list) and len(v) == 4):
-        return None
-    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
-        return None
-    try:
-        v = [float(x) for x in v]
-    except OverflowError:
-        return None
-    return v if all(math.isfinite(x) and abs(x) <= 1e7 for x in v) else None
 
 
 def ref_iou(a, b):

@@ -207,10 +207,11 @@ def _wait_all(procs, logs, until: str | None = None) -> list[int]:
                 time.sleep(0.05)
             for proc in procs:
                 os.killpg(proc.pid, signal.SIGKILL)
-        for proc in procs:
-            proc.wait(timeout=max(1.0, TIMEOUT - (time.time() - start)))
-    except subprocess.TimeoutExpired:
-        pass
+        # A process that fails leaves its peer blocked in a collective: stop waiting at the first failure.
+        while any(p.poll() is None for p in procs) and time.time() - start < TIMEOUT:
+            if any(p.poll() not in (None, 0) for p in procs) and until is None:
+                break
+            time.sleep(0.1)
     finally:
         for proc in procs:
             if proc.poll() is None:
