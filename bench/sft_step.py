@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-side", type=int, default=224, help="one image per sample, side in pixels")
     ap.add_argument("--text-tokens", type=int, default=256, help="non-image tokens per sample")
     ap.add_argument("--target-tokens", type=int, default=192, help="labelled (assistant) tokens per sample")
-    ap.add_argument("--loss-chunk", type=int, default=512, help="fxjax: supervised tokens per lm_head chunk")
+    ap.add_argument("--loss-chunk", type=int, default=48,
+                    help="fxjax: supervised tokens per lm_head chunk (on a CPU keep chunk x vocab x 4 bytes under 32 MB)")
     ap.add_argument("--remat", default="none", help="fxjax: remat policy of decoder layers / vision blocks")
     ap.add_argument("--cores", type=int, default=os.cpu_count())
     ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)

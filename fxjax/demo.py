@@ -50,7 +50,7 @@ DEMO = dict(
         "data": {"min_pixels": 3136, "max_pixels": 12544, "max_length": 384, "length_buckets": [384],
                  "batch_size": 8},
         "optim": {"learning_rate": 5.0e-3, "warmup_steps": 10, "max_grad_norm": 1.0, "schedule": "cosine"},
-        "train": {"loss_chunk": 512, "log_every": 5, "progress_bar": False},
+        "train": {"loss_chunk": 48, "log_every": 5, "progress_bar": False},  # see configs/sft.yaml
         "checkpoint": {"every": 100, "keep": 1},
         "eval": {"at_start": True, "at_end": True, "batch_size": 20, "max_examples": 60, "max_new_tokens": 224},
     },

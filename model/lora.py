@@ -161,8 +161,13 @@ class LoRAAdapter(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
             x = self.dropout(x)
-        h = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype))
-        return jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
+        # 2-D matmuls: the gradients of A and B then contract one [tokens] axis, a plain GEMM; with the
+        # leading [batch, length] axes kept, XLA:CPU contracted two axes at several times the cost.
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        h = jnp.dot(x2, self.lora_a[...].astype(self.dtype))
+        y = jnp.dot(h, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
+        return y.reshape(*lead, y.shape[-1])
 
 
 def linears(model: nnx.Module) -> Iterator[tuple[Path, Linear]]:
