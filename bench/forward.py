@@ -138,6 +138,17 @@ def time_calls(fns: dict, iters: int) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def warm_then_time(fns: dict, warmup: int, iters: int) -> tuple[dict, list[float]]:
+    """`time_calls` after 1 + warmup untimed calls of each fn; also the 1-min load average before and after."""
+    for fn in fns.values():
+        for _ in range(1 + warmup):
+            fn()
+    load = [os.getloadavg()[0]]
+    times = time_calls(fns, iters)
+    load.append(os.getloadavg()[0])
+    return times, load
+
+
 def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
@@ -187,12 +198,7 @@ def worker_torch(workdir: Path, args) -> dict:
                 return hf.lm_head(h.last_hidden_state)
 
         fns.update(vision=vision, decoder=decoder)
-    for fn in fns.values():
-        for _ in range(1 + args.warmup):
-            fn()
-    load = [os.getloadavg()[0]]
-    times = time_calls(fns, args.iters)
-    load.append(os.getloadavg()[0])
+    times, load = warm_then_time(fns, args.warmup, args.iters)
     return dict(times=times, first_s=first_s, load_s=load_s, loadavg=load,
                 version=f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
@@ -237,12 +243,7 @@ def worker_fxjax(workdir: Path, args) -> dict:
             return decoder_fn(model, x, dev.position_ids, dev.attention_mask).block_until_ready()
 
         fns.update(vision=vision, decoder=decoder)
-    for fn in fns.values():
-        for _ in range(1 + args.warmup):
-            fn()
-    load = [os.getloadavg()[0]]
-    times = time_calls(fns, args.iters)
-    load.append(os.getloadavg()[0])
+    times, load = warm_then_time(fns, args.warmup, args.iters)
     return dict(times=times, first_s=first_s, compile_s=first_s - min(times["forward"]["wall"]), load_s=load_s,
                 prep_s=prep_s, loadavg=load, version=f"jax {jax.__version__} ({jax.devices()[0].platform})")
 
@@ -278,8 +279,6 @@ def main(argv=None) -> int:
 
     if args.worker:
         return run_worker(args, {"torch": worker_torch, "fxjax": worker_fxjax})
-
-    import torch
 
     name = "small" if args.small else "mid"
     tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_")

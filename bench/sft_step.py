@@ -55,6 +55,21 @@ def _labels(input_ids: np.ndarray, targets: int) -> np.ndarray:
     return labels
 
 
+def time_steps(step, warmup: int, iters: int) -> tuple[float, float, list[float]]:
+    """(first step's loss, its seconds incl. any compile, seconds of each of `iters` steps after `warmup`)."""
+    t = time.perf_counter()
+    first_loss = step()
+    first = time.perf_counter() - t
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return first_loss, first, times
+
+
 def worker_torch(workdir: Path, args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -79,16 +94,7 @@ def worker_torch(workdir: Path, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    t = time.perf_counter()
-    first_loss = step()
-    first = time.perf_counter() - t
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.iters):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    first_loss, first, times = time_steps(step, args.warmup, args.iters)
     return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=_peak_rss_mb(),
                 trainable=sum(p.numel() for p in params), version=f"torch {torch.__version__}",
                 loadavg=list(os.getloadavg()))
@@ -128,16 +134,7 @@ def worker_fxjax(workdir: Path, args) -> dict:
         state, metrics = step_fn(state, base, rest, batch)
         return float(jax.block_until_ready(metrics["loss"]))
 
-    t = time.perf_counter()
-    first_loss = step()
-    first = time.perf_counter() - t
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.iters):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    first_loss, first, times = time_steps(step, args.warmup, args.iters)
     return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=_peak_rss_mb(), prep_s=prep,
                 trainable=sum(int(x.size) for x in jax.tree.leaves(params)), version=f"jax {jax.__version__}",
                 loadavg=list(os.getloadavg()))
