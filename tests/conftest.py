@@ -115,3 +115,13 @@ def hf_logits(hf_model, input_ids, attention_mask=None, pixel_values=None, image
     hf_model.model.rope_deltas = None  # HF caches rope deltas between calls; keep each call independent
     with torch.no_grad():
         return hf_model(**kwargs).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(request, tmp_path_factory) -> Path:
+    """The offline Qwen2.5-VL tokenizer, built once into pytest's cache (a temporary directory without it)."""
+    from fxjax.data.tokenizer import cached_qwen_tokenizer
+
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("fxjax_data")) if cache is not None else tmp_path_factory.mktemp("fxjax_data")
+    return cached_qwen_tokenizer(root)

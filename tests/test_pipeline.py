@@ -15,7 +15,6 @@ from fxjax.data.demo_data import make_demo_data
 from fxjax.data.pipeline import IGNORE_INDEX, DataConfig, DataPipeline, Dropped, ExampleBuilder, tokens_for
 from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES, pick_template, render_prompt
 from fxjax.data.records import DataError, load_records
-from fxjax.data.tokenizer import cached_qwen_tokenizer
 from fxjax.image_processing import model_input_size, process_image
 from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
 
@@ -26,13 +25,6 @@ FORMAT_CHECK = {  # the authors' format checks (REFERENCE.md section 2), searche
     "real": r"<think>.*?</think>\s*<verdict>.*?</verdict>",
 }
 IM_START, IM_END, PAD = 151644, 151645, 151643
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(request, tmp_path_factory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("fxjax_data")) if cache is not None else tmp_path_factory.mktemp("fxjax_data")
-    return cached_qwen_tokenizer(root)
 
 
 @pytest.fixture(scope="session")

@@ -27,16 +27,8 @@ import pytest
 import yaml
 
 from fxjax.data.demo_data import make_demo_data
-from fxjax.data.tokenizer import cached_qwen_tokenizer
 
 TIMEOUT = 240
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(request, tmp_path_factory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("fxjax_data")) if cache is not None else tmp_path_factory.mktemp("fxjax_data")
-    return cached_qwen_tokenizer(root)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import unicodedata
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,17 +12,6 @@ from hypothesis import strategies as st
 from fxjax.data import tokenizer as qtok
 from fxjax.data.prompts import QWEN_DEFAULT_SYSTEM, SYSTEM_PROMPT, USER_TEMPLATES, render_prompt
 from rewards.output_format import FORMAT_MARKERS
-
-
-def tokenizer_cache_root(request, tmp_path_factory) -> Path:
-    """pytest's cache (so the ~3 s build happens once across runs), or a temporary directory without it."""
-    cache = getattr(request.config, "cache", None)
-    return Path(cache.mkdir("fxjax_data")) if cache is not None else tmp_path_factory.mktemp("fxjax_data")
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(request, tmp_path_factory) -> Path:
-    return qtok.cached_qwen_tokenizer(tokenizer_cache_root(request, tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
