@@ -208,7 +208,7 @@ def worker_fxjax(workdir: Path, args) -> dict:
     from flax import nnx
 
     import fxjax
-    from model.qwen2_5_vl import _forward_logits
+    from fxjax.model.qwen2_5_vl import _forward_logits
 
     t0 = time.perf_counter()
     model = fxjax.from_pretrained(workdir / "ckpt", dtype="float32")

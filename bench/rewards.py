@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import rewards  # noqa: E402
-from rewards.scoring import relax_params  # noqa: E402
+from fxjax import rewards  # noqa: E402
+from fxjax.rewards.scoring import relax_params  # noqa: E402
 
 
 def make_batch(n_targets: int, group: int, n_boxes: int, seed: int = 0):

@@ -107,10 +107,10 @@ def worker_fxjax(workdir: Path, args) -> dict:
 
     import fxjax
     from fxjax.train_config import OptimSection
-    from model.lora import LoRAConfig, apply_lora
-    from train.batching import build_step_batch
-    from train.optimizer import make_optimizer
-    from train.step import RNG_IMPL, TrainState, make_train_step, split_model
+    from fxjax.model.lora import LoRAConfig, apply_lora
+    from fxjax.train.batching import build_step_batch
+    from fxjax.train.optimizer import make_optimizer
+    from fxjax.train.step import RNG_IMPL, TrainState, make_train_step, split_model
 
     data = dict(np.load(workdir / "batch.npz"))
     model = fxjax.from_pretrained(workdir / "ckpt", dtype="float32")

@@ -60,8 +60,8 @@ def tiny(param_dtype: str = "float32") -> list[dict]:
     from fxjax import sharding
     from fxjax.model_init import init_model
     from fxjax.presets import load_preset
-    from model import Qwen25VL
-    from model.lora import BASE_PARAMS
+    from fxjax.model import Qwen25VL
+    from fxjax.model.lora import BASE_PARAMS
 
     cfg = load_preset("tiny")
     rows = []
@@ -93,8 +93,8 @@ def abstract(preset: str = "7b", param_dtype: str = "bfloat16", compile_it: bool
 
     from fxjax import sharding
     from fxjax.presets import load_preset
-    from model import Qwen25VL
-    from model.lora import BASE_PARAMS
+    from fxjax.model import Qwen25VL
+    from fxjax.model.lora import BASE_PARAMS
 
     cfg = load_preset(preset)
 

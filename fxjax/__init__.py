@@ -16,7 +16,7 @@ from fxjax.hf_checkpoint import from_pretrained, save_pretrained
 from fxjax.image_processing import process_image
 from fxjax.peft_io import load_peft_adapter, save_peft_adapter
 from fxjax.sharding import MeshConfig, make_mesh
-from model.lora import LoRAConfig, apply_lora, lora_disabled
+from fxjax.model.lora import LoRAConfig, apply_lora, lora_disabled
 
 __all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "lora_disabled",
            "load_peft_adapter", "save_peft_adapter", "MeshConfig", "make_mesh"]

@@ -74,7 +74,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from fxjax import distributed
 
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
-    from train.sft import NonFiniteError, run_sft
+    from fxjax.train.sft import NonFiniteError, run_sft
 
     try:
         result = run_sft(cfg)

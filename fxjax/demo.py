@@ -134,7 +134,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     _say(f"[3/5] LoRA SFT: {steps} steps (config written to {out / 'sft.yaml'}; rerun it with "
          f"`fxjax sft --config {out / 'sft.yaml'}`)")
 
-    from train.sft import run_sft
+    from fxjax.train.sft import run_sft
 
     result = run_sft(cfg, log=lambda text: _say("      " + text))
     if result.preempted:

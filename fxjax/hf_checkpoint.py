@@ -25,9 +25,9 @@ from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.hf_params import canonical_name, hf_name, is_ignored, param_path, to_fxjax, to_hf, transformers_name
 from fxjax.peft_io import attach_lora
 from fxjax.sharding import barrier, gather, placer, shard_model
-from model import Qwen25VL, Qwen25VLConfig
-from model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
-from model.qwen2_5_vl import as_dtype
+from fxjax.model import Qwen25VL, Qwen25VLConfig
+from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
+from fxjax.model.qwen2_5_vl import as_dtype
 
 # Files a checkpoint directory carries besides weights and config: copied on export so the output serves.
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",

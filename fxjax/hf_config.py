@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.config import Qwen25VLConfig, TextConfig, VisionConfig
+from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from model.hf_names import canonical_name, hf_name, transformers_name  # noqa: F401  (re-exported)
+from fxjax.model.hf_names import canonical_name, hf_name, transformers_name  # noqa: F401  (re-exported)
 
 Path = tuple[str | int, ...]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flax import nnx
 
 from fxjax.presets import load_preset
-from model import Qwen25VL, Qwen25VLConfig
-from model.lora import BASE_PARAMS, LORA_PARAMS
+from fxjax.model import Qwen25VL, Qwen25VLConfig
+from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 
 
 def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "float32",

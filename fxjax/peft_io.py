@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fxjax.sharding import barrier, gather
-from model.hf_names import HUB, TRANSFORMERS, module_name
-from model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linears, lora_linears, pattern_key,
+from fxjax.model.hf_names import HUB, TRANSFORMERS, module_name
+from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linears, lora_linears, pattern_key,
                         target_matches)
 
 ADAPTER_CONFIG = "adapter_config.json"

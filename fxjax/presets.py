@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from model.config import Qwen25VLConfig, TextConfig, VisionConfig
+from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRESET_DIR = CONFIG_DIR / "models"

@@ -32,7 +32,7 @@ def run_selfcheck(workdir: Path | None = None) -> int:
     from fxjax import from_pretrained, process_image, save_pretrained
     from fxjax.hf_checkpoint import iter_tensors, weight_files
     from fxjax.model_init import init_model, parameter_counts
-    from model.generate import greedy_generate
+    from fxjax.model.generate import greedy_generate
 
     tmp = None
     if workdir is None:

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import dot_product_attention
-from model.config import TextConfig
-from model.kv_cache import KVCache, write
-from model.layers import GatedMLP, Linear, RMSNorm
-from model.rope import apply_rotary, mrope
+from .attention import dot_product_attention
+from .config import TextConfig
+from .kv_cache import KVCache, write
+from .layers import GatedMLP, Linear, RMSNorm
+from .rope import apply_rotary, mrope
 
 
 class DecoderAttention(nnx.Module):

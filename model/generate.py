@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.inputs import ModelInputs
-from model.kv_cache import KVCache
+from .inputs import ModelInputs
+from .kv_cache import KVCache
 
 
 class GenerateOutput(NamedTuple):

@@ -6,10 +6,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from model.config import Qwen25VLConfig
-from model.rope import rope_index
-from model.vision import VisionInputs
-from model.vision_layout import vision_layout
+from .config import Qwen25VLConfig
+from .rope import rope_index
+from .vision import VisionInputs
+from .vision_layout import vision_layout
 
 
 class ModelInputs(NamedTuple):

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.hf_names import TRANSFORMERS, Path, module_name
-from model.layers import Linear
+from .hf_names import TRANSFORMERS, Path, module_name
+from .layers import Linear
 
 # The frozen base weights and the trainable LoRA weights. Use these filters everywhere.
 LORA_PARAMS = nnx.LoRAParam

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import Qwen25VLConfig
-from model.decoder import TextDecoder
-from model.inputs import ModelInputs, prepare_inputs
-from model.kv_cache import KVCache
-from model.layers import Embedding, Linear
-from model.vision import VisionEncoder
+from .config import Qwen25VLConfig
+from .decoder import TextDecoder
+from .inputs import ModelInputs, prepare_inputs
+from .kv_cache import KVCache
+from .layers import Embedding, Linear
+from .vision import VisionEncoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

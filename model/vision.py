@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import dot_product_attention
-from model.config import VisionConfig
-from model.layers import GatedMLP, Linear, RMSNorm
-from model.rope import apply_rotary, vision_rotary
+from .attention import dot_product_attention
+from .config import VisionConfig
+from .layers import GatedMLP, Linear, RMSNorm
+from .rope import apply_rotary, vision_rotary
 
 
 class VisionInputs(NamedTuple):

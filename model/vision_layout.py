@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.config import VisionConfig
+from .config import VisionConfig
 
 # Window-count buckets: powers of two and 1.5x steps between them bound padding to 50 %.
 _BUCKET_BASES = (1, 1.5)

@@ -1,6 +1,6 @@
 """Rewards for GRPO on grounded AI-generated-image detection (REFERENCE.md sections 2 and 3).
 
-    import rewards
+    from fxjax import rewards
     out = rewards.score(completions, targets, stage="alpha")   # numpy arrays keyed total/format/label/iou
 
 Parsing stays on the host (output_format); the numbers are one jitted, vectorised function (reward_math).

@@ -8,7 +8,7 @@ import json
 import math
 import re
 
-from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+from fxjax.rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
 
 E = re.escape
 GEN_RE = re.compile(r"<think>(" + E(REF_START) + r".*?" + E(REF_END) + r"\s*" + E(BOX_START) + r".*?" + E(BOX_END)

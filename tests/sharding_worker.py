@@ -85,7 +85,7 @@ def _functions():
     from flax import nnx
 
     from fxjax import sharding
-    from model.lora import LORA_PARAMS
+    from fxjax.model.lora import LORA_PARAMS
 
     def loss_fn(model, inputs, targets, weights):
         hidden, _ = model.hidden_states(inputs)
@@ -117,7 +117,7 @@ def _set_lora_b(model):
     import jax.numpy as jnp
 
     from fxjax import sharding
-    from model.lora import lora_linears
+    from fxjax.model.lora import lora_linears
 
     rng = np.random.RandomState(7)
     for _, linear in lora_linears(model):
@@ -146,7 +146,7 @@ def shard_report(model, mesh) -> dict:
     from flax import nnx
 
     from fxjax import sharding
-    from model.lora import BASE_PARAMS, LORA_PARAMS
+    from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 
     sizes = sharding.axis_sizes(mesh)
     specs = dict(nnx.to_flat_state(sharding.partition_specs(model, mesh)))
@@ -201,7 +201,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
 
     import fxjax
     from fxjax import sharding
-    from model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig
+    from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig
 
     assert jax.device_count() == 8, jax.devices()
     forward, train_step = _functions()
@@ -250,7 +250,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
             sharding_drift=drift, logits_sharding=got["logits_sharding"], **report)
         if shape == (2, 2, 2):  # export from the sharded model: one tensor gathered at a time
             export = out.parent / "export_222"
-            from model.lora import remove_lora
+            from fxjax.model.lora import remove_lora
             remove_lora(model)
             fxjax.save_pretrained(model, export)
             entry["export_mismatch"] = _compare_checkpoints(checkpoint, export)
@@ -269,7 +269,7 @@ def check_sharded_init(checkpoint: Path) -> dict:
 
     from fxjax import sharding
     from fxjax.hf_config import load_config
-    from model import Qwen25VL
+    from fxjax.model import Qwen25VL
 
     cfg, _ = load_config(Path(checkpoint))
     out = {}
@@ -315,7 +315,7 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     cfg = distributed.initialize()  # everything from the FXJAX_* environment variables
     import fxjax
     from fxjax import sharding
-    from model.lora import BASE_PARAMS
+    from fxjax.model.lora import BASE_PARAMS
 
     forward, _ = _functions()
     rank = jax.process_index()

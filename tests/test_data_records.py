@@ -13,7 +13,7 @@ from PIL import Image
 from fxjax.data.prompts import (QWEN_DEFAULT_SYSTEM, SYSTEM_PROMPT, USER_TEMPLATES, pick_template, prompt_parts,
                                 record_prompt, render_prompt, render_target)
 from fxjax.data.records import DataError, load_records, resolve_image_path
-from rewards.output_format import render_completion
+from fxjax.rewards.output_format import render_completion
 
 W, H = 64, 48
 

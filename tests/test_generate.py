@@ -13,7 +13,7 @@ from conftest import TINY_TOKENS, build_hf_model, image_prompt, mm_token_type_id
 torch = pytest.importorskip("torch")
 
 import fxjax  # noqa: E402
-from model.generate import (  # noqa: E402
+from fxjax.model.generate import (  # noqa: E402
     decode_loop_jit,
     decode_step,
     generate,

@@ -14,7 +14,7 @@ from conftest import build_hf_model, image_prompt, rel_err
 from flax import nnx
 
 import fxjax
-from model.lora import (BASE_PARAMS, LORA_PARAMS, LoRAConfig, apply_lora, lora_disabled, lora_linears,
+from fxjax.model.lora import (BASE_PARAMS, LORA_PARAMS, LoRAConfig, apply_lora, lora_disabled, lora_linears,
                         merged_kernel, remove_lora)
 
 

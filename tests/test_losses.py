@@ -9,13 +9,13 @@ import pytest
 from flax import nnx
 
 from conftest import TINY_TOKENS, image_prompt
-from model import Qwen25VL
-from model.config import Qwen25VLConfig, TextConfig, VisionConfig
-from model.lora import LORA_PARAMS, LoRAConfig, apply_lora
-from train.batching import build_step_batch
-from train.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_sum, loss_targets, reference_cross_entropy
-from train.optimizer import make_optimizer
-from train.step import TrainState, make_train_step, micro_loss, split_model
+from fxjax.model import Qwen25VL
+from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
+from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
+from fxjax.train.batching import build_step_batch
+from fxjax.train.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_sum, loss_targets, reference_cross_entropy
+from fxjax.train.optimizer import make_optimizer
+from fxjax.train.step import TrainState, make_train_step, micro_loss, split_model
 from fxjax.train_config import OptimSection
 
 

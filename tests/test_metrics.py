@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from train.metrics import MetricsLogger, ProgressBar
+from fxjax.train.metrics import MetricsLogger, ProgressBar
 
 
 def read_events(directory) -> list[tuple[str, int, float]]:

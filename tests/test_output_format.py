@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rewards import output_format as of
-from rewards import parse_box, parse_completion, render_completion, render_scaled_completion, scale_boxes
-from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+from fxjax.rewards import output_format as of
+from fxjax.rewards import parse_box, parse_completion, render_completion, render_scaled_completion, scale_boxes
+from fxjax.rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
 
 from reference_format import BOX_RE, GEN_RE, REAL_RE, REGION_RE, TAG_RE, THINK_RE, VERDICT_RE, ref_box
 

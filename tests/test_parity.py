@@ -19,9 +19,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.vision_utils import get_vision_window_index
 
 import fxjax
-from model.rope import apply_rotary, mrope
-from model.vision import VisionInputs
-from model.vision_layout import vision_layout
+from fxjax.model.rope import apply_rotary, mrope
+from fxjax.model.vision import VisionInputs
+from fxjax.model.vision_layout import vision_layout
 
 TOL = 1e-5
 PAD = 0  # pad_token_id of the tiny configs

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 import fxjax
 from fxjax.hf_checkpoint import weight_files
 from fxjax.peft_io import AdapterError, load_peft_adapter
-from model.lora import LORA_PARAMS, LoRAConfig, lora_linears
+from fxjax.model.lora import LORA_PARAMS, LoRAConfig, lora_linears
 
 TOL = 1e-5
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"

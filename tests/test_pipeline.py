@@ -16,7 +16,7 @@ from fxjax.data.pipeline import IGNORE_INDEX, DataConfig, DataPipeline, Dropped,
 from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES, pick_template, render_prompt
 from fxjax.data.records import DataError, load_records
 from fxjax.image_processing import model_input_size, process_image
-from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+from fxjax.rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # at most 16 image tokens
 _R, _RE, _B, _BE = (re.escape(m) for m in (REF_START, REF_END, BOX_START, BOX_END))
@@ -70,7 +70,7 @@ def assistant_start(ids) -> int:
 
 def test_examples_are_hf_shaped_with_the_assistant_span_labelled(demo, tokenizer_dir, records):
     from fxjax.presets import load_preset
-    from model.inputs import prepare_inputs
+    from fxjax.model.inputs import prepare_inputs
 
     cfg = make_cfg(demo, tokenizer_dir, shuffle=False, num_epochs=1, batch_size=3)
     tok = tokens_for(cfg.tokenizer).tok

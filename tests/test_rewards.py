@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import rewards
-from rewards import RewardWeights, box_iou, continuous_weights, load_stage, score
-from rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
-from rewards.stages import CONFIG_PATH, load_config
+from fxjax import rewards
+from fxjax.rewards import RewardWeights, box_iou, continuous_weights, load_stage, score
+from fxjax.rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+from fxjax.rewards.stages import CONFIG_PATH, load_config
 
 from reference_format import BOX_RE, GEN_FLAT_RE, GEN_RE, REAL_RE, VERDICT_RE, ref_box
 

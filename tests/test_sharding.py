@@ -28,8 +28,8 @@ import sharding_worker as worker
 from fxjax import distributed, sharding
 from fxjax.presets import load_preset
 from fxjax.sharding import MeshConfig, ShardingError
-from model import Qwen25VL
-from model.lora import LoRAConfig, apply_lora
+from fxjax.model import Qwen25VL
+from fxjax.model.lora import LoRAConfig, apply_lora
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fxjax.data import tokenizer as qtok
 from fxjax.data.prompts import QWEN_DEFAULT_SYSTEM, SYSTEM_PROMPT, USER_TEMPLATES, render_prompt
-from rewards.output_format import FORMAT_MARKERS
+from fxjax.rewards.output_format import FORMAT_MARKERS
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from model.inputs import ModelInputs, prepare_inputs
-from model.vision import VisionInputs
-from model.vision_layout import bucket
-from train.losses import IGNORE_INDEX, LossTargets, loss_targets
+from fxjax.model.inputs import ModelInputs, prepare_inputs
+from fxjax.model.vision import VisionInputs
+from fxjax.model.vision_layout import bucket
+from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
 __all__ = ["StepBatch", "batch_shardings", "build_step_batch", "grow_floor", "pad_rows", "pad_vision_inputs", "place_batch", "shape_of"]
 

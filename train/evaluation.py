@@ -20,14 +20,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-import rewards
+from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
-from model.generate import generate_device
-from model.lora import BASE_PARAMS, LORA_PARAMS
-from train.batching import (batch_shardings, build_step_batch, grow_floor, pad_rows, pad_vision_inputs,
+from fxjax.model.generate import generate_device
+from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
+from fxjax.train.batching import (batch_shardings, build_step_batch, grow_floor, pad_rows, pad_vision_inputs,
                             place_batch)
-from train.step import make_eval_loss
+from fxjax.train.step import make_eval_loss
 
 __all__ = ["EvalResult", "Evaluator"]
 

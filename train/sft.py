@@ -88,7 +88,7 @@ def build_model(cfg: SFTConfig, mesh):
     from fxjax.model_init import init_model
     from fxjax.peft_io import load_peft_adapter
     from fxjax.sharding import shard_model
-    from model.lora import LoRAConfig, apply_lora
+    from fxjax.model.lora import LoRAConfig, apply_lora
 
     m = cfg.model
     param_dtype = m.param_dtype or m.dtype
@@ -180,13 +180,13 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
     from fxjax.sharding import MeshConfig, make_mesh, param_shardings, put
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-    from train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
-    from train.checkpointing import TrainCheckpointer
-    from train.evaluation import Evaluator
-    from train.export import save_adapter, save_merged
-    from train.metrics import MetricsLogger, ProgressBar
-    from train.optimizer import make_optimizer
-    from train.step import RNG_IMPL, TrainState, make_train_step, split_model
+    from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
+    from fxjax.train.checkpointing import TrainCheckpointer
+    from fxjax.train.evaluation import Evaluator
+    from fxjax.train.export import save_adapter, save_merged
+    from fxjax.train.metrics import MetricsLogger, ProgressBar
+    from fxjax.train.optimizer import make_optimizer
+    from fxjax.train.step import RNG_IMPL, TrainState, make_train_step, split_model
 
     started = time.perf_counter()
     dist = cfg.distributed

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from model.lora import BASE_PARAMS, LORA_PARAMS
-from train.batching import StepBatch
-from train.losses import LossTargets, chunked_cross_entropy
-from train.remat import with_remat
+from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
+from fxjax.train.batching import StepBatch
+from fxjax.train.losses import LossTargets, chunked_cross_entropy
+from fxjax.train.remat import with_remat
 
 RNG_IMPL = "rbg"  # cheap to compile (XLA RngBitGenerator); deterministic on a given platform
 

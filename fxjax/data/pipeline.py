@@ -45,7 +45,7 @@ from fxjax.data.records import (DEFAULT_MAX_IMAGE_PIXELS, DataError, LoadReport,
                                 open_image)
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.image_processing import model_input_size, process_image
-from rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
+from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
                                    THINK_START, VERDICT_END, VERDICT_START)
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
+from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
                                    THINK_START, VERDICT_END, VERDICT_START, format_box, render_completion)
 
 from fxjax.data.records import SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, Record

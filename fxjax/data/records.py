@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image, ImageOps
 
 from fxjax.image_processing import MAX_ASPECT_RATIO
-from rewards.output_format import (BOX_END, BOX_START, FORMAT_MARKERS, LABELS, REF_END, REF_START, VERDICT_END,
+from fxjax.rewards.output_format import (BOX_END, BOX_START, FORMAT_MARKERS, LABELS, REF_END, REF_START, VERDICT_END,
                                    VERDICT_START)
 
 __all__ = [

@@ -22,7 +22,7 @@ import base64
 import json
 from pathlib import Path
 
-from rewards.output_format import FORMAT_MARKERS
+from fxjax.rewards.output_format import FORMAT_MARKERS
 
 __all__ = [
     "CHAT_TEMPLATE",
