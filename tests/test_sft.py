@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import free_port
 
 from fxjax.data.demo_data import make_demo_data
 
@@ -58,7 +58,7 @@ def setup(tokenizer_dir, tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1")
-    for key in ("XLA_FLAGS", "FXJAX_TEST_PAUSE_AFTER_STEP", "FXJAX_TEST_SLOW_SAVE_STEP"):
+    for key in ("XLA_FLAGS", "FXJAX_FAULT"):
         env.pop(key, None)
     return dict(root=root, config=path, env=env, files=files, model=model_dir)
 
@@ -120,14 +120,14 @@ def interrupted(setup):
     """2 steps, SIGKILL; resume, SIGTERM after 3; resume, SIGKILL while saving 4; resume to the end."""
     ckpt = setup["root"] / "chain" / "ckpt"
     out = {}
-    code, log = sft(setup, "chain", env={"FXJAX_TEST_PAUSE_AFTER_STEP": "2"},
-                    until="fxjax-test: paused after step 2", then=signal.SIGKILL)
+    code, log = sft(setup, "chain", env={"FXJAX_FAULT": "after_step@2"},
+                    until="fxjax-fault: paused at after_step@2", then=signal.SIGKILL)
     out["killed"] = (code, committed_steps(ckpt))
-    code, log = sft(setup, "chain", env={"FXJAX_TEST_PAUSE_AFTER_STEP": "3"},
-                    until="fxjax-test: paused after step 3", then=signal.SIGTERM)
+    code, log = sft(setup, "chain", env={"FXJAX_FAULT": "after_step@3"},
+                    until="fxjax-fault: paused at after_step@3", then=signal.SIGTERM)
     out["sigterm"] = (code, log, committed_steps(ckpt))
-    code, log = sft(setup, "chain", env={"FXJAX_TEST_SLOW_SAVE_STEP": "4"},
-                    until="fxjax-test: slow save of step 4", then=signal.SIGKILL)
+    code, log = sft(setup, "chain", env={"FXJAX_FAULT": "save@4"},
+                    until="fxjax-fault: paused at save@4", then=signal.SIGKILL)
     out["killed_in_save"] = (code, committed_steps(ckpt), sorted(p.name for p in ckpt.iterdir()))
     code, log = sft(setup, "chain")
     out["final"] = (code, log)
@@ -165,15 +165,9 @@ def test_resumed_run_is_bitwise_equal_to_the_straight_run(straight, interrupted)
     assert any(np.abs(v).max() > 0 for k, v in straight.items() if "lora_B" in k)  # it did train
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _launch_two(setup, name: str, env=None) -> tuple[list[subprocess.Popen], list[Path]]:
     root = setup["root"]
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for rank in range(2):
         penv = {**setup["env"], **(env or {}), "FXJAX_COORDINATOR": f"localhost:{port}", "FXJAX_NUM_PROCESSES": "2",
@@ -216,8 +210,8 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     """2 processes x 1 device: SIGKILL both after the checkpoint of step 2, resume both, finish, evaluate:
     the LoRA parameters and the held-out evaluation equal the single-process straight run's."""
     root = setup["root"]
-    procs, logs = _launch_two(setup, "multi", env={"FXJAX_TEST_PAUSE_AFTER_STEP": "2"})
-    assert _wait_all(procs, logs, until="fxjax-test: paused after step 2") == [-signal.SIGKILL] * 2
+    procs, logs = _launch_two(setup, "multi", env={"FXJAX_FAULT": "after_step@2"})
+    assert _wait_all(procs, logs, until="fxjax-fault: paused at after_step@2") == [-signal.SIGKILL] * 2
     assert committed_steps(root / "multi" / "ckpt") == [2]
     procs, logs = _launch_two(setup, "multi")
     codes = _wait_all(procs, logs)

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,14 +25,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fxjax.train import faults
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainCheckpointer", "flatten_tree", "unflatten_tree"]
 
-# Test hooks (environment): make the save of one step hang inside its background write, so a test can
-# SIGKILL the process while that checkpoint is half written.
-_SLOW_SAVE_STEP = "FXJAX_TEST_SLOW_SAVE_STEP"
-_SLOW_SAVE_SECONDS = "FXJAX_TEST_SLOW_SAVE_SECONDS"
 
 
 def _key_name(entry) -> str:
@@ -70,18 +65,13 @@ def unflatten_tree(template, flat: Mapping[str, Any]):
 
 
 class _DataStateHandler(ocp.JsonCheckpointHandler):
-    """JSON handler for the iterator state, with the slow-save test hook."""
+    """JSON handler for the iterator state; the `save` fault point (train.faults) sits in its write."""
 
     def __init__(self, filename: str):
         super().__init__(filename)
 
     async def _save_fn(self, x, directory):
-        slow = os.environ.get(_SLOW_SAVE_STEP)
-        if slow is not None and int(slow) == int(x.get("step", -1)):
-            seconds = float(os.environ.get(_SLOW_SAVE_SECONDS, "600"))
-            print(f"fxjax-test: slow save of step {x['step']} in progress ({directory})", file=sys.stderr,
-                  flush=True)
-            time.sleep(seconds)
+        faults.point("save", int(x.get("step", -1)))  # a crash here leaves this checkpoint half written
         await super()._save_fn(x, directory)
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,18 +24,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from flax import nnx
 
+from fxjax import distributed
+from fxjax.data.pipeline import DataConfig, DataPipeline
+from fxjax.sharding import MeshConfig, make_mesh
+from fxjax.train import faults
+from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
+from fxjax.train.checkpointing import TrainCheckpointer
+from fxjax.train.evaluation import Evaluator
+from fxjax.train.export import save_adapter, save_merged
+from fxjax.train.metrics import MetricsLogger, ProgressBar
+from fxjax.train.optimizer import make_optimizer
+from fxjax.train.preemption import PreemptionSignals
+from fxjax.train.run_setup import build_model, init_state, restore_latest
+from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import ConfigError, SFTConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteError", "SFTResult", "build_model", "data_config", "run_sft"]
-
-# Test hook: after the checkpoint of this step is committed, print a marker and wait to be killed.
-_PAUSE_AFTER_STEP = "FXJAX_TEST_PAUSE_AFTER_STEP"
-
 
 class NonFiniteError(RuntimeError):
     """A step produced a NaN/inf loss or gradient (train.on_nonfinite = "stop")."""
@@ -69,10 +75,8 @@ class SFTResult:
 
 # ---- set-up ----------------------------------------------------------------------------------------
 
-def data_config(cfg: SFTConfig):
+def data_config(cfg: SFTConfig) -> DataConfig:
     """The training DataConfig: every process reads the same global batches (one shard)."""
-    from fxjax.data.pipeline import DataConfig
-
     d = cfg.data
     return DataConfig(data_files=d.train_files, tokenizer=cfg.tokenizer, root=d.root, format=d.format,
                       on_error=d.on_error, check_decode=d.check_decode, min_pixels=d.min_pixels,
@@ -83,71 +87,11 @@ def data_config(cfg: SFTConfig):
                       prefetch_buffer_size=d.prefetch_buffer_size, shard_index=0, shard_count=1)
 
 
-def build_model(cfg: SFTConfig, mesh):
-    """The base model (HF checkpoint or random preset) on the mesh, with LoRA adapters attached and placed."""
-    from fxjax.model_init import init_model
-    from fxjax.peft_io import load_peft_adapter
-    from fxjax.sharding import shard_model
-    from fxjax.model.lora import LoRAConfig, apply_lora
-
-    m = cfg.model
-    param_dtype = m.param_dtype or m.dtype
-    if m.path is not None:
-        from fxjax.hf_checkpoint import from_pretrained
-
-        model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh)
-    else:
-        model = init_model(m.preset, seed=m.init_seed, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh)
-    rngs = nnx.Rngs(params=cfg.lora.init_seed, dropout=cfg.lora.init_seed)
-    if m.adapter is not None:
-        load_peft_adapter(model, m.adapter, rngs=rngs)
-    else:
-        lc = cfg.lora
-        apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, use_rslora=lc.use_rslora,
-                                     target_modules=lc.target_modules, exclude_modules=lc.exclude_modules),
-                   rngs=rngs)
-    shard_model(model, mesh)  # LoRA parameters by the rules; dropout RNG streams replicated
-    return model
-
-
 def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:
     if cfg.train.steps is not None:
         return int(cfg.train.steps)
     per_step = cfg.data.batch_size * cfg.optim.grad_accum
     return max(1, math.ceil(cfg.train.epochs * records_per_epoch / per_step))
-
-
-class _Signals:
-    """SIGTERM/SIGINT set a flag the loop checks between steps (all processes agree on it)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
-
-    def stop_requested(self) -> bool:
-        flag = self.received is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-        return flag
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _check_resume_config(saved: dict, cfg: SFTConfig, log: Callable[[str], None]) -> None:
@@ -159,35 +103,10 @@ def _check_resume_config(saved: dict, cfg: SFTConfig, log: Callable[[str], None]
             log(f"warning: resuming with a different {section} config than the checkpoint's ({', '.join(changed)})")
 
 
-def _place(sharding, subtree):
-    """Put every array of `subtree` on `sharding` (already-placed arrays are left alone)."""
-    from fxjax.sharding import put
-
-    def one(x):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        return put(np.asarray(jax.device_get(x)), sharding)
-
-    return jax.tree.map(one, subtree)
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 
 def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTResult:
     """Run (or resume) LoRA SFT as configured. See the module docstring."""
-    from fxjax import distributed
-    from fxjax.data.pipeline import DataPipeline
-    from fxjax.sharding import MeshConfig, make_mesh, param_shardings, put
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-    from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
-    from fxjax.train.checkpointing import TrainCheckpointer
-    from fxjax.train.evaluation import Evaluator
-    from fxjax.train.export import save_adapter, save_merged
-    from fxjax.train.metrics import MetricsLogger, ProgressBar
-    from fxjax.train.optimizer import make_optimizer
-    from fxjax.train.step import RNG_IMPL, TrainState, make_train_step, split_model
-
     started = time.perf_counter()
     dist = cfg.distributed
     distributed.initialize({k: v for k, v in vars(dist).items() if v is not None})
@@ -213,25 +132,17 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
         f"{steps_total} steps of {cfg.data.batch_size} x {cfg.optim.grad_accum} examples")
 
     tx, schedule = make_optimizer(cfg.optim, steps_total)
-    replicated = NamedSharding(mesh, P())
-    params_sh = param_shardings(params, mesh)
-    base_sh = param_shardings(base, mesh)
-    rest_sh = jax.tree.map(lambda _: replicated, rest)
-    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-    state_sh = TrainState(replicated, params_sh, jax.tree.map(lambda _: replicated, opt_state), replicated)
-    rng = jax.random.key_data(jax.random.key(cfg.train.seed, impl=RNG_IMPL))
-    state = TrainState(put(np.zeros((), np.int32), replicated), params, opt_state, put(np.asarray(rng), replicated))
-    state = jax.tree.map(_place, state_sh, state)
+    state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
 
     ckpt_dir = cfg.checkpoint_dir
     checkpointer = TrainCheckpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     iterator = iter(pipeline)
     result = SFTResult(steps=0, total_steps=steps_total, checkpoint_dir=str(ckpt_dir))
     floor: dict[str, int] = {}  # running max of the padded batch shapes (see train.batching)
-    latest = checkpointer.latest_step() if cfg.checkpoint.resume else None
-    if latest is not None:
-        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, data_state, saved_cfg, latest = checkpointer.restore(template, latest)
+    restored = restore_latest(checkpointer, state, say) if cfg.checkpoint.resume else None
+    latest = None
+    if restored is not None:
+        state, data_state, saved_cfg, latest = restored
         iterator.set_state(data_state["iterator"])
         floor = dict(data_state.get("shape_floor", {}))
         _check_resume_config(saved_cfg, cfg, say)
@@ -264,10 +175,9 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
     batch_sh = None
     skipped = 0
     last_saved = latest
-    pause_after = os.environ.get(_PAUSE_AFTER_STEP)
     bar = ProgressBar(steps_total, step_now, enabled=main and cfg.train.progress_bar)
     try:
-        with _Signals() as signals:
+        with PreemptionSignals() as signals:
             if evaluator is not None and cfg.eval.at_start and latest is None:
                 evaluate("start")
             while step_now < steps_total:
@@ -280,8 +190,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
                     batch_sh = batch_shardings(batch, mesh, cfg.data.batch_size % n_batch_devices == 0)
                     step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
                                               remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
-                                              state_shardings=state_sh, base_shardings=base_sh,
-                                              rest_shardings=rest_sh, batch_shardings=batch_sh)
+                                              state_shardings=shardings.state, base_shardings=shardings.base,
+                                              rest_shardings=shardings.rest, batch_shardings=batch_sh)
                 tokens = int(batch.inputs.attention_mask.sum())
                 placed = place_batch(batch, batch_sh)
                 state, out = step_fn(state, base, rest, placed)
@@ -310,11 +220,9 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
                 if evaluator is not None and cfg.eval.every and step_now % cfg.eval.every == 0 \
                         and step_now != steps_total:
                     evaluate("periodic")
-                if pause_after is not None and step_now == int(pause_after):
+                if faults.armed("after_step", step_now):
                     checkpointer.wait()
-                    print(f"fxjax-test: paused after step {step_now}", file=sys.stderr, flush=True)
-                    while signals.received is None:  # until killed, or a SIGTERM ends the pause
-                        time.sleep(0.1)
+                    faults.point("after_step", step_now, signals.local_stop)
                 if signals.stop_requested():
                     if last_saved != step_now:
                         save(step_now)

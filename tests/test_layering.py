@@ -1,0 +1,149 @@
+"""Imports point one way: model, rewards -> fxjax core -> train -> the app layer (CLI, demo, commands).
+
+Every import statement in the installed packages (function-local ones included, relative ones resolved)
+is checked against the layer table below; a test also proves the checker catches a violation.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Folder in the repository -> the import package it installs as (pyproject's package-dir mapping).
+PACKAGE_DIRS = {"fxjax": "fxjax", "model": "fxjax.model", "train": "fxjax.train", "rewards": "fxjax.rewards"}
+
+# Layer of a module: the longest matching prefix wins; anything else under fxjax is the core.
+LAYER_OF_PREFIX = {
+    "fxjax.model": "model",
+    "fxjax.rewards": "rewards",
+    "fxjax.train": "train",
+    "fxjax.cli": "app",
+    "fxjax.demo": "app",
+    "fxjax.selfcheck": "app",
+    "fxjax.commands": "app",
+    "fxjax": "core",
+}
+
+# What each layer may import (of ours).
+ALLOWED = {
+    "model": {"model"},
+    "rewards": {"rewards"},
+    "core": {"model", "rewards", "core"},
+    "train": {"model", "rewards", "core", "train"},
+    "app": {"model", "rewards", "core", "train", "app"},
+}
+
+
+def layer_of(module: str) -> str | None:
+    if module != "fxjax" and not module.startswith("fxjax."):
+        return None
+    best = max((p for p in LAYER_OF_PREFIX if module == p or module.startswith(p + ".")), key=len)
+    return LAYER_OF_PREFIX[best]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    package = PACKAGE_DIRS[rel.parts[0]]
+    parts = [package] + list(rel.parts[1:])
+    parts[-1] = parts[-1][:-3]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in `source`, relative imports resolved."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            # `from fxjax import train` imports the sub-package fxjax.train.
+            out += [(node.lineno, f"{target}.{alias.name}") for alias in node.names]
+            out.append((node.lineno, target))
+    return out
+
+
+def violations(files) -> list[str]:
+    found = []
+    for path in files:
+        module = module_name(path)
+        source_layer = layer_of(module)
+        for line, target in imported_modules(path.read_text(), module, path.name == "__init__.py"):
+            # Bare top-level names that an installed fxjax never provides: the old, shadowable imports.
+            if target.split(".")[0] in ("model", "train", "rewards"):
+                found.append(f"{path.relative_to(ROOT)}:{line}: imports {target!r} (use fxjax.{target})")
+                continue
+            target_layer = layer_of(target)
+            if target_layer is None:
+                continue
+            # `from fxjax import x` where x is not a module resolves to fxjax itself (core).
+            if target_layer not in ALLOWED[source_layer]:
+                found.append(f"{path.relative_to(ROOT)}:{line}: {module} ({source_layer}) imports {target} "
+                             f"({target_layer})")
+    return found
+
+
+def package_files():
+    for folder in PACKAGE_DIRS:
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_imports_point_one_way():
+    bad = violations(package_files())
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_checker_catches_a_core_module_importing_train():
+    # Fake sources parsed as if they were those modules (nothing is written into the repository).
+    source = "def f():\n    from fxjax.train.sft import run_sft\n"
+    found = [t for _, t in imported_modules(source, "fxjax.sharding", False)]
+    assert "fxjax.train.sft" in found
+    assert layer_of("fxjax.sharding") == "core" and layer_of("fxjax.train.sft") == "train"
+    assert "train" not in ALLOWED["core"]
+    model_source = "from fxjax.sharding import put\n"
+    targets = [t for _, t in imported_modules(model_source, "fxjax.model.lora", False)]
+    assert any(layer_of(t) == "core" for t in targets) and "core" not in ALLOWED["model"]
+    relative = "from ..train import step\n"
+    targets = [t for _, t in imported_modules(relative, "fxjax.data.pipeline", False)]
+    assert "fxjax.train" in targets
+
+
+def test_user_files_named_model_train_rewards_do_not_shadow_fxjax(tmp_path):
+    for name in ("model", "train", "rewards"):
+        (tmp_path / f"{name}.py").write_text(f"raise SystemExit('the user\\'s {name}.py was imported')\n")
+    script = tmp_path / "use_fxjax.py"
+    script.write_text(textwrap.dedent("""
+        import fxjax
+        from fxjax.model import Qwen25VL
+        from fxjax.model.generate import greedy_generate
+        from fxjax.train.sft import run_sft
+        from fxjax import rewards
+        assert callable(fxjax.from_pretrained) and callable(rewards.score)
+        print("ok")
+    """))
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    check = subprocess.run([sys.executable, "-c", "import sys; from fxjax.cli import main; sys.exit(main(['selfcheck']))"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["model", "train", "rewards"])
+def test_no_top_level_package_of_that_name_is_installed(name, tmp_path):
+    run = subprocess.run([sys.executable, "-c", f"import importlib.util as u; print(u.find_spec({name!r}))"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "None", run.stdout

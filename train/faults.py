@@ -1,0 +1,70 @@
+"""Fault injection for crash-and-resume tests: stop the process at a named point of a step.
+
+A run reads ``FXJAX_FAULT`` once at start-up: a comma-separated list of ``<point>@<step>``. When the loop
+reaches ``point`` during step ``step`` (the step being computed, 1-based) it prints
+
+    fxjax-fault: paused at <point>@<step>
+
+to stderr and sleeps until a signal arrives: the test SIGKILLs it there (a crash at exactly that point),
+or sends SIGTERM, after which the run goes on and takes its normal preemption path (save, exit 0).
+
+Points:
+    rollout     GRPO: completions sampled and scored, the update not yet computed
+    update      GRPO: the update computed on the device, not yet logged or saved
+    after_step  SFT and GRPO: the step is done and its checkpoint (if it saves one) committed
+    save        inside the background write of the step's checkpoint, so the crash leaves it half written
+
+This is the only test hook in the training code; with the variable unset each point is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+ENV = "FXJAX_FAULT"
+POINTS = ("rollout", "update", "after_step", "save")
+
+
+def parse(spec: str | None) -> frozenset[tuple[str, int]]:
+    """``"rollout@3,save@4"`` -> {("rollout", 3), ("save", 4)}; a clear error for anything else."""
+    out = set()
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        point, sep, step = item.partition("@")
+        if not sep or point not in POINTS or not step.isdigit():
+            raise ValueError(f"{ENV}={spec!r}: expected <point>@<step> items with point one of {list(POINTS)}, "
+                             f"got {item!r}")
+        out.add((point, int(step)))
+    return frozenset(out)
+
+
+_ARMED = parse(os.environ.get(ENV))
+
+
+def reload() -> None:
+    """Re-read the environment (for in-process tests that set it after import)."""
+    global _ARMED
+    _ARMED = parse(os.environ.get(ENV))
+
+
+def armed(name: str, step: int) -> bool:
+    """Whether `name@step` is armed (lets a caller do preparatory work, e.g. wait for a save, only then)."""
+    return (name, int(step)) in _ARMED
+
+
+def point(name: str, step: int, should_stop=None) -> None:
+    """Pause here if ``name@step`` is armed, until a signal arrives.
+
+    `should_stop` (optional) is polled while waiting, so a SIGTERM caught by the run's handler ends the
+    pause and the run continues into its preemption path; without it only a signal that kills the
+    process ends it.
+    """
+    if (name, int(step)) not in _ARMED:
+        return
+    print(f"fxjax-fault: paused at {name}@{step}", file=sys.stderr, flush=True)
+    while should_stop is None or not should_stop():
+        time.sleep(0.05)

@@ -1,0 +1,47 @@
+"""SIGTERM / SIGINT handling for training loops: a flag checked between steps, agreed by all processes."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class PreemptionSignals:
+    """Context manager: SIGTERM/SIGINT set a flag; `stop_requested()` is true on every process once any
+    process got one (a second Ctrl-C raises KeyboardInterrupt at once)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def local_stop(self) -> bool:
+        """This process got a signal (no collective: safe to poll in a wait loop)."""
+        return self.received is not None
+
+    def stop_requested(self) -> bool:
+        flag = self.received is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+        return flag
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
