@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -250,3 +251,31 @@ def test_targets_for_both_formats(root):
     assert record_prompt(native_rec, 5, system_prompt="S") == ("S", USER_TEMPLATES[5])
     with pytest.raises(ValueError):
         render_target(native_rec, [])
+
+
+# ---- empty files and absolute paths ------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_file_without_records_is_named(root, content, on_error):
+    empty = root / "empty.jsonl"
+    empty.write_text(content)
+    with pytest.raises(DataError, match=f"^{re.escape(str(empty))}: has no records: the file is empty or holds "
+                                        "only blank lines$") as info:
+        load_records([write(root, native()), empty], on_error=on_error)
+    assert info.value.kind == "empty_file"
+
+
+def test_absolute_image_paths_only_when_allowed(root):
+    absolute = str((root / "img/ok.png").resolve())
+    path = write(root, native(image=absolute), {**swift(), "images": [absolute]})
+    with pytest.raises(DataError, match="is absolute.*allow_absolute_paths"):
+        load_records(path)
+    records, report = load_records(path, allow_absolute_paths=True)
+    assert report.loaded == 2 and [r.image for r in records] == [absolute, absolute]
+    # Relative paths stay confined to the root even then.
+    with pytest.raises(DataError, match="escapes the dataset root"):
+        load_records(write(root, native(image="img/../../secret.png")), allow_absolute_paths=True)
+    assert resolve_image_path(root, absolute, allow_absolute=True) == Path(absolute)
+    with pytest.raises(ValueError, match="another operating system"):
+        resolve_image_path(root, "C:\\x.png", allow_absolute=True)

@@ -20,7 +20,7 @@ from fxjax.rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # at most 16 image tokens
 _R, _RE, _B, _BE = (re.escape(m) for m in (REF_START, REF_END, BOX_START, BOX_END))
-FORMAT_CHECK = {  # the authors' format checks (REFERENCE.md section 2), searched with DOTALL
+FORMAT_CHECK = {  # the authors' format checks (ground truth generated / real), searched with DOTALL
     "generated": f"<think>({_R}.*?{_RE}\\s*{_B}.*?{_BE}.*?)+.*?<tag>.*?</tag>.*?</think>\\s*<verdict>.*?</verdict>",
     "real": r"<think>.*?</think>\s*<verdict>.*?</verdict>",
 }
@@ -317,3 +317,64 @@ def test_config_validation():
     assert cfg.data_files == ("a.jsonl",) and cfg.length_buckets == (64, 8192)
     with pytest.raises(ValueError, match="unknown"):
         DataConfig.from_dict({**ok, "bogus": 1})
+
+
+# ---- the FakeXplain release as it ships --------------------------------------------------------------
+
+def test_fakexplain_as_released_in_sft_and_prompt_modes(tokenizer_dir, tmp_path):
+    from fakexplain_data import IMAGES, SYSTEM, USER, fakexplain_records, write_fakexplain
+
+    path = write_fakexplain(tmp_path / "FakeXplain")  # images relative to the JSONL, no root given
+    rows = fakexplain_records()
+    base = dict(data_files=(str(path),), tokenizer=str(tokenizer_dir), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+                max_length=512, length_buckets=(256, 512), batch_size=len(rows), shard_index=0, shard_count=1,
+                shuffle=False, num_epochs=1)
+    tok = tokens_for(str(tokenizer_dir)).tok
+    sft = next(iter(DataPipeline(DataConfig(**base))))
+    prompt = next(iter(DataPipeline(DataConfig(**base, mode="prompt"))))
+    for i, (rel, (w, h), _, label, regions) in enumerate(IMAGES):
+        meta = sft["meta"][i]
+        assert meta["source"] == f"{path}:{i + 1}" and meta["label"] == label and meta["template"] == -1
+        assert meta["original_size"] == (h, w) and meta["captions"] == tuple(c for c, _ in regions)
+        mh, mw = meta["model_size"]
+        expected_boxes = np.array([b for _, b in regions], np.float64).reshape(-1, 4) * np.array([mw / w, mh / h] * 2)
+        np.testing.assert_allclose(meta["boxes"], expected_boxes, rtol=1e-6)
+        # The target is the record's assistant text with the i-th placeholder pair -> i-th caption and box.
+        expected = rows[i]["messages"][-1]["content"]
+        for (caption, _), box in zip(regions, meta["boxes"]):
+            box_text = ", ".join(str(int(round(float(v)))) for v in box)
+            expected = expected.replace("<ref-object><bbox>", f"{REF_START}{caption}{REF_END}{BOX_START}[{box_text}]"
+                                                              f"{BOX_END}", 1)
+        assert meta["target"] == expected and "<ref-object>" not in expected
+        n = int(sft["attention_mask"][i].sum())
+        start = meta["prompt_length"]
+        assert tok.decode(sft["input_ids"][i, start:n].tolist(), skip_special_tokens=False) == expected + "<|im_end|>"
+        assert np.array_equal(sft["labels"][i, start:n], sft["input_ids"][i, start:n])
+        # The record's own system and user prompts, with the image where the <image> tag was.
+        expected_prompt = render_prompt(SYSTEM, USER.replace("<image>", ""), meta["num_image_tokens"])
+        assert tok.decode(sft["input_ids"][i, :start].tolist(), skip_special_tokens=False) == expected_prompt
+        # Prompt mode (GRPO): the same prompt, left-padded, nothing to learn, the same targets for the rewards.
+        pmeta = prompt["meta"][i]
+        assert pmeta["target"] == meta["target"] and np.array_equal(pmeta["boxes"], meta["boxes"])
+        row = prompt["input_ids"][i, prompt["input_ids"].shape[1] - start:]
+        assert np.array_equal(row, sft["input_ids"][i, :start]) and prompt["attention_mask"][i, -start:].all()
+    assert (prompt["labels"] == IGNORE_INDEX).all()
+    # Absolute image paths: refused unless the config allows them.
+    absolute = dict(rows[0], images=[str((path.parent / IMAGES[0][0]).resolve())])
+    path.write_text(json.dumps(absolute) + "\n")
+    with pytest.raises(DataError, match=f"{re.escape(str(path))}:1: image path .* is absolute"):
+        DataPipeline(DataConfig(**base))
+    batch = next(iter(DataPipeline(DataConfig(**{**base, "batch_size": 1}, allow_absolute_paths=True))))
+    assert batch["meta"][0]["target"] == sft["meta"][0]["target"]
+
+
+def test_empty_and_all_invalid_files_are_named(tokenizer_dir, tmp_path):
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("\n \n")
+    cfg = DataConfig(data_files=(str(empty),), tokenizer=str(tokenizer_dir), shard_index=0, shard_count=1)
+    with pytest.raises(DataError, match=f"{re.escape(str(empty))}: has no records"):
+        DataPipeline(cfg)
+    empty.write_text('{"image": "missing.png", "label": "real"}\n')
+    with pytest.raises(ValueError, match=f"no valid records in {re.escape(str(empty))}: loaded 0 of 1 records .* "
+                                         "skipped 1 \\(image_missing 1\\)"):
+        DataPipeline(dataclasses.replace(cfg, on_error="skip"))

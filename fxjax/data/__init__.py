@@ -1,5 +1,9 @@
 """Data: dataset formats and validation, prompts, the Qwen tokenizer, the grain pipeline, demo data.
 
+Modules: records (Record, load_records) <- formats (native / ms-swift parsing) + images (paths, safe
+opening); prompts; tokenizer; config (DataConfig); examples (record -> ids, labels, pixels); batching
+(padding, buckets, the checkpointable iterator); pipeline (DataPipeline, the grain assembly); demo_data.
+
     records, report = load_records("data/train.jsonl")              # native or ms-swift JSONL, validated
     build_qwen_tokenizer("tok/")                                    # offline Qwen2.5-VL tokenizer
     pipeline = DataPipeline(DataConfig(data_files=("data/train.jsonl",), tokenizer="tok/"))

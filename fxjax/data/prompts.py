@@ -18,10 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
+from fxjax.data.formats import SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF
+from fxjax.data.records import Record
 from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
-                                   THINK_START, VERDICT_END, VERDICT_START, format_box, render_completion)
-
-from fxjax.data.records import SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, Record
+                                         THINK_START, VERDICT_END, VERDICT_START, format_box, render_completion)
 
 __all__ = [
     "IMAGE_PAD",

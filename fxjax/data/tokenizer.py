@@ -7,19 +7,22 @@ Qwen2.5-VL chat template) that ``transformers.AutoTokenizer.from_pretrained(out_
   derived from the ranks the standard tiktoken -> HF way (simulate BPE of every token with the ranks
   below its own; a token reached by exactly one final merge yields that merge), with
   ``ignore_merges`` so a pre-token that is itself in the vocabulary maps to it directly, as tiktoken does;
-* normaliser NFC, pre-tokeniser = Qwen's split regex (REFERENCE.md section 5) then ByteLevel, as in
+* normaliser NFC, pre-tokeniser = Qwen's split regex (``PRETOKENIZE_PATTERN``) then ByteLevel, as in
   Qwen2's own ``tokenizer.json``;
 * the 22 Qwen2.5 special tokens at 151643..151664 and the six output-format markers
   (``<think> </think> <tag> </tag> <verdict> </verdict>``) at 151665..151670.
 
 ``load_tokenizer(path)`` returns a ``tokenizers.Tokenizer`` for the data pipeline (no transformers
 import, cheap in worker processes) and adds the format markers when a checkpoint's tokenizer lacks them.
+``export_tokenizer(source, out_dir)`` writes that same tokenizer (files, chat template, markers) next to
+exported weights, so the directory loads with ``AutoTokenizer`` on its own.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 from fxjax.rewards.output_format import FORMAT_MARKERS
@@ -34,6 +37,7 @@ __all__ = [
     "cached_qwen_tokenizer",
     "default_ranks_path",
     "ensure_format_markers",
+    "export_tokenizer",
     "load_ranks",
     "load_tokenizer",
     "token_id",
@@ -241,6 +245,9 @@ def load_tokenizer(path: str | Path, add_format_markers: bool = True):
     from tokenizers import Tokenizer
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a model or tokenizer directory holding "
+                                f"tokenizer.json)")
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}; build one with "
@@ -249,6 +256,52 @@ def load_tokenizer(path: str | Path, add_format_markers: bool = True):
     if add_format_markers:
         ensure_format_markers(tok)
     return tok
+
+
+# The files a Hugging Face tokenizer directory may hold (the image processor's are the model's business).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
+
+
+def export_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
+    """Write the tokenizer training used into `out_dir`: the tokenizer files of the model or tokenizer
+    directory `source`, with the six format markers added when `source` lacks them (as `load_tokenizer`
+    adds them, at the same ids) and Qwen2.5-VL's chat template when it has none, so that
+    ``transformers.AutoTokenizer.from_pretrained(out_dir)`` encodes exactly what the model was trained on."""
+    from tokenizers import Tokenizer
+
+    src, out = Path(source), Path(out_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} does not exist or is not a directory (expected a model or tokenizer "
+                                f"directory holding tokenizer.json)")
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {src}")
+    out.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != out.resolve():
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out / name)  # not shutil.copy: the new file gets the usual mode
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    added = ensure_format_markers(tok)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if added:
+        tok.save(str(out / "tokenizer.json"))
+        decoder = config.setdefault("added_tokens_decoder", {})
+        for marker in added:
+            decoder[str(tok.token_to_id(marker))] = {"content": marker, "lstrip": False, "normalized": False,
+                                                     "rstrip": False, "single_word": False, "special": True}
+        key = "extra_special_tokens" if isinstance(config.get("extra_special_tokens"), list) \
+            else "additional_special_tokens"
+        config[key] = [*(config.get(key) or []), *(m for m in added if m not in (config.get(key) or []))]
+    has_template = config.get("chat_template") or any((out / n).is_file()
+                                                     for n in ("chat_template.json", "chat_template.jinja"))
+    if not has_template:
+        config["chat_template"] = CHAT_TEMPLATE
+    if added or not has_template:
+        config.setdefault("tokenizer_class", "Qwen2Tokenizer")
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out
 
 
 def token_id(tok, text: str) -> int:

@@ -1,0 +1,201 @@
+"""`fxjax data check FILE.jsonl ...`: validate a dataset and describe it before training or evaluating on it.
+
+Every record goes through the same validation as training (fxjax.data.records.load_records, in skip mode so
+that all problems are found in one run), then the valid ones are described: label balance, regions per
+generated image, image sizes and, with a tokenizer, token lengths as training would build them
+(fxjax.data.examples.ExampleBuilder.text: same prompts, image-token count and target, no image decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from typing import Iterator, Sequence
+
+_DESCRIPTION = """\
+Validate a JSONL dataset (native or ms-swift, e.g. the FakeXplain release) exactly as training and
+evaluation read it, and describe it.
+
+Prints:
+  * record counts: valid and invalid (by kind of problem);
+  * label balance (real / generated), data formats and generators;
+  * regions per generated image;
+  * an image-size histogram (longer side, original pixels);
+  * a token-length histogram (prompt + image tokens + target, as SFT builds it), when --tokenizer is
+    given; without it that histogram is skipped with a note;
+  * every invalid record as FILE:LINE: [kind] what is wrong.
+
+Image paths are relative to the JSONL file's folder (or --root); absolute paths are refused unless
+--allow-absolute-paths is given."""
+
+_EPILOG = """\
+exit status:
+  0  every record is valid
+  1  at least one record is invalid (all of them are listed)
+  2  the check could not run (a missing or empty file, a bad option, a missing tokenizer)
+
+example:
+  fxjax data check data/FakeXplain/train.jsonl --tokenizer runs/model --max-pixels 1003520"""
+
+_BAR_WIDTH = 40
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="dataset tools (check: validate a JSONL dataset and describe it)",
+                                 description="Dataset tools. `fxjax data check FILE.jsonl` validates a dataset "
+                                             "and prints counts, label balance and histograms.")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = actions.add_parser("check", help="validate a JSONL dataset; print counts, histograms and every invalid "
+                                         "record", description=_DESCRIPTION, epilog=_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", metavar="FILE.jsonl", help="dataset files (native or ms-swift JSONL)")
+    p.add_argument("--root", metavar="DIR",
+                   help="folder the image paths are relative to (default: each JSONL file's folder)")
+    p.add_argument("--format", choices=("auto", "native", "swift"), default="auto",
+                   help="record format (default: auto, per record: a 'messages' key means ms-swift)")
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="accept absolute image paths (only for a dataset you trust; refused by default)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="model or tokenizer directory with tokenizer.json (e.g. what `fxjax init` writes); "
+                        "needed for the token-length histogram")
+    p.add_argument("--min-pixels", type=int, metavar="N",
+                   help="smallest model-input image area, as data.min_pixels (default: the pipeline's)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="largest model-input image area, as data.max_pixels; sets the image-token count "
+                        "(default: the pipeline's)")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="count the examples longer than N tokens, as data.max_length (default: the pipeline's)")
+    p.add_argument("--prompts", choices=("auto", "templates"), default="auto",
+                   help="prompts for the token lengths: auto (ms-swift records keep their own) or templates")
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="decompression-bomb limit in original pixels (default: the pipeline's)")
+    p.add_argument("--no-decode", action="store_true",
+                   help="read image headers only: faster, but an image whose body is corrupt passes")
+    p.add_argument("--bins", type=int, default=10, metavar="N", help="bars per histogram (default: 10)")
+    p.add_argument("--threads", type=int, default=8, metavar="N", help="threads opening images (default: 8)")
+    p.set_defaults(func=run)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """The loader logs each skipped record; this command prints them itself, once."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _bars(rows: Sequence[tuple[str, int]], total: int | None = None) -> list[str]:
+    """Text bars, one per (label, count); with ``total``, the share of it too."""
+    top = max((n for _, n in rows), default=0) or 1
+    label_width = max((len(label) for label, _ in rows), default=0)
+    count_width = max((len(str(n)) for _, n in rows), default=1)
+    lines = []
+    for label, n in rows:
+        bar = "#" * max(1 if n else 0, round(_BAR_WIDTH * n / top))
+        share = f" {100 * n / total:5.1f}%" if total else ""
+        lines.append(f"  {label:>{label_width}}  {n:>{count_width}}{share}  {bar}")
+    return lines
+
+
+def _histogram(values: Sequence[int], bins: int) -> list[str]:
+    """Integer values: one bar per value when there are few, else ``bins`` ranges of whole numbers."""
+    import numpy as np
+
+    values = np.asarray(values, np.int64)
+    distinct = np.unique(values)
+    if len(distinct) <= bins:
+        return _bars([(str(v), int((values == v).sum())) for v in distinct])
+    edges = np.unique(np.round(np.linspace(values.min(), values.max() + 1, bins + 1)).astype(np.int64))
+    counts, _ = np.histogram(values, edges)
+    return _bars([(f"{a}-{b - 1}", int(n)) for a, b, n in zip(edges[:-1], edges[1:], counts)])
+
+
+def _summary(values: Sequence[int]) -> str:
+    import numpy as np
+
+    return f"min {min(values)}, median {int(np.median(values))}, max {max(values)}"
+
+
+def _describe_records(records, bins: int) -> list[str]:
+    from collections import Counter
+
+    out = []
+    labels = Counter(r.label for r in records)
+    out += ["", "labels:", *_bars([(k, labels.get(k, 0)) for k in ("real", "generated")], len(records))]
+    formats = Counter(r.format for r in records)
+    out.append("formats: " + ", ".join(f"{k} {n}" for k, n in sorted(formats.items())))
+    generators = Counter(r.generator for r in records if r.generator)
+    if generators:
+        out.append(f"generators ({len(generators)}): " + ", ".join(f"{k} {n}" for k, n in generators.most_common()))
+    regions = [len(r.regions) for r in records if r.label == "generated"]
+    if regions:
+        out += ["", f"regions per generated image: mean {sum(regions) / len(regions):.2f}, {_summary(regions)}",
+                *_histogram(regions, bins)]
+    sides = [max(r.width, r.height) for r in records]
+    smallest = min(records, key=lambda r: r.width * r.height)
+    largest = max(records, key=lambda r: r.width * r.height)
+    out += ["", f"image size, longer side in pixels: {_summary(sides)} (smallest {smallest.width}x{smallest.height}, "
+                f"largest {largest.width}x{largest.height}, width x height)", *_histogram(sides, bins)]
+    return out
+
+
+def _describe_tokens(records, cfg, bins: int) -> list[str]:
+    from fxjax.data.examples import ExampleBuilder
+
+    builder = ExampleBuilder(cfg, len(records))
+    totals, image_tokens = [], []
+    for record in records:
+        text = builder.text(record)
+        totals.append(len(text.prompt_ids) + len(builder.completion_ids(text.target)))
+        image_tokens.append(text.num_image_tokens)
+    over = sum(n > cfg.max_length for n in totals)
+    return ["", f"token length (prompt + image tokens + target; min_pixels {cfg.min_pixels}, max_pixels "
+                f"{cfg.max_pixels}): {_summary(totals)}",
+            f"  image tokens per image: {_summary(image_tokens)}",
+            f"  over max_length {cfg.max_length}: {over}" + (" (training truncates their reasoning or drops them)"
+                                                             if over else ""),
+            *_histogram(totals, bins)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fxjax.data.config import DataConfig
+    from fxjax.data.records import load_records
+
+    if args.bins < 1 or args.threads < 1:
+        raise ValueError("--bins and --threads must be at least 1")
+    options = {k: v for k, v in dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                     max_length=args.max_length, max_image_pixels=args.max_image_pixels).items()
+               if v is not None}
+    # DataConfig validates the options and supplies the pipeline's defaults for those not given.
+    cfg = DataConfig(data_files=tuple(args.files), tokenizer=args.tokenizer or "", root=args.root,
+                     allow_absolute_paths=args.allow_absolute_paths, format=args.format, prompts=args.prompts,
+                     check_decode=not args.no_decode, **options)
+    with _quiet("fxjax.data.records"):
+        records, report = load_records(cfg.data_files, cfg.root, cfg.format, on_error="skip",
+                                       check_decode=cfg.check_decode, max_image_pixels=cfg.max_image_pixels,
+                                       num_threads=args.threads, allow_absolute_paths=cfg.allow_absolute_paths)
+    invalid = len(report.skipped)
+    lines = [f"fxjax data check: {', '.join(cfg.data_files)}",
+             f"records: {report.lines}, valid {len(records)}, invalid {invalid}"]
+    if invalid:
+        lines.append("  invalid by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(report.counts().items())))
+    if records:
+        lines += _describe_records(records, args.bins)
+        if args.tokenizer:
+            lines += _describe_tokens(records, dataclasses.replace(cfg, tokenizer=args.tokenizer), args.bins)
+        else:
+            lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
+                          "`fxjax init` writes)"]
+    if invalid:
+        lines += ["", f"invalid records ({invalid}):"]
+        lines += [f"  {e.where}: [{e.kind}] {e.problem}" for e in report.skipped]
+    lines += ["", f"{'FAILED' if invalid else 'OK'}: {invalid} of {report.lines} records invalid"]
+    print("\n".join(lines))
+    return 1 if invalid else 0

@@ -1,0 +1,208 @@
+"""`fxjax detect IMAGE...`: run the detector on one's own images; verdict, regions, tags and an overlay each.
+
+    images -> checked (size limits, EXIF orientation) -> prompt batches as SFT built them -> greedy decoding
+      -> rewards parser, boxes scaled from the model's resized input back to the original image's pixels
+      -> printed (text or JSON lines) + <out>/<name>.detect.png (boxes and captions drawn on the original)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fxjax.commands.model_args import add_model_arguments, add_prompt_arguments
+
+HELP = "run the detector on your own images: verdict, grounded regions, tags and an overlay PNG each"
+
+DESCRIPTION = """\
+Run a detector on images of any size and mode the image processor takes (RGB, grey, palette, with alpha:
+composited on white, as Qwen2.5-VL's processor does; EXIF orientation applied). For each image it prints
+  * the verdict (real / generated),
+  * the regions the model grounded: caption and box [x1, y1, x2, y2] in the ORIGINAL image's pixels (the
+    model answers in the pixels of its resized input; the boxes are scaled back per axis),
+  * the image-level tags,
+and writes an overlay PNG to --out: the boxes and captions drawn on the original image, the verdict in the
+top-left corner. An answer that does not parse (no <verdict>real|generated</verdict>) is printed raw
+with a note; it is never an error. An image that cannot be read is reported and the others go on.
+
+With --json, one JSON object per image and line instead: image, size [w, h], model_size [w, h] (the
+resized input), verdict, regions [{caption, box (original pixels), box_model}], tags, parsed, note,
+overlay, completion."""
+
+EPILOG = """\
+exit status: 0 every image was analysed; 1 some image could not be read (the others are reported); 2 bad
+options or model.
+
+examples:
+  fxjax detect photo.jpg scan.png --model runs/merged
+  fxjax detect shots/*.jpg --run runs/grpo --out overlays --json > detections.jsonl"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("detect", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow opens)")
+    add_model_arguments(p)
+    add_prompt_arguments(p)
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="the user prompt (default: the first of the prompts SFT trained with, fxjax.data.prompts; "
+                        "give the dataset's own for a model trained on ms-swift records with their prompts)")
+    p.add_argument("--out", default="detections", metavar="DIR",
+                   help="folder for the overlay PNGs, <image name>.detect.png (default: ./detections)")
+    p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write no overlay PNGs")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image and line")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images decoded together (default: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
+                   help="longest answer in tokens (default: 1024)")
+    p.set_defaults(func=run)
+
+
+def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: int, max_pixels: int,
+                  max_image_pixels: int | None = None) -> tuple[list, list[tuple[str, str]]]:
+    """(Records the prompt pipeline takes, [(path, why)] of the images that cannot be used).
+
+    A user's image has no label; the records carry the prompt as an ms-swift record does (its own system
+    and user text), so every image gets the same prompt. Their `label` is a placeholder that prompt-mode
+    examples never use."""
+    from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, image_size
+    from fxjax.data.records import Record
+    from fxjax.image_processing import model_input_size
+
+    records, failed = [], []
+    for path in paths:
+        try:
+            width, height = image_size(path, max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS, True)
+            model_input_size(height, width, min_pixels, max_pixels)  # the processor's own checks
+        except (OSError, ValueError, SyntaxError, ImageError) as err:
+            failed.append((path, str(err) or type(err).__name__))
+            continue
+        records.append(Record(index=len(records), source=str(path), record_id=str(path),
+                              image=str(Path(path).resolve()), width=width, height=height, label="real",
+                              format="swift", system=system, user=user, assistant=""))
+    return records, failed
+
+
+def describe(text: str, meta: dict) -> dict[str, Any]:
+    """One image's answer: verdict, regions with boxes in original pixels, tags, and a note when it did not parse."""
+    from fxjax import rewards
+
+    parsed = rewards.parse_completion(text, original_size=meta["original_size"], model_size=meta["model_size"])
+    regions = [{"caption": c, "box": [round(v, 2) for v in orig], "box_model": list(box)}
+               for c, box, orig in zip(parsed.captions, parsed.boxes, parsed.boxes_original or ())]
+    notes = []
+    if parsed.label is None:
+        notes.append("the answer has no <verdict>real</verdict> or <verdict>generated</verdict>"
+                     + (f" (its verdict is {parsed.verdict!r})" if parsed.verdict is not None else "")
+                     + "; shown raw")
+    if parsed.skipped:
+        notes.append(f"{len(parsed.skipped)} region(s) with a box that is not [x1, y1, x2, y2] were left out")
+    (oh, ow), (mh, mw) = meta["original_size"], meta["model_size"]
+    return {"image": meta["source"], "size": [ow, oh], "model_size": [mw, mh], "verdict": parsed.label,
+            "regions": regions, "tags": list(parsed.tags), "parsed": parsed.label is not None,
+            "note": "; ".join(notes) or None, "completion": text}
+
+
+def overlay_path(out: Path, image: str, taken: set[str]) -> Path:
+    stem = Path(image).stem or "image"
+    name, n = f"{stem}.detect.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.detect.png"
+    taken.add(name)
+    return out / name
+
+
+def write_overlay(result: dict, path: Path) -> None:
+    from fxjax.data.images import open_image
+    from fxjax.overlay import draw_detection
+
+    image = open_image(result["image"], decode=True)  # EXIF-oriented, as the model saw it
+    try:
+        regions = [(r["caption"], r["box"]) for r in result["regions"]]
+        note = None if result["parsed"] else "answer did not parse"
+        draw_detection(image, regions, result["verdict"], note).save(path)
+    finally:
+        image.close()
+
+
+def format_result(result: dict) -> str:
+    w, h = result["size"]
+    lines = [f"{result['image']} ({w}x{h}): {result['verdict'] or 'NO VERDICT'}"]
+    if result["regions"]:
+        lines.append("  regions (boxes in original pixels: x1, y1, x2, y2):")
+        for i, r in enumerate(result["regions"], 1):
+            lines.append(f"    {i}. {r['caption'] or '(no caption)'}  [{', '.join(f'{v:g}' for v in r['box'])}]")
+    if result["tags"]:
+        lines.append(f"  tags: {', '.join(result['tags'])}")
+    if result["note"]:
+        lines.append(f"  note: {result['note']}")
+    if not result["parsed"]:
+        lines.append("  raw answer:")
+        lines.extend(f"    | {line}" for line in (result["completion"] or "(empty)").splitlines() or ["(empty)"])
+    if result.get("overlay"):
+        lines.append(f"  overlay: {result['overlay']}")
+    return "\n".join(lines)
+
+
+def detect(records, decoder, prompt_config, *, out: Path | None,
+           emit: Callable[[dict], None]) -> list[dict]:
+    """Decode every record's image, describe the answer, write its overlay into `out` (None: none) and
+    emit each result as it comes; returns the results in order."""
+    import dataclasses
+
+    from fxjax.data.pipeline import DataPipeline
+
+    results, taken = [], set()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(prompt_config, batch_size=decoder.batch_size)
+    for texts, metas in decoder.batches(DataPipeline(cfg, records=records)):
+        for text, meta in zip(texts, metas):
+            result = describe(text, meta)
+            if out is not None:
+                path = overlay_path(out, result["image"], taken)
+                write_overlay(result, path)
+                result["overlay"] = str(path)
+            emit(result)
+            results.append(result)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    say = lambda text: print(f"fxjax detect: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
+    from fxjax.commands.model_args import load_detector
+    from fxjax.data.config import DataConfig
+    from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
+    from fxjax.train.inference import GreedyDecoder
+
+    detector = load_detector(args)
+    data = detector.data
+    records, failed = image_records(args.images, system=data["system_prompt"] or SYSTEM_PROMPT,
+                                    user=args.prompt or USER_TEMPLATES[0], min_pixels=data["min_pixels"],
+                                    max_pixels=data["max_pixels"])
+    for path, why in failed:
+        say(f"{path}: cannot be analysed: {why}")
+    if records:
+        decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
+        config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer, min_pixels=data["min_pixels"],
+                            max_pixels=data["max_pixels"], max_length=data["max_length"], mode="prompt",
+                            prompts="auto", batch_size=args.batch_size, drop_remainder=False, shuffle=False,
+                            num_epochs=1, shard_index=0, shard_count=1)
+        emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
+            (lambda r: print(format_result(r) + "\n", flush=True))
+        results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit)
+        if len(results) < len(records):
+            done = {r["image"] for r in results}
+            failed += [(r.source, "dropped by the data pipeline (see the warning above)") for r in records
+                       if r.source not in done]
+    return 1 if failed else 0

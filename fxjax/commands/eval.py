@@ -1,0 +1,284 @@
+"""`fxjax eval`: the detector's metrics on a labelled test set, resumable, with one prediction per image.
+
+    records -> (not yet in predictions.jsonl) -> prompt batches -> greedy decoding with the KV cache
+      -> rewards parser and scoring (fxjax.detection_metrics) -> predictions.jsonl (appended per batch)
+      -> metrics.json + a table
+
+The decoding is `fxjax.train.inference.GreedyDecoder` (the training-time evaluation's); the prompts are
+built exactly as SFT built them (fxjax.data: same templates and seed, or an ms-swift record's own prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fxjax.commands.model_args import add_model_arguments, add_prompt_arguments
+
+HELP = "measure the detector on a labelled JSONL test set: accuracy, P/R/F1, format rate, mean IoU"
+
+DESCRIPTION = """\
+Evaluate a detector on a labelled dataset (native or ms-swift JSONL, e.g. the FakeXplain test split):
+greedy decoding with the KV cache in batches, each completion parsed and scored with the rewards'
+parser (docs/format.md, docs/rewards.md), and the paper's metrics.
+
+Metrics (metrics.json and the printed table):
+  accuracy     share of images whose first <verdict> equals the truth
+  precision, recall, F1 of the class "generated" (no verdict counts as not "generated")
+  format rate  share of completions passing the authors' format check for their true label
+  mean IoU     matched IoU (each predicted box takes the nearest unmatched true box by centre distance;
+               sum of IoUs / number of true boxes), averaged over the generated images with boxes
+  confusion    truth (real, generated) x predicted (real, generated, none = no usable verdict)
+  by GROUP     the same metrics per value of each --group-by field (default: the generator's name)
+
+Outputs in --out:
+  predictions.jsonl  one line per image: id, source file:line, true label and boxes, the completion, its
+                     verdict, regions (caption, box in model-input pixels and in original pixels), tags,
+                     format_ok, correct, per-image IoU (null for real images)
+  metrics.json       the metrics above, the settings, and any record that could not be evaluated
+  settings.json      what the predictions were made with (checked on resume)
+
+Resume: run the same command again. Images already in predictions.jsonl are not decoded again (an
+interrupted eval loses at most the batch it was decoding); changed settings (model, step, pixels,
+prompts, max new tokens, data files) are refused unless --fresh."""
+
+EPILOG = """\
+examples:
+  fxjax eval --run runs/sft --data data/test.jsonl --out runs/sft/eval
+  fxjax eval --model runs/merged --data FakeXplain/test.jsonl --batch-size 16 --max-new-tokens 1024
+  fxjax eval --model Qwen2.5-VL-3B --adapter runs/adapter --data test.jsonl --limit 100 --group-by generator"""
+
+PREDICTIONS, METRICS, SETTINGS = "predictions.jsonl", "metrics.json", "settings.json"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, nargs="+", metavar="FILE.jsonl",
+                   help="labelled dataset file(s), native or ms-swift JSONL; image paths relative to each file")
+    g.add_argument("--root", metavar="DIR", help="folder the image paths are relative to (default: each file's)")
+    g.add_argument("--format", choices=("auto", "native", "swift"), default="auto",
+                   help="record format (default: auto, per record)")
+    g.add_argument("--allow-absolute-paths", action="store_true",
+                   help="accept absolute image paths (only for a dataset you trust; refused by default)")
+    g.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="an invalid record: stop (default), or skip it (listed in metrics.json and on stderr)")
+    g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N valid records only")
+    g.add_argument("--group-by", nargs="*", default=["generator"], metavar="FIELD",
+                   help="break the metrics down by these record fields (default: generator; none: no breakdown)")
+    add_prompt_arguments(p)
+    g = p.add_argument_group("decoding and output")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default: 8)")
+    g.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
+                   help="longest completion in tokens (default: 1024); a longer one is cut and usually fails the "
+                        "format check")
+    g.add_argument("--out", default="eval", metavar="DIR",
+                   help="output folder: predictions.jsonl, metrics.json, settings.json (default: ./eval)")
+    g.add_argument("--fresh", action="store_true", help="discard predictions already in --out and start over")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+# ---- predictions.jsonl -----------------------------------------------------------------------------
+
+def read_predictions(path: Path, say: Callable[[str], None]) -> dict[str, dict]:
+    """source -> prediction row. A last line cut short (a kill mid-write) is dropped from the file."""
+    if not path.is_file():
+        return {}
+    rows: dict[str, dict] = {}
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    good = 0
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "source" not in row:
+                raise ValueError("not a prediction row")
+        except ValueError:
+            if n == len(lines) and not line.endswith("\n"):
+                say(f"{path}:{n}: dropped an incomplete last line (the eval was killed while writing it)")
+                with open(path, "r+", encoding="utf-8") as f:
+                    f.truncate(good)
+                break
+            raise ValueError(f"{path}:{n}: not a prediction row; pass --fresh to start over") from None
+        rows[row["source"]] = row
+        good += len(line.encode("utf-8"))
+    return rows
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_settings(out: Path, settings: dict, fresh: bool) -> None:
+    """Write settings.json, or check that the predictions already in `out` were made with these settings."""
+    path = out / SETTINGS
+    if fresh:
+        for name in (PREDICTIONS, METRICS, SETTINGS):
+            (out / name).unlink(missing_ok=True)
+    if (out / PREDICTIONS).is_file() and path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            shown = "; ".join(f"{k}: {saved.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+            raise ValueError(f"{out} holds predictions made with other settings ({shown}); pass --fresh to start "
+                             f"over, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+# ---- truths and groups -----------------------------------------------------------------------------
+
+def raw_objects(records) -> dict[str, dict]:
+    """source (file:line) -> the record's JSON object, for grouping fields fxjax does not model."""
+    wanted: dict[str, set[int]] = {}
+    for r in records:
+        file, _, line = r.source.rpartition(":")
+        wanted.setdefault(file, set()).add(int(line))
+    out = {}
+    for file, lines in wanted.items():
+        with open(file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if n in lines:
+                    out[f"{file}:{n}"] = json.loads(line)
+    return out
+
+
+def groups_of(record, raw: dict | None, fields: Sequence[str]) -> dict[str, Any]:
+    groups = {}
+    for name in fields:
+        value = getattr(record, name, None) if name in {f.name for f in dataclasses.fields(record)} else None
+        if value is None and raw is not None:
+            value = raw.get(name)
+        groups[name] = value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    return groups
+
+
+def truth_of(meta: dict, groups: dict) -> dict:
+    """The scoring truth of one pipeline example (boxes already in the model's resized-image pixels)."""
+    return {"id": meta["record_id"], "source": meta["source"], "label": meta["label"], "boxes": meta["boxes"],
+            "model_size": list(meta["model_size"]), "original_size": list(meta["original_size"]), "groups": groups}
+
+
+# ---- the evaluation --------------------------------------------------------------------------------
+
+def evaluate(records, decoder, prompt_config, out: Path, *, settings: dict, group_by: Sequence[str] = (),
+             fresh: bool = False, progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    """Decode what predictions.jsonl in `out` lacks, score it, and summarise every record; returns the
+    metrics (also written to metrics.json). `decoder` has GreedyDecoder's `batch_size` and `batches`."""
+    from fxjax import detection_metrics
+    from fxjax.data.pipeline import DataPipeline
+
+    check_settings(out, settings, fresh)
+    pred_path = out / PREDICTIONS
+    done = read_predictions(pred_path, say)
+    todo = [r for r in records if r.source not in done]
+    raw = raw_objects(records) if set(group_by) - {f.name for f in dataclasses.fields(records[0])} else {}
+    by_source = {r.source: r for r in records}
+    if len(todo) < len(records):
+        say(f"resuming: {len(records) - len(todo)} of {len(records)} images already in {pred_path}")
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="eval", unit="image",
+                   file=sys.stderr, dynamic_ncols=True)
+    if todo:
+        cfg = dataclasses.replace(prompt_config, batch_size=decoder.batch_size)
+        with open(pred_path, "a", encoding="utf-8") as f:
+            for texts, metas in decoder.batches(DataPipeline(cfg, records=todo)):
+                truths = [truth_of(m, groups_of(by_source[m["source"]], raw.get(m["source"]), group_by))
+                          for m in metas]
+                for row in detection_metrics.score_completions(texts, truths):
+                    f.write(json.dumps(row) + "\n")
+                    done[row["source"]] = row
+                f.flush()
+                os.fsync(f.fileno())
+                if bar is not None:
+                    bar.update(len(texts))
+    if bar is not None:
+        bar.close()
+    rows, missing = [], []
+    for r in records:
+        row = done.get(r.source)
+        if row is None:
+            missing.append(r.source)
+            continue
+        rows.append(dict(row, groups=groups_of(r, raw.get(r.source), group_by)))
+    if missing:
+        say(f"warning: {len(missing)} record(s) could not be evaluated (dropped by the data pipeline: a prompt "
+            f"longer than max_length, or an image that fails to decode; logged above): {', '.join(missing[:10])}"
+            + (" ..." if len(missing) > 10 else ""))
+    if not rows:
+        raise ValueError("no record could be evaluated")
+    summary = detection_metrics.summarize(rows, group_by)
+    summary.update(not_evaluated=missing, settings=settings)
+    (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def prompt_data_config(args: argparse.Namespace, data: dict, tokenizer: str):
+    from fxjax.data.config import DataConfig
+
+    return DataConfig(data_files=tuple(args.data), tokenizer=tokenizer, root=args.root,
+                      allow_absolute_paths=args.allow_absolute_paths, format=args.format, on_error=args.on_error,
+                      min_pixels=data["min_pixels"], max_pixels=data["max_pixels"], max_length=data["max_length"],
+                      mode="prompt", prompts=data["prompts"], system_prompt=data["system_prompt"],
+                      batch_size=args.batch_size, drop_remainder=False, shuffle=False, seed=data["seed"],
+                      num_epochs=1, shard_index=0, shard_count=1)
+
+
+def settings_of(args: argparse.Namespace, source: dict, data: dict) -> dict:
+    return {"model": source, "max_new_tokens": args.max_new_tokens,
+            **{k: data[k] for k in ("min_pixels", "max_pixels", "prompts", "system_prompt", "max_length", "seed")},
+            "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}}
+
+
+def run(args: argparse.Namespace) -> int:
+    say = lambda text: print(f"fxjax eval: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    for f in args.data:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--data: {f} does not exist")
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    from fxjax.commands.model_args import load_detector
+    from fxjax.data.records import load_records
+
+    records, report = load_records(args.data, args.root, args.format, args.on_error,
+                                   allow_absolute_paths=args.allow_absolute_paths)
+    if report.skipped:
+        say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in report.skipped))
+    if not records:
+        raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
+    if args.limit:
+        records = records[:args.limit]
+    detector = load_detector(args)
+    from fxjax.detection_metrics import metrics_table
+    from fxjax.train.inference import GreedyDecoder
+
+    decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
+    settings = settings_of(args, detector.source, detector.data)
+    out = Path(args.out)
+    summary = evaluate(records, decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
+                       settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say)
+    if report.skipped:
+        summary["invalid_records"] = [str(e) for e in report.skipped]
+        (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(metrics_table(summary))
+    print(f"\nwrote {out / METRICS} and {out / PREDICTIONS} ({summary['examples']} images)")
+    return 0

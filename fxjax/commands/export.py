@@ -1,0 +1,91 @@
+"""`fxjax export --run RUN_DIR [--step N] --out DIR`: a run's checkpoint as Hugging Face directories.
+
+    checkpoint <step> -> (run config -> base model + LoRA, the step's LoRA parameters: train.run_loading)
+      -> OUT/merged/   base + LoRA merged: config.json, safetensors, tokenizer, preprocessor_config.json
+      -> OUT/adapter/  PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "write a run's checkpoint (SFT or GRPO, any step) as a merged HF checkpoint and a PEFT adapter"
+
+DESCRIPTION = """\
+Export any checkpoint of a fxjax sft / grpo run, from one process (also a checkpoint written by a
+multi-process run):
+
+  OUT/merged/   the base model with the LoRA merged into its weights (W + scaling * B A, computed in
+                float32): a self-contained Hugging Face checkpoint that transformers'
+                Qwen2_5_VLForConditionalGeneration loads without peft, with the tokenizer training used
+                (the output-format markers included) and preprocessor_config.json with the run's pixel
+                limits, so AutoTokenizer / AutoProcessor load it too. Its logits are fxjax's at that step.
+  OUT/adapter/  the LoRA as a PEFT adapter (peft.PeftModel.from_pretrained(base, OUT/adapter)); for a GRPO
+                run started from an SFT adapter, that adapter's config with the GRPO step's weights.
+
+The base model is the run's model.path (from the config saved with the checkpoint); --model points at it
+when it has moved. A missing or corrupted step is an error naming it and listing the steps that exist."""
+
+EPILOG = """\
+examples:
+  fxjax export --run runs/sft --out export/sft            # the newest step
+  fxjax export --run runs/grpo --step 300 --out export/grpo-300 --dtype bfloat16
+  fxjax export --run runs/grpo --out export/adapter --adapter-only"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="the run's train.output_dir (holding checkpoints/) or its checkpoint.dir")
+    p.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the newest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (merged/ and adapter/ inside)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--adapter-only", action="store_true", help="write only OUT/adapter")
+    only.add_argument("--merged-only", action="store_true", help="write only OUT/merged")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the written weights (default: the merged model in the base checkpoint's dtype, "
+                        "the adapter in float32)")
+    p.add_argument("--model", metavar="PATH", help="the run's base model directory, when it moved since training")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT/merged, OUT/adapter even if they exist")
+    p.set_defaults(func=run)
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, merged: bool = True,
+               adapter: bool = True, dtype: str | None = None, model_path: str | None = None,
+               log=None) -> dict[str, str]:
+    """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}."""
+    from fxjax.peft_io import save_peft_adapter
+    from fxjax.train.export import save_merged
+    from fxjax.train.run_loading import load_run
+
+    # The base weights in float32 whatever the run computed in: the merge W + scaling * B A is then exact
+    # to float32 before the result is cast to the checkpoint's dtype.
+    loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="float32", log=log)
+    cfg, out = loaded.config, Path(out)
+    written: dict[str, str] = {"step": str(loaded.step)}
+    if merged:
+        written["merged"] = str(save_merged(loaded.model, out / "merged", dtype=dtype, tokenizer_dir=cfg.tokenizer,
+                                            image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
+    if adapter:
+        written["adapter"] = str(save_peft_adapter(loaded.model, out / "adapter", dtype=dtype))
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    say = lambda text: print(f"fxjax export: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    out = Path(args.out)
+    parts = [name for name, skip in (("merged", args.adapter_only), ("adapter", args.merged_only)) if not skip]
+    for name in parts:
+        target = out / name
+        if target.exists() and any(target.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"{target} is not empty; pass --overwrite or another --out")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model: {args.model} is not a directory")
+    written = export_run(args.run, out, step=args.step, merged="merged" in parts, adapter="adapter" in parts,
+                         dtype=args.dtype, model_path=args.model, log=say)
+    print(json.dumps(written))
+    return 0

@@ -1,0 +1,141 @@
+"""The model options `fxjax eval` and `fxjax detect` share, and loading the detector they name.
+
+    --model PATH [--adapter DIR]          an HF directory (a merged export, or a base model + PEFT adapter)
+    --run RUN_DIR [--step N] [--model P]  a fxjax sft/grpo run at a checkpoint step (P: its base, if moved)
+
+plus --dtype, --mesh and --tokenizer. The prompt settings (pixel limits, system prompt, prompt source,
+max length) default to the run's data config with --run, and otherwise to the pipeline's defaults, with
+the pixel limits of the model directory's preprocessor_config.json when it has one (a merged export
+carries the limits training used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "load_detector", "parse_mesh"]
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (give --model, or --run)")
+    g.add_argument("--model", metavar="PATH",
+                   help="HF Qwen2.5-VL directory: a merged export (fxjax export), or the base model for --adapter; "
+                        "with --run, the run's base model when it is no longer where the run read it")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to apply on --model")
+    src.add_argument("--run", metavar="RUN_DIR",
+                     help="a fxjax sft/grpo run: its train.output_dir (holding checkpoints/) or a checkpoint.dir; "
+                          "the model is rebuilt from the run's saved config with the LoRA of --step")
+    g.add_argument("--step", type=int, metavar="N", help="checkpoint step of --run (default: the newest)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: the run's with --run, else float32)")
+    g.add_argument("--mesh", metavar="AXES",
+                   help="device mesh, e.g. data=4 or data=2,tensor=2 (axes data, fsdp, tensor; one may be -1); "
+                        "batches are split over data x fsdp (default: one device with --model, every local "
+                        "device on the data axis with --run)")
+    g.add_argument("--tokenizer", metavar="DIR",
+                   help="directory with tokenizer.json (default: the model directory, or the run's tokenizer)")
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt and image size (default: the run's data config with --run, else the "
+                             "model directory's preprocessor_config.json and fxjax's defaults)")
+    g.add_argument("--min-pixels", type=int, metavar="N", help="smallest model-input image area (pixels)")
+    g.add_argument("--max-pixels", type=int, metavar="N",
+                   help="largest model-input image area (pixels); fewer pixels = fewer image tokens, faster")
+    g.add_argument("--system-prompt", metavar="TEXT", help="system prompt (default: the one SFT trained with)")
+
+
+def parse_mesh(text: str | None):
+    if not text:
+        return None
+    from fxjax.sharding import MeshConfig
+
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in ("data", "fsdp", "tensor"):
+            raise ValueError(f"--mesh: {part!r} is not AXIS=N with AXIS one of data, fsdp, tensor")
+        try:
+            sizes[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh: {value!r} is not an integer") from None
+    return MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes})
+
+
+@dataclass
+class Detector:
+    model: Any
+    tokenizer: str  # directory (or file) holding tokenizer.json
+    mesh: Any  # jax Mesh or None (one device)
+    data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields: pixels, prompts, system prompt, ...
+    source: dict[str, Any] = field(default_factory=dict)  # what was loaded, for the record (metrics.json)
+
+
+def _pixels_of(model_dir: Path) -> dict[str, int]:
+    path = model_dir / "preprocessor_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: int(config[k]) for k in ("min_pixels", "max_pixels") if isinstance(config.get(k), int)}
+
+
+def load_detector(args: argparse.Namespace) -> Detector:
+    """The model and prompt settings named by the options of `add_model_arguments` / `add_prompt_arguments`."""
+    from fxjax.train_config import DataSection
+
+    if args.run is None and args.model is None:
+        raise ValueError("give --model PATH (an HF directory, optionally with --adapter DIR) or --run RUN_DIR")
+    if args.step is not None and args.run is None:
+        raise ValueError("--step needs --run")
+    for name in ("model", "adapter", "tokenizer"):
+        value = getattr(args, name, None)
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"--{name}: {value} does not exist")
+    mesh_cfg = parse_mesh(getattr(args, "mesh", None))
+    from fxjax.sharding import make_mesh
+
+    mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else None
+    defaults = DataSection()
+    data: dict[str, Any] = dict(min_pixels=defaults.min_pixels, max_pixels=defaults.max_pixels,
+                                prompts=defaults.prompts, system_prompt=defaults.system_prompt,
+                                max_length=defaults.max_length, seed=defaults.seed)
+    say = lambda text: print(f"fxjax {args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.run is not None:
+        from fxjax.sharding import MeshConfig
+        from fxjax.train.run_loading import load_run
+
+        mesh = mesh if mesh is not None else make_mesh(MeshConfig())  # every local device on the data axis
+        run = load_run(args.run, args.step, mesh=mesh, model_path=args.model, dtype=args.dtype, log=say)
+        d = run.config.data
+        data.update(min_pixels=d.min_pixels, max_pixels=d.max_pixels, prompts=d.prompts,
+                    system_prompt=d.system_prompt, max_length=d.max_length, seed=d.seed)
+        tokenizer = args.tokenizer or run.config.tokenizer
+        model = run.model
+        source = {"run": str(run.checkpoint_dir), "step": run.step, "kind": run.kind,
+                  "base": run.config.model.path or run.config.model.preset, "dtype": run.config.model.dtype}
+    else:
+        from fxjax.hf_checkpoint import from_pretrained
+
+        model_dir = Path(args.model)
+        data.update(_pixels_of(model_dir))
+        tokenizer = args.tokenizer or str(model_dir)
+        if not (Path(tokenizer) / "tokenizer.json").is_file() and not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
+        dtype = args.dtype or "float32"
+        say(f"loading {model_dir}" + (f" with the adapter {args.adapter}" if args.adapter else "") + f" ({dtype})")
+        model = from_pretrained(model_dir, dtype=dtype, mesh=mesh, adapter=args.adapter)
+        model.eval()
+        source = {"model": str(model_dir), "adapter": args.adapter, "dtype": dtype}
+    for key in ("min_pixels", "max_pixels", "system_prompt"):
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    return Detector(model=model, tokenizer=str(tokenizer), mesh=mesh, data=data, source=source)
+

@@ -1,0 +1,282 @@
+"""`fxjax report RUN_DIR`: one PNG of a run's metrics.jsonl, for a person to look at.
+
+SFT runs: training and held-out loss, learning rate, gradient norm, and the held-out generation metrics
+(format rate, verdict accuracy, mean IoU from greedy decoding). GRPO runs: total reward, its components, mean IoU on
+generated images, KL to the base model and completion length, each per step with a moving average, the
+reward stages shaded and their boundaries marked and named on every panel; held-out evaluation as well
+when the run logged some. `fxjax sft` and `fxjax grpo` write it at the end of a run (--no-report: not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG"
+
+DESCRIPTION = """\
+Plot the metrics of a fxjax sft or grpo run (RUN_DIR/metrics.jsonl) into one PNG.
+
+SFT panels: loss (training and held-out token cross-entropy), learning rate, gradient norm, held-out
+generation metrics (format rate, verdict accuracy, mean IoU; greedy decoding).
+GRPO panels: total reward, reward components (format rate, verdict accuracy and the IoU term, means over
+the step's completions), mean IoU on generated images, KL to the base model, completion length, and the
+held-out evaluation when the run logged one. Every GRPO panel shades the reward stages (alpha, beta,
+gamma, ...) and marks and names the boundaries between them.
+
+Steps are optimiser updates. Noisy per-step series are drawn thin, with a thick moving average.
+`fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report."""
+
+EPILOG = """\
+examples:
+  fxjax report runs/sft                   # writes runs/sft/report.png
+  fxjax report runs/grpo --out grpo.png"""
+
+REPORT_FILE = "report.png"
+STAGE_SHADES = ("#f2f2f2", "#ffffff")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN_DIR", help="the run's train.output_dir (holding metrics.jsonl), or the file")
+    p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG (default: RUN_DIR/{REPORT_FILE})")
+    p.add_argument("--title", help="figure title (default: the run directory and its kind)")
+    p.set_defaults(func=run)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+def _number(value: Any) -> float:
+    """A metrics value as a float: metrics.jsonl writes non-finite numbers as strings ("nan", "inf")."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def series(records: Sequence[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the records of `kind` that carry it."""
+    steps, values = [], []
+    for r in records:
+        if r.get("kind") == kind and key in r:
+            steps.append(int(r["step"]))
+            values.append(_number(r[key]))
+    return steps, values
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    name: str
+    first: int  # first step (update number) of the stage
+    last: int
+
+
+def stage_spans(records: Sequence[dict]) -> list[StageSpan]:
+    """Contiguous runs of the train records' "stage" (GRPO), in step order."""
+    spans: list[StageSpan] = []
+    for r in records:
+        if r.get("kind") != "train" or "stage" not in r:
+            continue
+        name, step = str(r["stage"]), int(r["step"])
+        if spans and spans[-1].name == name:
+            spans[-1] = StageSpan(name, spans[-1].first, step)
+        else:
+            spans.append(StageSpan(name, step, step))
+    return spans
+
+
+def run_kind(records: Sequence[dict]) -> str:
+    grpo = any(r.get("kind") == "train" and ("stage" in r or "reward/total_mean" in r) for r in records)
+    return "grpo" if grpo else "sft"
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` finite values (NaNs skipped)."""
+    out, buf = [], []
+    for v in values:
+        if math.isfinite(v):
+            buf.append(v)
+        buf = buf[-window:]
+        out.append(sum(buf) / len(buf) if buf else math.nan)
+    return out
+
+
+# ---- panels ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Line:
+    kind: str  # "train" or "eval"
+    key: str
+    label: str
+    smooth: bool = True  # train series: thin raw line + thick moving average
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    ylabel: str
+    lines: tuple[Line, ...]
+    unit_interval: bool = False  # values in [0, 1]: fixed y range
+
+
+SFT_PANELS = (
+    Panel("Loss", "cross-entropy (nats / target token)",
+          (Line("train", "loss", "training"), Line("eval", "loss", "held-out"))),
+    Panel("Learning rate", "learning rate", (Line("train", "learning_rate", "learning rate", smooth=False),)),
+    Panel("Gradient norm", "global L2 norm (before clipping)", (Line("train", "grad_norm", "gradient norm"),)),
+    Panel("Held-out generation (greedy)", "rate, or IoU (0 to 1)",
+          (Line("eval", "format_rate", "format rate"), Line("eval", "verdict_accuracy", "verdict accuracy"),
+           Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),
+)
+
+GRPO_PANELS = (
+    Panel("Total reward (its weights change with the stage)", "reward (mean over the step's completions)",
+          (Line("train", "reward/total_mean", "total"),)),
+    Panel("Reward components", "mean over the step's completions (0 to 1)",
+          (Line("train", "reward/format_mean", "format (= format rate)"),
+           Line("train", "reward/label_mean", "label (= verdict accuracy)"),
+           Line("train", "reward/iou_mean", "IoU term (real images count 1)")), unit_interval=True),
+    Panel("Mean IoU on generated images", "matched IoU of the rollouts (0 to 1)",
+          (Line("train", "mean_iou_generated", "mean IoU, generated images"),), unit_interval=True),
+    Panel("KL to the base model", "k3 estimate (nats / token)", (Line("train", "kl", "KL"),)),
+    Panel("Completion length", "tokens", (Line("train", "completion_length_mean", "mean"),
+                                          Line("train", "completion_length_max", "longest", smooth=False))),
+    Panel("Held-out evaluation (greedy)", "rate, or IoU (0 to 1)",
+          (Line("eval", "format_rate", "format rate"), Line("eval", "verdict_accuracy", "verdict accuracy"),
+           Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),
+)
+
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def _has_data(records: Sequence[dict], panel: Panel) -> bool:
+    return any(any(math.isfinite(v) for v in series(records, line.kind, line.key)[1]) for line in panel.lines)
+
+
+def _mark_stages(ax, spans: Sequence[StageSpan]) -> None:
+    """Shade each stage, draw a dashed line at each boundary and name the stage at the top of the panel."""
+    from matplotlib.transforms import blended_transform_factory
+
+    to_axes = blended_transform_factory(ax.transData, ax.transAxes)  # x in steps, y in the panel's height
+    for i, span in enumerate(spans):
+        lo, hi = span.first - 0.5, span.last + 0.5
+        ax.axvspan(lo, hi, color=STAGE_SHADES[i % 2], zorder=0, lw=0)
+        if i:
+            ax.axvline(lo, color="#555555", ls="--", lw=1.2, zorder=1)
+        ax.text((lo + hi) / 2, 0.98, span.name, transform=to_axes, ha="center", va="top", fontsize=9,
+                color="#333333", fontweight="bold",
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.7))
+
+
+def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int,
+                xlim: tuple[float, float]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    if spans:
+        _mark_stages(ax, spans)
+    for colour, line in zip(COLOURS, panel.lines):
+        steps, values = series(records, line.kind, line.key)
+        if not steps or not any(math.isfinite(v) for v in values):
+            continue
+        if line.kind == "eval":
+            ax.plot(steps, values, "o-", color=colour, label=line.label, ms=5, lw=1.5, zorder=3)
+        elif line.smooth and window > 1 and len(values) > window:
+            ax.plot(steps, values, color=colour, alpha=0.3, lw=0.8, zorder=2)
+            ax.plot(steps, moving_average(values, window), color=colour, lw=2,
+                    label=f"{line.label} ({window}-step average)", zorder=3)
+        else:
+            ax.plot(steps, values, color=colour, lw=1.5, marker="." if len(values) < 40 else None,
+                    label=line.label, zorder=3)
+    ax.set_title(panel.title, fontsize=11, pad=14 if spans else 6)
+    ax.set_xlabel("optimiser step")
+    ax.set_xlim(*xlim)  # one step axis for every panel, so held-out points line up with training curves
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    ax.set_ylabel(panel.ylabel, fontsize=9)
+    if panel.unit_interval:
+        ax.set_ylim(-0.03, 1.12 if spans else 1.03)  # head room for the stage names
+    elif spans:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi + 0.12 * (hi - lo))
+    ax.grid(True, alpha=0.3, zorder=0)
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+
+
+def build_report(records: Sequence[dict], title: str | None = None):
+    """The report figure (matplotlib Figure; each panel's title names it) of a run's metrics records."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    if not records:
+        raise ValueError("no metrics records to plot")
+    kind = run_kind(records)
+    spans = stage_spans(records) if kind == "grpo" else []
+    panels = [p for p in (GRPO_PANELS if kind == "grpo" else SFT_PANELS) if _has_data(records, p)]
+    if not panels:
+        raise ValueError("the metrics records hold none of the values a report plots")
+    train_steps = len({r["step"] for r in records if r.get("kind") == "train"})
+    window = max(1, min(25, train_steps // 15))
+    cols = 2 if len(panels) > 1 else 1
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(6.4 * cols, 3.6 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    steps = [r["step"] for r in records]
+    margin = max(0.5, 0.02 * (max(steps) - min(steps)))
+    xlim = (min(steps) - margin, max(steps) + margin)
+    for ax, panel in zip(axes.flat, panels):
+        _draw_panel(ax, records, panel, spans, window, xlim)
+    for ax in list(axes.flat)[len(panels):]:
+        fig.delaxes(ax)
+    heading = title or f"{kind.upper()} run"
+    detail = f"steps {min(steps)}-{max(steps)}"
+    if spans:
+        detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans)
+    fig.suptitle(f"{heading}  ({detail})", fontsize=12)
+    return fig
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
+    """Read RUN_DIR/metrics.jsonl (or that file), draw the report, save it as PNG; returns its path."""
+    from fxjax.train.metrics import METRICS_FILE, read_metrics
+
+    source = Path(run_dir)
+    metrics_file = source / METRICS_FILE if source.is_dir() else source
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"no metrics file at {metrics_file} (a fxjax sft/grpo run writes "
+                                f"<train.output_dir>/{METRICS_FILE})")
+    records = read_metrics(metrics_file)
+    run_name = metrics_file.parent.name or str(metrics_file.parent)
+    fig = build_report(records, title or f"{run_name}: {run_kind(records).upper()}")
+    path = Path(out) if out is not None else metrics_file.parent / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def report_after_run(output_dir: str | Path, say: Callable[[str], None]) -> None:
+    """The end-of-run report of `fxjax sft` / `fxjax grpo`: never fails the run, says why when it cannot."""
+    try:
+        import jax
+
+        if jax.process_index() != 0:
+            return
+        say(f"wrote the report {write_report(output_dir)}")
+    except Exception as err:  # noqa: BLE001 - a plotting problem must not turn a finished run into a failure
+        say(f"no report ({type(err).__name__}: {err}); run `fxjax report {output_dir}` to retry")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = write_report(args.run, args.out, args.title)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0

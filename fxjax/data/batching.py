@@ -1,0 +1,116 @@
+"""Examples -> padded batches: length buckets, padding, and the checkpointable batch iterator.
+
+A batch stacks ids to [B, bucket] (right padding with ``<|endoftext|>``, mask 0, labels -100; left padding
+in ``mode="prompt"`` so that generation starts at the same position for every row), concatenates pixel
+rows to [sum rows, 1176] and grids to [B, 3], and keeps ``meta`` as a list. Padding to a few fixed bucket
+lengths keeps the number of distinct shapes (and so of jit compilations) small.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from fxjax.data.config import DataConfig
+from fxjax.data.examples import IGNORE_INDEX, Dropped
+
+__all__ = ["BatchIterator", "bucket_length", "collate"]
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n`` tokens."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def collate(examples: Sequence[dict], buckets: Sequence[int], pad_id: int, pad_side: str = "right") -> dict:
+    """Pad ids to the smallest bucket that fits the longest example; concatenate image rows and grids."""
+    length = bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
+    b = len(examples)
+    input_ids = np.full((b, length), pad_id, np.int32)
+    attention_mask = np.zeros((b, length), np.int32)
+    labels = np.full((b, length), IGNORE_INDEX, np.int32)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        span = slice(0, n) if pad_side == "right" else slice(length - n, length)
+        input_ids[i, span] = e["input_ids"]
+        attention_mask[i, span] = 1
+        labels[i, span] = e["labels"]
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                pixel_values=np.concatenate([e["pixel_values"] for e in examples]),
+                image_grid_thw=np.concatenate([e["image_grid_thw"] for e in examples]),
+                # (copies: arrays from worker processes live in shared memory until released)
+                meta=[{**e["meta"], "boxes": np.array(e["meta"]["boxes"], np.float32)} for e in examples])
+
+
+class BatchDataset(grain.IterDataset):
+    """A grain IterDataset of examples (or ``Dropped``) -> one of padded batches."""
+
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self._cfg, self._pad_id = cfg, pad_id
+
+    def __iter__(self) -> "BatchIterator":
+        return BatchIterator(self._parent.__iter__(), self._cfg, self._pad_id)
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Skips (and counts) dropped examples, groups ``batch_size`` examples and pads them.
+
+    State: the upstream grain state plus the drop/truncation counters, all JSON-serialisable.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int):
+        super().__init__(parent)
+        self._cfg, self._pad_id = cfg, pad_id
+        self._pad_side = "left" if cfg.mode == "prompt" else "right"
+        self.dropped: Counter = Counter()
+        self.truncated = 0
+        self.batches = 0
+
+    def __next__(self) -> dict:
+        batch: list[dict] = []
+        while len(batch) < self._cfg.batch_size:
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                if batch and not self._cfg.drop_remainder:
+                    break
+                raise
+            if isinstance(example, Dropped):
+                self.dropped[example.kind] += 1
+                logger.warning("dropped example (%s): %s", example.kind, example.message)
+                continue
+            self.truncated += example["meta"]["truncated"] > 0
+            batch.append(example)
+        self.batches += 1
+        return collate(batch, self._cfg.buckets, self._pad_id, self._pad_side)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "dropped": dict(self.dropped),
+                "truncated": self.truncated, "batches": self.batches}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self.dropped = Counter(state["dropped"])
+        self.truncated = int(state["truncated"])
+        self.batches = int(state["batches"])
+
+    def report(self) -> str:
+        text = f"{self.batches} batches; {self.truncated} examples with truncated reasoning"
+        if self.dropped:
+            text += "; dropped " + ", ".join(f"{k} {n}" for k, n in sorted(self.dropped.items()))
+        return text
+
+    def close(self) -> None:
+        close = getattr(self._parent, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,242 @@
+"""One record -> one model example: pixels, the chat prompt and target as token ids, and the label mask.
+
+    builder = ExampleBuilder(cfg, records_per_epoch=len(records))
+    example = builder.build(record, epoch=0)   # dict of numpy arrays + meta, or Dropped(kind, message)
+    text = builder.text(record)                # the token side only (no image decoding): lengths, targets
+
+An example (numpy): ``input_ids`` / ``attention_mask`` / ``labels`` [L] int32 (labels are *unshifted*, HF
+style: -100 everywhere except the assistant span, i.e. the completion and its final ``<|im_end|>``),
+``pixel_values`` [rows, 1176] float32, ``image_grid_thw`` [1, 3] int64, and ``meta`` (record id, source
+``file:line``, label, original and model-input size (h, w), target boxes in model-input pixels, epoch,
+template, truncation). In ``mode="prompt"`` (GRPO) the ids stop after ``<|im_start|>assistant\\n``.
+
+Long samples (``max_length`` counts every token, image tokens included):
+``long_samples="truncate"`` cuts the end of the reasoning (the longest run of free text in the completion,
+i.e. outside every marker / region / tag / verdict span), keeps its trailing newline and re-encodes it, and
+never touches the prompt, the image tokens, the grounded regions, the tags, the verdict or the closing
+``<|im_end|>``; if removing the whole reasoning is not enough (or the prompt alone does not fit) the
+example is :class:`Dropped`. ``"drop"`` drops every over-long example.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from fxjax.data.config import DataConfig
+from fxjax.data.images import open_image
+from fxjax.data.prompts import IMAGE_PAD, pick_template, prompt_parts, record_prompt, render_target
+from fxjax.data.records import DataError, Record
+from fxjax.data.tokenizer import load_tokenizer, token_id
+from fxjax.image_processing import model_input_size, process_image
+from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
+                                         THINK_START, VERDICT_END, VERDICT_START)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Dropped",
+    "ExampleBuilder",
+    "ExampleText",
+    "RecordTokens",
+    "tokens_for",
+]
+
+IGNORE_INDEX = -100
+PAD_TOKEN = "<|endoftext|>"
+IM_END = "<|im_end|>"
+
+
+class Dropped(NamedTuple):
+    """Placeholder for an example the pipeline leaves out; counted and logged downstream."""
+
+    kind: str
+    message: str
+
+
+class RecordTokens:
+    """The tokenizer plus the ids the pipeline needs (built lazily in each worker process)."""
+
+    def __init__(self, path: str):
+        self.tok = load_tokenizer(path, add_format_markers=True)
+        ids = functools.partial(token_id, self.tok)
+        self.pad, self.im_end, self.image_pad = ids(PAD_TOKEN), ids(IM_END), ids(IMAGE_PAD)
+        self.openers = {ids(a): ids(b) for a, b in ((REF_START, REF_END), (BOX_START, BOX_END),
+                                                   (TAG_START, TAG_END), (VERDICT_START, VERDICT_END))}
+        self.singles = {ids(THINK_START), ids(THINK_END), self.im_end, *self.openers.values()}
+        self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def prompt(self, system: str, user: str) -> tuple[list[int], list[int]]:
+        """The prompt's ids before and after the image tokens (cached: few distinct prompts repeat)."""
+        key = (system, user)
+        ids = self._prompt_cache.get(key)
+        if ids is None:  # (read-ahead threads may race here; the worst case is encoding twice)
+            if len(self._prompt_cache) > 256:
+                self._prompt_cache = {}
+            before, after = prompt_parts(system, user)
+            ids = self._prompt_cache[key] = (self.encode(before), self.encode(after))
+        return ids
+
+    def free_mask(self, ids: Sequence[int]) -> np.ndarray:
+        """True at completion tokens that are plain reasoning text (outside every structural span)."""
+        free = np.zeros(len(ids), bool)
+        closer = None
+        for i, t in enumerate(ids):
+            if closer is not None:
+                if t == closer:
+                    closer = None
+            elif t in self.openers:
+                closer = self.openers[t]
+            elif t not in self.singles:
+                free[i] = True
+        return free
+
+
+def truncate_reasoning(tokens: RecordTokens, ids: list[int], overflow: int) -> list[int] | None:
+    """Shorten the longest run of free text in the completion (the reasoning) by at least ``overflow``
+    tokens, cutting its end but keeping its trailing whitespace (the newline before the regions); the
+    shortened run is re-encoded so the ids stay canonical. None if even an empty run is too long."""
+    free = tokens.free_mask(ids)
+    runs, start = [], None
+    for i, f in enumerate([*free, False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            runs.append((start, i))
+            start = None
+    if not runs:
+        return None
+    start, end = max(runs, key=lambda r: (r[1] - r[0], -r[0]))
+    run_text = tokens.tok.decode(ids[start:end], skip_special_tokens=False)
+    separator = run_text[len(run_text.rstrip()):]
+    budget = end - start - overflow
+    for cut_at in range(min(end - 1, start + budget), start - 1, -1):
+        kept = tokens.tok.decode(ids[start:cut_at], skip_special_tokens=False)
+        if kept.endswith("\ufffd"):  # half of a multi-byte character
+            continue
+        new = tokens.encode(kept.rstrip() + separator) if (kept.strip() or separator) else []
+        if len(new) <= budget:
+            return ids[:start] + new + ids[end:]
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokens(path: str, mtime_ns: int) -> RecordTokens:
+    return RecordTokens(path)
+
+
+def tokens_for(path: str) -> RecordTokens:
+    """The tokenizer of ``path``, loaded once per process (and again if its tokenizer.json changes)."""
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    return _cached_tokens(str(path), file.stat().st_mtime_ns if file.exists() else 0)
+
+
+@dataclass(frozen=True)
+class ExampleText:
+    """The token side of one example, computed from the record alone (its image is not decoded)."""
+
+    prompt_ids: list[int]  # the whole prompt, image tokens included
+    target: str  # the assistant text (boxes in model-input pixels), without the closing <|im_end|>
+    boxes: np.ndarray  # [regions, 4] float32, model-input pixels
+    model_size: tuple[int, int]  # (height, width) the image processor resizes to
+    num_image_tokens: int
+    template: int  # user template index; -1 when an ms-swift record keeps its own prompt
+
+
+class ExampleBuilder:
+    """``(index, record) -> example dict | Dropped``; ``index`` counts over epochs (epoch = index // n)."""
+
+    def __init__(self, cfg: DataConfig, records_per_epoch: int):
+        self.cfg = cfg
+        self.records_per_epoch = max(1, records_per_epoch)
+        self._tokens: RecordTokens | None = None
+
+    def __getstate__(self):
+        return {"cfg": self.cfg, "records_per_epoch": self.records_per_epoch, "_tokens": None}
+
+    @property
+    def tokens(self) -> RecordTokens:
+        if self._tokens is None:
+            self._tokens = tokens_for(self.cfg.tokenizer)
+        return self._tokens
+
+    def __call__(self, index: int, record: Record) -> dict | Dropped:
+        return self.build(record, epoch=index // self.records_per_epoch)
+
+    def text(self, record: Record, epoch: int = 0) -> ExampleText:
+        """Prompt ids and target text; the image-token count follows from the size the record was validated at."""
+        cfg, tk = self.cfg, self.tokens
+        height, width = model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels)
+        n_image_tokens = (height // 28) * (width // 28)  # 14 px patches, merged 2x2
+        scale = np.array([width / record.width, height / record.height] * 2)
+        boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
+        template = pick_template(cfg.seed, record.index, epoch)
+        system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts)
+        if record.format == "swift" and cfg.prompts != "templates":
+            template = -1
+        before, after = tk.prompt(system, user)
+        return ExampleText(prompt_ids=before + [tk.image_pad] * n_image_tokens + after,
+                           target=render_target(record, boxes), boxes=boxes, model_size=(height, width),
+                           num_image_tokens=n_image_tokens, template=template)
+
+    def completion_ids(self, target: str) -> list[int]:
+        return self.tokens.encode(target) + [self.tokens.im_end]
+
+    def _pixels(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        image = open_image(record.image, cfg.max_image_pixels, decode=True)
+        try:
+            if image.size != (record.width, record.height):
+                raise ValueError(f"image {record.image} is now {image.size[0]}x{image.size[1]}, validated "
+                                 f"as {record.width}x{record.height}")
+            return process_image(image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        finally:
+            image.close()
+
+    def build(self, record: Record, epoch: int = 0) -> dict | Dropped:
+        cfg = self.cfg
+        try:
+            pixel_values, grid = self._pixels(record)
+        except (OSError, ValueError, SyntaxError) as err:
+            error = DataError(record.source, f"cannot decode image: {err}", "decode")
+            if cfg.on_error == "raise":
+                raise error from None
+            return Dropped("decode", str(error))
+        text = self.text(record, epoch)
+        assert text.model_size == (int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)
+        assert text.num_image_tokens == int(grid.prod()) // 4
+        prompt_ids = text.prompt_ids
+        meta = dict(record_id=record.record_id, index=record.index, source=record.source, label=record.label,
+                    generator=record.generator, original_size=(record.height, record.width),
+                    model_size=text.model_size, boxes=text.boxes, captions=tuple(r.caption for r in record.regions),
+                    epoch=epoch, template=text.template, target=text.target, prompt_length=len(prompt_ids),
+                    num_image_tokens=text.num_image_tokens, truncated=0)
+        if len(prompt_ids) > cfg.max_length or (cfg.mode == "sft" and len(prompt_ids) >= cfg.max_length):
+            return Dropped("too_long", f"{record.source}: the prompt alone is {len(prompt_ids)} tokens "
+                                       f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}")
+        if cfg.mode == "prompt":
+            input_ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
+        else:
+            completion = self.completion_ids(text.target)
+            overflow = len(prompt_ids) + len(completion) - cfg.max_length
+            if overflow > 0:
+                cut = truncate_reasoning(self.tokens, completion, overflow) if cfg.long_samples == "truncate" else None
+                if cut is None:
+                    return Dropped("too_long", f"{record.source}: {len(prompt_ids) + len(completion)} tokens "
+                                               f"> max_length {cfg.max_length}" +
+                                   (" even with the reasoning removed" if cfg.long_samples == "truncate" else ""))
+                meta["truncated"] = len(completion) - len(cut)
+                completion = cut
+            input_ids = prompt_ids + completion
+            labels = [IGNORE_INDEX] * len(prompt_ids) + completion
+        return dict(input_ids=np.asarray(input_ids, np.int32),
+                    attention_mask=np.ones(len(input_ids), np.int32),
+                    labels=np.asarray(labels, np.int32),
+                    pixel_values=pixel_values, image_grid_thw=grid, meta=meta)

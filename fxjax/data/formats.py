@@ -1,0 +1,269 @@
+"""The two dataset formats: one JSON object -> a :class:`ParsedRecord`, or a :class:`RecordProblem` saying why not.
+
+* native JSONL, one record per image::
+
+    {"image": "rel/path.png", "label": "real" | "generated",
+     "regions": [{"bbox": [x1, y1, x2, y2], "caption": "..."}], "tags": ["..."],
+     "reasoning": "...", "generator": "...", "id": "..." (optional)}
+
+  boxes in original-image pixels;
+* ms-swift JSONL, the format the paper's FakeXplain dataset is released in::
+
+    {"messages": [{"role": "system"?, ...}, {"role": "user", "content": "<image>..."},
+                  {"role": "assistant", "content": "... <ref-object><bbox> ... <verdict>generated</verdict>"}],
+     "images": ["rel/path.jpg"], "objects": {"ref": ["caption", ...], "bbox": [[x1, y1, x2, y2], ...]}}
+
+  where the i-th ``<ref-object>`` / ``<bbox>`` placeholder pair is the i-th caption / box (in original-image
+  pixels, or fractions of the image with ``"bbox_type": "norm1"``), and the label is the verdict.
+
+Parsing needs no image: :func:`boxes_in_pixels` checks the boxes against the image size once it is known.
+A problem's ``kind`` is a short category the loader counts skipped records by.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fxjax.rewards.output_format import (BOX_END, BOX_START, FORMAT_MARKERS, LABELS, REF_END, REF_START, VERDICT_END,
+                                         VERDICT_START)
+
+__all__ = [
+    "Box",
+    "ParsedRecord",
+    "RecordProblem",
+    "SWIFT_BBOX",
+    "SWIFT_IMAGE",
+    "SWIFT_REF",
+    "boxes_in_pixels",
+    "detect_format",
+    "parse_record",
+]
+
+SWIFT_REF, SWIFT_BBOX, SWIFT_IMAGE = "<ref-object>", "<bbox>", "<image>"
+# Strings that would break the chat structure or the image-token count anywhere in a prompt or target.
+_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>")
+# ... plus those that would corrupt the output format inside a native record's free text.
+_RESERVED = (*_CHAT_TOKENS, REF_START, REF_END, BOX_START, BOX_END, *FORMAT_MARKERS)
+_VERDICT_RE = re.compile(re.escape(VERDICT_START) + r"(.*?)" + re.escape(VERDICT_END))
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2
+
+
+class RecordProblem(Exception):
+    """Why one JSON object is not a valid record; the loader adds the file:line."""
+
+    def __init__(self, problem: str, kind: str):
+        super().__init__(problem)
+        self.problem, self.kind = problem, kind
+
+
+@dataclass(frozen=True)
+class ParsedRecord:
+    """A record's fields as the JSONL gives them, checked for everything that does not need the image."""
+
+    image: str  # the path as written in the record
+    record_id: str
+    label: str  # "real" | "generated"
+    regions: tuple[tuple[str, Box], ...]  # (caption, box) as given (pixels, or fractions for bbox_type norm1)
+    format: str  # "native" | "swift"
+    tags: tuple[str, ...] = ()
+    reasoning: str = ""
+    generator: str | None = None
+    bbox_type: str = "real"  # "real" (pixels) | "norm1" (fractions of width / height)
+    # ms-swift only: the record's own prompts and the assistant text with its placeholders.
+    system: str | None = None
+    user: str | None = None
+    assistant: str | None = None
+
+
+def detect_format(obj: dict) -> str:
+    return "swift" if "messages" in obj else "native"
+
+
+def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
+    """One decoded JSON line -> :class:`ParsedRecord`; ``format`` "auto" decides per record."""
+    if not isinstance(obj, dict):
+        raise RecordProblem(f"a record must be a JSON object, got {type(obj).__name__}", "schema")
+    kind = format if format != "auto" else detect_format(obj)
+    parsed = _parse_swift(obj) if kind == "swift" else _parse_native(obj)
+    if parsed.label == "generated" and not parsed.regions:
+        raise RecordProblem("a generated image must have at least one region", "no_regions")
+    if parsed.label == "real" and parsed.regions:
+        raise RecordProblem(f"a real image must not have regions (has {len(parsed.regions)})", "schema")
+    return parsed
+
+
+def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box, ...]:
+    """The record's boxes in pixels of the ``width`` x ``height`` image; each must lie inside it."""
+    out = []
+    for i, (_, box) in enumerate(parsed.regions):
+        if parsed.bbox_type == "norm1":
+            box = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
+        x1, y1, x2, y2 = box
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            what = "object" if parsed.format == "swift" else "region"
+            raise RecordProblem(f"{what} {i} bbox {[_fmt(v) for v in box]} lies outside the {width}x{height} "
+                                "image (width x height)", "box_outside")
+        out.append(box)
+    return tuple(out)
+
+
+# ---- fields --------------------------------------------------------------------------------------
+
+def _text(value: Any, what: str, *, allow_empty: bool = True, free_text: bool = True) -> str:
+    if not isinstance(value, str):
+        raise RecordProblem(f"{what} must be a string, got {type(value).__name__}", "schema")
+    if not allow_empty and not value.strip():
+        raise RecordProblem(f"{what} is empty", "schema")
+    if free_text:
+        for token in _RESERVED:
+            if token in value:
+                raise RecordProblem(f"{what} contains the reserved marker {token!r}", "schema")
+    return value
+
+
+def _label(value: Any) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in LABELS:
+        raise RecordProblem(f"unknown label {value!r}; expected one of {LABELS}", "label")
+    return value.strip().lower()
+
+
+def _box_numbers(box: Any, what: str) -> Box:
+    if isinstance(box, list) and len(box) == 2 and all(isinstance(p, list) and len(p) == 2 for p in box):
+        box = [box[0][0], box[0][1], box[1][0], box[1][1]]  # [[x1, y1], [x2, y2]]
+    if not isinstance(box, list) or len(box) != 4:
+        n = len(box) if isinstance(box, list) else type(box).__name__
+        raise RecordProblem(f"{what} must be [x1, y1, x2, y2] (4 numbers), got {n} values: {box!r}", "box_arity")
+    for v in box:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RecordProblem(f"{what} has a non-numeric coordinate {v!r}", "box_arity")
+        if not math.isfinite(v):
+            raise RecordProblem(f"{what} has a non-finite coordinate {v!r}", "box_nonfinite")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        raise RecordProblem(f"{what} {box!r} is inverted or empty (needs x1 < x2 and y1 < y2)", "box_inverted")
+    return x1, y1, x2, y2
+
+
+def _fmt(v: float) -> int | float:
+    return int(v) if float(v).is_integer() else v
+
+
+def _generator(obj: dict) -> str | None:
+    generator = obj.get("generator")
+    if generator is not None and not isinstance(generator, str):
+        raise RecordProblem(f"'generator' must be a string or null, got {type(generator).__name__}", "schema")
+    return generator
+
+
+# ---- native --------------------------------------------------------------------------------------
+
+def _parse_native(obj: dict) -> ParsedRecord:
+    if "image" not in obj:
+        raise RecordProblem("missing field 'image'", "schema")
+    if "label" not in obj:
+        raise RecordProblem("missing field 'label'", "label")
+    label = _label(obj["label"])
+    regions_in = obj.get("regions") or []
+    if not isinstance(regions_in, list):
+        raise RecordProblem(f"'regions' must be a list, got {type(regions_in).__name__}", "schema")
+    regions = []
+    for i, region in enumerate(regions_in):
+        if not isinstance(region, dict) or "bbox" not in region:
+            raise RecordProblem(f"region {i} must be an object with 'bbox' and 'caption'", "schema")
+        caption = _text(region.get("caption", ""), f"region {i} caption", allow_empty=False)
+        regions.append((caption.strip(), _box_numbers(region["bbox"], f"region {i} bbox")))
+    tags = obj.get("tags") or []
+    if not isinstance(tags, list):
+        raise RecordProblem(f"'tags' must be a list of strings, got {type(tags).__name__}", "schema")
+    tags = tuple(_text(t, f"tag {i}", allow_empty=False).strip() for i, t in enumerate(tags))
+    reasoning = _text(obj.get("reasoning") or "", "reasoning").strip()
+    return ParsedRecord(image=obj["image"], record_id=str(obj.get("id", obj["image"])), label=label,
+                        regions=tuple(regions), format="native", tags=tags, reasoning=reasoning,
+                        generator=_generator(obj))
+
+
+# ---- ms-swift ------------------------------------------------------------------------------------
+
+def _swift_messages(obj: dict) -> tuple[str | None, str, str]:
+    """(system or None, user, assistant), with the placeholders and reserved tokens checked."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordProblem("'messages' must be a non-empty list", "schema")
+    by_role: dict[str, list[str]] = {"system": [], "user": [], "assistant": []}
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in by_role:
+            raise RecordProblem(f"message {i} must have role system, user or assistant", "schema")
+        by_role[m["role"]].append(_text(m.get("content"), f"message {i} ({m['role']}) content", free_text=False))
+    if len(by_role["user"]) != 1 or len(by_role["assistant"]) != 1 or len(by_role["system"]) > 1:
+        raise RecordProblem("expected one user and one assistant message (and at most one system message), got "
+                            + ", ".join(f"{len(v)} {k}" for k, v in by_role.items()), "schema")
+    if messages[-1].get("role") != "assistant":
+        raise RecordProblem("the last message must be the assistant's", "schema")
+    system = by_role["system"][0] if by_role["system"] else None
+    user, assistant = by_role["user"][0], by_role["assistant"][0]
+    if user.count(SWIFT_IMAGE) > 1:
+        raise RecordProblem(f"the user message has {user.count(SWIFT_IMAGE)} {SWIFT_IMAGE} tags for one image",
+                            "placeholders")
+    for text, role in ((system or "", "system"), (user, "user")):
+        for token in (SWIFT_REF, SWIFT_BBOX):
+            if token in text:
+                raise RecordProblem(f"{token} placeholder in the {role} message; only the assistant's are "
+                                    "supported", "placeholders")
+        for token in _CHAT_TOKENS:  # a system prompt may describe the output format, so markers are fine
+            if token in text:
+                raise RecordProblem(f"the {role} message contains the reserved token {token!r}", "schema")
+    for token in _CHAT_TOKENS:
+        if token in assistant:
+            raise RecordProblem(f"the assistant message contains the reserved token {token!r}", "schema")
+    if SWIFT_IMAGE in assistant or SWIFT_IMAGE in (system or ""):
+        raise RecordProblem(f"{SWIFT_IMAGE} tag outside the user message", "placeholders")
+    return system, user, assistant
+
+
+def _swift_image(obj: dict) -> str:
+    images = obj.get("images")
+    if isinstance(images, str):  # ms-swift also accepts a single path
+        images = [images]
+    if isinstance(images, list) and len(images) == 1 and isinstance(images[0], dict):
+        images = [images[0].get("path")]  # {"path": ...} entries, as ms-swift's image dicts
+    if not isinstance(images, list) or len(images) != 1:
+        raise RecordProblem(f"'images' must list exactly one image, got {images!r}", "schema")
+    return images[0]
+
+
+def _parse_swift(obj: dict) -> ParsedRecord:
+    system, user, assistant = _swift_messages(obj)
+    image = _swift_image(obj)
+    objects = obj.get("objects") or {}
+    if not isinstance(objects, dict):
+        raise RecordProblem(f"'objects' must be an object with 'ref' and 'bbox', got {type(objects).__name__}",
+                            "schema")
+    refs, boxes = objects.get("ref") or [], objects.get("bbox") or []
+    if not isinstance(refs, list) or not isinstance(boxes, list):
+        raise RecordProblem("'objects.ref' and 'objects.bbox' must be lists", "schema")
+    n_ref, n_box = assistant.count(SWIFT_REF), assistant.count(SWIFT_BBOX)
+    if n_ref != len(refs) or n_box != len(boxes) or len(refs) != len(boxes):
+        raise RecordProblem(f"placeholder count does not match the objects: {n_ref} {SWIFT_REF} and {n_box} "
+                            f"{SWIFT_BBOX} in the assistant text, {len(refs)} refs and {len(boxes)} boxes in "
+                            "'objects'", "placeholders")
+    bbox_type = objects.get("bbox_type", "real")
+    if bbox_type not in ("real", "norm1"):
+        raise RecordProblem(f"unsupported objects.bbox_type {bbox_type!r} (expected 'real' or 'norm1')", "schema")
+    verdict = _VERDICT_RE.search(assistant)
+    if verdict is None and "label" not in obj:
+        raise RecordProblem(f"no {VERDICT_START}...{VERDICT_END} in the assistant text and no 'label' field",
+                            "label")
+    label = _label(verdict.group(1) if verdict else obj["label"])
+    if verdict and "label" in obj and _label(obj["label"]) != label:
+        raise RecordProblem(f"'label' {obj['label']!r} disagrees with the verdict {verdict.group(1)!r}", "label")
+    regions = tuple((_text(c, f"object {i} ref", allow_empty=False).strip(), _box_numbers(b, f"object {i} bbox"))
+                    for i, (c, b) in enumerate(zip(refs, boxes)))
+    generator = obj.get("generator") if isinstance(obj.get("generator"), str) else None
+    return ParsedRecord(image=image, record_id=str(obj.get("id", image)), label=label, regions=regions,
+                        format="swift", generator=generator, bbox_type=bbox_type, system=system, user=user,
+                        assistant=assistant)

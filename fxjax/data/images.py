@@ -1,0 +1,139 @@
+"""Dataset images: where a record's image path may point, and opening an image file safely.
+
+* :func:`resolve_image_path` keeps a record's image inside the dataset root: relative paths only (``..``
+  and symlinks that leave the root are refused), unless the caller allows absolute paths for a dataset it
+  trusts;
+* :func:`open_image` accepts a whitelist of raster formats, checks the decompression-bomb limit and the
+  aspect-ratio limit of Qwen2.5-VL's image processor from the header (before decoding), and applies the
+  EXIF orientation as transformers' ``load_image`` does;
+* :func:`image_size` is the (width, height) a record is validated against.
+
+Every failure is a :class:`ImageError` whose ``kind`` is the category the loader counts skips by
+(``FileNotFoundError`` for a missing file).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from fxjax.image_processing import MAX_ASPECT_RATIO
+
+__all__ = [
+    "ALLOWED_IMAGE_FORMATS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ImageError",
+    "image_size",
+    "open_image",
+    "resolve_image_path",
+]
+
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit (about 0.25 GiB of RGBA)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``kind`` is one of image_too_large, image_aspect, not_an_image,
+    image_undecodable."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # picklable across grain worker processes
+        return ImageError, (str(self), self.kind)
+
+
+def _is_absolute(rel: str) -> bool:
+    # Both conventions: a dataset written on Windows must not reach C:\ on a Linux reader either.
+    return PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or bool(PureWindowsPath(rel).drive)
+
+
+def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False) -> Path:
+    """``root / rel`` if it stays inside ``root``; raises ValueError (with the reason) otherwise.
+
+    ``allow_absolute``: take an absolute ``rel`` as it is (for datasets whose images live elsewhere and
+    whose JSONL the user trusts); relative paths must still stay inside ``root``.
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        raise ValueError(f"image path must be a non-empty string, got {rel!r}")
+    if "\x00" in rel:
+        raise ValueError(f"image path {rel!r} contains a NUL byte")
+    if _is_absolute(rel):
+        if allow_absolute and Path(rel).is_absolute():
+            return Path(rel).resolve()
+        if allow_absolute:
+            raise ValueError(f"image path {rel!r} is absolute on another operating system, not on this one")
+        raise ValueError(f"image path {rel!r} is absolute; paths must be relative to the dataset root {root} "
+                         "(allow absolute paths only for a dataset you trust: allow_absolute_paths / "
+                         "--allow-absolute-paths)")
+    if ".." in re.split(r"[\\/]", rel):
+        raise ValueError(f"image path {rel!r} escapes the dataset root {root} through '..'")
+    root = root.resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"image path {rel!r} resolves to {path}, outside the dataset root {root}")
+    return path
+
+
+def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               decode: bool = True) -> Image.Image:
+    """Open an image file safely: allowed formats only, size limit checked before decoding,
+    EXIF orientation applied (as transformers' ``load_image``). Raises :class:`ImageError` with a one-line
+    reason; ``FileNotFoundError`` when missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist" if not path.exists() else f"{path} is not a file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+        try:
+            image = Image.open(path, formats=ALLOWED_IMAGE_FORMATS)
+        except Image.DecompressionBombError as err:
+            raise ImageError(f"image {path} exceeds the decompression-bomb limit: {err}", "image_too_large") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError(f"{path} is not an image in an accepted format {ALLOWED_IMAGE_FORMATS}",
+                             "not_an_image") from None
+    width, height = image.size
+    if width * height > max_image_pixels:
+        image.close()
+        raise ImageError(f"image {path} is {width}x{height} = {width * height} pixels, over the "
+                         f"decompression-bomb limit of {max_image_pixels}", "image_too_large")
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image {path} is empty ({width}x{height})", "image_undecodable")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        image.close()
+        raise ImageError(f"image {path} is {width}x{height}: aspect ratio over Qwen2.5-VL's limit of "
+                         f"{MAX_ASPECT_RATIO}", "image_aspect")
+    if decode:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ImageError(f"image {path} cannot be decoded: {err}", "image_undecodable") from None
+    return image
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, without decoding."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def image_size(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               decode: bool = True) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied); ``decode`` also proves the pixels decode."""
+    image = open_image(path, max_image_pixels, decode=decode)
+    try:
+        return image.size if decode else _oriented_size(image)
+    finally:
+        image.close()

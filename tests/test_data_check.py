@@ -1,0 +1,111 @@
+"""`fxjax data check`: counts, balance and histograms of a good dataset; every bad record named with file:line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from fakexplain_data import IMAGES, write_fakexplain
+
+from fxjax.cli import main
+
+MAX_PIXELS = 112 * 112
+
+
+def check(capsys, *argv) -> tuple[int, str]:
+    rc = main(["data", "check", *map(str, argv)])
+    return rc, capsys.readouterr().out
+
+
+def bar_row(label: str, count: int) -> str:
+    """A histogram row: the label, its count and a bar of '#'."""
+    return rf"^\s+{re.escape(label)}\s+{count}(\s+[\d.]+%)?\s+#+$"
+
+
+def test_good_dataset(capsys, tmp_path, tokenizer_dir):
+    from fxjax.data.pipeline import DataConfig, DataPipeline
+
+    path = write_fakexplain(tmp_path / "fx")
+    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS, "--max-length", 90)
+    assert rc == 0, out
+    assert f"records: {len(IMAGES)}, valid {len(IMAGES)}, invalid 0" in out
+    assert re.search(r"^\s+real\s+2\s+50\.0%\s+#{40}$", out, re.M)
+    assert re.search(r"^\s+generated\s+2\s+50\.0%\s+#{40}$", out, re.M)
+    assert "formats: swift 4" in out
+    assert "regions per generated image: mean 1.50, min 1, median 1, max 2" in out
+    assert re.search(bar_row("1", 1), out, re.M) and re.search(bar_row("2", 1), out, re.M)
+    sides = sorted(max(size) for _, size, *_ in IMAGES)  # 80, 90, 100, 120
+    assert f"longer side in pixels: min {sides[0]}, median {(sides[1] + sides[2]) // 2}, max {sides[-1]}" in out
+    assert "smallest 80x60, largest 100x100" in out
+    for side in sides:
+        assert re.search(bar_row(str(side), 1), out, re.M)
+    # Token lengths: the lengths of the examples the SFT pipeline builds from the same records.
+    cfg = DataConfig(data_files=(str(path),), tokenizer=str(tokenizer_dir), max_pixels=MAX_PIXELS, shuffle=False,
+                     num_epochs=1, batch_size=len(IMAGES), shard_index=0, shard_count=1)
+    lengths = sorted(int(n) for n in next(iter(DataPipeline(cfg)))["attention_mask"].sum(1))
+    assert f"max_pixels {MAX_PIXELS}): min {lengths[0]}, median " in out and f"max {lengths[-1]}" in out
+    over = sum(n > 90 for n in lengths)
+    assert 0 < over < len(lengths) and f"over max_length 90: {over} (training truncates" in out
+    assert "OK: 0 of 4 records invalid" in out
+
+    # Without a tokenizer the token histogram is skipped with a note; --bins groups values into ranges.
+    rc, out = check(capsys, path, "--bins", 2)
+    assert rc == 0 and "token length: skipped (give --tokenizer DIR" in out
+    assert re.search(bar_row("80-99", 2), out, re.M) and re.search(bar_row("100-120", 2), out, re.M)
+
+
+def test_bad_dataset_lists_every_invalid_record(capsys, tmp_path):
+    folder = tmp_path / "fx"
+    absolute = str((folder / IMAGES[0][0]).resolve())
+    swift = {"messages": [{"role": "user", "content": "<image>Real?"},
+                          {"role": "assistant", "content": "<think> The <ref-object><bbox> is odd.\n<tag>t</tag>"
+                                                           "</think><verdict>generated</verdict>"}],
+             "images": [IMAGES[0][0]], "objects": {"ref": ["hand"], "bbox": [[1, 2, 30, 40]]}}
+    bad = {  # line number -> (kind, record)
+        5: ("json", '{"messages": ['),
+        6: ("image_missing", json.dumps({**swift, "images": ["images/real/gone.jpg"]})),
+        7: ("box_outside", json.dumps({**swift, "objects": {"ref": ["hand"], "bbox": [[1, 2, 95, 40]]}})),
+        8: ("placeholders", json.dumps({**swift, "objects": {"ref": ["a", "b"],
+                                                             "bbox": [[1, 2, 3, 4], [5, 6, 7, 8]]}})),
+        9: ("image_path", json.dumps({**swift, "images": [absolute]})),
+        10: ("label", json.dumps({"image": IMAGES[1][0], "label": "fake"})),
+    }
+    path = write_fakexplain(folder, extra_lines=tuple(line for _, line in bad.values()))
+    rc, out = check(capsys, path)
+    assert rc == 1, out
+    assert f"records: 10, valid 4, invalid {len(bad)}" in out
+    assert "invalid by kind: box_outside 1, image_missing 1, image_path 1, json 1, label 1, placeholders 1" in out
+    listed = out[out.index(f"invalid records ({len(bad)}):"):].splitlines()[1:1 + len(bad)]
+    assert [line.split(": [")[0].strip() for line in listed] == [f"{path}:{n}" for n in bad]
+    for line, (kind, _) in zip(listed, bad.values()):
+        assert f": [{kind}] " in line
+    assert "outside the 90x70 image" in out and "unknown label 'fake'" in out and "is absolute" in out
+    assert f"FAILED: {len(bad)} of 10 records invalid" in out
+    # The valid records are still described.
+    assert re.search(r"^\s+real\s+2\s+50\.0%", out, re.M)
+    # --allow-absolute-paths accepts line 9.
+    rc, out = check(capsys, path, "--allow-absolute-paths")
+    assert rc == 1 and f"records: 10, valid 5, invalid {len(bad) - 1}" in out and f"{path}:9" not in out
+
+
+def test_errors_that_stop_the_check(capsys, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert main(["data", "check", str(empty)]) == 2
+    assert f"fxjax data: error: {empty}: has no records: the file is empty" in capsys.readouterr().err
+    assert main(["data", "check", str(tmp_path / "absent.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    path = write_fakexplain(tmp_path / "fx")
+    assert main(["data", "check", str(path), "--max-pixels", "0"]) == 2
+    assert "max_pixels must be positive" in capsys.readouterr().err
+
+
+def test_help_explains_outputs_and_exit_status(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "check", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for words in ("label balance", "image-size histogram", "token-length histogram", "FILE:LINE",
+                  "--allow-absolute-paths", "--tokenizer DIR", "1  at least one record is invalid"):
+        assert words in text, words
