@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fxjax.sharding import barrier
 from fxjax.train import faults
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,19 @@ class TrainCheckpointer:
         data = dict(restored["data"])
         data.pop("step", None)
         return state, data, dict(restored["config"]), step
+
+    def set_aside(self, step: int) -> Path:
+        """Rename the directory of a checkpoint that does not restore to ``<step>.unreadable-<n>`` (kept for
+        inspection, never deleted) so the run can write that step again; every process waits for it."""
+        source = self.directory / str(int(step))
+        n = 0
+        while (target := self.directory / f"{int(step)}.unreadable-{n}").exists():
+            n += 1
+        if jax.process_index() == 0 and source.exists():
+            source.rename(target)
+        barrier(f"fxjax-set-aside-{int(step)}")
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         self.manager.close()

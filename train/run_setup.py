@@ -85,18 +85,25 @@ def init_state(params, base, rest, tx, *, seed: int, mesh) -> tuple[TrainState, 
 def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
     """(state, data_state, saved_config, step) from the newest checkpoint that restores, or None when the
     directory holds none. A checkpoint that fails to restore (truncated or corrupted files) is reported with
-    its step and the next older one is tried; if none restores, the error of the newest is raised."""
+    its step, set aside (renamed ``<step>.unreadable-<n>``, so the run can write that step again) and the
+    next older one is tried; if none restores, the error of the newest is raised and nothing is renamed."""
     steps = sorted(checkpointer.all_steps(), reverse=True)
     if not steps:
         return None
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     first_error = None
+    broken = []
     for step in steps:
         try:
-            return checkpointer.restore(template, step)
+            restored = checkpointer.restore(template, step)
         except Exception as err:  # orbax raises many types for damaged files; the message says which
             first_error = first_error or err
+            broken.append(step)
             log(f"warning: the checkpoint of step {step} in {checkpointer.directory} cannot be restored "
                 f"({type(err).__name__}: {str(err)[:300]}); trying the previous one")
+            continue
+        for bad in broken:
+            log(f"warning: set the unreadable checkpoint of step {bad} aside as {checkpointer.set_aside(bad)}")
+        return restored
     raise RuntimeError(f"no checkpoint in {checkpointer.directory} restores (steps {steps}); the newest failed "
                        f"with: {first_error}") from first_error

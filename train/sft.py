@@ -155,7 +155,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
         evaluator = Evaluator(dcfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
                               max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)
-    metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard)
+    metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
+                            resume_step=latest)
     resolved = cfg.to_dict()
 
     def evaluate(tag: str) -> dict:

@@ -1,0 +1,167 @@
+"""The GRPO run configuration: the SFT sections (model, lora, mesh, data, optim, train, checkpoint, eval,
+export) plus `grpo` (sampling and the loss, TRL's names) and `stages` (the reward stages in order).
+
+    cfg = load_grpo_config("configs/grpo.yaml", overrides=["grpo.num_generations=8"])
+
+Loading is as strict as SFT's (fxjax.train_config): unknown keys and mistyped values are errors naming
+the key; `--set` overrides follow the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from fxjax.train_config import (CheckpointSection, ConfigError, DataSection, DistributedSection, EvalSection,
+                                ExportSection, LoRASection, MeshSection, ModelSection, OptimSection, TrainSection,
+                                _positive, _to_plain, load_config_as)
+
+__all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass(frozen=True)
+class StageSection:
+    """One reward stage: a preset of the reward config (alpha, beta, gamma) for `steps` updates."""
+
+    name: str = "alpha"
+    steps: int = 100
+
+    def validate(self, where: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{where}.name: give a stage of the reward config (alpha, beta, gamma)")
+        _positive(self.steps, f"{where}.steps")
+
+
+@dataclass(frozen=True)
+class GRPOSection:
+    """Group sampling and the GRPO loss, with TRL's GRPOConfig names and meanings."""
+
+    num_generations: int = 4  # G completions per prompt (the paper: 4)
+    max_completion_length: int = 512  # new tokens per completion; longer ones are cut and flagged truncated
+    temperature: float = 1.0  # sampling temperature; log-probs are taken from logits / temperature as TRL
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    top_k: int = 0  # top-k sampling (0: off)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    epsilon: float = 0.2  # lower clip of the ratio (1 - epsilon)
+    epsilon_high: float | None = None  # upper clip (1 + epsilon_high); null: epsilon
+    delta: float | None = None  # two-sided clipping of the unclipped term (null: off)
+    beta: float = 0.04  # weight of the k3 KL to the reference policy (the base model, LoRA off); 0: no reference pass
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False  # completions without EOS add nothing to the loss
+    num_iterations: int = 1  # updates per generation batch (> 1 stores old log-probs)
+    schedule: Literal["stages", "continuous"] = "stages"  # continuous: w_G(t) over train.steps
+    reward_config: str | None = None  # reward YAML (default: configs/rewards.yaml of the repository)
+    seed: int = 0  # sampling seed; step k samples with a key folded from (seed, k)
+
+    def validate(self, where: str) -> None:
+        for name in ("num_generations", "max_completion_length", "num_iterations"):
+            _positive(getattr(self, name), f"{where}.{name}")
+        if not self.temperature > 0:
+            raise ConfigError(f"{where}.temperature: must be positive (GRPO samples), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{where}.top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"{where}.top_k: must be >= 0 (0: off), got {self.top_k}")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ConfigError(f"{where}.epsilon: must be in [0, 1), got {self.epsilon}")
+        if self.beta < 0:
+            raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
+        if self.delta is not None and not self.delta > 1.0:
+            raise ConfigError(f"{where}.delta: must be > 1 (a ratio bound) or null, got {self.delta}")
+
+
+def _default_stages() -> tuple[StageSection, ...]:
+    return (StageSection("alpha", 100), StageSection("beta", 100), StageSection("gamma", 100))
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=lambda: TrainSection(output_dir="runs/grpo"))
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    stages: tuple[StageSection, ...] = field(default_factory=_default_stages)
+
+    def validate(self) -> "GRPOConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if f.name == "train":
+                continue  # steps come from the stages unless the schedule is continuous
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        for i, stage in enumerate(self.stages):
+            stage.validate(f"stages[{i}]")
+        if self.grpo.schedule == "stages":
+            if not self.stages:
+                raise ConfigError("stages: give at least one stage (or grpo.schedule=continuous with train.steps)")
+            if self.train.steps is not None or self.train.epochs is not None:
+                raise ConfigError("train.steps: with grpo.schedule=stages the steps are the stages' steps; set "
+                                  "train.steps=null and train.epochs=null")
+        elif self.train.steps is None:
+            raise ConfigError("train.steps: grpo.schedule=continuous needs train.steps (the T of w_G(t))")
+        if self.optim.grad_accum != 1 and self.data.batch_size % self.optim.grad_accum:
+            raise ConfigError(f"optim.grad_accum: {self.optim.grad_accum} must divide data.batch_size "
+                              f"({self.data.batch_size} prompts per step): micro-batches hold whole groups")
+        if self.eval.every and not self.data.eval_files:
+            raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
+                              f"data.eval_files; give them, or set eval.every=0")
+        if self.model.preset is not None and self.data.tokenizer is None:
+            raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
+                              f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @property
+    def total_steps(self) -> int:
+        if self.grpo.schedule == "continuous":
+            return int(self.train.steps)
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, StageSection | None]:
+        """(stage index, stage) of the update numbered `step` (0-based); (0, None) when continuous."""
+        if self.grpo.schedule == "continuous":
+            return 0, None
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage.steps
+            if step < end:
+                return i, stage
+        return len(self.stages) - 1, self.stages[-1]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.output_dir) / "checkpoints"
+
+    @property
+    def tokenizer(self) -> str:
+        tok = self.data.tokenizer or self.model.path
+        if tok is None:
+            raise ConfigError("data.tokenizer: a preset model has no tokenizer; give a directory with tokenizer.json")
+        return tok
+
+
+def grpo_from_dict(data: Mapping[str, Any]) -> GRPOConfig:
+    from fxjax.train_config import _build
+
+    return _build(GRPOConfig, data, "").validate()
+
+
+def load_grpo_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                     base: Mapping[str, Any] | None = None,
+                     log: Callable[[str], None] | None = None) -> GRPOConfig:
+    """YAML file (optional) + ``key=value`` overrides -> validated GRPOConfig."""
+    return load_config_as(GRPOConfig, path, overrides, base=base, log=log)

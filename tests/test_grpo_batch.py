@@ -1,0 +1,172 @@
+"""The GRPO generation batch and the jitted update on the tiny HF-built model (no sampler involved):
+
+* completion log-probs from the grouped batch (each image encoded once, G rows pointing at it) equal the
+  log-softmax of the full forward of every (prompt + completion) sequence with its own copy of the image,
+  over logits / temperature;
+* the update's vision encoder sees each micro-batch's P images once, not P x G;
+* the update's loss and LoRA gradient equal grpo_loss on log-probs from the plain forward (autodiff
+  through the whole model), so batching, masks and the float32 lm_head add nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import image_prompt, rel_err
+from fxjax.hf_checkpoint import from_pretrained
+from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
+from fxjax.model.vision import VisionEncoder
+from fxjax.train.grpo_loss import grpo_loss
+from fxjax.train.grpo_step import LossOptions, completion_logps, make_grpo_step
+from fxjax.train.rollout import Rollout, build_group_batch, completion_mask
+from fxjax.train.step import RNG_IMPL, TrainState, split_model
+
+G = 3
+N = 5
+EOS = 2
+TEMPERATURE = 0.7
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    m = from_pretrained(tiny_checkpoint, dtype="float32")
+    apply_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.0), rngs=nnx.Rngs(params=1, dropout=1))
+    # Non-zero B so the LoRA branch matters in the forward.
+    for _, v in nnx.to_flat_state(nnx.state(m, LORA_PARAMS)):
+        v.set_value(v.get_value() + 0.05 * jax.random.normal(jax.random.key(3), v.get_value().shape))
+    m.eval()
+    return m
+
+
+def _prompts(rng):
+    """Two left-padded image prompts of different lengths and image sizes."""
+    a_ids, a_px, a_grid = image_prompt([(1, 4, 4)], rng)
+    b_ids, b_px, b_grid = image_prompt([(1, 4, 8)], rng, suffix=(9, 10, 11, 12, 13))
+    length = max(len(a_ids), len(b_ids))
+    ids = np.zeros((2, length), np.int64)
+    mask = np.zeros((2, length), np.int64)
+    for row, seq in enumerate((a_ids, b_ids)):
+        ids[row, length - len(seq):] = seq
+        mask[row, length - len(seq):] = 1
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate([a_px, b_px]),
+                image_grid_thw=np.concatenate([a_grid, b_grid]), meta=[{}, {}])
+
+
+def _rollout(rng, prompts):
+    rows = prompts["input_ids"].shape[0] * G
+    tokens = rng.randint(3, 100, size=(rows, N)).astype(np.int32)
+    tokens[0, 2] = EOS  # ends early: the rest is masked
+    tokens[4, 0] = EOS
+    tokens[0, 3:] = 0
+    tokens[4, 1:] = 0
+    attention, truncated = completion_mask(tokens, EOS)
+    assert truncated.tolist() == [False, True, True, True, False, True]
+    loss_mask = attention.astype(np.float32)
+    advantages = rng.randn(rows).astype(np.float32)
+    return Rollout(tokens, attention, loss_mask, truncated, [""] * rows, {}, advantages, [])
+
+
+def _reference_logps(model, prompts, r):
+    """Each of the P*G rows as its own sequence with its own copy of the image, the plain forward."""
+    grid = prompts["image_grid_thw"]
+    sizes = np.prod(grid, axis=1)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids = np.repeat(prompts["input_ids"], G, axis=0)
+    full_ids = np.concatenate([ids, r.tokens], axis=1)
+    full_mask = np.concatenate([np.repeat(prompts["attention_mask"], G, axis=0), r.attention], axis=1)
+    pixels = np.concatenate([prompts["pixel_values"][offsets[p]:offsets[p + 1]]
+                             for p in range(len(grid)) for _ in range(G)])
+    grids = np.repeat(grid, G, axis=0)
+    logits = np.asarray(model(full_ids, full_mask, pixels, grids), np.float64)
+    lp = logits[:, -N - 1:-1] / TEMPERATURE
+    lp = lp - np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lp.max(-1, keepdims=True)
+    return np.take_along_axis(lp, r.tokens[..., None].astype(np.int64), axis=-1)[..., 0]
+
+
+def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model):
+    rng = np.random.RandomState(0)
+    prompts = _prompts(rng)
+    r = _rollout(rng, prompts)
+    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=1, floor={})
+    n_images = prompts["image_grid_thw"].shape[0]
+    assert int(batch.inputs.vision.valid[0].sum()) == int(np.prod(prompts["image_grid_thw"], axis=1).sum())
+    inputs = jax.tree.map(lambda x: x[0], batch.inputs)
+    logps, entropy = jax.jit(lambda m, i, c: completion_logps(m, i, c, temperature=TEMPERATURE, chunk=4))(
+        model, inputs, jnp.asarray(batch.completion_ids[0]))
+    ref = _reference_logps(model, prompts, r)
+    mask = r.attention.astype(bool)
+    assert rel_err(np.asarray(logps)[mask], ref[mask]) < 1e-5
+    assert np.all(np.asarray(entropy) > 0) and n_images == 2
+
+
+def _step_setup(model, prompts, r, n_micro):
+    graphdef, params, base, rest = split_model(model)
+    tx = optax.sgd(1.0)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the model's own arrays
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.key_data(jax.random.key(0, impl=RNG_IMPL)))
+    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=n_micro, floor={})
+    return graphdef, tx, state, base, rest, batch
+
+
+@pytest.mark.parametrize("n_micro", [1, 2])
+def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch, n_micro):
+    rng = np.random.RandomState(1)
+    prompts = _prompts(rng)
+    r = _rollout(rng, prompts)
+    opts = LossOptions(loss_type="grpo", beta=0.0, max_completion_length=N, temperature=TEMPERATURE)
+    graphdef, tx, state, base, rest, batch = _step_setup(model, prompts, r, n_micro)
+
+    seen = []
+    original = VisionEncoder.__call__
+
+    def recording(self, vision):
+        seen.append(vision.valid.shape[0])
+        return original(self, vision)
+
+    monkeypatch.setattr(VisionEncoder, "__call__", recording)
+    step = make_grpo_step(graphdef, tx, lambda s: 1.0, opts=opts, loss_chunk=8, remat=None, remat_vision=None)
+    new_state, metrics = step(state, base, rest, batch)
+    monkeypatch.setattr(VisionEncoder, "__call__", original)
+    # One vision pass per micro-batch, over the packed patches of that micro-batch's own prompts only.
+    assert len(seen) == n_micro
+    assert all(slots == batch.inputs.vision.valid.shape[1] for slots in seen)
+    assert int(np.asarray(batch.inputs.vision.valid).sum()) == int(np.prod(prompts["image_grid_thw"], 1).sum())
+
+    # Oracle: grpo_loss on the plain per-sequence forward, differentiated through the whole model.
+    params = split_model(model)[1]
+
+    def oracle(p):
+        m = nnx.merge(graphdef, p, base, rest)
+        grid = prompts["image_grid_thw"]
+        offsets = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
+        ids = np.concatenate([np.repeat(prompts["input_ids"], G, 0), r.tokens], 1)
+        mask = np.concatenate([np.repeat(prompts["attention_mask"], G, 0), r.attention], 1)
+        pixels = np.concatenate([prompts["pixel_values"][offsets[i]:offsets[i + 1]] for i in range(2) for _ in range(G)])
+        inputs = m.prepare(ids, mask, pixels, np.repeat(grid, G, 0))
+        hidden, _ = m.hidden_states(inputs)
+        logits = m.logits(hidden)[:, -N - 1:-1].astype(jnp.float32) / TEMPERATURE
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(r.tokens)[..., None], -1)[..., 0]
+        total = 0.0
+        per = 2 // n_micro * G
+        for a in range(n_micro):
+            rows = slice(a * per, (a + 1) * per)
+            loss, _ = grpo_loss(lp[rows], None, None, r.advantages[rows], r.loss_mask[rows], loss_type="grpo",
+                                max_completion_length=N, gradient_accumulation_steps=n_micro)
+            total = total + loss
+        return total
+
+    loss, grads = jax.value_and_grad(oracle)(params)
+    assert abs(float(metrics["loss"]) - float(loss)) <= 1e-5 * max(1.0, abs(float(loss)))
+    # sgd(1.0), no clipping: the update is minus the gradient.
+    flat = lambda tree: dict((path, v.get_value()) for path, v in nnx.to_flat_state(tree))  # noqa: E731
+    old, new, want = flat(params), flat(new_state.params), flat(grads)
+    assert set(old) == set(new) == set(want)
+    assert max(float(np.abs(g).max()) for g in want.values()) > 0
+    for path in want:
+        assert rel_err(np.asarray(old[path]) - np.asarray(new[path]), want[path]) < 1e-4, path

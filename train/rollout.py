@@ -1,0 +1,188 @@
+"""One GRPO generation batch on the host side: sample G completions per prompt, score them, and lay the
+result out as the `GroupBatch` the jitted update consumes.
+
+    rollout = sample_and_score(model, prompt_batch, ...)       # completions, rewards, advantages
+    batch, floor = build_group_batch(prompt_batch, rollout, model.config, ...)
+
+Completion masks follow TRL: a completion's tokens count up to and including its first EOS; a completion
+without EOS within max_completion_length is truncated (and, with mask_truncated_completions, its whole
+row leaves the loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from fxjax import rewards
+from fxjax.model import generate as sampler
+from fxjax.model.generate import next_positions
+from fxjax.model.inputs import ModelInputs, prepare_inputs
+from fxjax.model.vision import VisionInputs
+from fxjax.model.vision_layout import round_up_to_bucket
+from fxjax.train.batching import _pad_vision, pad_vision_inputs
+from fxjax.train.grpo_loss import group_advantages
+from fxjax.train.grpo_step import GroupBatch
+
+__all__ = ["Rollout", "build_group_batch", "completion_mask", "sample_and_score", "rollout_metrics"]
+
+
+@dataclass
+class Rollout:
+    tokens: np.ndarray  # [P*G, N] int32 sampled tokens, pad after EOS
+    attention: np.ndarray  # [P*G, N] int32: 1 through the first EOS (all N when truncated)
+    loss_mask: np.ndarray  # [P*G, N] float32: attention, with truncated rows zeroed if so configured
+    truncated: np.ndarray  # [P*G] bool
+    texts: list[str]
+    scores: dict[str, np.ndarray]  # rewards.score keys, [P*G] each
+    advantages: np.ndarray  # [P*G] float32
+    targets: list[dict] = field(default_factory=list)  # one per prompt
+
+
+def completion_mask(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(attention [R, N] int32 through the first EOS, truncated [R] bool: no EOS in the row)."""
+    is_eos = tokens == eos_id
+    has_eos = is_eos.any(axis=1)
+    first = np.where(has_eos, is_eos.argmax(axis=1), tokens.shape[1])
+    attention = (np.arange(tokens.shape[1])[None, :] <= first[:, None]).astype(np.int32)
+    attention[~has_eos] = 1
+    return attention, ~has_eos
+
+
+def decode_completions(tokenizer, tokens: np.ndarray, attention: np.ndarray, eos_id: int) -> list[str]:
+    """The text of each completion up to (not including) its EOS; special tokens kept (the format uses them)."""
+    texts = []
+    for row, keep in zip(tokens, attention):
+        ids = row[keep.astype(bool)].tolist()
+        if ids and ids[-1] == eos_id:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return texts
+
+
+def targets_of(metas: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The rewards' targets from the pipeline's meta (boxes already in the model's resized frame)."""
+    return [{"label": m["label"], "boxes": np.asarray(m["boxes"], np.float64).reshape(-1, 4)} for m in metas]
+
+
+def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, int]) -> tuple[ModelInputs, dict]:
+    """The P prompts prepared once for sampling, vision padded up to the running floor (few compiles)."""
+    inputs = prepare_inputs(model_cfg, prompt_batch["input_ids"], prompt_batch["attention_mask"],
+                            prompt_batch.get("pixel_values"), prompt_batch.get("image_grid_thw"))
+    return pad_vision_inputs(inputs, model_cfg, floor)
+
+
+def sample_and_score(model, inputs, metas, *, tokenizer, eos_id: int, pad_id: int, num_generations: int,
+                     max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
+                     weights: rewards.RewardWeights, reward_config, scale_rewards: str,
+                     mask_truncated: bool, host) -> Rollout:
+    """Sample G completions per prompt with the model as it is (the current policy), decode and score them.
+
+    `inputs` are the prepared (and placed) prompts; `host` fetches a device array to numpy on every
+    process (a gather across processes when needed)."""
+    out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
+                        rng=rng, eos_token_ids=(eos_id,), pad_token_id=pad_id)
+    tokens = host(out.tokens).astype(np.int32)
+    attention, truncated = completion_mask(tokens, eos_id)
+    texts = decode_completions(tokenizer, tokens, attention, eos_id)
+    targets = targets_of(metas)
+    scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
+    advantages = np.asarray(jax.device_get(group_advantages(np.asarray(scores["total"], np.float32),
+                                                            num_generations, scale_rewards)), np.float32)
+    loss_mask = attention.astype(np.float32)
+    if mask_truncated:
+        loss_mask[truncated] = 0.0
+    return Rollout(tokens, attention, loss_mask, truncated, texts, scores, advantages, targets)
+
+
+def rollout_metrics(r: Rollout, num_generations: int) -> dict[str, float]:
+    """Host metrics of a generation batch: each reward component's mean and std, format rate, verdict
+    accuracy, mean IoU on generated images, completion lengths, truncated and zero-std-group fractions."""
+    out: dict[str, float] = {}
+    for key in ("total", "format", "label", "iou"):
+        values = np.asarray(r.scores[key], np.float64)
+        out[f"reward/{key}_mean"] = float(values.mean())
+        out[f"reward/{key}_std"] = float(values.std())
+    out["format_rate"] = out["reward/format_mean"]
+    out["verdict_accuracy"] = out["reward/label_mean"]
+    generated = np.repeat([len(t["boxes"]) > 0 for t in r.targets], num_generations)
+    out["mean_iou_generated"] = float(np.asarray(r.scores["iou"])[generated].mean()) if generated.any() else float("nan")
+    lengths = r.attention.sum(axis=1)
+    out["completion_length_mean"] = float(lengths.mean())
+    out["completion_length_max"] = float(lengths.max())
+    out["truncated_fraction"] = float(r.truncated.mean())
+    grouped = np.asarray(r.scores["total"]).reshape(-1, num_generations)
+    out["zero_std_group_fraction"] = float((grouped.std(axis=1) == 0).mean())
+    return out
+
+
+def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *, num_generations: int,
+                      n_micro: int, floor: dict[str, int], old_logps=None, ref_logps=None
+                      ) -> tuple[GroupBatch, dict[str, int]]:
+    """Host GroupBatch [A, R, ...] of whole groups (A = n_micro micro-batches of P / A prompts each).
+
+    Each micro-batch prepares its own prompts once (their images only) and repeats every prompt row G
+    times; completion columns follow at positions next_position + k on all three M-RoPE axes, exactly
+    where sampling put them."""
+    ids_all = np.asarray(prompt_batch["input_ids"])
+    p = ids_all.shape[0]
+    g = num_generations
+    if p % n_micro:
+        raise ValueError(f"{p} prompts do not split into {n_micro} micro-batches of whole groups")
+    per = p // n_micro
+    grid = prompt_batch.get("image_grid_thw")
+    offsets = None
+    if grid is not None:
+        grid = np.asarray(grid).reshape(-1, 3)
+        offsets = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
+    n = r.tokens.shape[1]
+    micro = []
+    for a in range(n_micro):
+        sl = slice(a * per, (a + 1) * per)
+        pixels = None if grid is None else np.asarray(prompt_batch["pixel_values"])[offsets[a * per]:offsets[(a + 1) * per]]
+        pin = prepare_inputs(model_cfg, ids_all[sl], np.asarray(prompt_batch["attention_mask"])[sl], pixels,
+                             None if grid is None else grid[sl])
+        rows = slice(a * per * g, (a + 1) * per * g)
+        rep = lambda x, axis=0: np.repeat(np.asarray(x), g, axis=axis)  # noqa: E731
+        comp_pos = rep(next_positions(pin))[:, None] + np.arange(n, dtype=np.int32)[None, :]
+        position_ids = np.concatenate([rep(pin.position_ids, axis=1),
+                                       np.broadcast_to(comp_pos[None], (3, per * g, n))], axis=2)
+        micro.append(ModelInputs(
+            input_ids=np.concatenate([rep(pin.input_ids), r.tokens[rows]], axis=1).astype(np.int32),
+            attention_mask=np.concatenate([rep(pin.attention_mask), r.attention[rows]], axis=1).astype(np.int32),
+            position_ids=position_ids.astype(np.int32),
+            rope_deltas=rep(pin.rope_deltas).astype(np.int32),
+            image_feature_index=np.concatenate([rep(pin.image_feature_index), np.zeros((per * g, n), np.int32)],
+                                               axis=1).astype(np.int32),
+            vision=pin.vision))
+    vision, floor = _stack_vision([m.vision for m in micro], model_cfg, floor)
+    stack = lambda name: np.stack([getattr(m, name) for m in micro])  # noqa: E731
+    inputs = ModelInputs(stack("input_ids"), stack("attention_mask"), stack("position_ids"), stack("rope_deltas"),
+                         stack("image_feature_index"), vision)
+    shape = lambda x: None if x is None else np.asarray(x).reshape(n_micro, per * g, n)  # noqa: E731
+    batch = GroupBatch(inputs, r.tokens.reshape(n_micro, per * g, n).astype(np.int32),
+                       r.loss_mask.reshape(n_micro, per * g, n).astype(np.float32),
+                       r.advantages.reshape(n_micro, per * g).astype(np.float32), shape(old_logps), shape(ref_logps))
+    return batch, floor
+
+
+def _stack_vision(visions: list[VisionInputs | None], model_cfg, floor: dict[str, int]):
+    """Pad every micro-batch's packed vision to one shape (at least the floor) and stack them."""
+    if visions[0] is None:
+        return None, floor
+    vcfg = model_cfg.vision
+    window_slots = vcfg.window_slots
+    windows = round_up_to_bucket(max([int(floor.get("update_windows", 0))] + [v.valid.shape[0] // window_slots for v in visions]))
+    segments = None
+    if getattr(visions[0], "segment_slots", None) is not None:
+        segments = (max([int(floor.get("update_segments", 0))] + [v.segment_slots.shape[0] for v in visions]),
+                    max([int(floor.get("update_segment_length", 0))] + [v.segment_slots.shape[1] for v in visions]))
+    padded = [_pad_vision(v, windows * window_slots, segments, vcfg.patch_dim) for v in visions]
+    floor = dict(floor, update_windows=windows)
+    if segments is not None:
+        floor.update(update_segments=segments[0], update_segment_length=segments[1])
+    return VisionInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*padded))), floor
