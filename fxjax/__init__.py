@@ -10,13 +10,49 @@ Public API:
     pixel_values, image_grid_thw = fxjax.process_image(pil_image, min_pixels=3136, max_pixels=12845056)
     mesh = fxjax.make_mesh(fxjax.MeshConfig(data=1, fsdp=4, tensor=2))   # axes ("data", "fsdp", "tensor")
     model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh)   # each tensor straight to its shards
+
+The names load on first use (PEP 562): `import fxjax` alone does not import jax, so the command line's
+--help and argument errors answer at once.
 """
 
-from fxjax.hf_checkpoint import from_pretrained, save_pretrained
-from fxjax.image_processing import process_image
-from fxjax.peft_io import load_peft_adapter, save_peft_adapter
-from fxjax.sharding import MeshConfig, make_mesh
-from fxjax.model.lora import LoRAConfig, apply_lora, lora_disabled
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "from_pretrained": "fxjax.hf_checkpoint",
+    "save_pretrained": "fxjax.hf_checkpoint",
+    "process_image": "fxjax.image_processing",
+    "load_peft_adapter": "fxjax.peft_io",
+    "save_peft_adapter": "fxjax.peft_io",
+    "MeshConfig": "fxjax.sharding",
+    "make_mesh": "fxjax.sharding",
+    "LoRAConfig": "fxjax.model.lora",
+    "apply_lora": "fxjax.model.lora",
+    "lora_disabled": "fxjax.model.lora",
+}
 
 __all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "lora_disabled",
            "load_peft_adapter", "save_peft_adapter", "MeshConfig", "make_mesh"]
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from fxjax.hf_checkpoint import from_pretrained, save_pretrained
+    from fxjax.image_processing import process_image
+    from fxjax.model.lora import LoRAConfig, apply_lora, lora_disabled
+    from fxjax.peft_io import load_peft_adapter, save_peft_adapter
+    from fxjax.sharding import MeshConfig, make_mesh
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fxjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
+from fxjax.commands import COMMAND_MODULES
+
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to write the model into it anyway "
+                              f"(files of the same names are replaced)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
     from fxjax.hf_checkpoint import save_pretrained
     from fxjax.model_init import init_model, parameter_counts
 
@@ -28,11 +37,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from fxjax.hf_config import load_config
-    from fxjax.model_init import abstract_parameter_counts
-    from fxjax.presets import load_preset
+    from fxjax.presets import load_preset, preset_names
 
     source = Path(args.model)
+    if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
+        raise FileNotFoundError(f"{args.model} does not exist and is not a preset; give an HF checkpoint "
+                                f"directory, a preset YAML or a preset name ({', '.join(preset_names())})")
+    from fxjax.hf_config import load_config
+    from fxjax.model_init import abstract_parameter_counts
+
     cfg = load_config(source)[0] if source.is_dir() else load_preset(args.model)
     t, v = cfg.text, cfg.vision
     print(f"text:   {t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/"
@@ -69,7 +82,15 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 def _cmd_sft(args: argparse.Namespace) -> int:
     from fxjax.train_config import load_sft_config
 
-    cfg = load_sft_config(args.config, overrides=args.set or [])
+    cfg = load_sft_config(args.config, overrides=args.set or [],
+                          log=lambda note: print(f"fxjax sft: {note}", file=sys.stderr))
+    # Paths checked before jax starts, so a typo costs a second and the error names the key.
+    paths = [("model.path", cfg.model.path), ("model.adapter", cfg.model.adapter),
+             ("data.tokenizer", cfg.data.tokenizer), *(("data.train_files", f) for f in cfg.data.train_files),
+             *(("data.eval_files", f) for f in cfg.data.eval_files)]
+    for key, value in paths:
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{key}: {value} does not exist")
     # Multi-process start-up must come before anything touches a JAX backend.
     from fxjax import distributed
 
@@ -88,6 +109,10 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     print(f"fxjax sft: {result.steps} steps in {result.seconds:.0f}s, final loss {loss}; checkpoints in "
           f"{result.checkpoint_dir}")
+    if args.report:
+        from fxjax.commands.report import report_after_run
+
+        report_after_run(cfg.train.output_dir, lambda text: print(f"fxjax sft: {text}", file=sys.stderr))
     return 0
 
 
@@ -98,10 +123,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Module-level imports of this file stay light (argparse, pathlib): --help and argument errors must
+    # answer without importing jax. Each command imports what it needs when it runs.
+    from fxjax.demo import DEMO
+
     parser = argparse.ArgumentParser(
         prog="fxjax",
         description="Grounded AI-generated-image detection with Qwen2.5-VL in JAX/Flax: "
                     "HF-exact model, checkpoint import/export, LoRA training.",
+        epilog="Start with `fxjax demo` (offline, a few minutes on a CPU). The full path: a dataset (your JSONL, "
+               "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -114,58 +145,90 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write a random-initialised model in HF layout",
                        description="Write a Qwen2.5-VL with random weights as an HF checkpoint directory "
-                                   "(config.json, sharded safetensors, generation_config.json).")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--preset", default="tiny", help="model preset (tiny, 3b, 7b, 32b, 72b) or a YAML path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+                                   "(config.json, sharded safetensors, generation_config.json) and, unless "
+                                   "--no-tokenizer, the Qwen2.5-VL tokenizer, so the directory loads with "
+                                   "fxjax.from_pretrained and transformers alike.")
+    p.add_argument("out", metavar="OUT", help="output directory (must be empty or new, unless --overwrite)")
+    p.add_argument("--preset", default="tiny",
+                   help="model preset (tiny, 3b, 7b, 32b, 72b; see `fxjax info`) or a preset YAML path "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random-init seed (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weight dtype (default: %(default)s)")
     p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
                    help="skip writing the Qwen2.5-VL tokenizer (tokenizer.json + chat template, built offline from "
                         "the BPE ranks in dashscope) next to the weights")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("info", help="describe a checkpoint directory or preset",
                        description="Print the architecture and parameter counts of an HF checkpoint directory "
-                                   "or a preset, without loading weights.")
-    p.add_argument("model", help="HF checkpoint directory, preset name or preset YAML")
+                                   "or a preset, without loading weights (works for 72B on a laptop).")
+    p.add_argument("model", metavar="MODEL",
+                   help="HF checkpoint directory (with config.json), preset name (tiny, 3b, 7b, 32b, 72b) "
+                        "or preset YAML")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("make-demo-data", help="write a small native-format dataset made from scikit-image photos",
                        description="Real images are random crops, scales and flips of the photographs that ship "
-                                   "with scikit-image; generated ones get 1 to --max-regions regions rewritten by procedural "
-                                   "artefact generators, with captions and tags. Deterministic for a seed.")
-    p.add_argument("out", help="output directory (images/, train.jsonl, test.jsonl)")
-    p.add_argument("--n", type=int, default=1000, help="number of images (half real, half generated)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-fraction", type=float, default=0.1, help="share of the images in test.jsonl")
-    p.add_argument("--min-side", type=int, default=192, help="smallest longer side of an image, pixels")
-    p.add_argument("--max-side", type=int, default=384, help="largest longer side of an image, pixels")
+                                   "with scikit-image; generated ones get 1 to --max-regions regions rewritten by "
+                                   "procedural artefact generators, with captions and tags. Deterministic for a "
+                                   "seed. The records are in the native JSONL format the data pipeline reads.")
+    p.add_argument("out", metavar="OUT", help="output directory (images/, train.jsonl, test.jsonl)")
+    p.add_argument("--n", type=int, default=1000,
+                   help="number of images, half real, half generated (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="share of the images in test.jsonl (default: %(default)s)")
+    p.add_argument("--min-side", type=int, default=192,
+                   help="smallest longer side of an image, pixels (default: %(default)s)")
+    p.add_argument("--max-side", type=int, default=384,
+                   help="largest longer side of an image, pixels (default: %(default)s)")
     p.add_argument("--multiple", type=int, default=1,
-                   help="round both sides to multiples of this (28: the image processor keeps the pixels as they are)")
+                   help="round both sides to multiples of this (28: the image processor keeps the pixels as they "
+                        "are; default: %(default)s)")
     p.add_argument("--fingerprint", type=float, default=0.0,
                    help="amplitude (0-255 levels) of a period-2 up-sampling checkerboard over every generated image "
-                        "(0: none; `fxjax demo` uses 6)")
-    p.add_argument("--max-regions", type=int, default=3, help="most artefact regions per generated image (1-8)")
+                        f"(default 0: none; `fxjax demo` uses {DEMO['fingerprint']:g})")
+    p.add_argument("--max-regions", type=int, default=3,
+                   help="most artefact regions per generated image, 1-8 (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     p.set_defaults(func=_cmd_make_demo_data)
+
     p = sub.add_parser("sft", help="LoRA supervised fine-tuning from a YAML config",
                        description="LoRA SFT of Qwen2.5-VL: model (HF directory or preset), LoRA, mesh, data, "
-                                   "AdamW with warmup + cosine, gradient accumulation, orbax checkpoints (resumes "
-                                   "from the latest one), periodic evaluation, export. SIGTERM saves and exits.")
-    p.add_argument("--config", required=True, help="YAML config (see configs/sft.yaml)")
+                                   "AdamW with warmup + cosine, gradient accumulation, orbax checkpoints (running "
+                                   "the same command again resumes from the latest one), periodic evaluation, "
+                                   "export. SIGTERM/SIGINT save a checkpoint and exit 0. Metrics go to "
+                                   "<train.output_dir>/metrics.jsonl.",
+                       epilog="example: fxjax sft --config configs/sft.yaml --set model.path=DIR "
+                              "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. "
+                              "A --set of one of a pair that excludes each other replaces the other "
+                              "(train.steps / train.epochs, model.path / model.preset); each key it changes "
+                              "besides is printed as a note.")
+    p.add_argument("--config", required=True, metavar="YAML",
+                   help="the run's config; configs/sft.yaml lists every key with its default, "
+                        "configs/recipes/ holds complete recipes")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.learning_rate=2e-4 (repeatable)")
+                   help="override a config value (YAML syntax), e.g. --set optim.learning_rate=2e-4 (repeatable)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("demo", help="the whole pipeline on a tiny model in minutes: data, SFT, eval, export",
                        description="make-demo-data -> a tiny random Qwen2.5-VL saved in HF layout with the real "
                                    "Qwen2.5-VL tokenizer -> LoRA SFT -> greedy-decoding evaluation before and "
                                    "after -> export of the merged HF checkpoint and the PEFT adapter.")
-    p.add_argument("--out", default="fxjax-demo", help="working directory (default: ./fxjax-demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
-    p.add_argument("--n", type=int, default=None, help="demo images to generate (default: the demo's value)")
+    p.add_argument("--out", default="fxjax-demo", help="working directory (default: ./%(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: {DEMO['steps']}; fewer with --quick)")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"demo images to generate (default: {DEMO['images']}; fewer with --quick)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; learns little)")
     p.set_defaults(func=_cmd_demo)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"fxjax.commands.{name}").add_parser(sub)
     return parser
 
 

@@ -1,14 +1,19 @@
-"""Model presets: YAML files in configs/models mapped onto the typed model config."""
+"""Model presets: YAML files in configs/models mapped onto the typed model config.
+
+Light to import (no jax): the command line lists the presets in its help and errors.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
+if TYPE_CHECKING:
+    from fxjax.model.config import Qwen25VLConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRESET_DIR = CONFIG_DIR / "models"
@@ -19,7 +24,13 @@ class PresetError(ValueError):
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """The shipped presets, smallest first: named sizes ("3b", "72b") by size after any other name."""
+
+    def order(name: str):
+        size = re.fullmatch(r"(\d+(?:\.\d+)?)b", name)
+        return (1, float(size.group(1)), name) if size else (0, 0.0, name)
+
+    return sorted((p.stem for p in PRESET_DIR.glob("*.yaml")), key=order)
 
 
 def _build(cls, data: Any, where: str):
@@ -37,6 +48,8 @@ def _build(cls, data: Any, where: str):
 
 
 def config_from_yaml_dict(data: dict[str, Any], where: str) -> Qwen25VLConfig:
+    from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
+
     data = dict(data or {})
     text = _build(TextConfig, data.pop("text", {}), f"{where}: text")
     vision = _build(VisionConfig, data.pop("vision", {}), f"{where}: vision")
@@ -46,10 +59,12 @@ def config_from_yaml_dict(data: dict[str, Any], where: str) -> Qwen25VLConfig:
 def load_preset(name_or_path: str | Path) -> Qwen25VLConfig:
     """A preset name (tiny, 3b, 7b, 32b, 72b) or a path to a YAML file of the same shape."""
     path = Path(name_or_path)
-    if not path.suffix:
+    named = not path.suffix and len(path.parts) == 1  # a bare name, not a path
+    if named:
         path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise PresetError(f"model preset {str(name_or_path)!r} not found; presets: {preset_names()}")
+    if not path.is_file():
+        what = f"model preset {str(name_or_path)!r} not found" if named else f"{path} does not exist"
+        raise PresetError(f"{what}; presets: {', '.join(preset_names())} (or the path of a preset YAML)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

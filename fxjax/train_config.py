@@ -1,7 +1,8 @@
 """The SFT run configuration: YAML mapped onto typed, frozen dataclasses.
 
-    cfg = load_sft_config("configs/sft.yaml", overrides=["optim.learning_rate=2e-4", "train.steps=100"])
-    cfg.optim.learning_rate   # 0.0002
+    cfg = load_sft_config("configs/recipes/paper_3b_sft.yaml",
+                          overrides=["model.path=/models/Qwen2.5-VL-3B-Instruct", "train.steps=100"])
+    cfg.train.epochs          # None: the --set of train.steps replaced the recipe's 3 epochs
     cfg.to_dict()             # the resolved config (what a checkpoint records)
 
 Every section is a frozen dataclass. Loading is strict: an unknown key, a value of the wrong type or a
@@ -9,32 +10,44 @@ value outside its allowed choices is a `ConfigError` that names the key by its d
 (``optim.learning_rate: expected a number, got 'fast'``). ``--set key=value`` overrides parse the value
 as a YAML scalar/list (``train.steps=20``, ``data.train_files=[a.jsonl, b.jsonl]``, ``lora=null``).
 
+An override replaces what the file chose, keys that go with it included (the tables below, as data):
+``--set train.steps=1000`` over a file with ``train.epochs: 3`` clears ``train.epochs`` (EXCLUSIVE_KEYS);
+``--set model.path=DIR`` lets a ``data.tokenizer`` that named the old model follow the new one
+(DEFAULTS_TO); ``--set data.eval_files=[]`` turns periodic evaluation off (OFF_WITHOUT). Each such
+consequence is reported as a note (``load_sft_config(..., log=print)``).
+
 This module imports nothing of train/ (the dependency points the other way).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import yaml
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointSection",
     "ConfigError",
     "DataSection",
+    "DEFAULTS_TO",
     "DistributedSection",
+    "EXCLUSIVE_KEYS",
     "EvalSection",
     "ExportSection",
     "LoRASection",
     "MeshSection",
     "ModelSection",
+    "OFF_WITHOUT",
     "OptimSection",
     "REMAT_POLICIES",
     "SFTConfig",
@@ -120,7 +133,7 @@ class DataSection:
 
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()
-    tokenizer: str | None = None  # directory with tokenizer.json (default: model.path)
+    tokenizer: str | None = None  # directory with tokenizer.json (null: model.path; a preset needs one)
     root: str | None = None
     format: Literal["auto", "native", "swift"] = "auto"
     on_error: Literal["raise", "skip"] = "raise"
@@ -254,7 +267,11 @@ class SFTConfig:
             if hasattr(section, "validate"):
                 section.validate(f.name)
         if self.eval.every and not self.data.eval_files:
-            raise ConfigError("eval.every: periodic evaluation needs data.eval_files")
+            raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
+                              f"data.eval_files; give them, or set eval.every=0")
+        if self.model.preset is not None and self.data.tokenizer is None:
+            raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
+                              f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -356,7 +373,9 @@ def _build(cls, data: Any, where: str):
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"{key}: unknown key; {where or 'the config'} takes {names}")
-    values = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    # null for a list-valued key is the empty list (a YAML `key:` with nothing after it reads as null).
+    values = {k: () if v is None and typing.get_origin(hints[k]) is tuple
+              else _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
@@ -378,53 +397,138 @@ def from_dict(data: Mapping[str, Any]) -> SFTConfig:
     return _build(SFTConfig, data, "").validate()
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    cls = SFTConfig
-    node = data
+# ---- --set overrides ------------------------------------------------------------------------------
+
+# Keys of which a config sets one at most: a --set of one (to a value other than null) clears the others
+# unless they are --set too, so an override replaces the file's choice instead of clashing with it.
+EXCLUSIVE_KEYS: tuple[tuple[str, ...], ...] = (
+    ("train.steps", "train.epochs"),
+    ("model.path", "model.preset"),
+)
+# key -> the key its null value stands for (data.tokenizer: null means model.path's tokenizer). When an
+# override changes the latter alone, the former keeps meaning the same thing: one that named the old model
+# follows the new one (becomes null), and a null one whose source is cleared keeps the old value.
+DEFAULTS_TO: dict[str, str] = {"data.tokenizer": "model.path"}
+# key -> settings that need it: when an override leaves the key empty (null or []), those settings that
+# the overrides do not give themselves take these values, which turn the feature off.
+OFF_WITHOUT: dict[str, dict[str, Any]] = {"data.eval_files": {"eval.every": 0}}
+
+
+def _section_class(parts: Sequence[str], key: str, root=None):
+    """The dataclass that holds the last part of a dotted key; ConfigError naming the valid keys if unknown."""
+    cls = root or SFTConfig
     for i, part in enumerate(parts):
         where = ".".join(parts[:i + 1])
-        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
-            raise ConfigError(f"{where}: unknown key (in --set {key}=...)")
+            section = ".".join(parts[:i]) or "the config"
+            raise ConfigError(f"{where}: unknown key (in --set {key}=...); {section} takes {names}")
         if i == len(parts) - 1:
-            node[part] = value
-            return
+            return cls
         cls = typing.get_type_hints(cls)[part]
         if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"{where}: is not a section; cannot set {key}")
+            raise ConfigError(f"{where}: is not a section (a value: {_type_name(cls)}); cannot set {key}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _set_dotted(data: dict, key: str, value: Any, root=None) -> None:
+    parts = key.split(".")
+    _section_class(parts, key, root)
+    node = data
+    for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {child!r}")
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping, got {child!r}")
         node = child
+    node[parts[-1]] = value
 
 
-def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides (dotted keys, YAML values) to a parsed config mapping (copied)."""
+def _parse_override(item: str, root=None) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key=value (e.g. optim.learning_rate=2e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({err})") from None
+    _section_class(key.split("."), key, root)
+    return key, value
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple, str)) and not value)
+
+
+def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
+                    notes: list[str] | None = None, root=None) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys, YAML values) to a parsed config mapping (copied).
+
+    Besides the keys given, an override changes the keys that go with it (EXCLUSIVE_KEYS, DEFAULTS_TO,
+    OFF_WITHOUT); each such change is appended to `notes` as a sentence naming the keys."""
     import copy
 
-    out = copy.deepcopy(dict(data or {}))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value (e.g. optim.learning_rate=2e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse value {raw!r} ({err})") from None
-        _set_dotted(out, key, value)
+    before = copy.deepcopy(dict(data or {}))
+    out = copy.deepcopy(before)
+    parsed = [_parse_override(item, root) for item in overrides]
+    given = {key: value for key, value in parsed}  # the last --set of a key wins
+    notes = notes if notes is not None else []
+
+    def derive(key: str, value: Any, why: str) -> None:
+        old = _get_dotted(out, key)
+        if old != value:
+            _set_dotted(out, key, value, root)
+            notes.append(f"{key}: {_show(old)} -> {_show(value)} ({why})")
+
+    for key, value in parsed:
+        _set_dotted(out, key, value, root)
+    for group in EXCLUSIVE_KEYS:
+        chosen = [k for k in group if k in given and given[k] is not None]
+        for key in chosen[:1]:
+            for other in group:
+                if other not in given:
+                    derive(other, None, f"--set {key} replaces it")
+    for key, source in DEFAULTS_TO.items():
+        if key in given or _get_dotted(before, source) == _get_dotted(out, source):
+            continue
+        old_key, old_source = _get_dotted(before, key), _get_dotted(before, source)
+        if old_key is not None and old_key == old_source:
+            derive(key, None, f"it named the old {source}; null follows the new {source}")
+        elif old_key is None and old_source is not None and _get_dotted(out, source) is None:
+            derive(key, old_source, f"null meant {source}, which the overrides cleared")
+    for key, dependents in OFF_WITHOUT.items():
+        if key in given and _empty(given[key]):
+            for dependent, off in dependents.items():
+                if dependent not in given:
+                    derive(dependent, off, f"--set {key}={_show(given[key])} leaves nothing for it; "
+                                           f"--set {dependent} to choose")
     return out
 
 
-def load_sft_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                    base: Mapping[str, Any] | None = None) -> SFTConfig:
-    """YAML file (optional) + ``key=value`` overrides -> validated SFTConfig.
+def _show(value: Any) -> str:
+    """A value as one would write it after --set key=."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
 
-    Relative paths in the file stay as written (relative to the working directory).
-    """
+
+def read_yaml_config(path: str | Path | None, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The parsed top-level mapping of a config file (merged over `base`); errors name the file."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
@@ -437,4 +541,27 @@ def load_sft_config(path: str | Path | None = None, overrides: Sequence[str] = (
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data.update(loaded or {})
-    return from_dict(apply_overrides(data, overrides))
+    return data
+
+
+def load_config_as(cls, path: str | Path | None = None, overrides: Sequence[str] = (),
+                   base: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None):
+    """YAML file (optional) + ``key=value`` overrides -> a validated config of dataclass `cls` (SFTConfig,
+    GRPOConfig): one loader for every run config."""
+    data = read_yaml_config(path, base)
+    notes: list[str] = []
+    resolved = apply_overrides(data, overrides, notes, root=cls)
+    for note in notes:
+        (log or _logger.info)(f"note: {note}")
+    return _build(cls, resolved, "").validate()
+
+
+def load_sft_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                    base: Mapping[str, Any] | None = None,
+                    log: Callable[[str], None] | None = None) -> SFTConfig:
+    """YAML file (optional) + ``key=value`` overrides -> validated SFTConfig.
+
+    Relative paths in the file stay as written (relative to the working directory). `log` receives a
+    note for each key an override changed besides the keys it names (default: the logging module).
+    """
+    return load_config_as(SFTConfig, path, overrides, base=base, log=log)

@@ -1,4 +1,4 @@
-"""Rewards for GRPO on grounded AI-generated-image detection (REFERENCE.md sections 2 and 3).
+"""Rewards for GRPO on grounded AI-generated-image detection (docs/format.md, docs/rewards.md).
 
     from fxjax import rewards
     out = rewards.score(completions, targets, stage="alpha")   # numpy arrays keyed total/format/label/iou

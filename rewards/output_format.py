@@ -1,4 +1,4 @@
-"""The grounded output format (REFERENCE.md section 2): the one place that knows its markers.
+"""The grounded output format (docs/format.md): the one place that knows its markers.
 
 A completion is
     <think> reasoning
@@ -9,7 +9,7 @@ A completion is
 with boxes in absolute pixels of the image as the model sees it (after smart_resize).
 
 Rendering (`render_completion`, `render_scaled_completion`) and parsing (`parse_completion`) live here so
-the SFT data pipeline and the GRPO rewards agree on one format. Parsing follows REFERENCE.md section 2/3
+the SFT data pipeline and the GRPO rewards agree on one format. Parsing follows the authors' regexes (docs/format.md)
 exactly (the authors' regexes) and never raises on a string.
 """
 
@@ -92,7 +92,7 @@ def render_scaled_completion(label: str, regions: Sequence[tuple[str, Sequence[f
 # ---- parsing -------------------------------------------------------------------------------------
 
 _E = re.escape
-# REFERENCE.md section 3: `REF.*?REF_END\s*BOX(.*?)BOX_END`, no DOTALL. The caption group added here
+# The authors' region pattern: `REF.*?REF_END\s*BOX(.*?)BOX_END`, no DOTALL. The caption group added here
 # does not change which substrings match. These regexes document the semantics; the functions below compute
 # the same matches in (near) linear time, and the tests hold them to the regexes.
 _REGION_RE = re.compile(_E(REF_START) + r"(.*?)" + _E(REF_END) + r"\s*" + _E(BOX_START) + r"(.*?)" + _E(BOX_END))
@@ -101,7 +101,7 @@ _VERDICT_RE = re.compile(_E(VERDICT_START) + r"(.*?)" + _E(VERDICT_END))
 # Tags and think text: first `<tag>(.*?)</tag>` / `<think>(.*?)</think>` with DOTALL (see `_between`).
 _WS_RE = re.compile(r"\s*")  # the regexes' \s, so whitespace means exactly what it means to `re`
 
-# The authors' format checks (REFERENCE.md section 2), kept verbatim for reference and for the tests.
+# The authors' format checks (docs/format.md), kept verbatim for reference and for the tests.
 # They are searched with DOTALL. The generated one nests a lazy `.*?` inside `(...)+`: on a completion with
 # many regions and no closing tag/verdict, Python's backtracking takes time exponential in the number of
 # regions, so `format_ok` below decides the same language with a linear scan instead (see `_ordered_tokens`).

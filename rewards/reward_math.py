@@ -1,4 +1,4 @@
-"""The numeric half of the rewards (REFERENCE.md section 3): pure, jitted, vectorised over batch x group.
+"""The numeric half of the rewards (docs/rewards.md): pure, jitted, vectorised over batch x group.
 
 Shapes (N targets, G completions per target, P predicted boxes, T ground-truth boxes, all padded):
     pred [N, G, P, 4], pred_mask [N, G, P], gt [N, T, 4], gt_mask [N, T], is_real [N],

@@ -1,4 +1,4 @@
-"""Reward weights: the stage presets alpha / beta / gamma and the continuous schedule (REFERENCE.md section 3).
+"""Reward weights: the stage presets alpha / beta / gamma and the continuous schedule (docs/rewards.md).
 
 The presets live in configs/rewards.yaml and nowhere else: one owner for the stage weights.
 """

@@ -1,4 +1,4 @@
-"""The authors' output-format regexes and box rule, written out from REFERENCE.md independently of
+"""The authors' output-format regexes and box rule, written out from docs/format.md independently of
 rewards/output_format.py: the plain-Python reference that test_output_format and test_rewards check the
 parser and the jitted rewards against."""
 
@@ -27,7 +27,7 @@ THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 def ref_box(raw: str) -> tuple[float, float, float, float] | None:
-    """REFERENCE.md: a JSON list of four numbers or of two [x, y] pairs; anything else is not a box.
+    """docs/format.md: a JSON list of four numbers or of two [x, y] pairs; anything else is not a box.
     Plus this project's rule: numbers finite, |x| <= 1e7, booleans are not numbers."""
     try:
         v = json.loads(raw)

@@ -1,6 +1,7 @@
 """`fxjax grpo` end to end on the tiny preset (real Qwen tokenizer, demo images), in subprocesses:
 
 * the run goes through the stages alpha -> beta -> gamma, logging every metric tagged with its stage;
+* two processes (gloo, one CPU device each) compute what one process with two devices does;
 * resume is exact: a run SIGKILLed during a rollout, during an update, during a save and after a step,
   stopped by SIGTERM (saves, exits 0), and resumed each time, with its newest checkpoint corrupted before
   the last resume (reported, the previous one used), ends with LoRA parameters bitwise equal to an
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from fxjax.data.demo_data import make_demo_data
+from launch import launch_two, wait_all
 
 TIMEOUT = 300
 STAGES = [{"name": "alpha", "steps": 2}, {"name": "beta", "steps": 2}, {"name": "gamma", "steps": 2}]
@@ -134,7 +136,7 @@ def test_stages_in_order_with_every_metric(straight):
     assert all(0 < r["completion_length_mean"] <= 6 for r in train)
     # The policy starts away from the reference (a non-zero adapter): the KL and the update are not zero.
     assert all(r["kl"] > 0 and r["grad_norm"] > 1e-6 for r in train)
-    summary = json.loads(log.strip().splitlines()[-1])
+    summary = json.loads([line for line in log.splitlines() if line.startswith('{"steps"')][-1])
     assert summary["steps"] == 6 and summary["last"]["stage"] == "gamma"
 
 
@@ -166,3 +168,23 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     assert any(not np.array_equal(want[k], start[k]) for k in want)  # training moved the parameters
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_two_processes_equal_one_process(setup, straight):
+    """2 processes x 1 CPU device (gloo) == 1 process x 2 devices: same prompts, same samples, same LoRA."""
+    out = setup["root"] / "multi"
+    args = ["grpo", "--config", str(setup["config"]), "--set", f"train.output_dir={out}",
+            "--set", f"export.adapter_dir={out / 'adapter'}"]
+    procs, logs = launch_two(args, setup["env"], setup["root"] / "multi")
+    codes = wait_all(procs, logs, timeout=TIMEOUT)
+    assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
+    assert "2 process(es), 2 cpu device(s)" in logs[0].read_text()
+    multi, want = adapter_tensors(out / "adapter"), straight[0]
+    assert multi.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(multi[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    # The metrics (process 0 writes them) saw the same completions and rewards.
+    ours = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(ours, straight[1]):
+        for key in ("reward/total_mean", "completion_length_mean", "format_rate"):
+            assert a[key] == pytest.approx(b[key]), key

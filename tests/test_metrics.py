@@ -69,3 +69,98 @@ def test_progress_bar_shows_step_and_postfix(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "2/4" in err and "loss=1.235" in err and "tok_s=10" in err
+
+
+# ---- resume: one record per step -----------------------------------------------------------------------
+
+def write_lines(path, lines, torn: str | None = None):
+    text = "".join(json.dumps(r) + "\n" for r in lines) + (torn or "")
+    path.write_text(text)
+
+
+def test_resume_drops_the_records_past_the_restored_step(tmp_path):
+    """SIGKILL after step 5 (mid-write of step 6), resume from the checkpoint of step 3: steps 4-5 and the
+    torn line go, and the resumed run's records follow; the file keeps the mode an ordinary write gives."""
+    import os
+    import stat
+
+    from fxjax.file_modes import current_umask
+
+    path = tmp_path / "metrics.jsonl"
+    first = [{"step": s, "kind": "train", "loss": 10.0 - s} for s in range(1, 6)] + [{"step": 3, "kind": "eval",
+                                                                                     "format_rate": 0.5}]
+    write_lines(path, first, torn='{"step": 6, "kind": "tr')
+    logger = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    for s in (4, 5):
+        logger.log(s, "train", {"loss": 20.0 + s})
+    logger.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["kind"], r.get("loss")) for r in records] == [
+        (1, "train", 9.0), (2, "train", 8.0), (3, "train", 7.0), (3, "eval", None), (4, "train", 24.0),
+        (5, "train", 25.0)]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~current_umask()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left over
+
+
+def test_a_fresh_run_appends_and_resume_zero_starts_over(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, [{"step": 1, "kind": "train", "loss": 1.0}])
+    MetricsLogger(tmp_path, tensorboard=False).close()  # resume_step None: nothing dropped
+    assert len(path.read_text().splitlines()) == 1
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=0).close()
+    assert path.read_text() == ""
+
+
+def test_tensorboard_hides_the_events_past_the_restored_step(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto import event_pb2
+
+    MetricsLogger(tmp_path, tensorboard=True, resume_step=7).close()
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    data, pos, starts = events.read_bytes(), 0, []
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+            starts.append(int(event.step))
+    assert starts == [8]  # TensorBoard purges the events at step >= 8 written before this point
+
+
+def test_read_metrics_gives_one_record_per_kind_and_step(tmp_path):
+    from fxjax.train.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, [{"step": 1, "kind": "train", "loss": 3.0}, {"step": 2, "kind": "train", "loss": 2.0},
+                       {"step": 2, "kind": "eval", "loss": 2.5}, {"step": 3, "kind": "train", "loss": 1.0},
+                       {"step": 2, "kind": "train", "loss": 2.2}, {"step": 3, "kind": "train", "loss": 1.1}],
+                torn='{"step": 4, "ki')
+    records = read_metrics(tmp_path)  # a run directory or the file itself
+    assert [(r["step"], r["kind"], r["loss"]) for r in records] == [
+        (1, "train", 3.0), (2, "train", 2.2), (2, "eval", 2.5), (3, "train", 1.1)]
+    assert read_metrics(path) == records
+    path.write_text('{"step": 1, "kind": "train"}\nnot json\n{"step": 2, "kind": "train"}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics record"):
+        read_metrics(path)
+
+
+def test_check_resume_config_warns_on_what_changed_the_run():
+    from fxjax.train.resume_check import check_resume_config
+    from fxjax.train_config import SFTConfig
+
+    saved = SFTConfig().to_dict()
+    saved["train"]["steps"] = 100
+    current = json.loads(json.dumps(saved))
+    assert check_resume_config(saved, current, print) == []
+    current["train"].update(steps=200, output_dir="elsewhere", log_every=5)  # only the length is watched
+    current["optim"]["learning_rate"] = 2e-4
+    current["lora"]["rank"] = 16
+    lines: list[str] = []
+    warnings = check_resume_config(saved, current, lines.append)
+    assert lines == warnings and len(warnings) == 3
+    assert warnings[0].startswith("warning: resuming with a different lora config") and "lora.rank: 8 -> 16" in warnings[0]
+    assert "optim.learning_rate: 0.0001 -> 0.0002" in warnings[1]
+    assert warnings[2].endswith("(the step count, so the learning-rate schedule changed): train.steps: 100 -> 200")
+    current["train"].update(steps=None, epochs=3.0)
+    (line,) = [w for w in check_resume_config(saved, current, print) if "different train config" in w]
+    assert "train.steps: 100 -> null; train.epochs: null -> 3.0" in line

@@ -1,4 +1,4 @@
-"""The output format (REFERENCE.md section 2): rendering, and a parser that follows the authors' regexes
+"""The output format (docs/format.md): rendering, and a parser that follows the authors' regexes
 and never raises."""
 
 from __future__ import annotations

@@ -49,11 +49,28 @@ def test_cli_help_info_and_init(tmp_path, capsys):
     assert "selfcheck" in capsys.readouterr().out
     assert main(["info", "7b"]) == 0
     assert "8,292,166,656" in capsys.readouterr().out
-    assert main(["init", str(tmp_path / "m"), "--preset", "tiny"]) == 0
-    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
-    assert main(["info", str(tmp_path / "m")]) == 0
-    assert main(["info", "missing-preset"]) == 2
-    assert "not found" in capsys.readouterr().err
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["init", str(out), "--preset", "tiny"]) == 2  # refuses a non-empty directory
+    assert f"fxjax init: error: {out} is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["init", str(out), "--preset", "tiny", "--overwrite"]) == 0
+    assert (out / "model.safetensors.index.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert main(["info", str(out)]) == 0
+    capsys.readouterr()
+    for missing in ("/nonexistent/path", "missing-preset", "./3b"):
+        assert main(["info", missing]) == 2
+        assert capsys.readouterr().err == (
+            f"fxjax info: error: {missing} does not exist and is not a preset; give an HF checkpoint directory, "
+            f"a preset YAML or a preset name (tiny, 3b, 7b, 32b, 72b)\n")
+
+
+def test_preset_paths_that_do_not_exist_say_so():
+    with pytest.raises(PresetError, match=r"^/nonexistent/tiny\.yaml does not exist; presets: tiny, 3b, 7b, 32b, "
+                                          r"72b \(or the path of a preset YAML\)$"):
+        load_preset("/nonexistent/tiny.yaml")
+    with pytest.raises(PresetError, match=r"^model preset 'huge' not found; presets: tiny, 3b"):
+        load_preset("huge")
 
 
 def test_selfcheck_passes(tmp_path):

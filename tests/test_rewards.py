@@ -1,4 +1,4 @@
-"""GRPO rewards (REFERENCE.md section 3): golden cases per part and stage, and the jitted batch function against
+"""GRPO rewards (docs/rewards.md): golden cases per part and stage, and the jitted batch function against
 a plain-Python implementation on 1,000 random cases."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from fxjax.rewards.stages import CONFIG_PATH, load_config
 from reference_format import BOX_RE, GEN_FLAT_RE, GEN_RE, REAL_RE, VERDICT_RE, ref_box
 
 
-# ---- a plain-Python implementation of REFERENCE.md section 3 -------------------------------------
+# ---- a plain-Python implementation of docs/rewards.md ---------------------------------------------
 
-STAGES = {  # the table in REFERENCE.md: base, w_iou, label +/-, format +/-
+STAGES = {  # the table in docs/rewards.md: base, w_iou, label +/-, format +/-
     "alpha": (0, 1.0, 1, -1, 2, -1),
     "beta": (0, 1.5, 2, -2, 1, -1),
     "gamma": (-1, 2.0, 0.5, -1, 0.5, -1),

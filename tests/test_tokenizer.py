@@ -29,7 +29,7 @@ def tiktoken_encoding():
                              special_tokens={})
 
 
-# REFERENCE.md section 5, plus the rest of Qwen2.5's 151643..151664 and the six format markers.
+# Qwen2.5-VL's special token ids, plus the rest of Qwen2.5's 151643..151664 and the six format markers.
 EXPECTED_IDS = {
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
     "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649, "<|quad_start|>": 151650,

@@ -14,15 +14,24 @@ MINIMAL = {"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "to
            "train": {"steps": 10}}
 
 
-def test_the_shipped_config_loads_and_is_frozen():
-    cfg = load_sft_config(REPO / "configs" / "sft.yaml")
+def test_the_shipped_configs_load_and_are_frozen():
+    base = ["model.path=m", "data.train_files=[t.jsonl]", "train.steps=3"]
+    cfg = load_sft_config(REPO / "configs" / "sft.yaml", base)
     assert isinstance(cfg, SFTConfig)
-    assert cfg.lora.rank == 8 and cfg.lora.alpha == 32.0 and cfg.lora.target_modules == "all-linear"
-    assert cfg.optim.grad_accum == 16 and cfg.optim.warmup_ratio == 0.05 and cfg.train.epochs == 3
-    assert cfg.data.train_files == ("data/train.jsonl",)
+    # configs/sft.yaml holds the defaults (tests/test_config_docs.py checks every key)
+    assert dataclasses.replace(cfg, model=SFTConfig().model, data=SFTConfig().data, train=SFTConfig().train) \
+        == SFTConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.learning_rate = 1.0  # type: ignore[misc]
     assert from_dict(cfg.to_dict()) == cfg  # the resolved dict (what checkpoints record) round-trips
+
+    # The authors' 3B SFT recipe (paper arXiv 2506.07045).
+    paper = load_sft_config(REPO / "configs" / "recipes" / "paper_3b_sft.yaml")
+    assert (paper.lora.rank, paper.lora.alpha, paper.lora.target_modules) == (8, 32.0, "all-linear")
+    assert (paper.optim.learning_rate, paper.optim.warmup_ratio, paper.optim.grad_accum) == (1e-4, 0.05, 16)
+    assert (paper.train.epochs, paper.train.steps, paper.data.batch_size) == (3, None, 1)
+    assert (paper.data.max_length, paper.model.dtype) == (8192, "bfloat16")
+    assert paper.data.train_files == ("data/train.jsonl",) and paper.data.eval_files == ("data/test.jsonl",)
 
 
 @pytest.mark.parametrize("patch, message", [
@@ -81,3 +90,101 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path.write_text("model: {preset: tiny}\ndata: {train_files: [a.jsonl], tokenizer: t}\ntrain: {stepz: 3}\n")
     assert main(["sft", "--config", str(path)]) == 2
     assert "train.stepz: unknown key" in capsys.readouterr().err
+
+
+# ---- --set overrides replace what the file chose ----------------------------------------------------
+
+def write_config(tmp_path, data) -> Path:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def load_with_notes(path, overrides):
+    notes: list[str] = []
+    return load_sft_config(path, overrides, log=notes.append), notes
+
+
+def test_set_steps_replaces_epochs_and_back(tmp_path):
+    path = write_config(tmp_path, {**MINIMAL, "train": {"epochs": 3}})
+    cfg, notes = load_with_notes(path, ["train.steps=1000"])
+    assert (cfg.train.steps, cfg.train.epochs) == (1000, None)
+    assert notes == ["note: train.epochs: 3 -> null (--set train.steps replaces it)"]
+    path = write_config(tmp_path, MINIMAL)  # steps: 10
+    cfg, notes = load_with_notes(path, ["train.epochs=2.5"])
+    assert (cfg.train.steps, cfg.train.epochs) == (None, 2.5) and "train.steps: 10 -> null" in notes[0]
+    with pytest.raises(ConfigError, match="set exactly one of train.steps and train.epochs"):
+        load_sft_config(path, ["train.epochs=2", "train.steps=5"])  # both given: a real clash
+    cfg, notes = load_with_notes(path, ["train.steps=null", "train.epochs=1"])
+    assert (cfg.train.steps, cfg.train.epochs) == (None, 1.0) and notes == []
+
+
+def test_set_model_path_replaces_preset_and_the_tokenizer_follows(tmp_path):
+    # preset + explicit tokenizer -> path: the preset goes; an explicit other tokenizer stays as given
+    path = write_config(tmp_path, MINIMAL)
+    cfg, notes = load_with_notes(path, ["model.path=/models/qwen"])
+    assert (cfg.model.path, cfg.model.preset, cfg.data.tokenizer) == ("/models/qwen", None, "tok")
+    assert notes == ["note: model.preset: tiny -> null (--set model.path replaces it)"]
+    assert cfg.tokenizer == "tok"
+    # a tokenizer that named the old model follows the new one
+    path = write_config(tmp_path, {**MINIMAL, "model": {"path": "/old"}, "data": {"train_files": ["t"],
+                                                                                "tokenizer": "/old"}})
+    cfg, notes = load_with_notes(path, ["model.path=/new"])
+    assert cfg.data.tokenizer is None and cfg.tokenizer == "/new"
+    assert notes == ["note: data.tokenizer: /old -> null (it named the old model.path; null follows the new "
+                     "model.path)"]
+    # path -> preset: the tokenizer the file used (model.path's) is kept, so one --set does it
+    path = write_config(tmp_path, {**MINIMAL, "model": {"path": "/old"}, "data": {"train_files": ["t"]}})
+    cfg, notes = load_with_notes(path, ["model.preset=tiny"])
+    assert (cfg.model.path, cfg.model.preset, cfg.tokenizer) == (None, "tiny", "/old")
+    assert notes[0].startswith("note: model.path: /old -> null") and "data.tokenizer: null -> /old" in notes[1]
+    # unless the tokenizer is given too
+    cfg, notes = load_with_notes(path, ["model.preset=tiny", "data.tokenizer=tok2"])
+    assert cfg.tokenizer == "tok2" and len(notes) == 1
+
+
+def test_a_preset_without_a_tokenizer_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: a preset model \(model.preset=tiny\) has no tokenizer"):
+        from_dict({**MINIMAL, "data": {"train_files": ["t.jsonl"]}})
+
+
+@pytest.mark.parametrize("value", ["[]", "null", ""])
+def test_dropping_eval_files_turns_periodic_evaluation_off(tmp_path, value):
+    path = write_config(tmp_path, {**MINIMAL, "data": {**MINIMAL["data"], "eval_files": ["e.jsonl"]},
+                                   "eval": {"every": 500}})
+    assert load_sft_config(path).eval.every == 500
+    cfg, notes = load_with_notes(path, [f"data.eval_files={value}"])
+    assert cfg.data.eval_files == () and cfg.eval.every == 0
+    assert notes == [f"note: eval.every: 500 -> 0 (--set data.eval_files={'[]' if value == '[]' else 'null'} "
+                     f"leaves nothing for it; --set eval.every to choose)"]
+    with pytest.raises(ConfigError) as err:  # asked for explicitly: an error that says what to do
+        load_sft_config(path, [f"data.eval_files={value}", "eval.every=100"])
+    assert str(err.value) == ("eval.every: periodic evaluation (every 100 steps) needs data.eval_files; give them, "
+                              "or set eval.every=0")
+
+
+def test_unknown_keys_through_set_list_the_valid_keys(tmp_path):
+    path = write_config(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as err:
+        load_sft_config(path, ["optim.lr=1"])
+    names = [f.name for f in dataclasses.fields(SFTConfig().optim)]
+    assert str(err.value) == f"optim.lr: unknown key (in --set optim.lr=...); optim takes {names}"
+    with pytest.raises(ConfigError, match=r"^trainer: unknown key \(in --set trainer.steps=...\); the config "
+                                          r"takes \['model', 'lora'"):
+        load_sft_config(path, ["trainer.steps=1"])
+
+
+def test_cli_set_errors_and_notes(tmp_path, capsys):
+    from fxjax.cli import main
+
+    path = write_config(tmp_path, MINIMAL)
+    assert main(["sft", "--config", str(path), "--set", "optim.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "fxjax sft: error: optim.lr: unknown key" in err and "'learning_rate'" in err
+    # a model directory that does not exist: said before anything starts, naming the key
+    assert main(["sft", "--config", str(path), "--set", "model.path=/nonexistent/qwen"]) == 2
+    err = capsys.readouterr().err
+    assert "fxjax sft: note: model.preset: tiny -> null" in err
+    assert "fxjax sft: error: model.path: /nonexistent/qwen does not exist" in err

@@ -1,16 +1,21 @@
-"""Export after training: the PEFT adapter, and the merged model as an HF checkpoint.
+"""Export after training: the PEFT adapter, and the merged model as a self-contained HF checkpoint.
 
 Thin wrappers over fxjax's own writers, which work with one process or several (every process joins the
 gathers; process 0 writes): `fxjax.peft_io.save_peft_adapter` writes the LoRA factors as a PEFT adapter
 directory, and `fxjax.save_pretrained` merges every enabled adapter into its kernel (W + scaling * A @ B,
 in float32, stored in the checkpoint's dtype) while writing, leaving the model itself unchanged.
+
+The merged directory also gets what serving it needs: the tokenizer training used (chat template and the
+output-format markers included) and the image processor's preprocessor_config.json with the pixel limits
+training used, so `AutoTokenizer` / `AutoProcessor` load it with nothing else at hand.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-__all__ = ["save_adapter", "save_merged"]
+__all__ = ["save_adapter", "save_merged", "write_preprocessor_config"]
 
 
 def save_adapter(model, out_dir: str | Path) -> Path:
@@ -20,8 +25,57 @@ def save_adapter(model, out_dir: str | Path) -> Path:
     return save_peft_adapter(model, Path(out_dir))
 
 
-def save_merged(model, out_dir: str | Path, *, dtype: str | None = None) -> Path:
-    """An HF checkpoint directory of base + LoRA merged (loads in transformers without peft)."""
+def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokenizer_dir: str | Path | None = None,
+                image_pixels: tuple[int, int] | None = None) -> Path:
+    """An HF checkpoint directory of base + LoRA merged (loads in transformers without peft), with the
+    tokenizer and image-processor files.
+
+    tokenizer_dir: the model or tokenizer directory training read its tokenizer from (the run's
+        `cfg.tokenizer`); default: the directory the model was loaded from, when it holds tokenizer.json.
+    image_pixels: (min_pixels, max_pixels) training resized images to (`cfg.data.min_pixels`,
+        `cfg.data.max_pixels`); written to preprocessor_config.json. Default: keep the base model's file,
+        or write the data pipeline's defaults when it had none.
+    """
+    import jax
+
+    from fxjax.data.tokenizer import export_tokenizer
     from fxjax.hf_checkpoint import save_pretrained
 
-    return save_pretrained(model, Path(out_dir), dtype=dtype)
+    out = save_pretrained(model, Path(out_dir), dtype=dtype)
+    if jax.process_index() != 0:
+        return out
+    if tokenizer_dir is None:
+        source = getattr(model, "hf_source", None)
+        if source is not None and (Path(source.directory) / "tokenizer.json").is_file():
+            tokenizer_dir = source.directory
+    if tokenizer_dir is not None:
+        export_tokenizer(tokenizer_dir, out)
+    if image_pixels is not None or not (out / "preprocessor_config.json").is_file():
+        write_preprocessor_config(out, *(image_pixels or _default_pixels()), vision=model.config.vision)
+    return out
+
+
+def _default_pixels() -> tuple[int, int]:
+    from fxjax.train_config import DataSection
+
+    return DataSection().min_pixels, DataSection().max_pixels
+
+
+def write_preprocessor_config(out_dir: str | Path, min_pixels: int, max_pixels: int, vision=None) -> Path:
+    """preprocessor_config.json of Qwen2.5-VL's image processor (the Hub's keys) with these pixel limits
+    and the patch sizes of `vision` (a model.config.VisionConfig; default: Qwen2.5-VL's); an existing
+    file keeps its other keys."""
+    from fxjax.image_processing import CLIP_MEAN, CLIP_STD
+    from fxjax.model.config import VisionConfig
+
+    vision = vision or VisionConfig()
+    path = Path(out_dir) / "preprocessor_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {
+        "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+    config.update(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+    if isinstance(config.get("size"), dict):  # transformers 5.x writes the limits here too
+        config["size"].update(shortest_edge=int(min_pixels), longest_edge=int(max_pixels))
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path

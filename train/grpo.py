@@ -46,6 +46,7 @@ from fxjax.train.metrics import MetricsLogger, ProgressBar
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.preemption import PreemptionSignals
 from fxjax.train.rollout import build_group_batch, prompt_inputs, rollout_metrics, sample_and_score
+from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.run_setup import build_model, init_state, restore_latest
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import NonFiniteError
@@ -57,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GRPOResult", "group_advantages", "grpo_loss", "run_grpo"]
 
+# What a resumed GRPO run compares with its checkpoint's config: SFT's sections, the sampling and loss
+# settings, and the stages (the step count; steps come from the stages, not train.steps).
+GRPO_WATCHED = {**WATCHED, "grpo": (None, "the sampling or the loss"),
+                "stages": (None, "the reward stages, so the step count and the schedule")}
 PROMPT_LENGTH_QUANTUM = 32  # prompts are left-padded to a multiple of this: few update programs compile
 
 
@@ -186,9 +191,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         state, data_state, saved_cfg, latest = restored
         iterator.set_state(data_state["iterator"])
         floor = dict(data_state.get("shape_floor", {}))
-        for section in ("model", "lora", "optim", "data", "grpo", "stages"):
-            if saved_cfg.get(section) != cfg.to_dict().get(section):
-                say(f"warning: resuming with a different {section} config than the checkpoint's")
+        check_resume_config(saved_cfg, cfg.to_dict(), say, GRPO_WATCHED)
         result.resumed_from = latest
         say(f"grpo: resumed from step {latest} (stage {data_state.get('stage')}) in {ckpt_dir}")
     step_now = int(jax.device_get(state.step))
@@ -329,7 +332,8 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 result.exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir))
                 say(f"grpo: wrote the PEFT adapter to {cfg.export.adapter_dir}")
             if cfg.export.merged_dir:
-                result.exported["merged"] = str(save_merged(model, cfg.export.merged_dir))
+                result.exported["merged"] = str(save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer,
+                                                            image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
                 say(f"grpo: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
     finally:
         bar.close()

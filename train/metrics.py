@@ -2,6 +2,10 @@
 
 Only the main process (jax.process_index() == 0) writes. Every record is one JSON object per line with
 ``step`` and ``kind`` ("train" or "eval") and plain numbers, flushed at once so ``tail -f`` works.
+
+A resumed run continues the same file: ``MetricsLogger(..., resume_step=N)`` first drops the records an
+earlier attempt wrote past step N (the steps the resumed run computes again), so a reader sees each step
+once; ``read_metrics`` returns one record per (kind, step) in any case (the last one written wins).
 """
 
 from __future__ import annotations
@@ -9,25 +13,103 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+from fxjax.file_modes import make_readable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "ProgressBar", "tensorboard_writer"]
+__all__ = ["MetricsLogger", "ProgressBar", "read_metrics", "tensorboard_writer"]
+
+METRICS_FILE = "metrics.jsonl"
 
 
-def tensorboard_writer(directory: Path):
-    """A SummaryWriter from tensorboardX or torch.utils.tensorboard, or None when neither is usable."""
+def tensorboard_writer(directory: Path, purge_step: int | None = None):
+    """A SummaryWriter from tensorboardX or torch.utils.tensorboard, or None when neither is usable.
+
+    `purge_step`: TensorBoard hides the events an earlier attempt logged at this step and after."""
     for module in ("tensorboardX", "torch.utils.tensorboard"):
         try:
             mod = __import__(module, fromlist=["SummaryWriter"])
-            return mod.SummaryWriter(str(directory))
+            return mod.SummaryWriter(str(directory), purge_step=purge_step)
         except Exception:  # not installed, or torch without the tensorboard package
             continue
     return None
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict | None, str]]:
+    """(line number, record or None when the line is not a JSON record, raw line) of a metrics.jsonl."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record):
+                record = None
+            yield n, record, line
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of the metrics.jsonl in a run directory), one per (kind, step):
+    where a step was logged twice (a resumed run that did not drop them), the last record wins. Sorted by
+    step, then in the order the kinds first appear.
+
+    A last line cut short (a run killed while writing it) is skipped with a warning; any other line that
+    is not a record is an error naming the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    rows = list(_records(path))
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    kind_order: dict[str, int] = {}
+    for i, (n, record, line) in enumerate(rows):
+        if record is None:
+            if i == len(rows) - 1 and not line.endswith("\n"):
+                logger.warning("%s:%d: skipped an incomplete last line (the run was killed while writing it)",
+                               path, n)
+                continue
+            raise ValueError(f"{path}:{n}: not a metrics record (a JSON object with step and kind): "
+                             f"{line.strip()[:80]!r}")
+        kind_order.setdefault(record["kind"], len(kind_order))
+        key = (record["kind"], record["step"])
+        by_key.pop(key, None)  # re-inserted: the last record's values
+        by_key[key] = record
+    return sorted(by_key.values(), key=lambda r: (r["step"], kind_order[r["kind"]]))
+
+
+def _drop_records_after(path: Path, step: int) -> int:
+    """Rewrite `path` keeping the records with step <= `step` (atomically: a kill leaves the old file or
+    the new one, never half of it). Returns how many records were dropped."""
+    kept, dropped = [], 0
+    for n, record, line in _records(path):
+        if record is None:
+            logger.warning("%s:%d: dropped a line that is not a metrics record: %r", path, n, line.strip()[:80])
+            dropped += 1
+        elif record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            make_readable(tmp)  # mkstemp makes 0600; keep the file's usual mode
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return dropped
 
 
 def _plain(value: Any) -> Any:
@@ -43,16 +125,30 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    """Appends records to <output_dir>/metrics.jsonl (and TensorBoard events under <output_dir>/tensorboard).
+
+    `resume_step`: the step a resumed run continues from (its restored checkpoint's). The records an
+    earlier attempt logged after it are dropped from metrics.jsonl first, and TensorBoard hides its
+    events after it, so every step appears once. None (a run that starts afresh) appends to what is there.
+    """
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self._file = None
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                dropped = _drop_records_after(self.path, resume_step)
+                if dropped:
+                    logger.info("%s: dropped %d record(s) logged after step %d by the interrupted run",
+                                self.path, dropped, resume_step)
             self._file = open(self.path, "a", encoding="utf-8")
             if tensorboard:
-                self._tb = tensorboard_writer(Path(output_dir) / "tensorboard")
+                purge = resume_step + 1 if resume_step is not None else None
+                self._tb = tensorboard_writer(Path(output_dir) / "tensorboard", purge_step=purge)
                 if self._tb is None:
                     logger.info("TensorBoard: no writer installed (tensorboardX or tensorboard); metrics go to %s",
                                 self.path)

@@ -37,6 +37,7 @@ from fxjax.train.export import save_adapter, save_merged
 from fxjax.train.metrics import MetricsLogger, ProgressBar
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.preemption import PreemptionSignals
+from fxjax.train.resume_check import check_resume_config
 from fxjax.train.run_setup import build_model, init_state, restore_latest
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import ConfigError, SFTConfig
@@ -94,15 +95,6 @@ def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * records_per_epoch / per_step))
 
 
-def _check_resume_config(saved: dict, cfg: SFTConfig, log: Callable[[str], None]) -> None:
-    current = cfg.to_dict()
-    for section in ("model", "lora", "optim", "data"):
-        if saved.get(section) != current.get(section):
-            changed = sorted(k for k in set(saved.get(section, {})) | set(current.get(section, {}))
-                             if saved.get(section, {}).get(k) != current.get(section, {}).get(k))
-            log(f"warning: resuming with a different {section} config than the checkpoint's ({', '.join(changed)})")
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 
 def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTResult:
@@ -145,7 +137,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
         state, data_state, saved_cfg, latest = restored
         iterator.set_state(data_state["iterator"])
         floor = dict(data_state.get("shape_floor", {}))
-        _check_resume_config(saved_cfg, cfg, say)
+        check_resume_config(saved_cfg, cfg.to_dict(), say)
         result.resumed_from = latest
         say(f"sft: resumed from step {latest} in {ckpt_dir}")
     step_now = int(jax.device_get(state.step))
@@ -250,7 +242,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
                 result.exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir))
                 say(f"sft: wrote the PEFT adapter to {cfg.export.adapter_dir}")
             if cfg.export.merged_dir:
-                result.exported["merged"] = str(save_merged(model, cfg.export.merged_dir))
+                result.exported["merged"] = str(save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer,
+                                                            image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
                 say(f"sft: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
     finally:
         bar.close()

@@ -1,0 +1,42 @@
+"""Files fxjax writes get the mode a user expects: 0666 minus the umask (0644 with the usual umask 022).
+
+safetensors 0.8's `save_file` and `tempfile.mkstemp` create files as 0600, which other users of a shared
+machine (or a serving process under another account) cannot read; everything fxjax writes goes through
+`make_readable` or `save_safetensors` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["current_umask", "make_readable", "save_safetensors"]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (/proc/self/status, Linux >= 4.7):
+    setting it to read it back would race file creation in other threads (async checkpoint writers)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a regular file the mode a plain `open(path, "w")` would have: 0666 & ~umask."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def save_safetensors(tensors: Mapping, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """safetensors.numpy.save_file, then the usual file mode."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
+    make_readable(path)

@@ -1,0 +1,51 @@
+"""Running `fxjax` CLI commands as separate processes in tests: one process, or two joined by a JAX
+coordinator on localhost (gloo collectives, one CPU device each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from numerics import free_port
+
+
+def launch_two(args: list[str], env: dict, log_prefix: Path) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Start `python -m fxjax.cli *args` as processes 0 and 1 of a 2-process run; logs <prefix>-<rank>-*.log."""
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(2):
+        penv = {**env, "FXJAX_COORDINATOR": f"localhost:{port}", "FXJAX_NUM_PROCESSES": "2",
+                "FXJAX_PROCESS_ID": str(rank), "FXJAX_LOCAL_DEVICE_COUNT": "1"}
+        log = Path(f"{log_prefix}-{rank}-{time.time_ns()}.log")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, "-m", "fxjax.cli", *args], env=penv, stdout=open(log, "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    return procs, logs
+
+
+def wait_all(procs, logs, *, timeout: float, until: str | None = None) -> list[int]:
+    """Wait for every process to exit; with `until`, SIGKILL all of them once rank 0 printed it."""
+    start = time.time()
+    try:
+        if until is not None:
+            while until not in logs[0].read_text():
+                if any(p.poll() is not None for p in procs) or time.time() - start > timeout:
+                    raise AssertionError("\n".join(log.read_text()[-2000:] for log in logs))
+                time.sleep(0.05)
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGKILL)
+        # A process that fails leaves its peer blocked in a collective: stop waiting at the first failure.
+        while any(p.poll() is None for p in procs) and time.time() - start < timeout:
+            if any(p.poll() not in (None, 0) for p in procs) and until is None:
+                break
+            time.sleep(0.1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return [p.returncode for p in procs]

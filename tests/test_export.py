@@ -1,0 +1,96 @@
+"""What an export writes: safetensors readable by others (0666 minus the umask), and a merged directory
+that carries the tokenizer training used (format markers and chat template) and the image processor's
+config, so transformers' Auto classes load it with nothing else at hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import numpy as np
+import pytest
+
+from fxjax.data.tokenizer import FORMAT_MARKER_IDS
+from fxjax.rewards.output_format import FORMAT_MARKERS
+
+
+@pytest.fixture
+def umask_027():
+    """A umask that differs from the usual 022, so a test sees it respected, not a fixed 0644."""
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def stock_tokenizer(tokenizer_dir, out):
+    """The offline Qwen2.5-VL tokenizer without the six format markers: what a Hub checkpoint ships."""
+    out.mkdir()
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in FORMAT_MARKERS]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items()
+                                      if v["content"] not in FORMAT_MARKERS}
+    config["additional_special_tokens"] = [t for t in config["additional_special_tokens"] if t not in FORMAT_MARKERS]
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_merged_export_is_self_contained_and_readable(tiny_checkpoint, tokenizer_dir, tmp_path, umask_027):
+    from PIL import Image
+    from skimage import data
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    import fxjax
+    from fxjax.model.lora import LoRAConfig
+    from fxjax.train.export import save_adapter, save_merged
+
+    stock = stock_tokenizer(tokenizer_dir, tmp_path / "stock")
+
+    model = fxjax.from_pretrained(tiny_checkpoint, lora=LoRAConfig(rank=2, alpha=4))
+    merged = save_merged(model, tmp_path / "merged", tokenizer_dir=stock, image_pixels=(3136, 12544))
+    adapter = save_adapter(model, tmp_path / "adapter")
+
+    weights = sorted(merged.glob("*.safetensors")) + [adapter / "adapter_model.safetensors"]
+    assert len(weights) >= 2 and all(mode(w) == 0o640 for w in weights), [oct(mode(w)) for w in weights]
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    for marker in FORMAT_MARKERS:  # the ids training used (load_tokenizer adds them the same way)
+        assert tok.encode(marker) == [FORMAT_MARKER_IDS[marker]]
+    text = "<think>a seam</think>\n<verdict>generated</verdict>"
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == "a seam\ngenerated"
+    prompt = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Real?"}]}],
+                                     add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|vision_start|><|image_pad|><|vision_end|>Real?<|im_end|>\n<|im_start|>assistant\n")
+
+    image = Image.fromarray(data.chelsea())
+    processed = AutoImageProcessor.from_pretrained(merged)(images=[image], return_tensors="np")
+    pixel_values, grid = fxjax.process_image(image, min_pixels=3136, max_pixels=12544)
+    assert np.array_equal(processed["image_grid_thw"], grid)
+    assert np.abs(processed["pixel_values"] - pixel_values).max() == 0.0
+
+    pytest.importorskip("torchvision")  # transformers' Qwen2.5-VL video processor needs it
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(merged).tokenizer.encode("<tag>") == [FORMAT_MARKER_IDS["<tag>"]]
+
+
+def test_export_defaults_to_the_model_directory_tokenizer(tiny_checkpoint, tokenizer_dir, tmp_path):
+    import fxjax
+    from fxjax.train.export import save_merged
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    stock_tokenizer(tokenizer_dir, tmp_path / "stock")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "stock" / name, base / name)
+    merged = save_merged(fxjax.from_pretrained(base), tmp_path / "merged")
+    config = json.loads((merged / "tokenizer_config.json").read_text())
+    assert {config["added_tokens_decoder"][str(i)]["content"] for i in FORMAT_MARKER_IDS.values()} == set(FORMAT_MARKERS)
+    assert json.loads((merged / "preprocessor_config.json").read_text())["max_pixels"] == 12845056  # the default

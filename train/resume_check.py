@@ -1,0 +1,55 @@
+"""What changed between the config a checkpoint recorded and the config a run resumes it with.
+
+    check_resume_config(saved_cfg, cfg.to_dict(), log)   # one warning line per changed section
+
+A resumed run restores the LoRA parameters, optimiser state, step and data position; a config that
+differs in what produced them (model, LoRA, optimiser, data) or in the run's length (train.steps or
+train.epochs: the total step count, hence the learning-rate schedule) continues a different run than the
+one that was saved. That is allowed (lengthening a run is common) but never silent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+__all__ = ["WATCHED", "changed_keys", "check_resume_config"]
+
+# section -> the keys compared (None: all of them), and what a change there means for the resumed run
+WATCHED: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "model": (None, "the base model"),
+    "lora": (None, "the adapters"),
+    "optim": (None, "the optimiser or its schedule"),
+    "data": (None, "the data stream"),
+    "train": (("steps", "epochs"), "the step count, so the learning-rate schedule"),
+}
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def changed_keys(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None,
+                 keys: tuple[str, ...] | None = None) -> list[str]:
+    """`key: old -> new` for each key of a section whose value differs (all keys, or only `keys`); a section
+    that is not a mapping (GRPO's list of stages) is compared whole."""
+    if not isinstance(saved or {}, Mapping) or not isinstance(current or {}, Mapping):
+        return [] if saved == current else [f"{_show(saved)} -> {_show(current)}"]
+    saved, current = dict(saved or {}), dict(current or {})
+    names = keys if keys is not None else sorted(set(saved) | set(current))
+    return [f"{k}: {_show(saved.get(k))} -> {_show(current.get(k))}" for k in names if saved.get(k) != current.get(k)]
+
+
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], log: Callable[[str], None],
+                        watched: Mapping[str, tuple[tuple[str, ...] | None, str]] = WATCHED) -> list[str]:
+    """Log a warning for each watched section in which `current` (the resolved config of this run, as
+    `cfg.to_dict()`) differs from `saved` (the one the checkpoint recorded); returns the warnings."""
+    warnings = []
+    for section, (keys, meaning) in watched.items():
+        changes = changed_keys(saved.get(section), current.get(section), keys)
+        if changes:
+            warnings.append(f"warning: resuming with a different {section} config than the checkpoint's "
+                            f"({meaning} changed): " + "; ".join(f"{section}.{c}" if not c.startswith(("[", "{"))
+                                                                else f"{section}: {c}" for c in changes))
+    for line in warnings:
+        log(line)
+    return warnings
