@@ -115,6 +115,9 @@ class MeshSection:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # A global batch that does not divide over data x fsdp is an error; true replicates it on every batch
+    # device instead (each computes the whole batch: wasted hardware, warned on every run).
+    allow_replicated_batch: bool = False
 
 
 @dataclass(frozen=True)

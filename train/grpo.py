@@ -47,7 +47,7 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.preemption import PreemptionSignals
 from fxjax.train.rollout import build_group_batch, prompt_inputs, rollout_metrics, sample_and_score
 from fxjax.train.resume_check import WATCHED, check_resume_config
-from fxjax.train.run_setup import build_model, init_state, restore_latest
+from fxjax.train.run_setup import batch_divides, build_model, init_state, restore_latest
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import NonFiniteError
 from fxjax.train.sft import data_config as sft_data_config
@@ -155,11 +155,8 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         raise ConfigError("lora.enabled: GRPO trains LoRA adapters only; set lora.enabled=true")
     g = cfg.grpo
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    n_batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.data.batch_size % n_batch_devices:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} prompts per step do not divide over the "
-                          f"{n_batch_devices} batch devices (mesh.data x mesh.fsdp); use a multiple of "
-                          f"{n_batch_devices} so every device samples whole groups")
+    shard_rows = batch_divides("data.batch_size", cfg.data.batch_size // cfg.optim.grad_accum, mesh,
+                               allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
     pipeline = DataPipeline(data_config(cfg))
     tokenizer = load_tokenizer(cfg.tokenizer)
     eos_id = token_id(tokenizer, "<|im_end|>")
@@ -241,7 +238,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 floor["prompt_length"] = length
                 prompts = left_pad(prompts, length, pipeline.pad_id)
                 inputs, floor = prompt_inputs(model.config, prompts, floor)
-                placed_inputs = shard_inputs(inputs, mesh)
+                placed_inputs = shard_inputs(inputs, mesh) if shard_rows else inputs
                 nnx.update(model, state.params)
                 rollout = sample_and_score(
                     model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_id=eos_id,
@@ -257,7 +254,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 batch, floor = build_group_batch(prompts, rollout, model.config, num_generations=g.num_generations,
                                                  n_micro=cfg.optim.grad_accum, floor=floor)
                 if batch_sh is None:
-                    batch_sh = _group_batch_shardings(batch, mesh, True)
+                    batch_sh = _group_batch_shardings(batch, mesh, shard_rows)
                     step_fn = make_grpo_step(train_graphdef, tx, schedule, opts=opts, loss_chunk=cfg.train.loss_chunk,
                                              remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
                                              state_shardings=shardings.state, base_shardings=shardings.base,

@@ -23,8 +23,28 @@ from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
 from fxjax.sharding import param_shardings, put, shard_model
 from fxjax.train.step import RNG_IMPL, TrainState
+from fxjax.train_config import ConfigError
 
-__all__ = ["StateShardings", "build_model", "init_state", "place", "restore_latest"]
+__all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "place", "restore_latest"]
+
+
+def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
+    """Whether a global batch of `batch` rows shards over the mesh's batch devices (data x fsdp).
+
+    When it does not, the run stops with an error saying which numbers to change, unless
+    `mesh.allow_replicated_batch` opted into replicating it (then a warning, every run): every batch device
+    would compute the whole batch."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % n == 0:
+        return True
+    advice = (f"{what} = {batch} does not divide over the {n} batch devices (mesh.data {mesh.shape['data']} x "
+              f"mesh.fsdp {mesh.shape['fsdp']}): set {what} to a multiple of {n} (e.g. {-(-batch // n) * n}; "
+              f"lower optim.grad_accum to keep the effective batch), or move devices to mesh.tensor")
+    if not allow_replicated:
+        raise ConfigError(advice + "; or set mesh.allow_replicated_batch=true to replicate it (wasteful)")
+    log(f"warning: {advice}; mesh.allow_replicated_batch is set, so every batch device computes the whole "
+        f"batch ({n}x the work)")
+    return False
 
 
 def build_model(cfg, mesh):

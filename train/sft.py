@@ -38,7 +38,7 @@ from fxjax.train.metrics import MetricsLogger, ProgressBar
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.preemption import PreemptionSignals
 from fxjax.train.resume_check import check_resume_config
-from fxjax.train.run_setup import build_model, init_state, restore_latest
+from fxjax.train.run_setup import batch_divides, build_model, init_state, restore_latest
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import ConfigError, SFTConfig
 
@@ -113,6 +113,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"mesh {dict(mesh.shape)}")
+    shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh,
+                               allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
     dcfg = data_config(cfg)
     pipeline = DataPipeline(dcfg)
     steps_total = total_steps(cfg, len(pipeline))
@@ -180,8 +182,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
                 batch = build_step_batch(micro, model.config, pipeline.pad_id, floor=floor)
                 floor = grow_floor(floor, batch, model.config)
                 if batch_sh is None:
-                    n_batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-                    batch_sh = batch_shardings(batch, mesh, cfg.data.batch_size % n_batch_devices == 0)
+                    batch_sh = batch_shardings(batch, mesh, shard_rows)
                     step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
                                               remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
                                               state_shardings=shardings.state, base_shardings=shardings.base,
