@@ -6,11 +6,20 @@ Layers, from low to high:
   traceable functions on the module (no jit of their own), for callers that build their own jitted
   loop (e.g. a GRPO sampler).
 * `decode_loop(model, first_logits, cache, positions, ...)` runs the whole decode as one
-  `jax.lax.while_loop` (greedy, or sampling with a temperature), stopping once every row has emitted
-  EOS; no host round trip per token.
+  `jax.lax.while_loop` (greedy, or sampling with HF's temperature / top-k / top-p, see
+  model.sampling), stopping once every row has emitted EOS; no host round trip per token.
+* `rollout(model, inputs, ...)` (traceable) and `sample_groups(model, inputs, ...)` (jitted, device
+  arrays in and out, no host sync): G samples per prompt for GRPO. Each prompt is prefilled once (the
+  vision encoder sees each image once), then its KV cache, first logits and next position are repeated
+  G times, so rows i*G .. i*G+G-1 belong to prompt i (HF's num_return_sequences layout).
 * `generate` / `greedy_generate` take HF-shaped inputs and return what HF `generate` returns: the
   prompt followed by the generated tokens, with `pad_token_id` after a row's EOS, and as many new
   columns as steps were run (fewer than `max_new_tokens` when every row finished early).
+
+Randomness: the token of step k (k = 0 for the first generated token) is drawn with
+`jax.random.fold_in(rng, k)` over all rows at once, so the same rng and the same inputs give the same
+tokens, also in a resumed run that passes the same key; callers that sample on several processes
+should fold the process index into their key.
 
 Positions: the k-th generated token (k = 0, 1, ...) of a row sits at position
 `valid_prompt_length + k + rope_delta = max prompt position + 1 + k` on all three M-RoPE axes. HF
@@ -23,6 +32,7 @@ padding slots stay masked in the cache.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -31,14 +41,23 @@ import numpy as np
 from flax import nnx
 
 from .inputs import ModelInputs
-from .kv_cache import KVCache
+from .kv_cache import KVCache, repeat_rows
+from .sampling import check_sampling_args, choose_tokens
 
 
 class GenerateOutput(NamedTuple):
-    tokens: jax.Array  # [B, N] int32 generated tokens, pad_token_id after a row's EOS (and past num_steps)
-    logprobs: jax.Array  # [B, N] float32 log-softmax of the model's (untempered) logits at the chosen token; 0 at pads
-    finished: jax.Array  # [B] bool: the row emitted EOS
+    """Rows R = prompts x samples per prompt, N = max_new_tokens columns (fixed shape)."""
+
+    tokens: jax.Array  # [R, N] int32 generated tokens, pad_token_id after a row's EOS (and past num_steps)
+    # [R, N] float32 log-softmax of the model's raw logits (no temperature, no top-k/top-p) at the
+    # chosen token; 0 at pads. Not the sampling distribution's log-prob: GRPO recomputes log-probs of
+    # logits / temperature in its own pass, as TRL does.
+    logprobs: jax.Array
+    finished: jax.Array  # [R] bool: the row emitted EOS
     num_steps: jax.Array  # int32 scalar: tokens generated per row (columns of `tokens` filled), <= N
+    lengths: jax.Array  # [R] int32: completion length, EOS included; N for a truncated row
+    completion_mask: jax.Array  # [R, N] int32: 1 on the completion (up to and including EOS), as TRL's
+    truncated: jax.Array  # [R] bool: no EOS within max_new_tokens (= ~finished)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,14 +111,10 @@ def decode_step(model, tokens: jax.Array, positions: jax.Array, cache: KVCache) 
     return model.logits(hidden)[:, 0], cache
 
 
-def _choose(logits: jax.Array, greedy: bool, temperature, key) -> tuple[jax.Array, jax.Array]:
-    """Pick a token per row; also return its log-prob under the untempered logits."""
+def _choose(logits: jax.Array, key, *, greedy: bool, temperature, top_k, top_p) -> tuple[jax.Array, jax.Array]:
+    """Pick a token per row; also return its log-prob under the raw (untempered, unfiltered) logits."""
     logits = logits.astype(jnp.float32)
-    if greedy:
-        token = jnp.argmax(logits, axis=-1)
-    else:
-        token = jax.random.categorical(key, logits / temperature, axis=-1)
-    token = token.astype(jnp.int32)
+    token = choose_tokens(logits, key, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logp
 
@@ -108,15 +123,27 @@ def _is_eos(token: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
 
 
+def _completion_extent(tokens: jax.Array, finished: jax.Array, eos_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Lengths [R] (EOS included; N when truncated) and the completion mask [R, N] int32. The first EOS
+    is the row's own (a pad id equal to an EOS id only follows it)."""
+    n = tokens.shape[1]
+    is_eos = jnp.any(tokens[..., None] == eos_ids, axis=-1)
+    lengths = jnp.where(finished, jnp.argmax(is_eos, axis=-1) + 1, n).astype(jnp.int32)
+    return lengths, (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
 def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.Array, *, max_new_tokens: int,
                 eos_ids: jax.Array, pad_id, greedy: bool = True, temperature=1.0,
-                rng: jax.Array | None = None) -> tuple[GenerateOutput, KVCache]:
+                rng: jax.Array | None = None, top_k: int | None = None,
+                top_p: float | None = None) -> tuple[GenerateOutput, KVCache]:
     """Generate up to `max_new_tokens` tokens in one `lax.while_loop`.
 
     first_logits [B, vocab] come from `prefill`; positions [B] is the position of the first generated
     token (`next_positions`). Token k is fed back at position positions + k into cache slot
     cache.length. The loop stops when every row has emitted one of eos_ids [E] (int32), like HF; tokens
-    after a row's EOS are pad_id. `cache` needs max_new_tokens - 1 free slots.
+    after a row's EOS are pad_id. `cache` needs max_new_tokens - 1 free slots. Sampling (greedy False)
+    draws token k from softmax(filter_logits(logits, temperature, top_k, top_p)) with
+    fold_in(rng, k); temperature may be traced, top_k / top_p are static Python values.
     """
     b = first_logits.shape[0]
     n = max_new_tokens
@@ -127,8 +154,9 @@ def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.A
         rng = jax.random.key(0)  # unused
     elif rng is None:
         raise ValueError("sampling (greedy=False) needs an rng key")
+    choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    token, logp = _choose(first_logits, greedy, temperature, jax.random.fold_in(rng, 0))
+    token, logp = choose(first_logits, jax.random.fold_in(rng, 0))
     finished = _is_eos(token, eos_ids)
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
@@ -140,7 +168,7 @@ def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.A
     def body(carry):
         step, cache, tokens, logprobs, previous, finished = carry
         logits, cache = decode_step(model, previous, positions + step - 1, cache)
-        token, logp = _choose(logits, greedy, temperature, jax.random.fold_in(rng, step))
+        token, logp = choose(logits, jax.random.fold_in(rng, step))
         token = jnp.where(finished, pad_id, token)
         logp = jnp.where(finished, 0.0, logp)
         finished = finished | _is_eos(token, eos_ids)
@@ -150,7 +178,28 @@ def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.A
 
     carry = (jnp.int32(1), cache, tokens, logprobs, token, finished)
     step, cache, tokens, logprobs, _, finished = jax.lax.while_loop(cond, body, carry)
-    return GenerateOutput(tokens, logprobs, finished, step), cache
+    lengths, completion_mask = _completion_extent(tokens, finished, eos_ids)
+    return GenerateOutput(tokens, logprobs, finished, step, lengths, completion_mask, ~finished), cache
+
+
+def rollout(model, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Array, pad_id, temperature=1.0, *,
+            num_generations: int, max_new_tokens: int, greedy: bool = False, top_k: int | None = None,
+            top_p: float | None = None) -> GenerateOutput:
+    """Traceable group sampler (no jit of its own, for a caller's jitted step): B prompts ->
+    B * num_generations rows, prompt i's samples in rows i*G .. i*G+G-1.
+
+    The prompts are prefilled once, at batch B (one vision-encoder pass per image); the prefilled KV
+    cache, the first logits and the next position are then repeated G times and one decode loop runs
+    at batch B*G. eos_ids [E] int32 (-1 entries match nothing), pad_id int32.
+    """
+    g = num_generations
+    length = inputs.input_ids.shape[1]
+    first_logits, cache = prefill(model, inputs, length + max_new_tokens)
+    positions = jnp.repeat(jnp.asarray(next_positions(inputs)), g, axis=0)
+    out, _ = decode_loop(model, jnp.repeat(first_logits, g, axis=0), repeat_rows(cache, g), positions,
+                         max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, greedy=greedy,
+                         temperature=temperature, rng=rng, top_k=top_k, top_p=top_p)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,12 +211,20 @@ def prefill_jit(model, inputs: ModelInputs, cache_len: int) -> tuple[jax.Array, 
     return prefill(model, inputs, cache_len)
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "greedy"))
+@nnx.jit(static_argnames=("max_new_tokens", "greedy", "top_k", "top_p"))
 def decode_loop_jit(model, first_logits, cache, positions, eos_ids, pad_id, temperature, rng, *,
-                    max_new_tokens: int, greedy: bool) -> GenerateOutput:
+                    max_new_tokens: int, greedy: bool, top_k: int | None = None,
+                    top_p: float | None = None) -> GenerateOutput:
     out, _ = decode_loop(model, first_logits, cache, positions, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                         pad_id=pad_id, greedy=greedy, temperature=temperature, rng=rng)
+                         pad_id=pad_id, greedy=greedy, temperature=temperature, rng=rng, top_k=top_k, top_p=top_p)
     return out
+
+
+@nnx.jit(static_argnames=("num_generations", "max_new_tokens", "greedy", "top_k", "top_p"))
+def rollout_jit(model, inputs: ModelInputs, rng, eos_ids, pad_id, temperature, *, num_generations: int,
+                max_new_tokens: int, greedy: bool, top_k: int | None, top_p: float | None) -> GenerateOutput:
+    return rollout(model, inputs, rng, eos_ids, pad_id, temperature, num_generations=num_generations,
+                   max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,39 +250,60 @@ def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int
     return np.asarray(eos + [-1] * (size - len(eos)), np.int32), int(pad_token_id)
 
 
-def generate_device(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids=None, pad_token_id=None,
-                    temperature: float = 0.0, rng: jax.Array | None = None) -> GenerateOutput:
-    """Prepared inputs -> GenerateOutput (device arrays, fixed [B, max_new_tokens]); no host sync."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  rng: jax.Array | None = None, eos_token_ids: int | Sequence[int] | None = None,
+                  pad_token_id: int | None = None) -> GenerateOutput:
+    """Prepared inputs (B prompts) -> GenerateOutput with B * num_generations rows (prompt i's samples
+    in rows i*G .. i*G+G-1) and N = max_new_tokens columns, as device arrays; one jitted call, no host
+    sync. temperature 0 is greedy (then every sample of a prompt is the same and rng may be None);
+    top_k 0/None and top_p 1.0/None are off (HF semantics, model.sampling). The temperature is traced
+    (changing it does not recompile); top_k, top_p, num_generations and max_new_tokens are static."""
+    if not isinstance(num_generations, (int, np.integer)) or num_generations < 1:
+        raise ValueError(f"num_generations (num_return_sequences) must be an int >= 1, got {num_generations!r}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_sampling_args(temperature, top_k, top_p)
     eos, pad = _special_tokens(model, eos_token_ids, pad_token_id)
     greedy = not temperature
     if not greedy and rng is None:
         raise ValueError("sampling with temperature > 0 needs an rng key")
-    if rng is None:
-        rng = jax.random.key(0)
-    length = inputs.input_ids.shape[1]
-    first_logits, cache = prefill_jit(model, inputs, cache_len=length + max_new_tokens)
-    return decode_loop_jit(model, first_logits, cache, next_positions(inputs), eos, np.int32(pad),
-                           np.float32(temperature if not greedy else 1.0), rng,
-                           max_new_tokens=max_new_tokens, greedy=greedy)
+    if greedy:
+        rng, top_k, top_p = jax.random.key(0), None, None  # unused: argmax is the same under top-k/top-p
+    return rollout_jit(model, inputs, rng, eos, np.int32(pad), np.float32(1.0 if greedy else temperature),
+                       num_generations=int(num_generations), max_new_tokens=int(max_new_tokens), greedy=greedy,
+                       top_k=int(top_k) if top_k else None,
+                       top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None)
+
+
+def generate_device(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids=None, pad_token_id=None,
+                    temperature: float = 0.0, rng: jax.Array | None = None, top_k: int | None = None,
+                    top_p: float | None = None, num_return_sequences: int = 1) -> GenerateOutput:
+    """Prepared inputs -> GenerateOutput (device arrays, fixed [B * num_return_sequences, max_new_tokens]);
+    no host sync. Greedy by default; see `sample_groups`."""
+    return sample_groups(model, inputs, num_generations=num_return_sequences, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, eos_token_ids=eos_token_ids,
+                         pad_token_id=pad_token_id)
 
 
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-             max_new_tokens: int, eos_token_ids: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, temperature: float = 0.0,
-             rng: jax.Array | None = None) -> np.ndarray:
-    """HF-style generate: [B, L] prompt -> [B, L + steps] (prompt then generated tokens), numpy int.
+             max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+             num_return_sequences: int = 1, rng: jax.Array | None = None,
+             eos_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+    """HF-style generate: [B, L] prompt -> [B * num_return_sequences, L + steps] (prompt then generated
+    tokens), numpy int; prompt i's sequences are rows i*G .. i*G+G-1, as in HF.
 
-    temperature 0 is greedy (argmax, exactly HF's do_sample=False); > 0 samples from
-    softmax(logits / temperature) with `rng`. steps = max_new_tokens unless every row emitted EOS
-    earlier (then it is the step at which the last row did, as in HF).
+    temperature 0 is greedy (argmax, exactly HF's do_sample=False; with num_return_sequences G it
+    returns G copies, where HF refuses); > 0 samples with `rng` from HF's warpers: logits / temperature,
+    then top_k, then top_p (None means off; HF's own default is top_k=50). steps = max_new_tokens unless
+    every row emitted EOS earlier (then it is the step at which the last row did, as in HF).
     """
     inputs = model.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     out = generate_device(model, inputs, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
-                          pad_token_id=pad_token_id, temperature=temperature, rng=rng)
+                          pad_token_id=pad_token_id, temperature=temperature, rng=rng, top_k=top_k, top_p=top_p,
+                          num_return_sequences=num_return_sequences)
     steps = int(out.num_steps)
-    prompt = np.asarray(input_ids)
+    prompt = np.repeat(np.asarray(input_ids), num_return_sequences, axis=0)
     new = np.asarray(out.tokens)[:, :steps].astype(prompt.dtype)
     return np.concatenate([prompt, new], axis=1)
 

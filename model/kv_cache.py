@@ -33,3 +33,12 @@ def write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Write new [B, L, ...] into buffer [B, S, ...] at slot `start`."""
     index = (jnp.zeros((), jnp.int32), start.astype(jnp.int32)) + (jnp.zeros((), jnp.int32),) * (buffer.ndim - 2)
     return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), index)
+
+
+def repeat_rows(cache: KVCache, repeats: int) -> KVCache:
+    """Each row `repeats` times in a row: row i becomes rows i*repeats .. i*repeats + repeats - 1 (the
+    layout of jnp.repeat and of HF's num_return_sequences). Lets G samples share one prompt prefill."""
+    if repeats == 1:
+        return cache
+    rep = lambda x: jnp.repeat(x, repeats, axis=0)  # noqa: E731
+    return KVCache(tuple(map(rep, cache.keys)), tuple(map(rep, cache.values)), rep(cache.key_mask), cache.length)

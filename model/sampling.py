@@ -1,0 +1,98 @@
+"""Logits warpers for sampling, with the semantics and order of HF `generate(do_sample=True)`.
+
+HF builds its warpers in this order (transformers `GenerationMixin._get_logits_processor`):
+`TemperatureLogitsWarper` (logits / T), `TopKLogitsWarper` (keep every token whose logit is >= the k-th
+largest, so ties with the k-th are kept), `TopPLogitsWarper` (sort ascending, remove the tokens whose
+cumulative probability is <= 1 - top_p, always keeping the most probable one). The functions here
+reproduce each step on jnp arrays, with -inf at removed tokens, so that the same float32 logits give the
+same kept set and values as HF. Sampling from the result with `jax.random.categorical` draws from
+softmax(filtered logits), as HF's `torch.multinomial(softmax(scores))` does.
+
+"Off" values are HF's: temperature None or 1.0, top_k None or 0, top_p None or 1.0. Note that HF's
+`GenerationConfig` defaults to top_k=50 when a caller passes nothing; here nothing given means no
+top-k, so pass top_k=50 to match a HF call that relied on that default.
+
+top_k and top_p must be Python values (static under jit: top-k needs a static k); temperature may be
+a Python float or a traced scalar, so that a changing temperature does not recompile a decode loop.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+# HF's min_tokens_to_keep for plain sampling (it is larger only for beam sampling).
+MIN_TOKENS_TO_KEEP = 1
+
+
+def check_sampling_args(temperature, top_k, top_p) -> None:
+    """Raise a ValueError naming the bad argument (the same ranges HF's warpers accept)."""
+    if isinstance(temperature, numbers.Real) and temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative int (0 or None: off), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0.0 <= float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be a float in [0, 1] (1.0 or None: off), got {top_p!r}")
+
+
+def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
+    """logits / temperature (HF `TemperatureLogitsWarper`); None or 1.0 leaves the logits as they are."""
+    if temperature is None or (isinstance(temperature, numbers.Real) and temperature == 1.0):
+        return logits
+    if isinstance(temperature, numbers.Real) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to scale logits (0 means greedy: use argmax), got {temperature}")
+    # XLA rewrites x / broadcast(t) into x * (1 / t), up to 1 ulp off the division HF does; dividing by
+    # an array the simplifier cannot see through keeps it a true division (bitwise HF, also on logits
+    # that tie after the rewrite). Under vmap with an unbatched t the barrier is bypassed (1 ulp again).
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(temperature, logits.dtype), logits.shape))
+    return logits / divisor
+
+
+def apply_top_k(logits: jax.Array, top_k: int | None, min_tokens_to_keep: int = MIN_TOKENS_TO_KEEP) -> jax.Array:
+    """HF `TopKLogitsWarper`: -inf below the k-th largest logit (ties with it are kept)."""
+    if not top_k:
+        return logits
+    k = min(max(int(top_k), min_tokens_to_keep), logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def apply_top_p(logits: jax.Array, top_p: float | None, min_tokens_to_keep: int = MIN_TOKENS_TO_KEEP) -> jax.Array:
+    """HF `TopPLogitsWarper`: in ascending order, remove the tokens whose cumulative probability is
+    <= 1 - top_p, except the last `min_tokens_to_keep` (the most probable)."""
+    if top_p is None or float(top_p) >= 1.0:
+        return logits
+    shape = logits.shape
+    flat = logits.reshape(-1, shape[-1])
+    # A stable ascending sort orders tied logits by index, as torch.sort does on these sizes; the split
+    # of a tie that straddles the threshold then matches HF token for token.
+    order = jnp.argsort(flat, axis=-1, stable=True)
+    ascending = jnp.take_along_axis(flat, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove_sorted = cumulative <= (1.0 - float(top_p))
+    remove_sorted = remove_sorted.at[:, -min_tokens_to_keep:].set(False)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, flat).reshape(shape)
+
+
+def filter_logits(logits: jax.Array, temperature=None, top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+    """[..., vocab] logits -> float32 logits of the sampling distribution: temperature, then top-k, then
+    top-p, as HF applies them; -inf at removed tokens. temperature must be > 0 here (greedy is argmax
+    of the raw logits, see `choose_tokens`)."""
+    check_sampling_args(temperature, top_k, top_p)
+    x = apply_temperature(logits.astype(jnp.float32), temperature)
+    return apply_top_p(apply_top_k(x, top_k), top_p)
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array | None, *, greedy: bool, temperature=1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """One token per row of [B, vocab] logits, int32 [B]: argmax when greedy (HF do_sample=False, which
+    top-k/top-p cannot change), else a draw from softmax(filter_logits(...)) with `key`."""
+    if greedy:
+        return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
