@@ -72,7 +72,8 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     files = make_demo_data(args.out, n=args.n, seed=args.seed, test_fraction=args.test_fraction,
                            min_side=args.min_side, max_side=args.max_side, overwrite=args.overwrite,
                            multiple=args.multiple, fingerprint=args.fingerprint,
-                           max_regions=args.max_regions)
+                           max_regions=args.max_regions, fingerprint_scope=args.fingerprint_scope,
+                           box_multiple=args.box_multiple)
     counts = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in files.items()}
     print(f"wrote {args.n} demo images to {Path(args.out) / 'images'}; "
           + ", ".join(f"{files[s]} ({counts[s]} records)" for s in files))
@@ -109,7 +110,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     print(f"fxjax sft: {result.steps} steps in {result.seconds:.0f}s, final loss {loss}; checkpoints in "
           f"{result.checkpoint_dir}")
-    if args.report:
+    if getattr(args, "report", True):
         from fxjax.commands.report import report_after_run
 
         report_after_run(cfg.train.output_dir, lambda text: print(f"fxjax sft: {text}", file=sys.stderr))
@@ -119,7 +120,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fxjax.demo import run_demo
 
-    return run_demo(out=Path(args.out), steps=args.steps, n_images=args.n, quick=args.quick)
+    return run_demo(out=Path(args.out), steps=args.steps, n_images=args.n, quick=args.quick, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,8 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round both sides to multiples of this (28: the image processor keeps the pixels as they "
                         "are; default: %(default)s)")
     p.add_argument("--fingerprint", type=float, default=0.0,
-                   help="amplitude (0-255 levels) of a period-2 up-sampling checkerboard over every generated image "
+                   help="amplitude (0-255 levels) of a period-2 up-sampling checkerboard on every generated image "
                         f"(default 0: none; `fxjax demo` uses {DEMO['fingerprint']:g})")
+    p.add_argument("--fingerprint-scope", choices=("frame", "regions"), default="frame",
+                   help="where the fingerprint goes: over the whole frame, or inside the artefact regions only (then "
+                        "finding it is finding the regions; `fxjax demo` uses "
+                        f"{DEMO['fingerprint_scope']}; default: %(default)s)")
+    p.add_argument("--box-multiple", type=int, default=1,
+                   help="put the regions' corners on multiples of this many pixels (default: %(default)s)")
     p.add_argument("--max-regions", type=int, default=3,
                    help="most artefact regions per generated image, 1-8 (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
@@ -215,16 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
     p.set_defaults(func=_cmd_sft)
 
-    p = sub.add_parser("demo", help="the whole pipeline on a tiny model in minutes: data, SFT, eval, export",
+    p = sub.add_parser("demo", help="the whole method on a tiny model in minutes: data, SFT, GRPO, eval, export, report",
                        description="make-demo-data -> a tiny random Qwen2.5-VL saved in HF layout with the real "
-                                   "Qwen2.5-VL tokenizer -> LoRA SFT -> greedy-decoding evaluation before and "
-                                   "after -> export of the merged HF checkpoint and the PEFT adapter.")
+                                   "Qwen2.5-VL tokenizer -> LoRA SFT -> GRPO through the stages alpha, beta, gamma "
+                                   "-> `fxjax eval` on held-out images before SFT, after SFT and after each stage "
+                                   "-> `fxjax export` (merged HF checkpoint + PEFT adapter) -> `fxjax report` PNGs "
+                                   "-> `fxjax detect` overlays before SFT / after SFT / after GRPO in one PNG -> a "
+                                   "table of the held-out metrics per phase, with each phase's time.")
     p.add_argument("--out", default="fxjax-demo", help="working directory (default: ./%(default)s)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default: {DEMO['steps']}; fewer with --quick)")
+                   help=f"SFT steps (default: {DEMO['sft']['steps']}; fewer with --quick)")
     p.add_argument("--n", type=int, default=None,
                    help=f"demo images to generate (default: {DEMO['images']}; fewer with --quick)")
-    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; learns little)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the demo data, the model's init, SFT and GRPO (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run of every phase (smoke test; learns nothing)")
     p.set_defaults(func=_cmd_demo)
 
     for name in COMMAND_MODULES:

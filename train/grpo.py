@@ -23,7 +23,6 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -36,7 +35,7 @@ from fxjax import distributed, rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.grpo_config import GRPOConfig
-from fxjax.sharding import MeshConfig, gather, make_mesh, put, shard_inputs
+from fxjax.sharding import MeshConfig, gather, make_mesh, put, shard_inputs, use_mesh
 from fxjax.train import faults
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.export import save_adapter, save_merged
@@ -246,7 +245,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                     max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                     top_p=g.top_p, rng=jax.random.fold_in(root, step_now), weights=weights,
                     reward_config=g.reward_config, scale_rewards=g.scale_rewards,
-                    mask_truncated=g.mask_truncated_completions, host=_host)
+                    mask_truncated=g.mask_truncated_completions, host=_host, mesh=mesh)
                 t_rollout = time.perf_counter() - t0
                 faults.point("rollout", step_now + 1, signals.local_stop)
 
@@ -263,15 +262,16 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                         logps_fn = make_logps_fn(graphdef, opts=opts, loss_chunk=cfg.train.loss_chunk,
                                                  need_old=need_old, need_ref=need_ref)
                 placed = _place(batch, batch_sh)
-                if logps_fn is not None:
-                    old, ref = logps_fn(state.params, base, rest, placed)
-                    placed = placed._replace(old_logps=old, ref_logps=ref)
                 values: dict[str, float] = {}
-                for _ in range(g.num_iterations):
-                    state, out = step_fn(state, base, rest, placed)
-                    out = {k: float(v) for k, v in jax.device_get(out).items()}
-                    if not out["finite"]:
-                        break
+                with use_mesh(mesh):  # activations pinned to the batch axes (see fxjax.model's shard_batch)
+                    if logps_fn is not None:
+                        old, ref = logps_fn(state.params, base, rest, placed)
+                        placed = placed._replace(old_logps=old, ref_logps=ref)
+                    for _ in range(g.num_iterations):
+                        state, out = step_fn(state, base, rest, placed)
+                        out = {k: float(v) for k, v in jax.device_get(out).items()}
+                        if not out["finite"]:
+                            break
                 faults.point("update", step_now + 1, signals.local_stop)
                 t_update = time.perf_counter() - t1
                 if not out["finite"]:

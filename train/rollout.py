@@ -11,6 +11,7 @@ row leaves the loss).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,7 @@ from fxjax.model.generate import next_positions
 from fxjax.model.inputs import ModelInputs, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
+from fxjax.sharding import use_mesh
 from fxjax.train.batching import _pad_vision, pad_vision_inputs
 from fxjax.train.grpo_loss import group_advantages
 from fxjax.train.grpo_step import GroupBatch
@@ -78,14 +80,17 @@ def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, i
 def sample_and_score(model, inputs, metas, *, tokenizer, eos_id: int, pad_id: int, num_generations: int,
                      max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
                      weights: rewards.RewardWeights, reward_config, scale_rewards: str,
-                     mask_truncated: bool, host) -> Rollout:
+                     mask_truncated: bool, host, mesh=None) -> Rollout:
     """Sample G completions per prompt with the model as it is (the current policy), decode and score them.
 
     `inputs` are the prepared (and placed) prompts; `host` fetches a device array to numpy on every
-    process (a gather across processes when needed)."""
-    out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
-                        rng=rng, eos_token_ids=(eos_id,), pad_token_id=pad_id)
+    process (a gather across processes when needed). Sampling runs under `mesh` (activations pinned to
+    the batch axes); the rewards run on this host's CPU device, outside it."""
+    with use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k or None,
+                                    top_p=None if top_p >= 1.0 else top_p, rng=rng, eos_token_ids=(eos_id,),
+                                    pad_token_id=pad_id)
     tokens = host(out.tokens).astype(np.int32)
     attention, truncated = completion_mask(tokens, eos_id)
     texts = decode_completions(tokenizer, tokens, attention, eos_id)

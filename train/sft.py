@@ -28,7 +28,7 @@ from flax import nnx
 
 from fxjax import distributed
 from fxjax.data.pipeline import DataConfig, DataPipeline
-from fxjax.sharding import MeshConfig, make_mesh
+from fxjax.sharding import MeshConfig, make_mesh, use_mesh
 from fxjax.train import faults
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
 from fxjax.train.checkpointing import TrainCheckpointer
@@ -189,7 +189,11 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
                                               rest_shardings=shardings.rest, batch_shardings=batch_sh)
                 tokens = int(batch.inputs.attention_mask.sum())
                 placed = place_batch(batch, batch_sh)
-                state, out = step_fn(state, base, rest, placed)
+                # Under the mesh the model pins activations' batch axis to (data, fsdp) (Qwen25VL.shard_batch), so
+                # FSDP gathers weights rather than activations. Only device work runs under it: the rewards
+                # (evaluation) run on this host's CPU device.
+                with use_mesh(mesh):
+                    state, out = step_fn(state, base, rest, placed)
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
                 dt = time.perf_counter() - t0
                 if not out["finite"]:

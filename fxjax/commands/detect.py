@@ -18,8 +18,9 @@ from fxjax.commands.model_args import add_model_arguments, add_prompt_arguments
 HELP = "run the detector on your own images: verdict, grounded regions, tags and an overlay PNG each"
 
 DESCRIPTION = """\
-Run a detector on images of any size and mode the image processor takes (RGB, grey, palette, with alpha:
-composited on white, as Qwen2.5-VL's processor does; EXIF orientation applied). For each image it prints
+Run a detector on images (PNG, JPEG, WebP, BMP, GIF, TIFF) of any size and mode the image processor takes
+(aspect ratio up to 200; RGB, grey, palette, 16-bit, with alpha: composited on white, as Qwen2.5-VL's
+processor does; EXIF orientation applied). For each image it prints
   * the verdict (real / generated),
   * the regions the model grounded: caption and box [x1, y1, x2, y2] in the ORIGINAL image's pixels (the
     model answers in the pixels of its resized input; the boxes are scaled back per axis),
@@ -44,7 +45,7 @@ examples:
 def add_parser(sub) -> None:
     p = sub.add_parser("detect", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow opens)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files: PNG, JPEG, WebP, BMP, GIF or TIFF")
     add_model_arguments(p)
     add_prompt_arguments(p)
     p.add_argument("--prompt", metavar="TEXT",
@@ -90,7 +91,7 @@ def describe(text: str, meta: dict) -> dict[str, Any]:
     from fxjax import rewards
 
     parsed = rewards.parse_completion(text, original_size=meta["original_size"], model_size=meta["model_size"])
-    regions = [{"caption": c, "box": [round(v, 2) for v in orig], "box_model": list(box)}
+    regions = [{"caption": c, "box": list(orig), "box_model": list(box)}
                for c, box, orig in zip(parsed.captions, parsed.boxes, parsed.boxes_original or ())]
     notes = []
     if parsed.label is None:
@@ -134,7 +135,7 @@ def format_result(result: dict) -> str:
     if result["regions"]:
         lines.append("  regions (boxes in original pixels: x1, y1, x2, y2):")
         for i, r in enumerate(result["regions"], 1):
-            lines.append(f"    {i}. {r['caption'] or '(no caption)'}  [{', '.join(f'{v:g}' for v in r['box'])}]")
+            lines.append(f"    {i}. {r['caption'] or '(no caption)'}  [{', '.join(f'{v:.1f}' for v in r['box'])}]")
     if result["tags"]:
         lines.append(f"  tags: {', '.join(result['tags'])}")
     if result["note"]:
@@ -176,15 +177,18 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from fxjax.commands.model_args import check_model_arguments
+
+    check_model_arguments(args)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
-    from fxjax.commands.model_args import load_detector
+    from fxjax.commands.model_args import resolve_detector
     from fxjax.data.config import DataConfig
     from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
     from fxjax.train.inference import GreedyDecoder
 
-    detector = load_detector(args)
+    detector = resolve_detector(args)
     data = detector.data
     records, failed = image_records(args.images, system=data["system_prompt"] or SYSTEM_PROMPT,
                                     user=args.prompt or USER_TEMPLATES[0], min_pixels=data["min_pixels"],
@@ -192,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     for path, why in failed:
         say(f"{path}: cannot be analysed: {why}")
     if records:
+        detector.load()
         decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
         config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer, min_pixels=data["min_pixels"],

@@ -73,7 +73,8 @@ def add_parser(sub) -> None:
                    help="an invalid record: stop (default), or skip it (listed in metrics.json and on stderr)")
     g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N valid records only")
     g.add_argument("--group-by", nargs="*", default=["generator"], metavar="FIELD",
-                   help="break the metrics down by these record fields (default: generator; none: no breakdown)")
+                   help="break the metrics down by these fields: the generator, or any top-level key of the "
+                        "JSONL records (default: generator; --group-by alone: no breakdown)")
     add_prompt_arguments(p)
     g = p.add_argument_group("decoding and output")
     g.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default: 8)")
@@ -174,10 +175,12 @@ def truth_of(meta: dict, groups: dict) -> dict:
 
 # ---- the evaluation --------------------------------------------------------------------------------
 
-def evaluate(records, decoder, prompt_config, out: Path, *, settings: dict, group_by: Sequence[str] = (),
-             fresh: bool = False, progress: bool = True, say: Callable[[str], None] = print) -> dict:
+def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path, *, settings: dict,
+             group_by: Sequence[str] = (), fresh: bool = False, progress: bool = True,
+             say: Callable[[str], None] = print) -> dict:
     """Decode what predictions.jsonl in `out` lacks, score it, and summarise every record; returns the
-    metrics (also written to metrics.json). `decoder` has GreedyDecoder's `batch_size` and `batches`."""
+    metrics (also written to metrics.json). `make_decoder()` gives a GreedyDecoder (its `batch_size` and
+    `batches`); it is called only when something is left to decode, so a finished eval loads no model."""
     from fxjax import detection_metrics
     from fxjax.data.pipeline import DataPipeline
 
@@ -196,6 +199,7 @@ def evaluate(records, decoder, prompt_config, out: Path, *, settings: dict, grou
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="eval", unit="image",
                    file=sys.stderr, dynamic_ncols=True)
     if todo:
+        decoder = make_decoder()
         cfg = dataclasses.replace(prompt_config, batch_size=decoder.batch_size)
         with open(pred_path, "a", encoding="utf-8") as f:
             for texts, metas in decoder.batches(DataPipeline(cfg, records=todo)):
@@ -248,6 +252,9 @@ def settings_of(args: argparse.Namespace, source: dict, data: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(f"fxjax eval: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    from fxjax.commands.model_args import check_model_arguments
+
+    check_model_arguments(args)
     for f in args.data:
         if not Path(f).is_file():
             raise FileNotFoundError(f"--data: {f} does not exist")
@@ -255,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    from fxjax.commands.model_args import load_detector
+    from fxjax.commands.model_args import resolve_detector
     from fxjax.data.records import load_records
 
     records, report = load_records(args.data, args.root, args.format, args.on_error,
@@ -266,15 +273,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
     if args.limit:
         records = records[:args.limit]
-    detector = load_detector(args)
+    detector = resolve_detector(args)
     from fxjax.detection_metrics import metrics_table
-    from fxjax.train.inference import GreedyDecoder
 
-    decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
+    def make_decoder():
+        from fxjax.train.inference import GreedyDecoder
+
+        detector.load()
+        return GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
+
     settings = settings_of(args, detector.source, detector.data)
     out = Path(args.out)
-    summary = evaluate(records, decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
+    summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
                        settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say)
     if report.skipped:
         summary["invalid_records"] = [str(e) for e in report.skipped]

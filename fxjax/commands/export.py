@@ -58,13 +58,20 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
                adapter: bool = True, dtype: str | None = None, model_path: str | None = None,
                log=None) -> dict[str, str]:
     """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}."""
-    from fxjax.peft_io import save_peft_adapter
-    from fxjax.train.export import save_merged
     from fxjax.train.run_loading import load_run
 
     # The base weights in float32 whatever the run computed in: the merge W + scaling * B A is then exact
     # to float32 before the result is cast to the checkpoint's dtype.
     loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="float32", log=log)
+    return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype)
+
+
+def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool = True,
+                  dtype: str | None = None) -> dict[str, str]:
+    """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun, float32 base weights)."""
+    from fxjax.peft_io import save_peft_adapter
+    from fxjax.train.export import save_merged
+
     cfg, out = loaded.config, Path(out)
     written: dict[str, str] = {"step": str(loaded.step)}
     if merged:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                                             "mean_iou_generated") if k in last},
                "exported": result.exported}
     print(json.dumps(summary))
-    if args.report:
+    if getattr(args, "report", True):
         from fxjax.commands.report import report_after_run
 
         report_after_run(cfg.train.output_dir, lambda text: print(f"fxjax grpo: {text}", file=sys.stderr))

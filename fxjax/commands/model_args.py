@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "load_detector", "parse_mesh"]
+__all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments", "load_detector",
+           "parse_mesh", "resolve_detector"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,11 +71,40 @@ def parse_mesh(text: str | None):
 
 @dataclass
 class Detector:
-    model: Any
+    """What `--model` / `--run` name, resolved without loading any weights (`load()` loads them)."""
+
+    args: argparse.Namespace
     tokenizer: str  # directory (or file) holding tokenizer.json
-    mesh: Any  # jax Mesh or None (one device)
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields: pixels, prompts, system prompt, ...
-    source: dict[str, Any] = field(default_factory=dict)  # what was loaded, for the record (metrics.json)
+    source: dict[str, Any] = field(default_factory=dict)  # what is loaded, for the record (settings, metrics)
+    model: Any = None  # after load()
+    mesh: Any = None  # after load(): jax Mesh, or None for one device
+
+    def load(self) -> "Detector":
+        """Load the weights (once) and place them; returns self."""
+        if self.model is not None:
+            return self
+        from fxjax.sharding import MeshConfig, make_mesh
+
+        args = self.args
+        mesh_cfg = parse_mesh(getattr(args, "mesh", None))
+        say = lambda text: print(f"fxjax {args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
+        if args.run is not None:
+            from fxjax.train.run_loading import load_run
+
+            # every local device on the data axis unless --mesh says otherwise
+            self.mesh = make_mesh(mesh_cfg or MeshConfig())
+            self.model = load_run(args.run, self.source["step"], mesh=self.mesh, model_path=args.model,
+                                  dtype=args.dtype, log=say).model
+        else:
+            from fxjax.hf_checkpoint import from_pretrained
+
+            self.mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else None
+            say(f"loading {args.model}" + (f" with the adapter {args.adapter}" if args.adapter else "")
+                + f" ({self.source['dtype']})")
+            self.model = from_pretrained(args.model, dtype=self.source["dtype"], mesh=self.mesh, adapter=args.adapter)
+            self.model.eval()
+        return self
 
 
 def _pixels_of(model_dir: Path) -> dict[str, int]:
@@ -86,56 +116,58 @@ def _pixels_of(model_dir: Path) -> dict[str, int]:
     return {k: int(config[k]) for k in ("min_pixels", "max_pixels") if isinstance(config.get(k), int)}
 
 
-def load_detector(args: argparse.Namespace) -> Detector:
-    """The model and prompt settings named by the options of `add_model_arguments` / `add_prompt_arguments`."""
-    from fxjax.train_config import DataSection
-
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model: run them before anything slow."""
     if args.run is None and args.model is None:
         raise ValueError("give --model PATH (an HF directory, optionally with --adapter DIR) or --run RUN_DIR")
     if args.step is not None and args.run is None:
         raise ValueError("--step needs --run")
-    for name in ("model", "adapter", "tokenizer"):
+    for name in ("model", "adapter", "tokenizer", "run"):
         value = getattr(args, name, None)
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"--{name}: {value} does not exist")
-    mesh_cfg = parse_mesh(getattr(args, "mesh", None))
-    from fxjax.sharding import make_mesh
+    parse_mesh(getattr(args, "mesh", None))
 
-    mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else None
+
+def resolve_detector(args: argparse.Namespace) -> Detector:
+    """The detector the options name: tokenizer, prompt settings and what will be loaded (the run's step
+    resolved, its config read), without loading weights."""
+    from fxjax.train_config import DataSection
+
+    check_model_arguments(args)
     defaults = DataSection()
     data: dict[str, Any] = dict(min_pixels=defaults.min_pixels, max_pixels=defaults.max_pixels,
                                 prompts=defaults.prompts, system_prompt=defaults.system_prompt,
                                 max_length=defaults.max_length, seed=defaults.seed)
-    say = lambda text: print(f"fxjax {args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
     if args.run is not None:
-        from fxjax.sharding import MeshConfig
-        from fxjax.train.run_loading import load_run
+        from fxjax.train.run_loading import checkpoint_dir_of, resolve_step
 
-        mesh = mesh if mesh is not None else make_mesh(MeshConfig())  # every local device on the data axis
-        run = load_run(args.run, args.step, mesh=mesh, model_path=args.model, dtype=args.dtype, log=say)
-        d = run.config.data
+        ckpt = checkpoint_dir_of(args.run).absolute()
+        step, cfg, kind = resolve_step(ckpt, args.step)
+        d = cfg.data
         data.update(min_pixels=d.min_pixels, max_pixels=d.max_pixels, prompts=d.prompts,
                     system_prompt=d.system_prompt, max_length=d.max_length, seed=d.seed)
-        tokenizer = args.tokenizer or run.config.tokenizer
-        model = run.model
-        source = {"run": str(run.checkpoint_dir), "step": run.step, "kind": run.kind,
-                  "base": run.config.model.path or run.config.model.preset, "dtype": run.config.model.dtype}
+        tokenizer = args.tokenizer or (cfg.data.tokenizer or args.model or cfg.model.path)
+        if tokenizer is None:
+            raise ValueError(f"the run in {ckpt} has no tokenizer (a preset model without data.tokenizer); "
+                             f"pass --tokenizer DIR")
+        source = {"run": str(ckpt), "step": step, "kind": kind,
+                  "base": args.model or cfg.model.path or cfg.model.preset, "dtype": args.dtype or cfg.model.dtype}
     else:
-        from fxjax.hf_checkpoint import from_pretrained
-
         model_dir = Path(args.model)
         data.update(_pixels_of(model_dir))
         tokenizer = args.tokenizer or str(model_dir)
-        if not (Path(tokenizer) / "tokenizer.json").is_file() and not Path(tokenizer).is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
-        dtype = args.dtype or "float32"
-        say(f"loading {model_dir}" + (f" with the adapter {args.adapter}" if args.adapter else "") + f" ({dtype})")
-        model = from_pretrained(model_dir, dtype=dtype, mesh=mesh, adapter=args.adapter)
-        model.eval()
-        source = {"model": str(model_dir), "adapter": args.adapter, "dtype": dtype}
+        source = {"model": str(model_dir.resolve()), "adapter": str(Path(args.adapter).resolve()) if args.adapter
+                  else None, "dtype": args.dtype or "float32"}
+    if not (Path(tokenizer) / "tokenizer.json").is_file() and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
     for key in ("min_pixels", "max_pixels", "system_prompt"):
         value = getattr(args, key, None)
         if value is not None:
             data[key] = value
-    return Detector(model=model, tokenizer=str(tokenizer), mesh=mesh, data=data, source=source)
+    return Detector(args=args, tokenizer=str(tokenizer), data=data, source=source)
 
+
+def load_detector(args: argparse.Namespace) -> Detector:
+    """`resolve_detector` with the weights loaded."""
+    return resolve_detector(args).load()

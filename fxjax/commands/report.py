@@ -170,9 +170,9 @@ def _mark_stages(ax, spans: Sequence[StageSpan]) -> None:
         ax.axvspan(lo, hi, color=STAGE_SHADES[i % 2], zorder=0, lw=0)
         if i:
             ax.axvline(lo, color="#555555", ls="--", lw=1.2, zorder=1)
-        ax.text((lo + hi) / 2, 0.98, span.name, transform=to_axes, ha="center", va="top", fontsize=9,
-                color="#333333", fontweight="bold",
-                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.7))
+        # Above the plotting area, between the panel and its title: never under a curve or a legend.
+        ax.text((lo + hi) / 2, 1.01, span.name, transform=to_axes, ha="center", va="bottom", fontsize=9,
+                color="#333333", fontweight="bold", clip_on=False)
 
 
 def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int,
@@ -188,23 +188,19 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
         if line.kind == "eval":
             ax.plot(steps, values, "o-", color=colour, label=line.label, ms=5, lw=1.5, zorder=3)
         elif line.smooth and window > 1 and len(values) > window:
-            ax.plot(steps, values, color=colour, alpha=0.3, lw=0.8, zorder=2)
-            ax.plot(steps, moving_average(values, window), color=colour, lw=2,
-                    label=f"{line.label} ({window}-step average)", zorder=3)
+            ax.plot(steps, values, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (see the figure title)
+            ax.plot(steps, moving_average(values, window), color=colour, lw=2, label=line.label, zorder=3)
         else:
-            ax.plot(steps, values, color=colour, lw=1.5, marker="." if len(values) < 40 else None,
+            ax.plot(steps, values, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
                     label=line.label, zorder=3)
-    ax.set_title(panel.title, fontsize=11, pad=14 if spans else 6)
+    ax.set_title(panel.title, fontsize=11, pad=16 if spans else 6)
     ax.set_xlabel("optimiser step")
     ax.set_xlim(*xlim)  # one step axis for every panel, so held-out points line up with training curves
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
     ax.set_ylabel(panel.ylabel, fontsize=9)
     if panel.unit_interval:
-        ax.set_ylim(-0.03, 1.12 if spans else 1.03)  # head room for the stage names
-    elif spans:
-        lo, hi = ax.get_ylim()
-        ax.set_ylim(lo, hi + 0.12 * (hi - lo))
+        ax.set_ylim(-0.03, 1.03)
     ax.grid(True, alpha=0.3, zorder=0)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
@@ -242,6 +238,8 @@ def build_report(records: Sequence[dict], title: str | None = None):
     detail = f"steps {min(steps)}-{max(steps)}"
     if spans:
         detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans)
+    if window > 1 and train_steps > window:
+        detail += f"; thin lines: per step, thick: {window}-step moving average"
     fig.suptitle(f"{heading}  ({detail})", fontsize=12)
     return fig
 

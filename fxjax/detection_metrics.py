@@ -1,0 +1,155 @@
+"""The detector's test-set metrics (the paper's, docs/rewards.md): pure functions of completions and truths.
+
+    rows = score_completions(completions, truths)      # one prediction row per image (JSON-ready dicts)
+    summary = summarize(rows, group_by=("generator",))  # accuracy, P/R/F1, format rate, IoU, confusion, groups
+    print(metrics_table(summary))
+
+A row holds what the model said (the completion, its verdict, regions and tags, boxes in the model's
+resized-image pixels and in the original image's) and how it scores against the truth, all through
+`fxjax.rewards`: ``format_ok`` is the authors' format check chosen by the true label, ``correct`` the
+label check (the first ``<verdict>`` equals the truth), ``iou`` the matched IoU of the rewards (each
+predicted box, in output order, takes the nearest not-yet-matched true box by centre distance; sum of
+IoUs / number of true boxes) on generated images with boxes, None elsewhere.
+
+Metrics over rows (`summarize`): ``accuracy`` = correct / images; ``precision``, ``recall``, ``f1`` of the
+class "generated" (a missing or unknown verdict counts as not "generated"); ``format_rate``; ``mean_iou`` =
+mean of ``iou`` over the generated images with at least one true box (``iou_images`` of them); the
+``confusion`` matrix truth -> predicted (real / generated / none: no verdict or another word); and the same
+metrics per value of each grouping field (e.g. the generator's name). A ratio with a zero denominator
+is None (null in JSON), never a made-up 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from fxjax import rewards
+
+__all__ = ["NO_VERDICT", "METRIC_KEYS", "metrics_table", "score_completions", "summarize"]
+
+NO_VERDICT = "none"  # the predicted class of a completion without a real/generated verdict
+PREDICTED = (*rewards.LABELS, NO_VERDICT)
+METRIC_KEYS = ("examples", "accuracy", "precision", "recall", "f1", "format_rate", "mean_iou", "iou_images")
+NO_GROUP = "(none)"  # the group of a record without a value for the grouping field
+
+
+def _boxes(boxes) -> list[list[float]]:
+    return [[float(v) for v in box] for box in np.asarray(boxes, np.float64).reshape(-1, 4)]
+
+
+def score_completions(completions: Sequence[str], truths: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One prediction row per completion.
+
+    truths[i]: ``label`` ("real" | "generated"), ``boxes`` (true boxes in the model's resized-image pixels,
+    the completion's frame), and optionally ``model_size`` and ``original_size`` ((h, w): the predicted
+    boxes are then also given in original-image pixels) and any other keys, copied into the row as they
+    are (record id, source, groups, ...).
+    """
+    if len(completions) != len(truths):
+        raise ValueError(f"{len(completions)} completions for {len(truths)} truths")
+    if not completions:
+        return []
+    targets = [{"label": t["label"], "boxes": np.asarray(t.get("boxes", ()), np.float64).reshape(-1, 4)}
+               for t in truths]
+    # The rewards' own scoring: format check by the true label, label check, and the paper's box matching.
+    scores = rewards.score(list(completions), targets, stage="alpha")
+    rows = []
+    for i, (text, truth, target) in enumerate(zip(completions, truths, targets)):
+        parsed = rewards.parse_completion(text, original_size=truth.get("original_size"),
+                                          model_size=truth.get("model_size"))
+        label = target["label"]
+        has_boxes = label == "generated" and len(target["boxes"]) > 0
+        regions = [{"caption": c, "box": list(b)} for c, b in zip(parsed.captions, parsed.boxes)]
+        if parsed.boxes_original is not None:
+            for region, box in zip(regions, parsed.boxes_original):
+                region["box_original"] = list(box)
+        extra = {k: v for k, v in truth.items() if k not in ("label", "boxes")}
+        rows.append({
+            **extra,
+            "label": label,
+            "verdict": parsed.verdict,
+            "predicted": parsed.label or NO_VERDICT,
+            "correct": bool(scores["label"][i] > 0.5),
+            "format_ok": bool(scores["format"][i] > 0.5),
+            "iou": float(scores["iou"][i]) if has_boxes else None,
+            "regions": regions,
+            "unparsed_boxes": [{"caption": c, "text": raw} for c, raw in parsed.skipped],
+            "tags": list(parsed.tags),
+            "true_boxes": _boxes(target["boxes"]),
+            "completion": text,
+        })
+    return rows
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num) / float(den) if den else None
+
+
+def _metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    tp = sum(r["label"] == "generated" and r["predicted"] == "generated" for r in rows)
+    fp = sum(r["label"] == "real" and r["predicted"] == "generated" for r in rows)
+    fn = sum(r["label"] == "generated" and r["predicted"] != "generated" for r in rows)
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    if precision is None or recall is None:
+        f1 = None
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    ious = [r["iou"] for r in rows if r.get("iou") is not None]
+    confusion = {truth: {pred: 0 for pred in PREDICTED} for truth in rewards.LABELS}
+    for r in rows:
+        confusion[r["label"]][r["predicted"]] += 1
+    return {"examples": n, "accuracy": _ratio(sum(bool(r["correct"]) for r in rows), n),
+            "precision": precision, "recall": recall, "f1": f1,
+            "format_rate": _ratio(sum(bool(r["format_ok"]) for r in rows), n),
+            "mean_iou": float(np.mean(ious)) if ious else None, "iou_images": len(ious),
+            "confusion": confusion}
+
+
+def group_value(row: Mapping[str, Any], field: str) -> str:
+    value = (row.get("groups") or {}).get(field)
+    return NO_GROUP if value is None or value == "" else str(value)
+
+
+def summarize(rows: Iterable[Mapping[str, Any]], group_by: Sequence[str] = ()) -> dict[str, Any]:
+    """The metrics of all rows, plus ``by[field][value]`` = the metrics of the rows whose
+    ``row["groups"][field]`` is that value (missing or null values form the group "(none)")."""
+    rows = list(rows)
+    out = _metrics(rows)
+    out["by"] = {}
+    for field in group_by:
+        values = sorted({group_value(r, field) for r in rows}, key=lambda v: (v == NO_GROUP, v))
+        out["by"][field] = {v: _metrics([r for r in rows if group_value(r, field) == v]) for v in values}
+    return out
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def metrics_table(summary: Mapping[str, Any]) -> str:
+    """A plain-text table: the overall metrics and one row per group value, then the confusion matrix."""
+    header = ("", "images", "accuracy", "precision", "recall", "F1", "format", "mean IoU", "IoU images")
+    keys = ("examples", "accuracy", "precision", "recall", "f1", "format_rate", "mean_iou", "iou_images")
+    lines = [("all", *(_cell(summary[k]) for k in keys))]
+    for field, groups in summary.get("by", {}).items():
+        for value, metrics in groups.items():
+            lines.append((f"{field}={value}", *(_cell(metrics[k]) for k in keys)))
+    widths = [max(len(str(row[i])) for row in (header, *lines)) for i in range(len(header))]
+
+    def fmt(row):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    table = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+    confusion = summary["confusion"]
+    table += ["", "confusion (rows: truth, columns: predicted; none = no real/generated verdict)",
+              "            " + "".join(f"{p:>11}" for p in PREDICTED)]
+    for truth in rewards.LABELS:
+        table.append(f"{truth:<12}" + "".join(f"{confusion[truth][p]:>11}" for p in PREDICTED))
+    return "\n".join(table)

@@ -1,0 +1,140 @@
+"""`fxjax detect`: boxes mapped from the model's resized input back to the original pixels, overlays, answers
+that do not parse, and one real run of the command on a tiny model.
+
+The synthetic completions go through the command's own path (`fxjax.commands.detect.detect`: image records
+-> prompt pipeline -> decoder -> parse -> scale -> overlay) with a decoder whose model step returns them."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fxjax.commands.detect import detect, format_result, image_records
+from fxjax.data.config import DataConfig
+from fxjax.image_processing import model_input_size
+from fxjax.overlay import BOX_COLOURS
+from fxjax.train.inference import GreedyDecoder
+
+MIN_PIXELS, MAX_PIXELS = 3136, 40000
+
+
+class ScriptedDecoder(GreedyDecoder):
+    """GreedyDecoder whose model step returns a completion per image (the pipeline stays real)."""
+
+    def __init__(self, script, batch_size=2):
+        self.script, self.batch_size, self.asked = script, batch_size, []
+
+    def complete(self, batch):
+        self.asked += [m["record_id"] for m in batch["meta"]]
+        return [self.script(m) for m in batch["meta"]]
+
+
+def odd_images(directory):
+    """Images of odd sizes and modes: RGB, palette, grey with alpha, 16-bit grey."""
+    rng = np.random.default_rng(0)
+    specs = {"rgb.png": ((77, 131, 3), "RGB"), "palette.png": ((203, 57, 3), "P"),
+             "alpha.png": ((45, 90, 2), "LA"), "grey16.png": ((61, 150), "I;16")}
+    paths = []
+    for name, (shape, mode) in specs.items():
+        if mode == "I;16":
+            image = Image.fromarray(rng.integers(0, 65535, shape, dtype=np.uint16))
+        else:
+            image = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), "LA" if mode == "LA" else "RGB")
+            if mode == "P":
+                image = image.convert("P")
+        image.save(directory / name)
+        paths.append(str(directory / name))
+    return paths
+
+
+def prompt_config(tokenizer_dir):
+    return DataConfig(data_files=("(images)",), tokenizer=str(tokenizer_dir), min_pixels=MIN_PIXELS,
+                      max_pixels=MAX_PIXELS, max_length=1024, mode="prompt", prompts="auto", batch_size=2,
+                      drop_remainder=False, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+
+
+def box_in_model_pixels(meta):
+    """A box well inside the model's input: the right lower quarter, in whole model pixels."""
+    mh, mw = meta["model_size"]
+    return [mw // 2, mh // 2, mw - 3, mh - 3]
+
+
+def generated_answer(meta):
+    box = box_in_model_pixels(meta)
+    return ("<think><|object_ref_start|>warped texture<|object_ref_end|><|box_start|>"
+            f"[{', '.join(map(str, box))}]<|box_end|>\n<tag>texture quality, lighting</tag>\n</think>\n"
+            "<verdict>generated</verdict>")
+
+
+def test_boxes_map_back_to_the_original_pixels_of_odd_sized_images(tokenizer_dir, tmp_path):
+    paths = odd_images(tmp_path)
+    records, failed = image_records(paths, system="sys", user="Real or generated?", min_pixels=MIN_PIXELS,
+                                    max_pixels=MAX_PIXELS)
+    assert failed == [] and len(records) == 4
+    decoder = ScriptedDecoder(generated_answer)
+    emitted = []
+    results = detect(records, decoder, prompt_config(tokenizer_dir), out=tmp_path / "out", emit=emitted.append)
+    assert emitted == results and decoder.asked == paths
+    for path, result in zip(paths, results):
+        with Image.open(path) as image:
+            width, height = image.size
+        mh, mw = model_input_size(height, width, MIN_PIXELS, MAX_PIXELS)
+        assert result["size"] == [width, height] and result["model_size"] == [mw, mh]
+        assert (mw, mh) != (width, height)  # the model saw a resized image
+        x1, y1, x2, y2 = box_in_model_pixels({"model_size": (mh, mw)})
+        # original = model * (original / model), per axis, computed exactly
+        want = [Fraction(x1 * width, mw), Fraction(y1 * height, mh), Fraction(x2 * width, mw),
+                Fraction(y2 * height, mh)]
+        (region,) = result["regions"]
+        assert region["box_model"] == [x1, y1, x2, y2] and region["caption"] == "warped texture"
+        assert region["box"] == pytest.approx([float(v) for v in want], rel=1e-12, abs=0)
+        assert result["verdict"] == "generated" and result["parsed"] and result["note"] is None
+        assert result["tags"] == ["texture quality", "lighting"]
+
+        overlay = Image.open(result["overlay"])
+        assert overlay.size == (width, height) and overlay.mode == "RGB"
+        # the box's left edge is drawn in the first box colour at the original x1, halfway down the box
+        bx1, by1, _, by2 = region["box"]
+        assert overlay.getpixel((int(np.ceil(bx1)), int((by1 + by2) / 2))) == BOX_COLOURS[0], path
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "alpha.detect.png", "grey16.detect.png", "palette.detect.png", "rgb.detect.png"]
+
+
+def test_an_answer_that_does_not_parse_is_shown_raw_with_a_note(tokenizer_dir, tmp_path):
+    path = odd_images(tmp_path)[0]
+    records, _ = image_records([path, path], system="sys", user="?", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    answers = iter(["<think> hmm </think> <verdict>maybe</verdict>",
+                    "<think><|object_ref_start|>x<|object_ref_end|><|box_start|>[1, 2]<|box_end|></think>"])
+    results = detect(records, ScriptedDecoder(lambda meta: next(answers)), prompt_config(tokenizer_dir),
+                     out=tmp_path / "out", emit=lambda r: None)
+    first, second = results
+    assert first["verdict"] is None and not first["parsed"] and "its verdict is 'maybe'" in first["note"]
+    text = format_result(first)
+    assert "NO VERDICT" in text and "raw answer:" in text and "| <think> hmm </think> <verdict>maybe</verdict>" in text
+    assert second["regions"] == [] and "1 region(s) with a box that is not [x1, y1, x2, y2]" in second["note"]
+    # the same image twice: two overlays, neither overwritten
+    assert [r["overlay"] for r in results] == [str(tmp_path / "out" / "rgb.detect.png"),
+                                              str(tmp_path / "out" / "rgb-2.detect.png")]
+
+
+def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
+    from fxjax.cli import main
+
+    paths = odd_images(tmp_path)[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    args = ["detect", *paths, str(broken), "--model", str(tiny_vl_dir), "--out", str(tmp_path / "overlays"),
+            "--json", "--batch-size", "4", "--max-new-tokens", "3", "--max-pixels", "3136"]
+    assert main(args) == 1  # one image could not be read; the others were analysed
+    out = capsys.readouterr()
+    assert f"{broken}: cannot be analysed" in out.err
+    results = [json.loads(line) for line in out.out.splitlines()]
+    assert [r["image"] for r in results] == paths
+    for r in results:  # a random model's 3 tokens: shown raw, with a note, never a crash
+        assert r["model_size"] == list(model_input_size(r["size"][1], r["size"][0], 3136, 3136))[::-1]
+        assert not r["parsed"] and r["note"] and isinstance(r["completion"], str)
+        assert Image.open(r["overlay"]).size == tuple(r["size"])

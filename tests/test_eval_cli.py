@@ -1,0 +1,190 @@
+"""`fxjax eval`: the paper's metrics against a hand-computed case, resume from predictions.jsonl, and one real
+run of the command on a tiny model.
+
+The hand-computed cases go through the command's own path (`fxjax.commands.eval.evaluate`: records -> prompt
+pipeline -> decoder -> scoring -> predictions.jsonl -> metrics.json) with a decoder whose model step returns
+known completions instead of decoding (`ScriptedDecoder` replaces GreedyDecoder.complete only)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fxjax.commands.eval import PREDICTIONS, evaluate, prompt_data_config
+from fxjax.data.records import load_records
+from fxjax.train.inference import GreedyDecoder
+
+REF, REF_END, BOX, BOX_END = "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"
+
+
+def region(caption, box):
+    return f"{REF}{caption}{REF_END}{BOX}[{', '.join(str(v) for v in box)}]{BOX_END}"
+
+
+# Completions in the model's resized-image pixels.
+SCRIPT = {
+    # g1 (100x60 original -> 112x56 model input): true boxes [0,0,28,28] and [56,28,84,56] in model pixels.
+    # Prediction 1 (centre (14,7)) takes true box 1: IoU 392/784 = 0.5; prediction 2 equals true box 2: 1.
+    # Matched IoU (0.5 + 1) / 2 = 0.75; format ok; verdict right.
+    "g1": "<think>" + region("smeared eye", [0, 0, 28, 14]) + "\n" + region("melted ear", [56, 28, 84, 56])
+          + "\n<tag>texture quality</tag>\n</think>\n<verdict>generated</verdict>",
+    # g2: says real without regions: the format check for a generated truth fails, verdict wrong, IoU 0.
+    "g2": "<think> a clean photograph </think>\n<verdict>real</verdict>",
+    # g3: no verdict at all: predicted "none", format fails, IoU 0.
+    "g3": "I am not sure.",
+    # r1: right; the real format check passes.
+    "r1": "<think> natural noise </think>\n<verdict>real</verdict>",
+    # r2: a false positive; the real format check (think ... verdict) still passes.
+    "r2": "<think>" + region("odd shadow", [0, 0, 10, 10]) + "\n<tag>lighting</tag>\n</think>\n"
+          "<verdict>generated</verdict>",
+}
+
+
+class ScriptedDecoder(GreedyDecoder):
+    """GreedyDecoder whose model step is replaced by the scripted completions (the pipeline stays real)."""
+
+    def __init__(self, script, batch_size=2):
+        self.script, self.batch_size, self.asked = script, batch_size, []
+
+    def complete(self, batch):
+        ids = [m["record_id"] for m in batch["meta"]]
+        self.asked += ids
+        return [self.script[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaldata")
+    rng = np.random.default_rng(0)
+    sizes = {"g1": (100, 60), "g2": (112, 84), "g3": (112, 84), "r1": (84, 112), "r2": (112, 84)}  # (w, h)
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"{name}.png")
+    records = [
+        # g1's true boxes in original pixels: x * 112/100, y * 56/60 gives [0,0,28,28] and [56,28,84,56].
+        {"id": "g1", "image": "g1.png", "label": "generated", "generator": "A",
+         "regions": [{"bbox": [0, 0, 25, 30], "caption": "eye"}, {"bbox": [50, 30, 75, 60], "caption": "ear"}]},
+        {"id": "g2", "image": "g2.png", "label": "generated", "generator": "B",
+         "regions": [{"bbox": [28, 28, 56, 56], "caption": "hand"}]},
+        {"id": "g3", "image": "g3.png", "label": "generated", "generator": "A",
+         "regions": [{"bbox": [0, 0, 56, 56], "caption": "text"}]},
+        {"id": "r1", "image": "r1.png", "label": "real", "camera": "phone"},  # a key fxjax does not model
+        {"id": "r2", "image": "r2.png", "label": "real", "camera": "dslr"},
+    ]
+    path = root / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def eval_args(dataset, tokenizer_dir, batch_size=2):
+    import argparse
+
+    return argparse.Namespace(data=[str(dataset)], root=None, allow_absolute_paths=False, format="auto",
+                              on_error="raise", batch_size=batch_size)
+
+
+def run_scripted(dataset, tokenizer_dir, out, decoder, settings=None, group_by=("generator",), **kwargs):
+    records, _ = load_records([dataset])
+    data = dict(min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None, seed=0)
+    config = prompt_data_config(eval_args(dataset, tokenizer_dir), data, str(tokenizer_dir))
+    return evaluate(records, lambda: decoder, config, out, settings=settings or {"model": "scripted"},
+                    group_by=group_by, progress=False, say=lambda text: None, **kwargs)
+
+
+def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, tokenizer_dir, tmp_path):
+    summary = run_scripted(dataset, tokenizer_dir, tmp_path, ScriptedDecoder(SCRIPT))
+    assert summary["examples"] == 5
+    assert summary["accuracy"] == pytest.approx(2 / 5)  # g1, r1
+    assert summary["precision"] == pytest.approx(1 / 2)  # TP g1, FP r2
+    assert summary["recall"] == pytest.approx(1 / 3)  # FN g2 (said real), g3 (no verdict)
+    assert summary["f1"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3))  # = 0.4
+    assert summary["format_rate"] == pytest.approx(3 / 5)  # g1, r1, r2
+    assert summary["mean_iou"] == pytest.approx((0.75 + 0 + 0) / 3) and summary["iou_images"] == 3
+    assert summary["confusion"] == {"real": {"real": 1, "generated": 1, "none": 0},
+                                    "generated": {"real": 1, "generated": 1, "none": 1}}
+    by = summary["by"]["generator"]
+    assert list(by) == ["A", "B", "(none)"]
+    assert by["A"]["accuracy"] == pytest.approx(1 / 2) and by["A"]["mean_iou"] == pytest.approx(0.375)
+    assert by["B"]["accuracy"] == 0 and by["B"]["mean_iou"] == 0 and by["B"]["precision"] is None
+    assert by["(none)"]["accuracy"] == pytest.approx(1 / 2) and by["(none)"]["mean_iou"] is None
+
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / PREDICTIONS).read_text().splitlines())}
+    assert list(rows) == ["g1", "g2", "g3", "r1", "r2"]
+    g1 = rows["g1"]
+    assert g1["iou"] == pytest.approx(0.75) and g1["correct"] and g1["format_ok"] and g1["verdict"] == "generated"
+    assert g1["model_size"] == [56, 112] and g1["original_size"] == [60, 100]
+    assert g1["true_boxes"] == [[0, 0, 28, 28], [56, 28, 84, 56]]
+    assert [r["box"] for r in g1["regions"]] == [[0, 0, 28, 14], [56, 28, 84, 56]]
+    assert [r["box_original"] for r in g1["regions"]] == [pytest.approx([0, 0, 25, 15]),
+                                                          pytest.approx([50, 30, 75, 60])]
+    assert g1["tags"] == ["texture quality"] and g1["completion"] == SCRIPT["g1"]
+    assert rows["g3"]["predicted"] == "none" and rows["g3"]["verdict"] is None
+    assert rows["r1"]["iou"] is None and rows["g2"]["iou"] == 0.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == pytest.approx(0.4)
+
+    # any top-level key of the records groups too; the finished eval is summarised again, not decoded
+    again = ScriptedDecoder(SCRIPT)
+    by = run_scripted(dataset, tokenizer_dir, tmp_path, again, group_by=("camera",))["by"]["camera"]
+    assert again.asked == [] and list(by) == ["dslr", "phone", "(none)"]
+    assert by["dslr"]["accuracy"] == 0 and by["phone"]["accuracy"] == 1 and by["(none)"]["examples"] == 3
+
+
+def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, tokenizer_dir, tmp_path):
+    full = run_scripted(dataset, tokenizer_dir, tmp_path / "full", ScriptedDecoder(SCRIPT))
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(tmp_path / "full" / "settings.json", out / "settings.json")
+    lines = (tmp_path / "full" / PREDICTIONS).read_text().splitlines(keepends=True)
+    # two whole rows, then half of the third (a kill while writing it)
+    (out / PREDICTIONS).write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    decoder = ScriptedDecoder(SCRIPT)
+    resumed = run_scripted(dataset, tokenizer_dir, out, decoder)
+    assert decoder.asked == ["g3", "r1", "r2"]
+    assert resumed == full
+    assert (out / PREDICTIONS).read_text() == "".join(lines)
+
+    again = ScriptedDecoder(SCRIPT)  # finished: nothing to decode
+    assert run_scripted(dataset, tokenizer_dir, out, again) == full and again.asked == []
+
+    with pytest.raises(ValueError, match="other settings .*model: 'scripted' then, 'other' now.*--fresh"):
+        run_scripted(dataset, tokenizer_dir, out, ScriptedDecoder(SCRIPT), settings={"model": "other"})
+    fresh = ScriptedDecoder(SCRIPT)
+    run_scripted(dataset, tokenizer_dir, out, fresh, settings={"model": "other"}, fresh=True)
+    assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]
+
+
+def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
+    from fxjax.cli import main
+
+    args = ["eval", "--model", str(tiny_vl_dir), "--data", str(dataset), "--out", str(tmp_path),
+            "--batch-size", "8", "--max-new-tokens", "3", "--max-pixels", "3136", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "accuracy" in out.out and "generator=A" in out.out and "confusion" in out.out
+    rows = [json.loads(line) for line in (tmp_path / PREDICTIONS).read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["g1", "g2", "g3", "r1", "r2"]
+    from fxjax.image_processing import model_input_size
+
+    assert all(r["model_size"] == list(model_input_size(*r["original_size"], 3136, 3136)) for r in rows)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["examples"] == 5 and metrics["settings"]["max_new_tokens"] == 3
+    # a random model says nothing parsable in 3 tokens: every verdict is "none"
+    assert metrics["confusion"]["generated"]["none"] + metrics["confusion"]["real"]["none"] == 5
+    assert main(args) == 0  # run again: all five are resumed, none decoded
+    assert "resuming: 5 of 5 images already in" in capsys.readouterr().err
+    assert main([a if a != "3" else "4" for a in args]) == 2
+    assert "other settings (max_new_tokens: 3 then, 4 now)" in capsys.readouterr().err
+
+
+def test_eval_errors_are_clear(dataset, tmp_path, capsys):
+    from fxjax.cli import main
+
+    assert main(["eval", "--data", str(dataset)]) == 2
+    assert "give --model PATH" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--data", str(dataset)]) == 2
+    assert "--model: " in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "--data: " in capsys.readouterr().err

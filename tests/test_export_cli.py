@@ -1,0 +1,172 @@
+"""`fxjax export`: checkpoints written by a two-process job, exported from one process, load in transformers
+(merged) and in peft (adapter on the base) with fxjax's logits at that step (fp32 rel err <= 1e-5); missing and
+corrupted steps are errors that name the step and list the steps that exist.
+
+The checkpoints: 2 processes (gloo on localhost, one CPU device each) write steps 2 and 3 of an SFT run of the
+tiny real-vocabulary model with LoRA on every linear layer (vision, merger, decoder) exactly as `fxjax sft`
+saves them (tests/checkpoint_worker.py: same model, state, checkpointer and config), with random LoRA
+parameters instead of trained ones: compiling the training step would cost a minute (test_sft.py covers it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import QWEN_TOKENS, free_port, hf_logits, load_hf_model, rel_err
+
+from fxjax.cli import main
+
+TIMEOUT = 300
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_vl_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_run")
+    (root / "train.jsonl").write_text('{"image": "a.png", "label": "real"}\n')  # never read: no training
+    config = {
+        "model": {"path": str(tiny_vl_dir), "dtype": "float32"},
+        "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear"},
+        "data": {"train_files": [str(root / "train.jsonl")], "min_pixels": 3136, "max_pixels": 3136},
+        "train": {"steps": 3, "output_dir": str(root / "run")},
+    }
+    (root / "sft.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", FXJAX_NUM_PROCESSES="2",
+               FXJAX_COORDINATOR=f"localhost:{free_port()}", FXJAX_LOCAL_DEVICE_COUNT="1")
+    for key in ("XLA_FLAGS", "FXJAX_FAULT"):
+        env.pop(key, None)
+    procs, logs = [], []
+    for rank in range(2):
+        logs.append(root / f"worker-{rank}.log")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(root / "sft.yaml")],
+                                      env=dict(env, FXJAX_PROCESS_ID=str(rank)), stdout=open(logs[-1], "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.time() + TIMEOUT
+    try:
+        # A process that fails leaves its peer blocked in a collective: stop at the first failure.
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    text = "\n".join(log.read_text()[-3000:] for log in logs)
+    assert [p.returncode for p in procs] == [0, 0], text
+    assert "2 process(es), 2 device(s)" in logs[0].read_text()
+    return root / "run"
+
+
+def prompt(n_image_tokens=4, grid=(1, 4, 4)):
+    rng = np.random.default_rng(1)
+    ids = [151644, 872, 198, QWEN_TOKENS["vision_start_token_id"]] + [QWEN_TOKENS["image_token_id"]] * n_image_tokens
+    ids += [QWEN_TOKENS["vision_end_token_id"], 3838, 374, 419, 30, 151645, 198, 151644, 77091, 198]
+    pixel_values = rng.standard_normal((int(np.prod(grid)), 1176)).astype(np.float32)
+    return np.array([ids]), np.ones((1, len(ids)), np.int64), pixel_values, np.array([grid])
+
+
+def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_peft(two_process_run, tiny_vl_dir,
+                                                                                    tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+
+    from fxjax.commands.export import export_loaded
+    from fxjax.train.run_loading import load_run
+
+    input_ids, mask, pixel_values, grid = prompt()
+    base_logits = hf_logits(load_hf_model(tiny_vl_dir), input_ids, mask, pixel_values, grid)
+
+    def fxjax_logits(run):
+        return np.asarray(run.model(input_ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid))
+
+    # the newest step (3) through the command; fxjax's logits from the run loaded on its own
+    out = tmp_path / "export-3"
+    assert main(["export", "--run", str(two_process_run), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == "3"
+    run = load_run(two_process_run, dtype="float32")
+    assert run.step == 3 and run.kind == "sft"
+    ours = fxjax_logits(run)
+    assert rel_err(base_logits, ours) > 1e-3  # the step's LoRA really changes the model
+    merged = hf_logits(load_hf_model(out / "merged"), input_ids, mask, pixel_values, grid)
+    assert rel_err(merged, ours) <= 1e-5
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(load_hf_model(tiny_vl_dir), str(out / "adapter")).eval()
+    adapted = hf_logits(peft_model.base_model.model, input_ids, mask, pixel_values, grid)
+    assert rel_err(adapted, ours) <= 1e-5
+
+    # an older step (2), merged only, exported from the model whose logits are compared
+    run2 = load_run(two_process_run, 2, dtype="float32", param_dtype="float32")
+    ours2 = fxjax_logits(run2)
+    assert rel_err(ours2, ours) > 1e-3
+    written = export_loaded(run2, tmp_path / "export-2", adapter=False)
+    assert written["step"] == "2" and not (tmp_path / "export-2" / "adapter").exists()
+    merged2 = hf_logits(load_hf_model(written["merged"]), input_ids, mask, pixel_values, grid)
+    assert rel_err(merged2, ours2) <= 1e-5
+
+    # the merged directory serves on its own: tokenizer and the run's pixel limits
+    assert (out / "merged" / "tokenizer.json").is_file()
+    assert json.loads((out / "merged" / "preprocessor_config.json").read_text())["max_pixels"] == 3136
+
+
+def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_process_run, tmp_path, capsys):
+    assert main(["export", "--run", str(two_process_run), "--step", "7", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "step 7 has no checkpoint in" in err and "steps that exist: 2, 3" in err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(two_process_run / "checkpoints", broken / "checkpoints")
+    state = broken / "checkpoints" / "3" / "state"
+    for f in state.rglob("*"):  # every data file of the saved arrays cut to half its length
+        if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert main(["export", "--run", str(broken), "--out", str(tmp_path / "y"), "--adapter-only"]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint of step 3 in" in err and "cannot be restored" in err and "steps that exist: 2, 3" in err
+
+    (broken / "checkpoints" / "2" / "config" / "config.json").unlink()
+    assert main(["export", "--run", str(broken), "--step", "2", "--out", str(tmp_path / "z")]) == 2
+    assert "step 2 in" in (err := capsys.readouterr().err) and "is incomplete or corrupted" in err
+
+    assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "w")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run, tiny_vl_dir):
+    from fxjax.cli import build_parser
+    from fxjax.commands.model_args import resolve_detector
+
+    args = build_parser().parse_args(["detect", "x.png", "--run", str(two_process_run)])
+    detector = resolve_detector(args)
+    assert detector.model is None  # nothing loaded yet
+    assert detector.source == {"run": str((two_process_run / "checkpoints").absolute()), "step": 3, "kind": "sft",
+                               "base": str(tiny_vl_dir), "dtype": "float32"}
+    assert detector.tokenizer == str(tiny_vl_dir)  # data.tokenizer null: the base model's
+    assert (detector.data["min_pixels"], detector.data["max_pixels"]) == (3136, 3136)  # the run's, not the defaults
+    args = build_parser().parse_args(["detect", "x.png", "--run", str(two_process_run), "--step", "2",
+                                      "--max-pixels", "6272", "--dtype", "bfloat16"])
+    detector = resolve_detector(args)
+    assert detector.source["step"] == 2 and detector.source["dtype"] == "bfloat16"
+    assert detector.data["max_pixels"] == 6272
+
+
+def test_a_grpo_checkpoints_config_is_read_as_grpo(tiny_vl_dir, tmp_path):
+    from fxjax.grpo_config import load_grpo_config
+    from fxjax.train.run_loading import resolve_step
+
+    cfg = load_grpo_config(None, overrides=[f"model.path={tiny_vl_dir}", f"data.train_files=[{tmp_path / 'a.jsonl'}]",
+                                            "data.max_pixels=6272"])
+    (tmp_path / "ckpt" / "5" / "config").mkdir(parents=True)
+    (tmp_path / "ckpt" / "5" / "config" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "ckpt" / "6.orbax-checkpoint-tmp-1").mkdir()  # a save in progress is not a step
+    step, loaded, kind = resolve_step(tmp_path / "ckpt", None)
+    assert (step, kind) == (5, "grpo") and loaded == cfg and [s.name for s in loaded.stages] == ["alpha", "beta", "gamma"]

@@ -1,0 +1,100 @@
+"""`fxjax report`: the panels a reader expects, from small hand-written metrics.jsonl files (SFT and GRPO)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from fxjax.cli import main  # noqa: E402
+from fxjax.commands.report import build_report, moving_average, stage_spans, write_report  # noqa: E402
+
+
+def write_metrics(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def sft_records():
+    out = []
+    for step in range(1, 41):
+        out.append({"step": step, "kind": "train", "loss": 3.0 * math.exp(-step / 15) + 0.2,
+                    "learning_rate": 1e-4 * min(1.0, step / 4), "grad_norm": 1.0 / step ** 0.5})
+        if step % 20 == 0:
+            out.append({"step": step, "kind": "eval", "loss": 2.0 - step / 40, "format_rate": step / 40,
+                        "verdict_accuracy": 0.5 + step / 100, "mean_iou": 0.1 * step / 20, "examples": 8})
+    return out
+
+
+def grpo_records():
+    out = []
+    for step in range(1, 31):
+        stage = "alpha" if step <= 10 else "beta" if step <= 20 else "gamma"
+        fmt = min(1.0, step / 20)
+        out.append({"step": step, "kind": "train", "stage": stage, "reward/total_mean": fmt * 2 + step / 30,
+                    "reward/format_mean": fmt, "reward/label_mean": 0.5 + step / 70, "reward/iou_mean": 0.3 + step / 100,
+                    "format_rate": fmt, "verdict_accuracy": 0.5 + step / 70,
+                    "mean_iou_generated": "nan" if step == 3 else step / 60,  # as metrics.jsonl writes a NaN
+                    "kl": 0.001 * step, "completion_length_mean": 200 - step, "completion_length_max": 256,
+                    "entropy": 1.0})
+    out.append({"step": 30, "kind": "eval", "loss": 1.0, "format_rate": 0.9, "verdict_accuracy": 0.8,
+                "mean_iou": 0.3, "examples": 8})
+    return out
+
+
+def titles(fig):
+    return [ax.get_title() for ax in fig.axes]
+
+
+def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
+    path = write_report(write_metrics(tmp_path / "metrics.jsonl", sft_records()).parent)
+    assert path == tmp_path / "report.png" and path.stat().st_size > 20_000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = build_report(sft_records())
+    assert titles(fig) == ["Loss", "Learning rate", "Gradient norm", "Held-out generation (greedy)"]
+    assert all(ax.get_xlabel() == "optimiser step" and ax.get_ylabel() for ax in fig.axes)
+    generation = fig.axes[3]
+    assert [t.get_text() for t in generation.get_legend().get_texts()] == [
+        "format rate", "verdict accuracy", "mean IoU on generated images"]
+    # 40 steps -> raw training loss, its 2-step moving average, and the two held-out points
+    raw, smooth, held_out = fig.axes[0].get_lines()
+    assert list(raw.get_xdata()) == list(range(1, 41)) and list(held_out.get_xdata()) == [20, 40]
+    assert smooth.get_label() == "training" and held_out.get_label() == "held-out"
+    assert "thin lines: per step, thick: 2-step moving average" in fig._suptitle.get_text()
+    # every panel shares the step axis, so the held-out points line up with the training curves
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1
+
+
+def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
+    write_metrics(tmp_path / "metrics.jsonl", grpo_records())
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "grpo.png")]) == 0
+    assert (tmp_path / "grpo.png").stat().st_size > 20_000
+    fig = build_report(grpo_records())
+    assert titles(fig) == ["Total reward (its weights change with the stage)", "Reward components", "Mean IoU on generated images",
+                           "KL to the base model", "Completion length", "Held-out evaluation (greedy)"]
+    for ax in fig.axes:
+        names = [t.get_text() for t in ax.texts]
+        assert names == ["alpha", "beta", "gamma"], (ax.get_title(), names)
+        boundaries = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
+        assert boundaries == [10.5, 20.5], ax.get_title()
+    assert "stages alpha 1-10, beta 11-20, gamma 21-30" in fig._suptitle.get_text()
+    # the NaN of step 3 is a gap, not a crash or a zero
+    iou = [line for line in fig.axes[2].get_lines() if line.get_linestyle() != "--"][0]
+    assert math.isnan(iou.get_ydata()[2])
+
+
+def test_stage_spans_and_moving_average():
+    recs = [{"step": s, "kind": "train", "stage": n} for s, n in [(1, "a"), (2, "a"), (3, "b"), (4, "a")]]
+    assert [(s.name, s.first, s.last) for s in stage_spans(recs)] == [("a", 1, 2), ("b", 3, 3), ("a", 4, 4)]
+    assert moving_average([1.0, 3.0, math.nan, 5.0], 2) == [1.0, 2.0, 2.0, 4.0]
+
+
+def test_report_errors_name_the_file(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"no metrics file at {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1}\nnot json\n{"step": 2}\n')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl:2: not a metrics record" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""Greedy completions of prompt batches, one batch at a time (for `fxjax eval` and `fxjax detect`).
+
+    decoder = GreedyDecoder(model, tokenizer_dir, batch_size=8, max_new_tokens=1024, mesh=mesh)
+    for texts, metas in decoder.batches(DataPipeline(prompt_config, records=records)):
+        ...   # written out as they come: an interrupted evaluation keeps what it finished
+
+The same decoding as the held-out evaluation during training (train.evaluation.Evaluator.completions):
+the pipeline's left-padded prompt batches, an incomplete last batch padded with copies (pad_rows) so the
+compiled shape is kept, vision inputs padded up to a running floor (few compilations), the batch split
+over the mesh's data axes when it divides, greedy decoding with the KV cache
+(`model.generate.generate_device`) and each completion decoded up to its first <|im_end|>, special tokens
+kept (the output format is made of them).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from fxjax.data.pipeline import DataPipeline, tokens_for
+from fxjax.data.tokenizer import load_tokenizer, token_id
+from fxjax.model.generate import generate_device
+from fxjax.sharding import gather, shard_inputs, splits_batch
+from fxjax.train.batching import pad_rows, pad_vision_inputs
+
+__all__ = ["GreedyDecoder"]
+
+
+class GreedyDecoder:
+    """Greedy completions with the KV cache for the prompt batches of a DataPipeline in mode "prompt"."""
+
+    def __init__(self, model, tokenizer: str, *, batch_size: int, max_new_tokens: int, mesh=None):
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+        self.model = model
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.im_end = token_id(self.tokenizer, "<|im_end|>")
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.mesh = mesh
+        self.pad_id = tokens_for(tokenizer).pad  # the pipeline's padding id
+        self._floor: dict[str, int] = {}
+
+    def batches(self, pipeline: DataPipeline) -> Iterator[tuple[list[str], list[dict]]]:
+        """(completions, the examples' meta) per batch, in the pipeline's order."""
+        if pipeline.cfg.mode != "prompt" or pipeline.cfg.batch_size != self.batch_size:
+            raise ValueError(f"GreedyDecoder needs a prompt pipeline of batch size {self.batch_size}, got mode "
+                             f"{pipeline.cfg.mode!r} and batch size {pipeline.cfg.batch_size}")
+        iterator = iter(pipeline)
+        try:
+            for batch in iterator:
+                yield self.complete(batch), list(batch["meta"])
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def complete(self, batch: dict) -> list[str]:
+        """Greedy completions of one prompt batch (up to batch_size rows), one text per row."""
+        model = self.model
+        model.eval()
+        real = len(batch["meta"])
+        batch = pad_rows(batch, self.batch_size)
+        inputs = model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                               batch["image_grid_thw"])
+        inputs, self._floor = pad_vision_inputs(inputs, model.config, self._floor)
+        if self.mesh is not None and splits_batch(self.mesh, self.batch_size):
+            inputs = shard_inputs(inputs, self.mesh)
+        out = generate_device(model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=(self.im_end,),
+                              pad_token_id=self.pad_id)
+        tokens = gather(out.tokens)
+        texts = []
+        for row in range(real):
+            ids = tokens[row].tolist()
+            if self.im_end in ids:
+                ids = ids[:ids.index(self.im_end)]
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
+        return texts

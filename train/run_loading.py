@@ -1,0 +1,184 @@
+"""A trained run's model at one checkpoint step, for evaluation, detection and export.
+
+    run = load_run("runs/sft", step=None)          # the newest step; or step=N
+    run.model                                      # base + LoRA with the step's LoRA parameters, eval mode
+    run.config                                     # the run's SFTConfig / GRPOConfig, as it was resolved
+
+A run directory is a `fxjax sft` / `fxjax grpo` train.output_dir (holding checkpoints/) or a checkpoint
+directory itself (holding the step folders). Each committed step `<dir>/<N>/` holds the train state and
+the run's resolved config (train.checkpointing); loading reads that config, rebuilds the model with LoRA
+exactly as the run built it (train.run_setup.build_model: the base checkpoint or preset, fresh LoRA or
+the PEFT adapter GRPO started from) and restores the LoRA parameters of step N over it (a partial
+restore: the optimiser state, step and RNG key are not read).
+
+Reading never writes: an in-progress save (`<N>.orbax-checkpoint-tmp-*`) is not a step and is left alone,
+so a run that is still training can be evaluated or exported. Checkpoints written by several processes
+load in one: orbax reassembles every array onto this process's mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+__all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
+           "resolve_step"]
+
+CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
+
+
+class RunLoadError(ValueError):
+    """A run or step that cannot be loaded; the message names it and lists the steps that exist."""
+
+
+@dataclass
+class LoadedRun:
+    model: Any  # Qwen25VL with LoRA, eval mode, LoRA parameters of `step`
+    config: Any  # SFTConfig or GRPOConfig (with the overrides load_run applied)
+    kind: str  # "sft" or "grpo"
+    step: int
+    checkpoint_dir: Path
+
+
+def checkpoint_dir_of(run: str | Path) -> Path:
+    """The checkpoint directory of a run directory (its checkpoints/), or `run` itself when it holds steps."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunLoadError(f"run directory {run} does not exist")
+    if (run / "checkpoints").is_dir():
+        return run / "checkpoints"
+    if committed_steps(run) or any(p.name.split(".")[0].isdigit() for p in run.iterdir()):
+        return run
+    raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
+                       f"train.output_dir) or <step>/ folders (a checkpoint.dir)")
+
+
+def committed_steps(checkpoint_dir: str | Path) -> list[int]:
+    """Steps with a committed checkpoint folder (orbax renames `<N>.orbax-checkpoint-tmp-*` to `<N>` only
+    once every item is written)."""
+    return sorted(int(p.name) for p in Path(checkpoint_dir).iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _steps_text(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if steps else "none"
+
+
+def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
+    """(SFTConfig or GRPOConfig, "sft" or "grpo") from the config the run saved with `step`."""
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train_config import from_dict
+
+    path = Path(checkpoint_dir) / str(step) / CONFIG_FILE
+    steps = committed_steps(checkpoint_dir)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunLoadError(f"the checkpoint of step {step} in {checkpoint_dir} is incomplete or corrupted: it has "
+                           f"no {CONFIG_FILE}; steps that exist: {_steps_text(steps)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunLoadError(f"the checkpoint of step {step} in {checkpoint_dir} is corrupted: {path} cannot be "
+                           f"read ({err}); steps that exist: {_steps_text(steps)}") from None
+    if not isinstance(saved, dict):
+        raise RunLoadError(f"{path}: not a run config (a JSON object); steps that exist: {_steps_text(steps)}")
+    kind = "grpo" if "grpo" in saved or "stages" in saved else "sft"
+    try:
+        return (grpo_from_dict(saved) if kind == "grpo" else from_dict(saved)), kind
+    except ValueError as err:
+        raise RunLoadError(f"{path}: the run's config does not load ({err})") from None
+
+
+def resolve_step(checkpoint_dir: str | Path, step: int | None) -> tuple[int, Any, str]:
+    """(step, run config, "sft" or "grpo") of `step` (None: the newest committed one); reads no weights."""
+    ckpt = Path(checkpoint_dir)
+    steps = committed_steps(ckpt)
+    if not steps:
+        pending = sorted(p.name for p in ckpt.iterdir())
+        raise RunLoadError(f"no committed checkpoint in {ckpt}" + (f" (only {', '.join(pending)})" if pending else ""))
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise RunLoadError(f"step {step} has no checkpoint in {ckpt}; steps that exist: {_steps_text(steps)}")
+    cfg, kind = read_run_config(ckpt, step)
+    return step, cfg, kind
+
+
+def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype: str | None):
+    """The run's config with the base model moved (model_path) and the weights' dtypes replaced."""
+    m = cfg.model
+    changes: dict[str, Any] = {}
+    if model_path is not None:
+        changes.update(path=str(model_path), preset=None)
+    if dtype is not None:
+        changes["dtype"] = dtype
+    if param_dtype is not None:
+        changes["param_dtype"] = param_dtype
+    if not changes:
+        return cfg
+    # A null data.tokenizer means model.path's tokenizer, so it follows a moved base model.
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes))
+
+
+def _check_paths(cfg, checkpoint_dir: Path) -> None:
+    m = cfg.model
+    for key, value, hint in (("model.path", m.path, "pass the base model's directory (--model)"),
+                             ("model.adapter", m.adapter, "the PEFT adapter this run started from must be "
+                                                         "where the run read it")):
+        if value is not None and not Path(value).is_dir():
+            raise RunLoadError(f"the run in {checkpoint_dir} was trained from {key}={value}, which does not exist "
+                               f"here; {hint}")
+
+
+def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path: str | None = None,
+             dtype: str | None = None, param_dtype: str | None = None,
+             log: Callable[[str], None] | None = None) -> LoadedRun:
+    """The model of `run` at `step` (default: the newest committed step).
+
+    mesh: where to place the model (default: every device of this process on the data axis).
+    model_path: the base model's directory when it moved since training (replaces model.path/preset).
+    dtype / param_dtype: compute and storage dtype of the base weights (default: the run's).
+    Raises RunLoadError naming the step and listing the steps that exist when the step is missing, its
+    files are incomplete or corrupted, or the run's base model cannot be found.
+    """
+    import orbax.checkpoint as ocp
+
+    from fxjax.sharding import MeshConfig, make_mesh
+    from flax import nnx
+
+    from fxjax.train.checkpointing import flatten_tree, unflatten_tree
+    from fxjax.train.run_setup import build_model
+    from fxjax.train.step import split_model
+
+    ckpt = checkpoint_dir_of(run).absolute()
+    step, cfg, kind = resolve_step(ckpt, step)
+    steps = committed_steps(ckpt)
+    cfg = _override_model(cfg, model_path, dtype, param_dtype)
+    _check_paths(cfg, ckpt)
+    if mesh is None:
+        mesh = make_mesh(MeshConfig())
+    if log is not None:
+        log(f"loading the {kind} run in {ckpt} at step {step}: base {cfg.model.path or cfg.model.preset} "
+            f"({cfg.model.dtype})")
+    model = build_model(cfg, mesh)
+    _, params, _, _ = split_model(model)
+    # Only the LoRA parameters ("params.*" of the saved TrainState), each straight onto its sharding here;
+    # the optimiser state, step and RNG stay on disk.
+    template = {f"params.{name}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                for name, x in flatten_tree(params).items()}
+    restore_args = {name: ocp.ArrayRestoreArgs(sharding=x.sharding) for name, x in template.items()}
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            flat = checkpointer.restore(ckpt / str(step) / "state", args=ocp.args.PyTreeRestore(
+                template, restore_args=restore_args, partial_restore=True))
+        restored = unflatten_tree(params, {name[len("params."):]: x for name, x in flat.items()})
+    except Exception as err:  # orbax raises many types for missing or damaged files; the message says which
+        raise RunLoadError(f"the checkpoint of step {step} in {ckpt} cannot be restored (incomplete or corrupted: "
+                           f"{type(err).__name__}: {str(err)[:400]}); steps that exist: {_steps_text(steps)}"
+                           ) from err
+    nnx.update(model, restored)
+    model.eval()
+    return LoadedRun(model=model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt)
