@@ -193,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default 0: none; `fxjax demo` uses {DEMO['fingerprint']:g})")
     p.add_argument("--fingerprint-scope", choices=("frame", "regions"), default="frame",
                    help="where the fingerprint goes: over the whole frame, or inside the artefact regions only (then "
-                        "finding it is finding the regions; `fxjax demo` uses "
-                        f"{DEMO['fingerprint_scope']}; default: %(default)s)")
+                        "finding it is finding the regions; default: %(default)s)")
     p.add_argument("--box-multiple", type=int, default=1,
                    help="put the regions' corners on multiples of this many pixels (default: %(default)s)")
     p.add_argument("--max-regions", type=int, default=3,
@@ -222,21 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
     p.set_defaults(func=_cmd_sft)
 
-    p = sub.add_parser("demo", help="the whole method on a tiny model in minutes: data, SFT, GRPO, eval, export, report",
+    p = sub.add_parser("demo", help="the whole pipeline on a tiny model in minutes: data, SFT, eval, export",
                        description="make-demo-data -> a tiny random Qwen2.5-VL saved in HF layout with the real "
-                                   "Qwen2.5-VL tokenizer -> LoRA SFT -> GRPO through the stages alpha, beta, gamma "
-                                   "-> `fxjax eval` on held-out images before SFT, after SFT and after each stage "
-                                   "-> `fxjax export` (merged HF checkpoint + PEFT adapter) -> `fxjax report` PNGs "
-                                   "-> `fxjax detect` overlays before SFT / after SFT / after GRPO in one PNG -> a "
-                                   "table of the held-out metrics per phase, with each phase's time.")
+                                   "Qwen2.5-VL tokenizer -> LoRA SFT -> greedy-decoding evaluation before and "
+                                   "after -> export of the merged HF checkpoint and the PEFT adapter. (GRPO is not "
+                                   "in the demo yet: run `fxjax grpo` on its outputs.)")
     p.add_argument("--out", default="fxjax-demo", help="working directory (default: ./%(default)s)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"SFT steps (default: {DEMO['sft']['steps']}; fewer with --quick)")
+                   help=f"SFT steps (default: {DEMO['steps']}; fewer with --quick)")
     p.add_argument("--n", type=int, default=None,
                    help=f"demo images to generate (default: {DEMO['images']}; fewer with --quick)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the demo data, the model's init, SFT and GRPO (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="a much shorter run of every phase (smoke test; learns nothing)")
+                   help="seed of the demo data and the model's init (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; learns little)")
     p.set_defaults(func=_cmd_demo)
 
     for name in COMMAND_MODULES:

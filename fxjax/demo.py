@@ -86,7 +86,7 @@ def _table(before: dict, after: dict) -> str:
 
 
 def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_images: int | None = None,
-             quick: bool = False) -> int:
+             quick: bool = False, seed: int = 0) -> int:
     import numpy as np
 
     start = time.perf_counter()
@@ -102,7 +102,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     from fxjax.train_config import from_dict
 
     t = time.perf_counter()
-    files = make_demo_data(out / "data", n=n_images, seed=0, test_fraction=DEMO["test_fraction"],
+    files = make_demo_data(out / "data", n=n_images, seed=seed, test_fraction=DEMO["test_fraction"],
                            min_side=DEMO["sides"][0], max_side=DEMO["sides"][1], multiple=28,
                            fingerprint=DEMO["fingerprint"], max_regions=DEMO["max_regions"], overwrite=True)
     counts = {k: sum(1 for _ in open(v, encoding="utf-8")) for k, v in files.items()}
@@ -111,7 +111,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
 
     t = time.perf_counter()
     model_dir = out / "base-model"
-    model = init_model("tiny", seed=0)
+    model = init_model("tiny", seed=seed)
     emb = model.embed_tokens.embedding
     emb.set_value(emb.get_value() * (DEMO["embedding_std"] / 0.02))
     save_pretrained(model, model_dir)

@@ -125,3 +125,33 @@ def test_demo_options_sides_fingerprint_and_region_count():
     # the fingerprint is the period-2 checkerboard: a matched filter sees +-16 levels where nothing clips
     flat = np.full((4, 4, 3), 100, np.uint8)
     assert add_fingerprint(flat, 16.0)[:, :, 0].tolist() == [[116, 84, 116, 84], [84, 116, 84, 116]] * 2
+
+
+def test_fingerprint_inside_the_regions_only_and_boxes_on_a_grid():
+    """fingerprint_scope "regions": the same image as without a fingerprint outside the regions, plus the
+    frame-phase checkerboard inside each region; box_multiple puts every corner on that grid."""
+    photos = _load_photos()
+    seen = 0
+    for i in range(1, 30, 2):
+        img, record = make_demo_example(i, 0, True, photos, 112, 112, multiple=28, fingerprint=24.0, max_regions=2,
+                                        fingerprint_scope="regions", box_multiple=28)
+        plain, plain_record = make_demo_example(i, 0, True, photos, 112, 112, multiple=28, max_regions=2,
+                                                box_multiple=28)
+        boxes = [r["bbox"] for r in record["regions"]]
+        assert boxes == [r["bbox"] for r in plain_record["regions"]] and "up-sampling" in record["reasoning"]
+        assert all(v % 28 == 0 for box in boxes for v in box)
+        assert all(box[2] > box[0] and box[3] > box[1] for box in boxes)
+        assert np.array_equal(img, add_fingerprint(plain, 24.0, boxes))
+        outside = np.ones(img.shape[:2], bool)
+        for x1, y1, x2, y2 in boxes:
+            outside[y1:y2, x1:x2] = False
+            seen += 1
+        assert np.array_equal(img[outside], plain[outside])
+    assert seen >= 15
+    flat = np.full((4, 6, 3), 100, np.uint8)
+    assert add_fingerprint(flat, 16.0, [(2, 0, 4, 2)])[:, :, 0].tolist() == [
+        [100, 100, 116, 84, 100, 100], [100, 100, 84, 116, 100, 100], [100] * 6, [100] * 6]
+    with pytest.raises(ValueError, match="fingerprint_scope"):
+        make_demo_data("/nonexistent-demo", n=2, fingerprint_scope="box")
+    with pytest.raises(ValueError, match="box_multiple"):
+        make_demo_data("/nonexistent-demo", n=2, min_side=56, max_side=112, box_multiple=29)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["ARTEFACTS", "PHOTOS", "add_fingerprint", "make_demo_data", "make_demo_example"]
+__all__ = ["ARTEFACTS", "FINGERPRINT_SCOPES", "PHOTOS", "add_fingerprint", "make_demo_data", "make_demo_example"]
 
 # scikit-image bundled photographs -> scene description used in the reasoning text.
 PHOTOS: dict[str, str] = {
@@ -134,13 +134,22 @@ ARTEFACTS: tuple[Artefact, ...] = (
 )
 
 
-def add_fingerprint(img: np.ndarray, amplitude: float) -> np.ndarray:
-    """The trace transposed-convolution up-sampling leaves over a whole generated frame (Odena et al. 2016,
+def add_fingerprint(img: np.ndarray, amplitude: float, boxes=None) -> np.ndarray:
+    """The trace transposed-convolution up-sampling leaves in generated pixels (Odena et al. 2016,
     "Deconvolution and checkerboard artifacts"; Frank et al. 2020 detect generators by it): a period-2
-    checkerboard of +-``amplitude`` levels, clipped to [0, 255]."""
+    checkerboard of +-``amplitude`` levels, clipped to [0, 255], over the whole frame, or only inside
+    ``boxes`` ((x1, y1, x2, y2) each; the phase is the frame's, as if those pixels came from one decoder)."""
     h, w = img.shape[:2]
     sign = np.where((np.arange(h)[:, None] + np.arange(w)[None, :]) % 2 == 0, 1.0, -1.0)[..., None]
+    if boxes is not None:
+        inside = np.zeros((h, w, 1), bool)
+        for x1, y1, x2, y2 in boxes:
+            inside[y1:y2, x1:x2] = True
+        sign = np.where(inside, sign, 0.0)
     return np.clip(img.astype(np.float32) + amplitude * sign, 0, 255).astype(np.uint8)
+
+
+FINGERPRINT_SCOPES = ("frame", "regions")
 
 
 MIN_CHANGE = 3.0  # mean absolute change (0..255 levels) an artefact must make inside its box
@@ -180,14 +189,23 @@ def _random_view(photo: np.ndarray, rng: np.random.Generator, min_side: int, max
     return view[:, ::-1].copy() if rng.random() < 0.5 else view.copy()
 
 
-def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator,
+                  box_multiple: int = 1) -> list[tuple[int, int, int, int]]:
+    """Up to k non-overlapping boxes of 18-38 % of each side; with box_multiple > 1 every corner lies on a
+    multiple of it (at least one cell per side)."""
     boxes: list[tuple[int, int, int, int]] = []
+    m = box_multiple
     for _ in range(50 * k):
         if len(boxes) == k:
             break
         bw, bh = int(w * rng.uniform(0.18, 0.38)), int(h * rng.uniform(0.18, 0.38))
         bw, bh = max(bw, 12), max(bh, 12)
-        x1, y1 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+        if m > 1:
+            bw, bh = max(m, round(bw / m) * m), max(m, round(bh / m) * m)
+            x1 = m * int(rng.integers(0, (w - bw) // m + 1))
+            y1 = m * int(rng.integers(0, (h - bh) // m + 1))
+        else:
+            x1, y1 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
         box = (x1, y1, x1 + bw, y1 + bh)
         if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in boxes):
             boxes.append(box)
@@ -196,13 +214,16 @@ def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator) -> list[tupl
 
 def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.ndarray],
                       min_side: int = 192, max_side: int = 384, multiple: int = 1,
-                      fingerprint: float = 0.0, max_regions: int = 3) -> tuple[np.ndarray, dict]:
+                      fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
+                      box_multiple: int = 1) -> tuple[np.ndarray, dict]:
     """One image and its native record (without the "image" field).
 
     multiple: round the image's sides to multiples of it (28 = one merged patch: the image processor then
     keeps the pixels as they are instead of resampling them). fingerprint: amplitude (0-255 levels) of
-    `add_fingerprint` over every generated image (0: none). max_regions: a generated image gets 1 to
-    max_regions artefact regions.
+    `add_fingerprint` on every generated image (0: none), over the whole frame (fingerprint_scope "frame")
+    or inside its artefact regions only ("regions": finding the trace is then finding the regions).
+    max_regions: a generated image gets 1 to max_regions artefact regions. box_multiple: the regions'
+    corners lie on multiples of it (28: the regions are whole merged patches, i.e. whole image tokens).
     """
     rng = np.random.default_rng((seed, i))
     names = sorted(photos)
@@ -214,7 +235,7 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
         reasoning = f"The image shows {scene}; its textures, lighting and edges are consistent, as in a photograph."
         return img, dict(label="real", regions=[], tags=[], reasoning=reasoning, generator=None,
                          source_photo=name)
-    boxes = _random_boxes(h, w, int(rng.integers(1, max_regions + 1)), rng)
+    boxes = _random_boxes(h, w, int(rng.integers(1, max_regions + 1)), rng, box_multiple)
     img = img.copy()
     kinds = []
     for box in boxes:
@@ -234,7 +255,10 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     tags = sorted({t for k in kinds for t in k.tags})
     found = "; ".join(k.description for k in kinds)
     trace = ""
-    if fingerprint > 0:
+    if fingerprint > 0 and fingerprint_scope == "regions":
+        img = add_fingerprint(img, fingerprint, boxes)
+        trace = ", each carrying an up-sampling checkerboard"
+    elif fingerprint > 0:
         img = add_fingerprint(img, fingerprint)
         trace = " and an up-sampling checkerboard covers the frame"
     reasoning = f"The image shows {scene}, but with {found}{trace}."
@@ -245,8 +269,11 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
 
 def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: float = 0.1,
                    min_side: int = 192, max_side: int = 384, overwrite: bool = False, multiple: int = 1,
-                   fingerprint: float = 0.0, max_regions: int = 3) -> dict[str, Path]:
+                   fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
+                   box_multiple: int = 1) -> dict[str, Path]:
     """Write ``n`` examples (half real, half generated, in a seeded order) to ``out``.
+
+    The options are `make_demo_example`'s.
 
     Files: ``images/000000.png`` ..., ``train.jsonl`` and ``test.jsonl`` (the last
     ``round(n * test_fraction)`` examples). Returns the paths of the JSONL files.
@@ -263,6 +290,10 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
         raise ValueError(f"fingerprint must be in [0, 64] levels, got {fingerprint}")
     if not 1 <= max_regions <= 8:
         raise ValueError(f"max_regions must be in [1, 8], got {max_regions}")
+    if fingerprint_scope not in FINGERPRINT_SCOPES:
+        raise ValueError(f"fingerprint_scope must be one of {FINGERPRINT_SCOPES}, got {fingerprint_scope!r}")
+    if not 1 <= box_multiple <= min_side // 2:
+        raise ValueError(f"box_multiple must be in [1, min_side // 2 = {min_side // 2}], got {box_multiple}")
     out = Path(out)
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     if not overwrite and any(f.exists() for f in files.values()):
@@ -274,7 +305,7 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     lines: dict[str, list[str]] = {"train": [], "test": []}
     for i in range(n):
         img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side, multiple,
-                                        fingerprint, max_regions)
+                                        fingerprint, max_regions, fingerprint_scope, box_multiple)
         rel = f"images/{i:06d}.png"
         Image.fromarray(img).save(out / rel, format="PNG", optimize=False, compress_level=6)
         record = {"id": f"demo-{seed}-{i:06d}", "image": rel, **record}
