@@ -19,13 +19,13 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from fxjax.hf_config import config_to_hub_dict, load_config
-from fxjax.hf_params import canonical_name, hf_name, is_ignored, param_path, to_fxjax, to_hf, transformers_name
 from fxjax.peft_io import attach_lora
+from fxjax.file_modes import save_safetensors
 from fxjax.sharding import barrier, gather, placer, shard_model
 from fxjax.model import Qwen25VL, Qwen25VLConfig
+from fxjax.model.hf_names import HUB, TRANSFORMERS, hf_name, is_ignored, naming_of, param_path, to_fxjax, to_hf
 from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from fxjax.model.qwen2_5_vl import as_dtype
 
@@ -105,24 +105,21 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
     """Fill the Params of an (abstract) model from HF tensors; returns the naming scheme seen."""
     params = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
     loaded: set[tuple] = set()
-    naming = "hub"
+    naming = HUB
     place = place or (lambda path, array: jax.device_put(array))
     for name, file, tensor in iter_tensors(files):
         if is_ignored(name):
             continue
-        if name.startswith(("model.visual.", "model.language_model.")):
-            naming = "transformers"
-        canonical = canonical_name(name)
-        if canonical == "lm_head.weight" and model.config.tie_word_embeddings:
+        if naming_of(name) == TRANSFORMERS:
+            naming = TRANSFORMERS
+        path = param_path(name)
+        if path == ("lm_head", "kernel") and model.config.tie_word_embeddings:
             continue  # tied: HF ignores a stored lm_head too
-        path = param_path(canonical)
-        if path is not None and path not in params and path[-1] == "weight":
-            path = path[:-1] + ("kernel",)
         if path is None or path not in params:
             raise CheckpointError(f"{file}: tensor {name!r} does not belong to this Qwen2.5-VL config")
         variable = params[path]
         hf_shape = tensor.shape
-        array = to_fxjax(tensor, path[-1], tensor.ndim)
+        array = to_fxjax(tensor, path)
         del tensor  # free each intermediate before the next copy: peak stays near one extra tensor
         if array.shape != tuple(variable.shape):
             raise CheckpointError(
@@ -174,28 +171,19 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     return model
 
 
-def _patch_embed_shape(cfg: Qwen25VLConfig) -> tuple[int, ...]:
-    v = cfg.vision
-    return (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-
-
-def hf_tensors(model: Qwen25VL, naming: str = "hub") -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+def hf_tensors(model: Qwen25VL, naming: str = HUB) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(HF name, thunk giving the host tensor) for each parameter; a thunk gathers one tensor."""
     # Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B); the model is not changed.
     adapters = {path: linear.lora for path, linear in lora_linears(model) if linear.lora.enabled}
     for path, variable in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
-        name = hf_name(path)
-        if naming == "transformers":
-            name = transformers_name(name)
-        shape = _patch_embed_shape(model.config) if name.endswith("patch_embed.proj.weight") else None
-
+        name = hf_name(path, naming)
         adapter = adapters.get(path[:-1]) if path[-1] == "kernel" else None
 
-        def thunk(variable=variable, path=path, shape=shape, adapter=adapter) -> np.ndarray:
+        def thunk(variable=variable, path=path, adapter=adapter) -> np.ndarray:
             array = gather(variable[...])  # a collective across processes
             if adapter is not None:
                 array = merge_lora(array, gather(adapter.lora_a[...]), gather(adapter.lora_b[...]), adapter.scaling)
-            return to_hf(array, path, shape)
+            return to_hf(array, path, model.config.vision)
 
         yield name, thunk
 
@@ -213,7 +201,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     dtype = dtype or (source.dtype if source else jnp.dtype(_param_dtype(model)).name)
     if dtype not in _NP_DTYPES:
         raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
-    naming = source.naming if source else "hub"
+    naming = source.naming if source else HUB
     if jax.process_index() != 0:  # several processes: all join each tensor's gather, process 0 writes
         for _, thunk in hf_tensors(model, naming):
             thunk()
@@ -230,7 +218,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         if not shards[-1]:
             return
         name = f"model-{len(written) + 1:05d}.safetensors"
-        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+        save_safetensors(shards[-1], out / name, metadata={"format": "pt"})  # mode 0644, not 0600
         for key in shards[-1]:
             weight_map[key] = name
         written.append(name)

@@ -24,10 +24,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from fxjax.file_modes import save_safetensors
 from fxjax.sharding import barrier, gather
-from fxjax.model.hf_names import HUB, TRANSFORMERS, module_name
+from fxjax.model.hf_names import CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, module_kind, module_name
 from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linears, lora_linears, pattern_key,
                         target_matches)
 
@@ -35,7 +35,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_PATCH_EMBED = ("visual", "patch_embed")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # adapter_config.json keys that change the weights or the forward pass in ways fxjax does not implement:
@@ -118,10 +117,8 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
 
 def _lora_shapes(model, path, rank: int, linear) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """PEFT's lora_A / lora_B weight shapes for the Linear at `path` (Conv3d shapes for the patch embedding)."""
-    if tuple(path) == _PATCH_EMBED:
-        v = model.config.vision
-        return (rank, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), (
-            linear.out_features, rank, 1, 1, 1)
+    if module_kind(path) == CONV3D:
+        return (rank, *conv3d_kernel_shape(model.config.vision)), (linear.out_features, rank, 1, 1, 1)
     return (rank, linear.in_features), (linear.out_features, rank)
 
 
@@ -296,7 +293,7 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(want_b).astype(_NP_DTYPES[dtype]))
         names.append(name)
     if jax.process_index() == 0:
-        save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})  # mode 0644, not 0600
         config = source.raw_config if source is not None else _fresh_config(model, items, names, naming)
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     barrier("fxjax.save_peft_adapter")

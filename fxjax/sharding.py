@@ -373,17 +373,27 @@ def batch_sharding(mesh: Mesh, ndim: int = 1, batch_dim: int = 0) -> NamedShardi
     return NamedSharding(mesh, batch_spec(ndim, batch_dim))
 
 
+def batch_shards(mesh: Mesh | Mapping[str, int] | MeshConfig) -> int:
+    """Into how many parts activations split the batch: the product of the BATCH_AXES sizes."""
+    sizes = axis_sizes(mesh)
+    return math.prod(sizes[a] for a in BATCH_AXES)
+
+
+def splits_batch(mesh: Mesh | Mapping[str, int] | MeshConfig, batch: int) -> bool:
+    """Whether a batch of `batch` rows can shard over the batch axes (else it must be replicated)."""
+    return batch % batch_shards(mesh) == 0
+
+
 def shard_inputs(inputs, mesh: Mesh):
     """model.ModelInputs (host arrays, the same on every process) -> global arrays on `mesh`.
 
     [B, ...] fields shard the batch over ("data", "fsdp"), position_ids [3, B, L] its second axis; the
     vision fields (packed patch axis, not a batch axis) are replicated. The batch must be divisible by
-    data * fsdp.
+    data * fsdp (`splits_batch`).
     """
-    sizes = axis_sizes(mesh)
     batch = int(np.shape(inputs.input_ids)[0])
-    if batch % (sizes["data"] * sizes["fsdp"]):
-        raise ShardingError(f"batch {batch} is not divisible by data x fsdp = {sizes['data'] * sizes['fsdp']}")
+    if not splits_batch(mesh, batch):
+        raise ShardingError(f"batch {batch} is not divisible by data x fsdp = {batch_shards(mesh)}")
 
     def on(x, batch_dim):
         x = np.asarray(x)

@@ -3,6 +3,6 @@
 from .config import Qwen25VLConfig, TextConfig, VisionConfig
 from .inputs import ModelInputs, prepare_inputs
 from .kv_cache import KVCache
-from .qwen2_5_vl import Qwen25VL
+from .qwen2_5_vl import Qwen25VL, forward
 
-__all__ = ["Qwen25VL", "Qwen25VLConfig", "TextConfig", "VisionConfig", "ModelInputs", "prepare_inputs", "KVCache"]
+__all__ = ["Qwen25VL", "forward", "Qwen25VLConfig", "TextConfig", "VisionConfig", "ModelInputs", "prepare_inputs", "KVCache"]

@@ -45,6 +45,11 @@ class VisionConfig:
         """Side of an attention window in merged units (4 for 112 px windows of 14 px patches)."""
         return self.window_size // self.spatial_merge_size // self.patch_size
 
+    @property
+    def window_slots(self) -> int:
+        """Patch slots of one attention window: window_merged_side^2 merged units of merge_unit patches."""
+        return self.window_merged_side ** 2 * self.merge_unit
+
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")

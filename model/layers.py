@@ -51,7 +51,7 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None and self.lora.enabled:
-            y = y + self.lora(x)
+            y = (y + self.lora(x)).astype(y.dtype)  # as PEFT: a float32 update, the sum rounded once
         return y
 
 

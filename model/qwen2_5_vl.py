@@ -40,9 +40,14 @@ def as_dtype(dtype) -> jnp.dtype:
 class Qwen25VL(nnx.Module):
     """Vision encoder + merger + decoder + lm_head.
 
-    `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights.
-    Call it like the HF model (`model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...)`)
-    for logits; training code calls `hidden_states` / `logits` on prepared `ModelInputs` inside jit.
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights. Two ways to call it:
+
+    * HF-style convenience: `model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...)`
+      -> logits. It prepares the inputs on the host (numpy) and runs its own jit, so it cannot be traced.
+    * Traceable: `inputs = model.prepare(...)` on the host (M-RoPE positions, the image-patch layout), then
+      `model.forward(inputs)` (or `fxjax.model.forward(model, inputs)`): pure jax, no jit of its own,
+      usable inside the caller's `jax.jit` / `nnx.jit` and `jax.grad` / `nnx.grad`. Training code uses
+      its parts, `hidden_states` and `logits`, the same way.
     """
 
     def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
@@ -77,15 +82,23 @@ class Qwen25VL(nnx.Module):
         return shard_batch(self.lm_head(hidden))
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> ModelInputs:
+        """HF-shaped host inputs -> ModelInputs (numpy), what `forward` consumes. Not traceable: the
+        image layout and positions depend on the values of image_grid_thw and the token ids."""
         return prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+
+    def forward(self, inputs: ModelInputs) -> jax.Array:
+        """Prepared inputs -> logits [B, L, vocab]: pure jax, traceable inside the caller's jit and grad."""
+        return forward(self, inputs)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
         """HF-shaped inputs -> logits [B, L, vocab] (float32 when computing in float32)."""
-        inputs = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
-        return _forward_logits(self, inputs)
+        return _forward_logits(self, self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw))
 
 
-@nnx.jit
-def _forward_logits(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
+def forward(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
+    """`model.forward(inputs)` as a function: ModelInputs (numpy or jax arrays, tracers included) -> logits."""
     hidden, _ = model.hidden_states(inputs)
     return model.logits(hidden)
+
+
+_forward_logits = nnx.jit(forward)

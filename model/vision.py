@@ -87,7 +87,7 @@ class VisionEncoder(nnx.Module):
     def encode(self, inputs: VisionInputs) -> jax.Array:
         """Patch tokens after the last block, [P, hidden] (before the merger)."""
         cfg = self.cfg
-        slots = cfg.window_merged_side ** 2 * cfg.merge_unit
+        slots = cfg.window_slots
         n = inputs.valid.shape[0]
         x = self.patch_embed(inputs.patches)
         cos, sin = vision_rotary(inputs.pos_hw, cfg.head_dim, cfg.rope_theta)

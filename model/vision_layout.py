@@ -18,13 +18,14 @@ import numpy as np
 
 from .config import VisionConfig
 
-# Window-count buckets: powers of two and 1.5x steps between them bound padding to 50 %.
+# Padded sizes: powers of two and 1.5x steps between them bound padding to 50 %.
 _BUCKET_BASES = (1, 1.5)
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest value >= n in {1, 2, 3, 4, 6, 8, 12, 16, 24, ...}."""
-    n = max(n, minimum, 1)
+def round_up_to_bucket(n: int) -> int:
+    """Smallest value >= n in {1, 2, 3, 4, 6, 8, 12, 16, 24, ...}: the padded size of a count (windows,
+    segments, loss slots), so that only a few shapes ever compile."""
+    n = max(n, 1)
     p = 1
     while True:
         for base in _BUCKET_BASES:
@@ -58,7 +59,7 @@ def vision_layout(image_grid_thw: np.ndarray, cfg: VisionConfig, min_windows: in
     m = cfg.spatial_merge_size
     side = cfg.window_merged_side
     unit = cfg.merge_unit
-    window_slots = side * side * unit
+    window_slots = cfg.window_slots
 
     # Per window: which HF patch rows fill its slots.
     windows_src: list[np.ndarray] = []
@@ -96,7 +97,7 @@ def vision_layout(image_grid_thw: np.ndarray, cfg: VisionConfig, min_windows: in
             row_offset += gh * gw * unit
             segment += 1
 
-    n_windows = bucket(len(windows_src))
+    n_windows = round_up_to_bucket(len(windows_src))
     src = np.full((n_windows, window_slots), -1, np.int64)
     pos = np.zeros((n_windows, window_slots, 2), np.int64)
     seg = np.full((n_windows, window_slots), -1, np.int64)
@@ -123,8 +124,8 @@ def _segment_blocks(segment_of_slot: np.ndarray, window_slots: int) -> tuple[np.
     ids = [g for g in np.unique(segment_of_slot) if g >= 0]
     members = [np.flatnonzero(segment_of_slot == g) for g in ids]
     longest_windows = max((len(m) + window_slots - 1) // window_slots for m in members) if members else 1
-    length = bucket(longest_windows) * window_slots
-    count = bucket(len(members))
+    length = round_up_to_bucket(longest_windows) * window_slots
+    count = round_up_to_bucket(len(members))
     slots = np.zeros((count, length), np.int32)
     ok = np.zeros((count, length), bool)
     where = np.zeros(segment_of_slot.shape, np.int32)

@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from numerics import free_port, rel_err, rms_rel_err  # noqa: E402,F401  (shared by the test modules)
 
 # Non-default token ids inside a small vocab: proves every id comes from the config.
 TINY_TOKENS = dict(image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
@@ -79,14 +80,9 @@ def image_prompt(grids, rng: np.random.RandomState, *, prefix=(5, 6), between=(7
     return np.array(ids, dtype=np.int64), pixel_values, np.array(grids, dtype=np.int64)
 
 
-def mm_token_type_ids(input_ids: np.ndarray) -> np.ndarray:
+def mm_token_type_ids(input_ids: np.ndarray, image_token_id: int = TINY_TOKENS["image_token_id"]) -> np.ndarray:
     """What HF's processor returns (1 at image tokens); transformers 5.x needs it for 3D positions."""
-    return (input_ids == TINY_TOKENS["image_token_id"]).astype(np.int64)
-
-
-def rel_err(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
+    return (input_ids == image_token_id).astype(np.int64)
 
 
 # ---- helpers shared by test_parity.py and test_hf_io.py -------------------------------------------
@@ -111,7 +107,7 @@ def hf_logits(hf_model, input_ids, attention_mask=None, pixel_values=None, image
     if pixel_values is not None:
         kwargs["pixel_values"] = torch.as_tensor(np.asarray(pixel_values)).to(hf_model.dtype)
         kwargs["image_grid_thw"] = torch.as_tensor(np.asarray(image_grid_thw), dtype=torch.long)
-        kwargs["mm_token_type_ids"] = torch.as_tensor(mm_token_type_ids(input_ids))
+        kwargs["mm_token_type_ids"] = torch.as_tensor(mm_token_type_ids(input_ids, hf_model.config.image_token_id))
     hf_model.model.rope_deltas = None  # HF caches rope deltas between calls; keep each call independent
     with torch.no_grad():
         return hf_model(**kwargs).logits.float().numpy()
@@ -125,3 +121,31 @@ def tokenizer_dir(request, tmp_path_factory) -> Path:
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir("fxjax_data")) if cache is not None else tmp_path_factory.mktemp("fxjax_data")
     return cached_qwen_tokenizer(root)
+
+
+# The ids of the image tokens in the real Qwen2.5-VL tokenizer (the tokenizer_dir fixture).
+QWEN_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                   vision_end_token_id=151653)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL in HF layout with the real vocabulary and token ids, plus the Qwen2.5-VL
+    tokenizer: what the CLI's commands load. Built with torch (a second or two, where initialising fxjax's
+    tiny preset compiles for tens of seconds)."""
+    import shutil
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = tiny_hf_config(vocab_size=151936, tie=True)
+    for key, value in QWEN_TOKENS.items():
+        setattr(config, key, value)
+    config.text_config.bos_token_id = config.text_config.pad_token_id = 151643
+    config.text_config.eos_token_id = 151645
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_vl")
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(str(directory))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory

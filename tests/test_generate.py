@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from conftest import TINY_TOKENS, build_hf_model, image_prompt, mm_token_type_ids, rel_err, save_hf_model
 
-torch = pytest.importorskip("torch")
-
-import fxjax  # noqa: E402
-from fxjax.model.generate import (  # noqa: E402
+import fxjax
+from fxjax.model.generate import (
     decode_loop_jit,
     decode_step,
     generate,

@@ -20,12 +20,11 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
+import torch
+import trl.trainer.grpo_trainer as trl_grpo
+from trl.trainer.utils import nanstd
 
-torch = pytest.importorskip("torch")
-trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-from trl.trainer.utils import nanstd  # noqa: E402
-
-from fxjax.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss  # noqa: E402
+from fxjax.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss
 
 GRPOTrainer = trl_grpo.GRPOTrainer
 RTOL, ATOL = 1e-5, 1e-7

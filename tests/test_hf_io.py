@@ -403,16 +403,14 @@ def test_error_no_weights_and_not_a_directory(tiny_checkpoint, tmp_path):
 # ---- parameter and compute dtypes ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,param_dtype", [("bfloat16", None), ("bfloat16", "float32"), ("float32", "bfloat16")])
-def test_compute_and_param_dtypes(tiny_checkpoint, hf_ref, prompt, dtype, param_dtype):
+def test_compute_and_param_dtypes(tiny_checkpoint, prompt, dtype, param_dtype):
+    """Weights stored in param_dtype, logits in the compute dtype. How accurate each mix is, against HF
+    running in the same precision, is tests/test_bf16_parity.py's."""
     model = fxjax.from_pretrained(tiny_checkpoint, dtype=dtype, param_dtype=param_dtype)
     want_param = jnp.dtype(param_dtype or dtype)
     assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {want_param}
     logits = model(prompt[0], pixel_values=prompt[1], image_grid_thw=prompt[2])
     assert logits.dtype == jnp.dtype(dtype)
-    out = np.asarray(logits.astype(jnp.float32))
-    assert np.isfinite(out).all()
-    _, ref = hf_ref
-    assert rel_err(out, ref) <= 5e-2
-    assert rel_err(out, ref) > TOL  # it really ran in reduced precision somewhere
+    assert np.isfinite(np.asarray(logits.astype(jnp.float32))).all()
     # parameters stay in their dtype after a forward
     assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {want_param}

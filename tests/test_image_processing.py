@@ -5,16 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import skimage.data
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from fxjax.image_processing import model_input_size, process_image, smart_resize
-
-transformers = pytest.importorskip("transformers")
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (  # noqa: E402
-    smart_resize as hf_smart_resize,
-)
 
 SMALL_MAX = 200_000  # keeps the clamp case and big images fast
 

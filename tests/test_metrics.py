@@ -43,7 +43,6 @@ def test_jsonl_has_one_plain_record_per_call(tmp_path):
 
 
 def test_tensorboard_gets_every_finite_scalar(tmp_path):
-    pytest.importorskip("tensorboardX")
     logger = MetricsLogger(tmp_path, tensorboard=True)
     logger.log(1, "train", {"loss": 2.5, "learning_rate": 1e-3, "skipped": 0, "finite": True})
     logger.log(2, "train", {"loss": float("inf"), "learning_rate": 2e-3})
@@ -112,7 +111,6 @@ def test_a_fresh_run_appends_and_resume_zero_starts_over(tmp_path):
 
 
 def test_tensorboard_hides_the_events_past_the_restored_step(tmp_path):
-    pytest.importorskip("tensorboardX")
     from tensorboardX.proto import event_pb2
 
     MetricsLogger(tmp_path, tensorboard=True, resume_step=7).close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 import sharding_worker as worker
 
 MESHES = ("1,8,1", "2,2,2")
 TOL = 1e-5
 TIMEOUT = 240  # seconds for both processes together (about 15 s normally)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_processes(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("multihost_out")
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     start = time.time()
     for rank in range(2):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from fxjax.cli import build_parser, main
 
@@ -45,7 +46,8 @@ def fxjax_commands() -> list[list[str]]:
 def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     from skimage import data
 
-    (python_block,) = fenced_blocks("python")
+    python_blocks = fenced_blocks("python")  # one session: later blocks continue the first
+    assert len(python_blocks) == 2
     (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
     monkeypatch.chdir(tmp_path)
     assert main(init) == 0
@@ -53,7 +55,8 @@ def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
 
     Image.fromarray(data.chelsea()).save("photo.png")
     scope: dict = {}
-    exec(compile(python_block, str(README), "exec"), scope)
+    for block in python_blocks:
+        exec(compile(block, str(README), "exec"), scope)
     logits, tokens, input_ids = scope["logits"], scope["tokens"], scope["input_ids"]
     n = input_ids.shape[1]
     assert logits.shape == (1, n, 151936)
@@ -62,6 +65,10 @@ def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert np.array_equal(tokens[0, n], np.argmax(np.asarray(logits)[0, -1]))  # greedy continues the logits
     assert (tmp_path / "tiny-qwen-copy" / "config.json").is_file()
     assert capsys.readouterr().out.strip()  # the decoded completion was printed
+    # the traceable example: a finite loss, and a gradient for (only) the LoRA parameters
+    grads = nnx.to_flat_state(scope["grads"])
+    assert np.isfinite(float(scope["loss"])) and grads and all(path[-1] in ("lora_a", "lora_b") for path, _ in grads)
+    assert any(np.abs(np.asarray(g[...])).max() > 0 for _, g in grads)
 
 
 @pytest.mark.parametrize("command", sorted({c[0] for c in fxjax_commands()}))

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from conftest import build_hf_model, hf_logits, image_prompt, save_hf_model
 
-torch = pytest.importorskip("torch")
 stats = pytest.importorskip("scipy.stats")
 
 import fxjax  # noqa: E402

@@ -4,7 +4,8 @@
   (SIGKILL during the save of 4: the checkpoint of 3 stays good), resume to 4; the exported LoRA
   parameters are bitwise equal;
 * two processes (gloo on localhost, one CPU device each), SIGKILLed after step 2 and resumed, == one process
-  with two devices: LoRA parameters and the held-out evaluation (loss, greedy-generation metrics);
+  with two devices: LoRA parameters and the held-out evaluation (loss, greedy-generation metrics, the greedy
+  completions themselves);
 * a non-finite loss stops the run naming the step (last good checkpoint kept), or is skipped.
 
 Subprocesses share a persistent XLA compilation cache, so each program compiles once per session.
@@ -230,6 +231,9 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
     for key in ("format_rate", "verdict_accuracy", "mean_iou"):
         assert two[key] == pytest.approx(one[key]), key
+    # An untrained tiny model scores ~0 on both sides, so the greedy completions themselves must agree.
+    assert one["samples"] and all(s["completion"] for s in one["samples"])
+    assert two["samples"] == one["samples"]
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])

@@ -6,7 +6,7 @@ a leading axis, so the step scans them:
 * text: input_ids / attention_mask re-padded to the longest micro-batch's length bucket, then
   `model.prepare` (M-RoPE positions, image-feature index, vision layout);
 * vision: the packed patch sequence padded with invalid windows to the largest window count (a count
-  from `model.vision_layout.bucket`, so few shapes compile);
+  from `model.vision_layout.round_up_to_bucket`, so few shapes compile);
 * loss: the supervised positions of each micro-batch gathered into N slots (`train.losses.loss_targets`),
   N from a small set of sizes (multiples of 64 in the same bucket progression).
 
@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fxjax.model.inputs import ModelInputs, prepare_inputs
 from fxjax.model.vision import VisionInputs
-from fxjax.model.vision_layout import bucket
+from fxjax.model.vision_layout import round_up_to_bucket
+from fxjax.sharding import REPLICATED, batch_spec, put
 from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
 __all__ = ["StepBatch", "batch_shardings", "build_step_batch", "grow_floor", "pad_rows", "pad_vision_inputs", "place_batch", "shape_of"]
@@ -108,7 +109,7 @@ def pad_vision_inputs(inputs: ModelInputs, model_cfg, floor: dict[str, int]) -> 
     if v is None:
         return inputs, floor
     vcfg = model_cfg.vision
-    window_slots = vcfg.window_merged_side ** 2 * vcfg.merge_unit
+    window_slots = vcfg.window_slots
     windows = max(int(floor.get("windows", 0)), v.valid.shape[0] // window_slots)
     seg = getattr(v, "segment_slots", None)
     segments = None if seg is None else (max(int(floor.get("segments", 0)), seg.shape[0]),
@@ -123,7 +124,7 @@ def pad_vision_inputs(inputs: ModelInputs, model_cfg, floor: dict[str, int]) -> 
 def shape_of(batch: StepBatch, model_cfg) -> dict[str, int]:
     """The padded sizes of a StepBatch: length, vision windows, vision segments, loss slots."""
     vcfg = model_cfg.vision
-    window_slots = vcfg.window_merged_side ** 2 * vcfg.merge_unit
+    window_slots = vcfg.window_slots
     v = batch.inputs.vision
     seg = getattr(v, "segment_slots", None) if v is not None else None
     return dict(length=int(batch.inputs.input_ids.shape[-1]),
@@ -162,14 +163,14 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
         prepared.append(prepare_inputs(model_cfg, ids, mask, mb.get("pixel_values"), mb.get("image_grid_thw")))
         labels.append(lab)
     vcfg = model_cfg.vision
-    window_slots = vcfg.window_merged_side ** 2 * vcfg.merge_unit
+    window_slots = vcfg.window_slots
     with_vision = [p.vision is not None for p in prepared]
     vision = None
     if any(with_vision):
         if not all(with_vision):
             raise ValueError("some micro-batches of a step have images and some do not")
         windows = max(p.vision.valid.shape[0] // window_slots for p in prepared)
-        slots = bucket(max(windows, min_windows)) * window_slots
+        slots = round_up_to_bucket(max(windows, min_windows)) * window_slots
         segments = None
         if getattr(prepared[0].vision, "segment_slots", None) is not None:
             segments = (max([int(floor.get("segments", 0))] + [p.vision.segment_slots.shape[0] for p in prepared]),
@@ -178,7 +179,7 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
         padded = [_pad_vision(p.vision, slots, segments, vcfg.patch_dim) for p in prepared]
         vision = VisionInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*padded)))
     need = max(int((np.asarray(lab)[:, 1:] != IGNORE_INDEX).sum()) for lab in labels)
-    size = bucket(max(1, -(-max(need, min_targets) // TARGET_QUANTUM))) * TARGET_QUANTUM
+    size = round_up_to_bucket(max(1, -(-max(need, min_targets) // TARGET_QUANTUM))) * TARGET_QUANTUM
     targets = [loss_targets(lab, size=size) for lab in labels]
     inputs = ModelInputs(
         input_ids=np.stack([p.input_ids for p in prepared]),
@@ -190,20 +191,12 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
     return StepBatch(inputs, LossTargets(*(np.stack(parts) for parts in zip(*targets))))
 
 
-def _spec(ndim: int, batch_dim: int | None) -> P:
-    if batch_dim is None:
-        return P()
-    entries: list = [None] * ndim
-    entries[batch_dim] = ("data", "fsdp")
-    return P(*entries)
-
-
 def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True) -> StepBatch:
     """NamedShardings for a StepBatch: [A, B, ...] arrays shard B, position_ids [A, 3, B, L] too, the loss
     slots [A, N] shard N, the packed vision arrays are replicated. `batch_axis` False replicates everything (batches smaller
     than the data-parallel degree)."""
     def s(x, dim):
-        return NamedSharding(mesh, _spec(np.ndim(x), dim if batch_axis else None))
+        return NamedSharding(mesh, batch_spec(np.ndim(x), dim) if batch_axis and dim is not None else REPLICATED)
 
     i = batch.inputs
     vision = None if i.vision is None else VisionInputs(*(None if v is None else s(v, None) for v in i.vision))
@@ -214,8 +207,4 @@ def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True) -> St
 
 def place_batch(batch: StepBatch, shardings: StepBatch):
     """Host StepBatch -> global jax arrays (each process fills its addressable shards)."""
-    import jax
-
-    from fxjax.sharding import put
-
     return jax.tree.map(lambda x, sh: put(np.asarray(x), sh), batch, shardings)

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -25,6 +24,7 @@ from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.model.generate import generate_device
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
+from fxjax.sharding import gather, shard_inputs, splits_batch
 from fxjax.train.batching import (batch_shardings, build_step_batch, grow_floor, pad_rows, pad_vision_inputs,
                             place_batch)
 from fxjax.train.step import make_eval_loss
@@ -40,12 +40,12 @@ class EvalResult:
     mean_iou: float | None = None
     examples: int = 0
     seconds: float = 0.0
-    samples: list[dict[str, Any]] = field(default_factory=list)  # a few (label, completion) pairs
+    samples: list[dict[str, Any]] = field(default_factory=list)  # a few (label, record_id, completion)
 
-    def metrics(self) -> dict[str, float]:
-        out = {k: v for k, v in dataclasses.asdict(self).items()
-               if k not in ("samples",) and v is not None}
-        return out
+    def metrics(self) -> dict[str, Any]:
+        """The eval record: the numbers, and the sample completions when there are any (metrics.jsonl keeps
+        them, TensorBoard only the numbers), so a run's record shows what the model actually writes."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != []}
 
 
 class Evaluator:
@@ -96,8 +96,8 @@ class Evaluator:
             step_batch = build_step_batch([batch], model.config, self.pad_id, floor=self._floor)
             self._floor = grow_floor(self._floor, step_batch, model.config)
             if self.mesh is not None:
-                n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-                step_batch = place_batch(step_batch, batch_shardings(step_batch, self.mesh, self.batch_size % n == 0))
+                split = splits_batch(self.mesh, self.batch_size)
+                step_batch = place_batch(step_batch, batch_shardings(step_batch, self.mesh, split))
             t, c = self._eval_loss(params, base, rest, step_batch)
             total += float(t)
             count += float(c)
@@ -117,15 +117,11 @@ class Evaluator:
                 inputs = model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                        batch["image_grid_thw"])
                 inputs, self._gen_floor = pad_vision_inputs(inputs, model.config, self._gen_floor)
-                if self.mesh is not None:
-                    from fxjax.sharding import shard_inputs
-
-                    n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-                    if self.batch_size % n == 0:
-                        inputs = shard_inputs(inputs, self.mesh)
+                if self.mesh is not None and splits_batch(self.mesh, self.batch_size):
+                    inputs = shard_inputs(inputs, self.mesh)
                 out = generate_device(model, inputs, max_new_tokens=self.max_new_tokens,
                                       eos_token_ids=(self.im_end,), pad_token_id=self.pad_id)
-                tokens = _host(out.tokens)
+                tokens = gather(out.tokens)
                 for row in range(real):
                     ids = tokens[row].tolist()
                     if self.im_end in ids:
@@ -165,11 +161,3 @@ def _training(model) -> bool:
         if isinstance(module, nnx.Dropout):
             return not module.deterministic
     return False
-
-
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from fxjax.sharding import gather
-
-        return gather(x)
-    return np.asarray(jax.device_get(x))

@@ -208,7 +208,8 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         values = res.metrics()
         metrics.log(step_now, "eval", values)
         result.evals.append((step_now, values))
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+                          if isinstance(v, (int, float)))  # the sample completions go to metrics.jsonl only
         say(f"grpo: eval ({tag}, step {step_now}): {shown}")
     opts = LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
                        beta=g.beta, importance_sampling_level=g.importance_sampling_level,

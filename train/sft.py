@@ -160,7 +160,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
         values = res.metrics()
         metrics.log(step_now, "eval", values)
         result.evals.append((step_now, values))
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+                          if isinstance(v, (int, float)))  # the sample completions go to metrics.jsonl only
         say(f"sft: eval ({tag}, step {step_now}): {shown}")
         return values
 
