@@ -81,39 +81,19 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
+    from fxjax.commands.training import report, run_training, say
     from fxjax.train_config import load_sft_config
 
-    cfg = load_sft_config(args.config, overrides=args.set or [],
-                          log=lambda note: print(f"fxjax sft: {note}", file=sys.stderr))
-    # Paths checked before jax starts, so a typo costs a second and the error names the key.
-    paths = [("model.path", cfg.model.path), ("model.adapter", cfg.model.adapter),
-             ("data.tokenizer", cfg.data.tokenizer), *(("data.train_files", f) for f in cfg.data.train_files),
-             *(("data.eval_files", f) for f in cfg.data.eval_files)]
-    for key, value in paths:
-        if value is not None and not Path(value).exists():
-            raise FileNotFoundError(f"{key}: {value} does not exist")
-    # Multi-process start-up must come before anything touches a JAX backend.
-    from fxjax import distributed
-
-    distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
-    from fxjax.train.sft import NonFiniteError, run_sft
-
-    try:
-        result = run_sft(cfg)
-    except NonFiniteError as err:
-        print(f"fxjax sft: error: {err}", file=sys.stderr)
+    cfg, result = run_training("sft", args, load_sft_config, "fxjax.train.sft:run_sft")
+    if result is None:
         return 3
     if result.preempted:
-        print(f"fxjax sft: preempted at step {result.steps}/{result.total_steps}; checkpoint in "
-              f"{result.checkpoint_dir}", file=sys.stderr)
+        say("sft")(f"preempted at step {result.steps}/{result.total_steps}; checkpoint in {result.checkpoint_dir}")
         return 0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     print(f"fxjax sft: {result.steps} steps in {result.seconds:.0f}s, final loss {loss}; checkpoints in "
           f"{result.checkpoint_dir}")
-    if getattr(args, "report", True):
-        from fxjax.commands.report import report_after_run
-
-        report_after_run(cfg.train.output_dir, lambda text: print(f"fxjax sft: {text}", file=sys.stderr))
+    report("sft", args, cfg)
     return 0
 
 

@@ -9,14 +9,11 @@ the key; `--set` overrides follow the same rules.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from fxjax.train_config import (CheckpointSection, ConfigError, DataSection, DistributedSection, EvalSection,
-                                ExportSection, LoRASection, MeshSection, ModelSection, OptimSection, TrainSection,
-                                _positive, _to_plain, load_config_as)
+from fxjax.train_config import ConfigError, RunConfig, TrainSection, _positive, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
 
@@ -80,27 +77,15 @@ def _default_stages() -> tuple[StageSection, ...]:
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    lora: LoRASection = field(default_factory=LoRASection)
-    mesh: MeshSection = field(default_factory=MeshSection)
-    distributed: DistributedSection = field(default_factory=DistributedSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
+class GRPOConfig(RunConfig):
+    """The `fxjax grpo` config: the run sections of SFT plus `grpo` and `stages` (configs/grpo.yaml)."""
+
     train: TrainSection = field(default_factory=lambda: TrainSection(output_dir="runs/grpo"))
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    export: ExportSection = field(default_factory=ExportSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     stages: tuple[StageSection, ...] = field(default_factory=_default_stages)
 
     def validate(self) -> "GRPOConfig":
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if f.name == "train":
-                continue  # steps come from the stages unless the schedule is continuous
-            if hasattr(section, "validate"):
-                section.validate(f.name)
+        self.validate_sections(skip=("train",))  # steps come from the stages unless the schedule is continuous
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
         if self.grpo.schedule == "stages":
@@ -114,16 +99,7 @@ class GRPOConfig:
         if self.optim.grad_accum != 1 and self.data.batch_size % self.optim.grad_accum:
             raise ConfigError(f"optim.grad_accum: {self.optim.grad_accum} must divide data.batch_size "
                               f"({self.data.batch_size} prompts per step): micro-batches hold whole groups")
-        if self.eval.every and not self.data.eval_files:
-            raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
-                              f"data.eval_files; give them, or set eval.every=0")
-        if self.model.preset is not None and self.data.tokenizer is None:
-            raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
-                              f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
 
     @property
     def total_steps(self) -> int:
@@ -141,17 +117,6 @@ class GRPOConfig:
             if step < end:
                 return i, stage
         return len(self.stages) - 1, self.stages[-1]
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.output_dir) / "checkpoints"
-
-    @property
-    def tokenizer(self) -> str:
-        tok = self.data.tokenizer or self.model.path
-        if tok is None:
-            raise ConfigError("data.tokenizer: a preset model has no tokenizer; give a directory with tokenizer.json")
-        return tok
 
 
 def grpo_from_dict(data: Mapping[str, Any]) -> GRPOConfig:

@@ -52,7 +52,7 @@ def run_selfcheck(workdir: Path | None = None) -> int:
                                               f"{parameter_counts(m)['total']:,} parameters"))
     src = step("save in HF layout", lambda: (d := save_pretrained(model, workdir / "hf"),
                                              f"{len(list(d.glob('*.safetensors')))} shard(s)"))
-    model = step("from_pretrained", lambda: (m := from_pretrained(src, dtype="float32"), "loaded"))
+    model = step("from_pretrained", lambda: (from_pretrained(src, dtype="float32"), "loaded"))
     pv, grid = step("process_image (astronaut)", lambda: (r := process_image(_photo(), max_pixels=448 * 448),
                                                           f"grid {r[1][0].tolist()}, {r[0].shape[0]} patches"))
     ids = _prompt_ids(model.config, int(np.prod(grid[0]) // model.config.vision.merge_unit))

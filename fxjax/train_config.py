@@ -78,11 +78,21 @@ class ModelSection:
     remat: str = "full"  # rematerialisation policy of the decoder layers (REMAT_POLICIES)
     remat_vision: str | None = None  # ... of the vision blocks (default: the same as remat)
     adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
+    from_run: str | None = None  # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA
+    from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)
 
     def validate(self, where: str) -> None:
-        if (self.path is None) == (self.preset is None):
-            raise ConfigError(f"{where}: set exactly one of model.path (an HF checkpoint directory) and "
-                              f"model.preset (random init)")
+        if self.from_run is not None:
+            if self.adapter is not None:
+                raise ConfigError(f"{where}.from_run: starts from that run's LoRA; set {where}.adapter=null")
+            if self.path is not None or self.preset is not None:
+                raise ConfigError(f"{where}.from_run: the base model is that run's; set {where}.path=null and "
+                                  f"{where}.preset=null")
+        elif (self.path is None) == (self.preset is None):
+            raise ConfigError(f"{where}: set exactly one of model.path (an HF checkpoint directory), model.preset "
+                              f"(random init) and model.from_run (a fxjax run directory)")
+        elif self.from_run_step is not None:
+            raise ConfigError(f"{where}.from_run_step: only with {where}.from_run")
         for name in ("remat", "remat_vision"):
             value = getattr(self, name)
             if value is not None and value not in REMAT_POLICIES:
@@ -252,8 +262,19 @@ class ExportSection:
     adapter_dir: str | None = None  # write the LoRA adapter as a PEFT adapter directory at the end
 
 
+def _run_start(run: str, step: int | None):
+    """(config, step) of the run a `model.from_run` config starts from (reads its saved config only)."""
+    from fxjax.run_files import checkpoint_dir_of, resolve_step
+
+    step, cfg, _ = resolve_step(checkpoint_dir_of(run), step)
+    return cfg, step
+
+
 @dataclass(frozen=True)
-class SFTConfig:
+class RunConfig:
+    """The sections every run config has (SFTConfig; fxjax.grpo_config.GRPOConfig adds `grpo` and `stages`),
+    their checks section by section and across sections, the plain dict, and the derived paths."""
+
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)
     mesh: MeshSection = field(default_factory=MeshSection)
@@ -265,10 +286,11 @@ class SFTConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     export: ExportSection = field(default_factory=ExportSection)
 
-    def validate(self) -> "SFTConfig":
+    def validate_sections(self, skip: tuple[str, ...] = ()) -> None:
+        """Each section's own checks (named by its key), then the checks across sections."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if hasattr(section, "validate"):
+            if f.name not in skip and hasattr(section, "validate"):
                 section.validate(f.name)
         if self.eval.every and not self.data.eval_files:
             raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
@@ -276,12 +298,11 @@ class SFTConfig:
         if self.model.preset is not None and self.data.tokenizer is None:
             raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
                               f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
-    def replace(self, **sections) -> "SFTConfig":
+    def replace(self, **sections):
         return dataclasses.replace(self, **sections)
 
     @property
@@ -291,9 +312,21 @@ class SFTConfig:
     @property
     def tokenizer(self) -> str:
         tok = self.data.tokenizer or self.model.path
+        if tok is None and self.model.from_run is not None:
+            from_run = _run_start(self.model.from_run, self.model.from_run_step)[0]
+            tok = from_run.data.tokenizer or from_run.model.path
         if tok is None:
             raise ConfigError("data.tokenizer: a preset model has no tokenizer; give a directory with tokenizer.json")
         return tok
+
+
+@dataclass(frozen=True)
+class SFTConfig(RunConfig):
+    """The `fxjax sft` config: the run sections (configs/sft.yaml lists every key)."""
+
+    def validate(self) -> "SFTConfig":
+        self.validate_sections()
+        return self
 
 
 # ---- strict typed mapping --------------------------------------------------------------------------

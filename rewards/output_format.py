@@ -209,7 +209,7 @@ def parse_verdict(text: str) -> Optional[str]:
     Same result as `re.search` with that pattern, in linear time: a start whose first closing marker lies
     beyond a newline is skipped together with every start before that newline.
     """
-    lo, lc = len(VERDICT_START), len(VERDICT_END)
+    lo = len(VERDICT_START)
     pos, close = 0, -1
     while True:
         i = text.find(VERDICT_START, pos)

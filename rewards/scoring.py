@@ -20,7 +20,7 @@ MIN_BATCH_BUCKET = 8
 MIN_BOX_BUCKET = 4
 
 
-def bucket(n: int, minimum: int = 1) -> int:
+def next_power_of_two(n: int, minimum: int = 1) -> int:
     """Padded size for n items: the next power of two, at least `minimum` (keeps the number of compiles small)."""
     return max(minimum, 1 if n <= 1 else 1 << (int(n) - 1).bit_length())
 
@@ -69,9 +69,9 @@ def prepare_batch(completions: Sequence[str], targets: Sequence[Mapping[str, Any
         lab[n, k] = parse_verdict(text) == truth
         keep = 0 if truth == "real" else len(gts[n])
         preds.append(parse_regions(text)[1][:keep] if keep else ())
-    n_pad = bucket(n_t, MIN_BATCH_BUCKET)
-    p = bucket(max((len(b) for b in preds), default=0), MIN_BOX_BUCKET)
-    t = bucket(max((len(b) for b in gts), default=0), MIN_BOX_BUCKET)
+    n_pad = next_power_of_two(n_t, MIN_BATCH_BUCKET)
+    p = next_power_of_two(max((len(b) for b in preds), default=0), MIN_BOX_BUCKET)
+    t = next_power_of_two(max((len(b) for b in gts), default=0), MIN_BOX_BUCKET)
     out = dict(pred=np.zeros((n_pad, g, p, 4)), pred_mask=np.zeros((n_pad, g, p), bool),
                gt=np.zeros((n_pad, t, 4)), gt_mask=np.zeros((n_pad, t), bool),
                is_real=np.zeros(n_pad, bool),

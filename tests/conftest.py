@@ -87,6 +87,23 @@ def mm_token_type_ids(input_ids: np.ndarray, image_token_id: int = TINY_TOKENS["
 
 # ---- helpers shared by test_parity.py and test_hf_io.py -------------------------------------------
 
+def spread_logits_models(directory: Path, weight_scale: float = 5.0):
+    """(HF model, fxjax model) of the tiny checkpoint with its decoder's weights times `weight_scale`: the HF
+    random init (std 0.02) gives near-uniform logits (greedy repeats one token, sampling settings barely
+    matter); scaled weights spread them, so greedy paths wander and temperature / top-k / top-p each change
+    the distribution measurably."""
+    import torch
+
+    import fxjax
+
+    hf = build_hf_model(seed=0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.startswith(("model.language_model", "lm_head")):
+                p.mul_(weight_scale)
+    return hf, fxjax.from_pretrained(save_hf_model(hf, directory))
+
+
 def load_hf_model(directory, dtype="float32"):
     """The transformers oracle loaded from a saved checkpoint directory (eval mode)."""
     import torch

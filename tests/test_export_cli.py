@@ -170,3 +170,32 @@ def test_a_grpo_checkpoints_config_is_read_as_grpo(tiny_vl_dir, tmp_path):
     (tmp_path / "ckpt" / "6.orbax-checkpoint-tmp-1").mkdir()  # a save in progress is not a step
     step, loaded, kind = resolve_step(tmp_path / "ckpt", None)
     assert (step, kind) == (5, "grpo") and loaded == cfg and [s.name for s in loaded.stages] == ["alpha", "beta", "gamma"]
+
+
+def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_dir, tmp_path):
+    """model.from_run (GRPO after SFT without exporting an adapter): the base model and the LoRA parameters
+    of that run's step, the tokenizer of its base; conflicting keys are errors naming them."""
+    import jax
+
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.model.lora import LORA_PARAMS
+    from flax import nnx
+    from fxjax.sharding import MeshConfig, make_mesh
+    from fxjax.train.run_loading import load_run
+    from fxjax.train.run_setup import build_model
+    from fxjax.train_config import ConfigError
+
+    data = {"train_files": [str(tmp_path / "train.jsonl")]}
+    cfg = grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, "dtype": "float32"},
+                          "data": data})
+    assert cfg.tokenizer == str(tiny_vl_dir)
+    started = build_model(cfg, make_mesh(MeshConfig()))
+    lora = lambda m: jax.tree.leaves(nnx.state(m, LORA_PARAMS))  # noqa: E731
+    for step, same in ((2, True), (3, False)):
+        ref = load_run(two_process_run, step).model
+        equal = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(lora(started), lora(ref))]
+        assert len(equal) > 10 and (all(equal) if same else not any(equal)), step
+    for bad, key in (({"path": str(tiny_vl_dir)}, "model.from_run"), ({"adapter": str(tmp_path)}, "model.from_run"),
+                     ({"from_run": None, "path": str(tiny_vl_dir)}, "model.from_run_step")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, **bad}, "data": data})

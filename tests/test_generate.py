@@ -9,9 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import TINY_TOKENS, build_hf_model, image_prompt, mm_token_type_ids, rel_err, save_hf_model
+from conftest import TINY_TOKENS, image_prompt, mm_token_type_ids, rel_err, spread_logits_models
 
-import fxjax
 from fxjax.model.generate import (
     decode_loop_jit,
     decode_step,
@@ -30,13 +29,7 @@ WEIGHT_SCALE = 5.0
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = build_hf_model(seed=0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.startswith(("model.language_model", "lm_head")):
-                p.mul_(WEIGHT_SCALE)
-    directory = save_hf_model(hf, tmp_path_factory.mktemp("tiny_generate"))
-    return hf, fxjax.from_pretrained(directory)
+    return spread_logits_models(tmp_path_factory.mktemp("tiny_generate"), WEIGHT_SCALE)
 
 
 def left_pad(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +163,6 @@ def test_cached_logits_match_uncached_forward(models):
     # Uncached forward over prompt + generated tokens. The generated tokens are text even when one is
     # <image_pad> (as in HF's decode steps, which get no pixels): rope_index sees them as text and
     # they are embedded as tokens.
-    full_ids = np.concatenate([ids, tokens], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(tokens)], axis=1)
     as_text = np.where(tokens == TINY_TOKENS["image_token_id"], 5, tokens)
     full_inputs = model.prepare(np.concatenate([ids, as_text], axis=1), full_mask, pv, grid)

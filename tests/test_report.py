@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 
-pytest.importorskip("matplotlib")
 
 from fxjax.cli import main  # noqa: E402
 from fxjax.commands.report import build_report, moving_average, stage_spans, write_report  # noqa: E402

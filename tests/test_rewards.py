@@ -375,8 +375,8 @@ def test_group_size_one_equals_grouped():
 
 
 def test_buckets_keep_compiles_few():
-    assert [rewards.bucket(n) for n in (0, 1, 2, 3, 4, 5, 16, 17)] == [1, 1, 2, 4, 4, 8, 16, 32]
-    assert rewards.bucket(3, 8) == 8 and rewards.bucket(9, 8) == 16
+    assert [rewards.next_power_of_two(n) for n in (0, 1, 2, 3, 4, 5, 16, 17)] == [1, 1, 2, 4, 4, 8, 16, 32]
+    assert rewards.next_power_of_two(3, 8) == 8 and rewards.next_power_of_two(9, 8) == 16
     rewards.reward_core.clear_cache()
     for n in (3, 4, 8):  # up to 8 targets and 4 boxes -> one shape
         score([completion([A] * (n % 2 + 1))] * n, [{"label": "generated", "boxes": [A, B]}] * n, "gamma")

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_hf_model, hf_logits, image_prompt, save_hf_model
+import scipy.stats as stats
+from conftest import hf_logits, image_prompt, spread_logits_models
 
-stats = pytest.importorskip("scipy.stats")
-
-import fxjax  # noqa: E402
 from fxjax.model.generate import generate, greedy_generate, sample_groups  # noqa: E402
 from fxjax.model.sampling import filter_logits  # noqa: E402
 from fxjax.model.vision import VisionEncoder  # noqa: E402
@@ -26,13 +24,7 @@ G = 3
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = build_hf_model(seed=0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.startswith(("model.language_model", "lm_head")):
-                p.mul_(WEIGHT_SCALE)
-    directory = save_hf_model(hf, tmp_path_factory.mktemp("tiny_sampling"))
-    return hf, fxjax.from_pretrained(directory)
+    return spread_logits_models(tmp_path_factory.mktemp("tiny_sampling"), WEIGHT_SCALE)
 
 
 def hf_warp(logits: np.ndarray, temperature, top_k, top_p) -> np.ndarray:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import free_port
+from launch import launch_two, wait_all
 
 from fxjax.data.demo_data import make_demo_data
 
@@ -166,45 +166,16 @@ def test_resumed_run_is_bitwise_equal_to_the_straight_run(straight, interrupted)
     assert any(np.abs(v).max() > 0 for k, v in straight.items() if "lora_B" in k)  # it did train
 
 
-def _launch_two(setup, name: str, env=None) -> tuple[list[subprocess.Popen], list[Path]]:
+def _launch_two(setup, name: str, env=None):
     root = setup["root"]
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(2):
-        penv = {**setup["env"], **(env or {}), "FXJAX_COORDINATOR": f"localhost:{port}", "FXJAX_NUM_PROCESSES": "2",
-                "FXJAX_PROCESS_ID": str(rank), "FXJAX_LOCAL_DEVICE_COUNT": "1"}
-        log = root / f"{name}-{rank}-{time.time_ns()}.log"
-        logs.append(log)
-        args = [sys.executable, "-m", "fxjax.cli", "sft", "--config", str(setup["config"]),
-                "--set", f"checkpoint.dir={root / name / 'ckpt'}", "--set", f"export.adapter_dir={root / name / 'adapter'}",
-                "--set", f"train.output_dir={root / name}", *eval_at_end_args(setup)]
-        procs.append(subprocess.Popen(args, env=penv, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-    return procs, logs
+    args = ["sft", "--config", str(setup["config"]), "--set", f"checkpoint.dir={root / name / 'ckpt'}",
+            "--set", f"export.adapter_dir={root / name / 'adapter'}", "--set", f"train.output_dir={root / name}",
+            *eval_at_end_args(setup)]
+    return launch_two(args, {**setup["env"], **(env or {})}, root / name)
 
 
 def _wait_all(procs, logs, until: str | None = None) -> list[int]:
-    """Wait for every process to exit; with `until`, SIGKILL all of them once rank 0 printed it."""
-    start = time.time()
-    try:
-        if until is not None:
-            while until not in logs[0].read_text():
-                if any(p.poll() is not None for p in procs) or time.time() - start > TIMEOUT:
-                    raise AssertionError("\n".join(log.read_text()[-2000:] for log in logs))
-                time.sleep(0.05)
-            for proc in procs:
-                os.killpg(proc.pid, signal.SIGKILL)
-        # A process that fails leaves its peer blocked in a collective: stop waiting at the first failure.
-        while any(p.poll() is None for p in procs) and time.time() - start < TIMEOUT:
-            if any(p.poll() not in (None, 0) for p in procs) and until is None:
-                break
-            time.sleep(0.1)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return [p.returncode for p in procs]
+    return wait_all(procs, logs, timeout=TIMEOUT, until=until)
 
 
 def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):

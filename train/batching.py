@@ -72,7 +72,7 @@ def pad_rows(batch: dict, rows: int) -> dict:
     return out
 
 
-def _pad_vision(vision: VisionInputs, slots: int, segments: tuple[int, int] | None, patch_dim: int) -> VisionInputs:
+def pad_vision(vision: VisionInputs, slots: int, segments: tuple[int, int] | None) -> VisionInputs:
     """Pad the packed patch axis to `slots` (invalid slots) and the per-segment gather (when the layout has
     one) to [segments, segment_length]; indices into the flattened segment block are remapped."""
     fields = set(VisionInputs._fields)
@@ -114,7 +114,7 @@ def pad_vision_inputs(inputs: ModelInputs, model_cfg, floor: dict[str, int]) -> 
     seg = getattr(v, "segment_slots", None)
     segments = None if seg is None else (max(int(floor.get("segments", 0)), seg.shape[0]),
                                          max(int(floor.get("segment_length", 0)), seg.shape[1]))
-    padded = _pad_vision(v, windows * window_slots, segments, vcfg.patch_dim)
+    padded = pad_vision(v, windows * window_slots, segments)
     grown = dict(floor, windows=windows)
     if segments is not None:
         grown.update(segments=segments[0], segment_length=segments[1])
@@ -176,7 +176,7 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
             segments = (max([int(floor.get("segments", 0))] + [p.vision.segment_slots.shape[0] for p in prepared]),
                         max([int(floor.get("segment_length", 0))]
                             + [p.vision.segment_slots.shape[1] for p in prepared]))
-        padded = [_pad_vision(p.vision, slots, segments, vcfg.patch_dim) for p in prepared]
+        padded = [pad_vision(p.vision, slots, segments) for p in prepared]
         vision = VisionInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*padded)))
     need = max(int((np.asarray(lab)[:, 1:] != IGNORE_INDEX).sum()) for lab in labels)
     size = round_up_to_bucket(max(1, -(-max(need, min_targets) // TARGET_QUANTUM))) * TARGET_QUANTUM

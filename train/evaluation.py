@@ -21,12 +21,10 @@ from flax import nnx
 
 from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
-from fxjax.data.tokenizer import load_tokenizer, token_id
-from fxjax.model.generate import generate_device
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
-from fxjax.sharding import gather, shard_inputs, splits_batch
-from fxjax.train.batching import (batch_shardings, build_step_batch, grow_floor, pad_rows, pad_vision_inputs,
-                            place_batch)
+from fxjax.sharding import splits_batch
+from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, pad_rows, place_batch
+from fxjax.train.inference import GreedyDecoder
 from fxjax.train.step import make_eval_loss
 
 __all__ = ["EvalResult", "Evaluator"]
@@ -68,13 +66,12 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.loss_chunk = loss_chunk
         self.mesh = mesh
-        self.tokenizer = load_tokenizer(data_cfg.tokenizer)
-        self.im_end = token_id(self.tokenizer, "<|im_end|>")
         self.pad_id = self.loss_pipeline.pad_id
+        self._decoder = GreedyDecoder(None, data_cfg.tokenizer, batch_size=batch_size,
+                                      max_new_tokens=max_new_tokens, mesh=mesh)
         self._eval_loss = None
         self._graphdef = None
         self._floor: dict[str, int] = {}
-        self._gen_floor: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.loss_pipeline.records)
@@ -106,28 +103,14 @@ class Evaluator:
     # ---- generation ------------------------------------------------------------------------------
 
     def completions(self, model) -> tuple[list[str], list[dict]]:
-        """Greedy completions of every held-out prompt, with the records' meta."""
+        """Greedy completions of every held-out prompt, with the records' meta (train.inference.GreedyDecoder)."""
         texts, metas = [], []
         was_training = _training(model)
-        model.eval()
+        self._decoder.model = model
         try:
-            for batch in self.prompt_pipeline:
-                real = len(batch["meta"])
-                batch = pad_rows(batch, self.batch_size)
-                inputs = model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                       batch["image_grid_thw"])
-                inputs, self._gen_floor = pad_vision_inputs(inputs, model.config, self._gen_floor)
-                if self.mesh is not None and splits_batch(self.mesh, self.batch_size):
-                    inputs = shard_inputs(inputs, self.mesh)
-                out = generate_device(model, inputs, max_new_tokens=self.max_new_tokens,
-                                      eos_token_ids=(self.im_end,), pad_token_id=self.pad_id)
-                tokens = gather(out.tokens)
-                for row in range(real):
-                    ids = tokens[row].tolist()
-                    if self.im_end in ids:
-                        ids = ids[:ids.index(self.im_end)]
-                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
-                    metas.append(batch["meta"][row])
+            for batch_texts, batch_metas in self._decoder.batches(self.prompt_pipeline):
+                texts += batch_texts
+                metas += batch_metas
         finally:
             if was_training:
                 model.train()

@@ -19,8 +19,8 @@ Also exported: `group_advantages` and `grpo_loss` (fxjax.train.grpo_loss), TRL's
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,27 +31,22 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fxjax import distributed, rewards
+from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.grpo_config import GRPOConfig
 from fxjax.sharding import MeshConfig, gather, make_mesh, put, shard_inputs, use_mesh
 from fxjax.train import faults
-from fxjax.train.checkpointing import TrainCheckpointer
-from fxjax.train.export import save_adapter, save_merged
+from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
 from fxjax.train.grpo_step import GroupBatch, LossOptions, make_grpo_step, make_logps_fn
-from fxjax.train.metrics import MetricsLogger, ProgressBar
-from fxjax.train.optimizer import make_optimizer
-from fxjax.train.preemption import PreemptionSignals
+from fxjax.train.metrics import MetricsLogger
 from fxjax.train.rollout import build_group_batch, prompt_inputs, rollout_metrics, sample_and_score
-from fxjax.train.resume_check import WATCHED, check_resume_config
-from fxjax.train.run_setup import batch_divides, build_model, init_state, restore_latest
+from fxjax.train.resume_check import WATCHED
+from fxjax.train.run_setup import batch_divides, build_model, join_run, start_run
 from fxjax.train.evaluation import Evaluator
-from fxjax.train.sft import NonFiniteError
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
-from fxjax.train_config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +76,9 @@ class GRPOResult:
 
 
 def data_config(cfg: GRPOConfig) -> DataConfig:
-    """Prompts only (left-padded), the record's label and boxes in the meta for the rewards."""
-    d = cfg.data
-    return DataConfig(data_files=d.train_files, tokenizer=cfg.tokenizer, root=d.root,
-                      allow_absolute_paths=d.allow_absolute_paths, format=d.format,
-                      on_error=d.on_error, check_decode=d.check_decode, min_pixels=d.min_pixels,
-                      max_pixels=d.max_pixels, max_length=d.max_length, length_buckets=d.length_buckets,
-                      long_samples=d.long_samples, mode="prompt", prompts=d.prompts, system_prompt=d.system_prompt,
-                      batch_size=d.batch_size, drop_remainder=True, shuffle=d.shuffle, seed=d.seed, num_epochs=None,
-                      worker_count=d.worker_count, read_threads=d.read_threads,
-                      prefetch_buffer_size=d.prefetch_buffer_size, shard_index=0, shard_count=1)
+    """SFT's data config in mode "prompt": prompts only (left-padded), each record's label and boxes in the
+    meta for the rewards."""
+    return dataclasses.replace(sft_data_config(cfg), mode="prompt")
 
 
 def stage_weights(cfg: GRPOConfig, step: int) -> tuple[str, rewards.RewardWeights]:
@@ -145,13 +133,7 @@ def _place(batch, shardings):
 def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GRPOResult:
     """Run (or resume) GRPO as configured. See the module docstring."""
     started = time.perf_counter()
-    distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
-    main = jax.process_index() == 0
-    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    if not main:
-        say = lambda text: None  # noqa: E731
-    if not cfg.lora.enabled and cfg.model.adapter is None:
-        raise ConfigError("lora.enabled: GRPO trains LoRA adapters only; set lora.enabled=true")
+    main, say = join_run("grpo", cfg, log)
     g = cfg.grpo
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size // cfg.optim.grad_accum, mesh,
@@ -175,22 +157,10 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         f"{n_lora:,} LoRA parameters; {len(pipeline)} prompts; {steps_total} steps of {cfg.data.batch_size} "
         f"prompts x {g.num_generations} completions; stages {stages}; loss {g.loss_type}, beta {g.beta}")
 
-    tx, schedule = make_optimizer(cfg.optim, steps_total)
-    state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
-    ckpt_dir = cfg.checkpoint_dir
-    checkpointer = TrainCheckpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    iterator = iter(pipeline)
-    result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(ckpt_dir))
-    floor: dict[str, int] = {}
-    restored = restore_latest(checkpointer, state, say) if cfg.checkpoint.resume else None
-    latest = None
-    if restored is not None:
-        state, data_state, saved_cfg, latest = restored
-        iterator.set_state(data_state["iterator"])
-        floor = dict(data_state.get("shape_floor", {}))
-        check_resume_config(saved_cfg, cfg.to_dict(), say, GRPO_WATCHED)
-        result.resumed_from = latest
-        say(f"grpo: resumed from step {latest} (stage {data_state.get('stage')}) in {ckpt_dir}")
+    tx, schedule, state, shardings, checkpointer, iterator, floor, latest = start_run(
+        "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total, log=say, watched=GRPO_WATCHED)
+    result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
+                       resumed_from=latest)
     step_now = int(jax.device_get(state.step))
 
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
@@ -202,15 +172,10 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                               max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)
 
-    def evaluate(tag: str) -> None:
-        nnx.update(model, state.params)
-        res = evaluator.evaluate(model, state.params, base, rest, generate=cfg.eval.generate)
-        values = res.metrics()
-        metrics.log(step_now, "eval", values)
-        result.evals.append((step_now, values))
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
-                          if isinstance(v, (int, float)))  # the sample completions go to metrics.jsonl only
-        say(f"grpo: eval ({tag}, step {step_now}): {shown}")
+    run_eval = RunEvaluation("grpo", evaluator, metrics, result, cfg.eval.generate, say)
+
+    def evaluate(tag: str) -> dict:
+        return run_eval(tag, step_now, model, state.params, base, rest)
     opts = LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
                        beta=g.beta, importance_sampling_level=g.importance_sampling_level,
                        max_completion_length=g.max_completion_length, temperature=g.temperature)
@@ -218,135 +183,77 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     step_fn = logps_fn = batch_sh = None
     root = jax.random.key(g.seed, impl=RNG_IMPL)
     skipped = 0
-    last_saved = latest
 
-    def save(step: int, stage: str) -> None:
+    def save(step: int) -> None:
+        stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
         checkpointer.save(step, state, {"iterator": iterator.get_state(), "shape_floor": floor, "stage": stage},
                           resolved)
 
-    bar = ProgressBar(steps_total, step_now, enabled=main and cfg.train.progress_bar)
-    try:
-        with PreemptionSignals() as signals:
-            if evaluator is not None and cfg.eval.at_start and latest is None:
-                evaluate("start")
-            while step_now < steps_total:
-                t0 = time.perf_counter()
-                stage, weights = stage_weights(cfg, step_now)
-                prompts = next(iterator)
-                length = -(-prompts["input_ids"].shape[1] // PROMPT_LENGTH_QUANTUM) * PROMPT_LENGTH_QUANTUM
-                length = max(length, int(floor.get("prompt_length", 0)))
-                floor["prompt_length"] = length
-                prompts = left_pad(prompts, length, pipeline.pad_id)
-                inputs, floor = prompt_inputs(model.config, prompts, floor)
-                placed_inputs = shard_inputs(inputs, mesh) if shard_rows else inputs
-                nnx.update(model, state.params)
-                rollout = sample_and_score(
-                    model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_id=eos_id,
-                    pad_id=pipeline.pad_id, num_generations=g.num_generations,
-                    max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
-                    top_p=g.top_p, rng=jax.random.fold_in(root, step_now), weights=weights,
-                    reward_config=g.reward_config, scale_rewards=g.scale_rewards,
-                    mask_truncated=g.mask_truncated_completions, host=_host, mesh=mesh)
-                t_rollout = time.perf_counter() - t0
-                faults.point("rollout", step_now + 1, signals.local_stop)
+    with LoopControl("grpo", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
+                     say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
+                     metrics=metrics, iterator=iterator) as control:
+        for step_now in control.updates(step_now):
+            t0 = time.perf_counter()
+            stage, weights = stage_weights(cfg, step_now)
+            prompts = next(iterator)
+            length = -(-prompts["input_ids"].shape[1] // PROMPT_LENGTH_QUANTUM) * PROMPT_LENGTH_QUANTUM
+            length = max(length, int(floor.get("prompt_length", 0)))
+            floor["prompt_length"] = length
+            prompts = left_pad(prompts, length, pipeline.pad_id)
+            inputs, floor = prompt_inputs(model.config, prompts, floor)
+            placed_inputs = shard_inputs(inputs, mesh) if shard_rows else inputs
+            nnx.update(model, state.params)
+            rollout = sample_and_score(
+                model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_id=eos_id,
+                pad_id=pipeline.pad_id, num_generations=g.num_generations,
+                max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
+                top_p=g.top_p, rng=jax.random.fold_in(root, step_now), weights=weights,
+                reward_config=g.reward_config, scale_rewards=g.scale_rewards,
+                mask_truncated=g.mask_truncated_completions, host=_host, mesh=mesh)
+            t_rollout = time.perf_counter() - t0
+            faults.point("rollout", step_now + 1, control.signals.local_stop)
 
-                t1 = time.perf_counter()
-                batch, floor = build_group_batch(prompts, rollout, model.config, num_generations=g.num_generations,
-                                                 n_micro=cfg.optim.grad_accum, floor=floor)
-                if batch_sh is None:
-                    batch_sh = _group_batch_shardings(batch, mesh, shard_rows)
-                    step_fn = make_grpo_step(train_graphdef, tx, schedule, opts=opts, loss_chunk=cfg.train.loss_chunk,
-                                             remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
-                                             state_shardings=shardings.state, base_shardings=shardings.base,
-                                             rest_shardings=shardings.rest, batch_shardings=batch_sh)
-                    if need_old or need_ref:
-                        logps_fn = make_logps_fn(graphdef, opts=opts, loss_chunk=cfg.train.loss_chunk,
-                                                 need_old=need_old, need_ref=need_ref)
-                placed = _place(batch, batch_sh)
-                values: dict[str, float] = {}
-                with use_mesh(mesh):  # activations pinned to the batch axes (see fxjax.model's shard_batch)
-                    if logps_fn is not None:
-                        old, ref = logps_fn(state.params, base, rest, placed)
-                        placed = placed._replace(old_logps=old, ref_logps=ref)
-                    for _ in range(g.num_iterations):
-                        state, out = step_fn(state, base, rest, placed)
-                        out = {k: float(v) for k, v in jax.device_get(out).items()}
-                        if not out["finite"]:
-                            break
-                faults.point("update", step_now + 1, signals.local_stop)
-                t_update = time.perf_counter() - t1
-                if not out["finite"]:
-                    if cfg.train.on_nonfinite == "stop":
-                        checkpointer.wait()
-                        raise NonFiniteError(step_now + 1, out["loss"], out["grad_norm"], checkpointer.latest_step(),
-                                             ckpt_dir)
-                    skipped += 1
-                    say(f"grpo: step {step_now + 1}: non-finite loss/gradient; update skipped ({skipped} so far)")
-                step_now += 1
-                new_tokens = float(rollout.attention.sum())
-                values.update(rollout_metrics(rollout, g.num_generations))
-                values.update({k: v for k, v in out.items() if k != "finite"})
-                values.update(rollout_time=t_rollout, update_time=t_update, step_time=time.perf_counter() - t0,
-                              rollout_tokens_per_s=new_tokens / max(t_rollout, 1e-9),
-                              update_tokens_per_s=float(batch.inputs.attention_mask.sum()) / max(t_update, 1e-9),
-                              skipped=skipped,
-                              stage_index=float(cfg.stage_at(step_now - 1)[0]), **_weights_metrics(weights))
-                metrics.log(step_now, "train", dict(values, stage=stage))
-                result.history.append(dict(values, step=step_now, stage=stage))
-                bar.update(1, dict(stage=stage, reward=round(values["reward/total_mean"], 3),
-                                   fmt=round(values["format_rate"], 2), iou=round(values["reward/iou_mean"], 3)))
-                every = cfg.checkpoint.every
-                if (every and step_now % every == 0) or step_now == steps_total:
-                    save(step_now, stage)
-                    last_saved = step_now
-                if evaluator is not None and cfg.eval.every and step_now % cfg.eval.every == 0 \
-                        and step_now != steps_total:
-                    evaluate("periodic")
-                if faults.armed("after_step", step_now):
-                    checkpointer.wait()
-                    faults.point("after_step", step_now, signals.local_stop)
-                if signals.stop_requested():
-                    if last_saved != step_now:
-                        save(step_now, stage)
-                        last_saved = step_now
-                    checkpointer.wait()
-                    bar.close()
-                    say(f"grpo: received signal {signals.received}; saved step {step_now} to {ckpt_dir}; exiting "
-                        f"(resume by running the same command)")
-                    result.preempted = True
-                    break
-            else:
-                if last_saved != step_now:
-                    save(step_now, stage_weights(cfg, max(step_now - 1, 0))[0])
-                    last_saved = step_now
-            checkpointer.wait()
-        bar.close()
-        result.steps = step_now
-        result.skipped_steps = skipped
-        nnx.update(model, state.params)
-        if not result.preempted:
-            if evaluator is not None and cfg.eval.at_end:
-                evaluate("end")
-            if cfg.export.adapter_dir:
-                result.exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir))
-                say(f"grpo: wrote the PEFT adapter to {cfg.export.adapter_dir}")
-            if cfg.export.merged_dir:
-                result.exported["merged"] = str(save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer,
-                                                            image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
-                say(f"grpo: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
-    finally:
-        bar.close()
-        try:
-            checkpointer.wait()
-        finally:
-            checkpointer.close()
-            metrics.close()
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-    result.params = state.params
-    result.model = model
-    result.seconds = time.perf_counter() - started
+            t1 = time.perf_counter()
+            batch, floor = build_group_batch(prompts, rollout, model.config, num_generations=g.num_generations,
+                                             n_micro=cfg.optim.grad_accum, floor=floor)
+            if batch_sh is None:
+                batch_sh = _group_batch_shardings(batch, mesh, shard_rows)
+                step_fn = make_grpo_step(train_graphdef, tx, schedule, opts=opts, loss_chunk=cfg.train.loss_chunk,
+                                         remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
+                                         state_shardings=shardings.state, base_shardings=shardings.base,
+                                         rest_shardings=shardings.rest, batch_shardings=batch_sh)
+                if need_old or need_ref:
+                    logps_fn = make_logps_fn(graphdef, opts=opts, loss_chunk=cfg.train.loss_chunk,
+                                             need_old=need_old, need_ref=need_ref)
+            placed = _place(batch, batch_sh)
+            values: dict[str, float] = {}
+            with use_mesh(mesh):  # activations pinned to the batch axes (see fxjax.model's shard_batch)
+                if logps_fn is not None:
+                    old, ref = logps_fn(state.params, base, rest, placed)
+                    placed = placed._replace(old_logps=old, ref_logps=ref)
+                for _ in range(g.num_iterations):
+                    state, out = step_fn(state, base, rest, placed)
+                    out = {k: float(v) for k, v in jax.device_get(out).items()}
+                    if not out["finite"]:
+                        break
+            faults.point("update", step_now + 1, control.signals.local_stop)
+            t_update = time.perf_counter() - t1
+            if not out["finite"]:
+                skipped = handle_nonfinite("grpo", cfg, step_now + 1, out, checkpointer, skipped, say)
+            step_now += 1  # from here on: the number of updates made (what the loop control counts too)
+            new_tokens = float(rollout.attention.sum())
+            values.update(rollout_metrics(rollout, g.num_generations))
+            values.update({k: v for k, v in out.items() if k != "finite"})
+            values.update(rollout_time=t_rollout, update_time=t_update, step_time=time.perf_counter() - t0,
+                          rollout_tokens_per_s=new_tokens / max(t_rollout, 1e-9),
+                          update_tokens_per_s=float(batch.inputs.attention_mask.sum()) / max(t_update, 1e-9),
+                          skipped=skipped,
+                          stage_index=float(cfg.stage_at(step_now - 1)[0]), **_weights_metrics(weights))
+            metrics.log(step_now, "train", dict(values, stage=stage))
+            result.history.append(dict(values, step=step_now, stage=stage))
+            control.bar.update(1, dict(stage=stage, reward=round(values["reward/total_mean"], 3),
+                                       fmt=round(values["format_rate"], 2), iou=round(values["reward/iou_mean"], 3)))
+        control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result
 
 

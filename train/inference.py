@@ -4,7 +4,7 @@
     for texts, metas in decoder.batches(DataPipeline(prompt_config, records=records)):
         ...   # written out as they come: an interrupted evaluation keeps what it finished
 
-The same decoding as the held-out evaluation during training (train.evaluation.Evaluator.completions):
+The held-out evaluation during training (train.evaluation.Evaluator.completions) decodes with it too:
 the pipeline's left-padded prompt batches, an incomplete last batch padded with copies (pad_rows) so the
 compiled shape is kept, vision inputs padded up to a running floor (few compilations), the batch split
 over the mesh's data axes when it divides, greedy decoding with the KV cache
@@ -29,6 +29,7 @@ class GreedyDecoder:
     """Greedy completions with the KV cache for the prompt batches of a DataPipeline in mode "prompt"."""
 
     def __init__(self, model, tokenizer: str, *, batch_size: int, max_new_tokens: int, mesh=None):
+        """`model`: the Qwen25VL to decode with (may be set later, as the `model` attribute)."""
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
         self.model = model

@@ -25,7 +25,7 @@ from fxjax.model.inputs import ModelInputs, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
 from fxjax.sharding import use_mesh
-from fxjax.train.batching import _pad_vision, pad_vision_inputs
+from fxjax.train.batching import pad_vision, pad_vision_inputs
 from fxjax.train.grpo_loss import group_advantages
 from fxjax.train.grpo_step import GroupBatch
 
@@ -186,7 +186,7 @@ def _stack_vision(visions: list[VisionInputs | None], model_cfg, floor: dict[str
     if getattr(visions[0], "segment_slots", None) is not None:
         segments = (max([int(floor.get("update_segments", 0))] + [v.segment_slots.shape[0] for v in visions]),
                     max([int(floor.get("update_segment_length", 0))] + [v.segment_slots.shape[1] for v in visions]))
-    padded = [_pad_vision(v, windows * window_slots, segments, vcfg.patch_dim) for v in visions]
+    padded = [pad_vision(v, windows * window_slots, segments) for v in visions]
     floor = dict(floor, update_windows=windows)
     if segments is not None:
         floor.update(update_segments=segments[0], update_segment_length=segments[1])

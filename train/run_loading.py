@@ -19,21 +19,17 @@ load in one: orbax reassembles every array onto this process's mesh.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 
+from fxjax.run_files import (RunLoadError, checkpoint_dir_of, committed_steps, read_run_config, resolve_step,
+                             steps_text)
+
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
            "resolve_step"]
-
-CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
-
-
-class RunLoadError(ValueError):
-    """A run or step that cannot be loaded; the message names it and lists the steps that exist."""
 
 
 @dataclass
@@ -43,68 +39,6 @@ class LoadedRun:
     kind: str  # "sft" or "grpo"
     step: int
     checkpoint_dir: Path
-
-
-def checkpoint_dir_of(run: str | Path) -> Path:
-    """The checkpoint directory of a run directory (its checkpoints/), or `run` itself when it holds steps."""
-    run = Path(run)
-    if not run.is_dir():
-        raise RunLoadError(f"run directory {run} does not exist")
-    if (run / "checkpoints").is_dir():
-        return run / "checkpoints"
-    if committed_steps(run) or any(p.name.split(".")[0].isdigit() for p in run.iterdir()):
-        return run
-    raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
-                       f"train.output_dir) or <step>/ folders (a checkpoint.dir)")
-
-
-def committed_steps(checkpoint_dir: str | Path) -> list[int]:
-    """Steps with a committed checkpoint folder (orbax renames `<N>.orbax-checkpoint-tmp-*` to `<N>` only
-    once every item is written)."""
-    return sorted(int(p.name) for p in Path(checkpoint_dir).iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def _steps_text(steps: list[int]) -> str:
-    return ", ".join(map(str, steps)) if steps else "none"
-
-
-def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
-    """(SFTConfig or GRPOConfig, "sft" or "grpo") from the config the run saved with `step`."""
-    from fxjax.grpo_config import grpo_from_dict
-    from fxjax.train_config import from_dict
-
-    path = Path(checkpoint_dir) / str(step) / CONFIG_FILE
-    steps = committed_steps(checkpoint_dir)
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunLoadError(f"the checkpoint of step {step} in {checkpoint_dir} is incomplete or corrupted: it has "
-                           f"no {CONFIG_FILE}; steps that exist: {_steps_text(steps)}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunLoadError(f"the checkpoint of step {step} in {checkpoint_dir} is corrupted: {path} cannot be "
-                           f"read ({err}); steps that exist: {_steps_text(steps)}") from None
-    if not isinstance(saved, dict):
-        raise RunLoadError(f"{path}: not a run config (a JSON object); steps that exist: {_steps_text(steps)}")
-    kind = "grpo" if "grpo" in saved or "stages" in saved else "sft"
-    try:
-        return (grpo_from_dict(saved) if kind == "grpo" else from_dict(saved)), kind
-    except ValueError as err:
-        raise RunLoadError(f"{path}: the run's config does not load ({err})") from None
-
-
-def resolve_step(checkpoint_dir: str | Path, step: int | None) -> tuple[int, Any, str]:
-    """(step, run config, "sft" or "grpo") of `step` (None: the newest committed one); reads no weights."""
-    ckpt = Path(checkpoint_dir)
-    steps = committed_steps(ckpt)
-    if not steps:
-        pending = sorted(p.name for p in ckpt.iterdir())
-        raise RunLoadError(f"no committed checkpoint in {ckpt}" + (f" (only {', '.join(pending)})" if pending else ""))
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise RunLoadError(f"step {step} has no checkpoint in {ckpt}; steps that exist: {_steps_text(steps)}")
-    cfg, kind = read_run_config(ckpt, step)
-    return step, cfg, kind
 
 
 def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype: str | None):
@@ -177,7 +111,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
         restored = unflatten_tree(params, {name[len("params."):]: x for name, x in flat.items()})
     except Exception as err:  # orbax raises many types for missing or damaged files; the message says which
         raise RunLoadError(f"the checkpoint of step {step} in {ckpt} cannot be restored (incomplete or corrupted: "
-                           f"{type(err).__name__}: {str(err)[:400]}); steps that exist: {_steps_text(steps)}"
+                           f"{type(err).__name__}: {str(err)[:400]}); steps that exist: {steps_text(steps)}"
                            ) from err
     nnx.update(model, restored)
     model.eval()

@@ -1,13 +1,16 @@
-"""What SFT and GRPO runs share before their first step: the model with LoRA on the mesh, the train state
-placed on its shardings, and a checkpoint to resume from.
+"""What SFT and GRPO runs share before their first step: joining the processes, the model with LoRA on the
+mesh, the train state placed on its shardings, and a checkpoint to resume from.
 
+    main, say = join_run("sft", cfg, log)
     mesh = make_mesh(...); model = build_model(cfg, mesh)
     graphdef, params, base, rest = split_model(model)
-    state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
-    state, data_state, saved_config, step = restore_latest(checkpointer, state, log)   # or None
+    tx, schedule, state, shardings, checkpointer, iterator, floor, latest = start_run(
+        "sft", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps, log=say)
 """
 
 from __future__ import annotations
+
+import sys
 
 from typing import Any, Callable, NamedTuple
 
@@ -17,11 +20,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fxjax import distributed
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.lora import LoRAConfig, apply_lora
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
-from fxjax.sharding import param_shardings, put, shard_model
+from fxjax.sharding import batch_shards, param_shardings, put, shard_model, splits_batch
+from fxjax.train.checkpointing import TrainCheckpointer
+from fxjax.train.optimizer import make_optimizer
+from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.train_config import ConfigError
 
@@ -34,8 +41,8 @@ def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: C
     When it does not, the run stops with an error saying which numbers to change, unless
     `mesh.allow_replicated_batch` opted into replicating it (then a warning, every run): every batch device
     would compute the whole batch."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch % n == 0:
+    n = batch_shards(mesh)
+    if splits_batch(mesh, batch):
         return True
     advice = (f"{what} = {batch} does not divide over the {n} batch devices (mesh.data {mesh.shape['data']} x "
               f"mesh.fsdp {mesh.shape['fsdp']}): set {what} to a multiple of {n} (e.g. {-(-batch // n) * n}; "
@@ -53,6 +60,8 @@ def build_model(cfg, mesh):
     `cfg` is any run config with `model` and `lora` sections (SFTConfig, GRPOConfig)."""
     m = cfg.model
     param_dtype = m.param_dtype or m.dtype
+    if m.from_run is not None:
+        return _model_of_run(cfg, mesh)
     if m.path is not None:
         model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh)
     else:
@@ -66,6 +75,18 @@ def build_model(cfg, mesh):
                                      target_modules=lc.target_modules, exclude_modules=lc.exclude_modules),
                    rngs=rngs)
     shard_model(model, mesh)  # LoRA parameters by the rules; dropout RNG streams replicated
+    return model
+
+
+def _model_of_run(cfg, mesh):
+    """`model.from_run`: the base model and the LoRA parameters of that run's step (its LoRA shape: rank,
+    alpha, targets and dropout are the run's), in train mode as a fresh model is."""
+    from fxjax.train.run_loading import load_run
+
+    m = cfg.model
+    model = load_run(m.from_run, m.from_run_step, mesh=mesh, model_path=m.path, dtype=m.dtype,
+                     param_dtype=m.param_dtype or m.dtype).model
+    model.train()
     return model
 
 
@@ -127,3 +148,67 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
         return restored
     raise RuntimeError(f"no checkpoint in {checkpointer.directory} restores (steps {steps}); the newest failed "
                        f"with: {first_error}") from first_error
+
+
+class Resumed(NamedTuple):
+    state: TrainState
+    data_state: dict  # what the loop saved next to the state (iterator position, shape floors, stage, ...)
+    step: int
+
+
+def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: Callable[[str], None],
+               watched=WATCHED) -> Resumed | None:
+    """Continue from the newest restorable checkpoint (see `restore_latest`): the state, the data iterator's
+    position and a check of the saved config against `cfg` (`check_resume_config`). None: fresh run."""
+    restored = restore_latest(checkpointer, state, log) if cfg.checkpoint.resume else None
+    if restored is None:
+        return None
+    state, data_state, saved_cfg, step = restored
+    iterator.set_state(data_state["iterator"])
+    check_resume_config(saved_cfg, cfg.to_dict(), log, watched)
+    extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
+    log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
+    return Resumed(state, data_state, step)
+
+
+class RunStart(NamedTuple):
+    """What a training loop starts from: the optimiser and its schedule, the (restored or fresh) state and
+    its shardings, the checkpointer, the data iterator (at its restored position), the batch-shape floors
+    and the step of the checkpoint resumed from (None: a fresh run)."""
+
+    tx: Any
+    schedule: Any
+    state: TrainState
+    shardings: StateShardings
+    checkpointer: TrainCheckpointer
+    iterator: Any
+    floor: dict
+    latest: int | None
+
+
+def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total: int, log: Callable[[str], None],
+              watched=WATCHED) -> RunStart:
+    """The optimiser and a fresh state on the mesh, then `resume_run` from cfg's checkpoint directory."""
+    tx, schedule = make_optimizer(cfg.optim, steps_total)
+    state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
+    checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
+                                     async_save=cfg.checkpoint.async_save)
+    iterator = iter(pipeline)
+    resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched)
+    if resumed is None:
+        return RunStart(tx, schedule, state, shardings, checkpointer, iterator, {}, None)
+    # floor: the running max of the padded batch shapes (see train.batching), so a resumed run compiles the
+    # same programs as the uninterrupted one
+    return RunStart(tx, schedule, resumed.state, shardings, checkpointer, iterator,
+                    dict(resumed.data_state.get("shape_floor", {})), resumed.step)
+
+
+def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, Callable[[str], None]]:
+    """Join the multi-process run (cfg.distributed), check the config trains LoRA, and return (this is
+    process 0, the console logger: `log` or stderr on process 0, silent elsewhere)."""
+    distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
+    if not cfg.lora.enabled and cfg.model.adapter is None:
+        raise ConfigError(f"lora.enabled: {name.upper()} trains LoRA adapters only; set lora.enabled=true")
+    if jax.process_index() != 0:
+        return False, lambda text: None
+    return True, log or (lambda text: print(text, file=sys.stderr, flush=True))

@@ -17,46 +17,25 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
-from flax import nnx
 
-from fxjax import distributed
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.sharding import MeshConfig, make_mesh, use_mesh
-from fxjax.train import faults
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
-from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.evaluation import Evaluator
-from fxjax.train.export import save_adapter, save_merged
-from fxjax.train.metrics import MetricsLogger, ProgressBar
-from fxjax.train.optimizer import make_optimizer
-from fxjax.train.preemption import PreemptionSignals
-from fxjax.train.resume_check import check_resume_config
-from fxjax.train.run_setup import batch_divides, build_model, init_state, restore_latest
+from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
+from fxjax.train.metrics import MetricsLogger
+from fxjax.train.run_setup import batch_divides, build_model, join_run, start_run
 from fxjax.train.step import make_train_step, split_model
-from fxjax.train_config import ConfigError, SFTConfig
+from fxjax.train_config import SFTConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteError", "SFTResult", "build_model", "data_config", "run_sft"]
-
-class NonFiniteError(RuntimeError):
-    """A step produced a NaN/inf loss or gradient (train.on_nonfinite = "stop")."""
-
-    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: int | None, directory: Path):
-        self.step, self.last_checkpoint = step, last_checkpoint
-        where = (f"the last good checkpoint is step {last_checkpoint} in {directory}" if last_checkpoint is not None
-                 else "no checkpoint was written before it")
-        super().__init__(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
-                         f"(loss {loss}, grad norm {grad_norm}); stopped without applying it; {where}. "
-                         f"Set train.on_nonfinite=skip to skip such updates instead.")
-
 
 @dataclass
 class SFTResult:
@@ -101,14 +80,7 @@ def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:
 def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTResult:
     """Run (or resume) LoRA SFT as configured. See the module docstring."""
     started = time.perf_counter()
-    dist = cfg.distributed
-    distributed.initialize({k: v for k, v in vars(dist).items() if v is not None})
-    main = jax.process_index() == 0
-    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    if not main:
-        say = lambda text: None  # noqa: E731
-    if not cfg.lora.enabled and cfg.model.adapter is None:
-        raise ConfigError("lora.enabled: SFT trains LoRA adapters only; set lora.enabled=true")
+    main, say = join_run("sft", cfg, log)
 
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
@@ -126,23 +98,10 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
         f"alpha={cfg.lora.alpha}: {n_lora:,} trainable parameters; {len(pipeline)} training records; "
         f"{steps_total} steps of {cfg.data.batch_size} x {cfg.optim.grad_accum} examples")
 
-    tx, schedule = make_optimizer(cfg.optim, steps_total)
-    state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
-
-    ckpt_dir = cfg.checkpoint_dir
-    checkpointer = TrainCheckpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    iterator = iter(pipeline)
-    result = SFTResult(steps=0, total_steps=steps_total, checkpoint_dir=str(ckpt_dir))
-    floor: dict[str, int] = {}  # running max of the padded batch shapes (see train.batching)
-    restored = restore_latest(checkpointer, state, say) if cfg.checkpoint.resume else None
-    latest = None
-    if restored is not None:
-        state, data_state, saved_cfg, latest = restored
-        iterator.set_state(data_state["iterator"])
-        floor = dict(data_state.get("shape_floor", {}))
-        check_resume_config(saved_cfg, cfg.to_dict(), say)
-        result.resumed_from = latest
-        say(f"sft: resumed from step {latest} in {ckpt_dir}")
+    tx, schedule, state, shardings, checkpointer, iterator, floor, latest = start_run(
+        "sft", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total, log=say)
+    result = SFTResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
+                       resumed_from=latest)
     step_now = int(jax.device_get(state.step))
 
     evaluator = None
@@ -153,17 +112,10 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest)
     resolved = cfg.to_dict()
+    run_eval = RunEvaluation("sft", evaluator, metrics, result, cfg.eval.generate, say)
 
     def evaluate(tag: str) -> dict:
-        nnx.update(model, state.params)
-        res = evaluator.evaluate(model, state.params, base, rest, generate=cfg.eval.generate)
-        values = res.metrics()
-        metrics.log(step_now, "eval", values)
-        result.evals.append((step_now, values))
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
-                          if isinstance(v, (int, float)))  # the sample completions go to metrics.jsonl only
-        say(f"sft: eval ({tag}, step {step_now}): {shown}")
-        return values
+        return run_eval(tag, step_now, model, state.params, base, rest)
 
     def save(step: int) -> None:
         checkpointer.save(step, state, {"iterator": iterator.get_state(), "shape_floor": floor}, resolved)
@@ -171,98 +123,38 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
     step_fn = None
     batch_sh = None
     skipped = 0
-    last_saved = latest
-    bar = ProgressBar(steps_total, step_now, enabled=main and cfg.train.progress_bar)
-    try:
-        with PreemptionSignals() as signals:
-            if evaluator is not None and cfg.eval.at_start and latest is None:
-                evaluate("start")
-            while step_now < steps_total:
-                t0 = time.perf_counter()
-                micro = [next(iterator) for _ in range(cfg.optim.grad_accum)]
-                batch = build_step_batch(micro, model.config, pipeline.pad_id, floor=floor)
-                floor = grow_floor(floor, batch, model.config)
-                if batch_sh is None:
-                    batch_sh = batch_shardings(batch, mesh, shard_rows)
-                    step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
-                                              remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
-                                              state_shardings=shardings.state, base_shardings=shardings.base,
-                                              rest_shardings=shardings.rest, batch_shardings=batch_sh)
-                tokens = int(batch.inputs.attention_mask.sum())
-                placed = place_batch(batch, batch_sh)
-                # Under the mesh the model pins activations' batch axis to (data, fsdp) (Qwen25VL.shard_batch), so
-                # FSDP gathers weights rather than activations. Only device work runs under it: the rewards
-                # (evaluation) run on this host's CPU device.
-                with use_mesh(mesh):
-                    state, out = step_fn(state, base, rest, placed)
-                out = {k: float(v) for k, v in jax.device_get(out).items()}
-                dt = time.perf_counter() - t0
-                if not out["finite"]:
-                    if cfg.train.on_nonfinite == "stop":
-                        checkpointer.wait()
-                        raise NonFiniteError(step_now + 1, out["loss"], out["grad_norm"], checkpointer.latest_step(),
-                                             ckpt_dir)
-                    skipped += 1
-                    say(f"sft: step {step_now + 1}: non-finite loss/gradient (loss {out['loss']}, grad norm "
-                        f"{out['grad_norm']}); update skipped ({skipped} so far)")
-                step_now += 1
-                values = dict(loss=out["loss"], learning_rate=out["learning_rate"], grad_norm=out["grad_norm"],
-                              step_time=dt, tokens_per_s=tokens / dt, target_tokens=out["target_tokens"],
-                              skipped=skipped)
-                result.final_loss = out["loss"]
-                if step_now % cfg.train.log_every == 0 or step_now == steps_total:
-                    metrics.log(step_now, "train", values)
-                bar.update(1, dict(loss=out["loss"], lr=out["learning_rate"], tok_s=round(tokens / dt)))
-                every = cfg.checkpoint.every
-                if (every and step_now % every == 0) or step_now == steps_total:
-                    save(step_now)
-                    last_saved = step_now
-                if evaluator is not None and cfg.eval.every and step_now % cfg.eval.every == 0 \
-                        and step_now != steps_total:
-                    evaluate("periodic")
-                if faults.armed("after_step", step_now):
-                    checkpointer.wait()
-                    faults.point("after_step", step_now, signals.local_stop)
-                if signals.stop_requested():
-                    if last_saved != step_now:
-                        save(step_now)
-                        last_saved = step_now
-                    checkpointer.wait()
-                    bar.close()
-                    say(f"sft: received signal {signals.received}; saved step {step_now} to {ckpt_dir}; exiting "
-                        f"(resume by running the same command)")
-                    result.preempted = True
-                    break
-            else:
-                if last_saved != step_now:
-                    save(step_now)
-                    last_saved = step_now
-            checkpointer.wait()
-        bar.close()
-        result.steps = step_now
-        result.skipped_steps = skipped
-        nnx.update(model, state.params)
-        if not result.preempted:
-            if evaluator is not None and cfg.eval.at_end:
-                evaluate("end")
-            if cfg.export.adapter_dir:
-                result.exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir))
-                say(f"sft: wrote the PEFT adapter to {cfg.export.adapter_dir}")
-            if cfg.export.merged_dir:
-                result.exported["merged"] = str(save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer,
-                                                            image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
-                say(f"sft: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
-    finally:
-        bar.close()
-        try:
-            checkpointer.wait()
-        finally:
-            checkpointer.close()
-            metrics.close()
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-    result.params = state.params
-    result.model = model
-    result.seconds = time.perf_counter() - started
+    with LoopControl("sft", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
+                     say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
+                     metrics=metrics, iterator=iterator) as control:
+        for step_now in control.updates(step_now):
+            t0 = time.perf_counter()
+            micro = [next(iterator) for _ in range(cfg.optim.grad_accum)]
+            batch = build_step_batch(micro, model.config, pipeline.pad_id, floor=floor)
+            floor = grow_floor(floor, batch, model.config)
+            if batch_sh is None:
+                batch_sh = batch_shardings(batch, mesh, shard_rows)
+                step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
+                                          remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
+                                          state_shardings=shardings.state, base_shardings=shardings.base,
+                                          rest_shardings=shardings.rest, batch_shardings=batch_sh)
+            tokens = int(batch.inputs.attention_mask.sum())
+            placed = place_batch(batch, batch_sh)
+            # Under the mesh the model pins activations' batch axis to (data, fsdp) (Qwen25VL.shard_batch), so
+            # FSDP gathers weights rather than activations. Only device work runs under it: the rewards
+            # (evaluation) run on this host's CPU device.
+            with use_mesh(mesh):
+                state, out = step_fn(state, base, rest, placed)
+            out = {k: float(v) for k, v in jax.device_get(out).items()}
+            dt = time.perf_counter() - t0
+            if not out["finite"]:
+                skipped = handle_nonfinite("sft", cfg, step_now + 1, out, checkpointer, skipped, say)
+            step_now += 1  # from here on: the number of updates made (what the loop control counts too)
+            values = dict(loss=out["loss"], learning_rate=out["learning_rate"], grad_norm=out["grad_norm"],
+                          step_time=dt, tokens_per_s=tokens / dt, target_tokens=out["target_tokens"],
+                          skipped=skipped)
+            result.final_loss = out["loss"]
+            if step_now % cfg.train.log_every == 0 or step_now == steps_total:
+                metrics.log(step_now, "train", values)
+            control.bar.update(1, dict(loss=out["loss"], lr=out["learning_rate"], tok_s=round(tokens / dt)))
+        control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result

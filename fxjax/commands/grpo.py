@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 HELP = "GRPO (the paper's RL phase) from a YAML config, through the reward stages alpha -> beta -> gamma"
 
@@ -36,21 +35,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fxjax.commands.training import report, run_training
     from fxjax.grpo_config import load_grpo_config
 
-    cfg = load_grpo_config(args.config, overrides=args.set or [],
-                           log=lambda note: print(f"fxjax grpo: {note}", file=sys.stderr))
-    from fxjax import distributed
-
-    # Multi-process start-up must come before anything touches a JAX backend.
-    distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
-    from fxjax.train.grpo import run_grpo
-    from fxjax.train.sft import NonFiniteError
-
-    try:
-        result = run_grpo(cfg)
-    except NonFiniteError as err:
-        print(f"fxjax grpo: {err}", file=sys.stderr)
+    cfg, result = run_training("grpo", args, load_grpo_config, "fxjax.train.grpo:run_grpo")
+    if result is None:
         return 3
     last = result.history[-1] if result.history else {}
     summary = {"steps": result.steps, "total_steps": result.total_steps, "preempted": result.preempted,
@@ -59,8 +48,5 @@ def run(args: argparse.Namespace) -> int:
                                             "mean_iou_generated") if k in last},
                "exported": result.exported}
     print(json.dumps(summary))
-    if getattr(args, "report", True):
-        from fxjax.commands.report import report_after_run
-
-        report_after_run(cfg.train.output_dir, lambda text: print(f"fxjax grpo: {text}", file=sys.stderr))
+    report("grpo", args, cfg)
     return 0

@@ -1,0 +1,53 @@
+"""What `fxjax sft` and `fxjax grpo` do around their loop: check the config's paths before JAX starts,
+join the multi-process run, run the loop, turn a non-finite stop into exit code 3, and draw the report."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+
+def say(command: str) -> Callable[[str], None]:
+    """A logger that prefixes `fxjax <command>: ` and writes to stderr."""
+    return lambda text: print(f"fxjax {command}: {text}", file=sys.stderr)
+
+
+def check_paths(cfg) -> None:
+    """The config's input paths exist (checked before jax starts, so a typo costs a second and the error
+    names the key)."""
+    paths = [("model.path", cfg.model.path), ("model.adapter", cfg.model.adapter), ("model.from_run", cfg.model.from_run),
+             ("data.tokenizer", cfg.data.tokenizer), *(("data.train_files", f) for f in cfg.data.train_files),
+             *(("data.eval_files", f) for f in cfg.data.eval_files)]
+    for key, value in paths:
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{key}: {value} does not exist")
+
+
+def run_training(command: str, args, load_config: Callable[..., Any], runner: str) -> tuple[Any, Any | None]:
+    """(config, result) of `fxjax <command> --config ... --set ...`: the config loaded and its paths checked,
+    the multi-process run joined (before anything touches a JAX backend), then the loop `runner`
+    ("module:function", imported only now so that --help and config errors answer without jax). The
+    result is None (the error printed) when the loop stopped on a non-finite loss."""
+    cfg = load_config(args.config, overrides=args.set or [], log=say(command))
+    check_paths(cfg)
+    from fxjax import distributed
+
+    distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
+    from fxjax.train.loop_control import NonFiniteError
+
+    module, function = runner.split(":")
+    try:
+        return cfg, getattr(importlib.import_module(module), function)(cfg)
+    except NonFiniteError as err:
+        say(command)(f"error: {err}")
+        return cfg, None
+
+
+def report(command: str, args, cfg) -> None:
+    """<train.output_dir>/report.png unless --no-report."""
+    if getattr(args, "report", True):
+        from fxjax.commands.report import report_after_run
+
+        report_after_run(cfg.train.output_dir, say(command))

@@ -1,0 +1,184 @@
+"""What the SFT and GRPO loops do around their steps, written once: held-out evaluation, when to save,
+fault points, preemption, the final save, the export and the clean-up.
+
+Both loops call `LoopControl.after_step(step)` after each update (it saves on the cadence, evaluates
+periodically, honours `FXJAX_FAULT=after_step@N` and a preemption signal) and `LoopControl.final_save` when
+the loop ends normally; `export_outputs` writes the PEFT adapter / merged checkpoint of a finished run and
+`close_run` releases the checkpointer, the metrics files and the data iterator, whatever happened. A
+non-finite loss or gradient stops the run (`NonFiniteError`) or skips the update (`handle_nonfinite`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from flax import nnx
+
+from fxjax.train import faults
+from fxjax.train.export import save_adapter, save_merged
+from fxjax.train.metrics import ProgressBar
+from fxjax.train.preemption import PreemptionSignals
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a NaN/inf loss or gradient (train.on_nonfinite = "stop")."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: int | None, directory: Path):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        where = (f"the last good checkpoint is step {last_checkpoint} in {directory}" if last_checkpoint is not None
+                 else "no checkpoint was written before it")
+        super().__init__(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step} "
+                         f"(loss {loss}, grad norm {grad_norm}); stopped without applying it; {where}. "
+                         f"Set train.on_nonfinite=skip to skip such updates instead.")
+
+
+def handle_nonfinite(name: str, cfg, step: int, out: dict, checkpointer, skipped: int,
+                     say: Callable[[str], None]) -> int:
+    """A non-finite loss or gradient at update `step`: raise NonFiniteError (train.on_nonfinite = "stop", the
+    last good checkpoint kept) or count the skipped update ("skip"). Returns the new count of skipped updates."""
+    if cfg.train.on_nonfinite == "stop":
+        checkpointer.wait()
+        raise NonFiniteError(step, out["loss"], out["grad_norm"], checkpointer.latest_step(), checkpointer.directory)
+    say(f"{name}: step {step}: non-finite loss/gradient (loss {out['loss']}, grad norm {out['grad_norm']}); "
+        f"update skipped ({skipped + 1} so far)")
+    return skipped + 1
+
+
+@dataclass
+class RunEvaluation:
+    """Held-out evaluation inside a run: evaluates the current LoRA parameters, logs the metrics (tagged with
+    the step) to metrics.jsonl and the console, and keeps them in `result.evals`."""
+
+    name: str  # "sft" / "grpo": the console prefix
+    evaluator: Any  # fxjax.train.evaluation.Evaluator
+    metrics: Any  # fxjax.train.metrics.MetricsLogger
+    result: Any  # SFTResult / GRPOResult (has .evals)
+    generate: bool
+    say: Callable[[str], None]
+
+    def __call__(self, tag: str, step: int, model, params, base, rest) -> dict:
+        nnx.update(model, params)
+        values = self.evaluator.evaluate(model, params, base, rest, generate=self.generate).metrics()
+        self.metrics.log(step, "eval", values)
+        self.result.evals.append((step, values))
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+                          if isinstance(v, (int, float)))  # the sample completions go to metrics.jsonl only
+        self.say(f"{self.name}: eval ({tag}, step {step}): {shown}")
+        return values
+
+
+class LoopControl:
+    """Save cadence, periodic evaluation, fault points and preemption of a training loop.
+
+    `save(step)` writes the checkpoint of the state reached after `step` updates; `evaluate(tag)` runs the
+    held-out evaluation (None: no evaluation); `first` is the step the run starts from (0, or the step of the
+    checkpoint it resumed from); `bar` is the run's progress bar."""
+
+    def __init__(self, name: str, cfg, *, steps_total: int, first: int, checkpointer, save: Callable[[int], None],
+                 say: Callable[[str], None], show_progress: bool, evaluate: Callable[[str], Any] | None,
+                 metrics, iterator):
+        self.name, self.steps_total, self.checkpointer = name, steps_total, checkpointer
+        self._save, self.say = save, say
+        self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
+        self.last_saved = first if first else None  # a resumed run starts from its checkpoint
+        self.evaluate = evaluate
+        self.bar = ProgressBar(steps_total, first, enabled=show_progress and cfg.train.progress_bar)
+        self.signals = PreemptionSignals()
+        self._closing = (metrics, iterator)
+
+    def __enter__(self) -> "LoopControl":
+        """Take the preemption signals and, in a fresh run, evaluate at the start (cfg.eval.at_start)."""
+        self.signals.__enter__()
+        if self.evaluate is not None and self.eval_at_start and self.last_saved is None:
+            self.evaluate("start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Give the signals back; finish pending saves; release the checkpointer, metrics files and the data
+        iterator's workers, whatever happened."""
+        self.signals.__exit__(*exc)
+        close_run(self.bar, self.checkpointer, *self._closing)
+
+    def updates(self, first: int):
+        """The loop: yields the 0-based number of each update to run, from `first` on; after each one does the
+        bookkeeping of `after_step` and stops early when preempted (`preempted` set); at the end the final state
+        is saved and committed. `done` counts the updates made."""
+        self.done, self.preempted = first, False
+        while self.done < self.steps_total:
+            yield self.done
+            self.done += 1
+            if self.after_step(self.done):
+                self.preempted = True
+                break
+        else:
+            self.save(self.done)
+        self.checkpointer.wait()
+
+    def save(self, step: int) -> None:
+        if self.last_saved != step:
+            self._save(step)
+            self.last_saved = step
+
+    def after_step(self, step: int) -> bool:
+        """The bookkeeping after update `step` (1-based); True when the loop must stop (preempted, saved)."""
+        if (self.every and step % self.every == 0) or step == self.steps_total:
+            self.save(step)
+        if self.evaluate is not None and self.eval_every and step % self.eval_every == 0 \
+                and step != self.steps_total:
+            self.evaluate("periodic")
+        if faults.armed("after_step", step):
+            self.checkpointer.wait()
+            faults.point("after_step", step, self.signals.local_stop)
+        if not self.signals.stop_requested():
+            return False
+        self.save(step)
+        self.checkpointer.wait()
+        self.bar.close()
+        self.say(f"{self.name}: received signal {self.signals.received}; saved step {step} to "
+                 f"{self.checkpointer.directory}; exiting (resume by running the same command)")
+        return True
+
+
+    def wrap_up(self, result, model, params, *, skipped: int, cfg, started: float) -> None:
+        """After the loop: the counts and final parameters into `result`, and for a run that was not
+        preempted the evaluation at the end (cfg.eval.at_end) and the exports."""
+        self.signals.__exit__()  # exports are not preemptible steps: a signal now ends the process as usual
+        self.bar.close()
+        result.steps, result.skipped_steps, result.preempted = self.done, skipped, self.preempted
+        nnx.update(model, params)
+        result.params, result.model = params, model
+        if not result.preempted:
+            if self.evaluate is not None and cfg.eval.at_end:
+                self.evaluate("end")
+            result.exported.update(export_outputs(self.name, model, cfg, self.say))
+        result.seconds = time.perf_counter() - started
+
+
+def export_outputs(name: str, model, cfg, say: Callable[[str], None]) -> dict[str, str]:
+    """The PEFT adapter and / or merged HF checkpoint that cfg.export asks for, from the model's current LoRA."""
+    exported = {}
+    if cfg.export.adapter_dir:
+        exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir))
+        say(f"{name}: wrote the PEFT adapter to {cfg.export.adapter_dir}")
+    if cfg.export.merged_dir:
+        exported["merged"] = str(save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer,
+                                             image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
+        say(f"{name}: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
+    return exported
+
+
+def close_run(bar, checkpointer, metrics, iterator) -> None:
+    """Finish pending saves and release the checkpointer, the metrics files and the data iterator's workers."""
+    bar.close()
+    try:
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        metrics.close()
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
