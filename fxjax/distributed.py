@@ -9,8 +9,14 @@ then the environment:
     FXJAX_PROCESS_ID (or JAX_PROCESS_ID)             this process's id, 0 .. num_processes - 1
     FXJAX_LOCAL_DEVICE_COUNT                         CPU only: simulated devices in this process
 
-With one process (or none configured) it does nothing but apply `local_device_count`. On CPU the
-cross-process collectives run over gloo. After it, `fxjax.sharding.make_mesh` spans every process's
+With none of these set, `initialize()` looks for the cluster environments that JAX's own
+`jax.distributed.initialize()` detects (`detect_cluster`: Open MPI's mpirun, SLURM, a Cloud TPU pod or
+multislice) and, when one names more than one process, calls `jax.distributed.initialize()` without
+arguments so that JAX fills in the coordinator, process count and id. It logs one line saying what it found
+("fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize()"); set
+FXJAX_NO_AUTO_DISTRIBUTED=1 to stay a single process. Explicit settings always win over detection.
+With one process it does nothing but apply `local_device_count`. On CPU the cross-process collectives run
+over gloo. After it, `fxjax.sharding.make_mesh` spans every process's
 devices, `fxjax.from_pretrained(..., mesh=mesh)` loads onto the global mesh (each process reads each
 tensor and keeps only its shards) and `fxjax.save_pretrained` gathers one tensor at a time and writes
 from process 0.
@@ -18,9 +24,11 @@ from process 0.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -30,6 +38,17 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "process_id": ("FXJAX_PROCESS_ID", "JAX_PROCESS_ID"),
     "local_device_count": ("FXJAX_LOCAL_DEVICE_COUNT",),
 }
+
+
+NO_AUTO_ENV = "FXJAX_NO_AUTO_DISTRIBUTED"  # "1": never join a detected cluster by itself
+# All of these must be set for JAX's SLURM detection (jax._src.clusters.slurm_cluster) to take over.
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+# mpirun/mpiexec set it; JAX's Open MPI detection reads the coordinator's address from it.
+OMPI_URI = "OMPI_MCA_orte_hnp_uri"
+# GKE TPU pods list the slice's workers in one of these (JAX reads them in this order).
+TPU_HOSTS_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+
+_LOG = logging.getLogger(__name__)
 
 
 class DistributedError(RuntimeError):
@@ -92,9 +111,11 @@ class DistributedConfig:
         return self
 
 
-def resolve(config: DistributedConfig | Mapping[str, Any] | None = None, **overrides) -> DistributedConfig:
-    """Environment, overridden by `config`, overridden by non-None keyword arguments."""
-    merged = DistributedConfig.from_env()
+def resolve(config: DistributedConfig | Mapping[str, Any] | None = None, *,
+            environ: Mapping[str, str] | None = None, **overrides) -> DistributedConfig:
+    """Environment (`environ`, default os.environ), overridden by `config`, overridden by non-None keyword
+    arguments."""
+    merged = DistributedConfig.from_env(environ)
     if config is not None:
         given = config if isinstance(config, DistributedConfig) else DistributedConfig.from_dict(config)
         merged = replace(merged, **{f.name: getattr(given, f.name) for f in fields(given)
@@ -103,15 +124,115 @@ def resolve(config: DistributedConfig | Mapping[str, Any] | None = None, **overr
     return merged.validate()
 
 
+def _count(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        if default is None:
+            raise DistributedError(f"{key} is not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"{key}={raw!r} is not an integer") from None
+
+
+def detect_cluster(environ: Mapping[str, str], *, cloud_tpu_vm: bool = False,
+                   tpu_metadata_processes: int | None = None) -> str | None:
+    """The multi-process cluster `environ` describes, as "<name> (<n> processes)", or None for one process.
+
+    The same environments, in the same order, as JAX's cluster detection (jax._src.clusters), so that a
+    `jax.distributed.initialize()` without arguments finds what this found:
+    Open MPI (mpirun: OMPI_MCA_orte_hnp_uri, OMPI_COMM_WORLD_SIZE), SLURM (SLURM_JOB_ID, SLURM_NTASKS, ...),
+    then, on a Cloud TPU VM only (`cloud_tpu_vm`), a GKE TPU pod (TPU_WORKER_HOSTNAMES or
+    TPU_PROCESS_ADDRESSES, times MEGASCALE_NUM_SLICES) or a TPU VM pod whose process count JAX read from
+    the metadata server (`tpu_metadata_processes`). An environment with one process is no cluster: JAX
+    would start a one-process runtime for nothing.
+    """
+    if OMPI_URI in environ:
+        n = _count(environ, "OMPI_COMM_WORLD_SIZE")
+        return f"Open MPI ({n} processes)" if n > 1 else None
+    if all(key in environ for key in SLURM_VARS):
+        n = _count(environ, "SLURM_NTASKS")
+        return f"SLURM ({n} processes)" if n > 1 else None
+    if not cloud_tpu_vm:
+        return None
+    hosts = next((environ[key] for key in TPU_HOSTS_VARS if key in environ), None)
+    if hosts is not None:
+        n = len(hosts.split(",")) * _count(environ, "MEGASCALE_NUM_SLICES", default=1)
+        return f"GKE TPU pod ({n} processes)" if n > 1 else None
+    if tpu_metadata_processes is not None and tpu_metadata_processes > 1:
+        return f"Cloud TPU pod ({tpu_metadata_processes} processes)"
+    return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    # Set by JAX at import when libtpu and TPU chips are present (jax._src.cloud_tpu_init).
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def _tpu_metadata_processes() -> int | None:
+    """A TPU VM pod's process count as JAX's own detection reads it from the metadata server (workers x
+    slices); None when that detection does not apply or fails (then nothing is joined automatically)."""
+    try:
+        from jax._src.clusters.cloud_tpu_cluster import GceTpuCluster
+
+        return GceTpuCluster.get_process_count() if GceTpuCluster.is_env_present() else None
+    except Exception as err:  # a private JAX API or an unreachable metadata server: no auto-join
+        _LOG.debug("Cloud TPU metadata detection failed: %r", err)
+        return None
+
+
+def auto_detect(environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """(the cluster to join or None, the one line to log) for a run with no explicit process settings."""
+    environ = os.environ if environ is None else environ
+    cloud_tpu_vm = _on_cloud_tpu_vm()
+    probe = cloud_tpu_vm and not any(key in environ for key in TPU_HOSTS_VARS) and not (
+        OMPI_URI in environ or all(key in environ for key in SLURM_VARS))
+    found = detect_cluster(environ, cloud_tpu_vm=cloud_tpu_vm,
+                           tpu_metadata_processes=_tpu_metadata_processes() if probe else None)
+    return found, describe(found, environ)
+
+
+def describe(found: str | None, environ: Mapping[str, str]) -> str:
+    """The log line for a detection result (`found` from detect_cluster)."""
+    if found is None:
+        return "fxjax.distributed: single process (no cluster environment found)"
+    if opted_out(environ):
+        return (f"fxjax.distributed: {found} detected, but {NO_AUTO_ENV}={environ[NO_AUTO_ENV]}: "
+                "staying a single process")
+    return f"fxjax.distributed: {found} detected; joining via jax.distributed.initialize()"
+
+
+def opted_out(environ: Mapping[str, str]) -> bool:
+    """FXJAX_NO_AUTO_DISTRIBUTED set to anything but "" or "0"."""
+    return environ.get(NO_AUTO_ENV, "").strip() not in ("", "0")
+
+
+def _explicit(cfg: DistributedConfig) -> bool:
+    return any(v is not None for v in (cfg.coordinator_address, cfg.num_processes, cfg.process_id))
+
+
 def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
                coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_count: int | None = None) -> DistributedConfig:
-    """Start JAX's multi-process runtime if more than one process is configured; returns the settings.
+               process_id: int | None = None, local_device_count: int | None = None,
+               environ: Mapping[str, str] | None = None,
+               log: Callable[[str], None] | None = None) -> DistributedConfig:
+    """Start JAX's multi-process runtime if more than one process is configured or detected; returns
+    the settings (after a detected join: the process count and id JAX chose).
 
+    Explicit settings (arguments, config, FXJAX_*/JAX_* variables) decide alone. Without any, a detected
+    cluster (`detect_cluster`) is joined unless FXJAX_NO_AUTO_DISTRIBUTED=1. One line says what was found:
+    to `log` if given, else printed to stderr when joining or opting out, and logged at INFO level otherwise.
+    `environ` (default os.environ) is read for FXJAX_NO_AUTO_DISTRIBUTED and the cluster variables.
     Idempotent: a second call once initialised does nothing.
     """
-    cfg = resolve(config, coordinator_address=coordinator_address, num_processes=num_processes,
-                  process_id=process_id, local_device_count=local_device_count)
+    environ = os.environ if environ is None else environ
+    cfg = resolve(config, environ=environ, coordinator_address=coordinator_address,
+                  num_processes=num_processes, process_id=process_id, local_device_count=local_device_count)
     if jax.distributed.is_initialized():
         return cfg
     if cfg.local_device_count is not None and jax.config.jax_num_cpu_devices != cfg.local_device_count:
@@ -122,12 +243,32 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
                 raise DistributedError(
                     f"local_device_count={cfg.local_device_count} must be set before JAX starts its backends "
                     f"(it runs with {jax.local_device_count()} device(s)): {err}") from None
-    if not cfg.multi_process:
+    if _explicit(cfg):
+        if not cfg.multi_process:
+            return cfg
+        _LOG.info("fxjax.distributed: %d processes from explicit settings; this is process %d",
+                  cfg.num_processes, cfg.process_id)
+        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout)
+        return cfg
+    found, line = auto_detect(environ)
+    joining = found is not None and not opted_out(environ)
+    if log is not None:
+        log(line)
+    elif found is not None:  # a join (or a refused one) is worth seeing in every run's output
+        print(line, file=sys.stderr, flush=True)
+    else:
+        _LOG.info(line)
+    if not joining:
         return cfg
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                               process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout)
-    return cfg
+    jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
+    # The count and id JAX chose, read without starting a backend (callers may still configure JAX).
+    from jax._src.distributed import global_state
+
+    return replace(cfg, num_processes=getattr(global_state, "num_processes", None),
+                   process_id=getattr(global_state, "process_id", None))
 
 
 def shutdown() -> None:
@@ -139,5 +280,5 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-__all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "initialize", "resolve", "shutdown",
-           "is_main_process"]
+__all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "NO_AUTO_ENV", "auto_detect", "describe",
+           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process"]

@@ -1,6 +1,8 @@
 """Device meshes and the one table of partition rules for Qwen2.5-VL parameters.
 
-Mesh axes are ("data", "fsdp", "tensor"); any may have size 1.
+Mesh axes are ("data", "fsdp", "tensor"); any may have size 1. `make_mesh` lays devices out with
+jax.experimental.mesh_utils (the TPU torus, GPU numbering); MeshConfig's dcn_data / dcn_fsdp say how much
+of data / fsdp crosses TPU slices (GPU hosts), so only those collectives use the slow network.
 
 * fsdp shards every large weight along its model ("embed") dimension: the hidden size of the decoder,
   the vision width, the merger's input, the patch row of the patch embedding. A device holds about
@@ -29,12 +31,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -88,33 +91,59 @@ class ShardingError(ValueError):
 
 # ---- meshes -----------------------------------------------------------------------------------------
 
+DCN_AXES = ("dcn_data", "dcn_fsdp")  # MeshConfig keys: the part of data / fsdp that crosses slices or hosts
+
+
 @dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes. One size may be -1: it takes the devices the others leave."""
+    """Mesh axis sizes. One size may be -1: it takes the devices the others leave.
+
+    dcn_data / dcn_fsdp: how much of the data / fsdp axis crosses the slow network between TPU slices (or,
+    on GPUs, between hosts); the rest of each axis stays on the fast interconnect inside a slice (host).
+    data = dcn_data x (its ICI part), likewise fsdp; tensor never crosses. With both 1 (the default) the
+    whole mesh is one slice's, or one plain device order.
+    """
 
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "MeshConfig":
         data = dict(data or {})
-        unknown = sorted(set(data) - set(AXES))
+        unknown = sorted(set(data) - set(AXES) - set(DCN_AXES))
         if unknown:
-            raise ShardingError(f"unknown mesh axis/axes {unknown}; axes are {list(AXES)}")
+            raise ShardingError(f"unknown mesh axis/axes {unknown}; axes are {list(AXES)}, "
+                                f"cross-slice factors {list(DCN_AXES)}")
         return cls(**{k: int(v) for k, v in data.items()})
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)
 
+    @property
+    def dcn_shape(self) -> tuple[int, int, int]:
+        """The mesh's shape over slices (hosts): (dcn_data, dcn_fsdp, 1)."""
+        return (self.dcn_data, self.dcn_fsdp, 1)
+
+    @property
+    def ici_shape(self) -> tuple[int, int, int]:
+        """The mesh's shape inside one slice (host); needs resolved sizes."""
+        return (self.data // self.dcn_data, self.fsdp // self.dcn_fsdp, self.tensor)
+
     def resolve(self, device_count: int) -> "MeshConfig":
-        """Fill a -1 size and check that the sizes multiply to `device_count`."""
+        """Fill a -1 size and check that the sizes multiply to `device_count` and the DCN factors divide."""
         sizes = list(self.shape)
         if any(s == 0 or s < -1 for s in sizes):
             raise ShardingError(f"mesh sizes must be positive (or one -1), got {dict(zip(AXES, sizes))}")
         if sizes.count(-1) > 1:
             raise ShardingError(f"at most one mesh size may be -1, got {dict(zip(AXES, sizes))}")
+        for key in DCN_AXES:
+            if getattr(self, key) < 1:
+                raise ShardingError(f"mesh {key} must be >= 1 (1: the axis stays inside a slice), "
+                                    f"got {getattr(self, key)}")
         if -1 in sizes:
             known = math.prod(s for s in sizes if s != -1)
             if device_count % known:
@@ -125,14 +154,19 @@ class MeshConfig:
             raise ShardingError(
                 f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
                 f"but {device_count} device(s) are available; make the sizes multiply to {device_count}")
-        return MeshConfig(*sizes)
+        for axis, size, dcn in (("data", sizes[0], self.dcn_data), ("fsdp", sizes[1], self.dcn_fsdp)):
+            if size % dcn:
+                raise ShardingError(f"mesh dcn_{axis}={dcn} must divide {axis}={size} (the {axis} axis is "
+                                    f"dcn_{axis} slices x {axis}/dcn_{axis} devices inside each)")
+        return replace(self, data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
 
 
 def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None, devices: Iterable | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all global devices, every process's).
 
-    Axes are Auto (GSPMD propagation). Devices are laid out in process order, then local order, so the
-    fastest-varying axes (tensor, then fsdp) stay inside a host where they can.
+    Axes are Auto (GSPMD propagation). The device grid is `device_grid`'s: topology-aware on TPU/GPU
+    (jax.experimental.mesh_utils), process then local order on CPU, with the dcn_* factors crossing
+    slices (hosts) when they are set.
     """
     if cfg is None:
         cfg = MeshConfig(fsdp=-1)
@@ -140,9 +174,44 @@ def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None, devices: Iterab
         cfg = MeshConfig.from_dict(cfg)
     devices = list(jax.devices() if devices is None else devices)
     cfg = cfg.resolve(len(devices))
-    devices.sort(key=lambda d: (d.process_index, d.id))
-    grid = np.array(devices, dtype=object).reshape(cfg.shape)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return Mesh(device_grid(cfg, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(cfg: MeshConfig, devices: Iterable) -> np.ndarray:
+    """The devices of a resolved `cfg` as an object array of shape cfg.shape (rows of data, fsdp, tensor).
+
+    * dcn_data x dcn_fsdp > 1: mesh_utils.create_hybrid_device_mesh, one ICI block (cfg.ici_shape) per
+      slice, or per process where the devices carry no several slices (GPU hosts); the slow network only
+      carries the outer part of data / fsdp.
+    * CPU: process order, then local order (the fastest-varying axes, tensor then fsdp, stay inside a
+      process where they can); mesh_utils would give the same order, this keeps it explicit.
+    * TPU / GPU: mesh_utils.create_device_mesh, which follows the physical torus (TPU) or XLA's global
+      numbering (GPU). Devices of several TPU slices need the dcn_* factors.
+    """
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    processes = {d.process_index for d in devices}
+    dcn = math.prod(cfg.dcn_shape)
+    if dcn > 1:
+        if len(slices) == dcn and None not in slices:
+            by_process = False
+        elif len(processes) == dcn:
+            by_process = True
+        else:
+            raise ShardingError(
+                f"mesh dcn_data={cfg.dcn_data} x dcn_fsdp={cfg.dcn_fsdp} = {dcn}, but the devices span "
+                f"{len(slices)} slice(s) and {len(processes)} process(es); the product must equal the number "
+                f"of slices (TPU multislice) or of hosts/processes (GPU)")
+        return mesh_utils.create_hybrid_device_mesh(cfg.ici_shape, cfg.dcn_shape, devices,
+                                                    process_is_granule=by_process)
+    platform = devices[0].platform
+    if platform == "cpu":
+        return np.array(devices, dtype=object).reshape(cfg.shape)
+    if platform == "tpu" and len(slices) > 1:
+        raise ShardingError(
+            f"the devices span {len(slices)} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
+            f"dcn_data x dcn_fsdp = {len(slices)}, e.g. dcn_data={len(slices)}")
+    return mesh_utils.create_device_mesh(cfg.shape, devices)
 
 
 def axis_sizes(mesh: Mesh | Mapping[str, int] | MeshConfig) -> dict[str, int]:

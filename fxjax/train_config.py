@@ -125,6 +125,10 @@ class MeshSection:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Of data / fsdp, the factor that crosses TPU slices (multislice) or GPU hosts over the slow network;
+    # data / dcn_data and fsdp / dcn_fsdp devices stay on the fast interconnect. 1: nothing crosses.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
     # A global batch that does not divide over data x fsdp is an error; true replicates it on every batch
     # device instead (each computes the whole batch: wasted hardware, warned on every run).
     allow_replicated_batch: bool = False

@@ -5,7 +5,7 @@ HF builds its warpers in this order (transformers `GenerationMixin._get_logits_p
 largest, so ties with the k-th are kept), `TopPLogitsWarper` (sort ascending, remove the tokens whose
 cumulative probability is <= 1 - top_p, always keeping the most probable one). The functions here
 reproduce each step on jnp arrays, with -inf at removed tokens, so that the same float32 logits give the
-same kept set and values as HF. Sampling from the result with `jax.random.categorical` draws from
+same kept set and values as HF. Sampling from the result (`sample_categorical`) draws from
 softmax(filtered logits), as HF's `torch.multinomial(softmax(scores))` does.
 
 "Off" values are HF's: temperature None or 1.0, top_k None or 0, top_p None or 1.0. Note that HF's
@@ -95,4 +95,30 @@ def choose_tokens(logits: jax.Array, key: jax.Array | None, *, greedy: bool, tem
     if greedy:
         return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, temperature, top_k, top_p)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    return sample_categorical(key, filtered)
+
+
+SAMPLE_BLOCK = 128
+
+
+def sample_categorical(key: jax.Array, logits: jax.Array, block: int = SAMPLE_BLOCK) -> jax.Array:
+    """One draw per row from softmax(logits [B, V]) (-inf: never drawn), int32 [B], by inverse CDF in two
+    levels: a block of `block` tokens by the cumulative block masses, then a token inside it.
+
+    Why not `jax.random.categorical`: its Gumbel trick draws V random numbers per row, and on a CPU
+    threefry over Qwen's 151,936 tokens x 32 rows took 177 ms per decode step; this takes two uniforms per
+    row and two short cumulative sums (8 ms). The distribution is the same (tests/test_sampling.py)."""
+    rows, vocab = logits.shape
+    blocks = -(-vocab // block)
+    x = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, blocks * block - vocab)), constant_values=-jnp.inf)
+    mass = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)).reshape(rows, blocks, block)
+    key_block, key_token = jax.random.split(key)
+
+    def pick(weights, k):  # index i with probability weights[i] / sum: the first cumulative sum above u
+        cum = jnp.cumsum(weights, axis=-1)
+        u = jax.random.uniform(k, (rows, 1)) * cum[:, -1:]
+        return jnp.minimum(jnp.sum(cum <= u, axis=-1), weights.shape[-1] - 1)
+
+    b = pick(mass.sum(-1), key_block)
+    inner = jnp.take_along_axis(mass, b[:, None, None], axis=1)[:, 0]
+    return (b * block + pick(inner, key_token)).astype(jnp.int32)

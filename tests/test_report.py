@@ -56,10 +56,12 @@ def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
     assert all(ax.get_xlabel() == "optimiser step" and ax.get_ylabel() for ax in fig.axes)
     generation = fig.axes[3]
     assert [t.get_text() for t in generation.get_legend().get_texts()] == [
-        "format rate", "verdict accuracy", "mean IoU on generated images"]
-    # 40 steps -> raw training loss, its 2-step moving average, and the two held-out points
-    raw, smooth, held_out = fig.axes[0].get_lines()
+        f"{name} (evaluated at 2 steps)" for name in ("format rate", "verdict accuracy", "mean IoU on generated images")]
+    # 40 steps -> raw training loss, its 2-step moving average, and the two held-out points (markers, and a
+    # dotted line between them that is not in the legend)
+    raw, smooth, held_out, joined = fig.axes[0].get_lines()
     assert list(raw.get_xdata()) == list(range(1, 41)) and list(held_out.get_xdata()) == [20, 40]
+    assert held_out.get_linestyle() == "None" and joined.get_linestyle() == ":"
     assert smooth.get_label() == "training" and held_out.get_label() == "held-out"
     assert "thin lines: per step, thick: 2-step moving average" in fig._suptitle.get_text()
     # every panel shares the step axis, so the held-out points line up with the training curves

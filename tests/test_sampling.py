@@ -136,6 +136,29 @@ def test_first_token_frequencies_match_hf_warped_softmax(models):
         assert wrong_p < 1e-6, f"the test cannot tell the sampler from one with (T, top_k, top_p) = {wrong}"
 
 
+def test_sample_categorical_draws_from_the_softmax():
+    """The two-level inverse-CDF sampler against softmax, per row: a vocabulary that is not a multiple of
+    the block (the padded tail is never drawn), removed (-inf) tokens never drawn, rows independent; a
+    sampler off by a small change of the logits fails the same test."""
+    from fxjax.model.sampling import sample_categorical
+
+    rng = np.random.RandomState(3)
+    vocab, n = 300, 20000
+    logits = (1.5 * rng.randn(2, vocab)).astype(np.float32)
+    logits[0, rng.choice(vocab, 200, replace=False)] = -np.inf
+    logits[1, 5:] -= 4.0  # row 1: most mass in its first block of 5
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_categorical(k, jnp.asarray(logits), block=64)))(
+        jax.random.split(jax.random.key(0), n)))
+    assert draws.shape == (n, 2) and draws.min() >= 0 and draws.max() < vocab
+    for row in range(2):
+        softmax = lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum()  # noqa: E731
+        probs = softmax(logits[row].astype(np.float64))
+        counts = np.bincount(draws[:, row], minlength=vocab)
+        assert chi_square_pvalue(counts, probs) > 1e-3, row
+        shifted = softmax(1.1 * logits[row].astype(np.float64))
+        assert chi_square_pvalue(counts, shifted) < 1e-6, row
+
+
 def batch_of_two():
     """Two image prompts of different lengths (3 images in all), left padded."""
     rng = np.random.RandomState(1)

@@ -135,7 +135,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     started = time.perf_counter()
     main, say = join_run("grpo", cfg, log)
     g = cfg.grpo
-    mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size // cfg.optim.grad_accum, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
     pipeline = DataPipeline(data_config(cfg))

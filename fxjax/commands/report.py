@@ -186,7 +186,11 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
         if not steps or not any(math.isfinite(v) for v in values):
             continue
         if line.kind == "eval":
-            ax.plot(steps, values, "o-", color=colour, label=line.label, ms=5, lw=1.5, zorder=3)
+            # Evaluations are a few points: markers, joined by a faint dotted line that does not pretend to
+            # know the values in between (a solid line between step 0 and the end read as a linear rise).
+            label = f"{line.label} (evaluated at {len(steps)} step{'s' if len(steps) > 1 else ''})"
+            ax.plot(steps, values, "o", color=colour, label=label, ms=6, zorder=4)
+            ax.plot(steps, values, ":", color=colour, lw=1, alpha=0.6, zorder=3)
         elif line.smooth and window > 1 and len(values) > window:
             ax.plot(steps, values, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (see the figure title)
             ax.plot(steps, moving_average(values, window), color=colour, lw=2, label=line.label, zorder=3)
@@ -240,7 +244,7 @@ def build_report(records: Sequence[dict], title: str | None = None):
         detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans)
     if window > 1 and train_steps > window:
         detail += f"; thin lines: per step, thick: {window}-step moving average"
-    fig.suptitle(f"{heading}  ({detail})", fontsize=12)
+    fig.suptitle(f"{heading}\n({detail})", fontsize=12)
     return fig
 
 

@@ -1,0 +1,211 @@
+"""Mesh layout (fxjax.sharding.device_grid / make_mesh) and cluster auto-detection (fxjax.distributed).
+
+Device grids are checked over fake device objects (id, process_index, platform, slice_index): the layout
+code only reads those attributes, and no test here needs several real devices or processes.
+jax.distributed.initialize is replaced by a recorder; nothing joins a real cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from fxjax import distributed, sharding
+from fxjax.sharding import MeshConfig, ShardingError
+
+
+def fake_devices(platform: str, processes: int, per_process: int, *, slices: int | None = None,
+                 ids_reversed_by_process: bool = False):
+    """Devices of `processes` processes, shuffled; process p's devices get ids p*per_process + i (or the
+    last process the lowest ids), so process order and id order can disagree."""
+    out = []
+    for p in range(processes):
+        base = (processes - 1 - p if ids_reversed_by_process else p) * per_process
+        for i in range(per_process):
+            attrs = dict(id=base + i, process_index=p, platform=platform, device_kind=f"fake-{platform}")
+            if slices is not None:
+                attrs["slice_index"] = p * slices // processes
+            out.append(SimpleNamespace(**attrs))
+    rng = np.random.default_rng(0)
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def ids(grid) -> np.ndarray:
+    return np.vectorize(lambda d: d.id, otypes=[int])(grid)
+
+
+def procs(grid) -> np.ndarray:
+    return np.vectorize(lambda d: d.process_index, otypes=[int])(grid)
+
+
+# ---- CPU: the order is what it always was (process, then local id) ---------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (8, 1, 1), (2, 1, 4)])
+def test_cpu_grid_keeps_process_then_local_order(shape):
+    devices = fake_devices("cpu", 2, 4, ids_reversed_by_process=True)  # process 0 holds ids 4..7
+    grid = sharding.device_grid(MeshConfig(*shape).resolve(8), devices)
+    assert grid.shape == shape
+    assert ids(grid).ravel().tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+
+
+def test_cpu_grid_keeps_fast_axes_inside_a_process():
+    grid = sharding.device_grid(MeshConfig(data=2, fsdp=2, tensor=2).resolve(8), fake_devices("cpu", 2, 4))
+    assert (procs(grid)[0] == 0).all() and (procs(grid)[1] == 1).all()
+
+
+def test_make_mesh_on_this_process_devices():
+    mesh = sharding.make_mesh(MeshConfig(data=-1))
+    assert mesh.axis_names == sharding.AXES
+    assert mesh.devices.shape == (jax.device_count(), 1, 1)
+    assert mesh.devices.ravel().tolist() == sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    assert tuple(mesh.axis_types) == (AxisType.Auto,) * 3
+
+
+# ---- accelerators: mesh_utils ----------------------------------------------------------------------
+
+def test_gpu_grid_comes_from_mesh_utils(monkeypatch):
+    calls = []
+    real = sharding.mesh_utils.create_device_mesh
+
+    def record(shape, devices, **kwargs):
+        calls.append(tuple(shape))
+        return real(shape, devices, **kwargs)
+
+    monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", record)
+    grid = sharding.device_grid(MeshConfig(data=2, fsdp=4).resolve(8),
+                                fake_devices("gpu", 2, 4, ids_reversed_by_process=True))
+    assert calls == [(2, 4, 1)]
+    assert ids(grid).ravel().tolist() == list(range(8))  # mesh_utils orders GPUs by XLA's global id
+
+
+def test_tpu_devices_of_several_slices_need_dcn_factors():
+    devices = fake_devices("tpu", 2, 4, slices=2)
+    with pytest.raises(ShardingError, match="span 2 TPU slices: set mesh.dcn_data"):
+        sharding.device_grid(MeshConfig(data=2, fsdp=4).resolve(8), devices)
+
+
+# ---- DCN: hybrid meshes ----------------------------------------------------------------------------
+
+def test_dcn_data_puts_one_ici_block_per_host():
+    # GPU hosts carry no slices: each process is one granule of the slow network.
+    grid = sharding.device_grid(MeshConfig(data=2, fsdp=4, dcn_data=2).resolve(8), fake_devices("gpu", 2, 4))
+    assert grid.shape == (2, 4, 1)
+    assert procs(grid)[:, :, 0].tolist() == [[0] * 4, [1] * 4]
+
+
+def test_dcn_fsdp_splits_fsdp_across_slices():
+    # 2 slices of 2 processes each: the slices are the granules, fsdp's outer factor crosses them.
+    devices = fake_devices("gpu", 4, 2, slices=2)
+    cfg = MeshConfig(data=1, fsdp=-1, tensor=2, dcn_fsdp=2).resolve(8)
+    assert (cfg.ici_shape, cfg.dcn_shape) == ((1, 2, 2), (1, 2, 1))
+    grid = sharding.device_grid(cfg, devices)
+    assert grid.shape == (1, 4, 2)
+    slice_of = np.vectorize(lambda d: d.slice_index, otypes=[int])(grid)
+    assert slice_of[0, :, 0].tolist() == [0, 0, 1, 1]
+    assert (slice_of[..., 0] == slice_of[..., 1]).all()  # tensor never crosses a slice
+
+
+def test_dcn_product_must_match_slices_or_processes():
+    with pytest.raises(ShardingError, match=r"dcn_data=4 x dcn_fsdp=1 = 4, but the devices span 1 slice\(s\) "
+                                            r"and 2 process\(es\)"):
+        sharding.device_grid(MeshConfig(data=4, fsdp=2, dcn_data=4).resolve(8), fake_devices("gpu", 2, 4))
+
+
+def test_dcn_validation_errors():
+    with pytest.raises(ShardingError, match="dcn_data=2 must divide data=3"):
+        MeshConfig(data=3, dcn_data=2).resolve(3)
+    with pytest.raises(ShardingError, match="dcn_fsdp=3 must divide fsdp=4"):
+        MeshConfig(fsdp=-1, dcn_fsdp=3).resolve(4)
+    with pytest.raises(ShardingError, match="dcn_data must be >= 1"):
+        MeshConfig(data=2, dcn_data=0).resolve(2)
+    with pytest.raises(ShardingError, match="unknown mesh axis"):
+        MeshConfig.from_dict({"dcn_tensor": 2})
+    resolved = MeshConfig.from_dict({"data": -1, "fsdp": 2, "dcn_data": 2}).resolve(8)
+    assert resolved == MeshConfig(data=4, fsdp=2, tensor=1, dcn_data=2, dcn_fsdp=1)
+
+
+# ---- cluster detection -----------------------------------------------------------------------------
+
+SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-4]", "SLURM_NTASKS": "4", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0"}
+OMPI = {"OMPI_MCA_orte_hnp_uri": "123.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+
+
+def test_detect_cluster_finds_what_jax_would():
+    detect = distributed.detect_cluster
+    assert detect({}) is None
+    assert detect(SLURM) == "SLURM (4 processes)"
+    assert detect({**SLURM, "SLURM_NTASKS": "1"}) is None  # one task: nothing to join
+    assert detect({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}) is None  # JAX needs all
+    assert detect(OMPI) == "Open MPI (8 processes)"
+    assert detect({"OMPI_COMM_WORLD_SIZE": "8"}) is None  # not launched by mpirun: JAX finds no coordinator
+    assert detect({**SLURM, **OMPI}) == "Open MPI (8 processes)"  # JAX's order: Open MPI first
+    gke = {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3", "TPU_WORKER_ID": "0"}
+    assert detect(gke) is None  # not on a Cloud TPU VM: JAX ignores these
+    assert detect(gke, cloud_tpu_vm=True) == "GKE TPU pod (4 processes)"
+    assert detect({**gke, "MEGASCALE_NUM_SLICES": "2"}, cloud_tpu_vm=True) == "GKE TPU pod (8 processes)"
+    assert detect({"TPU_WORKER_HOSTNAMES": "w0"}, cloud_tpu_vm=True) is None
+    assert detect({}, cloud_tpu_vm=True, tpu_metadata_processes=8) == "Cloud TPU pod (8 processes)"
+    assert detect({}, cloud_tpu_vm=True, tpu_metadata_processes=1) is None
+    with pytest.raises(distributed.DistributedError, match="SLURM_NTASKS='four' is not an integer"):
+        detect({**SLURM, "SLURM_NTASKS": "four"})
+
+
+def test_log_lines():
+    assert distributed.describe(None, {}) == "fxjax.distributed: single process (no cluster environment found)"
+    assert distributed.describe("SLURM (4 processes)", {}) == (
+        "fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize()")
+    assert distributed.describe("SLURM (4 processes)", {"FXJAX_NO_AUTO_DISTRIBUTED": "1"}) == (
+        "fxjax.distributed: SLURM (4 processes) detected, but FXJAX_NO_AUTO_DISTRIBUTED=1: "
+        "staying a single process")
+
+
+@pytest.fixture
+def joins(monkeypatch):
+    """Calls of jax.distributed.initialize (recorded, never made); the CPU collectives setting restored."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
+    collectives = jax.config.jax_cpu_collectives_implementation
+    yield calls
+    jax.config.update("jax_cpu_collectives_implementation", collectives)
+
+
+def test_initialize_joins_a_detected_cluster(joins):
+    lines = []
+    distributed.initialize(environ=SLURM, log=lines.append)
+    assert joins == [{"initialization_timeout": 300}]  # JAX fills coordinator, count and id itself
+    assert lines == ["fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize()"]
+
+
+def test_explicit_settings_win_over_detection(joins):
+    lines = []
+    cfg = distributed.initialize(environ={**SLURM, "FXJAX_NUM_PROCESSES": "1"}, log=lines.append)
+    assert cfg.num_processes == 1 and not cfg.multi_process
+    cfg = distributed.initialize({"num_processes": 1}, environ=OMPI, log=lines.append)
+    assert cfg.num_processes == 1
+    assert joins == [] and lines == []  # explicit settings decide alone: no detection, no line
+
+
+def test_opt_out_stays_single_process(joins):
+    lines = []
+    cfg = distributed.initialize(environ={**SLURM, "FXJAX_NO_AUTO_DISTRIBUTED": "1"}, log=lines.append)
+    assert joins == [] and not cfg.multi_process
+    assert lines == ["fxjax.distributed: SLURM (4 processes) detected, but FXJAX_NO_AUTO_DISTRIBUTED=1: "
+                     "staying a single process"]
+    distributed.initialize(environ={**SLURM, "FXJAX_NO_AUTO_DISTRIBUTED": "0"}, log=lines.append)
+    assert len(joins) == 1  # "0" does not opt out
+
+
+def test_no_cluster_logs_one_info_line(joins, caplog):
+    with caplog.at_level(logging.INFO, logger="fxjax.distributed"):
+        cfg = distributed.initialize(environ={})
+    assert joins == [] and not cfg.multi_process
+    assert [r.getMessage() for r in caplog.records if r.name == "fxjax.distributed"] == [
+        "fxjax.distributed: single process (no cluster environment found)"]
