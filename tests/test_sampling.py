@@ -136,6 +136,26 @@ def test_first_token_frequencies_match_hf_warped_softmax(models):
         assert wrong_p < 1e-6, f"the test cannot tell the sampler from one with (T, top_k, top_p) = {wrong}"
 
 
+@pytest.mark.parametrize("block", [4, 128])
+def test_top_k_threshold_equals_a_full_sort(monkeypatch, block):
+    """apply_top_k (block maxima, then a bisection over the float order) keeps exactly what a full sort's
+    k-th largest value keeps: ties, -inf, -0.0 vs 0.0, k = 1 and k = V; block 4 takes the block path."""
+    from fxjax.model import sampling
+
+    monkeypatch.setattr(sampling, "TOP_K_BLOCK", block)
+    rng = np.random.RandomState(block)
+    vocab = 257
+    logits = np.round(2 * rng.randn(5, vocab), 1).astype(np.float32)  # rounding makes ties
+    logits[rng.rand(5, vocab) < 0.2] = -np.inf
+    logits[1] = np.where(rng.rand(vocab) < 0.5, -0.0, 0.0)
+    logits[2, :] = -np.inf
+    logits[2, ::7] = 1.0
+    for k in (1, 5, 31, 64, vocab):
+        got = np.asarray(sampling.apply_top_k(jnp.asarray(logits), k))
+        kth = -np.sort(-logits, axis=-1)[:, k - 1:k]
+        np.testing.assert_array_equal(got, np.where(logits < kth, -np.inf, logits), err_msg=f"k={k}")
+
+
 def test_sample_categorical_draws_from_the_softmax():
     """The two-level inverse-CDF sampler against softmax, per row: a vocabulary that is not a multiple of
     the block (the padded tail is never drawn), removed (-inf) tokens never drawn, rows independent; a
