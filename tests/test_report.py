@@ -62,7 +62,7 @@ def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
     raw, smooth, held_out, joined = fig.axes[0].get_lines()
     assert list(raw.get_xdata()) == list(range(1, 41)) and list(held_out.get_xdata()) == [20, 40]
     assert held_out.get_linestyle() == "None" and joined.get_linestyle() == ":"
-    assert smooth.get_label() == "training" and held_out.get_label() == "held-out"
+    assert smooth.get_label() == "training" and held_out.get_label() == "held-out (evaluated at 2 steps)"
     assert "thin lines: per step, thick: 2-step moving average" in fig._suptitle.get_text()
     # every panel shares the step axis, so the held-out points line up with the training curves
     assert len({ax.get_xlim() for ax in fig.axes}) == 1
