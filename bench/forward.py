@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -252,6 +253,37 @@ def _stats(ts: list[float]) -> tuple[float, float]:
     return statistics.median(ts), min(ts)
 
 
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())}"
+
+
+def add_worker_args(ap: argparse.ArgumentParser, cores_help: str = "pin each child to this many cores; torch "
+                    "threads = cores") -> None:
+    """--cores, and the hidden --worker / --workdir a benchmark's child processes are started with."""
+    ap.add_argument("--cores", type=int, default=os.cpu_count(), help=cores_help)
+    ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+
+
+def run_child(script: str | Path, worker: str, workdir: Path, passthrough: list[str]) -> dict:
+    """Run `script --worker <worker>` in its own process (frameworks never share the cores) and return the
+    result it wrote (`run_worker`)."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", worker, "--workdir", str(workdir)]
+    subprocess.run(cmd + passthrough, check=True)
+    return json.loads((workdir / f"result_{worker}.json").read_text())
+
+
 def run_worker(args, workers) -> int:
     """Child-process side of a benchmark: pin to args.cores cores, run workers[args.worker], write its result."""
     if args.cores < os.cpu_count():
@@ -270,11 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny config for a quick smoke run")
     ap.add_argument("--image-side", type=int, default=448)
     ap.add_argument("--text-tokens", type=int, default=64, help="non-image tokens per sample (incl. 2 vision markers)")
-    ap.add_argument("--cores", type=int, default=os.cpu_count(),
-                    help="pin each child to this many cores (XLA sizes its pool to them); torch threads = cores")
     ap.add_argument("--breakdown", action="store_true", help="also time vision and decoder + lm_head separately")
-    ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    add_worker_args(ap, "pin each child to this many cores (XLA sizes its pool to them); torch threads = cores")
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -308,9 +337,7 @@ def main(argv=None) -> int:
     passthrough = ["--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
                    "--cores", str(args.cores)] + (["--breakdown"] if args.breakdown else [])
     for worker in ("torch", "fxjax"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--workdir", str(workdir)]
-        subprocess.run(cmd + passthrough, check=True)
-        results[worker] = json.loads((workdir / f"result_{worker}.json").read_text())
+        results[worker] = run_child(__file__, worker, workdir, passthrough)
     ref = np.load(workdir / "logits_torch.npy")
     out = np.load(workdir / "logits_fxjax.npy")
     tmp.cleanup()

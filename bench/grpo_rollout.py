@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,30 +37,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for p in (str(REPO), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
 import forward as fw  # noqa: E402  (bench/forward.py: configs, model and batch builders, worker runner)
+from forward import cpu_model, machine_line  # noqa: E402
 
 PAD_ID = 0  # the configs' pad_token_id
-
-
-def cpu_model() -> str:
-    """The CPU's "model name" from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def machine_line() -> str:
-    return f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())}"
 
 
 def left_padded_prompts(batch: int, text_tokens: int, image_side: int, vocab: int) -> dict:
@@ -159,10 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny config for a quick smoke run")
     ap.add_argument("--image-side", type=int, default=448)
     ap.add_argument("--text-tokens", type=int, default=64, help="non-image prompt tokens per sample")
-    ap.add_argument("--cores", type=int, default=os.cpu_count(),
-                    help="pin each child to this many cores; torch threads = cores")
-    ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    fw.add_worker_args(ap)
     ap.add_argument("--eos-id", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -193,9 +168,7 @@ def main(argv=None) -> int:
                    str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--iters",
                    str(args.iters), "--cores", str(args.cores), "--eos-id", str(vocab)]
     for worker in ("torch", "fxjax"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--workdir", str(workdir)]
-        subprocess.run(cmd + passthrough, check=True)
-        results[worker] = json.loads((workdir / f"result_{worker}.json").read_text())
+        results[worker] = fw.run_child(__file__, worker, workdir, passthrough)
     tmp.cleanup()
 
     tr, fx = results["torch"], results["fxjax"]

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,14 +46,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for p in (str(REPO), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
 import forward as fw  # noqa: E402  (bench/forward.py: configs, model builder, worker runner)
-from grpo_rollout import cpu_model, machine_line  # noqa: E402
+from forward import cpu_model, machine_line  # noqa: E402
 
 QWEN_VOCAB = 151936
 QWEN_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
@@ -303,10 +296,8 @@ def main(argv=None) -> int:
                          "stays in the heap on a CPU, see sft_step.py)")
     ap.add_argument("--no-remat", action="store_true",
                     help="no activation recomputation (TRL gradient_checkpointing=False, fxjax model.remat=none)")
-    ap.add_argument("--cores", type=int, default=os.cpu_count())
     ap.add_argument("--only", choices=("torch", "fxjax"), help="run one side only (no ratio)")
-    ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    fw.add_worker_args(ap)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -333,9 +324,7 @@ def main(argv=None) -> int:
     for worker in ("torch", "fxjax"):
         if args.only and worker != args.only:
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--workdir", str(workdir)]
-        subprocess.run(cmd + passthrough, check=True)
-        results[worker] = json.loads((workdir / f"result_{worker}.json").read_text())
+        results[worker] = fw.run_child(__file__, worker, workdir, passthrough)
     tmp.cleanup()
 
     labels = {"torch": "TRL GRPOTrainer + peft (torch)", "fxjax": "fxjax grpo loop (run_grpo)"}

@@ -22,11 +22,9 @@ child's peak resident set size (model, optimiser, activations, runtime), from ge
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,12 +33,6 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for p in (str(REPO), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 import forward as fw  # noqa: E402  (bench/forward.py: configs, model and batch builders)
 
@@ -153,9 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-chunk", type=int, default=48,
                     help="fxjax: supervised tokens per lm_head chunk (on a CPU keep chunk x vocab x 4 bytes under 32 MB)")
     ap.add_argument("--remat", default="none", help="fxjax: remat policy of decoder layers / vision blocks")
-    ap.add_argument("--cores", type=int, default=os.cpu_count())
-    ap.add_argument("--worker", choices=("torch", "fxjax"), help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    fw.add_worker_args(ap)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -187,9 +177,7 @@ def main(argv=None) -> int:
     passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--cores", str(args.cores),
                    "--loss-chunk", str(args.loss_chunk), "--remat", args.remat]
     for worker in ("torch", "fxjax"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--workdir", str(workdir)]
-        subprocess.run(cmd + passthrough, check=True)
-        results[worker] = json.loads((workdir / f"result_{worker}.json").read_text())
+        results[worker] = fw.run_child(__file__, worker, workdir, passthrough)
     tmp.cleanup()
     tr, fx = results["torch"], results["fxjax"]
     print(f"{tr['version']}; {fx['version']}; trainable LoRA parameters: torch {tr['trainable']:,}, "
