@@ -43,5 +43,8 @@ class PreemptionSignals:
         return flag
 
     def __exit__(self, *exc):
+        """Give the previous handlers back (once: LoopControl gives them back before the exports, then
+        again on leaving its block)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
