@@ -77,6 +77,8 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] | None = None  # base weights' storage dtype (default: dtype)
     remat: str = "full"  # rematerialisation policy of the decoder layers (REMAT_POLICIES)
     remat_vision: str | None = None  # ... of the vision blocks (default: the same as remat)
+    # attention kernel (fxjax.model.attention): auto = splash on TPU, cudnn on an NVIDIA GPU in bfloat16, else xla
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
     from_run: str | None = None  # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA
     from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)

@@ -9,6 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# Attention kernels (model.attention.select_backend): auto picks splash on TPU, cudnn on an NVIDIA GPU in
+# bfloat16/float16, else xla, the HF-exact reference.
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
+
+
+def _check_attention(where: str, name: str) -> None:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"{where} attention {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -26,6 +35,7 @@ class VisionConfig:
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    attention: str = "xla"  # the kernel, not the architecture (ATTENTION_BACKENDS); xla is HF-exact
 
     @property
     def head_dim(self) -> int:
@@ -51,6 +61,7 @@ class VisionConfig:
         return self.window_merged_side ** 2 * self.merge_unit
 
     def __post_init__(self) -> None:
+        _check_attention("vision", self.attention)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.window_merged_side < 1:
@@ -73,12 +84,14 @@ class TextConfig:
     rope_theta: float = 1000000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)
     max_position_embeddings: int = 128000
+    attention: str = "xla"  # the kernel, not the architecture (ATTENTION_BACKENDS); xla is HF-exact
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     def __post_init__(self) -> None:
+        _check_attention("text", self.attention)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"text hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -115,3 +128,9 @@ class Qwen25VLConfig:
 
     def replace(self, **changes) -> "Qwen25VLConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_attention(self, text: str, vision: str | None = None) -> "Qwen25VLConfig":
+        """The same model with the attention kernel of the decoder (`text`) and of the vision encoder
+        (`vision`, default: the same) replaced; see ATTENTION_BACKENDS."""
+        return self.replace(text=dataclasses.replace(self.text, attention=text),
+                            vision=dataclasses.replace(self.vision, attention=text if vision is None else vision))

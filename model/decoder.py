@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import dot_product_attention
+from .attention import cache_mask, causal_padding_mask, dot_product_attention
 from .config import TextConfig
 from .kv_cache import KVCache, write
 from .layers import GatedMLP, Linear, RMSNorm
@@ -73,15 +73,12 @@ class TextDecoder(nnx.Module):
         cos, sin = mrope(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dtype=x.dtype)
         real = attention_mask.astype(bool)
         if cache is None:
-            causal = jnp.tril(jnp.ones((length, length), bool))
-            mask = causal[None] & real[:, None, :]
+            mask = causal_padding_mask(real, cfg.attention)
             start = None
         else:
             start = cache.length
             key_mask = write(cache.key_mask, real, start)
-            slots = jnp.arange(cache.max_len)
-            query_slot = start + jnp.arange(length)
-            mask = (slots[None, :] <= query_slot[:, None])[None] & key_mask[:, None, :]
+            mask = cache_mask(key_mask, start, length, cfg.attention)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])

@@ -61,6 +61,14 @@ class Qwen25VL(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, **kw)
 
+    def use_attention(self, text: str, vision: str | None = None) -> "Qwen25VL":
+        """Run attention on another kernel (model.config.ATTENTION_BACKENDS: auto, xla, cudnn, splash): the
+        decoder's `text`, the vision encoder's `vision` (default: the same). Weights are untouched; the
+        choice is resolved against the platform when the forward pass is traced. Returns self."""
+        self.config = self.config.with_attention(text, vision)
+        self.decoder.cfg, self.visual.cfg = self.config.text, self.config.vision
+        return self
+
     def embed(self, inputs: ModelInputs) -> jax.Array:
         """Token embeddings with the merged image features placed at the image-pad positions."""
         x = self.embed_tokens(inputs.input_ids)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import dot_product_attention
+from .attention import dot_product_attention, key_padding_mask, segment_mask
 from .config import VisionConfig
 from .layers import GatedMLP, Linear, RMSNorm
 from .rope import apply_rotary, vision_rotary
@@ -92,9 +92,9 @@ class VisionEncoder(nnx.Module):
         x = self.patch_embed(inputs.patches)
         cos, sin = vision_rotary(inputs.pos_hw, cfg.head_dim, cfg.rope_theta)
 
-        window_mask = inputs.valid.reshape(-1, 1, slots)
+        window_mask = key_padding_mask(inputs.valid.reshape(-1, slots), cfg.attention)
         win_cos, win_sin = cos.reshape(-1, slots, cos.shape[-1]), sin.reshape(-1, slots, sin.shape[-1])
-        full_block = self._full_attention_block(inputs, cos, sin)
+        full_block = self._full_attention_block(inputs, cos, sin, cfg.attention)
 
         fullatt = set(cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
@@ -105,13 +105,13 @@ class VisionEncoder(nnx.Module):
         return x
 
     @staticmethod
-    def _full_attention_block(inputs: VisionInputs, cos, sin):
+    def _full_attention_block(inputs: VisionInputs, cos, sin, backend: str):
         """How a full-attention block runs: per segment when the layout gives the gather, else masked."""
         if inputs.segment_slots is None:
-            mask = (inputs.segment_ids[:, None] == inputs.segment_ids[None, :]) & inputs.valid[None, :]
+            mask = segment_mask(inputs.segment_ids, inputs.valid, backend)
             return lambda block, x: block(x, cos, sin, mask)
         gather = inputs.segment_slots
-        mask = inputs.segment_valid[:, None, :]
+        mask = key_padding_mask(inputs.segment_valid, backend)
         seg_cos, seg_sin = cos[gather], sin[gather]
 
         def run(block, x):

@@ -41,8 +41,10 @@ class LoadedRun:
     checkpoint_dir: Path
 
 
-def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype: str | None):
-    """The run's config with the base model moved (model_path) and the weights' dtypes replaced."""
+def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype: str | None,
+                    attention: str | None = None):
+    """The run's config with the base model moved (model_path), the weights' dtypes and the attention kernel
+    replaced (a run trained with cudnn loads on a CPU with attention="auto")."""
     m = cfg.model
     changes: dict[str, Any] = {}
     if model_path is not None:
@@ -51,6 +53,8 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
         changes["dtype"] = dtype
     if param_dtype is not None:
         changes["param_dtype"] = param_dtype
+    if attention is not None:
+        changes["attention"] = attention
     if not changes:
         return cfg
     # A null data.tokenizer means model.path's tokenizer, so it follows a moved base model.
@@ -68,13 +72,14 @@ def _check_paths(cfg, checkpoint_dir: Path) -> None:
 
 
 def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path: str | None = None,
-             dtype: str | None = None, param_dtype: str | None = None,
+             dtype: str | None = None, param_dtype: str | None = None, attention: str | None = None,
              log: Callable[[str], None] | None = None) -> LoadedRun:
     """The model of `run` at `step` (default: the newest committed step).
 
     mesh: where to place the model (default: every device of this process on the data axis).
     model_path: the base model's directory when it moved since training (replaces model.path/preset).
     dtype / param_dtype: compute and storage dtype of the base weights (default: the run's).
+    attention: the attention kernel (model.attention: auto | xla | cudnn | splash; default: the run's).
     Raises RunLoadError naming the step and listing the steps that exist when the step is missing, its
     files are incomplete or corrupted, or the run's base model cannot be found.
     """
@@ -90,7 +95,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     ckpt = checkpoint_dir_of(run).absolute()
     step, cfg, kind = resolve_step(ckpt, step)
     steps = committed_steps(ckpt)
-    cfg = _override_model(cfg, model_path, dtype, param_dtype)
+    cfg = _override_model(cfg, model_path, dtype, param_dtype, attention)
     _check_paths(cfg, ckpt)
     if mesh is None:
         mesh = make_mesh(MeshConfig())

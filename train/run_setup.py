@@ -22,7 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 from fxjax import distributed
 from fxjax.hf_checkpoint import from_pretrained
+from fxjax.model.attention import current_platform, select_backend
 from fxjax.model.lora import LoRAConfig, apply_lora
+from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
 from fxjax.sharding import batch_shards, param_shardings, put, shard_model, splits_batch
@@ -60,6 +62,10 @@ def build_model(cfg, mesh):
     `cfg` is any run config with `model` and `lora` sections (SFTConfig, GRPOConfig)."""
     m = cfg.model
     param_dtype = m.param_dtype or m.dtype
+    try:  # a kernel this machine cannot run fails here, before any weight is read
+        select_backend(m.attention, current_platform(), as_dtype(m.dtype))
+    except ValueError as err:
+        raise ConfigError(f"model.{err}") from None
     if m.from_run is not None:
         return _model_of_run(cfg, mesh)
     if m.path is not None:
@@ -75,7 +81,7 @@ def build_model(cfg, mesh):
                                      target_modules=lc.target_modules, exclude_modules=lc.exclude_modules),
                    rngs=rngs)
     shard_model(model, mesh)  # LoRA parameters by the rules; dropout RNG streams replicated
-    return model
+    return model.use_attention(m.attention)
 
 
 def _model_of_run(cfg, mesh):
@@ -85,7 +91,7 @@ def _model_of_run(cfg, mesh):
 
     m = cfg.model
     model = load_run(m.from_run, m.from_run_step, mesh=mesh, model_path=m.path, dtype=m.dtype,
-                     param_dtype=m.param_dtype or m.dtype).model
+                     param_dtype=m.param_dtype or m.dtype, attention=m.attention).model
     model.train()
     return model
 
