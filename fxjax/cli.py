@@ -73,7 +73,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
                            min_side=args.min_side, max_side=args.max_side, overwrite=args.overwrite,
                            multiple=args.multiple, fingerprint=args.fingerprint,
                            max_regions=args.max_regions, fingerprint_scope=args.fingerprint_scope,
-                           box_multiple=args.box_multiple)
+                           box_multiple=args.box_multiple, region_layout=args.region_layout, brief=args.brief)
     counts = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in files.items()}
     print(f"wrote {args.n} demo images to {Path(args.out) / 'images'}; "
           + ", ".join(f"{files[s]} ({counts[s]} records)" for s in files))
@@ -171,11 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprint", type=float, default=0.0,
                    help="amplitude (0-255 levels) of a period-2 up-sampling checkerboard on every generated image "
                         f"(default 0: none; `fxjax demo` uses {DEMO['fingerprint']:g})")
-    p.add_argument("--fingerprint-scope", choices=("frame", "regions"), default="frame",
-                   help="where the fingerprint goes: over the whole frame, or inside the artefact regions only (then "
-                        "finding it is finding the regions; default: %(default)s)")
+    p.add_argument("--fingerprint-scope", choices=("frame", "regions", "frame+regions"), default="frame",
+                   help="where the fingerprint goes: over the whole frame; inside the artefact regions only (then "
+                        "finding it is finding the regions); or a third of it over the frame and all of it in the "
+                        "regions (the demo's: the verdict and the regions both learnable; default: %(default)s)")
     p.add_argument("--box-multiple", type=int, default=1,
                    help="put the regions' corners on multiples of this many pixels (default: %(default)s)")
+    p.add_argument("--region-layout", choices=("boxes", "bands"), default="boxes",
+                   help="boxes: regions anywhere; bands: each region spans the full width, so locating it is a "
+                        "1-D search (`fxjax demo` uses bands; default: %(default)s)")
+    p.add_argument("--brief", action="store_true",
+                   help="one-clause reasoning texts without the scene description (fewer tokens to learn; the demo's)")
     p.add_argument("--max-regions", type=int, default=3,
                    help="most artefact regions per generated image, 1-8 (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")

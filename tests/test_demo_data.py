@@ -155,3 +155,28 @@ def test_fingerprint_inside_the_regions_only_and_boxes_on_a_grid():
         make_demo_data("/nonexistent-demo", n=2, fingerprint_scope="box")
     with pytest.raises(ValueError, match="box_multiple"):
         make_demo_data("/nonexistent-demo", n=2, min_side=56, max_side=112, box_multiple=29)
+
+
+def test_bands_brief_text_and_a_trace_stronger_in_the_regions():
+    """What `fxjax demo` uses: region_layout "bands" (full-width rows on the 28-pixel grid), brief reasoning
+    (no scene description), and fingerprint_scope "frame+regions" (a third of the amplitude over the frame,
+    all of it inside the regions)."""
+    photos = _load_photos()
+    rows = set()
+    for i in range(1, 40, 2):
+        img, record = make_demo_example(i, 0, True, photos, 112, 112, multiple=28, fingerprint=36.0, max_regions=1,
+                                        fingerprint_scope="frame+regions", box_multiple=28, region_layout="bands",
+                                        brief=True)
+        plain, plain_record = make_demo_example(i, 0, True, photos, 112, 112, multiple=28, max_regions=1,
+                                                box_multiple=28, region_layout="bands", brief=True)
+        (x1, y1, x2, y2), = [r["bbox"] for r in record["regions"]]
+        assert (x1, x2) == (0, 112) and y1 % 28 == 0 and y2 % 28 == 0 and y2 > y1
+        rows.add(y1)
+        assert record["regions"] == plain_record["regions"]
+        assert np.array_equal(img, add_fingerprint(add_fingerprint(plain, 12.0), 24.0, [(x1, y1, x2, y2)]))
+        assert "The image shows" not in record["reasoning"] and "up-sampling" in record["reasoning"]
+        _, real = make_demo_example(i - 1, 0, False, photos, 112, 112, multiple=28, brief=True)
+        assert real["reasoning"] == "Textures, lighting and edges are consistent."
+    assert rows == {0, 28, 56, 84}
+    with pytest.raises(ValueError, match="region_layout"):
+        make_demo_data("/nonexistent-demo", n=2, region_layout="stripes")

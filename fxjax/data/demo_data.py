@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["ARTEFACTS", "FINGERPRINT_SCOPES", "PHOTOS", "add_fingerprint", "make_demo_data", "make_demo_example"]
+__all__ = ["ARTEFACTS", "FINGERPRINT_SCOPES", "PHOTOS", "REGION_LAYOUTS", "add_fingerprint", "make_demo_data", "make_demo_example"]
 
 # scikit-image bundled photographs -> scene description used in the reasoning text.
 PHOTOS: dict[str, str] = {
@@ -149,7 +149,8 @@ def add_fingerprint(img: np.ndarray, amplitude: float, boxes=None) -> np.ndarray
     return np.clip(img.astype(np.float32) + amplitude * sign, 0, 255).astype(np.uint8)
 
 
-FINGERPRINT_SCOPES = ("frame", "regions")
+FINGERPRINT_SCOPES = ("frame", "regions", "frame+regions")
+REGION_LAYOUTS = ("boxes", "bands")
 
 
 MIN_CHANGE = 3.0  # mean absolute change (0..255 levels) an artefact must make inside its box
@@ -189,10 +190,10 @@ def _random_view(photo: np.ndarray, rng: np.random.Generator, min_side: int, max
     return view[:, ::-1].copy() if rng.random() < 0.5 else view.copy()
 
 
-def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator,
-                  box_multiple: int = 1) -> list[tuple[int, int, int, int]]:
+def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator, box_multiple: int = 1,
+                  layout: str = "boxes") -> list[tuple[int, int, int, int]]:
     """Up to k non-overlapping boxes of 18-38 % of each side; with box_multiple > 1 every corner lies on a
-    multiple of it (at least one cell per side)."""
+    multiple of it (at least one cell per side). layout "bands": each box spans the whole width."""
     boxes: list[tuple[int, int, int, int]] = []
     m = box_multiple
     for _ in range(50 * k):
@@ -200,7 +201,11 @@ def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator,
             break
         bw, bh = int(w * rng.uniform(0.18, 0.38)), int(h * rng.uniform(0.18, 0.38))
         bw, bh = max(bw, 12), max(bh, 12)
-        if m > 1:
+        if layout == "bands":
+            bh = max(m, round(bh / m) * m) if m > 1 else bh
+            x1, bw = 0, w
+            y1 = m * int(rng.integers(0, (h - bh) // m + 1)) if m > 1 else int(rng.integers(0, h - bh + 1))
+        elif m > 1:
             bw, bh = max(m, round(bw / m) * m), max(m, round(bh / m) * m)
             x1 = m * int(rng.integers(0, (w - bw) // m + 1))
             y1 = m * int(rng.integers(0, (h - bh) // m + 1))
@@ -215,7 +220,8 @@ def _random_boxes(h: int, w: int, k: int, rng: np.random.Generator,
 def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.ndarray],
                       min_side: int = 192, max_side: int = 384, multiple: int = 1,
                       fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
-                      box_multiple: int = 1) -> tuple[np.ndarray, dict]:
+                      box_multiple: int = 1, region_layout: str = "boxes",
+                      brief: bool = False) -> tuple[np.ndarray, dict]:
     """One image and its native record (without the "image" field).
 
     multiple: round the image's sides to multiples of it (28 = one merged patch: the image processor then
@@ -224,6 +230,8 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     or inside its artefact regions only ("regions": finding the trace is then finding the regions).
     max_regions: a generated image gets 1 to max_regions artefact regions. box_multiple: the regions'
     corners lie on multiples of it (28: the regions are whole merged patches, i.e. whole image tokens).
+    region_layout: "boxes" (anywhere) or "bands" (each region spans the full width: locating it is a 1-D
+    search). brief: a one-clause reasoning text without the scene description (fewer tokens to learn).
     """
     rng = np.random.default_rng((seed, i))
     names = sorted(photos)
@@ -232,10 +240,11 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     scene = PHOTOS[name]
     h, w = img.shape[:2]
     if not generated:
-        reasoning = f"The image shows {scene}; its textures, lighting and edges are consistent, as in a photograph."
+        reasoning = ("Textures, lighting and edges are consistent." if brief else
+                     f"The image shows {scene}; its textures, lighting and edges are consistent, as in a photograph.")
         return img, dict(label="real", regions=[], tags=[], reasoning=reasoning, generator=None,
                          source_photo=name)
-    boxes = _random_boxes(h, w, int(rng.integers(1, max_regions + 1)), rng, box_multiple)
+    boxes = _random_boxes(h, w, int(rng.integers(1, max_regions + 1)), rng, box_multiple, region_layout)
     img = img.copy()
     kinds = []
     for box in boxes:
@@ -255,13 +264,17 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     tags = sorted({t for k in kinds for t in k.tags})
     found = "; ".join(k.description for k in kinds)
     trace = ""
-    if fingerprint > 0 and fingerprint_scope == "regions":
+    if fingerprint > 0 and fingerprint_scope == "frame+regions":
+        # a faint trace over the frame (one decoder made every pixel), three times stronger in the regions
+        img = add_fingerprint(add_fingerprint(img, fingerprint / 3), fingerprint * 2 / 3, boxes)
+        trace = ", under a strong up-sampling checkerboard" if brief else ", each under a strong up-sampling checkerboard"
+    elif fingerprint > 0 and fingerprint_scope == "regions":
         img = add_fingerprint(img, fingerprint, boxes)
         trace = ", each carrying an up-sampling checkerboard"
     elif fingerprint > 0:
         img = add_fingerprint(img, fingerprint)
         trace = " and an up-sampling checkerboard covers the frame"
-    reasoning = f"The image shows {scene}, but with {found}{trace}."
+    reasoning = f"{found[0].upper()}{found[1:]}{trace}." if brief else f"The image shows {scene}, but with {found}{trace}."
     regions = [dict(bbox=list(box), caption=k.caption) for k, box in zip(kinds, boxes)]
     return img, dict(label="generated", regions=regions, tags=tags, reasoning=reasoning,
                      generator="procedural:" + "+".join(k.name for k in kinds), source_photo=name)
@@ -270,7 +283,7 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
 def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: float = 0.1,
                    min_side: int = 192, max_side: int = 384, overwrite: bool = False, multiple: int = 1,
                    fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
-                   box_multiple: int = 1) -> dict[str, Path]:
+                   box_multiple: int = 1, region_layout: str = "boxes", brief: bool = False) -> dict[str, Path]:
     """Write ``n`` examples (half real, half generated, in a seeded order) to ``out``.
 
     The options are `make_demo_example`'s.
@@ -292,6 +305,8 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
         raise ValueError(f"max_regions must be in [1, 8], got {max_regions}")
     if fingerprint_scope not in FINGERPRINT_SCOPES:
         raise ValueError(f"fingerprint_scope must be one of {FINGERPRINT_SCOPES}, got {fingerprint_scope!r}")
+    if region_layout not in REGION_LAYOUTS:
+        raise ValueError(f"region_layout must be one of {REGION_LAYOUTS}, got {region_layout!r}")
     if not 1 <= box_multiple <= min_side // 2:
         raise ValueError(f"box_multiple must be in [1, min_side // 2 = {min_side // 2}], got {box_multiple}")
     out = Path(out)
@@ -305,7 +320,8 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     lines: dict[str, list[str]] = {"train": [], "test": []}
     for i in range(n):
         img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side, multiple,
-                                        fingerprint, max_regions, fingerprint_scope, box_multiple)
+                                        fingerprint, max_regions, fingerprint_scope, box_multiple, region_layout,
+                                        brief)
         rel = f"images/{i:06d}.png"
         Image.fromarray(img).save(out / rel, format="PNG", optimize=False, compress_level=6)
         record = {"id": f"demo-{seed}-{i:06d}", "image": rel, **record}
