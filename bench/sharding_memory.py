@@ -1,7 +1,9 @@
-"""Per-device memory of the base weights under fsdp = N (fxjax.sharding.PARTITION_RULES).
+"""Per-device memory of the base weights, and of the LoRA parameters + optimiser state, under fsdp = N
+(fxjax.sharding.PARTITION_RULES).
 
-Claim under test: with fsdp = N each device holds about 1/N of the base weights (plus the small
-replicated norm scales and row-parallel biases).
+Claims under test: with fsdp = N each device holds about 1/N of the base weights (plus the small
+replicated norm scales and row-parallel biases), and about 1/N of the LoRA parameters and their AdamW
+moments (the optimiser state takes the parameters' shardings; `lora_state`, by compiled memory analysis).
 
 Three independent measurements, on simulated CPU devices (no accelerator needed):
 
@@ -125,6 +127,62 @@ def abstract(preset: str = "7b", param_dtype: str = "bfloat16", compile_it: bool
     return rows
 
 
+def lora_state(preset: str = "7b", rank: int = 32, param_dtype: str = "bfloat16") -> list[dict]:
+    """Per-device bytes of the LoRA parameters + their optimiser state (the run's: clipping + AdamW, state
+    shardings from fxjax.train.run_setup.opt_state_shardings) under fsdp = 1, 2, 4, 8, by compiled memory
+    analysis: the state's init compiled with its shardings as out_shardings (shapes only, nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fxjax import sharding
+    from fxjax.model import Qwen25VL
+    from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
+    from fxjax.presets import load_preset
+    from fxjax.train.optimizer import make_optimizer
+    from fxjax.train.run_setup import opt_state_shardings
+    from fxjax.train_config import OptimSection
+
+    cfg = load_preset(preset)
+
+    def build():
+        model = Qwen25VL(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype)
+        apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank, target_modules="all-linear"), rngs=nnx.Rngs(1))
+        return model
+
+    params = nnx.state(nnx.eval_shape(build), LORA_PARAMS)
+    tx, _ = make_optimizer(OptimSection(), 1000)
+
+    def init():
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
+        return zeros, tx.init(zeros)
+
+    abstract = jax.eval_shape(init)
+    total = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    n_lora = sum(int(x.size) for x in jax.tree.leaves(params))
+    rows = []
+    for fsdp in FSDP:
+        mesh = sharding.make_mesh(_mesh_config(fsdp))
+        params_sh = sharding.param_shardings(params, mesh)
+        opt_sh = opt_state_shardings(tx, params, params_sh, NamedSharding(mesh, P()))
+        compiled = jax.jit(init, out_shardings=(params_sh, opt_sh)).lower().compile()
+        rows.append(dict(config=preset, rank=rank, fsdp=fsdp, mesh=_mesh_config(fsdp).shape, lora_params=n_lora,
+                         total=total, compiled=int(compiled.memory_analysis().output_size_in_bytes)))
+    return rows
+
+
+def lora_table(rows: list[dict]) -> str:
+    lines = [f"{'config':6} {'rank':>4} {'LoRA params':>12} {'mesh (d,f,t)':13} {'LoRA+opt total':>15} "
+             f"{'per device':>11} {'x total':>8} {'1/fsdp':>8}"]
+    for r in rows:
+        lines.append(f"{r['config']:6} {r['rank']:>4} {r['lora_params']:>12,} {str(tuple(r['mesh'])):13} "
+                     f"{_fmt(r['total']):>15} {_fmt(r['compiled']):>11} {r['compiled'] / r['total']:8.4f} "
+                     f"{1 / r['fsdp']:8.4f}")
+    return "\n".join(lines)
+
+
 def _fmt(n: float) -> str:
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= scale:
@@ -151,18 +209,26 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--tiny-only", action="store_true", help="skip the 7B table")
     parser.add_argument("--compile-7b", action="store_true", help="also compile the sharded 7B init")
+    parser.add_argument("--lora-preset", default="7b", help="config of the LoRA + optimiser-state table")
+    parser.add_argument("--lora-rank", type=int, default=32)
     args = parser.parse_args(argv)
     _setup()
     rows = tiny()
     if not args.tiny_only:
         rows += abstract("7b", compile_it=args.compile_7b)
     print(table(rows))
+    lora_rows = lora_state(args.lora_preset, args.lora_rank)
+    print(f"\nLoRA parameters (float32) + optimiser state (clipping + AdamW: mu, nu), per device by compiled "
+          f"memory analysis ({args.lora_preset}, all-linear LoRA r={args.lora_rank}):")
+    print(lora_table(lora_rows))
+    worst = max(r["compiled"] * r["fsdp"] / r["total"] for r in lora_rows)
+    print(f"per device x fsdp / total <= {worst:.3f}: LoRA + optimiser state falls ~1/fsdp")
     for r in rows:
         if isinstance(r["replicated_dims"], list) and r["replicated_dims"]:
             shown = ", ".join(f"{d[0]}[{d[1]}]={d[2]} (axes {'x'.join(d[3])}={d[4]})" for d in r["replicated_dims"][:4])
             print(f"{r['config']} mesh {tuple(r['mesh'])}: {len(r['replicated_dims'])} dims replicated, e.g. {shown}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str))
+        args.json.write_text(json.dumps(rows + lora_rows, indent=1, default=str))
 
 
 if __name__ == "__main__":

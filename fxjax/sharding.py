@@ -11,8 +11,9 @@ of data / fsdp crosses TPU slices (GPU hosts), so only those collectives use the
   (q/k/v, gate/up, vision qkv, merger fc1, patch embedding, lm_head) split `out`, row-parallel ones
   (o_proj, down_proj, vision attn.proj, merger fc2) split `in`; column-parallel biases follow `out`,
   the embedding splits its vocabulary. Norm scales and row-parallel biases are replicated.
-* LoRA A [in, r] takes the spec of its base kernel's `in` dimension, B [r, out] that of `out`; the
-  rank dimension is replicated.
+* LoRA A [in, r] takes the spec of its base kernel's `in` dimension, B [r, out] that of `out`, plus
+  "fsdp" where that entry lacks it (so every factor shards over fsdp); the rank dimension is replicated
+  (it takes "fsdp" only where the shared dimension cannot).
 * Activations shard the batch over ("data", "fsdp"); the vision encoder's packed patch axis is not a
   batch axis and stays replicated.
 
@@ -273,7 +274,9 @@ def param_spec(path: Iterable | str, shape: tuple[int, ...], mesh: Mesh | Mappin
     """The PartitionSpec of one parameter of `shape` on `mesh` (divisibility applied).
 
     LoRA factors (…/lora/lora_a [in, r], …/lora/lora_b [r, out]) take the entry of their base kernel
-    (…/kernel [in, out]) for the dimension they share with it; the rank dimension is replicated.
+    (…/kernel [in, out]) for the dimension they share with it, with "fsdp" added when missing and the
+    dimension divides (`_with_fsdp`); the rank dimension is replicated, or takes "fsdp" where the shared
+    dimension cannot.
     """
     name = path if isinstance(path, str) else path_str(path)
     sizes = axis_sizes(mesh)
@@ -284,8 +287,31 @@ def param_spec(path: Iterable | str, shape: tuple[int, ...], mesh: Mesh | Mappin
     if len(shape) != 2:
         raise ShardingError(f"{name}: a LoRA factor must be 2-D, got shape {tuple(shape)}")
     base = list(logical_spec(base_name)) + [None, None]
-    spec = P(base[0], None) if which == "lora_a" else P(None, base[1])
+    dim = 0 if which == "lora_a" else 1
+    entry = _with_fsdp(base[dim], shape[dim], sizes)
+    rank = None
+    if "fsdp" not in _axes(entry) and _with_fsdp(None, shape[1 - dim], sizes) == "fsdp":
+        rank = "fsdp"  # the shared dimension cannot take fsdp (e.g. vision MLP 3420 over 8): the rank does
+    spec = P(entry, rank) if which == "lora_a" else P(rank, entry)
     return _fit(spec, tuple(shape), sizes, name, dropped)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _with_fsdp(entry, size: int, sizes: Mapping[str, int]):
+    """A LoRA factor's shared-dimension entry, with "fsdp" added (as the minor factor) when the base's entry
+    lacks it and the dimension divides: FSDP stores every factor 1/fsdp per device (gathered where used),
+    so LoRA parameters and their optimiser moments fall ~1/fsdp, not only the half whose base dimension
+    is the fsdp one."""
+    axes = _axes(entry)
+    if "fsdp" in axes or sizes.get("fsdp", 1) == 1:
+        return entry
+    wider = axes + ("fsdp",)
+    if size % math.prod(sizes[a] for a in wider):
+        return entry
+    return wider if len(wider) > 1 else "fsdp"
 
 
 def state_spec(path: Iterable, shape: tuple[int, ...], mesh: Mesh | Mapping[str, int] | MeshConfig,

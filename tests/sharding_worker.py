@@ -4,9 +4,10 @@ JAX fixes its device count when its backend starts, so the multi-device checks r
 process, and print/write JSON the tests assert on. Importing this module touches no JAX backend.
 
     python tests/sharding_worker.py meshes CKPT OUT.json [--meshes 8,1,1 1,8,1 ...]
-        8 simulated CPU devices: single-device reference (logits, LoRA gradients, one AdamW step on
-        the LoRA parameters), then per mesh the same from fxjax.from_pretrained(CKPT, mesh=...),
-        plus shard-shape checks, per-device bytes and an export round trip from the sharded model.
+        8 simulated CPU devices: single-device reference (the real SFT step of train.step with 2
+        accumulated micro-batches: loss, updated LoRA parameters; logits and LoRA gradients of its loss
+        function), then per mesh the same from fxjax.from_pretrained(CKPT, mesh=...) with the run's state
+        shardings, plus shard-shape and optimiser-state checks, per-device bytes and an export round trip.
     python tests/sharding_worker.py multihost CKPT OUTDIR [--meshes 1,8,1 2,2,2]
         one of several processes (FXJAX_COORDINATOR / FXJAX_NUM_PROCESSES / FXJAX_PROCESS_ID /
         FXJAX_LOCAL_DEVICE_COUNT in the environment): load onto one global mesh, logits, export.
@@ -45,16 +46,21 @@ def build_checkpoint(directory: Path) -> Path:
     return save_hf_model(build_hf_model(seed=1, **CHECKPOINT_KW), Path(directory))
 
 
-def batch() -> dict[str, np.ndarray]:
-    """HF-shaped inputs: 8 rows, two with an image, one left-padded; plus next-token targets."""
-    rng = np.random.RandomState(0)
+IMAGES = ((0, 2, (1, 8, 8)), (3, 5, (1, 4, 8)))  # (row, vision-start position, grid): 16 and 8 image tokens
+
+
+def batch(seed: int = 0, images=IMAGES) -> dict[str, np.ndarray]:
+    """HF-shaped inputs: 8 rows, some with an image (each its own size), one left-padded; plus next-token
+    targets."""
+    rng = np.random.RandomState(seed)
     ids = rng.randint(3, 90, size=(BATCH, LENGTH)).astype(np.int64)
     mask = np.ones_like(ids)
-    ids[0, 2], ids[0, 3:19], ids[0, 19] = VISION_START, IMAGE, VISION_END  # grid (1, 8, 8) -> 16 tokens
-    ids[3, 5], ids[3, 6:14], ids[3, 14] = VISION_START, IMAGE, VISION_END  # grid (1, 4, 8) -> 8 tokens
+    for row, start, grid in images:
+        n = int(np.prod(grid)) // 4  # 2x2 patches merge into one token
+        ids[row, start], ids[row, start + 1:start + 1 + n], ids[row, start + 1 + n] = VISION_START, IMAGE, VISION_END
     mask[1, :5] = 0
     ids[1, :5] = 0
-    grid = np.array([[1, 8, 8], [1, 4, 8]], np.int64)
+    grid = np.array([g for _, _, g in images], np.int64)
     pixel_values = rng.randn(int(np.prod(grid, axis=1).sum()), 1176).astype(np.float32)
     targets = np.roll(ids, -1, axis=1)
     weights = (mask * np.roll(mask, -1, axis=1)).astype(np.float32)
@@ -79,35 +85,14 @@ def _setup(devices: int) -> None:
 
 
 def _functions():
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
-
-    from fxjax import sharding
-    from fxjax.model.lora import LORA_PARAMS
-
-    def loss_fn(model, inputs, targets, weights):
-        hidden, _ = model.hidden_states(inputs)
-        logits = model.logits(hidden)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return (nll * weights).sum() / weights.sum(), logits
 
     @nnx.jit
     def forward(model, inputs):
         hidden, _ = model.hidden_states(inputs)
         return model.logits(hidden)
 
-    @nnx.jit
-    def train_step(model, optimizer, inputs, targets, weights):
-        (loss, logits), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, LORA_PARAMS), has_aux=True)(
-            model, inputs, targets, weights)
-        optimizer.update(model, grads)
-        sharding.constrain(model)  # keep the rules' layout (ambient mesh; no-op without one)
-        sharding.constrain(optimizer)
-        return loss, logits, grads
-
-    return forward, train_step
+    return forward
 
 
 def _set_lora_b(model):
@@ -192,43 +177,113 @@ def _drift(node, mesh) -> list[str]:
     return out
 
 
+def micro_batches() -> list[dict[str, np.ndarray]]:
+    """Two pipeline-shaped micro-batches (input_ids, attention_mask, labels, pixel_values, image_grid_thw)
+    of BATCH rows for one step of grad_accum 2; four images of four sizes."""
+    out = []
+    for seed, images in ((0, IMAGES), (1, ((2, 3, (1, 4, 4)), (5, 2, (1, 8, 4))))):
+        data = batch(seed, images)
+        ids = data["input_ids"]
+        labels = np.where(data["attention_mask"] == 1, ids, -100)
+        labels[np.isin(ids, (IMAGE, VISION_START, VISION_END))] = -100
+        labels[:, :2] = -100
+        out.append(dict(input_ids=ids, attention_mask=data["attention_mask"], labels=labels,
+                        pixel_values=data["pixel_values"], image_grid_thw=data["image_grid_thw"]))
+    return out
+
+
+def _opt_report(opt_state, params) -> dict:
+    """Every optimiser-state leaf that mirrors a LoRA parameter (Adam's mu, nu) has that parameter's
+    sharding; per-device bytes of the optimiser state."""
+    import jax
+
+    from fxjax.train.checkpointing import flatten_tree
+
+    flat_params = flatten_tree(params)
+    mirrored, mismatch, per_device = 0, [], {}
+    for name, leaf in flatten_tree(opt_state).items():
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+        owner = [p for p in flat_params if name.endswith("." + p)]
+        if not owner:
+            if leaf.ndim:
+                mismatch.append(f"{name}: mirrors no parameter")
+            continue
+        mirrored += 1
+        param = flat_params[owner[0]]
+        if leaf.shape != param.shape or not leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim):
+            mismatch.append(f"{name}: {leaf.sharding.spec} != {param.sharding.spec}")
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+    return dict(opt_mirrored=mirrored, opt_mismatch=mismatch, opt_bytes_total=total,
+                opt_bytes_per_device=sorted(per_device.values()))
+
+
 def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
+    """The real SFT step (train.step.make_train_step: chunked loss, 2 accumulated micro-batches, the run's
+    optimiser with its state from train.run_setup.init_state) on each mesh against one device: loss,
+    the step's gradients (with_grads), updated LoRA parameters; plus logits of a forward pass."""
     _setup(8)
     import jax
-    import optax
+    import jax.numpy as jnp
     from flax import nnx
 
     import fxjax
     from fxjax import sharding
-    from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig
+    from fxjax.model.lora import BASE_PARAMS, LoRAConfig
+    from fxjax.train.batching import batch_shardings, build_step_batch, place_batch
+    from fxjax.train.optimizer import make_optimizer
+    from fxjax.train.run_setup import init_state
+    from fxjax.train.step import RNG_IMPL, OnMesh, TrainState, make_train_step, split_model
+    from fxjax.train_config import OptimSection
 
     assert jax.device_count() == 8, jax.devices()
-    forward, train_step = _functions()
-    data = batch()
+    forward = _functions()
     t0 = time.time()
+    loss_chunk = 40  # supervised tokens per lm_head chunk: several chunks per micro-batch
 
     def run(mesh):
         model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh, lora=LoRAConfig(**LORA_KW))
         _set_lora_b(model)
-        inputs = _host_inputs(model, data)
-        targets, weights = data["targets"], data["weights"]
-        if mesh is not None:
-            inputs = sharding.shard_inputs(inputs, mesh)
-            spec = sharding.batch_sharding(mesh, 2)
-            targets, weights = sharding.put(targets.astype(np.int32), spec), sharding.put(weights, spec)
-        before = _flat_host(nnx.state(model, LORA_PARAMS))
+        model.train()
+        graphdef, params, base, rest = split_model(model)
+        before = _flat_host(params)
+        tx, schedule = make_optimizer(OptimSection(learning_rate=LR, warmup_steps=0, weight_decay=0.01), 10)
+        micro = micro_batches()
+        host = build_step_batch(micro, model.config, pad_id=0)
+        kw = dict(loss_chunk=loss_chunk, remat=None, remat_vision=None, with_grads=True)
+        if mesh is None:
+            state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                               jax.random.key_data(jax.random.key(0, impl=RNG_IMPL)))
+            step_fn = make_train_step(graphdef, tx, schedule, **kw)
+            placed = jax.device_put(host)
+        else:
+            state, sh = init_state(params, base, rest, tx, seed=0, mesh=mesh)
+            batch_sh = batch_shardings(host, mesh)
+            placed = place_batch(host, batch_sh)
+            step_fn = make_train_step(graphdef, tx, schedule, state_shardings=sh.state, base_shardings=sh.base,
+                                      rest_shardings=sh.rest, batch_shardings=batch_sh, **kw)
+            assert isinstance(step_fn, OnMesh)
+        # logits of micro-batch 0 under the mesh: activations' batch pinned to (data, fsdp)
+        inputs = _host_inputs(model, micro[0])
         with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            optimizer = nnx.Optimizer(model, optax.adamw(LR), wrt=LORA_PARAMS)
-            loss, logits, grads = train_step(model, optimizer, inputs, targets, weights)
-            opt_drift = _drift(optimizer, mesh) if mesh is not None else []
-        return model, dict(logits=np.asarray(logits), loss=float(loss), grads=_flat_host(grads),
-                           stepped=_flat_host(nnx.state(model, LORA_PARAMS)), logits_sharding=str(logits.sharding),
-                           before=before, opt_drift=opt_drift)
+            logits = forward(model, sharding.shard_inputs(inputs, mesh) if mesh is not None else inputs)
+        state, metrics = step_fn(state, base, rest, placed)  # the state is donated
+        nnx.update(model, state.params)
+        got = dict(logits=np.asarray(logits), logits_sharding=str(logits.sharding), before=before,
+                   loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), finite=bool(metrics["finite"]),
+                   grads=_flat_host(metrics["grads"]), stepped=_flat_host(state.params))
+        if mesh is not None:
+            got.update(_opt_report(state.opt_state, state.params))
+            rules = dict(nnx.to_flat_state(sh.state.params))
+            got["grads_drift"] = [sharding.path_str(k) for k, g in nnx.to_flat_state(metrics["grads"])
+                                  if not g.get_value().sharding.is_equivalent_to(rules[k], g.get_value().ndim)]
+        return model, got
 
     ref_model, ref = run(None)
     base_total = sum(sharding.device_bytes(ref_model, BASE_PARAMS).values())
     results = dict(reference_seconds=time.time() - t0, base_bytes_total=base_total,
-                   lora_params=len(ref["grads"]), meshes={},
+                   lora_params=len(ref["grads"]), meshes={}, reference_finite=ref["finite"],
+                   reference_grad_norm=ref["grad_norm"],
                    reference_step_changed=sum(not np.array_equal(ref["before"][k], ref["stepped"][k])
                                               for k in ref["stepped"]),
                    reference_grad_nonzero=sum(bool(np.any(g)) for g in ref["grads"].values()),
@@ -238,15 +293,17 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
         mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
         model, got = run(mesh)
         report = shard_report(model, mesh)
-        # the LoRA parameters keep their rule's sharding through a jitted optimizer step
-        drift = _drift(model, mesh) + got["opt_drift"]
         entry = dict(
             logits_rel=rel(got["logits"], ref["logits"]),
             loss_rel=abs(got["loss"] - ref["loss"]) / abs(ref["loss"]),
+            grad_norm_rel=abs(got["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"],
             grad_rel=max(rel(got["grads"][k], ref["grads"][k]) for k in ref["grads"]),
             grad_keys_match=sorted(got["grads"]) == sorted(ref["grads"]),
             step_rel=max(rel(got["stepped"][k], ref["stepped"][k]) for k in ref["stepped"]),
-            sharding_drift=drift, logits_sharding=got["logits_sharding"], **report)
+            # the LoRA parameters keep their rule's sharding through the jitted step
+            sharding_drift=_drift(model, mesh) + got["grads_drift"], logits_sharding=got["logits_sharding"],
+            **{k: got[k] for k in ("opt_mirrored", "opt_mismatch", "opt_bytes_total", "opt_bytes_per_device")},
+            **report)
         if shape == (2, 2, 2):  # export from the sharded model: one tensor gathered at a time
             export = out.parent / "export_222"
             from fxjax.model.lora import remove_lora
@@ -316,7 +373,7 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     from fxjax import sharding
     from fxjax.model.lora import BASE_PARAMS
 
-    forward, _ = _functions()
+    forward = _functions()
     rank = jax.process_index()
     data = batch()
     info = dict(process_index=rank, process_count=jax.process_count(), device_count=jax.device_count(),

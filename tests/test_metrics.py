@@ -70,6 +70,19 @@ def test_progress_bar_shows_step_and_postfix(capsys):
     assert "2/4" in err and "loss=1.235" in err and "tok_s=10" in err
 
 
+def test_progress_without_a_terminal_is_a_line_every_tenth(capsys):
+    """CI logs and pipes get plain lines (tqdm's carriage returns would make one endless line)."""
+    bar = ProgressBar(total=30, initial=0, enabled=True, desc="grpo")
+    for _ in range(30):
+        bar.update(1, {"reward": 1.5})
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" reward")[0] for line in lines] == [f"grpo: step {k}/30" for k in range(3, 31, 3)]
+    assert all("reward=1.5" in line and "s/step)" in line for line in lines)
+    ProgressBar(total=30, initial=0, enabled=False).update(30, {})
+    assert capsys.readouterr().err == ""
+
+
 # ---- resume: one record per step -----------------------------------------------------------------------
 
 def write_lines(path, lines, torn: str | None = None):

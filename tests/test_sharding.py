@@ -3,8 +3,9 @@
 The multi-device checks run in ONE subprocess (tests/sharding_worker.py) with 8 simulated CPU devices
 (jax_num_cpu_devices must be set before JAX's backend starts, which this pytest process has already
 done). It loads a tiny HF checkpoint whose sharded dimensions all divide by 8 onto the meshes
-(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2), (1,1,8), and compares logits, LoRA gradients
-and one AdamW step on the LoRA parameters with a single-device run of the same model.
+(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2), (1,1,8), runs the real SFT step of train.step
+there (chunked loss, 2 accumulated micro-batches with images of four sizes, the run's optimiser and state
+shardings) and compares loss, LoRA gradients, updated LoRA parameters and logits with one device.
 """
 
 from __future__ import annotations
@@ -96,22 +97,30 @@ def test_unknown_parameter_is_an_error_not_replicated():
         sharding.partition_specs(Extra(), MeshConfig(1, 8, 1))
 
 
-def test_lora_factors_follow_their_base_with_rank_replicated(abstract_7b):
+def test_lora_factors_follow_their_base_plus_fsdp_with_rank_replicated(abstract_7b):
     sizes = MeshConfig(2, 2, 2)
     base = "decoder/layers/0/self_attn/q_proj"
     assert sharding.param_spec(f"{base}/lora/lora_a", (3584, 8), sizes) == P("fsdp")  # [in, r]
-    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 3584), sizes) == P(None, "tensor")  # [r, out]
+    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 3584), sizes) == P(None, ("tensor", "fsdp"))  # [r, out]
     row = "decoder/layers/0/mlp/down_proj"
-    assert sharding.param_spec(f"{row}/lora/lora_a", (18944, 8), sizes) == P("tensor")
+    assert sharding.param_spec(f"{row}/lora/lora_a", (18944, 8), sizes) == P(("tensor", "fsdp"))
     assert sharding.param_spec(f"{row}/lora/lora_b", (8, 3584), sizes) == P(None, "fsdp")
+    # without fsdp: the base's entry alone; where fsdp does not divide on top of tensor, the rank takes it
+    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 3584), MeshConfig(1, 1, 8)) == P(None, "tensor")
+    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 6), MeshConfig(1, 4, 2)) == P("fsdp", "tensor")
+    assert sharding.param_spec(f"{base}/lora/lora_b", (6, 6), MeshConfig(1, 4, 2)) == P(None, "tensor")
     specs = dict(nnx.to_flat_state(sharding.partition_specs(abstract_7b, sizes)))
     loras = [(p, s) for p, s in specs.items() if p[-2:] in (("lora", "lora_a"), ("lora", "lora_b"))]
     assert len(loras) == 2 * (2 * 7 + 2 * 5 + 2)  # all-linear: decoder 7, vision 5 per block, merger 2
     for path, spec in loras:
         base_spec = specs[path[:-2] + ("kernel",)]
         entries = list(base_spec) + [None, None]
-        want = P(entries[0]) if path[-1] == "lora_a" else P(None, entries[1])
-        assert spec == (want if any(want) else P()), (path, spec, base_spec)
+        shared = entries[0] if path[-1] == "lora_a" else entries[1]
+        axes = () if shared is None else (shared,) if isinstance(shared, str) else tuple(shared)
+        entry = axes if "fsdp" in axes else axes + ("fsdp",)  # every 7B LoRA dimension divides
+        entry = entry[0] if len(entry) == 1 else entry
+        want = P(entry) if path[-1] == "lora_a" else P(None, entry)
+        assert spec == want, (path, spec, base_spec)
     rng_state = [s for p, s in specs.items() if "rngs" in p]  # LoRA dropout's RNG state: replicated
     assert rng_state and all(s == P() for s in rng_state)
 
@@ -213,22 +222,44 @@ MESH_KEYS = [",".join(map(str, m)) for m in worker.MESHES]
 
 @pytest.mark.parametrize("mesh", MESH_KEYS)
 def test_mesh_logits_and_lora_gradients_match_one_device(mesh_results, mesh):
+    """Gradients: the real step's own (train.step.make_train_step with_grads: 2 accumulated micro-batches,
+    chunked loss), before clipping."""
     r = mesh_results["meshes"][mesh]
     assert r["logits_rel"] <= TOL, r["logits_rel"]
-    assert r["loss_rel"] <= TOL
     assert r["grad_keys_match"] and mesh_results["lora_params"] > 0
     assert r["grad_rel"] <= TOL, r["grad_rel"]
+    assert r["grad_norm_rel"] <= TOL
     assert mesh_results["reference_grad_nonzero"] == mesh_results["lora_params"]
 
 
 @pytest.mark.parametrize("mesh", MESH_KEYS)
-def test_mesh_lora_adamw_step_matches_one_device(mesh_results, mesh):
-    """One AdamW step on the LoRA parameters only; (2,2,2) is the acceptance case."""
+def test_mesh_real_sft_step_matches_one_device(mesh_results, mesh):
+    """train.step's SFT step (the run's optimiser: clipping + AdamW with weight decay; its state from
+    train.run_setup.init_state) on the mesh: loss and updated LoRA parameters as on one device."""
     r = mesh_results["meshes"][mesh]
+    assert mesh_results["reference_finite"]
+    assert r["loss_rel"] <= TOL, r["loss_rel"]
     assert mesh_results["reference_step_changed"] == mesh_results["lora_params"]
     assert mesh_results["reference_step_min_rel"] > 10 * TOL  # the step moves every parameter visibly
     assert r["step_rel"] <= TOL, r["step_rel"]
-    assert r["sharding_drift"] == []  # params and AdamW moments keep the rules' layout through jit
+    assert r["sharding_drift"] == []  # params and gradients keep the rules' layout through jit
+
+
+@pytest.mark.parametrize("mesh", MESH_KEYS)
+def test_optimizer_state_has_the_lora_shardings(mesh_results, mesh):
+    """Adam's mu and nu leaves carry their LoRA parameter's sharding (no replicated flat vector), so per
+    device the optimiser state shrinks with fsdp x tensor like the LoRA parameters."""
+    r = mesh_results["meshes"][mesh]
+    data, fsdp, tensor = map(int, mesh.split(","))
+    assert r["opt_mismatch"] == [], r["opt_mismatch"][:5]
+    assert r["opt_mirrored"] == 2 * mesh_results["lora_params"]  # mu and nu of every LoRA parameter
+    per_device, total = max(r["opt_bytes_per_device"]), r["opt_bytes_total"]
+    if fsdp == 8:  # every LoRA factor splits over fsdp: ~1/8 per device (plus the replicated step counts)
+        assert per_device <= 1.05 * total / 8 + 64, (per_device, total)
+    if fsdp * tensor == 1:
+        assert per_device == total
+    else:
+        assert per_device < 0.6 * total
 
 
 @pytest.mark.parametrize("mesh", MESH_KEYS)

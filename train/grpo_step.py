@@ -29,7 +29,7 @@ from fxjax.model.inputs import ModelInputs
 from fxjax.model.lora import LORA_PARAMS, lora_disabled
 from fxjax.train.grpo_loss import grpo_loss
 from fxjax.train.remat import with_remat
-from fxjax.train.step import RNG_IMPL, TrainState, reseed_rest
+from fxjax.train.step import RNG_IMPL, OnMesh, TrainState, reseed_rest
 
 __all__ = ["GroupBatch", "LossOptions", "completion_logps", "make_grpo_step", "make_logps_fn"]
 
@@ -199,7 +199,9 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, schedule: Callabl
     if state_shardings is None:
         return jax.jit(step, donate_argnums=(0,))
     replicated = jax.sharding.NamedSharding(state_shardings.step.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, in_shardings=(state_shardings, base_shardings, rest_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    # traced and run under the mesh (OnMesh): the model pins activations' batch axis
+    return OnMesh(jax.jit(step, in_shardings=(state_shardings, base_shardings, rest_shardings, batch_shardings),
+                          out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+                  state_shardings.step.mesh)
 
 

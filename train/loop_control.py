@@ -86,7 +86,7 @@ class LoopControl:
         self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
         self.last_saved = first if first else None  # a resumed run starts from its checkpoint
         self.evaluate = evaluate
-        self.bar = ProgressBar(steps_total, first, enabled=show_progress and cfg.train.progress_bar)
+        self.bar = ProgressBar(steps_total, first, enabled=show_progress and cfg.train.progress_bar, desc=name)
         self.signals = PreemptionSignals()
         self._closing = (metrics, iterator)
 

@@ -176,21 +176,35 @@ class MetricsLogger:
 
 
 class ProgressBar:
-    """tqdm over the optimiser steps (main process only); falls back to nothing when disabled."""
+    """tqdm over the optimiser steps (main process only); falls back to nothing when disabled. When stderr
+    is not a terminal (CI, SLURM, a pipe) tqdm's carriage returns would make one endless line: then it
+    writes a plain line about every tenth of the run instead."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
         self._bar = None
-        if enabled:
+        self._lines = None
+        if enabled and not sys.stderr.isatty():
+            self._lines = dict(total=total, done=initial, every=max(1, total // 10), desc=desc,
+                               start=time.perf_counter(), first=initial)
+        elif enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc="sft", unit="step", file=sys.stderr,
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
                              dynamic_ncols=True, mininterval=1.0)
 
     def update(self, n: int, postfix: Mapping[str, Any]) -> None:
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
         if self._bar is not None:
-            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                  refresh=False)
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.update(n)
+        elif self._lines is not None:
+            state = self._lines
+            state["done"] += n
+            if state["done"] % state["every"] == 0 or state["done"] == state["total"]:
+                rate = (time.perf_counter() - state["start"]) / max(1, state["done"] - state["first"])
+                print(f"{state['desc']}: step {state['done']}/{state['total']} "
+                      + " ".join(f"{k}={v}" for k, v in shown.items()) + f" ({rate:.2f} s/step)",
+                      file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         if self._bar is not None:

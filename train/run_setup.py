@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -34,7 +35,8 @@ from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.train_config import ConfigError
 
-__all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "place", "restore_latest"]
+__all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "opt_state_shardings", "place",
+           "restore_latest"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
@@ -114,13 +116,24 @@ class StateShardings(NamedTuple):
     replicated: NamedSharding
 
 
+def opt_state_shardings(tx, params, params_sh, replicated: NamedSharding):
+    """Shardings of `tx`'s state over `params`: every leaf that mirrors a parameter (Adam's mu and nu) takes
+    that parameter's sharding, the rest (step counts) is replicated; so under fsdp = N a device holds
+    ~1/N of the moments, as of the LoRA parameters."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract, params_sh,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def init_state(params, base, rest, tx, *, seed: int, mesh) -> tuple[TrainState, StateShardings]:
     """A fresh TrainState (step 0, optimiser state, the run's root key) placed on the mesh, and the shardings
     of the state, the frozen base and the rest (RNG streams) for the jitted step."""
     replicated = NamedSharding(mesh, P())
     params_sh = param_shardings(params, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-    state_sh = TrainState(replicated, params_sh, jax.tree.map(lambda _: replicated, opt_state), replicated)
+    opt_sh = opt_state_shardings(tx, params, params_sh, replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state_sh = TrainState(replicated, params_sh, opt_sh, replicated)
     rng = jax.random.key_data(jax.random.key(seed, impl=RNG_IMPL))
     state = TrainState(put(np.zeros((), np.int32), replicated), params, opt_state, put(np.asarray(rng), replicated))
     state = jax.tree.map(place, state_sh, state)

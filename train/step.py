@@ -4,7 +4,8 @@ The model is split once into (graphdef, LoRA params, base params, rest). `rest` 
 RNG streams; every micro-batch reseeds them from (train seed, step, micro-batch index), so dropout masks
 are a pure function of the step and a resumed run draws exactly what an uninterrupted one would.
 
-    step_fn = make_train_step(...)            # jax.jit with explicit in/out shardings, state donated
+    step_fn = make_train_step(...)            # jax.jit with explicit in/out shardings, state donated;
+                                              # with shardings it runs under their mesh (OnMesh)
     state, metrics = step_fn(state, base, rest, batch)
 
 `TrainState` is a plain pytree (checkpointed as is): the step counter, the LoRA parameters (float32),
@@ -23,13 +24,15 @@ import optax
 from flax import nnx
 
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
+from fxjax.sharding import use_mesh
 from fxjax.train.batching import StepBatch
 from fxjax.train.losses import LossTargets, chunked_cross_entropy
 from fxjax.train.remat import with_remat
 
 RNG_IMPL = "rbg"  # cheap to compile (XLA RngBitGenerator); deterministic on a given platform
 
-__all__ = ["RNG_IMPL", "TrainState", "make_eval_loss", "make_train_step", "micro_loss", "reseed_rest", "split_model"]
+__all__ = ["OnMesh", "RNG_IMPL", "TrainState", "make_eval_loss", "make_train_step", "micro_loss", "reseed_rest",
+           "split_model"]
 
 
 class TrainState(NamedTuple):
@@ -85,13 +88,16 @@ def _index(tree, i):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, *, loss_chunk: int,
                     remat: str | None, remat_vision: str | None,
-                    state_shardings=None, base_shardings=None, rest_shardings=None, batch_shardings=None):
+                    state_shardings=None, base_shardings=None, rest_shardings=None, batch_shardings=None,
+                    with_grads: bool = False):
     """The jitted step (state, base, rest, batch) -> (state, metrics); `state` is donated.
 
     Metrics (device scalars): loss, grad_norm (before clipping), learning_rate, target_tokens,
-    finite (loss and gradient finite). A non-finite step never changes the parameters or the optimiser
-    state (the update is skipped); the step counter advances. The caller decides whether to go on
-    (train.on_nonfinite = "skip") or to stop without saving this state ("stop").
+    finite (loss and gradient finite); with `with_grads` also "grads", the step's gradient (accumulated over
+    the micro-batches, per supervised token, before clipping; laid out like the parameters), for checks.
+    A non-finite step never changes the parameters or the optimiser state (the update is skipped); the step
+    counter advances. The caller decides whether to go on (train.on_nonfinite = "skip") or to stop without
+    saving this state ("stop").
     """
 
     def step(state: TrainState, base, rest, batch: StepBatch):
@@ -129,16 +135,37 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         new_state = TrainState(state.step + 1, new_params, new_opt, state.rng)
         metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
                        target_tokens=count, finite=finite)
+        if with_grads:
+            metrics["grads"] = grads
         return new_state, metrics
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=(0,))
-    replicated = jax.tree.map(lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()),
-                              state_shardings.step)
+    mesh = state_shardings.step.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     metric_shardings = dict(loss=replicated, grad_norm=replicated, learning_rate=replicated,
                             target_tokens=replicated, finite=replicated)
-    return jax.jit(step, in_shardings=(state_shardings, base_shardings, rest_shardings, batch_shardings),
-                   out_shardings=(state_shardings, metric_shardings), donate_argnums=(0,))
+    if with_grads:
+        metric_shardings["grads"] = state_shardings.params
+    return OnMesh(jax.jit(step, in_shardings=(state_shardings, base_shardings, rest_shardings, batch_shardings),
+                          out_shardings=(state_shardings, metric_shardings), donate_argnums=(0,)), mesh)
+
+
+class OnMesh:
+    """A jitted function that traces, compiles and runs under `mesh` (fxjax.sharding.use_mesh), whoever calls
+    it: the model reads the ambient mesh to pin activations' batch axis to ("data", "fsdp")
+    (model.qwen2_5_vl.shard_batch), so without it the compiler may gather activations instead of weights."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with use_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with use_mesh(self.mesh):
+            return self.jitted.lower(*args)
 
 
 def make_eval_loss(graphdef, *, loss_chunk: int, params_shardings=None, base_shardings=None,
@@ -161,4 +188,6 @@ def make_eval_loss(graphdef, *, loss_chunk: int, params_shardings=None, base_sha
 
     if params_shardings is None:
         return jax.jit(evaluate)
-    return jax.jit(evaluate, in_shardings=(params_shardings, base_shardings, rest_shardings, batch_shardings))
+    mesh = jax.tree.leaves(params_shardings)[0].mesh
+    return OnMesh(jax.jit(evaluate, in_shardings=(params_shardings, base_shardings, rest_shardings,
+                                                  batch_shardings)), mesh)
