@@ -75,7 +75,7 @@ DEMO: dict[str, Any] = dict(
         "data": {"min_pixels": 3136, "max_pixels": 12544, "max_length": 256, "length_buckets": [256],
                  "batch_size": 8},
         "optim": {"learning_rate": 5.0e-3, "warmup_steps": 10, "max_grad_norm": 1.0, "schedule": "cosine"},
-        "train": {"loss_chunk": 48, "log_every": 20, "progress_bar": False},  # see configs/sft.yaml
+        "train": {"loss_chunk": 48, "log_every": 10, "progress_bar": True},  # see configs/sft.yaml
         "checkpoint": {"every": 100, "keep": 1},
         "eval": {"at_start": False, "at_end": False},  # the demo evaluates with `fxjax eval` instead
     }),
@@ -85,7 +85,7 @@ DEMO: dict[str, Any] = dict(
         "data": {"min_pixels": 3136, "max_pixels": 12544, "max_length": 256, "length_buckets": [256],
                  "batch_size": 8},
         "optim": {"learning_rate": 5.0e-4, "warmup_steps": 2, "max_grad_norm": 1.0, "schedule": "constant"},
-        "train": {"loss_chunk": 64, "log_every": 1, "progress_bar": False},
+        "train": {"loss_chunk": 64, "log_every": 1, "progress_bar": True},
         "checkpoint": {"keep": 3, "async_save": False},
         "eval": {"at_start": False, "at_end": False},
         "grpo": {"num_generations": 4, "max_completion_length": 64, "temperature": 0.9, "top_k": 50, "beta": 0.0},
@@ -313,16 +313,17 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     overlay_images = _overlay_records(files["test"], QUICK["overlay_images"] if quick else DEMO["overlay_images"])
     overlays: dict[str, list[dict]] = {}
 
-    def held_out(phase: str, title: str, source: argparse.Namespace, overlay: bool = False) -> None:
+    def held_out(phase: str, title: str, source: argparse.Namespace, overlay: str | None = None) -> None:
+        """`fxjax eval` of one phase; with `overlay`, also `fxjax detect` on the overlay images (that column)."""
         summary, (detector, decoder) = _evaluate(phase, source, files["test"], out / "eval", ev)
         evals.append((title, summary))
         if overlay:
-            overlays[title] = _detect(detector, decoder, overlay_images)
+            overlays[overlay] = _detect(detector, decoder, overlay_images)
         phases.done(f"eval {phase}", f"fxjax eval, {title}: format {summary['format_rate']:.0%}, verdict "
                                      f"{summary['accuracy']:.0%}, mean IoU {summary['mean_iou'] or 0:.3f} "
                                      f"-> {out / 'eval' / phase}")
 
-    held_out("before-sft", "before SFT", _model_args(model=model_dir), overlay=True)
+    held_out("before-sft", "before SFT", _model_args(model=model_dir), overlay="before SFT")
 
     from fxjax.train.sft import run_sft
     from fxjax.train_config import from_dict
@@ -342,7 +343,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
         _say(f"fxjax demo: interrupted at step {result.steps}; resume with `fxjax sft --config {out / 'sft.yaml'}`")
         return 130
     phases.done("sft", f"SFT: {result.steps} steps, adapter in {out / 'sft-adapter'}")
-    held_out("after-sft", "after SFT", _model_args(model=model_dir, adapter=out / "sft-adapter"), overlay=True)
+    held_out("after-sft", "after SFT", _model_args(model=model_dir, adapter=out / "sft-adapter"), overlay="after SFT")
 
     from fxjax.grpo_config import grpo_from_dict
     from fxjax.train.grpo import run_grpo
@@ -369,7 +370,8 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
                         f"{_stage_trends(grpo.history)}")
     for k, stage in enumerate(STAGES, 1):
         held_out(f"after-{stage}", f"after GRPO {stage}",
-                 _model_args(model=model_dir, run=out / "grpo", step=k * stage_steps), overlay=stage == STAGES[-1])
+                 _model_args(model=model_dir, run=out / "grpo", step=k * stage_steps),
+                 overlay="after GRPO (all stages)" if stage == STAGES[-1] else None)
 
     from fxjax.commands.export import export_run
 
