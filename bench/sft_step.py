@@ -17,6 +17,14 @@ child's peak resident set size (model, optimiser, activations, runtime), from ge
     python bench/sft_step.py                  # mid config (~150M), batch 4, 5 timed steps (~3-5 min on 2 cores)
     python bench/sft_step.py --small --iters 2
     python bench/sft_step.py --vocab 151936   # the real vocabulary (the lm_head dominates)
+    python bench/sft_step.py --loop           # the whole `fxjax sft` loop: host time per step, in line vs overlapped
+
+--loop runs `train.sft.run_sft` itself (demo images, the offline Qwen tokenizer, the small config with the
+real vocabulary) twice in one process: with overlap=False (each batch decoded, tokenised and built after
+the previous step's metrics were fetched: the loop before #14 item 6) and with the default overlap (the
+next batch built in a background thread, a step's metrics fetched after the next step is dispatched). It
+reports the host time per step (the loop's wait for its batch, plus placing it) and the median step time
+of metrics.jsonl (steps 2..N; overlapped, completion to completion).
 """
 
 from __future__ import annotations
@@ -132,6 +140,71 @@ def worker_fxjax(workdir: Path, args) -> dict:
                 loadavg=list(os.getloadavg()))
 
 
+def _loop_model(directory: Path, tokenizer_dir: Path) -> Path:
+    """The small config with the Qwen tokenizer's vocabulary and special-token ids, in HF layout."""
+    import shutil
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = fw.hf_config("small")
+    config.text_config.vocab_size = 151936
+    for key, value in dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                           vision_end_token_id=151653).items():
+        setattr(config, key, value)
+    config.text_config.bos_token_id = config.text_config.pad_token_id = 151643
+    config.text_config.eos_token_id = 151645
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(str(directory))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+def run_loop(args) -> int:
+    """--loop: run_sft in line vs overlapped; host time per step and step time."""
+    from fxjax.data.demo_data import make_demo_data
+    from fxjax.data.tokenizer import cached_qwen_tokenizer
+    from fxjax.train.metrics import read_metrics
+    from fxjax.train.sft import run_sft
+    from fxjax.train_config import load_sft_config
+
+    tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_loop_")
+    root = Path(tmp.name)
+    tokenizer_dir = cached_qwen_tokenizer(Path(tempfile.gettempdir()) / "fxjax_bench_cache")  # as grpo_step.py
+    files = make_demo_data(root / "data", n=max(8, args.batch * (args.iters + 2)), seed=0, test_fraction=0.0,
+                           min_side=args.image_side, max_side=2 * args.image_side)
+    model_dir = _loop_model(root / "model", tokenizer_dir)
+    print(fw.machine_line())
+    print(f"the sft loop: config small (vocab 151936), fp32, LoRA r 8; batch {args.batch}, demo images "
+          f"{args.image_side}-{2 * args.image_side} px (max_pixels {args.loop_pixels}), {args.iters} steps")
+    rows, logged = {}, {}
+    for label, overlap in (("in line (before)", False), ("overlapped (after)", True)):
+        out = root / ("overlap" if overlap else "inline")
+        cfg = load_sft_config(None, [
+            f"model.path={model_dir}", "model.dtype=float32", "lora.rank=8", "lora.alpha=32",
+            f"data.train_files=[{files['train']}]", f"data.max_pixels={args.loop_pixels}",
+            f"data.batch_size={args.batch}", "data.max_length=2048", f"train.steps={args.iters}",
+            f"train.loss_chunk={args.loss_chunk}", "train.progress_bar=false", "train.tensorboard=false",
+            f"train.output_dir={out}", "checkpoint.every=0", f"checkpoint.dir={out / 'ckpt'}",
+            "eval.at_end=false"], log=lambda text: None)
+        result = run_sft(cfg, log=lambda text: None, overlap=overlap)
+        records = [r for r in read_metrics(out) if r["kind"] == "train"]
+        logged[label] = [{k: v for k, v in r.items() if k not in ("time", "step_time", "tokens_per_s")}
+                         for r in records]
+        times = [r["step_time"] for r in records][1:]
+        rows[label] = (result.host_seconds / result.steps, statistics.median(times), result.final_loss)
+    tmp.cleanup()
+    same = logged["in line (before)"] == logged["overlapped (after)"]
+    print()
+    print(f"| {'sft loop':<20} | {'host s/step':>11} | {'median step s':>13} | {'final loss':>10} |")
+    print(f"|{'-' * 22}|{'-' * 13}|{'-' * 15}|{'-' * 12}|")
+    for label, (host, step, loss) in rows.items():
+        print(f"| {label:<20} | {host:>11.3f} | {step:>13.3f} | {loss:>10.5f} |")
+    print(f"\nmetrics.jsonl per step (loss, grad norm, lr, tokens, skipped) identical in both modes: {same}")
+    return 0 if same else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
@@ -145,11 +218,15 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-chunk", type=int, default=48,
                     help="fxjax: supervised tokens per lm_head chunk (on a CPU keep chunk x vocab x 4 bytes under 32 MB)")
     ap.add_argument("--remat", default="none", help="fxjax: remat policy of decoder layers / vision blocks")
+    ap.add_argument("--loop", action="store_true", help="time the whole sft loop in line vs overlapped (fxjax only)")
+    ap.add_argument("--loop-pixels", type=int, default=200704, help="--loop: data.max_pixels of the images")
     fw.add_worker_args(ap)
     args = ap.parse_args(argv)
 
     if args.worker:
         return fw.run_worker(args, {"torch": worker_torch, "fxjax": worker_fxjax})
+    if args.loop:
+        return run_loop(args)
 
     name = "small" if args.small else "mid"
     if args.vocab:

@@ -72,7 +72,7 @@ def test_help_states_the_demo_values(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default: {DEMO['steps']};" in text and f"(default: {DEMO['images']};" in text
+    assert f"(default: {DEMO['sft']['steps']};" in text and f"(default: {DEMO['images']};" in text
 
 
 def test_a_missing_model_directory_is_named_as_missing(tmp_path):

@@ -1,6 +1,8 @@
 """The LoRA SFT loop: `run_sft(cfg)` (what `fxjax sft --config configs/sft.yaml` runs).
 
     model (HF dir or preset) + LoRA -> mesh -> data pipeline -> jitted step (donated state)
+      (the next batch is built in a background thread (train.prefetch) while the device runs the step, and
+       a step's metrics are fetched once the next step is dispatched)
       -> metrics.jsonl / TensorBoard / tqdm -> periodic evaluation -> orbax checkpoints -> export
 
 Resume: with checkpoint.resume (default) a run whose checkpoint directory already holds a checkpoint
@@ -25,10 +27,12 @@ import jax
 
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.sharding import MeshConfig, make_mesh, use_mesh
+from fxjax.train import faults
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import MetricsLogger
+from fxjax.train.prefetch import StepBatches
 from fxjax.train.run_setup import batch_divides, build_model, join_run, start_run
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
@@ -49,6 +53,7 @@ class SFTResult:
     checkpoint_dir: str | None = None
     exported: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    host_seconds: float = 0.0  # the loop's wait for host batches (built, or taken from the prefetch queue)
     params: Any = None  # final LoRA parameters (nnx.State of jax arrays)
     model: Any = None  # the model with the final LoRA parameters
 
@@ -77,8 +82,12 @@ def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTResult:
-    """Run (or resume) LoRA SFT as configured. See the module docstring."""
+def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap: bool = True) -> SFTResult:
+    """Run (or resume) LoRA SFT as configured. See the module docstring.
+
+    `overlap` (default): the next batch is built in a background thread while the device runs the current
+    step, and a step's metrics are fetched after the next step is dispatched. False: both happen in line
+    (bench/sft_step.py --loop compares the two); the logged values are the same either way."""
     started = time.perf_counter()
     main, say = join_run("sft", cfg, log)
 
@@ -114,23 +123,60 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
     resolved = cfg.to_dict()
     run_eval = RunEvaluation("sft", evaluator, metrics, result, cfg.eval.generate, say)
 
+    model_cfg, pad_id, accum = model.config, pipeline.pad_id, cfg.optim.grad_accum  # the producer thread's inputs
+
+    def make_batch(source, floor: dict):
+        micro = [next(source) for _ in range(accum)]
+        batch = build_step_batch(micro, model_cfg, pad_id, floor=floor)
+        return batch, grow_floor(floor, batch, model_cfg)
+
+    # The checkpoint holds the position and shape floor of the batches the loop consumed (not of the ones
+    # built ahead), so a resumed run continues with exactly the next batch.
+    batches = StepBatches(iterator, make_batch, floor=floor, count=steps_total - step_now, background=overlap)
+    pending = None  # (update number, device metrics, tokens, start): fetched after the next step's dispatch
+    last_done = 0.0  # when the last step's metrics arrived
+
+    def settle() -> None:
+        """Fetch, check and log the pending step's metrics (a no-op when none). Runs before anything that
+        must see the step as finished and finite (a save, an evaluation, a fault point, the end), so a
+        non-finite step stops or is skipped exactly as if its metrics had been fetched at once."""
+        nonlocal pending, skipped, last_done
+        if pending is None:
+            return
+        step, out, tokens, start = pending
+        pending = None
+        out = {k: float(v) for k, v in jax.device_get(out).items()}
+        now = time.perf_counter()
+        # from the later of its batch being taken and the previous step's end: overlapped, the device's time
+        # for the step; in line, the step with its batch (no save or evaluation time either way)
+        dt, last_done = now - max(start, last_done), now
+        if not out["finite"]:
+            skipped = handle_nonfinite("sft", cfg, step, out, checkpointer, skipped, say)
+        values = dict(loss=out["loss"], learning_rate=out["learning_rate"], grad_norm=out["grad_norm"],
+                      step_time=dt, tokens_per_s=tokens / dt, target_tokens=out["target_tokens"],
+                      skipped=skipped)
+        result.final_loss = out["loss"]
+        if step % cfg.train.log_every == 0 or step == steps_total:
+            metrics.log(step, "train", values)
+        control.bar.update(1, dict(loss=out["loss"], lr=out["learning_rate"], tok_s=round(tokens / dt)))
+
     def evaluate(tag: str) -> dict:
+        settle()
         return run_eval(tag, step_now, model, state.params, base, rest)
 
     def save(step: int) -> None:
-        checkpointer.save(step, state, {"iterator": iterator.get_state(), "shape_floor": floor}, resolved)
+        settle()
+        checkpointer.save(step, state, {"iterator": batches.get_state(), "shape_floor": batches.floor}, resolved)
 
     step_fn = None
     batch_sh = None
     skipped = 0
     with LoopControl("sft", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
                      say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
-                     metrics=metrics, iterator=iterator) as control:
+                     metrics=metrics, iterator=batches) as control:
         for step_now in control.updates(step_now):
             t0 = time.perf_counter()
-            micro = [next(iterator) for _ in range(cfg.optim.grad_accum)]
-            batch = build_step_batch(micro, model.config, pipeline.pad_id, floor=floor)
-            floor = grow_floor(floor, batch, model.config)
+            batch = next(batches).batch
             if batch_sh is None:
                 batch_sh = batch_shardings(batch, mesh, shard_rows)
                 step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
@@ -139,22 +185,17 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None) -> SFTR
                                           rest_shardings=shardings.rest, batch_shardings=batch_sh)
             tokens = int(batch.inputs.attention_mask.sum())
             placed = place_batch(batch, batch_sh)
+            result.host_seconds += time.perf_counter() - t0
             # Under the mesh the model pins activations' batch axis to (data, fsdp) (Qwen25VL.shard_batch), so
             # FSDP gathers weights rather than activations. Only device work runs under it: the rewards
             # (evaluation) run on this host's CPU device.
             with use_mesh(mesh):
                 state, out = step_fn(state, base, rest, placed)
-            out = {k: float(v) for k, v in jax.device_get(out).items()}
-            dt = time.perf_counter() - t0
-            if not out["finite"]:
-                skipped = handle_nonfinite("sft", cfg, step_now + 1, out, checkpointer, skipped, say)
+            settle()  # the previous step's metrics, while the device has this step queued
             step_now += 1  # from here on: the number of updates made (what the loop control counts too)
-            values = dict(loss=out["loss"], learning_rate=out["learning_rate"], grad_norm=out["grad_norm"],
-                          step_time=dt, tokens_per_s=tokens / dt, target_tokens=out["target_tokens"],
-                          skipped=skipped)
-            result.final_loss = out["loss"]
-            if step_now % cfg.train.log_every == 0 or step_now == steps_total:
-                metrics.log(step_now, "train", values)
-            control.bar.update(1, dict(loss=out["loss"], lr=out["learning_rate"], tok_s=round(tokens / dt)))
+            pending = (step_now, out, tokens, t0)
+            if not overlap or faults.armed("after_step", step_now):
+                settle()
+        settle()
         control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result
