@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 
 from fxjax.data.pipeline import DataConfig, DataPipeline
-from fxjax.sharding import MeshConfig, make_mesh, use_mesh
+from fxjax.sharding import MeshConfig, make_mesh
 from fxjax.train import faults
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
 from fxjax.train.evaluation import Evaluator
@@ -186,11 +186,9 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
             tokens = int(batch.inputs.attention_mask.sum())
             placed = place_batch(batch, batch_sh)
             result.host_seconds += time.perf_counter() - t0
-            # Under the mesh the model pins activations' batch axis to (data, fsdp) (Qwen25VL.shard_batch), so
-            # FSDP gathers weights rather than activations. Only device work runs under it: the rewards
-            # (evaluation) run on this host's CPU device.
-            with use_mesh(mesh):
-                state, out = step_fn(state, base, rest, placed)
+            # step_fn runs under the mesh (train.step.OnMesh): the model pins activations' batch axis to
+            # (data, fsdp), so FSDP gathers weights rather than activations.
+            state, out = step_fn(state, base, rest, placed)
             settle()  # the previous step's metrics, while the device has this step queued
             step_now += 1  # from here on: the number of updates made (what the loop control counts too)
             pending = (step_now, out, tokens, t0)
