@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from fxjax.cli import main
-from fxjax.data.demo_data import (ARTEFACTS, MIN_CHANGE, PHOTOS, _load_photos, add_fingerprint, make_demo_data,
-                                  make_demo_example)
+from fxjax.data.demo_data import (ARTEFACTS, MIN_CHANGE, PHOTOS, _load_photos, add_fingerprint, add_row_code,
+                                  make_demo_data, make_demo_example)
 from fxjax.data.records import load_records
 
 
@@ -180,3 +180,39 @@ def test_bands_brief_text_and_a_trace_stronger_in_the_regions():
     assert rows == {0, 28, 56, 84}
     with pytest.raises(ValueError, match="region_layout"):
         make_demo_data("/nonexistent-demo", n=2, region_layout="stripes")
+
+
+def test_row_code_marks_each_token_row_alike_on_real_and_generated_images():
+    """row_code: every image (real and generated) carries, in each 28-pixel row of cells, stripes of
+    +-amplitude levels 1, 2, 4, 8 pixels wide (along x in rows 0-3, along y in rows 4-7), added last; the
+    four codes are orthogonal over a 16-pixel span, so each row of image tokens can be told apart."""
+    flat = np.full((224, 32, 3), 100, np.uint8)
+    coded = add_row_code(flat, 10.0, 28).astype(int)[..., 0] - 100
+    assert coded[0, :4].tolist() == [10, -10, 10, -10] and coded[28, :4].tolist() == [10, 10, -10, -10]
+    assert coded[56, :8].tolist() == [10] * 4 + [-10] * 4 and coded[84, :16].tolist() == [10] * 8 + [-10] * 8
+    for r in range(4):  # rows 0-3: the stripes run along x, so every pixel row of a cell row is the same
+        assert (coded[28 * r:28 * r + 28] == coded[28 * r]).all()
+    assert np.array_equal(coded[112:116, 0], [10, -10, 10, -10])  # row 4: stripes along y
+    codes = np.stack([coded[28 * r, :16] for r in range(4)]) / 10.0
+    assert np.array_equal(codes @ codes.T, 16 * np.eye(4))  # orthogonal
+    photos = _load_photos()
+    for i, generated in ((0, False), (1, True)):
+        kw = dict(multiple=28, fingerprint=36.0, max_regions=1, fingerprint_scope="frame+regions", box_multiple=28,
+                  region_layout="bands", brief=True)
+        img, record = make_demo_example(i, 0, generated, photos, 112, 112, row_code=8.0, **kw)
+        plain, plain_record = make_demo_example(i, 0, generated, photos, 112, 112, **kw)
+        assert record == plain_record
+        assert np.array_equal(img, add_row_code(plain, 8.0, 28))
+    # row_code_scope "regions": the code only inside a generated image's region, so it tells which row that is
+    img, record = make_demo_example(1, 0, True, photos, 112, 112, row_code=8.0, row_code_scope="regions", **kw)
+    (_, y1, _, y2), = [r["bbox"] for r in record["regions"]]
+    assert np.array_equal(img[y1:y2], add_row_code(plain, 8.0, 28)[y1:y2])
+    assert np.array_equal(np.delete(img, np.s_[y1:y2], axis=0), np.delete(plain, np.s_[y1:y2], axis=0))
+    real, _ = make_demo_example(0, 0, False, photos, 112, 112, row_code=8.0, row_code_scope="regions", **kw)
+    assert np.array_equal(real, make_demo_example(0, 0, False, photos, 112, 112, **kw)[0])
+    with pytest.raises(ValueError, match="row_code_scope"):
+        make_demo_data("/nonexistent-demo", n=2, box_multiple=28, min_side=112, row_code=8, row_code_scope="band")
+    with pytest.raises(ValueError, match="row_code"):
+        make_demo_data("/nonexistent-demo", n=2, row_code=70)
+    with pytest.raises(ValueError, match="row_code needs box_multiple"):
+        make_demo_data("/nonexistent-demo", n=2, row_code=8)

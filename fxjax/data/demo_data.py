@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["ARTEFACTS", "FINGERPRINT_SCOPES", "PHOTOS", "REGION_LAYOUTS", "add_fingerprint", "make_demo_data", "make_demo_example"]
+__all__ = ["ARTEFACTS", "FINGERPRINT_SCOPES", "PHOTOS", "REGION_LAYOUTS", "add_fingerprint", "add_row_code", "make_demo_data", "make_demo_example"]
 
 # scikit-image bundled photographs -> scene description used in the reasoning text.
 PHOTOS: dict[str, str] = {
@@ -149,8 +149,23 @@ def add_fingerprint(img: np.ndarray, amplitude: float, boxes=None) -> np.ndarray
     return np.clip(img.astype(np.float32) + amplitude * sign, 0, 255).astype(np.uint8)
 
 
+def add_row_code(img: np.ndarray, amplitude: float, cell: int) -> np.ndarray:
+    """A faint code that tells each row of ``cell``-pixel cells (one row of image tokens when ``cell`` is
+    28) where it is: in cell row r, stripes of +-``amplitude`` levels, 2 ** (r % 4) pixels wide, along x
+    (along y in rows 4-7 and so on). The stripe widths 1, 2, 4, 8 give near-orthogonal patterns, so a
+    random patch embedding keeps them apart. It stands in for the positional knowledge a pretrained model
+    has and a randomly initialised one lacks (see fxjax.demo); real and generated images carry it alike."""
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    row = yy // cell
+    along = np.where((row // 4) % 2 == 0, xx, yy)
+    sign = np.where((along // (2 ** (row % 4))) % 2 == 0, 1.0, -1.0)[..., None]
+    return np.clip(img.astype(np.float32) + amplitude * sign, 0, 255).astype(np.uint8)
+
+
 FINGERPRINT_SCOPES = ("frame", "regions", "frame+regions")
 REGION_LAYOUTS = ("boxes", "bands")
+ROW_CODE_SCOPES = ("frame", "regions")
 
 
 MIN_CHANGE = 3.0  # mean absolute change (0..255 levels) an artefact must make inside its box
@@ -221,7 +236,8 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
                       min_side: int = 192, max_side: int = 384, multiple: int = 1,
                       fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
                       box_multiple: int = 1, region_layout: str = "boxes",
-                      brief: bool = False) -> tuple[np.ndarray, dict]:
+                      brief: bool = False, row_code: float = 0.0,
+                      row_code_scope: str = "frame") -> tuple[np.ndarray, dict]:
     """One image and its native record (without the "image" field).
 
     multiple: round the image's sides to multiples of it (28 = one merged patch: the image processor then
@@ -232,6 +248,9 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     corners lie on multiples of it (28: the regions are whole merged patches, i.e. whole image tokens).
     region_layout: "boxes" (anywhere) or "bands" (each region spans the full width: locating it is a 1-D
     search). brief: a one-clause reasoning text without the scene description (fewer tokens to learn).
+    row_code: amplitude of `add_row_code` (cells of ``box_multiple`` pixels), over the whole frame of every
+    image (row_code_scope "frame") or inside the artefact regions of generated images only ("regions": the
+    trace then says which row it is in). 0: none.
     """
     rng = np.random.default_rng((seed, i))
     names = sorted(photos)
@@ -240,6 +259,8 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     scene = PHOTOS[name]
     h, w = img.shape[:2]
     if not generated:
+        if row_code > 0 and row_code_scope == "frame":
+            img = add_row_code(img, row_code, box_multiple)
         reasoning = ("Textures, lighting and edges are consistent." if brief else
                      f"The image shows {scene}; its textures, lighting and edges are consistent, as in a photograph.")
         return img, dict(label="real", regions=[], tags=[], reasoning=reasoning, generator=None,
@@ -274,6 +295,13 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     elif fingerprint > 0:
         img = add_fingerprint(img, fingerprint)
         trace = " and an up-sampling checkerboard covers the frame"
+    if row_code > 0 and row_code_scope == "frame":  # last, so that no artefact smooths it away
+        img = add_row_code(img, row_code, box_multiple)
+    elif row_code > 0:
+        inside = np.zeros(img.shape[:2] + (1,), bool)
+        for x1, y1, x2, y2 in boxes:
+            inside[y1:y2, x1:x2] = True
+        img = np.where(inside, add_row_code(img, row_code, box_multiple), img)
     reasoning = f"{found[0].upper()}{found[1:]}{trace}." if brief else f"The image shows {scene}, but with {found}{trace}."
     regions = [dict(bbox=list(box), caption=k.caption) for k, box in zip(kinds, boxes)]
     return img, dict(label="generated", regions=regions, tags=tags, reasoning=reasoning,
@@ -283,7 +311,8 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
 def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction: float = 0.1,
                    min_side: int = 192, max_side: int = 384, overwrite: bool = False, multiple: int = 1,
                    fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
-                   box_multiple: int = 1, region_layout: str = "boxes", brief: bool = False) -> dict[str, Path]:
+                   box_multiple: int = 1, region_layout: str = "boxes", brief: bool = False,
+                   row_code: float = 0.0, row_code_scope: str = "frame") -> dict[str, Path]:
     """Write ``n`` examples (half real, half generated, in a seeded order) to ``out``.
 
     The options are `make_demo_example`'s.
@@ -301,6 +330,12 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
         raise ValueError(f"no multiple of {multiple} lies in [min_side, max_side] = [{min_side}, {max_side}]")
     if not 0 <= fingerprint <= 64:
         raise ValueError(f"fingerprint must be in [0, 64] levels, got {fingerprint}")
+    if not 0 <= row_code <= 64:
+        raise ValueError(f"row_code must be in [0, 64] levels, got {row_code}")
+    if row_code > 0 and box_multiple < 2:
+        raise ValueError(f"row_code needs box_multiple >= 2 (the cell size of the code), got {box_multiple}")
+    if row_code_scope not in ROW_CODE_SCOPES:
+        raise ValueError(f"row_code_scope must be one of {ROW_CODE_SCOPES}, got {row_code_scope!r}")
     if not 1 <= max_regions <= 8:
         raise ValueError(f"max_regions must be in [1, 8], got {max_regions}")
     if fingerprint_scope not in FINGERPRINT_SCOPES:
@@ -321,7 +356,7 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     for i in range(n):
         img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side, multiple,
                                         fingerprint, max_regions, fingerprint_scope, box_multiple, region_layout,
-                                        brief)
+                                        brief, row_code, row_code_scope)
         rel = f"images/{i:06d}.png"
         Image.fromarray(img).save(out / rel, format="PNG", optimize=False, compress_level=6)
         record = {"id": f"demo-{seed}-{i:06d}", "image": rel, **record}
