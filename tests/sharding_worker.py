@@ -389,8 +389,8 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     for i, shape in enumerate(meshes):
         mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
         model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
-        with sharding.use_mesh(mesh):
-            logits = forward(model, sharding.shard_inputs(_host_inputs(model, data), mesh))
+        with sharding.use_mesh(mesh):  # images packed per batch shard, each process placing its shards
+            logits = forward(model, sharding.shard_inputs(_host_inputs(model, data, sharding.batch_shards(mesh)), mesh))
         full = sharding.gather(logits)
         local = sharding.device_bytes(model, BASE_PARAMS)
         report = shard_report(model, mesh)
