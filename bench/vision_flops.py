@@ -102,7 +102,8 @@ def host_batch(cfg, rows: int, grid: tuple[int, int, int], mixed: bool) -> dict:
     length = max(tokens) + 8
     ids = np.full((rows, length), 100, np.int32)
     for r, n in enumerate(tokens):
-        ids[r, 1], ids[r, 2:2 + n], ids[r, 2 + n] = cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id
+        ids[r, 1], ids[r, 2 + n] = cfg.vision_start_token_id, cfg.vision_end_token_id
+        ids[r, 2:2 + n] = cfg.image_token_id
     grid_thw = np.asarray(grids, np.int64)
     pixels = np.zeros((int(np.prod(grid_thw, axis=1).sum()), cfg.vision.patch_dim), np.float32)
     return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pixels, image_grid_thw=grid_thw)

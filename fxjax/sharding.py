@@ -24,7 +24,7 @@ small test configs run on any mesh. A parameter no rule names is an error, never
 Use:
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))       # after fxjax.distributed.initialize()
     model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh, lora=LoRAConfig(...))
-    inputs = shard_inputs(model.prepare(ids, mask, pixel_values, grid), mesh)
+    inputs = shard_inputs(model.prepare(ids, mask, pixel_values, grid, batch_shards=batch_shards(mesh)), mesh)
     with use_mesh(mesh):                # the model pins activations' batch to ("data", "fsdp")
         loss, grads = jitted_step(model, optimizer, inputs)   # ending in constrain(model), constrain(optimizer)
 """

@@ -158,7 +158,8 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
         sl = slice(a * per, (a + 1) * per)
         pixels = None if grid is None else np.asarray(prompt_batch["pixel_values"])[offsets[a * per]:offsets[(a + 1) * per]]
         pin = prepare_inputs(model_cfg, ids_all[sl], np.asarray(prompt_batch["attention_mask"])[sl], pixels,
-                             None if grid is None else grid[sl], batch_shards=batch_shards if batch_shards > 1 else None)
+                             None if grid is None else grid[sl],
+                             batch_shards=batch_shards if batch_shards > 1 else None)
         rows = slice(a * per * g, (a + 1) * per * g)
         rep = lambda x, axis=0: np.repeat(np.asarray(x), g, axis=axis)  # noqa: E731
         comp_pos = rep(next_positions(pin))[:, None] + np.arange(n, dtype=np.int32)[None, :]
