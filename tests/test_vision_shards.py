@@ -49,7 +49,7 @@ def test_per_shard_vision_gives_the_packed_logits(model):
     packed = model.prepare(**data)
     reference = np.asarray(run(model, packed))
     unit = model.config.vision.merge_unit
-    for shards in (2, 4):
+    for shards in (4,):  # one shard with two images, one without any
         inputs = model.prepare(**data, batch_shards=shards)
         v = inputs.vision
         assert v.valid.shape[0] == shards and v.patches.shape[:2] == v.valid.shape
