@@ -193,7 +193,8 @@ def sft_program(cfg, graphdef, params, base, rest, mesh, a):
     from fxjax.train.step import make_train_step
 
     tx, schedule, state, base, rest = train_state(params, base, rest, mesh)
-    host = build_step_batch([rows_with_image(cfg, a.batch, a.seq_len, a.image_tokens, a.completion_len)], cfg, 0)
+    host = build_step_batch([rows_with_image(cfg, a.batch, a.seq_len, a.image_tokens, a.completion_len)], cfg, 0,
+                            batch_shards=vision_shards(mesh, a.batch))
     batch = shaped(host, batch_shardings(host, mesh))
     step = make_train_step(graphdef, tx, schedule, loss_chunk=a.loss_chunk, remat=a.remat, remat_vision=a.remat,
                            state_shardings=sh_of(state), base_shardings=sh_of(base),
@@ -221,7 +222,8 @@ def grpo_program(cfg, graphdef, params, base, rest, mesh, a):
                       [], {}, np.zeros(a.batch, np.float32))
     # beta > 0 (the default 0.04): the update reads the reference log-probs
     host, _ = build_group_batch(host_prompts, rollout, cfg, num_generations=g, n_micro=1, floor={},
-                                ref_logps=np.zeros((a.batch, n), np.float32))
+                                ref_logps=np.zeros((a.batch, n), np.float32),
+                                batch_shards=vision_shards(mesh, prompts))
     batch = shaped(host, _group_batch_shardings(host, mesh, True))
     step = make_grpo_step(graphdef, tx, schedule, opts=LossOptions(max_completion_length=n), loss_chunk=a.loss_chunk,
                           remat=a.remat, remat_vision=a.remat, state_shardings=sh_of(state),
@@ -246,8 +248,9 @@ def prefill_program(cfg, graphdef, params, base, rest, mesh, a):
     from fxjax.train.step import OnMesh
 
     host = rows_with_image(cfg, a.batch, a.prompt_len, a.image_tokens, 0)
+    shards = vision_shards(mesh, a.batch)
     inputs = prepare_inputs(cfg, host["input_ids"], host["attention_mask"], host["pixel_values"],
-                            host["image_grid_thw"])
+                            host["image_grid_thw"], batch_shards=shards if shards > 1 else None)
     cache_len = a.prompt_len + a.completion_len
 
     def run(params, base, rest, inputs):
@@ -286,8 +289,18 @@ def decode_program(cfg, graphdef, params, base, rest, mesh, a):
     return OnMesh(jax.jit(run, donate_argnums=(5,)), mesh), args, f"B{a.batch}, cache {cache_len}"
 
 
+def vision_shards(mesh, rows: int) -> int:
+    """Batch shards the vision is packed for, as the training loop does: data x fsdp when `rows` (prompts for
+    GRPO) split over them, else 1 (one replicated sequence)."""
+    from fxjax.sharding import batch_shards
+
+    shards = batch_shards(mesh)
+    return shards if rows % shards == 0 else 1
+
+
 def input_shardings(inputs, mesh):
-    """The shardings fxjax.sharding.shard_inputs gives ModelInputs: batch over (data, fsdp), vision replicated."""
+    """The shardings fxjax.sharding.shard_inputs gives ModelInputs: batch over (data, fsdp); vision packed per
+    batch shard over the same axes, one packed sequence replicated."""
     from jax.sharding import NamedSharding
 
     from fxjax.model.inputs import ModelInputs
@@ -298,7 +311,7 @@ def input_shardings(inputs, mesh):
         return None if x is None else NamedSharding(mesh, REPLICATED if dim is None else batch_spec(x.ndim, dim))
 
     v = inputs.vision
-    vision = None if v is None else VisionInputs(*(s(x, None) for x in v))
+    vision = None if v is None else VisionInputs(*(s(x, 0 if v.valid.ndim == 2 else None) for x in v))
     return ModelInputs(s(inputs.input_ids, 0), s(inputs.attention_mask, 0), s(inputs.position_ids, 1),
                        s(inputs.rope_deltas, 0), s(inputs.image_feature_index, 0), vision)
 

@@ -14,8 +14,9 @@ of data / fsdp crosses TPU slices (GPU hosts), so only those collectives use the
 * LoRA A [in, r] takes the spec of its base kernel's `in` dimension, B [r, out] that of `out`, plus
   "fsdp" where that entry lacks it (so every factor shards over fsdp); the rank dimension is replicated
   (it takes "fsdp" only where the shared dimension cannot).
-* Activations shard the batch over ("data", "fsdp"); the vision encoder's packed patch axis is not a
-  batch axis and stays replicated.
+* Activations shard the batch over ("data", "fsdp"). The vision encoder's inputs, packed per batch shard
+  (a leading shard axis, model.inputs.prepare_inputs's batch_shards), shard that axis the same way; one
+  packed sequence for the whole batch is not a batch axis and stays replicated.
 
 A dimension that its mesh axes do not divide is replicated instead (`replicated_dims` lists them), so
 small test configs run on any mesh. A parameter no rule names is an error, never silently replicated.
@@ -23,7 +24,7 @@ small test configs run on any mesh. A parameter no rule names is an error, never
 Use:
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))       # after fxjax.distributed.initialize()
     model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh, lora=LoRAConfig(...))
-    inputs = shard_inputs(model.prepare(ids, mask, pixel_values, grid), mesh)
+    inputs = shard_inputs(model.prepare(ids, mask, pixel_values, grid, batch_shards=batch_shards(mesh)), mesh)
     with use_mesh(mesh):                # the model pins activations' batch to ("data", "fsdp")
         loss, grads = jitted_step(model, optimizer, inputs)   # ending in constrain(model), constrain(optimizer)
 """
@@ -482,9 +483,10 @@ def splits_batch(mesh: Mesh | Mapping[str, int] | MeshConfig, batch: int) -> boo
 def shard_inputs(inputs, mesh: Mesh):
     """model.ModelInputs (host arrays, the same on every process) -> global arrays on `mesh`.
 
-    [B, ...] fields shard the batch over ("data", "fsdp"), position_ids [3, B, L] its second axis; the
-    vision fields (packed patch axis, not a batch axis) are replicated. The batch must be divisible by
-    data * fsdp (`splits_batch`).
+    [B, ...] fields shard the batch over ("data", "fsdp"), position_ids [3, B, L] its second axis; vision
+    prepared per batch shard (`model.prepare(..., batch_shards=batch_shards(mesh))`, fields [S, ...]) shards
+    its shard axis the same way; one packed vision sequence (not a batch axis) is replicated. The batch
+    must be divisible by data * fsdp (`splits_batch`).
     """
     batch = int(np.shape(inputs.input_ids)[0])
     if not splits_batch(mesh, batch):
@@ -497,7 +499,11 @@ def shard_inputs(inputs, mesh: Mesh):
 
     vision = inputs.vision
     if vision is not None:
-        vision = type(vision)(*(on(v, None) for v in vision))
+        per_shard = np.ndim(vision.valid) == 2
+        if per_shard and np.shape(vision.valid)[0] != batch_shards(mesh):
+            raise ShardingError(f"vision packed for {np.shape(vision.valid)[0]} batch shards, but data x fsdp = "
+                                f"{batch_shards(mesh)}")
+        vision = type(vision)(*(None if v is None else on(v, 0 if per_shard else None) for v in vision))
     return type(inputs)(input_ids=on(inputs.input_ids, 0), attention_mask=on(inputs.attention_mask, 0),
                         position_ids=on(inputs.position_ids, 1), rope_deltas=on(inputs.rope_deltas, 0),
                         image_feature_index=on(inputs.image_feature_index, 0), vision=vision)

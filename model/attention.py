@@ -128,8 +128,9 @@ def key_padding_mask(valid: jax.Array, backend: str = "xla") -> AttentionMask:
 
 
 def segment_mask(segment_ids: jax.Array, valid: jax.Array, backend: str = "xla") -> AttentionMask:
-    """Vision full attention over all P slots: each slot attends the valid slots of its own segment."""
-    allowed = (segment_ids[:, None] == segment_ids[None, :]) & valid[None, :]
+    """Vision full attention over all P slots ([..., P]): each slot attends the valid slots of its own
+    segment."""
+    allowed = (segment_ids[..., :, None] == segment_ids[..., None, :]) & valid[..., None, :]
     segments = jnp.where(valid, segment_ids, -1).astype(jnp.int32)
     return AttentionMask(allowed, segments, segments, backend=backend)
 

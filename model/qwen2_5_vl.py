@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .batch_axis import shard_batch
 from .config import Qwen25VLConfig
 from .decoder import TextDecoder
 from .inputs import ModelInputs, prepare_inputs
@@ -18,15 +17,19 @@ from .vision import VisionEncoder
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def shard_batch(x: jax.Array) -> jax.Array:
-    """Shard dim 0 (the batch) over the ambient mesh's ("data", "fsdp") axes (jax.sharding.set_mesh);
-    a no-op without such a mesh. Pins activations so that sharded weights are gathered (FSDP) rather
-    than activations."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+def place_features(features: jax.Array, index: jax.Array) -> jax.Array:
+    """The merged image feature of every token: features [M, D] (one packed sequence) or [S, M_s, D] (per
+    batch shard), index [B, L] -> [B, L, D]. Per shard, the B rows split into S contiguous groups (the split
+    the batch axis gets on the mesh) and group s indexes shard s's features only, so the gather stays on
+    the device that holds both: no features cross devices."""
+    if features.ndim == 2:
+        return jnp.take(features, index, axis=0)
+    shards, (b, length) = features.shape[0], index.shape
+    if b % shards:
+        raise ValueError(f"batch of {b} rows does not split into the vision's {shards} shards")
+    per_shard = index.reshape(shards, b // shards, length)
+    placed = jax.vmap(lambda f, i: jnp.take(f, i, axis=0))(shard_batch(features), shard_batch(per_shard))
+    return placed.reshape(b, length, features.shape[-1])
 
 
 def as_dtype(dtype) -> jnp.dtype:
@@ -74,7 +77,7 @@ class Qwen25VL(nnx.Module):
         x = self.embed_tokens(inputs.input_ids)
         if inputs.vision is not None:
             features = self.visual(inputs.vision).astype(x.dtype)
-            placed = jnp.take(features, inputs.image_feature_index, axis=0)
+            placed = place_features(features, inputs.image_feature_index)
             is_image = (inputs.input_ids == self.config.image_token_id)[..., None]
             x = jnp.where(is_image, placed, x)
         return x
@@ -89,10 +92,13 @@ class Qwen25VL(nnx.Module):
             return shard_batch(self.embed_tokens.attend(hidden))
         return shard_batch(self.lm_head(hidden))
 
-    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> ModelInputs:
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+                batch_shards: int | None = None) -> ModelInputs:
         """HF-shaped host inputs -> ModelInputs (numpy), what `forward` consumes. Not traceable: the
-        image layout and positions depend on the values of image_grid_thw and the token ids."""
-        return prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+        image layout and positions depend on the values of image_grid_thw and the token ids.
+        `batch_shards`: pack the images per group of rows (see model.inputs.prepare_inputs)."""
+        return prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                              batch_shards=batch_shards)
 
     def forward(self, inputs: ModelInputs) -> jax.Array:
         """Prepared inputs -> logits [B, L, vocab]: pure jax, traceable inside the caller's jit and grad."""

@@ -30,7 +30,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, *, upcast: bool) 
 
 
 def vision_rotary(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """pos_hw: [N, 2] (row, col) patch positions -> cos, sin [N, head_dim].
+    """pos_hw: [..., N, 2] (row, col) patch positions -> cos, sin [..., N, head_dim].
 
     Frequencies cover half the head dim: the first quarter rotates with h, the second with w, and the
     whole is repeated (HF's recomposition), so the rotation spans the full head.
@@ -38,7 +38,7 @@ def vision_rotary(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.A
     spatial = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
     freqs = pos_hw.astype(jnp.float32)[..., None] * inv_freq  # [N, 2, spatial/2]
-    freqs = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)  # [N, spatial]
+    freqs = jnp.concatenate([freqs[..., 0, :], freqs[..., 1, :]], axis=-1)  # [N, spatial]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

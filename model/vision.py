@@ -9,13 +9,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import dot_product_attention, key_padding_mask, segment_mask
+from .batch_axis import shard_batch
 from .config import VisionConfig
 from .layers import GatedMLP, Linear, RMSNorm
 from .rope import apply_rotary, vision_rotary
 
 
 class VisionInputs(NamedTuple):
-    """Device-side vision batch, in padded window order (see model.vision_layout)."""
+    """Device-side vision batch, in padded window order (see model.vision_layout).
+
+    Two layouts: the images of the whole batch packed into one sequence (the shapes below), or one packed
+    sequence per batch shard, stacked on a leading shard axis (every field [S, ...], see
+    model.inputs.prepare_inputs's `batch_shards`): each shard's block holds only its own rows' images, and
+    every index in it is shard-local, so a mesh that splits that axis encodes each image on one device.
+    """
 
     patches: jax.Array  # [P, patch_dim] pixel rows (zeros in padding slots)
     valid: jax.Array  # [P] bool
@@ -23,9 +30,22 @@ class VisionInputs(NamedTuple):
     pos_hw: jax.Array  # [P, 2] int32
     # Per-segment gather for full attention (model.vision_layout); without them full attention falls
     # back to one masked attention over all P slots, which gives the same result at more cost.
-    segment_slots: jax.Array | None = None  # [S, Ls] int32
-    segment_valid: jax.Array | None = None  # [S, Ls] bool
+    segment_slots: jax.Array | None = None  # [G, Ls] int32
+    segment_valid: jax.Array | None = None  # [G, Ls] bool
     slot_in_segment: jax.Array | None = None  # [P] int32
+
+    @property
+    def shard_axes(self) -> int:
+        """0 for one packed sequence, 1 for the per-shard layout (a leading [S] axis)."""
+        return self.valid.ndim - 1
+
+
+def take_rows(x: jax.Array, index: jax.Array, lead: int) -> jax.Array:
+    """x[index] along the axis after `lead` leading (shard) axes, per shard: x [*S, N, ...], index [*S, ...]."""
+    take = lambda a, i: a[i]  # noqa: E731
+    for _ in range(lead):
+        take = jax.vmap(take)
+    return take(x, index)
 
 
 class VisionAttention(nnx.Module):
@@ -70,7 +90,7 @@ class PatchMerger(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.ln_q(x)
-        x = x.reshape(x.shape[0] // self.merge_unit, -1)
+        x = x.reshape(*x.shape[:-2], x.shape[-2] // self.merge_unit, -1)
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
@@ -85,15 +105,19 @@ class VisionEncoder(nnx.Module):
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def encode(self, inputs: VisionInputs) -> jax.Array:
-        """Patch tokens after the last block, [P, hidden] (before the merger)."""
+        """Patch tokens after the last block, [P, hidden] (before the merger); [S, P, hidden] per shard."""
         cfg = self.cfg
         slots = cfg.window_slots
-        n = inputs.valid.shape[0]
-        x = self.patch_embed(inputs.patches)
+        lead = inputs.valid.shape[:-1]  # () or (S,): the per-shard layout keeps its shard axis throughout
+        # Per shard: pin the shard axis to the mesh's batch axes (FSDP then gathers weights, not patches).
+        pin = shard_batch if lead else (lambda x: x)
+        n = inputs.valid.shape[-1]
+        x = pin(self.patch_embed(inputs.patches))
         cos, sin = vision_rotary(inputs.pos_hw, cfg.head_dim, cfg.rope_theta)
 
-        window_mask = key_padding_mask(inputs.valid.reshape(-1, slots), cfg.attention)
-        win_cos, win_sin = cos.reshape(-1, slots, cos.shape[-1]), sin.reshape(-1, slots, sin.shape[-1])
+        window_mask = key_padding_mask(inputs.valid.reshape(*lead, -1, slots), cfg.attention)
+        win_cos = cos.reshape(*lead, -1, slots, cos.shape[-1])
+        win_sin = sin.reshape(*lead, -1, slots, sin.shape[-1])
         full_block = self._full_attention_block(inputs, cos, sin, cfg.attention)
 
         fullatt = set(cfg.fullatt_block_indexes)
@@ -101,25 +125,29 @@ class VisionEncoder(nnx.Module):
             if i in fullatt:
                 x = full_block(block, x)
             else:
-                x = block(x.reshape(-1, slots, x.shape[-1]), win_cos, win_sin, window_mask).reshape(n, -1)
+                x = block(x.reshape(*lead, -1, slots, x.shape[-1]), win_cos, win_sin, window_mask)
+                x = x.reshape(*lead, n, -1)
+            x = pin(x)
         return x
 
     @staticmethod
     def _full_attention_block(inputs: VisionInputs, cos, sin, backend: str):
         """How a full-attention block runs: per segment when the layout gives the gather, else masked."""
+        lead = inputs.shard_axes
         if inputs.segment_slots is None:
             mask = segment_mask(inputs.segment_ids, inputs.valid, backend)
             return lambda block, x: block(x, cos, sin, mask)
         gather = inputs.segment_slots
         mask = key_padding_mask(inputs.segment_valid, backend)
-        seg_cos, seg_sin = cos[gather], sin[gather]
+        seg_cos, seg_sin = take_rows(cos, gather, lead), take_rows(sin, gather, lead)
 
         def run(block, x):
-            out = block(x[gather], seg_cos, seg_sin, mask)
-            return out.reshape(-1, out.shape[-1])[inputs.slot_in_segment]
+            out = block(take_rows(x, gather, lead), seg_cos, seg_sin, mask)
+            out = out.reshape(*out.shape[:lead], -1, out.shape[-1])  # [*S, G * Ls, hidden]
+            return take_rows(out, inputs.slot_in_segment, lead)
 
         return run
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
-        """Merged image tokens in padded window order, [P // merge_unit, out_hidden]."""
+        """Merged image tokens in padded window order, [P // merge_unit, out_hidden] ([S, ...] per shard)."""
         return self.merger(self.encode(inputs))

@@ -7,7 +7,8 @@ to a bucket so that only a few shapes are ever compiled. Window attention is the
 [windows, slots]. Full attention runs per segment (one per image frame, as HF's cu_seqlens): the slots
 of each segment are gathered into a [segments, segment_slots] block, so a batch of n images costs n
 attentions over one image each, not one over all of them. HF's own window permutation and
-un-permutation become one gather, `merged_index`.
+un-permutation become one gather, `merged_index`. On a mesh, model.inputs.prepare_inputs(batch_shards=S) lays
+out each batch shard's images this way on their own and stacks the S layouts.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ process, and print/write JSON the tests assert on. Importing this module touches
         8 simulated CPU devices: single-device reference (the real SFT step of train.step with 2
         accumulated micro-batches: loss, updated LoRA parameters; logits and LoRA gradients of its loss
         function), then per mesh the same from fxjax.from_pretrained(CKPT, mesh=...) with the run's state
-        shardings, plus shard-shape and optimiser-state checks, per-device bytes and an export round trip.
+        shardings and the images packed per batch shard (build_step_batch's batch_shards), plus
+        shard-shape and optimiser-state checks, per-device bytes and an export round trip.
     python tests/sharding_worker.py multihost CKPT OUTDIR [--meshes 1,8,1 2,2,2]
         one of several processes (FXJAX_COORDINATOR / FXJAX_NUM_PROCESSES / FXJAX_PROCESS_ID /
         FXJAX_LOCAL_DEVICE_COUNT in the environment): load onto one global mesh, logits, export.
@@ -112,8 +113,9 @@ def _set_lora_b(model):
     return model
 
 
-def _host_inputs(model, data):
-    return model.prepare(data["input_ids"], data["attention_mask"], data["pixel_values"], data["image_grid_thw"])
+def _host_inputs(model, data, batch_shards=None):
+    return model.prepare(data["input_ids"], data["attention_mask"], data["pixel_values"], data["image_grid_thw"],
+                         batch_shards=batch_shards)
 
 
 def _flat_host(state) -> dict[str, np.ndarray]:
@@ -249,7 +251,9 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
         before = _flat_host(params)
         tx, schedule = make_optimizer(OptimSection(learning_rate=LR, warmup_steps=0, weight_decay=0.01), 10)
         micro = micro_batches()
-        host = build_step_batch(micro, model.config, pad_id=0)
+        # on a mesh: images packed per batch shard (each device encodes only its rows' images)
+        shards = 1 if mesh is None else sharding.batch_shards(mesh)
+        host = build_step_batch(micro, model.config, pad_id=0, batch_shards=shards)
         kw = dict(loss_chunk=loss_chunk, remat=None, remat_vision=None, with_grads=True)
         if mesh is None:
             state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
@@ -263,8 +267,8 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
             step_fn = make_train_step(graphdef, tx, schedule, state_shardings=sh.state, base_shardings=sh.base,
                                       rest_shardings=sh.rest, batch_shardings=batch_sh, **kw)
             assert isinstance(step_fn, OnMesh)
-        # logits of micro-batch 0 under the mesh: activations' batch pinned to (data, fsdp)
-        inputs = _host_inputs(model, micro[0])
+        # logits of micro-batch 0 under the mesh: activations' batch pinned to (data, fsdp), vision per shard
+        inputs = _host_inputs(model, micro[0], None if mesh is None else shards)
         with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             logits = forward(model, sharding.shard_inputs(inputs, mesh) if mesh is not None else inputs)
         state, metrics = step_fn(state, base, rest, placed)  # the state is donated
@@ -274,6 +278,9 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
                    grads=_flat_host(metrics["grads"]), stepped=_flat_host(state.params))
         if mesh is not None:
             got.update(_opt_report(state.opt_state, state.params))
+            patches = placed.inputs.vision.patches  # [A, S, P_s, patch_dim]
+            got.update(vision_shape=list(patches.shape), vision_spec=str(patches.sharding.spec),
+                       vision_shard_shapes=sorted({tuple(x.data.shape) for x in patches.addressable_shards}))
             rules = dict(nnx.to_flat_state(sh.state.params))
             got["grads_drift"] = [sharding.path_str(k) for k, g in nnx.to_flat_state(metrics["grads"])
                                   if not g.get_value().sharding.is_equivalent_to(rules[k], g.get_value().ndim)]
@@ -302,7 +309,8 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
             step_rel=max(rel(got["stepped"][k], ref["stepped"][k]) for k in ref["stepped"]),
             # the LoRA parameters keep their rule's sharding through the jitted step
             sharding_drift=_drift(model, mesh) + got["grads_drift"], logits_sharding=got["logits_sharding"],
-            **{k: got[k] for k in ("opt_mirrored", "opt_mismatch", "opt_bytes_total", "opt_bytes_per_device")},
+            **{k: got[k] for k in ("opt_mirrored", "opt_mismatch", "opt_bytes_total", "opt_bytes_per_device",
+                                   "vision_shape", "vision_spec", "vision_shard_shapes")},
             **report)
         if shape == (2, 2, 2):  # export from the sharded model: one tensor gathered at a time
             export = out.parent / "export_222"
@@ -381,8 +389,8 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     for i, shape in enumerate(meshes):
         mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
         model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
-        with sharding.use_mesh(mesh):
-            logits = forward(model, sharding.shard_inputs(_host_inputs(model, data), mesh))
+        with sharding.use_mesh(mesh):  # images packed per batch shard, each process placing its shards
+            logits = forward(model, sharding.shard_inputs(_host_inputs(model, data, sharding.batch_shards(mesh)), mesh))
         full = sharding.gather(logits)
         local = sharding.device_bytes(model, BASE_PARAMS)
         report = shard_report(model, mesh)

@@ -88,11 +88,16 @@ def _reference_logps(model, prompts, r):
     return np.take_along_axis(lp, r.tokens[..., None].astype(np.int64), axis=-1)[..., 0]
 
 
-def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model):
+@pytest.mark.parametrize("batch_shards", [1, 2])
+def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model, batch_shards):
+    """batch_shards 2: each prompt's image packed in its own shard's block (vision [A, 2, ...]), the G rows
+    of a prompt pointing into that block."""
     rng = np.random.RandomState(0)
     prompts = _prompts(rng)
     r = _rollout(rng, prompts)
-    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=1, floor={})
+    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=1, floor={},
+                                 batch_shards=batch_shards)
+    assert batch.inputs.vision.valid.ndim == (2 if batch_shards == 1 else 3)
     n_images = prompts["image_grid_thw"].shape[0]
     assert int(batch.inputs.vision.valid[0].sum()) == int(np.prod(prompts["image_grid_thw"], axis=1).sum())
     inputs = jax.tree.map(lambda x: x[0], batch.inputs)

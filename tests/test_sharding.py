@@ -4,8 +4,9 @@ The multi-device checks run in ONE subprocess (tests/sharding_worker.py) with 8 
 (jax_num_cpu_devices must be set before JAX's backend starts, which this pytest process has already
 done). It loads a tiny HF checkpoint whose sharded dimensions all divide by 8 onto the meshes
 (data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2), (1,1,8), runs the real SFT step of train.step
-there (chunked loss, 2 accumulated micro-batches with images of four sizes, the run's optimiser and state
-shardings) and compares loss, LoRA gradients, updated LoRA parameters and logits with one device.
+there (chunked loss, 2 accumulated micro-batches with images of four sizes packed per batch shard, the run's
+optimiser and state shardings) and compares loss, LoRA gradients, updated LoRA parameters and logits with one
+device (whose images are one packed sequence).
 """
 
 from __future__ import annotations
@@ -281,6 +282,23 @@ def test_batch_stays_sharded_over_data_and_fsdp(mesh_results):
     assert "spec=P('data',)" in mesh_results["meshes"]["8,1,1"]["logits_sharding"]
     assert "spec=P('fsdp',)" in mesh_results["meshes"]["1,8,1"]["logits_sharding"]
     assert "spec=P(('data', 'fsdp'),)" in mesh_results["meshes"]["2,2,2"]["logits_sharding"]
+
+
+@pytest.mark.parametrize("mesh", MESH_KEYS)
+def test_vision_is_packed_per_batch_shard(mesh_results, mesh):
+    """The step's vision arrays are built per batch shard ([A, S, P_s, ...], S = data x fsdp) and split over
+    ("data", "fsdp"): a device holds (and encodes) only its own rows' images. With S = 1 (tensor only) they
+    are one packed sequence [A, P, ...], replicated."""
+    r = mesh_results["meshes"][mesh]
+    data, fsdp, _ = map(int, mesh.split(","))
+    shards = data * fsdp
+    if shards == 1:
+        assert len(r["vision_shape"]) == 3 and r["vision_spec"] == "P()"
+        return
+    accum, s, slots, patch_dim = r["vision_shape"]
+    assert s == shards
+    assert r["vision_spec"] == "P(None, ('data', 'fsdp'), None, None)"
+    assert r["vision_shard_shapes"] == [[accum, 1, slots, patch_dim]]
 
 
 def test_export_from_sharded_model_is_bit_exact(mesh_results):

@@ -11,8 +11,9 @@ a leading axis, so the step scans them:
   N from a small set of sizes (multiples of 64 in the same bucket progression).
 
 Every process builds the same global batch (the data pipeline runs with one shard), and
-`place_batch` puts it on the mesh: the batch axis sharded over ("data", "fsdp"), the packed vision axis
-replicated, as in `fxjax.sharding.shard_inputs`.
+`place_batch` puts it on the mesh: the batch axis sharded over ("data", "fsdp"); the vision arrays, built
+per batch shard (`build_step_batch(..., batch_shards=S)`), shard their shard axis the same way, so each
+device encodes only the images of its own rows (with S = 1 they are one replicated sequence).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from fxjax.model.inputs import ModelInputs, prepare_inputs
+from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
 from fxjax.sharding import REPLICATED, batch_spec, put
+from fxjax.sharding import batch_shards as mesh_batch_shards
 from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
 __all__ = ["StepBatch", "batch_shardings", "build_step_batch", "grow_floor", "pad_rows", "pad_vision_inputs", "place_batch", "shape_of"]
@@ -72,36 +74,6 @@ def pad_rows(batch: dict, rows: int) -> dict:
     return out
 
 
-def pad_vision(vision: VisionInputs, slots: int, segments: tuple[int, int] | None) -> VisionInputs:
-    """Pad the packed patch axis to `slots` (invalid slots) and the per-segment gather (when the layout has
-    one) to [segments, segment_length]; indices into the flattened segment block are remapped."""
-    fields = set(VisionInputs._fields)
-    known = {"patches", "valid", "segment_ids", "pos_hw", "segment_slots", "segment_valid", "slot_in_segment"}
-    if fields - known:  # a new field in model.vision.VisionInputs: teach this function to pad it
-        raise NotImplementedError(f"train.batching cannot pad VisionInputs fields {sorted(fields - known)}")
-    v = {k: (None if getattr(vision, k) is None else np.asarray(getattr(vision, k))) for k in VisionInputs._fields}
-    extra = slots - v["valid"].shape[0]
-
-    def pad(x, value):
-        if extra == 0:
-            return x
-        return np.concatenate([x, np.full((extra, *x.shape[1:]), value, x.dtype)])
-
-    out = dict(patches=pad(v["patches"], 0), valid=pad(v["valid"], False), segment_ids=pad(v["segment_ids"], -1),
-               pos_hw=pad(v["pos_hw"], 0))
-    if "segment_slots" in v and v.get("segment_slots") is not None:
-        n_seg, seg_len = segments
-        old_n, old_len = v["segment_slots"].shape
-        seg_slots = np.zeros((n_seg, seg_len), v["segment_slots"].dtype)
-        seg_valid = np.zeros((n_seg, seg_len), bool)
-        seg_slots[:old_n, :old_len] = v["segment_slots"]
-        seg_valid[:old_n, :old_len] = v["segment_valid"]
-        where = v["slot_in_segment"]
-        where = (where // old_len) * seg_len + where % old_len
-        out.update(segment_slots=seg_slots, segment_valid=seg_valid, slot_in_segment=pad(where.astype(np.int32), 0))
-    return VisionInputs(**out)
-
-
 def pad_vision_inputs(inputs: ModelInputs, model_cfg, floor: dict[str, int]) -> tuple[ModelInputs, dict[str, int]]:
     """Pad one (unstacked) ModelInputs' vision up to `floor` (windows, segments); returns it and the grown
     floor. For generation, where the text length is the prompt's bucket."""
@@ -110,10 +82,10 @@ def pad_vision_inputs(inputs: ModelInputs, model_cfg, floor: dict[str, int]) -> 
         return inputs, floor
     vcfg = model_cfg.vision
     window_slots = vcfg.window_slots
-    windows = max(int(floor.get("windows", 0)), v.valid.shape[0] // window_slots)
+    windows = max(int(floor.get("windows", 0)), v.valid.shape[-1] // window_slots)
     seg = getattr(v, "segment_slots", None)
-    segments = None if seg is None else (max(int(floor.get("segments", 0)), seg.shape[0]),
-                                         max(int(floor.get("segment_length", 0)), seg.shape[1]))
+    segments = None if seg is None else (max(int(floor.get("segments", 0)), seg.shape[-2]),
+                                         max(int(floor.get("segment_length", 0)), seg.shape[-1]))
     padded = pad_vision(v, windows * window_slots, segments)
     grown = dict(floor, windows=windows)
     if segments is not None:
@@ -141,8 +113,14 @@ def grow_floor(floor: dict[str, int], batch: StepBatch, model_cfg) -> dict[str, 
 
 
 def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
-                     floor: dict[str, int] | None = None) -> StepBatch:
+                     floor: dict[str, int] | None = None, batch_shards: int = 1) -> StepBatch:
     """Pipeline batches (dicts of numpy arrays, one per micro-batch) -> one StepBatch.
+
+    `batch_shards` S > 1 (the mesh's data x fsdp, `fxjax.sharding.batch_shards`, when the batch axis is
+    sharded): each micro-batch's rows split into S contiguous groups, each group's images packed on their
+    own (vision fields [A, S, P_s, ...], image indices shard-local; `model.inputs.prepare_inputs`), so each
+    device encodes only its rows' images. S = 1: every image of a micro-batch in one sequence [A, P, ...].
+    The vision sizes in `floor` are then per shard.
 
     `floor` ({length, windows, segments, segment_length, targets}) pads every size up to at least that
     value. The training loop passes the running maximum of the shapes seen (`grow_floor`), so shapes only
@@ -160,7 +138,8 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
     prepared, labels = [], []
     for mb in micro_batches:
         ids, mask, lab = _repad(mb, length, pad_id)
-        prepared.append(prepare_inputs(model_cfg, ids, mask, mb.get("pixel_values"), mb.get("image_grid_thw")))
+        prepared.append(prepare_inputs(model_cfg, ids, mask, mb.get("pixel_values"), mb.get("image_grid_thw"),
+                                       batch_shards=batch_shards if batch_shards > 1 else None))
         labels.append(lab)
     vcfg = model_cfg.vision
     window_slots = vcfg.window_slots
@@ -169,13 +148,13 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
     if any(with_vision):
         if not all(with_vision):
             raise ValueError("some micro-batches of a step have images and some do not")
-        windows = max(p.vision.valid.shape[0] // window_slots for p in prepared)
+        windows = max(p.vision.valid.shape[-1] // window_slots for p in prepared)
         slots = round_up_to_bucket(max(windows, min_windows)) * window_slots
         segments = None
         if getattr(prepared[0].vision, "segment_slots", None) is not None:
-            segments = (max([int(floor.get("segments", 0))] + [p.vision.segment_slots.shape[0] for p in prepared]),
+            segments = (max([int(floor.get("segments", 0))] + [p.vision.segment_slots.shape[-2] for p in prepared]),
                         max([int(floor.get("segment_length", 0))]
-                            + [p.vision.segment_slots.shape[1] for p in prepared]))
+                            + [p.vision.segment_slots.shape[-1] for p in prepared]))
         padded = [pad_vision(p.vision, slots, segments) for p in prepared]
         vision = VisionInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*padded)))
     need = max(int((np.asarray(lab)[:, 1:] != IGNORE_INDEX).sum()) for lab in labels)
@@ -193,13 +172,23 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
 
 def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True) -> StepBatch:
     """NamedShardings for a StepBatch: [A, B, ...] arrays shard B, position_ids [A, 3, B, L] too, the loss
-    slots [A, N] shard N, the packed vision arrays are replicated. `batch_axis` False replicates everything (batches smaller
-    than the data-parallel degree)."""
+    slots [A, N] shard N; per-shard vision arrays [A, S, ...] shard S (S must be the mesh's data x fsdp), one
+    packed vision sequence [A, P, ...] is replicated. `batch_axis` False replicates everything (batches
+    smaller than the data-parallel degree; their vision must be one packed sequence)."""
     def s(x, dim):
         return NamedSharding(mesh, batch_spec(np.ndim(x), dim) if batch_axis and dim is not None else REPLICATED)
 
     i = batch.inputs
-    vision = None if i.vision is None else VisionInputs(*(None if v is None else s(v, None) for v in i.vision))
+    vision_dim = None
+    if i.vision is not None and np.ndim(i.vision.valid) == 3:  # [A, S, P]: per batch shard
+        shards = int(np.shape(i.vision.valid)[1])
+        want = mesh_batch_shards(mesh) if batch_axis else 1
+        if shards != want:
+            raise ValueError(f"the batch's vision is packed for {shards} batch shards but the mesh {dict(mesh.shape)} "
+                             f"{'splits the batch ' + str(want) + ' ways' if batch_axis else 'replicates the batch'}: "
+                             f"build it with build_step_batch(..., batch_shards={want})")
+        vision_dim = 1
+    vision = None if i.vision is None else VisionInputs(*(None if v is None else s(v, vision_dim) for v in i.vision))
     inputs = ModelInputs(s(i.input_ids, 1), s(i.attention_mask, 1), s(i.position_ids, 2), s(i.rope_deltas, 1),
                          s(i.image_feature_index, 1), vision)
     return StepBatch(inputs, LossTargets(*(s(t, 1) for t in batch.targets)))  # [A, N]: N over the batch axes

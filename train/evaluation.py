@@ -22,7 +22,7 @@ from flax import nnx
 from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
-from fxjax.sharding import splits_batch
+from fxjax.sharding import batch_shards, splits_batch
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, pad_rows, place_batch
 from fxjax.train.inference import GreedyDecoder
 from fxjax.train.step import make_eval_loss
@@ -90,10 +90,11 @@ class Evaluator:
         total, count = 0.0, 0.0
         for batch in self.loss_pipeline:
             batch = pad_rows(batch, self.batch_size)
-            step_batch = build_step_batch([batch], model.config, self.pad_id, floor=self._floor)
+            split = self.mesh is not None and splits_batch(self.mesh, self.batch_size)
+            step_batch = build_step_batch([batch], model.config, self.pad_id, floor=self._floor,
+                                          batch_shards=batch_shards(self.mesh) if split else 1)
             self._floor = grow_floor(self._floor, step_batch, model.config)
             if self.mesh is not None:
-                split = splits_batch(self.mesh, self.batch_size)
                 step_batch = place_batch(step_batch, batch_shardings(step_batch, self.mesh, split))
             t, c = self._eval_loss(params, base, rest, step_batch)
             total += float(t)

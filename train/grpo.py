@@ -35,7 +35,7 @@ from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.grpo_config import GRPOConfig
-from fxjax.sharding import MeshConfig, gather, make_mesh, put, shard_inputs, use_mesh
+from fxjax.sharding import MeshConfig, batch_shards, gather, make_mesh, put, shard_inputs, use_mesh
 from fxjax.train import faults
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
@@ -108,7 +108,8 @@ def _host(x) -> np.ndarray:
 
 
 def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBatch:
-    """[A, R, ...] arrays shard R over (data, fsdp); position_ids [A, 3, R, L] too; vision replicated."""
+    """[A, R, ...] arrays shard R over (data, fsdp); position_ids [A, 3, R, L] too; vision packed per batch
+    shard ([A, S, ...]) shards S the same way, one packed sequence is replicated."""
     def s(x, dim):
         if x is None:
             return None
@@ -118,7 +119,10 @@ def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBa
         return NamedSharding(mesh, P(*spec))
 
     i = batch.inputs
-    vision = None if i.vision is None else type(i.vision)(*(s(v, None) for v in i.vision))
+    vision_dim = 1 if i.vision is not None and np.ndim(i.vision.valid) == 3 else None
+    if vision_dim is not None and not shard_rows:
+        raise ValueError("vision packed per batch shard, but the batch is replicated: build it with batch_shards=1")
+    vision = None if i.vision is None else type(i.vision)(*(s(v, vision_dim) for v in i.vision))
     inputs = type(i)(s(i.input_ids, 1), s(i.attention_mask, 1), s(i.position_ids, 2), s(i.rope_deltas, 1),
                      s(i.image_feature_index, 1), vision)
     return GroupBatch(inputs, s(batch.completion_ids, 1), s(batch.completion_mask, 1), s(batch.advantages, 1),
@@ -138,6 +142,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size // cfg.optim.grad_accum, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
+    vision_shards = batch_shards(mesh) if shard_rows else 1  # each device encodes only its rows' images
     pipeline = DataPipeline(data_config(cfg))
     tokenizer = load_tokenizer(cfg.tokenizer)
     eos_id = token_id(tokenizer, "<|im_end|>")
@@ -200,7 +205,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
             length = max(length, int(floor.get("prompt_length", 0)))
             floor["prompt_length"] = length
             prompts = left_pad(prompts, length, pipeline.pad_id)
-            inputs, floor = prompt_inputs(model.config, prompts, floor)
+            inputs, floor = prompt_inputs(model.config, prompts, floor, vision_shards)
             placed_inputs = shard_inputs(inputs, mesh) if shard_rows else inputs
             nnx.update(model, state.params)
             rollout = sample_and_score(
@@ -215,7 +220,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
 
             t1 = time.perf_counter()
             batch, floor = build_group_batch(prompts, rollout, model.config, num_generations=g.num_generations,
-                                             n_micro=cfg.optim.grad_accum, floor=floor)
+                                             n_micro=cfg.optim.grad_accum, floor=floor, batch_shards=vision_shards)
             if batch_sh is None:
                 batch_sh = _group_batch_shardings(batch, mesh, shard_rows)
                 step_fn = make_grpo_step(train_graphdef, tx, schedule, opts=opts, loss_chunk=cfg.train.loss_chunk,

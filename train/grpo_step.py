@@ -35,7 +35,9 @@ __all__ = ["GroupBatch", "LossOptions", "completion_logps", "make_grpo_step", "m
 
 
 class GroupBatch(NamedTuple):
-    inputs: ModelInputs  # [A, R, Lp + N] full sequences (R = rows of a micro-batch); vision [A, slots, ...]
+    # [A, R, Lp + N] full sequences (R = rows of a micro-batch); vision [A, slots, ...], or [A, S, slots, ...]
+    # packed per batch shard (train.rollout.build_group_batch's batch_shards)
+    inputs: ModelInputs
     completion_ids: jax.Array  # [A, R, N] int32 sampled tokens (pad after EOS)
     completion_mask: jax.Array  # [A, R, N] float32 1 at tokens in the loss (through EOS; 0 for masked rows)
     advantages: jax.Array  # [A, R] float32

@@ -19,7 +19,7 @@ from typing import Iterator
 from fxjax.data.pipeline import DataPipeline, tokens_for
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.model.generate import generate_device
-from fxjax.sharding import gather, shard_inputs, splits_batch
+from fxjax.sharding import batch_shards, gather, shard_inputs, splits_batch
 from fxjax.train.batching import pad_rows, pad_vision_inputs
 
 __all__ = ["GreedyDecoder"]
@@ -61,10 +61,11 @@ class GreedyDecoder:
         model.eval()
         real = len(batch["meta"])
         batch = pad_rows(batch, self.batch_size)
+        split = self.mesh is not None and splits_batch(self.mesh, self.batch_size)
         inputs = model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                               batch["image_grid_thw"])
+                               batch["image_grid_thw"], batch_shards=batch_shards(self.mesh) if split else None)
         inputs, self._floor = pad_vision_inputs(inputs, model.config, self._floor)
-        if self.mesh is not None and splits_batch(self.mesh, self.batch_size):
+        if split:
             inputs = shard_inputs(inputs, self.mesh)
         out = generate_device(model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=(self.im_end,),
                               pad_token_id=self.pad_id)

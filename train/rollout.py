@@ -25,7 +25,8 @@ from fxjax.model.inputs import ModelInputs, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
 from fxjax.sharding import use_mesh
-from fxjax.train.batching import pad_vision, pad_vision_inputs
+from fxjax.model.inputs import pad_vision
+from fxjax.train.batching import pad_vision_inputs
 from fxjax.train.grpo_loss import group_advantages
 from fxjax.train.grpo_step import GroupBatch
 
@@ -70,10 +71,13 @@ def targets_of(metas: Sequence[Mapping[str, Any]]) -> list[dict]:
     return [{"label": m["label"], "boxes": np.asarray(m["boxes"], np.float64).reshape(-1, 4)} for m in metas]
 
 
-def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, int]) -> tuple[ModelInputs, dict]:
-    """The P prompts prepared once for sampling, vision padded up to the running floor (few compiles)."""
+def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, int], batch_shards: int = 1
+                  ) -> tuple[ModelInputs, dict]:
+    """The P prompts prepared once for sampling, vision padded up to the running floor (few compiles);
+    `batch_shards` > 1: images packed per batch shard (model.inputs.prepare_inputs)."""
     inputs = prepare_inputs(model_cfg, prompt_batch["input_ids"], prompt_batch["attention_mask"],
-                            prompt_batch.get("pixel_values"), prompt_batch.get("image_grid_thw"))
+                            prompt_batch.get("pixel_values"), prompt_batch.get("image_grid_thw"),
+                            batch_shards=batch_shards if batch_shards > 1 else None)
     return pad_vision_inputs(inputs, model_cfg, floor)
 
 
@@ -126,19 +130,23 @@ def rollout_metrics(r: Rollout, num_generations: int) -> dict[str, float]:
 
 
 def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *, num_generations: int,
-                      n_micro: int, floor: dict[str, int], old_logps=None, ref_logps=None
+                      n_micro: int, floor: dict[str, int], old_logps=None, ref_logps=None, batch_shards: int = 1
                       ) -> tuple[GroupBatch, dict[str, int]]:
     """Host GroupBatch [A, R, ...] of whole groups (A = n_micro micro-batches of P / A prompts each).
 
     Each micro-batch prepares its own prompts once (their images only) and repeats every prompt row G
     times; completion columns follow at positions next_position + k on all three M-RoPE axes, exactly
-    where sampling put them."""
+    where sampling put them. `batch_shards` S > 1 (the mesh's data x fsdp): each micro-batch's prompts split
+    into S groups whose images are packed on their own (vision [A, S, ...]); the G repeats of a prompt
+    stay in its group's rows, so each device encodes only the prompts of its own rows."""
     ids_all = np.asarray(prompt_batch["input_ids"])
     p = ids_all.shape[0]
     g = num_generations
     if p % n_micro:
         raise ValueError(f"{p} prompts do not split into {n_micro} micro-batches of whole groups")
     per = p // n_micro
+    if per % batch_shards:
+        raise ValueError(f"{per} prompts per micro-batch do not split into {batch_shards} batch shards")
     grid = prompt_batch.get("image_grid_thw")
     offsets = None
     if grid is not None:
@@ -150,7 +158,8 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
         sl = slice(a * per, (a + 1) * per)
         pixels = None if grid is None else np.asarray(prompt_batch["pixel_values"])[offsets[a * per]:offsets[(a + 1) * per]]
         pin = prepare_inputs(model_cfg, ids_all[sl], np.asarray(prompt_batch["attention_mask"])[sl], pixels,
-                             None if grid is None else grid[sl])
+                             None if grid is None else grid[sl],
+                             batch_shards=batch_shards if batch_shards > 1 else None)
         rows = slice(a * per * g, (a + 1) * per * g)
         rep = lambda x, axis=0: np.repeat(np.asarray(x), g, axis=axis)  # noqa: E731
         comp_pos = rep(next_positions(pin))[:, None] + np.arange(n, dtype=np.int32)[None, :]
@@ -176,16 +185,18 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
 
 
 def _stack_vision(visions: list[VisionInputs | None], model_cfg, floor: dict[str, int]):
-    """Pad every micro-batch's packed vision to one shape (at least the floor) and stack them."""
+    """Pad every micro-batch's packed vision to one shape (at least the floor; per shard when packed per
+    shard) and stack them."""
     if visions[0] is None:
         return None, floor
     vcfg = model_cfg.vision
     window_slots = vcfg.window_slots
-    windows = round_up_to_bucket(max([int(floor.get("update_windows", 0))] + [v.valid.shape[0] // window_slots for v in visions]))
+    windows = round_up_to_bucket(max([int(floor.get("update_windows", 0))]
+                                     + [v.valid.shape[-1] // window_slots for v in visions]))
     segments = None
     if getattr(visions[0], "segment_slots", None) is not None:
-        segments = (max([int(floor.get("update_segments", 0))] + [v.segment_slots.shape[0] for v in visions]),
-                    max([int(floor.get("update_segment_length", 0))] + [v.segment_slots.shape[1] for v in visions]))
+        segments = (max([int(floor.get("update_segments", 0))] + [v.segment_slots.shape[-2] for v in visions]),
+                    max([int(floor.get("update_segment_length", 0))] + [v.segment_slots.shape[-1] for v in visions]))
     padded = [pad_vision(v, windows * window_slots, segments) for v in visions]
     floor = dict(floor, update_windows=windows)
     if segments is not None:

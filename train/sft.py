@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 
 from fxjax.data.pipeline import DataConfig, DataPipeline
-from fxjax.sharding import MeshConfig, make_mesh
+from fxjax.sharding import MeshConfig, batch_shards, make_mesh
 from fxjax.train import faults
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
 from fxjax.train.evaluation import Evaluator
@@ -124,10 +124,12 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     run_eval = RunEvaluation("sft", evaluator, metrics, result, cfg.eval.generate, say)
 
     model_cfg, pad_id, accum = model.config, pipeline.pad_id, cfg.optim.grad_accum  # the producer thread's inputs
+    # images packed per batch shard: each device encodes only its own rows' images
+    vision_shards = batch_shards(mesh) if shard_rows else 1
 
     def make_batch(source, floor: dict):
         micro = [next(source) for _ in range(accum)]
-        batch = build_step_batch(micro, model_cfg, pad_id, floor=floor)
+        batch = build_step_batch(micro, model_cfg, pad_id, floor=floor, batch_shards=vision_shards)
         return batch, grow_floor(floor, batch, model_cfg)
 
     # The checkpoint holds the position and shape floor of the batches the loop consumed (not of the ones
