@@ -74,7 +74,8 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
                            multiple=args.multiple, fingerprint=args.fingerprint,
                            max_regions=args.max_regions, fingerprint_scope=args.fingerprint_scope,
                            box_multiple=args.box_multiple, region_layout=args.region_layout, brief=args.brief,
-                           row_code=args.row_code, row_code_scope=args.row_code_scope)
+                           row_code=args.row_code, row_code_scope=args.row_code_scope,
+                           artefacts=args.artefacts.split(",") if args.artefacts else None)
     counts = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in files.items()}
     print(f"wrote {args.n} demo images to {Path(args.out) / 'images'}; "
           + ", ".join(f"{files[s]} ({counts[s]} records)" for s in files))
@@ -184,12 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brief", action="store_true",
                    help="one-clause reasoning texts without the scene description (fewer tokens to learn; the demo's)")
     p.add_argument("--row-code", type=float, default=0.0,
-                   help="amplitude (0-255 levels) of a code on every image that tells each row of --box-multiple "
+                   help="amplitude (0-255 levels) of a code that tells each row of --box-multiple "
                         "cells where it is (stripes 1/2/4/8 px wide): a stand-in for the positional knowledge a "
                         "pretrained model has and a random one lacks (default 0: none; see `fxjax demo`)")
     p.add_argument("--row-code-scope", choices=("frame", "regions"), default="frame",
                    help="where the row code goes: over the whole frame of every image, or inside the artefact "
                         "regions only (then the trace itself says which row the region is in; the demo's)")
+    p.add_argument("--artefacts", default=None, metavar="NAMES",
+                   help="comma-separated artefact kinds a region may get (over_smoothed, repeated_texture, "
+                        "checkerboard, colour_shift, copy_move, banding; default: all)")
     p.add_argument("--max-regions", type=int, default=3,
                    help="most artefact regions per generated image, 1-8 (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")

@@ -216,3 +216,20 @@ def test_row_code_marks_each_token_row_alike_on_real_and_generated_images():
         make_demo_data("/nonexistent-demo", n=2, row_code=70)
     with pytest.raises(ValueError, match="row_code needs box_multiple"):
         make_demo_data("/nonexistent-demo", n=2, row_code=8)
+
+
+def test_artefacts_restricts_the_kinds_and_checks_names():
+    """artefacts: every region gets one of the named kinds (captions and tags follow); unknown names fail."""
+    photos = _load_photos()
+    kw = dict(multiple=28, fingerprint=36.0, max_regions=1, fingerprint_scope="frame+regions", box_multiple=28,
+              region_layout="bands", brief=True)
+    captions = set()
+    for i in range(1, 21, 2):
+        _, record = make_demo_example(i, 0, True, photos, 112, 112, artefacts=("banding",), **kw)
+        assert record["generator"] == "procedural:banding" and record["tags"] == ["colour consistency"]
+        captions.add(record["regions"][0]["caption"])
+        _, every = make_demo_example(i, 0, True, photos, 112, 112, **kw)
+        assert every["regions"][0]["bbox"] == record["regions"][0]["bbox"]  # the same region either way
+    assert captions == {"posterised colour banding"}
+    with pytest.raises(ValueError, match="artefacts must be a non-empty subset"):
+        make_demo_data("/nonexistent-demo", n=2, artefacts=["glitter"])

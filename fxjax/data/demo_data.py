@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -237,7 +237,8 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
                       fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
                       box_multiple: int = 1, region_layout: str = "boxes",
                       brief: bool = False, row_code: float = 0.0,
-                      row_code_scope: str = "frame") -> tuple[np.ndarray, dict]:
+                      row_code_scope: str = "frame",
+                      artefacts: tuple[str, ...] | None = None) -> tuple[np.ndarray, dict]:
     """One image and its native record (without the "image" field).
 
     multiple: round the image's sides to multiples of it (28 = one merged patch: the image processor then
@@ -250,7 +251,8 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     search). brief: a one-clause reasoning text without the scene description (fewer tokens to learn).
     row_code: amplitude of `add_row_code` (cells of ``box_multiple`` pixels), over the whole frame of every
     image (row_code_scope "frame") or inside the artefact regions of generated images only ("regions": the
-    trace then says which row it is in). 0: none.
+    trace then says which row it is in). 0: none. artefacts: the names (`ARTEFACTS`) a region may get
+    (default: all).
     """
     rng = np.random.default_rng((seed, i))
     names = sorted(photos)
@@ -268,18 +270,21 @@ def make_demo_example(i: int, seed: int, generated: bool, photos: dict[str, np.n
     boxes = _random_boxes(h, w, int(rng.integers(1, max_regions + 1)), rng, box_multiple, region_layout)
     img = img.copy()
     kinds = []
+    allowed = None if artefacts is None else set(artefacts)
     for box in boxes:
         x1, y1, x2, y2 = box
         clean = img[y1:y2, x1:x2].copy()
         # Try the artefacts in a random order; keep the first that visibly changes this region (a smoothed
         # or copied patch of flat sky would be a label without evidence).
-        for j in rng.permutation(len(ARTEFACTS)):
+        order = [j for j in rng.permutation(len(ARTEFACTS)) if allowed is None or ARTEFACTS[j].name in allowed]
+        for j in order:
             ARTEFACTS[j].apply(img, box, rng)
             if np.abs(img[y1:y2, x1:x2].astype(np.int16) - clean).mean() >= MIN_CHANGE:
                 break
             img[y1:y2, x1:x2] = clean
-        else:  # nothing showed (never seen in practice): the checkerboard changes even flat black or white
-            j = next(k for k, a in enumerate(ARTEFACTS) if a.name == "checkerboard")
+        else:  # nothing showed (never seen in practice): the checkerboard changes even flat black or white;
+            # with a restricted set, its first kind (the label then rests on the fingerprint alone)
+            j = next(k for k, a in enumerate(ARTEFACTS) if a.name == "checkerboard") if allowed is None else order[0]
             ARTEFACTS[j].apply(img, box, rng)
         kinds.append(ARTEFACTS[j])
     tags = sorted({t for k in kinds for t in k.tags})
@@ -312,7 +317,8 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
                    min_side: int = 192, max_side: int = 384, overwrite: bool = False, multiple: int = 1,
                    fingerprint: float = 0.0, max_regions: int = 3, fingerprint_scope: str = "frame",
                    box_multiple: int = 1, region_layout: str = "boxes", brief: bool = False,
-                   row_code: float = 0.0, row_code_scope: str = "frame") -> dict[str, Path]:
+                   row_code: float = 0.0, row_code_scope: str = "frame",
+                   artefacts: Sequence[str] | None = None) -> dict[str, Path]:
     """Write ``n`` examples (half real, half generated, in a seeded order) to ``out``.
 
     The options are `make_demo_example`'s.
@@ -334,6 +340,12 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
         raise ValueError(f"row_code must be in [0, 64] levels, got {row_code}")
     if row_code > 0 and box_multiple < 2:
         raise ValueError(f"row_code needs box_multiple >= 2 (the cell size of the code), got {box_multiple}")
+    known = [a.name for a in ARTEFACTS]
+    if artefacts is not None:
+        artefacts = tuple(artefacts)
+        unknown = [a for a in artefacts if a not in known]
+        if unknown or not artefacts:
+            raise ValueError(f"artefacts must be a non-empty subset of {known}, got {list(artefacts)}")
     if row_code_scope not in ROW_CODE_SCOPES:
         raise ValueError(f"row_code_scope must be one of {ROW_CODE_SCOPES}, got {row_code_scope!r}")
     if not 1 <= max_regions <= 8:
@@ -356,7 +368,7 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     for i in range(n):
         img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side, multiple,
                                         fingerprint, max_regions, fingerprint_scope, box_multiple, region_layout,
-                                        brief, row_code, row_code_scope)
+                                        brief, row_code, row_code_scope, artefacts)
         rel = f"images/{i:06d}.png"
         Image.fromarray(img).save(out / rel, format="PNG", optimize=False, compress_level=6)
         record = {"id": f"demo-{seed}-{i:06d}", "image": rel, **record}
