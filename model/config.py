@@ -85,6 +85,10 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (16, 24, 24)
     max_position_embeddings: int = 128000
     attention: str = "xla"  # the kernel, not the architecture (ATTENTION_BACKENDS); xla is HF-exact
+    # The layout, not the architecture: True stacks the decoder layers' parameters on a leading layer axis
+    # and runs them under jax.lax.scan (model.scan), so the program and its compile time do not grow with
+    # depth (MaxText's scan_layers). False: a Python loop over per-layer modules. The same numbers either way.
+    scan_layers: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -134,3 +138,7 @@ class Qwen25VLConfig:
         (`vision`, default: the same) replaced; see ATTENTION_BACKENDS."""
         return self.replace(text=dataclasses.replace(self.text, attention=text),
                             vision=dataclasses.replace(self.vision, attention=text if vision is None else vision))
+
+    def with_scan_layers(self, scan: bool = True) -> "Qwen25VLConfig":
+        """The same model with its decoder layers stacked and scanned (`scan`) or looped; see TextConfig."""
+        return self.replace(text=dataclasses.replace(self.text, scan_layers=bool(scan)))

@@ -7,6 +7,10 @@ LoRA weight's state path is e.g. ('decoder', 'layers', 0, 'self_attn', 'q_proj',
 
     y = x @ W + b + scaling * (dropout(x) @ A) @ B,   scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
+On a stacked Linear (layers under scan, TextConfig.scan_layers: kernel [layers, in, out]) one adapter
+serves every layer, its factors stacked too (lora_a [layers, in, r], lora_b [layers, r, out]); a config
+must then target all layers of it or none, and with one rank and alpha.
+
 LoRA parameters are their own state type: filter them with `LORA_PARAMS` and the base weights with
 `BASE_PARAMS` (nnx.LoRAParam subclasses nnx.Param, so a bare nnx.Param filter selects both). They are
 stored in float32 whatever the base's param_dtype, and, as in PEFT, the update is computed in float32 too
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .hf_names import LINEAR, TRANSFORMERS, Path, module_kind, module_name
+from .hf_names import LINEAR, TRANSFORMERS, Path, is_stacked, layer_path, module_kind, module_name, unstack
 from .layers import Linear
 
 # The frozen base weights and the trainable LoRA weights. Use these filters everywhere.
@@ -143,14 +147,19 @@ class LoRAAdapter(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
-                 use_rslora: bool = False, dropout: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 use_rslora: bool = False, dropout: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 layers: int | None = None):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha, self.use_rslora = int(rank), float(alpha), bool(use_rslora)
         self.dtype = jnp.dtype(param_dtype)  # computes in its weights' dtype (see __call__)
+        # `layers`: the adapter of a stacked Linear; its factors get the leading layer axis, and the scan
+        # (model.scan) hands each layer its slice, so __call__ always sees 2-D factors. The dropout stream
+        # stays one, advanced by each layer's draw.
+        lead = () if layers is None else (int(layers),)
         bound = 1.0 / math.sqrt(in_features)
-        a = jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32, -bound, bound)
+        a = jax.random.uniform(rngs.params(), (*lead, in_features, rank), jnp.float32, -bound, bound)
         self.lora_a = nnx.LoRAParam(a.astype(param_dtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, out_features), param_dtype))
         self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
         self.enabled = True
 
@@ -191,24 +200,65 @@ def has_lora(model: nnx.Module) -> bool:
     return next(lora_linears(model), None) is not None
 
 
+def stacked_layers(path: Path, linear: Linear) -> int | None:
+    """How many layers the Linear at `path` stacks (layers under scan), None for a per-layer Linear."""
+    return int(linear.kernel.shape[0]) if is_stacked(path) else None
+
+
+def linear_layers(model: nnx.Module) -> Iterator[tuple[Path, Path, int | None]]:
+    """(per-layer fxjax path, path of the Linear module, layer index in it or None) for every layer of every
+    Linear: a stacked Linear gives one entry per layer, named as the looped model's would be."""
+    for path, linear in linears(model):
+        count = stacked_layers(path, linear)
+        if count is None:
+            yield path, path, None
+        else:
+            for i in range(count):
+                yield layer_path(path, i), path, i
+
+
 def add_adapter(linear: Linear, *, rank: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0,
-                rngs: nnx.Rngs) -> LoRAAdapter:
-    """Attach one adapter (float32 parameters, computed in float32 as PEFT does) to `linear`."""
+                rngs: nnx.Rngs, layers: int | None = None) -> LoRAAdapter:
+    """Attach one adapter (float32 parameters, computed in float32 as PEFT does) to `linear`; `layers`
+    for a stacked Linear (`stacked_layers`)."""
     if linear.lora is not None:
         raise ValueError("this Linear already has a LoRA adapter; call remove_lora first")
     linear.lora = LoRAAdapter(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
-                              use_rslora=use_rslora, dropout=dropout, rngs=rngs)
+                              use_rslora=use_rslora, dropout=dropout, rngs=rngs, layers=layers)
     return linear.lora
 
 
 def select_targets(model: nnx.Module, cfg: LoRAConfig, naming: str = TRANSFORMERS) -> dict[str, Path]:
-    """HF module name -> fxjax path of each Linear that `cfg` targets (names in `naming`)."""
+    """HF module name -> per-layer fxjax path of each Linear (layer) that `cfg` targets (names in `naming`)."""
     chosen = {}
-    for path, _ in linears(model):
+    for path, _, _ in linear_layers(model):
         name = module_name(path, naming)
         if cfg.selects(name, path):
             chosen[name] = path
     return chosen
+
+
+def group_by_linear(model: nnx.Module, layer_paths) -> dict[Path, list[int | None]]:
+    """Per-layer Linear paths -> {path of the Linear module: its layer indices (None: a per-layer Linear)}.
+
+    Raises ValueError when the paths cover only some layers of a stacked Linear: its one adapter serves
+    all of them (build the model with scan_layers=False to adapt single layers)."""
+    by_path = dict(linears(model))
+    groups: dict[Path, list[int | None]] = {}
+    for path in layer_paths:
+        path = tuple(path)
+        module, index = (path, None) if path in by_path else unstack(path)
+        if module not in by_path:
+            raise KeyError(f"fxjax path {path!r} is not a Linear of the model")
+        groups.setdefault(module, []).append(index)
+    for module, indices in groups.items():
+        count = stacked_layers(module, by_path[module])
+        if count is not None and sorted(indices) != list(range(count)):
+            name = module_name(layer_path(module, 0)).replace(".0.", ".<i>.")
+            raise ValueError(f"LoRA targets layers {sorted(indices)} of {name}, whose {count} layers are stacked "
+                             f"(scan_layers): target all of them or none, or load the model with "
+                             f"scan_layers=False")
+    return groups
 
 
 def apply_lora(model: nnx.Module, cfg: LoRAConfig | None = None, *, rngs: nnx.Rngs | None = None) -> list[str]:
@@ -223,12 +273,12 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig | None = None, *, rngs: nnx.Rn
     targets = select_targets(model, cfg)
     if not targets:
         raise ValueError(f"target_modules {cfg.target_modules!r} matches no Linear of the model "
-                         f"(names look like {module_name(next(linears(model))[0])!r})")
+                         f"(names look like {module_name(next(linear_layers(model))[0])!r})")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     by_path = dict(linears(model))
-    for name, path in targets.items():
+    for path in group_by_linear(model, targets.values()):
         add_adapter(by_path[path], rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
-                    dropout=cfg.dropout, rngs=rngs)
+                    dropout=cfg.dropout, rngs=rngs, layers=stacked_layers(path, by_path[path]))
     model.lora_config = cfg
     return list(targets)
 
@@ -266,8 +316,8 @@ def lora_state(model: nnx.Module) -> nnx.State:
 
 
 def merge_lora(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scaling: float) -> np.ndarray:
-    """W + scaling * A @ B on host arrays in fxjax layout (kernel [in, out], A [in, r], B [r, out]), float32
-    (PEFT's merge: W + (B @ A) * scaling in HF layout)."""
+    """W + scaling * A @ B on host arrays in fxjax layout (kernel [in, out], A [in, r], B [r, out]; stacked
+    ones with a leading layer axis), float32 (PEFT's merge: W + (B @ A) * scaling in HF layout)."""
     delta = (np.asarray(lora_a, np.float32) @ np.asarray(lora_b, np.float32)) * np.float32(scaling)
     return np.asarray(kernel).astype(np.float32) + delta
 
@@ -283,4 +333,5 @@ def merged_kernel(linear: Linear) -> np.ndarray:
 
 __all__ = ["LoRAConfig", "LoRAAdapter", "LORA_PARAMS", "BASE_PARAMS", "ALL_LINEAR", "apply_lora", "add_adapter",
            "remove_lora", "lora_disabled", "set_lora_enabled", "lora_linears", "linears", "has_lora",
+           "stacked_layers", "linear_layers", "group_by_linear",
            "select_targets", "target_matches", "pattern_key", "lora_scaling", "lora_state", "merge_lora", "merged_kernel"]
