@@ -148,19 +148,26 @@ class LoRAAdapter(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
                  use_rslora: bool = False, dropout: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32,
-                 layers: int | None = None):
+                 layers: int | None = None, lora_a: jax.Array | None = None,
+                 dropout_layer: nnx.Dropout | None = None):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha, self.use_rslora = int(rank), float(alpha), bool(use_rslora)
         self.dtype = jnp.dtype(param_dtype)  # computes in its weights' dtype (see __call__)
         # `layers`: the adapter of a stacked Linear; its factors get the leading layer axis, and the scan
         # (model.scan) hands each layer its slice, so __call__ always sees 2-D factors. The dropout stream
         # stays one, advanced by each layer's draw.
+        # `lora_a` / `dropout_layer`: A's initial value and the dropout module, made by apply_lora per layer
+        # in the looped model's order (what this constructor would draw, in the same order).
         lead = () if layers is None else (int(layers),)
-        bound = 1.0 / math.sqrt(in_features)
-        a = jax.random.uniform(rngs.params(), (*lead, in_features, rank), jnp.float32, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a.astype(param_dtype))
+        if lora_a is None:
+            lora_a = init_lora_a(rngs, (*lead, in_features, rank))
+        elif tuple(lora_a.shape) != (*lead, in_features, rank):
+            raise ValueError(f"lora_a has shape {tuple(lora_a.shape)}, expected {(*lead, in_features, rank)}")
+        self.lora_a = nnx.LoRAParam(jnp.asarray(lora_a).astype(param_dtype))
         self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, out_features), param_dtype))
-        self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
+        if dropout_layer is None and dropout > 0:
+            dropout_layer = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+        self.dropout = dropout_layer
         self.enabled = True
 
     @property
@@ -180,6 +187,12 @@ class LoRAAdapter(nnx.Module):
         h = jnp.dot(x.reshape(-1, x.shape[-1]), self.lora_a[...])
         y = jnp.dot(h, self.lora_b[...]) * jnp.asarray(self.scaling, self.dtype)
         return y.reshape(*lead, y.shape[-1])
+
+
+def init_lora_a(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
+    """PEFT's A init (kaiming-uniform, a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)) of shape [..., in, rank]."""
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
 
 
 def linears(model: nnx.Module) -> Iterator[tuple[Path, Linear]]:
@@ -218,13 +231,16 @@ def linear_layers(model: nnx.Module) -> Iterator[tuple[Path, Path, int | None]]:
 
 
 def add_adapter(linear: Linear, *, rank: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0,
-                rngs: nnx.Rngs, layers: int | None = None) -> LoRAAdapter:
+                rngs: nnx.Rngs, layers: int | None = None, lora_a: jax.Array | None = None,
+                dropout_layer: nnx.Dropout | None = None) -> LoRAAdapter:
     """Attach one adapter (float32 parameters, computed in float32 as PEFT does) to `linear`; `layers`
-    for a stacked Linear (`stacked_layers`)."""
+    for a stacked Linear (`stacked_layers`); `lora_a` / `dropout_layer`: A's initial value and the dropout
+    module (default: made from `rngs`)."""
     if linear.lora is not None:
         raise ValueError("this Linear already has a LoRA adapter; call remove_lora first")
     linear.lora = LoRAAdapter(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
-                              use_rslora=use_rslora, dropout=dropout, rngs=rngs, layers=layers)
+                              use_rslora=use_rslora, dropout=dropout, rngs=rngs, layers=layers, lora_a=lora_a,
+                              dropout_layer=dropout_layer)
     return linear.lora
 
 
@@ -276,11 +292,28 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig | None = None, *, rngs: nnx.Rn
                          f"(names look like {module_name(next(linear_layers(model))[0])!r})")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     by_path = dict(linears(model))
-    for path in group_by_linear(model, targets.values()):
-        add_adapter(by_path[path], rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
-                    dropout=cfg.dropout, rngs=rngs, layers=stacked_layers(path, by_path[path]))
+    groups = group_by_linear(model, targets.values())
+    # Each layer's A (and dropout stream) is drawn as LoRAAdapter draws it, layer by layer in the looped
+    # model's order (its Linears in sorted path order); a stacked Linear's are then stacked (its dropout
+    # stream is its first layer's). So both layouts start from the same A for the same rngs.
+    drawn = {}
+    for path in sorted(targets.values(), key=_loop_order):
+        module = path if path in by_path else unstack(path)[0]
+        a = init_lora_a(rngs, (by_path[module].in_features, cfg.rank))
+        drawn[path] = (a, nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs) if cfg.dropout > 0 else None)
+    for module, indices in groups.items():
+        layers = [drawn[module if i is None else layer_path(module, i)] for i in sorted(indices, key=lambda i: i or 0)]
+        add_adapter(by_path[module], rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
+                    dropout=cfg.dropout, rngs=rngs, layers=stacked_layers(module, by_path[module]),
+                    lora_a=layers[0][0] if indices == [None] else jnp.stack([a for a, _ in layers]),
+                    dropout_layer=layers[0][1])
     model.lora_config = cfg
     return list(targets)
+
+
+def _loop_order(path: Path):
+    """Sort key of per-layer paths in the order nnx visits a looped model's modules (sorted keys)."""
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in path)
 
 
 def remove_lora(model: nnx.Module) -> None:

@@ -164,6 +164,16 @@ def test_peft_round_trip(tiny_checkpoint, peft_adapter, tmp_path):
     assert_same_params(fresh, loop, LORA_PARAMS)
 
 
+def test_fresh_adapters_equal_loop(tiny_checkpoint):
+    """Fresh LoRA A (B = 0) is drawn layer by layer in the looped model's order: the same start in both
+    layouts, also with dropout modules drawing from the same (default) stream in between."""
+    lora = LoRAConfig(rank=2, alpha=4, dropout=0.1)
+    scan = fxjax.from_pretrained(tiny_checkpoint, lora=lora, lora_seed=3, scan_layers=True)
+    loop = fxjax.from_pretrained(tiny_checkpoint, lora=lora, lora_seed=3)
+    assert_same_params(scan, loop, LORA_PARAMS)
+    assert scan.decoder.layers.self_attn.v_proj.lora.lora_a.shape == (LAYERS, 32, 2)
+
+
 def test_partial_layer_adapters_are_refused(tiny_checkpoint, tmp_path):
     scan = fxjax.from_pretrained(tiny_checkpoint, scan_layers=True)
     only_first = LoRAConfig(rank=2, target_modules=r".*layers\.0\.self_attn\.q_proj")
@@ -216,3 +226,39 @@ def test_stacked_partition_specs(tiny_checkpoint):
         assert spec == (P(None, *want) if is_stacked(path) and len(want) else want), path
     dropped = {(d.path, d.dim) for d in replicated_dims(scan, {"data": 1, "fsdp": 1, "tensor": 32})}
     assert ("decoder/layers/self_attn/k_proj/kernel", 2) in dropped  # 16 kv columns over 32: replicated
+
+
+def _train_state(stacked: bool, rng: np.random.RandomState):
+    """A train-state-shaped pytree (LoRA factors and Adam-like moments) in either layout, and its layers."""
+    layers = [{"q_proj": {"lora": {"lora_a": rng.randn(4, 2).astype(np.float32)}}} for _ in range(LAYERS)]
+
+    def tree(per_layer):
+        if stacked:
+            return {"decoder": {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}}
+        return {"decoder": {"layers": {i: jax.tree.map(jnp.asarray, layer) for i, layer in enumerate(per_layer)}}}
+
+    return {"params": tree(layers), "opt_state": {"mu": tree([jax.tree.map(lambda x: 2 * x, l) for l in layers])},
+            "step": jnp.int32(5)}
+
+
+@pytest.mark.parametrize("saved_stacked", [False, True])
+def test_train_checkpoint_restores_into_the_other_layout(tmp_path, saved_stacked):
+    from fxjax.train.checkpoint_layout import LayoutError
+    from fxjax.train.checkpointing import TrainCheckpointer, flatten_tree
+
+    saved = _train_state(saved_stacked, np.random.RandomState(0))
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    checkpointer.save(5, saved, {"position": 1}, {"model": {"scan_layers": saved_stacked}})
+    checkpointer.wait()
+    template = _train_state(not saved_stacked, np.random.RandomState(1))  # other values, other layout
+    state, data, _, step = checkpointer.restore(template, 5)
+    assert step == 5 and data == {"position": 1}
+    want = _train_state(not saved_stacked, np.random.RandomState(0))
+    got_flat, want_flat = flatten_tree(state), flatten_tree(want)
+    assert got_flat.keys() == want_flat.keys()
+    for name in want_flat:
+        np.testing.assert_array_equal(np.asarray(got_flat[name]), np.asarray(want_flat[name]), err_msg=name)
+    other = {"params": {"decoder": {"norm": jnp.zeros(3)}}, "step": jnp.int32(0)}
+    with pytest.raises(LayoutError, match=r"ckpt/5: the checkpoint's state does not match this run's"):
+        checkpointer.restore(other, 5)
+    checkpointer.close()
