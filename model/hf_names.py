@@ -126,7 +126,7 @@ def is_ignored(name: str) -> bool:
 # per-layer path has the layer index right after the list's path ('decoder', 'layers', 3, 'mlp', ...),
 # the stacked one does not ('decoder', 'layers', 'mlp', ...; layer 3 is slice 3). Every name in the table
 # is a per-layer one: stacked paths go through `layer_path` / `unstack` first.
-STACKS: tuple[Path, ...] = (("decoder", "layers"),)
+STACKS: tuple[Path, ...] = (("decoder", "layers"), ("visual", "blocks"))
 
 
 def _stack_of(path: Path) -> int:

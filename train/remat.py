@@ -4,9 +4,9 @@
 `model.visual.blocks[i]` of a model *that was merged inside the traced step* in `Remat`, whose call is
 ``jax.checkpoint(block, policy=...)``. The wrapping changes only that trace-local copy of the module
 graph, never the model the caller holds, so parameter paths (HF export, PEFT names, shardings) stay as
-they are and model/ needs no training knobs. Decoder layers under scan (TextConfig.scan_layers) are one
-stacked module: there the policy goes to the decoder's `layer_remat`, which checkpoints the scan body (one
-layer), the same per-layer rematerialisation.
+they are and model/ needs no training knobs. Layers under scan (TextConfig / VisionConfig.scan_layers) are
+one stacked module: there the policy goes to the decoder's `layer_remat` (the encoder's `block_remat`),
+which checkpoints the scan body (one layer or block), the same per-layer rematerialisation.
 
 Policies (`fxjax.train_config.REMAT_POLICIES`):
   none                no rematerialisation: every activation of the block is kept for the backward pass
@@ -67,7 +67,9 @@ def with_remat(model, policy: str | None, vision_policy: str | None = None):
         for i in range(len(layers)):
             if not isinstance(layers[i], Remat):
                 layers[i] = Remat(layers[i], text)
-    if vision is not None:
+    if vision is not None and model.visual.cfg.scan_layers:
+        model.visual.block_remat = vision
+    elif vision is not None:
         blocks = model.visual.blocks
         for i in range(len(blocks)):
             if not isinstance(blocks[i], Remat):
