@@ -264,3 +264,23 @@ def test_train_checkpoint_restores_into_the_other_layout(tmp_path, saved_stacked
     with pytest.raises(LayoutError, match=r"ckpt/5: the checkpoint's state does not match this run's"):
         checkpointer.restore(other, 5)
     checkpointer.close()
+
+
+def test_lora_dropout_streams_advance_per_layer(tiny_checkpoint):
+    """In train mode each scanned layer draws its own dropout mask from its stacked Linear's one stream: the
+    stream advances once per layer and call (the scan writes the RNG state back)."""
+    scan = fxjax.from_pretrained(tiny_checkpoint, lora=LoRAConfig(rank=2, dropout=0.5, target_modules=("q_proj",)),
+                                 scan_layers=True)
+    rng = np.random.RandomState(0)
+    for _, linear in lora_linears(scan):
+        linear.lora.lora_b.set_value(jnp.asarray(rng.randn(*linear.lora.lora_b.shape), jnp.float32))
+    stream = scan.decoder.layers.self_attn.q_proj.lora.dropout.rngs
+    ids = np.arange(1, 9)[None]
+    inputs = scan.prepare(ids)  # host-side: outside the jit
+    forward = nnx.jit(lambda model, inputs: model.logits(model.hidden_states(inputs)[0]))
+    eval_logits = np.asarray(forward(scan, inputs))
+    assert int(stream.count[...]) == 0  # eval mode: no draws
+    scan.train()
+    first, second = np.asarray(forward(scan, inputs)), np.asarray(forward(scan, inputs))
+    assert int(stream.count[...]) == 2 * LAYERS
+    assert not np.array_equal(first, second) and not np.array_equal(first, eval_logits)
