@@ -27,7 +27,7 @@ from fxjax.hf_checkpoint import save_pretrained, weight_files
 from fxjax.model.generate import generate
 from fxjax.model.hf_names import is_stacked, layer_path
 from fxjax.model.kv_cache import KVCache, repeat_rows
-from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora, lora_linears
+from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig, apply_lora, lora_linears
 from fxjax.peft_io import AdapterError, load_peft_adapter, save_peft_adapter
 from fxjax.sharding import param_spec, partition_specs, replicated_dims
 from fxjax.train.remat import with_remat
@@ -284,3 +284,17 @@ def test_lora_dropout_streams_advance_per_layer(tiny_checkpoint):
     first, second = np.asarray(forward(scan, inputs)), np.asarray(forward(scan, inputs))
     assert int(stream.count[...]) == 2 * LAYERS
     assert not np.array_equal(first, second) and not np.array_equal(first, eval_logits)
+
+
+def test_mesh_load_puts_stacked_layers_on_their_shardings(tiny_checkpoint):
+    """from_pretrained(mesh=...) writes each layer into its slice of a stacked array that has the layer
+    axis unsharded and the per-layer rule behind it (a one-device mesh here: the specs, not the split)."""
+    from fxjax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    scan = fxjax.from_pretrained(tiny_checkpoint, scan_layers=True, mesh=mesh, lora=LoRAConfig(rank=2))
+    q = scan.decoder.layers.self_attn.q_proj
+    assert q.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
+    assert scan.visual.blocks.attn.proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
+    assert q.lora.lora_b[...].sharding.spec == P(None, None, "tensor")
+    assert_same_params(scan, fxjax.from_pretrained(tiny_checkpoint), BASE_PARAMS)
