@@ -118,7 +118,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             state_dir = ckpt / str(step) / "state"
             # saved with the other decoder layout (looped vs scan_layers): restored in its names, converted
-            saved = set(checkpointer.metadata(state_dir).item_metadata.tree)
+            saved = set(ocp.PyTreeCheckpointHandler().metadata(state_dir).tree)  # names only, nothing read
             layout = saved_layout(template, saved, str(state_dir), partial=True) or template
             restore_args = {name: ocp.ArrayRestoreArgs(sharding=x.sharding) for name, x in layout.items()}
             flat = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
