@@ -19,6 +19,8 @@ model's buffers) and file-backed pages (mmapped safetensors). Peak extra = peak 
 
     python bench/load_memory.py            # ~1.3 GB checkpoints, ~2 min on 2 cores
     python bench/load_memory.py --small    # 40 MB checkpoints, smoke run
+    python bench/load_memory.py --scan-layers   # load into stacked layers (scan_layers): each layer's
+                                                # tensor is written into its slice on the device in place
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def checkpoint_facts(directory: Path, target_itemsize: int) -> dict:
                 largest_model_bytes=largest_elems * target_itemsize)
 
 
-def measure(directory: Path) -> dict:
+def measure(directory: Path, scan_layers: bool = False) -> dict:
     """Child: baseline after imports and backend init, then from_pretrained; peak RSS."""
     import gc
 
@@ -147,7 +149,7 @@ def measure(directory: Path) -> dict:
     sampler = Sampler()
     sampler.start()
     t0 = time.perf_counter()
-    model = fxjax.from_pretrained(directory, dtype="float32")
+    model = fxjax.from_pretrained(directory, dtype="float32", scan_layers=scan_layers)
     load_s = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
@@ -176,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="where to write the checkpoints (default: a temp dir, removed after)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--scan-layers", action="store_true", help="load into stacked layers under scan")
     ap.add_argument("--build", help=argparse.SUPPRESS)
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
         build(Path(args.build), name)
         return 0
     if args.measure:
-        print("RESULT " + json.dumps(measure(Path(args.measure))))
+        print("RESULT " + json.dumps(measure(Path(args.measure), args.scan_layers)))
         return 0
 
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
 
     results = {}
     for variant in args.variants:
-        proc = subprocess.run([sys.executable, me, "--measure", str(workdir / variant)],
+        proc = subprocess.run([sys.executable, me, "--measure", str(workdir / variant)]
+                              + (["--scan-layers"] if args.scan_layers else []),
                               check=True, env=env, capture_output=True, text=True)
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
         results[variant] = json.loads(line[len("RESULT "):])

@@ -16,8 +16,9 @@ arguments counted once where donated outputs alias them) from compiled.memory_an
 lowering and compile seconds.
 
 Caveats, printed with the table:
-* decoder layers and vision blocks are a Python loop today (no scan yet, issue 15 item 2): the program,
-  so the compile time, grows with depth (36 decoder layers at 3B, 80 at 72B, 32 vision blocks each);
+* decoder layers and vision blocks are a Python loop unless --scan-layers (model.scan_layers): looped, the
+  program, so the compile time, grows with depth (36 decoder layers at 3B, 80 at 72B, 32 vision blocks
+  each); scanned, one layer and one block are compiled whatever the depth;
 * the memory is XLA:CPU's plan for the CPU program. The arguments (weight shards, LoRA + optimiser state,
   batch, KV cache) are what a device holds on any backend. The temporaries are not: XLA:CPU runs bf16
   matmuls in float32, so it converts the all-gathered bf16 weights to float32 copies (seen in the HLO of
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--remat", default="full", help="remat policy of decoder layers and vision blocks (train.remat)")
     ap.add_argument("--loss-chunk", type=int, default=256, help="lm_head rows per loss chunk (train.loss_chunk)")
     ap.add_argument("--json", type=Path, help="append each row as a JSON line here")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="decoder layers and vision blocks stacked under scan (model.scan_layers)")
     return ap.parse_args(argv)
 
 
@@ -85,7 +88,7 @@ def setup(devices: int) -> None:
 # ---- the model, abstractly ---------------------------------------------------------------------------
 
 
-def abstract_model(preset: str, dtype: str, rank: int):
+def abstract_model(preset: str, dtype: str, rank: int, scan_layers: bool = False):
     """(config, graphdef, params, base, rest) of the preset with all-linear LoRA, as shapes only."""
     from flax import nnx
 
@@ -94,7 +97,7 @@ def abstract_model(preset: str, dtype: str, rank: int):
     from fxjax.presets import load_preset
     from fxjax.train.step import split_model
 
-    cfg = load_preset(preset)
+    cfg = load_preset(preset).with_scan_layers(scan_layers)
 
     def build():
         model = Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
@@ -282,7 +285,8 @@ def decode_program(cfg, graphdef, params, base, rest, mesh, a):
 
     model = nnx.merge(graphdef, params, base, rest)
     cache = jax.eval_shape(lambda: init_cache(model, a.batch, cache_len))
-    rows = lambda x: NamedSharding(mesh, batch_spec(x.ndim, 0) if x.ndim else P())  # noqa: E731
+    # the cache's rows: dim 0, or dim 1 of the stacked keys / values [layers, B, ...] of scanned layers
+    rows = lambda x: NamedSharding(mesh, batch_spec(x.ndim, int(x.ndim == 5)) if x.ndim else P())  # noqa: E731
     cache = with_shardings(cache, jax.tree.map(rows, cache))
     row = jax.ShapeDtypeStruct((a.batch,), jnp.int32, sharding=NamedSharding(mesh, batch_spec(1, 0)))
     args = (*_sampler_args(params, base, rest, mesh), row, row, cache)
@@ -376,7 +380,8 @@ def main(argv=None) -> int:
     print(f"{jax.device_count()} simulated CPU devices, mesh data,fsdp,tensor = {sizes}; {a.dtype} weights and "
           f"compute, LoRA r{a.lora_rank} all-linear (float32) + AdamW, remat {a.remat}, loss chunk {a.loss_chunk}")
     print("per-device bytes from compiled.memory_analysis(); total = args + outputs - alias (donated) + temp")
-    print("note: layers are a Python loop (no scan yet), so compile time grows with depth", flush=True)
+    print("note: layers under scan (one layer compiled whatever the depth)" if a.scan_layers else
+          "note: layers are a Python loop (--scan-layers: under scan), so compile time grows with depth", flush=True)
     print("note: args are what a device holds on any backend; temp is XLA:CPU's (float32 copies of gathered bf16 "
           "weights, XLA attention scores), not a TPU/GPU plan (see the docstring)", flush=True)
     if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS"):
@@ -385,7 +390,7 @@ def main(argv=None) -> int:
     for preset in a.presets.split(","):
         load_preset(preset)  # a wrong name fails here, with the list of presets
         t = time.perf_counter()
-        model = abstract_model(preset, a.dtype, a.lora_rank)
+        model = abstract_model(preset, a.dtype, a.lora_rank, a.scan_layers)
         build_s = round(time.perf_counter() - t, 1)
         print(f"# {preset}: abstract model with LoRA built in {build_s} s (nnx.eval_shape)", file=sys.stderr, flush=True)
         for program in programs:

@@ -3,10 +3,15 @@
 Loading builds the model abstractly (no random init), then reads one tensor at a time, converts it
 to fxjax layout and the target dtype and puts it on its device(s), so host memory stays near the
 model plus the largest tensor. Export gathers one tensor at a time.
+
+Layers under scan (scan_layers=True) hold each parameter of all layers in one array [layers, ...]: the
+per-layer HF tensors stream into their slice of it (an in-place, donated update on the device) and back
+out of it one slice at a time, so neither direction holds more than one HF tensor on the host.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -25,7 +30,8 @@ from fxjax.peft_io import attach_lora
 from fxjax.file_modes import save_safetensors
 from fxjax.sharding import barrier, gather, placer, shard_model
 from fxjax.model import Qwen25VL, Qwen25VLConfig
-from fxjax.model.hf_names import HUB, TRANSFORMERS, hf_name, is_ignored, naming_of, param_path, to_fxjax, to_hf
+from fxjax.model.hf_names import (HUB, TRANSFORMERS, hf_name, is_ignored, is_stacked, layer_path, naming_of,
+                                  param_path, to_fxjax, to_hf, unstack)
 from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from fxjax.model.qwen2_5_vl import as_dtype
 
@@ -100,9 +106,42 @@ def abstract_model(cfg: Qwen25VLConfig, dtype, param_dtype) -> Qwen25VL:
     return nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
 
 
+def per_layer_paths(path: tuple, shape: tuple[int, ...]) -> list[tuple]:
+    """The per-layer parameter paths (HF tensors) a parameter holds: itself, or each layer of a stacked one."""
+    return [layer_path(path, i) for i in range(shape[0])] if is_stacked(path) else [path]
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_writer(sharding):
+    """jit of `stacked.at[index].set(layer)` that donates `stacked`: the update happens in place, so filling
+    a stacked parameter never holds two copies of it."""
+    def write(stacked, layer, index):
+        return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, 0)
+
+    return jax.jit(write, donate_argnums=0, out_shardings=sharding)
+
+
+def _stacked_sharding(layer: jax.Array):
+    """The sharding of a stacked parameter whose layers are placed like `layer`: the layer axis unsharded."""
+    sharding = layer.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return sharding
+
+
+def write_layer(stacked, layer: jax.Array, index: int, shape: tuple[int, ...]) -> jax.Array:
+    """`stacked` (a jax.Array [layers, ...], or an abstract value: a zero array is made first) with slice
+    `index` replaced by `layer`."""
+    sharding = _stacked_sharding(layer)
+    if not isinstance(stacked, jax.Array):
+        stacked = jax.jit(lambda: jnp.zeros(shape, layer.dtype), out_shardings=sharding)()
+    return _layer_writer(sharding)(stacked, layer, np.int32(index))
+
+
 def load_weights(model: Qwen25VL, files: dict[str, Path],
                  place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> str:
-    """Fill the Params of an (abstract) model from HF tensors; returns the naming scheme seen."""
+    """Fill the Params of an (abstract) model from HF tensors; returns the naming scheme seen. A tensor of
+    layer i of stacked layers (scan_layers) fills slice i of its stacked parameter."""
     params = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
     loaded: set[tuple] = set()
     naming = HUB
@@ -115,21 +154,32 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         path = param_path(name)
         if path == ("lm_head", "kernel") and model.config.tie_word_embeddings:
             continue  # tied: HF ignores a stored lm_head too
-        if path is None or path not in params:
+        # A per-layer tensor of stacked layers fills slice `index` of the stacked parameter `target`.
+        target, index = (path, None) if path is None or path in params else unstack(path)
+        if target not in params:
             raise CheckpointError(f"{file}: tensor {name!r} does not belong to this Qwen2.5-VL config")
-        variable = params[path]
+        variable = params[target]
+        want = tuple(variable.shape) if index is None else tuple(variable.shape[1:])
+        if index is not None and index >= variable.shape[0]:
+            raise CheckpointError(f"{file}: tensor {name!r} is for layer {index}, but this config has "
+                                  f"{variable.shape[0]} layers")
         hf_shape = tensor.shape
         array = to_fxjax(tensor, path)
         del tensor  # free each intermediate before the next copy: peak stays near one extra tensor
-        if array.shape != tuple(variable.shape):
+        if array.shape != want:
             raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {hf_shape}, expected {_hf_shape(variable.shape, path)} "
-                f"for this config")
+                f"{file}: tensor {name!r} has shape {hf_shape}, expected {_hf_shape(want, path)} for this config")
         array = array.astype(variable.dtype, copy=False)
-        variable.set_value(place(path, array))
-        loaded.add(path)
+        placed = place(path, array)  # the per-layer path: its rule and shape decide the sharding
         del array
-    missing = [hf_name(p) for p in params if p not in loaded]
+        if index is None:
+            variable.set_value(placed)
+        else:
+            variable.set_value(write_layer(variable.get_value(), placed, index, tuple(variable.shape)))
+            del placed
+        loaded.add(path)
+    missing = [hf_name(p) for target, variable in params.items()
+               for p in per_layer_paths(target, tuple(variable.shape)) if p not in loaded]
     if missing:
         where = ", ".join(sorted({str(file.parent) for file in files.values()})) or "checkpoint"
         raise CheckpointError(f"{where}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
@@ -149,17 +199,19 @@ def _disk_dtype(files: dict[str, Path]) -> str:
 
 def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None,
                     *, mesh: jax.sharding.Mesh | None = None, adapter: str | Path | None = None,
-                    lora: LoRAConfig | None = None, lora_seed: int = 0) -> Qwen25VL:
+                    lora: LoRAConfig | None = None, lora_seed: int = 0, scan_layers: bool = False) -> Qwen25VL:
     """Load an HF Qwen2.5-VL checkpoint directory. `dtype` is the compute dtype; weights are stored
     in `param_dtype` (default: the same). With `mesh` (fxjax.sharding.make_mesh), each tensor goes
     straight onto its shards as it streams in (fxjax.sharding.PARTITION_RULES); with several processes
     each materialises only its addressable shards.
     `adapter` loads a PEFT LoRA adapter directory (fxjax.peft_io); `lora` attaches fresh adapters
-    (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`)."""
+    (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`). `scan_layers` stacks the decoder layers and
+    runs them under scan (model.config.TextConfig.scan_layers); the checkpoint is the same either way."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     cfg, raw = load_config(directory)
+    cfg = cfg.with_scan_layers(scan_layers)
     files = weight_files(directory)
     model = abstract_model(cfg, as_dtype(dtype), as_dtype(param_dtype or dtype))
     naming = load_weights(model, files, placer(mesh) if mesh is not None else None)
@@ -172,20 +224,27 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
 
 
 def hf_tensors(model: Qwen25VL, naming: str = HUB) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(HF name, thunk giving the host tensor) for each parameter; a thunk gathers one tensor."""
+    """(HF name, thunk giving the host tensor) for each parameter (each layer of a stacked one); a thunk
+    gathers one tensor."""
     # Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B); the model is not changed.
     adapters = {path: linear.lora for path, linear in lora_linears(model) if linear.lora.enabled}
+
+    def layer(value, index):  # slicing on the device first: only one layer comes to the host
+        return value if index is None else value[index]
+
     for path, variable in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
-        name = hf_name(path, naming)
         adapter = adapters.get(path[:-1]) if path[-1] == "kernel" else None
+        for layer_param in per_layer_paths(path, tuple(variable.shape)):
+            index = unstack(layer_param)[1] if is_stacked(path) else None
 
-        def thunk(variable=variable, path=path, adapter=adapter) -> np.ndarray:
-            array = gather(variable[...])  # a collective across processes
-            if adapter is not None:
-                array = merge_lora(array, gather(adapter.lora_a[...]), gather(adapter.lora_b[...]), adapter.scaling)
-            return to_hf(array, path, model.config.vision)
+            def thunk(variable=variable, path=layer_param, adapter=adapter, index=index) -> np.ndarray:
+                array = gather(layer(variable[...], index))  # a collective across processes
+                if adapter is not None:
+                    array = merge_lora(array, gather(layer(adapter.lora_a[...], index)),
+                                       gather(layer(adapter.lora_b[...], index)), adapter.scaling)
+                return to_hf(array, path, model.config.vision)
 
-        yield name, thunk
+            yield hf_name(layer_param, naming), thunk
 
 
 def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,

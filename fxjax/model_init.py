@@ -10,12 +10,16 @@ from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 
 
 def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "float32",
-               param_dtype: str | None = None, mesh=None) -> Qwen25VL:
-    """A Qwen2.5-VL with random weights; `config` may be a preset name or YAML path.
+               param_dtype: str | None = None, mesh=None, scan_layers: bool | None = None) -> Qwen25VL:
+    """A Qwen2.5-VL with random weights; `config` may be a preset name or YAML path. `scan_layers` (None:
+    as the config says) stacks the decoder layers under scan; the random weights then differ from the
+    looped model's of the same seed (model.scan).
 
     With `mesh` (fxjax.sharding.make_mesh) the weights are created under jit directly on their shards
     (no device ever holds a whole unsharded model); values match the unsharded init to float rounding."""
     cfg = load_preset(config) if isinstance(config, str) else config
+    if scan_layers is not None:
+        cfg = cfg.with_scan_layers(scan_layers)
 
     def build() -> Qwen25VL:
         return Qwen25VL(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype or dtype)

@@ -7,6 +7,9 @@ transformers >= 4.52 (what the installed peft writes) uses `model.visual.*`, `mo
 `lm_head`; older versions `visual.*`, `model.layers.*`, `lm_head`. Both load; an adapter saves back
 with the naming, dtype and config it came with, so its keys and tensors round-trip bit for bit.
 A LoRA on the patch embedding (PEFT's Conv3d LoRA: A [r, C, T, p, p], B [out, r, 1, 1, 1]) loads too.
+With stacked layers (scan_layers) the per-layer tensors are stacked into, and sliced out of, the one
+adapter of each stacked Linear; an adapter for only some of its layers (or with ranks differing between
+them) is refused with a pointer to scan_layers=False.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from safetensors import safe_open
 
 from fxjax.file_modes import save_safetensors
 from fxjax.sharding import barrier, gather
-from fxjax.model.hf_names import CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, module_kind, module_name
-from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linears, lora_linears, pattern_key,
-                        target_matches)
+from fxjax.model.hf_names import (CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, layer_path, module_kind,
+                                  module_name, unstack)
+from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linear_layers, linears,
+                              lora_linears, pattern_key, stacked_layers, target_matches)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -135,7 +139,9 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     if has_lora(model):
         raise AdapterError(f"{directory}: the model already has LoRA adapters; call model.lora.remove_lora first")
 
-    by_name = {naming: {module_name(path, naming): path for path, _ in linears(model)} for naming in (TRANSFORMERS, HUB)}
+    # HF module name -> per-layer fxjax path (a stacked Linear has one per layer)
+    by_name = {naming: {module_name(path, naming): path for path, _, _ in linear_layers(model)}
+               for naming in (TRANSFORMERS, HUB)}
     modules: dict[str, dict[str, str]] = {}
     for key in tensors:
         match = _KEY.match(key)
@@ -181,10 +187,11 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     use_rslora, dropout = bool(raw.get("use_rslora", False)), float(raw.get("lora_dropout", 0.0))
     by_path = dict(linears(model))
-    plan = []
+    per_linear: dict[tuple, dict[int | None, tuple]] = {}  # Linear module path -> {layer index: tensors}
     for module, keys in modules.items():
         path = names[module]
-        linear = by_path[path]
+        linear_path, index = (path, None) if path in by_path else unstack(path)
+        linear = by_path[linear_path]
         rank_key, alpha_key = pattern_key(list(rank_pattern), module), pattern_key(list(alpha_pattern), module)
         rank = rank_pattern[rank_key] if rank_key is not None else r
         module_alpha = alpha_pattern[alpha_key] if alpha_key is not None else alpha
@@ -196,13 +203,19 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
                 raise AdapterError(f"{weights_file}: tensor {keys[which]!r} has shape {tuple(got)}, expected {want} "
                                    f"({where} in {config_file.name}, layer {linear.in_features} -> "
                                    f"{linear.out_features})")
-        plan.append((linear, rank, module_alpha, tensors[keys["A"]], tensors[keys["B"]]))
+        # fxjax layout: A [in, r], B [r, out]
+        a = np.ascontiguousarray(tensors[keys["A"]].reshape(rank, -1).T)
+        b = np.ascontiguousarray(tensors[keys["B"]].reshape(-1, rank).T)
+        per_linear.setdefault(linear_path, {})[index] = (module, rank, module_alpha, a, b)
+    plan = [_stack_plan(by_path[linear_path], linear_path, layers, weights_file)
+            for linear_path, layers in per_linear.items()]
 
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    for linear, rank, module_alpha, a, b in plan:
-        adapter = add_adapter(linear, rank=rank, alpha=module_alpha, use_rslora=use_rslora, dropout=dropout, rngs=rngs)
-        adapter.lora_a.set_value(jnp.asarray(np.ascontiguousarray(a.reshape(rank, -1).T), jnp.float32))
-        adapter.lora_b.set_value(jnp.asarray(np.ascontiguousarray(b.reshape(b.shape[0], rank).T), jnp.float32))
+    for linear, count, rank, module_alpha, a, b in plan:
+        adapter = add_adapter(linear, rank=rank, alpha=module_alpha, use_rslora=use_rslora, dropout=dropout,
+                              rngs=rngs, layers=count)
+        adapter.lora_a.set_value(jnp.asarray(a, jnp.float32))
+        adapter.lora_b.set_value(jnp.asarray(b, jnp.float32))
 
     spec = targets if targets is not None else sorted(modules)
     lora_config = LoRAConfig(rank=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
@@ -212,10 +225,32 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     return list(modules)
 
 
-def _fresh_config(model, items, names: list[str], naming: str) -> dict[str, Any]:
-    """adapter_config.json for adapters made in fxjax (PEFT's LoraConfig fields that matter)."""
+def _stack_plan(linear, linear_path: tuple, layers: dict, weights_file: Path) -> tuple:
+    """(Linear, stacked layer count or None, rank, alpha, A, B) for one Linear from its modules' tensors
+    ({layer index (None: a per-layer Linear): (module, rank, alpha, A [in, r], B [r, out])}); a stacked
+    Linear's factors are stacked in layer order."""
+    count = stacked_layers(linear_path, linear)
+    if count is None:
+        (_, rank, alpha, a, b), = layers.values()
+        return linear, None, rank, alpha, a, b
+    name = module_name(layer_path(linear_path, 0)).replace(".0.", ".<i>.")
+    if sorted(layers) != list(range(count)):
+        raise AdapterError(f"{weights_file}: adapts layers {sorted(layers)} of {name}, whose {count} layers are "
+                           f"stacked (scan_layers): an adapter for a stacked Linear covers all its layers; load the "
+                           f"model with scan_layers=False")
+    if len({(v[1], v[2]) for v in layers.values()}) > 1:
+        raise AdapterError(f"{weights_file}: the layers of {name} have different LoRA ranks / alphas "
+                           f"(rank_pattern / alpha_pattern), which stacked layers (scan_layers) cannot hold; load "
+                           f"the model with scan_layers=False")
+    _, rank, alpha, _, _ = layers[0]
+    return (linear, count, rank, alpha, np.stack([layers[i][3] for i in range(count)]),
+            np.stack([layers[i][4] for i in range(count)]))
+
+
+def _fresh_config(model, adapters: list, names: list[str], naming: str) -> dict[str, Any]:
+    """adapter_config.json for adapters made in fxjax (PEFT's LoraConfig fields that matter); `adapters[k]`
+    serves the module `names[k]` (a stacked adapter is listed once per layer)."""
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
-    adapters = [linear.lora for _, linear in items]
     if len({a.use_rslora for a in adapters}) > 1:
         raise AdapterError("cannot save adapters that mix rsLoRA and plain LoRA scaling in one PEFT config")
     r = cfg.rank if cfg else Counter(a.rank for a in adapters).most_common(1)[0][0]
@@ -281,20 +316,27 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
         raise AdapterError(f"cannot save adapters in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors, names = {}, []
-    for path, linear in items:
-        name = module_name(path, naming)
+    tensors, names, adapters = {}, [], []
+    for linear_path, linear in items:
         adapter = linear.lora
-        # gather() is a collective for arrays spanning processes: every process runs it, one tensor at a time.
-        a = gather(adapter.lora_a[...]).astype(np.float32).T  # [r, in]
-        b = gather(adapter.lora_b[...]).astype(np.float32).T  # [out, r]
-        want_a, want_b = _lora_shapes(model, path, adapter.rank, linear)
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(want_a).astype(_NP_DTYPES[dtype]))
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(want_b).astype(_NP_DTYPES[dtype]))
-        names.append(name)
+        count = stacked_layers(linear_path, linear)
+        for index in [None] if count is None else range(count):
+            path = linear_path if index is None else layer_path(linear_path, index)
+            name = module_name(path, naming)
+            # gather() is a collective for arrays spanning processes: every process runs it, one tensor at a
+            # time (of a stacked adapter, one layer's slice, cut on the device).
+            a, b = (adapter.lora_a[...], adapter.lora_b[...]) if index is None else (
+                adapter.lora_a[...][index], adapter.lora_b[...][index])
+            a = gather(a).astype(np.float32).T  # [r, in]
+            b = gather(b).astype(np.float32).T  # [out, r]
+            want_a, want_b = _lora_shapes(model, path, adapter.rank, linear)
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(want_a).astype(_NP_DTYPES[dtype]))
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(want_b).astype(_NP_DTYPES[dtype]))
+            names.append(name)
+            adapters.append(adapter)
     if jax.process_index() == 0:
         save_safetensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})  # mode 0644, not 0600
-        config = source.raw_config if source is not None else _fresh_config(model, items, names, naming)
+        config = source.raw_config if source is not None else _fresh_config(model, adapters, names, naming)
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     barrier("fxjax.save_peft_adapter")
     return out

@@ -17,6 +17,9 @@ of data / fsdp crosses TPU slices (GPU hosts), so only those collectives use the
 * Activations shard the batch over ("data", "fsdp"). The vision encoder's inputs, packed per batch shard
   (a leading shard axis, model.inputs.prepare_inputs's batch_shards), shard that axis the same way; one
   packed sequence for the whole batch is not a batch axis and stays replicated.
+* Stacked layers (layers under scan, TextConfig.scan_layers: 'decoder/layers/mlp/up_proj/kernel'
+  [layers, in, out]) take their per-layer rule behind an unsharded leading layer axis; their LoRA factors
+  likewise.
 
 A dimension that its mesh axes do not divide is replicated instead (`replicated_dims` lists them), so
 small test configs run on any mesh. A parameter no rule names is an error, never silently replicated.
@@ -42,6 +45,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from fxjax.model.hf_names import is_stacked, layer_path
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -230,9 +235,19 @@ def path_str(path: Iterable) -> str:
     return "/".join(str(p) for p in path)
 
 
+def per_layer_name(name: str) -> str | None:
+    """A stacked-layer parameter's name -> the name of its layer 0, whose rule it follows behind the layer
+    axis ('decoder/layers/mlp/up_proj/kernel' -> 'decoder/layers/0/mlp/up_proj/kernel'); None otherwise."""
+    parts = tuple(int(p) if p.isdigit() else p for p in name.split("/"))
+    return path_str(layer_path(parts, 0)) if is_stacked(parts) else None
+
+
 def logical_spec(path: Iterable | str) -> P:
     """The rule's spec for a base parameter path (before divisibility). Raises for unknown paths."""
     name = path if isinstance(path, str) else path_str(path)
+    layer = per_layer_name(name)
+    if layer is not None:
+        return P(None, *logical_spec(layer))
     for pattern, spec in _COMPILED:
         if pattern.fullmatch(name):
             return spec
@@ -280,6 +295,15 @@ def param_spec(path: Iterable | str, shape: tuple[int, ...], mesh: Mesh | Mappin
     dimension cannot.
     """
     name = path if isinstance(path, str) else path_str(path)
+    layer = per_layer_name(name)
+    if layer is not None:  # stacked layers: one layer's spec behind the unsharded layer axis
+        if not shape:
+            raise ShardingError(f"{name}: a stacked-layer parameter needs a leading layer axis, got a scalar")
+        inner: list[ReplicatedDim] = []
+        spec = param_spec(layer, tuple(shape[1:]), mesh, dropped=inner)
+        if dropped is not None:
+            dropped.extend(d._replace(path=name, dim=d.dim + 1) for d in inner)
+        return P(None, *spec) if len(spec) else P()
     sizes = axis_sizes(mesh)
     lora = _LORA.fullmatch(name)
     if lora is None:
@@ -332,6 +356,7 @@ def state_spec(path: Iterable, shape: tuple[int, ...], mesh: Mesh | Mapping[str,
 
 
 def _known(name: str) -> bool:
+    name = per_layer_name(name) or name
     lora = _LORA.fullmatch(name)
     name = lora.group(1) + "/kernel" if lora else name
     return any(pattern.fullmatch(name) for pattern, _ in _COMPILED)

@@ -79,6 +79,9 @@ class ModelSection:
     remat_vision: str | None = None  # ... of the vision blocks (default: the same as remat)
     # attention kernel (fxjax.model.attention): auto = splash on TPU, cudnn on an NVIDIA GPU in bfloat16, else xla
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    # decoder layers stacked and run under scan (fxjax.model.scan): compile time independent of depth; the
+    # same numbers, checkpoints and adapters as the loop (false)
+    scan_layers: bool = False
     adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
     from_run: str | None = None  # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA
     from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)

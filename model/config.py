@@ -36,6 +36,9 @@ class VisionConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     attention: str = "xla"  # the kernel, not the architecture (ATTENTION_BACKENDS); xla is HF-exact
+    # The layout: True stacks the blocks' parameters and scans them (see TextConfig.scan_layers); a block
+    # picks window or full attention (fullatt_block_indexes) with lax.cond, so groups need no regularity.
+    scan_layers: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +88,10 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (16, 24, 24)
     max_position_embeddings: int = 128000
     attention: str = "xla"  # the kernel, not the architecture (ATTENTION_BACKENDS); xla is HF-exact
+    # The layout, not the architecture: True stacks the decoder layers' parameters on a leading layer axis
+    # and runs them under jax.lax.scan (model.scan), so the program and its compile time do not grow with
+    # depth (MaxText's scan_layers). False: a Python loop over per-layer modules. The same numbers either way.
+    scan_layers: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -134,3 +141,10 @@ class Qwen25VLConfig:
         (`vision`, default: the same) replaced; see ATTENTION_BACKENDS."""
         return self.replace(text=dataclasses.replace(self.text, attention=text),
                             vision=dataclasses.replace(self.vision, attention=text if vision is None else vision))
+
+    def with_scan_layers(self, scan: bool = True, vision: bool | None = None) -> "Qwen25VLConfig":
+        """The same model with its decoder layers (`scan`) and vision blocks (`vision`, default: the same)
+        stacked and scanned, or looped; see TextConfig.scan_layers."""
+        vision = scan if vision is None else vision
+        return self.replace(text=dataclasses.replace(self.text, scan_layers=bool(scan)),
+                            vision=dataclasses.replace(self.vision, scan_layers=bool(vision)))

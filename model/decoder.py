@@ -11,6 +11,7 @@ from .config import TextConfig
 from .kv_cache import KVCache, write
 from .layers import GatedMLP, Linear, RMSNorm
 from .rope import apply_rotary, mrope
+from .scan import RematPolicy, scan_stack, stack_modules
 
 
 class DecoderAttention(nnx.Module):
@@ -51,15 +52,34 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def _layer_step(layer: DecoderLayer, x, kv, cos, sin, mask, start):
+    """One scanned layer: x is the carry, the layer's (keys, values) slice of the cache its xs and ys."""
+    return layer(x, cos, sin, mask, kv, start)
+
+
 class TextDecoder(nnx.Module):
-    """The decoder stack after the embedding: layers and final norm."""
+    """The decoder stack after the embedding: layers and final norm.
+
+    `layers` is an nnx.List of DecoderLayers, or with cfg.scan_layers one DecoderLayer whose parameters
+    are stacked [num_hidden_layers, ...] and run under scan (model.scan); the KV cache follows (per-layer
+    tuples, or arrays with a leading layer axis).
+    """
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg = cfg
         self.dtype = dtype
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.num_hidden_layers)])
+
+        def layer(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        if cfg.scan_layers:
+            self.layers = stack_modules(layer, cfg.num_hidden_layers, rngs)
+        else:
+            self.layers = nnx.List([layer(rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        # Rematerialisation of one scanned layer (model.scan.scan_stack's `remat`), set on a trace-local
+        # copy by train.remat.with_remat; looped layers are wrapped one by one instead.
+        self.layer_remat: RematPolicy = None
 
     def __call__(self, x: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -79,6 +99,12 @@ class TextDecoder(nnx.Module):
             start = cache.length
             key_mask = write(cache.key_mask, real, start)
             mask = cache_mask(key_mask, start, length, cfg.attention)
+        if cfg.scan_layers:
+            kv = None if cache is None else (cache.keys, cache.values)
+            x, kv = scan_stack(self.layers, _layer_step, x, kv, (cos, sin, mask, start), remat=self.layer_remat)
+            if cache is not None:
+                cache = KVCache(kv[0], kv[1], key_mask, start + length)
+            return self.norm(x), cache
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])

@@ -66,7 +66,8 @@ class GenerateOutput(NamedTuple):
 
 def init_cache(model, batch: int, cache_len: int) -> KVCache:
     t = model.config.text
-    return KVCache.init(t.num_hidden_layers, batch, cache_len, t.num_key_value_heads, t.head_dim, model.dtype)
+    return KVCache.init(t.num_hidden_layers, batch, cache_len, t.num_key_value_heads, t.head_dim, model.dtype,
+                        stacked=t.scan_layers)
 
 
 def next_positions(inputs: ModelInputs):

@@ -120,6 +120,46 @@ def is_ignored(name: str) -> bool:
     return bool(_IGNORED.match(name))
 
 
+# ---- stacked layers (layers under scan, model.scan) -----------------------------------------------
+
+# Module lists whose layers may be stacked on a leading parameter axis (TextConfig.scan_layers): a
+# per-layer path has the layer index right after the list's path ('decoder', 'layers', 3, 'mlp', ...),
+# the stacked one does not ('decoder', 'layers', 'mlp', ...; layer 3 is slice 3). Every name in the table
+# is a per-layer one: stacked paths go through `layer_path` / `unstack` first.
+STACKS: tuple[Path, ...] = (("decoder", "layers"), ("visual", "blocks"))
+
+
+def _stack_of(path: Path) -> int:
+    """Length of the STACKS entry that `path` lies under (0 if none)."""
+    for stack in STACKS:
+        if tuple(path[:len(stack)]) == stack and len(path) > len(stack):
+            return len(stack)
+    return 0
+
+
+def is_stacked(path: Path) -> bool:
+    """Whether `path` (a module or parameter) is under a stack without a layer index: stacked layers."""
+    n = _stack_of(path)
+    return bool(n) and not isinstance(path[n], int)
+
+
+def layer_path(stacked: Path, index: int) -> Path:
+    """A stacked path and a layer index -> the per-layer path, e.g. ('decoder', 'layers', 'mlp', 'up_proj')
+    and 3 -> ('decoder', 'layers', 3, 'mlp', 'up_proj')."""
+    if not is_stacked(stacked):
+        raise KeyError(f"fxjax path {stacked!r} is not a stacked-layer path (model/hf_names.py STACKS)")
+    n = _stack_of(stacked)
+    return tuple(stacked[:n]) + (int(index),) + tuple(stacked[n:])
+
+
+def unstack(path: Path) -> tuple[Path, int | None]:
+    """A per-layer path -> (the stacked path, the layer index); any other path -> (path, None)."""
+    n = _stack_of(path)
+    if not n or not isinstance(path[n], int):
+        return tuple(path), None
+    return tuple(path[:n]) + tuple(path[n + 1:]), int(path[n])
+
+
 # ---- fxjax path -> HF name -----------------------------------------------------------------------
 
 def _row_of_module(module: Path) -> tuple[_Row, str | None]:

@@ -9,20 +9,28 @@ import jax.numpy as jnp
 
 
 class KVCache(NamedTuple):
-    keys: tuple[jax.Array, ...]  # per layer [B, S, KVH, D]
-    values: tuple[jax.Array, ...]
+    """Keys and values per layer: a tuple of [B, S, KVH, D] arrays for looped layers, or (stacked, for
+    layers under scan, TextConfig.scan_layers) one [layers, B, S, KVH, D] array each."""
+
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     key_mask: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
     length: jax.Array  # int32 scalar: slots written so far
 
     @classmethod
-    def init(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
-        return cls(
-            keys=tuple(zeros for _ in range(num_layers)),
-            values=tuple(zeros for _ in range(num_layers)),
-            key_mask=jnp.zeros((batch, max_len), bool),
-            length=jnp.zeros((), jnp.int32),
-        )
+    def init(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, *,
+             stacked: bool = False) -> "KVCache":
+        shape = (batch, max_len, kv_heads, head_dim)
+        if stacked:
+            keys = values = jnp.zeros((num_layers, *shape), dtype)
+        else:
+            keys = values = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+        return cls(keys=keys, values=values, key_mask=jnp.zeros((batch, max_len), bool),
+                   length=jnp.zeros((), jnp.int32))
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.keys, tuple)
 
     @property
     def max_len(self) -> int:
@@ -40,5 +48,7 @@ def repeat_rows(cache: KVCache, repeats: int) -> KVCache:
     layout of jnp.repeat and of HF's num_return_sequences). Lets G samples share one prompt prefill."""
     if repeats == 1:
         return cache
-    rep = lambda x: jnp.repeat(x, repeats, axis=0)  # noqa: E731
+    rep = lambda x, axis=0: jnp.repeat(x, repeats, axis=axis)  # noqa: E731
+    if cache.stacked:  # [layers, B, ...]: the rows are axis 1
+        return KVCache(rep(cache.keys, 1), rep(cache.values, 1), rep(cache.key_mask), cache.length)
     return KVCache(tuple(map(rep, cache.keys)), tuple(map(rep, cache.values)), rep(cache.key_mask), cache.length)

@@ -7,6 +7,10 @@ LoRA weight's state path is e.g. ('decoder', 'layers', 0, 'self_attn', 'q_proj',
 
     y = x @ W + b + scaling * (dropout(x) @ A) @ B,   scaling = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
+On a stacked Linear (layers under scan, TextConfig.scan_layers: kernel [layers, in, out]) one adapter
+serves every layer, its factors stacked too (lora_a [layers, in, r], lora_b [layers, r, out]); a config
+must then target all layers of it or none, and with one rank and alpha.
+
 LoRA parameters are their own state type: filter them with `LORA_PARAMS` and the base weights with
 `BASE_PARAMS` (nnx.LoRAParam subclasses nnx.Param, so a bare nnx.Param filter selects both). They are
 stored in float32 whatever the base's param_dtype, and, as in PEFT, the update is computed in float32 too
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .hf_names import LINEAR, TRANSFORMERS, Path, module_kind, module_name
+from .hf_names import LINEAR, TRANSFORMERS, Path, is_stacked, layer_path, module_kind, module_name, unstack
 from .layers import Linear
 
 # The frozen base weights and the trainable LoRA weights. Use these filters everywhere.
@@ -143,15 +147,27 @@ class LoRAAdapter(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
-                 use_rslora: bool = False, dropout: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 use_rslora: bool = False, dropout: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 layers: int | None = None, lora_a: jax.Array | None = None,
+                 dropout_layer: nnx.Dropout | None = None):
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha, self.use_rslora = int(rank), float(alpha), bool(use_rslora)
         self.dtype = jnp.dtype(param_dtype)  # computes in its weights' dtype (see __call__)
-        bound = 1.0 / math.sqrt(in_features)
-        a = jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a.astype(param_dtype))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
-        self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
+        # `layers`: the adapter of a stacked Linear; its factors get the leading layer axis, and the scan
+        # (model.scan) hands each layer its slice, so __call__ always sees 2-D factors. The dropout stream
+        # stays one, advanced by each layer's draw.
+        # `lora_a` / `dropout_layer`: A's initial value and the dropout module, made by apply_lora per layer
+        # in the looped model's order (what this constructor would draw, in the same order).
+        lead = () if layers is None else (int(layers),)
+        if lora_a is None:
+            lora_a = init_lora_a(rngs, (*lead, in_features, rank))
+        elif tuple(lora_a.shape) != (*lead, in_features, rank):
+            raise ValueError(f"lora_a has shape {tuple(lora_a.shape)}, expected {(*lead, in_features, rank)}")
+        self.lora_a = nnx.LoRAParam(jnp.asarray(lora_a).astype(param_dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, out_features), param_dtype))
+        if dropout_layer is None and dropout > 0:
+            dropout_layer = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+        self.dropout = dropout_layer
         self.enabled = True
 
     @property
@@ -173,6 +189,12 @@ class LoRAAdapter(nnx.Module):
         return y.reshape(*lead, y.shape[-1])
 
 
+def init_lora_a(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
+    """PEFT's A init (kaiming-uniform, a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)) of shape [..., in, rank]."""
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+
+
 def linears(model: nnx.Module) -> Iterator[tuple[Path, Linear]]:
     """(fxjax path, Linear) for every Linear of the model, in graph order."""
     for path, module in nnx.iter_modules(model):
@@ -191,24 +213,68 @@ def has_lora(model: nnx.Module) -> bool:
     return next(lora_linears(model), None) is not None
 
 
+def stacked_layers(path: Path, linear: Linear) -> int | None:
+    """How many layers the Linear at `path` stacks (layers under scan), None for a per-layer Linear."""
+    return int(linear.kernel.shape[0]) if is_stacked(path) else None
+
+
+def linear_layers(model: nnx.Module) -> Iterator[tuple[Path, Path, int | None]]:
+    """(per-layer fxjax path, path of the Linear module, layer index in it or None) for every layer of every
+    Linear: a stacked Linear gives one entry per layer, named as the looped model's would be."""
+    for path, linear in linears(model):
+        count = stacked_layers(path, linear)
+        if count is None:
+            yield path, path, None
+        else:
+            for i in range(count):
+                yield layer_path(path, i), path, i
+
+
 def add_adapter(linear: Linear, *, rank: int, alpha: float, use_rslora: bool = False, dropout: float = 0.0,
-                rngs: nnx.Rngs) -> LoRAAdapter:
-    """Attach one adapter (float32 parameters, computed in float32 as PEFT does) to `linear`."""
+                rngs: nnx.Rngs, layers: int | None = None, lora_a: jax.Array | None = None,
+                dropout_layer: nnx.Dropout | None = None) -> LoRAAdapter:
+    """Attach one adapter (float32 parameters, computed in float32 as PEFT does) to `linear`; `layers`
+    for a stacked Linear (`stacked_layers`); `lora_a` / `dropout_layer`: A's initial value and the dropout
+    module (default: made from `rngs`)."""
     if linear.lora is not None:
         raise ValueError("this Linear already has a LoRA adapter; call remove_lora first")
     linear.lora = LoRAAdapter(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
-                              use_rslora=use_rslora, dropout=dropout, rngs=rngs)
+                              use_rslora=use_rslora, dropout=dropout, rngs=rngs, layers=layers, lora_a=lora_a,
+                              dropout_layer=dropout_layer)
     return linear.lora
 
 
 def select_targets(model: nnx.Module, cfg: LoRAConfig, naming: str = TRANSFORMERS) -> dict[str, Path]:
-    """HF module name -> fxjax path of each Linear that `cfg` targets (names in `naming`)."""
+    """HF module name -> per-layer fxjax path of each Linear (layer) that `cfg` targets (names in `naming`)."""
     chosen = {}
-    for path, _ in linears(model):
+    for path, _, _ in linear_layers(model):
         name = module_name(path, naming)
         if cfg.selects(name, path):
             chosen[name] = path
     return chosen
+
+
+def group_by_linear(model: nnx.Module, layer_paths) -> dict[Path, list[int | None]]:
+    """Per-layer Linear paths -> {path of the Linear module: its layer indices (None: a per-layer Linear)}.
+
+    Raises ValueError when the paths cover only some layers of a stacked Linear: its one adapter serves
+    all of them (build the model with scan_layers=False to adapt single layers)."""
+    by_path = dict(linears(model))
+    groups: dict[Path, list[int | None]] = {}
+    for path in layer_paths:
+        path = tuple(path)
+        module, index = (path, None) if path in by_path else unstack(path)
+        if module not in by_path:
+            raise KeyError(f"fxjax path {path!r} is not a Linear of the model")
+        groups.setdefault(module, []).append(index)
+    for module, indices in groups.items():
+        count = stacked_layers(module, by_path[module])
+        if count is not None and sorted(indices) != list(range(count)):
+            name = module_name(layer_path(module, 0)).replace(".0.", ".<i>.")
+            raise ValueError(f"LoRA targets layers {sorted(indices)} of {name}, whose {count} layers are stacked "
+                             f"(scan_layers): target all of them or none, or load the model with "
+                             f"scan_layers=False")
+    return groups
 
 
 def apply_lora(model: nnx.Module, cfg: LoRAConfig | None = None, *, rngs: nnx.Rngs | None = None) -> list[str]:
@@ -223,14 +289,31 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig | None = None, *, rngs: nnx.Rn
     targets = select_targets(model, cfg)
     if not targets:
         raise ValueError(f"target_modules {cfg.target_modules!r} matches no Linear of the model "
-                         f"(names look like {module_name(next(linears(model))[0])!r})")
+                         f"(names look like {module_name(next(linear_layers(model))[0])!r})")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     by_path = dict(linears(model))
-    for name, path in targets.items():
-        add_adapter(by_path[path], rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
-                    dropout=cfg.dropout, rngs=rngs)
+    groups = group_by_linear(model, targets.values())
+    # Each layer's A (and dropout stream) is drawn as LoRAAdapter draws it, layer by layer in the looped
+    # model's order (its Linears in sorted path order); a stacked Linear's are then stacked (its dropout
+    # stream is its first layer's). So both layouts start from the same A for the same rngs.
+    drawn = {}
+    for path in sorted(targets.values(), key=_loop_order):
+        module = path if path in by_path else unstack(path)[0]
+        a = init_lora_a(rngs, (by_path[module].in_features, cfg.rank))
+        drawn[path] = (a, nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs) if cfg.dropout > 0 else None)
+    for module, indices in groups.items():
+        layers = [drawn[module if i is None else layer_path(module, i)] for i in sorted(indices, key=lambda i: i or 0)]
+        add_adapter(by_path[module], rank=cfg.rank, alpha=cfg.alpha, use_rslora=cfg.use_rslora,
+                    dropout=cfg.dropout, rngs=rngs, layers=stacked_layers(module, by_path[module]),
+                    lora_a=layers[0][0] if indices == [None] else jnp.stack([a for a, _ in layers]),
+                    dropout_layer=layers[0][1])
     model.lora_config = cfg
     return list(targets)
+
+
+def _loop_order(path: Path):
+    """Sort key of per-layer paths in the order nnx visits a looped model's modules (sorted keys)."""
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in path)
 
 
 def remove_lora(model: nnx.Module) -> None:
@@ -266,8 +349,8 @@ def lora_state(model: nnx.Module) -> nnx.State:
 
 
 def merge_lora(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scaling: float) -> np.ndarray:
-    """W + scaling * A @ B on host arrays in fxjax layout (kernel [in, out], A [in, r], B [r, out]), float32
-    (PEFT's merge: W + (B @ A) * scaling in HF layout)."""
+    """W + scaling * A @ B on host arrays in fxjax layout (kernel [in, out], A [in, r], B [r, out]; stacked
+    ones with a leading layer axis), float32 (PEFT's merge: W + (B @ A) * scaling in HF layout)."""
     delta = (np.asarray(lora_a, np.float32) @ np.asarray(lora_b, np.float32)) * np.float32(scaling)
     return np.asarray(kernel).astype(np.float32) + delta
 
@@ -283,4 +366,5 @@ def merged_kernel(linear: Linear) -> np.ndarray:
 
 __all__ = ["LoRAConfig", "LoRAAdapter", "LORA_PARAMS", "BASE_PARAMS", "ALL_LINEAR", "apply_lora", "add_adapter",
            "remove_lora", "lora_disabled", "set_lora_enabled", "lora_linears", "linears", "has_lora",
+           "stacked_layers", "linear_layers", "group_by_linear",
            "select_targets", "target_matches", "pattern_key", "lora_scaling", "lora_state", "merge_lora", "merged_kernel"]

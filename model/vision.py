@@ -13,6 +13,7 @@ from .batch_axis import shard_batch
 from .config import VisionConfig
 from .layers import GatedMLP, Linear, RMSNorm
 from .rope import apply_rotary, vision_rotary
+from .scan import RematPolicy, scan_stack, stack_modules
 
 
 class VisionInputs(NamedTuple):
@@ -100,9 +101,17 @@ class VisionEncoder(nnx.Module):
         self.dtype = dtype
         self.patch_embed = Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype)
-        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.depth)])
+
+        def block(rngs: nnx.Rngs) -> VisionBlock:
+            return VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+        # cfg.scan_layers: one VisionBlock with stacked parameters [depth, ...], run under scan (model.scan)
+        self.blocks = stack_modules(block, cfg.depth, rngs) if cfg.scan_layers else nnx.List(
+            [block(rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # Rematerialisation of one scanned block (model.scan.scan_stack's `remat`), set on a trace-local copy
+        # by train.remat.with_remat; looped blocks are wrapped one by one instead.
+        self.block_remat: RematPolicy = None
 
     def encode(self, inputs: VisionInputs) -> jax.Array:
         """Patch tokens after the last block, [P, hidden] (before the merger); [S, P, hidden] per shard."""
@@ -121,13 +130,22 @@ class VisionEncoder(nnx.Module):
         full_block = self._full_attention_block(inputs, cos, sin, cfg.attention)
 
         fullatt = set(cfg.fullatt_block_indexes)
+
+        def window_block(block, x):
+            out = block(x.reshape(*lead, -1, slots, x.shape[-1]), win_cos, win_sin, window_mask)
+            return pin(out.reshape(*lead, n, -1))
+
+        def full_attention_block(block, x):
+            return pin(full_block(block, x))
+
+        if cfg.scan_layers:
+            def step(block, x, is_full):  # one program for both kinds: the flag (scanned) picks the branch
+                return nnx.cond(is_full, full_attention_block, window_block, block, x), None
+
+            is_full = jnp.asarray([i in fullatt for i in range(cfg.depth)])
+            return scan_stack(self.blocks, step, x, is_full, remat=self.block_remat)[0]
         for i, block in enumerate(self.blocks):
-            if i in fullatt:
-                x = full_block(block, x)
-            else:
-                x = block(x.reshape(*lead, -1, slots, x.shape[-1]), win_cos, win_sin, window_mask)
-                x = x.reshape(*lead, n, -1)
-            x = pin(x)
+            x = full_attention_block(block, x) if i in fullatt else window_block(block, x)
         return x
 
     @staticmethod

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from fxjax.sharding import barrier
 from fxjax.train import faults
+from fxjax.train.checkpoint_layout import saved_layout, to_current_layout
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +130,15 @@ class TrainCheckpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = {k: _abstract(v) for k, v in flatten_tree(template).items()}
+        # A checkpoint of the other decoder layout (looped vs scan_layers) restores in its own names and is
+        # converted (train.checkpoint_layout); any other difference in names is an error naming them.
+        saved = getattr(self.manager.item_metadata(step)["state"], "tree", None)
+        layout = None if saved is None else saved_layout(abstract, set(saved), str(self.directory / str(step)))
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=_DataStateRestore(),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout or abstract), data=_DataStateRestore(),
                                           config=ocp.args.JsonRestore()))
-        state = unflatten_tree(template, restored["state"])
+        flat = restored["state"] if layout is None else to_current_layout(abstract, restored["state"])
+        state = unflatten_tree(template, flat)
         data = dict(restored["data"])
         data.pop("step", None)
         return state, data, dict(restored["config"]), step

@@ -4,7 +4,9 @@
 `model.visual.blocks[i]` of a model *that was merged inside the traced step* in `Remat`, whose call is
 ``jax.checkpoint(block, policy=...)``. The wrapping changes only that trace-local copy of the module
 graph, never the model the caller holds, so parameter paths (HF export, PEFT names, shardings) stay as
-they are and model/ needs no training knobs.
+they are and model/ needs no training knobs. Layers under scan (TextConfig / VisionConfig.scan_layers) are
+one stacked module: there the policy goes to the decoder's `layer_remat` (the encoder's `block_remat`),
+which checkpoints the scan body (one layer or block), the same per-layer rematerialisation.
 
 Policies (`fxjax.train_config.REMAT_POLICIES`):
   none                no rematerialisation: every activation of the block is kept for the backward pass
@@ -58,12 +60,16 @@ def with_remat(model, policy: str | None, vision_policy: str | None = None):
     """Wrap the decoder layers (and vision blocks, with vision_policy or else policy) in place; returns model."""
     text = remat_policy(policy)
     vision = remat_policy(policy if vision_policy is None else vision_policy)
-    if text is not None:
+    if text is not None and model.decoder.cfg.scan_layers:
+        model.decoder.layer_remat = text  # model.scan.scan_stack's `remat`: True or a policy
+    elif text is not None:
         layers = model.decoder.layers
         for i in range(len(layers)):
             if not isinstance(layers[i], Remat):
                 layers[i] = Remat(layers[i], text)
-    if vision is not None:
+    if vision is not None and model.visual.cfg.scan_layers:
+        model.visual.block_remat = vision
+    elif vision is not None:
         blocks = model.visual.blocks
         for i in range(len(blocks)):
             if not isinstance(blocks[i], Remat):

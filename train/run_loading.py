@@ -42,9 +42,9 @@ class LoadedRun:
 
 
 def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype: str | None,
-                    attention: str | None = None):
-    """The run's config with the base model moved (model_path), the weights' dtypes and the attention kernel
-    replaced (a run trained with cudnn loads on a CPU with attention="auto")."""
+                    attention: str | None = None, scan_layers: bool | None = None):
+    """The run's config with the base model moved (model_path), the weights' dtypes, the attention kernel
+    (a run trained with cudnn loads on a CPU with attention="auto") or the layers' layout replaced."""
     m = cfg.model
     changes: dict[str, Any] = {}
     if model_path is not None:
@@ -55,6 +55,8 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
         changes["param_dtype"] = param_dtype
     if attention is not None:
         changes["attention"] = attention
+    if scan_layers is not None:
+        changes["scan_layers"] = bool(scan_layers)
     if not changes:
         return cfg
     # A null data.tokenizer means model.path's tokenizer, so it follows a moved base model.
@@ -73,6 +75,7 @@ def _check_paths(cfg, checkpoint_dir: Path) -> None:
 
 def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path: str | None = None,
              dtype: str | None = None, param_dtype: str | None = None, attention: str | None = None,
+             scan_layers: bool | None = None,
              log: Callable[[str], None] | None = None) -> LoadedRun:
     """The model of `run` at `step` (default: the newest committed step).
 
@@ -80,6 +83,8 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     model_path: the base model's directory when it moved since training (replaces model.path/preset).
     dtype / param_dtype: compute and storage dtype of the base weights (default: the run's).
     attention: the attention kernel (model.attention: auto | xla | cudnn | splash; default: the run's).
+    scan_layers: the decoder layers' layout (model.scan_layers; default: the run's); the checkpoint's LoRA
+    parameters are converted to it (train.checkpoint_layout).
     Raises RunLoadError naming the step and listing the steps that exist when the step is missing, its
     files are incomplete or corrupted, or the run's base model cannot be found.
     """
@@ -88,6 +93,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     from fxjax.sharding import MeshConfig, make_mesh
     from flax import nnx
 
+    from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
     from fxjax.train.checkpointing import flatten_tree, unflatten_tree
     from fxjax.train.run_setup import build_model
     from fxjax.train.step import split_model
@@ -95,7 +101,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     ckpt = checkpoint_dir_of(run).absolute()
     step, cfg, kind = resolve_step(ckpt, step)
     steps = committed_steps(ckpt)
-    cfg = _override_model(cfg, model_path, dtype, param_dtype, attention)
+    cfg = _override_model(cfg, model_path, dtype, param_dtype, attention, scan_layers)
     _check_paths(cfg, ckpt)
     if mesh is None:
         mesh = make_mesh(MeshConfig())
@@ -108,12 +114,19 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     # the optimiser state, step and RNG stay on disk.
     template = {f"params.{name}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                 for name, x in flatten_tree(params).items()}
-    restore_args = {name: ocp.ArrayRestoreArgs(sharding=x.sharding) for name, x in template.items()}
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-            flat = checkpointer.restore(ckpt / str(step) / "state", args=ocp.args.PyTreeRestore(
-                template, restore_args=restore_args, partial_restore=True))
+            state_dir = ckpt / str(step) / "state"
+            # saved with the other decoder layout (looped vs scan_layers): restored in its names, converted
+            saved = set(ocp.PyTreeCheckpointHandler().metadata(state_dir).tree)  # names only, nothing read
+            layout = saved_layout(template, saved, str(state_dir), partial=True) or template
+            restore_args = {name: ocp.ArrayRestoreArgs(sharding=x.sharding) for name, x in layout.items()}
+            flat = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+                layout, restore_args=restore_args, partial_restore=True))
+        flat = to_current_layout(template, flat)
         restored = unflatten_tree(params, {name[len("params."):]: x for name, x in flat.items()})
+    except LayoutError as err:
+        raise RunLoadError(f"the checkpoint of step {step} in {ckpt} does not fit this model: {err}") from err
     except Exception as err:  # orbax raises many types for missing or damaged files; the message says which
         raise RunLoadError(f"the checkpoint of step {step} in {ckpt} cannot be restored (incomplete or corrupted: "
                            f"{type(err).__name__}: {str(err)[:400]}); steps that exist: {steps_text(steps)}"

@@ -71,9 +71,10 @@ def build_model(cfg, mesh):
     if m.from_run is not None:
         return _model_of_run(cfg, mesh)
     if m.path is not None:
-        model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh)
+        model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh, scan_layers=m.scan_layers)
     else:
-        model = init_model(m.preset, seed=m.init_seed, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh)
+        model = init_model(m.preset, seed=m.init_seed, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh,
+                           scan_layers=m.scan_layers)
     rngs = nnx.Rngs(params=cfg.lora.init_seed, dropout=cfg.lora.init_seed)
     if m.adapter is not None:
         load_peft_adapter(model, m.adapter, rngs=rngs)
@@ -93,7 +94,7 @@ def _model_of_run(cfg, mesh):
 
     m = cfg.model
     model = load_run(m.from_run, m.from_run_step, mesh=mesh, model_path=m.path, dtype=m.dtype,
-                     param_dtype=m.param_dtype or m.dtype, attention=m.attention).model
+                     param_dtype=m.param_dtype or m.dtype, attention=m.attention, scan_layers=m.scan_layers).model
     model.train()
     return model
 
