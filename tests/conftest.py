@@ -176,7 +176,8 @@ def tiny_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
 # pyproject.toml) hands out whole modules in collection order, so starting with the long ones keeps both
 # workers busy to the end instead of leaving one long module running alone.
 SLOW_FIRST = ("test_grpo.py", "test_sft.py", "test_sharding.py", "test_traceable.py", "test_losses.py",
-              "test_multihost.py", "test_grpo_batch.py", "test_export_cli.py", "test_layering.py", "test_readme.py")
+              "test_multihost.py", "test_grpo_batch.py", "test_scan_layers.py", "test_export_cli.py",
+              "test_layering.py", "test_readme.py", "test_vision_shards.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
