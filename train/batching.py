@@ -266,13 +266,14 @@ def with_patch_dtype(batch: StepBatch, dtype) -> StepBatch:
     return batch._replace(inputs=batch.inputs._replace(vision=vision))
 
 
-def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards: int = 1,
-                **extra: int) -> tuple[dict[str, int], dict[str, int]]:
+def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards: int = 1, *,
+                cancelled=None, **extra: int) -> tuple[dict[str, int], dict[str, int]]:
     """(the shape floor every process's part of this step must be padded to, the sums of `extra` over the
     processes): the element-wise max of every process's `grow_floor` (a global array has one shape, and
     each process padded only its own rows). Host-only exchange (`fxjax.distributed.allgather_json`); the
-    same on every process. With one process: `grow_floor` and `extra` as given."""
+    same on every process. With one process: `grow_floor` and `extra` as given. `cancelled`: see
+    `allgather_json`."""
     local = grow_floor(floor, batch, model_cfg, batch_shards)
-    parts = allgather_json("step-batch-shape", {"floor": local, "extra": extra})
+    parts = allgather_json("step-batch-shape", {"floor": local, "extra": extra}, cancelled=cancelled)
     agreed = {k: max(int(p["floor"].get(k, 0)) for p in parts) for k in local}
     return agreed, {k: sum(int(p["extra"][k]) for p in parts) for k in extra}

@@ -5,9 +5,16 @@
        a step's metrics are fetched once the next step is dispatched)
       -> metrics.jsonl / TensorBoard / tqdm -> periodic evaluation -> orbax checkpoints -> export
 
+Data per process: every process follows one global example stream but decodes, tokenises and builds only
+the rows of each global batch that live on its devices (`DataConfig.batch_rows`, from
+`fxjax.sharding.process_batch_shards`); the processes agree on each step's padded sizes
+(`train.batching.agree_floor`) and the global arrays are assembled from their parts
+(`train.batching.place_local_batch`). Pixel patches travel in the compute dtype.
+
 Resume: with checkpoint.resume (default) a run whose checkpoint directory already holds a checkpoint
 continues from the latest one: LoRA parameters, optimiser state, step, RNG and the data iterator's
-position are restored, so the continued run computes exactly what an uninterrupted one would.
+position are restored (each process's own; the same process count is required), so the continued run
+computes exactly what an uninterrupted one would.
 
 Signals: SIGTERM / SIGINT (preemption) finish the current step, save a checkpoint, wait for it to be
 committed and return with `result.preempted` (the CLI exits 0). A non-finite loss or gradient stops the
@@ -145,7 +152,9 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         batch = build_step_batch(micro, model_cfg, pad_id, floor=floor, batch_shards=built_shards,
                                  shard_ids=shard_ids)
         tokens = int(sum(mb["attention_mask"].sum() for mb in micro))
-        agreed, total = agree_floor(floor, batch, model_cfg, built_shards, tokens=tokens)
+        # (a peer whose run stopped never answers: stop waiting once this run's batches are closed too)
+        agreed, total = agree_floor(floor, batch, model_cfg, built_shards, tokens=tokens,
+                                    cancelled=lambda: batches.stopping)
         if agreed != grow_floor(floor, batch, model_cfg, built_shards):  # another process needs more room
             batch = build_step_batch(micro, model_cfg, pad_id, floor=agreed, batch_shards=built_shards,
                                      shard_ids=shard_ids)
