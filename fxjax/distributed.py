@@ -280,5 +280,55 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+_GATHERS: dict[str, int] = {}  # calls per name: every process makes the same calls in the same order
+_POLL_MS = 500  # how often a waiting allgather_json checks `cancelled`
+
+
+class GatherCancelled(RuntimeError):
+    """`allgather_json` stopped waiting because its `cancelled()` said so."""
+
+
+def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
+                   cancelled: Callable[[], bool] | None = None) -> list[Any]:
+    """Every process's JSON-serialisable `value`, in process order (``[value]`` with one process).
+
+    Host-only: it goes through the coordination service's key-value store, not a device collective, so it
+    may run in any thread (the step-batch producer) without being ordered against the programs the main
+    thread dispatches. Each process must call it with the same `name`s in the same order. `cancelled`
+    (checked every half second while waiting for a peer) ends the wait with `GatherCancelled`: a peer that
+    stopped (its run ended or was preempted) never answers."""
+    if jax.process_count() == 1:
+        return [value]
+    import json
+
+    from jax._src.distributed import global_state  # the one handle on the key-value store JAX offers
+
+    client = global_state.client
+    if client is None:
+        raise DistributedError("allgather_json needs jax.distributed to be initialized")
+    count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
+    key = f"fxjax/{name}/{count}"
+    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, cancelled)) for p in range(jax.process_count())]
+    if count > 1:  # every process has made call count - 1, so read all keys of count - 2: drop this one's
+        client.key_value_delete(f"fxjax/{name}/{count - 2}/{jax.process_index()}")
+    return out
+
+
+def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] | None) -> str:
+    waited_ms = 0
+    while True:
+        try:
+            return client.blocking_key_value_get(key, _POLL_MS)
+        except Exception as err:  # the client raises JaxRuntimeError; only a timeout means "not yet"
+            if "DEADLINE_EXCEEDED" not in str(err):
+                raise
+        if cancelled is not None and cancelled():
+            raise GatherCancelled(f"stopped waiting for {key}")
+        waited_ms += _POLL_MS
+        if waited_ms >= timeout_s * 1000:
+            raise DistributedError(f"no process wrote {key} within {timeout_s} s (a process stopped or hangs)")
+
+
 __all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "NO_AUTO_ENV", "auto_detect", "describe",
-           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process"]
+           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json", "GatherCancelled"]

@@ -505,6 +505,20 @@ def splits_batch(mesh: Mesh | Mapping[str, int] | MeshConfig, batch: int) -> boo
     return batch % batch_shards(mesh) == 0
 
 
+def process_batch_shards(mesh: Mesh, process: int | None = None) -> tuple[int, ...]:
+    """The batch shards (positions along the flattened ("data", "fsdp") axes, the order in which a
+    [B, ...] array sharded over BATCH_AXES splits its rows) that `process`'s devices (default: this
+    process's) hold, increasing. A process holds rows [s * B / S, (s + 1) * B / S) of each shard s."""
+    process = jax.process_index() if process is None else int(process)
+    names = list(mesh.axis_names)
+    sizes = [mesh.shape[a] for a in BATCH_AXES]
+    held = set()
+    for position, device in np.ndenumerate(mesh.devices):
+        if device.process_index == process:
+            held.add(int(np.ravel_multi_index([position[names.index(a)] for a in BATCH_AXES], sizes)))
+    return tuple(sorted(held))
+
+
 def shard_inputs(inputs, mesh: Mesh):
     """model.ModelInputs (host arrays, the same on every process) -> global arrays on `mesh`.
 

@@ -13,8 +13,10 @@ from pathlib import Path
 from numerics import free_port
 
 
-def launch_two(args: list[str], env: dict, log_prefix: Path) -> tuple[list[subprocess.Popen], list[Path]]:
-    """Start `python -m fxjax.cli *args` as processes 0 and 1 of a 2-process run; logs <prefix>-<rank>-*.log."""
+def launch_two(args: list[str], env: dict, log_prefix: Path,
+               entry: tuple[str, ...] = ("-m", "fxjax.cli")) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Start `python <entry> *args` (default the fxjax CLI) as processes 0 and 1 of a 2-process run; logs
+    <prefix>-<rank>-*.log."""
     port = free_port()
     procs, logs = [], []
     for rank in range(2):
@@ -22,7 +24,7 @@ def launch_two(args: list[str], env: dict, log_prefix: Path) -> tuple[list[subpr
                 "FXJAX_PROCESS_ID": str(rank), "FXJAX_LOCAL_DEVICE_COUNT": "1"}
         log = Path(f"{log_prefix}-{rank}-{time.time_ns()}.log")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-m", "fxjax.cli", *args], env=penv, stdout=open(log, "w"),
+        procs.append(subprocess.Popen([sys.executable, *entry, *args], env=penv, stdout=open(log, "w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
     return procs, logs
 

@@ -118,6 +118,39 @@ def _host_inputs(model, data, batch_shards=None):
                          batch_shards=batch_shards)
 
 
+def _local_part_check(model, data, mesh) -> tuple[tuple[int, ...], bool]:
+    """(the batch shards this process holds, whether the global step batch assembled from each process's
+    part (its rows only, `place_local_batch`) has on this process's devices exactly what the whole batch
+    placed by every process (`place_batch`) has)."""
+    import jax
+
+    from fxjax import sharding
+    from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch, place_local_batch
+
+    shards, held = sharding.batch_shards(mesh), sharding.process_batch_shards(mesh)
+    per = BATCH // shards
+    rows = [r for s in held for r in range(s * per, (s + 1) * per)]
+    whole = {k: data[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    whole["labels"] = np.where(data["attention_mask"] > 0, data["input_ids"], -100)
+    starts = np.concatenate([[0], np.cumsum(np.prod(whole["image_grid_thw"], axis=1))])
+    kept = [i for i, (row, _, _) in enumerate(IMAGES) if row in rows]  # IMAGES are in row order
+    part = {k: whole[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+    part["image_grid_thw"] = whole["image_grid_thw"][kept]
+    part["pixel_values"] = np.concatenate([whole["pixel_values"][starts[i]:starts[i + 1]] for i in kept]
+                                          or [np.zeros((0, 1176), np.float32)])
+    full = build_step_batch([whole], model.config, 0, batch_shards=shards)
+    floor = grow_floor({}, full, model.config, shards)
+    mine = build_step_batch([part], model.config, 0, floor=floor, batch_shards=len(held), shard_ids=held)
+    a = place_local_batch(mine, batch_shardings(mine, mesh, built_shards=len(held)), len(held))
+    b = place_batch(full, batch_shardings(full, mesh))
+    equal = True
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        ys = {s.device: s for s in y.addressable_shards}
+        equal &= x.shape == y.shape and all(np.array_equal(np.asarray(s.data), np.asarray(ys[s.device].data))
+                                            for s in x.addressable_shards)
+    return held, bool(equal)
+
+
 def _flat_host(state) -> dict[str, np.ndarray]:
     from flax import nnx
 
@@ -395,12 +428,16 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
         local = sharding.device_bytes(model, BASE_PARAMS)
         report = shard_report(model, mesh)
         key = ",".join(map(str, shape))
+        held, part_equal = _local_part_check(model, data, mesh)
         info["meshes"][key] = dict(local_devices=len(local), local_base_bytes=sum(local.values()),
                                    logits_fully_addressable=bool(logits.is_fully_addressable),
-                                   bad=report["bad"], split=report["split"], total=report["total"])
+                                   bad=report["bad"], split=report["split"], total=report["total"],
+                                   batch_shards_held=list(held), local_part_equal=part_equal)
         np.save(out / f"logits_{key.replace(',', '')}_{rank}.npy", full)
         if i == 0:  # export from the model spread over both processes; process 0 writes
             fxjax.save_pretrained(model, out / "export")
+    # the host-side exchange SFT agrees batch sizes and saves iterator states with (over the real store)
+    info["gathered"] = [distributed.allgather_json("worker-test", {"rank": rank, "call": c}) for c in range(3)]
     (out / f"info_{rank}.json").write_text(json.dumps(info, default=str))
     distributed.shutdown()
 

@@ -87,6 +87,12 @@ def test_two_processes_form_one_global_mesh(two_processes):
             assert mesh["local_devices"] == 4, key
             assert mesh["bad"] == [], (key, mesh["bad"][:5])
             assert mesh["split"] > 0, key
+            # each process's devices hold a contiguous half of the batch shards (data major, then fsdp), and
+            # the step batch assembled from each process's own rows equals the whole batch placed
+            held = {"1,8,1": [[0, 1, 2, 3], [4, 5, 6, 7]], "2,2,2": [[0, 1], [2, 3]]}[key][rank]
+            assert mesh["batch_shards_held"] == held, key
+            assert mesh["local_part_equal"], key
+        assert info["gathered"] == [[{"rank": 0, "call": c}, {"rank": 1, "call": c}] for c in range(3)]
 
 
 @pytest.mark.parametrize("mesh", MESHES)

@@ -162,6 +162,52 @@ def test_two_shards_cover_every_record_exactly_once_per_epoch(demo, tokenizer_di
     assert len(DataPipeline(cfg, records)) == 7
 
 
+def test_batch_rows_build_only_their_rows_of_the_global_batches(demo, tokenizer_dir, records, monkeypatch):
+    """Two processes' pipelines (rows {0, 2} and {1, 3} of each batch of 4) decode only their own examples,
+    disjoint and together the whole global batch, which their rows put back in place equal; and each
+    restores its own position."""
+    built = []
+    original = ExampleBuilder.build
+
+    def counting(self, record, epoch=0):
+        built.append((epoch, record.index))
+        return original(self, record, epoch=epoch)
+
+    monkeypatch.setattr(ExampleBuilder, "build", counting)
+    cfg = make_cfg(demo, tokenizer_dir, batch_size=4, max_length=384, length_buckets=(384,), read_threads=0,
+                   prefetch_buffer_size=0)
+    whole = take(iter(DataPipeline(cfg, records)), 5)  # past the first epoch boundary (15 records)
+    decoded, parts, states = {}, {}, {}
+    for rows in ((0, 2), (1, 3)):
+        built.clear()
+        it = iter(DataPipeline(dataclasses.replace(cfg, batch_rows=rows), records))
+        parts[rows] = take(it, 3)
+        states[rows] = json.loads(json.dumps(it.get_state()))
+        parts[rows] += take(it, 2)
+        decoded[rows] = list(built)
+    every = [(m["epoch"], m["index"]) for b in whole for m in b["meta"]]
+    assert len(decoded[(0, 2)]) == len(decoded[(1, 3)]) == 10  # no read-ahead: exactly their own rows
+    assert not set(decoded[(0, 2)]) & set(decoded[(1, 3)])
+    assert sorted(decoded[(0, 2)] + decoded[(1, 3)]) == sorted(every)
+    for g, batch in enumerate(whole):
+        a, b = parts[(0, 2)][g], parts[(1, 3)][g]
+        assert a["input_ids"].shape[0] == b["input_ids"].shape[0] == 2
+        rows = [a, b, a, b]  # global row r lives in part r % 2, at position r // 2
+        for r in range(4):
+            part, i = rows[r], r // 2
+            assert np.array_equal(part["input_ids"][i], batch["input_ids"][r])
+            assert np.array_equal(part["labels"][i], batch["labels"][r])
+            assert part["meta"][i]["index"] == batch["meta"][r]["index"]
+        assert np.array_equal(np.sort(np.concatenate([a["pixel_values"], b["pixel_values"]]), axis=0),
+                              np.sort(batch["pixel_values"], axis=0))  # the same pixel rows, in another order
+    for rows in ((0, 2), (1, 3)):  # each part resumes from its own state
+        restored = iter(DataPipeline(dataclasses.replace(cfg, batch_rows=rows), records))
+        restored.set_state(states[rows])
+        assert same_batches(take(restored, 2), parts[rows][3:])
+    with pytest.raises(ValueError, match="batch_rows"):
+        dataclasses.replace(cfg, batch_rows=(1, 4))
+
+
 def _free_text(tokens, ids) -> str:
     return tokens.tok.decode([t for t, f in zip(ids, tokens.free_mask(ids)) if f], skip_special_tokens=False)
 

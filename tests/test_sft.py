@@ -166,12 +166,37 @@ def test_resumed_run_is_bitwise_equal_to_the_straight_run(straight, interrupted)
     assert any(np.abs(v).max() > 0 for k, v in straight.items() if "lora_B" in k)  # it did train
 
 
+DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
+
+
 def _launch_two(setup, name: str, env=None):
+    """Both processes record the examples they decode (tests/decode_trace.py) in <root>/<name>/decoded-<rank>.txt."""
     root = setup["root"]
     args = ["sft", "--config", str(setup["config"]), "--set", f"checkpoint.dir={root / name / 'ckpt'}",
             "--set", f"export.adapter_dir={root / name / 'adapter'}", "--set", f"train.output_dir={root / name}",
             *eval_at_end_args(setup)]
-    return launch_two(args, {**setup["env"], **(env or {})}, root / name)
+    env = {**setup["env"], "FXJAX_TEST_DECODE_LOG": str(root / name / "decoded"), **(env or {})}
+    return launch_two(args, env, root / name, entry=(DECODE_TRACE,))
+
+
+def global_stream(setup, n: int) -> list[tuple[int, str]]:
+    """(epoch, record source) of the first `n` examples of the one-process training stream."""
+    from fxjax.data.pipeline import DataPipeline
+    from fxjax.train.sft import data_config
+    from fxjax.train_config import load_sft_config
+
+    it = iter(DataPipeline(data_config(load_sft_config(setup["config"]))))
+    out = []
+    while len(out) < n:
+        out += [(m["epoch"], m["source"]) for m in next(it)["meta"]]
+    return out[:n]
+
+
+def decoded_train_examples(setup, name: str, rank: int) -> list[tuple[int, str]]:
+    train = str(setup["files"]["train"])
+    lines = (setup["root"] / name / f"decoded-{rank}.txt").read_text().splitlines()
+    pairs = [(int(epoch), source) for epoch, source in (line.split(" ", 1) for line in lines)]
+    return [p for p in pairs if p[1].rsplit(":", 1)[0] == train]  # not the held-out evaluation's
 
 
 def _wait_all(procs, logs, until: str | None = None) -> list[int]:
@@ -195,6 +220,25 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     for key in straight:
         np.testing.assert_allclose(multi[key], straight[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert committed_steps(root / "multi" / "ckpt") == [2, 4]
+    # the training loss of every step equals the one-process run's
+    losses = {name: {r["step"]: r["loss"] for r in map(json.loads, (root / name / "metrics.jsonl").read_text()
+                                                     .splitlines()) if r["kind"] == "train"}
+              for name in ("straight", "multi")}
+    assert sorted(losses["multi"]) == sorted(losses["straight"]) == [1, 2, 3, 4]
+    for step, loss in losses["straight"].items():
+        np.testing.assert_allclose(losses["multi"][step], loss, rtol=1e-5, err_msg=f"step {step}")
+    # Each process decoded only its own rows of the global batches: process r row r of each batch of 2, i.e.
+    # elements 2g + r of the one-process stream (read-ahead may go past the 4 steps, never into the other's).
+    stream = global_stream(setup, 32)
+    decoded = [decoded_train_examples(setup, "multi", r) for r in range(2)]
+    for r in range(2):
+        mine = set(stream[r::2])
+        assert set(decoded[r]) <= mine, (r, sorted(set(decoded[r]) - mine)[:3])
+        assert set(stream[r:8:2]) <= set(decoded[r])  # the 4 steps' rows of this process
+    assert not set(decoded[0]) & set(decoded[1])
+    # every process's own iterator position is in the checkpoint, and restored exactly (the losses above)
+    saved = json.loads((root / "multi" / "ckpt" / "4" / "data" / "data_state.json").read_text())["iterator"]
+    assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [4, 4]
     evals = {name: [r for r in map(json.loads, (root / name / "metrics.jsonl").read_text().splitlines())
                     if r["kind"] == "eval"] for name in ("straight", "multi")}
     (one,), (two,) = evals["straight"], evals["multi"]
@@ -205,6 +249,26 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     # An untrained tiny model scores ~0 on both sides, so the greedy completions themselves must agree.
     assert one["samples"] and all(s["completion"] for s in one["samples"])
     assert two["samples"] == one["samples"]
+
+
+def test_a_per_process_data_state_restores_only_with_its_process_count():
+    from fxjax.train.run_setup import restore_iterator
+    from fxjax.train_config import ConfigError
+
+    class Iterator:
+        state = None
+
+        def set_state(self, state):
+            self.state = state
+
+    it = Iterator()
+    restore_iterator(it, {"process_count": 1, "processes": [{"batches": 3}]}, "ckpt/3")
+    assert it.state == {"batches": 3}
+    restore_iterator(it, {"batches": 5}, "ckpt/5")  # one state for every process (GRPO's prompts)
+    assert it.state == {"batches": 5}
+    with pytest.raises(ConfigError, match=r"ckpt/4: the data iterator state was saved by 2 process\(es\) but this "
+                                          r"run has 1"):
+        restore_iterator(it, {"process_count": 2, "processes": [{}, {}]}, "ckpt/4")
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])

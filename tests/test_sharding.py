@@ -165,6 +165,47 @@ def test_7b_per_device_bytes_fall_as_one_over_fsdp():
         assert 1 / row["fsdp"] <= share <= 1.01 / row["fsdp"], row
 
 
+def test_allgather_json_orders_by_process_and_stops_when_cancelled_or_timed_out(monkeypatch):
+    """The host-side exchange the processes agree on batch sizes and save iterator states with, against a fake
+    key-value store standing in for process 1 of 2."""
+    import jax
+    from jax._src.distributed import global_state
+
+    from fxjax import distributed
+
+    class Store:
+        def __init__(self):
+            self.kv, self.deleted = {}, []
+
+        def key_value_set(self, key, value):
+            self.kv[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            if key in self.kv:
+                return self.kv[key]
+            raise RuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
+
+        def key_value_delete(self, key):
+            self.deleted.append(key)
+
+    store = Store()
+    monkeypatch.setattr(global_state, "client", store)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(distributed, "_GATHERS", {})
+    for call in range(3):
+        store.kv[f"fxjax/shape/{call}/1"] = f'{{"n": {10 + call}}}'  # process 1's answer
+        assert distributed.allgather_json("shape", {"n": call}) == [{"n": call}, {"n": 10 + call}]
+    assert store.deleted == ["fxjax/shape/0/0"]  # keys every process has read are dropped
+    with pytest.raises(distributed.GatherCancelled, match="fxjax/shape/3/1"):
+        distributed.allgather_json("shape", 1, cancelled=lambda: True)
+    with pytest.raises(distributed.DistributedError, match="no process wrote fxjax/shape/4/1 within 1 s"):
+        distributed.allgather_json("shape", 1, timeout_s=1)
+    store.blocking_key_value_get = lambda key, ms: (_ for _ in ()).throw(RuntimeError("UNAVAILABLE: gone"))
+    with pytest.raises(RuntimeError, match="UNAVAILABLE"):
+        distributed.allgather_json("shape", 1)
+
+
 def test_distributed_settings_from_env_and_arguments(monkeypatch):
     env = {"FXJAX_COORDINATOR": "10.0.0.1:1234", "FXJAX_NUM_PROCESSES": "4", "FXJAX_PROCESS_ID": "3"}
     cfg = distributed.DistributedConfig.from_env(env)

@@ -94,3 +94,52 @@ def test_bench_vision_flops_per_device_fall_to_one_eighth(tmp_path):
     assert fsdp8["vision_slots"] == [8, 64] and one["vision_slots"] == [512]
     assert 0.12 <= fsdp8["forward_vs_one_device"] <= 0.135, fsdp8
     assert "cpu:" in proc.stdout and "jax" in proc.stdout
+
+
+def test_a_process_part_is_its_shards_of_the_step_batch(model):
+    """`build_step_batch(..., shard_ids=...)` on some shards' rows (what one process builds) gives exactly
+    those shards of the whole step batch: text rows, per-shard vision, and the per-shard blocks of loss
+    slots pointing at the same global positions; with the patches in bfloat16 on request."""
+    from fxjax.train.batching import build_step_batch, grow_floor, with_patch_dtype
+
+    data = rows_with_images()
+    labels = np.where(data["attention_mask"] > 0, data["input_ids"], -100)
+    labels[:, :3] = -100
+    micro = [dict(data, labels=labels), dict(data, labels=np.where(np.arange(labels.shape[1]) % 2, labels, -100))]
+    cfg = model.config
+    whole = build_step_batch(micro, cfg, 0, batch_shards=4)
+    floor = grow_floor({}, whole, cfg, 4)
+    assert floor["targets"] * 4 == whole.targets.index.shape[-1]
+    # per-shard blocks: every supervised token once, at its global flat position
+    w = whole.targets
+    for a, mb in enumerate(micro):
+        shifted = np.full_like(mb["labels"], -100)
+        shifted[:, :-1] = mb["labels"][:, 1:]
+        want = np.flatnonzero(shifted.reshape(-1) != -100)
+        assert sorted(w.index[a][w.weight[a] > 0].tolist()) == want.tolist()
+        assert np.array_equal(w.target[a][w.weight[a] > 0], shifted.reshape(-1)[w.index[a][w.weight[a] > 0]])
+    for shards in ((1, 3), (2,)):  # one row per shard: a non-contiguous pair, as a process may hold; a single shard
+        rows = list(shards)
+        part_micro = [{k: v[rows] for k, v in mb.items() if k in ("input_ids", "attention_mask", "labels")}
+                      for mb in micro]
+        for pm, mb in zip(part_micro, micro):
+            grid = mb["image_grid_thw"]
+            starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
+            per_row = [0, 2, 2, 3, 4]  # images of rows 0..3: two, none, one, one
+            keep = [i for r in rows for i in range(per_row[r], per_row[r + 1])]
+            pm["image_grid_thw"] = grid[keep]
+            pm["pixel_values"] = np.concatenate([mb["pixel_values"][starts[i]:starts[i + 1]] for i in keep])
+        part = build_step_batch(part_micro, cfg, 0, floor=floor, batch_shards=len(shards), shard_ids=shards)
+        assert grow_floor(floor, part, cfg, len(shards)) == floor
+        for got, full in zip(part.inputs[:5], whole.inputs[:5]):
+            axis = 2 if full.ndim == 4 else 1  # position_ids [A, 3, B, L]
+            assert np.array_equal(got, np.take(full, rows, axis=axis))
+        for got, full in zip(part.inputs.vision, whole.inputs.vision):
+            if full is not None:  # per shard even for one shard: [A, 1, ...]
+                assert np.array_equal(got, full[:, list(shards)])
+        for got, full in zip(part.targets, whole.targets):
+            blocks = full.reshape(full.shape[0], 4, -1)[:, list(shards)]
+            assert np.array_equal(got, blocks.reshape(full.shape[0], -1))
+    bf16 = with_patch_dtype(part, "bfloat16")
+    assert bf16.inputs.vision.patches.dtype.name == "bfloat16" and bf16.inputs.input_ids is part.inputs.input_ids
+    assert with_patch_dtype(part, "float32") is part

@@ -10,10 +10,14 @@ a leading axis, so the step scans them:
 * loss: the supervised positions of each micro-batch gathered into N slots (`train.losses.loss_targets`),
   N from a small set of sizes (multiples of 64 in the same bucket progression).
 
-Every process builds the same global batch (the data pipeline runs with one shard), and
-`place_batch` puts it on the mesh: the batch axis sharded over ("data", "fsdp"); the vision arrays, built
-per batch shard (`build_step_batch(..., batch_shards=S)`), shard their shard axis the same way, so each
-device encodes only the images of its own rows (with S = 1 they are one replicated sequence).
+Each process builds only its rows of the global batch (the data pipeline's `batch_rows`: the rows of the
+batch shards on its own devices, `fxjax.sharding.process_batch_shards`), and `place_local_batch` assembles
+the global arrays from every process's part (`jax.make_array_from_process_local_data`): the batch axis
+sharded over ("data", "fsdp"); the vision arrays, built per batch shard (`build_step_batch(...,
+batch_shards=S)`), shard their shard axis the same way, so each device encodes only the images of its own
+rows (with S = 1 they are one replicated sequence). With S > 1 the loss slots are laid out per batch shard
+too (each shard's supervised tokens in its own block of slots), so a process fills its block alone. The
+padded sizes must agree over the processes (`agree_floor`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from fxjax.distributed import allgather_json
 from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
@@ -31,7 +36,8 @@ from fxjax.sharding import REPLICATED, batch_spec, put
 from fxjax.sharding import batch_shards as mesh_batch_shards
 from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
-__all__ = ["StepBatch", "batch_shardings", "build_step_batch", "grow_floor", "pad_rows", "pad_vision_inputs", "place_batch", "shape_of"]
+__all__ = ["StepBatch", "agree_floor", "batch_shardings", "build_step_batch", "grow_floor", "pad_rows",
+           "pad_vision_inputs", "place_batch", "place_local_batch", "shape_of", "with_patch_dtype"]
 
 TARGET_QUANTUM = 64
 
@@ -93,8 +99,9 @@ def pad_vision_inputs(inputs: ModelInputs, model_cfg, floor: dict[str, int]) -> 
     return inputs._replace(vision=padded), grown
 
 
-def shape_of(batch: StepBatch, model_cfg) -> dict[str, int]:
-    """The padded sizes of a StepBatch: length, vision windows, vision segments, loss slots."""
+def shape_of(batch: StepBatch, model_cfg, batch_shards: int = 1) -> dict[str, int]:
+    """The padded sizes of a StepBatch: length, vision windows, vision segments, loss slots (per batch shard:
+    `batch_shards` is the number of shards the batch was built with)."""
     vcfg = model_cfg.vision
     window_slots = vcfg.window_slots
     v = batch.inputs.vision
@@ -103,24 +110,31 @@ def shape_of(batch: StepBatch, model_cfg) -> dict[str, int]:
                 windows=0 if v is None else int(v.valid.shape[-1]) // window_slots,
                 segments=0 if seg is None else int(seg.shape[-2]),
                 segment_length=0 if seg is None else int(seg.shape[-1]),
-                targets=int(batch.targets.index.shape[-1]))
+                targets=int(batch.targets.index.shape[-1]) // batch_shards)
 
 
-def grow_floor(floor: dict[str, int], batch: StepBatch, model_cfg) -> dict[str, int]:
+def grow_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards: int = 1) -> dict[str, int]:
     """Element-wise max of a shape floor and a batch's shape (see build_step_batch's `floor`)."""
-    shape = shape_of(batch, model_cfg)
+    shape = shape_of(batch, model_cfg, batch_shards)
     return {k: max(int(floor.get(k, 0)), v) for k, v in shape.items()}
 
 
 def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
-                     floor: dict[str, int] | None = None, batch_shards: int = 1) -> StepBatch:
+                     floor: dict[str, int] | None = None, batch_shards: int = 1,
+                     shard_ids: Sequence[int] | None = None) -> StepBatch:
     """Pipeline batches (dicts of numpy arrays, one per micro-batch) -> one StepBatch.
 
     `batch_shards` S > 1 (the mesh's data x fsdp, `fxjax.sharding.batch_shards`, when the batch axis is
     sharded): each micro-batch's rows split into S contiguous groups, each group's images packed on their
     own (vision fields [A, S, P_s, ...], image indices shard-local; `model.inputs.prepare_inputs`), so each
-    device encodes only its rows' images. S = 1: every image of a micro-batch in one sequence [A, P, ...].
-    The vision sizes in `floor` are then per shard.
+    device encodes only its rows' images. S = 1 (and no `shard_ids`): every image of a micro-batch in one
+    sequence [A, P, ...].
+    The vision sizes and the loss slots in `floor` are then per shard, and the loss slots are laid out per
+    shard: shard s's supervised tokens in slots [s * n, (s + 1) * n).
+
+    `shard_ids`: the global batch-shard indices of the S shards given (default 0 .. S - 1, the whole batch),
+    when a process builds only its own shards' rows: the loss slots' flat positions are those of the global
+    batch (row = shard_id * rows per shard + row in shard).
 
     `floor` ({length, windows, segments, segment_length, targets}) pads every size up to at least that
     value. The training loop passes the running maximum of the shapes seen (`grow_floor`), so shapes only
@@ -135,11 +149,12 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
     if len(rows) != 1:
         raise ValueError(f"micro-batches differ in size: {sorted(rows)}")
     length = max(min_length, max(mb["input_ids"].shape[1] for mb in micro_batches))
+    per_shard = batch_shards > 1 or shard_ids is not None  # a process's single shard of several too
     prepared, labels = [], []
     for mb in micro_batches:
         ids, mask, lab = _repad(mb, length, pad_id)
         prepared.append(prepare_inputs(model_cfg, ids, mask, mb.get("pixel_values"), mb.get("image_grid_thw"),
-                                       batch_shards=batch_shards if batch_shards > 1 else None))
+                                       batch_shards=batch_shards if per_shard else None))
         labels.append(lab)
     vcfg = model_cfg.vision
     window_slots = vcfg.window_slots
@@ -157,9 +172,7 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
                             + [p.vision.segment_slots.shape[-1] for p in prepared]))
         padded = [pad_vision(p.vision, slots, segments) for p in prepared]
         vision = VisionInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*padded)))
-    need = max(int((np.asarray(lab)[:, 1:] != IGNORE_INDEX).sum()) for lab in labels)
-    size = round_up_to_bucket(max(1, -(-max(need, min_targets) // TARGET_QUANTUM))) * TARGET_QUANTUM
-    targets = [loss_targets(lab, size=size) for lab in labels]
+    targets = _shard_targets(labels, batch_shards, shard_ids, min_targets)
     inputs = ModelInputs(
         input_ids=np.stack([p.input_ids for p in prepared]),
         attention_mask=np.stack([p.attention_mask for p in prepared]),
@@ -170,11 +183,35 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
     return StepBatch(inputs, LossTargets(*(np.stack(parts) for parts in zip(*targets))))
 
 
-def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True) -> StepBatch:
+def _shard_targets(labels: Sequence[np.ndarray], shards: int, shard_ids: Sequence[int] | None,
+                   min_slots: int) -> list[LossTargets]:
+    """Each micro-batch's loss slots: one block of n slots per batch shard (n from the bucket progression,
+    at least `min_slots`), flat positions in the global batch's [B, L]."""
+    shard_ids = list(range(shards)) if shard_ids is None else [int(i) for i in shard_ids]
+    if len(shard_ids) != shards:
+        raise ValueError(f"{len(shard_ids)} shard ids for {shards} batch shards")
+    rows = labels[0].shape[0] // shards
+    parts = [[np.asarray(lab)[s * rows:(s + 1) * rows] for s in range(shards)] for lab in labels]
+    need = max(int((part[:, 1:] != IGNORE_INDEX).sum()) for micro in parts for part in micro)
+    size = round_up_to_bucket(max(1, -(-max(need, min_slots) // TARGET_QUANTUM))) * TARGET_QUANTUM
+    out = []
+    for micro in parts:
+        blocks = []
+        for shard_id, part in zip(shard_ids, micro):
+            t = loss_targets(part, size=size)
+            offset = shard_id * rows * part.shape[1]  # the shard's first row in the global batch
+            blocks.append(t._replace(index=(t.index + offset).astype(np.int32)))
+        out.append(LossTargets(*(np.concatenate(parts_) for parts_ in zip(*blocks))))
+    return out
+
+
+def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True, *,
+                    built_shards: int | None = None) -> StepBatch:
     """NamedShardings for a StepBatch: [A, B, ...] arrays shard B, position_ids [A, 3, B, L] too, the loss
     slots [A, N] shard N; per-shard vision arrays [A, S, ...] shard S (S must be the mesh's data x fsdp), one
     packed vision sequence [A, P, ...] is replicated. `batch_axis` False replicates everything (batches
-    smaller than the data-parallel degree; their vision must be one packed sequence)."""
+    smaller than the data-parallel degree; their vision must be one packed sequence). `built_shards`: the
+    number of batch shards `batch` holds when it is one process's part (`place_local_batch`); default all."""
     def s(x, dim):
         return NamedSharding(mesh, batch_spec(np.ndim(x), dim) if batch_axis and dim is not None else REPLICATED)
 
@@ -183,6 +220,8 @@ def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True) -> St
     if i.vision is not None and np.ndim(i.vision.valid) == 3:  # [A, S, P]: per batch shard
         shards = int(np.shape(i.vision.valid)[1])
         want = mesh_batch_shards(mesh) if batch_axis else 1
+        if built_shards is not None and batch_axis:
+            want = built_shards
         if shards != want:
             raise ValueError(f"the batch's vision is packed for {shards} batch shards but the mesh {dict(mesh.shape)} "
                              f"{'splits the batch ' + str(want) + ' ways' if batch_axis else 'replicates the batch'}: "
@@ -195,5 +234,46 @@ def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True) -> St
 
 
 def place_batch(batch: StepBatch, shardings: StepBatch):
-    """Host StepBatch -> global jax arrays (each process fills its addressable shards)."""
+    """Host StepBatch (the whole global batch, the same on every process) -> global jax arrays (each process
+    fills its addressable shards)."""
     return jax.tree.map(lambda x, sh: put(np.asarray(x), sh), batch, shardings)
+
+
+def place_local_batch(batch: StepBatch, shardings: StepBatch, built_shards: int):
+    """This process's part of a StepBatch (the rows of its `built_shards` batch shards, built with
+    `build_step_batch(..., batch_shards=built_shards, shard_ids=process_batch_shards(mesh))`) -> global jax
+    arrays, from every process's part (`jax.make_array_from_process_local_data`). Replicated arrays (a
+    batch that does not split) are the whole value on every process."""
+
+    def one(x, sh: NamedSharding):
+        x = np.asarray(x)
+        total = mesh_batch_shards(sh.mesh)
+        spec = tuple(sh.spec) + (None,) * (x.ndim - len(sh.spec))
+        shape = tuple(n * total // built_shards if part is not None else n for n, part in zip(x.shape, spec))
+        return jax.make_array_from_process_local_data(sh, x, shape)
+
+    return jax.tree.map(one, batch, shardings)
+
+
+def with_patch_dtype(batch: StepBatch, dtype) -> StepBatch:
+    """The batch with its pixel patches in `dtype` (the model's compute dtype): the patch embedding casts
+    them to it first thing, so sending bfloat16 halves the transfer and changes nothing computed (a LoRA on
+    the patch embedding would see the rounded pixels)."""
+    vision = batch.inputs.vision
+    if vision is None or vision.patches.dtype == np.dtype(dtype):
+        return batch
+    vision = vision._replace(patches=np.asarray(vision.patches).astype(dtype))
+    return batch._replace(inputs=batch.inputs._replace(vision=vision))
+
+
+def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards: int = 1, *,
+                cancelled=None, **extra: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(the shape floor every process's part of this step must be padded to, the sums of `extra` over the
+    processes): the element-wise max of every process's `grow_floor` (a global array has one shape, and
+    each process padded only its own rows). Host-only exchange (`fxjax.distributed.allgather_json`); the
+    same on every process. With one process: `grow_floor` and `extra` as given. `cancelled`: see
+    `allgather_json`."""
+    local = grow_floor(floor, batch, model_cfg, batch_shards)
+    parts = allgather_json("step-batch-shape", {"floor": local, "extra": extra}, cancelled=cancelled)
+    agreed = {k: max(int(p["floor"].get(k, 0)) for p in parts) for k in local}
+    return agreed, {k: sum(int(p["extra"][k]) for p in parts) for k in extra}

@@ -91,9 +91,10 @@ class Evaluator:
         for batch in self.loss_pipeline:
             batch = pad_rows(batch, self.batch_size)
             split = self.mesh is not None and splits_batch(self.mesh, self.batch_size)
+            shards = batch_shards(self.mesh) if split else 1
             step_batch = build_step_batch([batch], model.config, self.pad_id, floor=self._floor,
-                                          batch_shards=batch_shards(self.mesh) if split else 1)
-            self._floor = grow_floor(self._floor, step_batch, model.config)
+                                          batch_shards=shards)
+            self._floor = grow_floor(self._floor, step_batch, model.config, shards)
             if self.mesh is not None:
                 step_batch = place_batch(step_batch, batch_shardings(step_batch, self.mesh, split))
             t, c = self._eval_loss(params, base, rest, step_batch)

@@ -77,6 +77,11 @@ class StepBatches:
         self.floor, self._position = item.floor, item.position
         return item
 
+    @property
+    def stopping(self) -> bool:
+        """Whether `close()` was called: a `make` waiting on other processes (their batch sizes) gives up."""
+        return self._stop.is_set()
+
     def get_state(self) -> dict:
         """The data iterator's state after the last batch handed out (what a checkpoint saves)."""
         return copy.deepcopy(self._position)

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fxjax import distributed
+from fxjax.distributed import allgather_json
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.attention import current_platform, select_backend
 from fxjax.model.lora import LoRAConfig, apply_lora
@@ -35,8 +36,8 @@ from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.train_config import ConfigError
 
-__all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "opt_state_shardings", "place",
-           "restore_latest"]
+__all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "opt_state_shardings", "per_process_state",
+           "place", "restore_iterator", "restore_latest"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
@@ -170,6 +171,29 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
                        f"with: {first_error}") from first_error
 
 
+def per_process_state(state: dict) -> dict:
+    """What a checkpoint stores for data iterators that differ by process (each reads its own rows):
+    ``{"process_count": n, "processes": [the state of process 0, ..., of process n - 1]}``; every process
+    calls it (a host-only exchange, `fxjax.distributed.allgather_json`) and process 0 writes it."""
+    return {"process_count": jax.process_count(), "processes": allgather_json("iterator-state", state)}
+
+
+def restore_iterator(iterator, saved: dict, where) -> None:
+    """Set `iterator` to its saved position: this process's entry of a `per_process_state`, or a state
+    saved once for every process (iterators that read the same data everywhere). A per-process state of
+    another process count cannot be continued exactly (the rows each process reads would change): error."""
+    if "processes" not in saved:
+        iterator.set_state(saved)
+        return
+    count, states = int(saved["process_count"]), saved["processes"]
+    if count != jax.process_count() or len(states) != count:
+        raise ConfigError(f"{where}: the data iterator state was saved by {count} process(es) but this run has "
+                          f"{jax.process_count()}; each process reads its own rows, so the run resumes exactly "
+                          f"only with {count} process(es) (the same mesh.data x mesh.fsdp split); or start a "
+                          "new run from it with model.from_run")
+    iterator.set_state(states[jax.process_index()])
+
+
 class Resumed(NamedTuple):
     state: TrainState
     data_state: dict  # what the loop saved next to the state (iterator position, shape floors, stage, ...)
@@ -184,7 +208,7 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     if restored is None:
         return None
     state, data_state, saved_cfg, step = restored
-    iterator.set_state(data_state["iterator"])
+    restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step))
     check_resume_config(saved_cfg, cfg.to_dict(), log, watched)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")

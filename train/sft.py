@@ -5,9 +5,16 @@
        a step's metrics are fetched once the next step is dispatched)
       -> metrics.jsonl / TensorBoard / tqdm -> periodic evaluation -> orbax checkpoints -> export
 
+Data per process: every process follows one global example stream but decodes, tokenises and builds only
+the rows of each global batch that live on its devices (`DataConfig.batch_rows`, from
+`fxjax.sharding.process_batch_shards`); the processes agree on each step's padded sizes
+(`train.batching.agree_floor`) and the global arrays are assembled from their parts
+(`train.batching.place_local_batch`). Pixel patches travel in the compute dtype.
+
 Resume: with checkpoint.resume (default) a run whose checkpoint directory already holds a checkpoint
 continues from the latest one: LoRA parameters, optimiser state, step, RNG and the data iterator's
-position are restored, so the continued run computes exactly what an uninterrupted one would.
+position are restored (each process's own; the same process count is required), so the continued run
+computes exactly what an uninterrupted one would.
 
 Signals: SIGTERM / SIGINT (preemption) finish the current step, save a checkpoint, wait for it to be
 committed and return with `result.preempted` (the CLI exits 0). A non-finite loss or gradient stops the
@@ -17,6 +24,7 @@ train.on_nonfinite is "skip", which skips that update and goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -26,14 +34,16 @@ from typing import Any, Callable
 import jax
 
 from fxjax.data.pipeline import DataConfig, DataPipeline
-from fxjax.sharding import MeshConfig, batch_shards, make_mesh
+from fxjax.model.qwen2_5_vl import as_dtype
+from fxjax.sharding import MeshConfig, batch_shards, make_mesh, process_batch_shards
 from fxjax.train import faults
-from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch
+from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, grow_floor, place_local_batch,
+                                  with_patch_dtype)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import MetricsLogger
 from fxjax.train.prefetch import StepBatches
-from fxjax.train.run_setup import batch_divides, build_model, join_run, start_run
+from fxjax.train.run_setup import batch_divides, build_model, join_run, per_process_state, start_run
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -61,7 +71,8 @@ class SFTResult:
 # ---- set-up ----------------------------------------------------------------------------------------
 
 def data_config(cfg: SFTConfig) -> DataConfig:
-    """The training DataConfig: every process reads the same global batches (one shard)."""
+    """The training DataConfig: one global example stream (the same shuffle on every process); `run_sft`
+    sets `batch_rows` to the rows of each global batch that this process builds."""
     d = cfg.data
     return DataConfig(data_files=d.train_files, tokenizer=cfg.tokenizer, root=d.root,
                       allow_absolute_paths=d.allow_absolute_paths, format=d.format,
@@ -97,7 +108,14 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
     dcfg = data_config(cfg)
-    pipeline = DataPipeline(dcfg)
+    # Each process decodes, tokenises and builds only the rows of its own batch shards (all rows when the
+    # batch is replicated, or when its devices hold every shard).
+    local_shards = process_batch_shards(mesh) if shard_rows else (0,)
+    shard_ids = local_shards if shard_rows and batch_shards(mesh) > 1 else None  # None: one packed vision
+    built_shards = len(local_shards)
+    rows_per_shard = cfg.data.batch_size // (batch_shards(mesh) if shard_rows else 1)
+    rows = tuple(r for s in local_shards for r in range(s * rows_per_shard, (s + 1) * rows_per_shard))
+    pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=None if len(rows) == cfg.data.batch_size else rows))
     steps_total = total_steps(cfg, len(pipeline))
     model = build_model(cfg, mesh)
     model.train()
@@ -124,13 +142,23 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     run_eval = RunEvaluation("sft", evaluator, metrics, result, cfg.eval.generate, say)
 
     model_cfg, pad_id, accum = model.config, pipeline.pad_id, cfg.optim.grad_accum  # the producer thread's inputs
-    # images packed per batch shard: each device encodes only its own rows' images
-    vision_shards = batch_shards(mesh) if shard_rows else 1
+    patch_dtype = as_dtype(cfg.model.dtype)
 
     def make_batch(source, floor: dict):
+        """This process's part of one step batch (its shards' rows; images packed per shard, so each device
+        encodes only its own rows' images), padded to the sizes agreed by every process, and the step's
+        total (all processes') attended tokens."""
         micro = [next(source) for _ in range(accum)]
-        batch = build_step_batch(micro, model_cfg, pad_id, floor=floor, batch_shards=vision_shards)
-        return batch, grow_floor(floor, batch, model_cfg)
+        batch = build_step_batch(micro, model_cfg, pad_id, floor=floor, batch_shards=built_shards,
+                                 shard_ids=shard_ids)
+        tokens = int(sum(mb["attention_mask"].sum() for mb in micro))
+        # (a peer whose run stopped never answers: stop waiting once this run's batches are closed too)
+        agreed, total = agree_floor(floor, batch, model_cfg, built_shards, tokens=tokens,
+                                    cancelled=lambda: batches.stopping)
+        if agreed != grow_floor(floor, batch, model_cfg, built_shards):  # another process needs more room
+            batch = build_step_batch(micro, model_cfg, pad_id, floor=agreed, batch_shards=built_shards,
+                                     shard_ids=shard_ids)
+        return (with_patch_dtype(batch, patch_dtype), total["tokens"]), agreed
 
     # The checkpoint holds the position and shape floor of the batches the loop consumed (not of the ones
     # built ahead), so a resumed run continues with exactly the next batch.
@@ -168,7 +196,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
 
     def save(step: int) -> None:
         settle()
-        checkpointer.save(step, state, {"iterator": batches.get_state(), "shape_floor": batches.floor}, resolved)
+        iterator_states = per_process_state(batches.get_state())  # every process's own position
+        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor}, resolved)
 
     step_fn = None
     batch_sh = None
@@ -178,15 +207,14 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
                      metrics=metrics, iterator=batches) as control:
         for step_now in control.updates(step_now):
             t0 = time.perf_counter()
-            batch = next(batches).batch
+            batch, tokens = next(batches).batch
             if batch_sh is None:
-                batch_sh = batch_shardings(batch, mesh, shard_rows)
+                batch_sh = batch_shardings(batch, mesh, shard_rows, built_shards=built_shards)
                 step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
                                           remat=cfg.model.remat, remat_vision=cfg.model.remat_vision,
                                           state_shardings=shardings.state, base_shardings=shardings.base,
                                           rest_shardings=shardings.rest, batch_shardings=batch_sh)
-            tokens = int(batch.inputs.attention_mask.sum())
-            placed = place_batch(batch, batch_sh)
+            placed = place_local_batch(batch, batch_sh, built_shards)
             result.host_seconds += time.perf_counter() - t0
             # step_fn runs under the mesh (train.step.OnMesh): the model pins activations' batch axis to
             # (data, fsdp), so FSDP gathers weights rather than activations.

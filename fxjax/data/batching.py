@@ -78,7 +78,7 @@ class BatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict:
         batch: list[dict] = []
-        while len(batch) < self._cfg.batch_size:
+        while len(batch) < self._cfg.rows_per_batch:
             try:
                 example = next(self._parent)
             except StopIteration:

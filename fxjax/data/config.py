@@ -45,6 +45,10 @@ class DataConfig:
     shard_index: int | None = None  # None with shard_count None -> ShardByJaxProcess
     shard_count: int | None = None
     shard_drop_remainder: bool = False
+    # The rows of every batch (positions in 0 .. batch_size - 1) this pipeline builds; None: all of them.
+    # Multi-process training: the rows that live on this process's devices, so each process decodes and
+    # tokenises only its share of one global example stream (see fxjax.data.pipeline).
+    batch_rows: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.data_files, (str, bytes)) or not self.data_files:
@@ -65,6 +69,12 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"DataConfig.num_epochs must be positive or None, got {self.num_epochs}")
+        if self.batch_rows is not None:
+            rows = tuple(int(r) for r in self.batch_rows)
+            object.__setattr__(self, "batch_rows", rows)
+            if not rows or list(rows) != sorted(set(rows)) or rows[0] < 0 or rows[-1] >= self.batch_size:
+                raise ValueError(f"DataConfig.batch_rows must be increasing positions in [0, batch_size = "
+                                 f"{self.batch_size}), got {rows}")
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("set both shard_index and shard_count, or neither (ShardByJaxProcess)")
         if self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:
@@ -96,6 +106,11 @@ class DataConfig:
             out.append(b)
             b *= 2
         return (*out, self.max_length)
+
+    @property
+    def rows_per_batch(self) -> int:
+        """How many rows of each batch this pipeline builds (batch_size unless batch_rows selects some)."""
+        return self.batch_size if self.batch_rows is None else len(self.batch_rows)
 
     def shard_options(self) -> grain.sharding.ShardOptions:
         if self.shard_count is None:

@@ -15,6 +15,13 @@ Where each part lives:
 * :mod:`fxjax.data.batching` - padding to length buckets and the checkpointable batch iterator;
 * this module - :class:`DataPipeline`, which assembles them into a grain dataset.
 
+Rows per process: with ``batch_rows`` set, the pipeline reads one global example stream (the same shuffle
+on every process) but yields only those rows of each global batch of ``batch_size``: batch g's row r is
+stream element ``g * batch_size + r``, and elements of other rows are never decoded or tokenised (the
+per-example map is lazy). Multi-process training gives each process the rows on its own devices, so the
+processes' batches put side by side are the one-process batch. (A dropped example is replaced by the next
+element of the same process's share, so with drops the rows of a batch depend on the split.)
+
 Sharding: the record list is split by ``ShardOptions`` (explicit ``shard_index``/``shard_count``, or
 ``ShardByJaxProcess``) as ``records[index::count]`` before shuffling, so the shards of one epoch cover
 every record exactly once. The iterator's ``get_state()`` is a JSON-serialisable dict; ``set_state`` on a
@@ -38,6 +45,7 @@ from fxjax.data.records import LoadReport, Record, load_records
 __all__ = [
     "IGNORE_INDEX",
     "BatchIterator",
+    "BatchRows",
     "DataConfig",
     "DataPipeline",
     "Dropped",
@@ -55,6 +63,36 @@ def shard_indices(n: int, options: grain.sharding.ShardOptions) -> range:
     """The record positions of one shard: every ``shard_count``-th record from ``shard_index``."""
     end = n - n % options.shard_count if options.drop_remainder else n
     return range(options.shard_index, end, options.shard_count)
+
+
+class BatchRows(grain.MapDataset):
+    """The elements of `rows` (positions in each consecutive group of `batch_size`) of a MapDataset, in order:
+    element k is parent element ``(k // len(rows)) * batch_size + rows[k % len(rows)]``."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, rows: Sequence[int]):
+        super().__init__(parent)
+        self._batch_size, self._rows = int(batch_size), tuple(int(r) for r in rows)
+        self._length = len(parent) // self._batch_size * len(self._rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        group, row = divmod(index, len(self._rows))
+        return group * self._batch_size + self._rows[row]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def _getitems(self, indices: Sequence[int]):
+        return self._parent._getitems([self._parent_index(i) for i in indices])  # noqa: SLF001
+
+    def __str__(self) -> str:
+        return f"BatchRows(batch_size={self._batch_size}, rows={self._rows})"
 
 
 class DataPipeline:
@@ -101,7 +139,10 @@ class DataPipeline:
         if self.cfg.shuffle:
             ds = ds.shuffle(seed=self.cfg.seed)
         ds = ds.repeat(self.cfg.num_epochs)
-        return ds.map_with_index(ExampleBuilder(self.cfg, len(shard_records)))
+        ds = ds.map_with_index(ExampleBuilder(self.cfg, len(shard_records)))
+        if self.cfg.batch_rows is not None:  # after the (lazy) map: other rows are never built
+            ds = BatchRows(ds, self.cfg.batch_size, self.cfg.batch_rows)
+        return ds
 
     def dataset(self) -> grain.IterDataset:
         cfg = self.cfg
