@@ -27,8 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import re
 import sys
 import time
@@ -36,6 +34,11 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from forward import cpu_model  # noqa: E402  (bench/forward.py: the CPU's model name; imports no jax)
+from plan import setup  # noqa: E402  (bench/plan.py: simulated CPU devices before jax's backend starts)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,27 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--json", type=Path, help="write the rows here")
     return ap.parse_args(argv)
-
-
-def setup(devices: int) -> None:
-    """Simulated CPU devices; must run before jax starts its backend."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for path in (str(REPO), str(BENCH)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", devices)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def model_config(preset: str, depth: int):
