@@ -273,17 +273,23 @@ def test_a_per_process_data_state_restores_only_with_its_process_count():
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
-    code, log = sft(setup, f"nan-{mode}", extra=["optim.learning_rate=1e30", "optim.warmup_steps=0",
-                                                 "optim.max_grad_norm=null", "checkpoint.every=1",
-                                                 f"train.on_nonfinite={mode}", "train.steps=3"])
+    """NaN pixel patches (FXJAX_FAULT=nan_batch@N) make the real step's loss non-finite: the straight run's
+    config, so its compiled programs are reused."""
+    faults = "nan_batch@2" if mode == "stop" else "nan_batch@2,nan_batch@3"
+    code, log = sft(setup, f"nan-{mode}", env={"FXJAX_FAULT": faults},
+                    extra=["checkpoint.every=1", f"train.on_nonfinite={mode}"])
     ckpt = setup["root"] / f"nan-{mode}" / "ckpt"
+    assert "fxjax-fault: NaN patches at nan_batch@2" in log
     if mode == "stop":
         assert code == 3, log[-3000:]
         assert "non-finite loss at step 2" in log and "the last good checkpoint is step 1" in log
         assert committed_steps(ckpt) == [1]
     else:
         assert code == 0, log[-3000:]
-        assert "step 2: non-finite loss/gradient" in log and "update skipped (2 so far)" in log
-        assert committed_steps(ckpt) == [1, 2, 3]
+        assert "step 2: non-finite loss/gradient" in log and "update skipped (1 so far)" in log
+        assert "step 3: non-finite loss/gradient" in log and "update skipped (2 so far)" in log
+        assert committed_steps(ckpt) == [2, 3, 4]  # checkpoint.keep = 3
         records = [json.loads(line) for line in (setup["root"] / "nan-skip" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["skipped"] for r in records if r["kind"] == "train"] == [0, 1, 2]
+        train = [r for r in records if r["kind"] == "train"]
+        assert [r["skipped"] for r in train] == [0, 1, 2, 2]
+        assert np.isfinite(train[-1]["loss"])  # the skipped updates left the parameters usable: step 4 trains

@@ -13,6 +13,9 @@ Points:
     update      GRPO: the update computed on the device, not yet logged or saved
     after_step  SFT and GRPO: the step is done and its checkpoint (if it saves one) committed
     save        inside the background write of the step's checkpoint, so the crash leaves it half written
+    nan_batch   SFT: the step's pixel patches are NaN (no pause): the real step computes a non-finite loss,
+                and the run stops or skips it (train.on_nonfinite), with the same compiled program as a
+                normal run (tests reuse its compilation cache instead of compiling for a diverging lr)
 
 This is the only test hook in the training code; with the variable unset each point is one dict lookup.
 """
@@ -24,7 +27,7 @@ import sys
 import time
 
 ENV = "FXJAX_FAULT"
-POINTS = ("rollout", "update", "after_step", "save")
+POINTS = ("rollout", "update", "after_step", "save", "nan_batch")
 
 
 def parse(spec: str | None) -> frozenset[tuple[str, int]]:
@@ -68,3 +71,13 @@ def point(name: str, step: int, should_stop=None) -> None:
     print(f"fxjax-fault: paused at {name}@{step}", file=sys.stderr, flush=True)
     while should_stop is None or not should_stop():
         time.sleep(0.05)
+
+
+def nan_patches(batch, step: int):
+    """`batch` (a train.batching.StepBatch) with NaN pixel patches if ``nan_batch@step`` is armed."""
+    vision = batch.inputs.vision
+    if ("nan_batch", int(step)) not in _ARMED or vision is None:
+        return batch
+    print(f"fxjax-fault: NaN patches at nan_batch@{step}", file=sys.stderr, flush=True)
+    poisoned = vision._replace(patches=vision.patches * float("nan"))
+    return batch._replace(inputs=batch.inputs._replace(vision=poisoned))

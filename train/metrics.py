@@ -10,6 +10,7 @@ once; ``read_metrics`` returns one record per (kind, step) in any case (the last
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,11 +36,26 @@ def tensorboard_writer(directory: Path, purge_step: int | None = None):
     `purge_step`: TensorBoard hides the events an earlier attempt logged at this step and after."""
     for module in ("tensorboardX", "torch.utils.tensorboard"):
         try:
-            mod = __import__(module, fromlist=["SummaryWriter"])
+            with _without_torch() if module == "tensorboardX" else contextlib.nullcontext():
+                mod = __import__(module, fromlist=["SummaryWriter"])
             return mod.SummaryWriter(str(directory), purge_step=purge_step)
         except Exception:  # not installed, or torch without the tensorboard package
             continue
     return None
+
+
+@contextlib.contextmanager
+def _without_torch():
+    """tensorboardX imports torch when it is installed, only to accept torch tensors (2-3 s per process);
+    we log plain floats, so its import sees torch as absent unless the process already loaded it."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        yield
+    finally:
+        if blocked and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict | None, str]]:

@@ -208,6 +208,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         for step_now in control.updates(step_now):
             t0 = time.perf_counter()
             batch, tokens = next(batches).batch
+            batch = faults.nan_patches(batch, step_now + 1)  # test hook (FXJAX_FAULT=nan_batch@N); else a no-op
             if batch_sh is None:
                 batch_sh = batch_shardings(batch, mesh, shard_rows, built_shards=built_shards)
                 step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=cfg.train.loss_chunk,
