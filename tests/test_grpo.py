@@ -1,7 +1,8 @@
 """`fxjax grpo` end to end on the tiny preset (real Qwen tokenizer, demo images), in subprocesses:
 
 * the run goes through the stages alpha -> beta -> gamma, logging every metric tagged with its stage;
-* two processes (gloo, one CPU device each) compute what one process with two devices does;
+* two processes (gloo, one CPU device each) compute what one process with two devices does, each reading,
+  decoding and scoring only its own prompts;
 * resume is exact: a run SIGKILLed during a rollout, during an update, during a save and after a step,
   stopped by SIGTERM (saves, exits 0), and resumed each time, with its newest checkpoint corrupted before
   the last resume (reported, the previous one used), ends with LoRA parameters bitwise equal to an
@@ -29,6 +30,7 @@ from fxjax.data.demo_data import make_demo_data
 from launch import launch_two, wait_all
 
 TIMEOUT = 300
+DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
 STAGES = [{"name": "alpha", "steps": 2}, {"name": "beta", "steps": 2}, {"name": "gamma", "steps": 2}]
 
 
@@ -170,12 +172,27 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def prompt_stream(setup, n: int) -> list[tuple[int, str]]:
+    """(epoch, record source) of the first `n` prompts of the one-process GRPO prompt stream."""
+    from fxjax.data.pipeline import DataPipeline
+    from fxjax.grpo_config import load_grpo_config
+    from fxjax.train.grpo import data_config
+
+    it = iter(DataPipeline(data_config(load_grpo_config(setup["config"]))))
+    out = []
+    while len(out) < n:
+        out += [(m["epoch"], m["source"]) for m in next(it)["meta"]]
+    return out[:n]
+
+
 def test_two_processes_equal_one_process(setup, straight):
-    """2 processes x 1 CPU device (gloo) == 1 process x 2 devices: same prompts, same samples, same LoRA."""
+    """2 processes x 1 CPU device (gloo) == 1 process x 2 devices: same prompts, same samples, same LoRA;
+    each process reads, decodes and scores only its own prompts (tests/decode_trace.py records them)."""
     out = setup["root"] / "multi"
     args = ["grpo", "--config", str(setup["config"]), "--set", f"train.output_dir={out}",
             "--set", f"export.adapter_dir={out / 'adapter'}"]
-    procs, logs = launch_two(args, setup["env"], setup["root"] / "multi")
+    env = {**setup["env"], "FXJAX_TEST_DECODE_LOG": str(out / "decoded")}
+    procs, logs = launch_two(args, env, setup["root"] / "multi", entry=(DECODE_TRACE,))
     codes = wait_all(procs, logs, timeout=TIMEOUT)
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     assert "2 process(es), 2 cpu device(s)" in logs[0].read_text()
@@ -188,3 +205,16 @@ def test_two_processes_equal_one_process(setup, straight):
     for a, b in zip(ours, straight[1]):
         for key in ("reward/total_mean", "completion_length_mean", "format_rate"):
             assert a[key] == pytest.approx(b[key]), key
+    assert len(ours) == len(straight[1]) == 6
+    # Process r decoded only row r of each batch of 2 prompts, i.e. elements 2k + r of the one-process
+    # stream (read-ahead may go past the 6 steps, never into the other's rows), and every step's own row.
+    stream = prompt_stream(setup, 40)
+    decoded = [[(int(e), src) for e, src in (line.split(" ", 1) for line in
+                                             (out / f"decoded-{r}.txt").read_text().splitlines())] for r in range(2)]
+    for r in range(2):
+        assert set(decoded[r]) <= set(stream[r::2]), (r, sorted(set(decoded[r]) - set(stream[r::2]))[:3])
+        assert set(stream[r:12:2]) <= set(decoded[r])
+    assert not set(decoded[0]) & set(decoded[1])
+    # each process's own prompt-iterator position is in the checkpoint
+    saved = json.loads((out / "checkpoints" / "6" / "data" / "data_state.json").read_text())["iterator"]
+    assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [6, 6]

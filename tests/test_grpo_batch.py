@@ -5,10 +5,16 @@
   over logits / temperature;
 * the update's vision encoder sees each micro-batch's P images once, not P x G;
 * the update's loss and LoRA gradient equal grpo_loss on log-probs from the plain forward (autodiff
-  through the whole model), so batching, masks and the float32 lm_head add nothing.
+  through the whole model), so batching, masks and the float32 lm_head add nothing;
+* with several batch shards and micro-batches, micro-batch a holds the a-th prompts of each shard's block
+  (each device updates on the prompts it sampled), each shard's images packed on their own;
+* the rollout metrics combined from parts' sums (one per process) equal the whole batch's, and
+  scale_rewards "batch" advantages from each process's part equal the whole batch's.
 """
 
 from __future__ import annotations
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +29,8 @@ from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
 from fxjax.model.vision import VisionEncoder
 from fxjax.train.grpo_loss import grpo_loss
 from fxjax.train.grpo_step import LossOptions, completion_logps, make_grpo_step
-from fxjax.train.rollout import Rollout, build_group_batch, completion_mask
+from fxjax.train.rollout import (Rollout, build_group_batch, combine_rollout_sums, completion_mask, rollout_metrics,
+                                 rollout_sums)
 from fxjax.train.step import RNG_IMPL, TrainState, split_model
 
 G = 3
@@ -175,3 +182,76 @@ def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch,
     assert max(float(np.abs(g).max()) for g in want.values()) > 0
     for path in want:
         assert rel_err(np.asarray(old[path]) - np.asarray(new[path]), want[path]) < 1e-4, path
+
+
+def test_micro_batches_take_each_shards_slice(model):
+    """4 prompts over 2 batch shards (prompts 0, 1 in shard 0's block, 2, 3 in shard 1's), 2 micro-batches:
+    micro-batch a = prompts a and 2 + a, each in its shard's rows with its image packed in that shard."""
+    rng = np.random.RandomState(2)
+    one, two = _prompts(rng), _prompts(rng)
+    prompts = {k: np.concatenate([one[k], two[k]]) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                             "image_grid_thw")}
+    rows = 4 * G
+    tokens = rng.randint(3, 100, size=(rows, N)).astype(np.int32)
+    attention, truncated = completion_mask(tokens, EOS)
+    r = Rollout(tokens, attention, attention.astype(np.float32), truncated, [""] * rows, {},
+                np.arange(rows, dtype=np.float32), [])
+    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=2, floor={}, batch_shards=2)
+    offsets = np.concatenate([[0], np.cumsum(np.prod(prompts["image_grid_thw"], axis=1))])
+    for a in range(2):
+        want = [p * G + g for p in (a, 2 + a) for g in range(G)]
+        np.testing.assert_array_equal(batch.advantages[a], want)
+        np.testing.assert_array_equal(batch.completion_ids[a], tokens[want])
+        for k, p in enumerate((a, 2 + a)):
+            valid = np.asarray(batch.inputs.vision.valid[a, k]).astype(bool)
+            assert valid.sum() == offsets[p + 1] - offsets[p]
+            np.testing.assert_allclose(np.asarray(batch.inputs.vision.patches[a, k])[valid].sum(),
+                                       prompts["pixel_values"][offsets[p]:offsets[p + 1]].sum(), rtol=1e-5)
+
+
+def test_rollout_metrics_from_parts_equal_the_whole_batch():
+    """Two processes' `rollout_sums` (through JSON, as allgather_json sends them) combine to the metrics of
+    the whole batch; one part gives exactly numpy's mean / std of the whole batch."""
+    rng = np.random.RandomState(3)
+    p, g, n = 6, 4, 7
+    scores = {"total": rng.rand(p * g) * 3, "format": rng.randint(0, 2, p * g).astype(np.float64),
+              "label": rng.randint(0, 2, p * g).astype(np.float64), "iou": rng.rand(p * g)}
+    scores["total"][4:8] = 1.5  # prompt 1's group all alike: zero std
+    tokens = rng.randint(3, 100, size=(p * g, n)).astype(np.int32)
+    tokens[rng.rand(p * g) < 0.5, 3] = EOS
+    attention, truncated = completion_mask(tokens, EOS)
+    targets = [{"label": "generated" if i % 3 else "real", "boxes": np.zeros((i % 3, 4))} for i in range(p)]
+    whole = Rollout(tokens, attention, attention.astype(np.float32), truncated, [""] * (p * g), scores,
+                    np.zeros(p * g, np.float32), targets)
+
+    def part(lo, hi):
+        rows = slice(lo * g, hi * g)
+        return Rollout(tokens[rows], attention[rows], attention[rows].astype(np.float32), truncated[rows], [],
+                       {k: v[rows] for k, v in scores.items()}, np.zeros(0, np.float32), targets[lo:hi])
+
+    want = rollout_metrics(whole, g)
+    assert want["reward/total_std"] == float(scores["total"].std())
+    assert want["reward/iou_mean"] == float(scores["iou"].mean())
+    assert want["zero_std_group_fraction"] == pytest.approx(1 / 6) and 0 < want["truncated_fraction"] < 1
+    got = combine_rollout_sums([json.loads(json.dumps(rollout_sums(part(lo, hi), g))) for lo, hi in ((0, 2), (2, 6))])
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+
+
+def test_batch_scaled_advantages_from_a_process_part(monkeypatch):
+    """Process 0 holding batch shard 1 of 2 (process 1 holds shard 0): the exchanged totals are reassembled
+    in the batch's order, not the processes', and its rows' advantages are the whole batch's."""
+    from fxjax.train import grpo
+    from fxjax.train.batching import ProcessRows
+    from fxjax.train.grpo_loss import group_advantages
+
+    totals = np.random.RandomState(4).rand(16).astype(np.float32)  # 4 prompts x G = 4, 2 per shard
+    peer = {"shards": [0], "totals": totals[:8].tolist()}
+    monkeypatch.setattr(grpo, "allgather_json", lambda name, value: [json.loads(json.dumps(value)), peer])
+    mine = ProcessRows(shards=(1,), shard_ids=(1,), rows=(2, 3), batch_size=4)
+    everything, positions = grpo._batch_rewards(mine)(totals[8:])
+    np.testing.assert_array_equal(everything, totals)
+    np.testing.assert_array_equal(positions, np.arange(8, 16))
+    whole = np.asarray(group_advantages(totals, 4, "batch"))
+    np.testing.assert_array_equal(np.asarray(group_advantages(everything, 4, "batch"))[positions], whole[8:])

@@ -32,12 +32,13 @@ from fxjax.distributed import allgather_json
 from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
-from fxjax.sharding import REPLICATED, batch_spec, put
+from fxjax.sharding import REPLICATED, batch_spec, process_batch_shards, put
 from fxjax.sharding import batch_shards as mesh_batch_shards
 from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
-__all__ = ["StepBatch", "agree_floor", "batch_shardings", "build_step_batch", "grow_floor", "pad_rows",
-           "pad_vision_inputs", "place_batch", "place_local_batch", "shape_of", "with_patch_dtype"]
+__all__ = ["ProcessRows", "StepBatch", "agree_floor", "agree_sizes", "batch_shardings", "build_step_batch",
+           "grow_floor", "inputs_with_patch_dtype", "pad_rows", "pad_vision_inputs", "place_batch",
+           "place_local_batch", "process_rows", "shape_of", "with_patch_dtype"]
 
 TARGET_QUANTUM = 64
 
@@ -255,15 +256,21 @@ def place_local_batch(batch: StepBatch, shardings: StepBatch, built_shards: int)
     return jax.tree.map(one, batch, shardings)
 
 
-def with_patch_dtype(batch: StepBatch, dtype) -> StepBatch:
-    """The batch with its pixel patches in `dtype` (the model's compute dtype): the patch embedding casts
-    them to it first thing, so sending bfloat16 halves the transfer and changes nothing computed (a LoRA on
-    the patch embedding would see the rounded pixels)."""
-    vision = batch.inputs.vision
+def with_patch_dtype(batch, dtype):
+    """The batch (a StepBatch, GRPO's GroupBatch: anything with `inputs`) with its pixel patches in `dtype`
+    (the model's compute dtype): the patch embedding casts them to it first thing, so sending bfloat16
+    halves the transfer and changes nothing computed (a LoRA on the patch embedding would see the rounded
+    pixels)."""
+    inputs = inputs_with_patch_dtype(batch.inputs, dtype)
+    return batch if inputs is batch.inputs else batch._replace(inputs=inputs)
+
+
+def inputs_with_patch_dtype(inputs: ModelInputs, dtype) -> ModelInputs:
+    """`with_patch_dtype` of one ModelInputs (e.g. prompts for sampling)."""
+    vision = inputs.vision
     if vision is None or vision.patches.dtype == np.dtype(dtype):
-        return batch
-    vision = vision._replace(patches=np.asarray(vision.patches).astype(dtype))
-    return batch._replace(inputs=batch.inputs._replace(vision=vision))
+        return inputs
+    return inputs._replace(vision=vision._replace(patches=np.asarray(vision.patches).astype(dtype)))
 
 
 def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards: int = 1, *,
@@ -273,7 +280,43 @@ def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards
     each process padded only its own rows). Host-only exchange (`fxjax.distributed.allgather_json`); the
     same on every process. With one process: `grow_floor` and `extra` as given. `cancelled`: see
     `allgather_json`."""
-    local = grow_floor(floor, batch, model_cfg, batch_shards)
-    parts = allgather_json("step-batch-shape", {"floor": local, "extra": extra}, cancelled=cancelled)
-    agreed = {k: max(int(p["floor"].get(k, 0)) for p in parts) for k in local}
+    return agree_sizes("step-batch-shape", grow_floor(floor, batch, model_cfg, batch_shards), cancelled=cancelled,
+                       **extra)
+
+
+def agree_sizes(name: str, sizes: dict[str, int], *, cancelled=None, **extra: int
+                ) -> tuple[dict[str, int], dict[str, int]]:
+    """(the element-wise max of every process's `sizes`, the sums of `extra` over the processes): one
+    host-only exchange (`allgather_json` under `name`), the same result on every process."""
+    parts = allgather_json(name, {"floor": sizes, "extra": extra}, cancelled=cancelled)
+    agreed = {k: max(int(p["floor"].get(k, 0)) for p in parts) for k in sizes}
     return agreed, {k: sum(int(p["extra"][k]) for p in parts) for k in extra}
+
+
+class ProcessRows(NamedTuple):
+    """Which rows of each global batch this process builds (`process_rows`)."""
+
+    shards: tuple[int, ...]  # the global batch shards it builds, increasing ((0,) when the batch is replicated)
+    shard_ids: tuple[int, ...] | None  # `shards` when the batch splits in several, else None (one packed vision)
+    rows: tuple[int, ...]  # its rows of a global batch, increasing: each shard's block of rows in turn
+    batch_size: int  # rows of the global batch
+
+    @property
+    def built_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def batch_rows(self) -> tuple[int, ...] | None:
+        """The data pipeline's `DataConfig.batch_rows`: None when it builds every row."""
+        return None if len(self.rows) == self.batch_size else self.rows
+
+
+def process_rows(mesh: Mesh, batch_size: int, shard_rows: bool) -> ProcessRows:
+    """The rows of a global batch of `batch_size` that live on this process's devices: those of its batch
+    shards (`fxjax.sharding.process_batch_shards`) when the batch splits over the mesh (`shard_rows`), else
+    every row (a replicated batch)."""
+    shards = process_batch_shards(mesh) if shard_rows else (0,)
+    per_shard = batch_size // (mesh_batch_shards(mesh) if shard_rows else 1)
+    rows = tuple(r for s in shards for r in range(s * per_shard, (s + 1) * per_shard))
+    shard_ids = shards if shard_rows and mesh_batch_shards(mesh) > 1 else None
+    return ProcessRows(shards, shard_ids, rows, batch_size)

@@ -9,7 +9,21 @@ Stages: `stages` lists the reward stages in order (default alpha, beta, gamma), 
 steps, with the weights of the reward config; `grpo.schedule=continuous` uses w_G(t) over train.steps.
 The policy is the LoRA model; the reference policy is the same model with LoRA disabled (no copy).
 
-Resume: as SFT. The sampling key of step k is folded from (grpo.seed, k), the stage follows from the
+Data per process (as SFT, train.sft): every process follows one global prompt stream but reads, decodes
+and prepares only the prompts of its own batch shards (`DataConfig.batch_rows` from
+`train.batching.process_rows`); the processes agree on the padded prompt length and vision sizes
+(`train.batching.agree_sizes`, a host-only exchange), and the sampler's global inputs are assembled from
+each process's part (`place_local_batch`; images packed per batch shard, patches in the compute dtype).
+One sampling program runs over the mesh; prompt i's G completions are rows i*G .. i*G+G-1 and the rows
+shard like the prompts, so each process's devices hold its prompts' whole groups: it fetches only those
+rows (`local_rows`, no cross-process gather), decodes and scores them, computes their group advantages
+(scale_rewards "batch" exchanges the total rewards for the batch std) and builds its part of the
+GroupBatch (micro-batch a takes the a-th slice of each of its shards' prompts, so every device updates on
+the prompts it sampled), padded to sizes agreed over the processes. The logged rollout metrics combine
+every process's sums (`train.rollout.combine_rollout_sums`): the one-process values up to the rounding
+of the sums.
+
+Resume: as SFT (each process's own iterator position in the checkpoint). The sampling key of step k is folded from (grpo.seed, k), the stage follows from the
 step, and the data iterator and shape floors are in the checkpoint, so a resumed run draws the same
 completions and ends with the same parameters as an uninterrupted one. SIGTERM saves and exits; a
 non-finite loss stops with the last good checkpoint kept (or skips, train.on_nonfinite=skip).
@@ -34,16 +48,21 @@ from jax.sharding import PartitionSpec as P
 from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
+from fxjax.distributed import allgather_json
 from fxjax.grpo_config import GRPOConfig
-from fxjax.sharding import MeshConfig, batch_shards, gather, make_mesh, put, shard_inputs, use_mesh
+from fxjax.model.qwen2_5_vl import as_dtype
+from fxjax.sharding import MeshConfig, batch_spec, make_mesh, use_mesh
 from fxjax.train import faults
+from fxjax.train.batching import (ProcessRows, agree_sizes, inputs_with_patch_dtype, place_local_batch, process_rows,
+                                  with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
 from fxjax.train.grpo_step import GroupBatch, LossOptions, make_grpo_step, make_logps_fn
 from fxjax.train.metrics import MetricsLogger
-from fxjax.train.rollout import build_group_batch, prompt_inputs, rollout_metrics, sample_and_score
+from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, prompt_inputs, rollout_sums,
+                                 sample_and_score)
 from fxjax.train.resume_check import WATCHED
-from fxjax.train.run_setup import batch_divides, build_model, join_run, start_run
+from fxjax.train.run_setup import batch_divides, build_model, join_run, per_process_state, start_run
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
@@ -101,15 +120,10 @@ def left_pad(batch: dict, length: int, pad_id: int) -> dict:
     return out
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return gather(x)
-    return np.asarray(jax.device_get(x))
-
-
-def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBatch:
-    """[A, R, ...] arrays shard R over (data, fsdp); position_ids [A, 3, R, L] too; vision packed per batch
-    shard ([A, S, ...]) shards S the same way, one packed sequence is replicated."""
+def _inputs_shardings(inputs, mesh, shard_rows: bool, batch_dim: int):
+    """ModelInputs' shardings: [.., B, ...] fields shard B (at `batch_dim`; position_ids' one further) over
+    (data, fsdp); vision packed per batch shard ([.., S, ...]) shards S the same way, one packed sequence
+    is replicated. Nothing is split when the batch is replicated (`shard_rows` False)."""
     def s(x, dim):
         if x is None:
             return None
@@ -118,20 +132,49 @@ def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBa
             spec[dim] = ("data", "fsdp")
         return NamedSharding(mesh, P(*spec))
 
-    i = batch.inputs
-    vision_dim = 1 if i.vision is not None and np.ndim(i.vision.valid) == 3 else None
-    if vision_dim is not None and not shard_rows:
-        raise ValueError("vision packed per batch shard, but the batch is replicated: build it with batch_shards=1")
-    vision = None if i.vision is None else type(i.vision)(*(s(v, vision_dim) for v in i.vision))
-    inputs = type(i)(s(i.input_ids, 1), s(i.attention_mask, 1), s(i.position_ids, 2), s(i.rope_deltas, 1),
-                     s(i.image_feature_index, 1), vision)
+    vision_dim = None
+    if inputs.vision is not None and np.ndim(inputs.vision.valid) == batch_dim + 2:
+        if not shard_rows:
+            raise ValueError("vision packed per batch shard, but the batch is replicated: build it with "
+                             "batch_shards=1")
+        vision_dim = batch_dim
+    vision = None if inputs.vision is None else type(inputs.vision)(*(s(v, vision_dim) for v in inputs.vision))
+    return type(inputs)(s(inputs.input_ids, batch_dim), s(inputs.attention_mask, batch_dim),
+                        s(inputs.position_ids, batch_dim + 1), s(inputs.rope_deltas, batch_dim),
+                        s(inputs.image_feature_index, batch_dim), vision), s
+
+
+def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBatch:
+    """[A, R, ...] arrays shard R over (data, fsdp); position_ids [A, 3, R, L] too; vision packed per batch
+    shard ([A, S, ...]) shards S the same way, one packed sequence is replicated."""
+    inputs, s = _inputs_shardings(batch.inputs, mesh, shard_rows, 1)
     return GroupBatch(inputs, s(batch.completion_ids, 1), s(batch.completion_mask, 1), s(batch.advantages, 1),
                       s(batch.old_logps, 1), s(batch.ref_logps, 1))
 
 
-def _place(batch, shardings):
-    return jax.tree.map(lambda x, sh: None if x is None else put(np.asarray(x), sh), batch, shardings,
-                        is_leaf=lambda x: x is None)
+def local_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
+    """This process's rows of a global [R, ...] array laid out as `sharding` (rows over (data, fsdp), or
+    replicated): the rows of its batch shards, in order, read from its own devices (no cross-process
+    gather). The array is moved to that layout on the devices first unless it is laid out so already."""
+    if not x.sharding.is_equivalent_to(sharding, x.ndim):
+        x = jax.device_put(x, sharding)
+    blocks = {shard.index[0].start or 0: shard for shard in x.addressable_shards}  # tensor-axis copies: once
+    return np.concatenate([np.asarray(blocks[start].data) for start in sorted(blocks)])
+
+
+def _batch_rewards(mine: ProcessRows):
+    """For scale_rewards "batch" when each process scores only its rows: this process's total rewards ->
+    (every process's, in the global batch's order; the positions of this process's rows in them), through
+    one host-only exchange, so the std is over the whole batch as with one process."""
+    def gather(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        per_shard = len(totals) // mine.built_shards
+        parts = allgather_json("grpo-reward-totals", {"shards": list(mine.shards), "totals": totals.tolist()})
+        by_shard = {s: p["totals"][i * per_shard:(i + 1) * per_shard]
+                    for p in parts for i, s in enumerate(p["shards"])}
+        everything = np.asarray([t for s in sorted(by_shard) for t in by_shard[s]], np.float32)
+        return everything, np.concatenate([np.arange(s * per_shard, (s + 1) * per_shard) for s in mine.shards])
+
+    return gather
 
 
 def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GRPOResult:
@@ -142,8 +185,14 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size // cfg.optim.grad_accum, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
-    vision_shards = batch_shards(mesh) if shard_rows else 1  # each device encodes only its rows' images
-    pipeline = DataPipeline(data_config(cfg))
+    # Each process reads, decodes and samples only the prompts of its own batch shards (all of them when
+    # the batch is replicated); images are packed per shard, so each device encodes only its rows' images.
+    mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
+    per_shard, built = mine.shard_ids is not None, mine.built_shards
+    pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows))
+    rows_sharding = NamedSharding(mesh, batch_spec(2, 0) if shard_rows else P())  # sampled [P*G, N] tokens
+    batch_rewards = _batch_rewards(mine) if jax.process_count() > 1 and mine.batch_rows is not None else None
+    patch_dtype = as_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.tokenizer)
     eos_id = token_id(tokenizer, "<|im_end|>")
     steps_total = cfg.total_steps
@@ -191,8 +240,41 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
 
     def save(step: int) -> None:
         stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
-        checkpointer.save(step, state, {"iterator": iterator.get_state(), "shape_floor": floor, "stage": stage},
+        iterator_states = per_process_state(iterator.get_state())  # every process's own position
+        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage},
                           resolved)
+
+    def prompt_part(prompts: dict, floor: dict) -> tuple[dict, Any, dict]:
+        """This process's prompts left-padded and prepared for sampling, padded to the sizes every process
+        agreed (the global array has one shape), and placed: (prompts, global inputs, floor)."""
+        def build(floor):
+            length = -(-prompts["input_ids"].shape[1] // PROMPT_LENGTH_QUANTUM) * PROMPT_LENGTH_QUANTUM
+            length = max(length, int(floor.get("prompt_length", 0)))
+            padded = left_pad(prompts, length, pipeline.pad_id)
+            inputs, grown = prompt_inputs(model.config, padded, floor, built, per_shard=per_shard)
+            return padded, inputs, dict(grown, prompt_length=length)
+
+        padded, inputs, local = build(floor)
+        agreed, _ = agree_sizes("grpo-prompt-shape", local)
+        if agreed != local:  # another process needs more room
+            padded, inputs, _ = build(agreed)
+        inputs = inputs_with_patch_dtype(inputs, patch_dtype)
+        return padded, place_local_batch(inputs, _inputs_shardings(inputs, mesh, shard_rows, 0)[0], built), agreed
+
+    def group_part(prompts: dict, rollout, floor: dict) -> tuple[GroupBatch, dict, dict]:
+        """This process's part of the GroupBatch (its prompts' groups), padded to the sizes every process
+        agreed: (part, floor, {rollout_tokens, update_tokens} summed over the processes)."""
+        def build(floor):
+            return build_group_batch(prompts, rollout, model.config, num_generations=g.num_generations,
+                                     n_micro=cfg.optim.grad_accum, floor=floor, batch_shards=built,
+                                     per_shard=per_shard)
+
+        batch, local = build(floor)
+        agreed, tokens = agree_sizes("grpo-update-shape", local, rollout_tokens=int(rollout.attention.sum()),
+                                     update_tokens=int(batch.inputs.attention_mask.sum()))
+        if agreed != local:
+            batch, _ = build(agreed)
+        return with_patch_dtype(batch, patch_dtype), agreed, tokens
 
     with LoopControl("grpo", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
                      say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
@@ -200,13 +282,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         for step_now in control.updates(step_now):
             t0 = time.perf_counter()
             stage, weights = stage_weights(cfg, step_now)
-            prompts = next(iterator)
-            length = -(-prompts["input_ids"].shape[1] // PROMPT_LENGTH_QUANTUM) * PROMPT_LENGTH_QUANTUM
-            length = max(length, int(floor.get("prompt_length", 0)))
-            floor["prompt_length"] = length
-            prompts = left_pad(prompts, length, pipeline.pad_id)
-            inputs, floor = prompt_inputs(model.config, prompts, floor, vision_shards)
-            placed_inputs = shard_inputs(inputs, mesh) if shard_rows else inputs
+            prompts, placed_inputs, floor = prompt_part(next(iterator), floor)  # this process's prompts
             nnx.update(model, state.params)
             rollout = sample_and_score(
                 model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_id=eos_id,
@@ -214,13 +290,13 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, rng=jax.random.fold_in(root, step_now), weights=weights,
                 reward_config=g.reward_config, scale_rewards=g.scale_rewards,
-                mask_truncated=g.mask_truncated_completions, host=_host, mesh=mesh)
+                mask_truncated=g.mask_truncated_completions, mesh=mesh, batch_rewards=batch_rewards,
+                host=lambda x: local_rows(x, rows_sharding))  # this process's rows only
             t_rollout = time.perf_counter() - t0
             faults.point("rollout", step_now + 1, control.signals.local_stop)
 
             t1 = time.perf_counter()
-            batch, floor = build_group_batch(prompts, rollout, model.config, num_generations=g.num_generations,
-                                             n_micro=cfg.optim.grad_accum, floor=floor, batch_shards=vision_shards)
+            batch, floor, tokens = group_part(prompts, rollout, floor)
             if batch_sh is None:
                 batch_sh = _group_batch_shardings(batch, mesh, shard_rows)
                 step_fn = make_grpo_step(train_graphdef, tx, schedule, opts=opts, loss_chunk=cfg.train.loss_chunk,
@@ -230,7 +306,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 if need_old or need_ref:
                     logps_fn = make_logps_fn(graphdef, opts=opts, loss_chunk=cfg.train.loss_chunk,
                                              need_old=need_old, need_ref=need_ref)
-            placed = _place(batch, batch_sh)
+            placed = place_local_batch(batch, batch_sh, built)
             values: dict[str, float] = {}
             with use_mesh(mesh):  # activations pinned to the batch axes (see fxjax.model's shard_batch)
                 if logps_fn is not None:
@@ -246,12 +322,13 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
             if not out["finite"]:
                 skipped = handle_nonfinite("grpo", cfg, step_now + 1, out, checkpointer, skipped, say)
             step_now += 1  # from here on: the number of updates made (what the loop control counts too)
-            new_tokens = float(rollout.attention.sum())
-            values.update(rollout_metrics(rollout, g.num_generations))
+            # means over every process's completions, from each process's sums (host-only exchange)
+            values.update(combine_rollout_sums(allgather_json("grpo-rollout-sums",
+                                                              rollout_sums(rollout, g.num_generations))))
             values.update({k: v for k, v in out.items() if k != "finite"})
             values.update(rollout_time=t_rollout, update_time=t_update, step_time=time.perf_counter() - t0,
-                          rollout_tokens_per_s=new_tokens / max(t_rollout, 1e-9),
-                          update_tokens_per_s=float(batch.inputs.attention_mask.sum()) / max(t_update, 1e-9),
+                          rollout_tokens_per_s=tokens["rollout_tokens"] / max(t_rollout, 1e-9),
+                          update_tokens_per_s=tokens["update_tokens"] / max(t_update, 1e-9),
                           skipped=skipped,
                           stage_index=float(cfg.stage_at(step_now - 1)[0]), **_weights_metrics(weights))
             metrics.log(step_now, "train", dict(values, stage=stage))

@@ -7,6 +7,10 @@ result out as the `GroupBatch` the jitted update consumes.
 Completion masks follow TRL: a completion's tokens count up to and including its first EOS; a completion
 without EOS within max_completion_length is truncated (and, with mask_truncated_completions, its whole
 row leaves the loss).
+
+Multi-process (train.grpo): each process passes only its own prompts and fetches only their completions'
+rows, so everything here runs on that process's part; `rollout_sums` / `combine_rollout_sums` give the
+metrics of the whole batch from every part's sums.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from fxjax.train.batching import pad_vision_inputs
 from fxjax.train.grpo_loss import group_advantages
 from fxjax.train.grpo_step import GroupBatch
 
-__all__ = ["Rollout", "build_group_batch", "completion_mask", "sample_and_score", "rollout_metrics"]
+__all__ = ["Rollout", "build_group_batch", "combine_rollout_sums", "completion_mask", "prompt_inputs",
+           "rollout_metrics", "rollout_sums", "sample_and_score"]
 
 
 @dataclass
@@ -71,74 +76,117 @@ def targets_of(metas: Sequence[Mapping[str, Any]]) -> list[dict]:
     return [{"label": m["label"], "boxes": np.asarray(m["boxes"], np.float64).reshape(-1, 4)} for m in metas]
 
 
-def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, int], batch_shards: int = 1
-                  ) -> tuple[ModelInputs, dict]:
+def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, int], batch_shards: int = 1, *,
+                  per_shard: bool | None = None) -> tuple[ModelInputs, dict]:
     """The P prompts prepared once for sampling, vision padded up to the running floor (few compiles);
-    `batch_shards` > 1: images packed per batch shard (model.inputs.prepare_inputs)."""
+    `per_shard` (default: `batch_shards` > 1): images packed per batch shard (model.inputs.prepare_inputs),
+    also for a process's single shard of several."""
+    per_shard = batch_shards > 1 if per_shard is None else per_shard
     inputs = prepare_inputs(model_cfg, prompt_batch["input_ids"], prompt_batch["attention_mask"],
                             prompt_batch.get("pixel_values"), prompt_batch.get("image_grid_thw"),
-                            batch_shards=batch_shards if batch_shards > 1 else None)
+                            batch_shards=batch_shards if per_shard else None)
     return pad_vision_inputs(inputs, model_cfg, floor)
 
 
 def sample_and_score(model, inputs, metas, *, tokenizer, eos_id: int, pad_id: int, num_generations: int,
                      max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
                      weights: rewards.RewardWeights, reward_config, scale_rewards: str,
-                     mask_truncated: bool, host, mesh=None) -> Rollout:
+                     mask_truncated: bool, host, mesh=None, batch_rewards=None) -> Rollout:
     """Sample G completions per prompt with the model as it is (the current policy), decode and score them.
 
-    `inputs` are the prepared (and placed) prompts; `host` fetches a device array to numpy on every
-    process (a gather across processes when needed). Sampling runs under `mesh` (activations pinned to
-    the batch axes); the rewards run on this host's CPU device, outside it."""
+    `inputs` are the prepared (and placed) prompts, `metas` the meta of the prompts whose completions
+    `host` fetches: `host` maps the sampled [P*G, N] device array to the numpy rows scored here (all of
+    them; or, multi-process, this process's rows: its prompts' completions, whole groups, since prompt i's
+    G samples are rows i*G .. i*G+G-1). Sampling runs under `mesh` (activations pinned to the batch axes);
+    the rewards run on this host's CPU device, outside it. Group advantages need only a group's own
+    rewards, except under scale_rewards "batch": `batch_rewards` (when the rows here are not the whole
+    batch) maps these rows' total rewards to (every row's, the positions of these rows in them)."""
     with use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k or None,
                                     top_p=None if top_p >= 1.0 else top_p, rng=rng, eos_token_ids=(eos_id,),
                                     pad_token_id=pad_id)
     tokens = host(out.tokens).astype(np.int32)
+    if tokens.shape[0] != len(metas) * num_generations:  # whole groups of exactly these prompts
+        raise ValueError(f"{tokens.shape[0]} sampled rows fetched for {len(metas)} prompts x {num_generations}")
     attention, truncated = completion_mask(tokens, eos_id)
     texts = decode_completions(tokenizer, tokens, attention, eos_id)
     targets = targets_of(metas)
     scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
-    advantages = np.asarray(jax.device_get(group_advantages(np.asarray(scores["total"], np.float32),
-                                                            num_generations, scale_rewards)), np.float32)
+    totals, mine = np.asarray(scores["total"], np.float32), slice(None)
+    if scale_rewards == "batch" and batch_rewards is not None:
+        totals, mine = batch_rewards(totals)
+    advantages = np.asarray(jax.device_get(group_advantages(totals, num_generations, scale_rewards)),
+                            np.float32)[mine]
     loss_mask = attention.astype(np.float32)
     if mask_truncated:
         loss_mask[truncated] = 0.0
     return Rollout(tokens, attention, loss_mask, truncated, texts, scores, advantages, targets)
 
 
-def rollout_metrics(r: Rollout, num_generations: int) -> dict[str, float]:
-    """Host metrics of a generation batch: each reward component's mean and std, format rate, verdict
-    accuracy, mean IoU on generated images, completion lengths, truncated and zero-std-group fractions."""
-    out: dict[str, float] = {}
+def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
+    """The sums and counts behind `rollout_metrics` for these rows (JSON-serialisable): processes exchange
+    them (`fxjax.distributed.allgather_json`) and `combine_rollout_sums` gives the whole batch's metrics.
+    Per reward component: count, sum and the sum of squared deviations from this part's own mean (so the
+    combined std is Chan et al.'s pairwise update, as stable as a two-pass std)."""
+    out: dict[str, Any] = {"count": int(r.truncated.shape[0])}
     for key in ("total", "format", "label", "iou"):
         values = np.asarray(r.scores[key], np.float64)
-        out[f"reward/{key}_mean"] = float(values.mean())
-        out[f"reward/{key}_std"] = float(values.std())
-    out["format_rate"] = out["reward/format_mean"]
-    out["verdict_accuracy"] = out["reward/label_mean"]
+        out[key] = [float(values.sum()), float(((values - values.mean()) ** 2).sum()) if values.size else 0.0]
     generated = np.repeat([len(t["boxes"]) > 0 for t in r.targets], num_generations)
-    out["mean_iou_generated"] = float(np.asarray(r.scores["iou"])[generated].mean()) if generated.any() else float("nan")
+    out["iou_generated"] = [float(np.asarray(r.scores["iou"], np.float64)[generated].sum()), int(generated.sum())]
     lengths = r.attention.sum(axis=1)
-    out["completion_length_mean"] = float(lengths.mean())
-    out["completion_length_max"] = float(lengths.max())
-    out["truncated_fraction"] = float(r.truncated.mean())
-    grouped = np.asarray(r.scores["total"]).reshape(-1, num_generations)
-    out["zero_std_group_fraction"] = float((grouped.std(axis=1) == 0).mean())
+    out["length"] = [int(lengths.sum()), int(lengths.max(initial=0))]
+    out["truncated"] = int(r.truncated.sum())
+    grouped = np.asarray(r.scores["total"], np.float64).reshape(-1, num_generations)
+    out["groups"] = [int((grouped.std(axis=1) == 0).sum()), int(grouped.shape[0])]
     return out
 
 
+def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The metrics of a generation batch from its parts' `rollout_sums` (one part: exactly as computed on
+    the whole batch; several: the same up to the rounding of the sums): each reward component's mean and
+    std (population std), format rate, verdict accuracy, mean IoU on generated images, completion lengths,
+    truncated and zero-std-group fractions."""
+    n = sum(p["count"] for p in parts)
+    out: dict[str, float] = {}
+    for key in ("total", "format", "label", "iou"):
+        mean = sum(p[key][0] for p in parts) / n
+        # sum of squares about the whole mean = each part's own + count * (its mean - the whole mean)^2
+        m2 = sum(p[key][1] + p["count"] * (p[key][0] / p["count"] - mean) ** 2 for p in parts if p["count"])
+        out[f"reward/{key}_mean"] = float(mean)
+        out[f"reward/{key}_std"] = float(np.sqrt(m2 / n))
+    out["format_rate"] = out["reward/format_mean"]
+    out["verdict_accuracy"] = out["reward/label_mean"]
+    generated = sum(p["iou_generated"][1] for p in parts)
+    out["mean_iou_generated"] = (sum(p["iou_generated"][0] for p in parts) / generated if generated
+                                 else float("nan"))
+    out["completion_length_mean"] = sum(p["length"][0] for p in parts) / n
+    out["completion_length_max"] = float(max(p["length"][1] for p in parts))
+    out["truncated_fraction"] = sum(p["truncated"] for p in parts) / n
+    out["zero_std_group_fraction"] = sum(p["groups"][0] for p in parts) / sum(p["groups"][1] for p in parts)
+    return out
+
+
+def rollout_metrics(r: Rollout, num_generations: int) -> dict[str, float]:
+    """Host metrics of a generation batch (all its rows here): see `combine_rollout_sums`."""
+    return combine_rollout_sums([rollout_sums(r, num_generations)])
+
+
 def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *, num_generations: int,
-                      n_micro: int, floor: dict[str, int], old_logps=None, ref_logps=None, batch_shards: int = 1
-                      ) -> tuple[GroupBatch, dict[str, int]]:
+                      n_micro: int, floor: dict[str, int], old_logps=None, ref_logps=None, batch_shards: int = 1,
+                      per_shard: bool | None = None) -> tuple[GroupBatch, dict[str, int]]:
     """Host GroupBatch [A, R, ...] of whole groups (A = n_micro micro-batches of P / A prompts each).
 
     Each micro-batch prepares its own prompts once (their images only) and repeats every prompt row G
     times; completion columns follow at positions next_position + k on all three M-RoPE axes, exactly
-    where sampling put them. `batch_shards` S > 1 (the mesh's data x fsdp): each micro-batch's prompts split
-    into S groups whose images are packed on their own (vision [A, S, ...]); the G repeats of a prompt
-    stay in its group's rows, so each device encodes only the prompts of its own rows."""
+    where sampling put them. `batch_shards` S: the prompts are S contiguous blocks, one per batch shard
+    (as sampling laid them out over the mesh's data x fsdp), and micro-batch a takes the a-th slice of
+    every block, so each device updates on the prompts it sampled; with `per_shard` (default S > 1) each
+    block's images are packed on their own (vision [A, S, ...]; also for a process's single shard of
+    several), the G repeats of a prompt in its block's rows, so each device encodes only its own prompts.
+    (S = 1, or A = 1: micro-batch a is prompts a * P / A .. (a + 1) * P / A.)"""
+    per_shard = batch_shards > 1 if per_shard is None else per_shard
     ids_all = np.asarray(prompt_batch["input_ids"])
     p = ids_all.shape[0]
     g = num_generations
@@ -147,6 +195,10 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
     per = p // n_micro
     if per % batch_shards:
         raise ValueError(f"{per} prompts per micro-batch do not split into {batch_shards} batch shards")
+    block, chunk = p // batch_shards, per // batch_shards  # prompts per shard; per shard and micro-batch
+    order = np.asarray([k * block + a * chunk + j
+                        for a in range(n_micro) for k in range(batch_shards) for j in range(chunk)])
+    row_order = (order[:, None] * g + np.arange(g)).reshape(-1)  # each prompt's G completion rows
     grid = prompt_batch.get("image_grid_thw")
     offsets = None
     if grid is not None:
@@ -155,12 +207,12 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
     n = r.tokens.shape[1]
     micro = []
     for a in range(n_micro):
-        sl = slice(a * per, (a + 1) * per)
-        pixels = None if grid is None else np.asarray(prompt_batch["pixel_values"])[offsets[a * per]:offsets[(a + 1) * per]]
+        sl = order[a * per:(a + 1) * per]
+        pixels = None if grid is None else np.concatenate(
+            [np.asarray(prompt_batch["pixel_values"])[offsets[i]:offsets[i + 1]] for i in sl])
         pin = prepare_inputs(model_cfg, ids_all[sl], np.asarray(prompt_batch["attention_mask"])[sl], pixels,
-                             None if grid is None else grid[sl],
-                             batch_shards=batch_shards if batch_shards > 1 else None)
-        rows = slice(a * per * g, (a + 1) * per * g)
+                             None if grid is None else grid[sl], batch_shards=batch_shards if per_shard else None)
+        rows = row_order[a * per * g:(a + 1) * per * g]
         rep = lambda x, axis=0: np.repeat(np.asarray(x), g, axis=axis)  # noqa: E731
         comp_pos = rep(next_positions(pin))[:, None] + np.arange(n, dtype=np.int32)[None, :]
         position_ids = np.concatenate([rep(pin.position_ids, axis=1),
@@ -177,10 +229,10 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
     stack = lambda name: np.stack([getattr(m, name) for m in micro])  # noqa: E731
     inputs = ModelInputs(stack("input_ids"), stack("attention_mask"), stack("position_ids"), stack("rope_deltas"),
                          stack("image_feature_index"), vision)
-    shape = lambda x: None if x is None else np.asarray(x).reshape(n_micro, per * g, n)  # noqa: E731
-    batch = GroupBatch(inputs, r.tokens.reshape(n_micro, per * g, n).astype(np.int32),
-                       r.loss_mask.reshape(n_micro, per * g, n).astype(np.float32),
-                       r.advantages.reshape(n_micro, per * g).astype(np.float32), shape(old_logps), shape(ref_logps))
+    shape = lambda x: None if x is None else np.asarray(x)[row_order].reshape(n_micro, per * g, n)  # noqa: E731
+    batch = GroupBatch(inputs, shape(r.tokens).astype(np.int32), shape(r.loss_mask).astype(np.float32),
+                       r.advantages[row_order].reshape(n_micro, per * g).astype(np.float32), shape(old_logps),
+                       shape(ref_logps))
     return batch, floor
 
 

@@ -7,7 +7,7 @@
 
 Data per process: every process follows one global example stream but decodes, tokenises and builds only
 the rows of each global batch that live on its devices (`DataConfig.batch_rows`, from
-`fxjax.sharding.process_batch_shards`); the processes agree on each step's padded sizes
+`train.batching.process_rows`); the processes agree on each step's padded sizes
 (`train.batching.agree_floor`) and the global arrays are assembled from their parts
 (`train.batching.place_local_batch`). Pixel patches travel in the compute dtype.
 
@@ -35,10 +35,10 @@ import jax
 
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.qwen2_5_vl import as_dtype
-from fxjax.sharding import MeshConfig, batch_shards, make_mesh, process_batch_shards
+from fxjax.sharding import MeshConfig, make_mesh
 from fxjax.train import faults
 from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, grow_floor, place_local_batch,
-                                  with_patch_dtype)
+                                  process_rows, with_patch_dtype)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import MetricsLogger
@@ -110,12 +110,9 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     dcfg = data_config(cfg)
     # Each process decodes, tokenises and builds only the rows of its own batch shards (all rows when the
     # batch is replicated, or when its devices hold every shard).
-    local_shards = process_batch_shards(mesh) if shard_rows else (0,)
-    shard_ids = local_shards if shard_rows and batch_shards(mesh) > 1 else None  # None: one packed vision
-    built_shards = len(local_shards)
-    rows_per_shard = cfg.data.batch_size // (batch_shards(mesh) if shard_rows else 1)
-    rows = tuple(r for s in local_shards for r in range(s * rows_per_shard, (s + 1) * rows_per_shard))
-    pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=None if len(rows) == cfg.data.batch_size else rows))
+    mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
+    shard_ids, built_shards = mine.shard_ids, mine.built_shards  # shard_ids None: one packed vision
+    pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=mine.batch_rows))
     steps_total = total_steps(cfg, len(pipeline))
     model = build_model(cfg, mesh)
     model.train()
