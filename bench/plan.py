@@ -9,7 +9,7 @@ For each preset (3b, 7b, 32b, 72b; tiny for smoke runs) and each program
 
 the model is built abstractly (nnx.eval_shape: no weight is allocated), every input is a
 jax.ShapeDtypeStruct carrying the sharding the training loop gives it (parameters by
-fxjax.sharding.PARTITION_RULES, the optimiser state by train.run_setup.opt_state_shardings, batches over
+fxjax.partition_rules.PARTITION_RULES, the optimiser state by train.run_setup.opt_state_shardings, batches over
 ("data", "fsdp")), and the program is lowered and compiled for a mesh of simulated CPU devices. One row
 per (preset, program): per-device bytes of arguments, outputs, temporaries and their total (the
 arguments counted once where donated outputs alias them) from compiled.memory_analysis(), and the
@@ -135,11 +135,11 @@ def train_state(params, base, rest, mesh, steps: int = 1000):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from fxjax.sharding import param_shardings
+    from fxjax.partition_rules import param_shardings
     from fxjax.train.optimizer import make_optimizer
     from fxjax.train.run_setup import opt_state_shardings
     from fxjax.train.step import RNG_IMPL, TrainState
-    from fxjax.train_config import OptimSection
+    from fxjax.config_sections import OptimSection
 
     tx, schedule = make_optimizer(OptimSection(), steps)
     replicated = NamedSharding(mesh, P())
@@ -236,7 +236,7 @@ def grpo_program(cfg, graphdef, params, base, rest, mesh, a):
 
 
 def _sampler_args(params, base, rest, mesh):
-    from fxjax.sharding import param_shardings
+    from fxjax.partition_rules import param_shardings
 
     return (with_shardings(params, param_shardings(params, mesh)), with_shardings(base, param_shardings(base, mesh)),
             with_shardings(rest, replicated_like(rest, mesh)))
@@ -273,7 +273,7 @@ def decode_program(cfg, graphdef, params, base, rest, mesh, a):
     from jax.sharding import PartitionSpec as P
 
     from fxjax.model.generate import decode_step, init_cache
-    from fxjax.sharding import batch_spec
+    from fxjax.device_mesh import batch_spec
     from fxjax.train.step import OnMesh
 
     cache_len = a.prompt_len + a.completion_len
@@ -296,20 +296,20 @@ def decode_program(cfg, graphdef, params, base, rest, mesh, a):
 def vision_shards(mesh, rows: int) -> int:
     """Batch shards the vision is packed for, as the training loop does: data x fsdp when `rows` (prompts for
     GRPO) split over them, else 1 (one replicated sequence)."""
-    from fxjax.sharding import batch_shards
+    from fxjax.device_mesh import batch_shards
 
     shards = batch_shards(mesh)
     return shards if rows % shards == 0 else 1
 
 
 def input_shardings(inputs, mesh):
-    """The shardings fxjax.sharding.shard_inputs gives ModelInputs: batch over (data, fsdp); vision packed per
+    """The shardings fxjax.device_mesh.shard_inputs gives ModelInputs: batch over (data, fsdp); vision packed per
     batch shard over the same axes, one packed sequence replicated."""
     from jax.sharding import NamedSharding
 
     from fxjax.model.inputs import ModelInputs
     from fxjax.model.vision import VisionInputs
-    from fxjax.sharding import REPLICATED, batch_spec
+    from fxjax.device_mesh import REPLICATED, batch_spec
 
     def s(x, dim):
         return None if x is None else NamedSharding(mesh, REPLICATED if dim is None else batch_spec(x.ndim, dim))
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
 
     from forward import machine_line
     from fxjax.presets import load_preset
-    from fxjax.sharding import MeshConfig, make_mesh
+    from fxjax.device_mesh import MeshConfig, make_mesh
 
     mesh = make_mesh(MeshConfig(*sizes))
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

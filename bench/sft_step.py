@@ -106,7 +106,7 @@ def worker_fxjax(workdir: Path, args) -> dict:
     from flax import nnx
 
     import fxjax
-    from fxjax.train_config import OptimSection
+    from fxjax.config_sections import OptimSection
     from fxjax.model.lora import LoRAConfig, apply_lora
     from fxjax.train.batching import build_step_batch
     from fxjax.train.optimizer import make_optimizer

@@ -1,5 +1,5 @@
 """Per-device memory of the base weights, and of the LoRA parameters + optimiser state, under fsdp = N
-(fxjax.sharding.PARTITION_RULES).
+(fxjax.partition_rules.PARTITION_RULES).
 
 Claims under test: with fsdp = N each device holds about 1/N of the base weights (plus the small
 replicated norm scales and row-parallel biases), and about 1/N of the LoRA parameters and their AdamW
@@ -42,7 +42,7 @@ def _setup() -> None:
 
 
 def _mesh_config(fsdp: int):
-    from fxjax.sharding import MeshConfig
+    from fxjax.device_mesh import MeshConfig
 
     return MeshConfig(data=DEVICES // fsdp, fsdp=fsdp, tensor=1)
 
@@ -59,7 +59,7 @@ def tiny(param_dtype: str = "float32") -> list[dict]:
     import jax
     from flax import nnx
 
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
     from fxjax.model_init import init_model
     from fxjax.presets import load_preset
     from fxjax.model import Qwen25VL
@@ -68,9 +68,9 @@ def tiny(param_dtype: str = "float32") -> list[dict]:
     cfg = load_preset("tiny")
     rows = []
     for fsdp in FSDP:
-        mesh = sharding.make_mesh(_mesh_config(fsdp))
+        mesh = device_mesh.make_mesh(_mesh_config(fsdp))
         model = init_model(cfg, param_dtype=param_dtype, mesh=mesh)
-        live = sharding.device_bytes(model, BASE_PARAMS)
+        live = partition_rules.device_bytes(model, BASE_PARAMS)
         total = base_bytes(nnx.state(model, BASE_PARAMS))
 
         def build():
@@ -78,12 +78,12 @@ def tiny(param_dtype: str = "float32") -> list[dict]:
 
         graphdef, abstract = nnx.split(nnx.eval_shape(build))
         compiled = jax.jit(lambda: nnx.split(build())[1],
-                           out_shardings=sharding.param_shardings(abstract, mesh)).lower().compile()
+                           out_shardings=partition_rules.param_shardings(abstract, mesh)).lower().compile()
         rows.append(dict(config="tiny", dtype=param_dtype, fsdp=fsdp, mesh=_mesh_config(fsdp).shape, total=total,
                          live_max=max(live.values()), live_min=min(live.values()),
                          compiled=int(compiled.memory_analysis().output_size_in_bytes),
-                         abstract=sharding.shard_bytes(abstract, mesh, BASE_PARAMS),
-                         replicated_dims=len(sharding.replicated_dims(abstract, mesh))))
+                         abstract=partition_rules.shard_bytes(abstract, mesh, BASE_PARAMS),
+                         replicated_dims=len(partition_rules.replicated_dims(abstract, mesh))))
         del model
     return rows
 
@@ -93,7 +93,7 @@ def abstract(preset: str = "7b", param_dtype: str = "bfloat16", compile_it: bool
     import jax
     from flax import nnx
 
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
     from fxjax.presets import load_preset
     from fxjax.model import Qwen25VL
     from fxjax.model.lora import BASE_PARAMS
@@ -109,21 +109,21 @@ def abstract(preset: str = "7b", param_dtype: str = "bfloat16", compile_it: bool
     for fsdp in FSDP:
         sizes = _mesh_config(fsdp)
         row = dict(config=preset, dtype=param_dtype, fsdp=fsdp, mesh=sizes.shape, total=total,
-                   abstract=sharding.shard_bytes(state, sizes, BASE_PARAMS),
-                   replicated_dims=[tuple(d) for d in sharding.replicated_dims(state, sizes)])
+                   abstract=partition_rules.shard_bytes(state, sizes, BASE_PARAMS),
+                   replicated_dims=[tuple(d) for d in partition_rules.replicated_dims(state, sizes)])
         if compile_it:
             t = time.time()
-            mesh = sharding.make_mesh(sizes)
+            mesh = device_mesh.make_mesh(sizes)
             compiled = jax.jit(lambda: nnx.split(build())[1],
-                               out_shardings=sharding.param_shardings(state, mesh)).lower().compile()
+                               out_shardings=partition_rules.param_shardings(state, mesh)).lower().compile()
             row["compiled"] = int(compiled.memory_analysis().output_size_in_bytes)
             row["compile_seconds"] = round(time.time() - t, 1)
         rows.append(row)
     # what a full (fsdp x tensor) mesh would leave replicated for lack of divisibility
-    wide = sharding.MeshConfig(1, 8, 8)
+    wide = device_mesh.MeshConfig(1, 8, 8)
     rows.append(dict(config=preset, dtype=param_dtype, fsdp=8, tensor=8, mesh=wide.shape, total=total,
-                     abstract=sharding.shard_bytes(state, wide, BASE_PARAMS),
-                     replicated_dims=[tuple(d) for d in sharding.replicated_dims(state, wide)]))
+                     abstract=partition_rules.shard_bytes(state, wide, BASE_PARAMS),
+                     replicated_dims=[tuple(d) for d in partition_rules.replicated_dims(state, wide)]))
     return rows
 
 
@@ -137,13 +137,13 @@ def lora_state(preset: str = "7b", rank: int = 32, param_dtype: str = "bfloat16"
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
     from fxjax.model import Qwen25VL
     from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
     from fxjax.presets import load_preset
     from fxjax.train.optimizer import make_optimizer
     from fxjax.train.run_setup import opt_state_shardings
-    from fxjax.train_config import OptimSection
+    from fxjax.config_sections import OptimSection
 
     cfg = load_preset(preset)
 
@@ -164,8 +164,8 @@ def lora_state(preset: str = "7b", rank: int = 32, param_dtype: str = "bfloat16"
     n_lora = sum(int(x.size) for x in jax.tree.leaves(params))
     rows = []
     for fsdp in FSDP:
-        mesh = sharding.make_mesh(_mesh_config(fsdp))
-        params_sh = sharding.param_shardings(params, mesh)
+        mesh = device_mesh.make_mesh(_mesh_config(fsdp))
+        params_sh = partition_rules.param_shardings(params, mesh)
         opt_sh = opt_state_shardings(tx, params, params_sh, NamedSharding(mesh, P()))
         compiled = jax.jit(init, out_shardings=(params_sh, opt_sh)).lower().compile()
         rows.append(dict(config=preset, rank=rank, fsdp=fsdp, mesh=_mesh_config(fsdp).shape, lora_params=n_lora,

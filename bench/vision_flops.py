@@ -6,7 +6,7 @@ blocks, merger) and the placement of its features at the image tokens (the token
 is a gather, no FLOPs); with --backward also the gradient of its sum with respect to the LoRA
 parameters (what the SFT step's backward adds for the vision encoder). Each layout is lowered from
 shapes alone (jax.ShapeDtypeStruct with the shardings the training loop gives: parameters by
-fxjax.sharding's rules, the batch over ("data", "fsdp")) and compiled for simulated CPU devices;
+fxjax.partition_rules' rules, the batch over ("data", "fsdp")) and compiled for simulated CPU devices;
 `compiled.cost_analysis()["flops"]` is the FLOPs of the partitioned program, i.e. per device.
 
 Layouts (B rows, one image per row):
@@ -109,11 +109,11 @@ def abstract_model(cfg, rank: int):
 
 
 def input_shardings(inputs, mesh):
-    """What fxjax.sharding.shard_inputs gives: batch over (data, fsdp); per-shard vision over the same axes,
+    """What fxjax.device_mesh.shard_inputs gives: batch over (data, fsdp); per-shard vision over the same axes,
     one packed vision sequence replicated."""
     from jax.sharding import NamedSharding
 
-    from fxjax.sharding import REPLICATED, batch_spec
+    from fxjax.device_mesh import REPLICATED, batch_spec
 
     def s(x, dim):
         return None if x is None else NamedSharding(mesh, REPLICATED if dim is None else batch_spec(x.ndim, dim))
@@ -164,7 +164,8 @@ def measure(cfg, graphdef, params, rest, host: dict, mesh_shape, layout: str, ba
     from plan import with_shardings  # bench/plan.py: parameters as ShapeDtypeStructs with their shardings
 
     from fxjax.model.inputs import prepare_inputs
-    from fxjax.sharding import MeshConfig, batch_shards, make_mesh, param_shardings, use_mesh
+    from fxjax.device_mesh import MeshConfig, batch_shards, make_mesh, use_mesh
+    from fxjax.partition_rules import param_shardings
 
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:math.prod(mesh_shape)])
     shards = batch_shards(mesh)

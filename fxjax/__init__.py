@@ -27,8 +27,8 @@ _EXPORTS = {
     "process_image": "fxjax.image_processing",
     "load_peft_adapter": "fxjax.peft_io",
     "save_peft_adapter": "fxjax.peft_io",
-    "MeshConfig": "fxjax.sharding",
-    "make_mesh": "fxjax.sharding",
+    "MeshConfig": "fxjax.device_mesh",
+    "make_mesh": "fxjax.device_mesh",
     "LoRAConfig": "fxjax.model.lora",
     "apply_lora": "fxjax.model.lora",
     "lora_disabled": "fxjax.model.lora",
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from fxjax.image_processing import process_image
     from fxjax.model.lora import LoRAConfig, apply_lora, lora_disabled
     from fxjax.peft_io import load_peft_adapter, save_peft_adapter
-    from fxjax.sharding import MeshConfig, make_mesh
+    from fxjax.device_mesh import MeshConfig, make_mesh
 
 
 def __getattr__(name: str) -> Any:

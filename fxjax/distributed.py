@@ -16,7 +16,7 @@ arguments so that JAX fills in the coordinator, process count and id. It logs on
 ("fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize()"); set
 FXJAX_NO_AUTO_DISTRIBUTED=1 to stay a single process. Explicit settings always win over detection.
 With one process it does nothing but apply `local_device_count`. On CPU the cross-process collectives run
-over gloo. After it, `fxjax.sharding.make_mesh` spans every process's
+over gloo. After it, `fxjax.device_mesh.make_mesh` spans every process's
 devices, `fxjax.from_pretrained(..., mesh=mesh)` loads onto the global mesh (each process reads each
 tensor and keeps only its shards) and `fxjax.save_pretrained` gathers one tensor at a time and writes
 from process 0.

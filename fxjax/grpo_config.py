@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from fxjax.train_config import ConfigError, RunConfig, TrainSection, _positive, load_config_as
+from fxjax.config_mapping import ConfigError, build_config, check_positive
+from fxjax.config_sections import TrainSection
+from fxjax.train_config import RunConfig, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
 
@@ -30,7 +32,7 @@ class StageSection:
     def validate(self, where: str) -> None:
         if not self.name:
             raise ConfigError(f"{where}.name: give a stage of the reward config (alpha, beta, gamma)")
-        _positive(self.steps, f"{where}.steps")
+        check_positive(self.steps, f"{where}.steps")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class GRPOSection:
 
     def validate(self, where: str) -> None:
         for name in ("num_generations", "max_completion_length", "num_iterations"):
-            _positive(getattr(self, name), f"{where}.{name}")
+            check_positive(getattr(self, name), f"{where}.{name}")
         if not self.temperature > 0:
             raise ConfigError(f"{where}.temperature: must be positive (GRPO samples), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -120,9 +122,7 @@ class GRPOConfig(RunConfig):
 
 
 def grpo_from_dict(data: Mapping[str, Any]) -> GRPOConfig:
-    from fxjax.train_config import _build
-
-    return _build(GRPOConfig, data, "").validate()
+    return build_config(GRPOConfig, data, "").validate()
 
 
 def load_grpo_config(path: str | Path | None = None, overrides: Sequence[str] = (),

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.peft_io import attach_lora
 from fxjax.file_modes import save_safetensors
-from fxjax.sharding import barrier, gather, placer, shard_model
+from fxjax.device_mesh import barrier, gather
+from fxjax.partition_rules import placer, shard_model
 from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.hf_names import (HUB, TRANSFORMERS, hf_name, is_ignored, is_stacked, layer_path, naming_of,
                                   param_path, to_fxjax, to_hf, unstack)
@@ -201,8 +202,8 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
                     *, mesh: jax.sharding.Mesh | None = None, adapter: str | Path | None = None,
                     lora: LoRAConfig | None = None, lora_seed: int = 0, scan_layers: bool = False) -> Qwen25VL:
     """Load an HF Qwen2.5-VL checkpoint directory. `dtype` is the compute dtype; weights are stored
-    in `param_dtype` (default: the same). With `mesh` (fxjax.sharding.make_mesh), each tensor goes
-    straight onto its shards as it streams in (fxjax.sharding.PARTITION_RULES); with several processes
+    in `param_dtype` (default: the same). With `mesh` (fxjax.device_mesh.make_mesh), each tensor goes
+    straight onto its shards as it streams in (fxjax.partition_rules.PARTITION_RULES); with several processes
     each materialises only its addressable shards.
     `adapter` loads a PEFT LoRA adapter directory (fxjax.peft_io); `lora` attaches fresh adapters
     (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`). `scan_layers` stacks the decoder layers and

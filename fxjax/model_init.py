@@ -15,7 +15,7 @@ def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "flo
     as the config says) stacks the decoder layers under scan; the random weights then differ from the
     looped model's of the same seed (model.scan).
 
-    With `mesh` (fxjax.sharding.make_mesh) the weights are created under jit directly on their shards
+    With `mesh` (fxjax.device_mesh.make_mesh) the weights are created under jit directly on their shards
     (no device ever holds a whole unsharded model); values match the unsharded init to float rounding."""
     cfg = load_preset(config) if isinstance(config, str) else config
     if scan_layers is not None:
@@ -26,7 +26,7 @@ def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "flo
 
     if mesh is None:
         return build()
-    from fxjax.sharding import init_sharded
+    from fxjax.partition_rules import init_sharded
 
     return init_sharded(build, mesh)
 

@@ -29,7 +29,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from fxjax.file_modes import save_safetensors
-from fxjax.sharding import barrier, gather
+from fxjax.device_mesh import barrier, gather
 from fxjax.model.hf_names import (CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, layer_path, module_kind,
                                   module_name, unstack)
 from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linear_layers, linears,

@@ -5,10 +5,11 @@
     cfg.train.epochs          # None: the --set of train.steps replaced the recipe's 3 epochs
     cfg.to_dict()             # the resolved config (what a checkpoint records)
 
-Every section is a frozen dataclass. Loading is strict: an unknown key, a value of the wrong type or a
-value outside its allowed choices is a `ConfigError` that names the key by its dotted path
-(``optim.learning_rate: expected a number, got 'fast'``). ``--set key=value`` overrides parse the value
-as a YAML scalar/list (``train.steps=20``, ``data.train_files=[a.jsonl, b.jsonl]``, ``lora=null``).
+Every section is a frozen dataclass (fxjax.config_sections). Loading is strict (fxjax.config_mapping): an
+unknown key, a value of the wrong type or a value outside its allowed choices is a `ConfigError` that names
+the key by its dotted path (``optim.learning_rate: expected a number, got 'fast'``). ``--set key=value``
+overrides parse the value as a YAML scalar/list (``train.steps=20``, ``data.train_files=[a.jsonl, b.jsonl]``,
+``lora=null``).
 
 An override replaces what the file chose, keys that go with it included (the tables below, as data):
 ``--set train.steps=1000`` over a file with ``train.epochs: 3`` clears ``train.epochs`` (EXCLUSIVE_KEYS);
@@ -23,252 +24,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
+
+from fxjax.config_mapping import ConfigError, build_config, to_plain, type_name
+from fxjax.config_sections import (CheckpointSection, DataSection, DistributedSection, EvalSection, ExportSection,
+                                   LoRASection, MeshSection, ModelSection, OptimSection, TrainSection)
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CheckpointSection",
-    "ConfigError",
-    "DataSection",
     "DEFAULTS_TO",
-    "DistributedSection",
     "EXCLUSIVE_KEYS",
-    "EvalSection",
-    "ExportSection",
-    "LoRASection",
-    "MeshSection",
-    "ModelSection",
     "OFF_WITHOUT",
-    "OptimSection",
-    "REMAT_POLICIES",
     "SFTConfig",
-    "TrainSection",
     "apply_overrides",
     "from_dict",
     "load_sft_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A config value that is unknown, mistyped or out of range; the message starts with its dotted key."""
-
-
-# Names accepted by model.remat / model.remat_vision (see train.remat).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    """The base model: an HF checkpoint directory (`path`) or a preset with random init (`preset`)."""
-
-    path: str | None = None  # HF Qwen2.5-VL directory (config.json + safetensors)
-    preset: str | None = None  # tiny, 3b, 7b, 32b, 72b or a preset YAML; random init with init_seed
-    init_seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16"] | None = None  # base weights' storage dtype (default: dtype)
-    remat: str = "full"  # rematerialisation policy of the decoder layers (REMAT_POLICIES)
-    remat_vision: str | None = None  # ... of the vision blocks (default: the same as remat)
-    # attention kernel (fxjax.model.attention): auto = splash on TPU, cudnn on an NVIDIA GPU in bfloat16, else xla
-    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
-    # decoder layers stacked and run under scan (fxjax.model.scan): compile time independent of depth; the
-    # same numbers, checkpoints and adapters as the loop (false)
-    scan_layers: bool = False
-    adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
-    from_run: str | None = None  # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA
-    from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)
-
-    def validate(self, where: str) -> None:
-        if self.from_run is not None:
-            if self.adapter is not None:
-                raise ConfigError(f"{where}.from_run: starts from that run's LoRA; set {where}.adapter=null")
-            if self.path is not None or self.preset is not None:
-                raise ConfigError(f"{where}.from_run: the base model is that run's; set {where}.path=null and "
-                                  f"{where}.preset=null")
-        elif (self.path is None) == (self.preset is None):
-            raise ConfigError(f"{where}: set exactly one of model.path (an HF checkpoint directory), model.preset "
-                              f"(random init) and model.from_run (a fxjax run directory)")
-        elif self.from_run_step is not None:
-            raise ConfigError(f"{where}.from_run_step: only with {where}.from_run")
-        for name in ("remat", "remat_vision"):
-            value = getattr(self, name)
-            if value is not None and value not in REMAT_POLICIES:
-                raise ConfigError(f"{where}.{name}: must be one of {list(REMAT_POLICIES)}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class LoRASection:
-    """LoRA adapters (model.lora.LoRAConfig); enabled = false trains nothing but is refused by `sft`."""
-
-    enabled: bool = True
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.05
-    use_rslora: bool = False
-    target_modules: str | tuple[str, ...] = "all-linear"
-    exclude_modules: str | tuple[str, ...] | None = None
-    init_seed: int = 0  # seed of the A matrices
-
-    def validate(self, where: str) -> None:
-        _positive(self.rank, f"{where}.rank")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
-
-
-@dataclass(frozen=True)
-class MeshSection:
-    """Device mesh axis sizes (fxjax.sharding.MeshConfig); one may be -1 (the rest of the devices)."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    # Of data / fsdp, the factor that crosses TPU slices (multislice) or GPU hosts over the slow network;
-    # data / dcn_data and fsdp / dcn_fsdp devices stay on the fast interconnect. 1: nothing crosses.
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    # A global batch that does not divide over data x fsdp is an error; true replicates it on every batch
-    # device instead (each computes the whole batch: wasted hardware, warned on every run).
-    allow_replicated_batch: bool = False
-
-
-@dataclass(frozen=True)
-class DistributedSection:
-    """Multi-process start-up (fxjax.distributed); unset values come from FXJAX_* / JAX_* variables."""
-
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    local_device_count: int | None = None
-
-
-@dataclass(frozen=True)
-class DataSection:
-    """Training/eval data; most fields pass through to fxjax.data.DataConfig."""
-
-    train_files: tuple[str, ...] = ()
-    eval_files: tuple[str, ...] = ()
-    tokenizer: str | None = None  # directory with tokenizer.json (null: model.path; a preset needs one)
-    root: str | None = None
-    allow_absolute_paths: bool = False  # accept absolute image paths in the records (a dataset you trust)
-    format: Literal["auto", "native", "swift"] = "auto"
-    on_error: Literal["raise", "skip"] = "raise"
-    check_decode: bool = True
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
-    max_length: int = 8192
-    length_buckets: tuple[int, ...] = ()
-    long_samples: Literal["truncate", "drop"] = "truncate"
-    prompts: Literal["auto", "templates", "record"] = "auto"
-    system_prompt: str | None = None
-    batch_size: int = 1  # global micro-batch (examples per forward pass, all processes together)
-    shuffle: bool = True
-    seed: int = 0
-    worker_count: int = 0
-    read_threads: int = 2
-    prefetch_buffer_size: int = 8
-
-    def validate(self, where: str) -> None:
-        if not self.train_files:
-            raise ConfigError(f"{where}.train_files: give at least one JSONL file")
-        for name in ("min_pixels", "max_pixels", "max_length", "batch_size"):
-            _positive(getattr(self, name), f"{where}.{name}")
-
-
-@dataclass(frozen=True)
-class OptimSection:
-    """optax AdamW with linear warmup then cosine (or constant / linear) decay, global-norm clipping and
-    gradient accumulation (grad_accum micro-batches per update, scanned inside the one jitted step)."""
-
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.05  # of the total steps (ignored when warmup_steps is set)
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    grad_accum: int = 1
-
-    def validate(self, where: str) -> None:
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"{where}.learning_rate: must be a positive number, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"{where}.max_grad_norm: must be positive or null, got {self.max_grad_norm}")
-        _positive(self.grad_accum, f"{where}.grad_accum")
-
-
-@dataclass(frozen=True)
-class TrainSection:
-    steps: int | None = None  # optimiser updates; or give epochs
-    epochs: float | None = None  # passes over train_files (rounded up to whole updates)
-    seed: int = 0  # dropout and anything else random in the step
-    loss_chunk: int = 256  # target tokens per lm_head chunk of the cross-entropy
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
-    output_dir: str = "runs/sft"
-    log_every: int = 1  # metrics.jsonl / progress bar interval (steps)
-    progress_bar: bool = True
-    tensorboard: bool = True  # write TensorBoard events when a writer is installed
-
-    def validate(self, where: str) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise ConfigError(f"{where}: set exactly one of train.steps and train.epochs")
-        if self.steps is not None:
-            _positive(self.steps, f"{where}.steps")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"{where}.epochs: must be positive, got {self.epochs}")
-        _positive(self.loss_chunk, f"{where}.loss_chunk")
-        _positive(self.log_every, f"{where}.log_every")
-
-
-@dataclass(frozen=True)
-class CheckpointSection:
-    dir: str | None = None  # default: <train.output_dir>/checkpoints
-    every: int = 500  # save every N steps (and always at the end); 0: only at the end
-    keep: int = 3  # keep the last K checkpoints
-    async_save: bool = True
-    resume: bool = True  # continue from the latest checkpoint in dir when there is one
-
-    def validate(self, where: str) -> None:
-        if self.every < 0:
-            raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
-        _positive(self.keep, f"{where}.keep")
-
-
-@dataclass(frozen=True)
-class EvalSection:
-    every: int = 0  # evaluate every N steps (0: only at_start / at_end)
-    at_start: bool = False
-    at_end: bool = True
-    max_examples: int | None = None  # first N held-out examples (None: all)
-    batch_size: int = 8
-    generate: bool = True  # greedy decoding -> format rate, verdict accuracy, mean IoU
-    max_new_tokens: int = 512
-
-    def validate(self, where: str) -> None:
-        if self.every < 0:
-            raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
-        _positive(self.batch_size, f"{where}.batch_size")
-        _positive(self.max_new_tokens, f"{where}.max_new_tokens")
-
-
-@dataclass(frozen=True)
-class ExportSection:
-    merged_dir: str | None = None  # write base + LoRA merged as an HF checkpoint at the end
-    adapter_dir: str | None = None  # write the LoRA adapter as a PEFT adapter directory at the end
 
 
 def _run_start(run: str, step: int | None):
@@ -309,7 +86,7 @@ class RunConfig:
                               f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     def replace(self, **sections):
         return dataclasses.replace(self, **sections)
@@ -338,109 +115,9 @@ class SFTConfig(RunConfig):
         return self
 
 
-# ---- strict typed mapping --------------------------------------------------------------------------
-
-_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _positive(value, where: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"{where}: must be positive, got {value}")
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        item = typing.get_args(tp)[0]
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, _type_name(item))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _convert(value: Any, tp, where: str) -> Any:
-    """value (from YAML) -> tp, or ConfigError naming `where`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool):
-            raise ConfigError(f"{where}: must be {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is tuple:
-        (item,) = typing.get_args(tp)[:1]
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
-
-
-def _build(cls, data: Any, where: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{key}: unknown key; {where or 'the config'} takes {names}")
-    # null for a list-valued key is the empty list (a YAML `key:` with nothing after it reads as null).
-    values = {k: () if v is None and typing.get_origin(hints[k]) is tuple
-              else _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"{where or 'config'}: {err}") from None
-
-
-def _to_plain(obj) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
 def from_dict(data: Mapping[str, Any]) -> SFTConfig:
     """A plain mapping (parsed YAML) -> validated SFTConfig."""
-    return _build(SFTConfig, data, "").validate()
+    return build_config(SFTConfig, data, "").validate()
 
 
 # ---- --set overrides ------------------------------------------------------------------------------
@@ -473,7 +150,7 @@ def _section_class(parts: Sequence[str], key: str, root=None):
             return cls
         cls = typing.get_type_hints(cls)[part]
         if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"{where}: is not a section (a value: {_type_name(cls)}); cannot set {key}")
+            raise ConfigError(f"{where}: is not a section (a value: {type_name(cls)}); cannot set {key}")
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -599,7 +276,7 @@ def load_config_as(cls, path: str | Path | None = None, overrides: Sequence[str]
     resolved = apply_overrides(data, overrides, notes, root=cls)
     for note in notes:
         (log or _logger.info)(f"note: {note}")
-    return _build(cls, resolved, "").validate()
+    return build_config(cls, resolved, "").validate()
 
 
 def load_sft_config(path: str | Path | None = None, overrides: Sequence[str] = (),

@@ -21,7 +21,7 @@ def main(config_path: str) -> None:
     import jax
     import numpy as np
 
-    from fxjax.sharding import MeshConfig, make_mesh, put
+    from fxjax.device_mesh import MeshConfig, make_mesh, put
     from fxjax.train.checkpointing import TrainCheckpointer
     from fxjax.train.optimizer import make_optimizer
     from fxjax.train.run_setup import build_model, init_state

@@ -106,7 +106,7 @@ def _set_lora_b(model):
     B's existing shards."""
     import jax.numpy as jnp
 
-    from fxjax import sharding
+    from fxjax import device_mesh
     from fxjax.model.lora import lora_linears
 
     rng = np.random.RandomState(7)
@@ -114,7 +114,7 @@ def _set_lora_b(model):
         b = linear.lora.lora_b
         value = (0.05 * rng.randn(*b.shape)).astype(np.float32)
         current = b.get_value()
-        b.set_value(sharding.put(value, current.sharding) if len(current.sharding.device_set) > 1 else jnp.asarray(value))
+        b.set_value(device_mesh.put(value, current.sharding) if len(current.sharding.device_set) > 1 else jnp.asarray(value))
     return model
 
 
@@ -129,10 +129,10 @@ def _local_part_check(model, data, mesh) -> tuple[tuple[int, ...], bool]:
     placed by every process (`place_batch`) has)."""
     import jax
 
-    from fxjax import sharding
+    from fxjax import device_mesh
     from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, place_batch, place_local_batch
 
-    shards, held = sharding.batch_shards(mesh), sharding.process_batch_shards(mesh)
+    shards, held = device_mesh.batch_shards(mesh), device_mesh.process_batch_shards(mesh)
     per = BATCH // shards
     rows = [r for s in held for r in range(s * per, (s + 1) * per)]
     whole = {k: data[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
@@ -159,7 +159,8 @@ def _local_part_check(model, data, mesh) -> tuple[tuple[int, ...], bool]:
 def _flat_host(state) -> dict[str, np.ndarray]:
     from flax import nnx
 
-    from fxjax.sharding import gather, path_str
+    from fxjax.device_mesh import gather
+    from fxjax.partition_rules import path_str
 
     return {path_str(p): gather(v.get_value() if isinstance(v, nnx.Variable) else v)
             for p, v in nnx.to_flat_state(state)}
@@ -169,18 +170,18 @@ def shard_report(model, mesh) -> dict:
     """Per parameter: every addressable shard has the shape its spec implies; how many really split."""
     from flax import nnx
 
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
     from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 
-    sizes = sharding.axis_sizes(mesh)
-    specs = dict(nnx.to_flat_state(sharding.partition_specs(model, mesh)))
+    sizes = device_mesh.axis_sizes(mesh)
+    specs = dict(nnx.to_flat_state(partition_rules.partition_specs(model, mesh)))
     bad, split, total, lora_split = [], 0, 0, 0
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = variable.get_value()
         spec = specs[path]
         if value.sharding.spec != spec and not value.sharding.is_equivalent_to(
-                sharding.NamedSharding(mesh, spec), value.ndim):
-            bad.append(f"{sharding.path_str(path)}: sharding {value.sharding.spec} != rule {spec}")
+                device_mesh.NamedSharding(mesh, spec), value.ndim):
+            bad.append(f"{partition_rules.path_str(path)}: sharding {value.sharding.spec} != rule {spec}")
         expected = list(value.shape)
         for dim, entry in enumerate(spec):
             if entry is not None:
@@ -188,32 +189,32 @@ def shard_report(model, mesh) -> dict:
                 expected[dim] //= math.prod(sizes[a] for a in axes)
         shapes = {tuple(s.data.shape) for s in value.addressable_shards}
         if shapes != {tuple(expected)}:
-            bad.append(f"{sharding.path_str(path)}: shard shapes {shapes} != {tuple(expected)}")
+            bad.append(f"{partition_rules.path_str(path)}: shard shapes {shapes} != {tuple(expected)}")
         total += 1
         if tuple(expected) != tuple(value.shape):
             split += 1
             lora_split += isinstance(variable, nnx.LoRAParam)
-    base = sharding.device_bytes(model, BASE_PARAMS)
-    lora = sharding.device_bytes(model, LORA_PARAMS)
+    base = partition_rules.device_bytes(model, BASE_PARAMS)
+    lora = partition_rules.device_bytes(model, LORA_PARAMS)
     return dict(bad=bad, split=split, total=total, lora_split=lora_split,
                 base_bytes_per_device=sorted(base.values()), lora_bytes_per_device=sorted(lora.values()),
-                replicated_dims=[tuple(d) for d in sharding.replicated_dims(model, mesh)])
+                replicated_dims=[tuple(d) for d in partition_rules.replicated_dims(model, mesh)])
 
 
 def _drift(node, mesh) -> list[str]:
     """Variables whose sharding differs from the rules' (after a jitted step)."""
     from flax import nnx
 
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
 
     out = []
     for path, variable in nnx.to_flat_state(nnx.state(node)):
         value = variable.get_value()
         if not hasattr(value, "sharding") or not value.ndim:
             continue
-        spec = sharding.state_spec(path, value.shape, mesh, is_param=isinstance(variable, nnx.Param))
-        if not value.sharding.is_equivalent_to(sharding.NamedSharding(mesh, spec), value.ndim):
-            out.append(f"{sharding.path_str(path)}: {value.sharding.spec} != {spec}")
+        spec = partition_rules.state_spec(path, value.shape, mesh, is_param=isinstance(variable, nnx.Param))
+        if not value.sharding.is_equivalent_to(device_mesh.NamedSharding(mesh, spec), value.ndim):
+            out.append(f"{partition_rules.path_str(path)}: {value.sharding.spec} != {spec}")
     return out
 
 
@@ -268,13 +269,13 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
     from flax import nnx
 
     import fxjax
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
     from fxjax.model.lora import BASE_PARAMS, LoRAConfig
     from fxjax.train.batching import batch_shardings, build_step_batch, place_batch
     from fxjax.train.optimizer import make_optimizer
     from fxjax.train.run_setup import init_state
     from fxjax.train.step import RNG_IMPL, OnMesh, TrainState, make_train_step, split_model
-    from fxjax.train_config import OptimSection
+    from fxjax.config_sections import OptimSection
 
     assert jax.device_count() == 8, jax.devices()
     forward = _functions()
@@ -290,7 +291,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
         tx, schedule = make_optimizer(OptimSection(learning_rate=LR, warmup_steps=0, weight_decay=0.01), 10)
         micro = micro_batches()
         # on a mesh: images packed per batch shard (each device encodes only its rows' images)
-        shards = 1 if mesh is None else sharding.batch_shards(mesh)
+        shards = 1 if mesh is None else device_mesh.batch_shards(mesh)
         host = build_step_batch(micro, model.config, pad_id=0, batch_shards=shards)
         kw = dict(loss_chunk=loss_chunk, remat=None, remat_vision=None, with_grads=True)
         if mesh is None:
@@ -307,8 +308,8 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
             assert isinstance(step_fn, OnMesh)
         # logits of micro-batch 0 under the mesh: activations' batch pinned to (data, fsdp), vision per shard
         inputs = _host_inputs(model, micro[0], None if mesh is None else shards)
-        with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            logits = forward(model, sharding.shard_inputs(inputs, mesh) if mesh is not None else inputs)
+        with device_mesh.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            logits = forward(model, device_mesh.shard_inputs(inputs, mesh) if mesh is not None else inputs)
         state, metrics = step_fn(state, base, rest, placed)  # the state is donated
         nnx.update(model, state.params)
         got = dict(logits=np.asarray(logits), logits_sharding=str(logits.sharding), before=before,
@@ -320,12 +321,12 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
             got.update(vision_shape=list(patches.shape), vision_spec=str(patches.sharding.spec),
                        vision_shard_shapes=sorted({tuple(x.data.shape) for x in patches.addressable_shards}))
             rules = dict(nnx.to_flat_state(sh.state.params))
-            got["grads_drift"] = [sharding.path_str(k) for k, g in nnx.to_flat_state(metrics["grads"])
+            got["grads_drift"] = [partition_rules.path_str(k) for k, g in nnx.to_flat_state(metrics["grads"])
                                   if not g.get_value().sharding.is_equivalent_to(rules[k], g.get_value().ndim)]
         return model, got
 
     ref_model, ref = run(None)
-    base_total = sum(sharding.device_bytes(ref_model, BASE_PARAMS).values())
+    base_total = sum(partition_rules.device_bytes(ref_model, BASE_PARAMS).values())
     results = dict(reference_seconds=time.time() - t0, base_bytes_total=base_total,
                    lora_params=len(ref["grads"]), meshes={}, reference_finite=ref["finite"],
                    reference_grad_norm=ref["grad_norm"],
@@ -335,7 +336,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
                    reference_step_min_rel=min(rel(ref["stepped"][k], ref["before"][k]) for k in ref["stepped"]))
     for shape in meshes:
         t = time.time()
-        mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+        mesh = device_mesh.make_mesh(device_mesh.MeshConfig(*shape))
         model, got = run(mesh)
         report = shard_report(model, mesh)
         entry = dict(
@@ -371,24 +372,24 @@ def check_sharded_init(checkpoint: Path) -> dict:
     fsdp = 8 its compiled per-device output (memory_analysis) matches the live per-device bytes."""
     from flax import nnx
 
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
     from fxjax.hf_config import load_config
     from fxjax.model import Qwen25VL
 
     cfg, _ = load_config(Path(checkpoint))
     out = {}
     for shape in ((1, 8, 1),):
-        mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+        mesh = device_mesh.make_mesh(device_mesh.MeshConfig(*shape))
         build = lambda: Qwen25VL(cfg, rngs=nnx.Rngs(3))  # noqa: E731
-        graphdef, compiled = sharding.compile_sharded_init(build, mesh)
+        graphdef, compiled = partition_rules.compile_sharded_init(build, mesh)
         model = nnx.merge(graphdef, compiled())
-        live = sharding.device_bytes(model, nnx.Param)
+        live = partition_rules.device_bytes(model, nnx.Param)
         report = shard_report(model, mesh)
         values = _flat_host(nnx.state(model, nnx.Param))
         out[",".join(map(str, shape))] = dict(
             bad=report["bad"], split=report["split"], live_max=max(live.values()), live_min=min(live.values()),
             compiled_output_bytes=int(compiled.memory_analysis().output_size_in_bytes),
-            abstract_bytes=sharding.shard_bytes(model, mesh, nnx.Param),
+            abstract_bytes=partition_rules.shard_bytes(model, mesh, nnx.Param),
             total_bytes=sum(v.nbytes for v in values.values()),
             finite=all(bool(np.isfinite(v).all()) for v in values.values()),
             kernel_std=float(np.std(values["decoder/layers/0/mlp/gate_proj/kernel"])))
@@ -418,7 +419,7 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
 
     cfg = distributed.initialize()  # everything from the FXJAX_* environment variables
     import fxjax
-    from fxjax import sharding
+    from fxjax import device_mesh, partition_rules
     from fxjax.model.lora import BASE_PARAMS
 
     forward = _functions()
@@ -427,12 +428,12 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     info = dict(process_index=rank, process_count=jax.process_count(), device_count=jax.device_count(),
                 local_device_count=jax.local_device_count(), config=dataclasses.asdict(cfg), meshes={})
     for i, shape in enumerate(meshes):
-        mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
+        mesh = device_mesh.make_mesh(device_mesh.MeshConfig(*shape))
         model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
-        with sharding.use_mesh(mesh):  # images packed per batch shard, each process placing its shards
-            logits = forward(model, sharding.shard_inputs(_host_inputs(model, data, sharding.batch_shards(mesh)), mesh))
-        full = sharding.gather(logits)
-        local = sharding.device_bytes(model, BASE_PARAMS)
+        with device_mesh.use_mesh(mesh):  # images packed per batch shard, each process placing its shards
+            logits = forward(model, device_mesh.shard_inputs(_host_inputs(model, data, device_mesh.batch_shards(mesh)), mesh))
+        full = device_mesh.gather(logits)
+        local = partition_rules.device_bytes(model, BASE_PARAMS)
         report = shard_report(model, mesh)
         key = ",".join(map(str, shape))
         held, part_equal = _local_part_check(model, data, mesh)

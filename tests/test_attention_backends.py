@@ -20,7 +20,9 @@ from fxjax.model.attention import (AttentionMask, SplashLayout, cache_mask, caus
                                    fused_attention, key_padding_mask, segment_mask, select_backend,
                                    _splash_kernel, splash_attention, splash_equivalent_mask, xla_attention)
 from fxjax.model.config import TextConfig, VisionConfig
-from fxjax.train_config import ConfigError, LoRASection, ModelSection, from_dict
+from fxjax.config_mapping import ConfigError
+from fxjax.config_sections import LoRASection, ModelSection
+from fxjax.train_config import from_dict
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 
@@ -89,7 +91,7 @@ def _run_config(preset, **model):
 @pytest.fixture(scope="module")
 def run_model(tmp_path_factory):
     """A small random model built the way a run builds it, from a run config with model.attention=xla."""
-    from fxjax.sharding import MeshConfig, make_mesh
+    from fxjax.device_mesh import MeshConfig, make_mesh
     from fxjax.train.run_setup import build_model
 
     preset = tmp_path_factory.mktemp("preset") / "small.yaml"
@@ -210,7 +212,7 @@ def test_the_cudnn_arguments_compute_the_reference():
 def test_the_splash_kernel_computes_the_reference_on_real_rows(case):
     """The Splash kernel itself, in Pallas's interpreter, against the reference; the decoder's under a
     (one-device) mesh, which runs it through shard_map as a TPU mesh must."""
-    from fxjax.sharding import MeshConfig, make_mesh, use_mesh
+    from fxjax.device_mesh import MeshConfig, make_mesh, use_mesh
 
     _, mask, length, _ = _model_masks()[case]
     lead = mask.q_segments.shape[:-1]

@@ -180,10 +180,10 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     from fxjax.grpo_config import grpo_from_dict
     from fxjax.model.lora import LORA_PARAMS
     from flax import nnx
-    from fxjax.sharding import MeshConfig, make_mesh
+    from fxjax.device_mesh import MeshConfig, make_mesh
     from fxjax.train.run_loading import load_run
     from fxjax.train.run_setup import build_model
-    from fxjax.train_config import ConfigError
+    from fxjax.config_mapping import ConfigError
 
     data = {"train_files": [str(tmp_path / "train.jsonl")]}
     cfg = grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, "dtype": "float32"},

@@ -110,11 +110,11 @@ def test_imports_point_one_way():
 def test_checker_catches_a_core_module_importing_train():
     # Fake sources parsed as if they were those modules (nothing is written into the repository).
     source = "def f():\n    from fxjax.train.sft import run_sft\n"
-    found = [t for _, t in imported_modules(source, "fxjax.sharding", False)]
+    found = [t for _, t in imported_modules(source, "fxjax.device_mesh", False)]
     assert "fxjax.train.sft" in found
-    assert layer_of("fxjax.sharding") == "core" and layer_of("fxjax.train.sft") == "train"
+    assert layer_of("fxjax.device_mesh") == "core" and layer_of("fxjax.train.sft") == "train"
     assert "train" not in ALLOWED["core"]
-    model_source = "from fxjax.sharding import put\n"
+    model_source = "from fxjax.device_mesh import put\n"
     targets = [t for _, t in imported_modules(model_source, "fxjax.model.lora", False)]
     assert any(layer_of(t) == "core" for t in targets) and "core" not in ALLOWED["model"]
     relative = "from ..train import step\n"

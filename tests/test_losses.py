@@ -16,7 +16,7 @@ from fxjax.train.batching import build_step_batch
 from fxjax.train.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy_sum, loss_targets, reference_cross_entropy
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.step import TrainState, make_train_step, micro_loss, split_model
-from fxjax.train_config import OptimSection
+from fxjax.config_sections import OptimSection
 
 
 def small_model(seed=0) -> Qwen25VL:

@@ -1,4 +1,4 @@
-"""Mesh layout (fxjax.sharding.device_grid / make_mesh) and cluster auto-detection (fxjax.distributed).
+"""Mesh layout (fxjax.device_mesh.device_grid / make_mesh) and cluster auto-detection (fxjax.distributed).
 
 Device grids are checked over fake device objects (id, process_index, platform, slice_index): the layout
 code only reads those attributes, and no test here needs several real devices or processes.
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from fxjax import distributed, sharding
-from fxjax.sharding import MeshConfig, ShardingError
+from fxjax import device_mesh, distributed
+from fxjax.device_mesh import MeshConfig, ShardingError
 
 
 def fake_devices(platform: str, processes: int, per_process: int, *, slices: int | None = None,
@@ -48,19 +48,19 @@ def procs(grid) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (8, 1, 1), (2, 1, 4)])
 def test_cpu_grid_keeps_process_then_local_order(shape):
     devices = fake_devices("cpu", 2, 4, ids_reversed_by_process=True)  # process 0 holds ids 4..7
-    grid = sharding.device_grid(MeshConfig(*shape).resolve(8), devices)
+    grid = device_mesh.device_grid(MeshConfig(*shape).resolve(8), devices)
     assert grid.shape == shape
     assert ids(grid).ravel().tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
 
 
 def test_cpu_grid_keeps_fast_axes_inside_a_process():
-    grid = sharding.device_grid(MeshConfig(data=2, fsdp=2, tensor=2).resolve(8), fake_devices("cpu", 2, 4))
+    grid = device_mesh.device_grid(MeshConfig(data=2, fsdp=2, tensor=2).resolve(8), fake_devices("cpu", 2, 4))
     assert (procs(grid)[0] == 0).all() and (procs(grid)[1] == 1).all()
 
 
 def test_make_mesh_on_this_process_devices():
-    mesh = sharding.make_mesh(MeshConfig(data=-1))
-    assert mesh.axis_names == sharding.AXES
+    mesh = device_mesh.make_mesh(MeshConfig(data=-1))
+    assert mesh.axis_names == device_mesh.AXES
     assert mesh.devices.shape == (jax.device_count(), 1, 1)
     assert mesh.devices.ravel().tolist() == sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     assert tuple(mesh.axis_types) == (AxisType.Auto,) * 3
@@ -70,14 +70,14 @@ def test_make_mesh_on_this_process_devices():
 
 def test_gpu_grid_comes_from_mesh_utils(monkeypatch):
     calls = []
-    real = sharding.mesh_utils.create_device_mesh
+    real = device_mesh.mesh_utils.create_device_mesh
 
     def record(shape, devices, **kwargs):
         calls.append(tuple(shape))
         return real(shape, devices, **kwargs)
 
-    monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", record)
-    grid = sharding.device_grid(MeshConfig(data=2, fsdp=4).resolve(8),
+    monkeypatch.setattr(device_mesh.mesh_utils, "create_device_mesh", record)
+    grid = device_mesh.device_grid(MeshConfig(data=2, fsdp=4).resolve(8),
                                 fake_devices("gpu", 2, 4, ids_reversed_by_process=True))
     assert calls == [(2, 4, 1)]
     assert ids(grid).ravel().tolist() == list(range(8))  # mesh_utils orders GPUs by XLA's global id
@@ -86,14 +86,14 @@ def test_gpu_grid_comes_from_mesh_utils(monkeypatch):
 def test_tpu_devices_of_several_slices_need_dcn_factors():
     devices = fake_devices("tpu", 2, 4, slices=2)
     with pytest.raises(ShardingError, match="span 2 TPU slices: set mesh.dcn_data"):
-        sharding.device_grid(MeshConfig(data=2, fsdp=4).resolve(8), devices)
+        device_mesh.device_grid(MeshConfig(data=2, fsdp=4).resolve(8), devices)
 
 
 # ---- DCN: hybrid meshes ----------------------------------------------------------------------------
 
 def test_dcn_data_puts_one_ici_block_per_host():
     # GPU hosts carry no slices: each process is one granule of the slow network.
-    grid = sharding.device_grid(MeshConfig(data=2, fsdp=4, dcn_data=2).resolve(8), fake_devices("gpu", 2, 4))
+    grid = device_mesh.device_grid(MeshConfig(data=2, fsdp=4, dcn_data=2).resolve(8), fake_devices("gpu", 2, 4))
     assert grid.shape == (2, 4, 1)
     assert procs(grid)[:, :, 0].tolist() == [[0] * 4, [1] * 4]
 
@@ -103,7 +103,7 @@ def test_dcn_fsdp_splits_fsdp_across_slices():
     devices = fake_devices("gpu", 4, 2, slices=2)
     cfg = MeshConfig(data=1, fsdp=-1, tensor=2, dcn_fsdp=2).resolve(8)
     assert (cfg.ici_shape, cfg.dcn_shape) == ((1, 2, 2), (1, 2, 1))
-    grid = sharding.device_grid(cfg, devices)
+    grid = device_mesh.device_grid(cfg, devices)
     assert grid.shape == (1, 4, 2)
     slice_of = np.vectorize(lambda d: d.slice_index, otypes=[int])(grid)
     assert slice_of[0, :, 0].tolist() == [0, 0, 1, 1]
@@ -113,7 +113,7 @@ def test_dcn_fsdp_splits_fsdp_across_slices():
 def test_dcn_product_must_match_slices_or_processes():
     with pytest.raises(ShardingError, match=r"dcn_data=4 x dcn_fsdp=1 = 4, but the devices span 1 slice\(s\) "
                                             r"and 2 process\(es\)"):
-        sharding.device_grid(MeshConfig(data=4, fsdp=2, dcn_data=4).resolve(8), fake_devices("gpu", 2, 4))
+        device_mesh.device_grid(MeshConfig(data=4, fsdp=2, dcn_data=4).resolve(8), fake_devices("gpu", 2, 4))
 
 
 def test_dcn_validation_errors():

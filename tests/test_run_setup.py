@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from fxjax.train.run_setup import batch_divides
-from fxjax.train_config import ConfigError
+from fxjax.config_mapping import ConfigError
 
 
 def mesh(data, fsdp, tensor=1):

@@ -29,7 +29,7 @@ from fxjax.model.hf_names import is_stacked, layer_path
 from fxjax.model.kv_cache import KVCache, repeat_rows
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig, apply_lora, lora_linears
 from fxjax.peft_io import AdapterError, load_peft_adapter, save_peft_adapter
-from fxjax.sharding import param_spec, partition_specs, replicated_dims
+from fxjax.partition_rules import param_spec, partition_specs, replicated_dims
 from fxjax.train.remat import with_remat
 
 LAYERS = 2  # the tiny checkpoint's decoder depth
@@ -223,7 +223,7 @@ def test_stacked_partition_specs(tiny_checkpoint):
     assert param_spec("decoder/layers/self_attn/q_proj/kernel", (2, 32, 32), mesh) == P(None, "fsdp", "tensor")
     assert param_spec("decoder/layers/mlp/down_proj/lora/lora_b", (2, 4, 32), mesh) == P(None, None, "fsdp")
     # optimizer moments follow their parameter
-    from fxjax.sharding import state_spec
+    from fxjax.partition_rules import state_spec
     assert state_spec(("opt_state", 0, "mu", "decoder", "layers", "mlp", "up_proj", "kernel"), (2, 32, 48),
                       mesh) == P(None, "fsdp", "tensor")
     scan = fxjax.from_pretrained(tiny_checkpoint, lora=LoRAConfig(rank=2), scan_layers=True)
@@ -295,7 +295,7 @@ def test_lora_dropout_streams_advance_per_layer(tiny_checkpoint):
 def test_mesh_load_puts_stacked_layers_on_their_shardings(tiny_checkpoint):
     """from_pretrained(mesh=...) writes each layer into its slice of a stacked array that has the layer
     axis unsharded and the per-layer rule behind it (a one-device mesh here: the specs, not the split)."""
-    from fxjax.sharding import MeshConfig, make_mesh
+    from fxjax.device_mesh import MeshConfig, make_mesh
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     scan = fxjax.from_pretrained(tiny_checkpoint, scan_layers=True, mesh=mesh, lora=LoRAConfig(rank=2))

@@ -27,9 +27,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import sharding_worker as worker
-from fxjax import distributed, sharding
+from fxjax import device_mesh, distributed, partition_rules
 from fxjax.presets import load_preset
-from fxjax.sharding import MeshConfig, ShardingError
+from fxjax.device_mesh import MeshConfig, ShardingError
 from fxjax.model import Qwen25VL
 from fxjax.model.lora import LoRAConfig, apply_lora
 
@@ -64,13 +64,13 @@ def abstract_7b():
 def test_every_parameter_of_every_preset_has_a_rule():
     for preset in ("tiny", "3b", "7b", "32b", "72b"):
         model = abstract_model(preset)
-        specs = dict(nnx.to_flat_state(sharding.partition_specs(model, MeshConfig(1, 8, 8))))
+        specs = dict(nnx.to_flat_state(partition_rules.partition_specs(model, MeshConfig(1, 8, 8))))
         params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
         assert set(params) <= set(specs)
 
 
 def test_rules_shard_big_weights_megatron_style():
-    spec = sharding.logical_spec
+    spec = partition_rules.logical_spec
     assert spec("decoder/layers/3/self_attn/q_proj/kernel") == P("fsdp", "tensor")
     assert spec("decoder/layers/3/self_attn/k_proj/bias") == P("tensor")
     assert spec("decoder/layers/3/self_attn/o_proj/kernel") == P("tensor", "fsdp")
@@ -88,29 +88,29 @@ def test_rules_shard_big_weights_megatron_style():
 
 def test_unknown_parameter_is_an_error_not_replicated():
     with pytest.raises(ShardingError, match="no partition rule for parameter 'decoder/layers/0/new_thing/kernel'"):
-        sharding.logical_spec("decoder/layers/0/new_thing/kernel")
+        partition_rules.logical_spec("decoder/layers/0/new_thing/kernel")
 
     class Extra(nnx.Module):
         def __init__(self):
             self.big = nnx.Param(jnp.zeros((1024, 1024)))
 
     with pytest.raises(ShardingError, match="'big'"):
-        sharding.partition_specs(Extra(), MeshConfig(1, 8, 1))
+        partition_rules.partition_specs(Extra(), MeshConfig(1, 8, 1))
 
 
 def test_lora_factors_follow_their_base_plus_fsdp_with_rank_replicated(abstract_7b):
     sizes = MeshConfig(2, 2, 2)
     base = "decoder/layers/0/self_attn/q_proj"
-    assert sharding.param_spec(f"{base}/lora/lora_a", (3584, 8), sizes) == P("fsdp")  # [in, r]
-    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 3584), sizes) == P(None, ("tensor", "fsdp"))  # [r, out]
+    assert partition_rules.param_spec(f"{base}/lora/lora_a", (3584, 8), sizes) == P("fsdp")  # [in, r]
+    assert partition_rules.param_spec(f"{base}/lora/lora_b", (8, 3584), sizes) == P(None, ("tensor", "fsdp"))  # [r, out]
     row = "decoder/layers/0/mlp/down_proj"
-    assert sharding.param_spec(f"{row}/lora/lora_a", (18944, 8), sizes) == P(("tensor", "fsdp"))
-    assert sharding.param_spec(f"{row}/lora/lora_b", (8, 3584), sizes) == P(None, "fsdp")
+    assert partition_rules.param_spec(f"{row}/lora/lora_a", (18944, 8), sizes) == P(("tensor", "fsdp"))
+    assert partition_rules.param_spec(f"{row}/lora/lora_b", (8, 3584), sizes) == P(None, "fsdp")
     # without fsdp: the base's entry alone; where fsdp does not divide on top of tensor, the rank takes it
-    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 3584), MeshConfig(1, 1, 8)) == P(None, "tensor")
-    assert sharding.param_spec(f"{base}/lora/lora_b", (8, 6), MeshConfig(1, 4, 2)) == P("fsdp", "tensor")
-    assert sharding.param_spec(f"{base}/lora/lora_b", (6, 6), MeshConfig(1, 4, 2)) == P(None, "tensor")
-    specs = dict(nnx.to_flat_state(sharding.partition_specs(abstract_7b, sizes)))
+    assert partition_rules.param_spec(f"{base}/lora/lora_b", (8, 3584), MeshConfig(1, 1, 8)) == P(None, "tensor")
+    assert partition_rules.param_spec(f"{base}/lora/lora_b", (8, 6), MeshConfig(1, 4, 2)) == P("fsdp", "tensor")
+    assert partition_rules.param_spec(f"{base}/lora/lora_b", (6, 6), MeshConfig(1, 4, 2)) == P(None, "tensor")
+    specs = dict(nnx.to_flat_state(partition_rules.partition_specs(abstract_7b, sizes)))
     loras = [(p, s) for p, s in specs.items() if p[-2:] in (("lora", "lora_a"), ("lora", "lora_b"))]
     assert len(loras) == 2 * (2 * 7 + 2 * 5 + 2)  # all-linear: decoder 7, vision 5 per block, merger 2
     for path, spec in loras:
@@ -127,15 +127,15 @@ def test_lora_factors_follow_their_base_plus_fsdp_with_rank_replicated(abstract_
 
 
 def test_indivisible_dims_are_replicated_and_reported(abstract_7b):
-    assert sharding.replicated_dims(abstract_7b, MeshConfig(1, 8, 1)) == []
-    dropped = sharding.replicated_dims(abstract_7b, MeshConfig(1, 8, 8))
+    assert partition_rules.replicated_dims(abstract_7b, MeshConfig(1, 8, 1)) == []
+    dropped = partition_rules.replicated_dims(abstract_7b, MeshConfig(1, 8, 8))
     # the vision MLP width 3420 is not a multiple of 8 (28 heads of 128 split evenly by columns)
     assert dropped and {d.size for d in dropped} == {3420}
     assert all(d.axes == ("tensor",) and d.axes_size == 8 for d in dropped)
-    spec = sharding.param_spec("visual/blocks/0/mlp/gate_proj/kernel", (1280, 3420), MeshConfig(1, 8, 8))
+    spec = partition_rules.param_spec("visual/blocks/0/mlp/gate_proj/kernel", (1280, 3420), MeshConfig(1, 8, 8))
     assert spec == P("fsdp")
     tiny = abstract_model("tiny")  # hidden 64, vocab 151936: fsdp 3 divides nothing but the vocab
-    names = {d.path for d in sharding.replicated_dims(tiny, {"fsdp": 3})}
+    names = {d.path for d in partition_rules.replicated_dims(tiny, {"fsdp": 3})}
     assert "decoder/layers/0/mlp/gate_proj/kernel" in names
 
 
@@ -148,9 +148,9 @@ def test_mesh_config_sizes_and_errors():
         MeshConfig.from_dict({"model": 2})
     with pytest.raises(ShardingError, match="at most one"):
         MeshConfig(-1, -1, 1).resolve(8)
-    mesh = sharding.make_mesh(MeshConfig())  # this process has one device
+    mesh = device_mesh.make_mesh(MeshConfig())  # this process has one device
     assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.shape == (1, 1, 1)
-    assert sharding.batch_sharding(mesh, 3).spec == P(("data", "fsdp"), None, None)
+    assert device_mesh.batch_sharding(mesh, 3).spec == P(("data", "fsdp"), None, None)
 
 
 def test_7b_per_device_bytes_fall_as_one_over_fsdp():
@@ -237,7 +237,7 @@ def test_single_device_mesh_load_matches_plain_load(tmp_path):
     ckpt = worker.build_checkpoint(tmp_path / "ckpt")
     import fxjax
 
-    mesh = sharding.make_mesh(MeshConfig())
+    mesh = device_mesh.make_mesh(MeshConfig())
     a = fxjax.from_pretrained(ckpt, mesh=mesh)
     b = fxjax.from_pretrained(ckpt)
     for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, nnx.Param)), nnx.to_flat_state(nnx.state(b, nnx.Param))):
@@ -362,12 +362,12 @@ def test_sharded_init_equals_unsharded_init():
     from fxjax.model_init import init_model
 
     cfg = load_preset("tiny")
-    mesh = sharding.make_mesh(MeshConfig())
+    mesh = device_mesh.make_mesh(MeshConfig())
     a = nnx.to_flat_state(nnx.state(init_model(cfg, seed=5, mesh=mesh), nnx.Param))
     b = dict(nnx.to_flat_state(nnx.state(init_model(cfg, seed=5), nnx.Param)))
     assert {p for p, _ in a} == set(b)
     for path, x in a:
-        assert x[...].sharding.spec == sharding.param_spec(path, x.shape, mesh)
+        assert x[...].sharding.spec == partition_rules.param_spec(path, x.shape, mesh)
         np.testing.assert_allclose(np.asarray(x[...]), np.asarray(b[path][...]), rtol=0, atol=1e-6)
 
 
@@ -381,8 +381,8 @@ def test_shard_model_places_lora_dropout_keys_replicated():
     keys = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.RngKey))]
     assert keys, "dropout added no RNG stream"
     before = {p: np.asarray(jax.random.key_data(v.get_value())) for p, v in keys}
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    sharding.shard_model(model, mesh)
+    mesh = device_mesh.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    partition_rules.shard_model(model, mesh)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.RngKey)):
         value = variable.get_value()
         assert jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)

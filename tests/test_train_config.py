@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fxjax.train_config import ConfigError, SFTConfig, apply_overrides, from_dict, load_sft_config
+from fxjax.config_mapping import ConfigError
+from fxjax.train_config import SFTConfig, apply_overrides, from_dict, load_sft_config
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"},

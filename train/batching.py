@@ -11,7 +11,7 @@ a leading axis, so the step scans them:
   N from a small set of sizes (multiples of 64 in the same bucket progression).
 
 Each process builds only its rows of the global batch (the data pipeline's `batch_rows`: the rows of the
-batch shards on its own devices, `fxjax.sharding.process_batch_shards`), and `place_local_batch` assembles
+batch shards on its own devices, `fxjax.device_mesh.process_batch_shards`), and `place_local_batch` assembles
 the global arrays from every process's part (`jax.make_array_from_process_local_data`): the batch axis
 sharded over ("data", "fsdp"); the vision arrays, built per batch shard (`build_step_batch(...,
 batch_shards=S)`), shard their shard axis the same way, so each device encodes only the images of its own
@@ -32,8 +32,8 @@ from fxjax.distributed import allgather_json
 from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
-from fxjax.sharding import REPLICATED, batch_spec, process_batch_shards, put
-from fxjax.sharding import batch_shards as mesh_batch_shards
+from fxjax.device_mesh import REPLICATED, batch_spec, process_batch_shards, put
+from fxjax.device_mesh import batch_shards as mesh_batch_shards
 from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
 __all__ = ["ProcessRows", "StepBatch", "agree_floor", "agree_sizes", "batch_shardings", "build_step_batch",
@@ -125,7 +125,7 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
                      shard_ids: Sequence[int] | None = None) -> StepBatch:
     """Pipeline batches (dicts of numpy arrays, one per micro-batch) -> one StepBatch.
 
-    `batch_shards` S > 1 (the mesh's data x fsdp, `fxjax.sharding.batch_shards`, when the batch axis is
+    `batch_shards` S > 1 (the mesh's data x fsdp, `fxjax.device_mesh.batch_shards`, when the batch axis is
     sharded): each micro-batch's rows split into S contiguous groups, each group's images packed on their
     own (vision fields [A, S, P_s, ...], image indices shard-local; `model.inputs.prepare_inputs`), so each
     device encodes only its rows' images. S = 1 (and no `shard_ids`): every image of a micro-batch in one
@@ -313,7 +313,7 @@ class ProcessRows(NamedTuple):
 
 def process_rows(mesh: Mesh, batch_size: int, shard_rows: bool) -> ProcessRows:
     """The rows of a global batch of `batch_size` that live on this process's devices: those of its batch
-    shards (`fxjax.sharding.process_batch_shards`) when the batch splits over the mesh (`shard_rows`), else
+    shards (`fxjax.device_mesh.process_batch_shards`) when the batch splits over the mesh (`shard_rows`), else
     every row (a replicated batch)."""
     shards = process_batch_shards(mesh) if shard_rows else (0,)
     per_shard = batch_size // (mesh_batch_shards(mesh) if shard_rows else 1)

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fxjax.sharding import barrier
+from fxjax.device_mesh import barrier
 from fxjax.train import faults
 from fxjax.train.checkpoint_layout import saved_layout, to_current_layout
 

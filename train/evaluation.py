@@ -22,7 +22,7 @@ from flax import nnx
 from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
-from fxjax.sharding import batch_shards, splits_batch
+from fxjax.device_mesh import batch_shards, splits_batch
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, pad_rows, place_batch
 from fxjax.train.inference import GreedyDecoder
 from fxjax.train.step import make_eval_loss

@@ -56,7 +56,7 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
 
 
 def _default_pixels() -> tuple[int, int]:
-    from fxjax.train_config import DataSection
+    from fxjax.config_sections import DataSection
 
     return DataSection().min_pixels, DataSection().max_pixels
 

@@ -51,7 +51,7 @@ from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json
 from fxjax.grpo_config import GRPOConfig
 from fxjax.model.qwen2_5_vl import as_dtype
-from fxjax.sharding import MeshConfig, batch_spec, make_mesh, use_mesh
+from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
 from fxjax.train import faults
 from fxjax.train.batching import (ProcessRows, agree_sizes, inputs_with_patch_dtype, place_local_batch, process_rows,
                                   with_patch_dtype)

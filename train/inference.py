@@ -19,7 +19,7 @@ from typing import Iterator
 from fxjax.data.pipeline import DataPipeline, tokens_for
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.model.generate import generate_device
-from fxjax.sharding import batch_shards, gather, shard_inputs, splits_batch
+from fxjax.device_mesh import batch_shards, gather, shard_inputs, splits_batch
 from fxjax.train.batching import pad_rows, pad_vision_inputs
 
 __all__ = ["GreedyDecoder"]

@@ -11,7 +11,7 @@ import math
 
 import optax
 
-from fxjax.train_config import OptimSection
+from fxjax.config_sections import OptimSection
 
 __all__ = ["make_optimizer", "make_schedule", "warmup_steps"]
 

@@ -8,7 +8,7 @@ they are and model/ needs no training knobs. Layers under scan (TextConfig / Vis
 one stacked module: there the policy goes to the decoder's `layer_remat` (the encoder's `block_remat`),
 which checkpoints the scan body (one layer or block), the same per-layer rematerialisation.
 
-Policies (`fxjax.train_config.REMAT_POLICIES`):
+Policies (`fxjax.config_sections.REMAT_POLICIES`):
   none                no rematerialisation: every activation of the block is kept for the backward pass
   full                keep only the block's inputs; recompute the block in the backward pass
   dots                keep matmul outputs (jax.checkpoint_policies.dots_saveable)

@@ -28,7 +28,7 @@ from fxjax.model.generate import next_positions
 from fxjax.model.inputs import ModelInputs, prepare_inputs
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
-from fxjax.sharding import use_mesh
+from fxjax.device_mesh import use_mesh
 from fxjax.model.inputs import pad_vision
 from fxjax.train.batching import pad_vision_inputs
 from fxjax.train.grpo_loss import group_advantages

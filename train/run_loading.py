@@ -90,7 +90,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     """
     import orbax.checkpoint as ocp
 
-    from fxjax.sharding import MeshConfig, make_mesh
+    from fxjax.device_mesh import MeshConfig, make_mesh
     from flax import nnx
 
     from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout

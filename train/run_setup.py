@@ -29,12 +29,13 @@ from fxjax.model.lora import LoRAConfig, apply_lora
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
-from fxjax.sharding import batch_shards, param_shardings, put, shard_model, splits_batch
+from fxjax.device_mesh import batch_shards, put, splits_batch
+from fxjax.partition_rules import param_shardings, shard_model
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
-from fxjax.train_config import ConfigError
+from fxjax.config_mapping import ConfigError
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "opt_state_shardings", "per_process_state",
            "place", "restore_iterator", "restore_latest"]

@@ -35,7 +35,7 @@ import jax
 
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.qwen2_5_vl import as_dtype
-from fxjax.sharding import MeshConfig, make_mesh
+from fxjax.device_mesh import MeshConfig, make_mesh
 from fxjax.train import faults
 from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, grow_floor, place_local_batch,
                                   process_rows, with_patch_dtype)

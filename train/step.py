@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
-from fxjax.sharding import use_mesh
+from fxjax.device_mesh import use_mesh
 from fxjax.train.batching import StepBatch
 from fxjax.train.losses import LossTargets, chunked_cross_entropy
 from fxjax.train.remat import with_remat
@@ -152,7 +152,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
 
 class OnMesh:
-    """A jitted function that traces, compiles and runs under `mesh` (fxjax.sharding.use_mesh), whoever calls
+    """A jitted function that traces, compiles and runs under `mesh` (fxjax.device_mesh.use_mesh), whoever calls
     it: the model reads the ambient mesh to pin activations' batch axis to ("data", "fsdp")
     (model.qwen2_5_vl.shard_batch), so without it the compiler may gather activations instead of weights."""
 

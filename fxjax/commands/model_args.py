@@ -55,7 +55,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
 def parse_mesh(text: str | None):
     if not text:
         return None
-    from fxjax.sharding import MeshConfig
+    from fxjax.device_mesh import MeshConfig
 
     sizes: dict[str, int] = {}
     for part in text.split(","):
@@ -84,7 +84,7 @@ class Detector:
         """Load the weights (once) and place them; returns self."""
         if self.model is not None:
             return self
-        from fxjax.sharding import MeshConfig, make_mesh
+        from fxjax.device_mesh import MeshConfig, make_mesh
 
         args = self.args
         mesh_cfg = parse_mesh(getattr(args, "mesh", None))
@@ -132,7 +132,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 def resolve_detector(args: argparse.Namespace) -> Detector:
     """The detector the options name: tokenizer, prompt settings and what will be loaded (the run's step
     resolved, its config read), without loading weights."""
-    from fxjax.train_config import DataSection
+    from fxjax.config_sections import DataSection
 
     check_model_arguments(args)
     defaults = DataSection()

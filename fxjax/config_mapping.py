@@ -1,0 +1,120 @@
+"""Strict mapping of parsed YAML onto typed, frozen dataclasses, and the error it raises (`ConfigError`).
+
+An unknown key, a value of the wrong type or a value outside its allowed choices is a `ConfigError` that names
+the key by its dotted path (``optim.learning_rate: expected a number, got 'fast'``). `build_config` builds
+every run config this way (fxjax.train_config's SFTConfig, fxjax.grpo_config's GRPOConfig) and the sections
+check their values with `check_positive`; `to_plain` turns a config back into the plain dict a checkpoint
+records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from typing import Any, Literal, Mapping
+
+__all__ = ["ConfigError", "build_config", "check_positive", "to_plain", "type_name"]
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, mistyped or out of range; the message starts with its dotted key."""
+
+
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def check_positive(value, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be positive, got {value}")
+
+
+def type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, type_name(item))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp, where: str) -> Any:
+    """value (from YAML) -> tp, or ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise ConfigError(f"{where}: must be {type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_config(tp, value, where)
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
+
+
+def build_config(cls, data: Any, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{key}: unknown key; {where or 'the config'} takes {names}")
+    # null for a list-valued key is the empty list (a YAML `key:` with nothing after it reads as null).
+    values = {k: () if v is None and typing.get_origin(hints[k]) is tuple
+              else _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def to_plain(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_plain(v) for v in obj]
+    return obj

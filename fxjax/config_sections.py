@@ -1,0 +1,224 @@
+"""The sections of a run config (model, lora, mesh, distributed, data, optim, train, checkpoint, eval, export):
+one frozen dataclass each, with its defaults and its own checks (`validate(where)`, `where` the section's key).
+
+fxjax.train_config assembles them into the run configs and loads them; checks across sections are there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from fxjax.config_mapping import ConfigError, check_positive
+
+__all__ = ["CheckpointSection", "DataSection", "DistributedSection", "EvalSection", "ExportSection", "LoRASection",
+           "MeshSection", "ModelSection", "OptimSection", "REMAT_POLICIES", "TrainSection"]
+
+# Names accepted by model.remat / model.remat_vision (see train.remat).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The base model: an HF checkpoint directory (`path`) or a preset with random init (`preset`)."""
+
+    path: str | None = None  # HF Qwen2.5-VL directory (config.json + safetensors)
+    preset: str | None = None  # tiny, 3b, 7b, 32b, 72b or a preset YAML; random init with init_seed
+    init_seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] | None = None  # base weights' storage dtype (default: dtype)
+    remat: str = "full"  # rematerialisation policy of the decoder layers (REMAT_POLICIES)
+    remat_vision: str | None = None  # ... of the vision blocks (default: the same as remat)
+    # attention kernel (fxjax.model.attention): auto = splash on TPU, cudnn on an NVIDIA GPU in bfloat16, else xla
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    # decoder layers stacked and run under scan (fxjax.model.scan): compile time independent of depth; the
+    # same numbers, checkpoints and adapters as the loop (false)
+    scan_layers: bool = False
+    adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
+    from_run: str | None = None  # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA
+    from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)
+
+    def validate(self, where: str) -> None:
+        if self.from_run is not None:
+            if self.adapter is not None:
+                raise ConfigError(f"{where}.from_run: starts from that run's LoRA; set {where}.adapter=null")
+            if self.path is not None or self.preset is not None:
+                raise ConfigError(f"{where}.from_run: the base model is that run's; set {where}.path=null and "
+                                  f"{where}.preset=null")
+        elif (self.path is None) == (self.preset is None):
+            raise ConfigError(f"{where}: set exactly one of model.path (an HF checkpoint directory), model.preset "
+                              f"(random init) and model.from_run (a fxjax run directory)")
+        elif self.from_run_step is not None:
+            raise ConfigError(f"{where}.from_run_step: only with {where}.from_run")
+        for name in ("remat", "remat_vision"):
+            value = getattr(self, name)
+            if value is not None and value not in REMAT_POLICIES:
+                raise ConfigError(f"{where}.{name}: must be one of {list(REMAT_POLICIES)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoRASection:
+    """LoRA adapters (model.lora.LoRAConfig); enabled = false trains nothing but is refused by `sft`."""
+
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    use_rslora: bool = False
+    target_modules: str | tuple[str, ...] = "all-linear"
+    exclude_modules: str | tuple[str, ...] | None = None
+    init_seed: int = 0  # seed of the A matrices
+
+    def validate(self, where: str) -> None:
+        check_positive(self.rank, f"{where}.rank")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Device mesh axis sizes (fxjax.device_mesh.MeshConfig); one may be -1 (the rest of the devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Of data / fsdp, the factor that crosses TPU slices (multislice) or GPU hosts over the slow network;
+    # data / dcn_data and fsdp / dcn_fsdp devices stay on the fast interconnect. 1: nothing crosses.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    # A global batch that does not divide over data x fsdp is an error; true replicates it on every batch
+    # device instead (each computes the whole batch: wasted hardware, warned on every run).
+    allow_replicated_batch: bool = False
+
+
+@dataclass(frozen=True)
+class DistributedSection:
+    """Multi-process start-up (fxjax.distributed); unset values come from FXJAX_* / JAX_* variables."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_count: int | None = None
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Training/eval data; most fields pass through to fxjax.data.DataConfig."""
+
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    tokenizer: str | None = None  # directory with tokenizer.json (null: model.path; a preset needs one)
+    root: str | None = None
+    allow_absolute_paths: bool = False  # accept absolute image paths in the records (a dataset you trust)
+    format: Literal["auto", "native", "swift"] = "auto"
+    on_error: Literal["raise", "skip"] = "raise"
+    check_decode: bool = True
+    min_pixels: int = 3136
+    max_pixels: int = 12845056
+    max_length: int = 8192
+    length_buckets: tuple[int, ...] = ()
+    long_samples: Literal["truncate", "drop"] = "truncate"
+    prompts: Literal["auto", "templates", "record"] = "auto"
+    system_prompt: str | None = None
+    batch_size: int = 1  # global micro-batch (examples per forward pass, all processes together)
+    shuffle: bool = True
+    seed: int = 0
+    worker_count: int = 0
+    read_threads: int = 2
+    prefetch_buffer_size: int = 8
+
+    def validate(self, where: str) -> None:
+        if not self.train_files:
+            raise ConfigError(f"{where}.train_files: give at least one JSONL file")
+        for name in ("min_pixels", "max_pixels", "max_length", "batch_size"):
+            check_positive(getattr(self, name), f"{where}.{name}")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """optax AdamW with linear warmup then cosine (or constant / linear) decay, global-norm clipping and
+    gradient accumulation (grad_accum micro-batches per update, scanned inside the one jitted step)."""
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.05  # of the total steps (ignored when warmup_steps is set)
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0  # the decay ends at learning_rate * min_lr_ratio
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    grad_accum: int = 1
+
+    def validate(self, where: str) -> None:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"{where}.learning_rate: must be a positive number, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"{where}.max_grad_norm: must be positive or null, got {self.max_grad_norm}")
+        check_positive(self.grad_accum, f"{where}.grad_accum")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int | None = None  # optimiser updates; or give epochs
+    epochs: float | None = None  # passes over train_files (rounded up to whole updates)
+    seed: int = 0  # dropout and anything else random in the step
+    loss_chunk: int = 256  # target tokens per lm_head chunk of the cross-entropy
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
+    output_dir: str = "runs/sft"
+    log_every: int = 1  # metrics.jsonl / progress bar interval (steps)
+    progress_bar: bool = True
+    tensorboard: bool = True  # write TensorBoard events when a writer is installed
+
+    def validate(self, where: str) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"{where}: set exactly one of train.steps and train.epochs")
+        if self.steps is not None:
+            check_positive(self.steps, f"{where}.steps")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"{where}.epochs: must be positive, got {self.epochs}")
+        check_positive(self.loss_chunk, f"{where}.loss_chunk")
+        check_positive(self.log_every, f"{where}.log_every")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    dir: str | None = None  # default: <train.output_dir>/checkpoints
+    every: int = 500  # save every N steps (and always at the end); 0: only at the end
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True
+    resume: bool = True  # continue from the latest checkpoint in dir when there is one
+
+    def validate(self, where: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
+        check_positive(self.keep, f"{where}.keep")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every: int = 0  # evaluate every N steps (0: only at_start / at_end)
+    at_start: bool = False
+    at_end: bool = True
+    max_examples: int | None = None  # first N held-out examples (None: all)
+    batch_size: int = 8
+    generate: bool = True  # greedy decoding -> format rate, verdict accuracy, mean IoU
+    max_new_tokens: int = 512
+
+    def validate(self, where: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
+        check_positive(self.batch_size, f"{where}.batch_size")
+        check_positive(self.max_new_tokens, f"{where}.max_new_tokens")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    merged_dir: str | None = None  # write base + LoRA merged as an HF checkpoint at the end
+    adapter_dir: str | None = None  # write the LoRA adapter as a PEFT adapter directory at the end
