@@ -52,7 +52,8 @@ from typing import Any
 
 __all__ = ["DEMO", "QUICK", "run_demo"]
 
-# The demo's run: 8-12 minutes on 2 CPU cores (clean-clone CI 2026-12-01: 9.9 min; SFT 270 s, GRPO 267 s, evaluations 35 s).
+# The demo's run: 8-12 minutes on 2 CPU cores (clean-clone CI 2026-12-01: 9.9 min; SFT 270 s, GRPO 267 s,
+# evaluations 35 s).
 # SFT: 300 steps learn the format and the verdict (100% / 100% held out, seed 0, as measured while tuning).
 # GRPO: lr 5e-4 (at 1e-3 and 2e-3 the sampled format rate fell step by step), temperature 0.9 with top-k 50
 # (at temperature 1 over the whole 152k vocabulary half the samples break the format; the tail is the cause).
