@@ -1,5 +1,6 @@
 """Running `fxjax` CLI commands as separate processes in tests: one process, or two joined by a JAX
-coordinator on localhost (gloo collectives, one CPU device each)."""
+coordinator on localhost (gloo collectives, one CPU device each); and which records each process decoded
+(tests/decode_trace.py) against the one-process stream."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ def wait_all(procs, logs, *, timeout: float, until: str | None = None) -> list[i
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return [p.returncode for p in procs]
+
+
+def stream_sources(data_config, n: int) -> list[tuple[int, str]]:
+    """(epoch, record source) of the first `n` examples of the one-process stream of `data_config`."""
+    from fxjax.data.pipeline import DataPipeline
+
+    it = iter(DataPipeline(data_config))
+    out = []
+    while len(out) < n:
+        out += [(m["epoch"], m["source"]) for m in next(it)["meta"]]
+    return out[:n]
+
+
+def decoded_sources(path: Path) -> list[tuple[int, str]]:
+    """(epoch, record source) of every example a process decoded: its tests/decode_trace.py log."""
+    return [(int(epoch), source) for epoch, source in (line.split(" ", 1) for line in path.read_text().splitlines())]

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from fxjax.data.demo_data import make_demo_data
-from launch import launch_two, wait_all
+from launch import decoded_sources, launch_two, stream_sources, wait_all
 
 TIMEOUT = 300
 DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
@@ -174,15 +174,10 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
 
 def prompt_stream(setup, n: int) -> list[tuple[int, str]]:
     """(epoch, record source) of the first `n` prompts of the one-process GRPO prompt stream."""
-    from fxjax.data.pipeline import DataPipeline
     from fxjax.grpo_config import load_grpo_config
     from fxjax.train.grpo import data_config
 
-    it = iter(DataPipeline(data_config(load_grpo_config(setup["config"]))))
-    out = []
-    while len(out) < n:
-        out += [(m["epoch"], m["source"]) for m in next(it)["meta"]]
-    return out[:n]
+    return stream_sources(data_config(load_grpo_config(setup["config"])), n)
 
 
 def test_two_processes_equal_one_process(setup, straight):
@@ -209,8 +204,7 @@ def test_two_processes_equal_one_process(setup, straight):
     # Process r decoded only row r of each batch of 2 prompts, i.e. elements 2k + r of the one-process
     # stream (read-ahead may go past the 6 steps, never into the other's rows), and every step's own row.
     stream = prompt_stream(setup, 40)
-    decoded = [[(int(e), src) for e, src in (line.split(" ", 1) for line in
-                                             (out / f"decoded-{r}.txt").read_text().splitlines())] for r in range(2)]
+    decoded = [decoded_sources(out / f"decoded-{r}.txt") for r in range(2)]
     for r in range(2):
         assert set(decoded[r]) <= set(stream[r::2]), (r, sorted(set(decoded[r]) - set(stream[r::2]))[:3])
         assert set(stream[r:12:2]) <= set(decoded[r])

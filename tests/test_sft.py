@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from launch import launch_two, wait_all
+from launch import decoded_sources, launch_two, stream_sources, wait_all
 
 from fxjax.data.demo_data import make_demo_data
 
@@ -181,21 +181,15 @@ def _launch_two(setup, name: str, env=None):
 
 def global_stream(setup, n: int) -> list[tuple[int, str]]:
     """(epoch, record source) of the first `n` examples of the one-process training stream."""
-    from fxjax.data.pipeline import DataPipeline
     from fxjax.train.sft import data_config
     from fxjax.train_config import load_sft_config
 
-    it = iter(DataPipeline(data_config(load_sft_config(setup["config"]))))
-    out = []
-    while len(out) < n:
-        out += [(m["epoch"], m["source"]) for m in next(it)["meta"]]
-    return out[:n]
+    return stream_sources(data_config(load_sft_config(setup["config"])), n)
 
 
 def decoded_train_examples(setup, name: str, rank: int) -> list[tuple[int, str]]:
     train = str(setup["files"]["train"])
-    lines = (setup["root"] / name / f"decoded-{rank}.txt").read_text().splitlines()
-    pairs = [(int(epoch), source) for epoch, source in (line.split(" ", 1) for line in lines)]
+    pairs = decoded_sources(setup["root"] / name / f"decoded-{rank}.txt")
     return [p for p in pairs if p[1].rsplit(":", 1)[0] == train]  # not the held-out evaluation's
 
 

@@ -76,7 +76,7 @@ def point(name: str, step: int, should_stop=None) -> None:
 def nan_patches(batch, step: int):
     """`batch` (a train.batching.StepBatch) with NaN pixel patches if ``nan_batch@step`` is armed."""
     vision = batch.inputs.vision
-    if ("nan_batch", int(step)) not in _ARMED or vision is None:
+    if vision is None or not armed("nan_batch", step):
         return batch
     print(f"fxjax-fault: NaN patches at nan_batch@{step}", file=sys.stderr, flush=True)
     poisoned = vision._replace(patches=vision.patches * float("nan"))
