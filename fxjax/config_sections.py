@@ -121,6 +121,7 @@ class DataSection:
     long_samples: Literal["truncate", "drop"] = "truncate"
     prompts: Literal["auto", "templates", "record"] = "auto"
     system_prompt: str | None = None
+    user_prompt: str | None = None  # null: the nine templates of fxjax.data.prompts; a text: that one prompt
     batch_size: int = 1  # global micro-batch (examples per forward pass, all processes together)
     shuffle: bool = True
     seed: int = 0

@@ -249,6 +249,8 @@ def test_targets_for_both_formats(root):
     assert record_prompt(swift_rec, 0) == ("Be a forensic expert.", "<image>Is this image real?")
     assert record_prompt(swift_rec, 2, prompts="templates") == (SYSTEM_PROMPT, USER_TEMPLATES[2])
     assert record_prompt(native_rec, 5, system_prompt="S") == ("S", USER_TEMPLATES[5])
+    assert record_prompt(native_rec, 5, user_prompt="U") == (SYSTEM_PROMPT, "U")
+    assert record_prompt(swift_rec, 0, user_prompt="U") == ("Be a forensic expert.", "<image>Is this image real?")
     with pytest.raises(ValueError):
         render_target(native_rec, [])
 

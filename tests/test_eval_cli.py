@@ -88,7 +88,8 @@ def eval_args(dataset, tokenizer_dir, batch_size=2):
 
 def run_scripted(dataset, tokenizer_dir, out, decoder, settings=None, group_by=("generator",), **kwargs):
     records, _ = load_records([dataset])
-    data = dict(min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None, seed=0)
+    data = dict(min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None,
+                user_prompt=None, seed=0)
     config = prompt_data_config(eval_args(dataset, tokenizer_dir), data, str(tokenizer_dir))
     return evaluate(records, lambda: decoder, config, out, settings=settings or {"model": "scripted"},
                     group_by=group_by, progress=False, say=lambda text: None, **kwargs)

@@ -332,6 +332,20 @@ def test_prompt_mode_is_left_padded_without_targets(demo, tokenizer_dir, records
         assert meta["target"].endswith(f"<verdict>{meta['label']}</verdict>")
 
 
+def test_one_user_prompt_replaces_the_templates_for_native_records(demo, tokenizer_dir, records):
+    """data.user_prompt: every native record gets that prompt (template -1 in its meta) in both modes; the
+    system prompt stays whatever system_prompt says."""
+    tok = tokens_for(str(tokenizer_dir)).tok
+    for mode in ("sft", "prompt"):
+        cfg = make_cfg(demo, tokenizer_dir, mode=mode, batch_size=3, shuffle=False, system_prompt="S",
+                       user_prompt="Box it.")
+        batch = next(iter(DataPipeline(cfg, records)))
+        for i, meta in enumerate(batch["meta"]):
+            ids = batch["input_ids"][i][batch["attention_mask"][i].astype(bool)]
+            prompt = tok.decode(ids[:meta["prompt_length"]].tolist(), skip_special_tokens=False)
+            assert prompt == render_prompt("S", "Box it.", meta["num_image_tokens"]) and meta["template"] == -1
+
+
 def test_worker_processes_give_the_same_batches_and_restore(demo, tokenizer_dir, records):
     cfg = make_cfg(demo, tokenizer_dir, batch_size=3)
     expected = take(iter(DataPipeline(cfg, records)), 4)
@@ -356,7 +370,8 @@ def test_config_validation():
     DataConfig(**ok)
     for bad in [dict(on_error="ignore"), dict(format="csv"), dict(long_samples="cut"), dict(batch_size=0),
                 dict(shard_index=0), dict(shard_index=2, shard_count=2), dict(length_buckets=(256, 128)),
-                dict(length_buckets=(128,), max_length=256), dict(num_epochs=0), dict(data_files=())]:
+                dict(length_buckets=(128,), max_length=256), dict(num_epochs=0), dict(data_files=()),
+                dict(user_prompt=" ")]:
         with pytest.raises(ValueError):
             DataConfig(**{**ok, **bad})
     cfg = DataConfig.from_dict({"data_files": "a.jsonl", "tokenizer": "tok", "length_buckets": [64, 8192]})

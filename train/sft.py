@@ -79,7 +79,8 @@ def data_config(cfg: SFTConfig) -> DataConfig:
                       on_error=d.on_error, check_decode=d.check_decode, min_pixels=d.min_pixels,
                       max_pixels=d.max_pixels, max_length=d.max_length, length_buckets=d.length_buckets,
                       long_samples=d.long_samples, mode="sft", prompts=d.prompts, system_prompt=d.system_prompt,
-                      batch_size=d.batch_size, drop_remainder=True, shuffle=d.shuffle, seed=d.seed, num_epochs=None,
+                      user_prompt=d.user_prompt, batch_size=d.batch_size, drop_remainder=True, shuffle=d.shuffle,
+                      seed=d.seed, num_epochs=None,
                       worker_count=d.worker_count, read_threads=d.read_threads,
                       prefetch_buffer_size=d.prefetch_buffer_size, shard_index=0, shard_count=1)
 

@@ -48,9 +48,6 @@ def add_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files: PNG, JPEG, WebP, BMP, GIF or TIFF")
     add_model_arguments(p)
     add_prompt_arguments(p)
-    p.add_argument("--prompt", metavar="TEXT",
-                   help="the user prompt (default: the first of the prompts SFT trained with, fxjax.data.prompts; "
-                        "give the dataset's own for a model trained on ms-swift records with their prompts)")
     p.add_argument("--out", default="detections", metavar="DIR",
                    help="folder for the overlay PNGs, <image name>.detect.png (default: ./detections)")
     p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write no overlay PNGs")
@@ -191,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     detector = resolve_detector(args)
     data = detector.data
     records, failed = image_records(args.images, system=data["system_prompt"] or SYSTEM_PROMPT,
-                                    user=args.prompt or USER_TEMPLATES[0], min_pixels=data["min_pixels"],
+                                    user=data["user_prompt"] or USER_TEMPLATES[0], min_pixels=data["min_pixels"],
                                     max_pixels=data["max_pixels"])
     for path, why in failed:
         say(f"{path}: cannot be analysed: {why}")

@@ -240,13 +240,14 @@ def prompt_data_config(args: argparse.Namespace, data: dict, tokenizer: str):
                       allow_absolute_paths=args.allow_absolute_paths, format=args.format, on_error=args.on_error,
                       min_pixels=data["min_pixels"], max_pixels=data["max_pixels"], max_length=data["max_length"],
                       mode="prompt", prompts=data["prompts"], system_prompt=data["system_prompt"],
-                      batch_size=args.batch_size, drop_remainder=False, shuffle=False, seed=data["seed"],
-                      num_epochs=1, shard_index=0, shard_count=1)
+                      user_prompt=data["user_prompt"], batch_size=args.batch_size, drop_remainder=False,
+                      shuffle=False, seed=data["seed"], num_epochs=1, shard_index=0, shard_count=1)
 
 
 def settings_of(args: argparse.Namespace, source: dict, data: dict) -> dict:
     return {"model": source, "max_new_tokens": args.max_new_tokens,
-            **{k: data[k] for k in ("min_pixels", "max_pixels", "prompts", "system_prompt", "max_length", "seed")},
+            **{k: data[k] for k in ("min_pixels", "max_pixels", "prompts", "system_prompt", "user_prompt", "max_length",
+                                "seed")},
             "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}}
 
 

@@ -50,6 +50,9 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, metavar="N",
                    help="largest model-input image area (pixels); fewer pixels = fewer image tokens, faster")
     g.add_argument("--system-prompt", metavar="TEXT", help="system prompt (default: the one SFT trained with)")
+    g.add_argument("--user-prompt", metavar="TEXT",
+                   help="one user prompt for every image (default: the one SFT trained with; when it trained on "
+                        "the nine templates of fxjax.data.prompts, each record gets one of them)")
 
 
 def parse_mesh(text: str | None):
@@ -138,6 +141,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     defaults = DataSection()
     data: dict[str, Any] = dict(min_pixels=defaults.min_pixels, max_pixels=defaults.max_pixels,
                                 prompts=defaults.prompts, system_prompt=defaults.system_prompt,
+                                user_prompt=defaults.user_prompt,
                                 max_length=defaults.max_length, seed=defaults.seed)
     if args.run is not None:
         from fxjax.train.run_loading import checkpoint_dir_of, resolve_step
@@ -146,7 +150,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         step, cfg, kind = resolve_step(ckpt, args.step)
         d = cfg.data
         data.update(min_pixels=d.min_pixels, max_pixels=d.max_pixels, prompts=d.prompts,
-                    system_prompt=d.system_prompt, max_length=d.max_length, seed=d.seed)
+                    system_prompt=d.system_prompt, user_prompt=d.user_prompt, max_length=d.max_length, seed=d.seed)
         tokenizer = args.tokenizer or (cfg.data.tokenizer or args.model or cfg.model.path)
         if tokenizer is None:
             raise ValueError(f"the run in {ckpt} has no tokenizer (a preset model without data.tokenizer); "
@@ -161,7 +165,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
                   else None, "dtype": args.dtype or "float32"}
     if not (Path(tokenizer) / "tokenizer.json").is_file() and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
-    for key in ("min_pixels", "max_pixels", "system_prompt"):
+    for key in ("min_pixels", "max_pixels", "system_prompt", "user_prompt"):
         value = getattr(args, key, None)
         if value is not None:
             data[key] = value

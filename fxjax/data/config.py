@@ -33,6 +33,7 @@ class DataConfig:
     mode: str = "sft"  # "sft" (prompt + target, right-padded) | "prompt" (prompt only, left-padded; GRPO)
     prompts: str = "auto"  # "auto" (ms-swift records keep theirs) | "templates" | "record"
     system_prompt: str | None = None  # None -> prompts.SYSTEM_PROMPT
+    user_prompt: str | None = None  # None -> one of prompts.USER_TEMPLATES per record and epoch; a str: always it
     batch_size: int = 1
     drop_remainder: bool = True
     shuffle: bool = True
@@ -67,6 +68,8 @@ class DataConfig:
         for name in ("worker_count", "read_threads", "prefetch_buffer_size", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.user_prompt is not None and not self.user_prompt.strip():
+            raise ValueError("DataConfig.user_prompt must be a non-empty text or None (the templates)")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"DataConfig.num_epochs must be positive or None, got {self.num_epochs}")
         if self.batch_rows is not None:

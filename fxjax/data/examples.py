@@ -178,8 +178,8 @@ class ExampleBuilder:
         scale = np.array([width / record.width, height / record.height] * 2)
         boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
         template = pick_template(cfg.seed, record.index, epoch)
-        system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts)
-        if record.format == "swift" and cfg.prompts != "templates":
+        system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts, cfg.user_prompt)
+        if (record.format == "swift" and cfg.prompts != "templates") or (record.format != "swift" and cfg.user_prompt):
             template = -1
         before, after = tk.prompt(system, user)
         return ExampleText(prompt_ids=before + [tk.image_pad] * n_image_tokens + after,

@@ -95,15 +95,17 @@ def render_prompt(system: str, user: str, image_tokens: int = 1) -> str:
 
 
 def record_prompt(record: Record, template: int, system_prompt: str | None = None,
-                  prompts: str = "auto") -> tuple[str, str]:
-    """(system, user) for a record: the templates, or for ms-swift records (prompts 'auto'/'record') its own."""
+                  prompts: str = "auto", user_prompt: str | None = None) -> tuple[str, str]:
+    """(system, user) for a record: the templates (or ``user_prompt`` when given, for every record), or for
+    ms-swift records (prompts 'auto'/'record') its own."""
     if prompts not in ("auto", "record", "templates"):
         raise ValueError(f"prompts must be 'auto', 'record' or 'templates', got {prompts!r}")
     if record.format == "swift" and prompts != "templates":
         return (record.system if record.system is not None else QWEN_DEFAULT_SYSTEM), (record.user or "")
     if prompts == "record":
         raise ValueError(f"{record.source}: native records have no prompts of their own; use prompts='templates'")
-    return (system_prompt if system_prompt is not None else SYSTEM_PROMPT), USER_TEMPLATES[template]
+    user = user_prompt if user_prompt is not None else USER_TEMPLATES[template]
+    return (system_prompt if system_prompt is not None else SYSTEM_PROMPT), user
 
 
 def render_target(record: Record, boxes: Sequence[Sequence[float]]) -> str:
