@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fxjax.cli import main
-from fxjax.demo import STAGES, _stage_trends, _table
+from fxjax.demo import STAGES, _alternating_labels, _stage_trends, _table
 
 
 def test_table_has_a_row_per_phase_and_the_issue_columns():
@@ -32,6 +32,23 @@ def test_stage_trends_compare_thirds_and_fit_a_slope():
     assert "alpha +0.50 -> +4.50 (slope +1.000/step)" in text
     assert "beta +5.00 -> +5.00 (slope +0.000/step)" in text
     assert "gamma +3.00 -> +1.00 (slope -1.000/step)" in text
+
+
+def test_grpo_prompts_alternate_generated_and_real(tmp_path):
+    """GRPO's prompt file: the same records, generated and real alternating (so every even-sized step has
+    half of each), a seeded order, the surplus of the larger label left out."""
+    labels = ["generated"] * 5 + ["real"] * 3
+    rows = [json.dumps({"id": f"r{i}", "label": label}) for i, label in enumerate(labels)]
+    (tmp_path / "train.jsonl").write_text("".join(r + "\n" for r in rows))
+    out = _alternating_labels(tmp_path / "train.jsonl", tmp_path / "p.jsonl", seed=0)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["label"] for r in got] == ["generated", "real"] * 3
+    assert {r["id"] for r in got if r["label"] == "real"} == {"r5", "r6", "r7"}
+    assert len({r["id"] for r in got}) == 6
+    again = _alternating_labels(tmp_path / "train.jsonl", tmp_path / "q.jsonl", seed=0).read_text()
+    assert again == out.read_text()
+    other = [_alternating_labels(tmp_path / "train.jsonl", tmp_path / "o.jsonl", seed=s).read_text() for s in (1, 2, 3)]
+    assert any(o != again for o in other)  # the order depends on the seed
 
 
 @pytest.mark.slow
