@@ -80,6 +80,9 @@ __all__ = ["DEMO", "QUICK", "run_demo"]
 # templates: see the module docstring for what each changed.
 DEMO_SYSTEM_PROMPT = "Find AI-generated images and box their artefacts."
 DEMO_USER_PROMPT = "Box the artefacts and give your verdict."
+# SFT's and GRPO's data settings (the longest demo example is 114 tokens).
+_DATA = {"min_pixels": 3136, "max_pixels": 12544, "max_length": 128, "length_buckets": [128], "batch_size": 8,
+         "system_prompt": DEMO_SYSTEM_PROMPT, "user_prompt": DEMO_USER_PROMPT}
 DEMO: dict[str, Any] = dict(
     images=960,  # 800 train, 160 held out
     test_fraction=1 / 6,
@@ -101,8 +104,7 @@ DEMO: dict[str, Any] = dict(
     sft=dict(steps=200, config={
         "model": {"dtype": "float32", "remat": "none"},
         "lora": {"rank": 32, "alpha": 64, "dropout": 0.0},
-        "data": {"min_pixels": 3136, "max_pixels": 12544, "max_length": 128, "length_buckets": [128],
-                 "batch_size": 8},
+        "data": _DATA,
         "optim": {"learning_rate": 1.0e-3, "warmup_steps": 10, "max_grad_norm": 1.0, "schedule": "cosine"},
         "train": {"loss_chunk": 48, "log_every": 10, "progress_bar": True},  # see configs/sft.yaml
         "checkpoint": {"every": 100, "keep": 1},
@@ -111,8 +113,7 @@ DEMO: dict[str, Any] = dict(
     grpo=dict(stage_steps=10, config={
         "model": {"dtype": "float32", "remat": "none"},
         "lora": {"dropout": 0.0},
-        "data": {"min_pixels": 3136, "max_pixels": 12544, "max_length": 128, "length_buckets": [128],
-                 "batch_size": 8},
+        "data": _DATA,
         "optim": {"learning_rate": 1.0e-4, "warmup_steps": 2, "max_grad_norm": 1.0, "schedule": "constant"},
         "train": {"loss_chunk": 64, "log_every": 1, "progress_bar": True},
         "checkpoint": {"keep": 3, "async_save": False},
@@ -238,13 +239,12 @@ def _overlay_records(test_file: Path, counts: dict) -> list[dict]:
 
 def _detect(detector, decoder, images: list[dict]) -> list[dict]:
     """`fxjax detect` on the images with a phase's detector (its regions in original-image pixels)."""
-    from fxjax.commands.detect import detect, image_records
+    from fxjax.commands.detect import detect, detect_prompt, image_records
     from fxjax.data.config import DataConfig
-    from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
 
     data = detector.data
-    records, failed = image_records([m["image"] for m in images], system=data["system_prompt"] or SYSTEM_PROMPT,
-                                    user=data["user_prompt"] or USER_TEMPLATES[0], min_pixels=data["min_pixels"],
+    records, failed = image_records([m["image"] for m in images], **detect_prompt(data),
+                                    min_pixels=data["min_pixels"],
                                     max_pixels=data["max_pixels"])
     if failed:
         raise RuntimeError(f"fxjax detect could not read {failed}")
@@ -382,8 +382,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
 
     config = json.loads(json.dumps(DEMO["sft"]["config"]))
     config["model"]["path"] = str(model_dir)
-    config["data"].update(train_files=[str(files["train"])], seed=seed, system_prompt=DEMO["system_prompt"],
-                          user_prompt=DEMO["user_prompt"])
+    config["data"].update(train_files=[str(files["train"])], seed=seed)
     config["train"].update(steps=sft_steps, seed=seed, output_dir=str(out / "sft"))
     config["export"] = {"adapter_dir": str(out / "sft-adapter")}
     cfg = from_dict(config)
@@ -402,8 +401,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     config = json.loads(json.dumps(DEMO["grpo"]["config"]))
     config["model"].update(path=str(model_dir), adapter=str(out / "sft-adapter"))
     prompts = _alternating_labels(files["train"], out / "data" / "grpo_prompts.jsonl", seed)
-    config["data"].update(train_files=[str(prompts)], seed=seed, shuffle=False, system_prompt=DEMO["system_prompt"],
-                          user_prompt=DEMO["user_prompt"])
+    config["data"].update(train_files=[str(prompts)], seed=seed, shuffle=False)
     config["train"].update(seed=seed, output_dir=str(out / "grpo"))
     config["checkpoint"]["every"] = stage_steps  # a checkpoint at each stage's end, for `fxjax eval --step`
     config["grpo"]["seed"] = seed

@@ -316,6 +316,8 @@ def test_swift_records_keep_their_prompts_and_fill_placeholders(demo, tokenizer_
     # prompts="templates" replaces the record's prompts with the project's
     batch = next(iter(DataPipeline(dataclasses.replace(cfg, prompts="templates"))))
     assert batch["meta"][0]["template"] >= 0
+    batch = next(iter(DataPipeline(dataclasses.replace(cfg, prompts="templates", user_prompt="Box it."))))
+    assert batch["meta"][0]["template"] == -1  # the user prompt given replaces the templates here too
     prompt = tok.decode(batch["input_ids"][0, :batch["meta"][0]["prompt_length"]].tolist(), skip_special_tokens=False)
     assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}")
 

@@ -58,6 +58,14 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def detect_prompt(data: dict) -> dict[str, str]:
+    """The system and user prompt for a user's images, from a detector's prompt settings: the ones given or
+    trained with, else the built-in system prompt and the first template."""
+    from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
+
+    return dict(system=data["system_prompt"] or SYSTEM_PROMPT, user=data["user_prompt"] or USER_TEMPLATES[0])
+
+
 def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: int, max_pixels: int,
                   max_image_pixels: int | None = None) -> tuple[list, list[tuple[str, str]]]:
     """(Records the prompt pipeline takes, [(path, why)] of the images that cannot be used).
@@ -182,13 +190,11 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
     from fxjax.commands.model_args import resolve_detector
     from fxjax.data.config import DataConfig
-    from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
     from fxjax.train.inference import GreedyDecoder
 
     detector = resolve_detector(args)
     data = detector.data
-    records, failed = image_records(args.images, system=data["system_prompt"] or SYSTEM_PROMPT,
-                                    user=data["user_prompt"] or USER_TEMPLATES[0], min_pixels=data["min_pixels"],
+    records, failed = image_records(args.images, **detect_prompt(data), min_pixels=data["min_pixels"],
                                     max_pixels=data["max_pixels"])
     for path, why in failed:
         say(f"{path}: cannot be analysed: {why}")

@@ -179,8 +179,8 @@ class ExampleBuilder:
         boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
         template = pick_template(cfg.seed, record.index, epoch)
         system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts, cfg.user_prompt)
-        if (record.format == "swift" and cfg.prompts != "templates") or (record.format != "swift" and cfg.user_prompt):
-            template = -1
+        if (record.format == "swift" and cfg.prompts != "templates") or cfg.user_prompt is not None:
+            template = -1  # the record's own prompt or data.user_prompt: no template
         before, after = tk.prompt(system, user)
         return ExampleText(prompt_ids=before + [tk.image_pad] * n_image_tokens + after,
                            target=render_target(record, boxes), boxes=boxes, model_size=(height, width),
