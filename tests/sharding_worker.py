@@ -29,10 +29,12 @@ import numpy as np
 from numerics import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
-MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8))
+# Each axis alone (data, fsdp, tensor) and all three combined; (2,2,2) also covers fsdp with tensor (the
+# LoRA specs where fsdp does not divide on top of tensor are checked from shapes in test_sharding.py).
+MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
 # Every dimension a rule shards is divisible by 8 (tensor heads 8 / kv 4 of 8, MLP 48, vision 64 / 40,
 # merger 256, vocab 128, patch row 1176), so on every mesh every rule really splits its parameter.
-# One decoder layer (the program compiles six times; the per-layer mapping is checked by the HF round trips)
+# One decoder layer (the step compiles five times; the per-layer mapping is checked by the HF round trips)
 # and three vision blocks (windowed, full, windowed). With two vision blocks the (1,1,8) step's merger
 # LoRA A came out 1.6e-5 from one device (Adam's first step turns near-zero gradient entries into +-lr):
 # not a bug found, but not this test's tolerance either.

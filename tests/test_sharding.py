@@ -3,10 +3,10 @@
 The multi-device checks run in ONE subprocess (tests/sharding_worker.py) with 8 simulated CPU devices
 (jax_num_cpu_devices must be set before JAX's backend starts, which this pytest process has already
 done). It loads a tiny HF checkpoint whose sharded dimensions all divide by 8 onto the meshes
-(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2), (1,1,8), runs the real SFT step of train.step
-there (chunked loss, 2 accumulated micro-batches with images of four sizes packed per batch shard, the run's
-optimiser and state shardings) and compares loss, LoRA gradients, updated LoRA parameters and logits with one
-device (whose images are one packed sequence).
+(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,1,8) (each axis alone, and all three together), runs
+the real SFT step of train.step there (chunked loss, 2 accumulated micro-batches with images of four sizes
+packed per batch shard, the run's optimiser and state shardings) and compares loss, LoRA gradients, updated
+LoRA parameters and logits with one device (whose images are one packed sequence).
 """
 
 from __future__ import annotations
