@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from .hf_names import LINEAR, TRANSFORMERS, Path, is_stacked, layer_path, module_kind, module_name, unstack
-from .layers import Linear
+from .layers import Linear, params_key
 
 # The frozen base weights and the trainable LoRA weights. Use these filters everywhere.
 LORA_PARAMS = nnx.LoRAParam
@@ -192,7 +192,7 @@ class LoRAAdapter(nnx.Module):
 def init_lora_a(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
     """PEFT's A init (kaiming-uniform, a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)) of shape [..., in, rank]."""
     bound = 1.0 / math.sqrt(shape[-2])
-    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+    return jax.random.uniform(params_key(rngs), shape, jnp.float32, -bound, bound)
 
 
 def linears(model: nnx.Module) -> Iterator[tuple[Path, Linear]]:

@@ -20,6 +20,30 @@ def test_presets_match_published_sizes():
     assert load_preset("72b").text.hidden_size == 8192
 
 
+def test_params_key_draws_what_flax_draws_and_advances_the_stream():
+    """model.layers.params_key replaces rngs.params() in every init (flax's in-place count update asks a
+    tracer for its sharding: seconds per model under eval_shape): same keys, same count, also under jit."""
+    import jax
+    from flax import nnx
+
+    from fxjax.model.layers import params_key
+
+    ours, theirs = nnx.Rngs(7), nnx.Rngs(7)
+    for _ in range(3):
+        assert np.array_equal(jax.random.key_data(params_key(ours)), jax.random.key_data(theirs.params()))
+    assert int(ours.params.count[...]) == int(theirs.params.count[...]) == 3
+
+    @jax.jit
+    def two_draws():  # the stream is created, drawn from and advanced inside the trace, as under eval_shape
+        rngs = nnx.Rngs(3)
+        return jax.random.key_data(params_key(rngs)), jax.random.key_data(rngs.params())
+
+    a, b = two_draws()
+    reference = nnx.Rngs(3)
+    assert np.array_equal(a, jax.random.key_data(reference.params()))
+    assert np.array_equal(b, jax.random.key_data(reference.params()))
+
+
 def test_preset_errors_name_the_key():
     with pytest.raises(PresetError, match=r"text: unknown key\(s\) \['hidden'\]"):
         config_from_yaml_dict({"text": {"hidden": 3}}, "x.yaml")
