@@ -137,7 +137,10 @@ def test_user_files_named_model_train_rewards_do_not_shadow_fxjax(tmp_path):
     """))
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
-    check = subprocess.run([sys.executable, "-c", "import sys; from fxjax.cli import main; sys.exit(main(['selfcheck']))"],
+    # `fxjax selfcheck` (import, forward, decoding, export) run from that directory: this is also the
+    # selfcheck's own test
+    check = subprocess.run([sys.executable, "-c", "import sys; from fxjax.cli import main; "
+                            f"sys.exit(main(['selfcheck', '--workdir', {str(tmp_path / 'check')!r}]))"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stderr[-2000:]
 

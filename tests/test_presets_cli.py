@@ -95,7 +95,3 @@ def test_preset_paths_that_do_not_exist_say_so():
         load_preset("/nonexistent/tiny.yaml")
     with pytest.raises(PresetError, match=r"^model preset 'huge' not found; presets: tiny, 3b"):
         load_preset("huge")
-
-
-def test_selfcheck_passes(tmp_path):
-    assert main(["selfcheck", "--workdir", str(tmp_path)]) == 0
