@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from .hf_names import LINEAR, TRANSFORMERS, Path, is_stacked, layer_path, module_kind, module_name, unstack
-from .layers import Linear, params_key
+from .layers import Linear, next_key, params_key
 
 # The frozen base weights and the trainable LoRA weights. Use these filters everywhere.
 LORA_PARAMS = nnx.LoRAParam
@@ -179,8 +179,9 @@ class LoRAAdapter(nnx.Module):
         # base, computing it in bf16 instead left fxjax's LoRA gradients ~1.25x farther from the fp32 ones
         # than PEFT's (tests/test_bf16_parity.py). The Linear rounds base output + update once.
         x = x.astype(self.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x)
+        if self.dropout is not None and not self.dropout.deterministic and self.dropout.rate > 0:
+            # the key the layer would draw from its stream, drawn by next_key (fast under a trace)
+            x = self.dropout(x, rngs=next_key(self.dropout.rngs))
         # 2-D matmuls: the gradients of A and B then contract one [tokens] axis, a plain GEMM; with the
         # leading [batch, length] axes kept, XLA:CPU contracted two axes at several times the cost.
         lead = x.shape[:-1]
