@@ -205,9 +205,11 @@ def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path
                        out / phase, settings=settings_of(args, detector.source, detector.data), fresh=True,
                        progress=False, say=lambda text: _say(f"      eval: {text}"))
     rows = [json.loads(line) for line in (out / phase / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
-    gamma = rewards.score([r["completion"] for r in rows],
-                          [{"label": r["label"], "boxes": r["true_boxes"]} for r in rows], stage="gamma")
-    summary["gamma_reward"] = float(np.mean(gamma["total"]))
+    completions = [r["completion"] for r in rows]
+    targets = [{"label": r["label"], "boxes": r["true_boxes"]} for r in rows]
+    summary["stage_rewards"] = {stage: float(np.mean(rewards.score(completions, targets, stage=stage)["total"]))
+                                for stage in STAGES}
+    summary["gamma_reward"] = summary["stage_rewards"]["gamma"]
     return summary, (detector, decoder[-1] if decoder else make_decoder())
 
 
@@ -322,6 +324,20 @@ def _stage_trends(history: list[dict]) -> str:
             k = max(1, r.size // 3)
             slope = round(float(np.polyfit(np.arange(r.size), r, 1)[0]), 4) + 0.0 if r.size > 1 else 0.0  # no -0.000
             parts.append(f"{stage} {r[:k].mean():+.2f} -> {r[-k:].mean():+.2f} (slope {slope:+.3f}/step)")
+    return "; ".join(parts)
+
+
+def _held_out_stage_rewards(evals: list[tuple[str, dict]]) -> str:
+    """Per GRPO stage: the mean held-out reward under that stage's weights at the stage's start (the
+    evaluation before it: after SFT for alpha) and at its end. The same images, greedy decoding: unlike a
+    training step's mean reward, it does not depend on which prompts a step drew."""
+    by_title = dict(evals)
+    parts = []
+    for before, stage in zip(("after SFT",) + tuple(f"after GRPO {s}" for s in STAGES), STAGES):
+        start, end = by_title.get(before), by_title.get(f"after GRPO {stage}")
+        if start and end and "stage_rewards" in start and "stage_rewards" in end:
+            a, b = start["stage_rewards"][stage], end["stage_rewards"][stage]
+            parts.append(f"{stage} {a:+.3f} -> {b:+.3f} ({'rises' if b > a else 'falls' if b < a else 'flat'})")
     return "; ".join(parts)
 
 
@@ -448,6 +464,8 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     _say("\nphase times, wall (cpu): " + ", ".join(f"{name} {s:.0f}s ({c:.0f}s)" for name, s, c in phases.times))
     _say("\nheld-out results (greedy decoding; gamma reward = mean gamma-stage reward of those completions):\n")
     _say(_table(evals))
+    _say("\nheld-out reward under each GRPO stage's own weights, at the stage's start -> end (same images): "
+         + _held_out_stage_rewards(evals))
     _say(f"\nreports: {reports[0]}, {reports[1]}\noverlays (before SFT | after SFT | after GRPO; white: the true "
          f"region): {sheet}")
     _say(f"\nfxjax demo finished in {total / 60:.1f} min on {_device()}; outputs in {out}")

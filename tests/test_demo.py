@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fxjax.cli import main
-from fxjax.demo import STAGES, _alternating_labels, _stage_trends, _table
+from fxjax.demo import STAGES, _alternating_labels, _held_out_stage_rewards, _stage_trends, _table
 
 
 def test_table_has_a_row_per_phase_and_the_issue_columns():
@@ -32,6 +32,18 @@ def test_stage_trends_compare_thirds_and_fit_a_slope():
     assert "alpha +0.50 -> +4.50 (slope +1.000/step)" in text
     assert "beta +5.00 -> +5.00 (slope +0.000/step)" in text
     assert "gamma +3.00 -> +1.00 (slope -1.000/step)" in text
+
+
+def test_held_out_stage_rewards_compare_each_stage_start_with_its_end():
+    """Each stage is judged by its own weights, from the evaluation before it to the one after it."""
+    def ev(alpha, beta, gamma):
+        return {"stage_rewards": {"alpha": alpha, "beta": beta, "gamma": gamma}}
+
+    evals = [("before SFT", ev(-1, -2, -3)), ("after SFT", ev(3.0, 4.0, 1.5)), ("after GRPO alpha", ev(3.5, 3.9, 1.6)),
+             ("after GRPO beta", ev(3.6, 3.8, 1.7)), ("after GRPO gamma", ev(3.0, 4.4, 1.7))]
+    assert _held_out_stage_rewards(evals) == ("alpha +3.000 -> +3.500 (rises); beta +3.900 -> +3.800 (falls); "
+                                              "gamma +1.700 -> +1.700 (flat)")
+    assert _held_out_stage_rewards(evals[:3]) == "alpha +3.000 -> +3.500 (rises)"  # a run stopped after alpha
 
 
 def test_grpo_prompts_alternate_generated_and_real(tmp_path):
@@ -61,6 +73,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
         assert json.loads((out / "eval" / phase.lower().replace("grpo ", "").replace(" ", "-")
                            / "metrics.json").read_text())["examples"] > 0
     assert "phase times, wall (cpu):" in text
+    assert "at the stage's start -> end (same images): alpha " in text and "; gamma " in text
     for png in ("sft_report.png", "grpo_report.png", "detect_overlays.png"):
         assert (out / "report" / png).stat().st_size > 1000
     assert (out / "export" / "merged" / "config.json").is_file()
