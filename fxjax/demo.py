@@ -36,29 +36,10 @@ pick up within minutes:
   one-line system prompt: few tokens per step (the 152k-way lm_head is most of a step's cost), and the
   image tokens a larger share of what the answer attends over.
 
-Measured while tuning (seed 0, 60 held-out images, greedy; SFT at lr 1e-3 unless said): on 112 x 112
-images (4 rows of tokens, row code in the region, one-line system prompt) the SFT model wrote the same row
-for every image after 300 steps (IoU 0.21; at lr 3e-4, 600 steps, 0.35) and GRPO from it moved the IoU by
-+0.01 at best; on 84 x 84 (3 rows, one user prompt) 300 steps gave IoU 0.42; on 56 x 56, 120 steps gave
-0.58 with the nine user-prompt templates (the same row for every image) and 0.79 with one user prompt
-(`data.user_prompt`), 300 steps with one user prompt 1.00. Why one prompt helps: the answer position
-attends over the prompt, and nine different prompts move its state more than the image does.
-
-GRPO and the boxes. From the 120-step SFT adapter (IoU 0.79, the teacher-forced
-probabilities of the two row digits 0.53 / 0.47 for top-band images, 0.19 / 0.81 for bottom-band ones),
-3 x 10 GRPO steps at lr 1e-4, 2e-4 or 5e-4, top-k 2, 5 or 50, each ended with one row for every image
-(IoU 0.42-0.58; with a learning rate of 1e-9 the IoU stays 0.79, so the loading and evaluation path is not
-the cause). From the demo's 200-step seed-0 SFT adapter (IoU 0.758) at lr 1e-4, top-k 5: with a constant
-learning rate 0.939 / 0.788 / 0.758 after alpha / beta / gamma (the gain of alpha walked away), with the
-learning rate decaying along a cosine over the 30 steps 0.939 / 0.879 / 0.909: the demo's setting.
-GRPO improves the row only where SFT left it nearly right: the row is learned abruptly during SFT, at a
-step that depends on the seed (seed 0: IoU 0.606 after 150 steps, 0.576 after 175, 0.758 after 200; seed
-1: 0.800, 1.000, 1.000), and from a start that writes one row for (nearly) every image (seed 0, 150 steps)
-GRPO made it one row for all (0.576), while from seed 1's 150-step start (0.800) it reached 0.933 / 0.933
-/ 0.967. Most of a step's groups carry no signal (all four samples get the same reward: 50-100% of the
-groups per step), so 30 steps of 4 generated prompts are few. The demo's
-GRPO uses SFT's data with generated and real prompts alternating (`_alternating_labels`), so a step's mean
-reward follows the policy rather than the real/generated mix it happened to draw.
+What was measured while tuning these settings, and what GRPO does and does not do with them:
+docs/demo_tuning.md (the README's demo section sums it up). The demo's GRPO uses SFT's data with generated
+and real prompts alternating (`_alternating_labels`), so a step's mean reward follows the policy rather than
+the real/generated mix it happened to draw.
 """
 
 from __future__ import annotations
