@@ -311,14 +311,12 @@ def _stage_trends(history: list[dict]) -> str:
 def _held_out_stage_rewards(evals: list[tuple[str, dict]]) -> str:
     """Per GRPO stage: the mean held-out reward under that stage's weights at the stage's start (the
     evaluation before it: after SFT for alpha) and at its end. The same images, greedy decoding: unlike a
-    training step's mean reward, it does not depend on which prompts a step drew."""
-    by_title = dict(evals)
+    training step's mean reward, it does not depend on which prompts a step drew. `evals` in run order
+    (before SFT, after SFT, after each stage); a run that stopped early has fewer."""
     parts = []
-    for before, stage in zip(("after SFT",) + tuple(f"after GRPO {s}" for s in STAGES), STAGES):
-        start, end = by_title.get(before), by_title.get(f"after GRPO {stage}")
-        if start and end and "stage_rewards" in start and "stage_rewards" in end:
-            a, b = start["stage_rewards"][stage], end["stage_rewards"][stage]
-            parts.append(f"{stage} {a:+.3f} -> {b:+.3f} ({'rises' if b > a else 'falls' if b < a else 'flat'})")
+    for (_, start), (_, end), stage in zip(evals[1:], evals[2:], STAGES):
+        a, b = start["stage_rewards"][stage], end["stage_rewards"][stage]
+        parts.append(f"{stage} {a:+.3f} -> {b:+.3f} ({'rises' if b > a else 'falls' if b < a else 'flat'})")
     return "; ".join(parts)
 
 
