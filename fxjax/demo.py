@@ -38,8 +38,9 @@ pick up within minutes:
 
 What was measured while tuning these settings, and what GRPO does and does not do with them:
 docs/demo_tuning.md (the README's demo section sums it up). The demo's GRPO uses SFT's data with generated
-and real prompts alternating (`_alternating_labels`), so a step's mean reward follows the policy rather than
-the real/generated mix it happened to draw.
+and real prompts alternating and the generated ones alternating between the two bands (`_balanced_prompts`),
+so a step's mean reward follows the policy rather than the mix it happened to draw, and no step pushes the row
+one way for every image.
 """
 
 from __future__ import annotations
@@ -194,21 +195,38 @@ def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path
     return summary, (detector, decoder[-1] if decoder else make_decoder())
 
 
-def _alternating_labels(train_file: Path, out_file: Path, seed: int) -> Path:
-    """The training records in a seeded order that alternates generated and real, for GRPO without shuffling:
-    every step then gets as many generated prompts as real ones. A real image earns the IoU term's 1.0 for
-    writing no box, a generated one earns its IoU, so with shuffled prompts a step's mean reward mostly
-    follows how many real images it drew; with the mix fixed, it follows what the policy learns. Records
-    beyond the shorter label's count are left out (the demo's data are half and half)."""
+def _balanced_prompts(train_file: Path, out_file: Path, seed: int) -> Path:
+    """The training records in a seeded order for GRPO without shuffling, balanced twice over: generated and
+    real alternate, and the generated ones cycle through where their region starts (the demo's two bands:
+    generated-top, real, generated-bottom, real, ...), so every step of 8 prompts gets 4 real images and
+    2 generated images of each band.
+
+    Why the labels: a real image earns the IoU term's 1.0 for writing no box, a generated one earns its IoU,
+    so with shuffled prompts a step's mean reward mostly follows how many real images it drew.
+    Why the bands: with the labels alone, a step's generated images were often all of one band; the row's
+    shared bias then got a coherent push each step while the image-dependent reading got a noisy one, and
+    GRPO drove some seeds to one row for every image (docs/demo_tuning.md). Records beyond the smallest
+    group's share are left out."""
     import numpy as np
 
-    lines = train_file.read_text(encoding="utf-8").splitlines()
-    by_label = {"generated": [], "real": []}
-    for line in lines:
-        by_label[json.loads(line)["label"]].append(line)
+    real, generated = [], {}
+    for n, line in enumerate(train_file.read_text(encoding="utf-8").splitlines(), 1):
+        row = json.loads(line)
+        if row["label"] == "real":
+            real.append(line)
+            continue
+        if not row.get("regions"):
+            raise ValueError(f"{train_file}:{n}: generated record {row.get('id')!r} has no regions to balance by")
+        generated.setdefault(row["regions"][0]["bbox"][1], []).append(line)
+    bands = [generated[top] for top in sorted(generated)]
     rng = np.random.default_rng((seed, 1))
-    shuffled = [[group[i] for i in rng.permutation(len(group))] for group in by_label.values()]
-    out_file.write_text("".join(a + "\n" + b + "\n" for a, b in zip(*shuffled)), encoding="utf-8")
+    real, *bands = [[group[i] for i in rng.permutation(len(group))] for group in (real, *bands)]
+    cycles = min([len(real) // max(len(bands), 1)] + [len(b) for b in bands])
+    order = []
+    for c in range(cycles):
+        for k, band in enumerate(bands):
+            order += [band[c], real[len(bands) * c + k]]
+    out_file.write_text("".join(line + "\n" for line in order), encoding="utf-8")
     return out_file
 
 
@@ -401,7 +419,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
 
     config = json.loads(json.dumps(DEMO["grpo"]["config"]))
     config["model"].update(path=str(model_dir), adapter=str(out / "sft-adapter"))
-    prompts = _alternating_labels(files["train"], out / "data" / "grpo_prompts.jsonl", seed)
+    prompts = _balanced_prompts(files["train"], out / "data" / "grpo_prompts.jsonl", seed)
     config["data"].update(train_files=[str(prompts)], seed=seed, shuffle=False)
     config["train"].update(seed=seed, output_dir=str(out / "grpo"))
     config["checkpoint"]["every"] = stage_steps  # a checkpoint at each stage's end, for `fxjax eval --step`

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fxjax.cli import main
-from fxjax.demo import STAGES, _alternating_labels, _held_out_stage_rewards, _stage_trends, _table
+from fxjax.demo import STAGES, _balanced_prompts, _held_out_stage_rewards, _stage_trends, _table
 
 
 def test_table_has_a_row_per_phase_and_the_issue_columns():
@@ -46,21 +46,27 @@ def test_held_out_stage_rewards_compare_each_stage_start_with_its_end():
     assert _held_out_stage_rewards(evals[:3]) == "alpha +3.000 -> +3.500 (rises)"  # a run stopped after alpha
 
 
-def test_grpo_prompts_alternate_generated_and_real(tmp_path):
-    """GRPO's prompt file: the same records, generated and real alternating (so every even-sized step has
-    half of each), a seeded order, the surplus of the larger label left out."""
-    labels = ["generated"] * 5 + ["real"] * 3
-    rows = [json.dumps({"id": f"r{i}", "label": label}) for i, label in enumerate(labels)]
-    (tmp_path / "train.jsonl").write_text("".join(r + "\n" for r in rows))
-    out = _alternating_labels(tmp_path / "train.jsonl", tmp_path / "p.jsonl", seed=0)
+def test_grpo_prompts_balance_labels_and_bands(tmp_path):
+    """GRPO's prompt file: the same records in a seeded order, generated and real alternating and the
+    generated ones cycling through the bands (top, real, bottom, real, ...: every step of 8 gets 4 real and
+    2 of each band), the surplus beyond the smallest group's share left out."""
+    rows = ([{"label": "generated", "regions": [{"bbox": [0, 28, 56, 56]}]}] * 4
+            + [{"label": "generated", "regions": [{"bbox": [0, 0, 56, 28]}]}] * 3 + [{"label": "real"}] * 7)
+    rows = [dict(r, id=f"r{i}") for i, r in enumerate(rows)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = _balanced_prompts(tmp_path / "train.jsonl", tmp_path / "p.jsonl", seed=0)
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["label"] for r in got] == ["generated", "real"] * 3
-    assert {r["id"] for r in got if r["label"] == "real"} == {"r5", "r6", "r7"}
-    assert len({r["id"] for r in got}) == 6
-    again = _alternating_labels(tmp_path / "train.jsonl", tmp_path / "q.jsonl", seed=0).read_text()
+    band = [r["regions"][0]["bbox"][1] if r["label"] == "generated" else "real" for r in got]
+    assert band == [0, "real", 28, "real"] * 3  # 3 top-band records: 3 cycles
+    assert len({r["id"] for r in got}) == 12
+    assert {r["id"] for r in got if band[got.index(r)] == 0} == {"r4", "r5", "r6"}  # every top-band record
+    again = _balanced_prompts(tmp_path / "train.jsonl", tmp_path / "q.jsonl", seed=0).read_text()
     assert again == out.read_text()
-    other = [_alternating_labels(tmp_path / "train.jsonl", tmp_path / "o.jsonl", seed=s).read_text() for s in (1, 2, 3)]
+    other = [_balanced_prompts(tmp_path / "train.jsonl", tmp_path / "o.jsonl", seed=s).read_text() for s in (1, 2, 3)]
     assert any(o != again for o in other)  # the order depends on the seed
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "g", "label": "generated"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: generated record 'g' has no regions"):
+        _balanced_prompts(tmp_path / "bad.jsonl", tmp_path / "b.jsonl", seed=0)
 
 
 @pytest.mark.slow
