@@ -219,10 +219,13 @@ def _balanced_prompts(train_file: Path, out_file: Path, seed: int) -> Path:
         if not row.get("regions"):
             raise ValueError(f"{train_file}:{n}: generated record {row.get('id')!r} has no regions to balance by")
         generated.setdefault(row["regions"][0]["bbox"][1], []).append(line)
-    bands = [generated[top] for top in sorted(generated)]
+    if not real or not generated:
+        raise ValueError(f"{train_file}: GRPO's balanced prompts need real and generated records; "
+                         f"it has {len(real)} real and {sum(map(len, generated.values()))} generated")
     rng = np.random.default_rng((seed, 1))
-    real, *bands = [[group[i] for i in rng.permutation(len(group))] for group in (real, *bands)]
-    cycles = min([len(real) // max(len(bands), 1)] + [len(b) for b in bands])
+    real, *bands = [[group[i] for i in rng.permutation(len(group))]
+                    for group in (real, *(generated[top] for top in sorted(generated)))]
+    cycles = min([len(real) // len(bands)] + [len(b) for b in bands])
     order = []
     for c in range(cycles):
         for k, band in enumerate(bands):

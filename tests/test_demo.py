@@ -59,7 +59,7 @@ def test_grpo_prompts_balance_labels_and_bands(tmp_path):
     band = [r["regions"][0]["bbox"][1] if r["label"] == "generated" else "real" for r in got]
     assert band == [0, "real", 28, "real"] * 3  # 3 top-band records: 3 cycles
     assert len({r["id"] for r in got}) == 12
-    assert {r["id"] for r in got if band[got.index(r)] == 0} == {"r4", "r5", "r6"}  # every top-band record
+    assert {r["id"] for r, b in zip(got, band) if b == 0} == {"r4", "r5", "r6"}  # every top-band record
     again = _balanced_prompts(tmp_path / "train.jsonl", tmp_path / "q.jsonl", seed=0).read_text()
     assert again == out.read_text()
     other = [_balanced_prompts(tmp_path / "train.jsonl", tmp_path / "o.jsonl", seed=s).read_text() for s in (1, 2, 3)]
@@ -67,6 +67,10 @@ def test_grpo_prompts_balance_labels_and_bands(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "g", "label": "generated"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: generated record 'g' has no regions"):
         _balanced_prompts(tmp_path / "bad.jsonl", tmp_path / "b.jsonl", seed=0)
+    (tmp_path / "real.jsonl").write_text(json.dumps({"id": "x", "label": "real"}) + "\n")
+    with pytest.raises(ValueError, match=r"real.jsonl: GRPO's balanced prompts need real and generated records; "
+                                         r"it has 1 real and 0 generated"):
+        _balanced_prompts(tmp_path / "real.jsonl", tmp_path / "b.jsonl", seed=0)
 
 
 @pytest.mark.slow
