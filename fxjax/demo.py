@@ -316,18 +316,36 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _stage_trends(history: list[dict]) -> str:
-    """Per stage: mean training reward of its first and last third of steps, and the least-squares slope
-    per step (one step's reward is noisy: a few prompts x G samples)."""
+    """Per stage: mean training reward of its first and last third of steps, the least-squares slope per
+    step with its standard error, and whether the slope is more than two standard errors from 0 (one
+    step's reward is noisy: a few prompts x G samples, so a stage of 10 steps shows a trend only when the
+    policy moves more than the sampling does)."""
     import numpy as np
 
     parts = []
     for stage in STAGES:
         r = np.array([h["reward/total_mean"] for h in history if h["stage"] == stage])
-        if r.size:
-            k = max(1, r.size // 3)
-            slope = round(float(np.polyfit(np.arange(r.size), r, 1)[0]), 4) + 0.0 if r.size > 1 else 0.0  # no -0.000
-            parts.append(f"{stage} {r[:k].mean():+.2f} -> {r[-k:].mean():+.2f} (slope {slope:+.3f}/step)")
+        if not r.size:
+            continue
+        k = max(1, r.size // 3)
+        text = f"{stage} {r[:k].mean():+.2f} -> {r[-k:].mean():+.2f}"
+        if r.size > 2:
+            slope, se = _slope(r)
+            verdict = "rises" if slope > 2 * se else "falls" if slope < -2 * se else "no trend beyond noise"
+            text += f" (slope {slope:+.3f} +/- {se:.3f}/step: {verdict})"
+        parts.append(text)
     return "; ".join(parts)
+
+
+def _slope(values) -> tuple[float, float]:
+    """Least-squares slope of values over their index and its standard error (n >= 3)."""
+    import numpy as np
+
+    x = np.arange(values.size, dtype=np.float64)
+    slope, intercept = np.polyfit(x, values, 1)
+    residuals = values - (slope * x + intercept)
+    se = float(np.sqrt(residuals @ residuals / (values.size - 2) / np.sum((x - x.mean()) ** 2)))
+    return round(float(slope), 4) + 0.0, se  # + 0.0: no -0.000
 
 
 def _held_out_stage_rewards(evals: list[tuple[str, dict]]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fxjax.cli import main
@@ -29,9 +30,27 @@ def test_stage_trends_compare_thirds_and_fit_a_slope():
     history = [{"stage": s, "reward/total_mean": float(v)}
                for s, values in zip(STAGES, ([0, 1, 2, 3, 4, 5], [5, 5, 5, 5, 5, 5], [3, 2, 1])) for v in values]
     text = _stage_trends(history)
-    assert "alpha +0.50 -> +4.50 (slope +1.000/step)" in text
-    assert "beta +5.00 -> +5.00 (slope +0.000/step)" in text
-    assert "gamma +3.00 -> +1.00 (slope -1.000/step)" in text
+    assert "alpha +0.50 -> +4.50 (slope +1.000 +/- 0.000/step: rises)" in text
+    assert "beta +5.00 -> +5.00 (slope +0.000 +/- 0.000/step: no trend beyond noise)" in text
+    assert "gamma +3.00 -> +1.00 (slope -1.000 +/- 0.000/step: falls)" in text
+
+
+def test_stage_trends_call_a_slope_within_two_standard_errors_noise():
+    """Rewards alternating 1, 3 have a fitted slope (0.171/step) well inside two standard errors: noise. A
+    rise of 0.5/step with a tenth of that scatter is a trend. Two steps have no standard error: no slope
+    is claimed."""
+    noisy = np.array([1.0, 3.0, 1.0, 3.0, 1.0, 3.0])
+    x = np.arange(6)
+
+    def trends(values):
+        return _stage_trends([{"stage": "alpha", "reward/total_mean": float(v)} for v in values])
+
+    fit = np.polyfit(x, noisy, 1)
+    se = np.sqrt(np.sum((noisy - np.polyval(fit, x)) ** 2) / 4 / np.sum((x - 2.5) ** 2))
+    assert trends(noisy) == f"alpha +2.00 -> +2.00 (slope {fit[0]:+.3f} +/- {se:.3f}/step: no trend beyond noise)"
+    assert trends(2.0 + 0.1 * (noisy - 2.0) + 0.5 * x).endswith(": rises)")
+    assert trends(2.0 + 0.1 * (noisy - 2.0) - 0.5 * x).endswith(": falls)")
+    assert trends([1.0, 2.0]) == "alpha +1.00 -> +2.00"
 
 
 def test_held_out_stage_rewards_compare_each_stage_start_with_its_end():
