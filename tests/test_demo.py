@@ -36,18 +36,20 @@ def test_stage_trends_compare_thirds_and_fit_a_slope():
 
 
 def test_stage_trends_call_a_slope_within_two_standard_errors_noise():
-    """Rewards alternating 1, 3 have a fitted slope (0.171/step) well inside two standard errors: noise. A
-    rise of 0.5/step with a tenth of that scatter is a trend. Two steps have no standard error: no slope
-    is claimed."""
+    """Rewards alternating 1, 3 have a fitted slope (0.171/step) well inside two standard errors (0.280,
+    scipy's linregress as the oracle): noise. A rise of 0.5/step with a tenth of that scatter is a trend.
+    Two steps have no standard error: no slope is claimed."""
+    from scipy.stats import linregress
+
     noisy = np.array([1.0, 3.0, 1.0, 3.0, 1.0, 3.0])
     x = np.arange(6)
 
     def trends(values):
         return _stage_trends([{"stage": "alpha", "reward/total_mean": float(v)} for v in values])
 
-    fit = np.polyfit(x, noisy, 1)
-    se = np.sqrt(np.sum((noisy - np.polyval(fit, x)) ** 2) / 4 / np.sum((x - 2.5) ** 2))
-    assert trends(noisy) == f"alpha +2.00 -> +2.00 (slope {fit[0]:+.3f} +/- {se:.3f}/step: no trend beyond noise)"
+    fit = linregress(x, noisy)
+    assert trends(noisy) == (f"alpha +2.00 -> +2.00 (slope {fit.slope:+.3f} +/- {fit.stderr:.3f}/step: "
+                             "no trend beyond noise)")
     assert trends(2.0 + 0.1 * (noisy - 2.0) + 0.5 * x).endswith(": rises)")
     assert trends(2.0 + 0.1 * (noisy - 2.0) - 0.5 * x).endswith(": falls)")
     assert trends([1.0, 2.0]) == "alpha +1.00 -> +2.00"
