@@ -5,6 +5,9 @@ tests anyway)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +116,19 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     assert [h["stage"] for h in history if h["kind"] == "train"] == ["alpha", "beta", "gamma"]
     # the seed reaches the data: seed 1's images are not seed 0's
     assert json.loads((out / "data" / "test.jsonl").read_text().splitlines()[0])["id"].startswith("demo-1-")
+    # bench/demo_policy.py on the same output: the expected reward per checkpoint and the stage changes
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "demo_policy.py"), str(out),
+                           "--samples", "2", "--examples", "8"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    means = {line.split(":")[0].strip(): line for line in lines if ": mean reward alpha" in line}
+    assert list(means) == ["after SFT", "after alpha", "after beta", "after gamma"]
+    def mean(checkpoint, stage):
+        return float(means[checkpoint].split(f"{stage} ")[1].split(",")[0])
+
+    names = list(means)
+    for start_name, end_name, stage in zip(names, names[1:], STAGES):  # each stage: the checkpoint before it -> its own
+        change = next(line for line in lines if line.startswith(f"  {stage}: ") and "change" in line)
+        start, end = (float(v) for v in change.split(":")[1].split(", change")[0].split(" -> "))
+        assert (start, end) == (mean(start_name, stage), mean(end_name, stage))
+    assert "first digit of y1" in proc.stdout
