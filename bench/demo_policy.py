@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 from pathlib import Path
 
@@ -43,6 +42,9 @@ from fxjax.demo import STAGES, _model_args
 from fxjax.model.generate import decode_step, generate_device, next_positions, prefill, sample_groups
 from fxjax.train.batching import pad_rows, pad_vision_inputs
 from fxjax.train.inference import GreedyDecoder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from forward import cpu_model  # noqa: E402  (bench/forward.py: the CPU's model name; imports no jax)
 
 BATCH = 10
 SEED = 1234  # the common random numbers: the same key for every checkpoint
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     records = records[:args.examples]
     targets = [{"label": r.label, "boxes": [list(region.bbox) for region in r.regions]} for r in records]
     print(f"{demo}: {len(records)} held-out images, {args.samples} samples each at temperature "
-          f"{grpo['temperature']}, top-k {grpo['top_k']}; {platform.processor() or platform.machine()}, "
+          f"{grpo['temperature']}, top-k {grpo['top_k']}; {cpu_model()}, "
           f"{jax.device_count()} {jax.default_backend()} device(s)", flush=True)
     expected, digits, names = {}, {}, []
     for name, source in checkpoints(demo):
