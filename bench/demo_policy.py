@@ -40,7 +40,6 @@ from fxjax.data.records import load_records
 from fxjax.data.tokenizer import token_id
 from fxjax.demo import STAGES, _model_args
 from fxjax.model.generate import decode_step, generate_device, next_positions, prefill, sample_groups
-from fxjax.train.batching import pad_rows, pad_vision_inputs
 from fxjax.train.inference import GreedyDecoder
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -70,7 +69,6 @@ class Policy:
         detector = resolve_detector(args)
         detector.load()
         self.model = detector.model
-        self.model.eval()
         self.decoder = GreedyDecoder(self.model, detector.tokenizer, batch_size=BATCH, max_new_tokens=max_new_tokens)
         self.tokenizer = self.decoder.tokenizer
         self.max_new_tokens = max_new_tokens
@@ -78,19 +76,9 @@ class Policy:
         self.records = records
 
     def batches(self):
-        """(batch index, real rows, prepared inputs) with the vision inputs padded as the decoder does."""
+        """(batch index, real rows, model inputs prepared as the greedy decoder prepares them)."""
         for index, batch in enumerate(DataPipeline(self.config, records=self.records)):
-            real = len(batch["meta"])
-            batch = pad_rows(batch, BATCH)
-            inputs = self.model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                        batch["image_grid_thw"])
-            inputs, self.decoder._floor = pad_vision_inputs(inputs, self.model.config, self.decoder._floor)
-            yield index, real, inputs
-
-    def text(self, ids: list[int]) -> str:
-        if self.decoder.im_end in ids:
-            ids = ids[:ids.index(self.decoder.im_end)]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+            yield index, len(batch["meta"]), self.decoder.inputs(batch)
 
     def samples(self, n: int, temperature: float, top_k: int) -> list[list[str]]:
         """n sampled completions per record, from the same random numbers whatever the checkpoint."""
@@ -101,7 +89,7 @@ class Policy:
                                               temperature=temperature, top_k=top_k or None, rng=rng,
                                               eos_token_ids=(self.decoder.im_end,),
                                               pad_token_id=self.decoder.pad_id).tokens)
-            out += [[self.text(tokens[r * n + g].tolist()) for g in range(n)] for r in range(real)]
+            out += [[self.decoder.text(tokens[r * n + g].tolist()) for g in range(n)] for r in range(real)]
         return out
 
     def row_digit(self) -> list[tuple[float, float] | None]:

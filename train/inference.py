@@ -57,23 +57,27 @@ class GreedyDecoder:
 
     def complete(self, batch: dict) -> list[str]:
         """Greedy completions of one prompt batch (up to batch_size rows), one text per row."""
+        real = len(batch["meta"])
+        inputs = self.inputs(batch)
+        out = generate_device(self.model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=(self.im_end,),
+                              pad_token_id=self.pad_id)
+        tokens = gather(out.tokens)
+        return [self.text(tokens[row].tolist()) for row in range(real)]
+
+    def inputs(self, batch: dict):
+        """The model inputs of one prompt batch, as `complete` decodes them: rows padded to batch_size, vision
+        inputs padded up to the running floor, split over the mesh's data axes when the batch divides."""
         model = self.model
         model.eval()
-        real = len(batch["meta"])
         batch = pad_rows(batch, self.batch_size)
         split = self.mesh is not None and splits_batch(self.mesh, self.batch_size)
         inputs = model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                batch["image_grid_thw"], batch_shards=batch_shards(self.mesh) if split else None)
         inputs, self._floor = pad_vision_inputs(inputs, model.config, self._floor)
-        if split:
-            inputs = shard_inputs(inputs, self.mesh)
-        out = generate_device(model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=(self.im_end,),
-                              pad_token_id=self.pad_id)
-        tokens = gather(out.tokens)
-        texts = []
-        for row in range(real):
-            ids = tokens[row].tolist()
-            if self.im_end in ids:
-                ids = ids[:ids.index(self.im_end)]
-            texts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
-        return texts
+        return shard_inputs(inputs, self.mesh) if split else inputs
+
+    def text(self, ids: list[int]) -> str:
+        """One row's completion text: up to its first <|im_end|>, special tokens kept."""
+        if self.im_end in ids:
+            ids = ids[:ids.index(self.im_end)]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
