@@ -98,22 +98,35 @@ def _reference_logps(model, prompts, r):
 @pytest.mark.parametrize("batch_shards", [1, 2])
 def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model, batch_shards):
     """batch_shards 2: each prompt's image packed in its own shard's block (vision [A, 2, ...]), the G rows
-    of a prompt pointing into that block."""
+    of a prompt pointing into that block. The packed path (only the loss's tokens reach the lm_head, one
+    block of slots per shard) gives the unpacked path's log-probs and entropies at every loss token, and
+    0 elsewhere; a row out of the loss (a masked truncated completion) gets no slots."""
     rng = np.random.RandomState(0)
     prompts = _prompts(rng)
     r = _rollout(rng, prompts)
-    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=1, floor={},
-                                 batch_shards=batch_shards)
+    r.loss_mask[1] = 0.0  # as mask_truncated_completions leaves a truncated row
+    batch, floor = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=1, floor={},
+                                     batch_shards=batch_shards)
     assert batch.inputs.vision.valid.ndim == (2 if batch_shards == 1 else 3)
     n_images = prompts["image_grid_thw"].shape[0]
     assert int(batch.inputs.vision.valid[0].sum()) == int(np.prod(prompts["image_grid_thw"], axis=1).sum())
+    slots = batch.slots
+    assert slots.hidden.shape == (1, batch_shards, floor["update_slots"]) and floor["update_slots"] % 64 == 0
+    per_shard = r.loss_mask.reshape(batch_shards, -1).sum(axis=1)
+    np.testing.assert_array_equal((slots.grid[0] < G * 2 // batch_shards * N).sum(axis=1), per_shard)
     inputs = jax.tree.map(lambda x: x[0], batch.inputs)
-    logps, entropy = jax.jit(lambda m, i, c: completion_logps(m, i, c, temperature=TEMPERATURE, chunk=4))(
-        model, inputs, jnp.asarray(batch.completion_ids[0]))
+    run = jax.jit(lambda m, i, c, s: completion_logps(m, i, c, temperature=TEMPERATURE, chunk=4, slots=s))
+    logps, entropy = run(model, inputs, jnp.asarray(batch.completion_ids[0]), None)
+    packed, packed_entropy = run(model, inputs, jnp.asarray(batch.completion_ids[0]), jax.tree.map(lambda x: x[0], slots))
     ref = _reference_logps(model, prompts, r)
     mask = r.attention.astype(bool)
     assert rel_err(np.asarray(logps)[mask], ref[mask]) < 1e-5
     assert np.all(np.asarray(entropy) > 0) and n_images == 2
+    loss = r.loss_mask > 0
+    assert loss.sum() < mask.sum()
+    np.testing.assert_allclose(np.asarray(packed)[loss], np.asarray(logps)[loss], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(np.asarray(packed_entropy)[loss], np.asarray(entropy)[loss], rtol=1e-6, atol=0)
+    assert not np.asarray(packed)[~loss].any() and not np.asarray(packed_entropy)[~loss].any()
 
 
 def _step_setup(model, prompts, r, n_micro):

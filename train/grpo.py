@@ -57,7 +57,7 @@ from fxjax.train.batching import (ProcessRows, agree_sizes, inputs_with_patch_dt
                                   with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
-from fxjax.train.grpo_step import GroupBatch, LossOptions, make_grpo_step, make_logps_fn
+from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make_grpo_step, make_logps_fn
 from fxjax.train.metrics import MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, prompt_inputs, rollout_sums,
                                  sample_and_score)
@@ -149,7 +149,8 @@ def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBa
     shard ([A, S, ...]) shards S the same way, one packed sequence is replicated."""
     inputs, s = _inputs_shardings(batch.inputs, mesh, shard_rows, 1)
     return GroupBatch(inputs, s(batch.completion_ids, 1), s(batch.completion_mask, 1), s(batch.advantages, 1),
-                      s(batch.old_logps, 1), s(batch.ref_logps, 1))
+                      s(batch.old_logps, 1), s(batch.ref_logps, 1),
+                      None if batch.slots is None else CompletionSlots(*(s(x, 1) for x in batch.slots)))
 
 
 def local_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:

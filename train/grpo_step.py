@@ -6,8 +6,12 @@ inputs of its own prompts only, and every completion row points at its prompt's 
 vision encoder runs once per image per pass and the gradient through the vision LoRA sums over the G
 completions of each image.
 
-Only completion positions reach the lm_head: the hidden states that predict completion tokens are
-gathered and the lm_head runs on chunks of them (a rematerialised scan, as the SFT loss), in float32
+Only the completion tokens in the loss reach the lm_head: the host packs their positions into slots
+(`CompletionSlots`, one block per batch shard, so each device gathers from its own rows), the hidden
+states that predict them are gathered and the lm_head runs on chunks of them (a rematerialised scan, as
+the SFT loss), and the log-probs go back to the [R, N] completion grid (0 at the other positions, which
+every loss term masks out). With a 152k vocabulary the lm_head is most of an update's work, and the padding
+after EOS is often half the grid. The lm_head runs in float32
 whatever the compute dtype (RL ratios need the precision: a bf16 logit near 20 has a step of 0.125), on
 logits / temperature as TRL does.
 
@@ -31,7 +35,19 @@ from fxjax.train.grpo_loss import grpo_loss
 from fxjax.train.remat import with_remat
 from fxjax.train.step import RNG_IMPL, OnMesh, TrainState, reseed_rest
 
-__all__ = ["GroupBatch", "LossOptions", "completion_logps", "make_grpo_step", "make_logps_fn"]
+__all__ = ["CompletionSlots", "GroupBatch", "LossOptions", "completion_logps", "make_grpo_step", "make_logps_fn"]
+
+
+class CompletionSlots(NamedTuple):
+    """The completion tokens in the loss, packed per batch shard: [S, n] each (S batch shards, whose rows
+    are the S contiguous blocks of the R rows). Slot j of shard s is the token ``target[s, j]`` at
+    ``grid[s, j]`` (= row in the shard * N + k) of that shard's [R / S, N] completion grid, predicted by
+    the hidden state at ``hidden[s, j]`` (= row in the shard * (Lp + N) + Lp - 1 + k). Padding slots have
+    grid = R / S * N (past the grid: their results are dropped)."""
+
+    hidden: jax.Array  # [S, n] int32
+    grid: jax.Array  # [S, n] int32
+    target: jax.Array  # [S, n] int32
 
 
 class GroupBatch(NamedTuple):
@@ -43,6 +59,7 @@ class GroupBatch(NamedTuple):
     advantages: jax.Array  # [A, R] float32
     old_logps: jax.Array | None  # [A, R, N] log-probs of the sampling policy (num_iterations > 1), else None
     ref_logps: jax.Array | None  # [A, R, N] reference (LoRA off) log-probs (beta > 0), else None
+    slots: CompletionSlots | None = None  # [A, S, n]: the tokens whose log-probs are computed; None: all R x N
 
 
 @dataclass(frozen=True)
@@ -72,39 +89,55 @@ def float32_logits(model, hidden: jax.Array) -> jax.Array:
     return out if head.bias is None else out + head.bias[...].astype(jnp.float32)
 
 
-def completion_logps(model, inputs: ModelInputs, completion_ids: jax.Array, *, temperature: float,
-                     chunk: int) -> tuple[jax.Array, jax.Array]:
+def completion_logps(model, inputs: ModelInputs, completion_ids: jax.Array, *, temperature: float, chunk: int,
+                     slots: CompletionSlots | None = None) -> tuple[jax.Array, jax.Array]:
     """(log-probs, entropies) [R, N] of the completion tokens under softmax(logits / temperature).
 
-    inputs are the full sequences [R, Lp + N]; the hidden state at Lp - 1 + k predicts completion token k."""
+    inputs are the full sequences [R, Lp + N]; the hidden state at Lp - 1 + k predicts completion token k.
+    With `slots` only the packed tokens are computed (0 elsewhere); without, every one of the R x N."""
     rows, n = completion_ids.shape
     hidden, _ = model.hidden_states(inputs)
-    prompt_len = hidden.shape[1] - n
-    predicting = hidden[:, prompt_len - 1: prompt_len - 1 + n]  # [R, N, D]
-    flat = predicting.reshape(rows * n, -1)
-    targets = completion_ids.reshape(rows * n).astype(jnp.int32)
-    total = rows * n
+    if slots is None:
+        prompt_len = hidden.shape[1] - n
+        predicting = hidden[:, prompt_len - 1: prompt_len - 1 + n]  # [R, N, D]
+        logps, entropy = _chunked_logps(model, predicting.reshape(1, rows * n, -1),
+                                        completion_ids.reshape(1, rows * n), temperature, chunk)
+        return logps.reshape(rows, n), entropy.reshape(rows, n)
+    shards = slots.hidden.shape[0]
+    per_shard = hidden.reshape(shards, -1, hidden.shape[-1])  # [S, R / S * (Lp + N), D]: each shard's rows
+    gathered = jax.vmap(lambda h, i: jnp.take(h, i, axis=0))(per_shard, slots.hidden)  # [S, n, D]
+    logps, entropy = _chunked_logps(model, gathered, slots.target, temperature, chunk)
+    grid = jnp.zeros((shards, rows // shards * n), jnp.float32)
+    unpack = jax.vmap(lambda g, i, v: g.at[i].set(v, mode="drop"))
+    return (unpack(grid, slots.grid, logps).reshape(rows, n), unpack(grid, slots.grid, entropy).reshape(rows, n))
+
+
+def _chunked_logps(model, hidden: jax.Array, targets: jax.Array, temperature: float, chunk: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(log-probs, entropies) [S, T] of targets [S, T] from hidden [S, T, D], `chunk` tokens of each shard
+    at a time (the shard axis stays a batch axis, so a sharded S stays on its devices)."""
+    shards, total = targets.shape
     chunk = max(1, min(int(chunk), total))
     n_chunks = -(-total // chunk)
     pad = n_chunks * chunk - total
+    targets = targets.astype(jnp.int32)
     if pad:
-        flat = jnp.pad(flat, ((0, pad), (0, 0)))
-        targets = jnp.pad(targets, (0, pad))
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
 
     @jax.checkpoint
     def body(_, x):
-        h, tgt = x
-        logits = float32_logits(model, h) / temperature
+        h, tgt = x  # [S, chunk, D], [S, chunk]
+        logits = float32_logits(model, h.reshape(shards * chunk, -1)) / temperature
         logp_all = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(logp_all, tgt[:, None], axis=-1)[:, 0]
+        picked = jnp.take_along_axis(logp_all, tgt.reshape(-1, 1), axis=-1)[:, 0]
         entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-        return None, (picked, entropy)
+        return None, (picked.reshape(shards, chunk), entropy.reshape(shards, chunk))
 
-    _, (logps, entropy) = jax.lax.scan(body, None, (flat.reshape(n_chunks, chunk, -1),
-                                                    targets.reshape(n_chunks, chunk)))
-    logps = logps.reshape(-1)[:total].reshape(rows, n)
-    entropy = entropy.reshape(-1)[:total].reshape(rows, n)
-    return logps, entropy
+    xs = (hidden.reshape(shards, n_chunks, chunk, -1).swapaxes(0, 1), targets.reshape(shards, n_chunks, chunk).swapaxes(0, 1))
+    _, (logps, entropy) = jax.lax.scan(body, None, xs)  # [n_chunks, S, chunk]
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(shards, -1)[:, :total]  # noqa: E731
+    return unchunk(logps), unchunk(entropy)
 
 
 def _index(tree, i):
@@ -121,13 +154,15 @@ def make_logps_fn(graphdef, *, opts: LossOptions, loss_chunk: int, need_old: boo
 
         def one(i):
             inputs = _index(batch.inputs, i)
-            ids = batch.completion_ids[i]
+            ids, slots = batch.completion_ids[i], _index(batch.slots, i)
             old = ref = None
             if need_old:
-                old, _ = completion_logps(model, inputs, ids, temperature=opts.temperature, chunk=loss_chunk)
+                old, _ = completion_logps(model, inputs, ids, temperature=opts.temperature, chunk=loss_chunk,
+                                          slots=slots)
             if need_ref:
                 with lora_disabled(model):
-                    ref, _ = completion_logps(model, inputs, ids, temperature=opts.temperature, chunk=loss_chunk)
+                    ref, _ = completion_logps(model, inputs, ids, temperature=opts.temperature, chunk=loss_chunk,
+                                              slots=slots)
             return old, ref
 
         outs = [one(i) for i in range(batch.completion_ids.shape[0])]
@@ -162,7 +197,8 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, schedule: Callabl
             def loss_fn(model):
                 with_remat(model, remat, remat_vision)
                 logps, entropy = completion_logps(model, inputs, batch.completion_ids[i],
-                                                  temperature=opts.temperature, chunk=loss_chunk)
+                                                  temperature=opts.temperature, chunk=loss_chunk,
+                                                  slots=_index(batch.slots, i))
                 loss, metrics = grpo_loss(
                     logps, None if batch.old_logps is None else batch.old_logps[i],
                     None if batch.ref_logps is None else batch.ref_logps[i], batch.advantages[i], mask,

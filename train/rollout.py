@@ -32,10 +32,14 @@ from fxjax.device_mesh import use_mesh
 from fxjax.model.inputs import pad_vision
 from fxjax.train.batching import pad_vision_inputs
 from fxjax.train.grpo_loss import group_advantages
-from fxjax.train.grpo_step import GroupBatch
+from fxjax.train.grpo_step import CompletionSlots, GroupBatch
 
-__all__ = ["Rollout", "build_group_batch", "combine_rollout_sums", "completion_mask", "prompt_inputs",
-           "rollout_metrics", "rollout_sums", "sample_and_score"]
+__all__ = ["Rollout", "build_group_batch", "combine_rollout_sums", "completion_mask", "completion_slots",
+           "prompt_inputs", "rollout_metrics", "rollout_sums", "sample_and_score"]
+
+# Loss slots per batch shard come in multiples of this; the count only grows over a run (the shape floor),
+# so a run compiles a new update only when a batch has more loss tokens than any before it.
+SLOT_QUANTUM = 64
 
 
 @dataclass
@@ -226,14 +230,44 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
                                                axis=1).astype(np.int32),
             vision=pin.vision))
     vision, floor = _stack_vision([m.vision for m in micro], model_cfg, floor)
+    masks = np.asarray(r.loss_mask)[row_order].reshape(n_micro, per * g, n)
+    shards = batch_shards  # the rows' blocks, one per batch shard (1: all rows in one block)
+    need = max(int(block.sum()) for m in masks for block in m.reshape(shards, -1, n))
+    size = max(int(floor.get("update_slots", 0)), -(-max(need, 1) // SLOT_QUANTUM) * SLOT_QUANTUM)
+    floor = dict(floor, update_slots=size)
+    prompt_len = ids_all.shape[1]
+    tokens = np.asarray(r.tokens)[row_order].reshape(n_micro, per * g, n)
+    per_micro = [completion_slots(t, m, prompt_len, shards, size) for t, m in zip(tokens, masks)]
+    slots = CompletionSlots(*(np.stack(parts) for parts in zip(*per_micro)))
     stack = lambda name: np.stack([getattr(m, name) for m in micro])  # noqa: E731
     inputs = ModelInputs(stack("input_ids"), stack("attention_mask"), stack("position_ids"), stack("rope_deltas"),
                          stack("image_feature_index"), vision)
     shape = lambda x: None if x is None else np.asarray(x)[row_order].reshape(n_micro, per * g, n)  # noqa: E731
     batch = GroupBatch(inputs, shape(r.tokens).astype(np.int32), shape(r.loss_mask).astype(np.float32),
                        r.advantages[row_order].reshape(n_micro, per * g).astype(np.float32), shape(old_logps),
-                       shape(ref_logps))
+                       shape(ref_logps), slots)
     return batch, floor
+
+
+def completion_slots(tokens: np.ndarray, mask: np.ndarray, prompt_len: int, shards: int, size: int
+                     ) -> CompletionSlots:
+    """The loss's completion tokens of one micro-batch (tokens [R, N] where mask [R, N] > 0), packed into `size` slots per
+    batch shard (the R rows split into `shards` contiguous blocks); see grpo_step.CompletionSlots."""
+    rows, n = mask.shape
+    per = rows // shards
+    hidden = np.zeros((shards, size), np.int32)
+    grid = np.full((shards, size), per * n, np.int32)  # past the shard's grid: dropped
+    target = np.zeros((shards, size), np.int32)
+    ids = np.asarray(tokens).reshape(shards, per * n)
+    for s, block in enumerate(np.asarray(mask).reshape(shards, per, n)):
+        flat = np.flatnonzero(block.reshape(-1) > 0)
+        if flat.size > size:
+            raise ValueError(f"{flat.size} loss tokens do not fit {size} slots")
+        row, k = np.divmod(flat, n)
+        hidden[s, :flat.size] = row * (prompt_len + n) + prompt_len - 1 + k
+        grid[s, :flat.size] = flat
+        target[s, :flat.size] = ids[s, flat]
+    return CompletionSlots(hidden, grid, target)
 
 
 def _stack_vision(visions: list[VisionInputs | None], model_cfg, floor: dict[str, int]):
