@@ -14,7 +14,8 @@ turns it off on both):
   fxjax  `fxjax.train.grpo.run_grpo` itself (what `fxjax grpo` runs) on a GRPOConfig with one stage of
          1 + iters steps. Per step: group sampling (each prompt prefilled once, KV cache shared by its G rows),
          rewards (fxjax.rewards.score) and group advantages on the host, the reference log-probs (LoRA off),
-         one jitted update. The figure is the loop's own per-step `step_time` metric; the first step
+         one jitted update; both passes run each prompt through the decoder once (grpo.share_prompts, the
+         default; --full-sequences adds a run with G full sequences per prompt, as TRL). The figure is the loop's own per-step `step_time` metric; the first step
          (which compiles) is reported on its own.
   TRL    `trl.GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset, processing_class,
          peft_config=LoraConfig(...))` with a reward function that calls fxjax.rewards.score on the
@@ -28,6 +29,7 @@ with the figures; a JSON line carries them too.
 
     python bench/grpo_step.py              # mid config (~154M + Qwen's vocabulary), 4 prompts x G 8, 128 tokens
     python bench/grpo_step.py --small      # tiny config, smoke run
+    python bench/grpo_step.py --only fxjax --full-sequences   # fxjax's default (shared prompts) vs full sequences
 """
 
 from __future__ import annotations
@@ -147,12 +149,12 @@ def worker_fxjax(workdir: Path, args) -> dict:
         "optim": {"learning_rate": LEARNING_RATE, "schedule": "constant", "warmup_steps": 0,
                   "max_grad_norm": MAX_GRAD_NORM},
         "train": {"loss_chunk": args.loss_chunk, "progress_bar": False, "tensorboard": False,
-                  "output_dir": str(workdir / "fxjax_out"), "seed": SEED},
+                  "output_dir": str(workdir / ("fxjax_out_full" if args.full else "fxjax_out")), "seed": SEED},
         "checkpoint": {"every": 0, "async_save": True, "resume": False},
         "eval": {"at_end": False},
         "grpo": {"num_generations": args.num_generations, "max_completion_length": args.new_tokens,
                  "temperature": 1.0, "top_k": 0, "top_p": 1.0, "loss_type": "grpo", "beta": args.beta,
-                 "seed": SEED},
+                 "seed": SEED, "share_prompts": not args.full},
         "stages": [{"name": "alpha", "steps": 1 + args.iters}],
     })
     t0 = time.perf_counter()
@@ -297,6 +299,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-remat", action="store_true",
                     help="no activation recomputation (TRL gradient_checkpointing=False, fxjax model.remat=none)")
     ap.add_argument("--only", choices=("torch", "fxjax"), help="run one side only (no ratio)")
+    ap.add_argument("--full-sequences", action="store_true",
+                    help="also run fxjax with grpo.share_prompts false (G full prompt + completion sequences per "
+                         "prompt in the update, as TRL) and print the default's ratio to it")
+    ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the worker's share_prompts false
     fw.add_worker_args(ap)
     args = ap.parse_args(argv)
 
@@ -325,9 +331,12 @@ def main(argv=None) -> int:
         if args.only and worker != args.only:
             continue
         results[worker] = fw.run_child(__file__, worker, workdir, passthrough)
+    if args.full_sequences and args.only != "torch":
+        results["fxjax-full"] = fw.run_child(__file__, "fxjax", workdir, passthrough + ["--full"])
     tmp.cleanup()
 
-    labels = {"torch": "TRL GRPOTrainer + peft (torch)", "fxjax": "fxjax grpo loop (run_grpo)"}
+    labels = {"torch": "TRL GRPOTrainer + peft (torch)", "fxjax": "fxjax grpo loop (run_grpo)",
+              "fxjax-full": "fxjax, full sequences"}
     print("; ".join(r["version"] for r in results.values()) + "; trainable LoRA parameters: "
           + ", ".join(f"{w} {r['trainable']:,}" for w, r in results.items()))
     print()
@@ -343,21 +352,25 @@ def main(argv=None) -> int:
               f"{last['tokens']:>11.0f} | {last['completion_length_mean']:>10.1f} | "
               f"{'/'.join(f'{x:.1f}' for x in r['load']):>17} |")
     for worker, r in results.items():
-        if worker == "fxjax":
+        if worker.startswith("fxjax"):
             s = r["steps"][-1]
-            print(f"fxjax last step: rollout (sampling + rewards) {s['rollout_time']:.1f}s, update (reference "
+            print(f"{worker} last step: rollout (sampling + rewards) {s['rollout_time']:.1f}s, update (reference "
                   f"log-probs + jitted step) {s['update_time']:.1f}s; first step {r['steps'][0]['step_time']:.1f}s "
                   f"includes tracing + compiling")
-    ratio = med["torch"] / med["fxjax"] if len(med) == 2 else None
+    ratio = med["torch"] / med["fxjax"] if "torch" in med and "fxjax" in med else None
     if ratio is not None:
         print(f"\nfxjax / TRL steps per second: {ratio:.2f}x (target >= 3x)")
+    shared = med["fxjax-full"] / med["fxjax"] if "fxjax-full" in med and "fxjax" in med else None
+    if shared is not None:
+        print(f"fxjax (shared prompts) / fxjax with full sequences, steps per second: {shared:.2f}x"
+              + (f"; full sequences / TRL: {med['torch'] / med['fxjax-full']:.2f}x" if "torch" in med else ""))
     print(machine_line() + " (after)")
     print(json.dumps(dict(
         bench="grpo_step", config=name, vocab=QWEN_VOCAB, params_m=round(n_params / 1e6, 1), prompts=p,
         num_generations=g, new_tokens=n, beta=args.beta, cpu=cpu_model(), cores=os.cpu_count(),
         pinned_cores=args.cores, versions={w: r["version"] for w, r in results.items()},
         steps={w: r["steps"] for w, r in results.items()}, median_step_s=med, load={w: r["load"] for w, r in results.items()},
-        ratio=None if ratio is None else round(ratio, 3))))
+        ratio=None if ratio is None else round(ratio, 3), shared_ratio=None if shared is None else round(shared, 3))))
     return 0
 
 

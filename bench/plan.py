@@ -3,7 +3,8 @@
 For each preset (3b, 7b, 32b, 72b; tiny for smoke runs) and each program
 
   sft      the jitted LoRA SFT step (train.step.make_train_step: forward, backward, clipping + AdamW),
-  grpo     the jitted GRPO update (train.grpo_step.make_grpo_step) on P prompts x G completions,
+  grpo     the jitted GRPO update (train.grpo_step.make_grpo_step) on P prompts x G completions, as G full
+           sequences per prompt (grpo.share_prompts false; the default runs each prompt once, fewer tokens),
   prefill  the sampler's prefill (model.generate.prefill: vision encoder + prompt into a fresh KV cache),
   decode   one decode step of the sampler (model.generate.decode_step: one token per row into the cache),
 
@@ -224,7 +225,7 @@ def grpo_program(cfg, graphdef, params, base, rest, mesh, a):
     rollout = Rollout(tokens, np.ones_like(tokens), np.ones((a.batch, n), np.float32), np.zeros(a.batch, bool),
                       [], {}, np.zeros(a.batch, np.float32))
     # beta > 0 (the default 0.04): the update reads the reference log-probs
-    host, _ = build_group_batch(host_prompts, rollout, cfg, num_generations=g, n_micro=1, floor={},
+    host, _ = build_group_batch(host_prompts, rollout, cfg, num_generations=g, n_micro=1, floor={}, share_prompts=False,
                                 ref_logps=np.zeros((a.batch, n), np.float32),
                                 batch_shards=vision_shards(mesh, prompts))
     batch = shaped(host, _group_batch_shardings(host, mesh, True))

@@ -53,6 +53,10 @@ class GRPOSection:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False  # completions without EOS add nothing to the loss
     num_iterations: int = 1  # updates per generation batch (> 1 stores old log-probs)
+    # The update runs each prompt through the decoder once, its G completions attending to its keys and
+    # values, instead of G full sequences: the same loss up to float rounding, up to G times fewer decoder
+    # tokens; with LoRA dropout the G completions share the prompt's dropout masks.
+    share_prompts: bool = True
     schedule: Literal["stages", "continuous"] = "stages"  # continuous: w_G(t) over train.steps
     reward_config: str | None = None  # reward YAML (default: configs/rewards.yaml of the repository)
     seed: int = 0  # sampling seed; step k samples with a key folded from (seed, k)

@@ -3,6 +3,8 @@
 * the run goes through the stages alpha -> beta -> gamma, logging every metric tagged with its stage;
 * two processes (gloo, one CPU device each) compute what one process with two devices does, each reading,
   decoding and scoring only its own prompts;
+* with shared prompts (each prompt through the decoder once per update) the run on two devices trains as
+  with full sequences: the same samples, losses, gradient norms and LoRA parameters;
 * resume is exact: a run SIGKILLed during a rollout, during an update and during a save, stopped by SIGTERM
   (saves, exits 0), and resumed each time, with its newest checkpoint corrupted before the last resume
   (reported, the previous one used), ends with LoRA parameters bitwise equal to an uninterrupted run. (A
@@ -80,11 +82,13 @@ def setup(tokenizer_dir, tmp_path_factory):
     return {"root": root, "config": path, "env": env}
 
 
-def grpo(setup, name: str, *, env=None, until: str | None = None, then=signal.SIGKILL) -> tuple[int, str]:
+def grpo(setup, name: str, *, env=None, until: str | None = None, then=signal.SIGKILL, config=None,
+         sets=()) -> tuple[int, str]:
     """Run `fxjax grpo` into <root>/<name>; with `until`, send `then` once that text appears on stderr."""
     out = setup["root"] / name
-    args = [sys.executable, "-m", "fxjax.cli", "grpo", "--config", str(setup["config"]),
+    args = [sys.executable, "-m", "fxjax.cli", "grpo", "--config", str(config or setup["config"]),
             "--set", f"train.output_dir={out}", "--set", f"export.adapter_dir={out / 'adapter'}"]
+    args += [a for item in sets for a in ("--set", item)]
     log = out.with_suffix(".log")
     out.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
@@ -212,3 +216,40 @@ def test_two_processes_equal_one_process(setup, straight):
     # each process's own prompt-iterator position is in the checkpoint
     saved = json.loads((out / "checkpoints" / "6" / "data" / "data_state.json").read_text())["iterator"]
     assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [6, 6]
+
+
+def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
+    """`grpo.share_prompts` on the 2-device mesh (prompts and completions sharded over the batch axis, the
+    reference pass too) against the same run with full sequences. LoRA dropout off in both: with shared
+    prompts a prompt's G completions share its dropout masks, so with dropout the runs differ by design."""
+    adapter = setup["root"] / "sft_adapter_no_dropout"  # a run takes the dropout of the adapter it starts from
+    shutil.copytree(setup["root"] / "sft_adapter", adapter, dirs_exist_ok=True)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(adapter_config, lora_dropout=0.0)))
+    config = yaml.safe_load(setup["config"].read_text())
+    config["model"]["adapter"] = str(adapter)
+    config["lora"]["dropout"] = 0.0
+    config["stages"] = [dict(stage, steps=1) for stage in STAGES]
+    path = setup["root"] / "grpo_no_dropout.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = {}
+    for share in (False, True):
+        name = f"share_{share}"
+        code, log = grpo(setup, name, config=path, sets=[f"grpo.share_prompts={str(share).lower()}"])
+        assert code == 0, log[-3000:]
+        assert "2 cpu device(s)" in log
+        records = [json.loads(line) for line in (setup["root"] / name / "metrics.jsonl").read_text().splitlines()]
+        runs[share] = adapter_tensors(setup["root"] / name / "adapter"), [r for r in records if r.get("kind") == "train"]
+    (full, full_log), (shared, shared_log) = runs[False], runs[True]
+    assert len(full_log) == len(shared_log) == 3
+    for a, b in zip(full_log, shared_log):
+        assert a["reward/total_mean"] == b["reward/total_mean"] and a["completion_length_mean"] == b["completion_length_mean"]
+        for key in ("loss", "grad_norm", "kl", "update_tokens_per_s"):
+            if key == "update_tokens_per_s":  # the same tokens counted, whichever way the update runs them
+                assert a[key] * a["update_time"] == pytest.approx(b[key] * b["update_time"], rel=1e-6)
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    start = adapter_tensors(setup["root"] / "sft_adapter")
+    assert any(not np.array_equal(full[k], start[k]) for k in full)
+    for key in full:
+        np.testing.assert_allclose(shared[key], full[key], rtol=1e-4, atol=1e-6, err_msg=key)

@@ -95,27 +95,33 @@ def _reference_logps(model, prompts, r):
     return np.take_along_axis(lp, r.tokens[..., None].astype(np.int64), axis=-1)[..., 0]
 
 
-@pytest.mark.parametrize("batch_shards", [1, 2])
-def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model, batch_shards):
+@pytest.mark.parametrize("batch_shards, share_prompts", [(1, False), (2, False), (2, True)])
+def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model, batch_shards, share_prompts):
     """batch_shards 2: each prompt's image packed in its own shard's block (vision [A, 2, ...]), the G rows
     of a prompt pointing into that block. The packed path (only the loss's tokens reach the lm_head, one
     block of slots per shard) gives the unpacked path's log-probs and entropies at every loss token, and
-    0 elsewhere; a row out of the loss (a masked truncated completion) gets no slots."""
+    0 elsewhere; a row out of the loss (a masked truncated completion) gets no slots. Shared prompts: each
+    prompt runs through the decoder once and its G completions attend to its keys and values, with the
+    same log-probs."""
     rng = np.random.RandomState(0)
     prompts = _prompts(rng)
     r = _rollout(rng, prompts)
     r.loss_mask[1] = 0.0  # as mask_truncated_completions leaves a truncated row
     batch, floor = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=1, floor={},
-                                     batch_shards=batch_shards)
+                                     batch_shards=batch_shards, share_prompts=share_prompts)
     assert batch.inputs.vision.valid.ndim == (2 if batch_shards == 1 else 3)
+    rows = prompts["input_ids"].shape[0] * (1 if share_prompts else G)
+    assert batch.inputs.input_ids.shape[1] == rows and (batch.completions is not None) == share_prompts
     n_images = prompts["image_grid_thw"].shape[0]
     assert int(batch.inputs.vision.valid[0].sum()) == int(np.prod(prompts["image_grid_thw"], axis=1).sum())
     slots = batch.slots
-    assert slots.hidden.shape == (1, batch_shards, floor["update_slots"]) and floor["update_slots"] % 64 == 0
+    assert slots.grid.shape == (1, batch_shards, floor["update_slots"]) and floor["update_slots"] % 64 == 0
     per_shard = r.loss_mask.reshape(batch_shards, -1).sum(axis=1)
     np.testing.assert_array_equal((slots.grid[0] < G * 2 // batch_shards * N).sum(axis=1), per_shard)
     inputs = jax.tree.map(lambda x: x[0], batch.inputs)
-    run = jax.jit(lambda m, i, c, s: completion_logps(m, i, c, temperature=TEMPERATURE, chunk=4, slots=s))
+    completions = None if batch.completions is None else jax.tree.map(lambda x: x[0], batch.completions)
+    run = jax.jit(lambda m, i, c, s: completion_logps(m, i, c, temperature=TEMPERATURE, chunk=4, slots=s,
+                                                      completions=completions))
     logps, entropy = run(model, inputs, jnp.asarray(batch.completion_ids[0]), None)
     packed, packed_entropy = run(model, inputs, jnp.asarray(batch.completion_ids[0]), jax.tree.map(lambda x: x[0], slots))
     ref = _reference_logps(model, prompts, r)
@@ -129,23 +135,26 @@ def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model, batch_
     assert not np.asarray(packed)[~loss].any() and not np.asarray(packed_entropy)[~loss].any()
 
 
-def _step_setup(model, prompts, r, n_micro):
+def _step_setup(model, prompts, r, n_micro, share_prompts=False):
     graphdef, params, base, rest = split_model(model)
     tx = optax.sgd(1.0)
     params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the model's own arrays
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                        jax.random.key_data(jax.random.key(0, impl=RNG_IMPL)))
-    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=n_micro, floor={})
+    batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=n_micro, floor={},
+                                 share_prompts=share_prompts)
     return graphdef, tx, state, base, rest, batch
 
 
-@pytest.mark.parametrize("n_micro", [1, 2])
-def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch, n_micro):
+@pytest.mark.parametrize("n_micro, share_prompts", [(1, False), (2, False), (2, True)])
+def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch, n_micro, share_prompts):
+    """Shared prompts: the gradient through each prompt's keys and values sums over its G completions, and
+    the loss and update are the plain forward's all the same."""
     rng = np.random.RandomState(1)
     prompts = _prompts(rng)
     r = _rollout(rng, prompts)
     opts = LossOptions(loss_type="grpo", beta=0.0, max_completion_length=N, temperature=TEMPERATURE)
-    graphdef, tx, state, base, rest, batch = _step_setup(model, prompts, r, n_micro)
+    graphdef, tx, state, base, rest, batch = _step_setup(model, prompts, r, n_micro, share_prompts)
 
     seen = []
     original = VisionEncoder.__call__

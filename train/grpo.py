@@ -150,7 +150,8 @@ def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBa
     inputs, s = _inputs_shardings(batch.inputs, mesh, shard_rows, 1)
     return GroupBatch(inputs, s(batch.completion_ids, 1), s(batch.completion_mask, 1), s(batch.advantages, 1),
                       s(batch.old_logps, 1), s(batch.ref_logps, 1),
-                      None if batch.slots is None else CompletionSlots(*(s(x, 1) for x in batch.slots)))
+                      None if batch.slots is None else CompletionSlots(*(s(x, 1) for x in batch.slots)),
+                      None if batch.completions is None else _inputs_shardings(batch.completions, mesh, shard_rows, 1)[0])
 
 
 def local_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
@@ -268,11 +269,11 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         def build(floor):
             return build_group_batch(prompts, rollout, model.config, num_generations=g.num_generations,
                                      n_micro=cfg.optim.grad_accum, floor=floor, batch_shards=built,
-                                     per_shard=per_shard)
+                                     per_shard=per_shard, share_prompts=g.share_prompts)
 
         batch, local = build(floor)
         agreed, tokens = agree_sizes("grpo-update-shape", local, rollout_tokens=int(rollout.attention.sum()),
-                                     update_tokens=int(batch.inputs.attention_mask.sum()))
+                                     update_tokens=_sequence_tokens(batch, g.num_generations))
         if agreed != local:
             batch, _ = build(agreed)
         return with_patch_dtype(batch, patch_dtype), agreed, tokens
@@ -338,6 +339,14 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                                        fmt=round(values["format_rate"], 2), iou=round(values["reward/iou_mean"], 3)))
         control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result
+
+
+def _sequence_tokens(batch: GroupBatch, num_generations: int) -> int:
+    """The real tokens of the update's prompt + completion sequences (with shared prompts, each prompt's
+    counted G times: the same figure whichever way the update runs them)."""
+    if batch.completions is None:
+        return int(batch.inputs.attention_mask.sum())
+    return int(batch.inputs.attention_mask.sum()) * num_generations + int(batch.completions.attention_mask.sum())
 
 
 def _weights_metrics(w: rewards.RewardWeights) -> dict[str, float]:

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from fxjax.model.inputs import ModelInputs
+from fxjax.model.kv_cache import KVCache, repeat_rows
 from fxjax.model.lora import LORA_PARAMS, lora_disabled
 from fxjax.train.grpo_loss import grpo_loss
 from fxjax.train.remat import with_remat
@@ -41,18 +42,17 @@ __all__ = ["CompletionSlots", "GroupBatch", "LossOptions", "completion_logps", "
 class CompletionSlots(NamedTuple):
     """The completion tokens in the loss, packed per batch shard: [S, n] each (S batch shards, whose rows
     are the S contiguous blocks of the R rows). Slot j of shard s is the token ``target[s, j]`` at
-    ``grid[s, j]`` (= row in the shard * N + k) of that shard's [R / S, N] completion grid, predicted by
-    the hidden state at ``hidden[s, j]`` (= row in the shard * (Lp + N) + Lp - 1 + k). Padding slots have
-    grid = R / S * N (past the grid: their results are dropped)."""
+    ``grid[s, j]`` (= row in the shard * N + k) of that shard's [R / S, N] completion grid. Padding slots
+    have grid = R / S * N (past the grid: their results are dropped)."""
 
-    hidden: jax.Array  # [S, n] int32
     grid: jax.Array  # [S, n] int32
     target: jax.Array  # [S, n] int32
 
 
 class GroupBatch(NamedTuple):
-    # [A, R, Lp + N] full sequences (R = rows of a micro-batch); vision [A, slots, ...], or [A, S, slots, ...]
-    # packed per batch shard (train.rollout.build_group_batch's batch_shards)
+    # Without `completions`: [A, R, Lp + N] full sequences (R = rows of a micro-batch). With them
+    # (shared prompts): [A, P, Lp], each prompt once, its G completions in rows p * G .. p * G + G - 1.
+    # Vision [A, slots, ...], or [A, S, slots, ...] packed per batch shard (build_group_batch's batch_shards).
     inputs: ModelInputs
     completion_ids: jax.Array  # [A, R, N] int32 sampled tokens (pad after EOS)
     completion_mask: jax.Array  # [A, R, N] float32 1 at tokens in the loss (through EOS; 0 for masked rows)
@@ -60,6 +60,7 @@ class GroupBatch(NamedTuple):
     old_logps: jax.Array | None  # [A, R, N] log-probs of the sampling policy (num_iterations > 1), else None
     ref_logps: jax.Array | None  # [A, R, N] reference (LoRA off) log-probs (beta > 0), else None
     slots: CompletionSlots | None = None  # [A, S, n]: the tokens whose log-probs are computed; None: all R x N
+    completions: ModelInputs | None = None  # [A, R, N] the completion tokens as model inputs (shared prompts)
 
 
 @dataclass(frozen=True)
@@ -90,26 +91,52 @@ def float32_logits(model, hidden: jax.Array) -> jax.Array:
 
 
 def completion_logps(model, inputs: ModelInputs, completion_ids: jax.Array, *, temperature: float, chunk: int,
-                     slots: CompletionSlots | None = None) -> tuple[jax.Array, jax.Array]:
+                     slots: CompletionSlots | None = None, completions: ModelInputs | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
     """(log-probs, entropies) [R, N] of the completion tokens under softmax(logits / temperature).
 
-    inputs are the full sequences [R, Lp + N]; the hidden state at Lp - 1 + k predicts completion token k.
-    With `slots` only the packed tokens are computed (0 elsewhere); without, every one of the R x N."""
+    Without `completions`, inputs are the full sequences [R, Lp + N]: the hidden state at Lp - 1 + k
+    predicts completion token k. With them, inputs are the P prompts [P, Lp] (left-padded) and
+    `completions` the R = P x G completions [R, N] (see `predicting_states`). With `slots` only the packed
+    tokens are computed (0 elsewhere); without, every one of the R x N."""
     rows, n = completion_ids.shape
-    hidden, _ = model.hidden_states(inputs)
+    predicting = predicting_states(model, inputs, n, completions)  # [R, N, D]
     if slots is None:
-        prompt_len = hidden.shape[1] - n
-        predicting = hidden[:, prompt_len - 1: prompt_len - 1 + n]  # [R, N, D]
         logps, entropy = _chunked_logps(model, predicting.reshape(1, rows * n, -1),
                                         completion_ids.reshape(1, rows * n), temperature, chunk)
         return logps.reshape(rows, n), entropy.reshape(rows, n)
-    shards = slots.hidden.shape[0]
-    per_shard = hidden.reshape(shards, -1, hidden.shape[-1])  # [S, R / S * (Lp + N), D]: each shard's rows
-    gathered = jax.vmap(lambda h, i: jnp.take(h, i, axis=0))(per_shard, slots.hidden)  # [S, n, D]
+    shards = slots.grid.shape[0]
+    per_shard = predicting.reshape(shards, rows // shards * n, -1)  # each shard's rows
+    gathered = jax.vmap(lambda h, i: jnp.take(h, i, axis=0, mode="clip"))(per_shard, slots.grid)  # [S, n, D]
     logps, entropy = _chunked_logps(model, gathered, slots.target, temperature, chunk)
     grid = jnp.zeros((shards, rows // shards * n), jnp.float32)
     unpack = jax.vmap(lambda g, i, v: g.at[i].set(v, mode="drop"))
     return (unpack(grid, slots.grid, logps).reshape(rows, n), unpack(grid, slots.grid, entropy).reshape(rows, n))
+
+
+def predicting_states(model, inputs: ModelInputs, n: int, completions: ModelInputs | None = None) -> jax.Array:
+    """The final hidden states [R, N, D] that predict the N completion tokens of each row.
+
+    Full sequences (`completions` None): one forward of every row's prompt and completion. Shared prompts:
+    each of the P prompts runs through the decoder once, writing its keys and values, which its G
+    completions then attend to (the sampler's prefill and KV cache, here differentiated: the gradient
+    reaching a prompt's positions sums over its G completions). Completion token 0 is predicted by the
+    prompt's last position (the last column: prompts are left-padded), token k > 0 by completion position
+    k - 1. The attention sees the same keys as the full sequence's; the prompt's tokens are computed once
+    instead of G times."""
+    if completions is None:
+        hidden, _ = model.hidden_states(inputs)
+        prompt_len = hidden.shape[1] - n
+        return hidden[:, prompt_len - 1: prompt_len - 1 + n]
+    prompts, prompt_len = inputs.input_ids.shape
+    g = completions.input_ids.shape[0] // prompts
+    cache = KVCache.init(model.config.text.num_hidden_layers, prompts, prompt_len + n,
+                         model.config.text.num_key_value_heads, model.config.text.head_dim, model.dtype,
+                         stacked=model.config.text.scan_layers)
+    prompt_hidden, cache = model.hidden_states(inputs, cache)
+    completion_hidden, _ = model.hidden_states(completions, repeat_rows(cache, g))
+    last = jnp.repeat(prompt_hidden[:, -1:], g, axis=0)  # [R, 1, D]
+    return jnp.concatenate([last, completion_hidden[:, :-1]], axis=1)
 
 
 def _chunked_logps(model, hidden: jax.Array, targets: jax.Array, temperature: float, chunk: int
@@ -154,15 +181,15 @@ def make_logps_fn(graphdef, *, opts: LossOptions, loss_chunk: int, need_old: boo
 
         def one(i):
             inputs = _index(batch.inputs, i)
-            ids, slots = batch.completion_ids[i], _index(batch.slots, i)
+            ids, slots, completions = batch.completion_ids[i], _index(batch.slots, i), _index(batch.completions, i)
             old = ref = None
             if need_old:
                 old, _ = completion_logps(model, inputs, ids, temperature=opts.temperature, chunk=loss_chunk,
-                                          slots=slots)
+                                          slots=slots, completions=completions)
             if need_ref:
                 with lora_disabled(model):
                     ref, _ = completion_logps(model, inputs, ids, temperature=opts.temperature, chunk=loss_chunk,
-                                              slots=slots)
+                                              slots=slots, completions=completions)
             return old, ref
 
         outs = [one(i) for i in range(batch.completion_ids.shape[0])]
@@ -198,7 +225,8 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, schedule: Callabl
                 with_remat(model, remat, remat_vision)
                 logps, entropy = completion_logps(model, inputs, batch.completion_ids[i],
                                                   temperature=opts.temperature, chunk=loss_chunk,
-                                                  slots=_index(batch.slots, i))
+                                                  slots=_index(batch.slots, i),
+                                                  completions=_index(batch.completions, i))
                 loss, metrics = grpo_loss(
                     logps, None if batch.old_logps is None else batch.old_logps[i],
                     None if batch.ref_logps is None else batch.ref_logps[i], batch.advantages[i], mask,

@@ -179,7 +179,7 @@ def rollout_metrics(r: Rollout, num_generations: int) -> dict[str, float]:
 
 def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *, num_generations: int,
                       n_micro: int, floor: dict[str, int], old_logps=None, ref_logps=None, batch_shards: int = 1,
-                      per_shard: bool | None = None) -> tuple[GroupBatch, dict[str, int]]:
+                      per_shard: bool | None = None, share_prompts: bool = False) -> tuple[GroupBatch, dict[str, int]]:
     """Host GroupBatch [A, R, ...] of whole groups (A = n_micro micro-batches of P / A prompts each).
 
     Each micro-batch prepares its own prompts once (their images only) and repeats every prompt row G
@@ -189,7 +189,11 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
     every block, so each device updates on the prompts it sampled; with `per_shard` (default S > 1) each
     block's images are packed on their own (vision [A, S, ...]; also for a process's single shard of
     several), the G repeats of a prompt in its block's rows, so each device encodes only its own prompts.
-    (S = 1, or A = 1: micro-batch a is prompts a * P / A .. (a + 1) * P / A.)"""
+    (S = 1, or A = 1: micro-batch a is prompts a * P / A .. (a + 1) * P / A.)
+
+    `share_prompts`: the inputs are each micro-batch's prompts once ([A, P / A, Lp], left-padded) and the
+    completions a separate [A, R, N] ModelInputs (GroupBatch.completions), so that the update runs every
+    prompt through the decoder once (grpo_step.predicting_states)."""
     per_shard = batch_shards > 1 if per_shard is None else per_shard
     ids_all = np.asarray(prompt_batch["input_ids"])
     p = ids_all.shape[0]
@@ -209,7 +213,9 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
         grid = np.asarray(grid).reshape(-1, 3)
         offsets = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
     n = r.tokens.shape[1]
-    micro = []
+    if share_prompts and not np.asarray(prompt_batch["attention_mask"])[:, -1].all():
+        raise ValueError("share_prompts needs left-padded prompts (a real token in every prompt's last column)")
+    micro, completions = [], []
     for a in range(n_micro):
         sl = order[a * per:(a + 1) * per]
         pixels = None if grid is None else np.concatenate(
@@ -219,6 +225,14 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
         rows = row_order[a * per * g:(a + 1) * per * g]
         rep = lambda x, axis=0: np.repeat(np.asarray(x), g, axis=axis)  # noqa: E731
         comp_pos = rep(next_positions(pin))[:, None] + np.arange(n, dtype=np.int32)[None, :]
+        if share_prompts:
+            micro.append(pin)
+            completions.append(ModelInputs(
+                input_ids=r.tokens[rows].astype(np.int32), attention_mask=r.attention[rows].astype(np.int32),
+                position_ids=np.broadcast_to(comp_pos[None], (3, per * g, n)).astype(np.int32),
+                rope_deltas=np.zeros((per * g,), np.int32), image_feature_index=np.zeros((per * g, n), np.int32),
+                vision=None))
+            continue
         position_ids = np.concatenate([rep(pin.position_ids, axis=1),
                                        np.broadcast_to(comp_pos[None], (3, per * g, n))], axis=2)
         micro.append(ModelInputs(
@@ -235,27 +249,27 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
     need = max(int(block.sum()) for m in masks for block in m.reshape(shards, -1, n))
     size = max(int(floor.get("update_slots", 0)), -(-max(need, 1) // SLOT_QUANTUM) * SLOT_QUANTUM)
     floor = dict(floor, update_slots=size)
-    prompt_len = ids_all.shape[1]
     tokens = np.asarray(r.tokens)[row_order].reshape(n_micro, per * g, n)
-    per_micro = [completion_slots(t, m, prompt_len, shards, size) for t, m in zip(tokens, masks)]
+    per_micro = [completion_slots(t, m, shards, size) for t, m in zip(tokens, masks)]
     slots = CompletionSlots(*(np.stack(parts) for parts in zip(*per_micro)))
-    stack = lambda name: np.stack([getattr(m, name) for m in micro])  # noqa: E731
+    stack = lambda name: np.stack([getattr(m, name) for m in micro]).astype(np.int32)  # noqa: E731
     inputs = ModelInputs(stack("input_ids"), stack("attention_mask"), stack("position_ids"), stack("rope_deltas"),
                          stack("image_feature_index"), vision)
     shape = lambda x: None if x is None else np.asarray(x)[row_order].reshape(n_micro, per * g, n)  # noqa: E731
+    comps = None
+    if share_prompts:
+        comps = ModelInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*completions)))
     batch = GroupBatch(inputs, shape(r.tokens).astype(np.int32), shape(r.loss_mask).astype(np.float32),
                        r.advantages[row_order].reshape(n_micro, per * g).astype(np.float32), shape(old_logps),
-                       shape(ref_logps), slots)
+                       shape(ref_logps), slots, comps)
     return batch, floor
 
 
-def completion_slots(tokens: np.ndarray, mask: np.ndarray, prompt_len: int, shards: int, size: int
-                     ) -> CompletionSlots:
+def completion_slots(tokens: np.ndarray, mask: np.ndarray, shards: int, size: int) -> CompletionSlots:
     """The loss's completion tokens of one micro-batch (tokens [R, N] where mask [R, N] > 0), packed into `size` slots per
     batch shard (the R rows split into `shards` contiguous blocks); see grpo_step.CompletionSlots."""
     rows, n = mask.shape
     per = rows // shards
-    hidden = np.zeros((shards, size), np.int32)
     grid = np.full((shards, size), per * n, np.int32)  # past the shard's grid: dropped
     target = np.zeros((shards, size), np.int32)
     ids = np.asarray(tokens).reshape(shards, per * n)
@@ -263,11 +277,9 @@ def completion_slots(tokens: np.ndarray, mask: np.ndarray, prompt_len: int, shar
         flat = np.flatnonzero(block.reshape(-1) > 0)
         if flat.size > size:
             raise ValueError(f"{flat.size} loss tokens do not fit {size} slots")
-        row, k = np.divmod(flat, n)
-        hidden[s, :flat.size] = row * (prompt_len + n) + prompt_len - 1 + k
         grid[s, :flat.size] = flat
         target[s, :flat.size] = ids[s, flat]
-    return CompletionSlots(hidden, grid, target)
+    return CompletionSlots(grid, target)
 
 
 def _stack_vision(visions: list[VisionInputs | None], model_cfg, floor: dict[str, int]):
