@@ -145,13 +145,15 @@ def _inputs_shardings(inputs, mesh, shard_rows: bool, batch_dim: int):
 
 
 def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBatch:
-    """[A, R, ...] arrays shard R over (data, fsdp); position_ids [A, 3, R, L] too; vision packed per batch
-    shard ([A, S, ...]) shards S the same way, one packed sequence is replicated."""
+    """[A, R, ...] arrays shard R over (data, fsdp) (shared prompts [A, P, ...]: P); position_ids [A, 3, R, L]
+    too; vision packed per batch shard ([A, S, ...]) and the loss slots [A, S, n] shard S the same way, one
+    packed vision sequence is replicated."""
     inputs, s = _inputs_shardings(batch.inputs, mesh, shard_rows, 1)
     return GroupBatch(inputs, s(batch.completion_ids, 1), s(batch.completion_mask, 1), s(batch.advantages, 1),
                       s(batch.old_logps, 1), s(batch.ref_logps, 1),
                       None if batch.slots is None else CompletionSlots(*(s(x, 1) for x in batch.slots)),
-                      None if batch.completions is None else _inputs_shardings(batch.completions, mesh, shard_rows, 1)[0])
+                      None if batch.completions is None
+                      else _inputs_shardings(batch.completions, mesh, shard_rows, 1)[0])
 
 
 def local_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:

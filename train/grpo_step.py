@@ -161,7 +161,8 @@ def _chunked_logps(model, hidden: jax.Array, targets: jax.Array, temperature: fl
         entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
         return None, (picked.reshape(shards, chunk), entropy.reshape(shards, chunk))
 
-    xs = (hidden.reshape(shards, n_chunks, chunk, -1).swapaxes(0, 1), targets.reshape(shards, n_chunks, chunk).swapaxes(0, 1))
+    xs = (hidden.reshape(shards, n_chunks, chunk, -1).swapaxes(0, 1),
+          targets.reshape(shards, n_chunks, chunk).swapaxes(0, 1))
     _, (logps, entropy) = jax.lax.scan(body, None, xs)  # [n_chunks, S, chunk]
     unchunk = lambda x: x.swapaxes(0, 1).reshape(shards, -1)[:, :total]  # noqa: E731
     return unchunk(logps), unchunk(entropy)

@@ -266,8 +266,9 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
 
 
 def completion_slots(tokens: np.ndarray, mask: np.ndarray, shards: int, size: int) -> CompletionSlots:
-    """The loss's completion tokens of one micro-batch (tokens [R, N] where mask [R, N] > 0), packed into `size` slots per
-    batch shard (the R rows split into `shards` contiguous blocks); see grpo_step.CompletionSlots."""
+    """The loss's completion tokens of one micro-batch (tokens [R, N] where mask [R, N] > 0), packed into
+    `size` slots per batch shard (the R rows split into `shards` contiguous blocks); see
+    grpo_step.CompletionSlots."""
     rows, n = mask.shape
     per = rows // shards
     grid = np.full((shards, size), per * n, np.int32)  # past the shard's grid: dropped
