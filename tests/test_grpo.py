@@ -3,8 +3,9 @@
 * the run goes through the stages alpha -> beta -> gamma, logging every metric tagged with its stage;
 * two processes (gloo, one CPU device each) compute what one process with two devices does, each reading,
   decoding and scoring only its own prompts;
-* with shared prompts (each prompt through the decoder once per update) the run on two devices trains as
-  with full sequences: the same samples, losses, gradient norms and LoRA parameters;
+* with shared prompts (each prompt through the decoder once per update, the default that every other run
+  here uses) the run on two devices trains as with full sequences: the same samples, losses, gradient
+  norms and LoRA parameters (slow-marked: `pytest -m slow tests/test_grpo.py`);
 * resume is exact: a run SIGKILLed during a rollout, during an update and during a save, stopped by SIGTERM
   (saves, exits 0), and resumed each time, with its newest checkpoint corrupted before the last resume
   (reported, the previous one used), ends with LoRA parameters bitwise equal to an uninterrupted run. (A
@@ -218,6 +219,7 @@ def test_two_processes_equal_one_process(setup, straight):
     assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [6, 6]
 
 
+@pytest.mark.slow  # two more runs with their own compiles (~45 s); the suite's runs above all use shared prompts
 def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
     """`grpo.share_prompts` on the 2-device mesh (prompts and completions sharded over the batch axis, the
     reference pass too) against the same run with full sequences. LoRA dropout off in both: with shared
