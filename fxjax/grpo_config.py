@@ -55,7 +55,8 @@ class GRPOSection:
     num_iterations: int = 1  # updates per generation batch (> 1 stores old log-probs)
     # The update runs each prompt through the decoder once, its G completions attending to its keys and
     # values, instead of G full sequences: the same loss up to float rounding, up to G times fewer decoder
-    # tokens; with LoRA dropout the G completions share the prompt's dropout masks.
+    # tokens; with LoRA dropout the G completions share the prompt's dropout masks; on a TPU these passes
+    # use the cache attention (xla), full sequences Splash.
     share_prompts: bool = True
     schedule: Literal["stages", "continuous"] = "stages"  # continuous: w_G(t) over train.steps
     reward_config: str | None = None  # reward YAML (default: configs/rewards.yaml of the repository)
