@@ -15,8 +15,8 @@ turns it off on both):
          1 + iters steps. Per step: group sampling (each prompt prefilled once, KV cache shared by its G rows),
          rewards (fxjax.rewards.score) and group advantages on the host, the reference log-probs (LoRA off),
          one jitted update; both passes run each prompt through the decoder once (grpo.share_prompts, the
-         default; --full-sequences adds a run with G full sequences per prompt, as TRL). The figure is the loop's own per-step `step_time` metric; the first step
-         (which compiles) is reported on its own.
+         default; --full-sequences adds a run with G full sequences per prompt, as TRL). The figure is the
+         loop's own per-step `step_time` metric; the first step (which compiles) is reported on its own.
   TRL    `trl.GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset, processing_class,
          peft_config=LoraConfig(...))` with a reward function that calls fxjax.rewards.score on the
          completions. The dataset is what TRL wants for VLMs: "prompt" in conversational format (the same

@@ -225,8 +225,8 @@ def grpo_program(cfg, graphdef, params, base, rest, mesh, a):
     rollout = Rollout(tokens, np.ones_like(tokens), np.ones((a.batch, n), np.float32), np.zeros(a.batch, bool),
                       [], {}, np.zeros(a.batch, np.float32))
     # beta > 0 (the default 0.04): the update reads the reference log-probs
-    host, _ = build_group_batch(host_prompts, rollout, cfg, num_generations=g, n_micro=1, floor={}, share_prompts=False,
-                                ref_logps=np.zeros((a.batch, n), np.float32),
+    host, _ = build_group_batch(host_prompts, rollout, cfg, num_generations=g, n_micro=1, floor={},
+                                share_prompts=False, ref_logps=np.zeros((a.batch, n), np.float32),
                                 batch_shards=vision_shards(mesh, prompts))
     batch = shaped(host, _group_batch_shardings(host, mesh, True))
     step = make_grpo_step(graphdef, tx, schedule, opts=LossOptions(max_completion_length=n), loss_chunk=a.loss_chunk,

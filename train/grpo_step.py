@@ -30,7 +30,8 @@ import optax
 from flax import nnx
 
 from fxjax.model.inputs import ModelInputs
-from fxjax.model.kv_cache import KVCache, repeat_rows
+from fxjax.model.generate import init_cache
+from fxjax.model.kv_cache import repeat_rows
 from fxjax.model.lora import LORA_PARAMS, lora_disabled
 from fxjax.train.grpo_loss import grpo_loss
 from fxjax.train.remat import with_remat
@@ -130,10 +131,7 @@ def predicting_states(model, inputs: ModelInputs, n: int, completions: ModelInpu
         return hidden[:, prompt_len - 1: prompt_len - 1 + n]
     prompts, prompt_len = inputs.input_ids.shape
     g = completions.input_ids.shape[0] // prompts
-    cache = KVCache.init(model.config.text.num_hidden_layers, prompts, prompt_len + n,
-                         model.config.text.num_key_value_heads, model.config.text.head_dim, model.dtype,
-                         stacked=model.config.text.scan_layers)
-    prompt_hidden, cache = model.hidden_states(inputs, cache)
+    prompt_hidden, cache = model.hidden_states(inputs, init_cache(model, prompts, prompt_len + n))
     completion_hidden, _ = model.hidden_states(completions, repeat_rows(cache, g))
     last = jnp.repeat(prompt_hidden[:, -1:], g, axis=0)  # [R, 1, D]
     return jnp.concatenate([last, completion_hidden[:, :-1]], axis=1)
