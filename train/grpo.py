@@ -215,11 +215,14 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         f"{n_lora:,} LoRA parameters; {len(pipeline)} prompts; {steps_total} steps of {cfg.data.batch_size} "
         f"prompts x {g.num_generations} completions; stages {stages}; loss {g.loss_type}, beta {g.beta}")
 
+    # A step samples once and makes num_iterations optimiser updates on what it sampled (TRL's num_iterations):
+    # the learning-rate schedule runs over every update, and state.step counts updates.
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest = start_run(
-        "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total, log=say, watched=GRPO_WATCHED)
+        "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total * g.num_iterations,
+        log=say, watched=GRPO_WATCHED)
     result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
-    step_now = int(jax.device_get(state.step))
+    step_now = updates_done(int(jax.device_get(state.step)), g.num_iterations, latest)
 
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest)
@@ -316,11 +319,12 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 if logps_fn is not None:
                     old, ref = logps_fn(state.params, base, rest, placed)
                     placed = placed._replace(old_logps=old, ref_logps=ref)
-                for _ in range(g.num_iterations):
-                    state, out = step_fn(state, base, rest, placed)
+                finite = True
+                for _ in range(g.num_iterations):  # all of them, so state.step stays num_iterations x steps
+                    state, out = step_fn(state, base, rest, placed)  # (a non-finite update keeps the parameters)
                     out = {k: float(v) for k, v in jax.device_get(out).items()}
-                    if not out["finite"]:
-                        break
+                    finite = finite and bool(out["finite"])
+                out["finite"] = finite
             faults.point("update", step_now + 1, control.signals.local_stop)
             t_update = time.perf_counter() - t1
             if not out["finite"]:
@@ -349,6 +353,17 @@ def _sequence_tokens(batch: GroupBatch, num_generations: int) -> int:
     if batch.completions is None:
         return int(batch.inputs.attention_mask.sum())
     return int(batch.inputs.attention_mask.sum()) * num_generations + int(batch.completions.attention_mask.sum())
+
+
+def updates_done(optimizer_steps: int, num_iterations: int, checkpoint_step: int | None) -> int:
+    """The GRPO steps a (resumed) state has made: its optimiser steps / num_iterations. A checkpoint whose
+    count does not divide (or disagrees with its own step) was not written by this loop: an error, not a
+    silently shifted schedule."""
+    steps, rest = divmod(optimizer_steps, num_iterations)
+    if rest or (checkpoint_step is not None and steps != checkpoint_step):
+        raise ValueError(f"grpo: the checkpoint of step {checkpoint_step} holds {optimizer_steps} optimiser updates, "
+                         f"not {num_iterations} (grpo.num_iterations) per step")
+    return steps
 
 
 def _weights_metrics(w: rewards.RewardWeights) -> dict[str, float]:
