@@ -319,7 +319,8 @@ def _stage_trends(history: list[dict]) -> str:
     """Per stage: mean training reward of its first and last third of steps, the least-squares slope per
     step with its standard error, and whether the slope is more than two standard errors from 0 (one
     step's reward is noisy: a few prompts x G samples, so a stage of 10 steps shows a trend only when the
-    policy moves more than the sampling does)."""
+    policy moves more than the sampling does: where it does not, the text says from what rise over the stage
+    a steady rise would show, about twice the scatter of a step's mean for 10 steps)."""
     import numpy as np
 
     parts = []
@@ -332,6 +333,8 @@ def _stage_trends(history: list[dict]) -> str:
         if r.size > 2:
             slope, se = _slope(r)
             verdict = "rises" if slope > 2 * se else "falls" if slope < -2 * se else "no trend beyond noise"
+            if verdict.startswith("no trend"):  # how large a steady rise over the stage this noise would let show
+                verdict += f"; a rise shows from {2 * se * (r.size - 1):+.2f} over the stage"
             text += f" (slope {slope:+.3f} +/- {se:.3f}/step: {verdict})"
         parts.append(text)
     return "; ".join(parts)
