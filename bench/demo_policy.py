@@ -16,6 +16,10 @@ measures the policy itself, after SFT and after each GRPO stage:
    the bottom band, so y1 starts with "0" or "2". For the top-band and the bottom-band images, the mean of
    log p("0") / p("2"): their difference is what the model reads from the image, their mean the offset it
    applies to every image; and the share of the probability the two digits hold.
+3. The sampled boxes' mean IoU on the top-band and the bottom-band generated images and the mean of the two
+   (what a held-out set with as many images of each band would show): a policy that barely tells the bands
+   apart can trade one band's right rows for the other's, which a split with more of one band shows as a
+   gain or a loss.
 
 docs/demo_tuning.md ("How far the policy moves in each stage") has its output for seeds 0 and 4.
 """
@@ -142,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{demo}: {len(records)} held-out images, {args.samples} samples each at temperature "
           f"{grpo['temperature']}, top-k {grpo['top_k']}; {cpu_model()}, "
           f"{jax.device_count()} {jax.default_backend()} device(s)", flush=True)
-    expected, digits, names = {}, {}, []
+    expected, digits, ious, names = {}, {}, {}, []
     for name, source in checkpoints(demo):
         policy = Policy(source, test_file, records, grpo["max_completion_length"])
         texts = policy.samples(args.samples, grpo["temperature"], grpo["top_k"])
         flat = [t for per_record in texts for t in per_record]
         repeated = [t for t in targets for _ in range(args.samples)]
-        expected[name] = {stage: np.asarray(rewards.score(flat, repeated, stage=stage)["total"]).reshape(len(records), -1)
-                          for stage in STAGES}
+        scored = {stage: rewards.score(flat, repeated, stage=stage) for stage in STAGES}
+        expected[name] = {stage: np.asarray(scored[stage]["total"]).reshape(len(records), -1) for stage in STAGES}
+        ious[name] = np.asarray(scored[STAGES[0]]["iou"]).reshape(len(records), -1).mean(axis=1)
         digits[name] = policy.row_digit()
         names.append(name)
         print(f"  {name}: mean reward " + ", ".join(f"{s} {expected[name][s].mean():+.3f}" for s in STAGES),
@@ -175,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         top, bottom = np.mean(gaps["top"]), np.mean(gaps["bottom"])
         print(f"  {name}: {top:+.2f} / {bottom:+.2f} ({top - bottom:.2f}; {(top + bottom) / 2:+.2f}), "
               f"share {np.mean(share):.2f}")
+    print("\nsampled boxes' mean IoU, top- / bottom-band generated images (their mean):")
+    bands = {band: [i for i, r in enumerate(records) if r.label == "generated" and r.regions
+                    and (r.regions[0].bbox[1] == 0) == (band == "top")] for band in ("top", "bottom")}
+    for name in names:
+        if not bands["top"] or not bands["bottom"]:
+            print(f"  {name}: no generated image of one band")
+            continue
+        top, bottom = (float(ious[name][bands[band]].mean()) for band in ("top", "bottom"))
+        print(f"  {name}: {top:.3f} / {bottom:.3f} ({(top + bottom) / 2:.3f}); images {len(bands['top'])} / "
+              f"{len(bands['bottom'])}")
     return 0
 
 

@@ -132,6 +132,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     lines = proc.stdout.splitlines()
     means = {line.split(":")[0].strip(): line for line in lines if ": mean reward alpha" in line}
     assert list(means) == ["after SFT", "after alpha", "after beta", "after gamma"]
+    assert "sampled boxes' mean IoU, top- / bottom-band generated images" in proc.stdout
 
     def mean(checkpoint, stage):
         return float(means[checkpoint].split(f"{stage} ")[1].split(",")[0])
