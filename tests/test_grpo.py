@@ -210,6 +210,15 @@ def test_num_iterations_schedule_and_resume(setup):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def test_updates_done_counts_steps_and_rejects_a_foreign_count():
+    from fxjax.train.grpo import updates_done
+
+    assert updates_done(0, 2, None) == 0 and updates_done(6, 2, 3) == 3 and updates_done(5, 1, 5) == 5
+    for optimizer_steps, checkpoint_step in ((5, 2), (6, 2)):  # not a multiple; a multiple of another step
+        with pytest.raises(ValueError, match=f"checkpoint of step {checkpoint_step} holds {optimizer_steps} "):
+            updates_done(optimizer_steps, 2, checkpoint_step)
+
+
 def prompt_stream(setup, n: int) -> list[tuple[int, str]]:
     """(epoch, record source) of the first `n` prompts of the one-process GRPO prompt stream."""
     from fxjax.grpo_config import load_grpo_config
