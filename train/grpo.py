@@ -319,12 +319,12 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 if logps_fn is not None:
                     old, ref = logps_fn(state.params, base, rest, placed)
                     placed = placed._replace(old_logps=old, ref_logps=ref)
-                finite = True
+                finite = []
                 for _ in range(g.num_iterations):  # all of them, so state.step stays num_iterations x steps
                     state, out = step_fn(state, base, rest, placed)  # (a non-finite update keeps the parameters)
-                    out = {k: float(v) for k, v in jax.device_get(out).items()}
-                    finite = finite and bool(out["finite"])
-                out["finite"] = finite
+                    finite.append(out["finite"])  # read once after the last update: no host sync between them
+                out = {k: float(v) for k, v in jax.device_get(out).items()}
+                out["finite"] = all(bool(f) for f in jax.device_get(finite))
             faults.point("update", step_now + 1, control.signals.local_stop)
             t_update = time.perf_counter() - t1
             if not out["finite"]:
