@@ -5,7 +5,8 @@
   over logits / temperature;
 * the update's vision encoder sees each micro-batch's P images once, not P x G;
 * the update's loss and LoRA gradient equal grpo_loss on log-probs from the plain forward (autodiff
-  through the whole model), so batching, masks and the float32 lm_head add nothing;
+  through the whole model), so batching, masks and the float32 lm_head add nothing; a non-finite update
+  (a NaN pixel) is reported and leaves the LoRA parameters unchanged;
 * with several batch shards and micro-batches, micro-batch a holds the a-th prompts of each shard's block
   (each device updates on the prompts it sampled), each shard's images packed on their own;
 * the rollout metrics combined from parts' sums (one per process) equal the whole batch's, and
@@ -204,6 +205,18 @@ def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch,
     assert max(float(np.abs(g).max()) for g in want.values()) > 0
     for path in want:
         assert rel_err(np.asarray(old[path]) - np.asarray(new[path]), want[path]) < 1e-4, path
+
+    # A non-finite update (one NaN pixel row: the same shapes, so the same compiled step) is reported and
+    # leaves the parameters as they were; the update counter still advances (train.grpo counts updates).
+    kept = {path: np.array(v) for path, v in new.items()}
+    patches = np.array(batch.inputs.vision.patches)
+    patches[(0,) * (patches.ndim - 1)] = np.nan
+    nan_batch = batch._replace(inputs=batch.inputs._replace(vision=batch.inputs.vision._replace(patches=patches)))
+    after_nan, bad = step(new_state, base, rest, nan_batch)
+    assert not bool(bad["finite"]) and not np.isfinite(float(bad["loss"]))
+    assert int(after_nan.step) == 2
+    for path, value in flat(after_nan.params).items():
+        np.testing.assert_array_equal(np.asarray(value), kept[path], err_msg=str(path))
 
 
 def test_micro_batches_take_each_shards_slice(model):
