@@ -118,6 +118,24 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     assert json.loads((out / "merged" / "preprocessor_config.json").read_text())["max_pixels"] == 3136
 
 
+def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_process_run, tmp_path):
+    """Without --mesh a run loads onto every device on the data axis (it used to ask for a 1-device mesh
+    and stop on any host with more than one device): `fxjax export` with 2 devices writes the adapter the
+    1-device export writes."""
+    from safetensors.numpy import load_file
+
+    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "one"), "--adapter-only"]) == 0
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-m", "fxjax.cli", "export", "--run", str(two_process_run),
+                           "--out", str(tmp_path / "two"), "--adapter-only"], env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
+    assert one.keys() == two.keys() and len(one) > 0
+    for name in one:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+
 def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_process_run, tmp_path, capsys):
     assert main(["export", "--run", str(two_process_run), "--step", "7", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

@@ -73,13 +73,21 @@ def _check_paths(cfg, checkpoint_dir: Path) -> None:
                                f"here; {hint}")
 
 
+def data_parallel_mesh():
+    """Every device on the data axis: where a loaded run goes unless a mesh is given. Each device holds the
+    whole model (a model too large for one device needs an fsdp axis: `--mesh fsdp=N`)."""
+    from fxjax.device_mesh import MeshConfig, make_mesh
+
+    return make_mesh(MeshConfig(data=-1))
+
+
 def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path: str | None = None,
              dtype: str | None = None, param_dtype: str | None = None, attention: str | None = None,
              scan_layers: bool | None = None,
              log: Callable[[str], None] | None = None) -> LoadedRun:
     """The model of `run` at `step` (default: the newest committed step).
 
-    mesh: where to place the model (default: every device of this process on the data axis).
+    mesh: where to place the model (default: `data_parallel_mesh()`, every device on the data axis).
     model_path: the base model's directory when it moved since training (replaces model.path/preset).
     dtype / param_dtype: compute and storage dtype of the base weights (default: the run's).
     attention: the attention kernel (model.attention: auto | xla | cudnn | splash; default: the run's).
@@ -90,7 +98,6 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     """
     import orbax.checkpoint as ocp
 
-    from fxjax.device_mesh import MeshConfig, make_mesh
     from flax import nnx
 
     from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
@@ -104,7 +111,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     cfg = _override_model(cfg, model_path, dtype, param_dtype, attention, scan_layers)
     _check_paths(cfg, ckpt)
     if mesh is None:
-        mesh = make_mesh(MeshConfig())
+        mesh = data_parallel_mesh()
     if log is not None:
         log(f"loading the {kind} run in {ckpt} at step {step}: base {cfg.model.path or cfg.model.preset} "
             f"({cfg.model.dtype})")

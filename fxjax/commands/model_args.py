@@ -87,16 +87,15 @@ class Detector:
         """Load the weights (once) and place them; returns self."""
         if self.model is not None:
             return self
-        from fxjax.device_mesh import MeshConfig, make_mesh
+        from fxjax.device_mesh import make_mesh
 
         args = self.args
         mesh_cfg = parse_mesh(getattr(args, "mesh", None))
         say = lambda text: print(f"fxjax {args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
         if args.run is not None:
-            from fxjax.train.run_loading import load_run
+            from fxjax.train.run_loading import data_parallel_mesh, load_run
 
-            # every local device on the data axis unless --mesh says otherwise
-            self.mesh = make_mesh(mesh_cfg or MeshConfig())
+            self.mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else data_parallel_mesh()
             self.model = load_run(args.run, self.source["step"], mesh=self.mesh, model_path=args.model,
                                   dtype=args.dtype, log=say).model
         else:
