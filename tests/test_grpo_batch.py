@@ -248,10 +248,11 @@ def test_rollout_metrics_from_parts_equal_the_whole_batch():
     """Two processes' `rollout_sums` (through JSON, as allgather_json sends them) combine to the metrics of
     the whole batch; one part gives exactly numpy's mean / std of the whole batch."""
     rng = np.random.RandomState(3)
-    p, g, n = 6, 4, 7
+    p, g, n = 6, 6, 7
     scores = {"total": rng.rand(p * g) * 3, "format": rng.randint(0, 2, p * g).astype(np.float64),
               "label": rng.randint(0, 2, p * g).astype(np.float64), "iou": rng.rand(p * g)}
-    scores["total"][4:8] = 1.5  # prompt 1's group all alike: zero std
+    # prompt 1's group all alike: a zero-std group, though numpy's std of six 0.1s is 1.4e-17, not 0
+    scores["total"][g:2 * g] = 0.1
     tokens = rng.randint(3, 100, size=(p * g, n)).astype(np.int32)
     tokens[rng.rand(p * g) < 0.5, 3] = EOS
     attention, truncated = completion_mask(tokens, EOS)

@@ -143,7 +143,8 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     out["length"] = [int(lengths.sum()), int(lengths.max(initial=0))]
     out["truncated"] = int(r.truncated.sum())
     grouped = np.asarray(r.scores["total"], np.float64).reshape(-1, num_generations)
-    out["groups"] = [int((grouped.std(axis=1) == 0).sum()), int(grouped.shape[0])]
+    # all alike, as group_advantages decides it (a float std of equal values need not be exactly 0)
+    out["groups"] = [int((grouped.max(axis=1) == grouped.min(axis=1)).sum()), int(grouped.shape[0])]
     return out
 
 
