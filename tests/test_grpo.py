@@ -7,6 +7,7 @@
   here uses) the run on two devices trains as with full sequences: the same samples, losses, gradient
   norms and LoRA parameters (slow-marked: `pytest -m slow tests/test_grpo.py`);
 * `grpo.num_iterations: 2` schedules the learning rate over every update and resumes at the right step;
+  a step logs the mean of its updates' metrics;
 * resume is exact: a run SIGKILLed during a rollout, during an update and during a save, stopped by SIGTERM
   (saves, exits 0), and resumed each time, with its newest checkpoint corrupted before the last resume
   (reported, the previous one used), ends with LoRA parameters bitwise equal to an uninterrupted run. (A
@@ -212,6 +213,19 @@ def test_updates_done_counts_steps_and_rejects_a_foreign_count():
     for optimizer_steps, checkpoint_step in ((5, 2), (6, 2)):  # not a multiple; a multiple of another step
         with pytest.raises(ValueError, match=f"checkpoint of step {checkpoint_step} holds {optimizer_steps} "):
             updates_done(optimizer_steps, 2, checkpoint_step)
+
+
+def test_update_metrics_average_a_steps_updates():
+    """With num_iterations updates a step logs each metric's mean over them (the first update never clips:
+    its ratio is 1), the last update's learning rate, and "finite" only if every update was."""
+    from fxjax.train.grpo import update_metrics
+
+    updates = [{"loss": 1.0, "clip_ratio/region_mean": 0.0, "learning_rate": 2e-4, "finite": True},
+               {"loss": 3.0, "clip_ratio/region_mean": 0.5, "learning_rate": 1e-4, "finite": np.bool_(True)}]
+    assert update_metrics(updates) == {"loss": 2.0, "clip_ratio/region_mean": 0.25, "learning_rate": 1e-4,
+                                       "finite": True}
+    assert update_metrics([updates[0], dict(updates[1], finite=np.bool_(False))])["finite"] is False
+    assert update_metrics(updates[:1]) == updates[0]
 
 
 def prompt_stream(setup, n: int) -> list[tuple[int, str]]:

@@ -319,12 +319,11 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 if logps_fn is not None:
                     old, ref = logps_fn(state.params, base, rest, placed)
                     placed = placed._replace(old_logps=old, ref_logps=ref)
-                finite = []
+                updates = []
                 for _ in range(g.num_iterations):  # all of them, so state.step stays num_iterations x steps
                     state, out = step_fn(state, base, rest, placed)  # (a non-finite update keeps the parameters)
-                    finite.append(out["finite"])  # read once after the last update: no host sync between them
-                out = {k: float(v) for k, v in jax.device_get(out).items()}
-                out["finite"] = all(bool(f) for f in jax.device_get(finite))
+                    updates.append(out)  # read once after the last update: no host sync between them
+                out = update_metrics(jax.device_get(updates))
             faults.point("update", step_now + 1, control.signals.local_stop)
             t_update = time.perf_counter() - t1
             if not out["finite"]:
@@ -353,6 +352,16 @@ def _sequence_tokens(batch: GroupBatch, num_generations: int) -> int:
     if batch.completions is None:
         return int(batch.inputs.attention_mask.sum())
     return int(batch.inputs.attention_mask.sum()) * num_generations + int(batch.completions.attention_mask.sum())
+
+
+def update_metrics(updates: list[dict]) -> dict:
+    """A step's metrics from its num_iterations updates' (fetched to the host): each metric's mean over
+    the updates (what TRL logs with logging_steps = num_iterations; the first update's clip ratio is
+    always 0, its ratio being 1), the last update's learning rate, "finite" only if every update was."""
+    out = {k: float(np.mean([u[k] for u in updates])) for k in updates[0] if k not in ("finite", "learning_rate")}
+    out["learning_rate"] = float(updates[-1]["learning_rate"])
+    out["finite"] = all(bool(u["finite"]) for u in updates)
+    return out
 
 
 def updates_done(optimizer_steps: int, num_iterations: int, checkpoint_step: int | None) -> int:
