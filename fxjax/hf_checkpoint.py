@@ -320,6 +320,31 @@ def _param_dtype(model: Qwen25VL):
     return model.embed_tokens.embedding.dtype
 
 
+def stop_token_ids(model: Qwen25VL, im_end: int) -> tuple[int, ...]:
+    """The tokens a completion ends at: <|im_end|> (where a chat answer ends) and the `eos_token_id` of
+    the generation_config.json in the directory the model was loaded from, the list HF generate and
+    TRL's GRPO stop at (Qwen2.5-VL-Instruct's: <|im_end|> and <|endoftext|>). A model built otherwise (a
+    preset, random weights) stops at <|im_end|> only."""
+    source: HFSource | None = getattr(model, "hf_source", None)
+    extra = _generation_eos(source.directory) if source is not None else ()
+    return tuple(dict.fromkeys((int(im_end), *extra)))
+
+
+@functools.lru_cache(maxsize=8)
+def _generation_eos(directory: str) -> tuple[int, ...]:
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a JSON object ({e})") from e
+    values = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(values)
+
+
 def _write_generation_config(cfg: Qwen25VLConfig, out: Path, source: HFSource | None) -> None:
     if source and (Path(source.directory) / "generation_config.json").exists():
         shutil.copy(Path(source.directory) / "generation_config.json", out / "generation_config.json")

@@ -219,6 +219,22 @@ def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch,
         np.testing.assert_array_equal(np.asarray(value), kept[path], err_msg=str(path))
 
 
+def test_completion_mask_and_text_end_at_any_stop_token(tokenizer_dir):
+    """Several stop tokens (<|im_end|> and the generation config's <|endoftext|>): a row ends at the first
+    of them (in the loss through it, not truncated, its text without it); a row with none is truncated."""
+    from fxjax.data.tokenizer import load_tokenizer
+    from fxjax.train.rollout import decode_completions
+
+    im_end, endoftext, a, b = 151645, 151643, 64, 65  # "a", "b"
+    tokens = np.array([[a, endoftext, b, 0], [a, b, im_end, endoftext], [a, a, b, b]], np.int32)
+    attention, truncated = completion_mask(tokens, (im_end, endoftext))
+    np.testing.assert_array_equal(attention.sum(1), [2, 3, 4])
+    np.testing.assert_array_equal(truncated, [False, False, True])
+    texts = decode_completions(load_tokenizer(tokenizer_dir), tokens, attention, (im_end, endoftext))
+    assert texts == ["a", "ab", "aabb"]
+    assert completion_mask(tokens, im_end)[1].tolist() == [True, False, True]  # one id as before
+
+
 def test_micro_batches_take_each_shards_slice(model):
     """4 prompts over 2 batch shards (prompts 0, 1 in shard 0's block, 2, 3 in shard 1's), 2 micro-batches:
     micro-batch a = prompts a and 2 + a, each in its shard's rows with its image packed in that shard."""

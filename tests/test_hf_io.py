@@ -414,3 +414,29 @@ def test_compute_and_param_dtypes(tiny_checkpoint, prompt, dtype, param_dtype):
     assert np.isfinite(np.asarray(logits.astype(jnp.float32))).all()
     # parameters stay in their dtype after a forward
     assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {want_param}
+
+
+def test_stop_token_ids_follow_the_generation_config(tiny_checkpoint, tmp_path):
+    """A completion ends at <|im_end|> and at every eos_token_id of the model directory's
+    generation_config.json (Qwen2.5-VL-Instruct's lists <|im_end|> and <|endoftext|>), as HF generate and
+    TRL stop; a model not loaded from a directory stops at <|im_end|> only; a bad file is named."""
+    import dataclasses
+
+    from fxjax.hf_checkpoint import stop_token_ids
+
+    directory = tmp_path / "instruct"
+    shutil.copytree(tiny_checkpoint, directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    model = fxjax.from_pretrained(directory)
+    assert stop_token_ids(model, 151645) == (151645, 151643)
+    assert stop_token_ids(model, 7) == (7, 151645, 151643)
+    (tmp_path / "plain").mkdir()
+    model.hf_source = dataclasses.replace(model.hf_source, directory=str(tmp_path / "plain"))  # no such file
+    assert stop_token_ids(model, 151645) == (151645,)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "generation_config.json").write_text(json.dumps({"eos_token_id": "151643"}))
+    model.hf_source = dataclasses.replace(model.hf_source, directory=str(tmp_path / "bad"))
+    with pytest.raises(CheckpointError, match=r"bad/generation_config.json: eos_token_id must be a token id"):
+        stop_token_ids(model, 151645)
+    del model.hf_source
+    assert stop_token_ids(model, 151645) == (151645,)

@@ -50,6 +50,7 @@ from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json
 from fxjax.grpo_config import GRPOConfig
+from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
 from fxjax.train import faults
@@ -198,9 +199,9 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     batch_rewards = _batch_rewards(mine) if jax.process_count() > 1 and mine.batch_rows is not None else None
     patch_dtype = as_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    eos_id = token_id(tokenizer, "<|im_end|>")
     steps_total = cfg.total_steps
     model = build_model(cfg, mesh)
+    eos_ids = stop_token_ids(model, token_id(tokenizer, "<|im_end|>"))  # as TRL: the tokenizer's + generation config's
     # Two graphs over the same variables: the update runs in train mode (LoRA dropout, reseeded per step as
     # in SFT); sampling and the old/reference log-probs in eval mode.
     model.train()
@@ -292,7 +293,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
             prompts, placed_inputs, floor = prompt_part(next(iterator), floor)  # this process's prompts
             nnx.update(model, state.params)
             rollout = sample_and_score(
-                model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_id=eos_id,
+                model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_ids=eos_ids,
                 pad_id=pipeline.pad_id, num_generations=g.num_generations,
                 max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, rng=jax.random.fold_in(root, step_now), weights=weights,

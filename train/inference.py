@@ -8,8 +8,9 @@ The held-out evaluation during training (train.evaluation.Evaluator.completions)
 the pipeline's left-padded prompt batches, an incomplete last batch padded with copies (pad_rows) so the
 compiled shape is kept, vision inputs padded up to a running floor (few compilations), the batch split
 over the mesh's data axes when it divides, greedy decoding with the KV cache
-(`model.generate.generate_device`) and each completion decoded up to its first <|im_end|>, special tokens
-kept (the output format is made of them).
+(`model.generate.generate_device`) and each completion decoded up to its first stop token, special tokens
+kept (the output format is made of them). Stop tokens: <|im_end|> and the model directory's
+generation_config.json eos_token_id, as HF generate (`fxjax.hf_checkpoint.stop_token_ids`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fxjax.data.pipeline import DataPipeline, tokens_for
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.model.generate import generate_device
 from fxjax.device_mesh import batch_shards, gather, shard_inputs, splits_batch
+from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.train.batching import pad_rows, pad_vision_inputs
 
 __all__ = ["GreedyDecoder"]
@@ -59,10 +61,11 @@ class GreedyDecoder:
         """Greedy completions of one prompt batch (up to batch_size rows), one text per row."""
         real = len(batch["meta"])
         inputs = self.inputs(batch)
-        out = generate_device(self.model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=(self.im_end,),
+        stop = stop_token_ids(self.model, self.im_end)
+        out = generate_device(self.model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
                               pad_token_id=self.pad_id)
         tokens = gather(out.tokens)
-        return [self.text(tokens[row].tolist()) for row in range(real)]
+        return [self.text(tokens[row].tolist(), stop) for row in range(real)]
 
     def inputs(self, batch: dict):
         """The model inputs of one prompt batch, as `complete` decodes them: rows padded to batch_size, vision
@@ -76,8 +79,7 @@ class GreedyDecoder:
         inputs, self._floor = pad_vision_inputs(inputs, model.config, self._floor)
         return shard_inputs(inputs, self.mesh) if split else inputs
 
-    def text(self, ids: list[int]) -> str:
-        """One row's completion text: up to its first <|im_end|>, special tokens kept."""
-        if self.im_end in ids:
-            ids = ids[:ids.index(self.im_end)]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    def text(self, ids: list[int], stop: tuple[int, ...] | None = None) -> str:
+        """One row's completion text: up to its first stop token (default <|im_end|>), special tokens kept."""
+        ends = [i for i, t in enumerate(ids) if t in (stop or (self.im_end,))]
+        return self.tokenizer.decode(ids[:ends[0]] if ends else ids, skip_special_tokens=False)

@@ -54,9 +54,10 @@ class Rollout:
     targets: list[dict] = field(default_factory=list)  # one per prompt
 
 
-def completion_mask(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(attention [R, N] int32 through the first EOS, truncated [R] bool: no EOS in the row)."""
-    is_eos = tokens == eos_id
+def completion_mask(tokens: np.ndarray, eos_ids: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(attention [R, N] int32 through the first EOS (any of `eos_ids`), truncated [R] bool: no EOS in the
+    row)."""
+    is_eos = np.isin(tokens, np.atleast_1d(eos_ids))
     has_eos = is_eos.any(axis=1)
     first = np.where(has_eos, is_eos.argmax(axis=1), tokens.shape[1])
     attention = (np.arange(tokens.shape[1])[None, :] <= first[:, None]).astype(np.int32)
@@ -64,12 +65,13 @@ def completion_mask(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.nda
     return attention, ~has_eos
 
 
-def decode_completions(tokenizer, tokens: np.ndarray, attention: np.ndarray, eos_id: int) -> list[str]:
+def decode_completions(tokenizer, tokens: np.ndarray, attention: np.ndarray,
+                       eos_ids: int | Sequence[int]) -> list[str]:
     """The text of each completion up to (not including) its EOS; special tokens kept (the format uses them)."""
     texts = []
     for row, keep in zip(tokens, attention):
         ids = row[keep.astype(bool)].tolist()
-        if ids and ids[-1] == eos_id:
+        if ids and ids[-1] in np.atleast_1d(eos_ids):
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids, skip_special_tokens=False))
     return texts
@@ -92,7 +94,7 @@ def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, i
     return pad_vision_inputs(inputs, model_cfg, floor)
 
 
-def sample_and_score(model, inputs, metas, *, tokenizer, eos_id: int, pad_id: int, num_generations: int,
+def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int], pad_id: int, num_generations: int,
                      max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
                      weights: rewards.RewardWeights, reward_config, scale_rewards: str,
                      mask_truncated: bool, host, mesh=None, batch_rewards=None) -> Rollout:
@@ -108,13 +110,13 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_id: int, pad_id: in
     with use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k or None,
-                                    top_p=None if top_p >= 1.0 else top_p, rng=rng, eos_token_ids=(eos_id,),
+                                    top_p=None if top_p >= 1.0 else top_p, rng=rng, eos_token_ids=tuple(eos_ids),
                                     pad_token_id=pad_id)
     tokens = host(out.tokens).astype(np.int32)
     if tokens.shape[0] != len(metas) * num_generations:  # whole groups of exactly these prompts
         raise ValueError(f"{tokens.shape[0]} sampled rows fetched for {len(metas)} prompts x {num_generations}")
-    attention, truncated = completion_mask(tokens, eos_id)
-    texts = decode_completions(tokenizer, tokens, attention, eos_id)
+    attention, truncated = completion_mask(tokens, eos_ids)
+    texts = decode_completions(tokenizer, tokens, attention, eos_ids)
     targets = targets_of(metas)
     scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
     totals, mine = np.asarray(scores["total"], np.float32), slice(None)
