@@ -212,7 +212,7 @@ def _free_text(tokens, ids) -> str:
     return tokens.tok.decode([t for t, f in zip(ids, tokens.free_mask(ids)) if f], skip_special_tokens=False)
 
 
-def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_dir, records):
+def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_dir, records, caplog):
     generated = [r for r in records if r.label == "generated"]
     full_cfg = make_cfg(demo, tokenizer_dir)
     full = {r.index: ExampleBuilder(full_cfg, len(records)).build(r) for r in generated}
@@ -257,10 +257,15 @@ def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_d
     too_long = {r.index for r in generated if len(full[r.index]["input_ids"]) > max_length}
     assert not too_long & set(kept) and it.get_state()["dropped"] == {"too_long": len(too_long)}
     assert len(kept) + len(too_long) == len(records) and f"too_long {len(too_long)}" in it.report()
-    # truncate mode counts truncations and the rare drops in the state as well
+    # truncate mode counts truncations and the rare drops in the state as well, and names each truncation
     it = iter(DataPipeline(dataclasses.replace(cfg, num_epochs=1, batch_size=1, drop_remainder=False), records))
-    list(it)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fxjax.data.batching"):
+        list(it)
     assert it.get_state()["truncated"] == truncated
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("truncated example: ")]
+    assert len(notes) == truncated and all(f"to fit max_length {max_length}" in n for n in notes)
+    assert {n.split(": ")[1] for n in notes} <= {r.source for r in generated}
     assert it.get_state()["dropped"] == ({"too_long": dropped} if dropped else {})
 
 
@@ -283,7 +288,7 @@ def test_decode_errors_skip_with_a_count_or_raise_naming_the_record(demo, tokeni
         list(DataPipeline(dataclasses.replace(cfg, on_error="raise")))
 
 
-def test_swift_records_keep_their_prompts_and_fill_placeholders(demo, tokenizer_dir, records, tmp_path):
+def test_swift_records_keep_their_prompts_and_fill_placeholders(demo, tokenizer_dir, records, tmp_path, caplog):
     real = next(r for r in records if r.label == "real")
     gen = next(r for r in records if r.label == "generated")
     root = Path(demo["train"]).parent
@@ -320,6 +325,11 @@ def test_swift_records_keep_their_prompts_and_fill_placeholders(demo, tokenizer_
     assert batch["meta"][0]["template"] == -1  # the user prompt given replaces the templates here too
     prompt = tok.decode(batch["input_ids"][0, :batch["meta"][0]["prompt_length"]].tolist(), skip_special_tokens=False)
     assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}")
+    # with prompts="auto" a user prompt given is not used for these records: said, not silently ignored
+    with caplog.at_level("WARNING", logger="fxjax.data.pipeline"):
+        DataPipeline(dataclasses.replace(cfg, user_prompt="Box it."))
+    assert any("do not apply to the 2 ms-swift record(s)" in r.getMessage() and str(path) in r.getMessage()
+               for r in caplog.records)
 
 
 def test_prompt_mode_is_left_padded_without_targets(demo, tokenizer_dir, records):

@@ -89,7 +89,11 @@ class BatchIterator(grain.DatasetIterator):
                 self.dropped[example.kind] += 1
                 logger.warning("dropped example (%s): %s", example.kind, example.message)
                 continue
-            self.truncated += example["meta"]["truncated"] > 0
+            if example["meta"]["truncated"]:  # reported as drops are: the run trains on a shortened target
+                self.truncated += 1
+                logger.warning("truncated example: %s: reasoning cut by %d tokens to fit max_length %d "
+                               "(data.long_samples: truncate)", example["meta"]["source"],
+                               example["meta"]["truncated"], self._cfg.max_length)
             batch.append(example)
         self.batches += 1
         return collate(batch, self._cfg.buckets, self._pad_id, self._pad_side)

@@ -32,6 +32,8 @@ class DataConfig:
     long_samples: str = "truncate"  # "truncate" | "drop"
     mode: str = "sft"  # "sft" (prompt + target, right-padded) | "prompt" (prompt only, left-padded; GRPO)
     prompts: str = "auto"  # "auto" (ms-swift records keep theirs) | "templates" | "record"
+    # The next two apply to native records, and to ms-swift records only with prompts="templates" (with
+    # "auto" they keep their own; the pipeline warns when these are set and so left unused).
     system_prompt: str | None = None  # None -> prompts.SYSTEM_PROMPT
     user_prompt: str | None = None  # None -> one of prompts.USER_TEMPLATES per record and epoch; a str: always it
     batch_size: int = 1

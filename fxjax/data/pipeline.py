@@ -120,6 +120,11 @@ class DataPipeline:
             if native is not None:
                 raise ValueError(f"{native.source}: prompts='record' needs ms-swift records (native records "
                                  "have no prompts of their own); use 'auto' or 'templates'")
+        own = sum(r.format == "swift" for r in self.records)
+        if own and cfg.prompts == "auto" and (cfg.system_prompt is not None or cfg.user_prompt is not None):
+            logger.warning("data.system_prompt / data.user_prompt do not apply to the %d ms-swift record(s) of %s: "
+                           "with data.prompts=auto they keep their own prompts (data.prompts=templates uses yours)",
+                           own, files)
         self.shard = cfg.shard_options()
         self.indices = shard_indices(len(self.records), self.shard)
         if not self.indices:
