@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -128,6 +129,29 @@ def test_no_loss_and_no_gradient_on_prompt_or_padding_tokens():
     np.testing.assert_allclose(float(total / count), float(reference_cross_entropy(logits, batch["labels"])),
                                rtol=1e-5)
     assert int(count) == int(predicts.sum())
+
+
+def test_a_skipped_update_keeps_the_moments_and_still_advances_the_schedule():
+    """A non-finite update is not applied (the Adam moments and count stay), but the learning-rate
+    schedule counts it, as a torch scheduler steps on a skipped update: the next update runs at the rate
+    logged for its step (schedule(1)), as a first Adam step, not at schedule(0)."""
+    from fxjax.train.optimizer import keep_if_finite
+
+    cfg = OptimSection(learning_rate=1e-2, warmup_steps=0, max_grad_norm=None)
+    tx, schedule = make_optimizer(cfg, 4)
+    assert float(schedule(1)) < 0.9 * float(schedule(0))
+    params, grads = {"w": jnp.array([1.0, -2.0, 3.0])}, {"w": jnp.array([0.5, -0.25, 2.0])}
+    start = tx.init(params)
+    _, tried = tx.update(grads, start, params)  # the update of a step found non-finite: dropped
+    state = keep_if_finite(jnp.bool_(False), tried, start)
+    updates, _ = tx.update(grads, state, params)
+    first_adam_step = optax.adamw(float(schedule(1)), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    want, _ = first_adam_step.update(grads, first_adam_step.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), np.asarray(want["w"]), rtol=1e-6)
+    # a finite update keeps everything new
+    kept = keep_if_finite(jnp.bool_(True), tried, start)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(tried)))
 
 
 def _step(model, micro_batches, remat=None):

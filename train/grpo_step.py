@@ -34,6 +34,7 @@ from fxjax.model.generate import init_cache
 from fxjax.model.kv_cache import repeat_rows
 from fxjax.model.lora import LORA_PARAMS, lora_disabled
 from fxjax.train.grpo_loss import grpo_loss
+from fxjax.train.optimizer import keep_if_finite
 from fxjax.train.remat import with_remat
 from fxjax.train.step import RNG_IMPL, OnMesh, TrainState, reseed_rest
 
@@ -255,7 +256,8 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, schedule: Callabl
         updates, new_opt = tx.update(grads_sum, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(state.step + 1, keep(new_params, state.params), keep(new_opt, state.opt_state),
+        new_state = TrainState(state.step + 1, keep(new_params, state.params),
+                               keep_if_finite(finite, new_opt, state.opt_state),
                                state.rng)
         out = dict(totals, loss=loss_sum, grad_norm=grad_norm, finite=finite,
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32))

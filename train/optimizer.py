@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fxjax.config_sections import OptimSection
@@ -52,3 +54,17 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientT
     # shardings, so every device would hold all the moments (~5 GB fp32 at 72B with rank 32). Flattening
     # compiled faster; the sharded state is what scales.
     return optax.chain(*parts), schedule
+
+
+def keep_if_finite(finite, new_opt_state, old_opt_state):
+    """The optimiser state after an update that may have been non-finite (and so not applied): the old
+    moments and Adam count where it was, but the learning-rate schedule's count always advanced, as a
+    torch scheduler steps on a skipped update, so the rate used stays the one logged for the step."""
+    def pick(new, old):
+        if isinstance(new, optax.ScaleByScheduleState):
+            return new
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(pick, new_opt_state, old_opt_state, is_leaf=is_schedule)
+

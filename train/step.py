@@ -27,6 +27,7 @@ from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 from fxjax.device_mesh import use_mesh
 from fxjax.train.batching import StepBatch
 from fxjax.train.losses import LossTargets, chunked_cross_entropy
+from fxjax.train.optimizer import keep_if_finite
 from fxjax.train.remat import with_remat
 
 RNG_IMPL = "rbg"  # cheap to compile (XLA RngBitGenerator); deterministic on a given platform
@@ -131,7 +132,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_params = keep(new_params, state.params)
-        new_opt = keep(new_opt, state.opt_state)
+        new_opt = keep_if_finite(finite, new_opt, state.opt_state)
         new_state = TrainState(state.step + 1, new_params, new_opt, state.rng)
         metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
                        target_tokens=count, finite=finite)
