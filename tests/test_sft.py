@@ -166,6 +166,29 @@ def test_resumed_run_is_bitwise_equal_to_the_straight_run(straight, interrupted)
     assert any(np.abs(v).max() > 0 for k, v in straight.items() if "lora_B" in k)  # it did train
 
 
+def test_resuming_another_runs_checkpoints_is_refused_naming_why(setup, straight):
+    """The straight run's checkpoints resumed with another LoRA rank (arrays of other shapes), or by `fxjax
+    grpo` (the same state layout would restore and continue the SFT step count): exit 2 before any step,
+    with a message that says what differs, and the checkpoints untouched."""
+    root = setup["root"]
+    shutil.copytree(root / "straight" / "ckpt", root / "rank8" / "ckpt")
+    code, log = sft(setup, "rank8", extra=["lora.rank=8"])
+    assert code == 2, log[-3000:]
+    assert "was written with other model or LoRA settings than this run's (its lora: rank 4," in log
+    assert "lora_a.value (" in log and "Traceback" not in log
+    assert committed_steps(root / "rank8" / "ckpt") == committed_steps(root / "straight" / "ckpt")
+    config = yaml.safe_load(setup["config"].read_text())
+    config["train"].pop("steps")
+    config.update(grpo={"num_generations": 2, "max_completion_length": 4}, stages=[{"name": "alpha", "steps": 1}])
+    path = root / "grpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "fxjax.cli", "grpo", "--config", str(path), "--set",
+                           f"checkpoint.dir={root / 'rank8' / 'ckpt'}", "--set", f"train.output_dir={root / 'g'}"],
+                          env=setup["env"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{root / 'rank8' / 'ckpt'} holds the checkpoints of an sft run (newest: step 4)" in proc.stderr
+
+
 DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
 
 

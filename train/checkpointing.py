@@ -18,6 +18,7 @@ last good checkpoint is never spoiled. The last `keep` checkpoints are kept.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -135,6 +136,8 @@ class TrainCheckpointer:
         # converted (train.checkpoint_layout); any other difference in names is an error naming them.
         saved = getattr(self.manager.item_metadata(step)["state"], "tree", None)
         layout = None if saved is None else saved_layout(abstract, set(saved), str(self.directory / str(step)))
+        if saved is not None and layout is None:
+            self._check_shapes(abstract, saved, step)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout or abstract), data=_DataStateRestore(),
                                           config=ocp.args.JsonRestore()))
@@ -143,6 +146,28 @@ class TrainCheckpointer:
         data = dict(restored["data"])
         data.pop("step", None)
         return state, data, dict(restored["config"]), step
+
+    def _check_shapes(self, abstract: Mapping[str, Any], saved: Mapping[str, Any], step: int) -> None:
+        """A checkpoint written with other LoRA or model settings (another rank, other target modules)
+        holds arrays of other shapes: an error naming the first of them and the settings it was saved with,
+        raised before orbax's own (a long traceback)."""
+        bad = [(k, tuple(saved[k].shape), tuple(v.shape)) for k, v in abstract.items()
+               if k in saved and getattr(saved[k], "shape", None) is not None and tuple(saved[k].shape) != tuple(v.shape)]
+        if not bad:
+            return
+        from fxjax.config_mapping import ConfigError
+        from fxjax.run_files import CONFIG_FILE
+
+        try:
+            lora = json.loads((self.directory / str(step) / CONFIG_FILE).read_text()).get("lora", {})
+            settings = f" (its lora: rank {lora.get('rank')}, target_modules {lora.get('target_modules')})"
+        except (OSError, ValueError, AttributeError):
+            settings = ""
+        name, was, now = bad[0]
+        raise ConfigError(f"the checkpoint of step {step} in {self.directory} was written with other model or "
+                          f"LoRA settings than this run's{settings}: {len(bad)} array(s) differ in shape, e.g. "
+                          f"{name} {was} there, {now} here. Resume it with its own settings, or start this run "
+                          "in another train.output_dir / checkpoint.dir")
 
     def set_aside(self, step: int) -> Path:
         """Rename the directory of a checkpoint that does not restore to ``<step>.unreadable-<n>`` (kept for

@@ -159,6 +159,8 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
     for step in steps:
         try:
             restored = checkpointer.restore(template, step)
+        except ConfigError:  # another run's settings (array shapes): not a damaged checkpoint to set aside
+            raise
         except Exception as err:  # orbax raises many types for damaged files; the message says which
             first_error = first_error or err
             broken.append(step)
@@ -209,6 +211,12 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     if restored is None:
         return None
     state, data_state, saved_cfg, step = restored
+    saved_kind = "grpo" if "grpo" in saved_cfg or "stages" in saved_cfg else "sft"
+    if saved_kind != name:  # the same state layout would restore, and then continue the other phase's count
+        raise ConfigError(f"{checkpointer.directory} holds the checkpoints of {'an' if saved_kind == 'sft' else 'a'} {saved_kind} run (newest: step "
+                          f"{step}), not of a {name} run; give this run its own train.output_dir / checkpoint.dir"
+                          + (f" (GRPO from that SFT run: model.from_run={checkpointer.directory})"
+                             if name == "grpo" else ""))
     restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step))
     check_resume_config(saved_cfg, cfg.to_dict(), log, watched)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
