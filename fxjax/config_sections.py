@@ -134,6 +134,9 @@ class DataSection:
             raise ConfigError(f"{where}.train_files: give at least one JSONL file")
         for name in ("min_pixels", "max_pixels", "max_length", "batch_size"):
             check_positive(getattr(self, name), f"{where}.{name}")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"{where}.min_pixels ({self.min_pixels}) is above {where}.max_pixels "
+                              f"({self.max_pixels})")
 
 
 @dataclass(frozen=True)

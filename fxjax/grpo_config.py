@@ -65,6 +65,9 @@ class GRPOSection:
     def validate(self, where: str) -> None:
         for name in ("num_generations", "max_completion_length", "num_iterations"):
             check_positive(getattr(self, name), f"{where}.{name}")
+        if self.num_generations < 2:  # one sample per prompt: every advantage is 0, nothing is learned
+            raise ConfigError(f"{where}.num_generations: must be >= 2 (the advantage compares a prompt's "
+                              f"completions with each other), got {self.num_generations}")
         if not self.temperature > 0:
             raise ConfigError(f"{where}.temperature: must be positive (GRPO samples), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -50,6 +50,7 @@ def test_the_shipped_configs_load_and_are_frozen():
     ({"optim": {"learning_rate": -1}}, "optim.learning_rate: must be a positive number"),
     ({"lora": {"dropout": 1.5}}, "lora.dropout: must be in [0, 1)"),
     ({"mesh": 4}, "mesh: expected a mapping"),
+    ({"data": {"min_pixels": 100000, "max_pixels": 3136}}, "data.min_pixels (100000) is above data.max_pixels (3136)"),
 ])
 def test_bad_values_name_their_key(patch, message):
     data = {k: dict(v) for k, v in MINIMAL.items()}
@@ -189,3 +190,13 @@ def test_cli_set_errors_and_notes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fxjax sft: note: model.preset: tiny -> null" in err
     assert "fxjax sft: error: model.path: /nonexistent/qwen does not exist" in err
+
+
+def test_grpo_needs_two_completions_per_prompt():
+    from fxjax.grpo_config import grpo_from_dict
+
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    assert grpo_from_dict({**data, "grpo": {"num_generations": 2}}).grpo.num_generations == 2
+    with pytest.raises(ConfigError, match=r"grpo.num_generations: must be >= 2 .* got 1"):
+        grpo_from_dict({**data, "grpo": {"num_generations": 1}})
+

@@ -67,6 +67,8 @@ class DataConfig:
         for name in ("max_length", "batch_size", "min_pixels", "max_pixels", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"DataConfig.min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
         for name in ("worker_count", "read_threads", "prefetch_buffer_size", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
