@@ -51,8 +51,13 @@ WeightsLike = Union[RewardWeights, Mapping[str, Any]]
 def _load_yaml(path: str) -> dict:
     import yaml
 
-    with open(path) as f:
-        return yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reward config {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"reward config {path}: invalid YAML ({err})") from None
 
 
 def load_config(path: Optional[Union[str, Path]] = None) -> dict:
@@ -63,7 +68,7 @@ def load_config(path: Optional[Union[str, Path]] = None) -> dict:
                                     "with `pip install -e .`, or pass the YAML path)")
         path = CONFIG_PATH
     cfg = _load_yaml(str(Path(path).resolve()))
-    if not isinstance(cfg, dict) or "stages" not in cfg:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), dict):
         raise ValueError(f"{path}: expected a mapping with a 'stages' key")
     if cfg.get("relaxation", "paper") not in RELAXATIONS:
         raise ValueError(f"{path}: relaxation must be one of {RELAXATIONS}")
@@ -75,7 +80,10 @@ def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardW
     stages = load_config(config)["stages"]
     if stage not in stages:
         raise ValueError(f"unknown reward stage {stage!r}; known: {sorted(stages)} (or 'continuous')")
-    return RewardWeights.from_mapping(stages[stage])
+    try:
+        return RewardWeights.from_mapping(stages[stage])
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{config or CONFIG_PATH}: stages.{stage}: {err}") from None
 
 
 def continuous_weights(t: float, T: float, config: Optional[Union[str, Path]] = None) -> RewardWeights:

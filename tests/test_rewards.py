@@ -239,6 +239,20 @@ def test_presets_yaml_matches_reference_table():
         load_stage("delta")
 
 
+def test_a_bad_reward_file_is_named(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stages: [alpha\n")
+    with pytest.raises(ValueError, match=r"reward config .*broken.yaml: invalid YAML"):
+        load_stage("alpha", broken)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("\n".join(line.replace("label_plus", "label_pls") if line.strip().startswith("alpha:") else line
+                              for line in CONFIG_PATH.read_text().splitlines()))
+    with pytest.raises(ValueError, match=r"typo.yaml: stages.alpha: reward weights: unknown keys \['label_pls'\]"):
+        load_stage("alpha", typo)
+    with pytest.raises(FileNotFoundError, match=r"reward config .*nowhere.yaml does not exist"):
+        load_stage("alpha", tmp_path / "nowhere.yaml")
+
+
 def test_weights_override_and_options():
     w = RewardWeights(base=10, w_iou=0, label_plus=0, label_minus=0, format_plus=0, format_minus=0)
     assert score([GOOD], [GT], weights=w)["total"][0] == 10

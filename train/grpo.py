@@ -187,6 +187,12 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     started = time.perf_counter()
     main, say = join_run("grpo", cfg, log)
     g = cfg.grpo
+    # every stage's reward weights read (and a bad reward file reported) now, not after the model loads
+    if g.schedule == "continuous":
+        rewards.continuous_weights(0, 1, g.reward_config)
+    else:
+        for stage in cfg.stages:
+            rewards.load_stage(stage.name, g.reward_config)
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size // cfg.optim.grad_accum, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
