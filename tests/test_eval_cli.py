@@ -131,6 +131,8 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     by = run_scripted(dataset, tokenizer_dir, tmp_path, again, group_by=("camera",))["by"]["camera"]
     assert again.asked == [] and list(by) == ["dslr", "phone", "(none)"]
     assert by["dslr"]["accuracy"] == 0 and by["phone"]["accuracy"] == 1 and by["(none)"]["examples"] == 3
+    with pytest.raises(ValueError, match=r"--group-by camra: no record of the data has a field 'camra' \(fields: .*camera"):
+        run_scripted(dataset, tokenizer_dir, tmp_path, again, group_by=("camra",))
 
 
 def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, tokenizer_dir, tmp_path):

@@ -98,3 +98,15 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1}\nnot json\n{"step": 2}\n')
     assert main(["report", str(tmp_path)]) == 2
     assert "metrics.jsonl:2: not a metrics record" in capsys.readouterr().err
+
+
+def test_out_names_the_file_written(tmp_path, capsys):
+    """--out without .png gets it (the path printed is the file written); --out a directory writes into it."""
+    (tmp_path / "run").mkdir()
+    run = write_metrics(tmp_path / "run" / "metrics.jsonl", sft_records()).parent
+    assert main(["report", str(run), "--out", str(tmp_path / "rep" / "mine")]) == 0
+    assert f"wrote {tmp_path / 'rep' / 'mine.png'}" in capsys.readouterr().err
+    assert (tmp_path / "rep" / "mine.png").is_file() and not (tmp_path / "rep" / "mine").exists()
+    assert main(["report", str(run), "--out", str(tmp_path / "rep") + "/"]) == 0
+    assert f"wrote {tmp_path / 'rep' / 'report.png'}" in capsys.readouterr().err
+    assert (tmp_path / "rep" / "report.png").is_file()

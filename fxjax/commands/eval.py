@@ -188,7 +188,13 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     pred_path = out / PREDICTIONS
     done = read_predictions(pred_path, say)
     todo = [r for r in records if r.source not in done]
-    raw = raw_objects(records) if set(group_by) - {f.name for f in dataclasses.fields(records[0])} else {}
+    known = {f.name for f in dataclasses.fields(records[0])}
+    raw = raw_objects(records) if set(group_by) - known else {}
+    for name in set(group_by) - known:  # a typo would make one group of every image, "(none)"
+        if not any(isinstance(obj, dict) and name in obj for obj in raw.values()):
+            fields = sorted(known | {k for obj in raw.values() if isinstance(obj, dict) for k in obj})
+            raise ValueError(f"--group-by {name}: no record of the data has a field {name!r} (fields: "
+                             f"{', '.join(fields)})")
     by_source = {r.source: r for r in records}
     if len(todo) < len(records):
         say(f"resuming: {len(records) - len(todo)} of {len(records)} images already in {pred_path}")

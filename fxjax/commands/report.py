@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR", help="the run's train.output_dir (holding metrics.jsonl), or the file")
-    p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG (default: RUN_DIR/{REPORT_FILE})")
+    p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG: a file (.png added when missing) or a directory "
+                        f"(default: RUN_DIR/{REPORT_FILE})")
     p.add_argument("--title", help="figure title (default: the run directory and its kind)")
     p.set_defaults(func=run)
 
@@ -261,6 +262,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     run_name = metrics_file.parent.name or str(metrics_file.parent)
     fig = build_report(records, title or f"{run_name}: {run_kind(records).upper()}")
     path = Path(out) if out is not None else metrics_file.parent / REPORT_FILE
+    if out is not None and (path.is_dir() or str(out).endswith(("/", "\\"))):
+        path = path / REPORT_FILE  # a directory given: the report goes in it
+    elif path.suffix.lower() != ".png":
+        path = path.with_name(path.name + ".png")  # the file matplotlib would write, so the path printed is it
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
