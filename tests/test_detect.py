@@ -127,12 +127,16 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
     paths = odd_images(tmp_path)[:2]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    args = ["detect", *paths, str(broken), "--model", str(tiny_vl_dir), "--out", str(tmp_path / "overlays"),
-            "--json", "--batch-size", "4", "--max-new-tokens", "3", "--max-pixels", "3136"]
-    assert main(args) == 1  # one image could not be read; the others were analysed
+    missing = tmp_path / "nope.png"
+    args = ["detect", *paths, str(broken), str(missing), "--model", str(tiny_vl_dir), "--out",
+            str(tmp_path / "overlays"), "--json", "--batch-size", "4", "--max-new-tokens", "3", "--max-pixels", "3136"]
+    assert main(args) == 1  # two images could not be read (not an image; no such file); the others were analysed
     out = capsys.readouterr()
-    assert f"{broken}: cannot be analysed" in out.err
-    results = [json.loads(line) for line in out.out.splitlines()]
+    assert f"{broken}: cannot be analysed" in out.err and f"{missing}: cannot be analysed: no such file" in out.err
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    errors = {r["image"]: r["error"] for r in lines if "error" in r}
+    assert set(errors) == {str(broken), str(missing)} and errors[str(missing)] == "no such file"
+    results = [r for r in lines if "error" not in r]
     assert [r["image"] for r in results] == paths
     for r in results:  # a random model's 3 tokens: shown raw, with a note, never a crash
         assert r["model_size"] == list(model_input_size(r["size"][1], r["size"][0], 3136, 3136))[::-1]

@@ -31,7 +31,7 @@ with a note; it is never an error. An image that cannot be read is reported and 
 
 With --json, one JSON object per image and line instead: image, size [w, h], model_size [w, h] (the
 resized input), verdict, regions [{caption, box (original pixels), box_model}], tags, parsed, note,
-overlay, completion."""
+overlay, completion; for an image that cannot be read (missing, a directory, not an image): image, error."""
 
 EPILOG = """\
 exit status: 0 every image was analysed; 1 some image could not be read (the others are reported); 2 bad
@@ -82,6 +82,12 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
         try:
             width, height = image_size(path, max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS, True)
             model_input_size(height, width, min_pixels, max_pixels)  # the processor's own checks
+        except FileNotFoundError:
+            failed.append((path, "no such file"))
+            continue
+        except IsADirectoryError:
+            failed.append((path, "a directory, not an image file"))
+            continue
         except (OSError, ValueError, SyntaxError, ImageError) as err:
             failed.append((path, str(err) or type(err).__name__))
             continue
@@ -185,9 +191,6 @@ def run(args: argparse.Namespace) -> int:
     from fxjax.commands.model_args import check_model_arguments
 
     check_model_arguments(args)
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
     from fxjax.commands.model_args import resolve_detector
     from fxjax.data.config import DataConfig
     from fxjax.train.inference import GreedyDecoder
@@ -198,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
                                     max_pixels=data["max_pixels"])
     for path, why in failed:
         say(f"{path}: cannot be analysed: {why}")
+        if args.json:  # one object per image given, the unreadable ones too
+            print(json.dumps({"image": str(path), "error": why}), flush=True)
     if records:
         detector.load()
         decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
