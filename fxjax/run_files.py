@@ -32,6 +32,9 @@ def checkpoint_dir_of(run: str | Path) -> Path:
         return run / "checkpoints"
     if committed_steps(run) or any(p.name.split(".")[0].isdigit() for p in run.iterdir()):
         return run
+    if run.name.isdigit() and (run / CONFIG_FILE).is_file():
+        raise RunLoadError(f"{run} is the checkpoint of step {run.name}, not a run: pass --run {run.parent} "
+                           f"--step {run.name}")
     raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
                        f"train.output_dir) or <step>/ folders (a checkpoint.dir)")
 

@@ -96,6 +96,8 @@ def test_errors_that_stop_the_check(capsys, tmp_path):
     assert f"fxjax data: error: {empty}: has no records: the file is empty" in capsys.readouterr().err
     assert main(["data", "check", str(tmp_path / "absent.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["data", "check", str(tmp_path)]) == 2
+    assert f"dataset file {tmp_path} is a directory, not a JSONL file" in capsys.readouterr().err
     path = write_fakexplain(tmp_path / "fx")
     assert main(["data", "check", str(path), "--max-pixels", "0"]) == 2
     assert "max_pixels must be positive" in capsys.readouterr().err

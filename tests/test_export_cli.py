@@ -157,9 +157,12 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
 
     assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    step_dir = two_process_run / "checkpoints" / "2"
+    assert main(["export", "--run", str(step_dir), "--out", str(tmp_path / "v")]) == 2
+    assert f"is the checkpoint of step 2, not a run: pass --run {step_dir.parent} --step 2" in capsys.readouterr().err
 
 
-def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run, tiny_vl_dir):
+def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run, tiny_vl_dir, tmp_path):
     from fxjax.cli import build_parser
     from fxjax.commands.model_args import resolve_detector
 
@@ -179,6 +182,12 @@ def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run
     args = build_parser().parse_args(["eval", "--data", "d.jsonl", "--run", str(two_process_run),
                                       "--user-prompt", "Box it."])
     assert resolve_detector(args).data["user_prompt"] == "Box it."
+    adapter = tmp_path / "adapter"  # an adapter directory given as --model is named as one
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"--model: {adapter} is a PEFT adapter, not a model: pass --model "
+                                         f"BASE_MODEL_DIR --adapter {adapter}"):
+        resolve_detector(build_parser().parse_args(["detect", "x.png", "--model", str(adapter)]))
 
 
 def test_a_grpo_checkpoints_config_is_read_as_grpo(tiny_vl_dir, tmp_path):

@@ -264,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_arguments(args)
     for f in args.data:
         if not Path(f).is_file():
-            raise FileNotFoundError(f"--data: {f} does not exist")
+            raise FileNotFoundError(f"--data: {f} " + ("is a directory, not a JSONL file" if Path(f).is_dir()
+                                                       else "does not exist"))
     for name in ("batch_size", "max_new_tokens", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:

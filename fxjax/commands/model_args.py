@@ -128,6 +128,10 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"--{name}: {value} does not exist")
+    model = Path(args.model) if args.model is not None else None
+    if model is not None and (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
+        raise ValueError(f"--model: {model} is a PEFT adapter, not a model: pass --model BASE_MODEL_DIR "
+                         f"--adapter {model}")
     parse_mesh(getattr(args, "mesh", None))
 
 

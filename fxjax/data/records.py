@@ -190,7 +190,8 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     pending: list[_Pending] = []
     for file_index, file in enumerate(map(Path, files)):
         if not file.is_file():
-            raise FileNotFoundError(f"dataset file {file} does not exist")
+            raise FileNotFoundError(f"dataset file {file} " + ("is a directory, not a JSONL file" if file.is_dir()
+                                                               else "does not exist"))
         base = Path(root) if root is not None else file.parent
         records_in_file = 0
         for n, line in _iter_lines(file):
