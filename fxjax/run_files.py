@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_FILE", "RunLoadError", "checkpoint_dir_of", "committed_steps", "read_run_config", "resolve_step",
+__all__ = ["CONFIG_FILE", "RunLoadError", "brief_error", "checkpoint_dir_of", "committed_steps", "read_run_config", "resolve_step",
            "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
@@ -21,6 +21,14 @@ CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" ite
 
 class RunLoadError(ValueError):
     """A run or step that cannot be loaded; the message names it and lists the steps that exist."""
+
+
+def brief_error(err: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of an error from orbax / TensorStore, without the multi-line TensorStore spec
+    they append, for messages about a checkpoint that cannot be read."""
+    text = str(err).split(" See full TensorStore details", 1)[0].strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(err).__name__}: {first[:limit]}" + ("..." if len(first) > limit else "")
 
 
 def checkpoint_dir_of(run: str | Path) -> Path:

@@ -150,6 +150,14 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
     assert main(["export", "--run", str(broken), "--out", str(tmp_path / "y"), "--adapter-only"]) == 2
     err = capsys.readouterr().err
     assert "the checkpoint of step 3 in" in err and "cannot be restored" in err and "steps that exist: 2, 3" in err
+    gone = tmp_path / "gone"  # the array data files deleted: TensorStore's error carries its whole spec
+    shutil.copytree(two_process_run / "checkpoints", gone / "checkpoints")
+    for f in (gone / "checkpoints" / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.unlink()
+    assert main(["export", "--run", str(gone), "--out", str(tmp_path / "u"), "--adapter-only"]) == 2
+    line = next(x for x in capsys.readouterr().err.splitlines() if "cannot be restored" in x)
+    assert line.endswith("steps that exist: 2, 3") and "TensorStore" not in line  # the error's first line only
 
     (broken / "checkpoints" / "2" / "config" / "config.json").unlink()
     assert main(["export", "--run", str(broken), "--step", "2", "--out", str(tmp_path / "z")]) == 2
@@ -230,3 +238,13 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
                      ({"from_run": None, "path": str(tiny_vl_dir)}, "model.from_run_step")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, **bad}, "data": data})
+
+
+def test_brief_error_keeps_the_first_line_without_tensorstores_spec():
+    from fxjax.run_files import brief_error
+
+    err = Exception("Encountered error while reading array index: (slice(0, 32, 1),). See full TensorStore "
+                    "details: <bound method spec of TensorStore({\n  'base': {\n    'driver': 'zarr',")
+    assert brief_error(err) == "Exception: Encountered error while reading array index: (slice(0, 32, 1),)."
+    assert brief_error(ValueError("x" * 400), limit=10) == "ValueError: xxxxxxxxxx..."
+    assert brief_error(OSError()) == "OSError: "

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import jax
 
-from fxjax.run_files import (RunLoadError, checkpoint_dir_of, committed_steps, read_run_config, resolve_step,
+from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config, resolve_step,
                              steps_text)
 
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
@@ -136,7 +136,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
         raise RunLoadError(f"the checkpoint of step {step} in {ckpt} does not fit this model: {err}") from err
     except Exception as err:  # orbax raises many types for missing or damaged files; the message says which
         raise RunLoadError(f"the checkpoint of step {step} in {ckpt} cannot be restored (incomplete or corrupted: "
-                           f"{type(err).__name__}: {str(err)[:400]}); steps that exist: {steps_text(steps)}"
+                           f"{brief_error(err)}); steps that exist: {steps_text(steps)}"
                            ) from err
     nnx.update(model, restored)
     model.eval()

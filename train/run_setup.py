@@ -36,6 +36,7 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
+from fxjax.run_files import brief_error
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "opt_state_shardings", "per_process_state",
            "place", "restore_iterator", "restore_latest"]
@@ -165,7 +166,7 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
             first_error = first_error or err
             broken.append(step)
             log(f"warning: the checkpoint of step {step} in {checkpointer.directory} cannot be restored "
-                f"({type(err).__name__}: {str(err)[:300]}); trying the previous one")
+                f"({brief_error(err)}); trying the previous one")
             continue
         for bad in broken:
             log(f"warning: set the unreadable checkpoint of step {bad} aside as {checkpointer.set_aside(bad)}")
