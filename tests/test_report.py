@@ -110,3 +110,11 @@ def test_out_names_the_file_written(tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "rep") + "/"]) == 0
     assert f"wrote {tmp_path / 'rep' / 'report.png'}" in capsys.readouterr().err
     assert (tmp_path / "rep" / "report.png").is_file()
+
+
+def test_a_file_with_two_runs_is_refused_not_half_plotted(tmp_path, capsys):
+    grpo = [{"step": s, "kind": "train", "stage": "alpha", "reward/total_mean": 1.0} for s in (1, 2)]
+    path = write_metrics(tmp_path / "metrics.jsonl", sft_records() + grpo)  # steps 1, 2 read as the later (GRPO) ones
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"{path}: holds the training records of an SFT run (38) and of a GRPO run (2)" in capsys.readouterr().err
+

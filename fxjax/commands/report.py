@@ -259,6 +259,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
         raise FileNotFoundError(f"no metrics file at {metrics_file} (a fxjax sft/grpo run writes "
                                 f"<train.output_dir>/{METRICS_FILE})")
     records = read_metrics(metrics_file)
+    train = [r for r in records if r.get("kind") == "train"]
+    grpo = sum("stage" in r or "reward/total_mean" in r for r in train)
+    if 0 < grpo < len(train):  # two runs appended to one file: one report would plot only one of them
+        raise ValueError(f"{metrics_file}: holds the training records of an SFT run ({len(train) - grpo}) and of a "
+                         f"GRPO run ({grpo}); put each run's records in a file of its own to plot it")
     run_name = metrics_file.parent.name or str(metrics_file.parent)
     fig = build_report(records, title or f"{run_name}: {run_kind(records).upper()}")
     path = Path(out) if out is not None else metrics_file.parent / REPORT_FILE
