@@ -48,6 +48,11 @@ def test_cli_writes_a_valid_native_dataset(demo_dir, capsys):
     # refuses to overwrite, as a CLI error
     assert main(["make-demo-data", str(demo_dir), "--n", "2"]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
+    (demo_dir.parent / "mine" / "images").mkdir(parents=True)  # someone's images, no dataset files: kept
+    (demo_dir.parent / "mine" / "images" / "000000.png").write_bytes(b"mine")
+    assert main(["make-demo-data", str(demo_dir.parent / "mine"), "--n", "2"]) == 2
+    assert "images already holds files the demo images would overwrite" in capsys.readouterr().err
+    assert (demo_dir.parent / "mine" / "images" / "000000.png").read_bytes() == b"mine"
 
 
 def test_same_seed_same_bytes_other_seed_other_data(demo_dir, tmp_path):

@@ -359,7 +359,11 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     out = Path(out)
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     if not overwrite and any(f.exists() for f in files.values()):
-        raise FileExistsError(f"{out} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out} already holds a dataset (train.jsonl / test.jsonl); overwrite=True "
+                              "(`fxjax make-demo-data --overwrite`) replaces it")
+    if not overwrite and (out / "images").is_dir() and any((out / "images").iterdir()):
+        raise FileExistsError(f"{out / 'images'} already holds files the demo images would overwrite; "
+                              "overwrite=True (`fxjax make-demo-data --overwrite`) replaces them")
     (out / "images").mkdir(parents=True, exist_ok=True)
     photos = _load_photos()
     generated = np.random.default_rng((seed, n, 7)).permutation(n) % 2 == 1
