@@ -78,6 +78,19 @@ def test_native_record_loads(root):
     assert records[2].label == "real" and records[2].record_id == "x7" and records[2].index == 2
 
 
+def test_a_misspelt_field_is_warned_about_once_per_file(root, caplog):
+    """A key close to a field the record lacks ("reason" for "reasoning") loads (other keys are kept for eval
+    --group-by) but is warned about, with the count; a key like "camera" is not."""
+    typo = {k: v for k, v in native().items() if k != "reasoning"}
+    path = write(root, dict(typo, reason="Looks synthetic."), dict(typo, reason="Odd."), native(camera="dslr"))
+    with caplog.at_level("WARNING", logger="fxjax.data.records"):
+        records, _ = load_records(path)
+    assert len(records) == 3 and records[0].reasoning == ""
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == [f"{path}: 2 record(s) have a key 'reason' and no 'reasoning': a misspelling? (fxjax reads "
+                     "'reasoning'; other keys are kept for eval --group-by)"]
+
+
 def test_swift_record_loads(root):
     real = swift(assistant="<think> fine\n</think>\n<verdict>real</verdict>", refs=(), boxes=(), user="Real or not?")
     # A system prompt may describe the output format with its markers.

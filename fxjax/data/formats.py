@@ -80,6 +80,22 @@ class ParsedRecord:
     assistant: str | None = None
 
 
+NATIVE_FIELDS = ("image", "label", "regions", "tags", "reasoning", "generator", "id")
+
+
+def misspelt_fields(obj: Any) -> list[tuple[str, str]]:
+    """(key, the field it looks like) for the keys of a native record that are not fields but close to one
+    the record lacks ("reason" for "reasoning"): other keys are kept (eval groups by them), these are most
+    likely typos that would train on an empty reasoning or no tags."""
+    import difflib
+
+    if not isinstance(obj, dict) or detect_format(obj) != "native":
+        return []
+    absent = [f for f in NATIVE_FIELDS if f not in obj]
+    return [(key, close[0]) for key in obj if key not in NATIVE_FIELDS
+            for close in [difflib.get_close_matches(str(key), absent, n=1, cutoff=0.75)] if close]
+
+
 def detect_format(obj: dict) -> str:
     return "swift" if "messages" in obj else "native"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from fxjax.data.formats import (SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, ParsedRecord, RecordProblem, boxes_in_pixels,
-                                parse_record)
+                                misspelt_fields, parse_record)
 from fxjax.data.images import (ALLOWED_IMAGE_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, ImageError, image_size, open_image,
                                resolve_image_path)
 
@@ -129,12 +129,14 @@ def _iter_lines(path: Path) -> Iterable[tuple[int, str]]:
             yield n, line
 
 
-def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_paths: bool
-                ) -> tuple[ParsedRecord, Path]:
+def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_paths: bool,
+                hints: Counter | None = None) -> tuple[ParsedRecord, Path]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(where, f"invalid JSON: {err}", "json") from None
+    if hints is not None:
+        hints.update(misspelt_fields(obj))
     try:
         parsed = parse_record(obj, format)
     except RecordProblem as p:
@@ -194,6 +196,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                                                                else "does not exist"))
         base = Path(root) if root is not None else file.parent
         records_in_file = 0
+        hints: Counter = Counter()
         for n, line in _iter_lines(file):
             if on_error == "raise" and errors:
                 break
@@ -203,11 +206,14 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
             report.lines += 1
             where = f"{file}:{n}"
             try:
-                parsed, path = _parse_line(line, where, base, format, allow_absolute_paths)
+                parsed, path = _parse_line(line, where, base, format, allow_absolute_paths, hints)
             except DataError as err:
                 errors.append(((file_index, n), err))
                 continue
             pending.append(_Pending((file_index, n), where, parsed, path))
+        for (key, wanted), count in sorted(hints.items()):
+            logger.warning("%s: %d record(s) have a key %r and no %r: a misspelling? (fxjax reads %r; other keys "
+                           "are kept for eval --group-by)", file, count, key, wanted, wanted)
         # A file without one record is a wrong path or a broken export (unless we stopped reading early).
         if records_in_file == 0 and not (errors and on_error == "raise"):
             raise DataError(str(file), "has no records: the file is empty or holds only blank lines",
