@@ -142,3 +142,17 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
         assert r["model_size"] == list(model_input_size(r["size"][1], r["size"][0], 3136, 3136))[::-1]
         assert not r["parsed"] and r["note"] and isinstance(r["completion"], str)
         assert Image.open(r["overlay"]).size == tuple(r["size"])
+
+
+def test_out_that_is_a_file_is_refused_before_any_model_loads(tmp_path, capsys):
+    from fxjax.cli import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    assert main(["detect", "x.png", "--model", str(tmp_path), "--out", str(taken)]) == 2
+    assert f"--out: {taken} is a file; give a directory for the overlays" in capsys.readouterr().err
+    assert main(["eval", "--data", str(data), "--model", str(tmp_path), "--out", str(taken)]) == 2
+    assert f"--out: {taken} is a file; give a directory for the predictions" in capsys.readouterr().err
+    assert taken.read_text() == "mine"

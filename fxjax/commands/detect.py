@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.overlay and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FileExistsError(f"--out: {args.out} is a file; give a directory for the overlays (or --no-overlay)")
     from fxjax.commands.model_args import check_model_arguments
 
     check_model_arguments(args)

@@ -270,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     from fxjax.commands.model_args import resolve_detector
     from fxjax.data.records import load_records
 
