@@ -83,9 +83,12 @@ def build_model(cfg, mesh):
         load_peft_adapter(model, m.adapter, rngs=rngs)
     else:
         lc = cfg.lora
-        apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, use_rslora=lc.use_rslora,
-                                     target_modules=lc.target_modules, exclude_modules=lc.exclude_modules),
-                   rngs=rngs)
+        try:
+            apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, use_rslora=lc.use_rslora,
+                                         target_modules=lc.target_modules, exclude_modules=lc.exclude_modules),
+                       rngs=rngs)
+        except ValueError as err:  # e.g. target_modules that match no Linear: named as the config key
+            raise ConfigError(f"lora.{err}") from None
     shard_model(model, mesh)  # LoRA parameters by the rules; dropout RNG streams replicated
     return model.use_attention(m.attention)
 
