@@ -109,8 +109,9 @@ def apply_top_p(logits: jax.Array, top_p: float | None, min_tokens_to_keep: int 
         return logits
     shape = logits.shape
     flat = logits.reshape(-1, shape[-1])
-    # A stable ascending sort orders tied logits by index, as torch.sort does on these sizes; the split
-    # of a tie that straddles the threshold then matches HF token for token.
+    # A stable ascending sort orders tied logits by index. torch.sort on CPU is not stable for rows longer
+    # than 16, so where tied logits straddle the threshold HF may keep another of the tied tokens: the kept
+    # mass is the same, the token ids can differ (without ties at the cut-off the sets are identical).
     order = jnp.argsort(flat, axis=-1, stable=True)
     ascending = jnp.take_along_axis(flat, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)

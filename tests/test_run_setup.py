@@ -33,3 +33,17 @@ def test_opting_in_replicates_with_a_warning():
     said = []
     assert not batch_divides("data.batch_size", 3, mesh(2, 2), allow_replicated=True, log=said.append)
     assert len(said) == 1 and said[0].startswith("warning:") and "4x the work" in said[0]
+
+
+def test_greedy_decoding_refuses_a_batch_the_mesh_would_replicate(tokenizer_dir):
+    """eval / detect: --batch-size against the batch devices of the mesh (the in-training evaluation checks
+    eval.batch_size with batch_divides at the run's start and passes allow_replicated)."""
+    from jax.sharding import AbstractMesh
+
+    from fxjax.train.inference import GreedyDecoder
+
+    two = AbstractMesh((2, 1, 1), ("data", "fsdp", "tensor"))
+    GreedyDecoder(None, str(tokenizer_dir), batch_size=4, max_new_tokens=2, mesh=two)
+    with pytest.raises(ValueError, match=r"--batch-size 3 does not divide over the 2 batch devices .* multiple of 2"):
+        GreedyDecoder(None, str(tokenizer_dir), batch_size=3, max_new_tokens=2, mesh=two)
+    GreedyDecoder(None, str(tokenizer_dir), batch_size=3, max_new_tokens=2, mesh=two, allow_replicated=True)

@@ -189,6 +189,15 @@ def test_resuming_another_runs_checkpoints_is_refused_naming_why(setup, straight
     assert f"{root / 'rank8' / 'ckpt'} holds the checkpoints of an sft run (newest: step 4)" in proc.stderr
 
 
+def test_an_eval_batch_the_mesh_would_replicate_is_refused_at_the_start(setup):
+    """eval.batch_size is checked against the batch devices with data.batch_size, before the model loads
+    (it was replicated on every device without a word)."""
+    extra = [a for a in eval_at_end_args(setup) if a != "--set" and not a.startswith("eval.batch_size")]
+    code, log = sft(setup, "eval_batch", extra=[*extra, "eval.batch_size=3"])
+    assert code == 2, log[-3000:]
+    assert "eval.batch_size = 3 does not divide over the 2 batch devices" in log and "Traceback" not in log
+
+
 DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
 
 

@@ -67,8 +67,9 @@ class Evaluator:
         self.loss_chunk = loss_chunk
         self.mesh = mesh
         self.pad_id = self.loss_pipeline.pad_id
+        # eval.batch_size against the mesh: checked with the run's other batch checks (batch_divides)
         self._decoder = GreedyDecoder(None, data_cfg.tokenizer, batch_size=batch_size,
-                                      max_new_tokens=max_new_tokens, mesh=mesh)
+                                      max_new_tokens=max_new_tokens, mesh=mesh, allow_replicated=True)
         self._eval_loss = None
         self._graphdef = None
         self._floor: dict[str, int] = {}

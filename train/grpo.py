@@ -194,8 +194,12 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
         for stage in cfg.stages:
             rewards.load_stage(stage.name, g.reward_config)
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
-    shard_rows = batch_divides("data.batch_size", cfg.data.batch_size // cfg.optim.grad_accum, mesh,
+    shard_rows = batch_divides("data.batch_size / optim.grad_accum (a micro-batch's prompts)",
+                               cfg.data.batch_size // cfg.optim.grad_accum, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
+    if cfg.data.eval_files and (cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end):
+        batch_divides("eval.batch_size", cfg.eval.batch_size, mesh, allow_replicated=cfg.mesh.allow_replicated_batch,
+                      log=say)
     # Each process reads, decodes and samples only the prompts of its own batch shards (all of them when
     # the batch is replicated); images are packed per shard, so each device encodes only its rows' images.
     mine = process_rows(mesh, cfg.data.batch_size, shard_rows)

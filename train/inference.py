@@ -30,10 +30,18 @@ __all__ = ["GreedyDecoder"]
 class GreedyDecoder:
     """Greedy completions with the KV cache for the prompt batches of a DataPipeline in mode "prompt"."""
 
-    def __init__(self, model, tokenizer: str, *, batch_size: int, max_new_tokens: int, mesh=None):
-        """`model`: the Qwen25VL to decode with (may be set later, as the `model` attribute)."""
+    def __init__(self, model, tokenizer: str, *, batch_size: int, max_new_tokens: int, mesh=None,
+                 allow_replicated: bool = False, batch_name: str = "--batch-size"):
+        """`model`: the Qwen25VL to decode with (may be set later, as the `model` attribute). A batch that
+        does not divide over the mesh's batch devices is an error naming `batch_name` (every device would
+        decode the whole batch), unless `allow_replicated` (the caller checked and warned)."""
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+        if mesh is not None and not allow_replicated and not splits_batch(mesh, batch_size):
+            n = batch_shards(mesh)
+            raise ValueError(f"{batch_name} {batch_size} does not divide over the {n} batch devices of the mesh "
+                             f"{dict(mesh.shape)}: every device would decode the whole batch; use a multiple of "
+                             f"{n} (e.g. {-(-batch_size // n) * n}) or a --mesh with fewer data x fsdp devices")
         self.model = model
         self.tokenizer = load_tokenizer(tokenizer)
         self.im_end = token_id(self.tokenizer, "<|im_end|>")

@@ -108,6 +108,9 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         f"mesh {dict(mesh.shape)}")
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
+    if cfg.data.eval_files and (cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end):
+        batch_divides("eval.batch_size", cfg.eval.batch_size, mesh, allow_replicated=cfg.mesh.allow_replicated_batch,
+                      log=say)
     dcfg = data_config(cfg)
     # Each process decodes, tokenises and builds only the rows of its own batch shards (all rows when the
     # batch is replicated, or when its devices hold every shard).
