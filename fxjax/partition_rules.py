@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -263,6 +263,17 @@ def replicated_dims(model_or_state, mesh: Mesh | Mapping[str, int] | MeshConfig)
     dropped: list[ReplicatedDim] = []
     _specs(model_or_state, mesh, dropped)
     return dropped
+
+
+def replicated_summary(dropped: Sequence[ReplicatedDim]) -> str:
+    """One line for `replicated_dims`' result, grouped by (size, axes): what a run warns about, since each
+    device then holds those parameters whole ("" when nothing is replicated)."""
+    groups: dict[tuple[int, tuple[str, ...], int], list[str]] = {}
+    for d in dropped:
+        groups.setdefault((d.size, d.axes, d.axes_size), []).append(d.path)
+    parts = [f"{len(paths)} parameter(s) of dim {size} not divisible by {' x '.join(axes)} = {n} (e.g. {paths[0]})"
+             for (size, axes, n), paths in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+    return "; ".join(parts)
 
 
 # ---- placing parameters -----------------------------------------------------------------------------

@@ -134,6 +134,10 @@ def test_indivisible_dims_are_replicated_and_reported(abstract_7b):
     assert all(d.axes == ("tensor",) and d.axes_size == 8 for d in dropped)
     spec = partition_rules.param_spec("visual/blocks/0/mlp/gate_proj/kernel", (1280, 3420), MeshConfig(1, 8, 8))
     assert spec == P("fsdp")
+    # what a run prints (train.run_setup.warn_replicated): grouped, with an example name
+    summary = partition_rules.replicated_summary(dropped)
+    assert summary.startswith(f"{len(dropped)} parameter(s) of dim 3420 not divisible by tensor = 8 (e.g. ")
+    assert partition_rules.replicated_summary([]) == ""
     tiny = abstract_model("tiny")  # hidden 64, vocab 151936: fsdp 3 divides nothing but the vocab
     names = {d.path for d in partition_rules.replicated_dims(tiny, {"fsdp": 3})}
     assert "decoder/layers/0/mlp/gate_proj/kernel" in names

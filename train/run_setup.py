@@ -30,7 +30,7 @@ from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
 from fxjax.device_mesh import batch_shards, put, splits_batch
-from fxjax.partition_rules import param_shardings, shard_model
+from fxjax.partition_rules import param_shardings, replicated_dims, replicated_summary, shard_model
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
@@ -72,7 +72,9 @@ def build_model(cfg, mesh):
     except ValueError as err:
         raise ConfigError(f"model.{err}") from None
     if m.from_run is not None:
-        return _model_of_run(cfg, mesh)
+        model = _model_of_run(cfg, mesh)
+        warn_replicated(model, mesh)
+        return model
     if m.path is not None:
         model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh, scan_layers=m.scan_layers)
     else:
@@ -90,7 +92,17 @@ def build_model(cfg, mesh):
         except ValueError as err:  # e.g. target_modules that match no Linear: named as the config key
             raise ConfigError(f"lora.{err}") from None
     shard_model(model, mesh)  # LoRA parameters by the rules; dropout RNG streams replicated
+    warn_replicated(model, mesh)
     return model.use_attention(m.attention)
+
+
+def warn_replicated(model, mesh) -> None:
+    """Say which parameters stay whole on every device because the mesh does not divide a dimension their
+    rule shards (e.g. the vision MLP's 3420 over tensor 8): memory the mesh was meant to save."""
+    dropped = replicated_dims(model, mesh)
+    if dropped and jax.process_index() == 0:
+        print(f"warning: the mesh {dict(mesh.shape)} leaves parameters unsplit: {replicated_summary(dropped)}",
+              file=sys.stderr, flush=True)
 
 
 def _model_of_run(cfg, mesh):
