@@ -29,6 +29,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fxjax import rewards  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward import machine_line  # noqa: E402  (bench/forward.py: the CPU model line every figure carries)
 from fxjax.rewards.scoring import relax_params  # noqa: E402
 
 
@@ -71,7 +73,7 @@ def main():
     batch = rewards.prepare_batch(completions, targets)
     weights = rewards.load_stage("alpha").as_array()
     cpu = jax.devices("cpu")[0]
-    print(f"jax {jax.__version__} on {cpu.device_kind}, {os.cpu_count()} CPUs; {n} completions "
+    print(f"jax {jax.__version__}; {machine_line()}; {n} completions "
           f"({args.targets} targets x group {args.group}), {args.boxes} boxes each; padded pred "
           f"{batch['pred'].shape}, gt {batch['gt'].shape}")
 

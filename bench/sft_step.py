@@ -249,7 +249,8 @@ def main(argv=None) -> int:
           f"(vision + merger + decoder), AdamW, grad clip 1.0")
     print(f"batch {b} x {length} tokens ({n_image} image + {length - n_image} text per sample, one "
           f"{args.image_side}px image each), {args.target_tokens} labelled tokens per sample; "
-          f"{os.cpu_count()} cores, children pinned to {args.cores}")
+          f"children pinned to {args.cores} cores")
+    print(fw.machine_line())  # the CPU model with every figure
     results = {}
     passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--cores", str(args.cores),
                    "--loss-chunk", str(args.loss_chunk), "--remat", args.remat]
