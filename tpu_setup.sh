@@ -372,7 +372,7 @@ do_create() {
     local create=(gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${WHERE[@]}"
       --accelerator-type="$GCLOUD_TYPE" --runtime-version="$RUNTIME" ${capacity[@]+"${capacity[@]}"})
   else
-    local describe=(gcloud compute tpus tpu-vm describe "$NAME" "${WHERE[@]}" --format='value(acceleratorType,state)')
+    local describe=(gcloud compute tpus tpu-vm describe "$NAME" "${WHERE[@]}" --format='value(state,acceleratorType)')
     local create=(gcloud compute tpus tpu-vm create "$NAME" "${WHERE[@]}"
       --accelerator-type="$GCLOUD_TYPE" --version="$RUNTIME" ${capacity[@]+"${capacity[@]}"})
   fi
@@ -385,7 +385,8 @@ do_create() {
     if out=$("${describe[@]}" 2>/dev/null); then
       if ((!QUEUED)); then
         local existing_type existing_state
-        read -r existing_type existing_state <<<"$out"
+        # state first: it is always set, while acceleratorType is empty for a TPU made with --type/--topology
+        read -r existing_state existing_type <<<"$out"
         existing_type=${existing_type##*/}
         if [[ -n $existing_type && $existing_type != "$GCLOUD_TYPE" ]]; then
           die "TPU $NAME exists with accelerator type $existing_type, not $GCLOUD_TYPE: delete it or pick another --name"

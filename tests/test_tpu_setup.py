@@ -245,7 +245,7 @@ def test_shellcheck_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("existing, created", [(None, True), ("v5p-64 READY", False)])
+@pytest.mark.parametrize("existing, created", [(None, True), ("READY v5p-64", False), ("READY", False)])
 def test_create_reuses_an_existing_tpu_vm(fake_bin, existing, created):
     env = {"FAKE_DIR": str(fake_bin), "FAKE_DESCRIBE": existing or "missing"}
     result = run_script("create", "--type", "v5p-64", "--zone", "z", "--project", "p",
@@ -258,8 +258,8 @@ def test_create_reuses_an_existing_tpu_vm(fake_bin, existing, created):
 
 
 @pytest.mark.parametrize("existing, message", [
-    ("v5p-8 READY", "exists with accelerator type v5p-8, not v5p-64"),
-    ("v5p-64 PREEMPTED", "exists but is PREEMPTED: delete it"),
+    ("READY v5p-8", "exists with accelerator type v5p-8, not v5p-64"),
+    ("PREEMPTED v5p-64", "exists but is PREEMPTED: delete it"),
 ])
 def test_create_refuses_an_unusable_existing_tpu(fake_bin, existing, message):
     env = {"FAKE_DIR": str(fake_bin), "FAKE_DESCRIBE": existing}
