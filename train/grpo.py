@@ -63,7 +63,8 @@ from fxjax.train.metrics import MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, prompt_inputs, rollout_sums,
                                  sample_and_score)
 from fxjax.train.resume_check import WATCHED
-from fxjax.train.run_setup import batch_divides, build_model, join_run, per_process_state, start_run
+from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run, per_process_state,
+                                   start_run)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
@@ -197,9 +198,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     shard_rows = batch_divides("data.batch_size / optim.grad_accum (a micro-batch's prompts)",
                                cfg.data.batch_size // cfg.optim.grad_accum, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
-    if cfg.data.eval_files and (cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end):
-        batch_divides("eval.batch_size", cfg.eval.batch_size, mesh, allow_replicated=cfg.mesh.allow_replicated_batch,
-                      log=say)
+    check_eval_batch(cfg, mesh, say)
     # Each process reads, decodes and samples only the prompts of its own batch shards (all of them when
     # the batch is replicated); images are packed per shard, so each device encodes only its rows' images.
     mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
@@ -242,7 +241,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                             resume_step=latest)
     resolved = cfg.to_dict()
     evaluator = None
-    if cfg.data.eval_files and (cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end):
+    if evaluates(cfg):
         evaluator = Evaluator(sft_data_config(cfg), cfg.data.eval_files, batch_size=cfg.eval.batch_size,
                               max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)

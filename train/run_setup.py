@@ -38,7 +38,7 @@ from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
 from fxjax.run_files import brief_error
 
-__all__ = ["StateShardings", "batch_divides", "build_model", "init_state", "opt_state_shardings", "per_process_state",
+__all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state", "opt_state_shardings", "per_process_state",
            "place", "restore_iterator", "restore_latest"]
 
 
@@ -59,6 +59,19 @@ def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: C
     log(f"warning: {advice}; mesh.allow_replicated_batch is set, so every batch device computes the whole "
         f"batch ({n}x the work)")
     return False
+
+
+def evaluates(cfg) -> bool:
+    """Whether a run evaluates on held-out files at all (eval files and a time to do it)."""
+    return bool(cfg.data.eval_files) and bool(cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end)
+
+
+def check_eval_batch(cfg, mesh, log: Callable[[str], None]) -> None:
+    """eval.batch_size against the batch devices, with the run's other batch checks (before the model
+    loads): the evaluator's decoder would otherwise decode the whole batch on every device."""
+    if evaluates(cfg):
+        batch_divides("eval.batch_size", cfg.eval.batch_size, mesh, allow_replicated=cfg.mesh.allow_replicated_batch,
+                      log=log)
 
 
 def build_model(cfg, mesh):

@@ -43,7 +43,8 @@ from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import MetricsLogger
 from fxjax.train.prefetch import StepBatches
-from fxjax.train.run_setup import batch_divides, build_model, join_run, per_process_state, start_run
+from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run, per_process_state,
+                                   start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -108,9 +109,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         f"mesh {dict(mesh.shape)}")
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
-    if cfg.data.eval_files and (cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end):
-        batch_divides("eval.batch_size", cfg.eval.batch_size, mesh, allow_replicated=cfg.mesh.allow_replicated_batch,
-                      log=say)
+    check_eval_batch(cfg, mesh, say)
     dcfg = data_config(cfg)
     # Each process decodes, tokenises and builds only the rows of its own batch shards (all rows when the
     # batch is replicated, or when its devices hold every shard).
@@ -133,7 +132,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     step_now = int(jax.device_get(state.step))
 
     evaluator = None
-    if cfg.data.eval_files and (cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end):
+    if evaluates(cfg):
         evaluator = Evaluator(dcfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
                               max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)
