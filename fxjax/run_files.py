@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_FILE", "RunLoadError", "brief_error", "checkpoint_dir_of", "committed_steps", "read_run_config", "resolve_step",
-           "steps_text"]
+__all__ = ["CONFIG_FILE", "RunLoadError", "brief_error", "checkpoint_dir_of", "committed_steps", "read_run_config",
+           "resolve_step", "saved_run_kind", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 
@@ -57,6 +57,11 @@ def steps_text(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
 
+def saved_run_kind(saved: dict) -> str:
+    """"grpo" or "sft": the phase whose resolved config (a checkpoint's config.json) this is."""
+    return "grpo" if "grpo" in saved or "stages" in saved else "sft"
+
+
 def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
     """(SFTConfig or GRPOConfig, "sft" or "grpo") from the config the run saved with `step`."""
     from fxjax.grpo_config import grpo_from_dict
@@ -74,7 +79,7 @@ def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
                            f"read ({err}); steps that exist: {steps_text(steps)}") from None
     if not isinstance(saved, dict):
         raise RunLoadError(f"{path}: not a run config (a JSON object); steps that exist: {steps_text(steps)}")
-    kind = "grpo" if "grpo" in saved or "stages" in saved else "sft"
+    kind = saved_run_kind(saved)
     try:
         return (grpo_from_dict(saved) if kind == "grpo" else from_dict(saved)), kind
     except ValueError as err:

@@ -36,7 +36,7 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import brief_error
+from fxjax.run_files import brief_error, saved_run_kind
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state", "opt_state_shardings", "per_process_state",
            "place", "restore_iterator", "restore_latest"]
@@ -240,7 +240,7 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     if restored is None:
         return None
     state, data_state, saved_cfg, step = restored
-    saved_kind = "grpo" if "grpo" in saved_cfg or "stages" in saved_cfg else "sft"
+    saved_kind = saved_run_kind(saved_cfg)
     if saved_kind != name:  # the same state layout would restore, and then continue the other phase's count
         raise ConfigError(f"{checkpointer.directory} holds the checkpoints of {'an' if saved_kind == 'sft' else 'a'} {saved_kind} run (newest: step "
                           f"{step}), not of a {name} run; give this run its own train.output_dir / checkpoint.dir"

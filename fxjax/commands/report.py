@@ -93,9 +93,12 @@ def stage_spans(records: Sequence[dict]) -> list[StageSpan]:
     return spans
 
 
+def _is_grpo_step(record: dict) -> bool:
+    return record.get("kind") == "train" and ("stage" in record or "reward/total_mean" in record)
+
+
 def run_kind(records: Sequence[dict]) -> str:
-    grpo = any(r.get("kind") == "train" and ("stage" in r or "reward/total_mean" in r) for r in records)
-    return "grpo" if grpo else "sft"
+    return "grpo" if any(map(_is_grpo_step, records)) else "sft"
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -260,7 +263,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
                                 f"<train.output_dir>/{METRICS_FILE})")
     records = read_metrics(metrics_file)
     train = [r for r in records if r.get("kind") == "train"]
-    grpo = sum("stage" in r or "reward/total_mean" in r for r in train)
+    grpo = sum(map(_is_grpo_step, train))
     if 0 < grpo < len(train):  # two runs appended to one file: one report would plot only one of them
         raise ValueError(f"{metrics_file}: holds the training records of an SFT run ({len(train) - grpo}) and of a "
                          f"GRPO run ({grpo}); put each run's records in a file of its own to plot it")
