@@ -27,7 +27,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fxjax.config_mapping import ConfigError
 from fxjax.device_mesh import barrier
+from fxjax.run_files import CONFIG_FILE
 from fxjax.train import faults
 from fxjax.train.checkpoint_layout import saved_layout, to_current_layout
 
@@ -151,13 +153,10 @@ class TrainCheckpointer:
         """A checkpoint written with other LoRA or model settings (another rank, other target modules)
         holds arrays of other shapes: an error naming the first of them and the settings it was saved with,
         raised before orbax's own (a long traceback)."""
-        bad = [(k, tuple(saved[k].shape), tuple(v.shape)) for k, v in abstract.items()
-               if k in saved and getattr(saved[k], "shape", None) is not None and tuple(saved[k].shape) != tuple(v.shape)]
+        shapes = {k: tuple(saved[k].shape) for k in abstract if getattr(saved.get(k), "shape", None) is not None}
+        bad = [(k, shapes[k], tuple(v.shape)) for k, v in abstract.items() if k in shapes and shapes[k] != v.shape]
         if not bad:
             return
-        from fxjax.config_mapping import ConfigError
-        from fxjax.run_files import CONFIG_FILE
-
         try:
             lora = json.loads((self.directory / str(step) / CONFIG_FILE).read_text()).get("lora", {})
             settings = f" (its lora: rank {lora.get('rank')}, target_modules {lora.get('target_modules')})"

@@ -34,6 +34,7 @@ Also exported: `group_advantages` and `grpo_loss` (fxjax.train.grpo_loss), TRL's
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -189,11 +190,8 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     main, say = join_run("grpo", cfg, log)
     g = cfg.grpo
     # every stage's reward weights read (and a bad reward file reported) now, not after the model loads
-    if g.schedule == "continuous":
-        rewards.continuous_weights(0, 1, g.reward_config)
-    else:
-        for stage in cfg.stages:
-            rewards.load_stage(stage.name, g.reward_config)
+    for first_step in itertools.accumulate([s.steps for s in cfg.stages[:-1]], initial=0):
+        stage_weights(cfg, first_step)
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     shard_rows = batch_divides("data.batch_size / optim.grad_accum (a micro-batch's prompts)",
                                cfg.data.batch_size // cfg.optim.grad_accum, mesh,

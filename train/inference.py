@@ -89,5 +89,6 @@ class GreedyDecoder:
 
     def text(self, ids: list[int], stop: tuple[int, ...] | None = None) -> str:
         """One row's completion text: up to its first stop token (default <|im_end|>), special tokens kept."""
-        ends = [i for i, t in enumerate(ids) if t in (stop or (self.im_end,))]
-        return self.tokenizer.decode(ids[:ends[0]] if ends else ids, skip_special_tokens=False)
+        stop = stop or (self.im_end,)
+        end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+        return self.tokenizer.decode(ids[:end], skip_special_tokens=False)

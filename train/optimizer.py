@@ -67,4 +67,3 @@ def keep_if_finite(finite, new_opt_state, old_opt_state):
 
     is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
     return jax.tree.map(pick, new_opt_state, old_opt_state, is_leaf=is_schedule)
-

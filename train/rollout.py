@@ -94,8 +94,8 @@ def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, i
     return pad_vision_inputs(inputs, model_cfg, floor)
 
 
-def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int], pad_id: int, num_generations: int,
-                     max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
+def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int], pad_id: int,
+                     num_generations: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
                      weights: rewards.RewardWeights, reward_config, scale_rewards: str,
                      mask_truncated: bool, host, mesh=None, batch_rewards=None) -> Rollout:
     """Sample G completions per prompt with the model as it is (the current policy), decode and score them.

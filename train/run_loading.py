@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import jax
 
-from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config, resolve_step,
-                             steps_text)
+from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config,
+                             resolve_step, steps_text)
 
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
            "resolve_step"]

@@ -242,8 +242,9 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     state, data_state, saved_cfg, step = restored
     saved_kind = saved_run_kind(saved_cfg)
     if saved_kind != name:  # the same state layout would restore, and then continue the other phase's count
-        raise ConfigError(f"{checkpointer.directory} holds the checkpoints of {'an' if saved_kind == 'sft' else 'a'} {saved_kind} run (newest: step "
-                          f"{step}), not of a {name} run; give this run its own train.output_dir / checkpoint.dir"
+        article = "an" if saved_kind == "sft" else "a"
+        raise ConfigError(f"{checkpointer.directory} holds the checkpoints of {article} {saved_kind} run (newest: "
+                          f"step {step}), not of a {name} run; give this run its own train.output_dir / checkpoint.dir"
                           + (f" (GRPO from that SFT run: model.from_run={checkpointer.directory})"
                              if name == "grpo" else ""))
     restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step))
