@@ -94,3 +94,39 @@ def test_export_defaults_to_the_model_directory_tokenizer(tiny_checkpoint, token
     config = json.loads((merged / "tokenizer_config.json").read_text())
     assert {config["added_tokens_decoder"][str(i)]["content"] for i in FORMAT_MARKER_IDS.values()} == set(FORMAT_MARKERS)
     assert json.loads((merged / "preprocessor_config.json").read_text())["max_pixels"] == 12845056  # the default
+
+
+def test_an_adapter_is_not_applied_twice_on_the_export_it_is_merged_into(tiny_checkpoint, tmp_path):
+    """A merged export records the fingerprint of the LoRA in its weights; loading it again with that adapter
+    (looped or scan layers) is refused, while the base model with the adapter, the export alone and the
+    export with another adapter load. Re-exporting keeps the earlier fingerprints."""
+    import fxjax
+    from fxjax.hf_checkpoint import CheckpointError, MERGED_LORA_FILE, lora_fingerprint
+    from fxjax.model.lora import LoRAConfig, lora_linears
+    from fxjax.train.export import save_adapter, save_merged
+
+    def trained(model, seed):
+        rng = np.random.default_rng(seed)
+        for _, linear in lora_linears(model):
+            linear.lora.lora_b[...] = rng.normal(size=linear.lora.lora_b.shape).astype(np.float32) * 0.1
+        return model
+
+    model = trained(fxjax.from_pretrained(tiny_checkpoint, lora=LoRAConfig(rank=2, alpha=4)), 0)
+    merged = save_merged(model, tmp_path / "merged")
+    adapter = save_adapter(model, tmp_path / "adapter")
+    assert lora_fingerprint(fxjax.from_pretrained(tiny_checkpoint, adapter=adapter)) == lora_fingerprint(model)
+    for scan in (False, True):
+        with pytest.raises(CheckpointError, match="already merged into the weights of .*add its update twice"):
+            fxjax.from_pretrained(merged, adapter=adapter, scan_layers=scan)
+    assert lora_fingerprint(fxjax.from_pretrained(merged)) is None
+
+    second = trained(fxjax.from_pretrained(merged, lora=LoRAConfig(rank=2, alpha=4), lora_seed=1), 1)
+    other = save_adapter(second, tmp_path / "other")
+    merged_twice = save_merged(second, tmp_path / "merged_twice")
+    assert len(json.loads((merged_twice / MERGED_LORA_FILE).read_text())["merged_adapters"]) == 2
+    for done in (adapter, other):
+        with pytest.raises(CheckpointError, match="already merged"):
+            fxjax.from_pretrained(merged_twice, adapter=done)
+    save_merged(fxjax.from_pretrained(tiny_checkpoint), merged_twice)  # no LoRA: the record goes with the weights
+    assert not (merged_twice / MERGED_LORA_FILE).exists()
+    fxjax.from_pretrained(merged_twice, adapter=other)

@@ -81,7 +81,7 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     from peft import PeftModel
 
     from fxjax.commands.export import export_loaded
-    from fxjax.train.run_loading import load_run
+    from fxjax.train.run_loading import RunLoadError, load_run
 
     input_ids, mask, pixel_values, grid = prompt()
     base_logits = hf_logits(load_hf_model(tiny_vl_dir), input_ids, mask, pixel_values, grid)
@@ -103,6 +103,9 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
         peft_model = PeftModel.from_pretrained(load_hf_model(tiny_vl_dir), str(out / "adapter")).eval()
     adapted = hf_logits(peft_model.base_model.model, input_ids, mask, pixel_values, grid)
     assert rel_err(adapted, ours) <= 1e-5
+    # the merged export given as the run's base (--run RUN --model MERGED) would add the step's LoRA twice
+    with pytest.raises(RunLoadError, match="the LoRA of step 3 .* already merged"):
+        load_run(two_process_run, model_path=str(out / "merged"), dtype="float32")
 
     # an older step (2), merged only, exported from the model whose logits are compared
     run2 = load_run(two_process_run, 2, dtype="float32", param_dtype="float32")

@@ -28,7 +28,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF Qwen2.5-VL directory: a merged export (fxjax export), or the base model for --adapter; "
                         "with --run, the run's base model when it is no longer where the run read it")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to apply on --model")
+    src.add_argument("--adapter", metavar="DIR",
+                     help="PEFT LoRA adapter directory to apply on --model (refused when --model is an export with "
+                          "this adapter already merged)")
     src.add_argument("--run", metavar="RUN_DIR",
                      help="a fxjax sft/grpo run: its train.output_dir (holding checkpoints/) or a checkpoint.dir; "
                           "the model is rebuilt from the run's saved config with the LoRA of --step")
