@@ -133,6 +133,21 @@ def _completion_extent(tokens: jax.Array, finished: jax.Array, eos_ids: jax.Arra
     return lengths, (jnp.arange(n)[None, :] < lengths[:, None]).astype(jnp.int32)
 
 
+def check_cache_room(cache: KVCache, max_new_tokens: int) -> None:
+    """ValueError when `cache` has fewer than max_new_tokens - 1 free slots (the first token comes from the
+    prefill's logits; each later one is written into the cache first). Writes past the end would be clamped
+    by dynamic_update_slice onto the last slot, silently corrupting the keys, so it is checked here: in full
+    when the cache's length is concrete, and only its size when it is traced."""
+    needed = max_new_tokens - 1
+    try:
+        length = int(cache.length)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):  # traced: the size only
+        length = 0
+    if length + needed > cache.max_len:
+        raise ValueError(f"KV cache of {cache.max_len} slots holding {length}: {max_new_tokens} new tokens "
+                         f"need {needed} more; size it prompt length + max_new_tokens")
+
+
 def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.Array, *, max_new_tokens: int,
                 eos_ids: jax.Array, pad_id, greedy: bool = True, temperature=1.0,
                 rng: jax.Array | None = None, top_k: int | None = None,
@@ -142,10 +157,11 @@ def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.A
     first_logits [B, vocab] come from `prefill`; positions [B] is the position of the first generated
     token (`next_positions`). Token k is fed back at position positions + k into cache slot
     cache.length. The loop stops when every row has emitted one of eos_ids [E] (int32), like HF; tokens
-    after a row's EOS are pad_id. `cache` needs max_new_tokens - 1 free slots. Sampling (greedy False)
-    draws token k from softmax(filter_logits(logits, temperature, top_k, top_p)) with
+    after a row's EOS are pad_id. `cache` needs max_new_tokens - 1 free slots (`check_cache_room`).
+    Sampling (greedy False) draws token k from softmax(filter_logits(logits, temperature, top_k, top_p)) with
     fold_in(rng, k); temperature may be traced, top_k / top_p are static Python values.
     """
+    check_cache_room(cache, max_new_tokens)
     b = first_logits.shape[0]
     n = max_new_tokens
     eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
@@ -212,10 +228,20 @@ def prefill_jit(model, inputs: ModelInputs, cache_len: int) -> tuple[jax.Array, 
     return prefill(model, inputs, cache_len)
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "greedy", "top_k", "top_p"))
 def decode_loop_jit(model, first_logits, cache, positions, eos_ids, pad_id, temperature, rng, *,
                     max_new_tokens: int, greedy: bool, top_k: int | None = None,
                     top_p: float | None = None) -> GenerateOutput:
+    """`decode_loop` under jit, after checking (outside the trace, where the cache's length is known)
+    that the cache has room for the tokens."""
+    check_cache_room(cache, max_new_tokens)
+    return _decode_loop_jit(model, first_logits, cache, positions, eos_ids, pad_id, temperature, rng,
+                            max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p)
+
+
+@nnx.jit(static_argnames=("max_new_tokens", "greedy", "top_k", "top_p"))
+def _decode_loop_jit(model, first_logits, cache, positions, eos_ids, pad_id, temperature, rng, *,
+                     max_new_tokens: int, greedy: bool, top_k: int | None = None,
+                     top_p: float | None = None) -> GenerateOutput:
     out, _ = decode_loop(model, first_logits, cache, positions, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                          pad_id=pad_id, greedy=greedy, temperature=temperature, rng=rng, top_k=top_k, top_p=top_p)
     return out

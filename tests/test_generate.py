@@ -184,3 +184,14 @@ def test_cached_logits_match_uncached_forward(models):
     full_logp = np.asarray(jax.nn.log_softmax(jnp.asarray(full), axis=-1))
     expected = np.take_along_axis(full_logp, tokens[..., None], axis=-1)[..., 0]
     assert rel_err(out.logprobs, expected) <= 1e-5
+
+    # A cache without room for the tokens is refused (its writes would be clamped onto the last slot);
+    # one with exactly the room needed (max_new_tokens - 1 free slots) runs.
+    def decode(filled: int):
+        return decode_loop_jit(model, first, cache._replace(length=jnp.asarray(filled, jnp.int32)), positions,
+                               np.zeros((0,), np.int32), np.int32(PAD), np.float32(1.0), jax.random.key(0),
+                               max_new_tokens=MAX_NEW, greedy=True)
+
+    with pytest.raises(ValueError, match=f"slots holding {length + 2}: {MAX_NEW} new tokens need {MAX_NEW - 1} more"):
+        decode(length + 2)
+    assert int(decode(length + 1).num_steps) == MAX_NEW
