@@ -26,7 +26,8 @@ class RunLoadError(ValueError):
 def brief_error(err: BaseException, limit: int = 300) -> str:
     """`Type: first line` of an error from orbax / TensorStore, without the multi-line TensorStore spec
     they append, for messages about a checkpoint that cannot be read."""
-    text = str(err).split(" See full TensorStore details", 1)[0].strip().splitlines()
+    text = str(err).split(" See full TensorStore details", 1)[0].split(" [tensorstore_spec=", 1)[0]
+    text = text.strip().splitlines()
     first = text[0] if text else ""
     return f"{type(err).__name__}: {first[:limit]}" + ("..." if len(first) > limit else "")
 

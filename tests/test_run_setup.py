@@ -47,3 +47,42 @@ def test_greedy_decoding_refuses_a_batch_the_mesh_would_replicate(tokenizer_dir)
     with pytest.raises(ValueError, match=r"--batch-size 3 does not divide over the 2 batch devices .* multiple of 2"):
         GreedyDecoder(None, str(tokenizer_dir), batch_size=3, max_new_tokens=2, mesh=two)
     GreedyDecoder(None, str(tokenizer_dir), batch_size=3, max_new_tokens=2, mesh=two, allow_replicated=True)
+
+
+def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_restores(tmp_path):
+    """restore_latest with the real checkpointer: a damaged newest step is set aside and the one before
+    restores; when no step restores, a RunLoadError (the CLI's 'error:' line, exit 2, not a traceback) says
+    so, names the folder, keeps every step where it was, and carries the first line of orbax's error only."""
+    import jax.numpy as jnp
+
+    from fxjax.run_files import RunLoadError
+    from fxjax.train.checkpointing import TrainCheckpointer
+    from fxjax.train.run_setup import restore_latest
+
+    def state(value):
+        return {"params": {"w": jnp.full((4,), value, jnp.float32)}, "step": jnp.int32(value)}
+
+    def damage(step):
+        for f in (tmp_path / "ckpt" / str(step) / "state").rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.unlink()
+
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    for step in (1, 2):
+        checkpointer.save(step, state(step), {"position": step}, {})
+    checkpointer.wait()
+    damage(2)
+    said = []
+    restored, data, _, step = restore_latest(checkpointer, state(0), said.append)
+    assert step == 1 and data == {"position": 1} and float(restored["params"]["w"][0]) == 1.0
+    assert any("checkpoint of step 2" in line and "cannot be restored" in line and "trying step 1" in line
+               for line in said)
+    assert (tmp_path / "ckpt" / "2.unreadable-0").is_dir()
+
+    damage(1)
+    with pytest.raises(RunLoadError) as err:
+        restore_latest(checkpointer, state(0), said.append)
+    text = str(err.value)
+    assert f"no checkpoint in {tmp_path / 'ckpt'} restores (steps 1; the newest: " in text
+    assert "Nothing was renamed" in text and "move" in text and "tensorstore_spec" not in text
+    assert (tmp_path / "ckpt" / "1").is_dir()

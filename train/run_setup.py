@@ -36,10 +36,10 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import brief_error, saved_run_kind
+from fxjax.run_files import RunLoadError, brief_error, saved_run_kind
 
-__all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state", "opt_state_shardings", "per_process_state",
-           "place", "restore_iterator", "restore_latest"]
+__all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
+           "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
@@ -178,14 +178,14 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
     """(state, data_state, saved_config, step) from the newest checkpoint that restores, or None when the
     directory holds none. A checkpoint that fails to restore (truncated or corrupted files) is reported with
     its step, set aside (renamed ``<step>.unreadable-<n>``, so the run can write that step again) and the
-    next older one is tried; if none restores, the error of the newest is raised and nothing is renamed."""
+    next older one is tried; if none restores, RunLoadError (the newest's error) and nothing is renamed."""
     steps = sorted(checkpointer.all_steps(), reverse=True)
     if not steps:
         return None
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     first_error = None
     broken = []
-    for step in steps:
+    for i, step in enumerate(steps):
         try:
             restored = checkpointer.restore(template, step)
         except ConfigError:  # another run's settings (array shapes): not a damaged checkpoint to set aside
@@ -194,13 +194,14 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
             first_error = first_error or err
             broken.append(step)
             log(f"warning: the checkpoint of step {step} in {checkpointer.directory} cannot be restored "
-                f"({brief_error(err)}); trying the previous one")
+                f"({brief_error(err)}); " + (f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"))
             continue
         for bad in broken:
             log(f"warning: set the unreadable checkpoint of step {bad} aside as {checkpointer.set_aside(bad)}")
         return restored
-    raise RuntimeError(f"no checkpoint in {checkpointer.directory} restores (steps {steps}); the newest failed "
-                       f"with: {first_error}") from first_error
+    raise RunLoadError(f"no checkpoint in {checkpointer.directory} restores (steps {', '.join(map(str, steps))}; "
+                       f"the newest: {brief_error(first_error)}). Nothing was renamed. To train from the start, move "
+                       f"{checkpointer.directory} away (or set checkpoint.dir to another folder)") from first_error
 
 
 def per_process_state(state: dict) -> dict:
