@@ -319,3 +319,9 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
         train = [r for r in records if r["kind"] == "train"]
         assert [r["skipped"] for r in train] == [0, 1, 2, 2]
         assert np.isfinite(train[-1]["loss"])  # the skipped updates left the parameters usable: step 4 trains
+        # The count lives in the checkpoint: resumed from step 3, step 4 again reports the two skipped updates.
+        shutil.rmtree(ckpt / "4")
+        code, log = sft(setup, "nan-skip", extra=["checkpoint.every=1", "train.on_nonfinite=skip"])
+        assert code == 0 and "resumed from step 3" in log, log[-3000:]
+        records = [json.loads(line) for line in (setup["root"] / "nan-skip" / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["skipped"]) for r in records if r["kind"] == "train"][-1] == (4, 2)

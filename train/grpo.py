@@ -228,7 +228,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
 
     # A step samples once and makes num_iterations optimiser updates on what it sampled (TRL's num_iterations):
     # the learning-rate schedule runs over every update, and state.step counts updates.
-    tx, schedule, state, shardings, checkpointer, iterator, floor, latest = start_run(
+    tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total * g.num_iterations,
         log=say, watched=GRPO_WATCHED)
     result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
@@ -254,13 +254,12 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     need_old, need_ref = g.num_iterations > 1, g.beta != 0.0
     step_fn = logps_fn = batch_sh = None
     root = jax.random.key(g.seed, impl=RNG_IMPL)
-    skipped = 0
 
     def save(step: int) -> None:
         stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
         iterator_states = per_process_state(iterator.get_state())  # every process's own position
-        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage},
-                          resolved)
+        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage,
+                                        "skipped": skipped}, resolved)
 
     def prompt_part(prompts: dict, floor: dict) -> tuple[dict, Any, dict]:
         """This process's prompts left-padded and prepared for sampling, padded to the sizes every process

@@ -257,8 +257,8 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
 
 class RunStart(NamedTuple):
     """What a training loop starts from: the optimiser and its schedule, the (restored or fresh) state and
-    its shardings, the checkpointer, the data iterator (at its restored position), the batch-shape floors
-    and the step of the checkpoint resumed from (None: a fresh run)."""
+    its shardings, the checkpointer, the data iterator (at its restored position), the batch-shape floors,
+    the step of the checkpoint resumed from (None: a fresh run) and the non-finite updates skipped before it."""
 
     tx: Any
     schedule: Any
@@ -268,6 +268,7 @@ class RunStart(NamedTuple):
     iterator: Any
     floor: dict
     latest: int | None
+    skipped: int = 0
 
 
 def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total: int, log: Callable[[str], None],
@@ -284,7 +285,8 @@ def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total
     # floor: the running max of the padded batch shapes (see train.batching), so a resumed run compiles the
     # same programs as the uninterrupted one
     return RunStart(tx, schedule, resumed.state, shardings, checkpointer, iterator,
-                    dict(resumed.data_state.get("shape_floor", {})), resumed.step)
+                    dict(resumed.data_state.get("shape_floor", {})), resumed.step,
+                    int(resumed.data_state.get("skipped", 0)))
 
 
 def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, Callable[[str], None]]:

@@ -125,7 +125,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         f"alpha={cfg.lora.alpha}: {n_lora:,} trainable parameters; {len(pipeline)} training records; "
         f"{steps_total} steps of {cfg.data.batch_size} x {cfg.optim.grad_accum} examples")
 
-    tx, schedule, state, shardings, checkpointer, iterator, floor, latest = start_run(
+    tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "sft", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total, log=say)
     result = SFTResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
@@ -197,11 +197,11 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     def save(step: int) -> None:
         settle()
         iterator_states = per_process_state(batches.get_state())  # every process's own position
-        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor}, resolved)
+        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor,
+                                        "skipped": skipped}, resolved)
 
     step_fn = None
     batch_sh = None
-    skipped = 0
     with LoopControl("sft", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
                      say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
                      metrics=metrics, iterator=batches) as control:
