@@ -512,6 +512,10 @@ do_worker_run() {
       export FXJAX_NUM_PROCESSES=${#hosts[@]}
       export FXJAX_PROCESS_ID=$worker_id
     fi
+  elif [[ -z ${FXJAX_PROCESS_ID:-} ]]; then
+    # the process count given (--env) without an id: JAX finds each process's id itself; the log is named
+    # after the worker (not worker-0 on every host)
+    worker_id=$(tpu_metadata agent-worker-number)
   fi
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/fxjax-jax-cache}
   mkdir -p "$LOG_DIR"

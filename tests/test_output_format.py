@@ -221,7 +221,7 @@ STRINGS = st.one_of(
 )
 
 
-@settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(STRINGS)
 def test_parser_never_raises_and_matches_authors_regexes(text):
     p = parse_completion(text)

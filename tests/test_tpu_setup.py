@@ -314,6 +314,17 @@ def test_worker_run_exports_the_multi_host_environment(worker_home, endpoints, c
         assert line in result.stdout.splitlines() and line in log.splitlines()
 
 
+def test_worker_run_with_a_given_process_count_names_its_log_after_the_worker(worker_home):
+    """--env FXJAX_NUM_PROCESSES (and a coordinator) without FXJAX_PROCESS_ID: the variables pass as given (JAX
+    finds the id) and each worker logs to its own worker-N.log, not worker-0.log on every host."""
+    home, bin_dir = worker_home
+    result = run_script("worker-run", "--env", "FXJAX_NUM_PROCESSES=8", "--env", "FXJAX_COORDINATOR=h:1", "--",
+                        "sft", path=f"{bin_dir}:{SYSTEM_PATH}", extra_env={"FAKE_WORKER_ID": "5"}, cwd=home)
+    assert result.returncode == 0, result.stderr
+    assert {"FXJAX_NUM_PROCESSES=8", "FXJAX_COORDINATOR=h:1", "FXJAX_PROCESS_ID=<unset>"} <= set(result.stdout.splitlines())
+    assert (home / "fxjax-logs" / "worker-5.log").is_file() and not (home / "fxjax-logs" / "worker-0.log").exists()
+
+
 def test_worker_run_single_host_sets_no_distributed_variables(worker_home):
     home, bin_dir = worker_home
     env = {"FAKE_WORKER_ID": "0", "FAKE_ENDPOINTS": "t1v-n-0-w-0"}
