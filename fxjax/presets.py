@@ -15,7 +15,9 @@ import yaml
 if TYPE_CHECKING:
     from fxjax.model.config import Qwen25VLConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The repository's configs/ (a checkout, or an editable install), else fxjax/configs (a wheel ships it there)
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = _HERE.parent / "configs" if (_HERE.parent / "configs" / "models").is_dir() else _HERE / "configs"
 PRESET_DIR = CONFIG_DIR / "models"
 
 

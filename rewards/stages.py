@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+# the repository's configs/ next to rewards/, or fxjax/configs next to fxjax/rewards in an installed wheel
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "rewards.yaml"
 STAGES = ("alpha", "beta", "gamma")
 RELAXATIONS = ("paper", "authors")
@@ -61,11 +62,11 @@ def _load_yaml(path: str) -> dict:
 
 
 def load_config(path: Optional[Union[str, Path]] = None) -> dict:
-    """The reward config: `path`, else the repository's configs/rewards.yaml."""
+    """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`)."""
     if path is None:
         if not CONFIG_PATH.is_file():
-            raise FileNotFoundError(f"{CONFIG_PATH}: reward presets not found (install fxjax from its repository "
-                                    "with `pip install -e .`, or pass the YAML path)")
+            raise FileNotFoundError(f"{CONFIG_PATH}: reward presets not found (fxjax installed without its "
+                                    "configs/; reinstall it, or pass the YAML path)")
         path = CONFIG_PATH
     cfg = _load_yaml(str(Path(path).resolve()))
     if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), dict):

@@ -150,3 +150,29 @@ def test_no_top_level_package_of_that_name_is_installed(name, tmp_path):
     run = subprocess.run([sys.executable, "-c", f"import importlib.util as u; print(u.find_spec({name!r}))"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "None", run.stdout
+
+
+def test_a_non_editable_install_carries_its_configs(tmp_path):
+    """`pip install .` (not -e) from a copy of the repository: the model presets and the reward stages,
+    which live in configs/, come with the package (fxjax/configs) and load from outside the repository."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "fxjax", "model", "train", "rewards", "configs"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                        if (ROOT / name).is_dir() else {}))
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    code = ("import fxjax, fxjax.presets as p; from fxjax import rewards; "
+            "assert fxjax.__file__.startswith(%r), fxjax.__file__; "
+            "print(p.load_preset('tiny').text.hidden_size, p.load_preset('3b').text.hidden_size); "
+            "print(rewards.score(['<think>x</think>\\n<verdict>real</verdict>'], [{'label': 'real'}], "
+            "stage='gamma')['total'][0])") % str(site)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["64", "2048", "2.0"]  # gamma: -1 + 2 x IoU 1 + 0.5 + 0.5
