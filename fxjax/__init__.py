@@ -10,6 +10,8 @@ Public API:
     pixel_values, image_grid_thw = fxjax.process_image(pil_image, min_pixels=3136, max_pixels=12845056)
     mesh = fxjax.make_mesh(fxjax.MeshConfig(data=1, fsdp=4, tensor=2))   # axes ("data", "fsdp", "tensor")
     model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh)   # each tensor straight to its shards
+    tokens = fxjax.greedy_generate(model, input_ids, mask, pv, grid, max_new_tokens=256, eos_token_ids=[151645])
+    fxjax.rewards.score(completions, targets, stage="alpha")   # the reward terms, as GRPO computes them
 
 The names load on first use (PEP 562): `import fxjax` alone does not import jax, so the command line's
 --help and argument errors answer at once.
@@ -31,21 +33,38 @@ _EXPORTS = {
     "make_mesh": "fxjax.device_mesh",
     "LoRAConfig": "fxjax.model.lora",
     "apply_lora": "fxjax.model.lora",
+    "remove_lora": "fxjax.model.lora",
     "lora_disabled": "fxjax.model.lora",
+    "LORA_PARAMS": "fxjax.model.lora",
+    "BASE_PARAMS": "fxjax.model.lora",
+    "generate": "fxjax.model.generate",
+    "greedy_generate": "fxjax.model.generate",
+    "CheckpointError": "fxjax.hf_checkpoint",
+    "AdapterError": "fxjax.peft_io",
+    "MergedLoRAError": "fxjax.merged_lora",
+    "ShardingError": "fxjax.device_mesh",
 }
+# subpackages and modules reachable as attributes after a bare `import fxjax` (fxjax.rewards.score, ...)
+_SUBMODULES = ("model", "rewards", "train", "data", "distributed", "partition_rules", "presets")
 
-__all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "lora_disabled",
-           "load_peft_adapter", "save_peft_adapter", "MeshConfig", "make_mesh"]
+__all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "remove_lora",
+           "lora_disabled", "LORA_PARAMS", "BASE_PARAMS", "load_peft_adapter", "save_peft_adapter", "MeshConfig",
+           "make_mesh", "generate", "greedy_generate", "CheckpointError", "AdapterError", "MergedLoRAError",
+           "ShardingError"]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from fxjax.hf_checkpoint import from_pretrained, save_pretrained
+    from fxjax.hf_checkpoint import CheckpointError, from_pretrained, save_pretrained
     from fxjax.image_processing import process_image
-    from fxjax.model.lora import LoRAConfig, apply_lora, lora_disabled
-    from fxjax.peft_io import load_peft_adapter, save_peft_adapter
-    from fxjax.device_mesh import MeshConfig, make_mesh
+    from fxjax.merged_lora import MergedLoRAError
+    from fxjax.model.generate import generate, greedy_generate
+    from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig, apply_lora, lora_disabled, remove_lora
+    from fxjax.peft_io import AdapterError, load_peft_adapter, save_peft_adapter
+    from fxjax.device_mesh import MeshConfig, ShardingError, make_mesh
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fxjax.{name}")  # the import sets the attribute
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fxjax' has no attribute {name!r}")

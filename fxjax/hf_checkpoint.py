@@ -12,7 +12,6 @@ out of it one slice at a time, so neither direction holds more than one HF tenso
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from fxjax.partition_rules import placer, shard_model
 from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.hf_names import (HUB, TRANSFORMERS, hf_name, is_ignored, is_stacked, layer_path, naming_of,
                                   param_path, to_fxjax, to_hf, unstack)
-from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora, stacked_layers
+from fxjax.merged_lora import lora_fingerprint, merged_fingerprints, write_merged_record
+from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from fxjax.model.qwen2_5_vl import as_dtype
 
 # Files a checkpoint directory carries besides weights and config: copied on export so the output serves.
@@ -42,9 +42,6 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.
                "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
                "chat_template.jinja", "video_preprocessor_config.json")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-# Written beside a merged export: the fingerprints of the LoRA adapters merged into its weights, so that
-# loading the same adapter on top of it (which would add its update twice) is refused.
-MERGED_LORA_FILE = "fxjax_merged_lora.json"
 
 
 class CheckpointError(ValueError):
@@ -222,59 +219,10 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     naming = load_weights(model, files, placer(mesh) if mesh is not None else None)
     model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))
     if adapter is not None or lora is not None:
-        attach_lora(model, adapter=adapter, lora=lora, seed=lora_seed)
-        if adapter is not None:
-            refuse_merged_twice(model, f"the adapter {adapter}")
+        attach_lora(model, adapter=adapter, lora=lora, seed=lora_seed)  # an adapter merged into path: refused
         if mesh is not None:
             shard_model(model, mesh)  # the adapters onto the mesh: A/B take their base kernel's dims
     return model
-
-
-def lora_fingerprint(model: Qwen25VL) -> str | None:
-    """A hash of the model's enabled LoRA adapters (None without any): their per-layer fxjax names, scaling and
-    A / B rounded to bfloat16, so an adapter saved in float32 or bfloat16, looped or stacked, hashes the same.
-    Every process must call it (it gathers A and B)."""
-    layers = []
-    for path, linear in lora_linears(model):
-        if not linear.lora.enabled:
-            continue
-        a, b = (gather(x[...]).astype(np.float32) for x in (linear.lora.lora_a, linear.lora.lora_b))
-        count = stacked_layers(path, linear)
-        for i in range(count) if count is not None else (None,):
-            name = "/".join(map(str, layer_path(path, i) if i is not None else path))
-            layers.append((name, linear.lora.scaling, a if i is None else a[i], b if i is None else b[i]))
-    if not layers:
-        return None
-    digest = hashlib.sha256()
-    for name, scaling, a, b in sorted(layers, key=lambda layer: layer[0]):
-        digest.update(f"{name}:{float(scaling)!r}:{a.shape}:{b.shape}".encode())
-        for x in (a, b):
-            digest.update(np.ascontiguousarray(x.astype(ml_dtypes.bfloat16)).tobytes())
-    return digest.hexdigest()
-
-
-def merged_fingerprints(directory: str | Path) -> list[str]:
-    """The fingerprints (`lora_fingerprint`) of the adapters merged into the checkpoint in `directory`."""
-    path = Path(directory) / MERGED_LORA_FILE
-    if not path.is_file():
-        return []
-    try:
-        return list(json.loads(path.read_text(encoding="utf-8"))["merged_adapters"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: not a list of merged adapters ({err})") from err
-
-
-def refuse_merged_twice(model: Qwen25VL, what: str) -> None:
-    """CheckpointError when the model's LoRA is one its base checkpoint already has merged into its weights
-    (`fxjax export` / `save_pretrained` of a model with LoRA): applying it again would add its update twice."""
-    source: HFSource | None = getattr(model, "hf_source", None)
-    if source is None:
-        return
-    merged = merged_fingerprints(source.directory)
-    if merged and lora_fingerprint(model) in merged:
-        raise CheckpointError(
-            f"{what} is already merged into the weights of {source.directory} ({MERGED_LORA_FILE}): applying it "
-            f"again would add its update twice. Use {source.directory} alone, or the adapter on the base model.")
 
 
 def hf_tensors(model: Qwen25VL, naming: str = HUB) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
@@ -366,19 +314,9 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         for side in _SIDE_FILES:
             if (Path(source.directory) / side).exists():
                 shutil.copy(Path(source.directory) / side, out / side)
-    _write_merged_record(out, (merged_fingerprints(source.directory) if source else []) + [merged] * bool(merged))
+    write_merged_record(out, (merged_fingerprints(source.directory) if source else []) + [merged] * bool(merged))
     barrier("fxjax.save_pretrained")
     return out
-
-
-def _write_merged_record(out: Path, fingerprints: list[str]) -> None:
-    path = out / MERGED_LORA_FILE
-    if fingerprints:
-        path.write_text(json.dumps({"merged_adapters": fingerprints, "about": "fingerprints of the LoRA adapters "
-                                    "fxjax merged into these weights (fxjax.hf_checkpoint.lora_fingerprint)"},
-                                   indent=2) + "\n", encoding="utf-8")
-    elif path.exists():  # written into a directory that held another merged export
-        path.unlink()
 
 
 def _param_dtype(model: Qwen25VL):

@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
+from fxjax.merged_lora import refuse_merged_twice
 from fxjax.model.hf_names import (CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, layer_path, module_kind,
                                   module_name, unstack)
 from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linear_layers, linears,
@@ -137,7 +138,7 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     tensors, disk_dtype = _read_tensors(directory)
     if has_lora(model):
-        raise AdapterError(f"{directory}: the model already has LoRA adapters; call model.lora.remove_lora first")
+        raise AdapterError(f"{directory}: the model already has LoRA adapters; call fxjax.remove_lora(model) first")
 
     # HF module name -> per-layer fxjax path (a stacked Linear has one per layer)
     by_name = {naming: {module_name(path, naming): path for path, _, _ in linear_layers(model)}
@@ -222,6 +223,7 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
                              target_modules=spec, exclude_modules=exclude)
     model.lora_config = lora_config
     model.peft_source = PeftSource(str(directory), json.dumps(raw), naming, disk_dtype, lora_config)
+    refuse_merged_twice(model, f"the adapter {directory}")
     return list(modules)
 
 

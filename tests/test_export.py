@@ -101,7 +101,8 @@ def test_an_adapter_is_not_applied_twice_on_the_export_it_is_merged_into(tiny_ch
     (looped or scan layers) is refused, while the base model with the adapter, the export alone and the
     export with another adapter load. Re-exporting keeps the earlier fingerprints."""
     import fxjax
-    from fxjax.hf_checkpoint import CheckpointError, MERGED_LORA_FILE, lora_fingerprint
+    from fxjax.merged_lora import MERGED_LORA_FILE, MergedLoRAError, lora_fingerprint
+    from fxjax.peft_io import load_peft_adapter
     from fxjax.model.lora import LoRAConfig, lora_linears
     from fxjax.train.export import save_adapter, save_merged
 
@@ -116,16 +117,18 @@ def test_an_adapter_is_not_applied_twice_on_the_export_it_is_merged_into(tiny_ch
     adapter = save_adapter(model, tmp_path / "adapter")
     assert lora_fingerprint(fxjax.from_pretrained(tiny_checkpoint, adapter=adapter)) == lora_fingerprint(model)
     for scan in (False, True):
-        with pytest.raises(CheckpointError, match="already merged into the weights of .*add its update twice"):
+        with pytest.raises(MergedLoRAError, match="already merged into the weights of .*add its update twice"):
             fxjax.from_pretrained(merged, adapter=adapter, scan_layers=scan)
     assert lora_fingerprint(fxjax.from_pretrained(merged)) is None
+    with pytest.raises(MergedLoRAError, match="already merged"):  # the same through the adapter loader
+        load_peft_adapter(fxjax.from_pretrained(merged), adapter)
 
     second = trained(fxjax.from_pretrained(merged, lora=LoRAConfig(rank=2, alpha=4), lora_seed=1), 1)
     other = save_adapter(second, tmp_path / "other")
     merged_twice = save_merged(second, tmp_path / "merged_twice")
     assert len(json.loads((merged_twice / MERGED_LORA_FILE).read_text())["merged_adapters"]) == 2
     for done in (adapter, other):
-        with pytest.raises(CheckpointError, match="already merged"):
+        with pytest.raises(MergedLoRAError, match="already merged"):
             fxjax.from_pretrained(merged_twice, adapter=done)
     save_merged(fxjax.from_pretrained(tiny_checkpoint), merged_twice)  # no LoRA: the record goes with the weights
     assert not (merged_twice / MERGED_LORA_FILE).exists()

@@ -176,3 +176,17 @@ def test_a_non_editable_install_carries_its_configs(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(site)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["64", "2048", "2.0"]  # gamma: -1 + 2 x IoU 1 + 0.5 + 0.5
+
+
+def test_every_public_name_and_subpackage_resolves_after_a_bare_import():
+    """`import fxjax` imports no jax; each name of fxjax.__all__ then loads from its module, and the
+    subpackages the README writes as attributes (fxjax.rewards.score, fxjax.distributed.initialize) work."""
+    code = ("import sys, fxjax; assert 'jax' not in sys.modules; "
+            "missing = [n for n in fxjax.__all__ if getattr(fxjax, n, None) is None]; assert not missing, missing; "
+            "assert callable(fxjax.rewards.score) and callable(fxjax.distributed.initialize); "
+            "assert callable(fxjax.model.lora.remove_lora) and fxjax.remove_lora is fxjax.model.lora.remove_lora; "
+            "print(sorted(set(fxjax.__all__) - set(dir(fxjax))))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        __import__("fxjax").nope

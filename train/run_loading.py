@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import jax
 
-from fxjax.hf_checkpoint import CheckpointError, refuse_merged_twice
+from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
 from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config,
                              resolve_step, steps_text)
 
@@ -142,7 +142,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     nnx.update(model, restored)
     try:
         refuse_merged_twice(model, f"the LoRA of step {step} in {ckpt}")
-    except CheckpointError as err:
+    except MergedLoRAError as err:
         raise RunLoadError(str(err)) from None
     model.eval()
     return LoadedRun(model=model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt)

@@ -1,0 +1,88 @@
+"""The record a merged export keeps of the LoRA adapters merged into its weights.
+
+`fxjax.save_pretrained` merges every enabled adapter into its kernel and writes fxjax_merged_lora.json beside
+the weights: a fingerprint of each adapter merged so far (those the source checkpoint had merged, then this
+one). Loading the same adapter on top of that checkpoint (a PEFT adapter, or a run's LoRA) would add its
+update a second time with nothing to show for it but worse outputs, so it is refused by name; any other
+adapter (one trained on the merged model) loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from fxjax.device_mesh import gather
+from fxjax.model.hf_names import layer_path
+from fxjax.model.lora import lora_linears, stacked_layers
+
+__all__ = ["MERGED_LORA_FILE", "MergedLoRAError", "lora_fingerprint", "merged_fingerprints", "refuse_merged_twice",
+           "write_merged_record"]
+
+MERGED_LORA_FILE = "fxjax_merged_lora.json"
+
+
+class MergedLoRAError(ValueError):
+    """An adapter applied to a checkpoint that already has it merged, or an unreadable record."""
+
+
+def lora_fingerprint(model) -> str | None:
+    """A hash of the model's enabled LoRA adapters (None without any): their per-layer fxjax names, scaling and
+    A / B rounded to bfloat16, so an adapter saved in float32 or bfloat16, looped or stacked, hashes the same.
+    Every process must call it (it gathers A and B)."""
+    layers = []
+    for path, linear in lora_linears(model):
+        if not linear.lora.enabled:
+            continue
+        a, b = (gather(x[...]).astype(np.float32) for x in (linear.lora.lora_a, linear.lora.lora_b))
+        count = stacked_layers(path, linear)
+        for i in range(count) if count is not None else (None,):
+            name = "/".join(map(str, layer_path(path, i) if i is not None else path))
+            layers.append((name, linear.lora.scaling, a if i is None else a[i], b if i is None else b[i]))
+    if not layers:
+        return None
+    digest = hashlib.sha256()
+    for name, scaling, a, b in sorted(layers, key=lambda layer: layer[0]):
+        digest.update(f"{name}:{float(scaling)!r}:{a.shape}:{b.shape}".encode())
+        for x in (a, b):
+            digest.update(np.ascontiguousarray(x.astype(ml_dtypes.bfloat16)).tobytes())
+    return digest.hexdigest()
+
+
+def merged_fingerprints(directory: str | Path) -> list[str]:
+    """The fingerprints (`lora_fingerprint`) of the adapters merged into the checkpoint in `directory`."""
+    path = Path(directory) / MERGED_LORA_FILE
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text(encoding="utf-8"))["merged_adapters"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise MergedLoRAError(f"{path}: not a list of merged adapters ({err})") from err
+
+
+def refuse_merged_twice(model, what: str) -> None:
+    """MergedLoRAError when the model's LoRA is one its base checkpoint (`model.hf_source`) already has merged
+    into its weights: applying it again would add its update twice."""
+    source = getattr(model, "hf_source", None)
+    if source is None:
+        return
+    merged = merged_fingerprints(source.directory)
+    if merged and lora_fingerprint(model) in merged:
+        raise MergedLoRAError(
+            f"{what} is already merged into the weights of {source.directory} ({MERGED_LORA_FILE}): applying it "
+            f"again would add its update twice. Use {source.directory} alone, or the adapter on the base model.")
+
+
+def write_merged_record(out: Path, fingerprints: list[str]) -> None:
+    """Write the record of `fingerprints` into `out` (or remove a stale one when there are none)."""
+    path = Path(out) / MERGED_LORA_FILE
+    if fingerprints:
+        path.write_text(json.dumps({"merged_adapters": fingerprints, "about": "fingerprints of the LoRA adapters "
+                                    "fxjax merged into these weights (fxjax.merged_lora.lora_fingerprint)"},
+                                   indent=2) + "\n", encoding="utf-8")
+    elif path.exists():  # written into a directory that held another merged export
+        path.unlink()
