@@ -32,7 +32,7 @@ _EXPORTS = {
     "MeshConfig": "fxjax.device_mesh",
     "make_mesh": "fxjax.device_mesh",
     "LoRAConfig": "fxjax.model.lora",
-    "apply_lora": "fxjax.model.lora",
+    "apply_lora": "fxjax.peft_io",
     "remove_lora": "fxjax.model.lora",
     "lora_disabled": "fxjax.model.lora",
     "LORA_PARAMS": "fxjax.model.lora",
@@ -57,8 +57,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from fxjax.image_processing import process_image
     from fxjax.merged_lora import MergedLoRAError
     from fxjax.model.generate import generate, greedy_generate
-    from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig, apply_lora, lora_disabled, remove_lora
-    from fxjax.peft_io import AdapterError, load_peft_adapter, save_peft_adapter
+    from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig, lora_disabled, remove_lora
+    from fxjax.peft_io import AdapterError, apply_lora, load_peft_adapter, save_peft_adapter
     from fxjax.device_mesh import MeshConfig, ShardingError, make_mesh
 
 

@@ -70,7 +70,13 @@ class MeshConfig:
         if unknown:
             raise ShardingError(f"unknown mesh axis/axes {unknown}; axes are {list(AXES)}, "
                                 f"cross-slice factors {list(DCN_AXES)}")
-        return cls(**{k: int(v) for k, v in data.items()})
+        sizes = {}
+        for key, value in data.items():
+            try:
+                sizes[key] = int(value)
+            except (TypeError, ValueError):
+                raise ShardingError(f"mesh.{key}: {value!r} is not an integer") from None
+        return cls(**sizes)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -29,7 +29,7 @@ from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.peft_io import attach_lora
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
-from fxjax.partition_rules import placer, shard_model
+from fxjax.partition_rules import placer, warn_unsplit
 from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.hf_names import (HUB, TRANSFORMERS, hf_name, is_ignored, is_stacked, layer_path, naming_of,
                                   param_path, to_fxjax, to_hf, unstack)
@@ -207,11 +207,15 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     straight onto its shards as it streams in (fxjax.partition_rules.PARTITION_RULES); with several processes
     each materialises only its addressable shards.
     `adapter` loads a PEFT LoRA adapter directory (fxjax.peft_io); `lora` attaches fresh adapters
-    (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`). `scan_layers` stacks the decoder layers and
-    runs them under scan (model.config.TextConfig.scan_layers); the checkpoint is the same either way."""
+    (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`). `scan_layers` stacks the decoder layers
+    and the vision blocks and runs them under scan (model.config.TextConfig.scan_layers); the checkpoint is the
+    same either way."""
     directory = Path(path)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
+        hub_id = len(Path(path).parts) == 2 and not str(path).startswith((".", "/", "~"))
+        raise CheckpointError(f"{directory}: not a directory" + (
+            " (a Hub id? fxjax reads local directories only: download it first, e.g. "
+            "huggingface_hub.snapshot_download, and pass that path)" if hub_id else ""))
     cfg, raw = load_config(directory)
     cfg = cfg.with_scan_layers(scan_layers)
     files = weight_files(directory)
@@ -219,9 +223,10 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     naming = load_weights(model, files, placer(mesh) if mesh is not None else None)
     model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))
     if adapter is not None or lora is not None:
-        attach_lora(model, adapter=adapter, lora=lora, seed=lora_seed)  # an adapter merged into path: refused
-        if mesh is not None:
-            shard_model(model, mesh)  # the adapters onto the mesh: A/B take their base kernel's dims
+        # placed on the mesh (A/B take their base kernel's dims); an adapter merged into `path` is refused
+        attach_lora(model, adapter=adapter, lora=lora, seed=lora_seed)
+    if mesh is not None:
+        warn_unsplit(model, mesh)
     return model
 
 
@@ -251,17 +256,24 @@ def hf_tensors(model: Qwen25VL, naming: str = HUB) -> Iterator[tuple[str, Callab
 
 def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
                     max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write config.json, generation_config.json and sharded safetensors with an index.
+    """Write an HF checkpoint directory: config.json, generation_config.json and safetensors shards of at
+    most `max_shard_bytes` with their index; returns `out_dir`.
 
-    dtype defaults to the dtype the checkpoint had on disk (or the parameter dtype for a model
-    not loaded from HF), so HF -> fxjax -> HF reproduces every tensor bit for bit.
+    Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B in float32; the model itself is
+    not changed) and recorded in fxjax_merged_lora.json (fxjax.merged_lora), so the same adapter cannot be
+    loaded on top of the result. The tokenizer and processor files of the directory the model was loaded
+    from are copied along. dtype defaults to the dtype the checkpoint had on disk (or the parameter dtype for
+    a model not loaded from HF), so HF -> fxjax -> HF reproduces every tensor bit for bit.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     source: HFSource | None = getattr(model, "hf_source", None)
+    if source is not None and out.resolve() == Path(source.directory).resolve():
+        raise CheckpointError(f"{out} is the directory the model was loaded from: write to another one (its "
+                              f"weights would be overwritten while they are the source of the side files)")
     dtype = dtype or (source.dtype if source else jnp.dtype(_param_dtype(model)).name)
     if dtype not in _NP_DTYPES:
         raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
+    out.mkdir(parents=True, exist_ok=True)
     naming = source.naming if source else HUB
     merged = lora_fingerprint(model)  # every process joins its gathers
     if jax.process_index() != 0:  # several processes: all join each tensor's gather, process 0 writes

@@ -81,6 +81,8 @@ def model_input_size(
     Callers scaling boxes between original and model pixel space need this;
     the grid is ``(h // patch_size, w // patch_size)``.
     """
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels {min_pixels} is above max_pixels {max_pixels}")
     return smart_resize(
         height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels
     )
@@ -134,6 +136,10 @@ def process_image(
     image_std: Sequence[float] = CLIP_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocess one still image exactly like ``Qwen2VLImageProcessorPil``.
+
+    The pixel limits default to that class's own (max 28*28*1280 = 1,003,520 pixels); Qwen2.5-VL's Hub
+    checkpoints, their preprocessor_config.json and fxjax training (`data.max_pixels`) use 12,845,056, so
+    pass the limits the model was trained with (a merged export's preprocessor_config.json has them).
 
     Returns ``(pixel_values, image_grid_thw)``: float32
     ``[grid_h * grid_w, 3 * temporal_patch_size * patch_size**2]`` in merge-block

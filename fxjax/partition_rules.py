@@ -265,6 +265,21 @@ def replicated_dims(model_or_state, mesh: Mesh | Mapping[str, int] | MeshConfig)
     return dropped
 
 
+class UnsplitParametersWarning(UserWarning):
+    """A mesh leaves parameters whole on every device (`warn_unsplit`)."""
+
+
+def warn_unsplit(model, mesh, stacklevel: int = 2) -> None:
+    """Warn (UnsplitParametersWarning, once per call site) when the mesh does not divide dimensions the rules
+    shard, so each device holds those parameters whole: memory the mesh was meant to save."""
+    import warnings
+
+    dropped = replicated_dims(model, mesh)
+    if dropped:
+        warnings.warn(f"the mesh {axis_sizes(mesh)} leaves parameters unsplit: {replicated_summary(dropped)}",
+                      UnsplitParametersWarning, stacklevel=stacklevel + 1)
+
+
 def replicated_summary(dropped: Sequence[ReplicatedDim]) -> str:
     """One line for `replicated_dims`' result, grouped by (size, axes): what a run warns about, since each
     device then holds those parameters whole ("" when nothing is replicated)."""

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from safetensors import safe_open
 
 from fxjax.file_modes import save_safetensors
@@ -33,8 +34,10 @@ from fxjax.device_mesh import barrier, gather
 from fxjax.merged_lora import refuse_merged_twice
 from fxjax.model.hf_names import (CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, layer_path, module_kind,
                                   module_name, unstack)
-from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, apply_lora, has_lora, linear_layers, linears,
-                              lora_linears, pattern_key, stacked_layers, target_matches)
+from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, has_lora, linear_layers, linears, lora_linears,
+                              pattern_key, stacked_layers, target_matches)
+from fxjax.model.lora import apply_lora as _apply_lora
+from fxjax.partition_rules import shard_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -133,6 +136,9 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     Returns the adapted module names as the adapter spells them. Records `model.lora_config` and
     `model.peft_source` (used by save_peft_adapter to write the adapter back as it came).
     """
+    if next(linears(model), None) is None:
+        raise AdapterError(f"load_peft_adapter needs a fxjax Qwen2.5-VL model (fxjax.from_pretrained), got "
+                           f"{type(model).__name__}")
     directory = Path(adapter_dir)
     raw = _read_config(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
@@ -224,6 +230,7 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     model.lora_config = lora_config
     model.peft_source = PeftSource(str(directory), json.dumps(raw), naming, disk_dtype, lora_config)
     refuse_merged_twice(model, f"the adapter {directory}")
+    place_adapters(model)
     return list(modules)
 
 
@@ -305,6 +312,8 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
 
     A loaded adapter is written back with its own naming, dtype and adapter_config.json; fxjax-made ones
     with the transformers >= 4.52 module names (what the installed peft writes) in float32.
+    naming: "transformers" (model.language_model.*, model.visual.*) or "hub" (model.*, visual.*);
+    dtype: "float32", "bfloat16" or "float16". Returns the directory.
     """
     items = list(lora_linears(model))
     if not items:
@@ -316,6 +325,9 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
     dtype = dtype or (source.dtype if source else "float32")
     if dtype not in _NP_DTYPES:
         raise AdapterError(f"cannot save adapters in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
+    if naming not in (HUB, TRANSFORMERS):
+        raise AdapterError(f"naming {naming!r}: use {HUB!r} (the Hub's module names) or {TRANSFORMERS!r} "
+                           f"(transformers >= 4.52's)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors, names, adapters = {}, [], []
@@ -344,6 +356,23 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
     return out
 
 
+def place_adapters(model) -> None:
+    """Put the model's LoRA adapters onto the mesh its weights are on (fxjax.partition_rules), so that a model
+    loaded with `mesh=` keeps every variable there when adapters are attached afterwards."""
+    kernel = next(linears(model))[1].kernel[...]
+    sharding = getattr(kernel, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        shard_model(model, sharding.mesh)
+
+
+def apply_lora(model, cfg: LoRAConfig | None = None, *, rngs: nnx.Rngs | None = None) -> list[str]:
+    """Attach fresh adapters (B = 0) to the Linears `cfg` targets (fxjax.model.lora.apply_lora), placed on the
+    mesh of the model's weights. Returns the targeted HF module names."""
+    names = _apply_lora(model, cfg, rngs=rngs)
+    place_adapters(model)
+    return names
+
+
 def attach_lora(model, *, adapter: str | Path | None = None, lora: LoRAConfig | None = None, seed: int = 0) -> None:
     """from_pretrained's `adapter=` (a PEFT adapter directory) / `lora=` (fresh adapters) arguments."""
     if adapter is not None and lora is not None:
@@ -356,5 +385,6 @@ def attach_lora(model, *, adapter: str | Path | None = None, lora: LoRAConfig | 
         apply_lora(model, lora, rngs=nnx.Rngs(seed))
 
 
-__all__ = ["load_peft_adapter", "save_peft_adapter", "attach_lora", "AdapterError", "PeftSource",
+__all__ = ["load_peft_adapter", "save_peft_adapter", "apply_lora", "attach_lora", "place_adapters", "AdapterError",
+           "PeftSource",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]

@@ -279,7 +279,7 @@ def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int
 
 def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  rng: jax.Array | None = None, eos_token_ids: int | Sequence[int] | None = None,
+                  rng: jax.Array | int | None = None, eos_token_ids: int | Sequence[int] | None = None,
                   pad_token_id: int | None = None) -> GenerateOutput:
     """Prepared inputs (B prompts) -> GenerateOutput with B * num_generations rows (prompt i's samples
     in rows i*G .. i*G+G-1) and N = max_new_tokens columns, as device arrays; one jitted call, no host
@@ -294,7 +294,9 @@ def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_t
     eos, pad = _special_tokens(model, eos_token_ids, pad_token_id)
     greedy = not temperature
     if not greedy and rng is None:
-        raise ValueError("sampling with temperature > 0 needs an rng key")
+        raise ValueError("sampling with temperature > 0 needs an rng key (jax.random.key(seed), or an int seed)")
+    if isinstance(rng, (int, np.integer)):  # a seed, as a user would pass it
+        rng = jax.random.key(int(rng))
     if greedy:
         rng, top_k, top_p = jax.random.key(0), None, None  # unused: argmax is the same under top-k/top-p
     return rollout_jit(model, inputs, rng, eos, np.int32(pad), np.float32(1.0 if greedy else temperature),
@@ -321,9 +323,11 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     tokens), numpy int; prompt i's sequences are rows i*G .. i*G+G-1, as in HF.
 
     temperature 0 is greedy (argmax, exactly HF's do_sample=False; with num_return_sequences G it
-    returns G copies, where HF refuses); > 0 samples with `rng` from HF's warpers: logits / temperature,
+    returns G copies, where HF refuses); > 0 samples with `rng` (a key or an int seed) from HF's warpers:
+    logits / temperature,
     then top_k, then top_p (None means off; HF's own default is top_k=50). steps = max_new_tokens unless
-    every row emitted EOS earlier (then it is the step at which the last row did, as in HF).
+    every row emitted EOS earlier (then it is the step at which the last row did, as in HF), so fewer than
+    max_new_tokens columns can follow the prompt.
     """
     inputs = model.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     out = generate_device(model, inputs, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,

@@ -33,8 +33,14 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids, attention_mask=None, pixel_va
     `image_feature_index` then points into the features of the row's own group.
     """
     input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if input_ids.ndim != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be [batch, length] with both at least 1, got shape {input_ids.shape}")
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    vocab = cfg.text.vocab_size
+    if input_ids.min() < 0 or input_ids.max() >= vocab:  # the embedding lookup would clamp them silently
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got ids from {input_ids.min()} "
+                         f"to {input_ids.max()}")
     input_ids = input_ids.astype(np.int32)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
     if mask.shape != input_ids.shape:
@@ -44,6 +50,10 @@ def prepare_inputs(cfg: Qwen25VLConfig, input_ids, attention_mask=None, pixel_va
     if batch_shards is not None and (batch_shards < 1 or input_ids.shape[0] % batch_shards):
         raise ValueError(f"batch of {input_ids.shape[0]} rows does not split into batch_shards={batch_shards}")
     grid = None if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
+    merge = cfg.vision.spatial_merge_size
+    if grid is not None and np.any(grid[:, 1:] % merge):
+        raise ValueError(f"image_grid_thw {grid.tolist()}: each image's height and width in patches must be "
+                         f"multiples of the spatial merge size {merge} (fxjax.process_image gives such grids)")
     positions, deltas = rope_index(input_ids, mask, grid, image_token_id=cfg.image_token_id,
                                    spatial_merge_size=cfg.vision.spatial_merge_size)
     feature_index = np.zeros_like(input_ids)

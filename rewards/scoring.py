@@ -114,11 +114,15 @@ def score(completions: Sequence[str], targets: Sequence[Mapping[str, Any]], stag
 
     completions: list[str]. targets: [{"label": "real" | "generated", "boxes": [[x1, y1, x2, y2], ...]}] in the
     completions' frame, one per completion or one per contiguous group (see `prepare_batch`).
-    stage: "alpha" | "beta" | "gamma" | "continuous" (needs step and total_steps); `weights` overrides it.
+    stage: "alpha" | "beta" | "gamma" | "continuous" (then give step= and total_steps=); `weights` overrides it.
     relaxation: "paper" (min(1, eta * IoU)) | "authors" (IoU ** power); defaults from configs/rewards.yaml.
     Keys: "total", "format" (0/1), "label" (0/1), "iou" (raw matched IoU in [0, 1]), "iou_relaxed" (R_G).
     Runs on the CPU in float64 unless `device` is given.
     """
+    if isinstance(completions, (str, bytes)):  # a str is a sequence too: each character would be scored
+        raise TypeError("completions must be a list of strings, got one string: pass [completion]")
+    if isinstance(targets, Mapping):
+        raise TypeError("targets must be a list of {'label': ..., 'boxes': ...} dicts, got one dict: pass [target]")
     cfg = load_config(config)
     w = resolve_weights(stage, weights, step, total_steps, config)
     relax = relax_params(relaxation or cfg.get("relaxation", "paper"),

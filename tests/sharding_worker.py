@@ -285,7 +285,9 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
     loss_chunk = 40  # supervised tokens per lm_head chunk: several chunks per micro-batch
 
     def run(mesh):
-        model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh, lora=LoRAConfig(**LORA_KW))
+        model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
+        fxjax.apply_lora(model, LoRAConfig(**LORA_KW))  # attached after loading: placed on the weights' mesh
+        placement = [] if mesh is None else shard_report(model, mesh)["bad"]
         _set_lora_b(model)
         model.train()
         graphdef, params, base, rest = split_model(model)
@@ -315,7 +317,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
         state, metrics = step_fn(state, base, rest, placed)  # the state is donated
         nnx.update(model, state.params)
         got = dict(logits=np.asarray(logits), logits_sharding=str(logits.sharding), before=before,
-                   loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), finite=bool(metrics["finite"]),
+                   placement=placement, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), finite=bool(metrics["finite"]),
                    grads=_flat_host(metrics["grads"]), stepped=_flat_host(state.params))
         if mesh is not None:
             got.update(_opt_report(state.opt_state, state.params))
@@ -353,7 +355,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
             # the LoRA parameters keep their rule's sharding through the jitted step
             sharding_drift=_drift(model, mesh) + got["grads_drift"], logits_sharding=got["logits_sharding"],
             **{k: got[k] for k in ("opt_mirrored", "opt_mismatch", "opt_bytes_total", "opt_bytes_per_device",
-                                   "vision_shape", "vision_spec", "vision_shard_shapes")},
+                                   "vision_shape", "vision_spec", "vision_shard_shapes", "placement")},
             **report)
         if shape == (2, 2, 2):  # export from the sharded model: one tensor gathered at a time
             export = out.parent / "export_222"

@@ -195,3 +195,22 @@ def test_cached_logits_match_uncached_forward(models):
     with pytest.raises(ValueError, match=f"slots holding {length + 2}: {MAX_NEW} new tokens need {MAX_NEW - 1} more"):
         decode(length + 2)
     assert int(decode(length + 1).num_steps) == MAX_NEW
+
+
+def test_bad_token_ids_and_grids_are_named_before_the_model_runs():
+    """Ids out of the vocabulary (the embedding lookup would clamp them), float ids, an empty prompt and a
+    grid that the 2 x 2 merge cannot split are refused by prepare_inputs with what is wrong."""
+    from fxjax.model.inputs import prepare_inputs
+    from fxjax.presets import load_preset
+
+    cfg = load_preset("tiny")
+    vocab = cfg.text.vocab_size
+    ok = np.array([[1, 2, 3]])
+    prepare_inputs(cfg, ok)
+    for ids, message in [(ok + vocab, rf"must lie in \[0, {vocab}\)"), (-ok, "must lie in"),
+                         (ok.astype(np.float32), "must be integer token ids"), (ok[:, :0], "both at least 1")]:
+        with pytest.raises(ValueError, match=message):
+            prepare_inputs(cfg, ids)
+    ids, pv, grid = image_prompt([(1, 2, 3)], np.random.RandomState(0))
+    with pytest.raises(ValueError, match="multiples of the spatial merge size 2"):
+        prepare_inputs(cfg, np.asarray([ids]), None, pv, grid)

@@ -440,3 +440,31 @@ def test_stop_token_ids_follow_the_generation_config(tiny_checkpoint, tmp_path):
         stop_token_ids(model, 151645)
     del model.hf_source
     assert stop_token_ids(model, 151645) == (151645,)
+
+
+def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path):
+    """What a user of the Python API gets wrong most easily gets an error that says so: a Hub id for a
+    directory, saving over the directory the model came from, a bad dtype or naming (nothing written), a
+    non-model for load_peft_adapter, a mesh size that is not a number, pixel limits the wrong way round."""
+    from fxjax.device_mesh import MeshConfig, ShardingError
+    from fxjax.peft_io import AdapterError
+
+    with pytest.raises(CheckpointError, match="a Hub id\\? fxjax reads local directories only"):
+        fxjax.from_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, copy)
+    model = fxjax.from_pretrained(copy, lora=fxjax.LoRAConfig(rank=2, alpha=4))
+    with pytest.raises(CheckpointError, match="is the directory the model was loaded from"):
+        fxjax.save_pretrained(model, copy)
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in Path(tiny_checkpoint).iterdir())
+    with pytest.raises(CheckpointError, match="cannot save in dtype 'bf16'"):
+        fxjax.save_pretrained(model, tmp_path / "out", dtype="bf16")
+    with pytest.raises(AdapterError, match="naming 'peft': use 'hub'"):
+        fxjax.save_peft_adapter(model, tmp_path / "adapter", naming="peft")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "adapter").exists()
+    with pytest.raises(AdapterError, match="needs a fxjax Qwen2.5-VL model .*got str"):
+        fxjax.load_peft_adapter("model", tmp_path)
+    with pytest.raises(ShardingError, match="mesh.fsdp: 'x' is not an integer"):
+        MeshConfig.from_dict({"fsdp": "x"})
+    with pytest.raises(ValueError, match="min_pixels 20000 is above max_pixels 10000"):
+        fxjax.process_image(np.zeros((64, 64, 3), np.uint8), min_pixels=20000, max_pixels=10000)

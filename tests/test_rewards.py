@@ -274,6 +274,10 @@ def test_grouping_and_validation():
         score([GOOD] * 3, [GT, GT])
     with pytest.raises(ValueError):
         score([GOOD] * 4, [GT, GT], group_size=3)
+    with pytest.raises(TypeError, match="got one string: pass \\[completion\\]"):  # not 26 characters scored
+        score(GOOD, [GT])
+    with pytest.raises(TypeError, match="got one dict: pass \\[target\\]"):
+        score([GOOD], GT)
     for bad in ({"label": "fake", "boxes": []}, {"boxes": []}, {"label": "generated", "boxes": [[1, 2, 3]]},
                 {"label": "generated", "boxes": [[0, 0, float("nan"), 1]]}):
         with pytest.raises(ValueError):

@@ -138,6 +138,8 @@ def test_indivisible_dims_are_replicated_and_reported(abstract_7b):
     summary = partition_rules.replicated_summary(dropped)
     assert summary.startswith(f"{len(dropped)} parameter(s) of dim 3420 not divisible by tensor = 8 (e.g. ")
     assert partition_rules.replicated_summary([]) == ""
+    with pytest.warns(partition_rules.UnsplitParametersWarning, match=r"leaves parameters unsplit: .* tensor = 8"):
+        partition_rules.warn_unsplit(abstract_7b, MeshConfig(1, 8, 8))  # what from_pretrained(mesh=) says
     tiny = abstract_model("tiny")  # hidden 64, vocab 151936: fsdp 3 divides nothing but the vocab
     names = {d.path for d in partition_rules.replicated_dims(tiny, {"fsdp": 3})}
     assert "decoder/layers/0/mlp/gate_proj/kernel" in names
@@ -313,6 +315,7 @@ def test_mesh_parameters_really_split(mesh_results, mesh):
     r = mesh_results["meshes"][mesh]
     data, fsdp, tensor = map(int, mesh.split(","))
     assert r["bad"] == [], r["bad"][:5]  # every addressable shard has the shape its spec implies
+    assert r["placement"] == [], r["placement"][:5]  # so right after fxjax.apply_lora on a loaded model
     assert r["replicated_dims"] == []
     if fsdp * tensor == 1:
         assert r["split"] == 0  # pure data parallel: every device holds a full replica

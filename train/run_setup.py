@@ -11,6 +11,7 @@ mesh, the train state placed on its shardings, and a checkpoint to resume from.
 from __future__ import annotations
 
 import sys
+import warnings
 
 from typing import Any, Callable, NamedTuple
 
@@ -30,7 +31,8 @@ from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
 from fxjax.device_mesh import batch_shards, put, splits_batch
-from fxjax.partition_rules import param_shardings, replicated_dims, replicated_summary, shard_model
+from fxjax.partition_rules import (UnsplitParametersWarning, param_shardings, replicated_dims, replicated_summary,
+                                   shard_model)
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
@@ -89,7 +91,10 @@ def build_model(cfg, mesh):
         warn_replicated(model, mesh)
         return model
     if m.path is not None:
-        model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh, scan_layers=m.scan_layers)
+        with warnings.catch_warnings():  # said once below, with the adapters, as the run's own warning
+            warnings.simplefilter("ignore", UnsplitParametersWarning)
+            model = from_pretrained(m.path, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh,
+                                    scan_layers=m.scan_layers)
     else:
         model = init_model(m.preset, seed=m.init_seed, dtype=m.dtype, param_dtype=param_dtype, mesh=mesh,
                            scan_layers=m.scan_layers)
