@@ -8,6 +8,7 @@ known completions instead of decoding (`ScriptedDecoder` replaces GreedyDecoder.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -180,6 +181,14 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     assert "resuming: 5 of 5 images already in" in capsys.readouterr().err
     assert main([a if a != "3" else "4" for a in args]) == 2
     assert "other settings (max_new_tokens: 3 then, 4 now)" in capsys.readouterr().err
+    weights = next(tiny_vl_dir.glob("*.safetensors"))  # the model overwritten since (same path): not resumed
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        assert main(args) == 2
+        assert "other settings (model: " in capsys.readouterr().err
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_eval_errors_are_clear(dataset, tmp_path, capsys):

@@ -119,6 +119,23 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     # the merged directory serves on its own: tokenizer and the run's pixel limits
     assert (out / "merged" / "tokenizer.json").is_file()
     assert json.loads((out / "merged" / "preprocessor_config.json").read_text())["max_pixels"] == 3136
+    # and both exports carry how the run built its prompts: eval / detect with --model [--adapter] use them as
+    # with --run (the base model alone has the pipeline's defaults); a flag still wins
+    from fxjax.cli import build_parser
+    from fxjax.commands.model_args import resolve_detector
+
+    def prompting(*flags):
+        data = resolve_detector(build_parser().parse_args(["detect", "x.png", *flags])).data
+        return {k: data[k] for k in ("min_pixels", "max_pixels", "prompts", "system_prompt", "user_prompt",
+                                     "max_length")}
+
+    trained = {k: getattr(run.config.data, k) for k in ("min_pixels", "max_pixels", "prompts", "system_prompt",
+                                                         "user_prompt", "max_length")}
+    assert trained["max_pixels"] == 3136  # not the default: without the file the test fails
+    assert prompting("--model", str(tiny_vl_dir), "--adapter", str(out / "adapter")) == trained
+    assert prompting("--model", str(out / "merged")) == trained
+    assert prompting("--model", str(tiny_vl_dir))["max_pixels"] == 12845056
+    assert prompting("--model", str(out / "merged"), "--max-pixels", "6272")["max_pixels"] == 6272
 
 
 def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_process_run, tmp_path):

@@ -15,18 +15,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["save_adapter", "save_merged", "write_preprocessor_config"]
+__all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "read_prompt_settings", "save_adapter", "save_merged",
+           "write_preprocessor_config", "write_prompt_settings"]
+
+# Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
+# and `fxjax detect` with --adapter / --model build them the same way (as they do with --run).
+PROMPT_SETTINGS_FILE = "fxjax_prompt_settings.json"
+PROMPT_SETTING_KEYS = ("min_pixels", "max_pixels", "prompts", "system_prompt", "user_prompt", "max_length")
 
 
-def save_adapter(model, out_dir: str | Path) -> Path:
-    """PEFT adapter directory (adapter_config.json + adapter_model.safetensors) of the model's LoRA."""
+def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = None) -> Path:
+    """PEFT adapter directory (adapter_config.json + adapter_model.safetensors) of the model's LoRA, with the
+    run's prompt settings (`write_prompt_settings`) when `data` (its DataSection) is given."""
     from fxjax.peft_io import save_peft_adapter
 
-    return save_peft_adapter(model, Path(out_dir))
+    out = save_peft_adapter(model, Path(out_dir), dtype=dtype)
+    if data is not None:
+        write_prompt_settings(out, data)
+    return out
 
 
 def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokenizer_dir: str | Path | None = None,
-                image_pixels: tuple[int, int] | None = None) -> Path:
+                image_pixels: tuple[int, int] | None = None, data=None) -> Path:
     """An HF checkpoint directory of base + LoRA merged (loads in transformers without peft), with the
     tokenizer and image-processor files.
 
@@ -35,6 +45,7 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
     image_pixels: (min_pixels, max_pixels) training resized images to (`cfg.data.min_pixels`,
         `cfg.data.max_pixels`); written to preprocessor_config.json. Default: keep the base model's file,
         or write the data pipeline's defaults when it had none.
+    data: the run's DataSection: its pixel limits (for image_pixels) and prompt settings (`write_prompt_settings`).
     """
     import jax
 
@@ -44,6 +55,9 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
     out = save_pretrained(model, Path(out_dir), dtype=dtype)
     if jax.process_index() != 0:
         return out
+    if data is not None:
+        image_pixels = (data.min_pixels, data.max_pixels)
+        write_prompt_settings(out, data)
     if tokenizer_dir is None:
         source = getattr(model, "hf_source", None)
         if source is not None and (Path(source.directory) / "tokenizer.json").is_file():
@@ -79,3 +93,32 @@ def write_preprocessor_config(out_dir: str | Path, min_pixels: int, max_pixels: 
         config["size"].update(shortest_edge=int(min_pixels), longest_edge=int(max_pixels))
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
+    """PROMPT_SETTINGS_FILE in `out_dir`: the prompt and image settings of `data` (a DataSection) training
+    used; process 0 writes it."""
+    import jax
+
+    if jax.process_index() != 0:
+        return None
+    path = Path(out_dir) / PROMPT_SETTINGS_FILE
+    settings = {key: getattr(data, key) for key in PROMPT_SETTING_KEYS}
+    path.write_text(json.dumps(dict(settings, about="how training built its prompts; fxjax eval / detect read "
+                                    "it (their flags override it)"), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_prompt_settings(directory: str | Path) -> dict:
+    """The settings `write_prompt_settings` left in `directory` ({} when there are none); a malformed file is
+    an error naming it."""
+    path = Path(directory) / PROMPT_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of {', '.join(PROMPT_SETTING_KEYS)}")
+    return {key: raw[key] for key in PROMPT_SETTING_KEYS if key in raw}

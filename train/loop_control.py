@@ -162,11 +162,11 @@ def export_outputs(name: str, model, cfg, say: Callable[[str], None]) -> dict[st
     """The PEFT adapter and / or merged HF checkpoint that cfg.export asks for, from the model's current LoRA."""
     exported = {}
     if cfg.export.adapter_dir:
-        exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir))
+        exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir, data=cfg.data))
         say(f"{name}: wrote the PEFT adapter to {cfg.export.adapter_dir}")
     if cfg.export.merged_dir:
         exported["merged"] = str(save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer,
-                                             image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
+                                             data=cfg.data))
         say(f"{name}: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
     return exported
 

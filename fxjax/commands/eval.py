@@ -250,8 +250,23 @@ def prompt_data_config(args: argparse.Namespace, data: dict, tokenizer: str):
                       shuffle=False, seed=data["seed"], num_epochs=1, shard_index=0, shard_count=1)
 
 
+def _weights_identity(source: dict) -> dict:
+    """What identifies the weights beyond their paths, so a resume notices an overwritten export: the
+    adapter's sha256 (small), the size and mtime of each model weight file (hashing GBs would be slow)."""
+    identity = {}
+    if source.get("adapter"):
+        from fxjax.peft_io import ADAPTER_WEIGHTS
+
+        identity["adapter_sha256"] = _sha256(str(Path(source["adapter"]) / ADAPTER_WEIGHTS))
+    if source.get("model"):
+        files = sorted(Path(source["model"]).glob("*.safetensors"))
+        identity["model_files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    return identity
+
+
 def settings_of(args: argparse.Namespace, source: dict, data: dict) -> dict:
-    return {"model": source, "max_new_tokens": args.max_new_tokens,
+    return {"model": {**source, **_weights_identity(source)}, "decoding": "greedy",
+            "max_new_tokens": args.max_new_tokens,
             **{k: data[k] for k in ("min_pixels", "max_pixels", "prompts", "system_prompt", "user_prompt", "max_length",
                                 "seed")},
             "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}}

@@ -69,16 +69,15 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
 def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool = True,
                   dtype: str | None = None) -> dict[str, str]:
     """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun, float32 base weights)."""
-    from fxjax.peft_io import save_peft_adapter
-    from fxjax.train.export import save_merged
+    from fxjax.train.export import save_adapter, save_merged
 
     cfg, out = loaded.config, Path(out)
     written: dict[str, str] = {"step": str(loaded.step)}
     if merged:
         written["merged"] = str(save_merged(loaded.model, out / "merged", dtype=dtype, tokenizer_dir=cfg.tokenizer,
-                                            image_pixels=(cfg.data.min_pixels, cfg.data.max_pixels)))
+                                            data=cfg.data))
     if adapter:
-        written["adapter"] = str(save_peft_adapter(loaded.model, out / "adapter", dtype=dtype))
+        written["adapter"] = str(save_adapter(loaded.model, out / "adapter", data=cfg.data, dtype=dtype))
     return written
 
 

@@ -4,9 +4,9 @@
     --run RUN_DIR [--step N] [--model P]  a fxjax sft/grpo run at a checkpoint step (P: its base, if moved)
 
 plus --dtype, --mesh and --tokenizer. The prompt settings (pixel limits, system prompt, prompt source,
-max length) default to the run's data config with --run, and otherwise to the pipeline's defaults, with
-the pixel limits of the model directory's preprocessor_config.json when it has one (a merged export
-carries the limits training used).
+max length) default to the run's data config with --run, and otherwise to what training used as its export
+recorded it (fxjax_prompt_settings.json in the adapter or merged directory), else to the pipeline's defaults
+with the pixel limits of the model directory's preprocessor_config.json.
 """
 
 from __future__ import annotations
@@ -163,11 +163,17 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         source = {"run": str(ckpt), "step": step, "kind": kind,
                   "base": args.model or cfg.model.path or cfg.model.preset, "dtype": args.dtype or cfg.model.dtype}
     else:
+        from fxjax.train.export import read_prompt_settings
+
         model_dir = Path(args.model)
         data.update(_pixels_of(model_dir))
+        # what training used, written by its export: the merged model's, then the adapter's
+        trained = {**read_prompt_settings(model_dir), **(read_prompt_settings(args.adapter) if args.adapter else {})}
+        data.update(trained)
         tokenizer = args.tokenizer or str(model_dir)
         source = {"model": str(model_dir.resolve()), "adapter": str(Path(args.adapter).resolve()) if args.adapter
-                  else None, "dtype": args.dtype or "float32"}
+                  else None, "dtype": args.dtype or "float32",
+                  "prompt_settings": "from the export" if trained else "fxjax defaults (no fxjax_prompt_settings.json)"}
     if not (Path(tokenizer) / "tokenizer.json").is_file() and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
     for key in ("min_pixels", "max_pixels", "system_prompt", "user_prompt"):
