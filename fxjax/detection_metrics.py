@@ -15,7 +15,8 @@ Metrics over rows (`summarize`): ``accuracy`` = correct / images; ``precision``,
 class "generated" (a missing or unknown verdict counts as not "generated"); ``format_rate``; ``mean_iou`` =
 mean of ``iou`` over the generated images with at least one true box (``iou_images`` of them); the
 ``confusion`` matrix truth -> predicted (real / generated / none: no verdict or another word); and the same
-metrics per value of each grouping field (e.g. the generator's name). A ratio with a zero denominator
+metrics per value of each grouping field (e.g. the generator's name), where a group of one true class has no
+precision or F1 (None: a generator's images cannot hold a false positive). A ratio with a zero denominator
 is None (null in JSON), never a made-up 0.
 """
 
@@ -121,8 +122,18 @@ def summarize(rows: Iterable[Mapping[str, Any]], group_by: Sequence[str] = ()) -
     out["by"] = {}
     for field in group_by:
         values = sorted({group_value(r, field) for r in rows}, key=lambda v: (v == NO_GROUP, v))
-        out["by"][field] = {v: _metrics([r for r in rows if group_value(r, field) == v]) for v in values}
+        out["by"][field] = {v: _group_metrics([r for r in rows if group_value(r, field) == v]) for v in values}
     return out
+
+
+def _group_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`_metrics` of a group; in a group of one true class (a generator's images, or the real ones, which
+    have no generator) precision and F1 say nothing about the detector (no false positive, or no true one,
+    can occur), so they are None there: its accuracy is the group's recall (or specificity)."""
+    metrics = _metrics(rows)
+    if len({r["label"] for r in rows}) < 2:
+        metrics.update(precision=None, f1=None)
+    return metrics
 
 
 def _cell(value: Any) -> str:

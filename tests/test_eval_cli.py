@@ -110,6 +110,9 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     by = summary["by"]["generator"]
     assert list(by) == ["A", "B", "(none)"]
     assert by["A"]["accuracy"] == pytest.approx(1 / 2) and by["A"]["mean_iou"] == pytest.approx(0.375)
+    # one true class per group: no precision / F1 (A's would be a trivial 1.0), accuracy is its recall
+    assert by["A"]["precision"] is None and by["A"]["f1"] is None and by["A"]["recall"] == pytest.approx(1 / 2)
+    assert by["(none)"]["precision"] is None  # the real images
     assert by["B"]["accuracy"] == 0 and by["B"]["mean_iou"] == 0 and by["B"]["precision"] is None
     assert by["(none)"]["accuracy"] == pytest.approx(1 / 2) and by["(none)"]["mean_iou"] is None
 

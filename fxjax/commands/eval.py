@@ -35,12 +35,14 @@ Metrics (metrics.json and the printed table):
   mean IoU     matched IoU (each predicted box takes the nearest unmatched true box by centre distance;
                sum of IoUs / number of true boxes), averaged over the generated images with boxes
   confusion    truth (real, generated) x predicted (real, generated, none = no usable verdict)
-  by GROUP     the same metrics per value of each --group-by field (default: the generator's name)
+  by GROUP     the same metrics per value of each --group-by field (default: the generator's name);
+               a group of one true class (a generator's images) has no precision or F1
 
 Outputs in --out:
   predictions.jsonl  one line per image: id, source file:line, true label and boxes, the completion, its
-                     verdict, regions (caption, box in model-input pixels and in original pixels), tags,
-                     format_ok, correct, per-image IoU (null for real images)
+                     verdict (null without one) and the predicted class (real, generated or none), regions
+                     (caption, box in model-input pixels and in original pixels), tags, format_ok, correct,
+                     per-image IoU (null for real images)
   metrics.json       the metrics above, the settings, and any record that could not be evaluated
   settings.json      what the predictions were made with (checked on resume)
 
