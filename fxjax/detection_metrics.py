@@ -14,7 +14,8 @@ IoUs / number of true boxes) on generated images with boxes, None elsewhere.
 Metrics over rows (`summarize`): ``accuracy`` = correct / images; ``precision``, ``recall``, ``f1`` of the
 class "generated" (a missing or unknown verdict counts as not "generated"); ``format_rate``; ``mean_iou`` =
 mean of ``iou`` over the generated images with at least one true box (``iou_images`` of them); the
-``confusion`` matrix truth -> predicted (real / generated / none: no verdict or another word); and the same
+``confusion`` matrix truth -> predicted (real / generated / none: no verdict or another word);
+``truncated_rate`` (the share of rows whose completion hit the token limit, over the rows that say); and the same
 metrics per value of each grouping field (e.g. the generator's name), where a group of one true class has no
 precision or F1 (None: a generator's images cannot hold a false positive). A ratio with a zero denominator
 is None (null in JSON), never a made-up 0.
@@ -106,6 +107,8 @@ def _metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "precision": precision, "recall": recall, "f1": f1,
             "format_rate": _ratio(sum(bool(r["format_ok"]) for r in rows), n),
             "mean_iou": float(np.mean(ious)) if ious else None, "iou_images": len(ious),
+            "truncated_rate": _ratio(sum(bool(r["truncated"]) for r in rows if "truncated" in r),
+                                     sum("truncated" in r for r in rows)),
             "confusion": confusion}
 
 
@@ -163,4 +166,7 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
               "            " + "".join(f"{p:>11}" for p in PREDICTED)]
     for truth in rewards.LABELS:
         table.append(f"{truth:<12}" + "".join(f"{confusion[truth][p]:>11}" for p in PREDICTED))
+    if summary.get("truncated_rate"):
+        table += ["", f"truncated: {summary['truncated_rate']:.1%} of the completions reached the token limit "
+                      f"without a stop token (their verdicts and regions may be cut off)"]
     return "\n".join(table)

@@ -180,6 +180,11 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     assert metrics["examples"] == 5 and metrics["settings"]["max_new_tokens"] == 3
     # a random model says nothing parsable in 3 tokens: every verdict is "none"
     assert metrics["confusion"]["generated"]["none"] + metrics["confusion"]["real"]["none"] == 5
+    # each row says how long its completion was and whether it hit the limit; the rate is their share
+    assert all(1 <= r["completion_tokens"] <= 3 and r["truncated"] == (r["completion_tokens"] == 3
+               and r["truncated"]) for r in rows)
+    assert metrics["truncated_rate"] == pytest.approx(sum(r["truncated"] for r in rows) / 5)
+    assert metrics["truncated_rate"] > 0 and "truncated: " in out.out  # 3 tokens: some completion is cut
     assert main(args) == 0  # run again: all five are resumed, none decoded
     assert "resuming: 5 of 5 images already in" in capsys.readouterr().err
     assert main([a if a != "3" else "4" for a in args]) == 2

@@ -50,16 +50,21 @@ class GreedyDecoder:
         self.mesh = mesh
         self.pad_id = tokens_for(tokenizer).pad  # the pipeline's padding id
         self._floor: dict[str, int] = {}
+        self.last_extents: list[dict] | None = None  # of the last `complete`: completion_tokens, truncated
 
     def batches(self, pipeline: DataPipeline) -> Iterator[tuple[list[str], list[dict]]]:
-        """(completions, the examples' meta) per batch, in the pipeline's order."""
+        """(completions, the examples' meta) per batch, in the pipeline's order; each meta also carries
+        ``completion_tokens`` (through the stop token) and ``truncated`` (no stop token within max_new_tokens)."""
         if pipeline.cfg.mode != "prompt" or pipeline.cfg.batch_size != self.batch_size:
             raise ValueError(f"GreedyDecoder needs a prompt pipeline of batch size {self.batch_size}, got mode "
                              f"{pipeline.cfg.mode!r} and batch size {pipeline.cfg.batch_size}")
         iterator = iter(pipeline)
         try:
             for batch in iterator:
-                yield self.complete(batch), list(batch["meta"])
+                self.last_extents = None
+                texts = self.complete(batch)
+                extents = self.last_extents or [{}] * len(texts)
+                yield texts, [dict(meta, **extent) for meta, extent in zip(batch["meta"], extents)]
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
@@ -73,7 +78,11 @@ class GreedyDecoder:
         out = generate_device(self.model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
                               pad_token_id=self.pad_id)
         tokens = gather(out.tokens)
-        return [self.text(tokens[row].tolist(), stop) for row in range(real)]
+        rows = [tokens[row].tolist() for row in range(real)]
+        ends = [self.stop_at(ids, stop) for ids in rows]
+        self.last_extents = [{"completion_tokens": min(end + 1, len(ids)), "truncated": end == len(ids)}
+                             for ids, end in zip(rows, ends)]
+        return [self.tokenizer.decode(ids[:end], skip_special_tokens=False) for ids, end in zip(rows, ends)]
 
     def inputs(self, batch: dict):
         """The model inputs of one prompt batch, as `complete` decodes them: rows padded to batch_size, vision
@@ -87,8 +96,11 @@ class GreedyDecoder:
         inputs, self._floor = pad_vision_inputs(inputs, model.config, self._floor)
         return shard_inputs(inputs, self.mesh) if split else inputs
 
+    def stop_at(self, ids: list[int], stop: tuple[int, ...] | None = None) -> int:
+        """Index of a row's first stop token (default <|im_end|>); len(ids) when it has none (truncated)."""
+        stop = stop or (self.im_end,)
+        return next((i for i, t in enumerate(ids) if t in stop), len(ids))
+
     def text(self, ids: list[int], stop: tuple[int, ...] | None = None) -> str:
         """One row's completion text: up to its first stop token (default <|im_end|>), special tokens kept."""
-        stop = stop or (self.im_end,)
-        end = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-        return self.tokenizer.decode(ids[:end], skip_special_tokens=False)
+        return self.tokenizer.decode(ids[:self.stop_at(ids, stop)], skip_special_tokens=False)

@@ -35,6 +35,7 @@ Metrics (metrics.json and the printed table):
   mean IoU     matched IoU (each predicted box takes the nearest unmatched true box by centre distance;
                sum of IoUs / number of true boxes), averaged over the generated images with boxes
   confusion    truth (real, generated) x predicted (real, generated, none = no usable verdict)
+  truncated    share of completions that hit --max-new-tokens without a stop token (raise it if not 0)
   by GROUP     the same metrics per value of each --group-by field (default: the generator's name);
                a group of one true class (a generator's images) has no precision or F1
 
@@ -42,7 +43,8 @@ Outputs in --out:
   predictions.jsonl  one line per image: id, source file:line, true label and boxes, the completion, its
                      verdict (null without one) and the predicted class (real, generated or none), regions
                      (caption, box in model-input pixels and in original pixels), tags, format_ok, correct,
-                     per-image IoU (null for real images)
+                     per-image IoU (null for real images), completion_tokens and truncated (no stop token
+                     within --max-new-tokens)
   metrics.json       the metrics above, the settings, and any record that could not be evaluated
   settings.json      what the predictions were made with (checked on resume)
 
@@ -172,7 +174,8 @@ def groups_of(record, raw: dict | None, fields: Sequence[str]) -> dict[str, Any]
 def truth_of(meta: dict, groups: dict) -> dict:
     """The scoring truth of one pipeline example (boxes already in the model's resized-image pixels)."""
     return {"id": meta["record_id"], "source": meta["source"], "label": meta["label"], "boxes": meta["boxes"],
-            "model_size": list(meta["model_size"]), "original_size": list(meta["original_size"]), "groups": groups}
+            "model_size": list(meta["model_size"]), "original_size": list(meta["original_size"]), "groups": groups,
+            **{k: meta[k] for k in ("completion_tokens", "truncated") if k in meta}}
 
 
 # ---- the evaluation --------------------------------------------------------------------------------
