@@ -37,7 +37,8 @@ def grpo_records():
                     "format_rate": fmt, "verdict_accuracy": 0.5 + step / 70,
                     "mean_iou_generated": "nan" if step == 3 else step / 60,  # as metrics.jsonl writes a NaN
                     "kl": 0.001 * step, "completion_length_mean": 200 - step, "completion_length_max": 256,
-                    "entropy": 1.0})
+                    "entropy": 1.0, "zero_std_group_fraction": 0.5, "truncated_fraction": 0.0,
+                    "learning_rate": 1e-4, "grad_norm": 0.1})
     out.append({"step": 30, "kind": "eval", "loss": 1.0, "format_rate": 0.9, "verdict_accuracy": 0.8,
                 "mean_iou": 0.3, "examples": 8})
     return out
@@ -63,7 +64,10 @@ def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
     assert list(raw.get_xdata()) == list(range(1, 41)) and list(held_out.get_xdata()) == [20, 40]
     assert held_out.get_linestyle() == "None" and joined.get_linestyle() == ":"
     assert smooth.get_label() == "training" and held_out.get_label() == "held-out (evaluated at 2 steps)"
-    assert "thin lines: per step, thick: 2-step moving average" in fig._suptitle.get_text()
+    assert "thin lines: per step, thick: centred moving average of 3 points" in fig._suptitle.get_text()
+    assert fig.axes[0].get_yscale() == "linear"  # the loss falls about 7x: a linear axis shows it
+    steep = [dict(r, loss=12 * math.exp(-r["step"] / 5)) if r["kind"] == "train" else r for r in sft_records()]
+    assert build_report(steep).axes[0].get_yscale() == "log"  # 12 -> 0.004: on a log axis
     # every panel shares the step axis, so the held-out points line up with the training curves
     assert len({ax.get_xlim() for ax in fig.axes}) == 1
 
@@ -73,8 +77,10 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "grpo.png")]) == 0
     assert (tmp_path / "grpo.png").stat().st_size > 20_000
     fig = build_report(grpo_records())
-    assert titles(fig) == ["Total reward (its weights change with the stage)", "Reward components", "Mean IoU on generated images",
-                           "KL to the base model", "Completion length", "Held-out evaluation (greedy)"]
+    assert titles(fig) == ["Total reward (its weights change with the stage)", "Reward components",
+                           "Mean IoU on generated images", "KL to the base model", "Completion length",
+                           "Groups without signal; truncated completions", "Policy entropy", "Learning rate",
+                           "Gradient norm", "Held-out evaluation (greedy)"]
     for ax in fig.axes:
         names = [t.get_text() for t in ax.texts]
         assert names == ["alpha", "beta", "gamma"], (ax.get_title(), names)
@@ -84,12 +90,24 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     # the NaN of step 3 is a gap, not a crash or a zero
     iou = [line for line in fig.axes[2].get_lines() if line.get_linestyle() != "--"][0]
     assert math.isnan(iou.get_ydata()[2])
+    # no line crosses a stage boundary: the total reward is drawn per stage (raw and average, 3 x 2 lines), and
+    # the average restarts in each stage
+    total = [line for line in fig.axes[0].get_lines() if line.get_linestyle() != "--"]
+    assert [list(line.get_xdata()) for line in total[::2]] == [list(range(1, 11)), list(range(11, 21)),
+                                                               list(range(21, 31))]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["total"]  # one entry, not three
+    # a panel without values is named, not silently dropped
+    records = [{k: v for k, v in r.items() if k != "kl"} for r in grpo_records()]
+    fig = build_report(records)
+    assert "KL to the base model" not in titles(fig)
+    assert "not plotted (no values in the metrics): KL to the base model" in fig._suptitle.get_text()
 
 
 def test_stage_spans_and_moving_average():
     recs = [{"step": s, "kind": "train", "stage": n} for s, n in [(1, "a"), (2, "a"), (3, "b"), (4, "a")]]
     assert [(s.name, s.first, s.last) for s in stage_spans(recs)] == [("a", 1, 2), ("b", 3, 3), ("a", 4, 4)]
-    assert moving_average([1.0, 3.0, math.nan, 5.0], 2) == [1.0, 2.0, 2.0, 4.0]
+    assert moving_average([1.0, 3.0, math.nan, 5.0], 2) == [2.0, 2.0, 4.0, 5.0]  # centred on 3 points
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 5) == [2.0, 2.5, 3.0, 3.5, 4.0]
 
 
 def test_report_errors_name_the_file(tmp_path, capsys):

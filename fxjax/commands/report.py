@@ -2,9 +2,12 @@
 
 SFT runs: training and held-out loss, learning rate, gradient norm, and the held-out generation metrics
 (format rate, verdict accuracy, mean IoU from greedy decoding). GRPO runs: total reward, its components, mean IoU on
-generated images, KL to the base model and completion length, each per step with a moving average, the
-reward stages shaded and their boundaries marked and named on every panel; held-out evaluation as well
-when the run logged some. `fxjax sft` and `fxjax grpo` write it at the end of a run (--no-report: not).
+generated images, KL to the base model, completion length, the groups without signal and the truncated
+completions, the policy's entropy, learning rate and gradient norm, each per step with a centred moving
+average that restarts at each stage (a stage's reward has its own weights), the reward stages shaded and
+their boundaries marked and named on every panel; held-out evaluation as well when the run logged some.
+A panel without values (the KL when grpo.beta is 0) is left out and named in the subtitle. `fxjax sft` and
+`fxjax grpo` write it at the end of a run (--no-report: not).
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG"
 DESCRIPTION = """\
 Plot the metrics of a fxjax sft or grpo run (RUN_DIR/metrics.jsonl) into one PNG.
 
-SFT panels: loss (training and held-out token cross-entropy), learning rate, gradient norm, held-out
-generation metrics (format rate, verdict accuracy, mean IoU; greedy decoding).
+SFT panels: loss (training and held-out token cross-entropy; log scale when it falls more than 20x),
+learning rate, gradient norm, held-out generation metrics (format rate, verdict accuracy, mean IoU; greedy
+decoding). Training values are those of the logged steps (train.log_every): one batch each.
 GRPO panels: total reward, reward components (format rate, verdict accuracy and the IoU term, means over
-the step's completions), mean IoU on generated images, KL to the base model, completion length, and the
-held-out evaluation when the run logged one. Every GRPO panel shades the reward stages (alpha, beta,
-gamma, ...) and marks and names the boundaries between them.
+the step's completions), mean IoU on generated images, KL to the base model, completion length, groups
+whose rewards are all equal (no signal) and truncated completions, policy entropy, learning rate, gradient
+norm, and the held-out evaluation when the run logged one. Every GRPO panel shades the reward stages
+(alpha, beta, gamma, ...) and marks and names the boundaries between them; no line crosses a boundary.
 
-Steps are optimiser updates. Noisy per-step series are drawn thin, with a thick moving average.
+Steps are optimiser updates. Noisy series are drawn thin, with a thick centred moving average (about a
+fifteenth of the steps, at most 25 around each point; within each GRPO stage). Panels without values are
+left out and named in the subtitle and on stderr.
 `fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report."""
 
 EPILOG = """\
@@ -102,13 +109,26 @@ def run_kind(records: Sequence[dict]) -> str:
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over the last `window` finite values (NaNs skipped)."""
-    out, buf = [], []
-    for v in values:
-        if math.isfinite(v):
-            buf.append(v)
-        buf = buf[-window:]
-        out.append(sum(buf) / len(buf) if buf else math.nan)
+    """Centred mean over the 2 * (window // 2) + 1 values around each one (fewer at the ends; NaNs skipped),
+    so the average neither lags the data nor mixes in values beyond the series' ends."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        near = [v for v in values[max(0, i - half):i + half + 1] if math.isfinite(v)]
+        out.append(sum(near) / len(near) if near else math.nan)
+    return out
+
+
+def _segments(steps: Sequence[int], values: Sequence[float], spans: Sequence[StageSpan]):
+    """(steps, values) of each stage (the whole series without stages): a stage's total reward has other
+    weights than the next one's, so neither a line nor an average crosses a boundary."""
+    if not spans:
+        return [(list(steps), list(values))]
+    out = []
+    for span in spans:
+        part = [(s, v) for s, v in zip(steps, values) if span.first <= s <= span.last]
+        if part:
+            out.append(([s for s, _ in part], [v for _, v in part]))
     return out
 
 
@@ -128,11 +148,12 @@ class Panel:
     ylabel: str
     lines: tuple[Line, ...]
     unit_interval: bool = False  # values in [0, 1]: fixed y range
+    log_scale: bool = False  # a logarithmic y axis when the values are positive and span more than 20x
 
 
 SFT_PANELS = (
     Panel("Loss", "cross-entropy (nats / target token)",
-          (Line("train", "loss", "training"), Line("eval", "loss", "held-out"))),
+          (Line("train", "loss", "training"), Line("eval", "loss", "held-out")), log_scale=True),
     Panel("Learning rate", "learning rate", (Line("train", "learning_rate", "learning rate", smooth=False),)),
     Panel("Gradient norm", "global L2 norm (before clipping)", (Line("train", "grad_norm", "gradient norm"),)),
     Panel("Held-out generation (greedy)", "rate, or IoU (0 to 1)",
@@ -152,6 +173,13 @@ GRPO_PANELS = (
     Panel("KL to the base model", "k3 estimate (nats / token)", (Line("train", "kl", "KL"),)),
     Panel("Completion length", "tokens", (Line("train", "completion_length_mean", "mean"),
                                           Line("train", "completion_length_max", "longest", smooth=False))),
+    Panel("Groups without signal; truncated completions", "share of the step's groups / completions (0 to 1)",
+          (Line("train", "zero_std_group_fraction", "groups whose rewards are all equal (advantage 0)"),
+           Line("train", "truncated_fraction", "completions without EOS within max_completion_length")),
+          unit_interval=True),
+    Panel("Policy entropy", "nats / completion token", (Line("train", "entropy", "mean token entropy"),)),
+    Panel("Learning rate", "learning rate", (Line("train", "learning_rate", "learning rate", smooth=False),)),
+    Panel("Gradient norm", "global L2 norm (before clipping)", (Line("train", "grad_norm", "gradient norm"),)),
     Panel("Held-out evaluation (greedy)", "rate, or IoU (0 to 1)",
           (Line("eval", "format_rate", "format rate"), Line("eval", "verdict_accuracy", "verdict accuracy"),
            Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),
@@ -185,22 +213,27 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
 
     if spans:
         _mark_stages(ax, spans)
+    plotted = []
     for colour, line in zip(COLOURS, panel.lines):
         steps, values = series(records, line.kind, line.key)
         if not steps or not any(math.isfinite(v) for v in values):
             continue
+        plotted += [v for v in values if math.isfinite(v)]
         if line.kind == "eval":
             # Evaluations are a few points: markers, joined by a faint dotted line that does not pretend to
             # know the values in between (a solid line between step 0 and the end read as a linear rise).
             label = f"{line.label} (evaluated at {len(steps)} step{'s' if len(steps) > 1 else ''})"
             ax.plot(steps, values, "o", color=colour, label=label, ms=6, zorder=4)
             ax.plot(steps, values, ":", color=colour, lw=1, alpha=0.6, zorder=3)
-        elif line.smooth and window > 1 and len(values) > window:
-            ax.plot(steps, values, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (see the figure title)
-            ax.plot(steps, moving_average(values, window), color=colour, lw=2, label=line.label, zorder=3)
-        else:
-            ax.plot(steps, values, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
-                    label=line.label, zorder=3)
+            continue
+        for i, (part_steps, part) in enumerate(_segments(steps, values, spans)):
+            label = line.label if i == 0 else None  # one legend entry per series
+            if line.smooth and window > 1 and len(values) > window:
+                ax.plot(part_steps, part, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (figure title)
+                ax.plot(part_steps, moving_average(part, window), color=colour, lw=2, label=label, zorder=3)
+            else:
+                ax.plot(part_steps, part, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
+                        label=label, zorder=3)
     ax.set_title(panel.title, fontsize=11, pad=16 if spans else 6)
     ax.set_xlabel("optimiser step")
     ax.set_xlim(*xlim)  # one step axis for every panel, so held-out points line up with training curves
@@ -209,6 +242,9 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
     ax.set_ylabel(panel.ylabel, fontsize=9)
     if panel.unit_interval:
         ax.set_ylim(-0.03, 1.03)
+    elif panel.log_scale and plotted and min(plotted) > 0 and max(plotted) > 20 * min(plotted):
+        ax.set_yscale("log")
+        ax.set_ylabel(panel.ylabel + ", log scale", fontsize=9)
     ax.grid(True, alpha=0.3, zorder=0)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
@@ -226,7 +262,9 @@ def build_report(records: Sequence[dict], title: str | None = None):
         raise ValueError("no metrics records to plot")
     kind = run_kind(records)
     spans = stage_spans(records) if kind == "grpo" else []
-    panels = [p for p in (GRPO_PANELS if kind == "grpo" else SFT_PANELS) if _has_data(records, p)]
+    candidates = GRPO_PANELS if kind == "grpo" else SFT_PANELS
+    panels = [p for p in candidates if _has_data(records, p)]
+    missing = [p.title for p in candidates if p not in panels]
     if not panels:
         raise ValueError("the metrics records hold none of the values a report plots")
     train_steps = len({r["step"] for r in records if r.get("kind") == "train"})
@@ -246,9 +284,18 @@ def build_report(records: Sequence[dict], title: str | None = None):
     detail = f"steps {min(steps)}-{max(steps)}"
     if spans:
         detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans)
+    logged = sorted({r["step"] for r in records if r.get("kind") == "train"})
+    every = min((b - a for a, b in zip(logged, logged[1:])), default=1)
+    per = "per step" if every == 1 else f"the batch of every {every}th step (train.log_every)"
     if window > 1 and train_steps > window:
-        detail += f"; thin lines: per step, thick: {window}-step moving average"
+        detail += (f"; thin lines: {per}, thick: centred moving average of {2 * (window // 2) + 1} points"
+                   + (" within each stage" if spans else ""))
+    elif every > 1:
+        detail += f"; training values: {per}"
+    if missing:
+        detail += "\nnot plotted (no values in the metrics): " + "; ".join(missing)
     fig.suptitle(f"{heading}\n({detail})", fontsize=12)
+    fig.missing_panels = missing
     return fig
 
 
@@ -276,6 +323,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
         path = path.with_name(path.name + ".png")  # the file matplotlib would write, so the path printed is it
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    if fig.missing_panels:
+        print(f"fxjax report: not plotted, no values in {metrics_file}: {'; '.join(fig.missing_panels)}",
+              file=sys.stderr)
     return path
 
 
