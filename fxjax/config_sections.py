@@ -32,8 +32,8 @@ class ModelSection:
     remat_vision: str | None = None  # ... of the vision blocks (default: the same as remat)
     # attention kernel (fxjax.model.attention): auto = splash on TPU, cudnn on an NVIDIA GPU in bfloat16, else xla
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
-    # decoder layers stacked and run under scan (fxjax.model.scan): compile time independent of depth; the
-    # same numbers, checkpoints and adapters as the loop (false)
+    # decoder layers and vision blocks stacked and run under scan (fxjax.model.scan): compile time independent
+    # of depth; the same numbers, checkpoints and adapters as the loop (false)
     scan_layers: bool = False
     adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
     from_run: str | None = None  # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA
@@ -114,6 +114,7 @@ class DataSection:
     format: Literal["auto", "native", "swift"] = "auto"
     on_error: Literal["raise", "skip"] = "raise"
     check_decode: bool = True
+    max_image_pixels: int = 89_478_485  # an original image above it is refused (decompression bombs)
     min_pixels: int = 3136
     max_pixels: int = 12845056
     max_length: int = 8192
@@ -132,7 +133,7 @@ class DataSection:
     def validate(self, where: str) -> None:
         if not self.train_files:
             raise ConfigError(f"{where}.train_files: give at least one JSONL file")
-        for name in ("min_pixels", "max_pixels", "max_length", "batch_size"):
+        for name in ("min_pixels", "max_pixels", "max_image_pixels", "max_length", "batch_size"):
             check_positive(getattr(self, name), f"{where}.{name}")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"{where}.min_pixels ({self.min_pixels}) is above {where}.max_pixels "
@@ -176,7 +177,7 @@ class TrainSection:
     loss_chunk: int = 256  # target tokens per lm_head chunk of the cross-entropy
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
     output_dir: str = "runs/sft"
-    log_every: int = 1  # metrics.jsonl / progress bar interval (steps)
+    log_every: int = 1  # SFT: metrics.jsonl / TensorBoard interval (steps); GRPO logs every step
     progress_bar: bool = True
     tensorboard: bool = True  # write TensorBoard events when a writer is installed
 

@@ -24,7 +24,8 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 @dataclass(frozen=True)
 class StageSection:
-    """One reward stage: a preset of the reward config (alpha, beta, gamma) for `steps` updates."""
+    """One reward stage: a preset of the reward config (alpha, beta, gamma) for `steps` sampling steps (each
+    grpo.num_iterations updates)."""
 
     name: str = "alpha"
     steps: int = 100
@@ -118,7 +119,7 @@ class GRPOConfig(RunConfig):
         return sum(s.steps for s in self.stages)
 
     def stage_at(self, step: int) -> tuple[int, StageSection | None]:
-        """(stage index, stage) of the update numbered `step` (0-based); (0, None) when continuous."""
+        """(stage index, stage) of the sampling step numbered `step` (0-based); (0, None) when continuous."""
         if self.grpo.schedule == "continuous":
             return 0, None
         end = 0

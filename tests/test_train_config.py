@@ -200,3 +200,19 @@ def test_grpo_needs_two_completions_per_prompt():
     with pytest.raises(ConfigError, match=r"grpo.num_generations: must be >= 2 .* got 1"):
         grpo_from_dict({**data, "grpo": {"num_generations": 1}})
 
+
+
+def test_the_image_size_limit_reaches_the_data_pipeline():
+    """data.max_image_pixels (the decompression-bomb limit) is a config key, passed to SFT's and GRPO's
+    DataConfig (it was fixed at PIL's 89.5M pixels), and must be positive."""
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train.grpo import data_config as grpo_data_config
+    from fxjax.train.sft import data_config
+
+    cfg = from_dict({**MINIMAL, "data": {**MINIMAL["data"], "max_image_pixels": 200_000_000}})
+    assert data_config(cfg).max_image_pixels == 200_000_000
+    grpo = grpo_from_dict({**MINIMAL, "data": {**MINIMAL["data"], "max_image_pixels": 1000},
+                           "train": {"steps": None}})
+    assert grpo_data_config(grpo).max_image_pixels == 1000
+    with pytest.raises(ConfigError, match="data.max_image_pixels"):
+        from_dict({**MINIMAL, "data": {**MINIMAL["data"], "max_image_pixels": 0}})

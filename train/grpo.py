@@ -104,7 +104,8 @@ def data_config(cfg: GRPOConfig) -> DataConfig:
 
 
 def stage_weights(cfg: GRPOConfig, step: int) -> tuple[str, rewards.RewardWeights]:
-    """(stage name, reward weights) of the update numbered `step` (0-based)."""
+    """(stage name, reward weights) of the sampling step numbered `step` (0-based; its num_iterations updates
+    share them)."""
     if cfg.grpo.schedule == "continuous":
         return "continuous", rewards.continuous_weights(step, cfg.total_steps, cfg.grpo.reward_config)
     _, stage = cfg.stage_at(step)

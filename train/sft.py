@@ -77,7 +77,8 @@ def data_config(cfg: SFTConfig) -> DataConfig:
     d = cfg.data
     return DataConfig(data_files=d.train_files, tokenizer=cfg.tokenizer, root=d.root,
                       allow_absolute_paths=d.allow_absolute_paths, format=d.format,
-                      on_error=d.on_error, check_decode=d.check_decode, min_pixels=d.min_pixels,
+                      on_error=d.on_error, check_decode=d.check_decode, max_image_pixels=d.max_image_pixels,
+                      min_pixels=d.min_pixels,
                       max_pixels=d.max_pixels, max_length=d.max_length, length_buckets=d.length_buckets,
                       long_samples=d.long_samples, mode="sft", prompts=d.prompts, system_prompt=d.system_prompt,
                       user_prompt=d.user_prompt, batch_size=d.batch_size, drop_remainder=True, shuffle=d.shuffle,
