@@ -288,11 +288,14 @@ def _overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Pat
             row.append(tile)
         tiles.append(row)
     w, h = max(t.width for r in tiles for t in r), max(t.height for r in tiles for t in r)
-    head, gap = 22, 6
-    sheet = Image.new("RGB", (len(columns) * (w + gap) + gap, head + len(tiles) * (h + gap) + gap), (255, 255, 255))
+    head, gap, foot = 22, 6, 34
+    height = head + len(tiles) * (h + gap) + gap + foot
+    sheet = Image.new("RGB", (len(columns) * (w + gap) + gap, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for j, name in enumerate(columns):
         draw.text((gap + j * (w + gap), 5), name, fill=(0, 0, 0))
+    draw.text((gap, height - foot + 2), "white outline: the true region (generated images)\ncoloured, numbered: the "
+              "regions the model names; top left: its verdict", fill=(60, 60, 60))
     for i, row in enumerate(tiles):
         for j, tile in enumerate(row):
             sheet.paste(tile, (gap + j * (w + gap), head + i * (h + gap)))

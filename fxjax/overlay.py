@@ -70,6 +70,9 @@ def draw_detection(image: Image.Image, regions: Sequence[tuple[str, Sequence[flo
         banner, banner_colour = f"NO VERDICT{': ' + note if note else ''}", NO_VERDICT_COLOUR
     banner_font = _font(max(12, round(scale / 30)))
     bw, bh, _, _ = _label_size(draw, banner, banner_font, pad)
+    if bw > width and note:  # the note would be cut off mid-word: the banner alone
+        banner = "NO VERDICT"
+        bw, bh, _, _ = _label_size(draw, banner, banner_font, pad)
     banner_box = (0, 0, min(bw, width), min(bh, height))
     for i, (caption, box) in enumerate(regions):
         colour = BOX_COLOURS[i % len(BOX_COLOURS)]
