@@ -361,7 +361,7 @@ def place_adapters(model) -> None:
     loaded with `mesh=` keeps every variable there when adapters are attached afterwards."""
     kernel = next(linears(model))[1].kernel[...]
     sharding = getattr(kernel, "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+    if isinstance(sharding, NamedSharding):  # loaded with mesh= (one device too: the specs are set)
         shard_model(model, sharding.mesh)
 
 
