@@ -175,3 +175,19 @@ def test_check_resume_config_warns_on_what_changed_the_run():
     current["train"].update(steps=None, epochs=3.0)
     (line,) = [w for w in check_resume_config(saved, current, print) if "different train config" in w]
     assert "train.steps: 100 -> null; train.epochs: null -> 3.0" in line
+
+
+def test_interval_means_average_the_steps_between_two_records():
+    """What SFT logs every train.log_every steps: the mean of each value over those steps (as HF Trainer's
+    logged loss), over the finite ones (a skipped non-finite step does not turn the mean into NaN), then a
+    fresh interval."""
+    from fxjax.train.metrics import IntervalMeans
+
+    interval = IntervalMeans()
+    for loss, norm in [(4.0, 1.0), (2.0, float("nan")), (3.0, 3.0)]:
+        interval.add({"loss": loss, "grad_norm": norm})
+    assert interval.take() == {"loss": 3.0, "grad_norm": 2.0}
+    interval.add({"loss": float("inf")})
+    means = interval.take()
+    assert list(means) == ["loss"] and math.isnan(means["loss"])  # no finite value: NaN, not 0
+    assert interval.take() == {}

@@ -25,7 +25,7 @@ from fxjax.file_modes import make_readable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "ProgressBar", "read_metrics", "tensorboard_writer"]
+__all__ = ["IntervalMeans", "MetricsLogger", "ProgressBar", "read_metrics", "tensorboard_writer"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -138,6 +138,27 @@ def _plain(value: Any) -> Any:
     if f.is_integer() and not isinstance(value, float) and abs(f) < 2**53:
         return int(f)
     return f if math.isfinite(f) else str(f)
+
+
+class IntervalMeans:
+    """Per-step values averaged over the steps between two logged records (train.log_every), as HF Trainer
+    averages its logged loss: `add` each step's values, `take` their means (over the finite ones; NaN when
+    none was) and start the next interval."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[float]] = {}
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self._values.setdefault(key, []).append(float(value))
+
+    def take(self) -> dict[str, float]:
+        means = {}
+        for key, values in self._values.items():
+            finite = [v for v in values if math.isfinite(v)]
+            means[key] = sum(finite) / len(finite) if finite else math.nan
+        self._values = {}
+        return means
 
 
 class MetricsLogger:

@@ -41,7 +41,7 @@ from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch
                                   process_rows, with_patch_dtype)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
-from fxjax.train.metrics import MetricsLogger
+from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run, per_process_state,
                                    start_run)
@@ -165,6 +165,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     # built ahead), so a resumed run continues with exactly the next batch.
     batches = StepBatches(iterator, make_batch, floor=floor, count=steps_total - step_now, background=overlap)
     pending = None  # (update number, device metrics, tokens, start): fetched after the next step's dispatch
+    interval = IntervalMeans()  # the steps since the last logged record
     last_done = 0.0  # when the last step's metrics arrived
 
     def settle() -> None:
@@ -183,12 +184,12 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         dt, last_done = now - max(start, last_done), now
         if not out["finite"]:
             skipped = handle_nonfinite("sft", cfg, step, out, checkpointer, skipped, say)
-        values = dict(loss=out["loss"], learning_rate=out["learning_rate"], grad_norm=out["grad_norm"],
-                      step_time=dt, tokens_per_s=tokens / dt, target_tokens=out["target_tokens"],
-                      skipped=skipped)
+        interval.add(dict(loss=out["loss"], grad_norm=out["grad_norm"], step_time=dt, tokens_per_s=tokens / dt,
+                          target_tokens=out["target_tokens"]))
         result.final_loss = out["loss"]
         if step % cfg.train.log_every == 0 or step == steps_total:
-            metrics.log(step, "train", values)
+            # means over the steps since the last record (HF Trainer's logged loss); the rate and count now
+            metrics.log(step, "train", dict(interval.take(), learning_rate=out["learning_rate"], skipped=skipped))
         control.bar.update(1, dict(loss=out["loss"], lr=out["learning_rate"], tok_s=round(tokens / dt)))
 
     def evaluate(tag: str) -> dict:

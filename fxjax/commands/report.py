@@ -26,7 +26,7 @@ Plot the metrics of a fxjax sft or grpo run (RUN_DIR/metrics.jsonl) into one PNG
 
 SFT panels: loss (training and held-out token cross-entropy; log scale when it falls more than 20x),
 learning rate, gradient norm, held-out generation metrics (format rate, verdict accuracy, mean IoU; greedy
-decoding). Training values are those of the logged steps (train.log_every): one batch each.
+decoding). Training values are means over the steps between two records (train.log_every).
 GRPO panels: total reward, reward components (format rate, verdict accuracy and the IoU term, means over
 the step's completions), mean IoU on generated images, KL to the base model, completion length, groups
 whose rewards are all equal (no signal) and truncated completions, policy entropy, learning rate, gradient
@@ -286,7 +286,7 @@ def build_report(records: Sequence[dict], title: str | None = None):
         detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans)
     logged = sorted({r["step"] for r in records if r.get("kind") == "train"})
     every = min((b - a for a, b in zip(logged, logged[1:])), default=1)
-    per = "per step" if every == 1 else f"the batch of every {every}th step (train.log_every)"
+    per = "per step" if every == 1 else f"means over each {every} steps (train.log_every)"
     if window > 1 and train_steps > window:
         detail += (f"; thin lines: {per}, thick: centred moving average of {2 * (window // 2) + 1} points"
                    + (" within each stage" if spans else ""))
