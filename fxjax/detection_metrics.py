@@ -15,7 +15,8 @@ Metrics over rows (`summarize`): ``accuracy`` = correct / images; ``precision``,
 class "generated" (a missing or unknown verdict counts as not "generated"); ``format_rate``; ``mean_iou`` =
 mean of ``iou`` over the generated images with at least one true box (``iou_images`` of them); the
 ``confusion`` matrix truth -> predicted (real / generated / none: no verdict or another word);
-``truncated_rate`` (the share of rows whose completion hit the token limit, over the rows that say); and the same
+``truncated_rate`` (the share of rows whose completion hit the token limit, over the rows that say);
+``ci95``: 95% intervals of accuracy, format rate and recall (Wilson) and of the mean IoU (+/- 1.96 SE); and the same
 metrics per value of each grouping field (e.g. the generator's name), where a group of one true class has no
 precision or F1 (None: a generator's images cannot hold a false positive). A ratio with a zero denominator
 is None (null in JSON), never a made-up 0.
@@ -23,6 +24,7 @@ is None (null in JSON), never a made-up 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -89,6 +91,28 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num) / float(den) if den else None
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | None:
+    """The Wilson score interval (95% by default) of a proportion: honest at 0 or n successes and for the
+    small test sets a demo has, where the normal approximation gives intervals beyond [0, 1]."""
+    if not n:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mean_interval(values: Sequence[float], z: float = Z95, bounds=(0.0, 1.0)) -> list[float] | None:
+    """mean +/- z standard errors, clipped to `bounds` (IoUs lie in [0, 1]); None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    mean, se = float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+    return [max(bounds[0], mean - z * se), min(bounds[1], mean + z * se)]
+
+
 def _metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     tp = sum(r["label"] == "generated" and r["predicted"] == "generated" for r in rows)
@@ -103,13 +127,17 @@ def _metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     confusion = {truth: {pred: 0 for pred in PREDICTED} for truth in rewards.LABELS}
     for r in rows:
         confusion[r["label"]][r["predicted"]] += 1
-    return {"examples": n, "accuracy": _ratio(sum(bool(r["correct"]) for r in rows), n),
+    correct, formatted = sum(bool(r["correct"]) for r in rows), sum(bool(r["format_ok"]) for r in rows)
+    return {"examples": n, "accuracy": _ratio(correct, n),
             "precision": precision, "recall": recall, "f1": f1,
-            "format_rate": _ratio(sum(bool(r["format_ok"]) for r in rows), n),
+            "format_rate": _ratio(formatted, n),
             "mean_iou": float(np.mean(ious)) if ious else None, "iou_images": len(ious),
             "truncated_rate": _ratio(sum(bool(r["truncated"]) for r in rows if "truncated" in r),
                                      sum("truncated" in r for r in rows)),
-            "confusion": confusion}
+            "confusion": confusion,
+            # 95% intervals: Wilson for the rates, mean +/- 1.96 standard errors for the IoU
+            "ci95": {"accuracy": wilson_interval(correct, n), "format_rate": wilson_interval(formatted, n),
+                     "recall": wilson_interval(tp, tp + fn), "mean_iou": mean_interval(ious)}}
 
 
 def group_value(row: Mapping[str, Any], field: str) -> str:
@@ -166,6 +194,12 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
               "            " + "".join(f"{p:>11}" for p in PREDICTED)]
     for truth in rewards.LABELS:
         table.append(f"{truth:<12}" + "".join(f"{confusion[truth][p]:>11}" for p in PREDICTED))
+    ci = summary.get("ci95") or {}
+    shown = [f"{name} {lo:.3f}-{hi:.3f}" for name, value in (("accuracy", ci.get("accuracy")),
+             ("format", ci.get("format_rate")), ("mean IoU", ci.get("mean_iou"))) if value for lo, hi in [value]]
+    if shown:
+        table += ["", f"95% intervals ({summary['examples']} images; Wilson, IoU: mean +/- 1.96 SE): "
+                      + ", ".join(shown)]
     if summary.get("truncated_rate"):
         table += ["", f"truncated: {summary['truncated_rate']:.1%} of the completions reached the token limit "
                       f"without a stop token (their verdicts and regions may be cut off)"]

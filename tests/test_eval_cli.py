@@ -107,6 +107,15 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     assert summary["mean_iou"] == pytest.approx((0.75 + 0 + 0) / 3) and summary["iou_images"] == 3
     assert summary["confusion"] == {"real": {"real": 1, "generated": 1, "none": 0},
                                     "generated": {"real": 1, "generated": 1, "none": 1}}
+    # 95% intervals: Wilson's for the rates (scipy's as the oracle), mean +/- 1.96 SE for the IoU
+    from scipy.stats import binomtest
+
+    for key, k in (("accuracy", 2), ("format_rate", 3)):
+        want = binomtest(k, 5).proportion_ci(method="wilson")
+        assert summary["ci95"][key] == pytest.approx([want.low, want.high], abs=1e-12), key
+    ious = [0.75, 0.0, 0.0]
+    half = 1.959963984540054 * np.std(ious, ddof=1) / np.sqrt(3)
+    assert summary["ci95"]["mean_iou"] == pytest.approx([max(0.0, 0.25 - half), 0.25 + half])
     by = summary["by"]["generator"]
     assert list(by) == ["A", "B", "(none)"]
     assert by["A"]["accuracy"] == pytest.approx(1 / 2) and by["A"]["mean_iou"] == pytest.approx(0.375)

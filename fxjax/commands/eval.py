@@ -36,6 +36,7 @@ Metrics (metrics.json and the printed table):
                sum of IoUs / number of true boxes), averaged over the generated images with boxes
   confusion    truth (real, generated) x predicted (real, generated, none = no usable verdict)
   truncated    share of completions that hit --max-new-tokens without a stop token (raise it if not 0)
+  ci95         95% intervals: Wilson's for accuracy, format rate and recall; mean IoU +/- 1.96 SE
   by GROUP     the same metrics per value of each --group-by field (default: the generator's name);
                a group of one true class (a generator's images) has no precision or F1
 
