@@ -515,7 +515,7 @@ do_worker_run() {
   elif [[ -z ${FXJAX_PROCESS_ID:-} ]]; then
     # the process count given (--env) without an id: JAX finds each process's id itself; the log is named
     # after the worker (not worker-0 on every host)
-    worker_id=$(tpu_metadata agent-worker-number)
+    worker_id=$(tpu_metadata agent-worker-number 2>/dev/null) || worker_id=0  # off Cloud TPU: worker-0.log
   fi
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/fxjax-jax-cache}
   mkdir -p "$LOG_DIR"

@@ -33,7 +33,7 @@ from fxjax.partition_rules import placer, warn_unsplit
 from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.hf_names import (HUB, TRANSFORMERS, hf_name, is_ignored, is_stacked, layer_path, naming_of,
                                   param_path, to_fxjax, to_hf, unstack)
-from fxjax.merged_lora import lora_fingerprint, merged_fingerprints, write_merged_record
+from fxjax.merged_lora import merge_record, merged_fingerprints, write_merged_record
 from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from fxjax.model.qwen2_5_vl import as_dtype
 
@@ -273,9 +273,11 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     dtype = dtype or (source.dtype if source else jnp.dtype(_param_dtype(model)).name)
     if dtype not in _NP_DTYPES:
         raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
+    # the adapters merged before (a malformed record fails here, before anything is written) and now; every
+    # process joins the fingerprint's gathers
+    record = (merged_fingerprints(source.directory) if source else []) + merge_record(model)
     out.mkdir(parents=True, exist_ok=True)
     naming = source.naming if source else HUB
-    merged = lora_fingerprint(model)  # every process joins its gathers
     if jax.process_index() != 0:  # several processes: all join each tensor's gather, process 0 writes
         for _, thunk in hf_tensors(model, naming):
             thunk()
@@ -326,7 +328,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         for side in _SIDE_FILES:
             if (Path(source.directory) / side).exists():
                 shutil.copy(Path(source.directory) / side, out / side)
-    write_merged_record(out, (merged_fingerprints(source.directory) if source else []) + [merged] * bool(merged))
+    write_merged_record(out, record)
     barrier("fxjax.save_pretrained")
     return out
 

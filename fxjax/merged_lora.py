@@ -20,8 +20,8 @@ from fxjax.device_mesh import gather
 from fxjax.model.hf_names import layer_path
 from fxjax.model.lora import lora_linears, stacked_layers
 
-__all__ = ["MERGED_LORA_FILE", "MergedLoRAError", "lora_fingerprint", "merged_fingerprints", "refuse_merged_twice",
-           "write_merged_record"]
+__all__ = ["MERGED_LORA_FILE", "MergedLoRAError", "lora_fingerprint", "merge_record", "merged_fingerprints",
+           "refuse_merged_twice", "write_merged_record"]
 
 MERGED_LORA_FILE = "fxjax_merged_lora.json"
 
@@ -30,10 +30,11 @@ class MergedLoRAError(ValueError):
     """An adapter applied to a checkpoint that already has it merged, or an unreadable record."""
 
 
-def lora_fingerprint(model) -> str | None:
+def lora_fingerprint(model, via: str | None = None) -> str | None:
     """A hash of the model's enabled LoRA adapters (None without any): their per-layer fxjax names, scaling and
     A / B rounded to bfloat16, so an adapter saved in float32 or bfloat16, looped or stacked, hashes the same.
-    Every process must call it (it gathers A and B)."""
+    `via` "float16": the hash of the adapter as a float16 export stores it (rounded to float16 first, which
+    rounds some values to another bfloat16 than float32 does). Every process must call it (it gathers)."""
     layers = []
     for path, linear in lora_linears(model):
         if not linear.lora.enabled:
@@ -49,8 +50,16 @@ def lora_fingerprint(model) -> str | None:
     for name, scaling, a, b in sorted(layers, key=lambda layer: layer[0]):
         digest.update(f"{name}:{float(scaling)!r}:{a.shape}:{b.shape}".encode())
         for x in (a, b):
+            if via is not None:
+                x = x.astype(via).astype(np.float32)
             digest.update(np.ascontiguousarray(x.astype(ml_dtypes.bfloat16)).tobytes())
     return digest.hexdigest()
+
+
+def merge_record(model) -> list[str]:
+    """The fingerprints a merged export records of the model's LoRA: as saved in float32 / bfloat16 and as
+    saved in float16 ([] without LoRA). Every process must call it."""
+    return [f for f in dict.fromkeys((lora_fingerprint(model), lora_fingerprint(model, "float16"))) if f]
 
 
 def merged_fingerprints(directory: str | Path) -> list[str]:

@@ -269,15 +269,22 @@ class UnsplitParametersWarning(UserWarning):
     """A mesh leaves parameters whole on every device (`warn_unsplit`)."""
 
 
+def unsplit_message(model, mesh) -> str | None:
+    """What to say when the mesh does not divide dimensions the rules shard, so each device holds those
+    parameters whole (memory the mesh was meant to save); None when it divides them all."""
+    dropped = replicated_dims(model, mesh)
+    if not dropped:
+        return None
+    return f"the mesh {axis_sizes(mesh)} leaves parameters unsplit: {replicated_summary(dropped)}"
+
+
 def warn_unsplit(model, mesh, stacklevel: int = 2) -> None:
-    """Warn (UnsplitParametersWarning, once per call site) when the mesh does not divide dimensions the rules
-    shard, so each device holds those parameters whole: memory the mesh was meant to save."""
+    """`unsplit_message` as a warning (UnsplitParametersWarning): the Python API's (a run prints it)."""
     import warnings
 
-    dropped = replicated_dims(model, mesh)
-    if dropped:
-        warnings.warn(f"the mesh {axis_sizes(mesh)} leaves parameters unsplit: {replicated_summary(dropped)}",
-                      UnsplitParametersWarning, stacklevel=stacklevel + 1)
+    message = unsplit_message(model, mesh)
+    if message:
+        warnings.warn(message, UnsplitParametersWarning, stacklevel=stacklevel + 1)
 
 
 def replicated_summary(dropped: Sequence[ReplicatedDim]) -> str:

@@ -31,11 +31,11 @@ from safetensors import safe_open
 
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
-from fxjax.merged_lora import refuse_merged_twice
+from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
 from fxjax.model.hf_names import (CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, layer_path, module_kind,
                                   module_name, unstack)
 from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, has_lora, linear_layers, linears, lora_linears,
-                              pattern_key, stacked_layers, target_matches)
+                              pattern_key, remove_lora, stacked_layers, target_matches)
 from fxjax.model.lora import apply_lora as _apply_lora
 from fxjax.partition_rules import shard_model
 
@@ -229,7 +229,12 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
                              target_modules=spec, exclude_modules=exclude)
     model.lora_config = lora_config
     model.peft_source = PeftSource(str(directory), json.dumps(raw), naming, disk_dtype, lora_config)
-    refuse_merged_twice(model, f"the adapter {directory}")
+    try:
+        refuse_merged_twice(model, f"the adapter {directory}")
+    except MergedLoRAError:  # the model as it was: without the refused adapter
+        remove_lora(model)
+        model.peft_source = None
+        raise
     place_adapters(model)
     return list(modules)
 

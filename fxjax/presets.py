@@ -15,9 +15,11 @@ import yaml
 if TYPE_CHECKING:
     from fxjax.model.config import Qwen25VLConfig
 
-# The repository's configs/ (a checkout, or an editable install), else fxjax/configs (a wheel ships it there)
+# fxjax/configs where a wheel ships it, else the repository's configs/ (a checkout or an editable install;
+# never another package's top-level configs/ in site-packages). rewards/stages.py finds rewards.yaml the same
+# way (it imports nothing of ours).
 _HERE = Path(__file__).resolve().parent
-CONFIG_DIR = _HERE.parent / "configs" if (_HERE.parent / "configs" / "models").is_dir() else _HERE / "configs"
+CONFIG_DIR = _HERE / "configs" if (_HERE / "configs" / "models").is_dir() else _HERE.parent / "configs"
 PRESET_DIR = CONFIG_DIR / "models"
 
 

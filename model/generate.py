@@ -306,7 +306,7 @@ def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_t
 
 
 def generate_device(model, inputs: ModelInputs, *, max_new_tokens: int, eos_token_ids=None, pad_token_id=None,
-                    temperature: float = 0.0, rng: jax.Array | None = None, top_k: int | None = None,
+                    temperature: float = 0.0, rng: jax.Array | int | None = None, top_k: int | None = None,
                     top_p: float | None = None, num_return_sequences: int = 1) -> GenerateOutput:
     """Prepared inputs -> GenerateOutput (device arrays, fixed [B * num_return_sequences, max_new_tokens]);
     no host sync. Greedy by default; see `sample_groups`."""
@@ -317,7 +317,7 @@ def generate_device(model, inputs: ModelInputs, *, max_new_tokens: int, eos_toke
 
 def generate(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
-             num_return_sequences: int = 1, rng: jax.Array | None = None,
+             num_return_sequences: int = 1, rng: jax.Array | int | None = None,
              eos_token_ids: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
     """HF-style generate: [B, L] prompt -> [B * num_return_sequences, L + steps] (prompt then generated
     tokens), numpy int; prompt i's sequences are rows i*G .. i*G+G-1, as in HF.

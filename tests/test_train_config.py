@@ -209,6 +209,10 @@ def test_the_image_size_limit_reaches_the_data_pipeline():
     from fxjax.train.grpo import data_config as grpo_data_config
     from fxjax.train.sft import data_config
 
+    from fxjax.config_sections import DataSection
+    from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
+
+    assert DataSection().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS  # the config's default is the pipeline's
     cfg = from_dict({**MINIMAL, "data": {**MINIMAL["data"], "max_image_pixels": 200_000_000}})
     assert data_config(cfg).max_image_pixels == 200_000_000
     grpo = grpo_from_dict({**MINIMAL, "data": {**MINIMAL["data"], "max_image_pixels": 1000},

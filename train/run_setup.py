@@ -31,8 +31,7 @@ from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
 from fxjax.device_mesh import batch_shards, put, splits_batch
-from fxjax.partition_rules import (UnsplitParametersWarning, param_shardings, replicated_dims, replicated_summary,
-                                   shard_model)
+from fxjax.partition_rules import UnsplitParametersWarning, param_shardings, shard_model, unsplit_message
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
@@ -117,10 +116,9 @@ def build_model(cfg, mesh):
 def warn_replicated(model, mesh) -> None:
     """Say which parameters stay whole on every device because the mesh does not divide a dimension their
     rule shards (e.g. the vision MLP's 3420 over tensor 8): memory the mesh was meant to save."""
-    dropped = replicated_dims(model, mesh)
-    if dropped and jax.process_index() == 0:
-        print(f"warning: the mesh {dict(mesh.shape)} leaves parameters unsplit: {replicated_summary(dropped)}",
-              file=sys.stderr, flush=True)
+    message = unsplit_message(model, mesh)
+    if message and jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _model_of_run(cfg, mesh):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fxjax.commands.model_args import add_model_arguments, add_prompt_arguments
+from fxjax.train.export import PROMPT_SETTING_KEYS
 
 HELP = "measure the detector on a labelled JSONL test set: accuracy, P/R/F1, format rate, mean IoU"
 
@@ -258,23 +259,25 @@ def prompt_data_config(args: argparse.Namespace, data: dict, tokenizer: str):
 
 def _weights_identity(source: dict) -> dict:
     """What identifies the weights beyond their paths, so a resume notices an overwritten export: the
-    adapter's sha256 (small), the size and mtime of each model weight file (hashing GBs would be slow)."""
+    adapter's files' sha256 (small), the size and mtime of the model directory's safetensors and JSON files
+    (weights, index, config; hashing GBs would be slow). With --run the base model's; its step's LoRA is
+    the checkpoint's, which a run does not rewrite."""
     identity = {}
     if source.get("adapter"):
-        from fxjax.peft_io import ADAPTER_WEIGHTS
-
-        identity["adapter_sha256"] = _sha256(str(Path(source["adapter"]) / ADAPTER_WEIGHTS))
-    if source.get("model"):
-        files = sorted(Path(source["model"]).glob("*.safetensors"))
-        identity["model_files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+        adapter = Path(source["adapter"])
+        identity["adapter_sha256"] = {f.name: _sha256(str(f)) for f in sorted(adapter.iterdir())
+                                      if f.suffix in (".safetensors", ".json")}
+    model = source.get("model") or source.get("base")
+    if model and Path(model).is_dir():
+        identity["model_files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+                                   for f in sorted(Path(model).iterdir()) if f.suffix in (".safetensors", ".json")}
     return identity
 
 
 def settings_of(args: argparse.Namespace, source: dict, data: dict) -> dict:
     return {"model": {**source, **_weights_identity(source)}, "decoding": "greedy",
             "max_new_tokens": args.max_new_tokens,
-            **{k: data[k] for k in ("min_pixels", "max_pixels", "prompts", "system_prompt", "user_prompt", "max_length",
-                                "seed")},
+            **{k: data[k] for k in PROMPT_SETTING_KEYS},
             "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}}
 
 

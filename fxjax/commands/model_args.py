@@ -141,21 +141,16 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     """The detector the options name: tokenizer, prompt settings and what will be loaded (the run's step
     resolved, its config read), without loading weights."""
     from fxjax.config_sections import DataSection
+    from fxjax.train.export import PROMPT_SETTING_KEYS, read_prompt_settings
 
     check_model_arguments(args)
-    defaults = DataSection()
-    data: dict[str, Any] = dict(min_pixels=defaults.min_pixels, max_pixels=defaults.max_pixels,
-                                prompts=defaults.prompts, system_prompt=defaults.system_prompt,
-                                user_prompt=defaults.user_prompt,
-                                max_length=defaults.max_length, seed=defaults.seed)
+    data: dict[str, Any] = {key: getattr(DataSection(), key) for key in PROMPT_SETTING_KEYS}
     if args.run is not None:
         from fxjax.train.run_loading import checkpoint_dir_of, resolve_step
 
         ckpt = checkpoint_dir_of(args.run).absolute()
         step, cfg, kind = resolve_step(ckpt, args.step)
-        d = cfg.data
-        data.update(min_pixels=d.min_pixels, max_pixels=d.max_pixels, prompts=d.prompts,
-                    system_prompt=d.system_prompt, user_prompt=d.user_prompt, max_length=d.max_length, seed=d.seed)
+        data.update({key: getattr(cfg.data, key) for key in PROMPT_SETTING_KEYS})
         tokenizer = args.tokenizer or (cfg.data.tokenizer or args.model or cfg.model.path)
         if tokenizer is None:
             raise ValueError(f"the run in {ckpt} has no tokenizer (a preset model without data.tokenizer); "
@@ -163,8 +158,6 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         source = {"run": str(ckpt), "step": step, "kind": kind,
                   "base": args.model or cfg.model.path or cfg.model.preset, "dtype": args.dtype or cfg.model.dtype}
     else:
-        from fxjax.train.export import read_prompt_settings
-
         model_dir = Path(args.model)
         data.update(_pixels_of(model_dir))
         # what training used, written by its export: the merged model's, then the adapter's

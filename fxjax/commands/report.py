@@ -285,7 +285,8 @@ def build_report(records: Sequence[dict], title: str | None = None):
     if spans:
         detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans)
     logged = sorted({r["step"] for r in records if r.get("kind") == "train"})
-    every = min((b - a for a, b in zip(logged, logged[1:])), default=1)
+    gaps = [b - a for a, b in zip(logged, logged[1:])]
+    every = max(set(gaps), key=gaps.count) if gaps else 1  # the usual gap (the last record may come sooner)
     per = "per step" if every == 1 else f"means over each {every} steps (train.log_every)"
     if window > 1 and train_steps > window:
         detail += (f"; thin lines: {per}, thick: centred moving average of {2 * (window // 2) + 1} points"
