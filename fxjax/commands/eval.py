@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fxjax.commands.model_args import add_model_arguments, add_prompt_arguments
-from fxjax.train.export import PROMPT_SETTING_KEYS
 
 HELP = "measure the detector on a labelled JSONL test set: accuracy, P/R/F1, format rate, mean IoU"
 
@@ -275,6 +274,8 @@ def _weights_identity(source: dict) -> dict:
 
 
 def settings_of(args: argparse.Namespace, source: dict, data: dict) -> dict:
+    from fxjax.train.export import PROMPT_SETTING_KEYS  # not at the top: --help imports no fxjax.train
+
     return {"model": {**source, **_weights_identity(source)}, "decoding": "greedy",
             "max_new_tokens": args.max_new_tokens,
             **{k: data[k] for k in PROMPT_SETTING_KEYS},
