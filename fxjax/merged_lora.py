@@ -35,6 +35,17 @@ def lora_fingerprint(model, via: str | None = None) -> str | None:
     A / B rounded to bfloat16, so an adapter saved in float32 or bfloat16, looped or stacked, hashes the same.
     `via` "float16": the hash of the adapter as a float16 export stores it (rounded to float16 first, which
     rounds some values to another bfloat16 than float32 does). Every process must call it (it gathers)."""
+    return _fingerprints(model, (via,))[0]
+
+
+def merge_record(model) -> list[str]:
+    """The fingerprints a merged export records of the model's LoRA: as saved in float32 / bfloat16 and as
+    saved in float16 ([] without LoRA; A and B gathered once). Every process must call it."""
+    return [f for f in dict.fromkeys(_fingerprints(model, (None, "float16"))) if f]
+
+
+def _fingerprints(model, vias) -> list[str | None]:
+    """`lora_fingerprint` for each of `vias`, from one gather of every adapter."""
     layers = []
     for path, linear in lora_linears(model):
         if not linear.lora.enabled:
@@ -45,21 +56,17 @@ def lora_fingerprint(model, via: str | None = None) -> str | None:
             name = "/".join(map(str, layer_path(path, i) if i is not None else path))
             layers.append((name, linear.lora.scaling, a if i is None else a[i], b if i is None else b[i]))
     if not layers:
-        return None
-    digest = hashlib.sha256()
+        return [None] * len(vias)
+    digests = [hashlib.sha256() for _ in vias]
     for name, scaling, a, b in sorted(layers, key=lambda layer: layer[0]):
-        digest.update(f"{name}:{float(scaling)!r}:{a.shape}:{b.shape}".encode())
-        for x in (a, b):
-            if via is not None:
-                x = x.astype(via).astype(np.float32)
-            digest.update(np.ascontiguousarray(x.astype(ml_dtypes.bfloat16)).tobytes())
-    return digest.hexdigest()
-
-
-def merge_record(model) -> list[str]:
-    """The fingerprints a merged export records of the model's LoRA: as saved in float32 / bfloat16 and as
-    saved in float16 ([] without LoRA). Every process must call it."""
-    return [f for f in dict.fromkeys((lora_fingerprint(model), lora_fingerprint(model, "float16"))) if f]
+        head = f"{name}:{float(scaling)!r}:{a.shape}:{b.shape}".encode()
+        for via, digest in zip(vias, digests):
+            digest.update(head)
+            for x in (a, b):
+                if via is not None:
+                    x = x.astype(via).astype(np.float32)
+                digest.update(np.ascontiguousarray(x.astype(ml_dtypes.bfloat16)).tobytes())
+    return [digest.hexdigest() for digest in digests]
 
 
 def merged_fingerprints(directory: str | Path) -> list[str]:
