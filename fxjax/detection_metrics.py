@@ -195,9 +195,8 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
     for truth in rewards.LABELS:
         table.append(f"{truth:<12}" + "".join(f"{confusion[truth][p]:>11}" for p in PREDICTED))
     ci = summary.get("ci95") or {}
-    shown = [f"{name} {lo:.3f}-{hi:.3f}" for name, value in (("accuracy", ci.get("accuracy")),
-             ("recall", ci.get("recall")), ("format", ci.get("format_rate")), ("mean IoU", ci.get("mean_iou")))
-             if value for lo, hi in [value]]
+    names = {"accuracy": "accuracy", "recall": "recall", "format_rate": "format", "mean_iou": "mean IoU"}
+    shown = [f"{name} {ci[key][0]:.3f}-{ci[key][1]:.3f}" for key, name in names.items() if ci.get(key)]
     if shown:
         table += ["", f"95% intervals ({summary['examples']} images; Wilson, IoU: mean +/- 1.96 SE): "
                       + ", ".join(shown)]
