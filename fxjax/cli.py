@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Qwen2.5-VL tokenizer -> LoRA SFT -> GRPO through the stages alpha, beta, gamma "
                                    "-> `fxjax eval` on held-out images before SFT, after SFT and after each stage "
                                    "-> `fxjax export` (merged HF checkpoint + PEFT adapter) -> `fxjax report` PNGs "
-                                   "and `fxjax detect` overlays before/after -> one table. Offline; 7-11 "
+                                   "(both runs; the held-out metrics by phase) and `fxjax detect` overlays before/after -> one table. Offline; 7-11 "
                                    "minutes on 2 CPU cores (each phase's time is printed).")
     p.add_argument("--out", default="fxjax-demo", help="working directory (default: ./%(default)s)")
     p.add_argument("--steps", type=int, default=None,

@@ -5,8 +5,8 @@
     -> LoRA SFT (fxjax.train.sft.run_sft) -> GRPO through the stages alpha, beta, gamma starting from the
     SFT adapter (fxjax.train.grpo.run_grpo) -> `fxjax eval` on the held-out images before SFT, after SFT
     and after each GRPO stage -> `fxjax export` of the GRPO run (merged HF checkpoint + PEFT adapter)
-    -> `fxjax report` PNGs of both runs -> `fxjax detect` on a few held-out images before SFT, after SFT
-    and after GRPO, drawn side by side in one PNG -> one table.
+    -> `fxjax report` PNGs of both runs and of the five held-out evaluations side by side -> `fxjax detect`
+    on a few held-out images before SFT, after SFT and after GRPO, drawn side by side in one PNG -> one table.
 
 Like the CLI, this module sits on top of everything (it drives fxjax.train and fxjax.commands); fxjax's
 core never imports it.
@@ -407,6 +407,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
                          f"in HF layout: {model_dir}")
 
     evals: list[tuple[str, dict]] = []
+    eval_dirs: list[Path] = []
     overlay_images = _overlay_records(files["test"], QUICK["overlay_images"] if quick else DEMO["overlay_images"])
     overlays: dict[str, list[dict]] = {}
 
@@ -414,6 +415,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
         """`fxjax eval` of one phase; with `overlay`, also `fxjax detect` on the overlay images (that column)."""
         summary, (detector, decoder) = _evaluate(phase, source, files["test"], out / "eval", ev)
         evals.append((title, summary))
+        eval_dirs.append(out / "eval" / phase)
         if overlay:
             overlays[overlay] = _detect(detector, decoder, overlay_images)
         phases.done(f"eval {phase}", f"fxjax eval, {title}: format {summary['format_rate']:.0%}, verdict "
@@ -478,10 +480,13 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     phases.done("export", f"fxjax export: merged HF checkpoint {written['merged']} and PEFT adapter "
                           f"{written['adapter']} (step {written['step']}); their logits agree to {agree:.1e}")
 
+    from fxjax.commands.eval_report import write_eval_report
     from fxjax.commands.report import write_report
 
     reports = [write_report(out / "sft", out / "report" / "sft_report.png", title="demo: SFT"),
-               write_report(out / "grpo", out / "report" / "grpo_report.png", title="demo: GRPO alpha -> beta -> gamma")]
+               write_report(out / "grpo", out / "report" / "grpo_report.png", title="demo: GRPO alpha -> beta -> gamma"),
+               write_eval_report(eval_dirs, out / "report" / "eval_report.png", labels=[t for t, _ in evals],
+                                 title=f"demo: held-out evaluation by phase (seed {seed})")]
     sheet = _overlay_sheet(overlay_images, overlays, out / "report" / "detect_overlays.png")
     phases.done("report", f"fxjax report and fxjax detect: {', '.join(str(p) for p in reports)}, {sheet}")
 
@@ -491,7 +496,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     _say(_table(evals))
     _say("\nheld-out reward under each GRPO stage's own weights, at the stage's start -> end (same images): "
          + _held_out_stage_rewards(evals))
-    _say(f"\nreports: {reports[0]}, {reports[1]}\noverlays (before SFT | after SFT | after GRPO; white: the true "
+    _say(f"\nreports: {reports[0]}, {reports[1]}\nheld-out metrics by phase: {reports[2]}\noverlays (before SFT | after SFT | after GRPO; white: the true "
          f"region): {sheet}")
     _say(f"\nfxjax demo finished in {total / 60:.1f} min on {_device()}; outputs in {out}")
     # Exit status 1 only when the pipeline is broken: SFT did not teach the format, or the export disagrees.

@@ -117,7 +117,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
                            / "metrics.json").read_text())["examples"] > 0
     assert "phase times, wall (cpu):" in text
     assert "at the stage's start -> end (same images): alpha " in text and "; gamma " in text
-    for png in ("sft_report.png", "grpo_report.png", "detect_overlays.png"):
+    for png in ("sft_report.png", "grpo_report.png", "eval_report.png", "detect_overlays.png"):
         assert (out / "report" / png).stat().st_size > 1000
     assert (out / "export" / "merged" / "config.json").is_file()
     assert (out / "export" / "adapter" / "adapter_config.json").is_file()

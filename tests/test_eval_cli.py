@@ -218,3 +218,50 @@ def test_eval_errors_are_clear(dataset, tmp_path, capsys):
     assert "--model: " in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data: " in capsys.readouterr().err
+
+
+def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_dir, tmp_path, capsys):
+    """`fxjax report EVAL_DIR EVAL_DIR --labels`: one bar per folder and metric, at the value `fxjax eval`
+    wrote, its whisker the 95% interval; F1 without one; what is not defined is said, not drawn as 0."""
+    from fxjax.cli import main
+    from fxjax.commands.eval_report import build_eval_report, read_eval_metrics
+
+    better = dict(SCRIPT, g2=SCRIPT["g1"], g3=SCRIPT["g1"], r2=SCRIPT["r1"])
+    run_scripted(dataset, tokenizer_dir, tmp_path / "eval" / "first", ScriptedDecoder(SCRIPT))
+    run_scripted(dataset, tokenizer_dir, tmp_path / "eval" / "second", ScriptedDecoder(better))
+    folders = [str(tmp_path / "eval" / name) for name in ("first", "second")]
+    assert main(["report", *folders, "--labels", "before,after"]) == 0
+    assert f"wrote {tmp_path / 'eval' / 'eval_report.png'}" in capsys.readouterr().err
+    assert (tmp_path / "eval" / "eval_report.png").stat().st_size > 20_000
+
+    summaries = [read_eval_metrics(f) for f in folders]
+    fig = build_eval_report(summaries, ["before", "after"])
+    expected = [("format_rate", "format rate", "format_rate"), ("accuracy", "verdict accuracy", "accuracy"),
+                ("f1", 'F1 for "generated"', None), ("mean_iou", "mean IoU on generated images", "mean_iou")]
+    assert len(fig.axes) == len(expected)
+    for ax, (key, title, ci_key) in zip(fig.axes, expected):
+        assert ax.get_title().startswith(title)
+        assert [b.get_height() for b in ax.patches] == pytest.approx([s[key] for s in summaries])
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["before", "after"]
+        whiskers = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        assert len(whiskers) == (0 if ci_key is None else 2), key
+        for summary, whisker in zip(summaries, whiskers):
+            low, high = summary["ci95"][ci_key]
+            (segment,) = whisker.lines[2][0].get_segments()
+            assert segment[:, 1] == pytest.approx([low, high]), key
+    texts = [t.get_text() for t in fig.axes[2].texts]
+    assert texts == [f"{summaries[0]['f1']:.3f}", f"{summaries[1]['f1']:.3f}"]
+    no_iou = dict(summaries[0], mean_iou=None, ci95=dict(summaries[0]["ci95"], mean_iou=None))
+    assert "n/a" in [t.get_text() for t in build_eval_report([no_iou], ["x"]).axes[3].texts]
+
+    # errors name what is wrong
+    (tmp_path / "run").mkdir()
+    assert main(["report", folders[0], str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'run'}: not an `fxjax eval` folder" in capsys.readouterr().err
+    assert main(["report", *folders, "--labels", "one"]) == 2
+    assert "--labels: 1 names for 2 eval folders" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.json").write_text(json.dumps({"examples": 5, "accuracy": 1.0}))
+    assert main(["report", str(broken)]) == 2
+    assert f"{broken / 'metrics.json'}: lacks format_rate, f1, mean_iou" in capsys.readouterr().err

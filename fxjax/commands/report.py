@@ -7,7 +7,8 @@ completions, the policy's entropy, learning rate and gradient norm, each per ste
 average that restarts at each stage (a stage's reward has its own weights), the reward stages shaded and
 their boundaries marked and named on every panel; held-out evaluation as well when the run logged some.
 A panel without values (the KL when grpo.beta is 0) is left out and named in the subtitle. `fxjax sft` and
-`fxjax grpo` write it at the end of a run (--no-report: not).
+`fxjax grpo` write it at the end of a run (--no-report: not). Given `fxjax eval` folders instead, it
+compares their held-out metrics (fxjax.commands.eval_report).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from fxjax.commands.eval_report import EVAL_REPORT_FILE, is_eval_dir, write_eval_report
 
 HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG"
 
@@ -36,12 +39,17 @@ norm, and the held-out evaluation when the run logged one. Every GRPO panel shad
 Steps are optimiser updates. Noisy series are drawn thin, with a thick centred moving average (about a
 fifteenth of the steps, at most 25 around each point; within each GRPO stage). Panels without values are
 left out and named in the subtitle and on stderr.
-`fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report."""
+`fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report.
+
+Given `fxjax eval` output folders instead (one or more, each holding metrics.json), it draws their held-out
+metrics side by side: format rate, verdict accuracy, F1 for "generated" and mean IoU on generated images,
+one bar per folder in the order given, with the 95% intervals `fxjax eval` computed."""
 
 EPILOG = """\
 examples:
   fxjax report runs/sft                   # writes runs/sft/report.png
-  fxjax report runs/grpo --out grpo.png"""
+  fxjax report runs/grpo --out grpo.png
+  fxjax report eval/step100 eval/step200 --labels "step 100,step 200"   # writes eval/eval_report.png"""
 
 REPORT_FILE = "report.png"
 STAGE_SHADES = ("#f2f2f2", "#ffffff")
@@ -50,10 +58,14 @@ STAGE_SHADES = ("#f2f2f2", "#ffffff")
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN_DIR", help="the run's train.output_dir (holding metrics.jsonl), or the file")
+    p.add_argument("run", metavar="DIR", nargs="+",
+                   help="a run's train.output_dir (holding metrics.jsonl) or that file; or one or more `fxjax eval` "
+                        "output folders (holding metrics.json) to compare")
     p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG: a file (.png added when missing) or a directory "
-                        f"(default: RUN_DIR/{REPORT_FILE})")
+                        f"(default: RUN_DIR/{REPORT_FILE}; for eval folders {EVAL_REPORT_FILE} next to the first)")
     p.add_argument("--title", help="figure title (default: the run directory and its kind)")
+    p.add_argument("--labels", metavar="A,B,...", help="eval folders only: the bars' names, comma-separated, one per folder "
+                                                        "(default: the folder names)")
     p.set_defaults(func=run)
 
 
@@ -343,6 +355,20 @@ def report_after_run(output_dir: str | Path, say: Callable[[str], None]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    path = write_report(args.run, args.out, args.title)
+    evals = [is_eval_dir(d) for d in args.run]
+    if all(evals):
+        labels = args.labels.split(",") if args.labels else None
+        if labels is not None and len(labels) != len(args.run):
+            raise ValueError(f"--labels: {len(labels)} names for {len(args.run)} eval folders")
+        path = write_eval_report(args.run, args.out, labels, args.title)
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
+    if len(args.run) > 1:
+        runs = [d for d, e in zip(args.run, evals) if not e]
+        raise ValueError(f"{runs[0]}: not an `fxjax eval` folder (no metrics.json); several folders are compared only "
+                         f"when each is one (a training run's report takes one RUN_DIR)")
+    if args.labels:
+        raise ValueError("--labels names the bars of eval folders; a training run's report has none")
+    path = write_report(args.run[0], args.out, args.title)
     print(f"wrote {path}", file=sys.stderr)
     return 0

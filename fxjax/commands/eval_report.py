@@ -1,0 +1,107 @@
+"""`fxjax report EVAL_DIR EVAL_DIR ...`: the held-out metrics of several `fxjax eval` runs side by side.
+
+One PNG, one panel per metric (format rate, verdict accuracy, F1 for "generated", mean IoU on generated
+images), one bar per evaluation in the order given, with the 95% interval `fxjax eval` wrote (Wilson for
+the rates, mean IoU +/- 1.96 standard errors; F1 has none) and the value written on each bar. For
+comparing checkpoints or phases (`fxjax demo` draws its five held-out evaluations with it) where a table
+of numbers is harder to take in than bars. The evaluations should share their held-out records; when the
+number of examples differs, the x labels say so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+EVAL_REPORT_FILE = "eval_report.png"
+# (metrics.json key, panel title, interval key in metrics.json["ci95"] or None)
+EVAL_PANELS: tuple[tuple[str, str, str | None], ...] = (
+    ("format_rate", "format rate", "format_rate"),
+    ("accuracy", "verdict accuracy", "accuracy"),
+    ("f1", 'F1 for "generated"', None),
+    ("mean_iou", "mean IoU on generated images", "mean_iou"),
+)
+_EVAL_METRICS = "metrics.json"  # fxjax.commands.eval.METRICS (not imported: that module imports jax)
+
+
+def is_eval_dir(path: str | Path) -> bool:
+    """Whether `path` is an `fxjax eval` output folder (or its metrics.json)."""
+    path = Path(path)
+    return (path / _EVAL_METRICS).is_file() if path.is_dir() else path.name == _EVAL_METRICS
+
+
+def read_eval_metrics(path: str | Path) -> dict:
+    """The metrics.json of an `fxjax eval` folder, checked for the keys the chart draws."""
+    path = Path(path)
+    file = path / _EVAL_METRICS if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no {_EVAL_METRICS} in {path} (an `fxjax eval --out DIR` folder holds one)")
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(summary, dict) or "examples" not in summary:
+        raise ValueError(f"{file}: not the metrics of `fxjax eval` (no 'examples' key)")
+    lacking = [key for key, _, _ in EVAL_PANELS if key not in summary]
+    if lacking:
+        raise ValueError(f"{file}: lacks {', '.join(lacking)} (written by an older fxjax? rerun `fxjax eval`)")
+    return summary
+
+
+def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: str | None = None):
+    """The comparison figure (matplotlib Figure, one panel per metric) of eval summaries, in order."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    if not summaries:
+        raise ValueError("no evaluations to compare")
+    if len(labels) != len(summaries):
+        raise ValueError(f"{len(labels)} labels for {len(summaries)} evaluations")
+    sizes = {s["examples"] for s in summaries}
+    names = [label if len(sizes) == 1 else f"{label}\n(n={s['examples']})" for label, s in zip(labels, summaries)]
+    fig = Figure(figsize=(max(8.0, 1.1 * len(summaries) * 2 + 2), 7.2), layout="constrained")
+    axes = fig.subplots(2, 2, squeeze=False).flat
+    x = range(len(summaries))
+    for ax, (key, panel_title, ci_key) in zip(axes, EVAL_PANELS):
+        values = [s.get(key) for s in summaries]
+        heights = [v if v is not None else 0.0 for v in values]
+        ax.bar(x, heights, color="#4c72b0", width=0.6)
+        for k, (summary, value) in enumerate(zip(summaries, values)):
+            interval = (summary.get("ci95") or {}).get(ci_key) if ci_key else None
+            if value is not None and interval:
+                ax.errorbar(k, value, yerr=[[max(0.0, value - interval[0])], [max(0.0, interval[1] - value)]], color="black", capsize=4,
+                            linewidth=1)
+            text = "n/a" if value is None else f"{value:.3f}" if key in ("mean_iou", "f1") else f"{value:.0%}"
+            inside = value is not None and value > 0.12  # the value inside its bar, else above bar and whisker
+            top = max(value or 0.0, interval[1] if value is not None and interval else 0.0)
+            ax.text(k, 0.02 if inside else top + 0.02, text, ha="center", va="bottom", fontsize=9,
+                    color="white" if inside else "black")
+        ax.set_title(panel_title + (" (95% interval)" if ci_key else ""))
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(list(x), names, fontsize=9, rotation=20 if len(summaries) > 4 else 0)
+        ax.grid(axis="y", alpha=0.3)
+    detail = (f"{sizes.pop()} held-out examples each" if len(sizes) == 1 else "different numbers of examples") + \
+        "; greedy decoding; n/a: not defined (no generated image predicted, or none with a box)"
+    fig.suptitle(f"{title or 'held-out evaluation'}\n({detail})", fontsize=12)
+    return fig
+
+
+def write_eval_report(dirs: Sequence[str | Path], out: str | Path | None = None, labels: Sequence[str] | None = None,
+                      title: str | None = None) -> Path:
+    """Read each folder's metrics.json, draw the comparison, save it as PNG (default: next to the first
+    folder, EVAL_REPORT_FILE in its parent); returns its path."""
+    summaries = [read_eval_metrics(d) for d in dirs]
+    folders = [Path(d) if Path(d).is_dir() else Path(d).parent for d in dirs]
+    labels = list(labels) if labels is not None else [f.name or str(f) for f in folders]
+    fig = build_eval_report(summaries, labels, title)
+    path = Path(out) if out is not None else folders[0].absolute().parent / EVAL_REPORT_FILE
+    if out is not None and (path.is_dir() or str(out).endswith(("/", "\\"))):
+        path = path / EVAL_REPORT_FILE
+    elif path.suffix.lower() != ".png":
+        path = path.with_name(path.name + ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
