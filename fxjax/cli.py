@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. "
                               "A --set of one of a pair that excludes each other replaces the other "
                               "(train.steps / train.epochs, model.path / model.preset); each key it changes "
-                              "besides is printed as a note.")
+                              "besides is printed as a note. The data: JSONL records, native or ms-swift "
+                              "(docs/data.md); `fxjax data check FILE.jsonl` validates them first.")
     p.add_argument("--config", required=True, metavar="YAML",
                    help="the run's config; configs/sft.yaml lists every key with its default, "
                         "configs/recipes/ holds complete recipes")

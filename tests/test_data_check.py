@@ -86,7 +86,38 @@ def test_bad_dataset_lists_every_invalid_record(capsys, tmp_path):
     assert re.search(r"^\s+real\s+2\s+50\.0%", out, re.M)
     # --allow-absolute-paths accepts line 9.
     rc, out = check(capsys, path, "--allow-absolute-paths")
-    assert rc == 1 and f"records: 10, valid 5, invalid {len(bad) - 1}" in out and f"{path}:9" not in out
+    assert rc == 1 and f"records: 10, valid 5, invalid {len(bad) - 1}" in out and f"{path}:9: [" not in out
+    assert f"1 image(s) in more than one record (trained on more often): {absolute} ({path}:1 generated, {path}:9 " \
+           "generated)" in out  # line 9 names line 1's image by its absolute path
+
+
+def test_valid_but_suspicious_records_are_warned_about(capsys, tmp_path):
+    """Records that load but look wrong over the dataset: a misspelt key (training logs it; the check must
+    print it too), one image labelled both ways, an image repeated, an image in both files (a leak)."""
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (40, 30)).save(tmp_path / f"{name}.png")
+    box = [{"bbox": [1, 2, 20, 20], "caption": "odd"}]
+    train = [{"image": "a.png", "label": "real"}, {"image": "a.png", "label": "generated", "regions": box},
+             {"image": "b.png", "label": "real", "reason": "fine"}, {"image": "b.png", "label": "real"}]
+    test = [{"image": "c.png", "label": "real"}, {"image": "b.png", "label": "real"}]
+    for name, records in (("train", train), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rc, out = check(capsys, tmp_path / "train.jsonl", tmp_path / "test.jsonl")
+    assert rc == 0, out
+    warned = out[out.index("warnings (4;"):].splitlines()[1:5]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    assert warned[0] == (f"  {train_file}: 1 record(s) have a key 'reason' and no 'reasoning': a misspelling? "
+                         "(fxjax reads 'reasoning'; other keys are kept for eval --group-by)")
+    assert warned[1] == (f"  1 image(s) labelled both real and generated: {a} ({train_file}:1 real, "
+                         f"{train_file}:2 generated)")
+    assert warned[2] == (f"  1 image(s) in more than one record (trained on more often): {b} ({train_file}:3 real, "
+                         f"{train_file}:4 real, {test_file}:2 real)")
+    assert warned[3].startswith(f"  1 image(s) in more than one file (a leak if the files are train and test splits): "
+                                f"{b} (")
+    assert out.rstrip().endswith("OK: 0 of 6 records invalid; 4 warning(s) above")
 
 
 def test_errors_that_stop_the_check(capsys, tmp_path):

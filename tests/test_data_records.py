@@ -38,6 +38,8 @@ def root(tmp_path) -> Path:
     outside = tmp_path.parent / f"{tmp_path.name}_outside.png"
     Image.new("RGB", (W, H)).save(outside)
     (tmp_path / "img/link.png").symlink_to(outside)
+    ramp = (np.arange(H * W, dtype=np.uint32).reshape(H, W) * 21).astype(np.uint16)  # 0..64491: 16-bit values
+    Image.fromarray(ramp).save(tmp_path / "img/deep.png")
     return tmp_path
 
 
@@ -67,6 +69,7 @@ def write(root: Path, *records, name="data.jsonl") -> Path:
 
 def test_native_record_loads(root):
     path = write(root, native(), native(label="real"), native(image="img/gray.png", label="REAL ", id="x7"))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark, as Windows editors write
     records, report = load_records(path)
     assert report.loaded == report.lines == 3 and not report.skipped
     r = records[0]
@@ -89,6 +92,7 @@ def test_a_misspelt_field_is_warned_about_once_per_file(root, caplog):
     notes = [r.getMessage() for r in caplog.records]
     assert notes == [f"{path}: 2 record(s) have a key 'reason' and no 'reasoning': a misspelling? (fxjax reads "
                      "'reasoning'; other keys are kept for eval --group-by)"]
+    assert load_records(path)[1].hints == notes  # for `fxjax data check`, which prints them in its report
 
 
 def test_swift_record_loads(root):
@@ -126,6 +130,15 @@ BAD = {
     "absolute path": (native(image="/etc/passwd"), "image_path", "absolute"),
     "dotdot escape": (native(image="img/../../secret.png"), "image_path", "escapes the dataset root"),
     "symlink escape": (native(image="img/link.png"), "image_path", "outside the dataset root"),
+    "16-bit image": (native(image="img/deep.png"), "image_mode", "has 16-bit pixels (PIL mode I;16"),
+    "bbox_type on a native record": (native(bbox_type="norm1"), "schema", "read from ms-swift records only"),
+    "normalised boxes": (native(regions=[{"bbox": [0.1, 0.2, 0.5, 1.0], "caption": "c"}]), "box_normalised",
+                         "every bbox coordinate is at most 1 on a 64x48 image: fractions"),
+    "regions an object": (native(regions={}), "schema", "'regions' must be a list, got dict"),
+    "tags an empty string": (native(tags=""), "schema", "'tags' must be a list of strings, got str"),
+    "reasoning false": (native(reasoning=False), "schema", "reasoning must be a string, got bool"),
+    "missing caption": (native(regions=[{"bbox": [4, 5, 30, 40], "label": "x"}]), "schema",
+                        "region 0 has no 'caption' (keys: bbox, label)"),
     "unknown label": (native(label="fake"), "label", "unknown label 'fake'"),
     "missing label": ({"image": "img/ok.png"}, "label", "missing field 'label'"),
     "box outside": (native(regions=[{"bbox": [10, 10, 65, 20], "caption": "c"}]), "box_outside", "outside the 64x48"),
@@ -292,5 +305,38 @@ def test_absolute_image_paths_only_when_allowed(root):
     with pytest.raises(DataError, match="escapes the dataset root"):
         load_records(write(root, native(image="img/../../secret.png")), allow_absolute_paths=True)
     assert resolve_image_path(root, absolute, allow_absolute=True) == Path(absolute)
+    # A symbolic link out of the root is followed only then (without, BAD's "symlink escape" says how).
+    (linked,), _ = load_records(write(root, native(image="img/link.png")), allow_absolute_paths=True)
+    assert linked.image == str((root / "img/link.png").resolve()) and linked.image != str(root / "img/link.png")
+    with pytest.raises(DataError, match="a symbolic link.*--allow-absolute-paths"):
+        load_records(write(root, native(image="img/link.png")))
     with pytest.raises(ValueError, match="another operating system"):
         resolve_image_path(root, "C:\\x.png", allow_absolute=True)
+
+
+def test_the_record_examples_of_docs_data_md_load(tmp_path):
+    """docs/data.md's JSON examples are records the loader accepts, as written."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```json\n(.*?)```", doc, re.S)
+    assert len(blocks) == 2
+    records = [json.loads(line) for line in _json_lines("".join(blocks))]
+    (tmp_path / "images").mkdir()
+    for record in records:
+        image = record.get("image") or record["images"][0]
+        Image.new("RGB", (256, 256)).save(tmp_path / image)
+    path = write(tmp_path, *records)
+    loaded, report = load_records(path)
+    assert report.loaded == 3 and [r.label for r in loaded] == ["generated", "real", "generated"]
+    assert loaded[0].regions[0].bbox == (112, 40, 188, 131) and loaded[2].regions[0].caption == "left hand"
+
+
+def _json_lines(text: str):
+    """The JSON objects of the concatenated examples (an object may span lines)."""
+    decoder, at = json.JSONDecoder(), 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return
+        obj, at = decoder.raw_decode(text, at)
+        yield json.dumps(obj)

@@ -24,10 +24,12 @@ Prints:
   * an image-size histogram (longer side, original pixels);
   * a token-length histogram (prompt + image tokens + target, as SFT builds it), when --tokenizer is
     given; without it that histogram is skipped with a note;
+  * warnings about valid records: keys that look misspelt ('reason' for 'reasoning'), images used by more
+    than one record (labelled both ways: a contradiction) or in more than one file (a train/test leak);
   * every invalid record as FILE:LINE: [kind] what is wrong.
 
-Image paths are relative to the JSONL file's folder (or --root); absolute paths are refused unless
---allow-absolute-paths is given."""
+Image paths are relative to the JSONL file's folder (or --root); absolute paths, and symbolic links out
+of the root, are refused unless --allow-absolute-paths is given. The record formats: docs/data.md."""
 
 _EPILOG = """\
 exit status:
@@ -55,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("auto", "native", "swift"), default="auto",
                    help="record format (default: auto, per record: a 'messages' key means ms-swift)")
     p.add_argument("--allow-absolute-paths", action="store_true",
-                   help="accept absolute image paths (only for a dataset you trust; refused by default)")
+                   help="accept absolute image paths and symbolic links out of the dataset root (only for a "
+                        "dataset you trust; refused by default)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="model or tokenizer directory with tokenizer.json (e.g. what `fxjax init` writes); "
                         "needed for the token-length histogram")
@@ -144,6 +147,35 @@ def _describe_records(records, bins: int) -> list[str]:
     return out
 
 
+def _warnings(records, hints: Sequence[str], limit: int = 5) -> list[str]:
+    """What is valid record by record but suspicious over the dataset: keys that look misspelt, an image used
+    by more than one record (with different labels: a contradiction), an image in more than one file (a
+    train / test leak when the files are the two splits). At most `limit` examples each."""
+    from collections import defaultdict
+
+    by_image = defaultdict(list)
+    for r in records:
+        by_image[r.image].append(r)
+    repeated = {image: rs for image, rs in by_image.items() if len(rs) > 1}
+    out = list(hints)
+
+    def examples(items) -> str:
+        shown = [f"{image} ({', '.join(f'{r.source} {r.label}' for r in rs)})" for image, rs in items[:limit]]
+        return "; ".join(shown) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+    contradictory = [(i, rs) for i, rs in repeated.items() if len({r.label for r in rs}) > 1]
+    if contradictory:
+        out.append(f"{len(contradictory)} image(s) labelled both real and generated: {examples(contradictory)}")
+    same = [(i, rs) for i, rs in repeated.items() if len({r.label for r in rs}) == 1]
+    if same:
+        out.append(f"{len(same)} image(s) in more than one record (trained on more often): {examples(same)}")
+    shared = [(i, rs) for i, rs in repeated.items() if len({r.source.rsplit(':', 1)[0] for r in rs}) > 1]
+    if shared:
+        out.append(f"{len(shared)} image(s) in more than one file (a leak if the files are train and test "
+                   f"splits): {examples(shared)}")
+    return out
+
+
 def _describe_tokens(records, cfg, bins: int) -> list[str]:
     from fxjax.data.examples import ExampleBuilder
 
@@ -193,9 +225,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
                           "`fxjax init` writes)"]
+    warnings = _warnings(records, report.hints)
+    if warnings:
+        lines += ["", f"warnings ({len(warnings)}; the records are valid, but check these):"]
+        lines += [f"  {w}" for w in warnings]
     if invalid:
         lines += ["", f"invalid records ({invalid}):"]
         lines += [f"  {e.where}: [{e.kind}] {e.problem}" for e in report.skipped]
-    lines += ["", f"{'FAILED' if invalid else 'OK'}: {invalid} of {report.lines} records invalid"]
+    lines += ["", f"{'FAILED' if invalid else 'OK'}: {invalid} of {report.lines} records invalid"
+              + (f"; {len(warnings)} warning(s) above" if warnings else "")]
     print("\n".join(lines))
     return 1 if invalid else 0

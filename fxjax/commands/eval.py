@@ -73,7 +73,8 @@ def add_parser(sub) -> None:
     g.add_argument("--format", choices=("auto", "native", "swift"), default="auto",
                    help="record format (default: auto, per record)")
     g.add_argument("--allow-absolute-paths", action="store_true",
-                   help="accept absolute image paths (only for a dataset you trust; refused by default)")
+                   help="accept absolute image paths and symbolic links out of the dataset root (only for a "
+                        "dataset you trust; refused by default)")
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="an invalid record: stop (default), or skip it (listed in metrics.json and on stderr)")
     g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N valid records only")

@@ -20,7 +20,7 @@ class DataConfig:
     data_files: tuple[str, ...]
     tokenizer: str  # model or tokenizer directory holding tokenizer.json (or the file itself)
     root: str | None = None  # image paths are relative to this (default: each JSONL file's folder)
-    allow_absolute_paths: bool = False  # accept absolute image paths (only for a dataset you trust)
+    allow_absolute_paths: bool = False  # accept absolute image paths and links out of the root (a dataset you trust)
     format: str = "auto"  # "auto" | "native" | "swift"
     on_error: str = "raise"  # "raise" | "skip"
     check_decode: bool = True  # fully decode every image once while validating

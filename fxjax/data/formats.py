@@ -115,6 +115,13 @@ def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
 
 def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box, ...]:
     """The record's boxes in pixels of the ``width`` x ``height`` image; each must lie inside it."""
+    if (parsed.bbox_type == "real" and parsed.regions and max(width, height) > 8
+            and all(v <= 1 for _, box in parsed.regions for v in box)):
+        # Fractions of the image read as pixels would train on boxes of one pixel in the corner.
+        raise RecordProblem(f"every bbox coordinate is at most 1 on a {width}x{height} image: fractions of the image? "
+                            "native records give boxes in pixels of the original image [x1, y1, x2, y2]; multiply "
+                            "by the width and height (ms-swift records may set objects.bbox_type \"norm1\" instead)",
+                            "box_normalised")
     out = []
     for i, (_, box) in enumerate(parsed.regions):
         if parsed.bbox_type == "norm1":
@@ -184,20 +191,27 @@ def _parse_native(obj: dict) -> ParsedRecord:
     if "label" not in obj:
         raise RecordProblem("missing field 'label'", "label")
     label = _label(obj["label"])
-    regions_in = obj.get("regions") or []
+    if "bbox_type" in obj:  # an ms-swift key: a native record that sets it means something the loader would ignore
+        raise RecordProblem(f"'bbox_type' ({obj['bbox_type']!r}) is read from ms-swift records only (objects."
+                            "bbox_type): native records give boxes in pixels of the original image; convert "
+                            "fractions (x * width, y * height)", "schema")
+    # null means absent; any other value of the wrong type is an error, never read as empty
+    regions_in = obj.get("regions") if obj.get("regions") is not None else []
     if not isinstance(regions_in, list):
         raise RecordProblem(f"'regions' must be a list, got {type(regions_in).__name__}", "schema")
     regions = []
     for i, region in enumerate(regions_in):
         if not isinstance(region, dict) or "bbox" not in region:
             raise RecordProblem(f"region {i} must be an object with 'bbox' and 'caption'", "schema")
-        caption = _text(region.get("caption", ""), f"region {i} caption", allow_empty=False)
+        if "caption" not in region:
+            raise RecordProblem(f"region {i} has no 'caption' (keys: {', '.join(map(str, region))})", "schema")
+        caption = _text(region["caption"], f"region {i} caption", allow_empty=False)
         regions.append((caption.strip(), _box_numbers(region["bbox"], f"region {i} bbox")))
-    tags = obj.get("tags") or []
+    tags = obj.get("tags") if obj.get("tags") is not None else []
     if not isinstance(tags, list):
         raise RecordProblem(f"'tags' must be a list of strings, got {type(tags).__name__}", "schema")
     tags = tuple(_text(t, f"tag {i}", allow_empty=False).strip() for i, t in enumerate(tags))
-    reasoning = _text(obj.get("reasoning") or "", "reasoning").strip()
+    reasoning = _text(obj.get("reasoning") if obj.get("reasoning") is not None else "", "reasoning").strip()
     return ParsedRecord(image=obj["image"], record_id=str(obj.get("id", obj["image"])), label=label,
                         regions=tuple(regions), format="native", tags=tags, reasoning=reasoning,
                         generator=_generator(obj))

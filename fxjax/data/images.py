@@ -37,8 +37,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default limit (about 0.25 GiB
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; ``kind`` is one of image_too_large, image_aspect, not_an_image,
-    image_undecodable."""
+    """An image that cannot be used; ``kind`` is one of image_too_large, image_aspect, image_mode,
+    not_an_image, image_undecodable."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -53,11 +53,16 @@ def _is_absolute(rel: str) -> bool:
     return PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or bool(PureWindowsPath(rel).drive)
 
 
+# PIL modes whose values are not 8-bit (16-bit integers, 32-bit integers, 32-bit floats), named for errors.
+WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+              "F": "32-bit float"}
+
+
 def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False) -> Path:
     """``root / rel`` if it stays inside ``root``; raises ValueError (with the reason) otherwise.
 
-    ``allow_absolute``: take an absolute ``rel`` as it is (for datasets whose images live elsewhere and
-    whose JSONL the user trusts); relative paths must still stay inside ``root``.
+    ``allow_absolute``: take an absolute ``rel`` as it is, and follow symbolic links out of ``root`` (for
+    datasets whose images live elsewhere and whose JSONL the user trusts); '..' is refused all the same.
     """
     if not isinstance(rel, str) or not rel.strip():
         raise ValueError(f"image path must be a non-empty string, got {rel!r}")
@@ -76,7 +81,11 @@ def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False) -> Pa
     root = root.resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
-        raise ValueError(f"image path {rel!r} resolves to {path}, outside the dataset root {root}")
+        if allow_absolute:  # a symbolic link inside the root to images elsewhere, in a dataset the user trusts
+            return path
+        raise ValueError(f"image path {rel!r} resolves to {path}, outside the dataset root {root} (a symbolic "
+                         "link? follow links out of the root only for a dataset you trust: allow_absolute_paths / "
+                         "--allow-absolute-paths)")
     return path
 
 
@@ -101,9 +110,17 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     if width * height > max_image_pixels:
         image.close()
         raise ImageError(f"image {path} is {width}x{height} = {width * height} pixels, over the "
-                         f"decompression-bomb limit of {max_image_pixels}", "image_too_large")
+                         f"decompression-bomb limit of {max_image_pixels} (data.max_image_pixels, "
+                         "--max-image-pixels)", "image_too_large")
     if width <= 0 or height <= 0:
         raise ImageError(f"image {path} is empty ({width}x{height})", "image_undecodable")
+    if image.mode in WIDE_MODES:
+        # PIL's convert("RGB"), which transformers' processor applies, clips such values at 255 instead of
+        # scaling them: a 16-bit photograph comes out nearly all white, a float one nearly all black.
+        image.close()
+        raise ImageError(f"image {path} has {WIDE_MODES[image.mode]} pixels (PIL mode {image.mode}); converting "
+                         "them to RGB as transformers' processor does clips every value above 255, so the model "
+                         "would see a blown-out image: convert the file to 8-bit RGB first", "image_mode")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         image.close()
         raise ImageError(f"image {path} is {width}x{height}: aspect ratio over Qwen2.5-VL's limit of "

@@ -93,6 +93,7 @@ class LoadReport:
     lines: int = 0
     loaded: int = 0
     skipped: list[DataError] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # keys that look misspelt (also logged as warnings)
 
     def counts(self) -> Counter:
         return Counter(e.kind for e in self.skipped)
@@ -116,7 +117,7 @@ class _Pending:
 
 
 def _iter_lines(path: Path) -> Iterable[tuple[int, str]]:
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: a leading BOM (Windows editors) is dropped
         n = 0
         while True:
             n += 1
@@ -212,8 +213,9 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                 continue
             pending.append(_Pending((file_index, n), where, parsed, path))
         for (key, wanted), count in sorted(hints.items()):
-            logger.warning("%s: %d record(s) have a key %r and no %r: a misspelling? (fxjax reads %r; other keys "
-                           "are kept for eval --group-by)", file, count, key, wanted, wanted)
+            report.hints.append(f"{file}: {count} record(s) have a key {key!r} and no {wanted!r}: a misspelling? "
+                                f"(fxjax reads {wanted!r}; other keys are kept for eval --group-by)")
+            logger.warning("%s", report.hints[-1])
         # A file without one record is a wrong path or a broken export (unless we stopped reading early).
         if records_in_file == 0 and not (errors and on_error == "raise"):
             raise DataError(str(file), "has no records: the file is empty or holds only blank lines",
