@@ -315,8 +315,11 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
     """Write the model's LoRA adapters as a PEFT adapter directory that
     `peft.PeftModel.from_pretrained(hf_model, out_dir)` loads.
 
-    A loaded adapter is written back with its own naming, dtype and adapter_config.json; fxjax-made ones
-    with the transformers >= 4.52 module names (what the installed peft writes) in float32.
+    A loaded adapter is written back with its own naming and adapter_config.json (its base_model_name_or_path
+    the base this model was loaded from), and in its own dtype while that holds the values exactly (an
+    unchanged bfloat16 adapter stays bfloat16; one trained since loading is written in float32, so training
+    is not rounded away); fxjax-made ones with the transformers >= 4.52 module names (what the installed peft
+    writes) in float32.
     naming: "transformers" (model.language_model.*, model.visual.*) or "hub" (model.*, visual.*);
     dtype: "float32", "bfloat16" or "float16". Returns the directory.
     """
@@ -327,8 +330,7 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
     if source is not None and getattr(model, "lora_config", None) != source.lora_config:
         source = None  # adapters replaced since loading
     naming = naming or (source.naming if source else TRANSFORMERS)
-    dtype = dtype or (source.dtype if source else "float32")
-    if dtype not in _NP_DTYPES:
+    if dtype is not None and dtype not in _NP_DTYPES:
         raise AdapterError(f"cannot save adapters in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
     if naming not in (HUB, TRANSFORMERS):
         raise AdapterError(f"naming {naming!r}: use {HUB!r} (the Hub's module names) or {TRANSFORMERS!r} "
@@ -349,16 +351,28 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
             a = gather(a).astype(np.float32).T  # [r, in]
             b = gather(b).astype(np.float32).T  # [out, r]
             want_a, want_b = _lora_shapes(model, path, adapter.rank, linear)
-            tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(want_a).astype(_NP_DTYPES[dtype]))
-            tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(want_b).astype(_NP_DTYPES[dtype]))
+            tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(want_a))
+            tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(want_b))
             names.append(name)
             adapters.append(adapter)
+    if dtype is None:
+        dtype = source.dtype if source is not None and _holds_exactly(tensors, source.dtype) else "float32"
+    tensors = {k: v.astype(_NP_DTYPES[dtype]) for k, v in tensors.items()}
     if jax.process_index() == 0:
         save_safetensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})  # mode 0644, not 0600
         config = source.raw_config if source is not None else _fresh_config(model, adapters, names, naming)
+        base = getattr(model, "hf_source", None)
+        if source is not None and base is not None:  # the base it was loaded onto, which PEFT's Auto* classes load
+            config = dict(config, base_model_name_or_path=base.directory)
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     barrier("fxjax.save_peft_adapter")
     return out
+
+
+def _holds_exactly(tensors: dict, dtype: str) -> bool:
+    """Whether every float32 tensor survives a round trip through `dtype` unchanged."""
+    np_dtype = _NP_DTYPES[dtype]
+    return all(np.array_equal(v.astype(np_dtype).astype(np.float32), v) for v in tensors.values())
 
 
 def place_adapters(model) -> None:

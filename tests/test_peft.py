@@ -255,3 +255,22 @@ def test_bf16_adapter_round_trip(adapters, tiny_checkpoint, tmp_path):
     second = fxjax.save_peft_adapter(again, tmp_path / "bf16_again")
     assert _tensors(second / WEIGHTS) == _tensors(first / WEIGHTS)
     assert {dtype for dtype, _ in _tensors(second / WEIGHTS).values()} == {"BF16"}
+
+
+def test_a_trained_bf16_adapter_saves_in_float32_for_the_base_it_is_on(adapters, tiny_checkpoint, tmp_path):
+    """An adapter loaded from bfloat16 and trained since (GRPO from a bf16 SFT adapter) is written in float32,
+    not rounded back to bfloat16 (which would lose a small update); its adapter_config.json names the base it
+    was loaded onto (PEFT's AutoPeftModel loads that), not the one the loaded adapter named."""
+    model = fxjax.from_pretrained(tiny_checkpoint, adapter=adapters["transformers"])
+    bf16 = fxjax.save_peft_adapter(model, tmp_path / "bf16", dtype="bfloat16")
+    config = json.loads((bf16 / CONFIG).read_text())
+    (bf16 / CONFIG).write_text(json.dumps(dict(config, base_model_name_or_path="/moved/away")))
+    model = fxjax.from_pretrained(tiny_checkpoint, adapter=bf16)
+    (path, lora_b), *_ = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, LORA_PARAMS)) if p[-1] == "lora_b"]
+    lora_b.set_value(lora_b.get_value() * (1 + 1e-4))  # a step too small for bfloat16 to hold
+    out = fxjax.save_peft_adapter(model, tmp_path / "trained")
+    saved = load_file(str(out / WEIGHTS))
+    assert {v.dtype for v in saved.values()} == {np.dtype(np.float32)}
+    moved = [k for k, v in saved.items() if not np.array_equal(v, v.astype(jnp.bfloat16).astype(np.float32))]
+    assert moved and all(k.endswith("lora_B.weight") for k in moved)
+    assert json.loads((out / CONFIG).read_text())["base_model_name_or_path"] == str(tiny_checkpoint)
