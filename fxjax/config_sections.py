@@ -110,7 +110,7 @@ class DataSection:
     eval_files: tuple[str, ...] = ()
     tokenizer: str | None = None  # directory with tokenizer.json (null: model.path; a preset needs one)
     root: str | None = None
-    allow_absolute_paths: bool = False  # accept absolute image paths in the records (a dataset you trust)
+    allow_absolute_paths: bool = False  # accept absolute image paths and symlinks out of the root (a dataset you trust)
     format: Literal["auto", "native", "swift"] = "auto"
     on_error: Literal["raise", "skip"] = "raise"
     check_decode: bool = True

@@ -75,6 +75,10 @@ def test_merged_export_is_self_contained_and_readable(tiny_checkpoint, tokenizer
     assert np.array_equal(processed["image_grid_thw"], grid)
     assert np.abs(processed["pixel_values"] - pixel_values).max() == 0.0
 
+    from transformers import Qwen2_5_VLProcessor
+
+    # the processor's chat template (`processor.apply_chat_template`, as model cards serve) is the tokenizer's
+    assert Qwen2_5_VLProcessor.get_processor_dict(merged)[0]["chat_template"] == tok.chat_template
     pytest.importorskip("torchvision")  # transformers' Qwen2.5-VL video processor needs it
     from transformers import AutoProcessor
 

@@ -46,8 +46,8 @@ def fxjax_commands() -> list[list[str]]:
 def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     from skimage import data
 
-    python_blocks = fenced_blocks("python")  # one session: later blocks continue the first
-    assert len(python_blocks) == 2
+    python_blocks = fenced_blocks("python")[:2]  # one session: the second continues the first
+    assert len(fenced_blocks("python")) == 3  # the third, serving an export, is the next test's
     (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
     monkeypatch.chdir(tmp_path)
     assert main(init) == 0
@@ -69,6 +69,37 @@ def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     grads = nnx.to_flat_state(scope["grads"])
     assert np.isfinite(float(scope["loss"])) and grads and all(path[-1] in ("lora_a", "lora_b") for path, _ in grads)
     assert any(np.abs(np.asarray(g[...])).max() > 0 for _, g in grads)
+
+
+def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
+    """The README's transformers-only serving block, on a merged export written by fxjax's export code,
+    writes what `fxjax detect --model` writes for the same image: the same prompts, image inputs and
+    positions (without mm_token_type_ids transformers would place the image tokens as text)."""
+    import json
+
+    from PIL import Image
+    from skimage import data
+
+    import fxjax
+    from fxjax.config_sections import DataSection
+    from fxjax.train.export import save_merged
+
+    serve = fenced_blocks("python")[2]
+    assert "max_new_tokens=1024" in serve
+    (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
+    monkeypatch.chdir(tmp_path)
+    assert main(init) == 0
+    save_merged(fxjax.from_pretrained("tiny-qwen", dtype="float32"), "export/grpo-300/merged",
+                data=DataSection(max_pixels=112 * 112, system_prompt="Find the artefacts."))
+    Image.fromarray(data.astronaut()).save("photo.png")
+    scope: dict = {}
+    exec(compile(serve.replace("max_new_tokens=1024", "max_new_tokens=24"),  # a random model never stops
+                 str(README), "exec"), scope)
+    capsys.readouterr()
+    assert main(["detect", "photo.png", "--model", "export/grpo-300/merged", "--json", "--max-new-tokens", "24"]) == 0
+    detected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scope["prompts"] == {"system": "Find the artefacts.", "user": fxjax.data.prompts.USER_TEMPLATES[0]}
+    assert scope["answer"] == detected["completion"] and len(scope["out"][0]) == scope["input_ids"].shape[1] + 24
 
 
 @pytest.mark.parametrize("command", sorted({c[0] for c in fxjax_commands()}))

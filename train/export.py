@@ -7,7 +7,9 @@ in float32, stored in the checkpoint's dtype) while writing, leaving the model i
 
 The merged directory also gets what serving it needs: the tokenizer training used (chat template and the
 output-format markers included) and the image processor's preprocessor_config.json with the pixel limits
-training used, so `AutoTokenizer` / `AutoProcessor` load it with nothing else at hand.
+training used, so `AutoTokenizer` / `AutoImageProcessor` (and `AutoProcessor`, which needs torchvision for
+Qwen2.5-VL's video processor) load it with nothing else at hand, and fxjax_prompt_settings.json, the
+prompts to serve it with.
 """
 
 from __future__ import annotations
@@ -102,10 +104,16 @@ def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
 
     if jax.process_index() != 0:
         return None
+    from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
+
     path = Path(out_dir) / PROMPT_SETTINGS_FILE
     settings = {key: getattr(data, key) for key in PROMPT_SETTING_KEYS}
-    path.write_text(json.dumps(dict(settings, about="how training built its prompts; fxjax eval / detect read "
-                                    "it (their flags override it)"), indent=2) + "\n", encoding="utf-8")
+    # The two texts to serve with, resolved (null above means fxjax's built-in prompt, or the nine templates):
+    # what `fxjax detect` sends, so that a transformers server needs neither fxjax nor its defaults.
+    serve = {"system": data.system_prompt or SYSTEM_PROMPT, "user": data.user_prompt or USER_TEMPLATES[0]}
+    path.write_text(json.dumps(dict(settings, serve=serve, about="how training built its prompts; fxjax eval / "
+                                    "detect read it (their flags override it); serve: the system and user "
+                                    "prompt to send with an image"), indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -19,8 +19,9 @@ HELP = "run the detector on your own images: verdict, grounded regions, tags and
 
 DESCRIPTION = """\
 Run a detector on images (PNG, JPEG, WebP, BMP, GIF, TIFF) of any size and mode the image processor takes
-(aspect ratio up to 200; RGB, grey, palette, 16-bit, with alpha: composited on white, as Qwen2.5-VL's
-processor does; EXIF orientation applied). For each image it prints
+(aspect ratio up to 200; RGB, grey, palette, CMYK, with alpha: composited on white, as Qwen2.5-VL's
+processor does; EXIF orientation applied; 16-bit and float images are reported, not analysed: the
+processor's RGB conversion would clip them to white). For each image it prints
   * the verdict (real / generated),
   * the regions the model grounded: caption and box [x1, y1, x2, y2] in the ORIGINAL image's pixels (the
     model answers in the pixels of its resized input; the boxes are scaled back per axis),
@@ -38,7 +39,7 @@ exit status: 0 every image was analysed; 1 some image could not be read (the oth
 options or model.
 
 examples:
-  fxjax detect photo.jpg scan.png --model runs/merged
+  fxjax detect photo.jpg scan.png --model export/merged     # an `fxjax export` merged model
   fxjax detect shots/*.jpg --run runs/grpo --out overlays --json > detections.jsonl"""
 
 

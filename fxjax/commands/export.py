@@ -22,7 +22,9 @@ multi-process run):
                 float32): a self-contained Hugging Face checkpoint that transformers'
                 Qwen2_5_VLForConditionalGeneration loads without peft, with the tokenizer training used
                 (the output-format markers included) and preprocessor_config.json with the run's pixel
-                limits, so AutoTokenizer / AutoProcessor load it too. Its logits are fxjax's at that step.
+                limits, so AutoTokenizer / AutoImageProcessor load it too (AutoProcessor with torchvision
+                installed). Its logits are fxjax's at that step. fxjax_prompt_settings.json: the prompts
+                training used ("serve": the system and user prompt to send; the README shows serving).
   OUT/adapter/  the LoRA as a PEFT adapter (peft.PeftModel.from_pretrained(base, OUT/adapter)); for a GRPO
                 run started from an SFT adapter, that adapter's config with the GRPO step's weights.
 

@@ -54,7 +54,8 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system-prompt", metavar="TEXT", help="system prompt (default: the one SFT trained with)")
     g.add_argument("--user-prompt", metavar="TEXT",
                    help="one user prompt for every image (default: the one SFT trained with; when it trained on "
-                        "the nine templates of fxjax.data.prompts, each record gets one of them)")
+                        "the nine templates of fxjax.data.prompts: eval gives each record one of them, seeded, "
+                        "detect the first)")
 
 
 def parse_mesh(text: str | None):

@@ -82,6 +82,9 @@ CHAT_TEMPLATE = (
 )
 
 
+PROCESSOR_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
+
+
 def default_ranks_path() -> Path:
     """dashscope/resources/qwen.tiktoken, located without importing dashscope (which pulls in network code)."""
     import importlib.util
@@ -158,7 +161,8 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
 
 def build_qwen_tokenizer(out_dir: str | Path, ranks_path: str | Path | None = None,
                          model_max_length: int = 131072) -> Path:
-    """Write tokenizer.json + tokenizer_config.json for Qwen2.5-VL (+ format markers) into ``out_dir``."""
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for Qwen2.5-VL (+ format markers)
+    into ``out_dir``."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
@@ -208,6 +212,7 @@ def build_qwen_tokenizer(out_dir: str | Path, ranks_path: str | Path | None = No
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    write_processor_template(out, CHAT_TEMPLATE)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return out
 
@@ -263,6 +268,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json", "chat_template.json", "chat_template.jinja")
 
 
+def write_processor_template(out_dir: Path, template: str) -> None:
+    """chat_template.jinja: transformers' processors read their chat template only from it (or
+    chat_template.json), not from tokenizer_config.json, and `processor.apply_chat_template`, what
+    Qwen2.5-VL's model cards serve with, needs one."""
+    (Path(out_dir) / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
 def export_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
     """Write the tokenizer training used into `out_dir`: the tokenizer files of the model or tokenizer
     directory `source`, with the six format markers added when `source` lacks them (as `load_tokenizer`
@@ -294,10 +306,12 @@ def export_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
         key = "extra_special_tokens" if isinstance(config.get("extra_special_tokens"), list) \
             else "additional_special_tokens"
         config[key] = [*(config.get(key) or []), *(m for m in added if m not in (config.get(key) or []))]
-    has_template = config.get("chat_template") or any((out / n).is_file()
-                                                     for n in ("chat_template.json", "chat_template.jinja"))
+    processor_template = any((out / n).is_file() for n in PROCESSOR_TEMPLATE_FILES)
+    has_template = config.get("chat_template") or processor_template
     if not has_template:
         config["chat_template"] = CHAT_TEMPLATE
+    if not processor_template and isinstance(config["chat_template"], str):
+        write_processor_template(out, config["chat_template"])
     if added or not has_template:
         config.setdefault("tokenizer_class", "Qwen2Tokenizer")
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
