@@ -91,6 +91,41 @@ def test_bad_dataset_lists_every_invalid_record(capsys, tmp_path):
            "generated)" in out  # line 9 names line 1's image by its absolute path
 
 
+def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokenizer_dir):
+    """--config: the run's files, tokenizer and prompt settings (here one user prompt instead of the
+    records' own), so the token lengths are the ones its pipeline builds; a GRPO config: the prompts'."""
+    import yaml
+
+    from fxjax.data.pipeline import DataConfig, DataPipeline
+
+    path = write_fakexplain(tmp_path / "fx")
+    data = {"train_files": [str(path)], "tokenizer": str(tokenizer_dir), "max_pixels": MAX_PIXELS,
+            "prompts": "templates", "user_prompt": "Box it.", "system_prompt": "Look.", "max_length": 90}
+    runs = {"sft": {"model": {"preset": "tiny"}, "data": data, "train": {"steps": 1}},
+            "grpo": {"model": {"preset": "tiny"}, "data": data, "stages": [{"name": "alpha", "steps": 1}]}}
+    seen = {}
+    for kind, config in runs.items():
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(config))
+        rc, out = check(capsys, "--config", tmp_path / f"{kind}.yaml", "--set", "data.max_length=80")
+        assert rc == 0, out
+        assert f"as `fxjax {kind} --config {tmp_path / f'{kind}.yaml'}` reads them" in out
+        mode = "prompt" if kind == "grpo" else "sft"
+        cfg = DataConfig(data_files=(str(path),), tokenizer=str(tokenizer_dir), max_pixels=MAX_PIXELS, shuffle=False,
+                         prompts="templates", user_prompt="Box it.", system_prompt="Look.", max_length=1024,
+                         mode=mode, num_epochs=1, batch_size=len(IMAGES), shard_index=0, shard_count=1)
+        lengths = sorted(int(n) for n in next(iter(DataPipeline(cfg)))["attention_mask"].sum(1))
+        seen[kind] = lengths
+        what = "prompt + image tokens (GRPO prompts)" if kind == "grpo" else "prompt + image tokens + target"
+        assert f"token length ({what}; min_pixels 3136, max_pixels {MAX_PIXELS}): min {lengths[0]}, " in out, out
+        assert f"max {lengths[-1]}" in out and f"over max_length 80: {sum(n > 80 for n in lengths)}" in out
+    # without --config, the records' own (longer) prompts: other lengths
+    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS)
+    own = re.search(r"\+ target; min_pixels \d+, max_pixels \d+\): min (\d+), ", out)
+    assert rc == 0 and own and int(own.group(1)) > seen["sft"][0], out
+    assert main(["data", "check", "--set", "data.max_length=8", str(path)]) == 2
+    assert "--set overrides values of --config" in capsys.readouterr().err
+
+
 def test_valid_but_suspicious_records_are_warned_about(capsys, tmp_path):
     """Records that load but look wrong over the dataset: a misspelt key (training logs it; the check must
     print it too), one image labelled both ways, an image repeated, an image in both files (a leak)."""

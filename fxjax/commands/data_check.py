@@ -28,6 +28,10 @@ Prints:
     than one record (labelled both ways: a contradiction) or in more than one file (a train/test leak);
   * every invalid record as FILE:LINE: [kind] what is wrong.
 
+With --config (an `fxjax sft` or `fxjax grpo` config) it checks that run's data: its train and eval files
+(unless FILEs are given), its tokenizer, pixel limits, max_length, prompts (data.system_prompt,
+data.user_prompt) and, for GRPO, the prompt lengths the policy starts from.
+
 Image paths are relative to the JSONL file's folder (or --root); absolute paths, and symbolic links out
 of the root, are refused unless --allow-absolute-paths is given. The record formats: docs/data.md."""
 
@@ -37,8 +41,9 @@ exit status:
   1  at least one record is invalid (all of them are listed)
   2  the check could not run (a missing or empty file, a bad option, a missing tokenizer)
 
-example:
-  fxjax data check data/FakeXplain/train.jsonl --tokenizer runs/model --max-pixels 1003520"""
+examples:
+  fxjax data check data/FakeXplain/train.jsonl --tokenizer runs/model --max-pixels 1003520
+  fxjax data check --config configs/recipes/paper_3b_sft.yaml --set model.path=/models/Qwen2.5-VL-3B"""
 
 _BAR_WIDTH = 40
 
@@ -51,7 +56,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = actions.add_parser("check", help="validate a JSONL dataset; print counts, histograms and every invalid "
                                          "record", description=_DESCRIPTION, epilog=_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+", metavar="FILE.jsonl", help="dataset files (native or ms-swift JSONL)")
+    p.add_argument("files", nargs="*", metavar="FILE.jsonl",
+                   help="dataset files (native or ms-swift JSONL; default with --config: its train and eval files)")
+    p.add_argument("--config", metavar="YAML",
+                   help="an `fxjax sft` or `fxjax grpo` config: check its data.train_files and data.eval_files "
+                        "(or the FILEs given) with its data settings and tokenizer, as that run reads them "
+                        "(GRPO: prompt lengths); the options below override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config: override a config value, as the training command's --set (repeatable)")
     p.add_argument("--root", metavar="DIR",
                    help="folder the image paths are relative to (default: each JSONL file's folder)")
     p.add_argument("--format", choices=("auto", "native", "swift"), default="auto",
@@ -69,8 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default: the pipeline's)")
     p.add_argument("--max-length", type=int, metavar="N",
                    help="count the examples longer than N tokens, as data.max_length (default: the pipeline's)")
-    p.add_argument("--prompts", choices=("auto", "templates"), default="auto",
-                   help="prompts for the token lengths: auto (ms-swift records keep their own) or templates")
+    p.add_argument("--prompts", choices=("auto", "templates"),
+                   help="prompts for the token lengths: auto (ms-swift records keep their own; the default) or "
+                        "templates")
     p.add_argument("--max-image-pixels", type=int, metavar="N",
                    help="decompression-bomb limit in original pixels (default: the pipeline's)")
     p.add_argument("--no-decode", action="store_true",
@@ -180,48 +193,88 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
     from fxjax.data.examples import ExampleBuilder
 
     builder = ExampleBuilder(cfg, len(records))
+    prompts_only = cfg.mode == "prompt"  # GRPO: the prompt is the example; the policy writes the rest
     totals, image_tokens = [], []
     for record in records:
         text = builder.text(record)
-        totals.append(len(text.prompt_ids) + len(builder.completion_ids(text.target)))
+        totals.append(len(text.prompt_ids) + (0 if prompts_only else len(builder.completion_ids(text.target))))
         image_tokens.append(text.num_image_tokens)
     over = sum(n > cfg.max_length for n in totals)
-    return ["", f"token length (prompt + image tokens + target; min_pixels {cfg.min_pixels}, max_pixels "
-                f"{cfg.max_pixels}): {_summary(totals)}",
+    what = "prompt + image tokens (GRPO prompts)" if prompts_only else "prompt + image tokens + target"
+    consequence = " (GRPO drops them)" if prompts_only else " (training truncates their reasoning or drops them)"
+    return ["", f"token length ({what}; min_pixels {cfg.min_pixels}, max_pixels {cfg.max_pixels}): "
+                f"{_summary(totals)}",
             f"  image tokens per image: {_summary(image_tokens)}",
-            f"  over max_length {cfg.max_length}: {over}" + (" (training truncates their reasoning or drops them)"
-                                                             if over else ""),
+            f"  over max_length {cfg.max_length}: {over}" + (consequence if over else ""),
             *_histogram(totals, bins)]
 
 
-def run(args: argparse.Namespace) -> int:
+def _config_data(path: str, overrides: list[str]):
+    """(the DataConfig a training config's run reads its data with, its train + eval files, its kind)."""
+    from fxjax.train_config import read_yaml_config
+
+    raw = read_yaml_config(path)
+    kind = "grpo" if "grpo" in raw or "stages" in raw else "sft"
+    if kind == "grpo":
+        from fxjax.grpo_config import load_grpo_config
+        from fxjax.train.grpo import data_config
+
+        cfg = load_grpo_config(path, overrides)
+    else:
+        from fxjax.train.sft import data_config
+        from fxjax.train_config import load_sft_config
+
+        cfg = load_sft_config(path, overrides)
+    return data_config(cfg), (*cfg.data.train_files, *cfg.data.eval_files), kind
+
+
+def _data_config(args: argparse.Namespace):
+    """The DataConfig to check with: the training config's (--config) or the pipeline's defaults, with the
+    options given on top; and the files to check."""
     import dataclasses
 
     from fxjax.data.config import DataConfig
+
+    options = {k: v for k, v in dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                     max_length=args.max_length, max_image_pixels=args.max_image_pixels,
+                                     root=args.root, format=args.format, prompts=args.prompts,
+                                     tokenizer=args.tokenizer).items() if v is not None}
+    if args.allow_absolute_paths:
+        options["allow_absolute_paths"] = True
+    if args.config is None:
+        if args.set:
+            raise ValueError("--set overrides values of --config; give the config")
+        if not args.files:
+            raise ValueError("give the dataset files to check, or --config with a training config")
+        # DataConfig validates the options and supplies the pipeline's defaults for those not given.
+        base, files = DataConfig(data_files=tuple(args.files), tokenizer=""), tuple(args.files)
+    else:
+        base, config_files, _ = _config_data(args.config, args.set)
+        files = tuple(args.files) or config_files
+    return dataclasses.replace(base, data_files=files, check_decode=not args.no_decode, **options)
+
+
+def run(args: argparse.Namespace) -> int:
     from fxjax.data.records import load_records
 
     if args.bins < 1 or args.threads < 1:
         raise ValueError("--bins and --threads must be at least 1")
-    options = {k: v for k, v in dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                                     max_length=args.max_length, max_image_pixels=args.max_image_pixels).items()
-               if v is not None}
-    # DataConfig validates the options and supplies the pipeline's defaults for those not given.
-    cfg = DataConfig(data_files=tuple(args.files), tokenizer=args.tokenizer or "", root=args.root,
-                     allow_absolute_paths=args.allow_absolute_paths, format=args.format, prompts=args.prompts,
-                     check_decode=not args.no_decode, **options)
+    cfg = _data_config(args)
     with _quiet("fxjax.data.records"):
         records, report = load_records(cfg.data_files, cfg.root, cfg.format, on_error="skip",
                                        check_decode=cfg.check_decode, max_image_pixels=cfg.max_image_pixels,
                                        num_threads=args.threads, allow_absolute_paths=cfg.allow_absolute_paths)
     invalid = len(report.skipped)
-    lines = [f"fxjax data check: {', '.join(cfg.data_files)}",
+    lines = [f"fxjax data check: {', '.join(cfg.data_files)}"
+             + (f" (as `fxjax {'grpo' if cfg.mode == 'prompt' else 'sft'} --config {args.config}` reads them)"
+                if args.config else ""),
              f"records: {report.lines}, valid {len(records)}, invalid {invalid}"]
     if invalid:
         lines.append("  invalid by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(report.counts().items())))
     if records:
         lines += _describe_records(records, args.bins)
-        if args.tokenizer:
-            lines += _describe_tokens(records, dataclasses.replace(cfg, tokenizer=args.tokenizer), args.bins)
+        if cfg.tokenizer:
+            lines += _describe_tokens(records, cfg, args.bins)
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
                           "`fxjax init` writes)"]
