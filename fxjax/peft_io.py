@@ -362,11 +362,20 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
         save_safetensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})  # mode 0644, not 0600
         config = source.raw_config if source is not None else _fresh_config(model, adapters, names, naming)
         base = getattr(model, "hf_source", None)
-        if source is not None and base is not None:  # the base it was loaded onto, which PEFT's Auto* classes load
-            config = dict(config, base_model_name_or_path=base.directory)
+        if source is not None and base is not None and _is_local_path(config.get("base_model_name_or_path")):
+            # the base it was loaded onto, which PEFT's Auto* classes load (a Hub id the adapter named is kept)
+            config = dict(config, base_model_name_or_path=str(Path(base.directory).resolve()))
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     barrier("fxjax.save_peft_adapter")
     return out
+
+
+def _is_local_path(name: Any) -> bool:
+    """Whether an adapter's base_model_name_or_path names a local directory (absolute, relative, existing or
+    gone) rather than a Hub id ("Qwen/Qwen2.5-VL-3B-Instruct": one '/', no such directory here)."""
+    if not isinstance(name, str) or not name:
+        return True  # none named: name ours
+    return Path(name).is_absolute() or Path(name).exists() or name.startswith(".") or name.count("/") != 1
 
 
 def _holds_exactly(tensors: dict, dtype: str) -> bool:

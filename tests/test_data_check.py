@@ -87,8 +87,8 @@ def test_bad_dataset_lists_every_invalid_record(capsys, tmp_path):
     # --allow-absolute-paths accepts line 9.
     rc, out = check(capsys, path, "--allow-absolute-paths")
     assert rc == 1 and f"records: 10, valid 5, invalid {len(bad) - 1}" in out and f"{path}:9: [" not in out
-    assert f"1 image(s) in more than one record (trained on more often): {absolute} ({path}:1 generated, {path}:9 " \
-           "generated)" in out  # line 9 names line 1's image by its absolute path
+    assert f"1 image(s) in more than one record of a file (trained on more often): {absolute} ({path}:1 generated, " \
+           f"{path}:9 generated)" in out  # line 9 names line 1's image by its absolute path
 
 
 def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokenizer_dir):
@@ -122,6 +122,16 @@ def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokeni
     rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS)
     own = re.search(r"\+ target; min_pixels \d+, max_pixels \d+\): min (\d+), ", out)
     assert rc == 0 and own and int(own.group(1)) > seen["sft"][0], out
+    # the config's format and decoding settings hold unless an option overrides them
+    from fxjax.cli import build_parser
+    from fxjax.commands.data_check import _data_config
+
+    (tmp_path / "swift.yaml").write_text(yaml.safe_dump(dict(runs["sft"], data=dict(data, format="swift",
+                                                                                    check_decode=False))))
+    args = build_parser().parse_args(["data", "check", "--config", str(tmp_path / "swift.yaml")])
+    assert (_data_config(args).format, _data_config(args).check_decode) == ("swift", False)
+    args = build_parser().parse_args(["data", "check", "--config", str(tmp_path / "swift.yaml"), "--format", "auto"])
+    assert _data_config(args).format == "auto"
     assert main(["data", "check", "--set", "data.max_length=8", str(path)]) == 2
     assert "--set overrides values of --config" in capsys.readouterr().err
 
@@ -148,11 +158,17 @@ def test_valid_but_suspicious_records_are_warned_about(capsys, tmp_path):
                          "(fxjax reads 'reasoning'; other keys are kept for eval --group-by)")
     assert warned[1] == (f"  1 image(s) labelled both real and generated: {a} ({train_file}:1 real, "
                          f"{train_file}:2 generated)")
-    assert warned[2] == (f"  1 image(s) in more than one record (trained on more often): {b} ({train_file}:3 real, "
-                         f"{train_file}:4 real, {test_file}:2 real)")
+    assert warned[2] == (f"  1 image(s) in more than one record of a file (trained on more often): {b} "
+                         f"({train_file}:3 real, {train_file}:4 real, {test_file}:2 real)")
     assert warned[3].startswith(f"  1 image(s) in more than one file (a leak if the files are train and test splits): "
                                 f"{b} (")
     assert out.rstrip().endswith("OK: 0 of 6 records invalid; 4 warning(s) above")
+    # an image once in each file is a leak, not a repeat
+    rc, out = check(capsys, tmp_path / "test.jsonl", tmp_path / "train.jsonl")
+    assert "more than one record of a file" in out  # b.png twice in train.jsonl
+    (tmp_path / "train.jsonl").write_text(json.dumps(train[2]) + "\n")
+    rc, out = check(capsys, tmp_path / "train.jsonl", tmp_path / "test.jsonl")
+    assert "more than one file" in out and "more than one record of a file" not in out
 
 
 def test_errors_that_stop_the_check(capsys, tmp_path):

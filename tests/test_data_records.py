@@ -70,6 +70,7 @@ def write(root: Path, *records, name="data.jsonl") -> Path:
 def test_native_record_loads(root):
     path = write(root, native(), native(label="real"), native(image="img/gray.png", label="REAL ", id="x7"))
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark, as Windows editors write
+    assert load_records(write(root, native(bbox_type="real"), name="real.jsonl"))[1].loaded == 1  # pixels: fine
     records, report = load_records(path)
     assert report.loaded == report.lines == 3 and not report.skipped
     r = records[0]

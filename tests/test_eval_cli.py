@@ -254,6 +254,11 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     no_iou = dict(summaries[0], mean_iou=None, ci95=dict(summaries[0]["ci95"], mean_iou=None))
     assert "n/a" in [t.get_text() for t in build_eval_report([no_iou], ["x"]).axes[3].texts]
 
+    other = dict(summaries[1], settings=dict(summaries[1]["settings"], data={"elsewhere.jsonl": "0" * 64}))
+    assert "NOTE: the evaluations read different data files" in build_eval_report([summaries[0], other],
+                                                                                  ["a", "b"])._suptitle.get_text()
+    assert "NOTE" not in fig._suptitle.get_text()
+
     # errors name what is wrong
     (tmp_path / "run").mkdir()
     assert main(["report", folders[0], str(tmp_path / "run")]) == 2
@@ -265,3 +270,6 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     (broken / "metrics.json").write_text(json.dumps({"examples": 5, "accuracy": 1.0}))
     assert main(["report", str(broken)]) == 2
     assert f"{broken / 'metrics.json'}: lacks format_rate, f1, mean_iou" in capsys.readouterr().err
+    # a run folder that also holds an eval's metrics.json (`fxjax eval --out RUN`) is plotted as the run
+    (broken / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train", "loss": 2.0}) + "\n")
+    assert main(["report", str(broken)]) == 0 and (broken / "report.png").is_file()

@@ -273,4 +273,8 @@ def test_a_trained_bf16_adapter_saves_in_float32_for_the_base_it_is_on(adapters,
     assert {v.dtype for v in saved.values()} == {np.dtype(np.float32)}
     moved = [k for k, v in saved.items() if not np.array_equal(v, v.astype(jnp.bfloat16).astype(np.float32))]
     assert moved and all(k.endswith("lora_B.weight") for k in moved)
-    assert json.loads((out / CONFIG).read_text())["base_model_name_or_path"] == str(tiny_checkpoint)
+    assert json.loads((out / CONFIG).read_text())["base_model_name_or_path"] == str(Path(tiny_checkpoint).resolve())
+    # a Hub id the adapter named stays (portable; this machine's copy of it is not)
+    (bf16 / CONFIG).write_text(json.dumps(dict(config, base_model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct")))
+    hub = fxjax.save_peft_adapter(fxjax.from_pretrained(tiny_checkpoint, adapter=bf16), tmp_path / "hub")
+    assert json.loads((hub / CONFIG).read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-VL-3B-Instruct"

@@ -91,14 +91,21 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     assert main(init) == 0
     save_merged(fxjax.from_pretrained("tiny-qwen", dtype="float32"), "export/grpo-300/merged",
                 data=DataSection(max_pixels=112 * 112, system_prompt="Find the artefacts."))
-    Image.fromarray(data.astronaut()).save("photo.png")
+    # a phone-like photo: stored sideways with an EXIF orientation, and with an alpha channel (put on white)
+    rgba = np.dstack([data.astronaut(), np.tile(np.linspace(0, 255, 512, dtype=np.uint8), (512, 1))])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgba[:, :300]).save("photo.png", exif=exif)
     scope: dict = {}
     exec(compile(serve.replace("max_new_tokens=1024", "max_new_tokens=24"),  # a random model never stops
                  str(README), "exec"), scope)
     capsys.readouterr()
     assert main(["detect", "photo.png", "--model", "export/grpo-300/merged", "--json", "--max-new-tokens", "24"]) == 0
     detected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert scope["prompts"] == {"system": "Find the artefacts.", "user": fxjax.data.prompts.USER_TEMPLATES[0]}
+    assert scope["photo"].size == (512, 300)  # displayed upright: 300 x 512 stored, turned by EXIF
+    assert (scope["prompts"]["system"], scope["prompts"]["user"]) == ("Find the artefacts.",
+                                                                      fxjax.data.prompts.USER_TEMPLATES[0])
+    assert "their own prompts" in scope["prompts"]["note"]  # data.prompts "auto": ms-swift records keep theirs
     assert scope["answer"] == detected["completion"] and len(scope["out"][0]) == scope["input_ids"].shape[1] + 24
 
 

@@ -110,10 +110,15 @@ def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
     settings = {key: getattr(data, key) for key in PROMPT_SETTING_KEYS}
     # The two texts to serve with, resolved (null above means fxjax's built-in prompt, or the nine templates):
     # what `fxjax detect` sends, so that a transformers server needs neither fxjax nor its defaults.
-    serve = {"system": data.system_prompt or SYSTEM_PROMPT, "user": data.user_prompt or USER_TEMPLATES[0]}
+    serve = {"system": data.system_prompt if data.system_prompt is not None else SYSTEM_PROMPT,
+             "user": data.user_prompt if data.user_prompt is not None else USER_TEMPLATES[0]}
+    if data.prompts != "templates":
+        serve["note"] = ("ms-swift records trained with their own prompts (data.prompts "
+                         f"{data.prompts!r}); if yours did, serve with those prompts instead of these")
     path.write_text(json.dumps(dict(settings, serve=serve, about="how training built its prompts; fxjax eval / "
                                     "detect read it (their flags override it); serve: the system and user "
-                                    "prompt to send with an image"), indent=2) + "\n", encoding="utf-8")
+                                    "prompt `fxjax detect` sends with an image"), indent=2) + "\n",
+                    encoding="utf-8")
     return path
 
 

@@ -66,8 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="with --config: override a config value, as the training command's --set (repeatable)")
     p.add_argument("--root", metavar="DIR",
                    help="folder the image paths are relative to (default: each JSONL file's folder)")
-    p.add_argument("--format", choices=("auto", "native", "swift"), default="auto",
-                   help="record format (default: auto, per record: a 'messages' key means ms-swift)")
+    p.add_argument("--format", choices=("auto", "native", "swift"),
+                   help="record format (default: auto, per record: a 'messages' key means ms-swift; with "
+                        "--config, its data.format)")
     p.add_argument("--allow-absolute-paths", action="store_true",
                    help="accept absolute image paths and symbolic links out of the dataset root (only for a "
                         "dataset you trust; refused by default)")
@@ -179,10 +180,15 @@ def _warnings(records, hints: Sequence[str], limit: int = 5) -> list[str]:
     contradictory = [(i, rs) for i, rs in repeated.items() if len({r.label for r in rs}) > 1]
     if contradictory:
         out.append(f"{len(contradictory)} image(s) labelled both real and generated: {examples(contradictory)}")
-    same = [(i, rs) for i, rs in repeated.items() if len({r.label for r in rs}) == 1]
+    def files(rs) -> list[str]:
+        return [r.source.rsplit(":", 1)[0] for r in rs]
+
+    same = [(i, rs) for i, rs in repeated.items() if len({r.label for r in rs}) == 1
+            and len(files(rs)) > len(set(files(rs)))]  # repeated within a file
     if same:
-        out.append(f"{len(same)} image(s) in more than one record (trained on more often): {examples(same)}")
-    shared = [(i, rs) for i, rs in repeated.items() if len({r.source.rsplit(':', 1)[0] for r in rs}) > 1]
+        out.append(f"{len(same)} image(s) in more than one record of a file (trained on more often): "
+                   f"{examples(same)}")
+    shared = [(i, rs) for i, rs in repeated.items() if len(set(files(rs))) > 1]
     if shared:
         out.append(f"{len(shared)} image(s) in more than one file (a leak if the files are train and test "
                    f"splits): {examples(shared)}")
@@ -241,6 +247,8 @@ def _data_config(args: argparse.Namespace):
                                      tokenizer=args.tokenizer).items() if v is not None}
     if args.allow_absolute_paths:
         options["allow_absolute_paths"] = True
+    if args.no_decode:
+        options["check_decode"] = False
     if args.config is None:
         if args.set:
             raise ValueError("--set overrides values of --config; give the config")
@@ -251,7 +259,7 @@ def _data_config(args: argparse.Namespace):
     else:
         base, config_files, _ = _config_data(args.config, args.set)
         files = tuple(args.files) or config_files
-    return dataclasses.replace(base, data_files=files, check_decode=not args.no_decode, **options)
+    return dataclasses.replace(base, data_files=files, **options)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ DESCRIPTION = """\
 Run a detector on images (PNG, JPEG, WebP, BMP, GIF, TIFF) of any size and mode the image processor takes
 (aspect ratio up to 200; RGB, grey, palette, CMYK, with alpha: composited on white, as Qwen2.5-VL's
 processor does; EXIF orientation applied; 16-bit and float images are reported, not analysed: the
-processor's RGB conversion would clip them to white). For each image it prints
+processor's RGB conversion would clip them: 16-bit to white, float to black). For each image it prints
   * the verdict (real / generated),
   * the regions the model grounded: caption and box [x1, y1, x2, y2] in the ORIGINAL image's pixels (the
     model answers in the pixels of its resized input; the boxes are scaled back per axis),
@@ -64,7 +64,8 @@ def detect_prompt(data: dict) -> dict[str, str]:
     trained with, else the built-in system prompt and the first template."""
     from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
 
-    return dict(system=data["system_prompt"] or SYSTEM_PROMPT, user=data["user_prompt"] or USER_TEMPLATES[0])
+    return dict(system=data["system_prompt"] if data["system_prompt"] is not None else SYSTEM_PROMPT,
+                user=data["user_prompt"] if data["user_prompt"] is not None else USER_TEMPLATES[0])
 
 
 def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: int, max_pixels: int,

@@ -4,8 +4,8 @@ One PNG, one panel per metric (format rate, verdict accuracy, F1 for "generated"
 images), one bar per evaluation in the order given, with the 95% interval `fxjax eval` wrote (Wilson for
 the rates, mean IoU +/- 1.96 standard errors; F1 has none) and the value written on each bar. For
 comparing checkpoints or phases (`fxjax demo` draws its five held-out evaluations with it) where a table
-of numbers is harder to take in than bars. The evaluations should share their held-out records; when the
-number of examples differs, the x labels say so.
+of numbers is harder to take in than bars. The evaluations should share their held-out records: when the
+number of examples differs the x labels say so, and when the data files' contents differ the subtitle does.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ _EVAL_METRICS = "metrics.json"  # fxjax.commands.eval.METRICS (not imported: tha
 
 
 def is_eval_dir(path: str | Path) -> bool:
-    """Whether `path` is an `fxjax eval` output folder (or its metrics.json)."""
+    """Whether `path` is an `fxjax eval` output folder (or its metrics.json). A folder that also holds a
+    training run's metrics.jsonl (`fxjax eval --out RUN_DIR`) is the run's."""
     path = Path(path)
-    return (path / _EVAL_METRICS).is_file() if path.is_dir() else path.name == _EVAL_METRICS
+    if path.is_dir():
+        return (path / _EVAL_METRICS).is_file() and not (path / "metrics.jsonl").is_file()
+    return path.name == _EVAL_METRICS
 
 
 def read_eval_metrics(path: str | Path) -> dict:
@@ -85,8 +88,17 @@ def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: s
         ax.grid(axis="y", alpha=0.3)
     detail = (f"{sizes.pop()} held-out examples each" if len(sizes) == 1 else "different numbers of examples") + \
         "; greedy decoding; n/a: not defined (no generated image predicted, or none with a box)"
+    datasets = {_data_identity(s) for s in summaries}
+    if len(datasets) > 1:  # the files' contents (sha256 per file fxjax eval recorded), not their paths
+        detail += "\nNOTE: the evaluations read different data files: the bars are not on the same images"
     fig.suptitle(f"{title or 'held-out evaluation'}\n({detail})", fontsize=12)
     return fig
+
+
+def _data_identity(summary: dict) -> tuple | None:
+    """The sha256s of the data files an evaluation read (settings.data: {file: sha256}); None if unrecorded."""
+    data = (summary.get("settings") or {}).get("data")
+    return tuple(sorted(data.values())) if isinstance(data, dict) else None
 
 
 def write_eval_report(dirs: Sequence[str | Path], out: str | Path | None = None, labels: Sequence[str] | None = None,

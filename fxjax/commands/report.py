@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from fxjax.commands.eval_report import EVAL_REPORT_FILE, is_eval_dir, write_eval_report
 
-HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG"
+HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG, or compare `fxjax eval` folders"
 
 DESCRIPTION = """\
 Plot the metrics of a fxjax sft or grpo run (RUN_DIR/metrics.jsonl) into one PNG.
@@ -63,7 +63,8 @@ def add_parser(sub) -> None:
                         "output folders (holding metrics.json) to compare")
     p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG: a file (.png added when missing) or a directory "
                         f"(default: RUN_DIR/{REPORT_FILE}; for eval folders {EVAL_REPORT_FILE} next to the first)")
-    p.add_argument("--title", help="figure title (default: the run directory and its kind)")
+    p.add_argument("--title", help="figure title (default: the run directory and its kind; for eval folders "
+                                   "'held-out evaluation')")
     p.add_argument("--labels", metavar="A,B,...", help="eval folders only: the bars' names, comma-separated, one per folder "
                                                         "(default: the folder names)")
     p.set_defaults(func=run)

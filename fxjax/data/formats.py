@@ -118,10 +118,12 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box,
     if (parsed.bbox_type == "real" and parsed.regions and max(width, height) > 8
             and all(v <= 1 for _, box in parsed.regions for v in box)):
         # Fractions of the image read as pixels would train on boxes of one pixel in the corner.
-        raise RecordProblem(f"every bbox coordinate is at most 1 on a {width}x{height} image: fractions of the image? "
-                            "native records give boxes in pixels of the original image [x1, y1, x2, y2]; multiply "
-                            "by the width and height (ms-swift records may set objects.bbox_type \"norm1\" instead)",
-                            "box_normalised")
+        how = ("native records give boxes in pixels of the original image [x1, y1, x2, y2]; multiply by the width "
+               "and height (or write ms-swift records with objects.bbox_type \"norm1\")" if parsed.format == "native"
+               else "objects.bbox_type \"real\" (the default) means pixels of the original image; for fractions "
+                    "set it to \"norm1\"")
+        raise RecordProblem(f"every bbox coordinate is at most 1 on a {width}x{height} image: fractions of the "
+                            f"image? {how}", "box_normalised")
     out = []
     for i, (_, box) in enumerate(parsed.regions):
         if parsed.bbox_type == "norm1":
@@ -191,7 +193,7 @@ def _parse_native(obj: dict) -> ParsedRecord:
     if "label" not in obj:
         raise RecordProblem("missing field 'label'", "label")
     label = _label(obj["label"])
-    if "bbox_type" in obj:  # an ms-swift key: a native record that sets it means something the loader would ignore
+    if obj.get("bbox_type") not in (None, "real"):  # an ms-swift key; fractions would be read as pixels here
         raise RecordProblem(f"'bbox_type' ({obj['bbox_type']!r}) is read from ms-swift records only (objects."
                             "bbox_type): native records give boxes in pixels of the original image; convert "
                             "fractions (x * width, y * height)", "schema")

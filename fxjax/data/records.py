@@ -178,7 +178,8 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     """Parse and validate JSONL ``files``; image paths are relative to ``root`` (default: each file's folder).
 
     ``format``: "native", "swift" or "auto" (per record: a "messages" key means ms-swift).
-    ``allow_absolute_paths``: accept absolute image paths as they are (only for a dataset you trust).
+    ``allow_absolute_paths``: accept absolute image paths as they are, and symbolic links out of the root
+    (only for a dataset you trust).
     Returns the valid records (``index`` = position in this list) and a report of what was skipped.
     """
     if on_error not in ("raise", "skip"):
