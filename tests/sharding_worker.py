@@ -3,7 +3,7 @@
 JAX fixes its device count when its backend starts, so the multi-device checks run here, in a fresh
 process, and print/write JSON the tests assert on. Importing this module touches no JAX backend.
 
-    python tests/sharding_worker.py meshes CKPT OUT.json [--meshes 8,1,1 1,8,1 ...]
+    python tests/sharding_worker.py meshes CKPT OUT.json [--meshes 1,8,1 2,2,2 ...]
         8 simulated CPU devices: single-device reference (the real SFT step of train.step with 2
         accumulated micro-batches: loss, updated LoRA parameters; logits and LoRA gradients of its loss
         function), then per mesh the same from fxjax.from_pretrained(CKPT, mesh=...) with the run's state
@@ -31,7 +31,7 @@ from numerics import rel_err
 REPO = Path(__file__).resolve().parents[1]
 # Each axis alone (data, fsdp, tensor) and all three combined; (2,2,2) also covers fsdp with tensor (the
 # LoRA specs where fsdp does not divide on top of tensor are checked from shapes in test_sharding.py).
-MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8))
+MESHES = ((1, 8, 1), (2, 2, 2), (1, 1, 8))  # data alone: the multi-process tests' layout
 # Every dimension a rule shards is divisible by 8 (tensor heads 8 / kv 4 of 8, MLP 48, vision 64 / 40,
 # merger 256, vocab 128, patch row 1176), so on every mesh every rule really splits its parameter.
 # One decoder layer (the step compiles five times; the per-layer mapping is checked by the HF round trips)

@@ -3,7 +3,8 @@
 The multi-device checks run in ONE subprocess (tests/sharding_worker.py) with 8 simulated CPU devices
 (jax_num_cpu_devices must be set before JAX's backend starts, which this pytest process has already
 done). It loads a tiny HF checkpoint whose sharded dimensions all divide by 8 onto the meshes
-(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,1,8) (each axis alone, and all three together), runs
+(data, fsdp, tensor) = (1,8,1), (1,1,8), (2,2,2) (fsdp and tensor alone, and all three together; data alone,
+the plainest layout, is what the two-process SFT and GRPO tests run over processes), runs
 the real SFT step of train.step there (chunked loss, 2 accumulated micro-batches with images of four sizes
 packed per batch shard, the run's optimiser and state shardings) and compares loss, LoRA gradients, updated
 LoRA parameters and logits with one device (whose images are one packed sequence).
@@ -327,7 +328,6 @@ def test_mesh_parameters_really_split(mesh_results, mesh):
 
 
 def test_batch_stays_sharded_over_data_and_fsdp(mesh_results):
-    assert "spec=P('data',)" in mesh_results["meshes"]["8,1,1"]["logits_sharding"]
     assert "spec=P('fsdp',)" in mesh_results["meshes"]["1,8,1"]["logits_sharding"]
     assert "spec=P(('data', 'fsdp'),)" in mesh_results["meshes"]["2,2,2"]["logits_sharding"]
 
