@@ -109,11 +109,21 @@ def write_eval_report(dirs: Sequence[str | Path], out: str | Path | None = None,
     folders = [Path(d) if Path(d).is_dir() else Path(d).parent for d in dirs]
     labels = list(labels) if labels is not None else [f.name or str(f) for f in folders]
     fig = build_eval_report(summaries, labels, title)
-    path = Path(out) if out is not None else folders[0].absolute().parent / EVAL_REPORT_FILE
-    if out is not None and (path.is_dir() or str(out).endswith(("/", "\\"))):
-        path = path / EVAL_REPORT_FILE
-    elif path.suffix.lower() != ".png":
-        path = path.with_name(path.name + ".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = png_path(out, folders[0].absolute().parent, EVAL_REPORT_FILE)
     fig.savefig(path, dpi=110)
+    return path
+
+
+def png_path(out: str | Path | None, default_dir: Path, name: str) -> Path:
+    """Where a report PNG goes (its folder created): `out` as a file (.png added when missing, so the path
+    printed is the file matplotlib writes) or, given as an existing directory or with a trailing slash, as
+    the folder for `name`; without `out`, `default_dir / name`."""
+    if out is None:
+        path = Path(default_dir) / name
+    elif Path(out).is_dir() or str(out).endswith(("/", "\\")):
+        path = Path(out) / name
+    else:
+        path = Path(out)
+        path = path if path.suffix.lower() == ".png" else path.with_name(path.name + ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path

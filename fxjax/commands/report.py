@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fxjax.commands.eval_report import EVAL_REPORT_FILE, is_eval_dir, write_eval_report
+from fxjax.commands.eval_report import EVAL_REPORT_FILE, is_eval_dir, png_path, write_eval_report
 
 HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG, or compare `fxjax eval` folders"
 
@@ -330,12 +330,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
                          f"GRPO run ({grpo}); put each run's records in a file of its own to plot it")
     run_name = metrics_file.parent.name or str(metrics_file.parent)
     fig = build_report(records, title or f"{run_name}: {run_kind(records).upper()}")
-    path = Path(out) if out is not None else metrics_file.parent / REPORT_FILE
-    if out is not None and (path.is_dir() or str(out).endswith(("/", "\\"))):
-        path = path / REPORT_FILE  # a directory given: the report goes in it
-    elif path.suffix.lower() != ".png":
-        path = path.with_name(path.name + ".png")  # the file matplotlib would write, so the path printed is it
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = png_path(out, metrics_file.parent, REPORT_FILE)
     fig.savefig(path, dpi=110)
     if fig.missing_panels:
         print(f"fxjax report: not plotted, no values in {metrics_file}: {'; '.join(fig.missing_panels)}",
