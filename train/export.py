@@ -104,14 +104,13 @@ def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
 
     if jax.process_index() != 0:
         return None
-    from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
+    from fxjax.data.prompts import serving_prompt
 
     path = Path(out_dir) / PROMPT_SETTINGS_FILE
     settings = {key: getattr(data, key) for key in PROMPT_SETTING_KEYS}
     # The two texts to serve with, resolved (null above means fxjax's built-in prompt, or the nine templates):
     # what `fxjax detect` sends, so that a transformers server needs neither fxjax nor its defaults.
-    serve = {"system": data.system_prompt if data.system_prompt is not None else SYSTEM_PROMPT,
-             "user": data.user_prompt if data.user_prompt is not None else USER_TEMPLATES[0]}
+    serve = serving_prompt(data.system_prompt, data.user_prompt)
     if data.prompts != "templates":
         serve["note"] = ("ms-swift records trained with their own prompts (data.prompts "
                          f"{data.prompts!r}); if yours did, serve with those prompts instead of these")

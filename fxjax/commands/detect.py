@@ -62,10 +62,9 @@ def add_parser(sub) -> None:
 def detect_prompt(data: dict) -> dict[str, str]:
     """The system and user prompt for a user's images, from a detector's prompt settings: the ones given or
     trained with, else the built-in system prompt and the first template."""
-    from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES
+    from fxjax.data.prompts import serving_prompt
 
-    return dict(system=data["system_prompt"] if data["system_prompt"] is not None else SYSTEM_PROMPT,
-                user=data["user_prompt"] if data["user_prompt"] is not None else USER_TEMPLATES[0])
+    return serving_prompt(data["system_prompt"], data["user_prompt"])
 
 
 def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: int, max_pixels: int,

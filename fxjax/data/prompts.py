@@ -32,6 +32,7 @@ __all__ = [
     "prompt_parts",
     "render_prompt",
     "render_target",
+    "serving_prompt",
 ]
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -92,6 +93,14 @@ def prompt_parts(system: str, user: str) -> tuple[str, str]:
 def render_prompt(system: str, user: str, image_tokens: int = 1) -> str:
     before, after = prompt_parts(system, user)
     return before + IMAGE_PAD * image_tokens + after
+
+
+def serving_prompt(system_prompt: str | None, user_prompt: str | None) -> dict[str, str]:
+    """The system and user prompt for an image outside the training data (`fxjax detect`, a server), from
+    the data settings a model trained with: those texts, else the built-in system prompt and the first
+    template (None means unset; an empty string is a prompt)."""
+    return dict(system=system_prompt if system_prompt is not None else SYSTEM_PROMPT,
+                user=user_prompt if user_prompt is not None else USER_TEMPLATES[0])
 
 
 def record_prompt(record: Record, template: int, system_prompt: str | None = None,
