@@ -496,8 +496,8 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     _say(_table(evals))
     _say("\nheld-out reward under each GRPO stage's own weights, at the stage's start -> end (same images): "
          + _held_out_stage_rewards(evals))
-    _say(f"\nreports: {reports[0]}, {reports[1]}\nheld-out metrics by phase: {reports[2]}\noverlays (before SFT | after SFT | after GRPO; white: the true "
-         f"region): {sheet}")
+    _say(f"\nreports: {reports[0]}, {reports[1]}\nheld-out metrics by phase: {reports[2]}\noverlays (before SFT | "
+         f"after SFT | after GRPO; white: the true region): {sheet}")
     _say(f"\nfxjax demo finished in {total / 60:.1f} min on {_device()}; outputs in {out}")
     # Exit status 1 only when the pipeline is broken: SFT did not teach the format, or the export disagrees.
     ok = (evals[1][1].get("format_rate") or 0) > (evals[0][1].get("format_rate") or 0) and agree < 1e-3

@@ -170,25 +170,23 @@ def _warnings(records, hints: Sequence[str], limit: int = 5) -> list[str]:
     by_image = defaultdict(list)
     for r in records:
         by_image[r.image].append(r)
-    repeated = {image: rs for image, rs in by_image.items() if len(rs) > 1}
+    repeated = [(image, rs) for image, rs in by_image.items() if len(rs) > 1]
+    files = {image: [r.source.rsplit(":", 1)[0] for r in rs] for image, rs in repeated}  # source: "file:line"
     out = list(hints)
 
     def examples(items) -> str:
         shown = [f"{image} ({', '.join(f'{r.source} {r.label}' for r in rs)})" for image, rs in items[:limit]]
         return "; ".join(shown) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
-    contradictory = [(i, rs) for i, rs in repeated.items() if len({r.label for r in rs}) > 1]
+    contradictory = [(i, rs) for i, rs in repeated if len({r.label for r in rs}) > 1]
     if contradictory:
         out.append(f"{len(contradictory)} image(s) labelled both real and generated: {examples(contradictory)}")
-    def files(rs) -> list[str]:
-        return [r.source.rsplit(":", 1)[0] for r in rs]
-
-    same = [(i, rs) for i, rs in repeated.items() if len({r.label for r in rs}) == 1
-            and len(files(rs)) > len(set(files(rs)))]  # repeated within a file
+    same = [(i, rs) for i, rs in repeated if len({r.label for r in rs}) == 1
+            and len(files[i]) > len(set(files[i]))]  # repeated within a file
     if same:
         out.append(f"{len(same)} image(s) in more than one record of a file (trained on more often): "
                    f"{examples(same)}")
-    shared = [(i, rs) for i, rs in repeated.items() if len(set(files(rs))) > 1]
+    shared = [(i, rs) for i, rs in repeated if len(set(files[i])) > 1]
     if shared:
         out.append(f"{len(shared)} image(s) in more than one file (a leak if the files are train and test "
                    f"splits): {examples(shared)}")
@@ -216,7 +214,7 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
 
 
 def _config_data(path: str, overrides: list[str]):
-    """(the DataConfig a training config's run reads its data with, its train + eval files, its kind)."""
+    """(the DataConfig a training config's run reads its data with, its train + eval files)."""
     from fxjax.train_config import read_yaml_config
 
     raw = read_yaml_config(path)
@@ -231,7 +229,7 @@ def _config_data(path: str, overrides: list[str]):
         from fxjax.train_config import load_sft_config
 
         cfg = load_sft_config(path, overrides)
-    return data_config(cfg), (*cfg.data.train_files, *cfg.data.eval_files), kind
+    return data_config(cfg), (*cfg.data.train_files, *cfg.data.eval_files)
 
 
 def _data_config(args: argparse.Namespace):
@@ -257,7 +255,7 @@ def _data_config(args: argparse.Namespace):
         # DataConfig validates the options and supplies the pipeline's defaults for those not given.
         base, files = DataConfig(data_files=tuple(args.files), tokenizer=""), tuple(args.files)
     else:
-        base, config_files, _ = _config_data(args.config, args.set)
+        base, config_files = _config_data(args.config, args.set)
         files = tuple(args.files) or config_files
     return dataclasses.replace(base, data_files=files, **options)
 

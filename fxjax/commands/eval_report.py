@@ -30,6 +30,7 @@ def is_eval_dir(path: str | Path) -> bool:
     training run's metrics.jsonl (`fxjax eval --out RUN_DIR`) is the run's."""
     path = Path(path)
     if path.is_dir():
+        # metrics.jsonl: fxjax.train.metrics.METRICS_FILE (not imported: `fxjax --help` must not load fxjax.train)
         return (path / _EVAL_METRICS).is_file() and not (path / "metrics.jsonl").is_file()
     return path.name == _EVAL_METRICS
 
@@ -75,8 +76,8 @@ def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: s
         for k, (summary, value) in enumerate(zip(summaries, values)):
             interval = (summary.get("ci95") or {}).get(ci_key) if ci_key else None
             if value is not None and interval:
-                ax.errorbar(k, value, yerr=[[max(0.0, value - interval[0])], [max(0.0, interval[1] - value)]], color="black", capsize=4,
-                            linewidth=1)
+                below, above = max(0.0, value - interval[0]), max(0.0, interval[1] - value)  # Wilson: 1.0 - ulp
+                ax.errorbar(k, value, yerr=[[below], [above]], color="black", capsize=4, linewidth=1)
             text = "n/a" if value is None else f"{value:.3f}" if key in ("mean_iou", "f1") else f"{value:.0%}"
             inside = value is not None and value > 0.12  # the value inside its bar, else above bar and whisker
             top = max(value or 0.0, interval[1] if value is not None and interval else 0.0)
