@@ -187,6 +187,13 @@ def _generator(obj: dict) -> str | None:
 
 # ---- native --------------------------------------------------------------------------------------
 
+def _given(obj: dict, key: str, default: Any) -> Any:
+    """obj[key], or `default` when it is absent or null; any other value, of whatever type, is returned for
+    the caller to check (a wrong type is an error, never read as empty)."""
+    value = obj.get(key)
+    return default if value is None else value
+
+
 def _parse_native(obj: dict) -> ParsedRecord:
     if "image" not in obj:
         raise RecordProblem("missing field 'image'", "schema")
@@ -197,8 +204,7 @@ def _parse_native(obj: dict) -> ParsedRecord:
         raise RecordProblem(f"'bbox_type' ({obj['bbox_type']!r}) is read from ms-swift records only (objects."
                             "bbox_type): native records give boxes in pixels of the original image; convert "
                             "fractions (x * width, y * height)", "schema")
-    # null means absent; any other value of the wrong type is an error, never read as empty
-    regions_in = obj.get("regions") if obj.get("regions") is not None else []
+    regions_in = _given(obj, "regions", [])
     if not isinstance(regions_in, list):
         raise RecordProblem(f"'regions' must be a list, got {type(regions_in).__name__}", "schema")
     regions = []
@@ -209,11 +215,11 @@ def _parse_native(obj: dict) -> ParsedRecord:
             raise RecordProblem(f"region {i} has no 'caption' (keys: {', '.join(map(str, region))})", "schema")
         caption = _text(region["caption"], f"region {i} caption", allow_empty=False)
         regions.append((caption.strip(), _box_numbers(region["bbox"], f"region {i} bbox")))
-    tags = obj.get("tags") if obj.get("tags") is not None else []
+    tags = _given(obj, "tags", [])
     if not isinstance(tags, list):
         raise RecordProblem(f"'tags' must be a list of strings, got {type(tags).__name__}", "schema")
     tags = tuple(_text(t, f"tag {i}", allow_empty=False).strip() for i, t in enumerate(tags))
-    reasoning = _text(obj.get("reasoning") if obj.get("reasoning") is not None else "", "reasoning").strip()
+    reasoning = _text(_given(obj, "reasoning", ""), "reasoning").strip()
     return ParsedRecord(image=obj["image"], record_id=str(obj.get("id", obj["image"])), label=label,
                         regions=tuple(regions), format="native", tags=tags, reasoning=reasoning,
                         generator=_generator(obj))
