@@ -13,10 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONFIG_FILE", "RunLoadError", "brief_error", "checkpoint_dir_of", "committed_steps", "read_run_config",
-           "resolve_step", "saved_run_kind", "steps_text"]
+__all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
+           "committed_steps", "read_run_config", "resolve_step", "saved_run_kind", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
+# A run that starts from another's LoRA (model.adapter, model.from_run) keeps that LoRA's shape in its checkpoint
+# directory, as a PEFT adapter: loading the run needs the shape, and the folder it came from may move.
+START_LORA_DIR = "start_lora"
+START_FILE = "fxjax_start.json"  # in START_LORA_DIR: where the run started from, its base model and tokenizer
 
 
 class RunLoadError(ValueError):

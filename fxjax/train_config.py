@@ -44,11 +44,12 @@ __all__ = [
     "SFTConfig",
     "apply_overrides",
     "from_dict",
+    "from_run_start",
     "load_sft_config",
 ]
 
 
-def _run_start(run: str, step: int | None):
+def from_run_start(run: str, step: int | None):
     """(config, step) of the run a `model.from_run` config starts from (reads its saved config only)."""
     from fxjax.run_files import checkpoint_dir_of, resolve_step
 
@@ -99,7 +100,7 @@ class RunConfig:
     def tokenizer(self) -> str:
         tok = self.data.tokenizer or self.model.path
         if tok is None and self.model.from_run is not None:
-            from_run = _run_start(self.model.from_run, self.model.from_run_step)[0]
+            from_run = from_run_start(self.model.from_run, self.model.from_run_step)[0]
             tok = from_run.data.tokenizer or from_run.model.path
         if tok is None:
             raise ConfigError("data.tokenizer: a preset model has no tokenizer; give a directory with tokenizer.json")

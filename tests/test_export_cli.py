@@ -9,6 +9,7 @@ parameters instead of trained ones: compiling the training step would cost a min
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -241,7 +242,7 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     from flax import nnx
     from fxjax.device_mesh import MeshConfig, make_mesh
     from fxjax.train.run_loading import load_run
-    from fxjax.train.run_setup import build_model
+    from fxjax.train.run_setup import build_model, keep_start_lora
     from fxjax.config_mapping import ConfigError
 
     data = {"train_files": [str(tmp_path / "train.jsonl")]}
@@ -254,6 +255,23 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
         ref = load_run(two_process_run, step).model
         equal = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(lora(started), lora(ref))]
         assert len(equal) > 10 and (all(equal) if same else not any(equal)), step
+    # The run keeps that LoRA's shape (run_setup.keep_start_lora, as fxjax grpo does at its start): with the SFT
+    # run moved away, a step of the GRPO run (here step 3 of the SFT run's values under the GRPO run's config)
+    # loads with the right base, tokenizer and LoRA.
+    grpo_run = tmp_path / "grpo" / "checkpoints"
+    cfg_here = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(grpo_run)))
+    assert keep_start_lora(started, cfg_here) == grpo_run / "start_lora"
+    shutil.copytree(two_process_run / "checkpoints" / "3", grpo_run / "3")
+    saved = cfg_here.to_dict()
+    saved["model"]["from_run"] = str(tmp_path / "gone")
+    (grpo_run / "3" / "config" / "config.json").write_text(json.dumps(saved))
+    messages = []
+    moved = load_run(grpo_run.parent, log=messages.append)
+    assert moved.kind == "grpo" and moved.config.model.path == str(tiny_vl_dir.resolve())
+    assert moved.config.tokenizer == str(tiny_vl_dir.resolve()) and "gone is not here" in messages[0]
+    equal = [np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(lora(moved.model), lora(load_run(two_process_run, 3).model))]
+    assert len(equal) > 10 and all(equal)
     for bad, key in (({"path": str(tiny_vl_dir)}, "model.from_run"), ({"adapter": str(tmp_path)}, "model.from_run"),
                      ({"from_run": None, "path": str(tiny_vl_dir)}, "model.from_run_step")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

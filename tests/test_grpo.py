@@ -181,6 +181,36 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def test_a_run_whose_starting_adapter_moved_exports_from_its_own_copy(setup, straight, tmp_path):
+    """A run started from model.adapter keeps that adapter's shape in its checkpoint directory (start_lora/):
+    with the adapter gone (the run copied to another machine), `fxjax export --run` writes the same adapter as
+    the run's own export; a run without that copy is an error naming the missing adapter."""
+    from fxjax.cli import main
+    from fxjax.train.run_loading import RunLoadError, load_run
+
+    source = setup["root"] / "straight" / "checkpoints"
+    kept = source / "start_lora"
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (kept, setup["root"] / "sft_adapter")]
+    assert configs[0].pop("base_model_name_or_path") == str(setup["root"] / "model")  # the base it was loaded on
+    assert configs[0] == {k: v for k, v in configs[1].items() if k != "base_model_name_or_path"}
+    start = adapter_tensors(setup["root"] / "sft_adapter")
+    assert {k: v.tolist() for k, v in adapter_tensors(kept).items()} == {k: v.tolist() for k, v in start.items()}
+    moved = tmp_path / "moved" / "checkpoints"
+    shutil.copytree(source, moved)
+    for config in moved.glob("*/config/config.json"):  # the saved config names an adapter that is not here
+        saved = json.loads(config.read_text())
+        saved["model"]["adapter"] = str(tmp_path / "elsewhere" / "sft_adapter")
+        config.write_text(json.dumps(saved))
+    assert main(["export", "--run", str(moved.parent), "--out", str(tmp_path / "export"), "--adapter-only"]) == 0
+    got, want = adapter_tensors(tmp_path / "export" / "adapter"), straight[0]
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    shutil.rmtree(moved / "start_lora")
+    with pytest.raises(RunLoadError, match=r"model\.adapter=.*elsewhere.*keeps no copy"):
+        load_run(moved.parent)
+
+
 def test_num_iterations_schedule_and_resume(setup):
     """`grpo.num_iterations: 2`: each step samples once and updates twice on it (the sampling log-probs
     stored). A run SIGKILLed after step 2's updates resumes from step 1 (its state holds 2 updates), runs

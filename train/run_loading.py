@@ -8,7 +8,8 @@ A run directory is a `fxjax sft` / `fxjax grpo` train.output_dir (holding checkp
 directory itself (holding the step folders). Each committed step `<dir>/<N>/` holds the train state and
 the run's resolved config (train.checkpointing); loading reads that config, rebuilds the model with LoRA
 exactly as the run built it (train.run_setup.build_model: the base checkpoint or preset, fresh LoRA or
-the PEFT adapter GRPO started from) and restores the LoRA parameters of step N over it (a partial
+the PEFT adapter GRPO started from; when that adapter or run is no longer where the run read it, the run's
+own copy of its shape, checkpoints/start_lora) and restores the LoRA parameters of step N over it (a partial
 restore: the optimiser state, step and RNG key are not read).
 
 Reading never writes: an in-progress save (`<N>.orbax-checkpoint-tmp-*`) is not a step and is left alone,
@@ -19,6 +20,7 @@ load in one: orbax reassembles every array onto this process's mesh.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +28,8 @@ from typing import Any, Callable
 import jax
 
 from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
-from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config,
-                             resolve_step, steps_text)
+from fxjax.run_files import (START_FILE, START_LORA_DIR, RunLoadError, brief_error, checkpoint_dir_of,
+                             committed_steps, read_run_config, resolve_step, steps_text)
 
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
            "resolve_step"]
@@ -62,6 +64,38 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
         return cfg
     # A null data.tokenizer means model.path's tokenizer, so it follows a moved base model.
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes))
+
+
+def _start_from_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Callable[[str], None] | None):
+    """The run's config with its own copy of the LoRA it started from (run_setup.keep_start_lora) in place of
+    model.adapter / model.from_run when that folder is not here (moved, or another machine): the copy gives the
+    LoRA's shape, the checkpoint its values. A from_run run's base model and tokenizer were the other run's:
+    the copy names them (moved_base: model.path was given anew, and the tokenizer follows it)."""
+    m = cfg.model
+    gone = [(key, value) for key, value in (("model.adapter", m.adapter), ("model.from_run", m.from_run))
+            if value is not None and not Path(value).is_dir()]
+    if not gone:
+        return cfg
+    key, value = gone[0]
+    copy = checkpoint_dir / START_LORA_DIR
+    try:
+        start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunLoadError(f"the run in {checkpoint_dir} was trained from {key}={value}, which does not exist "
+                           f"here, and the run keeps no copy of that LoRA's shape ({copy}: runs trained before "
+                           f"fxjax kept one); put it back where the run read it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunLoadError(f"{copy / START_FILE}: cannot be read ({err}); {key}={value} does not exist here "
+                           f"either") from None
+    changes: dict[str, Any] = {"adapter": str(copy), "from_run": None, "from_run_step": None}
+    data = cfg.data
+    if m.from_run is not None and not moved_base:
+        changes.update(path=start.get("path"), preset=start.get("preset"), init_seed=start.get("init_seed", 0))
+    if m.from_run is not None and data.tokenizer is None and not moved_base:
+        data = dataclasses.replace(data, tokenizer=start.get("tokenizer"))
+    if log is not None:
+        log(f"{key}={value} is not here: the LoRA's shape from the run's copy in {copy}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes), data=data)
 
 
 def _check_paths(cfg, checkpoint_dir: Path) -> None:
@@ -110,6 +144,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     step, cfg, kind = resolve_step(ckpt, step)
     steps = committed_steps(ckpt)
     cfg = _override_model(cfg, model_path, dtype, param_dtype, attention, scan_layers)
+    cfg = _start_from_copy(cfg, ckpt, model_path is not None, log)
     _check_paths(cfg, ckpt)
     if mesh is None:
         mesh = data_parallel_mesh()

@@ -10,8 +10,10 @@ mesh, the train state placed on its shardings, and a checkpoint to resume from.
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
+from pathlib import Path
 
 from typing import Any, Callable, NamedTuple
 
@@ -30,17 +32,17 @@ from fxjax.model.lora import LoRAConfig, apply_lora
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
-from fxjax.device_mesh import batch_shards, put, splits_batch
+from fxjax.device_mesh import barrier, batch_shards, put, splits_batch
 from fxjax.partition_rules import UnsplitParametersWarning, param_shardings, shard_model, unsplit_message
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import RunLoadError, brief_error, saved_run_kind
+from fxjax.run_files import START_FILE, START_LORA_DIR, RunLoadError, brief_error, saved_run_kind
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
-           "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest"]
+           "keep_start_lora", "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
@@ -111,6 +113,39 @@ def build_model(cfg, mesh):
     shard_model(model, mesh)  # LoRA parameters by the rules; dropout RNG streams replicated
     warn_replicated(model, mesh)
     return model.use_attention(m.attention)
+
+
+def keep_start_lora(model, cfg) -> Path | None:
+    """Keep the LoRA shape of a run that starts from another's (model.adapter or model.from_run) in its
+    checkpoint directory (run_files.START_LORA_DIR: the starting LoRA as a PEFT adapter, and START_FILE), so
+    that `load_run` rebuilds the run's model when that adapter or run has moved or is gone: the checkpoints
+    hold every LoRA value, but not which modules carry one, their ranks and alphas. Written once, before any
+    checkpoint is restored (so with the starting values and their dtype); every process calls it (the
+    adapter's arrays are gathered). Returns the directory, or None for a run with fresh LoRA."""
+    from fxjax.train.export import save_adapter
+    from fxjax.train_config import from_run_start
+
+    m = cfg.model
+    if m.adapter is None and m.from_run is None:
+        return None
+    target = Path(cfg.checkpoint_dir) / START_LORA_DIR
+    if target.is_dir():  # a resumed run: kept when it started
+        return target
+    partial = target.with_name(f"{START_LORA_DIR}.partial")
+    save_adapter(model, partial)  # process 0 writes, every process gathers and waits
+    if jax.process_index() == 0:
+        source = getattr(model, "hf_source", None)
+        base = from_run_start(m.from_run, m.from_run_step)[0].model if m.from_run is not None else m
+        start = {"adapter": m.adapter and str(Path(m.adapter).resolve()),
+                 "from_run": m.from_run and str(Path(m.from_run).resolve()), "from_run_step": m.from_run_step,
+                 # the base model (a from_run run's is the other run's): its directory, or preset and seed
+                 "path": str(Path(source.directory).resolve()) if source is not None else None,
+                 "preset": None if source is not None else base.preset, "init_seed": base.init_seed,
+                 "tokenizer": str(Path(cfg.tokenizer).resolve())}
+        (partial / START_FILE).write_text(json.dumps(start, indent=2))
+        partial.rename(target)  # whole or absent: a run killed while writing it writes it again
+    barrier("fxjax.keep_start_lora")
+    return target
 
 
 def warn_replicated(model, mesh) -> None:

@@ -29,7 +29,8 @@ multi-process run):
                 run started from an SFT adapter, that adapter's config with the GRPO step's weights.
 
 The base model is the run's model.path (from the config saved with the checkpoint); --model points at it
-when it has moved. A missing or corrupted step is an error naming it and listing the steps that exist."""
+when it has moved. A run started from an adapter or another run (model.adapter, model.from_run) keeps that
+LoRA's shape in its checkpoint folder (start_lora/), so it exports after that folder moved. A missing or corrupted step is an error naming it and listing the steps that exist."""
 
 EPILOG = """\
 examples:
