@@ -124,6 +124,7 @@ def test_exif_orientation_is_applied_to_the_size(root):
 # record and a blank line, so the message must say data.jsonl:3.
 BAD = {
     "missing image": (native(image="img/nope.png"), "image_missing", "does not exist"),
+    "windows path": (native(image="img\\ok.png"), "image_missing", "'img/ok.png' exists: write paths"),
     "undecodable image": (native(image="img/truncated.png"), "image_undecodable", "cannot be decoded"),
     "not an image": (native(image="img/text.png"), "not_an_image", "not an image"),
     "decompression bomb": (native(image="img/big.png", label="real"), "image_too_large", "decompression-bomb"),

@@ -149,13 +149,25 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
     return parsed, path
 
 
+def _backslash_hint(pending: _Pending) -> str:
+    """A record written on Windows ("images\\a.png") names a file this system reads as one name with a
+    backslash in it: say so when the path with '/' exists (the path is not rewritten silently)."""
+    rel = pending.parsed.image
+    if "\\" not in rel:
+        return ""
+    posix = rel.replace("\\", "/")
+    if not Path(str(pending.path).replace("\\", "/")).is_file():
+        return " (the path has backslashes: write paths in the records with '/')"
+    return f" (the path has backslashes; {posix!r} exists: write paths in the records with '/')"
+
+
 def _check_image(pending: _Pending, max_image_pixels: int, check_decode: bool) -> Record | DataError:
     """Pass 2 for one record: its image opens within the limits and every box lies inside it."""
     where, parsed = pending.where, pending.parsed
     try:
         width, height = image_size(pending.path, max_image_pixels, check_decode)
     except FileNotFoundError as err:
-        return DataError(where, f"missing image: {err}", "image_missing")
+        return DataError(where, f"missing image: {err}{_backslash_hint(pending)}", "image_missing")
     except ImageError as err:
         return DataError(where, str(err), err.kind)
     except (OSError, ValueError, SyntaxError) as err:
