@@ -9,8 +9,9 @@
 * `grpo.num_iterations: 2` schedules the learning rate over every update and resumes at the right step;
   a step logs the mean of its updates' metrics;
 * resume is exact: a run SIGKILLed during a rollout, during an update and during a save, stopped by SIGTERM
-  (saves, exits 0), and resumed each time, with its newest checkpoint corrupted before the last resume
-  (reported, the previous one used), ends with LoRA parameters bitwise equal to an uninterrupted run. (A
+  (saves, exits 0), and resumed each time, with its newest checkpoint corrupted and its starting adapter
+  gone before the last resume (reported, the previous checkpoint and the run's copy of the adapter used),
+  ends with LoRA parameters bitwise equal to an uninterrupted run. (A
   SIGKILL at `after_step`, the pause both loops share in train.loop_control, is tests/test_sft.py's.)
 
 Subprocesses share a persistent XLA compilation cache, so each program compiles once per session.
@@ -152,13 +153,18 @@ def test_stages_in_order_with_every_metric(straight):
 
 def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     ckpt = setup["root"] / "chain" / "checkpoints"
+    # The chain starts from its own copy of the SFT adapter, which is gone before the last resume (the run
+    # moved to another machine): that resume builds the model from the run's copy (checkpoints/start_lora).
+    adapter = setup["root"] / "chain_sft_adapter"
+    shutil.copytree(setup["root"] / "sft_adapter", adapter)
+    sets = [f"model.adapter={adapter}"]
     # (a SIGKILL while step 2 is sampled leaves what one during its update does: step 1 the newest; the
     # suite keeps the update's, the later and costlier one)
     kills = [("update@3", signal.SIGKILL), ("save@4", signal.SIGKILL), ("update@5", signal.SIGTERM)]
     seen = []
     for point, sig in kills:
         code, log = grpo(setup, "chain", env={"FXJAX_FAULT": point}, until=f"fxjax-fault: paused at {point}",
-                         then=sig)
+                         then=sig, sets=sets)
         seen.append((point, code, committed_steps(ckpt)))
     assert [code for _, code, _ in seen] == [-signal.SIGKILL] * 2 + [0], seen
     # Killed during 3's update: step 2 is the newest; inside 4's save: still 3.
@@ -168,9 +174,11 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     for f in (ckpt / "5").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "state" in f.parts:
             f.write_bytes(b"\0" * 7)
-    code, log = grpo(setup, "chain")
+    shutil.rmtree(adapter)
+    code, log = grpo(setup, "chain", sets=sets)
     assert code == 0, log[-3000:]
     assert "checkpoint of step 5" in log and "cannot be restored" in log
+    assert f"model.adapter={adapter} is not here: the LoRA's shape from the run's copy in {ckpt / 'start_lora'}" in log
     assert (ckpt / "5.unreadable-0").is_dir() and committed_steps(ckpt)[-1] == 6  # kept aside, step 5 redone
     got = adapter_tensors(setup["root"] / "chain" / "adapter")
     want = straight[0]

@@ -86,3 +86,60 @@ def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_re
     assert f"no checkpoint in {tmp_path / 'ckpt'} restores (steps 1; the newest: " in text
     assert "Nothing was renamed" in text and "move" in text and "tensorstore_spec" not in text
     assert (tmp_path / "ckpt" / "1").is_dir()
+
+
+def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, tokenizer_dir):
+    """keep_start_lora writes the starting adapter once; a resumed run keeps it, a new run in the same
+    directory (checkpoint.resume false) replaces it with its own; resumed_start uses it only when the
+    starting adapter is gone."""
+    import json
+
+    import jax
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
+    from fxjax.model_init import init_model
+    from fxjax.peft_io import save_peft_adapter
+    from fxjax.train.run_setup import keep_start_lora, resumed_start
+    from fxjax.train_config import from_dict
+
+    def adapter(seed, name):
+        model = init_model("tiny", seed=0)
+        apply_lora(model, LoRAConfig(rank=2, alpha=4, target_modules=("q_proj",)), rngs=nnx.Rngs(params=0))
+        for _, v in nnx.to_flat_state(nnx.state(model, LORA_PARAMS)):
+            v.set_value(jax.random.normal(jax.random.key(seed), v.get_value().shape))
+        return model, save_peft_adapter(model, tmp_path / name)
+
+    def config(adapter_dir, resume):
+        return from_dict({"model": {"preset": "tiny", "adapter": str(adapter_dir)},
+                          "data": {"tokenizer": str(tokenizer_dir), "train_files": ["unused.jsonl"]},
+                          "train": {"output_dir": str(tmp_path / "run"), "steps": 1},
+                          "checkpoint": {"resume": resume}})
+
+    def kept():
+        return load_file(str(tmp_path / "run" / "checkpoints" / "start_lora" / "adapter_model.safetensors"))
+
+    first, first_dir = adapter(1, "first")
+    second, second_dir = adapter(2, "second")
+    assert keep_start_lora(first, config(first_dir, True)) == tmp_path / "run" / "checkpoints" / "start_lora"
+    want = kept()
+    keep_start_lora(second, config(second_dir, True))  # a resume (here with another adapter): the copy stays
+    assert all((kept()[k] == want[k]).all() for k in want)
+    keep_start_lora(second, config(second_dir, False))  # a new run in the same directory: its own copy
+    now, theirs = kept(), load_file(str(second_dir / "adapter_model.safetensors"))
+    assert set(now) == set(theirs) and all((now[k] == theirs[k]).all() for k in theirs)
+    assert not any((now[k] == want[k]).all() for k in want)
+    start = json.loads((tmp_path / "run" / "checkpoints" / "start_lora" / "fxjax_start.json").read_text())
+    assert start["adapter"] == str(second_dir.resolve())
+    assert not (tmp_path / "run" / "checkpoints" / "start_lora.partial").exists()
+
+    lines = []
+    assert resumed_start(config(second_dir, True), lines.append).model.adapter == str(second_dir)  # still here
+    gone = tmp_path / "gone"
+    assert resumed_start(config(gone, False), lines.append).model.adapter == str(gone)  # a new run: no copy used
+    assert lines == []
+    moved = resumed_start(config(gone, True), lines.append)
+    assert moved.model.adapter == str(tmp_path / "run" / "checkpoints" / "start_lora")
+    assert lines == [f"model.adapter={gone} is not here: the LoRA's shape from the run's copy in "
+                     f"{tmp_path / 'run' / 'checkpoints' / 'start_lora'}"]

@@ -65,7 +65,8 @@ from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, prompt
                                  sample_and_score)
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, per_process_state, start_run)
+                                   keep_start_lora, per_process_state, resumed_start,
+                                   start_run)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
@@ -189,6 +190,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     """Run (or resume) GRPO as configured. See the module docstring."""
     started = time.perf_counter()
     main, say = join_run("grpo", cfg, log)
+    cfg = resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
     g = cfg.grpo
     # every stage's reward weights read (and a bad reward file reported) now, not after the model loads
     for first_step in itertools.accumulate([s.steps for s in cfg.stages[:-1]], initial=0):

@@ -32,7 +32,7 @@ from fxjax.run_files import (START_FILE, START_LORA_DIR, RunLoadError, brief_err
                              committed_steps, read_run_config, resolve_step, steps_text)
 
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
-           "resolve_step"]
+           "resolve_step", "start_from_kept_copy"]
 
 
 @dataclass
@@ -66,11 +66,12 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes))
 
 
-def _start_from_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Callable[[str], None] | None):
+def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Callable[[str], None] | None):
     """The run's config with its own copy of the LoRA it started from (run_setup.keep_start_lora) in place of
     model.adapter / model.from_run when that folder is not here (moved, or another machine): the copy gives the
     LoRA's shape, the checkpoint its values. A from_run run's base model and tokenizer were the other run's:
-    the copy names them (moved_base: model.path was given anew, and the tokenizer follows it)."""
+    the copy names them (moved_base: model.path was given anew, and the tokenizer follows it). Used when a
+    run is loaded (`load_run`) and when it resumes (run_setup.resumed_start)."""
     m = cfg.model
     gone = [(key, value) for key, value in (("model.adapter", m.adapter), ("model.from_run", m.from_run))
             if value is not None and not Path(value).is_dir()]
@@ -144,7 +145,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     step, cfg, kind = resolve_step(ckpt, step)
     steps = committed_steps(ckpt)
     cfg = _override_model(cfg, model_path, dtype, param_dtype, attention, scan_layers)
-    cfg = _start_from_copy(cfg, ckpt, model_path is not None, log)
+    cfg = start_from_kept_copy(cfg, ckpt, model_path is not None, log)
     _check_paths(cfg, ckpt)
     if mesh is None:
         mesh = data_parallel_mesh()

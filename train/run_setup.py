@@ -11,6 +11,7 @@ mesh, the train state placed on its shardings, and a checkpoint to resume from.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -42,7 +43,8 @@ from fxjax.config_mapping import ConfigError
 from fxjax.run_files import START_FILE, START_LORA_DIR, RunLoadError, brief_error, saved_run_kind
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
-           "keep_start_lora", "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest"]
+           "keep_start_lora", "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest",
+           "resumed_start"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
@@ -129,7 +131,7 @@ def keep_start_lora(model, cfg) -> Path | None:
     if m.adapter is None and m.from_run is None:
         return None
     target = Path(cfg.checkpoint_dir) / START_LORA_DIR
-    if target.is_dir():  # a resumed run: kept when it started
+    if target.is_dir() and cfg.checkpoint.resume:  # a resumed run: kept when it started
         return target
     partial = target.with_name(f"{START_LORA_DIR}.partial")
     save_adapter(model, partial)  # process 0 writes, every process gathers and waits
@@ -143,9 +145,25 @@ def keep_start_lora(model, cfg) -> Path | None:
                  "preset": None if source is not None else base.preset, "init_seed": base.init_seed,
                  "tokenizer": str(Path(cfg.tokenizer).resolve())}
         (partial / START_FILE).write_text(json.dumps(start, indent=2))
+        if target.is_dir():  # checkpoint.resume false: a new run in this directory replaces the old run's copy
+            shutil.rmtree(target)
         partial.rename(target)  # whole or absent: a run killed while writing it writes it again
     barrier("fxjax.keep_start_lora")
     return target
+
+
+def resumed_start(cfg, log: Callable[[str], None]):
+    """The config a resuming run builds its model from: `cfg`, or, when its model.adapter / model.from_run is
+    no longer where the run read it (moved, or the run continues on another machine), `cfg` with the run's
+    own copy of its starting LoRA (`keep_start_lora`) in its place. The checkpoint restores every LoRA
+    value; the copy gives the shape (and for a from_run start, the base model and tokenizer it named). The
+    checkpoints saved from then on record the copy as model.adapter (the resume check says so)."""
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    if not cfg.checkpoint.resume or not (checkpoint_dir / START_LORA_DIR).is_dir():
+        return cfg
+    from fxjax.train.run_loading import start_from_kept_copy
+
+    return start_from_kept_copy(cfg, checkpoint_dir.absolute(), cfg.model.path is not None, log)
 
 
 def warn_replicated(model, mesh) -> None:

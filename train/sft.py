@@ -44,7 +44,8 @@ from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation,
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, per_process_state, start_run)
+                                   keep_start_lora, per_process_state, resumed_start,
+                                   start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -104,6 +105,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     (bench/sft_step.py --loop compares the two); the logged values are the same either way."""
     started = time.perf_counter()
     main, say = join_run("sft", cfg, log)
+    cfg = resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
 
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "

@@ -16,12 +16,18 @@ def say(command: str) -> Callable[[str], None]:
 
 def check_paths(cfg) -> None:
     """The config's input paths exist (checked before jax starts, so a typo costs a second and the error
-    names the key)."""
+    names the key). A resuming run's starting adapter or run may be gone when the run kept its own copy
+    (train.run_setup.resumed_start uses it)."""
+    from fxjax.run_files import START_LORA_DIR
+
+    kept_copy = cfg.checkpoint.resume and (Path(cfg.checkpoint_dir) / START_LORA_DIR).is_dir()
     paths = [("model.path", cfg.model.path), ("model.adapter", cfg.model.adapter), ("model.from_run", cfg.model.from_run),
              ("data.tokenizer", cfg.data.tokenizer), *(("data.train_files", f) for f in cfg.data.train_files),
              *(("data.eval_files", f) for f in cfg.data.eval_files)]
     for key, value in paths:
         if value is not None and not Path(value).exists():
+            if kept_copy and key in ("model.adapter", "model.from_run"):
+                continue
             raise FileNotFoundError(f"{key}: {value} does not exist")
 
 
