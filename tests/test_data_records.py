@@ -145,7 +145,9 @@ BAD = {
     "missing label": ({"image": "img/ok.png"}, "label", "missing field 'label'"),
     "box outside": (native(regions=[{"bbox": [10, 10, 65, 20], "caption": "c"}]), "box_outside", "outside the 64x48"),
     "box negative": (native(regions=[{"bbox": [-1, 10, 20, 20], "caption": "c"}]), "box_outside", "outside"),
-    "box inverted": (native(regions=[{"bbox": [30, 10, 20, 20], "caption": "c"}]), "box_inverted", "inverted"),
+    "box inverted": (native(regions=[{"bbox": [30, 10, 20, 20], "caption": "c"}]), "box_inverted",
+                     "inverted or empty (needs x1 < x2 and y1 < y2); if it is COCO's [x, y, w, h], write corners "
+                     "[x, y, x + w, y + h] = [30, 10, 50, 30]"),
     "box empty": (native(regions=[{"bbox": [10, 10, 10, 20], "caption": "c"}]), "box_inverted", "inverted or empty"),
     "box nan": ('{"image": "img/ok.png", "label": "generated", "regions": [{"bbox": [1, NaN, 5, 9], '
                 '"caption": "c"}]}', "box_nonfinite", "non-finite"),

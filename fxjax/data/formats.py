@@ -170,7 +170,10 @@ def _box_numbers(box: Any, what: str) -> Box:
             raise RecordProblem(f"{what} has a non-finite coordinate {v!r}", "box_nonfinite")
     x1, y1, x2, y2 = (float(v) for v in box)
     if x2 <= x1 or y2 <= y1:
-        raise RecordProblem(f"{what} {box!r} is inverted or empty (needs x1 < x2 and y1 < y2)", "box_inverted")
+        # COCO's [x, y, w, h] read as corners is inverted whenever w <= x or h <= y: say how to convert it
+        coco = (f"; if it is COCO's [x, y, w, h], write corners [x, y, x + w, y + h] = "
+                f"{[_fmt(x1), _fmt(y1), _fmt(x1 + x2), _fmt(y1 + y2)]}") if x2 > 0 and y2 > 0 else ""
+        raise RecordProblem(f"{what} {box!r} is inverted or empty (needs x1 < x2 and y1 < y2){coco}", "box_inverted")
     return x1, y1, x2, y2
 
 
