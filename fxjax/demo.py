@@ -107,7 +107,8 @@ DEMO: dict[str, Any] = dict(
         "train": {"loss_chunk": 64, "log_every": 1, "progress_bar": True},
         "checkpoint": {"keep": 3, "async_save": False},
         "eval": {"at_start": False, "at_end": False},
-        "grpo": {"num_generations": 4, "max_completion_length": 64, "temperature": 1.0, "top_k": 5, "beta": 0.0},
+        "grpo": {"num_generations": 4, "max_completion_length": 64, "temperature": 1.0, "top_k": 5, "beta": 0.0,
+                 "log_completions": True},  # what GRPO sampled: grpo/completions.jsonl
     }),
 )
 # --quick: a smoke run of every phase (nothing is learned).
@@ -497,7 +498,8 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     _say("\nheld-out reward under each GRPO stage's own weights, at the stage's start -> end (same images): "
          + _held_out_stage_rewards(evals))
     _say(f"\nreports: {reports[0]}, {reports[1]}\nheld-out metrics by phase: {reports[2]}\noverlays (before SFT | "
-         f"after SFT | after GRPO; white: the true region): {sheet}")
+         f"after SFT | after GRPO; white: the true region): {sheet}\nwhat GRPO sampled, with its rewards: "
+         f"{out / 'grpo' / 'completions.jsonl'}")
     _say(f"\nfxjax demo finished in {total / 60:.1f} min on {_device()}; outputs in {out}")
     # Exit status 1 only when the pipeline is broken: SFT did not teach the format, or the export disagrees.
     ok = (evals[1][1].get("format_rate") or 0) > (evals[0][1].get("format_rate") or 0) and agree < 1e-3

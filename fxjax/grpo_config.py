@@ -62,6 +62,9 @@ class GRPOSection:
     schedule: Literal["stages", "continuous"] = "stages"  # continuous: w_G(t) over train.steps
     reward_config: str | None = None  # reward YAML (default: configs/rewards.yaml of the repository)
     seed: int = 0  # sampling seed; step k samples with a key folded from (seed, k)
+    # every sampled completion, its rewards and advantage to <train.output_dir>/completions.jsonl (TRL's
+    # log_completions); logging only: a resumed run may change it
+    log_completions: bool = False
 
     def validate(self, where: str) -> None:
         for name in ("num_generations", "max_completion_length", "num_iterations"):

@@ -6,6 +6,7 @@
 * with shared prompts (each prompt through the decoder once per update, the default that every other run
   here uses) the run on two devices trains as with full sequences: the same samples, losses, gradient
   norms and LoRA parameters (slow-marked: `pytest -m slow tests/test_grpo.py`);
+* `grpo.log_completions` writes every completion with the rewards it was given, once per step after resumes;
 * `grpo.num_iterations: 2` schedules the learning rate over every update and resumes at the right step;
   a step logs the mean of its updates' metrics;
 * resume is exact: a run SIGKILLed during a rollout, during an update and during a save, stopped by SIGTERM
@@ -73,7 +74,8 @@ def setup(tokenizer_dir, tmp_path_factory):
         "train": {"loss_chunk": 64, "progress_bar": False, "output_dir": str(root / "out")},
         "checkpoint": {"every": 1, "keep": 10},
         "eval": {"at_end": False},
-        "grpo": {"num_generations": 2, "max_completion_length": 6, "temperature": 1.0, "top_k": 50, "beta": 0.04},
+        "grpo": {"num_generations": 2, "max_completion_length": 6, "temperature": 1.0, "top_k": 50, "beta": 0.04,
+                 "log_completions": True},
         "stages": STAGES,
     }
     path = root / "grpo.yaml"
@@ -119,6 +121,10 @@ def adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
     return load_file(str(directory / "adapter_model.safetensors"))
 
 
+def completions(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+
+
 def committed_steps(ckpt: Path) -> list[int]:
     return sorted(int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit())
 
@@ -149,6 +155,36 @@ def test_stages_in_order_with_every_metric(straight):
     assert "LoRA parameters (from " in log and "its rank, alpha and targets; lora.* unused)" in log  # the adapter's
     summary = json.loads([line for line in log.splitlines() if line.startswith('{"steps"')][-1])
     assert summary["steps"] == 6 and summary["last"]["stage"] == "gamma"
+
+
+def test_logged_completions_are_the_ones_scored(setup, straight):
+    """grpo.log_completions: completions.jsonl holds every sampled completion (6 steps x 2 prompts x G 2),
+    each scored again by `rewards.score` with its stage's weights gives its logged rewards, and each step's
+    mean is the metrics' reward/total_mean."""
+    from fxjax import rewards
+    from fxjax.grpo_config import load_grpo_config
+    from fxjax.train.grpo import stage_weights
+
+    cfg = load_grpo_config(setup["config"])
+    got = completions(setup["root"] / "straight")
+    assert [r["step"] for r in got] == [s for s in range(1, 7) for _ in range(4)]
+    assert [r["sample"] for r in got] == [0, 1] * 12 and {r["kind"] for r in got} == {"completion"}
+    assert all(r["record"].startswith(str(setup["root"] / "data")) and r["label"] in ("real", "generated")
+               for r in got)
+    train = {r["step"]: r for r in straight[1] if r.get("kind", "train") == "train"}
+    for step in range(1, 7):
+        rows = [r for r in got if r["step"] == step]
+        assert {r["stage"] for r in rows} == {train[step]["stage"]}
+        weights = stage_weights(cfg, step - 1)[1]
+        targets = [{"label": r["label"], "boxes": np.asarray(r["true_boxes"], np.float64).reshape(-1, 4)}
+                   for r in rows[::2]]  # one per prompt
+        again = rewards.score([r["completion"] for r in rows], targets, weights=weights, group_size=2)
+        for key in ("total", "format", "label", "iou"):
+            np.testing.assert_allclose([r[f"reward/{key}"] for r in rows], again[key], rtol=1e-6, err_msg=key)
+        assert np.mean([r["reward/total"] for r in rows]) == pytest.approx(train[step]["reward/total_mean"], rel=1e-6)
+        assert np.mean([r["completion_tokens"] for r in rows]) == pytest.approx(train[step]["completion_length_mean"])
+        for group in (rows[:2], rows[2:]):  # advantages are centred within each prompt's group
+            assert sum(r["advantage"] for r in group) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
@@ -187,6 +223,8 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     assert any(not np.array_equal(want[k], start[k]) for k in want)  # training moved the parameters
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # completions.jsonl: what each attempt logged past the step it was resumed from is dropped
+    assert completions(setup["root"] / "chain") == completions(setup["root"] / "straight")
 
 
 def test_a_run_whose_starting_adapter_moved_exports_from_its_own_copy(setup, straight, tmp_path):
@@ -297,6 +335,11 @@ def test_two_processes_equal_one_process(setup, straight):
         for key in ("reward/total_mean", "completion_length_mean", "format_rate"):
             assert a[key] == pytest.approx(b[key]), key
     assert len(ours) == len(straight[1]) == 6
+    # completions.jsonl (process 0 writes every process's rows): the same as one process's
+    multi_rows, one_rows = completions(out), completions(setup["root"] / "straight")
+    assert [(r["step"], r["record"], r["sample"], r["completion"]) for r in multi_rows] == \
+        [(r["step"], r["record"], r["sample"], r["completion"]) for r in one_rows]
+    assert [r["reward/total"] for r in multi_rows] == pytest.approx([r["reward/total"] for r in one_rows])
     # Process r decoded only row r of each batch of 2 prompts, i.e. elements 2k + r of the one-process
     # stream (read-ahead may go past the 6 steps, never into the other's rows), and every step's own row.
     stream = prompt_stream(setup, 40)

@@ -50,7 +50,7 @@ from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json
-from fxjax.grpo_config import GRPOConfig
+from fxjax.grpo_config import GRPOConfig, GRPOSection
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
@@ -60,9 +60,9 @@ from fxjax.train.batching import (ProcessRows, agree_sizes, inputs_with_patch_dt
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make_grpo_step, make_logps_fn
-from fxjax.train.metrics import MetricsLogger
-from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, prompt_inputs, rollout_sums,
-                                 sample_and_score)
+from fxjax.train.metrics import CompletionLog, MetricsLogger
+from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
+                                 rollout_sums, sample_and_score)
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
                                    keep_start_lora, per_process_state, resumed_start,
@@ -77,7 +77,8 @@ __all__ = ["GRPOResult", "group_advantages", "grpo_loss", "run_grpo"]
 
 # What a resumed GRPO run compares with its checkpoint's config: SFT's sections, the sampling and loss
 # settings, and the stages (the step count; steps come from the stages, not train.steps).
-GRPO_WATCHED = {**WATCHED, "grpo": (None, "the sampling or the loss"),
+GRPO_WATCHED = {**WATCHED, "grpo": (tuple(f.name for f in dataclasses.fields(GRPOSection) if f.name != "log_completions"),
+                                     "the sampling or the loss"),
                 "stages": (None, "the reward stages, so the step count and the schedule")}
 PROMPT_LENGTH_QUANTUM = 32  # prompts are left-padded to a multiple of this: few update programs compile
 
@@ -241,6 +242,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
 
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest)
+    completions = CompletionLog(cfg.train.output_dir, enabled=main and g.log_completions, resume_step=latest)
     resolved = cfg.to_dict()
     evaluator = None
     if evaluates(cfg):
@@ -353,6 +355,9 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                           skipped=skipped,
                           stage_index=float(cfg.stage_at(step_now - 1)[0]), **_weights_metrics(weights))
             metrics.log(step_now, "train", dict(values, stage=stage))
+            if g.log_completions:  # every process's rows, in process order
+                mine = completion_records(rollout, prompts["meta"], g.num_generations, stage)
+                completions.log(step_now, [r for part in allgather_json("grpo-completions", mine) for r in part])
             result.history.append(dict(values, step=step_now, stage=stage))
             control.bar.update(1, dict(stage=stage, reward=round(values["reward/total_mean"], 3),
                                        fmt=round(values["format_rate"], 2), iou=round(values["reward/iou_mean"], 3)))

@@ -25,9 +25,11 @@ from fxjax.file_modes import make_readable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IntervalMeans", "MetricsLogger", "ProgressBar", "read_metrics", "tensorboard_writer"]
+__all__ = ["COMPLETIONS_FILE", "CompletionLog", "IntervalMeans", "MetricsLogger", "ProgressBar", "read_metrics",
+           "tensorboard_writer"]
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
 
 
 def tensorboard_writer(directory: Path, purge_step: int | None = None):
@@ -210,6 +212,28 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class CompletionLog:
+    """<output_dir>/completions.jsonl: what a GRPO run sampled (grpo.log_completions), one JSON object per
+    completion with ``step`` and ``kind`` "completion" (as metrics.jsonl's records, so `read_metrics`'s
+    line rules and a resumed run's trimming apply: the records an interrupted attempt wrote after the
+    resumed step are dropped first). Only the main process writes; each step's lines are flushed at once."""
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / COMPLETIONS_FILE
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                _drop_records_after(self.path, resume_step)
+
+    def log(self, step: int, records: list[Mapping[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"step": int(step), "kind": "completion", **{k: _plain(v) for k, v in r.items()}})
+                         + "\n" for r in records)
 
 
 class ProgressBar:

@@ -130,6 +130,23 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     return Rollout(tokens, attention, loss_mask, truncated, texts, scores, advantages, targets)
 
 
+def completion_records(r: Rollout, metas: Sequence[Mapping[str, Any]], num_generations: int,
+                       stage: str) -> list[dict[str, Any]]:
+    """One plain record per completion of these rows (grpo.log_completions): the record it answers (file:line),
+    its label and true boxes (in the model's resized frame, as the completion's), the sample's index in
+    its group, the text, its token count and truncation, every reward term and its advantage."""
+    out = []
+    for i, text in enumerate(r.texts):
+        prompt = i // num_generations
+        out.append({"stage": stage, "record": metas[prompt]["source"], "label": r.targets[prompt]["label"],
+                    "true_boxes": np.asarray(r.targets[prompt]["boxes"]).tolist(), "sample": i % num_generations,
+                    "completion": text, "completion_tokens": int(r.attention[i].sum()),
+                    "truncated": bool(r.truncated[i]),
+                    **{f"reward/{k}": float(v[i]) for k, v in r.scores.items()},
+                    "advantage": float(r.advantages[i])})
+    return out
+
+
 def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     """The sums and counts behind `rollout_metrics` for these rows (JSON-serialisable): processes exchange
     them (`fxjax.distributed.allgather_json`) and `combine_rollout_sums` gives the whole batch's metrics.
