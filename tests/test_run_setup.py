@@ -104,9 +104,10 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     from fxjax.train.run_setup import keep_start_lora, resumed_start
     from fxjax.train_config import from_dict
 
-    def adapter(seed, name):
-        model = init_model("tiny", seed=0)
-        apply_lora(model, LoRAConfig(rank=2, alpha=4, target_modules=("q_proj",)), rngs=nnx.Rngs(params=0))
+    model = init_model("tiny", seed=0)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4, target_modules=("q_proj",)), rngs=nnx.Rngs(params=0))
+
+    def adapter(seed, name):  # the model with other LoRA values, and those values saved as an adapter
         for _, v in nnx.to_flat_state(nnx.state(model, LORA_PARAMS)):
             v.set_value(jax.random.normal(jax.random.key(seed), v.get_value().shape))
         return model, save_peft_adapter(model, tmp_path / name)
@@ -121,8 +122,8 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
         return load_file(str(tmp_path / "run" / "checkpoints" / "start_lora" / "adapter_model.safetensors"))
 
     first, first_dir = adapter(1, "first")
-    second, second_dir = adapter(2, "second")
     assert keep_start_lora(first, config(first_dir, True)) == tmp_path / "run" / "checkpoints" / "start_lora"
+    second, second_dir = adapter(2, "second")
     want = kept()
     keep_start_lora(second, config(second_dir, True))  # a resume (here with another adapter): the copy stays
     assert all((kept()[k] == want[k]).all() for k in want)
