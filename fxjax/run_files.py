@@ -14,13 +14,36 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
-           "committed_steps", "read_run_config", "resolve_step", "saved_run_kind", "steps_text"]
+           "committed_steps", "kept_start_of", "read_run_config", "resolve_step", "saved_run_kind", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 # A run that starts from another's LoRA (model.adapter, model.from_run) keeps that LoRA's shape in its checkpoint
 # directory, as a PEFT adapter: loading the run needs the shape, and the folder it came from may move.
 START_LORA_DIR = "start_lora"
 START_FILE = "fxjax_start.json"  # in START_LORA_DIR: where the run started from, its base model and tokenizer
+
+
+def kept_start_of(checkpoint_dir: str | Path, model) -> dict | None:
+    """The record (START_FILE) of the starting LoRA kept in `checkpoint_dir` when it is the start `model` (a
+    config's model section) names: the same model.adapter, or model.from_run and from_run_step, compared as
+    resolved paths (or model.adapter naming the copy itself). None when there is no readable copy or it was
+    kept for another start (an earlier run in the same directory)."""
+    copy = Path(checkpoint_dir) / START_LORA_DIR
+    try:
+        start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(start, dict):
+        return None
+
+    def resolved(value):
+        return None if value is None else str(Path(value).resolve())
+
+    if model.adapter is not None and resolved(model.adapter) == str(copy.resolve()):
+        return start
+    same = (resolved(model.adapter) == start.get("adapter") and resolved(model.from_run) == start.get("from_run")
+            and (model.from_run is None or model.from_run_step == start.get("from_run_step")))
+    return start if same else None
 
 
 class RunLoadError(ValueError):

@@ -215,6 +215,7 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     assert code == 0, log[-3000:]
     assert "checkpoint of step 5" in log and "cannot be restored" in log
     assert f"model.adapter={adapter} is not here: the LoRA's shape from the run's copy in {ckpt / 'start_lora'}" in log
+    assert "resuming with a different" not in log  # the run's config is unchanged; only where the shape came from
     assert (ckpt / "5.unreadable-0").is_dir() and committed_steps(ckpt)[-1] == 6  # kept aside, step 5 redone
     got = adapter_tensors(setup["root"] / "chain" / "adapter")
     want = straight[0]
@@ -389,3 +390,36 @@ def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
     assert any(not np.array_equal(full[k], start[k]) for k in full)
     for key in full:
         np.testing.assert_allclose(shared[key], full[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_batch_order_takes_each_shard_once_in_the_batch_order(monkeypatch):
+    """Processes send their rows shard by shard; a shard two processes hold (a replicated batch, or a mesh
+    whose tensor axis spans processes) is kept once, and the batch comes out in shard order whatever the
+    process order."""
+    from fxjax.train import grpo
+    from fxjax.train.batching import ProcessRows
+
+    parts = [{"shards": [2, 3], "rows": ["c0", "c1", "d0", "d1"]}, {"shards": [0, 1], "rows": ["a0", "a1", "b0", "b1"]},
+             {"shards": [2, 3], "rows": ["c0", "c1", "d0", "d1"]}]
+    monkeypatch.setattr(grpo, "allgather_json", lambda name, value: parts)
+    mine = ProcessRows(shards=(2, 3), shard_ids=(2, 3), rows=(4, 5, 6, 7), batch_size=8)
+    assert grpo.batch_order("test", mine, ["c0", "c1", "d0", "d1"]) == ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"]
+
+
+def test_completion_log_keeps_each_step_once(tmp_path):
+    """A run starts by dropping the records past the step it starts from: all of them for a run from
+    scratch (an attempt killed before its first checkpoint), those after step N when it resumes from N."""
+    from fxjax.train.metrics import CompletionLog
+
+    log = CompletionLog(tmp_path, resume_step=0)
+    for step in (1, 2, 3):
+        log.log(step, [{"completion": f"{step}a"}, {"completion": f"{step}b"}])
+    CompletionLog(tmp_path, resume_step=2).log(3, [{"completion": "3c"}])
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kind"], r["completion"]) for r in rows] == [
+        (1, "completion", "1a"), (1, "completion", "1b"), (2, "completion", "2a"), (2, "completion", "2b"),
+        (3, "completion", "3c")]
+    CompletionLog(tmp_path, enabled=False, resume_step=0)  # only the main process touches the file
+    assert len((tmp_path / "completions.jsonl").read_text().splitlines()) == 5
+    CompletionLog(tmp_path, resume_step=0)
+    assert (tmp_path / "completions.jsonl").read_text() == ""

@@ -89,15 +89,17 @@ def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_re
 
 
 def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, tokenizer_dir):
-    """keep_start_lora writes the starting adapter once; a resumed run keeps it, a new run in the same
-    directory (checkpoint.resume false) replaces it with its own; resumed_start uses it only when the
-    starting adapter is gone."""
+    """keep_start_lora writes the starting adapter once; a resumed run from the same adapter keeps it, a run
+    from another adapter or a new run (checkpoint.resume false) replaces it with its own; only a copy of
+    the run's own start stands in for a missing adapter (resumed_start, the CLI's path check)."""
     import json
+    import shutil
 
     import jax
     from flax import nnx
     from safetensors.numpy import load_file
 
+    from fxjax.commands.training import check_paths
     from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
     from fxjax.model_init import init_model
     from fxjax.peft_io import save_peft_adapter
@@ -106,41 +108,51 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
 
     model = init_model("tiny", seed=0)
     apply_lora(model, LoRAConfig(rank=2, alpha=4, target_modules=("q_proj",)), rngs=nnx.Rngs(params=0))
+    copy = tmp_path / "run" / "checkpoints" / "start_lora"
 
     def adapter(seed, name):  # the model with other LoRA values, and those values saved as an adapter
         for _, v in nnx.to_flat_state(nnx.state(model, LORA_PARAMS)):
             v.set_value(jax.random.normal(jax.random.key(seed), v.get_value().shape))
-        return model, save_peft_adapter(model, tmp_path / name)
+        return save_peft_adapter(model, tmp_path / name)
 
     def config(adapter_dir, resume):
         return from_dict({"model": {"preset": "tiny", "adapter": str(adapter_dir)},
-                          "data": {"tokenizer": str(tokenizer_dir), "train_files": ["unused.jsonl"]},
+                          "data": {"tokenizer": str(tokenizer_dir), "train_files": [str(tokenizer_dir / "tokenizer.json")]},
                           "train": {"output_dir": str(tmp_path / "run"), "steps": 1},
                           "checkpoint": {"resume": resume}})
 
-    def kept():
-        return load_file(str(tmp_path / "run" / "checkpoints" / "start_lora" / "adapter_model.safetensors"))
+    def kept_from(adapter_dir):  # the copy holds that adapter's values and names it
+        now, theirs = (load_file(str(d / "adapter_model.safetensors")) for d in (copy, adapter_dir))
+        named = json.loads((copy / "fxjax_start.json").read_text())["adapter"] == str(adapter_dir.resolve())
+        return named and set(now) == set(theirs) and all((now[k] == theirs[k]).all() for k in theirs)
 
-    first, first_dir = adapter(1, "first")
-    assert keep_start_lora(first, config(first_dir, True)) == tmp_path / "run" / "checkpoints" / "start_lora"
-    second, second_dir = adapter(2, "second")
-    want = kept()
-    keep_start_lora(second, config(second_dir, True))  # a resume (here with another adapter): the copy stays
-    assert all((kept()[k] == want[k]).all() for k in want)
-    keep_start_lora(second, config(second_dir, False))  # a new run in the same directory: its own copy
-    now, theirs = kept(), load_file(str(second_dir / "adapter_model.safetensors"))
-    assert set(now) == set(theirs) and all((now[k] == theirs[k]).all() for k in theirs)
-    assert not any((now[k] == want[k]).all() for k in want)
-    start = json.loads((tmp_path / "run" / "checkpoints" / "start_lora" / "fxjax_start.json").read_text())
-    assert start["adapter"] == str(second_dir.resolve())
-    assert not (tmp_path / "run" / "checkpoints" / "start_lora.partial").exists()
+    first = adapter(1, "first")
+    assert keep_start_lora(model, config(first, True)) == copy and kept_from(first)
+    (copy / "marker").write_text("")
+    keep_start_lora(model, config(first, True))  # the same run resumed: its copy stays as it was
+    assert (copy / "marker").exists()
+    second = adapter(2, "second")
+    keep_start_lora(model, config(second, True))  # another start in the same directory: its own copy
+    assert kept_from(second) and not (copy / "marker").exists()
+    (copy / "marker").write_text("")
+    keep_start_lora(model, config(second, False))  # a new run from the same adapter: written again
+    assert kept_from(second) and not (copy / "marker").exists()
+    assert not copy.with_name("start_lora.partial").exists()
 
     lines = []
-    assert resumed_start(config(second_dir, True), lines.append).model.adapter == str(second_dir)  # still here
-    gone = tmp_path / "gone"
-    assert resumed_start(config(gone, False), lines.append).model.adapter == str(gone)  # a new run: no copy used
+    assert resumed_start(config(second, True), lines.append).model.adapter == str(second)  # still here: used
+    moved = tmp_path / "moved"
+    shutil.move(second, moved)
+    assert resumed_start(config(second, False), lines.append).model.adapter == str(second)  # a new run: no copy
+    assert resumed_start(config(first, True), lines.append).model.adapter == str(first)  # the copy is second's
     assert lines == []
-    moved = resumed_start(config(gone, True), lines.append)
-    assert moved.model.adapter == str(tmp_path / "run" / "checkpoints" / "start_lora")
-    assert lines == [f"model.adapter={gone} is not here: the LoRA's shape from the run's copy in "
-                     f"{tmp_path / 'run' / 'checkpoints' / 'start_lora'}"]
+    check_paths(config(second, True))  # the path check lets it be missing only when the run resumes
+    with pytest.raises(FileNotFoundError, match="model.adapter: .*second does not exist"):
+        check_paths(config(second, False))
+    shutil.rmtree(first)
+    with pytest.raises(FileNotFoundError, match="model.adapter: .*first does not exist"):
+        check_paths(config(first, True))
+    assert resumed_start(config(first, True), lines.append).model.adapter == str(first)  # an error later, not a copy
+    resumed = resumed_start(config(second, True), lines.append)
+    assert resumed.model.adapter == str(copy)
+    assert lines == [f"model.adapter={second} is not here: the LoRA's shape from the run's copy in {copy}"]

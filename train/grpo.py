@@ -172,16 +172,23 @@ def local_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
     return np.concatenate([np.asarray(blocks[start].data) for start in sorted(blocks)])
 
 
+def batch_order(name: str, mine: ProcessRows, rows: list) -> list:
+    """Every process's `rows` (JSON values, one per sampled row of this process's batch shards, shard by
+    shard as `mine.shards`) -> the whole batch's, in its order, each shard once (processes that build the
+    same shard, as with a replicated batch, send the same rows), through one host-only exchange."""
+    per_shard = len(rows) // mine.built_shards
+    parts = allgather_json(name, {"shards": list(mine.shards), "rows": rows})
+    by_shard = {s: p["rows"][i * per_shard:(i + 1) * per_shard] for p in parts for i, s in enumerate(p["shards"])}
+    return [row for s in sorted(by_shard) for row in by_shard[s]]
+
+
 def _batch_rewards(mine: ProcessRows):
     """For scale_rewards "batch" when each process scores only its rows: this process's total rewards ->
     (every process's, in the global batch's order; the positions of this process's rows in them), through
     one host-only exchange, so the std is over the whole batch as with one process."""
     def gather(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_shard = len(totals) // mine.built_shards
-        parts = allgather_json("grpo-reward-totals", {"shards": list(mine.shards), "totals": totals.tolist()})
-        by_shard = {s: p["totals"][i * per_shard:(i + 1) * per_shard]
-                    for p in parts for i, s in enumerate(p["shards"])}
-        everything = np.asarray([t for s in sorted(by_shard) for t in by_shard[s]], np.float32)
+        everything = np.asarray(batch_order("grpo-reward-totals", mine, totals.tolist()), np.float32)
         return everything, np.concatenate([np.arange(s * per_shard, (s + 1) * per_shard) for s in mine.shards])
 
     return gather
@@ -191,7 +198,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     """Run (or resume) GRPO as configured. See the module docstring."""
     started = time.perf_counter()
     main, say = join_run("grpo", cfg, log)
-    cfg = resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
+    recorded, cfg = cfg, resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
     g = cfg.grpo
     # every stage's reward weights read (and a bad reward file reported) now, not after the model loads
     for first_step in itertools.accumulate([s.steps for s in cfg.stages[:-1]], initial=0):
@@ -235,15 +242,16 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     # the learning-rate schedule runs over every update, and state.step counts updates.
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total * g.num_iterations,
-        log=say, watched=GRPO_WATCHED)
+        log=say, watched=GRPO_WATCHED, recorded=recorded)
     result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
     step_now = updates_done(int(jax.device_get(state.step)), g.num_iterations, latest)
 
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest)
-    completions = CompletionLog(cfg.train.output_dir, enabled=main and g.log_completions, resume_step=latest)
-    resolved = cfg.to_dict()
+    # (trimmed to the step this run starts from whether or not it logs: no record of a step it redoes stays)
+    completions = CompletionLog(cfg.train.output_dir, enabled=main, resume_step=latest or 0)
+    resolved = recorded.to_dict()  # what each checkpoint records
     evaluator = None
     if evaluates(cfg):
         evaluator = Evaluator(sft_data_config(cfg), cfg.data.eval_files, batch_size=cfg.eval.batch_size,
@@ -355,9 +363,9 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                           skipped=skipped,
                           stage_index=float(cfg.stage_at(step_now - 1)[0]), **_weights_metrics(weights))
             metrics.log(step_now, "train", dict(values, stage=stage))
-            if g.log_completions:  # every process's rows, in process order
-                mine = completion_records(rollout, prompts["meta"], g.num_generations, stage)
-                completions.log(step_now, [r for part in allgather_json("grpo-completions", mine) for r in part])
+            if g.log_completions:
+                records = completion_records(rollout, prompts["meta"], g.num_generations, stage)
+                completions.log(step_now, batch_order("grpo-completions", mine, records))
             result.history.append(dict(values, step=step_now, stage=stage))
             control.bar.update(1, dict(stage=stage, reward=round(values["reward/total_mean"], 3),
                                        fmt=round(values["format_rate"], 2), iou=round(values["reward/iou_mean"], 3)))

@@ -216,9 +216,10 @@ class MetricsLogger:
 
 class CompletionLog:
     """<output_dir>/completions.jsonl: what a GRPO run sampled (grpo.log_completions), one JSON object per
-    completion with ``step`` and ``kind`` "completion" (as metrics.jsonl's records, so `read_metrics`'s
-    line rules and a resumed run's trimming apply: the records an interrupted attempt wrote after the
-    resumed step are dropped first). Only the main process writes; each step's lines are flushed at once."""
+    completion with ``step`` and ``kind`` "completion" (metrics.jsonl's line format, several lines a step).
+    `resume_step`: the step the run starts from (0 for a run from scratch): the records an earlier attempt
+    wrote after it are dropped first, so every step's completions appear once. Only the main process writes;
+    each step's lines are written at once."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled

@@ -71,7 +71,9 @@ def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Calla
     model.adapter / model.from_run when that folder is not here (moved, or another machine): the copy gives the
     LoRA's shape, the checkpoint its values. A from_run run's base model and tokenizer were the other run's:
     the copy names them (moved_base: model.path was given anew, and the tokenizer follows it). Used when a
-    run is loaded (`load_run`) and when it resumes (run_setup.resumed_start)."""
+    run is loaded (`load_run`: the copy in the run's own checkpoint folder, whatever path the config names,
+    which may be relative to where it trained) and when it resumes (run_setup.resumed_start, only for the
+    start the copy was kept for)."""
     m = cfg.model
     gone = [(key, value) for key, value in (("model.adapter", m.adapter), ("model.from_run", m.from_run))
             if value is not None and not Path(value).is_dir()]

@@ -40,7 +40,7 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import START_FILE, START_LORA_DIR, RunLoadError, brief_error, saved_run_kind
+from fxjax.run_files import START_FILE, START_LORA_DIR, RunLoadError, brief_error, kept_start_of, saved_run_kind
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
            "keep_start_lora", "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest",
@@ -131,7 +131,7 @@ def keep_start_lora(model, cfg) -> Path | None:
     if m.adapter is None and m.from_run is None:
         return None
     target = Path(cfg.checkpoint_dir) / START_LORA_DIR
-    if target.is_dir() and cfg.checkpoint.resume:  # a resumed run: kept when it started
+    if cfg.checkpoint.resume and kept_start_of(target.parent, m) is not None:  # kept when this run started
         return target
     partial = target.with_name(f"{START_LORA_DIR}.partial")
     save_adapter(model, partial)  # process 0 writes, every process gathers and waits
@@ -145,7 +145,7 @@ def keep_start_lora(model, cfg) -> Path | None:
                  "preset": None if source is not None else base.preset, "init_seed": base.init_seed,
                  "tokenizer": str(Path(cfg.tokenizer).resolve())}
         (partial / START_FILE).write_text(json.dumps(start, indent=2))
-        if target.is_dir():  # checkpoint.resume false: a new run in this directory replaces the old run's copy
+        if target.is_dir():  # an earlier run's in this directory (another start, or checkpoint.resume false)
             shutil.rmtree(target)
         partial.rename(target)  # whole or absent: a run killed while writing it writes it again
     barrier("fxjax.keep_start_lora")
@@ -153,13 +153,14 @@ def keep_start_lora(model, cfg) -> Path | None:
 
 
 def resumed_start(cfg, log: Callable[[str], None]):
-    """The config a resuming run builds its model from: `cfg`, or, when its model.adapter / model.from_run is
-    no longer where the run read it (moved, or the run continues on another machine), `cfg` with the run's
-    own copy of its starting LoRA (`keep_start_lora`) in its place. The checkpoint restores every LoRA
-    value; the copy gives the shape (and for a from_run start, the base model and tokenizer it named). The
-    checkpoints saved from then on record the copy as model.adapter (the resume check says so)."""
+    """The config a resuming run builds its model (and reads its tokenizer) from: `cfg`, or, when its
+    model.adapter / model.from_run is no longer where the run read it (moved, or the run continues on
+    another machine), `cfg` with the run's own copy of that start (`keep_start_lora`) in its place. The
+    checkpoint restores every LoRA value; the copy gives the shape (and for a from_run start, the base model
+    and tokenizer it named). A copy kept for another start is not used. The checkpoints go on recording
+    `cfg` itself (start_run's `recorded`), so nothing reads as changed and the run loads as before."""
     checkpoint_dir = Path(cfg.checkpoint_dir)
-    if not cfg.checkpoint.resume or not (checkpoint_dir / START_LORA_DIR).is_dir():
+    if not cfg.checkpoint.resume or kept_start_of(checkpoint_dir, cfg.model) is None:
         return cfg
     from fxjax.train.run_loading import start_from_kept_copy
 
@@ -290,9 +291,10 @@ class Resumed(NamedTuple):
 
 
 def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: Callable[[str], None],
-               watched=WATCHED) -> Resumed | None:
+               watched=WATCHED, recorded=None) -> Resumed | None:
     """Continue from the newest restorable checkpoint (see `restore_latest`): the state, the data iterator's
-    position and a check of the saved config against `cfg` (`check_resume_config`). None: fresh run."""
+    position and a check of the saved config against `recorded` (the config the run saves; default `cfg`;
+    `check_resume_config`). None: fresh run."""
     restored = restore_latest(checkpointer, state, log) if cfg.checkpoint.resume else None
     if restored is None:
         return None
@@ -305,7 +307,7 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
                           + (f" (GRPO from that SFT run: model.from_run={checkpointer.directory})"
                              if name == "grpo" else ""))
     restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step))
-    check_resume_config(saved_cfg, cfg.to_dict(), log, watched)
+    check_resume_config(saved_cfg, (recorded or cfg).to_dict(), log, watched)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
     return Resumed(state, data_state, step)
@@ -328,14 +330,14 @@ class RunStart(NamedTuple):
 
 
 def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total: int, log: Callable[[str], None],
-              watched=WATCHED) -> RunStart:
+              watched=WATCHED, recorded=None) -> RunStart:
     """The optimiser and a fresh state on the mesh, then `resume_run` from cfg's checkpoint directory."""
     tx, schedule = make_optimizer(cfg.optim, steps_total)
     state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
     checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
     iterator = iter(pipeline)
-    resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched)
+    resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched, recorded)
     if resumed is None:
         return RunStart(tx, schedule, state, shardings, checkpointer, iterator, {}, None)
     # floor: the running max of the padded batch shapes (see train.batching), so a resumed run compiles the

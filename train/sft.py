@@ -105,7 +105,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     (bench/sft_step.py --loop compares the two); the logged values are the same either way."""
     started = time.perf_counter()
     main, say = join_run("sft", cfg, log)
-    cfg = resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
+    recorded, cfg = cfg, resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
 
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
@@ -130,7 +130,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         f"{steps_total} steps of {cfg.data.batch_size} x {cfg.optim.grad_accum} examples")
 
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
-        "sft", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total, log=say)
+        "sft", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total, log=say,
+        recorded=recorded)
     result = SFTResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
     step_now = int(jax.device_get(state.step))
@@ -142,7 +143,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest)
-    resolved = cfg.to_dict()
+    resolved = recorded.to_dict()  # what each checkpoint records
     run_eval = RunEvaluation("sft", evaluator, metrics, result, cfg.eval.generate, say)
 
     model_cfg, pad_id, accum = model.config, pipeline.pad_id, cfg.optim.grad_accum  # the producer thread's inputs
