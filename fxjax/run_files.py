@@ -26,8 +26,9 @@ START_FILE = "fxjax_start.json"  # in START_LORA_DIR: where the run started from
 def kept_start_of(checkpoint_dir: str | Path, model) -> dict | None:
     """The record (START_FILE) of the starting LoRA kept in `checkpoint_dir` when it is the start `model` (a
     config's model section) names: the same model.adapter, or model.from_run and from_run_step, compared as
-    resolved paths (or model.adapter naming the copy itself). None when there is no readable copy or it was
-    kept for another start (an earlier run in the same directory)."""
+    resolved paths or as the config wrote them (a relative path after the project moved), or model.adapter
+    naming the copy itself. None when there is no readable copy or it was kept for another start (an
+    earlier run in the same directory)."""
     copy = Path(checkpoint_dir) / START_LORA_DIR
     try:
         start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
@@ -41,7 +42,10 @@ def kept_start_of(checkpoint_dir: str | Path, model) -> dict | None:
 
     if model.adapter is not None and resolved(model.adapter) == str(copy.resolve()):
         return start
-    same = (resolved(model.adapter) == start.get("adapter") and resolved(model.from_run) == start.get("from_run")
+    def names(key, value):  # the value as recorded (resolved then) or as given
+        return resolved(value) == start.get(key) or (value is not None and value == start.get(f"{key}_given"))
+
+    same = (names("adapter", model.adapter) and names("from_run", model.from_run)
             and (model.from_run is None or model.from_run_step == start.get("from_run_step")))
     return start if same else None
 

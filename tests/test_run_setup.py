@@ -3,6 +3,7 @@ that says which numbers to change (or, opted in, a warning on every run), never 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -88,7 +89,7 @@ def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_re
     assert (tmp_path / "ckpt" / "1").is_dir()
 
 
-def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, tokenizer_dir):
+def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, tokenizer_dir, monkeypatch):
     """keep_start_lora writes the starting adapter once; a resumed run from the same adapter keeps it, a run
     from another adapter or a new run (checkpoint.resume false) replaces it with its own; only a copy of
     the run's own start stands in for a missing adapter (resumed_start, the CLI's path check)."""
@@ -156,3 +157,14 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     resumed = resumed_start(config(second, True), lines.append)
     assert resumed.model.adapter == str(copy)
     assert lines == [f"model.adapter={second} is not here: the LoRA's shape from the run's copy in {copy}"]
+
+    # a relative model.adapter still names its start after the project moved (the record keeps it as given)
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.move(moved, project / "sft")
+    monkeypatch.chdir(project)
+    keep_start_lora(model, config(Path("sft"), True))
+    assert kept_from(project / "sft")
+    monkeypatch.chdir(tmp_path)  # here "sft" names a folder that is not there
+    assert resumed_start(config(Path("sft"), True), lines.append).model.adapter == str(copy)
+    assert lines[-1] == f"model.adapter=sft is not here: the LoRA's shape from the run's copy in {copy}"

@@ -140,6 +140,8 @@ def keep_start_lora(model, cfg) -> Path | None:
         base = from_run_start(m.from_run, m.from_run_step)[0].model if m.from_run is not None else m
         start = {"adapter": m.adapter and str(Path(m.adapter).resolve()),
                  "from_run": m.from_run and str(Path(m.from_run).resolve()), "from_run_step": m.from_run_step,
+                 # as the config wrote them: a relative path still names this start after the project moved
+                 "adapter_given": m.adapter, "from_run_given": m.from_run,
                  # the base model (a from_run run's is the other run's): its directory, or preset and seed
                  "path": str(Path(source.directory).resolve()) if source is not None else None,
                  "preset": None if source is not None else base.preset, "init_seed": base.init_seed,
