@@ -299,7 +299,7 @@ def test_batch_scaled_advantages_from_a_process_part(monkeypatch):
     from fxjax.train.grpo_loss import group_advantages
 
     totals = np.random.RandomState(4).rand(16).astype(np.float32)  # 4 prompts x G = 4, 2 per shard
-    peer = {"shards": [0], "totals": totals[:8].tolist()}
+    peer = {"shards": [0], "rows": totals[:8].tolist()}
     monkeypatch.setattr(grpo, "allgather_json", lambda name, value: [json.loads(json.dumps(value)), peer])
     mine = ProcessRows(shards=(1,), shard_ids=(1,), rows=(2, 3), batch_size=4)
     everything, positions = grpo._batch_rewards(mine)(totals[8:])
