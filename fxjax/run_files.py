@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
-           "committed_steps", "kept_start_of", "read_run_config", "resolve_step", "saved_run_kind", "steps_text"]
+           "committed_steps", "read_run_config", "resolve_step", "resumes_from_kept_start", "saved_run_kind",
+           "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 # A run that starts from another's LoRA (model.adapter, model.from_run) keeps that LoRA's shape in its checkpoint
@@ -23,31 +24,30 @@ START_LORA_DIR = "start_lora"
 START_FILE = "fxjax_start.json"  # in START_LORA_DIR: where the run started from, its base model and tokenizer
 
 
-def kept_start_of(checkpoint_dir: str | Path, model) -> dict | None:
-    """The record (START_FILE) of the starting LoRA kept in `checkpoint_dir` when it is the start `model` (a
-    config's model section) names: the same model.adapter, or model.from_run and from_run_step, compared as
-    resolved paths or as the config wrote them (a relative path after the project moved), or model.adapter
-    naming the copy itself. None when there is no readable copy or it was kept for another start (an
-    earlier run in the same directory)."""
-    copy = Path(checkpoint_dir) / START_LORA_DIR
+def resumes_from_kept_start(cfg) -> bool:
+    """Whether a run config resumes (checkpoint.resume) with its own start kept in its checkpoint folder
+    (START_LORA_DIR, written by train.run_setup.keep_start_lora): START_FILE names the start the config does,
+    the same model.adapter, or model.from_run and from_run_step, compared as resolved paths or as the config
+    wrote them (a relative path after the project moved). Then model.adapter / model.from_run may be gone
+    (train.run_setup.resumed_start uses the copy). False without a readable copy or for a copy kept for
+    another start (an earlier run in the same directory)."""
+    if not cfg.checkpoint.resume:
+        return False
     try:
-        start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
+        start = json.loads((Path(cfg.checkpoint_dir) / START_LORA_DIR / START_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        return False
     if not isinstance(start, dict):
-        return None
+        return False
 
-    def resolved(value):
-        return None if value is None else str(Path(value).resolve())
-
-    if model.adapter is not None and resolved(model.adapter) == str(copy.resolve()):
-        return start
     def names(key, value):  # the value as recorded (resolved then) or as given
-        return resolved(value) == start.get(key) or (value is not None and value == start.get(f"{key}_given"))
+        if value is None:
+            return start.get(key) is None
+        return str(Path(value).resolve()) == start.get(key) or value == start.get(f"{key}_given")
 
-    same = (names("adapter", model.adapter) and names("from_run", model.from_run)
-            and (model.from_run is None or model.from_run_step == start.get("from_run_step")))
-    return start if same else None
+    m = cfg.model
+    return (names("adapter", m.adapter) and names("from_run", m.from_run)
+            and (m.from_run is None or m.from_run_step == start.get("from_run_step")))
 
 
 class RunLoadError(ValueError):

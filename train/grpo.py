@@ -65,8 +65,7 @@ from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, comple
                                  rollout_sums, sample_and_score)
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, per_process_state, resumed_start,
-                                   start_run)
+                                   keep_start_lora, per_process_state, resumed_start, start_run)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
@@ -219,7 +218,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     tokenizer = load_tokenizer(cfg.tokenizer)
     steps_total = cfg.total_steps
     model = build_model(cfg, mesh)
-    keep_start_lora(model, cfg)
+    keep_start_lora(model, recorded)  # (the run's own start: already kept when it resumes through the copy)
     eos_ids = stop_token_ids(model, token_id(tokenizer, "<|im_end|>"))  # as TRL: the tokenizer's + generation config's
     # Two graphs over the same variables: the update runs in train mode (LoRA dropout, reseeded per step as
     # in SFT); sampling and the old/reference log-probs in eval mode.

@@ -40,7 +40,8 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import START_FILE, START_LORA_DIR, RunLoadError, brief_error, kept_start_of, saved_run_kind
+from fxjax.run_files import (START_FILE, START_LORA_DIR, RunLoadError, brief_error, resumes_from_kept_start,
+                             saved_run_kind)
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
            "keep_start_lora", "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest",
@@ -131,7 +132,7 @@ def keep_start_lora(model, cfg) -> Path | None:
     if m.adapter is None and m.from_run is None:
         return None
     target = Path(cfg.checkpoint_dir) / START_LORA_DIR
-    if cfg.checkpoint.resume and kept_start_of(target.parent, m) is not None:  # kept when this run started
+    if resumes_from_kept_start(cfg):  # kept when this run started
         return target
     partial = target.with_name(f"{START_LORA_DIR}.partial")
     save_adapter(model, partial)  # process 0 writes, every process gathers and waits
@@ -161,12 +162,11 @@ def resumed_start(cfg, log: Callable[[str], None]):
     checkpoint restores every LoRA value; the copy gives the shape (and for a from_run start, the base model
     and tokenizer it named). A copy kept for another start is not used. The checkpoints go on recording
     `cfg` itself (start_run's `recorded`), so nothing reads as changed and the run loads as before."""
-    checkpoint_dir = Path(cfg.checkpoint_dir)
-    if not cfg.checkpoint.resume or kept_start_of(checkpoint_dir, cfg.model) is None:
+    if not resumes_from_kept_start(cfg):
         return cfg
     from fxjax.train.run_loading import start_from_kept_copy
 
-    return start_from_kept_copy(cfg, checkpoint_dir.absolute(), cfg.model.path is not None, log)
+    return start_from_kept_copy(cfg, Path(cfg.checkpoint_dir).absolute(), cfg.model.path is not None, log)
 
 
 def warn_replicated(model, mesh) -> None:

@@ -44,8 +44,7 @@ from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation,
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, per_process_state, resumed_start,
-                                   start_run)
+                                   keep_start_lora, per_process_state, resumed_start, start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -121,7 +120,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=mine.batch_rows))
     steps_total = total_steps(cfg, len(pipeline))
     model = build_model(cfg, mesh)
-    keep_start_lora(model, cfg)
+    keep_start_lora(model, recorded)  # (the run's own start: already kept when it resumes through the copy)
     model.train()
     graphdef, params, base, rest = split_model(model)
     n_lora = sum(int(x.size) for x in jax.tree.leaves(params))

@@ -18,9 +18,9 @@ def check_paths(cfg) -> None:
     """The config's input paths exist (checked before jax starts, so a typo costs a second and the error
     names the key). A resuming run's starting adapter or run may be gone when the run kept its own copy
     (train.run_setup.resumed_start uses it)."""
-    from fxjax.run_files import kept_start_of
+    from fxjax.run_files import resumes_from_kept_start
 
-    kept_copy = cfg.checkpoint.resume and kept_start_of(cfg.checkpoint_dir, cfg.model) is not None
+    kept_copy = resumes_from_kept_start(cfg)
     paths = [("model.path", cfg.model.path), ("model.adapter", cfg.model.adapter), ("model.from_run", cfg.model.from_run),
              ("data.tokenizer", cfg.data.tokenizer), *(("data.train_files", f) for f in cfg.data.train_files),
              *(("data.eval_files", f) for f in cfg.data.eval_files)]
