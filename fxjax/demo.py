@@ -255,9 +255,8 @@ def _detect(detector, decoder, images: list[dict]) -> list[dict]:
     from fxjax.data.config import DataConfig
 
     data = detector.data
-    records, failed = image_records([m["image"] for m in images], **detect_prompt(data),
-                                    min_pixels=data["min_pixels"],
-                                    max_pixels=data["max_pixels"])
+    records, failed, _ = image_records([m["image"] for m in images], **detect_prompt(data),
+                                       min_pixels=data["min_pixels"], max_pixels=data["max_pixels"])
     if failed:
         raise RuntimeError(f"fxjax detect could not read {failed}")
     config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer, min_pixels=data["min_pixels"],

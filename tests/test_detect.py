@@ -72,12 +72,12 @@ def generated_answer(meta):
 
 def test_boxes_map_back_to_the_original_pixels_of_odd_sized_images(tokenizer_dir, tmp_path):
     paths = odd_images(tmp_path)
-    records, failed = image_records(paths, system="sys", user="Real or generated?", min_pixels=MIN_PIXELS,
+    records, failed, shrunk = image_records(paths, system="sys", user="Real or generated?", min_pixels=MIN_PIXELS,
                                     max_pixels=MAX_PIXELS)
-    assert failed == [] and len(records) == 4
+    assert failed == [] and shrunk == [] and len(records) == 4
     # a 16-bit image is reported, not analysed: the processor's RGB conversion would clip it to white
     Image.fromarray(np.full((61, 150), 40000, dtype=np.uint16)).save(tmp_path / "grey16.png")
-    _, (refused,) = image_records([str(tmp_path / "grey16.png")], system="sys", user="?", min_pixels=MIN_PIXELS,
+    _, (refused,), _ = image_records([str(tmp_path / "grey16.png")], system="sys", user="?", min_pixels=MIN_PIXELS,
                                   max_pixels=MAX_PIXELS)
     assert refused[0] == str(tmp_path / "grey16.png") and "has 16-bit pixels (PIL mode I;16)" in refused[1]
     decoder = ScriptedDecoder(generated_answer)
@@ -111,7 +111,7 @@ def test_boxes_map_back_to_the_original_pixels_of_odd_sized_images(tokenizer_dir
 
 def test_an_answer_that_does_not_parse_is_shown_raw_with_a_note(tokenizer_dir, tmp_path):
     path = odd_images(tmp_path)[0]
-    records, _ = image_records([path, path], system="sys", user="?", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    records, _, _ = image_records([path, path], system="sys", user="?", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     answers = iter(["<think> hmm </think> <verdict>maybe</verdict>",
                     "<think><|object_ref_start|>x<|object_ref_end|><|box_start|>[1, 2]<|box_end|></think>"])
     results = detect(records, ScriptedDecoder(lambda meta: next(answers)), prompt_config(tokenizer_dir),
@@ -129,15 +129,26 @@ def test_an_answer_that_does_not_parse_is_shown_raw_with_a_note(tokenizer_dir, t
 def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
     from fxjax.cli import main
 
+    from fxjax.data.examples import tokens_for
+    from fxjax.data.prompts import serving_prompt
+
     paths = odd_images(tmp_path)[:2]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     missing = tmp_path / "nope.png"
+    # max_length leaves room for 4 image tokens beside the prompt: at max_pixels 40000 both images would be
+    # about 15 tokens, so detect shrinks them to 4 (3136 pixels) rather than letting the pipeline drop them
+    prompt = serving_prompt(None, None)
+    before, after = tokens_for(str(tiny_vl_dir)).prompt(prompt["system"], prompt["user"])
+    max_length = len(before) + len(after) + 4
     args = ["detect", *paths, str(broken), str(missing), "--model", str(tiny_vl_dir), "--out",
-            str(tmp_path / "overlays"), "--json", "--batch-size", "4", "--max-new-tokens", "3", "--max-pixels", "3136"]
+            str(tmp_path / "overlays"), "--json", "--batch-size", "4", "--max-new-tokens", "3", "--max-pixels",
+            "40000", "--max-length", str(max_length)]
     assert main(args) == 1  # two images could not be read (not an image; no such file); the others were analysed
     out = capsys.readouterr()
     assert f"{broken}: cannot be analysed" in out.err and f"{missing}: cannot be analysed: no such file" in out.err
+    for path in paths:
+        assert f"{path}: at max_pixels 40000 it would be" in out.err and "analysed at" in out.err
     lines = [json.loads(line) for line in out.out.splitlines()]
     errors = {r["image"]: r["error"] for r in lines if "error" in r}
     assert set(errors) == {str(broken), str(missing)} and errors[str(missing)] == "no such file"
@@ -145,7 +156,10 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
     assert [r["image"] for r in results] == paths
     for r in results:  # a random model's 3 tokens: shown raw, with a note, never a crash
         assert r["model_size"] == list(model_input_size(r["size"][1], r["size"][0], 3136, 3136))[::-1]
-        assert not r["parsed"] and r["note"] and isinstance(r["completion"], str)
+        assert not r["parsed"] and isinstance(r["completion"], str)
+        mw, mh = r["model_size"]
+        assert r["note"].startswith("at max_pixels 40000 it would be")
+        assert f"analysed at {mw}x{mh} ({mw * mh // 784} image tokens)" in r["note"]
         assert Image.open(r["overlay"]).size == tuple(r["size"])
 
 
@@ -161,3 +175,28 @@ def test_out_that_is_a_file_is_refused_before_any_model_loads(tmp_path, capsys):
     assert main(["eval", "--data", str(data), "--model", str(tmp_path), "--out", str(taken)]) == 2
     assert f"--out: {taken} is a file; give a directory for the predictions" in capsys.readouterr().err
     assert taken.read_text() == "mine"
+
+
+def test_a_phone_photo_is_shrunk_to_fit_max_length_and_small_images_are_not():
+    from fxjax.commands.detect import fitting_max_pixels
+
+    # Qwen's max_pixels and fxjax's max_length: a 4032 x 3024 photo is 15552 image tokens, over 8192
+    height, width = model_input_size(3024, 4032, 3136, 12845056)
+    assert height * width // 784 == 15552
+    fit = fitting_max_pixels(12845056, 8192, prompt_tokens=200)
+    assert fit == (8192 - 200) * 784
+    height, width = model_input_size(3024, 4032, 3136, fit)
+    assert 7000 < height * width // 784 <= 8192 - 200  # the largest size that fits, near the budget
+    assert fitting_max_pixels(40000, 8192, 200) == 40000  # a smaller max_pixels already fits: kept
+    with pytest.raises(ValueError, match="max_length 100 leaves no room for an image beside the prompt's 98"):
+        fitting_max_pixels(40000, 100, 98)
+
+
+def test_an_empty_prompt_or_a_zero_length_is_refused_naming_the_flag(tiny_vl_dir, tmp_path, capsys):
+    from fxjax.cli import main
+
+    for flags, message in ((["--user-prompt", " "], "--user-prompt: give a non-empty text"),
+                           (["--system-prompt", ""], "--system-prompt: give a non-empty text"),
+                           (["--max-length", "0"], "--max-length must be >= 1, got 0")):
+        assert main(["detect", "x.png", "--model", str(tiny_vl_dir), "--no-overlay", *flags]) == 2
+        assert message in capsys.readouterr().err

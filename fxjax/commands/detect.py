@@ -21,7 +21,10 @@ DESCRIPTION = """\
 Run a detector on images (PNG, JPEG, WebP, BMP, GIF, TIFF) of any size and mode the image processor takes
 (aspect ratio up to 200; RGB, grey, palette, CMYK, with alpha: composited on white, as Qwen2.5-VL's
 processor does; EXIF orientation applied; 16-bit and float images are reported, not analysed: the
-processor's RGB conversion would clip them: 16-bit to white, float to black). For each image it prints
+processor's RGB conversion would clip them: 16-bit to white, float to black). An image whose tokens at
+max_pixels would not fit in max_length beside the prompt (a 12 MP phone photo at Qwen's max_pixels is
+15552 tokens, over the default max_length 8192) is analysed at the largest size that fits, with a note;
+smaller images are untouched. For each image it prints
   * the verdict (real / generated),
   * the regions the model grounded: caption and box [x1, y1, x2, y2] in the ORIGINAL image's pixels (the
     model answers in the pixels of its resized input; the boxes are scaled back per axis),
@@ -67,9 +70,26 @@ def detect_prompt(data: dict) -> dict[str, str]:
     return serving_prompt(data["system_prompt"], data["user_prompt"])
 
 
+def fitting_max_pixels(max_pixels: int, max_length: int, prompt_tokens: int) -> int:
+    """The largest max_pixels whose image tokens (one per 28 x 28 pixels) fit in max_length beside the
+    prompt's `prompt_tokens` text tokens, or `max_pixels` when that is smaller.
+
+    Qwen's max_pixels (12845056, 16384 image tokens) admits images that max_length 8192 does not: a phone
+    photo of 4032 x 3024 is 15552 tokens at it. Such an image could never have been a training example
+    either (the pipeline drops it), so detect shrinks it to the largest size that fits rather than
+    refusing it; smaller images are untouched (smart_resize only shrinks above max_pixels)."""
+    budget = max_length - prompt_tokens
+    if budget < 4:
+        raise ValueError(f"max_length {max_length} leaves no room for an image beside the prompt's "
+                         f"{prompt_tokens} tokens")
+    return min(max_pixels, budget * 28 * 28)
+
+
 def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: int, max_pixels: int,
-                  max_image_pixels: int | None = None) -> tuple[list, list[tuple[str, str]]]:
-    """(Records the prompt pipeline takes, [(path, why)] of the images that cannot be used).
+                  max_image_pixels: int | None = None,
+                  fit_pixels: int | None = None) -> tuple[list, list[tuple[str, str]], list[tuple[str, str]]]:
+    """(Records the prompt pipeline takes, [(path, why)] of the images that cannot be used, [(path, note)]
+    of the images shrunk below max_pixels to fit max_length: `fit_pixels`, from `fitting_max_pixels`).
 
     A user's image has no label; the records carry the prompt as an ms-swift record does (its own system
     and user text), so every image gets the same prompt. Their `label` is a placeholder that prompt-mode
@@ -78,11 +98,16 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
     from fxjax.data.records import Record
     from fxjax.image_processing import model_input_size
 
-    records, failed = [], []
+    records, failed, shrunk = [], [], []
     for path in paths:
         try:
             width, height = image_size(path, max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS, True)
-            model_input_size(height, width, min_pixels, max_pixels)  # the processor's own checks
+            mh, mw = model_input_size(height, width, min_pixels, max_pixels)  # the processor's own checks
+            if fit_pixels is not None and fit_pixels < mh * mw:
+                fh, fw = model_input_size(height, width, min(min_pixels, fit_pixels), fit_pixels)
+                shrunk.append((path, f"at max_pixels {max_pixels} it would be {mw}x{mh} at the model's input "
+                                     f"({mh * mw // 784} image tokens), more than max_length allows; analysed "
+                                     f"at {fw}x{fh} ({fh * fw // 784} image tokens)"))
         except FileNotFoundError:
             failed.append((path, "no such file"))
             continue
@@ -95,7 +120,7 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
         records.append(Record(index=len(records), source=str(path), record_id=str(path),
                               image=str(Path(path).resolve()), width=width, height=height, label="real",
                               format="swift", system=system, user=user, assistant=""))
-    return records, failed
+    return records, failed, shrunk
 
 
 def describe(text: str, meta: dict) -> dict[str, Any]:
@@ -161,9 +186,10 @@ def format_result(result: dict) -> str:
 
 
 def detect(records, decoder, prompt_config, *, out: Path | None,
-           emit: Callable[[dict], None]) -> list[dict]:
+           emit: Callable[[dict], None], notes: dict[str, str] | None = None) -> list[dict]:
     """Decode every record's image, describe the answer, write its overlay into `out` (None: none) and
-    emit each result as it comes; returns the results in order."""
+    emit each result as it comes; returns the results in order. `notes`: image -> a note to add to its
+    result (an image shrunk to fit max_length)."""
     import dataclasses
 
     from fxjax.data.pipeline import DataPipeline
@@ -175,6 +201,9 @@ def detect(records, decoder, prompt_config, *, out: Path | None,
     for texts, metas in decoder.batches(DataPipeline(cfg, records=records)):
         for text, meta in zip(texts, metas):
             result = describe(text, meta)
+            extra = (notes or {}).get(result["image"])
+            if extra:
+                result["note"] = "; ".join(n for n in (extra, result["note"]) if n)
             if out is not None:
                 path = overlay_path(out, result["image"], taken)
                 write_overlay(result, path)
@@ -200,25 +229,38 @@ def run(args: argparse.Namespace) -> int:
 
     detector = resolve_detector(args)
     data = detector.data
-    records, failed = image_records(args.images, **detect_prompt(data), min_pixels=data["min_pixels"],
-                                    max_pixels=data["max_pixels"])
-    for path, why in failed:
+    from fxjax.data.examples import tokens_for
+
+    prompt = detect_prompt(data)
+    before, after = tokens_for(detector.tokenizer).prompt(prompt["system"], prompt["user"])
+    fit = fitting_max_pixels(data["max_pixels"], data["max_length"], len(before) + len(after))
+    records, failed, shrunk = image_records(args.images, **prompt, min_pixels=data["min_pixels"],
+                                            max_pixels=data["max_pixels"], fit_pixels=fit)
+
+    def report_failed(path, why):
         say(f"{path}: cannot be analysed: {why}")
         if args.json:  # one object per image given, the unreadable ones too
             print(json.dumps({"image": str(path), "error": why}), flush=True)
+
+    for path, why in failed:
+        report_failed(path, why)
+    for path, note in shrunk:
+        say(f"{path}: {note} (max_length {data['max_length']}; --max-pixels, --max-length)")
     if records:
         detector.load()
         decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
-        config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer, min_pixels=data["min_pixels"],
-                            max_pixels=data["max_pixels"], max_length=data["max_length"], mode="prompt",
-                            prompts="auto", batch_size=args.batch_size, drop_remainder=False, shuffle=False,
-                            num_epochs=1, shard_index=0, shard_count=1)
+        config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer,
+                            min_pixels=min(data["min_pixels"], fit), max_pixels=fit, max_length=data["max_length"],
+                            mode="prompt", prompts="auto", batch_size=args.batch_size, drop_remainder=False,
+                            shuffle=False, num_epochs=1, shard_index=0, shard_count=1, on_error="skip")
         emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))
-        results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit)
-        if len(results) < len(records):
-            done = {r["image"] for r in results}
-            failed += [(r.source, "dropped by the data pipeline (see the warning above)") for r in records
-                       if r.source not in done]
+        results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit,
+                         notes={str(path): note for path, note in shrunk})
+        done = {r["image"] for r in results}
+        for record in records:
+            if record.source not in done:  # the pipeline left it out (its warning is above)
+                failed.append((record.source, "left out by the data pipeline (see its warning above)"))
+                report_failed(*failed[-1])
     return 1 if failed else 0

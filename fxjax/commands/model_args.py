@@ -51,6 +51,9 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-pixels", type=int, metavar="N", help="smallest model-input image area (pixels)")
     g.add_argument("--max-pixels", type=int, metavar="N",
                    help="largest model-input image area (pixels); fewer pixels = fewer image tokens, faster")
+    g.add_argument("--max-length", type=int, metavar="N",
+                   help="longest prompt in tokens, image tokens included (default: the run's data.max_length, "
+                        "else 8192); detect shrinks an image whose tokens would not fit, eval leaves it out")
     g.add_argument("--system-prompt", metavar="TEXT", help="system prompt (default: the one SFT trained with)")
     g.add_argument("--user-prompt", metavar="TEXT",
                    help="one user prompt for every image (default: the one SFT trained with; when it trained on "
@@ -170,10 +173,16 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
                   "prompt_settings": "from the export" if trained else "fxjax defaults (no fxjax_prompt_settings.json)"}
     if not (Path(tokenizer) / "tokenizer.json").is_file() and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
-    for key in ("min_pixels", "max_pixels", "system_prompt", "user_prompt"):
+    for key in ("min_pixels", "max_pixels", "max_length", "system_prompt", "user_prompt"):
         value = getattr(args, key, None)
-        if value is not None:
-            data[key] = value
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{flag}: give a non-empty text (or leave {flag} out for the trained one)")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+        data[key] = value
     return Detector(args=args, tokenizer=str(tokenizer), data=data, source=source)
 
 
