@@ -185,9 +185,10 @@ def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path
                                      max_new_tokens=args.max_new_tokens, mesh=detector.mesh))
         return decoder[-1]
 
+    settings = settings_of(args, detector.source, detector.data, detector.tokenizer)
     summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer),
-                       out / phase, settings=settings_of(args, detector.source, detector.data), fresh=True,
-                       progress=False, say=lambda text: _say(f"      eval: {text}"))
+                       out / phase, settings=settings, fresh=True, progress=False,
+                       say=lambda text: _say(f"      eval: {text}"))
     rows = [json.loads(line) for line in (out / phase / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
     completions = [r["completion"] for r in rows]
     targets = [{"label": r["label"], "boxes": r["true_boxes"]} for r in rows]

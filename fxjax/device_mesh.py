@@ -223,6 +223,16 @@ def splits_batch(mesh: Mesh | Mapping[str, int] | MeshConfig, batch: int) -> boo
     return batch % batch_shards(mesh) == 0
 
 
+def require_batch_split(mesh: Mesh | Mapping[str, int] | MeshConfig, batch: int, name: str) -> None:
+    """An error naming `name` when `batch` rows cannot shard over the mesh's batch devices (every device would
+    process the whole batch)."""
+    if not splits_batch(mesh, batch):
+        n = batch_shards(mesh)
+        raise ValueError(f"{name} {batch} does not divide over the {n} batch devices of the mesh "
+                         f"{dict(axis_sizes(mesh))}: every device would decode the whole batch; use a multiple "
+                         f"of {n} (e.g. {-(-batch // n) * n}) or a --mesh with fewer data x fsdp devices")
+
+
 def process_batch_shards(mesh: Mesh, process: int | None = None) -> tuple[int, ...]:
     """The batch shards (positions along the flattened ("data", "fsdp") axes, the order in which a
     [B, ...] array sharded over BATCH_AXES splits its rows) that `process`'s devices (default: this

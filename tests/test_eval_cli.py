@@ -199,6 +199,10 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     assert "resuming: 5 of 5 images already in" in capsys.readouterr().err
     assert main([a if a != "3" else "4" for a in args]) == 2
     assert "other settings (max_new_tokens: 3 then, 4 now)" in capsys.readouterr().err
+    # predictions are keyed by file:line: images read from another --root are other images
+    shutil.copytree(dataset.parent, tmp_path / "elsewhere")
+    assert main(args + ["--root", str(tmp_path / "elsewhere")]) == 2
+    assert "other settings (images: {'root': None, " in capsys.readouterr().err
     weights = next(tiny_vl_dir.glob("*.safetensors"))  # the model overwritten since (same path): not resumed
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))

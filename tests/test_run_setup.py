@@ -50,6 +50,27 @@ def test_greedy_decoding_refuses_a_batch_the_mesh_would_replicate(tokenizer_dir)
     GreedyDecoder(None, str(tokenizer_dir), batch_size=3, max_new_tokens=2, mesh=two, allow_replicated=True)
 
 
+def test_eval_and_detect_take_a_batch_the_mesh_splits_before_any_weights_load():
+    """The default batch is rounded up to a multiple of the mesh's batch devices (8 on an 8-GPU host with
+    --run, whose default mesh puts every device on the data axis); a given one that does not divide is an
+    error naming --batch-size, from the mesh alone (no weights loaded: `model` stays None)."""
+    import argparse
+
+    from jax.sharding import AbstractMesh
+
+    from fxjax.commands.model_args import Detector
+
+    eight = Detector(args=argparse.Namespace(run="RUN", mesh=None), tokenizer="tok",
+                     mesh=AbstractMesh((4, 2, 1), ("data", "fsdp", "tensor")))
+    assert eight.batch_size(None, default=4) == 8 and eight.batch_size(None, default=8) == 8
+    assert eight.batch_size(None, default=9) == 16 and eight.batch_size(16, default=4) == 16
+    with pytest.raises(ValueError, match=r"--batch-size 4 does not divide over the 8 batch devices .* \(e\.g\. 8\)"):
+        eight.batch_size(4, default=4)
+    assert eight.model is None
+    one = Detector(args=argparse.Namespace(run=None, mesh=None), tokenizer="tok")  # --model: one device
+    assert one.batch_size(None, default=4) == 4 and one.batch_size(3, default=4) == 3 and one.mesh is None
+
+
 def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_restores(tmp_path):
     """restore_latest with the real checkpointer: a damaged newest step is set aside and the one before
     restores; when no step restores, a RunLoadError (the CLI's 'error:' line, exit 2, not a traceback) says

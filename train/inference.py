@@ -20,7 +20,7 @@ from typing import Iterator
 from fxjax.data.pipeline import DataPipeline, tokens_for
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.model.generate import generate_device
-from fxjax.device_mesh import batch_shards, gather, shard_inputs, splits_batch
+from fxjax.device_mesh import batch_shards, gather, require_batch_split, shard_inputs, splits_batch
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.train.batching import pad_rows, pad_vision_inputs
 
@@ -37,11 +37,8 @@ class GreedyDecoder:
         decode the whole batch), unless `allow_replicated` (the caller checked and warned)."""
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
-        if mesh is not None and not allow_replicated and not splits_batch(mesh, batch_size):
-            n = batch_shards(mesh)
-            raise ValueError(f"{batch_name} {batch_size} does not divide over the {n} batch devices of the mesh "
-                             f"{dict(mesh.shape)}: every device would decode the whole batch; use a multiple of "
-                             f"{n} (e.g. {-(-batch_size // n) * n}) or a --mesh with fewer data x fsdp devices")
+        if mesh is not None and not allow_replicated:
+            require_batch_split(mesh, batch_size, batch_name)
         self.model = model
         self.tokenizer = load_tokenizer(tokenizer)
         self.im_end = token_id(self.tokenizer, "<|im_end|>")

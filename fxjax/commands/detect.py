@@ -56,7 +56,9 @@ def add_parser(sub) -> None:
                    help="folder for the overlay PNGs, <image name>.detect.png (default: ./detections)")
     p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write no overlay PNGs")
     p.add_argument("--json", action="store_true", help="print one JSON object per image and line")
-    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images decoded together (default: 4)")
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help="images decoded together, a multiple of the mesh's data x fsdp devices (default: 4, "
+                        "rounded up to such a multiple)")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
                    help="longest answer in tokens (default: 1024)")
     p.set_defaults(func=run)
@@ -216,7 +218,7 @@ def detect(records, decoder, prompt_config, *, out: Path | None,
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(f"fxjax detect: {text}", file=sys.stderr, flush=True)  # noqa: E731
     for name in ("batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.overlay and Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the overlays (or --no-overlay)")
@@ -229,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
 
     detector = resolve_detector(args)
     data = detector.data
+    batch_size = detector.batch_size(args.batch_size, default=4)  # checked before any weights load
     from fxjax.data.examples import tokens_for
 
     prompt = detect_prompt(data)
@@ -248,11 +251,11 @@ def run(args: argparse.Namespace) -> int:
         say(f"{path}: {note} (max_length {data['max_length']}; --max-pixels, --max-length)")
     if records:
         detector.load()
-        decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
+        decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=batch_size,
                                 max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
         config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer,
                             min_pixels=min(data["min_pixels"], fit), max_pixels=fit, max_length=data["max_length"],
-                            mode="prompt", prompts="auto", batch_size=args.batch_size, drop_remainder=False,
+                            mode="prompt", prompts="auto", batch_size=batch_size, drop_remainder=False,
                             shuffle=False, num_epochs=1, shard_index=0, shard_count=1, on_error="skip")
         emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))

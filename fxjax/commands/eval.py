@@ -83,7 +83,9 @@ def add_parser(sub) -> None:
                         "JSONL records (default: generator; --group-by alone: no breakdown)")
     add_prompt_arguments(p)
     g = p.add_argument_group("decoding and output")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default: 8)")
+    g.add_argument("--batch-size", type=int, metavar="B",
+                   help="prompts decoded together, a multiple of the mesh's data x fsdp devices (default: 8, "
+                        "rounded up to such a multiple)")
     g.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
                    help="longest completion in tokens (default: 1024); a longer one is cut and usually fails the "
                         "format check")
@@ -274,12 +276,18 @@ def _weights_identity(source: dict) -> dict:
     return identity
 
 
-def settings_of(args: argparse.Namespace, source: dict, data: dict) -> dict:
+def settings_of(args: argparse.Namespace, source: dict, data: dict, tokenizer: str) -> dict:
+    """What decides the predictions, recorded and compared on resume: the weights, decoding, prompt settings,
+    the tokenizer, the data files' contents and where their images are read from (predictions are keyed by
+    file:line, so another --root would otherwise reuse answers about other images)."""
     from fxjax.train.export import PROMPT_SETTING_KEYS  # not at the top: --help imports no fxjax.train
 
     return {"model": {**source, **_weights_identity(source)}, "decoding": "greedy",
             "max_new_tokens": args.max_new_tokens,
             **{k: data[k] for k in PROMPT_SETTING_KEYS},
+            "tokenizer": str(Path(tokenizer).resolve()),
+            "images": {"root": str(Path(args.root).resolve()) if args.root else None, "format": args.format,
+                       "allow_absolute_paths": bool(args.allow_absolute_paths)},
             "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}}
 
 
@@ -310,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         records = records[:args.limit]
     detector = resolve_detector(args)
+    args.batch_size = detector.batch_size(args.batch_size, default=8)  # checked before any weights load
     from fxjax.detection_metrics import metrics_table
 
     def make_decoder():
@@ -319,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         return GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
 
-    settings = settings_of(args, detector.source, detector.data)
+    settings = settings_of(args, detector.source, detector.data, detector.tokenizer)
     out = Path(args.out)
     summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
                        settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say)

@@ -89,28 +89,53 @@ class Detector:
     model: Any = None  # after load()
     mesh: Any = None  # after load(): jax Mesh, or None for one device
 
+    def placement(self):
+        """The mesh the weights will go on (made once, before any weights load): --mesh, else every local
+        device on the data axis with --run, else None (one device)."""
+        if self.mesh is None and not getattr(self, "_placed", False):
+            from fxjax.device_mesh import make_mesh
+
+            mesh_cfg = parse_mesh(getattr(self.args, "mesh", None))
+            if mesh_cfg is not None:
+                self.mesh = make_mesh(mesh_cfg)
+            elif self.args.run is not None:
+                from fxjax.train.run_loading import data_parallel_mesh
+
+                self.mesh = data_parallel_mesh()
+            self._placed = True
+        return self.mesh
+
+    def batch_size(self, given: int | None, default: int) -> int:
+        """--batch-size checked against the mesh before anything loads; not given: `default` rounded up to a
+        multiple of the mesh's batch devices, so every device decodes its share."""
+        from fxjax.device_mesh import batch_shards, require_batch_split
+
+        mesh = self.placement()
+        if given is None:
+            n = batch_shards(mesh) if mesh is not None else 1
+            return -(-default // n) * n
+        if mesh is not None:
+            require_batch_split(mesh, given, "--batch-size")
+        return given
+
     def load(self) -> "Detector":
         """Load the weights (once) and place them; returns self."""
         if self.model is not None:
             return self
-        from fxjax.device_mesh import make_mesh
-
         args = self.args
-        mesh_cfg = parse_mesh(getattr(args, "mesh", None))
+        mesh = self.placement()
         say = lambda text: print(f"fxjax {args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
         if args.run is not None:
-            from fxjax.train.run_loading import data_parallel_mesh, load_run
+            from fxjax.train.run_loading import load_run
 
-            self.mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else data_parallel_mesh()
-            self.model = load_run(args.run, self.source["step"], mesh=self.mesh, model_path=args.model,
+            self.model = load_run(args.run, self.source["step"], mesh=mesh, model_path=args.model,
                                   dtype=args.dtype, log=say).model
         else:
             from fxjax.hf_checkpoint import from_pretrained
 
-            self.mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else None
             say(f"loading {args.model}" + (f" with the adapter {args.adapter}" if args.adapter else "")
                 + f" ({self.source['dtype']})")
-            self.model = from_pretrained(args.model, dtype=self.source["dtype"], mesh=self.mesh, adapter=args.adapter)
+            self.model = from_pretrained(args.model, dtype=self.source["dtype"], mesh=mesh, adapter=args.adapter)
             self.model.eval()
         return self
 
