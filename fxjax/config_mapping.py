@@ -15,11 +15,39 @@ import types
 import typing
 from typing import Any, Literal, Mapping
 
-__all__ = ["ConfigError", "build_config", "check_positive", "to_plain", "type_name"]
+import yaml
+
+__all__ = ["ConfigError", "build_config", "check_positive", "load_yaml", "to_plain", "type_name"]
 
 
 class ConfigError(ValueError):
     """A config value that is unknown, mistyped or out of range; the message starts with its dotted key."""
+
+
+class _NoDuplicateKeysLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that a key given twice in one mapping is an error: PyYAML keeps the last, so a
+    second `data:` section appended to a copied config would silently replace the first."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice in one mapping (lines {seen[key]} and {line}); the second "
+                            f"would replace the first", key_node.start_mark)
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_NoDuplicateKeysLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load that refuses a key given twice in one mapping (yaml.YAMLError naming both lines)."""
+    return yaml.load(text, Loader=_NoDuplicateKeysLoader)
 
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -59,7 +59,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class LoRASection:
-    """LoRA adapters (model.lora.LoRAConfig); enabled = false trains nothing but is refused by `sft`."""
+    """LoRA adapters (model.lora.LoRAConfig): the shape of fresh ones (a start from model.adapter or
+    model.from_run keeps that LoRA's shape); enabled = false is refused by `sft` and `grpo` (they train LoRA only)."""
 
     enabled: bool = True
     rank: int = 8

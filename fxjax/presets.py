@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from fxjax.config_mapping import load_yaml
+
 if TYPE_CHECKING:
     from fxjax.model.config import Qwen25VLConfig
 
@@ -70,7 +72,7 @@ def load_preset(name_or_path: str | Path) -> Qwen25VLConfig:
         what = f"model preset {str(name_or_path)!r} not found" if named else f"{path} does not exist"
         raise PresetError(f"{what}; presets: {', '.join(preset_names())} (or the path of a preset YAML)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise PresetError(f"{path}: invalid YAML ({err})") from None
     return config_from_yaml_dict(data, str(path))

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from fxjax.config_mapping import ConfigError, build_config, to_plain, type_name
+from fxjax.config_mapping import ConfigError, build_config, load_yaml, to_plain, type_name
 from fxjax.config_sections import (CheckpointSection, DataSection, DistributedSection, EvalSection, ExportSection,
                                    LoRASection, MeshSection, ModelSection, OptimSection, TrainSection)
 
@@ -259,7 +259,7 @@ def read_yaml_config(path: str | Path | None, base: Mapping[str, Any] | None = N
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = load_yaml(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: invalid YAML ({err})") from None
         if loaded is not None and not isinstance(loaded, dict):

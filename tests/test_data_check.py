@@ -118,6 +118,10 @@ def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokeni
         what = "prompt + image tokens (GRPO prompts)" if kind == "grpo" else "prompt + image tokens + target"
         assert f"token length ({what}; min_pixels 3136, max_pixels {MAX_PIXELS}): min {lengths[0]}, " in out, out
         assert f"max {lengths[-1]}" in out and f"over max_length 80: {sum(n > 80 for n in lengths)}" in out
+    # a GRPO config whose file has no grpo or stages section (the default stages) is one by its --set
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data}))
+    rc, out = check(capsys, "--config", tmp_path / "bare.yaml", "--set", "grpo.beta=0")
+    assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
     # without --config, the records' own (longer) prompts: other lengths
     rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS)
     own = re.search(r"\+ target; min_pixels \d+, max_pixels \d+\): min (\d+), ", out)

@@ -152,7 +152,7 @@ def test_stages_in_order_with_every_metric(straight):
     assert all(0 < r["completion_length_mean"] <= 6 for r in train)
     # The policy starts away from the reference (a non-zero adapter): the KL and the update are not zero.
     assert all(r["kl"] > 0 and r["grad_norm"] > 1e-6 for r in train)
-    assert "LoRA parameters (from " in log and "its rank, alpha and targets; lora.* unused)" in log  # the adapter's
+    assert " with the adapter " in log and "(its rank, alpha and targets; lora.* unused)" in log  # the adapter's
     summary = json.loads([line for line in log.splitlines() if line.startswith('{"steps"')][-1])
     assert summary["steps"] == 6 and summary["last"]["stage"] == "gamma"
 

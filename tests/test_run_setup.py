@@ -189,3 +189,25 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     monkeypatch.chdir(tmp_path)  # here "sft" names a folder that is not there
     assert resumed_start(config(Path("sft"), True), lines.append).model.adapter == str(copy)
     assert lines[-1] == f"model.adapter=sft is not here: the LoRA's shape from the run's copy in {copy}"
+
+
+def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_false_is_refused(tmp_path):
+    """The lora section shapes fresh adapters only: a start from an adapter or a run says lora.* is unused
+    (the SFT log printed the config's rank and alpha, and "model None" for a run), and enabled=false, which
+    an adapter let through while training it all the same, is refused."""
+    from fxjax.train.run_setup import join_run, start_description
+    from fxjax.train_config import ConfigError, load_sft_config
+
+    base = ["data.train_files=[t.jsonl]", "data.tokenizer=tok", "train.steps=1"]
+    fresh = load_sft_config(overrides=base + ["model.preset=tiny", "lora.rank=4", "lora.alpha=8"])
+    assert start_description(fresh) == "preset tiny, fresh LoRA r=4 alpha=8.0"
+    adapter = load_sft_config(overrides=base + ["model.path=/m/base", "model.adapter=/m/adapter"])
+    assert start_description(adapter) == ("/m/base with the adapter /m/adapter (its rank, alpha and targets; "
+                                          "lora.* unused)")
+    run = load_sft_config(overrides=base + ["model.from_run=runs/sft", "model.from_run_step=40"])
+    assert start_description(run) == "the run runs/sft at step 40 (its base model and LoRA; lora.* unused)"
+    for cfg in (fresh, adapter):
+        off = load_sft_config(overrides=base + ["lora.enabled=false"] + (
+            ["model.preset=tiny"] if cfg is fresh else ["model.path=/m/base", "model.adapter=/m/adapter"]))
+        with pytest.raises(ConfigError, match="lora.enabled: SFT trains LoRA adapters only"):
+            join_run("sft", off, log=None)

@@ -202,6 +202,25 @@ def test_grpo_needs_two_completions_per_prompt():
 
 
 
+@pytest.mark.parametrize("train, message", [
+    ({"loss_chunk": 0}, "train.loss_chunk: must be"),
+    ({"log_every": -3}, "train.log_every: must be"),
+    ({"steps": 5}, "train.steps: with grpo.schedule=stages the steps are the stages' steps"),
+    ({"steps": -5, "schedule": "continuous"}, "train.steps: must be"),
+    ({"steps": 100, "epochs": 3, "schedule": "continuous"}, "train.epochs: grpo.schedule=continuous runs train.steps"),
+])
+def test_grpo_checks_the_train_section_naming_the_key(train, message):
+    """The GRPO config's train section (whose steps come from the stages) is checked as SFT's is: a zero
+    loss_chunk or a negative T was accepted and failed later without a key, epochs was silently ignored."""
+    from fxjax.grpo_config import grpo_from_dict
+
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    schedule = train.pop("schedule", "stages")
+    with pytest.raises(ConfigError, match=message):
+        grpo_from_dict({**data, "train": train, "grpo": {"schedule": schedule}})
+    assert grpo_from_dict({**data, "train": {"steps": 7}, "grpo": {"schedule": "continuous"}}).total_steps == 7
+
+
 def test_the_image_size_limit_reaches_the_data_pipeline():
     """data.max_image_pixels (the decompression-bomb limit) is a config key, passed to SFT's and GRPO's
     DataConfig (it was fixed at PIL's 89.5M pixels), and must be positive."""
@@ -220,3 +239,18 @@ def test_the_image_size_limit_reaches_the_data_pipeline():
     assert grpo_data_config(grpo).max_image_pixels == 1000
     with pytest.raises(ConfigError, match="data.max_image_pixels"):
         from_dict({**MINIMAL, "data": {**MINIMAL["data"], "max_image_pixels": 0}})
+
+
+def test_a_section_or_key_given_twice_is_an_error_naming_the_file_and_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a `data:` section appended to a copied config replaced the
+    first one whole, silently."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: tiny}\ndata:\n  train_files: [t.jsonl]\n  tokenizer: tok\n"
+                    "train: {steps: 3}\ndata:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=rf"{path}: invalid YAML .*'data' is given twice in one mapping "
+                                          r"\(lines 2 and 6\)"):
+        load_sft_config(path)
+    path.write_text("model: {preset: tiny}\ndata: {train_files: [t.jsonl], tokenizer: tok, tokenizer: tok2}\n"
+                    "train: {steps: 3}\n")
+    with pytest.raises(ConfigError, match="'tokenizer' is given twice"):
+        load_sft_config(path)

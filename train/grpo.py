@@ -65,7 +65,8 @@ from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, comple
                                  rollout_sums, sample_and_score)
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, per_process_state, resumed_start, start_run)
+                                   keep_start_lora, per_process_state, resumed_start, start_description,
+                                   start_run)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
@@ -227,14 +228,11 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     model.eval()
     graphdef, params, base, rest = split_model(model)
     n_lora = sum(int(x.size) for x in jax.tree.leaves(params))
-    # the adapter's or run's own LoRA shape is used: the lora section only shapes fresh adapters
-    lora_source = (f" (from {cfg.model.adapter or cfg.model.from_run}: its rank, alpha and targets; lora.* unused)"
-                   if cfg.model.adapter or cfg.model.from_run else "")
     stages = ("continuous" if g.schedule == "continuous"
               else " -> ".join(f"{s.name} x {s.steps}" for s in cfg.stages))
     say(f"grpo: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"mesh {dict(mesh.shape)}; model {cfg.model.path or cfg.model.preset} ({cfg.model.dtype}), "
-        f"{n_lora:,} LoRA parameters{lora_source}; {len(pipeline)} prompts; {steps_total} steps of {cfg.data.batch_size} "
+        f"mesh {dict(mesh.shape)}; model {start_description(cfg)} ({cfg.model.dtype}), "
+        f"{n_lora:,} LoRA parameters; {len(pipeline)} prompts; {steps_total} steps of {cfg.data.batch_size} "
         f"prompts x {g.num_generations} completions; stages {stages}; loss {g.loss_type}, beta {g.beta}")
 
     # A step samples once and makes num_iterations optimiser updates on what it sampled (TRL's num_iterations):

@@ -118,6 +118,20 @@ def build_model(cfg, mesh):
     return model.use_attention(m.attention)
 
 
+def start_description(cfg) -> str:
+    """What the run's model starts from, for its first log line: the base and where its LoRA comes from (an
+    adapter's or a run's own rank, alpha and targets, when it starts from one: the lora section then shapes
+    nothing)."""
+    m = cfg.model
+    if m.from_run is not None:
+        step = m.from_run_step if m.from_run_step is not None else "newest"
+        return f"the run {m.from_run} at step {step} (its base model and LoRA; lora.* unused)"
+    base = m.path or f"preset {m.preset}"
+    if m.adapter is not None:
+        return f"{base} with the adapter {m.adapter} (its rank, alpha and targets; lora.* unused)"
+    return f"{base}, fresh LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha}"
+
+
 def keep_start_lora(model, cfg) -> Path | None:
     """Keep the LoRA shape of a run that starts from another's (model.adapter or model.from_run) in its
     checkpoint directory (run_files.START_LORA_DIR: the starting LoRA as a PEFT adapter, and START_FILE), so
@@ -353,7 +367,7 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     """Join the multi-process run (cfg.distributed), check the config trains LoRA, and return (this is
     process 0, the console logger: `log` or stderr on process 0, silent elsewhere)."""
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
-    if not cfg.lora.enabled and cfg.model.adapter is None:
+    if not cfg.lora.enabled:  # (an adapter or a run to start from is trained all the same: no exception)
         raise ConfigError(f"lora.enabled: {name.upper()} trains LoRA adapters only; set lora.enabled=true")
     if jax.process_index() != 0:
         return False, lambda text: None

@@ -44,7 +44,8 @@ from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation,
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, per_process_state, resumed_start, start_run)
+                                   keep_start_lora, per_process_state, resumed_start, start_description,
+                                   start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -124,8 +125,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     model.train()
     graphdef, params, base, rest = split_model(model)
     n_lora = sum(int(x.size) for x in jax.tree.leaves(params))
-    say(f"sft: model {cfg.model.path or cfg.model.preset} ({cfg.model.dtype} compute), LoRA r={cfg.lora.rank} "
-        f"alpha={cfg.lora.alpha}: {n_lora:,} trainable parameters; {len(pipeline)} training records; "
+    say(f"sft: model {start_description(cfg)} ({cfg.model.dtype} compute): {n_lora:,} trainable parameters; "
+        f"{len(pipeline)} training records; "
         f"{steps_total} steps of {cfg.data.batch_size} x {cfg.optim.grad_accum} examples")
 
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(

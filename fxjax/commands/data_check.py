@@ -218,7 +218,9 @@ def _config_data(path: str, overrides: list[str]):
     from fxjax.train_config import read_yaml_config
 
     raw = read_yaml_config(path)
-    kind = "grpo" if "grpo" in raw or "stages" in raw else "sft"
+    # a GRPO config has a grpo or stages section, in the file or in a --set
+    given = set(raw) | {o.split("=", 1)[0].split(".", 1)[0].strip() for o in overrides}
+    kind = "grpo" if given & {"grpo", "stages"} else "sft"
     if kind == "grpo":
         from fxjax.grpo_config import load_grpo_config
         from fxjax.train.grpo import data_config
