@@ -91,6 +91,11 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     assert main(init) == 0
     save_merged(fxjax.from_pretrained("tiny-qwen", dtype="float32"), "export/grpo-300/merged",
                 data=DataSection(max_pixels=112 * 112, system_prompt="Find the artefacts."))
+    # the sampling settings Qwen2.5-VL-Instruct's generation_config.json ships (an export copies its base's):
+    # generate(do_sample=False) would still apply their repetition penalty, which fxjax's decoding does not
+    generation = Path("export/grpo-300/merged/generation_config.json")
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "do_sample": True,
+                                      "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}))
     # a phone-like photo: stored sideways with an EXIF orientation, and with an alpha channel (put on white)
     rgba = np.dstack([data.astronaut(), np.tile(np.linspace(0, 255, 512, dtype=np.uint8), (512, 1))])
     exif = Image.Exif()
