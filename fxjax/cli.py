@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round both sides to multiples of this (28: the image processor keeps the pixels as they "
                         "are; default: %(default)s)")
     p.add_argument("--fingerprint", type=float, default=0.0,
-                   help="amplitude (0-255 levels) of a period-2 up-sampling checkerboard on every generated image "
+                   help="amplitude (0-64 levels of 255) of a period-2 up-sampling checkerboard on every generated image "
                         f"(default 0: none; `fxjax demo` uses {DEMO['fingerprint']:g})")
     p.add_argument("--fingerprint-scope", choices=("frame", "regions", "frame+regions"), default="frame",
                    help="where the fingerprint goes: over the whole frame; inside the artefact regions only (then "
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brief", action="store_true",
                    help="one-clause reasoning texts without the scene description (fewer tokens to learn; the demo's)")
     p.add_argument("--row-code", type=float, default=0.0,
-                   help="amplitude (0-255 levels) of a code that tells each row of --box-multiple "
+                   help="amplitude (0-64 levels of 255) of a code that tells each row of --box-multiple "
                         "cells where it is (stripes 1/2/4/8 px wide): a stand-in for the positional knowledge a "
                         "pretrained model has and a random one lacks (default 0: none; see `fxjax demo`)")
     p.add_argument("--row-code-scope", choices=("frame", "regions"), default="frame",

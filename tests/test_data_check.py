@@ -52,6 +52,9 @@ def test_good_dataset(capsys, tmp_path, tokenizer_dir):
     # Without a tokenizer the token histogram is skipped with a note; --bins groups values into ranges.
     rc, out = check(capsys, path, "--bins", 2)
     assert rc == 0 and "token length: skipped (give --tokenizer DIR" in out
+    # a tokenizer that is not there: said before any image is read
+    assert main(["data", "check", str(path), "--tokenizer", str(tmp_path / "nope")]) == 2
+    assert f"tokenizer: no tokenizer.json in {tmp_path / 'nope'}" in capsys.readouterr().err
     assert re.search(bar_row("80-99", 2), out, re.M) and re.search(bar_row("100-120", 2), out, re.M)
 
 

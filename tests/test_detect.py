@@ -124,6 +124,10 @@ def test_an_answer_that_does_not_parse_is_shown_raw_with_a_note(tokenizer_dir, t
     # the same image twice: two overlays, neither overwritten
     assert [r["overlay"] for r in results] == [str(tmp_path / "out" / "rgb.detect.png"),
                                               str(tmp_path / "out" / "rgb-2.detect.png")]
+    # --no-overlay: the key is there, null (JSON readers need not test for it)
+    unwritten = detect(records, ScriptedDecoder(generated_answer), prompt_config(tokenizer_dir), out=None,
+                       emit=lambda r: None)
+    assert [r["overlay"] for r in unwritten] == [None, None]
 
 
 def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):

@@ -206,6 +206,7 @@ def detect(records, decoder, prompt_config, *, out: Path | None,
             extra = (notes or {}).get(result["image"])
             if extra:
                 result["note"] = "; ".join(n for n in (extra, result["note"]) if n)
+            result["overlay"] = None  # (the key is always there for --json readers)
             if out is not None:
                 path = overlay_path(out, result["image"], taken)
                 write_overlay(result, path)

@@ -63,19 +63,19 @@ class DataConfig:
                        prompts=("auto", "templates", "record"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"DataConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"data.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("max_length", "batch_size", "min_pixels", "max_pixels", "max_image_pixels"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"DataConfig.min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
+            raise ValueError(f"data.min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
         for name in ("worker_count", "read_threads", "prefetch_buffer_size", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.user_prompt is not None and not self.user_prompt.strip():
-            raise ValueError("DataConfig.user_prompt must be a non-empty text or None (the templates)")
+            raise ValueError("data.user_prompt must be a non-empty text or None (the templates)")
         if self.num_epochs is not None and self.num_epochs <= 0:
-            raise ValueError(f"DataConfig.num_epochs must be positive or None, got {self.num_epochs}")
+            raise ValueError(f"data.num_epochs must be positive or None, got {self.num_epochs}")
         if self.batch_rows is not None:
             rows = tuple(int(r) for r in self.batch_rows)
             object.__setattr__(self, "batch_rows", rows)
