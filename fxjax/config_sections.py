@@ -36,16 +36,18 @@ class ModelSection:
     # of depth; the same numbers, checkpoints and adapters as the loop (false)
     scan_layers: bool = False
     adapter: str | None = None  # start from this PEFT adapter directory instead of fresh LoRA weights
-    from_run: str | None = None  # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA
+    # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA (with path: that base model's
+    # directory now, when it moved; the tokenizer then follows path unless data.tokenizer is given)
+    from_run: str | None = None
     from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)
 
     def validate(self, where: str) -> None:
         if self.from_run is not None:
             if self.adapter is not None:
                 raise ConfigError(f"{where}.from_run: starts from that run's LoRA; set {where}.adapter=null")
-            if self.path is not None or self.preset is not None:
-                raise ConfigError(f"{where}.from_run: the base model is that run's; set {where}.path=null and "
-                                  f"{where}.preset=null")
+            if self.preset is not None:  # (a path is that run's base model where it is now, when it moved)
+                raise ConfigError(f"{where}.from_run: the base model is that run's; set {where}.preset=null "
+                                  f"({where}.path may name where that base model is now, if it moved)")
         elif (self.path is None) == (self.preset is None):
             raise ConfigError(f"{where}: set exactly one of model.path (an HF checkpoint directory), model.preset "
                               f"(random init) and model.from_run (a fxjax run directory)")

@@ -272,7 +272,25 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     equal = [np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(lora(moved.model), lora(load_run(two_process_run, 3).model))]
     assert len(equal) > 10 and all(equal)
-    for bad, key in (({"path": str(tiny_vl_dir)}, "model.from_run"), ({"adapter": str(tmp_path)}, "model.from_run"),
+    # The base model the SFT run recorded has moved: model.path says where it is now (the tokenizer follows)
+    moved_sft = tmp_path / "moved_sft"
+    shutil.copytree(two_process_run / "checkpoints" / "2", moved_sft / "checkpoints" / "2")
+    record = moved_sft / "checkpoints" / "2" / "config" / "config.json"
+    recorded = json.loads(record.read_text())
+    recorded["model"]["path"] = str(tmp_path / "gone-base")
+    record.write_text(json.dumps(recorded))
+    from fxjax.run_files import RunLoadError
+
+    lost = grpo_from_dict({"model": {"from_run": str(moved_sft), "dtype": "float32"}, "data": data})
+    with pytest.raises(RunLoadError, match="gone-base, which does not exist here"):
+        build_model(lost, make_mesh(MeshConfig()))
+    found = grpo_from_dict({"model": {"from_run": str(moved_sft), "path": str(tiny_vl_dir), "dtype": "float32"},
+                            "data": data})
+    assert found.tokenizer == str(tiny_vl_dir)
+    equal = [np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(lora(build_model(found, make_mesh(MeshConfig()))), lora(started))]
+    assert len(equal) > 10 and all(equal)
+    for bad, key in (({"preset": "tiny"}, "model.from_run"), ({"adapter": str(tmp_path)}, "model.from_run"),
                      ({"from_run": None, "path": str(tiny_vl_dir)}, "model.from_run_step")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, **bad}, "data": data})

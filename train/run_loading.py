@@ -103,7 +103,8 @@ def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Calla
 
 def _check_paths(cfg, checkpoint_dir: Path) -> None:
     m = cfg.model
-    for key, value, hint in (("model.path", m.path, "pass the base model's directory (--model)"),
+    for key, value, hint in (("model.path", m.path, "pass the base model's directory (--model; a run that starts "
+                                                    "from this one: model.path beside model.from_run)"),
                              ("model.adapter", m.adapter, "the PEFT adapter this run started from must be "
                                                          "where the run read it")):
         if value is not None and not Path(value).is_dir():
