@@ -307,3 +307,34 @@ def test_batch_scaled_advantages_from_a_process_part(monkeypatch):
     np.testing.assert_array_equal(positions, np.arange(8, 16))
     whole = np.asarray(group_advantages(totals, 4, "batch"))
     np.testing.assert_array_equal(np.asarray(group_advantages(everything, 4, "batch"))[positions], whole[8:])
+
+
+def test_float32_logits_add_an_lm_head_lora_in_float32(tiny_checkpoint):
+    """A LoRA a user puts on the lm_head (all-linear leaves it out) is added to the float32 logits unrounded,
+    and only while enabled (the reference policy disables it): on a bf16 model the head's result equals
+    float32 math on the same weights, not the bf16 module's rounded output."""
+    from fxjax.model.lora import lora_disabled
+    from fxjax.train.grpo_step import float32_logits
+
+    m = from_pretrained(tiny_checkpoint, dtype="bfloat16")
+    assert m.lm_head is not None  # the tiny checkpoint is untied
+    apply_lora(m, LoRAConfig(rank=4, alpha=8, target_modules=["lm_head"]), rngs=nnx.Rngs(params=1))
+    lora = m.lm_head.lora
+    lora.lora_b.set_value(0.5 * jax.random.normal(jax.random.key(4), lora.lora_b.get_value().shape))
+    hidden = jax.random.normal(jax.random.key(5), (6, m.config.text.hidden_size)).astype(jnp.bfloat16)
+
+    h = np.asarray(hidden.astype(jnp.float32), np.float64)
+    kernel = np.asarray(m.lm_head.kernel[...].astype(jnp.float32), np.float64)
+    base = h @ kernel
+    if m.lm_head.bias is not None:
+        base = base + np.asarray(m.lm_head.bias[...].astype(jnp.float32), np.float64)
+    update = (h @ np.asarray(lora.lora_a[...], np.float64)) @ np.asarray(lora.lora_b[...], np.float64) * lora.scaling
+    assert np.abs(update).max() > 0.1  # the adapter moves the logits visibly
+
+    with_lora = np.asarray(float32_logits(m, hidden))
+    assert with_lora.dtype == np.float32
+    np.testing.assert_allclose(with_lora, base + update, rtol=1e-5, atol=1e-5)
+    rounded = np.asarray(m.lm_head(hidden).astype(jnp.float32))  # the bf16 module: visibly farther
+    assert np.abs(rounded - (base + update)).max() > 10 * np.abs(with_lora - (base + update)).max()
+    with lora_disabled(m):
+        np.testing.assert_allclose(np.asarray(float32_logits(m, hidden)), base, rtol=1e-5, atol=1e-5)

@@ -80,16 +80,19 @@ class LossOptions:
 
 
 def float32_logits(model, hidden: jax.Array) -> jax.Array:
-    """lm_head in float32 on [C, D] hidden states (the weights are upcast; LoRA on the lm_head, if a user
-    targeted it, goes through the module in the compute dtype)."""
+    """lm_head in float32 on [C, D] hidden states: the weights upcast, and a LoRA on the lm_head (when a user
+    targets it; all-linear leaves it out) added in float32 unrounded, when enabled (the reference policy
+    disables it)."""
     h = hidden.astype(jnp.float32)
     if model.lm_head is None:
         return h @ model.embed_tokens.embedding[...].astype(jnp.float32).T
     head = model.lm_head
-    if head.lora is not None:
-        return head(hidden).astype(jnp.float32)
     out = h @ head.kernel[...].astype(jnp.float32)
-    return out if head.bias is None else out + head.bias[...].astype(jnp.float32)
+    if head.bias is not None:
+        out = out + head.bias[...].astype(jnp.float32)
+    if head.lora is not None and head.lora.enabled:
+        out = out + head.lora(hidden).astype(jnp.float32)  # (the update is computed in float32, as PEFT)
+    return out
 
 
 def completion_logps(model, inputs: ModelInputs, completion_ids: jax.Array, *, temperature: float, chunk: int,
