@@ -89,11 +89,13 @@ def setup(tokenizer_dir, tmp_path_factory):
 
 
 def grpo(setup, name: str, *, env=None, until: str | None = None, then=signal.SIGKILL, config=None,
-         sets=()) -> tuple[int, str]:
-    """Run `fxjax grpo` into <root>/<name>; with `until`, send `then` once that text appears on stderr."""
+         sets=(), report: bool = False) -> tuple[int, str]:
+    """Run `fxjax grpo` into <root>/<name>; with `until`, send `then` once that text appears on stderr. The
+    end-of-run report.png (about 2 s of plotting) only with `report`: the straight run checks it."""
     out = setup["root"] / name
     args = [sys.executable, "-m", "fxjax.cli", "grpo", "--config", str(config or setup["config"]),
-            "--set", f"train.output_dir={out}", "--set", f"export.adapter_dir={out / 'adapter'}"]
+            "--set", f"train.output_dir={out}", "--set", f"export.adapter_dir={out / 'adapter'}",
+            *([] if report else ["--no-report"])]
     args += [a for item in sets for a in ("--set", item)]
     log = out.with_suffix(".log")
     out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +133,16 @@ def committed_steps(ckpt: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def straight(setup):
-    code, log = grpo(setup, "straight")
+    # what an attempt killed before its first checkpoint left: the run starts from scratch and drops it
+    out = setup["root"] / "straight"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 99.0}\n')
+    (out / "completions.jsonl").write_text('{"step": 1, "completion": "stale"}\n')
+    code, log = grpo(setup, "straight", report=True)
     assert code == 0, log[-3000:]
-    records = [json.loads(line) for line in (setup["root"] / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert f"wrote the report {out / 'report.png'}" in log and (out / "report.png").stat().st_size > 20_000
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 99.0 not in [r.get("loss") for r in records] and "stale" not in (out / "completions.jsonl").read_text()
     return adapter_tensors(setup["root"] / "straight" / "adapter"), records, log
 
 
@@ -320,7 +329,7 @@ def test_two_processes_equal_one_process(setup, straight):
     each process reads, decodes and scores only its own prompts (tests/decode_trace.py records them)."""
     out = setup["root"] / "multi"
     args = ["grpo", "--config", str(setup["config"]), "--set", f"train.output_dir={out}",
-            "--set", f"export.adapter_dir={out / 'adapter'}"]
+            "--set", f"export.adapter_dir={out / 'adapter'}", "--no-report"]
     env = {**setup["env"], "FXJAX_TEST_DECODE_LOG": str(out / "decoded")}
     procs, logs = launch_two(args, env, setup["root"] / "multi", entry=(DECODE_TRACE,))
     codes = wait_all(procs, logs, timeout=TIMEOUT)

@@ -64,13 +64,15 @@ def setup(tokenizer_dir, tmp_path_factory):
     return dict(root=root, config=path, env=env, files=files, model=model_dir)
 
 
-def sft(setup, name: str, *, env=None, until: str | None = None, then: int | None = None, extra=()):
+def sft(setup, name: str, *, env=None, until: str | None = None, then: int | None = None, extra=(),
+        report: bool = False):
     """Run `fxjax sft` for run `name` (its own checkpoint dir and adapter dir unless given in extra). With
-    `until`, wait for that line on stderr and send signal `then`. Returns (returncode, stderr text)."""
+    `until`, wait for that line on stderr and send signal `then`. Returns (returncode, stderr text). The
+    end-of-run report.png (about 2 s of plotting) only with `report`: the straight run checks it."""
     root = setup["root"]
     args = [sys.executable, "-m", "fxjax.cli", "sft", "--config", str(setup["config"]),
             "--set", f"checkpoint.dir={root / name / 'ckpt'}", "--set", f"export.adapter_dir={root / name / 'adapter'}",
-            "--set", f"train.output_dir={root / name}"]
+            "--set", f"train.output_dir={root / name}", *([] if report else ["--no-report"])]
     for item in extra:
         args += ["--set", item]
     log_path = root / f"{name}-{time.time_ns()}.log"
@@ -111,8 +113,10 @@ def eval_at_end_args(setup) -> list[str]:
 
 @pytest.fixture(scope="module")
 def straight(setup):
-    code, log = sft(setup, "straight", extra=[a for a in eval_at_end_args(setup) if a != "--set"])
+    code, log = sft(setup, "straight", extra=[a for a in eval_at_end_args(setup) if a != "--set"], report=True)
     assert code == 0, log[-3000:]
+    report = setup["root"] / "straight" / "report.png"
+    assert f"wrote the report {report}" in log and report.stat().st_size > 20_000
     return adapter_tensors(setup["root"] / "straight" / "adapter")
 
 
@@ -206,7 +210,7 @@ def _launch_two(setup, name: str, env=None):
     root = setup["root"]
     args = ["sft", "--config", str(setup["config"]), "--set", f"checkpoint.dir={root / name / 'ckpt'}",
             "--set", f"export.adapter_dir={root / name / 'adapter'}", "--set", f"train.output_dir={root / name}",
-            *eval_at_end_args(setup)]
+            *eval_at_end_args(setup), "--no-report"]
     env = {**setup["env"], "FXJAX_TEST_DECODE_LOG": str(root / name / "decoded"), **(env or {})}
     return launch_two(args, env, root / name, entry=(DECODE_TRACE,))
 

@@ -244,8 +244,9 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                        resumed_from=latest)
     step_now = updates_done(int(jax.device_get(state.step)), g.num_iterations, latest)
 
+    # (no checkpoint: a start from scratch, which drops what an attempt killed before its first one logged)
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
-                            resume_step=latest)
+                            resume_step=latest or 0)
     # (trimmed to the step this run starts from whether or not it logs: no record of a step it redoes stays)
     completions = CompletionLog(cfg.train.output_dir, enabled=main, resume_step=latest or 0)
     resolved = recorded.to_dict()  # what each checkpoint records
@@ -380,8 +381,9 @@ def _sequence_tokens(batch: GroupBatch, num_generations: int) -> int:
 
 def update_metrics(updates: list[dict]) -> dict:
     """A step's metrics from its num_iterations updates' (fetched to the host): each metric's mean over
-    the updates (what TRL logs with logging_steps = num_iterations; the first update's clip ratio is
-    always 0, its ratio being 1), the last update's learning rate, "finite" only if every update was."""
+    the updates (what TRL logs with logging_steps = num_iterations; the first update's ratio is 1 and its
+    clip ratio 0 unless LoRA dropout, active in the update only, moves its log-probs off the sampling
+    policy's), the last update's learning rate, "finite" only if every update was."""
     out = {k: float(np.mean([u[k] for u in updates])) for k in updates[0] if k not in ("finite", "learning_rate")}
     out["learning_rate"] = float(updates[-1]["learning_rate"])
     out["finite"] = all(bool(u["finite"]) for u in updates)

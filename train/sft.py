@@ -141,8 +141,9 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         evaluator = Evaluator(dcfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
                               max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+    # (no checkpoint: a start from scratch, which drops what an attempt killed before its first one logged)
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
-                            resume_step=latest)
+                            resume_step=latest or 0)
     resolved = recorded.to_dict()  # what each checkpoint records
     run_eval = RunEvaluation("sft", evaluator, metrics, result, cfg.eval.generate, say)
 
