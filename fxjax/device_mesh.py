@@ -23,6 +23,8 @@ Use:
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
@@ -181,10 +183,12 @@ def axis_sizes(mesh: Mesh | Mapping[str, int] | MeshConfig) -> dict[str, int]:
     return {a: int(mesh.shape[a]) if a in mesh.shape else 1 for a in AXES}
 
 
-def use_mesh(mesh: Mesh):
+def use_mesh(mesh: Mesh | None):
     """Context manager making `mesh` the ambient mesh: the model then shards activations' batch over
-    ("data", "fsdp") (see model.qwen2_5_vl) and bare PartitionSpecs resolve against it."""
-    return jax.sharding.set_mesh(mesh)
+    ("data", "fsdp") (see model.qwen2_5_vl), bare PartitionSpecs resolve against it and the Splash kernel
+    runs per shard (model.attention.on_local_shards; a multi-chip program cannot hold it whole). None (one
+    device): nothing changes."""
+    return jax.sharding.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 # ---- placing host arrays --------------------------------------------------------------------------

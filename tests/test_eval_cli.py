@@ -277,3 +277,40 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     # a run folder that also holds an eval's metrics.json (`fxjax eval --out RUN`) is plotted as the run
     (broken / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train", "loss": 2.0}) + "\n")
     assert main(["report", str(broken)]) == 0 and (broken / "report.png").is_file()
+
+
+def test_held_out_loss_and_greedy_decoding_trace_the_model_under_the_mesh(dataset, tiny_vl_dir, monkeypatch):
+    """Attention `auto` is Splash on a TPU, a kernel XLA cannot partition: a multi-chip program holds it only
+    per shard, which model.attention.on_local_shards does under the ambient mesh (the model also pins its
+    activations' batch to it). The in-training evaluation's loss and the greedy decoding of eval / detect,
+    given a mesh, trace the model with it set (a one-device mesh here: what is checked is the ambient mesh
+    while tracing, seen by the model's batch pinning)."""
+    import jax
+    from flax import nnx
+
+    import fxjax.model.qwen2_5_vl as qwen
+    from fxjax.data.config import DataConfig
+    from fxjax.device_mesh import MeshConfig, make_mesh
+    from fxjax.hf_checkpoint import from_pretrained
+    from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
+    from fxjax.train.evaluation import Evaluator
+
+    ambient = []
+    pin = qwen.shard_batch
+
+    def spy(x):
+        ambient.append(not jax.sharding.get_abstract_mesh().empty)
+        return pin(x)
+
+    monkeypatch.setattr(qwen, "shard_batch", spy)
+    mesh = make_mesh(MeshConfig())
+    model = from_pretrained(str(tiny_vl_dir), dtype="float32", mesh=mesh)
+    data = DataConfig(data_files=(str(dataset),), tokenizer=str(tiny_vl_dir), max_pixels=3136, max_length=512)
+    evaluator = Evaluator(data, [str(dataset)], batch_size=2, max_examples=2, max_new_tokens=2, loss_chunk=64,
+                          mesh=mesh)
+    _, params, base, rest = nnx.split(model, LORA_PARAMS, BASE_PARAMS, ...)
+    assert evaluator.loss(model, params, base, rest) > 0
+    traced = len(ambient)
+    assert traced and all(ambient)
+    texts, _ = evaluator.completions(model)
+    assert len(texts) == 2 and len(ambient) > traced and all(ambient)

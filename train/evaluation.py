@@ -22,7 +22,7 @@ from flax import nnx
 from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
-from fxjax.device_mesh import batch_shards, splits_batch
+from fxjax.device_mesh import batch_shards, splits_batch, use_mesh
 from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, pad_rows, place_batch
 from fxjax.train.inference import GreedyDecoder
 from fxjax.train.step import make_eval_loss
@@ -98,7 +98,8 @@ class Evaluator:
             self._floor = grow_floor(self._floor, step_batch, model.config, shards)
             if self.mesh is not None:
                 step_batch = place_batch(step_batch, batch_shardings(step_batch, self.mesh, split))
-            t, c = self._eval_loss(params, base, rest, step_batch)
+            with use_mesh(self.mesh):  # traced under the mesh: activations' batch pinned, Splash per shard
+                t, c = self._eval_loss(params, base, rest, step_batch)
             total += float(t)
             count += float(c)
         return total / max(count, 1.0)

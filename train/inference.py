@@ -20,7 +20,7 @@ from typing import Iterator
 from fxjax.data.pipeline import DataPipeline, tokens_for
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.model.generate import generate_device
-from fxjax.device_mesh import batch_shards, gather, require_batch_split, shard_inputs, splits_batch
+from fxjax.device_mesh import batch_shards, gather, require_batch_split, shard_inputs, splits_batch, use_mesh
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.train.batching import pad_rows, pad_vision_inputs
 
@@ -70,10 +70,11 @@ class GreedyDecoder:
     def complete(self, batch: dict) -> list[str]:
         """Greedy completions of one prompt batch (up to batch_size rows), one text per row."""
         real = len(batch["meta"])
-        inputs = self.inputs(batch)
         stop = stop_token_ids(self.model, self.im_end)
-        out = generate_device(self.model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
-                              pad_token_id=self.pad_id)
+        with use_mesh(self.mesh):  # traced under the mesh: activations' batch pinned, Splash per shard
+            inputs = self.inputs(batch)
+            out = generate_device(self.model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
+                                  pad_token_id=self.pad_id)
         tokens = gather(out.tokens)
         rows = [tokens[row].tolist() for row in range(real)]
         ends = [self.stop_at(ids, stop) for ids in rows]

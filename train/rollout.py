@@ -15,7 +15,6 @@ metrics of the whole batch from every part's sums.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -107,7 +106,7 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     the rewards run on this host's CPU device, outside it. Group advantages need only a group's own
     rewards, except under scale_rewards "batch": `batch_rewards` (when the rows here are not the whole
     batch) maps these rows' total rewards to (every row's, the positions of these rows in them)."""
-    with use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with use_mesh(mesh):
         out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k or None,
                                     top_p=None if top_p >= 1.0 else top_p, rng=rng, eos_token_ids=tuple(eos_ids),
