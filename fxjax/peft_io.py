@@ -284,7 +284,8 @@ def _fresh_config(model, adapters: list, names: list[str], naming: str) -> dict[
     return {
         "alpha_pattern": alpha_pattern,
         "auto_mapping": _AUTO_MAPPING,
-        "base_model_name_or_path": source.directory if source is not None else None,
+        # absolute: a relative path would name another folder from elsewhere (or read as a Hub id)
+        "base_model_name_or_path": str(Path(source.directory).resolve()) if source is not None else None,
         "bias": "none",
         "exclude_modules": exclude,
         "fan_in_fan_out": False,

@@ -82,6 +82,13 @@ class RunConfig:
         if self.eval.every and not self.data.eval_files:
             raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
                               f"data.eval_files; give them, or set eval.every=0")
+        for key in ("adapter_dir", "merged_dir"):  # the end-of-run export replaces that folder
+            target = getattr(self.export, key)
+            for start in ("adapter", "path"):
+                given = getattr(self.model, start)
+                if target and given and Path(target).resolve() == Path(given).resolve():
+                    raise ConfigError(f"export.{key}: {target} is model.{start}, what this run starts from; the "
+                                      f"export at the end would replace it: write to another folder")
         if self.model.preset is not None and self.data.tokenizer is None:
             raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
                               f"tokenizer; set data.tokenizer to a directory with tokenizer.json")

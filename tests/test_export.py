@@ -142,3 +142,52 @@ def test_an_adapter_is_not_applied_twice_on_the_export_it_is_merged_into(tiny_ch
     save_merged(fxjax.from_pretrained(tiny_checkpoint), merged_twice)  # no LoRA: the record goes with the weights
     assert not (merged_twice / MERGED_LORA_FILE).exists()
     fxjax.from_pretrained(merged_twice, adapter=other)
+
+
+def test_an_export_replaces_its_folder_whole_and_a_failure_leaves_the_former_one(tiny_checkpoint, tokenizer_dir,
+                                                                                 tmp_path, monkeypatch):
+    """The pixel limits reach transformers 5's processor_config.json too (AutoImageProcessor reads its nested
+    image_processor first); a second export replaces the folder (no stale shard stays); a missing tokenizer
+    is refused before any weights are written; a failure part-way leaves the former export whole; the
+    adapter names its base by an absolute path (the model was loaded by a relative one)."""
+    from transformers import AutoImageProcessor
+
+    import fxjax
+    import fxjax.data.tokenizer
+    from fxjax.model.lora import LoRAConfig
+    from fxjax.train.export import save_adapter, save_merged
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    image = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "temporal_patch_size": 2,
+             "merge_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
+             "size": {"shortest_edge": 3136, "longest_edge": 12845056}}
+    (base / "preprocessor_config.json").write_text(json.dumps(image))
+    (base / "processor_config.json").write_text(json.dumps({"image_processor": image,
+                                                            "processor_class": "Qwen2_5_VLProcessor"}))
+    monkeypatch.chdir(tmp_path)
+    model = fxjax.from_pretrained("base", lora=LoRAConfig(rank=2, alpha=4))
+    out = tmp_path / "merged"
+    save_merged(model, out, image_pixels=(3136, 12544))
+    assert AutoImageProcessor.from_pretrained(out).size["longest_edge"] == 12544
+    (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    save_merged(model, out, tokenizer_dir=tokenizer_dir, image_pixels=(3136, 6272))
+    assert not (out / "model-00009-of-00009.safetensors").exists()
+    assert AutoImageProcessor.from_pretrained(out).size["longest_edge"] == 6272
+    former = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer.json in {tmp_path / 'stock'}"):
+        save_merged(model, out, tokenizer_dir=tmp_path / "stock")
+    assert not (tmp_path / ".merged.partial").exists()  # refused before writing anything
+
+    def broken(source, folder):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(fxjax.data.tokenizer, "export_tokenizer", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_merged(model, out, tokenizer_dir=tokenizer_dir, image_pixels=(3136, 3136))
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == former
+    assert (tmp_path / ".merged.partial" / "config.json").is_file()  # the failed attempt's, cleared by the next
+
+    adapter = json.loads((save_adapter(model, "adapter") / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base.resolve())

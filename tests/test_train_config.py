@@ -254,3 +254,16 @@ def test_a_section_or_key_given_twice_is_an_error_naming_the_file_and_lines(tmp_
                     "train: {steps: 3}\n")
     with pytest.raises(ConfigError, match="'tokenizer' is given twice"):
         load_sft_config(path)
+
+
+def test_an_export_folder_that_is_the_start_is_refused(tmp_path, monkeypatch):
+    """The end-of-run export replaces its folder: one that is the adapter (or model) the run starts from is
+    an error naming the key (a GRPO run exporting over its SFT adapter lost it), however the path is spelled."""
+    monkeypatch.chdir(tmp_path)
+    start = {**MINIMAL, "model": {"path": "base", "adapter": "runs/sft/adapter"}}
+    with pytest.raises(ConfigError, match=r"export\.adapter_dir: runs/sft/\./adapter is model\.adapter"):
+        from_dict({**start, "export": {"adapter_dir": "runs/sft/./adapter"}})
+    with pytest.raises(ConfigError, match=r"export\.merged_dir: .*base is model\.path"):
+        from_dict({**start, "export": {"merged_dir": str(tmp_path / "base")}})
+    other = from_dict({**start, "export": {"adapter_dir": "runs/grpo/adapter"}})
+    assert other.export.adapter_dir == "runs/grpo/adapter"

@@ -15,10 +15,12 @@ prompts to serve it with.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "read_prompt_settings", "save_adapter", "save_merged",
-           "write_preprocessor_config", "write_prompt_settings"]
+           "write_preprocessor_config", "write_prompt_settings", "written_whole"]
 
 # Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
 # and `fxjax detect` with --adapter / --model build them the same way (as they do with --run).
@@ -31,10 +33,12 @@ def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = N
     run's prompt settings (`write_prompt_settings`) when `data` (its DataSection) is given."""
     from fxjax.peft_io import save_peft_adapter
 
-    out = save_peft_adapter(model, Path(out_dir), dtype=dtype)
-    if data is not None:
-        write_prompt_settings(out, data)
-    return out
+    def write(folder: Path) -> None:
+        save_peft_adapter(model, folder, dtype=dtype)
+        if data is not None:
+            write_prompt_settings(folder, data)
+
+    return written_whole(Path(out_dir), write)
 
 
 def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokenizer_dir: str | Path | None = None,
@@ -54,20 +58,55 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
     from fxjax.data.tokenizer import export_tokenizer
     from fxjax.hf_checkpoint import save_pretrained
 
-    out = save_pretrained(model, Path(out_dir), dtype=dtype)
-    if jax.process_index() != 0:
-        return out
-    if data is not None:
-        image_pixels = (data.min_pixels, data.max_pixels)
-        write_prompt_settings(out, data)
+    out, source = Path(out_dir), getattr(model, "hf_source", None)
+    if source is not None and out.resolve() == Path(source.directory).resolve():
+        raise FileExistsError(f"{out} is the directory the model was loaded from: write to another one")
     if tokenizer_dir is None:
-        source = getattr(model, "hf_source", None)
         if source is not None and (Path(source.directory) / "tokenizer.json").is_file():
             tokenizer_dir = source.directory
-    if tokenizer_dir is not None:
-        export_tokenizer(tokenizer_dir, out)
-    if image_pixels is not None or not (out / "preprocessor_config.json").is_file():
-        write_preprocessor_config(out, *(image_pixels or _default_pixels()), vision=model.config.vision)
+    elif not (Path(tokenizer_dir) / "tokenizer.json").is_file():  # before the weights, not after
+        raise FileNotFoundError(f"the tokenizer to export: no tokenizer.json in {tokenizer_dir}")
+    if data is not None:
+        image_pixels = (data.min_pixels, data.max_pixels)
+
+    def write(folder: Path) -> None:
+        save_pretrained(model, folder, dtype=dtype)
+        if jax.process_index() != 0:
+            return
+        if data is not None:
+            write_prompt_settings(folder, data)
+        if tokenizer_dir is not None:
+            export_tokenizer(tokenizer_dir, folder)
+        if image_pixels is not None or not (folder / "preprocessor_config.json").is_file():
+            write_preprocessor_config(folder, *(image_pixels or _default_pixels()), vision=model.config.vision)
+
+    return written_whole(out, write)
+
+
+def written_whole(out: Path, write: Callable[[Path], None]) -> Path:
+    """`write(folder)` into a sibling of `out` that then takes its place (every process calls it; process 0
+    renames). A failure part-way leaves `out` as it was, a former export whole or none at all, never a
+    half-written folder that loads (base tokenizer, stale pixel limits); a former export is replaced, not
+    written over (no stale shards of a larger one)."""
+    import jax
+
+    from fxjax.device_mesh import barrier
+
+    partial, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.replaced")
+    if jax.process_index() == 0:
+        for leftover in (partial, old):  # of an export that failed or was killed
+            if leftover.exists():
+                shutil.rmtree(leftover)
+    barrier("fxjax.export.partial")  # cleared before any process makes it again
+    write(partial)
+    if jax.process_index() == 0:
+        if out.exists() or out.is_symlink():
+            out.rename(old)
+        partial.rename(out)
+        if old.is_symlink():
+            old.unlink()
+        elif old.exists():
+            shutil.rmtree(old)
     return out
 
 
@@ -90,11 +129,23 @@ def write_preprocessor_config(out_dir: str | Path, min_pixels: int, max_pixels: 
         "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+    _set_pixels(config, min_pixels, max_pixels)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # transformers 5.x's processor_config.json nests the image processor's settings, which AutoImageProcessor
+    # then reads instead of preprocessor_config.json: the base model's copy would restore its limits
+    nested = Path(out_dir) / "processor_config.json"
+    if nested.is_file():
+        processor = json.loads(nested.read_text(encoding="utf-8"))
+        if isinstance(processor.get("image_processor"), dict):
+            _set_pixels(processor["image_processor"], min_pixels, max_pixels)
+            nested.write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _set_pixels(config: dict, min_pixels: int, max_pixels: int) -> None:
     config.update(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
     if isinstance(config.get("size"), dict):  # transformers 5.x writes the limits here too
         config["size"].update(shortest_edge=int(min_pixels), longest_edge=int(max_pixels))
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return path
 
 
 def write_prompt_settings(out_dir: str | Path, data) -> Path | None:

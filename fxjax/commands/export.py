@@ -30,7 +30,10 @@ multi-process run):
 
 The base model is the run's model.path (from the config saved with the checkpoint); --model points at it
 when it has moved. A run started from an adapter or another run (model.adapter, model.from_run) keeps that
-LoRA's shape in its checkpoint folder (start_lora/), so it exports after that folder moved. A missing or corrupted step is an error naming it and listing the steps that exist."""
+LoRA's shape in its checkpoint folder (start_lora/), so it exports after that folder moved. A missing or
+corrupted step is an error naming it and listing the steps that exist. Each folder is written whole
+into a hidden sibling (.merged.partial) that then takes its place: an export that fails part-way leaves
+the former one as it was."""
 
 EPILOG = """\
 examples:
@@ -53,7 +56,9 @@ def add_parser(sub) -> None:
                    help="dtype of the written weights (default: the merged model in the base checkpoint's dtype, "
                         "the adapter in float32)")
     p.add_argument("--model", metavar="PATH", help="the run's base model directory, when it moved since training")
-    p.add_argument("--overwrite", action="store_true", help="write into OUT/merged, OUT/adapter even if they exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT/merged, OUT/adapter if they exist (each is written whole into a sibling "
+                        "folder, which then takes its place)")
     p.set_defaults(func=run)
 
 
