@@ -211,3 +211,24 @@ def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_fa
             ["model.preset=tiny"] if cfg is fresh else ["model.path=/m/base", "model.adapter=/m/adapter"]))
         with pytest.raises(ConfigError, match="lora.enabled: SFT trains LoRA adapters only"):
             join_run("sft", off, log=None)
+
+
+def test_a_new_run_is_refused_where_an_earlier_run_has_checkpoints(tmp_path, tokenizer_dir):
+    """checkpoint.resume false into a checkpoint directory that holds steps: an error naming the key, the
+    directory and the steps, before anything is built (join_run, which sft and grpo call first)."""
+    from fxjax.train.run_setup import join_run
+    from fxjax.train_config import from_dict
+
+    def config(resume):
+        return from_dict({"model": {"preset": "tiny"},
+                          "data": {"tokenizer": str(tokenizer_dir), "train_files": ["t.jsonl"]},
+                          "train": {"output_dir": str(tmp_path / "run"), "steps": 1},
+                          "checkpoint": {"resume": resume}})
+
+    join_run("sft", config(False), None)  # no checkpoints yet
+    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "start_lora").mkdir()
+    assert join_run("sft", config(True), None)[0]  # resuming is what the directory is for
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume: false, but .*run/checkpoints holds the checkpoints "
+                                          r"of an earlier run \(steps 4\)"):
+        join_run("grpo", config(False), None)

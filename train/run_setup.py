@@ -369,6 +369,22 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
     if not cfg.lora.enabled:  # (an adapter or a run to start from is trained all the same: no exception)
         raise ConfigError(f"lora.enabled: {name.upper()} trains LoRA adapters only; set lora.enabled=true")
+    refuse_new_run_over_checkpoints(cfg)
     if jax.process_index() != 0:
         return False, lambda text: None
     return True, log or (lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def refuse_new_run_over_checkpoints(cfg) -> None:
+    """checkpoint.resume false in a checkpoint directory that holds steps is an error: the new run's saves
+    would prune the old steps (max_to_keep) and then meet one of their numbers, and an export or `--run`
+    afterwards would read a mix of the two runs."""
+    directory = cfg.checkpoint_dir
+    if cfg.checkpoint.resume or not directory.is_dir():
+        return
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    if steps:
+        raise ConfigError(f"checkpoint.resume: false, but {directory} holds the checkpoints of an earlier run "
+                          f"(steps {', '.join(map(str, steps))}); a new run there would prune them and collide "
+                          f"with their step numbers: give it its own train.output_dir (or checkpoint.dir), or "
+                          f"remove them, or resume")
