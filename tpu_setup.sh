@@ -95,7 +95,8 @@ Multi-host start-up (how the TPU environment reaches JAX):
   jax.distributed.initialize(coordinator_address, num_processes, process_id) before any JAX computation.
   (fxjax.distributed starts JAX's multi-process runtime only when FXJAX_*/JAX_* variables or the
   config's distributed section name more than one process, hence the explicit variables.) Variables
-  already set (FXJAX_NUM_PROCESSES, e.g. through --env) win over the metadata. A single-host slice
+  already set (FXJAX_NUM_PROCESSES, e.g. through --env) win over the metadata; a count given without
+  FXJAX_PROCESS_ID takes this worker's number as the id. A single-host slice
   (v5litepod-8, v6e-8, v5p-8) runs one process on all its local chips and sets nothing.
   worker-run also sets JAX_COMPILATION_CACHE_DIR=\$HOME/fxjax-jax-cache (unless set) so a relaunch
   reuses compiled programs, and writes fxjax's output to LOG_DIR/worker-<id>.log.
@@ -513,9 +514,12 @@ do_worker_run() {
       export FXJAX_PROCESS_ID=$worker_id
     fi
   elif [[ -z ${FXJAX_PROCESS_ID:-} ]]; then
-    # the process count given (--env) without an id: JAX finds each process's id itself; the log is named
-    # after the worker (not worker-0 on every host)
-    worker_id=$(tpu_metadata agent-worker-number 2>/dev/null) || worker_id=0  # off Cloud TPU: worker-0.log
+    # the process count given (--env) without an id: fxjax needs both (a count alone is an error there), so
+    # the id is this worker's number; the log is named after it (not worker-0 on every host)
+    worker_id=$(tpu_metadata agent-worker-number 2>/dev/null) ||
+      die "--env FXJAX_NUM_PROCESSES=$FXJAX_NUM_PROCESSES without FXJAX_PROCESS_ID, and no TPU VM metadata" \
+        "server to read this worker's number from: pass --env FXJAX_PROCESS_ID=N too"
+    export FXJAX_PROCESS_ID=$worker_id
   fi
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/fxjax-jax-cache}
   mkdir -p "$LOG_DIR"

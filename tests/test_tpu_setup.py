@@ -38,7 +38,7 @@ exit 0
 FAKE_CURL = r"""#!/usr/bin/env bash
 url=${*: -1}
 case $url in
-  */agent-worker-number) printf '%s' "$FAKE_WORKER_ID" ;;
+  */agent-worker-number) [[ -n ${FAKE_WORKER_ID-} ]] || exit 22; printf '%s' "$FAKE_WORKER_ID" ;;
   */worker-network-endpoints) printf '%s' "$FAKE_ENDPOINTS" ;;
   *) exit 22 ;;
 esac
@@ -315,14 +315,23 @@ def test_worker_run_exports_the_multi_host_environment(worker_home, endpoints, c
 
 
 def test_worker_run_with_a_given_process_count_names_its_log_after_the_worker(worker_home):
-    """--env FXJAX_NUM_PROCESSES (and a coordinator) without FXJAX_PROCESS_ID: the variables pass as given (JAX
-    finds the id) and each worker logs to its own worker-N.log, not worker-0.log on every host."""
+    """--env FXJAX_NUM_PROCESSES (and a coordinator) without FXJAX_PROCESS_ID: the id is the worker's number
+    (fxjax refuses a count without an id: the variables the script passes are checked by fxjax's own
+    resolve), and each worker logs to its own worker-N.log, not worker-0.log on every host. Off a TPU VM
+    (no metadata server) that is an error asking for the id."""
+    from fxjax.distributed import resolve
+
     home, bin_dir = worker_home
-    result = run_script("worker-run", "--env", "FXJAX_NUM_PROCESSES=8", "--env", "FXJAX_COORDINATOR=h:1", "--",
-                        "sft", path=f"{bin_dir}:{SYSTEM_PATH}", extra_env={"FAKE_WORKER_ID": "5"}, cwd=home)
+    args = ("worker-run", "--env", "FXJAX_NUM_PROCESSES=8", "--env", "FXJAX_COORDINATOR=h:1", "--", "sft")
+    result = run_script(*args, path=f"{bin_dir}:{SYSTEM_PATH}", extra_env={"FAKE_WORKER_ID": "5"}, cwd=home)
     assert result.returncode == 0, result.stderr
-    assert {"FXJAX_NUM_PROCESSES=8", "FXJAX_COORDINATOR=h:1", "FXJAX_PROCESS_ID=<unset>"} <= set(result.stdout.splitlines())
+    passed = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith("FXJAX_"))
+    assert passed == {"FXJAX_NUM_PROCESSES": "8", "FXJAX_COORDINATOR": "h:1", "FXJAX_PROCESS_ID": "5"}
+    assert resolve(environ=passed).process_id == 5
     assert (home / "fxjax-logs" / "worker-5.log").is_file() and not (home / "fxjax-logs" / "worker-0.log").exists()
+    result = run_script(*args, path=f"{bin_dir}:{SYSTEM_PATH}", cwd=home)
+    assert result.returncode == 2 and "without FXJAX_PROCESS_ID" in result.stderr
+    assert "pass --env FXJAX_PROCESS_ID=N too" in result.stderr
 
 
 def test_worker_run_single_host_sets_no_distributed_variables(worker_home):
