@@ -82,6 +82,7 @@ class RunConfig:
         if self.eval.every and not self.data.eval_files:
             raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
                               f"data.eval_files; give them, or set eval.every=0")
+        self._refuse_urls()
         for key in ("adapter_dir", "merged_dir"):  # the end-of-run export replaces that folder
             target = getattr(self.export, key)
             for start in ("adapter", "path"):
@@ -92,6 +93,20 @@ class RunConfig:
         if self.model.preset is not None and self.data.tokenizer is None:
             raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
                               f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
+
+    def _refuse_urls(self) -> None:
+        """A gs:// or s3:// path would be read as a local folder named "gs:" (the metrics, the export and
+        the checkpoints' bookkeeping use local files): an error naming the key, before anything is written."""
+        paths = [("model.path", self.model.path), ("model.adapter", self.model.adapter),
+                 ("model.from_run", self.model.from_run), ("data.tokenizer", self.data.tokenizer),
+                 *(("data.train_files", f) for f in self.data.train_files),
+                 *(("data.eval_files", f) for f in self.data.eval_files),
+                 ("train.output_dir", self.train.output_dir), ("checkpoint.dir", self.checkpoint.dir),
+                 ("export.adapter_dir", self.export.adapter_dir), ("export.merged_dir", self.export.merged_dir)]
+        for key, value in paths:
+            if isinstance(value, str) and "://" in value:
+                raise ConfigError(f"{key}: {value} is a URL; fxjax reads and writes local paths only (mount the "
+                                  f"bucket, e.g. with gcsfuse, and give the mounted path)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)

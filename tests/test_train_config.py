@@ -267,3 +267,13 @@ def test_an_export_folder_that_is_the_start_is_refused(tmp_path, monkeypatch):
         from_dict({**start, "export": {"merged_dir": str(tmp_path / "base")}})
     other = from_dict({**start, "export": {"adapter_dir": "runs/grpo/adapter"}})
     assert other.export.adapter_dir == "runs/grpo/adapter"
+
+
+@pytest.mark.parametrize("key", ["train.output_dir", "checkpoint.dir", "data.train_files", "model.path"])
+def test_a_bucket_url_is_refused_naming_the_key(key):
+    """gs:// would become a local folder named "gs:" (metrics, exports and checkpoint bookkeeping are local)."""
+    section, name = key.split(".")
+    value = ["gs://b/t.jsonl"] if name == "train_files" else "gs://b/run"
+    data = {**MINIMAL, section: {**(MINIMAL.get(section, {}) if section != "model" else {}), name: value}}
+    with pytest.raises(ConfigError, match=rf"{key}: gs://b/\S* is a URL; fxjax reads and writes local paths only"):
+        from_dict(data)
