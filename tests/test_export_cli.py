@@ -141,20 +141,25 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
 
 def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_process_run, tmp_path):
     """Without --mesh a run loads onto every device on the data axis (it used to ask for a 1-device mesh
-    and stop on any host with more than one device): `fxjax export` with 2 devices writes the adapter the
-    1-device export writes."""
+    and stop on any host with more than one device), with --mesh fsdp=2 split over both: `fxjax export`
+    with 2 devices writes the adapter and merged weights the 1-device export writes, either way."""
     from safetensors.numpy import load_file
 
-    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "one"), "--adapter-only"]) == 0
+    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, "-m", "fxjax.cli", "export", "--run", str(two_process_run),
-                           "--out", str(tmp_path / "two"), "--adapter-only"], env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    script = ("import sys; from fxjax.cli import main; run, out = sys.argv[1:]; "
+              "sys.exit(main(['export', '--run', run, '--out', out + '/two', '--adapter-only']) or "
+              "main(['export', '--run', run, '--out', out + '/split', '--mesh', 'fsdp=2']))")
+    proc = subprocess.run([sys.executable, "-c", script, str(two_process_run), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
-    assert one.keys() == two.keys() and len(one) > 0
-    for name in one:
-        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+    weights = {"adapter": "adapter/adapter_model.safetensors", "merged": "merged/model-00001-of-00001.safetensors"}
+    for other, parts in (("two", ["adapter"]), ("split", ["adapter", "merged"])):
+        for part in parts:
+            one, two = (load_file(str(tmp_path / d / weights[part])) for d in ("one", other))
+            assert one.keys() == two.keys() and len(one) > 0
+            for name in one:
+                np.testing.assert_array_equal(two[name], one[name], err_msg=f"{other} {part} {name}")
 
 
 def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_process_run, tmp_path, capsys):

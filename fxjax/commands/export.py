@@ -23,8 +23,8 @@ multi-process run):
                 Qwen2_5_VLForConditionalGeneration loads without peft, with the tokenizer training used
                 (the output-format markers included) and preprocessor_config.json with the run's pixel
                 limits, so AutoTokenizer / AutoImageProcessor load it too (AutoProcessor with torchvision
-                installed). Its logits are fxjax's at that step. fxjax_prompt_settings.json: the prompts
-                training used ("serve": the system and user prompt to send; the README shows serving).
+                installed). In float32 its logits are fxjax's at that step (a bfloat16 export
+                rounds the merged weights once more). fxjax_prompt_settings.json: the prompts training used ("serve": the system and user prompt to send; the README shows serving).
   OUT/adapter/  the LoRA as a PEFT adapter (peft.PeftModel.from_pretrained(base, OUT/adapter)); for a GRPO
                 run started from an SFT adapter, that adapter's config with the GRPO step's weights.
 
@@ -39,7 +39,8 @@ EPILOG = """\
 examples:
   fxjax export --run runs/sft --out export/sft            # the newest step
   fxjax export --run runs/grpo --step 300 --out export/grpo-300 --dtype bfloat16
-  fxjax export --run runs/grpo --out export/adapter --adapter-only"""
+  fxjax export --run runs/grpo --out export/adapter --adapter-only
+  fxjax export --run runs/grpo-72b --out export/grpo-72b --mesh fsdp=8   # the model split over 8 devices"""
 
 
 def add_parser(sub) -> None:
@@ -56,6 +57,9 @@ def add_parser(sub) -> None:
                    help="dtype of the written weights (default: the merged model in the base checkpoint's dtype, "
                         "the adapter in float32)")
     p.add_argument("--model", metavar="PATH", help="the run's base model directory, when it moved since training")
+    p.add_argument("--mesh", metavar="AXES",
+                   help="where the base model and LoRA load, e.g. fsdp=8 to split a model that does not fit "
+                        "one device (default: every local device on the data axis, the model whole on each)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT/merged, OUT/adapter if they exist (each is written whole into a sibling "
                         "folder, which then takes its place)")
@@ -63,14 +67,16 @@ def add_parser(sub) -> None:
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, merged: bool = True,
-               adapter: bool = True, dtype: str | None = None, model_path: str | None = None,
+               adapter: bool = True, dtype: str | None = None, model_path: str | None = None, mesh=None,
                log=None) -> dict[str, str]:
-    """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}."""
+    """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}.
+    mesh: where the run loads (train.run_loading.load_run's default: every device on the data axis)."""
     from fxjax.train.run_loading import load_run
 
     # The base weights in float32 whatever the run computed in: the merge W + scaling * B A is then exact
     # to float32 before the result is cast to the checkpoint's dtype.
-    loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="float32", log=log)
+    loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="float32", mesh=mesh,
+                      log=log)
     return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype)
 
 
@@ -99,7 +105,15 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{target} is not empty; pass --overwrite or another --out")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model: {args.model} is not a directory")
+    from fxjax.commands.model_args import parse_mesh
+
+    mesh_cfg = parse_mesh(args.mesh)  # checked before anything loads
+    mesh = None
+    if mesh_cfg is not None:
+        from fxjax.device_mesh import make_mesh
+
+        mesh = make_mesh(mesh_cfg)
     written = export_run(args.run, out, step=args.step, merged="merged" in parts, adapter="adapter" in parts,
-                         dtype=args.dtype, model_path=args.model, log=say)
+                         dtype=args.dtype, model_path=args.model, mesh=mesh, log=say)
     print(json.dumps(written))
     return 0
