@@ -19,6 +19,7 @@ import pytest
 from conftest import free_port
 
 import sharding_worker as worker
+from launch import launch_two, wait_all
 
 MESHES = ("1,8,1", "2,2,2")
 TOL = 1e-5
@@ -117,3 +118,40 @@ def test_export_from_two_processes_is_bit_exact(two_processes, checkpoint):
     export = two_processes["out"] / "export"
     assert worker._compare_checkpoints(checkpoint, export) == []
     assert (export / "config.json").exists() and (export / "model.safetensors.index.json").exists()
+
+
+STOP_SCRIPT = """
+import os, signal, sys
+from fxjax import distributed
+distributed.initialize()
+import jax
+from jax.experimental import multihost_utils
+from fxjax.train.preemption import PreemptionSignals
+
+def device_gather(*args, **kwargs):
+    raise AssertionError("stop_requested used a device all-gather")
+
+multihost_utils.process_allgather = device_gather
+with PreemptionSignals() as signals:
+    for step in range(1, 6):
+        if step == 3 and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if signals.stop_requested():
+            print(f"process {jax.process_index()}: stopped after step {step}", flush=True)
+            sys.exit(0)
+print(f"process {jax.process_index()}: ran to the end", flush=True)
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """SIGTERM to process 1 during step 3: both processes see stop_requested after step 3 (so they save the
+    same step and leave together), agreed host to host (no device all-gather: it would wait for the
+    step just dispatched)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    procs, logs = launch_two([], env, tmp_path / "stop", entry=("-c", STOP_SCRIPT))
+    codes = wait_all(procs, logs, timeout=TIMEOUT)
+    text = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
+    for rank in range(2):
+        assert f"process {rank}: stopped after step 3" in text[rank], text[rank][-2000:]

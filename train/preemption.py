@@ -6,7 +6,6 @@ import signal
 from typing import Any
 
 import jax
-import numpy as np
 
 
 class PreemptionSignals:
@@ -35,11 +34,15 @@ class PreemptionSignals:
         return self.received is not None
 
     def stop_requested(self) -> bool:
+        """Whether any process got a signal; every process must call it once per step. Agreed through the
+        coordination service's key-value store (fxjax.distributed.allgather_json), host to host: a device
+        all-gather here would queue behind the step just dispatched and make every step wait for the
+        previous one to finish."""
         flag = self.received is not None
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+            from fxjax.distributed import allgather_json
 
-            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+            flag = any(allgather_json("stop_requested", flag))
         return flag
 
     def __exit__(self, *exc):
