@@ -158,6 +158,32 @@ def _local_part_check(model, data, mesh) -> tuple[tuple[int, ...], bool]:
     return held, bool(equal)
 
 
+def _loss_collectives(model, placed, mesh, loss_chunk: int) -> list[str]:
+    """The collectives (other than of scalars) in the compiled gradient, with respect to the hidden states,
+    of the step's chunked loss on micro-batch 0 under `mesh`: none when each device gathers and scores only
+    its own rows' targets (a gather over the whole flattened batch all-gathers or all-reduces them)."""
+    import jax
+
+    from fxjax import device_mesh
+    from fxjax.model.batch_axis import batch_parts
+    from fxjax.train.losses import LossTargets, chunked_cross_entropy
+
+    targets = LossTargets(*(t[0] for t in placed.targets))
+    rows, length = placed.inputs.input_ids.shape[1:3]
+    width = model.config.text.hidden_size
+    hidden = jax.device_put(np.ones((rows, length, width), np.float32), device_mesh.batch_sharding(mesh, 3))
+    head = np.ones((width, 64), np.float32)  # a replicated stand-in lm_head: FSDP's gather of the real one aside
+
+    def loss(hidden, targets):
+        return chunked_cross_entropy(hidden, targets, lambda h: h @ head, loss_chunk, shards=batch_parts(rows))[0]
+
+    with device_mesh.use_mesh(mesh):
+        text = jax.jit(jax.grad(loss)).lower(hidden, targets).compile().as_text()
+    return [line.strip()[:160] for line in text.splitlines()
+            if any(f"{op}(" in line for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"))
+            and "[]" not in line.split("=", 1)[1].split("(", 1)[0]]
+
+
 def _flat_host(state) -> dict[str, np.ndarray]:
     from flax import nnx
 
@@ -320,6 +346,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
                    placement=placement, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), finite=bool(metrics["finite"]),
                    grads=_flat_host(metrics["grads"]), stepped=_flat_host(state.params))
         if mesh is not None:
+            got["loss_collectives"] = _loss_collectives(model, placed, mesh, loss_chunk)
             got.update(_opt_report(state.opt_state, state.params))
             patches = placed.inputs.vision.patches  # [A, S, P_s, patch_dim]
             got.update(vision_shape=list(patches.shape), vision_spec=str(patches.sharding.spec),
@@ -355,7 +382,8 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
             # the LoRA parameters keep their rule's sharding through the jitted step
             sharding_drift=_drift(model, mesh) + got["grads_drift"], logits_sharding=got["logits_sharding"],
             **{k: got[k] for k in ("opt_mirrored", "opt_mismatch", "opt_bytes_total", "opt_bytes_per_device",
-                                   "vision_shape", "vision_spec", "vision_shard_shapes", "placement")},
+                                   "vision_shape", "vision_spec", "vision_shard_shapes", "placement",
+                                   "loss_collectives")},
             **report)
         if shape == (2, 2, 2):  # export from the sharded model: one tensor gathered at a time
             export = out.parent / "export_222"

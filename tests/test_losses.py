@@ -85,6 +85,35 @@ def test_chunked_cross_entropy_equals_the_unchunked_one_with_gradients():
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shards", [2, 4])
+def test_the_loss_of_slots_laid_out_per_batch_shard_is_the_same(shards):
+    """build_step_batch lays the slots out per batch shard (shard s's in block s, pointing into its own
+    rows); scored shard by shard (each device its own rows' targets) the loss and its gradient are those of
+    the whole batch at once, for chunks smaller and larger than a shard's block."""
+    from fxjax.train.batching import _shard_targets
+
+    rng = np.random.RandomState(1)
+    b, length, d, v = 4, 13, 8, 37
+    hidden = jnp.asarray(rng.randn(b, length, d), jnp.float32)
+    w = jnp.asarray(rng.randn(d, v), jnp.float32)
+    labels = rng.randint(0, v, size=(b, length)).astype(np.int32)
+    labels[:, :4] = IGNORE_INDEX
+    labels[1, 9:] = IGNORE_INDEX
+    labels[3, :] = IGNORE_INDEX  # shard 1 of 2 (or 3 of 4) is half (or all) padding
+
+    def loss(hidden, w, targets, chunk, shards):
+        total, count = chunked_cross_entropy(hidden, targets, lambda h: h @ w, chunk, shards=shards)
+        return total / count
+
+    want = jax.value_and_grad(loss, argnums=(0, 1))(hidden, w, loss_targets(labels), 1000, 1)
+    (per_shard,) = _shard_targets([labels], shards, None, 1)
+    for chunk in (1, 8, 1000):
+        got = jax.value_and_grad(loss, argnums=(0, 1))(hidden, w, per_shard, chunk, shards)
+        np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+        for g, e in zip(got[1], want[1]):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
+
+
 def test_loss_targets_take_exactly_the_assistant_span():
     labels = np.full((2, 8), IGNORE_INDEX, np.int32)
     labels[0, 3:6] = [11, 12, 13]  # prompt 0..2, padding 6..7

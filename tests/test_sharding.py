@@ -295,6 +295,15 @@ def test_mesh_real_sft_step_matches_one_device(mesh_results, mesh):
 
 
 @pytest.mark.parametrize("mesh", MESH_KEYS)
+def test_each_device_scores_only_its_own_rows_targets(mesh_results, mesh):
+    """The chunked loss under the mesh (several chunks per micro-batch): the gradient with respect to the
+    hidden states has no collective, so each device gathers and runs the lm_head on its own rows' targets
+    only (a gather over the flattened global batch all-gathered them and every device computed every
+    chunk's logits)."""
+    assert mesh_results["meshes"][mesh]["loss_collectives"] == []
+
+
+@pytest.mark.parametrize("mesh", MESH_KEYS)
 def test_optimizer_state_has_the_lora_shardings(mesh_results, mesh):
     """Adam's mu and nu leaves carry their LoRA parameter's sharding (no replicated flat vector), so per
     device the optimiser state shrinks with fsdp x tensor like the LoRA parameters."""

@@ -66,33 +66,42 @@ def _nll(logits: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def chunked_cross_entropy(hidden: jax.Array, targets: LossTargets, logits_fn: Callable[[jax.Array], jax.Array],
-                          chunk: int) -> tuple[jax.Array, jax.Array]:
+                          chunk: int, shards: int = 1) -> tuple[jax.Array, jax.Array]:
     """(sum of token NLLs, number of supervised tokens), both float32 scalars.
 
     hidden [B, L, D] final hidden states; targets from `loss_targets` (device arrays, N slots); logits_fn
     maps [C, D] -> [C, vocab] (the model's lm_head). The N slots are processed ``chunk`` at a time (N is
     padded up to a multiple of chunk with zero-weight slots); each chunk's logits are recomputed in the
     backward pass instead of being stored.
+
+    shards S > 1: the slots are laid out per batch shard (`train.batching.build_step_batch`: shard s's in
+    block s of N / S, pointing into its own B / S rows) and each shard gathers and scores its own block, a
+    chunk of chunk / S slots at a time: with the batch split over devices, each device computes the
+    lm_head of its own rows' targets only. (A gather over the whole flattened batch made every device
+    compute every chunk's logits once there was more than one chunk.)
     """
     index, target, weight = (jnp.asarray(a) for a in targets)
-    n_slots = index.shape[0]
-    chunk = max(1, min(int(chunk), n_slots))
-    n = -(-n_slots // chunk)
-    pad = n * chunk - n_slots
-    if pad:
-        index, target = (jnp.pad(a, (0, pad)) for a in (index, target))
-        weight = jnp.pad(weight, (0, pad))
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    gathered = jnp.take(flat_hidden, index, axis=0)  # [N, D]
-    xs = (gathered.reshape(n, chunk, -1), target.reshape(n, chunk), weight.reshape(n, chunk))
+    b, length, dim = hidden.shape
+    rows = b // shards * length  # flat positions per shard
+    n = index.shape[0] // shards
+    chunk = max(1, min(int(chunk) // shards, n))
+    n_chunks = -(-n // chunk)
+    pad = ((0, 0), (0, n_chunks * chunk - n))
+    # shard-local positions (block s holds positions of rows s * B / S ...); padding slots point at 0
+    local = index.reshape(shards, n) - jnp.arange(shards, dtype=index.dtype)[:, None] * rows
+    local, target, weight = (jnp.pad(a.reshape(shards, n), pad) for a in (local, target, weight))
+    gathered = jnp.take_along_axis(hidden.reshape(shards, rows, dim), local[..., None], axis=1, mode="clip")
+
+    def chunks(x):  # [S, n_chunks * chunk, ...] -> [n_chunks, S, chunk, ...]: the scan keeps S (devices)
+        return jnp.swapaxes(x.reshape(shards, n_chunks, chunk, *x.shape[2:]), 0, 1)
 
     @jax.checkpoint
     def body(total, x):
         h, tgt, w = x
-        nll = _nll(logits_fn(h), tgt)
-        return total + jnp.sum(nll * w), None
+        nll = _nll(logits_fn(h.reshape(-1, dim)), tgt.reshape(-1))
+        return total + jnp.sum(nll * w.reshape(-1)), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(gathered), chunks(target), chunks(weight)))
     return total, jnp.sum(weight).astype(jnp.float32)
 
 

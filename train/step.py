@@ -26,6 +26,7 @@ from flax import nnx
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 from fxjax.device_mesh import use_mesh
 from fxjax.train.batching import StepBatch
+from fxjax.model.batch_axis import batch_parts
 from fxjax.train.losses import LossTargets, chunked_cross_entropy
 from fxjax.train.optimizer import keep_if_finite
 from fxjax.train.remat import with_remat
@@ -73,7 +74,9 @@ def micro_loss(graphdef, params, base, rest, inputs, targets: LossTargets, key, 
     def loss_fn(model):
         with_remat(model, remat, remat_vision)  # inside: the gradient keeps the unwrapped parameter paths
         hidden, _ = model.hidden_states(inputs)
-        total, count = chunked_cross_entropy(hidden, targets, model.logits, loss_chunk)
+        # the slots' layout (per batch shard) follows the mesh's split of the batch, as the activations do
+        total, count = chunked_cross_entropy(hidden, targets, model.logits, loss_chunk,
+                                             shards=batch_parts(hidden.shape[0]))
         return total, count
 
     if not grad:
