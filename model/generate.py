@@ -18,8 +18,10 @@ Layers, from low to high:
 
 Randomness: the token of step k (k = 0 for the first generated token) is drawn with
 `jax.random.fold_in(rng, k)` over all rows at once, so the same rng and the same inputs give the same
-tokens, also in a resumed run that passes the same key; callers that sample on several processes
-should fold the process index into their key.
+tokens, also in a resumed run that passes the same key. One jitted program over a global batch that
+spans processes (GRPO's rollout) draws it whole from one key, which every process passes alike; only
+processes that each run their own program on their own rows need keys that differ (fold the process
+index in).
 
 Positions: the k-th generated token (k = 0, 1, ...) of a row sits at position
 `valid_prompt_length + k + rope_delta = max prompt position + 1 + k` on all three M-RoPE axes. HF
