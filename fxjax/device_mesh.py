@@ -24,7 +24,6 @@ Use:
 from __future__ import annotations
 
 import contextlib
-
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping

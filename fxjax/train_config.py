@@ -94,15 +94,19 @@ class RunConfig:
             raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
                               f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
 
+    def input_paths(self) -> list[tuple[str, str | None]]:
+        """(key, path) of every file or folder the run reads (a list key once per entry)."""
+        return [("model.path", self.model.path), ("model.adapter", self.model.adapter),
+                ("model.from_run", self.model.from_run), ("data.tokenizer", self.data.tokenizer),
+                *(("data.train_files", f) for f in self.data.train_files),
+                *(("data.eval_files", f) for f in self.data.eval_files)]
+
     def _refuse_urls(self) -> None:
         """A gs:// or s3:// path would be read as a local folder named "gs:" (the metrics, the export and
         the checkpoints' bookkeeping use local files): an error naming the key, before anything is written."""
-        paths = [("model.path", self.model.path), ("model.adapter", self.model.adapter),
-                 ("model.from_run", self.model.from_run), ("data.tokenizer", self.data.tokenizer),
-                 *(("data.train_files", f) for f in self.data.train_files),
-                 *(("data.eval_files", f) for f in self.data.eval_files),
-                 ("train.output_dir", self.train.output_dir), ("checkpoint.dir", self.checkpoint.dir),
-                 ("export.adapter_dir", self.export.adapter_dir), ("export.merged_dir", self.export.merged_dir)]
+        paths = [*self.input_paths(), ("train.output_dir", self.train.output_dir),
+                 ("checkpoint.dir", self.checkpoint.dir), ("export.adapter_dir", self.export.adapter_dir),
+                 ("export.merged_dir", self.export.merged_dir)]
         for key, value in paths:
             if isinstance(value, str) and "://" in value:
                 raise ConfigError(f"{key}: {value} is a URL; fxjax reads and writes local paths only (mount the "

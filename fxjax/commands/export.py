@@ -24,7 +24,8 @@ multi-process run):
                 (the output-format markers included) and preprocessor_config.json with the run's pixel
                 limits, so AutoTokenizer / AutoImageProcessor load it too (AutoProcessor with torchvision
                 installed). In float32 its logits are fxjax's at that step (a bfloat16 export
-                rounds the merged weights once more). fxjax_prompt_settings.json: the prompts training used ("serve": the system and user prompt to send; the README shows serving).
+                rounds the merged weights once more). fxjax_prompt_settings.json: the prompts training
+                used ("serve": the system and user prompt to send; the README shows serving).
   OUT/adapter/  the LoRA as a PEFT adapter (peft.PeftModel.from_pretrained(base, OUT/adapter)); for a GRPO
                 run started from an SFT adapter, that adapter's config with the GRPO step's weights.
 

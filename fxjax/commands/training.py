@@ -21,10 +21,7 @@ def check_paths(cfg) -> None:
     from fxjax.run_files import resumes_from_kept_start
 
     kept_copy = resumes_from_kept_start(cfg)
-    paths = [("model.path", cfg.model.path), ("model.adapter", cfg.model.adapter), ("model.from_run", cfg.model.from_run),
-             ("data.tokenizer", cfg.data.tokenizer), *(("data.train_files", f) for f in cfg.data.train_files),
-             *(("data.eval_files", f) for f in cfg.data.eval_files)]
-    for key, value in paths:
+    for key, value in cfg.input_paths():
         if value is not None and not Path(value).exists():
             if kept_copy and key in ("model.adapter", "model.from_run"):
                 continue
