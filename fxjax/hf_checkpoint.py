@@ -192,11 +192,33 @@ def _hf_shape(shape, path) -> tuple[int, ...]:
     return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
 
 
+def _dtype_name(safetensors_dtype: str) -> str:
+    return safetensors_dtype.lower().replace("bf16", "bfloat16").replace("f32", "float32").replace("f16", "float16")
+
+
 def _disk_dtype(files: dict[str, Path]) -> str:
     name, file = next(iter(files.items()))
     with safe_open(str(file), framework="numpy") as f:
-        return str(f.get_slice(name).get_dtype()).lower().replace("bf16", "bfloat16").replace(
-            "f32", "float32").replace("f16", "float16")
+        return _dtype_name(str(f.get_slice(name).get_dtype()))
+
+
+def stored_dtypes(directory: str | Path) -> set[str]:
+    """The dtypes of every tensor of the checkpoint in `directory` (safetensors headers only, nothing read)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in weight_files(Path(directory)).items():
+        by_file.setdefault(file, []).append(name)
+    found: set[str] = set()
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="numpy") as f:
+            found.update(_dtype_name(str(f.get_slice(name).get_dtype())) for name in names)
+    return found
+
+
+def exact_param_dtype(directory: str | Path) -> str:
+    """The smaller storage dtype that holds every weight of the checkpoint in `directory` exactly: bfloat16
+    when all of them are bfloat16 on disk (as Qwen2.5-VL's are), float32 otherwise (float16 does not fit
+    in bfloat16)."""
+    return "bfloat16" if stored_dtypes(directory) == {"bfloat16"} else "float32"
 
 
 def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None,

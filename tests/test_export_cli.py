@@ -139,6 +139,41 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     assert prompting("--model", str(out / "merged"), "--max-pixels", "6272")["max_pixels"] == 6272
 
 
+def test_export_of_a_bfloat16_base_loads_it_in_bfloat16_and_writes_what_float32_would(two_process_run, tiny_vl_dir,
+                                                                                       tmp_path, capsys):
+    """The base weights load as stored (half float32's memory for a bfloat16 checkpoint, as Qwen2.5-VL's
+    are); the merge upcasts each tensor, so the export is bit for bit the one from a float32 load."""
+    from safetensors.numpy import load_file
+
+    from fxjax.commands.export import export_loaded
+    from fxjax.hf_checkpoint import exact_param_dtype
+    from fxjax.train.run_loading import load_run
+
+    base = tmp_path / "base-bf16"
+    load_hf_model(tiny_vl_dir, "bfloat16").save_pretrained(str(base))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_vl_dir / name, base / name)
+    assert main(["export", "--run", str(two_process_run), "--model", str(base), "--out", str(tmp_path / "a"),
+                 "--merged-only"]) == 0
+    assert "(float32, weights stored in bfloat16)" in capsys.readouterr().err
+    reference = load_run(two_process_run, model_path=str(base), dtype="float32", param_dtype="float32")
+    export_loaded(reference, tmp_path / "b", adapter=False)
+    got, want = (load_file(str(tmp_path / d / "merged" / "model-00001-of-00001.safetensors")) for d in "ab")
+    assert set(got) == set(want) and {str(x.dtype) for x in got.values()} == {"bfloat16"}
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    # float32 (the run's own base) and any tensor not in bfloat16 keep float32: nothing is rounded
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    assert exact_param_dtype(tiny_vl_dir) == "float32" and exact_param_dtype(base) == "bfloat16"
+    for dtypes, expected in (((ml_dtypes.bfloat16, np.float32), "float32"), ((np.float16,), "float32"),
+                             ((ml_dtypes.bfloat16, ml_dtypes.bfloat16), "bfloat16")):
+        folder = tmp_path / f"mixed-{len(dtypes)}-{expected}-{np.dtype(dtypes[0]).name}"
+        folder.mkdir()
+        save_file({f"w{i}": np.zeros(2, d) for i, d in enumerate(dtypes)}, str(folder / "model.safetensors"))
+        assert exact_param_dtype(folder) == expected, dtypes
+
+
 def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_process_run, tmp_path):
     """Without --mesh a run loads onto every device on the data axis (it used to ask for a 1-device mesh
     and stop on any host with more than one device), with --mesh fsdp=2 split over both: `fxjax export`

@@ -128,7 +128,9 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
 
     mesh: where to place the model (default: `data_parallel_mesh()`, every device on the data axis).
     model_path: the base model's directory when it moved since training (replaces model.path/preset).
-    dtype / param_dtype: compute and storage dtype of the base weights (default: the run's).
+    dtype / param_dtype: compute and storage dtype of the base weights (default: the run's); param_dtype
+    "exact": the smaller of bfloat16 and float32 that holds the base checkpoint's weights as stored
+    (`fxjax.hf_checkpoint.exact_param_dtype`; float32 for a preset), for a merge that must see them unrounded.
     attention: the attention kernel (model.attention: auto | xla | cudnn | splash; default: the run's).
     scan_layers: the decoder layers' layout (model.scan_layers; default: the run's); the checkpoint's LoRA
     parameters are converted to it (train.checkpoint_layout).
@@ -147,14 +149,21 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     ckpt = checkpoint_dir_of(run).absolute()
     step, cfg, kind = resolve_step(ckpt, step)
     steps = committed_steps(ckpt)
-    cfg = _override_model(cfg, model_path, dtype, param_dtype, attention, scan_layers)
+    exact = param_dtype == "exact"
+    cfg = _override_model(cfg, model_path, dtype, None if exact else param_dtype, attention, scan_layers)
     cfg = start_from_kept_copy(cfg, ckpt, model_path is not None, log)
     _check_paths(cfg, ckpt)
+    if exact:  # known only now: the base model may have moved (model_path) or come from the run's copy
+        from fxjax.hf_checkpoint import exact_param_dtype
+
+        stored = exact_param_dtype(cfg.model.path) if cfg.model.path is not None else "float32"
+        cfg = _override_model(cfg, None, None, stored)
     if mesh is None:
         mesh = data_parallel_mesh()
     if log is not None:
+        stored = cfg.model.param_dtype or cfg.model.dtype
         log(f"loading the {kind} run in {ckpt} at step {step}: base {cfg.model.path or cfg.model.preset} "
-            f"({cfg.model.dtype})")
+            f"({cfg.model.dtype}" + (f", weights stored in {stored})" if stored != cfg.model.dtype else ")"))
     model = build_model(cfg, mesh)
     _, params, _, _ = split_model(model)
     # Only the LoRA parameters ("params.*" of the saved TrainState), each straight onto its sharding here;

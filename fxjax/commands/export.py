@@ -30,7 +30,8 @@ multi-process run):
                 run started from an SFT adapter, that adapter's config with the GRPO step's weights.
 
 The base model is the run's model.path (from the config saved with the checkpoint); --model points at it
-when it has moved. A run started from an adapter or another run (model.adapter, model.from_run) keeps that
+when it has moved. Its weights load as stored (a bfloat16 checkpoint in bfloat16: half float32's memory),
+each merged in float32 as it is written. A run started from an adapter or another run (model.adapter, model.from_run) keeps that
 LoRA's shape in its checkpoint folder (start_lora/), so it exports after that folder moved. A missing or
 corrupted step is an error naming it and listing the steps that exist. Each folder is written whole
 into a hidden sibling (.merged.partial) that then takes its place: an export that fails part-way leaves
@@ -74,16 +75,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     mesh: where the run loads (train.run_loading.load_run's default: every device on the data axis)."""
     from fxjax.train.run_loading import load_run
 
-    # The base weights in float32 whatever the run computed in: the merge W + scaling * B A is then exact
-    # to float32 before the result is cast to the checkpoint's dtype.
-    loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="float32", mesh=mesh,
+    # The base weights as stored, whatever the run computed in (bfloat16 for a bfloat16 checkpoint: half
+    # the memory of float32, and the same values): the merge W + scaling * B A upcasts each tensor to
+    # float32 as it is written (model.lora.merge_lora), then casts the result to the checkpoint's dtype.
+    loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="exact", mesh=mesh,
                       log=log)
     return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype)
 
 
 def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool = True,
                   dtype: str | None = None) -> dict[str, str]:
-    """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun, float32 base weights)."""
+    """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun; base weights unrounded from
+    the checkpoint's, as `export_run` loads them)."""
     from fxjax.train.export import save_adapter, save_merged
 
     cfg, out = loaded.config, Path(out)
