@@ -225,6 +225,7 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     assert "checkpoint of step 5" in log and "cannot be restored" in log
     assert f"model.adapter={adapter} is not here: the LoRA's shape from the run's copy in {ckpt / 'start_lora'}" in log
     assert "resuming with a different" not in log  # the run's config is unchanged; only where the shape came from
+    assert "resuming on mesh" not in log  # nor the devices' split
     assert (ckpt / "5.unreadable-0").is_dir() and committed_steps(ckpt)[-1] == 6  # kept aside, step 5 redone
     got = adapter_tensors(setup["root"] / "chain" / "adapter")
     want = straight[0]

@@ -324,8 +324,12 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
         assert [r["skipped"] for r in train] == [0, 1, 2, 2]
         assert np.isfinite(train[-1]["loss"])  # the skipped updates left the parameters usable: step 4 trains
         # The count lives in the checkpoint: resumed from step 3, step 4 again reports the two skipped updates.
+        # Resumed on the other split of the two devices: allowed, and said (not bit for bit the same run).
         shutil.rmtree(ckpt / "4")
-        code, log = sft(setup, "nan-skip", extra=["checkpoint.every=1", "train.on_nonfinite=skip"])
+        code, log = sft(setup, "nan-skip", extra=["checkpoint.every=1", "train.on_nonfinite=skip", "mesh.data=1",
+                                                  "mesh.fsdp=2"])
         assert code == 0 and "resumed from step 3" in log, log[-3000:]
+        assert log.count("warning: resuming on mesh {'data': 1, 'fsdp': 2, 'tensor': 1}, but the checkpoint was "
+                         "saved on mesh {'data': 2, 'fsdp': 1, 'tensor': 1}") == 1, log[-3000:]
         records = [json.loads(line) for line in (setup["root"] / "nan-skip" / "metrics.jsonl").read_text().splitlines()]
         assert [(r["step"], r["skipped"]) for r in records if r["kind"] == "train"][-1] == (4, 2)

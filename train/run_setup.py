@@ -43,9 +43,9 @@ from fxjax.config_mapping import ConfigError
 from fxjax.run_files import (START_FILE, START_LORA_DIR, RunLoadError, brief_error, resumes_from_kept_start,
                              saved_run_kind)
 
-__all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
-           "keep_start_lora", "opt_state_shardings", "per_process_state", "place", "restore_iterator", "restore_latest",
-           "resumed_start"]
+__all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "check_resume_mesh", "evaluates",
+           "init_state", "keep_start_lora", "mesh_record", "opt_state_shardings", "per_process_state", "place",
+           "restore_iterator", "restore_latest", "resumed_start"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
@@ -356,11 +356,30 @@ def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total
     resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched, recorded)
     if resumed is None:
         return RunStart(tx, schedule, state, shardings, checkpointer, iterator, {}, None)
+    check_resume_mesh(resumed.data_state.get("mesh"), mesh, log)
     # floor: the running max of the padded batch shapes (see train.batching), so a resumed run compiles the
     # same programs as the uninterrupted one
     return RunStart(tx, schedule, resumed.state, shardings, checkpointer, iterator,
                     dict(resumed.data_state.get("shape_floor", {})), resumed.step,
                     int(resumed.data_state.get("skipped", 0)))
+
+
+def mesh_record(mesh) -> dict[str, int]:
+    """The mesh's axis sizes, saved with each checkpoint (the loops' data state) for `check_resume_mesh`."""
+    return {axis: int(size) for axis, size in mesh.shape.items()}
+
+
+def check_resume_mesh(saved: dict | None, mesh, log: Callable[[str], None]) -> None:
+    """Warn when a run resumes on another split of the devices than the one its checkpoint was saved on
+    (checkpoints before fxjax recorded it: no check). The run continues correctly (the state is resharded,
+    the data order is the same), but its sums run over other splits of the rows or the weights (a batch
+    shard's padding and loss, fsdp's and tensor's partial sums), so it is not bit for bit the run that would
+    have gone on uninterrupted; a test comparing the two would fail without saying why."""
+    now = mesh_record(mesh)
+    if saved is not None and dict(saved) != now:
+        log(f"warning: resuming on mesh {now}, but the checkpoint was saved on mesh {dict(saved)}: the run "
+            f"continues, its sums split over other rows or weights, so it is not bit for bit the run it "
+            f"would have been on the saved mesh")
 
 
 def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, Callable[[str], None]]:

@@ -44,8 +44,8 @@ from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation,
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, per_process_state, resumed_start, start_description,
-                                   start_run)
+                                   keep_start_lora, mesh_record, per_process_state, resumed_start,
+                                   start_description, start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -205,7 +205,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         settle()
         iterator_states = per_process_state(batches.get_state())  # every process's own position
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor,
-                                        "skipped": skipped}, resolved)
+                                        "skipped": skipped, "mesh": mesh_record(mesh)}, resolved)
 
     step_fn = None
     batch_sh = None
