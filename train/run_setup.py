@@ -11,7 +11,6 @@ mesh, the train state placed on its shardings, and a checkpoint to resume from.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -139,7 +138,8 @@ def keep_start_lora(model, cfg) -> Path | None:
     hold every LoRA value, but not which modules carry one, their ranks and alphas. Written once, before any
     checkpoint is restored (so with the starting values and their dtype); every process calls it (the
     adapter's arrays are gathered). Returns the directory, or None for a run with fresh LoRA."""
-    from fxjax.train.export import save_adapter
+    from fxjax.peft_io import save_peft_adapter
+    from fxjax.train.export import written_whole
     from fxjax.train_config import from_run_start
 
     m = cfg.model
@@ -148,9 +148,11 @@ def keep_start_lora(model, cfg) -> Path | None:
     target = Path(cfg.checkpoint_dir) / START_LORA_DIR
     if resumes_from_kept_start(cfg):  # kept when this run started
         return target
-    partial = target.with_name(f"{START_LORA_DIR}.partial")
-    save_adapter(model, partial)  # process 0 writes, every process gathers and waits
-    if jax.process_index() == 0:
+
+    def write(folder: Path) -> None:  # process 0 writes, every process gathers
+        save_peft_adapter(model, folder)
+        if jax.process_index() != 0:
+            return
         source = getattr(model, "hf_source", None)
         base = from_run_start(m.from_run, m.from_run_step)[0].model if m.from_run is not None else m
         start = {"adapter": m.adapter and str(Path(m.adapter).resolve()),
@@ -161,10 +163,11 @@ def keep_start_lora(model, cfg) -> Path | None:
                  "path": str(Path(source.directory).resolve()) if source is not None else None,
                  "preset": None if source is not None else base.preset, "init_seed": base.init_seed,
                  "tokenizer": str(Path(cfg.tokenizer).resolve())}
-        (partial / START_FILE).write_text(json.dumps(start, indent=2))
-        if target.is_dir():  # an earlier run's in this directory (another start, or checkpoint.resume false)
-            shutil.rmtree(target)
-        partial.rename(target)  # whole or absent: a run killed while writing it writes it again
+        (folder / START_FILE).write_text(json.dumps(start, indent=2))
+
+    # whole or absent (a run killed while writing it writes it again); an earlier run's in this directory
+    # (another start, or checkpoint.resume false) is replaced
+    written_whole(target, write)
     barrier("fxjax.keep_start_lora")
     return target
 
