@@ -143,3 +143,15 @@ def test_a_process_part_is_its_shards_of_the_step_batch(model):
     bf16 = with_patch_dtype(part, "bfloat16")
     assert bf16.inputs.vision.patches.dtype.name == "bfloat16" and bf16.inputs.input_ids is part.inputs.input_ids
     assert with_patch_dtype(part, "float32") is part
+
+
+def test_processes_agree_on_sizes_only_some_of_them_have(monkeypatch):
+    """agree_sizes: a size one process's part lacks (no images there: no vision sizes) is agreed all the
+    same, so every process pads to one shape; the extras are summed."""
+    from fxjax.train import batching
+
+    parts = [{"floor": {"length": 40, "windows": 3}, "extra": {"tokens": 5}},
+             {"floor": {"length": 48}, "extra": {"tokens": 7}}]
+    monkeypatch.setattr(batching, "allgather_json", lambda name, value, cancelled=None: parts)
+    results = [batching.agree_sizes("test", part["floor"], tokens=part["extra"]["tokens"]) for part in parts]
+    assert results[0] == results[1] == ({"length": 48, "windows": 3}, {"tokens": 12})
