@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fxjax.demo_summary import STAGES, held_out_stage_rewards, phase_table, stage_trends
+
 __all__ = ["DEMO", "QUICK", "run_demo"]
 
 # The demo's run: 7-11 minutes on 2 idle CPU cores (CI 2026-12-02: 7.0 min; SFT 159 s, GRPO 206 s; the same
@@ -115,7 +117,6 @@ DEMO: dict[str, Any] = dict(
 QUICK: dict[str, Any] = dict(images=48, sft_steps=4, stage_steps=1, eval=dict(examples=8, batch_size=8,
                                                                                max_new_tokens=32),
                              max_completion_length=24, overlay_images=dict(generated=1, real=1))
-STAGES = ("alpha", "beta", "gamma")
 _MARKER = ".fxjax-demo"
 
 
@@ -305,68 +306,6 @@ def _overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Pat
     return path
 
 
-# ---- the table -------------------------------------------------------------------------------------------
-
-def _table(rows: list[tuple[str, dict]]) -> str:
-    cols = [("format rate", "format_rate", "{:.0%}"), ("verdict acc.", "accuracy", "{:.0%}"),
-            ("F1 generated", "f1", "{:.3f}"), ("mean IoU gen.", "mean_iou", "{:.3f}"),
-            ("gamma reward", "gamma_reward", "{:+.3f}")]
-    lines = ["| held-out (" + str(rows[0][1].get("examples", "?")) + " images) | "
-             + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, m in rows:
-        cells = [fmt.format(m[key]) if m.get(key) is not None else "n/a" for _, key, fmt in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _stage_trends(history: list[dict]) -> str:
-    """Per stage: mean training reward of its first and last third of steps, the least-squares slope per
-    step with its standard error, and whether the slope is more than two standard errors from 0 (one
-    step's reward is noisy: a few prompts x G samples, so a stage of 10 steps shows a trend only when the
-    policy moves more than the sampling does: where it does not, the text says from what rise over the stage
-    a steady rise would show, about twice the scatter of a step's mean for 10 steps)."""
-    import numpy as np
-
-    parts = []
-    for stage in STAGES:
-        r = np.array([h["reward/total_mean"] for h in history if h["stage"] == stage])
-        if not r.size:
-            continue
-        k = max(1, r.size // 3)
-        text = f"{stage} {r[:k].mean():+.2f} -> {r[-k:].mean():+.2f}"
-        if r.size > 2:
-            slope, se = _slope(r)
-            verdict = "rises" if slope > 2 * se else "falls" if slope < -2 * se else "no trend beyond noise"
-            if verdict.startswith("no trend"):  # how large a steady rise over the stage this noise would let show
-                verdict += f"; a rise shows from {2 * se * (r.size - 1):+.2f} over the stage"
-            text += f" (slope {slope:+.3f} +/- {se:.3f}/step: {verdict})"
-        parts.append(text)
-    return "; ".join(parts)
-
-
-def _slope(values) -> tuple[float, float]:
-    """Least-squares slope of values over their index and its standard error (n >= 3)."""
-    import numpy as np
-
-    x = np.arange(values.size, dtype=np.float64)
-    slope, intercept = np.polyfit(x, values, 1)
-    residuals = values - (slope * x + intercept)
-    se = float(np.sqrt(residuals @ residuals / (values.size - 2) / np.sum((x - x.mean()) ** 2)))
-    return round(float(slope), 4) + 0.0, se  # + 0.0: no -0.000
-
-
-def _held_out_stage_rewards(evals: list[tuple[str, dict]]) -> str:
-    """Per GRPO stage: the mean held-out reward under that stage's weights at the stage's start (the
-    evaluation before it: after SFT for alpha) and at its end. The same images, greedy decoding: unlike a
-    training step's mean reward, it does not depend on which prompts a step drew. `evals` in run order
-    (before SFT, after SFT, after each stage); a run that stopped early has fewer."""
-    parts = []
-    for (_, start), (_, end), stage in zip(evals[1:], evals[2:], STAGES):
-        a, b = start["stage_rewards"][stage], end["stage_rewards"][stage]
-        parts.append(f"{stage} {a:+.3f} -> {b:+.3f} ({'rises' if b > a else 'falls' if b < a else 'flat'})")
-    return "; ".join(parts)
-
-
 # ---- the demo --------------------------------------------------------------------------------------------
 
 def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_images: int | None = None,
@@ -468,7 +407,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
         _say(f"fxjax demo: interrupted at step {grpo.steps}; resume with `fxjax grpo --config {out / 'grpo.yaml'}`")
         return 130
     phases.done("grpo", f"GRPO: {grpo.steps} steps; mean training reward, first -> last third of each stage: "
-                        f"{_stage_trends(grpo.history)}")
+                        f"{stage_trends(grpo.history)}")
     for k, stage in enumerate(STAGES, 1):
         held_out(f"after-{stage}", f"after GRPO {stage}",
                  _model_args(model=model_dir, run=out / "grpo", step=k * stage_steps),
@@ -494,9 +433,9 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     total = time.perf_counter() - start
     _say("\nphase times, wall (cpu): " + ", ".join(f"{name} {s:.0f}s ({c:.0f}s)" for name, s, c in phases.times))
     _say("\nheld-out results (greedy decoding; gamma reward = mean gamma-stage reward of those completions):\n")
-    _say(_table(evals))
+    _say(phase_table(evals))
     _say("\nheld-out reward under each GRPO stage's own weights, at the stage's start -> end (same images): "
-         + _held_out_stage_rewards(evals))
+         + held_out_stage_rewards(evals))
     _say(f"\nreports: {reports[0]}, {reports[1]}\nheld-out metrics by phase: {reports[2]}\noverlays (before SFT | "
          f"after SFT | after GRPO; white: the true region): {sheet}\nwhat GRPO sampled, with its rewards: "
          f"{out / 'grpo' / 'completions.jsonl'}")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fxjax.cli import main
-from fxjax.demo import STAGES, _balanced_prompts, _held_out_stage_rewards, _stage_trends, _table
+from fxjax.demo import _balanced_prompts
+from fxjax.demo_summary import STAGES, held_out_stage_rewards, phase_table, stage_trends
 
 
 def test_table_has_a_row_per_phase_and_the_issue_columns():
@@ -21,7 +22,7 @@ def test_table_has_a_row_per_phase_and_the_issue_columns():
                             "gamma_reward": -2.0}),
             ("after SFT", {"examples": 60, "format_rate": 1.0, "accuracy": 0.95, "f1": 0.951, "mean_iou": 0.212,
                            "gamma_reward": 1.133})]
-    lines = _table(rows).splitlines()
+    lines = phase_table(rows).splitlines()
     assert lines[0].startswith("| held-out (60 images) |")
     for column in ("format rate", "verdict acc.", "F1 generated", "mean IoU gen.", "gamma reward"):
         assert column in lines[0]
@@ -32,7 +33,7 @@ def test_table_has_a_row_per_phase_and_the_issue_columns():
 def test_stage_trends_compare_thirds_and_fit_a_slope():
     history = [{"stage": s, "reward/total_mean": float(v)}
                for s, values in zip(STAGES, ([0, 1, 2, 3, 4, 5], [5, 5, 5, 5, 5, 5], [3, 2, 1])) for v in values]
-    text = _stage_trends(history)
+    text = stage_trends(history)
     assert "alpha +0.50 -> +4.50 (slope +1.000 +/- 0.000/step: rises)" in text
     assert "beta +5.00 -> +5.00 (slope +0.000 +/- 0.000/step: no trend beyond noise; a rise shows from +0.00 over " \
            "the stage)" in text
@@ -49,7 +50,7 @@ def test_stage_trends_call_a_slope_within_two_standard_errors_noise():
     x = np.arange(6)
 
     def trends(values):
-        return _stage_trends([{"stage": "alpha", "reward/total_mean": float(v)} for v in values])
+        return stage_trends([{"stage": "alpha", "reward/total_mean": float(v)} for v in values])
 
     fit = linregress(x, noisy)
     assert trends(noisy) == (f"alpha +2.00 -> +2.00 (slope {fit.slope:+.3f} +/- {fit.stderr:.3f}/step: "
@@ -74,9 +75,9 @@ def test_held_out_stage_rewards_compare_each_stage_start_with_its_end():
 
     evals = [("before SFT", ev(-1, -2, -3)), ("after SFT", ev(3.0, 4.0, 1.5)), ("after GRPO alpha", ev(3.5, 3.9, 1.6)),
              ("after GRPO beta", ev(3.6, 3.8, 1.7)), ("after GRPO gamma", ev(3.0, 4.4, 1.7))]
-    assert _held_out_stage_rewards(evals) == ("alpha +3.000 -> +3.500 (rises); beta +3.900 -> +3.800 (falls); "
+    assert held_out_stage_rewards(evals) == ("alpha +3.000 -> +3.500 (rises); beta +3.900 -> +3.800 (falls); "
                                               "gamma +1.700 -> +1.700 (flat)")
-    assert _held_out_stage_rewards(evals[:3]) == "alpha +3.000 -> +3.500 (rises)"  # a run stopped after alpha
+    assert held_out_stage_rewards(evals[:3]) == "alpha +3.000 -> +3.500 (rises)"  # a run stopped after alpha
 
 
 def test_grpo_prompts_balance_labels_and_bands(tmp_path):
