@@ -109,14 +109,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{target} is not empty; pass --overwrite or another --out")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model: {args.model} is not a directory")
-    from fxjax.commands.model_args import parse_mesh
+    from fxjax.commands.model_args import mesh_from_flag
 
-    mesh_cfg = parse_mesh(args.mesh)  # checked before anything loads
-    mesh = None
-    if mesh_cfg is not None:
-        from fxjax.device_mesh import make_mesh
-
-        mesh = make_mesh(mesh_cfg)
+    mesh = mesh_from_flag(args.mesh)  # checked before anything loads
     written = export_run(args.run, out, step=args.step, merged="merged" in parts, adapter="adapter" in parts,
                          dtype=args.dtype, model_path=args.model, mesh=mesh, log=say)
     print(json.dumps(written))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments", "load_detector",
-           "parse_mesh", "resolve_detector"]
+           "mesh_from_flag", "parse_mesh", "resolve_detector"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,6 +78,16 @@ def parse_mesh(text: str | None):
     return MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes})
 
 
+def mesh_from_flag(text: str | None):
+    """The jax Mesh a --mesh flag names (`parse_mesh`), or None when it is not given."""
+    mesh_cfg = parse_mesh(text)
+    if mesh_cfg is None:
+        return None
+    from fxjax.device_mesh import make_mesh
+
+    return make_mesh(mesh_cfg)
+
+
 @dataclass
 class Detector:
     """What `--model` / `--run` name, resolved without loading any weights (`load()` loads them)."""
@@ -93,12 +103,8 @@ class Detector:
         """The mesh the weights will go on (made once, before any weights load): --mesh, else every local
         device on the data axis with --run, else None (one device)."""
         if self.mesh is None and not getattr(self, "_placed", False):
-            from fxjax.device_mesh import make_mesh
-
-            mesh_cfg = parse_mesh(getattr(self.args, "mesh", None))
-            if mesh_cfg is not None:
-                self.mesh = make_mesh(mesh_cfg)
-            elif self.args.run is not None:
+            self.mesh = mesh_from_flag(getattr(self.args, "mesh", None))
+            if self.mesh is None and self.args.run is not None:
                 from fxjax.train.run_loading import data_parallel_mesh
 
                 self.mesh = data_parallel_mesh()
