@@ -203,9 +203,13 @@ def _disk_dtype(files: dict[str, Path]) -> str:
 
 
 def stored_dtypes(directory: str | Path) -> set[str]:
-    """The dtypes of every tensor of the checkpoint in `directory` (safetensors headers only, nothing read)."""
+    """The dtypes of the tensors `from_pretrained` loads from the checkpoint in `directory` (safetensors
+    headers only, nothing read; buffers it ignores and a tied model's stored lm_head left out)."""
+    tied = load_config(Path(directory))[0].tie_word_embeddings
     by_file: dict[Path, list[str]] = {}
     for name, file in weight_files(Path(directory)).items():
+        if is_ignored(name) or (tied and param_path(name) == ("lm_head", "kernel")):
+            continue
         by_file.setdefault(file, []).append(name)
     found: set[str] = set()
     for file, names in by_file.items():

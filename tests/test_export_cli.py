@@ -153,14 +153,32 @@ def test_export_of_a_bfloat16_base_loads_it_in_bfloat16_and_writes_what_float32_
     load_hf_model(tiny_vl_dir, "bfloat16").save_pretrained(str(base))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_vl_dir / name, base / name)
-    assert main(["export", "--run", str(two_process_run), "--model", str(base), "--out", str(tmp_path / "a"),
-                 "--merged-only"]) == 0
-    assert "(float32, weights stored in bfloat16)" in capsys.readouterr().err
     reference = load_run(two_process_run, model_path=str(base), dtype="float32", param_dtype="float32")
-    export_loaded(reference, tmp_path / "b", adapter=False)
-    got, want = (load_file(str(tmp_path / d / "merged" / "model-00001-of-00001.safetensors")) for d in "ab")
-    assert set(got) == set(want) and {str(x.dtype) for x in got.values()} == {"bfloat16"}
-    assert all(np.array_equal(got[k], want[k]) for k in want)
+    for dtype, flags in (("bfloat16", []), ("float32", ["--dtype", "float32"])):  # the base's own; exact floats
+        out = tmp_path / dtype
+        assert main(["export", "--run", str(two_process_run), "--model", str(base), "--out", str(out / "a"),
+                     *flags]) == 0
+        assert "(float32, weights stored in bfloat16)" in capsys.readouterr().err
+        export_loaded(reference, out / "b", dtype=flags[-1] if flags else None)
+        for part in ("merged/model-00001-of-00001.safetensors", "adapter/adapter_model.safetensors"):
+            got, want = (load_file(str(out / d / part)) for d in "ab")
+            assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want), part
+        assert {str(x.dtype) for x in got.values()} == {"float32"}  # the adapter
+        merged = load_file(str(out / "a" / "merged/model-00001-of-00001.safetensors"))
+        assert {str(x.dtype) for x in merged.values()} == {dtype}
+    # a run started from another run (model.from_run, no model.path): that run's base decides
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train.run_loading import _exact_param_dtype
+
+    on_bf16 = tmp_path / "sft-on-bf16" / "checkpoints"
+    shutil.copytree(two_process_run / "checkpoints" / "3", on_bf16 / "3")
+    record = on_bf16 / "3" / "config" / "config.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "model": {
+        **json.loads(record.read_text())["model"], "path": str(base)}}))
+    for run, expected in ((on_bf16.parent, "bfloat16"), (two_process_run, "float32")):
+        cfg = grpo_from_dict({"model": {"from_run": str(run), "dtype": "float32"},
+                              "data": {"train_files": [str(tmp_path / "train.jsonl")]}})
+        assert _exact_param_dtype(cfg) == expected, run
     # float32 (the run's own base) and any tensor not in bfloat16 keep float32: nothing is rounded
     import ml_dtypes
     from safetensors.numpy import save_file
@@ -170,6 +188,7 @@ def test_export_of_a_bfloat16_base_loads_it_in_bfloat16_and_writes_what_float32_
                              ((ml_dtypes.bfloat16, ml_dtypes.bfloat16), "bfloat16")):
         folder = tmp_path / f"mixed-{len(dtypes)}-{expected}-{np.dtype(dtypes[0]).name}"
         folder.mkdir()
+        shutil.copy(tiny_vl_dir / "config.json", folder / "config.json")
         save_file({f"w{i}": np.zeros(2, d) for i, d in enumerate(dtypes)}, str(folder / "model.safetensors"))
         assert exact_param_dtype(folder) == expected, dtypes
 

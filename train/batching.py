@@ -287,9 +287,9 @@ def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards
 def agree_sizes(name: str, sizes: dict[str, int], *, cancelled=None, **extra: int
                 ) -> tuple[dict[str, int], dict[str, int]]:
     """(the element-wise max of every process's `sizes`, the sums of `extra` over the processes): one
-    host-only exchange (`allgather_json` under `name`), the same result on every process. A size that only
-    some processes have (a part with no images has no vision sizes) is agreed all the same, 0 where missing:
-    each process keeping only its own keys would pad to different shapes and compile different programs."""
+    host-only exchange (`allgather_json` under `name`), the same result on every process: the keys too (a
+    size only some processes' parts report counts as 0 where it is missing), so every process pads to, and
+    saves with its checkpoint, the same floor."""
     parts = allgather_json(name, {"floor": sizes, "extra": extra}, cancelled=cancelled)
     keys = sorted({k for p in parts for k in p["floor"]})
     agreed = {k: max(int(p["floor"].get(k, 0)) for p in parts) for k in keys}

@@ -112,6 +112,23 @@ def _check_paths(cfg, checkpoint_dir: Path) -> None:
                                f"here; {hint}")
 
 
+def _exact_param_dtype(cfg) -> str:
+    """`hf_checkpoint.exact_param_dtype` of the run's base model: model.path, or for a run started from
+    another run (model.from_run, no model.path), that run's base, followed run to run; float32 for a
+    preset, or when the base is not where a run names it (loading it then says so)."""
+    from fxjax.hf_checkpoint import exact_param_dtype
+    from fxjax.train_config import from_run_start
+
+    m, seen = cfg.model, set()
+    while m.path is None and m.from_run is not None and m.from_run not in seen:
+        seen.add(m.from_run)
+        try:
+            m = from_run_start(m.from_run, m.from_run_step)[0].model
+        except (OSError, RunLoadError):
+            return "float32"
+    return exact_param_dtype(m.path) if m.path is not None and Path(m.path).is_dir() else "float32"
+
+
 def data_parallel_mesh():
     """Every device on the data axis: where a loaded run goes unless a mesh is given. Each device holds the
     whole model (a model too large for one device needs an fsdp axis: `--mesh fsdp=N`)."""
@@ -154,10 +171,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     cfg = start_from_kept_copy(cfg, ckpt, model_path is not None, log)
     _check_paths(cfg, ckpt)
     if exact:  # known only now: the base model may have moved (model_path) or come from the run's copy
-        from fxjax.hf_checkpoint import exact_param_dtype
-
-        stored = exact_param_dtype(cfg.model.path) if cfg.model.path is not None else "float32"
-        cfg = _override_model(cfg, None, None, stored)
+        cfg = _override_model(cfg, None, None, _exact_param_dtype(cfg))
     if mesh is None:
         mesh = data_parallel_mesh()
     if log is not None:

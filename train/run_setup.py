@@ -374,10 +374,12 @@ def mesh_record(mesh) -> dict[str, int]:
 
 def check_resume_mesh(saved: dict | None, mesh, log: Callable[[str], None]) -> None:
     """Warn when a run resumes on another split of the devices than the one its checkpoint was saved on
-    (checkpoints before fxjax recorded it: no check). The run continues correctly (the state is resharded,
-    the data order is the same), but its sums run over other splits of the rows or the weights (a batch
-    shard's padding and loss, fsdp's and tensor's partial sums), so it is not bit for bit the run that would
-    have gone on uninterrupted; a test comparing the two would fail without saying why."""
+    (checkpoints before fxjax recorded it: no check; another process count is refused before this). The run
+    continues (the state is resharded onto the new mesh), but its sums run over other splits of the rows or
+    the weights (a batch shard's padding and loss, fsdp's and tensor's partial sums), and with several
+    processes each may now build other rows of a batch than its restored iterator read: it is not bit for
+    bit the run that would have gone on uninterrupted, and a test comparing the two would fail without
+    saying why. (The dcn_* factors only reorder devices within these sizes: not compared.)"""
     now = mesh_record(mesh)
     if saved is not None and dict(saved) != now:
         log(f"warning: resuming on mesh {now}, but the checkpoint was saved on mesh {dict(saved)}: the run "
