@@ -9,6 +9,9 @@ fp32) with transformers and saves it three ways (its memory never counts):
   fp32_single    one model.safetensors (fp32)
   fp32_sharded   max_shard_size=200MB shards + index (fp32)
   bf16_single    one model.safetensors in bf16, loaded into an fp32 model (dtype="float32")
+  bf16_stored    the same bf16 file loaded as stored (param_dtype from hf_checkpoint.exact_param_dtype:
+                 bfloat16), as `fxjax export` loads a run's base since it merges in float32 per tensor;
+                 the table's last line is its peak extra over bf16_single's, in the same invocation
 
 Then, per checkpoint, a fresh child imports fxjax/jax, initialises the CPU backend, takes its RSS
 as the baseline, resets the kernel's peak-RSS mark (/proc/self/clear_refs 5), runs
@@ -37,6 +40,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward import cpu_model  # noqa: E402  (bench/forward.py: the CPU's model name; imports no jax)
 
 # Text ~296M (untied 48k vocab: embed + lm_head 2 x 49M), vision ~22M. Largest tensor: 48000 x 1024
 # fp32 = 196.6 MB, under the 200MB shard size so sharding splits as HF would for a real model.
@@ -54,7 +59,9 @@ CONFIGS = {
         shard="5MB",
     ),
 }
-VARIANTS = ("fp32_single", "fp32_sharded", "bf16_single")
+BUILT = ("fp32_single", "fp32_sharded", "bf16_single")
+VARIANTS = BUILT + ("bf16_stored",)
+STORED_FROM = {"bf16_stored": "bf16_single"}  # variant -> the checkpoint it loads, as stored
 
 
 def build(workdir: Path, name: str) -> None:
@@ -130,8 +137,9 @@ def checkpoint_facts(directory: Path, target_itemsize: int) -> dict:
                 largest_model_bytes=largest_elems * target_itemsize)
 
 
-def measure(directory: Path, scan_layers: bool = False) -> dict:
-    """Child: baseline after imports and backend init, then from_pretrained; peak RSS."""
+def measure(directory: Path, scan_layers: bool = False, as_stored: bool = False) -> dict:
+    """Child: baseline after imports and backend init, then from_pretrained (float32 weights, or with
+    `as_stored` the smaller dtype that holds the checkpoint's exactly); peak RSS."""
     import gc
 
     import jax
@@ -139,7 +147,9 @@ def measure(directory: Path, scan_layers: bool = False) -> dict:
     from flax import nnx
 
     import fxjax
+    from fxjax.hf_checkpoint import exact_param_dtype
 
+    param_dtype = exact_param_dtype(directory) if as_stored else "float32"
     jnp.zeros((8,)).block_until_ready()  # CPU client and its thread pools exist before the baseline
     gc.collect()
     ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -149,7 +159,7 @@ def measure(directory: Path, scan_layers: bool = False) -> dict:
     sampler = Sampler()
     sampler.start()
     t0 = time.perf_counter()
-    model = fxjax.from_pretrained(directory, dtype="float32", scan_layers=scan_layers)
+    model = fxjax.from_pretrained(directory, dtype="float32", param_dtype=param_dtype, scan_layers=scan_layers)
     load_s = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
@@ -157,9 +167,9 @@ def measure(directory: Path, scan_layers: bool = False) -> dict:
     ru_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     param_bytes = sum(x.nbytes for x in leaves)
-    facts = checkpoint_facts(directory, target_itemsize=4)
+    facts = checkpoint_facts(directory, target_itemsize=jnp.dtype(param_dtype).itemsize)
     return dict(
-        **facts, load_s=load_s, param_bytes=param_bytes, params=sum(x.size for x in leaves),
+        **facts, param_dtype=param_dtype, load_s=load_s, param_bytes=param_bytes, params=sum(x.size for x in leaves),
         baseline_rss=base["VmRSS"], baseline_anon=base["RssAnon"], baseline_file=base["RssFile"],
         hwm=after["VmHWM"], ru_maxrss_before=ru_before, ru_maxrss=ru_after,
         sampled_rss=sampler.peak["VmRSS"], sampled_anon=sampler.peak["RssAnon"],
@@ -181,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-layers", action="store_true", help="load into stacked layers under scan")
     ap.add_argument("--build", help=argparse.SUPPRESS)
     ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--as-stored", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     name = "small" if args.small else "large"
 
@@ -188,7 +199,7 @@ def main(argv=None) -> int:
         build(Path(args.build), name)
         return 0
     if args.measure:
-        print("RESULT " + json.dumps(measure(Path(args.measure), args.scan_layers)))
+        print("RESULT " + json.dumps(measure(Path(args.measure), args.scan_layers, args.as_stored)))
         return 0
 
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
@@ -197,7 +208,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     me = str(Path(__file__).resolve())
-    if not all((workdir / v / "config.json").exists() for v in VARIANTS):
+    if not all((workdir / v / "config.json").exists() for v in BUILT):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, me, "--build", str(workdir)] + (["--small"] if args.small else []),
                        check=True, env=env, stdout=subprocess.DEVNULL)
@@ -205,8 +216,9 @@ def main(argv=None) -> int:
 
     results = {}
     for variant in args.variants:
-        proc = subprocess.run([sys.executable, me, "--measure", str(workdir / variant)]
-                              + (["--scan-layers"] if args.scan_layers else []),
+        proc = subprocess.run([sys.executable, me, "--measure", str(workdir / STORED_FROM.get(variant, variant))]
+                              + (["--scan-layers"] if args.scan_layers else [])
+                              + (["--as-stored"] if variant in STORED_FROM else []),
                               check=True, env=env, capture_output=True, text=True)
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
         results[variant] = json.loads(line[len("RESULT "):])
@@ -214,7 +226,9 @@ def main(argv=None) -> int:
         tmp.cleanup()
 
     first = next(iter(results.values()))
-    print(f"model: {first['params'] / 1e6:.1f}M params, fp32 in memory = {first['param_bytes'] / 1e6:.1f} MB; "
+    print(f"CPU: {cpu_model()}")
+    print(f"model: {first['params'] / 1e6:.1f}M params, {first['param_dtype']} in memory = "
+          f"{first['param_bytes'] / 1e6:.1f} MB; "
           f"largest tensor {first['largest_tensor']}")
     print("all sizes in MB (1e6 bytes); 'extra' = peak - RSS after imports and backend init\n")
     cols = ("checkpoint", "files", "ckpt", "model", "largest", "base RSS", "peak extra", "ratio",
@@ -229,8 +243,13 @@ def main(argv=None) -> int:
                mb(r["sampled_file"] - r["baseline_file"]), mb(r["after_rss"] - r["baseline_rss"]),
                f"{r['load_s']:8.1f}"]
         print(f"{variant:13s} {r['files']:5d} " + " ".join(f"{c:>10s}" for c in row))
-    print("\nratio = peak extra / (model + largest tensor in fp32): ~1.0 means the claim holds; 2x checkpoint "
-          "would be ~2.0 for fp32.")
+    print("\nratio = peak extra / (model + largest tensor, in the dtype loaded): ~1.0 means the claim holds; 2x "
+          "checkpoint would be ~2.0 for fp32.")
+    if {"bf16_single", "bf16_stored"} <= set(results):
+        extra = {v: max(results[v]["hwm"], results[v]["sampled_rss"]) - results[v]["baseline_rss"]
+                 for v in ("bf16_single", "bf16_stored")}
+        print(f"bf16 checkpoint loaded as stored (export) / into float32: peak extra {mb(extra['bf16_stored'])} / "
+              f"{mb(extra['bf16_single'])} MB = {extra['bf16_stored'] / extra['bf16_single']:.2f}")
     print("anon/file extra: sampled (2 ms) peaks of RssAnon / RssFile (mmapped safetensors pages); "
           "kept: RSS - baseline after the load returned.")
     print("ru_maxrss (not reset; includes imports): " + ", ".join(
