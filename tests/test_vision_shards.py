@@ -146,8 +146,8 @@ def test_a_process_part_is_its_shards_of_the_step_batch(model):
 
 
 def test_processes_agree_on_sizes_only_some_of_them_have(monkeypatch):
-    """agree_sizes: a size one process's part lacks (no images there: no vision sizes) is agreed all the
-    same, so every process pads to one shape; the extras are summed."""
+    """agree_sizes: a size only one process's part reports is agreed all the same (0 where missing), so
+    every process ends with the same floor, keys included; the extras are summed."""
     from fxjax.train import batching
 
     parts = [{"floor": {"length": 40, "windows": 3}, "extra": {"tokens": 5}},

@@ -377,9 +377,9 @@ def check_resume_mesh(saved: dict | None, mesh, log: Callable[[str], None]) -> N
     (checkpoints before fxjax recorded it: no check; another process count is refused before this). The run
     continues (the state is resharded onto the new mesh), but its sums run over other splits of the rows or
     the weights (a batch shard's padding and loss, fsdp's and tensor's partial sums), and with several
-    processes each may now build other rows of a batch than before: it is not bit for
-    bit the run that would have gone on uninterrupted, and a test comparing the two would fail without
-    saying why. (The dcn_* factors only reorder devices within these sizes: not compared.)"""
+    processes each may now build other rows of a batch than before: it is not bit for bit the run that
+    would have gone on uninterrupted, and a test comparing the two would fail without saying why. (The
+    dcn_* factors only reorder devices within these sizes: not compared.)"""
     now = mesh_record(mesh)
     if saved is not None and dict(saved) != now:
         log(f"warning: resuming on mesh {now}, but the checkpoint was saved on mesh {dict(saved)}: the run "

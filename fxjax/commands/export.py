@@ -31,8 +31,9 @@ multi-process run):
 
 The base model is the run's model.path (from the config saved with the checkpoint); --model points at it
 when it has moved. Its weights load as stored (a bfloat16 checkpoint in bfloat16: half float32's memory),
-each merged in float32 as it is written. A run started from an adapter or another run (model.adapter, model.from_run) keeps that
-LoRA's shape in its checkpoint folder (start_lora/), so it exports after that folder moved. A missing or
+each merged in float32 as it is written. A run started from an adapter or another run (model.adapter,
+model.from_run) keeps that LoRA's shape in its checkpoint folder (start_lora/), so it exports after that
+folder moved. A missing or
 corrupted step is an error naming it and listing the steps that exist. Each folder is written whole
 into a hidden sibling (.merged.partial) that then takes its place: an export that fails part-way leaves
 the former one as it was."""
