@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+from launch import COMPILE_ENV, COMPILE_XLA_FLAGS  # (imports no jax)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The tests' programs are tiny: XLA's expensive optimisation passes cost far more compile time than they
-# save at run time (a third of the suite's time). Set in the environment so the CLI subprocesses the tests
-# start inherit it; results are checked against HF / TRL / one device under the same setting.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The tests' compile settings (why: tests/launch.py), before JAX's backend starts; the processes the tests
+# start get them from launch.subprocess_env.
+for _key, _value in COMPILE_ENV.items():
+    os.environ.setdefault(_key, _value)
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 

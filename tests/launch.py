@@ -1,6 +1,6 @@
 """Running `fxjax` CLI commands as separate processes in tests: one process, or two joined by a JAX
 coordinator on localhost (gloo collectives, one CPU device each); and which records each process decoded
-(tests/decode_trace.py) against the one-process stream."""
+(tests/decode_trace.py) against the one-process stream; the environment every such process gets."""
 
 from __future__ import annotations
 
@@ -12,6 +12,28 @@ import time
 from pathlib import Path
 
 from numerics import free_port
+
+# The tests' programs are tiny: XLA's optimisation work costs far more compile time than it saves at run time.
+# conftest.py puts these settings in the pytest process's environment and `subprocess_env` in every process a
+# test starts, so every result is checked (against HF, TRL, one device, an uninterrupted run) under the same
+# ones. JAX_DISABLE_MOST_OPTIMIZATIONS: LLVM at -O0 (a third of the suite's time). The fusion emitters off:
+# XLA:CPU's older loop emitters for fused ops (the 8-device sharding worker: 32 -> 18 s for one mesh, 2 AMD
+# EPYC cores).
+COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def subprocess_env(xla_flags: str = "", *, compilation_cache: Path | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment for a process a test starts: CPU only, the tests' compile settings, XLA_FLAGS
+    = those + `xla_flags` (not this process's own XLA_FLAGS: a device count given to pytest is not the
+    subprocess's), no armed fault (FXJAX_FAULT), `extra` on top. With `compilation_cache`, a persistent XLA
+    cache there that keeps every program (the runs of a test module then compile each program once)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **COMPILE_ENV, XLA_FLAGS=f"{COMPILE_XLA_FLAGS} {xla_flags}".strip())
+    env.pop("FXJAX_FAULT", None)
+    if compilation_cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return {**env, **extra}
 
 
 def launch_two(args: list[str], env: dict, log_prefix: Path,

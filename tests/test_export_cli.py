@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import QWEN_TOKENS, free_port, hf_logits, load_hf_model, rel_err
+from launch import subprocess_env
 
 from fxjax.cli import main
 
@@ -40,10 +41,8 @@ def two_process_run(tiny_vl_dir, tmp_path_factory):
         "train": {"steps": 3, "output_dir": str(root / "run")},
     }
     (root / "sft.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", FXJAX_NUM_PROCESSES="2",
-               FXJAX_COORDINATOR=f"localhost:{free_port()}", FXJAX_LOCAL_DEVICE_COUNT="1")
-    for key in ("XLA_FLAGS", "FXJAX_FAULT"):
-        env.pop(key, None)
+    env = subprocess_env(PYTHONUNBUFFERED="1", FXJAX_NUM_PROCESSES="2", FXJAX_COORDINATOR=f"localhost:{free_port()}",
+                         FXJAX_LOCAL_DEVICE_COUNT="1")
     procs, logs = [], []
     for rank in range(2):
         logs.append(root / f"worker-{rank}.log")
@@ -200,7 +199,7 @@ def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_proces
     from safetensors.numpy import load_file
 
     assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = subprocess_env("--xla_force_host_platform_device_count=2")
     script = ("import sys; from fxjax.cli import main; run, out = sys.argv[1:]; "
               "sys.exit(main(['export', '--run', run, '--out', out + '/two', '--adapter-only']) or "
               "main(['export', '--run', run, '--out', out + '/split', '--mesh', 'fsdp=2']))")

@@ -24,7 +24,6 @@ Subprocesses share a persistent XLA compilation cache, so each program compiles 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ import pytest
 import yaml
 
 from fxjax.data.demo_data import make_demo_data
-from launch import decoded_sources, launch_two, stream_sources, wait_all
+from launch import decoded_sources, launch_two, stream_sources, subprocess_env, wait_all
 
 TIMEOUT = 300
 DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
@@ -83,11 +82,7 @@ def setup(tokenizer_dir, tmp_path_factory):
     }
     path = root / "grpo.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    env.pop("FXJAX_FAULT", None)
+    env = subprocess_env(compilation_cache=root / "xla_cache", FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1")
     return {"root": root, "config": path, "env": env}
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import free_port
 
 import sharding_worker as worker
-from launch import launch_two, wait_all
+from launch import launch_two, subprocess_env, wait_all
 
 MESHES = ("1,8,1", "2,2,2")
 TOL = 1e-5
@@ -38,9 +38,8 @@ def two_processes(checkpoint, tmp_path_factory):
     procs, logs = [], []
     start = time.time()
     for rank in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", FXJAX_COORDINATOR=f"localhost:{port}", FXJAX_NUM_PROCESSES="2",
-                   FXJAX_PROCESS_ID=str(rank), FXJAX_LOCAL_DEVICE_COUNT="4")
-        env.pop("XLA_FLAGS", None)
+        env = subprocess_env(FXJAX_COORDINATOR=f"localhost:{port}", FXJAX_NUM_PROCESSES="2",
+                             FXJAX_PROCESS_ID=str(rank), FXJAX_LOCAL_DEVICE_COUNT="4")
         log = open(out / f"log_{rank}.txt", "w")
         logs.append(log)
         procs.append(subprocess.Popen(
@@ -147,8 +146,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     """SIGTERM to process 1 during step 3: both processes see stop_requested after step 3 (so they save the
     same step and leave together), agreed host to host (no device all-gather: it would wait for the
     step just dispatched)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     procs, logs = launch_two([], env, tmp_path / "stop", entry=("-c", STOP_SCRIPT))
     codes = wait_all(procs, logs, timeout=TIMEOUT)
     text = [log.read_text() for log in logs]

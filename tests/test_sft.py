@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from launch import decoded_sources, launch_two, stream_sources, wait_all
+from launch import decoded_sources, launch_two, stream_sources, subprocess_env, wait_all
 
 from fxjax.data.demo_data import make_demo_data
 
@@ -55,12 +55,7 @@ def setup(tokenizer_dir, tmp_path_factory):
     }
     path = root / "sft.yaml"
     path.write_text(yaml.safe_dump(config))
-    cache = root / "xla_cache"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1")
-    for key in ("XLA_FLAGS", "FXJAX_FAULT"):
-        env.pop(key, None)
+    env = subprocess_env(compilation_cache=root / "xla_cache", FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1")
     return dict(root=root, config=path, env=env, files=files, model=model_dir)
 
 
