@@ -28,7 +28,7 @@ def subprocess_env(xla_flags: str = "", *, compilation_cache: Path | None = None
     = those + `xla_flags` (not this process's own XLA_FLAGS: a device count given to pytest is not the
     subprocess's), no armed fault (FXJAX_FAULT), `extra` on top. With `compilation_cache`, a persistent XLA
     cache there that keeps every program (the runs of a test module then compile each program once)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **COMPILE_ENV, XLA_FLAGS=f"{COMPILE_XLA_FLAGS} {xla_flags}".strip())
+    env = {**COMPILE_ENV, **os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{COMPILE_XLA_FLAGS} {xla_flags}".strip()}
     env.pop("FXJAX_FAULT", None)
     if compilation_cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
