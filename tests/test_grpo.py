@@ -5,7 +5,7 @@
   decoding and scoring only its own prompts;
 * with shared prompts (each prompt through the decoder once per update, the default that every other run
   here uses) the run on two devices trains as with full sequences: the same samples, losses, gradient
-  norms and LoRA parameters (slow-marked: `pytest -m slow tests/test_grpo.py`);
+  norms and LoRA parameters;
 * `grpo.log_completions` writes every completion with the rewards it was given, once per step after resumes;
 * every run here makes `grpo.num_iterations: 2` updates per step (TRL's mu: the sampling policy's log-probs
   stored, the ratio clipped): the learning rate follows the schedule over all the updates, and a resumed run
@@ -344,7 +344,6 @@ def test_two_processes_equal_one_process(setup, straight):
     assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [6, 6]
 
 
-@pytest.mark.slow  # two more runs with their own compiles (~45 s); the suite's runs above all use shared prompts
 def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
     """`grpo.share_prompts` on the 2-device mesh (prompts and completions sharded over the batch axis, the
     reference pass too) against the same run with full sequences. LoRA dropout off in both: with shared
