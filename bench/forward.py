@@ -50,6 +50,13 @@ CONFIGS = {
         dict(depth=8, hidden_size=512, intermediate_size=1368, num_heads=8, window_size=112,
              fullatt_block_indexes=(3, 7)),
     ),
+    # Qwen2.5-VL-3B-Instruct's shapes (its config.json), random weights; `scaled_config` cuts its depth.
+    "3b": (
+        dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+             num_attention_heads=16, num_key_value_heads=2, mrope_section=(16, 24, 24)),
+        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+             fullatt_block_indexes=(7, 15, 23, 31)),
+    ),
     "small": (
         dict(vocab_size=32000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6)),
@@ -74,6 +81,85 @@ def hf_config(name: str):
         tie_word_embeddings=False,
         **TOKENS,
     )
+
+
+def scaled_config(name: str, text_layers: int | None, vision_depth: int | None) -> str:
+    """CONFIGS[name] with fewer decoder layers / vision blocks (every 4th block full attention, as Qwen's),
+    registered as a new name (the per-layer shapes, and so the kernels timed, stay the model's)."""
+    if not text_layers and not vision_depth:
+        return name
+    text, vision = CONFIGS[name]
+    text = {**text, "num_hidden_layers": text_layers or text["num_hidden_layers"]}
+    depth = vision_depth or vision["depth"]
+    vision = {**vision, "depth": depth, "fullatt_block_indexes": tuple(range(3, depth, 4)) or (depth - 1,)}
+    scaled = f"{name} ({text['num_hidden_layers']} decoder layers, {depth} vision blocks)"
+    CONFIGS[scaled] = (text, vision)
+    return scaled
+
+
+def add_device_args(ap: argparse.ArgumentParser) -> None:
+    """--device / --dtype / --config / --text-layers / --vision-depth: where both frameworks run and on what."""
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: both children on the GPU (torch .to('cuda'), JAX_PLATFORMS=cuda); the parent "
+                    "stays on the CPU")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the weights' and compute dtype of both sides (LoRA stays float32, as peft's)")
+    ap.add_argument("--config", choices=tuple(CONFIGS), default=None,
+                    help="model shapes (default mid; --small = small; 3b: Qwen2.5-VL-3B's)")
+    ap.add_argument("--text-layers", type=int, default=None, help="cut the config to this many decoder layers")
+    ap.add_argument("--vision-depth", type=int, default=None, help="cut the config to this many vision blocks")
+
+
+def device_passthrough(args) -> list[str]:
+    return ["--device", args.device, "--dtype", args.dtype]
+
+
+def child_env(args) -> dict[str, str]:
+    """The children's environment: JAX on the GPU with --device cuda (the parent keeps JAX on the CPU)."""
+    return {**os.environ, "JAX_PLATFORMS": "cuda" if args.device == "cuda" else "cpu"}
+
+
+def accelerator_line(args) -> str:
+    """The machine line, plus the GPU's name with --device cuda (nvidia-smi)."""
+    line = machine_line()
+    if args.device == "cuda":
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        line += f"; GPU: {out.stdout.strip() or out.stderr.strip()}"
+    return line
+
+
+def torch_setup(args):
+    """(torch device, torch dtype) for a child; on the GPU, float32 means float32 (no TF32, torch's default)."""
+    import torch
+
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        torch.set_num_threads(args.cores)
+    return torch.device(args.device), getattr(torch, args.dtype)
+
+
+def jax_setup(args) -> None:
+    """On the GPU, float32 matmuls at "highest" precision (XLA would use TF32), as torch's."""
+    import jax
+
+    if args.device == "cuda" and args.dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def peak_device_mb(framework: str) -> float | None:
+    """The GPU's peak allocated memory of this child (None on the CPU: the RSS says it there)."""
+    if framework == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    import jax
+
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    return stats["peak_bytes_in_use"] / 2**20 if stats else None
 
 
 def build_hf_model(name: str, seed: int = 0):
@@ -276,11 +362,12 @@ def add_worker_args(ap: argparse.ArgumentParser, cores_help: str = "pin each chi
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
 
 
-def run_child(script: str | Path, worker: str, workdir: Path, passthrough: list[str]) -> dict:
+def run_child(script: str | Path, worker: str, workdir: Path, passthrough: list[str],
+              env: dict[str, str] | None = None) -> dict:
     """Run `script --worker <worker>` in its own process (frameworks never share the cores) and return the
     result it wrote (`run_worker`)."""
     cmd = [sys.executable, str(Path(script).resolve()), "--worker", worker, "--workdir", str(workdir)]
-    subprocess.run(cmd + passthrough, check=True)
+    subprocess.run(cmd + passthrough, check=True, env=env)
     return json.loads((workdir / f"result_{worker}.json").read_text())
 
 

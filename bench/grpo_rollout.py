@@ -1,4 +1,4 @@
-"""GRPO rollout throughput: fxjax's group sampler vs HF `generate(num_return_sequences=G)`, fp32 on the CPU.
+"""GRPO rollout throughput: fxjax's group sampler vs HF `generate(num_return_sequences=G)`, on the CPU or a GPU.
 
 One command. The parent builds a random-weight HF Qwen2.5-VL (bench/forward.py's configs), saves it, and
 writes P left-padded prompts (one 448x448 photo each through fxjax.process_image, text around it; row i
@@ -20,6 +20,10 @@ Both sides get an EOS id the model cannot sample (= vocab size), so every row ge
 
     python bench/grpo_rollout.py             # mid config (~154M), 4 prompts x G 8, 128 new tokens
     python bench/grpo_rollout.py --small     # tiny config, smoke run
+    python bench/grpo_rollout.py --device cuda --dtype bfloat16 --config 3b --text-layers 12 --vision-depth 8 \
+        --prompts 8 --num-generations 8 --new-tokens 256   # a GPU: 3B layer shapes, a third of its depth
+
+With --device cuda both children run on the GPU (the parent builds the checkpoint and prompts on the CPU).
 """
 
 from __future__ import annotations
@@ -73,10 +77,10 @@ def worker_torch(workdir: Path, args) -> dict:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.set_num_threads(args.cores)
+    device, dtype = fw.torch_setup(args)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(workdir / "ckpt"), dtype=torch.float32, attn_implementation="sdpa").eval()
-    data = {k: torch.from_numpy(v) for k, v in np.load(workdir / "batch.npz").items()}
+        str(workdir / "ckpt"), dtype=dtype, attn_implementation="sdpa").eval().to(device)
+    data = {k: torch.from_numpy(v).to(device) for k, v in np.load(workdir / "batch.npz").items()}
     length = data["input_ids"].shape[1]
     shapes = []
 
@@ -87,6 +91,8 @@ def worker_torch(workdir: Path, args) -> dict:
             out = hf.generate(**data, do_sample=True, num_return_sequences=args.num_generations,
                               max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, eos_token_id=args.eos_id, pad_token_id=PAD_ID)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # generate's last step may still be queued
         shapes.append([out.shape[0], out.shape[1] - length])
 
     t0 = time.perf_counter()
@@ -103,7 +109,8 @@ def worker_fxjax(workdir: Path, args) -> dict:
     import fxjax
     from fxjax.model.generate import sample_groups
 
-    model = fxjax.from_pretrained(workdir / "ckpt", dtype="float32")
+    fw.jax_setup(args)
+    model = fxjax.from_pretrained(workdir / "ckpt", dtype=args.dtype)
     data = dict(np.load(workdir / "batch.npz"))
     shapes = []
 
@@ -138,37 +145,40 @@ def main(argv=None) -> int:
     ap.add_argument("--image-side", type=int, default=448)
     ap.add_argument("--text-tokens", type=int, default=64, help="non-image prompt tokens per sample")
     fw.add_worker_args(ap)
+    fw.add_device_args(ap)
     ap.add_argument("--eos-id", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         return fw.run_worker(args, {"torch": worker_torch, "fxjax": worker_fxjax})
 
-    name = "small" if args.small else "mid"
+    import torch
+
+    name = fw.scaled_config(args.config or ("small" if args.small else "mid"), args.text_layers, args.vision_depth)
     vocab = fw.CONFIGS[name][0]["vocab_size"]
     tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_rollout_")
     workdir = Path(tmp.name)
     hf = fw.build_hf_model(name)
     n_params = sum(p.numel() for p in hf.parameters())
-    hf.save_pretrained(str(workdir / "ckpt"))
+    hf.to(getattr(torch, args.dtype)).save_pretrained(str(workdir / "ckpt"))  # as the children load it
     del hf
     data = left_padded_prompts(args.prompts, args.text_tokens, args.image_side, vocab)
     np.savez(workdir / "batch.npz", **data)
     p, length = data["input_ids"].shape
     g, n = args.num_generations, args.new_tokens
     new_tokens = p * g * n
-    print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, fp32; {p} prompts x {length} tokens "
+    print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, {args.dtype} on {args.device}; {p} prompts x {length} tokens "
           f"(left-padded; {int(data['mm_token_type_ids'][0].sum())} image tokens each, one {args.image_side}px "
           f"photo), G = {g}, {n} new tokens each = {new_tokens} new tokens per call; temperature "
           f"{args.temperature}, top_k {args.top_k or 'off'}, top_p {args.top_p if args.top_p < 1 else 'off'}; "
           f"EOS id {vocab} (unreachable)")
-    print(machine_line() + f"; children pinned to {args.cores} cores")
+    print(fw.accelerator_line(args) + (f"; children pinned to {args.cores} cores" if args.device == "cpu" else ""))
     results = {}
     passthrough = ["--prompts", str(p), "--num-generations", str(g), "--new-tokens", str(n), "--temperature",
                    str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--iters",
-                   str(args.iters), "--cores", str(args.cores), "--eos-id", str(vocab)]
+                   str(args.iters), "--cores", str(args.cores), "--eos-id", str(vocab), *fw.device_passthrough(args)]
     for worker in ("torch", "fxjax"):
-        results[worker] = fw.run_child(__file__, worker, workdir, passthrough)
+        results[worker] = fw.run_child(__file__, worker, workdir, passthrough, env=fw.child_env(args))
     tmp.cleanup()
 
     tr, fx = results["torch"], results["fxjax"]
@@ -199,7 +209,7 @@ def main(argv=None) -> int:
           f"{cpu_ratio:.2f}x); target >= 5x")
     print(machine_line() + " (after)")
     print(json.dumps(dict(
-        bench="grpo_rollout", config=name, params_m=round(n_params / 1e6, 1), prompts=p, num_generations=g,
+        bench="grpo_rollout", config=name, device=args.device, dtype=args.dtype, params_m=round(n_params / 1e6, 1), prompts=p, num_generations=g,
         new_tokens=n, prompt_length=length, cpu=cpu_model(), cores=os.cpu_count(), pinned_cores=args.cores,
         torch=tr["version"], jax=fx["version"],
         torch_s=[round(x, 3) for x in tr["times"]["wall"]], fxjax_s=[round(x, 3) for x in fx["times"]["wall"]],

@@ -1,4 +1,4 @@
-"""One LoRA SFT step: fxjax (JAX, train.step) vs transformers + peft (torch), fp32 on the CPU.
+"""One LoRA SFT step: fxjax (JAX, train.step) vs transformers + peft (torch), on the CPU or an NVIDIA GPU.
 
 One command. The parent builds a random-weight HF Qwen2.5-VL (bench/forward.py's configs), saves it and
 one batch (one real photo per sample, text around it, the last `--target-tokens` tokens of each sample
@@ -18,6 +18,12 @@ child's peak resident set size (model, optimiser, activations, runtime), from ge
     python bench/sft_step.py --small --iters 2
     python bench/sft_step.py --vocab 151936   # the real vocabulary (the lm_head dominates)
     python bench/sft_step.py --loop           # the whole `fxjax sft` loop: host time per step, in line vs overlapped
+    python bench/sft_step.py --device cuda --dtype bfloat16 --config 3b --text-layers 12 --vision-depth 8 \
+        --batch 8 --image-side 448 --loss-chunk 1024   # a GPU: Qwen2.5-VL-3B's layer shapes, a third of its depth
+
+With --device cuda both children run on the GPU (the parent builds the checkpoint and the batch on the CPU);
+peak memory is then each child's peak allocated GPU memory (torch.cuda.max_memory_allocated, JAX's
+peak_bytes_in_use), and float32 means float32 on both sides (no TF32).
 
 --loop runs `train.sft.run_sft` itself (demo images, the offline Qwen tokenizer, the small config with the
 real vocabulary) twice in one process: with overlap=False (each batch decoded, tokenised and built after
@@ -75,16 +81,17 @@ def worker_torch(workdir: Path, args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.set_num_threads(args.cores)
+    device, dtype = fw.torch_setup(args)
     data = dict(np.load(workdir / "batch.npz"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(workdir / "ckpt"), dtype=torch.float32,
-                                                                attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(workdir / "ckpt"), dtype=dtype,
+                                                                attn_implementation="sdpa").to(device)
+    # peft keeps the adapters in float32 on a bfloat16 model (autocast_adapter_dtype), as fxjax does.
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    inputs = {k: torch.as_tensor(v) for k, v in data.items() if k != "labels"}
-    labels = torch.as_tensor(data["labels"])
+    inputs = {k: torch.as_tensor(v).to(device) for k, v in data.items() if k != "labels"}
+    labels = torch.as_tensor(data["labels"]).to(device)
 
     def step():
         out = model(**inputs, labels=labels, use_cache=False)
@@ -94,10 +101,10 @@ def worker_torch(workdir: Path, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    first_loss, first, times = time_steps(step, args.warmup, args.iters)
-    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=_peak_rss_mb(),
+    first_loss, first, times = time_steps(step, args.warmup, args.iters)  # float(loss) waits for the GPU
+    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=fw.peak_device_mb("torch") or _peak_rss_mb(),
                 trainable=sum(p.numel() for p in params), version=f"torch {torch.__version__}",
-                loadavg=list(os.getloadavg()))
+                loadavg=list(os.getloadavg()), param_dtypes=sorted({str(p.dtype) for p in params}))
 
 
 def worker_fxjax(workdir: Path, args) -> dict:
@@ -112,8 +119,9 @@ def worker_fxjax(workdir: Path, args) -> dict:
     from fxjax.train.optimizer import make_optimizer
     from fxjax.train.step import RNG_IMPL, TrainState, make_train_step, split_model
 
+    fw.jax_setup(args)
     data = dict(np.load(workdir / "batch.npz"))
-    model = fxjax.from_pretrained(workdir / "ckpt", dtype="float32")
+    model = fxjax.from_pretrained(workdir / "ckpt", dtype=args.dtype)
     apply_lora(model, LoRAConfig(rank=8, alpha=32.0, dropout=0.0), rngs=nnx.Rngs(0))
     model.train()
     graphdef, params, base, rest = split_model(model)
@@ -135,9 +143,10 @@ def worker_fxjax(workdir: Path, args) -> dict:
         return float(jax.block_until_ready(metrics["loss"]))
 
     first_loss, first, times = time_steps(step, args.warmup, args.iters)
-    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=_peak_rss_mb(), prep_s=prep,
-                trainable=sum(int(x.size) for x in jax.tree.leaves(params)), version=f"jax {jax.__version__}",
-                loadavg=list(os.getloadavg()))
+    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=fw.peak_device_mb("jax") or _peak_rss_mb(),
+                prep_s=prep, trainable=sum(int(x.size) for x in jax.tree.leaves(params)),
+                version=f"jax {jax.__version__} ({jax.devices()[0].platform})", loadavg=list(os.getloadavg()),
+                param_dtypes=sorted({str(x.dtype) for x in jax.tree.leaves(params)}))
 
 
 def _loop_model(directory: Path, tokenizer_dir: Path) -> Path:
@@ -221,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loop", action="store_true", help="time the whole sft loop in line vs overlapped (fxjax only)")
     ap.add_argument("--loop-pixels", type=int, default=200704, help="--loop: data.max_pixels of the images")
     fw.add_worker_args(ap)
+    fw.add_device_args(ap)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -228,16 +238,18 @@ def main(argv=None) -> int:
     if args.loop:
         return run_loop(args)
 
-    name = "small" if args.small else "mid"
+    name = fw.scaled_config(args.config or ("small" if args.small else "mid"), args.text_layers, args.vision_depth)
     if args.vocab:
         text, vision = fw.CONFIGS[name]
         fw.CONFIGS[name] = ({**text, "vocab_size": args.vocab}, vision)
     vocab = fw.CONFIGS[name][0]["vocab_size"]
     tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_sft_")
     workdir = Path(tmp.name)
+    import torch
+
     hf = fw.build_hf_model(name)
     n_params = sum(p.numel() for p in hf.parameters())
-    hf.save_pretrained(str(workdir / "ckpt"))
+    hf.to(getattr(torch, args.dtype)).save_pretrained(str(workdir / "ckpt"))  # as the children load it
     del hf
     data = fw.make_batch(args.batch, args.text_tokens, args.image_side, vocab)
     data["labels"] = _labels(data["input_ids"], args.target_tokens)
@@ -245,26 +257,28 @@ def main(argv=None) -> int:
     b, length = data["input_ids"].shape
     tokens = b * length
     n_image = int(data["mm_token_type_ids"].sum()) // b
-    print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, fp32; LoRA r 8, alpha 32, all-linear "
-          f"(vision + merger + decoder), AdamW, grad clip 1.0")
+    print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, {args.dtype} on {args.device}; LoRA r 8, "
+          f"alpha 32, all-linear (vision + merger + decoder), AdamW, grad clip 1.0")
     print(f"batch {b} x {length} tokens ({n_image} image + {length - n_image} text per sample, one "
           f"{args.image_side}px image each), {args.target_tokens} labelled tokens per sample; "
-          f"children pinned to {args.cores} cores")
-    print(fw.machine_line())  # the CPU model with every figure
+          + (f"children pinned to {args.cores} cores" if args.device == "cpu" else "both children on the GPU"))
+    print(fw.accelerator_line(args))  # the CPU model (and the GPU) with every figure
     results = {}
     passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--cores", str(args.cores),
-                   "--loss-chunk", str(args.loss_chunk), "--remat", args.remat]
+                   "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, *fw.device_passthrough(args)]
     for worker in ("torch", "fxjax"):
-        results[worker] = fw.run_child(__file__, worker, workdir, passthrough)
+        results[worker] = fw.run_child(__file__, worker, workdir, passthrough, env=fw.child_env(args))
     tmp.cleanup()
     tr, fx = results["torch"], results["fxjax"]
     print(f"{tr['version']}; {fx['version']}; trainable LoRA parameters: torch {tr['trainable']:,}, "
           f"fxjax {fx['trainable']:,}")
     print(f"first step: torch {tr['first_s']:.2f}s (loss {tr['first_loss']:.4f}); fxjax {fx['first_s']:.2f}s incl. "
           f"trace + compile (loss {fx['first_loss']:.4f}); fxjax host batch prep {fx['prep_s'] * 1e3:.0f} ms")
-    print(f"1-min load average while timing: torch {tr['loadavg'][0]:.2f}, fxjax {fx['loadavg'][0]:.2f}")
+    print(f"1-min load average while timing: torch {tr['loadavg'][0]:.2f}, fxjax {fx['loadavg'][0]:.2f}; trainable "
+          f"dtypes: torch {tr['param_dtypes']}, fxjax {fx['param_dtypes']}")
     print()
-    print(f"| {'one LoRA SFT step':<32} | {'median s':>8} | {'min s':>7} | {'tokens/s':>9} | {'peak RSS MB':>11} |")
+    memory = "peak RSS MB" if args.device == "cpu" else "peak GPU MB"
+    print(f"| {'one LoRA SFT step':<32} | {'median s':>8} | {'min s':>7} | {'tokens/s':>9} | {memory:>11} |")
     print(f"|{'-' * 34}|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 13}|")
     med = {}
     for label, r in (("transformers + peft (torch)", tr), ("fxjax (jitted step)", fx)):

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The checks a session runs on a lent NVIDIA GPU (the device tool's H200), in one command from the repository
+# root; each part has its own time limit and log under $OUT, so one that fails or runs long leaves the others.
+#   1. bench/attention_check.py: the cudnn kernel (what model.attention='auto' picks on a GPU in bfloat16) vs XLA
+#   2. bench/sft_step.py and bench/grpo_rollout.py on the GPU, bfloat16, Qwen2.5-VL-3B's layer shapes (a third
+#      of its depth), fxjax vs transformers + peft / HF generate in the same invocation
+#   3. the HF-parity tests with JAX on the GPU (torch, the oracle, stays on the CPU), beside `fxjax demo --quick`
+# The machine has JAX, torch, transformers and peft but not grain or dashscope: their wheels (and flax, optax,
+# orbax-checkpoint, tensorstore at this venv's versions) travel in .whl/ (see /work/.library/device/README.md).
+# GPU_REHEARSAL=1 runs the same steps on this CPU with tiny shapes, to catch a broken step before a lease.
+set -u
+OUT=${OUT:-/tmp/fxjax_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ "${GPU_REHEARSAL:-0}" = 1 ]; then
+  PY=${PY:-python}; PLATFORM=cpu
+  SFT_ARGS=(--device cpu --small --batch 2 --iters 1); ROLLOUT_ARGS=(--device cpu --small --prompts 2 --num-generations 2 --new-tokens 8 --iters 1)
+  ATTENTION_ARGS=(--interpret)
+else
+  PY=python3; PLATFORM=cuda
+  SIZE=(--dtype bfloat16 --config 3b --text-layers 12 --vision-depth 8)
+  SFT_ARGS=(--device cuda "${SIZE[@]}" --batch 8 --image-side 448 --loss-chunk 1024 --iters 5)
+  ROLLOUT_ARGS=(--device cuda "${SIZE[@]}" --prompts 8 --num-generations 8 --new-tokens 128 --iters 2)
+  ATTENTION_ARGS=()
+  if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl || exit 1
+  fi
+  # fxjax.model/.train/.rewards/.configs live at the repository's top (pyproject's package-dir): link them
+  # into fxjax/ so that the tree imports as it is, without an install.
+  for d in model train rewards configs; do [ -e "fxjax/$d" ] || ln -s "../$d" "fxjax/$d"; done
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{ nvidia-smi 2>&1 | head -15
+  "$PY" -c "import jax, flax, optax, orbax.checkpoint as o, torch, transformers, peft, grain
+print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', optax.__version__, '| orbax', o.__version__)
+print('torch', torch.__version__, torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__)"
+} > "$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, say how it ended
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - start)) s (limit $limit s)"
+  pkill -9 -f -- "--worker (torch|fxjax)" 2>/dev/null  # a benchmark's child outlives its killed parent
+  tail -n 14 "$OUT/$name.log"
+}
+
+(cd bench && part attention_check 90 "$PY" attention_check.py "${ATTENTION_ARGS[@]}")
+(cd bench && part sft_step 150 "$PY" sft_step.py "${SFT_ARGS[@]}")
+(cd bench && part grpo_rollout 120 "$PY" grpo_rollout.py "${ROLLOUT_ARGS[@]}")
+
+# Tests and the demo side by side: neither is timed; JAX takes GPU memory as it needs it in both.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+TESTS=(tests/test_parity.py tests/test_bf16_parity.py tests/test_generate.py tests/test_sampling.py tests/test_lora.py
+       tests/test_peft.py tests/test_grpo_batch.py tests/test_scan_layers.py)
+JAX_PLATFORMS=$PLATFORM part tests 200 "$PY" -m pytest -q -o addopts="" -n "${TEST_WORKERS:-4}" --dist loadfile \
+  -m "not slow" -p no:cacheprovider -rf "${TESTS[@]}" &
+JAX_PLATFORMS=$PLATFORM part demo_quick 200 "$PY" -m fxjax.cli demo --quick --out /tmp/fxjax_gpu_demo &
+wait
+cp /tmp/fxjax_gpu_demo/report/grpo_report.png "$OUT/" 2>/dev/null
+exit 0
