@@ -371,6 +371,21 @@ def run_child(script: str | Path, worker: str, workdir: Path, passthrough: list[
     return json.loads((workdir / f"result_{worker}.json").read_text())
 
 
+def run_children(script: str | Path, workdir: Path, passthrough: list[str], env: dict[str, str] | None = None,
+                 workers: tuple[str, ...] = ("torch", "fxjax")) -> dict:
+    """`run_child` for each worker in turn; when one fails, what the others measured is printed before the error
+    (a lease's figures are not lost to the other side's failure)."""
+    results = {}
+    for worker in workers:
+        try:
+            results[worker] = run_child(script, worker, workdir, passthrough, env)
+        except subprocess.CalledProcessError:
+            for done, result in results.items():
+                print(f"{done} child's result before {worker}'s failed: {json.dumps(result)}", flush=True)
+            raise
+    return results
+
+
 def run_worker(args, workers) -> int:
     """Child-process side of a benchmark: pin to args.cores cores, run workers[args.worker], write its result."""
     if args.cores < os.cpu_count():

@@ -5,8 +5,15 @@
 #   2. bench/sft_step.py and bench/grpo_rollout.py on the GPU, bfloat16, Qwen2.5-VL-3B's layer shapes (a third
 #      of its depth), fxjax vs transformers + peft / HF generate in the same invocation
 #   3. the HF-parity tests with JAX on the GPU (torch, the oracle, stays on the CPU), beside `fxjax demo --quick`
-# The machine has JAX, torch, transformers and peft but not grain or dashscope: their wheels (and flax, optax,
-# orbax-checkpoint, tensorstore at this venv's versions) travel in .whl/ (see /work/.library/device/README.md).
+# The machine has JAX, flax, optax, orbax, torch, transformers and peft but not grain or dashscope: only their
+# wheels travel, in .whl/ (git-ignored through .git/info/exclude; the device tool's README says how), made with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl grain==0.2.18 array_record==0.8.6 portpicker dashscope==2.0.2
+# Never carry flax, optax or orbax: the image's JAX (0.11.2 on 2026-12-04) is newer than the flax 0.12.8 of this
+# venv supports (jax.experimental.hijax.HiPrimitive is gone), and an --upgrade replaces the image's own flax for
+# the rest of the lease (session 25 lost its lease's runs to that). The preflight below stops the command at
+# once when fxjax does not import there, before any part spends device time.
 # GPU_REHEARSAL=1 runs the same steps on this CPU with tiny shapes, to catch a broken step before a lease.
 set -u
 OUT=${OUT:-/tmp/fxjax_gpu_out}
@@ -22,8 +29,12 @@ else
   SFT_ARGS=(--device cuda "${SIZE[@]}" --batch 8 --image-side 448 --loss-chunk 1024 --iters 5)
   ROLLOUT_ARGS=(--device cuda "${SIZE[@]}" --prompts 8 --num-generations 8 --new-tokens 128 --iters 2)
   ATTENTION_ARGS=()
+  if compgen -G ".whl/flax-*" > /dev/null || compgen -G ".whl/optax-*" > /dev/null || compgen -G ".whl/orbax*" > /dev/null; then
+    echo "gpu_session.sh: .whl/ holds flax, optax or orbax wheels; the machine's own must stay (see the header)" >&2
+    exit 2
+  fi
   if [ -d .whl ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl || exit 1
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl || exit 1
   fi
   # fxjax.model/.train/.rewards/.configs live at the repository's top (pyproject's package-dir): link them
   # into fxjax/ so that the tree imports as it is, without an install.
@@ -37,6 +48,7 @@ print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| opta
 print('torch', torch.__version__, torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__)"
 } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log"
+"$PY" -c "import fxjax, fxjax.model.generate, fxjax.train.step, grain" || { echo "preflight: fxjax does not import here"; exit 3; }
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, say how it ended
   local name=$1 limit=$2; shift 2
@@ -47,17 +59,17 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   tail -n 14 "$OUT/$name.log"
 }
 
-(cd bench && part attention_check 90 "$PY" attention_check.py "${ATTENTION_ARGS[@]}")
-(cd bench && part sft_step 150 "$PY" sft_step.py "${SFT_ARGS[@]}")
-(cd bench && part grpo_rollout 120 "$PY" grpo_rollout.py "${ROLLOUT_ARGS[@]}")
+(cd bench && part attention_check 80 "$PY" attention_check.py "${ATTENTION_ARGS[@]}")
+(cd bench && part sft_step 140 "$PY" sft_step.py "${SFT_ARGS[@]}")
+(cd bench && part grpo_rollout 110 "$PY" grpo_rollout.py "${ROLLOUT_ARGS[@]}")
 
 # Tests and the demo side by side: neither is timed; JAX takes GPU memory as it needs it in both.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 TESTS=(tests/test_parity.py tests/test_bf16_parity.py tests/test_generate.py tests/test_sampling.py tests/test_lora.py
        tests/test_peft.py tests/test_grpo_batch.py tests/test_scan_layers.py)
-JAX_PLATFORMS=$PLATFORM part tests 200 "$PY" -m pytest -q -o addopts="" -n "${TEST_WORKERS:-4}" --dist loadfile \
+JAX_PLATFORMS=$PLATFORM part tests 150 "$PY" -m pytest -q -o addopts="" -n "${TEST_WORKERS:-4}" --dist loadfile \
   -m "not slow" -p no:cacheprovider -rf "${TESTS[@]}" &
-JAX_PLATFORMS=$PLATFORM part demo_quick 200 "$PY" -m fxjax.cli demo --quick --out /tmp/fxjax_gpu_demo &
+JAX_PLATFORMS=$PLATFORM part demo_quick 150 "$PY" -m fxjax.cli demo --quick --out /tmp/fxjax_gpu_demo &
 wait
 cp /tmp/fxjax_gpu_demo/report/grpo_report.png "$OUT/" 2>/dev/null
 exit 0

@@ -173,12 +173,10 @@ def main(argv=None) -> int:
           f"{args.temperature}, top_k {args.top_k or 'off'}, top_p {args.top_p if args.top_p < 1 else 'off'}; "
           f"EOS id {vocab} (unreachable)")
     print(fw.accelerator_line(args) + (f"; children pinned to {args.cores} cores" if args.device == "cpu" else ""))
-    results = {}
     passthrough = ["--prompts", str(p), "--num-generations", str(g), "--new-tokens", str(n), "--temperature",
                    str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--iters",
                    str(args.iters), "--cores", str(args.cores), "--eos-id", str(vocab), *fw.device_passthrough(args)]
-    for worker in ("torch", "fxjax"):
-        results[worker] = fw.run_child(__file__, worker, workdir, passthrough, env=fw.child_env(args))
+    results = fw.run_children(__file__, workdir, passthrough, env=fw.child_env(args))
     tmp.cleanup()
 
     tr, fx = results["torch"], results["fxjax"]

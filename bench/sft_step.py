@@ -263,11 +263,9 @@ def main(argv=None) -> int:
           f"{args.image_side}px image each), {args.target_tokens} labelled tokens per sample; "
           + (f"children pinned to {args.cores} cores" if args.device == "cpu" else "both children on the GPU"))
     print(fw.accelerator_line(args))  # the CPU model (and the GPU) with every figure
-    results = {}
     passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--cores", str(args.cores),
                    "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, *fw.device_passthrough(args)]
-    for worker in ("torch", "fxjax"):
-        results[worker] = fw.run_child(__file__, worker, workdir, passthrough, env=fw.child_env(args))
+    results = fw.run_children(__file__, workdir, passthrough, env=fw.child_env(args))
     tmp.cleanup()
     tr, fx = results["torch"], results["fxjax"]
     print(f"{tr['version']}; {fx['version']}; trainable LoRA parameters: torch {tr['trainable']:,}, "
