@@ -12,8 +12,10 @@
 #     -d .whl grain==0.2.18 array_record==0.8.6 portpicker dashscope==2.0.2
 # Never carry flax, optax or orbax: the image's JAX (0.11.2 on 2026-12-04) is newer than the flax 0.12.8 of this
 # venv supports (jax.experimental.hijax.HiPrimitive is gone), and an --upgrade replaces the image's own flax for
-# the rest of the lease (session 25 lost its lease's runs to that). The preflight below stops the command at
-# once when fxjax does not import there, before any part spends device time.
+# the rest of the lease (session 25 lost its lease's runs to that). That the image's own flax imports with its
+# JAX was not seen (the first command had already replaced it); flax 0.12.0 is the newest here without
+# HiPrimitive, a fallback to try only if it does not. The preflight below stops the command at once when fxjax
+# does not import there, before any part spends device time.
 # GPU_REHEARSAL=1 runs the same steps on this CPU with tiny shapes, to catch a broken step before a lease.
 set -u
 OUT=${OUT:-/tmp/fxjax_gpu_out}
