@@ -456,7 +456,7 @@ do_setup() {
   else
     on_all_workers "{ test -d $dir/.git || git clone $(q "$SOURCE") $dir; } && git -C $dir fetch origin $(q "$REF") && git -C $dir checkout --detach FETCH_HEAD"
   fi
-  on_all_workers "python3 -m pip install --user --upgrade uv && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") && $venv/bin/python -c 'import fxjax, jax; print(jax.__version__)'"
+  on_all_workers "python3 -m pip install --user --upgrade uv && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") && $venv/bin/python -c 'import jax, flax, fxjax.train.step; print(jax.__version__, flax.__version__)'"
 }
 
 do_launch() {
