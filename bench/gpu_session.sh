@@ -2,14 +2,18 @@
 # The checks a session runs on a lent NVIDIA GPU (the device tool's H200), in one command from the repository
 # root; each part has its own time limit and log under $OUT, so one that fails or runs long leaves the others.
 #   1. bench/attention_check.py: the cudnn kernel (what model.attention='auto' picks on a GPU in bfloat16) vs XLA
-#   2. bench/sft_step.py and bench/grpo_rollout.py on the GPU, bfloat16, Qwen2.5-VL-3B's layer shapes (a third
-#      of its depth), fxjax vs transformers + peft / HF generate in the same invocation
+#   2. bench/sft_step.py and bench/grpo_step.py (or bench/grpo_rollout.py) on the GPU, bfloat16, Qwen2.5-VL-3B's
+#      layer shapes (a third of its depth), fxjax vs transformers + peft / TRL / HF generate in one invocation
 #   3. the HF-parity tests with JAX on the GPU (torch, the oracle, stays on the CPU), beside `fxjax demo --quick`
-# The machine has JAX, flax, optax, orbax, torch, transformers and peft but not grain or dashscope: only their
-# wheels travel, in .whl/ (git-ignored through .git/info/exclude; the device tool's README says how), made with
+# PARTS picks them (default "attention sft grpo_step tests demo"; also grpo_rollout); the limits below fit the
+# default in one 600 s command.
+# The machine has JAX, flax, optax, orbax, torch, transformers, peft and accelerate but not grain, dashscope,
+# trl or datasets: only their wheels travel, in .whl/ (git-ignored through .git/info/exclude; the device tool's
+# README says how), made with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl grain==0.2.18 array_record==0.8.6 portpicker dashscope==2.0.2
+#     -d .whl grain==0.2.18 array_record==0.8.6 portpicker dashscope==2.0.2 \
+#     trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 # Never carry flax, optax or orbax: the image's JAX (0.11.2 on 2026-12-04) is newer than the flax 0.12.8 of this
 # venv supports (jax.experimental.hijax.HiPrimitive is gone), and an --upgrade replaces the image's own flax for
 # the rest of the lease (session 25 lost its lease's runs to that). That the image's own flax imports with its
@@ -25,12 +29,14 @@ export PYTHONUNBUFFERED=1
 if [ "${GPU_REHEARSAL:-0}" = 1 ]; then
   PY=${PY:-python}; PLATFORM=cpu
   SFT_ARGS=(--device cpu --small --batch 2 --iters 1); ROLLOUT_ARGS=(--device cpu --small --prompts 2 --num-generations 2 --new-tokens 8 --iters 1)
+  GRPO_ARGS=(--device cpu --small --prompts 2 --num-generations 2 --new-tokens 8 --iters 1)
   ATTENTION_ARGS=(--interpret)
 else
   PY=python3; PLATFORM=cuda
   SIZE=(--dtype bfloat16 --config 3b --text-layers 12 --vision-depth 8)
   SFT_ARGS=(--device cuda "${SIZE[@]}" --batch 8 --image-side 448 --loss-chunk 1024 --iters 5)
   ROLLOUT_ARGS=(--device cuda "${SIZE[@]}" --prompts 8 --num-generations 8 --new-tokens 128 --iters 2)
+  GRPO_ARGS=(--device cuda "${SIZE[@]}" --prompts 8 --num-generations 8 --new-tokens 128 --iters 1 --loss-chunk 1024)
   ATTENTION_ARGS=()
   if compgen -G ".whl/flax-*" > /dev/null || compgen -G ".whl/optax-*" > /dev/null || compgen -G ".whl/orbax*" > /dev/null; then
     echo "gpu_session.sh: .whl/ holds flax, optax or orbax wheels; the machine's own must stay (see the header)" >&2
@@ -51,7 +57,7 @@ print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| opta
 print('torch', torch.__version__, torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__)"
 } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log"
-"$PY" -c "import fxjax, fxjax.model.generate, fxjax.train.step, grain" || { echo "preflight: fxjax does not import here"; exit 3; }
+"$PY" -c "import fxjax, fxjax.model.generate, fxjax.train.step, grain, trl" || { echo "preflight: fxjax (or trl) does not import here"; exit 3; }
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, say how it ended
   local name=$1 limit=$2; shift 2
@@ -62,17 +68,20 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   tail -n 14 "$OUT/$name.log"
 }
 
-(cd bench && part attention_check 80 "$PY" attention_check.py "${ATTENTION_ARGS[@]}")
-(cd bench && part sft_step 140 "$PY" sft_step.py "${SFT_ARGS[@]}")
-(cd bench && part grpo_rollout 110 "$PY" grpo_rollout.py "${ROLLOUT_ARGS[@]}")
+PARTS=" ${PARTS:-attention sft grpo_step tests demo} "
+wants() { [[ $PARTS == *" $1 "* ]]; }
+wants attention && (cd bench && part attention_check 80 "$PY" attention_check.py "${ATTENTION_ARGS[@]}")
+wants sft && (cd bench && part sft_step 110 "$PY" sft_step.py "${SFT_ARGS[@]}")
+wants grpo_step && (cd bench && part grpo_step 170 "$PY" grpo_step.py "${GRPO_ARGS[@]}")
+wants grpo_rollout && (cd bench && part grpo_rollout 110 "$PY" grpo_rollout.py "${ROLLOUT_ARGS[@]}")
 
 # Tests and the demo side by side: neither is timed; JAX takes GPU memory as it needs it in both.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 TESTS=(tests/test_parity.py tests/test_bf16_parity.py tests/test_generate.py tests/test_sampling.py tests/test_lora.py
        tests/test_peft.py tests/test_grpo_batch.py tests/test_scan_layers.py)
-JAX_PLATFORMS=$PLATFORM part tests 150 "$PY" -m pytest -q -o addopts="" -n "${TEST_WORKERS:-4}" --dist loadfile \
+wants tests && JAX_PLATFORMS=$PLATFORM part tests 150 "$PY" -m pytest -q -o addopts="" -n "${TEST_WORKERS:-4}" --dist loadfile \
   -m "not slow" -p no:cacheprovider -rf "${TESTS[@]}" &
-JAX_PLATFORMS=$PLATFORM part demo_quick 150 "$PY" -m fxjax.cli demo --quick --out /tmp/fxjax_gpu_demo &
+wants demo && JAX_PLATFORMS=$PLATFORM part demo_quick 150 "$PY" -m fxjax.cli demo --quick --out /tmp/fxjax_gpu_demo &
 wait
 cp /tmp/fxjax_gpu_demo/report/grpo_report.png "$OUT/" 2>/dev/null
 exit 0

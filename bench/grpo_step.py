@@ -1,6 +1,6 @@
 """One whole GRPO step (rollout + rewards + log-probs + update): `fxjax grpo`'s loop vs TRL's GRPOTrainer + peft.
 
-One command, fp32 on the CPU. The parent builds a random-weight HF Qwen2.5-VL (bench/forward.py's configs,
+One command, fp32 on the CPU unless --device / --dtype say otherwise. The parent builds a random-weight HF Qwen2.5-VL (bench/forward.py's configs,
 with Qwen's real vocabulary of 151,936 and its special-token ids: both sides tokenize with the Qwen2.5-VL
 tokenizer), the offline Qwen tokenizer (fxjax.data.tokenizer), and P native records, one 448x448 photo
 each (scikit-image photographs; every other record "generated" with one box, so every reward term has a
@@ -30,6 +30,10 @@ with the figures; a JSON line carries them too.
     python bench/grpo_step.py              # mid config (~154M + Qwen's vocabulary), 4 prompts x G 8, 128 tokens
     python bench/grpo_step.py --small      # tiny config, smoke run
     python bench/grpo_step.py --only fxjax --full-sequences   # fxjax's default (shared prompts) vs full sequences
+    python bench/grpo_step.py --device cuda --dtype bfloat16 --config 3b --text-layers 12 --vision-depth 8 \
+        --loss-chunk 1024   # a GPU (both children; TRL with bf16=True), Qwen2.5-VL-3B's layer shapes
+
+On a GPU the machine needs trl and datasets (with dill and multiprocess) besides fxjax's own dependencies.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class LoadSampler:
 # Parent: checkpoint, tokenizer, records.
 
 
-def build_checkpoint(name: str, out: Path, tokenizer_dir: Path) -> int:
+def build_checkpoint(name: str, out: Path, tokenizer_dir: Path, dtype: str = "float32") -> int:
     """bench/forward.py's `name` config with Qwen's vocabulary and special-token ids; returns its parameter count."""
     import shutil
 
@@ -100,7 +104,9 @@ def build_checkpoint(name: str, out: Path, tokenizer_dir: Path) -> int:
     hf = fw.build_hf_model(name)
     for cfg in (hf.config.text_config, hf.generation_config):
         cfg.bos_token_id, cfg.pad_token_id, cfg.eos_token_id = PAD_ID, PAD_ID, EOS_ID
-    hf.save_pretrained(str(out))
+    import torch
+
+    hf.to(getattr(torch, dtype)).save_pretrained(str(out))  # as the children load it
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / f, out / f)
     return sum(p.numel() for p in hf.parameters())
@@ -139,9 +145,10 @@ def worker_fxjax(workdir: Path, args) -> dict:
     from fxjax.grpo_config import grpo_from_dict
     from fxjax.train.grpo import run_grpo
 
+    fw.jax_setup(args)
     side = args.image_side
     cfg = grpo_from_dict({
-        "model": {"path": str(workdir / "ckpt"), "dtype": "float32", "remat": "none" if args.no_remat else "full"},
+        "model": {"path": str(workdir / "ckpt"), "dtype": args.dtype, "remat": "none" if args.no_remat else "full"},
         "lora": {**LORA, "target_modules": "all-linear", "init_seed": SEED},
         "data": {"train_files": [str(workdir / "data" / "train.jsonl")], "tokenizer": str(workdir / "ckpt"),
                  "min_pixels": side * side, "max_pixels": side * side, "batch_size": args.prompts,
@@ -167,8 +174,8 @@ def worker_fxjax(workdir: Path, args) -> dict:
     steps = [{k: float(s[k]) for k in keys if k in s} for s in h]
     for s in steps:
         s["tokens"] = s.pop("update_tokens_per_s") * s["update_time"]  # prompt + completion tokens in the update
-    return dict(steps=steps, run_s=total, load=load.summary(), version=f"jax {jax.__version__}",
-                trainable=sum(int(x.size) for x in jax.tree.leaves(result.params)))
+    return dict(steps=steps, run_s=total, load=load.summary(), version=f"jax {jax.__version__} ({jax.devices()[0].platform})",
+                trainable=sum(int(x.size) for x in jax.tree.leaves(result.params)), peak_mb=fw.peak_device_mb("jax"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def worker_torch(workdir: Path, args) -> dict:
 
     from fxjax import rewards
 
-    torch.set_num_threads(args.cores)
+    device, dtype = fw.torch_setup(args)
     weights = rewards.load_stage("alpha")
 
     def reward_fn(prompts, completions, label, boxes, **_):
@@ -245,14 +252,15 @@ def worker_torch(workdir: Path, args) -> dict:
             print(f"trl: step {len(stamps) - 1} took {stamps[-1] - stamps[-2]:.1f}s (load {loads[-1]:.1f})",
                   file=sys.stderr, flush=True)
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(workdir / "ckpt"), dtype=torch.float32,
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(workdir / "ckpt"), dtype=dtype,
                                                                 attn_implementation="sdpa")
     rows = args.prompts * args.num_generations
     config = trl.GRPOConfig(
         output_dir=str(workdir / "trl_out"), per_device_train_batch_size=rows, gradient_accumulation_steps=1,
         num_generations=args.num_generations, max_completion_length=args.new_tokens, temperature=1.0, top_k=0,
         top_p=1.0, beta=args.beta, loss_type="grpo", learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
-        max_grad_norm=MAX_GRAD_NORM, max_steps=1 + args.iters, use_cpu=True, bf16=False, fp16=False,
+        max_grad_norm=MAX_GRAD_NORM, max_steps=1 + args.iters, use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16, fp16=False,
         gradient_checkpointing=not args.no_remat, logging_steps=1, report_to="none", save_strategy="no", seed=SEED,
         disable_tqdm=True,
         # Every completion N tokens long, as on the fxjax side (a random model rarely samples <|im_end|>).
@@ -278,7 +286,8 @@ def worker_torch(workdir: Path, args) -> dict:
                           **{"reward/total_mean": float(e["reward"])}))
         prev_tokens = float(e["num_tokens"])
     return dict(steps=steps, run_s=total, load=load.summary(), step_loads=loads, trainable=trainable,
-                version=f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads")
+                version=f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads, {device}",
+                peak_mb=fw.peak_device_mb("torch"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,6 +313,7 @@ def main(argv=None) -> int:
                          "prompt in the update, as TRL) and print the default's ratio to it")
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the worker's share_prompts false
     fw.add_worker_args(ap)
+    fw.add_device_args(ap)
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -311,28 +321,26 @@ def main(argv=None) -> int:
 
     from fxjax.data.tokenizer import cached_qwen_tokenizer
 
-    name = "small" if args.small else "mid"
+    name = fw.scaled_config(args.config or ("small" if args.small else "mid"), args.text_layers, args.vision_depth)
     tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_grpo_")
     workdir = Path(tmp.name)
     tokenizer_dir = cached_qwen_tokenizer(Path(tempfile.gettempdir()) / "fxjax_bench_cache")
-    n_params = build_checkpoint(name, workdir / "ckpt", tokenizer_dir)
+    n_params = build_checkpoint(name, workdir / "ckpt", tokenizer_dir, args.dtype)
     write_records(workdir / "data", args.prompts, args.image_side)
     p, g, n = args.prompts, args.num_generations, args.new_tokens
-    print(f"config {name} with Qwen's vocabulary ({QWEN_VOCAB}): {n_params / 1e6:.1f}M params, fp32; LoRA r 8, "
+    print(f"config {name} with Qwen's vocabulary ({QWEN_VOCAB}): {n_params / 1e6:.1f}M params, {args.dtype} on {args.device}; LoRA r 8, "
           f"alpha 32, dropout 0.05, all-linear; {p} prompts x G {g} x {n} new tokens, one {args.image_side}x"
           f"{args.image_side} photo per prompt; loss grpo, beta {args.beta}, AdamW lr {LEARNING_RATE}, clip "
           f"{MAX_GRAD_NORM}; recompute activations: {'no' if args.no_remat else 'yes'}; 1 + {args.iters} steps per side")
-    print(machine_line() + f"; children pinned to {args.cores} cores")
+    print(fw.accelerator_line(args) + (f"; children pinned to {args.cores} cores" if args.device == "cpu" else ""))
     passthrough = ["--prompts", str(p), "--num-generations", str(g), "--new-tokens", str(n), "--beta", str(args.beta),
                    "--iters", str(args.iters), "--image-side", str(args.image_side), "--loss-chunk",
-                   str(args.loss_chunk), "--cores", str(args.cores)] + (["--no-remat"] if args.no_remat else [])
-    results = {}
-    for worker in ("torch", "fxjax"):
-        if args.only and worker != args.only:
-            continue
-        results[worker] = fw.run_child(__file__, worker, workdir, passthrough)
+                   str(args.loss_chunk), "--cores", str(args.cores), *fw.device_passthrough(args)] + (["--no-remat"] if args.no_remat else [])
+    env = fw.child_env(args)
+    results = fw.run_children(__file__, workdir, passthrough, env,
+                              workers=tuple(w for w in ("torch", "fxjax") if not args.only or w == args.only))
     if args.full_sequences and args.only != "torch":
-        results["fxjax-full"] = fw.run_child(__file__, "fxjax", workdir, passthrough + ["--full"])
+        results["fxjax-full"] = fw.run_child(__file__, "fxjax", workdir, passthrough + ["--full"], env)
     tmp.cleanup()
 
     labels = {"torch": "TRL GRPOTrainer + peft (torch)", "fxjax": "fxjax grpo loop (run_grpo)",
@@ -360,13 +368,15 @@ def main(argv=None) -> int:
     ratio = med["torch"] / med["fxjax"] if "torch" in med and "fxjax" in med else None
     if ratio is not None:
         print(f"\nfxjax / TRL steps per second: {ratio:.2f}x (target >= 3x)")
+    if args.device == "cuda":
+        print("peak GPU MB: " + ", ".join(f"{w} {r['peak_mb']:.0f}" for w, r in results.items() if r.get("peak_mb")))
     shared = med["fxjax-full"] / med["fxjax"] if "fxjax-full" in med and "fxjax" in med else None
     if shared is not None:
         print(f"fxjax (shared prompts) / fxjax with full sequences, steps per second: {shared:.2f}x"
               + (f"; full sequences / TRL: {med['torch'] / med['fxjax-full']:.2f}x" if "torch" in med else ""))
     print(machine_line() + " (after)")
     print(json.dumps(dict(
-        bench="grpo_step", config=name, vocab=QWEN_VOCAB, params_m=round(n_params / 1e6, 1), prompts=p,
+        bench="grpo_step", config=name, device=args.device, dtype=args.dtype, vocab=QWEN_VOCAB, params_m=round(n_params / 1e6, 1), prompts=p,
         num_generations=g, new_tokens=n, beta=args.beta, cpu=cpu_model(), cores=os.cpu_count(),
         pinned_cores=args.cores, versions={w: r["version"] for w, r in results.items()},
         steps={w: r["steps"] for w, r in results.items()}, median_step_s=med, load={w: r["load"] for w, r in results.items()},
