@@ -84,14 +84,16 @@ def hf_config(name: str):
 
 
 def scaled_config(name: str, text_layers: int | None, vision_depth: int | None) -> str:
-    """CONFIGS[name] with fewer decoder layers / vision blocks (every 4th block full attention, as Qwen's),
-    registered as a new name (the per-layer shapes, and so the kernels timed, stay the model's)."""
+    """CONFIGS[name] with fewer decoder layers / vision blocks (the full-attention blocks those of the model
+    below the new depth, else the last), registered as a new name (the per-layer shapes, and so the kernels
+    timed, stay the model's)."""
     if not text_layers and not vision_depth:
         return name
     text, vision = CONFIGS[name]
     text = {**text, "num_hidden_layers": text_layers or text["num_hidden_layers"]}
     depth = vision_depth or vision["depth"]
-    vision = {**vision, "depth": depth, "fullatt_block_indexes": tuple(range(3, depth, 4)) or (depth - 1,)}
+    full = tuple(i for i in vision["fullatt_block_indexes"] if i < depth) or (depth - 1,)
+    vision = {**vision, "depth": depth, "fullatt_block_indexes": full}
     scaled = f"{name} ({text['num_hidden_layers']} decoder layers, {depth} vision blocks)"
     CONFIGS[scaled] = (text, vision)
     return scaled
