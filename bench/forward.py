@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,18 @@ def add_device_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vision-depth", type=int, default=None, help="cut the config to this many vision blocks")
 
 
+def config_name(args) -> str:
+    """The CONFIGS name --config / --small / --text-layers / --vision-depth ask for (mid by default)."""
+    return scaled_config(args.config or ("small" if args.small else "mid"), args.text_layers, args.vision_depth)
+
+
+def save_checkpoint(hf, directory: Path, dtype: str) -> None:
+    """save_pretrained in the children's --dtype (a bfloat16 run loads bfloat16 weights, as users' do)."""
+    import torch
+
+    hf.to(getattr(torch, dtype)).save_pretrained(str(directory))
+
+
 def device_passthrough(args) -> list[str]:
     return ["--device", args.device, "--dtype", args.dtype]
 
@@ -122,13 +135,13 @@ def child_env(args) -> dict[str, str]:
 
 
 def accelerator_line(args) -> str:
-    """The machine line, plus the GPU's name with --device cuda (nvidia-smi)."""
+    """The machine line, plus the cores each child is pinned to, or the GPU's name with --device cuda."""
     line = machine_line()
-    if args.device == "cuda":
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        line += f"; GPU: {out.stdout.strip() or out.stderr.strip()}"
-    return line
+    if args.device == "cpu":
+        return line + f"; children pinned to {args.cores} cores"
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    return line + f"; both children on the GPU: {out.stdout.strip() or out.stderr.strip()}"
 
 
 def torch_setup(args):
@@ -151,17 +164,18 @@ def jax_setup(args) -> None:
         jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def peak_device_mb(framework: str) -> float | None:
-    """The GPU's peak allocated memory of this child (None on the CPU: the RSS says it there)."""
+def peak_mb(framework: str, args) -> float:
+    """This child's peak memory in MB: allocated GPU memory with --device cuda (torch's allocator, JAX's
+    peak_bytes_in_use), else the process's peak resident set (model, optimiser, activations, runtime)."""
+    if args.device == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if framework == "torch":
         import torch
 
-        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        return torch.cuda.max_memory_allocated() / 2**20
     import jax
 
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform == "gpu" else None
-    return stats["peak_bytes_in_use"] / 2**20 if stats else None
+    return jax.local_devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
 
 
 def build_hf_model(name: str, seed: int = 0):

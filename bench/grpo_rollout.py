@@ -152,27 +152,25 @@ def main(argv=None) -> int:
     if args.worker:
         return fw.run_worker(args, {"torch": worker_torch, "fxjax": worker_fxjax})
 
-    import torch
-
-    name = fw.scaled_config(args.config or ("small" if args.small else "mid"), args.text_layers, args.vision_depth)
+    name = fw.config_name(args)
     vocab = fw.CONFIGS[name][0]["vocab_size"]
     tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_rollout_")
     workdir = Path(tmp.name)
     hf = fw.build_hf_model(name)
     n_params = sum(p.numel() for p in hf.parameters())
-    hf.to(getattr(torch, args.dtype)).save_pretrained(str(workdir / "ckpt"))  # as the children load it
+    fw.save_checkpoint(hf, workdir / "ckpt", args.dtype)
     del hf
     data = left_padded_prompts(args.prompts, args.text_tokens, args.image_side, vocab)
     np.savez(workdir / "batch.npz", **data)
     p, length = data["input_ids"].shape
     g, n = args.num_generations, args.new_tokens
     new_tokens = p * g * n
-    print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, {args.dtype} on {args.device}; {p} prompts x {length} tokens "
-          f"(left-padded; {int(data['mm_token_type_ids'][0].sum())} image tokens each, one {args.image_side}px "
-          f"photo), G = {g}, {n} new tokens each = {new_tokens} new tokens per call; temperature "
+    print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, {args.dtype} on {args.device}; {p} prompts "
+          f"x {length} tokens (left-padded; {int(data['mm_token_type_ids'][0].sum())} image tokens each, one "
+          f"{args.image_side}px photo), G = {g}, {n} new tokens each = {new_tokens} new tokens per call; temperature "
           f"{args.temperature}, top_k {args.top_k or 'off'}, top_p {args.top_p if args.top_p < 1 else 'off'}; "
           f"EOS id {vocab} (unreachable)")
-    print(fw.accelerator_line(args) + (f"; children pinned to {args.cores} cores" if args.device == "cpu" else ""))
+    print(fw.accelerator_line(args))
     passthrough = ["--prompts", str(p), "--num-generations", str(g), "--new-tokens", str(n), "--temperature",
                    str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--iters",
                    str(args.iters), "--cores", str(args.cores), "--eos-id", str(vocab), *fw.device_passthrough(args)]
@@ -207,8 +205,9 @@ def main(argv=None) -> int:
           f"{cpu_ratio:.2f}x); target >= 5x")
     print(machine_line() + " (after)")
     print(json.dumps(dict(
-        bench="grpo_rollout", config=name, device=args.device, dtype=args.dtype, params_m=round(n_params / 1e6, 1), prompts=p, num_generations=g,
-        new_tokens=n, prompt_length=length, cpu=cpu_model(), cores=os.cpu_count(), pinned_cores=args.cores,
+        bench="grpo_rollout", config=name, device=args.device, dtype=args.dtype, params_m=round(n_params / 1e6, 1),
+        prompts=p, num_generations=g, new_tokens=n, prompt_length=length, cpu=cpu_model(), cores=os.cpu_count(),
+        pinned_cores=args.cores,
         torch=tr["version"], jax=fx["version"],
         torch_s=[round(x, 3) for x in tr["times"]["wall"]], fxjax_s=[round(x, 3) for x in fx["times"]["wall"]],
         torch_tokens_per_s=round(new_tokens / tr_med, 2), fxjax_tokens_per_s=round(new_tokens / fx_med, 2),

@@ -1,15 +1,15 @@
 """One whole GRPO step (rollout + rewards + log-probs + update): `fxjax grpo`'s loop vs TRL's GRPOTrainer + peft.
 
-One command, fp32 on the CPU unless --device / --dtype say otherwise. The parent builds a random-weight HF Qwen2.5-VL (bench/forward.py's configs,
-with Qwen's real vocabulary of 151,936 and its special-token ids: both sides tokenize with the Qwen2.5-VL
-tokenizer), the offline Qwen tokenizer (fxjax.data.tokenizer), and P native records, one 448x448 photo
-each (scikit-image photographs; every other record "generated" with one box, so every reward term has a
-target). One child process per framework trains LoRA (r 8, alpha 32, dropout 0.05, all-linear: vision,
-merger and decoder) for 1 + --iters steps of P prompts x G completions of N tokens (temperature 1, top-k and
-top-p off, loss grpo, beta 0.04, AdamW lr 1e-4, grad clip 1.0), with activation recomputation on both sides
-(each one's default: TRL's gradient_checkpointing, fxjax's model.remat full; without it TRL's policy pass
-at the mid config, 2 prompts x G 8, took more than 22 GB and was killed on a 24 GB machine; --no-remat
-turns it off on both):
+One command, fp32 on the CPU unless --device / --dtype say otherwise. The parent builds a random-weight HF
+Qwen2.5-VL (bench/forward.py's configs, with Qwen's real vocabulary of 151,936 and its special-token ids: both
+sides tokenize with the Qwen2.5-VL tokenizer), the offline Qwen tokenizer (fxjax.data.tokenizer), and P native
+records, one 448x448 photo each (scikit-image photographs; every other record "generated" with one box, so
+every reward term has a target). One child process per framework trains LoRA (r 8, alpha 32, dropout 0.05,
+all-linear: vision, merger and decoder) for 1 + --iters steps of P prompts x G completions of N tokens
+(temperature 1, top-k and top-p off, loss grpo, beta 0.04, AdamW lr 1e-4, grad clip 1.0), with activation
+recomputation on both sides (each one's default: TRL's gradient_checkpointing, fxjax's model.remat full;
+without it TRL's policy pass at the mid config, 2 prompts x G 8, took more than 22 GB and was killed on a
+24 GB machine; --no-remat turns it off on both):
 
   fxjax  `fxjax.train.grpo.run_grpo` itself (what `fxjax grpo` runs) on a GRPOConfig with one stage of
          1 + iters steps. Per step: group sampling (each prompt prefilled once, KV cache shared by its G rows),
@@ -104,9 +104,7 @@ def build_checkpoint(name: str, out: Path, tokenizer_dir: Path, dtype: str = "fl
     hf = fw.build_hf_model(name)
     for cfg in (hf.config.text_config, hf.generation_config):
         cfg.bos_token_id, cfg.pad_token_id, cfg.eos_token_id = PAD_ID, PAD_ID, EOS_ID
-    import torch
-
-    hf.to(getattr(torch, dtype)).save_pretrained(str(out))  # as the children load it
+    fw.save_checkpoint(hf, out, dtype)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / f, out / f)
     return sum(p.numel() for p in hf.parameters())
@@ -174,8 +172,9 @@ def worker_fxjax(workdir: Path, args) -> dict:
     steps = [{k: float(s[k]) for k in keys if k in s} for s in h]
     for s in steps:
         s["tokens"] = s.pop("update_tokens_per_s") * s["update_time"]  # prompt + completion tokens in the update
-    return dict(steps=steps, run_s=total, load=load.summary(), version=f"jax {jax.__version__} ({jax.devices()[0].platform})",
-                trainable=sum(int(x.size) for x in jax.tree.leaves(result.params)), peak_mb=fw.peak_device_mb("jax"))
+    return dict(steps=steps, run_s=total, load=load.summary(), peak_mb=fw.peak_mb("jax", args),
+                version=f"jax {jax.__version__} ({jax.devices()[0].platform})",
+                trainable=sum(int(x.size) for x in jax.tree.leaves(result.params)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,8 +285,9 @@ def worker_torch(workdir: Path, args) -> dict:
                           **{"reward/total_mean": float(e["reward"])}))
         prev_tokens = float(e["num_tokens"])
     return dict(steps=steps, run_s=total, load=load.summary(), step_loads=loads, trainable=trainable,
-                version=f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads, {device}",
-                peak_mb=fw.peak_device_mb("torch"))
+                version=f"torch {torch.__version__}, trl {trl.__version__}, {torch.get_num_threads()} threads, "
+                        f"{device}",
+                peak_mb=fw.peak_mb("torch", args))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,21 +321,22 @@ def main(argv=None) -> int:
 
     from fxjax.data.tokenizer import cached_qwen_tokenizer
 
-    name = fw.scaled_config(args.config or ("small" if args.small else "mid"), args.text_layers, args.vision_depth)
+    name = fw.config_name(args)
     tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_grpo_")
     workdir = Path(tmp.name)
     tokenizer_dir = cached_qwen_tokenizer(Path(tempfile.gettempdir()) / "fxjax_bench_cache")
     n_params = build_checkpoint(name, workdir / "ckpt", tokenizer_dir, args.dtype)
     write_records(workdir / "data", args.prompts, args.image_side)
     p, g, n = args.prompts, args.num_generations, args.new_tokens
-    print(f"config {name} with Qwen's vocabulary ({QWEN_VOCAB}): {n_params / 1e6:.1f}M params, {args.dtype} on {args.device}; LoRA r 8, "
-          f"alpha 32, dropout 0.05, all-linear; {p} prompts x G {g} x {n} new tokens, one {args.image_side}x"
-          f"{args.image_side} photo per prompt; loss grpo, beta {args.beta}, AdamW lr {LEARNING_RATE}, clip "
-          f"{MAX_GRAD_NORM}; recompute activations: {'no' if args.no_remat else 'yes'}; 1 + {args.iters} steps per side")
-    print(fw.accelerator_line(args) + (f"; children pinned to {args.cores} cores" if args.device == "cpu" else ""))
+    print(f"config {name} with Qwen's vocabulary ({QWEN_VOCAB}): {n_params / 1e6:.1f}M params, {args.dtype} on "
+          f"{args.device}; LoRA r 8, alpha 32, dropout 0.05, all-linear; {p} prompts x G {g} x {n} new tokens, one "
+          f"{args.image_side}x{args.image_side} photo per prompt; loss grpo, beta {args.beta}, AdamW lr "
+          f"{LEARNING_RATE}, clip {MAX_GRAD_NORM}; recompute activations: {'no' if args.no_remat else 'yes'}; 1 + {args.iters} steps per side")
+    print(fw.accelerator_line(args))
     passthrough = ["--prompts", str(p), "--num-generations", str(g), "--new-tokens", str(n), "--beta", str(args.beta),
                    "--iters", str(args.iters), "--image-side", str(args.image_side), "--loss-chunk",
-                   str(args.loss_chunk), "--cores", str(args.cores), *fw.device_passthrough(args)] + (["--no-remat"] if args.no_remat else [])
+                   str(args.loss_chunk), "--cores", str(args.cores), *fw.device_passthrough(args),
+                   *(["--no-remat"] if args.no_remat else [])]
     env = fw.child_env(args)
     results = fw.run_children(__file__, workdir, passthrough, env,
                               workers=tuple(w for w in ("torch", "fxjax") if not args.only or w == args.only))
@@ -368,17 +369,17 @@ def main(argv=None) -> int:
     ratio = med["torch"] / med["fxjax"] if "torch" in med and "fxjax" in med else None
     if ratio is not None:
         print(f"\nfxjax / TRL steps per second: {ratio:.2f}x (target >= 3x)")
-    if args.device == "cuda":
-        print("peak GPU MB: " + ", ".join(f"{w} {r['peak_mb']:.0f}" for w, r in results.items() if r.get("peak_mb")))
+    memory = "peak RSS MB" if args.device == "cpu" else "peak GPU MB"
+    print(f"{memory}: " + ", ".join(f"{w} {r['peak_mb']:.0f}" for w, r in results.items()))
     shared = med["fxjax-full"] / med["fxjax"] if "fxjax-full" in med and "fxjax" in med else None
     if shared is not None:
         print(f"fxjax (shared prompts) / fxjax with full sequences, steps per second: {shared:.2f}x"
               + (f"; full sequences / TRL: {med['torch'] / med['fxjax-full']:.2f}x" if "torch" in med else ""))
     print(machine_line() + " (after)")
     print(json.dumps(dict(
-        bench="grpo_step", config=name, device=args.device, dtype=args.dtype, vocab=QWEN_VOCAB, params_m=round(n_params / 1e6, 1), prompts=p,
-        num_generations=g, new_tokens=n, beta=args.beta, cpu=cpu_model(), cores=os.cpu_count(),
-        pinned_cores=args.cores, versions={w: r["version"] for w, r in results.items()},
+        bench="grpo_step", config=name, device=args.device, dtype=args.dtype, vocab=QWEN_VOCAB,
+        params_m=round(n_params / 1e6, 1), prompts=p, num_generations=g, new_tokens=n, beta=args.beta, cpu=cpu_model(),
+        cores=os.cpu_count(), pinned_cores=args.cores, versions={w: r["version"] for w, r in results.items()},
         steps={w: r["steps"] for w, r in results.items()}, median_step_s=med, load={w: r["load"] for w, r in results.items()},
         ratio=None if ratio is None else round(ratio, 3), shared_ratio=None if shared is None else round(shared, 3))))
     return 0

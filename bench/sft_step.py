@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -49,10 +48,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 import forward as fw  # noqa: E402  (bench/forward.py: configs, model and batch builders)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _labels(input_ids: np.ndarray, targets: int) -> np.ndarray:
@@ -102,7 +97,7 @@ def worker_torch(workdir: Path, args) -> dict:
         return float(out.loss)
 
     first_loss, first, times = time_steps(step, args.warmup, args.iters)  # float(loss) waits for the GPU
-    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=fw.peak_device_mb("torch") or _peak_rss_mb(),
+    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=fw.peak_mb("torch", args),
                 trainable=sum(p.numel() for p in params), version=f"torch {torch.__version__}",
                 loadavg=list(os.getloadavg()), param_dtypes=sorted({str(p.dtype) for p in params}))
 
@@ -143,8 +138,8 @@ def worker_fxjax(workdir: Path, args) -> dict:
         return float(jax.block_until_ready(metrics["loss"]))
 
     first_loss, first, times = time_steps(step, args.warmup, args.iters)
-    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=fw.peak_device_mb("jax") or _peak_rss_mb(),
-                prep_s=prep, trainable=sum(int(x.size) for x in jax.tree.leaves(params)),
+    return dict(times=times, first_s=first, first_loss=first_loss, peak_mb=fw.peak_mb("jax", args), prep_s=prep,
+                trainable=sum(int(x.size) for x in jax.tree.leaves(params)),
                 version=f"jax {jax.__version__} ({jax.devices()[0].platform})", loadavg=list(os.getloadavg()),
                 param_dtypes=sorted({str(x.dtype) for x in jax.tree.leaves(params)}))
 
@@ -238,18 +233,16 @@ def main(argv=None) -> int:
     if args.loop:
         return run_loop(args)
 
-    name = fw.scaled_config(args.config or ("small" if args.small else "mid"), args.text_layers, args.vision_depth)
+    name = fw.config_name(args)
     if args.vocab:
         text, vision = fw.CONFIGS[name]
         fw.CONFIGS[name] = ({**text, "vocab_size": args.vocab}, vision)
     vocab = fw.CONFIGS[name][0]["vocab_size"]
     tmp = tempfile.TemporaryDirectory(prefix="fxjax_bench_sft_")
     workdir = Path(tmp.name)
-    import torch
-
     hf = fw.build_hf_model(name)
     n_params = sum(p.numel() for p in hf.parameters())
-    hf.to(getattr(torch, args.dtype)).save_pretrained(str(workdir / "ckpt"))  # as the children load it
+    fw.save_checkpoint(hf, workdir / "ckpt", args.dtype)
     del hf
     data = fw.make_batch(args.batch, args.text_tokens, args.image_side, vocab)
     data["labels"] = _labels(data["input_ids"], args.target_tokens)
@@ -260,8 +253,7 @@ def main(argv=None) -> int:
     print(f"config {name}: {n_params / 1e6:.1f}M params, vocab {vocab}, {args.dtype} on {args.device}; LoRA r 8, "
           f"alpha 32, all-linear (vision + merger + decoder), AdamW, grad clip 1.0")
     print(f"batch {b} x {length} tokens ({n_image} image + {length - n_image} text per sample, one "
-          f"{args.image_side}px image each), {args.target_tokens} labelled tokens per sample; "
-          + (f"children pinned to {args.cores} cores" if args.device == "cpu" else "both children on the GPU"))
+          f"{args.image_side}px image each), {args.target_tokens} labelled tokens per sample")
     print(fw.accelerator_line(args))  # the CPU model (and the GPU) with every figure
     passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--cores", str(args.cores),
                    "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, *fw.device_passthrough(args)]
