@@ -124,10 +124,12 @@ class RunConfig:
 
     @property
     def tokenizer(self) -> str:
-        tok = self.data.tokenizer or self.model.path
-        if tok is None and self.model.from_run is not None:
-            from_run = from_run_start(self.model.from_run, self.model.from_run_step)[0]
-            tok = from_run.data.tokenizer or from_run.model.path
+        """data.tokenizer, else model.path; a run started from another run (model.from_run, neither set) has
+        that run's, followed run to run (GRPO from a GRPO run from an SFT run)."""
+        cfg, seen = self, set()
+        while (tok := cfg.data.tokenizer or cfg.model.path) is None and cfg.model.from_run not in (None, *seen):
+            seen.add(cfg.model.from_run)
+            cfg = from_run_start(cfg.model.from_run, cfg.model.from_run_step)[0]
         if tok is None:
             raise ConfigError("data.tokenizer: a preset model has no tokenizer; give a directory with tokenizer.json")
         return tok

@@ -330,6 +330,20 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     equal = [np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(lora(moved.model), lora(load_run(two_process_run, 3).model))]
     assert len(equal) > 10 and all(equal)
+    # eval / detect --run of such a run (no weights loaded): the tokenizer and base it was trained with, from
+    # the SFT run when it is there, else from the run's own record
+    from fxjax.cli import build_parser
+    from fxjax.commands.model_args import resolve_detector
+
+    present = tmp_path / "grpo-present" / "checkpoints"
+    shutil.copytree(grpo_run / "3", present / "3")
+    (present / "3" / "config" / "config.json").write_text(json.dumps(cfg_here.to_dict()))
+    for run, base in ((present.parent, tiny_vl_dir), (grpo_run.parent, tiny_vl_dir.resolve())):
+        detector = resolve_detector(build_parser().parse_args(["detect", "x.png", "--run", str(run)]))
+        assert (detector.tokenizer, detector.source["base"]) == (str(base), str(base)), run
+    # GRPO from that GRPO run: the tokenizer followed two runs back
+    again = grpo_from_dict({"model": {"from_run": str(present.parent), "dtype": "float32"}, "data": data})
+    assert again.tokenizer == str(tiny_vl_dir)
     # The base model the SFT run recorded has moved: model.path says where it is now (the tokenizer follows)
     moved_sft = tmp_path / "moved_sft"
     shutil.copytree(two_process_run / "checkpoints" / "2", moved_sft / "checkpoints" / "2")

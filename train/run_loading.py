@@ -112,11 +112,10 @@ def _check_paths(cfg, checkpoint_dir: Path) -> None:
                                f"here; {hint}")
 
 
-def _exact_param_dtype(cfg) -> str:
-    """`hf_checkpoint.exact_param_dtype` of the run's base model: model.path, or for a run started from
-    another run (model.from_run, no model.path), that run's base, followed run to run; float32 for a
-    preset, or when the base is not where a run names it (loading it then says so)."""
-    from fxjax.hf_checkpoint import exact_param_dtype
+def base_model_section(cfg):
+    """The model section that names the run's base model: its own, or for a run started from another run
+    (model.from_run, no model.path), that run's, followed run to run; None when a run on the way cannot be
+    read (loading the model then says why)."""
     from fxjax.train_config import from_run_start
 
     m, seen = cfg.model, set()
@@ -125,8 +124,17 @@ def _exact_param_dtype(cfg) -> str:
         try:
             m = from_run_start(m.from_run, m.from_run_step)[0].model
         except (OSError, RunLoadError):
-            return "float32"
-    return exact_param_dtype(m.path) if m.path is not None and Path(m.path).is_dir() else "float32"
+            return None
+    return m
+
+
+def _exact_param_dtype(cfg) -> str:
+    """`hf_checkpoint.exact_param_dtype` of the run's base model (`base_model_section`); float32 for a
+    preset, or when the base is not where a run names it (loading it then says so)."""
+    from fxjax.hf_checkpoint import exact_param_dtype
+
+    m = base_model_section(cfg)
+    return exact_param_dtype(m.path) if m is not None and m.path is not None and Path(m.path).is_dir() else "float32"
 
 
 def data_parallel_mesh():

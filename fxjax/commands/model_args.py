@@ -181,17 +181,24 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     check_model_arguments(args)
     data: dict[str, Any] = {key: getattr(DataSection(), key) for key in PROMPT_SETTING_KEYS}
     if args.run is not None:
-        from fxjax.train.run_loading import checkpoint_dir_of, resolve_step
+        from fxjax.config_mapping import ConfigError
+        from fxjax.train.run_loading import (base_model_section, checkpoint_dir_of, resolve_step,
+                                             start_from_kept_copy)
 
         ckpt = checkpoint_dir_of(args.run).absolute()
         step, cfg, kind = resolve_step(ckpt, args.step)
+        # a run started from another (model.from_run): that run's tokenizer and base, or the run's own
+        # record of them when that run is not here (as load_run resolves them)
+        cfg = start_from_kept_copy(cfg, ckpt, args.model is not None, None)
         data.update({key: getattr(cfg.data, key) for key in PROMPT_SETTING_KEYS})
-        tokenizer = args.tokenizer or (cfg.data.tokenizer or args.model or cfg.model.path)
-        if tokenizer is None:
+        try:
+            tokenizer = args.tokenizer or cfg.data.tokenizer or args.model or cfg.tokenizer
+        except ConfigError:
             raise ValueError(f"the run in {ckpt} has no tokenizer (a preset model without data.tokenizer); "
-                             f"pass --tokenizer DIR")
+                             f"pass --tokenizer DIR") from None
+        base = base_model_section(cfg)
         source = {"run": str(ckpt), "step": step, "kind": kind,
-                  "base": args.model or cfg.model.path or cfg.model.preset, "dtype": args.dtype or cfg.model.dtype}
+                  "base": args.model or (base and (base.path or base.preset)), "dtype": args.dtype or cfg.model.dtype}
     else:
         model_dir = Path(args.model)
         data.update(_pixels_of(model_dir))
