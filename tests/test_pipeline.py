@@ -269,6 +269,16 @@ def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_d
     assert it.get_state()["dropped"] == ({"too_long": dropped} if dropped else {})
 
 
+def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenizer_dir, records):
+    """Training streams repeat forever: with every prompt longer than max_length no batch ever comes, so the
+    iterator says so after twice an epoch of drops in a row instead of waiting."""
+    cfg = make_cfg(demo, tokenizer_dir, max_length=32, length_buckets=(), num_epochs=None, long_samples="drop")
+    it = iter(DataPipeline(cfg, records))
+    with pytest.raises(ValueError, match=r"every example of an epoch was dropped \(30 in a row, at most 15 an "
+                                         r"epoch.*too_long 30.*raise data.max_length"):
+        next(it)
+
+
 def test_decode_errors_skip_with_a_count_or_raise_naming_the_record(demo, tokenizer_dir, tmp_path):
     rows = [json.loads(line) for line in Path(demo["train"]).read_text().splitlines()[:4]]
     root = tmp_path / "root"

@@ -54,23 +54,27 @@ def collate(examples: Sequence[dict], buckets: Sequence[int], pad_id: int, pad_s
 class BatchDataset(grain.IterDataset):
     """A grain IterDataset of examples (or ``Dropped``) -> one of padded batches."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, epoch_size: int | None = None):
         super().__init__(parent)
-        self._cfg, self._pad_id = cfg, pad_id
+        self._cfg, self._pad_id, self._epoch_size = cfg, pad_id, epoch_size
 
     def __iter__(self) -> "BatchIterator":
-        return BatchIterator(self._parent.__iter__(), self._cfg, self._pad_id)
+        return BatchIterator(self._parent.__iter__(), self._cfg, self._pad_id, self._epoch_size)
 
 
 class BatchIterator(grain.DatasetIterator):
     """Skips (and counts) dropped examples, groups ``batch_size`` examples and pads them.
 
+    epoch_size: elements of the example stream per epoch; twice as many dropped in a row (a whole epoch
+    among them, however it is shuffled) raise instead of waiting forever on a repeated stream that yields
+    nothing (every prompt longer than data.max_length, say).
     State: the upstream grain state plus the drop/truncation counters, all JSON-serialisable.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, epoch_size: int | None = None):
         super().__init__(parent)
-        self._cfg, self._pad_id = cfg, pad_id
+        self._cfg, self._pad_id, self._epoch_size = cfg, pad_id, epoch_size
+        self._dropped_in_a_row = 0
         self._pad_side = "left" if cfg.mode == "prompt" else "right"
         self.dropped: Counter = Counter()
         self.truncated = 0
@@ -88,7 +92,11 @@ class BatchIterator(grain.DatasetIterator):
             if isinstance(example, Dropped):
                 self.dropped[example.kind] += 1
                 logger.warning("dropped example (%s): %s", example.kind, example.message)
+                self._dropped_in_a_row += 1
+                if self._epoch_size is not None and self._dropped_in_a_row >= 2 * self._epoch_size:
+                    raise ValueError(self._nothing_left())
                 continue
+            self._dropped_in_a_row = 0
             if example["meta"]["truncated"]:  # reported as drops are: the run trains on a shortened target
                 self.truncated += 1
                 logger.warning("truncated example: %s: reasoning cut by %d tokens to fit max_length %d "
@@ -97,6 +105,14 @@ class BatchIterator(grain.DatasetIterator):
             batch.append(example)
         self.batches += 1
         return collate(batch, self._cfg.buckets, self._pad_id, self._pad_side)
+
+    def _nothing_left(self) -> str:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.dropped.items()))
+        hint = ("raise data.max_length or lower data.max_pixels (fewer image tokens)" if "too_long" in self.dropped
+                else "the warnings above say why")
+        return (f"{', '.join(self._cfg.data_files)}: every example of an epoch was dropped ({self._dropped_in_a_row} "
+                f"in a row, at most {self._epoch_size} an epoch in this process; dropped so far: {kinds}), so no batch can "
+                f"be built; {hint}")
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "dropped": dict(self.dropped),
