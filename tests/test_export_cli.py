@@ -368,6 +368,21 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
             grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, **bad}, "data": data})
 
 
+def test_a_run_loaded_onto_another_base_model_is_refused_naming_the_shapes(two_process_run, tmp_path):
+    """LoRA trained on one base loaded onto a wider one: said as such, naming --model (it was reported as an
+    incomplete or corrupted checkpoint)."""
+    from conftest import build_hf_model, save_hf_model
+
+    from fxjax.run_files import RunLoadError
+    from fxjax.train.run_loading import load_run
+
+    wider = save_hf_model(build_hf_model(hidden=48, heads=6), tmp_path / "wider")
+    with pytest.raises(RunLoadError, match=rf"step 3 in .* holds LoRA arrays of other shapes than this model's: "
+                                           rf"\d+ differ, e.g. params\.\S+ \(.*\) there, \(.*\) here; "
+                                           rf"--model {wider} is not the base model"):
+        load_run(two_process_run, model_path=str(wider))
+
+
 def test_brief_error_keeps_the_first_line_without_tensorstores_spec():
     from fxjax.run_files import brief_error
 

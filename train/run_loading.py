@@ -137,6 +137,22 @@ def _exact_param_dtype(cfg) -> str:
     return exact_param_dtype(m.path) if m is not None and m.path is not None and Path(m.path).is_dir() else "float32"
 
 
+def _check_stored_shapes(layout: dict, stored, where: str, model, model_path: str | None) -> None:
+    """LoRA trained on another base model (a 3B run loaded with --model of a 7B: every name of the 7B's 28
+    layers is among the 3B's 36): an error naming the first array that differs and the base model, where
+    orbax's own ("not compatible with the stored shape") was reported as a corrupted checkpoint."""
+    bad = [(name, tuple(stored[name].shape), tuple(x.shape)) for name, x in layout.items()
+           if getattr(stored.get(name), "shape", None) is not None and tuple(stored[name].shape) != tuple(x.shape)]
+    if not bad:
+        return
+    name, there, here = bad[0]
+    base = model.path or model.preset
+    hint = (f"--model {model_path} is not the base model the run was trained on; pass that one" if model_path
+            else f"the base model {base} is not the one the run was trained on (was it replaced?)")
+    raise RunLoadError(f"{where} holds LoRA arrays of other shapes than this model's: {len(bad)} differ, e.g. "
+                       f"{name} {there} there, {here} here; {hint}")
+
+
 def data_parallel_mesh():
     """Every device on the data axis: where a loaded run goes unless a mesh is given. Each device holds the
     whole model (a model too large for one device needs an fsdp axis: `--mesh fsdp=N`)."""
@@ -196,8 +212,9 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             state_dir = ckpt / str(step) / "state"
             # saved with the other decoder layout (looped vs scan_layers): restored in its names, converted
-            saved = set(ocp.PyTreeCheckpointHandler().metadata(state_dir).tree)  # names only, nothing read
-            layout = saved_layout(template, saved, str(state_dir), partial=True) or template
+            stored = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree  # names and shapes, nothing read
+            layout = saved_layout(template, set(stored), str(state_dir), partial=True) or template
+            _check_stored_shapes(layout, stored, f"the checkpoint of step {step} in {ckpt}", cfg.model, model_path)
             restore_args = {name: ocp.ArrayRestoreArgs(sharding=x.sharding) for name, x in layout.items()}
             flat = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
                 layout, restore_args=restore_args, partial_restore=True))
@@ -205,6 +222,8 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
         restored = unflatten_tree(params, {name[len("params."):]: x for name, x in flat.items()})
     except LayoutError as err:
         raise RunLoadError(f"the checkpoint of step {step} in {ckpt} does not fit this model: {err}") from err
+    except RunLoadError:
+        raise
     except Exception as err:  # orbax raises many types for missing or damaged files; the message says which
         raise RunLoadError(f"the checkpoint of step {step} in {ckpt} cannot be restored (incomplete or corrupted: "
                            f"{brief_error(err)}); steps that exist: {steps_text(steps)}"
