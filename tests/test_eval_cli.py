@@ -146,6 +146,11 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     assert by["dslr"]["accuracy"] == 0 and by["phone"]["accuracy"] == 1 and by["(none)"]["examples"] == 3
     with pytest.raises(ValueError, match=r"--group-by camra: no record of the data has a field 'camra' \(fields: .*camera"):
         run_scripted(dataset, tokenizer_dir, tmp_path, again, group_by=("camra",))
+    # a file saved with a UTF-8 byte order mark (as records.load_records accepts) groups by its own keys too
+    bom = dataset.with_name("test_bom.jsonl")
+    bom.write_bytes(b"\xef\xbb\xbf" + dataset.read_bytes())
+    by = run_scripted(bom, tokenizer_dir, tmp_path / "bom", ScriptedDecoder(SCRIPT), group_by=("camera",))["by"]
+    assert list(by["camera"]) == ["dslr", "phone", "(none)"]
 
 
 def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, tokenizer_dir, tmp_path):

@@ -158,7 +158,7 @@ def raw_objects(records) -> dict[str, dict]:
         wanted.setdefault(file, set()).add(int(line))
     out = {}
     for file, lines in wanted.items():
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:  # as records.load_records reads them (a BOM is allowed)
             for n, line in enumerate(f, 1):
                 if n in lines:
                     out[f"{file}:{n}"] = json.loads(line)
