@@ -126,6 +126,8 @@ def _say(text: str) -> None:
 
 def _prepare_dir(out: Path) -> None:
     """The demo owns `out`: refuse a non-empty directory it did not create, clear its own old runs."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out: {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise FileExistsError(f"{out} exists and was not made by `fxjax demo`; pass --out to choose another directory")
     for sub in ("data", "base-model", "sft", "sft-adapter", "grpo", "export", "eval", "report", "detect"):

@@ -85,3 +85,15 @@ def test_a_missing_model_directory_is_named_as_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json in"):
         load_tokenizer(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("argv", [["demo", "--out", "{file}"], ["export", "--run", "{file}", "--out", "{file}"],
+                                  ["make-demo-data", "{file}"]], ids=lambda argv: argv[0])
+def test_an_out_that_is_a_file_is_an_error_naming_it(argv, tmp_path, capsys):
+    from fxjax.cli import main
+
+    file = tmp_path / "notes.txt"
+    file.write_text("not a directory\n")
+    assert main([a.format(file=file) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fxjax {argv[0]}: error: ") and str(file) in err and "ot a directory" in err, err

@@ -103,6 +103,8 @@ def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(f"fxjax export: {text}", file=sys.stderr, flush=True)  # noqa: E731
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # found now, not after the model has loaded
+        raise NotADirectoryError(f"--out: {out} is a file, not a directory")
     parts = [name for name, skip in (("merged", args.adapter_only), ("adapter", args.merged_only)) if not skip]
     for name in parts:
         target = out / name
