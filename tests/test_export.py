@@ -188,6 +188,13 @@ def test_an_export_replaces_its_folder_whole_and_a_failure_leaves_the_former_one
         save_merged(model, out, tokenizer_dir=tokenizer_dir, image_pixels=(3136, 3136))
     assert {f.name: f.read_bytes() for f in out.iterdir()} == former
     assert (tmp_path / ".merged.partial" / "config.json").is_file()  # the failed attempt's, cleared by the next
+    # killed between its two renames, an export leaves the former one in .merged.replaced and no `out`: the
+    # next export puts it back before it writes, so that one failing too still leaves it whole
+    out.rename(tmp_path / ".merged.replaced")
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_merged(model, out, tokenizer_dir=tokenizer_dir, image_pixels=(3136, 3136))
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == former
+    assert not (tmp_path / ".merged.replaced").exists()
 
     adapter = json.loads((save_adapter(model, "adapter") / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base.resolve())

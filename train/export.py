@@ -94,8 +94,12 @@ def written_whole(out: Path, write: Callable[[Path], None]) -> Path:
 
     partial, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.replaced")
     if jax.process_index() == 0:
+        if old.exists() and not (out.exists() or out.is_symlink()):  # killed between the two renames below
+            old.rename(out)
         for leftover in (partial, old):  # of an export that failed or was killed
-            if leftover.exists():
+            if leftover.is_symlink():
+                leftover.unlink()
+            elif leftover.exists():
                 shutil.rmtree(leftover)
     barrier("fxjax.export.partial")  # cleared before any process makes it again
     write(partial)
