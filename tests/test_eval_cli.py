@@ -177,6 +177,28 @@ def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, 
     assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]
 
 
+def test_a_record_the_pipeline_drops_is_reported_and_not_retried_on_resume(dataset, tokenizer_dir, tmp_path):
+    with_large = dataset.with_name("with_large.jsonl")
+    # 1232 x 1232: 1936 image tokens, over run_scripted's max_length of 1024
+    Image.new("RGB", (1232, 1232), (128, 128, 128)).save(dataset.parent / "large.png")
+    extra = {"id": "g4", "image": "large.png", "label": "real"}
+    with_large.write_text(dataset.read_text() + json.dumps(extra) + "\n")
+    summary = run_scripted(with_large, tokenizer_dir, tmp_path, ScriptedDecoder(SCRIPT))
+    assert summary["examples"] == 5 and summary["not_evaluated"] == [f"{with_large}:6"]
+    # finished: the dropped record is not decoded again, so no model is made
+    records, _ = load_records([with_large])
+    config = prompt_data_config(eval_args(with_large, tokenizer_dir), dict(
+        min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None,
+        user_prompt=None, seed=0), str(tokenizer_dir))
+    said = []
+    again = evaluate(records, lambda: pytest.fail("a model was made"), config, tmp_path, settings={"model": "scripted"},
+                     group_by=("generator",), progress=False, say=said.append)
+    assert again == summary and "not evaluable" in said[0] and "could not be evaluated" in said[1]
+    fresh = ScriptedDecoder(SCRIPT)  # --fresh tries it again
+    run_scripted(with_large, tokenizer_dir, tmp_path, fresh, fresh=True)
+    assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]
+
+
 def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     from fxjax.cli import main
 

@@ -148,6 +148,18 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
+def dropped_before(out: Path, settings: dict) -> set[str]:
+    """Records that the data pipeline dropped in an earlier run of this eval with the same settings
+    (metrics.json's not_evaluated): it would drop them again, so a finished eval loads no model for them."""
+    try:
+        metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(metrics, dict) or metrics.get("settings") != json.loads(json.dumps(settings)):
+        return set()
+    return {s for s in metrics.get("not_evaluated") or () if isinstance(s, str)}
+
+
 # ---- truths and groups -----------------------------------------------------------------------------
 
 def raw_objects(records) -> dict[str, dict]:
@@ -196,7 +208,8 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     check_settings(out, settings, fresh)
     pred_path = out / PREDICTIONS
     done = read_predictions(pred_path, say)
-    todo = [r for r in records if r.source not in done]
+    dropped = dropped_before(out, settings)
+    todo = [r for r in records if r.source not in done and r.source not in dropped]
     known = {f.name for f in dataclasses.fields(records[0])}
     raw = raw_objects(records) if set(group_by) - known else {}
     for name in set(group_by) - known:  # a typo would make one group of every image, "(none)"
@@ -206,7 +219,8 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
                              f"{', '.join(fields)})")
     by_source = {r.source: r for r in records}
     if len(todo) < len(records):
-        say(f"resuming: {len(records) - len(todo)} of {len(records)} images already in {pred_path}")
+        say(f"resuming: {len(records) - len(todo)} of {len(records)} images already in {pred_path}"
+            + (" or not evaluable (metrics.json; --fresh tries them again)" if dropped else ""))
     bar = None
     if progress and todo:
         from tqdm import tqdm
