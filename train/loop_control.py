@@ -1,10 +1,11 @@
 """What the SFT and GRPO loops do around their steps, written once: held-out evaluation, when to save,
 fault points, preemption, the final save, the export and the clean-up.
 
-Both loops call `LoopControl.after_step(step)` after each update (it saves on the cadence, evaluates
-periodically, honours `FXJAX_FAULT=after_step@N` and a preemption signal) and `LoopControl.final_save` when
-the loop ends normally; `export_outputs` writes the PEFT adapter / merged checkpoint of a finished run and
-`close_run` releases the checkpointer, the metrics files and the data iterator, whatever happened. A
+Both loops iterate `LoopControl.updates(first)`, which runs `after_step(step)` after each update (it saves on
+the cadence, evaluates periodically, honours `FXJAX_FAULT=after_step@N` and a preemption signal) and saves the
+final state when the loop ends normally, then call `LoopControl.wrap_up` (the evaluation at the end and
+`export_outputs`: the PEFT adapter / merged checkpoint of a finished run); leaving the LoopControl runs
+`close_run`, which releases the checkpointer, the metrics files and the data iterator, whatever happened. A
 non-finite loss or gradient stops the run (`NonFiniteError`) or skips the update (`handle_nonfinite`).
 """
 

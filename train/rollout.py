@@ -1,7 +1,7 @@
 """One GRPO generation batch on the host side: sample G completions per prompt, score them, and lay the
 result out as the `GroupBatch` the jitted update consumes.
 
-    rollout = sample_and_score(model, prompt_batch, ...)       # completions, rewards, advantages
+    rollout = sample_and_score(model, inputs, metas, tokenizer=..., ...)   # completions, rewards, advantages
     batch, floor = build_group_batch(prompt_batch, rollout, model.config, ...)
 
 Completion masks follow TRL: a completion's tokens count up to and including its first EOS; a completion

@@ -4,7 +4,7 @@ mesh, the train state placed on its shardings, and a checkpoint to resume from.
     main, say = join_run("sft", cfg, log)
     mesh = make_mesh(...); model = build_model(cfg, mesh)
     graphdef, params, base, rest = split_model(model)
-    tx, schedule, state, shardings, checkpointer, iterator, floor, latest = start_run(
+    tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "sft", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps, log=say)
 """
 

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from fxjax.commands.eval import METRICS  # (eval's module-level imports are the standard library's)
+
 EVAL_REPORT_FILE = "eval_report.png"
 # (metrics.json key, panel title, interval key in metrics.json["ci95"] or None)
 EVAL_PANELS: tuple[tuple[str, str, str | None], ...] = (
@@ -22,7 +24,6 @@ EVAL_PANELS: tuple[tuple[str, str, str | None], ...] = (
     ("f1", 'F1 for "generated"', None),
     ("mean_iou", "mean IoU on generated images", "mean_iou"),
 )
-_EVAL_METRICS = "metrics.json"  # fxjax.commands.eval.METRICS (not imported: that module imports jax)
 
 
 def is_eval_dir(path: str | Path) -> bool:
@@ -31,16 +32,16 @@ def is_eval_dir(path: str | Path) -> bool:
     path = Path(path)
     if path.is_dir():
         # metrics.jsonl: fxjax.train.metrics.METRICS_FILE (not imported: `fxjax --help` must not load fxjax.train)
-        return (path / _EVAL_METRICS).is_file() and not (path / "metrics.jsonl").is_file()
-    return path.name == _EVAL_METRICS
+        return (path / METRICS).is_file() and not (path / "metrics.jsonl").is_file()
+    return path.name == METRICS
 
 
 def read_eval_metrics(path: str | Path) -> dict:
     """The metrics.json of an `fxjax eval` folder, checked for the keys the chart draws."""
     path = Path(path)
-    file = path / _EVAL_METRICS if path.is_dir() else path
+    file = path / METRICS if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no {_EVAL_METRICS} in {path} (an `fxjax eval --out DIR` folder holds one)")
+        raise FileNotFoundError(f"no {METRICS} in {path} (an `fxjax eval --out DIR` folder holds one)")
     try:
         summary = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

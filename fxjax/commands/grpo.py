@@ -8,11 +8,12 @@ import json
 HELP = "GRPO (the paper's RL phase) from a YAML config, through the reward stages alpha -> beta -> gamma"
 
 DESCRIPTION = """\
-GRPO of Qwen2.5-VL with LoRA, as TRL's GRPOTrainer computes it, in one jitted rollout and update per step.
+GRPO of Qwen2.5-VL with LoRA, as TRL's GRPOTrainer computes it: one jitted rollout per step, then its updates.
 Each step takes data.batch_size prompts, samples grpo.num_generations completions per prompt with the
 current policy (each prompt prefilled once, its image encoded once), scores them with the rewards of the
 current stage (format, verdict, box IoU; weights in configs/rewards.yaml), turns rewards into group
-advantages, and applies one clipped-ratio update with a k3 KL to the base model (LoRA off, no copy).
+advantages, and applies grpo.num_iterations (default 1) clipped-ratio updates with a k3 KL to the base model
+(LoRA off, no copy).
 
 Start from the SFT result: model.from_run = the SFT run directory (its base model, tokenizer and LoRA at
 its newest step, or model.from_run_step), or model.path = the base HF directory and model.adapter = the

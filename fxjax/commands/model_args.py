@@ -47,13 +47,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and image size (default: the run's data config with --run, else the "
-                             "model directory's preprocessor_config.json and fxjax's defaults)")
+                             "export's fxjax_prompt_settings.json, then the model directory's "
+                             "preprocessor_config.json and fxjax's defaults)")
     g.add_argument("--min-pixels", type=int, metavar="N", help="smallest model-input image area (pixels)")
     g.add_argument("--max-pixels", type=int, metavar="N",
                    help="largest model-input image area (pixels); fewer pixels = fewer image tokens, faster")
     g.add_argument("--max-length", type=int, metavar="N",
                    help="longest prompt in tokens, image tokens included (default: the run's data.max_length, "
-                        "else 8192); detect shrinks an image whose tokens would not fit, eval leaves it out")
+                        "else the export's recorded one, else 8192); detect shrinks an image whose tokens would not fit, eval leaves it out")
     g.add_argument("--system-prompt", metavar="TEXT", help="system prompt (default: the one SFT trained with)")
     g.add_argument("--user-prompt", metavar="TEXT",
                    help="one user prompt for every image (default: the one SFT trained with; when it trained on "

@@ -36,9 +36,10 @@ whose rewards are all equal (no signal) and truncated completions, policy entrop
 norm, and the held-out evaluation when the run logged one. Every GRPO panel shades the reward stages
 (alpha, beta, gamma, ...) and marks and names the boundaries between them; no line crosses a boundary.
 
-Steps are optimiser updates. Noisy series are drawn thin, with a thick centred moving average (about a
-fifteenth of the steps, at most 25 around each point; within each GRPO stage). Panels without values are
-left out and named in the subtitle and on stderr.
+Steps are optimiser updates (SFT) or sampling steps (GRPO: each makes grpo.num_iterations updates). Noisy
+series are drawn thin, with a thick centred moving average (about a fifteenth of the steps, at most 25
+around each point; within each GRPO stage). Panels without values are left out and named in the subtitle
+and on stderr.
 `fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report.
 
 Given `fxjax eval` output folders instead (one or more, each holding metrics.json), it draws their held-out
