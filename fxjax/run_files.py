@@ -9,13 +9,14 @@ is not a step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "read_run_config", "resolve_step", "resumes_from_kept_start", "saved_run_kind",
-           "steps_text"]
+           "start_from_kept_copy", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 # A run that starts from another's LoRA (model.adapter, model.from_run) keeps that LoRA's shape in its checkpoint
@@ -131,3 +132,38 @@ def resolve_step(checkpoint_dir: str | Path, step: int | None) -> tuple[int, Any
         raise RunLoadError(f"step {step} has no checkpoint in {ckpt}; steps that exist: {steps_text(steps)}")
     cfg, kind = read_run_config(ckpt, step)
     return step, cfg, kind
+
+
+def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Callable[[str], None] | None):
+    """The run's config with its own copy of the LoRA it started from (run_setup.keep_start_lora) in place of
+    model.adapter / model.from_run when that folder is not here (moved, or another machine): the copy gives the
+    LoRA's shape, the checkpoint its values. A from_run run's base model and tokenizer were the other run's:
+    the copy names them (moved_base: model.path was given anew, and the tokenizer follows it). Used when a
+    run is loaded (`load_run`: the copy in the run's own checkpoint folder, whatever path the config names,
+    which may be relative to where it trained) and when it resumes (run_setup.resumed_start, only for the
+    start the copy was kept for)."""
+    m = cfg.model
+    gone = [(key, value) for key, value in (("model.adapter", m.adapter), ("model.from_run", m.from_run))
+            if value is not None and not Path(value).is_dir()]
+    if not gone:
+        return cfg
+    key, value = gone[0]
+    copy = checkpoint_dir / START_LORA_DIR
+    try:
+        start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunLoadError(f"the run in {checkpoint_dir} was trained from {key}={value}, which does not exist "
+                           f"here, and the run keeps no copy of that LoRA's shape ({copy}: runs trained before "
+                           f"fxjax kept one); put it back where the run read it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunLoadError(f"{copy / START_FILE}: cannot be read ({err}); {key}={value} does not exist here "
+                           f"either") from None
+    changes: dict[str, Any] = {"adapter": str(copy), "from_run": None, "from_run_step": None}
+    data = cfg.data
+    if m.from_run is not None and not moved_base:
+        changes.update(path=start.get("path"), preset=start.get("preset"), init_seed=start.get("init_seed", 0))
+    if m.from_run is not None and data.tokenizer is None and not moved_base:
+        data = dataclasses.replace(data, tokenizer=start.get("tokenizer"))
+    if log is not None:
+        log(f"{key}={value} is not here: the LoRA's shape from the run's copy in {copy}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes), data=data)

@@ -57,6 +57,20 @@ def from_run_start(run: str, step: int | None):
     return cfg, step
 
 
+def from_run_chain(cfg):
+    """The saved configs of the runs `cfg` started from (model.from_run), followed run to run, nearest
+    first. Where a run's own model.from_run is gone, its kept record (run_files.start_from_kept_copy: the
+    base model and tokenizer it started from) ends the chain, as loading the run does."""
+    from fxjax.run_files import checkpoint_dir_of, resolve_step, start_from_kept_copy
+
+    seen = set()
+    while cfg.model.from_run is not None and cfg.model.from_run not in seen:
+        seen.add(cfg.model.from_run)
+        ckpt = checkpoint_dir_of(cfg.model.from_run).absolute()
+        cfg = start_from_kept_copy(resolve_step(ckpt, cfg.model.from_run_step)[1], ckpt, False, None)
+        yield cfg
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The sections every run config has (SFTConfig; fxjax.grpo_config.GRPOConfig adds `grpo` and `stages`),
@@ -126,10 +140,9 @@ class RunConfig:
     def tokenizer(self) -> str:
         """data.tokenizer, else model.path; a run started from another run (model.from_run, neither set) has
         that run's, followed run to run (GRPO from a GRPO run from an SFT run)."""
-        cfg, seen = self, set()
-        while (tok := cfg.data.tokenizer or cfg.model.path) is None and cfg.model.from_run not in (None, *seen):
-            seen.add(cfg.model.from_run)
-            cfg = from_run_start(cfg.model.from_run, cfg.model.from_run_step)[0]
+        tok = self.data.tokenizer or self.model.path
+        if tok is None:
+            tok = next((t for c in from_run_chain(self) if (t := c.data.tokenizer or c.model.path)), None)
         if tok is None:
             raise ConfigError("data.tokenizer: a preset model has no tokenizer; give a directory with tokenizer.json")
         return tok

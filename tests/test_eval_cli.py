@@ -185,6 +185,7 @@ def test_a_record_the_pipeline_drops_is_reported_and_not_retried_on_resume(datas
     with_large.write_text(dataset.read_text() + json.dumps(extra) + "\n")
     summary = run_scripted(with_large, tokenizer_dir, tmp_path, ScriptedDecoder(SCRIPT))
     assert summary["examples"] == 5 and summary["not_evaluated"] == [f"{with_large}:6"]
+    assert summary["not_evaluated_why"] == {f"{with_large}:6": "too_long"}
     # finished: the dropped record is not decoded again, so no model is made
     records, _ = load_records([with_large])
     config = prompt_data_config(eval_args(with_large, tokenizer_dir), dict(
@@ -193,7 +194,7 @@ def test_a_record_the_pipeline_drops_is_reported_and_not_retried_on_resume(datas
     said = []
     again = evaluate(records, lambda: pytest.fail("a model was made"), config, tmp_path, settings={"model": "scripted"},
                      group_by=("generator",), progress=False, say=said.append)
-    assert again == summary and "not evaluable" in said[0] and "could not be evaluated" in said[1]
+    assert again == summary and "too long for max_length" in said[0] and "(too_long 1;" in said[1]
     fresh = ScriptedDecoder(SCRIPT)  # --fresh tries it again
     run_scripted(with_large, tokenizer_dir, tmp_path, fresh, fresh=True)
     assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]

@@ -271,12 +271,20 @@ def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_d
 
 def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenizer_dir, records):
     """Training streams repeat forever: with every prompt longer than max_length no batch ever comes, so the
-    iterator says so after twice an epoch of drops in a row instead of waiting."""
+    iterator says so once every record has been dropped with none kept in between, instead of waiting."""
     cfg = make_cfg(demo, tokenizer_dir, max_length=32, length_buckets=(), num_epochs=None, long_samples="drop")
     it = iter(DataPipeline(cfg, records))
-    with pytest.raises(ValueError, match=r"every example of an epoch was dropped \(30 in a row, at most 15 an "
-                                         r"epoch.*too_long 30.*raise data.max_length"):
+    with pytest.raises(ValueError, match=r"every record was dropped \(all 15 of this process's, with no example "
+                                         r"kept in between; dropped so far: too_long 15\).*raise data.max_length"):
         next(it)
+    # the shortest example alone fits: it keeps the stream going though every other record is dropped
+    cfg = dataclasses.replace(cfg, user_prompt="Real or generated?", batch_size=2)  # one prompt: fixed lengths
+    builder = ExampleBuilder(dataclasses.replace(cfg, max_length=512), len(records))
+    lengths = {r.source: len(builder.build(r)["input_ids"]) for r in records}
+    it = iter(DataPipeline(dataclasses.replace(cfg, max_length=min(lengths.values())), records))
+    kept = {m["source"] for _ in range(4) for m in next(it)["meta"]}
+    assert kept == {s for s, n in lengths.items() if n == min(lengths.values())}
+    assert set(it.dropped_sources) == set(lengths) - kept and set(it.dropped_sources.values()) == {"too_long"}
 
 
 def test_decode_errors_skip_with_a_count_or_raise_naming_the_record(demo, tokenizer_dir, tmp_path):

@@ -56,6 +56,7 @@ class GreedyDecoder:
             raise ValueError(f"GreedyDecoder needs a prompt pipeline of batch size {self.batch_size}, got mode "
                              f"{pipeline.cfg.mode!r} and batch size {pipeline.cfg.batch_size}")
         iterator = iter(pipeline)
+        self.dropped = iterator.dropped_sources  # source -> kind of each record the pipeline left out
         try:
             for batch in iterator:
                 self.last_extents = None

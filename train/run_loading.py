@@ -20,7 +20,6 @@ load in one: orbax reassembles every array onto this process's mesh.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +27,8 @@ from typing import Any, Callable
 import jax
 
 from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
-from fxjax.run_files import (START_FILE, START_LORA_DIR, RunLoadError, brief_error, checkpoint_dir_of,
-                             committed_steps, read_run_config, resolve_step, steps_text)
+from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config,
+                             resolve_step, start_from_kept_copy, steps_text)
 
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
            "resolve_step", "start_from_kept_copy"]
@@ -66,41 +65,6 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes))
 
 
-def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Callable[[str], None] | None):
-    """The run's config with its own copy of the LoRA it started from (run_setup.keep_start_lora) in place of
-    model.adapter / model.from_run when that folder is not here (moved, or another machine): the copy gives the
-    LoRA's shape, the checkpoint its values. A from_run run's base model and tokenizer were the other run's:
-    the copy names them (moved_base: model.path was given anew, and the tokenizer follows it). Used when a
-    run is loaded (`load_run`: the copy in the run's own checkpoint folder, whatever path the config names,
-    which may be relative to where it trained) and when it resumes (run_setup.resumed_start, only for the
-    start the copy was kept for)."""
-    m = cfg.model
-    gone = [(key, value) for key, value in (("model.adapter", m.adapter), ("model.from_run", m.from_run))
-            if value is not None and not Path(value).is_dir()]
-    if not gone:
-        return cfg
-    key, value = gone[0]
-    copy = checkpoint_dir / START_LORA_DIR
-    try:
-        start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunLoadError(f"the run in {checkpoint_dir} was trained from {key}={value}, which does not exist "
-                           f"here, and the run keeps no copy of that LoRA's shape ({copy}: runs trained before "
-                           f"fxjax kept one); put it back where the run read it") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunLoadError(f"{copy / START_FILE}: cannot be read ({err}); {key}={value} does not exist here "
-                           f"either") from None
-    changes: dict[str, Any] = {"adapter": str(copy), "from_run": None, "from_run_step": None}
-    data = cfg.data
-    if m.from_run is not None and not moved_base:
-        changes.update(path=start.get("path"), preset=start.get("preset"), init_seed=start.get("init_seed", 0))
-    if m.from_run is not None and data.tokenizer is None and not moved_base:
-        data = dataclasses.replace(data, tokenizer=start.get("tokenizer"))
-    if log is not None:
-        log(f"{key}={value} is not here: the LoRA's shape from the run's copy in {copy}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes), data=data)
-
-
 def _check_paths(cfg, checkpoint_dir: Path) -> None:
     m = cfg.model
     for key, value, hint in (("model.path", m.path, "pass the base model's directory (--model; a run that starts "
@@ -116,15 +80,16 @@ def base_model_section(cfg):
     """The model section that names the run's base model: its own, or for a run started from another run
     (model.from_run, no model.path), that run's, followed run to run; None when a run on the way cannot be
     read (loading the model then says why)."""
-    from fxjax.train_config import from_run_start
+    from fxjax.train_config import from_run_chain
 
-    m, seen = cfg.model, set()
-    while m.path is None and m.from_run is not None and m.from_run not in seen:
-        seen.add(m.from_run)
-        try:
-            m = from_run_start(m.from_run, m.from_run_step)[0].model
-        except (OSError, RunLoadError):
-            return None
+    m = cfg.model
+    try:
+        for earlier in from_run_chain(cfg) if m.path is None else ():
+            m = earlier.model
+            if m.path is not None:
+                break
+    except (OSError, RunLoadError):
+        return None
     return m
 
 

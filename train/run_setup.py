@@ -140,7 +140,7 @@ def keep_start_lora(model, cfg) -> Path | None:
     adapter's arrays are gathered). Returns the directory, or None for a run with fresh LoRA."""
     from fxjax.peft_io import save_peft_adapter
     from fxjax.train.export import written_whole
-    from fxjax.train_config import from_run_start
+    from fxjax.train.run_loading import base_model_section
 
     m = cfg.model
     if m.adapter is None and m.from_run is None:
@@ -154,7 +154,7 @@ def keep_start_lora(model, cfg) -> Path | None:
         if jax.process_index() != 0:
             return
         source = getattr(model, "hf_source", None)
-        base = from_run_start(m.from_run, m.from_run_step)[0].model if m.from_run is not None else m
+        base = base_model_section(cfg) or m  # a from_run run's: the first run's, followed run to run
         start = {"adapter": m.adapter and str(Path(m.adapter).resolve()),
                  "from_run": m.from_run and str(Path(m.from_run).resolve()), "from_run_step": m.from_run_step,
                  # as the config wrote them: a relative path still names this start after the project moved

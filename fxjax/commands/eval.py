@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,11 +47,13 @@ Outputs in --out:
                      (caption, box in model-input pixels and in original pixels), tags, format_ok, correct,
                      per-image IoU (null for real images), completion_tokens and truncated (no stop token
                      within --max-new-tokens)
-  metrics.json       the metrics above, the settings, and any record that could not be evaluated
+  metrics.json       the metrics above, the settings, and any record that could not be evaluated (and why:
+                     too_long for --max-length, or an image that fails to decode)
   settings.json      what the predictions were made with (checked on resume)
 
 Resume: run the same command again. Images already in predictions.jsonl are not decoded again (an
-interrupted eval loses at most the batch it was decoding); changed settings (model, step, pixels,
+interrupted eval loses at most the batch it was decoding), nor those metrics.json lists as too long for
+--max-length (the same settings make the same prompts); changed settings (model, step, pixels,
 prompts, max new tokens, data files) are refused unless --fresh."""
 
 EPILOG = """\
@@ -148,16 +151,18 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def dropped_before(out: Path, settings: dict) -> set[str]:
-    """Records that the data pipeline dropped in an earlier run of this eval with the same settings
-    (metrics.json's not_evaluated): it would drop them again, so a finished eval loads no model for them."""
+def too_long_before(out: Path, settings: dict) -> set[str]:
+    """Records an earlier run of this eval with the same settings left out as too long for max_length
+    (metrics.json's not_evaluated_why): the same prompt is as long again, so a finished eval loads no model
+    for them. An image that failed to decode is tried again."""
     try:
         metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
     if not isinstance(metrics, dict) or metrics.get("settings") != json.loads(json.dumps(settings)):
         return set()
-    return {s for s in metrics.get("not_evaluated") or () if isinstance(s, str)}
+    why = metrics.get("not_evaluated_why")
+    return {s for s, kind in why.items() if kind == "too_long"} if isinstance(why, dict) else set()
 
 
 # ---- truths and groups -----------------------------------------------------------------------------
@@ -199,7 +204,8 @@ def truth_of(meta: dict, groups: dict) -> dict:
 def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path, *, settings: dict,
              group_by: Sequence[str] = (), fresh: bool = False, progress: bool = True,
              say: Callable[[str], None] = print) -> dict:
-    """Decode what predictions.jsonl in `out` lacks, score it, and summarise every record; returns the
+    """Decode what predictions.jsonl in `out` lacks (less what an earlier run found too long,
+    `too_long_before`), score it, and summarise every record; returns the
     metrics (also written to metrics.json). `make_decoder()` gives a GreedyDecoder (its `batch_size` and
     `batches`); it is called only when something is left to decode, so a finished eval loads no model."""
     from fxjax import detection_metrics
@@ -208,8 +214,8 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     check_settings(out, settings, fresh)
     pred_path = out / PREDICTIONS
     done = read_predictions(pred_path, say)
-    dropped = dropped_before(out, settings)
-    todo = [r for r in records if r.source not in done and r.source not in dropped]
+    too_long = too_long_before(out, settings)
+    todo = [r for r in records if r.source not in done and r.source not in too_long]
     known = {f.name for f in dataclasses.fields(records[0])}
     raw = raw_objects(records) if set(group_by) - known else {}
     for name in set(group_by) - known:  # a typo would make one group of every image, "(none)"
@@ -220,13 +226,14 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     by_source = {r.source: r for r in records}
     if len(todo) < len(records):
         say(f"resuming: {len(records) - len(todo)} of {len(records)} images already in {pred_path}"
-            + (" or not evaluable (metrics.json; --fresh tries them again)" if dropped else ""))
+            + (" or too long for max_length (metrics.json)" if too_long else ""))
     bar = None
     if progress and todo:
         from tqdm import tqdm
 
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="eval", unit="image",
                    file=sys.stderr, dynamic_ncols=True)
+    why = {source: "too_long" for source in too_long}  # of each record the pipeline left out
     if todo:
         decoder = make_decoder()
         cfg = dataclasses.replace(prompt_config, batch_size=decoder.batch_size)
@@ -241,6 +248,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
                 os.fsync(f.fileno())
                 if bar is not None:
                     bar.update(len(texts))
+        why.update(getattr(decoder, "dropped", {}))
     if bar is not None:
         bar.close()
     rows, missing = [], []
@@ -251,13 +259,15 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
             continue
         rows.append(dict(row, groups=groups_of(r, raw.get(r.source), group_by)))
     if missing:
-        say(f"warning: {len(missing)} record(s) could not be evaluated (dropped by the data pipeline: a prompt "
-            f"longer than max_length, or an image that fails to decode; logged above): {', '.join(missing[:10])}"
-            + (" ..." if len(missing) > 10 else ""))
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(Counter(why.get(s, "?") for s in missing).items()))
+        say(f"warning: {len(missing)} record(s) could not be evaluated, dropped by the data pipeline ({kinds}; "
+            f"too_long: a prompt longer than max_length, decode: an image that fails to decode): "
+            f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
     if not rows:
         raise ValueError("no record could be evaluated")
     summary = detection_metrics.summarize(rows, group_by)
-    summary.update(not_evaluated=missing, settings=settings)
+    summary.update(not_evaluated=missing, not_evaluated_why={s: why[s] for s in missing if s in why},
+                   settings=settings)
     (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 

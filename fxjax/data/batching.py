@@ -65,16 +65,19 @@ class BatchDataset(grain.IterDataset):
 class BatchIterator(grain.DatasetIterator):
     """Skips (and counts) dropped examples, groups ``batch_size`` examples and pads them.
 
-    epoch_size: elements of the example stream per epoch; twice as many dropped in a row (a whole epoch
-    among them, however it is shuffled) raise instead of waiting forever on a repeated stream that yields
-    nothing (every prompt longer than data.max_length, say).
+    epoch_size: the records of this shard; when that many different records have been dropped with no
+    example kept in between, every record is dropped (an error, not a wait forever on a repeated stream
+    that yields nothing: every prompt longer than data.max_length, say). A record that gives an example
+    resets the count, so any stream that can yield never meets it, whatever its order or batch_rows.
+    `dropped_sources`: each dropped record's source -> kind (for `fxjax eval`; not part of the state).
     State: the upstream grain state plus the drop/truncation counters, all JSON-serialisable.
     """
 
     def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, epoch_size: int | None = None):
         super().__init__(parent)
         self._cfg, self._pad_id, self._epoch_size = cfg, pad_id, epoch_size
-        self._dropped_in_a_row = 0
+        self._dropped_in_a_row: set[str] = set()
+        self.dropped_sources: dict[str, str] = {}
         self._pad_side = "left" if cfg.mode == "prompt" else "right"
         self.dropped: Counter = Counter()
         self.truncated = 0
@@ -92,11 +95,12 @@ class BatchIterator(grain.DatasetIterator):
             if isinstance(example, Dropped):
                 self.dropped[example.kind] += 1
                 logger.warning("dropped example (%s): %s", example.kind, example.message)
-                self._dropped_in_a_row += 1
-                if self._epoch_size is not None and self._dropped_in_a_row >= 2 * self._epoch_size:
+                self.dropped_sources[example.source] = example.kind
+                self._dropped_in_a_row.add(example.source)
+                if self._epoch_size is not None and len(self._dropped_in_a_row) >= self._epoch_size:
                     raise ValueError(self._nothing_left())
                 continue
-            self._dropped_in_a_row = 0
+            self._dropped_in_a_row.clear()
             if example["meta"]["truncated"]:  # reported as drops are: the run trains on a shortened target
                 self.truncated += 1
                 logger.warning("truncated example: %s: reasoning cut by %d tokens to fit max_length %d "
@@ -110,9 +114,9 @@ class BatchIterator(grain.DatasetIterator):
         kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.dropped.items()))
         hint = ("raise data.max_length or lower data.max_pixels (fewer image tokens)" if "too_long" in self.dropped
                 else "the warnings above say why")
-        return (f"{', '.join(self._cfg.data_files)}: every example of an epoch was dropped ({self._dropped_in_a_row} "
-                f"in a row, at most {self._epoch_size} an epoch in this process; dropped so far: {kinds}), so no batch can "
-                f"be built; {hint}")
+        return (f"{', '.join(self._cfg.data_files)}: every record was dropped (all {self._epoch_size} of this "
+                f"process's, with no example kept in between; dropped so far: {kinds}), so no batch can be built; "
+                f"{hint}")
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "dropped": dict(self.dropped),

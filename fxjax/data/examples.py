@@ -55,6 +55,7 @@ class Dropped(NamedTuple):
 
     kind: str
     message: str
+    source: str = ""  # the record's file:line
 
 
 class RecordTokens:
@@ -208,7 +209,7 @@ class ExampleBuilder:
             error = DataError(record.source, f"cannot decode image: {err}", "decode")
             if cfg.on_error == "raise":
                 raise error from None
-            return Dropped("decode", str(error))
+            return Dropped("decode", str(error), record.source)
         text = self.text(record, epoch)
         assert text.model_size == (int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)
         assert text.num_image_tokens == int(grid.prod()) // 4
@@ -220,7 +221,8 @@ class ExampleBuilder:
                     num_image_tokens=text.num_image_tokens, truncated=0)
         if len(prompt_ids) > cfg.max_length or (cfg.mode == "sft" and len(prompt_ids) >= cfg.max_length):
             return Dropped("too_long", f"{record.source}: the prompt alone is {len(prompt_ids)} tokens "
-                                       f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}")
+                                       f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}",
+                           record.source)
         if cfg.mode == "prompt":
             input_ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
         else:
@@ -231,7 +233,8 @@ class ExampleBuilder:
                 if cut is None:
                     return Dropped("too_long", f"{record.source}: {len(prompt_ids) + len(completion)} tokens "
                                                f"> max_length {cfg.max_length}" +
-                                   (" even with the reasoning removed" if cfg.long_samples == "truncate" else ""))
+                                   (" even with the reasoning removed" if cfg.long_samples == "truncate" else ""),
+                                   record.source)
                 meta["truncated"] = len(completion) - len(cut)
                 completion = cut
             input_ids = prompt_ids + completion

@@ -160,8 +160,6 @@ class DataPipeline:
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                              per_worker_buffer_size=cfg.worker_buffer_size))
-        # this shard's records: with batch_rows this process sees fewer elements an epoch, so the
-        # batch iterator's "whole epochs dropped" check waits longer, never shorter
         return BatchDataset(ds, cfg, self.pad_id, epoch_size=len(self.indices))
 
     def __iter__(self) -> BatchIterator:
