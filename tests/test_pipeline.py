@@ -277,6 +277,9 @@ def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenize
     with pytest.raises(ValueError, match=r"every record was dropped \(all 15 of this process's, with no example "
                                          r"kept in between; dropped so far: too_long 15\).*raise data.max_length"):
         next(it)
+    # a finite stream (eval's one epoch) just ends, with every drop counted
+    it = iter(DataPipeline(dataclasses.replace(cfg, num_epochs=1, drop_remainder=False), records))
+    assert list(it) == [] and it.dropped == {"too_long": 15}
     # the shortest example alone fits: it keeps the stream going though every other record is dropped
     cfg = dataclasses.replace(cfg, user_prompt="Real or generated?", batch_size=2)  # one prompt: fixed lengths
     builder = ExampleBuilder(dataclasses.replace(cfg, max_length=512), len(records))

@@ -65,10 +65,11 @@ class BatchDataset(grain.IterDataset):
 class BatchIterator(grain.DatasetIterator):
     """Skips (and counts) dropped examples, groups ``batch_size`` examples and pads them.
 
-    epoch_size: the records of this shard; when that many different records have been dropped with no
-    example kept in between, every record is dropped (an error, not a wait forever on a repeated stream
-    that yields nothing: every prompt longer than data.max_length, say). A record that gives an example
-    resets the count, so any stream that can yield never meets it, whatever its order or batch_rows.
+    epoch_size: the records of this shard, for a stream that repeats forever (None for a finite one, which
+    ends); when that many different records have been dropped with no example kept in between, every
+    record is dropped: an error, not a wait forever on a stream that yields nothing (every prompt longer
+    than data.max_length, say). A record that gives an example resets the count, so any stream that can
+    yield never meets it, whatever its order or batch_rows.
     `dropped_sources`: each dropped record's source -> kind (for `fxjax eval`; not part of the state).
     State: the upstream grain state plus the drop/truncation counters, all JSON-serialisable.
     """

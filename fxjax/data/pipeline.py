@@ -160,7 +160,9 @@ class DataPipeline:
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                              per_worker_buffer_size=cfg.worker_buffer_size))
-        return BatchDataset(ds, cfg, self.pad_id, epoch_size=len(self.indices))
+        # a stream that repeats forever and drops every record would never yield (nor end): an error then; a
+        # finite one ends, and its caller counts what was dropped (fxjax eval lists them)
+        return BatchDataset(ds, cfg, self.pad_id, epoch_size=len(self.indices) if cfg.num_epochs is None else None)
 
     def __iter__(self) -> BatchIterator:
         return iter(self.dataset())
