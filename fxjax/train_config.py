@@ -61,13 +61,17 @@ def from_run_chain(cfg):
     """The saved configs of the runs `cfg` started from (model.from_run), followed run to run, nearest
     first. Where a run's own model.from_run is gone, its kept record (run_files.start_from_kept_copy: the
     base model and tokenizer it started from) ends the chain, as loading the run does."""
-    from fxjax.run_files import checkpoint_dir_of, resolve_step, start_from_kept_copy
+    from fxjax.run_files import RunLoadError, checkpoint_dir_of, resolve_step, start_from_kept_copy
 
     seen = set()
     while cfg.model.from_run is not None and cfg.model.from_run not in seen:
         seen.add(cfg.model.from_run)
         ckpt = checkpoint_dir_of(cfg.model.from_run).absolute()
-        cfg = start_from_kept_copy(resolve_step(ckpt, cfg.model.from_run_step)[1], ckpt, False, None)
+        cfg = resolve_step(ckpt, cfg.model.from_run_step)[1]
+        try:
+            cfg = start_from_kept_copy(cfg, ckpt, False, None)
+        except RunLoadError:  # no record kept (an older run): what it names, read only if asked for
+            pass
         yield cfg
 
 
