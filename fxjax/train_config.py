@@ -43,18 +43,11 @@ __all__ = [
     "OFF_WITHOUT",
     "SFTConfig",
     "apply_overrides",
+    "base_model_section",
     "from_dict",
-    "from_run_start",
+    "from_run_chain",
     "load_sft_config",
 ]
-
-
-def from_run_start(run: str, step: int | None):
-    """(config, step) of the run a `model.from_run` config starts from (reads its saved config only)."""
-    from fxjax.run_files import checkpoint_dir_of, resolve_step
-
-    step, cfg, _ = resolve_step(checkpoint_dir_of(run), step)
-    return cfg, step
 
 
 def from_run_chain(cfg):
@@ -73,6 +66,23 @@ def from_run_chain(cfg):
         except RunLoadError:  # no record kept (an older run): what it names, read only if asked for
             pass
         yield cfg
+
+
+def base_model_section(cfg):
+    """The model section that names the run's base model: its own, or for a run started from another run
+    (model.from_run, no model.path), that run's, followed run to run; None when a run on the way cannot be
+    read (loading the model then says why)."""
+    from fxjax.run_files import RunLoadError
+
+    m = cfg.model
+    try:
+        for earlier in from_run_chain(cfg) if m.path is None else ():
+            m = earlier.model
+            if m.path is not None:
+                break
+    except (OSError, RunLoadError):
+        return None
+    return m
 
 
 @dataclass(frozen=True)

@@ -345,7 +345,7 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     again = grpo_from_dict({"model": {"from_run": str(present.parent), "dtype": "float32"}, "data": data})
     assert again.tokenizer == str(tiny_vl_dir)
     # ... and from the GRPO run whose SFT run is gone: the tokenizer and base from its kept record
-    from fxjax.train.run_loading import base_model_section
+    from fxjax.train_config import base_model_section
 
     beyond = grpo_from_dict({"model": {"from_run": str(grpo_run.parent), "dtype": "float32"}, "data": data})
     assert beyond.tokenizer == base_model_section(beyond).path == str(tiny_vl_dir.resolve())

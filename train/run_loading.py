@@ -76,27 +76,11 @@ def _check_paths(cfg, checkpoint_dir: Path) -> None:
                                f"here; {hint}")
 
 
-def base_model_section(cfg):
-    """The model section that names the run's base model: its own, or for a run started from another run
-    (model.from_run, no model.path), that run's, followed run to run; None when a run on the way cannot be
-    read (loading the model then says why)."""
-    from fxjax.train_config import from_run_chain
-
-    m = cfg.model
-    try:
-        for earlier in from_run_chain(cfg) if m.path is None else ():
-            m = earlier.model
-            if m.path is not None:
-                break
-    except (OSError, RunLoadError):
-        return None
-    return m
-
-
 def _exact_param_dtype(cfg) -> str:
     """`hf_checkpoint.exact_param_dtype` of the run's base model (`base_model_section`); float32 for a
     preset, or when the base is not where a run names it (loading it then says so)."""
     from fxjax.hf_checkpoint import exact_param_dtype
+    from fxjax.train_config import base_model_section
 
     m = base_model_section(cfg)
     return exact_param_dtype(m.path) if m is not None and m.path is not None and Path(m.path).is_dir() else "float32"

@@ -140,7 +140,7 @@ def keep_start_lora(model, cfg) -> Path | None:
     adapter's arrays are gathered). Returns the directory, or None for a run with fresh LoRA."""
     from fxjax.peft_io import save_peft_adapter
     from fxjax.train.export import written_whole
-    from fxjax.train.run_loading import base_model_section
+    from fxjax.train_config import base_model_section
 
     m = cfg.model
     if m.adapter is None and m.from_run is None:

@@ -184,8 +184,8 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     data: dict[str, Any] = {key: getattr(DataSection(), key) for key in PROMPT_SETTING_KEYS}
     if args.run is not None:
         from fxjax.config_mapping import ConfigError
-        from fxjax.train.run_loading import (base_model_section, checkpoint_dir_of, resolve_step,
-                                             start_from_kept_copy)
+        from fxjax.run_files import checkpoint_dir_of, resolve_step, start_from_kept_copy
+        from fxjax.train_config import base_model_section
 
         ckpt = checkpoint_dir_of(args.run).absolute()
         step, cfg, kind = resolve_step(ckpt, args.step)

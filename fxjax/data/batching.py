@@ -77,7 +77,7 @@ class BatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, epoch_size: int | None = None):
         super().__init__(parent)
         self._cfg, self._pad_id, self._epoch_size = cfg, pad_id, epoch_size
-        self._dropped_in_a_row: set[str] = set()
+        self._dropped_since_kept: set[str] = set()
         self.dropped_sources: dict[str, str] = {}
         self._pad_side = "left" if cfg.mode == "prompt" else "right"
         self.dropped: Counter = Counter()
@@ -97,11 +97,11 @@ class BatchIterator(grain.DatasetIterator):
                 self.dropped[example.kind] += 1
                 logger.warning("dropped example (%s): %s", example.kind, example.message)
                 self.dropped_sources[example.source] = example.kind
-                self._dropped_in_a_row.add(example.source)
-                if self._epoch_size is not None and len(self._dropped_in_a_row) >= self._epoch_size:
+                self._dropped_since_kept.add(example.source)
+                if self._epoch_size is not None and len(self._dropped_since_kept) >= self._epoch_size:
                     raise ValueError(self._nothing_left())
                 continue
-            self._dropped_in_a_row.clear()
+            self._dropped_since_kept.clear()
             if example["meta"]["truncated"]:  # reported as drops are: the run trains on a shortened target
                 self.truncated += 1
                 logger.warning("truncated example: %s: reasoning cut by %d tokens to fit max_length %d "
