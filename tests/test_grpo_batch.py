@@ -235,6 +235,27 @@ def test_completion_mask_and_text_end_at_any_stop_token(tokenizer_dir):
     assert completion_mask(tokens, im_end)[1].tolist() == [True, False, True]  # one id as before
 
 
+def test_a_row_ending_in_the_pad_is_not_truncated_as_in_trl():
+    """TRL 1.16 (GRPOTrainer, clipped_ratio and mask_truncated_completions) calls a completion truncated when
+    `ids[-1] not in [*eos_token_ids, pad_token_id]`, `ids` the row cut after its first stop token: with the
+    stop tokens leaving the pad out, a row that samples the pad last is not truncated (its whole length in
+    the loss); a pad earlier in the row changes nothing. Random rows against that rule, then the cases."""
+    im_end, pad, a, b = 151645, 151643, 64, 65
+    rng = np.random.RandomState(0)
+    tokens = rng.choice([im_end, pad, a, b], size=(400, 5), p=[0.05, 0.25, 0.35, 0.35]).astype(np.int32)
+    attention, truncated = completion_mask(tokens, im_end, pad)
+    rows = [row[:list(row).index(im_end) + 1] if im_end in row else row for row in tokens.tolist()]
+    assert truncated.tolist() == [ids[-1] not in (im_end, pad) for ids in rows]
+    assert attention.sum(1).tolist() == [len(ids) for ids in rows]
+    assert ((tokens != im_end).all(1) & (tokens[:, -1] == pad)).sum() > 10  # rows the pad exception decides
+
+    cases = np.array([[a, b, pad, pad], [a, pad, b, b], [a, im_end, pad, pad], [a, a, b, b]], np.int32)
+    attention, truncated = completion_mask(cases, im_end, pad)
+    assert truncated.tolist() == [False, True, False, True]
+    np.testing.assert_array_equal(attention.sum(1), [4, 4, 2, 4])
+    assert completion_mask(cases, im_end)[1].tolist() == [True, True, False, True]  # without a pad id
+
+
 def test_micro_batches_take_each_shards_slice(model):
     """4 prompts over 2 batch shards (prompts 0, 1 in shard 0's block, 2, 3 in shard 1's), 2 micro-batches:
     micro-batch a = prompts a and 2 + a, each in its shard's rows with its image packed in that shard."""

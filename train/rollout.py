@@ -53,15 +53,21 @@ class Rollout:
     targets: list[dict] = field(default_factory=list)  # one per prompt
 
 
-def completion_mask(tokens: np.ndarray, eos_ids: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def completion_mask(tokens: np.ndarray, eos_ids: int | Sequence[int],
+                    pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(attention [R, N] int32 through the first EOS (any of `eos_ids`), truncated [R] bool: no EOS in the
-    row)."""
+    row and, given `pad_id`, its last token not the pad either).
+
+    The pad exception is TRL's (GRPOTrainer: truncated when `ids[-1] not in [*eos_token_ids, pad_token_id]`):
+    it matters only for a model whose stop tokens leave out its pad token and that samples the pad as its
+    last token; such a row keeps its whole length in the loss, as in TRL."""
     is_eos = np.isin(tokens, np.atleast_1d(eos_ids))
     has_eos = is_eos.any(axis=1)
     first = np.where(has_eos, is_eos.argmax(axis=1), tokens.shape[1])
     attention = (np.arange(tokens.shape[1])[None, :] <= first[:, None]).astype(np.int32)
     attention[~has_eos] = 1
-    return attention, ~has_eos
+    truncated = ~has_eos if pad_id is None else ~has_eos & (tokens[:, -1] != pad_id)
+    return attention, truncated
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, attention: np.ndarray,
@@ -114,7 +120,7 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     tokens = host(out.tokens).astype(np.int32)
     if tokens.shape[0] != len(metas) * num_generations:  # whole groups of exactly these prompts
         raise ValueError(f"{tokens.shape[0]} sampled rows fetched for {len(metas)} prompts x {num_generations}")
-    attention, truncated = completion_mask(tokens, eos_ids)
+    attention, truncated = completion_mask(tokens, eos_ids, pad_id)
     texts = decode_completions(tokenizer, tokens, attention, eos_ids)
     targets = targets_of(metas)
     scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
