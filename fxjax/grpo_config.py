@@ -50,6 +50,8 @@ class GRPOSection:
     epsilon_high: float | None = None  # upper clip (1 + epsilon_high); null: epsilon
     delta: float | None = None  # two-sided clipping of the unclipped term (null: off)
     beta: float = 0.04  # weight of the k3 KL to the reference policy (the base model, LoRA off); 0: no reference pass
+    # the k3 KL multiplied by the importance ratio (TRL 1.16's default); false: the plain k3 of the paper
+    use_bias_correction_kl: bool = True
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False  # completions without EOS add nothing to the loss

@@ -359,3 +359,20 @@ def test_float32_logits_add_an_lm_head_lora_in_float32(tiny_checkpoint):
     assert np.abs(rounded - (base + update)).max() > 10 * np.abs(with_lora - (base + update)).max()
     with lora_disabled(m):
         np.testing.assert_allclose(np.asarray(float32_logits(m, hidden)), base, rtol=1e-5, atol=1e-5)
+
+
+def test_every_loss_option_comes_from_the_config():
+    """Each LossOptions field is the grpo section's value of that name (epsilon_low: `epsilon`), every one set
+    away from its default, so a setting the run drops on the way to the loss fails here."""
+    import dataclasses
+
+    from fxjax.grpo_config import GRPOSection
+    from fxjax.train.grpo import loss_options
+
+    g = GRPOSection(loss_type="dapo", epsilon=0.1, epsilon_high=0.28, delta=1.5, beta=0.5,
+                    use_bias_correction_kl=False, importance_sampling_level="sequence", max_completion_length=77,
+                    temperature=0.7)
+    opts = loss_options(g)
+    for f in dataclasses.fields(LossOptions):
+        value = getattr(g, "epsilon" if f.name == "epsilon_low" else f.name)
+        assert getattr(opts, f.name) == value != f.default, f.name

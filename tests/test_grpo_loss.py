@@ -54,7 +54,7 @@ class _OneProcess:
 
 
 def trl_loss(logps, old, ref, adv, mask, *, loss_type, delta, beta, level, num_processes=1,
-             num_items_in_batch=NUM_ITEMS_IN_BATCH):
+             num_items_in_batch=NUM_ITEMS_IN_BATCH, bias_kl=True):
     """(loss, d loss / d logps, metrics) from TRL's GRPOTrainer._compute_loss."""
     leaf = torch.tensor(logps, requires_grad=True)
     b, t = logps.shape
@@ -67,7 +67,7 @@ def trl_loss(logps, old, ref, adv, mask, *, loss_type, delta, beta, level, num_p
         model=SimpleNamespace(training=True), current_gradient_accumulation_steps=GA,
         max_completion_length=MAX_LEN, accelerator=_OneProcess(num_processes), _entropy_bonus_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        args=SimpleNamespace(delta=delta, use_bias_correction_kl=True, steps_per_generation=SPG,
+        args=SimpleNamespace(delta=delta, use_bias_correction_kl=bias_kl, steps_per_generation=SPG,
                              sapo_temperature_pos=1.0, sapo_temperature_neg=1.05),
     )
     inputs = {
@@ -128,12 +128,13 @@ def make_batch(seed=0, rows=8, length=MAX_LEN, truncated_row=3):
 CASES = list(itertools.product((None, DELTA), (0.0, BETA), (False, True)))  # delta, beta, old given
 
 
-def fxjax_case(loss_type, level, delta, beta, with_old, logps, old, ref, adv, mask):
+def fxjax_case(loss_type, level, delta, beta, with_old, logps, old, ref, adv, mask, bias_kl=True):
     """((loss, metrics), d loss / d logps) from grpo_loss, the test's constants filled in."""
 
     def loss_fn(lp):
         return grpo_loss(lp, old if with_old else None, ref if beta else None, adv, mask,
                          loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, delta=delta, beta=beta,
+                         use_bias_correction_kl=bias_kl,
                          importance_sampling_level=level, max_completion_length=MAX_LEN,
                          # dapo/cispo: TRL divides by num_items_in_batch / num_processes * GA / steps_per_generation
                          num_items=NUM_ITEMS_IN_BATCH * GA / SPG, gradient_accumulation_steps=GA)
@@ -177,6 +178,22 @@ def test_loss_value_gradient_and_metrics_equal_trl(loss_type, level):
         metrics = ours[0][1]
         clipped_somewhere |= float(metrics.get("clip_ratio/region_mean", metrics.get("cispo_clip_ratio", 1))) > 0
     assert clipped_somewhere or loss_type == "sapo", "no case clipped anything: the data test nothing"
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_plain_k3_kl_equals_trl_without_bias_correction(level):
+    """grpo.use_bias_correction_kl: false (the paper's plain k3) against TRL with the same setting, with and
+    without stored old log-probs; the setting changes the loss or its gradient (the test would see a no-op)."""
+    batch = make_batch(seed=4)
+    logps, old, ref, adv, mask = batch
+    for with_old in (False, True):
+        what = f"plain k3 {level} old={'given' if with_old else 'None'}"
+        ours = fxjax_case("grpo", level, None, BETA, with_old, *batch, bias_kl=False)
+        theirs = trl_loss(logps, old if with_old else None, ref, adv, mask, loss_type="grpo", delta=None,
+                          beta=BETA, level=level, bias_kl=False)
+        check_against_trl(what, ours, theirs)
+        corrected = fxjax_case("grpo", level, None, BETA, with_old, *batch)
+        assert not np.allclose(np.asarray(ours[1]), np.asarray(corrected[1]), rtol=1e-4, atol=1e-7), what
 
 
 JIT_CASES = [(loss_type, "token") for loss_type in LOSS_TYPES] + [("grpo", "sequence")]

@@ -114,6 +114,14 @@ def stage_weights(cfg: GRPOConfig, step: int) -> tuple[str, rewards.RewardWeight
     return stage.name, rewards.load_stage(stage.name, cfg.grpo.reward_config)
 
 
+def loss_options(g: GRPOSection) -> LossOptions:
+    """The loss's static options from the config's grpo section (TRL's `epsilon` is the lower clip)."""
+    return LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
+                       beta=g.beta, use_bias_correction_kl=g.use_bias_correction_kl,
+                       importance_sampling_level=g.importance_sampling_level,
+                       max_completion_length=g.max_completion_length, temperature=g.temperature)
+
+
 def left_pad(batch: dict, length: int, pad_id: int) -> dict:
     """Left-pad a prompt batch's input_ids / attention_mask to `length` columns."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -260,9 +268,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
 
     def evaluate(tag: str) -> dict:
         return run_eval(tag, step_now, model, state.params, base, rest)
-    opts = LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
-                       beta=g.beta, importance_sampling_level=g.importance_sampling_level,
-                       max_completion_length=g.max_completion_length, temperature=g.temperature)
+    opts = loss_options(g)
     need_old, need_ref = g.num_iterations > 1, g.beta != 0.0
     step_fn = logps_fn = batch_sh = None
     root = jax.random.key(g.seed, impl=RNG_IMPL)

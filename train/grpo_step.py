@@ -74,6 +74,7 @@ class LossOptions:
     epsilon_high: float | None = None
     delta: float | None = None
     beta: float = 0.04
+    use_bias_correction_kl: bool = True
     importance_sampling_level: str = "token"
     max_completion_length: int = 512
     temperature: float = 1.0
@@ -234,7 +235,8 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, schedule: Callabl
                     logps, None if batch.old_logps is None else batch.old_logps[i],
                     None if batch.ref_logps is None else batch.ref_logps[i], batch.advantages[i], mask,
                     loss_type=opts.loss_type, epsilon_low=opts.epsilon_low, epsilon_high=opts.epsilon_high,
-                    delta=opts.delta, beta=opts.beta, importance_sampling_level=opts.importance_sampling_level,
+                    delta=opts.delta, beta=opts.beta, use_bias_correction_kl=opts.use_bias_correction_kl,
+                    importance_sampling_level=opts.importance_sampling_level,
                     max_completion_length=opts.max_completion_length, num_items=num_items,
                     gradient_accumulation_steps=n_micro)
                 tokens = jnp.maximum(jnp.sum(mask), 1.0)
