@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from fxjax.data.demo_data import make_demo_data
-from fxjax.data.pipeline import IGNORE_INDEX, DataConfig, DataPipeline, Dropped, ExampleBuilder, tokens_for
+from fxjax.data.pipeline import (IGNORE_INDEX, DataConfig, DataPipeline, Dropped, ExampleBuilder, records_in_view,
+                                 tokens_for)
 from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES, pick_template, render_prompt
 from fxjax.data.records import DataError, load_records
 from fxjax.image_processing import model_input_size, process_image
@@ -288,6 +289,44 @@ def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenize
     kept = {m["source"] for _ in range(4) for m in next(it)["meta"]}
     assert kept == {s for s, n in lengths.items() if n == min(lengths.values())}
     assert set(it.dropped_sources) == set(lengths) - kept and set(it.dropped_sources.values()) == {"too_long"}
+
+
+def test_all_dropped_waits_only_for_the_records_a_process_rows_ever_hold(demo, tokenizer_dir, records):
+    """An unshuffled global stream read for row 0 of batches of 4 (one process of four, batch_rows) holds
+    only every fourth of 12 records, whatever the epoch: the error comes once those 3 are dropped (waiting
+    for all 12 never ended)."""
+    twelve = records[:12]
+    cfg = make_cfg(demo, tokenizer_dir, max_length=32, length_buckets=(), num_epochs=None, long_samples="drop",
+                   shuffle=False, batch_size=4, batch_rows=(0,))
+    it = iter(DataPipeline(cfg, twelve))
+    with pytest.raises(ValueError, match=r"every record was dropped \(all 3 of this process's"):
+        next(it)
+    assert set(it.dropped_sources) == {twelve[i].source for i in (0, 4, 8)}
+    assert records_in_view(12, 4, (0, 2), shuffle=False) == 6 and records_in_view(12, 4, (1,), shuffle=False) == 3
+    assert records_in_view(15, 4, (0,), shuffle=False) == 15  # gcd 1: the epochs shift the rows over every record
+    assert records_in_view(12, 4, (0,), shuffle=True) == 12  # a new order each epoch
+
+
+def test_a_drop_another_epochs_template_avoids_is_not_for_good(demo, tokenizer_dir, records):
+    """The user templates differ in length and each epoch picks one per record: a record too long with this
+    epoch's template but not with the shortest is dropped for now (`lasting` False), so a stream of only such
+    a record keeps going until an epoch's template fits, instead of calling every record dropped."""
+    record = records[0]
+    builder = ExampleBuilder(make_cfg(demo, tokenizer_dir), 1)
+    target = len(builder.completion_ids(builder.text(record).target))
+    lengths = [len(builder.text(record, template=t).prompt_ids) + target for t in range(len(USER_TEMPLATES))]
+    max_length = min(lengths)
+    seed = next(s for s in range(100) if lengths[pick_template(s, record.index, 0)] > max_length)
+    cfg = make_cfg(demo, tokenizer_dir, max_length=max_length, length_buckets=(), num_epochs=None,
+                   long_samples="drop", shuffle=False, batch_size=1, seed=seed)
+    dropped = ExampleBuilder(cfg, 1).build(record, epoch=0)
+    assert isinstance(dropped, Dropped) and dropped.kind == "too_long" and not dropped.lasting
+    it = iter(DataPipeline(cfg, [record]))
+    batch = next(it)
+    assert it.dropped["too_long"] >= 1 and len(batch["input_ids"][0]) == max_length
+    assert lengths[batch["meta"][0]["template"]] == max_length
+    one_short = ExampleBuilder(dataclasses.replace(cfg, max_length=max_length - 1), 1).build(record, epoch=0)
+    assert isinstance(one_short, Dropped) and one_short.lasting  # no template fits: for good
 
 
 def test_decode_errors_skip_with_a_count_or_raise_naming_the_record(demo, tokenizer_dir, tmp_path):

@@ -65,8 +65,9 @@ class BatchDataset(grain.IterDataset):
 class BatchIterator(grain.DatasetIterator):
     """Skips (and counts) dropped examples, groups ``batch_size`` examples and pads them.
 
-    epoch_size: the records of this shard, for a stream that repeats forever (None for a finite one, which
-    ends); when that many different records have been dropped with no example kept in between, every
+    epoch_size: the records this process's stream holds, for a stream that repeats forever (None for a
+    finite one, which ends); when that many different records have been dropped for good (`Dropped.lasting`:
+    not a drop that another epoch's prompt template would avoid) with no example kept in between, every
     record is dropped: an error, not a wait forever on a stream that yields nothing (every prompt longer
     than data.max_length, say). A record that gives an example resets the count, so any stream that can
     yield never meets it, whatever its order or batch_rows.
@@ -97,7 +98,8 @@ class BatchIterator(grain.DatasetIterator):
                 self.dropped[example.kind] += 1
                 logger.warning("dropped example (%s): %s", example.kind, example.message)
                 self.dropped_sources[example.source] = example.kind
-                self._dropped_since_kept.add(example.source)
+                if example.lasting:
+                    self._dropped_since_kept.add(example.source)
                 if self._epoch_size is not None and len(self._dropped_since_kept) >= self._epoch_size:
                     raise ValueError(self._nothing_left())
                 continue

@@ -29,7 +29,7 @@ import numpy as np
 
 from fxjax.data.config import DataConfig
 from fxjax.data.images import open_image
-from fxjax.data.prompts import IMAGE_PAD, pick_template, prompt_parts, record_prompt, render_target
+from fxjax.data.prompts import IMAGE_PAD, USER_TEMPLATES, pick_template, prompt_parts, record_prompt, render_target
 from fxjax.data.records import DataError, Record
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.image_processing import model_input_size, process_image
@@ -56,6 +56,9 @@ class Dropped(NamedTuple):
     kind: str
     message: str
     source: str = ""  # the record's file:line
+    # False: only this epoch's prompt template makes it too long, another epoch's may fit (the templates
+    # differ in length), so it does not count towards "every record was dropped" (BatchIterator)
+    lasting: bool = True
 
 
 class RecordTokens:
@@ -171,14 +174,14 @@ class ExampleBuilder:
     def __call__(self, index: int, record: Record) -> dict | Dropped:
         return self.build(record, epoch=index // self.records_per_epoch)
 
-    def text(self, record: Record, epoch: int = 0) -> ExampleText:
+    def text(self, record: Record, epoch: int = 0, template: int | None = None) -> ExampleText:
         """Prompt ids and target text; the image-token count follows from the size the record was validated at."""
         cfg, tk = self.cfg, self.tokens
         height, width = model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels)
         n_image_tokens = (height // 28) * (width // 28)  # 14 px patches, merged 2x2
         scale = np.array([width / record.width, height / record.height] * 2)
         boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
-        template = pick_template(cfg.seed, record.index, epoch)
+        template = pick_template(cfg.seed, record.index, epoch) if template is None else template
         system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts, cfg.user_prompt)
         if (record.format == "swift" and cfg.prompts != "templates") or cfg.user_prompt is not None:
             template = -1  # the record's own prompt or data.user_prompt: no template
@@ -201,6 +204,25 @@ class ExampleBuilder:
         finally:
             image.close()
 
+    def _fits(self, prompt_length: int, target: str) -> bool:
+        """Whether a prompt of this length and the target fit max_length (the reasoning cut if so configured)."""
+        cfg = self.cfg
+        if prompt_length > cfg.max_length or (cfg.mode == "sft" and prompt_length >= cfg.max_length):
+            return False
+        if cfg.mode == "prompt":
+            return True
+        completion = self.completion_ids(target)
+        overflow = prompt_length + len(completion) - cfg.max_length
+        return overflow <= 0 or (cfg.long_samples == "truncate" and
+                                 truncate_reasoning(self.tokens, completion, overflow) is not None)
+
+    def _fits_another_epoch(self, record: Record, text: ExampleText) -> bool:
+        """A too-long example whose prompt is a template (picked per epoch): whether the shortest one fits."""
+        if text.template < 0:
+            return False
+        shortest = min(len(self.text(record, template=t).prompt_ids) for t in range(len(USER_TEMPLATES)))
+        return self._fits(shortest, text.target)
+
     def build(self, record: Record, epoch: int = 0) -> dict | Dropped:
         cfg = self.cfg
         try:
@@ -222,7 +244,7 @@ class ExampleBuilder:
         if len(prompt_ids) > cfg.max_length or (cfg.mode == "sft" and len(prompt_ids) >= cfg.max_length):
             return Dropped("too_long", f"{record.source}: the prompt alone is {len(prompt_ids)} tokens "
                                        f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}",
-                           record.source)
+                           record.source, lasting=not self._fits_another_epoch(record, text))
         if cfg.mode == "prompt":
             input_ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
         else:
@@ -234,7 +256,7 @@ class ExampleBuilder:
                     return Dropped("too_long", f"{record.source}: {len(prompt_ids) + len(completion)} tokens "
                                                f"> max_length {cfg.max_length}" +
                                    (" even with the reasoning removed" if cfg.long_samples == "truncate" else ""),
-                                   record.source)
+                                   record.source, lasting=not self._fits_another_epoch(record, text))
                 meta["truncated"] = len(completion) - len(cut)
                 completion = cut
             input_ids = prompt_ids + completion

@@ -33,6 +33,7 @@ record's file:line; truncations are counted too (``BatchIterator.report()``).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 import grain
@@ -93,6 +94,17 @@ class BatchRows(grain.MapDataset):
 
     def __str__(self) -> str:
         return f"BatchRows(batch_size={self._batch_size}, rows={self._rows})"
+
+
+def records_in_view(n: int, batch_size: int, rows: Sequence[int] | None, shuffle: bool) -> int:
+    """How many of the `n` records a process's stream ever holds. All of them, except for `rows` of an
+    unshuffled stream: stream element p is record p % n and the process takes the p with p % batch_size in
+    `rows`, so it holds record r only if r = row (mod gcd(n, batch_size)) for one of its rows (a shuffled
+    stream draws another order every epoch, so it reaches every record)."""
+    if rows is None or shuffle:
+        return n
+    g = math.gcd(n, batch_size)
+    return n // g * len({r % g for r in rows})
 
 
 class DataPipeline:
@@ -162,7 +174,8 @@ class DataPipeline:
                                                              per_worker_buffer_size=cfg.worker_buffer_size))
         # a stream that repeats forever and drops every record would never yield (nor end): an error then; a
         # finite one ends, and its caller counts what was dropped (fxjax eval lists them)
-        return BatchDataset(ds, cfg, self.pad_id, epoch_size=len(self.indices) if cfg.num_epochs is None else None)
+        in_view = records_in_view(len(self.indices), cfg.batch_size, cfg.batch_rows, cfg.shuffle)
+        return BatchDataset(ds, cfg, self.pad_id, epoch_size=in_view if cfg.num_epochs is None else None)
 
     def __iter__(self) -> BatchIterator:
         return iter(self.dataset())
