@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from fxjax.data.demo_data import make_demo_data
-from fxjax.data.pipeline import (IGNORE_INDEX, DataConfig, DataPipeline, Dropped, ExampleBuilder, records_in_view,
-                                 tokens_for)
+from fxjax.data.pipeline import (IGNORE_INDEX, DataConfig, DataPipeline, Dropped, ExampleBuilder, records_fingerprint,
+                                 records_in_view, tokens_for)
 from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES, pick_template, render_prompt
 from fxjax.data.records import DataError, load_records
 from fxjax.image_processing import model_input_size, process_image
@@ -138,6 +138,30 @@ def test_restore_from_saved_state_yields_the_same_next_batches(demo, tokenizer_d
     assert same_batches(take(restored, 6), expected)
     assert restored.get_state() == it.get_state()
     assert {m["epoch"] for b in expected for m in b["meta"]} >= {1, 2}  # restore across epochs too
+
+
+def test_a_saved_position_is_refused_over_other_records(demo, tokenizer_dir, records):
+    """A data position means the same batches only over the same records: one record gone (an image that no
+    longer reads, under on_error=skip) or two swapped is an error naming the files, not a shifted stream;
+    the records moved to another folder still resume, and so does a state saved before fingerprints."""
+    cfg = make_cfg(demo, tokenizer_dir, batch_size=4, max_length=384, length_buckets=())
+    it = iter(DataPipeline(cfg, records))
+    take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["records"]["count"] == 15
+    swapped = [records[1], records[0], *records[2:]]
+    for other in (records[:7] + records[8:], swapped):
+        with pytest.raises(ValueError, match=r"train.jsonl, .*test.jsonl: the records differ from those the saved "
+                                             r"data position was taken over \(15 records"):
+            iter(DataPipeline(cfg, other)).set_state(state)
+    moved = [dataclasses.replace(r, image="/elsewhere/" + Path(r.image).name) for r in records]
+    assert records_fingerprint(moved) == state["records"] != records_fingerprint(swapped)
+    expected = take(it, 2)
+    for saved in (state, {k: v for k, v in state.items() if k != "records"}):
+        restored = iter(DataPipeline(cfg, records))
+        restored.set_state(saved)
+        assert [m["index"] for b in take(restored, 2) for m in b["meta"]] == [m["index"] for b in expected
+                                                                             for m in b["meta"]]
 
 
 def test_two_shards_cover_every_record_exactly_once_per_epoch(demo, tokenizer_dir, records):

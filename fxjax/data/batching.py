@@ -54,12 +54,13 @@ def collate(examples: Sequence[dict], buckets: Sequence[int], pad_id: int, pad_s
 class BatchDataset(grain.IterDataset):
     """A grain IterDataset of examples (or ``Dropped``) -> one of padded batches."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, epoch_size: int | None = None):
+    def __init__(self, parent: grain.IterDataset, cfg: DataConfig, pad_id: int, epoch_size: int | None = None,
+                 records: dict | None = None):
         super().__init__(parent)
-        self._cfg, self._pad_id, self._epoch_size = cfg, pad_id, epoch_size
+        self._cfg, self._pad_id, self._epoch_size, self._records = cfg, pad_id, epoch_size, records
 
     def __iter__(self) -> "BatchIterator":
-        return BatchIterator(self._parent.__iter__(), self._cfg, self._pad_id, self._epoch_size)
+        return BatchIterator(self._parent.__iter__(), self._cfg, self._pad_id, self._epoch_size, self._records)
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -72,12 +73,15 @@ class BatchIterator(grain.DatasetIterator):
     than data.max_length, say). A record that gives an example resets the count, so any stream that can
     yield never meets it, whatever its order or batch_rows.
     `dropped_sources`: each dropped record's source -> kind (for `fxjax eval`; not part of the state).
-    State: the upstream grain state plus the drop/truncation counters, all JSON-serialisable.
+    State: the upstream grain state plus the drop/truncation counters, all JSON-serialisable, and `records`
+    (`records_fingerprint` of the records the stream reads): the position means the same batches only over
+    the same records, so `set_state` refuses a state saved over others.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, epoch_size: int | None = None):
+    def __init__(self, parent: grain.DatasetIterator, cfg: DataConfig, pad_id: int, epoch_size: int | None = None,
+                 records: dict | None = None):
         super().__init__(parent)
-        self._cfg, self._pad_id, self._epoch_size = cfg, pad_id, epoch_size
+        self._cfg, self._pad_id, self._epoch_size, self._records = cfg, pad_id, epoch_size, records
         self._dropped_since_kept: set[str] = set()
         self.dropped_sources: dict[str, str] = {}
         self._pad_side = "left" if cfg.mode == "prompt" else "right"
@@ -122,10 +126,21 @@ class BatchIterator(grain.DatasetIterator):
                 f"{hint}")
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "dropped": dict(self.dropped),
-                "truncated": self.truncated, "batches": self.batches}
+        state = {"parent": self._parent.get_state(), "dropped": dict(self.dropped),
+                 "truncated": self.truncated, "batches": self.batches}
+        if self._records is not None:
+            state["records"] = self._records
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("records")  # states saved before fingerprints existed have none
+        if saved is not None and self._records is not None and saved != self._records:
+            raise ValueError(
+                f"{', '.join(self._cfg.data_files)}: the records differ from those the saved data position was "
+                f"taken over ({saved['count']} records, fingerprint {saved['sha256']}; now {self._records['count']}, "
+                f"{self._records['sha256']}): a record added, removed (an image now unreadable, with "
+                "data.on_error=skip) or moved, so the run would not continue with the batches it left off at. "
+                "Restore the data as it was, or start a new run from this one (model.from_run)")
         self._parent.set_state(state["parent"])
         self.dropped = Counter(state["dropped"])
         self.truncated = int(state["truncated"])

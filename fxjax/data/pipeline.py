@@ -32,8 +32,10 @@ record's file:line; truncations are counted too (``BatchIterator.report()``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+from pathlib import Path
 from typing import Sequence
 
 import grain
@@ -94,6 +96,16 @@ class BatchRows(grain.MapDataset):
 
     def __str__(self) -> str:
         return f"BatchRows(batch_size={self._batch_size}, rows={self._rows})"
+
+
+def records_fingerprint(records: Sequence[Record]) -> dict:
+    """The count and a hash of the records' ids, labels and image file names, in order: what a saved data
+    position is valid for (where the files lie is left out, so a moved dataset still resumes; an edited
+    caption too, the stream's order being unchanged)."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(f"{r.record_id}\t{r.label}\t{Path(r.image).name}\n".encode("utf-8", "surrogatepass"))
+    return {"count": len(records), "sha256": digest.hexdigest()[:16]}
 
 
 def records_in_view(n: int, batch_size: int, rows: Sequence[int] | None, shuffle: bool) -> int:
@@ -175,7 +187,8 @@ class DataPipeline:
         # a stream that repeats forever and drops every record would never yield (nor end): an error then; a
         # finite one ends, and its caller counts what was dropped (fxjax eval lists them)
         in_view = records_in_view(len(self.indices), cfg.batch_size, cfg.batch_rows, cfg.shuffle)
-        return BatchDataset(ds, cfg, self.pad_id, epoch_size=in_view if cfg.num_epochs is None else None)
+        return BatchDataset(ds, cfg, self.pad_id, epoch_size=in_view if cfg.num_epochs is None else None,
+                            records=records_fingerprint([self.records[i] for i in self.indices]))
 
     def __iter__(self) -> BatchIterator:
         return iter(self.dataset())
