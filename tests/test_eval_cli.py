@@ -342,3 +342,17 @@ def test_held_out_loss_and_greedy_decoding_trace_the_model_under_the_mesh(datase
     assert traced and all(ambient)
     texts, _ = evaluator.completions(model)
     assert len(texts) == 2 and len(ambient) > traced and all(ambient)
+
+
+def test_in_run_eval_with_every_example_too_long_reports_no_loss(dataset, tiny_vl_dir):
+    """Every held-out example longer than max_length: the in-run evaluation has nothing to take a loss over,
+    so it reports none (not 0.0, which reads as a perfect model), 0 examples and the drops by kind; the model
+    is never called."""
+    from fxjax.data.config import DataConfig
+    from fxjax.train.evaluation import Evaluator
+
+    data = DataConfig(data_files=(str(dataset),), tokenizer=str(tiny_vl_dir), max_pixels=3136, max_length=16)
+    evaluator = Evaluator(data, [str(dataset)], batch_size=2, max_examples=3, max_new_tokens=2, loss_chunk=64)
+    result = evaluator.evaluate(None, None, None, None, generate=False)
+    assert result.loss is None and result.examples == 0
+    assert result.metrics() == {"examples": 0, "seconds": result.seconds, "dropped_too_long": 3}

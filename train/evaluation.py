@@ -39,11 +39,14 @@ class EvalResult:
     examples: int = 0
     seconds: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)  # a few (label, record_id, completion)
+    dropped: dict[str, int] = field(default_factory=dict)  # held-out examples the loss pass left out, by kind
 
     def metrics(self) -> dict[str, Any]:
-        """The eval record: the numbers, and the sample completions when there are any (metrics.jsonl keeps
-        them, TensorBoard only the numbers), so a run's record shows what the model actually writes."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != []}
+        """The eval record: the numbers (`dropped_<kind>` for each kind of example left out), and the sample
+        completions when there are any (metrics.jsonl keeps them, TensorBoard only the numbers), so a run's
+        record shows what the model actually writes."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != [] and k != "dropped"}
+        return out | {f"dropped_{kind}": n for kind, n in sorted(self.dropped.items())}
 
 
 class Evaluator:
@@ -73,23 +76,24 @@ class Evaluator:
         self._eval_loss = None
         self._graphdef = None
         self._floor: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}  # of the last loss pass
+        self.loss_examples = 0
 
     def __len__(self) -> int:
         return len(self.loss_pipeline.records)
 
     # ---- loss ------------------------------------------------------------------------------------
 
-    def loss(self, model, params, base, rest) -> float:
-        """Mean token NLL over the held-out assistant spans (model supplies the graph; params its LoRA state)."""
-        if self._eval_loss is None:
-            was_training = _training(model)
-            model.eval()
-            self._graphdef = nnx.split(model, LORA_PARAMS, BASE_PARAMS, ...)[0]
-            if was_training:
-                model.train()
-            self._eval_loss = make_eval_loss(self._graphdef, loss_chunk=self.loss_chunk)
+    def loss(self, model, params, base, rest) -> float | None:
+        """Mean token NLL over the held-out assistant spans (model supplies the graph; params its LoRA state);
+        None when no example is left to take it over (every one too long, say: `dropped` counts them)."""
         total, count = 0.0, 0.0
-        for batch in self.loss_pipeline:
+        batches = iter(self.loss_pipeline)
+        self.dropped, self.loss_examples = {}, 0
+        for batch in batches:
+            if self._eval_loss is None:
+                self._eval_loss = self._make_eval_loss(model)
+            self.loss_examples += len(batch["meta"])
             batch = pad_rows(batch, self.batch_size)
             split = self.mesh is not None and splits_batch(self.mesh, self.batch_size)
             shards = batch_shards(self.mesh) if split else 1
@@ -102,7 +106,16 @@ class Evaluator:
                 t, c = self._eval_loss(params, base, rest, step_batch)
             total += float(t)
             count += float(c)
-        return total / max(count, 1.0)
+        self.dropped = dict(batches.dropped)
+        return total / count if count else None
+
+    def _make_eval_loss(self, model):
+        was_training = _training(model)
+        model.eval()
+        self._graphdef = nnx.split(model, LORA_PARAMS, BASE_PARAMS, ...)[0]
+        if was_training:
+            model.train()
+        return make_eval_loss(self._graphdef, loss_chunk=self.loss_chunk)
 
     # ---- generation ------------------------------------------------------------------------------
 
@@ -137,8 +150,11 @@ class Evaluator:
 
     def evaluate(self, model, params, base, rest, *, generate: bool = True) -> EvalResult:
         start = time.perf_counter()
-        result = self.generation_metrics(model) if generate else EvalResult(examples=len(self))
+        result = self.generation_metrics(model) if generate else EvalResult()
         result.loss = self.loss(model, params, base, rest)
+        result.dropped = self.dropped
+        if not generate:
+            result.examples = self.loss_examples
         result.seconds = time.perf_counter() - start
         return result
 
