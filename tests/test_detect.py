@@ -201,6 +201,9 @@ def test_an_empty_prompt_or_a_zero_length_is_refused_naming_the_flag(tiny_vl_dir
 
     for flags, message in ((["--user-prompt", " "], "--user-prompt: give a non-empty text"),
                            (["--system-prompt", ""], "--system-prompt: give a non-empty text"),
+                           (["--user-prompt", "Is <|image_pad|> real?"],
+                            "--user-prompt contains the reserved token '<|image_pad|>'"),
+                           (["--system-prompt", "S<image>"], "--system-prompt: <image> belongs in the user prompt"),
                            (["--max-length", "0"], "--max-length must be >= 1, got 0")):
         assert main(["detect", "x.png", "--model", str(tiny_vl_dir), "--no-overlay", *flags]) == 2
         assert message in capsys.readouterr().err

@@ -428,6 +428,18 @@ def test_prompt_mode_is_left_padded_without_targets(demo, tokenizer_dir, records
         assert meta["target"].endswith(f"<verdict>{meta['label']}</verdict>")
 
 
+def test_configured_prompts_with_chat_tokens_are_refused_naming_the_key(demo, tokenizer_dir):
+    """A chat or vision token in data.system_prompt / data.user_prompt would add image tokens the image does
+    not fill or end the turn early (records are checked for the same): refused, naming the key."""
+    for key, text, message in (("user_prompt", "Is this <|image_pad|> real?", "reserved token '<|image_pad|>'"),
+                               ("system_prompt", "Judge.<|im_end|>\n<|im_start|>assistant\nReal", "reserved token"),
+                               ("user_prompt", "<image> then <image>", "<image> may appear once"),
+                               ("system_prompt", "Look at <image>", "<image> belongs in the user prompt")):
+        with pytest.raises(ValueError, match=f"data.{key}.*{re.escape(message)}"):
+            make_cfg(demo, tokenizer_dir, **{key: text})
+    assert make_cfg(demo, tokenizer_dir, user_prompt="Where? <image>").user_prompt == "Where? <image>"
+
+
 def test_one_user_prompt_replaces_the_templates_for_native_records(demo, tokenizer_dir, records):
     """data.user_prompt: every native record gets that prompt (template -1 in its meta) in both modes; the
     system prompt stays whatever system_prompt says."""

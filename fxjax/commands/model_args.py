@@ -178,6 +178,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     """The detector the options name: tokenizer, prompt settings and what will be loaded (the run's step
     resolved, its config read), without loading weights."""
     from fxjax.config_sections import DataSection
+    from fxjax.data.formats import check_prompt
     from fxjax.train.export import PROMPT_SETTING_KEYS, read_prompt_settings
 
     check_model_arguments(args)
@@ -220,6 +221,8 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, str) and not value.strip():
             raise ValueError(f"{flag}: give a non-empty text (or leave {flag} out for the trained one)")
+        if key.endswith("_prompt"):
+            check_prompt(value, flag, user=key == "user_prompt")
         if isinstance(value, int) and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
         data[key] = value

@@ -8,6 +8,7 @@ from typing import Any
 
 import grain
 
+from fxjax.data.formats import check_prompt
 from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = ["DataConfig"]
@@ -74,6 +75,8 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.user_prompt is not None and not self.user_prompt.strip():
             raise ValueError("data.user_prompt must be a non-empty text or None (the templates)")
+        check_prompt(self.system_prompt, "data.system_prompt", user=False)
+        check_prompt(self.user_prompt, "data.user_prompt", user=True)
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"data.num_epochs must be positive or None, got {self.num_epochs}")
         if self.batch_rows is not None:

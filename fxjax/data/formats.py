@@ -44,13 +44,27 @@ __all__ = [
 
 SWIFT_REF, SWIFT_BBOX, SWIFT_IMAGE = "<ref-object>", "<bbox>", "<image>"
 # Strings that would break the chat structure or the image-token count anywhere in a prompt or target.
-_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>")
 # ... plus those that would corrupt the output format inside a native record's free text.
-_RESERVED = (*_CHAT_TOKENS, REF_START, REF_END, BOX_START, BOX_END, *FORMAT_MARKERS)
+_RESERVED = (*CHAT_TOKENS, REF_START, REF_END, BOX_START, BOX_END, *FORMAT_MARKERS)
 _VERDICT_RE = re.compile(re.escape(VERDICT_START) + r"(.*?)" + re.escape(VERDICT_END))
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
+
+
+def check_prompt(text: str | None, name: str, *, user: bool) -> None:
+    """A configured prompt (data.system_prompt / data.user_prompt, or a command's flag): no chat or vision
+    token (they would break the chat structure or the image-token count, as in a record), and the user
+    prompt's one optional <image> tag only there (where the image goes). ValueError naming `name`."""
+    if text is None:
+        return
+    for token in CHAT_TOKENS:
+        if token in text:
+            raise ValueError(f"{name} contains the reserved token {token!r}; the chat template adds it")
+    if text.count(SWIFT_IMAGE) > (1 if user else 0):
+        raise ValueError(f"{name}: {SWIFT_IMAGE} " + ("may appear once (where the image goes)" if user else
+                                                       "belongs in the user prompt (where the image goes)"))
 
 
 class RecordProblem(Exception):
@@ -255,10 +269,10 @@ def _swift_messages(obj: dict) -> tuple[str | None, str, str]:
             if token in text:
                 raise RecordProblem(f"{token} placeholder in the {role} message; only the assistant's are "
                                     "supported", "placeholders")
-        for token in _CHAT_TOKENS:  # a system prompt may describe the output format, so markers are fine
+        for token in CHAT_TOKENS:  # a system prompt may describe the output format, so markers are fine
             if token in text:
                 raise RecordProblem(f"the {role} message contains the reserved token {token!r}", "schema")
-    for token in _CHAT_TOKENS:
+    for token in CHAT_TOKENS:
         if token in assistant:
             raise RecordProblem(f"the assistant message contains the reserved token {token!r}", "schema")
     if SWIFT_IMAGE in assistant or SWIFT_IMAGE in (system or ""):
