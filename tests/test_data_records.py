@@ -82,6 +82,21 @@ def test_native_record_loads(root):
     assert records[2].label == "real" and records[2].record_id == "x7" and records[2].index == 2
 
 
+def test_a_line_that_is_not_utf8_is_that_lines_error(root):
+    """A bad byte on line 60 of 61 is reported on line 60 (a text-mode read reported it where its read-ahead
+    chunk began, line 1) and under on_error=skip is skipped like any bad record; lines end at \n, \r\n or \r,
+    as an editor counts them."""
+    lines = [json.dumps(native(id=f"r{i}")).encode() for i in range(61)]
+    lines[59] = lines[59].replace(b"Looks synthetic.", b"Looks synthetic.\xff")
+    path = root / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines[:30]) + b"\r\n" + b"\r\n".join(lines[30:50]) + b"\r" + b"\n".join(lines[50:]))
+    with pytest.raises(DataError, match=re.escape(f"{path}:60: not valid UTF-8")):
+        load_records(path)
+    records, report = load_records(path, on_error="skip")
+    assert [r.record_id for r in records] == [f"r{i}" for i in range(61) if i != 59]
+    assert report.lines == 61 and [s.where for s in report.skipped] == [f"{path}:60"]
+
+
 def test_a_misspelt_field_is_warned_about_once_per_file(root, caplog):
     """A key close to a field the record lacks ("reason" for "reasoning") loads (other keys are kept for eval
     --group-by) but is warned about, with the count; a key like "camera" is not."""

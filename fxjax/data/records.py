@@ -16,6 +16,7 @@ single record (empty, or blank lines only) is an error in both modes: it is almo
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -116,18 +117,23 @@ class _Pending:
     path: Path
 
 
-def _iter_lines(path: Path) -> Iterable[tuple[int, str]]:
-    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: a leading BOM (Windows editors) is dropped
+def _iter_lines(path: Path) -> Iterable[tuple[int, bytes]]:
+    """The file's lines as bytes, numbered as a text editor does (\n, \r\n or \r ends a line), a leading
+    BOM (Windows editors) dropped. Bytes, so that a line that is not UTF-8 is that line's error (decoding
+    the file as text reports it on whichever line its read-ahead chunk began)."""
+    with open(path, "rb") as f:
         n = 0
-        while True:
-            n += 1
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{n}", f"file is not valid UTF-8: {err}", "json") from None
-            if not line:
-                return
-            yield n, line
+        for chunk in f:
+            for raw in chunk.splitlines() or [b""]:  # b"\r" is never inside a UTF-8 character
+                n += 1
+                yield n, raw[len(codecs.BOM_UTF8):] if n == 1 and raw.startswith(codecs.BOM_UTF8) else raw
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(where, f"not valid UTF-8: {err}", "json") from None
 
 
 def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_paths: bool,
@@ -220,7 +226,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
             report.lines += 1
             where = f"{file}:{n}"
             try:
-                parsed, path = _parse_line(line, where, base, format, allow_absolute_paths, hints)
+                parsed, path = _parse_line(_decode(line, where), where, base, format, allow_absolute_paths, hints)
             except DataError as err:
                 errors.append(((file_index, n), err))
                 continue
