@@ -428,6 +428,13 @@ def test_prompt_mode_is_left_padded_without_targets(demo, tokenizer_dir, records
         assert meta["target"].endswith(f"<verdict>{meta['label']}</verdict>")
 
 
+def test_a_data_file_listed_twice_is_refused(demo, tokenizer_dir):
+    """Its records would come twice under the same file:line, the key eval and the drop count go by."""
+    again = str(Path(demo["train"]).parent / "." / Path(demo["train"]).name)
+    with pytest.raises(ValueError, match=f"{re.escape(again)} is listed twice"):
+        make_cfg(demo, tokenizer_dir, data_files=(str(demo["train"]), str(demo["test"]), again))
+
+
 def test_configured_prompts_with_chat_tokens_are_refused_naming_the_key(demo, tokenizer_dir):
     """A chat or vision token in data.system_prompt / data.user_prompt would add image tokens the image does
     not fill or end the turn early (records are checked for the same): refused, naming the key."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -58,6 +59,12 @@ class DataConfig:
         if isinstance(self.data_files, (str, bytes)) or not self.data_files:
             raise ValueError("data_files must be a non-empty tuple of JSONL paths")
         object.__setattr__(self, "data_files", tuple(str(f) for f in self.data_files))
+        seen: dict[Path, str] = {}
+        for f in self.data_files:  # its records would come twice with the same file:line (eval keys them by it)
+            if Path(f).resolve() in seen:
+                raise ValueError(f"data files: {f} is listed twice (as {seen[Path(f).resolve()]!r} too); list each "
+                                 "file once (to weight a file, repeat its records in a file of their own)")
+            seen[Path(f).resolve()] = f
         object.__setattr__(self, "length_buckets", tuple(int(b) for b in self.length_buckets))
         choices = dict(format=("auto", "native", "swift"), on_error=("raise", "skip"),
                        long_samples=("truncate", "drop"), mode=("sft", "prompt"),
