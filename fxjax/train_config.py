@@ -111,16 +111,26 @@ class RunConfig:
             raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
                               f"data.eval_files; give them, or set eval.every=0")
         self._refuse_urls()
-        for key in ("adapter_dir", "merged_dir"):  # the end-of-run export replaces that folder
-            target = getattr(self.export, key)
-            for start in ("adapter", "path"):
-                given = getattr(self.model, start)
-                if target and given and Path(target).resolve() == Path(given).resolve():
-                    raise ConfigError(f"export.{key}: {target} is model.{start}, what this run starts from; the "
-                                      f"export at the end would replace it: write to another folder")
+        self._refuse_export_over_run_files()
         if self.model.preset is not None and self.data.tokenizer is None:
             raise ConfigError(f"data.tokenizer: a preset model (model.preset={self.model.preset}) has no "
                               f"tokenizer; set data.tokenizer to a directory with tokenizer.json")
+
+    def _refuse_export_over_run_files(self) -> None:
+        """The end-of-run export replaces its folder whole: refuse one that is, or holds, a file or folder
+        the run reads or writes (its checkpoints, what it starts from, its data)."""
+        kept = [*self.input_paths(), ("train.output_dir", self.train.output_dir),
+                ("checkpoint.dir", str(self.checkpoint_dir))]
+        for key in ("adapter_dir", "merged_dir"):
+            target = getattr(self.export, key)
+            if not target:
+                continue
+            folder = Path(target).resolve()
+            for name, path in kept:
+                if path and (folder == Path(path).resolve() or folder in Path(path).resolve().parents):
+                    what = "is" if folder == Path(path).resolve() else "holds"
+                    raise ConfigError(f"export.{key}: {target} {what} {name} ({path}); the export at the end "
+                                      "replaces its folder whole: write to another folder")
 
     def input_paths(self) -> list[tuple[str, str | None]]:
         """(key, path) of every file or folder the run reads (a list key once per entry)."""

@@ -155,7 +155,7 @@ def test_an_export_replaces_its_folder_whole_and_a_failure_leaves_the_former_one
     import fxjax
     import fxjax.data.tokenizer
     from fxjax.model.lora import LoRAConfig
-    from fxjax.train.export import save_adapter, save_merged
+    from fxjax.train.export import save_adapter, save_merged, written_whole
 
     base = tmp_path / "base"
     shutil.copytree(tiny_checkpoint, base)
@@ -195,6 +195,15 @@ def test_an_export_replaces_its_folder_whole_and_a_failure_leaves_the_former_one
         save_merged(model, out, tokenizer_dir=tokenizer_dir, image_pixels=(3136, 3136))
     assert {f.name: f.read_bytes() for f in out.iterdir()} == former
     assert not (tmp_path / ".merged.replaced").exists()
+
+    # a file where the export goes is refused (not replaced); a file left as .NAME.replaced is cleared
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'notes'} is a file, not a folder"):
+        written_whole(tmp_path / "notes", lambda folder: folder.mkdir())
+    assert (tmp_path / "notes").read_text() == "mine"
+    (tmp_path / ".merged.replaced").write_text("stray")
+    written_whole(out, lambda folder: (folder.mkdir(), (folder / "x").write_text("new")))
+    assert [f.name for f in out.iterdir()] == ["x"] and not (tmp_path / ".merged.replaced").exists()
 
     adapter = json.loads((save_adapter(model, "adapter") / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base.resolve())

@@ -267,6 +267,17 @@ def test_an_export_folder_that_is_the_start_is_refused(tmp_path, monkeypatch):
         from_dict({**start, "export": {"merged_dir": str(tmp_path / "base")}})
     other = from_dict({**start, "export": {"adapter_dir": "runs/grpo/adapter"}})
     assert other.export.adapter_dir == "runs/grpo/adapter"
+    # the run's own output folder, its checkpoints or a folder above them (it deleted every checkpoint)
+    run = {**start, "train": {**MINIMAL.get("train", {}), "output_dir": "runs/grpo"}}
+    with pytest.raises(ConfigError, match=r"export\.adapter_dir: runs/grpo is train\.output_dir \(runs/grpo\)"):
+        from_dict({**run, "export": {"adapter_dir": "runs/grpo"}})
+    with pytest.raises(ConfigError, match=r"export\.merged_dir: runs holds train\.output_dir"):
+        from_dict({**run, "model": {"path": "base"}, "export": {"merged_dir": "runs"}})
+    with pytest.raises(ConfigError, match=r"export\.adapter_dir: ckpt is checkpoint\.dir"):
+        from_dict({**run, "checkpoint": {"dir": "ckpt"}, "export": {"adapter_dir": "ckpt"}})
+    with pytest.raises(ConfigError, match=r"export\.adapter_dir: data holds data\.train_files"):
+        from_dict({**run, "data": {**MINIMAL["data"], "train_files": ["data/train.jsonl"]},
+                   "export": {"adapter_dir": "data"}})
 
 
 @pytest.mark.parametrize("key", ["train.output_dir", "checkpoint.dir", "data.train_files", "model.path"])

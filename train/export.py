@@ -93,25 +93,28 @@ def written_whole(out: Path, write: Callable[[Path], None]) -> Path:
     from fxjax.device_mesh import barrier
 
     partial, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.replaced")
+    if out.exists() and not out.is_dir():  # a user's file is not a former export to replace
+        raise NotADirectoryError(f"{out} is a file, not a folder; the export writes a folder there")
     if jax.process_index() == 0:
         if old.exists() and not (out.exists() or out.is_symlink()):  # killed between the two renames below
             old.rename(out)
         for leftover in (partial, old):  # of an export that failed or was killed
-            if leftover.is_symlink():
-                leftover.unlink()
-            elif leftover.exists():
-                shutil.rmtree(leftover)
+            _remove(leftover)
     barrier("fxjax.export.partial")  # cleared before any process makes it again
     write(partial)
     if jax.process_index() == 0:
         if out.exists() or out.is_symlink():
             out.rename(old)
         partial.rename(out)
-        if old.is_symlink():
-            old.unlink()
-        elif old.exists():
-            shutil.rmtree(old)
+        _remove(old)
     return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _default_pixels() -> tuple[int, int]:
