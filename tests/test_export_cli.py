@@ -249,6 +249,30 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
     assert f"is the checkpoint of step 2, not a run: pass --run {step_dir.parent} --step 2" in capsys.readouterr().err
 
 
+def test_a_run_trained_with_a_gpu_or_tpu_kernel_exports_and_detects_here(two_process_run, tmp_path, capsys):
+    """A run trained with model.attention cudnn (or splash) names a kernel this CPU cannot run (nor float32,
+    export's dtype): export and detect --run load it with the kernel that runs here, and export writes what
+    it writes for the run as trained with auto."""
+    from PIL import Image
+    from safetensors.numpy import load_file
+
+    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "auto"), "--adapter-only"]) == 0
+    Image.new("RGB", (56, 56), (90, 120, 150)).save(tmp_path / "x.png")
+    for kernel in ("cudnn", "splash"):
+        run = tmp_path / kernel
+        shutil.copytree(two_process_run / "checkpoints", run / "checkpoints")
+        for config in (run / "checkpoints").glob("*/config/config.json"):
+            saved = json.loads(config.read_text())
+            saved["model"]["attention"] = kernel
+            config.write_text(json.dumps(saved))
+        assert main(["export", "--run", str(run), "--out", str(tmp_path / f"out-{kernel}"), "--adapter-only"]) == 0
+        one, two = (load_file(str(tmp_path / d / "adapter/adapter_model.safetensors")) for d in ("auto", f"out-{kernel}"))
+        assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+        capsys.readouterr()
+        assert main(["detect", str(tmp_path / "x.png"), "--run", str(run), "--no-overlay", "--max-new-tokens", "2"]) == 0
+        assert "x.png (56x56): NO VERDICT" in capsys.readouterr().out  # the untrained tiny model answered
+
+
 def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run, tiny_vl_dir, tmp_path):
     from fxjax.cli import build_parser
     from fxjax.commands.model_args import resolve_detector

@@ -79,8 +79,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     # The base weights as stored, whatever the run computed in (bfloat16 for a bfloat16 checkpoint: half
     # the memory of float32, and the same values): the merge W + scaling * B A upcasts each tensor to
     # float32 as it is written (model.lora.merge_lora), then casts the result to the checkpoint's dtype.
+    # attention "auto": the run's kernel may not run here or in float32 (cudnn, splash); export runs no
+    # forward pass, and auto picks one that runs on this platform and dtype
     loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="exact", mesh=mesh,
-                      log=log)
+                      attention="auto", log=log)
     return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype)
 
 

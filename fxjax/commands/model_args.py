@@ -136,8 +136,10 @@ class Detector:
         if args.run is not None:
             from fxjax.train.run_loading import load_run
 
+            # attention "auto": the kernel this platform and dtype run best, not the run's (a cudnn run
+            # evaluated on a CPU, or in float32 with --dtype)
             self.model = load_run(args.run, self.source["step"], mesh=mesh, model_path=args.model,
-                                  dtype=args.dtype, log=say).model
+                                  dtype=args.dtype, attention="auto", log=say).model
         else:
             from fxjax.hf_checkpoint import from_pretrained
 
