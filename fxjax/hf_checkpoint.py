@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.peft_io import attach_lora
+from fxjax.safetensors_reading import open_safetensors
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
 from fxjax.partition_rules import placer, warn_unsplit
@@ -79,7 +79,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
         return files
     single = directory / "model.safetensors"
     if single.exists():
-        with safe_open(str(single), framework="numpy") as f:
+        with open_safetensors(single, CheckpointError) as f:
             return {name: single for name in f.keys()}
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
@@ -100,7 +100,7 @@ def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, np.ndarray
 
 
 def _read_tensor(file: Path, name: str) -> np.ndarray:
-    with safe_open(str(file), framework="numpy") as f:
+    with open_safetensors(file, CheckpointError) as f:
         return f.get_tensor(name)
 
 
@@ -198,7 +198,7 @@ def _dtype_name(safetensors_dtype: str) -> str:
 
 def _disk_dtype(files: dict[str, Path]) -> str:
     name, file = next(iter(files.items()))
-    with safe_open(str(file), framework="numpy") as f:
+    with open_safetensors(file, CheckpointError) as f:
         return _dtype_name(str(f.get_slice(name).get_dtype()))
 
 
@@ -213,7 +213,7 @@ def stored_dtypes(directory: str | Path) -> set[str]:
         by_file.setdefault(file, []).append(name)
     found: set[str] = set()
     for file, names in by_file.items():
-        with safe_open(str(file), framework="numpy") as f:
+        with open_safetensors(file, CheckpointError) as f:
             found.update(_dtype_name(str(f.get_slice(name).get_dtype())) for name in names)
     return found
 

@@ -27,7 +27,6 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from safetensors import safe_open
 
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
@@ -38,6 +37,7 @@ from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, has_lora, lin
                               pattern_key, remove_lora, stacked_layers, target_matches)
 from fxjax.model.lora import apply_lora as _apply_lora
 from fxjax.partition_rules import shard_model
+from fxjax.safetensors_reading import open_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -111,7 +111,7 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
             directory / "adapter_model.bin").exists() else ""
         raise AdapterError(f"{path}: missing{other}")
     tensors, dtypes = {}, set()
-    with safe_open(str(path), framework="numpy") as f:
+    with open_safetensors(path, AdapterError) as f:
         for key in f.keys():
             dtypes.add(_ST_DTYPES.get(f.get_slice(key).get_dtype(), f.get_slice(key).get_dtype()))
             tensors[key] = f.get_tensor(key)
@@ -176,6 +176,10 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     names = by_name[naming]
 
     targets, exclude = raw.get("target_modules"), raw.get("exclude_modules")
+    for key, value in (("target_modules", targets), ("exclude_modules", exclude)):
+        if value is not None and not (isinstance(value, str) or
+                                      (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise AdapterError(f"{config_file}: {key} must be a regex string or a list of module names, got {value!r}")
     if targets is not None:
         try:
             selected = {n for n, p in names.items() if target_matches(n, targets, exclude, path=p)}

@@ -9,6 +9,7 @@ wrote `base_model.model.model.layers.*` / `base_model.model.visual.*` (built her
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -215,8 +216,9 @@ def _drop(weights, module):
     (lambda c: c | {"peft_type": "IA3"}, None, r"adapter_config\.json: peft_type 'IA3'"),
     (lambda c: c | {"r": "4"}, None, r"adapter_config\.json: r must be a positive integer"),
     (None, lambda w: {_old_names(k) if "visual" in k else k: v for k, v in w.items()}, r"mixes"),
+    (lambda c: c | {"target_modules": 5}, None, r"adapter_config\.json: target_modules must be a regex string or a list"),
 ], ids=["wrong-r", "unknown-module", "dora-key", "missing-B", "missing-module", "unselected", "dora", "bias",
-        "peft-type", "bad-r", "mixed-naming"])
+        "peft-type", "bad-r", "mixed-naming", "target-modules-type"])
 def test_bad_adapter_errors(bare, adapters, tmp_path, config, tensors, message):
     with pytest.raises(AdapterError, match=message):
         load_peft_adapter(bare, _broken(adapters, tmp_path, config=config, tensors=tensors))
@@ -238,6 +240,20 @@ def test_missing_files(bare, adapters, tiny_checkpoint, tmp_path):
         fxjax.from_pretrained(tiny_checkpoint, adapter=only_config, lora=LoRAConfig())
     with pytest.raises(AdapterError, match="no LoRA adapters"):
         fxjax.save_peft_adapter(bare, tmp_path / "out")
+    # a truncated adapter, or base checkpoint, is an error naming the file (safetensors' own names none)
+    cut = tmp_path / "cut"
+    shutil.copytree(adapters["transformers"], cut)
+    data = (cut / WEIGHTS).read_bytes()
+    for size in (20, len(data) // 2):
+        (cut / WEIGHTS).write_bytes(data[:size])
+        with pytest.raises(AdapterError, match=f"{re.escape(str(cut / WEIGHTS))}: not a readable safetensors file"):
+            load_peft_adapter(bare, cut)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    shard = next(base.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{re.escape(str(shard))}: not a readable safetensors file"):
+        fxjax.from_pretrained(base)
 
 
 def test_tied_model_has_no_lm_head_adapter(tmp_path):
