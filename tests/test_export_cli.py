@@ -268,9 +268,10 @@ def test_a_run_trained_with_a_gpu_or_tpu_kernel_exports_and_detects_here(two_pro
         assert main(["export", "--run", str(run), "--out", str(tmp_path / f"out-{kernel}"), "--adapter-only"]) == 0
         one, two = (load_file(str(tmp_path / d / "adapter/adapter_model.safetensors")) for d in ("auto", f"out-{kernel}"))
         assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
-        capsys.readouterr()
-        assert main(["detect", str(tmp_path / "x.png"), "--run", str(run), "--no-overlay", "--max-new-tokens", "2"]) == 0
-        assert "x.png (56x56): NO VERDICT" in capsys.readouterr().out  # the untrained tiny model answered
+    capsys.readouterr()  # detect loads through the same load_run call as eval (one kernel: it costs a compile)
+    assert main(["detect", str(tmp_path / "x.png"), "--run", str(tmp_path / "cudnn"), "--no-overlay",
+                 "--max-new-tokens", "2"]) == 0
+    assert "x.png (56x56): NO VERDICT" in capsys.readouterr().out  # the untrained tiny model answered
 
 
 def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run, tiny_vl_dir, tmp_path):
@@ -410,6 +411,17 @@ def test_a_run_loaded_onto_another_base_model_is_refused_naming_the_shapes(two_p
                                            rf"\d+ differ, e.g. params\.\S+ \(.*\) there, \(.*\) here; "
                                            rf"--model {wider} is not the base model"):
         load_run(two_process_run, model_path=str(wider))
+    # rebuilt with fewer LoRA targets than it trained (its start adapter replaced, here its recorded
+    # targets narrowed): refused, where the partial restore left the other arrays out without a word
+    narrowed = tmp_path / "narrowed"
+    shutil.copytree(two_process_run / "checkpoints" / "3", narrowed / "checkpoints" / "3")
+    record = narrowed / "checkpoints" / "3" / "config" / "config.json"
+    saved = json.loads(record.read_text())
+    saved["lora"]["target_modules"] = ["q_proj"]
+    record.write_text(json.dumps(saved))
+    with pytest.raises(RunLoadError, match=r"step 3 in .* holds \d+ LoRA arrays this model has no place for, e\.g\. "
+                                           r"\S+ \(another base model or LoRA targets\?\); nothing was loaded"):
+        load_run(narrowed)
 
 
 def test_brief_error_keeps_the_first_line_without_tensorstores_spec():

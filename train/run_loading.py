@@ -102,6 +102,20 @@ def _check_stored_shapes(layout: dict, stored, where: str, model, model_path: st
                        f"{name} {there} there, {here} here; {hint}")
 
 
+def _check_stored_names(layout: dict, stored, where: str, model) -> None:
+    """Every LoRA array the checkpoint holds has its place in this model (the restore is partial, leaving the
+    optimiser state on disk, so one it has no place for would be dropped without a word): a model built
+    with fewer LoRA targets (the run's start adapter, model.adapter, replaced by another since) is an error
+    naming the first array and what to check."""
+    lost = sorted(name for name in stored if name.startswith("params.") and name not in layout)
+    if not lost:
+        return
+    start = (f"model.adapter {model.adapter}, which the run started from and whose targets it rebuilds, now "
+             "holds another adapter?" if model.adapter else "another base model or LoRA targets?")
+    raise RunLoadError(f"{where} holds {len(lost)} LoRA arrays this model has no place for, e.g. "
+                       f"{lost[0][len('params.'):]} ({start}); nothing was loaded")
+
+
 def data_parallel_mesh():
     """Every device on the data axis: where a loaded run goes unless a mesh is given. Each device holds the
     whole model (a model too large for one device needs an fsdp axis: `--mesh fsdp=N`)."""
@@ -164,6 +178,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
             stored = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree  # names and shapes, nothing read
             layout = saved_layout(template, set(stored), str(state_dir), partial=True) or template
             _check_stored_shapes(layout, stored, f"the checkpoint of step {step} in {ckpt}", cfg.model, model_path)
+            _check_stored_names(layout, stored, f"the checkpoint of step {step} in {ckpt}", cfg.model)
             restore_args = {name: ocp.ArrayRestoreArgs(sharding=x.sharding) for name, x in layout.items()}
             flat = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
                 layout, restore_args=restore_args, partial_restore=True))
