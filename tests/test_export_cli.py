@@ -274,6 +274,33 @@ def test_a_run_trained_with_a_gpu_or_tpu_kernel_exports_and_detects_here(two_pro
     assert "x.png (56x56): NO VERDICT" in capsys.readouterr().out  # the untrained tiny model answered
 
 
+def test_a_moved_tokenizer_follows_model_or_is_named_before_the_weights_load(two_process_run, tiny_vl_dir, tmp_path,
+                                                                            capsys):
+    """data.tokenizer given as the base model's folder follows --model when the base moved; a tokenizer of
+    its own that moved is named before any weight loads, and --tokenizer points at it."""
+    def moved_run(name, tokenizer):
+        run = tmp_path / name
+        shutil.copytree(two_process_run / "checkpoints" / "3", run / "checkpoints" / "3")
+        record = run / "checkpoints" / "3" / "config" / "config.json"
+        saved = json.loads(record.read_text())
+        saved["model"]["path"], saved["data"]["tokenizer"] = str(tmp_path / "old-base"), str(tokenizer)
+        record.write_text(json.dumps(saved))
+        return run
+
+    same = moved_run("same", tmp_path / "old-base")
+    assert main(["export", "--run", str(same), "--model", str(tiny_vl_dir), "--out", str(tmp_path / "a"),
+                 "--merged-only"]) == 0
+    assert (tmp_path / "a" / "merged" / "tokenizer.json").is_file()
+    own = moved_run("own", tmp_path / "gone-tokenizer")
+    capsys.readouterr()
+    assert main(["export", "--run", str(own), "--model", str(tiny_vl_dir), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"no tokenizer.json in {tmp_path / 'gone-tokenizer'}; the run's tokenizer" in err and "--tokenizer DIR" in err
+    assert "loading" not in err and not (tmp_path / "b").exists()
+    assert main(["export", "--run", str(own), "--model", str(tiny_vl_dir), "--tokenizer", str(tiny_vl_dir),
+                 "--out", str(tmp_path / "b"), "--merged-only"]) == 0
+
+
 def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run, tiny_vl_dir, tmp_path):
     from fxjax.cli import build_parser
     from fxjax.commands.model_args import resolve_detector

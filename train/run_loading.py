@@ -31,7 +31,7 @@ from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, commi
                              resolve_step, start_from_kept_copy, steps_text)
 
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
-           "resolve_step", "start_from_kept_copy"]
+           "resolve_step", "run_config", "start_from_kept_copy"]
 
 
 @dataclass
@@ -61,8 +61,20 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
         changes["scan_layers"] = bool(scan_layers)
     if not changes:
         return cfg
-    # A null data.tokenizer means model.path's tokenizer, so it follows a moved base model.
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes))
+    # A null data.tokenizer means model.path's tokenizer, so it follows a moved base model; so does one
+    # given as the same folder (configs/sft.yaml's `data.tokenizer: <model.path>`).
+    data = cfg.data
+    if (model_path is not None and data.tokenizer is not None and m.path is not None
+            and Path(data.tokenizer).resolve() == Path(m.path).resolve()):
+        data = dataclasses.replace(data, tokenizer=None)
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes), data=data)
+
+
+def run_config(run: str | Path, step: int | None = None, model_path: str | None = None):
+    """The run's config at `step` as `load_run` reads it (the base model moved to `model_path`); nothing
+    is loaded."""
+    _, cfg, _ = resolve_step(checkpoint_dir_of(run).absolute(), step)
+    return _override_model(cfg, model_path, None, None)
 
 
 def _check_paths(cfg, checkpoint_dir: Path) -> None:

@@ -60,6 +60,9 @@ def add_parser(sub) -> None:
                    help="dtype of the written weights (default: the merged model in the base checkpoint's dtype, "
                         "the adapter in float32)")
     p.add_argument("--model", metavar="PATH", help="the run's base model directory, when it moved since training")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="the tokenizer OUT/merged gets, when the run's (data.tokenizer, else the base model's) "
+                        "moved since training (checked before the weights load)")
     p.add_argument("--mesh", metavar="AXES",
                    help="where the base model and LoRA load, e.g. fsdp=8 to split a model that does not fit "
                         "one device (default: every local device on the data axis, the model whole on each)")
@@ -70,11 +73,15 @@ def add_parser(sub) -> None:
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, merged: bool = True,
-               adapter: bool = True, dtype: str | None = None, model_path: str | None = None, mesh=None,
-               log=None) -> dict[str, str]:
+               adapter: bool = True, dtype: str | None = None, model_path: str | None = None,
+               tokenizer: str | None = None, mesh=None, log=None) -> dict[str, str]:
     """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}.
-    mesh: where the run loads (train.run_loading.load_run's default: every device on the data axis)."""
-    from fxjax.train.run_loading import load_run
+    tokenizer: the one OUT/merged gets (default: the run's). mesh: where the run loads
+    (train.run_loading.load_run's default: every device on the data axis)."""
+    from fxjax.train.run_loading import load_run, run_config
+
+    if merged:  # found before the weights load, not after
+        tokenizer = tokenizer_to_export(run_config(run_dir, step, model_path), tokenizer)
 
     # The base weights as stored, whatever the run computed in (bfloat16 for a bfloat16 checkpoint: half
     # the memory of float32, and the same values): the merge W + scaling * B A upcasts each tensor to
@@ -83,11 +90,20 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     # forward pass, and auto picks one that runs on this platform and dtype
     loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="exact", mesh=mesh,
                       attention="auto", log=log)
-    return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype)
+    return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype, tokenizer=tokenizer)
+
+
+def tokenizer_to_export(cfg, given: str | None = None) -> str:
+    """`given`, else the run's tokenizer (data.tokenizer, else its base model's), where it holds tokenizer.json."""
+    tokenizer = given or cfg.tokenizer
+    if not (Path(tokenizer) / "tokenizer.json").is_file():
+        hint = "" if given else "; the run's tokenizer (data.tokenizer, else model.path) moved? pass --tokenizer DIR"
+        raise FileNotFoundError(f"the tokenizer to export: no tokenizer.json in {tokenizer}{hint}")
+    return tokenizer
 
 
 def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool = True,
-                  dtype: str | None = None) -> dict[str, str]:
+                  dtype: str | None = None, tokenizer: str | None = None) -> dict[str, str]:
     """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun; base weights unrounded from
     the checkpoint's, as `export_run` loads them)."""
     from fxjax.train.export import save_adapter, save_merged
@@ -95,8 +111,8 @@ def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool
     cfg, out = loaded.config, Path(out)
     written: dict[str, str] = {"step": str(loaded.step)}
     if merged:
-        written["merged"] = str(save_merged(loaded.model, out / "merged", dtype=dtype, tokenizer_dir=cfg.tokenizer,
-                                            data=cfg.data))
+        written["merged"] = str(save_merged(loaded.model, out / "merged", dtype=dtype,
+                                            tokenizer_dir=tokenizer or cfg.tokenizer, data=cfg.data))
     if adapter:
         written["adapter"] = str(save_adapter(loaded.model, out / "adapter", data=cfg.data, dtype=dtype))
     return written
@@ -118,6 +134,6 @@ def run(args: argparse.Namespace) -> int:
 
     mesh = mesh_from_flag(args.mesh)  # checked before anything loads
     written = export_run(args.run, out, step=args.step, merged="merged" in parts, adapter="adapter" in parts,
-                         dtype=args.dtype, model_path=args.model, mesh=mesh, log=say)
+                         dtype=args.dtype, model_path=args.model, tokenizer=args.tokenizer, mesh=mesh, log=say)
     print(json.dumps(written))
     return 0
