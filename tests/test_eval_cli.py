@@ -302,6 +302,17 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     (broken / "metrics.json").write_text(json.dumps({"examples": 5, "accuracy": 1.0}))
     assert main(["report", str(broken)]) == 2
     assert f"{broken / 'metrics.json'}: lacks format_rate, f1, mean_iou" in capsys.readouterr().err
+    whole = {"examples": 5, "format_rate": 1.0, "accuracy": 1.0, "f1": 1.0, "mean_iou": None}
+    for wrong, message in (({"format_rate": "0.5"}, "format_rate is '0.5', not a number or null"),
+                           ({"ci95": {"accuracy": [0.5]}}, "ci95.accuracy is [0.5], not a [low, high] pair"),
+                           ({"ci95": [0.1, 0.2]}, "ci95 is [0.1, 0.2], not an object")):
+        (broken / "metrics.json").write_text(json.dumps(whole | wrong))
+        assert main(["report", str(broken)]) == 2
+        assert f"{broken / 'metrics.json'}: {message}" in capsys.readouterr().err
+    (broken / "metrics.json").write_bytes(b'{"examples": 5, "\xff": 1}')
+    assert main(["report", str(broken)]) == 2
+    assert f"{broken / 'metrics.json'}: not valid JSON" in capsys.readouterr().err
+    (broken / "metrics.json").write_text(json.dumps({"examples": 5, "accuracy": 1.0}))
     # a run folder that also holds an eval's metrics.json (`fxjax eval --out RUN`) is plotted as the run
     (broken / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train", "loss": 2.0}) + "\n")
     assert main(["report", str(broken)]) == 0 and (broken / "report.png").is_file()

@@ -150,9 +150,12 @@ def test_read_metrics_gives_one_record_per_kind_and_step(tmp_path):
     assert [(r["step"], r["kind"], r["loss"]) for r in records] == [
         (1, "train", 3.0), (2, "train", 2.2), (2, "eval", 2.5), (3, "train", 1.1)]
     assert read_metrics(path) == records
-    path.write_text('{"step": 1, "kind": "train"}\nnot json\n{"step": 2, "kind": "train"}\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics record"):
-        read_metrics(path)
+    # not JSON, a kind that is not a name, a step that is a boolean, a line that is not UTF-8: each names its line
+    for bad in (b"not json", b'{"step": 1, "kind": ["train"]}', b'{"step": true, "kind": "train"}',
+                b'{"step": 1, "kind": "train", "note": "\xff"}'):
+        path.write_bytes(b'{"step": 1, "kind": "train"}\n' + bad + b'\n{"step": 2, "kind": "train"}\n')
+        with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics record"):
+            read_metrics(path)
 
 
 def test_check_resume_config_warns_on_what_changed_the_run():

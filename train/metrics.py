@@ -62,15 +62,17 @@ def _without_torch():
 
 def _records(path: Path) -> Iterator[tuple[int, dict | None, str]]:
     """(line number, record or None when the line is not a JSON record, raw line) of a metrics.jsonl."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's (not a record), not the file's
+        for n, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 record = None
-            if not (isinstance(record, dict) and isinstance(record.get("step"), int) and "kind" in record):
+            step = record.get("step") if isinstance(record, dict) else None
+            if not (isinstance(step, int) and not isinstance(step, bool) and isinstance(record.get("kind"), str)):
                 record = None
             yield n, record, line
 

@@ -43,14 +43,24 @@ def read_eval_metrics(path: str | Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"no {METRICS} in {path} (an `fxjax eval --out DIR` folder holds one)")
     try:
-        summary = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        summary = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(summary, dict) or "examples" not in summary:
         raise ValueError(f"{file}: not the metrics of `fxjax eval` (no 'examples' key)")
     lacking = [key for key, _, _ in EVAL_PANELS if key not in summary]
     if lacking:
         raise ValueError(f"{file}: lacks {', '.join(lacking)} (written by an older fxjax? rerun `fxjax eval`)")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    for key, _, ci_key in EVAL_PANELS:
+        if summary[key] is not None and not number(summary[key]):
+            raise ValueError(f"{file}: {key} is {summary[key]!r}, not a number or null")
+        interval = (summary.get("ci95") or {}).get(ci_key) if ci_key and isinstance(summary.get("ci95"), dict) else None
+        if interval is not None and not (isinstance(interval, list) and len(interval) == 2
+                                         and all(map(number, interval))):
+            raise ValueError(f"{file}: ci95.{ci_key} is {interval!r}, not a [low, high] pair")
+    if summary.get("ci95") is not None and not isinstance(summary["ci95"], dict):
+        raise ValueError(f"{file}: ci95 is {summary['ci95']!r}, not an object")
     return summary
 
 
