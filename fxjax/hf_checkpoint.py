@@ -197,9 +197,16 @@ def _dtype_name(safetensors_dtype: str) -> str:
 
 
 def _disk_dtype(files: dict[str, Path]) -> str:
-    name, file = next(iter(files.items()))
-    with open_safetensors(file, CheckpointError) as f:
-        return _dtype_name(str(f.get_slice(name).get_dtype()))
+    """The dtype export writes by default: the checkpoint's, or float32 for one of mixed dtypes (float32
+    norms beside bfloat16 weights, say), which holds all of them (headers only, nothing read)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    found: set[str] = set()
+    for file, names in by_file.items():
+        with open_safetensors(file, CheckpointError) as f:
+            found.update(_dtype_name(str(f.get_slice(name).get_dtype())) for name in names)
+    return found.pop() if len(found) == 1 else "float32"
 
 
 def stored_dtypes(directory: str | Path) -> set[str]:

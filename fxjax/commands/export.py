@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     only.add_argument("--merged-only", action="store_true", help="write only OUT/merged")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the written weights (default: the merged model in the base checkpoint's dtype, "
-                        "the adapter in float32)")
+                        "float32 for a checkpoint of mixed dtypes; the adapter in float32)")
     p.add_argument("--model", metavar="PATH", help="the run's base model directory, when it moved since training")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="the tokenizer OUT/merged gets, when the run's (data.tokenizer, else the base model's) "
