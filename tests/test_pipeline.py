@@ -331,6 +331,22 @@ def test_all_dropped_waits_only_for_the_records_a_process_rows_ever_hold(demo, t
     assert records_in_view(12, 4, (0,), shuffle=True) == 12  # a new order each epoch
 
 
+def test_processes_that_loaded_other_records_are_an_error(demo, tokenizer_dir, records, monkeypatch):
+    """Each process loads the files itself; one whose list differs (a record skipped there only) is named
+    before training (the exchange is stubbed here with what the other processes would send; the real one
+    runs in the two-process runs of tests/test_sft.py and tests/test_grpo.py, where the lists agree)."""
+    from fxjax.train import batching
+
+    pipeline = DataPipeline(make_cfg(demo, tokenizer_dir), records)
+    short = records_fingerprint(records[:14])
+    monkeypatch.setattr(batching, "allgather_json", lambda name, value: [value, json.loads(json.dumps(value)), short])
+    with pytest.raises(ValueError, match=r"test.jsonl: the processes loaded different records \(process 0: 15 "
+                                         r"\(\w+\), process 2: 14 \(\w+\)\)"):
+        batching.check_same_records(pipeline)
+    monkeypatch.setattr(batching, "allgather_json", lambda name, value: [value, json.loads(json.dumps(value))])
+    batching.check_same_records(pipeline)
+
+
 def test_a_drop_another_epochs_template_avoids_is_not_for_good(demo, tokenizer_dir, records):
     """The user templates differ in length and each epoch picks one per record: a record too long with this
     epoch's template but not with the shortest is dropped for now (`lasting` False), so a stream of only such

@@ -37,6 +37,7 @@ from fxjax.device_mesh import batch_shards as mesh_batch_shards
 from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
 __all__ = ["ProcessRows", "StepBatch", "agree_floor", "agree_sizes", "batch_shardings", "build_step_batch",
+           "check_same_records",
            "grow_floor", "inputs_with_patch_dtype", "pad_rows", "pad_vision_inputs", "place_batch",
            "place_local_batch", "process_rows", "shape_of", "with_patch_dtype"]
 
@@ -323,3 +324,20 @@ def process_rows(mesh: Mesh, batch_size: int, shard_rows: bool) -> ProcessRows:
     rows = tuple(r for s in shards for r in range(s * per_shard, (s + 1) * per_shard))
     shard_ids = shards if shard_rows and mesh_batch_shards(mesh) > 1 else None
     return ProcessRows(shards, shard_ids, rows, batch_size)
+
+
+def check_same_records(pipeline) -> None:
+    """Every process loaded the same records (`fxjax.data.pipeline.records_fingerprint`): each process reads
+    the data files itself, and the global stream's order, its length (the run's steps) and which rows a
+    process takes all assume one list. A file changed while the processes started, or a record skipped on
+    one process only (an image one host could not read, under data.on_error=skip), is an error naming the
+    files and the processes that differ, not a run whose processes disagree on every batch (or hang)."""
+    from fxjax.data.pipeline import records_fingerprint
+
+    every = allgather_json("fxjax.data.records", records_fingerprint(pipeline.records))
+    differ = [i for i, f in enumerate(every) if f != every[0]]
+    if differ:
+        counts = ", ".join(f"process {i}: {every[i]['count']} ({every[i]['sha256']})" for i in [0, *differ])
+        raise ValueError(f"{', '.join(pipeline.cfg.data_files)}: the processes loaded different records ({counts}); "
+                         "each process reads the files itself: were they changed while the run started, or did "
+                         "data.on_error=skip skip a record on one process only (its log names it)?")

@@ -55,8 +55,8 @@ from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
 from fxjax.train import faults
-from fxjax.train.batching import (ProcessRows, agree_sizes, inputs_with_patch_dtype, place_local_batch, process_rows,
-                                  with_patch_dtype)
+from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, inputs_with_patch_dtype,
+                                  place_local_batch, process_rows, with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make_grpo_step, make_logps_fn
@@ -221,6 +221,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
     per_shard, built = mine.shard_ids is not None, mine.built_shards
     pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows))
+    check_same_records(pipeline)
     rows_sharding = NamedSharding(mesh, batch_spec(2, 0) if shard_rows else P())  # sampled [P*G, N] tokens
     batch_rewards = _batch_rewards(mine) if jax.process_count() > 1 and mine.batch_rows is not None else None
     patch_dtype = as_dtype(cfg.model.dtype)

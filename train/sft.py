@@ -37,8 +37,8 @@ from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, make_mesh
 from fxjax.train import faults
-from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, grow_floor, place_local_batch,
-                                  process_rows, with_patch_dtype)
+from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, check_same_records, grow_floor,
+                                  place_local_batch, process_rows, with_patch_dtype)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
@@ -119,6 +119,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
     shard_ids, built_shards = mine.shard_ids, mine.built_shards  # shard_ids None: one packed vision
     pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=mine.batch_rows))
+    check_same_records(pipeline)
     steps_total = total_steps(cfg, len(pipeline))
     model = build_model(cfg, mesh)
     keep_start_lora(model, recorded)  # (the run's own start: already kept when it resumes through the copy)
