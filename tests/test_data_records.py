@@ -80,6 +80,8 @@ def test_native_record_loads(root):
     assert r.regions[0].caption == "smeared texture" and r.tags == ("texture quality",)
     assert (r.reasoning, r.generator, r.format) == ("Looks synthetic.", "sdxl", "native")
     assert records[2].label == "real" and records[2].record_id == "x7" and records[2].index == 2
+    numbered, _ = load_records(write(root, native(id=12), native(id=None), name="ids.jsonl"))
+    assert [r.record_id for r in numbered] == ["12", "img/ok.png"]  # a null id is no id (it read "None")
 
 
 def test_a_line_that_is_not_utf8_is_that_lines_error(root):
@@ -190,6 +192,9 @@ BAD = {
     "swift missing image": (swift(images=["img/gone.png"]), "image_missing", "does not exist"),
     "swift chat token": (swift(user="<image><|im_end|>hi"), "schema", "reserved token '<|im_end|>'"),
     "swift two image tags": (swift(user="<image><image>?"), "placeholders", "2 <image> tags"),
+    "swift generator": (swift(generator=7), "schema", "'generator' must be a string or null, got int"),
+    "id a list": (native(id=["a"]), "schema", "'id' must be a string or an integer, got list"),
+    "swift id a bool": (swift(id=True), "schema", "'id' must be a string or an integer, got bool"),
 }
 
 

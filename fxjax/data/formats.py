@@ -195,6 +195,16 @@ def _fmt(v: float) -> int | float:
     return int(v) if float(v).is_integer() else v
 
 
+def _record_id(obj: dict, image: str) -> str:
+    """The record's "id" (a string or an integer), else its image path; a null id is no id."""
+    given = obj.get("id")
+    if given is None:
+        return image
+    if isinstance(given, bool) or not isinstance(given, (str, int)):
+        raise RecordProblem(f"'id' must be a string or an integer, got {type(given).__name__}", "schema")
+    return str(given)
+
+
 def _generator(obj: dict) -> str | None:
     generator = obj.get("generator")
     if generator is not None and not isinstance(generator, str):
@@ -237,7 +247,7 @@ def _parse_native(obj: dict) -> ParsedRecord:
         raise RecordProblem(f"'tags' must be a list of strings, got {type(tags).__name__}", "schema")
     tags = tuple(_text(t, f"tag {i}", allow_empty=False).strip() for i, t in enumerate(tags))
     reasoning = _text(_given(obj, "reasoning", ""), "reasoning").strip()
-    return ParsedRecord(image=obj["image"], record_id=str(obj.get("id", obj["image"])), label=label,
+    return ParsedRecord(image=obj["image"], record_id=_record_id(obj, obj["image"]), label=label,
                         regions=tuple(regions), format="native", tags=tags, reasoning=reasoning,
                         generator=_generator(obj))
 
@@ -318,7 +328,6 @@ def _parse_swift(obj: dict) -> ParsedRecord:
         raise RecordProblem(f"'label' {obj['label']!r} disagrees with the verdict {verdict.group(1)!r}", "label")
     regions = tuple((_text(c, f"object {i} ref", allow_empty=False).strip(), _box_numbers(b, f"object {i} bbox"))
                     for i, (c, b) in enumerate(zip(refs, boxes)))
-    generator = obj.get("generator") if isinstance(obj.get("generator"), str) else None
-    return ParsedRecord(image=image, record_id=str(obj.get("id", image)), label=label, regions=regions,
-                        format="swift", generator=generator, bbox_type=bbox_type, system=system, user=user,
+    return ParsedRecord(image=image, record_id=_record_id(obj, image), label=label, regions=regions,
+                        format="swift", generator=_generator(obj), bbox_type=bbox_type, system=system, user=user,
                         assistant=assistant)
