@@ -90,7 +90,10 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     if result is None:
         return 3
     if result.preempted:
-        say("sft")(f"preempted at step {result.steps}/{result.total_steps}; checkpoint in {result.checkpoint_dir}")
+        left = ("the end's evaluation and exports still to do" if result.steps == result.total_steps else
+                "resume by running the same command")
+        say("sft")(f"preempted at step {result.steps}/{result.total_steps} ({left}); checkpoint in "
+                   f"{result.checkpoint_dir}")
         return 0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     print(f"fxjax sft: {result.steps} steps in {result.seconds:.0f}s, final loss {loss}; checkpoints in "

@@ -85,6 +85,7 @@ class LoopControl:
         self.name, self.steps_total, self.checkpointer = name, steps_total, checkpointer
         self._save, self.say = save, say
         self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
+        self.eval_at_end = cfg.eval.at_end
         self.last_saved = first if first else None  # a resumed run starts from its checkpoint
         self.evaluate = evaluate
         self.bar = ProgressBar(steps_total, first, enabled=show_progress and cfg.train.progress_bar, desc=name)
@@ -128,8 +129,9 @@ class LoopControl:
         """The bookkeeping after update `step` (1-based); True when the loop must stop (preempted, saved)."""
         if (self.every and step % self.every == 0) or step == self.steps_total:
             self.save(step)
+        # the last step's periodic evaluation is the end's, when there is one (eval.at_end)
         if self.evaluate is not None and self.eval_every and step % self.eval_every == 0 \
-                and step != self.steps_total:
+                and not (step == self.steps_total and self.eval_at_end):
             self.evaluate("periodic")
         if faults.armed("after_step", step):
             self.checkpointer.wait()
@@ -139,8 +141,13 @@ class LoopControl:
         self.save(step)
         self.checkpointer.wait()
         self.bar.close()
-        self.say(f"{self.name}: received signal {self.signals.received}; saved step {step} to "
-                 f"{self.checkpointer.directory}; exiting (resume by running the same command)")
+        if step == self.steps_total:  # exits now all the same: an export may take longer than a grace period
+            self.say(f"{self.name}: received signal {self.signals.received} after the last step; saved step {step} to "
+                     f"{self.checkpointer.directory}: training is complete, but the evaluation at the end and the "
+                     "exports did not run; run the same command again to do them")
+        else:
+            self.say(f"{self.name}: received signal {self.signals.received}; saved step {step} to "
+                     f"{self.checkpointer.directory}; exiting (resume by running the same command)")
         return True
 
 
