@@ -145,9 +145,10 @@ def _plain(value: Any) -> Any:
 
 
 class IntervalMeans:
-    """Per-step values averaged over the steps between two logged records (train.log_every), as HF Trainer
-    averages its logged loss: `add` each step's values, `take` their means (over the finite ones; NaN when
-    none was) and start the next interval."""
+    """Per-step values averaged over the steps between two logged records (train.log_every, and every
+    checkpoint, whose state holds no interval), as HF Trainer averages its logged loss: `add` each step's
+    values, `take` their means (over the finite ones; NaN when none was) and start the next interval; false
+    when none was added since."""
 
     def __init__(self) -> None:
         self._values: dict[str, list[float]] = {}
@@ -155,6 +156,9 @@ class IntervalMeans:
     def add(self, values: Mapping[str, float]) -> None:
         for key, value in values.items():
             self._values.setdefault(key, []).append(float(value))
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
 
     def take(self) -> dict[str, float]:
         means = {}

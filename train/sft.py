@@ -173,12 +173,13 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     pending = None  # (update number, device metrics, tokens, start): fetched after the next step's dispatch
     interval = IntervalMeans()  # the steps since the last logged record
     last_done = 0.0  # when the last step's metrics arrived
+    last_rate = math.nan  # the learning rate of the last step settled
 
     def settle() -> None:
         """Fetch, check and log the pending step's metrics (a no-op when none). Runs before anything that
         must see the step as finished and finite (a save, an evaluation, a fault point, the end), so a
         non-finite step stops or is skipped exactly as if its metrics had been fetched at once."""
-        nonlocal pending, skipped, last_done
+        nonlocal pending, skipped, last_done, last_rate
         if pending is None:
             return
         step, out, tokens, start = pending
@@ -192,7 +193,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
             skipped = handle_nonfinite("sft", cfg, step, out, checkpointer, skipped, say)
         interval.add(dict(loss=out["loss"], grad_norm=out["grad_norm"], step_time=dt, tokens_per_s=tokens / dt,
                           target_tokens=out["target_tokens"]))
-        result.final_loss = out["loss"]
+        result.final_loss, last_rate = out["loss"], out["learning_rate"]
         if step % cfg.train.log_every == 0 or step == steps_total:
             # means over the steps since the last record (HF Trainer's logged loss); the rate and count now
             metrics.log(step, "train", dict(interval.take(), learning_rate=out["learning_rate"], skipped=skipped))
@@ -204,6 +205,10 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
 
     def save(step: int) -> None:
         settle()
+        # a record at every save (the interval is not in the checkpoint): a resumed run loses none of the
+        # steps before it, and at the scheduled checkpoints logs what a straight run does
+        if interval:
+            metrics.log(step, "train", dict(interval.take(), learning_rate=last_rate, skipped=skipped))
         iterator_states = per_process_state(batches.get_state())  # every process's own position
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor,
                                         "skipped": skipped, "mesh": mesh_record(mesh)}, resolved)
