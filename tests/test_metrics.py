@@ -115,10 +115,12 @@ def test_resume_drops_the_records_past_the_restored_step(tmp_path):
 
 
 def test_a_fresh_run_appends_and_resume_zero_starts_over(tmp_path):
+    """resume_step 0 (a run from scratch) drops the records of an attempt killed before its first
+    checkpoint, its evaluation at step 0 too, which the new run logs again (it was there twice)."""
     path = tmp_path / "metrics.jsonl"
-    write_lines(path, [{"step": 1, "kind": "train", "loss": 1.0}])
+    write_lines(path, [{"step": 0, "kind": "eval", "loss": 2.0}, {"step": 1, "kind": "train", "loss": 1.0}])
     MetricsLogger(tmp_path, tensorboard=False).close()  # resume_step None: nothing dropped
-    assert len(path.read_text().splitlines()) == 1
+    assert len(path.read_text().splitlines()) == 2
     MetricsLogger(tmp_path, tensorboard=False, resume_step=0).close()
     assert path.read_text() == ""
 
@@ -126,16 +128,21 @@ def test_a_fresh_run_appends_and_resume_zero_starts_over(tmp_path):
 def test_tensorboard_hides_the_events_past_the_restored_step(tmp_path):
     from tensorboardX.proto import event_pb2
 
-    MetricsLogger(tmp_path, tensorboard=True, resume_step=7).close()
-    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
-    data, pos, starts = events.read_bytes(), 0, []
-    while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-        pos += 12 + length + 4
-        if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-            starts.append(int(event.step))
-    assert starts == [8]  # TensorBoard purges the events at step >= 8 written before this point
+    def purge_starts(run_dir):
+        (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+        data, pos, starts = events.read_bytes(), 0, []
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                starts.append(int(event.step))
+        return starts
+
+    MetricsLogger(tmp_path / "resumed", tensorboard=True, resume_step=7).close()
+    assert purge_starts(tmp_path / "resumed") == [8]  # TensorBoard purges the events at step >= 8 written before
+    MetricsLogger(tmp_path / "fresh", tensorboard=True, resume_step=0).close()
+    assert purge_starts(tmp_path / "fresh") == [0]  # a run from scratch: all of them, the eval at step 0 too
 
 
 def test_read_metrics_gives_one_record_per_kind_and_step(tmp_path):

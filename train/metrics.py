@@ -132,6 +132,15 @@ def _drop_records_after(path: Path, step: int) -> int:
     return dropped
 
 
+def _kept_through(resume_step: int | None) -> int | None:
+    """The last step whose records a run starting from `resume_step` keeps: that step for a resume from a
+    checkpoint, none (-1) for a run from scratch (step 0: no checkpoint is ever saved there, and the records
+    an earlier attempt logged at step 0, its evaluation at the start, are logged again), None: keep all."""
+    if resume_step is None:
+        return None
+    return resume_step if resume_step > 0 else -1
+
+
 def _plain(value: Any) -> Any:
     try:
         f = float(value)
@@ -174,7 +183,9 @@ class MetricsLogger:
 
     `resume_step`: the step a resumed run continues from (its restored checkpoint's). The records an
     earlier attempt logged after it are dropped from metrics.jsonl first, and TensorBoard hides its
-    events after it, so every step appears once. None (a run that starts afresh) appends to what is there.
+    events after it, so every step appears once. 0, a run from scratch, drops them all, the evaluation at
+    step 0 of an attempt killed before its first checkpoint too (the new run evaluates at its start
+    again). None appends to what is there.
     """
 
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
@@ -185,14 +196,15 @@ class MetricsLogger:
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and self.path.exists():
-                dropped = _drop_records_after(self.path, resume_step)
+            kept_through = _kept_through(resume_step)
+            if kept_through is not None and self.path.exists():
+                dropped = _drop_records_after(self.path, kept_through)
                 if dropped:
                     logger.info("%s: dropped %d record(s) logged after step %d by the interrupted run",
-                                self.path, dropped, resume_step)
+                                self.path, dropped, kept_through)
             self._file = open(self.path, "a", encoding="utf-8")
             if tensorboard:
-                purge = resume_step + 1 if resume_step is not None else None
+                purge = kept_through + 1 if kept_through is not None else None
                 self._tb = tensorboard_writer(Path(output_dir) / "tensorboard", purge_step=purge)
                 if self._tb is None:
                     logger.info("TensorBoard: no writer installed (tensorboardX or tensorboard); metrics go to %s",
@@ -232,8 +244,9 @@ class CompletionLog:
         self.path = Path(output_dir) / COMPLETIONS_FILE
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and self.path.exists():
-                _drop_records_after(self.path, resume_step)
+            kept_through = _kept_through(resume_step)
+            if kept_through is not None and self.path.exists():
+                _drop_records_after(self.path, kept_through)
 
     def log(self, step: int, records: list[Mapping[str, Any]]) -> None:
         if not self.enabled:
