@@ -3,6 +3,7 @@ saves, evaluates and stops (the real loops run it in tests/test_sft.py and tests
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -23,16 +24,16 @@ class _Checkpointer:
         pass
 
 
-def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None):
+def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, metrics=None):
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=every), train=SimpleNamespace(progress_bar=False),
                           eval=SimpleNamespace(every=eval_every, at_start=False, at_end=at_end))
     saved, evaluated, said = [], [], []
-    control = LoopControl("sft", cfg, steps_total=steps, first=0, checkpointer=_Checkpointer(), save=saved.append,
-                          say=said.append, show_progress=False,
+    control = LoopControl("sft", cfg, steps_total=steps, first=first, checkpointer=_Checkpointer(),
+                          save=saved.append, say=said.append, show_progress=False,
                           evaluate=lambda tag: evaluated.append((tag, control.done)),
-                          metrics=SimpleNamespace(close=lambda: None), iterator=None)
+                          metrics=metrics or SimpleNamespace(close=lambda: None), iterator=None)
     with control:
-        for update in control.updates(0):
+        for update in control.updates(first):
             if update + 1 == signal_at:
                 os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it
     return control, saved, evaluated, said
@@ -51,3 +52,19 @@ def test_a_signal_after_the_last_step_says_what_is_left():
     assert "after the last step" in said[-1] and "exports did not run; run the same command again" in said[-1]
     control, saved, _, said = _run(3, signal_at=2)
     assert control.preempted and control.done == 2 and saved == [2] and said[-1].endswith("running the same command)")
+
+
+def test_a_resumed_run_makes_up_its_checkpoints_evaluation_when_the_log_lacks_it(tmp_path):
+    """A step's evaluation runs after its checkpoint is saved: a run killed in between resumes from that
+    checkpoint with the evaluation missing from metrics.jsonl, and makes it up first; one that has it does not."""
+    from fxjax.train.metrics import MetricsLogger
+
+    def resumed_from(step, records):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return _run(6, every=2, eval_every=2, first=step,
+                    metrics=MetricsLogger(tmp_path, tensorboard=False, resume_step=step))[2]
+
+    train_4 = {"step": 4, "kind": "train", "loss": 1.0}
+    assert resumed_from(4, [train_4]) == [("periodic", 4)]
+    assert resumed_from(4, [train_4, {"step": 4, "kind": "eval", "loss": 1.5}]) == []
+    assert resumed_from(3, [{"step": 3, "kind": "train"}]) == [("periodic", 4)]  # step 3 is not an evaluation step

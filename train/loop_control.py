@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from fxjax.distributed import allgather_json
 from fxjax.train import faults
 from fxjax.train.export import save_adapter, save_merged
 from fxjax.train.metrics import ProgressBar
@@ -87,16 +88,23 @@ class LoopControl:
         self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
         self.eval_at_end = cfg.eval.at_end
         self.last_saved = first if first else None  # a resumed run starts from its checkpoint
+        self.done = first
         self.evaluate = evaluate
         self.bar = ProgressBar(steps_total, first, enabled=show_progress and cfg.train.progress_bar, desc=name)
         self.signals = PreemptionSignals()
         self._closing = (metrics, iterator)
 
     def __enter__(self) -> "LoopControl":
-        """Take the preemption signals and, in a fresh run, evaluate at the start (cfg.eval.at_start)."""
+        """Take the preemption signals and, in a fresh run, evaluate at the start (cfg.eval.at_start); in a
+        resumed run, make up the periodic evaluation of its checkpoint's step when metrics.jsonl lacks it."""
         self.signals.__enter__()
         if self.evaluate is not None and self.eval_at_start and self.last_saved is None:
             self.evaluate("start")
+        if self.last_saved is not None and self._periodic_eval_due(self.last_saved) \
+                and not allgather_json("eval-logged", self._closing[0].logged("eval", self.last_saved))[0]:
+            # the step's evaluation runs after its checkpoint is saved: a process killed in between (an
+            # evaluation takes a while) leaves the checkpoint without it. The main process's file decides.
+            self.evaluate("periodic")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -120,6 +128,11 @@ class LoopControl:
             self.save(self.done)
         self.checkpointer.wait()
 
+    def _periodic_eval_due(self, step: int) -> bool:
+        # the last step's periodic evaluation is the end's, when there is one (eval.at_end)
+        return self.evaluate is not None and bool(self.eval_every) and step % self.eval_every == 0 \
+            and not (step == self.steps_total and self.eval_at_end)
+
     def save(self, step: int) -> None:
         if self.last_saved != step:
             self._save(step)
@@ -129,9 +142,7 @@ class LoopControl:
         """The bookkeeping after update `step` (1-based); True when the loop must stop (preempted, saved)."""
         if (self.every and step % self.every == 0) or step == self.steps_total:
             self.save(step)
-        # the last step's periodic evaluation is the end's, when there is one (eval.at_end)
-        if self.evaluate is not None and self.eval_every and step % self.eval_every == 0 \
-                and not (step == self.steps_total and self.eval_at_end):
+        if self._periodic_eval_due(step):
             self.evaluate("periodic")
         if faults.armed("after_step", step):
             self.checkpointer.wait()

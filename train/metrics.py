@@ -223,6 +223,12 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
             self._tb.flush()
 
+    def logged(self, kind: str, step: int) -> bool:
+        """Whether metrics.jsonl holds a record of `kind` at `step` (False where this process does not write)."""
+        if not self.enabled or not self.path.exists():
+            return False
+        return any(r is not None and r["kind"] == kind and r["step"] == step for _, r, _ in _records(self.path))
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
