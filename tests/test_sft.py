@@ -273,6 +273,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     # every process's own iterator position is in the checkpoint, and restored exactly (the losses above)
     saved = json.loads((root / "multi" / "ckpt" / "4" / "data" / "data_state.json").read_text())["iterator"]
     assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [4, 4]
+    assert saved["rows_per_batch"] == [1, 1]  # each process's half of the 2-row batch
     evals = {name: [r for r in map(json.loads, (root / name / "metrics.jsonl").read_text().splitlines())
                     if r["kind"] == "eval"] for name in ("straight", "multi")}
     (one,), (two,) = evals["straight"], evals["multi"]
@@ -285,7 +286,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     assert two["samples"] == one["samples"]
 
 
-def test_a_per_process_data_state_restores_only_with_its_process_count():
+def test_a_per_process_data_state_restores_only_with_its_process_count_and_rows():
     from fxjax.train.run_setup import restore_iterator
     from fxjax.config_mapping import ConfigError
 
@@ -303,6 +304,14 @@ def test_a_per_process_data_state_restores_only_with_its_process_count():
     with pytest.raises(ConfigError, match=r"ckpt/4: the data iterator state was saved by 2 process\(es\) but this "
                                           r"run has 1"):
         restore_iterator(it, {"process_count": 2, "processes": [{}, {}]}, "ckpt/4")
+    # a process's position counts its own rows: another number of them a batch (another mesh split over the
+    # processes) would replay or skip batches
+    saved = {"process_count": 1, "processes": [{"batches": 6}], "rows_per_batch": [2]}
+    with pytest.raises(ConfigError, match=r"ckpt/6: process 0 read 2 row\(s\) of each global batch when the "
+                                          r"checkpoint was saved and reads 4 on this mesh"):
+        restore_iterator(it, saved, "ckpt/6", rows_per_batch=4)
+    restore_iterator(it, saved, "ckpt/6", rows_per_batch=2)
+    assert it.state == {"batches": 6}
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])

@@ -276,7 +276,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
 
     def save(step: int) -> None:
         stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
-        iterator_states = per_process_state(iterator.get_state())  # every process's own position
+        iterator_states = per_process_state(iterator.get_state(), len(mine.rows))  # every process's own position
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage,
                                         "skipped": skipped, "mesh": mesh_record(mesh)}, resolved)
 

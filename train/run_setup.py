@@ -280,17 +280,23 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
                        f"{checkpointer.directory} away (or set checkpoint.dir to another folder)") from first_error
 
 
-def per_process_state(state: dict) -> dict:
+def per_process_state(state: dict, rows_per_batch: int) -> dict:
     """What a checkpoint stores for data iterators that differ by process (each reads its own rows):
-    ``{"process_count": n, "processes": [the state of process 0, ..., of process n - 1]}``; every process
-    calls it (a host-only exchange, `fxjax.distributed.allgather_json`) and process 0 writes it."""
-    return {"process_count": jax.process_count(), "processes": allgather_json("iterator-state", state)}
+    ``{"process_count": n, "processes": [the state of process 0, ..., of process n - 1], "rows_per_batch":
+    [how many rows of each global batch each process reads]}``; every process calls it (a host-only
+    exchange, `fxjax.distributed.allgather_json`) and process 0 writes it."""
+    every = allgather_json("iterator-state", {"state": state, "rows": int(rows_per_batch)})
+    return {"process_count": jax.process_count(), "processes": [p["state"] for p in every],
+            "rows_per_batch": [p["rows"] for p in every]}
 
 
-def restore_iterator(iterator, saved: dict, where) -> None:
+def restore_iterator(iterator, saved: dict, where, rows_per_batch: int | None = None) -> None:
     """Set `iterator` to its saved position: this process's entry of a `per_process_state`, or a state
     saved once for every process (iterators that read the same data everywhere). A per-process state of
-    another process count cannot be continued exactly (the rows each process reads would change): error."""
+    another process count, or of another number of rows a process reads of each batch (`rows_per_batch`,
+    this run's), cannot be continued exactly: error. (A process's position counts the rows it has read:
+    with more rows a batch on another mesh split, the same position is fewer batches, and the run would
+    train on batches again; with fewer, skip some.)"""
     if "processes" not in saved:
         iterator.set_state(saved)
         return
@@ -300,7 +306,20 @@ def restore_iterator(iterator, saved: dict, where) -> None:
                           f"{jax.process_count()}; each process reads its own rows, so the run resumes exactly "
                           f"only with {count} process(es) (the same mesh.data x mesh.fsdp split); or start a "
                           "new run from it with model.from_run")
-    iterator.set_state(states[jax.process_index()])
+    me = jax.process_index()
+    saved_rows = saved.get("rows_per_batch")  # states saved before it was recorded have none
+    if saved_rows is not None and rows_per_batch is not None and int(saved_rows[me]) != rows_per_batch:
+        raise ConfigError(f"{where}: process {me} read {saved_rows[me]} row(s) of each global batch when the checkpoint "
+                          f"was saved and reads {rows_per_batch} on this mesh; its saved data position counts its own "
+                          "rows, so the run would not continue with the batches it left off at. Resume on the mesh "
+                          "split it was saved on (the same mesh.data x mesh.fsdp over the processes: the checkpoint's "
+                          "data/data_state.json records it), or start a new run from it with model.from_run")
+    iterator.set_state(states[me])
+
+
+def rows_per_batch(data_cfg) -> int:
+    """How many rows of each global batch this process's data pipeline reads (its `batch_rows`, or all)."""
+    return data_cfg.batch_size if data_cfg.batch_rows is None else len(data_cfg.batch_rows)
 
 
 class Resumed(NamedTuple):
@@ -310,7 +329,7 @@ class Resumed(NamedTuple):
 
 
 def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: Callable[[str], None],
-               watched=WATCHED, recorded=None) -> Resumed | None:
+               watched=WATCHED, recorded=None, rows_per_batch: int | None = None) -> Resumed | None:
     """Continue from the newest restorable checkpoint (see `restore_latest`): the state, the data iterator's
     position and a check of the saved config against `recorded` (the config the run saves; default `cfg`;
     `check_resume_config`). None: fresh run."""
@@ -325,7 +344,7 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
                           f"step {step}), not of a {name} run; give this run its own train.output_dir / checkpoint.dir"
                           + (f" (GRPO from that SFT run: model.from_run={checkpointer.directory})"
                              if name == "grpo" else ""))
-    restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step))
+    restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step), rows_per_batch)
     check_resume_config(saved_cfg, (recorded or cfg).to_dict(), log, watched)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
@@ -356,7 +375,8 @@ def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total
     checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
     iterator = iter(pipeline)
-    resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched, recorded)
+    resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched, recorded,
+                         rows_per_batch=rows_per_batch(pipeline.cfg))
     if resumed is None:
         return RunStart(tx, schedule, state, shardings, checkpointer, iterator, {}, None)
     check_resume_mesh(resumed.data_state.get("mesh"), mesh, log)
@@ -377,7 +397,8 @@ def check_resume_mesh(saved: dict | None, mesh, log: Callable[[str], None]) -> N
     (checkpoints before fxjax recorded it: no check; another process count is refused before this). The run
     continues (the state is resharded onto the new mesh), but its sums run over other splits of the rows or
     the weights (a batch shard's padding and loss, fsdp's and tensor's partial sums), and with several
-    processes each may now build other rows of a batch than before: it is not bit for bit the run that
+    processes each may now build other rows of a batch than before (as many: `restore_iterator` refuses
+    another number): it is not bit for bit the run that
     would have gone on uninterrupted, and a test comparing the two would fail without saying why. (The
     dcn_* factors only reorder devices within these sizes: not compared.)"""
     now = mesh_record(mesh)

@@ -209,7 +209,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         # steps before it, and at the scheduled checkpoints logs what a straight run does
         if interval:
             metrics.log(step, "train", dict(interval.take(), learning_rate=last_rate, skipped=skipped))
-        iterator_states = per_process_state(batches.get_state())  # every process's own position
+        iterator_states = per_process_state(batches.get_state(), len(mine.rows))  # every process's own position
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor,
                                         "skipped": skipped, "mesh": mesh_record(mesh)}, resolved)
 
