@@ -209,3 +209,30 @@ def test_no_cluster_logs_one_info_line(joins, caplog):
     assert joins == [] and not cfg.multi_process
     assert [r.getMessage() for r in caplog.records if r.name == "fxjax.distributed"] == [
         "fxjax.distributed: single process (no cluster environment found)"]
+
+
+# ---- which rows a process builds, and which it counts --------------------------------------------
+
+@pytest.mark.parametrize("shape, shard_rows, shares", [
+    ((2, 1, 1), True, [1.0, 1.0]),  # each process its own half
+    ((1, 1, 2), True, [1.0, 0.0]),  # tensor across the processes: both build the whole batch
+    ((2, 1, 1), False, [1.0, 0.0]),  # a replicated batch (mesh.allow_replicated_batch)
+    ((2, 1, 2), True, [1.0, 0.0, 1.0, 0.0]),  # 4 processes: two build each half
+])
+def test_a_shard_several_processes_build_counts_once(monkeypatch, shape, shard_rows, shares):
+    """Tokens a second sum every process's count of the rows it built: a process counts the share of its
+    shards that no lower-index process builds, so each row counts once (it counted twice with tensor or a
+    replicated batch across processes)."""
+    from fxjax.train.batching import process_rows
+
+    n = len(shares)
+    grid = np.array([SimpleNamespace(process_index=p * n // int(np.prod(shape))) for p in range(int(np.prod(shape)))],
+                    dtype=object).reshape(shape)
+    mesh = SimpleNamespace(axis_names=device_mesh.AXES, devices=grid, shape=dict(zip(device_mesh.AXES, shape)))
+    counted = []
+    for p in range(n):
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        mine = process_rows(mesh, 8, shard_rows)
+        counted.append(mine.counted_share * len(mine.rows))
+        assert mine.counted_share == shares[p]
+    assert sum(counted) == 8  # every row of the batch once

@@ -285,8 +285,8 @@ def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards
                        **extra)
 
 
-def agree_sizes(name: str, sizes: dict[str, int], *, cancelled=None, **extra: int
-                ) -> tuple[dict[str, int], dict[str, int]]:
+def agree_sizes(name: str, sizes: dict[str, int], *, cancelled=None, **extra: float
+                ) -> tuple[dict[str, int], dict[str, float]]:
     """(the element-wise max of every process's `sizes`, the sums of `extra` over the processes): one
     host-only exchange (`allgather_json` under `name`), the same result on every process: the keys too (a
     size only some processes' parts report counts as 0 where it is missing), so every process pads to, and
@@ -294,7 +294,7 @@ def agree_sizes(name: str, sizes: dict[str, int], *, cancelled=None, **extra: in
     parts = allgather_json(name, {"floor": sizes, "extra": extra}, cancelled=cancelled)
     keys = sorted({k for p in parts for k in p["floor"]})
     agreed = {k: max(int(p["floor"].get(k, 0)) for p in parts) for k in keys}
-    return agreed, {k: sum(int(p["extra"][k]) for p in parts) for k in extra}
+    return agreed, {k: sum(p["extra"][k] for p in parts) for k in extra}
 
 
 class ProcessRows(NamedTuple):
@@ -304,6 +304,10 @@ class ProcessRows(NamedTuple):
     shard_ids: tuple[int, ...] | None  # `shards` when the batch splits in several, else None (one packed vision)
     rows: tuple[int, ...]  # its rows of a global batch, increasing: each shard's block of rows in turn
     batch_size: int  # rows of the global batch
+    # the share of its shards this process is the first (lowest-index) holder of: a run-wide sum of what the
+    # processes built (tokens a second) takes each process's own figure times this, so a shard that several
+    # processes build (tensor across processes, a replicated batch) counts once
+    counted_share: float = 1.0
 
     @property
     def built_shards(self) -> int:
@@ -319,11 +323,16 @@ def process_rows(mesh: Mesh, batch_size: int, shard_rows: bool) -> ProcessRows:
     """The rows of a global batch of `batch_size` that live on this process's devices: those of its batch
     shards (`fxjax.device_mesh.process_batch_shards`) when the batch splits over the mesh (`shard_rows`), else
     every row (a replicated batch)."""
-    shards = process_batch_shards(mesh) if shard_rows else (0,)
+    def held(process: int) -> tuple[int, ...]:
+        return process_batch_shards(mesh, process) if shard_rows else (0,)
+
+    me, shards = jax.process_index(), held(jax.process_index())
     per_shard = batch_size // (mesh_batch_shards(mesh) if shard_rows else 1)
     rows = tuple(r for s in shards for r in range(s * per_shard, (s + 1) * per_shard))
     shard_ids = shards if shard_rows and mesh_batch_shards(mesh) > 1 else None
-    return ProcessRows(shards, shard_ids, rows, batch_size)
+    earlier = {s for p in range(me) for s in held(p)}  # the shards a lower-index process builds too
+    counted = sum(1 for s in shards if s not in earlier) / len(shards)
+    return ProcessRows(shards, shard_ids, rows, batch_size, counted)
 
 
 def check_same_records(pipeline) -> None:

@@ -306,8 +306,9 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                                      per_shard=per_shard, share_prompts=g.share_prompts)
 
         batch, local = build(floor)
-        agreed, tokens = agree_sizes("grpo-update-shape", local, rollout_tokens=int(rollout.attention.sum()),
-                                     update_tokens=_sequence_tokens(batch, g.num_generations))
+        share = mine.counted_share  # (a shard several processes build counts once)
+        agreed, tokens = agree_sizes("grpo-update-shape", local, rollout_tokens=int(rollout.attention.sum()) * share,
+                                     update_tokens=_sequence_tokens(batch, g.num_generations) * share)
         if agreed != local:
             batch, _ = build(agreed)
         return with_patch_dtype(batch, patch_dtype), agreed, tokens

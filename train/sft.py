@@ -158,7 +158,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         micro = [next(source) for _ in range(accum)]
         batch = build_step_batch(micro, model_cfg, pad_id, floor=floor, batch_shards=built_shards,
                                  shard_ids=shard_ids)
-        tokens = int(sum(mb["attention_mask"].sum() for mb in micro))
+        tokens = int(sum(mb["attention_mask"].sum() for mb in micro)) * mine.counted_share  # each row once
         # (a peer whose run stopped never answers: stop waiting once this run's batches are closed too)
         agreed, total = agree_floor(floor, batch, model_cfg, built_shards, tokens=tokens,
                                     cancelled=lambda: batches.stopping)
