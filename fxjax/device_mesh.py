@@ -99,7 +99,9 @@ class MeshConfig:
         if any(s == 0 or s < -1 for s in sizes):
             raise ShardingError(f"mesh sizes must be positive (or one -1), got {dict(zip(AXES, sizes))}")
         if sizes.count(-1) > 1:
-            raise ShardingError(f"at most one mesh size may be -1, got {dict(zip(AXES, sizes))}")
+            hint = ("; data is -1 unless set (the rest of the devices): give it a size, e.g. mesh.data=1 with "
+                    "another axis at -1") if sizes[0] == -1 else ""
+            raise ShardingError(f"at most one mesh size may be -1, got {dict(zip(AXES, sizes))}{hint}")
         for key in DCN_AXES:
             if getattr(self, key) < 1:
                 raise ShardingError(f"mesh {key} must be >= 1 (1: the axis stays inside a slice), "

@@ -236,3 +236,9 @@ def test_a_shard_several_processes_build_counts_once(monkeypatch, shape, shard_r
         counted.append(mine.counted_share * len(mine.rows))
         assert mine.counted_share == shares[p]
     assert sum(counted) == 8  # every row of the batch once
+
+
+def test_a_second_minus_one_names_the_data_default():
+    """mesh.fsdp=-1 alone meets data's default -1: the error says where the second -1 came from."""
+    with pytest.raises(ShardingError, match=r"at most one mesh size may be -1, .*data is -1 unless set .*mesh.data=1"):
+        MeshConfig(data=-1, fsdp=-1).resolve(8)
