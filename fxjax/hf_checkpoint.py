@@ -126,8 +126,9 @@ def _layer_writer(sharding):
 def _stacked_sharding(layer: jax.Array):
     """The sharding of a stacked parameter whose layers are placed like `layer`: the layer axis unsharded."""
     sharding = layer.sharding
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    if isinstance(sharding, jax.sharding.NamedSharding):  # replicated stays P() (the partition rules' spec)
+        spec = jax.sharding.PartitionSpec(None, *sharding.spec) if len(sharding.spec) else jax.sharding.PartitionSpec()
+        return jax.sharding.NamedSharding(sharding.mesh, spec)
     return sharding
 
 

@@ -303,4 +303,12 @@ def test_mesh_load_puts_stacked_layers_on_their_shardings(tiny_checkpoint):
     assert q.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
     assert scan.visual.blocks.attn.proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
     assert q.lora.lora_b[...].sharding.spec == P(None, None, "tensor")
+    # every parameter exactly as the partition rules place it (a replicated stacked norm was P(None), not
+    # the rules' P(): unequal to JAX, so sharding the model moved it again)
+    from fxjax.partition_rules import param_shardings
+
+    plain = fxjax.from_pretrained(tiny_checkpoint, scan_layers=True, mesh=mesh)  # (LoRA's placing re-shards)
+    wanted = dict(nnx.to_flat_state(param_shardings(plain, mesh)))
+    placed = {path: v.get_value().sharding for path, v in nnx.to_flat_state(nnx.state(plain, nnx.Param))}
+    assert {path: s.spec for path, s in placed.items() if s != wanted[path]} == {}
     assert_same_params(scan, fxjax.from_pretrained(tiny_checkpoint), BASE_PARAMS)
