@@ -18,6 +18,7 @@ a Python float or a traced scalar, so that a changing temperature does not recom
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
@@ -29,8 +30,8 @@ MIN_TOKENS_TO_KEEP = 1
 
 def check_sampling_args(temperature, top_k, top_p) -> None:
     """Raise a ValueError naming the bad argument (the same ranges HF's warpers accept)."""
-    if isinstance(temperature, numbers.Real) and temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if isinstance(temperature, numbers.Real) and not 0 <= temperature < math.inf:  # NaN too: it sampled token 0
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
         raise ValueError(f"top_k must be a non-negative int (0 or None: off), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, numbers.Real) or not 0.0 <= float(top_p) <= 1.0):

@@ -97,6 +97,20 @@ def test_filter_logits_equals_hf_warpers(decimals):
             filter_logits(jnp.asarray(logits), **{"temperature": 1.0, **bad})
 
 
+def test_sampling_arguments_out_of_range_are_refused():
+    """The generate entry points' check (model.sampling.check_sampling_args): a NaN temperature passed it
+    (NaN < 0 is false) and then sampled token 0 at every step."""
+    from fxjax.model.sampling import check_sampling_args
+
+    for temperature in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            check_sampling_args(temperature, None, None)
+    with pytest.raises(ValueError, match="top_p must be a float in"):
+        check_sampling_args(1.0, None, float("nan"))
+    for fine in (0.0, 0.7, 2.0):
+        check_sampling_args(fine, 5, 0.9)
+
+
 def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     """Pearson's test of counts against probs; 0 when a token of probability 0 was drawn."""
     support = probs > 0
