@@ -34,6 +34,7 @@ from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.hf_names import (HUB, TRANSFORMERS, hf_name, is_ignored, is_stacked, layer_path, naming_of,
                                   param_path, to_fxjax, to_hf, unstack)
 from fxjax.merged_lora import merge_record, merged_fingerprints, write_merged_record
+from fxjax.model.generate import GenerationDefaults
 from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from fxjax.model.qwen2_5_vl import as_dtype
 
@@ -256,6 +257,7 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     model = abstract_model(cfg, as_dtype(dtype), as_dtype(param_dtype or dtype))
     naming = load_weights(model, files, placer(mesh) if mesh is not None else None)
     model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))
+    model.generation_defaults = generation_defaults(str(directory))  # model.generate stops where HF generate does
     if adapter is not None or lora is not None:
         # placed on the mesh (A/B take their base kernel's dims); an adapter merged into `path` is refused
         attach_lora(model, adapter=adapter, lora=lora, seed=lora_seed)
@@ -381,19 +383,28 @@ def stop_token_ids(model: Qwen25VL, im_end: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys((int(im_end), *extra)))
 
 
-@functools.lru_cache(maxsize=8)
 def _generation_eos(directory: str) -> tuple[int, ...]:
+    return generation_defaults(directory).eos_token_ids or ()
+
+
+def generation_defaults(directory: str) -> GenerationDefaults:
+    """The stop and pad tokens of a checkpoint's generation_config.json, which HF generate uses over
+    config.json's (None where the file, or the file itself, is missing). `from_pretrained` keeps them on
+    the model (`model.generation_defaults`) for model.generate's defaults."""
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
-        return ()
+        return GenerationDefaults()
     try:
-        value = json.loads(path.read_text()).get("eos_token_id")
+        raw = json.loads(path.read_text())
+        value, pad = raw.get("eos_token_id"), raw.get("pad_token_id")
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a JSON object ({e})") from e
     values = value if isinstance(value, list) else [value] if value is not None else []
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
-    return tuple(values)
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)):
+        raise CheckpointError(f"{path}: pad_token_id must be a token id, got {pad!r}")
+    return GenerationDefaults(tuple(values) if value is not None else None, pad)
 
 
 def _write_generation_config(cfg: Qwen25VLConfig, out: Path, source: HFSource | None) -> None:

@@ -260,19 +260,30 @@ def rollout_jit(model, inputs: ModelInputs, rng, eos_ids, pad_id, temperature, *
 # HF-shaped entry points.
 
 
+class GenerationDefaults(NamedTuple):
+    """A checkpoint's generation_config.json stop and pad tokens (None: the file does not set it), which
+    HF generate uses over config.json's; the loader keeps them as `model.generation_defaults`."""
+
+    eos_token_ids: tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+
 def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int]:
     """EOS ids as an int32 array padded with -1 (matches no token) to a multiple of 4, so a different
-    number of EOS ids rarely recompiles the loop; pad id defaulting like HF (config pad, else first EOS)."""
+    number of EOS ids rarely recompiles the loop. Defaults as HF generate's: the checkpoint's
+    generation_config.json (`model.generation_defaults`, set by the loader), else config.json; the pad id
+    else the first EOS."""
     cfg = model.config
+    defaults = getattr(model, "generation_defaults", None) or GenerationDefaults()
     if eos_token_ids is None:
-        eos_token_ids = cfg.eos_token_id
+        eos_token_ids = cfg.eos_token_id if defaults.eos_token_ids is None else defaults.eos_token_ids
     if eos_token_ids is None:
         eos_token_ids = ()
     elif isinstance(eos_token_ids, (int, np.integer)):
         eos_token_ids = (int(eos_token_ids),)
     eos = [int(e) for e in eos_token_ids]
     if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id
+        pad_token_id = cfg.pad_token_id if defaults.pad_token_id is None else defaults.pad_token_id
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     size = max(4, -(-len(eos) // 4) * 4)

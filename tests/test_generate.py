@@ -127,6 +127,30 @@ def test_greedy_matches_hf_text_only(models):
     assert ((hot[0] >= 0) & (hot[0] < model.config.text.vocab_size)).all()
 
 
+def test_default_stop_and_pad_tokens_are_the_generation_configs(models, tmp_path):
+    """Without eos_token_ids / pad_token_id, generation stops and pads as HF generate does on the same
+    directory: with generation_config.json's tokens over config.json's (Qwen2.5-VL-Instruct's stops at
+    <|im_end|> and <|endoftext|>, its config.json at <|im_end|> only); it ran on past the second before."""
+    import json
+    import shutil
+
+    import fxjax
+    from conftest import load_hf_model
+
+    hf, model = models
+    ids, mask = left_pad([np.array([1, 5, 6, 7, 8, 9], np.int64), np.array([1, 30, 31, 32], np.int64)])
+    new = hf_generate(hf, ids, mask)[:, ids.shape[1]:]
+    stop = next(int(t) for t in new[0, 1:6] if t not in new[1] and t not in (PAD, EOS))
+    shutil.copytree(model.hf_source.directory, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "generation_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"eos_token_id": [EOS, stop], "pad_token_id": 7}))
+    ref = hf_generate(load_hf_model(tmp_path / "ckpt"), ids, mask)
+    out = greedy_generate(fxjax.from_pretrained(tmp_path / "ckpt"), ids, mask, max_new_tokens=MAX_NEW)
+    row0 = ref[0, ids.shape[1]:].tolist()
+    assert stop in row0 and set(row0[row0.index(stop) + 1:]) == {7}  # stopped there, then HF's pad
+    np.testing.assert_array_equal(out, ref)
+
+
 @nnx.jit
 def _uncached_logits(model, prompt_inputs, full_inputs, tokens):
     x = jnp.concatenate([model.embed(prompt_inputs), model.embed_tokens(tokens)], axis=1)
