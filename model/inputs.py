@@ -17,8 +17,8 @@ class ModelInputs(NamedTuple):
     attention_mask: np.ndarray  # [B, L] int32
     position_ids: np.ndarray  # [3, B, L] int32
     rope_deltas: np.ndarray  # [B] int32, for decoding
-    # [B, L] int32 merged-slot index feeding each image token (0 elsewhere); with per-shard vision an index
-    # into the features of the row's own shard
+    # [B, L] int32 merged-slot index feeding each image token (0 elsewhere; -1: an image-pad token that takes
+    # no feature, one a model sampled); with per-shard vision an index into the features of the row's own shard
     image_feature_index: np.ndarray
     vision: VisionInputs | None
 

@@ -73,12 +73,15 @@ class Qwen25VL(nnx.Module):
         return self
 
     def embed(self, inputs: ModelInputs) -> jax.Array:
-        """Token embeddings with the merged image features placed at the image-pad positions."""
+        """Token embeddings with the merged image features placed at the image-pad positions (those with an
+        image_feature_index >= 0: an image-pad token a model sampled, index -1, stays a token, as the
+        decode steps embed it)."""
         x = self.embed_tokens(inputs.input_ids)
         if inputs.vision is not None:
             features = self.visual(inputs.vision).astype(x.dtype)
-            placed = place_features(features, inputs.image_feature_index)
-            is_image = (inputs.input_ids == self.config.image_token_id)[..., None]
+            index = inputs.image_feature_index
+            placed = place_features(features, jnp.maximum(index, 0))
+            is_image = ((inputs.input_ids == self.config.image_token_id) & (index >= 0))[..., None]
             x = jnp.where(is_image, placed, x)
         return x
 

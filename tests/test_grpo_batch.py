@@ -136,6 +136,26 @@ def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model, batch_
     assert not np.asarray(packed)[~loss].any() and not np.asarray(packed_entropy)[~loss].any()
 
 
+def test_a_sampled_image_pad_is_a_token_in_both_update_layouts(model):
+    """A completion that samples <|image_pad|> (the sampler embeds it as a token) gets the same log-probs
+    from the full-sequence update (share_prompts false) as from the shared-prompt one: the full sequence
+    placed image feature 0 there, and every later token of the row differed."""
+    rng = np.random.RandomState(0)
+    prompts = _prompts(rng)
+    r = _rollout(rng, prompts)
+    r.tokens[1, 1] = model.config.image_token_id  # row 1 runs to the end: attended throughout
+    logps = {}
+    for share in (False, True):
+        batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=1, floor={},
+                                     share_prompts=share)
+        completions = None if batch.completions is None else jax.tree.map(lambda x: x[0], batch.completions)
+        logps[share], _ = completion_logps(model, jax.tree.map(lambda x: x[0], batch.inputs),
+                                           jnp.asarray(batch.completion_ids[0]), temperature=TEMPERATURE, chunk=4,
+                                           completions=completions)
+    mask = r.attention.astype(bool)
+    np.testing.assert_allclose(np.asarray(logps[False])[mask], np.asarray(logps[True])[mask], rtol=1e-5, atol=1e-6)
+
+
 def _step_setup(model, prompts, r, n_micro, share_prompts=False):
     graphdef, params, base, rest = split_model(model)
     tx = optax.sgd(1.0)

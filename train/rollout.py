@@ -265,7 +265,8 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
             attention_mask=np.concatenate([rep(pin.attention_mask), r.attention[rows]], axis=1).astype(np.int32),
             position_ids=position_ids.astype(np.int32),
             rope_deltas=rep(pin.rope_deltas).astype(np.int32),
-            image_feature_index=np.concatenate([rep(pin.image_feature_index), np.zeros((per * g, n), np.int32)],
+            # -1: no image feature (a sampled <|image_pad|> stays a token, as when it was sampled)
+            image_feature_index=np.concatenate([rep(pin.image_feature_index), np.full((per * g, n), -1, np.int32)],
                                                axis=1).astype(np.int32),
             vision=pin.vision))
     vision, floor = _stack_vision([m.vision for m in micro], model_cfg, floor)
