@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,27 @@ def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, 
     fresh = ScriptedDecoder(SCRIPT)
     run_scripted(dataset, tokenizer_dir, out, fresh, settings={"model": "other"}, fresh=True)
     assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]
+
+
+def test_a_resume_finds_its_rows_from_another_folder_and_after_a_kill_before_a_newline(
+        dataset, tokenizer_dir, tmp_path, monkeypatch):
+    """Rows are matched by the data file's absolute path: the same relative --data from another folder
+    decoded every image again (and doubled predictions.jsonl). A whole last row without its newline (a kill
+    between the two) is kept and given its newline: the next row was written onto the same line."""
+    out = tmp_path / "out"
+    monkeypatch.chdir(dataset.parent)
+    full = run_scripted(Path(dataset.name), tokenizer_dir, out, ScriptedDecoder(SCRIPT))
+    monkeypatch.chdir(dataset.parent.parent)
+    again = ScriptedDecoder(SCRIPT)
+    assert run_scripted(Path(dataset.parent.name) / dataset.name, tokenizer_dir, out, again) == full
+    assert again.asked == [] and len((out / PREDICTIONS).read_text().splitlines()) == 5
+
+    lines = (out / PREDICTIONS).read_text().splitlines(keepends=True)
+    (out / PREDICTIONS).write_text("".join(lines[:3])[:-1])  # the third row whole, its newline not written
+    resumed = ScriptedDecoder(SCRIPT)
+    assert run_scripted(dataset, tokenizer_dir, out, resumed) == full and resumed.asked == ["r1", "r2"]
+    rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["g1", "g2", "g3", "r1", "r2"]
 
 
 def test_a_record_the_pipeline_drops_is_reported_and_not_retried_on_resume(dataset, tokenizer_dir, tmp_path):

@@ -42,7 +42,8 @@ Metrics (metrics.json and the printed table):
                a group of one true class (a generator's images) has no precision or F1
 
 Outputs in --out:
-  predictions.jsonl  one line per image: id, source file:line, true label and boxes, the completion, its
+  predictions.jsonl  one line per image: id, source file:line (and resolved_source, with the file's absolute
+                     path: what a resume matches), true label and boxes, the completion, its
                      verdict (null without one) and the predicted class (real, generated or none), regions
                      (caption, box in model-input pixels and in original pixels), tags, format_ok, correct,
                      per-image IoU (null for real images), completion_tokens and truncated (no stop token
@@ -101,8 +102,17 @@ def add_parser(sub) -> None:
 
 # ---- predictions.jsonl -----------------------------------------------------------------------------
 
+def source_key(source: str) -> str:
+    """A record's source (its data file as given, ':' line) with the file's absolute path: the same record
+    whatever folder the eval runs from (a resume from another folder decoded every image again)."""
+    file, _, line = source.rpartition(":")
+    return f"{os.path.realpath(file)}:{line}"
+
+
 def read_predictions(path: Path, say: Callable[[str], None]) -> dict[str, dict]:
-    """source -> prediction row. A last line cut short (a kill mid-write) is dropped from the file."""
+    """source_key -> prediction row (rows written before `resolved_source` existed: their source resolved
+    from this folder). A last line cut short (a kill mid-write) is dropped from the file; a whole one that
+    lacks its newline gets it, so the next row starts a line of its own."""
     if not path.is_file():
         return {}
     rows: dict[str, dict] = {}
@@ -121,8 +131,11 @@ def read_predictions(path: Path, say: Callable[[str], None]) -> dict[str, dict]:
                     f.truncate(good)
                 break
             raise ValueError(f"{path}:{n}: not a prediction row; pass --fresh to start over") from None
-        rows[row["source"]] = row
+        rows[row.get("resolved_source") or source_key(row["source"])] = row
         good += len(line.encode("utf-8"))
+        if n == len(lines) and not line.endswith("\n"):  # killed between the row and its newline
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
     return rows
 
 
@@ -215,7 +228,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     pred_path = out / PREDICTIONS
     done = read_predictions(pred_path, say)
     too_long = too_long_before(out, settings)
-    todo = [r for r in records if r.source not in done and r.source not in too_long]
+    todo = [r for r in records if source_key(r.source) not in done and r.source not in too_long]
     known = {f.name for f in dataclasses.fields(records[0])}
     raw = raw_objects(records) if set(group_by) - known else {}
     for name in set(group_by) - known:  # a typo would make one group of every image, "(none)"
@@ -242,8 +255,9 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
                 truths = [truth_of(m, groups_of(by_source[m["source"]], raw.get(m["source"]), group_by))
                           for m in metas]
                 for row in detection_metrics.score_completions(texts, truths):
+                    row["resolved_source"] = source_key(row["source"])
                     f.write(json.dumps(row) + "\n")
-                    done[row["source"]] = row
+                    done[row["resolved_source"]] = row
                 f.flush()
                 os.fsync(f.fileno())
                 if bar is not None:
@@ -253,7 +267,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
         bar.close()
     rows, missing = [], []
     for r in records:
-        row = done.get(r.source)
+        row = done.get(source_key(r.source))
         if row is None:
             missing.append(r.source)
             continue
