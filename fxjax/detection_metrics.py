@@ -119,10 +119,14 @@ def _metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     fp = sum(r["label"] == "real" and r["predicted"] == "generated" for r in rows)
     fn = sum(r["label"] == "generated" and r["predicted"] != "generated" for r in rows)
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    if precision is None or recall is None:
-        f1 = None
-    else:
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    # 2TP / (2TP + FP + FN), the harmonic mean of the two where both exist, and 0 (as scikit-learn) for a
+    # detector that never says "generated" about a set that has generated images
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    if len({r["label"] for r in rows}) < 2:
+        # one true class (a generator's images, the real ones, a test set of one kind): precision and F1
+        # say nothing about the detector (no false positive, or no true one, can occur); its accuracy is
+        # the recall (or specificity)
+        precision = f1 = None
     ious = [r["iou"] for r in rows if r.get("iou") is not None]
     confusion = {truth: {pred: 0 for pred in PREDICTED} for truth in rewards.LABELS}
     for r in rows:
@@ -153,18 +157,8 @@ def summarize(rows: Iterable[Mapping[str, Any]], group_by: Sequence[str] = ()) -
     out["by"] = {}
     for field in group_by:
         values = sorted({group_value(r, field) for r in rows}, key=lambda v: (v == NO_GROUP, v))
-        out["by"][field] = {v: _group_metrics([r for r in rows if group_value(r, field) == v]) for v in values}
+        out["by"][field] = {v: _metrics([r for r in rows if group_value(r, field) == v]) for v in values}
     return out
-
-
-def _group_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """`_metrics` of a group; in a group of one true class (a generator's images, or the real ones, which
-    have no generator) precision and F1 say nothing about the detector (no false positive, or no true one,
-    can occur), so they are None there: its accuracy is the group's recall (or specificity)."""
-    metrics = _metrics(rows)
-    if len({r["label"] for r in rows}) < 2:
-        metrics.update(precision=None, f1=None)
-    return metrics
 
 
 def _cell(value: Any) -> str:

@@ -122,6 +122,17 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     assert by["A"]["accuracy"] == pytest.approx(1 / 2) and by["A"]["mean_iou"] == pytest.approx(0.375)
     # one true class per group: no precision / F1 (A's would be a trivial 1.0), accuracy is its recall
     assert by["A"]["precision"] is None and by["A"]["f1"] is None and by["A"]["recall"] == pytest.approx(1 / 2)
+    # a detector that never says "generated": F1 0 (as scikit-learn), not "n/a"; a set of one true class
+    # has no precision or F1 overall either (it had precision 1.0 and an F1 over generated images only)
+    from fxjax.detection_metrics import summarize
+
+    rows = [dict(label=label, predicted=pred, correct=label == pred, format_ok=True)
+            for label, pred in (("generated", "real"), ("generated", "none"), ("real", "real"))]
+    never = summarize(rows)
+    assert never["precision"] is None and never["recall"] == 0.0 and never["f1"] == 0.0
+    one_class = summarize([dict(rows[0], predicted="generated", correct=True), rows[1]])
+    assert one_class["precision"] is None and one_class["f1"] is None and one_class["recall"] == 0.5
+    assert summarize([rows[2]])["f1"] is None  # no generated image, none called generated: 0 / 0
     assert by["(none)"]["precision"] is None  # the real images
     assert by["B"]["accuracy"] == 0 and by["B"]["mean_iou"] == 0 and by["B"]["precision"] is None
     assert by["(none)"]["accuracy"] == pytest.approx(1 / 2) and by["(none)"]["mean_iou"] is None

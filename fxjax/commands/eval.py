@@ -31,7 +31,8 @@ parser (docs/format.md, docs/rewards.md), and the paper's metrics.
 
 Metrics (metrics.json and the printed table):
   accuracy     share of images whose first <verdict> equals the truth
-  precision, recall, F1 of the class "generated" (no verdict counts as not "generated")
+  precision, recall, F1 of the class "generated" (no verdict counts as not "generated"; F1 2TP / (2TP + FP
+               + FN): 0 when no image is called generated); none on a set or group of one true class
   format rate  share of completions passing the authors' format check for their true label
   mean IoU     matched IoU (each predicted box takes the nearest unmatched true box by centre distance;
                sum of IoUs / number of true boxes), averaged over the generated images with boxes
