@@ -163,6 +163,13 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     bom.write_bytes(b"\xef\xbb\xbf" + dataset.read_bytes())
     by = run_scripted(bom, tokenizer_dir, tmp_path / "bom", ScriptedDecoder(SCRIPT), group_by=("camera",))["by"]
     assert list(by["camera"]) == ["dslr", "phone", "(none)"]
+    # a line that is not UTF-8, skipped by --on-error skip, is not read again for the grouping keys
+    from fxjax.commands.eval import raw_objects
+
+    broken = dataset.with_name("test_broken.jsonl")
+    broken.write_bytes(dataset.read_bytes() + b'{"id": "bad \xff"}\n')
+    records, _ = load_records([broken], on_error="skip")
+    assert [obj.get("camera") for obj in raw_objects(records).values()] == [None, None, None, "phone", "dslr"]
 
 
 def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, tokenizer_dir, tmp_path):

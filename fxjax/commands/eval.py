@@ -189,10 +189,10 @@ def raw_objects(records) -> dict[str, dict]:
         wanted.setdefault(file, set()).add(int(line))
     out = {}
     for file, lines in wanted.items():
-        with open(file, encoding="utf-8-sig") as f:  # as records.load_records reads them (a BOM is allowed)
-            for n, line in enumerate(f, 1):
+        with open(file, "rb") as f:  # bytes, as records.load_records reads them: a line that is not UTF-8
+            for n, line in enumerate(f, 1):  # (skipped there under --on-error skip) is never decoded
                 if n in lines:
-                    out[f"{file}:{n}"] = json.loads(line)
+                    out[f"{file}:{n}"] = json.loads(line)  # (json detects a UTF-8 BOM in bytes)
     return out
 
 
