@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MIN_PIXELS",
     "MAX_ASPECT_RATIO",
     "model_input_size",
+    "pil_to_rgb",
     "process_image",
     "smart_resize",
 ]
@@ -88,7 +89,8 @@ def model_input_size(
     )
 
 
-def _pil_to_rgb(image: Image.Image) -> Image.Image:
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image as the model sees it: RGB, with any transparency composited onto white (a new image)."""
     # HF composites anything with an alpha band (or a palette/tRNS transparency)
     # onto white rather than dropping alpha; note "A" also matches LAB's a* band,
     # which HF treats the same way, so we do too.
@@ -156,7 +158,7 @@ def process_image(
         raise TypeError(f"expected a PIL.Image.Image or numpy array, got {type(image).__name__}")
     # Validate size before any conversion so bad inputs fail with a clear message.
     resized_h, resized_w = model_input_size(height, width, min_pixels, max_pixels, patch_size, merge_size)
-    rgb = _pil_to_rgb(image) if isinstance(image, Image.Image) else Image.fromarray(_array_to_rgb(image))
+    rgb = pil_to_rgb(image) if isinstance(image, Image.Image) else Image.fromarray(_array_to_rgb(image))
     # HF resizes the uint8 image with PIL bicubic (PIL's default reducing_gap,
     # i.e. none) and only then rescales, so the resize sees 8-bit pixels and
     # its output is already quantised back to uint8.

@@ -16,6 +16,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from fxjax.image_processing import pil_to_rgb
+
 __all__ = ["BOX_COLOURS", "VERDICT_COLOURS", "draw_detection"]
 
 # Distinct, saturated colours for successive regions (cycled).
@@ -57,7 +59,7 @@ def draw_detection(image: Image.Image, regions: Sequence[tuple[str, Sequence[flo
                    note: str | None = None) -> Image.Image:
     """A new RGB image: `image` with each (caption, box) of `regions` outlined and numbered, its caption
     above the box, and the verdict (or, without one, `note`) in the top-left corner."""
-    out = image.convert("RGB")  # a copy: the caller's image is left as it is
+    out = pil_to_rgb(image)  # a copy, as the model saw it (transparency on white): the caller's image is left as is
     width, height = out.size
     scale = max(width, height)
     line = max(2, round(scale / 250))

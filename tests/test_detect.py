@@ -207,3 +207,17 @@ def test_an_empty_prompt_or_a_zero_length_is_refused_naming_the_flag(tiny_vl_dir
                            (["--max-length", "0"], "--max-length must be >= 1, got 0")):
         assert main(["detect", "x.png", "--model", str(tiny_vl_dir), "--no-overlay", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_an_overlay_shows_a_transparent_image_as_the_model_saw_it():
+    """Transparency is composited on white for the model (HF's rule): the overlay does the same (it
+    dropped the alpha band, showing a transparent image black)."""
+    from PIL import Image
+
+    from fxjax.image_processing import pil_to_rgb
+    from fxjax.overlay import draw_detection
+
+    for image in (Image.new("RGBA", (64, 48), (0, 0, 0, 0)), Image.new("LA", (64, 48), (0, 0))):
+        out = draw_detection(image, [], "real")
+        assert out.mode == "RGB" and out.getpixel((60, 44)) == (255, 255, 255)
+        assert out.getpixel((60, 44)) == pil_to_rgb(image).getpixel((60, 44))
