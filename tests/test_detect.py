@@ -204,9 +204,23 @@ def test_an_empty_prompt_or_a_zero_length_is_refused_naming_the_flag(tiny_vl_dir
                            (["--user-prompt", "Is <|image_pad|> real?"],
                             "--user-prompt contains the reserved token '<|image_pad|>'"),
                            (["--system-prompt", "S<image>"], "--system-prompt: <image> belongs in the user prompt"),
-                           (["--max-length", "0"], "--max-length must be >= 1, got 0")):
+                           (["--max-length", "0"], "--max-length must be >= 1, got 0"),
+                           (["--min-pixels", "100000", "--max-pixels", "40000"],
+                            "min_pixels 100000 is above max_pixels 40000")):
         assert main(["detect", "x.png", "--model", str(tiny_vl_dir), "--no-overlay", *flags]) == 2
         assert message in capsys.readouterr().err
+    # a file as --model (a photo given first by mistake) is a bad model (2), not a tokenizer's traceback
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"not really a png")
+    assert main(["detect", "x.png", "--model", str(photo), "--no-overlay"]) == 2
+    assert f"--model: {photo} is a file; give an HF model directory" in capsys.readouterr().err
+
+
+def test_a_directory_among_the_images_is_named_as_one(tmp_path):
+    from fxjax.commands.detect import image_records
+
+    _, failed, _ = image_records([str(tmp_path)], system="s", user="u", min_pixels=3136, max_pixels=12544)
+    assert failed == [(str(tmp_path), "a directory, not an image file")]  # it said "no such file"
 
 
 def test_an_overlay_shows_a_transparent_image_as_the_model_saw_it():

@@ -102,6 +102,9 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
 
     records, failed, shrunk = [], [], []
     for path in paths:
+        if Path(path).is_dir():  # (image_size would call it "not a file", reported as no such file)
+            failed.append((path, "a directory, not an image file"))
+            continue
         try:
             width, height = image_size(path, max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS, True)
             mh, mw = model_input_size(height, width, min_pixels, max_pixels)  # the processor's own checks
@@ -112,9 +115,6 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
                                      f"at {fw}x{fh} ({fh * fw // 784} image tokens)"))
         except FileNotFoundError:
             failed.append((path, "no such file"))
-            continue
-        except IsADirectoryError:
-            failed.append((path, "a directory, not an image file"))
             continue
         except (OSError, ValueError, SyntaxError, ImageError) as err:
             failed.append((path, str(err) or type(err).__name__))

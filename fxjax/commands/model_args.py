@@ -169,6 +169,10 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not Path(value).exists():
             raise FileNotFoundError(f"--{name}: {value} does not exist")
+        if value is not None and name != "tokenizer" and not Path(value).is_dir():
+            what = {"model": "an HF model directory", "adapter": "a PEFT adapter directory",
+                    "run": "a training run's directory"}[name]
+            raise NotADirectoryError(f"--{name}: {value} is a file; give {what}")
     model = Path(args.model) if args.model is not None else None
     if model is not None and (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
         raise ValueError(f"--model: {model} is a PEFT adapter, not a model: pass --model BASE_MODEL_DIR "
@@ -228,6 +232,9 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         if isinstance(value, int) and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
         data[key] = value
+    if data["min_pixels"] > data["max_pixels"]:  # (every image would fail to resize, one by one)
+        raise ValueError(f"min_pixels {data['min_pixels']} is above max_pixels {data['max_pixels']} (--min-pixels, "
+                         "--max-pixels, or the model's preprocessor_config.json / the run's data settings)")
     return Detector(args=args, tokenizer=str(tokenizer), data=data, source=source)
 
 
