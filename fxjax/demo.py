@@ -57,7 +57,7 @@ from fxjax.demo_summary import STAGES, held_out_stage_rewards, phase_table, stag
 
 __all__ = ["DEMO", "QUICK", "run_demo"]
 
-# The demo's run: 7-11 minutes on 2 idle CPU cores (CI 2026-12-02: 7.0 min; SFT 159 s, GRPO 206 s; the same
+# The demo's run: 5-11 minutes on 2 idle CPU cores (CI 2026-12-02: 7.0 min; SFT 159 s, GRPO 206 s; the same
 # VM has taken up to 11.4 min on slower days).
 # SFT: 200 steps at lr 1e-3 learn the format and the verdict and the row in part (seed 0 while tuning: 100% /
 # 100% / IoU 0.76 held out; 120 steps 0.79 with the two row digits barely apart, 300 steps 1.00).

@@ -144,3 +144,17 @@ def test_readme_training_commands_pass_config_validation(monkeypatch):
         cfg = load_sft_config(args.config, overrides=args.set or [], log=notes.append)
         assert cfg.model.path is not None and cfg.data.train_files
         assert (cfg.train.steps is None) != (cfg.train.epochs is None)
+
+
+def test_readme_grpo_commands_pass_config_validation(monkeypatch):
+    """Each README `fxjax grpo` line gives a valid GRPOConfig from its config file and --set overrides (one
+    lacked data.train_files, which configs/grpo.yaml leaves empty, and failed as written)."""
+    from fxjax.grpo_config import load_grpo_config
+
+    monkeypatch.chdir(README.parent)
+    grpo = [words for words in fxjax_commands() if words[0] == "grpo"]
+    assert len(grpo) >= 2
+    for words in grpo:
+        args = build_parser().parse_args(words)
+        cfg = load_grpo_config(args.config, overrides=args.set or [], log=lambda text: None)
+        assert cfg.data.train_files, words

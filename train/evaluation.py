@@ -2,11 +2,13 @@
 
 * loss: mean token cross-entropy over the assistant spans (the training loss, without dropout);
 * generation: greedy decoding with the KV cache (`model.generate.generate_device`) from the prompt alone,
-  the completion decoded up to <|im_end|>, then `rewards.score` against the record's label and boxes:
+  the completion decoded up to its stop token (<|im_end|> or an eos of the model's generation_config.json,
+  `fxjax.hf_checkpoint.stop_token_ids`), then `rewards.score` against the record's label and boxes:
   ``format_rate`` (the authors' format check), ``verdict_accuracy`` (the first verdict equals the truth)
   and ``mean_iou`` (matched IoU, averaged over the held-out images that have boxes).
 
-Every process runs the same evaluation on the same (replicated) batches; the numbers agree.
+Every process reads every held-out record and builds the same batches; each batch splits over the mesh's
+data x fsdp devices (one that cannot split is refused when the run starts), so the numbers agree.
 """
 
 from __future__ import annotations
