@@ -11,8 +11,10 @@ out of it one slice at a time, so neither direction holds more than one HF tenso
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ from fxjax.merged_lora import merge_record, merged_fingerprints, write_merged_re
 from fxjax.model.generate import GenerationDefaults
 from fxjax.model.lora import BASE_PARAMS, LoRAConfig, lora_linears, merge_lora
 from fxjax.model.qwen2_5_vl import as_dtype
+
+logger = logging.getLogger(__name__)
 
 # Files a checkpoint directory carries besides weights and config: copied on export so the output serves.
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -156,8 +160,8 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         if naming_of(name) == TRANSFORMERS:
             naming = TRANSFORMERS
         path = param_path(name)
-        if path == ("lm_head", "kernel") and model.config.tie_word_embeddings:
-            continue  # tied: HF ignores a stored lm_head too
+        if path == _HEAD and model.config.tie_word_embeddings:
+            continue  # tied: a stored copy equal to the embeddings (from_pretrained unties a distinct one)
         # A per-layer tensor of stacked layers fills slice `index` of the stacked parameter `target`.
         target, index = (path, None) if path is None or path in params else unstack(path)
         if target not in params:
@@ -234,6 +238,19 @@ def exact_param_dtype(directory: str | Path) -> str:
     return "bfloat16" if stored_dtypes(directory) == {"bfloat16"} else "float32"
 
 
+def _stored_head_differs(files: dict[str, Path]) -> bool:
+    """Whether the checkpoint stores an lm_head.weight unequal to its embeddings (transformers 5 then
+    leaves a tied config untied; 4.x tied them all the same)."""
+    names = {param_path(name): name for name in files if param_path(name) in (_EMBED, _HEAD)}
+    if len(names) < 2:
+        return False
+    head, embed = (_read_tensor(files[names[p]], names[p]) for p in (_HEAD, _EMBED))
+    return head.shape != embed.shape or not np.array_equal(head, embed)
+
+
+_EMBED, _HEAD = ("embed_tokens", "embedding"), ("lm_head", "kernel")
+
+
 def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None,
                     *, mesh: jax.sharding.Mesh | None = None, adapter: str | Path | None = None,
                     lora: LoRAConfig | None = None, lora_seed: int = 0, scan_layers: bool = False) -> Qwen25VL:
@@ -254,6 +271,10 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     cfg, raw = load_config(directory)
     cfg = cfg.with_scan_layers(scan_layers)
     files = weight_files(directory)
+    if cfg.tie_word_embeddings and _stored_head_differs(files):
+        logger.warning("%s: config.json ties the output head to the embeddings, but the checkpoint stores an "
+                       "lm_head.weight that differs from them: loaded untied, as transformers 5 does", directory)
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     model = abstract_model(cfg, as_dtype(dtype), as_dtype(param_dtype or dtype))
     naming = load_weights(model, files, placer(mesh) if mesh is not None else None)
     model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))

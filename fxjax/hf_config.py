@@ -31,6 +31,11 @@ def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
     section = rope.get("mrope_section")
     if section is None:
         raise ConfigError(f"{source}: no mrope_section in rope_parameters/rope_scaling")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "mrope"):  # (transformers would scale the rotary angles: other logits)
+        raise ConfigError(f"{source}: rope type {kind!r} in rope_parameters/rope_scaling is not supported: fxjax "
+                          "implements Qwen2.5-VL's plain M-RoPE (rope type 'default' or 'mrope'); remove the "
+                          "scaling keys to load the model as released")
     if flat.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5-VL releases have it off)")
     try:

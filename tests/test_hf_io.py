@@ -388,6 +388,33 @@ def test_error_bad_model_type(tiny_checkpoint, tmp_path):
         fxjax.from_pretrained(bad)
 
 
+def test_a_tied_config_with_a_distinct_stored_head_loads_untied_as_transformers(tiny_checkpoint, tmp_path, prompt):
+    """config.json ties the head, the weights store an lm_head unequal to the embeddings: transformers 5
+    leaves them untied (with a warning); fxjax dropped the stored head and ran the embeddings instead."""
+    tied = tmp_path / "tied_config"
+    shutil.copytree(tiny_checkpoint, tied)
+    raw = json.loads((tied / "config.json").read_text())
+    raw["tie_word_embeddings"] = raw["text_config"]["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(raw))
+    ref = hf_logits(load_hf_model(tied), prompt[0], None, prompt[1], prompt[2])
+    model = fxjax.from_pretrained(tied, dtype="float32")
+    assert not model.config.tie_word_embeddings and model.lm_head is not None
+    assert rel_err(fx_logits(model, prompt), ref) <= TOL
+
+
+def test_error_rope_scaling_is_refused(tiny_checkpoint, tmp_path):
+    """A YaRN (or other scaled) rope config is refused by name: fxjax read only theta and the sections and
+    ran plain M-RoPE where transformers scales the angles."""
+    bad = tmp_path / "yarn"
+    shutil.copytree(tiny_checkpoint, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    raw["text_config"]["rope_parameters"].update(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+    (bad / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"config\.json: rope type 'yarn' in rope_parameters/rope_scaling is not "
+                                          r"supported"):
+        fxjax.from_pretrained(bad)
+
+
 def test_error_index_names_missing_shard(tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad"
     save_hf_model(load_hf_model(tiny_checkpoint), bad, max_shard_size="20KB")
