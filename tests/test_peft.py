@@ -217,8 +217,14 @@ def _drop(weights, module):
     (lambda c: c | {"r": "4"}, None, r"adapter_config\.json: r must be a positive integer"),
     (None, lambda w: {_old_names(k) if "visual" in k else k: v for k, v in w.items()}, r"mixes"),
     (lambda c: c | {"target_modules": 5}, None, r"adapter_config\.json: target_modules must be a regex string or a list"),
+    # PEFT rewrites the base weights for these when it loads them: fxjax loaded them onto the plain base
+    (lambda c: c | {"init_lora_weights": "pissa_niter_4"}, None,
+     r"adapter_config\.json: init_lora_weights = 'pissa_niter_4' is not supported: PEFT rewrites the base weights"),
+    (lambda c: c | {"init_lora_weights": "olora"}, None, r"init_lora_weights = 'olora' is not supported"),
+    # layer 0 only: falsy, and it was taken for "not set"
+    (lambda c: c | {"layers_to_transform": 0}, None, r"adapter_config\.json: layers_to_transform = 0 is not supported"),
 ], ids=["wrong-r", "unknown-module", "dora-key", "missing-B", "missing-module", "unselected", "dora", "bias",
-        "peft-type", "bad-r", "mixed-naming", "target-modules-type"])
+        "peft-type", "bad-r", "mixed-naming", "target-modules-type", "pissa", "olora", "layer-0"])
 def test_bad_adapter_errors(bare, adapters, tmp_path, config, tensors, message):
     with pytest.raises(AdapterError, match=message):
         load_peft_adapter(bare, _broken(adapters, tmp_path, config=config, tensors=tensors))
