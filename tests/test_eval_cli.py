@@ -407,3 +407,27 @@ def test_in_run_eval_with_every_example_too_long_reports_no_loss(dataset, tiny_v
     result = evaluator.evaluate(None, None, None, None, generate=False)
     assert result.loss is None and result.examples == 0
     assert result.metrics() == {"examples": 0, "seconds": result.seconds, "dropped_too_long": 3}
+
+
+def test_predictions_without_their_settings_or_of_a_rewritten_step_are_not_reused(dataset, tokenizer_dir, tmp_path):
+    """predictions.jsonl with no settings.json (what made them is unknown) is refused, not adopted; with
+    --run, a step's checkpoint written again (a run started over from scratch) is other weights."""
+    import time
+
+    from fxjax.commands.eval import _weights_identity
+
+    out = tmp_path / "out"
+    run_scripted(dataset, tokenizer_dir, out, ScriptedDecoder(SCRIPT))
+    (out / "settings.json").unlink()
+    with pytest.raises(ValueError, match=r"holds predictions\.jsonl without settings\.json: .* --fresh"):
+        run_scripted(dataset, tokenizer_dir, out, ScriptedDecoder(SCRIPT))
+
+    step = tmp_path / "run" / "checkpoints" / "4"
+    step.mkdir(parents=True)
+    source = {"run": str(step.parent), "step": 4}
+    before = _weights_identity(source)
+    assert before["checkpoint_mtime_ns"] == step.stat().st_mtime_ns
+    step.rmdir()
+    time.sleep(0.05)  # (past the file system's timestamp granularity)
+    step.mkdir()
+    assert _weights_identity(source) != before

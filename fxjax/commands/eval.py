@@ -154,7 +154,10 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
     if fresh:
         for name in (PREDICTIONS, METRICS, SETTINGS):
             (out / name).unlink(missing_ok=True)
-    if (out / PREDICTIONS).is_file() and path.is_file():
+    if (out / PREDICTIONS).is_file() and not path.is_file():  # (written before the first prediction)
+        raise ValueError(f"{out} holds {PREDICTIONS} without {SETTINGS}: what made those predictions is unknown; "
+                         "pass --fresh to start over, or another --out")
+    if (out / PREDICTIONS).is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
@@ -301,9 +304,12 @@ def prompt_data_config(args: argparse.Namespace, data: dict, tokenizer: str):
 def _weights_identity(source: dict) -> dict:
     """What identifies the weights beyond their paths, so a resume notices an overwritten export: the
     adapter's files' sha256 (small), the size and mtime of the model directory's safetensors and JSON files
-    (weights, index, config; hashing GBs would be slow). With --run the base model's; its step's LoRA is
-    the checkpoint's, which a run does not rewrite."""
+    (weights, index, config; hashing GBs would be slow). With --run the base model's, and the mtime of the
+    step's checkpoint directory: a run does not rewrite a step, but one started again from scratch (its
+    checkpoints moved away) writes a new one."""
     identity = {}
+    if source.get("run") and source.get("step") is not None and (Path(source["run"]) / str(source["step"])).is_dir():
+        identity["checkpoint_mtime_ns"] = (Path(source["run"]) / str(source["step"])).stat().st_mtime_ns
     if source.get("adapter"):
         adapter = Path(source["adapter"])
         identity["adapter_sha256"] = {f.name: _sha256(str(f)) for f in sorted(adapter.iterdir())
