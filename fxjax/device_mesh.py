@@ -77,6 +77,8 @@ class MeshConfig:
                 sizes[key] = int(value)
             except (TypeError, ValueError):
                 raise ShardingError(f"mesh.{key}: {value!r} is not an integer") from None
+            if isinstance(value, bool) or sizes[key] != value and not isinstance(value, str):  # 2.5 became 2
+                raise ShardingError(f"mesh.{key}: {value!r} is not an integer")
         return cls(**sizes)
 
     @property

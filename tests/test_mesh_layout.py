@@ -242,3 +242,11 @@ def test_a_second_minus_one_names_the_data_default():
     """mesh.fsdp=-1 alone meets data's default -1: the error says where the second -1 came from."""
     with pytest.raises(ShardingError, match=r"at most one mesh size may be -1, .*data is -1 unless set .*mesh.data=1"):
         MeshConfig(data=-1, fsdp=-1).resolve(8)
+
+
+def test_mesh_sizes_that_are_not_integers_are_refused():
+    """MeshConfig.from_dict (make_mesh's dict form) truncated 2.5 to 2 and took true for 1."""
+    assert MeshConfig.from_dict({"data": "2", "fsdp": 4.0}).shape == (2, 4, 1)
+    for value in (2.5, True, "two"):
+        with pytest.raises(ShardingError, match=r"mesh\.fsdp: .* is not an integer"):
+            MeshConfig.from_dict({"fsdp": value})
