@@ -137,7 +137,9 @@ def process_image(
     image_mean: Sequence[float] = CLIP_MEAN,
     image_std: Sequence[float] = CLIP_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess one still image exactly like ``Qwen2VLImageProcessorPil``.
+    """Preprocess one still image exactly like ``Qwen2VLImageProcessorPil`` (transformers' PIL backend; the
+    torchvision backend, which AutoImageProcessor picks when torchvision is installed, resizes with other
+    rounding: serve with ``backend="pil"`` for the pixels training saw).
 
     The pixel limits default to that class's own (max 28*28*1280 = 1,003,520 pixels); Qwen2.5-VL's Hub
     checkpoints, their preprocessor_config.json and fxjax training (`data.max_pixels`) use 12,845,056, so
