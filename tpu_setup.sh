@@ -304,6 +304,11 @@ validate() {
     if [[ -d $SOURCE && $CONFIG != /* && ! -f $SOURCE/$CONFIG ]]; then
       die "--config $CONFIG: no such file in $SOURCE (the path is relative to the project directory)"
     fi
+    # setup ships a checkout's tracked and not-ignored files only (pack_local_source): an ignored config
+    # (out/, runs/, fxjax-demo/) would be found here and missing on every worker
+    if [[ -d $SOURCE && -e $SOURCE/.git && $CONFIG != /* ]] && git -C "$SOURCE" check-ignore -q -- "$CONFIG"; then
+      die "--config $CONFIG: git ignores it in $SOURCE, so setup does not ship it to the workers; move it out of the ignored folder (e.g. under configs/)"
+    fi
   fi
   for kv in ${SETS[@]+"${SETS[@]}"}; do
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_.-]*= ]] || die "--set $kv: expected KEY=VALUE with a dotted config KEY"

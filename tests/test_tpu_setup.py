@@ -366,3 +366,23 @@ def test_readme_tpu_setup_examples_dry_run(fake_bin):
     assert any("v5litepod-8" in line for line in lines) and any("v5p-64" in line for line in lines)
     for line in lines:
         assert commands(dry_run(fake_bin, *shlex.split(line)[1:])), line
+
+
+def test_a_config_git_ignores_is_refused_before_anything_runs(fake_bin, tmp_path):
+    """setup ships a checkout's tracked and not-ignored files: a --config under an ignored folder (out/,
+    fxjax-demo/) was found here, passed the check, and was missing on every worker at launch."""
+    source = tmp_path / "checkout"
+    (source / "out").mkdir(parents=True)
+    (source / "pyproject.toml").write_text("[project]\nname = 'fxjax'\n")
+    (source / ".gitignore").write_text("/out/\n")
+    (source / "out" / "my.yaml").write_text("train: {}\n")
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    result = run_script("--dry-run", "launch", "--zone", "z", "--project", "p", "--source", str(source),
+                        "--config", "out/my.yaml", path=f"{fake_bin}:{SYSTEM_PATH}",
+                        extra_env={"FAKE_DIR": str(fake_bin)})
+    assert result.returncode == 2, result.stderr
+    assert "--config out/my.yaml: git ignores it in" in result.stderr and "does not ship it" in result.stderr
+    (source / "my.yaml").write_text("train: {}\n")  # not ignored: accepted
+    assert "--config" not in run_script("--dry-run", "launch", "--zone", "z", "--project", "p", "--source",
+                                        str(source), "--config", "my.yaml", path=f"{fake_bin}:{SYSTEM_PATH}",
+                                        extra_env={"FAKE_DIR": str(fake_bin)}).stderr
