@@ -280,6 +280,18 @@ def test_queued_create_waits_until_active(fake_bin, monkeypatch):
     failed = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
                         path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "missing,FAILED"})
     assert failed.returncode == 2 and "queued resource fxjax-tpu is FAILED" in failed.stderr
+    # a describe that fails now and then (an API hiccup) is retried; five failures in a row end the wait
+    _executable(fake_bin / "sleep", "#!/usr/bin/env bash\nexit 0\n")  # no 30 s waits here
+    for count in fake_bin.glob("describe.count"):
+        count.unlink()
+    flaky = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
+                       path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "missing,missing,WAITING,ACTIVE"})
+    assert flaky.returncode == 0, flaky.stderr
+    assert "unknown (describe failed: NOT_FOUND); waiting" in flaky.stdout + flaky.stderr
+    (fake_bin / "describe.count").unlink()
+    broken = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
+                        path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "missing"})
+    assert broken.returncode == 2 and "failed 5 times in a row: NOT_FOUND" in broken.stderr
 
 
 @pytest.fixture
