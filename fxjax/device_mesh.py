@@ -77,7 +77,7 @@ class MeshConfig:
                 sizes[key] = int(value)
             except (TypeError, ValueError):
                 raise ShardingError(f"mesh.{key}: {value!r} is not an integer") from None
-            if isinstance(value, bool) or sizes[key] != value and not isinstance(value, str):  # 2.5 became 2
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):  # 2.5 became 2
                 raise ShardingError(f"mesh.{key}: {value!r} is not an integer")
         return cls(**sizes)
 

@@ -42,6 +42,8 @@ from fxjax.model.qwen2_5_vl import as_dtype
 
 logger = logging.getLogger(__name__)
 
+_EMBED, _HEAD = ("embed_tokens", "embedding"), ("lm_head", "kernel")  # fxjax paths of the input and output heads
+
 # Files a checkpoint directory carries besides weights and config: copied on export so the output serves.
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
@@ -202,9 +204,8 @@ def _dtype_name(safetensors_dtype: str) -> str:
     return safetensors_dtype.lower().replace("bf16", "bfloat16").replace("f32", "float32").replace("f16", "float16")
 
 
-def _disk_dtype(files: dict[str, Path]) -> str:
-    """The dtype export writes by default: the checkpoint's, or float32 for one of mixed dtypes (float32
-    norms beside bfloat16 weights, say), which holds all of them (headers only, nothing read)."""
+def _header_dtypes(files: dict[str, Path]) -> set[str]:
+    """The dtypes of the named tensors (safetensors headers only, nothing read)."""
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -212,6 +213,13 @@ def _disk_dtype(files: dict[str, Path]) -> str:
     for file, names in by_file.items():
         with open_safetensors(file, CheckpointError) as f:
             found.update(_dtype_name(str(f.get_slice(name).get_dtype())) for name in names)
+    return found
+
+
+def _disk_dtype(files: dict[str, Path]) -> str:
+    """The dtype export writes by default: the checkpoint's, or float32 for one of mixed dtypes (float32
+    norms beside bfloat16 weights, say), which holds all of them."""
+    found = _header_dtypes(files)
     return found.pop() if len(found) == 1 else "float32"
 
 
@@ -219,16 +227,8 @@ def stored_dtypes(directory: str | Path) -> set[str]:
     """The dtypes of the tensors `from_pretrained` loads from the checkpoint in `directory` (safetensors
     headers only, nothing read; buffers it ignores and a tied model's stored lm_head left out)."""
     tied = load_config(Path(directory))[0].tie_word_embeddings
-    by_file: dict[Path, list[str]] = {}
-    for name, file in weight_files(Path(directory)).items():
-        if is_ignored(name) or (tied and param_path(name) == ("lm_head", "kernel")):
-            continue
-        by_file.setdefault(file, []).append(name)
-    found: set[str] = set()
-    for file, names in by_file.items():
-        with open_safetensors(file, CheckpointError) as f:
-            found.update(_dtype_name(str(f.get_slice(name).get_dtype())) for name in names)
-    return found
+    return _header_dtypes({name: file for name, file in weight_files(Path(directory)).items()
+                           if not (is_ignored(name) or (tied and param_path(name) == _HEAD))})
 
 
 def exact_param_dtype(directory: str | Path) -> str:
@@ -246,9 +246,6 @@ def _stored_head_differs(files: dict[str, Path]) -> bool:
         return False
     head, embed = (_read_tensor(files[names[p]], names[p]) for p in (_HEAD, _EMBED))
     return head.shape != embed.shape or not np.array_equal(head, embed)
-
-
-_EMBED, _HEAD = ("embed_tokens", "embedding"), ("lm_head", "kernel")
 
 
 def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None,
@@ -400,12 +397,8 @@ def stop_token_ids(model: Qwen25VL, im_end: int) -> tuple[int, ...]:
     TRL's GRPO stop at (Qwen2.5-VL-Instruct's: <|im_end|> and <|endoftext|>). A model built otherwise (a
     preset, random weights) stops at <|im_end|> only."""
     source: HFSource | None = getattr(model, "hf_source", None)
-    extra = _generation_eos(source.directory) if source is not None else ()
+    extra = (generation_defaults(source.directory).eos_token_ids or ()) if source is not None else ()
     return tuple(dict.fromkeys((int(im_end), *extra)))
-
-
-def _generation_eos(directory: str) -> tuple[int, ...]:
-    return generation_defaults(directory).eos_token_ids or ()
 
 
 def generation_defaults(directory: str) -> GenerationDefaults:

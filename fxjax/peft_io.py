@@ -50,8 +50,8 @@ _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
                 "target_parameters", "trainable_token_indices", "layer_replication", "use_qalora",
                 "alora_invocation_tokens", "use_bdlora", "arrow_config", "fan_in_fan_out")
-# init_lora_weights values that only set A and B (the base weights as they are): the adapter is A and B
-_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+# init_lora_weights values (besides true / false) that only set A and B, the base weights as they are
+_PLAIN_INITS = ("gaussian", "orthogonal", "eva")
 _AUTO_MAPPING = {"base_model_class": "Qwen2_5_VLForConditionalGeneration",
                  "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"}
 
@@ -96,7 +96,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
         if value is not None and value is not False and value not in ([], {}, ""):
             raise AdapterError(f"{path}: {key} = {raw[key]!r} is not supported by fxjax")
     init = raw.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS or isinstance(init, (int, float)) and not isinstance(init, bool):
+    if not (isinstance(init, bool) or init in _PLAIN_INITS):
         raise AdapterError(f"{path}: init_lora_weights = {init!r} is not supported: PEFT rewrites the base weights "
                            "for it when it loads the adapter (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), which fxjax does "
                            "not; convert it to a plain LoRA adapter with PEFT's save_pretrained(..., "

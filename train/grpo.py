@@ -65,8 +65,8 @@ from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, comple
                                  rollout_sums, sample_and_score)
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, mesh_record, per_process_state, resumed_start,
-                                   start_description, start_run)
+                                   keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
+                                   resumed_start, start_description, start_run)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
@@ -276,7 +276,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
 
     def save(step: int) -> None:
         stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
-        iterator_states = per_process_state(iterator.get_state(), len(mine.rows))  # every process's own position
+        iterator_states = per_process_state(iterator.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage,
                                         "skipped": skipped, "mesh": mesh_record(mesh)}, resolved)
 

@@ -92,6 +92,7 @@ class LoopControl:
         self.evaluate = evaluate
         self.bar = ProgressBar(steps_total, first, enabled=show_progress and cfg.train.progress_bar, desc=name)
         self.signals = PreemptionSignals()
+        self.metrics = metrics
         self._closing = (metrics, iterator)
 
     def __enter__(self) -> "LoopControl":
@@ -101,7 +102,7 @@ class LoopControl:
         if self.evaluate is not None and self.eval_at_start and self.last_saved is None:
             self.evaluate("start")
         if self.last_saved is not None and self._periodic_eval_due(self.last_saved) \
-                and not allgather_json("eval-logged", self._closing[0].logged("eval", self.last_saved))[0]:
+                and not allgather_json("eval-logged", self.metrics.logged("eval", self.last_saved))[0]:
             # the step's evaluation runs after its checkpoint is saved: a process killed in between (an
             # evaluation takes a while) leaves the checkpoint without it. The main process's file decides.
             self.evaluate("periodic")

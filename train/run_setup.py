@@ -44,7 +44,7 @@ from fxjax.run_files import (START_FILE, START_LORA_DIR, RunLoadError, brief_err
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "check_resume_mesh", "evaluates",
            "init_state", "keep_start_lora", "mesh_record", "opt_state_shardings", "per_process_state", "place",
-           "restore_iterator", "restore_latest", "resumed_start"]
+           "process_rows_per_batch", "restore_iterator", "restore_latest", "resumed_start"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
@@ -317,7 +317,7 @@ def restore_iterator(iterator, saved: dict, where, rows_per_batch: int | None = 
     iterator.set_state(states[me])
 
 
-def rows_per_batch(data_cfg) -> int:
+def process_rows_per_batch(data_cfg) -> int:
     """How many rows of each global batch this process's data pipeline reads (its `batch_rows`, or all)."""
     return data_cfg.batch_size if data_cfg.batch_rows is None else len(data_cfg.batch_rows)
 
@@ -376,7 +376,7 @@ def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total
                                      async_save=cfg.checkpoint.async_save)
     iterator = iter(pipeline)
     resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched, recorded,
-                         rows_per_batch=rows_per_batch(pipeline.cfg))
+                         rows_per_batch=process_rows_per_batch(pipeline.cfg))
     if resumed is None:
         return RunStart(tx, schedule, state, shardings, checkpointer, iterator, {}, None)
     check_resume_mesh(resumed.data_state.get("mesh"), mesh, log)

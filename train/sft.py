@@ -44,8 +44,8 @@ from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation,
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, mesh_record, per_process_state, resumed_start,
-                                   start_description, start_run)
+                                   keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
+                                   resumed_start, start_description, start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -209,7 +209,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
         # steps before it, and at the scheduled checkpoints logs what a straight run does
         if interval:
             metrics.log(step, "train", dict(interval.take(), learning_rate=last_rate, skipped=skipped))
-        iterator_states = per_process_state(batches.get_state(), len(mine.rows))  # every process's own position
+        iterator_states = per_process_state(batches.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor,
                                         "skipped": skipped, "mesh": mesh_record(mesh)}, resolved)
 

@@ -308,8 +308,10 @@ def _weights_identity(source: dict) -> dict:
     step's checkpoint directory: a run does not rewrite a step, but one started again from scratch (its
     checkpoints moved away) writes a new one."""
     identity = {}
-    if source.get("run") and source.get("step") is not None and (Path(source["run"]) / str(source["step"])).is_dir():
-        identity["checkpoint_mtime_ns"] = (Path(source["run"]) / str(source["step"])).stat().st_mtime_ns
+    step_dir = Path(source["run"]) / str(source["step"]) if source.get("run") and source.get("step") is not None \
+        else None
+    if step_dir is not None and step_dir.is_dir():
+        identity["checkpoint_mtime_ns"] = step_dir.stat().st_mtime_ns
     if source.get("adapter"):
         adapter = Path(source["adapter"])
         identity["adapter_sha256"] = {f.name: _sha256(str(f)) for f in sorted(adapter.iterdir())
