@@ -8,6 +8,22 @@ import sys
 from pathlib import Path
 
 from fxjax.commands import COMMAND_MODULES
+from fxjax.config_mapping import SEED_LIMIT
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: numpy, grain and nnx.Rngs all take [0, 2**32) (a larger seed overflowed nnx)."""
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -75,7 +91,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
                            max_regions=args.max_regions, fingerprint_scope=args.fingerprint_scope,
                            box_multiple=args.box_multiple, region_layout=args.region_layout, brief=args.brief,
                            row_code=args.row_code, row_code_scope=args.row_code_scope,
-                           artefacts=args.artefacts.split(",") if args.artefacts else None)
+                           artefacts=args.artefacts.split(",") if args.artefacts is not None else None)
     counts = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in files.items()}
     print(f"wrote {args.n} demo images to {Path(args.out) / 'images'}; "
           + ", ".join(f"{files[s]} ({counts[s]} records)" for s in files))
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny",
                    help="model preset (tiny, 3b, 7b, 32b, 72b; see `fxjax info`) or a preset YAML path "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random-init seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random-init seed (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype (default: %(default)s)")
     p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
@@ -163,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="output directory (images/, train.jsonl, test.jsonl)")
     p.add_argument("--n", type=int, default=1000,
                    help="number of images, half real, half generated (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=0.1,
                    help="share of the images in test.jsonl (default: %(default)s)")
     p.add_argument("--min-side", type=int, default=192,
@@ -231,11 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(both runs; the held-out metrics by phase) and `fxjax detect` overlays before/after -> one table. Offline; 5-11 "
                                    "minutes on 2 CPU cores (each phase's time is printed).")
     p.add_argument("--out", default="fxjax-demo", help="working directory (default: ./%(default)s)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=_positive_int, default=None,
                    help=f"SFT steps (default: {DEMO['sft']['steps']}; fewer with --quick)")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=_positive_int, default=None,
                    help=f"demo images to generate (default: {DEMO['images']}; fewer with --quick)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the demo data and the model's init (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="every phase in a few steps: a smoke run of the pipeline (learns nothing)")
     p.set_defaults(func=_cmd_demo)

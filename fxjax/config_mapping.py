@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "build_config", "check_positive", "load_yaml", "to_plain", "type_name"]
+__all__ = ["ConfigError", "SEED_LIMIT", "build_config", "check_positive", "check_seed", "load_yaml", "to_plain", "type_name"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,15 @@ _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def check_positive(value, where: str) -> None:
     if value <= 0:
         raise ConfigError(f"{where}: must be positive, got {value}")
+
+
+# Seeds reach numpy (non-negative only), grain and nnx.Rngs (int64): one range every seed fits.
+SEED_LIMIT = 2**32
+
+
+def check_seed(value, where: str) -> None:
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{where}: a seed must be in [0, 2**32), got {value}")
 
 
 def type_name(tp) -> str:

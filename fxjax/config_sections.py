@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fxjax.config_mapping import ConfigError, check_positive
+from fxjax.config_mapping import ConfigError, check_positive, check_seed
 
 __all__ = ["CheckpointSection", "DataSection", "DistributedSection", "EvalSection", "ExportSection", "LoRASection",
            "MeshSection", "ModelSection", "OptimSection", "REMAT_POLICIES", "TrainSection"]
@@ -42,6 +42,7 @@ class ModelSection:
     from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)
 
     def validate(self, where: str) -> None:
+        check_seed(self.init_seed, f"{where}.init_seed")
         if self.from_run is not None:
             if self.adapter is not None:
                 raise ConfigError(f"{where}.from_run: starts from that run's LoRA; set {where}.adapter=null")
@@ -75,6 +76,7 @@ class LoRASection:
 
     def validate(self, where: str) -> None:
         check_positive(self.rank, f"{where}.rank")
+        check_seed(self.init_seed, f"{where}.init_seed")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
 
@@ -136,6 +138,7 @@ class DataSection:
     def validate(self, where: str) -> None:
         if not self.train_files:
             raise ConfigError(f"{where}.train_files: give at least one JSONL file")
+        check_seed(self.seed, f"{where}.seed")
         for name in ("min_pixels", "max_pixels", "max_image_pixels", "max_length", "batch_size"):
             check_positive(getattr(self, name), f"{where}.{name}")
         if self.min_pixels > self.max_pixels:
@@ -185,6 +188,7 @@ class TrainSection:
     tensorboard: bool = True  # write TensorBoard events when a writer is installed
 
     def validate(self, where: str) -> None:
+        check_seed(self.seed, f"{where}.seed")
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: set exactly one of train.steps and train.epochs")
         if self.steps is not None:

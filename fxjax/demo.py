@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fxjax.config_mapping import check_seed
 from fxjax.demo_summary import STAGES, held_out_stage_rewards, phase_table, stage_trends
 
 __all__ = ["DEMO", "QUICK", "run_demo"]
@@ -270,6 +271,14 @@ def _detect(detector, decoder, images: list[dict]) -> list[dict]:
     return detect(records, decoder, config, out=None, emit=lambda result: None)
 
 
+def _outline_corners(box, scale: int, size: tuple[int, int]) -> list[int]:
+    """A box's (x2, y2 exclusive) outline on the image scaled `scale` times: its last pixels are x2 * scale - 1
+    and y2 * scale - 1 (drawn at x2 * scale, a band's edge on the image's border fell outside the tile)."""
+    x1, y1, x2, y2 = (int(round(v * scale)) for v in box)
+    return [min(x1, size[0] - 1), min(y1, size[1] - 1), min(max(x2 - 1, x1), size[0] - 1),
+            min(max(y2 - 1, y1), size[1] - 1)]
+
+
 def _overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Path, scale: int = 3) -> Path:
     """One PNG: a row per image, a column per phase; the phase's detection drawn by fxjax.overlay (boxes in
     colour, verdict top left) and the true region outlined in white."""
@@ -288,7 +297,7 @@ def _overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Pat
             tile = draw_detection(big, regions, r["verdict"], None if r["parsed"] else "answer did not parse")
             draw = ImageDraw.Draw(tile)
             for box in meta["boxes"]:
-                draw.rectangle([v * scale for v in box], outline=(255, 255, 255), width=1)
+                draw.rectangle(_outline_corners(box, scale, tile.size), outline=(255, 255, 255), width=1)
             row.append(tile)
         tiles.append(row)
     w, h = max(t.width for r in tiles for t in r), max(t.height for r in tiles for t in r)
@@ -313,11 +322,15 @@ def _overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Pat
 def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_images: int | None = None,
              quick: bool = False, seed: int = 0) -> int:
     start = time.perf_counter()
+    for name, value in (("steps", steps), ("n_images", n_images)):
+        if value is not None and value < 1:  # (0 is not "the default": it used to run the default)
+            raise ValueError(f"demo: {name} must be a positive integer or None (the default), got {value}")
+    check_seed(seed, "demo: seed")
     out = Path(out).absolute()
     _prepare_dir(out)
     phases = _Phases()
-    n_images = n_images or (QUICK["images"] if quick else DEMO["images"])
-    sft_steps = steps or (QUICK["sft_steps"] if quick else DEMO["sft"]["steps"])
+    n_images = n_images if n_images is not None else (QUICK["images"] if quick else DEMO["images"])
+    sft_steps = steps if steps is not None else (QUICK["sft_steps"] if quick else DEMO["sft"]["steps"])
     stage_steps = QUICK["stage_steps"] if quick else DEMO["grpo"]["stage_steps"]
     ev = QUICK["eval"] if quick else DEMO["eval"]
 

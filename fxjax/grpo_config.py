@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from fxjax.config_mapping import ConfigError, build_config, check_positive
+from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
 from fxjax.config_sections import TrainSection
 from fxjax.train_config import RunConfig, load_config_as
 
@@ -71,6 +71,7 @@ class GRPOSection:
     def validate(self, where: str) -> None:
         for name in ("num_generations", "max_completion_length", "num_iterations"):
             check_positive(getattr(self, name), f"{where}.{name}")
+        check_seed(self.seed, f"{where}.seed")
         if self.num_generations < 2:  # one sample per prompt: every advantage is 0, nothing is learned
             raise ConfigError(f"{where}.num_generations: must be >= 2 (the advantage compares a prompt's "
                               f"completions with each other), got {self.num_generations}")
@@ -82,6 +83,8 @@ class GRPOSection:
             raise ConfigError(f"{where}.top_k: must be >= 0 (0: off), got {self.top_k}")
         if not 0.0 <= self.epsilon < 1.0:
             raise ConfigError(f"{where}.epsilon: must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and not self.epsilon_high >= 0:  # below 0 the clip range turns over
+            raise ConfigError(f"{where}.epsilon_high: must be >= 0 or null, got {self.epsilon_high}")
         if self.beta < 0:
             raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
         if self.delta is not None and not self.delta > 1.0:

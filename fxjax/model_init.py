@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flax import nnx
 
 from fxjax.presets import load_preset
@@ -9,7 +11,7 @@ from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 
 
-def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "float32",
+def init_model(config: Qwen25VLConfig | str | os.PathLike, *, seed: int = 0, dtype: str = "float32",
                param_dtype: str | None = None, mesh=None, scan_layers: bool | None = None) -> Qwen25VL:
     """A Qwen2.5-VL with random weights; `config` may be a preset name or YAML path. `scan_layers` (None:
     as the config says) stacks the decoder layers under scan; the random weights then differ from the
@@ -17,7 +19,7 @@ def init_model(config: Qwen25VLConfig | str, *, seed: int = 0, dtype: str = "flo
 
     With `mesh` (fxjax.device_mesh.make_mesh) the weights are created under jit directly on their shards
     (no device ever holds a whole unsharded model); values match the unsharded init to float rounding."""
-    cfg = load_preset(config) if isinstance(config, str) else config
+    cfg = load_preset(config) if isinstance(config, (str, os.PathLike)) else config
     if scan_layers is not None:
         cfg = cfg.with_scan_layers(scan_layers)
 

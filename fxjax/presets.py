@@ -5,14 +5,13 @@ Light to import (no jax): the command line lists the presets in its help and err
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fxjax.config_mapping import load_yaml
+from fxjax.config_mapping import ConfigError, build_config, load_yaml
 
 if TYPE_CHECKING:
     from fxjax.model.config import Qwen25VLConfig
@@ -39,27 +38,16 @@ def preset_names() -> list[str]:
     return sorted((p.stem for p in PRESET_DIR.glob("*.yaml")), key=order)
 
 
-def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise PresetError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise PresetError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise PresetError(f"{where}: {err}") from None
-
-
 def config_from_yaml_dict(data: dict[str, Any], where: str) -> Qwen25VLConfig:
-    from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
+    """A preset's mapping -> the model config, every value checked against its field's type (as the run
+    configs are: fxjax.config_mapping): `rms_norm_eps: 1e-6`, which YAML reads as a string, becomes a number,
+    and a scalar `eos_token_id` is an error naming the key (it went into the model and config.json as given)."""
+    from fxjax.model.config import Qwen25VLConfig
 
-    data = dict(data or {})
-    text = _build(TextConfig, data.pop("text", {}), f"{where}: text")
-    vision = _build(VisionConfig, data.pop("vision", {}), f"{where}: vision")
-    return _build(Qwen25VLConfig, {**data, "text": text, "vision": vision}, where)
+    try:
+        return build_config(Qwen25VLConfig, data, "")
+    except ConfigError as err:
+        raise PresetError(f"{where}: {err}") from None
 
 
 def load_preset(name_or_path: str | Path) -> Qwen25VLConfig:

@@ -144,3 +144,39 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
         start, end = (float(v) for v in change.split(":")[1].split(", change")[0].split(" -> "))
         assert (start, end) == (mean(start_name, stage), mean(end_name, stage))
     assert "first digit of y1" in proc.stdout
+
+
+def test_overlay_outline_reaches_the_true_region_s_last_pixels(tmp_path):
+    """The white outline of a true region ends on its last pixels (x2 * scale - 1): drawn at x2 * scale, a
+    band on the image's border lost its right and bottom edges (outside the tile)."""
+    from PIL import Image
+
+    from fxjax.demo import _overlay_sheet
+
+    Image.new("RGB", (56, 56), (51, 51, 51)).save(tmp_path / "img.png")
+    meta = [{"image": tmp_path / "img.png", "boxes": [[0, 28, 56, 56]]}]
+    result = {"regions": [], "verdict": "generated", "parsed": True}
+    sheet = Image.open(_overlay_sheet(meta, {"after SFT": [result]}, tmp_path / "sheet.png", scale=3)).convert("RGB")
+    left, top = 6, 22  # the sheet's gap and header: the tile's top-left corner
+    white, grey = (255, 255, 255), (51, 51, 51)
+    assert sheet.getpixel((left + 167, top + 120)) == white  # the right edge, on the tile's last column
+    assert sheet.getpixel((left + 80, top + 167)) == white  # the bottom edge, on the tile's last row
+    assert sheet.getpixel((left + 80, top + 84)) == white  # the top edge (y1 = 28 -> 84)
+    assert sheet.getpixel((left + 80, top + 83)) == grey and sheet.getpixel((left + 166, top + 120)) == grey
+
+
+def test_demo_arguments_are_checked_before_any_work(tmp_path, capsys):
+    from fxjax.demo import run_demo
+
+    # 0 is not "the default" (it ran the default 200 SFT steps / 960 images)
+    for argv in (["--steps", "0"], ["--n", "0"], ["--seed", "-1"], ["--seed", str(2**63)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--out", str(tmp_path / "d"), *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {argv[0]}:" in err and ("positive integer" in err or "seed must be in [0, 2**32)" in err)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        run_demo(tmp_path / "d", steps=0)
+    with pytest.raises(ValueError, match=r"seed: a seed must be in \[0, 2\*\*32\), got -1"):
+        run_demo(tmp_path / "d", seed=-1)
+    assert not (tmp_path / "d").exists()

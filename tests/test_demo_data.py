@@ -93,7 +93,7 @@ def test_every_artefact_generator_changes_a_region():
         assert not np.array_equal(img[20:60, 10:50], photo[20:60, 10:50]), artefact.name
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError):
         make_demo_data(tmp_path / "a", n=0)
     with pytest.raises(ValueError):
@@ -104,6 +104,25 @@ def test_bad_arguments(tmp_path):
         make_demo_data(tmp_path / "d", n=2, fingerprint=-1)
     with pytest.raises(ValueError, match="max_regions"):
         make_demo_data(tmp_path / "e", n=2, max_regions=0)
+    with pytest.raises(ValueError, match=r"seed: a seed must be in \[0, 2\*\*32\), got -1"):
+        make_demo_data(tmp_path / "f", n=2, seed=-1)  # (numpy's own error did not name the seed)
+    # a split left empty was written without a word (n=4 at 0.1: test.jsonl with 0 records)
+    with pytest.raises(ValueError, match=r"n=4 with test_fraction=0.1 gives 4 train and 0 test images"):
+        make_demo_data(tmp_path / "g", n=4, test_fraction=0.1)
+    with pytest.raises(ValueError, match=r"gives 0 train and 1 test images"):
+        make_demo_data(tmp_path / "h", n=1, test_fraction=0.6)
+    assert not any((tmp_path / d).exists() for d in "fgh")
+    # an empty --artefacts is an error, not "every kind"
+    assert main(["make-demo-data", str(tmp_path / "i"), "--n", "10", "--artefacts", ""]) == 2
+    assert "artefacts must be a non-empty subset" in capsys.readouterr().err
+
+
+def test_overwrite_with_fewer_images_leaves_none_of_the_old_ones(tmp_path):
+    out = tmp_path / "d"
+    make_demo_data(out, n=12, seed=0, min_side=48, max_side=64)
+    (out / "images" / "notes.png").write_bytes(b"mine")  # not named as the demo's images: kept
+    make_demo_data(out, n=4, seed=0, test_fraction=0.25, min_side=48, max_side=64, overwrite=True)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)] + ["notes.png"]
 
 
 def test_demo_options_sides_fingerprint_and_region_count():

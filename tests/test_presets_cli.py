@@ -45,8 +45,15 @@ def test_params_key_draws_what_flax_draws_and_advances_the_stream():
 
 
 def test_preset_errors_name_the_key():
-    with pytest.raises(PresetError, match=r"text: unknown key\(s\) \['hidden'\]"):
+    with pytest.raises(PresetError, match=r"^x\.yaml: text\.hidden: unknown key; text takes \['vocab_size'"):
         config_from_yaml_dict({"text": {"hidden": 3}}, "x.yaml")
+    # every value has its field's type: YAML reads 1e-6 (no dot) as a string, which went into the model (its
+    # forward failed) and into config.json; a scalar eos_token_id failed in `fxjax info` with a TypeError
+    assert config_from_yaml_dict({"text": {"rms_norm_eps": "1e-6"}}, "x.yaml").text.rms_norm_eps == 1e-6
+    with pytest.raises(PresetError, match=r"^x\.yaml: eos_token_id: expected a list of integers, got 151645$"):
+        config_from_yaml_dict({"eos_token_id": 151645}, "x.yaml")
+    with pytest.raises(PresetError, match=r"^x\.yaml: vision\.depth: expected an integer, got '2'$"):
+        config_from_yaml_dict({"vision": {"depth": "2"}}, "x.yaml")
     with pytest.raises(PresetError, match="not found"):
         load_preset("no-such-preset")
 

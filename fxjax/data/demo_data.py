@@ -11,12 +11,15 @@ each with its caption, plus image-level tags and a templated reasoning text. Eve
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from fxjax.config_mapping import check_seed
 
 __all__ = ["ARTEFACTS", "FINGERPRINT_SCOPES", "PHOTOS", "REGION_LAYOUTS", "add_fingerprint", "add_row_code", "make_demo_data", "make_demo_example"]
 
@@ -328,6 +331,7 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     """
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    check_seed(seed, "seed")
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if not 32 <= min_side <= max_side:
@@ -364,10 +368,13 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     if not overwrite and (out / "images").is_dir() and any((out / "images").iterdir()):
         raise FileExistsError(f"{out / 'images'} already holds files the demo images would overwrite; "
                               "overwrite=True (`fxjax make-demo-data --overwrite`) replaces them")
+    n_test = int(round(n * test_fraction))
+    if n_test == n or (test_fraction > 0 and n_test == 0):  # (an empty split would be written without a word)
+        raise ValueError(f"n={n} with test_fraction={test_fraction} gives {n - n_test} train and {n_test} test "
+                         f"images; both need at least one (test_fraction=0: no test split wanted)")
     (out / "images").mkdir(parents=True, exist_ok=True)
     photos = _load_photos()
     generated = np.random.default_rng((seed, n, 7)).permutation(n) % 2 == 1
-    n_test = int(round(n * test_fraction))
     lines: dict[str, list[str]] = {"train": [], "test": []}
     for i in range(n):
         img, record = make_demo_example(i, seed, bool(generated[i]), photos, min_side, max_side, multiple,
@@ -379,4 +386,13 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
         lines["test" if i >= n - n_test else "train"].append(json.dumps(record, ensure_ascii=False))
     for split, path in files.items():
         path.write_text("".join(line + "\n" for line in lines[split]), encoding="utf-8")
+    _remove_stale_images(out / "images", n)
     return files
+
+
+def _remove_stale_images(images: Path, n: int) -> None:
+    """After an overwrite with fewer images: the earlier dataset's images past n, named as this module names
+    them, belong to no record now (left in place, they read as part of the dataset)."""
+    for path in images.iterdir():
+        if re.fullmatch(r"\d{6,}\.png", path.name) and int(path.stem) >= n:
+            path.unlink()
