@@ -118,8 +118,11 @@ def main() -> int:
     parser.add_argument("--interpret", action="store_true", help="small shapes, kernels emulated (any platform)")
     args = parser.parse_args()
     platform = current_platform()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from forward import cpu_model  # bench/forward.py (the host CPU: the timings on a CPU are its)
+
     print(json.dumps({"platform": platform, "devices": [d.device_kind for d in jax.local_devices()],
-                      "jax": jax.__version__}), flush=True)
+                      "host_cpu": cpu_model(), "jax": jax.__version__}), flush=True)
     if args.interpret:
         plan = {"cudnn": (jnp.bfloat16,), "splash": (jnp.bfloat16, jnp.float32)}
     else:

@@ -62,9 +62,10 @@ cat "$OUT/env.log"
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, say how it ended
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # timeout signals the part's whole process group (its benchmark children too); -k: SIGKILL 10 s later if
+  # SIGTERM is not enough (a machine-wide pkill here also killed other sessions' benchmarks)
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - start)) s (limit $limit s)"
-  pkill -9 -f -- "--worker (torch|fxjax)" 2>/dev/null  # a benchmark's child outlives its killed parent
   tail -n 14 "$OUT/$name.log"
 }
 

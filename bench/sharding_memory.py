@@ -213,6 +213,10 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-rank", type=int, default=32)
     args = parser.parse_args(argv)
     _setup()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from forward import machine_line  # bench/forward.py: the CPU line every figure carries
+
+    print(machine_line())
     rows = tiny()
     if not args.tiny_only:
         rows += abstract("7b", compile_it=args.compile_7b)
