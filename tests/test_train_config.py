@@ -51,6 +51,11 @@ def test_the_shipped_configs_load_and_are_frozen():
     ({"lora": {"dropout": 1.5}}, "lora.dropout: must be in [0, 1)"),
     ({"mesh": 4}, "mesh: expected a mapping"),
     ({"data": {"min_pixels": 100000, "max_pixels": 3136}}, "data.min_pixels (100000) is above data.max_pixels (3136)"),
+    # seeds: 2**63 was an OverflowError from nnx.Rngs / jax after the model loaded, -1 numpy's error without a key
+    ({"train": {"steps": 5, "seed": -1}}, "train.seed: a seed must be in [0, 2**32), got -1"),
+    ({"data": {"seed": 2**63}}, "data.seed: a seed must be in [0, 2**32)"),
+    ({"lora": {"init_seed": 2**32}}, "lora.init_seed: a seed must be in [0, 2**32)"),
+    ({"model": {"init_seed": -5}}, "model.init_seed: a seed must be in [0, 2**32)"),
 ])
 def test_bad_values_name_their_key(patch, message):
     data = {k: dict(v) for k, v in MINIMAL.items()}
@@ -199,6 +204,10 @@ def test_grpo_needs_two_completions_per_prompt():
     assert grpo_from_dict({**data, "grpo": {"num_generations": 2}}).grpo.num_generations == 2
     with pytest.raises(ConfigError, match=r"grpo.num_generations: must be >= 2 .* got 1"):
         grpo_from_dict({**data, "grpo": {"num_generations": 1}})
+    with pytest.raises(ConfigError, match=r"grpo.seed: a seed must be in \[0, 2\*\*32\), got 4294967296"):
+        grpo_from_dict({**data, "grpo": {"seed": 2**32}})
+    with pytest.raises(ConfigError, match=r"grpo.epsilon_high: must be >= 0 or null, got -0.5"):
+        grpo_from_dict({**data, "grpo": {"epsilon_high": -0.5}})  # (a clip range turned over)
 
 
 
