@@ -369,12 +369,15 @@ def cpu_model() -> str:
     except OSError:
         return platform.processor() or "unknown CPU"
     name = fields.get("model name", platform.processor() or "unknown CPU")
+    detail = []
+    if "cpu family" in fields and "model" in fields:
+        detail.append(f"family {fields['cpu family']} model {fields['model']}")
     flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags] or (["avx2"] if "avx2" in flags else [])
-    detail = ", ".join(part for part in (
-        f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields
-        else "", " ".join(isa) + ("" if "avx512f" in flags else ", no AVX-512") if flags else "") if part)
-    return f"{name} ({detail})" if detail else name
+    if flags:
+        detail += [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+        if "avx512f" not in flags:
+            detail.append("no AVX-512")
+    return f"{name} ({', '.join(detail)})" if detail else name
 
 
 def machine_line() -> str:
