@@ -42,6 +42,24 @@ def test_jsonl_has_one_plain_record_per_call(tmp_path):
     assert records[1]["format_rate"] == 0.75 and not (tmp_path / "tensorboard").exists()
 
 
+def test_text_is_logged_as_written_even_where_it_reads_as_a_number(tmp_path):
+    import numpy as np
+
+    from fxjax.train.metrics import CompletionLog, read_metrics
+
+    texts = ["2024", " 7 \n", "Infinity", "NaN", "1_000", "1e3"]
+    CompletionLog(tmp_path, resume_step=0).log(3, [{"completion": t, "stage": "1", "sample": np.int64(2)}
+                                                   for t in texts])
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in rows] == texts and {r["stage"] for r in rows} == {"1"}
+    assert {r["sample"] for r in rows} == {2} and all(type(r["sample"]) is int for r in rows)
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, "train", {"stage": "01", "loss": np.float32(1.5)})
+    logger.close()
+    (record,) = read_metrics(tmp_path)
+    assert record["stage"] == "01" and record["loss"] == 1.5
+
+
 def test_tensorboard_gets_every_finite_scalar(tmp_path):
     logger = MetricsLogger(tmp_path, tensorboard=True)
     logger.log(1, "train", {"loss": 2.5, "learning_rate": 1e-3, "skipped": 0, "finite": True})

@@ -86,6 +86,8 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
         assert names == ["alpha", "beta", "gamma"], (ax.get_title(), names)
         boundaries = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
         assert boundaries == [10.5, 20.5], ax.get_title()
+        # a GRPO step is a generation batch (grpo.num_iterations updates), not one optimiser step
+        assert ax.get_xlabel() == "GRPO step (one generation batch)", ax.get_title()
     assert "stages alpha 1-10, beta 11-20, gamma 21-30" in fig._suptitle.get_text()
     # the NaN of step 3 is a gap, not a crash or a zero
     iou = [line for line in fig.axes[2].get_lines() if line.get_linestyle() != "--"][0]

@@ -142,6 +142,10 @@ def _kept_through(resume_step: int | None) -> int | None:
 
 
 def _plain(value: Any) -> Any:
+    """A logged value as JSON takes it: numbers (Python, numpy, jax scalars) as int / float, a non-finite one
+    as its string; text stays text (a completion reading "2024" or "NaN" is what the policy wrote)."""
+    if isinstance(value, (str, bytes)):
+        return value
     try:
         f = float(value)
     except (TypeError, ValueError):

@@ -96,7 +96,7 @@ def series(records: Sequence[dict], kind: str, key: str) -> tuple[list[int], lis
 @dataclass(frozen=True)
 class StageSpan:
     name: str
-    first: int  # first step (update number) of the stage
+    first: int  # first step of the stage (a GRPO step: one generation batch)
     last: int
 
 
@@ -175,6 +175,9 @@ SFT_PANELS = (
            Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),
 )
 
+# GRPO's step is a generation batch, and grpo.num_iterations optimiser updates are made on each
+STEP_LABELS = {"sft": "optimiser step", "grpo": "GRPO step (one generation batch)"}
+
 GRPO_PANELS = (
     Panel("Total reward (its weights change with the stage)", "reward (mean over the step's completions)",
           (Line("train", "reward/total_mean", "total"),)),
@@ -221,7 +224,7 @@ def _mark_stages(ax, spans: Sequence[StageSpan]) -> None:
                 color="#333333", fontweight="bold", clip_on=False)
 
 
-def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int,
+def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int, xlabel: str,
                 xlim: tuple[float, float]) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -249,7 +252,7 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
                 ax.plot(part_steps, part, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
                         label=label, zorder=3)
     ax.set_title(panel.title, fontsize=11, pad=16 if spans else 6)
-    ax.set_xlabel("optimiser step")
+    ax.set_xlabel(xlabel)
     ax.set_xlim(*xlim)  # one step axis for every panel, so held-out points line up with training curves
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
@@ -291,7 +294,7 @@ def build_report(records: Sequence[dict], title: str | None = None):
     margin = max(0.5, 0.02 * (max(steps) - min(steps)))
     xlim = (min(steps) - margin, max(steps) + margin)
     for ax, panel in zip(axes.flat, panels):
-        _draw_panel(ax, records, panel, spans, window, xlim)
+        _draw_panel(ax, records, panel, spans, window, STEP_LABELS[kind], xlim)
     for ax in list(axes.flat)[len(panels):]:
         fig.delaxes(ax)
     heading = title or f"{kind.upper()} run"
