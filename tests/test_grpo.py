@@ -187,6 +187,11 @@ def test_logged_completions_are_the_ones_scored(setup, straight):
     assert [r["sample"] for r in got] == [0, 1] * 12 and {r["kind"] for r in got} == {"completion"}
     assert all(r["record"].startswith(str(setup["root"] / "data")) and r["label"] in ("real", "generated")
                for r in got)
+    for r in got:  # each completion was scored against the record it names (its label and its regions)
+        path, line = r["record"].rsplit(":", 1)
+        record = json.loads(Path(path).read_text().splitlines()[int(line) - 1])
+        assert (r["label"], len(r["true_boxes"])) == (record["label"], len(record["regions"])), r["record"]
+    assert {r["label"] for r in got} == {"real", "generated"}
     train = {r["step"]: r for r in straight[1] if r.get("kind", "train") == "train"}
     for step in range(1, 7):
         rows = [r for r in got if r["step"] == step]

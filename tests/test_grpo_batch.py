@@ -167,6 +167,91 @@ def _step_setup(model, prompts, r, n_micro, share_prompts=False):
     return graphdef, tx, state, base, rest, batch
 
 
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_stored_logps_are_the_policy_with_lora_and_the_reference_without(model, share_prompts):
+    """make_logps_fn (grpo.num_iterations > 1 and beta > 0): the old log-probs are the model's with its LoRA,
+    the reference's the same model's with the LoRA off (the k3 KL's base), each against the plain forward."""
+    from fxjax.model.lora import lora_disabled
+    from fxjax.train.grpo_step import make_logps_fn
+
+    rng = np.random.RandomState(2)
+    prompts = _prompts(rng)
+    r = _rollout(rng, prompts)
+    opts = LossOptions(loss_type="grpo", beta=0.04, max_completion_length=N, temperature=TEMPERATURE)
+    graphdef, _, _, base, rest, batch = _step_setup(model, prompts, r, 1, share_prompts)
+    params = split_model(model)[1]
+    old, ref = make_logps_fn(graphdef, opts=opts, loss_chunk=8, need_old=True, need_ref=True)(params, base, rest,
+                                                                                             batch)
+    mask = r.attention.astype(bool)
+    policy = _reference_logps(model, prompts, r)
+    with lora_disabled(model):
+        reference = _reference_logps(model, prompts, r)
+    assert np.abs(policy - reference)[mask].max() > 1e-2  # the LoRA moves the log-probs visibly
+    assert rel_err(np.asarray(old[0])[mask], policy[mask]) < 1e-5
+    assert rel_err(np.asarray(ref[0])[mask], reference[mask]) < 1e-5
+    only_ref = make_logps_fn(graphdef, opts=opts, loss_chunk=8, need_old=False, need_ref=True)(params, base, rest,
+                                                                                             batch)
+    assert only_ref[0] is None and rel_err(np.asarray(only_ref[1][0])[mask], reference[mask]) < 1e-5
+
+
+@pytest.mark.parametrize("scale_rewards, mask_truncated", [("group", True), ("none", False)])
+def test_rollout_scores_each_group_against_its_own_record(monkeypatch, scale_rewards, mask_truncated):
+    """sample_and_score's host side, with a stand-in sampler and a tokenizer whose every token is a whole
+    answer: each completion is scored against its own prompt's record (label and boxes), its advantage is
+    group_advantages of those rewards (the right answer's the highest in its group), and
+    mask_truncated_completions takes exactly the truncated rows out of the loss."""
+    from types import SimpleNamespace
+
+    from fxjax import rewards
+    from fxjax.rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+    from fxjax.train import rollout as rollout_module
+    from fxjax.train.grpo_loss import group_advantages
+
+    pad = 0
+    answers = {10: (f"<think>{REF_START}a seam{REF_END}{BOX_START}[4, 4, 20, 20]{BOX_END}<tag>texture quality</tag>"
+                    "</think>\n<verdict>generated</verdict>"),
+               11: "<think>looks natural</think>\n<verdict>real</verdict>", 12: "no answer"}
+    tokens = np.array([[10, EOS, pad], [11, EOS, pad], [12, 12, 12]] * 2, np.int32)  # G = 3 for two prompts
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens):
+            assert not skip_special_tokens and EOS not in ids
+            return "".join(answers[i] for i in ids)
+
+    asked = {}
+
+    def sample_groups(model, inputs, **kwargs):
+        asked.update(kwargs)
+        return SimpleNamespace(tokens=tokens)
+
+    monkeypatch.setattr(rollout_module.sampler, "sample_groups", sample_groups)
+    metas = [{"label": "generated", "boxes": [[4, 4, 20, 20]]}, {"label": "real", "boxes": []}]
+    r = rollout_module.sample_and_score(
+        None, None, metas, tokenizer=Tokenizer(), eos_ids=[EOS], pad_id=pad, num_generations=3, max_new_tokens=3,
+        temperature=1.0, top_k=0, top_p=1.0, rng=jax.random.key(0), weights=rewards.load_stage("alpha"),
+        reward_config=None, scale_rewards=scale_rewards, mask_truncated=mask_truncated, host=np.asarray)
+    assert asked["num_generations"] == 3 and asked["eos_token_ids"] == (EOS,) and asked["pad_token_id"] == pad
+    assert [t["label"] for t in r.targets] == ["generated", "real"]
+    assert r.texts == [answers[10], answers[11], answers[12] * 3] * 2
+    # the verdict is right where it names the prompt's own label; the first prompt's box matches its own
+    assert r.scores["label"].tolist() == [1, 0, 0, 0, 1, 0] and r.scores["iou"][0] == 1.0
+    # alpha: IoU term (a real image's counts 1) + verdict +1 / -1 + format +2 / -1; a box on a real image
+    # is still the real format, only its verdict is wrong
+    np.testing.assert_array_equal(r.scores["total"], [1 + 1 + 2, 0 - 1 - 1, 0 - 1 - 1, 1 - 1 + 2, 1 + 1 + 2, 1 - 1 - 1])
+    totals = np.asarray(r.scores["total"], np.float32)
+    np.testing.assert_array_equal(r.advantages, np.asarray(group_advantages(totals, 3, scale_rewards)))
+    if scale_rewards == "none":  # only centred: by hand
+        np.testing.assert_allclose(r.advantages, totals - np.repeat(totals.reshape(2, 3).mean(1), 3), atol=1e-6)
+    assert np.sign(r.advantages).tolist() == [1, -1, -1, 1, 1, -1]  # above or below the group's mean
+    assert r.advantages.reshape(2, 3).argmax(axis=1).tolist() == [0, 1]  # the right answer highest
+    assert r.truncated.tolist() == [False, False, True] * 2
+    np.testing.assert_array_equal(r.attention, [[1, 1, 0], [1, 1, 0], [1, 1, 1]] * 2)
+    expected = r.attention.astype(np.float32)
+    if mask_truncated:
+        expected[r.truncated] = 0.0
+    np.testing.assert_array_equal(r.loss_mask, expected)
+
+
 @pytest.mark.parametrize("n_micro, share_prompts", [(1, False), (2, True)])
 def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch, n_micro, share_prompts):
     """Shared prompts: the gradient through each prompt's keys and values sums over its G completions, and
