@@ -121,7 +121,8 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fxjax.demo import run_demo
 
-    return run_demo(out=Path(args.out), steps=args.steps, n_images=args.n, quick=args.quick, seed=args.seed)
+    return run_demo(out=Path(args.out), steps=args.steps, n_images=args.n, quick=args.quick, seed=args.seed,
+                    overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "-> `fxjax export` (merged HF checkpoint + PEFT adapter) -> `fxjax report` PNGs "
                                    "(both runs; the held-out metrics by phase) and `fxjax detect` overlays before/after -> one table. Offline; 5-11 "
                                    "minutes on 2 CPU cores (each phase's time is printed).")
-    p.add_argument("--out", default="fxjax-demo", help="working directory (default: ./%(default)s)")
+    p.add_argument("--out", default="fxjax-demo",
+                   help="working directory (default: ./%(default)s); one the demo did not make is refused")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help=f"SFT steps (default: {DEMO['sft']['steps']}; fewer with --quick)")
     p.add_argument("--n", type=_positive_int, default=None,
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the demo data and the model's init (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="every phase in a few steps: a smoke run of the pipeline (learns nothing)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo's results in --out (without it they are kept and the demo stops)")
     p.set_defaults(func=_cmd_demo)
 
     for name in COMMAND_MODULES:

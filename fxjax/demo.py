@@ -125,15 +125,24 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _prepare_dir(out: Path) -> None:
-    """The demo owns `out`: refuse a non-empty directory it did not create, clear its own old runs."""
+_OWN_DIRS = ("data", "base-model", "sft", "sft-adapter", "grpo", "export", "eval", "report", "detect")
+
+
+def _prepare_dir(out: Path, overwrite: bool = False) -> None:
+    """The demo owns `out`: refuse a non-empty directory it did not create, and an earlier demo's results
+    unless `overwrite` (a second seed must not wipe the first one's run without being asked to)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out: {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise FileExistsError(f"{out} exists and was not made by `fxjax demo`; pass --out to choose another directory")
-    for sub in ("data", "base-model", "sft", "sft-adapter", "grpo", "export", "eval", "report", "detect"):
-        if (out / sub).exists():
-            shutil.rmtree(out / sub)
+    earlier = [sub for sub in _OWN_DIRS if (out / sub).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{out} holds an earlier demo's results ({', '.join(d + '/' for d in earlier)}); "
+                              "pass --overwrite to replace them, or --out another directory")
+    if earlier:
+        _say(f"replacing the earlier demo's results in {out}: {', '.join(d + '/' for d in earlier)}")
+    for sub in earlier:
+        shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
     (out / _MARKER).write_text("made by fxjax demo\n")
 
@@ -320,14 +329,14 @@ def _overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Pat
 # ---- the demo --------------------------------------------------------------------------------------------
 
 def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_images: int | None = None,
-             quick: bool = False, seed: int = 0) -> int:
+             quick: bool = False, seed: int = 0, overwrite: bool = False) -> int:
     start = time.perf_counter()
     for name, value in (("steps", steps), ("n_images", n_images)):
         if value is not None and value < 1:  # (0 is not "the default": it used to run the default)
             raise ValueError(f"demo: {name} must be a positive integer or None (the default), got {value}")
     check_seed(seed, "demo: seed")
     out = Path(out).absolute()
-    _prepare_dir(out)
+    _prepare_dir(out, overwrite)
     phases = _Phases()
     n_images = n_images if n_images is not None else (QUICK["images"] if quick else DEMO["images"])
     sft_steps = steps if steps is not None else (QUICK["sft_steps"] if quick else DEMO["sft"]["steps"])

@@ -97,3 +97,9 @@ def test_an_out_that_is_a_file_is_an_error_naming_it(argv, tmp_path, capsys):
     assert main([a.format(file=file) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fxjax {argv[0]}: error: ") and str(file) in err and "ot a directory" in err, err
+
+
+def test_python_dash_m_fxjax_is_the_fxjax_command():
+    proc = subprocess.run([sys.executable, "-m", "fxjax", "no-such-command"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "usage: fxjax " in proc.stderr and "invalid choice: 'no-such-command'" in proc.stderr

@@ -180,3 +180,24 @@ def test_demo_arguments_are_checked_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"seed: a seed must be in \[0, 2\*\*32\), got -1"):
         run_demo(tmp_path / "d", seed=-1)
     assert not (tmp_path / "d").exists()
+
+
+def test_an_earlier_demos_results_are_replaced_only_with_overwrite(tmp_path, capsys):
+    """`fxjax demo --seed 1` after `fxjax demo` stopped the earlier run's results from being wiped unasked."""
+    from fxjax.demo import _MARKER, _prepare_dir
+
+    out = tmp_path / "demo"
+    (out / "eval" / "after-sft").mkdir(parents=True)
+    (out / "eval" / "after-sft" / "metrics.json").write_text("{}")
+    (out / "sft").mkdir()
+    (out / _MARKER).write_text("made by fxjax demo\n")
+    assert main(["demo", "--out", str(out), "--seed", "1"]) == 2
+    assert "holds an earlier demo's results (sft/, eval/); pass --overwrite" in capsys.readouterr().err
+    assert (out / "eval" / "after-sft" / "metrics.json").exists()  # nothing touched
+    _prepare_dir(out, overwrite=True)
+    assert "replacing the earlier demo's results" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [_MARKER]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="was not made by `fxjax demo`"):
+        _prepare_dir(tmp_path / "mine", overwrite=True)  # --overwrite never reaches a folder the demo did not make
