@@ -191,10 +191,14 @@ def test_resuming_another_runs_checkpoints_is_refused_naming_why(setup, straight
     path = root / "grpo.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.run([sys.executable, "-m", "fxjax.cli", "grpo", "--config", str(path), "--set",
-                           f"checkpoint.dir={root / 'rank8' / 'ckpt'}", "--set", f"train.output_dir={root / 'g'}"],
+                           f"checkpoint.dir={root / 'rank8' / 'ckpt'}", "--set", f"train.output_dir={root / 'g'}",
+                           # a start it would keep a copy of: refused before writing it into the SFT run's folder
+                           "--set", f"model.from_run={root / 'straight' / 'ckpt'}"],
                           env=setup["env"], capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{root / 'rank8' / 'ckpt'} holds the checkpoints of an sft run (newest: step 4)" in proc.stderr
+    assert sorted(p.name for p in (root / "rank8" / "ckpt").iterdir()) == sorted(
+        p.name for p in (root / "straight" / "ckpt").iterdir())
 
 
 def test_an_eval_batch_the_mesh_would_replicate_is_refused_at_the_start(setup):

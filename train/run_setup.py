@@ -39,8 +39,8 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import (START_FILE, START_LORA_DIR, RunLoadError, brief_error, resumes_from_kept_start,
-                             saved_run_kind)
+from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR, RunLoadError, brief_error, committed_steps,
+                             resumes_from_kept_start, saved_run_kind)
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "check_resume_mesh", "evaluates",
            "init_state", "keep_start_lora", "mesh_record", "opt_state_shardings", "per_process_state", "place",
@@ -339,11 +339,7 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     state, data_state, saved_cfg, step = restored
     saved_kind = saved_run_kind(saved_cfg)
     if saved_kind != name:  # the same state layout would restore, and then continue the other phase's count
-        article = "an" if saved_kind == "sft" else "a"
-        raise ConfigError(f"{checkpointer.directory} holds the checkpoints of {article} {saved_kind} run (newest: "
-                          f"step {step}), not of a {name} run; give this run its own train.output_dir / checkpoint.dir"
-                          + (f" (GRPO from that SFT run: model.from_run={checkpointer.directory})"
-                             if name == "grpo" else ""))
+        raise ConfigError(_other_phase_message(name, checkpointer.directory, saved_kind, step))
     restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step), rows_per_batch)
     check_resume_config(saved_cfg, (recorded or cfg).to_dict(), log, watched)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
@@ -408,6 +404,31 @@ def check_resume_mesh(saved: dict | None, mesh, log: Callable[[str], None]) -> N
             f"would have been on the saved mesh")
 
 
+def _other_phase_message(name: str, directory: Path, saved_kind: str, step: int) -> str:
+    article = "an" if saved_kind == "sft" else "a"
+    return (f"{directory} holds the checkpoints of {article} {saved_kind} run (newest: step {step}), not of a {name} "
+            "run; give this run its own train.output_dir / checkpoint.dir"
+            + (f" (GRPO from that SFT run: model.from_run={directory})" if name == "grpo" else ""))
+
+
+def refuse_other_phases_checkpoints(name: str, cfg) -> None:
+    """A run resuming in the checkpoint directory of the other phase is refused before it writes anything
+    there (keep_start_lora's copy of its start came before `resume_run`'s check, and left the other run's
+    folder claiming a start it never had): the newest step whose saved config reads decides."""
+    directory = cfg.checkpoint_dir
+    if not cfg.checkpoint.resume or not directory.is_dir():
+        return
+    for step in reversed(committed_steps(directory)):
+        try:
+            saved = json.loads((directory / str(step) / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # (restore_latest reports an unreadable step and falls back past it)
+        if isinstance(saved, dict):
+            if saved_run_kind(saved) != name:
+                raise ConfigError(_other_phase_message(name, directory, saved_run_kind(saved), step))
+            return
+
+
 def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, Callable[[str], None]]:
     """Join the multi-process run (cfg.distributed), check the config trains LoRA, and return (this is
     process 0, the console logger: `log` or stderr on process 0, silent elsewhere)."""
@@ -415,6 +436,7 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     if not cfg.lora.enabled:  # (an adapter or a run to start from is trained all the same: no exception)
         raise ConfigError(f"lora.enabled: {name.upper()} trains LoRA adapters only; set lora.enabled=true")
     refuse_new_run_over_checkpoints(cfg)
+    refuse_other_phases_checkpoints(name, cfg)
     if jax.process_index() != 0:
         return False, lambda text: None
     return True, log or (lambda text: print(text, file=sys.stderr, flush=True))
