@@ -270,13 +270,15 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     # predictions are keyed by file:line: images read from another --root are other images
     shutil.copytree(dataset.parent, tmp_path / "elsewhere")
     assert main(args + ["--root", str(tmp_path / "elsewhere")]) == 2
-    assert "other settings (images: {'root': None, " in capsys.readouterr().err
+    # (each differing value by its dotted key, not the two whole records)
+    assert f"other settings (images.root: None then, '{tmp_path / 'elsewhere'}' now)" in capsys.readouterr().err
     weights = next(tiny_vl_dir.glob("*.safetensors"))  # the model overwritten since (same path): not resumed
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
         assert main(args) == 2
-        assert "other settings (model: " in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"other settings (model.model_files.{weights.name}: " in err and err.count(" then, ") == 1, err
     finally:
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 

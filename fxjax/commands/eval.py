@@ -148,6 +148,19 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _differences(then: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value then, value now) of every leaf that differs, nested dicts followed (a changed
+    step shows as `model.step: 3 then, 2 now`, not as two whole model records to compare by eye)."""
+    out = []
+    for key in sorted(set(then) | set(now)):
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
 def check_settings(out: Path, settings: dict, fresh: bool) -> None:
     """Write settings.json, or check that the predictions already in `out` were made with these settings."""
     path = out / SETTINGS
@@ -159,9 +172,9 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
                          "pass --fresh to start over, or another --out")
     if (out / PREDICTIONS).is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        changed = _differences(saved, settings)
         if changed:
-            shown = "; ".join(f"{k}: {saved.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+            shown = "; ".join(f"{k}: {then!r} then, {now!r} now" for k, then, now in changed)
             raise ValueError(f"{out} holds predictions made with other settings ({shown}); pass --fresh to start "
                              f"over, or another --out")
     out.mkdir(parents=True, exist_ok=True)
