@@ -390,6 +390,9 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     present = tmp_path / "grpo-present" / "checkpoints"
     shutil.copytree(grpo_run / "3", present / "3")
     (present / "3" / "config" / "config.json").write_text(json.dumps(cfg_here.to_dict()))
+    messages = []
+    load_run(present.parent, log=messages.append)  # the base named through the run it started from (was "None")
+    assert f"loading the grpo run in {present} at step 3: base {tiny_vl_dir} (float32)" in messages, messages
     for run, base in ((present.parent, tiny_vl_dir), (grpo_run.parent, tiny_vl_dir.resolve())):
         detector = resolve_detector(build_parser().parse_args(["detect", "x.png", "--run", str(run)]))
         assert (detector.tokenizer, detector.source["base"]) == (str(base), str(base)), run

@@ -206,6 +206,11 @@ def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_fa
                                           "lora.* unused)")
     run = load_sft_config(overrides=base + ["model.from_run=runs/sft", "model.from_run_step=40"])
     assert start_description(run) == "the run runs/sft at step 40 (its base model and LoRA; lora.* unused)"
+    for steps, text in (([3, 7], "step 7 (its newest)"), ([], "its newest step")):  # (was "at step newest")
+        for step in steps:
+            (tmp_path / "sft" / "checkpoints" / str(step)).mkdir(parents=True)
+        newest = load_sft_config(overrides=base + [f"model.from_run={tmp_path / 'sft' if steps else tmp_path / 'gone'}"])
+        assert start_description(newest).startswith(f"the run {newest.model.from_run} at {text} (its base")
     for cfg in (fresh, adapter):
         off = load_sft_config(overrides=base + ["lora.enabled=false"] + (
             ["model.preset=tiny"] if cfg is fresh else ["model.path=/m/base", "model.adapter=/m/adapter"]))

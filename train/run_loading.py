@@ -161,6 +161,7 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     from fxjax.train.checkpointing import flatten_tree, unflatten_tree
     from fxjax.train.run_setup import build_model
     from fxjax.train.step import split_model
+    from fxjax.train_config import base_model_section
 
     ckpt = checkpoint_dir_of(run).absolute()
     step, cfg, kind = resolve_step(ckpt, step)
@@ -175,7 +176,9 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
         mesh = data_parallel_mesh()
     if log is not None:
         stored = cfg.model.param_dtype or cfg.model.dtype
-        log(f"loading the {kind} run in {ckpt} at step {step}: base {cfg.model.path or cfg.model.preset} "
+        base = base_model_section(cfg) or cfg.model  # (a from_run run names its base through the runs before it)
+        base_name = base.path or (f"preset {base.preset}" if base.preset else "that of the run it started from")
+        log(f"loading the {kind} run in {ckpt} at step {step}: base {base_name} "
             f"({cfg.model.dtype}" + (f", weights stored in {stored})" if stored != cfg.model.dtype else ")"))
     model = build_model(cfg, mesh)
     _, params, _, _ = split_model(model)
