@@ -68,3 +68,24 @@ def test_a_resumed_run_makes_up_its_checkpoints_evaluation_when_the_log_lacks_it
     assert resumed_from(4, [train_4]) == [("periodic", 4)]
     assert resumed_from(4, [train_4, {"step": 4, "kind": "eval", "loss": 1.5}]) == []
     assert resumed_from(3, [{"step": 3, "kind": "train"}]) == [("periodic", 4)]  # step 3 is not an evaluation step
+
+
+def test_a_complete_run_run_again_does_not_repeat_its_end_evaluation(tmp_path):
+    """The same command after a complete run (for the exports, or by mistake) resumes at the last step: the
+    evaluation at the end is made only when metrics.jsonl lacks it (a signal after the last step)."""
+    from fxjax.train.metrics import MetricsLogger
+
+    def again(records):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        control, _, evaluated, said = _run(4, every=2, first=4,
+                                           metrics=MetricsLogger(tmp_path, tensorboard=False, resume_step=4))
+        control.evaluate_at_end()
+        return evaluated, said
+
+    train_4 = {"step": 4, "kind": "train", "loss": 1.0}
+    evaluated, said = again([train_4, {"step": 4, "kind": "eval", "loss": 1.5}])
+    assert evaluated == [] and said[-1] == "sft: the evaluation at the end (step 4) is in metrics.jsonl already; not repeated"
+    assert again([train_4])[0] == [("end", 4)]
+    control, _, evaluated, _ = _run(4, every=2, first=2)  # resumed before the end: evaluated at the end
+    control.evaluate_at_end()
+    assert evaluated == [("end", 4)]

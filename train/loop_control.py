@@ -88,7 +88,7 @@ class LoopControl:
         self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
         self.eval_at_end = cfg.eval.at_end
         self.last_saved = first if first else None  # a resumed run starts from its checkpoint
-        self.done = first
+        self.first = self.done = first
         self.evaluate = evaluate
         self.bar = ProgressBar(steps_total, first, enabled=show_progress and cfg.train.progress_bar, desc=name)
         self.signals = PreemptionSignals()
@@ -163,6 +163,18 @@ class LoopControl:
         return True
 
 
+    def evaluate_at_end(self) -> None:
+        """The evaluation at the end (eval.at_end), unless the run was complete already and metrics.jsonl has
+        it (the same command run again, e.g. for the exports, repeated it and logged the step's twice)."""
+        if self.evaluate is None:
+            return
+        complete = self.first == self.done == self.steps_total
+        if complete and allgather_json("end-eval-logged", self.metrics.logged("eval", self.done))[0]:
+            self.say(f"{self.name}: the evaluation at the end (step {self.done}) is in metrics.jsonl already; "
+                     "not repeated")
+            return
+        self.evaluate("end")
+
     def wrap_up(self, result, model, params, *, skipped: int, cfg, started: float) -> None:
         """After the loop: the counts and final parameters into `result`, and for a run that was not
         preempted the evaluation at the end (cfg.eval.at_end) and the exports."""
@@ -172,8 +184,8 @@ class LoopControl:
         nnx.update(model, params)
         result.params, result.model = params, model
         if not result.preempted:
-            if self.evaluate is not None and cfg.eval.at_end:
-                self.evaluate("end")
+            if cfg.eval.at_end:
+                self.evaluate_at_end()
             result.exported.update(export_outputs(self.name, model, cfg, self.say))
         result.seconds = time.perf_counter() - started
 
