@@ -94,7 +94,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
                            artefacts=args.artefacts.split(",") if args.artefacts is not None else None)
     counts = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in files.items()}
     print(f"wrote {args.n} demo images to {Path(args.out) / 'images'}; "
-          + ", ".join(f"{files[s]} ({counts[s]} records)" for s in files))
+          + ", ".join(f"{files[s]} ({counts[s]} record{'s' if counts[s] != 1 else ''})" for s in files))
     return 0
 
 

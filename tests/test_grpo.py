@@ -417,3 +417,27 @@ def test_completion_log_keeps_each_step_once(tmp_path):
     assert len((tmp_path / "completions.jsonl").read_text().splitlines()) == 5
     CompletionLog(tmp_path, resume_step=0)
     assert (tmp_path / "completions.jsonl").read_text() == ""
+
+
+def test_the_closing_summary_is_strict_json_with_null_for_a_nan(monkeypatch, capsys):
+    """A last step without generated images has no mean IoU (NaN): the summary line says null, which every
+    JSON parser reads (json.dumps wrote the bare token NaN)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from fxjax.commands import grpo as grpo_command
+    from fxjax.commands import training
+
+    result = SimpleNamespace(history=[{"stage": "gamma", "reward/total_mean": 1.5, "format_rate": 1.0,
+                                       "verdict_accuracy": 0.5, "mean_iou_generated": float("nan")}],
+                             steps=3, total_steps=3, preempted=False, resumed_from=None, seconds=1.0, exported={})
+    monkeypatch.setattr(training, "run_training", lambda *a: (None, result))
+    monkeypatch.setattr(training, "report", lambda *a: None)
+    assert grpo_command.run(argparse.Namespace()) == 0
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)
+    assert summary["last"] == {"stage": "gamma", "reward/total_mean": 1.5, "format_rate": 1.0,
+                               "verdict_accuracy": 0.5, "mean_iou_generated": None}

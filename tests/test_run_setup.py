@@ -27,7 +27,11 @@ def test_a_batch_that_does_not_divide_is_an_error_naming_the_numbers():
         batch_divides("data.batch_size", 1, mesh(8, 1), allow_replicated=False, log=print)
     text = str(err.value)
     assert "data.batch_size = 1" in text and "8 batch devices" in text and "multiple of 8" in text
-    assert "mesh.allow_replicated_batch=true" in text
+    assert "mesh.allow_replicated_batch=true" in text and "lower optim.grad_accum to keep the effective batch" in text
+    with pytest.raises(ConfigError) as err:  # not a training batch: nothing to accumulate
+        batch_divides("eval.batch_size", 3, mesh(4, 1), allow_replicated=False, log=print, accumulates=False)
+    assert "set eval.batch_size to a multiple of 4 (e.g. 4), or move devices" in str(err.value)
+    assert "grad_accum" not in str(err.value)
 
 
 def test_opting_in_replicates_with_a_warning():

@@ -47,18 +47,21 @@ __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch",
            "process_rows_per_batch", "restore_iterator", "restore_latest", "resumed_start"]
 
 
-def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None]) -> bool:
+def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None],
+                  accumulates: bool = True) -> bool:
     """Whether a global batch of `batch` rows shards over the mesh's batch devices (data x fsdp).
 
     When it does not, the run stops with an error saying which numbers to change, unless
     `mesh.allow_replicated_batch` opted into replicating it (then a warning, every run): every batch device
-    would compute the whole batch."""
+    would compute the whole batch. `accumulates`: a training batch (optim.grad_accum keeps its effective
+    size when it grows); eval.batch_size is not one."""
     n = batch_shards(mesh)
     if splits_batch(mesh, batch):
         return True
     advice = (f"{what} = {batch} does not divide over the {n} batch devices (mesh.data {mesh.shape['data']} x "
-              f"mesh.fsdp {mesh.shape['fsdp']}): set {what} to a multiple of {n} (e.g. {-(-batch // n) * n}; "
-              f"lower optim.grad_accum to keep the effective batch), or move devices to mesh.tensor")
+              f"mesh.fsdp {mesh.shape['fsdp']}): set {what} to a multiple of {n} (e.g. {-(-batch // n) * n}"
+              + ("; lower optim.grad_accum to keep the effective batch" if accumulates else "")
+              + "), or move devices to mesh.tensor")
     if not allow_replicated:
         raise ConfigError(advice + "; or set mesh.allow_replicated_batch=true to replicate it (wasteful)")
     log(f"warning: {advice}; mesh.allow_replicated_batch is set, so every batch device computes the whole "
@@ -76,7 +79,7 @@ def check_eval_batch(cfg, mesh, log: Callable[[str], None]) -> None:
     loads): the evaluator's decoder would otherwise decode the whole batch on every device."""
     if evaluates(cfg):
         batch_divides("eval.batch_size", cfg.eval.batch_size, mesh, allow_replicated=cfg.mesh.allow_replicated_batch,
-                      log=log)
+                      log=log, accumulates=False)
 
 
 def build_model(cfg, mesh):

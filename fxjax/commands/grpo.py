@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 HELP = "GRPO (the paper's RL phase) from a YAML config, through the reward stages alpha -> beta -> gamma"
 
@@ -38,6 +39,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _json_value(value):
+    """null for a NaN (a step without generated images has no mean IoU): JSON has no NaN, and strict parsers
+    reject the bare token json.dumps writes for it."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def run(args: argparse.Namespace) -> int:
     from fxjax.commands.training import report, run_training
     from fxjax.grpo_config import load_grpo_config
@@ -48,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else {}
     summary = {"steps": result.steps, "total_steps": result.total_steps, "preempted": result.preempted,
                "resumed_from": result.resumed_from, "seconds": round(result.seconds, 1),
-               "last": {k: last[k] for k in ("stage", "reward/total_mean", "format_rate", "verdict_accuracy",
-                                            "mean_iou_generated") if k in last},
+               "last": {k: _json_value(last[k]) for k in ("stage", "reward/total_mean", "format_rate",
+                                                         "verdict_accuracy", "mean_iou_generated") if k in last},
                "exported": result.exported}
-    print(json.dumps(summary))
+    print(json.dumps(summary, allow_nan=False))
     report("grpo", args, cfg)
     return 0
