@@ -76,6 +76,8 @@ class LoRASection:
 
     def validate(self, where: str) -> None:
         check_positive(self.rank, f"{where}.rank")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):  # the update's scale: 0 would train nothing
+            raise ConfigError(f"{where}.alpha: must be a positive number, got {self.alpha}")
         check_seed(self.init_seed, f"{where}.init_seed")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
@@ -173,6 +175,16 @@ class OptimSection:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"{where}.max_grad_norm: must be positive or null, got {self.max_grad_norm}")
         check_positive(self.grad_accum, f"{where}.grad_accum")
+        # (a min_lr_ratio below 0 turned the decay's end into gradient ascent; above 1, a rise)
+        for name, low, high, closed in (("min_lr_ratio", 0.0, 1.0, True), ("b1", 0.0, 1.0, False),
+                                        ("b2", 0.0, 1.0, False)):
+            value = getattr(self, name)
+            if not (low <= value <= high if closed else low <= value < high):
+                raise ConfigError(f"{where}.{name}: must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigError(f"{where}.eps: must be a positive number, got {self.eps}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,8 @@ class EvalSection:
             raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
         check_positive(self.batch_size, f"{where}.batch_size")
         check_positive(self.max_new_tokens, f"{where}.max_new_tokens")
+        if self.max_examples is not None:  # (0 read as "all", -1 dropped the last example)
+            check_positive(self.max_examples, f"{where}.max_examples")
 
 
 @dataclass(frozen=True)

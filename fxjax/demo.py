@@ -397,6 +397,8 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     config["model"]["path"] = str(model_dir)
     config["data"].update(train_files=[str(files["train"])], seed=seed)
     config["train"].update(steps=sft_steps, seed=seed, output_dir=str(out / "sft"))
+    # a short run (--quick, --steps) warms up over its first half at most, and still decays
+    config["optim"]["warmup_steps"] = min(config["optim"]["warmup_steps"], sft_steps // 2)
     config["export"] = {"adapter_dir": str(out / "sft-adapter")}
     cfg = from_dict(config)
     (out / "sft.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -96,10 +96,19 @@ def _default_stages() -> tuple[StageSection, ...]:
 
 
 @dataclass(frozen=True)
+class GRPOTrainSection(TrainSection):
+    """SFT's train section with GRPO's own output folder: its default applies also when a `train:` section
+    is given without output_dir (a default_factory on GRPOConfig.train covered only a missing section, and
+    such a run wrote into runs/sft)."""
+
+    output_dir: str = "runs/grpo"
+
+
+@dataclass(frozen=True)
 class GRPOConfig(RunConfig):
     """The `fxjax grpo` config: the run sections of SFT plus `grpo` and `stages` (configs/grpo.yaml)."""
 
-    train: TrainSection = field(default_factory=lambda: TrainSection(output_dir="runs/grpo"))
+    train: GRPOTrainSection = field(default_factory=GRPOTrainSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     stages: tuple[StageSection, ...] = field(default_factory=_default_stages)
 
@@ -120,6 +129,7 @@ class GRPOConfig(RunConfig):
         else:
             check_positive(self.train.steps, "train.steps")
         # the rest of the train section as SFT checks it (steps / epochs: above)
+        check_seed(self.train.seed, "train.seed")
         check_positive(self.train.loss_chunk, "train.loss_chunk")
         check_positive(self.train.log_every, "train.log_every")
         if self.optim.grad_accum != 1 and self.data.batch_size % self.optim.grad_accum:

@@ -131,6 +131,13 @@ class RunConfig:
                     what = "is" if folder == Path(path).resolve() else "holds"
                     raise ConfigError(f"export.{key}: {target} {what} {name} ({path}); the export at the end "
                                       "replaces its folder whole: write to another folder")
+        adapter, merged = self.export.adapter_dir, self.export.merged_dir
+        if adapter and merged and (Path(merged).resolve() == Path(adapter).resolve()
+                                   or Path(merged).resolve() in Path(adapter).resolve().parents):
+            # the adapter is written first, then the merged checkpoint replaces its folder whole
+            raise ConfigError(f"export.adapter_dir: {adapter} is, or is inside, export.merged_dir ({merged}), "
+                              "which the merged export replaces whole after the adapter is written: give the "
+                              "adapter a folder of its own")
 
     def input_paths(self) -> list[tuple[str, str | None]]:
         """(key, path) of every file or folder the run reads (a list key once per entry)."""

@@ -241,3 +241,18 @@ def test_a_new_run_is_refused_where_an_earlier_run_has_checkpoints(tmp_path, tok
     with pytest.raises(ConfigError, match=r"checkpoint\.resume: false, but .*run/checkpoints holds the checkpoints "
                                           r"of an earlier run \(steps 4\)"):
         join_run("grpo", config(False), None)
+
+
+def test_a_warmup_as_long_as_the_run_is_a_warning_at_the_start():
+    """warmup is clamped to the run: optim.warmup_steps >= the run's updates gives a run that only warms up
+    (never decays), said once at the start; a shorter one says nothing."""
+    from fxjax.config_sections import OptimSection
+    from fxjax.train.run_setup import warn_long_warmup
+
+    said = []
+    warn_long_warmup(OptimSection(warmup_steps=10), 10, said.append)
+    assert said == ["warning: optim.warmup_steps 10 >= the run's 10 updates: the learning rate rises over the "
+                    "whole run and never decays (to 0.0001 at the last update)"]
+    warn_long_warmup(OptimSection(warmup_steps=9), 10, said.append)
+    warn_long_warmup(OptimSection(), 1, said.append)  # warmup_ratio: a share of the run, never all of it
+    assert len(said) == 1

@@ -56,6 +56,16 @@ def test_the_shipped_configs_load_and_are_frozen():
     ({"data": {"seed": 2**63}}, "data.seed: a seed must be in [0, 2**32)"),
     ({"lora": {"init_seed": 2**32}}, "lora.init_seed: a seed must be in [0, 2**32)"),
     ({"model": {"init_seed": -5}}, "model.init_seed: a seed must be in [0, 2**32)"),
+    # accepted before, then misbehaving: a negative min_lr_ratio ended the decay in gradient ascent, alpha 0
+    # trained nothing, max_examples -1 dropped the last held-out example
+    ({"optim": {"min_lr_ratio": -1.0}}, "optim.min_lr_ratio: must be in [0, 1], got -1.0"),
+    ({"optim": {"min_lr_ratio": 3.0}}, "optim.min_lr_ratio: must be in [0, 1], got 3.0"),
+    ({"optim": {"b1": 1.0}}, "optim.b1: must be in [0, 1), got 1.0"),
+    ({"optim": {"b2": 1.5}}, "optim.b2: must be in [0, 1), got 1.5"),
+    ({"optim": {"eps": 0.0}}, "optim.eps: must be a positive number, got 0.0"),
+    ({"optim": {"weight_decay": -1.0}}, "optim.weight_decay: must be >= 0, got -1.0"),
+    ({"lora": {"alpha": 0.0}}, "lora.alpha: must be a positive number, got 0.0"),
+    ({"eval": {"max_examples": -1}}, "eval.max_examples: must be positive, got -1"),
 ])
 def test_bad_values_name_their_key(patch, message):
     data = {k: dict(v) for k, v in MINIMAL.items()}
@@ -208,6 +218,21 @@ def test_grpo_needs_two_completions_per_prompt():
         grpo_from_dict({**data, "grpo": {"seed": 2**32}})
     with pytest.raises(ConfigError, match=r"grpo.epsilon_high: must be >= 0 or null, got -0.5"):
         grpo_from_dict({**data, "grpo": {"epsilon_high": -0.5}})  # (a clip range turned over)
+    with pytest.raises(ConfigError, match=r"train.seed: a seed must be in \[0, 2\*\*32\), got -1"):
+        grpo_from_dict({**data, "train": {"seed": -1}})  # (GRPO checks its train section itself)
+
+
+def test_a_grpo_train_section_without_output_dir_writes_to_runs_grpo():
+    """The default output folder is GRPO's also when a train section is given (it was SFT's runs/sft: the
+    run then wrote into, or was refused by, the SFT run's folder)."""
+    from fxjax.grpo_config import grpo_from_dict, load_grpo_config
+
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    assert grpo_from_dict(data).train.output_dir == "runs/grpo"
+    assert grpo_from_dict({**data, "train": {"seed": 3}}).train.output_dir == "runs/grpo"
+    assert load_grpo_config(overrides=["model.path=/m", "data.train_files=[a.jsonl]", "train=null"]
+                            ).checkpoint_dir == Path("runs/grpo/checkpoints")
+    assert from_dict({**MINIMAL, "train": {"steps": 3}}).train.output_dir == "runs/sft"
 
 
 
@@ -287,6 +312,12 @@ def test_an_export_folder_that_is_the_start_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"export\.adapter_dir: data holds data\.train_files"):
         from_dict({**run, "data": {**MINIMAL["data"], "train_files": ["data/train.jsonl"]},
                    "export": {"adapter_dir": "data"}})
+    # the merged export replaces its folder after the adapter is written: the adapter was lost
+    for adapter in ("out", "out/adapter"):
+        with pytest.raises(ConfigError, match=r"export\.adapter_dir: out.* is, or is inside, export\.merged_dir"):
+            from_dict({**run, "export": {"adapter_dir": adapter, "merged_dir": "out"}})
+    both = from_dict({**run, "export": {"adapter_dir": "out/adapter", "merged_dir": "out/merged"}})
+    assert both.export.merged_dir == "out/merged"
 
 
 @pytest.mark.parametrize("key", ["train.output_dir", "checkpoint.dir", "data.train_files", "model.path"])

@@ -374,10 +374,19 @@ class RunStart(NamedTuple):
     skipped: int = 0
 
 
+def warn_long_warmup(optim, updates: int, log: Callable[[str], None]) -> None:
+    """optim.warmup_steps at or past the run's updates: the schedule warms up over the whole run and never
+    decays (warmup is clamped to the run), which is rarely what was meant; said once, at the start."""
+    if optim.warmup_steps is not None and optim.warmup_steps >= updates:
+        log(f"warning: optim.warmup_steps {optim.warmup_steps} >= the run's {updates} updates: the learning "
+            f"rate rises over the whole run and never decays (to {optim.learning_rate:g} at the last update)")
+
+
 def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total: int, log: Callable[[str], None],
               watched=WATCHED, recorded=None) -> RunStart:
     """The optimiser and a fresh state on the mesh, then `resume_run` from cfg's checkpoint directory."""
     tx, schedule = make_optimizer(cfg.optim, steps_total)
+    warn_long_warmup(cfg.optim, steps_total, log)
     state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
     checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
