@@ -157,6 +157,12 @@ def test_set_model_path_replaces_preset_and_the_tokenizer_follows(tmp_path):
     cfg, notes = load_with_notes(path, ["model.preset=tiny"])
     assert (cfg.model.path, cfg.model.preset, cfg.tokenizer) == (None, "tiny", "/old")
     assert notes[0].startswith("note: model.path: /old -> null") and "data.tokenizer: null -> /old" in notes[1]
+    # ... and so is one that named it explicitly (it was cleared to follow a model.path the preset removed)
+    path = write_config(tmp_path, {**MINIMAL, "model": {"path": "/old"}, "data": {"train_files": ["t"],
+                                                                                "tokenizer": "/old"}})
+    cfg, notes = load_with_notes(path, ["model.preset=tiny"])
+    assert (cfg.model.path, cfg.model.preset, cfg.tokenizer) == (None, "tiny", "/old")
+    assert notes == ["note: model.path: /old -> null (--set model.preset replaces it)"]
     # unless the tokenizer is given too
     cfg, notes = load_with_notes(path, ["model.preset=tiny", "data.tokenizer=tok2"])
     assert cfg.tokenizer == "tok2" and len(notes) == 1
