@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's config; configs/sft.yaml lists every key with its default, "
                         "configs/recipes/ holds complete recipes")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value (YAML syntax), e.g. --set optim.learning_rate=2e-4 (repeatable)")
+                   help="override a config value (YAML syntax; a string key takes the text as written), e.g. "
+                        "--set optim.learning_rate=2e-4 (repeatable)")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
     p.set_defaults(func=_cmd_sft)

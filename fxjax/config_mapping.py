@@ -44,9 +44,29 @@ def _mapping_without_duplicates(loader, node, deep=False):
 
 _NoDuplicateKeysLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
+# Integers as a config means them (YAML 1.2's core schema): decimal, 0x hex or 0o octal. YAML 1.1, PyYAML's,
+# read `steps: 010` as 8 (octal) and `steps: 20:30` as 1230 (base 60) without a word.
+_INT_TAG = "tag:yaml.org,2002:int"
+_NoDuplicateKeysLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_NoDuplicateKeysLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
+
+
+def _integer(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    if text.startswith(("0x", "0o")):
+        return int(text[2:], 16 if text[1] == "x" else 8)
+    return int(text, 10)  # "010" is ten
+
+
+_NoDuplicateKeysLoader.add_constructor(_INT_TAG, _integer)
+
 
 def load_yaml(text: str) -> Any:
-    """yaml.safe_load that refuses a key given twice in one mapping (yaml.YAMLError naming both lines)."""
+    """yaml.safe_load that refuses a key given twice in one mapping (yaml.YAMLError naming both lines) and
+    reads integers as YAML 1.2 does (010 is ten, 20:30 a string, not YAML 1.1's 8 and 1230)."""
     return yaml.load(text, Loader=_NoDuplicateKeysLoader)
 
 

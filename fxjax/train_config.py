@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,12 +256,27 @@ def _parse_override(item: str, root=None) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key=value (e.g. optim.learning_rate=2e-4)")
+    parts = key.split(".")
+    holder = _section_class(parts, key, root)
+    text = raw.strip()
+    if _takes_text(holder, parts[-1]) and text not in ("", "null", "Null", "NULL", "~") and text[0] not in "'\"":
+        # a string key takes the text as written: YAML would cut a prompt at " #" (a comment) and turn
+        # 2025-01-01 into a date; quote the value to have it read as YAML
+        return key, text
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if text else None
     except yaml.YAMLError as err:
         raise ConfigError(f"{key}: cannot parse value {raw!r} ({err})") from None
-    _section_class(key.split("."), key, root)
     return key, value
+
+
+def _takes_text(holder, name: str) -> bool:
+    """Whether the key `name` of the dataclass `holder` is a string (or a string or null)."""
+    if not dataclasses.is_dataclass(holder):
+        return False
+    hint = typing.get_type_hints(holder).get(name)
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and set(typing.get_args(hint)) == {str, type(None)})
 
 
 def _empty(value: Any) -> bool:

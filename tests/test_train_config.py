@@ -81,6 +81,24 @@ def test_bad_values_name_their_key(patch, message):
     assert message in str(err.value)
 
 
+def test_set_takes_a_string_keys_text_as_written_and_integers_in_decimal(tmp_path):
+    """YAML 1.1 (PyYAML) read --set train.steps=010 as 8 and 20:30 as 1230, cut a prompt at " #" and made
+    2025-01-01 a date; a string key now takes the text as written (quoted: read as YAML), and an integer
+    is decimal (0x / 0o as YAML 1.2), in --set and in config files alike."""
+    cfg = load_sft_config(overrides=["model.path=/m", "data.train_files=[a.jsonl]", "train.steps=010",
+                                     "data.system_prompt=Answer in JSON #strict", "train.output_dir=2025-01-01",
+                                     "data.user_prompt='quoted: # kept'", "data.tokenizer=null"])
+    assert cfg.train.steps == 10 and cfg.data.system_prompt == "Answer in JSON #strict"
+    assert cfg.train.output_dir == "2025-01-01" and cfg.data.user_prompt == "quoted: # kept"
+    assert cfg.data.tokenizer is None
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer or null, got '20:30'"):
+        load_sft_config(overrides=["model.path=/m", "data.train_files=[a.jsonl]", "train.steps=20:30"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: /m}\ndata: {train_files: [a.jsonl], max_length: 0x200}\ntrain: {steps: 010}\n")
+    cfg = load_sft_config(path)
+    assert (cfg.train.steps, cfg.data.max_length) == (10, 512)
+
+
 def test_overrides_parse_yaml_values_and_reject_unknown_keys(tmp_path):
     path = tmp_path / "c.yaml"
     import yaml

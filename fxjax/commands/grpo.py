@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (configs/grpo.yaml documents every key)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set grpo.num_generations=8 (repeatable)")
+                   help="override a config value (YAML syntax; a string key takes the text as written), e.g. "
+                        "--set grpo.num_generations=8 (repeatable)")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
     p.set_defaults(func=run)
