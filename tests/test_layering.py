@@ -25,6 +25,7 @@ LAYER_OF_PREFIX = {
     "fxjax.rewards": "rewards",
     "fxjax.train": "train",
     "fxjax.cli": "app",
+    "fxjax.__main__": "app",  # python -m fxjax: the CLI
     "fxjax.demo": "app",
     "fxjax.selfcheck": "app",
     "fxjax.commands": "app",

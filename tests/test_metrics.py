@@ -203,6 +203,16 @@ def test_check_resume_config_warns_on_what_changed_the_run():
     current["train"].update(steps=None, epochs=3.0)
     (line,) = [w for w in check_resume_config(saved, current, print) if "different train config" in w]
     assert "train.steps: 100 -> null; train.epochs: null -> 3.0" in line
+    # how the same model is computed and what the training stream does not read: no warning (one said "the
+    # base model changed" for remat, "the data stream changed" for new held-out files)
+    quiet = json.loads(json.dumps(saved))
+    quiet["model"].update(remat="none", remat_vision="full", attention="xla", scan_layers=True)
+    quiet["data"].update(eval_files=["test.jsonl"], check_decode=False, read_threads=8, prefetch_buffer_size=2)
+    assert check_resume_config(saved, quiet, print) == []
+    quiet["model"]["dtype"] = "float32"
+    quiet["data"]["seed"] = 3
+    assert [w.split(":")[-2:] for w in check_resume_config(saved, quiet, print)] == [
+        [" model.dtype", " bfloat16 -> float32"], [" data.seed", " 0 -> 3"]]
 
 
 def test_interval_means_average_the_steps_between_two_records():

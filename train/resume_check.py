@@ -10,16 +10,28 @@ one that was saved. That is allowed (lengthening a run is common) but never sile
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
+
+from fxjax.config_sections import DataSection, ModelSection
 
 __all__ = ["WATCHED", "changed_keys", "check_resume_config"]
 
-# section -> the keys compared (None: all of them), and what a change there means for the resumed run
+
+def _keys_but(section, *left_out: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(section) if f.name not in left_out)
+
+
+# section -> the keys compared (None: all of them), and what a change there means for the resumed run.
+# Left out: how the same model is computed (remat, the attention kernel, scan or loop: the same numbers,
+# to rounding) and what the training stream does not depend on (held-out files, decode checks, reader
+# threads, prefetch depth); a warning for those said the base model or the data stream had changed.
 WATCHED: dict[str, tuple[tuple[str, ...] | None, str]] = {
-    "model": (None, "the base model"),
+    "model": (_keys_but(ModelSection, "remat", "remat_vision", "attention", "scan_layers"), "the base model"),
     "lora": (None, "the adapters"),
     "optim": (None, "the optimiser or its schedule"),
-    "data": (None, "the data stream"),
+    "data": (_keys_but(DataSection, "eval_files", "check_decode", "read_threads", "prefetch_buffer_size"),
+             "the data stream"),
     "train": (("steps", "epochs"), "the step count, so the learning-rate schedule"),
 }
 
