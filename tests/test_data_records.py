@@ -127,6 +127,20 @@ def test_swift_record_loads(root):
     assert records[1].label == "real" and records[1].regions == ()
 
 
+def test_box_forms_load_as_pixels_of_the_image(root):
+    """ms-swift objects.bbox_type "norm1" (fractions of the width and height, on a non-square image) and the
+    [[x1, y1], [x2, y2]] form of native and ms-swift records load as pixel boxes [x1, y1, x2, y2]."""
+    norm = swift(boxes=([0.1, 0.2, 0.5, 0.9],))
+    norm["objects"]["bbox_type"] = "norm1"
+    nested = native(regions=[{"bbox": [[4, 5], [30, 40]], "caption": "c"}])
+    records, _ = load_records(write(root, norm, nested, swift(boxes=([[2, 3], [20, 30]],))))
+    assert W != H and records[0].regions[0].bbox == pytest.approx((0.1 * W, 0.2 * H, 0.5 * W, 0.9 * H))
+    assert records[1].regions[0].bbox == (4.0, 5.0, 30.0, 40.0) and records[2].regions[0].bbox == (2.0, 3.0, 20.0, 30.0)
+    norm["objects"]["bbox"] = [[0.1, 0.2, 0.5, 1.2]]  # past the bottom edge
+    with pytest.raises(DataError, match=r"object 0 bbox .* lies outside the 64x48 image"):
+        load_records(write(root, norm, name="outside.jsonl"))
+
+
 def test_exif_orientation_is_applied_to_the_size(root):
     # Displayed 48 wide x 64 high: a box 50 px tall fits, one 50 px wide does not.
     path = write(root, native(image="img/rotated.jpg", regions=[{"bbox": [0, 0, 40, 60], "caption": "c"}]),

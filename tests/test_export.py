@@ -170,6 +170,13 @@ def test_an_export_replaces_its_folder_whole_and_a_failure_leaves_the_former_one
     out = tmp_path / "merged"
     save_merged(model, out, image_pixels=(3136, 12544))
     assert AutoImageProcessor.from_pretrained(out).size["longest_edge"] == 12544
+    # both files and both spellings of the limits, as any server reads them (transformers also rebuilds
+    # `size` from min_pixels / max_pixels, so the processor above would not see a swapped `size`)
+    written = json.loads((out / "preprocessor_config.json").read_text())
+    nested = json.loads((out / "processor_config.json").read_text())["image_processor"]
+    for config in (written, nested):
+        assert (config["min_pixels"], config["max_pixels"]) == (3136, 12544)
+        assert config["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
     (out / "model-00009-of-00009.safetensors").write_bytes(b"stale")
     save_merged(model, out, tokenizer_dir=tokenizer_dir, image_pixels=(3136, 6272))
     assert not (out / "model-00009-of-00009.safetensors").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import skimage.data
 import transformers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
@@ -175,6 +175,10 @@ _side = st.one_of(st.integers(1, 120), st.integers(1, 6000))
 
 
 @settings(max_examples=200, deadline=None)
+# sides at an odd multiple of factor / 2 within the limits: Python's round goes to even (70 / 28 = 2.5 -> 56),
+# which random sides seldom reach
+@example(height=70, width=126, factor=28, min_pixels=3136, max_pixels=12845056)
+@example(height=182, width=98, factor=28, min_pixels=3136, max_pixels=12845056)
 @given(
     height=_side,
     width=_side,

@@ -127,6 +127,18 @@ def test_batches_are_deterministic_and_use_few_shapes(demo, tokenizer_dir, recor
     assert dataclasses.replace(cfg, length_buckets=(), max_length=300).buckets == (64, 128, 256, 300)
 
 
+@pytest.mark.parametrize("drop_remainder, sizes", [(False, [4, 4, 4, 3]), (True, [4, 4, 4])])
+def test_one_pass_ends_with_the_partial_batch_unless_dropped(demo, tokenizer_dir, records, drop_remainder, sizes):
+    """15 records in batches of 4 over one epoch: the last 3 make a batch of their own (what `fxjax eval`
+    needs: every held-out example), or are left out with drop_remainder."""
+    cfg = make_cfg(demo, tokenizer_dir, batch_size=4, num_epochs=1, drop_remainder=drop_remainder,
+                   length_buckets=())
+    batches = list(iter(DataPipeline(cfg, records)))
+    assert [len(b["meta"]) for b in batches] == sizes
+    seen = [m["index"] for b in batches for m in b["meta"]]
+    assert len(set(seen)) == len(seen) == sum(sizes)
+
+
 def test_restore_from_saved_state_yields_the_same_next_batches(demo, tokenizer_dir, records):
     cfg = make_cfg(demo, tokenizer_dir, batch_size=4, max_length=384, length_buckets=())
     it = iter(DataPipeline(cfg, records))
@@ -277,7 +289,7 @@ def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_d
     assert truncated >= 2
     # long_samples="drop": every over-long example is dropped, and counted by the iterator.
     cfg_drop = dataclasses.replace(cfg, long_samples="drop", num_epochs=1, batch_size=1, drop_remainder=False)
-    it = iter(DataPipeline(cfg_drop, records))
+    it = dropping = iter(DataPipeline(cfg_drop, records))
     kept = [m["index"] for b in it for m in b["meta"]]
     too_long = {r.index for r in generated if len(full[r.index]["input_ids"]) > max_length}
     assert not too_long & set(kept) and it.get_state()["dropped"] == {"too_long": len(too_long)}
@@ -292,6 +304,13 @@ def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_d
     assert len(notes) == truncated and all(f"to fit max_length {max_length}" in n for n in notes)
     assert {n.split(": ")[1] for n in notes} <= {r.source for r in generated}
     assert it.get_state()["dropped"] == ({"too_long": dropped} if dropped else {})
+    # the counts survive a resume (a restored iterator reported 0 truncated examples)
+    for config, done in ((cfg_drop, dropping), (dataclasses.replace(cfg, num_epochs=1, batch_size=1,
+                                                                     drop_remainder=False), it)):
+        again = iter(DataPipeline(config, records))
+        again.set_state(json.loads(json.dumps(done.get_state())))
+        assert again.get_state() == done.get_state() and again.report() == done.report()
+    assert it.get_state()["truncated"] > 0 and dropping.get_state()["dropped"]
 
 
 def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenizer_dir, records):

@@ -114,6 +114,24 @@ def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_re
     assert (tmp_path / "ckpt" / "1").is_dir()
 
 
+def test_a_checkpoint_of_other_shapes_is_refused_naming_its_lora_settings(tmp_path):
+    """The same layout with other shapes (another LoRA rank): an error naming the array, both shapes and the
+    checkpoint's LoRA settings, before orbax's own traceback (only the end-to-end SFT test covered it)."""
+    import jax.numpy as jnp
+
+    from fxjax.train.checkpointing import TrainCheckpointer
+
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    checkpointer.save(3, {"params": {"lora_a": jnp.zeros((4, 2))}, "step": jnp.int32(3)}, {"position": 3},
+                      {"lora": {"rank": 2, "target_modules": "all-linear"}})
+    checkpointer.wait()
+    with pytest.raises(ConfigError, match=r"step 3 in .*ckpt was written with other model or LoRA settings than "
+                                          r"this run's \(its lora: rank 2, target_modules all-linear\): 1 array\(s\) "
+                                          r"differ in shape, e.g. params.lora_a \(4, 2\) there, \(4, 8\) here"):
+        checkpointer.restore({"params": {"lora_a": jnp.zeros((4, 8))}, "step": jnp.int32(0)}, 3)
+    checkpointer.close()
+
+
 def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, tokenizer_dir, monkeypatch):
     """keep_start_lora writes the starting adapter once; a resumed run from the same adapter keeps it, a run
     from another adapter or a new run (checkpoint.resume false) replaces it with its own; only a copy of

@@ -259,8 +259,9 @@ def test_train_checkpoint_restores_into_the_other_layout(tmp_path, saved_stacked
     checkpointer.save(5, saved, {"position": 1}, {"model": {"scan_layers": saved_stacked}})
     checkpointer.wait()
     template = _train_state(not saved_stacked, np.random.RandomState(1))  # other values, other layout
-    state, data, _, step = checkpointer.restore(template, 5)
+    state, data, config, step = checkpointer.restore(template, 5)
     assert step == 5 and data == {"position": 1}
+    assert config == {"model": {"scan_layers": saved_stacked}}  # what the resume check compares against
     want = _train_state(not saved_stacked, np.random.RandomState(0))
     got_flat, want_flat = flatten_tree(state), flatten_tree(want)
     assert got_flat.keys() == want_flat.keys()
