@@ -48,7 +48,7 @@ def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
             num_attention_heads=heads,
             num_key_value_heads=int(flat.get("num_key_value_heads") or heads),
             hidden_act=str(flat.get("hidden_act", "silu")),
-            rms_norm_eps=float(flat.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(flat.get("rms_norm_eps", 1e-5)),  # (transformers' default when absent)
             rope_theta=float(theta),
             mrope_section=tuple(int(s) for s in section),
             max_position_embeddings=int(flat.get("max_position_embeddings", 128000)),

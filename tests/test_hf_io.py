@@ -187,6 +187,11 @@ def test_real_hub_configs_parse():
                 vision_config=dict(common_vision, out_hidden_size=2048))
     cfg3 = config_from_dict(raw3)
     assert cfg3.tie_word_embeddings and cfg3.text.num_hidden_layers == 36 and cfg3.text.vocab_size == 151936
+    # a config.json without rms_norm_eps: transformers' default (1e-5), not the released models' 1e-6
+    from transformers import Qwen2_5_VLConfig
+
+    bare = {k: v for k, v in raw7.items() if k != "rms_norm_eps"}
+    assert config_from_dict(bare).text.rms_norm_eps == Qwen2_5_VLConfig.from_dict(bare).text_config.rms_norm_eps
 
 
 # ---- tensor naming, shards, dtypes on disk ---------------------------------------------------------
