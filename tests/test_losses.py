@@ -20,7 +20,7 @@ from fxjax.train.step import TrainState, make_train_step, micro_loss, split_mode
 from fxjax.config_sections import OptimSection
 
 
-def small_model(seed=0) -> Qwen25VL:
+def small_model(seed=0, dropout=0.0) -> Qwen25VL:
     cfg = Qwen25VLConfig(
         vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=32,
                             window_size=56, fullatt_block_indexes=(1,)),
@@ -28,7 +28,7 @@ def small_model(seed=0) -> Qwen25VL:
                         num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 1, 1)),
         eos_token_id=(2,), **TINY_TOKENS)
     model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
-    apply_lora(model, LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(seed + 1))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=dropout), rngs=nnx.Rngs(seed + 1, dropout=seed + 3))
     key = jax.random.key(seed + 2)
     for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, LORA_PARAMS))):  # B = 0 would hide A's grads
         var.set_value(0.1 * jax.random.normal(jax.random.fold_in(key, i), var.shape))
@@ -183,15 +183,80 @@ def test_a_skipped_update_keeps_the_moments_and_still_advances_the_schedule():
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(tried)))
 
 
-def _step(model, micro_batches, remat=None):
+def _step(model, micro_batches, remat=None, floor=None, with_grads=False):
     graphdef, params, base, rest = split_model(model)
     tx, schedule = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0), 10)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                        jax.random.key_data(jax.random.key(0, impl="rbg")))
-    step = make_train_step(graphdef, tx, schedule, loss_chunk=16, remat=remat, remat_vision=remat)
-    batch = build_step_batch(micro_batches, model.config, 0)
+    step = make_train_step(graphdef, tx, schedule, loss_chunk=16, remat=remat, remat_vision=remat,
+                           with_grads=with_grads)
+    batch = build_step_batch(micro_batches, model.config, 0, floor=floor)
     new_state, metrics = step(state, base, rest, batch)
-    return jax.device_get(new_state.params), {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = jax.device_get(metrics)
+    grads = metrics.pop("grads", None)
+    out = {k: float(v) for k, v in metrics.items()}
+    return jax.device_get(new_state.params), (dict(out, grads=grads) if with_grads else out)
+
+
+def test_the_steps_gradient_is_the_mean_token_gradient_of_the_plain_forward():
+    """Two micro-batches padded to a longer floor (as the loop pads to its running shapes): the step's loss,
+    gradient and its norm are those of the mean token cross-entropy of the plain forward on the unpadded
+    rows (a sum instead of the mean, or the padding columns labelled, passed the comparison with one batch)."""
+    rng = np.random.RandomState(5)
+    rows = [labelled_batch(rng, [g]) for g in [(1, 4, 4), (1, 4, 8)]]
+    model = small_model()
+    graphdef, params, base, rest = split_model(model)
+
+    def mean_loss(p):
+        m = nnx.merge(graphdef, p, base, rest)
+        total = count = 0.0
+        for r in rows:
+            hidden, _ = m.hidden_states(m.prepare(r["input_ids"], r["attention_mask"], r["pixel_values"],
+                                                  r["image_grid_thw"]))
+            t, c = cross_entropy_sum(m.logits(hidden), r["labels"])
+            total, count = total + t, count + c
+        return total / count
+
+    want_loss, want_grads = jax.device_get(jax.jit(jax.value_and_grad(mean_loss))(params))
+    longest = max(r["input_ids"].shape[1] for r in rows)
+    _, got = _step(model, rows, floor={"length": longest + 8}, with_grads=True)
+    np.testing.assert_allclose(got["loss"], float(want_loss), rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], float(optax.tree.norm(want_grads)), rtol=1e-4)
+    got_flat = np.concatenate([np.ravel(a) for a in jax.tree.leaves(got["grads"])])
+    want_flat = np.concatenate([np.ravel(b) for b in jax.tree.leaves(want_grads)])
+    assert np.abs(got_flat - want_flat).max() <= 1e-5 * np.abs(want_flat).max()
+    assert got["target_tokens"] == sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in rows)
+
+
+def test_each_micro_batch_draws_its_own_lora_dropout():
+    """LoRA dropout: the same row twice in one step (two micro-batches) gives another gradient than once
+    (each micro-batch its own masks, as separate batches would have; one shared key made them equal)."""
+    rng = np.random.RandomState(6)
+    row = labelled_batch(rng, [(1, 4, 4)])
+
+    def dropping_model():  # a fresh one per step: the step donates the model's parameters
+        model = small_model(dropout=0.5)
+        model.train()
+        return model
+
+    _, once = _step(dropping_model(), [row], with_grads=True)
+    _, twice = _step(dropping_model(), [row, row], with_grads=True)
+    assert once["target_tokens"] * 2 == twice["target_tokens"]
+    assert abs(once["grad_norm"] - twice["grad_norm"]) > 1e-4 * once["grad_norm"]
+
+
+def test_a_non_finite_step_leaves_the_parameters_and_moments_unchanged():
+    """A NaN pixel: the step reports finite False and keeps the LoRA parameters (the update skipped)."""
+    rng = np.random.RandomState(7)
+    row = labelled_batch(rng, [(1, 4, 4)])
+    row["pixel_values"] = row["pixel_values"].copy()
+    row["pixel_values"][0, 0] = np.nan
+    model = small_model()
+    before = jax.device_get(split_model(model)[1])
+    after, metrics = _step(model, [row])
+    assert metrics["finite"] == 0.0
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_gradient_accumulation_equals_one_big_batch_and_remat_changes_nothing():
