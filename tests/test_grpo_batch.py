@@ -252,14 +252,16 @@ def test_rollout_scores_each_group_against_its_own_record(monkeypatch, scale_rew
     np.testing.assert_array_equal(r.loss_mask, expected)
 
 
-@pytest.mark.parametrize("n_micro, share_prompts", [(1, False), (2, True)])
-def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch, n_micro, share_prompts):
+@pytest.mark.parametrize("n_micro, share_prompts, loss_type", [(1, False, "grpo"), (2, True, "grpo"),
+                                                                 (2, False, "dapo")])
+def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch, n_micro, share_prompts, loss_type):
     """Shared prompts: the gradient through each prompt's keys and values sums over its G completions, and
-    the loss and update are the plain forward's all the same."""
+    the loss and update are the plain forward's all the same. dapo over micro-batches: every micro-batch's
+    loss is normalised by the whole step's token count (TRL's num_items_in_batch), not its own."""
     rng = np.random.RandomState(1)
     prompts = _prompts(rng)
     r = _rollout(rng, prompts)
-    opts = LossOptions(loss_type="grpo", beta=0.0, max_completion_length=N, temperature=TEMPERATURE)
+    opts = LossOptions(loss_type=loss_type, beta=0.0, max_completion_length=N, temperature=TEMPERATURE)
     graphdef, tx, state, base, rest, batch = _step_setup(model, prompts, r, n_micro, share_prompts)
 
     seen = []
@@ -296,8 +298,9 @@ def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch,
         per = 2 // n_micro * G
         for a in range(n_micro):
             rows = slice(a * per, (a + 1) * per)
-            loss, _ = grpo_loss(lp[rows], None, None, r.advantages[rows], r.loss_mask[rows], loss_type="grpo",
-                                max_completion_length=N, gradient_accumulation_steps=n_micro)
+            loss, _ = grpo_loss(lp[rows], None, None, r.advantages[rows], r.loss_mask[rows], loss_type=loss_type,
+                                max_completion_length=N, gradient_accumulation_steps=n_micro,
+                                num_items=float(r.loss_mask.sum()) if loss_type == "dapo" else None)
             total = total + loss
         return total
 

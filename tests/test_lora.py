@@ -203,6 +203,23 @@ def test_dropout_only_in_train_mode(tiny_checkpoint, text_ids):
     assert np.array_equal(np.asarray(model(text_ids, attention_mask=mask)), evaluated)
 
 
+def test_train_mode_dropout_keeps_each_input_scaled_by_one_over_keep_rate():
+    """PEFT's nn.Dropout: an input kept in train mode is scaled by 1 / (1 - rate), so the update's expected
+    value is the eval-mode one. With A and B identities the update is scaling * dropout(x) itself."""
+    from fxjax.model.lora import LoRAAdapter
+
+    adapter = LoRAAdapter(6, 6, rank=6, alpha=12.0, dropout=0.25, rngs=nnx.Rngs(0, dropout=1))
+    adapter.lora_a.set_value(jnp.eye(6))
+    adapter.lora_b.set_value(jnp.eye(6))
+    x = jnp.arange(1.0, 49.0).reshape(8, 6)
+    np.testing.assert_allclose(np.asarray(adapter(x)), 2.0 * np.asarray(x), rtol=1e-6)  # eval: no dropout
+    adapter.dropout.deterministic = False  # what model.train() sets
+    dropped = np.asarray(adapter(x)) / 2.0
+    kept = dropped != 0
+    assert 0 < kept.sum() < kept.size
+    np.testing.assert_allclose(dropped[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+
+
 def test_merged_kernel(tiny_checkpoint):
     model = fxjax.from_pretrained(tiny_checkpoint, lora=LoRAConfig(rank=2, alpha=6, target_modules=["q_proj"]))
     _randomize(model)

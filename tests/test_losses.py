@@ -272,3 +272,23 @@ def test_gradient_accumulation_equals_one_big_batch_and_remat_changes_nothing():
     np.testing.assert_allclose(acc["grad_norm"], big["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(big_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)  # Adam: lr 1e-2 steps
+
+
+def test_rows_added_to_fill_the_last_eval_batch_add_no_loss():
+    """pad_rows: an incomplete last eval batch is filled with copies of its last example (image and all),
+    labelled nowhere, so the held-out loss counts each example once."""
+    from fxjax.train.batching import pad_rows
+
+    rng = np.random.RandomState(8)
+    batch = labelled_batch(rng, [(1, 4, 4), (1, 4, 8)])
+    batch["meta"] = [{"i": 0}, {"i": 1}]
+    full = pad_rows(batch, 4)
+    assert full["input_ids"].shape[0] == 4 and full["meta"][2:] == [None, None]
+    np.testing.assert_array_equal(full["labels"][:2], batch["labels"])
+    assert (full["labels"][2:] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(full["input_ids"][2:], np.repeat(batch["input_ids"][1:], 2, axis=0))
+    np.testing.assert_array_equal(full["image_grid_thw"][2:], np.repeat(batch["image_grid_thw"][1:], 2, axis=0))
+    last = int(np.prod(batch["image_grid_thw"][1]))
+    np.testing.assert_array_equal(full["pixel_values"][-last:], batch["pixel_values"][-last:])
+    assert full["pixel_values"].shape[0] == batch["pixel_values"].shape[0] + 2 * last
+    assert pad_rows(batch, 2) is batch

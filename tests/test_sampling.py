@@ -87,6 +87,12 @@ def test_filter_logits_equals_hf_warpers(decimals):
     out = np.asarray(filter_logits(jnp.asarray(row), None, 2, None))
     np.testing.assert_array_equal(np.isfinite(out), np.isfinite(hf_warp(row, None, 2, None)))
     assert np.isfinite(out).sum() == 4
+    # Top-p where the cumulative probability lands exactly on the cut (equal logits): HF's kept set, whose
+    # count does not depend on how the tie is ordered (one fewer or one more than HF's is a wrong boundary)
+    for row, top_p in (([0.0, 0.0, -30.0, -30.0], 0.5), ([1.0, 1.0, 1.0, 1.0], 0.25), ([0.0, 0.0, 0.0, 0.0], 0.75)):
+        edge = np.array([row], np.float32)
+        kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(edge), None, None, top_p)))
+        assert kept.sum() == np.isfinite(hf_warp(edge, None, None, top_p)).sum(), (row, top_p)
     # Off values leave the logits as they are; jit with static settings gives the same values.
     np.testing.assert_array_equal(np.asarray(filter_logits(jnp.asarray(logits), 1.0, 0, 1.0)), logits)
     jitted = jax.jit(filter_logits, static_argnums=(1, 2, 3))
