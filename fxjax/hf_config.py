@@ -19,13 +19,14 @@ class ConfigError(ValueError):
 
 
 def _rope(section: dict[str, Any]) -> dict[str, Any]:
-    """The rope dict of a text section, whichever key holds it (rope_parameters wins)."""
-    rope = section.get("rope_parameters") or section.get("rope_scaling") or {}
+    """The rope dict of a text section, whichever key holds it (rope_scaling wins, as transformers reads a
+    file that has both)."""
+    rope = section.get("rope_scaling") or section.get("rope_parameters") or {}
     return rope if isinstance(rope, dict) else {}
 
 
 def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
-    """`flat` is the top-level dict (Hub layout) or text_config (transformers 5.x) merged over it."""
+    """`flat` is the top-level dict (Hub layout) or, when the file has one, text_config (transformers 5.x)."""
     rope = _rope(flat)
     theta = rope.get("rope_theta", flat.get("rope_theta", 1000000.0))
     section = rope.get("mrope_section")
@@ -91,8 +92,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> Qwen25
     if "vision_config" not in raw:
         raise ConfigError(f"{source}: no vision_config")
     nested = raw.get("text_config")
+    # transformers builds the text config from text_config alone when there is one (top-level text keys,
+    # which older files also carry, are then ignored), else from the top level
+    text = text_config_from_dict(nested if isinstance(nested, dict) else raw, source)
+    # (token ids and tying: either level; transformers 5 writes some of them at the top)
     text_section = {**raw, **nested} if isinstance(nested, dict) else raw
-    text = text_config_from_dict(text_section, source)
     vision = vision_config_from_dict(raw["vision_config"], source)
     tie = bool(raw.get("tie_word_embeddings", False) or text_section.get("tie_word_embeddings", False))
     try:

@@ -193,6 +193,25 @@ def test_real_hub_configs_parse():
     bare = {k: v for k, v in raw7.items() if k != "rms_norm_eps"}
     assert config_from_dict(bare).text.rms_norm_eps == Qwen2_5_VLConfig.from_dict(bare).text_config.rms_norm_eps
 
+    def as_hf(raw):
+        text = Qwen2_5_VLConfig.from_dict(raw).text_config
+        return tuple(text.rope_parameters["mrope_section"]), text.rope_parameters["rope_theta"], text.rms_norm_eps
+
+    def as_fxjax(raw):
+        text = config_from_dict(raw).text
+        return text.mrope_section, text.rope_theta, text.rms_norm_eps
+
+    # both rope keys, disagreeing: transformers takes rope_scaling (and the top-level theta)
+    both = dict(raw7, rope_parameters={"rope_type": "default", "mrope_section": [24, 24, 16], "rope_theta": 5e5})
+    # a text_config: transformers reads the text model from it alone, not from stale top-level keys
+    nested = dict(raw7, text_config={k: raw7[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                          "num_hidden_layers", "num_key_value_heads", "vocab_size")}
+                  | {"rope_parameters": {"rope_type": "default", "mrope_section": [24, 24, 16], "rope_theta": 5e5}},
+                  rms_norm_eps=1e-3)
+    for raw in (both, nested):
+        assert as_fxjax(raw) == as_hf(raw)
+    assert as_fxjax(both) == ((16, 24, 24), 1e6, 1e-6) and as_fxjax(nested) == ((24, 24, 16), 5e5, 1e-5)
+
 
 # ---- tensor naming, shards, dtypes on disk ---------------------------------------------------------
 
