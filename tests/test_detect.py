@@ -235,3 +235,15 @@ def test_an_overlay_shows_a_transparent_image_as_the_model_saw_it():
         out = draw_detection(image, [], "real")
         assert out.mode == "RGB" and out.getpixel((60, 44)) == (255, 255, 255)
         assert out.getpixel((60, 44)) == pil_to_rgb(image).getpixel((60, 44))
+
+
+def test_an_overlay_draws_boxes_with_swapped_corners_and_boxes_at_the_border():
+    """A box written [x2, y2, x1, y1] (the parser takes it) is drawn as the same box (Pillow refused it:
+    detect and the demo's sheet crashed); a box reaching the image's edge keeps its whole line width inside."""
+    from fxjax.overlay import draw_detection
+
+    swapped = draw_detection(Image.new("RGB", (100, 80)), [("a", (60, 40, 20, 70))], "generated")
+    assert swapped.getpixel((20, 60)) == BOX_COLOURS[0] == swapped.getpixel((60, 60))
+    edge = draw_detection(Image.new("RGB", (100, 80)), [("", (50, 40, 100, 80))], "generated")
+    assert edge.getpixel((99, 60)) == BOX_COLOURS[0] == edge.getpixel((98, 60))  # line 2: the last two columns
+    assert edge.getpixel((75, 79)) == BOX_COLOURS[0] == edge.getpixel((75, 78))

@@ -133,6 +133,16 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     one_class = summarize([dict(rows[0], predicted="generated", correct=True), rows[1]])
     assert one_class["precision"] is None and one_class["f1"] is None and one_class["recall"] == 0.5
     assert summarize([rows[2]])["f1"] is None  # no generated image, none called generated: 0 / 0
+    # a generated image without true boxes has no IoU: the mean is over the images with boxes only
+    from fxjax.detection_metrics import score_completions
+    from fxjax.rewards.output_format import BOX_END, BOX_START, REF_END, REF_START
+
+    text = (f"<think>{REF_START}x{REF_END}{BOX_START}[0, 0, 10, 10]{BOX_END}\n<tag>t</tag>\n</think>\n"
+            "<verdict>generated</verdict>")
+    scored = score_completions([text, text], [{"label": "generated", "boxes": [[0, 0, 10, 10]]},
+                                              {"label": "generated", "boxes": []}])
+    boxless = summarize(scored)
+    assert scored[1]["iou"] is None and boxless["iou_images"] == 1 and boxless["mean_iou"] == 1.0
     assert by["(none)"]["precision"] is None  # the real images
     assert by["B"]["accuracy"] == 0 and by["B"]["mean_iou"] == 0 and by["B"]["precision"] is None
     assert by["(none)"]["accuracy"] == pytest.approx(1 / 2) and by["(none)"]["mean_iou"] is None

@@ -403,3 +403,15 @@ def test_buckets_keep_compiles_few():
     assert rewards.reward_core._cache_size() == 1
     score([completion([A] * 5)] * 9, [{"label": "generated", "boxes": [A] * 5}] * 9)
     assert rewards.reward_core._cache_size() == 2
+
+
+def test_matched_iou_gives_nothing_to_predictions_past_the_true_boxes():
+    """The jitted core on padded arrays as a caller may pass them (scoring.prepare_batch cuts each
+    completion's boxes to the number of true ones first, so `score` alone could not tell): once every true
+    box is taken, a later prediction matches nothing, even one identical to a taken box."""
+    from fxjax.rewards.reward_math import matched_iou
+
+    gt = np.array([[[0, 0, 10, 10], [20, 0, 30, 10]]], np.float32)
+    pred = np.array([[[[0, 0, 10, 5], [20, 0, 30, 5], [0, 0, 10, 10]]]], np.float32)
+    got = matched_iou(pred, np.ones((1, 1, 3), bool), gt, np.ones((1, 2), bool))
+    assert float(got[0, 0]) == 0.5  # (0.5 + 0.5 + nothing) / 2 true boxes
