@@ -238,8 +238,9 @@ def test_an_overlay_shows_a_transparent_image_as_the_model_saw_it():
 
 
 def test_an_overlay_draws_boxes_with_swapped_corners_and_boxes_at_the_border():
-    """A box written [x2, y2, x1, y1] (the parser takes it) is drawn as the same box (Pillow refused it:
-    detect and the demo's sheet crashed); a box reaching the image's edge keeps its whole line width inside."""
+    """A box written [x2, y2, x1, y1] (the parser takes it) is drawn as the same box (Pillow refuses the
+    corners unsorted: detect and the demo's sheet would crash); a box reaching the image's edge keeps its
+    whole line width inside."""
     from fxjax.overlay import draw_detection
 
     swapped = draw_detection(Image.new("RGB", (100, 80)), [("a", (60, 40, 20, 70))], "generated")
