@@ -211,6 +211,10 @@ def test_real_hub_configs_parse():
     for raw in (both, nested):
         assert as_fxjax(raw) == as_hf(raw)
     assert as_fxjax(both) == ((16, 24, 24), 1e6, 1e-6) and as_fxjax(nested) == ((24, 24, 16), 5e5, 1e-5)
+    # tied in text_config only (transformers 5 may write it there alone): tied, as transformers reads it
+    tied = dict(nested, text_config=dict(nested["text_config"], tie_word_embeddings=True))
+    tied.pop("tie_word_embeddings")
+    assert config_from_dict(tied).tie_word_embeddings and Qwen2_5_VLConfig.from_dict(tied).tie_word_embeddings
 
 
 # ---- tensor naming, shards, dtypes on disk ---------------------------------------------------------

@@ -223,8 +223,10 @@ def _drop(weights, module):
     (lambda c: c | {"init_lora_weights": "olora"}, None, r"init_lora_weights = 'olora' is not supported"),
     # layer 0 only: falsy, and it was taken for "not set"
     (lambda c: c | {"layers_to_transform": 0}, None, r"adapter_config\.json: layers_to_transform = 0 is not supported"),
+    # a full copy of a module trained besides the LoRA: named as such (not as a stray tensor)
+    (lambda c: c | {"modules_to_save": ["lm_head"]}, None, r"adapter_config\.json: modules_to_save"),
 ], ids=["wrong-r", "unknown-module", "dora-key", "missing-B", "missing-module", "unselected", "dora", "bias",
-        "peft-type", "bad-r", "mixed-naming", "target-modules-type", "pissa", "olora", "layer-0"])
+        "peft-type", "bad-r", "mixed-naming", "target-modules-type", "pissa", "olora", "layer-0", "modules-to-save"])
 def test_bad_adapter_errors(bare, adapters, tmp_path, config, tensors, message):
     with pytest.raises(AdapterError, match=message):
         load_peft_adapter(bare, _broken(adapters, tmp_path, config=config, tensors=tensors))
@@ -300,3 +302,20 @@ def test_a_trained_bf16_adapter_saves_in_float32_for_the_base_it_is_on(adapters,
     (bf16 / CONFIG).write_text(json.dumps(dict(config, base_model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct")))
     hub = fxjax.save_peft_adapter(fxjax.from_pretrained(tiny_checkpoint, adapter=bf16), tmp_path / "hub")
     assert json.loads((hub / CONFIG).read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def test_rank_and_alpha_pattern_keys_match_as_peft_matches_them():
+    """pattern_key against PEFT's own get_pattern_key: a key matches a whole dotted suffix of the module
+    name, so alpha_pattern {"proj": ...} is the vision attention's `proj`, not every q_proj / o_proj / up_proj."""
+    from peft.utils.other import get_pattern_key
+
+    from fxjax.model.lora import pattern_key
+
+    names = ["visual.blocks.0.attn.proj", "visual.blocks.0.attn.qkv", "model.language_model.layers.0.self_attn.q_proj",
+             "model.language_model.layers.1.self_attn.o_proj", "model.language_model.layers.11.mlp.up_proj",
+             "model.language_model.layers.1.mlp.down_proj", "visual.merger.mlp.0"]
+    for keys in (["proj"], ["q_proj"], ["1.self_attn.q_proj", "o_proj"], ["layers.1.mlp.*"], ["mlp.0"], ["attn.proj"]):
+        for name in names:
+            peft = get_pattern_key(keys, name)  # the name itself when no key matches
+            assert pattern_key(keys, name) == (peft if peft in keys else None), (keys, name)
+    assert pattern_key(["proj"], "model.language_model.layers.0.self_attn.q_proj") is None

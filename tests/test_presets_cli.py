@@ -102,3 +102,18 @@ def test_preset_paths_that_do_not_exist_say_so():
         load_preset("/nonexistent/tiny.yaml")
     with pytest.raises(PresetError, match=r"^model preset 'huge' not found; presets: tiny, 3b"):
         load_preset("huge")
+
+
+def test_init_model_stores_weights_in_param_dtype():
+    """param_dtype is the weights' storage dtype (the Python API's; default: dtype): bfloat16 storage under
+    float32 compute halves the weights' memory, and was silently float32 if dropped."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fxjax.model_init import init_model
+
+    for dtype, param_dtype, want in (("float32", "bfloat16", jnp.bfloat16), ("bfloat16", None, jnp.bfloat16),
+                                     ("float32", None, jnp.float32)):
+        model = init_model("tiny", dtype=dtype, param_dtype=param_dtype)
+        kinds = {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        assert kinds == {jnp.dtype(want)}, (dtype, param_dtype, kinds)

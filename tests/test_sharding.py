@@ -85,6 +85,15 @@ def test_rules_shard_big_weights_megatron_style():
     assert spec("lm_head/kernel") == P("fsdp", "tensor")
     assert spec("decoder/layers/0/input_layernorm/weight") == P()
     assert spec("visual/blocks/0/attn/proj/bias") == P()
+    # each bias goes with its kernel: split over "tensor" where the kernel's outputs are (column-parallel),
+    # whole where they are summed over "tensor" (row-parallel)
+    for linear in ("visual/blocks/0/attn/qkv", "visual/blocks/0/attn/proj", "visual/blocks/0/mlp/gate_proj",
+                   "visual/blocks/0/mlp/up_proj", "visual/blocks/0/mlp/down_proj", "visual/merger/fc1",
+                   "visual/merger/fc2", "decoder/layers/0/self_attn/q_proj", "decoder/layers/0/self_attn/k_proj",
+                   "decoder/layers/0/self_attn/v_proj"):
+        column = spec(f"{linear}/kernel") == P("fsdp", "tensor")
+        assert column or spec(f"{linear}/kernel") == P("tensor", "fsdp"), linear
+        assert spec(f"{linear}/bias") == (P("tensor") if column else P()), linear
 
 
 def test_unknown_parameter_is_an_error_not_replicated():
