@@ -142,6 +142,10 @@ def test_an_adapter_is_not_applied_twice_on_the_export_it_is_merged_into(tiny_ch
     save_merged(fxjax.from_pretrained(tiny_checkpoint), merged_twice)  # no LoRA: the record goes with the weights
     assert not (merged_twice / MERGED_LORA_FILE).exists()
     fxjax.from_pretrained(merged_twice, adapter=other)
+    # fxjax.save_pretrained into a folder that held a merged export (it writes in place): the stale record goes
+    fxjax.save_pretrained(fxjax.from_pretrained(tiny_checkpoint), merged)
+    assert not (merged / MERGED_LORA_FILE).exists()
+    fxjax.from_pretrained(merged, adapter=adapter)  # plain base weights now: the adapter applies once
 
 
 def test_an_export_replaces_its_folder_whole_and_a_failure_leaves_the_former_one(tiny_checkpoint, tokenizer_dir,

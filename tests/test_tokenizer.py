@@ -125,3 +125,28 @@ def test_ensure_format_markers_extends_a_stock_tokenizer():
 def test_load_tokenizer_without_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_qwen_tokenizer"):
         qtok.load_tokenizer(tmp_path)
+
+
+def test_export_adds_the_format_markers_to_a_stock_tokenizer_as_special_tokens(tmp_path):
+    """A stock tokenizer (without the markers) exported next to a model: each marker is in tokenizer.json and
+    in tokenizer_config.json as a special added token, as the tokenizer the model trained with has them."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE
+
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz<>/")}
+    tok = Tokenizer(BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    tok.save(str(stock / "tokenizer.json"))
+    (stock / "tokenizer_config.json").write_text(json.dumps({"additional_special_tokens": ["<|im_end|>"]}))
+    out = qtok.export_tokenizer(stock, tmp_path / "out")
+    exported = Tokenizer.from_file(str(out / "tokenizer.json"))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    for marker in FORMAT_MARKERS:
+        entry = config["added_tokens_decoder"][str(exported.token_to_id(marker))]
+        assert entry["content"] == marker and entry["special"] is True, marker
+        assert marker in config["additional_special_tokens"]
+    assert config["additional_special_tokens"][0] == "<|im_end|>"  # the stock ones kept
