@@ -250,3 +250,25 @@ def test_mesh_sizes_that_are_not_integers_are_refused():
     for value in (2.5, True, "two"):
         with pytest.raises(ShardingError, match=r"mesh\.fsdp: .* is not an integer"):
             MeshConfig.from_dict({"fsdp": value})
+
+
+def test_a_process_holds_the_batch_shards_of_its_data_and_fsdp_positions():
+    """process_batch_shards on a data x fsdp x tensor mesh (2 x 2 x 2): a [B] array sharded over
+    ("data", "fsdp") gives block d * fsdp + f to device (d, f, .), so a process holding data row 0 holds
+    blocks 0 and 1, one holding fsdp column 0 holds blocks 0 and 2 (an fsdp-major order swapped them, caught
+    only by the two-process test)."""
+    from fxjax.device_mesh import process_batch_shards
+
+    def mesh(process_of):
+        devices = np.empty((2, 2, 2), object)
+        for d, f, t in np.ndindex(2, 2, 2):
+            devices[d, f, t] = SimpleNamespace(process_index=process_of(d, f, t))
+        return SimpleNamespace(axis_names=("data", "fsdp", "tensor"), shape={"data": 2, "fsdp": 2, "tensor": 2},
+                               devices=devices)
+
+    by_data = mesh(lambda d, f, t: d)
+    assert [process_batch_shards(by_data, p) for p in (0, 1)] == [(0, 1), (2, 3)]
+    by_fsdp = mesh(lambda d, f, t: f)
+    assert [process_batch_shards(by_fsdp, p) for p in (0, 1)] == [(0, 2), (1, 3)]
+    by_tensor = mesh(lambda d, f, t: t)  # every process holds every batch shard
+    assert process_batch_shards(by_tensor, 1) == (0, 1, 2, 3)
