@@ -200,13 +200,17 @@ class TrainSection:
     tensorboard: bool = True  # write TensorBoard events when a writer is installed
 
     def validate(self, where: str) -> None:
-        check_seed(self.seed, f"{where}.seed")
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: set exactly one of train.steps and train.epochs")
         if self.steps is not None:
             check_positive(self.steps, f"{where}.steps")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"{where}.epochs: must be positive, got {self.epochs}")
+        self.validate_all_but_length(where)
+
+    def validate_all_but_length(self, where: str) -> None:
+        """Every check but steps / epochs (GRPO's steps come from its stages; grpo_config checks those)."""
+        check_seed(self.seed, f"{where}.seed")
         check_positive(self.loss_chunk, f"{where}.loss_chunk")
         check_positive(self.log_every, f"{where}.log_every")
 

@@ -136,11 +136,12 @@ def _prepare_dir(out: Path, overwrite: bool = False) -> None:
     if out.exists() and any(out.iterdir()) and not (out / _MARKER).exists():
         raise FileExistsError(f"{out} exists and was not made by `fxjax demo`; pass --out to choose another directory")
     earlier = [sub for sub in _OWN_DIRS if (out / sub).exists()]
+    listed = ", ".join(d + "/" for d in earlier)
     if earlier and not overwrite:
-        raise FileExistsError(f"{out} holds an earlier demo's results ({', '.join(d + '/' for d in earlier)}); "
-                              "pass --overwrite to replace them, or --out another directory")
+        raise FileExistsError(f"{out} holds an earlier demo's results ({listed}); pass --overwrite to replace "
+                              "them, or --out another directory")
     if earlier:
-        _say(f"replacing the earlier demo's results in {out}: {', '.join(d + '/' for d in earlier)}")
+        _say(f"replacing the earlier demo's results in {out}: {listed}")
     for sub in earlier:
         shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)

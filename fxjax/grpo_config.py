@@ -128,10 +128,7 @@ class GRPOConfig(RunConfig):
             raise ConfigError("train.epochs: grpo.schedule=continuous runs train.steps; set train.epochs=null")
         else:
             check_positive(self.train.steps, "train.steps")
-        # the rest of the train section as SFT checks it (steps / epochs: above)
-        check_seed(self.train.seed, "train.seed")
-        check_positive(self.train.loss_chunk, "train.loss_chunk")
-        check_positive(self.train.log_every, "train.log_every")
+        self.train.validate_all_but_length("train")  # the rest of the train section as SFT checks it
         if self.optim.grad_accum != 1 and self.data.batch_size % self.optim.grad_accum:
             raise ConfigError(f"optim.grad_accum: {self.optim.grad_accum} must divide data.batch_size "
                               f"({self.data.batch_size} prompts per step): micro-batches hold whole groups")

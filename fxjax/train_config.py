@@ -315,9 +315,9 @@ def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
         if key in given or _get_dotted(before, source) == _get_dotted(out, source):
             continue
         old_key, old_source = _get_dotted(before, key), _get_dotted(before, source)
+        # (a key that named the old source stays when the overrides cleared the source, e.g. for a preset)
         if old_key is not None and old_key == old_source and _get_dotted(out, source) is not None:
             derive(key, None, f"it named the old {source}; null follows the new {source}")
-        # (named the old source, which the overrides cleared, e.g. for a preset: it stays, as null would)
         elif old_key is None and old_source is not None and _get_dotted(out, source) is None:
             derive(key, old_source, f"null meant {source}, which the overrides cleared")
     for key, dependents in OFF_WITHOUT.items():

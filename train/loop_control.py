@@ -162,7 +162,6 @@ class LoopControl:
                      f"{self.checkpointer.directory}; exiting (resume by running the same command)")
         return True
 
-
     def evaluate_at_end(self) -> None:
         """The evaluation at the end (eval.at_end), unless the run was complete already and metrics.jsonl has
         it (the same command run again, e.g. for the exports, repeated it and logged the step's twice)."""

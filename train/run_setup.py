@@ -469,7 +469,7 @@ def refuse_new_run_over_checkpoints(cfg) -> None:
     directory = cfg.checkpoint_dir
     if cfg.checkpoint.resume or not directory.is_dir():
         return
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    steps = committed_steps(directory)
     if steps:
         raise ConfigError(f"checkpoint.resume: false, but {directory} holds the checkpoints of an earlier run "
                           f"(steps {', '.join(map(str, steps))}); a new run there would prune them and collide "
