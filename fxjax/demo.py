@@ -12,9 +12,9 @@ Like the CLI, this module sits on top of everything (it drives fxjax.train and f
 core never imports it.
 
 The tiny model is the `tiny` preset (hidden 64, 2 decoder layers, 2 vision blocks, the full 151936-token
-vocabulary) with one change to its random init: the (tied) embedding is drawn with std 0.3 instead of
-0.02. With 0.02, a 64-wide model's logits over 152k tokens can never be confident (the largest possible
-logit is about 0.02 * 64), so it could learn the format's tokens only as barely-winning argmaxes.
+vocabulary) with one change to its random init (fxjax.demo_model): the (tied) embedding rows of the tokens
+the training texts use are drawn with std 0.3 instead of 0.02, so that the model can be confident about
+them, while the other 151k rows stay small, so that where it is unsure its probability stays on those tokens.
 
 What the demo data make easy, and why (a property of the demo data, not of the method): a random 10M-
 parameter model has no vision to speak of and no positional read-out, so the data carry traces it can
@@ -58,16 +58,18 @@ from fxjax.demo_summary import STAGES, held_out_stage_rewards, phase_table, stag
 
 __all__ = ["DEMO", "QUICK", "run_demo"]
 
-# The demo's run: 5-11 minutes on 2 idle CPU cores (CI 2026-12-02: 7.0 min; SFT 159 s, GRPO 206 s; the same
+# The demo's run: 5-11 minutes on 2 idle CPU cores (CI 2026-12-04: 5.5 min; SFT 124 s, GRPO 166 s; the same
 # VM has taken up to 11.4 min on slower days).
-# SFT: 200 steps at lr 1e-3 learn the format and the verdict and the row in part (seed 0 while tuning: 100% /
-# 100% / IoU 0.76 held out; 120 steps 0.79 with the two row digits barely apart, 300 steps 1.00).
+# SFT: 200 steps at lr 1e-3 learn the format and the verdict and the row in part (seed 0: 100% / 100% / IoU
+# 0.79 held out; with every embedding row at std 0.3, as before 2026-12-04: 0.76, 120 steps 0.79 with the two
+# row digits barely apart, 300 steps 1.00).
 # GRPO: lr 1e-4 decaying along a cosine, temperature 1.0, top-k 5, prompts balanced by label and band
 # (`_balanced_prompts`). With temperature 0.9 and the labels alone balanced, seeds 2 and 3 ended with one row
 # for every image; balancing the bands too stopped that, and temperature 1.0 (more groups whose four samples
-# differ) let seed 2 leave its one-row start (docs/demo_tuning.md has every run). Top-k 5: the tiny model's
-# answer at an uncertain position spreads most of its mass over the 152k-token tail; with top-k 50, 16-31%
-# of the samples broke the box, and top-p 0.8 keeps thousands of tail tokens.
+# differ) let seed 2 leave its one-row start (docs/demo_tuning.md has every run). Top-k 5: before the base
+# model kept its unused tokens' embedding small (fxjax.demo_model), the tiny model's answer at an uncertain
+# position spread most of its mass over the 152k-token tail; with top-k 50, 16-31% of the samples broke the
+# box, and top-p 0.8 keeps thousands of tail tokens.
 # One line instead of fxjax.data.prompts.SYSTEM_PROMPT (110 tokens), and one user prompt instead of its nine
 # templates: see the module docstring for what each changed.
 DEMO_SYSTEM_PROMPT = "Find AI-generated images and box their artefacts."
@@ -90,7 +92,7 @@ DEMO: dict[str, Any] = dict(
     brief=True,
     system_prompt=DEMO_SYSTEM_PROMPT,
     user_prompt=DEMO_USER_PROMPT,
-    embedding_std=0.3,
+    embedding_std=0.3,  # the task tokens' rows (fxjax.demo_model)
     eval=dict(examples=60, batch_size=20, max_new_tokens=80),  # the longest demo answer is 56 tokens
     overlay_images=dict(generated=3, real=1),
     sft=dict(steps=200, config={
@@ -345,9 +347,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     ev = QUICK["eval"] if quick else DEMO["eval"]
 
     from fxjax.data.demo_data import make_demo_data
-    from fxjax.data.tokenizer import build_qwen_tokenizer
-    from fxjax.hf_checkpoint import save_pretrained
-    from fxjax.model_init import init_model, parameter_counts
+    from fxjax.demo_model import make_demo_base_model
 
     files = make_demo_data(out / "data", n=n_images, seed=seed, test_fraction=DEMO["test_fraction"],
                            min_side=DEMO["sides"][0], max_side=DEMO["sides"][1], multiple=28,
@@ -361,15 +361,12 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
                         f"{out / 'data'}")
 
     model_dir = out / "base-model"
-    model = init_model("tiny", seed=seed)
-    emb = model.embed_tokens.embedding
-    emb.set_value(emb.get_value() * (DEMO["embedding_std"] / 0.02))
-    save_pretrained(model, model_dir)
-    build_qwen_tokenizer(model_dir)
-    n_params = parameter_counts(model)["total"]
-    del model
-    phases.done("model", f"tiny Qwen2.5-VL ({n_params:,} parameters, random init) with the Qwen2.5-VL tokenizer "
-                         f"in HF layout: {model_dir}")
+    n_params, n_task = make_demo_base_model(model_dir, files["train"], seed=seed, task_std=DEMO["embedding_std"],
+                                            system_prompt=DEMO["system_prompt"], user_prompt=DEMO["user_prompt"],
+                                            min_pixels=_DATA["min_pixels"], max_pixels=_DATA["max_pixels"])
+    phases.done("model", f"tiny Qwen2.5-VL ({n_params:,} parameters, random init; the embedding of the {n_task} "
+                         f"tokens the training texts use at std {DEMO['embedding_std']}) with the Qwen2.5-VL "
+                         f"tokenizer in HF layout: {model_dir}")
 
     evals: list[tuple[str, dict]] = []
     eval_dirs: list[Path] = []

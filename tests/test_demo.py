@@ -201,3 +201,43 @@ def test_an_earlier_demos_results_are_replaced_only_with_overwrite(tmp_path, cap
     (tmp_path / "mine" / "notes.txt").write_text("x")
     with pytest.raises(FileExistsError, match="was not made by `fxjax demo`"):
         _prepare_dir(tmp_path / "mine", overwrite=True)  # --overwrite never reaches a folder the demo did not make
+
+
+def test_demo_base_model_draws_only_the_training_texts_tokens_large(tmp_path):
+    """The demo's base model: the embedding rows of every token SFT's examples hold (checked against the text
+    rendered and encoded here, not through the pipeline) and of the ten digits at std 0.3; the other rows
+    as the init drew them (0.02), so the tiny model's uncertainty stays on the task's tokens."""
+    from safetensors.numpy import load_file
+
+    from fxjax.data.demo_data import make_demo_data
+    from fxjax.data.prompts import render_prompt, render_target
+    from fxjax.data.records import load_records
+    from fxjax.data.tokenizer import load_tokenizer
+    from fxjax.demo import DEMO_SYSTEM_PROMPT, DEMO_USER_PROMPT
+    from fxjax.demo_model import make_demo_base_model
+
+    files = make_demo_data(tmp_path / "data", n=12, seed=0, test_fraction=0.25, min_side=56, max_side=56,
+                           multiple=28, fingerprint=36.0, max_regions=1, box_multiple=28, region_layout="bands",
+                           brief=True)
+    model_dir = tmp_path / "base"
+    n_params, n_task = make_demo_base_model(model_dir, files["train"], seed=0, task_std=0.3,
+                                            system_prompt=DEMO_SYSTEM_PROMPT, user_prompt=DEMO_USER_PROMPT,
+                                            min_pixels=3136, max_pixels=12544)
+    tok = load_tokenizer(model_dir)
+    records, _ = load_records([str(files["train"])])
+    texts = [render_prompt(DEMO_SYSTEM_PROMPT, DEMO_USER_PROMPT, 4) + render_target(r, [x.bbox for x in r.regions])
+             + "<|im_end|>" for r in records]
+    expected = {t for text in texts for t in tok.encode(text, add_special_tokens=False).ids}
+    assert {tok.token_to_id(m) for m in ("<think>", "</think>", "<verdict>", "<|box_start|>", "<|image_pad|>",
+                                         "<|im_end|>", "generated", "real")} <= expected
+    expected |= {tok.token_to_id(d) for d in "0123456789"}
+    assert None not in expected and len(records) == 9
+    tensors = load_file(str(model_dir / "model-00001-of-00001.safetensors"))
+    weights = next(v for k, v in tensors.items() if "embed_tokens" in k)
+    rows = np.linalg.norm(weights, axis=1) / np.sqrt(weights.shape[1])  # each row's std, about
+    task = np.flatnonzero(rows > 0.1)
+    assert expected <= set(task.tolist()) and len(task) == n_task < 200
+    assert 0.25 < rows[task].mean() < 0.35
+    others = np.delete(rows, task)
+    assert 0.017 < others.mean() < 0.023 and others.max() < 0.05
+    assert n_params > 9_000_000

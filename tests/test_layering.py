@@ -27,6 +27,7 @@ LAYER_OF_PREFIX = {
     "fxjax.cli": "app",
     "fxjax.__main__": "app",  # python -m fxjax: the CLI
     "fxjax.demo": "app",
+    "fxjax.demo_model": "app",  # the demo's base model (only the demo builds it)
     "fxjax.selfcheck": "app",
     "fxjax.commands": "app",
     "fxjax": "core",
