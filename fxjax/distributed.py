@@ -51,8 +51,9 @@ TPU_HOSTS_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 _LOG = logging.getLogger(__name__)
 
 
-class DistributedError(RuntimeError):
-    pass
+class DistributedError(RuntimeError, ValueError):
+    """A distributed setting that cannot work (or a process that never answered). Also a ValueError, so the
+    CLI reports it as `fxjax CMD: error: ...` instead of a traceback."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,13 @@ class DistributedConfig:
             raise DistributedError(f"num_processes must be >= 1, got {self.num_processes}")
         if self.local_device_count is not None and self.local_device_count < 1:
             raise DistributedError(f"local_device_count must be >= 1, got {self.local_device_count}")
+        if self.num_processes is None and (self.coordinator_address is not None or self.process_id is not None):
+            # (explicit settings skip cluster detection, so without a count every process would run alone)
+            given = [f"{n} ({ENV_VARS[n][0]})" for n in ("coordinator_address", "process_id")
+                     if getattr(self, n) is not None]
+            raise DistributedError(f"{' and '.join(given)} set without num_processes "
+                                   f"({ENV_VARS['num_processes'][0]}): set it too, or none of them to let a "
+                                   "cluster be detected")
         if self.multi_process:
             missing = [n for n in ("coordinator_address", "process_id") if getattr(self, n) is None]
             if missing:

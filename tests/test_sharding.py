@@ -239,6 +239,15 @@ def test_distributed_settings_from_env_and_arguments(monkeypatch):
         distributed.resolve()
     with pytest.raises(distributed.DistributedError, match="not an integer"):
         distributed.DistributedConfig.from_env({"FXJAX_NUM_PROCESSES": "two"})
+    # a coordinator or process id without a count: every process would run alone (explicit settings skip
+    # cluster detection), so it is an error
+    monkeypatch.delenv("FXJAX_NUM_PROCESSES")
+    with pytest.raises(distributed.DistributedError, match=r"coordinator_address \(FXJAX_COORDINATOR\) set "
+                                                           r"without num_processes \(FXJAX_NUM_PROCESSES\)"):
+        distributed.resolve()
+    with pytest.raises(distributed.DistributedError, match=r"\(FXJAX_COORDINATOR\) and process_id \(FXJAX_PROC"):
+        distributed.resolve(process_id=0)
+    assert distributed.resolve(num_processes=1).num_processes == 1  # one process, said so: fine
     for key in env:
         monkeypatch.delenv(key, raising=False)
     assert not distributed.initialize().multi_process  # one process: nothing to start

@@ -352,3 +352,20 @@ def test_a_bucket_url_is_refused_naming_the_key(key):
     data = {**MINIMAL, section: {**(MINIMAL.get(section, {}) if section != "model" else {}), name: value}}
     with pytest.raises(ConfigError, match=rf"{key}: gs://b/\S* is a URL; fxjax reads and writes local paths only"):
         from_dict(data)
+
+
+def test_cli_reports_a_distributed_setting_that_cannot_work_as_an_error(tmp_path, capsys, monkeypatch):
+    """A process id without a process count (every process would run alone): exit 2 and one line naming the
+    keys, before any model or data is read (DistributedError is a ValueError for the CLI)."""
+    from fxjax.cli import main
+
+    for key in ("FXJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "FXJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES",
+                "FXJAX_PROCESS_ID", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "t.jsonl").write_text("")
+    (tmp_path / "tok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, MINIMAL)
+    assert main(["sft", "--config", str(path), "--set", "distributed.process_id=1"]) == 2
+    err = capsys.readouterr().err
+    assert "fxjax sft: error: process_id (FXJAX_PROCESS_ID) set without num_processes (FXJAX_NUM_PROCESSES)" in err
