@@ -163,6 +163,7 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
         assert not r["parsed"] and isinstance(r["completion"], str)
         mw, mh = r["model_size"]
         assert r["note"].startswith("at max_pixels 40000 it would be")
+        assert r["truncated"] and "the answer stopped at --max-new-tokens (3 tokens) before its end" in r["note"]
         assert f"analysed at {mw}x{mh} ({mw * mh // 784} image tokens)" in r["note"]
         assert Image.open(r["overlay"]).size == tuple(r["size"])
 
@@ -214,6 +215,38 @@ def test_an_empty_prompt_or_a_zero_length_is_refused_naming_the_flag(tiny_vl_dir
     photo.write_bytes(b"not really a png")
     assert main(["detect", "x.png", "--model", str(photo), "--no-overlay"]) == 2
     assert f"--model: {photo} is a file; give an HF model directory" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_model_loads(tmp_path, capsys):
+    """(It was made after the weights had loaded, and a permission error came out as a traceback.)"""
+    from fxjax.cli import main
+
+    (tmp_path / "taken").write_text("mine")
+    out = tmp_path / "taken" / "overlays"  # under a file: cannot be made
+    assert main(["detect", "x.png", "--model", str(tmp_path / "no-model"), "--out", str(out)]) == 2
+    assert f"--out: cannot create the overlay folder {out}" in capsys.readouterr().err
+    assert main(["detect", "x.png", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "new")]) == 2
+    assert "--model" in capsys.readouterr().err and (tmp_path / "new").is_dir()  # made, then the model refused
+
+
+def test_the_image_pixel_limit_is_a_flag_and_odd_files_are_named(tiny_vl_dir, tmp_path, capsys):
+    """--max-image-pixels reaches the check (the error named a flag detect did not have); a pipe or device
+    is said to be one, not "no such file"."""
+    import os
+
+    from fxjax.cli import main
+    from fxjax.commands.detect import image_records
+
+    path = odd_images(tmp_path)[0]
+    assert main(["detect", path, "--model", str(tiny_vl_dir), "--no-overlay", "--max-image-pixels", "100"]) == 1
+    assert "over the decompression-bomb limit of 100 (data.max_image_pixels, --max-image-pixels)" in \
+        capsys.readouterr().err
+    assert main(["detect", path, "--model", str(tiny_vl_dir), "--no-overlay", "--max-image-pixels", "0"]) == 2
+    assert "--max-image-pixels must be >= 1, got 0" in capsys.readouterr().err
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    _, failed, _ = image_records([str(fifo)], system="s", user="u", min_pixels=3136, max_pixels=12544)
+    assert failed == [(str(fifo), "not a regular file (a pipe, socket or device): save the image to a file first")]
 
 
 def test_a_directory_among_the_images_is_named_as_one(tmp_path):

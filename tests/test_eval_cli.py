@@ -302,6 +302,12 @@ def test_eval_errors_are_clear(dataset, tmp_path, capsys):
     assert "--model: " in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data: " in capsys.readouterr().err
+    # the image limit the error names is a flag of eval's (it was only data check's), checked before any model
+    assert main(["eval", "--model", str(tmp_path), "--data", str(dataset), "--max-image-pixels", "10"]) == 2
+    assert "over the decompression-bomb limit of 10 (data.max_image_pixels, --max-image-pixels)" in \
+        capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path), "--data", str(dataset), "--max-image-pixels", "-1"]) == 2
+    assert "--max-image-pixels must be >= 1, got -1" in capsys.readouterr().err
 
 
 def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_dir, tmp_path, capsys):

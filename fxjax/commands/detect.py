@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,7 +36,7 @@ with a note; it is never an error. An image that cannot be read is reported and 
 
 With --json, one JSON object per image and line instead: image, size [w, h], model_size [w, h] (the
 resized input), verdict, regions [{caption, box (original pixels), box_model}], tags, parsed, note,
-overlay, completion; for an image that cannot be read (missing, a directory, not an image): image, error."""
+truncated (the answer hit --max-new-tokens), overlay, completion; for an image that cannot be read (missing, a directory, not an image): image, error."""
 
 EPILOG = """\
 exit status: 0 every image was analysed; 1 some image could not be read (the others are reported); 2 bad
@@ -61,6 +62,9 @@ def add_parser(sub) -> None:
                         "rounded up to such a multiple)")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
                    help="longest answer in tokens (default: 1024)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
+                        "guard; default: 89478485, PIL's)")
     p.set_defaults(func=run)
 
 
@@ -113,8 +117,9 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
                 shrunk.append((path, f"at max_pixels {max_pixels} it would be {mw}x{mh} at the model's input "
                                      f"({mh * mw // 784} image tokens), more than max_length allows; analysed "
                                      f"at {fw}x{fh} ({fh * fw // 784} image tokens)"))
-        except FileNotFoundError:
-            failed.append((path, "no such file"))
+        except FileNotFoundError:  # (also raised for an existing path that is not a regular file)
+            failed.append((path, "no such file" if not Path(path).exists() else
+                           "not a regular file (a pipe, socket or device): save the image to a file first"))
             continue
         except (OSError, ValueError, SyntaxError, ImageError) as err:
             failed.append((path, str(err) or type(err).__name__))
@@ -139,10 +144,13 @@ def describe(text: str, meta: dict) -> dict[str, Any]:
                      + "; shown raw")
     if parsed.skipped:
         notes.append(f"{len(parsed.skipped)} region(s) with a box that is not [x1, y1, x2, y2] were left out")
+    if meta.get("truncated"):
+        notes.append(f"the answer stopped at --max-new-tokens ({meta['completion_tokens']} tokens) before its "
+                     f"end; raise it")
     (oh, ow), (mh, mw) = meta["original_size"], meta["model_size"]
     return {"image": meta["source"], "size": [ow, oh], "model_size": [mw, mh], "verdict": parsed.label,
             "regions": regions, "tags": list(parsed.tags), "parsed": parsed.label is not None,
-            "note": "; ".join(notes) or None, "completion": text}
+            "note": "; ".join(notes) or None, "truncated": bool(meta.get("truncated")), "completion": text}
 
 
 def overlay_path(out: Path, image: str, taken: set[str]) -> Path:
@@ -218,11 +226,18 @@ def detect(records, decoder, prompt_config, *, out: Path | None,
 
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(f"fxjax detect: {text}", file=sys.stderr, flush=True)  # noqa: E731
-    for name in ("batch_size", "max_new_tokens"):
+    for name in ("batch_size", "max_new_tokens", "max_image_pixels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.overlay and Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the overlays (or --no-overlay)")
+    if args.overlay:  # made now: a folder that cannot be written is found before the weights load
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--out: cannot create the overlay folder {args.out}: {err}") from None
+        if not os.access(args.out, os.W_OK):
+            raise ValueError(f"--out: {args.out} is not writable (or pass --no-overlay)")
     from fxjax.commands.model_args import check_model_arguments
 
     check_model_arguments(args)
@@ -239,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     before, after = tokens_for(detector.tokenizer).prompt(prompt["system"], prompt["user"])
     fit = fitting_max_pixels(data["max_pixels"], data["max_length"], len(before) + len(after))
     records, failed, shrunk = image_records(args.images, **prompt, min_pixels=data["min_pixels"],
-                                            max_pixels=data["max_pixels"], fit_pixels=fit)
+                                            max_pixels=data["max_pixels"], fit_pixels=fit,
+                                            max_image_pixels=args.max_image_pixels)
 
     def report_failed(path, why):
         say(f"{path}: cannot be analysed: {why}")

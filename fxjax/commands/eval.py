@@ -83,6 +83,9 @@ def add_parser(sub) -> None:
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="an invalid record: stop (default), or skip it (listed in metrics.json and on stderr)")
     g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N valid records only")
+    g.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
+                        "guard; default: 89478485, PIL's)")
     g.add_argument("--group-by", nargs="*", default=["generator"], metavar="FIELD",
                    help="break the metrics down by these fields: the generator, or any top-level key of the "
                         "JSONL records (default: generator; --group-by alone: no breakdown)")
@@ -369,8 +372,13 @@ def run(args: argparse.Namespace) -> int:
     from fxjax.commands.model_args import resolve_detector
     from fxjax.data.records import load_records
 
+    from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
+
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     records, report = load_records(args.data, args.root, args.format, args.on_error,
-                                   allow_absolute_paths=args.allow_absolute_paths)
+                                   allow_absolute_paths=args.allow_absolute_paths,
+                                   max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
     if report.skipped:
         say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in report.skipped))
     if not records:
