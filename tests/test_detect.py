@@ -124,6 +124,12 @@ def test_an_answer_that_does_not_parse_is_shown_raw_with_a_note(tokenizer_dir, t
     # the same image twice: two overlays, neither overwritten
     assert [r["overlay"] for r in results] == [str(tmp_path / "out" / "rgb.detect.png"),
                                               str(tmp_path / "out" / "rgb-2.detect.png")]
+    # names that differ only in case get their own overlays (one file on a case-insensitive file system)
+    from fxjax.commands.detect import overlay_path
+
+    taken = set()
+    assert [overlay_path(tmp_path, p, taken).name for p in ("A.jpg", "a.jpg", "x/a.png")] == [
+        "A.detect.png", "a-2.detect.png", "a-3.detect.png"]
     # --no-overlay: the key is there, null (JSON readers need not test for it)
     unwritten = detect(records, ScriptedDecoder(generated_answer), prompt_config(tokenizer_dir), out=None,
                        emit=lambda r: None)
@@ -247,6 +253,28 @@ def test_the_image_pixel_limit_is_a_flag_and_odd_files_are_named(tiny_vl_dir, tm
     os.mkfifo(fifo)
     _, failed, _ = image_records([str(fifo)], system="s", user="u", min_pixels=3136, max_pixels=12544)
     assert failed == [(str(fifo), "not a regular file (a pipe, socket or device): save the image to a file first")]
+
+
+def test_a_run_trained_on_ms_swift_records_own_prompts_is_noted(tmp_path):
+    """Such a model never saw the prompts detect sends by default: a note says to pass them (once both are
+    given, or with data.prompts 'templates', or native records, nothing)."""
+    from fxjax.commands.detect import own_prompts_note
+
+    swift = tmp_path / "swift.jsonl"
+    swift.write_text("\n" + json.dumps({"messages": [{"role": "user", "content": "<image>Real?"},
+                                                     {"role": "assistant", "content": "x"}], "images": ["a.png"]})
+                     + "\n")
+    native = tmp_path / "native.jsonl"
+    native.write_text(json.dumps({"image": "a.png", "label": "real"}) + "\n")
+    data = {"prompts": "auto", "train_files": (str(native), str(swift), str(tmp_path / "gone.jsonl"))}
+    note = own_prompts_note(data, system_given=False, user_given=True)
+    assert note == (f"the run trained on ms-swift records with their own prompts ({swift}; data.prompts 'auto'), "
+                    "which detect does not know: pass --system-prompt and --user-prompt with the texts those "
+                    "records carry")
+    assert own_prompts_note(data, system_given=True, user_given=True) is None
+    assert own_prompts_note(dict(data, prompts="templates"), False, False) is None
+    assert own_prompts_note(dict(data, train_files=(str(native),)), False, False) is None
+    assert own_prompts_note({"prompts": "auto"}, False, False) is None  # an export: no train files known
 
 
 def test_a_directory_among_the_images_is_named_as_one(tmp_path):

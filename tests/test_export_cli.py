@@ -318,6 +318,7 @@ def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run
     assert detector.source["step"] == 2 and detector.source["dtype"] == "bfloat16"
     assert detector.data["max_pixels"] == 6272
     assert detector.data["user_prompt"] is None  # the run trained on the templates
+    assert detector.data["train_files"] == (str(two_process_run.parent / "train.jsonl"),)
     args = build_parser().parse_args(["eval", "--data", "d.jsonl", "--run", str(two_process_run),
                                       "--user-prompt", "Box it."])
     assert resolve_detector(args).data["user_prompt"] == "Box it."

@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
     add_model_arguments(p)
     add_prompt_arguments(p)
     p.add_argument("--out", default="detections", metavar="DIR",
-                   help="folder for the overlay PNGs, <image name>.detect.png (default: ./detections)")
+                   help="folder for the overlay PNGs, <image name>.detect.png (default: ./detections); an "
+                        "earlier run's overlay of the same name is replaced")
     p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write no overlay PNGs")
     p.add_argument("--json", action="store_true", help="print one JSON object per image and line")
     p.add_argument("--batch-size", type=int, metavar="B",
@@ -74,6 +75,31 @@ def detect_prompt(data: dict) -> dict[str, str]:
     from fxjax.data.prompts import serving_prompt
 
     return serving_prompt(data["system_prompt"], data["user_prompt"])
+
+
+def _starts_with_swift_record(path: str) -> bool:
+    """Whether the first record of a JSONL file is an ms-swift one (a "messages" key); False when unreadable."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            line = next((line for line in f if line.strip()), "")
+        return isinstance(record := json.loads(line), dict) and "messages" in record
+    except (OSError, ValueError):
+        return False
+
+
+def own_prompts_note(data: dict, system_given: bool, user_given: bool) -> str | None:
+    """A note when the run trained on ms-swift records that carry their own prompts (data.prompts other
+    than 'templates': SFT kept each record's system and user text) and the command line does not give
+    both: detect then sends prompts such a model never trained with. None otherwise (its train files
+    are not here, or not ms-swift)."""
+    if data["prompts"] == "templates" or (system_given and user_given):
+        return None
+    swift = [f for f in data.get("train_files", ()) if _starts_with_swift_record(f)]
+    if not swift:
+        return None
+    return (f"the run trained on ms-swift records with their own prompts ({', '.join(swift)}; data.prompts "
+            f"{data['prompts']!r}), which detect does not know: pass --system-prompt and --user-prompt with "
+            "the texts those records carry")
 
 
 def fitting_max_pixels(max_pixels: int, max_length: int, prompt_tokens: int) -> int:
@@ -154,12 +180,14 @@ def describe(text: str, meta: dict) -> dict[str, Any]:
 
 
 def overlay_path(out: Path, image: str, taken: set[str]) -> Path:
+    """A name in `out` no earlier image of this run took; compared without case, as a case-insensitive file
+    system (macOS, Windows) would (A.jpg and a.jpg shared one overlay file there)."""
     stem = Path(image).stem or "image"
     name, n = f"{stem}.detect.png", 1
-    while name in taken:
+    while name.casefold() in taken:
         n += 1
         name = f"{stem}-{n}.detect.png"
-    taken.add(name)
+    taken.add(name.casefold())
     return out / name
 
 
@@ -251,6 +279,9 @@ def run(args: argparse.Namespace) -> int:
     from fxjax.data.examples import tokens_for
 
     prompt = detect_prompt(data)
+    note = own_prompts_note(data, args.system_prompt is not None, args.user_prompt is not None)
+    if note:
+        say(f"note: {note}")
     before, after = tokens_for(detector.tokenizer).prompt(prompt["system"], prompt["user"])
     fit = fitting_max_pixels(data["max_pixels"], data["max_length"], len(before) + len(after))
     records, failed, shrunk = image_records(args.images, **prompt, min_pixels=data["min_pixels"],

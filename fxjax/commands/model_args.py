@@ -200,6 +200,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         # record of them when that run is not here (as load_run resolves them)
         cfg = start_from_kept_copy(cfg, ckpt, args.model is not None, None)
         data.update({key: getattr(cfg.data, key) for key in PROMPT_SETTING_KEYS})
+        data["train_files"] = tuple(str(f) for f in cfg.data.train_files)  # (detect: were they ms-swift?)
         try:
             tokenizer = args.tokenizer or cfg.data.tokenizer or args.model or cfg.tokenizer
         except ConfigError:
