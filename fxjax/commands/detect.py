@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fxjax.commands.model_args import add_model_arguments, add_prompt_arguments
+from fxjax.commands.model_args import add_image_limit_argument, add_model_arguments, add_prompt_arguments
 
 HELP = "run the detector on your own images: verdict, grounded regions, tags and an overlay PNG each"
 
@@ -36,7 +36,8 @@ with a note; it is never an error. An image that cannot be read is reported and 
 
 With --json, one JSON object per image and line instead: image, size [w, h], model_size [w, h] (the
 resized input), verdict, regions [{caption, box (original pixels), box_model}], tags, parsed, note,
-truncated (the answer hit --max-new-tokens), overlay, completion; for an image that cannot be read (missing, a directory, not an image): image, error."""
+truncated (the answer hit --max-new-tokens), overlay, completion; for an image that cannot be read
+(missing, a directory, not an image): image, error."""
 
 EPILOG = """\
 exit status: 0 every image was analysed; 1 some image could not be read (the others are reported); 2 bad
@@ -63,9 +64,7 @@ def add_parser(sub) -> None:
                         "rounded up to such a multiple)")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
                    help="longest answer in tokens (default: 1024)")
-    p.add_argument("--max-image-pixels", type=int, metavar="N",
-                   help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
-                        "guard; default: 89478485, PIL's)")
+    add_image_limit_argument(p)
     p.set_defaults(func=run)
 
 

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fxjax.commands.model_args import add_model_arguments, add_prompt_arguments
+from fxjax.commands.model_args import add_image_limit_argument, add_model_arguments, add_prompt_arguments
 
 HELP = "measure the detector on a labelled JSONL test set: accuracy, P/R/F1, format rate, mean IoU"
 
@@ -83,9 +83,7 @@ def add_parser(sub) -> None:
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="an invalid record: stop (default), or skip it (listed in metrics.json and on stderr)")
     g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N valid records only")
-    g.add_argument("--max-image-pixels", type=int, metavar="N",
-                   help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
-                        "guard; default: 89478485, PIL's)")
+    add_image_limit_argument(g)
     g.add_argument("--group-by", nargs="*", default=["generator"], metavar="FIELD",
                    help="break the metrics down by these fields: the generator, or any top-level key of the "
                         "JSONL records (default: generator; --group-by alone: no breakdown)")
@@ -363,19 +361,16 @@ def run(args: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise FileNotFoundError(f"--data: {f} " + ("is a directory, not a JSONL file" if Path(f).is_dir()
                                                        else "does not exist"))
-    for name in ("batch_size", "max_new_tokens", "limit"):
+    for name in ("batch_size", "max_new_tokens", "limit", "max_image_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     from fxjax.commands.model_args import resolve_detector
+    from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
     from fxjax.data.records import load_records
 
-    from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
-
-    if args.max_image_pixels is not None and args.max_image_pixels < 1:
-        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     records, report = load_records(args.data, args.root, args.format, args.on_error,
                                    allow_absolute_paths=args.allow_absolute_paths,
                                    max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)

@@ -45,6 +45,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory with tokenizer.json (default: the model directory, or the run's tokenizer)")
 
 
+def add_image_limit_argument(p) -> None:
+    """--max-image-pixels, for commands that read images (the limit's error names it)."""
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
+                        "guard; default: 89478485, PIL's)")
+
+
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and image size (default: the run's data config with --run, else the "
                              "export's fxjax_prompt_settings.json, then the model directory's "
