@@ -415,3 +415,26 @@ def test_matched_iou_gives_nothing_to_predictions_past_the_true_boxes():
     pred = np.array([[[[0, 0, 10, 5], [20, 0, 30, 5], [0, 0, 10, 10]]]], np.float32)
     got = matched_iou(pred, np.ones((1, 1, 3), bool), gt, np.ones((1, 2), bool))
     assert float(got[0, 0]) == 0.5  # (0.5 + 0.5 + nothing) / 2 true boxes
+
+
+def test_stage_weights_steer_only_groups_whose_format_or_verdict_differs():
+    # README / docs/demo_tuning.md: where every sample of a group has the format and the verdict right, the
+    # stages' totals differ only by the IoU weight and a constant, which the group advantage removes, so
+    # alpha, beta and gamma make the same update; a group with a broken sample is where the stages differ.
+    from fxjax.train.grpo_loss import group_advantages
+
+    def answer(box, verdict="generated", close="</think>"):
+        return (f"<think>{REF_START}banding{REF_END}{BOX_START}{box}{BOX_END}\nBands.\n<tag>colour</tag>\n"
+                f"{close}\n<verdict>{verdict}</verdict>")
+
+    good = [answer("[0, 0, 56, 28]"), answer("[0, 28, 56, 56]"), answer("[0, 0, 56, 42]"), answer("[0, 0, 56, 28]")]
+    mixed = [answer("[0, 0, 56, 28]"), answer("[0, 28, 56, 56]"), answer("[0, 0, 56, 42]", close=""),
+             answer("[0, 0, 56, 28]", verdict="real")]
+    targets = [{"label": "generated", "boxes": [[0, 0, 56, 28]]}] * 8
+    adv = {stage: np.asarray(group_advantages(np.asarray(score(good + mixed, targets, stage=stage)["total"],
+                                                         np.float32), 4))
+           for stage in ("alpha", "beta", "gamma")}
+    assert np.ptp(adv["alpha"][:4]) > 1  # the good group's samples do differ (their IoU)
+    for stage in ("beta", "gamma"):
+        np.testing.assert_allclose(adv[stage][:4], adv["alpha"][:4], atol=2e-4)  # (the 1e-4 in std + 1e-4)
+        assert np.abs(adv[stage][4:] - adv["alpha"][4:]).max() > 0.1
