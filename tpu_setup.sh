@@ -52,14 +52,18 @@ TPU slice (flag, or the environment variable in brackets):
 Project and install:
   --source DIR|GIT_URL     what to put on the workers [FXJAX_TPU_SOURCE; default: the checkout this
                            script is in]. A directory is packed (git-tracked and untracked, not ignored,
-                           files) and copied with \`gcloud compute tpus tpu-vm scp --worker=all\`; a git
-                           URL is cloned on every worker.
+                           files) and copied with \`gcloud compute tpus tpu-vm scp --worker=all\`, over
+                           the earlier copy (files the earlier setup shipped and this one does not are
+                           removed; other files there, such as outputs, stay); a git URL is cloned on
+                           every worker.
   --ref REF                branch, tag or commit of a git --source [FXJAX_TPU_REF; default HEAD]
   --remote-dir DIR         project directory on the workers, relative to the home directory unless
                            absolute [FXJAX_TPU_REMOTE_DIR; default fxjax]
   --venv DIR               virtual environment on the workers, home-relative unless absolute
                            [FXJAX_TPU_VENV; default fxjax-venv]. Created with uv (installed with pip
-                           --user): the TPU images' system Python can be older than the 3.11 fxjax needs.
+                           --user, with --break-system-packages where the system Python is externally
+                           managed, PEP 668): the TPU images' system Python can be older than the 3.11
+                           fxjax needs.
   --python VERSION         Python of that environment [FXJAX_TPU_PYTHON; default 3.12]
   --jax SPEC               the JAX requirement installed with the project [FXJAX_TPU_JAX; default
                            jax[tpu]], e.g. 'jax[tpu]==0.10.2' to pin the version you tested
@@ -72,7 +76,8 @@ Training:
   --env NAME=VALUE         an environment variable for fxjax on every worker (repeat), e.g.
                            --env LIBTPU_INIT_ARGS=... or --env XLA_FLAGS=...
   --log-dir DIR            per-worker logs, home-relative unless absolute [FXJAX_TPU_LOG_DIR; default
-                           fxjax-logs]: worker N writes DIR/worker-N.log
+                           fxjax-logs]: worker N writes DIR/worker-N.log; a relaunch keeps the earlier
+                           one as worker-N.log.<UTC time of its last write>
   --port PORT              port of the jax.distributed coordinator on worker 0 [FXJAX_TPU_PORT; 8482,
                            the port JAX's own Cloud TPU detection uses]
   --detach                 launch returns at once; fxjax runs on under nohup (read the logs with status)
@@ -464,12 +469,17 @@ do_setup() {
     pack_local_source "$tmp/fxjax-src.tgz"
     run gcloud compute tpus tpu-vm scp "$tmp/fxjax-src.tgz" "$NAME:fxjax-src.tgz" "${WHERE[@]}" --worker=all
     ((DRY_RUN)) || rm -rf "$tmp"
-    # Unpacked over what is there: outputs under the project directory (runs/) survive a new setup.
-    on_all_workers "mkdir -p $dir && tar -xzf fxjax-src.tgz -C $dir && rm -f fxjax-src.tgz"
+    # Unpacked over what is there, so outputs under the project directory (runs/) survive a new setup; the
+    # files an earlier setup shipped that this one does not (a module deleted or renamed here) are removed
+    # first, by the list each setup leaves in .fxjax-files, or the workers would import stale code (a copy
+    # made before that list existed has none: nothing is removed from it).
+    on_all_workers "mkdir -p $dir && tar -tzf fxjax-src.tgz | LC_ALL=C sort >$dir/.fxjax-files.new && { test ! -f $dir/.fxjax-files || LC_ALL=C comm -23 $dir/.fxjax-files $dir/.fxjax-files.new | while IFS= read -r f; do test -d $dir/\"\$f\" || rm -f -- $dir/\"\$f\"; done; } && tar -xzf fxjax-src.tgz -C $dir && mv $dir/.fxjax-files.new $dir/.fxjax-files && rm -f fxjax-src.tgz"
   else
     on_all_workers "{ test -d $dir/.git || git clone $(q "$SOURCE") $dir; } && git -C $dir fetch origin $(q "$REF") && git -C $dir checkout --detach FETCH_HEAD"
   fi
-  on_all_workers "python3 -m pip install --user --upgrade uv && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") && $venv/bin/python -c 'import jax, flax, fxjax.train.step; print(jax.__version__, flax.__version__)'"
+  # uv into the user's site; a system Python that marks itself externally managed (PEP 668, Ubuntu 24.04
+  # and later) refuses even --user installs until told, and ~/.local is the user's, not the system's.
+  on_all_workers "{ python3 -m pip install --user --upgrade uv || python3 -m pip install --user --break-system-packages --upgrade uv; } && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") && $venv/bin/python -c 'import jax, flax, fxjax.train.step; print(jax.__version__, flax.__version__)'"
 }
 
 do_launch() {
@@ -537,6 +547,15 @@ do_worker_run() {
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/fxjax-jax-cache}
   mkdir -p "$LOG_DIR"
   local log=$LOG_DIR/worker-$worker_id.log
+  if [[ -e $log ]]; then
+    # a relaunch keeps the earlier run's log, named after its last write (status tails worker-*.log only)
+    local stamp kept k=1
+    stamp=$log.$(date -u -r "$log" +%Y%m%dT%H%M%SZ)
+    kept=$stamp
+    while [[ -e $kept ]]; do k=$((k + 1)) && kept=$stamp.$k; done
+    mv -- "$log" "$kept"
+    printf 'worker %s: the earlier log is kept as %s\n' "$worker_id" "$kept"
+  fi
   printf 'worker %s: %s process(es), coordinator %s; fxjax %s; log %s\n' "$worker_id" \
     "${FXJAX_NUM_PROCESSES:-1}" "${FXJAX_COORDINATOR:-none}" "${EXTRA[*]}" "$log"
   if ((DETACH)); then

@@ -5,6 +5,7 @@ fake gcloud / curl / fxjax executables. No test talks to Google Cloud."""
 
 from __future__ import annotations
 
+import io
 import re
 import shlex
 import shutil
@@ -398,3 +399,109 @@ def test_a_config_git_ignores_is_refused_before_anything_runs(fake_bin, tmp_path
     assert "--config" not in run_script("--dry-run", "launch", "--zone", "z", "--project", "p", "--source",
                                         str(source), "--config", "my.yaml", path=f"{fake_bin}:{SYSTEM_PATH}",
                                         extra_env={"FAKE_DIR": str(fake_bin)}).stderr
+
+
+def remote_command(ssh_command: list[str]) -> str:
+    (command,) = [w[len("--command="):] for w in ssh_command if w.startswith("--command=")]
+    return command
+
+
+def setup_commands(fake_bin, source: Path) -> tuple[str, str]:
+    """The remote command lines of `setup` (unpack, install), as a dry run prints them."""
+    unpack, install = gcloud(commands(dry_run(fake_bin, "setup", "--zone", "z", "--project", "p", "--source",
+                                              str(source))), "tpu-vm", "ssh")
+    return remote_command(unpack), remote_command(install)
+
+
+@pytest.mark.parametrize("dot_entries", [True, False], ids=["tar-of-a-directory", "git-ls-files"])
+def test_setup_removes_what_an_earlier_setup_shipped_and_keeps_outputs(fake_bin, tmp_path, dot_entries):
+    """The unpack line, run here as a worker's shell would: a module deleted from the checkout since the last
+    setup is removed (unpacking over the old tree left it importable), outputs under the project stay."""
+    import tarfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "pyproject.toml").write_text("[project]\n")
+    unpack, _ = setup_commands(fake_bin, source)
+    worker = tmp_path / "worker"
+    worker.mkdir()
+
+    def ship(files: dict[str, str]) -> None:
+        with tarfile.open(worker / "fxjax-src.tgz", "w:gz") as tar:
+            if dot_entries:  # `tar -C DIR .` lists "./" and the directories too
+                for name in ("", "pkg", "pkg/sub"):
+                    info = tarfile.TarInfo("./" + name if name else ".")
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+            for name, text in files.items():
+                data = text.encode()
+                info = tarfile.TarInfo(("./" if dot_entries else "") + name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        done = subprocess.run([BASH, "-c", unpack], cwd=worker, capture_output=True, text=True,
+                              env={"PATH": SYSTEM_PATH, "HOME": str(worker)}, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    ship({"pyproject.toml": "v1", "pkg/a.py": "v1", "pkg/old.py": "v1", "pkg/sub/gone.py": "v1"})
+    project = worker / "fxjax"
+    assert (project / "pkg" / "old.py").read_text() == "v1"
+    (project / "runs").mkdir()
+    (project / "runs" / "out.txt").write_text("a run's output")
+    ship({"pyproject.toml": "v2", "pkg/a.py": "v2"})
+    assert (project / "pkg" / "a.py").read_text() == "v2"
+    assert not (project / "pkg" / "old.py").exists() and not (project / "pkg" / "sub" / "gone.py").exists()
+    assert (project / "runs" / "out.txt").read_text() == "a run's output"
+    assert not (worker / "fxjax-src.tgz").exists()
+
+
+FAKE_SYSTEM_PYTHON = r"""#!/usr/bin/env bash
+(IFS=' '; printf '%s\n' "$*") >>"$HOME/python3.calls"
+case " $* " in
+  *" -m pip install "*)
+    if [[ -n ${FAKE_PEP668-} && " $* " != *" --break-system-packages "* ]]; then
+      echo "error: externally-managed-environment" >&2; exit 1
+    fi ;;
+  *" -m uv venv "*)
+    mkdir -p "${*: -1}/bin"
+    printf '#!/usr/bin/env bash\necho 0.0.0 0.0.0\n' >"${*: -1}/bin/python"
+    chmod +x "${*: -1}/bin/python" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("externally_managed", [False, True])
+def test_setup_installs_uv_past_an_externally_managed_system_python(fake_bin, tmp_path, externally_managed):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "pyproject.toml").write_text("[project]\n")
+    _, install = setup_commands(fake_bin, source)
+    worker, worker_bin = tmp_path / "worker", tmp_path / "worker-bin"
+    worker.mkdir(), worker_bin.mkdir()
+    _executable(worker_bin / "python3", FAKE_SYSTEM_PYTHON)
+    env = {"PATH": f"{worker_bin}:{SYSTEM_PATH}", "HOME": str(worker)}
+    if externally_managed:
+        env["FAKE_PEP668"] = "1"
+    done = subprocess.run([BASH, "-c", install], cwd=worker, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = (worker / "python3.calls").read_text().splitlines()
+    pip = [c for c in calls if "-m pip install" in c]
+    assert len(pip) == (2 if externally_managed else 1)
+    assert ("--break-system-packages" in pip[-1]) == externally_managed
+    assert any(c.startswith("-m uv pip install --python ./fxjax-venv/bin/python -e ./fxjax") for c in calls)
+
+
+def test_worker_run_keeps_the_earlier_runs_log(worker_home):
+    home, bin_dir = worker_home
+    env = {"FAKE_WORKER_ID": "0", "FAKE_ENDPOINTS": "t1v-n-0-w-0"}
+    logs = home / "fxjax-logs"
+    for run in ("1", "2", "3"):
+        result = run_script("worker-run", "--", "sft", "--config", f"run{run}.yaml",
+                            path=f"{bin_dir}:{SYSTEM_PATH}", extra_env=env, cwd=home)
+        assert result.returncode == 0, result.stderr
+    assert "[run3.yaml]" in (logs / "worker-0.log").read_text()
+    kept = sorted(p for p in logs.iterdir() if p.name.startswith("worker-0.log."))
+    assert len(kept) == 2 and "the earlier log is kept as" in result.stdout
+    assert sorted("[run1.yaml]" in p.read_text() for p in kept) == [False, True]
+    assert any("[run2.yaml]" in p.read_text() for p in kept)
+    assert not any(re.fullmatch(r"worker-.*\.log", p.name) for p in kept)  # what `status` tails
