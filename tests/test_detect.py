@@ -7,6 +7,7 @@ The synthetic completions go through the command's own path (`fxjax.commands.det
 from __future__ import annotations
 
 import json
+import shutil
 from fractions import Fraction
 
 import numpy as np
@@ -275,6 +276,48 @@ def test_a_run_trained_on_ms_swift_records_own_prompts_is_noted(tmp_path):
     assert own_prompts_note(dict(data, prompts="templates"), False, False) is None
     assert own_prompts_note(dict(data, train_files=(str(native),)), False, False) is None
     assert own_prompts_note({"prompts": "auto"}, False, False) is None  # an export: no train files known
+
+
+def test_an_export_of_such_a_run_names_its_ms_swift_files_for_detect_with_model(tmp_path, tiny_vl_dir):
+    """The export records which train files were ms-swift records with their own prompts, so that `fxjax
+    detect --model EXPORT` notes it on a machine without those files (before, it could not tell)."""
+    from fxjax.cli import build_parser
+    from fxjax.commands.detect import own_prompts_note
+    from fxjax.commands.model_args import resolve_detector
+    from fxjax.config_sections import DataSection
+    from fxjax.train.export import PROMPT_SETTINGS_FILE, write_prompt_settings
+
+    swift = tmp_path / "swift.jsonl"
+    swift.write_text(json.dumps({"messages": [{"role": "user", "content": "<image>Real?"},
+                                              {"role": "assistant", "content": "x"}], "images": ["a.png"]}) + "\n")
+    native = tmp_path / "native.jsonl"
+    native.write_text(json.dumps({"image": "a.png", "label": "real"}) + "\n")
+    export = tmp_path / "export"
+    shutil.copytree(tiny_vl_dir, export)
+    write_prompt_settings(export, DataSection(train_files=(str(native), str(swift))))
+    written = json.loads((export / PROMPT_SETTINGS_FILE).read_text())
+    assert written["own_prompt_files"] == [str(swift)] and str(swift) in written["serve"]["note"]
+    swift.unlink()  # the serving machine has no train files
+    data = resolve_detector(build_parser().parse_args(["detect", "x.png", "--model", str(export)])).data
+    assert own_prompts_note(data, system_given=False, user_given=False) == (
+        f"the run trained on ms-swift records with their own prompts ({swift}; data.prompts 'auto'), which detect "
+        "does not know: pass --system-prompt and --user-prompt with the texts those records carry")
+    # native records only, or 'templates' (the records' prompts replaced): nothing to note, and no note to serve
+    for section in (DataSection(train_files=(str(native),)), DataSection(train_files=(str(native), str(swift)),
+                                                                          prompts="templates")):
+        swift.write_text(json.dumps({"messages": []}) + "\n")
+        write_prompt_settings(export, section)
+        written = json.loads((export / PROMPT_SETTINGS_FILE).read_text())
+        assert written["own_prompt_files"] == [] and "note" not in written["serve"]
+        data = resolve_detector(build_parser().parse_args(["detect", "x.png", "--model", str(export)])).data
+        assert own_prompts_note(data, False, False) is None
+    # train files gone at export: the hedged note names them
+    write_prompt_settings(export, DataSection(train_files=(str(tmp_path / "gone.jsonl"),)))
+    assert f"the train files {tmp_path / 'gone.jsonl'} were not there" in json.loads(
+        (export / PROMPT_SETTINGS_FILE).read_text())["serve"]["note"]
+    (export / PROMPT_SETTINGS_FILE).write_text(json.dumps({"own_prompt_files": "swift.jsonl"}))
+    with pytest.raises(ValueError, match="own_prompt_files must be a list of file names"):
+        resolve_detector(build_parser().parse_args(["detect", "x.png", "--model", str(export)]))
 
 
 def test_a_directory_among_the_images_is_named_as_one(tmp_path):

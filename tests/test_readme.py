@@ -89,8 +89,11 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
     monkeypatch.chdir(tmp_path)
     assert main(init) == 0
+    Path("swift.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "<image>Real?"},
+                                                            {"role": "assistant", "content": "x"}]}) + "\n")
     save_merged(fxjax.from_pretrained("tiny-qwen", dtype="float32"), "export/grpo-300/merged",
-                data=DataSection(max_pixels=112 * 112, system_prompt="Find the artefacts."))
+                data=DataSection(max_pixels=112 * 112, system_prompt="Find the artefacts.",
+                                 train_files=("swift.jsonl",)))
     # the sampling settings Qwen2.5-VL-Instruct's generation_config.json ships (an export copies its base's):
     # generate(do_sample=False) would still apply their repetition penalty, which fxjax's decoding does not
     generation = Path("export/grpo-300/merged/generation_config.json")
@@ -110,7 +113,8 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     assert scope["photo"].size == (512, 300)  # displayed upright: 300 x 512 stored, turned by EXIF
     assert (scope["prompts"]["system"], scope["prompts"]["user"]) == ("Find the artefacts.",
                                                                       fxjax.data.prompts.USER_TEMPLATES[0])
-    assert "their own prompts" in scope["prompts"]["note"]  # data.prompts "auto": ms-swift records keep theirs
+    # data.prompts "auto": ms-swift records keep theirs, and the export says so
+    assert "ms-swift records with their own prompts (swift.jsonl" in scope["prompts"]["note"]
     assert scope["answer"] == detected["completion"] and len(scope["out"][0]) == scope["input_ids"].shape[1] + 24
 
 

@@ -162,6 +162,7 @@ def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
 
     if jax.process_index() != 0:
         return None
+    from fxjax.data.formats import file_starts_with_swift_record
     from fxjax.data.prompts import serving_prompt
 
     path = Path(out_dir) / PROMPT_SETTINGS_FILE
@@ -169,9 +170,19 @@ def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
     # The two texts to serve with, resolved (null above means fxjax's built-in prompt, or the nine templates):
     # what `fxjax detect` sends, so that a transformers server needs neither fxjax nor its defaults.
     serve = serving_prompt(data.system_prompt, data.user_prompt)
-    if data.prompts != "templates":
-        serve["note"] = ("ms-swift records trained with their own prompts (data.prompts "
-                         f"{data.prompts!r}); if yours did, serve with those prompts instead of these")
+    # ms-swift train files keep their own system and user text (data.prompts other than 'templates'): named
+    # here, since `fxjax detect --model` runs where the train files may not be
+    own = [] if data.prompts == "templates" else [str(f) for f in data.train_files
+                                                  if file_starts_with_swift_record(f)]
+    unread = [str(f) for f in data.train_files if not Path(f).is_file()]
+    if own:
+        serve["note"] = (f"trained on ms-swift records with their own prompts ({', '.join(own)}; data.prompts "
+                         f"{data.prompts!r}): serve with those records' system and user texts, not these")
+    elif unread and data.prompts != "templates":
+        serve["note"] = (f"the train files {', '.join(unread)} were not there to read at export: if they were "
+                         f"ms-swift records with their own prompts (data.prompts {data.prompts!r}), serve with "
+                         "those prompts instead of these")
+    settings["own_prompt_files"] = own
     path.write_text(json.dumps(dict(settings, serve=serve, about="how training built its prompts; fxjax eval / "
                                     "detect read it (their flags override it); serve: the system and user "
                                     "prompt `fxjax detect` sends with an image"), indent=2) + "\n",
@@ -191,4 +202,10 @@ def read_prompt_settings(directory: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object of {', '.join(PROMPT_SETTING_KEYS)}")
-    return {key: raw[key] for key in PROMPT_SETTING_KEYS if key in raw}
+    settings = {key: raw[key] for key in PROMPT_SETTING_KEYS if key in raw}
+    own = raw.get("own_prompt_files", [])  # (absent in exports older than the key: nothing known)
+    if not isinstance(own, list) or not all(isinstance(f, str) for f in own):
+        raise ValueError(f"{path}: own_prompt_files must be a list of file names, got {own!r}")
+    if own:
+        settings["own_prompt_files"] = own
+    return settings

@@ -76,24 +76,18 @@ def detect_prompt(data: dict) -> dict[str, str]:
     return serving_prompt(data["system_prompt"], data["user_prompt"])
 
 
-def _starts_with_swift_record(path: str) -> bool:
-    """Whether the first record of a JSONL file is an ms-swift one (a "messages" key); False when unreadable."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            line = next((line for line in f if line.strip()), "")
-        return isinstance(record := json.loads(line), dict) and "messages" in record
-    except (OSError, ValueError):
-        return False
-
-
 def own_prompts_note(data: dict, system_given: bool, user_given: bool) -> str | None:
     """A note when the run trained on ms-swift records that carry their own prompts (data.prompts other
     than 'templates': SFT kept each record's system and user text) and the command line does not give
     both: detect then sends prompts such a model never trained with. None otherwise (its train files
-    are not here, or not ms-swift)."""
+    are not here, or not ms-swift). An export names its run's ms-swift train files (`own_prompt_files`), as
+    the serving machine may not have them."""
+    from fxjax.data.formats import file_starts_with_swift_record
+
     if data["prompts"] == "templates" or (system_given and user_given):
         return None
-    swift = [f for f in data.get("train_files", ()) if _starts_with_swift_record(f)]
+    swift = list(data.get("own_prompt_files") or
+                 [f for f in data.get("train_files", ()) if file_starts_with_swift_record(f)])
     if not swift:
         return None
     return (f"the run trained on ms-swift records with their own prompts ({', '.join(swift)}; data.prompts "

@@ -22,9 +22,11 @@ A problem's ``kind`` is a short category the loader counts skipped records by.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fxjax.rewards.output_format import (BOX_END, BOX_START, FORMAT_MARKERS, LABELS, REF_END, REF_START, VERDICT_END,
@@ -112,6 +114,16 @@ def misspelt_fields(obj: Any) -> list[tuple[str, str]]:
 
 def detect_format(obj: dict) -> str:
     return "swift" if "messages" in obj else "native"
+
+
+def file_starts_with_swift_record(path: str | Path) -> bool:
+    """Whether the first record of a JSONL file is an ms-swift one (a "messages" key); False when unreadable."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            line = next((line for line in f if line.strip()), "")
+        return isinstance(record := json.loads(line), dict) and "messages" in record
+    except (OSError, ValueError):
+        return False
 
 
 def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
