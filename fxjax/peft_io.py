@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # any of them set (truthy) is an error rather than a silently different model.
 _UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
                 "target_parameters", "trainable_token_indices", "layer_replication", "use_qalora",
-                "alora_invocation_tokens", "use_bdlora", "arrow_config", "fan_in_fan_out")
+                "alora_invocation_tokens", "use_bdlora", "arrow_config")
 # init_lora_weights values (besides true / false) that only set A and B, the base weights as they are
 _PLAIN_INITS = ("gaussian", "orthogonal", "eva")
 _AUTO_MAPPING = {"base_model_class": "Qwen2_5_VLForConditionalGeneration",
@@ -95,6 +96,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
         value = raw.get(key)  # set: anything but null, false or empty (0 is a layer index, not "unset")
         if value is not None and value is not False and value not in ([], {}, ""):
             raise AdapterError(f"{path}: {key} = {raw[key]!r} is not supported by fxjax")
+    if raw.get("fan_in_fan_out"):
+        # (for GPT-2's transposed Conv1D weights; every module fxjax adapts is an nn.Linear, for which PEFT
+        # sets it to False with this warning and loads the tensors as they are: so does fxjax)
+        warnings.warn(f"{path}: fan_in_fan_out is set to True but the target modules are Linear layers; "
+                      "loaded as False, as PEFT does", stacklevel=3)
     init = raw.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init in _PLAIN_INITS):
         raise AdapterError(f"{path}: init_lora_weights = {init!r} is not supported: PEFT rewrites the base weights "

@@ -179,6 +179,21 @@ def test_peft_rslora_and_patterns_load(tiny_checkpoint, prompt, tmp_path):
     assert rel_err(_fx_logits(model, prompt), ref) <= TOL
 
 
+def test_fan_in_fan_out_loads_as_peft_loads_it(adapters, tiny_checkpoint, prompt, tmp_path):
+    """fan_in_fan_out (GPT-2's transposed Conv1D) on Linear targets: PEFT warns, sets it False and loads the
+    tensors as they are, so fxjax does too (it refused such an adapter, which PEFT serves)."""
+    adapter = tmp_path / "fan"
+    shutil.copytree(adapters["transformers"], adapter)
+    config = json.loads((adapter / CONFIG).read_text())
+    (adapter / CONFIG).write_text(json.dumps(config | {"fan_in_fan_out": True}))
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True"):
+        ref, n = _peft_logits(tiny_checkpoint, adapter, prompt)
+    assert n == adapters["n"] and rel_err(ref, adapters["ref"]) == 0  # the oracle: as if False
+    with pytest.warns(UserWarning, match=r"fan/adapter_config\.json: fan_in_fan_out is set to True .* as PEFT does"):
+        model = fxjax.from_pretrained(tiny_checkpoint, dtype="float32", adapter=adapter)
+    assert rel_err(_fx_logits(model, prompt), ref) <= TOL
+
+
 # ---- clear errors for bad adapters -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
