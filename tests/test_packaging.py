@@ -48,3 +48,36 @@ def test_wheel_and_sdist_carry_every_module_and_config(tmp_path):
         in_sdist = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     needed = {f for f in files if f.startswith(("tests/", *[d + "/" for d in MAPPED])) or f == "tpu_setup.sh"}
     assert sorted(needed - in_sdist) == []
+
+
+def test_no_dependency_floor_is_below_what_the_other_dependencies_require():
+    """A floor in pyproject.toml lower than one the installed dependencies themselves demand is a promise
+    the install never keeps (jax>=0.6 beside flax 0.12.8, which needs jax>=0.10): every `name>=v` of ours
+    is at least the highest floor the other runtime dependencies put on that name."""
+    import tomllib
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    ours = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    names = {r.name.lower().replace("_", "-") for r in ours}
+    floors: dict[str, list[tuple[Version, str]]] = {}
+    for dep in names:
+        for text in requires(dep) or []:
+            req = Requirement(text)
+            if req.marker is not None and "extra" in str(req.marker):
+                continue
+            for spec in req.specifier:
+                if spec.operator == ">=" and req.name.lower().replace("_", "-") in names:
+                    floors.setdefault(req.name.lower().replace("_", "-"), []).append((Version(spec.version), dep))
+    too_low = []
+    for r in ours:
+        for spec in r.specifier:
+            name = r.name.lower().replace("_", "-")
+            if spec.operator == ">=" and floors.get(name):
+                need, by = max(floors[name])
+                if Version(spec.version) < need:
+                    too_low.append(f"{r.name}>={spec.version}, but {by} requires {name}>={need}")
+    assert floors.get("jax"), "no dependency's floor on jax was found: the check reads nothing"
+    assert not too_low, too_low
