@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
-           "committed_steps", "read_run_config", "resolve_step", "resumes_from_kept_start", "saved_run_kind",
-           "start_from_kept_copy", "steps_text"]
+           "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
+           "saved_run_kind", "start_from_kept_copy", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 # A run that starts from another's LoRA (model.adapter, model.from_run) keeps that LoRA's shape in its checkpoint
@@ -27,28 +27,36 @@ START_FILE = "fxjax_start.json"  # in START_LORA_DIR: where the run started from
 
 def resumes_from_kept_start(cfg) -> bool:
     """Whether a run config resumes (checkpoint.resume) with its own start kept in its checkpoint folder
-    (START_LORA_DIR, written by train.run_setup.keep_start_lora): START_FILE names the start the config does,
-    the same model.adapter, or model.from_run and from_run_step, compared as resolved paths or as the config
-    wrote them (a relative path after the project moved). Then model.adapter / model.from_run may be gone
-    (train.run_setup.resumed_start uses the copy). False without a readable copy or for a copy kept for
-    another start (an earlier run in the same directory)."""
-    if not cfg.checkpoint.resume:
-        return False
+    (START_LORA_DIR, written by train.run_setup.keep_start_lora, naming the start the config does:
+    `kept_start`). Then model.adapter / model.from_run may be gone (train.run_setup.resumed_start uses the
+    copy). False without a readable copy or for a copy kept for another start (an earlier run in the same
+    directory)."""
+    return bool(cfg.checkpoint.resume) and kept_start(cfg, Path(cfg.checkpoint_dir)) is not None
+
+
+def kept_start(cfg, checkpoint_dir: Path) -> dict | None:
+    """START_FILE of the copy in `checkpoint_dir` when it names the start `cfg` does: the same model.adapter,
+    or model.from_run and from_run_step, compared as resolved paths or as the config wrote them (a relative
+    path after the project moved). None without a readable copy, for a copy kept for another start, or for
+    a run that starts from no LoRA."""
+    m = cfg.model
+    if m.adapter is None and m.from_run is None:
+        return None
     try:
-        start = json.loads((Path(cfg.checkpoint_dir) / START_LORA_DIR / START_FILE).read_text(encoding="utf-8"))
+        start = json.loads((Path(checkpoint_dir) / START_LORA_DIR / START_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+        return None
     if not isinstance(start, dict):
-        return False
+        return None
 
     def names(key, value):  # the value as recorded (resolved then) or as given
         if value is None:
             return start.get(key) is None
         return str(Path(value).resolve()) == start.get(key) or value == start.get(f"{key}_given")
 
-    m = cfg.model
-    return (names("adapter", m.adapter) and names("from_run", m.from_run)
+    same = (names("adapter", m.adapter) and names("from_run", m.from_run)
             and (m.from_run is None or m.from_run_step == start.get("from_run_step")))
+    return start if same else None
 
 
 class RunLoadError(ValueError):
@@ -136,34 +144,65 @@ def resolve_step(checkpoint_dir: str | Path, step: int | None) -> tuple[int, Any
 
 def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Callable[[str], None] | None):
     """The run's config with its own copy of the LoRA it started from (run_setup.keep_start_lora) in place of
-    model.adapter / model.from_run when that folder is not here (moved, or another machine): the copy gives the
-    LoRA's shape, the checkpoint its values. A from_run run's base model and tokenizer were the other run's:
-    the copy names them (moved_base: model.path was given anew, and the tokenizer follows it). Used when a
-    run is loaded (`load_run`: the copy in the run's own checkpoint folder, whatever path the config names,
-    which may be relative to where it trained) and when it resumes (run_setup.resumed_start, only for the
-    start the copy was kept for)."""
+    model.adapter / model.from_run: the copy gives the LoRA's shape (rank, alpha, rslora, dropout, targets),
+    the checkpoint its values. The copy stands in whenever it names this start (`kept_start`), also when
+    that folder is still there (it may hold another adapter since, of the same rank and targets but another
+    alpha: LoRA scaled other than it trained), and whatever copy there is when the folder is not here
+    (moved, or another machine; the config's path may be relative to where it trained). A from_run run's
+    base model and tokenizer were the other run's: the copy names them (moved_base: model.path was given
+    anew, and the tokenizer follows it). Used when a run is loaded (`load_run`, export, eval, detect) and
+    when it resumes (run_setup.resumed_start, only for the start the copy was kept for)."""
     m = cfg.model
-    gone = [(key, value) for key, value in (("model.adapter", m.adapter), ("model.from_run", m.from_run))
-            if value is not None and not Path(value).is_dir()]
-    if not gone:
+    starts = [(key, value) for key, value in (("model.adapter", m.adapter), ("model.from_run", m.from_run))
+              if value is not None]
+    if not starts:
         return cfg
-    key, value = gone[0]
+    key, value = starts[0]
     copy = checkpoint_dir / START_LORA_DIR
-    try:
-        start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunLoadError(f"the run in {checkpoint_dir} was trained from {key}={value}, which does not exist "
-                           f"here, and the run keeps no copy of that LoRA's shape ({copy}: runs trained before "
-                           f"fxjax kept one); put it back where the run read it") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunLoadError(f"{copy / START_FILE}: cannot be read ({err}); {key}={value} does not exist here "
-                           f"either") from None
+    start = kept_start(cfg, checkpoint_dir)
+    if Path(value).is_dir():
+        if start is None:  # no copy (a run from before fxjax kept one) or one of another start: the folder
+            return cfg
+        if log is not None and key == "model.adapter":
+            changed = adapter_config_changes(Path(value), copy)
+            if changed:
+                log(f"model.adapter {value} now holds another adapter than the run started from ({changed}): "
+                    f"the run's copy in {copy} gives the LoRA's shape")
+    else:
+        try:
+            start = json.loads((copy / START_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunLoadError(f"the run in {checkpoint_dir} was trained from {key}={value}, which does not "
+                               f"exist here, and the run keeps no copy of that LoRA's shape ({copy}: runs trained "
+                               f"before fxjax kept one); put it back where the run read it") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunLoadError(f"{copy / START_FILE}: cannot be read ({err}); {key}={value} does not exist here "
+                               f"either") from None
+        if log is not None:
+            log(f"{key}={value} is not here: the LoRA's shape from the run's copy in {copy}")
     changes: dict[str, Any] = {"adapter": str(copy), "from_run": None, "from_run_step": None}
     data = cfg.data
     if m.from_run is not None and not moved_base:
         changes.update(path=start.get("path"), preset=start.get("preset"), init_seed=start.get("init_seed", 0))
     if m.from_run is not None and data.tokenizer is None and not moved_base:
         data = dataclasses.replace(data, tokenizer=start.get("tokenizer"))
-    if log is not None:
-        log(f"{key}={value} is not here: the LoRA's shape from the run's copy in {copy}")
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes), data=data)
+
+
+# what of a PEFT adapter_config.json sets the LoRA's shape and scaling
+_SHAPE_KEYS = ("r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern")
+
+
+def adapter_config_changes(adapter: Path, copy: Path) -> str:
+    """"lora_alpha 64 there, 4 in the run's copy; ...": the shape keys in which the adapter folder's
+    adapter_config.json differs from the run's copy ("" when they agree or one cannot be read)."""
+    try:
+        there, kept = (json.loads((d / "adapter_config.json").read_text(encoding="utf-8")) for d in (adapter, copy))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+
+    def shape(value):  # PEFT writes target_modules as a list or a set's list, in any order
+        return sorted(value) if isinstance(value, list) else value
+
+    return "; ".join(f"{key} {there.get(key)} there, {kept.get(key)} in the run's copy" for key in _SHAPE_KEYS
+                     if shape(there.get(key)) != shape(kept.get(key)))

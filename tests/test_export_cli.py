@@ -291,6 +291,12 @@ def test_a_moved_tokenizer_follows_model_or_is_named_before_the_weights_load(two
     assert main(["export", "--run", str(same), "--model", str(tiny_vl_dir), "--out", str(tmp_path / "a"),
                  "--merged-only"]) == 0
     assert (tmp_path / "a" / "merged" / "tokenizer.json").is_file()
+    from fxjax.cli import build_parser
+    from fxjax.commands.model_args import resolve_detector
+
+    for command in (["detect", "x.png"], ["eval", "--data", "d.jsonl"]):  # eval and detect follow it as export does
+        args = build_parser().parse_args(command + ["--run", str(same), "--model", str(tiny_vl_dir)])
+        assert resolve_detector(args).tokenizer == str(tiny_vl_dir), command
     own = moved_run("own", tmp_path / "gone-tokenizer")
     capsys.readouterr()
     assert main(["export", "--run", str(own), "--model", str(tiny_vl_dir), "--out", str(tmp_path / "b")]) == 2
@@ -383,6 +389,9 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     equal = [np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(lora(moved.model), lora(load_run(two_process_run, 3).model))]
     assert len(equal) > 10 and all(equal)
+    # export checks the tokenizer before loading: the run's own record of it too
+    assert main(["export", "--run", str(grpo_run.parent), "--out", str(tmp_path / "export"), "--merged-only"]) == 0
+    assert (tmp_path / "export" / "merged" / "tokenizer.json").is_file()
     # eval / detect --run of such a run (no weights loaded): the tokenizer and base it was trained with, from
     # the SFT run when it is there, else from the run's own record
     from fxjax.cli import build_parser
@@ -427,6 +436,39 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
                      ({"from_run": None, "path": str(tiny_vl_dir)}, "model.from_run_step")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, **bad}, "data": data})
+
+
+def test_a_run_loads_with_the_lora_shape_it_started_from_when_its_adapter_folder_changed(two_process_run,
+                                                                                         tmp_path):
+    """model.adapter's folder later holding another adapter of the same rank and targets (another
+    lora_alpha): the run loads with its own copy of the adapter it started from (start_lora), scaled as it
+    trained, and says so (it loaded the folder's, LoRA scaled 4x, without a word)."""
+    from fxjax.device_mesh import MeshConfig, make_mesh
+    from fxjax.model.lora import lora_linears
+    from fxjax.peft_io import save_peft_adapter
+    from fxjax.train.run_loading import load_run, run_config
+    from fxjax.train.run_setup import keep_start_lora
+
+    trained = load_run(two_process_run, 3)
+    start = save_peft_adapter(trained.model, tmp_path / "start")
+    run = tmp_path / "run" / "checkpoints"
+    shutil.copytree(two_process_run / "checkpoints" / "3", run / "3")
+    record = run / "3" / "config" / "config.json"
+    saved = json.loads(record.read_text())
+    saved["model"]["adapter"], saved["checkpoint"]["dir"] = str(start), str(run)
+    record.write_text(json.dumps(saved))
+    cfg = run_config(run.parent)
+    assert keep_start_lora(trained.model, cfg) == run / "start_lora"  # as fxjax sft/grpo do at their start
+    adapter_config = json.loads((start / "adapter_config.json").read_text())
+    alpha = adapter_config["lora_alpha"]
+    adapter_config["lora_alpha"] = 4 * alpha
+    (start / "adapter_config.json").write_text(json.dumps(adapter_config))
+    messages = []
+    loaded = load_run(run.parent, log=messages.append, mesh=make_mesh(MeshConfig()))
+    scaling = lambda m: {float(layer.lora.scaling) for _, layer in lora_linears(m)}  # noqa: E731
+    assert scaling(loaded.model) == scaling(trained.model) and len(scaling(trained.model)) == 1
+    assert (f"model.adapter {start} now holds another adapter than the run started from (lora_alpha {4 * alpha} "
+            f"there, {alpha} in the run's copy)") in messages[0]
 
 
 def test_a_run_loaded_onto_another_base_model_is_refused_naming_the_shapes(two_process_run, tmp_path):

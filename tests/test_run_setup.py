@@ -184,7 +184,16 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     assert sorted(p.name for p in copy.parent.iterdir()) == ["start_lora"]  # no partial or replaced folder left
 
     lines = []
-    assert resumed_start(config(second, True), lines.append).model.adapter == str(second)  # still here: used
+    # still here: the copy all the same (the folder may hold another adapter since), and what changed is said
+    assert resumed_start(config(second, True), lines.append).model.adapter == str(copy) and lines == []
+    settings = json.loads((second / "adapter_config.json").read_text())
+    (second / "adapter_config.json").write_text(json.dumps({**settings, "lora_alpha": 64, "use_rslora": True}))
+    assert resumed_start(config(second, True), lines.append).model.adapter == str(copy)
+    assert lines == [f"model.adapter {second} now holds another adapter than the run started from (lora_alpha 64 "
+                     f"there, 4 in the run's copy; use_rslora True there, False in the run's copy): the run's copy "
+                     f"in {copy} gives the LoRA's shape"]
+    (second / "adapter_config.json").write_text(json.dumps(settings))
+    lines.clear()
     moved = tmp_path / "moved"
     shutil.move(second, moved)
     assert resumed_start(config(second, False), lines.append).model.adapter == str(second)  # a new run: no copy

@@ -8,8 +8,8 @@ A run directory is a `fxjax sft` / `fxjax grpo` train.output_dir (holding checkp
 directory itself (holding the step folders). Each committed step `<dir>/<N>/` holds the train state and
 the run's resolved config (train.checkpointing); loading reads that config, rebuilds the model with LoRA
 exactly as the run built it (train.run_setup.build_model: the base checkpoint or preset, fresh LoRA or
-the PEFT adapter GRPO started from; when that adapter or run is no longer where the run read it, the run's
-own copy of its shape, checkpoints/start_lora) and restores the LoRA parameters of step N over it (a partial
+the PEFT adapter GRPO started from, its shape from the run's own copy, checkpoints/start_lora, which
+stays as the run read it when that adapter or run moves or changes) and restores the LoRA parameters of step N over it (a partial
 restore: the optimiser state, step and RNG key are not read).
 
 Reading never writes: an in-progress save (`<N>.orbax-checkpoint-tmp-*`) is not a step and is left alone,
@@ -71,10 +71,12 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
 
 
 def run_config(run: str | Path, step: int | None = None, model_path: str | None = None):
-    """The run's config at `step` as `load_run` reads it (the base model moved to `model_path`); nothing
-    is loaded."""
-    _, cfg, _ = resolve_step(checkpoint_dir_of(run).absolute(), step)
-    return _override_model(cfg, model_path, None, None)
+    """The run's config at `step` as `load_run` reads it (the base model moved to `model_path`, the start
+    from the run's own copy: its base model and tokenizer for a from_run run whose other run moved);
+    nothing is loaded."""
+    ckpt = checkpoint_dir_of(run).absolute()
+    _, cfg, _ = resolve_step(ckpt, step)
+    return start_from_kept_copy(_override_model(cfg, model_path, None, None), ckpt, model_path is not None, None)
 
 
 def _check_paths(cfg, checkpoint_dir: Path) -> None:

@@ -184,11 +184,12 @@ def keep_start_lora(model, cfg) -> Path | None:
 
 
 def resumed_start(cfg, log: Callable[[str], None]):
-    """The config a resuming run builds its model (and reads its tokenizer) from: `cfg`, or, when its
-    model.adapter / model.from_run is no longer where the run read it (moved, or the run continues on
-    another machine), `cfg` with the run's own copy of that start (`keep_start_lora`) in its place. The
+    """The config a resuming run builds its model (and reads its tokenizer) from: `cfg` with the run's own
+    copy of its model.adapter / model.from_run start (`keep_start_lora`) in its place, whether that folder
+    moved (or the run continues on another machine) or still holds what it held then or not (another
+    adapter of the same rank and targets but another alpha would scale the LoRA other than it trained). The
     checkpoint restores every LoRA value; the copy gives the shape (and for a from_run start, the base model
-    and tokenizer it named). A copy kept for another start is not used. The checkpoints go on recording
+    and tokenizer it named). A copy kept for another start is not used: `cfg` as it is. The checkpoints go on recording
     `cfg` itself (start_run's `recorded`), so nothing reads as changed and the run loads as before."""
     if not resumes_from_kept_start(cfg):
         return cfg

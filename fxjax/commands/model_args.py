@@ -198,18 +198,20 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     data: dict[str, Any] = {key: getattr(DataSection(), key) for key in PROMPT_SETTING_KEYS}
     if args.run is not None:
         from fxjax.config_mapping import ConfigError
-        from fxjax.run_files import checkpoint_dir_of, resolve_step, start_from_kept_copy
+        from fxjax.run_files import checkpoint_dir_of, resolve_step
+        from fxjax.train.run_loading import run_config
         from fxjax.train_config import base_model_section
 
         ckpt = checkpoint_dir_of(args.run).absolute()
-        step, cfg, kind = resolve_step(ckpt, args.step)
-        # a run started from another (model.from_run): that run's tokenizer and base, or the run's own
-        # record of them when that run is not here (as load_run resolves them)
-        cfg = start_from_kept_copy(cfg, ckpt, args.model is not None, None)
+        step, _, kind = resolve_step(ckpt, args.step)
+        # as load_run resolves it: --model moves the base (and a data.tokenizer that was the base follows
+        # it); a run started from another (model.from_run): that run's tokenizer and base, or the run's own
+        # record of them when that run is not here
+        cfg = run_config(ckpt, step, args.model)
         data.update({key: getattr(cfg.data, key) for key in PROMPT_SETTING_KEYS})
         data["train_files"] = tuple(str(f) for f in cfg.data.train_files)  # (detect: were they ms-swift?)
         try:
-            tokenizer = args.tokenizer or cfg.data.tokenizer or args.model or cfg.tokenizer
+            tokenizer = args.tokenizer or cfg.tokenizer
         except ConfigError:
             raise ValueError(f"the run in {ckpt} has no tokenizer (a preset model without data.tokenizer); "
                              f"pass --tokenizer DIR") from None
