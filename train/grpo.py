@@ -206,7 +206,7 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     """Run (or resume) GRPO as configured. See the module docstring."""
     started = time.perf_counter()
     main, say = join_run("grpo", cfg, log)
-    recorded, cfg = cfg, resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
+    recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
     g = cfg.grpo
     # every stage's reward weights read (and a bad reward file reported) now, not after the model loads
     for first_step in itertools.accumulate([s.steps for s in cfg.stages[:-1]], initial=0):

@@ -105,7 +105,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     (bench/sft_step.py --loop compares the two); the logged values are the same either way."""
     started = time.perf_counter()
     main, say = join_run("sft", cfg, log)
-    recorded, cfg = cfg, resumed_start(cfg, say)  # its starting adapter or run moved: the run's own copy
+    recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
 
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
