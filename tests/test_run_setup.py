@@ -132,6 +132,42 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_its_lora_settings(tmp_pa
     checkpointer.close()
 
 
+def test_a_checkpoint_of_other_lora_targets_or_layout_shapes_is_refused_not_set_aside(tmp_path):
+    """Other LoRA targets (names the run lacks) are another run's settings: refused naming them, as for another
+    rank, where the resume warned of a damaged checkpoint at every step and then said to move the directory
+    away; in the other decoder layout (scan_layers) another rank's shapes are named the same way."""
+    import jax.numpy as jnp
+
+    from fxjax.train.checkpointing import TrainCheckpointer
+    from fxjax.train.run_setup import restore_latest
+
+    lora = {"rank": 2, "target_modules": ["q_proj"]}
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    for step in (1, 2):
+        checkpointer.save(step, {"params": {"q_proj": jnp.ones((4, 2))}, "step": jnp.int32(step)}, {"position": step},
+                          {"lora": lora})
+    said = []
+    wider = {"params": {"q_proj": jnp.zeros((4, 2)), "v_proj": jnp.zeros((4, 2))}, "step": jnp.int32(0)}
+    with pytest.raises(ConfigError, match=r"step 2 in .*ckpt was written with other model or LoRA settings than this "
+                                          r"run's \(its lora: rank 2, target_modules \['q_proj'\]\): .*lacks "
+                                          r"\['params.v_proj'\].*Resume it with its own settings"):
+        restore_latest(checkpointer, wider, said.append)
+    assert said == [] and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+
+    # saved looped (one entry per layer, rank 2), resumed under scan_layers (one stacked entry) at rank 8
+    def lora_a(value):
+        return {"decoder": {"layers": value}}
+
+    checkpointer.save(3, {"params": lora_a({str(i): {"up_proj": jnp.ones((4, 2))} for i in range(2)}),
+                          "step": jnp.int32(3)}, {"position": 3}, {"lora": lora})
+    stacked = {"params": lora_a({"up_proj": jnp.zeros((2, 4, 8))}), "step": jnp.int32(0)}
+    with pytest.raises(ConfigError, match=r"step 3 .* 2 array\(s\) differ in shape, e.g. "
+                                          r"params.decoder.layers.0.up_proj \(4, 2\) there, \(4, 8\) here"):
+        restore_latest(checkpointer, stacked, said.append)
+    assert said == []
+    checkpointer.close()
+
+
 def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, tokenizer_dir, monkeypatch):
     """keep_start_lora writes the starting adapter once; a resumed run from the same adapter keeps it, a run
     from another adapter or a new run (checkpoint.resume false) replaces it with its own; only a copy of

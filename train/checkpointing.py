@@ -32,12 +32,13 @@ from fxjax.config_mapping import ConfigError
 from fxjax.device_mesh import barrier
 from fxjax.run_files import CONFIG_FILE
 from fxjax.train import faults
-from fxjax.train.checkpoint_layout import saved_layout, to_current_layout
+from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TrainCheckpointer", "flatten_tree", "unflatten_tree"]
 
+_RESUME_HINT = "Resume it with its own settings, or start this run in another train.output_dir / checkpoint.dir"
 
 
 def _key_name(entry) -> str:
@@ -138,9 +139,15 @@ class TrainCheckpointer:
         # A checkpoint of the other decoder layout (looped vs scan_layers) restores in its own names and is
         # converted (train.checkpoint_layout); any other difference in names is an error naming them.
         saved = getattr(self.manager.item_metadata(step)["state"], "tree", None)
-        layout = None if saved is None else saved_layout(abstract, set(saved), str(self.directory / str(step)))
-        if saved is not None and layout is None:
-            self._check_shapes(abstract, saved, step)
+        try:
+            layout = None if saved is None else saved_layout(abstract, set(saved), str(self.directory / str(step)))
+        except LayoutError as err:  # other LoRA targets or model: another run's settings, not a damaged file
+            raise ConfigError(f"the checkpoint of step {step} in {self.directory} was written with other model or "
+                              f"LoRA settings than this run's{self._settings(step)}: "
+                              f"{str(err).removeprefix(str(self.directory / str(step)) + ': ')}. "
+                              f"{_RESUME_HINT}") from None
+        if saved is not None:
+            self._check_shapes(layout or abstract, saved, step)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout or abstract), data=_DataStateRestore(),
                                           config=ocp.args.JsonRestore()))
@@ -158,16 +165,18 @@ class TrainCheckpointer:
         bad = [(k, shapes[k], tuple(v.shape)) for k, v in abstract.items() if k in shapes and shapes[k] != v.shape]
         if not bad:
             return
-        try:
-            lora = json.loads((self.directory / str(step) / CONFIG_FILE).read_text()).get("lora", {})
-            settings = f" (its lora: rank {lora.get('rank')}, target_modules {lora.get('target_modules')})"
-        except (OSError, ValueError, AttributeError):
-            settings = ""
         name, was, now = bad[0]
         raise ConfigError(f"the checkpoint of step {step} in {self.directory} was written with other model or "
-                          f"LoRA settings than this run's{settings}: {len(bad)} array(s) differ in shape, e.g. "
-                          f"{name} {was} there, {now} here. Resume it with its own settings, or start this run "
-                          "in another train.output_dir / checkpoint.dir")
+                          f"LoRA settings than this run's{self._settings(step)}: {len(bad)} array(s) differ in "
+                          f"shape, e.g. {name} {was} there, {now} here. {_RESUME_HINT}")
+
+    def _settings(self, step: int) -> str:
+        """" (its lora: rank 2, target_modules all-linear)" from the step's saved config ("" if unreadable)."""
+        try:
+            lora = json.loads((self.directory / str(step) / CONFIG_FILE).read_text()).get("lora")
+            return f" (its lora: rank {lora.get('rank')}, target_modules {lora.get('target_modules')})" if lora else ""
+        except (OSError, ValueError, AttributeError):
+            return ""
 
     def set_aside(self, step: int) -> Path:
         """Rename the directory of a checkpoint that does not restore to ``<step>.unreadable-<n>`` (kept for
