@@ -206,6 +206,22 @@ def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, 
     assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]
 
 
+def test_a_cut_last_row_is_dropped_at_its_byte_offset_after_rows_of_non_ascii_text(tmp_path):
+    """The rows kept before a cut last line are counted in bytes: a completion in other scripts (a caption
+    "région généré" or "生成") is more bytes than characters, and truncating at the character count cut the
+    last whole row too."""
+    from fxjax.commands.eval import read_predictions
+
+    rows = [{"source": f"{tmp_path / 'd.jsonl'}:{n}", "completion": text}
+            for n, text in ((1, "région généré ✓"), (2, "<ref>生成的手</ref>"))]
+    whole = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path = tmp_path / PREDICTIONS
+    path.write_text(whole + '{"source": "cut', encoding="utf-8")
+    said = []
+    assert [row["completion"] for row in read_predictions(path, said.append).values()] == [r["completion"] for r in rows]
+    assert path.read_text(encoding="utf-8") == whole and "dropped an incomplete last line" in said[0]
+
+
 def test_a_resume_finds_its_rows_from_another_folder_and_after_a_kill_before_a_newline(
         dataset, tokenizer_dir, tmp_path, monkeypatch):
     """Rows are matched by the data file's absolute path: the same relative --data from another folder
