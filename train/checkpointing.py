@@ -41,6 +41,12 @@ __all__ = ["TrainCheckpointer", "flatten_tree", "unflatten_tree"]
 _RESUME_HINT = "Resume it with its own settings, or start this run in another train.output_dir / checkpoint.dir"
 
 
+def _layout_difference(err: LayoutError, where: Path) -> str:
+    """"it lacks [...] and holds [...] (...)": a LayoutError's text without the checkpoint's path and preamble."""
+    return (str(err).removeprefix(f"{where}: ")
+            .removeprefix("the checkpoint's state does not match this run's: "))
+
+
 def _key_name(entry) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(entry, attr):
@@ -144,7 +150,7 @@ class TrainCheckpointer:
         except LayoutError as err:  # other LoRA targets or model: another run's settings, not a damaged file
             raise ConfigError(f"the checkpoint of step {step} in {self.directory} was written with other model or "
                               f"LoRA settings than this run's{self._settings(step)}: "
-                              f"{str(err).removeprefix(str(self.directory / str(step)) + ': ')}. "
+                              f"{_layout_difference(err, self.directory / str(step))}. "
                               f"{_RESUME_HINT}") from None
         if saved is not None:
             self._check_shapes(layout or abstract, saved, step)
