@@ -180,6 +180,13 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     broken.write_bytes(dataset.read_bytes() + b'{"id": "bad \xff"}\n')
     records, _ = load_records([broken], on_error="skip")
     assert [obj.get("camera") for obj in raw_objects(records).values()] == [None, None, None, "phone", "dslr"]
+    # line ends as load_records counts them: "\r\r\n" (a CRLF file converted once more: records on lines 1, 3,
+    # 5, ...) took other records' values; lone "\r" ends (old Mac files) did not parse
+    for name, end in (("crcrlf", b"\r\r\n"), ("cr", b"\r")):
+        other = dataset.with_name(f"test_{name}.jsonl")
+        other.write_bytes(dataset.read_bytes().replace(b"\n", end))
+        records, _ = load_records([other])
+        assert [obj.get("camera") for obj in raw_objects(records).values()] == [None, None, None, "phone", "dslr"]
 
 
 def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, tokenizer_dir, tmp_path):

@@ -204,12 +204,16 @@ def raw_objects(records) -> dict[str, dict]:
     for r in records:
         file, _, line = r.source.rpartition(":")
         wanted.setdefault(file, set()).add(int(line))
+    from fxjax.data.records import numbered_lines
+
     out = {}
     for file, lines in wanted.items():
-        with open(file, "rb") as f:  # bytes, as records.load_records reads them: a line that is not UTF-8
-            for n, line in enumerate(f, 1):  # (skipped there under --on-error skip) is never decoded
-                if n in lines:
-                    out[f"{file}:{n}"] = json.loads(line)  # (json detects a UTF-8 BOM in bytes)
+        # numbered as load_records numbers them (a lone "\r" ends a line too: a file with "\r\r\n" ends
+        # took other records' values); bytes, so a line that is not UTF-8 (skipped there under --on-error
+        # skip) is never decoded
+        for n, line in numbered_lines(Path(file)):
+            if n in lines:
+                out[f"{file}:{n}"] = json.loads(line)
     return out
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "SWIFT_IMAGE",
     "SWIFT_REF",
     "load_records",
+    "numbered_lines",
     "open_image",
     "resolve_image_path",
 ]
@@ -117,7 +118,7 @@ class _Pending:
     path: Path
 
 
-def _iter_lines(path: Path) -> Iterable[tuple[int, bytes]]:
+def numbered_lines(path: Path) -> Iterable[tuple[int, bytes]]:
     """The file's lines as bytes, numbered as a text editor does (\n, \r\n or \r ends a line), a leading
     BOM (Windows editors) dropped. Bytes, so that a line that is not UTF-8 is that line's error (decoding
     the file as text reports it on whichever line its read-ahead chunk began)."""
@@ -217,7 +218,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
         base = Path(root) if root is not None else file.parent
         records_in_file = 0
         hints: Counter = Counter()
-        for n, line in _iter_lines(file):
+        for n, line in numbered_lines(file):
             if on_error == "raise" and errors:
                 break
             if not line.strip():
