@@ -177,6 +177,17 @@ def _text(value: Any, what: str, *, allow_empty: bool = True, free_text: bool = 
     return value
 
 
+def _caption(value: Any, what: str) -> str:
+    """A region's caption, stripped: one line, as the output format reads it back (a caption across lines
+    renders an SFT target whose box the parser, the IoU reward and eval never see)."""
+    caption = _text(value, what, allow_empty=False).strip()
+    if "\n" in caption or "\r" in caption:
+        shown = caption if len(caption) <= 60 else caption[:57] + "..."
+        raise RecordProblem(f"{what} {shown!r} spans lines: a caption stays on one line, or the box after it is "
+                            "not read back (docs/format.md)", "schema")
+    return caption
+
+
 def _label(value: Any) -> str:
     if not isinstance(value, str) or value.strip().lower() not in LABELS:
         raise RecordProblem(f"unknown label {value!r}; expected one of {LABELS}", "label")
@@ -252,8 +263,8 @@ def _parse_native(obj: dict) -> ParsedRecord:
             raise RecordProblem(f"region {i} must be an object with 'bbox' and 'caption'", "schema")
         if "caption" not in region:
             raise RecordProblem(f"region {i} has no 'caption' (keys: {', '.join(map(str, region))})", "schema")
-        caption = _text(region["caption"], f"region {i} caption", allow_empty=False)
-        regions.append((caption.strip(), _box_numbers(region["bbox"], f"region {i} bbox")))
+        caption = _caption(region["caption"], f"region {i} caption")
+        regions.append((caption, _box_numbers(region["bbox"], f"region {i} bbox")))
     tags = _given(obj, "tags", [])
     if not isinstance(tags, list):
         raise RecordProblem(f"'tags' must be a list of strings, got {type(tags).__name__}", "schema")
@@ -338,7 +349,7 @@ def _parse_swift(obj: dict) -> ParsedRecord:
     label = _label(verdict.group(1) if verdict else obj["label"])
     if verdict and "label" in obj and _label(obj["label"]) != label:
         raise RecordProblem(f"'label' {obj['label']!r} disagrees with the verdict {verdict.group(1)!r}", "label")
-    regions = tuple((_text(c, f"object {i} ref", allow_empty=False).strip(), _box_numbers(b, f"object {i} bbox"))
+    regions = tuple((_caption(c, f"object {i} ref"), _box_numbers(b, f"object {i} bbox"))
                     for i, (c, b) in enumerate(zip(refs, boxes)))
     return ParsedRecord(image=image, record_id=_record_id(obj, image), label=label, regions=regions,
                         format="swift", generator=_generator(obj), bbox_type=bbox_type, system=system, user=user,
