@@ -365,7 +365,16 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     texts = [t.get_text() for t in fig.axes[2].texts]
     assert texts == [f"{summaries[0]['f1']:.3f}", f"{summaries[1]['f1']:.3f}"]
     no_iou = dict(summaries[0], mean_iou=None, ci95=dict(summaries[0]["ci95"], mean_iou=None))
-    assert "n/a" in [t.get_text() for t in build_eval_report([no_iou], ["x"]).axes[3].texts]
+    one = build_eval_report([no_iou], ["x"])
+    assert "n/a" in [t.get_text() for t in one.axes[3].texts]
+    # the title fits the figure (one line of it was wider than one to four evaluations' figure) and says
+    # what n/a means: F1 is not defined on images of one true class
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(one).draw()
+    extent = one._suptitle.get_window_extent(one.canvas.get_renderer()).transformed(one.transFigure.inverted())
+    assert 0 <= extent.x0 and extent.x1 <= 1, extent  # (in figure widths)
+    assert "F1: images of one true class only" in one._suptitle.get_text()
 
     other = dict(summaries[1], settings=dict(summaries[1]["settings"], data={"elsewhere.jsonl": "0" * 64}))
     assert "NOTE: the evaluations read different data files" in build_eval_report([summaries[0], other],

@@ -98,8 +98,9 @@ def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: s
         ax.set_ylim(0, 1.05)
         ax.set_xticks(list(x), names, fontsize=9, rotation=20 if len(summaries) > 4 else 0)
         ax.grid(axis="y", alpha=0.3)
+    # two lines: one was wider than the 8-inch figure of one to four evaluations, cut off at both ends
     detail = (f"{sizes.pop()} held-out examples each" if len(sizes) == 1 else "different numbers of examples") + \
-        "; greedy decoding; n/a: not defined (F1: no generated image, none called one; IoU: none with a box)"
+        "; greedy decoding\nn/a: not defined (F1: images of one true class only; IoU: no generated image)"
     datasets = {_data_identity(s) for s in summaries}
     if len(datasets) > 1:  # the files' contents (sha256 per file fxjax eval recorded), not their paths
         detail += "\nNOTE: the evaluations read different data files: the bars are not on the same images"
