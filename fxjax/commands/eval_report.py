@@ -104,7 +104,7 @@ def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: s
     datasets = {_data_identity(s) for s in summaries}
     if len(datasets) > 1:  # the files' contents (sha256 per file fxjax eval recorded), not their paths
         detail += "\nNOTE: the evaluations read different data files: the bars are not on the same images"
-    fig.suptitle(f"{title or 'held-out evaluation'}\n({detail})", fontsize=12)
+    fig.suptitle(f"{title or 'held-out evaluation'}\n{detail}", fontsize=12)
     return fig
 
 
