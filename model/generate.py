@@ -44,7 +44,7 @@ from flax import nnx
 
 from .inputs import ModelInputs
 from .kv_cache import KVCache, repeat_rows
-from .sampling import check_sampling_args, choose_tokens
+from .sampling import check_sampling_args, choose_tokens, suppress_tokens
 
 
 class GenerateOutput(NamedTuple):
@@ -114,10 +114,13 @@ def decode_step(model, tokens: jax.Array, positions: jax.Array, cache: KVCache) 
     return model.logits(hidden)[:, 0], cache
 
 
-def _choose(logits: jax.Array, key, *, greedy: bool, temperature, top_k, top_p) -> tuple[jax.Array, jax.Array]:
-    """Pick a token per row; also return its log-prob under the raw (untempered, unfiltered) logits."""
+def _choose(logits: jax.Array, key, *, greedy: bool, temperature, top_k, top_p,
+            suppress_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Pick a token per row (never one of `suppress_ids`); also return its log-prob under the raw
+    (unsuppressed, untempered, unfiltered) logits."""
     logits = logits.astype(jnp.float32)
-    token = choose_tokens(logits, key, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    token = choose_tokens(suppress_tokens(logits, suppress_ids), key, greedy=greedy, temperature=temperature,
+                          top_k=top_k, top_p=top_p)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logp
 
@@ -153,7 +156,7 @@ def check_cache_room(cache: KVCache, max_new_tokens: int) -> None:
 def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.Array, *, max_new_tokens: int,
                 eos_ids: jax.Array, pad_id, greedy: bool = True, temperature=1.0,
                 rng: jax.Array | None = None, top_k: int | None = None,
-                top_p: float | None = None) -> tuple[GenerateOutput, KVCache]:
+                top_p: float | None = None, suppress_ids: jax.Array | None = None) -> tuple[GenerateOutput, KVCache]:
     """Generate up to `max_new_tokens` tokens in one `lax.while_loop`.
 
     first_logits [B, vocab] come from `prefill`; positions [B] is the position of the first generated
@@ -161,7 +164,8 @@ def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.A
     cache.length. The loop stops when every row has emitted one of eos_ids [E] (int32), like HF; tokens
     after a row's EOS are pad_id. `cache` needs max_new_tokens - 1 free slots (`check_cache_room`).
     Sampling (greedy False) draws token k from softmax(filter_logits(logits, temperature, top_k, top_p)) with
-    fold_in(rng, k); temperature may be traced, top_k / top_p are static Python values.
+    fold_in(rng, k); temperature may be traced, top_k / top_p are static Python values. suppress_ids [S]
+    int32 (-1: none) are never chosen (HF's suppress_tokens).
     """
     check_cache_room(cache, max_new_tokens)
     b = first_logits.shape[0]
@@ -173,7 +177,8 @@ def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.A
         rng = jax.random.key(0)  # unused
     elif rng is None:
         raise ValueError("sampling (greedy=False) needs an rng key")
-    choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                               suppress_ids=suppress_ids)
 
     token, logp = choose(first_logits, jax.random.fold_in(rng, 0))
     finished = _is_eos(token, eos_ids)
@@ -203,7 +208,7 @@ def decode_loop(model, first_logits: jax.Array, cache: KVCache, positions: jax.A
 
 def rollout(model, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Array, pad_id, temperature=1.0, *,
             num_generations: int, max_new_tokens: int, greedy: bool = False, top_k: int | None = None,
-            top_p: float | None = None) -> GenerateOutput:
+            top_p: float | None = None, suppress_ids: jax.Array | None = None) -> GenerateOutput:
     """Traceable group sampler (no jit of its own, for a caller's jitted step): B prompts ->
     B * num_generations rows, prompt i's samples in rows i*G .. i*G+G-1.
 
@@ -217,7 +222,7 @@ def rollout(model, inputs: ModelInputs, rng: jax.Array, eos_ids: jax.Array, pad_
     positions = jnp.repeat(jnp.asarray(next_positions(inputs)), g, axis=0)
     out, _ = decode_loop(model, jnp.repeat(first_logits, g, axis=0), repeat_rows(cache, g), positions,
                          max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, greedy=greedy,
-                         temperature=temperature, rng=rng, top_k=top_k, top_p=top_p)
+                         temperature=temperature, rng=rng, top_k=top_k, top_p=top_p, suppress_ids=suppress_ids)
     return out
 
 
@@ -250,10 +255,11 @@ def _decode_loop_jit(model, first_logits, cache, positions, eos_ids, pad_id, tem
 
 
 @nnx.jit(static_argnames=("num_generations", "max_new_tokens", "greedy", "top_k", "top_p"))
-def rollout_jit(model, inputs: ModelInputs, rng, eos_ids, pad_id, temperature, *, num_generations: int,
-                max_new_tokens: int, greedy: bool, top_k: int | None, top_p: float | None) -> GenerateOutput:
+def rollout_jit(model, inputs: ModelInputs, rng, eos_ids, pad_id, temperature, suppress_ids=None, *,
+                num_generations: int, max_new_tokens: int, greedy: bool, top_k: int | None,
+                top_p: float | None) -> GenerateOutput:
     return rollout(model, inputs, rng, eos_ids, pad_id, temperature, num_generations=num_generations,
-                   max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p)
+                   max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p, suppress_ids=suppress_ids)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,12 +299,14 @@ def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int
 def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   rng: jax.Array | int | None = None, eos_token_ids: int | Sequence[int] | None = None,
-                  pad_token_id: int | None = None) -> GenerateOutput:
+                  pad_token_id: int | None = None, suppress_token_ids: Sequence[int] = ()) -> GenerateOutput:
     """Prepared inputs (B prompts) -> GenerateOutput with B * num_generations rows (prompt i's samples
     in rows i*G .. i*G+G-1) and N = max_new_tokens columns, as device arrays; one jitted call, no host
     sync. temperature 0 is greedy (then every sample of a prompt is the same and rng may be None);
     top_k 0/None and top_p 1.0/None are off (HF semantics, model.sampling). The temperature is traced
-    (changing it does not recompile); top_k, top_p, num_generations and max_new_tokens are static."""
+    (changing it does not recompile); top_k, top_p, num_generations and max_new_tokens are static.
+    suppress_token_ids: tokens never sampled (HF's suppress_tokens; GRPO passes the image placeholder, as
+    TRL does); the returned log-probs are of the unsuppressed logits."""
     if not isinstance(num_generations, (int, np.integer)) or num_generations < 1:
         raise ValueError(f"num_generations (num_return_sequences) must be an int >= 1, got {num_generations!r}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -312,7 +320,9 @@ def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_t
         rng = jax.random.key(int(rng))
     if greedy:
         rng, top_k, top_p = jax.random.key(0), None, None  # unused: argmax is the same under top-k/top-p
-    return rollout_jit(model, inputs, rng, eos, np.int32(pad), np.float32(1.0 if greedy else temperature),
+    suppress = [int(t) for t in suppress_token_ids]
+    suppress = np.asarray(suppress + [-1] * (-len(suppress) % 4), np.int32) if suppress else None
+    return rollout_jit(model, inputs, rng, eos, np.int32(pad), np.float32(1.0 if greedy else temperature), suppress,
                        num_generations=int(num_generations), max_new_tokens=int(max_new_tokens), greedy=greedy,
                        top_k=int(top_k) if top_k else None,
                        top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None)

@@ -123,6 +123,18 @@ def apply_top_p(logits: jax.Array, top_p: float | None, min_tokens_to_keep: int 
     return jnp.where(remove, -jnp.inf, flat).reshape(shape)
 
 
+def suppress_tokens(logits: jax.Array, token_ids: jax.Array | None) -> jax.Array:
+    """[..., vocab] logits with -inf at `token_ids` ([S] int32; -1 entries suppress nothing): HF's
+    SuppressTokensLogitsProcessor, a logits processor applied before the warpers. TRL's GRPO passes
+    suppress_tokens=[image_token_id] for a vision-language model, so a rollout never samples an image
+    placeholder; the log-probs of the loss stay those of the unsuppressed logits, as in TRL."""
+    if token_ids is None or token_ids.size == 0:
+        return logits
+    hit = jnp.any(jnp.arange(logits.shape[-1], dtype=jnp.int32)[:, None] == token_ids.astype(jnp.int32)[None, :],
+                  axis=-1)
+    return jnp.where(hit, -jnp.inf, logits)
+
+
 def filter_logits(logits: jax.Array, temperature=None, top_k: int | None = None,
                   top_p: float | None = None) -> jax.Array:
     """[..., vocab] logits -> float32 logits of the sampling distribution: temperature, then top-k, then

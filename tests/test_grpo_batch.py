@@ -229,8 +229,10 @@ def test_rollout_scores_each_group_against_its_own_record(monkeypatch, scale_rew
     r = rollout_module.sample_and_score(
         None, None, metas, tokenizer=Tokenizer(), eos_ids=[EOS], pad_id=pad, num_generations=3, max_new_tokens=3,
         temperature=1.0, top_k=0, top_p=1.0, rng=jax.random.key(0), weights=rewards.load_stage("alpha"),
-        reward_config=None, scale_rewards=scale_rewards, mask_truncated=mask_truncated, host=np.asarray)
+        reward_config=None, scale_rewards=scale_rewards, mask_truncated=mask_truncated, host=np.asarray,
+        suppress_token_ids=[7])
     assert asked["num_generations"] == 3 and asked["eos_token_ids"] == (EOS,) and asked["pad_token_id"] == pad
+    assert asked["suppress_token_ids"] == (7,)  # (grpo passes the image placeholder, as TRL suppresses it)
     assert [t["label"] for t in r.targets] == ["generated", "real"]
     assert r.texts == [answers[10], answers[11], answers[12] * 3] * 2
     # the verdict is right where it names the prompt's own label; the first prompt's box matches its own

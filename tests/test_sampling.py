@@ -157,6 +157,33 @@ def test_first_token_frequencies_match_hf_warped_softmax(models):
         assert wrong_p < 1e-6, f"the test cannot tell the sampler from one with (T, top_k, top_p) = {wrong}"
 
 
+def test_suppressed_tokens_are_never_sampled_and_keep_their_unsuppressed_log_probs(models):
+    """suppress_token_ids (GRPO passes the image placeholder, as TRL's suppress_tokens does): the first
+    token's frequencies against HF's SuppressTokensLogitsProcessor then its warpers, on HF's own logits; the
+    suppressed tokens (here the two likeliest) never drawn; the log-probs returned are those of the raw
+    logits, which TRL's loss also uses."""
+    from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
+    hf, model = models
+    ids, pv, grid = image_prompt([(1, 4, 6)], np.random.RandomState(0))
+    ids = ids[None]
+    mask = np.ones_like(ids)
+    hf_last = hf_logits(hf, ids, mask, pv, grid)[0, -1]
+    top = [int(t) for t in np.argsort(hf_last)[::-1][:2]]
+    assert hf_probs(hf_last, 1.0, None, None)[top].sum() > 0.05  # drawn often without the suppression
+    processor = SuppressTokensLogitsProcessor(top, device="cpu")
+    suppressed = processor(torch.as_tensor(ids), torch.as_tensor(hf_last[None]))[0].numpy()
+    probs = hf_probs(suppressed, 0.8, 20, None)
+    out = sample_groups(model, model.prepare(ids, mask, pv, grid), num_generations=2000, max_new_tokens=1,
+                        temperature=0.8, top_k=20, rng=0, eos_token_ids=(), suppress_token_ids=top)
+    first = np.asarray(out.tokens)[:, 0]
+    assert not np.isin(first, top).any() and not np.bincount(first, minlength=probs.size)[probs == 0].any()
+    p_value = chi_square_pvalue(np.bincount(first, minlength=probs.size), probs)
+    assert p_value > 1e-3, f"first-token frequencies do not match HF's suppressed, warped softmax (p = {p_value:.2e})"
+    raw = torch.log_softmax(torch.as_tensor(hf_last, dtype=torch.float64), -1).numpy()
+    np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], raw[first], atol=1e-4)
+
+
 @pytest.mark.parametrize("block", [4, 128])
 def test_top_k_threshold_equals_a_full_sort(monkeypatch, block):
     """apply_top_k (block maxima, then a bisection over the float order) keeps exactly what a full sort's

@@ -328,6 +328,8 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
                 top_p=g.top_p, rng=jax.random.fold_in(root, step_now), weights=weights,
                 reward_config=g.reward_config, scale_rewards=g.scale_rewards,
                 mask_truncated=g.mask_truncated_completions, mesh=mesh, batch_rewards=batch_rewards,
+                # never sample the image placeholder (TRL passes suppress_tokens=[image_token_id] for a VLM)
+                suppress_token_ids=(model.config.image_token_id,),
                 host=lambda x: local_rows(x, rows_sharding))  # this process's rows only
             t_rollout = time.perf_counter() - t0
             faults.point("rollout", step_now + 1, control.signals.local_stop)

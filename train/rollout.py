@@ -102,7 +102,8 @@ def prompt_inputs(model_cfg, prompt_batch: Mapping[str, Any], floor: dict[str, i
 def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int], pad_id: int,
                      num_generations: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
                      weights: rewards.RewardWeights, reward_config, scale_rewards: str,
-                     mask_truncated: bool, host, mesh=None, batch_rewards=None) -> Rollout:
+                     mask_truncated: bool, host, mesh=None, batch_rewards=None,
+                     suppress_token_ids: Sequence[int] = ()) -> Rollout:
     """Sample G completions per prompt with the model as it is (the current policy), decode and score them.
 
     `inputs` are the prepared (and placed) prompts, `metas` the meta of the prompts whose completions
@@ -111,12 +112,13 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     G samples are rows i*G .. i*G+G-1). Sampling runs under `mesh` (activations pinned to the batch axes);
     the rewards run on this host's CPU device, outside it. Group advantages need only a group's own
     rewards, except under scale_rewards "batch": `batch_rewards` (when the rows here are not the whole
-    batch) maps these rows' total rewards to (every row's, the positions of these rows in them)."""
+    batch) maps these rows' total rewards to (every row's, the positions of these rows in them).
+    `suppress_token_ids` are never sampled (the image placeholder, as TRL's GRPO suppresses it)."""
     with use_mesh(mesh):
         out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k or None,
                                     top_p=None if top_p >= 1.0 else top_p, rng=rng, eos_token_ids=tuple(eos_ids),
-                                    pad_token_id=pad_id)
+                                    pad_token_id=pad_id, suppress_token_ids=tuple(suppress_token_ids))
     tokens = host(out.tokens).astype(np.int32)
     if tokens.shape[0] != len(metas) * num_generations:  # whole groups of exactly these prompts
         raise ValueError(f"{tokens.shape[0]} sampled rows fetched for {len(metas)} prompts x {num_generations}")
