@@ -158,6 +158,11 @@ def build_config(cls, data: Any, where: str):
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"{key}: unknown key; {where or 'the config'} takes {names}")
+    # other spellings a section takes for a value (VALUE_ALIASES: key -> ((given, meant), ...)), compared by
+    # type and value, so that true is not 1
+    aliases = getattr(cls, "VALUE_ALIASES", {})
+    data = {k: next((meant for given, meant in aliases.get(k, ()) if type(v) is type(given) and v == given), v)
+            for k, v in data.items()}
     # null for a list-valued key is the empty list (a YAML `key:` with nothing after it reads as null).
     values = {k: () if v is None and typing.get_origin(hints[k]) is tuple
               else _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
 from fxjax.config_sections import TrainSection
@@ -39,6 +39,9 @@ class StageSection:
 @dataclass(frozen=True)
 class GRPOSection:
     """Group sampling and the GRPO loss, with TRL's GRPOConfig names and meanings."""
+
+    # TRL 1.16 takes scale_rewards true / false too (its "group" / "none"): a TRL config loads as it means
+    VALUE_ALIASES: ClassVar[dict[str, tuple]] = {"scale_rewards": ((True, "group"), (False, "none"))}
 
     num_generations: int = 4  # G completions per prompt (the paper: 4)
     max_completion_length: int = 512  # new tokens per completion; longer ones are cut and flagged truncated

@@ -369,3 +369,16 @@ def test_cli_reports_a_distributed_setting_that_cannot_work_as_an_error(tmp_path
     assert main(["sft", "--config", str(path), "--set", "distributed.process_id=1"]) == 2
     err = capsys.readouterr().err
     assert "fxjax sft: error: process_id (FXJAX_PROCESS_ID) set without num_processes (FXJAX_NUM_PROCESSES)" in err
+
+
+def test_scale_rewards_takes_trls_booleans_and_nothing_else_that_is_not_a_mode():
+    """TRL 1.16's scale_rewards also takes true / false (its "group" / "none"): a TRL config or override loads as
+    it means there (it was refused); 1 and 0 stay errors (true is not 1), as does an unknown mode."""
+    from fxjax.grpo_config import load_grpo_config
+
+    base = ["model.path=/m", "data.train_files=[a.jsonl]"]
+    for given, meant in (("true", "group"), ("false", "none"), ("batch", "batch")):
+        assert load_grpo_config(overrides=[*base, f"grpo.scale_rewards={given}"]).grpo.scale_rewards == meant
+    for wrong in ("1", "0", "std"):
+        with pytest.raises(ConfigError, match="grpo.scale_rewards: must be one of 'group', 'batch', 'none'"):
+            load_grpo_config(overrides=[*base, f"grpo.scale_rewards={wrong}"])
