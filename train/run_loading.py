@@ -30,8 +30,8 @@ from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
 from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config,
                              resolve_step, start_from_kept_copy, steps_text)
 
-__all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "load_run", "read_run_config",
-           "resolve_step", "run_config", "start_from_kept_copy"]
+__all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "config_as_loaded", "load_run",
+           "read_run_config", "resolve_step", "run_config", "start_from_kept_copy"]
 
 
 @dataclass
@@ -70,13 +70,22 @@ def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype:
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes), data=data)
 
 
+def config_as_loaded(cfg, checkpoint_dir: Path, model_path: str | None = None, *, dtype: str | None = None,
+                     param_dtype: str | None = None, attention: str | None = None, scan_layers: bool | None = None,
+                     log: Callable[[str], None] | None = None):
+    """A run's saved config (of a step in `checkpoint_dir`) as `load_run` builds its model from it: the
+    overrides applied (`_override_model`: the base model moved to `model_path`, ...), the start from the
+    run's own copy (`start_from_kept_copy`: its shape, and for a from_run run whose other run moved, its
+    base model and tokenizer)."""
+    cfg = _override_model(cfg, model_path, dtype, param_dtype, attention, scan_layers)
+    return start_from_kept_copy(cfg, checkpoint_dir, model_path is not None, log)
+
+
 def run_config(run: str | Path, step: int | None = None, model_path: str | None = None):
-    """The run's config at `step` as `load_run` reads it (the base model moved to `model_path`, the start
-    from the run's own copy: its base model and tokenizer for a from_run run whose other run moved);
-    nothing is loaded."""
+    """The run's config at `step` as `load_run` reads it (`config_as_loaded`); nothing is loaded."""
     ckpt = checkpoint_dir_of(run).absolute()
     _, cfg, _ = resolve_step(ckpt, step)
-    return start_from_kept_copy(_override_model(cfg, model_path, None, None), ckpt, model_path is not None, None)
+    return config_as_loaded(cfg, ckpt, model_path)
 
 
 def _check_paths(cfg, checkpoint_dir: Path) -> None:
@@ -169,8 +178,8 @@ def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path:
     step, cfg, kind = resolve_step(ckpt, step)
     steps = committed_steps(ckpt)
     exact = param_dtype == "exact"
-    cfg = _override_model(cfg, model_path, dtype, None if exact else param_dtype, attention, scan_layers)
-    cfg = start_from_kept_copy(cfg, ckpt, model_path is not None, log)
+    cfg = config_as_loaded(cfg, ckpt, model_path, dtype=dtype, param_dtype=None if exact else param_dtype,
+                           attention=attention, scan_layers=scan_layers, log=log)
     _check_paths(cfg, ckpt)
     if exact:  # known only now: the base model may have moved (model_path) or come from the run's copy
         cfg = _override_model(cfg, None, None, _exact_param_dtype(cfg))

@@ -199,15 +199,15 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     if args.run is not None:
         from fxjax.config_mapping import ConfigError
         from fxjax.run_files import checkpoint_dir_of, resolve_step
-        from fxjax.train.run_loading import run_config
+        from fxjax.train.run_loading import config_as_loaded
         from fxjax.train_config import base_model_section
 
         ckpt = checkpoint_dir_of(args.run).absolute()
-        step, _, kind = resolve_step(ckpt, args.step)
+        step, cfg, kind = resolve_step(ckpt, args.step)
         # as load_run resolves it: --model moves the base (and a data.tokenizer that was the base follows
         # it); a run started from another (model.from_run): that run's tokenizer and base, or the run's own
         # record of them when that run is not here
-        cfg = run_config(ckpt, step, args.model)
+        cfg = config_as_loaded(cfg, ckpt, args.model)
         data.update({key: getattr(cfg.data, key) for key in PROMPT_SETTING_KEYS})
         data["train_files"] = tuple(str(f) for f in cfg.data.train_files)  # (detect: were they ms-swift?)
         try:
