@@ -155,12 +155,12 @@ def test_a_checkpoint_of_other_lora_targets_or_layout_shapes_is_refused_not_set_
     assert said == [] and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
 
     # saved looped (one entry per layer, rank 2), resumed under scan_layers (one stacked entry) at rank 8
-    def lora_a(value):
+    def decoder_layers(value):
         return {"decoder": {"layers": value}}
 
-    checkpointer.save(3, {"params": lora_a({str(i): {"up_proj": jnp.ones((4, 2))} for i in range(2)}),
+    checkpointer.save(3, {"params": decoder_layers({str(i): {"up_proj": jnp.ones((4, 2))} for i in range(2)}),
                           "step": jnp.int32(3)}, {"position": 3}, {"lora": lora})
-    stacked = {"params": lora_a({"up_proj": jnp.zeros((2, 4, 8))}), "step": jnp.int32(0)}
+    stacked = {"params": decoder_layers({"up_proj": jnp.zeros((2, 4, 8))}), "step": jnp.int32(0)}
     with pytest.raises(ConfigError, match=r"step 3 .* 2 array\(s\) differ in shape, e.g. "
                                           r"params.decoder.layers.0.up_proj \(4, 2\) there, \(4, 8\) here"):
         restore_latest(checkpointer, stacked, said.append)
