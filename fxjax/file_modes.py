@@ -2,7 +2,8 @@
 
 safetensors 0.8's `save_file` and `tempfile.mkstemp` create files as 0600, which other users of a shared
 machine (or a serving process under another account) cannot read; everything fxjax writes goes through
-`make_readable` or `save_safetensors` instead.
+`make_readable` or `save_safetensors` instead. `require_writable` checks, before anything slow, that a
+command's output can be written at all.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["current_umask", "make_readable", "save_safetensors"]
+__all__ = ["current_umask", "make_readable", "require_writable", "save_safetensors"]
 
 
 def current_umask() -> int:
@@ -40,3 +41,16 @@ def save_safetensors(tensors: Mapping, path: str | Path, metadata: Mapping[str, 
 
     save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
     make_readable(path)
+
+
+def require_writable(path: str | Path, what: str) -> None:
+    """ValueError naming `what` when `path` cannot be created or written: its nearest existing folder is
+    checked, so the error comes before a model loads or a run trains, not at its first write."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        where = "is" if folder == Path(path).absolute() else f"lies under {folder}, which is"
+        raise NotADirectoryError(f"{what}: {path} {where} a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {path} cannot be written ({folder} is not writable)")

@@ -175,6 +175,28 @@ def tiny_vl_dir(tokenizer_dir, tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder nothing can be written into: mode 0555, or for root (whom modes do not stop) the immutable
+    attribute (chattr +i, which stops root too); taken back afterwards so that tmp_path can be removed."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.access(folder, os.W_OK) and shutil.which("chattr"):
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    if os.access(folder, os.W_OK):
+        folder.chmod(0o755)
+        pytest.skip("this machine lets the tests write into any folder (root without chattr)")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
 # The slowest modules (subprocess runs, multi-device workers) first: pytest-xdist (-n 2 --dist loadfile
 # --no-loadscope-reorder, in pyproject.toml) hands out whole modules in collection order, so starting with
 # the long ones keeps both workers busy to the end instead of leaving one long module running alone.

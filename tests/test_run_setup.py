@@ -319,3 +319,49 @@ def test_a_warmup_as_long_as_the_run_is_a_warning_at_the_start():
     warn_long_warmup(OptimSection(warmup_steps=9), 10, said.append)
     warn_long_warmup(OptimSection(), 1, said.append)  # warmup_ratio: a share of the run, never all of it
     assert len(said) == 1
+
+
+def test_an_end_of_run_export_over_a_folder_of_other_files_or_an_unwritable_one_is_refused_at_the_start(
+        tmp_path, tokenizer_dir, unwritable_dir, capsys):
+    """The end-of-run export replaces its folder whole: export.adapter_dir / merged_dir naming a folder of
+    the user's own files deleted them after training (no question asked); an unwritable export folder or
+    train.output_dir failed with a traceback at the first write, the export's only after the whole run.
+    join_run (what sft and grpo call first) refuses both; an empty folder or a former export is replaced."""
+    from fxjax.cli import main
+    from fxjax.train.export import PROMPT_SETTINGS_FILE
+    from fxjax.train.run_setup import join_run
+    from fxjax.train_config import from_dict
+
+    def config(**export):
+        return from_dict({"model": {"preset": "tiny"},
+                          "data": {"tokenizer": str(tokenizer_dir), "train_files": ["t.jsonl"]},
+                          "train": {"output_dir": str(export.pop("output_dir", tmp_path / "run")), "steps": 1},
+                          "export": export})
+
+    precious = tmp_path / "precious"
+    (precious / "eval").mkdir(parents=True)
+    (precious / "notes.txt").write_text("mine\n")
+    for key in ("adapter_dir", "merged_dir"):
+        with pytest.raises(FileExistsError, match=rf"export\.{key}: .*precious holds files that are not an fxjax "
+                                                  r"export \(eval/, notes\.txt\); the export at the end"):
+            join_run("sft", config(**{key: str(precious)}), None)
+    assert sorted(p.name for p in precious.iterdir()) == ["eval", "notes.txt"]
+    former, empty = tmp_path / "former", tmp_path / "empty"
+    former.mkdir(), empty.mkdir()
+    (former / PROMPT_SETTINGS_FILE).write_text("{}\n")
+    (former / "adapter_model.safetensors").write_text("")
+    assert join_run("sft", config(adapter_dir=str(former), merged_dir=str(empty)), None)[0]
+    assert join_run("sft", config(merged_dir=str(tmp_path / "new" / "merged")), None)[0]
+    with pytest.raises(NotADirectoryError, match=r"export\.merged_dir: .*notes\.txt is a file, not a folder"):
+        join_run("sft", config(merged_dir=str(precious / "notes.txt")), None)
+    with pytest.raises(ValueError, match=rf"export\.adapter_dir: {unwritable_dir}/adapter cannot be written "
+                                         rf"\({unwritable_dir} is not writable\)"):
+        join_run("sft", config(adapter_dir=str(unwritable_dir / "adapter")), None)
+    with pytest.raises(ValueError, match=r"train\.output_dir: .*read-only/run cannot be written"):
+        join_run("sft", config(output_dir=unwritable_dir / "run"), None)
+    # `fxjax export` checks its --out before it loads a run; any command's PermissionError is a one-line error
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(unwritable_dir / "out")]) == 2
+    assert main(["make-demo-data", str(unwritable_dir / "data"), "--n", "10"]) == 2
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == f"fxjax export: error: --out: {unwritable_dir}/out/merged cannot be written ({unwritable_dir} is not writable)"
+    assert said[1].startswith("fxjax make-demo-data: error: [Errno ") and str(unwritable_dir) in said[1]

@@ -19,8 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "read_prompt_settings", "save_adapter", "save_merged",
-           "write_preprocessor_config", "write_prompt_settings", "written_whole"]
+from fxjax.file_modes import require_writable
+
+__all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets", "read_prompt_settings",
+           "save_adapter", "save_merged", "write_preprocessor_config", "write_prompt_settings",
+           "written_whole"]
 
 # Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
 # and `fxjax detect` with --adapter / --model build them the same way (as they do with --run).
@@ -81,6 +84,28 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
             write_preprocessor_config(folder, *(image_pixels or _default_pixels()), vision=model.config.vision)
 
     return written_whole(out, write)
+
+
+def check_export_targets(export) -> None:
+    """Before a run trains: its end-of-run export folders (`export`, the config's ExportSection) can be
+    written, and one that exists holds nothing or a former export (PROMPT_SETTINGS_FILE, which every export
+    of a run writes). The export replaces its folder whole, so a folder of the user's own files would be
+    deleted at the end of the run."""
+    for key in ("adapter_dir", "merged_dir"):
+        target = getattr(export, key)
+        if not target:
+            continue
+        folder = Path(target)
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"export.{key}: {target} is a file, not a folder; the export writes a folder")
+        if folder.is_dir() and not (folder / PROMPT_SETTINGS_FILE).is_file():
+            held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
+            if held:
+                shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+                raise FileExistsError(
+                    f"export.{key}: {target} holds files that are not an fxjax export ({shown}); the export at "
+                    "the end of the run replaces its folder whole: give an empty or new folder")
+        require_writable(folder, f"export.{key}")
 
 
 def written_whole(out: Path, write: Callable[[Path], None]) -> Path:

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from fxjax import distributed
 from fxjax.distributed import allgather_json
+from fxjax.file_modes import require_writable
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.attention import current_platform, select_backend
 from fxjax.model.lora import LoRAConfig, apply_lora
@@ -35,6 +36,7 @@ from fxjax.peft_io import load_peft_adapter
 from fxjax.device_mesh import barrier, batch_shards, put, splits_batch
 from fxjax.partition_rules import UnsplitParametersWarning, param_shardings, shard_model, unsplit_message
 from fxjax.train.checkpointing import TrainCheckpointer
+from fxjax.train.export import check_export_targets
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
@@ -458,6 +460,9 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
         raise ConfigError(f"lora.enabled: {name.upper()} trains LoRA adapters only; set lora.enabled=true")
     refuse_new_run_over_checkpoints(cfg)
     refuse_other_phases_checkpoints(name, cfg)
+    check_export_targets(cfg.export)
+    require_writable(cfg.train.output_dir, "train.output_dir")
+    require_writable(cfg.checkpoint_dir, "checkpoint.dir")
     if jax.process_index() != 0:
         return False, lambda text: None
     return True, log or (lambda text: print(text, file=sys.stderr, flush=True))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fxjax.commands.model_args import add_image_limit_argument, add_model_arguments, add_prompt_arguments
+from fxjax.file_modes import require_writable
 
 HELP = "measure the detector on a labelled JSONL test set: accuracy, P/R/F1, format rate, mean IoU"
 
@@ -371,6 +372,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
+    require_writable(args.out, "--out")
     from fxjax.commands.model_args import resolve_detector
     from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
     from fxjax.data.records import load_records

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from fxjax.file_modes import require_writable
+
 HELP = "write a run's checkpoint (SFT or GRPO, any step) as a merged HF checkpoint and a PEFT adapter"
 
 DESCRIPTION = """\
@@ -128,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         target = out / name
         if target.exists() and any(target.iterdir()) and not args.overwrite:
             raise FileExistsError(f"{target} is not empty; pass --overwrite or another --out")
+        require_writable(target, "--out")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model: {args.model} is not a directory")
     from fxjax.commands.model_args import mesh_from_flag
