@@ -189,7 +189,7 @@ def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path
 
     args = argparse.Namespace(**vars(source), data=[str(test_file)], root=None, format="auto",
                               allow_absolute_paths=False, on_error="raise", limit=ev["examples"], group_by=[],
-                              batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"])
+                              batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"], max_image_pixels=None)
     records, _ = load_records(args.data, None, "auto", "raise")
     records = records[:ev["examples"]]
     detector = resolve_detector(args)

@@ -352,3 +352,25 @@ def test_an_overlay_draws_boxes_with_swapped_corners_and_boxes_at_the_border():
     edge = draw_detection(Image.new("RGB", (100, 80)), [("", (50, 40, 100, 80))], "generated")
     assert edge.getpixel((99, 60)) == BOX_COLOURS[0] == edge.getpixel((98, 60))  # line 2: the last two columns
     assert edge.getpixel((75, 79)) == BOX_COLOURS[0] == edge.getpixel((75, 78))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_raised_image_pixel_limit_reaches_the_decoding_and_the_overlay_in_detect_and_eval(tiny_vl_dir, tmp_path,
+                                                                                          capsys):
+    """--max-image-pixels above the default (89478485 pixels) let an image through the first check, then
+    the pipeline and the overlay opened it at the default limit: detect failed it, eval stopped after the
+    model had loaded, each saying to raise the flag that had been raised."""
+    from fxjax.cli import main
+
+    big = tmp_path / "big.png"
+    Image.new("L", (9500, 9500), 128).save(big)  # 90.25M pixels, a few kB of PNG
+    (tmp_path / "test.jsonl").write_text(json.dumps({"image": "big.png", "label": "real"}) + "\n")
+    raised = ["--max-image-pixels", "100000000", "--max-new-tokens", "2", "--max-pixels", "3136"]
+    assert main(["detect", str(big), "--model", str(tiny_vl_dir), "--out", str(tmp_path / "overlays"), "--json",
+                 *raised]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    with Image.open(result["overlay"]) as overlay:  # (PIL warns of a possible bomb: the test's own read)
+        assert result["size"] == [9500, 9500] and overlay.size == (9500, 9500)
+    assert main(["eval", "--model", str(tiny_vl_dir), "--data", str(tmp_path / "test.jsonl"), "--out",
+                 str(tmp_path / "eval"), *raised]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["examples"] == 1

@@ -184,11 +184,11 @@ def overlay_path(out: Path, image: str, taken: set[str]) -> Path:
     return out / name
 
 
-def write_overlay(result: dict, path: Path) -> None:
+def write_overlay(result: dict, path: Path, max_image_pixels: int) -> None:
     from fxjax.data.images import open_image
     from fxjax.overlay import draw_detection
 
-    image = open_image(result["image"], decode=True)  # EXIF-oriented, as the model saw it
+    image = open_image(result["image"], max_image_pixels, decode=True)  # EXIF-oriented, as the model saw it
     try:
         regions = [(r["caption"], r["box"]) for r in result["regions"]]
         note = None if result["parsed"] else "answer did not parse"
@@ -238,7 +238,7 @@ def detect(records, decoder, prompt_config, *, out: Path | None,
             result["overlay"] = None  # (the key is always there for --json readers)
             if out is not None:
                 path = overlay_path(out, result["image"], taken)
-                write_overlay(result, path)
+                write_overlay(result, path, cfg.max_image_pixels)
                 result["overlay"] = str(path)
             emit(result)
             results.append(result)
@@ -297,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
         config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer,
                             min_pixels=min(data["min_pixels"], fit), max_pixels=fit, max_length=data["max_length"],
                             mode="prompt", prompts="auto", batch_size=batch_size, drop_remainder=False,
-                            shuffle=False, num_epochs=1, shard_index=0, shard_count=1, on_error="skip")
+                            shuffle=False, num_epochs=1, shard_index=0, shard_count=1, on_error="skip",
+                            max_image_pixels=args.max_image_pixels or DataConfig.max_image_pixels)
         emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))
         results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit,

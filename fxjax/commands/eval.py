@@ -317,7 +317,8 @@ def prompt_data_config(args: argparse.Namespace, data: dict, tokenizer: str):
                       min_pixels=data["min_pixels"], max_pixels=data["max_pixels"], max_length=data["max_length"],
                       mode="prompt", prompts=data["prompts"], system_prompt=data["system_prompt"],
                       user_prompt=data["user_prompt"], batch_size=args.batch_size, drop_remainder=False,
-                      shuffle=False, seed=data["seed"], num_epochs=1, shard_index=0, shard_count=1)
+                      shuffle=False, seed=data["seed"], num_epochs=1, shard_index=0, shard_count=1,
+                      max_image_pixels=args.max_image_pixels or DataConfig.max_image_pixels)
 
 
 def _weights_identity(source: dict) -> dict:
