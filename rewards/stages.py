@@ -48,32 +48,74 @@ class RewardWeights:
 WeightsLike = Union[RewardWeights, Mapping[str, Any]]
 
 
+TOP_KEYS = ("relaxation", "eta", "power", "stages", "continuous")
+CONTINUOUS_KEYS = ("w_iou_start", "w_iou_end", "base", "label_plus", "label_minus", "format_plus", "format_minus")
+
+
 @functools.lru_cache(maxsize=8)
 def _load_yaml(path: str) -> dict:
     import yaml
 
     try:
         with open(path) as f:
-            return yaml.safe_load(f)
+            cfg = yaml.safe_load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"reward config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
+        raise ValueError(f"reward config {path}: cannot be read ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"reward config {path}: invalid YAML ({err})") from None
+    _check_config(cfg, path)
+    return cfg
+
+
+def _number(value: Any, where: str) -> float:
+    """`value` as a finite float, or a ValueError naming `where` (a string that reads as one counts: YAML
+    reads `1e-3` as a string)."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not np.isfinite(number):
+        raise ValueError(f"{where}: must be a finite number, got {value!r}")
+    return number
+
+
+def _check_config(cfg: Any, path: str) -> None:
+    """The whole reward config, key by key: a misspelt key (`etta`, `relaxtion`) was ignored and its default
+    used without a word, a bad value found only when a step scored its first batch."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), dict):
+        raise ValueError(f"{path}: expected a mapping with a 'stages' key")
+    unknown = sorted(str(k) for k in cfg if k not in TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; a reward config has {', '.join(TOP_KEYS)}")
+    if cfg.get("relaxation", "paper") not in RELAXATIONS:
+        raise ValueError(f"{path}: relaxation must be one of {RELAXATIONS}, got {cfg['relaxation']!r}")
+    for key in ("eta", "power"):
+        if key in cfg and not _number(cfg[key], f"{path}: {key}") > 0:
+            raise ValueError(f"{path}: {key}: must be positive, got {cfg[key]!r}")
+    sections = [(f"stages.{name}", weights, [f.name for f in fields(RewardWeights)])
+                for name, weights in cfg["stages"].items()]
+    if "continuous" in cfg:
+        sections.append(("continuous", cfg["continuous"], list(CONTINUOUS_KEYS)))
+    for where, section, names in sections:
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: {where}: expected a mapping of {', '.join(names)}, got {section!r}")
+        unknown, missing = sorted(map(str, set(section) - set(names))), sorted(set(names) - set(section))
+        if unknown or missing:
+            raise ValueError(f"{path}: {where}: unknown keys {unknown}, missing keys {missing}")
+        for name in names:
+            _number(section[name], f"{path}: {where}.{name}")
 
 
 def load_config(path: Optional[Union[str, Path]] = None) -> dict:
-    """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`)."""
+    """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`), checked key by key."""
     if path is None:
         if not CONFIG_PATH.is_file():
             raise FileNotFoundError(f"{CONFIG_PATH}: reward presets not found (fxjax installed without its "
                                     "configs/; reinstall it, or pass the YAML path)")
         path = CONFIG_PATH
-    cfg = _load_yaml(str(Path(path).resolve()))
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), dict):
-        raise ValueError(f"{path}: expected a mapping with a 'stages' key")
-    if cfg.get("relaxation", "paper") not in RELAXATIONS:
-        raise ValueError(f"{path}: relaxation must be one of {RELAXATIONS}")
-    return cfg
+    return _load_yaml(str(Path(path).resolve()))
 
 
 def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardWeights:
@@ -89,7 +131,11 @@ def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardW
 
 def continuous_weights(t: float, T: float, config: Optional[Union[str, Path]] = None) -> RewardWeights:
     """The ICLR schedule: w_G(t) = 0.5 + 0.5 * t / T (t clipped to [0, T]); label and format weights 1."""
-    c = load_config(config)["continuous"]
+    cfg = load_config(config)
+    if "continuous" not in cfg:
+        raise ValueError(f"{config or CONFIG_PATH}: no 'continuous' section, which the continuous schedule "
+                         f"(grpo.schedule=continuous) reads its weights from ({', '.join(CONTINUOUS_KEYS)})")
+    c = cfg["continuous"]
     if not T > 0:
         raise ValueError(f"total steps T must be positive, got {T}")
     frac = min(max(float(t) / float(T), 0.0), 1.0)

@@ -247,10 +247,38 @@ def test_a_bad_reward_file_is_named(tmp_path):
     typo = tmp_path / "typo.yaml"
     typo.write_text("\n".join(line.replace("label_plus", "label_pls") if line.strip().startswith("alpha:") else line
                               for line in CONFIG_PATH.read_text().splitlines()))
-    with pytest.raises(ValueError, match=r"typo.yaml: stages.alpha: reward weights: unknown keys \['label_pls'\]"):
+    with pytest.raises(ValueError, match=r"typo.yaml: stages.alpha: unknown keys \['label_pls'\], missing keys "
+                                         r"\['label_plus'\]"):
         load_stage("alpha", typo)
     with pytest.raises(FileNotFoundError, match=r"reward config .*nowhere.yaml does not exist"):
         load_stage("alpha", tmp_path / "nowhere.yaml")
+    # every key is checked: a misspelt one was ignored (its default used), a bad value found mid-run
+    preset = CONFIG_PATH.read_text()
+    for n, (old, new, error) in enumerate([
+            ("relaxation: paper", "relaxtion: authors", r"unknown keys \['relaxtion'\]; a reward config has relaxation, "
+                                                        r"eta, power, stages, continuous"),
+            ("eta: 1.1", "eta: abc", r"eta: must be a finite number, got 'abc'"),
+            ("power: 1.1", "power: -2", r"power: must be positive, got -2"),
+            ("  w_iou_end: 1.0", "  w_iou_end: .nan", r"continuous.w_iou_end: must be a finite number, got nan"),
+            ("  format_minus: -1.0\n", "  format_minus: -1.0\n  format_mins: 1\n",
+             r"continuous: unknown keys \['format_mins'\], missing keys \[\]"),
+            ("alpha: {base: 0.0,", "alpha: {base: x,", r"stages.alpha.base: must be a finite number, got 'x'")]):
+        assert old in preset, old
+        bad = tmp_path / f"bad{n}.yaml"
+        bad.write_text(preset.replace(old, new, 1))
+        with pytest.raises(ValueError, match=rf"bad{n}.yaml: {error}"):
+            load_stage("beta", bad)
+    strings = tmp_path / "strings.yaml"  # a number YAML reads as a string (1e-3 has no dot) still counts
+    strings.write_text(preset.replace("eta: 1.1", "eta: 11e-1"))
+    assert load_config(strings)["eta"] == "11e-1"
+    without = tmp_path / "without_continuous.yaml"
+    without.write_text(preset[:preset.index("# Continuous alternative")])
+    assert load_stage("gamma", without) == load_stage("gamma")
+    with pytest.raises(ValueError, match=r"without_continuous.yaml: no 'continuous' section, which the continuous "
+                                         r"schedule \(grpo.schedule=continuous\) reads"):
+        continuous_weights(1, 10, without)
+    with pytest.raises(ValueError, match=rf"reward config {tmp_path}: cannot be read \(Is a directory\)"):
+        load_stage("alpha", tmp_path)
 
 
 def test_weights_override_and_options():
