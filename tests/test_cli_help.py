@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from PIL import Image
 
 from fxjax.cli import build_parser
 
@@ -85,6 +86,33 @@ def test_a_missing_model_directory_is_named_as_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json in"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_a_file_where_a_model_or_tokenizer_folder_belongs_is_named_not_a_parser_traceback(tmp_path, capsys):
+    """A config (or any other file) given as the tokenizer reached tokenizers' parser: "Exception: expected
+    value at line 1 column 1", a traceback naming no file; sft took a file for model.path until then."""
+    from fxjax.cli import main
+    from fxjax.data.tokenizer import load_tokenizer
+
+    config = tmp_path / "sft.yaml"
+    config.write_text("train:\n  steps: 1\n")
+    with pytest.raises(ValueError, match=rf"{config} is not a tokenizer.json \(.*\); give a model or tokenizer "
+                                         r"directory holding tokenizer.json"):
+        load_tokenizer(config)
+    data = tmp_path / "train.jsonl"
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    data.write_text('{"image": "a.png", "label": "real"}\n')
+    base = ["--config", str(config), "--set", f"data.train_files=[{data}]"]
+    for key, expected in (("model.path", f"model.path: {config} is a file; give the HF checkpoint's folder"),
+                          ("data.tokenizer", f"{config} is not a tokenizer.json")):
+        extra = [] if key == "model.path" else ["--set", "model.preset=tiny"]
+        assert main(["sft", *base, *extra, "--set", f"{key}={config}"]) == 2
+        assert f"fxjax sft: error: {expected}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["sft", *base, "--set", "model.preset=tiny", "--set", f"data.tokenizer={tmp_path / 'empty'}"]) == 2
+    assert f"fxjax sft: error: data.tokenizer: no tokenizer.json in {tmp_path / 'empty'}" in capsys.readouterr().err
+    assert main(["data", "check", str(data), "--tokenizer", str(config)]) == 2
+    assert f"fxjax data: error: {config} is not a tokenizer.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["demo", "--out", "{file}"], ["export", "--run", "{file}", "--out", "{file}"],

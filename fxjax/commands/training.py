@@ -22,10 +22,19 @@ def check_paths(cfg) -> None:
 
     kept_copy = resumes_from_kept_start(cfg)
     for key, value in cfg.input_paths():
-        if value is not None and not Path(value).exists():
+        if value is None:
+            continue
+        if not Path(value).exists():
             if kept_copy and key in ("model.adapter", "model.from_run"):
                 continue
             raise FileNotFoundError(f"{key}: {value} does not exist")
+        if key.startswith("model.") and not Path(value).is_dir():  # (found here, not in the tokenizer's parser)
+            raise NotADirectoryError(f"{key}: {value} is a file; give the {FOLDER_OF[key]} folder")
+        if key == "data.tokenizer" and Path(value).is_dir() and not (Path(value) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"data.tokenizer: no tokenizer.json in {value}")
+
+
+FOLDER_OF = {"model.path": "HF checkpoint's", "model.adapter": "PEFT adapter's", "model.from_run": "fxjax run's"}
 
 
 def run_training(command: str, args, load_config: Callable[..., Any], runner: str) -> tuple[Any, Any | None]:

@@ -257,7 +257,11 @@ def load_tokenizer(path: str | Path, add_format_markers: bool = True):
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}; build one with "
                                 "fxjax.data.tokenizer.build_qwen_tokenizer(dir)")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{file} is not a tokenizer.json ({err}); give a model or tokenizer directory holding "
+                         "tokenizer.json") from None
     if add_format_markers:
         ensure_format_markers(tok)
     return tok
