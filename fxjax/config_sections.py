@@ -204,8 +204,8 @@ class TrainSection:
             raise ConfigError(f"{where}: set exactly one of train.steps and train.epochs")
         if self.steps is not None:
             check_positive(self.steps, f"{where}.steps")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"{where}.epochs: must be positive, got {self.epochs}")
+        if self.epochs is not None and not 0 < self.epochs < float("inf"):
+            raise ConfigError(f"{where}.epochs: must be positive and finite, got {self.epochs}")
         self.validate_all_but_length(where)
 
     def validate_all_but_length(self, where: str) -> None:

@@ -14,7 +14,7 @@ overrides parse the value as a YAML scalar/list (``train.steps=20``, ``data.trai
 An override replaces what the file chose, keys that go with it included (the tables below, as data):
 ``--set train.steps=1000`` over a file with ``train.epochs: 3`` clears ``train.epochs`` (EXCLUSIVE_KEYS);
 ``--set model.path=DIR`` lets a ``data.tokenizer`` that named the old model follow the new one
-(DEFAULTS_TO); ``--set data.eval_files=[]`` turns periodic evaluation off (OFF_WITHOUT). Each such
+(DEFAULTS_TO); ``--set data.eval_files=[]`` turns periodic evaluation and the one at the start off (OFF_WITHOUT). Each such
 consequence is reported as a note (``load_sft_config(..., log=print)``).
 
 This module imports nothing of train/ (the dependency points the other way).
@@ -111,6 +111,9 @@ class RunConfig:
         if self.eval.every and not self.data.eval_files:
             raise ConfigError(f"eval.every: periodic evaluation (every {self.eval.every} steps) needs "
                               f"data.eval_files; give them, or set eval.every=0")
+        if self.eval.at_start and not self.data.eval_files:  # (at_end is on by default: without files, off)
+            raise ConfigError("eval.at_start: an evaluation before training needs data.eval_files; give them, "
+                              "or set eval.at_start=false")
         self._refuse_urls()
         self._refuse_export_over_run_files()
         if self.model.preset is not None and self.data.tokenizer is None:
@@ -208,7 +211,7 @@ EXCLUSIVE_KEYS: tuple[tuple[str, ...], ...] = (
 DEFAULTS_TO: dict[str, str] = {"data.tokenizer": "model.path"}
 # key -> settings that need it: when an override leaves the key empty (null or []), those settings that
 # the overrides do not give themselves take these values, which turn the feature off.
-OFF_WITHOUT: dict[str, dict[str, Any]] = {"data.eval_files": {"eval.every": 0}}
+OFF_WITHOUT: dict[str, dict[str, Any]] = {"data.eval_files": {"eval.every": 0, "eval.at_start": False}}
 
 
 def _section_class(parts: Sequence[str], key: str, root=None):

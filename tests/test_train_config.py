@@ -47,6 +47,9 @@ def test_the_shipped_configs_load_and_are_frozen():
     ({"model": {"remat": "sometimes"}}, "model.remat: must be one of"),
     ({"model": {"preset": "tiny", "path": "x"}}, "set exactly one of model.path"),
     ({"train": {"steps": 5, "epochs": 1}}, "set exactly one of train.steps and train.epochs"),
+    # an infinite epoch count was an OverflowError after jax had started; at_start without files did nothing
+    ({"train": {"steps": None, "epochs": float("inf")}}, "train.epochs: must be positive and finite, got inf"),
+    ({"eval": {"at_start": True}}, "eval.at_start: an evaluation before training needs data.eval_files"),
     ({"optim": {"learning_rate": -1}}, "optim.learning_rate: must be a positive number"),
     ({"lora": {"dropout": 1.5}}, "lora.dropout: must be in [0, 1)"),
     ({"mesh": 4}, "mesh: expected a mapping"),
@@ -194,12 +197,14 @@ def test_a_preset_without_a_tokenizer_is_an_error_naming_the_key():
 @pytest.mark.parametrize("value", ["[]", "null", ""])
 def test_dropping_eval_files_turns_periodic_evaluation_off(tmp_path, value):
     path = write_config(tmp_path, {**MINIMAL, "data": {**MINIMAL["data"], "eval_files": ["e.jsonl"]},
-                                   "eval": {"every": 500}})
+                                   "eval": {"every": 500, "at_start": True}})
     assert load_sft_config(path).eval.every == 500
     cfg, notes = load_with_notes(path, [f"data.eval_files={value}"])
-    assert cfg.data.eval_files == () and cfg.eval.every == 0
-    assert notes == [f"note: eval.every: 500 -> 0 (--set data.eval_files={'[]' if value == '[]' else 'null'} "
-                     f"leaves nothing for it; --set eval.every to choose)"]
+    assert cfg.data.eval_files == () and cfg.eval.every == 0 and not cfg.eval.at_start
+    shown = "[]" if value == "[]" else "null"
+    assert notes == [f"note: eval.every: 500 -> 0 (--set data.eval_files={shown} leaves nothing for it; --set "
+                     f"eval.every to choose)", f"note: eval.at_start: true -> false (--set data.eval_files={shown} "
+                     f"leaves nothing for it; --set eval.at_start to choose)"]
     with pytest.raises(ConfigError) as err:  # asked for explicitly: an error that says what to do
         load_sft_config(path, [f"data.eval_files={value}", "eval.every=100"])
     assert str(err.value) == ("eval.every: periodic evaluation (every 100 steps) needs data.eval_files; give them, "
@@ -364,6 +369,7 @@ def test_cli_reports_a_distributed_setting_that_cannot_work_as_an_error(tmp_path
         monkeypatch.delenv(key, raising=False)
     (tmp_path / "t.jsonl").write_text("")
     (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")  # (a tokenizer folder holds one: checked first)
     monkeypatch.chdir(tmp_path)
     path = write_config(tmp_path, MINIMAL)
     assert main(["sft", "--config", str(path), "--set", "distributed.process_id=1"]) == 2
