@@ -125,6 +125,14 @@ def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokeni
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data}))
     rc, out = check(capsys, "--config", tmp_path / "bare.yaml", "--set", "grpo.beta=0")
     assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
+    # ... or by its steps: GRPO runs that file as it is (its default stages), SFT refuses it without
+    # train.steps (data check read it as SFT and said "set exactly one of train.steps and train.epochs")
+    rc, out = check(capsys, "--config", tmp_path / "bare.yaml")
+    assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
+    (tmp_path / "neither.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data,
+                                                           "train": {"steps": 1, "epochs": 1}}))
+    assert main(["data", "check", "--config", str(tmp_path / "neither.yaml")]) == 2
+    assert "set exactly one of train.steps and train.epochs" in capsys.readouterr().err  # (the SFT reading's)
     # without --config, the records' own (longer) prompts: other lengths
     rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS)
     own = re.search(r"\+ target; min_pixels \d+, max_pixels \d+\): min (\d+), ", out)

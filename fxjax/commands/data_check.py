@@ -216,22 +216,25 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
 
 def _config_data(path: str, overrides: list[str]):
     """(the DataConfig a training config's run reads its data with, its train + eval files)."""
-    from fxjax.train_config import read_yaml_config
+    from fxjax.config_mapping import ConfigError
+    from fxjax.grpo_config import load_grpo_config
+    from fxjax.train import grpo, sft
+    from fxjax.train_config import load_sft_config, read_yaml_config
 
     raw = read_yaml_config(path)
-    # a GRPO config has a grpo or stages section, in the file or in a --set
+    # a GRPO config has a grpo or stages section, in the file or in a --set; one without them (their
+    # defaults) is told from an SFT config by loading: GRPO's steps come from its stages, SFT needs train.steps
     given = set(raw) | {o.split("=", 1)[0].split(".", 1)[0].strip() for o in overrides}
-    kind = "grpo" if given & {"grpo", "stages"} else "sft"
-    if kind == "grpo":
-        from fxjax.grpo_config import load_grpo_config
-        from fxjax.train.grpo import data_config
-
-        cfg = load_grpo_config(path, overrides)
+    if given & {"grpo", "stages"}:
+        cfg, data_config = load_grpo_config(path, overrides), grpo.data_config
     else:
-        from fxjax.train.sft import data_config
-        from fxjax.train_config import load_sft_config
-
-        cfg = load_sft_config(path, overrides)
+        try:
+            cfg, data_config = load_sft_config(path, overrides), sft.data_config
+        except ConfigError as as_sft:
+            try:
+                cfg, data_config = load_grpo_config(path, overrides), grpo.data_config
+            except ConfigError:
+                raise as_sft from None
     return data_config(cfg), (*cfg.data.train_files, *cfg.data.eval_files)
 
 
