@@ -85,7 +85,7 @@ def eval_args(dataset, tokenizer_dir, batch_size=2):
     import argparse
 
     return argparse.Namespace(data=[str(dataset)], root=None, allow_absolute_paths=False, format="auto",
-                              on_error="raise", batch_size=batch_size)
+                              on_error="raise", batch_size=batch_size, max_image_pixels=None)
 
 
 def run_scripted(dataset, tokenizer_dir, out, decoder, settings=None, group_by=("generator",), **kwargs):
@@ -471,6 +471,11 @@ def test_predictions_without_their_settings_or_of_a_rewritten_step_are_not_reuse
     (out / "settings.json").unlink()
     with pytest.raises(ValueError, match=r"holds predictions\.jsonl without settings\.json: .* --fresh"):
         run_scripted(dataset, tokenizer_dir, out, ScriptedDecoder(SCRIPT))
+    for damaged, why in (("{bad", r"not JSON: Expecting property name"), ("[1, 2]", "not a JSON object")):
+        (out / "settings.json").write_text(damaged)  # (was the JSON error naming no file; a list a TypeError)
+        with pytest.raises(ValueError, match=rf"{out}/settings\.json is damaged \({why}.*\): what made the "
+                                             r"predictions beside it is unknown; pass --fresh"):
+            run_scripted(dataset, tokenizer_dir, out, ScriptedDecoder(SCRIPT))
 
     step = tmp_path / "run" / "checkpoints" / "4"
     step.mkdir(parents=True)

@@ -173,7 +173,14 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
         raise ValueError(f"{out} holds {PREDICTIONS} without {SETTINGS}: what made those predictions is unknown; "
                          "pass --fresh to start over, or another --out")
     if (out / PREDICTIONS).is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            why = None if isinstance(saved, dict) else "not a JSON object"
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            why = f"not JSON: {err}"
+        if why:
+            raise ValueError(f"{path} is damaged ({why}): what made the predictions beside it is unknown; pass "
+                             "--fresh to start over, or another --out")
         changed = _differences(saved, settings)
         if changed:
             shown = "; ".join(f"{k}: {then!r} then, {now!r} now" for k, then, now in changed)
