@@ -154,7 +154,7 @@ def build_config(cls, data: Any, where: str):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(map(str, set(data) - set(names)))  # (str: a YAML key may be a number)
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"{key}: unknown key; {where or 'the config'} takes {names}")

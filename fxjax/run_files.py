@@ -76,7 +76,8 @@ def checkpoint_dir_of(run: str | Path) -> Path:
     """The checkpoint directory of a run directory (its checkpoints/), or `run` itself when it holds steps."""
     run = Path(run)
     if not run.is_dir():
-        raise RunLoadError(f"run directory {run} does not exist")
+        raise RunLoadError(f"run directory {run} " + ("is a file; give the run's folder (its train.output_dir)"
+                                                      if run.exists() else "does not exist"))
     if (run / "checkpoints").is_dir():
         return run / "checkpoints"
     if committed_steps(run) or any(p.name.split(".")[0].isdigit() for p in run.iterdir()):

@@ -348,12 +348,16 @@ def read_yaml_config(path: str | Path | None, base: Mapping[str, Any] | None = N
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory; give the YAML file")
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
             loaded = load_yaml(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: invalid YAML ({err})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start}); a config is a YAML file") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data.update(loaded or {})

@@ -115,6 +115,33 @@ def test_a_file_where_a_model_or_tokenizer_folder_belongs_is_named_not_a_parser_
     assert f"fxjax data: error: {config} is not a tokenizer.json" in capsys.readouterr().err
 
 
+def test_odd_inputs_get_messages_that_say_what_is_wrong(tmp_path, capsys):
+    """Messages that misled: a config folder was "not found", a non-UTF-8 config named no file, a file as
+    --run "does not exist", YAML keys of mixed types a TypeError, `export --adapter-only --tokenizer` ignored
+    the flag, `demo --n 3` spoke of make-demo-data's test_fraction and left --out behind."""
+    from fxjax.cli import main
+
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\xff\xfe\x00 weights")
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("1: x\nfoo: y\n")
+    cases = [(["sft", "--config", str(tmp_path)], f"config file {tmp_path} is a directory; give the YAML file"),
+             (["sft", "--config", str(binary)], f"{binary}: not UTF-8 text (invalid start byte at byte 0)"),
+             (["sft", "--config", str(mixed)], "1: unknown key; the config takes"),
+             (["export", "--run", str(binary), "--out", str(tmp_path / "ex")],
+              f"run directory {binary} is a file; give the run's folder"),
+             (["export", "--run", str(tmp_path), "--out", str(tmp_path / "ex"), "--adapter-only", "--tokenizer",
+               str(tmp_path)], "--tokenizer: the tokenizer goes into OUT/merged, which --adapter-only does not write"),
+             (["demo", "--n", "3", "--out", str(tmp_path / "demo")],
+              "demo: n_images (--n) 3 leaves no held-out images to evaluate on (the demo holds out 0.167 of them): "
+              "give --n 4 or more")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"fxjax {argv[0]}: error: ") and message in err, err
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("argv", [["demo", "--out", "{file}"], ["export", "--run", "{file}", "--out", "{file}"],
                                   ["make-demo-data", "{file}"]], ids=lambda argv: argv[0])
 def test_an_out_that_is_a_file_is_an_error_naming_it(argv, tmp_path, capsys):

@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():  # found now, not after the model has loaded
         raise NotADirectoryError(f"--out: {out} is a file, not a directory")
     parts = [name for name, skip in (("merged", args.adapter_only), ("adapter", args.merged_only)) if not skip]
+    if args.adapter_only and args.tokenizer:  # an adapter carries no tokenizer: the flag would do nothing
+        raise ValueError("--tokenizer: the tokenizer goes into OUT/merged, which --adapter-only does not write")
     for name in parts:
         target = out / name
         if target.exists() and any(target.iterdir()) and not args.overwrite:
