@@ -365,3 +365,47 @@ def test_an_end_of_run_export_over_a_folder_of_other_files_or_an_unwritable_one_
     said = capsys.readouterr().err.splitlines()
     assert said[0] == f"fxjax export: error: --out: {unwritable_dir}/out/merged cannot be written ({unwritable_dir} is not writable)"
     assert said[1].startswith("fxjax make-demo-data: error: [Errno ") and str(unwritable_dir) in said[1]
+
+
+def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_naming_it(tmp_path, tokenizer_dir, capsys):
+    """Two runs in one train.output_dir (or one checkpoint.dir) pruned and overwrote each other's
+    checkpoints; now the second `fxjax sft` is refused at its start, naming the first, and the lock goes
+    with the process that held it (here killed with SIGKILL)."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from launch import subprocess_env
+
+    from fxjax.cli import main
+    from fxjax.train.run_lock import LOCK_FILE, locked_run_dirs
+    from fxjax.train_config import from_dict
+
+    (tmp_path / "t.jsonl").write_text('{"image": "a.png", "label": "real"}\n')
+    config = {"model": {"preset": "tiny"}, "train": {"output_dir": str(tmp_path / "run"), "steps": 1},
+              "data": {"tokenizer": str(tokenizer_dir), "train_files": [str(tmp_path / "t.jsonl")]},
+              "checkpoint": {"dir": str(tmp_path / "ckpt")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    holder = ("import sys, time, yaml\nfrom fxjax.train.run_lock import locked_run_dirs\n"
+              "from fxjax.train_config import from_dict\n"
+              "with locked_run_dirs(from_dict(yaml.safe_load(open(sys.argv[1]))), True, print):\n"
+              "    print('holding', flush=True)\n    time.sleep(600)\n")
+    other = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "run.yaml")], stdout=subprocess.PIPE,
+                             text=True, env=subprocess_env())
+    try:
+        assert other.stdout.readline() == "holding\n"
+        assert main(["sft", "--config", str(tmp_path / "run.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert (f"fxjax sft: error: train.output_dir: another fxjax run is training in {tmp_path / 'run'} (pid "
+                f"{other.pid} on ") in err and "give this run its own train.output_dir / checkpoint.dir" in err, err
+        # a run of another output folder but the same checkpoint.dir is the same collision
+        assert main(["sft", "--config", str(tmp_path / "run.yaml"), "--set", f"train.output_dir={tmp_path / 'b'}"]) == 2
+        assert f"checkpoint.dir: another fxjax run is training in {tmp_path / 'ckpt'} (pid {other.pid}" in \
+            capsys.readouterr().err
+        assert not (tmp_path / "ckpt").exists()  # (the lock of a checkpoint.dir lies beside it)
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait(timeout=60)
+    with locked_run_dirs(from_dict(config), True, print):  # the killed holder's lock went with it
+        assert "pid " in (tmp_path / "run" / LOCK_FILE).read_text()

@@ -64,6 +64,7 @@ from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
                                  rollout_sums, sample_and_score)
 from fxjax.train.resume_check import WATCHED
+from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
                                    keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
                                    resumed_start, start_description, start_run)
@@ -206,6 +207,12 @@ def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GR
     """Run (or resume) GRPO as configured. See the module docstring."""
     started = time.perf_counter()
     main, say = join_run("grpo", cfg, log)
+    with locked_run_dirs(cfg, main, say):  # (one run at a time in a run's folders)
+        return _run_joined(cfg, main, say, started)
+
+
+def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started: float) -> GRPOResult:
+    """run_grpo once its process has joined the run and holds the run's folders."""
     recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
     g = cfg.grpo
     # every stage's reward weights read (and a bad reward file reported) now, not after the model loads

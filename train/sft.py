@@ -43,6 +43,7 @@ from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
+from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
                                    keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
                                    resumed_start, start_description, start_run)
@@ -105,6 +106,12 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     (bench/sft_step.py --loop compares the two); the logged values are the same either way."""
     started = time.perf_counter()
     main, say = join_run("sft", cfg, log)
+    with locked_run_dirs(cfg, main, say):  # (one run at a time in a run's folders)
+        return _run_joined(cfg, main, say, started, overlap)
+
+
+def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started: float, overlap: bool) -> SFTResult:
+    """run_sft once its process has joined the run and holds the run's folders."""
     recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
 
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))

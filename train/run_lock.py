@@ -1,0 +1,81 @@
+"""One run at a time in a run's folders: `locked_run_dirs(cfg)` holds an advisory lock (flock) on
+`<train.output_dir>/.fxjax-run.lock` while a run trains, and, for a checkpoint.dir outside that folder, on
+`.<its name>.fxjax-run.lock` beside it (not in it: the checkpoint directory holds steps only).
+
+Two runs in one folder (a second launch while the first still runs, a retry script that did not wait)
+write the same step numbers into one checkpoint directory and one metrics.jsonl: each prunes the other's
+checkpoints and a resume afterwards reads a mix of the two. The second is refused at its start, naming the
+first. The kernel drops a flock when its process ends, however it ends (SIGKILL included), so a lock is
+never left behind. Process 0 of a multi-process run takes it (every process of one run shares the
+folders); a file system without flock (some network mounts) runs unlocked, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+from fxjax.config_mapping import ConfigError
+
+__all__ = ["LOCK_FILE", "locked_run_dirs"]
+
+LOCK_FILE = ".fxjax-run.lock"
+
+
+def _holder(path: Path) -> str:
+    """What the lock file says of the run that holds it."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    return text or "a process that has not written its name yet"
+
+
+def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None]) -> int | None:
+    """`path` opened and flock-ed for `folder` (None where the file system has no flock)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{key}: another fxjax run is training in {folder} ({_holder(path)}); two runs there "
+                          "would prune and overwrite each other's checkpoints: wait for it to end, or give this "
+                          "run its own train.output_dir / checkpoint.dir") from None
+    except OSError as err:
+        os.close(fd)
+        say(f"warning: {folder} cannot be locked ({err.strerror}): nothing stops a second run from writing there")
+        return None
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n"
+             .encode("utf-8"))
+    return fd
+
+
+@contextlib.contextmanager
+def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of the run's output folder and checkpoint folder for the `with` block (enabled: this
+    is process 0); ConfigError naming the other run when one holds either."""
+    fds: list[int] = []
+    try:
+        if enabled and os.name == "posix":
+            output, checkpoints = Path(cfg.train.output_dir).resolve(), Path(cfg.checkpoint_dir).resolve()
+            locks = [(output, output / LOCK_FILE, "train.output_dir")]
+            if output != checkpoints and output not in checkpoints.parents:
+                locks.append((checkpoints, checkpoints.with_name(f".{checkpoints.name}{LOCK_FILE}"), "checkpoint.dir"))
+            for folder, path, key in locks:
+                fd = _lock(folder, path, key, say)
+                if fd is not None:
+                    fds.append(fd)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # (closing the last descriptor of the open file drops its flock)
