@@ -206,14 +206,7 @@ def _dtype_name(safetensors_dtype: str) -> str:
 
 def _header_dtypes(files: dict[str, Path]) -> set[str]:
     """The dtypes of the named tensors (safetensors headers only, nothing read)."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    found: set[str] = set()
-    for file, names in by_file.items():
-        with open_safetensors(file, CheckpointError) as f:
-            found.update(_dtype_name(str(f.get_slice(name).get_dtype())) for name in names)
-    return found
+    return set(_stored_dtypes_by_name(files).values())
 
 
 def _disk_dtype(files: dict[str, Path]) -> str:
@@ -284,9 +277,12 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     return model
 
 
-def hf_tensors(model: Qwen25VL, naming: str = HUB) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+def hf_tensors(model: Qwen25VL, naming: str = HUB, base_files: dict[str, tuple[Path, str]] | None = None
+               ) -> Iterator[tuple[str, Callable[[], np.ndarray | None]]]:
     """(HF name, thunk giving the host tensor) for each parameter (each layer of a stacked one); a thunk
-    gathers one tensor."""
+    gathers one tensor. `base_files` (HF name -> (file, stored dtype)): a tensor the model holds rounded
+    (in a narrower dtype than stored) is read from its file instead; there a thunk returns None on
+    processes other than 0, which only join the adapters' gathers."""
     # Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B); the model is not changed.
     adapters = {path: linear.lora for path, linear in lora_linears(model) if linear.lora.enabled}
 
@@ -297,15 +293,24 @@ def hf_tensors(model: Qwen25VL, naming: str = HUB) -> Iterator[tuple[str, Callab
         adapter = adapters.get(path[:-1]) if path[-1] == "kernel" else None
         for layer_param in per_layer_paths(path, tuple(variable.shape)):
             index = unstack(layer_param)[1] if is_stacked(path) else None
+            name = hf_name(layer_param, naming)
+            held = jnp.dtype(variable.dtype).name
+            file, stored = (base_files or {}).get(name, (None, held))
+            if stored == held or held == "float32":  # held as stored, or losslessly widened
+                file = None  # (the same on every process: the gathers stay in step)
 
-            def thunk(variable=variable, path=layer_param, adapter=adapter, index=index) -> np.ndarray:
-                array = gather(layer(variable[...], index))  # a collective across processes
+            def thunk(variable=variable, path=layer_param, adapter=adapter, index=index, name=name,
+                      file=file) -> np.ndarray | None:
+                if file is None:
+                    array = gather(layer(variable[...], index))  # a collective across processes
+                else:
+                    array = to_fxjax(_read_tensor(file, name), path) if jax.process_index() == 0 else None
                 if adapter is not None:
-                    array = merge_lora(array, gather(layer(adapter.lora_a[...], index)),
-                                       gather(layer(adapter.lora_b[...], index)), adapter.scaling)
-                return to_hf(array, path, model.config.vision)
+                    a, b = gather(layer(adapter.lora_a[...], index)), gather(layer(adapter.lora_b[...], index))
+                    array = None if array is None else merge_lora(array, a, b, adapter.scaling)
+                return None if array is None else to_hf(array, path, model.config.vision)
 
-            yield hf_name(layer_param, naming), thunk
+            yield name, thunk
 
 
 def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
@@ -317,7 +322,9 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     not changed) and recorded in fxjax_merged_lora.json (fxjax.merged_lora), so the same adapter cannot be
     loaded on top of the result. The tokenizer and processor files of the directory the model was loaded
     from are copied along. dtype defaults to the dtype the checkpoint had on disk (or the parameter dtype for
-    a model not loaded from HF), so HF -> fxjax -> HF reproduces every tensor bit for bit.
+    a model not loaded from HF), so HF -> fxjax -> HF reproduces every tensor bit for bit; a tensor the model
+    holds rounded (a bfloat16 model of a float32 checkpoint) is read from the checkpoint's file as stored,
+    so the merge is PEFT's merge_and_unload of that checkpoint.
     """
     out = Path(out_dir)
     source: HFSource | None = getattr(model, "hf_source", None)
@@ -332,8 +339,9 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     record = (merged_fingerprints(source.directory) if source else []) + merge_record(model)
     out.mkdir(parents=True, exist_ok=True)
     naming = source.naming if source else HUB
+    base_files = _unrounded_base(model, source)
     if jax.process_index() != 0:  # several processes: all join each tensor's gather, process 0 writes
-        for _, thunk in hf_tensors(model, naming):
+        for _, thunk in hf_tensors(model, naming, base_files):
             thunk()
         barrier("fxjax.save_pretrained")
         return out
@@ -355,7 +363,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         shards[-1] = {}
         sizes[-1] = 0
 
-    for name, thunk in hf_tensors(model, naming):
+    for name, thunk in hf_tensors(model, naming, base_files):
         array = thunk().astype(_NP_DTYPES[dtype])
         if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
             flush(final=False)
@@ -389,6 +397,36 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
 
 def _param_dtype(model: Qwen25VL):
     return model.embed_tokens.embedding.dtype
+
+
+def _stored_dtypes_by_name(files: dict[str, Path]) -> dict[str, str]:
+    """tensor name -> its dtype, from the safetensors headers (nothing read)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    found = {}
+    for file, names in by_file.items():
+        with open_safetensors(file, CheckpointError) as f:
+            found.update((name, _dtype_name(str(f.get_slice(name).get_dtype()))) for name in names)
+    return found
+
+
+def _unrounded_base(model: Qwen25VL, source: HFSource | None) -> dict[str, tuple[Path, str]] | None:
+    """HF name -> (file, stored dtype) of the checkpoint the model was loaded from, so that a tensor loading
+    rounded (a bfloat16 model of a float32 checkpoint, or of one with float32 norms) is written from the
+    file as stored, its LoRA merged into that, as PEFT's merge_and_unload on the checkpoint does and `fxjax
+    export` (which loads it unrounded) did already. None without a source, or when its files changed since."""
+    if source is None or jnp.dtype(_param_dtype(model)).name == "float32":
+        return None
+    try:
+        files = weight_files(Path(source.directory))
+        if _disk_dtype(files) == source.dtype:
+            return {name: (files[name], dtype) for name, dtype in _stored_dtypes_by_name(files).items()}
+    except (CheckpointError, OSError):
+        pass
+    logger.warning("%s: the checkpoint the model was loaded from is gone or changed: the export holds the "
+                   "base weights as the model does", source.directory)
+    return None
 
 
 def stop_token_ids(model: Qwen25VL, im_end: int) -> tuple[int, ...]:

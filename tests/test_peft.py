@@ -334,3 +334,36 @@ def test_rank_and_alpha_pattern_keys_match_as_peft_matches_them():
             peft = get_pattern_key(keys, name)  # the name itself when no key matches
             assert pattern_key(keys, name) == (peft if peft in keys else None), (keys, name)
     assert pattern_key(["proj"], "model.language_model.layers.0.self_attn.q_proj") is None
+
+
+def test_a_bfloat16_run_of_a_float32_checkpoint_exports_peft_merge_of_the_stored_weights(adapters, tiny_checkpoint,
+                                                                                           tmp_path):
+    """A model run in bfloat16 (the config's default) of a float32 checkpoint holds its base weights rounded;
+    its merged export (what export.merged_dir writes at the end of a run) was written in float32 from those
+    rounded weights: every tensor off PEFT's merge_and_unload of the stored checkpoint (by up to 2.5e-3
+    relative), and off what `fxjax export` writes. Now the rounded tensors are read from the checkpoint as
+    stored: the untouched ones bit for bit, the merged ones as PEFT merges them (float32 rounding apart)."""
+    from peft import PeftModel
+
+    model = fxjax.from_pretrained(tiny_checkpoint, dtype="bfloat16", adapter=adapters["transformers"])
+    assert model.embed_tokens.embedding.dtype == jnp.bfloat16
+    out = fxjax.save_pretrained(model, tmp_path / "merged")
+    peft_merged = PeftModel.from_pretrained(load_hf_model(tiny_checkpoint), str(adapters["transformers"]))
+    reference = {k: v.detach().numpy() for k, v in peft_merged.merge_and_unload().state_dict().items()}
+    stored = {}
+    for file in set(weight_files(tiny_checkpoint).values()):
+        stored.update(load_file(str(file)))
+    written = {}
+    for file in set(weight_files(out).values()):
+        written.update(load_file(str(file)))
+    assert written.keys() == stored.keys()
+    changed = 0
+    for name, array in written.items():
+        assert array.dtype == np.float32, name
+        if np.array_equal(array, stored[name]):
+            continue
+        changed += 1
+        # the checkpoint's Hub names -> transformers >= 4.52's module names (the merged PEFT model's)
+        hf = reference[re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.", "model.language_model.", name))]
+        assert np.abs(array - hf).max() <= 1e-6 * max(1.0, np.abs(hf).max()), name
+    assert changed == adapters["n"]  # only the adapted kernels differ from the checkpoint
