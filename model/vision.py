@@ -11,7 +11,7 @@ from flax import nnx
 from .attention import dot_product_attention, key_padding_mask, segment_mask
 from .batch_axis import shard_batch
 from .config import VisionConfig
-from .layers import GatedMLP, Linear, RMSNorm
+from .layers import GatedMLP, Linear, RMSNorm, activation
 from .rope import apply_rotary, vision_rotary
 from .scan import RematPolicy, scan_stack, stack_modules
 
@@ -92,7 +92,7 @@ class PatchMerger(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.ln_q(x)
         x = x.reshape(*x.shape[:-2], x.shape[-2] // self.merge_unit, -1)
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(activation("gelu")(self.fc1(x)))  # (HF: nn.GELU, exact, in float32)
 
 
 class VisionEncoder(nnx.Module):
