@@ -126,7 +126,12 @@ def written_whole(out: Path, write: Callable[[Path], None]) -> Path:
         for leftover in (partial, old):  # of an export that failed or was killed
             _remove(leftover)
     barrier("fxjax.export.partial")  # cleared before any process makes it again
-    write(partial)
+    try:
+        write(partial)
+    except BaseException:
+        if jax.process_index() == 0:  # (a full disk: the failed attempt's files would keep it full)
+            _remove(partial)
+        raise
     if jax.process_index() == 0:
         if out.exists() or out.is_symlink():
             out.rename(old)
