@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as err:  # a user's path or value, said in one line
+    except (ValueError, OSError) as err:  # a user's path or value, a full disk: said in one line
         print(f"fxjax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -350,3 +350,18 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
                          "saved on mesh {'data': 2, 'fsdp': 1, 'tensor': 1}") == 1, log[-3000:]
         records = [json.loads(line) for line in (setup["root"] / "nan-skip" / "metrics.jsonl").read_text().splitlines()]
         assert [(r["step"], r["skipped"]) for r in records if r["kind"] == "train"][-1] == (4, 2)
+
+
+def test_a_failed_checkpoint_save_stops_the_run_at_the_next_step_naming_the_last_good_one(setup):
+    """The write of step 2's checkpoint fails as on a full disk (FXJAX_FAULT=save_error@2): orbax raised it
+    only at the next save, so the run trained on to step 4 (a whole checkpoint.every, lost) and died with a
+    raw traceback. Now it stops after step 3 (the write fails at once; step 3 takes far longer) with one
+    line naming the folder and what to do."""
+    code, log = sft(setup, "savefail", env={"FXJAX_FAULT": "save_error@2"}, extra=["train.steps=6"])
+    assert code == 2, log[-3000:]
+    ckpt = setup["root"] / "savefail" / "ckpt"
+    assert (f"fxjax sft: error: the checkpoint of step 2 could not be saved to {ckpt} (OSError: [Errno 28] No "
+            "space left on device (FXJAX_FAULT save_error)); stopped after step 3; the last good checkpoint is none "
+            "yet: free space") in log
+    steps = [json.loads(line)["step"] for line in (setup["root"] / "savefail" / "metrics.jsonl").open()]
+    assert max(steps) < 4 and committed_steps(ckpt) == []  # (the old run logged step 4 before it stopped)

@@ -78,6 +78,10 @@ def unflatten_tree(template, flat: Mapping[str, Any]):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+class CheckpointSaveError(OSError):
+    """A background checkpoint save failed; the run stops (the CLI says it in one line, as any OSError)."""
+
+
 class _DataStateHandler(ocp.JsonCheckpointHandler):
     """JSON handler for the iterator state; the `save` fault point (train.faults) sits in its write."""
 
@@ -86,6 +90,7 @@ class _DataStateHandler(ocp.JsonCheckpointHandler):
 
     async def _save_fn(self, x, directory):
         faults.point("save", int(x.get("step", -1)))  # a crash here leaves this checkpoint half written
+        faults.write_error(int(x.get("step", -1)))
         await super()._save_fn(x, directory)
 
 
@@ -109,6 +114,7 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
+        self._pending: int | None = None  # the step of the last save started (check_saved)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -129,11 +135,28 @@ class TrainCheckpointer:
                                     data=_DataStateSave({"step": int(step), **dict(data_state)}),
                                     config=ocp.args.JsonSave(dict(config))),
             force=True)
+        self._pending = int(step) if saved else self._pending
         return bool(saved)
 
     def wait(self) -> None:
         """Block until every pending save is committed."""
         self.manager.wait_until_finished()
+
+    def check_saved(self, step: int) -> None:
+        """Raise now, after update `step`, if the last background save has failed (a full disk, say): orbax
+        raises it only at the next save, a whole checkpoint.every of training later, all of it then lost."""
+        if self._pending is None or self.manager.is_saving_in_progress():
+            return
+        pending, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()  # (finished: returns at once, or raises what the save raised)
+        except Exception as err:  # whatever the write raised
+            good = self.manager.latest_step()
+            raise CheckpointSaveError(
+                f"the checkpoint of step {pending} could not be saved to {self.directory} ({type(err).__name__}: "
+                f"{err}); stopped after step {step}; the last good checkpoint is " +
+                (f"step {good}" if good is not None else "none yet") +
+                ": free space (or fix the folder) and run the same command again to resume from it") from err
 
     def restore(self, template, step: int | None = None) -> tuple[Any, dict, dict, int]:
         """(state, data_state, config, step) of `step` (default: the latest). `template` is a pytree of the

@@ -13,6 +13,7 @@ Points:
     update      GRPO: the update computed on the device, not yet logged or saved
     after_step  SFT and GRPO: the step is done and its checkpoint (if it saves one) committed
     save        inside the background write of the step's checkpoint, so the crash leaves it half written
+    save_error  SFT and GRPO: that background write fails as on a full disk (OSError ENOSPC; no pause)
     nan_batch   SFT: the step's pixel patches are NaN (no pause): the real step computes a non-finite loss,
                 and the run stops or skips it (train.on_nonfinite), with the same compiled program as a
                 normal run (tests reuse its compilation cache instead of compiling for a diverging lr)
@@ -27,7 +28,7 @@ import sys
 import time
 
 ENV = "FXJAX_FAULT"
-POINTS = ("rollout", "update", "after_step", "save", "nan_batch")
+POINTS = ("rollout", "update", "after_step", "save", "save_error", "nan_batch")
 
 
 def parse(spec: str | None) -> frozenset[tuple[str, int]]:
@@ -71,6 +72,14 @@ def point(name: str, step: int, should_stop=None) -> None:
     print(f"fxjax-fault: paused at {name}@{step}", file=sys.stderr, flush=True)
     while should_stop is None or not should_stop():
         time.sleep(0.05)
+
+
+def write_error(step: int) -> None:
+    """Raise ENOSPC if ``save_error@step`` is armed (the write of that step's checkpoint fails)."""
+    if armed("save_error", step):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (FXJAX_FAULT save_error)")
 
 
 def nan_patches(batch, step: int):

@@ -141,6 +141,7 @@ class LoopControl:
 
     def after_step(self, step: int) -> bool:
         """The bookkeeping after update `step` (1-based); True when the loop must stop (preempted, saved)."""
+        self.checkpointer.check_saved(step)
         if (self.every and step % self.every == 0) or step == self.steps_total:
             self.save(step)
         if self._periodic_eval_due(step):
