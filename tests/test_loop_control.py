@@ -20,6 +20,9 @@ class _Checkpointer:
     def wait(self):
         pass
 
+    def check_saved(self, step):
+        pass
+
     def close(self):
         pass
 
