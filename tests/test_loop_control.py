@@ -92,3 +92,24 @@ def test_a_complete_run_run_again_does_not_repeat_its_end_evaluation(tmp_path):
     control, _, evaluated, _ = _run(4, every=2, first=2)  # resumed before the end: evaluated at the end
     control.evaluate_at_end()
     assert evaluated == [("end", 4)]
+
+
+def test_a_failed_export_at_the_end_says_that_training_is_complete(monkeypatch):
+    """A full disk at the end-of-run export gave a bare traceback: nothing said that the training was done
+    and saved, and that the same command again writes the export (it resumes at the last step)."""
+    from flax import nnx
+
+    import fxjax.train.loop_control as loop_control
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop_control, "export_outputs", full_disk)
+    control, _, _, said = _run(2, every=2, at_end=False)
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    result = SimpleNamespace(exported={})
+    cfg = SimpleNamespace(eval=SimpleNamespace(at_end=False))
+    with pytest.raises(OSError, match="No space left"):
+        control.wrap_up(result, model, nnx.state(model), skipped=0, cfg=cfg, started=0.0)
+    assert said[-1] == ("sft: training is complete (step 2), but the export at the end failed (below): free space "
+                        "or fix the folder, then run the same command again to write it")

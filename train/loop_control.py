@@ -186,7 +186,12 @@ class LoopControl:
         if not result.preempted:
             if cfg.eval.at_end:
                 self.evaluate_at_end()
-            result.exported.update(export_outputs(self.name, model, cfg, self.say))
+            try:
+                result.exported.update(export_outputs(self.name, model, cfg, self.say))
+            except BaseException:  # (a full disk, say): the training itself is done and saved
+                self.say(f"{self.name}: training is complete (step {self.done}), but the export at the end failed "
+                         "(below): free space or fix the folder, then run the same command again to write it")
+                raise
         result.seconds = time.perf_counter() - started
 
 
