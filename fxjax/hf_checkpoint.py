@@ -209,10 +209,10 @@ def _header_dtypes(files: dict[str, Path]) -> set[str]:
     return set(_stored_dtypes_by_name(files).values())
 
 
-def _disk_dtype(files: dict[str, Path]) -> str:
+def _disk_dtype(files: dict[str, Path], found: set[str] | None = None) -> str:
     """The dtype export writes by default: the checkpoint's, or float32 for one of mixed dtypes (float32
-    norms beside bfloat16 weights, say), which holds all of them."""
-    found = _header_dtypes(files)
+    norms beside bfloat16 weights, say), which holds all of them. `found`: the tensors' dtypes, if read."""
+    found = set(_header_dtypes(files) if found is None else found)
     return found.pop() if len(found) == 1 else "float32"
 
 
@@ -420,8 +420,9 @@ def _unrounded_base(model: Qwen25VL, source: HFSource | None) -> dict[str, tuple
         return None
     try:
         files = weight_files(Path(source.directory))
-        if _disk_dtype(files) == source.dtype:
-            return {name: (files[name], dtype) for name, dtype in _stored_dtypes_by_name(files).items()}
+        stored = _stored_dtypes_by_name(files)
+        if _disk_dtype(files, set(stored.values())) == source.dtype:
+            return {name: (files[name], dtype) for name, dtype in stored.items()}
     except (CheckpointError, OSError):
         pass
     logger.warning("%s: the checkpoint the model was loaded from is gone or changed: the export holds the "

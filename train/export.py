@@ -96,8 +96,7 @@ def check_export_targets(export) -> None:
         if not target:
             continue
         folder = Path(target)
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(f"export.{key}: {target} is a file, not a folder; the export writes a folder")
+        require_writable(folder, f"export.{key}")  # (a file there: NotADirectoryError)
         if folder.is_dir() and not (folder / PROMPT_SETTINGS_FILE).is_file():
             held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
             if held:
@@ -105,7 +104,6 @@ def check_export_targets(export) -> None:
                 raise FileExistsError(
                     f"export.{key}: {target} holds files that are not an fxjax export ({shown}); the export at "
                     "the end of the run replaces its folder whole: give an empty or new folder")
-        require_writable(folder, f"export.{key}")
 
 
 def written_whole(out: Path, write: Callable[[Path], None]) -> Path:
