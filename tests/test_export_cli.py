@@ -249,6 +249,31 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
     assert f"is the checkpoint of step 2, not a run: pass --run {step_dir.parent} --step 2" in capsys.readouterr().err
 
 
+def test_an_export_that_fails_between_its_two_folders_says_they_now_hold_different_steps(two_process_run, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """OUT/merged written for step 3, then OUT/adapter failing (a full disk) left it holding step 2's adapter,
+    and nothing said the two folders no longer match."""
+    import fxjax.peft_io
+
+    out = tmp_path / "out"
+    assert main(["export", "--run", str(two_process_run), "--step", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    step_2 = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fxjax.peft_io, "save_peft_adapter", full_disk)
+    assert main(["export", "--run", str(two_process_run), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert (f"fxjax export: wrote the merged ({out / 'merged'}) of step 3, but writing the adapter failed (below): "
+            f"{out / 'adapter'} still holds an earlier export, not step 3, so the folders no longer match") in err, err
+    assert "fxjax export: error: [Errno 28] No space left on device" in err
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == step_2  # (replaced whole or not at all)
+    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "fresh"), "--merged-only"]) == 0
+    assert "no longer match" not in capsys.readouterr().err  # (one folder: nothing to match)
+
+
 def test_a_run_trained_with_a_gpu_or_tpu_kernel_exports_and_detects_here(two_process_run, tmp_path, capsys):
     """A run trained with model.attention cudnn (or splash) names a kernel this CPU cannot run (nor float32,
     export's dtype): export and detect --run load it with the kernel that runs here, and export writes what

@@ -113,3 +113,32 @@ def test_a_failed_export_at_the_end_says_that_training_is_complete(monkeypatch):
         control.wrap_up(result, model, nnx.state(model), skipped=0, cfg=cfg, started=0.0)
     assert said[-1] == ("sft: training is complete (step 2), but the export at the end failed (below): free space "
                         "or fix the folder, then run the same command again to write it")
+
+
+def test_an_end_of_run_export_failing_after_the_adapter_says_the_folders_hold_different_steps(tmp_path, monkeypatch):
+    """export.adapter_dir written, then export.merged_dir failing left the merged folder of an earlier run (or
+    none) beside this run's adapter, and nothing said so."""
+    import fxjax.train.loop_control as loop_control
+    from fxjax.train.export import PROMPT_SETTINGS_FILE
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop_control, "save_adapter", lambda model, folder, data: Path(folder))
+    monkeypatch.setattr(loop_control, "save_merged", full_disk)
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / PROMPT_SETTINGS_FILE).write_text("{}")  # an earlier run's export
+    export = SimpleNamespace(adapter_dir=str(tmp_path / "adapter"), merged_dir=str(tmp_path / "merged"))
+    cfg, said = SimpleNamespace(export=export, tokenizer=None, data=None), []
+    with pytest.raises(OSError, match="No space left"):
+        loop_control.export_outputs("grpo", None, cfg, said.append, 30)
+    assert said == [f"grpo: wrote the PEFT adapter to {tmp_path / 'adapter'}",
+                    f"grpo: wrote the adapter ({tmp_path / 'adapter'}) of step 30, but writing the merged checkpoint "
+                    f"failed (below): {tmp_path / 'merged'} still holds an earlier export, not step 30, so the "
+                    "folders no longer match"]
+    export = SimpleNamespace(adapter_dir=None, merged_dir=str(tmp_path / "new"))
+    said.clear()
+    with pytest.raises(OSError):  # one folder: nothing to match
+        loop_control.export_outputs("grpo", None, SimpleNamespace(export=export, tokenizer=None, data=None),
+                                    said.append, 30)
+    assert said == []

@@ -22,7 +22,7 @@ from typing import Callable
 from fxjax.file_modes import require_writable
 
 __all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets", "read_prompt_settings",
-           "save_adapter", "save_merged", "write_preprocessor_config", "write_prompt_settings",
+           "save_adapter", "save_merged", "write_exports", "write_preprocessor_config", "write_prompt_settings",
            "written_whole"]
 
 # Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
@@ -84,6 +84,28 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
             write_preprocessor_config(folder, *(image_pixels or _default_pixels()), vision=model.config.vision)
 
     return written_whole(out, write)
+
+
+def write_exports(parts: list[tuple[str, Path, Callable[[], Path]]], step: int,
+                  say: Callable[[str], None]) -> dict[str, str]:
+    """Run each export writer of `parts` ((name, folder, write), in order); {name: folder written}.
+
+    Each folder is replaced whole or not at all (`written_whole`), but two of them are two replacements: when
+    a later one fails (a full disk) after an earlier one was written, the folders hold different steps, and a
+    user who serves the adapter next to the merged model would not know. That is said (which folder has step
+    `step`, what the failed one still holds) before the error goes on."""
+    written: dict[str, str] = {}
+    for name, folder, write in parts:
+        held = "an earlier export" if (Path(folder) / PROMPT_SETTINGS_FILE).is_file() else "no export"
+        try:
+            written[name] = str(write())
+        except BaseException:
+            if written:
+                done = " and ".join(f"the {done_name} ({path})" for done_name, path in written.items())
+                say(f"wrote {done} of step {step}, but writing the {name} failed (below): {folder} still holds "
+                    f"{held}, not step {step}, so the folders no longer match")
+            raise
+    return written
 
 
 def check_export_targets(export) -> None:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from fxjax.distributed import allgather_json
 from fxjax.train import faults
-from fxjax.train.export import save_adapter, save_merged
+from fxjax.train.export import save_adapter, save_merged, write_exports
 from fxjax.train.metrics import ProgressBar
 from fxjax.train.preemption import PreemptionSignals
 
@@ -187,7 +187,7 @@ class LoopControl:
             if cfg.eval.at_end:
                 self.evaluate_at_end()
             try:
-                result.exported.update(export_outputs(self.name, model, cfg, self.say))
+                result.exported.update(export_outputs(self.name, model, cfg, self.say, self.done))
             except BaseException:  # (a full disk, say): the training itself is done and saved
                 self.say(f"{self.name}: training is complete (step {self.done}), but the export at the end failed "
                          "(below): free space or fix the folder, then run the same command again to write it")
@@ -195,17 +195,23 @@ class LoopControl:
         result.seconds = time.perf_counter() - started
 
 
-def export_outputs(name: str, model, cfg, say: Callable[[str], None]) -> dict[str, str]:
-    """The PEFT adapter and / or merged HF checkpoint that cfg.export asks for, from the model's current LoRA."""
-    exported = {}
-    if cfg.export.adapter_dir:
-        exported["adapter"] = str(save_adapter(model, cfg.export.adapter_dir, data=cfg.data))
+def export_outputs(name: str, model, cfg, say: Callable[[str], None], step: int) -> dict[str, str]:
+    """The PEFT adapter and / or merged HF checkpoint that cfg.export asks for, from the model's current LoRA
+    (the state of `step`)."""
+    def adapter() -> Path:
+        folder = save_adapter(model, cfg.export.adapter_dir, data=cfg.data)
         say(f"{name}: wrote the PEFT adapter to {cfg.export.adapter_dir}")
-    if cfg.export.merged_dir:
-        exported["merged"] = str(save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer,
-                                             data=cfg.data))
+        return folder
+
+    def merged() -> Path:
+        folder = save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer, data=cfg.data)
         say(f"{name}: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
-    return exported
+        return folder
+
+    parts = [(part, Path(folder), write) for part, folder, write in (
+        ("adapter", cfg.export.adapter_dir, adapter), ("merged checkpoint", cfg.export.merged_dir, merged)) if folder]
+    written = write_exports(parts, step, lambda text: say(f"{name}: {text}"))
+    return {"adapter" if part == "adapter" else "merged": folder for part, folder in written.items()}
 
 
 def close_run(bar, checkpointer, metrics, iterator) -> None:

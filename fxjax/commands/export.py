@@ -38,7 +38,8 @@ model.from_run) keeps that LoRA's shape in its checkpoint folder (start_lora/), 
 folder moved. A missing or
 corrupted step is an error naming it and listing the steps that exist. Each folder is written whole
 into a hidden sibling (.merged.partial) that then takes its place: an export that fails part-way leaves
-the former one as it was."""
+the former one as it was. When OUT/adapter fails after OUT/merged was written, the two hold different
+steps, and that is said before the error."""
 
 EPILOG = """\
 examples:
@@ -92,7 +93,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     # forward pass, and auto picks one that runs on this platform and dtype
     loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="exact", mesh=mesh,
                       attention="auto", log=log)
-    return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype, tokenizer=tokenizer)
+    return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype, tokenizer=tokenizer, log=log)
 
 
 def tokenizer_to_export(cfg, given: str | None = None) -> str:
@@ -105,19 +106,21 @@ def tokenizer_to_export(cfg, given: str | None = None) -> str:
 
 
 def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool = True,
-                  dtype: str | None = None, tokenizer: str | None = None) -> dict[str, str]:
+                  dtype: str | None = None, tokenizer: str | None = None, log=None) -> dict[str, str]:
     """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun; base weights unrounded from
-    the checkpoint's, as `export_run` loads them)."""
-    from fxjax.train.export import save_adapter, save_merged
+    the checkpoint's, as `export_run` loads them). `log`: where a failure that leaves OUT/merged and
+    OUT/adapter of different steps is said (`fxjax.train.export.write_exports`)."""
+    from fxjax.train.export import save_adapter, save_merged, write_exports
 
     cfg, out = loaded.config, Path(out)
-    written: dict[str, str] = {"step": str(loaded.step)}
+    parts = []
     if merged:
-        written["merged"] = str(save_merged(loaded.model, out / "merged", dtype=dtype,
-                                            tokenizer_dir=tokenizer or cfg.tokenizer, data=cfg.data))
+        parts.append(("merged", out / "merged", lambda: save_merged(
+            loaded.model, out / "merged", dtype=dtype, tokenizer_dir=tokenizer or cfg.tokenizer, data=cfg.data)))
     if adapter:
-        written["adapter"] = str(save_adapter(loaded.model, out / "adapter", data=cfg.data, dtype=dtype))
-    return written
+        parts.append(("adapter", out / "adapter",
+                      lambda: save_adapter(loaded.model, out / "adapter", data=cfg.data, dtype=dtype)))
+    return {"step": str(loaded.step), **write_exports(parts, loaded.step, log or (lambda text: None))}
 
 
 def run(args: argparse.Namespace) -> int:
