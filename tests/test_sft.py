@@ -356,9 +356,13 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_step_naming_the_last
     """The write of step 2's checkpoint fails as on a full disk (FXJAX_FAULT=save_error@2): orbax raised it
     only at the next save, so the run trained on to step 4 (a whole checkpoint.every, lost) and died with a
     raw traceback. Now it stops after step 3 (the write fails at once; step 3 takes far longer) with one
-    line naming the folder and what to do."""
+    line naming the folder and what to do, which orbax's logged tracebacks (some 180 lines, one from each of
+    its threads) no longer bury: each of its records is one line."""
     code, log = sft(setup, "savefail", env={"FXJAX_FAULT": "save_error@2"}, extra=["train.steps=6"])
     assert code == 2, log[-3000:]
+    assert "Traceback" not in log and len(log.splitlines()) < 12, log[-3000:]
+    assert ("Save Finalize thread (save_finalize) failed. (OSError: [Errno 28] No space left on device (FXJAX_FAULT "
+            "save_error))") in log, log[-3000:]
     ckpt = setup["root"] / "savefail" / "ckpt"
     assert (f"fxjax sft: error: the checkpoint of step 2 could not be saved to {ckpt} (OSError: [Errno 28] No "
             "space left on device (FXJAX_FAULT save_error)); stopped after step 3; the last good checkpoint is none "

@@ -82,6 +82,30 @@ class CheckpointSaveError(OSError):
     """A background checkpoint save failed; the run stops (the CLI says it in one line, as any OSError)."""
 
 
+class _OneLineOrbaxErrors(logging.Filter):
+    """Orbax logs a failed background save from each of its threads (the item writer, the commit, the
+    finalize thread and, after the run has stopped, a metadata writer that finds its executor shut down),
+    each with its whole traceback: some 180 lines that buried the one line in which the run says what failed,
+    where, and what to do (`TrainCheckpointer.check_saved`). Each such record keeps its message and gains the
+    exception's type and text; the traceback goes (the run's own error carries the cause). Records of other
+    loggers and orbax's records without an exception pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.levelno >= logging.ERROR and "orbax" in Path(record.pathname).parts:
+            err, message = record.exc_info[1], record.getMessage()
+            said = type(err).__name__ if str(err) in message else f"{type(err).__name__}: {err}"
+            record.msg, record.args = f"{message} ({said})", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _shorten_orbax_errors() -> None:
+    """Install `_OneLineOrbaxErrors` on absl's logger (orbax logs through it), once per process."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OneLineOrbaxErrors) for f in absl_logger.filters):
+        absl_logger.addFilter(_OneLineOrbaxErrors())
+
+
 class _DataStateHandler(ocp.JsonCheckpointHandler):
     """JSON handler for the iterator state; the `save` fault point (train.faults) sits in its write."""
 
@@ -115,6 +139,7 @@ class TrainCheckpointer:
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
         self._pending: int | None = None  # the step of the last save started (check_saved)
+        _shorten_orbax_errors()
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
