@@ -45,7 +45,9 @@ def cases(small: bool):
     key_mask = np.zeros((2, length), bool)
     key_mask[:, :length // 2 + 1] = True
     key_mask[0, :3] = False
-    windows, slots, vheads, vdim = (8, 64, 2, 80) if small else (256, 64, 16, 80)
+    # 128 windows of 64 slots: full attention over 8192 vision tokens, whose float32 XLA reference (scores and
+    # their gradient, 16 heads) fits an 80 GB GPU; 256 windows needed ~64 GB of temporaries
+    windows, slots, vheads, vdim = (8, 64, 2, 80) if small else (128, 64, 16, 80)
     valid = rng.rand(windows, slots) > 0.1
     valid[-1] = False  # a padding window
     segs = np.repeat(np.arange(2), windows * slots // 4)
@@ -133,7 +135,12 @@ def main() -> int:
     for backend, dtypes in plan.items():
         for dtype in dtypes:
             for name, shapes, mask in cases(small=args.interpret):
-                ok &= check(backend, dtype, name, shapes, mask, args.interpret)
+                try:  # (one case out of memory, or a kernel the platform refuses, leaves the others)
+                    ok &= check(backend, dtype, name, shapes, mask, args.interpret)
+                except Exception as err:  # noqa: BLE001
+                    ok = False
+                    print(json.dumps({"case": name, "backend": backend, "dtype": jnp.dtype(dtype).name, "ok": False,
+                                      "error": f"{type(err).__name__}: {str(err)[:400]}"}), flush=True)
     for backend, dtype in (("cudnn", jnp.bfloat16), ("cudnn", jnp.float32), ("splash", jnp.bfloat16)):
         try:
             chosen = select_backend(backend, platform, dtype)

@@ -403,16 +403,12 @@ def run_child(script: str | Path, worker: str, workdir: Path, passthrough: list[
 
 def run_children(script: str | Path, workdir: Path, passthrough: list[str], env: dict[str, str] | None = None,
                  workers: tuple[str, ...] = ("torch", "fxjax")) -> dict:
-    """`run_child` for each worker in turn; when one fails, what the others measured is printed before the error
-    (a lease's figures are not lost to the other side's failure)."""
+    """`run_child` for each worker in turn; each one's result is printed as soon as it is in (a lease's figures
+    are not lost to the other side's failure, nor to a time limit that kills this process before its table)."""
     results = {}
     for worker in workers:
-        try:
-            results[worker] = run_child(script, worker, workdir, passthrough, env)
-        except subprocess.CalledProcessError:
-            for done, result in results.items():
-                print(f"{done} child's result before {worker}'s failed: {json.dumps(result)}", flush=True)
-            raise
+        results[worker] = run_child(script, worker, workdir, passthrough, env)
+        print(f"{worker} child's result: {json.dumps(results[worker])}", flush=True)
     return results
 
 

@@ -110,7 +110,9 @@ def worker_fxjax(workdir: Path, args) -> dict:
     from fxjax.model.generate import sample_groups
 
     fw.jax_setup(args)
-    model = fxjax.from_pretrained(workdir / "ckpt", dtype=args.dtype)
+    # attention "auto", as `fxjax sft` / `fxjax grpo` run it (model.attention's default): cuDNN on a GPU in
+    # bfloat16 or float16, XLA on a CPU (from_pretrained alone keeps the model's XLA attention)
+    model = fxjax.from_pretrained(workdir / "ckpt", dtype=args.dtype).use_attention("auto")
     data = dict(np.load(workdir / "batch.npz"))
     shapes = []
 

@@ -116,7 +116,9 @@ def worker_fxjax(workdir: Path, args) -> dict:
 
     fw.jax_setup(args)
     data = dict(np.load(workdir / "batch.npz"))
-    model = fxjax.from_pretrained(workdir / "ckpt", dtype=args.dtype)
+    # attention "auto", as `fxjax sft` / `fxjax grpo` run it (model.attention's default): cuDNN on a GPU in
+    # bfloat16 or float16, XLA on a CPU (from_pretrained alone keeps the model's XLA attention)
+    model = fxjax.from_pretrained(workdir / "ckpt", dtype=args.dtype).use_attention("auto")
     apply_lora(model, LoRAConfig(rank=8, alpha=32.0, dropout=0.0), rngs=nnx.Rngs(0))
     model.train()
     graphdef, params, base, rest = split_model(model)
