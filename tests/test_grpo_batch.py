@@ -31,7 +31,7 @@ from fxjax.model.vision import VisionEncoder
 from fxjax.train.grpo_loss import grpo_loss
 from fxjax.train.grpo_step import LossOptions, completion_logps, make_grpo_step
 from fxjax.train.rollout import (Rollout, build_group_batch, combine_rollout_sums, completion_mask, rollout_metrics,
-                                 rollout_sums)
+                                 rollout_sums, update_slot_count)
 from fxjax.train.step import RNG_IMPL, TrainState, split_model
 
 G = 3
@@ -116,8 +116,9 @@ def test_group_batch_logps_equal_the_full_forward_of_each_sequence(model, batch_
     n_images = prompts["image_grid_thw"].shape[0]
     assert int(batch.inputs.vision.valid[0].sum()) == int(np.prod(prompts["image_grid_thw"], axis=1).sum())
     slots = batch.slots
-    assert slots.grid.shape == (1, batch_shards, floor["update_slots"]) and floor["update_slots"] % 64 == 0
     per_shard = r.loss_mask.reshape(batch_shards, -1).sum(axis=1)
+    assert slots.grid.shape == (1, batch_shards, floor["update_slots"])
+    assert floor["update_slots"] == update_slot_count(int(per_shard.max()))
     np.testing.assert_array_equal((slots.grid[0] < G * 2 // batch_shards * N).sum(axis=1), per_shard)
     inputs = jax.tree.map(lambda x: x[0], batch.inputs)
     completions = None if batch.completions is None else jax.tree.map(lambda x: x[0], batch.completions)
@@ -486,3 +487,15 @@ def test_every_loss_option_comes_from_the_config():
     for f in dataclasses.fields(LossOptions):
         value = getattr(g, "epsilon" if f.name == "epsilon_low" else f.name)
         assert getattr(opts, f.name) == value != f.default, f.name
+
+
+def test_the_update_grows_its_loss_slots_on_the_bucket_progression_not_every_64_tokens():
+    """The loss slots (the update's shape) grew to the next multiple of 64 above the largest batch so far: a
+    run whose completions lengthen by a few tokens a step recompiled its update every 64 tokens (a review
+    measured 29 recompiles over a simulated 1000-step run). Now they follow SFT's bucket progression."""
+    floor, sizes = 0, []
+    for need in range(500, 1601, 10):  # the fullest shard's loss tokens, drifting up over a run
+        floor = update_slot_count(need, floor)
+        sizes.append(floor)
+    assert sorted(set(sizes)) == [512, 768, 1024, 1536, 2048]
+    assert update_slot_count(1, 0) == 64 and update_slot_count(129, 0) == 192 and update_slot_count(100, 768) == 768

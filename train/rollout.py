@@ -34,11 +34,20 @@ from fxjax.train.grpo_loss import group_advantages
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch
 
 __all__ = ["Rollout", "build_group_batch", "combine_rollout_sums", "completion_mask", "completion_slots",
-           "prompt_inputs", "rollout_metrics", "rollout_sums", "sample_and_score"]
+           "prompt_inputs", "rollout_metrics", "rollout_sums", "sample_and_score", "update_slot_count"]
 
-# Loss slots per batch shard come in multiples of this; the count only grows over a run (the shape floor),
-# so a run compiles a new update only when a batch has more loss tokens than any before it.
+# Loss slots per batch shard: multiples of this on the bucket progression (64, 128, 192, 256, 384, 512, 768,
+# 1024, ...), as SFT's loss slots; the count only grows over a run (the shape floor), so a run compiles a new
+# update only when a batch has more loss tokens than its bucket holds. (Plain multiples of 64 grew, and
+# recompiled the update, every time the completions' lengths drifted up by 64 tokens: dozens of times in a long
+# run, minutes each on a large model.)
 SLOT_QUANTUM = 64
+
+
+def update_slot_count(need: int, floor: int = 0) -> int:
+    """Loss slots per batch shard for a batch whose fullest shard has `need` loss tokens, given the run's
+    current `floor` (never less)."""
+    return max(int(floor), round_up_to_bucket(-(-max(need, 1) // SLOT_QUANTUM)) * SLOT_QUANTUM)
 
 
 @dataclass
@@ -275,7 +284,7 @@ def build_group_batch(prompt_batch: Mapping[str, Any], r: Rollout, model_cfg, *,
     masks = np.asarray(r.loss_mask)[row_order].reshape(n_micro, per * g, n)
     shards = batch_shards  # the rows' blocks, one per batch shard (1: all rows in one block)
     need = max(int(block.sum()) for m in masks for block in m.reshape(shards, -1, n))
-    size = max(int(floor.get("update_slots", 0)), -(-max(need, 1) // SLOT_QUANTUM) * SLOT_QUANTUM)
+    size = update_slot_count(need, floor.get("update_slots", 0))
     floor = dict(floor, update_slots=size)
     tokens = np.asarray(r.tokens)[row_order].reshape(n_micro, per * g, n)
     per_micro = [completion_slots(t, m, shards, size) for t, m in zip(tokens, masks)]
