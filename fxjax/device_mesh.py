@@ -295,8 +295,11 @@ def gather(value) -> np.ndarray:
 
 
 def barrier(name: str) -> None:
-    """Wait for every process (no-op with one)."""
+    """Wait for every process (no-op with one): host-side, through the coordination service's key-value store
+    (`fxjax.distributed.allgather_json`), not a device collective, so that a process whose peer failed stops
+    with `PeerFailed` naming it instead of waiting in the barrier until JAX's timeouts end the run. Every
+    barrier orders host work (files one process writes and the others read)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+        from fxjax.distributed import allgather_json
 
-        multihost_utils.sync_global_devices(name)
+        allgather_json(f"barrier/{name}", None)

@@ -24,6 +24,7 @@ from process 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -296,6 +297,89 @@ class GatherCancelled(RuntimeError):
     """`allgather_json` stopped waiting because its `cancelled()` said so."""
 
 
+class PeerFailed(DistributedError):
+    """Another process of the run failed (it said so through `stop_peers`); this one stops too."""
+
+    def __init__(self, process: int, error: str):
+        self.process = process
+        super().__init__(f"process {process} of the run failed, so this process stopped too: {error}")
+
+
+FAILED_DIR = "fxjax/failed/"  # a failed process's one-line error, under its process index
+_STOP_WAIT_S = 30.0  # how long a failed process waits for the others to stop before it exits regardless
+
+
+def _client():
+    """The coordination service's client when this is one process of several, else None. Reads JAX's
+    distributed state only: no backend is started (a process that fails before the backends start must not
+    wait for its peers' device topology)."""
+    from jax._src.distributed import global_state
+
+    if global_state.client is None or (global_state.num_processes or 1) < 2:
+        return None
+    return global_state.client
+
+
+def joined() -> bool:
+    """This is one process of several (jax.distributed initialised for more than one); no backend is started."""
+    return _client() is not None
+
+
+def peer_failures(client=None) -> dict[int, dict]:
+    """{process: {"error": text, "because_of": process or None}} of the processes that said they failed."""
+    client = client or _client()
+    if client is None:
+        return {}
+    try:
+        entries = client.key_value_dir_get(FAILED_DIR)
+    except Exception:  # noqa: BLE001 (the service is gone: nothing more to learn from it)
+        return {}
+    out = {}
+    for key, value in entries:
+        try:
+            out[int(str(key).rsplit("/", 1)[-1])] = json.loads(value)
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
+def _raise_if_peer_failed(client) -> None:
+    from jax._src.distributed import global_state
+
+    failed = {p: f for p, f in peer_failures(client).items() if p != global_state.process_id}
+    if failed:  # the first process that failed on its own (not one that stopped because of another)
+        origin = min((p for p, f in failed.items() if f.get("because_of") is None), default=min(failed))
+        raise PeerFailed(origin, str(failed[origin].get("error")))
+
+
+def stop_peers(error: BaseException | str, *, wait_s: float = _STOP_WAIT_S) -> bool:
+    """This process failed with `error`: say so to the other processes of the run (their waits in
+    `allgather_json` and `fxjax.device_mesh.barrier` raise `PeerFailed` naming it), then wait up to `wait_s`
+    for every one of them to stop too. True when all did (or there is one process); False when some did not
+    (blocked in a device collective, where nothing can reach them: JAX's heartbeat ends them later), and the
+    caller should exit without JAX's shutdown barrier, which would wait for them for minutes."""
+    import time
+
+    client = _client()
+    if client is None:
+        return True
+    from jax._src.distributed import global_state
+
+    me, count = int(global_state.process_id), int(global_state.num_processes)
+    because_of = error.process if isinstance(error, PeerFailed) else None
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    try:
+        client.key_value_set(f"{FAILED_DIR}{me}", json.dumps({"error": text, "because_of": because_of}))
+    except Exception:  # noqa: BLE001 (the coordination service is gone)
+        return False
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if len(peer_failures(client)) >= count:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
                    cancelled: Callable[[], bool] | None = None) -> list[Any]:
     """Every process's JSON-serialisable `value`, in process order (``[value]`` with one process).
@@ -307,8 +391,6 @@ def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
     stopped (its run ended or was preempted) never answers."""
     if jax.process_count() == 1:
         return [value]
-    import json
-
     from jax._src.distributed import global_state  # the one handle on the key-value store JAX offers
 
     client = global_state.client
@@ -331,6 +413,7 @@ def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] 
         except Exception as err:  # the client raises JaxRuntimeError; only a timeout means "not yet"
             if "DEADLINE_EXCEEDED" not in str(err):
                 raise
+        _raise_if_peer_failed(client)
         if cancelled is not None and cancelled():
             raise GatherCancelled(f"stopped waiting for {key}")
         waited_ms += _POLL_MS
@@ -339,4 +422,5 @@ def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] 
 
 
 __all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "NO_AUTO_ENV", "auto_detect", "describe",
-           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json", "GatherCancelled"]
+           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json", "GatherCancelled",
+           "PeerFailed", "joined", "peer_failures", "stop_peers"]

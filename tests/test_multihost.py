@@ -153,3 +153,95 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
     assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
     for rank in range(2):
         assert f"process {rank}: stopped after step 3" in text[rank], text[rank][-2000:]
+
+
+PER_RANK_CLI = """
+import os, sys
+from fxjax.cli import main
+rank = os.environ['FXJAX_PROCESS_ID']
+if os.environ.get(f"FULL_DISK_{rank}"):  # this host's disk is full when the adapter is written
+    import fxjax.peft_io
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    fxjax.peft_io.save_peft_adapter = full_disk
+args = sys.argv[1:]
+extra = os.environ.get(f"EXTRA_{rank}")
+sys.exit(main(args + (["--set", extra] if extra else [])))
+"""
+
+
+def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path, tokenizer_dir):
+    """One process's error (a start-up check that fails on one host, the run lock process 0 takes, different
+    held-out records on two hosts) left the others waiting in a collective or in JAX's backend start-up for
+    minutes, then every process died by SIGABRT (rc -6 after ~300 s) and only the failing one said why. Now
+    every process exits with status 2 within seconds, and the others name the process that failed and its
+    error."""
+    import yaml
+    from PIL import Image
+
+    from fxjax.train.run_lock import locked_run_dirs
+    from fxjax.train_config import from_dict
+
+    for i in range(4):
+        Image.new("RGB", (56, 56), (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    records = [{"image": f"{i}.png", "label": "real"} for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    (tmp_path / "eval_b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[2:]))
+    config = {"model": {"preset": "tiny"}, "train": {"output_dir": str(tmp_path / "run"), "steps": 1},
+              "data": {"tokenizer": str(tokenizer_dir), "train_files": [str(tmp_path / "train.jsonl")],
+                       "root": str(tmp_path), "batch_size": 2, "min_pixels": 3136, "max_pixels": 3136},
+              "checkpoint": {"dir": str(tmp_path / "ckpt")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "user_files").mkdir()
+    (tmp_path / "user_files" / "notes.txt").write_text("mine")
+
+    def run(tag: str, **extra: str) -> list[str]:
+        start = time.time()
+        procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml")], subprocess_env(**extra),
+                                 tmp_path / tag, entry=("-c", PER_RANK_CLI))
+        try:  # (wait_all would kill the other process at the first one's exit: here both must exit by themselves)
+            codes = [proc.wait(timeout=max(1.0, 150 - (time.time() - start))) for proc in procs]
+        except subprocess.TimeoutExpired:
+            codes = wait_all(procs, logs, timeout=0)
+        text = [log.read_text() for log in logs]
+        assert codes == [2, 2] and time.time() - start < 120, (codes, "\n".join(t[-2500:] for t in text))
+        return text
+
+    # a start-up check that fails on process 1 only (its host sees a folder of the user's files)
+    text = run("check", EXTRA_1=f"export.adapter_dir={tmp_path / 'user_files'}")
+    assert "fxjax sft: error: export.adapter_dir: " in text[1] and "holds files that are not an fxjax export" in text[1]
+    assert ("fxjax sft: error: process 1 of the run failed, so this process stopped too: export.adapter_dir: "
+            in text[0]), text[0][-2500:]
+
+    # the run lock, which process 0 takes, held by another run
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, yaml\nfrom fxjax.train.run_lock import locked_run_dirs\n"
+         "from fxjax.train_config import from_dict\n"
+         "with locked_run_dirs(from_dict(yaml.safe_load(open(sys.argv[1]))), True, print):\n"
+         "    print('holding', flush=True)\n    time.sleep(600)\n", str(tmp_path / "run.yaml")],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        text = run("lock")
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert "fxjax sft: error: train.output_dir: another fxjax run is training in" in text[0]
+    assert ("fxjax sft: error: process 0 of the run failed, so this process stopped too: train.output_dir: another "
+            "fxjax run is training in") in text[1], text[1][-2500:]
+    with locked_run_dirs(from_dict(config), True, print):  # (released: the holder is gone)
+        pass
+
+    # held-out records that differ between the hosts (same count: the mix would have been logged silently)
+    text = run("eval", EXTRA_0=f"data.eval_files=[{tmp_path / 'train.jsonl'}]",
+               EXTRA_1=f"data.eval_files=[{tmp_path / 'eval_b.jsonl'}]")
+    for rank in range(2):
+        assert ("the processes loaded different records (process 0: 2 (" in text[rank] and ", process 1: 2 (" in
+                text[rank]), text[rank][-2500:]
+
+    # the end-of-run export failing on process 0, which writes it (process 1 waited in a barrier)
+    text = run("export", FULL_DISK_0="1", EXTRA_0=f"export.adapter_dir={tmp_path / 'adapter'}",
+               EXTRA_1=f"export.adapter_dir={tmp_path / 'adapter'}")
+    assert "fxjax sft: error: [Errno 28] No space left on device" in text[0], text[0][-2500:]
+    assert ("fxjax sft: error: process 0 of the run failed, so this process stopped too: [Errno 28] No space left "
+            "on device") in text[1], text[1][-2500:]

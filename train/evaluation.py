@@ -25,7 +25,8 @@ from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 from fxjax.device_mesh import batch_shards, splits_batch, use_mesh
-from fxjax.train.batching import batch_shardings, build_step_batch, grow_floor, pad_rows, place_batch
+from fxjax.train.batching import (batch_shardings, build_step_batch, check_same_records, grow_floor, pad_rows,
+                                  place_batch)
 from fxjax.train.inference import GreedyDecoder
 from fxjax.train.step import make_eval_loss
 
@@ -65,6 +66,9 @@ class Evaluator:
         first = DataPipeline(base)
         records = first.records[:max_examples] if max_examples else first.records
         self.loss_pipeline = DataPipeline(base, records=records, report=first.report)
+        # every process reads the eval files itself: different records (a per-host copy that differs, an image
+        # one host skipped) would log a mix of two evaluations, or hang the process with more batches
+        check_same_records(self.loss_pipeline)
         self.prompt_pipeline = DataPipeline(dataclasses.replace(base, mode="prompt"), records=records,
                                             report=first.report)
         self.batch_size = batch_size

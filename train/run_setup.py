@@ -456,6 +456,29 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     """Join the multi-process run (cfg.distributed), check the config trains LoRA, and return (this is
     process 0, the console logger: `log` or stderr on process 0, silent elsewhere)."""
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
+    try:
+        _check_start(name, cfg)
+        failure = None
+    except (ValueError, OSError) as err:
+        failure = err
+    # Each host checks what it sees (its folders, its copy of a file): the processes agree before going on,
+    # so that a check failing on one host stops every process with that error (the others would wait for it
+    # in JAX's backend start-up, minutes, and then fail with a timeout that names nothing)
+    if failure is not None and not distributed.joined():
+        raise failure
+    every = distributed.allgather_json("fxjax.start-checks", None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    for process, error in enumerate(every):
+        if error is not None:
+            raise distributed.PeerFailed(process, error)
+    if jax.process_index() != 0:
+        return False, lambda text: None
+    return True, log or (lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def _check_start(name: str, cfg) -> None:
+    """What join_run checks before a run starts (each process, on what its host sees)."""
     if not cfg.lora.enabled:  # (an adapter or a run to start from is trained all the same: no exception)
         raise ConfigError(f"lora.enabled: {name.upper()} trains LoRA adapters only; set lora.enabled=true")
     refuse_new_run_over_checkpoints(cfg)
@@ -463,9 +486,6 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     check_export_targets(cfg.export)
     require_writable(cfg.train.output_dir, "train.output_dir")
     require_writable(cfg.checkpoint_dir, "checkpoint.dir")
-    if jax.process_index() != 0:
-        return False, lambda text: None
-    return True, log or (lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def refuse_new_run_over_checkpoints(cfg) -> None:
