@@ -164,6 +164,15 @@ if os.environ.get(f"FULL_DISK_{rank}"):  # this host's disk is full when the ada
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
     fxjax.peft_io.save_peft_adapter = full_disk
+if os.environ.get(f"UNREADABLE_{rank}"):  # this host reads that step's checkpoint wrong (found after orbax's read)
+    from fxjax.train.checkpointing import TrainCheckpointer
+    restore, bad = TrainCheckpointer.restore, int(os.environ[f"UNREADABLE_{rank}"])
+    def restore_here(self, template, step=None):
+        restored = restore(self, template, step)
+        if step == bad:
+            raise OSError(5, f"Input/output error reading step {bad}")
+        return restored
+    TrainCheckpointer.restore = restore_here
 args = sys.argv[1:]
 extra = os.environ.get(f"EXTRA_{rank}")
 sys.exit(main(args + (["--set", extra] if extra else [])))
@@ -195,7 +204,7 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     (tmp_path / "user_files").mkdir()
     (tmp_path / "user_files" / "notes.txt").write_text("mine")
 
-    def run(tag: str, **extra: str) -> list[str]:
+    def run(tag: str, codes_wanted=(2, 2), **extra: str) -> list[str]:
         start = time.time()
         procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml")], subprocess_env(**extra),
                                  tmp_path / tag, entry=("-c", PER_RANK_CLI))
@@ -204,7 +213,7 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
         except subprocess.TimeoutExpired:
             codes = wait_all(procs, logs, timeout=0)
         text = [log.read_text() for log in logs]
-        assert codes == [2, 2] and time.time() - start < 120, (codes, "\n".join(t[-2500:] for t in text))
+        assert codes == list(codes_wanted) and time.time() - start < 120, (codes, "\n".join(t[-2500:] for t in text))
         return text
 
     # a start-up check that fails on process 1 only (its host sees a folder of the user's files)
@@ -245,3 +254,52 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     assert "fxjax sft: error: [Errno 28] No space left on device" in text[0], text[0][-2500:]
     assert ("fxjax sft: error: process 0 of the run failed, so this process stopped too: [Errno 28] No space left "
             "on device") in text[1], text[1][-2500:]
+
+
+def test_the_processes_resume_from_one_checkpoint_they_all_restore(tmp_path, tokenizer_dir):
+    """Each process chose its resume step alone: a host that could not read the newest checkpoint went on to an
+    older one while the others resumed from the newest (then waited for it: hung), and hosts that saw different
+    checkpoint folders started one fresh and one resumed (hung). Now a step counts only when every process
+    restored it, and different folders are an error on every process. (A failure inside orbax's read on one
+    host only still waits in orbax's own barrier; here the host's error comes after the read.)"""
+    import yaml
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (56, 56), (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "label": "real"}) + "\n"
+                                                  for i in range(2)))
+    config = {"model": {"preset": "tiny"}, "train": {"output_dir": str(tmp_path / "run"), "steps": 3},
+              "data": {"tokenizer": str(tokenizer_dir), "train_files": [str(tmp_path / "train.jsonl")],
+                       "root": str(tmp_path), "batch_size": 2, "min_pixels": 3136, "max_pixels": 3136},
+              "checkpoint": {"every": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+
+    def run(tag: str, **extra: str) -> tuple[list[int], list[str]]:
+        procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml"), "--set", "train.steps=4"],
+                                 subprocess_env(**extra), tmp_path / tag, entry=("-c", PER_RANK_CLI))
+        try:
+            codes = [proc.wait(timeout=200) for proc in procs]
+        except subprocess.TimeoutExpired:
+            codes = wait_all(procs, logs, timeout=0)
+        return codes, [log.read_text() for log in logs]
+
+    procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml")], subprocess_env(), tmp_path / "first")
+    assert wait_all(procs, logs, timeout=200) == [0, 0], "\n".join(log.read_text()[-2500:] for log in logs)
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2", "3"]
+
+    # each host its own checkpoint folder: refused on both
+    codes, text = run("apart", EXTRA_1=f"checkpoint.dir={tmp_path / 'elsewhere'}")
+    assert codes == [2, 2], (codes, "\n".join(t[-2500:] for t in text))
+    for rank in range(2):
+        assert ("checkpoint.dir: the processes see different checkpoints in" in text[rank] and
+                "process 0: 3, 2, 1; process 1: none" in text[rank]), text[rank][-2500:]
+
+    # process 1 cannot read step 3: both resume from step 2 (step 3 set aside) and train on to step 4
+    codes, text = run("unreadable", UNREADABLE_1="3")
+    assert codes == [0, 0], (codes, "\n".join(t[-2500:] for t in text))
+    assert (f"warning: the checkpoint of step 3 in {ckpt} cannot be restored (process 1 could not restore it: "
+            "OSError: [Errno 5] Input/output error reading step 3); trying step 2") in text[0], text[0][-2500:]
+    assert "resumed from step 2" in text[0] and (ckpt / "3.unreadable-0").is_dir()
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["2", "3", "4"]

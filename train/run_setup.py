@@ -268,29 +268,44 @@ def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
     """(state, data_state, saved_config, step) from the newest checkpoint that restores, or None when the
     directory holds none. A checkpoint that fails to restore (truncated or corrupted files) is reported with
     its step, set aside (renamed ``<step>.unreadable-<n>``, so the run can write that step again) and the
-    next older one is tried; if none restores, RunLoadError (the newest's error) and nothing is renamed."""
+    next older one is tried; if none restores, RunLoadError (the newest's error) and nothing is renamed.
+
+    Several processes decide together: they must see the same steps (one shared folder), and a step counts as
+    restored only when every process restored it (a host that cannot read it would otherwise resume from an
+    older step than the others, or wait for them forever)."""
     steps = sorted(checkpointer.all_steps(), reverse=True)
+    seen = allgather_json("fxjax.checkpoint-steps", steps)
+    if any(other != steps for other in seen):
+        listed = "; ".join(f"process {p}: {', '.join(map(str, other)) or 'none'}" for p, other in enumerate(seen))
+        raise ConfigError(f"checkpoint.dir: the processes see different checkpoints in {checkpointer.directory} "
+                          f"({listed}); every host must read and write one shared folder (a network or cloud file "
+                          "system), or the run cannot resume as one")
     if not steps:
         return None
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    first_error = None
+    first_error, first_text = None, None
     broken = []
     for i, step in enumerate(steps):
+        error = None
         try:
             restored = checkpointer.restore(template, step)
         except ConfigError:  # another run's settings (array shapes): not a damaged checkpoint to set aside
             raise
         except Exception as err:  # orbax raises many types for damaged files; the message says which
-            first_error = first_error or err
-            broken.append(step)
-            log(f"warning: the checkpoint of step {step} in {checkpointer.directory} cannot be restored "
-                f"({brief_error(err)}); " + (f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"))
-            continue
-        for bad in broken:
-            log(f"warning: set the unreadable checkpoint of step {bad} aside as {checkpointer.set_aside(bad)}")
-        return restored
+            error = err
+        outcomes = allgather_json("fxjax.checkpoint-restored", None if error is None else brief_error(error))
+        failed = [(p, text) for p, text in enumerate(outcomes) if text is not None and p != jax.process_index()]
+        if error is None and not failed:
+            for bad in broken:
+                log(f"warning: set the unreadable checkpoint of step {bad} aside as {checkpointer.set_aside(bad)}")
+            return restored
+        text = brief_error(error) if error is not None else f"process {failed[0][0]} could not restore it: {failed[0][1]}"
+        first_error, first_text = first_error or error, first_text or text
+        broken.append(step)
+        log(f"warning: the checkpoint of step {step} in {checkpointer.directory} cannot be restored ({text}); "
+            + (f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"))
     raise RunLoadError(f"no checkpoint in {checkpointer.directory} restores (steps {', '.join(map(str, steps))}; "
-                       f"the newest: {brief_error(first_error)}). Nothing was renamed. To train from the start, move "
+                       f"the newest: {first_text}). Nothing was renamed. To train from the start, move "
                        f"{checkpointer.directory} away (or set checkpoint.dir to another folder)") from first_error
 
 
