@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except SystemExit:
         raise
     except (ValueError, OSError) as err:  # a user's path or value, a full disk: said in one line
@@ -279,26 +279,32 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         _leave_run(err, 1, with_traceback=True)
         raise
+    if "jax" in sys.modules:  # (a peer that fails later need not wait for this process)
+        from fxjax.distributed import mark_finished
+
+        mark_finished()
+    return code
 
 
 def _leave_run(err: BaseException, code: int, *, with_traceback: bool = False) -> None:
     """One process of a multi-process run failed: tell the others (their next host-side wait raises, naming
     this process and its error, so every process stops with a message instead of hanging until JAX's
-    timeouts abort them), and when some do not stop within 30 s (blocked in a device step, where nothing
-    reaches them), exit at once rather than wait minutes in JAX's shutdown barrier."""
+    timeouts abort them), and when some have neither stopped nor finished within 60 s (5 s after Ctrl-C;
+    blocked in a device step, where nothing reaches them), exit at once rather than wait minutes in JAX's
+    shutdown barrier."""
     if "jax" not in sys.modules:  # (nothing started a run)
         return
     from fxjax.distributed import stop_peers
 
-    if stop_peers(err):
+    if stop_peers(err, **({"wait_s": 5.0} if isinstance(err, KeyboardInterrupt) else {})):
         return
     import os
     import traceback
 
     if with_traceback:
         traceback.print_exc()
-    print("fxjax: the other processes of the run did not stop within 30 s (waiting in a device step?); this "
-          "process exits without waiting for them (JAX's heartbeat timeout ends them)", file=sys.stderr)
+    print("fxjax: some processes of the run neither stopped nor finished in time (waiting in a device step?); "
+          "this process exits without waiting for them (JAX's heartbeat timeout ends them)", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -300,6 +300,6 @@ def barrier(name: str) -> None:
     with `PeerFailed` naming it instead of waiting in the barrier until JAX's timeouts end the run. Every
     barrier orders host work (files one process writes and the others read)."""
     if jax.process_count() > 1:
-        from fxjax.distributed import allgather_json
+        from fxjax.distributed import BARRIER_TIMEOUT_S, allgather_json
 
-        allgather_json(f"barrier/{name}", None)
+        allgather_json(f"barrier/{name}", None, timeout_s=BARRIER_TIMEOUT_S)

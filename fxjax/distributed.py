@@ -306,7 +306,10 @@ class PeerFailed(DistributedError):
 
 
 FAILED_DIR = "fxjax/failed/"  # a failed process's one-line error, under its process index
-_STOP_WAIT_S = 30.0  # how long a failed process waits for the others to stop before it exits regardless
+FINISHED_DIR = "fxjax/finished/"  # a process whose command ended normally
+_STOP_WAIT_S = 60.0  # how long a failed process waits for the others to stop before it exits regardless
+BARRIER_TIMEOUT_S = 24 * 3600  # a barrier waits for slow peers (a large file written or removed); failed ones
+# end the wait at once (PeerFailed), dead ones through JAX's heartbeat
 
 
 def _client():
@@ -325,13 +328,14 @@ def joined() -> bool:
     return _client() is not None
 
 
-def peer_failures(client=None) -> dict[int, dict]:
-    """{process: {"error": text, "because_of": process or None}} of the processes that said they failed."""
+def peer_failures(client=None, directory: str = FAILED_DIR) -> dict[int, dict]:
+    """{process: {"error": text, "because_of": process or None}} of the processes that said they failed
+    (`directory` FINISHED_DIR: those whose command ended normally)."""
     client = client or _client()
     if client is None:
         return {}
     try:
-        entries = client.key_value_dir_get(FAILED_DIR)
+        entries = client.key_value_dir_get(directory)
     except Exception:  # noqa: BLE001 (the service is gone: nothing more to learn from it)
         return {}
     out = {}
@@ -352,12 +356,25 @@ def _raise_if_peer_failed(client) -> None:
         raise PeerFailed(origin, str(failed[origin].get("error")))
 
 
+def mark_finished() -> None:
+    """This process's command ended normally (a failed peer then need not wait for it: `stop_peers`)."""
+    client = _client()
+    if client is not None:
+        from jax._src.distributed import global_state
+
+        try:
+            client.key_value_set(f"{FINISHED_DIR}{int(global_state.process_id)}", "{}")
+        except Exception:  # noqa: BLE001 (the coordination service is gone, or this was said already)
+            pass
+
+
 def stop_peers(error: BaseException | str, *, wait_s: float = _STOP_WAIT_S) -> bool:
     """This process failed with `error`: say so to the other processes of the run (their waits in
     `allgather_json` and `fxjax.device_mesh.barrier` raise `PeerFailed` naming it), then wait up to `wait_s`
-    for every one of them to stop too. True when all did (or there is one process); False when some did not
-    (blocked in a device collective, where nothing can reach them: JAX's heartbeat ends them later), and the
-    caller should exit without JAX's shutdown barrier, which would wait for them for minutes."""
+    for every one of them to have stopped too or finished (`mark_finished`). True when all did, when there
+    is one process, or when the coordination service is already gone (nothing to wait for); False when some
+    did not (blocked in a device collective, where nothing can reach them: JAX's heartbeat ends them later),
+    and the caller should exit without JAX's shutdown barrier, which would wait for them for minutes."""
     import time
 
     client = _client()
@@ -370,14 +387,15 @@ def stop_peers(error: BaseException | str, *, wait_s: float = _STOP_WAIT_S) -> b
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     try:
         client.key_value_set(f"{FAILED_DIR}{me}", json.dumps({"error": text, "because_of": because_of}))
-    except Exception:  # noqa: BLE001 (the coordination service is gone)
-        return False
+    except Exception:  # noqa: BLE001 (the coordination service is gone: no peer to tell or wait for)
+        return True
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if len(peer_failures(client)) >= count:
+    while True:
+        if len(set(peer_failures(client)) | set(peer_failures(client, FINISHED_DIR))) >= count:
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
-    return False
 
 
 def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
@@ -423,4 +441,4 @@ def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] 
 
 __all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "NO_AUTO_ENV", "auto_detect", "describe",
            "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json", "GatherCancelled",
-           "PeerFailed", "joined", "peer_failures", "stop_peers"]
+           "PeerFailed", "joined", "mark_finished", "peer_failures", "stop_peers"]

@@ -164,6 +164,11 @@ if os.environ.get(f"FULL_DISK_{rank}"):  # this host's disk is full when the ada
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
     fxjax.peft_io.save_peft_adapter = full_disk
+if os.environ.get(f"LATE_ERROR_{rank}"):  # this process fails after the run, when its peer has finished
+    import fxjax.commands.report
+    def late(*args, **kwargs):
+        raise OSError(5, "Input/output error after the run")
+    fxjax.commands.report.report_after_run = late
 if os.environ.get(f"UNREADABLE_{rank}"):  # this host reads that step's checkpoint wrong (found after orbax's read)
     from fxjax.train.checkpointing import TrainCheckpointer
     restore, bad = TrainCheckpointer.restore, int(os.environ[f"UNREADABLE_{rank}"])
@@ -247,6 +252,12 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     for rank in range(2):
         assert ("the processes loaded different records (process 0: 2 (" in text[rank] and ", process 1: 2 (" in
                 text[rank]), text[rank][-2500:]
+
+    # process 0 failing after the run, when process 1 has finished: process 1 is not waited for, nor killed
+    start = time.time()
+    text = run("late", codes_wanted=(2, 0), LATE_ERROR_0="1")
+    assert "fxjax sft: error: [Errno 5] Input/output error after the run" in text[0] and time.time() - start < 50
+    assert "neither stopped nor finished" not in text[0], text[0][-2500:]
 
     # the end-of-run export failing on process 0, which writes it (process 1 waited in a barrier)
     text = run("export", FULL_DISK_0="1", EXTRA_0=f"export.adapter_dir={tmp_path / 'adapter'}",

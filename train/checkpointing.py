@@ -87,11 +87,13 @@ class _OneLineOrbaxErrors(logging.Filter):
     finalize thread and, after the run has stopped, a metadata writer that finds its executor shut down),
     each with its whole traceback: some 180 lines that buried the one line in which the run says what failed,
     where, and what to do (`TrainCheckpointer.check_saved`). Each such record keeps its message and gains the
-    exception's type and text; the traceback goes (the run's own error carries the cause). Records of other
-    loggers and orbax's records without an exception pass unchanged."""
+    exception's type and text; the traceback goes to this module's logger at DEBUG level (shown with debug
+    logging on, for an orbax error that is not a full disk). Records of other loggers and orbax's records
+    without an exception pass unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.levelno >= logging.ERROR and "orbax" in Path(record.pathname).parts:
+            logger.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
             err, message = record.exc_info[1], record.getMessage()
             said = type(err).__name__ if str(err) in message else f"{type(err).__name__}: {err}"
             record.msg, record.args = f"{message} ({said})", None

@@ -96,11 +96,11 @@ def write_exports(parts: list[tuple[str, Path, Callable[[], Path]]], step: int,
     `step`, what the failed one still holds) before the error goes on."""
     written: dict[str, str] = {}
     for name, folder, write in parts:
-        held = "an earlier export" if (Path(folder) / PROMPT_SETTINGS_FILE).is_file() else "no export"
         try:
             written[name] = str(write())
         except BaseException:
-            if written:
+            if written:  # (what the failed folder holds now: `written_whole` leaves it as it was, or empty)
+                held = "an earlier export" if (Path(folder) / PROMPT_SETTINGS_FILE).is_file() else "no export"
                 done = " and ".join(f"the {done_name} ({path})" for done_name, path in written.items())
                 say(f"wrote {done} of step {step}, but writing the {name} failed (below): {folder} still holds "
                     f"{held}, not step {step}, so the folders no longer match")
@@ -156,7 +156,10 @@ def written_whole(out: Path, write: Callable[[Path], None]) -> Path:
         if out.exists() or out.is_symlink():
             out.rename(old)
         partial.rename(out)
-        _remove(old)
+        try:  # the export is in place: the former one's copy left behind is removed by the next export
+            _remove(old)
+        except OSError:
+            pass
     return out
 
 

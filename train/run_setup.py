@@ -474,7 +474,7 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     try:
         _check_start(name, cfg)
         failure = None
-    except (ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (any error: the peers must hear of it before the backends start)
         failure = err
     # Each host checks what it sees (its folders, its copy of a file): the processes agree before going on,
     # so that a check failing on one host stops every process with that error (the others would wait for it
