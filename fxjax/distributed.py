@@ -328,12 +328,9 @@ def joined() -> bool:
     return _client() is not None
 
 
-def peer_failures(client=None, directory: str = FAILED_DIR) -> dict[int, dict]:
-    """{process: {"error": text, "because_of": process or None}} of the processes that said they failed
-    (`directory` FINISHED_DIR: those whose command ended normally)."""
-    client = client or _client()
-    if client is None:
-        return {}
+def _reports(client, directory: str) -> dict[int, dict]:
+    """{process: what it said} under `directory`: FAILED_DIR, {"error": text, "because_of": process or None}
+    of the processes that failed; FINISHED_DIR, {} of those whose command ended normally."""
     try:
         entries = client.key_value_dir_get(directory)
     except Exception:  # noqa: BLE001 (the service is gone: nothing more to learn from it)
@@ -350,7 +347,7 @@ def peer_failures(client=None, directory: str = FAILED_DIR) -> dict[int, dict]:
 def _raise_if_peer_failed(client) -> None:
     from jax._src.distributed import global_state
 
-    failed = {p: f for p, f in peer_failures(client).items() if p != global_state.process_id}
+    failed = {p: f for p, f in _reports(client, FAILED_DIR).items() if p != global_state.process_id}
     if failed:  # the first process that failed on its own (not one that stopped because of another)
         origin = min((p for p, f in failed.items() if f.get("because_of") is None), default=min(failed))
         raise PeerFailed(origin, str(failed[origin].get("error")))
@@ -391,7 +388,7 @@ def stop_peers(error: BaseException | str, *, wait_s: float = _STOP_WAIT_S) -> b
         return True
     deadline = time.monotonic() + wait_s
     while True:
-        if len(set(peer_failures(client)) | set(peer_failures(client, FINISHED_DIR))) >= count:
+        if len(set(_reports(client, FAILED_DIR)) | set(_reports(client, FINISHED_DIR))) >= count:
             return True
         if time.monotonic() >= deadline:
             return False
@@ -441,4 +438,4 @@ def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] 
 
 __all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "NO_AUTO_ENV", "auto_detect", "describe",
            "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json", "GatherCancelled",
-           "PeerFailed", "joined", "mark_finished", "peer_failures", "stop_peers"]
+           "PeerFailed", "joined", "mark_finished", "stop_peers"]

@@ -184,28 +184,36 @@ sys.exit(main(args + (["--set", extra] if extra else [])))
 """
 
 
+def _tiny_sft_run(tmp_path: Path, tokenizer_dir: Path, *, steps: int, checkpoint: dict) -> dict:
+    """tmp_path/run.yaml: SFT of the tiny preset on train.jsonl (0.png, 1.png; 2.png and 3.png made too),
+    batch 2, output in tmp_path/run; the config as a dict."""
+    import yaml
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (56, 56), (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "label": "real"}) + "\n"
+                                                  for i in range(2)))
+    config = {"model": {"preset": "tiny"}, "train": {"output_dir": str(tmp_path / "run"), "steps": steps},
+              "data": {"tokenizer": str(tokenizer_dir), "train_files": [str(tmp_path / "train.jsonl")],
+                       "root": str(tmp_path), "batch_size": 2, "min_pixels": 3136, "max_pixels": 3136},
+              "checkpoint": checkpoint}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
 def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path, tokenizer_dir):
     """One process's error (a start-up check that fails on one host, the run lock process 0 takes, different
     held-out records on two hosts) left the others waiting in a collective or in JAX's backend start-up for
     minutes, then every process died by SIGABRT (rc -6 after ~300 s) and only the failing one said why. Now
     every process exits with status 2 within seconds, and the others name the process that failed and its
     error."""
-    import yaml
-    from PIL import Image
-
     from fxjax.train.run_lock import locked_run_dirs
     from fxjax.train_config import from_dict
 
-    for i in range(4):
-        Image.new("RGB", (56, 56), (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
-    records = [{"image": f"{i}.png", "label": "real"} for i in range(4)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
-    (tmp_path / "eval_b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[2:]))
-    config = {"model": {"preset": "tiny"}, "train": {"output_dir": str(tmp_path / "run"), "steps": 1},
-              "data": {"tokenizer": str(tokenizer_dir), "train_files": [str(tmp_path / "train.jsonl")],
-                       "root": str(tmp_path), "batch_size": 2, "min_pixels": 3136, "max_pixels": 3136},
-              "checkpoint": {"dir": str(tmp_path / "ckpt")}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    config = _tiny_sft_run(tmp_path, tokenizer_dir, steps=1, checkpoint={"dir": str(tmp_path / "ckpt")})
+    (tmp_path / "eval_b.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "label": "real"}) + "\n"
+                                                   for i in (2, 3)))
     (tmp_path / "user_files").mkdir()
     (tmp_path / "user_files" / "notes.txt").write_text("mine")
 
@@ -273,18 +281,7 @@ def test_the_processes_resume_from_one_checkpoint_they_all_restore(tmp_path, tok
     checkpoint folders started one fresh and one resumed (hung). Now a step counts only when every process
     restored it, and different folders are an error on every process. (A failure inside orbax's read on one
     host only still waits in orbax's own barrier; here the host's error comes after the read.)"""
-    import yaml
-    from PIL import Image
-
-    for i in range(2):
-        Image.new("RGB", (56, 56), (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "label": "real"}) + "\n"
-                                                  for i in range(2)))
-    config = {"model": {"preset": "tiny"}, "train": {"output_dir": str(tmp_path / "run"), "steps": 3},
-              "data": {"tokenizer": str(tokenizer_dir), "train_files": [str(tmp_path / "train.jsonl")],
-                       "root": str(tmp_path), "batch_size": 2, "min_pixels": 3136, "max_pixels": 3136},
-              "checkpoint": {"every": 1}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    _tiny_sft_run(tmp_path, tokenizer_dir, steps=3, checkpoint={"every": 1})
 
     def run(tag: str, **extra: str) -> tuple[list[int], list[str]]:
         procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml"), "--set", "train.steps=4"],

@@ -479,9 +479,8 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     # Each host checks what it sees (its folders, its copy of a file): the processes agree before going on,
     # so that a check failing on one host stops every process with that error (the others would wait for it
     # in JAX's backend start-up, minutes, and then fail with a timeout that names nothing)
-    if failure is not None and not distributed.joined():
-        raise failure
-    every = distributed.allgather_json("fxjax.start-checks", None if failure is None else str(failure))
+    every = (distributed.allgather_json("fxjax.start-checks", None if failure is None else str(failure))
+             if distributed.joined() else [])  # (one process: no exchange, and no backend started for it)
     if failure is not None:
         raise failure
     for process, error in enumerate(every):
