@@ -406,17 +406,43 @@ def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
     stopped (its run ended or was preempted) never answers."""
     if jax.process_count() == 1:
         return [value]
-    from jax._src.distributed import global_state  # the one handle on the key-value store JAX offers
-
-    client = global_state.client
-    if client is None:
-        raise DistributedError("allgather_json needs jax.distributed to be initialized")
+    client = _store("allgather_json")
     count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
     key = f"fxjax/{name}/{count}"
     client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
     out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, cancelled)) for p in range(jax.process_count())]
     if count > 1:  # every process has made call count - 1, so read all keys of count - 2: drop this one's
         client.key_value_delete(f"fxjax/{name}/{count - 2}/{jax.process_index()}")
+    return out
+
+
+def _store(caller: str):
+    """The coordination service's key-value store (jax.distributed initialised), else DistributedError."""
+    from jax._src.distributed import global_state  # the one handle on the key-value store JAX offers
+
+    if global_state.client is None:
+        raise DistributedError(f"{caller} needs jax.distributed to be initialized")
+    return global_state.client
+
+
+def gather_json_to_main(name: str, value: Any, *, timeout_s: int = 600) -> list[Any] | None:
+    """Every process's JSON-serialisable `value`, in process order, at process 0 only (None at the others).
+
+    For what only the main process writes (a GRPO step's completions): `allgather_json` would send every
+    process's part to every process, N x the bytes through the coordination service on N hosts. The others
+    write their part and go on without waiting; process 0 reads the parts and deletes them. Each process
+    must call it with the same `name`s in the same order."""
+    if jax.process_count() == 1:
+        return [value]
+    client = _store("gather_json_to_main")
+    count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
+    key = f"fxjax/{name}/{count}"
+    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    if jax.process_index() != 0:
+        return None
+    out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, None)) for p in range(jax.process_count())]
+    for p in range(jax.process_count()):
+        client.key_value_delete(f"{key}/{p}")
     return out
 
 

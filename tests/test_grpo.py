@@ -398,6 +398,13 @@ def test_batch_order_takes_each_shard_once_in_the_batch_order(monkeypatch):
     monkeypatch.setattr(grpo, "allgather_json", lambda name, value: parts)
     mine = ProcessRows(shards=(2, 3), shard_ids=(2, 3), rows=(4, 5, 6, 7), batch_size=8)
     assert grpo.batch_order("test", mine, ["c0", "c1", "d0", "d1"]) == ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"]
+    # main_only (the completions only process 0 writes): the same order there, None at the others
+    monkeypatch.setattr(grpo, "allgather_json", None)
+    monkeypatch.setattr(grpo, "gather_json_to_main", lambda name, value: parts)
+    assert grpo.batch_order("test", mine, ["c0", "c1", "d0", "d1"], main_only=True) == \
+        ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"]
+    monkeypatch.setattr(grpo, "gather_json_to_main", lambda name, value: None)
+    assert grpo.batch_order("test", mine, ["c0", "c1", "d0", "d1"], main_only=True) is None
 
 
 def test_completion_log_keeps_each_step_once(tmp_path):

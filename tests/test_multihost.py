@@ -93,6 +93,8 @@ def test_two_processes_form_one_global_mesh(two_processes):
             assert mesh["batch_shards_held"] == held, key
             assert mesh["local_part_equal"], key
         assert info["gathered"] == [[{"rank": 0, "call": c}, {"rank": 1, "call": c}] for c in range(3)]
+        assert info["gathered_to_main"] == ([[{"rank": 0, "call": c}, {"rank": 1, "call": c}] for c in range(3)]
+                                            if rank == 0 else [None] * 3)
 
 
 @pytest.mark.parametrize("mesh", MESHES)

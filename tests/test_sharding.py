@@ -222,6 +222,41 @@ def test_allgather_json_orders_by_process_and_stops_when_cancelled_or_timed_out(
         distributed.allgather_json("shape", 1)
 
 
+def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monkeypatch):
+    """What only process 0 writes (GRPO's completions) goes to it alone: process 0 reads every part and deletes
+    them; another process writes its part and returns None without reading anyone's (against a fake store)."""
+    import jax
+    from jax._src.distributed import global_state
+
+    from fxjax import distributed
+
+    class Store:
+        def __init__(self):
+            self.kv, self.deleted, self.read = {}, [], []
+
+        def key_value_set(self, key, value):
+            self.kv[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            self.read.append(key)
+            return self.kv[key]
+
+        def key_value_delete(self, key):
+            self.deleted.append(key)
+
+    store = Store()
+    monkeypatch.setattr(global_state, "client", store)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "_GATHERS", {})
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert distributed.gather_json_to_main("rows", {"n": 1}) is None
+    assert store.kv == {"fxjax/rows/0/1": '{"n": 1}'} and store.read == []
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(distributed, "_GATHERS", {})
+    assert distributed.gather_json_to_main("rows", {"n": 0}) == [{"n": 0}, {"n": 1}]
+    assert store.deleted == ["fxjax/rows/0/0", "fxjax/rows/0/1"]
+
+
 def test_distributed_settings_from_env_and_arguments(monkeypatch):
     env = {"FXJAX_COORDINATOR": "10.0.0.1:1234", "FXJAX_NUM_PROCESSES": "4", "FXJAX_PROCESS_ID": "3"}
     cfg = distributed.DistributedConfig.from_env(env)

@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
-from fxjax.distributed import allgather_json
+from fxjax.distributed import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.model.qwen2_5_vl import as_dtype
@@ -181,12 +181,16 @@ def local_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
     return np.concatenate([np.asarray(blocks[start].data) for start in sorted(blocks)])
 
 
-def batch_order(name: str, mine: ProcessRows, rows: list) -> list:
+def batch_order(name: str, mine: ProcessRows, rows: list, *, main_only: bool = False) -> list | None:
     """Every process's `rows` (JSON values, one per sampled row of this process's batch shards, shard by
     shard as `mine.shards`) -> the whole batch's, in its order, each shard once (processes that build the
-    same shard, as with a replicated batch, send the same rows), through one host-only exchange."""
+    same shard, as with a replicated batch, send the same rows), through one host-only exchange. With
+    `main_only`, at process 0 only (None elsewhere): for what only it writes."""
     per_shard = len(rows) // mine.built_shards
-    parts = allgather_json(name, {"shards": list(mine.shards), "rows": rows})
+    gather = gather_json_to_main if main_only else allgather_json
+    parts = gather(name, {"shards": list(mine.shards), "rows": rows})
+    if parts is None:
+        return None
     by_shard = {s: p["rows"][i * per_shard:(i + 1) * per_shard] for p in parts for i, s in enumerate(p["shards"])}
     return [row for s in sorted(by_shard) for row in by_shard[s]]
 
@@ -380,7 +384,9 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             metrics.log(step_now, "train", dict(values, stage=stage))
             if g.log_completions:
                 records = completion_records(rollout, prompts["meta"], g.num_generations, stage)
-                completions.log(step_now, batch_order("grpo-completions", mine, records))
+                ordered = batch_order("grpo-completions", mine, records, main_only=True)  # process 0 writes
+                if ordered is not None:
+                    completions.log(step_now, ordered)
             result.history.append(dict(values, step=step_now, stage=stage))
             control.bar.update(1, dict(stage=stage, reward=round(values["reward/total_mean"], 3),
                                        fmt=round(values["format_rate"], 2), iou=round(values["reward/iou_mean"], 3)))
