@@ -409,3 +409,20 @@ def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_naming_it(tmp_
         other.wait(timeout=60)
     with locked_run_dirs(from_dict(config), True, print):  # the killed holder's lock went with it
         assert "pid " in (tmp_path / "run" / LOCK_FILE).read_text()
+
+
+def test_the_allocator_tip_says_how_to_preload_tcmalloc_on_a_cpu_only():
+    """XLA:CPU's steps re-zero their temporary buffers under glibc's malloc (bench/README.md): on a CPU the
+    tip names the installed tcmalloc (or how to install it); never on a GPU or TPU, nor when an allocator is
+    already preloaded."""
+    from fxjax.host_allocator import INSTALL, TCMALLOC_PATHS, allocator_tip
+
+    installed = "/usr/lib64/libtcmalloc.so.4"
+    tip = allocator_tip("cpu", {}, exists=lambda p: p == installed)
+    assert f"LD_PRELOAD={installed} before the command" in tip and INSTALL not in tip
+    tip = allocator_tip("cpu", {"LD_PRELOAD": "/opt/libfoo.so"}, exists=lambda p: False)
+    assert f"{INSTALL}, then LD_PRELOAD={TCMALLOC_PATHS[0]}" in tip
+    for platform in ("gpu", "tpu"):
+        assert allocator_tip(platform, {}, exists=lambda p: True) is None
+    for preload in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/a/libfoo.so:/b/libjemalloc.so.2"):
+        assert allocator_tip("cpu", {"LD_PRELOAD": preload}, exists=lambda p: True) is None
