@@ -406,23 +406,26 @@ def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
     stopped (its run ended or was preempted) never answers."""
     if jax.process_count() == 1:
         return [value]
-    client = _store("allgather_json")
-    count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
-    key = f"fxjax/{name}/{count}"
-    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    client, key, count = _publish("allgather_json", name, value)
     out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, cancelled)) for p in range(jax.process_count())]
     if count > 1:  # every process has made call count - 1, so read all keys of count - 2: drop this one's
         client.key_value_delete(f"fxjax/{name}/{count - 2}/{jax.process_index()}")
     return out
 
 
-def _store(caller: str):
-    """The coordination service's key-value store (jax.distributed initialised), else DistributedError."""
+def _publish(caller: str, name: str, value: Any) -> tuple[Any, str, int]:
+    """Write this process's `value` for call number `count` of `name` in the coordination service's
+    key-value store (jax.distributed initialised, else DistributedError): (client, the call's key prefix,
+    count); process p's part is at <prefix>/p."""
     from jax._src.distributed import global_state  # the one handle on the key-value store JAX offers
 
-    if global_state.client is None:
+    client = global_state.client
+    if client is None:
         raise DistributedError(f"{caller} needs jax.distributed to be initialized")
-    return global_state.client
+    count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
+    key = f"fxjax/{name}/{count}"
+    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    return client, key, count
 
 
 def gather_json_to_main(name: str, value: Any, *, timeout_s: int = 600) -> list[Any] | None:
@@ -434,10 +437,7 @@ def gather_json_to_main(name: str, value: Any, *, timeout_s: int = 600) -> list[
     must call it with the same `name`s in the same order."""
     if jax.process_count() == 1:
         return [value]
-    client = _store("gather_json_to_main")
-    count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
-    key = f"fxjax/{name}/{count}"
-    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    client, key, _ = _publish("gather_json_to_main", name, value)
     if jax.process_index() != 0:
         return None
     out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, None)) for p in range(jax.process_count())]
