@@ -381,12 +381,21 @@ def cpu_model() -> str:
 
 
 def allocator() -> str:
-    """The children's memory allocator as the environment sets it: on a CPU it moves fxjax's figures (XLA:CPU
-    allocates a step's temporary buffers afresh at every execution; glibc maps each one over 32 MB from the
-    kernel and returns it, so every step zeroes those pages again: ~11% of an SFT step), not torch's."""
-    preload = [Path(p).name for p in os.environ.get("LD_PRELOAD", "").split() if p]
-    tuned = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
-    return (f"LD_PRELOAD {' '.join(preload)}" if preload else "glibc malloc") + (f" ({', '.join(tuned)})" if tuned else "")
+    """The children's host allocator. On a CPU it moves fxjax's figures, not torch's: XLA:CPU allocates a
+    step's temporary buffers afresh at every execution and glibc gives each one over 32 MB back to the
+    kernel, so every step zeroes those pages again (~11% of an SFT step). The fxjax child does what the
+    `fxjax` command does (`fxjax.host_allocator.keep_freed_memory`, in `run_worker`) unless
+    FXJAX_SYSTEM_MALLOC=1 or another allocator is preloaded."""
+    preload = [Path(p).name for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
+    tuned = [f"{k}={os.environ[k]}" for k in sorted(os.environ)
+             if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "FXJAX_SYSTEM_MALLOC")]
+    if any(name in p for p in preload for name in ("tcmalloc", "jemalloc", "mimalloc")):
+        out = f"LD_PRELOAD {' '.join(preload)}"
+    elif os.environ.get("FXJAX_SYSTEM_MALLOC", "") not in ("", "0"):
+        out = "glibc malloc as it is"
+    else:
+        out = "glibc malloc; on a CPU the fxjax child keeps freed memory as `fxjax` does"
+    return out + (f" ({', '.join(tuned)})" if tuned else "")
 
 
 def machine_line() -> str:
@@ -427,6 +436,10 @@ def run_worker(args, workers) -> int:
     if args.cores < os.cpu_count():
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.cores]))
     workdir = Path(args.workdir)
+    if args.worker == "fxjax":  # as the `fxjax` command, before JAX starts (a CPU run: malloc keeps freed memory)
+        from fxjax.host_allocator import keep_freed_memory
+
+        keep_freed_memory()
     result = workers[args.worker](workdir, args)
     (workdir / f"result_{args.worker}.json").write_text(json.dumps(result))
     return 0

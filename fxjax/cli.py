@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fxjax.commands import COMMAND_MODULES
 from fxjax.config_mapping import SEED_LIMIT
+from fxjax.host_allocator import keep_freed_memory
 
 
 def _seed(text: str) -> int:
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # (a CPU run: before JAX starts its threads; fxjax/host_allocator.py)
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

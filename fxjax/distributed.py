@@ -463,5 +463,6 @@ def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] 
 
 
 __all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "NO_AUTO_ENV", "auto_detect", "describe",
-           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json", "GatherCancelled",
+           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json",
+           "gather_json_to_main", "GatherCancelled",
            "PeerFailed", "joined", "mark_finished", "stop_peers"]

@@ -243,18 +243,22 @@ def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monk
 
         def key_value_delete(self, key):
             self.deleted.append(key)
+            del self.kv[key]
 
     store = Store()
     monkeypatch.setattr(global_state, "client", store)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(distributed, "_GATHERS", {})
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    assert distributed.gather_json_to_main("rows", {"n": 1}) is None
-    assert store.kv == {"fxjax/rows/0/1": '{"n": 1}'} and store.read == []
+    for call in range(2):  # process 1 runs ahead: nothing to wait for
+        assert distributed.gather_json_to_main("rows", {"n": 10 + call}) is None
+    assert store.kv == {"fxjax/rows/0/1": '{"n": 10}', "fxjax/rows/1/1": '{"n": 11}'} and store.read == []
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     monkeypatch.setattr(distributed, "_GATHERS", {})
-    assert distributed.gather_json_to_main("rows", {"n": 0}) == [{"n": 0}, {"n": 1}]
-    assert store.deleted == ["fxjax/rows/0/0", "fxjax/rows/0/1"]
+    for call in range(2):
+        assert distributed.gather_json_to_main("rows", {"n": call}) == [{"n": call}, {"n": 10 + call}]
+    assert store.deleted == ["fxjax/rows/0/0", "fxjax/rows/0/1", "fxjax/rows/1/0", "fxjax/rows/1/1"]
+    assert store.kv == {}  # every part read once, then dropped
 
 
 def test_distributed_settings_from_env_and_arguments(monkeypatch):

@@ -50,8 +50,8 @@ from fxjax import rewards
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json, gather_json_to_main
-from fxjax.host_allocator import say_allocator_tip
 from fxjax.grpo_config import GRPOConfig, GRPOSection
+from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
@@ -255,7 +255,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         f"mesh {dict(mesh.shape)}; model {start_description(cfg)} ({cfg.model.dtype}), "
         f"{n_lora:,} LoRA parameters; {len(pipeline)} prompts; {steps_total} steps of {cfg.data.batch_size} "
         f"prompts x {g.num_generations} completions; stages {stages}; loss {g.loss_type}, beta {g.beta}")
-    say_allocator_tip(jax.devices()[0].platform, say)  # (on a CPU: how to make every step faster)
+    say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)
 
     # A step samples once and makes num_iterations optimiser updates on what it sampled (TRL's num_iterations):
     # the learning-rate schedule runs over every update, and state.step counts updates.

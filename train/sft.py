@@ -36,7 +36,7 @@ import jax
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, make_mesh
-from fxjax.host_allocator import say_allocator_tip
+from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.train import faults
 from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, check_same_records, grow_floor,
                                   place_local_batch, process_rows, with_patch_dtype)
@@ -118,7 +118,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"mesh {dict(mesh.shape)}")
-    say_allocator_tip(jax.devices()[0].platform, say)  # (on a CPU: how to make every step faster)
+    say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
     check_eval_batch(cfg, mesh, say)
