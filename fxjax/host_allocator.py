@@ -10,10 +10,12 @@ options so that freed memory stays in the process for the next step: no mmap for
 (M_MMAP_MAX 0), no trimming (M_TRIM_THRESHOLD -1) and one arena (M_ARENA_MAX 1: with several, a thread's
 own arena is an mmapped heap that glibc unmaps once it is empty; measured, arena limits up to 8 kept the
 gain on 2 cores and 16 lost it). Only when JAX will run on the CPU alone (JAX_PLATFORMS says cpu, or no
-GPU / TPU plugin is installed), glibc is the allocator and no other is preloaded. The cost: the process
-keeps its peak host memory until it exits. FXJAX_SYSTEM_MALLOC=1 leaves malloc as it is. Options set
-after JAX started its threads do not help (those threads have their arenas by then), hence the command
-line only: `import fxjax` in a program changes nothing.
+GPU / TPU plugin is installed), glibc is the allocator, no other is preloaded and no MALLOC_* /
+GLIBC_TUNABLES setting says the user tuned it. The costs: the process keeps its peak host memory until it
+exits (+17% for the demo's SFT), and every thread's allocations above glibc's per-thread cache share one
+arena's lock, measured on 2 cores only (where it cost nothing visible). FXJAX_SYSTEM_MALLOC=1 leaves
+malloc as it is. Options set after JAX started its threads do not help (those threads have their arenas
+by then), hence the command line only: `import fxjax` in a program changes nothing.
 
 A preloaded tcmalloc (LD_PRELOAD) does the same and a little more (bench/README.md); `cpu_memory_note`
 says which of these a run has, once per process.
@@ -34,7 +36,8 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 1))
 # Allocators a user may have preloaded instead (by the name of their library)
 OTHER_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
-_state: dict[str, object] = {"kept": False, "said": False}
+_state: dict[str, object] = {"kept": False, "said": False, "cli": False}
+MEASURED = "5-20% less step time on a 2-core CPU"
 
 
 def jax_on_cpu_only(environ: Mapping[str, str]) -> bool:
@@ -42,7 +45,7 @@ def jax_on_cpu_only(environ: Mapping[str, str]) -> bool:
     JAX_PLATFORM_NAME) names only "cpu", or neither is set and no GPU / TPU plugin is installed (the CUDA and
     ROCm plugins live in the `jax_plugins` namespace, the TPU runtime in `libtpu`)."""
     platforms = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
-    named = [p.strip() for p in platforms.split(",") if p.strip()]
+    named = [p.strip().lower() for p in platforms.split(",") if p.strip()]
     if named:
         return all(p == "cpu" for p in named)
     return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
@@ -64,7 +67,8 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     the CPU, with glibc's malloc, before JAX is imported, and not opted out (FXJAX_SYSTEM_MALLOC=1).
     Returns whether it did."""
     environ = os.environ if environ is None else environ
-    if (environ.get(OPT_OUT, "") not in ("", "0") or "jax" in sys.modules or not sys.platform.startswith("linux")
+    _state["cli"] = True
+    if (opted_out(environ) or "jax" in sys.modules or not sys.platform.startswith("linux")
             or preloaded_allocator(environ) is not None or not jax_on_cpu_only(environ)):
         return False
     try:
@@ -76,20 +80,28 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     return bool(_state["kept"])
 
 
+def opted_out(environ: Mapping[str, str]) -> bool:
+    """FXJAX_SYSTEM_MALLOC=1, or the user tuned glibc's malloc themselves (MALLOC_*_ variables, or
+    GLIBC_TUNABLES naming glibc.malloc): theirs is kept."""
+    return (environ.get(OPT_OUT, "") not in ("", "0") or any(k.startswith("MALLOC_") for k in environ)
+            or "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""))
+
+
 def cpu_memory_note(platform: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """One line for a run on `platform` about its host allocator, or None (not a CPU, or another allocator
-    preloaded: the user chose it): that malloc keeps freed memory (and how not to), or, where the run did
-    not start through the `fxjax` command, that it could."""
+    """One line for a run on `platform` about its host allocator, or None (not a CPU, another allocator
+    preloaded, or malloc left as the user set it): that malloc keeps freed memory (and how not to), or how
+    a run could."""
     environ = os.environ if environ is None else environ
-    if platform != "cpu" or preloaded_allocator(environ) is not None:
+    if platform != "cpu" or preloaded_allocator(environ) is not None or opted_out(environ):
         return None
     if _state["kept"]:
-        return (f"host memory: glibc's malloc keeps what XLA frees, so steps do not re-zero it (10-25% faster on "
-                f"a CPU; the process keeps its peak memory; {OPT_OUT}=1 leaves malloc as it is)")
-    if environ.get(OPT_OUT, "") not in ("", "0"):
-        return None
-    return ("tip: steps on a CPU run 10-25% faster started through the `fxjax` command (it sets glibc's malloc "
-            "to keep what XLA frees before JAX starts) or with tcmalloc preloaded (LD_PRELOAD)")
+        return (f"host memory: glibc's malloc keeps what XLA frees, so steps do not re-zero it ({MEASURED}; "
+                f"the process keeps its peak memory; {OPT_OUT}=1 leaves malloc as it is)")
+    how = ("set JAX_PLATFORMS=cpu (a GPU or TPU plugin is installed, so the `fxjax` command could not know the "
+           "run is on the CPU)" if _state["cli"] and not jax_on_cpu_only(environ) else
+           "start it through the `fxjax` command, which sets glibc's malloc to keep what XLA frees before JAX "
+           "starts")
+    return f"tip: a CPU run's steps take {MEASURED} when freed host memory is kept: {how}, or preload tcmalloc"
 
 
 def say_cpu_memory_note(platform: str, say: Callable[[str], None]) -> None:

@@ -111,12 +111,13 @@ def test_grpo_prompts_balance_labels_and_bands(tmp_path):
 def test_quick_demo_runs_every_phase(tmp_path, capsys, monkeypatch):
     from fxjax import host_allocator
 
-    monkeypatch.setattr(host_allocator, "_state", {"kept": False, "said": False})  # (not said in this process yet)
+    # (not said in this process yet)
+    monkeypatch.setattr(host_allocator, "_state", {"kept": False, "said": False, "cli": False})
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--seed", "1"]) == 0
     text = capsys.readouterr().out
     if host_allocator.preloaded_allocator({}) is None:  # (pytest's process imported JAX: the tip, said once)
-        assert text.count("tip: steps on a CPU run 10-25% faster") == 1  # SFT's, not GRPO's too
+        assert text.count("tip: a CPU run's steps take") == 1  # SFT's, not GRPO's too
     for phase in ("before SFT", "after SFT", "after GRPO alpha", "after GRPO beta", "after GRPO gamma"):
         assert f"| {phase} |" in text
         assert json.loads((out / "eval" / phase.lower().replace("grpo ", "").replace(" ", "-")

@@ -415,14 +415,46 @@ def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_naming_it(tmp_
 
 
 
-def test_cpu_runs_keep_freed_memory_only_where_jax_runs_on_the_cpu_alone(tmp_path):
-    """`fxjax` sets glibc's malloc to keep freed memory (fxjax/host_allocator.py) only for a CPU-only JAX, with
-    glibc's malloc and no other allocator loaded, before JAX is imported, and not opted out; the run's note
+
+# In a fresh process: the `fxjax` command's start (main, here with --help), then a 64 MB malloc: how many
+# mmapped blocks it added (glibc's mallinfo2().hblks), then JAX on the CPU and the run's note.
+_MALLOC_PROBE = """
+import ctypes
+from fxjax import cli, host_allocator as ha
+try:
+    cli.main(["--help"])
+except SystemExit:
+    pass
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                             "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+added = libc.mallinfo2().hblks - before
+import jax
+print(added, "|", ha.cpu_memory_note(jax.devices()[0].platform) or "-")
+"""
+
+
+def test_cpu_runs_keep_freed_memory_only_where_jax_runs_on_the_cpu_alone(tmp_path, monkeypatch):
+    """The `fxjax` command sets glibc's malloc to keep freed memory (fxjax/host_allocator.py: a 64 MB block then
+    comes from the heap, not a mapping glibc would unmap at free) only for a CPU-only JAX, with glibc's malloc
+    and no other allocator loaded or tuning set, before JAX is imported, and not opted out; the run's note
     says which it is, never on a GPU or TPU."""
+    import importlib.util
+
     from fxjax import host_allocator as ha
 
-    assert ha.jax_on_cpu_only({"JAX_PLATFORMS": "cpu"}) and ha.jax_on_cpu_only({"JAX_PLATFORM_NAME": "cpu"})
+    assert ha.jax_on_cpu_only({"JAX_PLATFORMS": "cpu"}) and ha.jax_on_cpu_only({"JAX_PLATFORM_NAME": "CPU"})
     assert not ha.jax_on_cpu_only({"JAX_PLATFORMS": "cuda,cpu"}) and not ha.jax_on_cpu_only({"JAX_PLATFORMS": "tpu"})
+    installed = {"jax_plugins"}  # nothing named: a GPU or TPU plugin installed means JAX may not run on the CPU
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert not ha.jax_on_cpu_only({})
+    installed = set()
+    assert ha.jax_on_cpu_only({})
+    monkeypatch.undo()
     maps = tmp_path / "maps"
     maps.write_text("7f0 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n")
     assert ha.preloaded_allocator({}, maps) == "tcmalloc"
@@ -432,18 +464,23 @@ def test_cpu_runs_keep_freed_memory_only_where_jax_runs_on_the_cpu_alone(tmp_pat
     for preload in ("/a/libfoo.so /b/libjemalloc.so.2", "/a/libfoo.so:/b/libmimalloc.so"):  # as ld.so reads it
         assert ha.preloaded_allocator({"LD_PRELOAD": preload}, unreadable) in ("jemalloc", "mimalloc")
     assert ha.preloaded_allocator({"LD_PRELOAD": "/a/libfoo.so"}, unreadable) is None
+    for env in ({"FXJAX_SYSTEM_MALLOC": "1"}, {"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}):
+        assert ha.opted_out(env), env
+    assert not ha.opted_out({"FXJAX_SYSTEM_MALLOC": "0", "GLIBC_TUNABLES": "glibc.rtld.nns=2"})
     # in this process JAX is imported already: too late for the settings to help, so nothing is set
     assert not ha.keep_freed_memory({"JAX_PLATFORMS": "cpu"})
-    code = ("import sys; from fxjax import host_allocator as ha; kept = ha.keep_freed_memory(); import jax; "
-            "print(kept, ha.cpu_memory_note(jax.devices()[0].platform) or '-')")
+
     def run(**env):
-        full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", ha.OPT_OUT)}
-        out = subprocess.run([sys.executable, "-c", code], env={**full, "JAX_PLATFORMS": "cpu", **env},
+        clean = {k: v for k, v in os.environ.items()
+                 if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", ha.OPT_OUT) and not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env={**clean, "JAX_PLATFORMS": "cpu", **env},
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.strip()
-    kept = run()
-    assert kept.startswith("True host memory: glibc's malloc keeps what XLA frees"), kept
-    assert run(FXJAX_SYSTEM_MALLOC="1") == "False -"  # opted out: no note either
+        return out.stdout.strip().splitlines()[-1]
+    assert run() == ("0 | host memory: glibc's malloc keeps what XLA frees, so steps do not re-zero it "
+                     f"({ha.MEASURED}; the process keeps its peak memory; FXJAX_SYSTEM_MALLOC=1 leaves malloc as it is)")
+    assert run(FXJAX_SYSTEM_MALLOC="1") == "1 | -"  # opted out: glibc maps the block (and unmaps it at free)
+    tip = run(JAX_PLATFORMS="", JAX_PLATFORM_NAME="cpu", XLA_FLAGS="")  # (the same, through the older variable)
+    assert tip.startswith("0 | host memory:"), tip
     assert ha.cpu_memory_note("gpu") is None and ha.cpu_memory_note("tpu") is None
-    assert "tip: steps on a CPU run 10-25% faster" in ha.cpu_memory_note("cpu", {})  # (not kept in this process)
+    assert "start it through the `fxjax` command" in ha.cpu_memory_note("cpu", {})  # (not kept in this process)
