@@ -385,13 +385,16 @@ def allocator() -> str:
     step's temporary buffers afresh at every execution and glibc gives each one over 32 MB back to the
     kernel, so every step zeroes those pages again (~11% of an SFT step). The fxjax child does what the
     `fxjax` command does (`fxjax.host_allocator.keep_freed_memory`, in `run_worker`) unless
-    FXJAX_SYSTEM_MALLOC=1 or another allocator is preloaded."""
-    preload = [Path(p).name for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
+    FXJAX_SYSTEM_MALLOC=1, a malloc setting of the user's or another allocator says otherwise: this line
+    reads them with the same functions."""
+    from fxjax.host_allocator import OPT_OUT, opted_out, preloaded_allocator  # (the children inherit it all)
+
     tuned = [f"{k}={os.environ[k]}" for k in sorted(os.environ)
-             if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "FXJAX_SYSTEM_MALLOC")]
-    if any(name in p for p in preload for name in ("tcmalloc", "jemalloc", "mimalloc")):
-        out = f"LD_PRELOAD {' '.join(preload)}"
-    elif os.environ.get("FXJAX_SYSTEM_MALLOC", "") not in ("", "0"):
+             if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", OPT_OUT)]
+    other = preloaded_allocator(os.environ)
+    if other is not None:
+        out = f"{other} preloaded ({os.environ.get('LD_PRELOAD', '')})"
+    elif opted_out(os.environ):
         out = "glibc malloc as it is"
     else:
         out = "glibc malloc; on a CPU the fxjax child keeps freed memory as `fxjax` does"
