@@ -9,6 +9,8 @@ the key; `--set` overrides follow the same rules.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
@@ -25,15 +27,30 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 @dataclass(frozen=True)
 class StageSection:
     """One reward stage: a preset of the reward config (alpha, beta, gamma) for `steps` sampling steps (each
-    grpo.num_iterations updates)."""
+    grpo.num_iterations updates), or for `epochs` passes over data.train_files (the paper: one epoch a
+    stage), which the run turns into steps once it has read the records (GRPOConfig.with_stage_steps)."""
 
     name: str = "alpha"
-    steps: int = 100
+    steps: int | None = None
+    epochs: float | None = None
 
     def validate(self, where: str) -> None:
         if not self.name:
             raise ConfigError(f"{where}.name: give a stage of the reward config (alpha, beta, gamma)")
-        check_positive(self.steps, f"{where}.steps")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"{where}: give exactly one of steps (sampling steps) and epochs (passes over "
+                              f"data.train_files), got steps={self.steps}, epochs={self.epochs}")
+        if self.steps is not None:
+            check_positive(self.steps, f"{where}.steps")
+        elif not 0 < self.epochs < float("inf"):
+            raise ConfigError(f"{where}.epochs: must be positive and finite, got {self.epochs}")
+
+    def steps_for(self, records: int, batch_size: int) -> int:
+        """This stage's sampling steps over `records` training prompts, `batch_size` of them a step: its
+        steps, or its epochs rounded up to whole steps (as SFT rounds train.epochs)."""
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(self.epochs * records / batch_size))
 
 
 @dataclass(frozen=True)
@@ -137,19 +154,38 @@ class GRPOConfig(RunConfig):
                               f"({self.data.batch_size} prompts per step): micro-batches hold whole groups")
         return self
 
+    def with_stage_steps(self, records: int) -> "GRPOConfig":
+        """This config with every stage's length in steps: a stage given in epochs gets the steps they take
+        over `records` training prompts (data.batch_size a step). The run calls it once it has read its
+        records; what a checkpoint records stays the config as given."""
+        if self.grpo.schedule == "continuous" or all(s.epochs is None for s in self.stages):
+            return self
+        if records <= 0:
+            raise ConfigError("stages: a stage given in epochs needs training records, and data.train_files "
+                              "holds none")
+        stages = tuple(dataclasses.replace(s, steps=s.steps_for(records, self.data.batch_size), epochs=None)
+                       for s in self.stages)
+        return dataclasses.replace(self, stages=stages)
+
+    def _stage_steps(self) -> list[int]:
+        unresolved = [s.name for s in self.stages if s.steps is None]
+        if unresolved:  # (a programming error: the run resolves epochs before it counts steps)
+            raise ValueError(f"stages {unresolved} are given in epochs: call with_stage_steps(records) first")
+        return [int(s.steps) for s in self.stages]
+
     @property
     def total_steps(self) -> int:
         if self.grpo.schedule == "continuous":
             return int(self.train.steps)
-        return sum(s.steps for s in self.stages)
+        return sum(self._stage_steps())
 
     def stage_at(self, step: int) -> tuple[int, StageSection | None]:
         """(stage index, stage) of the sampling step numbered `step` (0-based); (0, None) when continuous."""
         if self.grpo.schedule == "continuous":
             return 0, None
         end = 0
-        for i, stage in enumerate(self.stages):
-            end += stage.steps
+        for i, (stage, steps) in enumerate(zip(self.stages, self._stage_steps())):
+            end += steps
             if step < end:
                 return i, stage
         return len(self.stages) - 1, self.stages[-1]

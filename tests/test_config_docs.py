@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fxjax.grpo_config import GRPOConfig
+from fxjax.grpo_config import GRPOConfig, load_grpo_config
 from fxjax.train_config import SFTConfig, load_sft_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -27,6 +27,7 @@ DEFAULTS: dict[str, type] = {
 # file under configs/ -> the loader that must accept it as it is
 RECIPES: dict[str, typing.Callable] = {
     "recipes/paper_3b_sft.yaml": load_sft_config,
+    "recipes/paper_3b_grpo.yaml": load_grpo_config,
 }
 # YAML files under configs/ that are neither, and the test that checks them
 OTHERS = {

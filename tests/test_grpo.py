@@ -360,7 +360,9 @@ def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
     config = yaml.safe_load(setup["config"].read_text())
     config["model"]["adapter"] = str(adapter)
     config["lora"]["dropout"] = 0.0
-    config["stages"] = [{"name": "alpha", "steps": 2}]
+    # (in epochs: 0.4 of the 8 training prompts at 2 a step rounds up to 2 steps, the path a paper-style
+    # config of one epoch a stage takes)
+    config["stages"] = [{"name": "alpha", "epochs": 0.4}]
     path = setup["root"] / "grpo_no_dropout.yaml"
     path.write_text(yaml.safe_dump(config))
     runs = {}
@@ -369,6 +371,7 @@ def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
         code, log = grpo(setup, name, config=path, sets=[f"grpo.share_prompts={str(share).lower()}"])
         assert code == 0, log[-3000:]
         assert "2 cpu device(s)" in log
+        assert "stage alpha: 0.4 epoch(s) of 8 prompts at 2 a step = 2 steps" in log
         records = [json.loads(line) for line in (setup["root"] / name / "metrics.jsonl").read_text().splitlines()]
         runs[share] = adapter_tensors(setup["root"] / name / "adapter"), [r for r in records if r.get("kind") == "train"]
     (full, full_log), (shared, shared_log) = runs[False], runs[True]

@@ -34,6 +34,18 @@ def test_the_shipped_configs_load_and_are_frozen():
     assert (paper.data.max_length, paper.model.dtype) == (8192, "bfloat16")
     assert paper.data.train_files == ("data/train.jsonl",) and paper.data.eval_files == ("data/test.jsonl",)
 
+    # ... and its GRPO phase: one epoch a stage, G 4 at temperature 1, group-scaled advantages, plain k3 KL,
+    # from the SFT recipe's run folder.
+    from fxjax.grpo_config import load_grpo_config
+    grpo = load_grpo_config(REPO / "configs" / "recipes" / "paper_3b_grpo.yaml")
+    assert [(s.name, s.epochs, s.steps) for s in grpo.stages] == [("alpha", 1, None), ("beta", 1, None),
+                                                                  ("gamma", 1, None)]
+    assert (grpo.grpo.schedule, grpo.grpo.num_generations, grpo.grpo.temperature) == ("stages", 4, 1.0)
+    assert (grpo.grpo.scale_rewards, grpo.grpo.use_bias_correction_kl) == ("group", False)
+    assert (grpo.grpo.top_k, grpo.grpo.top_p) == (0, 1.0)  # temperature 1 sampling over the whole vocabulary
+    assert grpo.model.from_run == paper.train.output_dir and grpo.data.train_files == paper.data.train_files
+    assert grpo.with_stage_steps(records=1000).total_steps == 3000  # data.batch_size 1: a step a record
+
 
 @pytest.mark.parametrize("patch, message", [
     ({"optim": {"learnin_rate": 1e-4}}, "optim.learnin_rate: unknown key"),
@@ -282,6 +294,44 @@ def test_grpo_checks_the_train_section_naming_the_key(train, message):
     with pytest.raises(ConfigError, match=message):
         grpo_from_dict({**data, "train": train, "grpo": {"schedule": schedule}})
     assert grpo_from_dict({**data, "train": {"steps": 7}, "grpo": {"schedule": "continuous"}}).total_steps == 7
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"name": "alpha"}, r"stages\[0\]: give exactly one of steps .* and epochs"),
+    ({"name": "alpha", "steps": 3, "epochs": 1}, r"stages\[0\]: give exactly one of steps"),
+    ({"name": "alpha", "epochs": 0}, r"stages\[0\].epochs: must be positive"),
+    ({"name": "alpha", "epochs": float("inf")}, r"stages\[0\].epochs: must be positive and finite"),
+    ({"name": "alpha", "steps": 0}, r"stages\[0\].steps: must be"),
+])
+def test_a_grpo_stage_gives_steps_or_epochs(stage, message):
+    """A stage runs for `steps` sampling steps or `epochs` passes over the training records (the paper: one
+    epoch a stage), never both; a stage with neither was given 100 steps silently."""
+    from fxjax.grpo_config import grpo_from_dict
+
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    with pytest.raises(ConfigError, match=message):
+        grpo_from_dict({**data, "stages": [stage]})
+
+
+def test_grpo_stages_in_epochs_become_whole_steps_over_the_records():
+    """Epochs round up to whole steps of data.batch_size prompts (as SFT's train.epochs); stages given in
+    steps keep them; nothing counts steps before the epochs are resolved."""
+    from fxjax.grpo_config import grpo_from_dict
+
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    cfg = grpo_from_dict({**data, "data": {**data["data"], "batch_size": 4},
+                          "stages": [{"name": "alpha", "epochs": 1}, {"name": "beta", "steps": 5},
+                                     {"name": "gamma", "epochs": 0.5}]})
+    with pytest.raises(ValueError, match=r"stages \['alpha', 'gamma'\] are given in epochs"):
+        cfg.total_steps
+    resolved = cfg.with_stage_steps(records=10)  # 10 / 4 -> 3 steps; 5 / 4 -> 2
+    assert [(s.name, s.steps, s.epochs) for s in resolved.stages] == [("alpha", 3, None), ("beta", 5, None),
+                                                                      ("gamma", 2, None)]
+    assert resolved.total_steps == 10 and resolved.stage_at(2)[1].name == "alpha"
+    assert resolved.stage_at(3)[1].name == "beta" and resolved.stage_at(8)[1].name == "gamma"
+    assert cfg.stages[0].epochs == 1  # the config as given is unchanged (what a checkpoint records)
+    steps_only = grpo_from_dict({**data, "stages": [{"name": "alpha", "steps": 7}]})
+    assert steps_only.with_stage_steps(records=10) is steps_only and steps_only.total_steps == 7
 
 
 def test_the_image_size_limit_reaches_the_data_pipeline():

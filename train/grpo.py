@@ -34,7 +34,6 @@ Also exported: `group_advantages` and `grpo_loss` (fxjax.train.grpo_loss), TRL's
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -114,6 +113,16 @@ def stage_weights(cfg: GRPOConfig, step: int) -> tuple[str, rewards.RewardWeight
         return "continuous", rewards.continuous_weights(step, cfg.total_steps, cfg.grpo.reward_config)
     _, stage = cfg.stage_at(step)
     return stage.name, rewards.load_stage(stage.name, cfg.grpo.reward_config)
+
+
+def _stages_in_steps(cfg: GRPOConfig, records: int, say: Callable[[str], None]) -> GRPOConfig:
+    """cfg with the stages given in epochs turned into steps over the `records` training prompts (said)."""
+    resolved = cfg.with_stage_steps(records)
+    for given, stage in zip(cfg.stages, resolved.stages):
+        if given.epochs is not None:
+            say(f"grpo: stage {given.name}: {given.epochs:g} epoch(s) of {records} prompts at "
+                f"{cfg.data.batch_size} a step = {stage.steps} steps")
+    return resolved
 
 
 def loss_options(g: GRPOSection) -> LossOptions:
@@ -221,8 +230,11 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
     g = cfg.grpo
     # every stage's reward weights read (and a bad reward file reported) now, not after the model loads
-    for first_step in itertools.accumulate([s.steps for s in cfg.stages[:-1]], initial=0):
-        stage_weights(cfg, first_step)
+    if g.schedule == "continuous":
+        stage_weights(cfg, 0)
+    else:
+        for stage in cfg.stages:
+            rewards.load_stage(stage.name, g.reward_config)
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     shard_rows = batch_divides("data.batch_size / optim.grad_accum (a micro-batch's prompts)",
                                cfg.data.batch_size // cfg.optim.grad_accum, mesh,
@@ -234,6 +246,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     per_shard, built = mine.shard_ids is not None, mine.built_shards
     pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows))
     check_same_records(pipeline)
+    cfg = _stages_in_steps(cfg, len(pipeline), say)
     rows_sharding = NamedSharding(mesh, batch_spec(2, 0) if shard_rows else P())  # sampled [P*G, N] tokens
     batch_rewards = _batch_rewards(mine) if jax.process_count() > 1 and mine.batch_rows is not None else None
     patch_dtype = as_dtype(cfg.model.dtype)
