@@ -215,6 +215,22 @@ def test_check_resume_config_warns_on_what_changed_the_run():
         [" model.dtype", " bfloat16 -> float32"], [" data.seed", " 0 -> 3"]]
 
 
+def test_a_grpo_checkpoint_written_before_stage_epochs_resumes_without_a_warning():
+    """A checkpoint's stages recorded before a stage had `epochs` ({name, steps}) are the same stages as
+    today's record of them ({name, steps, epochs: null}); a changed stage length still warns."""
+    from fxjax.grpo_config import GRPOConfig
+    from fxjax.train.grpo import GRPO_WATCHED
+    from fxjax.train.resume_check import check_resume_config
+
+    current = GRPOConfig().to_dict()
+    saved = json.loads(json.dumps(current))
+    saved["stages"] = [{"name": s["name"], "steps": s["steps"]} for s in saved["stages"]]
+    assert "epochs" in current["stages"][0] and check_resume_config(saved, current, print, GRPO_WATCHED) == []
+    current["stages"][1]["steps"] = 50
+    (line,) = check_resume_config(saved, current, print, GRPO_WATCHED)
+    assert "different stages config" in line and "'steps': 50" in line
+
+
 def test_interval_means_average_the_steps_between_two_records():
     """What SFT logs every train.log_every steps: the mean of each value over those steps (as HF Trainer's
     logged loss), over the finite ones (a skipped non-finite step does not turn the mean into NaN), then a

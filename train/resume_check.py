@@ -40,12 +40,22 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+def _same_items(saved: Any, current: Any) -> bool:
+    """Two lists of mappings (GRPO's stages) are the same when their items hold the same values, a key one
+    lacks counting as null: a checkpoint written before a key was added (a stage's `epochs`) is not a
+    change."""
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current) \
+            and all(isinstance(x, Mapping) for x in (*saved, *current)):
+        return all(not changed_keys(a, b) for a, b in zip(saved, current))
+    return saved == current
+
+
 def changed_keys(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None,
                  keys: tuple[str, ...] | None = None) -> list[str]:
     """`key: old -> new` for each key of a section whose value differs (all keys, or only `keys`); a section
     that is not a mapping (GRPO's list of stages) is compared whole."""
     if not isinstance(saved or {}, Mapping) or not isinstance(current or {}, Mapping):
-        return [] if saved == current else [f"{_show(saved)} -> {_show(current)}"]
+        return [] if _same_items(saved, current) else [f"{_show(saved)} -> {_show(current)}"]
     saved, current = dict(saved or {}), dict(current or {})
     names = keys if keys is not None else sorted(set(saved) | set(current))
     return [f"{k}: {_show(saved.get(k))} -> {_show(current.get(k))}" for k in names if saved.get(k) != current.get(k)]
