@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 from fxjax.config_mapping import ConfigError, check_positive, check_seed
@@ -187,6 +188,14 @@ class OptimSection:
             raise ConfigError(f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
 
 
+def steps_for_epochs(epochs: float, records: int, per_step: int) -> int:
+    """Whole steps for `epochs` passes over `records` examples, `per_step` a step: rounded up, at least one.
+    Exact for the decimal the config wrote (1.1 epochs of 100 records at 1 a step is 110 steps; in floats
+    1.1 * 100 is 110.00000000000001, which rounded up to 111)."""
+    exact = Fraction(repr(float(epochs))) * records / per_step
+    return max(1, math.ceil(exact))
+
+
 @dataclass(frozen=True)
 class TrainSection:
     steps: int | None = None  # optimiser updates; or give epochs
@@ -198,6 +207,8 @@ class TrainSection:
     log_every: int = 1  # SFT: metrics.jsonl / TensorBoard interval (steps; values are its means); GRPO: every step
     progress_bar: bool = True
     tensorboard: bool = True  # write TensorBoard events when a writer is installed
+    profile_steps: int = 0  # updates (GRPO: steps) to trace with jax.profiler into <output_dir>/profile (0: off)
+    profile_start: int = 2  # the first traced update, 0-based over the run (the ones before, compilation among them, are not)
 
     def validate(self, where: str) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -213,6 +224,9 @@ class TrainSection:
         check_seed(self.seed, f"{where}.seed")
         check_positive(self.loss_chunk, f"{where}.loss_chunk")
         check_positive(self.log_every, f"{where}.log_every")
+        for name in ("profile_steps", "profile_start"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,12 @@ the key; `--set` overrides follow the same rules.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
-from fxjax.config_sections import TrainSection
+from fxjax.config_sections import TrainSection, steps_for_epochs
 from fxjax.train_config import RunConfig, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
@@ -50,7 +49,7 @@ class StageSection:
         steps, or its epochs rounded up to whole steps (as SFT rounds train.epochs)."""
         if self.steps is not None:
             return int(self.steps)
-        return max(1, math.ceil(self.epochs * records / batch_size))
+        return steps_for_epochs(self.epochs, records, batch_size)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ Subprocesses share a persistent XLA compilation cache, so each program compiles 
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import signal
@@ -368,9 +369,16 @@ def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
     runs = {}
     for share in (False, True):
         name = f"share_{share}"
-        code, log = grpo(setup, name, config=path, sets=[f"grpo.share_prompts={str(share).lower()}"])
+        # (the shared run also traces its second step with jax.profiler: that changes none of its numbers)
+        profile = ["train.profile_start=1", "train.profile_steps=1"] if share else []
+        code, log = grpo(setup, name, config=path, sets=[f"grpo.share_prompts={str(share).lower()}", *profile])
         assert code == 0, log[-3000:]
         assert "2 cpu device(s)" in log
+        if share:  # the step's reference log-probs (beta > 0) and its update
+            assert "profile: tracing updates 1-1 (0-based)" in log and "profile: trace written under" in log
+            (trace,) = (setup["root"] / name / "profile").glob("plugins/profile/*/*.trace.json.gz")
+            names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
+            assert {"PjitFunction(step)", "PjitFunction(run)"} <= names, sorted(n for n in names if "Pjit" in str(n))
         assert "stage alpha: 0.4 epoch(s) of 8 prompts at 2 a step = 2 steps" in log
         records = [json.loads(line) for line in (setup["root"] / name / "metrics.jsonl").read_text().splitlines()]
         runs[share] = adapter_tensors(setup["root"] / name / "adapter"), [r for r in records if r.get("kind") == "train"]

@@ -27,19 +27,69 @@ class _Checkpointer:
         pass
 
 
-def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, metrics=None):
-    cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=every), train=SimpleNamespace(progress_bar=False),
+def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, metrics=None, profile=(2, 0),
+         sync=None, body=None):
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=every),
+                          train=SimpleNamespace(progress_bar=False, output_dir="out", profile_start=profile[0],
+                                                profile_steps=profile[1]),
                           eval=SimpleNamespace(every=eval_every, at_start=False, at_end=at_end))
     saved, evaluated, said = [], [], []
     control = LoopControl("sft", cfg, steps_total=steps, first=first, checkpointer=_Checkpointer(),
                           save=saved.append, say=said.append, show_progress=False,
                           evaluate=lambda tag: evaluated.append((tag, control.done)),
-                          metrics=metrics or SimpleNamespace(close=lambda: None), iterator=None)
+                          metrics=metrics or SimpleNamespace(close=lambda: None), iterator=None, sync=sync)
     with control:
         for update in control.updates(first):
+            if body is not None:
+                body(update)
             if update + 1 == signal_at:
                 os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it
     return control, saved, evaluated, said
+
+
+class _Profiler:
+    """jax.profiler's start_trace / stop_trace, recorded in order with the loop's updates and syncs."""
+
+    def __init__(self, monkeypatch, events):
+        import jax
+
+        def start_trace(directory, profiler_options):
+            assert profiler_options.python_tracer_level == 0  # (the Python tracer floods a trace)
+            events.append(("start", Path(directory).name))
+
+        monkeypatch.setattr(jax.profiler, "start_trace", start_trace)
+        monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append(("stop",)))
+
+
+@pytest.mark.parametrize("first, signal_at, expected", [
+    # updates 1-2 traced; the loop's sync (the wait for update 2 on the device) comes before the stop
+    (0, None, [("update", 0), ("start", "profile"), ("update", 1), ("update", 2), ("sync",), ("stop",),
+               ("update", 3)]),
+    # preempted after update 1 (done 2... the signal lands in update 1): the trace stops on the way out
+    (0, 2, [("update", 0), ("start", "profile"), ("update", 1), ("stop",)]),
+    # resumed at update 3, past profile_start 1: no trace, and said
+    (3, None, [("update", 3)]),
+])
+def test_the_trace_covers_the_asked_updates_and_waits_for_the_last(monkeypatch, tmp_path, first, signal_at,
+                                                                    expected):
+    monkeypatch.chdir(tmp_path)
+    events = []
+    _Profiler(monkeypatch, events)
+    control, _, _, said = _run(4, first=first, signal_at=signal_at, profile=(1, 2),
+                               sync=lambda: events.append(("sync",)), body=lambda u: events.append(("update", u)))
+    assert events == expected
+    if first == 3:
+        assert "profile: train.profile_start 1 is before this run's first update (3, resumed)" in said[0]
+    else:
+        assert "profile: tracing updates 1-2 (0-based) into out/profile" in said
+        assert (tmp_path / "out" / "profile").is_dir()
+
+
+def test_no_trace_unless_asked(monkeypatch):
+    events = []
+    _Profiler(monkeypatch, events)
+    _run(4, sync=lambda: events.append(("sync",)))
+    assert events == []
 
 
 @pytest.mark.parametrize("at_end", [True, False])

@@ -13,6 +13,7 @@ Subprocesses share a persistent XLA compilation cache, so each program compiles 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -110,12 +111,36 @@ def eval_at_end_args(setup) -> list[str]:
             "--set", "eval.batch_size=2", "--set", "eval.max_new_tokens=8"]
 
 
+def traced_events(run_dir: Path) -> list[dict]:
+    """The events of the run's jax.profiler trace (train.profile_steps), of its one trace."""
+    (trace,) = (run_dir / "profile").glob("plugins/profile/*/*.trace.json.gz")
+    assert len(list(trace.parent.glob("*.xplane.pb"))) == 1  # what TensorBoard's profile plugin reads
+    return json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+
+
+def traced_step_calls(events: list[dict]) -> int:
+    """Calls of the jitted train step in a trace: its outermost `PjitFunction(step)` spans (each call shows
+    as two nested ones)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "PjitFunction(step)")
+    calls, end = 0, float("-inf")
+    for start, stop in spans:
+        if start >= end:
+            calls, end = calls + 1, stop
+    return calls
+
+
 @pytest.fixture(scope="module")
 def straight(setup):
-    code, log = sft(setup, "straight", extra=[a for a in eval_at_end_args(setup) if a != "--set"], report=True)
+    # (also traces updates 1-2 with jax.profiler: the trace changes nothing the tests compare)
+    code, log = sft(setup, "straight", extra=[a for a in eval_at_end_args(setup) if a != "--set"]
+                    + ["train.profile_start=1", "train.profile_steps=2"], report=True)
     assert code == 0, log[-3000:]
     report = setup["root"] / "straight" / "report.png"
     assert f"wrote the report {report}" in log and report.stat().st_size > 20_000
+    assert "profile: tracing updates 1-2 (0-based)" in log and "profile: trace written under" in log
+    events = traced_events(setup["root"] / "straight")
+    # the two traced updates' train steps, and no Python tracer events (a two-step trace was 1M of them)
+    assert traced_step_calls(events) == 2 and not any(e.get("name", "").startswith("$") for e in events)
     return adapter_tensors(setup["root"] / "straight" / "adapter")
 
 
@@ -128,9 +153,13 @@ def interrupted(setup):
     code, log = sft(setup, "chain", env={"FXJAX_FAULT": "save@4"},
                     until="fxjax-fault: paused at save@4", then=signal.SIGKILL)
     out["killed_in_save"] = (code, committed_steps(ckpt), sorted(p.name for p in ckpt.iterdir()))
+    # (resumed from step 2 and tracing from there: the SIGTERM ends the run inside the trace, which is
+    # written all the same)
     code, log = sft(setup, "chain", env={"FXJAX_FAULT": "after_step@3"},
-                    until="fxjax-fault: paused at after_step@3", then=signal.SIGTERM)
+                    until="fxjax-fault: paused at after_step@3", then=signal.SIGTERM,
+                    extra=["train.profile_start=2", "train.profile_steps=5"])
     out["sigterm"] = (code, log, committed_steps(ckpt))
+    out["sigterm_trace"] = traced_events(setup["root"] / "chain") if code == 0 else None
     code, log = sft(setup, "chain")
     out["final"] = (code, log)
     out["adapter"] = adapter_tensors(setup["root"] / "chain" / "adapter") if code == 0 else None
@@ -149,6 +178,9 @@ def test_sigterm_saves_and_exits_cleanly(interrupted):
     assert code == 0, log[-3000:]
     assert "resumed from step 2" in log and "received signal 15; saved step 3" in log and "preempted at step 3/4" in log
     assert steps == [2, 3]
+    # the trace it had started (updates 2-6 asked, the run stopped after 3) was written on the way out
+    assert "profile: tracing updates 2-6 (0-based)" in log and "profile: trace written under" in log
+    assert traced_step_calls(interrupted["sigterm_trace"]) == 1  # update 2, then the signal
     code, log = interrupted["final"]
     assert code == 0, log[-3000:]
     assert "resumed from step 3" in log

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fxjax.config_mapping import ConfigError
 from fxjax.train_config import SFTConfig, apply_overrides, from_dict, load_sft_config
@@ -43,6 +44,9 @@ def test_the_shipped_configs_load_and_are_frozen():
     assert (grpo.grpo.schedule, grpo.grpo.num_generations, grpo.grpo.temperature) == ("stages", 4, 1.0)
     assert (grpo.grpo.scale_rewards, grpo.grpo.use_bias_correction_kl) == ("group", False)
     assert (grpo.grpo.top_k, grpo.grpo.top_p) == (0, 1.0)  # temperature 1 sampling over the whole vocabulary
+    assert (grpo.data.min_pixels, grpo.data.max_pixels) == (3136, 12845056)  # the paper's image limits
+    recipe = yaml.safe_load((REPO / "configs" / "recipes" / "paper_3b_grpo.yaml").read_text())
+    assert {"top_k", "top_p", "temperature", "num_generations"} <= set(recipe["grpo"])  # written out, not defaults
     assert grpo.model.from_run == paper.train.output_dir and grpo.data.train_files == paper.data.train_files
     assert grpo.with_stage_steps(records=1000).total_steps == 3000  # data.batch_size 1: a step a record
 
@@ -332,6 +336,23 @@ def test_grpo_stages_in_epochs_become_whole_steps_over_the_records():
     assert cfg.stages[0].epochs == 1  # the config as given is unchanged (what a checkpoint records)
     steps_only = grpo_from_dict({**data, "stages": [{"name": "alpha", "steps": 7}]})
     assert steps_only.with_stage_steps(records=10) is steps_only and steps_only.total_steps == 7
+
+
+def test_epochs_round_up_to_whole_steps_exactly_for_sft_and_grpo():
+    """1.1 epochs of 100 records at 1 a step are 110 steps (the float product 110.00000000000001 rounded up
+    to 111), 0.07 of 100 are 7 (not 8); SFT counts data.batch_size x grad_accum a step, a GRPO stage
+    data.batch_size prompts."""
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train.sft import total_steps
+
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    grpo = grpo_from_dict({**data, "data": {**data["data"], "batch_size": 1},
+                           "stages": [{"name": "alpha", "epochs": 1.1}, {"name": "beta", "epochs": 0.07}]})
+    assert [s.steps for s in grpo.with_stage_steps(100).stages] == [110, 7]
+    sft = from_dict({**data, "data": {**data["data"], "batch_size": 2}, "optim": {"grad_accum": 5},
+                     "train": {"epochs": 1.1}})
+    assert total_steps(sft, 1000) == 110 and total_steps(dataclasses.replace(
+        sft, train=dataclasses.replace(sft.train, epochs=0.0001)), 1000) == 1
 
 
 def test_the_image_size_limit_reaches_the_data_pipeline():

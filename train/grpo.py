@@ -6,7 +6,8 @@
       -> metrics.jsonl / TensorBoard / tqdm, tagged with the stage -> orbax checkpoints -> export
 
 Stages: `stages` lists the reward stages in order (default alpha, beta, gamma), each for its number of
-steps, with the weights of the reward config; `grpo.schedule=continuous` uses w_G(t) over train.steps.
+steps or of epochs over the training records (turned into steps once the records are read), with the
+weights of the reward config; `grpo.schedule=continuous` uses w_G(t) over train.steps.
 The policy is the LoRA model; the reference policy is the same model with LoRA disabled (no copy).
 
 Data per process (as SFT, train.sft): every process follows one global prompt stream but reads, decodes
@@ -77,7 +78,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["GRPOResult", "group_advantages", "grpo_loss", "run_grpo"]
 
 # What a resumed GRPO run compares with its checkpoint's config: SFT's sections, the sampling and loss
-# settings, and the stages (the step count; steps come from the stages, not train.steps).
+# settings, and the stages (their names and lengths: the step count comes from the stages, not train.steps;
+# with stages in epochs also from the records, whose change the data position's fingerprint refuses).
 GRPO_WATCHED = {**WATCHED, "grpo": (tuple(f.name for f in dataclasses.fields(GRPOSection) if f.name != "log_completions"),
                                      "the sampling or the loss"),
                 "stages": (None, "the reward stages, so the step count and the schedule")}

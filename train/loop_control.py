@@ -24,6 +24,7 @@ from fxjax.train import faults
 from fxjax.train.export import save_adapter, save_merged, write_exports
 from fxjax.train.metrics import ProgressBar
 from fxjax.train.preemption import PreemptionSignals
+from fxjax.train.step_trace import StepTrace
 
 
 class NonFiniteError(RuntimeError):
@@ -82,7 +83,7 @@ class LoopControl:
 
     def __init__(self, name: str, cfg, *, steps_total: int, first: int, checkpointer, save: Callable[[int], None],
                  say: Callable[[str], None], show_progress: bool, evaluate: Callable[[str], Any] | None,
-                 metrics, iterator):
+                 metrics, iterator, sync: Callable[[], None] | None = None):
         self.name, self.steps_total, self.checkpointer = name, steps_total, checkpointer
         self._save, self.say = save, say
         self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
@@ -94,6 +95,9 @@ class LoopControl:
         self.signals = PreemptionSignals()
         self.metrics = metrics
         self._closing = (metrics, iterator)
+        # train.profile_steps: the loop's `sync` waits for the last traced update on the device (None: the
+        # loop body has waited already)
+        self.trace, self._sync = StepTrace.for_run(cfg.train, say), sync
 
     def __enter__(self) -> "LoopControl":
         """Take the preemption signals and, in a fresh run, evaluate at the start (cfg.eval.at_start); in a
@@ -112,6 +116,7 @@ class LoopControl:
         """Give the signals back; finish pending saves; release the checkpointer, metrics files and the data
         iterator's workers, whatever happened."""
         self.signals.__exit__(*exc)
+        self.trace.stop()  # (a run that stopped early: what was traced is written)
         close_run(self.bar, self.checkpointer, *self._closing)
 
     def updates(self, first: int):
@@ -119,9 +124,12 @@ class LoopControl:
         bookkeeping of `after_step` and stops early when preempted (`preempted` set); at the end the final state
         is saved and committed. `done` counts the updates made."""
         self.done, self.preempted = first, False
+        self.trace.plan(first, self.steps_total)
         while self.done < self.steps_total:
+            self.trace.before(self.done)
             yield self.done
             self.done += 1
+            self.trace.after(self.done, self._sync)
             if self.after_step(self.done):
                 self.preempted = True
                 break

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import jax
 
+from fxjax.config_sections import steps_for_epochs
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, make_mesh
@@ -93,8 +94,7 @@ def data_config(cfg: SFTConfig) -> DataConfig:
 def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:
     if cfg.train.steps is not None:
         return int(cfg.train.steps)
-    per_step = cfg.data.batch_size * cfg.optim.grad_accum
-    return max(1, math.ceil(cfg.train.epochs * records_per_epoch / per_step))
+    return steps_for_epochs(cfg.train.epochs, records_per_epoch, cfg.data.batch_size * cfg.optim.grad_accum)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
     batch_sh = None
     with LoopControl("sft", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
                      say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
-                     metrics=metrics, iterator=batches) as control:
+                     metrics=metrics, iterator=batches, sync=settle) as control:
         for step_now in control.updates(step_now):
             t0 = time.perf_counter()
             batch, tokens = next(batches).batch
