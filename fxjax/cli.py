@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "AdamW with warmup + cosine, gradient accumulation, orbax checkpoints (running "
                                    "the same command again resumes from the latest one), periodic evaluation, "
                                    "export. SIGTERM/SIGINT save a checkpoint and exit 0. Metrics go to "
-                                   "<train.output_dir>/metrics.jsonl.",
+                                   "<train.output_dir>/metrics.jsonl; --set train.profile_steps=N traces N "
+                                   "updates with jax.profiler into <train.output_dir>/profile.",
                        epilog="example: fxjax sft --config configs/sft.yaml --set model.path=DIR "
                               "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. "
                               "A --set of one of a pair that excludes each other replaces the other "

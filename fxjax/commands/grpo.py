@@ -24,7 +24,8 @@ them), their boxes and verdicts the rewards' truth.
 Outputs under train.output_dir: metrics.jsonl (per step: reward and each component, format rate,
 verdict accuracy, mean IoU on generated images, KL, clip ratios, entropy, completion lengths,
 truncated and zero-std fractions, rollout/update times, the stage), TensorBoard events, checkpoints/
-(resumes from the latest: run the same command again). SIGTERM saves and exits 0; a non-finite loss
+(resumes from the latest: run the same command again), and with --set train.profile_steps=N a
+jax.profiler trace of N steps in profile/. SIGTERM saves and exits 0; a non-finite loss
 exits 3 with the last good checkpoint kept."""
 
 
