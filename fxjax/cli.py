@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fxjax.commands import COMMAND_MODULES
 from fxjax.config_mapping import SEED_LIMIT
+from fxjax.compilation_cache import use_compilation_cache
 from fxjax.host_allocator import keep_freed_memory
 
 
@@ -136,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grounded AI-generated-image detection with Qwen2.5-VL in JAX/Flax: "
                     "HF-exact model, checkpoint import/export, LoRA training.",
         epilog="Start with `fxjax demo` (offline, 5-11 minutes on 2 CPU cores). The full path: a dataset (your JSONL, "
-               "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each.",
+               "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each. "
+               "Compiled programs are kept in ~/.cache/fxjax/xla (JAX's persistent cache; FXJAX_COMPILATION_CACHE=DIR "
+               "puts it elsewhere, =off keeps none), so a resumed or repeated run does not compile them again.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -270,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # (a CPU run: before JAX starts its threads; fxjax/host_allocator.py)
+    use_compilation_cache()  # (before JAX is imported, which reads its cache settings; fxjax/compilation_cache.py)
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

@@ -19,7 +19,10 @@ from numerics import free_port
 # ones. JAX_DISABLE_MOST_OPTIMIZATIONS: LLVM at -O0 (a third of the suite's time). The fusion emitters off:
 # XLA:CPU's older loop emitters for fused ops (the 8-device sharding worker: 32 -> 18 s for one mesh, 2 AMD
 # EPYC cores).
-COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+# FXJAX_COMPILATION_CACHE off: a command a test runs compiles its programs (the `fxjax` command's default
+# cache under ~/.cache would carry programs from one test, or one suite run, to the next); a test that wants
+# a cache gives one (`subprocess_env(compilation_cache=...)`).
+COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "FXJAX_COMPILATION_CACHE": "off"}
 COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
