@@ -103,8 +103,10 @@ Multi-host start-up (how the TPU environment reaches JAX):
   already set (FXJAX_NUM_PROCESSES, e.g. through --env) win over the metadata; a count given without
   FXJAX_PROCESS_ID takes this worker's number as the id. A single-host slice
   (v5litepod-8, v6e-8, v5p-8) runs one process on all its local chips and sets nothing.
-  worker-run also sets JAX_COMPILATION_CACHE_DIR=\$HOME/fxjax-jax-cache (unless set) so a relaunch
-  reuses compiled programs, and writes fxjax's output to LOG_DIR/worker-<id>.log.
+  worker-run writes fxjax's output to LOG_DIR/worker-<id>.log. The fxjax command keeps compiled
+  programs in ~/.cache/fxjax/xla on a TPU, so a relaunch reuses them; JAX writes them from process 0
+  only, so with several workers pass --env FXJAX_COMPILATION_CACHE=DIR (a folder all workers share, or
+  a gs:// bucket) for all of them to skip compiling.
 
   Every worker needs the model, the data and the config at the same path (copy them with
   \`gcloud compute tpus tpu-vm scp --recurse --worker=all\`, or use a shared mount), and with several
@@ -544,7 +546,6 @@ do_worker_run() {
         "server to read this worker's number from: pass --env FXJAX_PROCESS_ID=N too"
     export FXJAX_PROCESS_ID=$worker_id
   fi
-  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/fxjax-jax-cache}
   mkdir -p "$LOG_DIR"
   local log=$LOG_DIR/worker-$worker_id.log
   if [[ -e $log ]]; then

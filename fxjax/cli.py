@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "HF-exact model, checkpoint import/export, LoRA training.",
         epilog="Start with `fxjax demo` (offline, 5-11 minutes on 2 CPU cores). The full path: a dataset (your JSONL, "
                "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each. "
-               "Compiled programs are kept in ~/.cache/fxjax/xla (JAX's persistent cache; FXJAX_COMPILATION_CACHE=DIR "
-               "puts it elsewhere, =off keeps none), so a resumed or repeated run does not compile them again.",
+               "On a GPU or TPU compiled programs are kept in ~/.cache/fxjax/xla (JAX's persistent cache; "
+               "FXJAX_COMPILATION_CACHE=DIR puts it elsewhere, and asks for it on a CPU; =off keeps none), so a "
+               "resumed or repeated run does not compile them again.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

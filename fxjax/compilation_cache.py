@@ -2,19 +2,29 @@
 
 A run that starts again (a resume after a preemption, the same config run once more, `fxjax eval` after
 training) loads its compiled programs from disk instead of compiling them again: on a TPU or GPU a 3B-72B
-train step takes one to two minutes to compile (README, "Compile and memory plan"), and a preempted pod
+train step takes one to two minutes to compile (README, "Compile and memory plan"), and a preempted run
 pays that at every restart.
 
-`use_compilation_cache()`, called by `cli.main` before anything imports JAX, points JAX's own setting
-(JAX_COMPILATION_CACHE_DIR) at $FXJAX_COMPILATION_CACHE, or by default at <$XDG_CACHE_HOME or ~/.cache>/
-fxjax/xla, and bounds it at 16 GiB (JAX deletes the least recently used entries beyond;
-JAX_COMPILATION_CACHE_MAX_SIZE sets another bound). A JAX_COMPILATION_CACHE_DIR of the user's is left as it
-is; FXJAX_COMPILATION_CACHE=off (or 0, false, no, none) compiles every time. What JAX does with it: it
-caches programs that took at least jax_persistent_cache_min_compile_time_secs (1 s) to compile, keyed by
-the program, its compile options, the jax / jaxlib version and the devices, so a changed model, mesh or
-upgrade compiles afresh; on a GPU it keeps XLA's autotuning results there too. Code that calls
-`fxjax.train.run_sft` / `run_grpo` itself sets JAX's option itself (this module changes nothing unless
-called).
+`use_compilation_cache()`, called by `cli.main` before anything imports JAX, sets JAX's own variables
+(JAX reads them when it is imported):
+
+* where: $FXJAX_COMPILATION_CACHE (a folder, or a URL such as gs://bucket/xla that JAX writes through
+  etils), else a JAX_COMPILATION_CACHE_DIR the user set, else <$XDG_CACHE_HOME or ~/.cache>/fxjax/xla
+  when JAX will run on a GPU or TPU. On a CPU alone the default is no cache: a CPU compiles the demo's
+  programs in seconds, and on some CPUs (Intel with AVX-512) XLA:CPU refuses every entry it reads back,
+  logging an error each time (jax-ml/jax#38445); FXJAX_COMPILATION_CACHE=DIR turns it on there.
+* how much: 16 GiB, the least recently used entries deleted beyond (JAX_COMPILATION_CACHE_MAX_SIZE for
+  another bound).
+* FXJAX_COMPILATION_CACHE=off (or 0, false, no, none): no cache, JAX_COMPILATION_CACHE_DIR removed too.
+
+What JAX does with it: it caches the programs that took at least jax_persistent_cache_min_compile_time_secs
+(1 s) to compile, keyed by the program, its compile options, the jax / jaxlib version and the devices (a
+changed model, mesh or upgrade compiles afresh); on a GPU it keeps XLA's autotuning results there too. In
+a multi-process run process 0 writes the entries and every process reads them, so the folder must be one
+they share (a network mount, a bucket): on disks of their own the other processes compile at every start.
+A program with cuDNN attention on more than one device never hits (its custom partitioning puts a
+per-process pointer in the key, jax-ml/jax#21159). Code that calls `fxjax.train.run_sft` / `run_grpo`
+itself sets JAX's options itself (this module changes nothing unless called).
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ import sys
 from pathlib import Path
 from typing import MutableMapping
 
-__all__ = ["CACHE_VARIABLE", "DEFAULT_MAX_BYTES", "OFF_VALUES", "use_compilation_cache"]
+from fxjax.host_allocator import jax_on_cpu_only
+
+__all__ = ["CACHE_VARIABLE", "DEFAULT_MAX_BYTES", "OFF_VALUES", "default_directory", "use_compilation_cache"]
 
 CACHE_VARIABLE = "FXJAX_COMPILATION_CACHE"
 OFF_VALUES = ("off", "0", "false", "no", "none")
@@ -37,22 +49,38 @@ def default_directory(environ: MutableMapping[str, str]) -> Path:
 
 
 def use_compilation_cache(environ: MutableMapping[str, str] = os.environ) -> str | None:
-    """Set JAX's persistent compilation cache in `environ` (the process's environment: JAX reads it when
-    it is imported, so call this before). Returns the cache directory in use, None when off."""
+    """Set JAX's persistent compilation cache in `environ` (the process's environment; call this before
+    JAX is imported). Returns the cache folder in use, None for none."""
     choice = environ.get(CACHE_VARIABLE, "").strip()
     if choice.lower() in OFF_VALUES and choice:
+        environ.pop("JAX_COMPILATION_CACHE_DIR", None)
         return None
-    if environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own JAX setting: theirs, as it is
-        return environ["JAX_COMPILATION_CACHE_DIR"]
-    directory = str(Path(choice).expanduser()) if choice else str(default_directory(environ))
-    try:  # (JAX would warn at every program it compiles, and keep nothing)
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise PermissionError(f"{directory} is not writable")
-    except OSError as err:
-        print(f"fxjax: compiling without a persistent cache: cannot use {directory} ({err}); set "
+    if choice:
+        directory = choice if "://" in choice else str(Path(choice).expanduser())
+    elif environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own JAX setting
+        directory = environ["JAX_COMPILATION_CACHE_DIR"]
+    elif jax_on_cpu_only(environ):
+        return None
+    else:
+        directory = str(default_directory(environ))
+    if "://" not in directory and not _can_write(Path(directory)):
+        # (JAX would warn at every program it compiles, and keep nothing)
+        print(f"fxjax: compiling without a persistent cache: {directory} cannot be written; set "
               f"{CACHE_VARIABLE}=DIR for another folder, or ={OFF_VALUES[0]}", file=sys.stderr)
+        environ.pop("JAX_COMPILATION_CACHE_DIR", None)
         return None
     environ["JAX_COMPILATION_CACHE_DIR"] = directory
     environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
     return directory
+
+
+def _can_write(directory: Path) -> bool:
+    """Whether `directory` can be made or written to, judged by its nearest existing folder (nothing is
+    made here: `fxjax --help` and `fxjax report`, which compile nothing, leave no folder behind)."""
+    existing = directory
+    while not existing.exists():
+        if existing.parent == existing:
+            return False
+        existing = existing.parent
+    return (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+            and not os.statvfs(existing).f_flag & os.ST_RDONLY)  # (root passes os.access on a read-only mount)

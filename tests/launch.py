@@ -19,9 +19,9 @@ from numerics import free_port
 # ones. JAX_DISABLE_MOST_OPTIMIZATIONS: LLVM at -O0 (a third of the suite's time). The fusion emitters off:
 # XLA:CPU's older loop emitters for fused ops (the 8-device sharding worker: 32 -> 18 s for one mesh, 2 AMD
 # EPYC cores).
-# FXJAX_COMPILATION_CACHE off: a command a test runs compiles its programs (the `fxjax` command's default
-# cache under ~/.cache would carry programs from one test, or one suite run, to the next); a test that wants
-# a cache gives one (`subprocess_env(compilation_cache=...)`).
+# FXJAX_COMPILATION_CACHE off: a command a test runs compiles its programs (a cache under ~/.cache would
+# carry programs from one test, or one suite run, to the next); a test that wants a cache gives one
+# (`subprocess_env(compilation_cache=...)`).
 COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "FXJAX_COMPILATION_CACHE": "off"}
 COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
@@ -34,8 +34,8 @@ def subprocess_env(xla_flags: str = "", *, compilation_cache: Path | None = None
     env = {**COMPILE_ENV, **os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{COMPILE_XLA_FLAGS} {xla_flags}".strip()}
     env.pop("FXJAX_FAULT", None)
     if compilation_cache is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), FXJAX_COMPILATION_CACHE=str(compilation_cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return {**env, **extra}
 
 

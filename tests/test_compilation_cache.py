@@ -1,6 +1,6 @@
-"""fxjax/compilation_cache.py: the `fxjax` command's persistent XLA compilation cache (where it goes, what
-turns it off, the user's own JAX setting kept), and that JAX does cache a program there when the command set
-it up."""
+"""fxjax/compilation_cache.py: the `fxjax` command's persistent XLA compilation cache (where it goes, when it
+is on by default, what turns it off, the user's own JAX setting), and that JAX does cache a program there
+when the command set it up."""
 
 from __future__ import annotations
 
@@ -13,37 +13,48 @@ from fxjax.compilation_cache import DEFAULT_MAX_BYTES, use_compilation_cache
 from launch import subprocess_env
 
 
-def test_the_default_directory_and_bound_and_what_keeps_or_turns_them_off(tmp_path, capsys, monkeypatch):
-    env = {"HOME": str(tmp_path / "home")}
+def test_on_by_default_for_a_gpu_or_tpu_with_a_bound_and_what_moves_or_turns_it_off(tmp_path, capsys, monkeypatch):
+    env = {"HOME": str(tmp_path / "home"), "JAX_PLATFORMS": "tpu"}
     assert use_compilation_cache(env) == str(tmp_path / "home" / ".cache" / "fxjax" / "xla")
     assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "home" / ".cache" / "fxjax" / "xla")
     assert env["JAX_COMPILATION_CACHE_MAX_SIZE"] == str(DEFAULT_MAX_BYTES)
+    assert not (tmp_path / "home").exists()  # nothing made before JAX writes an entry (`--help` leaves none)
 
-    env = {"HOME": "/h", "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_COMPILATION_CACHE_MAX_SIZE": "1000"}
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cuda", "JAX_COMPILATION_CACHE_MAX_SIZE": "1000"}
     assert use_compilation_cache(env) == str(tmp_path / "xdg" / "fxjax" / "xla")
     assert env["JAX_COMPILATION_CACHE_MAX_SIZE"] == "1000"  # the user's bound stays
 
-    monkeypatch.setenv("HOME", str(tmp_path))  # (what ~ means)
-    env = {"FXJAX_COMPILATION_CACHE": "~/my-cache"}
-    assert use_compilation_cache(env) == str(tmp_path / "my-cache") and (tmp_path / "my-cache").is_dir()
-
-    env = {"JAX_COMPILATION_CACHE_DIR": "/theirs", "FXJAX_COMPILATION_CACHE": "/ours"}
-    assert use_compilation_cache(env) == "/theirs" and env == {"JAX_COMPILATION_CACHE_DIR": "/theirs",
-                                                                "FXJAX_COMPILATION_CACHE": "/ours"}
-    # a folder that cannot be made: said once, and no cache (JAX warned at every program, keeping nothing)
-    env = {"FXJAX_COMPILATION_CACHE": "/proc/fxjax-cache"}
+    # a CPU alone: none by default (XLA:CPU refuses its own entries on some CPUs); a folder given turns it on
+    env = {"HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
     assert use_compilation_cache(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
-    assert "compiling without a persistent cache: cannot use /proc/fxjax-cache" in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))  # (what ~ means)
+    env = {"FXJAX_COMPILATION_CACHE": "~/my-cache", "JAX_PLATFORMS": "cpu"}
+    assert use_compilation_cache(env) == str(tmp_path / "my-cache") == env["JAX_COMPILATION_CACHE_DIR"]
+    env = {"FXJAX_COMPILATION_CACHE": "gs://bucket/xla"}  # (a bucket: JAX writes it through etils)
+    assert use_compilation_cache(env) == "gs://bucket/xla"
+
+    # the user's JAX_COMPILATION_CACHE_DIR is used (bounded); ours, when given, wins over it; off removes it
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "theirs"), "JAX_PLATFORMS": "cpu"}
+    assert use_compilation_cache(env) == str(tmp_path / "theirs") and "JAX_COMPILATION_CACHE_MAX_SIZE" in env
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "theirs"), "FXJAX_COMPILATION_CACHE": str(tmp_path / "ours")}
+    assert use_compilation_cache(env) == str(tmp_path / "ours") == env["JAX_COMPILATION_CACHE_DIR"]
     for off in ("off", "0", "False", "none", "no"):
-        env = {"FXJAX_COMPILATION_CACHE": off, "HOME": "/h"}
+        env = {"FXJAX_COMPILATION_CACHE": off, "JAX_PLATFORMS": "tpu", "JAX_COMPILATION_CACHE_DIR": "/theirs"}
         assert use_compilation_cache(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
 
+    # a folder that cannot be written: said once, and no cache (JAX warned at every program, keeping nothing)
+    (tmp_path / "a-file").write_text("")
+    env = {"FXJAX_COMPILATION_CACHE": str(tmp_path / "a-file" / "xla"), "JAX_COMPILATION_CACHE_DIR": "/theirs"}
+    assert use_compilation_cache(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
+    assert f"compiling without a persistent cache: {tmp_path / 'a-file' / 'xla'} cannot be written" \
+        in capsys.readouterr().err
 
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_the_command_sets_the_cache_before_jax_starts_and_jax_writes_to_it(tmp_path, opt_out):
-    """In a fresh process: `cli.main` points JAX at the cache (before jax is imported: JAX reads its
-    variables at import) and a compiled program lands in it; FXJAX_COMPILATION_CACHE=off leaves JAX
-    without one."""
+
+@pytest.mark.parametrize("setting", ["folder", "cpu default", "off"])
+def test_the_command_sets_the_cache_before_jax_starts_and_jax_writes_to_it(tmp_path, setting):
+    """In a fresh process on the CPU: `cli.main` points JAX at FXJAX_COMPILATION_CACHE (before jax is
+    imported: JAX reads its variables at import) and a compiled program lands there; with nothing set a CPU
+    run has no cache; off leaves JAX without one."""
     script = (
         "import os, sys\n"
         "from fxjax import cli\n"
@@ -53,14 +64,15 @@ def test_the_command_sets_the_cache_before_jax_starts_and_jax_writes_to_it(tmp_p
         "jax.jit(lambda x: x * 2 + 1)(3.0).block_until_ready()\n"
         "print('cache:', jax.config.jax_compilation_cache_dir)\n"
     )
+    cache = tmp_path / "cache"
+    value = {"folder": str(cache), "cpu default": "", "off": "off"}[setting]
     env = subprocess_env(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                         FXJAX_COMPILATION_CACHE="off" if opt_out else "")
+                         FXJAX_COMPILATION_CACHE=value)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    cache = tmp_path / "xdg" / "fxjax" / "xla"
-    if opt_out:
-        assert "cache: None" in out.stdout and not cache.exists()
-    else:
+    if setting == "folder":
         assert f"cache: {cache}" in out.stdout
         assert any(p.is_file() for p in cache.rglob("*")), "JAX wrote nothing to the cache"
+    else:
+        assert "cache: None" in out.stdout and not (tmp_path / "xdg").exists()

@@ -375,7 +375,7 @@ def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
         assert code == 0, log[-3000:]
         assert "2 cpu device(s)" in log
         if share:  # the step's reference log-probs (beta > 0) and its update
-            assert "profile: tracing updates 1-1 (0-based)" in log and "profile: trace written under" in log
+            assert "profile: tracing update 1 (0-based)" in log and "profile: trace written under" in log
             (trace,) = (setup["root"] / name / "profile").glob("plugins/profile/*/*.trace.json.gz")
             names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
             assert {"PjitFunction(step)", "PjitFunction(run)"} <= names, sorted(n for n in names if "Pjit" in str(n))

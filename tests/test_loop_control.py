@@ -85,6 +85,52 @@ def test_the_trace_covers_the_asked_updates_and_waits_for_the_last(monkeypatch, 
         assert (tmp_path / "out" / "profile").is_dir()
 
 
+def test_a_window_past_the_end_is_cut_there_and_stops_before_the_final_save(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    events = []
+    _Profiler(monkeypatch, events)
+    control, saved, _, said = _run(4, profile=(2, 5), sync=lambda: events.append(("sync",)),
+                                   body=lambda u: events.append(("update", u)))
+    assert events == [("update", 0), ("update", 1), ("start", "profile"), ("update", 2), ("update", 3), ("sync",),
+                      ("stop",)]
+    assert said[0] == "profile: updates 2-6 asked, the run ends at update 3: tracing updates 2-3"
+    assert saved == [4]  # (the final save, after the trace stopped: it is not in it)
+
+
+def test_a_trace_that_fails_never_stops_the_run_nor_hides_its_error(monkeypatch, tmp_path):
+    """start_trace failing (a trace of the user's already running, a folder that cannot be made) or
+    stop_trace failing (a full disk) is said and the run goes on; an error of the run itself comes out as
+    itself, and the run's files are closed, even when stopping the trace fails on the way out."""
+    import jax
+
+    monkeypatch.chdir(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Profile has already been started")
+
+    monkeypatch.setattr(jax.profiler, "start_trace", fail)
+    control, saved, _, said = _run(4, profile=(1, 2))
+    assert control.done == 4 and saved == [4]
+    assert "profile: no trace: RuntimeError: Profile has already been started" in said
+
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda directory, profiler_options: None)
+    monkeypatch.setattr(jax.profiler, "stop_trace", fail)
+    control, saved, _, said = _run(4, profile=(1, 2))
+    assert control.done == 4 and "profile: the trace could not be written: RuntimeError: Profile has " \
+                                  "already been started" in said
+
+    closed = []
+
+    def step(update):
+        if update == 1:
+            raise ValueError("the run's own error")
+
+    metrics = SimpleNamespace(close=lambda: closed.append("metrics"))
+    with pytest.raises(ValueError, match="the run's own error"):
+        _run(4, profile=(1, 2), body=step, metrics=metrics)
+    assert closed == ["metrics"]
+
+
 def test_no_trace_unless_asked(monkeypatch):
     events = []
     _Profiler(monkeypatch, events)

@@ -178,8 +178,10 @@ def test_sigterm_saves_and_exits_cleanly(interrupted):
     assert code == 0, log[-3000:]
     assert "resumed from step 2" in log and "received signal 15; saved step 3" in log and "preempted at step 3/4" in log
     assert steps == [2, 3]
-    # the trace it had started (updates 2-6 asked, the run stopped after 3) was written on the way out
-    assert "profile: tracing updates 2-6 (0-based)" in log and "profile: trace written under" in log
+    # the trace it had started (updates 2-6 asked, cut to the run's 2-3; the signal came after 2) was
+    # written on the way out
+    assert "profile: updates 2-6 asked, the run ends at update 3: tracing updates 2-3" in log
+    assert "profile: tracing updates 2-3 (0-based)" in log and "profile: trace written under" in log
     assert traced_step_calls(interrupted["sigterm_trace"]) == 1  # update 2, then the signal
     code, log = interrupted["final"]
     assert code == 0, log[-3000:]

@@ -116,8 +116,10 @@ class LoopControl:
         """Give the signals back; finish pending saves; release the checkpointer, metrics files and the data
         iterator's workers, whatever happened."""
         self.signals.__exit__(*exc)
-        self.trace.stop()  # (a run that stopped early: what was traced is written)
-        close_run(self.bar, self.checkpointer, *self._closing)
+        try:
+            self.trace.stop()  # (a run that stopped early: what was traced is written; never raises)
+        finally:
+            close_run(self.bar, self.checkpointer, *self._closing)
 
     def updates(self, first: int):
         """The loop: yields the 0-based number of each update to run, from `first` on; after each one does the
