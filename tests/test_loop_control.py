@@ -131,6 +131,19 @@ def test_a_trace_that_fails_never_stops_the_run_nor_hides_its_error(monkeypatch,
     assert closed == ["metrics"]
 
 
+def test_each_process_of_a_multi_process_run_traces_into_its_own_folder(monkeypatch):
+    """The trace's files are named after the host: two processes on one host wrote over each other."""
+    import jax
+
+    from fxjax.train.step_trace import StepTrace
+
+    train = SimpleNamespace(output_dir="out", profile_start=2, profile_steps=1)
+    assert StepTrace.for_run(train, print).directory == Path("out/profile")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert StepTrace.for_run(train, print).directory == Path("out/profile/process_1")
+
+
 def test_no_trace_unless_asked(monkeypatch):
     events = []
     _Profiler(monkeypatch, events)
