@@ -13,8 +13,11 @@ pays that at every restart.
   when JAX will run on a GPU or TPU. On a CPU alone the default is no cache: a CPU compiles the demo's
   programs in seconds, and on some CPUs (Intel with AVX-512) XLA:CPU refuses every entry it reads back,
   logging an error each time (jax-ml/jax#38445); FXJAX_COMPILATION_CACHE=DIR turns it on there.
-* how much: 16 GiB, the least recently used entries deleted beyond (JAX_COMPILATION_CACHE_MAX_SIZE for
-  another bound).
+* how much: the default folder is bounded at 16 GiB, the least recently used entries deleted beyond
+  (JAX_COMPILATION_CACHE_MAX_SIZE for another bound). A folder the user names gets no bound of ours (JAX's
+  default: none): JAX's bounded cache keeps an access-time file beside each entry and cannot write at all
+  into a folder that holds entries an unbounded writer left without one (every compile then warns and
+  keeps nothing), and a folder the user names may be shared with their own JAX programs.
 * FXJAX_COMPILATION_CACHE=off (or 0, false, no, none): no cache, JAX_COMPILATION_CACHE_DIR removed too.
 
 What JAX does with it: it caches the programs that took at least jax_persistent_cache_min_compile_time_secs
@@ -55,6 +58,7 @@ def use_compilation_cache(environ: MutableMapping[str, str] = os.environ) -> str
     if choice.lower() in OFF_VALUES and choice:
         environ.pop("JAX_COMPILATION_CACHE_DIR", None)
         return None
+    ours = False
     if choice:
         directory = choice if "://" in choice else str(Path(choice).expanduser())
     elif environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own JAX setting
@@ -62,7 +66,7 @@ def use_compilation_cache(environ: MutableMapping[str, str] = os.environ) -> str
     elif jax_on_cpu_only(environ):
         return None
     else:
-        directory = str(default_directory(environ))
+        directory, ours = str(default_directory(environ)), True
     if "://" not in directory and not _can_write(Path(directory)):
         # (JAX would warn at every program it compiles, and keep nothing)
         print(f"fxjax: compiling without a persistent cache: {directory} cannot be written; set "
@@ -70,7 +74,8 @@ def use_compilation_cache(environ: MutableMapping[str, str] = os.environ) -> str
         environ.pop("JAX_COMPILATION_CACHE_DIR", None)
         return None
     environ["JAX_COMPILATION_CACHE_DIR"] = directory
-    environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
+    if ours:  # (only fxjax writes there, always bounded: see the module's docstring)
+        environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(DEFAULT_MAX_BYTES))
     return directory
 
 
