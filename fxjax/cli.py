@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `fxjax demo` (offline, 5-11 minutes on 2 CPU cores). The full path: a dataset (your JSONL, "
                "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each. "
                "On a GPU or TPU compiled programs are kept in ~/.cache/fxjax/xla (JAX's persistent cache; "
-               "FXJAX_COMPILATION_CACHE=DIR puts it elsewhere, and asks for it on a CPU; =off keeps none), so a "
-               "resumed or repeated run does not compile them again.",
+               "FXJAX_COMPILATION_CACHE=DIR, or your JAX_COMPILATION_CACHE_DIR, puts it elsewhere and asks for "
+               "it on a CPU; =off keeps none), so a resumed or repeated run does not compile them again.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -1,9 +1,9 @@
 """The `fxjax` command's persistent XLA compilation cache.
 
 A run that starts again (a resume after a preemption, the same config run once more, `fxjax eval` after
-training) loads its compiled programs from disk instead of compiling them again: on a TPU or GPU a 3B-72B
-train step takes one to two minutes to compile (README, "Compile and memory plan"), and a preempted run
-pays that at every restart.
+training) loads its compiled programs from disk instead of compiling them again: the 3B-72B train steps
+of the README's compile plan take one to two minutes to compile on XLA:CPU (GPU and TPU compile times are
+not measured here), and a preempted run pays that at every restart.
 
 `use_compilation_cache()`, called by `cli.main` before anything imports JAX, sets JAX's own variables
 (JAX reads them when it is imported):

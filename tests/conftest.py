@@ -11,6 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # start get them from launch.subprocess_env.
 for _key, _value in COMPILE_ENV.items():
     os.environ.setdefault(_key, _value)
+os.environ["FXJAX_COMPILATION_CACHE"] = "off"  # (a command run in this process compiles: tests/launch.py)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402

@@ -31,7 +31,8 @@ def subprocess_env(xla_flags: str = "", *, compilation_cache: Path | None = None
     = those + `xla_flags` (not this process's own XLA_FLAGS: a device count given to pytest is not the
     subprocess's), no armed fault (FXJAX_FAULT), `extra` on top. With `compilation_cache`, a persistent XLA
     cache there that keeps every program (the runs of a test module then compile each program once)."""
-    env = {**COMPILE_ENV, **os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{COMPILE_XLA_FLAGS} {xla_flags}".strip()}
+    env = {**COMPILE_ENV, **os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{COMPILE_XLA_FLAGS} {xla_flags}".strip(),
+           "FXJAX_COMPILATION_CACHE": "off"}  # (whatever the developer's shell says: see COMPILE_ENV)
     env.pop("FXJAX_FAULT", None)
     if compilation_cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), FXJAX_COMPILATION_CACHE=str(compilation_cache),

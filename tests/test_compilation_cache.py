@@ -53,6 +53,31 @@ def test_on_by_default_for_a_gpu_or_tpu_with_a_bound_and_what_moves_or_turns_it_
         in capsys.readouterr().err
 
 
+def test_the_default_folder_is_bounded_and_jax_keeps_access_times_there(tmp_path):
+    """The folder a GPU or TPU run gets by default, end to end with JAX (here on the CPU, the settings made
+    as for a TPU): entries and their access-time files (the 16 GiB bound's LRU; JAX needs filelock)."""
+    script = (
+        "import os\n"
+        "from fxjax.compilation_cache import use_compilation_cache\n"
+        "env = dict(os.environ, JAX_PLATFORMS='tpu')\n"
+        "print('cache:', use_compilation_cache(env))\n"
+        "os.environ.update({k: env[k] for k in ('JAX_COMPILATION_CACHE_DIR', 'JAX_COMPILATION_CACHE_MAX_SIZE')})\n"
+        "import jax\n"
+        "jax.jit(lambda x: x * 2 + 1)(3.0).block_until_ready()\n"
+        "print('bound:', jax.config.jax_compilation_cache_max_size)\n"
+    )
+    env = subprocess_env(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("FXJAX_COMPILATION_CACHE")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cache = tmp_path / "xdg" / "fxjax" / "xla"
+    assert f"cache: {cache}" in out.stdout and f"bound: {DEFAULT_MAX_BYTES}" in out.stdout
+    entries = list(cache.glob("*-cache"))
+    assert entries and all(e.with_name(e.name.removesuffix("-cache") + "-atime").is_file() for e in entries)
+    assert "Error writing persistent compilation cache" not in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("setting", ["folder", "cpu default", "off"])
 def test_the_command_sets_the_cache_before_jax_starts_and_jax_writes_to_it(tmp_path, setting):
     """In a fresh process on the CPU: `cli.main` points JAX at FXJAX_COMPILATION_CACHE (before jax is

@@ -65,7 +65,7 @@ class _Profiler:
     # updates 1-2 traced; the loop's sync (the wait for update 2 on the device) comes before the stop
     (0, None, [("update", 0), ("start", "profile"), ("update", 1), ("update", 2), ("sync",), ("stop",),
                ("update", 3)]),
-    # preempted after update 1 (done 2... the signal lands in update 1): the trace stops on the way out
+    # a signal during update 1 (preempted after it): the trace stops on the way out
     (0, 2, [("update", 0), ("start", "profile"), ("update", 1), ("stop",)]),
     # resumed at update 3, past profile_start 1: no trace, and said
     (3, None, [("update", 3)]),
@@ -129,6 +129,17 @@ def test_a_trace_that_fails_never_stops_the_run_nor_hides_its_error(monkeypatch,
     with pytest.raises(ValueError, match="the run's own error"):
         _run(4, profile=(1, 2), body=step, metrics=metrics)
     assert closed == ["metrics"]
+
+    # and should stopping the trace itself raise (a bug of ours), the run's files are closed all the same
+    from fxjax.train.step_trace import StepTrace
+
+    def broken_stop(self):
+        raise RuntimeError("a bug in StepTrace.stop")
+
+    monkeypatch.setattr(StepTrace, "stop", broken_stop)
+    with pytest.raises(RuntimeError, match="a bug in StepTrace.stop"):
+        _run(4, profile=(1, 2), body=step, metrics=metrics)
+    assert closed == ["metrics", "metrics"]
 
 
 def test_each_process_of_a_multi_process_run_traces_into_its_own_folder(monkeypatch):

@@ -320,7 +320,7 @@ def test_worker_run_exports_the_multi_host_environment(worker_home, endpoints, c
                         extra_env=env, cwd=home)
     assert result.returncode == 0, result.stderr
     expected = [f"FXJAX_COORDINATOR={coordinator}:8555", "FXJAX_NUM_PROCESSES=8", "FXJAX_PROCESS_ID=3",
-                # (the fxjax command sets its compilation cache itself: bounded, and one --env can move it)
+                # (the fxjax command sets its compilation cache itself; one --env can move it)
                 "JAX_COMPILATION_CACHE_DIR=<unset>", "FXJAX_COMPILATION_CACHE=<unset>", "EXTRA_VAR=a b",
                 "args: [sft] [--config] [configs/sft.yaml] [--set] [train.steps=2]"]
     log = (home / "fxjax-logs" / "worker-3.log").read_text()
