@@ -1,9 +1,12 @@
 """Running `fxjax` CLI commands as separate processes in tests: one process, or two joined by a JAX
 coordinator on localhost (gloo collectives, one CPU device each); and which records each process decoded
-(tests/decode_trace.py) against the one-process stream; the environment every such process gets."""
+(tests/decode_trace.py) against the one-process stream; what a run's jax.profiler trace holds
+(train.profile_steps); the environment every such process gets."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +97,21 @@ def stream_sources(data_config, n: int) -> list[tuple[int, str]]:
 def decoded_sources(path: Path) -> list[tuple[int, str]]:
     """(epoch, record source) of every example a process decoded: its tests/decode_trace.py log."""
     return [(int(epoch), source) for epoch, source in (line.split(" ", 1) for line in path.read_text().splitlines())]
+
+
+def traced_events(run_dir: Path) -> list[dict]:
+    """The events of the run's jax.profiler trace (train.profile_steps), of its one trace."""
+    (trace,) = (run_dir / "profile").glob("plugins/profile/*/*.trace.json.gz")
+    assert len(list(trace.parent.glob("*.xplane.pb"))) == 1  # what TensorBoard's profile plugin reads
+    return json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+
+
+def traced_step_calls(events: list[dict]) -> int:
+    """Calls of the jitted train step in a trace: its outermost `PjitFunction(step)` spans (each call shows
+    as two nested ones)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "PjitFunction(step)")
+    calls, end = 0, float("-inf")
+    for start, stop in spans:
+        if start >= end:
+            calls, end = calls + 1, stop
+    return calls

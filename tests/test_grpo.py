@@ -23,7 +23,6 @@ Subprocesses share a persistent XLA compilation cache, so each program compiles 
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import signal
@@ -37,7 +36,7 @@ import pytest
 import yaml
 
 from fxjax.data.demo_data import make_demo_data
-from launch import decoded_sources, launch_two, stream_sources, subprocess_env, wait_all
+from launch import decoded_sources, launch_two, stream_sources, subprocess_env, traced_events, wait_all
 
 TIMEOUT = 300
 DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
@@ -376,8 +375,7 @@ def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
         assert "2 cpu device(s)" in log
         if share:  # the step's reference log-probs (beta > 0) and its update
             assert "profile: tracing update 1 (0-based)" in log and "profile: trace written under" in log
-            (trace,) = (setup["root"] / name / "profile").glob("plugins/profile/*/*.trace.json.gz")
-            names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
+            names = {e.get("name") for e in traced_events(setup["root"] / name)}
             assert {"PjitFunction(step)", "PjitFunction(run)"} <= names, sorted(n for n in names if "Pjit" in str(n))
         assert "stage alpha: 0.4 epoch(s) of 8 prompts at 2 a step = 2 steps" in log
         records = [json.loads(line) for line in (setup["root"] / name / "metrics.jsonl").read_text().splitlines()]

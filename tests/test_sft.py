@@ -13,7 +13,6 @@ Subprocesses share a persistent XLA compilation cache, so each program compiles 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -26,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from launch import decoded_sources, launch_two, stream_sources, subprocess_env, wait_all
+from launch import (decoded_sources, launch_two, stream_sources, subprocess_env, traced_events, traced_step_calls,
+                    wait_all)
 
 from fxjax.data.demo_data import make_demo_data
 from fxjax.train.metrics import read_metrics
@@ -109,24 +109,6 @@ def eval_at_end_args(setup) -> list[str]:
     """--set arguments for a held-out evaluation (loss + greedy generation) at the end of a run."""
     return ["--set", f"data.eval_files=[{setup['files']['test']}]", "--set", "eval.at_end=true",
             "--set", "eval.batch_size=2", "--set", "eval.max_new_tokens=8"]
-
-
-def traced_events(run_dir: Path) -> list[dict]:
-    """The events of the run's jax.profiler trace (train.profile_steps), of its one trace."""
-    (trace,) = (run_dir / "profile").glob("plugins/profile/*/*.trace.json.gz")
-    assert len(list(trace.parent.glob("*.xplane.pb"))) == 1  # what TensorBoard's profile plugin reads
-    return json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
-
-
-def traced_step_calls(events: list[dict]) -> int:
-    """Calls of the jitted train step in a trace: its outermost `PjitFunction(step)` spans (each call shows
-    as two nested ones)."""
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "PjitFunction(step)")
-    calls, end = 0, float("-inf")
-    for start, stop in spans:
-        if start >= end:
-            calls, end = calls + 1, stop
-    return calls
 
 
 @pytest.fixture(scope="module")
