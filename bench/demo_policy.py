@@ -54,13 +54,13 @@ SEED = 1234  # the common random numbers: the same key for every checkpoint
 
 
 def checkpoints(demo: Path) -> list[tuple[str, argparse.Namespace]]:
-    """(name, model arguments) after SFT and at the end of each GRPO stage (steps from grpo.yaml)."""
+    """(name, model arguments) after SFT and at the end of each GRPO stage (the stages of grpo.yaml; the run
+    keeps each stage's end, `--step NAME`)."""
     config = yaml.safe_load((demo / "grpo.yaml").read_text(encoding="utf-8"))
     out = [("after SFT", _model_args(model=demo / "base-model", adapter=demo / "sft-adapter"))]
-    step = 0
     for stage in config["stages"]:
-        step += stage["steps"]
-        out.append((f"after {stage['name']}", _model_args(model=demo / "base-model", run=demo / "grpo", step=step)))
+        out.append((f"after {stage['name']}",
+                    _model_args(model=demo / "base-model", run=demo / "grpo", step=stage["name"])))
     return out
 
 
@@ -69,7 +69,8 @@ class Policy:
 
     def __init__(self, source: argparse.Namespace, test_file: Path, records, max_new_tokens: int):
         args = argparse.Namespace(**vars(source), data=[str(test_file)], root=None, format="auto",
-                                  allow_absolute_paths=False, on_error="raise", batch_size=BATCH)
+                                  allow_absolute_paths=False, on_error="raise", batch_size=BATCH,
+                                  max_image_pixels=None)
         detector = resolve_detector(args)
         detector.load()
         self.model = detector.model

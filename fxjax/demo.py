@@ -168,7 +168,7 @@ class _Phases:
 
 # ---- evaluation through `fxjax eval` ---------------------------------------------------------------------
 
-def _model_args(*, model: Path, adapter: Path | None = None, run: Path | None = None, step: int | None = None,
+def _model_args(*, model: Path, adapter: Path | None = None, run: Path | None = None, step: int | str | None = None,
                 command: str = "eval") -> argparse.Namespace:
     return argparse.Namespace(command=command, model=str(model), adapter=str(adapter) if adapter else None,
                               run=str(run) if run else None, step=step, dtype=None, mesh=None, tokenizer=None,
@@ -420,7 +420,6 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     prompts = _balanced_prompts(files["train"], out / "data" / "grpo_prompts.jsonl", seed)
     config["data"].update(train_files=[str(prompts)], seed=seed, shuffle=False)
     config["train"].update(seed=seed, output_dir=str(out / "grpo"))
-    config["checkpoint"]["every"] = stage_steps  # a checkpoint at each stage's end, for `fxjax eval --step`
     config["grpo"]["seed"] = seed
     if quick:
         config["grpo"]["max_completion_length"] = QUICK["max_completion_length"]
@@ -436,9 +435,9 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
         return 130
     phases.done("grpo", f"GRPO: {grpo.steps} steps; mean training reward, first -> last third of each stage: "
                         f"{stage_trends(grpo.history)}")
-    for k, stage in enumerate(STAGES, 1):
+    for stage in STAGES:  # (the run keeps each stage's end: `fxjax eval --run RUN --step alpha`)
         held_out(f"after-{stage}", f"after GRPO {stage}",
-                 _model_args(model=model_dir, run=out / "grpo", step=k * stage_steps),
+                 _model_args(model=model_dir, run=out / "grpo", step=stage),
                  overlay="after GRPO (all stages)" if stage == STAGES[-1] else None)
 
     from fxjax.commands.export import export_run

@@ -178,6 +178,17 @@ class GRPOConfig(RunConfig):
             return int(self.train.steps)
         return sum(self._stage_steps())
 
+    def stage_ends(self) -> tuple[tuple[str, int], ...]:
+        """(stage name, the step count after its last step) of each stage in order; () when continuous.
+        The run saves a checkpoint at each and keeps it from pruning (`--step NAME` of eval, detect, export)."""
+        if self.grpo.schedule == "continuous":
+            return ()
+        ends, end = [], 0
+        for stage, steps in zip(self.stages, self._stage_steps()):
+            end += steps
+            ends.append((stage.name, end))
+        return tuple(ends)
+
     def stage_at(self, step: int) -> tuple[int, StageSection | None]:
         """(stage index, stage) of the sampling step numbered `step` (0-based); (0, None) when continuous."""
         if self.grpo.schedule == "continuous":

@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
-           "saved_run_kind", "start_from_kept_copy", "steps_text"]
+           "saved_run_kind", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
+DATA_STATE_FILE = Path("data") / "data_state.json"  # its "data" item (the data position, GRPO's stage ends)
 # A run that starts from another's LoRA (model.adapter, model.from_run) keeps that LoRA's shape in its checkpoint
 # directory, as a PEFT adapter: loading the run needs the shape, and the folder it came from may move.
 START_LORA_DIR = "start_lora"
@@ -128,13 +129,65 @@ def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
         raise RunLoadError(f"{path}: the run's config does not load ({err})") from None
 
 
-def resolve_step(checkpoint_dir: str | Path, step: int | None) -> tuple[int, Any, str]:
-    """(step, run config, "sft" or "grpo") of `step` (None: the newest committed one); reads no weights."""
+def step_or_stage(text: str) -> int | str:
+    """A `--step` value: a step number, or the name of a GRPO stage (its end's checkpoint)."""
+    text = text.strip()
+    return int(text) if text.lstrip("+-").isdigit() else text
+
+
+def recorded_stage_ends(checkpoint_dir: Path, step: int) -> list[tuple[str, int]] | None:
+    """[(stage, the step it ends at), ...] as the checkpoint of `step` records them (a GRPO run's data state;
+    one written before fxjax recorded them: from its config's stages when they are in steps); None for an
+    SFT run or a continuous schedule."""
+    try:
+        data = json.loads((checkpoint_dir / str(step) / DATA_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = {}
+    ends = data.get("stage_ends") if isinstance(data, dict) else None
+    if isinstance(ends, list) and all(isinstance(e, list) and len(e) == 2 for e in ends):
+        return [(str(name), int(end)) for name, end in ends]
+    cfg, kind = read_run_config(checkpoint_dir, step)
+    if kind != "grpo" or cfg.grpo.schedule == "continuous" or any(s.steps is None for s in cfg.stages):
+        return None
+    return list(cfg.stage_ends())
+
+
+def stage_end_step(checkpoint_dir: Path, stage: str, steps: list[int]) -> int:
+    """The committed step at which the GRPO stage `stage` ended (read from the newest checkpoint), or a
+    RunLoadError saying why there is none."""
+    ends = recorded_stage_ends(checkpoint_dir, steps[-1])
+    where = f"--step {stage}: the run in {checkpoint_dir}"
+    if not ends:
+        raise RunLoadError(f"{where} has no reward stages (an SFT run, a continuous GRPO schedule, or a run from "
+                           f"before fxjax recorded them when its stages are in epochs): give a step number; steps "
+                           f"that exist: {steps_text(steps)}")
+    listed = ", ".join(f"{name} ends at step {end}" for name, end in ends)
+    found = [end for name, end in ends if name == stage]
+    if not found:
+        raise RunLoadError(f"{where} has no stage {stage!r} ({listed})")
+    if len(found) > 1:
+        raise RunLoadError(f"{where} runs stage {stage!r} more than once ({listed}): give the step number")
+    end = found[0]
+    if end > steps[-1]:
+        raise RunLoadError(f"{where} has not finished stage {stage!r} (it ends at step {end}; the newest "
+                           f"checkpoint is step {steps[-1]}); steps that exist: {steps_text(steps)}")
+    if end not in steps:
+        raise RunLoadError(f"{where} has no checkpoint of step {end}, where stage {stage!r} ended (deleted, or "
+                           f"pruned by a run from before fxjax kept stage ends); steps that exist: "
+                           f"{steps_text(steps)}")
+    return end
+
+
+def resolve_step(checkpoint_dir: str | Path, step: int | str | None) -> tuple[int, Any, str]:
+    """(step, run config, "sft" or "grpo") of `step` (None: the newest committed one; a stage name: the
+    checkpoint at that GRPO stage's end); reads no weights."""
     ckpt = Path(checkpoint_dir)
     steps = committed_steps(ckpt)
     if not steps:
         pending = sorted(p.name for p in ckpt.iterdir())
         raise RunLoadError(f"no committed checkpoint in {ckpt}" + (f" (only {', '.join(pending)})" if pending else ""))
+    if isinstance(step, str):
+        step = stage_end_step(ckpt, step, steps)
     if step is None:
         step = steps[-1]
     elif step not in steps:

@@ -136,8 +136,13 @@ def straight(setup):
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 99.0}\n')
     (out / "completions.jsonl").write_text('{"step": 1, "completion": "stale"}\n')
-    code, log = grpo(setup, "straight", report=True)
+    # (a checkpoint every 5 steps, the newest kept: the stage ends 2, 4 and 6 are saved and kept all the same)
+    code, log = grpo(setup, "straight", report=True, sets=["checkpoint.every=5", "checkpoint.keep=1"])
     assert code == 0, log[-3000:]
+    assert committed_steps(out / "checkpoints") == [2, 4, 6]
+    for stage, step in (("alpha", 2), ("beta", 4), ("gamma", 6)):
+        assert (f"grpo: stage {stage} ended at step {step}; its checkpoint is kept from pruning (`--step {stage}` "
+                "of fxjax eval, detect and export)") in log
     assert f"wrote the report {out / 'report.png'}" in log and (out / "report.png").stat().st_size > 20_000
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert 99.0 not in [r.get("loss") for r in records] and "stale" not in (out / "completions.jsonl").read_text()
@@ -275,6 +280,15 @@ def test_a_run_whose_starting_adapter_moved_exports_from_its_own_copy(setup, str
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # the model at the end of stage alpha (step 2, kept from pruning): by its name, as by its step
+    assert main(["export", "--run", str(moved.parent), "--step", "alpha", "--out", str(tmp_path / "alpha"),
+                 "--adapter-only"]) == 0
+    assert main(["export", "--run", str(moved.parent), "--step", "2", "--out", str(tmp_path / "step2"),
+                 "--adapter-only"]) == 0
+    alpha, step2 = adapter_tensors(tmp_path / "alpha" / "adapter"), adapter_tensors(tmp_path / "step2" / "adapter")
+    assert {k: v.tolist() for k, v in alpha.items()} == {k: v.tolist() for k, v in step2.items()}
+    assert any(not np.array_equal(alpha[k], want[k]) for k in want)
+    assert any(not np.array_equal(alpha[k], start[k]) for k in start)
     shutil.rmtree(moved / "start_lora")
     with pytest.raises(RunLoadError, match=r"model\.adapter=.*elsewhere.*keeps no copy"):
         load_run(moved.parent)

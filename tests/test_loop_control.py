@@ -28,7 +28,7 @@ class _Checkpointer:
 
 
 def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, metrics=None, profile=(2, 0),
-         sync=None, body=None):
+         sync=None, body=None, stage_ends=None):
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=every),
                           train=SimpleNamespace(progress_bar=False, output_dir="out", profile_start=profile[0],
                                                 profile_steps=profile[1]),
@@ -37,7 +37,8 @@ def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, 
     control = LoopControl("sft", cfg, steps_total=steps, first=first, checkpointer=_Checkpointer(),
                           save=saved.append, say=said.append, show_progress=False,
                           evaluate=lambda tag: evaluated.append((tag, control.done)),
-                          metrics=metrics or SimpleNamespace(close=lambda: None), iterator=None, sync=sync)
+                          metrics=metrics or SimpleNamespace(close=lambda: None), iterator=None, sync=sync,
+                          stage_ends=stage_ends)
     with control:
         for update in control.updates(first):
             if body is not None:
@@ -160,6 +161,18 @@ def test_no_trace_unless_asked(monkeypatch):
     _Profiler(monkeypatch, events)
     _run(4, sync=lambda: events.append(("sync",)))
     assert events == []
+
+
+def test_each_stage_end_is_saved_off_the_cadence_and_said():
+    """GRPO's stage ends (steps 3 and 5 of 7) are saved besides every 4th step and the last, each once, and
+    each is said with the --step that loads it; a run resumed at a stage end does not save it again."""
+    _, saved, _, said = _run(7, every=4, stage_ends={3: "alpha", 5: "beta", 7: "gamma"})
+    assert saved == [3, 4, 5, 7]
+    assert [line for line in said if "ended" in line] == [
+        f"sft: stage {name} ended at step {step}; its checkpoint is kept from pruning (`--step {name}` of fxjax "
+        "eval, detect and export)" for name, step in (("alpha", 3), ("beta", 5), ("gamma", 7))]
+    _, saved, _, _ = _run(7, every=4, first=3, stage_ends={3: "alpha", 5: "beta", 7: "gamma"})
+    assert saved == [4, 5, 7]
 
 
 @pytest.mark.parametrize("at_end", [True, False])

@@ -484,3 +484,60 @@ def test_cpu_runs_keep_freed_memory_only_where_jax_runs_on_the_cpu_alone(tmp_pat
     assert tip.startswith("0 | host memory:"), tip
     assert ha.cpu_memory_note("gpu") is None and ha.cpu_memory_note("tpu") is None
     assert "start it through the `fxjax` command" in ha.cpu_memory_note("cpu", {})  # (not kept in this process)
+
+
+def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path):
+    """A GRPO run's stage ends (TrainCheckpointer's `preserve`) stay however many checkpoints come after
+    them, also through a resume (a new manager over the folder); `--step beta` (resolve_step) is the step
+    where beta ended, from the stage ends the newest checkpoint records; a stage the run has not finished,
+    one it does not have, and a run without stages are errors naming the stages or steps."""
+    import jax.numpy as jnp
+
+    from fxjax.grpo_config import GRPOConfig
+    from fxjax.run_files import RunLoadError, resolve_step, step_or_stage
+    from fxjax.train.checkpointing import TrainCheckpointer
+
+    stages = [{"name": "alpha", "steps": 2}, {"name": "beta", "steps": 2}, {"name": "gamma", "steps": 2}]
+    config = GRPOConfig().to_dict() | {"stages": stages}
+    config["model"]["path"] = str(tmp_path / "base")
+    config["data"]["train_files"] = ["train.jsonl"]
+    ends = [["alpha", 2], ["beta", 4], ["gamma", 6]]
+
+    def save(checkpointer, steps):
+        for step in steps:
+            checkpointer.save(step, {"w": jnp.full((2,), step, jnp.float32)}, {"stage_ends": ends}, config)
+        checkpointer.wait()
+
+    ckpt = tmp_path / "ckpt"
+    checkpointer = TrainCheckpointer(ckpt, keep=1, async_save=False, preserve=[2, 4, 6])
+    save(checkpointer, [1, 2, 3])
+    assert checkpointer.all_steps() == [2, 3]
+    with pytest.raises(RunLoadError, match=r"has not finished stage 'beta' \(it ends at step 4; the newest "
+                                           r"checkpoint is step 3\); steps that exist: 2, 3"):
+        resolve_step(ckpt, "beta")
+    checkpointer.close()
+    checkpointer = TrainCheckpointer(ckpt, keep=1, async_save=False, preserve=[2, 4, 6])  # resumed
+    save(checkpointer, [4, 5])
+    assert checkpointer.all_steps() == [2, 4, 5]
+    checkpointer.close()
+    assert [resolve_step(ckpt, step_or_stage(name))[0] for name in ("alpha", "beta", " 5")] == [2, 4, 5]
+    assert resolve_step(ckpt, "alpha")[2] == "grpo"
+    with pytest.raises(RunLoadError, match=r"has no stage 'delta' \(alpha ends at step 2, beta ends at step 4, "
+                                           r"gamma ends at step 6\)"):
+        resolve_step(ckpt, "delta")
+    # without `preserve` (as before): the newest only, the stage ends pruned
+    checkpointer = TrainCheckpointer(ckpt, keep=1, async_save=False)
+    save(checkpointer, [6])
+    assert checkpointer.all_steps() == [6]
+    checkpointer.close()
+    with pytest.raises(RunLoadError, match=r"no checkpoint of step 4, where stage 'beta' ended .*steps that "
+                                           r"exist: 6"):
+        resolve_step(ckpt, "beta")
+
+    sft = tmp_path / "sft"
+    checkpointer = TrainCheckpointer(sft, keep=1, async_save=False)
+    checkpointer.save(3, {"w": jnp.zeros(2)}, {}, {"model": {"path": "base"}, "data": {"train_files": ["t.jsonl"]},
+                                                          "train": {"steps": 3}})
+    checkpointer.close()
+    with pytest.raises(RunLoadError, match=r"--step beta: the run in .* has no reward stages .*steps that exist: 3"):
+        resolve_step(sft, "beta")

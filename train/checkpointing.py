@@ -13,7 +13,8 @@ A checkpoint of step N is one orbax step directory ``<dir>/<N>/`` with three ite
 Orbax writes a step into a temporary directory and renames it into place only when every item is
 complete, so a process killed mid-save (SIGKILL, OOM, preemption without grace) leaves at most a
 ``*.orbax-checkpoint-tmp-*`` directory that `latest_step()` ignores and the next manager removes: the
-last good checkpoint is never spoiled. The last `keep` checkpoints are kept.
+last good checkpoint is never spoiled. The last `keep` checkpoints are kept, and those of the steps in
+`preserve` (a GRPO run's stage ends) whatever comes after them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -135,9 +136,17 @@ class _DataStateRestore(ocp.args.CheckpointArgs):
 class TrainCheckpointer:
     """Save / restore (train state, data iterator state, config) with a CheckpointManager."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
+                 preserve: Iterable[int] = ()):
+        """`keep`: the newest checkpoints kept; `preserve`: steps whose checkpoints are kept besides them
+        (GRPO's stage ends), never pruned however many come after."""
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        self.preserve = frozenset(int(s) for s in preserve)
+        policy = ocp.checkpoint_managers.LatestN(n=keep)
+        if self.preserve:
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+                [policy, ocp.checkpoint_managers.CustomSteps(sorted(self.preserve))])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
         self._pending: int | None = None  # the step of the last save started (check_saved)

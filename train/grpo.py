@@ -7,7 +7,9 @@
 
 Stages: `stages` lists the reward stages in order (default alpha, beta, gamma), each for its number of
 steps or of epochs over the training records (turned into steps once the records are read), with the
-weights of the reward config; `grpo.schedule=continuous` uses w_G(t) over train.steps.
+weights of the reward config; `grpo.schedule=continuous` uses w_G(t) over train.steps. Each stage's end is
+saved as a checkpoint kept from pruning (checkpoint.keep counts the others), recorded in every checkpoint's
+data state, so `fxjax eval / detect / export --step beta` take the model after beta.
 The policy is the LoRA model; the reference policy is the same model with LoRA disabled (no copy).
 
 Data per process (as SFT, train.sft): every process follows one global prompt stream but reads, decodes
@@ -254,6 +256,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     patch_dtype = as_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.tokenizer)
     steps_total = cfg.total_steps
+    ends = cfg.stage_ends()  # each saved and kept from pruning: the model after alpha, after beta, ...
     model = build_model(cfg, mesh)
     keep_start_lora(model, recorded)  # (the run's own start: already kept when it resumes through the copy)
     eos_ids = stop_token_ids(model, token_id(tokenizer, "<|im_end|>"))  # as TRL: the tokenizer's + generation config's
@@ -276,7 +279,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     # the learning-rate schedule runs over every update, and state.step counts updates.
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total * g.num_iterations,
-        log=say, watched=GRPO_WATCHED, recorded=recorded)
+        log=say, watched=GRPO_WATCHED, recorded=recorded, preserve=[end for _, end in ends])
     result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
     step_now = updates_done(int(jax.device_get(state.step)), g.num_iterations, latest)
@@ -306,7 +309,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
         iterator_states = per_process_state(iterator.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage,
-                                        "skipped": skipped, "mesh": mesh_record(mesh)}, resolved)
+                                        "skipped": skipped, "mesh": mesh_record(mesh),
+                                        "stage_ends": [list(e) for e in ends]}, resolved)
 
     def prompt_part(prompts: dict, floor: dict) -> tuple[dict, Any, dict]:
         """This process's prompts left-padded and prepared for sampling, padded to the sizes every process
@@ -343,7 +347,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
 
     with LoopControl("grpo", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
                      say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
-                     metrics=metrics, iterator=iterator) as control:
+                     metrics=metrics, iterator=iterator, stage_ends={end: name for name, end in ends}) as control:
         for step_now in control.updates(step_now):
             t0 = time.perf_counter()
             stage, weights = stage_weights(cfg, step_now)

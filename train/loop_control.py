@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from flax import nnx
 
@@ -79,12 +79,16 @@ class LoopControl:
 
     `save(step)` writes the checkpoint of the state reached after `step` updates; `evaluate(tag)` runs the
     held-out evaluation (None: no evaluation); `first` is the step the run starts from (0, or the step of the
-    checkpoint it resumed from); `bar` is the run's progress bar."""
+    checkpoint it resumed from); `bar` is the run's progress bar. `stage_ends` maps the step at which each of
+    GRPO's reward stages ends to its name: each is saved whatever checkpoint.every says (and the checkpointer
+    keeps it from pruning), and said."""
 
     def __init__(self, name: str, cfg, *, steps_total: int, first: int, checkpointer, save: Callable[[int], None],
                  say: Callable[[str], None], show_progress: bool, evaluate: Callable[[str], Any] | None,
-                 metrics, iterator, sync: Callable[[], None] | None = None):
+                 metrics, iterator, sync: Callable[[], None] | None = None,
+                 stage_ends: Mapping[int, str] | None = None):
         self.name, self.steps_total, self.checkpointer = name, steps_total, checkpointer
+        self.stage_ends = dict(stage_ends or {})
         self._save, self.say = save, say
         self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
         self.eval_at_end = cfg.eval.at_end
@@ -152,8 +156,12 @@ class LoopControl:
     def after_step(self, step: int) -> bool:
         """The bookkeeping after update `step` (1-based); True when the loop must stop (preempted, saved)."""
         self.checkpointer.check_saved(step)
-        if (self.every and step % self.every == 0) or step == self.steps_total:
+        if (self.every and step % self.every == 0) or step == self.steps_total or step in self.stage_ends:
             self.save(step)
+        if step in self.stage_ends:
+            stage = self.stage_ends[step]
+            self.say(f"{self.name}: stage {stage} ended at step {step}; its checkpoint is kept from pruning "
+                     f"(`--step {stage}` of fxjax eval, detect and export)")
         if self._periodic_eval_due(step):
             self.evaluate("periodic")
         if faults.armed("after_step", step):

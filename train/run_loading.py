@@ -1,6 +1,6 @@
 """A trained run's model at one checkpoint step, for evaluation, detection and export.
 
-    run = load_run("runs/sft", step=None)          # the newest step; or step=N
+    run = load_run("runs/sft", step=None)          # the newest step; or step=N; or step="beta" (GRPO)
     run.model                                      # base + LoRA with the step's LoRA parameters, eval mode
     run.config                                     # the run's SFTConfig / GRPOConfig, as it was resolved
 
@@ -81,7 +81,7 @@ def config_as_loaded(cfg, checkpoint_dir: Path, model_path: str | None = None, *
     return start_from_kept_copy(cfg, checkpoint_dir, model_path is not None, log)
 
 
-def run_config(run: str | Path, step: int | None = None, model_path: str | None = None):
+def run_config(run: str | Path, step: int | str | None = None, model_path: str | None = None):
     """The run's config at `step` as `load_run` reads it (`config_as_loaded`); nothing is loaded."""
     ckpt = checkpoint_dir_of(run).absolute()
     _, cfg, _ = resolve_step(ckpt, step)
@@ -147,11 +147,12 @@ def data_parallel_mesh():
     return make_mesh(MeshConfig(data=-1))
 
 
-def load_run(run: str | Path, step: int | None = None, *, mesh=None, model_path: str | None = None,
+def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model_path: str | None = None,
              dtype: str | None = None, param_dtype: str | None = None, attention: str | None = None,
              scan_layers: bool | None = None,
              log: Callable[[str], None] | None = None) -> LoadedRun:
-    """The model of `run` at `step` (default: the newest committed step).
+    """The model of `run` at `step` (default: the newest committed step; a stage name: the checkpoint at
+    that GRPO stage's end, `fxjax.run_files.resolve_step`).
 
     mesh: where to place the model (default: `data_parallel_mesh()`, every device on the data axis).
     model_path: the base model's directory when it moved since training (replaces model.path/preset).

@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -401,13 +401,14 @@ def warn_long_warmup(optim, updates: int, log: Callable[[str], None]) -> None:
 
 
 def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total: int, log: Callable[[str], None],
-              watched=WATCHED, recorded=None) -> RunStart:
-    """The optimiser and a fresh state on the mesh, then `resume_run` from cfg's checkpoint directory."""
+              watched=WATCHED, recorded=None, preserve: Sequence[int] = ()) -> RunStart:
+    """The optimiser and a fresh state on the mesh, then `resume_run` from cfg's checkpoint directory
+    (`preserve`: steps whose checkpoints are kept from pruning, TrainCheckpointer's)."""
     tx, schedule = make_optimizer(cfg.optim, steps_total)
     warn_long_warmup(cfg.optim, steps_total, log)
     state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
     checkpointer = TrainCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep,
-                                     async_save=cfg.checkpoint.async_save)
+                                     async_save=cfg.checkpoint.async_save, preserve=preserve)
     iterator = iter(pipeline)
     resumed = resume_run(name, checkpointer, state, iterator, cfg, log, watched, recorded,
                          rows_per_batch=process_rows_per_batch(pipeline.cfg))

@@ -62,6 +62,7 @@ prompts, max new tokens, data files) are refused unless --fresh."""
 EPILOG = """\
 examples:
   fxjax eval --run runs/sft --data data/test.jsonl --out runs/sft/eval
+  fxjax eval --run runs/grpo --step beta --data data/test.jsonl --out runs/grpo/eval-beta   # after stage beta
   fxjax eval --model runs/merged --data FakeXplain/test.jsonl --batch-size 16 --max-new-tokens 1024
   fxjax eval --model Qwen2.5-VL-3B --adapter runs/adapter --data test.jsonl --limit 100 --group-by generator"""
 

@@ -1,4 +1,4 @@
-"""`fxjax export --run RUN_DIR [--step N] --out DIR`: a run's checkpoint as Hugging Face directories.
+"""`fxjax export --run RUN_DIR [--step N|STAGE] --out DIR`: a run's checkpoint as Hugging Face directories.
 
     checkpoint <step> -> (run config -> base model + LoRA, the step's LoRA parameters: train.run_loading)
       -> OUT/merged/   base + LoRA merged: config.json, safetensors, tokenizer, preprocessor_config.json
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from fxjax.file_modes import require_writable
+from fxjax.run_files import step_or_stage
 
 HELP = "write a run's checkpoint (SFT or GRPO, any step) as a merged HF checkpoint and a PEFT adapter"
 
@@ -45,6 +46,7 @@ EPILOG = """\
 examples:
   fxjax export --run runs/sft --out export/sft            # the newest step
   fxjax export --run runs/grpo --step 300 --out export/grpo-300 --dtype bfloat16
+  fxjax export --run runs/grpo --step beta --out export/after-beta   # the model at the end of stage beta
   fxjax export --run runs/grpo --out export/adapter --adapter-only
   fxjax export --run runs/grpo-72b --out export/grpo-72b --mesh fsdp=8   # the model split over 8 devices"""
 
@@ -54,7 +56,9 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, metavar="RUN_DIR",
                    help="the run's train.output_dir (holding checkpoints/) or its checkpoint.dir")
-    p.add_argument("--step", type=int, metavar="N", help="checkpoint step (default: the newest)")
+    p.add_argument("--step", type=step_or_stage, metavar="N|STAGE",
+                   help="checkpoint step, or a GRPO stage's name (alpha, beta, gamma): the checkpoint at that "
+                        "stage's end (default: the newest)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (merged/ and adapter/ inside)")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--adapter-only", action="store_true", help="write only OUT/adapter")
@@ -75,7 +79,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None, merged: bool = True,
+def export_run(run_dir: str | Path, out: str | Path, *, step: int | str | None = None, merged: bool = True,
                adapter: bool = True, dtype: str | None = None, model_path: str | None = None,
                tokenizer: str | None = None, mesh=None, log=None) -> dict[str, str]:
     """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}.

@@ -1,7 +1,8 @@
 """The model options `fxjax eval` and `fxjax detect` share, and loading the detector they name.
 
     --model PATH [--adapter DIR]          an HF directory (a merged export, or a base model + PEFT adapter)
-    --run RUN_DIR [--step N] [--model P]  a fxjax sft/grpo run at a checkpoint step (P: its base, if moved)
+    --run RUN_DIR [--step N|STAGE] [--model P]  a fxjax sft/grpo run at a checkpoint step or a GRPO stage's
+                                          end (P: its base, if moved)
 
 plus --dtype, --mesh and --tokenizer. The prompt settings (pixel limits, system prompt, prompt source,
 max length) default to the run's data config with --run, and otherwise to what training used as its export
@@ -17,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fxjax.run_files import step_or_stage
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments", "load_detector",
            "mesh_from_flag", "parse_mesh", "resolve_detector"]
@@ -34,7 +37,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--run", metavar="RUN_DIR",
                      help="a fxjax sft/grpo run: its train.output_dir (holding checkpoints/) or a checkpoint.dir; "
                           "the model is rebuilt from the run's saved config with the LoRA of --step")
-    g.add_argument("--step", type=int, metavar="N", help="checkpoint step of --run (default: the newest)")
+    g.add_argument("--step", type=step_or_stage, metavar="N|STAGE",
+                   help="checkpoint step of --run, or a GRPO stage's name (alpha, beta, gamma): the checkpoint "
+                        "at that stage's end (default: the newest)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: the run's with --run, else float32)")
     g.add_argument("--mesh", metavar="AXES",
