@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
-from fxjax.config_sections import TrainSection, steps_for_epochs
+from fxjax.config_sections import EvalSection, TrainSection, steps_for_epochs
 from fxjax.train_config import RunConfig, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
@@ -124,10 +124,19 @@ class GRPOTrainSection(TrainSection):
 
 
 @dataclass(frozen=True)
+class GRPOEvalSection(EvalSection):
+    """SFT's eval section plus the held-out evaluation at each reward stage's end: the model after alpha,
+    after beta, ... in metrics.jsonl and the report, however the stages fall against eval.every."""
+
+    at_stage_ends: bool = True  # with data.eval_files and staged rewards (the last stage's end is at_end's)
+
+
+@dataclass(frozen=True)
 class GRPOConfig(RunConfig):
     """The `fxjax grpo` config: the run sections of SFT plus `grpo` and `stages` (configs/grpo.yaml)."""
 
     train: GRPOTrainSection = field(default_factory=GRPOTrainSection)
+    eval: GRPOEvalSection = field(default_factory=GRPOEvalSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     stages: tuple[StageSection, ...] = field(default_factory=_default_stages)
 

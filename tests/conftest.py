@@ -201,7 +201,7 @@ def unwritable_dir(tmp_path):
 # The slowest modules (subprocess runs, multi-device workers) first: pytest-xdist (-n 2 --dist loadfile
 # --no-loadscope-reorder, in pyproject.toml) hands out whole modules in collection order, so starting with
 # the long ones keeps both workers busy to the end instead of leaving one long module running alone.
-SLOW_FIRST = ("test_grpo.py", "test_sft.py", "test_demo.py", "test_sharding.py", "test_traceable.py", "test_losses.py",
+SLOW_FIRST = ("test_grpo.py", "test_sft.py", "test_sharding.py", "test_traceable.py", "test_losses.py",
               "test_multihost.py", "test_grpo_batch.py", "test_scan_layers.py", "test_export_cli.py",
               "test_layering.py", "test_readme.py", "test_vision_shards.py")
 

@@ -1,7 +1,7 @@
 """`fxjax demo`: its table and stage trends (fast), and `--quick`, a smoke run of every phase and of
-bench/demo_policy.py on its folder (about 1.5 minutes on 2 cores: it compiles the SFT, decoding and GRPO
-programs; CI runs the full `fxjax demo` after the tests, but not the bench script, which broke unnoticed
-while this test was left out of the default run)."""
+bench/demo_policy.py on its folder (slow, -m slow: it compiles the SFT, decoding and GRPO programs, 1.5
+minutes alone on 2 cores and over 2 more in the 2-worker suite; CI runs the full `fxjax demo` after the tests
+and then bench/demo_policy.py on the demo's folder, which it did not while the script broke unnoticed)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,7 @@ def test_grpo_prompts_balance_labels_and_bands(tmp_path):
         _balanced_prompts(tmp_path / "real.jsonl", tmp_path / "b.jsonl", seed=0)
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_phase(tmp_path, capsys, monkeypatch):
     from fxjax import host_allocator
 

@@ -136,17 +136,25 @@ def straight(setup):
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 99.0}\n')
     (out / "completions.jsonl").write_text('{"step": 1, "completion": "stale"}\n')
-    # (a checkpoint every 5 steps, the newest kept: the stage ends 2, 4 and 6 are saved and kept all the same)
-    code, log = grpo(setup, "straight", report=True, sets=["checkpoint.every=5", "checkpoint.keep=1"])
+    # A checkpoint every 5 steps, the newest kept: the stage ends 2, 4 and 6 are saved and kept all the same.
+    # The held-out evaluation at each stage's end (eval.at_stage_ends, on by default; eval.at_end off) on
+    # the 2 test records: it changes nothing of the training (the resumed runs below, without it, end equal).
+    evaluation = [f"data.eval_files=[{setup['root'] / 'data' / 'test.jsonl'}]", "eval.batch_size=2",
+                  "eval.max_new_tokens=6"]
+    code, log = grpo(setup, "straight", report=True, sets=["checkpoint.every=5", "checkpoint.keep=1", *evaluation])
     assert code == 0, log[-3000:]
     assert committed_steps(out / "checkpoints") == [2, 4, 6]
     for stage, step in (("alpha", 2), ("beta", 4), ("gamma", 6)):
         assert (f"grpo: stage {stage} ended at step {step}; its checkpoint is kept from pruning (`--step {stage}` "
                 "of fxjax eval, detect and export)") in log
+        assert f"grpo: eval (end of stage {stage}, step {step}): " in log
     assert f"wrote the report {out / 'report.png'}" in log and (out / "report.png").stat().st_size > 20_000
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4, 6] and all(r["examples"] == 2 and "format_rate" in r for r in evals)
     assert 99.0 not in [r.get("loss") for r in records] and "stale" not in (out / "completions.jsonl").read_text()
-    return adapter_tensors(setup["root"] / "straight" / "adapter"), records, log
+    train = [r for r in records if r.get("kind", "train") == "train"]  # (the runs compared with it: no eval)
+    return adapter_tensors(setup["root"] / "straight" / "adapter"), train, log
 
 
 def test_stages_in_order_with_every_metric(setup, straight):

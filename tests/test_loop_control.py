@@ -28,11 +28,12 @@ class _Checkpointer:
 
 
 def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, metrics=None, profile=(2, 0),
-         sync=None, body=None, stage_ends=None):
+         sync=None, body=None, stage_ends=None, eval_stage_ends=False):
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=every),
                           train=SimpleNamespace(progress_bar=False, output_dir="out", profile_start=profile[0],
                                                 profile_steps=profile[1]),
-                          eval=SimpleNamespace(every=eval_every, at_start=False, at_end=at_end))
+                          eval=SimpleNamespace(every=eval_every, at_start=False, at_end=at_end,
+                                               at_stage_ends=eval_stage_ends))
     saved, evaluated, said = [], [], []
     control = LoopControl("sft", cfg, steps_total=steps, first=first, checkpointer=_Checkpointer(),
                           save=saved.append, say=said.append, show_progress=False,
@@ -173,6 +174,24 @@ def test_each_stage_end_is_saved_off_the_cadence_and_said():
         "eval, detect and export)" for name, step in (("alpha", 3), ("beta", 5), ("gamma", 7))]
     _, saved, _, _ = _run(7, every=4, first=3, stage_ends={3: "alpha", 5: "beta", 7: "gamma"})
     assert saved == [4, 5, 7]
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_each_stage_end_is_evaluated_with_eval_at_stage_ends(tmp_path, at_end):
+    """eval.at_stage_ends (GRPO): the held-out evaluation after each stage, besides eval.every (the last
+    stage's end is the end's evaluation when eval.at_end); off, only eval.every; a run resumed from a stage
+    end whose evaluation metrics.jsonl lacks makes it up first."""
+    from fxjax.train.metrics import MetricsLogger
+
+    ends = {3: "alpha", 5: "beta", 7: "gamma"}
+    _, _, evaluated, _ = _run(7, eval_every=4, at_end=at_end, stage_ends=ends, eval_stage_ends=True)
+    assert evaluated == [("end of stage alpha", 3), ("periodic", 4), ("end of stage beta", 5)] + (
+        [] if at_end else [("end of stage gamma", 7)])
+    assert _run(7, eval_every=4, at_end=at_end, stage_ends=ends)[2] == [("periodic", 4)]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "kind": "train", "loss": 1.0}) + "\n")
+    _, _, evaluated, _ = _run(7, first=3, stage_ends=ends, eval_stage_ends=True,
+                              metrics=MetricsLogger(tmp_path, tensorboard=False, resume_step=3))
+    assert evaluated == [("end of stage alpha", 3), ("end of stage beta", 5)]
 
 
 @pytest.mark.parametrize("at_end", [True, False])

@@ -9,7 +9,8 @@ Stages: `stages` lists the reward stages in order (default alpha, beta, gamma), 
 steps or of epochs over the training records (turned into steps once the records are read), with the
 weights of the reward config; `grpo.schedule=continuous` uses w_G(t) over train.steps. Each stage's end is
 saved as a checkpoint kept from pruning (checkpoint.keep counts the others), recorded in every checkpoint's
-data state, so `fxjax eval / detect / export --step beta` take the model after beta.
+data state, so `fxjax eval / detect / export --step beta` take the model after beta; with data.eval_files
+the held-out evaluation runs there too (eval.at_stage_ends).
 The policy is the LoRA model; the reference policy is the same model with LoRA disabled (no copy).
 
 Data per process (as SFT, train.sft): every process follows one global prompt stream but reads, decodes

@@ -81,7 +81,7 @@ class LoopControl:
     held-out evaluation (None: no evaluation); `first` is the step the run starts from (0, or the step of the
     checkpoint it resumed from); `bar` is the run's progress bar. `stage_ends` maps the step at which each of
     GRPO's reward stages ends to its name: each is saved whatever checkpoint.every says (and the checkpointer
-    keeps it from pruning), and said."""
+    keeps it from pruning), and said; with eval.at_stage_ends (GRPO) it is evaluated too."""
 
     def __init__(self, name: str, cfg, *, steps_total: int, first: int, checkpointer, save: Callable[[int], None],
                  say: Callable[[str], None], show_progress: bool, evaluate: Callable[[str], Any] | None,
@@ -92,6 +92,7 @@ class LoopControl:
         self._save, self.say = save, say
         self.every, self.eval_every, self.eval_at_start = cfg.checkpoint.every, cfg.eval.every, cfg.eval.at_start
         self.eval_at_end = cfg.eval.at_end
+        self.eval_at_stage_ends = bool(getattr(cfg.eval, "at_stage_ends", False))  # (GRPO's section only)
         self.last_saved = first if first else None  # a resumed run starts from its checkpoint
         self.first = self.done = first
         self.evaluate = evaluate
@@ -113,7 +114,7 @@ class LoopControl:
                 and not allgather_json("eval-logged", self.metrics.logged("eval", self.last_saved))[0]:
             # the step's evaluation runs after its checkpoint is saved: a process killed in between (an
             # evaluation takes a while) leaves the checkpoint without it. The main process's file decides.
-            self.evaluate("periodic")
+            self.evaluate(self._eval_tag(self.last_saved))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -145,8 +146,13 @@ class LoopControl:
 
     def _periodic_eval_due(self, step: int) -> bool:
         # the last step's periodic evaluation is the end's, when there is one (eval.at_end)
-        return self.evaluate is not None and bool(self.eval_every) and step % self.eval_every == 0 \
-            and not (step == self.steps_total and self.eval_at_end)
+        due = (bool(self.eval_every) and step % self.eval_every == 0) \
+            or (self.eval_at_stage_ends and step in self.stage_ends)
+        return self.evaluate is not None and due and not (step == self.steps_total and self.eval_at_end)
+
+    def _eval_tag(self, step: int) -> str:
+        return f"end of stage {self.stage_ends[step]}" if self.eval_at_stage_ends and step in self.stage_ends \
+            else "periodic"
 
     def save(self, step: int) -> None:
         if self.last_saved != step:
@@ -163,7 +169,7 @@ class LoopControl:
             self.say(f"{self.name}: stage {stage} ended at step {step}; its checkpoint is kept from pruning "
                      f"(`--step {stage}` of fxjax eval, detect and export)")
         if self._periodic_eval_due(step):
-            self.evaluate("periodic")
+            self.evaluate(self._eval_tag(step))
         if faults.armed("after_step", step):
             self.checkpointer.wait()
             faults.point("after_step", step, self.signals.local_stop)

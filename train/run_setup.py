@@ -72,8 +72,10 @@ def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: C
 
 
 def evaluates(cfg) -> bool:
-    """Whether a run evaluates on held-out files at all (eval files and a time to do it)."""
-    return bool(cfg.data.eval_files) and bool(cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end)
+    """Whether a run evaluates on held-out files at all (eval files and a time to do it: GRPO's stage ends
+    are one when the rewards are staged)."""
+    stage_ends = getattr(cfg.eval, "at_stage_ends", False) and cfg.grpo.schedule != "continuous"
+    return bool(cfg.data.eval_files) and bool(cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end or stage_ends)
 
 
 def check_eval_batch(cfg, mesh, log: Callable[[str], None]) -> None:
