@@ -36,6 +36,8 @@ class StageSection:
     def validate(self, where: str) -> None:
         if not self.name:
             raise ConfigError(f"{where}.name: give a stage of the reward config (alpha, beta, gamma)")
+        if str(self.name).strip().lstrip("+-").isdigit():  # (`--step 2` is a step; a stage is named)
+            raise ConfigError(f"{where}.name: {self.name!r} is a number; a stage is named (alpha, beta, gamma)")
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: give exactly one of steps (sampling steps) and epochs (passes over "
                               f"data.train_files), got steps={self.steps}, epochs={self.epochs}")

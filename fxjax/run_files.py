@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
-           "saved_run_kind", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
+           "kept_stage_end_steps", "saved_run_kind", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 DATA_STATE_FILE = Path("data") / "data_state.json"  # its "data" item (the data position, GRPO's stage ends)
@@ -132,20 +132,40 @@ def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
 def step_or_stage(text: str) -> int | str:
     """A `--step` value: a step number, or the name of a GRPO stage (its end's checkpoint)."""
     text = text.strip()
-    return int(text) if text.lstrip("+-").isdigit() else text
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _data_state_stage_ends(checkpoint_dir: Path, step: int) -> list[tuple[str, int]] | None:
+    """The stage ends the data state of `step` records (None: none recorded, or unreadable)."""
+    try:
+        data = json.loads((checkpoint_dir / str(step) / DATA_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ends = data.get("stage_ends") if isinstance(data, dict) else None
+    if isinstance(ends, list) and all(isinstance(e, list) and len(e) == 2 for e in ends):
+        return [(str(name), int(end)) for name, end in ends]
+    return None
+
+
+def kept_stage_end_steps(checkpoint_dir: str | Path) -> set[int]:
+    """Every stage end that the committed checkpoints in `checkpoint_dir` record: a run resumed with other
+    stages keeps the ends its earlier stages reached (its own config knows only the new ones)."""
+    ckpt = Path(checkpoint_dir)
+    if not ckpt.is_dir():
+        return set()
+    return {end for step in committed_steps(ckpt) for _, end in (_data_state_stage_ends(ckpt, step) or [])}
 
 
 def recorded_stage_ends(checkpoint_dir: Path, step: int) -> list[tuple[str, int]] | None:
     """[(stage, the step it ends at), ...] as the checkpoint of `step` records them (a GRPO run's data state;
     one written before fxjax recorded them: from its config's stages when they are in steps); None for an
     SFT run or a continuous schedule."""
-    try:
-        data = json.loads((checkpoint_dir / str(step) / DATA_STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        data = {}
-    ends = data.get("stage_ends") if isinstance(data, dict) else None
-    if isinstance(ends, list) and all(isinstance(e, list) and len(e) == 2 for e in ends):
-        return [(str(name), int(end)) for name, end in ends]
+    ends = _data_state_stage_ends(checkpoint_dir, step)
+    if ends is not None:
+        return ends
     cfg, kind = read_run_config(checkpoint_dir, step)
     if kind != "grpo" or cfg.grpo.schedule == "continuous" or any(s.steps is None for s in cfg.stages):
         return None
@@ -156,7 +176,7 @@ def stage_end_step(checkpoint_dir: Path, stage: str, steps: list[int]) -> int:
     """The committed step at which the GRPO stage `stage` ended (read from the newest checkpoint), or a
     RunLoadError saying why there is none."""
     ends = recorded_stage_ends(checkpoint_dir, steps[-1])
-    where = f"--step {stage}: the run in {checkpoint_dir}"
+    where = f"step {stage!r} (a stage's end): the run in {checkpoint_dir}"
     if not ends:
         raise RunLoadError(f"{where} has no reward stages (an SFT run, a continuous GRPO schedule, or a run from "
                            f"before fxjax recorded them when its stages are in epochs): give a step number; steps "
@@ -186,6 +206,8 @@ def resolve_step(checkpoint_dir: str | Path, step: int | str | None) -> tuple[in
     if not steps:
         pending = sorted(p.name for p in ckpt.iterdir())
         raise RunLoadError(f"no committed checkpoint in {ckpt}" + (f" (only {', '.join(pending)})" if pending else ""))
+    if isinstance(step, str):
+        step = step_or_stage(step)  # (load_run(run, "300") is step 300)
     if isinstance(step, str):
         step = stage_end_step(ckpt, step, steps)
     if step is None:

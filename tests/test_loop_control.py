@@ -172,8 +172,12 @@ def test_each_stage_end_is_saved_off_the_cadence_and_said():
     assert [line for line in said if "ended" in line] == [
         f"sft: stage {name} ended at step {step}; its checkpoint is kept from pruning (`--step {name}` of fxjax "
         "eval, detect and export)" for name, step in (("alpha", 3), ("beta", 5), ("gamma", 7))]
-    _, saved, _, _ = _run(7, every=4, first=3, stage_ends={3: "alpha", 5: "beta", 7: "gamma"})
-    assert saved == [4, 5, 7]
+    _, saved, _, said = _run(7, every=4, first=2, stage_ends={3: "alpha", 5: "alpha", 7: "gamma"})
+    assert saved == [3, 4, 5, 7]  # (resumed from 2)
+    # a stage run twice is loaded by its step
+    assert [line.split("(")[1] for line in said if "ended" in line] == [
+        "`--step 3` of fxjax eval, detect and export)", "`--step 5` of fxjax eval, detect and export)",
+        "`--step gamma` of fxjax eval, detect and export)"]
 
 
 @pytest.mark.parametrize("at_end", [True, False])
@@ -188,6 +192,9 @@ def test_each_stage_end_is_evaluated_with_eval_at_stage_ends(tmp_path, at_end):
     assert evaluated == [("end of stage alpha", 3), ("periodic", 4), ("end of stage beta", 5)] + (
         [] if at_end else [("end of stage gamma", 7)])
     assert _run(7, eval_every=4, at_end=at_end, stage_ends=ends)[2] == [("periodic", 4)]
+    # a signal during the step that ends alpha: saved, and no evaluation within the grace period
+    control, saved, evaluated, _ = _run(7, at_end=at_end, stage_ends=ends, eval_stage_ends=True, signal_at=3)
+    assert control.preempted and saved == [3] and evaluated == []
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "kind": "train", "loss": 1.0}) + "\n")
     _, _, evaluated, _ = _run(7, first=3, stage_ends=ends, eval_stage_ends=True,
                               metrics=MetricsLogger(tmp_path, tensorboard=False, resume_step=3))

@@ -494,7 +494,7 @@ def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path)
     import jax.numpy as jnp
 
     from fxjax.grpo_config import GRPOConfig
-    from fxjax.run_files import RunLoadError, resolve_step, step_or_stage
+    from fxjax.run_files import RunLoadError, kept_stage_end_steps, resolve_step, step_or_stage
     from fxjax.train.checkpointing import TrainCheckpointer
 
     stages = [{"name": "alpha", "steps": 2}, {"name": "beta", "steps": 2}, {"name": "gamma", "steps": 2}]
@@ -521,7 +521,9 @@ def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path)
     assert checkpointer.all_steps() == [2, 4, 5]
     checkpointer.close()
     assert [resolve_step(ckpt, step_or_stage(name))[0] for name in ("alpha", "beta", " 5")] == [2, 4, 5]
-    assert resolve_step(ckpt, "alpha")[2] == "grpo"
+    assert resolve_step(ckpt, "alpha")[2] == "grpo" and resolve_step(ckpt, "4")[0] == 4  # (the API: "4" a step)
+    assert step_or_stage("+-3") == "+-3" and step_or_stage("-3") == -3
+    assert kept_stage_end_steps(ckpt) == {2, 4, 6} and kept_stage_end_steps(tmp_path / "none") == set()
     with pytest.raises(RunLoadError, match=r"has no stage 'delta' \(alpha ends at step 2, beta ends at step 4, "
                                            r"gamma ends at step 6\)"):
         resolve_step(ckpt, "delta")
@@ -539,5 +541,21 @@ def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path)
     checkpointer.save(3, {"w": jnp.zeros(2)}, {}, {"model": {"path": "base"}, "data": {"train_files": ["t.jsonl"]},
                                                           "train": {"steps": 3}})
     checkpointer.close()
-    with pytest.raises(RunLoadError, match=r"--step beta: the run in .* has no reward stages .*steps that exist: 3"):
+    with pytest.raises(RunLoadError, match=r"step 'beta' \(a stage's end\): the run in .* has no reward stages "
+                                           r".*steps that exist: 3"):
         resolve_step(sft, "beta")
+
+    # a checkpoint from before the stage ends were recorded: from its config's stages when they are steps
+    old = tmp_path / "old"
+    checkpointer = TrainCheckpointer(old, keep=5, async_save=False)
+    for step in (2, 3):
+        checkpointer.save(step, {"w": jnp.zeros(2)}, {}, config)
+    checkpointer.close()
+    assert resolve_step(old, "alpha")[0] == 2 and kept_stage_end_steps(old) == set()
+    epochs = tmp_path / "epochs"
+    checkpointer = TrainCheckpointer(epochs, keep=5, async_save=False)
+    checkpointer.save(2, {"w": jnp.zeros(2)}, {}, config | {"stages": [{"name": "alpha", "epochs": 1.0}]})
+    checkpointer.close()
+    with pytest.raises(RunLoadError, match=r"has no reward stages \(an SFT run, a continuous GRPO schedule, or a "
+                                           r"run from before fxjax recorded them when its stages are in epochs\)"):
+        resolve_step(epochs, "alpha")

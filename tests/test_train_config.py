@@ -459,3 +459,25 @@ def test_scale_rewards_takes_trls_booleans_and_nothing_else_that_is_not_a_mode()
     for wrong in ("1", "0", "std"):
         with pytest.raises(ConfigError, match="grpo.scale_rewards: must be one of 'group', 'batch', 'none'"):
             load_grpo_config(overrides=[*base, f"grpo.scale_rewards={wrong}"])
+
+
+def test_grpo_evaluates_at_stage_ends_unless_told_and_sft_has_no_stages():
+    """eval.at_stage_ends is GRPO's (on by default, false turns it off; an SFT config refuses the key as
+    unknown), a run evaluates for it only with eval files and staged rewards, and a stage named by a number
+    is refused (`--step 2` is a step)."""
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train.run_setup import evaluates
+    from fxjax.train_config import from_dict
+
+    data = {"model": {"preset": "tiny"}, "data": {"tokenizer": "tok", "train_files": ["t.jsonl"]}}
+    only_stage_ends = {**data, "data": {**data["data"], "eval_files": ["e.jsonl"]}, "eval": {"at_end": False}}
+    assert grpo_from_dict(data).eval.at_stage_ends is True
+    assert evaluates(grpo_from_dict(only_stage_ends)) is True
+    assert evaluates(grpo_from_dict({**only_stage_ends, "eval": {"at_end": False, "at_stage_ends": False}})) is False
+    continuous = {**only_stage_ends, "grpo": {"schedule": "continuous"}, "train": {"steps": 4}}
+    assert evaluates(grpo_from_dict(continuous)) is False
+    assert evaluates(grpo_from_dict({**data, "eval": {"at_end": False}})) is False  # no eval files
+    with pytest.raises(ConfigError, match=r"at_stage_ends"):
+        from_dict({**data, "train": {"steps": 1}, "eval": {"at_stage_ends": True}})
+    with pytest.raises(ConfigError, match=r"stages\[0\].name: '2' is a number; a stage is named"):
+        grpo_from_dict({**data, "stages": [{"name": "2", "steps": 1}]})

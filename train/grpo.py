@@ -8,7 +8,7 @@
 Stages: `stages` lists the reward stages in order (default alpha, beta, gamma), each for its number of
 steps or of epochs over the training records (turned into steps once the records are read), with the
 weights of the reward config; `grpo.schedule=continuous` uses w_G(t) over train.steps. Each stage's end is
-saved as a checkpoint kept from pruning (checkpoint.keep counts the others), recorded in every checkpoint's
+saved as a checkpoint kept from pruning (the newest checkpoint.keep, and every stage end), recorded in every checkpoint's
 data state, so `fxjax eval / detect / export --step beta` take the model after beta; with data.eval_files
 the held-out evaluation runs there too (eval.at_stage_ends).
 The policy is the LoRA model; the reference policy is the same model with LoRA disabled (no copy).
@@ -56,6 +56,7 @@ from fxjax.distributed import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
+from fxjax.run_files import kept_stage_end_steps
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
 from fxjax.train import faults
@@ -280,7 +281,9 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     # the learning-rate schedule runs over every update, and state.step counts updates.
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total * g.num_iterations,
-        log=say, watched=GRPO_WATCHED, recorded=recorded, preserve=[end for _, end in ends])
+        log=say, watched=GRPO_WATCHED, recorded=recorded,
+        # this config's stage ends, and those the checkpoints record (a resume with changed stages keeps them)
+        preserve=sorted({end for _, end in ends} | kept_stage_end_steps(cfg.checkpoint_dir)))
     result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
     step_now = updates_done(int(jax.device_get(state.step)), g.num_iterations, latest)

@@ -166,9 +166,11 @@ class LoopControl:
             self.save(step)
         if step in self.stage_ends:
             stage = self.stage_ends[step]
+            unique = list(self.stage_ends.values()).count(stage) == 1  # (a stage run twice: by its step)
             self.say(f"{self.name}: stage {stage} ended at step {step}; its checkpoint is kept from pruning "
-                     f"(`--step {stage}` of fxjax eval, detect and export)")
-        if self._periodic_eval_due(step):
+                     f"(`--step {stage if unique else step}` of fxjax eval, detect and export)")
+        if self._periodic_eval_due(step) and not self.signals.stop_requested():
+            # (stopping: no held-out evaluation within the grace period; the resumed run makes it up)
             self.evaluate(self._eval_tag(step))
         if faults.armed("after_step", step):
             self.checkpointer.wait()

@@ -34,7 +34,8 @@ class PreemptionSignals:
         return self.received is not None
 
     def stop_requested(self) -> bool:
-        """Whether any process got a signal; every process must call it once per step. Agreed through the
+        """Whether any process got a signal; every process must make the same calls (once per step, and once
+        more before an evaluation the step is due). Agreed through the
         coordination service's key-value store (fxjax.distributed.allgather_json), host to host: a device
         all-gather here would queue behind the step just dispatched and make every step wait for the
         previous one to finish."""
