@@ -503,10 +503,18 @@ def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path)
     config["data"]["train_files"] = ["train.jsonl"]
     ends = [["alpha", 2], ["beta", 4], ["gamma", 6]]
 
-    def save(checkpointer, steps):
+    def save(checkpointer, steps, data_state=None, saved_config=config):
         for step in steps:
-            checkpointer.save(step, {"w": jnp.full((2,), step, jnp.float32)}, {"stage_ends": ends}, config)
+            checkpointer.save(step, {"w": jnp.full((2,), step, jnp.float32)},
+                              {"stage_ends": ends} if data_state is None else data_state, saved_config)
         checkpointer.wait()
+
+    def run_folder(name, steps, data_state, saved_config):
+        """A folder of checkpoints of `steps` (none pruned) written with that data state and config."""
+        checkpointer = TrainCheckpointer(tmp_path / name, keep=5, async_save=False)
+        save(checkpointer, steps, data_state, saved_config)
+        checkpointer.close()
+        return tmp_path / name
 
     ckpt = tmp_path / "ckpt"
     checkpointer = TrainCheckpointer(ckpt, keep=1, async_save=False, preserve=[2, 4, 6])
@@ -536,26 +544,16 @@ def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path)
                                            r"exist: 6"):
         resolve_step(ckpt, "beta")
 
-    sft = tmp_path / "sft"
-    checkpointer = TrainCheckpointer(sft, keep=1, async_save=False)
-    checkpointer.save(3, {"w": jnp.zeros(2)}, {}, {"model": {"path": "base"}, "data": {"train_files": ["t.jsonl"]},
-                                                          "train": {"steps": 3}})
-    checkpointer.close()
+    sft = run_folder("sft", [3], {}, {"model": {"path": "base"}, "data": {"train_files": ["t.jsonl"]},
+                                      "train": {"steps": 3}})
     with pytest.raises(RunLoadError, match=r"step 'beta' \(a stage's end\): the run in .* has no reward stages "
                                            r".*steps that exist: 3"):
         resolve_step(sft, "beta")
 
     # a checkpoint from before the stage ends were recorded: from its config's stages when they are steps
-    old = tmp_path / "old"
-    checkpointer = TrainCheckpointer(old, keep=5, async_save=False)
-    for step in (2, 3):
-        checkpointer.save(step, {"w": jnp.zeros(2)}, {}, config)
-    checkpointer.close()
+    old = run_folder("old", [2, 3], {}, config)
     assert resolve_step(old, "alpha")[0] == 2 and kept_stage_end_steps(old) == set()
-    epochs = tmp_path / "epochs"
-    checkpointer = TrainCheckpointer(epochs, keep=5, async_save=False)
-    checkpointer.save(2, {"w": jnp.zeros(2)}, {}, config | {"stages": [{"name": "alpha", "epochs": 1.0}]})
-    checkpointer.close()
+    epochs = run_folder("epochs", [2], {}, config | {"stages": [{"name": "alpha", "epochs": 1.0}]})
     with pytest.raises(RunLoadError, match=r"has no reward stages \(an SFT run, a continuous GRPO schedule, or a "
                                            r"run from before fxjax recorded them when its stages are in epochs\)"):
         resolve_step(epochs, "alpha")
