@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
 from fxjax.config_sections import EvalSection, TrainSection, steps_for_epochs
+from fxjax.run_files import step_or_stage
 from fxjax.train_config import RunConfig, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
@@ -36,7 +37,7 @@ class StageSection:
     def validate(self, where: str) -> None:
         if not self.name:
             raise ConfigError(f"{where}.name: give a stage of the reward config (alpha, beta, gamma)")
-        if str(self.name).strip().lstrip("+-").isdigit():  # (`--step 2` is a step; a stage is named)
+        if isinstance(step_or_stage(str(self.name)), int):  # (`--step 2` is a step; a stage is named)
             raise ConfigError(f"{where}.name: {self.name!r} is a number; a stage is named (alpha, beta, gamma)")
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: give exactly one of steps (sampling steps) and epochs (passes over "

@@ -141,11 +141,11 @@ class TrainCheckpointer:
         """`keep`: the newest checkpoints kept; `preserve`: steps whose checkpoints are kept besides them
         (GRPO's stage ends), never pruned however many come after."""
         self.directory = Path(directory).absolute()
-        self.preserve = frozenset(int(s) for s in preserve)
+        preserve = sorted({int(s) for s in preserve})
         policy = ocp.checkpoint_managers.LatestN(n=keep)
-        if self.preserve:
+        if preserve:
             policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-                [policy, ocp.checkpoint_managers.CustomSteps(sorted(self.preserve))])
+                [policy, ocp.checkpoint_managers.CustomSteps(preserve)])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)

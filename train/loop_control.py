@@ -110,11 +110,11 @@ class LoopControl:
         self.signals.__enter__()
         if self.evaluate is not None and self.eval_at_start and self.last_saved is None:
             self.evaluate("start")
-        if self.last_saved is not None and self._periodic_eval_due(self.last_saved) \
-                and not allgather_json("eval-logged", self.metrics.logged("eval", self.last_saved))[0]:
+        due = None if self.last_saved is None else self._eval_due(self.last_saved)
+        if due is not None and not allgather_json("eval-logged", self.metrics.logged("eval", self.last_saved))[0]:
             # the step's evaluation runs after its checkpoint is saved: a process killed in between (an
             # evaluation takes a while) leaves the checkpoint without it. The main process's file decides.
-            self.evaluate(self._eval_tag(self.last_saved))
+            self.evaluate(due)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,15 +144,14 @@ class LoopControl:
             self.save(self.done)
         self.checkpointer.wait()
 
-    def _periodic_eval_due(self, step: int) -> bool:
-        # the last step's periodic evaluation is the end's, when there is one (eval.at_end)
-        due = (bool(self.eval_every) and step % self.eval_every == 0) \
-            or (self.eval_at_stage_ends and step in self.stage_ends)
-        return self.evaluate is not None and due and not (step == self.steps_total and self.eval_at_end)
-
-    def _eval_tag(self, step: int) -> str:
-        return f"end of stage {self.stage_ends[step]}" if self.eval_at_stage_ends and step in self.stage_ends \
-            else "periodic"
+    def _eval_due(self, step: int) -> str | None:
+        """The tag of the evaluation due after update `step` (a stage's end, or periodic), None if none is:
+        the last step's is the end's, when there is one (eval.at_end)."""
+        if self.evaluate is None or (step == self.steps_total and self.eval_at_end):
+            return None
+        if self.eval_at_stage_ends and step in self.stage_ends:
+            return f"end of stage {self.stage_ends[step]}"
+        return "periodic" if self.eval_every and step % self.eval_every == 0 else None
 
     def save(self, step: int) -> None:
         if self.last_saved != step:
@@ -169,9 +168,10 @@ class LoopControl:
             unique = list(self.stage_ends.values()).count(stage) == 1  # (a stage run twice: by its step)
             self.say(f"{self.name}: stage {stage} ended at step {step}; its checkpoint is kept from pruning "
                      f"(`--step {stage if unique else step}` of fxjax eval, detect and export)")
-        if self._periodic_eval_due(step) and not self.signals.stop_requested():
+        due = self._eval_due(step)
+        if due is not None and not self.signals.stop_requested():
             # (stopping: no held-out evaluation within the grace period; the resumed run makes it up)
-            self.evaluate(self._eval_tag(step))
+            self.evaluate(due)
         if faults.armed("after_step", step):
             self.checkpointer.wait()
             faults.point("after_step", step, self.signals.local_stop)
