@@ -31,7 +31,7 @@ import numpy as np
 
 from fxjax import rewards
 
-__all__ = ["NO_VERDICT", "METRIC_KEYS", "metrics_table", "score_completions", "summarize"]
+__all__ = ["NO_VERDICT", "METRIC_KEYS", "metrics_table", "score_completions", "steps_table", "summarize"]
 
 NO_VERDICT = "none"  # the predicted class of a completion without a real/generated verdict
 PREDICTED = (*rewards.LABELS, NO_VERDICT)
@@ -169,20 +169,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def metrics_table(summary: Mapping[str, Any]) -> str:
-    """A plain-text table: the overall metrics and one row per group value, then the confusion matrix."""
-    header = ("", "images", "accuracy", "precision", "recall", "F1", "format", "mean IoU", "IoU images")
-    keys = ("examples", "accuracy", "precision", "recall", "f1", "format_rate", "mean_iou", "iou_images")
-    lines = [("all", *(_cell(summary[k]) for k in keys))]
-    for field, groups in summary.get("by", {}).items():
-        for value, metrics in groups.items():
-            lines.append((f"{field}={value}", *(_cell(metrics[k]) for k in keys)))
+_COLUMNS = ("images", "accuracy", "precision", "recall", "F1", "format", "mean IoU", "IoU images")
+_KEYS = ("examples", "accuracy", "precision", "recall", "f1", "format_rate", "mean_iou", "iou_images")
+
+
+def _aligned(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> list[str]:
+    """Rows of cells as text columns: the first left-aligned, the others right-aligned, under a rule."""
     widths = [max(len(str(row[i])) for row in (header, *lines)) for i in range(len(header))]
 
     def fmt(row):
         return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
-    table = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+    return [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+
+
+def metrics_table(summary: Mapping[str, Any]) -> str:
+    """A plain-text table: the overall metrics and one row per group value, then the confusion matrix."""
+    lines = [("all", *(_cell(summary[k]) for k in _KEYS))]
+    for field, groups in summary.get("by", {}).items():
+        for value, metrics in groups.items():
+            lines.append((f"{field}={value}", *(_cell(metrics[k]) for k in _KEYS)))
+    table = _aligned(("", *_COLUMNS), lines)
     confusion = summary["confusion"]
     table += ["", "confusion (rows: truth, columns: predicted; none = no real/generated verdict)",
               "            " + "".join(f"{p:>11}" for p in PREDICTED)]
@@ -198,3 +205,10 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
         table += ["", f"truncated: {summary['truncated_rate']:.1%} of the completions reached the token limit "
                       f"without a stop token (their verdicts and regions may be cut off)"]
     return "\n".join(table)
+
+
+def steps_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """A plain-text table of several evaluations (a run's steps), a row each: the overall metrics and the
+    share of truncated completions."""
+    lines = [(label, *(_cell(m.get(k)) for k in _KEYS), f"{m.get('truncated_rate') or 0:.1%}") for label, m in rows]
+    return "\n".join(_aligned(("", *_COLUMNS, "truncated"), lines))

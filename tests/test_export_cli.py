@@ -530,3 +530,81 @@ def test_brief_error_keeps_the_first_line_without_tensorstores_spec():
     assert brief_error(err) == "Exception: Encountered error while reading array index: (slice(0, 32, 1),)."
     assert brief_error(ValueError("x" * 400), limit=10) == "ValueError: xxxxxxxxxx..."
     assert brief_error(OSError()) == "OSError: "
+
+
+def test_another_step_loads_into_the_same_model_as_a_whole_load_of_it(two_process_run):
+    """load_run_step: the LoRA of step 2 read into step 3's model equals load_run of step 2 (and differs from
+    step 3's), on the same model object and base arrays; a step saved with other LoRA settings loads whole."""
+    from fxjax.train.checkpointing import flatten_tree
+    from fxjax.train.run_loading import load_run, load_run_step
+    from fxjax.train.step import split_model
+
+    def lora(model):
+        return {k: np.asarray(v) for k, v in flatten_tree(split_model(model)[1]).items()}
+
+    three = load_run(two_process_run, 3)
+    three_lora, base = lora(three.model), flatten_tree(split_model(three.model)[2])
+    two = load_run_step(three, 2)
+    assert two.model is three.model and two.step == 2 and two.mesh is three.mesh
+    assert all(a is b for a, b in zip(flatten_tree(split_model(two.model)[2]).values(), base.values()))
+    swapped, whole = lora(two.model), lora(load_run(two_process_run, 2).model)
+    assert swapped.keys() == whole.keys() == three_lora.keys()
+    assert all(np.array_equal(swapped[k], whole[k]) for k in whole)
+    assert not any(np.array_equal(swapped[k], three_lora[k]) for k in whole if k.endswith("lora_b"))
+    said = []
+    three.config = dataclasses.replace(three.config, lora=dataclasses.replace(three.config.lora, alpha=4))
+    other = load_run_step(three, 2, log=said.append)
+    assert other.model is not three.model and "other model or LoRA settings" in said[0], said
+
+
+def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each_writes(two_process_run, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """`fxjax eval --run RUN --step 2 3`: one model build, no compilation for the second step, each step's
+    predictions those of its own `fxjax eval --step N`, a table with a row per step and the comparison PNG;
+    the same checkpoint named twice is refused before anything loads."""
+    import jax
+    from PIL import Image
+
+    import fxjax.commands.eval as eval_command
+    import fxjax.train.run_setup as run_setup
+
+    rng = np.random.default_rng(0)
+    for name in ("g", "r"):
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"image": "g.png", "label": "generated", "regions": [{"bbox": [0, 0, 28, 28], "caption": "hand"}]})
+                    + "\n" + json.dumps({"image": "r.png", "label": "real"}) + "\n")
+    common = ["--run", str(two_process_run), "--data", str(data), "--batch-size", "2", "--max-new-tokens", "6",
+              "--no-progress", "--group-by"]
+    builds, events = [], []
+    build = run_setup.build_model
+    monkeypatch.setattr(run_setup, "build_model", lambda *a, **k: builds.append(1) or build(*a, **k))
+    evaluate = eval_command.evaluate
+    monkeypatch.setattr(eval_command, "evaluate", lambda *a, **k: events.append("eval") or evaluate(*a, **k))
+    listen = lambda name, *_, **__: events.append("compile") if name.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        assert main(["eval", "--step", "2", "3", "--out", str(tmp_path / "both")] + common) == 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(builds) == 1
+    assert events.count("eval") == 2 and "compile" not in events[events.index("eval", 1):], events
+    out = capsys.readouterr()
+    assert "the LoRA of step 3 (the base model and compiled programs of step 2 kept)" in out.err
+    lines = out.out.splitlines()
+    assert lines[0].split() == ["images", "accuracy", "precision", "recall", "F1", "format", "mean", "IoU", "IoU",
+                                "images", "truncated"]
+    assert [line.split()[:3] for line in lines[2:4]] == [["step", "2", "2"], ["step", "3", "2"]]
+    assert (tmp_path / "both" / "eval_report.png").stat().st_size > 0
+    texts = {}
+    for step in ("2", "3"):
+        assert main(["eval", "--step", step, "--out", str(tmp_path / step)] + common) == 0
+        one, both = ([json.loads(r)["completion"] for r in (d / "predictions.jsonl").read_text().splitlines()]
+                     for d in (tmp_path / step, tmp_path / "both" / f"step-{step}"))
+        assert one == both
+        texts[step] = one
+    assert texts["2"] != texts["3"]  # (the steps' LoRA decode differently: the swap is seen)
+    capsys.readouterr()
+    assert main(["eval", "--step", "3", "3", "--out", str(tmp_path / "twice")] + common) == 2
+    assert "--step: 3 twice name the same checkpoint (step 3); give each once" in capsys.readouterr().err
+    assert len(builds) == 3 and not (tmp_path / "twice").exists()

@@ -3,6 +3,7 @@
     run = load_run("runs/sft", step=None)          # the newest step; or step=N; or step="beta" (GRPO)
     run.model                                      # base + LoRA with the step's LoRA parameters, eval mode
     run.config                                     # the run's SFTConfig / GRPOConfig, as it was resolved
+    gamma = load_run_step(run, "gamma")            # another step into the same model: only its LoRA is read
 
 A run directory is a `fxjax sft` / `fxjax grpo` train.output_dir (holding checkpoints/) or a checkpoint
 directory itself (holding the step folders). Each committed step `<dir>/<N>/` holds the train state and
@@ -20,7 +21,7 @@ load in one: orbax reassembles every array onto this process's mesh.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +32,7 @@ from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, commi
                              resolve_step, start_from_kept_copy, steps_text)
 
 __all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "config_as_loaded", "load_run",
-           "read_run_config", "resolve_step", "run_config", "start_from_kept_copy"]
+           "load_run_step", "read_run_config", "resolve_step", "run_config", "start_from_kept_copy"]
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LoadedRun:
     kind: str  # "sft" or "grpo"
     step: int
     checkpoint_dir: Path
+    mesh: Any = None  # where the model is placed
+    overrides: dict[str, Any] = field(default_factory=dict)  # load_run's model_path, dtype, ...: load_run_step's too
 
 
 def _override_model(cfg, model_path: str | None, dtype: str | None, param_dtype: str | None,
@@ -165,19 +168,11 @@ def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model
     Raises RunLoadError naming the step and listing the steps that exist when the step is missing, its
     files are incomplete or corrupted, or the run's base model cannot be found.
     """
-    import orbax.checkpoint as ocp
-
-    from flax import nnx
-
-    from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
-    from fxjax.train.checkpointing import flatten_tree, unflatten_tree
     from fxjax.train.run_setup import build_model
-    from fxjax.train.step import split_model
     from fxjax.train_config import base_model_section
 
     ckpt = checkpoint_dir_of(run).absolute()
     step, cfg, kind = resolve_step(ckpt, step)
-    steps = committed_steps(ckpt)
     exact = param_dtype == "exact"
     cfg = config_as_loaded(cfg, ckpt, model_path, dtype=dtype, param_dtype=None if exact else param_dtype,
                            attention=attention, scan_layers=scan_layers, log=log)
@@ -193,6 +188,51 @@ def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model
         log(f"loading the {kind} run in {ckpt} at step {step}: base {base_name} "
             f"({cfg.model.dtype}" + (f", weights stored in {stored})" if stored != cfg.model.dtype else ")"))
     model = build_model(cfg, mesh)
+    _restore_lora(model, cfg, ckpt, step, model_path)
+    model.eval()
+    return LoadedRun(model=model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt, mesh=mesh,
+                     overrides=dict(model_path=model_path, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                                    scan_layers=scan_layers))
+
+
+def load_run_step(loaded: LoadedRun, step: int | str, *, log: Callable[[str], None] | None = None) -> LoadedRun:
+    """Another step (or stage end) of the run `loaded` came from, restored into the same model: only that
+    step's LoRA parameters are read, the base weights are not read again and the model keeps its shapes, so
+    programs compiled for it (decoding) are reused. `loaded.model` then holds the new step's LoRA (the
+    returned LoadedRun shares it). A step saved with other model or LoRA settings than `loaded`'s (a run
+    resumed with another model section) is loaded whole, `load_run`, and said so."""
+    ckpt = loaded.checkpoint_dir
+    step, cfg, kind = resolve_step(ckpt, step)
+    o = loaded.overrides
+    exact = o.get("param_dtype") == "exact"
+    cfg = config_as_loaded(cfg, ckpt, o.get("model_path"), dtype=o.get("dtype"),
+                           param_dtype=None if exact else o.get("param_dtype"), attention=o.get("attention"),
+                           scan_layers=o.get("scan_layers"))
+    if exact:
+        cfg = _override_model(cfg, None, None, _exact_param_dtype(cfg))
+    if (cfg.model, cfg.lora) != (loaded.config.model, loaded.config.lora):
+        if log is not None:
+            log(f"step {step} was saved with other model or LoRA settings than step {loaded.step}: loading it whole")
+        return load_run(ckpt, step, mesh=loaded.mesh, log=log, **o)
+    if log is not None:
+        log(f"the LoRA of step {step} (the base model and compiled programs of step {loaded.step} kept)")
+    _restore_lora(loaded.model, cfg, ckpt, step, o.get("model_path"))
+    loaded.model.eval()
+    return LoadedRun(model=loaded.model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt, mesh=loaded.mesh,
+                     overrides=o)
+
+
+def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> None:
+    """The LoRA parameters of checkpoint `step` into `model` (built from `cfg`), each onto its sharding."""
+    import orbax.checkpoint as ocp
+
+    from flax import nnx
+
+    from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
+    from fxjax.train.checkpointing import flatten_tree, unflatten_tree
+    from fxjax.train.step import split_model
+
+    steps = committed_steps(ckpt)
     _, params, _, _ = split_model(model)
     # Only the LoRA parameters ("params.*" of the saved TrainState), each straight onto its sharding here;
     # the optimiser state, step and RNG stay on disk.
@@ -224,5 +264,3 @@ def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model
         refuse_merged_twice(model, f"the LoRA of step {step} in {ckpt}")
     except MergedLoRAError as err:
         raise RunLoadError(str(err)) from None
-    model.eval()
-    return LoadedRun(model=model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt)

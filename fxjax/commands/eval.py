@@ -63,6 +63,7 @@ EPILOG = """\
 examples:
   fxjax eval --run runs/sft --data data/test.jsonl --out runs/sft/eval
   fxjax eval --run runs/grpo --step beta --data data/test.jsonl --out runs/grpo/eval-beta   # after stage beta
+  fxjax eval --run runs/grpo --step alpha beta gamma --data data/test.jsonl --out runs/grpo/eval   # each stage
   fxjax eval --model runs/merged --data FakeXplain/test.jsonl --batch-size 16 --max-new-tokens 1024
   fxjax eval --model Qwen2.5-VL-3B --adapter runs/adapter --data test.jsonl --limit 100 --group-by generator"""
 
@@ -72,7 +73,7 @@ PREDICTIONS, METRICS, SETTINGS = "predictions.jsonl", "metrics.json", "settings.
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p)
+    add_model_arguments(p, several_steps=True)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, nargs="+", metavar="FILE.jsonl",
                    help="labelled dataset file(s), native or ms-swift JSONL; image paths relative to each file")
@@ -395,24 +396,73 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
     if args.limit:
         records = records[:args.limit]
-    detector = resolve_detector(args)
-    args.batch_size = detector.batch_size(args.batch_size, default=8)  # checked before any weights load
-    from fxjax.detection_metrics import metrics_table
+    steps = args.step if isinstance(args.step, list) else [args.step]
+    detectors = [resolve_detector(argparse.Namespace(**{**vars(args), "step": step})) for step in steps]
+    if len(detectors) > 1:
+        _check_distinct_steps(steps, [d.source["step"] for d in detectors])
+    args.batch_size = detectors[0].batch_size(args.batch_size, default=8)  # checked before any weights load
+    out = Path(args.out)
+    if len(detectors) == 1:
+        summary = _evaluate_detector(args, records, report, detectors[0], out, say)
+        from fxjax.detection_metrics import metrics_table
 
+        print(metrics_table(summary))
+        print(f"\nwrote {out / METRICS} and {out / PREDICTIONS} ({summary['examples']} images)")
+        return 0
+    return _evaluate_steps(args, records, report, detectors, steps, out, say)
+
+
+def _check_distinct_steps(given: list, resolved: list[int]) -> None:
+    seen: dict[int, Any] = {}
+    for value, step in zip(given, resolved):
+        if step in seen:
+            same = f"{seen[step]} and {value}" if seen[step] != value else f"{value} twice"
+            raise ValueError(f"--step: {same} name the same checkpoint (step {step}); give each once")
+        seen[step] = value
+
+
+def _evaluate_detector(args, records, report, detector, out: Path, say, after=None) -> dict:
+    """`evaluate` of one detector into `out` (its weights loaded only when something is left to decode;
+    `after`: a loaded detector of another step of the run, whose model it reuses, `Detector.load`)."""
     def make_decoder():
         from fxjax.train.inference import GreedyDecoder
 
-        detector.load()
+        detector.load(after=after)
         return GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
 
     settings = settings_of(args, detector.source, detector.data, detector.tokenizer)
-    out = Path(args.out)
     summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
                        settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say)
     if report.skipped:
         summary["invalid_records"] = [str(e) for e in report.skipped]
         (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(metrics_table(summary))
-    print(f"\nwrote {out / METRICS} and {out / PREDICTIONS} ({summary['examples']} images)")
+    return summary
+
+
+def step_folder(value: int | str) -> str:
+    """The subfolder of --out for one of several --step values: the stage's name, or step-N."""
+    return f"step-{value}" if isinstance(value, int) else str(value)
+
+
+def _evaluate_steps(args, records, report, detectors, steps: list, out: Path, say) -> int:
+    """Several steps of one run, each into out/<step_folder>, on one loaded model (each step's LoRA swapped
+    in: `Detector.load(after=...)`); then a table with a row per step and out/eval_report.png."""
+    from fxjax.commands.eval_report import write_eval_report
+    from fxjax.detection_metrics import steps_table
+
+    rows, dirs, loaded = [], [], None
+    for value, detector in zip(steps, detectors):
+        folder = out / step_folder(value)
+        say(f"step {detector.source['step']}" + (f" (the end of stage {value})" if isinstance(value, str) else "")
+            + f" -> {folder}")
+        summary = _evaluate_detector(args, records, report, detector, folder, say, after=loaded)
+        loaded = detector if detector.model is not None else loaded
+        label = f"{value} (step {detector.source['step']})" if isinstance(value, str) else f"step {value}"
+        rows.append((label, summary))
+        dirs.append(folder)
+    png = write_eval_report(dirs, out / "eval_report.png", labels=[label for label, _ in rows],
+                            title=f"held-out evaluation of {detectors[0].source['run']} by step")
+    print(steps_table(rows))
+    print(f"\nwrote {', '.join(str(d) for d in dirs)} (each: {METRICS}, {PREDICTIONS}) and the comparison {png}")
     return 0

@@ -25,7 +25,8 @@ __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_mod
            "mesh_from_flag", "parse_mesh", "resolve_detector"]
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False) -> None:
+    """--model / --adapter / --run / --step ...; `several_steps`: --step takes one or more (fxjax eval)."""
     g = p.add_argument_group("model (give --model, or --run)")
     g.add_argument("--model", metavar="PATH",
                    help="HF Qwen2.5-VL directory: a merged export (fxjax export), or the base model for --adapter; "
@@ -37,9 +38,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--run", metavar="RUN_DIR",
                      help="a fxjax sft/grpo run: its train.output_dir (holding checkpoints/) or a checkpoint.dir; "
                           "the model is rebuilt from the run's saved config with the LoRA of --step")
-    g.add_argument("--step", type=step_or_stage, metavar="N|STAGE",
+    several = ("; several (e.g. --step alpha beta gamma): each is evaluated into --out/<step>, one after "
+               "the other on the same loaded base model (only each step's LoRA is read; the compiled programs "
+               "are reused), then compared in a table and --out/eval_report.png") if several_steps else ""
+    g.add_argument("--step", type=step_or_stage, metavar="N|STAGE", nargs="+" if several_steps else None,
                    help="checkpoint step of --run, or a GRPO stage's name (alpha, beta, gamma): the checkpoint "
-                        "at that stage's end (default: the newest)")
+                        "at that stage's end (default: the newest)" + several)
     g.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: the run's with --run, else float32)")
     g.add_argument("--mesh", metavar="AXES",
@@ -112,6 +116,7 @@ class Detector:
     source: dict[str, Any] = field(default_factory=dict)  # what is loaded, for the record (settings, metrics)
     model: Any = None  # after load()
     mesh: Any = None  # after load(): jax Mesh, or None for one device
+    loaded_run: Any = None  # after load() of a --run: its fxjax.train.run_loading.LoadedRun
 
     def placement(self):
         """The mesh the weights will go on (made once, before any weights load): --mesh, else every local
@@ -138,20 +143,29 @@ class Detector:
             require_batch_split(mesh, given, "--batch-size")
         return given
 
-    def load(self) -> "Detector":
-        """Load the weights (once) and place them; returns self."""
+    def load(self, after: "Detector | None" = None) -> "Detector":
+        """Load the weights (once) and place them; returns self. `after`: a loaded detector of another step of
+        the same --run, whose model takes this step's LoRA (`load_run_step`: the base is not read again and
+        compiled programs are reused; `after` then holds this step's weights too)."""
         if self.model is not None:
             return self
         args = self.args
-        mesh = self.placement()
         say = lambda text: print(f"fxjax {args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
+        if args.run is not None and after is not None and after.loaded_run is not None:
+            from fxjax.train.run_loading import load_run_step
+
+            self.loaded_run = load_run_step(after.loaded_run, self.source["step"], log=say)
+            self.model, self.mesh, self._placed = self.loaded_run.model, self.loaded_run.mesh, True
+            return self
+        mesh = self.placement()
         if args.run is not None:
             from fxjax.train.run_loading import load_run
 
             # attention "auto": the kernel this platform and dtype run best, not the run's (a cudnn run
             # evaluated on a CPU, or in float32 with --dtype)
-            self.model = load_run(args.run, self.source["step"], mesh=mesh, model_path=args.model,
-                                  dtype=args.dtype, attention="auto", log=say).model
+            self.loaded_run = load_run(args.run, self.source["step"], mesh=mesh, model_path=args.model,
+                                       dtype=args.dtype, attention="auto", log=say)
+            self.model = self.loaded_run.model
         else:
             from fxjax.hf_checkpoint import from_pretrained
 
