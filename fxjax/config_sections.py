@@ -40,7 +40,8 @@ class ModelSection:
     # or from a fxjax run directory (e.g. the SFT run): its base model and LoRA (with path: that base model's
     # directory now, when it moved; the tokenizer then follows path unless data.tokenizer is given)
     from_run: str | None = None
-    from_run_step: int | None = None  # ... at this step (null: its newest checkpoint)
+    # ... at this step, or at the end of this GRPO stage of that run (alpha, beta, ...; null: its newest checkpoint)
+    from_run_step: int | str | None = None
 
     def validate(self, where: str) -> None:
         check_seed(self.init_seed, f"{where}.init_seed")
@@ -55,6 +56,8 @@ class ModelSection:
                               f"(random init) and model.from_run (a fxjax run directory)")
         elif self.from_run_step is not None:
             raise ConfigError(f"{where}.from_run_step: only with {where}.from_run")
+        if isinstance(self.from_run_step, str) and not self.from_run_step.strip():
+            raise ConfigError(f"{where}.from_run_step: give a step number or a GRPO stage's name, got an empty text")
         for name in ("remat", "remat_vision"):
             value = getattr(self, name)
             if value is not None and value not in REMAT_POLICIES:

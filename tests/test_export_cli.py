@@ -557,11 +557,45 @@ def test_another_step_loads_into_the_same_model_as_a_whole_load_of_it(two_proces
     assert other.model is not three.model and "other model or LoRA settings" in said[0], said
 
 
+def staged_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of the two-step run whose newest checkpoint records GRPO stage ends, as fxjax grpo's do: alpha
+    ended at step 2, beta at step 3 (so `--step alpha` / `from_run_step: alpha` name step 2)."""
+    copy = tmp_path / "staged"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    state = copy / "checkpoints" / "3" / "data" / "data_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "stage_ends": [["alpha", 2], ["beta", 3]]}))
+    return copy
+
+
+def test_a_run_can_start_from_the_end_of_another_runs_stage(two_process_run, tmp_path):
+    """model.from_run_step: alpha starts from the checkpoint where that run's stage alpha ended (step 2),
+    said in the run's first line; an empty name is a config error."""
+    from fxjax.config_mapping import ConfigError
+    from fxjax.device_mesh import MeshConfig, make_mesh
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train.checkpointing import flatten_tree
+    from fxjax.train.run_loading import load_run
+    from fxjax.train.run_setup import build_model, start_description
+    from fxjax.train.step import split_model
+
+    staged = staged_copy(two_process_run, tmp_path)
+    data = {"train_files": [str(tmp_path / "train.jsonl")]}
+    cfg = grpo_from_dict({"model": {"from_run": str(staged), "from_run_step": "alpha", "dtype": "float32"},
+                          "data": data})
+    assert start_description(cfg).startswith(f"the run {staged} at the end of stage alpha (step 2) ")
+    lora = lambda m: flatten_tree(split_model(m)[1])  # noqa: E731
+    started, two = lora(build_model(cfg, make_mesh(MeshConfig()))), lora(load_run(two_process_run, 2).model)
+    assert started.keys() == two.keys() and all(np.array_equal(started[k], two[k]) for k in two)
+    with pytest.raises(ConfigError, match=r"model\.from_run_step: give a step number or a GRPO stage's name"):
+        grpo_from_dict({"model": {"from_run": str(staged), "from_run_step": " ", "dtype": "float32"}, "data": data})
+
+
 def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each_writes(two_process_run, tmp_path,
                                                                                        monkeypatch, capsys):
-    """`fxjax eval --run RUN --step 2 3`: one model build, no compilation for the second step, each step's
-    predictions those of its own `fxjax eval --step N`, a table with a row per step and the comparison PNG;
-    the same checkpoint named twice is refused before anything loads."""
+    """`fxjax eval --run RUN --step alpha 3` (a stage's end and a step number): one model build, no
+    compilation for the second step, each step's predictions those of its own `fxjax eval --step`, in
+    OUT/alpha and OUT/step-3, a table with a row per step and the comparison PNG; the same checkpoint named
+    twice is refused before anything loads."""
     import jax
     from PIL import Image
 
@@ -574,7 +608,7 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     data = tmp_path / "test.jsonl"
     data.write_text(json.dumps({"image": "g.png", "label": "generated", "regions": [{"bbox": [0, 0, 28, 28], "caption": "hand"}]})
                     + "\n" + json.dumps({"image": "r.png", "label": "real"}) + "\n")
-    common = ["--run", str(two_process_run), "--data", str(data), "--batch-size", "2", "--max-new-tokens", "6",
+    common = ["--run", str(staged_copy(two_process_run, tmp_path)), "--data", str(data), "--batch-size", "2", "--max-new-tokens", "6",
               "--no-progress", "--group-by"]
     builds, events = [], []
     build = run_setup.build_model
@@ -584,7 +618,7 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     listen = lambda name, *_, **__: events.append("compile") if name.endswith("backend_compile_duration") else None  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        assert main(["eval", "--step", "2", "3", "--out", str(tmp_path / "both")] + common) == 0
+        assert main(["eval", "--step", "alpha", "3", "--out", str(tmp_path / "both")] + common) == 0
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert len(builds) == 1
@@ -594,17 +628,19 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     lines = out.out.splitlines()
     assert lines[0].split() == ["images", "accuracy", "precision", "recall", "F1", "format", "mean", "IoU", "IoU",
                                 "images", "truncated"]
-    assert [line.split()[:3] for line in lines[2:4]] == [["step", "2", "2"], ["step", "3", "2"]]
+    assert [line.split()[:4] for line in lines[2:4]] == [["alpha", "(step", "2)", "2"], ["step", "3", "2", "0.000"]]
     assert (tmp_path / "both" / "eval_report.png").stat().st_size > 0
     texts = {}
-    for step in ("2", "3"):
+    for step, folder in (("2", "alpha"), ("beta", "step-3")):
         assert main(["eval", "--step", step, "--out", str(tmp_path / step)] + common) == 0
         one, both = ([json.loads(r)["completion"] for r in (d / "predictions.jsonl").read_text().splitlines()]
-                     for d in (tmp_path / step, tmp_path / "both" / f"step-{step}"))
+                     for d in (tmp_path / step, tmp_path / "both" / folder))
         assert one == both
         texts[step] = one
-    assert texts["2"] != texts["3"]  # (the steps' LoRA decode differently: the swap is seen)
+    assert texts["2"] != texts["beta"]  # (the steps' LoRA decode differently: the swap is seen)
     capsys.readouterr()
     assert main(["eval", "--step", "3", "3", "--out", str(tmp_path / "twice")] + common) == 2
     assert "--step: 3 twice name the same checkpoint (step 3); give each once" in capsys.readouterr().err
+    assert main(["eval", "--step", "beta", "3", "--out", str(tmp_path / "twice")] + common) == 2
+    assert "--step: beta and 3 name the same checkpoint (step 3)" in capsys.readouterr().err
     assert len(builds) == 3 and not (tmp_path / "twice").exists()

@@ -42,7 +42,8 @@ from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
 from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR, RunLoadError, brief_error, checkpoint_dir_of,
-                             committed_steps, resumes_from_kept_start, saved_run_kind)
+                             committed_steps, resolve_step, resumes_from_kept_start, saved_run_kind,
+                             step_or_stage)
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "check_resume_mesh", "evaluates",
            "init_state", "keep_start_lora", "mesh_record", "opt_state_shardings", "per_process_state", "place",
@@ -132,13 +133,24 @@ def _newest_step_text(run: str) -> str:
     return f"step {steps[-1]} (its newest)" if steps else "its newest step"
 
 
+def _start_step_text(run: str, step: int | str | None) -> str:
+    if step is None:
+        return _newest_step_text(run)
+    if isinstance(step_or_stage(str(step)), int):
+        return f"step {step}"
+    try:
+        return f"the end of stage {step} (step {resolve_step(checkpoint_dir_of(run), step)[0]})"
+    except (OSError, RunLoadError):  # (loading it then says what is wrong)
+        return f"the end of stage {step}"
+
+
 def start_description(cfg) -> str:
     """What the run's model starts from, for its first log line: the base and where its LoRA comes from (an
     adapter's or a run's own rank, alpha and targets, when it starts from one: the lora section then shapes
     nothing)."""
     m = cfg.model
     if m.from_run is not None:
-        step = f"step {m.from_run_step}" if m.from_run_step is not None else _newest_step_text(m.from_run)
+        step = _start_step_text(m.from_run, m.from_run_step)
         return f"the run {m.from_run} at {step} (its base model and LoRA; lora.* unused)"
     base = m.path or f"preset {m.preset}"
     if m.adapter is not None:
