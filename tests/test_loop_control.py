@@ -64,11 +64,12 @@ class _Profiler:
 
 
 @pytest.mark.parametrize("first, signal_at, expected", [
-    # updates 1-2 traced; the loop's sync (the wait for update 2 on the device) comes before the stop
-    (0, None, [("update", 0), ("start", "profile"), ("update", 1), ("update", 2), ("sync",), ("stop",),
+    # updates 1-2 traced; the loop's sync waits for update 0 on the device before the start (its tail stays
+    # out of the trace) and for update 2 before the stop
+    (0, None, [("update", 0), ("sync",), ("start", "profile"), ("update", 1), ("update", 2), ("sync",), ("stop",),
                ("update", 3)]),
     # a signal during update 1 (preempted after it): the trace stops on the way out
-    (0, 2, [("update", 0), ("start", "profile"), ("update", 1), ("stop",)]),
+    (0, 2, [("update", 0), ("sync",), ("start", "profile"), ("update", 1), ("stop",)]),
     # resumed at update 3, past profile_start 1: no trace, and said
     (3, None, [("update", 3)]),
 ])
@@ -93,8 +94,8 @@ def test_a_window_past_the_end_is_cut_there_and_stops_before_the_final_save(monk
     _Profiler(monkeypatch, events)
     control, saved, _, said = _run(4, profile=(2, 5), sync=lambda: events.append(("sync",)),
                                    body=lambda u: events.append(("update", u)))
-    assert events == [("update", 0), ("update", 1), ("start", "profile"), ("update", 2), ("update", 3), ("sync",),
-                      ("stop",)]
+    assert events == [("update", 0), ("update", 1), ("sync",), ("start", "profile"), ("update", 2), ("update", 3),
+                      ("sync",), ("stop",)]
     assert said[0] == "profile: updates 2-6 asked, the run ends at update 3: tracing updates 2-3"
     assert saved == [4]  # (the final save, after the trace stopped: it is not in it)
 

@@ -100,8 +100,8 @@ class LoopControl:
         self.signals = PreemptionSignals()
         self.metrics = metrics
         self._closing = (metrics, iterator)
-        # train.profile_steps: the loop's `sync` waits for the last traced update on the device (None: the
-        # loop body has waited already)
+        # train.profile_steps: the loop's `sync` waits for the update before the window and the window's last
+        # one on the device (None: the loop body has waited already)
         self.trace, self._sync = StepTrace.for_run(cfg.train, say), sync
 
     def __enter__(self) -> "LoopControl":
@@ -133,7 +133,7 @@ class LoopControl:
         self.done, self.preempted = first, False
         self.trace.plan(first, self.steps_total)
         while self.done < self.steps_total:
-            self.trace.before(self.done)
+            self.trace.before(self.done, self._sync)
             yield self.done
             self.done += 1
             self.trace.after(self.done, self._sync)

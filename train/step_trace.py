@@ -1,7 +1,8 @@
 """`train.profile_steps`: a `jax.profiler` trace of a few steps of an SFT or GRPO run.
 
 The trace starts before the update numbered `train.profile_start` (0-based, counted over the whole run: the
-updates before it, the first one's compilation among them, stay out) and stops once `train.profile_steps`
+updates before it, the first one's compilation among them, stay out: the loop's `sync` waits for the one
+before it to finish on the device first) and stops once `train.profile_steps`
 updates have run and finished on the device: the loop's `sync` waits for the last traced one (SFT fetches its
 metrics; a GRPO step has fetched them already). A run that stops early (preemption, an error) stops the
 trace on its way out, so what was traced is written all the same.
@@ -59,10 +60,14 @@ class StepTrace:
                      f"tracing {_span(self.start, total)}")
             self.end = total
 
-    def before(self, update: int) -> None:
-        """Before update `update` (0-based) runs: start the trace if it is the first one traced."""
+    def before(self, update: int, sync: Callable[[], None] | None = None) -> None:
+        """Before update `update` (0-based) runs: start the trace if it is the first one traced, once the
+        update before it has finished on the device (`sync`): SFT dispatches an update while the one before
+        still runs, whose tail would otherwise open the trace and count as the window's."""
         if not (self.steps and update == self.start and not self.active):
             return
+        if sync is not None:
+            sync()
         # host (runtime) and device events, without the Python tracer: it records every Python call, slows
         # the traced steps down and filled a two-step trace of the tiny model with a million events
         options = jax.profiler.ProfileOptions()
