@@ -127,6 +127,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite)
 
 
+def version_text() -> str:
+    """`fxjax --version`: fxjax's version and those of the packages a bug report needs, read from the
+    installed packages' metadata (nothing is imported: jax would take seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    others = ", ".join(f"{name} {of(name)}" for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+                                                         "transformers"))
+    return f"fxjax {of('fxjax')} ({others}; Python {sys.version.split()[0]})"
+
+
+class _PrintVersion(argparse.Action):
+    """--version: `version_text()` on one line (argparse's own version action wraps it at the terminal's
+    width) and exit; read only when asked."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Module-level imports of this file stay light (argparse, pathlib): --help and argument errors must
     # answer without importing jax. Each command imports what it needs when it runs.
@@ -142,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                "FXJAX_COMPILATION_CACHE=DIR, or your JAX_COMPILATION_CACHE_DIR, puts it elsewhere and asks for "
                "it on a CPU; =off keeps none), so a resumed or repeated run does not compile them again.",
     )
+    parser.add_argument("--version", action=_PrintVersion,
+                        help="print the versions of fxjax, jax, flax, optax, orbax and transformers, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("selfcheck", help="end-to-end check of this install on a tiny model (no downloads)",

@@ -47,15 +47,33 @@ def run_probe(argv: list[str]) -> tuple[str, float]:
     return best
 
 
-@pytest.mark.parametrize("argv", [["--help"], *([c, "--help"] for c in subcommands()),
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in subcommands()),
                                   ["sft"], ["info"], ["no-such-command"]],
                          ids=lambda argv: " ".join(argv))
 def test_help_and_argument_errors_answer_without_importing_jax(argv):
     out, wall = run_probe(argv)
     code, heavy = out.split()
-    assert code == ("0" if "--help" in argv else "2")
+    assert code == ("0" if "--help" in argv or "--version" in argv else "2")
     assert heavy == "-", f"fxjax {' '.join(argv)} imported {heavy}"
     assert wall < LIMIT_S, f"fxjax {' '.join(argv)} took {wall:.2f}s"
+
+
+def test_version_names_fxjax_and_the_packages_a_bug_report_needs(capsys):
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from fxjax.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out.strip()
+    assert "\n" not in text  # (one line, whatever the terminal's width)
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert text.startswith(f"fxjax {project['version']} (jax {version('jax')}, jaxlib {version('jaxlib')}, "
+                           f"flax {version('flax')}, "), text
+    assert f"transformers {version('transformers')}; Python {sys.version.split()[0]})" in text
 
 
 def test_a_missing_config_file_fails_before_jax():
