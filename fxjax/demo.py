@@ -176,9 +176,11 @@ def _model_args(*, model: Path, adapter: Path | None = None, run: Path | None = 
                               user_prompt=DEMO["user_prompt"])
 
 
-def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path, ev: dict) -> tuple[dict, Any]:
+def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path, ev: dict,
+              after=None) -> tuple[dict, Any]:
     """`fxjax eval` of one phase's detector on the held-out file; returns (metrics + mean gamma reward, the
-    decoder it used, for `fxjax detect`)."""
+    detector and decoder it used, for `fxjax detect`). `after`: the detector of another step of the same
+    run, whose model takes this step's LoRA, as `fxjax eval --step alpha beta gamma` does."""
     import numpy as np
 
     from fxjax import rewards
@@ -196,7 +198,7 @@ def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path
     decoder = []
 
     def make_decoder():
-        detector.load()
+        detector.load(after=after)
         decoder.append(GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, mesh=detector.mesh))
         return decoder[-1]
@@ -377,9 +379,10 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     overlay_images = _overlay_records(files["test"], QUICK["overlay_images"] if quick else DEMO["overlay_images"])
     overlays: dict[str, list[dict]] = {}
 
-    def held_out(phase: str, title: str, source: argparse.Namespace, overlay: str | None = None) -> None:
-        """`fxjax eval` of one phase; with `overlay`, also `fxjax detect` on the overlay images (that column)."""
-        summary, (detector, decoder) = _evaluate(phase, source, files["test"], out / "eval", ev)
+    def held_out(phase: str, title: str, source: argparse.Namespace, overlay: str | None = None, after=None):
+        """`fxjax eval` of one phase; with `overlay`, also `fxjax detect` on the overlay images (that column).
+        Returns the phase's detector (`after` of the next step of the same run)."""
+        summary, (detector, decoder) = _evaluate(phase, source, files["test"], out / "eval", ev, after)
         evals.append((title, summary))
         eval_dirs.append(out / "eval" / phase)
         if overlay:
@@ -387,6 +390,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
         phases.done(f"eval {phase}", f"fxjax eval, {title}: format {summary['format_rate']:.0%}, verdict "
                                      f"{summary['accuracy']:.0%}, mean IoU {summary['mean_iou'] or 0:.3f} "
                                      f"-> {out / 'eval' / phase}")
+        return detector
 
     held_out("before-sft", "before SFT", _model_args(model=model_dir), overlay="before SFT")
 
@@ -435,10 +439,12 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
         return 130
     phases.done("grpo", f"GRPO: {grpo.steps} steps; mean training reward, first -> last third of each stage: "
                         f"{stage_trends(grpo.history)}")
+    stage_detector = None  # each stage's end: one base model, the stage's LoRA read into it (`--step alpha beta gamma`)
     for stage in STAGES:  # (the run keeps each stage's end: `fxjax eval --run RUN --step alpha`)
-        held_out(f"after-{stage}", f"after GRPO {stage}",
-                 _model_args(model=model_dir, run=out / "grpo", step=stage),
-                 overlay="after GRPO (all stages)" if stage == STAGES[-1] else None)
+        stage_detector = held_out(f"after-{stage}", f"after GRPO {stage}",
+                                  _model_args(model=model_dir, run=out / "grpo", step=stage),
+                                  overlay="after GRPO (all stages)" if stage == STAGES[-1] else None,
+                                  after=stage_detector)
 
     from fxjax.commands.export import export_run
 

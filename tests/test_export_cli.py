@@ -624,7 +624,7 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     assert len(builds) == 1
     assert events.count("eval") == 2 and "compile" not in events[events.index("eval", 1):], events
     out = capsys.readouterr()
-    assert "the LoRA of step 3 (the base model and compiled programs of step 2 kept)" in out.err
+    assert "step 3: only its LoRA read, into the model of step 2 (base weights and compiled programs kept)" in out.err
     lines = out.out.splitlines()
     assert lines[0].split() == ["images", "accuracy", "precision", "recall", "F1", "format", "mean", "IoU", "IoU",
                                 "images", "truncated"]

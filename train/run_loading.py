@@ -215,7 +215,8 @@ def load_run_step(loaded: LoadedRun, step: int | str, *, log: Callable[[str], No
             log(f"step {step} was saved with other model or LoRA settings than step {loaded.step}: loading it whole")
         return load_run(ckpt, step, mesh=loaded.mesh, log=log, **o)
     if log is not None:
-        log(f"the LoRA of step {step} (the base model and compiled programs of step {loaded.step} kept)")
+        log(f"step {step}: only its LoRA read, into the model of step {loaded.step} (base weights and compiled "
+            f"programs kept)")
     _restore_lora(loaded.model, cfg, ckpt, step, o.get("model_path"))
     loaded.model.eval()
     return LoadedRun(model=loaded.model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt, mesh=loaded.mesh,
