@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -534,7 +535,8 @@ def test_brief_error_keeps_the_first_line_without_tensorstores_spec():
 
 def test_another_step_loads_into_the_same_model_as_a_whole_load_of_it(two_process_run):
     """load_run_step: the LoRA of step 2 read into step 3's model equals load_run of step 2 (and differs from
-    step 3's), on the same model object and base arrays; a step saved with other LoRA settings loads whole."""
+    step 3's), on the same model object and base arrays; a step saved with other LoRA settings loads whole,
+    after the model it replaces was let go."""
     from fxjax.train.checkpointing import flatten_tree
     from fxjax.train.run_loading import load_run, load_run_step
     from fxjax.train.step import split_model
@@ -553,8 +555,10 @@ def test_another_step_loads_into_the_same_model_as_a_whole_load_of_it(two_proces
     assert not any(np.array_equal(swapped[k], three_lora[k]) for k in whole if k.endswith("lora_b"))
     said = []
     three.config = dataclasses.replace(three.config, lora=dataclasses.replace(three.config.lora, alpha=4))
+    model = three.model
     other = load_run_step(three, 2, log=said.append)
-    assert other.model is not three.model and "other model or LoRA settings" in said[0], said
+    assert "other model or LoRA settings" in said[0], said
+    assert other.model is not model and three.model is None  # (let go before the whole load: one model held)
 
 
 def staged_copy(run: Path, tmp_path: Path) -> Path:
@@ -592,10 +596,11 @@ def test_a_run_can_start_from_the_end_of_another_runs_stage(two_process_run, tmp
 
 def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each_writes(two_process_run, tmp_path,
                                                                                        monkeypatch, capsys):
-    """`fxjax eval --run RUN --step alpha 3` (a stage's end and a step number): one model build, no
-    compilation for the second step, each step's predictions those of its own `fxjax eval --step`, in
-    OUT/alpha and OUT/step-3, a table with a row per step and the comparison PNG; the same checkpoint named
-    twice is refused before anything loads."""
+    """`fxjax eval --run RUN --step alpha --step 3` (a stage's end and a step number): one model build (no
+    compilation for the second step either), each step's predictions and settings those of its own `fxjax
+    eval --step`, in OUT/alpha and OUT/step-3, a table with a row per step and the comparison PNG; the same
+    checkpoint named twice, and a step folder that holds other predictions, are refused before anything
+    loads."""
     import jax
     from PIL import Image
 
@@ -618,13 +623,13 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     listen = lambda name, *_, **__: events.append("compile") if name.endswith("backend_compile_duration") else None  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        assert main(["eval", "--step", "alpha", "3", "--out", str(tmp_path / "both")] + common) == 0
+        assert main(["eval", "--step", "alpha", "--step", "3", "--out", str(tmp_path / "both")] + common) == 0
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert len(builds) == 1
     assert events.count("eval") == 2 and "compile" not in events[events.index("eval", 1):], events
     out = capsys.readouterr()
-    assert "step 3: only its LoRA read, into the model of step 2 (base weights and compiled programs kept)" in out.err
+    assert "step 3: only its LoRA read, into the model of step 2 (its base weights kept)" in out.err
     lines = out.out.splitlines()
     assert lines[0].split() == ["images", "accuracy", "precision", "recall", "F1", "format", "mean", "IoU", "IoU",
                                 "images", "truncated"]
@@ -636,11 +641,39 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
         one, both = ([json.loads(r)["completion"] for r in (d / "predictions.jsonl").read_text().splitlines()]
                      for d in (tmp_path / step, tmp_path / "both" / folder))
         assert one == both
+        settings = [json.loads((d / "settings.json").read_text()) for d in (tmp_path / step, tmp_path / "both" / folder)]
+        assert settings[0] == settings[1] and settings[0]["model"]["step"] == int(folder == "step-3") + 2
         texts[step] = one
     assert texts["2"] != texts["beta"]  # (the steps' LoRA decode differently: the swap is seen)
+    assert len(builds) == 3
+    assert main(["eval", "--step", "beta", "--out", str(tmp_path / "both" / "step-3")] + common) == 0
+    assert len(builds) == 3 and "resuming: 2 of 2 images already in" in capsys.readouterr().err  # (the same settings)
     capsys.readouterr()
     assert main(["eval", "--step", "3", "3", "--out", str(tmp_path / "twice")] + common) == 2
     assert "--step: 3 twice name the same checkpoint (step 3); give each once" in capsys.readouterr().err
     assert main(["eval", "--step", "beta", "3", "--out", str(tmp_path / "twice")] + common) == 2
     assert "--step: beta and 3 name the same checkpoint (step 3)" in capsys.readouterr().err
-    assert len(builds) == 3 and not (tmp_path / "twice").exists()
+    assert not (tmp_path / "twice").exists()
+    other = tmp_path / "other"  # step 3's folder holds predictions of another --max-new-tokens: refused before
+    shutil.copytree(tmp_path / "both" / "step-3", other / "step-3")  # alpha is evaluated
+    settings = json.loads((other / "step-3" / "settings.json").read_text())
+    (other / "step-3" / "settings.json").write_text(json.dumps({**settings, "max_new_tokens": 5}))
+    assert main(["eval", "--step", "alpha", "3", "--out", str(other)] + common) == 2
+    assert f"{other / 'step-3'} holds predictions made with other settings (max_new_tokens: 5 then, 6 now)" in \
+        capsys.readouterr().err
+    assert len(builds) == 3 and not (other / "alpha").exists()
+
+
+def test_several_steps_each_get_a_folder_of_their_own():
+    """Two --step values whose folders would be one (a stage named like a step's folder) or a stage name
+    that is not a folder name are refused, naming the step number to give instead."""
+    from fxjax.commands.eval import _check_distinct_steps, step_folder
+
+    assert (step_folder("alpha"), step_folder(300)) == ("alpha", "step-300")
+    with pytest.raises(ValueError, match=r"step-3 and 3 would both be evaluated into --out/step-3; give the step "
+                                         r"number \(3\)"):
+        _check_distinct_steps(["step-3", 3], [2, 3])
+    for name in ("..", "a/b", "."):
+        with pytest.raises(ValueError, match=f"--step {re.escape(name)}: the stage's name is not a folder name"):
+            _check_distinct_steps([name, 5], [4, 5])
+    _check_distinct_steps(["alpha", "beta", 7], [2, 4, 7])

@@ -200,7 +200,8 @@ def load_run_step(loaded: LoadedRun, step: int | str, *, log: Callable[[str], No
     step's LoRA parameters are read, the base weights are not read again and the model keeps its shapes, so
     programs compiled for it (decoding) are reused. `loaded.model` then holds the new step's LoRA (the
     returned LoadedRun shares it). A step saved with other model or LoRA settings than `loaded`'s (a run
-    resumed with another model section) is loaded whole, `load_run`, and said so."""
+    resumed with another model section) is loaded whole, `load_run`, and said so; `loaded.model` is let go
+    first (None), so that two models are not held at once."""
     ckpt = loaded.checkpoint_dir
     step, cfg, kind = resolve_step(ckpt, step)
     o = loaded.overrides
@@ -213,10 +214,10 @@ def load_run_step(loaded: LoadedRun, step: int | str, *, log: Callable[[str], No
     if (cfg.model, cfg.lora) != (loaded.config.model, loaded.config.lora):
         if log is not None:
             log(f"step {step} was saved with other model or LoRA settings than step {loaded.step}: loading it whole")
+        loaded.model = None
         return load_run(ckpt, step, mesh=loaded.mesh, log=log, **o)
     if log is not None:
-        log(f"step {step}: only its LoRA read, into the model of step {loaded.step} (base weights and compiled "
-            f"programs kept)")
+        log(f"step {step}: only its LoRA read, into the model of step {loaded.step} (its base weights kept)")
     _restore_lora(loaded.model, cfg, ckpt, step, o.get("model_path"))
     loaded.model.eval()
     return LoadedRun(model=loaded.model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt, mesh=loaded.mesh,

@@ -53,6 +53,8 @@ Outputs in --out:
   metrics.json       the metrics above, the settings, and any record that could not be evaluated (and why:
                      too_long for --max-length, or an image that fails to decode)
   settings.json      what the predictions were made with (checked on resume)
+With several --step values, those three files per step in --out/<stage> (--out/step-N for a number), and
+  eval_report.png    the steps' metrics side by side, with their 95% intervals (as `fxjax report` draws them)
 
 Resume: run the same command again. Images already in predictions.jsonl are not decoded again (an
 interrupted eval loses at most the batch it was decoding), nor those metrics.json lists as too long for
@@ -171,6 +173,15 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
     if fresh:
         for name in (PREDICTIONS, METRICS, SETTINGS):
             (out / name).unlink(missing_ok=True)
+    require_same_settings(out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def require_same_settings(out: Path, settings: dict) -> None:
+    """A ValueError unless the predictions already in `out` (if any) were made with these settings; reads
+    only (`fxjax eval --step A B` checks every step's folder before the first loads anything)."""
+    path = out / SETTINGS
     if (out / PREDICTIONS).is_file() and not path.is_file():  # (written before the first prediction)
         raise ValueError(f"{out} holds {PREDICTIONS} without {SETTINGS}: what made those predictions is unknown; "
                          "pass --fresh to start over, or another --out")
@@ -188,8 +199,6 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
             shown = "; ".join(f"{k}: {then!r} then, {now!r} now" for k, then, now in changed)
             raise ValueError(f"{out} holds predictions made with other settings ({shown}); pass --fresh to start "
                              f"over, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def too_long_before(out: Path, settings: dict) -> set[str]:
@@ -400,6 +409,10 @@ def run(args: argparse.Namespace) -> int:
     detectors = [resolve_detector(argparse.Namespace(**{**vars(args), "step": step})) for step in steps]
     if len(detectors) > 1:
         _check_distinct_steps(steps, [d.source["step"] for d in detectors])
+        if not args.fresh:  # a folder that would refuse its step: said now, not after the steps before it ran
+            for value, detector in zip(steps, detectors):
+                require_same_settings(Path(args.out) / step_folder(value),
+                                      settings_of(args, detector.source, detector.data, detector.tokenizer))
     args.batch_size = detectors[0].batch_size(args.batch_size, default=8)  # checked before any weights load
     out = Path(args.out)
     if len(detectors) == 1:
@@ -413,12 +426,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_distinct_steps(given: list, resolved: list[int]) -> None:
+    """Several --step values: each a checkpoint of its own, each with a folder of its own under --out."""
     seen: dict[int, Any] = {}
+    folders: dict[str, Any] = {}
     for value, step in zip(given, resolved):
         if step in seen:
             same = f"{seen[step]} and {value}" if seen[step] != value else f"{value} twice"
             raise ValueError(f"--step: {same} name the same checkpoint (step {step}); give each once")
         seen[step] = value
+        folder = step_folder(value)
+        if folder in (".", "..") or Path(folder).name != folder or "\\" in folder:
+            raise ValueError(f"--step {value}: the stage's name is not a folder name; with several --step values "
+                             f"each is evaluated into --out/<stage>: give its step number ({step}) instead")
+        if folder in folders:
+            raise ValueError(f"--step: {folders[folder]} and {value} would both be evaluated into --out/{folder}; "
+                             f"give the step number ({step}) instead of the stage's name")
+        folders[folder] = value
 
 
 def _evaluate_detector(args, records, report, detector, out: Path, say, after=None) -> dict:
@@ -457,7 +480,7 @@ def _evaluate_steps(args, records, report, detectors, steps: list, out: Path, sa
         say(f"step {detector.source['step']}" + (f" (the end of stage {value})" if isinstance(value, str) else "")
             + f" -> {folder}")
         summary = _evaluate_detector(args, records, report, detector, folder, say, after=loaded)
-        loaded = detector if detector.model is not None else loaded
+        loaded = detector if detector.model is not None else loaded  # (it took the model of the one before)
         label = f"{value} (step {detector.source['step']})" if isinstance(value, str) else f"step {value}"
         rows.append((label, summary))
         dirs.append(folder)

@@ -38,10 +38,11 @@ def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False)
     src.add_argument("--run", metavar="RUN_DIR",
                      help="a fxjax sft/grpo run: its train.output_dir (holding checkpoints/) or a checkpoint.dir; "
                           "the model is rebuilt from the run's saved config with the LoRA of --step")
-    several = ("; several (e.g. --step alpha beta gamma): each is evaluated into --out/<step>, one after "
-               "the other on the same loaded base model (only each step's LoRA is read; the compiled programs "
-               "are reused), then compared in a table and --out/eval_report.png") if several_steps else ""
+    several = ("; several (--step alpha beta gamma, or --step 100 --step 200): each is evaluated into "
+               "--out/<stage> or --out/step-N, one after the other on the same loaded base model (only each "
+               "step's LoRA is read), then compared in a table and --out/eval_report.png") if several_steps else ""
     g.add_argument("--step", type=step_or_stage, metavar="N|STAGE", nargs="+" if several_steps else None,
+                   action="extend" if several_steps else "store",
                    help="checkpoint step of --run, or a GRPO stage's name (alpha, beta, gamma): the checkpoint "
                         "at that stage's end (default: the newest)" + several)
     g.add_argument("--dtype", choices=("float32", "bfloat16"),
@@ -145,8 +146,8 @@ class Detector:
 
     def load(self, after: "Detector | None" = None) -> "Detector":
         """Load the weights (once) and place them; returns self. `after`: a loaded detector of another step of
-        the same --run, whose model takes this step's LoRA (`load_run_step`: the base is not read again and
-        compiled programs are reused; `after` then holds this step's weights too)."""
+        the same --run, whose model takes this step's LoRA (`load_run_step`: the base is not read again);
+        `after` gives its model up (its `model` is None after), so one model is held whatever the steps."""
         if self.model is not None:
             return self
         args = self.args
@@ -154,7 +155,8 @@ class Detector:
         if args.run is not None and after is not None and after.loaded_run is not None:
             from fxjax.train.run_loading import load_run_step
 
-            self.loaded_run = load_run_step(after.loaded_run, self.source["step"], log=say)
+            previous, after.model, after.loaded_run = after.loaded_run, None, None
+            self.loaded_run = load_run_step(previous, self.source["step"], log=say)
             self.model, self.mesh, self._placed = self.loaded_run.model, self.loaded_run.mesh, True
             return self
         mesh = self.placement()
