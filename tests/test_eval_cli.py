@@ -408,6 +408,26 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     assert main(["report", str(broken)]) == 0 and (broken / "report.png").is_file()
 
 
+def test_report_of_a_folder_of_eval_folders_compares_them_in_step_order(dataset, tokenizer_dir, tmp_path, capsys):
+    """`fxjax report OUT` of `fxjax eval --step A B --out OUT`: its eval folders, ordered by the step each
+    recorded (gamma's end before a later step named by number), named by folder, into OUT/eval_report.png."""
+    from fxjax.cli import main
+    from fxjax.commands.report import eval_subfolders
+
+    out = tmp_path / "eval"
+    for name, step in (("step-9", 9), ("gamma", 6), ("alpha", 2)):
+        run_scripted(dataset, tokenizer_dir, out / name, ScriptedDecoder(SCRIPT), settings={"model": {"step": step}})
+    (out / "notes").mkdir()  # not an eval folder: left out
+    assert eval_subfolders(out) == [out / "alpha", out / "gamma", out / "step-9"]
+    assert eval_subfolders(out / "alpha") == []  # an eval folder is itself, not a folder of them
+    assert main(["report", str(out)]) == 0
+    assert f"wrote {out / 'eval_report.png'}" in capsys.readouterr().err
+    assert (out / "eval_report.png").stat().st_size > 20_000
+    (out / "extra").mkdir()  # without a recorded step: by name
+    run_scripted(dataset, tokenizer_dir, out / "extra", ScriptedDecoder(SCRIPT), settings={"model": "scripted"})
+    assert eval_subfolders(out) == [out / name for name in ("alpha", "extra", "gamma", "step-9")]
+
+
 def test_held_out_loss_and_greedy_decoding_trace_the_model_under_the_mesh(dataset, tiny_vl_dir, monkeypatch):
     """Attention `auto` is Splash on a TPU, a kernel XLA cannot partition: a multi-chip program holds it only
     per shard, which model.attention.on_local_shards does under the ambient mesh (the model also pins its

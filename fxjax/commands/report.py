@@ -14,6 +14,7 @@ compares their held-out metrics (fxjax.commands.eval_report).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -44,13 +45,15 @@ and on stderr.
 
 Given `fxjax eval` output folders instead (one or more, each holding metrics.json), it draws their held-out
 metrics side by side: format rate, verdict accuracy, F1 for "generated" and mean IoU on generated images,
-one bar per folder in the order given, with the 95% intervals `fxjax eval` computed."""
+one bar per folder in the order given, with the 95% intervals `fxjax eval` computed. Given the --out of
+`fxjax eval --step A B ...` (a folder of eval folders), its folders in the order of their steps."""
 
 EPILOG = """\
 examples:
   fxjax report runs/sft                   # writes runs/sft/report.png
   fxjax report runs/grpo --out grpo.png
-  fxjax report eval/step100 eval/step200 --labels "step 100,step 200"   # writes eval/eval_report.png"""
+  fxjax report eval/step100 eval/step200 --labels "step 100,step 200"   # writes eval/eval_report.png
+  fxjax report runs/grpo/eval   # the folders of `fxjax eval --step alpha beta gamma --out runs/grpo/eval`"""
 
 REPORT_FILE = "report.png"
 STAGE_SHADES = ("#f2f2f2", "#ffffff")
@@ -61,7 +64,8 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="DIR", nargs="+",
                    help="a run's train.output_dir (holding metrics.jsonl) or that file; or one or more `fxjax eval` "
-                        "output folders (holding metrics.json) to compare")
+                        "output folders (holding metrics.json) to compare, or a folder of them (`fxjax eval --step "
+                        "A B --out DIR`)")
     p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG: a file (.png added when missing) or a directory "
                         f"(default: RUN_DIR/{REPORT_FILE}; for eval folders {EVAL_REPORT_FILE} next to the first)")
     p.add_argument("--title", help="figure title (default: the run directory and its kind; for eval folders "
@@ -354,7 +358,30 @@ def report_after_run(output_dir: str | Path, say: Callable[[str], None]) -> None
         say(f"no report ({type(err).__name__}: {err}); run `fxjax report {output_dir}` to retry")
 
 
+def eval_subfolders(folder: str | Path) -> list[Path]:
+    """The `fxjax eval` folders directly inside `folder` (the --out of `fxjax eval --step A B ...`), in the
+    order of the checkpoint step each recorded (by name when one has none); [] for a folder that is itself
+    a run or an eval folder."""
+    folder = Path(folder)
+    if not folder.is_dir() or is_eval_dir(folder) or (folder / "metrics.jsonl").is_file():
+        return []
+    found = [d for d in sorted(folder.iterdir()) if d.is_dir() and is_eval_dir(d)]
+
+    def recorded_step(d: Path):
+        try:
+            step = json.loads((d / "settings.json").read_text(encoding="utf-8"))["model"]["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return step if isinstance(step, int) else None
+
+    steps = [recorded_step(d) for d in found]
+    return [d for _, d in sorted(zip(steps, found))] if None not in steps else found
+
+
 def run(args: argparse.Namespace) -> int:
+    inside = eval_subfolders(args.run[0]) if len(args.run) == 1 else []
+    if inside:  # a multi-step eval's --out: its step folders, compared
+        args.run, args.out = [str(d) for d in inside], args.out or str(Path(args.run[0]) / EVAL_REPORT_FILE)
     evals = [is_eval_dir(d) for d in args.run]
     if all(evals):
         labels = args.labels.split(",") if args.labels else None
