@@ -123,10 +123,42 @@ def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
     if not isinstance(saved, dict):
         raise RunLoadError(f"{path}: not a run config (a JSON object); steps that exist: {steps_text(steps)}")
     kind = saved_run_kind(saved)
+    saved = with_run_paths(saved, _data_state(Path(checkpoint_dir), step).get(RUN_CWD_KEY))
     try:
         return (grpo_from_dict(saved) if kind == "grpo" else from_dict(saved)), kind
     except ValueError as err:
         raise RunLoadError(f"{path}: the run's config does not load ({err})") from None
+
+
+# Config keys that name files or folders a loaded run reads; a relative one is relative to the folder the
+# run was started from (RUN_CWD_KEY in each checkpoint's data state)
+RUN_PATH_KEYS = (("model", "path"), ("model", "adapter"), ("model", "from_run"), ("data", "tokenizer"),
+                 ("data", "root"), ("data", "train_files"), ("data", "eval_files"))
+RUN_CWD_KEY = "cwd"
+
+
+def with_run_paths(saved: dict, cwd: str | None) -> dict:
+    """A saved run config whose relative paths (RUN_PATH_KEYS: `model.path: tiny`, as the user typed it)
+    name what they named for the run: taken from `cwd`, the folder it was started from, where something is
+    there (a run read from another folder found "no tokenizer.json in tiny"). Kept as written when the run
+    recorded no folder or nothing is there (a project moved with its runs: relative to the current
+    folder)."""
+    if not cwd or not Path(cwd).is_dir():
+        return saved
+
+    def rebased(value):
+        if isinstance(value, list):
+            return [rebased(v) for v in value]
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            return value
+        there = Path(cwd) / value
+        return str(there) if there.exists() else value
+
+    out = dict(saved)
+    for section, key in RUN_PATH_KEYS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = dict(out[section], **{key: rebased(out[section][key])})
+    return out
 
 
 def step_or_stage(text: str) -> int | str:
@@ -138,13 +170,18 @@ def step_or_stage(text: str) -> int | str:
         return text
 
 
-def _data_state_stage_ends(checkpoint_dir: Path, step: int) -> list[tuple[str, int]] | None:
-    """The stage ends the data state of `step` records (None: none recorded, or unreadable)."""
+def _data_state(checkpoint_dir: Path, step: int) -> dict:
+    """The data state the checkpoint of `step` saved ({} when it is missing or unreadable)."""
     try:
         data = json.loads((checkpoint_dir / str(step) / DATA_STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ends = data.get("stage_ends") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _data_state_stage_ends(checkpoint_dir: Path, step: int) -> list[tuple[str, int]] | None:
+    """The stage ends the data state of `step` records (None: none recorded, or unreadable)."""
+    ends = _data_state(checkpoint_dir, step).get("stage_ends")
     if isinstance(ends, list) and all(isinstance(e, list) and len(e) == 2 for e in ends):
         return [(str(name), int(end)) for name, end in ends]
     return None

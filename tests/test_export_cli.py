@@ -677,3 +677,43 @@ def test_several_steps_each_get_a_folder_of_their_own():
         with pytest.raises(ValueError, match=f"--step {re.escape(name)}: the stage's name is not a folder name"):
             _check_distinct_steps([name, 5], [4, 5])
     _check_distinct_steps(["alpha", "beta", 7], [2, 4, 7])
+
+
+def test_a_run_given_relative_paths_loads_from_any_folder(two_process_run, tiny_vl_dir, tmp_path, monkeypatch, capsys):
+    """A run trained with `model.path: tiny` (relative, as typed) records the folder it started from: eval,
+    detect and export read from another folder find its base model and tokenizer there ("no tokenizer.json
+    in tiny" before); a project moved with its runs (that folder gone) reads them relative to where it is."""
+    from fxjax.cli import build_parser
+    from fxjax.commands.model_args import resolve_detector
+    from fxjax.train.run_loading import load_run
+
+    project = tmp_path / "project"
+    shutil.copytree(two_process_run / "checkpoints" / "3", project / "runs" / "sft" / "checkpoints" / "3")
+    (project / "tiny").symlink_to(tiny_vl_dir, target_is_directory=True)
+    (project / "train.jsonl").write_text("")
+    step = project / "runs" / "sft" / "checkpoints" / "3"
+    config = json.loads((step / "config" / "config.json").read_text())
+    config["model"]["path"], config["data"]["train_files"] = "tiny", ["train.jsonl"]
+    (step / "config" / "config.json").write_text(json.dumps(config))
+    state = json.loads((step / "data" / "data_state.json").read_text())
+    (step / "data" / "data_state.json").write_text(json.dumps({**state, "cwd": str(project)}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    detector = resolve_detector(build_parser().parse_args(["detect", "x.png", "--run", str(project / "runs" / "sft")]))
+    assert detector.tokenizer == str(project / "tiny") and detector.source["base"] == str(project / "tiny")
+    assert detector.data["train_files"] == (str(project / "train.jsonl"),)  # (detect reads them: ms-swift prompts?)
+    assert load_run(project / "runs" / "sft").config.model.path == str(project / "tiny")
+    moved = tmp_path / "moved"  # the project moved: the recorded folder is gone, the paths are the current one's
+    project.rename(moved)
+    monkeypatch.chdir(moved)
+    assert resolve_detector(build_parser().parse_args(["detect", "x.png", "--run", "runs/sft"])).tokenizer == "tiny"
+    monkeypatch.chdir(tmp_path)  # ... and from a folder without it: the base model is named, not its tokenizer
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "label": "real"}) + "\n")
+    from PIL import Image
+
+    Image.new("RGB", (56, 56)).save(tmp_path / "x.png")
+    for command in (["detect", "x.png"], ["eval", "--data", "d.jsonl"], ["export", "--out", "x"]):
+        assert main(command + ["--run", str(moved / "runs" / "sft")]) == 2
+        err = capsys.readouterr().err
+        assert f"the run in {moved / 'runs' / 'sft' / 'checkpoints'} was trained from model.path=tiny, which does " \
+               f"not exist here; pass the base model's directory (--model" in err and "tokenizer" not in err, err

@@ -291,7 +291,9 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
         assert set(stream[r:8:2]) <= set(decoded[r])  # the 4 steps' rows of this process
     assert not set(decoded[0]) & set(decoded[1])
     # every process's own iterator position is in the checkpoint, and restored exactly (the losses above)
-    saved = json.loads((root / "multi" / "ckpt" / "4" / "data" / "data_state.json").read_text())["iterator"]
+    data_state = json.loads((root / "multi" / "ckpt" / "4" / "data" / "data_state.json").read_text())
+    assert data_state["cwd"] == os.getcwd()  # (what the run's relative paths are relative to: run_files.with_run_paths)
+    saved = data_state["iterator"]
     assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [4, 4]
     assert saved["rows_per_batch"] == [1, 1]  # each process's half of the 2-row batch
     evals = {name: [r for r in map(json.loads, (root / name / "metrics.jsonl").read_text().splitlines())

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -56,7 +57,7 @@ from fxjax.distributed import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
-from fxjax.run_files import kept_stage_end_steps
+from fxjax.run_files import RUN_CWD_KEY, kept_stage_end_steps
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
 from fxjax.train import faults
@@ -314,7 +315,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         iterator_states = per_process_state(iterator.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
         checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage,
                                         "skipped": skipped, "mesh": mesh_record(mesh),
-                                        "stage_ends": [list(e) for e in ends]}, resolved)
+                                        "stage_ends": [list(e) for e in ends], RUN_CWD_KEY: os.getcwd()}, resolved)
 
     def prompt_part(prompts: dict, floor: dict) -> tuple[dict, Any, dict]:
         """This process's prompts left-padded and prepared for sampling, padded to the sizes every process

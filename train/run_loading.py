@@ -31,7 +31,8 @@ from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
 from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config,
                              resolve_step, start_from_kept_copy, steps_text)
 
-__all__ = ["LoadedRun", "RunLoadError", "checkpoint_dir_of", "committed_steps", "config_as_loaded", "load_run",
+__all__ = ["LoadedRun", "RunLoadError", "check_run_paths", "checkpoint_dir_of", "committed_steps", "config_as_loaded",
+           "load_run",
            "load_run_step", "read_run_config", "resolve_step", "run_config", "start_from_kept_copy"]
 
 
@@ -91,7 +92,9 @@ def run_config(run: str | Path, step: int | str | None = None, model_path: str |
     return config_as_loaded(cfg, ckpt, model_path)
 
 
-def _check_paths(cfg, checkpoint_dir: Path) -> None:
+def check_run_paths(cfg, checkpoint_dir: Path) -> None:
+    """A RunLoadError naming model.path or model.adapter when the run's base model or start adapter is not
+    here (said before anything else that follows from it, such as its tokenizer)."""
     m = cfg.model
     for key, value, hint in (("model.path", m.path, "pass the base model's directory (--model; a run that starts "
                                                     "from this one: model.path beside model.from_run)"),
@@ -176,7 +179,7 @@ def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model
     exact = param_dtype == "exact"
     cfg = config_as_loaded(cfg, ckpt, model_path, dtype=dtype, param_dtype=None if exact else param_dtype,
                            attention=attention, scan_layers=scan_layers, log=log)
-    _check_paths(cfg, ckpt)
+    check_run_paths(cfg, ckpt)
     if exact:  # known only now: the base model may have moved (model_path) or come from the run's copy
         cfg = _override_model(cfg, None, None, _exact_param_dtype(cfg))
     if mesh is None:

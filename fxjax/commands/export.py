@@ -85,10 +85,13 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | str | None =
     """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}.
     tokenizer: the one OUT/merged gets (default: the run's). mesh: where the run loads
     (train.run_loading.load_run's default: every device on the data axis)."""
-    from fxjax.train.run_loading import load_run, run_config
+    from fxjax.run_files import checkpoint_dir_of
+    from fxjax.train.run_loading import check_run_paths, load_run, run_config
 
+    cfg = run_config(run_dir, step, model_path)
+    check_run_paths(cfg, checkpoint_dir_of(run_dir).absolute())  # (its base model named, not its tokenizer)
     if merged:  # found before the weights load, not after
-        tokenizer = tokenizer_to_export(run_config(run_dir, step, model_path), tokenizer)
+        tokenizer = tokenizer_to_export(cfg, tokenizer)
 
     # The base weights as stored, whatever the run computed in (bfloat16 for a bfloat16 checkpoint: half
     # the memory of float32, and the same values): the merge W + scaling * B A upcasts each tensor to

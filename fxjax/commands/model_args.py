@@ -220,7 +220,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     if args.run is not None:
         from fxjax.config_mapping import ConfigError
         from fxjax.run_files import checkpoint_dir_of, resolve_step
-        from fxjax.train.run_loading import config_as_loaded
+        from fxjax.train.run_loading import check_run_paths, config_as_loaded
         from fxjax.train_config import base_model_section
 
         ckpt = checkpoint_dir_of(args.run).absolute()
@@ -229,6 +229,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         # it); a run started from another (model.from_run): that run's tokenizer and base, or the run's own
         # record of them when that run is not here
         cfg = config_as_loaded(cfg, ckpt, args.model)
+        check_run_paths(cfg, ckpt)  # (a base model that is not here is named as itself, not as its tokenizer)
         data.update({key: getattr(cfg.data, key) for key in PROMPT_SETTING_KEYS})
         data["train_files"] = tuple(str(f) for f in cfg.data.train_files)  # (detect: were they ms-swift?)
         try:
