@@ -102,7 +102,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | Non
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # exactly 0 at no success and 1 at all (centre - half is 0 only up to rounding there: 2.8e-17)
+    return [0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half)]
 
 
 def mean_interval(values: Sequence[float], z: float = Z95, bounds=(0.0, 1.0)) -> list[float] | None:

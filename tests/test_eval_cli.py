@@ -114,6 +114,11 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     for key, k in (("accuracy", 2), ("format_rate", 3)):
         want = binomtest(k, 5).proportion_ci(method="wilson")
         assert summary["ci95"][key] == pytest.approx([want.low, want.high], abs=1e-12), key
+    from fxjax.detection_metrics import wilson_interval
+
+    for n in (1, 3, 5, 6, 60, 61):  # none or all: the bound is exactly 0 or 1 (it was 2.8e-17 off at n = 6)
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0, n
+        assert wilson_interval(0, n)[1] == pytest.approx(binomtest(0, n).proportion_ci(method="wilson").high), n
     ious = [0.75, 0.0, 0.0]
     half = 1.959963984540054 * np.std(ious, ddof=1) / np.sqrt(3)
     assert summary["ci95"]["mean_iou"] == pytest.approx([max(0.0, 0.25 - half), 0.25 + half])
