@@ -132,6 +132,9 @@ class LoopControl:
         is saved and committed. `done` counts the updates made."""
         self.done, self.preempted = first, False
         self.trace.plan(first, self.steps_total)
+        if first < self.steps_total:  # (a quiet minute would read as a hang)
+            self.say(f"{self.name}: step {first + 1} compiles its programs first (a minute or more on a CPU; "
+                     "seconds from a warm compilation cache); progress follows")
         while self.done < self.steps_total:
             self.trace.before(self.done, self._sync)
             yield self.done

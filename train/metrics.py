@@ -276,7 +276,7 @@ class ProgressBar:
         self._lines = None
         if enabled and not sys.stderr.isatty():
             self._lines = dict(total=total, done=initial, every=max(1, total // 10), desc=desc,
-                               start=time.perf_counter(), first=initial)
+                               start=time.perf_counter(), first=initial, after_first=None)
         elif enabled:
             from tqdm import tqdm
 
@@ -291,11 +291,17 @@ class ProgressBar:
         elif self._lines is not None:
             state = self._lines
             state["done"] += n
-            if state["done"] % state["every"] == 0 or state["done"] == state["total"]:
-                rate = (time.perf_counter() - state["start"]) / max(1, state["done"] - state["first"])
-                print(f"{state['desc']}: step {state['done']}/{state['total']} "
-                      + " ".join(f"{k}={v}" for k, v in shown.items()) + f" ({rate:.2f} s/step)",
-                      file=sys.stderr, flush=True)
+            now = time.perf_counter()
+            if state["after_first"] is None:  # this run's first step, its compilation in it: said at once,
+                state["after_first"] = (now, state["done"])  # and left out of the rate after it
+                took = f"{now - state['start']:.1f} s, compiling included"
+            elif state["done"] % state["every"] == 0 or state["done"] == state["total"]:
+                since, at = state["after_first"]
+                took = f"{(now - since) / (state['done'] - at):.2f} s/step"
+            else:
+                return
+            print(f"{state['desc']}: step {state['done']}/{state['total']} "
+                  + " ".join(f"{k}={v}" for k, v in shown.items()) + f" ({took})", file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         if self._bar is not None:
