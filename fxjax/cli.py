@@ -114,8 +114,9 @@ def _cmd_sft(args: argparse.Namespace) -> int:
                    f"{result.checkpoint_dir}")
         return 0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-    print(f"fxjax sft: {result.steps} steps in {result.seconds:.0f}s, final loss {loss}; checkpoints in "
-          f"{result.checkpoint_dir}")
+    done = (f"{result.steps} steps" if not result.resumed_from else
+            f"step {result.steps} reached, {result.steps - result.resumed_from} steps run from step {result.resumed_from}")
+    print(f"fxjax sft: {done} in {result.seconds:.0f}s, final loss {loss}; checkpoints in {result.checkpoint_dir}")
     report("sft", args, cfg)
     return 0
 

@@ -477,5 +477,10 @@ def test_the_closing_summary_is_strict_json_with_null_for_a_nan(monkeypatch, cap
         raise ValueError(f"not JSON: {token}")
 
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)
+    assert (summary["steps"], summary["steps_run"]) == (3, 3)
     assert summary["last"] == {"stage": "gamma", "reward/total_mean": 1.5, "format_rate": 1.0,
                                "verdict_accuracy": 0.5, "mean_iou_generated": None}
+    resumed = SimpleNamespace(**{**vars(result), "resumed_from": 2})  # (resumed at step 2: one step run)
+    monkeypatch.setattr(training, "run_training", lambda *a: (None, resumed))
+    assert grpo_command.run(argparse.Namespace()) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps_run"] == 1

@@ -281,6 +281,15 @@ def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_fa
             (tmp_path / "sft" / "checkpoints" / str(step)).mkdir(parents=True)
         newest = load_sft_config(overrides=base + [f"model.from_run={tmp_path / 'sft' if steps else tmp_path / 'gone'}"])
         assert start_description(newest).startswith(f"the run {newest.model.from_run} at {text} (its base")
+    ckpt = tmp_path / "resumed" / "checkpoints"  # a run that will resume says its LoRA values are the checkpoint's
+    (ckpt / "5").mkdir(parents=True)
+    again = load_sft_config(overrides=base + ["model.preset=tiny", "lora.rank=4", "lora.alpha=8",
+                                              f"train.output_dir={tmp_path / 'resumed'}"])
+    assert start_description(again) == ("preset tiny, fresh LoRA r=4 alpha=8.0; resuming, so the LoRA values are "
+                                        "its checkpoint's (below)")
+    no_resume = load_sft_config(overrides=base + ["model.preset=tiny", f"train.output_dir={tmp_path / 'resumed'}",
+                                                  "checkpoint.resume=false"])
+    assert "resuming" not in start_description(no_resume)
     for cfg in (fresh, adapter):
         off = load_sft_config(overrides=base + ["lora.enabled=false"] + (
             ["model.preset=tiny"] if cfg is fresh else ["model.path=/m/base", "model.adapter=/m/adapter"]))

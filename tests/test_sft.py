@@ -387,3 +387,23 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_step_naming_the_last
             "yet: free space") in log
     steps = [json.loads(line)["step"] for line in (setup["root"] / "savefail" / "metrics.jsonl").open()]
     assert max(steps) < 4 and committed_steps(ckpt) == []  # (the old run logged step 4 before it stopped)
+
+
+def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_ran(monkeypatch, capsys):
+    """A run resumed at step 5 that reaches step 9 ran 4 steps: said so (it read "9 steps in 21s")."""
+    import argparse
+    from types import SimpleNamespace
+
+    from fxjax import cli
+    from fxjax.commands import training
+
+    result = SimpleNamespace(steps=9, total_steps=9, preempted=False, resumed_from=5, seconds=21.0, final_loss=0.5,
+                             checkpoint_dir="runs/sft/checkpoints")
+    monkeypatch.setattr(training, "run_training", lambda *a: (None, result))
+    monkeypatch.setattr(training, "report", lambda *a: None)
+    assert cli._cmd_sft(argparse.Namespace()) == 0
+    assert capsys.readouterr().out.strip() == ("fxjax sft: step 9 reached, 4 steps run from step 5 in 21s, final "
+                                               "loss 0.5000; checkpoints in runs/sft/checkpoints")
+    result.resumed_from = None
+    assert cli._cmd_sft(argparse.Namespace()) == 0
+    assert capsys.readouterr().out.startswith("fxjax sft: 9 steps in 21s, final loss 0.5000;")

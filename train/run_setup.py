@@ -151,11 +151,17 @@ def start_description(cfg) -> str:
     m = cfg.model
     if m.from_run is not None:
         step = _start_step_text(m.from_run, m.from_run_step)
-        return f"the run {m.from_run} at {step} (its base model and LoRA; lora.* unused)"
-    base = m.path or f"preset {m.preset}"
-    if m.adapter is not None:
-        return f"{base} with the adapter {m.adapter} (its rank, alpha and targets; lora.* unused)"
-    return f"{base}, fresh LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha}"
+        text = f"the run {m.from_run} at {step} (its base model and LoRA; lora.* unused)"
+    elif m.adapter is not None:
+        text = f"{m.path or f'preset {m.preset}'} with the adapter {m.adapter} (its rank, alpha and targets; lora.* unused)"
+    else:
+        text = f"{m.path or f'preset {m.preset}'}, fresh LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha}"
+    try:
+        resumes = cfg.checkpoint.resume and bool(committed_steps(cfg.checkpoint_dir))
+    except OSError:
+        resumes = False
+    # (said before the resume is: a resumed run read "fresh LoRA" and then "resumed from step 5")
+    return text + ("; resuming, so the LoRA values are its checkpoint's (below)" if resumes else "")
 
 
 def keep_start_lora(model, cfg) -> Path | None:

@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if result is None:
         return 3
     last = result.history[-1] if result.history else {}
-    summary = {"steps": result.steps, "total_steps": result.total_steps, "preempted": result.preempted,
+    # steps: the step reached; steps_run: by this invocation (a resumed run's "last" is of those: {} for none)
+    summary = {"steps": result.steps, "steps_run": result.steps - (result.resumed_from or 0),
+               "total_steps": result.total_steps, "preempted": result.preempted,
                "resumed_from": result.resumed_from, "seconds": round(result.seconds, 1),
                "last": {k: _json_value(last[k]) for k in ("stage", "reward/total_mean", "format_rate",
                                                          "verdict_accuracy", "mean_iou_generated") if k in last},
