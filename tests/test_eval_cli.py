@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,26 @@ def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, 
     fresh = ScriptedDecoder(SCRIPT)
     run_scripted(dataset, tokenizer_dir, out, fresh, settings={"model": "other"}, fresh=True)
     assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]
+
+
+def test_progress_without_a_terminal_is_plain_lines_after_the_loading(dataset, tokenizer_dir, tmp_path, capsys):
+    """A log or a pipe gets a line per tenth of the images (tqdm's carriage returns ran the bar and the
+    loading message together), the first batch's with its time, compiling included; the bar starts after
+    the model loads."""
+    def make_decoder():
+        print("fxjax eval: loading the model", file=sys.stderr)
+        return ScriptedDecoder(SCRIPT)
+
+    records, _ = load_records([dataset])
+    data = dict(min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None,
+                user_prompt=None, seed=0)
+    config = prompt_data_config(eval_args(dataset, tokenizer_dir), data, str(tokenizer_dir))
+    evaluate(records, make_decoder, config, tmp_path, settings={"model": "scripted"}, progress=True,
+             say=lambda text: None)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "fxjax eval: loading the model" and "\r" not in "".join(lines)
+    assert [line.split(" (")[0] for line in lines[1:]] == ["eval: image 2/5", "eval: image 4/5", "eval: image 5/5"]
+    assert lines[1].endswith("s, compiling included)") and lines[2].endswith(" s/image)"), lines
 
 
 def test_a_cut_last_row_is_dropped_at_its_byte_offset_after_rows_of_non_ascii_text(tmp_path):

@@ -271,16 +271,17 @@ class ProgressBar:
     is not a terminal (CI, SLURM, a pipe) tqdm's carriage returns would make one endless line: then it
     writes a plain line about every tenth of the run instead."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train"):
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str = "train", unit: str = "step"):
         self._bar = None
         self._lines = None
         if enabled and not sys.stderr.isatty():
-            self._lines = dict(total=total, done=initial, every=max(1, total // 10), desc=desc,
-                               start=time.perf_counter(), first=initial, after_first=None)
+            every = max(1, total // 10)
+            self._lines = dict(total=total, done=initial, every=every, next_at=(initial // every + 1) * every,
+                               desc=desc, unit=unit, start=time.perf_counter(), first=initial, after_first=None)
         elif enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
                              dynamic_ncols=True, mininterval=1.0)
 
     def update(self, n: int, postfix: Mapping[str, Any]) -> None:
@@ -292,16 +293,17 @@ class ProgressBar:
             state = self._lines
             state["done"] += n
             now = time.perf_counter()
-            if state["after_first"] is None:  # this run's first step, its compilation in it: said at once,
+            if state["after_first"] is None:  # this run's first update, its compilation in it: said at once,
                 state["after_first"] = (now, state["done"])  # and left out of the rate after it
                 took = f"{now - state['start']:.1f} s, compiling included"
-            elif state["done"] % state["every"] == 0 or state["done"] == state["total"]:
+            elif state["done"] >= state["next_at"] or state["done"] == state["total"]:
                 since, at = state["after_first"]
-                took = f"{(now - since) / (state['done'] - at):.2f} s/step"
+                took = f"{(now - since) / (state['done'] - at):.2f} s/{state['unit']}"
             else:
                 return
-            print(f"{state['desc']}: step {state['done']}/{state['total']} "
-                  + " ".join(f"{k}={v}" for k, v in shown.items()) + f" ({took})", file=sys.stderr, flush=True)
+            state["next_at"] = (state["done"] // state["every"] + 1) * state["every"]  # (updates of n > 1 too)
+            print(" ".join([f"{state['desc']}: {state['unit']} {state['done']}/{state['total']}",
+                            *(f"{k}={v}" for k, v in shown.items()), f"({took})"]), file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         if self._bar is not None:

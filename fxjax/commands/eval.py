@@ -282,14 +282,13 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
         say(f"resuming: {len(records) - len(todo)} of {len(records)} images already in {pred_path}"
             + (" or too long for max_length (metrics.json)" if too_long else ""))
     bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="eval", unit="image",
-                   file=sys.stderr, dynamic_ncols=True)
     why = {source: "too_long" for source in too_long}  # of each record the pipeline left out
     if todo:
         decoder = make_decoder()
+        if progress:  # (after the loading, which says what it loads: not through a bar already drawn)
+            from fxjax.train.metrics import ProgressBar  # tqdm on a terminal, else a line every tenth
+
+            bar = ProgressBar(len(records), len(records) - len(todo), True, desc="eval", unit="image")
         cfg = dataclasses.replace(prompt_config, batch_size=decoder.batch_size)
         with open(pred_path, "a", encoding="utf-8") as f:
             for texts, metas in decoder.batches(DataPipeline(cfg, records=todo)):
@@ -302,7 +301,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
                 f.flush()
                 os.fsync(f.fileno())
                 if bar is not None:
-                    bar.update(len(texts))
+                    bar.update(len(texts), {})
         why.update(getattr(decoder, "dropped", {}))
     if bar is not None:
         bar.close()
