@@ -306,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # (a CPU run: before JAX starts its threads; fxjax/host_allocator.py)
     use_compilation_cache()  # (before JAX is imported, which reads its cache settings; fxjax/compilation_cache.py)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser (its usage), not fxjax's: `export --step alpha beta`
+        (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        several = " (several steps: fxjax eval only)" if args.command in ("export", "detect") and \
+            any(not e.startswith("-") for e in extra) and "--step" in (argv if argv is not None else sys.argv) else ""
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}{several}")
     try:
         code = args.func(args)
     except SystemExit:

@@ -176,3 +176,19 @@ def test_python_dash_m_fxjax_is_the_fxjax_command():
     proc = subprocess.run([sys.executable, "-m", "fxjax", "no-such-command"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "usage: fxjax " in proc.stderr and "invalid choice: 'no-such-command'" in proc.stderr
+
+
+def test_an_unknown_argument_is_said_by_the_commands_own_parser(capsys):
+    """`fxjax export --step alpha beta` printed fxjax's top-level usage; the command's usage names the
+    command, and several steps are said to be eval's."""
+    from fxjax.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["export", "--run", "r", "--step", "alpha", "beta", "--out", "y"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("usage: fxjax export ")
+    assert err.strip().endswith("fxjax export: error: unrecognized arguments: beta (several steps: fxjax eval only)")
+    with pytest.raises(SystemExit):
+        main(["eval", "--data", "d.jsonl", "--bogus"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fxjax eval ") and err.strip().endswith("fxjax eval: error: unrecognized arguments: --bogus")
