@@ -405,7 +405,7 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     other = dict(summaries[1], settings=dict(summaries[1]["settings"], data={"elsewhere.jsonl": "0" * 64}))
     assert "NOTE: the evaluations read different data files" in build_eval_report([summaries[0], other],
                                                                                   ["a", "b"])._suptitle.get_text()
-    assert "NOTE" not in fig._suptitle.get_text()
+    assert "NOTE" not in fig._suptitle.get_text() and "n/a" not in fig._suptitle.get_text()  # (no bar says n/a)
 
     # errors name what is wrong
     (tmp_path / "run").mkdir()
@@ -532,3 +532,15 @@ def test_predictions_without_their_settings_or_of_a_rewritten_step_are_not_reuse
     time.sleep(0.05)  # (past the file system's timestamp granularity)
     step.mkdir()
     assert _weights_identity(source) != before
+    # a stage whose end moved (a run resumed with a longer stage): another step, said without the timestamps
+    # that differ with it, and the folder to remove named
+    fresh = tmp_path / "stage"
+    then = {"model": {"run": "r", "step": 3, "checkpoint_mtime_ns": 1}}
+    run_scripted(dataset, tokenizer_dir, fresh, ScriptedDecoder(SCRIPT), settings=then)
+    now = {"model": {"run": "r", "step": 4, "checkpoint_mtime_ns": 2}}
+    with pytest.raises(ValueError, match=rf"other settings \(model\.step: 3 then, 4 now\); pass --fresh to start "
+                                         rf"over \(with several --step values: every step's folder\), remove {fresh}, "):
+        run_scripted(dataset, tokenizer_dir, fresh, ScriptedDecoder(SCRIPT), settings=now)
+    with pytest.raises(ValueError, match=r"model\.checkpoint_mtime_ns: 1 then, 2 now"):  # (the same step rewritten)
+        run_scripted(dataset, tokenizer_dir, fresh, ScriptedDecoder(SCRIPT), settings=dict(then, model=dict(
+            then["model"], checkpoint_mtime_ns=2)))

@@ -650,7 +650,7 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     assert len(builds) == 3 and "resuming: 2 of 2 images already in" in capsys.readouterr().err  # (the same settings)
     capsys.readouterr()
     assert main(["eval", "--step", "3", "3", "--out", str(tmp_path / "twice")] + common) == 2
-    assert "--step: 3 twice name the same checkpoint (step 3); give each once" in capsys.readouterr().err
+    assert "--step: 3 is given twice; give each step once" in capsys.readouterr().err
     assert main(["eval", "--step", "beta", "3", "--out", str(tmp_path / "twice")] + common) == 2
     assert "--step: beta and 3 name the same checkpoint (step 3)" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()

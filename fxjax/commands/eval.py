@@ -195,10 +195,13 @@ def require_same_settings(out: Path, settings: dict) -> None:
             raise ValueError(f"{path} is damaged ({why}): what made the predictions beside it is unknown; pass "
                              "--fresh to start over, or another --out")
         changed = _differences(saved, settings)
+        if any(key == "model.step" for key, _, _ in changed):  # (another checkpoint: its time differs too)
+            changed = [c for c in changed if c[0] != "model.checkpoint_mtime_ns"]
         if changed:
             shown = "; ".join(f"{k}: {then!r} then, {now!r} now" for k, then, now in changed)
             raise ValueError(f"{out} holds predictions made with other settings ({shown}); pass --fresh to start "
-                             f"over, or another --out")
+                             f"over (with several --step values: every step's folder), remove {out}, or give "
+                             f"another --out")
 
 
 def too_long_before(out: Path, settings: dict) -> set[str]:
@@ -430,8 +433,9 @@ def _check_distinct_steps(given: list, resolved: list[int]) -> None:
     folders: dict[str, Any] = {}
     for value, step in zip(given, resolved):
         if step in seen:
-            same = f"{seen[step]} and {value}" if seen[step] != value else f"{value} twice"
-            raise ValueError(f"--step: {same} name the same checkpoint (step {step}); give each once")
+            if seen[step] == value:
+                raise ValueError(f"--step: {value} is given twice; give each step once")
+            raise ValueError(f"--step: {seen[step]} and {value} name the same checkpoint (step {step}); give it once")
         seen[step] = value
         folder = step_folder(value)
         if folder in (".", "..") or Path(folder).name != folder or "\\" in folder:
@@ -484,7 +488,7 @@ def _evaluate_steps(args, records, report, detectors, steps: list, out: Path, sa
         rows.append((label, summary))
         dirs.append(folder)
     png = write_eval_report(dirs, out / "eval_report.png", labels=[label for label, _ in rows],
-                            title=f"held-out evaluation of {detectors[0].source['run']} by step")
+                            title=f"held-out evaluation of {args.run} by step")
     print(steps_table(rows))
     print(f"\nwrote {', '.join(str(d) for d in dirs)} (each: {METRICS}, {PREDICTIONS}) and the comparison {png}")
     return 0

@@ -100,7 +100,9 @@ def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: s
         ax.grid(axis="y", alpha=0.3)
     # two lines: one was wider than the 8-inch figure of one to four evaluations, cut off at both ends
     detail = (f"{sizes.pop()} held-out examples each" if len(sizes) == 1 else "different numbers of examples") + \
-        "; greedy decoding\nn/a: not defined (F1: images of one true class only; IoU: no generated image)"
+        "; greedy decoding"
+    if any(s.get(key) is None for s in summaries for key, _, _ in EVAL_PANELS):  # (said where a bar says n/a)
+        detail += "\nn/a: not defined (F1: images of one true class only; IoU: no generated image)"
     datasets = {_data_identity(s) for s in summaries}
     if len(datasets) > 1:  # the files' contents (sha256 per file fxjax eval recorded), not their paths
         detail += "\nNOTE: the evaluations read different data files: the bars are not on the same images"
