@@ -370,7 +370,9 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     run_scripted(dataset, tokenizer_dir, tmp_path / "eval" / "second", ScriptedDecoder(better))
     folders = [str(tmp_path / "eval" / name) for name in ("first", "second")]
     assert main(["report", *folders, "--labels", "before,after"]) == 0
-    assert f"wrote {tmp_path / 'eval' / 'eval_report.png'}" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == f"wrote {tmp_path / 'eval' / 'eval_report.png'}"
+    assert main(["report", *folders]) == 0  # (a second comparison there replaces the first: said)
+    assert "(it replaced the one there; --out FILE.png writes another)" in capsys.readouterr().err
     assert (tmp_path / "eval" / "eval_report.png").stat().st_size > 20_000
 
     summaries = [read_eval_metrics(f) for f in folders]

@@ -124,9 +124,16 @@ def write_eval_report(dirs: Sequence[str | Path], out: str | Path | None = None,
     folders = [Path(d) if Path(d).is_dir() else Path(d).parent for d in dirs]
     labels = list(labels) if labels is not None else [f.name or str(f) for f in folders]
     fig = build_eval_report(summaries, labels, title)
-    path = png_path(out, folders[0].absolute().parent, EVAL_REPORT_FILE)
+    path = eval_report_path(dirs, out)
     fig.savefig(path, dpi=110)
     return path
+
+
+def eval_report_path(dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Where `write_eval_report` writes (its folder created): `out` (`png_path`), else EVAL_REPORT_FILE in
+    the parent of the first folder."""
+    first = Path(dirs[0]) if Path(dirs[0]).is_dir() else Path(dirs[0]).parent
+    return png_path(out, first.absolute().parent, EVAL_REPORT_FILE)
 
 
 def png_path(out: str | Path | None, default_dir: Path, name: str) -> Path:

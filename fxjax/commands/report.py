@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fxjax.commands.eval_report import EVAL_REPORT_FILE, is_eval_dir, png_path, write_eval_report
+from fxjax.commands.eval_report import EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, write_eval_report
 
 HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG, or compare `fxjax eval` folders"
 
@@ -387,8 +387,10 @@ def run(args: argparse.Namespace) -> int:
         labels = args.labels.split(",") if args.labels else None
         if labels is not None and len(labels) != len(args.run):
             raise ValueError(f"--labels: {len(labels)} names for {len(args.run)} eval folders")
+        existed = eval_report_path(args.run, args.out).is_file()
         path = write_eval_report(args.run, args.out, labels, args.title)
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {path}" + (" (it replaced the one there; --out FILE.png writes another)" if existed else ""),
+              file=sys.stderr)
         return 0
     if len(args.run) > 1:
         runs = [d for d, e in zip(args.run, evals) if not e]
