@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "besides is printed as a note. The data: JSONL records, native or ms-swift "
                               "(docs/data.md); `fxjax data check FILE.jsonl` validates them first.")
     p.add_argument("--config", required=True, metavar="YAML",
-                   help="the run's config; configs/sft.yaml lists every key with its default, "
-                        "configs/recipes/ holds complete recipes")
+                   help="the run's config: a YAML file, or the name of one fxjax ships (sft: every key with its "
+                        "default, as configs/sft.yaml; recipes/paper_3b_sft: the paper's recipe), usable after "
+                        "pip install without the repository")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value (YAML syntax; a string key takes the text as written), e.g. "
                         "--set optim.learning_rate=2e-4 (repeatable)")

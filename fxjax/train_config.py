@@ -343,15 +343,38 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def shipped_run_configs() -> dict[str, Path]:
+    """The run configs fxjax ships (its configs/ folder, installed as fxjax/configs): name -> file, e.g. "sft",
+    "grpo", "recipes/paper_3b_sft" (the model presets and reward stages are not run configs)."""
+    from fxjax.presets import CONFIG_DIR
+
+    return {p.relative_to(CONFIG_DIR).with_suffix("").as_posix(): p
+            for p in sorted(CONFIG_DIR.rglob("*.yaml")) if p.parent.name != "models" and p.name != "rewards.yaml"}
+
+
+def config_file(path: str | Path) -> Path:
+    """The file `--config` names: a path, else the name of a shipped run config (`--config sft`, `--config
+    recipes/paper_3b_sft`: usable where the repository's configs/ is not, after `pip install`); a missing
+    one is an error listing the shipped names."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = shipped_run_configs()
+    name = str(path).removesuffix(".yaml")
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file {p} not found (from {Path.cwd()}); or name one that fxjax ships: "
+                      + ", ".join(f"--config {n}" for n in shipped))
+
+
 def read_yaml_config(path: str | Path | None, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The parsed top-level mapping of a config file (merged over `base`); errors name the file."""
+    """The parsed top-level mapping of a config file (merged over `base`; `config_file`: a path or a shipped
+    config's name); errors name the file."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        p = Path(path)
+        p = config_file(path)
         if p.is_dir():
             raise ConfigError(f"config file {p} is a directory; give the YAML file")
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
         try:
             loaded = load_yaml(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
@@ -370,6 +393,8 @@ def load_config_as(cls, path: str | Path | None = None, overrides: Sequence[str]
     GRPOConfig): one loader for every run config."""
     data = read_yaml_config(path, base)
     notes: list[str] = []
+    if path is not None and not Path(path).exists():
+        notes.append(f"--config {path}: the config fxjax ships, {config_file(path)}")
     resolved = apply_overrides(data, overrides, notes, root=cls)
     for note in notes:
         (log or _logger.info)(f"note: {note}")

@@ -481,3 +481,25 @@ def test_grpo_evaluates_at_stage_ends_unless_told_and_sft_has_no_stages():
         from_dict({**data, "train": {"steps": 1}, "eval": {"at_stage_ends": True}})
     with pytest.raises(ConfigError, match=r"stages\[0\].name: '2' is a number; a stage is named"):
         grpo_from_dict({**data, "stages": [{"name": "2", "steps": 1}]})
+
+
+def test_config_names_a_file_or_a_config_fxjax_ships(tmp_path, monkeypatch):
+    """--config sft (or recipes/paper_3b_sft) reads the run config fxjax ships, from any folder (a pip
+    install has no configs/ beside the user); a file of that name here wins; a missing file lists the
+    shipped names."""
+    from fxjax.presets import CONFIG_DIR
+    from fxjax.train_config import config_file, shipped_run_configs
+
+    assert set(shipped_run_configs()) == {"sft", "grpo", "recipes/paper_3b_sft", "recipes/paper_3b_grpo"}
+    monkeypatch.chdir(tmp_path)
+    assert config_file("sft") == config_file("sft.yaml") == CONFIG_DIR / "sft.yaml"
+    said = []
+    cfg = load_sft_config("recipes/paper_3b_sft", overrides=["data.train_files=[t.jsonl]"], log=said.append)
+    assert cfg.lora.rank == load_sft_config(CONFIG_DIR / "recipes" / "paper_3b_sft.yaml",
+                                            overrides=["data.train_files=[t.jsonl]"]).lora.rank
+    assert said[0] == f"note: --config recipes/paper_3b_sft: the config fxjax ships, {CONFIG_DIR / 'recipes' / 'paper_3b_sft.yaml'}"
+    (tmp_path / "sft").write_text("train: {steps: 7}\n")  # a file of that name here: the user's
+    assert config_file("sft") == Path("sft")
+    with pytest.raises(ConfigError, match=rf"config file configs/sft.yaml not found \(from {tmp_path}\); or name one "
+                                          r"that fxjax ships: --config grpo, --config recipes/paper_3b_grpo, "):
+        config_file("configs/sft.yaml")

@@ -33,7 +33,9 @@ exits 3 with the last good checkpoint kept."""
 def add_parser(sub) -> None:
     p = sub.add_parser("grpo", help=HELP, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (configs/grpo.yaml documents every key)")
+    p.add_argument("--config", required=True, metavar="YAML",
+                   help="YAML config, or the name of one fxjax ships (grpo: every key with its default, as "
+                        "configs/grpo.yaml documents them; recipes/paper_3b_grpo: the paper's recipe)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value (YAML syntax; a string key takes the text as written), e.g. "
                         "--set grpo.num_generations=8 (repeatable)")
