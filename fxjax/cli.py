@@ -58,6 +58,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from fxjax.presets import load_preset, preset_names
 
     source = Path(args.model)
+    if source.is_dir() and not (source / "config.json").is_file():  # a training run (its steps and start)?
+        from fxjax.run_files import RunLoadError, describe_run
+
+        try:
+            lines = describe_run(source)
+        except RunLoadError:
+            raise FileNotFoundError(f"{source}: neither an HF checkpoint directory (no config.json) nor a fxjax "
+                                    "run (no checkpoints)") from None
+        print("\n".join(lines))
+        return 0
     if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
         raise FileNotFoundError(f"{args.model} does not exist and is not a preset; give an HF checkpoint "
                                 f"directory, a preset YAML or a preset name ({', '.join(preset_names())})")
@@ -200,12 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
     p.set_defaults(func=_cmd_init)
 
-    p = sub.add_parser("info", help="describe a checkpoint directory or preset",
+    p = sub.add_parser("info", help="describe a checkpoint directory, preset or training run",
                        description="Print the architecture and parameter counts of an HF checkpoint directory "
-                                   "or a preset, without loading weights (works for 72B on a laptop).")
+                                   "or a preset, without loading weights (works for 72B on a laptop); of a fxjax "
+                                   "sft/grpo run, its checkpoint steps and GRPO stage ends (what --step of "
+                                   "eval, detect and export takes), what its model started from, its LoRA and "
+                                   "tokenizer.")
     p.add_argument("model", metavar="MODEL",
-                   help="HF checkpoint directory (with config.json), preset name (tiny, 3b, 7b, 32b, 72b) "
-                        "or preset YAML")
+                   help="HF checkpoint directory (with config.json), preset name (tiny, 3b, 7b, 32b, 72b), "
+                        "preset YAML, or a run's train.output_dir / checkpoint.dir")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("make-demo-data", help="write a small native-format dataset made from scikit-image photos",

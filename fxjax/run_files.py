@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
-           "kept_stage_end_steps", "saved_run_kind", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
+           "describe_run", "kept_stage_end_steps", "saved_run_kind", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 DATA_STATE_FILE = Path("data") / "data_state.json"  # its "data" item (the data position, GRPO's stage ends)
@@ -319,3 +319,40 @@ def adapter_config_changes(adapter: Path, copy: Path) -> str:
 
     return "; ".join(f"{key} {there.get(key)} there, {kept.get(key)} in the run's copy" for key in _SHAPE_KEYS
                      if shape(there.get(key)) != shape(kept.get(key)))
+
+
+def describe_run(run: str | Path) -> list[str]:
+    """What `fxjax info RUN_DIR` prints of a training run, without loading weights: its kind and the
+    committed steps (what `--step` takes, stage names included), where its model starts from, its LoRA,
+    tokenizer and dtype, and the folder its relative paths are read from."""
+    ckpt = checkpoint_dir_of(run).absolute()
+    steps = committed_steps(ckpt)
+    if not steps:
+        raise RunLoadError(f"no committed checkpoint in {ckpt}")
+    cfg, kind = read_run_config(ckpt, steps[-1])
+    m, lora = cfg.model, cfg.lora
+    lines = [f"{kind} run in {ckpt}", f"  checkpoints: steps {steps_text(steps)} (--step N; default the newest, {steps[-1]})"]
+    ends = recorded_stage_ends(ckpt, steps[-1])
+    if ends:
+        lines.append("  stage ends: " + ", ".join(f"{name} at step {end}" + ("" if end in steps else " (no checkpoint)")
+                                                 for name, end in ends) + " (--step STAGE)")
+    if m.from_run is not None:
+        start = f"the run {m.from_run} at " + (f"step {m.from_run_step}" if m.from_run_step is not None else "its newest step")
+    else:
+        start = m.path or f"preset {m.preset}"
+        start += f" with the adapter {m.adapter}" if m.adapter else ""
+    lines.append(f"  model: {start}; compute {m.dtype}" + (f", weights stored in {m.param_dtype}" if m.param_dtype
+                                                          and m.param_dtype != m.dtype else ""))
+    if m.from_run is None and m.adapter is None:
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+        lines.append(f"  LoRA: r={lora.rank} alpha={lora.alpha:g} on {targets}")
+    else:
+        lines.append("  LoRA: the shape of the one it started from (kept in its checkpoints' start_lora/)")
+    try:
+        lines.append(f"  tokenizer: {cfg.tokenizer}")
+    except (ValueError, OSError) as err:  # (a preset without data.tokenizer; a start run that is not here)
+        lines.append(f"  tokenizer: not known here ({err}); eval, detect and export take --tokenizer")
+    cwd = _data_state(ckpt, steps[-1]).get(RUN_CWD_KEY)
+    if cwd:
+        lines.append(f"  started from: {cwd} (its relative paths are read from there)")
+    return lines

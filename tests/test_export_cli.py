@@ -717,3 +717,25 @@ def test_a_run_given_relative_paths_loads_from_any_folder(two_process_run, tiny_
         err = capsys.readouterr().err
         assert f"the run in {moved / 'runs' / 'sft' / 'checkpoints'} was trained from model.path=tiny, which does " \
                f"not exist here; pass the base model's directory (--model" in err and "tokenizer" not in err, err
+
+
+def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tiny_vl_dir, tmp_path, capsys):
+    """`fxjax info RUN_DIR`: what --step takes (the steps, a GRPO run's stage ends) and what the run's model
+    started from, without loading weights; a folder that is neither a run nor a checkpoint is named."""
+    assert main(["info", str(two_process_run)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"sft run in {two_process_run / 'checkpoints'}",
+        "  checkpoints: steps 2, 3 (--step N; default the newest, 3)",
+        f"  model: {tiny_vl_dir}; compute float32",
+        "  LoRA: r=4 alpha=8 on all-linear",
+        f"  tokenizer: {tiny_vl_dir}"]
+    staged = staged_copy(two_process_run, tmp_path)
+    state = staged / "checkpoints" / "3" / "data" / "data_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "cwd": str(tmp_path)}))
+    assert main(["info", str(staged)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "  stage ends: alpha at step 2, beta at step 3 (--step STAGE)"  # (its data state records them)
+    assert out[-1] == f"  started from: {tmp_path} (its relative paths are read from there)"
+    (tmp_path / "empty").mkdir()
+    assert main(["info", str(tmp_path / "empty")]) == 2
+    assert "neither an HF checkpoint directory (no config.json) nor a fxjax run" in capsys.readouterr().err
