@@ -138,3 +138,19 @@ def test_a_file_with_two_runs_is_refused_not_half_plotted(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert f"{path}: holds the training records of an SFT run (38) and of a GRPO run (2)" in capsys.readouterr().err
 
+
+
+def test_a_nearly_constant_series_has_no_axis_offset_over_the_stage_names():
+    """Entropy 11.9387 +/- 1e-6 over a run: matplotlib's offset text ("1e-6+1.19387e1") sat on the stage
+    labels above the panel; the ticks say the values themselves."""
+    records = grpo_records()
+    for k, r in enumerate(records):
+        if r["kind"] == "train":
+            r["entropy"] = 11.9387 + 1e-6 * (k % 3)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = build_report(records)
+    FigureCanvasAgg(fig).draw()
+    (entropy,) = [ax for ax in fig.axes if ax.get_title() == "Policy entropy"]
+    assert entropy.yaxis.get_offset_text().get_text() == ""
+    assert all("+" not in ax.yaxis.get_offset_text().get_text() for ax in fig.axes)  # (a 1e-4 multiplier stays)

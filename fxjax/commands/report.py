@@ -259,7 +259,8 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
     ax.set_xlabel(xlabel)
     ax.set_xlim(*xlim)  # one step axis for every panel, so held-out points line up with training curves
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    # no offset: a nearly constant series (entropy 11.9387 +/- 1e-6) drew "1e-6+1.19387e1" over the stage names
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
     ax.set_ylabel(panel.ylabel, fontsize=9)
     if panel.unit_interval:
         ax.set_ylim(-0.03, 1.03)
