@@ -102,10 +102,18 @@ def test_boxes_map_back_to_the_original_pixels_of_odd_sized_images(tokenizer_dir
         assert result["tags"] == ["texture quality", "lighting"]
 
         overlay = Image.open(result["overlay"])
-        assert overlay.size == (width, height) and overlay.mode == "RGB"
-        # the box's left edge is drawn in the first box colour at the original x1, halfway down the box
-        bx1, by1, _, by2 = region["box"]
+        # drawn enlarged by a whole factor to a side of at least 256 (a 56-pixel overlay cut its verdict off)
+        k = -(-256 // max(width, height))
+        assert k > 1 and overlay.size == (width * k, height * k) and overlay.mode == "RGB"
+        # the box's left edge is drawn in the first box colour at the original x1 (times k), halfway down the box
+        bx1, by1, _, by2 = (v * k for v in region["box"])
         assert overlay.getpixel((int(np.ceil(bx1)), int((by1 + by2) / 2))) == BOX_COLOURS[0], path
+        # ... over the image itself, each of its pixels a k x k block
+        from fxjax.image_processing import pil_to_rgb
+
+        with Image.open(path) as original:  # (as the model saw it: transparency on white)
+            assert overlay.getpixel((overlay.width - 1, overlay.height // 4)) == \
+                pil_to_rgb(original).getpixel(((overlay.width - 1) // k, overlay.height // 4 // k)), path
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "alpha.detect.png", "grey.detect.png", "palette.detect.png", "rgb.detect.png"]
 
@@ -172,7 +180,8 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
         assert r["note"].startswith("at max_pixels 40000 it would be")
         assert r["truncated"] and "the answer stopped at --max-new-tokens (3 tokens) before its end" in r["note"]
         assert f"analysed at {mw}x{mh} ({mw * mh // 784} image tokens)" in r["note"]
-        assert Image.open(r["overlay"]).size == tuple(r["size"])
+        k = -(-256 // max(r["size"]))  # (enlarged to a side of at least 256)
+        assert Image.open(r["overlay"]).size == (r["size"][0] * k, r["size"][1] * k)
 
 
 def test_out_that_is_a_file_is_refused_before_any_model_loads(tmp_path, capsys):

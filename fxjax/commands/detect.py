@@ -184,15 +184,23 @@ def overlay_path(out: Path, image: str, taken: set[str]) -> Path:
     return out / name
 
 
+OVERLAY_MIN_SIDE = 256  # an overlay of a smaller image is drawn on it enlarged (whole times, pixels kept sharp)
+
+
 def write_overlay(result: dict, path: Path, max_image_pixels: int) -> None:
+    from PIL import Image
+
     from fxjax.data.images import open_image
     from fxjax.overlay import draw_detection
 
     image = open_image(result["image"], max_image_pixels, decode=True)  # EXIF-oriented, as the model saw it
     try:
-        regions = [(r["caption"], r["box"]) for r in result["regions"]]
+        # a 56 x 56 image left the verdict no room ("NO VERDI"): enlarged by a whole factor, boxes with it
+        k = -(-OVERLAY_MIN_SIDE // max(image.size)) if max(image.size) < OVERLAY_MIN_SIDE else 1
+        shown = image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST) if k > 1 else image
+        regions = [(r["caption"], [v * k for v in r["box"]]) for r in result["regions"]]
         note = None if result["parsed"] else "answer did not parse"
-        draw_detection(image, regions, result["verdict"], note).save(path)
+        draw_detection(shown, regions, result["verdict"], note).save(path)
     finally:
         image.close()
 
