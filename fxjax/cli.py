@@ -63,9 +63,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         try:
             lines = describe_run(source)
-        except RunLoadError:
-            raise FileNotFoundError(f"{source}: neither an HF checkpoint directory (no config.json) nor a fxjax "
-                                    "run (no checkpoints)") from None
+        except RunLoadError as err:  # (what is wrong with it as a run: no checkpoints, a step folder, ...)
+            raise FileNotFoundError(f"{source}: not an HF checkpoint directory (no config.json); as a fxjax "
+                                    f"run: {err}") from None
         print("\n".join(lines))
         return 0
     if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
@@ -324,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's own parser (its usage), not fxjax's: `export --step alpha beta`
         (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        several = " (several steps: fxjax eval only)" if args.command in ("export", "detect") and \
-            any(not e.startswith("-") for e in extra) and "--step" in (argv if argv is not None else sys.argv) else ""
+        words = list(argv if argv is not None else sys.argv[1:])
+        at = words.index("--step") if "--step" in words else -1
+        several = " (several steps: fxjax eval only)" if args.command in ("export", "detect") and at >= 0 and \
+            words[at + 2:at + 3] == extra[:1] else ""
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}{several}")
     try:
         code = args.func(args)

@@ -131,9 +131,11 @@ def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
 
 
 # Config keys that name files or folders a loaded run reads; a relative one is relative to the folder the
-# run was started from (RUN_CWD_KEY in each checkpoint's data state)
-RUN_PATH_KEYS = (("model", "path"), ("model", "adapter"), ("model", "from_run"), ("data", "tokenizer"),
-                 ("data", "root"), ("data", "train_files"), ("data", "eval_files"))
+# run was started from (RUN_CWD_KEY in each checkpoint's data state). Not model.adapter nor model.from_run:
+# the run's own copy of its start (START_LORA_DIR) stands in for them, recognised by the path as written
+# (`kept_start`), which a rebased path would no longer be.
+RUN_PATH_KEYS = (("model", "path"), ("data", "tokenizer"), ("data", "root"), ("data", "train_files"),
+                 ("data", "eval_files"))
 RUN_CWD_KEY = "cwd"
 
 
@@ -354,5 +356,6 @@ def describe_run(run: str | Path) -> list[str]:
         lines.append(f"  tokenizer: not known here ({err}); eval, detect and export take --tokenizer")
     cwd = _data_state(ckpt, steps[-1]).get(RUN_CWD_KEY)
     if cwd:
-        lines.append(f"  started from: {cwd} (its relative paths are read from there)")
+        lines.append(f"  started from: {cwd} " + ("(its relative paths are read from there)" if Path(cwd).is_dir()
+                                                 else "(gone: its relative paths are read from the current folder)"))
     return lines

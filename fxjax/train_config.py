@@ -357,12 +357,16 @@ def config_file(path: str | Path) -> Path:
     recipes/paper_3b_sft`: usable where the repository's configs/ is not, after `pip install`); a missing
     one is an error listing the shipped names."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
+    if p.suffix != ".yaml" and p.with_name(p.name + ".yaml").is_file():  # (your ./sft.yaml before fxjax's sft)
+        return p.with_name(p.name + ".yaml")
     shipped = shipped_run_configs()
     name = str(path).removesuffix(".yaml")
     if name in shipped:
         return shipped[name]
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; give the YAML file")
     raise ConfigError(f"config file {p} not found (from {Path.cwd()}); or name one that fxjax ships: "
                       + ", ".join(f"--config {n}" for n in shipped))
 
@@ -393,8 +397,12 @@ def load_config_as(cls, path: str | Path | None = None, overrides: Sequence[str]
     GRPOConfig): one loader for every run config."""
     data = read_yaml_config(path, base)
     notes: list[str] = []
-    if path is not None and not Path(path).exists():
-        notes.append(f"--config {path}: the config fxjax ships, {config_file(path)}")
+    if path is not None and config_file(path) != Path(path):
+        from fxjax.presets import CONFIG_DIR
+
+        read = config_file(path)
+        notes.append(f"--config {path}: " + (f"the config fxjax ships, {read}" if CONFIG_DIR in read.parents
+                                             else f"read {read}"))
     resolved = apply_overrides(data, overrides, notes, root=cls)
     for note in notes:
         (log or _logger.info)(f"note: {note}")

@@ -188,6 +188,9 @@ def test_an_unknown_argument_is_said_by_the_commands_own_parser(capsys):
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith("usage: fxjax export ")
     assert err.strip().endswith("fxjax export: error: unrecognized arguments: beta (several steps: fxjax eval only)")
+    with pytest.raises(SystemExit):  # a stray word elsewhere is not taken for a second step
+        main(["export", "--run", "x", "--out", "y", "--step", "3", "--dtype", "float32", "extra"])
+    assert capsys.readouterr().err.strip().endswith("fxjax export: error: unrecognized arguments: extra")
     with pytest.raises(SystemExit):
         main(["eval", "--data", "d.jsonl", "--bogus"])
     err = capsys.readouterr().err

@@ -554,6 +554,11 @@ def test_another_step_loads_into_the_same_model_as_a_whole_load_of_it(two_proces
     assert all(np.array_equal(swapped[k], whole[k]) for k in whole)
     assert not any(np.array_equal(swapped[k], three_lora[k]) for k in whole if k.endswith("lora_b"))
     said = []
+    relative = dataclasses.replace(three.config.model, path=os.path.relpath(three.config.model.path))
+    three.config = dataclasses.replace(three.config, model=relative)  # (a step saved before the run's folder was
+    load_run_step(three, 3, log=said.append)                          # recorded: `tiny`, not /project/tiny)
+    assert said == ["step 3: only its LoRA read, into the model of step 3 (its base weights kept)"]
+    said.clear()
     three.config = dataclasses.replace(three.config, lora=dataclasses.replace(three.config.lora, alpha=4))
     model = three.model
     other = load_run_step(three, 2, log=said.append)
@@ -703,6 +708,11 @@ def test_a_run_given_relative_paths_loads_from_any_folder(two_process_run, tiny_
     assert detector.tokenizer == str(project / "tiny") and detector.source["base"] == str(project / "tiny")
     assert detector.data["train_files"] == (str(project / "train.jsonl"),)  # (detect reads them: ms-swift prompts?)
     assert load_run(project / "runs" / "sft").config.model.path == str(project / "tiny")
+    from fxjax.run_files import with_run_paths
+
+    adapter = {"model": {"path": "tiny", "adapter": "tiny", "from_run": "tiny"}, "data": {"tokenizer": None}}
+    rebased = with_run_paths(adapter, str(project))  # (a start adapter or run: the run's kept copy, by its name)
+    assert rebased["model"] == {"path": str(project / "tiny"), "adapter": "tiny", "from_run": "tiny"}
     moved = tmp_path / "moved"  # the project moved: the recorded folder is gone, the paths are the current one's
     project.rename(moved)
     monkeypatch.chdir(moved)
@@ -736,6 +746,14 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "  stage ends: alpha at step 2, beta at step 3 (--step STAGE)"  # (its data state records them)
     assert out[-1] == f"  started from: {tmp_path} (its relative paths are read from there)"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "cwd": str(tmp_path / "gone")}))
+    assert main(["info", str(staged)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"  started from: {tmp_path / 'gone'} (gone: its relative "
+                                                         "paths are read from the current folder)")
     (tmp_path / "empty").mkdir()
     assert main(["info", str(tmp_path / "empty")]) == 2
-    assert "neither an HF checkpoint directory (no config.json) nor a fxjax run" in capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: not an HF checkpoint directory (no config.json); as a fxjax run: " \
+           f"{tmp_path / 'empty'} holds no checkpoints" in capsys.readouterr().err
+    assert main(["info", str(staged / "checkpoints" / "3")]) == 2  # (a step's folder: said as such)
+    assert f"is the checkpoint of step 3, not a run: pass --run {staged / 'checkpoints'} --step 3" in \
+        capsys.readouterr().err

@@ -500,6 +500,10 @@ def test_config_names_a_file_or_a_config_fxjax_ships(tmp_path, monkeypatch):
     assert said[0] == f"note: --config recipes/paper_3b_sft: the config fxjax ships, {CONFIG_DIR / 'recipes' / 'paper_3b_sft.yaml'}"
     (tmp_path / "sft").write_text("train: {steps: 7}\n")  # a file of that name here: the user's
     assert config_file("sft") == Path("sft")
+    (tmp_path / "grpo").mkdir()  # a folder of that name is not a config: the shipped one
+    assert config_file("grpo") == CONFIG_DIR / "grpo.yaml"
+    (tmp_path / "grpo.yaml").write_text("grpo: {}\n")  # the user's own copy, edited: before fxjax's
+    assert config_file("grpo") == Path("grpo.yaml")
     with pytest.raises(ConfigError, match=rf"config file configs/sft.yaml not found \(from {tmp_path}\); or name one "
                                           r"that fxjax ships: --config grpo, --config recipes/paper_3b_grpo, "):
         config_file("configs/sft.yaml")

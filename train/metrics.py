@@ -295,10 +295,10 @@ class ProgressBar:
             now = time.perf_counter()
             if state["after_first"] is None:  # this run's first update, its compilation in it: said at once,
                 state["after_first"] = (now, state["done"])  # and left out of the rate after it
-                took = f"{now - state['start']:.1f} s, compiling included"
+                took = f"{now - state['start']:.1f} s, compiling included if any"
             elif state["done"] >= state["next_at"] or state["done"] == state["total"]:
                 since, at = state["after_first"]
-                took = f"{(now - since) / (state['done'] - at):.2f} s/{state['unit']}"
+                took = f"{(now - since) / max(1, state['done'] - at):.2f} s/{state['unit']}"
             else:
                 return
             state["next_at"] = (state["done"] // state["every"] + 1) * state["every"]  # (updates of n > 1 too)

@@ -214,7 +214,7 @@ def load_run_step(loaded: LoadedRun, step: int | str, *, log: Callable[[str], No
                            scan_layers=o.get("scan_layers"))
     if exact:
         cfg = _override_model(cfg, None, None, _exact_param_dtype(cfg))
-    if (cfg.model, cfg.lora) != (loaded.config.model, loaded.config.lora):
+    if (_resolved_paths(cfg.model), cfg.lora) != (_resolved_paths(loaded.config.model), loaded.config.lora):
         if log is not None:
             log(f"step {step} was saved with other model or LoRA settings than step {loaded.step}: loading it whole")
         loaded.model = None
@@ -225,6 +225,13 @@ def load_run_step(loaded: LoadedRun, step: int | str, *, log: Callable[[str], No
     loaded.model.eval()
     return LoadedRun(model=loaded.model, config=cfg, kind=kind, step=step, checkpoint_dir=ckpt, mesh=loaded.mesh,
                      overrides=o)
+
+
+def _resolved_paths(m):
+    """A model section with its paths resolved: steps saved before and after fxjax recorded the run's folder
+    (`tiny` and `/project/tiny`) name the same model."""
+    return dataclasses.replace(m, **{k: str(Path(v).resolve()) for k in ("path", "adapter", "from_run")
+                                     if (v := getattr(m, k)) is not None})
 
 
 def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> None:
