@@ -264,9 +264,10 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
                 text[rank]), text[rank][-2500:]
 
     # process 0 failing after the run, when process 1 has finished: process 1 is not waited for, nor killed
-    start = time.time()
+    # (not waited for: a wait for it would end after 60 s with "neither stopped nor finished"; no wall-clock
+    # bound beyond run()'s, which a busy machine broke: 50.6 s for a bound of 50 with the CI run beside tests)
     text = run("late", codes_wanted=(2, 0), LATE_ERROR_0="1")
-    assert "fxjax sft: error: [Errno 5] Input/output error after the run" in text[0] and time.time() - start < 50
+    assert "fxjax sft: error: [Errno 5] Input/output error after the run" in text[0]
     assert "neither stopped nor finished" not in text[0], text[0][-2500:]
 
     # the end-of-run export failing on process 0, which writes it (process 1 waited in a barrier)
