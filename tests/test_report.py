@@ -56,6 +56,9 @@ def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
     assert titles(fig) == ["Loss", "Learning rate", "Gradient norm", "Held-out generation (greedy)"]
     assert all(ax.get_xlabel() == "optimiser step" and ax.get_ylabel() for ax in fig.axes)
     generation = fig.axes[3]
+    # each held-out series its own hollow shape: three at the same value stay three (the last hid the others)
+    points = [line for line in generation.get_lines() if line.get_linestyle() == "None"]
+    assert [p.get_marker() for p in points] == ["o", "s", "^"] and {p.get_markerfacecolor() for p in points} == {"none"}
     assert [t.get_text() for t in generation.get_legend().get_texts()] == [
         f"{name} (evaluated at 2 steps)" for name in ("format rate", "verdict accuracy", "mean IoU on generated images")]
     # 40 steps -> raw training loss, its 2-step moving average, and the two held-out points (markers, and a

@@ -56,6 +56,7 @@ examples:
   fxjax report runs/grpo/eval   # the folders of `fxjax eval --step alpha beta gamma --out runs/grpo/eval`"""
 
 REPORT_FILE = "report.png"
+EVAL_MARKERS = ("o", "s", "^", "D", "v", "P")  # the held-out points' shapes, by the series' place in its panel
 STAGE_SHADES = ("#f2f2f2", "#ffffff")
 
 
@@ -235,7 +236,7 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
     if spans:
         _mark_stages(ax, spans)
     plotted = []
-    for colour, line in zip(COLOURS, panel.lines):
+    for colour, marker, line in zip(COLOURS, EVAL_MARKERS, panel.lines):
         steps, values = series(records, line.kind, line.key)
         if not steps or not any(math.isfinite(v) for v in values):
             continue
@@ -244,7 +245,8 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
             # Evaluations are a few points: markers, joined by a faint dotted line that does not pretend to
             # know the values in between (a solid line between step 0 and the end read as a linear rise).
             label = f"{line.label} (evaluated at {len(steps)} step{'s' if len(steps) > 1 else ''})"
-            ax.plot(steps, values, "o", color=colour, label=label, ms=6, zorder=4)
+            # a shape each, hollow: equal values (format, verdict and IoU all 0) show every series, not the last
+            ax.plot(steps, values, marker, color=colour, label=label, ms=7, zorder=4, mfc="none", mew=1.5)
             ax.plot(steps, values, ":", color=colour, lw=1, alpha=0.6, zorder=3)
             continue
         for i, (part_steps, part) in enumerate(_segments(steps, values, spans)):
