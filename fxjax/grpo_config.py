@@ -151,8 +151,9 @@ class GRPOConfig(RunConfig):
             if not self.stages:
                 raise ConfigError("stages: give at least one stage (or grpo.schedule=continuous with train.steps)")
             if self.train.steps is not None or self.train.epochs is not None:
-                raise ConfigError("train.steps: with grpo.schedule=stages the steps are the stages' steps; set "
-                                  "train.steps=null and train.epochs=null")
+                key = "train.steps" if self.train.steps is not None else "train.epochs"
+                raise ConfigError(f"{key}: with grpo.schedule=stages the steps are the stages' (a stage takes steps "
+                                  f"or epochs: stages[i].steps / stages[i].epochs); set {key}=null")
         elif self.train.steps is None:
             raise ConfigError("train.steps: grpo.schedule=continuous needs train.steps (the T of w_G(t))")
         elif self.train.epochs is not None:

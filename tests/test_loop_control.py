@@ -302,3 +302,16 @@ def test_an_end_of_run_export_failing_after_the_adapter_says_the_folders_hold_di
         loop_control.export_outputs("grpo", None, SimpleNamespace(export=export, tokenizer=None, data=None),
                                     said.append, 30)
     assert said == []
+
+
+def test_a_checkpoint_past_the_configs_steps_is_an_error_not_a_second_end():
+    """A finished run of 10 steps run again with stages of 8: it saved step 10 again and logged a second
+    evaluation at the end; now an error naming both counts, before anything is saved or evaluated."""
+    from fxjax.config_mapping import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sft: the checkpoint this run resumes from is at step 10, past the 8 steps "
+                                          r"this config gives \(train.steps / train.epochs\): nothing is left to "
+                                          r"train\. Give at least 10 steps"):
+        _run(8, first=10)
+    control, saved, _, _ = _run(8, first=8)  # (at its end: the same command again, for its exports): no error,
+    assert control.done == 8 and saved == []  # nothing trained and its checkpoint not written again

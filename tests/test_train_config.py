@@ -284,7 +284,8 @@ def test_a_grpo_train_section_without_output_dir_writes_to_runs_grpo():
 @pytest.mark.parametrize("train, message", [
     ({"loss_chunk": 0}, "train.loss_chunk: must be"),
     ({"log_every": -3}, "train.log_every: must be"),
-    ({"steps": 5}, "train.steps: with grpo.schedule=stages the steps are the stages' steps"),
+    ({"steps": 5}, r"train.steps: with grpo.schedule=stages the steps are the stages' \(a stage takes steps or epochs"),
+    ({"epochs": 1}, r"train.epochs: with grpo.schedule=stages .*; set train.epochs=null"),  # (it named train.steps)
     ({"steps": -5, "schedule": "continuous"}, "train.steps: must be"),
     ({"steps": 100, "epochs": 3, "schedule": "continuous"}, "train.epochs: grpo.schedule=continuous runs train.steps"),
 ])
