@@ -152,6 +152,7 @@ def straight(setup):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("kind") == "eval"]
     assert [r["step"] for r in evals] == [2, 4, 6] and all(r["examples"] == 2 and "format_rate" in r for r in evals)
+    assert [r["tag"] for r in evals] == [f"end of stage {s}" for s in ("alpha", "beta", "gamma")]  # (as the log)
     assert 99.0 not in [r.get("loss") for r in records] and "stale" not in (out / "completions.jsonl").read_text()
     train = [r for r in records if r.get("kind", "train") == "train"]  # (the runs compared with it: no eval)
     return adapter_tensors(setup["root"] / "straight" / "adapter"), train, log

@@ -218,6 +218,17 @@ def test_check_resume_config_warns_on_what_changed_the_run():
     quiet["data"]["seed"] = 3
     assert [w.split(":")[-2:] for w in check_resume_config(saved, quiet, print)] == [
         [" model.dtype", " bfloat16 -> float32"], [" data.seed", " 0 -> 3"]]
+    # where the LoRA started is not the base model, and a resume goes on from its checkpoint's LoRA: said so
+    # (it said "the base model changed" for model.from_run_step beta -> alpha, and kept beta's)
+    started = json.loads(json.dumps(saved))
+    started["model"].update(path=None, from_run="runs/sft", from_run_step="beta")
+    moved = json.loads(json.dumps(started))
+    moved["model"].update(from_run_step="alpha", dtype="float32")
+    warnings = check_resume_config(started, moved, print)
+    assert warnings[0] == ("warning: resuming with another start than the checkpoint's (model.from_run_step: beta -> "
+                           "alpha): a resumed run goes on from its checkpoint's LoRA, so this changes nothing; "
+                           "another train.output_dir starts a new run from it")
+    assert warnings[1].endswith("(the base model changed): model.dtype: bfloat16 -> float32") and len(warnings) == 2
 
 
 def test_a_grpo_checkpoint_written_before_stage_epochs_resumes_without_a_warning():

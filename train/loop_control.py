@@ -66,7 +66,8 @@ class RunEvaluation:
     def __call__(self, tag: str, step: int, model, params, base, rest) -> dict:
         nnx.update(model, params)
         values = self.evaluator.evaluate(model, params, base, rest, generate=self.generate).metrics()
-        self.metrics.log(step, "eval", values)
+        # tagged as the log says it (start, periodic, end of stage NAME, end): which model it measured
+        self.metrics.log(step, "eval", dict(values, tag=tag))
         self.result.evals.append((step, values))
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
                           if isinstance(v, (int, float)))  # the sample completions go to metrics.jsonl only

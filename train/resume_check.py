@@ -36,6 +36,9 @@ WATCHED: dict[str, tuple[tuple[str, ...] | None, str]] = {
 }
 
 
+START_KEYS = ("adapter", "from_run", "from_run_step")  # the model keys that say where the LoRA started
+
+
 def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
@@ -68,6 +71,12 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], lo
     warnings = []
     for section, (keys, meaning) in watched.items():
         changes = changed_keys(saved.get(section), current.get(section), keys)
+        start = [c for c in changes if section == "model" and c.split(":")[0] in START_KEYS]
+        if start:  # not the base model: where the LoRA started, which the checkpoint's LoRA has replaced
+            changes = [c for c in changes if c not in start]
+            warnings.append("warning: resuming with another start than the checkpoint's (" + "; ".join(
+                f"model.{c}" for c in start) + "): a resumed run goes on from its checkpoint's LoRA, so this "
+                "changes nothing; another train.output_dir starts a new run from it")
         if changes:
             warnings.append(f"warning: resuming with a different {section} config than the checkpoint's "
                             f"({meaning} changed): " + "; ".join(f"{section}.{c}" if not c.startswith(("[", "{"))
