@@ -339,7 +339,9 @@ def describe_run(run: str | Path) -> list[str]:
         lines.append("  stage ends: " + ", ".join(f"{name} at step {end}" + ("" if end in steps else " (no checkpoint)")
                                                  for name, end in ends) + " (--step STAGE)")
     if m.from_run is not None:
-        start = f"the run {m.from_run} at " + (f"step {m.from_run_step}" if m.from_run_step is not None else "its newest step")
+        at = m.from_run_step
+        start = f"the run {m.from_run} at " + ("its newest step" if at is None else f"step {at}"
+                                               if isinstance(step_or_stage(str(at)), int) else f"the end of stage {at}")
     else:
         start = m.path or f"preset {m.preset}"
         start += f" with the adapter {m.adapter}" if m.adapter else ""

@@ -595,6 +595,14 @@ def test_a_run_can_start_from_the_end_of_another_runs_stage(two_process_run, tmp
     lora = lambda m: flatten_tree(split_model(m)[1])  # noqa: E731
     started, two = lora(build_model(cfg, make_mesh(MeshConfig()))), lora(load_run(two_process_run, 2).model)
     assert started.keys() == two.keys() and all(np.array_equal(started[k], two[k]) for k in two)
+    from fxjax.run_files import describe_run  # (fxjax info of such a run names the stage, not "step alpha")
+
+    later = tmp_path / "later" / "checkpoints" / "3"
+    shutil.copytree(staged / "checkpoints" / "3", later)
+    saved = json.loads((later / "config" / "config.json").read_text())
+    saved["model"].update(path=None, from_run=str(staged), from_run_step="alpha")
+    (later / "config" / "config.json").write_text(json.dumps(saved))
+    assert f"  model: the run {staged} at the end of stage alpha; compute float32" in describe_run(later.parent)
     with pytest.raises(ConfigError, match=r"model\.from_run_step: give a step number or a GRPO stage's name"):
         grpo_from_dict({"model": {"from_run": str(staged), "from_run_step": " ", "dtype": "float32"}, "data": data})
 

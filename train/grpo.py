@@ -245,7 +245,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
     shard_rows = batch_divides("data.batch_size / optim.grad_accum (a micro-batch's prompts)",
                                cfg.data.batch_size // cfg.optim.grad_accum, mesh,
-                               allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
+                               allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
+                               accumulates=cfg.optim.grad_accum > 1)
     check_eval_batch(cfg, mesh, say)
     # Each process reads, decodes and samples only the prompts of its own batch shards (all of them when
     # the batch is replicated); images are packed per shard, so each device encodes only its rows' images.
@@ -274,8 +275,9 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
               else " -> ".join(f"{s.name} x {s.steps}" for s in cfg.stages))
     say(f"grpo: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"mesh {dict(mesh.shape)}; model {start_description(cfg)} ({cfg.model.dtype}), "
-        f"{n_lora:,} LoRA parameters; {len(pipeline)} prompts; {steps_total} steps of {cfg.data.batch_size} "
-        f"prompts x {g.num_generations} completions; stages {stages}; loss {g.loss_type}, beta {g.beta}")
+        f"{n_lora:,} LoRA parameters; {_count(len(pipeline), 'prompt')}; {_count(steps_total, 'step')} of "
+        f"{_count(cfg.data.batch_size, 'prompt')} x {_count(g.num_generations, 'completion')}; stages {stages}; "
+        f"loss {g.loss_type}, beta {g.beta}")
     say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)
 
     # A step samples once and makes num_iterations optimiser updates on what it sampled (TRL's num_iterations):
@@ -437,6 +439,10 @@ def update_metrics(updates: list[dict]) -> dict:
     out["learning_rate"] = float(updates[-1]["learning_rate"])
     out["finite"] = all(bool(u["finite"]) for u in updates)
     return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def updates_done(optimizer_steps: int, num_iterations: int, checkpoint_step: int | None) -> int:

@@ -122,7 +122,8 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
         f"mesh {dict(mesh.shape)}")
     say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh,
-                               allow_replicated=cfg.mesh.allow_replicated_batch, log=say)
+                               allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
+                               accumulates=cfg.optim.grad_accum > 1)  # (its advice: a lower grad_accum)
     check_eval_batch(cfg, mesh, say)
     dcfg = data_config(cfg)
     # Each process decodes, tokenises and builds only the rows of its own batch shards (all rows when the

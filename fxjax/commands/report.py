@@ -344,8 +344,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     path = png_path(out, metrics_file.parent, REPORT_FILE)
     fig.savefig(path, dpi=110)
     if fig.missing_panels:
-        print(f"fxjax report: not plotted, no values in {metrics_file}: {'; '.join(fig.missing_panels)}",
-              file=sys.stderr)
+        print(f"fxjax report: panels left out, the run logged no values for them (named in the subtitle): "
+              f"{'; '.join(fig.missing_panels)}", file=sys.stderr)
     return path
 
 
