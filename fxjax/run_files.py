@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 __all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
-           "describe_run", "kept_stage_end_steps", "saved_run_kind", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
+           "describe_run", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 DATA_STATE_FILE = Path("data") / "data_state.json"  # its "data" item (the data position, GRPO's stage ends)
@@ -323,6 +323,20 @@ def adapter_config_changes(adapter: Path, copy: Path) -> str:
                      if shape(there.get(key)) != shape(kept.get(key)))
 
 
+def start_step_text(run: str | Path, step: int | str | None) -> str:
+    """How a run's start at `step` of `run` (model.from_run_step) is said: "step 7 (its newest)", "step 40",
+    "the end of stage beta (step 20)"; what cannot be read is left unsaid (loading it says what is wrong)."""
+    try:
+        if step is None:
+            steps = committed_steps(checkpoint_dir_of(run))
+            return f"step {steps[-1]} (its newest)" if steps else "its newest step"
+        if isinstance(step_or_stage(str(step)), int):
+            return f"step {step}"
+        return f"the end of stage {step} (step {resolve_step(checkpoint_dir_of(run), step)[0]})"
+    except (OSError, RunLoadError):
+        return "its newest step" if step is None else f"the end of stage {step}"
+
+
 def describe_run(run: str | Path) -> list[str]:
     """What `fxjax info RUN_DIR` prints of a training run, without loading weights: its kind and the
     committed steps (what `--step` takes, stage names included), where its model starts from, its LoRA,
@@ -339,9 +353,7 @@ def describe_run(run: str | Path) -> list[str]:
         lines.append("  stage ends: " + ", ".join(f"{name} at step {end}" + ("" if end in steps else " (no checkpoint)")
                                                  for name, end in ends) + " (--step STAGE)")
     if m.from_run is not None:
-        at = m.from_run_step
-        start = f"the run {m.from_run} at " + ("its newest step" if at is None else f"step {at}"
-                                               if isinstance(step_or_stage(str(at)), int) else f"the end of stage {at}")
+        start = f"the run {m.from_run} at {start_step_text(m.from_run, m.from_run_step)}"
     else:
         start = m.path or f"preset {m.preset}"
         start += f" with the adapter {m.adapter}" if m.adapter else ""

@@ -395,12 +395,12 @@ def load_config_as(cls, path: str | Path | None = None, overrides: Sequence[str]
                    base: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None):
     """YAML file (optional) + ``key=value`` overrides -> a validated config of dataclass `cls` (SFTConfig,
     GRPOConfig): one loader for every run config."""
-    data = read_yaml_config(path, base)
+    read = config_file(path) if path is not None else None
+    data = read_yaml_config(read, base)
     notes: list[str] = []
-    if path is not None and config_file(path) != Path(path):
+    if read is not None and read != Path(path):
         from fxjax.presets import CONFIG_DIR
 
-        read = config_file(path)
         notes.append(f"--config {path}: " + (f"the config fxjax ships, {read}" if CONFIG_DIR in read.parents
                                              else f"read {read}"))
     resolved = apply_overrides(data, overrides, notes, root=cls)

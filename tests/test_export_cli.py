@@ -602,7 +602,7 @@ def test_a_run_can_start_from_the_end_of_another_runs_stage(two_process_run, tmp
     saved = json.loads((later / "config" / "config.json").read_text())
     saved["model"].update(path=None, from_run=str(staged), from_run_step="alpha")
     (later / "config" / "config.json").write_text(json.dumps(saved))
-    assert f"  model: the run {staged} at the end of stage alpha; compute float32" in describe_run(later.parent)
+    assert f"  model: the run {staged} at the end of stage alpha (step 2); compute float32" in describe_run(later.parent)
     with pytest.raises(ConfigError, match=r"model\.from_run_step: give a step number or a GRPO stage's name"):
         grpo_from_dict({"model": {"from_run": str(staged), "from_run_step": " ", "dtype": "float32"}, "data": data})
 

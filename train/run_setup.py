@@ -41,9 +41,8 @@ from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR, RunLoadError, brief_error, checkpoint_dir_of,
-                             committed_steps, resolve_step, resumes_from_kept_start, saved_run_kind,
-                             step_or_stage)
+from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR, RunLoadError, brief_error,
+                             committed_steps, resumes_from_kept_start, saved_run_kind, start_step_text)
 
 __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "check_resume_mesh", "evaluates",
            "init_state", "keep_start_lora", "mesh_record", "opt_state_shardings", "per_process_state", "place",
@@ -125,32 +124,13 @@ def build_model(cfg, mesh):
     return model.use_attention(m.attention)
 
 
-def _newest_step_text(run: str) -> str:
-    try:
-        steps = committed_steps(checkpoint_dir_of(run))
-    except (OSError, RunLoadError):  # (loading it then says what is wrong)
-        steps = []
-    return f"step {steps[-1]} (its newest)" if steps else "its newest step"
-
-
-def _start_step_text(run: str, step: int | str | None) -> str:
-    if step is None:
-        return _newest_step_text(run)
-    if isinstance(step_or_stage(str(step)), int):
-        return f"step {step}"
-    try:
-        return f"the end of stage {step} (step {resolve_step(checkpoint_dir_of(run), step)[0]})"
-    except (OSError, RunLoadError):  # (loading it then says what is wrong)
-        return f"the end of stage {step}"
-
-
 def start_description(cfg) -> str:
     """What the run's model starts from, for its first log line: the base and where its LoRA comes from (an
     adapter's or a run's own rank, alpha and targets, when it starts from one: the lora section then shapes
     nothing)."""
     m = cfg.model
     if m.from_run is not None:
-        step = _start_step_text(m.from_run, m.from_run_step)
+        step = start_step_text(m.from_run, m.from_run_step)
         text = f"the run {m.from_run} at {step} (its base model and LoRA; lora.* unused)"
     elif m.adapter is not None:
         text = f"{m.path or f'preset {m.preset}'} with the adapter {m.adapter} (its rank, alpha and targets; lora.* unused)"

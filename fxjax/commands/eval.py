@@ -409,22 +409,22 @@ def run(args: argparse.Namespace) -> int:
         records = records[:args.limit]
     steps = args.step if isinstance(args.step, list) else [args.step]
     detectors = [resolve_detector(argparse.Namespace(**{**vars(args), "step": step})) for step in steps]
+    settings = [settings_of(args, d.source, d.data, d.tokenizer) for d in detectors]  # (hashes the data: once)
     if len(detectors) > 1:
         _check_distinct_steps(steps, [d.source["step"] for d in detectors])
         if not args.fresh:  # a folder that would refuse its step: said now, not after the steps before it ran
-            for value, detector in zip(steps, detectors):
-                require_same_settings(Path(args.out) / step_folder(value),
-                                      settings_of(args, detector.source, detector.data, detector.tokenizer))
+            for value, step_settings in zip(steps, settings):
+                require_same_settings(Path(args.out) / step_folder(value), step_settings)
     args.batch_size = detectors[0].batch_size(args.batch_size, default=8)  # checked before any weights load
     out = Path(args.out)
     if len(detectors) == 1:
-        summary = _evaluate_detector(args, records, report, detectors[0], out, say)
+        summary = _evaluate_detector(args, records, report, detectors[0], settings[0], out, say)
         from fxjax.detection_metrics import metrics_table
 
         print(metrics_table(summary))
         print(f"\nwrote {out / METRICS} and {out / PREDICTIONS} ({summary['examples']} images)")
         return 0
-    return _evaluate_steps(args, records, report, detectors, steps, out, say)
+    return _evaluate_steps(args, records, report, detectors, settings, steps, out, say)
 
 
 def _check_distinct_steps(given: list, resolved: list[int]) -> None:
@@ -447,9 +447,10 @@ def _check_distinct_steps(given: list, resolved: list[int]) -> None:
         folders[folder] = value
 
 
-def _evaluate_detector(args, records, report, detector, out: Path, say, after=None) -> dict:
-    """`evaluate` of one detector into `out` (its weights loaded only when something is left to decode;
-    `after`: a loaded detector of another step of the run, whose model it reuses, `Detector.load`)."""
+def _evaluate_detector(args, records, report, detector, settings: dict, out: Path, say, after=None) -> dict:
+    """`evaluate` of one detector (`settings`: its `settings_of`) into `out` (its weights loaded only when
+    something is left to decode; `after`: a loaded detector of another step of the run, whose model it
+    reuses, `Detector.load`)."""
     def make_decoder():
         from fxjax.train.inference import GreedyDecoder
 
@@ -457,7 +458,6 @@ def _evaluate_detector(args, records, report, detector, out: Path, say, after=No
         return GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
 
-    settings = settings_of(args, detector.source, detector.data, detector.tokenizer)
     summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
                        settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say)
     if report.skipped:
@@ -471,18 +471,18 @@ def step_folder(value: int | str) -> str:
     return f"step-{value}" if isinstance(value, int) else str(value)
 
 
-def _evaluate_steps(args, records, report, detectors, steps: list, out: Path, say) -> int:
+def _evaluate_steps(args, records, report, detectors, settings: list[dict], steps: list, out: Path, say) -> int:
     """Several steps of one run, each into out/<step_folder>, on one loaded model (each step's LoRA swapped
     in: `Detector.load(after=...)`); then a table with a row per step and out/eval_report.png."""
     from fxjax.commands.eval_report import write_eval_report
     from fxjax.detection_metrics import steps_table
 
     rows, dirs, loaded = [], [], None
-    for value, detector in zip(steps, detectors):
+    for value, detector, step_settings in zip(steps, detectors, settings):
         folder = out / step_folder(value)
         say(f"step {detector.source['step']}" + (f" (the end of stage {value})" if isinstance(value, str) else "")
             + f" -> {folder}")
-        summary = _evaluate_detector(args, records, report, detector, folder, say, after=loaded)
+        summary = _evaluate_detector(args, records, report, detector, step_settings, folder, say, after=loaded)
         loaded = detector if detector.model is not None else loaded  # (it took the model of the one before)
         label = f"{value} (step {detector.source['step']})" if isinstance(value, str) else f"step {value}"
         rows.append((label, summary))
