@@ -344,6 +344,7 @@ def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run
                                "base": str(tiny_vl_dir), "dtype": "float32"}
     assert detector.tokenizer == str(tiny_vl_dir)  # data.tokenizer null: the base model's
     assert (detector.data["min_pixels"], detector.data["max_pixels"]) == (3136, 3136)  # the run's, not the defaults
+    assert detector.max_new_tokens == 512  # --max-new-tokens left out: the run's eval.max_new_tokens, not 1024
     args = build_parser().parse_args(["detect", "x.png", "--run", str(two_process_run), "--step", "2",
                                       "--max-pixels", "6272", "--dtype", "bfloat16"])
     detector = resolve_detector(args)
@@ -354,6 +355,10 @@ def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run
     args = build_parser().parse_args(["eval", "--data", "d.jsonl", "--run", str(two_process_run),
                                       "--user-prompt", "Box it."])
     assert resolve_detector(args).data["user_prompt"] == "Box it."
+    args = build_parser().parse_args(["eval", "--data", "d.jsonl", "--run", str(two_process_run), "--max-new-tokens", "7"])
+    assert resolve_detector(args).max_new_tokens == 7
+    assert resolve_detector(build_parser().parse_args(["detect", "x.png", "--model", str(tiny_vl_dir)])).max_new_tokens \
+        == 1024  # an HF folder records no evaluation length
     adapter = tmp_path / "adapter"  # an adapter directory given as --model is named as one
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")

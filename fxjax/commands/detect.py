@@ -62,8 +62,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, metavar="B",
                    help="images decoded together, a multiple of the mesh's data x fsdp devices (default: 4, "
                         "rounded up to such a multiple)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
-                   help="longest answer in tokens (default: 1024)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="longest answer in tokens (default: with --run the run's eval.max_new_tokens, else 1024)")
     add_image_limit_argument(p)
     p.set_defaults(func=run)
 
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     if records:
         detector.load()
         decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=batch_size,
-                                max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
+                                max_new_tokens=detector.max_new_tokens, mesh=detector.mesh)
         config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer,
                             min_pixels=min(data["min_pixels"], fit), max_pixels=fit, max_length=data["max_length"],
                             mode="prompt", prompts="auto", batch_size=batch_size, drop_remainder=False,

@@ -97,9 +97,9 @@ def add_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, metavar="B",
                    help="prompts decoded together, a multiple of the mesh's data x fsdp devices (default: 8, "
                         "rounded up to such a multiple)")
-    g.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
-                   help="longest completion in tokens (default: 1024); a longer one is cut and usually fails the "
-                        "format check")
+    g.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="longest completion in tokens (default: with --run the run's eval.max_new_tokens, else "
+                        "1024); a longer one is cut and usually fails the format check")
     g.add_argument("--out", default="eval", metavar="DIR",
                    help="output folder: predictions.jsonl, metrics.json, settings.json (default: ./eval)")
     g.add_argument("--fresh", action="store_true", help="discard predictions already in --out and start over")
@@ -409,6 +409,8 @@ def run(args: argparse.Namespace) -> int:
         records = records[:args.limit]
     steps = args.step if isinstance(args.step, list) else [args.step]
     detectors = [resolve_detector(argparse.Namespace(**{**vars(args), "step": step})) for step in steps]
+    if args.max_new_tokens is None:  # (the steps of one run: the longest any of them was evaluated with)
+        args.max_new_tokens = max(d.max_new_tokens for d in detectors)
     settings = [settings_of(args, d.source, d.data, d.tokenizer) for d in detectors]  # (hashes the data: once)
     if len(detectors) > 1:
         _check_distinct_steps(steps, [d.source["step"] for d in detectors])

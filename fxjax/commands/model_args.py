@@ -115,6 +115,7 @@ class Detector:
     tokenizer: str  # directory (or file) holding tokenizer.json
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields: pixels, prompts, system prompt, ...
     source: dict[str, Any] = field(default_factory=dict)  # what is loaded, for the record (settings, metrics)
+    max_new_tokens: int = 1024  # --max-new-tokens left out: the run's eval.max_new_tokens, else this
     model: Any = None  # after load()
     mesh: Any = None  # after load(): jax Mesh, or None for one device
     loaded_run: Any = None  # after load() of a --run: its fxjax.train.run_loading.LoadedRun
@@ -267,7 +268,12 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     if data["min_pixels"] > data["max_pixels"]:  # (every image would fail to resize, one by one)
         raise ValueError(f"min_pixels {data['min_pixels']} is above max_pixels {data['max_pixels']} (--min-pixels, "
                          "--max-pixels, or the model's preprocessor_config.json / the run's data settings)")
-    return Detector(args=args, tokenizer=str(tokenizer), data=data, source=source)
+    detector = Detector(args=args, tokenizer=str(tokenizer), data=data, source=source)
+    if getattr(args, "max_new_tokens", None) is not None:
+        detector.max_new_tokens = args.max_new_tokens
+    elif args.run is not None:  # (the length the run's own evaluation decoded, not a guess of 1024)
+        detector.max_new_tokens = cfg.eval.max_new_tokens
+    return detector
 
 
 def load_detector(args: argparse.Namespace) -> Detector:
