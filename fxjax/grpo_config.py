@@ -147,6 +147,11 @@ class GRPOConfig(RunConfig):
         self.validate_sections(skip=("train",))  # steps come from the stages unless the schedule is continuous
         for i, stage in enumerate(self.stages):
             stage.validate(f"stages[{i}]")
+            first = next(j for j, other in enumerate(self.stages) if other.name == stage.name)
+            if first != i:  # (`--step alpha` names the end of one stage; two in a row are one longer stage)
+                raise ConfigError(f"stages[{i}].name: {stage.name!r} is stages[{first}]'s name too; each stage needs "
+                                  f"its own name (its end is a checkpoint --step and model.from_run_step name): "
+                                  f"give one {stage.name} stage the steps of both")
         if self.grpo.schedule == "stages":
             if not self.stages:
                 raise ConfigError("stages: give at least one stage (or grpo.schedule=continuous with train.steps)")

@@ -465,7 +465,7 @@ def test_scale_rewards_takes_trls_booleans_and_nothing_else_that_is_not_a_mode()
 def test_grpo_evaluates_at_stage_ends_unless_told_and_sft_has_no_stages():
     """eval.at_stage_ends is GRPO's (on by default, false turns it off; an SFT config refuses the key as
     unknown), a run evaluates for it only with eval files and staged rewards, and a stage named by a number
-    is refused (`--step 2` is a step)."""
+    is refused (`--step 2` is a step), as is a name two stages share."""
     from fxjax.grpo_config import grpo_from_dict
     from fxjax.train.run_setup import evaluates
     from fxjax.train_config import from_dict
@@ -482,6 +482,9 @@ def test_grpo_evaluates_at_stage_ends_unless_told_and_sft_has_no_stages():
         from_dict({**data, "train": {"steps": 1}, "eval": {"at_stage_ends": True}})
     with pytest.raises(ConfigError, match=r"stages\[0\].name: '2' is a number; a stage is named"):
         grpo_from_dict({**data, "stages": [{"name": "2", "steps": 1}]})
+    with pytest.raises(ConfigError, match=r"stages\[2\].name: 'alpha' is stages\[0\]'s name too; each stage needs "):
+        grpo_from_dict({**data, "stages": [{"name": "alpha", "steps": 1}, {"name": "beta", "steps": 1},
+                                           {"name": "alpha", "steps": 1}]})
 
 
 def test_config_names_a_file_or_a_config_fxjax_ships(tmp_path, monkeypatch):
