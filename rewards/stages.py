@@ -104,8 +104,24 @@ def _check_config(cfg: Any, path: str) -> None:
         unknown, missing = sorted(map(str, set(section) - set(names))), sorted(set(names) - set(section))
         if unknown or missing:
             raise ValueError(f"{path}: {where}: unknown keys {unknown}, missing keys {missing}")
-        for name in names:
-            _number(section[name], f"{path}: {where}.{name}")
+        values = {name: _number(section[name], f"{path}: {where}.{name}") for name in names}
+        _check_signs(values, f"{path}: {where}")
+
+
+def _check_signs(values: dict[str, float], where: str) -> None:
+    """A weight of the wrong sign trains the opposite of what it means, without any error: a penalty written
+    as `label_minus: 1.0` (the *_minus values are added as written) rewards a wrong verdict as much as a
+    right one. Equal plus and minus (0 and 0: the term left out) are allowed."""
+    for term, what in (("label", "verdict"), ("format", "answer format")):
+        plus, minus = values[f"{term}_plus"], values[f"{term}_minus"]
+        if minus > plus:
+            raise ValueError(f"{where}.{term}_minus ({minus:g}) is above {term}_plus ({plus:g}): a wrong {what} "
+                             f"would score more than a right one (the *_minus values are added as written, so a "
+                             f"penalty is negative: {term}_minus: {-abs(minus):g})")
+    for name in ("w_iou", "w_iou_start", "w_iou_end"):
+        if name in values and values[name] < 0:
+            raise ValueError(f"{where}.{name}: must be >= 0 (a negative weight rewards boxes away from the "
+                             f"artefacts), got {values[name]:g}")
 
 
 def load_config(path: Optional[Union[str, Path]] = None) -> dict:

@@ -262,7 +262,18 @@ def test_a_bad_reward_file_is_named(tmp_path):
             ("  w_iou_end: 1.0", "  w_iou_end: .nan", r"continuous.w_iou_end: must be a finite number, got nan"),
             ("  format_minus: -1.0\n", "  format_minus: -1.0\n  format_mins: 1\n",
              r"continuous: unknown keys \['format_mins'\], missing keys \[\]"),
-            ("alpha: {base: 0.0,", "alpha: {base: x,", r"stages.alpha.base: must be a finite number, got 'x'")]):
+            ("alpha: {base: 0.0,", "alpha: {base: x,", r"stages.alpha.base: must be a finite number, got 'x'"),
+            # a weight of the wrong sign trains the opposite of what it says, without an error
+            ("label_minus: -2.0", "label_minus: 2.5", r"stages.beta.label_minus \(2.5\) is above label_plus \(2\): a "
+                                                      r"wrong verdict would score more than a right one \(the \*_minus "
+                                                      r"values are added as written, so a penalty is negative: "
+                                                      r"label_minus: -2.5\)"),
+            ("format_plus: 0.5, format_minus: -1.0", "format_plus: -1.5, format_minus: -1.0",
+             r"stages.gamma.format_minus \(-1\) is above format_plus \(-1.5\): a wrong answer format would score more "
+             r"than a right one"),
+            ("base: -1.0, w_iou: 2.0", "base: -1.0, w_iou: -2.0", r"stages.gamma.w_iou: must be >= 0 \(a negative "
+                                                                 r"weight rewards boxes away from the artefacts\), got -2"),
+            ("  w_iou_start: 0.5", "  w_iou_start: -0.5", r"continuous.w_iou_start: must be >= 0")]):
         assert old in preset, old
         bad = tmp_path / f"bad{n}.yaml"
         bad.write_text(preset.replace(old, new, 1))
