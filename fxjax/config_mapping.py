@@ -100,6 +100,23 @@ def type_name(tp) -> str:
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _takes_text(tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_text(arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return any(isinstance(arg, str) for arg in typing.get_args(tp))
+    return tp is str
+
+
+def _got(value: Any, tp) -> str:
+    """`value` as the error shows it, with why a YAML boolean where text was meant is one."""
+    if isinstance(value, bool) and _takes_text(tp):
+        return (f"{value!r} (YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote the "
+                f"text, e.g. 'no')")
+    return repr(value)
+
+
 def _convert(value: Any, tp, where: str) -> Any:
     """value (from YAML) -> tp, or ConfigError naming `where`."""
     origin = typing.get_origin(tp)
@@ -114,10 +131,10 @@ def _convert(value: Any, tp, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {type_name(tp)}, got {_got(value, tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool):
-            raise ConfigError(f"{where}: must be {type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: must be {type_name(tp)}, got {_got(value, tp)}")
         return value
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
@@ -140,7 +157,7 @@ def _convert(value: Any, tp, where: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_got(value, tp)}")
         return value
     if dataclasses.is_dataclass(tp):
         return build_config(tp, value, where)
