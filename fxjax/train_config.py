@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -205,6 +206,9 @@ EXCLUSIVE_KEYS: tuple[tuple[str, ...], ...] = (
     ("train.steps", "train.epochs"),
     ("model.path", "model.preset"),
 )
+# The same for the keys of a list's items (a GRPO stage takes steps or epochs): `--set stages[1].epochs=1`
+# clears that stage's steps.
+EXCLUSIVE_ITEM_KEYS: tuple[tuple[str, ...], ...] = (("steps", "epochs"),)
 # key -> the key its null value stands for (data.tokenizer: null means model.path's tokenizer). When an
 # override changes the latter alone, the former keeps meaning the same thing: one that named the old model
 # follows the new one (becomes null), and a null one whose source is cleared keeps the old value.
@@ -214,18 +218,35 @@ DEFAULTS_TO: dict[str, str] = {"data.tokenizer": "model.path"}
 OFF_WITHOUT: dict[str, dict[str, Any]] = {"data.eval_files": {"eval.every": 0, "eval.at_start": False}}
 
 
+_INDEXED = re.compile(r"(\w+)\[(\d+)\]")
+
+
+def _split_part(part: str) -> tuple[str, int | None]:
+    """One part of a dotted key: `stages` -> ("stages", None), `stages[1]` -> ("stages", 1)."""
+    m = _INDEXED.fullmatch(part)
+    return (m.group(1), int(m.group(2))) if m else (part, None)
+
+
 def _section_class(parts: Sequence[str], key: str, root=None):
-    """The dataclass that holds the last part of a dotted key; ConfigError naming the valid keys if unknown."""
+    """The dataclass that holds the last part of a dotted key (`stages[1].steps`: an element of a list of
+    sections); ConfigError naming the valid keys if unknown."""
     cls = root or SFTConfig
     for i, part in enumerate(parts):
         where = ".".join(parts[:i + 1])
+        name, index = _split_part(part)
         names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
+        if name not in names:
             section = ".".join(parts[:i]) or "the config"
             raise ConfigError(f"{where}: unknown key (in --set {key}=...); {section} takes {names}")
+        hint = typing.get_type_hints(cls)[name]
+        if index is not None:
+            item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+            if not dataclasses.is_dataclass(item):
+                raise ConfigError(f"{where}: {name} is not a list of sections ({type_name(hint)}); cannot set {key}")
+            hint = item
         if i == len(parts) - 1:
             return cls
-        cls = typing.get_type_hints(cls)[part]
+        cls = hint
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"{where}: is not a section (a value: {type_name(cls)}); cannot set {key}")
     raise AssertionError("unreachable")  # pragma: no cover
@@ -234,9 +255,12 @@ def _section_class(parts: Sequence[str], key: str, root=None):
 def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
     node: Any = data
     for part in key.split("."):
+        name, index = _split_part(part)
         if not isinstance(node, Mapping):
             return None
-        node = node.get(part)
+        node = node.get(name)
+        if index is not None:
+            node = node[index] if isinstance(node, list) and index < len(node) else None
     return node
 
 
@@ -244,14 +268,30 @@ def _set_dotted(data: dict, key: str, value: Any, root=None) -> None:
     parts = key.split(".")
     _section_class(parts, key, root)
     node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
+    for i, part in enumerate(parts):
+        name, index = _split_part(part)
+        last = i == len(parts) - 1
+        if index is None:
+            if last:
+                node[name] = value
+                return
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+        else:  # an element of a list the config gives (`stages[1]`): the list must hold it
+            items = node.get(name)
+            if not isinstance(items, list) or index >= len(items):
+                count = len(items) if isinstance(items, list) else 0
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: the config's {name} list has {count} item(s)"
+                                  + (f" ({name}[0] to {name}[{count - 1}])" if count else "")
+                                  + f"; to set the whole list: --set '{name}=[...]'")
+            if last:
+                items[index] = value
+                return
+            child = items[index]
+        if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping, got {child!r}")
         node = child
-    node[parts[-1]] = value
 
 
 def _parse_override(item: str, root=None) -> tuple[str, Any]:
@@ -262,7 +302,7 @@ def _parse_override(item: str, root=None) -> tuple[str, Any]:
     parts = key.split(".")
     holder = _section_class(parts, key, root)
     text = raw.strip()
-    if _takes_text(holder, parts[-1]) and text not in ("", "null", "Null", "NULL", "~") and text[0] not in "'\"":
+    if _takes_text(holder, _split_part(parts[-1])[0]) and text not in ("", "null", "Null", "NULL", "~") and text[0] not in "'\"":
         # a string key takes the text as written: YAML would cut a prompt at " #" (a comment) and turn
         # 2025-01-01 into a date; quote the value to have it read as YAML
         return key, text
@@ -314,6 +354,13 @@ def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
             for other in group:
                 if other not in given:
                     derive(other, None, f"--set {key} replaces it")
+    for key, value in given.items():  # the same within a list's item: stages[1].steps replaces its epochs
+        prefix, _, name = key.rpartition(".")
+        group = next((g for g in EXCLUSIVE_ITEM_KEYS if name in g), ())
+        if _INDEXED.search(prefix) and value is not None:
+            for other in group:
+                if other != name and f"{prefix}.{other}" not in given:
+                    derive(f"{prefix}.{other}", None, f"--set {key} replaces it")
     for key, source in DEFAULTS_TO.items():
         if key in given or _get_dotted(before, source) == _get_dotted(out, source):
             continue

@@ -179,6 +179,30 @@ def test_set_steps_replaces_epochs_and_back(tmp_path):
     assert (cfg.train.steps, cfg.train.epochs) == (None, 1.0) and notes == []
 
 
+def test_set_reaches_one_grpo_stage_by_its_index():
+    """`--set stages[1].steps=20` changes one stage (it was 'stages[1]: unknown key'; the whole list had to be
+    written out); a stage's steps replace its epochs and back, as train.steps and train.epochs; an index
+    past the list, or on a key that is not a list of sections, is named."""
+    from fxjax.grpo_config import load_grpo_config
+
+    base = ["model.preset=tiny", "data.tokenizer=tok", "data.train_files=[t.jsonl]"]
+    notes: list[str] = []
+    cfg = load_grpo_config("configs/grpo.yaml", base + ["stages[0].steps=5", "stages[2].epochs=0.5"], log=notes.append)
+    assert [(s.name, s.steps, s.epochs) for s in cfg.stages] == [("alpha", 5, None), ("beta", 100, None),
+                                                                  ("gamma", None, 0.5)]
+    assert notes == ["note: stages[2].steps: 100 -> null (--set stages[2].epochs replaces it)"]
+    cfg = load_grpo_config("configs/grpo.yaml", base + ["stages[1]={name: delta, steps: 2}", "stages[1].steps=3"])
+    assert (cfg.stages[1].name, cfg.stages[1].steps) == ("delta", 3)
+    with pytest.raises(ConfigError, match=r"stages\[3\]: the config's stages list has 3 item\(s\) \(stages\[0\] to "
+                                          r"stages\[2\]\); to set the whole list: --set 'stages=\[...\]'"):
+        load_grpo_config("configs/grpo.yaml", base + ["stages[3].steps=5"])
+    with pytest.raises(ConfigError, match=r"stages\[0\].nme: unknown key \(in --set stages\[0\].nme=...\); "
+                                          r"stages\[0\] takes \['name', 'steps', 'epochs'\]"):
+        load_grpo_config("configs/grpo.yaml", base + ["stages[0].nme=x"])
+    with pytest.raises(ConfigError, match=r"grpo\[0\]: grpo is not a list of sections"):
+        load_grpo_config("configs/grpo.yaml", base + ["grpo[0].top_k=1"])
+
+
 def test_set_model_path_replaces_preset_and_the_tokenizer_follows(tmp_path):
     # preset + explicit tokenizer -> path: the preset goes; an explicit other tokenizer stays as given
     path = write_config(tmp_path, MINIMAL)

@@ -19,7 +19,8 @@ advantages, and applies grpo.num_iterations (default 1) clipped-ratio updates wi
 Start from the SFT result: model.from_run = the SFT run directory (its base model, tokenizer and LoRA at
 its newest step, or model.from_run_step), or model.path = the base HF directory and model.adapter = the
 PEFT adapter SFT wrote. Stages: the `stages` list (name + steps, or name + epochs: passes over the training
-records, the paper's one epoch a stage), or grpo.schedule=continuous with train.steps. The prompts: JSONL
+records, the paper's one epoch a stage; one stage's: --set stages[1].steps=20), or grpo.schedule=continuous
+with train.steps. The prompts: JSONL
 records, native or ms-swift (docs/data.md; `fxjax data check` validates them), their boxes and verdicts
 the rewards' truth.
 Outputs under train.output_dir: metrics.jsonl (per step: reward and each component, format rate,
