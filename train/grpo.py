@@ -69,7 +69,7 @@ from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
                                  rollout_sums, sample_and_score)
-from fxjax.train.resume_check import WATCHED
+from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
                                    keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
@@ -85,9 +85,11 @@ __all__ = ["GRPOResult", "group_advantages", "grpo_loss", "run_grpo"]
 # What a resumed GRPO run compares with its checkpoint's config: SFT's sections, the sampling and loss
 # settings, and the stages (their names and lengths: the step count comes from the stages, not train.steps;
 # with stages in epochs also from the records, whose change the data position's fingerprint refuses).
-GRPO_WATCHED = {**WATCHED, "grpo": (tuple(f.name for f in dataclasses.fields(GRPOSection) if f.name != "log_completions"),
-                                     "the sampling or the loss"),
-                "stages": (None, "the reward stages, so the step count and the schedule")}
+GRPO_WATCHED = (*WATCHED,
+                Watched("grpo", tuple(f.name for f in dataclasses.fields(GRPOSection) if f.name != "log_completions"),
+                        different_config("grpo", "the sampling or the loss")),
+                Watched("stages", None, different_config("stages", "the reward stages, so the step count and the "
+                                                                   "schedule")))
 PROMPT_LENGTH_QUANTUM = 32  # prompts are left-padded to a multiple of this: few update programs compile
 
 

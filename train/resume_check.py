@@ -11,32 +11,52 @@ one that was saved. That is allowed (lengthening a run is common) but never sile
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 from fxjax.config_sections import DataSection, ModelSection
 
-__all__ = ["WATCHED", "changed_keys", "check_resume_config"]
+__all__ = ["WATCHED", "Watched", "changed_keys", "check_resume_config", "different_config"]
+
+
+@dataclass(frozen=True)
+class Watched:
+    """A part of the config a resume compares with the checkpoint's: the `keys` of `section` (None: all of
+    them), and the warning a change there gets (`{changes}`: "section.key: old -> new; ...")."""
+
+    section: str
+    keys: tuple[str, ...] | None
+    warning: str
+
+
+def different_config(section: str, meaning: str) -> str:
+    """The warning of a changed section: `meaning` is what the change means for the resumed run."""
+    return f"warning: resuming with a different {section} config than the checkpoint's ({meaning} changed): {{changes}}"
 
 
 def _keys_but(section, *left_out: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(section) if f.name not in left_out)
 
 
-# section -> the keys compared (None: all of them), and what a change there means for the resumed run.
-# Left out: how the same model is computed (remat, the attention kernel, scan or loop: the same numbers,
-# to rounding) and what the training stream does not depend on (held-out files, decode checks, reader
-# threads, prefetch depth); a warning for those said the base model or the data stream had changed.
-WATCHED: dict[str, tuple[tuple[str, ...] | None, str]] = {
-    "model": (_keys_but(ModelSection, "remat", "remat_vision", "attention", "scan_layers"), "the base model"),
-    "lora": (None, "the adapters"),
-    "optim": (None, "the optimiser or its schedule"),
-    "data": (_keys_but(DataSection, "eval_files", "check_decode", "read_threads", "prefetch_buffer_size"),
-             "the data stream"),
-    "train": (("steps", "epochs"), "the step count, so the learning-rate schedule"),
-}
-
-
 START_KEYS = ("adapter", "from_run", "from_run_step")  # the model keys that say where the LoRA started
+
+# What a resume compares, in the order its warnings are said. Left out: how the same model is computed
+# (remat, the attention kernel, scan or loop: the same numbers, to rounding) and what the training stream
+# does not depend on (held-out files, decode checks, reader threads, prefetch depth); a warning for those
+# said the base model or the data stream had changed. Where the LoRA started is not the base model: the
+# checkpoint's LoRA has replaced it.
+WATCHED: tuple[Watched, ...] = (
+    Watched("model", START_KEYS, "warning: resuming with another start than the checkpoint's ({changes}): a "
+                                 "resumed run goes on from its checkpoint's LoRA, so this changes nothing; another "
+                                 "train.output_dir starts a new run from it"),
+    Watched("model", _keys_but(ModelSection, "remat", "remat_vision", "attention", "scan_layers", *START_KEYS),
+            different_config("model", "the base model")),
+    Watched("lora", None, different_config("lora", "the adapters")),
+    Watched("optim", None, different_config("optim", "the optimiser or its schedule")),
+    Watched("data", _keys_but(DataSection, "eval_files", "check_decode", "read_threads", "prefetch_buffer_size"),
+            different_config("data", "the data stream")),
+    Watched("train", ("steps", "epochs"), different_config("train", "the step count, so the learning-rate schedule")),
+)
 
 
 def _show(value: Any) -> str:
@@ -65,22 +85,15 @@ def changed_keys(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | N
 
 
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], log: Callable[[str], None],
-                        watched: Mapping[str, tuple[tuple[str, ...] | None, str]] = WATCHED) -> list[str]:
-    """Log a warning for each watched section in which `current` (the resolved config of this run, as
+                        watched: Sequence[Watched] = WATCHED) -> list[str]:
+    """Log a warning for each watched part in which `current` (the resolved config of this run, as
     `cfg.to_dict()`) differs from `saved` (the one the checkpoint recorded); returns the warnings."""
     warnings = []
-    for section, (keys, meaning) in watched.items():
-        changes = changed_keys(saved.get(section), current.get(section), keys)
-        start = [c for c in changes if section == "model" and c.split(":")[0] in START_KEYS]
-        if start:  # not the base model: where the LoRA started, which the checkpoint's LoRA has replaced
-            changes = [c for c in changes if c not in start]
-            warnings.append("warning: resuming with another start than the checkpoint's (" + "; ".join(
-                f"model.{c}" for c in start) + "): a resumed run goes on from its checkpoint's LoRA, so this "
-                "changes nothing; another train.output_dir starts a new run from it")
+    for part in watched:
+        changes = changed_keys(saved.get(part.section), current.get(part.section), part.keys)
         if changes:
-            warnings.append(f"warning: resuming with a different {section} config than the checkpoint's "
-                            f"({meaning} changed): " + "; ".join(f"{section}.{c}" if not c.startswith(("[", "{"))
-                                                                else f"{section}: {c}" for c in changes))
+            warnings.append(part.warning.format(changes="; ".join(
+                f"{part.section}: {c}" if c.startswith(("[", "{")) else f"{part.section}.{c}" for c in changes)))
     for line in warnings:
         log(line)
     return warnings
