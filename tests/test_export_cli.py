@@ -250,6 +250,30 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
     assert f"is the checkpoint of step 2, not a run: pass --run {step_dir.parent} --step 2" in capsys.readouterr().err
 
 
+def test_export_refuses_a_users_folder_a_file_or_an_adapter_as_model_before_loading(two_process_run, tmp_path,
+                                                                                     capsys):
+    """--overwrite deleted a folder of the user's own files (OUT/adapter holding NOTES.md: gone, exit 0); a
+    file at OUT/merged was a raw 'Not a directory'; an adapter or a data folder as --model asked for a
+    tokenizer. Each is refused naming what is there, before anything loads."""
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "NOTES.md").write_text("important")
+    assert main(["export", "--run", str(two_process_run), "--out", str(out), "--adapter-only", "--overwrite"]) == 2
+    assert (f"--out: {out / 'adapter'} holds files that are not an fxjax export (NOTES.md); --overwrite replaces "
+            f"only a former export: move them or give another --out") in capsys.readouterr().err
+    assert (out / "adapter" / "NOTES.md").read_text() == "important"
+    (out / "merged").write_text("a file")
+    assert main(["export", "--run", str(two_process_run), "--out", str(out), "--merged-only", "--overwrite"]) == 2
+    assert f"--out: {out / 'merged'} is a file; the export writes a folder there" in capsys.readouterr().err
+    adapter = tmp_path / "an_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "x"), "--model", str(adapter)]) == 2
+    assert f"--model: {adapter} is a PEFT adapter, not a model" in capsys.readouterr().err
+    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "x"), "--model", str(tmp_path)]) == 2
+    assert f"--model: {tmp_path} holds no config.json; give the run's base model" in capsys.readouterr().err
+
+
 def test_an_export_that_fails_between_its_two_folders_says_they_now_hold_different_steps(two_process_run, tmp_path,
                                                                                         capsys, monkeypatch):
     """OUT/merged written for step 3, then OUT/adapter failing (a full disk) left it holding step 2's adapter,

@@ -119,13 +119,19 @@ def check_export_targets(export) -> None:
             continue
         folder = Path(target)
         require_writable(folder, f"export.{key}")  # (a file there: NotADirectoryError)
-        if folder.is_dir() and not (folder / PROMPT_SETTINGS_FILE).is_file():
-            held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
-            if held:
-                shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-                raise FileExistsError(
-                    f"export.{key}: {target} holds files that are not an fxjax export ({shown}); the export at "
-                    "the end of the run replaces its folder whole: give an empty or new folder")
+        held = foreign_files(folder)
+        if held:
+            raise FileExistsError(f"export.{key}: {target} holds files that are not an fxjax export ({held}); the "
+                                  "export at the end of the run replaces its folder whole: give an empty or new folder")
+
+
+def foreign_files(folder: Path) -> str:
+    """What a folder an export would replace holds when it is not a former export (no PROMPT_SETTINGS_FILE,
+    which every export writes): its first entries, named; "" for a former export, an empty or no folder."""
+    if not folder.is_dir() or (folder / PROMPT_SETTINGS_FILE).is_file():
+        return ""
+    held = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
+    return ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
 
 
 def written_whole(out: Path, write: Callable[[Path], None]) -> Path:

@@ -64,8 +64,9 @@ def add_parser(sub) -> None:
     only.add_argument("--adapter-only", action="store_true", help="write only OUT/adapter")
     only.add_argument("--merged-only", action="store_true", help="write only OUT/merged")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the written weights (default: the merged model in the base checkpoint's dtype, "
-                        "float32 for a checkpoint of mixed dtypes; the adapter in float32)")
+                   help="dtype of the written weights, the merged model's and the adapter's (default: the merged "
+                        "model in the base checkpoint's dtype, float32 for a checkpoint of mixed dtypes; the adapter "
+                        "in float32)")
     p.add_argument("--model", metavar="PATH", help="the run's base model directory, when it moved since training")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="the tokenizer OUT/merged gets, when the run's (data.tokenizer, else the base model's) "
@@ -138,13 +139,30 @@ def run(args: argparse.Namespace) -> int:
     parts = [name for name, skip in (("merged", args.adapter_only), ("adapter", args.merged_only)) if not skip]
     if args.adapter_only and args.tokenizer:  # an adapter carries no tokenizer: the flag would do nothing
         raise ValueError("--tokenizer: the tokenizer goes into OUT/merged, which --adapter-only does not write")
+    from fxjax.train.export import foreign_files
+
     for name in parts:
         target = out / name
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"--out: {target} is a file; the export writes a folder there (move the file "
+                                     f"or give another --out)")
         if target.exists() and any(target.iterdir()) and not args.overwrite:
             raise FileExistsError(f"{target} is not empty; pass --overwrite or another --out")
+        held = foreign_files(target)
+        if held:  # --overwrite replaces a former export, never a folder of the user's own files
+            raise FileExistsError(f"--out: {target} holds files that are not an fxjax export ({held}); --overwrite "
+                                  f"replaces only a former export: move them or give another --out")
         require_writable(target, "--out")
-    if args.model is not None and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model: {args.model} is not a directory")
+    if args.model is not None:
+        model = Path(args.model)
+        if not model.is_dir():
+            raise FileNotFoundError(f"--model: {args.model} is not a directory")
+        if (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
+            raise ValueError(f"--model: {model} is a PEFT adapter, not a model; --model is the run's base model "
+                             f"(an HF directory with config.json), when it moved since training")
+        if not (model / "config.json").is_file():
+            raise FileNotFoundError(f"--model: {model} holds no config.json; give the run's base model (an HF "
+                                    f"directory) when it moved since training")
     from fxjax.commands.model_args import mesh_from_flag
 
     mesh = mesh_from_flag(args.mesh)  # checked before anything loads
