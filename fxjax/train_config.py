@@ -213,6 +213,9 @@ EXCLUSIVE_ITEM_KEYS: tuple[tuple[str, ...], ...] = (("steps", "epochs"),)
 # override changes the latter alone, the former keeps meaning the same thing: one that named the old model
 # follows the new one (becomes null), and a null one whose source is cleared keeps the old value.
 DEFAULTS_TO: dict[str, str] = {"data.tokenizer": "model.path"}
+# key -> the key whose run a null value means when that one is set (data.tokenizer: null with model.from_run
+# is that run's tokenizer), so clearing DEFAULTS_TO's source then keeps the null.
+NULL_FOLLOWS_RUN: dict[str, str] = {"data.tokenizer": "model.from_run"}
 # key -> settings that need it: when an override leaves the key empty (null or []), those settings that
 # the overrides do not give themselves take these values, which turn the feature off.
 OFF_WITHOUT: dict[str, dict[str, Any]] = {"data.eval_files": {"eval.every": 0, "eval.at_start": False}}
@@ -368,7 +371,8 @@ def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
         # (a key that named the old source stays when the overrides cleared the source, e.g. for a preset)
         if old_key is not None and old_key == old_source and _get_dotted(out, source) is not None:
             derive(key, None, f"it named the old {source}; null follows the new {source}")
-        elif old_key is None and old_source is not None and _get_dotted(out, source) is None:
+        elif old_key is None and old_source is not None and _get_dotted(out, source) is None \
+                and _get_dotted(out, NULL_FOLLOWS_RUN.get(key, "")) is None:
             derive(key, old_source, f"null meant {source}, which the overrides cleared")
     for key, dependents in OFF_WITHOUT.items():
         if key in given and _empty(given[key]):

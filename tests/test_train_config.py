@@ -231,6 +231,11 @@ def test_set_model_path_replaces_preset_and_the_tokenizer_follows(tmp_path):
     # unless the tokenizer is given too
     cfg, notes = load_with_notes(path, ["model.preset=tiny", "data.tokenizer=tok2"])
     assert cfg.tokenizer == "tok2" and len(notes) == 1
+    # path -> from_run: a null tokenizer means that run's, and stays null (it was pinned to the cleared
+    # model.path, and a GRPO run from an SFT run looked for its tokenizer in a base folder not there)
+    path = write_config(tmp_path, {**MINIMAL, "model": {"path": "/old"}, "data": {"train_files": ["t"]}})
+    cfg, notes = load_with_notes(path, ["model.from_run=runs/sft", "model.path=null"])
+    assert (cfg.model.path, cfg.model.from_run, cfg.data.tokenizer) == (None, "runs/sft", None) and notes == []
 
 
 def test_a_preset_without_a_tokenizer_is_an_error_naming_the_key():
