@@ -548,3 +548,22 @@ def test_predictions_without_their_settings_or_of_a_rewritten_step_are_not_reuse
     with pytest.raises(ValueError, match=r"model\.checkpoint_mtime_ns: 1 then, 2 now"):  # (the same step rewritten)
         run_scripted(dataset, tokenizer_dir, fresh, ScriptedDecoder(SCRIPT), settings=dict(then, model=dict(
             then["model"], checkpoint_mtime_ns=2)))
+
+
+def test_mesh_flag_gives_data_the_devices_the_other_axes_leave():
+    """--mesh as a run config's mesh: data takes the rest of the devices unless given or another axis is -1
+    (`--mesh fsdp=4` on 8 devices was an error, "4 devices, but 8 are available"); an axis given twice, or
+    two at -1, is refused naming the flag."""
+    from fxjax.commands.model_args import parse_mesh
+    from fxjax.device_mesh import MeshConfig
+
+    assert parse_mesh("fsdp=4") == MeshConfig(data=-1, fsdp=4, tensor=1)
+    assert parse_mesh("fsdp=4").resolve(8).shape == (2, 4, 1)
+    assert parse_mesh("tensor=-1") == MeshConfig(data=1, fsdp=1, tensor=-1)
+    assert parse_mesh("data=2, tensor=2") == MeshConfig(data=2, fsdp=1, tensor=2)
+    assert parse_mesh(None) is None
+    with pytest.raises(ValueError, match=r"--mesh: data is given twice \(data=2, data=4\); give it once"):
+        parse_mesh("data=2,data=4")
+    with pytest.raises(ValueError, match=r"--mesh: at most one axis may be -1 \(the rest of the devices\), got "
+                                         r"data=-1,fsdp=-1"):
+        parse_mesh("data=-1,fsdp=-1")

@@ -193,22 +193,40 @@ def test_export_of_a_bfloat16_base_loads_it_in_bfloat16_and_writes_what_float32_
         assert exact_param_dtype(folder) == expected, dtypes
 
 
-def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_process_run, tmp_path):
+def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_process_run, tmp_path, capsys):
     """Without --mesh a run loads onto every device on the data axis (it used to ask for a 1-device mesh
-    and stop on any host with more than one device), with --mesh fsdp=2 split over both: `fxjax export`
-    with 2 devices writes the adapter and merged weights the 1-device export writes, either way."""
+    and stop on any host with more than one device), with --mesh fsdp=2 split over both, and a run that
+    trained with mesh.fsdp=2 split so without --mesh (it loaded whole on every device: a model that needed
+    fsdp to fit did not); where its split does not fit the devices, on the data axis, said. `fxjax export`
+    with 2 devices writes the adapter and merged weights the 1-device export writes, every way."""
     from safetensors.numpy import load_file
 
+    split_run = tmp_path / "split_run"  # the same checkpoints, recorded as trained on mesh data=1 x fsdp=2
+    shutil.copytree(two_process_run / "checkpoints", split_run / "checkpoints")
+    for config in (split_run / "checkpoints").glob("*/config/config.json"):
+        saved = json.loads(config.read_text())
+        config.write_text(json.dumps({**saved, "mesh": {**saved["mesh"], "data": 1, "fsdp": 2}}))
     assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "one")]) == 0
+    assert main(["export", "--run", str(split_run), "--out", str(tmp_path / "fallback"), "--adapter-only"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: the run split the model over mesh fsdp=2 x tensor=1, which 1 device(s) here cannot hold: every "
+            "device on the data axis, the model whole on each (--mesh to choose)") in err
+    assert "on mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in err
     env = subprocess_env("--xla_force_host_platform_device_count=2")
-    script = ("import sys; from fxjax.cli import main; run, out = sys.argv[1:]; "
+    script = ("import sys; from fxjax.cli import main; run, split_run, out = sys.argv[1:]; "
               "sys.exit(main(['export', '--run', run, '--out', out + '/two', '--adapter-only']) or "
-              "main(['export', '--run', run, '--out', out + '/split', '--mesh', 'fsdp=2']))")
-    proc = subprocess.run([sys.executable, "-c", script, str(two_process_run), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+              "main(['export', '--run', run, '--out', out + '/split', '--mesh', 'fsdp=2']) or "
+              "main(['export', '--run', split_run, '--out', out + '/as_trained']))")
+    proc = subprocess.run([sys.executable, "-c", script, str(two_process_run), str(split_run), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    loads = [line for line in proc.stderr.splitlines() if "loading the sft run" in line]
+    assert [line.rpartition(", on mesh ")[2] for line in loads] == [
+        "{'data': 2, 'fsdp': 1, 'tensor': 1}", "{'data': 1, 'fsdp': 2, 'tensor': 1}",
+        "{'data': 1, 'fsdp': 2, 'tensor': 1}"], loads
     weights = {"adapter": "adapter/adapter_model.safetensors", "merged": "merged/model-00001-of-00001.safetensors"}
-    for other, parts in (("two", ["adapter"]), ("split", ["adapter", "merged"])):
+    for other, parts in (("two", ["adapter"]), ("split", ["adapter", "merged"]), ("as_trained", ["adapter", "merged"]),
+                         ("fallback", ["adapter"])):
         for part in parts:
             one, two = (load_file(str(tmp_path / d / weights[part])) for d in ("one", other))
             assert one.keys() == two.keys() and len(one) > 0
@@ -457,7 +475,8 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
     (present / "3" / "config" / "config.json").write_text(json.dumps(cfg_here.to_dict()))
     messages = []
     load_run(present.parent, log=messages.append)  # the base named through the run it started from (was "None")
-    assert f"loading the grpo run in {present} at step 3: base {tiny_vl_dir} (float32)" in messages, messages
+    assert f"loading the grpo run in {present} at step 3: base {tiny_vl_dir} (float32), on mesh {{'data': 1, 'fsdp': 1, " \
+           f"'tensor': 1}}" in messages, messages
     for run, base in ((present.parent, tiny_vl_dir), (grpo_run.parent, tiny_vl_dir.resolve())):
         detector = resolve_detector(build_parser().parse_args(["detect", "x.png", "--run", str(run)]))
         assert (detector.tokenizer, detector.source["base"]) == (str(base), str(base)), run

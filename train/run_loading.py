@@ -146,11 +146,34 @@ def _check_stored_names(layout: dict, stored, where: str, model) -> None:
 
 
 def data_parallel_mesh():
-    """Every device on the data axis: where a loaded run goes unless a mesh is given. Each device holds the
-    whole model (a model too large for one device needs an fsdp axis: `--mesh fsdp=N`)."""
+    """Every device on the data axis, each holding the whole model (a model too large for one device needs
+    an fsdp axis: `--mesh fsdp=N`)."""
     from fxjax.device_mesh import MeshConfig, make_mesh
 
     return make_mesh(MeshConfig(data=-1))
+
+
+def run_mesh(mesh_section, log: Callable[[str], None] | None = None):
+    """Where a loaded run goes unless a mesh is given: the run's own split of the model (its mesh.fsdp and
+    mesh.tensor) with the rest of the devices here on the data axis, so a model that needed fsdp=8 to fit
+    in training is split so in eval, detect and export too (it was loaded whole on every device); every
+    device on the data axis when the run did not split the model, or when its split does not fit the
+    devices here (said)."""
+    import jax
+
+    from fxjax.device_mesh import MeshConfig, ShardingError, make_mesh
+
+    fsdp, tensor = mesh_section.fsdp, mesh_section.tensor
+    if (fsdp, tensor) == (1, 1):
+        return data_parallel_mesh()
+    try:  # (an axis at -1 takes every device: the data axis is then 1)
+        return make_mesh(MeshConfig(data=1 if -1 in (fsdp, tensor) else -1, fsdp=fsdp, tensor=tensor))
+    except ShardingError:
+        if log is not None:
+            log(f"note: the run split the model over mesh fsdp={fsdp} x tensor={tensor}, which "
+                f"{jax.device_count()} device(s) here cannot hold: every device on the data axis, the model "
+                f"whole on each (--mesh to choose)")
+        return data_parallel_mesh()
 
 
 def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model_path: str | None = None,
@@ -160,7 +183,8 @@ def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model
     """The model of `run` at `step` (default: the newest committed step; a stage name: the checkpoint at
     that GRPO stage's end, `fxjax.run_files.resolve_step`).
 
-    mesh: where to place the model (default: `data_parallel_mesh()`, every device on the data axis).
+    mesh: where to place the model (default: `run_mesh`: the run's fsdp and tensor axes, the other devices
+    on the data axis).
     model_path: the base model's directory when it moved since training (replaces model.path/preset).
     dtype / param_dtype: compute and storage dtype of the base weights (default: the run's); param_dtype
     "exact": the smaller of bfloat16 and float32 that holds the base checkpoint's weights as stored
@@ -183,13 +207,14 @@ def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model
     if exact:  # known only now: the base model may have moved (model_path) or come from the run's copy
         cfg = _override_model(cfg, None, None, _exact_param_dtype(cfg))
     if mesh is None:
-        mesh = data_parallel_mesh()
+        mesh = run_mesh(cfg.mesh, log)
     if log is not None:
         stored = cfg.model.param_dtype or cfg.model.dtype
         base = base_model_section(cfg) or cfg.model  # (a from_run run names its base through the runs before it)
         base_name = base.path or (f"preset {base.preset}" if base.preset else "that of the run it started from")
         log(f"loading the {kind} run in {ckpt} at step {step}: base {base_name} "
-            f"({cfg.model.dtype}" + (f", weights stored in {stored})" if stored != cfg.model.dtype else ")"))
+            f"({cfg.model.dtype}" + (f", weights stored in {stored})" if stored != cfg.model.dtype else ")")
+            + f", on mesh {dict(mesh.shape)}")
     model = build_model(cfg, mesh)
     _restore_lora(model, cfg, ckpt, step, model_path)
     model.eval()

@@ -73,7 +73,8 @@ def add_parser(sub) -> None:
                         "moved since training (checked before the weights load)")
     p.add_argument("--mesh", metavar="AXES",
                    help="where the base model and LoRA load, e.g. fsdp=8 to split a model that does not fit "
-                        "one device (default: every local device on the data axis, the model whole on each)")
+                        "one device (default: the run's fsdp and tensor axes when they fit the devices here, the other "
+                        "devices on the data axis)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT/merged, OUT/adapter if they exist (each is written whole into a sibling "
                         "folder, which then takes its place)")

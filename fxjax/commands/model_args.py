@@ -48,9 +48,10 @@ def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False)
     g.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype (default: the run's with --run, else float32)")
     g.add_argument("--mesh", metavar="AXES",
-                   help="device mesh, e.g. data=4 or data=2,tensor=2 (axes data, fsdp, tensor; one may be -1); "
-                        "batches are split over data x fsdp (default: one device with --model, every local "
-                        "device on the data axis with --run)")
+                   help="device mesh, e.g. fsdp=4 or fsdp=2,tensor=2 (axes data, fsdp, tensor; one may be -1; "
+                        "data takes the devices the others leave unless given); "
+                        "batches are split over data x fsdp (default: with --run the run's fsdp and tensor axes, "
+                        "with --model none; the other devices on the data axis)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="directory with tokenizer.json (default: the model directory, or the run's tokenizer)")
 
@@ -88,13 +89,20 @@ def parse_mesh(text: str | None):
     sizes: dict[str, int] = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
-        if not sep or name.strip() not in ("data", "fsdp", "tensor"):
+        name = name.strip()
+        if not sep or name not in ("data", "fsdp", "tensor"):
             raise ValueError(f"--mesh: {part!r} is not AXIS=N with AXIS one of data, fsdp, tensor")
+        if name in sizes:
+            raise ValueError(f"--mesh: {name} is given twice ({name}={sizes[name]}, {part.strip()}); give it once")
         try:
-            sizes[name.strip()] = int(value)
+            sizes[name] = int(value)
         except ValueError:
             raise ValueError(f"--mesh: {value!r} is not an integer") from None
-    return MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes})
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"--mesh: at most one axis may be -1 (the rest of the devices), got {text}")
+    # as a run config's mesh: an axis not given is 1, but data takes the rest of the devices unless another
+    # axis does (--mesh fsdp=4 on 8 devices is data=2 x fsdp=4; it was an error that 4 devices are not 8)
+    return MeshConfig(**{"data": 1 if -1 in sizes.values() else -1, "fsdp": 1, "tensor": 1, **sizes})
 
 
 def mesh_from_flag(text: str | None):
@@ -116,19 +124,22 @@ class Detector:
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields: pixels, prompts, system prompt, ...
     source: dict[str, Any] = field(default_factory=dict)  # what is loaded, for the record (settings, metrics)
     max_new_tokens: int = 1024  # --max-new-tokens left out: the run's eval.max_new_tokens, else this
+    run_mesh: Any = None  # with --run: the run's mesh section (how it split the model)
     model: Any = None  # after load()
     mesh: Any = None  # after load(): jax Mesh, or None for one device
     loaded_run: Any = None  # after load() of a --run: its fxjax.train.run_loading.LoadedRun
 
     def placement(self):
-        """The mesh the weights will go on (made once, before any weights load): --mesh, else every local
-        device on the data axis with --run, else None (one device)."""
+        """The mesh the weights will go on (made once, before any weights load): --mesh; else with --run the
+        run's split of the model (its fsdp and tensor axes, `run_mesh`), with --model every device on the
+        data axis; the other devices on the data axis, each decoding its share of a batch."""
         if self.mesh is None and not getattr(self, "_placed", False):
             self.mesh = mesh_from_flag(getattr(self.args, "mesh", None))
-            if self.mesh is None and self.args.run is not None:
-                from fxjax.train.run_loading import data_parallel_mesh
+            if self.mesh is None:
+                from fxjax.train.run_loading import data_parallel_mesh, run_mesh
 
-                self.mesh = data_parallel_mesh()
+                say = lambda text: print(f"fxjax {self.args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
+                self.mesh = run_mesh(self.run_mesh, say) if self.run_mesh is not None else data_parallel_mesh()
             self._placed = True
         return self.mesh
 
@@ -173,7 +184,7 @@ class Detector:
             from fxjax.hf_checkpoint import from_pretrained
 
             say(f"loading {args.model}" + (f" with the adapter {args.adapter}" if args.adapter else "")
-                + f" ({self.source['dtype']})")
+                + f" ({self.source['dtype']}" + (f", on mesh {dict(mesh.shape)})" if mesh is not None else ")"))
             self.model = from_pretrained(args.model, dtype=self.source["dtype"], mesh=mesh, adapter=args.adapter)
             self.model.eval()
         return self
@@ -269,6 +280,8 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         raise ValueError(f"min_pixels {data['min_pixels']} is above max_pixels {data['max_pixels']} (--min-pixels, "
                          "--max-pixels, or the model's preprocessor_config.json / the run's data settings)")
     detector = Detector(args=args, tokenizer=str(tokenizer), data=data, source=source)
+    if args.run is not None:
+        detector.run_mesh = cfg.mesh
     if getattr(args, "max_new_tokens", None) is not None:
         detector.max_new_tokens = args.max_new_tokens
     elif args.run is not None:  # (the length the run's own evaluation decoded, not a guess of 1024)
