@@ -37,6 +37,19 @@ def test_a_batch_that_does_not_divide_is_an_error_naming_the_numbers():
     assert "grad_accum" not in str(err.value)
 
 
+def test_a_grpo_batch_in_micro_batches_names_the_batch_size_that_divides():
+    """GRPO's data.batch_size prompts a step in optim.grad_accum updates: each micro-batch must shard. The
+    error read "data.batch_size / optim.grad_accum (a micro-batch's prompts) = 4 ... (e.g. 8)" where
+    data.batch_size was 8 already; it names the batch size to set."""
+    assert batch_divides("data.batch_size", 16, mesh(8, 1), allow_replicated=False, log=print, micro_batches=2)
+    with pytest.raises(ConfigError) as err:
+        batch_divides("data.batch_size", 8, mesh(8, 1), allow_replicated=False, log=print, micro_batches=2)
+    assert str(err.value).startswith(
+        "data.batch_size 8 / optim.grad_accum 2 = 4 rows a micro-batch, which do not divide over the 8 batch devices "
+        "(mesh.data 8 x mesh.fsdp 1): set data.batch_size to a multiple of 8 x 2 = 16 (e.g. 16), or lower "
+        "optim.grad_accum, or move devices to mesh.tensor; or set mesh.allow_replicated_batch=true")
+
+
 def test_opting_in_replicates_with_a_warning():
     said = []
     assert not batch_divides("data.batch_size", 3, mesh(2, 2), allow_replicated=True, log=said.append)
@@ -74,8 +87,12 @@ def test_eval_and_detect_take_a_batch_the_mesh_splits_before_any_weights_load():
     with pytest.raises(ValueError, match=r"--batch-size 4 does not divide over the 8 batch devices .* \(e\.g\. 8\)"):
         eight.batch_size(4, default=4)
     assert eight.model is None
-    one = Detector(args=argparse.Namespace(run=None, mesh=None), tokenizer="tok")  # --model: one device
-    assert one.batch_size(None, default=4) == 4 and one.batch_size(3, default=4) == 3 and one.mesh is None
+    # --model: every device on the data axis (one here; it was no mesh, the other devices of a host idle)
+    one = Detector(args=argparse.Namespace(run=None, mesh=None), tokenizer="tok")
+    assert one.batch_size(None, default=4) == 4 and one.batch_size(3, default=4) == 3
+    import jax
+
+    assert dict(one.mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
 
 
 def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_restores(tmp_path):

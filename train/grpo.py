@@ -245,8 +245,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         for stage in cfg.stages:
             rewards.load_stage(stage.name, g.reward_config)
     mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
-    shard_rows = batch_divides("data.batch_size / optim.grad_accum (a micro-batch's prompts)",
-                               cfg.data.batch_size // cfg.optim.grad_accum, mesh,
+    shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh, micro_batches=cfg.optim.grad_accum,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
                                accumulates=cfg.optim.grad_accum > 1)
     check_eval_batch(cfg, mesh, say)

@@ -50,20 +50,29 @@ __all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch",
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None],
-                  accumulates: bool = True) -> bool:
-    """Whether a global batch of `batch` rows shards over the mesh's batch devices (data x fsdp).
+                  accumulates: bool = True, micro_batches: int = 1) -> bool:
+    """Whether a global batch of `batch` rows shards over the mesh's batch devices (data x fsdp); with
+    `micro_batches` > 1 (GRPO: data.batch_size prompts a step in optim.grad_accum updates) each of its
+    micro-batches of batch / micro_batches rows must.
 
     When it does not, the run stops with an error saying which numbers to change, unless
     `mesh.allow_replicated_batch` opted into replicating it (then a warning, every run): every batch device
     would compute the whole batch. `accumulates`: a training batch (optim.grad_accum keeps its effective
     size when it grows); eval.batch_size is not one."""
     n = batch_shards(mesh)
-    if splits_batch(mesh, batch):
+    rows = batch // micro_batches
+    if splits_batch(mesh, rows):
         return True
-    advice = (f"{what} = {batch} does not divide over the {n} batch devices (mesh.data {mesh.shape['data']} x "
-              f"mesh.fsdp {mesh.shape['fsdp']}): set {what} to a multiple of {n} (e.g. {-(-batch // n) * n}"
-              + ("; lower optim.grad_accum to keep the effective batch" if accumulates else "")
-              + "), or move devices to mesh.tensor")
+    devices = f"the {n} batch devices (mesh.data {mesh.shape['data']} x mesh.fsdp {mesh.shape['fsdp']})"
+    if micro_batches > 1:
+        step = n * micro_batches
+        advice = (f"{what} {batch} / optim.grad_accum {micro_batches} = {rows} rows a micro-batch, which do not "
+                  f"divide over {devices}: set {what} to a multiple of {n} x {micro_batches} = {step} (e.g. "
+                  f"{-(-batch // step) * step}), or lower optim.grad_accum, or move devices to mesh.tensor")
+    else:
+        advice = (f"{what} = {batch} does not divide over {devices}: set {what} to a multiple of {n} (e.g. "
+                  f"{-(-batch // n) * n}" + ("; lower optim.grad_accum to keep the effective batch" if accumulates
+                                             else "") + "), or move devices to mesh.tensor")
     if not allow_replicated:
         raise ConfigError(advice + "; or set mesh.allow_replicated_batch=true to replicate it (wasteful)")
     log(f"warning: {advice}; mesh.allow_replicated_batch is set, so every batch device computes the whole "
