@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping
@@ -244,6 +245,12 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
                   num_processes=num_processes, process_id=process_id, local_device_count=local_device_count)
     if jax.distributed.is_initialized():
         return cfg
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+    if cfg.local_device_count is not None and forced and int(forced.group(1)) != cfg.local_device_count:
+        (log or (lambda text: print(text, file=sys.stderr, flush=True)))(
+            f"note: distributed.local_device_count={cfg.local_device_count} (or FXJAX_LOCAL_DEVICE_COUNT) replaces "
+            f"XLA_FLAGS' --xla_force_host_platform_device_count={forced.group(1)}: {cfg.local_device_count} CPU "
+            f"device(s) a process")
     if cfg.local_device_count is not None and jax.config.jax_num_cpu_devices != cfg.local_device_count:
         try:
             jax.config.update("jax_num_cpu_devices", cfg.local_device_count)
