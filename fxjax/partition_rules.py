@@ -278,6 +278,24 @@ def unsplit_message(model, mesh) -> str | None:
     return f"the mesh {axis_sizes(mesh)} leaves parameters unsplit: {replicated_summary(dropped)}"
 
 
+def split_heads_message(config, mesh) -> str | None:
+    """What to say when mesh.tensor does not divide the attention heads (`config`: the model's Qwen25VLConfig):
+    q/k/v split their outputs over "tensor", so a head's features then sit on several devices, and the
+    attention over the KV cache (sampling, decoding) replicates them at every step (XLA warns "Involuntary
+    full rematerialization"): right numbers, wasted work. The 3B's 2 key/value heads take tensor 1 or 2."""
+    tensor = axis_sizes(mesh).get("tensor", 1)
+    heads = {"the decoder's {} key/value heads": config.text.num_key_value_heads,
+             "the decoder's {} attention heads": config.text.num_attention_heads,
+             "the vision encoder's {} heads": config.vision.num_heads}
+    split = [what.format(n) for what, n in heads.items() if n % tensor]
+    if tensor == 1 or not split:
+        return None
+    fits = [t for t in range(tensor - 1, 0, -1) if all(n % t == 0 for n in heads.values())][0]
+    return (f"mesh.tensor={tensor} does not divide {' or '.join(split)}, so heads are split across devices and "
+            f"attention over the KV cache copies them whole to every device each step (right numbers, slower); "
+            f"mesh.tensor={fits} keeps every head whole (the other devices on fsdp or data)")
+
+
 def warn_unsplit(model, mesh, stacklevel: int = 2) -> None:
     """`unsplit_message` as a warning (UnsplitParametersWarning): the Python API's (a run prints it)."""
     import warnings

@@ -27,3 +27,33 @@ def shard_batch(x: jax.Array) -> jax.Array:
     if batch_parts(x.shape[0]) == 1:
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(_batch_axes()))
+
+
+def _size(axis: str) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.shape[axis] if axis in mesh.axis_names else 1
+
+
+def shard_batch_and_features(x: jax.Array) -> jax.Array:
+    """A column-parallel layer's output: dim 0 over the batch axes (as `shard_batch`), the last (features)
+    over "tensor", the layout its row-parallel successor takes. With fsdp and tensor both > 1, XLA's
+    propagation otherwise split the features over fsdp x tensor and then had to replicate the whole
+    activation to reach the batch layout ("Involuntary full rematerialization"); a no-op without tensor."""
+    tensor = _size("tensor")
+    if tensor == 1 or x.shape[-1] % tensor:
+        return shard_batch(x)
+    batch = _batch_axes() if batch_parts(x.shape[0]) > 1 else None
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.PartitionSpec(batch or None, *([None] * (x.ndim - 2)), "tensor"))
+
+
+def vocab_parallel(table: jax.Array) -> jax.Array:
+    """An embedding table [vocab, hidden] as a lookup takes it: the vocabulary over "tensor", the hidden
+    size whole (FSDP gathers it, as any weight before use). With fsdp and tensor both > 1 a lookup of the
+    fsdp-split table gave hidden-split rows that XLA could reach the batch layout from only by replicating
+    them; with one of the two the table is left as it is."""
+    tensor, fsdp = _size("tensor"), _size("fsdp")
+    if tensor == 1 or fsdp == 1:
+        return table
+    return jax.lax.with_sharding_constraint(
+        table, jax.sharding.PartitionSpec("tensor" if table.shape[0] % tensor == 0 else None, None))

@@ -44,7 +44,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = DecoderAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False,
-                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype, batch_first=True)
 
     def __call__(self, x, cos, sin, mask, kv=None, start=None):
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)

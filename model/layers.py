@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .batch_axis import shard_batch_and_features, vocab_parallel
+
+
 def _in_float32(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
     """`fn` computed in float32 and rounded once to the input's dtype, as torch's silu / gelu kernels do
     for bfloat16 (a chain of bfloat16 operations rounds at each: 60% of silu's outputs differed from HF's)."""
@@ -104,7 +107,7 @@ class Embedding(nnx.Module):
         self.embedding = nnx.Param(_init_normal(rngs, (num_embeddings, features), param_dtype, 0.02))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(vocab_parallel(self.embedding[...]), ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied lm_head: logits = x @ embedding.T."""
@@ -115,12 +118,16 @@ class GatedMLP(nnx.Module):
     """SwiGLU: down(act(gate(x)) * up(x)); the vision MLP has biases, the decoder's has none."""
 
     def __init__(self, hidden: int, intermediate: int, *, act: str, use_bias: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 dtype=jnp.float32, param_dtype=jnp.float32, batch_first: bool = False):
         kw = dict(use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.gate_proj = Linear(hidden, intermediate, **kw)
         self.up_proj = Linear(hidden, intermediate, **kw)
         self.down_proj = Linear(intermediate, hidden, **kw)
         self.act = activation(act)
+        # inputs [batch, ..., hidden] (the decoder's): the column-parallel outputs are pinned to the layout
+        # down_proj takes (shard_batch_and_features); the vision tower's dim 0 may be patches
+        self.batch_first = batch_first
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        pin = shard_batch_and_features if self.batch_first else (lambda h: h)
+        return self.down_proj(pin(self.act(pin(self.gate_proj(x))) * pin(self.up_proj(x))))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import dot_product_attention, key_padding_mask, segment_mask
-from .batch_axis import shard_batch
+from .batch_axis import shard_batch, shard_batch_and_features
 from .config import VisionConfig
 from .layers import GatedMLP, Linear, RMSNorm, activation
 from .rope import apply_rotary, vision_rotary
@@ -92,7 +92,10 @@ class PatchMerger(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.ln_q(x)
         x = x.reshape(*x.shape[:-2], x.shape[-2] // self.merge_unit, -1)
-        return self.fc2(activation("gelu")(self.fc1(x)))  # (HF: nn.GELU, exact, in float32)
+        hidden = self.fc1(x)
+        if hidden.ndim == 3:  # per shard [S, tokens, features]: fc1 column-parallel (see shard_batch_and_features)
+            hidden = shard_batch_and_features(hidden)
+        return self.fc2(activation("gelu")(hidden))  # (HF: nn.GELU, exact, in float32)
 
 
 class VisionEncoder(nnx.Module):

@@ -31,7 +31,7 @@ from numerics import rel_err
 REPO = Path(__file__).resolve().parents[1]
 # Each axis alone (data, fsdp, tensor) and all three combined; (2,2,2) also covers fsdp with tensor (the
 # LoRA specs where fsdp does not divide on top of tensor are checked from shapes in test_sharding.py).
-MESHES = ((1, 8, 1), (2, 2, 2), (1, 1, 8))  # data alone: the multi-process tests' layout
+MESHES = ((1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8))  # data alone: the multi-process tests' layout; (1, 2, 4): fsdp and tensor without data
 # Every dimension a rule shards is divisible by 8 (tensor heads 8 / kv 4 of 8, MLP 48, vision 64 / 40,
 # merger 256, vocab 128, patch row 1176), so on every mesh every rule really splits its parameter.
 # One decoder layer (the step compiles five times; the per-layer mapping is checked by the HF round trips)

@@ -3,8 +3,8 @@
 The multi-device checks run in ONE subprocess (tests/sharding_worker.py) with 8 simulated CPU devices
 (jax_num_cpu_devices must be set before JAX's backend starts, which this pytest process has already
 done). It loads a tiny HF checkpoint whose sharded dimensions all divide by 8 onto the meshes
-(data, fsdp, tensor) = (1,8,1), (1,1,8), (2,2,2) (fsdp and tensor alone, and all three together; data alone,
-the plainest layout, is what the two-process SFT and GRPO tests run over processes), runs
+(data, fsdp, tensor) = (1,8,1), (1,1,8), (2,2,2), (1,2,4) (fsdp and tensor alone, all three together, the
+two model axes together; data alone, the plainest layout, is what the two-process SFT and GRPO tests run over processes), runs
 the real SFT step of train.step there (chunked loss, 2 accumulated micro-batches with images of four sizes
 packed per batch shard, the run's optimiser and state shardings) and compares loss, LoRA gradients, updated
 LoRA parameters and logits with one device (whose images are one packed sequence).
@@ -94,6 +94,20 @@ def test_rules_shard_big_weights_megatron_style():
         column = spec(f"{linear}/kernel") == P("fsdp", "tensor")
         assert column or spec(f"{linear}/kernel") == P("tensor", "fsdp"), linear
         assert spec(f"{linear}/bias") == (P("tensor") if column else P()), linear
+
+
+def test_a_tensor_axis_that_splits_heads_is_said_with_one_that_does_not():
+    """mesh.tensor 4 on the 3B (2 key/value heads) split each head's keys and values over devices, and the
+    KV-cache attention then copied them whole every step, without a word but XLA's C++ warning."""
+    from fxjax.presets import load_preset
+
+    config = load_preset("3b")  # 16 heads, 2 key/value heads, vision 16 heads
+    assert partition_rules.split_heads_message(config, MeshConfig(2, 2, 2)) is None
+    assert partition_rules.split_heads_message(config, MeshConfig(1, 8, 1)) is None
+    assert partition_rules.split_heads_message(config, MeshConfig(1, 2, 4)) == (
+        "mesh.tensor=4 does not divide the decoder's 2 key/value heads, so heads are split across devices and "
+        "attention over the KV cache copies them whole to every device each step (right numbers, slower); "
+        "mesh.tensor=2 keeps every head whole (the other devices on fsdp or data)")
 
 
 def test_unknown_parameter_is_an_error_not_replicated():
@@ -326,7 +340,7 @@ def mesh_results(tmp_path_factory):
                           capture_output=True, text=True, timeout=WORKER_TIMEOUT)
     if proc.returncode:
         pytest.fail(f"sharding worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "stderr": proc.stderr}
 
 
 MESH_KEYS = [",".join(map(str, m)) for m in worker.MESHES]
@@ -397,6 +411,15 @@ def test_mesh_parameters_really_split(mesh_results, mesh):
     total = mesh_results["base_bytes_total"]
     per_device = r["base_bytes_per_device"]
     assert len(per_device) == 8 and max(per_device) <= 1.1 * total / (fsdp * tensor) + 2048, (per_device, total)
+
+
+def test_no_mesh_makes_xla_replicate_an_activation(mesh_results):
+    """With fsdp and tensor both > 1 XLA's propagation split the embedding lookup's rows and the merger's
+    fc1 output over axes from which it reached the batch layout only by replicating the whole tensor (its
+    "Involuntary full rematerialization" warning, on (2,2,2) and (1,2,4)); the model pins both layouts
+    (model.batch_axis.vocab_parallel, shard_batch_and_features)."""
+    lines = [line for line in mesh_results["stderr"].splitlines() if "Involuntary full rematerialization" in line]
+    assert not lines, "\n".join(line[:600] for line in lines)
 
 
 def test_batch_stays_sharded_over_data_and_fsdp(mesh_results):

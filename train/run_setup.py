@@ -34,7 +34,8 @@ from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.model_init import init_model
 from fxjax.peft_io import load_peft_adapter
 from fxjax.device_mesh import barrier, batch_shards, put, splits_batch
-from fxjax.partition_rules import UnsplitParametersWarning, param_shardings, shard_model, unsplit_message
+from fxjax.partition_rules import (UnsplitParametersWarning, param_shardings, shard_model, split_heads_message,
+                                    unsplit_message)
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.export import check_export_targets
 from fxjax.train.optimizer import make_optimizer
@@ -215,6 +216,9 @@ def warn_replicated(model, mesh) -> None:
     message = unsplit_message(model, mesh)
     if message and jax.process_index() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
+    message = split_heads_message(model.config, mesh)
+    if message and jax.process_index() == 0:
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def _model_of_run(cfg, mesh):
