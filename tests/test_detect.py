@@ -81,6 +81,14 @@ def test_boxes_map_back_to_the_original_pixels_of_odd_sized_images(tokenizer_dir
     _, (refused,), _ = image_records([str(tmp_path / "grey16.png")], system="sys", user="?", min_pixels=MIN_PIXELS,
                                   max_pixels=MAX_PIXELS)
     assert refused[0] == str(tmp_path / "grey16.png") and "has 16-bit pixels (PIL mode I;16)" in refused[1]
+    assert "the model would see an image nearly all white" in refused[1]
+    # a float one in [0, 1] comes out black (the message said "blown-out" for both), an empty file is named so
+    Image.fromarray(np.full((61, 150), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    (tmp_path / "empty.png").write_bytes(b"")
+    _, refused, _ = image_records([str(tmp_path / "float.tif"), str(tmp_path / "empty.png")], system="sys", user="?",
+                                  min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    assert "has 32-bit float pixels (PIL mode F)" in refused[0][1] and "nearly all black" in refused[0][1]
+    assert refused[1][1] == f"{tmp_path / 'empty.png'} is an empty file (0 bytes), not an image"
     decoder = ScriptedDecoder(generated_answer)
     emitted = []
     results = detect(records, decoder, prompt_config(tokenizer_dir), out=tmp_path / "out", emit=emitted.append)

@@ -104,6 +104,8 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
         except Image.DecompressionBombError as err:
             raise ImageError(f"image {path} exceeds the decompression-bomb limit: {err}", "image_too_large") from None
         except Image.UnidentifiedImageError:
+            if path.stat().st_size == 0:
+                raise ImageError(f"{path} is an empty file (0 bytes), not an image", "not_an_image") from None
             raise ImageError(f"{path} is not an image in an accepted format {ALLOWED_IMAGE_FORMATS}",
                              "not_an_image") from None
     width, height = image.size
@@ -118,9 +120,11 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
         # PIL's convert("RGB"), which transformers' processor applies, clips such values at 255 instead of
         # scaling them: a 16-bit photograph comes out nearly all white, a float one nearly all black.
         image.close()
+        wrong = "nearly all white" if image.mode.startswith("I") else "nearly all black (values in [0, 1])"
         raise ImageError(f"image {path} has {WIDE_MODES[image.mode]} pixels (PIL mode {image.mode}); converting "
-                         "them to RGB as transformers' processor does clips every value above 255, so the model "
-                         "would see a blown-out image: convert the file to 8-bit RGB first", "image_mode")
+                         f"them to RGB as transformers' processor does clips them to 8 bits instead of scaling "
+                         f"them, so the model would see an image {wrong}: convert the file to 8-bit RGB first",
+                         "image_mode")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         image.close()
         raise ImageError(f"image {path} is {width}x{height}: aspect ratio over Qwen2.5-VL's limit of "
