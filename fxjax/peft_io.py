@@ -182,9 +182,6 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
                                f"{next(iter(by_name[TRANSFORMERS]))!r})")
         if len(found) == 1:
             schemes |= found
-        for which in "AB":
-            if which not in keys:
-                raise AdapterError(f"{weights_file}: module {module!r} has no lora_{which}.weight")
     if len(schemes) > 1:
         raise AdapterError(f"{weights_file}: mixes transformers >= 4.52 and < 4.52 module names")
     naming = schemes.pop() if schemes else TRANSFORMERS
@@ -208,6 +205,12 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
         if missing:
             raise AdapterError(f"{weights_file}: lacks tensors for {len(missing)} module(s) that target_modules in "
                                f"{config_file.name} selects, e.g. {missing[:3]}")
+    # (after the targets: a tensor of a module target_modules does not select is named as that, not as a
+    # module without its other factor)
+    for module, keys in modules.items():
+        for which in "AB":
+            if which not in keys:
+                raise AdapterError(f"{weights_file}: module {module!r} has no lora_{which}.weight")
 
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}

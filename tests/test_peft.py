@@ -226,6 +226,8 @@ def _drop(weights, module):
     (None, lambda w: _drop(w, "layers.1.mlp.up_proj.lora_B"), r"module 'model\.language_model\.layers\.1\.mlp\.up_proj' has no lora_B"),
     (None, lambda w: _drop(w, "layers.1.mlp.up_proj"), r"lacks tensors for 1 module.*target_modules in adapter_config\.json selects"),
     (lambda c: c | {"target_modules": ["q_proj"]}, None, r"does not select"),
+    # a stray factor of a module target_modules does not select: named as that (it was "has no lora_B")
+    (lambda c: c | {"target_modules": ["q_proj"]}, lambda w: _drop(w, "mlp.up_proj.lora_B"), r"does not select"),
     (lambda c: c | {"use_dora": True}, None, r"adapter_config\.json: use_dora = True is not supported"),
     (lambda c: c | {"bias": "all"}, None, r"adapter_config\.json: bias 'all' is not supported"),
     (lambda c: c | {"peft_type": "IA3"}, None, r"adapter_config\.json: peft_type 'IA3'"),
@@ -240,7 +242,7 @@ def _drop(weights, module):
     (lambda c: c | {"layers_to_transform": 0}, None, r"adapter_config\.json: layers_to_transform = 0 is not supported"),
     # a full copy of a module trained besides the LoRA: named as such (not as a stray tensor)
     (lambda c: c | {"modules_to_save": ["lm_head"]}, None, r"adapter_config\.json: modules_to_save"),
-], ids=["wrong-r", "unknown-module", "dora-key", "missing-B", "missing-module", "unselected", "dora", "bias",
+], ids=["wrong-r", "unknown-module", "dora-key", "missing-B", "missing-module", "unselected", "unselected-half", "dora", "bias",
         "peft-type", "bad-r", "mixed-naming", "target-modules-type", "pissa", "olora", "layer-0", "modules-to-save"])
 def test_bad_adapter_errors(bare, adapters, tmp_path, config, tensors, message):
     with pytest.raises(AdapterError, match=message):
