@@ -120,6 +120,11 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     # the merged directory serves on its own: tokenizer and the run's pixel limits
     assert (out / "merged" / "tokenizer.json").is_file()
     assert json.loads((out / "merged" / "preprocessor_config.json").read_text())["max_pixels"] == 3136
+    # ... and so does the adapter's image processor (a PEFT user read the base's, Qwen's limits or none)
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(str(out / "adapter"), backend="pil")
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (3136, 3136)  # (transformers 5's names)
     # and both exports carry how the run built its prompts: eval / detect with --model [--adapter] use them as
     # with --run (the base model alone has the pipeline's defaults); a flag still wins
     from fxjax.cli import build_parser

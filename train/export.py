@@ -33,13 +33,16 @@ PROMPT_SETTING_KEYS = ("min_pixels", "max_pixels", "prompts", "system_prompt", "
 
 def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = None) -> Path:
     """PEFT adapter directory (adapter_config.json + adapter_model.safetensors) of the model's LoRA, with the
-    run's prompt settings (`write_prompt_settings`) when `data` (its DataSection) is given."""
+    run's prompt settings (`write_prompt_settings`) and a preprocessor_config.json of its pixel limits when
+    `data` (its DataSection) is given: a PEFT user's `AutoImageProcessor.from_pretrained(adapter)` resizes as
+    training did (the base model's file holds Qwen's limits, or none for a model of `fxjax init`)."""
     from fxjax.peft_io import save_peft_adapter
 
     def write(folder: Path) -> None:
         save_peft_adapter(model, folder, dtype=dtype)
         if data is not None:
             write_prompt_settings(folder, data)
+            write_preprocessor_config(folder, data.min_pixels, data.max_pixels, vision=model.config.vision)
 
     return written_whole(Path(out_dir), write)
 
