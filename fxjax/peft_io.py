@@ -95,7 +95,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
     for key in _UNSUPPORTED:
         value = raw.get(key)  # set: anything but null, false or empty (0 is a layer index, not "unset")
         if value is not None and value is not False and value not in ([], {}, ""):
-            raise AdapterError(f"{path}: {key} = {raw[key]!r} is not supported by fxjax")
+            hint = ("; a target_modules regex that names the layers selects the same modules, e.g. "
+                    r"'.*\.layers\.(0|1)\.self_attn\.(q_proj|v_proj)'") if key in ("layers_to_transform",
+                                                                                  "layers_pattern") else ""
+            raise AdapterError(f"{path}: {key} = {raw[key]!r} is not supported by fxjax{hint}")
     if raw.get("fan_in_fan_out"):
         # (for GPT-2's transposed Conv1D weights; every module fxjax adapts is an nn.Linear, for which PEFT
         # sets it to False with this warning and loads the tensors as they are: so does fxjax)

@@ -341,7 +341,7 @@ def test_a_directory_among_the_images_is_named_as_one(tmp_path):
     from fxjax.commands.detect import image_records
 
     _, failed, _ = image_records([str(tmp_path)], system="s", user="u", min_pixels=3136, max_pixels=12544)
-    assert failed == [(str(tmp_path), "a directory, not an image file")]  # it said "no such file"
+    assert failed == [(str(tmp_path), f"a directory, not an image file (its images: {tmp_path / '*'})")]  # it said "no such file"
 
 
 def test_an_overlay_shows_a_transparent_image_as_the_model_saw_it():

@@ -239,7 +239,8 @@ def _drop(weights, module):
      r"adapter_config\.json: init_lora_weights = 'pissa_niter_4' is not supported: PEFT rewrites the base weights"),
     (lambda c: c | {"init_lora_weights": "olora"}, None, r"init_lora_weights = 'olora' is not supported"),
     # layer 0 only: falsy, and it was taken for "not set"
-    (lambda c: c | {"layers_to_transform": 0}, None, r"adapter_config\.json: layers_to_transform = 0 is not supported"),
+    (lambda c: c | {"layers_to_transform": 0}, None, r"adapter_config\.json: layers_to_transform = 0 is not supported by fxjax; a target_modules regex that "
+     r"names the layers selects the same modules"),
     # a full copy of a module trained besides the LoRA: named as such (not as a stray tensor)
     (lambda c: c | {"modules_to_save": ["lm_head"]}, None, r"adapter_config\.json: modules_to_save"),
 ], ids=["wrong-r", "unknown-module", "dora-key", "missing-B", "missing-module", "unselected", "unselected-half", "dora", "bias",

@@ -126,7 +126,7 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
     records, failed, shrunk = [], [], []
     for path in paths:
         if Path(path).is_dir():  # (image_size would call it "not a file", reported as no such file)
-            failed.append((path, "a directory, not an image file"))
+            failed.append((path, f"a directory, not an image file (its images: {Path(path) / '*'})"))
             continue
         try:
             width, height = image_size(path, max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS, True)
