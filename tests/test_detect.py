@@ -160,6 +160,10 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
     from fxjax.data.prompts import serving_prompt
 
     paths = odd_images(tmp_path)[:2]
+    with Image.open(paths[0]) as first:  # an animation: analysed on its first frame, said (it was silent)
+        frames = [first.convert("RGB"), first.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    paths.append(str(tmp_path / "moving.gif"))
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     missing = tmp_path / "nope.png"
@@ -187,7 +191,9 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
         mw, mh = r["model_size"]
         assert r["note"].startswith("at max_pixels 40000 it would be")
         assert r["truncated"] and "the answer stopped at --max-new-tokens (3 tokens) before its end" in r["note"]
-        assert f"analysed at {mw}x{mh} ({mw * mh // 784} image tokens)" in r["note"]
+        assert f"analysed at {mw}x{mh} ({mw * mh // 784} image tokens; --max-pixels, --max-length)" in r["note"]
+        assert ("2 frames (an animation or a multi-page file): analysed on the first" in r["note"]) == \
+            r["image"].endswith(".gif")
         k = -(-256 // max(r["size"]))  # (enlarged to a side of at least 256)
         assert Image.open(r["overlay"]).size == (r["size"][0] * k, r["size"][1] * k)
 

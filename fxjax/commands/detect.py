@@ -111,10 +111,11 @@ def fitting_max_pixels(max_pixels: int, max_length: int, prompt_tokens: int) -> 
 
 
 def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: int, max_pixels: int,
-                  max_image_pixels: int | None = None,
-                  fit_pixels: int | None = None) -> tuple[list, list[tuple[str, str]], list[tuple[str, str]]]:
+                  max_image_pixels: int | None = None, fit_pixels: int | None = None,
+                  max_length: int | None = None) -> tuple[list, list[tuple[str, str]], list[tuple[str, str]]]:
     """(Records the prompt pipeline takes, [(path, why)] of the images that cannot be used, [(path, note)]
-    of the images shrunk below max_pixels to fit max_length: `fit_pixels`, from `fitting_max_pixels`).
+    of the images shrunk below max_pixels to fit `max_length`: `fit_pixels`, from `fitting_max_pixels`; and
+    of files of several frames, analysed on the first as transformers' processor does).
 
     A user's image has no label; the records carry the prompt as an ms-swift record does (its own system
     and user text), so every image gets the same prompt. Their `label` is a placeholder that prompt-mode
@@ -134,8 +135,13 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
             if fit_pixels is not None and fit_pixels < mh * mw:
                 fh, fw = model_input_size(height, width, min(min_pixels, fit_pixels), fit_pixels)
                 shrunk.append((path, f"at max_pixels {max_pixels} it would be {mw}x{mh} at the model's input "
-                                     f"({mh * mw // 784} image tokens), more than max_length allows; analysed "
-                                     f"at {fw}x{fh} ({fh * fw // 784} image tokens)"))
+                                     f"({mh * mw // 784} image tokens), more than max_length {max_length} allows; "
+                                     f"analysed at {fw}x{fh} ({fh * fw // 784} image tokens; --max-pixels, "
+                                     f"--max-length)"))
+            frames = _frame_count(path)
+            if frames > 1:
+                shrunk.append((path, f"{frames} frames (an animation or a multi-page file): analysed on the "
+                                     f"first, as transformers' processor does"))
         except FileNotFoundError:  # (also raised for an existing path that is not a regular file)
             failed.append((path, "no such file" if not Path(path).exists() else
                            "not a regular file (a pipe, socket or device): save the image to a file first"))
@@ -147,6 +153,13 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
                               image=str(Path(path).resolve()), width=width, height=height, label="real",
                               format="swift", system=system, user=user, assistant=""))
     return records, failed, shrunk
+
+
+def _frame_count(path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return int(getattr(image, "n_frames", 1))
 
 
 def describe(text: str, meta: dict) -> dict[str, Any]:
@@ -287,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     fit = fitting_max_pixels(data["max_pixels"], data["max_length"], len(before) + len(after))
     records, failed, shrunk = image_records(args.images, **prompt, min_pixels=data["min_pixels"],
                                             max_pixels=data["max_pixels"], fit_pixels=fit,
-                                            max_image_pixels=args.max_image_pixels)
+                                            max_image_pixels=args.max_image_pixels, max_length=data["max_length"])
 
     def report_failed(path, why):
         say(f"{path}: cannot be analysed: {why}")
@@ -296,8 +309,10 @@ def run(args: argparse.Namespace) -> int:
 
     for path, why in failed:
         report_failed(path, why)
+    notes: dict[str, str] = {}
     for path, note in shrunk:
-        say(f"{path}: {note} (max_length {data['max_length']}; --max-pixels, --max-length)")
+        say(f"{path}: {note}")
+        notes[str(path)] = "; ".join(n for n in (notes.get(str(path)), note) if n)
     if records:
         detector.load()
         decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=batch_size,
@@ -310,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
         emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))
         results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit,
-                         notes={str(path): note for path, note in shrunk})
+                         notes=notes)
         done = {r["image"] for r in results}
         for record in records:
             if record.source not in done:  # the pipeline left it out (its warning is above)
