@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fxjax",
         description="Grounded AI-generated-image detection with Qwen2.5-VL in JAX/Flax: "
                     "HF-exact model, checkpoint import/export, LoRA training.",
-        epilog="Start with `fxjax demo` (offline, 5-11 minutes on 2 CPU cores). The full path: a dataset (your JSONL, "
+        epilog="Start with `fxjax demo` (offline, 3.5-8 minutes on 2 CPU cores). The full path: a dataset (your JSONL, "
                "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each. "
                "On a GPU or TPU compiled programs are kept in ~/.cache/fxjax/xla (JAX's persistent cache; "
                "FXJAX_COMPILATION_CACHE=DIR, or your JAX_COMPILATION_CACHE_DIR, puts it elsewhere and asks for "
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Qwen2.5-VL tokenizer -> LoRA SFT -> GRPO through the stages alpha, beta, gamma "
                                    "-> `fxjax eval` on held-out images before SFT, after SFT and after each stage "
                                    "-> `fxjax export` (merged HF checkpoint + PEFT adapter) -> `fxjax report` PNGs "
-                                   "(both runs; the held-out metrics by phase) and `fxjax detect` overlays before/after -> one table. Offline; 5-11 "
+                                   "(both runs; the held-out metrics by phase) and `fxjax detect` overlays before/after -> one table. Offline; 3.5-8 "
                                    "minutes on 2 CPU cores (each phase's time is printed).")
     p.add_argument("--out", default="fxjax-demo",
                    help="working directory (default: ./%(default)s); one the demo did not make is refused")

@@ -58,8 +58,8 @@ from fxjax.demo_summary import STAGES, held_out_stage_rewards, phase_table, stag
 
 __all__ = ["DEMO", "QUICK", "run_demo"]
 
-# The demo's run: 5-11 minutes on 2 idle CPU cores (CI 2026-12-05: 5.0 min; SFT 117 s, GRPO 142 s; the same
-# VM has taken up to 11.4 min on slower days).
+# The demo's run: 3.5-8 minutes on 2 idle CPU cores (CI 2026-12-05, a9aa77e: 4.1 min; SFT 93 s, GRPO 106 s;
+# the same VM is up to a third slower on some days).
 # SFT: 200 steps at lr 1e-3 learn the format and the verdict and the row in part (seed 0: 100% / 100% / IoU
 # 0.79 held out; with every embedding row at std 0.3, as before 2026-12-04: 0.76, 120 steps 0.79 with the two
 # row digits barely apart, 300 steps 1.00).
