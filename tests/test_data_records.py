@@ -167,6 +167,13 @@ BAD = {
     "bbox_type on a native record": (native(bbox_type="norm1"), "schema", "read from ms-swift records only"),
     "normalised boxes": (native(regions=[{"bbox": [0.1, 0.2, 0.5, 1.0], "caption": "c"}]), "box_normalised",
                          "every bbox coordinate is at most 1 on a 64x48 image: fractions"),
+    # one fraction among pixel boxes, and a box under a pixel: both trained on an empty box, unsaid
+    "one normalised box": (native(regions=[{"bbox": [0.5, 0.2, 0.7, 0.5], "caption": "a"},
+                                           {"bbox": [6, 7, 37, 40], "caption": "b"}]), "box_normalised",
+                           "region 0 bbox [0.5, 0.2, 0.7, 0.5] has every coordinate at most 1 on a 64x48 image, "
+                           "where the other boxes are in pixels"),
+    "sub-pixel box": (native(regions=[{"bbox": [50.2, 20.3, 50.6, 20.6], "caption": "a"}]), "box_tiny",
+                      "region 0 bbox [50.2, 20.3, 50.6, 20.6] is under one pixel wide or high on the 64x48 image"),
     "regions an object": (native(regions={}), "schema", "'regions' must be a list, got dict"),
     "tags an empty string": (native(tags=""), "schema", "'tags' must be a list of strings, got str"),
     "reasoning false": (native(reasoning=False), "schema", "reasoning must be a string, got bool"),

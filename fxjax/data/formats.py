@@ -151,14 +151,23 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box,
         raise RecordProblem(f"every bbox coordinate is at most 1 on a {width}x{height} image: fractions of the "
                             f"image? {how}", "box_normalised")
     out = []
+    what = "object" if parsed.format == "swift" else "region"
     for i, (_, box) in enumerate(parsed.regions):
+        if parsed.bbox_type == "real" and max(width, height) > 8 and all(v <= 1 for v in box):
+            # one fraction among pixel boxes (the check above takes a record of fractions only)
+            raise RecordProblem(f"{what} {i} bbox {[_fmt(v) for v in box]} has every coordinate at most 1 on a "
+                                f"{width}x{height} image, where the other boxes are in pixels: a fraction of the "
+                                "image? multiply it by the width and height", "box_normalised")
         if parsed.bbox_type == "norm1":
             box = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
         x1, y1, x2, y2 = box
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            what = "object" if parsed.format == "swift" else "region"
             raise RecordProblem(f"{what} {i} bbox {[_fmt(v) for v in box]} lies outside the {width}x{height} "
                                 "image (width x height)", "box_outside")
+        if x2 - x1 < 1 or y2 - y1 < 1:  # (written in whole pixels, the model would learn an empty box)
+            raise RecordProblem(f"{what} {i} bbox {[_fmt(round(v, 3)) for v in box]} is under one pixel wide or "
+                                f"high on the {width}x{height} image: the target would hold an empty box",
+                                "box_tiny")
         out.append(box)
     return tuple(out)
 
