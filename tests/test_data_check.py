@@ -94,6 +94,36 @@ def test_bad_dataset_lists_every_invalid_record(capsys, tmp_path):
            f"{path}:9 generated)" in out  # line 9 names line 1's image by its absolute path
 
 
+def test_ms_swift_answers_that_break_the_output_format_are_warned_about(capsys, tmp_path):
+    """An ms-swift record's assistant text is the SFT target as written: one without a verdict, with two, or
+    failing the format check trained silently on answers eval's format rate counts wrong."""
+    path = write_fakexplain(tmp_path / "fx")
+    image = json.loads(path.read_text().splitlines()[1])["images"][0]  # a real record's image
+
+    def real(answer):
+        return json.dumps({"messages": [{"role": "user", "content": "<image>Real?"},
+                                        {"role": "assistant", "content": answer}], "images": [image], "label": "real"})
+
+    generated = json.loads(path.read_text().splitlines()[0])
+    regions = "<ref-object><bbox> " * len(generated["objects"]["ref"])
+    lines = [real("<think>fine</think>"), real("<think>ok</think><verdict>real</verdict><verdict>generated</verdict>"),
+             real("<think>ok</think><verdict>real</verdict>"),
+             json.dumps({**generated, "messages": [*generated["messages"][:-1], {
+                 "role": "assistant", "content": f"<think>{regions}odd\n<tag>t</tag></think>\n"
+                                                 "<verdict>generated</verdict>"}]})]
+    path.write_text("\n".join(lines) + "\n")
+    rc, out = check(capsys, path)
+    assert rc == 0 and "OK: 0 of 4 records invalid" in out, out  # (warned, not refused)
+    assert (f"2 ms-swift record(s) whose answer breaks the output format (docs/format.md): SFT teaches it as "
+            f"written, and eval's format rate counts such an answer wrong: {path}:1: no verdict; {path}:2: 2 verdicts"
+            ) in out
+    path.write_text(path.read_text() + json.dumps({**generated, "messages": [*generated["messages"][:-1], {
+        "role": "assistant", "content": f"<think>Look at {regions}.\n<tag>t</tag></think>\n"
+                                        "<verdict>generated</verdict>"}]}) + "\n")
+    rc, out = check(capsys, path)
+    assert f"{path}:5: its <think> is not followed at once by its first region" in out
+
+
 def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokenizer_dir):
     """--config: the run's files, tokenizer and prompt settings (here one user prompt instead of the
     records' own), so the token lengths are the ones its pipeline builds; a GRPO config: the prompts'."""

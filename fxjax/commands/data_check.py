@@ -191,7 +191,34 @@ def _warnings(records, hints: Sequence[str], limit: int = 5) -> list[str]:
     if shared:
         out.append(f"{len(shared)} image(s) in more than one file (a leak if the files are train and test "
                    f"splits): {examples(shared)}")
+    broken = [(r.source, why) for r in records if (why := _answer_problem(r))]
+    if broken:
+        shown = "; ".join(f"{source}: {why}" for source, why in broken[:limit])
+        out.append(f"{len(broken)} ms-swift record(s) whose answer breaks the output format (docs/format.md): SFT "
+                   f"teaches it as written, and eval's format rate counts such an answer wrong: {shown}"
+                   + (f"; and {len(broken) - limit} more" if len(broken) > limit else ""))
     return out
+
+
+def _answer_problem(record) -> str | None:
+    """What is wrong with an ms-swift record's assistant text as an SFT target (its placeholders filled as
+    training fills them): the authors' format check for its label fails, or it gives other than one verdict;
+    None when nothing is (a native record's target is rendered in the format)."""
+    from fxjax import rewards
+    from fxjax.data.prompts import render_target
+    from fxjax.rewards.output_format import REF_START, THINK_START, VERDICT_START
+
+    if record.format != "swift":
+        return None
+    target = render_target(record, [r.bbox for r in record.regions])
+    verdicts = target.count(VERDICT_START)
+    if verdicts != 1:
+        return f"{verdicts} verdicts" if verdicts else "no verdict"
+    if not rewards.format_ok(target, record.label):
+        if record.label == "generated" and THINK_START + REF_START not in target:
+            return "its <think> is not followed at once by its first region, as the format check of a generated image asks"
+        return f"its markers are not in the order the format check of a {record.label} image asks"
+    return None
 
 
 def _describe_tokens(records, cfg, bins: int) -> list[str]:
