@@ -47,6 +47,12 @@ def test_good_dataset(capsys, tmp_path, tokenizer_dir):
     assert f"max_pixels {MAX_PIXELS}): min {lengths[0]}, median " in out and f"max {lengths[-1]}" in out
     over = sum(n > 90 for n in lengths)
     assert 0 < over < len(lengths) and f"over max_length 90: {over} (training truncates" in out
+    assert "alone reaches max_length" not in out  # every prompt fits: cutting the reasoning can help
+    # a prompt that alone reaches max_length is dropped whatever is cut: said, with the settings to change
+    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS, "--max-length", 20)
+    assert (f"of them {len(IMAGES)} whose prompt with its image tokens alone reaches max_length, so training drops "
+            f"them whatever it cuts (e.g. {path}:1): lower data.max_pixels (--max-pixels) or raise data.max_length"
+            ) in out
     assert "OK: 0 of 4 records invalid" in out
 
     # Without a tokenizer the token histogram is skipped with a note; --bins groups values into ranges.

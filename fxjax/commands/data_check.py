@@ -226,19 +226,25 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
 
     builder = ExampleBuilder(cfg, len(records))
     prompts_only = cfg.mode == "prompt"  # GRPO: the prompt is the example; the policy writes the rest
-    totals, image_tokens = [], []
+    totals, image_tokens, prompt_over = [], [], []
     for record in records:
         text = builder.text(record)
         totals.append(len(text.prompt_ids) + (0 if prompts_only else len(builder.completion_ids(text.target))))
         image_tokens.append(text.num_image_tokens)
+        if len(text.prompt_ids) >= cfg.max_length:  # (no room for one target token: dropped whatever is cut)
+            prompt_over.append(record.source)
     over = sum(n > cfg.max_length for n in totals)
     what = "prompt + image tokens (GRPO prompts)" if prompts_only else "prompt + image tokens + target"
     consequence = " (GRPO drops them)" if prompts_only else " (training truncates their reasoning or drops them)"
-    return ["", f"token length ({what}; min_pixels {cfg.min_pixels}, max_pixels {cfg.max_pixels}): "
-                f"{_summary(totals)}",
-            f"  image tokens per image: {_summary(image_tokens)}",
-            f"  over max_length {cfg.max_length}: {over}" + (consequence if over else ""),
-            *_histogram(totals, bins)]
+    lines = ["", f"token length ({what}; min_pixels {cfg.min_pixels}, max_pixels {cfg.max_pixels}): "
+                 f"{_summary(totals)}",
+             f"  image tokens per image: {_summary(image_tokens)}",
+             f"  over max_length {cfg.max_length}: {over}" + (consequence if over else "")]
+    if prompt_over and not prompts_only:
+        lines.append(f"  of them {len(prompt_over)} whose prompt with its image tokens alone reaches max_length, so "
+                     f"training drops them whatever it cuts (e.g. {prompt_over[0]}): lower data.max_pixels "
+                     f"(--max-pixels) or raise data.max_length")
+    return lines + _histogram(totals, bins)
 
 
 def _config_data(path: str, overrides: list[str]):

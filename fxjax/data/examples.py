@@ -243,7 +243,8 @@ class ExampleBuilder:
                     num_image_tokens=text.num_image_tokens, truncated=0)
         if len(prompt_ids) > cfg.max_length or (cfg.mode == "sft" and len(prompt_ids) >= cfg.max_length):
             return Dropped("too_long", f"{record.source}: the prompt alone is {len(prompt_ids)} tokens "
-                                       f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}",
+                                       f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}: "
+                                       f"lower data.max_pixels or raise data.max_length",
                            record.source, lasting=not self._fits_another_epoch(record, text))
         if cfg.mode == "prompt":
             input_ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
