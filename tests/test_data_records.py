@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import logging
@@ -340,6 +341,31 @@ def test_a_file_without_records_is_named(root, content, on_error):
                                         "only blank lines$") as info:
         load_records([write(root, native()), empty], on_error=on_error)
     assert info.value.kind == "empty_file"
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("array.jsonl", lambda r: ("[\n" + json.dumps(r) + "\n]\n").encode(), "holds one JSON array, not JSON Lines"),
+    ("array1.jsonl", lambda r: ("[" + json.dumps(r) + "]\n").encode(), "holds a JSON array on a line, not JSON Lines"),
+    ("pretty.json", lambda r: json.dumps(r, indent=2).encode(), "holds JSON spread over lines (pretty-printed)"),
+    ("data.jsonl.gz", lambda r: gzip.compress(json.dumps(r).encode()), "is gzip-compressed: decompress it first"),
+    ("utf16.jsonl", lambda r: json.dumps(r).encode("utf-16"), "is UTF-16 text: save it as UTF-8"),
+])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_file_that_is_not_json_lines_is_named_once(root, name, content, problem, on_error):
+    """A JSON array, pretty-printed JSON, gzip or UTF-16 gave an error per line ("invalid JSON", "not valid
+    UTF-8": 74 of them for one array) and nothing said what the file was."""
+    path = root / name
+    path.write_bytes(content(native()))
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: {re.escape(problem)}"):
+        load_records(path, on_error=on_error)
+
+
+def test_a_comment_line_is_named_as_one(root):
+    path = root / "commented.jsonl"
+    path.write_text("# my dataset\n" + json.dumps(native()) + "\n")
+    with pytest.raises(DataError, match=r"commented\.jsonl:1: invalid JSON: .* \(JSON Lines has no comments: delete "
+                                        r"the line\)"):
+        load_records(path)
 
 
 def test_absolute_image_paths_only_when_allowed(root):

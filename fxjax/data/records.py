@@ -130,6 +130,33 @@ def numbered_lines(path: Path) -> Iterable[tuple[int, bytes]]:
                 yield n, raw[len(codecs.BOM_UTF8):] if n == 1 and raw.startswith(codecs.BOM_UTF8) else raw
 
 
+def whole_file_problem(path: Path) -> str | None:
+    """What makes a whole file other than JSON Lines, told from its start (each line's own error, 74 times
+    "invalid JSON" or "not valid UTF-8", said none of it): gzip, UTF-16, one JSON array, or one JSON object
+    over several lines. None for a file that may be JSONL."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"\x1f\x8b"):
+        return "is gzip-compressed: decompress it first (gunzip -k FILE)"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "is UTF-16 text: save it as UTF-8"
+    text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    first = text.splitlines()[0].strip() if text else ""
+    if first.startswith("[") and not first.endswith("]"):
+        return "holds one JSON array, not JSON Lines (one record per line): convert it, e.g. jq -c '.[]' FILE"
+    if first == "{":
+        return "holds JSON spread over lines (pretty-printed), not JSON Lines (one record per line): convert it, " \
+               "e.g. jq -c . FILE"
+    if first.startswith("[") and first.endswith("]"):
+        try:
+            if isinstance(json.loads(first), list):
+                return ("holds a JSON array on a line, not JSON Lines (one record per line): convert it, e.g. "
+                        "jq -c '.[]' FILE")
+        except ValueError:
+            pass
+    return None
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -142,7 +169,8 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(where, f"invalid JSON: {err}", "json") from None
+        hint = " (JSON Lines has no comments: delete the line)" if line.lstrip().startswith(("#", "//")) else ""
+        raise DataError(where, f"invalid JSON: {err}{hint}", "json") from None
     if hints is not None:
         hints.update(misspelt_fields(obj))
     try:
@@ -215,6 +243,9 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
         if not file.is_file():
             raise FileNotFoundError(f"dataset file {file} " + ("is a directory, not a JSONL file" if file.is_dir()
                                                                else "does not exist"))
+        problem = whole_file_problem(file)
+        if problem:
+            raise DataError(str(file), problem, "json")
         base = Path(root) if root is not None else file.parent
         records_in_file = 0
         hints: Counter = Counter()
