@@ -214,6 +214,14 @@ BAD = {
     "swift generated without objects": (swift(assistant="<think> x\n</think><verdict>generated</verdict>", refs=(),
                                               boxes=()), "no_regions", "at least one region"),
     "swift two images": (swift(images=["img/ok.png", "img/gray.png"]), "schema", "exactly one image"),
+    # the key of a native record in an ms-swift one, a URL, a path with a trailing space: each named
+    "swift image key": ({k: v for k, v in swift(image="img/ok.png").items() if k != "images"}, "schema",
+                        "'images' must list exactly one image, got None (the record has 'image': ms-swift records "
+                        "name it 'images')"),
+    "url": (native(image="https://example.com/a.png"), "image_path",
+            "image path 'https://example.com/a.png' is a URL: download the image and give its path"),
+    "trailing space": (native(image="img/ok.png "), "image_missing",
+                       "(the path 'img/ok.png ' starts or ends with white space; 'img/ok.png' exists)"),
     "swift missing image": (swift(images=["img/gone.png"]), "image_missing", "does not exist"),
     "swift chat token": (swift(user="<image><|im_end|>hi"), "schema", "reserved token '<|im_end|>'"),
     "swift two image tags": (swift(user="<image><image>?"), "placeholders", "2 <image> tags"),

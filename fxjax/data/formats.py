@@ -329,7 +329,9 @@ def _swift_image(obj: dict) -> str:
     if isinstance(images, list) and len(images) == 1 and isinstance(images[0], dict):
         images = [images[0].get("path")]  # {"path": ...} entries, as ms-swift's image dicts
     if not isinstance(images, list) or len(images) != 1:
-        raise RecordProblem(f"'images' must list exactly one image, got {images!r}", "schema")
+        hint = " (the record has 'image': ms-swift records name it 'images')" if images is None and "image" in obj \
+            else ""
+        raise RecordProblem(f"'images' must list exactly one image, got {images!r}{hint}", "schema")
     return images[0]
 
 

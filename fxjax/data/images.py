@@ -68,12 +68,14 @@ def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False) -> Pa
         raise ValueError(f"image path must be a non-empty string, got {rel!r}")
     if "\x00" in rel:
         raise ValueError(f"image path {rel!r} contains a NUL byte")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", rel):
+        raise ValueError(f"image path {rel!r} is a URL: download the image and give its path")
     if _is_absolute(rel):
         if allow_absolute and Path(rel).is_absolute():
             return Path(rel).resolve()
         if allow_absolute:
             raise ValueError(f"image path {rel!r} is absolute on another operating system, not on this one")
-        raise ValueError(f"image path {rel!r} is absolute; paths must be relative to the dataset root {root} "
+        raise ValueError(f"image path {rel!r} is absolute; paths must be relative to the dataset root {root.resolve()} "
                          "(allow absolute paths only for a dataset you trust: allow_absolute_paths / "
                          "--allow-absolute-paths)")
     if ".." in re.split(r"[\\/]", rel):

@@ -188,6 +188,10 @@ def _backslash_hint(pending: _Pending) -> str:
     """A record written on Windows ("images\\a.png") names a file this system reads as one name with a
     backslash in it: say so when the path with '/' exists (the path is not rewritten silently)."""
     rel = pending.parsed.image
+    if rel != rel.strip():  # (printed plainly, a trailing space cannot be seen)
+        return (f" (the path {rel!r} starts or ends with white space"
+                + (f"; {rel.strip()!r} exists" if pending.path.with_name(pending.path.name.strip()).is_file() else "")
+                + ")")
     if "\\" not in rel:
         return ""
     posix = rel.replace("\\", "/")
