@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise
     except (ValueError, OSError) as err:  # a user's path or value, a full disk: said in one line
-        print(f"fxjax {args.command}: error: {err}", file=sys.stderr)
+        print(f"fxjax {args.command}: error: {err}{_record_hint(err, args)}", file=sys.stderr)
         _leave_run(err, 2)
         return 2
     except BaseException as err:
@@ -345,6 +345,17 @@ def main(argv: list[str] | None = None) -> int:
 
         mark_finished()
     return code
+
+
+def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
+    """After a training run's first invalid record (data.on_error: raise): its kind, and how to see every
+    one, or train without them."""
+    from fxjax.data.records import DataError
+
+    if not isinstance(err, DataError) or args.command not in ("sft", "grpo") or ":" not in err.where:
+        return ""
+    return (f" [{err.kind}] (`fxjax data check --config {args.config}` lists every invalid record; "
+            f"--set data.on_error=skip trains without them)")
 
 
 def _leave_run(err: BaseException, code: int, *, with_traceback: bool = False) -> None:

@@ -195,3 +195,21 @@ def test_an_unknown_argument_is_said_by_the_commands_own_parser(capsys):
         main(["eval", "--data", "d.jsonl", "--bogus"])
     err = capsys.readouterr().err
     assert err.startswith("usage: fxjax eval ") and err.strip().endswith("fxjax eval: error: unrecognized arguments: --bogus")
+
+
+def test_a_training_runs_invalid_record_names_its_kind_and_how_to_see_every_one(tmp_path, capsys, tokenizer_dir):
+    """`fxjax sft` stops at the first invalid record (data.on_error: raise); it said "train.jsonl:2: missing
+    image: ..." with neither the kind nor a word of `fxjax data check` or data.on_error=skip."""
+    from fxjax.cli import main
+
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"image": "a.png", "label": "real"}\n{"image": "gone.png", "label": "real"}\n')
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{preset: tiny}}\ndata: {{train_files: [{data}], tokenizer: {tokenizer_dir}}}\n"
+                      f"train: {{steps: 1, output_dir: {tmp_path / 'run'}}}\n")
+    assert main(["sft", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"fxjax sft: error: {data}:2: missing image: " in err
+    assert (f" [image_missing] (`fxjax data check --config {config}` lists every invalid record; --set "
+            f"data.on_error=skip trains without them)") in err
