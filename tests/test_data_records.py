@@ -214,6 +214,11 @@ BAD = {
     "swift generated without objects": (swift(assistant="<think> x\n</think><verdict>generated</verdict>", refs=(),
                                               boxes=()), "no_regions", "at least one region"),
     "swift two images": (swift(images=["img/ok.png", "img/gray.png"]), "schema", "exactly one image"),
+    # a key given twice: JSON keeps the last, silently
+    "repeated key": ('{"image": "img/ok.png", "label": "real", "label": "generated"}', "json",
+                     "the key 'label' is given twice in one object"),
+    "region box key": (native(regions=[{"box": [4, 5, 30, 40], "caption": "c"}]), "schema",
+                       "region 0 must be an object with 'bbox' and 'caption' (keys: box, caption)"),
     # the key of a native record in an ms-swift one, a URL, a path with a trailing space: each named
     "swift image key": ({k: v for k, v in swift(image="img/ok.png").items() if k != "images"}, "schema",
                         "'images' must list exactly one image, got None (the record has 'image': ms-swift records "

@@ -269,7 +269,9 @@ def _parse_native(obj: dict) -> ParsedRecord:
     regions = []
     for i, region in enumerate(regions_in):
         if not isinstance(region, dict) or "bbox" not in region:
-            raise RecordProblem(f"region {i} must be an object with 'bbox' and 'caption'", "schema")
+            has = f" (keys: {', '.join(map(str, region))})" if isinstance(region, dict) else \
+                f", got {type(region).__name__}"
+            raise RecordProblem(f"region {i} must be an object with 'bbox' and 'caption'{has}", "schema")
         if "caption" not in region:
             raise RecordProblem(f"region {i} has no 'caption' (keys: {', '.join(map(str, region))})", "schema")
         caption = _caption(region["caption"], f"region {i} caption")

@@ -24,7 +24,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from fxjax.data.formats import (SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, ParsedRecord, RecordProblem, boxes_in_pixels,
                                 misspelt_fields, parse_record)
@@ -164,10 +164,25 @@ def _decode(raw: bytes, where: str) -> str:
         raise DataError(where, f"not valid UTF-8: {err}", "json") from None
 
 
+class _RepeatedKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_paths: bool,
                 hints: Counter | None = None) -> tuple[ParsedRecord, Path]:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
+    except _RepeatedKey as err:  # (json keeps the last silently: "label": "real", "label": "generated")
+        raise DataError(where, f"the key {err.key!r} is given twice in one object", "json") from None
     except json.JSONDecodeError as err:
         hint = " (JSON Lines has no comments: delete the line)" if line.lstrip().startswith(("#", "//")) else ""
         raise DataError(where, f"invalid JSON: {err}{hint}", "json") from None
