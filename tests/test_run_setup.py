@@ -583,3 +583,20 @@ def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path)
     with pytest.raises(RunLoadError, match=r"has no reward stages \(an SFT run, a continuous GRPO schedule, or a "
                                            r"run from before fxjax recorded them when its stages are in epochs\)"):
         resolve_step(epochs, "alpha")
+
+
+def test_held_out_records_that_show_a_training_image_are_warned_about():
+    """SFT and GRPO trained and evaluated on the same image without a word (only `fxjax data check`
+    warned); the run says how many held-out records share a training image."""
+    from fxjax.train.run_setup import warn_held_out_overlap
+
+    def record(source, image):
+        return SimpleNamespace(source=source, image=image)
+
+    train = [record("train.jsonl:1", "/d/a.png"), record("train.jsonl:2", "/d/b.png")]
+    said: list[str] = []
+    assert warn_held_out_overlap(train, [record("test.jsonl:1", "/d/c.png")], said.append) == [] and said == []
+    held_out = [record("test.jsonl:1", "/d/c.png"), record("test.jsonl:2", "/d/b.png")]
+    assert warn_held_out_overlap(train, held_out, said.append) == [held_out[1]]
+    assert said == ["warning: 1 of the 2 held-out record(s) show a training image (e.g. test.jsonl:2: /d/b.png): the "
+                    "held-out metrics overstate what the model learned (`fxjax data check` lists them all)"]

@@ -73,7 +73,7 @@ from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
                                    keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
-                                   resumed_start, start_description, start_run)
+                                   resumed_start, start_description, start_run, warn_held_out_overlap)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
@@ -303,6 +303,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         evaluator = Evaluator(sft_data_config(cfg), cfg.data.eval_files, batch_size=cfg.eval.batch_size,
                               max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+        warn_held_out_overlap(pipeline.records, evaluator.loss_pipeline.records, say)
 
     run_eval = RunEvaluation("grpo", evaluator, metrics, result, cfg.eval.generate, say)
 

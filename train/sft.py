@@ -50,7 +50,7 @@ from fxjax.run_files import RUN_CWD_KEY
 from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
                                    keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
-                                   resumed_start, start_description, start_run)
+                                   resumed_start, start_description, start_run, warn_held_out_overlap)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -154,6 +154,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
         evaluator = Evaluator(dcfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
                               max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
                               loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+        warn_held_out_overlap(pipeline.records, evaluator.loss_pipeline.records, say)
     # (no checkpoint: a start from scratch, which drops what an attempt killed before its first one logged)
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest or 0)
