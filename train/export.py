@@ -36,13 +36,16 @@ def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = N
     run's prompt settings (`write_prompt_settings`) and a preprocessor_config.json of its pixel limits when
     `data` (its DataSection) is given: a PEFT user's `AutoImageProcessor.from_pretrained(adapter)` resizes as
     training did (the base model's file holds Qwen's limits, or none for a model of `fxjax init`)."""
+    import jax
+
     from fxjax.peft_io import save_peft_adapter
 
     def write(folder: Path) -> None:
         save_peft_adapter(model, folder, dtype=dtype)
         if data is not None:
             write_prompt_settings(folder, data)
-            write_preprocessor_config(folder, data.min_pixels, data.max_pixels, vision=model.config.vision)
+            if jax.process_index() == 0:  # (the one that writes the folder)
+                write_preprocessor_config(folder, data.min_pixels, data.max_pixels, vision=model.config.vision)
 
     return written_whole(Path(out_dir), write)
 
