@@ -350,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
 def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
     """After a training run's first invalid record (data.on_error: raise): its kind, and how to see every
     one, or train without them."""
-    from fxjax.data.records import DataError
-
-    if not isinstance(err, DataError) or args.command not in ("sft", "grpo") or ":" not in err.where:
+    records = sys.modules.get("fxjax.data.records")  # (not imported: no record was read, and none is now)
+    if records is None or not isinstance(err, records.DataError) or args.command not in ("sft", "grpo") \
+            or ":" not in err.where:
         return ""
     return (f" [{err.kind}] (`fxjax data check --config {args.config}` lists every invalid record; "
             f"--set data.on_error=skip trains without them)")
