@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -354,7 +355,8 @@ def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
     if records is None or not isinstance(err, records.DataError) or args.command not in ("sft", "grpo") \
             or ":" not in err.where:
         return ""
-    return (f" [{err.kind}] (`fxjax data check --config {args.config}` lists every invalid record; "
+    sets = "".join(f" --set {shlex.quote(item)}" for item in (getattr(args, "set", None) or []))
+    return (f" [{err.kind}] (`fxjax data check --config {args.config}{sets}` lists every invalid record; "
             f"--set data.on_error=skip trains without them)")
 
 

@@ -237,7 +237,7 @@ def require_batch_split(mesh: Mesh | Mapping[str, int] | MeshConfig, batch: int,
         n = batch_shards(mesh)
         raise ValueError(f"{name} {batch} does not divide over the {n} batch devices of the mesh "
                          f"{dict(axis_sizes(mesh))}: every device would decode the whole batch; use a multiple "
-                         f"of {n} (e.g. {-(-batch // n) * n}) or a --mesh with fewer data x fsdp devices")
+                         f"of {n} (e.g. {-(-batch // n) * n}) or a --mesh with fewer data x fsdp devices (--mesh data=1: one)")
 
 
 def process_batch_shards(mesh: Mesh, process: int | None = None) -> tuple[int, ...]:

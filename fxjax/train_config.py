@@ -267,6 +267,14 @@ def _get_dotted(data: Mapping[str, Any], key: str) -> Any:
     return node
 
 
+def _default_items(holder, name: str) -> list | None:
+    """The default of the list of sections `name` of the dataclass `holder`, as plain mappings."""
+    f = next(f for f in dataclasses.fields(holder) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return to_plain(f.default_factory())
+    return None if f.default is dataclasses.MISSING else to_plain(f.default)
+
+
 def _set_dotted(data: dict, key: str, value: Any, root=None) -> None:
     parts = key.split(".")
     _section_class(parts, key, root)
@@ -283,6 +291,8 @@ def _set_dotted(data: dict, key: str, value: Any, root=None) -> None:
                 child = node[name] = {}
         else:  # an element of a list the config gives (`stages[1]`): the list must hold it
             items = node.get(name)
+            if items is None:  # not in the file: the list's default (GRPO's alpha, beta, gamma)
+                items = node[name] = _default_items(_section_class(parts[:i + 1], key, root), name)
             if not isinstance(items, list) or index >= len(items):
                 count = len(items) if isinstance(items, list) else 0
                 raise ConfigError(f"{'.'.join(parts[:i + 1])}: the config's {name} list has {count} item(s)"

@@ -208,8 +208,8 @@ def test_a_training_runs_invalid_record_names_its_kind_and_how_to_see_every_one(
     config = tmp_path / "sft.yaml"
     config.write_text(f"model: {{preset: tiny}}\ndata: {{train_files: [{data}], tokenizer: {tokenizer_dir}}}\n"
                       f"train: {{steps: 1, output_dir: {tmp_path / 'run'}}}\n")
-    assert main(["sft", "--config", str(config)]) == 2
+    assert main(["sft", "--config", str(config), "--set", "data.seed=3"]) == 2
     err = capsys.readouterr().err
     assert f"fxjax sft: error: {data}:2: missing image: " in err
-    assert (f" [image_missing] (`fxjax data check --config {config}` lists every invalid record; --set "
-            f"data.on_error=skip trains without them)") in err
+    assert (f" [image_missing] (`fxjax data check --config {config} --set data.seed=3` lists every invalid record; "
+            f"--set data.on_error=skip trains without them)") in err  # (with the run's own --set: its files)

@@ -221,17 +221,18 @@ def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_proces
     script = ("import sys; from fxjax.cli import main; run, split_run, out = sys.argv[1:]; "
               "sys.exit(main(['export', '--run', run, '--out', out + '/two', '--adapter-only']) or "
               "main(['export', '--run', run, '--out', out + '/split', '--mesh', 'fsdp=2']) or "
-              "main(['export', '--run', split_run, '--out', out + '/as_trained']))")
+              "main(['export', '--run', split_run, '--out', out + '/as_trained']) or "
+              "main(['export', '--run', run, '--out', out + '/first_device', '--adapter-only', '--mesh', 'data=1']))")
     proc = subprocess.run([sys.executable, "-c", script, str(two_process_run), str(split_run), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loads = [line for line in proc.stderr.splitlines() if "loading the sft run" in line]
     assert [line.rpartition(", on mesh ")[2] for line in loads] == [
         "{'data': 2, 'fsdp': 1, 'tensor': 1}", "{'data': 1, 'fsdp': 2, 'tensor': 1}",
-        "{'data': 1, 'fsdp': 2, 'tensor': 1}"], loads
+        "{'data': 1, 'fsdp': 2, 'tensor': 1}", "{'data': 1, 'fsdp': 1, 'tensor': 1}"], loads  # (data=1: one device of 2)
     weights = {"adapter": "adapter/adapter_model.safetensors", "merged": "merged/model-00001-of-00001.safetensors"}
     for other, parts in (("two", ["adapter"]), ("split", ["adapter", "merged"]), ("as_trained", ["adapter", "merged"]),
-                         ("fallback", ["adapter"])):
+                         ("fallback", ["adapter"]), ("first_device", ["adapter"])):
         for part in parts:
             one, two = (load_file(str(tmp_path / d / weights[part])) for d in ("one", other))
             assert one.keys() == two.keys() and len(one) > 0

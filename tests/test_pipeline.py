@@ -589,3 +589,30 @@ def test_empty_and_all_invalid_files_are_named(tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match=f"no valid records in {re.escape(str(empty))}: loaded 0 of 1 records .* "
                                          "skipped 1 \\(image_missing 1\\)"):
         DataPipeline(dataclasses.replace(cfg, on_error="skip"))
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_box_the_resized_image_writes_empty_is_named_or_skipped(tmp_path, tokenizer_dir, on_error, capsys):
+    """A 2-pixel box on an image shrunk to a quarter is [3.5, 3.5, 4, 4] at the model's input: written in whole
+    pixels, [4, 4, 4, 4], an empty target box (data check and the record's own check passed it)."""
+    Image.new("RGB", (224, 224)).save(tmp_path / "big.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"image": "big.png", "label": "generated",
+                                "regions": [{"bbox": [14, 14, 16, 16], "caption": "speck"}]}) + "\n")
+    cfg = DataConfig(data_files=(str(data),), tokenizer=str(tokenizer_dir), min_pixels=3136, max_pixels=3136,
+                     shuffle=False, num_epochs=1, batch_size=1, shard_index=0, shard_count=1, on_error=on_error)
+    records, _ = load_records(data)
+    if on_error == "raise":
+        with pytest.raises(DataError, match=r"d\.jsonl:1: region 0 box \[3\.5, 3\.5, 4\.0, 4\.0\] is under one pixel "
+                                            r"wide or high at the model's input \(56x56\)") as info:
+            ExampleBuilder(cfg, 1).build(records[0])
+        assert info.value.kind == "box_tiny"
+    else:
+        built = ExampleBuilder(cfg, 1).build(records[0])
+        assert isinstance(built, Dropped) and built.kind == "box_tiny"
+        from fxjax.cli import main
+
+        assert main(["data", "check", str(data), "--tokenizer", str(tokenizer_dir), "--min-pixels", "3136",
+                     "--max-pixels", "3136"]) == 0
+        assert (f"boxes under a pixel at the model's input: 1 record(s), which training refuses (data.on_error: skip "
+                f"leaves them out; e.g. {data}:1)") in capsys.readouterr().out

@@ -599,4 +599,4 @@ def test_held_out_records_that_show_a_training_image_are_warned_about():
     held_out = [record("test.jsonl:1", "/d/c.png"), record("test.jsonl:2", "/d/b.png")]
     assert warn_held_out_overlap(train, held_out, said.append) == [held_out[1]]
     assert said == ["warning: 1 of the 2 held-out record(s) show a training image (e.g. test.jsonl:2: /d/b.png): the "
-                    "held-out metrics overstate what the model learned (`fxjax data check` lists them all)"]
+                    "held-out metrics overstate what the model learned"]

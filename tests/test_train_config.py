@@ -179,7 +179,7 @@ def test_set_steps_replaces_epochs_and_back(tmp_path):
     assert (cfg.train.steps, cfg.train.epochs) == (None, 1.0) and notes == []
 
 
-def test_set_reaches_one_grpo_stage_by_its_index():
+def test_set_reaches_one_grpo_stage_by_its_index(tmp_path):
     """`--set stages[1].steps=20` changes one stage (it was 'stages[1]: unknown key'; the whole list had to be
     written out); a stage's steps replace its epochs and back, as train.steps and train.epochs; an index
     past the list, or on a key that is not a list of sections, is named."""
@@ -201,6 +201,11 @@ def test_set_reaches_one_grpo_stage_by_its_index():
         load_grpo_config("configs/grpo.yaml", base + ["stages[0].nme=x"])
     with pytest.raises(ConfigError, match=r"grpo\[0\]: grpo is not a list of sections"):
         load_grpo_config("configs/grpo.yaml", base + ["grpo[0].top_k=1"])
+    # a config that leaves `stages` out has the default three: an index reaches them (it said "0 item(s)")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("model: {preset: tiny}\n")
+    cfg = load_grpo_config(bare, base + ["stages[1].steps=20"])
+    assert [(s.name, s.steps) for s in cfg.stages] == [("alpha", 100), ("beta", 20), ("gamma", 100)]
 
 
 def test_set_model_path_replaces_preset_and_the_tokenizer_follows(tmp_path):

@@ -168,8 +168,9 @@ def run_mesh(mesh_section, log: Callable[[str], None] | None = None):
     if (fsdp, tensor) == (1, 1):
         return data_parallel_mesh()
     try:  # (an axis at -1 takes every device: the data axis is then 1)
-        return make_mesh(MeshConfig(data=1 if -1 in (fsdp, tensor) else -1, fsdp=fsdp, tensor=tensor))
-    except ShardingError:
+        return make_mesh(MeshConfig(data=1 if -1 in (fsdp, tensor) else -1, fsdp=fsdp, tensor=tensor,
+                                    dcn_data=mesh_section.dcn_data, dcn_fsdp=mesh_section.dcn_fsdp))
+    except (ShardingError, ValueError):  # (mesh_utils' own errors for a layout these devices cannot take)
         if log is not None:
             log(f"note: the run split the model over mesh fsdp={fsdp} x tensor={tensor}, which "
                 f"{jax.device_count()} device(s) here cannot hold: every device on the data axis, the model "

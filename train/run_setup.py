@@ -89,8 +89,7 @@ def warn_held_out_overlap(train_records, held_out_records, say: Callable[[str], 
     shared = [r for r in held_out_records if r.image in images]
     if shared and jax.process_index() == 0:
         say(f"warning: {len(shared)} of the {len(held_out_records)} held-out record(s) show a training image "
-            f"(e.g. {shared[0].source}: {shared[0].image}): the held-out metrics overstate what the model learned "
-            f"(`fxjax data check` lists them all)")
+            f"(e.g. {shared[0].source}: {shared[0].image}): the held-out metrics overstate what the model learned")
     return shared
 
 

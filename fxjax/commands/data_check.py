@@ -226,9 +226,13 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
 
     builder = ExampleBuilder(cfg, len(records))
     prompts_only = cfg.mode == "prompt"  # GRPO: the prompt is the example; the policy writes the rest
-    totals, image_tokens, prompt_over = [], [], []
+    from fxjax.data.examples import empty_written_box
+
+    totals, image_tokens, prompt_over, empty_boxes = [], [], [], []
     for record in records:
         text = builder.text(record)
+        if not prompts_only and empty_written_box(text.boxes) is not None:
+            empty_boxes.append(record.source)
         totals.append(len(text.prompt_ids) + (0 if prompts_only else len(builder.completion_ids(text.target))))
         image_tokens.append(text.num_image_tokens)
         if len(text.prompt_ids) >= cfg.max_length:  # (no room for one target token: dropped whatever is cut)
@@ -240,6 +244,10 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
                  f"{_summary(totals)}",
              f"  image tokens per image: {_summary(image_tokens)}",
              f"  over max_length {cfg.max_length}: {over}" + (consequence if over else "")]
+    if empty_boxes:
+        lines.append(f"  boxes under a pixel at the model's input: {len(empty_boxes)} record(s), which training "
+                     f"refuses (data.on_error: skip leaves them out; e.g. {empty_boxes[0]}): raise data.max_pixels or "
+                     f"fix the boxes")
     if prompt_over and not prompts_only:
         lines.append(f"  of them {len(prompt_over)} whose prompt with its image tokens alone reaches max_length, so "
                      f"training drops them whatever it cuts (e.g. {prompt_over[0]}): lower data.max_pixels "

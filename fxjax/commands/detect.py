@@ -156,10 +156,14 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
 
 
 def _frame_count(path) -> int:
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as image:
-        return int(getattr(image, "n_frames", 1))
+    with warnings.catch_warnings():  # (the size limit was applied when the image was first opened)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return int(getattr(image, "n_frames", 1))
 
 
 def describe(text: str, meta: dict) -> dict[str, Any]:

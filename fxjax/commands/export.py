@@ -86,7 +86,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | str | None =
                tokenizer: str | None = None, mesh=None, log=None) -> dict[str, str]:
     """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}.
     tokenizer: the one OUT/merged gets (default: the run's). mesh: where the run loads
-    (train.run_loading.load_run's default: every device on the data axis)."""
+    (train.run_loading.load_run's default, `run_mesh`: the run's fsdp and tensor axes, the other devices on
+    the data axis)."""
     from fxjax.run_files import checkpoint_dir_of
     from fxjax.train.run_loading import check_run_paths, load_run, run_config
 

@@ -51,7 +51,8 @@ def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False)
                    help="device mesh, e.g. fsdp=4 or fsdp=2,tensor=2 (axes data, fsdp, tensor; one may be -1; "
                         "data takes the devices the others leave unless given); "
                         "batches are split over data x fsdp (default: with --run the run's fsdp and tensor axes, "
-                        "with --model none; the other devices on the data axis)")
+                        "with --model none; the other devices on the data axis); sizes that multiply to fewer "
+                        "devices than there are take the first ones (data=1: one device)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="directory with tokenizer.json (default: the model directory, or the run's tokenizer)")
 
@@ -110,8 +111,13 @@ def mesh_from_flag(text: str | None):
     mesh_cfg = parse_mesh(text)
     if mesh_cfg is None:
         return None
+    import jax
+
     from fxjax.device_mesh import make_mesh
 
+    given = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
+    if given > 0 and given < jax.device_count():  # every size given, fewer devices: the first ones (data=1: one)
+        return make_mesh(mesh_cfg, devices=jax.devices()[:given])
     return make_mesh(mesh_cfg)
 
 

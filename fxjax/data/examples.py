@@ -102,6 +102,15 @@ class RecordTokens:
         return free
 
 
+def empty_written_box(boxes) -> int | None:
+    """The first box (model-input pixels) that the target writes empty: its corners rounded to whole pixels
+    (`format_box`) meet on an axis."""
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        if round(float(x1)) == round(float(x2)) or round(float(y1)) == round(float(y2)):
+            return i
+    return None
+
+
 def truncate_reasoning(tokens: RecordTokens, ids: list[int], overflow: int) -> list[int] | None:
     """Shorten the longest run of free text in the completion (the reasoning) by at least ``overflow``
     tokens, cutting its end but keeping its trailing whitespace (the newline before the regions); the
@@ -233,6 +242,15 @@ class ExampleBuilder:
                 raise error from None
             return Dropped("decode", str(error), record.source)
         text = self.text(record, epoch)
+        empty = empty_written_box(text.boxes) if cfg.mode == "sft" else None
+        if empty is not None:  # (the record's check saw it in original pixels; the image shrank it further)
+            error = DataError(record.source, f"region {empty} box {[round(float(v), 2) for v in text.boxes[empty]]} "
+                                             f"is under one pixel wide or high at the model's input "
+                                             f"({text.model_size[1]}x{text.model_size[0]}): the target would hold "
+                                             f"an empty box (raise min_pixels / max_pixels)", "box_tiny")
+            if cfg.on_error == "raise":
+                raise error
+            return Dropped("box_tiny", str(error), record.source)
         assert text.model_size == (int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)
         assert text.num_image_tokens == int(grid.prod()) // 4
         prompt_ids = text.prompt_ids
@@ -244,7 +262,7 @@ class ExampleBuilder:
         if len(prompt_ids) > cfg.max_length or (cfg.mode == "sft" and len(prompt_ids) >= cfg.max_length):
             return Dropped("too_long", f"{record.source}: the prompt alone is {len(prompt_ids)} tokens "
                                        f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}: "
-                                       f"lower data.max_pixels or raise data.max_length",
+                                       f"lower max_pixels or raise max_length",
                            record.source, lasting=not self._fits_another_epoch(record, text))
         if cfg.mode == "prompt":
             input_ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)

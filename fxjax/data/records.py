@@ -205,7 +205,8 @@ def _backslash_hint(pending: _Pending) -> str:
     rel = pending.parsed.image
     if rel != rel.strip():  # (printed plainly, a trailing space cannot be seen)
         return (f" (the path {rel!r} starts or ends with white space"
-                + (f"; {rel.strip()!r} exists" if pending.path.with_name(pending.path.name.strip()).is_file() else "")
+                + (f"; {rel.strip()!r} exists" if str(pending.path).endswith(rel)
+                   and Path(str(pending.path)[:-len(rel)] + rel.strip()).is_file() else "")
                 + ")")
     if "\\" not in rel:
         return ""
