@@ -214,6 +214,10 @@ BAD = {
     "swift generated without objects": (swift(assistant="<think> x\n</think><verdict>generated</verdict>", refs=(),
                                               boxes=()), "no_regions", "at least one region"),
     "swift two images": (swift(images=["img/ok.png", "img/gray.png"]), "schema", "exactly one image"),
+    # norm1 boxes in pixels: named as given (it showed the numbers scaled by the image size)
+    "swift norm1 in pixels": (swift(objects={"ref": ["odd hand"], "bbox": [[2, 3, 20, 30]], "bbox_type": "norm1"}),
+                              "box_outside", "object 0 bbox [2, 3, 20, 30] (bbox_type norm1: fractions of the image, "
+                                             "[128, 144, 1280, 1440] in pixels) lies outside the 64x48 image"),
     # a key given twice: JSON keeps the last, silently
     "repeated key": ('{"image": "img/ok.png", "label": "real", "label": "generated"}', "json",
                      "the key 'label' is given twice in one object"),
@@ -427,3 +431,16 @@ def _json_lines(text: str):
             return
         obj, at = decoder.raw_decode(text, at)
         yield json.dumps(obj)
+
+
+def test_a_record_read_in_the_other_format_says_it_looks_like_the_other_one(root):
+    """--format native on an ms-swift record said "missing field 'image'", --format swift on a native one
+    "'messages' must be a non-empty list", and neither that the record is of the other format."""
+    for record, format, words in ((swift(), "native", "missing field 'image' (it looks like an ms-swift record "
+                                                      "('messages'), read as native by the format setting"),
+                                  (native(), "swift", "'messages' must be a non-empty list (it looks like a native "
+                                                      "record (no 'messages'), read as swift by the format setting")):
+        path = write(root, record)
+        with pytest.raises(DataError, match=re.escape(words)):
+            load_records(path, format=format)
+        assert load_records(path, format="auto")[0]  # (auto reads it)

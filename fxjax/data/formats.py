@@ -131,7 +131,17 @@ def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
     if not isinstance(obj, dict):
         raise RecordProblem(f"a record must be a JSON object, got {type(obj).__name__}", "schema")
     kind = format if format != "auto" else detect_format(obj)
-    parsed = _parse_swift(obj) if kind == "swift" else _parse_native(obj)
+    try:
+        parsed = _parse_swift(obj) if kind == "swift" else _parse_native(obj)
+    except RecordProblem as problem:
+        looks = detect_format(obj)
+        if format != "auto" and looks != kind and problem.kind in ("schema", "label"):
+            # (--format native on an ms-swift record said "missing field 'image'", and nothing more)
+            other = "an ms-swift record ('messages')" if looks == "swift" else "a native record (no 'messages')"
+            raise RecordProblem(f"{problem.problem} (it looks like {other}, read as {kind} by the format "
+                                f"setting: --format / data.format auto reads each record as it is)", problem.kind) \
+                from None
+        raise
     if parsed.label == "generated" and not parsed.regions:
         raise RecordProblem("a generated image must have at least one region", "no_regions")
     if parsed.label == "real" and parsed.regions:
@@ -158,12 +168,16 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box,
             raise RecordProblem(f"{what} {i} bbox {[_fmt(v) for v in box]} has every coordinate at most 1 on a "
                                 f"{width}x{height} image, where the other boxes are in pixels: a fraction of the "
                                 "image? multiply it by the width and height", "box_normalised")
+        given = box
         if parsed.bbox_type == "norm1":
             box = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
         x1, y1, x2, y2 = box
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            raise RecordProblem(f"{what} {i} bbox {[_fmt(v) for v in box]} lies outside the {width}x{height} "
-                                "image (width x height)", "box_outside")
+            shown = (f"{[_fmt(v) for v in given]} (bbox_type norm1: fractions of the image, "
+                     f"{[_fmt(round(v, 2)) for v in box]} in pixels)") if parsed.bbox_type == "norm1" else \
+                [_fmt(v) for v in box]
+            raise RecordProblem(f"{what} {i} bbox {shown} lies outside the {width}x{height} image (width x height)",
+                                "box_outside")
         if x2 - x1 < 1 or y2 - y1 < 1:  # (written in whole pixels, the model would learn an empty box)
             raise RecordProblem(f"{what} {i} bbox {[_fmt(round(v, 3)) for v in box]} is under one pixel wide or "
                                 f"high on the {width}x{height} image: the target would hold an empty box",
