@@ -205,7 +205,7 @@ def test_valid_but_suspicious_records_are_warned_about(capsys, tmp_path):
     warned = out[out.index("warnings (4;"):].splitlines()[1:5]
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    assert warned[0] == (f"  {train_file}: 1 record(s) have a key 'reason' and no 'reasoning': a misspelling? "
+    assert warned[0] == (f"  {train_file}: 1 record(s) (line 3) have a key 'reason' and no 'reasoning': a misspelling? "
                          "(fxjax reads 'reasoning'; other keys are kept for eval --group-by)")
     assert warned[1] == (f"  1 image(s) labelled both real and generated: {a} ({train_file}:1 real, "
                          f"{train_file}:2 generated)")

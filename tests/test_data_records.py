@@ -109,8 +109,8 @@ def test_a_misspelt_field_is_warned_about_once_per_file(root, caplog):
         records, _ = load_records(path)
     assert len(records) == 3 and records[0].reasoning == ""
     notes = [r.getMessage() for r in caplog.records]
-    assert notes == [f"{path}: 2 record(s) have a key 'reason' and no 'reasoning': a misspelling? (fxjax reads "
-                     "'reasoning'; other keys are kept for eval --group-by)"]
+    assert notes == [f"{path}: 2 record(s) (lines 1, 2) have a key 'reason' and no 'reasoning': a misspelling? "
+                     "(fxjax reads 'reasoning'; other keys are kept for eval --group-by)"]  # (lines: they named none)
     assert load_records(path)[1].hints == notes  # for `fxjax data check`, which prints them in its report
 
 

@@ -178,7 +178,7 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_paths: bool,
-                hints: Counter | None = None) -> tuple[ParsedRecord, Path]:
+                hints: dict | None = None) -> tuple[ParsedRecord, Path]:
     try:
         obj = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
     except _RepeatedKey as err:  # (json keeps the last silently: "label": "real", "label": "generated")
@@ -187,7 +187,8 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
         hint = " (JSON Lines has no comments: delete the line)" if line.lstrip().startswith(("#", "//")) else ""
         raise DataError(where, f"invalid JSON: {err}{hint}", "json") from None
     if hints is not None:
-        hints.update(misspelt_fields(obj))
+        for pair in misspelt_fields(obj):
+            hints.setdefault(pair, []).append(where.rpartition(":")[2])  # (the line numbers)
     try:
         parsed = parse_record(obj, format)
     except RecordProblem as p:
@@ -268,7 +269,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
             raise DataError(str(file), problem, "json")
         base = Path(root) if root is not None else file.parent
         records_in_file = 0
-        hints: Counter = Counter()
+        hints: dict[tuple[str, str], list[str]] = {}
         for n, line in numbered_lines(file):
             if on_error == "raise" and errors:
                 break
@@ -283,8 +284,11 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                 errors.append(((file_index, n), err))
                 continue
             pending.append(_Pending((file_index, n), where, parsed, path))
-        for (key, wanted), count in sorted(hints.items()):
-            report.hints.append(f"{file}: {count} record(s) have a key {key!r} and no {wanted!r}: a misspelling? "
+        for (key, wanted), lines in sorted(hints.items()):
+            at = ", ".join(lines[:5]) + (", ..." if len(lines) > 5 else "")
+            report.hints.append(f"{file}: {len(lines)} record(s) (line{'s' if len(lines) > 1 else ''} {at}) have a "
+                                f"key {key!r} and no {wanted!r}: "
+                                f"a misspelling? "
                                 f"(fxjax reads {wanted!r}; other keys are kept for eval --group-by)")
             logger.warning("%s", report.hints[-1])
         # A file without one record is a wrong path or a broken export (unless we stopped reading early).
