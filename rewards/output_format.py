@@ -34,8 +34,14 @@ FORMAT_MARKERS = (THINK_START, THINK_END, TAG_START, TAG_END, VERDICT_START, VER
 LABELS = ("real", "generated")
 
 
-def format_box(box: Sequence[float]) -> str:
+def written_box(box: Sequence[float]) -> tuple[int, int, int, int]:
+    """A box as a target writes it: each corner rounded to a whole pixel."""
     x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    return x1, y1, x2, y2
+
+
+def format_box(box: Sequence[float]) -> str:
+    x1, y1, x2, y2 = written_box(box)
     return f"[{x1}, {y1}, {x2}, {y2}]"
 
 

@@ -34,7 +34,7 @@ from fxjax.data.records import DataError, Record
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.image_processing import model_input_size, process_image
 from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
-                                         THINK_START, VERDICT_END, VERDICT_START)
+                                         THINK_START, VERDICT_END, VERDICT_START, written_box)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -104,9 +104,10 @@ class RecordTokens:
 
 def empty_written_box(boxes) -> int | None:
     """The first box (model-input pixels) that the target writes empty: its corners rounded to whole pixels
-    (`format_box`) meet on an axis."""
-    for i, (x1, y1, x2, y2) in enumerate(boxes):
-        if round(float(x1)) == round(float(x2)) or round(float(y1)) == round(float(y2)):
+    (`written_box`, as `format_box` writes them) meet on an axis."""
+    for i, box in enumerate(boxes):
+        x1, y1, x2, y2 = written_box(box)
+        if x1 == x2 or y1 == y2:
             return i
     return None
 
