@@ -151,9 +151,11 @@ def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
 
 def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box, ...]:
     """The record's boxes in pixels of the ``width`` x ``height`` image; each must lie inside it."""
-    if (parsed.bbox_type == "real" and parsed.regions and max(width, height) > 8
-            and all(v <= 1 for _, box in parsed.regions for v in box)):
-        # Fractions of the image read as pixels would train on boxes of one pixel in the corner.
+    # Fractions of the image read as pixels would train on boxes of one pixel in the corner: a record of
+    # fractions only, or one such box among boxes in pixels.
+    fractions = [parsed.bbox_type == "real" and max(width, height) > 8 and all(v <= 1 for v in box)
+                 for _, box in parsed.regions]
+    if fractions and all(fractions):
         how = ("native records give boxes in pixels of the original image [x1, y1, x2, y2]; multiply by the width "
                "and height (or write ms-swift records with objects.bbox_type \"norm1\")" if parsed.format == "native"
                else "objects.bbox_type \"real\" (the default) means pixels of the original image; for fractions "
@@ -163,8 +165,7 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box,
     out = []
     what = "object" if parsed.format == "swift" else "region"
     for i, (_, box) in enumerate(parsed.regions):
-        if parsed.bbox_type == "real" and max(width, height) > 8 and all(v <= 1 for v in box):
-            # one fraction among pixel boxes (the check above takes a record of fractions only)
+        if fractions[i]:
             raise RecordProblem(f"{what} {i} bbox {[_fmt(v) for v in box]} has every coordinate at most 1 on a "
                                 f"{width}x{height} image, where the other boxes are in pixels: a fraction of the "
                                 "image? multiply it by the width and height", "box_normalised")
