@@ -222,12 +222,10 @@ def _answer_problem(record) -> str | None:
 
 
 def _describe_tokens(records, cfg, bins: int) -> list[str]:
-    from fxjax.data.examples import ExampleBuilder
+    from fxjax.data.examples import ExampleBuilder, empty_written_box
 
     builder = ExampleBuilder(cfg, len(records))
     prompts_only = cfg.mode == "prompt"  # GRPO: the prompt is the example; the policy writes the rest
-    from fxjax.data.examples import empty_written_box
-
     totals, image_tokens, prompt_over, empty_boxes = [], [], [], []
     for record in records:
         text = builder.text(record)

@@ -135,6 +135,9 @@ class Detector:
     mesh: Any = None  # after load(): jax Mesh, or None for one device
     loaded_run: Any = None  # after load() of a --run: its fxjax.train.run_loading.LoadedRun
 
+    def _say(self, text: str) -> None:
+        print(f"fxjax {self.args.command}: {text}", file=sys.stderr, flush=True)
+
     def placement(self):
         """The mesh the weights will go on (made once, before any weights load): --mesh; else with --run the
         run's split of the model (its fsdp and tensor axes, `run_mesh`), with --model every device on the
@@ -144,8 +147,7 @@ class Detector:
             if self.mesh is None:
                 from fxjax.train.run_loading import data_parallel_mesh, run_mesh
 
-                say = lambda text: print(f"fxjax {self.args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
-                self.mesh = run_mesh(self.run_mesh, say) if self.run_mesh is not None else data_parallel_mesh()
+                self.mesh = run_mesh(self.run_mesh, self._say) if self.run_mesh is not None else data_parallel_mesh()
             self._placed = True
         return self.mesh
 
@@ -169,7 +171,7 @@ class Detector:
         if self.model is not None:
             return self
         args = self.args
-        say = lambda text: print(f"fxjax {args.command}: {text}", file=sys.stderr, flush=True)  # noqa: E731
+        say = self._say
         if args.run is not None and after is not None and after.loaded_run is not None:
             from fxjax.train.run_loading import load_run_step
 

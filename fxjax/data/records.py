@@ -287,9 +287,8 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
         for (key, wanted), lines in sorted(hints.items()):
             at = ", ".join(lines[:5]) + (", ..." if len(lines) > 5 else "")
             report.hints.append(f"{file}: {len(lines)} record(s) (line{'s' if len(lines) > 1 else ''} {at}) have a "
-                                f"key {key!r} and no {wanted!r}: "
-                                f"a misspelling? "
-                                f"(fxjax reads {wanted!r}; other keys are kept for eval --group-by)")
+                                f"key {key!r} and no {wanted!r}: a misspelling? (fxjax reads {wanted!r}; other keys "
+                                f"are kept for eval --group-by)")
             logger.warning("%s", report.hints[-1])
         # A file without one record is a wrong path or a broken export (unless we stopped reading early).
         if records_in_file == 0 and not (errors and on_error == "raise"):
