@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from fakexplain_data import IMAGES, write_fakexplain
@@ -192,8 +193,8 @@ def test_valid_but_suspicious_records_are_warned_about(capsys, tmp_path):
     print it too), one image labelled both ways, an image repeated, an image in both files (a leak)."""
     from PIL import Image
 
-    for name in ("a", "b", "c"):
-        Image.new("RGB", (40, 30)).save(tmp_path / f"{name}.png")
+    for shade, name in enumerate(("a", "b", "c")):  # three images: distinct contents
+        Image.new("RGB", (40, 30), (shade * 60,) * 3).save(tmp_path / f"{name}.png")
     box = [{"bbox": [1, 2, 20, 20], "caption": "odd"}]
     train = [{"image": "a.png", "label": "real"}, {"image": "a.png", "label": "generated", "regions": box},
              {"image": "b.png", "label": "real", "reason": "fine"}, {"image": "b.png", "label": "real"}]
@@ -220,6 +221,34 @@ def test_valid_but_suspicious_records_are_warned_about(capsys, tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps(train[2]) + "\n")
     rc, out = check(capsys, tmp_path / "train.jsonl", tmp_path / "test.jsonl")
     assert "more than one file" in out and "more than one record of a file" not in out
+
+
+def test_an_image_is_its_content_and_an_id_names_one_image(capsys, tmp_path):
+    """A copy of a training image under another name in the test file is a leak all the same (the check
+    compared paths only); an id that two records of other images share in one file is said, while records
+    without an id (their path is their id) and ids reused across files are not."""
+    from PIL import Image
+
+    for shade, name in enumerate(("a", "b")):
+        Image.new("RGB", (40, 30), (shade * 60,) * 3).save(tmp_path / f"{name}.png")
+    shutil.copy(tmp_path / "a.png", tmp_path / "a_copy.png")
+    train = [{"image": "a.png", "label": "real", "id": "x1"}, {"image": "b.png", "label": "real", "id": "x1"}]
+    test = [{"image": "a_copy.png", "label": "real", "id": "x1"}]
+    for name, records in (("train", train), ("test", test)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    rc, out = check(capsys, train_file, test_file)
+    assert rc == 0, out
+    warned = out[out.index("warnings (2;"):].splitlines()[1:3]
+    a, copy = tmp_path / "a.png", tmp_path / "a_copy.png"
+    assert warned[0] == (f"  1 image(s) in more than one file (a leak if the files are train and test splits): "
+                         f"{a} = {copy} ({train_file}:1 real {a}, {test_file}:1 real {copy})")
+    assert warned[1] == (f"  1 id(s) given to records of other images in the same file (eval's predictions.jsonl "
+                         f"names records by id): 'x1' ({train_file}:1, {train_file}:2)")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"image": "b.png", "label": "real"}) + "\n"
+                                          + json.dumps({"image": "b.png", "label": "real"}) + "\n")
+    rc, out = check(capsys, train_file)
+    assert "id(s) given" not in out and "more than one record of a file" in out
 
 
 def test_errors_that_stop_the_check(capsys, tmp_path):

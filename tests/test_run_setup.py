@@ -585,9 +585,10 @@ def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path)
         resolve_step(epochs, "alpha")
 
 
-def test_held_out_records_that_show_a_training_image_are_warned_about():
+def test_held_out_records_that_show_a_training_image_are_warned_about(tmp_path):
     """SFT and GRPO trained and evaluated on the same image without a word (only `fxjax data check`
-    warned); the run says how many held-out records share a training image."""
+    warned); the run says how many held-out records share a training image, a copy of it under another
+    name included (paths alone missed it)."""
     from fxjax.train.run_setup import warn_held_out_overlap
 
     def record(source, image):
@@ -600,3 +601,9 @@ def test_held_out_records_that_show_a_training_image_are_warned_about():
     assert warn_held_out_overlap(train, held_out, said.append) == [held_out[1]]
     assert said == ["warning: 1 of the 2 held-out record(s) show a training image (e.g. test.jsonl:2: /d/b.png): the "
                     "held-out metrics overstate what the model learned"]
+    for name, content in (("a.png", b"one"), ("b.png", b"two"), ("a_copy.png", b"one"), ("c.png", b"thr")):
+        (tmp_path / name).write_bytes(content)  # (a, b, c: one size, three contents)
+    train = [record("train.jsonl:1", str(tmp_path / "a.png")), record("train.jsonl:2", str(tmp_path / "b.png"))]
+    held_out = [record("test.jsonl:1", str(tmp_path / "c.png")), record("test.jsonl:2", str(tmp_path / "a_copy.png"))]
+    assert warn_held_out_overlap(train, held_out, said.append) == [held_out[1]]
+    assert warn_held_out_overlap(train, held_out[:1], said.append) == []

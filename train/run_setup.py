@@ -84,9 +84,13 @@ def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: C
 def warn_held_out_overlap(train_records, held_out_records, say: Callable[[str], None]) -> list:
     """Say (process 0) which held-out records show an image the run trains on (a train / test leak that
     `fxjax data check` warns about, and the run did not): the held-out metrics then overstate what the
-    model learned. Returns those records."""
-    images = {r.image for r in train_records}
-    shared = [r for r in held_out_records if r.image in images]
+    model learned. An image is its file's content: a copy under another name is the same image. Returns
+    those records."""
+    from fxjax.data.images import content_keys
+
+    keys = content_keys(r.image for r in [*train_records, *held_out_records])
+    images = {keys[r.image] for r in train_records}
+    shared = [r for r in held_out_records if keys[r.image] in images]
     if shared and jax.process_index() == 0:
         say(f"warning: {len(shared)} of the {len(held_out_records)} held-out record(s) show a training image "
             f"(e.g. {shared[0].source}: {shared[0].image}): the held-out metrics overstate what the model learned")

@@ -26,7 +26,9 @@ Prints:
   * a token-length histogram (prompt + image tokens + target, as SFT builds it), when --tokenizer is
     given; without it that histogram is skipped with a note;
   * warnings about valid records: keys that look misspelt ('reason' for 'reasoning'), images used by more
-    than one record (labelled both ways: a contradiction) or in more than one file (a train/test leak);
+    than one record (labelled both ways: a contradiction) or in more than one file (a train/test leak),
+    an image being its file's content (a copy under another name is the same image), and an id given to
+    records of other images in one file;
   * every invalid record as FILE:LINE: [kind] what is wrong.
 
 With --config (an `fxjax sft` or `fxjax grpo` config) it checks that run's data: its train and eval files
@@ -162,21 +164,29 @@ def _describe_records(records, bins: int) -> list[str]:
     return out
 
 
-def _warnings(records, hints: Sequence[str], limit: int = 5) -> list[str]:
+def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -> list[str]:
     """What is valid record by record but suspicious over the dataset: keys that look misspelt, an image used
     by more than one record (with different labels: a contradiction), an image in more than one file (a
-    train / test leak when the files are the two splits). At most `limit` examples each."""
+    train / test leak when the files are the two splits), an id given to two records of a file. An image is
+    its file's content: a copy under another name is the same image. At most `limit` examples each."""
     from collections import defaultdict
 
+    from fxjax.data.images import content_keys
+
+    keys = content_keys((r.image for r in records), threads)
     by_image = defaultdict(list)
     for r in records:
-        by_image[r.image].append(r)
-    repeated = [(image, rs) for image, rs in by_image.items() if len(rs) > 1]
-    files = {image: [r.source.rsplit(":", 1)[0] for r in rs] for image, rs in repeated}  # source: "file:line"
+        by_image[keys[r.image]].append(r)
+    repeated = [(key, rs) for key, rs in by_image.items() if len(rs) > 1]
+    files = {key: [r.source.rsplit(":", 1)[0] for r in rs] for key, rs in repeated}  # source: "file:line"
     out = list(hints)
 
     def examples(items) -> str:
-        shown = [f"{image} ({', '.join(f'{r.source} {r.label}' for r in rs)})" for image, rs in items[:limit]]
+        shown = []
+        for _, rs in items[:limit]:
+            paths = list(dict.fromkeys(r.image for r in rs))
+            named = len(paths) > 1  # copies: which record names which file
+            shown.append(" = ".join(paths) + f" ({', '.join(f'{r.source} {r.label}' + (f' {r.image}' if named else '') for r in rs)})")
         return "; ".join(shown) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
     contradictory = [(i, rs) for i, rs in repeated if len({r.label for r in rs}) > 1]
@@ -191,6 +201,15 @@ def _warnings(records, hints: Sequence[str], limit: int = 5) -> list[str]:
     if shared:
         out.append(f"{len(shared)} image(s) in more than one file (a leak if the files are train and test "
                    f"splits): {examples(shared)}")
+    by_id = defaultdict(list)  # (a record without an id has its image's path as id: the same image)
+    for r in records:
+        by_id[(r.source.rsplit(":", 1)[0], r.record_id)].append(r)
+    reused = [(key, rs) for key, rs in by_id.items() if len({r.image for r in rs}) > 1]
+    if reused:
+        shown = "; ".join(f"{key[1]!r} ({', '.join(r.source for r in rs)})" for key, rs in reused[:limit])
+        out.append(f"{len(reused)} id(s) given to records of other images in the same file (eval's predictions.jsonl "
+                   f"names records by id): {shown}"
+                   + (f"; and {len(reused) - limit} more" if len(reused) > limit else ""))
     broken = [(r.source, why) for r in records if (why := _answer_problem(r))]
     if broken:
         shown = "; ".join(f"{source}: {why}" for source, why in broken[:limit])
@@ -332,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
                           "`fxjax init` writes)"]
-    warnings = _warnings(records, report.hints)
+    warnings = _warnings(records, report.hints, threads=args.threads)
     if warnings:
         lines += ["", f"warnings ({len(warnings)}; the records are valid, but check these):"]
         lines += [f"  {w}" for w in warnings]

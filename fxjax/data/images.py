@@ -14,10 +14,14 @@ Every failure is a :class:`ImageError` whose ``kind`` is the category the loader
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Iterable
 
 from PIL import Image, ImageOps
 
@@ -27,6 +31,7 @@ __all__ = [
     "ALLOWED_IMAGE_FORMATS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageError",
+    "content_keys",
     "image_size",
     "open_image",
     "resolve_image_path",
@@ -160,3 +165,30 @@ def image_size(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
         return image.size if decode else _oriented_size(image)
     finally:
         image.close()
+
+
+def content_keys(paths: Iterable[str], threads: int = 8) -> dict[str, str]:
+    """A key per image file that copies of one file share under any name (the same photo in the train and
+    the test split): the sha256 of the files whose byte size another file has too, else the path (no file
+    can be its copy; most of a dataset is never read again). A file that cannot be read now keeps its path."""
+    def size(path: str) -> int | None:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return None
+
+    def digest(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return path
+
+    paths = sorted(set(paths))
+    sizes = dict(zip(paths, map(size, paths)))
+    counts = Counter(sizes.values())
+    shared = [p for p in paths if sizes[p] is not None and counts[sizes[p]] > 1]
+    keys = {p: p for p in paths}
+    with ThreadPoolExecutor(threads) as pool:
+        keys.update(zip(shared, pool.map(digest, shared)))
+    return keys
