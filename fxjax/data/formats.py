@@ -177,14 +177,25 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box,
             shown = (f"{[_fmt(v) for v in given]} (bbox_type norm1: fractions of the image, "
                      f"{[_fmt(round(v, 2)) for v in box]} in pixels)") if parsed.bbox_type == "norm1" else \
                 [_fmt(v) for v in box]
-            raise RecordProblem(f"{what} {i} bbox {shown} lies outside the {width}x{height} image (width x height)",
-                                "box_outside")
+            raise RecordProblem(f"{what} {i} bbox {shown} lies outside the {width}x{height} image (width x height)"
+                                + _thousandths_hint(box, width, height, parsed.bbox_type), "box_outside")
         if x2 - x1 < 1 or y2 - y1 < 1:  # (written in whole pixels, the model would learn an empty box)
             raise RecordProblem(f"{what} {i} bbox {[_fmt(round(v, 3)) for v in box]} is under one pixel wide or "
                                 f"high on the {width}x{height} image: the target would hold an empty box",
                                 "box_tiny")
         out.append(box)
     return tuple(out)
+
+
+def _thousandths_hint(box: Box, width: int, height: int, bbox_type: str) -> str:
+    """Qwen2-VL's grounding data gives boxes on a 0-1000 scale of the image (Qwen2.5-VL's, and fxjax's, are
+    in pixels): a box well past the image's edge (not a pixel or two) whose numbers all lie in 0..1000 may be
+    one, so show it in pixels."""
+    if bbox_type != "real" or not all(0 <= v <= 1000 for v in box) or (box[2] <= 1.1 * width
+                                                                     and box[3] <= 1.1 * height):
+        return ""
+    pixels = [_fmt(round(v * side / 1000, 1)) for v, side in zip(box, (width, height, width, height))]
+    return f"; if it is on Qwen2-VL's 0-1000 scale of the image, in pixels it is {pixels}"
 
 
 # ---- fields --------------------------------------------------------------------------------------
