@@ -115,9 +115,11 @@ def _check_signs(values: dict[str, float], where: str) -> None:
     for term, what in (("label", "verdict"), ("format", "answer format")):
         plus, minus = values[f"{term}_plus"], values[f"{term}_minus"]
         if minus > plus:
+            fix = (f"the *_minus values are added as written, so a penalty is negative: {term}_minus: {-minus:g}"
+                   if -minus < plus else  # (else the two look swapped: negating the minus would not do)
+                   f"swapped? {term}_plus: {minus:g}, {term}_minus: {plus:g}")
             raise ValueError(f"{where}.{term}_minus ({minus:g}) is above {term}_plus ({plus:g}): a wrong {what} "
-                             f"would score more than a right one (the *_minus values are added as written, so a "
-                             f"penalty is negative: {term}_minus: {-abs(minus):g})")
+                             f"would score more than a right one ({fix})")
     for name in ("w_iou", "w_iou_start", "w_iou_end"):
         if name in values and values[name] < 0:
             raise ValueError(f"{where}.{name}: must be >= 0 (a negative weight rewards boxes away from the "

@@ -270,7 +270,11 @@ def test_a_bad_reward_file_is_named(tmp_path):
                                                       r"label_minus: -2.5\)"),
             ("format_plus: 0.5, format_minus: -1.0", "format_plus: -1.5, format_minus: -1.0",
              r"stages.gamma.format_minus \(-1\) is above format_plus \(-1.5\): a wrong answer format would score more "
-             r"than a right one"),
+             r"than a right one \(swapped\? format_plus: -1, format_minus: -1.5\)"),
+            # negating the minus would still leave it above the plus: swapped, not a sign
+            ("label_plus: 2.0, label_minus: -2.0", "label_plus: -3.0, label_minus: 2.0",
+             r"stages.beta.label_minus \(2\) is above label_plus \(-3\): a wrong verdict would score more than a right "
+             r"one \(swapped\? label_plus: 2, label_minus: -3\)"),
             ("base: -1.0, w_iou: 2.0", "base: -1.0, w_iou: -2.0", r"stages.gamma.w_iou: must be >= 0 \(a negative "
                                                                  r"weight rewards boxes away from the artefacts\), got -2"),
             ("  w_iou_start: 0.5", "  w_iou_start: -0.5", r"continuous.w_iou_start: must be >= 0")]):
