@@ -4,7 +4,7 @@ each stage's start and end. Pure functions of the metrics `fxjax.demo.run_demo` 
 
 from __future__ import annotations
 
-STAGES = ("alpha", "beta", "gamma")
+from fxjax.rewards.stages import STAGES  # the reward config's three presets, in the paper's order
 
 __all__ = ["STAGES", "held_out_stage_rewards", "phase_table", "slope_with_error", "stage_trends"]
 

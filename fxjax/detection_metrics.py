@@ -31,11 +31,10 @@ import numpy as np
 
 from fxjax import rewards
 
-__all__ = ["NO_VERDICT", "METRIC_KEYS", "metrics_table", "score_completions", "steps_table", "summarize"]
+__all__ = ["NO_VERDICT", "metrics_table", "score_completions", "steps_table", "summarize"]
 
 NO_VERDICT = "none"  # the predicted class of a completion without a real/generated verdict
 PREDICTED = (*rewards.LABELS, NO_VERDICT)
-METRIC_KEYS = ("examples", "accuracy", "precision", "recall", "f1", "format_rate", "mean_iou", "iou_images")
 NO_GROUP = "(none)"  # the group of a record without a value for the grouping field
 
 

@@ -17,8 +17,8 @@ Use:
     model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh, lora=LoRAConfig(...))
     inputs = shard_inputs(model.prepare(ids, mask, pixel_values, grid, batch_shards=batch_shards(mesh)), mesh)
     with use_mesh(mesh):                # the model pins activations' batch to ("data", "fsdp")
-        loss, grads = jitted_step(model, optimizer, inputs)   # ending in constrain(model), constrain(optimizer)
-                                                              # (fxjax.partition_rules.constrain)
+        loss, grads = jitted_step(model, optimizer, inputs)   # jitted with out_shardings = the inputs' own,
+                                                              # so parameters and moments keep their layout
 """
 
 from __future__ import annotations

@@ -292,10 +292,6 @@ def shutdown() -> None:
         jax.distributed.shutdown()
 
 
-def is_main_process() -> bool:
-    return jax.process_index() == 0
-
-
 _GATHERS: dict[str, int] = {}  # calls per name: every process makes the same calls in the same order
 _POLL_MS = 500  # how often a waiting allgather_json checks `cancelled`
 
@@ -470,6 +466,6 @@ def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] 
 
 
 __all__ = ["DistributedConfig", "DistributedError", "ENV_VARS", "NO_AUTO_ENV", "auto_detect", "describe",
-           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "is_main_process", "allgather_json",
+           "detect_cluster", "opted_out", "initialize", "resolve", "shutdown", "allgather_json",
            "gather_json_to_main", "GatherCancelled",
            "PeerFailed", "joined", "mark_finished", "stop_peers"]

@@ -22,12 +22,11 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from fxjax.hf_config import config_to_hub_dict, load_config
-from fxjax.peft_io import attach_lora
+from fxjax.peft_io import NP_DTYPES, attach_lora
 from fxjax.safetensors_reading import open_safetensors
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
@@ -48,7 +47,6 @@ _EMBED, _HEAD = ("embed_tokens", "embedding"), ("lm_head", "kernel")  # fxjax pa
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
                "chat_template.jinja", "video_preprocessor_config.json")
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 class CheckpointError(ValueError):
@@ -332,8 +330,8 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         raise CheckpointError(f"{out} is the directory the model was loaded from: write to another one (its "
                               f"weights would be overwritten while they are the source of the side files)")
     dtype = dtype or (source.dtype if source else jnp.dtype(_param_dtype(model)).name)
-    if dtype not in _NP_DTYPES:
-        raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
+    if dtype not in NP_DTYPES:
+        raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(NP_DTYPES)}")
     # the adapters merged before (a malformed record fails here, before anything is written) and now; every
     # process joins the fingerprint's gathers
     record = (merged_fingerprints(source.directory) if source else []) + merge_record(model)
@@ -352,7 +350,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     total = 0
     written: list[str] = []
 
-    def flush(final: bool) -> None:
+    def flush() -> None:
         if not shards[-1]:
             return
         name = f"model-{len(written) + 1:05d}.safetensors"
@@ -364,13 +362,13 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         sizes[-1] = 0
 
     for name, thunk in hf_tensors(model, naming, base_files):
-        array = thunk().astype(_NP_DTYPES[dtype])
+        array = thunk().astype(NP_DTYPES[dtype])
         if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
-            flush(final=False)
+            flush()
         shards[-1][name] = array
         sizes[-1] += array.nbytes
         total += array.nbytes
-    flush(final=True)
+    flush()
     count = len(written)
     renamed = {}
     for i, old in enumerate(written, start=1):

@@ -14,8 +14,8 @@ from typing import Any
 from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 
-class ConfigError(ValueError):
-    pass
+class HFConfigError(ValueError):
+    """An HF config.json fxjax cannot build a model from (fxjax's own run configs: config_mapping.HFConfigError)."""
 
 
 def _rope(section: dict[str, Any]) -> dict[str, Any]:
@@ -31,14 +31,14 @@ def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
     theta = rope.get("rope_theta", flat.get("rope_theta", 1000000.0))
     section = rope.get("mrope_section")
     if section is None:
-        raise ConfigError(f"{source}: no mrope_section in rope_parameters/rope_scaling")
+        raise HFConfigError(f"{source}: no mrope_section in rope_parameters/rope_scaling")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "mrope"):  # (transformers would scale the rotary angles: other logits)
-        raise ConfigError(f"{source}: rope type {kind!r} in rope_parameters/rope_scaling is not supported: fxjax "
+        raise HFConfigError(f"{source}: rope type {kind!r} in rope_parameters/rope_scaling is not supported: fxjax "
                           "implements Qwen2.5-VL's plain M-RoPE (rope type 'default' or 'mrope'); remove the "
                           "scaling keys to load the model as released")
     if flat.get("use_sliding_window"):
-        raise ConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5-VL releases have it off)")
+        raise HFConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5-VL releases have it off)")
     try:
         heads = int(flat["num_attention_heads"])
         return TextConfig(
@@ -55,7 +55,7 @@ def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
             max_position_embeddings=int(flat.get("max_position_embeddings", 128000)),
         )
     except KeyError as err:
-        raise ConfigError(f"{source}: missing text config key {err.args[0]!r}") from None
+        raise HFConfigError(f"{source}: missing text config key {err.args[0]!r}") from None
 
 
 def vision_config_from_dict(v: dict[str, Any], source: str) -> VisionConfig:
@@ -77,7 +77,7 @@ def vision_config_from_dict(v: dict[str, Any], source: str) -> VisionConfig:
             rope_theta=float(rope.get("rope_theta", 10000.0)),
         )
     except KeyError as err:
-        raise ConfigError(f"{source}: missing vision_config key {err.args[0]!r}") from None
+        raise HFConfigError(f"{source}: missing vision_config key {err.args[0]!r}") from None
 
 
 def _eos_tuple(value: Any) -> tuple[int, ...]:
@@ -88,9 +88,9 @@ def _eos_tuple(value: Any) -> tuple[int, ...]:
 
 def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> Qwen25VLConfig:
     if raw.get("model_type") not in (None, "qwen2_5_vl"):
-        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not 'qwen2_5_vl'")
+        raise HFConfigError(f"{source}: model_type {raw.get('model_type')!r} is not 'qwen2_5_vl'")
     if "vision_config" not in raw:
-        raise ConfigError(f"{source}: no vision_config")
+        raise HFConfigError(f"{source}: no vision_config")
     nested = raw.get("text_config")
     # transformers builds the text config from text_config alone when there is one (top-level text keys,
     # which older files also carry, are then ignored), else from the top level
@@ -111,7 +111,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> Qwen25
             pad_token_id=text_section.get("pad_token_id"),
         )
     except ValueError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise HFConfigError(f"{source}: {err}") from None
 
 
 def load_config(path: str | Path) -> tuple[Qwen25VLConfig, dict[str, Any]]:
@@ -119,11 +119,11 @@ def load_config(path: str | Path) -> tuple[Qwen25VLConfig, dict[str, Any]]:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
-        raise ConfigError(f"{file}: not found (expected an HF Qwen2.5-VL checkpoint directory)")
+        raise HFConfigError(f"{file}: not found (expected an HF Qwen2.5-VL checkpoint directory)")
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{file}: invalid JSON ({err})") from None
+        raise HFConfigError(f"{file}: invalid JSON ({err})") from None
     return config_from_dict(raw, str(file)), raw
 
 

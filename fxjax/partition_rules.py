@@ -209,23 +209,6 @@ def _known(name: str) -> bool:
     return any(pattern.fullmatch(name) for pattern, _ in _COMPILED)
 
 
-def constrain(node, mesh: Mesh | None = None):
-    """Inside jit: pin every variable of an nnx Module/Optimizer to its rule's sharding (in place).
-
-    Call it at the end of a jitted train step so updated parameters and optimizer moments keep their
-    layout instead of whatever the compiler propagated. `mesh` defaults to the ambient one (use_mesh);
-    without either it does nothing."""
-    target = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if not target.axis_names:
-        return node
-    for path, variable in nnx.to_flat_state(nnx.state(node)):
-        value = variable.get_value()
-        if not hasattr(value, "shape"):
-            continue
-        spec = state_spec(path, tuple(value.shape), target, is_param=isinstance(variable, nnx.Param))
-        variable.set_value(jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec) if mesh else spec))
-    return node
-
 
 def _flat(model_or_state) -> list[tuple[tuple, Any]]:
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)

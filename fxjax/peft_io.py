@@ -44,7 +44,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# the dtypes fxjax reads and writes safetensors in, by name (hf_checkpoint too)
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # adapter_config.json keys that change the weights or the forward pass in ways fxjax does not implement:
 # any of them set (truthy) is an error rather than a silently different model.
@@ -135,9 +136,9 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
             tensors[key] = f.get_tensor(key)
     if not tensors:
         raise AdapterError(f"{path}: holds no tensors")
-    unsupported = dtypes - set(_NP_DTYPES)
+    unsupported = dtypes - set(NP_DTYPES)
     if unsupported or len(dtypes) > 1:
-        raise AdapterError(f"{path}: tensor dtypes {sorted(dtypes)}; expected one of {sorted(_NP_DTYPES)} throughout")
+        raise AdapterError(f"{path}: tensor dtypes {sorted(dtypes)}; expected one of {sorted(NP_DTYPES)} throughout")
     return tensors, dtypes.pop()
 
 
@@ -356,8 +357,8 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
     if source is not None and getattr(model, "lora_config", None) != source.lora_config:
         source = None  # adapters replaced since loading
     naming = naming or (source.naming if source else TRANSFORMERS)
-    if dtype is not None and dtype not in _NP_DTYPES:
-        raise AdapterError(f"cannot save adapters in dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
+    if dtype is not None and dtype not in NP_DTYPES:
+        raise AdapterError(f"cannot save adapters in dtype {dtype!r}; use one of {sorted(NP_DTYPES)}")
     if naming not in (HUB, TRANSFORMERS):
         raise AdapterError(f"naming {naming!r}: use {HUB!r} (the Hub's module names) or {TRANSFORMERS!r} "
                            f"(transformers >= 4.52's)")
@@ -383,7 +384,7 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
             adapters.append(adapter)
     if dtype is None:
         dtype = source.dtype if source is not None and _holds_exactly(tensors, source.dtype) else "float32"
-    tensors = {k: v.astype(_NP_DTYPES[dtype]) for k, v in tensors.items()}
+    tensors = {k: v.astype(NP_DTYPES[dtype]) for k, v in tensors.items()}
     if jax.process_index() == 0:
         save_safetensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})  # mode 0644, not 0600
         config = source.raw_config if source is not None else _fresh_config(model, adapters, names, naming)
@@ -406,7 +407,7 @@ def _is_local_path(name: Any) -> bool:
 
 def _holds_exactly(tensors: dict, dtype: str) -> bool:
     """Whether every float32 tensor survives a round trip through `dtype` unchanged."""
-    np_dtype = _NP_DTYPES[dtype]
+    np_dtype = NP_DTYPES[dtype]
     return all(np.array_equal(v.astype(np_dtype).astype(np.float32), v) for v in tensors.values())
 
 
@@ -441,4 +442,4 @@ def attach_lora(model, *, adapter: str | Path | None = None, lora: LoRAConfig | 
 
 __all__ = ["load_peft_adapter", "save_peft_adapter", "apply_lora", "attach_lora", "place_adapters", "AdapterError",
            "PeftSource",
-           "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+           "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "NP_DTYPES"]

@@ -325,11 +325,6 @@ def remove_lora(model: nnx.Module) -> None:
         model.lora_config = None
 
 
-def set_lora_enabled(model: nnx.Module, enabled: bool) -> None:
-    for _, linear in lora_linears(model):
-        linear.lora.enabled = bool(enabled)
-
-
 @contextlib.contextmanager
 def lora_disabled(model: nnx.Module):
     """Inside, the model computes exactly its base (every adapter off): the reference policy without a
@@ -343,10 +338,6 @@ def lora_disabled(model: nnx.Module):
     finally:
         for a, flag in zip(adapters, before):
             a.enabled = flag
-
-
-def lora_state(model: nnx.Module) -> nnx.State:
-    return nnx.state(model, LORA_PARAMS)
 
 
 def merge_lora(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scaling: float) -> np.ndarray:
@@ -366,6 +357,6 @@ def merged_kernel(linear: Linear) -> np.ndarray:
 
 
 __all__ = ["LoRAConfig", "LoRAAdapter", "LORA_PARAMS", "BASE_PARAMS", "ALL_LINEAR", "apply_lora", "add_adapter",
-           "remove_lora", "lora_disabled", "set_lora_enabled", "lora_linears", "linears", "has_lora",
+           "remove_lora", "lora_disabled", "lora_linears", "linears", "has_lora",
            "stacked_layers", "linear_layers", "group_by_linear",
-           "select_targets", "target_matches", "pattern_key", "lora_scaling", "lora_state", "merge_lora", "merged_kernel"]
+           "select_targets", "target_matches", "pattern_key", "lora_scaling", "merge_lora", "merged_kernel"]

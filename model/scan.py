@@ -44,13 +44,6 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.
     return build(rngs)
 
 
-def stack_size(stack: nnx.Module) -> int:
-    """The number of layers of a stacked module (the leading axis of its parameters)."""
-    for _, value in nnx.to_flat_state(nnx.state(stack, nnx.Param)):
-        return int(value.shape[0])
-    raise ValueError("a stacked module needs at least one parameter")
-
-
 def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, broadcast: tuple = (), *,
                remat: RematPolicy = None):
     """Run the layers of `stack` in order: `carry, ys_i = step(layer_i, carry, xs_i, *broadcast)`.
@@ -81,4 +74,4 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, broadcast: tup
     return carry, ys
 
 
-__all__ = ["RematPolicy", "stack_modules", "stack_size", "scan_stack"]
+__all__ = ["RematPolicy", "stack_modules", "scan_stack"]

@@ -55,7 +55,7 @@ class VisionLayout:
         return int(self.valid.shape[0])
 
 
-def vision_layout(image_grid_thw: np.ndarray, cfg: VisionConfig, min_windows: int = 1) -> VisionLayout:
+def vision_layout(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionLayout:
     grids = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
     m = cfg.spatial_merge_size
     side = cfg.window_merged_side

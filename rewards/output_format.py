@@ -98,12 +98,9 @@ def render_scaled_completion(label: str, regions: Sequence[tuple[str, Sequence[f
 # ---- parsing -------------------------------------------------------------------------------------
 
 _E = re.escape
-# The authors' region pattern: `REF.*?REF_END\s*BOX(.*?)BOX_END`, no DOTALL. The caption group added here
-# does not change which substrings match. These regexes document the semantics; the functions below compute
-# the same matches in (near) linear time, and the tests hold them to the regexes.
-_REGION_RE = re.compile(_E(REF_START) + r"(.*?)" + _E(REF_END) + r"\s*" + _E(BOX_START) + r"(.*?)" + _E(BOX_END))
-# Label check: first `<verdict>(.*?)</verdict>`, no DOTALL.
-_VERDICT_RE = re.compile(_E(VERDICT_START) + r"(.*?)" + _E(VERDICT_END))
+# The authors' region pattern is `REF(.*?)REF_END\s*BOX(.*?)BOX_END` (no DOTALL), their label check the first
+# `<verdict>(.*?)</verdict>` (no DOTALL). The functions below compute the same matches in (near) linear time;
+# the tests hold them to those regexes (tests/reference_format.py: the authors' code as written).
 # Tags and think text: first `<tag>(.*?)</tag>` / `<think>(.*?)</think>` with DOTALL (see `_between`).
 _WS_RE = re.compile(r"\s*")  # the regexes' \s, so whitespace means exactly what it means to `re`
 
@@ -359,9 +356,6 @@ class ParsedCompletion:
     @property
     def regions(self) -> tuple[tuple[str, tuple[float, float, float, float]], ...]:
         return tuple(zip(self.captions, self.boxes))
-
-    def boxes_array(self) -> np.ndarray:
-        return np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
 
 
 def parse_completion(text, *, original_size: Optional[Sequence[float]] = None,

@@ -145,7 +145,9 @@ def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardW
 
 
 def continuous_weights(t: float, T: float, config: Optional[Union[str, Path]] = None) -> RewardWeights:
-    """The ICLR schedule: w_G(t) = 0.5 + 0.5 * t / T (t clipped to [0, T]); label and format weights 1."""
+    """The continuous schedule of the reward config's `continuous` section: w_iou(t) runs linearly from
+    w_iou_start to w_iou_end over T steps (t clipped to [0, T]; the shipped config: 0.5 + 0.5 * t / T, the
+    ICLR version's w_G); base, label and format weights as that section gives them."""
     cfg = load_config(config)
     if "continuous" not in cfg:
         raise ValueError(f"{config or CONFIG_PATH}: no 'continuous' section, which the continuous schedule "

@@ -28,6 +28,7 @@ LAYER_OF_PREFIX = {
     "fxjax.__main__": "app",  # python -m fxjax: the CLI
     "fxjax.demo": "app",
     "fxjax.demo_model": "app",  # the demo's base model (only the demo builds it)
+    "fxjax.demo_summary": "app",  # the demo's closing lines
     "fxjax.selfcheck": "app",
     "fxjax.commands": "app",
     "fxjax": "core",

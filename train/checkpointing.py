@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from fxjax.config_mapping import ConfigError
 from fxjax.device_mesh import barrier
-from fxjax.run_files import CONFIG_FILE
+from fxjax.run_files import CONFIG_FILE, DATA_STATE_FILE
 from fxjax.train import faults
 from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
 
@@ -154,8 +154,8 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": _DataStateHandler("data_state.json"),
-                           "config": ocp.JsonCheckpointHandler("config.json")})
+                           "data": _DataStateHandler(DATA_STATE_FILE.name),
+                           "config": ocp.JsonCheckpointHandler(CONFIG_FILE.name)})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -38,7 +38,6 @@ Also exported: `group_advantages` and `grpo_loss` (fxjax.train.grpo_loss), TRL's
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -78,7 +77,6 @@ from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["GRPOResult", "group_advantages", "grpo_loss", "run_grpo"]
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = -100
+from fxjax.data.examples import IGNORE_INDEX  # the label of a token no loss is taken on
 
 __all__ = ["IGNORE_INDEX", "LossTargets", "chunked_cross_entropy", "cross_entropy_sum", "loss_targets",
            "reference_cross_entropy"]

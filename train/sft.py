@@ -25,7 +25,6 @@ train.on_nonfinite is "skip", which skips that update and goes on.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import time
@@ -54,7 +53,6 @@ from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch,
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteError", "SFTResult", "build_model", "data_config", "run_sft"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from fxjax.run_files import step_or_stage
 
-__all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments", "load_detector",
+__all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments",
            "mesh_from_flag", "parse_mesh", "resolve_detector"]
 
 
@@ -295,8 +295,3 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     elif args.run is not None:  # (the length the run's own evaluation decoded, not a guess of 1024)
         detector.max_new_tokens = cfg.eval.max_new_tokens
     return detector
-
-
-def load_detector(args: argparse.Namespace) -> Detector:
-    """`resolve_detector` with the weights loaded."""
-    return resolve_detector(args).load()

@@ -51,7 +51,7 @@ class Artefact:
     apply: Callable[[np.ndarray, tuple[int, int, int, int], np.random.Generator], None]
 
 
-def _soft_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def _soft_mask(h: int, w: int) -> np.ndarray:
     """An elliptical mask that fills most of the box, feathered at its edge: [h, w, 1] in [0, 1]."""
     yy, xx = np.mgrid[0:h, 0:w]
     cy, cx = (h - 1) / 2, (w - 1) / 2
@@ -92,7 +92,7 @@ def _colour_blob(img, box, rng):
     h, w = region.shape[:2]
     shift = rng.uniform(-1, 1, size=3)
     shift = shift / (np.abs(shift).max() + 1e-6) * float(rng.uniform(45, 80))
-    mask = _soft_mask(h, w, rng)
+    mask = _soft_mask(h, w)
     img[y1:y2, x1:x2] = np.clip(region + mask * shift, 0, 255).astype(np.uint8)
 
 

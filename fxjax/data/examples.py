@@ -28,6 +28,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from fxjax.data.config import DataConfig
+from fxjax.data.formats import ENDOFTEXT, IM_END
 from fxjax.data.images import open_image
 from fxjax.data.prompts import IMAGE_PAD, USER_TEMPLATES, pick_template, prompt_parts, record_prompt, render_target
 from fxjax.data.records import DataError, Record
@@ -46,8 +47,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-PAD_TOKEN = "<|endoftext|>"
-IM_END = "<|im_end|>"
+PAD_TOKEN = ENDOFTEXT  # Qwen's pad token
 
 
 class Dropped(NamedTuple):

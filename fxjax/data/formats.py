@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fxjax.rewards.output_format import (BOX_END, BOX_START, FORMAT_MARKERS, LABELS, REF_END, REF_START, VERDICT_END,
-                                         VERDICT_START)
+                                         VERDICT_START, parse_verdict)
 
 __all__ = [
     "Box",
@@ -45,12 +44,13 @@ __all__ = [
 ]
 
 SWIFT_REF, SWIFT_BBOX, SWIFT_IMAGE = "<ref-object>", "<bbox>", "<image>"
+# Qwen2.5-VL's chat and vision tokens (prompts and examples render with these)
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 # Strings that would break the chat structure or the image-token count anywhere in a prompt or target.
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>")
+CHAT_TOKENS = (IM_START, IM_END, ENDOFTEXT, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 # ... plus those that would corrupt the output format inside a native record's free text.
 _RESERVED = (*CHAT_TOKENS, REF_START, REF_END, BOX_START, BOX_END, *FORMAT_MARKERS)
-_VERDICT_RE = re.compile(re.escape(VERDICT_START) + r"(.*?)" + re.escape(VERDICT_END))
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 
@@ -381,13 +381,13 @@ def _parse_swift(obj: dict) -> ParsedRecord:
     bbox_type = objects.get("bbox_type", "real")
     if bbox_type not in ("real", "norm1"):
         raise RecordProblem(f"unsupported objects.bbox_type {bbox_type!r} (expected 'real' or 'norm1')", "schema")
-    verdict = _VERDICT_RE.search(assistant)
+    verdict = parse_verdict(assistant)  # (the verdict as the label reward reads it back)
     if verdict is None and "label" not in obj:
         raise RecordProblem(f"no {VERDICT_START}...{VERDICT_END} in the assistant text and no 'label' field",
                             "label")
-    label = _label(verdict.group(1) if verdict else obj["label"])
-    if verdict and "label" in obj and _label(obj["label"]) != label:
-        raise RecordProblem(f"'label' {obj['label']!r} disagrees with the verdict {verdict.group(1)!r}", "label")
+    label = _label(verdict if verdict is not None else obj["label"])
+    if verdict is not None and "label" in obj and _label(obj["label"]) != label:
+        raise RecordProblem(f"'label' {obj['label']!r} disagrees with the verdict {verdict!r}", "label")
     regions = tuple((_caption(c, f"object {i} ref"), _box_numbers(b, f"object {i} bbox"))
                     for i, (c, b) in enumerate(zip(refs, boxes)))
     return ParsedRecord(image=image, record_id=_record_id(obj, image), label=label, regions=regions,

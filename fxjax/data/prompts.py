@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fxjax.data.formats import SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF
+from fxjax.data.formats import (IM_END, IM_START, IMAGE_PAD, SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, VISION_END,
+                                VISION_START)
 from fxjax.data.records import Record
 from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
                                          THINK_START, VERDICT_END, VERDICT_START, format_box, render_completion)
@@ -35,8 +36,6 @@ __all__ = [
     "serving_prompt",
 ]
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 
 SYSTEM_PROMPT = (
