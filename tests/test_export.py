@@ -79,9 +79,20 @@ def test_merged_export_is_self_contained_and_readable(tiny_checkpoint, tokenizer
 
     # the processor's chat template (`processor.apply_chat_template`, as model cards serve) is the tokenizer's
     assert Qwen2_5_VLProcessor.get_processor_dict(merged)[0]["chat_template"] == tok.chat_template
-    pytest.importorskip("torchvision")  # transformers' Qwen2.5-VL video processor needs it
+
+
+def test_merged_export_loads_as_a_processor(tiny_checkpoint, tokenizer_dir, tmp_path):
+    """AutoProcessor (what serving code calls) reads the export's tokenizer with the format markers. Skipped
+    without torchvision, which transformers' Qwen2.5-VL video processor needs (the PyPI wheel does not load
+    with the CPU torch of the test extra; a GPU machine's torch has it)."""
+    pytest.importorskip("torchvision")
     from transformers import AutoProcessor
 
+    import fxjax
+    from fxjax.train.export import save_merged
+
+    model = fxjax.from_pretrained(tiny_checkpoint)
+    merged = save_merged(model, tmp_path / "merged", tokenizer_dir=stock_tokenizer(tokenizer_dir, tmp_path / "stock"))
     assert AutoProcessor.from_pretrained(merged).tokenizer.encode("<tag>") == [FORMAT_MARKER_IDS["<tag>"]]
 
 
