@@ -11,11 +11,20 @@ opening); prompts; tokenizer; config (DataConfig); examples (record -> ids, labe
     make_demo_data("demo/", n=1000, seed=0)
 """
 
-from fxjax.data.demo_data import make_demo_data
-from fxjax.data.pipeline import DataConfig, DataPipeline, collate
-from fxjax.data.prompts import SYSTEM_PROMPT, USER_TEMPLATES, pick_template, render_prompt, render_target
-from fxjax.data.records import DataError, LoadReport, Record, Region, load_records
-from fxjax.data.tokenizer import build_qwen_tokenizer, load_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Loaded on first use (PEP 562), so `import fxjax.data.records` does not load grain and jax with the pipeline.
+_EXPORTS = {
+    "make_demo_data": "fxjax.data.demo_data",
+    **dict.fromkeys(("DataConfig", "DataPipeline", "collate"), "fxjax.data.pipeline"),
+    **dict.fromkeys(("SYSTEM_PROMPT", "USER_TEMPLATES", "pick_template", "render_prompt", "render_target"),
+                    "fxjax.data.prompts"),
+    **dict.fromkeys(("DataError", "LoadReport", "Record", "Region", "load_records"), "fxjax.data.records"),
+    **dict.fromkeys(("build_qwen_tokenizer", "load_tokenizer"), "fxjax.data.tokenizer"),
+}
 
 __all__ = [
     "DataConfig",
@@ -35,3 +44,16 @@ __all__ = [
     "render_prompt",
     "render_target",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fxjax.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
