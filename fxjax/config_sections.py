@@ -7,11 +7,13 @@ fxjax.train_config assembles them into the run configs and loads them; checks ac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fxjax.config_mapping import ConfigError, check_positive, check_seed
+from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from fxjax.image_processing import DEFAULT_MIN_PIXELS, RELEASE_MAX_PIXELS
 
 __all__ = ["CheckpointSection", "DataSection", "DistributedSection", "EvalSection", "ExportSection", "LoRASection",
            "MeshSection", "ModelSection", "OptimSection", "REMAT_POLICIES", "TrainSection"]
@@ -115,7 +117,8 @@ class DistributedSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Training/eval data; most fields pass through to fxjax.data.DataConfig."""
+    """Training/eval data; every field but train_files, eval_files and tokenizer passes through to
+    fxjax.data.DataConfig under its own name, with the same default (`pipeline_fields`)."""
 
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()
@@ -125,9 +128,9 @@ class DataSection:
     format: Literal["auto", "native", "swift"] = "auto"
     on_error: Literal["raise", "skip"] = "raise"
     check_decode: bool = True
-    max_image_pixels: int = 89_478_485  # an original image above it is refused (decompression bombs)
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # an original image above it is refused (decompression bombs)
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = RELEASE_MAX_PIXELS
     max_length: int = 8192
     length_buckets: tuple[int, ...] = ()
     long_samples: Literal["truncate", "drop"] = "truncate"
@@ -140,6 +143,12 @@ class DataSection:
     worker_count: int = 0
     read_threads: int = 2
     prefetch_buffer_size: int = 8
+
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("train_files", "eval_files", "tokenizer")
+
+    def pipeline_fields(self) -> dict:
+        """The fields DataConfig takes as they are (all but RUN_ONLY)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUN_ONLY}
 
     def validate(self, where: str) -> None:
         if not self.train_files:

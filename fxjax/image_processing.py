@@ -17,6 +17,7 @@ __all__ = [
     "CLIP_STD",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_PIXELS",
+    "RELEASE_MAX_PIXELS",
     "MAX_ASPECT_RATIO",
     "model_input_size",
     "pil_to_rgb",
@@ -27,7 +28,9 @@ __all__ = [
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280  # transformers' Qwen2VLImageProcessor() default (its longest_edge)
+# max_pixels in the Qwen2.5-VL releases' preprocessor_config.json: the data pipeline's and run configs' default
+RELEASE_MAX_PIXELS = 12845056
 MAX_ASPECT_RATIO = 200
 
 

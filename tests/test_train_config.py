@@ -414,6 +414,30 @@ def test_the_image_size_limit_reaches_the_data_pipeline():
         from_dict({**MINIMAL, "data": {**MINIMAL["data"], "max_image_pixels": 0}})
 
 
+def test_every_data_setting_reaches_the_pipeline_with_the_pipelines_default():
+    """The run config's data section and the pipeline's DataConfig were two hand-kept copies (19 fields,
+    copied one by one into the pipeline): each setting of the section is a DataConfig field of the same
+    name and default, and a changed value arrives."""
+    import dataclasses
+
+    from fxjax.config_sections import DataSection
+    from fxjax.data.config import DataConfig
+    from fxjax.train.sft import data_config
+
+    pipeline = {f.name: f for f in dataclasses.fields(DataConfig)}
+    for f in dataclasses.fields(DataSection):
+        if f.name in DataSection.RUN_ONLY:
+            continue
+        assert f.name in pipeline, f"data.{f.name} is not a DataConfig field"
+        assert f.default == pipeline[f.name].default, (f.name, f.default, pipeline[f.name].default)
+    changed = {"root": "/imgs", "long_samples": "drop", "prompts": "templates", "user_prompt": "Real?",
+               "read_threads": 5, "max_length": 128, "length_buckets": [64, 128], "min_pixels": 4000,
+               "max_pixels": 5000}
+    cfg = from_dict({**MINIMAL, "data": {**MINIMAL["data"], **changed}})
+    built = data_config(cfg)
+    assert {k: getattr(built, k) for k in changed} == {**changed, "length_buckets": (64, 128)}
+
+
 def test_a_section_or_key_given_twice_is_an_error_naming_the_file_and_lines(tmp_path):
     """PyYAML keeps the last of two equal keys: a `data:` section appended to a copied config replaced the
     first one whole, silently."""

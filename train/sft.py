@@ -78,17 +78,8 @@ class SFTResult:
 def data_config(cfg: SFTConfig) -> DataConfig:
     """The training DataConfig: one global example stream (the same shuffle on every process); `run_sft`
     sets `batch_rows` to the rows of each global batch that this process builds."""
-    d = cfg.data
-    return DataConfig(data_files=d.train_files, tokenizer=cfg.tokenizer, root=d.root,
-                      allow_absolute_paths=d.allow_absolute_paths, format=d.format,
-                      on_error=d.on_error, check_decode=d.check_decode, max_image_pixels=d.max_image_pixels,
-                      min_pixels=d.min_pixels,
-                      max_pixels=d.max_pixels, max_length=d.max_length, length_buckets=d.length_buckets,
-                      long_samples=d.long_samples, mode="sft", prompts=d.prompts, system_prompt=d.system_prompt,
-                      user_prompt=d.user_prompt, batch_size=d.batch_size, drop_remainder=True, shuffle=d.shuffle,
-                      seed=d.seed, num_epochs=None,
-                      worker_count=d.worker_count, read_threads=d.read_threads,
-                      prefetch_buffer_size=d.prefetch_buffer_size, shard_index=0, shard_count=1)
+    return DataConfig(data_files=cfg.data.train_files, tokenizer=cfg.tokenizer, **cfg.data.pipeline_fields(),
+                      mode="sft", drop_remainder=True, num_epochs=None, shard_index=0, shard_count=1)
 
 
 def total_steps(cfg: SFTConfig, records_per_epoch: int) -> int:

@@ -11,6 +11,7 @@ import grain
 
 from fxjax.data.formats import check_prompt
 from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from fxjax.image_processing import DEFAULT_MIN_PIXELS, RELEASE_MAX_PIXELS
 
 __all__ = ["DataConfig"]
 
@@ -27,8 +28,8 @@ class DataConfig:
     on_error: str = "raise"  # "raise" | "skip"
     check_decode: bool = True  # fully decode every image once while validating
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decompression-bomb limit (original pixels)
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = RELEASE_MAX_PIXELS
     max_length: int = 8192
     length_buckets: tuple[int, ...] = ()  # () -> powers of two from 64, capped by max_length
     long_samples: str = "truncate"  # "truncate" | "drop"
