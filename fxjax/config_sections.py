@@ -104,6 +104,10 @@ class MeshSection:
     # device instead (each computes the whole batch: wasted hardware, warned on every run).
     allow_replicated_batch: bool = False
 
+    def axes(self) -> dict[str, int]:
+        """The sizes fxjax.device_mesh.MeshConfig takes: MeshConfig(**section.axes())."""
+        return {name: getattr(self, name) for name in ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp")}
+
 
 @dataclass(frozen=True)
 class DistributedSection:

@@ -81,6 +81,13 @@ class MeshConfig:
                 raise ShardingError(f"mesh.{key}: {value!r} is not an integer")
         return cls(**sizes)
 
+    @classmethod
+    def data_takes_rest(cls, **sizes: int) -> "MeshConfig":
+        """As a run config's mesh section reads: an axis not given is 1, and data takes the rest of the
+        devices (-1) unless another axis does (fsdp=4 on 8 devices: data=2 x fsdp=4)."""
+        given = {k: v for k, v in sizes.items() if k in AXES}
+        return cls(**{"data": 1 if -1 in given.values() else -1, **sizes})
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)

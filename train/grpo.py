@@ -242,7 +242,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     else:
         for stage in cfg.stages:
             rewards.load_stage(stage.name, g.reward_config)
-    mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
+    mesh = make_mesh(MeshConfig(**cfg.mesh.axes()))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh, micro_batches=cfg.optim.grad_accum,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
                                accumulates=cfg.optim.grad_accum > 1)

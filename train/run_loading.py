@@ -168,8 +168,8 @@ def run_mesh(mesh_section, log: Callable[[str], None] | None = None):
     if (fsdp, tensor) == (1, 1):
         return data_parallel_mesh()
     try:  # (an axis at -1 takes every device: the data axis is then 1)
-        return make_mesh(MeshConfig(data=1 if -1 in (fsdp, tensor) else -1, fsdp=fsdp, tensor=tensor,
-                                    dcn_data=mesh_section.dcn_data, dcn_fsdp=mesh_section.dcn_fsdp))
+        return make_mesh(MeshConfig.data_takes_rest(fsdp=fsdp, tensor=tensor, dcn_data=mesh_section.dcn_data,
+                                                    dcn_fsdp=mesh_section.dcn_fsdp))
     except (ShardingError, ValueError):  # (mesh_utils' own errors for a layout these devices cannot take)
         if log is not None:
             log(f"note: the run split the model over mesh fsdp={fsdp} x tensor={tensor}, which "

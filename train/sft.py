@@ -106,7 +106,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
     """run_sft once its process has joined the run and holds the run's folders."""
     recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
 
-    mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp))
+    mesh = make_mesh(MeshConfig(**cfg.mesh.axes()))
     say(f"sft: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"mesh {dict(mesh.shape)}")
     say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)

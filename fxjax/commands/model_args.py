@@ -101,9 +101,9 @@ def parse_mesh(text: str | None):
             raise ValueError(f"--mesh: {value!r} is not an integer") from None
     if list(sizes.values()).count(-1) > 1:
         raise ValueError(f"--mesh: at most one axis may be -1 (the rest of the devices), got {text}")
-    # as a run config's mesh: an axis not given is 1, but data takes the rest of the devices unless another
-    # axis does (--mesh fsdp=4 on 8 devices is data=2 x fsdp=4; it was an error that 4 devices are not 8)
-    return MeshConfig(**{"data": 1 if -1 in sizes.values() else -1, "fsdp": 1, "tensor": 1, **sizes})
+    # as a run config's mesh (--mesh fsdp=4 on 8 devices is data=2 x fsdp=4; it was an error that 4 devices
+    # are not 8)
+    return MeshConfig.data_takes_rest(**sizes)
 
 
 def mesh_from_flag(text: str | None):
