@@ -103,7 +103,7 @@ def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_re
 
     from fxjax.run_files import RunLoadError
     from fxjax.train.checkpointing import TrainCheckpointer
-    from fxjax.train.run_setup import restore_latest
+    from fxjax.train.resume import restore_latest
 
     def state(value):
         return {"params": {"w": jnp.full((4,), value, jnp.float32)}, "step": jnp.int32(value)}
@@ -159,7 +159,7 @@ def test_a_checkpoint_of_other_lora_targets_or_layout_shapes_is_refused_not_set_
     import jax.numpy as jnp
 
     from fxjax.train.checkpointing import TrainCheckpointer
-    from fxjax.train.run_setup import restore_latest
+    from fxjax.train.resume import restore_latest
 
     lora = {"rank": 2, "target_modules": ["q_proj"]}
     checkpointer = TrainCheckpointer(tmp_path / "ckpt", async_save=False)

@@ -309,7 +309,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
 
 
 def test_a_per_process_data_state_restores_only_with_its_process_count_and_rows():
-    from fxjax.train.run_setup import restore_iterator
+    from fxjax.train.resume import restore_iterator
     from fxjax.config_mapping import ConfigError
 
     class Iterator:

@@ -5,7 +5,7 @@ A checkpoint of step N is one orbax step directory ``<dir>/<N>/`` with three ite
 * ``state``: the train state as a flat mapping of arrays (LoRA parameters, optimiser state, step, RNG key
   data), saved asynchronously (the arrays are copied off the device before `save` returns; the writes
   and the atomic commit run in the background while training goes on);
-* ``data``: the grain iterator state (JSON; every process's own, `run_setup.per_process_state`, written by
+* ``data``: the grain iterator state (JSON; every process's own, `resume.per_process_state`, written by
   process 0), so resuming continues with exactly the next batch;
 * ``config``: the resolved run config (SFT or GRPO; JSON), for the record and for the resume checks
   (`train.resume_check`).

@@ -68,11 +68,12 @@ from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
                                  rollout_sums, sample_and_score)
+from fxjax.train.resume import mesh_record, per_process_state, process_rows_per_batch
 from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
-                                   resumed_start, start_description, start_run, warn_held_out_overlap)
+                                   keep_start_lora, resumed_start, start_description, start_run,
+                                   warn_held_out_overlap)
 from fxjax.train.evaluation import Evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model

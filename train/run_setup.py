@@ -1,5 +1,5 @@
 """What SFT and GRPO runs share before their first step: joining the processes, the model with LoRA on the
-mesh, the train state placed on its shardings, and a checkpoint to resume from.
+mesh, the train state placed on its shardings, and a checkpoint to resume from (train.resume).
 
     main, say = join_run("sft", cfg, log)
     mesh = make_mesh(...); model = build_model(cfg, mesh)
@@ -25,7 +25,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fxjax import distributed
-from fxjax.distributed import allgather_json
 from fxjax.file_modes import require_writable
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.attention import current_platform, select_backend
@@ -39,15 +38,15 @@ from fxjax.partition_rules import (UnsplitParametersWarning, param_shardings, sh
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.export import check_export_targets
 from fxjax.train.optimizer import make_optimizer
-from fxjax.train.resume_check import WATCHED, check_resume_config
+from fxjax.train.resume import check_resume_mesh, other_phase_message, process_rows_per_batch, resume_run
+from fxjax.train.resume_check import WATCHED
 from fxjax.train.step import RNG_IMPL, TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR, RunLoadError, brief_error,
+from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR,
                              committed_steps, resumes_from_kept_start, saved_run_kind, start_step_text)
 
-__all__ = ["StateShardings", "batch_divides", "build_model", "check_eval_batch", "check_resume_mesh", "evaluates",
-           "init_state", "keep_start_lora", "mesh_record", "opt_state_shardings", "per_process_state", "place",
-           "process_rows_per_batch", "restore_iterator", "restore_latest", "resumed_start"]
+__all__ = ["RunStart", "StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
+           "join_run", "keep_start_lora", "opt_state_shardings", "place", "resumed_start", "start_run"]
 
 
 def batch_divides(what: str, batch: int, mesh, *, allow_replicated: bool, log: Callable[[str], None],
@@ -293,118 +292,6 @@ def init_state(params, base, rest, tx, *, seed: int, mesh) -> tuple[TrainState, 
     return state, shardings
 
 
-def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
-    """(state, data_state, saved_config, step) from the newest checkpoint that restores, or None when the
-    directory holds none. A checkpoint that fails to restore (truncated or corrupted files) is reported with
-    its step, set aside (renamed ``<step>.unreadable-<n>``, so the run can write that step again) and the
-    next older one is tried; if none restores, RunLoadError (the newest's error) and nothing is renamed.
-
-    Several processes decide together: they must see the same steps (one shared folder), and a step counts as
-    restored only when every process restored it (a host that cannot read it would otherwise resume from an
-    older step than the others, or wait for them forever)."""
-    steps = sorted(checkpointer.all_steps(), reverse=True)
-    seen = allgather_json("fxjax.checkpoint-steps", steps)
-    if any(other != steps for other in seen):
-        listed = "; ".join(f"process {p}: {', '.join(map(str, other)) or 'none'}" for p, other in enumerate(seen))
-        raise ConfigError(f"checkpoint.dir: the processes see different checkpoints in {checkpointer.directory} "
-                          f"({listed}); every host must read and write one shared folder (a network or cloud file "
-                          "system), or the run cannot resume as one")
-    if not steps:
-        return None
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    first_error, first_text = None, None
-    broken = []
-    for i, step in enumerate(steps):
-        error = None
-        try:
-            restored = checkpointer.restore(template, step)
-        except ConfigError:  # another run's settings (array shapes): not a damaged checkpoint to set aside
-            raise
-        except Exception as err:  # orbax raises many types for damaged files; the message says which
-            error = err
-        outcomes = allgather_json("fxjax.checkpoint-restored", None if error is None else brief_error(error))
-        failed = [(p, text) for p, text in enumerate(outcomes) if text is not None and p != jax.process_index()]
-        if error is None and not failed:
-            for bad in broken:
-                log(f"warning: set the unreadable checkpoint of step {bad} aside as {checkpointer.set_aside(bad)}")
-            return restored
-        text = brief_error(error) if error is not None else f"process {failed[0][0]} could not restore it: {failed[0][1]}"
-        first_error, first_text = first_error or error, first_text or text
-        broken.append(step)
-        log(f"warning: the checkpoint of step {step} in {checkpointer.directory} cannot be restored ({text}); "
-            + (f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older step"))
-    raise RunLoadError(f"no checkpoint in {checkpointer.directory} restores (steps {', '.join(map(str, steps))}; "
-                       f"the newest: {first_text}). Nothing was renamed. To train from the start, move "
-                       f"{checkpointer.directory} away (or set checkpoint.dir to another folder)") from first_error
-
-
-def per_process_state(state: dict, rows_per_batch: int) -> dict:
-    """What a checkpoint stores for data iterators that differ by process (each reads its own rows):
-    ``{"process_count": n, "processes": [the state of process 0, ..., of process n - 1], "rows_per_batch":
-    [how many rows of each global batch each process reads]}``; every process calls it (a host-only
-    exchange, `fxjax.distributed.allgather_json`) and process 0 writes it."""
-    every = allgather_json("iterator-state", {"state": state, "rows": int(rows_per_batch)})
-    return {"process_count": jax.process_count(), "processes": [p["state"] for p in every],
-            "rows_per_batch": [p["rows"] for p in every]}
-
-
-def restore_iterator(iterator, saved: dict, where, rows_per_batch: int | None = None) -> None:
-    """Set `iterator` to its saved position: this process's entry of a `per_process_state`, or a state
-    saved once for every process (iterators that read the same data everywhere). A per-process state of
-    another process count, or of another number of rows a process reads of each batch (`rows_per_batch`,
-    this run's), cannot be continued exactly: error. (A process's position counts the rows it has read:
-    with more rows a batch on another mesh split, the same position is fewer batches, and the run would
-    train on batches again; with fewer, skip some.)"""
-    if "processes" not in saved:
-        iterator.set_state(saved)
-        return
-    count, states = int(saved["process_count"]), saved["processes"]
-    if count != jax.process_count() or len(states) != count:
-        raise ConfigError(f"{where}: the data iterator state was saved by {count} process(es) but this run has "
-                          f"{jax.process_count()}; each process reads its own rows, so the run resumes exactly "
-                          f"only with {count} process(es) (the same mesh.data x mesh.fsdp split); or start a "
-                          "new run from it with model.from_run")
-    me = jax.process_index()
-    saved_rows = saved.get("rows_per_batch")  # states saved before it was recorded have none
-    if saved_rows is not None and rows_per_batch is not None and int(saved_rows[me]) != rows_per_batch:
-        raise ConfigError(f"{where}: process {me} read {saved_rows[me]} row(s) of each global batch when the checkpoint "
-                          f"was saved and reads {rows_per_batch} on this mesh; its saved data position counts its own "
-                          "rows, so the run would not continue with the batches it left off at. Resume on the mesh "
-                          "split it was saved on (the same mesh.data x mesh.fsdp over the processes: the checkpoint's "
-                          "data/data_state.json records it), or start a new run from it with model.from_run")
-    iterator.set_state(states[me])
-
-
-def process_rows_per_batch(data_cfg) -> int:
-    """How many rows of each global batch this process's data pipeline reads (its `batch_rows`, or all)."""
-    return data_cfg.batch_size if data_cfg.batch_rows is None else len(data_cfg.batch_rows)
-
-
-class Resumed(NamedTuple):
-    state: TrainState
-    data_state: dict  # what the loop saved next to the state (iterator position, shape floors, stage, ...)
-    step: int
-
-
-def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: Callable[[str], None],
-               watched=WATCHED, recorded=None, rows_per_batch: int | None = None) -> Resumed | None:
-    """Continue from the newest restorable checkpoint (see `restore_latest`): the state, the data iterator's
-    position and a check of the saved config against `recorded` (the config the run saves; default `cfg`;
-    `check_resume_config`). None: fresh run."""
-    restored = restore_latest(checkpointer, state, log) if cfg.checkpoint.resume else None
-    if restored is None:
-        return None
-    state, data_state, saved_cfg, step = restored
-    saved_kind = saved_run_kind(saved_cfg)
-    if saved_kind != name:  # the same state layout would restore, and then continue the other phase's count
-        raise ConfigError(_other_phase_message(name, checkpointer.directory, saved_kind, step))
-    restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step), rows_per_batch)
-    check_resume_config(saved_cfg, (recorded or cfg).to_dict(), log, watched)
-    extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
-    log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
-    return Resumed(state, data_state, step)
-
-
 class RunStart(NamedTuple):
     """What a training loop starts from: the optimiser and its schedule, the (restored or fresh) state and
     its shardings, the checkpointer, the data iterator (at its restored position), the batch-shape floors,
@@ -451,34 +338,6 @@ def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total
                     int(resumed.data_state.get("skipped", 0)))
 
 
-def mesh_record(mesh) -> dict[str, int]:
-    """The mesh's axis sizes, saved with each checkpoint (the loops' data state) for `check_resume_mesh`."""
-    return {axis: int(size) for axis, size in mesh.shape.items()}
-
-
-def check_resume_mesh(saved: dict | None, mesh, log: Callable[[str], None]) -> None:
-    """Warn when a run resumes on another split of the devices than the one its checkpoint was saved on
-    (checkpoints before fxjax recorded it: no check; another process count is refused before this). The run
-    continues (the state is resharded onto the new mesh), but its sums run over other splits of the rows or
-    the weights (a batch shard's padding and loss, fsdp's and tensor's partial sums), and with several
-    processes each may now build other rows of a batch than before (as many: `restore_iterator` refuses
-    another number): it is not bit for bit the run that
-    would have gone on uninterrupted, and a test comparing the two would fail without saying why. (The
-    dcn_* factors only reorder devices within these sizes: not compared.)"""
-    now = mesh_record(mesh)
-    if saved is not None and dict(saved) != now:
-        log(f"warning: resuming on mesh {now}, but the checkpoint was saved on mesh {dict(saved)}: the run "
-            f"continues, its sums split over other rows or weights, so it is not bit for bit the run it "
-            f"would have been on the saved mesh")
-
-
-def _other_phase_message(name: str, directory: Path, saved_kind: str, step: int) -> str:
-    article = "an" if saved_kind == "sft" else "a"
-    return (f"{directory} holds the checkpoints of {article} {saved_kind} run (newest: step {step}), not of a {name} "
-            "run; give this run its own train.output_dir / checkpoint.dir"
-            + (f" (GRPO from that SFT run: model.from_run={directory})" if name == "grpo" else ""))
-
-
 def refuse_other_phases_checkpoints(name: str, cfg) -> None:
     """A run resuming in the checkpoint directory of the other phase is refused before it writes anything
     there (keep_start_lora's copy of its start came before `resume_run`'s check, and left the other run's
@@ -493,7 +352,7 @@ def refuse_other_phases_checkpoints(name: str, cfg) -> None:
             continue  # (restore_latest reports an unreadable step and falls back past it)
         if isinstance(saved, dict):
             if saved_run_kind(saved) != name:
-                raise ConfigError(_other_phase_message(name, directory, saved_run_kind(saved), step))
+                raise ConfigError(other_phase_message(name, directory, saved_run_kind(saved), step))
             return
 
 

@@ -46,10 +46,11 @@ from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation,
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.run_files import RUN_CWD_KEY
+from fxjax.train.resume import mesh_record, per_process_state, process_rows_per_batch
 from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, mesh_record, per_process_state, process_rows_per_batch,
-                                   resumed_start, start_description, start_run, warn_held_out_overlap)
+                                   keep_start_lora, resumed_start, start_description, start_run,
+                                   warn_held_out_overlap)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
