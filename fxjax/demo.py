@@ -285,52 +285,6 @@ def _detect(detector, decoder, images: list[dict]) -> list[dict]:
     return detect(records, decoder, config, out=None, emit=lambda result: None)
 
 
-def _outline_corners(box, scale: int, size: tuple[int, int]) -> list[int]:
-    """A box's (x2, y2 exclusive) outline on the image scaled `scale` times: its last pixels are x2 * scale - 1
-    and y2 * scale - 1 (drawn at x2 * scale, a band's edge on the image's border fell outside the tile)."""
-    x1, y1, x2, y2 = (int(round(v * scale)) for v in box)
-    return [min(x1, size[0] - 1), min(y1, size[1] - 1), min(max(x2 - 1, x1), size[0] - 1),
-            min(max(y2 - 1, y1), size[1] - 1)]
-
-
-def _overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Path, scale: int = 3) -> Path:
-    """One PNG: a row per image, a column per phase; the phase's detection drawn by fxjax.overlay (boxes in
-    colour, verdict top left) and the true region outlined in white."""
-    from PIL import Image, ImageDraw
-
-    from fxjax.overlay import draw_detection
-
-    tiles = []
-    for i, meta in enumerate(images):
-        with Image.open(meta["image"]) as im:
-            big = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-        row = []
-        for results in columns.values():
-            r = results[i]
-            regions = [(c["caption"], [v * scale for v in c["box"]]) for c in r["regions"]]
-            tile = draw_detection(big, regions, r["verdict"], None if r["parsed"] else "answer did not parse")
-            draw = ImageDraw.Draw(tile)
-            for box in meta["boxes"]:
-                draw.rectangle(_outline_corners(box, scale, tile.size), outline=(255, 255, 255), width=1)
-            row.append(tile)
-        tiles.append(row)
-    w, h = max(t.width for r in tiles for t in r), max(t.height for r in tiles for t in r)
-    head, gap, foot = 22, 6, 34
-    height = head + len(tiles) * (h + gap) + gap + foot
-    sheet = Image.new("RGB", (len(columns) * (w + gap) + gap, height), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for j, name in enumerate(columns):
-        draw.text((gap + j * (w + gap), 5), name, fill=(0, 0, 0))
-    draw.text((gap, height - foot + 2), "white outline: the true region (generated images)\ncoloured, numbered: the "
-              "regions the model names; top left: its verdict", fill=(60, 60, 60))
-    for i, row in enumerate(tiles):
-        for j, tile in enumerate(row):
-            sheet.paste(tile, (gap + j * (w + gap), head + i * (h + gap)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
-
-
 # ---- the demo --------------------------------------------------------------------------------------------
 
 def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_images: int | None = None,
@@ -455,12 +409,13 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
 
     from fxjax.commands.eval_report import write_eval_report
     from fxjax.commands.report import write_report
+    from fxjax.overlay import overlay_sheet
 
     reports = [write_report(out / "sft", out / "report" / "sft_report.png", title="demo: SFT"),
                write_report(out / "grpo", out / "report" / "grpo_report.png", title="demo: GRPO alpha -> beta -> gamma"),
                write_eval_report(eval_dirs, out / "report" / "eval_report.png", labels=[t for t, _ in evals],
                                  title=f"demo: held-out evaluation by phase (seed {seed})")]
-    sheet = _overlay_sheet(overlay_images, overlays, out / "report" / "detect_overlays.png")
+    sheet = overlay_sheet(overlay_images, overlays, out / "report" / "detect_overlays.png")
     phases.done("report", f"fxjax report and fxjax detect: {', '.join(str(p) for p in reports)}, {sheet}")
 
     total = time.perf_counter() - start

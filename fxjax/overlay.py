@@ -12,13 +12,14 @@ for an answer without a verdict (with `note` saying why).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
 from fxjax.image_processing import pil_to_rgb
 
-__all__ = ["BOX_COLOURS", "VERDICT_COLOURS", "draw_detection"]
+__all__ = ["BOX_COLOURS", "VERDICT_COLOURS", "draw_detection", "outline_corners", "overlay_sheet"]
 
 # Distinct, saturated colours for successive regions (cycled).
 BOX_COLOURS = ((255, 64, 64), (255, 176, 0), (0, 200, 255), (190, 90, 255), (64, 220, 64), (255, 90, 200))
@@ -94,3 +95,47 @@ def draw_detection(image: Image.Image, regions: Sequence[tuple[str, Sequence[flo
         _label(draw, (cx1, y), text, font, colour, (width, height), pad)
     _label(draw, (0, 0), banner, banner_font, banner_colour, (width, height), pad)
     return out
+
+
+def outline_corners(box, scale: int, size: tuple[int, int]) -> list[int]:
+    """A box's (x2, y2 exclusive) outline on the image scaled `scale` times: its last pixels are x2 * scale - 1
+    and y2 * scale - 1 (drawn at x2 * scale, a band's edge on the image's border fell outside the tile)."""
+    x1, y1, x2, y2 = (int(round(v * scale)) for v in box)
+    return [min(x1, size[0] - 1), min(y1, size[1] - 1), min(max(x2 - 1, x1), size[0] - 1),
+            min(max(y2 - 1, y1), size[1] - 1)]
+
+
+def overlay_sheet(images: list[dict], columns: dict[str, list[dict]], path: Path, scale: int = 3) -> Path:
+    """One PNG side by side (the demo's before / after sheet): a row per image (`images`: its path "image" and
+    true "boxes" in pixels), a column per named list of `fxjax detect` results (`columns`, a result per
+    image); each tile the image `scale` times larger with its detection drawn (`draw_detection`) and the
+    true regions outlined in white."""
+    tiles = []
+    for i, meta in enumerate(images):
+        with Image.open(meta["image"]) as im:
+            big = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+        row = []
+        for results in columns.values():
+            r = results[i]
+            regions = [(c["caption"], [v * scale for v in c["box"]]) for c in r["regions"]]
+            tile = draw_detection(big, regions, r["verdict"], None if r["parsed"] else "answer did not parse")
+            draw = ImageDraw.Draw(tile)
+            for box in meta["boxes"]:
+                draw.rectangle(outline_corners(box, scale, tile.size), outline=(255, 255, 255), width=1)
+            row.append(tile)
+        tiles.append(row)
+    w, h = max(t.width for r in tiles for t in r), max(t.height for r in tiles for t in r)
+    head, gap, foot = 22, 6, 34
+    height = head + len(tiles) * (h + gap) + gap + foot
+    sheet = Image.new("RGB", (len(columns) * (w + gap) + gap, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(columns):
+        draw.text((gap + j * (w + gap), 5), name, fill=(0, 0, 0))
+    draw.text((gap, height - foot + 2), "white outline: the true region (generated images)\ncoloured, numbered: the "
+              "regions the model names; top left: its verdict", fill=(60, 60, 60))
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            sheet.paste(tile, (gap + j * (w + gap), head + i * (h + gap)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

@@ -158,12 +158,12 @@ def test_overlay_outline_reaches_the_true_region_s_last_pixels(tmp_path):
     band on the image's border lost its right and bottom edges (outside the tile)."""
     from PIL import Image
 
-    from fxjax.demo import _overlay_sheet
+    from fxjax.overlay import overlay_sheet
 
     Image.new("RGB", (56, 56), (51, 51, 51)).save(tmp_path / "img.png")
     meta = [{"image": tmp_path / "img.png", "boxes": [[0, 28, 56, 56]]}]
     result = {"regions": [], "verdict": "generated", "parsed": True}
-    sheet = Image.open(_overlay_sheet(meta, {"after SFT": [result]}, tmp_path / "sheet.png", scale=3)).convert("RGB")
+    sheet = Image.open(overlay_sheet(meta, {"after SFT": [result]}, tmp_path / "sheet.png", scale=3)).convert("RGB")
     left, top = 6, 22  # the sheet's gap and header: the tile's top-left corner
     white, grey = (255, 255, 255), (51, 51, 51)
     assert sheet.getpixel((left + 167, top + 120)) == white  # the right edge, on the tile's last column
