@@ -111,27 +111,6 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
-    from fxjax.commands.training import report, run_training, say
-    from fxjax.train_config import load_sft_config
-
-    cfg, result = run_training("sft", args, load_sft_config, "fxjax.train.sft:run_sft")
-    if result is None:
-        return 3
-    if result.preempted:
-        left = ("the end's evaluation and exports still to do" if result.steps == result.total_steps else
-                "resume by running the same command")
-        say("sft")(f"preempted at step {result.steps}/{result.total_steps} ({left}); checkpoint in "
-                   f"{result.checkpoint_dir}")
-        return 0
-    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-    done = (f"{result.steps} steps" if not result.resumed_from else
-            f"step {result.steps} reached, {result.steps - result.resumed_from} steps run from step {result.resumed_from}")
-    print(f"fxjax sft: {done} in {result.seconds:.0f}s, final loss {loss}; checkpoints in {result.checkpoint_dir}")
-    report("sft", args, cfg)
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fxjax.demo import run_demo
 
@@ -269,29 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     p.set_defaults(func=_cmd_make_demo_data)
 
-    p = sub.add_parser("sft", help="LoRA supervised fine-tuning from a YAML config",
-                       description="LoRA SFT of Qwen2.5-VL: model (HF directory or preset), LoRA, mesh, data, "
-                                   "AdamW with warmup + cosine, gradient accumulation, orbax checkpoints (running "
-                                   "the same command again resumes from the latest one), periodic evaluation, "
-                                   "export. SIGTERM/SIGINT save a checkpoint and exit 0. Metrics go to "
-                                   "<train.output_dir>/metrics.jsonl; --set train.profile_steps=N traces N "
-                                   "updates with jax.profiler into <train.output_dir>/profile.",
-                       epilog="example: fxjax sft --config configs/sft.yaml --set model.path=DIR "
-                              "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. "
-                              "A --set of one of a pair that excludes each other replaces the other "
-                              "(train.steps / train.epochs, model.path / model.preset); each key it changes "
-                              "besides is printed as a note. The data: JSONL records, native or ms-swift "
-                              "(docs/data.md); `fxjax data check FILE.jsonl` validates them first.")
-    p.add_argument("--config", required=True, metavar="YAML",
-                   help="the run's config: a YAML file, or the name of one fxjax ships (sft: every key with its "
-                        "default, as configs/sft.yaml; recipes/paper_3b_sft: the paper's recipe), usable after "
-                        "pip install without the repository")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value (YAML syntax; a string key takes the text as written), e.g. "
-                        "--set optim.learning_rate=2e-4 (repeatable)")
-    p.add_argument("--no-report", dest="report", action="store_false",
-                   help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
-    p.set_defaults(func=_cmd_sft)
+    importlib.import_module("fxjax.commands.sft").add_parser(sub)  # (listed before the demo, which runs it)
 
     p = sub.add_parser("demo", help="the whole method on a tiny model in minutes: data, SFT, GRPO, eval, export, report",
                        description="make-demo-data -> a tiny random Qwen2.5-VL saved in HF layout with the real "

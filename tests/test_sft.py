@@ -394,16 +394,16 @@ def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_ran(monkeypatch, 
     import argparse
     from types import SimpleNamespace
 
-    from fxjax import cli
+    from fxjax.commands import sft as sft_command
     from fxjax.commands import training
 
     result = SimpleNamespace(steps=9, total_steps=9, preempted=False, resumed_from=5, seconds=21.0, final_loss=0.5,
                              checkpoint_dir="runs/sft/checkpoints")
     monkeypatch.setattr(training, "run_training", lambda *a: (None, result))
     monkeypatch.setattr(training, "report", lambda *a: None)
-    assert cli._cmd_sft(argparse.Namespace()) == 0
+    assert sft_command.run(argparse.Namespace()) == 0
     assert capsys.readouterr().out.strip() == ("fxjax sft: step 9 reached, 4 steps run from step 5 in 21s, final "
                                                "loss 0.5000; checkpoints in runs/sft/checkpoints")
     result.resumed_from = None
-    assert cli._cmd_sft(argparse.Namespace()) == 0
+    assert sft_command.run(argparse.Namespace()) == 0
     assert capsys.readouterr().out.startswith("fxjax sft: 9 steps in 21s, final loss 0.5000;")

@@ -5,5 +5,6 @@ and `run(args) -> int`. Module level imports stay light (stdlib only) so `fxjax 
 answer without importing jax; the heavy imports live inside `run`.
 """
 
-# Sub-commands in the order `fxjax --help` lists them, after the built-in ones of fxjax/cli.py.
+# Sub-commands in the order `fxjax --help` lists them, after the built-in ones of fxjax/cli.py (and sft,
+# which cli.py registers before the demo).
 COMMAND_MODULES: tuple[str, ...] = ("grpo", "data_check", "eval", "detect", "export", "report")

@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from fxjax.commands.training import add_run_arguments
+
 HELP = "GRPO (the paper's RL phase) from a YAML config, through the reward stages alpha -> beta -> gamma"
 
 DESCRIPTION = """\
@@ -34,14 +36,9 @@ exits 3 with the last good checkpoint kept."""
 def add_parser(sub) -> None:
     p = sub.add_parser("grpo", help=HELP, description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, metavar="YAML",
-                   help="YAML config, or the name of one fxjax ships (grpo: every key with its default, as "
-                        "configs/grpo.yaml documents them; recipes/paper_3b_grpo: the paper's recipe)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value (YAML syntax; a string key takes the text as written), e.g. "
-                        "--set grpo.num_generations=8 (repeatable)")
-    p.add_argument("--no-report", dest="report", action="store_false",
-                   help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
+    add_run_arguments(p, config_help="YAML config, or the name of one fxjax ships (grpo: every key with its default, "
+                                     "as configs/grpo.yaml documents them; recipes/paper_3b_grpo: the paper's recipe)",
+                      set_example="grpo.num_generations=8")
     p.set_defaults(func=run)
 
 

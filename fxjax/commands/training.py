@@ -1,4 +1,4 @@
-"""What `fxjax sft` and `fxjax grpo` do around their loop: check the config's paths before JAX starts,
+"""What `fxjax sft` and `fxjax grpo` do around their loop (and their shared arguments): check the config's paths before JAX starts,
 join the multi-process run, run the loop, turn a non-finite stop into exit code 3, and draw the report."""
 
 from __future__ import annotations
@@ -7,6 +7,16 @@ import importlib
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+
+def add_run_arguments(p, *, config_help: str, set_example: str) -> None:
+    """The training commands' arguments: --config, --set (repeatable), --no-report."""
+    p.add_argument("--config", required=True, metavar="YAML", help=config_help)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value (YAML syntax; a string key takes the text as written), e.g. "
+                        f"--set {set_example} (repeatable)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write <train.output_dir>/report.png (plots of metrics.jsonl, `fxjax report`) at the end")
 
 
 def say(command: str) -> Callable[[str], None]:
