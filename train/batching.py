@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from fxjax.distributed import allgather_json
-from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs
+from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs, stack_vision
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
 from fxjax.device_mesh import REPLICATED, batch_spec, process_batch_shards, put
@@ -38,7 +38,7 @@ from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
 __all__ = ["ProcessRows", "StepBatch", "agree_floor", "agree_sizes", "batch_shardings", "build_step_batch",
            "check_same_records",
-           "grow_floor", "inputs_with_patch_dtype", "pad_rows", "pad_vision_inputs", "place_batch",
+           "grow_floor", "inputs_with_patch_dtype", "pad_rows", "pad_vision_inputs", "place_batch", "vision_floor",
            "place_local_batch", "process_rows", "shape_of", "with_patch_dtype"]
 
 TARGET_QUANTUM = 64
@@ -82,23 +82,31 @@ def pad_rows(batch: dict, rows: int) -> dict:
     return out
 
 
+def vision_floor(visions: Sequence[VisionInputs], model_cfg, floor: dict[str, int], *, prefix: str = "",
+                 bucket: bool = True) -> tuple[int, tuple[int, int] | None, dict[str, int]]:
+    """The common vision sizes of packed `visions` at least `floor`'s (its keys `prefix` + windows, segments,
+    segment_length): (windows, (segments, segment length) or None without segments, the grown floor). The
+    windows are rounded up to a bucket unless `bucket` is False."""
+    window_slots = model_cfg.vision.window_slots
+    windows = max([int(floor.get(prefix + "windows", 0))] + [v.valid.shape[-1] // window_slots for v in visions])
+    windows = round_up_to_bucket(windows) if bucket else windows
+    segments = None
+    if getattr(visions[0], "segment_slots", None) is not None:
+        segments = (max([int(floor.get(prefix + "segments", 0))] + [v.segment_slots.shape[-2] for v in visions]),
+                    max([int(floor.get(prefix + "segment_length", 0))] + [v.segment_slots.shape[-1] for v in visions]))
+    grown = dict(floor, **{prefix + "windows": windows})
+    if segments is not None:
+        grown.update({prefix + "segments": segments[0], prefix + "segment_length": segments[1]})
+    return windows, segments, grown
+
+
 def pad_vision_inputs(inputs: ModelInputs, model_cfg, floor: dict[str, int]) -> tuple[ModelInputs, dict[str, int]]:
     """Pad one (unstacked) ModelInputs' vision up to `floor` (windows, segments); returns it and the grown
     floor. For generation, where the text length is the prompt's bucket."""
-    v = inputs.vision
-    if v is None:
+    if inputs.vision is None:
         return inputs, floor
-    vcfg = model_cfg.vision
-    window_slots = vcfg.window_slots
-    windows = max(int(floor.get("windows", 0)), v.valid.shape[-1] // window_slots)
-    seg = getattr(v, "segment_slots", None)
-    segments = None if seg is None else (max(int(floor.get("segments", 0)), seg.shape[-2]),
-                                         max(int(floor.get("segment_length", 0)), seg.shape[-1]))
-    padded = pad_vision(v, windows * window_slots, segments)
-    grown = dict(floor, windows=windows)
-    if segments is not None:
-        grown.update(segments=segments[0], segment_length=segments[1])
-    return inputs._replace(vision=padded), grown
+    windows, segments, grown = vision_floor([inputs.vision], model_cfg, floor, bucket=False)
+    return inputs._replace(vision=pad_vision(inputs.vision, windows * model_cfg.vision.window_slots, segments)), grown
 
 
 def shape_of(batch: StepBatch, model_cfg, batch_shards: int = 1) -> dict[str, int]:
@@ -144,7 +152,7 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
     the checkpoint: padding changes the order of float reductions, and a resumed run must pad alike.)
     """
     floor = floor or {}
-    min_length, min_windows, min_targets = (int(floor.get(k, 0)) for k in ("length", "windows", "targets"))
+    min_length, min_targets = (int(floor.get(k, 0)) for k in ("length", "targets"))
     if not micro_batches:
         raise ValueError("no micro-batches")
     rows = {mb["input_ids"].shape[0] for mb in micro_batches}
@@ -158,22 +166,13 @@ def build_step_batch(micro_batches: Sequence[dict], model_cfg, pad_id: int, *,
         prepared.append(prepare_inputs(model_cfg, ids, mask, mb.get("pixel_values"), mb.get("image_grid_thw"),
                                        batch_shards=batch_shards if per_shard else None))
         labels.append(lab)
-    vcfg = model_cfg.vision
-    window_slots = vcfg.window_slots
     with_vision = [p.vision is not None for p in prepared]
     vision = None
     if any(with_vision):
         if not all(with_vision):
             raise ValueError("some micro-batches of a step have images and some do not")
-        windows = max(p.vision.valid.shape[-1] // window_slots for p in prepared)
-        slots = round_up_to_bucket(max(windows, min_windows)) * window_slots
-        segments = None
-        if getattr(prepared[0].vision, "segment_slots", None) is not None:
-            segments = (max([int(floor.get("segments", 0))] + [p.vision.segment_slots.shape[-2] for p in prepared]),
-                        max([int(floor.get("segment_length", 0))]
-                            + [p.vision.segment_slots.shape[-1] for p in prepared]))
-        padded = [pad_vision(p.vision, slots, segments) for p in prepared]
-        vision = VisionInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*padded)))
+        windows, segments, _ = vision_floor([p.vision for p in prepared], model_cfg, floor)
+        vision = stack_vision([p.vision for p in prepared], windows * model_cfg.vision.window_slots, segments)
     targets = _shard_targets(labels, batch_shards, shard_ids, min_targets)
     inputs = ModelInputs(
         input_ids=np.stack([p.input_ids for p in prepared]),

@@ -24,12 +24,10 @@ import numpy as np
 from fxjax import rewards
 from fxjax.model import generate as sampler
 from fxjax.model.generate import next_positions
-from fxjax.model.inputs import ModelInputs, prepare_inputs
+from fxjax.model.inputs import ModelInputs, prepare_inputs, stack_vision
 from fxjax.model.vision import VisionInputs
-from fxjax.model.vision_layout import round_up_to_bucket
 from fxjax.device_mesh import use_mesh
-from fxjax.model.inputs import pad_vision
-from fxjax.train.batching import pad_vision_inputs
+from fxjax.train.batching import pad_vision_inputs, vision_floor
 from fxjax.train.grpo_loss import group_advantages
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch
 
@@ -331,16 +329,5 @@ def _stack_vision(visions: list[VisionInputs | None], model_cfg, floor: dict[str
     shard) and stack them."""
     if visions[0] is None:
         return None, floor
-    vcfg = model_cfg.vision
-    window_slots = vcfg.window_slots
-    windows = round_up_to_bucket(max([int(floor.get("update_windows", 0))]
-                                     + [v.valid.shape[-1] // window_slots for v in visions]))
-    segments = None
-    if getattr(visions[0], "segment_slots", None) is not None:
-        segments = (max([int(floor.get("update_segments", 0))] + [v.segment_slots.shape[-2] for v in visions]),
-                    max([int(floor.get("update_segment_length", 0))] + [v.segment_slots.shape[-1] for v in visions]))
-    padded = [pad_vision(v, windows * window_slots, segments) for v in visions]
-    floor = dict(floor, update_windows=windows)
-    if segments is not None:
-        floor.update(update_segments=segments[0], update_segment_length=segments[1])
-    return VisionInputs(*(None if parts[0] is None else np.stack(parts) for parts in zip(*padded))), floor
+    windows, segments, floor = vision_floor(visions, model_cfg, floor, prefix="update_")
+    return stack_vision(visions, windows * model_cfg.vision.window_slots, segments), floor
