@@ -10,6 +10,7 @@ the key; `--set` overrides follow the same rules.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
@@ -20,9 +21,6 @@ from fxjax.run_files import step_or_stage
 from fxjax.train_config import RunConfig, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-
 
 @dataclass(frozen=True)
 class StageSection:
@@ -67,9 +65,15 @@ class GRPOSection:
     temperature: float = 1.0  # sampling temperature; log-probs are taken from logits / temperature as TRL
     top_p: float = 1.0  # nucleus sampling (1.0: off)
     top_k: int = 0  # top-k sampling (0: off)
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    # TRL 1.16's loss types but vespo (fxjax.train.grpo_loss.LOSS_TYPES): grpo, bnpo, dr_grpo and dapo differ in
+    # how token losses are averaged; luspo scales each sequence's loss by its length (with
+    # importance_sampling_level: sequence, as its paper); cispo clips the ratio as a detached weight at
+    # epsilon_high (absolute: TRL recommends 5.0); sapo gates the ratio smoothly (the two temperatures below)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo"] = "grpo"
     epsilon: float = 0.2  # lower clip of the ratio (1 - epsilon)
-    epsilon_high: float | None = None  # upper clip (1 + epsilon_high); null: epsilon
+    epsilon_high: float | None = None  # upper clip (1 + epsilon_high); null: epsilon; cispo: the ratio's cap
+    sapo_temperature_pos: float = 1.0  # sapo: the gate's temperature for tokens of positive advantage
+    sapo_temperature_neg: float = 1.05  # sapo: ... of non-positive advantage
     delta: float | None = None  # two-sided clipping of the unclipped term (null: off)
     beta: float = 0.04  # weight of the k3 KL to the reference policy (the base model, LoRA off); 0: no reference pass
     # the k3 KL multiplied by the importance ratio (TRL 1.16's default); false: the plain k3 of the paper
@@ -107,6 +111,9 @@ class GRPOSection:
             raise ConfigError(f"{where}.epsilon: must be in [0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and not self.epsilon_high >= 0:  # below 0 the clip range turns over
             raise ConfigError(f"{where}.epsilon_high: must be >= 0 or null, got {self.epsilon_high}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{where}.{name}: must be a positive number, got {getattr(self, name)}")
         if self.beta < 0:
             raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
         if self.delta is not None and not self.delta > 1.0:

@@ -140,8 +140,30 @@ def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardW
     """The preset weights of stage "alpha", "beta" or "gamma"."""
     stages = load_config(config)["stages"]
     if stage not in stages:
-        raise ValueError(f"unknown reward stage {stage!r}; known: {sorted(stages)} (or 'continuous')")
+        hint = ("; the continuous schedule is not a stage: grpo.schedule=continuous with train.steps"
+                if stage == "continuous" else "")
+        raise ValueError(f"no reward stage {stage!r} in {config or CONFIG_PATH} (its stages: "
+                         f"{', '.join(stages)}){hint}")
     return RewardWeights.from_mapping(stages[stage])  # (load_config checked its keys and values)
+
+
+def describe_weights(w: RewardWeights) -> str:
+    """One line of a stage's reward: `total = base + w_iou x R_G + verdict +a/-b + format +c/-d`."""
+    return (f"total = {w.base:g} + {w.w_iou:g} x R_G + verdict {w.label_plus:+g}/{w.label_minus:+g} "
+            f"+ format {w.format_plus:+g}/{w.format_minus:+g} (right/wrong)")
+
+
+def weight_warnings(w: RewardWeights) -> list[str]:
+    """What in valid weights is probably a slip (said at the run's start, not refused: GRPO ranks completions
+    within a group, so a positive *_minus below its *_plus still prefers the right answer): a penalty written
+    positive, and a reward that cannot vary (every completion scores the same: advantages 0, nothing learnt)."""
+    out = [f"{term}_minus {getattr(w, term + '_minus'):+g} is positive: a wrong {what} earns a reward (the *_minus "
+           f"values are added as written; a penalty is negative)"
+           for term, what in (("label", "verdict"), ("format", "answer format")) if getattr(w, term + "_minus") > 0]
+    if w.w_iou == 0 and w.label_plus == w.label_minus and w.format_plus == w.format_minus:
+        out.append("every completion scores the same (w_iou 0, each *_plus equal to its *_minus): the advantages "
+                   "are 0 and the stage learns nothing")
+    return out
 
 
 def continuous_weights(t: float, T: float, config: Optional[Union[str, Path]] = None) -> RewardWeights:

@@ -23,6 +23,7 @@ Subprocesses share a persistent XLA compilation cache, so each program compiles 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -166,8 +167,17 @@ def test_stages_in_order_with_every_metric(setup, straight):
     train = [r for r in records if r.get("kind", "train") == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert [r["stage"] for r in train] == ["alpha", "alpha", "beta", "beta", "gamma", "gamma"]
-    # The stage's weights are the reward config's (w_iou 1.0, 1.5, 2.0).
+    # The stage's weights are the reward config's (w_iou 1.0, 1.5, 2.0), all six logged (two were), and the
+    # start says each stage's reward
+    from fxjax import rewards
+    from fxjax.rewards.stages import describe_weights
+
     assert [r["weights/w_iou"] for r in train[::2]] == [1.0, 1.5, 2.0]
+    for stage, first in (("alpha", 0), ("beta", 2), ("gamma", 4)):
+        weights = rewards.load_stage(stage)
+        assert {k[len("weights/"):]: v for k, v in train[first].items() if k.startswith("weights/")} == \
+            dataclasses.asdict(weights)
+        assert f"grpo: stage {stage} (steps {first + 1}-{first + 2}): {describe_weights(weights)}" in log
     for key in ("reward/total_mean", "reward/total_std", "reward/format_mean", "reward/label_mean",
                 "reward/iou_mean", "format_rate", "verdict_accuracy", "kl", "clip_ratio/region_mean", "entropy",
                 "completion_length_mean", "completion_length_max", "truncated_fraction", "zero_std_group_fraction",
@@ -307,9 +317,13 @@ def test_updates_done_counts_steps_and_rejects_a_foreign_count():
     from fxjax.train.grpo import updates_done
 
     assert updates_done(0, 2, None) == 0 and updates_done(6, 2, 3) == 3 and updates_done(5, 1, 5) == 5
-    for optimizer_steps, checkpoint_step in ((5, 2), (6, 2)):  # not a multiple; a multiple of another step
-        with pytest.raises(ValueError, match=f"checkpoint of step {checkpoint_step} holds {optimizer_steps} "):
-            updates_done(optimizer_steps, 2, checkpoint_step)
+    with pytest.raises(ValueError, match="checkpoint of step 2 holds 5 "):  # not a multiple of its step: foreign
+        updates_done(5, 2, 2)
+    # a multiple of another count: saved with num_iterations 1 (3), resumed with 2: said as the setting that
+    # changed (it read as a foreign count)
+    with pytest.raises(ValueError, match=r"grpo.num_iterations: the run was saved with 1 update\(s\) a step \(step 10: "
+                                         r"10 updates\) and is resumed with 2; it cannot change on resume"):
+        updates_done(10, 2, 10)
 
 
 def test_update_metrics_average_a_steps_updates():
@@ -485,3 +499,33 @@ def test_the_closing_summary_is_strict_json_with_null_for_a_nan(monkeypatch, cap
     monkeypatch.setattr(training, "run_training", lambda *a: (None, resumed))
     assert grpo_command.run(argparse.Namespace()) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps_run"] == 1
+
+
+def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads(tmp_path):
+    """A reward file with a positive penalty is warned about by stage; a stages list beside the continuous
+    schedule (ignored) and luspo at token level (its paper's is sequence) get a note."""
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.rewards.stages import CONFIG_PATH
+    from fxjax.train.grpo import say_stage_weights
+
+    reward_file = tmp_path / "rewards.yaml"
+    text = CONFIG_PATH.read_text()
+    assert "label_minus: -2.0" in text
+    reward_file.write_text(text.replace("label_minus: -2.0", "label_minus: 1.0", 1))
+    base = {"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"}}
+    cfg = grpo_from_dict({**base, "grpo": {"reward_config": str(reward_file), "loss_type": "luspo"},
+                          "stages": [{"name": "alpha", "steps": 2}, {"name": "beta", "steps": 3}]})
+    said: list[str] = []
+    say_stage_weights(cfg, 5, said.append)
+    assert said[0].startswith("grpo: stage alpha (steps 1-2): total = ") and said[1].startswith("grpo: stage beta "
+                                                                                                 "(steps 3-5): ")
+    assert said[2] == ("warning: stage beta: label_minus +1 is positive: a wrong verdict earns a reward (the *_minus "
+                       "values are added as written; a penalty is negative)")
+    assert said[3].startswith("note: grpo.loss_type luspo with importance_sampling_level token") and len(said) == 4
+    said.clear()
+    continuous = grpo_from_dict({**base, "train": {"steps": 7}, "grpo": {"schedule": "continuous"},
+                                 "stages": [{"name": "alpha", "steps": 2}]})
+    say_stage_weights(continuous, 7, said.append)
+    assert said[0].startswith("grpo: continuous schedule: total = ") and said[0].endswith("at step 7")
+    assert said[1] == ("note: grpo.schedule=continuous: the stages list (alpha) is not used (the weights follow the "
+                       "reward config's continuous section over train.steps)")

@@ -414,7 +414,10 @@ def test_rollout_metrics_from_parts_equal_the_whole_batch():
                        {k: v[rows] for k, v in scores.items()}, np.zeros(0, np.float32), targets[lo:hi])
 
     want = rollout_metrics(whole, g)
-    assert want["reward/total_std"] == float(scores["total"].std())
+    import torch
+    from trl.trainer.utils import nanstd  # TRL's reward_std: Bessel-corrected (fxjax's was the population std)
+
+    assert want["reward/total_std"] == pytest.approx(float(nanstd(torch.tensor(scores["total"]))), rel=1e-12)
     assert want["reward/iou_mean"] == float(scores["iou"].mean())
     assert want["zero_std_group_fraction"] == pytest.approx(1 / 6) and 0 < want["truncated_fraction"] < 1
     got = combine_rollout_sums([json.loads(json.dumps(rollout_sums(part(lo, hi), g))) for lo, hi in ((0, 2), (2, 6))])
@@ -482,7 +485,7 @@ def test_every_loss_option_comes_from_the_config():
 
     g = GRPOSection(loss_type="dapo", epsilon=0.1, epsilon_high=0.28, delta=1.5, beta=0.5,
                     use_bias_correction_kl=False, importance_sampling_level="sequence", max_completion_length=77,
-                    temperature=0.7)
+                    temperature=0.7, sapo_temperature_pos=2.0, sapo_temperature_neg=3.0)
     opts = loss_options(g)
     for f in dataclasses.fields(LossOptions):
         value = getattr(g, "epsilon" if f.name == "epsilon_low" else f.name)

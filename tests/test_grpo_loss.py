@@ -332,3 +332,22 @@ def test_group_advantages_rejects_split_groups():
         group_advantages(np.zeros(6, np.float32), 4, "group")
     with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages(np.zeros(4, np.float32), 2, "global")
+
+
+def test_every_loss_type_the_loss_computes_is_a_config_value():
+    """grpo_config listed four loss types (and a LOSS_TYPES nothing read) while grpo_loss computes seven,
+    tested against TRL: luspo, cispo and sapo were reachable from tests only. The config now takes exactly the
+    loss's, and sapo's temperatures reach the loss."""
+    import typing
+
+    from fxjax.grpo_config import GRPOSection
+    from fxjax.train.grpo import loss_options
+    from fxjax.train.grpo_loss import LOSS_TYPES
+
+    assert typing.get_args(typing.get_type_hints(GRPOSection)["loss_type"]) == LOSS_TYPES
+    opts = loss_options(GRPOSection(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0))
+    assert (opts.loss_type, opts.sapo_temperature_pos, opts.sapo_temperature_neg) == ("sapo", 0.5, 2.0)
+    from fxjax.config_mapping import ConfigError
+
+    with pytest.raises(ConfigError, match=r"grpo.sapo_temperature_neg: must be a positive number, got 0"):
+        GRPOSection(sapo_temperature_neg=0).validate("grpo")

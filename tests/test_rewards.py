@@ -4,6 +4,7 @@ a plain-Python implementation on 1,000 random cases."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -481,3 +482,27 @@ def test_stage_weights_steer_only_groups_whose_format_or_verdict_differs():
     for stage in ("beta", "gamma"):
         np.testing.assert_allclose(adv[stage][:4], adv["alpha"][:4], atol=2e-4)  # (the 1e-4 in std + 1e-4)
         assert np.abs(adv[stage][4:] - adv["alpha"][4:]).max() > 0.1
+
+
+def test_a_stages_reward_is_said_and_its_slips_warned_about(tmp_path):
+    """A penalty written positive (`label_minus: 1.0`) and a stage whose reward cannot vary loaded without a
+    word; the run now prints each stage's reward and these warnings. A stage name the reward config lacks
+    names the file and its stages ('continuous' is a schedule, not a stage)."""
+    from fxjax.rewards.stages import describe_weights, weight_warnings
+
+    alpha = load_stage("alpha")
+    assert describe_weights(alpha) == (f"total = {alpha.base:g} + {alpha.w_iou:g} x R_G + verdict "
+                                       f"{alpha.label_plus:+g}/{alpha.label_minus:+g} + format "
+                                       f"{alpha.format_plus:+g}/{alpha.format_minus:+g} (right/wrong)")
+    assert all(weight_warnings(load_stage(s)) == [] for s in ("alpha", "beta", "gamma"))
+    slip = RewardWeights(base=0, w_iou=1, label_plus=2, label_minus=1, format_plus=1, format_minus=-1)
+    assert weight_warnings(slip) == ["label_minus +1 is positive: a wrong verdict earns a reward (the *_minus values "
+                                     "are added as written; a penalty is negative)"]
+    flat = RewardWeights(base=1, w_iou=0, label_plus=0, label_minus=0, format_plus=0.5, format_minus=0.5)
+    assert weight_warnings(flat)[-1].startswith("every completion scores the same")
+    with pytest.raises(ValueError, match=rf"no reward stage 'continuous' in {re.escape(str(CONFIG_PATH))} \(its "
+                                         r"stages: alpha, beta, gamma\); the continuous schedule is not a stage: "
+                                         r"grpo.schedule=continuous"):
+        load_stage("continuous")
+    with pytest.raises(ValueError, match=r"no reward stage 'delta' in .* \(its stages: alpha, beta, gamma\)$"):
+        load_stage("delta")

@@ -48,6 +48,8 @@ def test_the_shipped_configs_load_and_are_frozen():
     recipe = yaml.safe_load((REPO / "configs" / "recipes" / "paper_3b_grpo.yaml").read_text())
     assert {"top_k", "top_p", "temperature", "num_generations"} <= set(recipe["grpo"])  # written out, not defaults
     assert grpo.model.from_run == paper.train.output_dir and grpo.data.train_files == paper.data.train_files
+    # their own folders: run after configs/sft.yaml or grpo.yaml, a recipe resumed that run (or failed on it)
+    assert (paper.train.output_dir, grpo.train.output_dir) == ("runs/paper_3b_sft", "runs/paper_3b_grpo")
     assert grpo.with_stage_steps(records=1000).total_steps == 3000  # data.batch_size 1: a step a record
 
 

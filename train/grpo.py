@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fxjax import rewards
+from fxjax.config_mapping import ConfigError
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json, gather_json_to_main
@@ -138,7 +139,8 @@ def loss_options(g: GRPOSection) -> LossOptions:
     return LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon, epsilon_high=g.epsilon_high, delta=g.delta,
                        beta=g.beta, use_bias_correction_kl=g.use_bias_correction_kl,
                        importance_sampling_level=g.importance_sampling_level,
-                       max_completion_length=g.max_completion_length, temperature=g.temperature)
+                       max_completion_length=g.max_completion_length, temperature=g.temperature,
+                       sapo_temperature_pos=g.sapo_temperature_pos, sapo_temperature_neg=g.sapo_temperature_neg)
 
 
 def left_pad(batch: dict, length: int, pad_id: int) -> dict:
@@ -241,8 +243,11 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     if g.schedule == "continuous":
         stage_weights(cfg, 0)
     else:
-        for stage in cfg.stages:
-            rewards.load_stage(stage.name, g.reward_config)
+        for i, stage in enumerate(cfg.stages):
+            try:
+                rewards.load_stage(stage.name, g.reward_config)
+            except ValueError as err:
+                raise ConfigError(f"stages[{i}].name: {err}") from None
     mesh = make_mesh(MeshConfig(**cfg.mesh.axes()))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh, micro_batches=cfg.optim.grad_accum,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
@@ -278,6 +283,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         f"{n_lora:,} LoRA parameters; {_count(len(pipeline), 'prompt')}; {_count(steps_total, 'step')} of "
         f"{_count(cfg.data.batch_size, 'prompt')} x {_count(g.num_generations, 'completion')}; stages {stages}; "
         f"loss {g.loss_type}, beta {g.beta}")
+    if main:
+        say_stage_weights(cfg, steps_total, say)
     say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)
 
     # A step samples once and makes num_iterations optimiser updates on what it sampled (TRL's num_iterations):
@@ -418,7 +425,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                     completions.log(step_now, ordered)
             result.history.append(dict(values, step=step_now, stage=stage))
             control.bar.update(1, dict(stage=stage, reward=round(values["reward/total_mean"], 3),
-                                       fmt=round(values["format_rate"], 2), iou=round(values["reward/iou_mean"], 3)))
+                                       fmt=round(values["format_rate"], 2),
+                                       iou_gen=round(values["mean_iou_generated"], 3)))  # (real images score 1)
         control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result
 
@@ -452,10 +460,44 @@ def updates_done(optimizer_steps: int, num_iterations: int, checkpoint_step: int
     silently shifted schedule."""
     steps, rest = divmod(optimizer_steps, num_iterations)
     if rest or (checkpoint_step is not None and steps != checkpoint_step):
+        saved = optimizer_steps // checkpoint_step if checkpoint_step and optimizer_steps % checkpoint_step == 0 else None
+        if saved is not None and saved != num_iterations:  # (the schedule counts updates: it cannot change)
+            raise ConfigError(f"grpo.num_iterations: the run was saved with {saved} update(s) a step (step "
+                              f"{checkpoint_step}: {optimizer_steps} updates) and is resumed with {num_iterations}; "
+                              f"it cannot change on resume: set grpo.num_iterations={saved}, or start a new run "
+                              f"from this one with model.from_run")
         raise ValueError(f"grpo: the checkpoint of step {checkpoint_step} holds {optimizer_steps} optimiser updates, "
                          f"not {num_iterations} (grpo.num_iterations) per step")
     return steps
 
 
 def _weights_metrics(w: rewards.RewardWeights) -> dict[str, float]:
-    return {"weights/w_iou": w.w_iou, "weights/base": w.base}
+    return {f"weights/{name}": value for name, value in dataclasses.asdict(w).items()}
+
+
+def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], None]) -> None:
+    """The reward of each stage, one line each, and what in its weights is probably a slip
+    (`rewards.stages.weight_warnings`); notes on settings that run otherwise than they read."""
+    from fxjax.rewards.stages import describe_weights, weight_warnings
+
+    g = cfg.grpo
+    if g.schedule == "continuous":
+        first, last = stage_weights(cfg, 0)[1], stage_weights(cfg, max(steps_total - 1, 0))[1]
+        say(f"grpo: continuous schedule: {describe_weights(first)} at step 1, w_iou {last.w_iou:g} at step "
+            f"{steps_total}")
+        for text in weight_warnings(first):
+            say(f"warning: the continuous schedule: {text}")
+        if cfg.stages != GRPOConfig().stages:
+            say(f"note: grpo.schedule=continuous: the stages list ({', '.join(s.name for s in cfg.stages)}) is not "
+                f"used (the weights follow the reward config's continuous section over train.steps)")
+    else:
+        start = 0
+        for (name, end) in cfg.stage_ends():
+            weights = rewards.load_stage(name, g.reward_config)
+            say(f"grpo: stage {name} (steps {start + 1}-{end}): {describe_weights(weights)}")
+            for text in weight_warnings(weights):
+                say(f"warning: stage {name}: {text}")
+            start = end
+    if g.loss_type == "luspo" and g.importance_sampling_level != "sequence":
+        say("note: grpo.loss_type luspo with importance_sampling_level token: its paper (and TRL's warning) use "
+            "sequence")

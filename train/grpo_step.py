@@ -78,6 +78,8 @@ class LossOptions:
     importance_sampling_level: str = "token"
     max_completion_length: int = 512
     temperature: float = 1.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
 
 
 def float32_logits(model, hidden: jax.Array) -> jax.Array:
@@ -238,7 +240,8 @@ def make_grpo_step(graphdef, tx: optax.GradientTransformation, schedule: Callabl
                     delta=opts.delta, beta=opts.beta, use_bias_correction_kl=opts.use_bias_correction_kl,
                     importance_sampling_level=opts.importance_sampling_level,
                     max_completion_length=opts.max_completion_length, num_items=num_items,
-                    gradient_accumulation_steps=n_micro)
+                    gradient_accumulation_steps=n_micro, sapo_temperature_pos=opts.sapo_temperature_pos,
+                    sapo_temperature_neg=opts.sapo_temperature_neg)
                 tokens = jnp.maximum(jnp.sum(mask), 1.0)
                 metrics = dict(metrics, entropy=jax.lax.stop_gradient(jnp.sum(entropy * mask) / tokens))
                 return loss, metrics

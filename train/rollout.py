@@ -190,7 +190,7 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
 def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The metrics of a generation batch from its parts' `rollout_sums` (one part: exactly as computed on
     the whole batch; several: the same up to the rounding of the sums): each reward component's mean and
-    std (population std), format rate, verdict accuracy, mean IoU on generated images, completion lengths,
+    std over the batch (Bessel-corrected, as TRL's `reward_std` and `rewards/*/std`: trl's nanstd), format rate, verdict accuracy, mean IoU on generated images, completion lengths,
     truncated and zero-std-group fractions."""
     n = sum(p["count"] for p in parts)
     out: dict[str, float] = {}
@@ -199,7 +199,7 @@ def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]
         # sum of squares about the whole mean = each part's own + count * (its mean - the whole mean)^2
         m2 = sum(p[key][1] + p["count"] * (p[key][0] / p["count"] - mean) ** 2 for p in parts if p["count"])
         out[f"reward/{key}_mean"] = float(mean)
-        out[f"reward/{key}_std"] = float(np.sqrt(m2 / n))
+        out[f"reward/{key}_std"] = float(np.sqrt(m2 / (n - 1))) if n > 1 else float("nan")
     out["format_rate"] = out["reward/format_mean"]
     out["verdict_accuracy"] = out["reward/label_mean"]
     generated = sum(p["iou_generated"][1] for p in parts)
