@@ -607,3 +607,29 @@ def test_held_out_records_that_show_a_training_image_are_warned_about(tmp_path):
     held_out = [record("test.jsonl:1", str(tmp_path / "c.png")), record("test.jsonl:2", str(tmp_path / "a_copy.png"))]
     assert warn_held_out_overlap(train, held_out, said.append) == [held_out[1]]
     assert warn_held_out_overlap(train, held_out[:1], said.append) == []
+
+
+def test_a_resume_with_another_batch_size_names_it(monkeypatch, tmp_path):
+    """A resume whose data.batch_size changed failed with an error that blamed the mesh ("reads 1 on this
+    mesh... resume on the mesh split it was saved on") when the mesh was the same: the batch is named."""
+    from types import SimpleNamespace
+
+    from fxjax.config_mapping import ConfigError
+    from fxjax.train import resume
+
+    saved_cfg = {"kind": "sft", "data": {"batch_size": 2}}
+    data_state = {"iterator": {"process_count": 1, "processes": [{}], "rows_per_batch": [2]}}
+    monkeypatch.setattr(resume, "restore_latest", lambda *a: ("state", data_state, saved_cfg, 10))
+    monkeypatch.setattr(resume, "saved_run_kind", lambda saved: "sft")
+
+    def run_with(batch_size):
+        cfg = SimpleNamespace(checkpoint=SimpleNamespace(resume=True),
+                              to_dict=lambda: {"kind": "sft", "data": {"batch_size": batch_size}})
+        return resume.resume_run("sft", SimpleNamespace(directory=tmp_path), "state",
+                                 SimpleNamespace(set_state=lambda s: None), cfg, lambda text: None,
+                                 watched=(), rows_per_batch=batch_size)
+
+    with pytest.raises(ConfigError, match=r"data.batch_size: the checkpoint of step 10 in .* was saved with "
+                                          r"data.batch_size=2 and this run has 1; .* set data.batch_size=2"):
+        run_with(1)
+    assert run_with(2).step == 10

@@ -128,8 +128,19 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     saved_kind = saved_run_kind(saved_cfg)
     if saved_kind != name:  # the same state layout would restore, and then continue the other phase's count
         raise ConfigError(other_phase_message(name, checkpointer.directory, saved_kind, step))
-    restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step), rows_per_batch)
-    check_resume_config(saved_cfg, (recorded or cfg).to_dict(), log, watched)
+    now = (recorded or cfg).to_dict()
+    try:
+        restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step), rows_per_batch)
+    except ConfigError:
+        saved_batch, batch = (saved_cfg.get("data") or {}).get("batch_size"), now["data"]["batch_size"]
+        if saved_batch is None or saved_batch == batch:
+            raise
+        # (the rows a process reads changed with the batch, not with the mesh the error would blame)
+        raise ConfigError(f"data.batch_size: the checkpoint of step {step} in {checkpointer.directory} was saved with "
+                          f"data.batch_size={saved_batch} and this run has {batch}; the saved data position counts "
+                          f"each process's rows of a batch, so the run cannot continue where it stopped: set "
+                          f"data.batch_size={saved_batch}, or start a new run from it with model.from_run") from None
+    check_resume_config(saved_cfg, now, log, watched)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
     return Resumed(state, data_state, step)
