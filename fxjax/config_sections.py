@@ -117,6 +117,7 @@ class DistributedSection:
     num_processes: int | None = None
     process_id: int | None = None
     local_device_count: int | None = None
+    initialization_timeout: int | None = None  # seconds every process waits for the others to join (null: 300)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "num_processes": ("FXJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
     "process_id": ("FXJAX_PROCESS_ID", "JAX_PROCESS_ID"),
     "local_device_count": ("FXJAX_LOCAL_DEVICE_COUNT",),
+    "initialization_timeout": ("FXJAX_INITIALIZATION_TIMEOUT",),
 }
+PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
 
 
 NO_AUTO_ENV = "FXJAX_NO_AUTO_DISTRIBUTED"  # "1": never join a detected cluster by itself
@@ -99,6 +101,14 @@ class DistributedConfig:
         return (self.num_processes or 1) > 1
 
     def validate(self) -> "DistributedConfig":
+        if self.coordinator_address is not None:
+            host, _, port = self.coordinator_address.rpartition(":")
+            if not host or not port.isdigit():  # (JAX's own parse failed with an IndexError deep inside)
+                raise DistributedError(f"coordinator_address {self.coordinator_address!r} ({ENV_VARS['coordinator_address'][0]}) "
+                                       f"must be HOST:PORT, process 0's host and a free port every process can "
+                                       f"reach (e.g. {host or self.coordinator_address}:8476)")
+        if self.initialization_timeout < 1:
+            raise DistributedError(f"initialization_timeout must be >= 1 second, got {self.initialization_timeout}")
         if self.num_processes is not None and self.num_processes < 1:
             raise DistributedError(f"num_processes must be >= 1, got {self.num_processes}")
         if self.local_device_count is not None and self.local_device_count < 1:
@@ -262,8 +272,9 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
     if _explicit(cfg):
         if not cfg.multi_process:
             return cfg
-        _LOG.info("fxjax.distributed: %d processes from explicit settings; this is process %d",
-                  cfg.num_processes, cfg.process_id)
+        # said on every process before JAX waits: a peer that never comes ends in an abort after the timeout
+        # (a C++ stack trace naming none of these), so the settings to check are on screen first
+        (log or (lambda text: print(text, file=sys.stderr, flush=True)))(join_line(cfg, environ))
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout)
@@ -285,6 +296,22 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
 
     return replace(cfg, num_processes=getattr(global_state, "num_processes", None),
                    process_id=getattr(global_state, "process_id", None))
+
+
+def join_line(cfg: DistributedConfig, environ: Mapping[str, str]) -> str:
+    """What an explicit join is about to do, and a proxy that may reroute the coordinator's gRPC."""
+    host = cfg.coordinator_address.rpartition(":")[0]
+    line = (f"fxjax.distributed: process {cfg.process_id} of {cfg.num_processes} joining at "
+            f"{cfg.coordinator_address}; waiting up to {cfg.initialization_timeout} s for all {cfg.num_processes} "
+            f"(distributed.initialization_timeout, FXJAX_INITIALIZATION_TIMEOUT); if it times out, check that "
+            f"every process started with the same count, its own id, and this address")
+    proxy = next((key for key in PROXY_VARS if environ.get(key)), None)
+    bypass = {h.strip() for key in ("no_proxy", "NO_PROXY") for h in environ.get(key, "").split(",") if h.strip()}
+    if proxy is not None and host not in bypass and "*" not in bypass:
+        line += (f"\nfxjax.distributed: note: {proxy} is set and no_proxy does not name {host}: gRPC may send the "
+                 f"coordinator's traffic through the proxy (a join that fails with 'UNIMPLEMENTED ... 404'); "
+                 f"add it: export no_proxy={host},$no_proxy")
+    return line
 
 
 def shutdown() -> None:

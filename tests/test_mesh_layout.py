@@ -272,3 +272,27 @@ def test_a_process_holds_the_batch_shards_of_its_data_and_fsdp_positions():
     assert [process_batch_shards(by_fsdp, p) for p in (0, 1)] == [(0, 2), (1, 3)]
     by_tensor = mesh(lambda d, f, t: t)  # every process holds every batch shard
     assert process_batch_shards(by_tensor, 1) == (0, 1, 2, 3)
+
+
+def test_an_explicit_join_says_what_it_waits_for_and_its_timeout_is_a_setting(joins):
+    """A join whose peer never came printed nothing for 300 s, then aborted with a C++ trace naming none of
+    the settings; a coordinator without a port died in an IndexError inside JAX; the timeout could not be
+    set. Now the join line comes first, the address is checked, and distributed.initialization_timeout
+    (FXJAX_INITIALIZATION_TIMEOUT) reaches JAX."""
+    lines = []
+    env = {"FXJAX_COORDINATOR": "host0:8476", "FXJAX_NUM_PROCESSES": "2", "FXJAX_PROCESS_ID": "1",
+           "FXJAX_INITIALIZATION_TIMEOUT": "20", "https_proxy": "http://proxy:3128", "no_proxy": "localhost"}
+    distributed.initialize(environ=env, log=lines.append)
+    assert joins == [{"coordinator_address": "host0:8476", "num_processes": 2, "process_id": 1,
+                      "initialization_timeout": 20}]
+    first, note = lines[0].split("\n")
+    assert first.startswith("fxjax.distributed: process 1 of 2 joining at host0:8476; waiting up to 20 s for all 2")
+    assert note.startswith("fxjax.distributed: note: https_proxy is set and no_proxy does not name host0")
+    joins.clear()
+    lines.clear()
+    distributed.initialize({"initialization_timeout": 45}, environ={**env, "no_proxy": "host0"}, log=lines.append)
+    assert joins[0]["initialization_timeout"] == 45 and "\n" not in lines[0]  # the proxy bypasses host0
+    for bad in ("host0", "host0:port", ":8476"):
+        with pytest.raises(distributed.DistributedError, match=rf"coordinator_address '{bad}' \(FXJAX_COORDINATOR\) "
+                                                              r"must be HOST:PORT"):
+            distributed.resolve(environ={**env, "FXJAX_COORDINATOR": bad})

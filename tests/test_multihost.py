@@ -237,6 +237,13 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     assert ("fxjax sft: error: process 1 of the run failed, so this process stopped too: export.adapter_dir: "
             in text[0]), text[0][-2500:]
 
+    # a checkpoint folder the hosts do not share (here: another path on process 1): said at the start on
+    # every process (it hung at the first checkpoint for orbax's 10 minutes, then failed)
+    text = run("unshared", EXTRA_1=f"checkpoint.dir={tmp_path / 'ckpt_elsewhere'}")
+    for rank, folder in ((0, tmp_path / "ckpt"), (1, tmp_path / "ckpt_elsewhere")):
+        assert (f"fxjax sft: error: checkpoint.dir: process(es) 1 of 2 do not see the file process 0 wrote in "
+                f"{folder}: ") in text[rank], text[rank][-2500:]
+
     # the run lock, which process 0 takes, held by another run
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time, yaml\nfrom fxjax.train.run_lock import locked_run_dirs\n"

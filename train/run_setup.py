@@ -11,7 +11,9 @@ mesh, the train state placed on its shardings, and a checkpoint to resume from (
 from __future__ import annotations
 
 import json
+import secrets
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -375,9 +377,44 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     for process, error in enumerate(every):
         if error is not None:
             raise distributed.PeerFailed(process, error)
+    if distributed.joined() and jax.process_count() > 1:
+        check_shared_folder(cfg.checkpoint_dir, "checkpoint.dir")
     if jax.process_index() != 0:
         return False, lambda text: None
     return True, log or (lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def check_shared_folder(directory: Path, key: str, wait_s: float = 10.0) -> None:
+    """Every process sees the file process 0 writes in `directory` (within `wait_s`, for a network file
+    system's caches), else a ConfigError on every process naming those that do not. Each process writes its
+    part of a checkpoint there: on disks of their own, the first save waited 10 minutes in orbax and then
+    failed, hours into a run."""
+    me = jax.process_index()
+    sent: dict[str, str] = {}
+    if me == 0:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            name = f".fxjax-shared-check-{secrets.token_hex(8)}"
+            (directory / name).write_text("process 0 wrote this to check that every process sees the folder\n")
+            sent = {"name": name}
+        except OSError as err:
+            sent = {"error": f"{key}: {directory}: process 0 cannot write there: {err}"}
+    first = distributed.allgather_json("fxjax.shared-folder", sent)[0]  # (after process 0 wrote)
+    if "error" in first:
+        raise ConfigError(first["error"])
+    path = directory / first["name"]
+    deadline = time.monotonic() + wait_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = distributed.allgather_json("fxjax.shared-folder-seen", path.exists())
+    if me == 0:
+        path.unlink(missing_ok=True)
+    blind = [p for p, ok in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(f"{key}: process(es) {', '.join(map(str, blind))} of {len(seen)} do not see the file process 0 "
+                          f"wrote in {directory}: every process writes its part of each checkpoint there, so it must "
+                          f"be one folder all hosts share (NFS, Filestore, gcsfuse), at the same path on each; on "
+                          f"disks of their own the first checkpoint would wait 10 minutes and fail")
 
 
 def _check_start(name: str, cfg) -> None:
