@@ -315,3 +315,16 @@ def test_a_checkpoint_past_the_configs_steps_is_an_error_not_a_second_end():
         _run(8, first=10)
     control, saved, _, _ = _run(8, first=8)  # (at its end: the same command again, for its exports): no error,
     assert control.done == 8 and saved == []  # nothing trained and its checkpoint not written again
+
+
+def test_a_dropped_ssh_connection_stops_the_run_as_a_preemption():
+    """SIGHUP (the foreground of an SSH session that drops: `tpu_setup.sh launch` without --detach) killed
+    every worker without a checkpoint; it now sets the flag SIGTERM sets, and the previous handler is back
+    after."""
+    from fxjax.train.preemption import PreemptionSignals
+
+    before = signal.getsignal(signal.SIGHUP)
+    with PreemptionSignals() as signals:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert signals.local_stop() and signals.received == signal.SIGHUP and signals.stop_requested()
+    assert signal.getsignal(signal.SIGHUP) == before

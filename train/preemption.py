@@ -1,4 +1,6 @@
-"""SIGTERM / SIGINT handling for training loops: a flag checked between steps, agreed by all processes."""
+"""SIGTERM / SIGINT / SIGHUP handling for training loops: a flag checked between steps, agreed by all
+processes. SIGHUP is what a run in the foreground of an SSH session gets when the connection drops
+(`tpu_setup.sh launch` without --detach): it killed every worker without a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import jax
 
 
 class PreemptionSignals:
-    """Context manager: SIGTERM/SIGINT set a flag; `stop_requested()` is true on every process once any
+    """Context manager: SIGTERM/SIGINT/SIGHUP set a flag; `stop_requested()` is true on every process once any
     process got one (a second Ctrl-C raises KeyboardInterrupt at once)."""
 
     def __init__(self):
@@ -17,7 +19,7 @@ class PreemptionSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread

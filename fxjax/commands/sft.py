@@ -10,7 +10,7 @@ HELP = "LoRA supervised fine-tuning from a YAML config"
 
 DESCRIPTION = ("LoRA SFT of Qwen2.5-VL: model (HF directory or preset), LoRA, mesh, data, AdamW with warmup + "
                "cosine, gradient accumulation, orbax checkpoints (running the same command again resumes from the "
-               "latest one), periodic evaluation, export. SIGTERM/SIGINT save a checkpoint and exit 0. Metrics go "
+               "latest one), periodic evaluation, export. SIGTERM/SIGINT/SIGHUP save a checkpoint and exit 0. Metrics go "
                "to <train.output_dir>/metrics.jsonl; --set train.profile_steps=N traces N updates with "
                "jax.profiler into <train.output_dir>/profile.")
 
