@@ -104,9 +104,10 @@ class DistributedConfig:
         if self.coordinator_address is not None:
             host, _, port = self.coordinator_address.rpartition(":")
             if not host or not port.isdigit():  # (JAX's own parse failed with an IndexError deep inside)
-                raise DistributedError(f"coordinator_address {self.coordinator_address!r} ({ENV_VARS['coordinator_address'][0]}) "
-                                       f"must be HOST:PORT, process 0's host and a free port every process can "
-                                       f"reach (e.g. {host or self.coordinator_address}:8476)")
+                variable = ENV_VARS["coordinator_address"][0]
+                raise DistributedError(f"coordinator_address {self.coordinator_address!r} ({variable}) must be "
+                                       f"HOST:PORT, process 0's host and a free port every process can reach "
+                                       f"(e.g. {host or self.coordinator_address}:8476)")
         if self.initialization_timeout < 1:
             raise DistributedError(f"initialization_timeout must be >= 1 second, got {self.initialization_timeout}")
         if self.num_processes is not None and self.num_processes < 1:

@@ -460,7 +460,8 @@ def updates_done(optimizer_steps: int, num_iterations: int, checkpoint_step: int
     silently shifted schedule."""
     steps, rest = divmod(optimizer_steps, num_iterations)
     if rest or (checkpoint_step is not None and steps != checkpoint_step):
-        saved = optimizer_steps // checkpoint_step if checkpoint_step and optimizer_steps % checkpoint_step == 0 else None
+        whole = checkpoint_step and optimizer_steps % checkpoint_step == 0
+        saved = optimizer_steps // checkpoint_step if whole else None
         if saved is not None and saved != num_iterations:  # (the schedule counts updates: it cannot change)
             raise ConfigError(f"grpo.num_iterations: the run was saved with {saved} update(s) a step (step "
                               f"{checkpoint_step}: {optimizer_steps} updates) and is resumed with {num_iterations}; "

@@ -411,8 +411,8 @@ def check_shared_folder(directory: Path, key: str, wait_s: float = 10.0) -> None
         path.unlink(missing_ok=True)
     blind = [p for p, ok in enumerate(seen) if not ok]
     if blind:
-        raise ConfigError(f"{key}: process(es) {', '.join(map(str, blind))} of {len(seen)} do not see the file process 0 "
-                          f"wrote in {directory}: every process writes its part of each checkpoint there, so it must "
+        raise ConfigError(f"{key}: process(es) {', '.join(map(str, blind))} of {len(seen)} do not see the file "
+                          f"process 0 wrote in {directory}: every process writes its part of each checkpoint there, so it must "
                           f"be one folder all hosts share (NFS, Filestore, gcsfuse), at the same path on each; on "
                           f"disks of their own the first checkpoint would wait 10 minutes and fail")
 

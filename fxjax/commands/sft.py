@@ -10,12 +10,12 @@ HELP = "LoRA supervised fine-tuning from a YAML config"
 
 DESCRIPTION = ("LoRA SFT of Qwen2.5-VL: model (HF directory or preset), LoRA, mesh, data, AdamW with warmup + "
                "cosine, gradient accumulation, orbax checkpoints (running the same command again resumes from the "
-               "latest one), periodic evaluation, export. SIGTERM/SIGINT/SIGHUP save a checkpoint and exit 0. Metrics go "
-               "to <train.output_dir>/metrics.jsonl; --set train.profile_steps=N traces N updates with "
+               "latest one), periodic evaluation, export. SIGTERM/SIGINT/SIGHUP save a checkpoint and exit 0. "
+               "Metrics go to <train.output_dir>/metrics.jsonl; --set train.profile_steps=N traces N updates with "
                "jax.profiler into <train.output_dir>/profile.")
 
-EPILOG = ("example: fxjax sft --config configs/sft.yaml --set model.path=DIR --set 'data.train_files=[data/train.jsonl]' "
-          "--set train.steps=1000. A --set of one of a pair that excludes each other replaces the other "
+EPILOG = ("example: fxjax sft --config configs/sft.yaml --set model.path=DIR "
+          "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. A --set of one of a pair that excludes each other replaces the other "
           "(train.steps / train.epochs, model.path / model.preset); each key it changes besides is printed as a "
           "note. The data: JSONL records, native or ms-swift (docs/data.md); `fxjax data check FILE.jsonl` "
           "validates them first.")
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     done = (f"{result.steps} steps" if not result.resumed_from else
-            f"step {result.steps} reached, {result.steps - result.resumed_from} steps run from step {result.resumed_from}")
+            f"step {result.steps} reached, {result.steps - result.resumed_from} steps run from step "
+            f"{result.resumed_from}")
     print(f"fxjax sft: {done} in {result.seconds:.0f}s, final loss {loss}; checkpoints in {result.checkpoint_dir}")
     report("sft", args, cfg)
     return 0
