@@ -15,8 +15,9 @@ DESCRIPTION = ("LoRA SFT of Qwen2.5-VL: model (HF directory or preset), LoRA, me
                "jax.profiler into <train.output_dir>/profile.")
 
 EPILOG = ("example: fxjax sft --config configs/sft.yaml --set model.path=DIR "
-          "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. A --set of one of a pair that excludes each other replaces the other "
-          "(train.steps / train.epochs, model.path / model.preset); each key it changes besides is printed as a "
+          "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. A --set of one of a pair that "
+          "excludes each other replaces the other (train.steps / train.epochs, model.path / model.preset); each "
+          "key it changes besides is printed as a "
           "note. The data: JSONL records, native or ms-swift (docs/data.md); `fxjax data check FILE.jsonl` "
           "validates them first.")
 
