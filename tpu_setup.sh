@@ -66,7 +66,11 @@ Project and install:
                            fxjax needs.
   --python VERSION         Python of that environment [FXJAX_TPU_PYTHON; default 3.12]
   --jax SPEC               the JAX requirement installed with the project [FXJAX_TPU_JAX; default
-                           jax[tpu]], e.g. 'jax[tpu]==0.10.2' to pin the version you tested
+                           jax[tpu]], together with gcsfs (a gs:// FXJAX_COMPILATION_CACHE needs it)
+  --constraints FILE       pip constraints for that install, relative to the project directory unless
+                           absolute [FXJAX_TPU_CONSTRAINTS; default constraints.txt: the jax and flax
+                           versions the suite runs on]; 'none' installs the newest (give --jax a version
+                           then: --jax 'jax[tpu]==X' with --constraints none)
 
 Training:
   --stage sft|grpo         the fxjax command to run [FXJAX_TPU_STAGE; default sft]
@@ -154,6 +158,7 @@ REF=${FXJAX_TPU_REF:-HEAD}
 REMOTE_DIR=${FXJAX_TPU_REMOTE_DIR:-fxjax}
 VENV=${FXJAX_TPU_VENV:-fxjax-venv}
 PYTHON_VERSION=${FXJAX_TPU_PYTHON:-3.12}
+CONSTRAINTS=${FXJAX_TPU_CONSTRAINTS:-constraints.txt}
 JAX_SPEC=${FXJAX_TPU_JAX:-jax[tpu]}
 STAGE=${FXJAX_TPU_STAGE:-sft}
 CONFIG=${FXJAX_TPU_CONFIG:-}
@@ -186,7 +191,7 @@ parse_args() {
     fi
     case $arg in
       --name | --type | --accelerator-type | --zone | --project | --runtime-version | --queue-timeout | \
-        --source | --ref | --remote-dir | --venv | --python | --jax | --stage | --config | --set | --env | \
+        --source | --ref | --remote-dir | --venv | --python | --jax | --constraints | --stage | --config | --set | --env | \
         --log-dir | --port)
         if ((!inline)); then
           (($#)) || die "$arg needs a value"
@@ -211,6 +216,7 @@ parse_args() {
       --remote-dir) REMOTE_DIR=$value ;;
       --venv) VENV=$value ;;
       --python) PYTHON_VERSION=$value ;;
+      --constraints) CONSTRAINTS=$value ;;
       --jax) JAX_SPEC=$value ;;
       --stage) STAGE=$value ;;
       --config) CONFIG=$value ;;
@@ -366,12 +372,15 @@ on_all_workers() {  # on_all_workers COMMAND-LINE: run a shell command line on e
 }
 
 describe_slice() {
+  local chips="$CHIPS chip(s)"
+  # v2 and v3 show JAX one device per TensorCore (v4 and v5p one per chip: megacore), which sizes mesh.*
+  if [[ $GENERATION == v2 || $GENERATION == v3 ]]; then chips+=" ($((CHIPS * 2)) JAX devices, one per TensorCore)"; fi
   if ((WORKERS == 1)); then
-    note "$GCLOUD_TYPE: $CHIPS chip(s) on 1 worker (single host); runtime $RUNTIME"
+    note "$GCLOUD_TYPE: $chips on 1 worker (single host); runtime $RUNTIME"
   elif ((WORKERS > 1)); then
-    note "$GCLOUD_TYPE: $CHIPS chips on $WORKERS workers (multi-host); runtime $RUNTIME"
+    note "$GCLOUD_TYPE: $chips on $WORKERS workers (multi-host); runtime $RUNTIME"
   else
-    note "$GCLOUD_TYPE: $CHIPS chips on several workers (launch reads the count from the TPU metadata); runtime $RUNTIME"
+    note "$GCLOUD_TYPE: $chips on several workers (launch reads the count from the TPU metadata); runtime $RUNTIME"
   fi
 }
 
@@ -462,9 +471,12 @@ pack_local_source() {  # pack_local_source TARBALL: the checkout's files, withou
 }
 
 do_setup() {
-  local dir venv
+  local dir venv pins=""
   dir=$(remote_path "$REMOTE_DIR")
   venv=$(remote_path "$VENV")
+  if [[ $CONSTRAINTS != none ]]; then
+    if [[ $CONSTRAINTS == /* ]]; then pins=" -c $(q "$CONSTRAINTS")"; else pins=" -c $dir/$(q "$CONSTRAINTS")"; fi
+  fi
   if [[ -d $SOURCE ]]; then
     local tmp
     if ((DRY_RUN)); then tmp=${TMPDIR:-/tmp}/fxjax-src.XXXXXX; else tmp=$(mktemp -d); fi
@@ -481,7 +493,7 @@ do_setup() {
   fi
   # uv into the user's site; a system Python that marks itself externally managed (PEP 668, Ubuntu 24.04
   # and later) refuses even --user installs until told, and ~/.local is the user's, not the system's.
-  on_all_workers "{ python3 -m pip install --user --upgrade uv || python3 -m pip install --user --break-system-packages --upgrade uv; } && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") && $venv/bin/python -c 'import jax, flax, fxjax.train.step; print(jax.__version__, flax.__version__)'"
+  on_all_workers "{ python3 -m pip install --user --upgrade uv || python3 -m pip install --user --break-system-packages --upgrade uv; } && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") gcsfs$pins && $venv/bin/python -c 'import jax, flax, fxjax.train.step; print(jax.__version__, flax.__version__)'"
 }
 
 do_launch() {

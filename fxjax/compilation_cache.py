@@ -32,6 +32,7 @@ itself sets JAX's options itself (this module changes nothing unless called).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -67,6 +68,12 @@ def use_compilation_cache(environ: MutableMapping[str, str] = os.environ) -> str
         return None
     else:
         directory, ours = str(default_directory(environ)), True
+    if directory.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+        # (JAX would warn "Please install gcsfs" at every program it compiles, and keep nothing)
+        print(f"fxjax: compiling without a persistent cache: {directory} needs gcsfs (pip install gcsfs; "
+              f"tpu_setup.sh installs it)", file=sys.stderr)
+        environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+        return None
     if "://" not in directory and not _can_write(Path(directory)):
         # (JAX would warn at every program it compiles, and keep nothing)
         print(f"fxjax: compiling without a persistent cache: {directory} cannot be written; set "

@@ -30,8 +30,20 @@ def test_on_by_default_for_a_gpu_or_tpu_with_a_bound_and_what_moves_or_turns_it_
     monkeypatch.setenv("HOME", str(tmp_path))  # (what ~ means)
     env = {"FXJAX_COMPILATION_CACHE": "~/my-cache", "JAX_PLATFORMS": "cpu"}
     assert use_compilation_cache(env) == str(tmp_path / "my-cache") == env["JAX_COMPILATION_CACHE_DIR"]
-    env = {"FXJAX_COMPILATION_CACHE": "gs://bucket/xla"}  # (a bucket: JAX writes it through etils)
-    assert use_compilation_cache(env) == "gs://bucket/xla"
+    # a bucket: JAX writes it through etils, which needs gcsfs; without it JAX warned at every compile and
+    # kept nothing: said once, and no cache
+    import importlib.util
+
+    from fxjax import compilation_cache
+
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(compilation_cache.importlib.util, "find_spec",
+                            lambda name: (object() if installed else None) if name == "gcsfs" else real_find_spec(name))
+        env = {"FXJAX_COMPILATION_CACHE": "gs://bucket/xla"}
+        assert use_compilation_cache(env) == ("gs://bucket/xla" if installed else None)
+    assert "gs://bucket/xla needs gcsfs (pip install gcsfs" in capsys.readouterr().err
+    monkeypatch.setattr(compilation_cache.importlib.util, "find_spec", real_find_spec)
 
     # the user's JAX_COMPILATION_CACHE_DIR is used; FXJAX_COMPILATION_CACHE, when given, wins over it; neither
     # gets a bound of ours (JAX's bounded cache cannot write into a folder an unbounded writer shares: the

@@ -101,7 +101,7 @@ def test_dry_run_v5p_64_queued_multi_host(fake_bin):
                   "--queued", "--spot", "--config", "configs/sft.yaml", "--set", "model.path=/mnt/m",
                   "--set", "data.train_files=[/mnt/train.jsonl]", "--set", "train.steps=10",
                   "--env", "XLA_FLAGS=--a=1 --b", "--", "--no-report")
-    assert "# v5p-64: 32 chips on 8 workers (multi-host)" in out
+    assert "# v5p-64: 32 chip(s) on 8 workers (multi-host)" in out
     cmds = commands(out)
     (create,) = gcloud(cmds, "queued-resources", "create")
     assert create[5] == "fxjax-tpu"
@@ -120,6 +120,8 @@ def test_dry_run_v5p_64_queued_multi_host(fake_bin):
     words = remote_words(install)
     i = words.index("-e")
     assert words[i + 1:i + 3] == ["./fxjax", "jax[tpu]"] and words[i - 3:i - 1] == ["install", "--python"]
+    # with gcsfs (a gs:// compilation cache needs it), pinned to the jax / flax the suite runs on
+    assert words[i + 3:i + 6] == ["gcsfs", "-c", "./fxjax/constraints.txt"]
     words = remote_words(launch)
     assert words[:5] == ["cd", "./fxjax", "&&", "bash", "tpu_setup.sh"] and words[5] == "worker-run"
     assert words[words.index("--port") + 1] == "8482"
@@ -150,6 +152,21 @@ def test_dry_run_v5e_8_single_host(fake_bin):
     words = remote_words(launch)
     assert "--detach" in words[:words.index("--")]
     assert words[words.index("--") + 1:] == ["grpo", "--config", "configs/grpo.yaml", "--set", "train.steps=5"]
+
+
+def test_the_install_pins_the_tested_jax_unless_told_and_v3_counts_tensorcores(fake_bin):
+    """jax[tpu] was installed unpinned (a fresh VM got a jax the flax of the suite does not import with);
+    a v3-32 was described as 16 chips, where JAX sees 32 devices (one per TensorCore) to size a mesh by."""
+    pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert {line.split("==")[0] for line in pins} == {"jax", "jaxlib", "flax"} and all("==" in line for line in pins)
+    base = ("setup", "--type", "v3-32", "--zone", "z", "--project", "p")
+    out = dry_run(fake_bin, "create", *base[1:])
+    assert "# v3-32: 16 chip(s) (32 JAX devices, one per TensorCore) on 4 workers (multi-host)" in out
+    for extra, wanted in ((("--constraints", "none"), []), (("--constraints", "/etc/pins.txt"), ["-c", "/etc/pins.txt"])):
+        (*_, install) = gcloud(commands(dry_run(fake_bin, *base, *extra)), "tpu-vm", "ssh")
+        words = remote_words(install)
+        tail = words[words.index("gcsfs") + 1:]
+        assert tail[:len(wanted)] == wanted and (wanted or tail[0] == "&&"), tail
 
 
 @pytest.mark.parametrize("accelerator, runtime", [
