@@ -38,7 +38,9 @@ def grpo_records():
                     "mean_iou_generated": "nan" if step == 3 else step / 60,  # as metrics.jsonl writes a NaN
                     "kl": 0.001 * step, "completion_length_mean": 200 - step, "completion_length_max": 256,
                     "entropy": 1.0, "zero_std_group_fraction": 0.5, "truncated_fraction": 0.0,
-                    "learning_rate": 1e-4, "grad_norm": 0.1})
+                    "learning_rate": 1e-4, "grad_norm": 0.1, "reward/total_std": 0.5, "loss": 0.01 * step,
+                    "clip_ratio/region_mean": 0.01 * (step % 3), "clip_ratio/low_mean": 0.0,
+                    "clip_ratio/high_mean": 0.01 * (step % 3)})
     out.append({"step": 30, "kind": "eval", "loss": 1.0, "format_rate": 0.9, "verdict_accuracy": 0.8,
                 "mean_iou": 0.3, "examples": 8})
     return out
@@ -83,7 +85,7 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     assert titles(fig) == ["Total reward (its weights change with the stage)", "Reward components",
                            "Mean IoU on generated images", "KL to the base model", "Completion length",
                            "Groups without signal; truncated completions", "Policy entropy", "Learning rate",
-                           "Gradient norm", "Held-out evaluation (greedy)"]
+                           "Gradient norm", "GRPO loss", "Clipped importance ratios", "Held-out evaluation (greedy)"]
     for ax in fig.axes:
         names = [t.get_text() for t in ax.texts]
         assert names == ["alpha", "beta", "gamma"], (ax.get_title(), names)
@@ -97,15 +99,22 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     assert math.isnan(iou.get_ydata()[2])
     # no line crosses a stage boundary: the total reward is drawn per stage (raw and average, 3 x 2 lines), and
     # the average restarts in each stage
-    total = [line for line in fig.axes[0].get_lines() if line.get_linestyle() != "--"]
+    total = [line for line in fig.axes[0].get_lines() if line.get_linestyle() != "--"][:6]  # (the mean's; then the std's)
     assert [list(line.get_xdata()) for line in total[::2]] == [list(range(1, 11)), list(range(11, 21)),
                                                                list(range(21, 31))]
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["total"]  # one entry, not three
+    # one entry each, not three; the std over the step's completions beside the mean (TRL's reward_std)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["mean", "std"]
     # a panel without values is named, not silently dropped
     records = [{k: v for k, v in r.items() if k != "kl"} for r in grpo_records()]
     fig = build_report(records)
     assert "KL to the base model" not in titles(fig)
-    assert "not plotted (no values in the metrics): KL to the base model" in fig._suptitle.get_text()
+    assert "not plotted: KL to the base model (no values in the metrics)" in fig._suptitle.get_text()
+    # clip ratios that are all 0 (one update a step: the ratio is 1) say nothing: left out with the reason
+    records = [dict(r, **{k: 0.0 for k in r if k.startswith("clip_ratio/")}) for r in grpo_records()]
+    fig = build_report(records)
+    assert "Clipped importance ratios" not in titles(fig)
+    assert ("Clipped importance ratios (all 0: the ratio is 1 when a step makes one update, grpo.num_iterations 1)"
+            in fig._suptitle.get_text())
 
 
 def test_stage_spans_and_moving_average():

@@ -3,7 +3,7 @@
 SFT runs: training and held-out loss, learning rate, gradient norm, and the held-out generation metrics
 (format rate, verdict accuracy, mean IoU from greedy decoding). GRPO runs: total reward, its components, mean IoU on
 generated images, KL to the base model, completion length, the groups without signal and the truncated
-completions, the policy's entropy, learning rate and gradient norm, each per step with a centred moving
+completions, the policy's entropy, learning rate, gradient norm, loss and clipped ratios, each per step with a centred moving
 average that restarts at each stage (a stage's reward has its own weights), the reward stages shaded and
 their boundaries marked and named on every panel; held-out evaluation as well when the run logged some.
 A panel without values (the KL when grpo.beta is 0) is left out and named in the subtitle. `fxjax sft` and
@@ -31,16 +31,17 @@ Plot the metrics of a fxjax sft or grpo run (RUN_DIR/metrics.jsonl) into one PNG
 SFT panels: loss (training and held-out token cross-entropy; log scale when it falls more than 20x),
 learning rate, gradient norm, held-out generation metrics (format rate, verdict accuracy, mean IoU; greedy
 decoding). Training values are means over the steps between two records (train.log_every).
-GRPO panels: total reward, reward components (format rate, verdict accuracy and the IoU term, means over
-the step's completions), mean IoU on generated images, KL to the base model, completion length, groups
-whose rewards are all equal (no signal) and truncated completions, policy entropy, learning rate, gradient
-norm, and the held-out evaluation when the run logged one. Every GRPO panel shades the reward stages
+GRPO panels: total reward (mean and std over the step's completions), reward components (format rate,
+verdict accuracy and the IoU term, means over the step's completions), mean IoU on generated images, KL to
+the base model, completion length, groups whose rewards are all equal (no signal) and truncated
+completions, policy entropy, learning rate, gradient norm, the GRPO loss, the clipped importance ratios
+(left out when all 0: grpo.num_iterations 1), and the held-out evaluation when the run logged one. Every GRPO panel shades the reward stages
 (alpha, beta, gamma, ...) and marks and names the boundaries between them; no line crosses a boundary.
 
 Steps are optimiser updates (SFT) or sampling steps (GRPO: each makes grpo.num_iterations updates). Noisy
 series are drawn thin, with a thick centred moving average (about a fifteenth of the steps, at most 25
-around each point; within each GRPO stage). Panels without values are left out and named in the subtitle
-and on stderr.
+around each point; within each GRPO stage). Panels without values (or, for the clip ratios, all 0) are
+left out and named in the subtitle and on stderr.
 `fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report.
 
 Given `fxjax eval` output folders instead (one or more, each holding metrics.json), it draws their held-out
@@ -168,6 +169,8 @@ class Panel:
     lines: tuple[Line, ...]
     unit_interval: bool = False  # values in [0, 1]: fixed y range
     log_scale: bool = False  # a logarithmic y axis when the values are positive and span more than 20x
+    # when every value is 0 the panel says nothing: left out, and named in the subtitle with this reason
+    when_all_zero: str | None = None
 
 
 SFT_PANELS = (
@@ -184,8 +187,8 @@ SFT_PANELS = (
 STEP_LABELS = {"sft": "optimiser step", "grpo": "GRPO step (one generation batch)"}
 
 GRPO_PANELS = (
-    Panel("Total reward (its weights change with the stage)", "reward (mean over the step's completions)",
-          (Line("train", "reward/total_mean", "total"),)),
+    Panel("Total reward (its weights change with the stage)", "reward over the step's completions",
+          (Line("train", "reward/total_mean", "mean"), Line("train", "reward/total_std", "std"))),
     Panel("Reward components", "mean over the step's completions (0 to 1)",
           (Line("train", "reward/format_mean", "format (= format rate)"),
            Line("train", "reward/label_mean", "label (= verdict accuracy)"),
@@ -202,6 +205,12 @@ GRPO_PANELS = (
     Panel("Policy entropy", "nats / completion token", (Line("train", "entropy", "mean token entropy"),)),
     Panel("Learning rate", "learning rate", (Line("train", "learning_rate", "learning rate", smooth=False),)),
     Panel("Gradient norm", "global L2 norm (before clipping)", (Line("train", "grad_norm", "gradient norm"),)),
+    Panel("GRPO loss", "loss (TRL's: the clipped surrogate + beta x KL)", (Line("train", "loss", "loss"),)),
+    Panel("Clipped importance ratios", "share of completion tokens (0 to 1)",
+          (Line("train", "clip_ratio/region_mean", "clipped (either side)"),
+           Line("train", "clip_ratio/low_mean", "below 1 - epsilon"),
+           Line("train", "clip_ratio/high_mean", "above 1 + epsilon_high")), unit_interval=True,
+          when_all_zero="all 0: the ratio is 1 when a step makes one update, grpo.num_iterations 1"),
     Panel("Held-out evaluation (greedy)", "rate, or IoU (0 to 1)",
           (Line("eval", "format_rate", "format rate"), Line("eval", "verdict_accuracy", "verdict accuracy"),
            Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),
@@ -212,6 +221,19 @@ COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 def _has_data(records: Sequence[dict], panel: Panel) -> bool:
     return any(any(math.isfinite(v) for v in series(records, line.kind, line.key)[1]) for line in panel.lines)
+
+
+def _all_zero(records: Sequence[dict], panel: Panel) -> bool:
+    return all(v == 0 for line in panel.lines for v in series(records, line.kind, line.key)[1] if math.isfinite(v))
+
+
+def _left_out(records: Sequence[dict], panel: Panel) -> str | None:
+    """Why a panel is not drawn (None: it is)."""
+    if not _has_data(records, panel):
+        return f"{panel.title} (no values in the metrics)"
+    if panel.when_all_zero and _all_zero(records, panel):
+        return f"{panel.title} ({panel.when_all_zero})"
+    return None
 
 
 def _mark_stages(ax, spans: Sequence[StageSpan]) -> None:
@@ -287,8 +309,9 @@ def build_report(records: Sequence[dict], title: str | None = None):
     kind = run_kind(records)
     spans = stage_spans(records) if kind == "grpo" else []
     candidates = GRPO_PANELS if kind == "grpo" else SFT_PANELS
-    panels = [p for p in candidates if _has_data(records, p)]
-    missing = [p.title for p in candidates if p not in panels]
+    why = {p.title: _left_out(records, p) for p in candidates}
+    panels = [p for p in candidates if why[p.title] is None]
+    missing = [why[p.title] for p in candidates if why[p.title] is not None]
     if not panels:
         raise ValueError("the metrics records hold none of the values a report plots")
     train_steps = len({r["step"] for r in records if r.get("kind") == "train"})
@@ -318,7 +341,7 @@ def build_report(records: Sequence[dict], title: str | None = None):
     elif every > 1:
         detail += f"; training values: {per}"
     if missing:
-        detail += "\nnot plotted (no values in the metrics): " + "; ".join(missing)
+        detail += "\nnot plotted: " + "; ".join(missing)
     fig.suptitle(f"{heading}\n({detail})", fontsize=12)
     fig.missing_panels = missing
     return fig
@@ -344,8 +367,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     path = png_path(out, metrics_file.parent, REPORT_FILE)
     fig.savefig(path, dpi=110)
     if fig.missing_panels:
-        print(f"fxjax report: panels left out, the run logged no values for them (named in the subtitle): "
-              f"{'; '.join(fig.missing_panels)}", file=sys.stderr)
+        print(f"fxjax report: panels left out (named in the subtitle): {'; '.join(fig.missing_panels)}",
+              file=sys.stderr)
     return path
 
 
