@@ -513,7 +513,8 @@ def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads
     assert "label_minus: -2.0" in text
     reward_file.write_text(text.replace("label_minus: -2.0", "label_minus: 1.0", 1))
     base = {"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"}}
-    cfg = grpo_from_dict({**base, "grpo": {"reward_config": str(reward_file), "loss_type": "luspo"},
+    cfg = grpo_from_dict({**base, "grpo": {"reward_config": str(reward_file), "loss_type": "luspo",
+                                           "max_completion_length": 64},
                           "stages": [{"name": "alpha", "steps": 2}, {"name": "beta", "steps": 3}]})
     said: list[str] = []
     say_stage_weights(cfg, 5, said.append)
@@ -522,6 +523,13 @@ def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads
     assert said[2] == ("warning: stage beta: label_minus +1 is positive: a wrong verdict earns a reward (the *_minus "
                        "values are added as written; a penalty is negative)")
     assert said[3].startswith("note: grpo.loss_type luspo with importance_sampling_level token") and len(said) == 4
+    said.clear()  # held-out decoding longer than any rollout (eval.max_new_tokens 512 by default): a note
+    with_eval = grpo_from_dict({**base, "data": {**base["data"], "eval_files": ["e.jsonl"]},
+                                "grpo": {"max_completion_length": 64}})
+    say_stage_weights(with_eval, 300, said.append)
+    assert said[-1] == ("note: eval.max_new_tokens 512 is above grpo.max_completion_length 64: the held-out "
+                        "evaluation may decode longer than any rollout (its time grows with it); --set "
+                        "eval.max_new_tokens=64 to match")
     said.clear()
     continuous = grpo_from_dict({**base, "train": {"steps": 7}, "grpo": {"schedule": "continuous"},
                                  "stages": [{"name": "alpha", "steps": 2}]})

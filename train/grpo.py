@@ -502,3 +502,7 @@ def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], No
     if g.loss_type == "luspo" and g.importance_sampling_level != "sequence":
         say("note: grpo.loss_type luspo with importance_sampling_level token: its paper (and TRL's warning) use "
             "sequence")
+    if evaluates(cfg) and cfg.eval.max_new_tokens > g.max_completion_length:
+        say(f"note: eval.max_new_tokens {cfg.eval.max_new_tokens} is above grpo.max_completion_length "
+            f"{g.max_completion_length}: the held-out evaluation may decode longer than any rollout (its time "
+            f"grows with it); --set eval.max_new_tokens={g.max_completion_length} to match")
