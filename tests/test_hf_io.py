@@ -20,7 +20,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import fxjax
 from fxjax.hf_checkpoint import CheckpointError, abstract_model, load_weights, weight_files
-from fxjax.hf_config import ConfigError, config_from_dict, load_config
+from fxjax.hf_config import HFConfigError, config_from_dict, load_config
 
 TOL = 1e-5
 
@@ -403,7 +403,7 @@ def test_error_missing_config(tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_checkpoint, bad)
     (bad / "config.json").unlink()
-    with pytest.raises(ConfigError, match=r"config\.json.*not found"):
+    with pytest.raises(HFConfigError, match=r"config\.json.*not found"):
         fxjax.from_pretrained(bad)
 
 
@@ -412,7 +412,7 @@ def test_error_bad_model_type(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, bad)
     raw = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**raw, "model_type": "llava"}))
-    with pytest.raises(ConfigError, match=r"config\.json.*model_type 'llava'"):
+    with pytest.raises(HFConfigError, match=r"config\.json.*model_type 'llava'"):
         fxjax.from_pretrained(bad)
 
 
@@ -438,7 +438,7 @@ def test_error_rope_scaling_is_refused(tiny_checkpoint, tmp_path):
     raw = json.loads((bad / "config.json").read_text())
     raw["text_config"]["rope_parameters"].update(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
     (bad / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ConfigError, match=r"config\.json: rope type 'yarn' in rope_parameters/rope_scaling is not "
+    with pytest.raises(HFConfigError, match=r"config\.json: rope type 'yarn' in rope_parameters/rope_scaling is not "
                                           r"supported"):
         fxjax.from_pretrained(bad)
 
