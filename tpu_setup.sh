@@ -471,11 +471,15 @@ pack_local_source() {  # pack_local_source TARBALL: the checkout's files, withou
 }
 
 do_setup() {
-  local dir venv pins=""
+  local dir venv pins="" check=""
   dir=$(remote_path "$REMOTE_DIR")
   venv=$(remote_path "$VENV")
   if [[ $CONSTRAINTS != none ]]; then
-    if [[ $CONSTRAINTS == /* ]]; then pins=" -c $(q "$CONSTRAINTS")"; else pins=" -c $dir/$(q "$CONSTRAINTS")"; fi
+    local file
+    if [[ $CONSTRAINTS == /* ]]; then file=$(q "$CONSTRAINTS"); else file=$dir/$(q "$CONSTRAINTS"); fi
+    # (a checkout from before constraints.txt has none: said, not a bare uv error)
+    pins=" -c $file"
+    check="{ test -f $file || { echo \"tpu_setup.sh: no constraints file $file on this worker (a checkout older than constraints.txt?): give --constraints none or a file\" >&2; false; }; } && "
   fi
   if [[ -d $SOURCE ]]; then
     local tmp
@@ -493,7 +497,7 @@ do_setup() {
   fi
   # uv into the user's site; a system Python that marks itself externally managed (PEP 668, Ubuntu 24.04
   # and later) refuses even --user installs until told, and ~/.local is the user's, not the system's.
-  on_all_workers "{ python3 -m pip install --user --upgrade uv || python3 -m pip install --user --break-system-packages --upgrade uv; } && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") gcsfs$pins && $venv/bin/python -c 'import jax, flax, fxjax.train.step; print(jax.__version__, flax.__version__)'"
+  on_all_workers "{ python3 -m pip install --user --upgrade uv || python3 -m pip install --user --break-system-packages --upgrade uv; } && { test -x $venv/bin/python || python3 -m uv venv --python $(q "$PYTHON_VERSION") $venv; } && ${check}python3 -m uv pip install --python $venv/bin/python -e $dir $(q "$JAX_SPEC") gcsfs$pins && $venv/bin/python -c 'import jax, flax, fxjax.train.step; print(jax.__version__, flax.__version__)'"
 }
 
 do_launch() {
@@ -576,7 +580,23 @@ do_worker_run() {
     printf '%s\n' "$!" >"$LOG_DIR/worker-$worker_id.pid"
     printf 'worker %s: started, pid %s\n' "$worker_id" "$!"
   else
-    "$VENV/bin/fxjax" "${EXTRA[@]}" 2>&1 | tee "$log"
+    # fxjax writes the log itself, not through a pipe to tee: when the connection dropped, tee went with it
+    # and fxjax's next line (a broken pipe) ended the run without a checkpoint. The log is shown while the
+    # run lasts; a hang-up, interrupt or termination of this script asks fxjax to save and stop (SIGTERM),
+    # and a connection gone without a signal leaves the run going (its log stays in LOG_DIR).
+    "$VENV/bin/fxjax" "${EXTRA[@]}" >"$log" 2>&1 </dev/null &
+    local pid=$! rc=0 shown
+    trap 'kill -TERM "$pid" 2>/dev/null || true' HUP INT TERM PIPE
+    tail -n +1 -f --pid="$pid" "$log" 2>/dev/null &  # (in the background: a trap runs only between commands)
+    shown=$!
+    while :; do
+      rc=0
+      wait "$pid" || rc=$?
+      kill -0 "$pid" 2>/dev/null || break  # (a trapped signal ends a wait early: wait again until it exits)
+    done
+    wait "$shown" 2>/dev/null || true  # (the log's last lines)
+    trap - HUP INT TERM PIPE
+    return "$rc"
   fi
 }
 

@@ -41,7 +41,8 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "local_device_count": ("FXJAX_LOCAL_DEVICE_COUNT",),
     "initialization_timeout": ("FXJAX_INITIALIZATION_TIMEOUT",),
 }
-PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy", "GRPC_PROXY", "HTTPS_PROXY", "HTTP_PROXY")
+PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy")  # what gRPC reads, in its order
+NO_PROXY_VARS = ("no_grpc_proxy", "no_proxy")
 
 
 NO_AUTO_ENV = "FXJAX_NO_AUTO_DISTRIBUTED"  # "1": never join a detected cluster by itself
@@ -103,7 +104,9 @@ class DistributedConfig:
     def validate(self) -> "DistributedConfig":
         if self.coordinator_address is not None:
             host, _, port = self.coordinator_address.rpartition(":")
-            if not host or not port.isdigit():  # (JAX's own parse failed with an IndexError deep inside)
+            bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+            # (JAX's own parse failed with an IndexError deep inside; an IPv6 address needs its brackets)
+            if not host or bare_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
                 variable = ENV_VARS["coordinator_address"][0]
                 raise DistributedError(f"coordinator_address {self.coordinator_address!r} ({variable}) must be "
                                        f"HOST:PORT, process 0's host and a free port every process can reach "
@@ -301,14 +304,15 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
 
 def join_line(cfg: DistributedConfig, environ: Mapping[str, str]) -> str:
     """What an explicit join is about to do, and a proxy that may reroute the coordinator's gRPC."""
-    host = cfg.coordinator_address.rpartition(":")[0]
+    host = cfg.coordinator_address.rpartition(":")[0].strip("[]")
     line = (f"fxjax.distributed: process {cfg.process_id} of {cfg.num_processes} joining at "
             f"{cfg.coordinator_address}; waiting up to {cfg.initialization_timeout} s for all {cfg.num_processes} "
             f"(distributed.initialization_timeout, FXJAX_INITIALIZATION_TIMEOUT); if it times out, check that "
             f"every process started with the same count, its own id, and this address")
     proxy = next((key for key in PROXY_VARS if environ.get(key)), None)
-    bypass = {h.strip() for key in ("no_proxy", "NO_PROXY") for h in environ.get(key, "").split(",") if h.strip()}
-    if proxy is not None and host not in bypass and "*" not in bypass:
+    bypass = {h.strip().strip("[]") for key in NO_PROXY_VARS for h in environ.get(key, "").split(",") if h.strip()}
+    bypassed = "*" in bypass or any(host == h or (h.startswith(".") and host.endswith(h)) for h in bypass)
+    if proxy is not None and not bypassed:
         line += (f"\nfxjax.distributed: note: {proxy} is set and no_proxy does not name {host}: gRPC may send the "
                  f"coordinator's traffic through the proxy (a join that fails with 'UNIMPLEMENTED ... 404'); "
                  f"add it: export no_proxy={host},$no_proxy")

@@ -15,7 +15,7 @@ from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 
 class HFConfigError(ValueError):
-    """An HF config.json fxjax cannot build a model from (fxjax's own run configs: config_mapping.HFConfigError)."""
+    """An HF config.json fxjax cannot build a model from (fxjax's own run configs: config_mapping.ConfigError)."""
 
 
 def _rope(section: dict[str, Any]) -> dict[str, Any]:

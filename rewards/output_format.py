@@ -237,7 +237,8 @@ def _positions(text: str, marker: str, start: int = 0) -> list[int]:
 
 
 def _region_spans(text: str) -> list[tuple[str, str]]:
-    """`_REGION_RE.findall(text)` -> [(caption, raw box text)], without the regex's quadratic worst case.
+    """The authors' region regex's findall (above; tests/reference_format.REGION_RE) -> [(caption, raw box
+    text)], without the regex's quadratic worst case.
 
     findall takes the leftmost REF at or after the end of the previous match; the lazy caption then takes the
     first REF_END on the same line that is followed by whitespace, BOX and a BOX_END on BOX's line. Fast path:

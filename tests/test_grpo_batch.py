@@ -417,7 +417,8 @@ def test_rollout_metrics_from_parts_equal_the_whole_batch():
     import torch
     from trl.trainer.utils import nanstd  # TRL's reward_std: Bessel-corrected (fxjax's was the population std)
 
-    assert want["reward/total_std"] == pytest.approx(float(nanstd(torch.tensor(scores["total"]))), rel=1e-12)
+    # (float32 sums: to 1e-6; the population std would be off by 1.4%)
+    assert want["reward/total_std"] == pytest.approx(float(nanstd(torch.tensor(scores["total"]))), rel=1e-6)
     assert want["reward/iou_mean"] == float(scores["iou"].mean())
     assert want["zero_std_group_fraction"] == pytest.approx(1 / 6) and 0 < want["truncated_fraction"] < 1
     got = combine_rollout_sums([json.loads(json.dumps(rollout_sums(part(lo, hi), g))) for lo, hi in ((0, 2), (2, 6))])

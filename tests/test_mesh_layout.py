@@ -292,7 +292,12 @@ def test_an_explicit_join_says_what_it_waits_for_and_its_timeout_is_a_setting(jo
     lines.clear()
     distributed.initialize({"initialization_timeout": 45}, environ={**env, "no_proxy": "host0"}, log=lines.append)
     assert joins[0]["initialization_timeout"] == 45 and "\n" not in lines[0]  # the proxy bypasses host0
-    for bad in ("host0", "host0:port", ":8476"):
+    assert distributed.resolve(environ={**env, "FXJAX_COORDINATOR": "[fe80::1]:8476"}).coordinator_address == "[fe80::1]:8476"
+    lines.clear()
+    distributed.initialize(environ={**env, "no_proxy": ".example.com", "FXJAX_COORDINATOR": "w0.example.com:8476"},
+                           log=lines.append)
+    assert "\n" not in lines[0]  # a domain suffix in no_proxy covers the host
+    for bad in ("host0", "host0:port", ":8476", "fe80::1:8476", "host0:70000"):
         with pytest.raises(distributed.DistributedError, match=rf"coordinator_address '{bad}' \(FXJAX_COORDINATOR\) "
                                                               r"must be HOST:PORT"):
             distributed.resolve(environ={**env, "FXJAX_COORDINATOR": bad})

@@ -113,7 +113,7 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     records = [dict(r, **{k: 0.0 for k in r if k.startswith("clip_ratio/")}) for r in grpo_records()]
     fig = build_report(records)
     assert "Clipped importance ratios" not in titles(fig)
-    assert ("Clipped importance ratios (all 0: the ratio is 1 when a step makes one update, grpo.num_iterations 1)"
+    assert ("Clipped importance ratios (all 0: nothing clipped, as with grpo.num_iterations 1, where the ratio is 1)"
             in fig._suptitle.get_text())
 
 

@@ -9,6 +9,7 @@ import io
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,7 @@ def test_flags_and_environment_agree(fake_bin):
     (["launch", "--zone", "z", "--project", "p", "--config"], "--config needs a value"),
     (["--zone", "z", "--project", "p"], "no subcommand"),
     (["deploy", "--zone", "z", "--project", "p"], "unknown subcommand 'deploy'"),
+    (["setup", "--zone", "z", "--project", "p", "--constraints", ""], "--constraints needs a non-empty value"),
 ])
 def test_wrong_flags_fail_early_with_a_clear_message(fake_bin, args, message):
     result = run_script("--dry-run", *args, path=f"{fake_bin}:{SYSTEM_PATH}",
@@ -497,6 +499,8 @@ def test_setup_installs_uv_past_an_externally_managed_system_python(fake_bin, tm
     _, install = setup_commands(fake_bin, source)
     worker, worker_bin = tmp_path / "worker", tmp_path / "worker-bin"
     worker.mkdir(), worker_bin.mkdir()
+    (worker / "fxjax").mkdir()  # (the project as setup unpacked it: the install reads its constraints.txt)
+    shutil.copy(ROOT / "constraints.txt", worker / "fxjax" / "constraints.txt")
     _executable(worker_bin / "python3", FAKE_SYSTEM_PYTHON)
     env = {"PATH": f"{worker_bin}:{SYSTEM_PATH}", "HOME": str(worker)}
     if externally_managed:
@@ -507,6 +511,10 @@ def test_setup_installs_uv_past_an_externally_managed_system_python(fake_bin, tm
     pip = [c for c in calls if "-m pip install" in c]
     assert len(pip) == (2 if externally_managed else 1)
     assert ("--break-system-packages" in pip[-1]) == externally_managed
+    if not externally_managed:  # a checkout without the constraints file: said, not a bare uv error
+        (worker / "fxjax" / "constraints.txt").unlink()
+        done = subprocess.run([BASH, "-c", install], cwd=worker, capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode != 0 and "no constraints file ./fxjax/constraints.txt on this worker" in done.stderr
     assert any(c.startswith("-m uv pip install --python ./fxjax-venv/bin/python -e ./fxjax") for c in calls)
 
 
@@ -524,3 +532,36 @@ def test_worker_run_keeps_the_earlier_runs_log(worker_home):
     assert sorted("[run1.yaml]" in p.read_text() for p in kept) == [False, True]
     assert any("[run2.yaml]" in p.read_text() for p in kept)
     assert not any(re.fullmatch(r"worker-.*\.log", p.name) for p in kept)  # what `status` tails
+
+
+SIGNALLED_FXJAX = r"""#!/usr/bin/env bash
+trap 'echo "got TERM: saved a checkpoint"; exit 0' TERM
+echo started
+for _ in $(seq "${FAKE_TICKS:-300}"); do sleep 0.1; done
+echo "finished without a signal"
+exit "${FAKE_RC:-0}"
+"""
+
+
+def test_worker_run_in_the_foreground_stops_fxjax_with_a_checkpoint_on_a_hang_up(worker_home):
+    """In the foreground fxjax wrote through `| tee`: a dropped connection took tee and then fxjax (a broken
+    pipe) without a checkpoint. It now writes its log itself while the script shows it; a hang-up of the
+    script asks fxjax to save and stop (SIGTERM), and its exit status is the script's."""
+    home, bin_dir = worker_home
+    _executable(home / "fxjax-venv" / "bin" / "fxjax", SIGNALLED_FXJAX)
+    env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "HOME": str(home), "LC_ALL": "C", "FAKE_WORKER_ID": "0",
+           "FAKE_ENDPOINTS": "t1v-n-0-w-0"}
+    proc = subprocess.Popen([BASH, str(SCRIPT), "worker-run", "--", "sft"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=home)
+    try:
+        assert proc.stdout.readline().startswith("worker 0: 1 process(es)")
+        assert proc.stdout.readline() == "started\n"  # (the log, shown while the run lasts)
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    log = (home / "fxjax-logs" / "worker-0.log").read_text()
+    assert proc.returncode == 0 and "got TERM: saved a checkpoint" in log and "finished" not in log, (out, log)
+    result = run_script("worker-run", "--", "sft", path=env["PATH"], extra_env={**env, "FAKE_RC": "3", "FAKE_TICKS": "1"},
+                        cwd=home)
+    assert result.returncode == 3 and "finished without a signal" in result.stdout  # (its status passes through)

@@ -133,7 +133,8 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
         restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step), rows_per_batch)
     except ConfigError:
         saved_batch, batch = (saved_cfg.get("data") or {}).get("batch_size"), now["data"]["batch_size"]
-        if saved_batch is None or saved_batch == batch:
+        same_processes = int(data_state["iterator"].get("process_count", jax.process_count())) == jax.process_count()
+        if saved_batch is None or saved_batch == batch or not same_processes:
             raise
         # (the rows a process reads changed with the batch, not with the mesh the error would blame)
         raise ConfigError(f"data.batch_size: the checkpoint of step {step} in {checkpointer.directory} was saved with "

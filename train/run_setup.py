@@ -87,12 +87,14 @@ def warn_held_out_overlap(train_records, held_out_records, say: Callable[[str], 
     `fxjax data check` warns about, and the run did not): the held-out metrics then overstate what the
     model learned. An image is its file's content: a copy under another name is the same image. Returns
     those records."""
+    if jax.process_index() != 0:  # (only process 0 says it: the others would read every file for nothing)
+        return []
     from fxjax.data.images import content_keys
 
     keys = content_keys(r.image for r in [*train_records, *held_out_records])
     images = {keys[r.image] for r in train_records}
     shared = [r for r in held_out_records if keys[r.image] in images]
-    if shared and jax.process_index() == 0:
+    if shared:
         say(f"warning: {len(shared)} of the {len(held_out_records)} held-out record(s) show a training image "
             f"(e.g. {shared[0].source}: {shared[0].image}): the held-out metrics overstate what the model learned")
     return shared
@@ -384,7 +386,7 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     return True, log or (lambda text: print(text, file=sys.stderr, flush=True))
 
 
-def check_shared_folder(directory: Path, key: str, wait_s: float = 10.0) -> None:
+def check_shared_folder(directory: Path, key: str, wait_s: float = 30.0) -> None:
     """Every process sees the file process 0 writes in `directory` (within `wait_s`, for a network file
     system's caches), else a ConfigError on every process naming those that do not. Each process writes its
     part of a checkpoint there: on disks of their own, the first save waited 10 minutes in orbax and then
@@ -394,6 +396,8 @@ def check_shared_folder(directory: Path, key: str, wait_s: float = 10.0) -> None
     if me == 0:
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob(".fxjax-shared-check-*"):  # (left by a start killed mid-check)
+                stale.unlink(missing_ok=True)
             name = f".fxjax-shared-check-{secrets.token_hex(8)}"
             (directory / name).write_text("process 0 wrote this to check that every process sees the folder\n")
             sent = {"name": name}

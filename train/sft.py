@@ -16,7 +16,7 @@ continues from the latest one: LoRA parameters, optimiser state, step, RNG and t
 position are restored (each process's own; the same process count is required), so the continued run
 computes exactly what an uninterrupted one would.
 
-Signals: SIGTERM / SIGINT (preemption) finish the current step, save a checkpoint, wait for it to be
+Signals: SIGTERM / SIGINT / SIGHUP (preemption, a dropped connection) finish the current step, save a checkpoint, wait for it to be
 committed and return with `result.preempted` (the CLI exits 0). A non-finite loss or gradient stops the
 run (`NonFiniteError`, naming the step; the last good checkpoint stays the latest) unless
 train.on_nonfinite is "skip", which skips that update and goes on.

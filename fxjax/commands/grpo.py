@@ -29,7 +29,7 @@ Outputs under train.output_dir: metrics.jsonl (per step: reward and each compone
 verdict accuracy, mean IoU on generated images, KL, clip ratios, entropy, completion lengths,
 truncated and zero-std fractions, rollout/update times, the stage), TensorBoard events, checkpoints/
 (resumes from the latest: run the same command again), and with --set train.profile_steps=N a
-jax.profiler trace of N steps in profile/. SIGTERM saves and exits 0; a non-finite loss
+jax.profiler trace of N steps in profile/. SIGTERM (or SIGHUP, SIGINT) saves and exits 0; a non-finite loss
 exits 3 with the last good checkpoint kept."""
 
 

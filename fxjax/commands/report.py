@@ -210,7 +210,7 @@ GRPO_PANELS = (
           (Line("train", "clip_ratio/region_mean", "clipped (either side)"),
            Line("train", "clip_ratio/low_mean", "below 1 - epsilon"),
            Line("train", "clip_ratio/high_mean", "above 1 + epsilon_high")), unit_interval=True,
-          when_all_zero="all 0: the ratio is 1 when a step makes one update, grpo.num_iterations 1"),
+          when_all_zero="all 0: nothing clipped, as with grpo.num_iterations 1, where the ratio is 1"),
     Panel("Held-out evaluation (greedy)", "rate, or IoU (0 to 1)",
           (Line("eval", "format_rate", "format rate"), Line("eval", "verdict_accuracy", "verdict accuracy"),
            Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),

@@ -185,10 +185,10 @@ def content_keys(paths: Iterable[str], threads: int = 8) -> dict[str, str]:
             return path
 
     paths = sorted(set(paths))
-    sizes = dict(zip(paths, map(size, paths)))
-    counts = Counter(sizes.values())
-    shared = [p for p in paths if sizes[p] is not None and counts[sizes[p]] > 1]
-    keys = {p: p for p in paths}
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(threads) as pool:  # (a network file system answers each stat in a round trip)
+        sizes = dict(zip(paths, pool.map(size, paths)))
+        counts = Counter(sizes.values())
+        shared = [p for p in paths if sizes[p] is not None and counts[sizes[p]] > 1]
+        keys = {p: p for p in paths}
         keys.update(zip(shared, pool.map(digest, shared)))
     return keys
