@@ -102,8 +102,8 @@ Multi-host start-up (how the TPU environment reaches JAX):
       FXJAX_COORDINATOR=<worker 0's address>:PORT  FXJAX_NUM_PROCESSES=<workers>  FXJAX_PROCESS_ID=<id>
   and \`fxjax sft\` / \`fxjax grpo\` hand them to fxjax.distributed.initialize, which calls
   jax.distributed.initialize(coordinator_address, num_processes, process_id) before any JAX computation.
-  (fxjax.distributed starts JAX's multi-process runtime only when FXJAX_*/JAX_* variables or the
-  config's distributed section name more than one process, hence the explicit variables.) Variables
+  (fxjax.distributed would also detect a TPU VM pod from the same metadata by itself; the explicit
+  variables make the join the same on every image and name the coordinator in each worker's log.) Variables
   already set (FXJAX_NUM_PROCESSES, e.g. through --env) win over the metadata; a count given without
   FXJAX_PROCESS_ID takes this worker's number as the id. A single-host slice
   (v5litepod-8, v6e-8, v5p-8) runs one process on all its local chips and sets nothing.

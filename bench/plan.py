@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-generations", type=int, default=4, help="GRPO G (the paper: 4)")
     ap.add_argument("--dtype", default="bfloat16", help="compute and base-parameter dtype")
     ap.add_argument("--lora-rank", type=int, default=32)
-    ap.add_argument("--remat", default="full", help="remat policy of decoder layers and vision blocks (train.remat)")
+    ap.add_argument("--remat", default="full", help="remat policy of decoder layers and vision blocks (model.remat)")
     ap.add_argument("--loss-chunk", type=int, default=256, help="lm_head rows per loss chunk (train.loss_chunk)")
     ap.add_argument("--json", type=Path, help="append each row as a JSON line here")
     ap.add_argument("--scan-layers", action="store_true",

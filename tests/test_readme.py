@@ -44,17 +44,12 @@ def fxjax_commands() -> list[list[str]]:
 
 
 def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    from skimage import data
-
     python_blocks = fenced_blocks("python")[:2]  # one session: the second continues the first
     assert len(fenced_blocks("python")) == 3  # the third, serving an export, is the next test's
     (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
     monkeypatch.chdir(tmp_path)
     assert main(init) == 0
-    from PIL import Image
-
-    Image.fromarray(data.chelsea()).save("photo.png")
-    scope: dict = {}
+    scope: dict = {}  # (the example writes its photo.png itself)
     for block in python_blocks:
         exec(compile(block, str(README), "exec"), scope)
     logits, tokens, input_ids = scope["logits"], scope["tokens"], scope["input_ids"]
