@@ -155,18 +155,18 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"--out: {target} holds files that are not an fxjax export ({held}); --overwrite "
                                   f"replaces only a former export: move them or give another --out")
         require_writable(target, "--out")
+    from fxjax.commands.model_args import is_adapter_not_model, mesh_from_flag
+
     if args.model is not None:
         model = Path(args.model)
         if not model.is_dir():
             raise FileNotFoundError(f"--model: {args.model} is not a directory")
-        if (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
+        if is_adapter_not_model(model):
             raise ValueError(f"--model: {model} is a PEFT adapter, not a model; --model is the run's base model "
                              f"(an HF directory with config.json), when it moved since training")
         if not (model / "config.json").is_file():
             raise FileNotFoundError(f"--model: {model} holds no config.json; give the run's base model (an HF "
                                     f"directory) when it moved since training")
-    from fxjax.commands.model_args import mesh_from_flag
-
     mesh = mesh_from_flag(args.mesh)  # checked before anything loads
     written = export_run(args.run, out, step=args.step, merged="merged" in parts, adapter="adapter" in parts,
                          dtype=args.dtype, model_path=args.model, tokenizer=args.tokenizer, mesh=mesh, log=say)

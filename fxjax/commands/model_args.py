@@ -22,7 +22,7 @@ from typing import Any
 from fxjax.run_files import step_or_stage
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments",
-           "mesh_from_flag", "parse_mesh", "resolve_detector"]
+           "is_adapter_not_model", "mesh_from_flag", "parse_mesh", "resolve_detector"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False) -> None:
@@ -222,10 +222,15 @@ def check_model_arguments(args: argparse.Namespace) -> None:
                     "run": "a training run's directory"}[name]
             raise NotADirectoryError(f"--{name}: {value} is a file; give {what}")
     model = Path(args.model) if args.model is not None else None
-    if model is not None and (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
+    if model is not None and is_adapter_not_model(model):
         raise ValueError(f"--model: {model} is a PEFT adapter, not a model: pass --model BASE_MODEL_DIR "
                          f"--adapter {model}")
     parse_mesh(getattr(args, "mesh", None))
+
+
+def is_adapter_not_model(folder: Path) -> bool:
+    """A PEFT adapter's folder (adapter_config.json, no config.json) given where a model's belongs."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
 
 
 def resolve_detector(args: argparse.Namespace) -> Detector:
