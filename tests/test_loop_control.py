@@ -323,8 +323,16 @@ def test_a_dropped_ssh_connection_stops_the_run_as_a_preemption():
     after."""
     from fxjax.train.preemption import PreemptionSignals
 
-    before = signal.getsignal(signal.SIGHUP)
-    with PreemptionSignals() as signals:
-        os.kill(os.getpid(), signal.SIGHUP)
-        assert signals.local_stop() and signals.received == signal.SIGHUP and signals.stop_requested()
-    assert signal.getsignal(signal.SIGHUP) == before
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (the suite may run under nohup: HUP ignored)
+    try:
+        with PreemptionSignals() as signals:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert signals.local_stop() and signals.received == signal.SIGHUP and signals.stop_requested()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+        # started under nohup (HUP ignored): a hang-up leaves the run going, as nohup means
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with PreemptionSignals() as signals:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not signals.local_stop()
+    finally:
+        signal.signal(signal.SIGHUP, before)

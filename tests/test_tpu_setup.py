@@ -551,8 +551,11 @@ def test_worker_run_in_the_foreground_stops_fxjax_with_a_checkpoint_on_a_hang_up
     _executable(home / "fxjax-venv" / "bin" / "fxjax", SIGNALLED_FXJAX)
     env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "HOME": str(home), "LC_ALL": "C", "FAKE_WORKER_ID": "0",
            "FAKE_ENDPOINTS": "t1v-n-0-w-0"}
+    # (HUP at its default in the script: a shell cannot trap a signal ignored when it starts, as under the
+    # nohup a CI runner may use)
     proc = subprocess.Popen([BASH, str(SCRIPT), "worker-run", "--", "sft"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=home)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=home,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().startswith("worker 0: 1 process(es)")
         assert proc.stdout.readline() == "started\n"  # (the log, shown while the run lasts)

@@ -1,6 +1,7 @@
 """SIGTERM / SIGINT / SIGHUP handling for training loops: a flag checked between steps, agreed by all
 processes. SIGHUP is what a run in the foreground of an SSH session gets when the connection drops
-(`tpu_setup.sh launch` without --detach): it killed every worker without a checkpoint."""
+(`tpu_setup.sh launch` without --detach): it killed every worker without a checkpoint. A process started
+under nohup (SIGHUP ignored) keeps ignoring it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class PreemptionSignals:
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # (started under nohup: a hang-up is meant to leave the run going)
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
