@@ -19,8 +19,9 @@ The names load on first use (PEP 562): `import fxjax` alone does not import jax,
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fxjax.lazy_exports import lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -62,16 +63,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from fxjax.device_mesh import MeshConfig, ShardingError, make_mesh
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"fxjax.{name}")  # the import sets the attribute
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fxjax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), _SUBMODULES)

@@ -13,8 +13,7 @@ opening); prompts; tokenizer; config (DataConfig); examples (record -> ids, labe
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fxjax.lazy_exports import lazy_exports
 
 # Loaded on first use (PEP 562), so `import fxjax.data.records` does not load grain and jax with the pipeline.
 _EXPORTS = {
@@ -46,14 +45,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fxjax.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
