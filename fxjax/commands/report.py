@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -342,7 +343,9 @@ def build_report(records: Sequence[dict], title: str | None = None):
         detail += f"; training values: {per}"
     if missing:
         detail += "\nnot plotted: " + "; ".join(missing)
-    fig.suptitle(f"{heading}\n({detail})", fontsize=12)
+    # (wrapped to the figure's width: a long list of panels left out ran off both edges)
+    lines = [textwrap.fill(line, width=70 * cols) for line in f"({detail})".split("\n")]
+    fig.suptitle("\n".join([heading, *lines]), fontsize=12)
     fig.missing_panels = missing
     return fig
 
