@@ -138,13 +138,20 @@ def load_config(path: Optional[Union[str, Path]] = None) -> dict:
 
 def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardWeights:
     """The preset weights of stage "alpha", "beta" or "gamma"."""
+    problem = missing_stage(stage, config)
+    if problem:
+        raise ValueError(problem)
+    return RewardWeights.from_mapping(load_config(config)["stages"][stage])  # (load_config checked its values)
+
+
+def missing_stage(stage: str, config: Optional[Union[str, Path]] = None) -> Optional[str]:
+    """Why the reward config has no stage `stage` (naming the file and its stages), None when it has one."""
     stages = load_config(config)["stages"]
-    if stage not in stages:
-        hint = ("; the continuous schedule is not a stage: grpo.schedule=continuous with train.steps"
-                if stage == "continuous" else "")
-        raise ValueError(f"no reward stage {stage!r} in {config or CONFIG_PATH} (its stages: "
-                         f"{', '.join(stages)}){hint}")
-    return RewardWeights.from_mapping(stages[stage])  # (load_config checked its keys and values)
+    if stage in stages:
+        return None
+    hint = ("; the continuous schedule is not a stage: grpo.schedule=continuous with train.steps"
+            if stage == "continuous" else "")
+    return f"no reward stage {stage!r} in {config or CONFIG_PATH} (its stages: {', '.join(stages)}){hint}"
 
 
 def describe_weights(w: RewardWeights) -> str:

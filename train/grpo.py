@@ -29,8 +29,8 @@ of the sums.
 
 Resume: as SFT (each process's own iterator position in the checkpoint). The sampling key of step k is folded from (grpo.seed, k), the stage follows from the
 step, and the data iterator and shape floors are in the checkpoint, so a resumed run draws the same
-completions and ends with the same parameters as an uninterrupted one. SIGTERM (or SIGINT, SIGHUP) saves and exits; a
-non-finite loss stops with the last good checkpoint kept (or skips, train.on_nonfinite=skip).
+completions and ends with the same parameters as an uninterrupted one. SIGTERM (or SIGINT, SIGHUP) saves
+and exits; a non-finite loss stops with the last good checkpoint kept (or skips, train.on_nonfinite=skip).
 
 Also exported: `group_advantages` and `grpo_loss` (fxjax.train.grpo_loss), TRL's math.
 """
@@ -243,13 +243,12 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     if g.schedule == "continuous":
         stage_weights(cfg, 0)
     else:
-        presets = rewards.load_config(g.reward_config)["stages"]  # (a bad file: its own error, naming it)
-        for i, stage in enumerate(cfg.stages):
-            if stage.name not in presets:
-                try:
-                    rewards.load_stage(stage.name, g.reward_config)  # (its message: the file and its stages)
-                except ValueError as err:
-                    raise ConfigError(f"stages[{i}].name: {err}") from None
+        from fxjax.rewards.stages import missing_stage
+
+        for i, stage in enumerate(cfg.stages):  # (a bad reward file: load_config's own error, naming it)
+            problem = missing_stage(stage.name, g.reward_config)
+            if problem:
+                raise ConfigError(f"stages[{i}].name: {problem}")
     mesh = make_mesh(MeshConfig(**cfg.mesh.axes()))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh, micro_batches=cfg.optim.grad_accum,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
