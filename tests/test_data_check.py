@@ -249,6 +249,11 @@ def test_an_image_is_its_content_and_an_id_names_one_image(capsys, tmp_path):
                                           + json.dumps({"image": "b.png", "label": "real"}) + "\n")
     rc, out = check(capsys, train_file)
     assert "id(s) given" not in out and "more than one record of a file" in out
+    # one id on a file and its copy: one image, so no id warning (it called them "other images")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"image": "a.png", "label": "real", "id": "y"}) + "\n"
+                                          + json.dumps({"image": "a_copy.png", "label": "real", "id": "y"}) + "\n")
+    rc, out = check(capsys, train_file)
+    assert "id(s) given" not in out and "more than one record of a file" in out
 
 
 def test_errors_that_stop_the_check(capsys, tmp_path):

@@ -186,7 +186,8 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
         for _, rs in items[:limit]:
             paths = list(dict.fromkeys(r.image for r in rs))
             named = len(paths) > 1  # copies: which record names which file
-            shown.append(" = ".join(paths) + f" ({', '.join(f'{r.source} {r.label}' + (f' {r.image}' if named else '') for r in rs)})")
+            where = ", ".join(f"{r.source} {r.label}" + (f" {r.image}" if named else "") for r in rs)
+            shown.append(" = ".join(paths) + f" ({where})")
         return "; ".join(shown) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
     contradictory = [(i, rs) for i, rs in repeated if len({r.label for r in rs}) > 1]
@@ -204,7 +205,7 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
     by_id = defaultdict(list)  # (a record without an id has its image's path as id: the same image)
     for r in records:
         by_id[(r.source.rsplit(":", 1)[0], r.record_id)].append(r)
-    reused = [(key, rs) for key, rs in by_id.items() if len({r.image for r in rs}) > 1]
+    reused = [(key, rs) for key, rs in by_id.items() if len({keys[r.image] for r in rs}) > 1]  # (copies: one image)
     if reused:
         shown = "; ".join(f"{key[1]!r} ({', '.join(r.source for r in rs)})" for key, rs in reused[:limit])
         out.append(f"{len(reused)} id(s) given to records of other images in the same file (eval's predictions.jsonl "
