@@ -26,8 +26,8 @@ changed model, mesh or upgrade compiles afresh); on a GPU it keeps XLA's autotun
 a multi-process run process 0 writes the entries and every process reads them, so the folder must be one
 they share (a network mount, a bucket): on disks of their own the other processes compile at every start.
 A program with cuDNN attention on more than one device never hits (its custom partitioning puts a
-per-process pointer in the key, jax-ml/jax#21159). Code that calls `fxjax.train.sft.run_sft` / `fxjax.train.grpo.run_grpo`
-itself sets JAX's options itself (this module changes nothing unless called).
+per-process pointer in the key, jax-ml/jax#21159). Code that calls `fxjax.train.sft.run_sft` /
+`fxjax.train.grpo.run_grpo` itself sets JAX's options itself (this module changes nothing unless called).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def warn_held_out_overlap(train_records, held_out_records, say: Callable[[str], 
     """Say (process 0) which held-out records show an image the run trains on (a train / test leak that
     `fxjax data check` warns about, and the run did not): the held-out metrics then overstate what the
     model learned. An image is its file's content: a copy under another name is the same image. Returns
-    those records."""
+    those records on process 0 ([] on the others, which neither read the files nor say it)."""
     if jax.process_index() != 0:  # (only process 0 says it: the others would read every file for nothing)
         return []
     from fxjax.data.images import content_keys

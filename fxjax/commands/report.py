@@ -3,8 +3,8 @@
 SFT runs: training and held-out loss, learning rate, gradient norm, and the held-out generation metrics
 (format rate, verdict accuracy, mean IoU from greedy decoding). GRPO runs: total reward, its components, mean IoU on
 generated images, KL to the base model, completion length, the groups without signal and the truncated
-completions, the policy's entropy, learning rate, gradient norm, loss and clipped ratios, each per step with a centred moving
-average that restarts at each stage (a stage's reward has its own weights), the reward stages shaded and
+completions, the policy's entropy, learning rate, gradient norm, loss and clipped ratios, each per step
+with a centred moving average that restarts at each stage (a stage's reward has its own weights), the reward stages shaded and
 their boundaries marked and named on every panel; held-out evaluation as well when the run logged some.
 A panel without values (the KL when grpo.beta is 0) is left out and named in the subtitle. `fxjax sft` and
 `fxjax grpo` write it at the end of a run (--no-report: not). Given `fxjax eval` folders instead, it
@@ -36,8 +36,9 @@ GRPO panels: total reward (mean and std over the step's completions), reward com
 verdict accuracy and the IoU term, means over the step's completions), mean IoU on generated images, KL to
 the base model, completion length, groups whose rewards are all equal (no signal) and truncated
 completions, policy entropy, learning rate, gradient norm, the GRPO loss, the clipped importance ratios
-(left out when all 0: grpo.num_iterations 1), and the held-out evaluation when the run logged one. Every GRPO panel shades the reward stages
-(alpha, beta, gamma, ...) and marks and names the boundaries between them; no line crosses a boundary.
+(left out when all 0: grpo.num_iterations 1), and the held-out evaluation when the run logged one. Every
+GRPO panel shades the reward stages (alpha, beta, gamma, ...) and marks and names the boundaries between
+them; no line crosses a boundary.
 
 Steps are optimiser updates (SFT) or sampling steps (GRPO: each makes grpo.num_iterations updates). Noisy
 series are drawn thin, with a thick centred moving average (about a fifteenth of the steps, at most 25
