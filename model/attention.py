@@ -184,14 +184,23 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
 
 # ------------------------------------------------------------------------------------------ cudnn
 
-def cudnn_mask(allowed: jax.Array, batch: tuple[int, ...], lq: int, lk: int) -> jax.Array:
-    """The dense mask as jax.nn.dot_product_attention's cuDNN path takes it: bool [N, 1, Lq, Lk] with N the
-    flattened batch, or 1 when one mask serves the whole batch (cuDNN requires the full Lq x Lk extent)."""
+def cudnn_mask(allowed: jax.Array, batch: tuple[int, ...], lq: int, lk: int, pad_q: int = 0,
+               pad_k: int = 0) -> jax.Array:
+    """The dense mask as jax.nn.dot_product_attention's cuDNN path takes it: bool [N, 1, Lq + pad_q,
+    Lk + pad_k] with N the flattened batch, or 1 when one mask serves the whole batch (cuDNN requires the
+    full Lq x Lk extent). Padding keys are masked; a query row with no key to attend (a padding row, a
+    padding vision window, a padding query) attends every key instead: cuDNN's backward pass gives NaN in
+    the query gradient of a fully masked row (measured on an H100, bench/attention_check.py), and the q
+    projection's weight gradient sums over every row, padding included. Callers ignore such rows' outputs,
+    so their cotangents are zero and what they attend does not matter."""
     allowed = jnp.asarray(allowed, bool)
     rows = jnp.broadcast_to(allowed, (*allowed.shape[:-2], lq, lk))
     if rows.size == lq * lk:
-        return rows.reshape(1, 1, lq, lk)
-    return jnp.broadcast_to(rows, (*batch, lq, lk)).reshape(-1, 1, lq, lk)
+        rows = rows.reshape(1, 1, lq, lk)
+    else:
+        rows = jnp.broadcast_to(rows, (*batch, lq, lk)).reshape(-1, 1, lq, lk)
+    rows = jnp.pad(rows, ((0, 0), (0, 0), (0, pad_q), (0, pad_k)))
+    return rows | ~rows.any(axis=-1, keepdims=True)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
@@ -203,14 +212,13 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
     *batch, lq, h, d = q.shape
     lk, kvh = k.shape[-3], k.shape[-2]
     n = math.prod(batch)
-    allowed = cudnn_mask(mask.allowed, tuple(batch), lq, lk)
-    q, k, v = q.reshape(n, lq, h, d), k.reshape(n, lk, kvh, d), v.reshape(n, lk, kvh, d)
     # cuDNN's backward pass with a bias takes even lengths only: one masked key / dropped query row more.
     pad_q, pad_k = lq % 2, lk % 2
+    allowed = cudnn_mask(mask.allowed, tuple(batch), lq, lk, pad_q, pad_k)
+    q, k, v = q.reshape(n, lq, h, d), k.reshape(n, lk, kvh, d), v.reshape(n, lk, kvh, d)
     if pad_q or pad_k:
         q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
         k, v = (jnp.pad(x, ((0, 0), (0, pad_k), (0, 0), (0, 0))) for x in (k, v))
-        allowed = jnp.pad(allowed, ((0, 0), (0, 0), (0, pad_q), (0, pad_k)))
     out = jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=mask.causal, implementation=implementation)
     return out[:, :lq].reshape(*batch, lq, h, d)
 

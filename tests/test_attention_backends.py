@@ -150,8 +150,18 @@ def test_the_cudnn_mask_says_what_the_dense_mask_says(case):
     dense = np.broadcast_to(np.asarray(mask.allowed), (*batch, lq, lk)).reshape(-1, lq, lk)
     form = np.asarray(cudnn_mask(mask.allowed, batch, lq, lk))
     assert form.shape[1:] == (1, lq, lk) and form.shape[0] in (1, dense.shape[0])
-    said = form[:, 0] & (np.tril(np.ones((lq, lk), bool)) if mask.causal else True)
-    np.testing.assert_array_equal(np.broadcast_to(said, dense.shape), dense)
+    said = np.broadcast_to(form[:, 0] & (np.tril(np.ones((lq, lk), bool)) if mask.causal else True), dense.shape)
+    attends = dense.any(axis=-1)
+    np.testing.assert_array_equal(said[attends], dense[attends])
+    # cuDNN's backward gives NaN query gradients on a fully masked row: padding rows attend every key
+    assert said.any(axis=-1).all()
+
+
+def test_the_cudnn_mask_pads_odd_lengths_with_a_masked_key_and_a_query_row_that_attends():
+    allowed = jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]], bool)
+    form = np.asarray(cudnn_mask(allowed, (), 3, 3, pad_q=1, pad_k=1))[0, 0]
+    np.testing.assert_array_equal(form[:3], [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]])  # padding key masked
+    assert form[3].all()  # the padding query row
 
 
 @pytest.mark.parametrize("case", [0, 2, 3], ids=["decoder", "vision windows", "vision segments"])
