@@ -139,6 +139,7 @@ class DataSection:
     max_length: int = 8192
     length_buckets: tuple[int, ...] = ()
     long_samples: Literal["truncate", "drop"] = "truncate"
+    long_images: Literal["shrink", "drop"] = "shrink"  # an image over max_length's room: resized to fit | dropped
     prompts: Literal["auto", "templates", "record"] = "auto"
     system_prompt: str | None = None
     user_prompt: str | None = None  # null: the nine templates of fxjax.data.prompts; a text: that one prompt

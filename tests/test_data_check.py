@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -28,7 +29,8 @@ def test_good_dataset(capsys, tmp_path, tokenizer_dir):
     from fxjax.data.pipeline import DataConfig, DataPipeline
 
     path = write_fakexplain(tmp_path / "fx")
-    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS, "--max-length", 90)
+    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS, "--max-length", 90,
+                    "--long-images", "drop")
     assert rc == 0, out
     assert f"records: {len(IMAGES)}, valid {len(IMAGES)}, invalid 0" in out
     assert re.search(r"^\s+real\s+2\s+50\.0%\s+#{40}$", out, re.M)
@@ -47,18 +49,43 @@ def test_good_dataset(capsys, tmp_path, tokenizer_dir):
     lengths = sorted(int(n) for n in next(iter(DataPipeline(cfg)))["attention_mask"].sum(1))
     assert f"max_pixels {MAX_PIXELS}): min {lengths[0]}, median " in out and f"max {lengths[-1]}" in out
     over = sum(n > 90 for n in lengths)
-    assert 0 < over < len(lengths) and f"over max_length 90: {over} (training truncates" in out
+    assert 0 < over < len(lengths) and f"over max_length 90: {over} (generated {over}): training truncates" in out
     assert "alone reaches max_length" not in out  # every prompt fits: cutting the reasoning can help
     # a prompt that alone reaches max_length is dropped whatever is cut: said, with the settings to change
-    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS, "--max-length", 20)
+    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS, "--max-length", 20,
+                    "--long-images", "drop")
     assert (f"of them {len(IMAGES)} whose prompt with its image tokens alone reaches max_length, so training drops "
             f"them whatever it cuts (e.g. {path}:1): lower data.max_pixels (--max-pixels) or raise data.max_length"
             ) in out
     assert "OK: 0 of 4 records invalid" in out
 
+    # data.long_images "shrink" (the default): the images that leave an example over max_length are shrunk, so
+    # fewer are over it, and the lengths are those of the examples the pipeline builds (long_samples "drop":
+    # what still does not fit is left out, and said)
+    rc, out = check(capsys, path, "--tokenizer", tokenizer_dir, "--max-pixels", MAX_PIXELS, "--max-length", 90)
+    shrinking = dataclasses.replace(cfg, max_length=90, long_samples="drop", drop_remainder=False)
+    it = iter(DataPipeline(shrinking))
+    built = sorted(int(n) for batch in it for n in batch["attention_mask"].sum(1))
+    shrunk = it.get_state()["shrunk"]
+    assert 0 < shrunk and f"images shrunk below max_pixels to fit max_length 90 (data.long_images: shrink): " \
+                          f"{shrunk} (generated {shrunk}; e.g. {path}:3)" in out, out
+    assert f"over max_length 90: {len(IMAGES) - len(built)} (generated 1)" in out and len(built) > len(IMAGES) - over
+
     # Without a tokenizer the token histogram is skipped with a note; --bins groups values into ranges.
     rc, out = check(capsys, path, "--bins", 2)
     assert rc == 0 and "token length: skipped (give --tokenizer DIR" in out
+    assert "alone reach max_length" not in out
+    # ... but the images whose tokens alone reach max_length are still named (a phone photo's 15552 tokens at
+    # Qwen's max_pixels against max_length 8192), with what training does with them
+    from fxjax.image_processing import model_input_size
+
+    tokens = sorted((h // 28) * (w // 28) for h, w in (model_input_size(height, width, 3136, MAX_PIXELS)
+                                                       for _, (width, height), *_ in IMAGES))
+    for option, fate in ((), "training shrinks them to fit (data.long_images: shrink)"), \
+                        (("--long-images", "drop"), "training drops them (data.long_images: drop"):
+        rc, no_tokenizer = check(capsys, path, "--max-pixels", MAX_PIXELS, "--max-length", tokens[1], *option)
+        assert (f"images whose tokens at max_pixels {MAX_PIXELS} alone reach max_length {tokens[1]}: {sum(t >= tokens[1] for t in tokens)} "
+                in no_tokenizer and fate in no_tokenizer and rc == 0), no_tokenizer
     # a tokenizer that is not there: said before any image is read
     assert main(["data", "check", str(path), "--tokenizer", str(tmp_path / "nope")]) == 2
     assert f"tokenizer: no tokenizer.json in {tmp_path / 'nope'}" in capsys.readouterr().err
@@ -140,7 +167,8 @@ def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokeni
 
     path = write_fakexplain(tmp_path / "fx")
     data = {"train_files": [str(path)], "tokenizer": str(tokenizer_dir), "max_pixels": MAX_PIXELS,
-            "prompts": "templates", "user_prompt": "Box it.", "system_prompt": "Look.", "max_length": 90}
+            "prompts": "templates", "user_prompt": "Box it.", "system_prompt": "Look.", "max_length": 90,
+            "long_images": "drop"}  # (the lengths at max_pixels: the run's setting reaches the check)
     runs = {"sft": {"model": {"preset": "tiny"}, "data": data, "train": {"steps": 1}},
             "grpo": {"model": {"preset": "tiny"}, "data": data, "stages": [{"name": "alpha", "steps": 1}]}}
     seen = {}

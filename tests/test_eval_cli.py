@@ -90,10 +90,11 @@ def eval_args(dataset, tokenizer_dir, batch_size=2):
                               on_error="raise", batch_size=batch_size, max_image_pixels=None)
 
 
-def run_scripted(dataset, tokenizer_dir, out, decoder, settings=None, group_by=("generator",), **kwargs):
+def run_scripted(dataset, tokenizer_dir, out, decoder, settings=None, group_by=("generator",), long_images="shrink",
+                 **kwargs):
     records, _ = load_records([dataset])
     data = dict(min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None,
-                user_prompt=None, seed=0)
+                user_prompt=None, seed=0, long_images=long_images)
     config = prompt_data_config(eval_args(dataset, tokenizer_dir), data, str(tokenizer_dir))
     return evaluate(records, lambda: decoder, config, out, settings=settings or {"model": "scripted"},
                     group_by=group_by, progress=False, say=lambda text: None, **kwargs)
@@ -230,7 +231,7 @@ def test_progress_without_a_terminal_is_plain_lines_after_the_loading(dataset, t
 
     records, _ = load_records([dataset])
     data = dict(min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None,
-                user_prompt=None, seed=0)
+                user_prompt=None, seed=0, long_images="shrink")
     config = prompt_data_config(eval_args(dataset, tokenizer_dir), data, str(tokenizer_dir))
     evaluate(records, make_decoder, config, tmp_path, settings={"model": "scripted"}, progress=True,
              say=lambda text: None)
@@ -283,20 +284,26 @@ def test_a_record_the_pipeline_drops_is_reported_and_not_retried_on_resume(datas
     Image.new("RGB", (1232, 1232), (128, 128, 128)).save(dataset.parent / "large.png")
     extra = {"id": "g4", "image": "large.png", "label": "real"}
     with_large.write_text(dataset.read_text() + json.dumps(extra) + "\n")
-    summary = run_scripted(with_large, tokenizer_dir, tmp_path, ScriptedDecoder(SCRIPT))
+    # as training does (data.long_images: shrink, the default), eval analyses it at the largest size that fits
+    shrunk = run_scripted(with_large, tokenizer_dir, tmp_path / "shrink", ScriptedDecoder({**SCRIPT, "g4": SCRIPT["r1"]}))
+    assert shrunk["examples"] == 6 and not shrunk.get("not_evaluated")
+    row = json.loads((tmp_path / "shrink" / PREDICTIONS).read_text().splitlines()[-1])
+    assert row["id"] == "g4" and row["original_size"] == [1232, 1232] and 700 < (row["model_size"][0] // 28) ** 2 < 1024
+    # with "drop" (a run that trained so) it is left out, and said
+    summary = run_scripted(with_large, tokenizer_dir, tmp_path, ScriptedDecoder(SCRIPT), long_images="drop")
     assert summary["examples"] == 5 and summary["not_evaluated"] == [f"{with_large}:6"]
     assert summary["not_evaluated_why"] == {f"{with_large}:6": "too_long"}
     # finished: the dropped record is not decoded again, so no model is made
     records, _ = load_records([with_large])
     config = prompt_data_config(eval_args(with_large, tokenizer_dir), dict(
         min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None,
-        user_prompt=None, seed=0), str(tokenizer_dir))
+        user_prompt=None, seed=0, long_images="drop"), str(tokenizer_dir))
     said = []
     again = evaluate(records, lambda: pytest.fail("a model was made"), config, tmp_path, settings={"model": "scripted"},
                      group_by=("generator",), progress=False, say=said.append)
     assert again == summary and "too long for max_length" in said[0] and "(too_long 1;" in said[1]
     fresh = ScriptedDecoder(SCRIPT)  # --fresh tries it again
-    run_scripted(with_large, tokenizer_dir, tmp_path, fresh, fresh=True)
+    run_scripted(with_large, tokenizer_dir, tmp_path, fresh, fresh=True, long_images="drop")
     assert fresh.asked == ["g1", "g2", "g3", "r1", "r2"]
 
 

@@ -255,7 +255,8 @@ def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_d
     full = {r.index: ExampleBuilder(full_cfg, len(records)).build(r) for r in generated}
     lengths = sorted(len(e["input_ids"]) for e in full.values())
     max_length = lengths[len(lengths) // 2] - 20  # over half of them are too long
-    cfg = make_cfg(demo, tokenizer_dir, max_length=max_length, length_buckets=())
+    # (long_images "drop": the images stay at max_pixels, so only the reasoning can make room)
+    cfg = make_cfg(demo, tokenizer_dir, max_length=max_length, length_buckets=(), long_images="drop")
     builder, tokens = ExampleBuilder(cfg, len(records)), tokens_for(cfg.tokenizer)
     truncated = dropped = 0
     for r in generated:
@@ -313,10 +314,54 @@ def test_long_samples_truncate_the_reasoning_never_the_verdict(demo, tokenizer_d
     assert it.get_state()["truncated"] > 0 and dropping.get_state()["dropped"]
 
 
+def test_long_images_shrink_to_fit_and_keep_their_boxes(demo, tokenizer_dir, records, caplog):
+    """data.long_images "shrink" (the default): an example whose image tokens leave it over max_length is built
+    from its image resized to fit (not below min_pixels), with the boxes scaled to that size; one that fits is
+    untouched; "drop" leaves it at max_pixels, to be dropped. GRPO's prompts as well."""
+    for mode in ("sft", "prompt"):
+        full_cfg = make_cfg(demo, tokenizer_dir, long_images="drop", mode=mode, length_buckets=(),
+                            user_prompt="Real or generated?")  # (one prompt: the same lengths every epoch)
+        full = {r.index: ExampleBuilder(full_cfg, len(records)).build(r) for r in records}
+        max_length = max(len(e["input_ids"]) for e in full.values()) - 6  # at most 16 image tokens each
+        cfg = dataclasses.replace(full_cfg, max_length=max_length, long_samples="drop", long_images="shrink")
+        builder, shrunk = ExampleBuilder(cfg, len(records)), set()
+        for r in records:
+            ex, ref = builder.build(r), full[r.index]
+            if len(ref["input_ids"]) <= max_length:
+                assert np.array_equal(ex["input_ids"], ref["input_ids"]) and ex["meta"]["shrunk_from"] is None
+                continue
+            assert not isinstance(ex, Dropped) and len(ex["input_ids"]) <= max_length, mode
+            (h, w), (h0, w0) = ex["meta"]["model_size"], ref["meta"]["model_size"]
+            assert ex["meta"]["shrunk_from"] == (h0, w0) and MIN_PIXELS <= h * w < h0 * w0
+            grid = ex["image_grid_thw"][0]
+            assert (grid[1] * 14, grid[2] * 14) == (h, w) and len(ex["pixel_values"]) == grid.prod()
+            assert (ex["input_ids"] == tokens_for(cfg.tokenizer).image_pad).sum() == grid.prod() // 4
+            scale = np.array([w / r.width, h / r.height] * 2)
+            boxes = np.array([g.bbox for g in r.regions], np.float64).reshape(-1, 4) * scale
+            np.testing.assert_allclose(ex["meta"]["boxes"], boxes, rtol=1e-6)
+            shrunk.add(r.source)
+        assert shrunk, mode
+        # the pipeline counts them (in its state, which a resume restores) and names each image once
+        it = iter(DataPipeline(dataclasses.replace(cfg, num_epochs=2, batch_size=1, drop_remainder=False), records))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fxjax.data.batching"):
+            kept = sum(len(b["meta"]) for b in it)
+        notes = [m.getMessage() for m in caplog.records if m.getMessage().startswith("shrunk image: ")]
+        assert kept == 2 * len(records) and it.get_state()["shrunk"] == 2 * len(shrunk)
+        assert sorted(n.split(": ")[1] for n in notes) == sorted(shrunk)
+        assert all(f"fits max_length {max_length} (data.long_images: shrink)" in n for n in notes)
+        # "drop": the same examples are left out
+        it = iter(DataPipeline(dataclasses.replace(cfg, long_images="drop", num_epochs=1, batch_size=1,
+                                                   drop_remainder=False), records))
+        assert sum(len(b["meta"]) for b in it) == len(records) - len(shrunk)
+        assert it.get_state()["dropped"] == {"too_long": len(shrunk)} and it.get_state()["shrunk"] == 0
+
+
 def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenizer_dir, records):
     """Training streams repeat forever: with every prompt longer than max_length no batch ever comes, so the
     iterator says so once every record has been dropped with none kept in between, instead of waiting."""
-    cfg = make_cfg(demo, tokenizer_dir, max_length=32, length_buckets=(), num_epochs=None, long_samples="drop")
+    cfg = make_cfg(demo, tokenizer_dir, max_length=32, length_buckets=(), num_epochs=None, long_samples="drop",
+                   long_images="drop")
     it = iter(DataPipeline(cfg, records))
     with pytest.raises(ValueError, match=r"every record was dropped \(all 15 of this process's, with no example "
                                          r"kept in between; dropped so far: too_long 15\).*raise data.max_length"):
@@ -340,7 +385,7 @@ def test_all_dropped_waits_only_for_the_records_a_process_rows_ever_hold(demo, t
     for all 12 never ended)."""
     twelve = records[:12]
     cfg = make_cfg(demo, tokenizer_dir, max_length=32, length_buckets=(), num_epochs=None, long_samples="drop",
-                   shuffle=False, batch_size=4, batch_rows=(0,))
+                   long_images="drop", shuffle=False, batch_size=4, batch_rows=(0,))
     it = iter(DataPipeline(cfg, twelve))
     with pytest.raises(ValueError, match=r"every record was dropped \(all 3 of this process's"):
         next(it)
@@ -377,7 +422,7 @@ def test_a_drop_another_epochs_template_avoids_is_not_for_good(demo, tokenizer_d
     max_length = min(lengths)
     seed = next(s for s in range(100) if lengths[pick_template(s, record.index, 0)] > max_length)
     cfg = make_cfg(demo, tokenizer_dir, max_length=max_length, length_buckets=(), num_epochs=None,
-                   long_samples="drop", shuffle=False, batch_size=1, seed=seed)
+                   long_samples="drop", long_images="drop", shuffle=False, batch_size=1, seed=seed)
     dropped = ExampleBuilder(cfg, 1).build(record, epoch=0)
     assert isinstance(dropped, Dropped) and dropped.kind == "too_long" and not dropped.lasting
     it = iter(DataPipeline(cfg, [record]))

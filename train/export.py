@@ -28,7 +28,8 @@ __all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets"
 # Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
 # and `fxjax detect` with --adapter / --model build them the same way (as they do with --run).
 PROMPT_SETTINGS_FILE = "fxjax_prompt_settings.json"
-PROMPT_SETTING_KEYS = ("min_pixels", "max_pixels", "prompts", "system_prompt", "user_prompt", "max_length", "seed")
+PROMPT_SETTING_KEYS = ("min_pixels", "max_pixels", "prompts", "system_prompt", "user_prompt", "max_length", "seed",
+                       "long_images")
 
 
 def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = None) -> Path:

@@ -85,6 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(default: the pipeline's)")
     p.add_argument("--max-length", type=int, metavar="N",
                    help="count the examples longer than N tokens, as data.max_length (default: the pipeline's)")
+    p.add_argument("--long-images", choices=("shrink", "drop"),
+                   help="an image whose tokens leave the example over max_length, as data.long_images: shrink "
+                        "(resized to fit; the default) or drop")
     p.add_argument("--prompts", choices=("auto", "templates"),
                    help="prompts for the token lengths: auto (ms-swift records keep their own; the default) or "
                         "templates")
@@ -241,36 +244,70 @@ def _answer_problem(record) -> str | None:
     return None
 
 
+def _by_label(records) -> str:
+    from collections import Counter
+
+    labels = Counter(r.label for r in records)
+    return ", ".join(f"{k} {labels[k]}" for k in ("real", "generated") if labels[k])
+
+
 def _describe_tokens(records, cfg, bins: int) -> list[str]:
     from fxjax.data.examples import ExampleBuilder, empty_written_box
 
     builder = ExampleBuilder(cfg, len(records))
     prompts_only = cfg.mode == "prompt"  # GRPO: the prompt is the example; the policy writes the rest
-    totals, image_tokens, prompt_over, empty_boxes = [], [], [], []
+    totals, image_tokens, prompt_over, empty_boxes, shrunk, over = [], [], [], [], [], []
     for record in records:
         text = builder.text(record)
         if not prompts_only and empty_written_box(text.boxes) is not None:
             empty_boxes.append(record.source)
         totals.append(len(text.prompt_ids) + (0 if prompts_only else len(builder.completion_ids(text.target))))
         image_tokens.append(text.num_image_tokens)
+        if text.shrunk_from:
+            shrunk.append(record)
+        if totals[-1] > cfg.max_length:
+            over.append(record)
         if len(text.prompt_ids) >= cfg.max_length:  # (no room for one target token: dropped whatever is cut)
             prompt_over.append(record.source)
-    over = sum(n > cfg.max_length for n in totals)
     what = "prompt + image tokens (GRPO prompts)" if prompts_only else "prompt + image tokens + target"
-    consequence = " (GRPO drops them)" if prompts_only else " (training truncates their reasoning or drops them)"
+    consequence = ": GRPO drops them" if prompts_only else ": training truncates their reasoning or drops them"
     lines = ["", f"token length ({what}; min_pixels {cfg.min_pixels}, max_pixels {cfg.max_pixels}): "
                  f"{_summary(totals)}",
-             f"  image tokens per image: {_summary(image_tokens)}",
-             f"  over max_length {cfg.max_length}: {over}" + (consequence if over else "")]
+             f"  image tokens per image: {_summary(image_tokens)}"]
+    if shrunk:
+        lines.append(f"  images shrunk below max_pixels to fit max_length {cfg.max_length} (data.long_images: "
+                     f"shrink): {len(shrunk)} ({_by_label(shrunk)}; e.g. {shrunk[0].source}); the lengths here are "
+                     "at the shrunk sizes")
+    lines.append(f"  over max_length {cfg.max_length}: {len(over)}"
+                 + (f" ({_by_label(over)}){consequence}" if over else ""))
     if empty_boxes:
         lines.append(f"  boxes under a pixel at the model's input: {len(empty_boxes)} record(s), which training "
                      f"refuses (data.on_error: skip leaves them out; e.g. {empty_boxes[0]}): raise data.max_pixels or "
                      f"fix the boxes")
     if prompt_over and not prompts_only:
         lines.append(f"  of them {len(prompt_over)} whose prompt with its image tokens alone reaches max_length, so "
-                     f"training drops them whatever it cuts (e.g. {prompt_over[0]}): lower data.max_pixels "
-                     f"(--max-pixels) or raise data.max_length")
+                     f"training drops them whatever it cuts (e.g. {prompt_over[0]}): "
+                     + ("lower data.max_pixels (--max-pixels) or raise data.max_length" if cfg.long_images == "drop"
+                        else "raise data.max_length"))
     return lines + _histogram(totals, bins)
+
+
+def _describe_image_tokens(records, cfg) -> list[str]:
+    """Without a tokenizer: the images whose tokens alone reach max_length (training shrinks or drops them)."""
+    from fxjax.image_processing import model_input_size
+
+    def tokens(record) -> int:
+        height, width = model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels)
+        return (height // 28) * (width // 28)
+
+    large = [r for r in records if tokens(r) >= cfg.max_length]
+    if not large:
+        return []
+    fate = ("training shrinks them to fit (data.long_images: shrink)" if cfg.long_images == "shrink" else
+            "training drops them (data.long_images: drop; `shrink` resizes them to fit)")
+    return [f"  images whose tokens at max_pixels {cfg.max_pixels} alone reach max_length {cfg.max_length}: "
+            f"{len(large)} ({_by_label(large)}; e.g. {large[0].source}, {large[0].width}x{large[0].height}, "
+            f"{tokens(large[0])} tokens): {fate}"]
 
 
 def _config_data(path: str, overrides: list[str]):
@@ -307,6 +344,7 @@ def _data_config(args: argparse.Namespace):
     options = {k: v for k, v in dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                                      max_length=args.max_length, max_image_pixels=args.max_image_pixels,
                                      root=args.root, format=args.format, prompts=args.prompts,
+                                     long_images=args.long_images,
                                      tokenizer=args.tokenizer).items() if v is not None}
     if args.allow_absolute_paths:
         options["allow_absolute_paths"] = True
@@ -351,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
             lines += _describe_tokens(records, cfg, args.bins)
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
-                          "`fxjax init` writes)"]
+                          "`fxjax init` writes)", *_describe_image_tokens(records, cfg)]
     warnings = _warnings(records, report.hints, threads=args.threads)
     if warnings:
         lines += ["", f"warnings ({len(warnings)}; the records are valid, but check these):"]

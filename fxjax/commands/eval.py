@@ -51,7 +51,8 @@ Outputs in --out:
                      per-image IoU (null for real images), completion_tokens and truncated (no stop token
                      within --max-new-tokens)
   metrics.json       the metrics above, the settings, and any record that could not be evaluated (and why:
-                     too_long for --max-length, or an image that fails to decode)
+                     too_long for --max-length, when a run trained with data.long_images: drop or not even
+                     min_pixels fits; or an image that fails to decode)
   settings.json      what the predictions were made with (checked on resume)
 With several --step values, those three files per step in --out/<stage> (--out/step-N for a number), and
   eval_report.png    the steps' metrics side by side, with their 95% intervals (as `fxjax report` draws them)
@@ -335,7 +336,8 @@ def prompt_data_config(args: argparse.Namespace, data: dict, tokenizer: str):
     return DataConfig(data_files=tuple(args.data), tokenizer=tokenizer, root=args.root,
                       allow_absolute_paths=args.allow_absolute_paths, format=args.format, on_error=args.on_error,
                       min_pixels=data["min_pixels"], max_pixels=data["max_pixels"], max_length=data["max_length"],
-                      mode="prompt", prompts=data["prompts"], system_prompt=data["system_prompt"],
+                      mode="prompt", prompts=data["prompts"], long_images=data["long_images"],
+                      system_prompt=data["system_prompt"],
                       user_prompt=data["user_prompt"], batch_size=args.batch_size, drop_remainder=False,
                       shuffle=False, seed=data["seed"], num_epochs=1, shard_index=0, shard_count=1,
                       max_image_pixels=args.max_image_pixels or DataConfig.max_image_pixels)

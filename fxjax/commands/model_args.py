@@ -73,8 +73,8 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest model-input image area (pixels); fewer pixels = fewer image tokens, faster")
     g.add_argument("--max-length", type=int, metavar="N",
                    help="longest prompt in tokens, image tokens included (default: the run's data.max_length, "
-                        "else the export's recorded one, else 8192); detect shrinks an image whose tokens would "
-                        "not fit, eval leaves it out")
+                        "else the export's recorded one, else 8192); an image whose tokens would not fit is "
+                        "shrunk to fit (eval: as the run's data.long_images says; shrink by default)")
     g.add_argument("--system-prompt", metavar="TEXT", help="system prompt (default: the one SFT trained with)")
     g.add_argument("--user-prompt", metavar="TEXT",
                    help="one user prompt for every image (default: the one SFT trained with; when it trained on "

@@ -87,6 +87,8 @@ class BatchIterator(grain.DatasetIterator):
         self._pad_side = "left" if cfg.mode == "prompt" else "right"
         self.dropped: Counter = Counter()
         self.truncated = 0
+        self.shrunk = 0
+        self._shrunk_sources: set[str] = set()  # (each shrunk image is logged once, not at every epoch)
         self.batches = 0
 
     def __next__(self) -> dict:
@@ -113,6 +115,15 @@ class BatchIterator(grain.DatasetIterator):
                 logger.warning("truncated example: %s: reasoning cut by %d tokens to fit max_length %d "
                                "(data.long_samples: truncate)", example["meta"]["source"],
                                example["meta"]["truncated"], self._cfg.max_length)
+            shrunk_from = example["meta"].get("shrunk_from")
+            if shrunk_from:
+                self.shrunk += 1
+                if example["meta"]["source"] not in self._shrunk_sources:
+                    self._shrunk_sources.add(example["meta"]["source"])
+                    logger.warning("shrunk image: %s: %dx%d instead of %dx%d at max_pixels (%d image tokens), so "
+                                   "that the example fits max_length %d (data.long_images: shrink)",
+                                   example["meta"]["source"], *example["meta"]["model_size"][::-1], *shrunk_from[::-1],
+                                   (shrunk_from[0] // 28) * (shrunk_from[1] // 28), self._cfg.max_length)
             batch.append(example)
         self.batches += 1
         return collate(batch, self._cfg.buckets, self._pad_id, self._pad_side)
@@ -127,7 +138,7 @@ class BatchIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         state = {"parent": self._parent.get_state(), "dropped": dict(self.dropped),
-                 "truncated": self.truncated, "batches": self.batches}
+                 "truncated": self.truncated, "shrunk": self.shrunk, "batches": self.batches}
         if self._records is not None:
             state["records"] = self._records
         return state
@@ -144,10 +155,12 @@ class BatchIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self.dropped = Counter(state["dropped"])
         self.truncated = int(state["truncated"])
+        self.shrunk = int(state.get("shrunk", 0))  # (states saved before images were shrunk have none)
         self.batches = int(state["batches"])
 
     def report(self) -> str:
-        text = f"{self.batches} batches; {self.truncated} examples with truncated reasoning"
+        text = (f"{self.batches} batches; {self.truncated} examples with truncated reasoning; {self.shrunk} with "
+                "an image shrunk to fit max_length")
         if self.dropped:
             text += "; dropped " + ", ".join(f"{k} {n}" for k, n in sorted(self.dropped.items()))
         return text

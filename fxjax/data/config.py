@@ -33,6 +33,7 @@ class DataConfig:
     max_length: int = 8192
     length_buckets: tuple[int, ...] = ()  # () -> powers of two from 64, capped by max_length
     long_samples: str = "truncate"  # "truncate" | "drop"
+    long_images: str = "shrink"  # "shrink" (an image that leaves the example over max_length) | "drop"
     mode: str = "sft"  # "sft" (prompt + target, right-padded) | "prompt" (prompt only, left-padded; GRPO)
     prompts: str = "auto"  # "auto" (ms-swift records keep theirs) | "templates" | "record"
     # The next two apply to native records, and to ms-swift records only with prompts="templates" (with
@@ -68,7 +69,7 @@ class DataConfig:
             seen[Path(f).resolve()] = f
         object.__setattr__(self, "length_buckets", tuple(int(b) for b in self.length_buckets))
         choices = dict(format=("auto", "native", "swift"), on_error=("raise", "skip"),
-                       long_samples=("truncate", "drop"), mode=("sft", "prompt"),
+                       long_samples=("truncate", "drop"), long_images=("shrink", "drop"), mode=("sft", "prompt"),
                        prompts=("auto", "templates", "record"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -16,10 +16,14 @@ i.e. outside every marker / region / tag / verdict span), keeps its trailing new
 never touches the prompt, the image tokens, the grounded regions, the tags, the verdict or the closing
 ``<|im_end|>``; if removing the whole reasoning is not enough (or the prompt alone does not fit) the
 example is :class:`Dropped`. ``"drop"`` drops every over-long example.
+Before either, ``long_images="shrink"`` (the default) resizes an image whose tokens leave the example over
+max_length to the largest size at which the whole example fits (not below min_pixels); its boxes are
+scaled to that size as to any other. ``"drop"`` keeps every image at max_pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +166,8 @@ class ExampleText:
     model_size: tuple[int, int]  # (height, width) the image processor resizes to
     num_image_tokens: int
     template: int  # user template index; -1 when an ms-swift record keeps its own prompt
+    max_pixels: int  # the image processor's max_pixels for this example (below data.max_pixels when shrunk)
+    shrunk_from: tuple[int, int] | None = None  # (height, width) at data.max_pixels, when shrunk to fit max_length
 
 
 class ExampleBuilder:
@@ -185,32 +191,62 @@ class ExampleBuilder:
         return self.build(record, epoch=index // self.records_per_epoch)
 
     def text(self, record: Record, epoch: int = 0, template: int | None = None) -> ExampleText:
-        """Prompt ids and target text; the image-token count follows from the size the record was validated at."""
+        """Prompt ids and target text; the image-token count follows from the size the record was validated at.
+
+        With data.long_images "shrink", an image whose tokens at data.max_pixels leave the example over
+        max_length (beside the prompt's text and, in SFT, the whole target) is resized to the largest size
+        that fits, as `fxjax detect` does: a 4032 x 3024 phone photo is 15552 tokens at Qwen's max_pixels,
+        over max_length 8192, and "drop" would leave every such photo out of training."""
         cfg, tk = self.cfg, self.tokens
-        height, width = model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels)
-        n_image_tokens = (height // 28) * (width // 28)  # 14 px patches, merged 2x2
-        scale = np.array([width / record.width, height / record.height] * 2)
-        boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
         template = pick_template(cfg.seed, record.index, epoch) if template is None else template
         system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts, cfg.user_prompt)
         if (record.format == "swift" and cfg.prompts != "templates") or cfg.user_prompt is not None:
             template = -1  # the record's own prompt or data.user_prompt: no template
         before, after = tk.prompt(system, user)
-        return ExampleText(prompt_ids=before + [tk.image_pad] * n_image_tokens + after,
+        text = self._sized(record, before, after, template, cfg.max_pixels)
+        if cfg.long_images == "drop":
+            return text
+        for _ in range(3):  # (a smaller image writes its box numbers in as many digits or fewer: one pass fits)
+            over = self._length(text) - cfg.max_length
+            if over <= 0 or text.max_pixels <= cfg.min_pixels:  # fits; or at min_pixels: truncated or dropped
+                return text
+            fit_pixels = max((text.num_image_tokens - over) * 28 * 28, cfg.min_pixels)
+            smaller = self._sized(record, before, after, template, min(fit_pixels, text.max_pixels - 1))
+            if smaller.model_size[0] * smaller.model_size[1] < cfg.min_pixels:  # (smart_resize's floor at a
+                return text  # max_pixels near min_pixels can go below it: not an image min_pixels admits)
+            text = dataclasses.replace(smaller, shrunk_from=text.shrunk_from or text.model_size)
+        return text
+
+    def _sized(self, record: Record, before: list[int], after: list[int], template: int,
+               max_pixels: int) -> ExampleText:
+        cfg = self.cfg
+        height, width = model_input_size(record.height, record.width, cfg.min_pixels, max_pixels)
+        n_image_tokens = (height // 28) * (width // 28)  # 14 px patches, merged 2x2
+        scale = np.array([width / record.width, height / record.height] * 2)
+        boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
+        return ExampleText(prompt_ids=before + [self.tokens.image_pad] * n_image_tokens + after,
                            target=render_target(record, boxes), boxes=boxes, model_size=(height, width),
-                           num_image_tokens=n_image_tokens, template=template)
+                           num_image_tokens=n_image_tokens, template=template, max_pixels=max_pixels)
+
+    def _length(self, text: ExampleText) -> int:
+        """The example's whole length: the prompt, and in SFT the target with its closing <|im_end|>."""
+        if self.cfg.mode == "prompt":
+            return len(text.prompt_ids)
+        if len(text.prompt_ids) + len(text.target) + 1 <= self.cfg.max_length:
+            return len(text.prompt_ids) + len(text.target) + 1  # (a bound: no token is shorter than a character)
+        return len(text.prompt_ids) + len(self.completion_ids(text.target))
 
     def completion_ids(self, target: str) -> list[int]:
         return self.tokens.encode(target) + [self.tokens.im_end]
 
-    def _pixels(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
+    def _pixels(self, record: Record, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.cfg
         image = open_image(record.image, cfg.max_image_pixels, decode=True)
         try:
             if image.size != (record.width, record.height):
                 raise ValueError(f"image {record.image} is now {image.size[0]}x{image.size[1]}, validated "
                                  f"as {record.width}x{record.height}")
-            return process_image(image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+            return process_image(image, min_pixels=cfg.min_pixels, max_pixels=max_pixels)
         finally:
             image.close()
 
@@ -235,14 +271,14 @@ class ExampleBuilder:
 
     def build(self, record: Record, epoch: int = 0) -> dict | Dropped:
         cfg = self.cfg
+        text = self.text(record, epoch)
         try:
-            pixel_values, grid = self._pixels(record)
+            pixel_values, grid = self._pixels(record, text.max_pixels)
         except (OSError, ValueError, SyntaxError) as err:
             error = DataError(record.source, f"cannot decode image: {err}", "decode")
             if cfg.on_error == "raise":
                 raise error from None
             return Dropped("decode", str(error), record.source)
-        text = self.text(record, epoch)
         empty = empty_written_box(text.boxes) if cfg.mode == "sft" else None
         if empty is not None:  # (the record's check saw it in original pixels; the image shrank it further)
             error = DataError(record.source, f"region {empty} box {[round(float(v), 2) for v in text.boxes[empty]]} "
@@ -259,11 +295,12 @@ class ExampleBuilder:
                     generator=record.generator, original_size=(record.height, record.width),
                     model_size=text.model_size, boxes=text.boxes, captions=tuple(r.caption for r in record.regions),
                     epoch=epoch, template=text.template, target=text.target, prompt_length=len(prompt_ids),
-                    num_image_tokens=text.num_image_tokens, truncated=0)
+                    num_image_tokens=text.num_image_tokens, truncated=0, shrunk_from=text.shrunk_from)
         if len(prompt_ids) > cfg.max_length or (cfg.mode == "sft" and len(prompt_ids) >= cfg.max_length):
             return Dropped("too_long", f"{record.source}: the prompt alone is {len(prompt_ids)} tokens "
                                        f"({text.num_image_tokens} image tokens), max_length is {cfg.max_length}: "
-                                       f"lower max_pixels or raise max_length",
+                                       + ("lower max_pixels or raise max_length" if cfg.long_images == "drop" else
+                                          "not even at min_pixels does it fit; raise max_length or shorten the prompt"),
                            record.source, lasting=not self._fits_another_epoch(record, text))
         if cfg.mode == "prompt":
             input_ids, labels = prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
