@@ -55,7 +55,7 @@ def test_merged_export_is_self_contained_and_readable(tiny_checkpoint, tokenizer
 
     model = fxjax.from_pretrained(tiny_checkpoint, lora=LoRAConfig(rank=2, alpha=4))
     merged = save_merged(model, tmp_path / "merged", tokenizer_dir=stock, image_pixels=(3136, 12544))
-    adapter = save_adapter(model, tmp_path / "adapter")
+    adapter = save_adapter(model, tmp_path / "adapter", tokenizer_dir=stock)
 
     weights = sorted(merged.glob("*.safetensors")) + [adapter / "adapter_model.safetensors"]
     assert len(weights) >= 2 and all(mode(w) == 0o640 for w in weights), [oct(mode(w)) for w in weights]
@@ -63,6 +63,10 @@ def test_merged_export_is_self_contained_and_readable(tiny_checkpoint, tokenizer
     tok = AutoTokenizer.from_pretrained(merged)
     for marker in FORMAT_MARKERS:  # the ids training used (load_tokenizer adds them the same way)
         assert tok.encode(marker) == [FORMAT_MARKER_IDS[marker]]
+    # the adapter's folder holds the same tokenizer: a Hub base's lacks the markers, so a peft server that
+    # took the base's decoded an answer's markers as nothing
+    assert AutoTokenizer.from_pretrained(adapter).get_vocab() == tok.get_vocab()
+    assert FORMAT_MARKERS[0] not in AutoTokenizer.from_pretrained(stock).get_vocab()
     text = "<think>a seam</think>\n<verdict>generated</verdict>"
     assert tok.decode(tok.encode(text), skip_special_tokens=True) == "a seam\ngenerated"
     prompt = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Real?"}]}],
@@ -79,6 +83,26 @@ def test_merged_export_is_self_contained_and_readable(tiny_checkpoint, tokenizer
 
     # the processor's chat template (`processor.apply_chat_template`, as model cards serve) is the tokenizer's
     assert Qwen2_5_VLProcessor.get_processor_dict(merged)[0]["chat_template"] == tok.chat_template
+
+
+def test_merged_export_decodes_greedily_as_eval_and_detect(tiny_checkpoint, tmp_path):
+    """The base's generation_config.json (Qwen2.5-VL-Instruct's: sampling settings and a repetition penalty,
+    which HF generate and vLLM apply by default) becomes greedy decoding; its stop tokens stay."""
+    from transformers import GenerationConfig
+
+    import fxjax
+    from fxjax.train.export import save_merged
+
+    base = tmp_path / "instruct"
+    shutil.copytree(tiny_checkpoint, base)
+    instruct = {"bos_token_id": 1, "pad_token_id": 0, "do_sample": True, "eos_token_id": [2, 3],
+                "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
+    (base / "generation_config.json").write_text(json.dumps(instruct))
+    merged = save_merged(fxjax.from_pretrained(base), tmp_path / "merged")
+    config = GenerationConfig.from_pretrained(merged)
+    assert config.do_sample is False and config.repetition_penalty == GenerationConfig().repetition_penalty
+    assert (config.eos_token_id, config.pad_token_id, config.bos_token_id) == ([2, 3], 0, 1)
+    assert config.temperature == GenerationConfig().temperature and config.top_k == GenerationConfig().top_k
 
 
 def test_merged_export_loads_as_a_processor(tiny_checkpoint, tokenizer_dir, tmp_path):

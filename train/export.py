@@ -6,8 +6,8 @@ directory, and `fxjax.save_pretrained` merges every enabled adapter into its ker
 in float32, stored in the checkpoint's dtype) while writing, leaving the model itself unchanged.
 
 The merged directory also gets what serving it needs: the tokenizer training used (chat template and the
-output-format markers included) and the image processor's preprocessor_config.json with the pixel limits
-training used, so `AutoTokenizer` / `AutoImageProcessor` (and `AutoProcessor`, which needs torchvision for
+output-format markers included; the adapter's directory gets it too) and the image processor's
+preprocessor_config.json with the pixel limits training used, so `AutoTokenizer` / `AutoImageProcessor` (and `AutoProcessor`, which needs torchvision for
 Qwen2.5-VL's video processor) load it with nothing else at hand, and fxjax_prompt_settings.json, the
 prompts to serve it with.
 """
@@ -22,8 +22,8 @@ from typing import Callable
 from fxjax.file_modes import require_writable
 
 __all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets", "read_prompt_settings",
-           "save_adapter", "save_merged", "write_exports", "write_preprocessor_config", "write_prompt_settings",
-           "written_whole"]
+           "save_adapter", "save_merged", "write_exports", "write_greedy_generation_config",
+           "write_preprocessor_config", "write_prompt_settings", "written_whole"]
 
 # Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
 # and `fxjax detect` with --adapter / --model build them the same way (as they do with --run).
@@ -32,23 +32,49 @@ PROMPT_SETTING_KEYS = ("min_pixels", "max_pixels", "prompts", "system_prompt", "
                        "long_images")
 
 
-def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = None) -> Path:
+def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = None,
+                 tokenizer_dir: str | Path | None = None) -> Path:
     """PEFT adapter directory (adapter_config.json + adapter_model.safetensors) of the model's LoRA, with the
     run's prompt settings (`write_prompt_settings`) and a preprocessor_config.json of its pixel limits when
     `data` (its DataSection) is given: a PEFT user's `AutoImageProcessor.from_pretrained(adapter)` resizes as
-    training did (the base model's file holds Qwen's limits, or none for a model of `fxjax init`)."""
+    training did (the base model's file holds Qwen's limits, or none for a model of `fxjax init`).
+
+    tokenizer_dir: the tokenizer training read (as `save_merged`'s; default: the model's own directory's,
+    when it holds one), written with the six format markers: a Hub base model's tokenizer lacks them, so
+    an adapter served with the base's tokenizer decoded `<think>...<verdict>generated</verdict>` as plain
+    "...generated", which no parser reads."""
     import jax
 
+    from fxjax.data.tokenizer import export_tokenizer
     from fxjax.peft_io import save_peft_adapter
+
+    tokenizer_dir = _tokenizer_to_export(model, tokenizer_dir)
 
     def write(folder: Path) -> None:
         save_peft_adapter(model, folder, dtype=dtype)
         if data is not None:
             write_prompt_settings(folder, data)
-            if jax.process_index() == 0:  # (the one that writes the folder)
-                write_preprocessor_config(folder, data.min_pixels, data.max_pixels, vision=model.config.vision)
+        if jax.process_index() != 0:  # (process 0 writes the folder)
+            return
+        if data is not None:
+            write_preprocessor_config(folder, data.min_pixels, data.max_pixels, vision=model.config.vision)
+        if tokenizer_dir is not None:
+            export_tokenizer(tokenizer_dir, folder)
 
     return written_whole(Path(out_dir), write)
+
+
+def _tokenizer_to_export(model, tokenizer_dir: str | Path | None) -> str | Path | None:
+    """`tokenizer_dir`, checked before any weight is written; None: the model's own directory's tokenizer,
+    when it has one."""
+    source = getattr(model, "hf_source", None)
+    if tokenizer_dir is None:
+        if source is not None and (Path(source.directory) / "tokenizer.json").is_file():
+            return source.directory
+        return None
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():  # before the weights, not after
+        raise FileNotFoundError(f"the tokenizer to export: no tokenizer.json in {tokenizer_dir}")
+    return tokenizer_dir
 
 
 def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokenizer_dir: str | Path | None = None,
@@ -71,11 +97,7 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
     out, source = Path(out_dir), getattr(model, "hf_source", None)
     if source is not None and out.resolve() == Path(source.directory).resolve():
         raise FileExistsError(f"{out} is the directory the model was loaded from: write to another one")
-    if tokenizer_dir is None:
-        if source is not None and (Path(source.directory) / "tokenizer.json").is_file():
-            tokenizer_dir = source.directory
-    elif not (Path(tokenizer_dir) / "tokenizer.json").is_file():  # before the weights, not after
-        raise FileNotFoundError(f"the tokenizer to export: no tokenizer.json in {tokenizer_dir}")
+    tokenizer_dir = _tokenizer_to_export(model, tokenizer_dir)
     if data is not None:
         image_pixels = (data.min_pixels, data.max_pixels)
 
@@ -83,6 +105,7 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
         save_pretrained(model, folder, dtype=dtype)
         if jax.process_index() != 0:
             return
+        write_greedy_generation_config(folder)
         if data is not None:
             write_prompt_settings(folder, data)
         if tokenizer_dir is not None:
@@ -91,6 +114,24 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
             write_preprocessor_config(folder, *(image_pixels or _default_pixels()), vision=model.config.vision)
 
     return written_whole(out, write)
+
+
+# generation_config.json keys that make HF generate (and vLLM, which applies the model's file by default)
+# decode otherwise than greedily: Qwen2.5-VL-Instruct's file has do_sample, temperature 0.1, top_p 0.001,
+# top_k 1 and repetition_penalty 1.05, which changed answers from their fourth token on
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                 "repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty")
+
+
+def write_greedy_generation_config(folder: Path) -> None:
+    """The merged export's generation_config.json as `fxjax eval` and `fxjax detect` decode: greedily (the
+    base model's stop, pad and start tokens kept, its sampling settings dropped); a server that samples
+    passes its own."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config = {key: value for key, value in config.items() if key not in SAMPLING_KEYS}
+    config["do_sample"] = False
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def write_exports(parts: list[tuple[str, Path, Callable[[], Path]]], step: int,

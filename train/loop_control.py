@@ -237,7 +237,7 @@ def export_outputs(name: str, model, cfg, say: Callable[[str], None], step: int)
     """The PEFT adapter and / or merged HF checkpoint that cfg.export asks for, from the model's current LoRA
     (the state of `step`)."""
     def adapter() -> Path:
-        folder = save_adapter(model, cfg.export.adapter_dir, data=cfg.data)
+        folder = save_adapter(model, cfg.export.adapter_dir, data=cfg.data, tokenizer_dir=cfg.tokenizer)
         say(f"{name}: wrote the PEFT adapter to {cfg.export.adapter_dir}")
         return folder
 

@@ -129,7 +129,8 @@ def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool
             loaded.model, out / "merged", dtype=dtype, tokenizer_dir=tokenizer or cfg.tokenizer, data=cfg.data)))
     if adapter:
         parts.append(("adapter", out / "adapter",
-                      lambda: save_adapter(loaded.model, out / "adapter", data=cfg.data, dtype=dtype)))
+                      lambda: save_adapter(loaded.model, out / "adapter", data=cfg.data, dtype=dtype,
+                                           tokenizer_dir=tokenizer or cfg.tokenizer)))
     return {"step": str(loaded.step), **write_exports(parts, loaded.step, log or (lambda text: None))}
 
 
