@@ -306,3 +306,69 @@ def test_help_explains_outputs_and_exit_status(capsys):
     for words in ("label balance", "image-size histogram", "token-length histogram", "FILE:LINE",
                   "--allow-absolute-paths", "--tokenizer DIR", "1  at least one record is invalid"):
         assert words in text, words
+
+
+def test_an_annotators_mistakes_are_named_where_they_would_train_silently(capsys, tmp_path):
+    """Boxes of a file in COCO's [x, y, w, h] (refused only where inverted: the others pass as corners), a box
+    drawn on the stored frame of an EXIF-rotated photo, fractions with float noise, a real image with a
+    placeholder region, and a record copied from docs wrapped over lines."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 64 x 40, displayed 40 x 64
+    Image.new("RGB", (64, 40), (90, 120, 30)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("RGB", (300, 200), (30, 60, 90)).save(tmp_path / "wide.png")
+
+    def generated(image, box):
+        return {"image": image, "label": "generated", "regions": [{"bbox": box, "caption": "a seam"}]}
+
+    rows = [generated("wide.png", [100, 50, 150, 120]),  # COCO [x, y, w, h] that passes as corners
+            generated("wide.png", [120, 80, 60, 40]),  # COCO, inverted as corners: refused with the hint
+            generated("turned.jpg", [10, 5, 60, 30]),  # drawn on the stored 64 x 40 frame: outside 40 x 64
+            generated("turned.jpg", [5, 10, 30, 50]),  # inside the displayed frame
+            generated("wide.png", [0.1, 0.2, 0.4, 1.0001]),  # fractions, converted with float noise
+            {"image": "wide.png", "label": "real", "regions": [{"bbox": [0, 0, 0, 0], "caption": ""}]}]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out = check(capsys, path)
+    assert rc == 1, out
+    assert f"{path}:2: [box_inverted]" in out and "write corners [x, y, x + w, y + h] = [120, 80, 180, 120]" in out
+    assert (f"1 record(s) refused for an inverted box that reads as COCO's [x, y, w, h] (e.g. {path}:2): if {path} "
+            f"use that convention, the boxes of its 2 valid record(s) with regions are wrong too") in out, out
+    assert (f"{path}:3: [box_outside] region 0 bbox [10, 5, 60, 30] lies outside the 40x64 image (width x height); "
+            f"the file is stored as 64x40 with EXIF orientation 6") in out, out
+    assert f"1 image(s) with boxes are stored rotated (EXIF orientation 5-8" in out and f"{path}:4 (40x64" in out
+    assert f"{path}:5: [box_normalised] every bbox coordinate is at most 1 on a 300x200 image" in out, out
+    assert f"{path}:6: [schema] a real image must not have regions (has 1; a placeholder such as" in out, out
+    # the docs' example record wrapped for reading, copied as it is: one message for the file, not per line
+    wrapped = tmp_path / "wrapped.jsonl"
+    wrapped.write_text('{"image": "wide.png", "label": "generated",\n'
+                       ' "regions": [{"bbox": [1, 2, 30, 40], "caption": "a seam"}]}\n')
+    assert main(["data", "check", str(wrapped)]) == 2
+    err = capsys.readouterr().err
+    assert f"{wrapped}: holds a record spread over lines (line 1 is not a whole JSON object" in err, err
+
+
+def test_the_docs_csv_conversion_gives_records_the_check_accepts(capsys, tmp_path, monkeypatch):
+    """docs/data.md's "From a CSV or COCO's boxes" block, run as it is on a CSV of COCO boxes."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = docs.split("### From a CSV or COCO's boxes", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    Image.new("RGB", (300, 200), (30, 60, 90)).save(tmp_path / "fake.png")
+    Image.new("RGB", (120, 80), (90, 60, 30)).save(tmp_path / "photo.png")
+    (tmp_path / "boxes.csv").write_text("image,label,x,y,w,h,caption\n"
+                                        "fake.png,Generated,100,50,150,120,a melted hand\n"
+                                        "fake.png,generated,10,10,20,30,a seam\n"
+                                        "photo.png,real,,,,,\n")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/data.md", "exec"), {})
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert records == [{"regions": [{"bbox": [100.0, 50.0, 250.0, 170.0], "caption": "a melted hand"},
+                                    {"bbox": [10.0, 10.0, 30.0, 40.0], "caption": "a seam"}],
+                        "image": "fake.png", "label": "generated"},
+                       {"regions": [], "image": "photo.png", "label": "real"}]
+    rc, out = check(capsys, tmp_path / "train.jsonl")
+    assert rc == 0 and "OK: 0 of 2 records invalid" in out, out

@@ -174,7 +174,9 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
     its file's content: a copy under another name is the same image. At most `limit` examples each."""
     from collections import defaultdict
 
-    from fxjax.data.images import content_keys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fxjax.data.images import content_keys, exif_orientation
 
     keys = content_keys((r.image for r in records), threads)
     by_image = defaultdict(list)
@@ -214,6 +216,16 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
         out.append(f"{len(reused)} id(s) given to records of other images in the same file (eval's predictions.jsonl "
                    f"names records by id): {shown}"
                    + (f"; and {len(reused) - limit} more" if len(reused) > limit else ""))
+    boxed = [r for r in records if r.regions]
+    with ThreadPoolExecutor(threads) as pool:  # (headers only; a network file system answers each in a round trip)
+        turned = [r for r, n in zip(boxed, pool.map(exif_orientation, [r.image for r in boxed])) if n in (5, 6, 7, 8)]
+    if turned:
+        shown = ", ".join(f"{r.source} ({r.width}x{r.height} displayed)" for r in turned[:limit])
+        out.append(f"{len(turned)} image(s) with boxes are stored rotated (EXIF orientation 5-8: width and height "
+                   f"swap when displayed), and their boxes are read in the displayed frame, as transformers' "
+                   f"load_image turns them: check that the annotations were drawn on that frame (a box drawn on the "
+                   f"stored one can still lie inside the image, misplaced): {shown}"
+                   + (f"; and {len(turned) - limit} more" if len(turned) > limit else ""))
     broken = [(r.source, why) for r in records if (why := _answer_problem(r))]
     if broken:
         shown = "; ".join(f"{source}: {why}" for source, why in broken[:limit])
@@ -221,6 +233,20 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
                    f"teaches it as written, and eval's format rate counts such an answer wrong: {shown}"
                    + (f"; and {len(broken) - limit} more" if len(broken) > limit else ""))
     return out
+
+
+def _coco_warning(skipped, records) -> list[str]:
+    """Boxes refused as inverted that read as COCO's [x, y, w, h]: a file in that convention has others that
+    pass as corners (whenever w > x and h > y), wrong all the same, and nothing refuses those."""
+    coco = [e for e in skipped if e.kind == "box_inverted" and "COCO's [x, y, w, h]" in e.problem]
+    files = {e.where.rsplit(":", 1)[0] for e in coco}
+    passed = [r for r in records if r.regions and r.source.rsplit(":", 1)[0] in files]
+    if not coco or not passed:
+        return []
+    return [f"{len(coco)} record(s) refused for an inverted box that reads as COCO's [x, y, w, h] (e.g. "
+            f"{coco[0].where}): if {', '.join(sorted(files))} use that convention, the boxes of its "
+            f"{len(passed)} valid record(s) with regions are wrong too (a COCO box passes as corners whenever "
+            f"w > x and h > y; e.g. {passed[0].source}): convert every box to [x, y, x + w, y + h]"]
 
 
 def _answer_problem(record) -> str | None:
@@ -390,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
                           "`fxjax init` writes)", *_describe_image_tokens(records, cfg)]
-    warnings = _warnings(records, report.hints, threads=args.threads)
+    warnings = _warnings(records, report.hints, threads=args.threads) + _coco_warning(report.skipped, records)
     if warnings:
         lines += ["", f"warnings ({len(warnings)}; the records are valid, but check these):"]
         lines += [f"  {w}" for w in warnings]

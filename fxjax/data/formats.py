@@ -149,11 +149,13 @@ def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
     return parsed
 
 
-def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box, ...]:
-    """The record's boxes in pixels of the ``width`` x ``height`` image; each must lie inside it."""
+def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int, orientation: int = 1) -> tuple[Box, ...]:
+    """The record's boxes in pixels of the ``width`` x ``height`` image (as displayed); each must lie inside it.
+    ``orientation``: the file's EXIF orientation, for the message of a box outside the image."""
     # Fractions of the image read as pixels would train on boxes of one pixel in the corner: a record of
     # fractions only, or one such box among boxes in pixels.
-    fractions = [parsed.bbox_type == "real" and max(width, height) > 8 and all(v <= 1 for v in box)
+    # (1.001: a fraction converted with float noise, 1.0001, is one too)
+    fractions = [parsed.bbox_type == "real" and max(width, height) > 8 and all(v <= 1.001 for v in box)
                  for _, box in parsed.regions]
     if fractions and all(fractions):
         how = ("native records give boxes in pixels of the original image [x1, y1, x2, y2]; multiply by the width "
@@ -178,13 +180,24 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int) -> tuple[Box,
                      f"{[_fmt(round(v, 2)) for v in box]} in pixels)") if parsed.bbox_type == "norm1" else \
                 [_fmt(v) for v in box]
             raise RecordProblem(f"{what} {i} bbox {shown} lies outside the {width}x{height} image (width x height)"
-                                + _thousandths_hint(box, width, height, parsed.bbox_type), "box_outside")
+                                + (_rotation_hint(width, height, orientation) or
+                                   _thousandths_hint(box, width, height, parsed.bbox_type)), "box_outside")
         if x2 - x1 < 1 or y2 - y1 < 1:  # (written in whole pixels, the model would learn an empty box)
             raise RecordProblem(f"{what} {i} bbox {[_fmt(round(v, 3)) for v in box]} is under one pixel wide or "
                                 f"high on the {width}x{height} image: the target would hold an empty box",
                                 "box_tiny")
         out.append(box)
     return tuple(out)
+
+
+def _rotation_hint(width: int, height: int, orientation: int) -> str:
+    """A file stored with its axes swapped (EXIF orientation 5-8), as an annotation tool that ignores EXIF
+    shows it."""
+    if orientation not in (5, 6, 7, 8):
+        return ""
+    return (f"; the file is stored as {height}x{width} with EXIF orientation {orientation}, and boxes are read in "
+            f"the displayed {width}x{height} frame (as transformers' load_image turns it; PIL: "
+            f"ImageOps.exif_transpose(image).size): convert boxes drawn on the stored frame")
 
 
 def _thousandths_hint(box: Box, width: int, height: int, bbox_type: str) -> str:
@@ -292,6 +305,9 @@ def _parse_native(obj: dict) -> ParsedRecord:
     regions_in = _given(obj, "regions", [])
     if not isinstance(regions_in, list):
         raise RecordProblem(f"'regions' must be a list, got {type(regions_in).__name__}", "schema")
+    if label == "real" and regions_in:  # (before the regions' own checks: a placeholder's empty caption said less)
+        raise RecordProblem(f"a real image must not have regions (has {len(regions_in)}; a placeholder such as "
+                            "{\"bbox\": [0, 0, 0, 0], \"caption\": \"\"} too): leave 'regions' out or empty", "schema")
     regions = []
     for i, region in enumerate(regions_in):
         if not isinstance(region, dict) or "bbox" not in region:

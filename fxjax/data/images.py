@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageError",
     "content_keys",
+    "exif_orientation",
     "image_size",
     "open_image",
     "resolve_image_path",
@@ -147,14 +148,27 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     return image
 
 
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation
+        return 1
+
+
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) after EXIF orientation, without decoding."""
     width, height = image.size
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The file's EXIF orientation (1: as stored; 5-8 swap width and height), read from its header; 1 for a
+    file that cannot be opened."""
     try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation
-        orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        with Image.open(path) as image:
+            return _orientation(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 1
 
 
 def image_size(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,

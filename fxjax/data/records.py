@@ -28,7 +28,8 @@ from typing import Any, Iterable, Sequence
 
 from fxjax.data.formats import (SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, ParsedRecord, RecordProblem, boxes_in_pixels,
                                 misspelt_fields, parse_record)
-from fxjax.data.images import (ALLOWED_IMAGE_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, ImageError, image_size, open_image,
+from fxjax.data.images import (ALLOWED_IMAGE_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, ImageError, exif_orientation,
+                               image_size, open_image,
                                resolve_image_path)
 
 __all__ = [
@@ -147,6 +148,9 @@ def whole_file_problem(path: Path) -> str | None:
     if first == "{":
         return "holds JSON spread over lines (pretty-printed), not JSON Lines (one record per line): convert it, " \
                "e.g. jq -c . FILE"
+    if first.startswith("{") and _spread_over_lines(text, first):
+        return ("holds a record spread over lines (line 1 is not a whole JSON object, lines 1 and on are), not "
+                "JSON Lines (one record per line): put each record on one line, e.g. jq -c . FILE")
     if first.startswith("[") and first.endswith("]"):
         try:
             if isinstance(json.loads(first), list):
@@ -155,6 +159,21 @@ def whole_file_problem(path: Path) -> str | None:
         except ValueError:
             pass
     return None
+
+
+def _spread_over_lines(text: str, first: str) -> bool:
+    """Whether the file's first line is not a JSON value but its first lines together are one object (an
+    example record wrapped for reading, copied as it is)."""
+    try:
+        json.loads(first)
+        return False
+    except ValueError:
+        pass
+    try:
+        value, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return False  # (a broken first line: its own error says where)
+    return isinstance(value, dict) and "\n" in text[:end]
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -229,7 +248,13 @@ def _check_image(pending: _Pending, max_image_pixels: int, check_decode: bool) -
     except (OSError, ValueError, SyntaxError) as err:
         return DataError(where, f"image {pending.path} cannot be read: {err}", "image_undecodable")
     try:
-        boxes = boxes_in_pixels(parsed, width, height)
+        try:
+            boxes = boxes_in_pixels(parsed, width, height)
+        except RecordProblem as p:
+            if p.kind != "box_outside":
+                raise
+            boxes_in_pixels(parsed, width, height, exif_orientation(pending.path))  # (the message, rotation said)
+            raise
     except RecordProblem as p:
         return DataError(where, p.problem, p.kind)
     return Record(index=-1, source=where, record_id=parsed.record_id, image=str(pending.path), width=width,
