@@ -337,7 +337,7 @@ def test_an_annotators_mistakes_are_named_where_they_would_train_silently(capsys
             f"use that convention, the boxes of its 2 valid record(s) with regions are wrong too") in out, out
     assert (f"{path}:3: [box_outside] region 0 bbox [10, 5, 60, 30] lies outside the 40x64 image (width x height); "
             f"the file is stored as 64x40 with EXIF orientation 6") in out, out
-    assert f"1 image(s) with boxes are stored rotated (EXIF orientation 5-8" in out and f"{path}:4 (40x64" in out
+    assert "1 image(s) with boxes are stored rotated (EXIF orientation 5-8" in out and f"{path}:4 (40x64" in out
     assert f"{path}:5: [box_normalised] every bbox coordinate is at most 1 on a 300x200 image" in out, out
     assert f"{path}:6: [schema] a real image must not have regions (has 1; a placeholder such as" in out, out
     # the docs' example record wrapped for reading, copied as it is: one message for the file, not per line
