@@ -284,7 +284,7 @@ def test_an_end_of_run_export_failing_after_the_adapter_says_the_folders_hold_di
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(loop_control, "save_adapter", lambda model, folder, data: Path(folder))
+    monkeypatch.setattr(loop_control, "save_adapter", lambda model, folder, data, tokenizer_dir: Path(folder))
     monkeypatch.setattr(loop_control, "save_merged", full_disk)
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / PROMPT_SETTINGS_FILE).write_text("{}")  # an earlier run's export
