@@ -203,7 +203,7 @@ def test_logged_completions_are_the_ones_scored(setup, straight):
     mean is the metrics' reward/total_mean."""
     from fxjax import rewards
     from fxjax.grpo_config import load_grpo_config
-    from fxjax.train.grpo import stage_weights
+    from fxjax.train.grpo_stages import stage_weights
 
     cfg = load_grpo_config(setup["config"])
     got = completions(setup["root"] / "straight")
@@ -506,7 +506,7 @@ def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads
     schedule (ignored) and luspo at token level (its paper's is sequence) get a note."""
     from fxjax.grpo_config import grpo_from_dict
     from fxjax.rewards.stages import CONFIG_PATH
-    from fxjax.train.grpo import say_stage_weights
+    from fxjax.train.grpo_stages import say_stage_weights
 
     reward_file = tmp_path / "rewards.yaml"
     text = CONFIG_PATH.read_text()
@@ -537,3 +537,52 @@ def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads
     assert said[0].startswith("grpo: continuous schedule: total = ") and said[0].endswith("at step 7")
     assert said[1] == ("note: grpo.schedule=continuous: the stages list (alpha) is not used (the weights follow the "
                        "reward config's continuous section over train.steps)")
+
+
+def test_each_step_samples_with_its_own_key_and_weights():
+    """The sampling key differs at every step and is the same at that step of a resumed run; the reward
+    weights are the stage's (stages) or the continuous schedule's at the step, starting at w_iou_start."""
+    import jax
+
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train.grpo import rollout_key
+    from fxjax.train.grpo_stages import stage_weights
+
+    keys = [np.asarray(jax.random.key_data(rollout_key(3, step))) for step in range(6)]
+    assert len({k.tobytes() for k in keys}) == 6
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(rollout_key(3, 4))), keys[4])  # (a resume)
+    assert np.asarray(jax.random.key_data(rollout_key(4, 0))).tobytes() != keys[0].tobytes()
+    base = {"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"}}
+    staged = grpo_from_dict({**base, "stages": [{"name": "alpha", "steps": 2}, {"name": "gamma", "steps": 3}]})
+    assert [stage_weights(staged, k)[0] for k in range(5)] == ["alpha"] * 2 + ["gamma"] * 3
+    continuous = grpo_from_dict({**base, "train": {"steps": 4}, "grpo": {"schedule": "continuous"}})
+    # ../shared/REFERENCE.md: w_G(t) = 0.5 + 0.5 * t / T over the T steps (t = 0 at the first)
+    assert [stage_weights(continuous, k)[1].w_iou for k in range(4)] == [0.5 + 0.5 * k / 4 for k in range(4)]
+
+
+def test_a_steps_updates_use_the_stored_log_probs_of_the_policy_that_sampled():
+    """`updates_on`: with num_iterations updates a step stores the sampling policy's (and the reference's)
+    log-probs once, before its first update, and every update gets them (a batch without them makes every
+    ratio 1, so the PPO clip never acts), each update starting from the state the previous one left."""
+    from collections import namedtuple
+
+    from fxjax.train.grpo import updates_on
+
+    Batch = namedtuple("Batch", "tokens old_logps ref_logps")
+    State = namedtuple("State", "params step")
+    seen, asked = [], []
+
+    def logps_fn(params, base, rest, batch):
+        asked.append(params)
+        return f"old({params})", f"ref({params})"
+
+    def step_fn(state, base, rest, batch):
+        seen.append((state, batch))
+        return State(f"{state.params}+", state.step + 1), {"update": state.step}
+
+    state, updates = updates_on(step_fn, logps_fn, State("p", 0), "base", "rest", Batch("t", None, None), 3)
+    assert asked == ["p"] and state == State("p+++", 3) and updates == [{"update": 0}, {"update": 1}, {"update": 2}]
+    assert [s for s, _ in seen] == [State("p", 0), State("p+", 1), State("p++", 2)]
+    assert all(b == Batch("t", "old(p)", "ref(p)") for _, b in seen)
+    _, updates = updates_on(step_fn, None, State("q", 0), "base", "rest", Batch("t", None, None), 1)
+    assert seen[-1][1] == Batch("t", None, None) and len(updates) == 1  # num_iterations 1, beta 0: none needed

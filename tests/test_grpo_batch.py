@@ -296,8 +296,10 @@ def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch,
         inputs = m.prepare(ids, mask, pixels, np.repeat(grid, G, 0))
         hidden, _ = m.hidden_states(inputs)
         logits = m.logits(hidden)[:, -N - 1:-1].astype(jnp.float32) / TEMPERATURE
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(r.tokens)[..., None], -1)[..., 0]
-        total = 0.0
+        log_probs = jax.nn.log_softmax(logits, -1)
+        lp = jnp.take_along_axis(log_probs, jnp.asarray(r.tokens)[..., None], -1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, -1)
+        total, entropies = 0.0, []
         per = 2 // n_micro * G
         for a in range(n_micro):
             rows = slice(a * per, (a + 1) * per)
@@ -305,10 +307,13 @@ def test_update_encodes_each_image_once_and_matches_autodiff(model, monkeypatch,
                                 max_completion_length=N, gradient_accumulation_steps=n_micro,
                                 num_items=float(r.loss_mask.sum()) if loss_type == "dapo" else None)
             total = total + loss
-        return total
+            mask = jnp.asarray(r.loss_mask[rows], jnp.float32)
+            entropies.append(jnp.sum(entropy[rows] * mask) / jnp.sum(mask))
+        return total, jnp.mean(jnp.stack(entropies))  # a step's metric: the mean of its micro-batches' (as TRL)
 
-    loss, grads = jax.jit(jax.value_and_grad(oracle))(params)  # jitted: eager op-by-op took a minute
+    (loss, entropy), grads = jax.jit(jax.value_and_grad(oracle, has_aux=True))(params)  # (eager took a minute)
     assert abs(float(metrics["loss"]) - float(loss)) <= 1e-5 * max(1.0, abs(float(loss)))
+    assert abs(float(metrics["entropy"]) - float(entropy)) <= 1e-5 * float(entropy)
     # sgd(1.0), no clipping: the update is minus the gradient.
     flat = lambda tree: dict((path, v.get_value()) for path, v in nnx.to_flat_state(tree))  # noqa: E731
     old, new, want = flat(params), flat(new_state.params), flat(grads)

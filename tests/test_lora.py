@@ -77,7 +77,9 @@ def test_config_scaling_and_validation():
     (["lm_head", "down_proj"], None),
     (["proj"], None),  # attn.proj and the patch embedding (a Conv3d LoRA in PEFT)
     ("all-linear", ["o_proj", "mlp.2"]),
-], ids=["all-linear", "names", "regex-text", "regex-vision-mlp", "lm_head", "proj-suffix", "exclude"])
+    ("all-linear", ["proj"]),  # a name matches whole dotted parts: attn.proj only, no *_proj
+], ids=["all-linear", "names", "regex-text", "regex-vision-mlp", "lm_head", "proj-suffix", "exclude",
+        "exclude-suffix"])
 def test_targets_match_peft(tiny_checkpoint, spec, exclude):
     model = fxjax.from_pretrained(tiny_checkpoint)
     names = apply_lora(model, LoRAConfig(rank=2, target_modules=spec, exclude_modules=exclude))

@@ -196,6 +196,34 @@ def test_partial_layer_adapters_are_refused(tiny_checkpoint, tmp_path):
     assert not list(lora_linears(scan))
 
 
+def test_eleven_layers_stack_in_layer_order_not_name_order(tmp_path):
+    """Checkpoint and adapter files list their tensors by name, where layers.10 sorts before layers.2: with 11
+    decoder layers and 11 vision blocks (2 and 3 elsewhere here, where both orders agree), each stacked
+    weight and LoRA factor is its layer's (the looped model reads each by its name: the oracle), and the
+    stacked model's export writes them back under their own names."""
+    from conftest import build_hf_model, save_hf_model
+
+    hf_dir = save_hf_model(build_hf_model(layers=11, vision_depth=11, fullatt=(3, 7)), tmp_path / "deep")
+    loop = fxjax.from_pretrained(hf_dir, lora=LoRAConfig(rank=2, alpha=4))
+    rng = np.random.RandomState(5)
+    for _, variable in nnx.to_flat_state(nnx.state(loop, LORA_PARAMS)):
+        variable.set_value(jnp.asarray(rng.randn(*variable.shape), jnp.float32))
+    adapter = save_peft_adapter(loop, tmp_path / "adapter")
+    scan = fxjax.from_pretrained(hf_dir, adapter=adapter, scan_layers=True)
+    assert scan.decoder.layers.self_attn.q_proj.kernel.shape[0] == 11 == scan.visual.blocks.attn.qkv.kernel.shape[0]
+    assert_same_params(scan, loop)
+    assert_same_params(scan, loop, LORA_PARAMS)
+    again = save_peft_adapter(scan, tmp_path / "again")
+    assert file_tensors_of(again / "adapter_model.safetensors") == file_tensors_of(adapter / "adapter_model.safetensors")
+    assert file_tensors(save_pretrained(scan, tmp_path / "merged")) == \
+        file_tensors(save_pretrained(loop, tmp_path / "merged_loop"))
+
+
+def file_tensors_of(path) -> dict[str, bytes]:
+    with safe_open(str(path), framework="numpy") as f:
+        return {name: f.get_tensor(name).tobytes() for name in f.keys()}
+
+
 def test_generation_equals_loop(tmp_path_factory):
     hf_dir = tmp_path_factory.mktemp("spread")
     _, loop = spread_logits_models(hf_dir)

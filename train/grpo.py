@@ -49,7 +49,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fxjax import rewards
 from fxjax.config_mapping import ConfigError
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
@@ -65,6 +64,7 @@ from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, 
                                   place_local_batch, process_rows, with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
+from fxjax.train.grpo_stages import say_stage_weights, stage_weights, stages_in_steps, weights_metrics
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make_grpo_step, make_logps_fn
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
@@ -113,25 +113,6 @@ def data_config(cfg: GRPOConfig) -> DataConfig:
     """SFT's data config in mode "prompt": prompts only (left-padded), each record's label and boxes in the
     meta for the rewards."""
     return dataclasses.replace(sft_data_config(cfg), mode="prompt")
-
-
-def stage_weights(cfg: GRPOConfig, step: int) -> tuple[str, rewards.RewardWeights]:
-    """(stage name, reward weights) of the sampling step numbered `step` (0-based; its num_iterations updates
-    share them)."""
-    if cfg.grpo.schedule == "continuous":
-        return "continuous", rewards.continuous_weights(step, cfg.total_steps, cfg.grpo.reward_config)
-    _, stage = cfg.stage_at(step)
-    return stage.name, rewards.load_stage(stage.name, cfg.grpo.reward_config)
-
-
-def _stages_in_steps(cfg: GRPOConfig, records: int, say: Callable[[str], None]) -> GRPOConfig:
-    """cfg with the stages given in epochs turned into steps over the `records` training prompts (said)."""
-    resolved = cfg.with_stage_steps(records)
-    for given, stage in zip(cfg.stages, resolved.stages):
-        if given.epochs is not None:
-            say(f"grpo: stage {given.name}: {given.epochs:g} epoch(s) of {records} prompts at "
-                f"{cfg.data.batch_size} a step = {stage.steps} steps")
-    return resolved
 
 
 def loss_options(g: GRPOSection) -> LossOptions:
@@ -260,7 +241,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     per_shard, built = mine.shard_ids is not None, mine.built_shards
     pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows))
     check_same_records(pipeline)
-    cfg = _stages_in_steps(cfg, len(pipeline), say)
+    cfg = stages_in_steps(cfg, len(pipeline), say)
     rows_sharding = NamedSharding(mesh, batch_spec(2, 0) if shard_rows else P())  # sampled [P*G, N] tokens
     batch_rewards = _batch_rewards(mine) if jax.process_count() > 1 and mine.batch_rows is not None else None
     patch_dtype = as_dtype(cfg.model.dtype)
@@ -319,7 +300,6 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     opts = loss_options(g)
     need_old, need_ref = g.num_iterations > 1, g.beta != 0.0
     step_fn = logps_fn = batch_sh = None
-    root = jax.random.key(g.seed, impl=RNG_IMPL)
 
     def save(step: int) -> None:
         stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
@@ -373,7 +353,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                 model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_ids=eos_ids,
                 pad_id=pipeline.pad_id, num_generations=g.num_generations,
                 max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
-                top_p=g.top_p, rng=jax.random.fold_in(root, step_now), weights=weights,
+                top_p=g.top_p, rng=rollout_key(g.seed, step_now), weights=weights,
                 reward_config=g.reward_config, scale_rewards=g.scale_rewards,
                 mask_truncated=g.mask_truncated_completions, mesh=mesh, batch_rewards=batch_rewards,
                 # never sample the image placeholder (TRL passes suppress_tokens=[image_token_id] for a VLM)
@@ -396,14 +376,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             placed = place_local_batch(batch, batch_sh, built)
             values: dict[str, float] = {}
             with use_mesh(mesh):  # activations pinned to the batch axes (see fxjax.model's shard_batch)
-                if logps_fn is not None:
-                    old, ref = logps_fn(state.params, base, rest, placed)
-                    placed = placed._replace(old_logps=old, ref_logps=ref)
-                updates = []
-                for _ in range(g.num_iterations):  # all of them, so state.step stays num_iterations x steps
-                    state, out = step_fn(state, base, rest, placed)  # (a non-finite update keeps the parameters)
-                    updates.append(out)  # read once after the last update: no host sync between them
-                out = update_metrics(jax.device_get(updates))
+                state, updates = updates_on(step_fn, logps_fn, state, base, rest, placed, g.num_iterations)
+                out = update_metrics(jax.device_get(updates))  # read once after the last update: no host sync
             faults.point("update", step_now + 1, control.signals.local_stop)
             t_update = time.perf_counter() - t1
             if not out["finite"]:
@@ -417,7 +391,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                           rollout_tokens_per_s=tokens["rollout_tokens"] / max(t_rollout, 1e-9),
                           update_tokens_per_s=tokens["update_tokens"] / max(t_update, 1e-9),
                           skipped=skipped,
-                          stage_index=float(cfg.stage_at(step_now - 1)[0]), **_weights_metrics(weights))
+                          stage_index=float(cfg.stage_at(step_now - 1)[0]), **weights_metrics(weights))
             metrics.log(step_now, "train", dict(values, stage=stage))
             if g.log_completions:
                 records = completion_records(rollout, prompts["meta"], g.num_generations, stage)
@@ -430,6 +404,27 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                                        iou_gen=round(values["mean_iou_generated"], 3)))  # (real images score 1)
         control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result
+
+
+def rollout_key(seed: int, step: int) -> jax.Array:
+    """The sampling key of step `step` (0-based): another at every step, the same at that step of a resumed
+    run."""
+    return jax.random.fold_in(jax.random.key(seed, impl=RNG_IMPL), step)
+
+
+def updates_on(step_fn, logps_fn, state, base, rest, batch: GroupBatch, num_iterations: int):
+    """A step's updates on what it sampled: the sampling policy's and the reference's log-probs first (when
+    `logps_fn`: num_iterations > 1 or beta != 0), stored in the batch, then `num_iterations` updates, each
+    from the state the previous one left (all of them, so state.step stays num_iterations x steps; a
+    non-finite update keeps the parameters). (state, [each update's metrics, on the device])."""
+    if logps_fn is not None:
+        old, ref = logps_fn(state.params, base, rest, batch)
+        batch = batch._replace(old_logps=old, ref_logps=ref)
+    updates = []
+    for _ in range(num_iterations):
+        state, out = step_fn(state, base, rest, batch)
+        updates.append(out)
+    return state, updates
 
 
 def _sequence_tokens(batch: GroupBatch, num_generations: int) -> int:
@@ -471,39 +466,3 @@ def updates_done(optimizer_steps: int, num_iterations: int, checkpoint_step: int
         raise ValueError(f"grpo: the checkpoint of step {checkpoint_step} holds {optimizer_steps} optimiser updates, "
                          f"not {num_iterations} (grpo.num_iterations) per step")
     return steps
-
-
-def _weights_metrics(w: rewards.RewardWeights) -> dict[str, float]:
-    return {f"weights/{name}": value for name, value in dataclasses.asdict(w).items()}
-
-
-def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], None]) -> None:
-    """The reward of each stage, one line each, and what in its weights is probably a slip
-    (`rewards.stages.weight_warnings`); notes on settings that run otherwise than they read."""
-    from fxjax.rewards.stages import describe_weights, weight_warnings
-
-    g = cfg.grpo
-    if g.schedule == "continuous":
-        first, last = stage_weights(cfg, 0)[1], stage_weights(cfg, max(steps_total - 1, 0))[1]
-        say(f"grpo: continuous schedule: {describe_weights(first)} at step 1, w_iou {last.w_iou:g} at step "
-            f"{steps_total}")
-        for text in weight_warnings(first):
-            say(f"warning: the continuous schedule: {text}")
-        if cfg.stages != GRPOConfig().stages:
-            say(f"note: grpo.schedule=continuous: the stages list ({', '.join(s.name for s in cfg.stages)}) is not "
-                f"used (the weights follow the reward config's continuous section over train.steps)")
-    else:
-        start = 0
-        for (name, end) in cfg.stage_ends():
-            weights = rewards.load_stage(name, g.reward_config)
-            say(f"grpo: stage {name} (steps {start + 1}-{end}): {describe_weights(weights)}")
-            for text in weight_warnings(weights):
-                say(f"warning: stage {name}: {text}")
-            start = end
-    if g.loss_type == "luspo" and g.importance_sampling_level != "sequence":
-        say("note: grpo.loss_type luspo with importance_sampling_level token: its paper (and TRL's warning) use "
-            "sequence")
-    if evaluates(cfg) and cfg.eval.max_new_tokens > g.max_completion_length:
-        say(f"note: eval.max_new_tokens {cfg.eval.max_new_tokens} is above grpo.max_completion_length "
-            f"{g.max_completion_length}: the held-out evaluation may decode longer than any rollout (its time "
-            f"grows with it); --set eval.max_new_tokens={g.max_completion_length} to match")

@@ -1,0 +1,72 @@
+"""The reward stages of a GRPO run: the weights each sampling step scores with, and what the start says
+of them (each stage's reward, weights that are probably a slip, settings that run otherwise than they read).
+
+Stages follow `stages` in order (alpha, beta, gamma by default, each for its steps or epochs); with
+`grpo.schedule=continuous` the reward config's continuous section gives w_iou(t) over train.steps
+(`fxjax.rewards.stages`, ../shared/REFERENCE.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from fxjax import rewards
+from fxjax.grpo_config import GRPOConfig
+from fxjax.train.run_setup import evaluates
+
+__all__ = ["say_stage_weights", "stage_weights", "stages_in_steps", "weights_metrics"]
+
+
+def stage_weights(cfg: GRPOConfig, step: int) -> tuple[str, rewards.RewardWeights]:
+    """(stage name, reward weights) of the sampling step numbered `step` (0-based; its num_iterations updates
+    share them)."""
+    if cfg.grpo.schedule == "continuous":
+        return "continuous", rewards.continuous_weights(step, cfg.total_steps, cfg.grpo.reward_config)
+    _, stage = cfg.stage_at(step)
+    return stage.name, rewards.load_stage(stage.name, cfg.grpo.reward_config)
+
+
+def stages_in_steps(cfg: GRPOConfig, records: int, say: Callable[[str], None]) -> GRPOConfig:
+    """cfg with the stages given in epochs turned into steps over the `records` training prompts (said)."""
+    resolved = cfg.with_stage_steps(records)
+    for given, stage in zip(cfg.stages, resolved.stages):
+        if given.epochs is not None:
+            say(f"grpo: stage {given.name}: {given.epochs:g} epoch(s) of {records} prompts at "
+                f"{cfg.data.batch_size} a step = {stage.steps} steps")
+    return resolved
+
+
+def weights_metrics(w: rewards.RewardWeights) -> dict[str, float]:
+    return {f"weights/{name}": value for name, value in dataclasses.asdict(w).items()}
+
+
+def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], None]) -> None:
+    """The reward of each stage, one line each, and what in its weights is probably a slip
+    (`rewards.stages.weight_warnings`); notes on settings that run otherwise than they read."""
+    from fxjax.rewards.stages import describe_weights, weight_warnings
+
+    g = cfg.grpo
+    if g.schedule == "continuous":
+        first, last = stage_weights(cfg, 0)[1], stage_weights(cfg, max(steps_total - 1, 0))[1]
+        say(f"grpo: continuous schedule: {describe_weights(first)} at step 1, w_iou {last.w_iou:g} at step "
+            f"{steps_total}")
+        for text in weight_warnings(first):
+            say(f"warning: the continuous schedule: {text}")
+        if cfg.stages != GRPOConfig().stages:
+            say(f"note: grpo.schedule=continuous: the stages list ({', '.join(s.name for s in cfg.stages)}) is not "
+                f"used (the weights follow the reward config's continuous section over train.steps)")
+    else:
+        start = 0
+        for (name, end) in cfg.stage_ends():
+            weights = rewards.load_stage(name, g.reward_config)
+            say(f"grpo: stage {name} (steps {start + 1}-{end}): {describe_weights(weights)}")
+            for text in weight_warnings(weights):
+                say(f"warning: stage {name}: {text}")
+            start = end
+    if g.loss_type == "luspo" and g.importance_sampling_level != "sequence":
+        say("note: grpo.loss_type luspo with importance_sampling_level token: its paper (and TRL's warning) use "
+            "sequence")
+    if evaluates(cfg) and cfg.eval.max_new_tokens > g.max_completion_length:
+        say(f"note: eval.max_new_tokens {cfg.eval.max_new_tokens} is above grpo.max_completion_length "
+            f"{g.max_completion_length}: the held-out evaluation may decode longer than any rollout (its time "
+            f"grows with it); --set eval.max_new_tokens={g.max_completion_length} to match")
