@@ -49,3 +49,36 @@ def test_the_gradient_is_clipped_before_adamw():
     _, s = unclipped.update({"w": jnp.array([0.6, 0.0, 0.8])}, s, params)
     raw, _ = unclipped.update({"w": jnp.array([600.0, 0.0, -800.0])}, s, params)
     assert np.abs(np.asarray(raw["w"]) - np.asarray(want["w"])).max() > 1e-3  # the comparison can tell
+
+
+def test_three_updates_equal_torch_adamw_with_the_gradient_clipped_as_hf_trainer_does():
+    """The oracle is torch's (what HF Trainer and TRL run): torch.nn.utils.clip_grad_norm_ over all the
+    parameters, then torch.optim.AdamW (decoupled weight decay), at the learning rate this schedule gives
+    each update; two parameters, so the clip's norm is the global one."""
+    import torch
+
+    cfg = OptimSection(learning_rate=0.05, warmup_steps=2, schedule="cosine", max_grad_norm=1.0, weight_decay=0.1,
+                       b1=0.8, b2=0.95, eps=1e-6)
+    tx, schedule = make_optimizer(cfg, 5)
+    start = {"a": np.array([1.0, -2.0, 3.0], np.float32), "b": np.array([[0.5, -0.25]], np.float32)}
+    grads = [{"a": np.array([0.3, 0.0, 0.4], np.float32), "b": np.array([[0.0, 0.1]], np.float32)},  # norm < 1
+             {"a": np.array([60.0, 0.0, -80.0], np.float32), "b": np.array([[30.0, 0.0]], np.float32)},  # clipped
+             {"a": np.array([-1.0, 2.0, 0.5], np.float32), "b": np.array([[-0.7, 0.2]], np.float32)}]
+    params = {k: jnp.asarray(v) for k, v in start.items()}
+    state = tx.init(params)
+    torch_params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}
+    opt = torch.optim.AdamW(list(torch_params.values()), lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2),
+                            eps=cfg.eps, weight_decay=cfg.weight_decay)
+    for i, g in enumerate(grads):
+        updates, state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        for k, p in torch_params.items():
+            p.grad = torch.tensor(g[k])
+        torch.nn.utils.clip_grad_norm_(list(torch_params.values()), cfg.max_grad_norm)
+        for group in opt.param_groups:
+            group["lr"] = float(schedule(i))
+        opt.step()
+        for k in start:
+            np.testing.assert_allclose(np.asarray(params[k]), torch_params[k].detach().numpy(), rtol=2e-6, atol=1e-7,
+                                       err_msg=f"update {i}, {k}")
+    assert max(np.abs(np.asarray(params[k]) - start[k]).max() for k in start) > 0.05  # they moved
