@@ -24,6 +24,7 @@ def main(config_path: str) -> None:
     from fxjax.device_mesh import MeshConfig, make_mesh, put
     from fxjax.train.checkpointing import TrainCheckpointer
     from fxjax.train.optimizer import make_optimizer
+    from fxjax.train.resume import checkpoint_data_state
     from fxjax.train.run_setup import build_model, init_state
     from fxjax.train.step import split_model
     from fxjax.train_config import load_sft_config
@@ -41,7 +42,8 @@ def main(config_path: str) -> None:
         params = jax.tree.map(lambda x: put(rng.normal(0, 0.2, x.shape).astype(np.float32), x.sharding), params)
         state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)
         state = state._replace(step=put(np.asarray(step, np.int32), shardings.replicated))
-        checkpointer.save(step, state, {"iterator": {}, "shape_floor": {}}, cfg.to_dict())
+        # the data state as run_sft writes it (no iterator: nothing was read)
+        checkpointer.save(step, state, checkpoint_data_state({}, {}, 0, mesh), cfg.to_dict())
         checkpointer.wait()
     checkpointer.close()
     print(f"worker {jax.process_index()}: saved steps 2 and 3 to {cfg.checkpoint_dir}", flush=True)

@@ -38,7 +38,6 @@ Also exported: `group_advantages` and `grpo_loss` (fxjax.train.grpo_loss), TRL's
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -56,7 +55,7 @@ from fxjax.distributed import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
-from fxjax.run_files import RUN_CWD_KEY, kept_stage_end_steps
+from fxjax.run_files import kept_stage_end_steps
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
 from fxjax.train import faults
@@ -69,7 +68,7 @@ from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
                                  rollout_sums, sample_and_score)
-from fxjax.train.resume import mesh_record, per_process_state, process_rows_per_batch
+from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
@@ -304,9 +303,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     def save(step: int) -> None:
         stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
         iterator_states = per_process_state(iterator.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
-        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": floor, "stage": stage,
-                                        "skipped": skipped, "mesh": mesh_record(mesh),
-                                        "stage_ends": [list(e) for e in ends], RUN_CWD_KEY: os.getcwd()}, resolved)
+        checkpointer.save(step, state, checkpoint_data_state(iterator_states, floor, skipped, mesh, stage=stage,
+                                                             stage_ends=[list(e) for e in ends]), resolved)
 
     def prompt_part(prompts: dict, floor: dict) -> tuple[dict, Any, dict]:
         """This process's prompts left-padded and prepared for sampling, padded to the sizes every process

@@ -19,7 +19,7 @@ from fxjax.run_files import RunLoadError, brief_error, saved_run_kind
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import TrainState
 
-__all__ = ["Resumed", "check_resume_mesh", "mesh_record", "other_phase_message", "per_process_state",
+__all__ = ["Resumed", "check_resume_mesh", "checkpoint_data_state", "mesh_record", "other_phase_message", "per_process_state",
            "process_rows_per_batch", "restore_iterator", "restore_latest", "resume_run"]
 
 
@@ -145,6 +145,19 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
     return Resumed(state, data_state, step)
+
+
+def checkpoint_data_state(iterator: dict, shape_floor: dict, skipped: int, mesh, **extra) -> dict:
+    """What a checkpoint holds beside the train state (SFT's and GRPO's, and the tests' multi-process writer):
+    each process's data position (`per_process_state`), the batch-shape floor, the skipped updates, the mesh
+    it was saved on (`check_resume_mesh`), the working directory (the run's relative paths resolve against
+    it: `fxjax.run_files.RUN_CWD_KEY`) and `extra` (GRPO: the stage and the stage ends)."""
+    import os
+
+    from fxjax.run_files import RUN_CWD_KEY
+
+    return {"iterator": iterator, "shape_floor": shape_floor, "skipped": skipped, "mesh": mesh_record(mesh),
+            RUN_CWD_KEY: os.getcwd(), **extra}
 
 
 def mesh_record(mesh) -> dict[str, int]:

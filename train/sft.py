@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -45,8 +44,7 @@ from fxjax.train.evaluation import Evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
-from fxjax.run_files import RUN_CWD_KEY
-from fxjax.train.resume import mesh_record, per_process_state, process_rows_per_batch
+from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.run_lock import locked_run_dirs
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
                                    keep_start_lora, resumed_start, start_description, start_run,
@@ -213,9 +211,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
         if interval:
             metrics.log(step, "train", dict(interval.take(), learning_rate=last_rate, skipped=skipped))
         iterator_states = per_process_state(batches.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
-        checkpointer.save(step, state, {"iterator": iterator_states, "shape_floor": batches.floor,
-                                        "skipped": skipped, "mesh": mesh_record(mesh), RUN_CWD_KEY: os.getcwd()},
-                          resolved)
+        checkpointer.save(step, state, checkpoint_data_state(iterator_states, batches.floor, skipped, mesh), resolved)
 
     step_fn = None
     batch_sh = None
