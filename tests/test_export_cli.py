@@ -49,7 +49,7 @@ def two_process_run(tiny_vl_dir, tmp_path_factory):
         logs.append(root / f"worker-{rank}.log")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(root / "sft.yaml")],
                                       env=dict(env, FXJAX_PROCESS_ID=str(rank)), stdout=open(logs[-1], "w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+                                      stderr=subprocess.STDOUT, start_new_session=True, cwd=root))
     deadline = time.time() + TIMEOUT
     try:
         # A process that fails leaves its peer blocked in a collective: stop at the first failure.
@@ -813,7 +813,8 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
         "  checkpoints: steps 2, 3 (--step N; default the newest, 3)",
         f"  model: {tiny_vl_dir}; compute float32",
         "  LoRA: r=4 alpha=8 on all-linear",
-        f"  tokenizer: {tiny_vl_dir}"]
+        f"  tokenizer: {tiny_vl_dir}",
+        f"  started from: {two_process_run.parent} (its relative paths are read from there)"]  # (the workers' cwd)
     staged = staged_copy(two_process_run, tmp_path)
     state = staged / "checkpoints" / "3" / "data" / "data_state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "cwd": str(tmp_path)}))
