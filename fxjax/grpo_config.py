@@ -16,11 +16,37 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
+from fxjax.rewards.scoring import KEYS as SCORE_KEYS
 from fxjax.config_sections import EvalSection, TrainSection, steps_for_epochs
 from fxjax.run_files import step_or_stage
 from fxjax.train_config import RunConfig, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
+
+@dataclass(frozen=True)
+class RewardFuncSection:
+    """A reward term of your own, added to the paper's reward (TRL's reward_funcs): `function`, "module:name"
+    importable where the run runs, is called on each step's completions and returns one number per
+    completion; the step's total reward gains `weight` x that number, in every stage (fxjax.train.reward_funcs)."""
+
+    name: str = ""
+    function: str = ""
+    weight: float = 1.0
+
+    BUILT_IN: ClassVar[tuple[str, ...]] = SCORE_KEYS  # rewards.score's terms
+
+    def validate(self, where: str) -> None:
+        if not self.name.isidentifier():
+            raise ConfigError(f"{where}.name: give a name such as brevity (letters, digits, _), got {self.name!r}")
+        if self.name in self.BUILT_IN:
+            raise ConfigError(f"{where}.name: {self.name!r} is a reward term of the paper's reward "
+                              f"({', '.join(self.BUILT_IN)}); name yours otherwise")
+        module, _, attr = self.function.partition(":")
+        if not module or not attr:
+            raise ConfigError(f"{where}.function: give it as \"package.module:function\", got {self.function!r}")
+        if not math.isfinite(self.weight):
+            raise ConfigError(f"{where}.weight: must be a finite number, got {self.weight}")
+
 
 @dataclass(frozen=True)
 class StageSection:
@@ -93,6 +119,8 @@ class GRPOSection:
     # every sampled completion, its rewards and advantage to <train.output_dir>/completions.jsonl (TRL's
     # log_completions); logging only: a resumed run may change it
     log_completions: bool = False
+    # reward terms of your own (RewardFuncSection: name, function "module:name", weight), TRL's reward_funcs
+    reward_funcs: tuple[RewardFuncSection, ...] = ()
 
     def validate(self, where: str) -> None:
         for name in ("num_generations", "max_completion_length", "num_iterations"):
@@ -118,6 +146,11 @@ class GRPOSection:
             raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
         if self.delta is not None and not self.delta > 1.0:
             raise ConfigError(f"{where}.delta: must be > 1 (a ratio bound) or null, got {self.delta}")
+        for i, func in enumerate(self.reward_funcs):
+            func.validate(f"{where}.reward_funcs[{i}]")
+        names = [f.name for f in self.reward_funcs]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"{where}.reward_funcs: each needs a name of its own, got {names}")
 
 
 def _default_stages() -> tuple[StageSection, ...]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -78,12 +79,16 @@ def setup(tokenizer_dir, tmp_path_factory):
         "checkpoint": {"every": 1, "keep": 10},
         "eval": {"at_end": False},
         "grpo": {"num_generations": 2, "max_completion_length": 6, "temperature": 1.0, "top_k": 50, "beta": 0.04,
-                 "num_iterations": 2, "log_completions": True},
+                 "num_iterations": 2, "log_completions": True,
+                 # a term of the user's own (TRL's reward_funcs), imported by every process of every run
+                 "reward_funcs": [{"name": "brevity", "function": "grpo_test_rewards:brevity", "weight": 0.5}]},
         "stages": STAGES,
     }
     path = root / "grpo.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = subprocess_env(compilation_cache=root / "xla_cache", FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1")
+    env = subprocess_env(compilation_cache=root / "xla_cache", FXJAX_LOCAL_DEVICE_COUNT="2", PYTHONUNBUFFERED="1",
+                         PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                  os.environ.get("PYTHONPATH")])))
     return {"root": root, "config": path, "env": env}
 
 
@@ -224,12 +229,17 @@ def test_logged_completions_are_the_ones_scored(setup, straight):
         targets = [{"label": r["label"], "boxes": np.asarray(r["true_boxes"], np.float64).reshape(-1, 4)}
                    for r in rows[::2]]  # one per prompt
         again = rewards.score([r["completion"] for r in rows], targets, weights=weights, group_size=2)
-        for key in ("total", "format", "label", "iou"):
+        brevity = [-len(r["completion"]) / 100 for r in rows]  # grpo.reward_funcs: weight 0.5 in every stage
+        again["total"] = again["total"] + 0.5 * np.asarray(brevity)
+        again["brevity"] = brevity
+        for key in ("total", "format", "label", "iou", "brevity"):
             np.testing.assert_allclose([r[f"reward/{key}"] for r in rows], again[key], rtol=1e-6, err_msg=key)
         assert np.mean([r["reward/total"] for r in rows]) == pytest.approx(train[step]["reward/total_mean"], rel=1e-6)
+        assert np.mean(brevity) == pytest.approx(train[step]["reward/brevity_mean"], rel=1e-6)
         assert np.mean([r["completion_tokens"] for r in rows]) == pytest.approx(train[step]["completion_length_mean"])
-        for group in (rows[:2], rows[2:]):  # advantages are centred within each prompt's group
-            assert sum(r["advantage"] for r in group) == pytest.approx(0.0, abs=1e-5)
+        for group in (rows[:2], rows[2:]):  # advantages are centred within each prompt's group (up to the
+            # rounding of float32 totals, as TRL's: ~1e-4 of an advantage where a group's totals differ little)
+            assert sum(r["advantage"] for r in group) == pytest.approx(0.0, abs=2e-4)
 
 
 def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):

@@ -68,6 +68,7 @@ from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
                                  rollout_sums, sample_and_score)
+from fxjax.train.reward_funcs import load_reward_funcs
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
@@ -229,6 +230,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             problem = missing_stage(stage.name, g.reward_config)
             if problem:
                 raise ConfigError(f"stages[{i}].name: {problem}")
+    funcs = load_reward_funcs(g.reward_funcs)  # (each process imports them; a wrong name is said now)
     mesh = make_mesh(MeshConfig(**cfg.mesh.axes()))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh, micro_batches=cfg.optim.grad_accum,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
@@ -355,7 +357,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                 reward_config=g.reward_config, scale_rewards=g.scale_rewards,
                 mask_truncated=g.mask_truncated_completions, mesh=mesh, batch_rewards=batch_rewards,
                 # never sample the image placeholder (TRL passes suppress_tokens=[image_token_id] for a VLM)
-                suppress_token_ids=(model.config.image_token_id,),
+                suppress_token_ids=(model.config.image_token_id,), reward_funcs=funcs,
                 host=lambda x: local_rows(x, rows_sharding))  # this process's rows only
             t_rollout = time.perf_counter() - t0
             faults.point("rollout", step_now + 1, control.signals.local_stop)

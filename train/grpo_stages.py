@@ -63,6 +63,9 @@ def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], No
             for text in weight_warnings(weights):
                 say(f"warning: stage {name}: {text}")
             start = end
+    for func in g.reward_funcs:
+        say(f"grpo: reward term of your own in every stage: {func.weight:+g} x {func.name} ({func.function}), "
+            f"logged as reward/{func.name}")
     if g.loss_type == "luspo" and g.importance_sampling_level != "sequence":
         say("note: grpo.loss_type luspo with importance_sampling_level token: its paper (and TRL's warning) use "
             "sequence")

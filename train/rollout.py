@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from fxjax import rewards
+from fxjax.rewards.scoring import KEYS as SCORE_KEYS
 from fxjax.model import generate as sampler
 from fxjax.model.generate import next_positions
 from fxjax.model.inputs import ModelInputs, prepare_inputs, stack_vision
@@ -30,6 +31,7 @@ from fxjax.device_mesh import use_mesh
 from fxjax.train.batching import pad_vision_inputs, vision_floor
 from fxjax.train.grpo_loss import group_advantages
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch
+from fxjax.train.reward_funcs import RewardFunc, add_reward_funcs
 
 __all__ = ["Rollout", "build_group_batch", "combine_rollout_sums", "completion_mask", "completion_slots",
            "prompt_inputs", "rollout_metrics", "rollout_sums", "sample_and_score", "update_slot_count"]
@@ -116,7 +118,7 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
                      num_generations: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
                      weights: rewards.RewardWeights, reward_config, scale_rewards: str,
                      mask_truncated: bool, host, mesh=None, batch_rewards=None,
-                     suppress_token_ids: Sequence[int] = ()) -> Rollout:
+                     suppress_token_ids: Sequence[int] = (), reward_funcs: Sequence[RewardFunc] = ()) -> Rollout:
     """Sample G completions per prompt with the model as it is (the current policy), decode and score them.
 
     `inputs` are the prepared (and placed) prompts, `metas` the meta of the prompts whose completions
@@ -126,7 +128,8 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     the rewards run on this host's CPU device, outside it. Group advantages need only a group's own
     rewards, except under scale_rewards "batch": `batch_rewards` (when the rows here are not the whole
     batch) maps these rows' total rewards to (every row's, the positions of these rows in them).
-    `suppress_token_ids` are never sampled (the image placeholder, as TRL's GRPO suppresses it)."""
+    `suppress_token_ids` are never sampled (the image placeholder, as TRL's GRPO suppresses it);
+    `reward_funcs` (grpo.reward_funcs, train.reward_funcs) add terms of the user's own to the total."""
     with use_mesh(mesh):
         out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k or None,
@@ -139,6 +142,7 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     texts = decode_completions(tokenizer, tokens, attention, eos_ids)
     targets = targets_of(metas)
     scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
+    scores = add_reward_funcs(scores, reward_funcs, texts, targets, metas, num_generations)
     totals, mine = np.asarray(scores["total"], np.float32), slice(None)
     if scale_rewards == "batch" and batch_rewards is not None:
         totals, mine = batch_rewards(totals)
@@ -174,8 +178,9 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     combined std is Chan et al.'s pairwise update, as stable as a two-pass std)."""
     out: dict[str, Any] = {"count": int(r.truncated.shape[0])}
     for key in ("total", "format", "label", "iou"):
-        values = np.asarray(r.scores[key], np.float64)
-        out[key] = [float(values.sum()), float(((values - values.mean()) ** 2).sum()) if values.size else 0.0]
+        out[key] = _sum_and_m2(r.scores[key])
+    # the user's own terms (grpo.reward_funcs): every score that rewards.score does not give
+    out["extra"] = {key: _sum_and_m2(v) for key, v in r.scores.items() if key not in SCORE_KEYS}
     generated = np.repeat([len(t["boxes"]) > 0 for t in r.targets], num_generations)
     out["iou_generated"] = [float(np.asarray(r.scores["iou"], np.float64)[generated].sum()), int(generated.sum())]
     lengths = r.attention.sum(axis=1)
@@ -187,6 +192,20 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     return out
 
 
+def _sum_and_m2(values) -> list[float]:
+    values = np.asarray(values, np.float64)
+    return [float(values.sum()), float(((values - values.mean()) ** 2).sum()) if values.size else 0.0]
+
+
+def _mean_and_std(parts: Sequence[Mapping[str, Any]], sums: Sequence[list[float]]) -> tuple[float, float]:
+    """A component's mean and Bessel-corrected std over the parts from their (sum, m2): the sum of squares
+    about the whole mean is each part's own + count * (its mean - the whole mean)^2."""
+    n = sum(p["count"] for p in parts)
+    mean = sum(s[0] for s in sums) / n
+    m2 = sum(s[1] + p["count"] * (s[0] / p["count"] - mean) ** 2 for p, s in zip(parts, sums) if p["count"])
+    return float(mean), float(np.sqrt(m2 / (n - 1))) if n > 1 else float("nan")
+
+
 def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The metrics of a generation batch from its parts' `rollout_sums` (one part: exactly as computed on
     the whole batch; several: the same up to the rounding of the sums): each reward component's mean and
@@ -195,11 +214,9 @@ def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]
     n = sum(p["count"] for p in parts)
     out: dict[str, float] = {}
     for key in ("total", "format", "label", "iou"):
-        mean = sum(p[key][0] for p in parts) / n
-        # sum of squares about the whole mean = each part's own + count * (its mean - the whole mean)^2
-        m2 = sum(p[key][1] + p["count"] * (p[key][0] / p["count"] - mean) ** 2 for p in parts if p["count"])
-        out[f"reward/{key}_mean"] = float(mean)
-        out[f"reward/{key}_std"] = float(np.sqrt(m2 / (n - 1))) if n > 1 else float("nan")
+        out[f"reward/{key}_mean"], out[f"reward/{key}_std"] = _mean_and_std(parts, [p[key] for p in parts])
+    for key in parts[0].get("extra", {}):
+        out[f"reward/{key}_mean"], out[f"reward/{key}_std"] = _mean_and_std(parts, [p["extra"][key] for p in parts])
     out["format_rate"] = out["reward/format_mean"]
     out["verdict_accuracy"] = out["reward/label_mean"]
     generated = sum(p["iou_generated"][1] for p in parts)

@@ -1,0 +1,95 @@
+"""grpo.reward_funcs, TRL's reward_funcs for fxjax's GRPO: the config's checks, the import with its errors, the
+terms added to the total with the columns each function gets, and their step metrics over processes. (The
+GRPO runs of tests/test_grpo.py train with one, tests/grpo_test_rewards.py, through the real CLI.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fxjax.config_mapping import ConfigError
+from fxjax.grpo_config import grpo_from_dict
+from fxjax.train.reward_funcs import RewardFunc, add_reward_funcs, load_reward_funcs
+from fxjax.train.rollout import Rollout, combine_rollout_sums, rollout_sums
+
+BASE = {"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"}}
+
+
+def config(*funcs):
+    return grpo_from_dict({**BASE, "grpo": {"reward_funcs": list(funcs)}})
+
+
+@pytest.mark.parametrize("func, message", [
+    ({"name": "my term", "function": "m:f"}, r"reward_funcs\[0\]\.name: give a name such as brevity"),
+    ({"name": "iou", "function": "m:f"}, r"reward_funcs\[0\]\.name: 'iou' is a reward term of the paper's"),
+    ({"name": "brevity", "function": "my_rewards.brevity"}, r"reward_funcs\[0\]\.function: give it as "
+                                                             r"\"package.module:function\""),
+    ({"name": "brevity", "function": "m:f", "weight": float("nan")}, r"reward_funcs\[0\]\.weight: must be a finite"),
+    ({"name": "brevity", "function": "m:f", "wieght": 1}, r"reward_funcs\[0\]\.wieght: unknown key"),
+])
+def test_the_config_names_a_bad_entry(func, message):
+    with pytest.raises(ConfigError, match=message):
+        config(func)
+    with pytest.raises(ConfigError, match=r"grpo.reward_funcs: each needs a name of its own"):
+        config({"name": "a", "function": "m:f"}, {"name": "a", "function": "m:g"})
+
+
+def test_a_function_that_does_not_import_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text("def brevity(completions, **kwargs):\n    return [0.0] * len(completions)\n"
+                                            "NOT_A_FUNCTION = 3\n")
+    (tmp_path / "broken_rewards.py").write_text("import no_such_package\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config({"name": "brevity", "function": "my_rewards:brevity", "weight": 0.5})
+    (func,) = load_reward_funcs(cfg.grpo.reward_funcs)
+    assert (func.name, func.weight, func.spec) == ("brevity", 0.5, "my_rewards:brevity")
+    for spec, message in (("nowhere:f", r"reward_funcs\[0\]\.function: cannot import 'nowhere' \(ModuleNotFound"),
+                          ("broken_rewards:f", r"cannot import 'broken_rewards' \(ModuleNotFoundError: No module "
+                                               r"named 'no_such_package'\)"),
+                          ("my_rewards:nope", r"my_rewards has no function 'nope'"),
+                          ("my_rewards:NOT_A_FUNCTION", r"my_rewards has no function 'NOT_A_FUNCTION'")):
+        with pytest.raises(ConfigError, match=message):
+            load_reward_funcs(config({"name": "x", "function": spec}).grpo.reward_funcs)
+
+
+TARGETS = [{"label": "generated", "boxes": np.array([[1.0, 2.0, 3.0, 4.0]])}, {"label": "real", "boxes": np.zeros((0, 4))}]
+METAS = [{"source": "t.jsonl:1"}, {"source": "t.jsonl:2"}]
+TEXTS = ["a", "bbb", "cc", "dddd"]  # prompt 0's G 2 completions, then prompt 1's
+
+
+def test_the_terms_are_added_to_the_total_with_each_completions_columns():
+    seen = {}
+
+    def brevity(completions, *, label, boxes, record):
+        seen.update(completions=completions, label=label, boxes=boxes, record=record)
+        return [-len(c) for c in completions]
+
+    scores = {"total": np.array([1.0, 2.0, 3.0, 4.0]), "format": np.ones(4)}
+    funcs = [RewardFunc("brevity", brevity, 0.5, "m:brevity"), RewardFunc("one", lambda c, **k: np.ones(len(c)), -2, "m:one")]
+    out = add_reward_funcs(scores, funcs, TEXTS, TARGETS, METAS, 2)
+    np.testing.assert_allclose(out["total"], [1 - 0.5 - 2, 2 - 1.5 - 2, 3 - 1 - 2, 4 - 2 - 2])
+    np.testing.assert_array_equal(out["brevity"], [-1, -3, -2, -4])
+    np.testing.assert_array_equal(scores["total"], [1, 2, 3, 4])  # (the input left as it was)
+    assert seen["completions"] == TEXTS and seen["label"] == ["generated", "generated", "real", "real"]
+    assert seen["record"] == ["t.jsonl:1", "t.jsonl:1", "t.jsonl:2", "t.jsonl:2"]
+    assert [b.shape for b in seen["boxes"]] == [(1, 4), (1, 4), (0, 4), (0, 4)]
+    for bad, message in ((lambda c, **k: [1.0] * 3, r"brevity \(m:brevity\) returned \(3,\) values for 4 completions"),
+                         (lambda c, **k: [0.0, float("nan"), 0, 0], r"returned nan for completion 1 \(of t.jsonl:1\)"),
+                         (lambda c, **k: 1 / 0, r"brevity \(m:brevity\) failed on 4 completions: ZeroDivisionError")):
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            add_reward_funcs(scores, [RewardFunc("brevity", bad, 1.0, "m:brevity")], TEXTS, TARGETS, METAS, 2)
+
+
+def test_a_terms_step_metrics_combine_over_processes_as_over_the_batch():
+    def rollout(rows, values):
+        n = len(rows)
+        scores = {k: np.asarray(rows, np.float64) for k in ("total", "format", "label", "iou", "iou_relaxed")}
+        scores["brevity"] = np.asarray(values, np.float64)
+        return Rollout(np.zeros((n, 3), np.int32), np.ones((n, 3), np.int32), np.ones((n, 3), np.float32),
+                       np.zeros(n, bool), ["x"] * n, scores, np.zeros(n, np.float32), TARGETS[: n // 2])
+
+    whole = combine_rollout_sums([rollout_sums(rollout([1, 2, 3, 4], [-1, -3, -2, -8]), 2)])
+    parts = combine_rollout_sums([rollout_sums(rollout([1, 2], [-1, -3]), 2), rollout_sums(rollout([3, 4], [-2, -8]), 2)])
+    assert whole["reward/brevity_mean"] == pytest.approx(-3.5)
+    assert whole["reward/brevity_std"] == pytest.approx(np.std([-1, -3, -2, -8], ddof=1))
+    for key in ("reward/brevity_mean", "reward/brevity_std", "reward/total_mean"):
+        assert parts[key] == pytest.approx(whole[key]), key

@@ -1,0 +1,89 @@
+"""Reward terms of the user's own (`grpo.reward_funcs`), as TRL's GRPOTrainer takes `reward_funcs`.
+
+    grpo:
+      reward_funcs:
+        - {name: brevity, function: "my_rewards:brevity", weight: 0.5}
+
+    # my_rewards.py, importable where the run runs (every process of a multi-process run imports it)
+    def brevity(completions, *, label, boxes, record, **kwargs):
+        return [-len(c) / 1000 for c in completions]
+
+A function gets the step's completions (this process's rows: each prompt's G completions in a row) and,
+as keyword arguments aligned with them, each completion's prompt's `label` ("real" / "generated"),
+`boxes` (its true boxes, float [n, 4] in the pixels of the image the model saw, as the completion's) and
+`record` (the record's file:line); it returns one finite number per completion. The step's total reward,
+from which the group advantages are computed, gains weight x that number in every stage; the raw number is
+logged as `reward/<name>` for each completion (completions.jsonl) and as `reward/<name>_mean` / `_std` for
+the step (metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from fxjax.config_mapping import ConfigError
+
+__all__ = ["RewardFunc", "add_reward_funcs", "load_reward_funcs"]
+
+
+@dataclass(frozen=True)
+class RewardFunc:
+    name: str
+    function: Callable[..., Sequence[float]]
+    weight: float
+    spec: str  # "module:name", for messages
+
+
+def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> tuple[RewardFunc, ...]:
+    """Each section's function imported (before the model loads, so a wrong name costs seconds): an import
+    that fails or a name that is not a callable is a ConfigError naming the entry."""
+    out = []
+    for i, section in enumerate(sections):
+        module_name, _, attr = section.function.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as err:  # noqa: BLE001 - whatever the user's module raises on import, said with its entry
+            raise ConfigError(f"{where}[{i}].function: cannot import {module_name!r} ({type(err).__name__}: {err}); "
+                              "it must be importable where the run runs (PYTHONPATH)") from None
+        function = getattr(module, attr, None)
+        if not callable(function):
+            raise ConfigError(f"{where}[{i}].function: {module_name} has no function {attr!r}")
+        out.append(RewardFunc(section.name, function, float(section.weight), section.function))
+    return tuple(out)
+
+
+def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc], completions: Sequence[str],
+                     targets: Sequence[Mapping[str, Any]], metas: Sequence[Mapping[str, Any]],
+                     num_generations: int) -> dict[str, np.ndarray]:
+    """`scores` (rewards.score's, one value per completion) with each function's values under its name and
+    weight x them added to "total". A function that raises, or returns other than one finite number per
+    completion, is an error naming it (a NaN total would train on nothing, silently)."""
+    if not funcs:
+        return scores
+    n = len(completions)
+    columns = {"label": [t["label"] for t in targets for _ in range(num_generations)],
+               "boxes": [np.asarray(t["boxes"], np.float64) for t in targets for _ in range(num_generations)],
+               "record": [m["source"] for m in metas for _ in range(num_generations)]}
+    out = dict(scores)
+    total = np.asarray(out["total"], np.float64).copy()
+    for func in funcs:
+        try:
+            values = np.asarray(func.function(list(completions), **columns), np.float64)
+        except Exception as err:
+            raise RuntimeError(f"grpo.reward_funcs {func.name} ({func.spec}) failed on {n} completions: "
+                               f"{type(err).__name__}: {err}") from err
+        if values.shape != (n,):
+            raise ValueError(f"grpo.reward_funcs {func.name} ({func.spec}) returned {values.shape} values for {n} "
+                             "completions: give one number per completion")
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise ValueError(f"grpo.reward_funcs {func.name} ({func.spec}) returned {values[bad]} for completion "
+                             f"{bad} (of {columns['record'][bad]}): give a finite number")
+        out[func.name] = values
+        total += func.weight * values
+    out["total"] = total
+    return out
