@@ -13,6 +13,7 @@ import dataclasses
 import re
 import types
 import typing
+from pathlib import PurePath
 from typing import Any, Literal, Mapping
 
 import yaml
@@ -192,8 +193,20 @@ def build_config(cls, data: Any, where: str):
 
 
 def to_plain(obj) -> Any:
+    """A config as plain data (what YAML and JSON hold): sections as mappings, tuples and lists as lists, paths
+    as text (a config built in code may hold a list or a Path where a YAML one holds a list or a text)."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
+    if isinstance(obj, (tuple, list)):
         return [to_plain(v) for v in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
     return obj
+
+
+def checked_config(cfg):
+    """A run config built in code, converted and checked key by key as a YAML one is (`build_config`, then
+    its `validate`): run_sft and run_grpo take what `from_dict` would have refused (a negative learning
+    rate, a dtype that is no dtype, a list of stages that reached the checkpoint's JSON only after
+    training) and an error named no key."""
+    return build_config(type(cfg), to_plain(cfg), "").validate()

@@ -336,3 +336,20 @@ def test_a_dropped_ssh_connection_stops_the_run_as_a_preemption():
             assert not signals.local_stop()
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_the_model_a_run_returns_is_ready_for_inference(monkeypatch):
+    """run_sft's model came back in train mode: LoRA dropout on, so two calls differed and greedy_generate
+    failed inside a jit (flax's TraceContextError) unless the caller knew to call model.eval()."""
+    from flax import nnx
+
+    import fxjax.train.loop_control as loop_control
+
+    monkeypatch.setattr(loop_control, "export_outputs", lambda *args: {})
+    control, _, _, _ = _run(2, every=2, at_end=False)
+    model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
+    model.train()
+    result = SimpleNamespace(exported={})
+    control.wrap_up(result, model, nnx.state(model, nnx.Param), skipped=0, cfg=SimpleNamespace(
+        eval=SimpleNamespace(at_end=False)), started=0.0)
+    assert result.model is model and model.layers[1].deterministic

@@ -591,3 +591,34 @@ def test_config_names_a_file_or_a_config_fxjax_ships(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=rf"config file configs/sft.yaml not found \(from {tmp_path}\); or name one "
                                           r"that fxjax ships: --config grpo, --config recipes/paper_3b_grpo, "):
         config_file("configs/sft.yaml")
+
+
+def test_a_config_built_in_code_is_checked_as_a_yaml_one_is(tmp_path):
+    """run_sft / run_grpo take configs built in code (`checked_config`): a negative learning rate trained as
+    gradient ascent, a list of stages reached the checkpoint's JSON only after training (not serialisable,
+    blamed on the disk), a Path where a text belongs was refused by nothing; now each is converted or named
+    before the run starts, as from a YAML file."""
+    from fxjax.config_mapping import checked_config
+    from fxjax.config_sections import DataSection, ModelSection, OptimSection, TrainSection
+    from fxjax.grpo_config import GRPOConfig, StageSection
+    from fxjax.train.sft import run_sft
+    from fxjax.train_config import SFTConfig
+
+    data = DataSection(train_files=("t.jsonl",), tokenizer="tok")
+    good = SFTConfig(model=ModelSection(preset="tiny"), data=data, train=TrainSection(steps=3, output_dir=tmp_path))
+    checked = checked_config(good)
+    assert checked.train.output_dir == str(tmp_path) and checked.data == data
+    staged = checked_config(GRPOConfig(model=ModelSection(preset="tiny"), data=data,
+                                       stages=[StageSection("alpha", 2), StageSection("beta", 1)]))
+    assert staged.stages == (StageSection("alpha", 2), StageSection("beta", 1))
+    bad = SFTConfig(model=ModelSection(preset="tiny"), data=data, optim=OptimSection(learning_rate=-1.0),
+                    train=TrainSection(steps=3, output_dir=str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match=r"optim.learning_rate: must be a positive number, got -1.0"):
+        run_sft(bad)
+    assert not (tmp_path / "run").exists()  # (refused before the run made its folders)
+    with pytest.raises(ConfigError, match=r"model.dtype"):
+        checked_config(SFTConfig(model=ModelSection(preset="tiny", dtype="fp32"), data=data,
+                                 train=TrainSection(steps=1)))
+    with pytest.raises(ConfigError, match=r"data.train_files"):
+        checked_config(SFTConfig(model=ModelSection(preset="tiny"), data=DataSection(train_files="t.jsonl"),
+                                 train=TrainSection(steps=1)))

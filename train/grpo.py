@@ -48,7 +48,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fxjax.config_mapping import ConfigError
+from fxjax.config_mapping import ConfigError, checked_config
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json, gather_json_to_main
@@ -211,6 +211,7 @@ def _batch_rewards(mine: ProcessRows):
 def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GRPOResult:
     """Run (or resume) GRPO as configured. See the module docstring."""
     started = time.perf_counter()
+    cfg = checked_config(cfg)  # (a config built in code is checked as a YAML one is)
     main, say = join_run("grpo", cfg, log)
     with locked_run_dirs(cfg, main, say):  # (one run at a time in a run's folders)
         return _run_joined(cfg, main, say, started)

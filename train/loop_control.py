@@ -220,6 +220,7 @@ class LoopControl:
         self.bar.close()
         result.steps, result.skipped_steps, result.preempted = self.done, skipped, self.preempted
         nnx.update(model, params)
+        model.eval()  # (returned ready for inference: LoRA dropout off, as generate and a notebook expect)
         result.params, result.model = params, model
         if not result.preempted:
             if cfg.eval.at_end:

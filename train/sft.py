@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import jax
 
+from fxjax.config_mapping import checked_config
 from fxjax.config_sections import steps_for_epochs
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.qwen2_5_vl import as_dtype
@@ -96,6 +97,7 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     step, and a step's metrics are fetched after the next step is dispatched. False: both happen in line
     (bench/sft_step.py --loop compares the two); the logged values are the same either way."""
     started = time.perf_counter()
+    cfg = checked_config(cfg)  # (a config built in code is checked as a YAML one is)
     main, say = join_run("sft", cfg, log)
     with locked_run_dirs(cfg, main, say):  # (one run at a time in a run's folders)
         return _run_joined(cfg, main, say, started, overlap)
