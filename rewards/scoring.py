@@ -100,8 +100,9 @@ def _cpu_device():
 def relax_params(relaxation: str, eta: float, power: float) -> np.ndarray:
     if relaxation not in RELAXATIONS:
         raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
-    if not (math.isfinite(eta) and math.isfinite(power)):
-        raise ValueError("eta and power must be finite")
+    if not (math.isfinite(eta) and math.isfinite(power) and eta > 0 and power > 0):
+        raise ValueError(f"eta and power must be positive and finite (as a reward file's), got eta {eta}, "
+                         f"power {power}")
     return np.array([1.0 if relaxation == "paper" else 0.0, eta, power], dtype=np.float64)
 
 

@@ -5,7 +5,9 @@ The presets live in configs/rewards.yaml and nowhere else: one owner for the sta
 
 from __future__ import annotations
 
+import copy
 import functools
+import os
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -39,7 +41,9 @@ class RewardWeights:
         missing = set(names) - set(m)
         if unknown or missing:
             raise ValueError(f"reward weights: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-        return cls(**{k: m[k] for k in names})
+        values = {k: _number(m[k], f"reward weights: {k}") for k in names}  # (as a reward file's are checked)
+        _check_signs(values, "reward weights")
+        return cls(**values)
 
     def as_array(self) -> np.ndarray:
         return np.array(astuple(self), dtype=np.float64)
@@ -52,8 +56,18 @@ TOP_KEYS = ("relaxation", "eta", "power", "stages", "continuous")
 CONTINUOUS_KEYS = ("w_iou_start", "w_iou_end", "base", "label_plus", "label_minus", "format_plus", "format_minus")
 
 
-@functools.lru_cache(maxsize=8)
 def _load_yaml(path: str) -> dict:
+    """The checked reward config at `path`, read again when the file changed (an edit between two runs of
+    one process, a notebook's, was ignored) and copied, so that a caller's change to the dict is its own."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = None  # (_read_yaml says what is wrong)
+    return copy.deepcopy(_read_yaml(path, stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_yaml(path: str, stamp: int | None) -> dict:
     import yaml
 
     try:

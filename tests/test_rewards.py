@@ -3,6 +3,7 @@ a plain-Python implementation on 1,000 random cases."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -506,3 +507,36 @@ def test_a_stages_reward_is_said_and_its_slips_warned_about(tmp_path):
         load_stage("continuous")
     with pytest.raises(ValueError, match=r"no reward stage 'delta' in .* \(its stages: alpha, beta, gamma\)$"):
         load_stage("delta")
+
+
+def test_a_reward_file_edited_in_one_process_is_read_again_and_its_dict_is_the_callers(tmp_path):
+    """The reward YAML was cached by path: an edit between two runs of one process (a notebook) was ignored,
+    and a caller's change to load_config's dict changed every later load_stage, unchecked."""
+    import os
+
+    from fxjax.rewards.stages import CONFIG_PATH, load_config
+
+    path = tmp_path / "rewards.yaml"
+    text = CONFIG_PATH.read_text()
+    path.write_text(text)
+    assert load_stage("alpha", path).w_iou == 1.0
+    path.write_text(text.replace("w_iou: 1.0", "w_iou: 3.0", 1))
+    os.utime(path, ns=(1, 2_000_000_000))  # (a new mtime however fast the edit)
+    assert load_stage("alpha", path).w_iou == 3.0
+    load_config(path)["stages"]["alpha"]["w_iou"] = -99
+    assert load_stage("alpha", path).w_iou == 3.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"w_iou": float("nan")}, r"reward weights: w_iou: must be a finite number, got nan"),
+    ({"w_iou": True}, r"reward weights: w_iou: must be a finite number, got True"),
+    ({"w_iou": "abc"}, r"reward weights: w_iou: must be a finite number, got 'abc'"),
+    ({"w_iou": -3.0}, r"reward weights.w_iou: must be >= 0"),
+    ({"label_minus": 5.0}, r"reward weights.label_minus \(5\) is above label_plus \(1\)"),
+])
+def test_weights_given_to_score_are_checked_as_a_reward_files_are(change, message):
+    weights = {**dataclasses.asdict(load_stage("alpha")), **change}
+    with pytest.raises(ValueError, match=message):
+        score([GOOD], [GT], weights=weights)
+    with pytest.raises(ValueError, match=r"eta and power must be positive and finite"):
+        score([GOOD], [GT], eta=-1.0)
