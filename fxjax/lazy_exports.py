@@ -13,6 +13,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["lazy_exports"]
 
+# what a package's namespace holds for its own use, not for its users (dir(fxjax) listed them)
+_PLUMBING = frozenset({"annotations", "TYPE_CHECKING", "lazy_exports", "importlib"})
+
 
 def lazy_exports(package: str, exports: Mapping[str, str], namespace: dict,
                  submodules: Sequence[str] = ()) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
@@ -29,7 +32,8 @@ def lazy_exports(package: str, exports: Mapping[str, str], namespace: dict,
         namespace[name] = value
         return value
 
-    def __dir__() -> list[str]:
-        return sorted(set(namespace) | set(namespace.get("__all__", ())))
+    def __dir__() -> list[str]:  # the public names and submodules, not the module's own imports
+        public = {name for name in namespace if not name.startswith("_") and name not in _PLUMBING}
+        return sorted(public | set(namespace.get("__all__", ())) | set(submodules))
 
     return __getattr__, __dir__

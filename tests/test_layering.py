@@ -188,6 +188,9 @@ def test_every_public_name_and_subpackage_resolves_after_a_bare_import():
             "missing = [n for n in fxjax.__all__ if getattr(fxjax, n, None) is None]; assert not missing, missing; "
             "assert callable(fxjax.rewards.score) and callable(fxjax.distributed.initialize); "
             "assert callable(fxjax.model.lora.remove_lora) and fxjax.remove_lora is fxjax.model.lora.remove_lora; "
+            # dir(): the public names and the subpackages, not the package's own imports (a notebook's listing)
+            "d = dir(fxjax); assert {'rewards', 'model', 'data', 'train', *fxjax.__all__} <= set(d), d; "
+            "assert not {'annotations', 'TYPE_CHECKING', 'lazy_exports'} & set(d), d; "
             "print(len(fxjax.__all__))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and int(run.stdout) >= 19, run.stderr[-2000:]
