@@ -535,6 +535,16 @@ tpu_metadata() {  # tpu_metadata KEY: an attribute of this TPU VM from the metad
     die "could not read '$1' from the TPU VM metadata server (is this a Cloud TPU worker?)"
 }
 
+LOG_SHOWN=0  # bytes of the worker's log shown so far (show_new_log)
+show_new_log() {  # show_new_log FILE: print FILE's bytes after LOG_SHOWN, and move LOG_SHOWN to its end
+  local size
+  size=$(stat -c %s -- "$1" 2>/dev/null) || return 0
+  if ((size > LOG_SHOWN)); then
+    tail -c +"$((LOG_SHOWN + 1))" -- "$1" | head -c "$((size - LOG_SHOWN))"
+    LOG_SHOWN=$size
+  fi
+}
+
 do_worker_run() {
   [[ $VENV == /* ]] || VENV=$HOME/$VENV
   [[ $LOG_DIR == /* ]] || LOG_DIR=$HOME/$LOG_DIR
@@ -585,16 +595,21 @@ do_worker_run() {
     # run lasts; a hang-up, interrupt or termination of this script asks fxjax to save and stop (SIGTERM),
     # and a connection gone without a signal leaves the run going (its log stays in LOG_DIR).
     "$VENV/bin/fxjax" "${EXTRA[@]}" >"$log" 2>&1 </dev/null &
-    local pid=$! rc=0 shown
+    local pid=$! rc=0
+    LOG_SHOWN=0
     trap 'kill -TERM "$pid" 2>/dev/null || true' HUP INT TERM PIPE
-    tail -n +1 -f --pid="$pid" "$log" 2>/dev/null &  # (in the background: a trap runs only between commands)
-    shown=$!
+    # The log as it grows, by byte offset, in short steps (a trap runs between them); then what is left
+    # once fxjax has exited. (`tail -f --pid` lost the last lines of a run that ended within its first poll.)
+    while kill -0 "$pid" 2>/dev/null; do
+      show_new_log "$log"
+      sleep 0.5
+    done
     while :; do
       rc=0
       wait "$pid" || rc=$?
       kill -0 "$pid" 2>/dev/null || break  # (a trapped signal ends a wait early: wait again until it exits)
     done
-    wait "$shown" 2>/dev/null || true  # (the log's last lines)
+    show_new_log "$log"
     trap - HUP INT TERM PIPE
     return "$rc"
   fi
