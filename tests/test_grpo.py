@@ -236,6 +236,14 @@ def test_logged_completions_are_the_ones_scored(setup, straight):
             np.testing.assert_allclose([r[f"reward/{key}"] for r in rows], again[key], rtol=1e-6, err_msg=key)
         assert np.mean([r["reward/total"] for r in rows]) == pytest.approx(train[step]["reward/total_mean"], rel=1e-6)
         assert np.mean(brevity) == pytest.approx(train[step]["reward/brevity_mean"], rel=1e-6)
+        # the step's logged means and weights give its total (R_G logged as reward/iou_relaxed)
+        t, w = train[step], {k.split("/")[1]: v for k, v in train[step].items() if k.startswith("weights/")}
+        assert t["reward/iou_relaxed_mean"] == pytest.approx(np.mean([r["reward/iou_relaxed"] for r in rows]))
+        rebuilt = (w["base"] + w["w_iou"] * t["reward/iou_relaxed_mean"]
+                   + w["label_minus"] + (w["label_plus"] - w["label_minus"]) * t["reward/label_mean"]
+                   + w["format_minus"] + (w["format_plus"] - w["format_minus"]) * t["reward/format_mean"]
+                   + 0.5 * t["reward/brevity_mean"])
+        assert rebuilt == pytest.approx(t["reward/total_mean"], rel=1e-6, abs=1e-9)
         assert np.mean([r["completion_tokens"] for r in rows]) == pytest.approx(train[step]["completion_length_mean"])
         for group in (rows[:2], rows[2:]):  # advantages are centred within each prompt's group (up to the
             # rounding of float32 totals, as TRL's: ~1e-4 of an advantage where a group's totals differ little)

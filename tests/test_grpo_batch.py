@@ -403,7 +403,8 @@ def test_rollout_metrics_from_parts_equal_the_whole_batch():
     rng = np.random.RandomState(3)
     p, g, n = 6, 6, 7
     scores = {"total": rng.rand(p * g) * 3, "format": rng.randint(0, 2, p * g).astype(np.float64),
-              "label": rng.randint(0, 2, p * g).astype(np.float64), "iou": rng.rand(p * g)}
+              "label": rng.randint(0, 2, p * g).astype(np.float64), "iou": rng.rand(p * g),
+              "iou_relaxed": rng.rand(p * g)}  # (rewards.score's terms, as a rollout holds them)
     # prompt 1's group all alike: a zero-std group, though numpy's std of six 0.1s is 1.4e-17, not 0
     scores["total"][g:2 * g] = 0.1
     tokens = rng.randint(3, 100, size=(p * g, n)).astype(np.int32)

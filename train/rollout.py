@@ -177,7 +177,7 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     Per reward component: count, sum and the sum of squared deviations from this part's own mean (so the
     combined std is Chan et al.'s pairwise update, as stable as a two-pass std)."""
     out: dict[str, Any] = {"count": int(r.truncated.shape[0])}
-    for key in ("total", "format", "label", "iou"):
+    for key in REWARD_TERMS:
         out[key] = _sum_and_m2(r.scores[key])
     # the user's own terms (grpo.reward_funcs): every score that rewards.score does not give
     out["extra"] = {key: _sum_and_m2(v) for key, v in r.scores.items() if key not in SCORE_KEYS}
@@ -190,6 +190,12 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     # all alike, as group_advantages decides it (a float std of equal values need not be exactly 0)
     out["groups"] = [int((grouped.max(axis=1) == grouped.min(axis=1)).sum()), int(grouped.shape[0])]
     return out
+
+
+# The step metrics of rewards.score's terms: with the weights/* of the step, their means give the total's
+# (total = base + w_iou x iou_relaxed + label_minus + (label_plus - label_minus) x label + the same for format,
+# + each grpo.reward_funcs term's weight x its mean); iou is the raw matched IoU, which R_G relaxes.
+REWARD_TERMS = ("total", "format", "label", "iou", "iou_relaxed")
 
 
 def _sum_and_m2(values) -> list[float]:
@@ -213,7 +219,7 @@ def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]
     truncated and zero-std-group fractions."""
     n = sum(p["count"] for p in parts)
     out: dict[str, float] = {}
-    for key in ("total", "format", "label", "iou"):
+    for key in REWARD_TERMS:
         out[f"reward/{key}_mean"], out[f"reward/{key}_std"] = _mean_and_std(parts, [p[key] for p in parts])
     for key in parts[0].get("extra", {}):
         out[f"reward/{key}_mean"], out[f"reward/{key}_std"] = _mean_and_std(parts, [p["extra"][key] for p in parts])
