@@ -72,6 +72,14 @@ def smart_resize(
     return h_bar, w_bar
 
 
+PIXELS_PER_TOKEN = 28 * 28  # one image token per 2 x 2 merged 14-px patches
+
+
+def image_tokens(height: int, width: int) -> int:
+    """The image tokens of a model-input image of height x width (multiples of 28): one per 28 x 28 pixels."""
+    return (height // 28) * (width // 28)
+
+
 def model_input_size(
     height: int,
     width: int,

@@ -8,6 +8,7 @@ process reads, and mesh).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -15,12 +16,12 @@ import jax
 
 from fxjax.config_mapping import ConfigError
 from fxjax.distributed import allgather_json
-from fxjax.run_files import RunLoadError, brief_error, saved_run_kind
+from fxjax.run_files import RUN_CWD_KEY, RunLoadError, brief_error, saved_run_kind
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import TrainState
 
-__all__ = ["Resumed", "check_resume_mesh", "checkpoint_data_state", "mesh_record", "other_phase_message", "per_process_state",
-           "process_rows_per_batch", "restore_iterator", "restore_latest", "resume_run"]
+__all__ = ["Resumed", "check_resume_mesh", "checkpoint_data_state", "mesh_record", "other_phase_message",
+           "per_process_state", "process_rows_per_batch", "restore_iterator", "restore_latest", "resume_run"]
 
 
 def restore_latest(checkpointer, state: TrainState, log: Callable[[str], None]):
@@ -152,10 +153,6 @@ def checkpoint_data_state(iterator: dict, shape_floor: dict, skipped: int, mesh,
     each process's data position (`per_process_state`), the batch-shape floor, the skipped updates, the mesh
     it was saved on (`check_resume_mesh`), the working directory (the run's relative paths resolve against
     it: `fxjax.run_files.RUN_CWD_KEY`) and `extra` (GRPO: the stage and the stage ends)."""
-    import os
-
-    from fxjax.run_files import RUN_CWD_KEY
-
     return {"iterator": iterator, "shape_floor": shape_floor, "skipped": skipped, "mesh": mesh_record(mesh),
             RUN_CWD_KEY: os.getcwd(), **extra}
 

@@ -176,7 +176,7 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
 
     from concurrent.futures import ThreadPoolExecutor
 
-    from fxjax.data.images import content_keys, exif_orientation
+    from fxjax.data.images import SWAPPED_AXES, content_keys, exif_orientation
 
     keys = content_keys((r.image for r in records), threads)
     by_image = defaultdict(list)
@@ -218,7 +218,7 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
                    + (f"; and {len(reused) - limit} more" if len(reused) > limit else ""))
     boxed = [r for r in records if r.regions]
     with ThreadPoolExecutor(threads) as pool:  # (headers only; a network file system answers each in a round trip)
-        turned = [r for r, n in zip(boxed, pool.map(exif_orientation, [r.image for r in boxed])) if n in (5, 6, 7, 8)]
+        turned = [r for r, n in zip(boxed, pool.map(exif_orientation, [r.image for r in boxed])) if n in SWAPPED_AXES]
     if turned:
         shown = ", ".join(f"{r.source} ({r.width}x{r.height} displayed)" for r in turned[:limit])
         out.append(f"{len(turned)} image(s) with boxes are stored rotated (EXIF orientation 5-8: width and height "
@@ -320,11 +320,10 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
 
 def _describe_image_tokens(records, cfg) -> list[str]:
     """Without a tokenizer: the images whose tokens alone reach max_length (training shrinks or drops them)."""
-    from fxjax.image_processing import model_input_size
+    from fxjax.image_processing import image_tokens, model_input_size
 
     def tokens(record) -> int:
-        height, width = model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels)
-        return (height // 28) * (width // 28)
+        return image_tokens(*model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels))
 
     large = [r for r in records if tokens(r) >= cfg.max_length]
     if not large:

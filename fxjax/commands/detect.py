@@ -103,11 +103,13 @@ def fitting_max_pixels(max_pixels: int, max_length: int, prompt_tokens: int) -> 
     photo of 4032 x 3024 is 15552 tokens at it. Such an image could never have been a training example
     either (the pipeline drops it), so detect shrinks it to the largest size that fits rather than
     refusing it; smaller images are untouched (smart_resize only shrinks above max_pixels)."""
+    from fxjax.image_processing import PIXELS_PER_TOKEN
+
     budget = max_length - prompt_tokens
     if budget < 4:
         raise ValueError(f"max_length {max_length} leaves no room for an image beside the prompt's "
                          f"{prompt_tokens} tokens")
-    return min(max_pixels, budget * 28 * 28)
+    return min(max_pixels, budget * PIXELS_PER_TOKEN)
 
 
 def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: int, max_pixels: int,

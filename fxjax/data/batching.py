@@ -17,6 +17,7 @@ import numpy as np
 
 from fxjax.data.config import DataConfig
 from fxjax.data.examples import IGNORE_INDEX, Dropped
+from fxjax.image_processing import image_tokens
 
 __all__ = ["BatchIterator", "bucket_length", "collate"]
 
@@ -123,7 +124,7 @@ class BatchIterator(grain.DatasetIterator):
                     logger.warning("shrunk image: %s: %dx%d instead of %dx%d at max_pixels (%d image tokens), so "
                                    "that the example fits max_length %d (data.long_images: shrink)",
                                    example["meta"]["source"], *example["meta"]["model_size"][::-1], *shrunk_from[::-1],
-                                   (shrunk_from[0] // 28) * (shrunk_from[1] // 28), self._cfg.max_length)
+                                   image_tokens(*shrunk_from), self._cfg.max_length)
             batch.append(example)
         self.batches += 1
         return collate(batch, self._cfg.buckets, self._pad_id, self._pad_side)

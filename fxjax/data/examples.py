@@ -37,7 +37,7 @@ from fxjax.data.images import open_image
 from fxjax.data.prompts import IMAGE_PAD, USER_TEMPLATES, pick_template, prompt_parts, record_prompt, render_target
 from fxjax.data.records import DataError, Record
 from fxjax.data.tokenizer import load_tokenizer, token_id
-from fxjax.image_processing import model_input_size, process_image
+from fxjax.image_processing import PIXELS_PER_TOKEN, image_tokens, model_input_size, process_image
 from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
                                          THINK_START, VERDICT_END, VERDICT_START, written_box)
 
@@ -210,7 +210,7 @@ class ExampleBuilder:
             over = self._length(text) - cfg.max_length
             if over <= 0 or text.max_pixels <= cfg.min_pixels:  # fits; or at min_pixels: truncated or dropped
                 return text
-            fit_pixels = max((text.num_image_tokens - over) * 28 * 28, cfg.min_pixels)
+            fit_pixels = max((text.num_image_tokens - over) * PIXELS_PER_TOKEN, cfg.min_pixels)
             smaller = self._sized(record, before, after, template, min(fit_pixels, text.max_pixels - 1))
             if smaller.model_size[0] * smaller.model_size[1] < cfg.min_pixels:  # (smart_resize's floor at a
                 return text  # max_pixels near min_pixels can go below it: not an image min_pixels admits)
@@ -221,7 +221,7 @@ class ExampleBuilder:
                max_pixels: int) -> ExampleText:
         cfg = self.cfg
         height, width = model_input_size(record.height, record.width, cfg.min_pixels, max_pixels)
-        n_image_tokens = (height // 28) * (width // 28)  # 14 px patches, merged 2x2
+        n_image_tokens = image_tokens(height, width)
         scale = np.array([width / record.width, height / record.height] * 2)
         boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
         return ExampleText(prompt_ids=before + [self.tokens.image_pad] * n_image_tokens + after,

@@ -31,6 +31,7 @@ __all__ = [
     "ALLOWED_IMAGE_FORMATS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageError",
+    "SWAPPED_AXES",
     "content_keys",
     "exif_orientation",
     "image_size",
@@ -148,6 +149,9 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     return image
 
 
+SWAPPED_AXES = (5, 6, 7, 8)  # the EXIF orientations that swap width and height when displayed
+
+
 def _orientation(image: Image.Image) -> int:
     try:
         return int(image.getexif().get(0x0112, 1))
@@ -158,7 +162,7 @@ def _orientation(image: Image.Image) -> int:
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) after EXIF orientation, without decoding."""
     width, height = image.size
-    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if _orientation(image) in SWAPPED_AXES else (width, height)
 
 
 def exif_orientation(path: str | Path) -> int:

@@ -248,14 +248,13 @@ def _check_image(pending: _Pending, max_image_pixels: int, check_decode: bool) -
     except (OSError, ValueError, SyntaxError) as err:
         return DataError(where, f"image {pending.path} cannot be read: {err}", "image_undecodable")
     try:
-        try:
-            boxes = boxes_in_pixels(parsed, width, height)
-        except RecordProblem as p:
-            if p.kind != "box_outside":
-                raise
-            boxes_in_pixels(parsed, width, height, exif_orientation(pending.path))  # (the message, rotation said)
-            raise
+        boxes = boxes_in_pixels(parsed, width, height)
     except RecordProblem as p:
+        if p.kind == "box_outside":  # said again with the file's EXIF orientation (its header read only now)
+            try:
+                boxes_in_pixels(parsed, width, height, exif_orientation(pending.path))
+            except RecordProblem as rotated:
+                p = rotated
         return DataError(where, p.problem, p.kind)
     return Record(index=-1, source=where, record_id=parsed.record_id, image=str(pending.path), width=width,
                   height=height, label=parsed.label,
