@@ -14,12 +14,15 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["CONFIG_FILE", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
+__all__ = ["CONFIG_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
            "describe_run", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 DATA_STATE_FILE = Path("data") / "data_state.json"  # its "data" item (the data position, GRPO's stage ends)
+# CONFIG_FILE's key, beside the config's sections, of the reward values a GRPO run read from its reward file
+# at the start (train.grpo_stages.reward_record): recorded for a resume to compare, not a config section
+REWARDS_KEY = "rewards"
 # A run that starts from another's LoRA (model.adapter, model.from_run) keeps that LoRA's shape in its checkpoint
 # directory, as a PEFT adapter: loading the run needs the shape, and the folder it came from may move.
 START_LORA_DIR = "start_lora"
@@ -123,6 +126,7 @@ def read_run_config(checkpoint_dir: str | Path, step: int) -> tuple[Any, str]:
     if not isinstance(saved, dict):
         raise RunLoadError(f"{path}: not a run config (a JSON object); steps that exist: {steps_text(steps)}")
     kind = saved_run_kind(saved)
+    saved = {k: v for k, v in saved.items() if k != REWARDS_KEY}  # (the config's sections only)
     saved = with_run_paths(saved, _data_state(Path(checkpoint_dir), step).get(RUN_CWD_KEY))
     try:
         return (grpo_from_dict(saved) if kind == "grpo" else from_dict(saved)), kind

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
 from .output_format import LABELS, format_ok, parse_regions, parse_verdict
 from .reward_math import reward_core
-from .stages import RELAXATIONS, WeightsLike, load_config, resolve_weights
+from .stages import RELAXATIONS, ConfigLike, WeightsLike, load_config, resolve_weights
 
 KEYS = ("total", "format", "label", "iou", "iou_relaxed")
 
@@ -109,14 +108,15 @@ def relax_params(relaxation: str, eta: float, power: float) -> np.ndarray:
 def score(completions: Sequence[str], targets: Sequence[Mapping[str, Any]], stage: Optional[str] = "alpha", *,
           weights: Optional[WeightsLike] = None, relaxation: Optional[str] = None, eta: Optional[float] = None,
           power: Optional[float] = None, step: Optional[float] = None, total_steps: Optional[float] = None,
-          group_size: Optional[int] = None, config: Optional[Union[str, Path]] = None,
+          group_size: Optional[int] = None, config: ConfigLike = None,
           device: Optional[jax.Device] = None) -> dict[str, np.ndarray]:
     """Rewards of completions against targets; numpy float64 arrays of len(completions).
 
     completions: list[str]. targets: [{"label": "real" | "generated", "boxes": [[x1, y1, x2, y2], ...]}] in the
     completions' frame, one per completion or one per contiguous group (see `prepare_batch`).
     stage: "alpha" | "beta" | "gamma" | "continuous" (then give step= and total_steps=); `weights` overrides it.
-    relaxation: "paper" (min(1, eta * IoU)) | "authors" (IoU ** power); defaults from configs/rewards.yaml.
+    relaxation: "paper" (min(1, eta * IoU)) | "authors" (IoU ** power); defaults from `config` (a reward YAML's
+    path, or its values as `load_config` returns them; None: configs/rewards.yaml).
     Keys: "total", "format" (0/1), "label" (0/1), "iou" (raw matched IoU in [0, 1]), "iou_relaxed" (R_G).
     Runs on the CPU in float64 unless `device` is given.
     """

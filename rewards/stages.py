@@ -50,6 +50,11 @@ class RewardWeights:
 
 
 WeightsLike = Union[RewardWeights, Mapping[str, Any]]
+# a reward config: its YAML file's path (None: configs/rewards.yaml), or its values as `load_config` returns
+# them (what a GRPO run reads once at its start and scores every step with, so that an edit of the file
+# during the run changes nothing until the run is resumed, and then with a warning)
+ConfigLike = Union[str, Path, Mapping[str, Any], None]
+MAPPING_NAME = "the reward config given as a mapping"
 
 
 TOP_KEYS = ("relaxation", "eta", "power", "stages", "continuous")
@@ -140,8 +145,18 @@ def _check_signs(values: dict[str, float], where: str) -> None:
                              f"artefacts), got {values[name]:g}")
 
 
-def load_config(path: Optional[Union[str, Path]] = None) -> dict:
-    """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`), checked key by key."""
+def config_name(config: ConfigLike) -> str:
+    """What an error calls the reward config: its file, or that it was given as a mapping."""
+    return MAPPING_NAME if isinstance(config, Mapping) else str(config or CONFIG_PATH)
+
+
+def load_config(path: ConfigLike = None) -> dict:
+    """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`), checked key by key; a mapping
+    (values `load_config` returned before) is checked and copied."""
+    if isinstance(path, Mapping):
+        values = copy.deepcopy(dict(path))
+        _check_config(values, MAPPING_NAME)
+        return values
     if path is None:
         if not CONFIG_PATH.is_file():
             raise FileNotFoundError(f"{CONFIG_PATH}: reward presets not found (fxjax installed without its "
@@ -150,7 +165,7 @@ def load_config(path: Optional[Union[str, Path]] = None) -> dict:
     return _load_yaml(str(Path(path).resolve()))
 
 
-def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardWeights:
+def load_stage(stage: str, config: ConfigLike = None) -> RewardWeights:
     """The preset weights of stage "alpha", "beta" or "gamma"."""
     problem = missing_stage(stage, config)
     if problem:
@@ -158,14 +173,14 @@ def load_stage(stage: str, config: Optional[Union[str, Path]] = None) -> RewardW
     return RewardWeights.from_mapping(load_config(config)["stages"][stage])  # (load_config checked its values)
 
 
-def missing_stage(stage: str, config: Optional[Union[str, Path]] = None) -> Optional[str]:
+def missing_stage(stage: str, config: ConfigLike = None) -> Optional[str]:
     """Why the reward config has no stage `stage` (naming the file and its stages), None when it has one."""
     stages = load_config(config)["stages"]
     if stage in stages:
         return None
     hint = ("; the continuous schedule is not a stage: grpo.schedule=continuous with train.steps"
             if stage == "continuous" else "")
-    return f"no reward stage {stage!r} in {config or CONFIG_PATH} (its stages: {', '.join(stages)}){hint}"
+    return f"no reward stage {stage!r} in {config_name(config)} (its stages: {', '.join(stages)}){hint}"
 
 
 def describe_weights(w: RewardWeights) -> str:
@@ -187,13 +202,13 @@ def weight_warnings(w: RewardWeights) -> list[str]:
     return out
 
 
-def continuous_weights(t: float, T: float, config: Optional[Union[str, Path]] = None) -> RewardWeights:
+def continuous_weights(t: float, T: float, config: ConfigLike = None) -> RewardWeights:
     """The continuous schedule of the reward config's `continuous` section: w_iou(t) runs linearly from
     w_iou_start to w_iou_end over T steps (t clipped to [0, T]; the shipped config: 0.5 + 0.5 * t / T, the
     ICLR version's w_G); base, label and format weights as that section gives them."""
     cfg = load_config(config)
     if "continuous" not in cfg:
-        raise ValueError(f"{config or CONFIG_PATH}: no 'continuous' section, which the continuous schedule "
+        raise ValueError(f"{config_name(config)}: no 'continuous' section, which the continuous schedule "
                          f"(grpo.schedule=continuous) reads its weights from ({', '.join(CONTINUOUS_KEYS)})")
     c = cfg["continuous"]
     if not T > 0:
@@ -206,7 +221,7 @@ def continuous_weights(t: float, T: float, config: Optional[Union[str, Path]] = 
 
 def resolve_weights(stage: Optional[str] = "alpha", weights: Optional[WeightsLike] = None,
                     step: Optional[float] = None, total_steps: Optional[float] = None,
-                    config: Optional[Union[str, Path]] = None) -> RewardWeights:
+                    config: ConfigLike = None) -> RewardWeights:
     """`weights` when given, else the stage preset, else the continuous schedule at step / total_steps."""
     if weights is not None:
         return weights if isinstance(weights, RewardWeights) else RewardWeights.from_mapping(weights)

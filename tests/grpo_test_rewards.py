@@ -3,12 +3,19 @@ it checks the columns every reward function is given (a wrong one fails the run,
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 
-def brevity(completions, *, label, boxes, record, **kwargs):
-    assert len(label) == len(boxes) == len(record) == len(completions)
+def brevity(completions, *, label, boxes, captions, tags, record, **kwargs):
+    assert len(label) == len(boxes) == len(captions) == len(tags) == len(record) == len(completions)
     assert set(label) <= {"real", "generated"} and all(np.asarray(b).shape[-1:] in ((4,), (0,)) or
                                                        np.asarray(b).size == 0 for b in boxes)
-    assert all(":" in r for r in record)  # file:line
+    for i, source in enumerate(record):  # each column is its completion's record's (file:line, fxjax's layout)
+        path, line = source.rsplit(":", 1)
+        row = json.loads(Path(path).read_text().splitlines()[int(line) - 1])
+        assert label[i] == row["label"] and tags[i] == list(row.get("tags", [])), (source, tags[i])
+        assert captions[i] == [r["caption"] for r in row.get("regions", [])] and len(captions[i]) == len(boxes[i])
     return [-len(c) / 100 for c in completions]

@@ -292,6 +292,34 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     assert completions(setup["root"] / "chain") == completions(setup["root"] / "straight")
 
 
+def test_each_checkpoint_records_the_reward_values_and_a_resume_names_the_weight_edited(setup, straight):
+    """The reward file is read once, at the start; its values go into every checkpoint's config (the path
+    alone, grpo.reward_config, is the same after an edit), so a resume after an edit names the weight."""
+    import copy
+
+    from fxjax import rewards
+    from fxjax.grpo_config import load_grpo_config
+    from fxjax.run_files import CONFIG_FILE, read_run_config
+    from fxjax.train.grpo import GRPO_WATCHED
+    from fxjax.train.grpo_stages import reward_record
+    from fxjax.train.resume_check import check_resume_config
+
+    ckpt = setup["root"] / "straight" / "checkpoints"
+    saved = json.loads((ckpt / "6" / CONFIG_FILE).read_text())
+    values = rewards.load_config(load_grpo_config(setup["config"]).grpo.reward_config)
+    assert saved["rewards"] == reward_record(values) and saved["rewards"]["stages.beta.w_iou"] == 1.5
+    edited = copy.deepcopy(values)
+    edited["stages"]["beta"]["w_iou"], edited["eta"] = 3.0, 1.2
+    said = []
+    check_resume_config(saved, {**saved, "rewards": reward_record(edited)}, said.append, GRPO_WATCHED)
+    assert said == ["warning: resuming with a different reward config than the checkpoint's (the reward weights or "
+                    "the IoU relaxation changed): rewards.eta: 1.1 -> 1.2; rewards.stages.beta.w_iou: 1.5 -> 3.0"]
+    said.clear()  # a checkpoint written before the values were recorded: nothing to compare them with
+    check_resume_config({k: v for k, v in saved.items() if k != "rewards"}, saved, said.append, GRPO_WATCHED)
+    assert said == []
+    assert read_run_config(ckpt, 6)[1] == "grpo"  # (eval, export: the record is not a config section)
+
+
 def test_a_run_whose_starting_adapter_moved_exports_from_its_own_copy(setup, straight, tmp_path):
     """A run started from model.adapter keeps that adapter's shape in its checkpoint directory (start_lora/):
     with the adapter gone (the run copied to another machine), `fxjax export --run` writes the same adapter as

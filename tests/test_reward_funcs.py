@@ -52,15 +52,16 @@ def test_a_function_that_does_not_import_is_named_before_the_model_loads(tmp_pat
 
 
 TARGETS = [{"label": "generated", "boxes": np.array([[1.0, 2.0, 3.0, 4.0]])}, {"label": "real", "boxes": np.zeros((0, 4))}]
-METAS = [{"source": "t.jsonl:1"}, {"source": "t.jsonl:2"}]
+METAS = [{"source": "t.jsonl:1", "captions": ("warped fingers",), "tags": ("texture quality",)},
+         {"source": "t.jsonl:2", "captions": (), "tags": ()}]
 TEXTS = ["a", "bbb", "cc", "dddd"]  # prompt 0's G 2 completions, then prompt 1's
 
 
 def test_the_terms_are_added_to_the_total_with_each_completions_columns():
     seen = {}
 
-    def brevity(completions, *, label, boxes, record):
-        seen.update(completions=completions, label=label, boxes=boxes, record=record)
+    def brevity(completions, *, label, boxes, captions, tags, record):
+        seen.update(completions=completions, label=label, boxes=boxes, captions=captions, tags=tags, record=record)
         return [-len(c) for c in completions]
 
     scores = {"total": np.array([1.0, 2.0, 3.0, 4.0]), "format": np.ones(4)}
@@ -72,6 +73,8 @@ def test_the_terms_are_added_to_the_total_with_each_completions_columns():
     assert seen["completions"] == TEXTS and seen["label"] == ["generated", "generated", "real", "real"]
     assert seen["record"] == ["t.jsonl:1", "t.jsonl:1", "t.jsonl:2", "t.jsonl:2"]
     assert [b.shape for b in seen["boxes"]] == [(1, 4), (1, 4), (0, 4), (0, 4)]
+    assert seen["captions"] == [["warped fingers"]] * 2 + [[]] * 2
+    assert seen["tags"] == [["texture quality"]] * 2 + [[]] * 2
     for bad, message in ((lambda c, **k: [1.0] * 3, r"brevity \(m:brevity\) returned \(3,\) values for 4 completions"),
                          (lambda c, **k: [0.0, float("nan"), 0, 0], r"returned nan for completion 1 \(of t.jsonl:1\)"),
                          (lambda c, **k: 1 / 0, r"brevity \(m:brevity\) failed on 4 completions: ZeroDivisionError")):

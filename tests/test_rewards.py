@@ -527,6 +527,33 @@ def test_a_reward_file_edited_in_one_process_is_read_again_and_its_dict_is_the_c
     assert load_stage("alpha", path).w_iou == 3.0
 
 
+def test_a_reward_config_given_as_values_scores_as_its_file_and_is_checked_as_one(tmp_path):
+    """What a GRPO run reads once at its start and scores every step with: the values `load_config` gave,
+    not the file again (an edit of the file during a run changed the weights of its later steps)."""
+    import copy
+
+    from fxjax.rewards.stages import load_config, missing_stage
+
+    path = tmp_path / "rewards.yaml"
+    path.write_text(CONFIG_PATH.read_text().replace("relaxation: paper", "relaxation: authors"))
+    values = load_config(path)
+    path.write_text(CONFIG_PATH.read_text())  # (edited after the read: the values stay what was read)
+    completions, targets = [GOOD, GOOD.replace("generated", "real")], [GT, GT]
+    for stage in ("alpha", "gamma"):
+        got, want = score(completions, targets, stage, config=values), score(completions, targets, stage)
+        assert got["total"][0] != want["total"][0]  # ("authors" relaxation: IoU ** 1.1, not min(1, 1.1 IoU))
+        np.testing.assert_allclose(got["iou_relaxed"], np.asarray(got["iou"]) ** 1.1, rtol=1e-12)
+        assert load_stage(stage, values) == load_stage(stage, path)
+    assert missing_stage("delta", values).startswith("no reward stage 'delta' in the reward config given as a mapping")
+    bad = copy.deepcopy(values)
+    bad["stages"]["beta"]["label_minus"] = 5.0
+    with pytest.raises(ValueError, match=r"the reward config given as a mapping: stages.beta.label_minus \(5\) is "
+                                         r"above label_plus"):
+        load_stage("alpha", bad)
+    load_config(values)["stages"]["alpha"]["w_iou"] = -99  # (a copy, as a file's)
+    assert load_stage("alpha", values).w_iou == 1.0
+
+
 @pytest.mark.parametrize("change, message", [
     ({"w_iou": float("nan")}, r"reward weights: w_iou: must be a finite number, got nan"),
     ({"w_iou": True}, r"reward weights: w_iou: must be a finite number, got True"),

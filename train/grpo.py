@@ -55,15 +55,17 @@ from fxjax.distributed import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
-from fxjax.run_files import kept_stage_end_steps
+from fxjax.run_files import REWARDS_KEY, kept_stage_end_steps
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
+from fxjax import rewards
 from fxjax.train import faults
 from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, inputs_with_patch_dtype,
                                   place_local_batch, process_rows, with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
-from fxjax.train.grpo_stages import say_stage_weights, stage_weights, stages_in_steps, weights_metrics
+from fxjax.train.grpo_stages import (reward_record, say_stage_weights, stage_weights, stages_in_steps,
+                                     weights_metrics)
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make_grpo_step, make_logps_fn
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
@@ -89,7 +91,8 @@ GRPO_WATCHED = (*WATCHED,
                 Watched("grpo", tuple(f.name for f in dataclasses.fields(GRPOSection) if f.name != "log_completions"),
                         different_config("grpo", "the sampling or the loss")),
                 Watched("stages", None, different_config("stages", "the reward stages, so the step count and the "
-                                                                   "schedule")))
+                                                                   "schedule")),
+                Watched(REWARDS_KEY, None, different_config("reward", "the reward weights or the IoU relaxation")))
 PROMPT_LENGTH_QUANTUM = 32  # prompts are left-padded to a multiple of this: few update programs compile
 
 
@@ -221,9 +224,12 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     """run_grpo once its process has joined the run and holds the run's folders."""
     recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
     g = cfg.grpo
-    # every stage's reward weights read (and a bad reward file reported) now, not after the model loads
+    # The reward config is read once, now (a bad file reported before the model loads): every step scores
+    # with these values and every checkpoint records them, so an edit of the file during the run changes
+    # nothing, and a resume after one says which weight changed.
+    reward_values = rewards.load_config(g.reward_config)
     if g.schedule == "continuous":
-        stage_weights(cfg, 0)
+        stage_weights(cfg, 0, reward_values)
     else:
         from fxjax.rewards.stages import missing_stage
 
@@ -268,14 +274,15 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         f"{_count(cfg.data.batch_size, 'prompt')} x {_count(g.num_generations, 'completion')}; stages {stages}; "
         f"loss {g.loss_type}, beta {g.beta}")
     if main:
-        say_stage_weights(cfg, steps_total, say)
+        say_stage_weights(cfg, steps_total, say, reward_values)
     say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)
 
     # A step samples once and makes num_iterations optimiser updates on what it sampled (TRL's num_iterations):
     # the learning-rate schedule runs over every update, and state.step counts updates.
+    resolved = {**recorded.to_dict(), REWARDS_KEY: reward_record(reward_values)}  # what each checkpoint records
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "grpo", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total * g.num_iterations,
-        log=say, watched=GRPO_WATCHED, recorded=recorded,
+        log=say, watched=GRPO_WATCHED, recorded=resolved,
         # this config's stage ends, and those the checkpoints record (a resume with changed stages keeps them)
         preserve=sorted({end for _, end in ends} | kept_stage_end_steps(cfg.checkpoint_dir)))
     result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
@@ -287,7 +294,6 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                             resume_step=latest or 0)
     # (trimmed to the step this run starts from whether or not it logs: no record of a step it redoes stays)
     completions = CompletionLog(cfg.train.output_dir, enabled=main, resume_step=latest or 0)
-    resolved = recorded.to_dict()  # what each checkpoint records
     evaluator = None
     if evaluates(cfg):
         evaluator = Evaluator(sft_data_config(cfg), cfg.data.eval_files, batch_size=cfg.eval.batch_size,
@@ -304,7 +310,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     step_fn = logps_fn = batch_sh = None
 
     def save(step: int) -> None:
-        stage = stage_weights(cfg, max(step - 1, 0))[0]  # the stage of update `step` (1-based)
+        stage = stage_weights(cfg, max(step - 1, 0), reward_values)[0]  # the stage of update `step` (1-based)
         iterator_states = per_process_state(iterator.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
         checkpointer.save(step, state, checkpoint_data_state(iterator_states, floor, skipped, mesh, stage=stage,
                                                              stage_ends=[list(e) for e in ends]), resolved)
@@ -347,7 +353,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                      metrics=metrics, iterator=iterator, stage_ends={end: name for name, end in ends}) as control:
         for step_now in control.updates(step_now):
             t0 = time.perf_counter()
-            stage, weights = stage_weights(cfg, step_now)
+            stage, weights = stage_weights(cfg, step_now, reward_values)
             prompts, placed_inputs, floor = prompt_part(next(iterator), floor)  # this process's prompts
             nnx.update(model, state.params)
             rollout = sample_and_score(
@@ -355,7 +361,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                 pad_id=pipeline.pad_id, num_generations=g.num_generations,
                 max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, rng=rollout_key(g.seed, step_now), weights=weights,
-                reward_config=g.reward_config, scale_rewards=g.scale_rewards,
+                reward_config=reward_values, scale_rewards=g.scale_rewards,
                 mask_truncated=g.mask_truncated_completions, mesh=mesh, batch_rewards=batch_rewards,
                 # never sample the image placeholder (TRL passes suppress_tokens=[image_token_id] for a VLM)
                 suppress_token_ids=(model.config.image_token_id,), reward_funcs=funcs,

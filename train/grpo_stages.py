@@ -8,22 +8,38 @@ Stages follow `stages` in order (alpha, beta, gamma by default, each for its ste
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from fxjax import rewards
 from fxjax.grpo_config import GRPOConfig
+from fxjax.rewards.stages import ConfigLike
 from fxjax.train.run_setup import evaluates
 
-__all__ = ["say_stage_weights", "stage_weights", "stages_in_steps", "weights_metrics"]
+__all__ = ["reward_record", "say_stage_weights", "stage_weights", "stages_in_steps", "weights_metrics"]
 
 
-def stage_weights(cfg: GRPOConfig, step: int) -> tuple[str, rewards.RewardWeights]:
+def stage_weights(cfg: GRPOConfig, step: int, reward_config: ConfigLike = None) -> tuple[str, rewards.RewardWeights]:
     """(stage name, reward weights) of the sampling step numbered `step` (0-based; its num_iterations updates
-    share them)."""
+    share them), from `reward_config` (a run's values read at its start; None: the file grpo.reward_config
+    names, read now)."""
+    config = cfg.grpo.reward_config if reward_config is None else reward_config
     if cfg.grpo.schedule == "continuous":
-        return "continuous", rewards.continuous_weights(step, cfg.total_steps, cfg.grpo.reward_config)
+        return "continuous", rewards.continuous_weights(step, cfg.total_steps, config)
     _, stage = cfg.stage_at(step)
-    return stage.name, rewards.load_stage(stage.name, cfg.grpo.reward_config)
+    return stage.name, rewards.load_stage(stage.name, config)
+
+
+def reward_record(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A reward config's values (`rewards.load_config`) as flat dotted keys (`stages.beta.w_iou: 1.5`): what
+    each GRPO checkpoint records as its config's `rewards` section, so that a resume names the one weight an
+    edit of the file changed (the path alone, grpo.reward_config, stays the same through an edit)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(reward_record(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def stages_in_steps(cfg: GRPOConfig, records: int, say: Callable[[str], None]) -> GRPOConfig:
@@ -40,14 +56,17 @@ def weights_metrics(w: rewards.RewardWeights) -> dict[str, float]:
     return {f"weights/{name}": value for name, value in dataclasses.asdict(w).items()}
 
 
-def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], None]) -> None:
+def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], None],
+                      reward_config: ConfigLike = None) -> None:
     """The reward of each stage, one line each, and what in its weights is probably a slip
-    (`rewards.stages.weight_warnings`); notes on settings that run otherwise than they read."""
+    (`rewards.stages.weight_warnings`); notes on settings that run otherwise than they read. `reward_config`
+    as `stage_weights`'s."""
     from fxjax.rewards.stages import describe_weights, weight_warnings
 
     g = cfg.grpo
     if g.schedule == "continuous":
-        first, last = stage_weights(cfg, 0)[1], stage_weights(cfg, max(steps_total - 1, 0))[1]
+        first = stage_weights(cfg, 0, reward_config)[1]
+        last = stage_weights(cfg, max(steps_total - 1, 0), reward_config)[1]
         say(f"grpo: continuous schedule: {describe_weights(first)} at step 1, w_iou {last.w_iou:g} at step "
             f"{steps_total}")
         for text in weight_warnings(first):
@@ -58,7 +77,7 @@ def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], No
     else:
         start = 0
         for (name, end) in cfg.stage_ends():
-            weights = rewards.load_stage(name, g.reward_config)
+            weights = rewards.load_stage(name, g.reward_config if reward_config is None else reward_config)
             say(f"grpo: stage {name} (steps {start + 1}-{end}): {describe_weights(weights)}")
             for text in weight_warnings(weights):
                 say(f"warning: stage {name}: {text}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
@@ -118,10 +118,12 @@ class Resumed(NamedTuple):
 
 
 def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: Callable[[str], None],
-               watched=WATCHED, recorded=None, rows_per_batch: int | None = None) -> Resumed | None:
+               watched=WATCHED, recorded: Mapping[str, Any] | None = None,
+               rows_per_batch: int | None = None) -> Resumed | None:
     """Continue from the newest restorable checkpoint (see `restore_latest`): the state, the data iterator's
-    position and a check of the saved config against `recorded` (the config the run saves; default `cfg`;
-    `check_resume_config`). None: fresh run."""
+    position and a check of the saved config against `recorded` (what the run's checkpoints record: its
+    config as a dict, GRPO's with its reward values; default `cfg.to_dict()`; `check_resume_config`). None:
+    fresh run."""
     restored = restore_latest(checkpointer, state, log) if cfg.checkpoint.resume else None
     if restored is None:
         return None
@@ -129,7 +131,7 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
     saved_kind = saved_run_kind(saved_cfg)
     if saved_kind != name:  # the same state layout would restore, and then continue the other phase's count
         raise ConfigError(other_phase_message(name, checkpointer.directory, saved_kind, step))
-    now = (recorded or cfg).to_dict()
+    now = cfg.to_dict() if recorded is None else dict(recorded)
     try:
         restore_iterator(iterator, data_state["iterator"], checkpointer.directory / str(step), rows_per_batch)
     except ConfigError:

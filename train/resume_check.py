@@ -90,6 +90,8 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], lo
     `cfg.to_dict()`) differs from `saved` (the one the checkpoint recorded); returns the warnings."""
     warnings = []
     for part in watched:
+        if part.section not in saved:  # a checkpoint written before the section was recorded (GRPO's rewards)
+            continue
         changes = changed_keys(saved.get(part.section), current.get(part.section), part.keys)
         if changes:
             warnings.append(part.warning.format(changes="; ".join(

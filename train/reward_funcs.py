@@ -10,8 +10,9 @@
 
 A function gets the step's completions (this process's rows: each prompt's G completions in a row) and,
 as keyword arguments aligned with them, each completion's prompt's `label` ("real" / "generated"),
-`boxes` (its true boxes, float [n, 4] in the pixels of the image the model saw, as the completion's) and
-`record` (the record's file:line); it returns one finite number per completion. The step's total reward,
+`boxes` (its true boxes, float [n, 4] in the pixels of the image the model saw, as the completion's),
+`captions` (its true regions' captions, a list aligned with `boxes`), `tags` (the record's image-level
+tags, a list) and `record` (the record's file:line); it returns one finite number per completion. The step's total reward,
 from which the group advantages are computed, gains weight x that number in every stage; the raw number is
 logged as `reward/<name>` for each completion (completions.jsonl) and as `reward/<name>_mean` / `_std` for
 the step (metrics.jsonl).
@@ -67,6 +68,8 @@ def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc],
     n = len(completions)
     columns = {"label": [t["label"] for t in targets for _ in range(num_generations)],
                "boxes": [np.asarray(t["boxes"], np.float64) for t in targets for _ in range(num_generations)],
+               "captions": [list(m["captions"]) for m in metas for _ in range(num_generations)],
+               "tags": [list(m["tags"]) for m in metas for _ in range(num_generations)],
                "record": [m["source"] for m in metas for _ in range(num_generations)]}
     out = dict(scores)
     total = np.asarray(out["total"], np.float64).copy()

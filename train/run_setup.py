@@ -323,7 +323,8 @@ def warn_long_warmup(optim, updates: int, log: Callable[[str], None]) -> None:
 def start_run(name: str, cfg, params, base, rest, *, mesh, pipeline, steps_total: int, log: Callable[[str], None],
               watched=WATCHED, recorded=None, preserve: Sequence[int] = ()) -> RunStart:
     """The optimiser and a fresh state on the mesh, then `resume_run` from cfg's checkpoint directory
-    (`preserve`: steps whose checkpoints are kept from pruning, TrainCheckpointer's)."""
+    (`recorded`: what the checkpoints record, as `resume_run`'s; `preserve`: steps whose checkpoints are kept
+    from pruning, TrainCheckpointer's)."""
     tx, schedule = make_optimizer(cfg.optim, steps_total)
     warn_long_warmup(cfg.optim, steps_total, log)
     state, shardings = init_state(params, base, rest, tx, seed=cfg.train.seed, mesh=mesh)

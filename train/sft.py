@@ -132,9 +132,10 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
         f"{len(pipeline)} training records; "
         f"{steps_total} steps of {cfg.data.batch_size} x {cfg.optim.grad_accum} examples")
 
+    resolved = recorded.to_dict()  # what each checkpoint records
     tx, schedule, state, shardings, checkpointer, iterator, floor, latest, skipped = start_run(
         "sft", cfg, params, base, rest, mesh=mesh, pipeline=pipeline, steps_total=steps_total, log=say,
-        recorded=recorded)
+        recorded=resolved)
     result = SFTResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
     step_now = int(jax.device_get(state.step))
@@ -148,7 +149,6 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
     # (no checkpoint: a start from scratch, which drops what an attempt killed before its first one logged)
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest or 0)
-    resolved = recorded.to_dict()  # what each checkpoint records
     run_eval = RunEvaluation("sft", evaluator, metrics, result, cfg.eval.generate, say)
 
     model_cfg, pad_id, accum = model.config, pipeline.pad_id, cfg.optim.grad_accum  # the producer thread's inputs

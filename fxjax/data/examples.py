@@ -293,7 +293,7 @@ class ExampleBuilder:
         prompt_ids = text.prompt_ids
         meta = dict(record_id=record.record_id, index=record.index, source=record.source, label=record.label,
                     generator=record.generator, original_size=(record.height, record.width),
-                    model_size=text.model_size, boxes=text.boxes, captions=tuple(r.caption for r in record.regions),
+                    model_size=text.model_size, boxes=text.boxes, captions=tuple(r.caption for r in record.regions), tags=record.tags,
                     epoch=epoch, template=text.template, target=text.target, prompt_length=len(prompt_ids),
                     num_image_tokens=text.num_image_tokens, truncated=0, shrunk_from=text.shrunk_from)
         if len(prompt_ids) > cfg.max_length or (cfg.mode == "sft" and len(prompt_ids) >= cfg.max_length):
