@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,16 +248,25 @@ def test_an_empty_prompt_or_a_zero_length_is_refused_naming_the_flag(tiny_vl_dir
     assert f"--model: {photo} is a file; give an HF model directory" in capsys.readouterr().err
 
 
-def test_an_out_folder_that_cannot_be_made_is_refused_before_any_model_loads(tmp_path, capsys):
-    """(It was made after the weights had loaded, and a permission error came out as a traceback.)"""
+def test_an_out_folder_that_cannot_be_made_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """(It was made after the weights had loaded, and a permission error came out as a traceback.) A run
+    that then fails leaves no empty folder behind (it left the one made for it), and one that existed stays."""
     from fxjax.cli import main
+    from fxjax.commands import model_args
 
     (tmp_path / "taken").write_text("mine")
     out = tmp_path / "taken" / "overlays"  # under a file: cannot be made
     assert main(["detect", "x.png", "--model", str(tmp_path / "no-model"), "--out", str(out)]) == 2
     assert f"--out: cannot create the overlay folder {out}" in capsys.readouterr().err
-    assert main(["detect", "x.png", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "new")]) == 2
-    assert "--model" in capsys.readouterr().err and (tmp_path / "new").is_dir()  # made, then the model refused
+    check, existed = model_args.check_model_arguments, []
+    monkeypatch.setattr(model_args, "check_model_arguments", lambda args: (existed.append(Path(args.out).is_dir()),
+                                                                          check(args)))
+    new = tmp_path / "new" / "overlays"
+    (tmp_path / "kept").mkdir()
+    for folder in (new, tmp_path / "kept"):
+        assert main(["detect", "x.png", "--model", str(tmp_path / "no-model"), "--out", str(folder)]) == 2
+        assert "--model" in capsys.readouterr().err  # the model refused after the folder was made
+    assert existed == [True, True] and not (tmp_path / "new").exists() and (tmp_path / "kept").is_dir()
 
 
 def test_the_image_pixel_limit_is_a_flag_and_odd_files_are_named(tiny_vl_dir, tmp_path, capsys):

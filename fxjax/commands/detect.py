@@ -279,13 +279,45 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.overlay and Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the overlays (or --no-overlay)")
+    made = None
     if args.overlay:  # made now: a folder that cannot be written is found before the weights load
+        made = first_missing(Path(args.out))
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"--out: cannot create the overlay folder {args.out}: {err}") from None
         if not os.access(args.out, os.W_OK):
             raise ValueError(f"--out: {args.out} is not writable (or pass --no-overlay)")
+    try:
+        return _detect_images(args, say)
+    finally:  # a run that wrote no overlay (it failed, or no image could be read) leaves no empty folder made for it
+        if made is not None:
+            remove_empty(Path(args.out), made)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself included) that does not exist yet; None when it exists."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def remove_empty(path: Path, top: Path) -> None:
+    """Remove `path` and its parents up to `top` while they are empty (what `mkdir(parents=True)` made)."""
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()  # (only an empty folder; one holding anything stays)
+        except OSError:
+            return
+        if folder == top:
+            return
+
+
+def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """`run` once --out exists: the model resolved, each image read, analysed and reported."""
     from fxjax.commands.model_args import check_model_arguments
 
     check_model_arguments(args)
