@@ -45,7 +45,7 @@ def fxjax_commands() -> list[list[str]]:
 
 def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     python_blocks = fenced_blocks("python")[:2]  # one session: the second continues the first
-    assert len(fenced_blocks("python")) == 3  # the third, serving an export, is the next test's
+    assert len(fenced_blocks("python")) == 4  # the third, training, and the fourth, serving, are the next tests'
     (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
     monkeypatch.chdir(tmp_path)
     assert main(init) == 0
@@ -79,7 +79,7 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     from fxjax.config_sections import DataSection
     from fxjax.train.export import save_merged
 
-    serve = fenced_blocks("python")[2]
+    serve = fenced_blocks("python")[3]
     assert "max_new_tokens=1024" in serve
     (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
     monkeypatch.chdir(tmp_path)
@@ -111,6 +111,43 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     # data.prompts "auto": ms-swift records keep theirs, and the export says so
     assert "ms-swift records with their own prompts (swift.jsonl" in scope["prompts"]["note"]
     assert scope["answer"] == detected["completion"] and len(scope["out"][0]) == scope["input_ids"].shape[1] + 24
+
+
+def test_training_from_python_example_runs_as_written(monkeypatch):
+    """The README's notebook block, from the repository root: its configs load and validate as written and
+    what it reads of the results is there. run_sft / run_grpo themselves (which the commands call, and
+    tests/test_sft.py and test_grpo.py run) are replaced by ones that return results of the real types."""
+    import fxjax.train.grpo as grpo
+    import fxjax.train.sft as sft
+    from fxjax.train.evaluation import EvalResult
+
+    block = fenced_blocks("python")[2]
+    assert "run_sft(load_sft_config(" in block and "run_grpo(load_grpo_config(" in block
+    metrics = EvalResult(loss=0.5, format_rate=1.0, verdict_accuracy=0.9, mean_iou=0.7, examples=10).metrics()
+    configs = []
+
+    def run(result):
+        def fake(cfg, **kwargs):
+            configs.append(cfg)
+            return result
+        return fake
+
+    monkeypatch.setattr(sft, "run_sft", run(sft.SFTResult(steps=1000, total_steps=1000, final_loss=0.1,
+                                                           checkpoint_dir="runs/sft/checkpoints",
+                                                           exported={"adapter": "runs/sft/adapter"})))
+    monkeypatch.setattr(grpo, "run_grpo", run(grpo.GRPOResult(steps=6, total_steps=6, evals=[(2, metrics)],
+                                                              history=[{"step": 1, "reward/total_mean": 1.5}],
+                                                              model="the model")))
+    monkeypatch.chdir(README.parent)
+    scope: dict = {}
+    exec(compile(block, str(README), "exec"), scope)
+    sft_cfg, grpo_cfg = configs
+    assert sft_cfg.model.path == "/models/Qwen2.5-VL-3B-Instruct" and sft_cfg.train.steps == 1000
+    assert grpo_cfg.model.from_run == "runs/sft" and grpo_cfg.train.output_dir == "runs/grpo"
+    for cfg in configs:
+        assert [str(f) for f in cfg.data.train_files] == ["data/train.jsonl"]
+        assert [str(f) for f in cfg.data.eval_files] == ["data/test.jsonl"]
+    assert scope["rewards_per_step"] == [1.5] and scope["model"] == "the model"
 
 
 @pytest.mark.parametrize("command", sorted({c[0] for c in fxjax_commands() if not c[0].startswith("-")}))
