@@ -197,6 +197,10 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
         assert [obj.get("camera") for obj in raw_objects(records).values()] == [None, None, None, "phone", "dslr"]
 
 
+def without_decoding(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "decoding"}
+
+
 def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, tokenizer_dir, tmp_path):
     full = run_scripted(dataset, tokenizer_dir, tmp_path / "full", ScriptedDecoder(SCRIPT))
     out = tmp_path / "resumed"
@@ -208,11 +212,16 @@ def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, 
     decoder = ScriptedDecoder(SCRIPT)
     resumed = run_scripted(dataset, tokenizer_dir, out, decoder)
     assert decoder.asked == ["g3", "r1", "r2"]
-    assert resumed == full
+    assert without_decoding(resumed) == without_decoding(full)
     assert (out / PREDICTIONS).read_text() == "".join(lines)
+    # metrics.json's `decoding`: a run per entry, with what it decoded and on what (a batch of 2, one CPU)
+    (run,) = full["decoding"]
+    assert (run["images"], run["batch_size"], run["mesh"], run["devices"], run["platform"]) == (5, 2, None, 1, "cpu")
+    assert run["seconds"] > 0 and run["images_per_s"] == pytest.approx(5 / run["seconds"], rel=0.01)
+    assert [r["images"] for r in resumed["decoding"]] == [3]  # (the rows found in predictions.jsonl: no run)
 
-    again = ScriptedDecoder(SCRIPT)  # finished: nothing to decode
-    assert run_scripted(dataset, tokenizer_dir, out, again) == full and again.asked == []
+    again = ScriptedDecoder(SCRIPT)  # finished: nothing to decode, and the runs that decoded are kept
+    assert run_scripted(dataset, tokenizer_dir, out, again) == resumed and again.asked == []
 
     with pytest.raises(ValueError, match="other settings .*model: 'scripted' then, 'other' now.*--fresh"):
         run_scripted(dataset, tokenizer_dir, out, ScriptedDecoder(SCRIPT), settings={"model": "other"})
@@ -273,7 +282,9 @@ def test_a_resume_finds_its_rows_from_another_folder_and_after_a_kill_before_a_n
     lines = (out / PREDICTIONS).read_text().splitlines(keepends=True)
     (out / PREDICTIONS).write_text("".join(lines[:3])[:-1])  # the third row whole, its newline not written
     resumed = ScriptedDecoder(SCRIPT)
-    assert run_scripted(dataset, tokenizer_dir, out, resumed) == full and resumed.asked == ["r1", "r2"]
+    got = run_scripted(dataset, tokenizer_dir, out, resumed)
+    assert without_decoding(got) == without_decoding(full) and resumed.asked == ["r1", "r2"]
+    assert [r["images"] for r in got["decoding"]] == [5, 2]  # (a run per entry, this one added)
     rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
     assert [r["id"] for r in rows] == ["g1", "g2", "g3", "r1", "r2"]
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,9 +51,10 @@ Outputs in --out:
                      (caption, box in model-input pixels and in original pixels), tags, format_ok, correct,
                      per-image IoU (null for real images), completion_tokens and truncated (no stop token
                      within --max-new-tokens)
-  metrics.json       the metrics above, the settings, and any record that could not be evaluated (and why:
+  metrics.json       the metrics above, the settings, any record that could not be evaluated (and why:
                      too_long for --max-length, when a run trained with data.long_images: drop or not even
-                     min_pixels fits; or an image that fails to decode)
+                     min_pixels fits; or an image that fails to decode) and `decoding`: for each run that
+                     decoded (a resume adds one) its images, seconds, images/s, batch size, mesh and devices
   settings.json      what the predictions were made with (checked on resume)
 With several --step values, those three files per step in --out/<stage> (--out/step-N for a number), and
   eval_report.png    the steps' metrics side by side, with their 95% intervals (as `fxjax report` draws them)
@@ -205,18 +207,37 @@ def require_same_settings(out: Path, settings: dict) -> None:
                              f"another --out")
 
 
+def earlier_metrics(out: Path, settings: dict) -> dict:
+    """metrics.json of an earlier run of this eval with the same settings ({} when there is none)."""
+    try:
+        metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(metrics, dict) or metrics.get("settings") != json.loads(json.dumps(settings)):
+        return {}
+    return metrics
+
+
 def too_long_before(out: Path, settings: dict) -> set[str]:
     """Records an earlier run of this eval with the same settings left out as too long for max_length
     (metrics.json's not_evaluated_why): the same prompt is as long again, so a finished eval loads no model
     for them. An image that failed to decode is tried again."""
-    try:
-        metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(metrics, dict) or metrics.get("settings") != json.loads(json.dumps(settings)):
-        return set()
-    why = metrics.get("not_evaluated_why")
+    why = earlier_metrics(out, settings).get("not_evaluated_why")
     return {s for s, kind in why.items() if kind == "too_long"} if isinstance(why, dict) else set()
+
+
+def decoding_run(decoder, images: int, seconds: float) -> dict:
+    """How one run of the eval decoded its images (metrics.json's `decoding`, a run per entry: a resumed
+    eval adds one): the batch, the mesh and the devices, and the time, so that a figure can be compared with
+    another machine's (not a setting: greedy answers do not depend on them, and a resume may change them)."""
+    import jax
+
+    mesh, device = getattr(decoder, "mesh", None), jax.devices()[0]
+    return {"images": images, "seconds": round(seconds, 6),
+            "images_per_s": round(images / seconds, 3) if seconds > 0 else None,
+            "batch_size": decoder.batch_size, "mesh": dict(mesh.shape) if mesh is not None else None,
+            "devices": jax.device_count(), "platform": device.platform, "device_kind": device.device_kind,
+            "processes": jax.process_count()}
 
 
 # ---- truths and groups -----------------------------------------------------------------------------
@@ -287,8 +308,10 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
             + (" or too long for max_length (metrics.json)" if too_long else ""))
     bar = None
     why = {source: "too_long" for source in too_long}  # of each record the pipeline left out
+    runs = list(earlier_metrics(out, settings).get("decoding") or [])
     if todo:
         decoder = make_decoder()
+        started, decoded = time.perf_counter(), 0
         if progress:  # (after the loading, which says what it loads: not through a bar already drawn)
             from fxjax.train.metrics import ProgressBar  # tqdm on a terminal, else a line every tenth
 
@@ -302,11 +325,13 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
                     row["resolved_source"] = source_key(row["source"])
                     f.write(json.dumps(row) + "\n")
                     done[row["resolved_source"]] = row
+                    decoded += 1
                 f.flush()
                 os.fsync(f.fileno())
                 if bar is not None:
                     bar.update(len(texts), {})
         why.update(getattr(decoder, "dropped", {}))
+        runs.append(decoding_run(decoder, decoded, time.perf_counter() - started))
     if bar is not None:
         bar.close()
     rows, missing = [], []
@@ -325,7 +350,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
         raise ValueError("no record could be evaluated")
     summary = detection_metrics.summarize(rows, group_by)
     summary.update(not_evaluated=missing, not_evaluated_why={s: why[s] for s in missing if s in why},
-                   settings=settings)
+                   settings=settings, decoding=runs)
     (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
