@@ -87,8 +87,10 @@ def checkpoint_dir_of(run: str | Path) -> Path:
     if committed_steps(run) or any(p.name.split(".")[0].isdigit() for p in run.iterdir()):
         return run
     if run.name.isdigit() and (run / CONFIG_FILE).is_file():
-        raise RunLoadError(f"{run} is the checkpoint of step {run.name}, not a run: pass --run {run.parent} "
-                           f"--step {run.name}")
+        parent, step = run.parent, run.name  # (the advice for each way a run is named: the caller's is among them)
+        raise RunLoadError(f"{run} is the checkpoint of step {step}, not a run: name the run's folder and the step "
+                           f"apart (eval, detect, export: --run {parent} --step {step}; a training start: "
+                           f"model.from_run={parent} with model.from_run_step={step}; info: fxjax info {parent})")
     raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
                        f"train.output_dir) or <step>/ folders (a checkpoint.dir)")
 

@@ -284,7 +284,8 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
     assert "does not exist" in capsys.readouterr().err
     step_dir = two_process_run / "checkpoints" / "2"
     assert main(["export", "--run", str(step_dir), "--out", str(tmp_path / "v")]) == 2
-    assert f"is the checkpoint of step 2, not a run: pass --run {step_dir.parent} --step 2" in capsys.readouterr().err
+    assert f"is the checkpoint of step 2, not a run: name the run's folder and the step apart (eval, detect, " \
+           f"export: --run {step_dir.parent} --step 2;" in capsys.readouterr().err
 
 
 def test_export_refuses_a_users_folder_a_file_or_an_adapter_as_model_before_loading(two_process_run, tmp_path,
@@ -831,5 +832,5 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
     assert f"{tmp_path / 'empty'}: not an HF checkpoint directory (no config.json); as a fxjax run: " \
            f"{tmp_path / 'empty'} holds no checkpoints" in capsys.readouterr().err
     assert main(["info", str(staged / "checkpoints" / "3")]) == 2  # (a step's folder: said as such)
-    assert f"is the checkpoint of step 3, not a run: pass --run {staged / 'checkpoints'} --step 3" in \
-        capsys.readouterr().err
+    assert f"is the checkpoint of step 3, not a run: name the run's folder and the step apart" in \
+        (err := capsys.readouterr().err) and f"info: fxjax info {staged / 'checkpoints'})" in err

@@ -342,13 +342,15 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
     config, so its compiled programs are reused."""
     faults = "nan_batch@2" if mode == "stop" else "nan_batch@2,nan_batch@3"
     code, log = sft(setup, f"nan-{mode}", env={"FXJAX_FAULT": faults},
-                    extra=["checkpoint.every=1", f"train.on_nonfinite={mode}"])
+                    extra=["checkpoint.every=1", f"train.on_nonfinite={mode}"], report=mode == "stop")
     ckpt = setup["root"] / f"nan-{mode}" / "ckpt"
     assert "fxjax-fault: NaN patches at nan_batch@2" in log
     if mode == "stop":
         assert code == 3, log[-3000:]
         assert "non-finite loss at step 2" in log and "the last good checkpoint is step 1" in log
         assert committed_steps(ckpt) == [1]
+        report = setup["root"] / "nan-stop" / "report.png"  # (drawn all the same: how the run got there)
+        assert f"wrote the report {report}" in log and report.stat().st_size > 10_000
     else:
         assert code == 0, log[-3000:]
         assert "step 2: non-finite loss/gradient" in log and "update skipped (1 so far)" in log

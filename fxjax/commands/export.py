@@ -2,7 +2,8 @@
 
     checkpoint <step> -> (run config -> base model + LoRA, the step's LoRA parameters: train.run_loading)
       -> OUT/merged/   base + LoRA merged: config.json, safetensors, tokenizer, preprocessor_config.json
-      -> OUT/adapter/  PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors
+      -> OUT/adapter/  PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors, tokenizer,
+                       preprocessor_config.json, fxjax_prompt_settings.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ multi-process run):
                 rounds the merged weights once more). fxjax_prompt_settings.json: the prompts training
                 used ("serve": the system and user prompt to send; the README shows serving).
   OUT/adapter/  the LoRA as a PEFT adapter (peft.PeftModel.from_pretrained(base, OUT/adapter)); for a GRPO
-                run started from an SFT adapter, that adapter's config with the GRPO step's weights.
+                run started from an SFT adapter, that adapter's config with the GRPO step's weights. Beside
+                it, as in merged/: the tokenizer training used, preprocessor_config.json and
+                fxjax_prompt_settings.json (a server that loads the adapter over the base model needs the
+                same tokenizer, pixel limits and prompts).
 
 The base model is the run's model.path (from the config saved with the checkpoint); --model points at it
 when it has moved. Its weights load as stored (a bfloat16 checkpoint in bfloat16: half float32's memory),

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from fxjax.grpo_config import load_grpo_config
 
     cfg, result = run_training("grpo", args, load_grpo_config, "fxjax.train.grpo:run_grpo")
-    if result is None:
+    if result is None:  # stopped on a non-finite loss: the plot of how it got there is wanted most now
+        report("grpo", args, cfg)
         return 3
     last = result.history[-1] if result.history else {}
     # steps: the step reached; steps_run: by this invocation (a resumed run's "last" is of those: {} for none)

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from fxjax.train_config import load_sft_config
 
     cfg, result = run_training("sft", args, load_sft_config, "fxjax.train.sft:run_sft")
-    if result is None:
+    if result is None:  # stopped on a non-finite loss: the plot of how it got there is wanted most now
+        report("sft", args, cfg)
         return 3
     if result.preempted:
         left = ("the end's evaluation and exports still to do" if result.steps == result.total_steps else
