@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
 from fxjax.rewards.scoring import KEYS as SCORE_KEYS
+from fxjax.rewards.stages import RewardWeights
 from fxjax.config_sections import EvalSection, TrainSection, steps_for_epochs
 from fxjax.run_files import step_or_stage
 from fxjax.train_config import RunConfig, load_config_as
@@ -34,6 +35,7 @@ class RewardFuncSection:
     weight: float = 1.0
 
     BUILT_IN: ClassVar[tuple[str, ...]] = SCORE_KEYS  # rewards.score's terms
+    WEIGHTS: ClassVar[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(RewardWeights))
 
     def validate(self, where: str) -> None:
         if not self.name.isidentifier():
@@ -41,6 +43,9 @@ class RewardFuncSection:
         if self.name in self.BUILT_IN:
             raise ConfigError(f"{where}.name: {self.name!r} is a reward term of the paper's reward "
                               f"({', '.join(self.BUILT_IN)}); name yours otherwise")
+        if self.name in self.WEIGHTS:  # (its weight is logged as weights/<name>, beside the stage's)
+            raise ConfigError(f"{where}.name: {self.name!r} is a weight of the paper's reward "
+                              f"({', '.join(self.WEIGHTS)}); name yours otherwise")
         module, _, attr = self.function.partition(":")
         if not module or not attr:
             raise ConfigError(f"{where}.function: give it as \"package.module:function\", got {self.function!r}")

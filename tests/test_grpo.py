@@ -181,7 +181,7 @@ def test_stages_in_order_with_every_metric(setup, straight):
     for stage, first in (("alpha", 0), ("beta", 2), ("gamma", 4)):
         weights = rewards.load_stage(stage)
         assert {k[len("weights/"):]: v for k, v in train[first].items() if k.startswith("weights/")} == \
-            dataclasses.asdict(weights)
+            {**dataclasses.asdict(weights), "brevity": 0.5}  # (and the grpo.reward_funcs term's)
         assert f"grpo: stage {stage} (steps {first + 1}-{first + 2}): {describe_weights(weights)}" in log
     for key in ("reward/total_mean", "reward/total_std", "reward/format_mean", "reward/label_mean",
                 "reward/iou_mean", "format_rate", "verdict_accuracy", "kl", "clip_ratio/region_mean", "entropy",
@@ -242,7 +242,8 @@ def test_logged_completions_are_the_ones_scored(setup, straight):
         rebuilt = (w["base"] + w["w_iou"] * t["reward/iou_relaxed_mean"]
                    + w["label_minus"] + (w["label_plus"] - w["label_minus"]) * t["reward/label_mean"]
                    + w["format_minus"] + (w["format_plus"] - w["format_minus"]) * t["reward/format_mean"]
-                   + 0.5 * t["reward/brevity_mean"])
+                   + w["brevity"] * t["reward/brevity_mean"])
+        assert w["brevity"] == 0.5  # (grpo.reward_funcs' weight, logged beside the stage's)
         assert rebuilt == pytest.approx(t["reward/total_mean"], rel=1e-6, abs=1e-9)
         assert np.mean([r["completion_tokens"] for r in rows]) == pytest.approx(train[step]["completion_length_mean"])
         for group in (rows[:2], rows[2:]):  # advantages are centred within each prompt's group (up to the

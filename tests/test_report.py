@@ -20,7 +20,8 @@ def sft_records():
     out = []
     for step in range(1, 41):
         out.append({"step": step, "kind": "train", "loss": 3.0 * math.exp(-step / 15) + 0.2,
-                    "learning_rate": 1e-4 * min(1.0, step / 4), "grad_norm": 1.0 / step ** 0.5})
+                    "learning_rate": 1e-4 * min(1.0, step / 4), "grad_norm": 1.0 / step ** 0.5,
+                    "tokens_per_s": 900.0 + step})
         if step % 20 == 0:
             out.append({"step": step, "kind": "eval", "loss": 2.0 - step / 40, "format_rate": step / 40,
                         "verdict_accuracy": 0.5 + step / 100, "mean_iou": 0.1 * step / 20, "examples": 8})
@@ -34,6 +35,10 @@ def grpo_records():
         fmt = min(1.0, step / 20)
         out.append({"step": step, "kind": "train", "stage": stage, "reward/total_mean": fmt * 2 + step / 30,
                     "reward/format_mean": fmt, "reward/label_mean": 0.5 + step / 70, "reward/iou_mean": 0.3 + step / 100,
+                    "reward/iou_relaxed_mean": min(1.0, 1.1 * (0.3 + step / 100)),
+                    "weights/w_iou": {"alpha": 1.0, "beta": 1.5, "gamma": 2.0}[stage], "weights/label_plus": 1.0,
+                    "weights/format_plus": 2.0, "weights/base": -1.0 if stage == "gamma" else 0.0,
+                    "step_time": 2.0, "rollout_time": 1.5, "update_time": 0.5,
                     "format_rate": fmt, "verdict_accuracy": 0.5 + step / 70,
                     "mean_iou_generated": "nan" if step == 3 else step / 60,  # as metrics.jsonl writes a NaN
                     "kl": 0.001 * step, "completion_length_mean": 200 - step, "completion_length_max": 256,
@@ -55,7 +60,7 @@ def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
     assert path == tmp_path / "report.png" and path.stat().st_size > 20_000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = build_report(sft_records())
-    assert titles(fig) == ["Loss", "Learning rate", "Gradient norm", "Held-out generation (greedy)"]
+    assert titles(fig) == ["Loss", "Learning rate", "Gradient norm", "Held-out generation (greedy)", "Throughput"]
     assert all(ax.get_xlabel() == "optimiser step" and ax.get_ylabel() for ax in fig.axes)
     generation = fig.axes[3]
     # each held-out series its own hollow shape: three at the same value stay three (the last hid the others)
@@ -83,9 +88,15 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     assert (tmp_path / "grpo.png").stat().st_size > 20_000
     fig = build_report(grpo_records())
     assert titles(fig) == ["Total reward (its weights change with the stage)", "Reward components",
-                           "Mean IoU on generated images", "KL to the base model", "Completion length",
-                           "Groups without signal; truncated completions", "Policy entropy", "Learning rate",
-                           "Gradient norm", "GRPO loss", "Clipped importance ratios", "Held-out evaluation (greedy)"]
+                           "Reward weights of the stage", "Mean IoU on generated images", "KL to the base model",
+                           "Completion length", "Groups without signal; truncated completions", "Policy entropy",
+                           "Learning rate", "Gradient norm", "GRPO loss", "Clipped importance ratios",
+                           "Time per step", "Held-out evaluation (greedy)"]
+    # the IoU term the total is made of is R_G (what w_iou multiplies), drawn beside the raw matched IoU
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()][2:] == [
+        "IoU term R_G, what w_iou multiplies (real images 1)", "raw matched IoU (real images 1)"]
+    w_iou = [line for line in fig.axes[2].get_lines() if line.get_label() == "w_iou (x R_G)"]
+    assert [list(line.get_ydata()) for line in w_iou] == [[1.0] * 10]  # (one legend entry; a line per stage)
     for ax in fig.axes:
         names = [t.get_text() for t in ax.texts]
         assert names == ["alpha", "beta", "gamma"], (ax.get_title(), names)
@@ -95,7 +106,7 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
         assert ax.get_xlabel() == "GRPO step (one generation batch)", ax.get_title()
     assert "stages alpha 1-10, beta 11-20, gamma 21-30" in fig._suptitle.get_text()
     # the NaN of step 3 is a gap, not a crash or a zero
-    iou = [line for line in fig.axes[2].get_lines() if line.get_linestyle() != "--"][0]
+    iou = [line for line in fig.axes[3].get_lines() if line.get_linestyle() != "--"][0]
     assert math.isnan(iou.get_ydata()[2])
     # no line crosses a stage boundary: the total reward is drawn per stage (raw and average, 3 x 2 lines), and
     # the average restarts in each stage
@@ -115,6 +126,35 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     assert "Clipped importance ratios" not in titles(fig)
     assert ("Clipped importance ratios (all 0: nothing clipped, as with grpo.num_iterations 1, where the ratio is 1)"
             in fig._suptitle.get_text())
+
+
+def test_terms_of_your_own_their_weights_lone_and_non_finite_values_are_shown(tmp_path):
+    """grpo.reward_funcs terms (reward/<name>_mean, weights/<name>) were in no panel, so the total could not
+    be reconciled with the components drawn; a one-step stage and a value between two NaNs were not drawn
+    at all once a run had 15 steps, and NaN / inf values left gaps no one was told of."""
+    from fxjax.commands.report import run_kind
+
+    records = [dict(r) for r in grpo_records()]
+    for r in records:
+        if r["kind"] == "train":
+            r.update({"reward/brevity_mean": -0.01 * r["step"], "weights/brevity": 0.5, "reward/tag_match_mean": 0.5,
+                      "weights/tag_match": 2.0})
+            if r["step"] == 15:
+                r["stage"] = "delta"  # a one-step stage
+            if r["step"] in (4, 6):
+                r["loss"] = "nan" if r["step"] == 4 else "inf"  # step 5's loss between two non-finite ones
+    fig = build_report(records)
+    own = fig.axes[titles(fig).index("Reward terms of your own (grpo.reward_funcs)")]
+    assert titles(fig).index("Reward terms of your own (grpo.reward_funcs)") == 2  # (beside the paper's terms)
+    assert [t.get_text() for t in own.get_legend().get_texts()] == ["brevity (weight 0.5)", "tag_match (weight 2)"]
+    dots = lambda ax: sorted(x for line in ax.get_lines() if line.get_marker() == "o" for x in line.get_xdata())
+    assert dots(own) == [15, 15]  # the one-step stage's value, of each term
+    assert dots(fig.axes[titles(fig).index("GRPO loss")]) == [5, 15]
+    assert "non-finite, not drawn: mean_iou_generated at step 3; loss at steps 4, 6" in fig._suptitle.get_text()
+    assert "non-finite, not drawn: mean_iou_generated at step 3)" in build_report(grpo_records())._suptitle.get_text()
+    # before its first step's record, a GRPO run's evaluations at its stage ends say what it is
+    evals = [{"step": 2, "kind": "eval", "tag": "end of stage alpha", "format_rate": 1.0, "verdict_accuracy": 1.0}]
+    assert run_kind(evals) == "grpo" and run_kind([dict(evals[0], tag="start")]) == "sft"
 
 
 def test_stage_spans_and_moving_average():

@@ -22,6 +22,7 @@ def config(*funcs):
 @pytest.mark.parametrize("func, message", [
     ({"name": "my term", "function": "m:f"}, r"reward_funcs\[0\]\.name: give a name such as brevity"),
     ({"name": "iou", "function": "m:f"}, r"reward_funcs\[0\]\.name: 'iou' is a reward term of the paper's"),
+    ({"name": "w_iou", "function": "m:f"}, r"reward_funcs\[0\]\.name: 'w_iou' is a weight of the paper's reward"),
     ({"name": "brevity", "function": "my_rewards.brevity"}, r"reward_funcs\[0\]\.function: give it as "
                                                              r"\"package.module:function\""),
     ({"name": "brevity", "function": "m:f", "weight": float("nan")}, r"reward_funcs\[0\]\.weight: must be a finite"),

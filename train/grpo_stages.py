@@ -8,7 +8,7 @@ Stages follow `stages` in order (alpha, beta, gamma by default, each for its ste
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from fxjax import rewards
 from fxjax.grpo_config import GRPOConfig
@@ -52,8 +52,11 @@ def stages_in_steps(cfg: GRPOConfig, records: int, say: Callable[[str], None]) -
     return resolved
 
 
-def weights_metrics(w: rewards.RewardWeights) -> dict[str, float]:
-    return {f"weights/{name}": value for name, value in dataclasses.asdict(w).items()}
+def weights_metrics(w: rewards.RewardWeights, funcs: Sequence = ()) -> dict[str, float]:
+    """A step's `weights/*`: the stage's six, and each reward term of the user's own (grpo.reward_funcs),
+    so that a step's logged means and weights give its total."""
+    return {**{f"weights/{name}": value for name, value in dataclasses.asdict(w).items()},
+            **{f"weights/{func.name}": func.weight for func in funcs}}
 
 
 def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], None],

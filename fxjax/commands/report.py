@@ -1,9 +1,10 @@
 """`fxjax report RUN_DIR`: one PNG of a run's metrics.jsonl, for a person to look at.
 
-SFT runs: training and held-out loss, learning rate, gradient norm, and the held-out generation metrics
-(format rate, verdict accuracy, mean IoU from greedy decoding). GRPO runs: total reward, its components, mean IoU on
-generated images, KL to the base model, completion length, the groups without signal and the truncated
-completions, the policy's entropy, learning rate, gradient norm, loss and clipped ratios, each per step
+SFT runs: training and held-out loss, learning rate, gradient norm, the held-out generation metrics
+(format rate, verdict accuracy, mean IoU from greedy decoding) and throughput. GRPO runs: total reward,
+its components and the terms of the user's own, the stage's weights, mean IoU on generated images, KL to
+the base model, completion length, the groups without signal and the truncated completions, the policy's
+entropy, learning rate, gradient norm, loss, clipped ratios and time per step, each per step
 with a centred moving average that restarts at each stage (a stage's reward has its own weights), the reward stages shaded and
 their boundaries marked and named on every panel; held-out evaluation as well when the run logged some.
 A panel without values (the KL when grpo.beta is 0) is left out and named in the subtitle. `fxjax sft` and
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fxjax.commands.eval_report import EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, write_eval_report
+from fxjax.commands.report_panels import STEP_LABELS, Panel, panels_for
 
 HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG, or compare `fxjax eval` folders"
 
@@ -32,18 +34,22 @@ Plot the metrics of a fxjax sft or grpo run (RUN_DIR/metrics.jsonl) into one PNG
 SFT panels: loss (training and held-out token cross-entropy; log scale when it falls more than 20x),
 learning rate, gradient norm, held-out generation metrics (format rate, verdict accuracy, mean IoU; greedy
 decoding). Training values are means over the steps between two records (train.log_every).
+SFT panels also: throughput (tokens / s).
 GRPO panels: total reward (mean and std over the step's completions), reward components (format rate,
-verdict accuracy and the IoU term, means over the step's completions), mean IoU on generated images, KL to
-the base model, completion length, groups whose rewards are all equal (no signal) and truncated
-completions, policy entropy, learning rate, gradient norm, the GRPO loss, the clipped importance ratios
-(left out when all 0: grpo.num_iterations 1), and the held-out evaluation when the run logged one. Every
+verdict accuracy, the IoU term R_G and the raw matched IoU, means over the step's completions), the terms
+of your own (grpo.reward_funcs, each with its weight), the stage's reward weights, mean IoU on generated
+images, KL to the base model, completion length, groups whose rewards are all equal (no signal) and
+truncated completions, policy entropy, learning rate, gradient norm, the GRPO loss, the clipped importance
+ratios (left out when all 0: grpo.num_iterations 1), the time per step (sampling, update), and the
+held-out evaluation when the run logged one. Every
 GRPO panel shades the reward stages (alpha, beta, gamma, ...) and marks and names the boundaries between
 them; no line crosses a boundary.
 
 Steps are optimiser updates (SFT) or sampling steps (GRPO: each makes grpo.num_iterations updates). Noisy
 series are drawn thin, with a thick centred moving average (about a fifteenth of the steps, at most 25
 around each point; within each GRPO stage). Panels without values (or, for the clip ratios, all 0) are
-left out and named in the subtitle and on stderr.
+left out and named in the subtitle and on stderr; non-finite values ("nan", "inf") are not drawn, and
+the subtitle names their series and steps; a value with no finite neighbour is drawn as a dot.
 `fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report.
 
 Given `fxjax eval` output folders instead (one or more, each holding metrics.json), it draws their held-out
@@ -127,7 +133,11 @@ def _is_grpo_step(record: dict) -> bool:
 
 
 def run_kind(records: Sequence[dict]) -> str:
-    return "grpo" if any(map(_is_grpo_step, records)) else "sft"
+    """"grpo" when a training record has a stage or a reward (or, before the first step's record, an
+    evaluation is tagged with a stage's end), else "sft"."""
+    grpo = any(map(_is_grpo_step, records)) or any(
+        r.get("kind") == "eval" and str(r.get("tag", "")).startswith("end of stage") for r in records)
+    return "grpo" if grpo else "sft"
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -154,69 +164,7 @@ def _segments(steps: Sequence[int], values: Sequence[float], spans: Sequence[Sta
     return out
 
 
-# ---- panels ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Line:
-    kind: str  # "train" or "eval"
-    key: str
-    label: str
-    smooth: bool = True  # train series: thin raw line + thick moving average
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    ylabel: str
-    lines: tuple[Line, ...]
-    unit_interval: bool = False  # values in [0, 1]: fixed y range
-    log_scale: bool = False  # a logarithmic y axis when the values are positive and span more than 20x
-    # when every value is 0 the panel says nothing: left out, and named in the subtitle with this reason
-    when_all_zero: str | None = None
-
-
-SFT_PANELS = (
-    Panel("Loss", "cross-entropy (nats / target token)",
-          (Line("train", "loss", "training"), Line("eval", "loss", "held-out")), log_scale=True),
-    Panel("Learning rate", "learning rate", (Line("train", "learning_rate", "learning rate", smooth=False),)),
-    Panel("Gradient norm", "global L2 norm (before clipping)", (Line("train", "grad_norm", "gradient norm"),)),
-    Panel("Held-out generation (greedy)", "rate, or IoU (0 to 1)",
-          (Line("eval", "format_rate", "format rate"), Line("eval", "verdict_accuracy", "verdict accuracy"),
-           Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),
-)
-
-# GRPO's step is a generation batch, and grpo.num_iterations optimiser updates are made on each
-STEP_LABELS = {"sft": "optimiser step", "grpo": "GRPO step (one generation batch)"}
-
-GRPO_PANELS = (
-    Panel("Total reward (its weights change with the stage)", "reward over the step's completions",
-          (Line("train", "reward/total_mean", "mean"), Line("train", "reward/total_std", "std"))),
-    Panel("Reward components", "mean over the step's completions (0 to 1)",
-          (Line("train", "reward/format_mean", "format (= format rate)"),
-           Line("train", "reward/label_mean", "label (= verdict accuracy)"),
-           Line("train", "reward/iou_mean", "IoU term (real images count 1)")), unit_interval=True),
-    Panel("Mean IoU on generated images", "matched IoU of the rollouts (0 to 1)",
-          (Line("train", "mean_iou_generated", "mean IoU, generated images"),), unit_interval=True),
-    Panel("KL to the base model", "k3 estimate (nats / token)", (Line("train", "kl", "KL"),)),
-    Panel("Completion length", "tokens", (Line("train", "completion_length_mean", "mean"),
-                                          Line("train", "completion_length_max", "longest", smooth=False))),
-    Panel("Groups without signal; truncated completions", "share of the step's groups / completions (0 to 1)",
-          (Line("train", "zero_std_group_fraction", "groups whose rewards are all equal (advantage 0)"),
-           Line("train", "truncated_fraction", "completions without EOS within max_completion_length")),
-          unit_interval=True),
-    Panel("Policy entropy", "nats / completion token", (Line("train", "entropy", "mean token entropy"),)),
-    Panel("Learning rate", "learning rate", (Line("train", "learning_rate", "learning rate", smooth=False),)),
-    Panel("Gradient norm", "global L2 norm (before clipping)", (Line("train", "grad_norm", "gradient norm"),)),
-    Panel("GRPO loss", "loss (TRL's: the clipped surrogate + beta x KL)", (Line("train", "loss", "loss"),)),
-    Panel("Clipped importance ratios", "share of completion tokens (0 to 1)",
-          (Line("train", "clip_ratio/region_mean", "clipped (either side)"),
-           Line("train", "clip_ratio/low_mean", "below 1 - epsilon"),
-           Line("train", "clip_ratio/high_mean", "above 1 + epsilon_high")), unit_interval=True,
-          when_all_zero="all 0: nothing clipped, as with grpo.num_iterations 1, where the ratio is 1"),
-    Panel("Held-out evaluation (greedy)", "rate, or IoU (0 to 1)",
-          (Line("eval", "format_rate", "format rate"), Line("eval", "verdict_accuracy", "verdict accuracy"),
-           Line("eval", "mean_iou", "mean IoU on generated images")), unit_interval=True),
-)
+# ---- drawing -------------------------------------------------------------------------------------
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
@@ -253,6 +201,25 @@ def _mark_stages(ax, spans: Sequence[StageSpan]) -> None:
                 color="#333333", fontweight="bold", clip_on=False)
 
 
+def isolated(values: Sequence[float]) -> list[int]:
+    """The indices of the finite values with no finite neighbour: a line through them draws nothing."""
+    ok = [math.isfinite(v) for v in values]
+    return [i for i, good in enumerate(ok)
+            if good and (i == 0 or not ok[i - 1]) and (i == len(ok) - 1 or not ok[i + 1])]
+
+
+def non_finite_note(records: Sequence[dict], panels: Sequence[Panel]) -> str | None:
+    """Which plotted training series hold non-finite values (written "nan" / "inf"; not drawn), and at
+    which steps: a gap in a line would otherwise pass for a missing record."""
+    parts = []
+    for key in dict.fromkeys(line.key for panel in panels for line in panel.lines if line.kind == "train"):
+        steps = [s for s, v in zip(*series(records, "train", key)) if not math.isfinite(v)]
+        if steps:
+            shown = ", ".join(map(str, steps[:5])) + (f" and {len(steps) - 5} more" if len(steps) > 5 else "")
+            parts.append(f"{key} at step{'s' if len(steps) > 1 else ''} {shown}")
+    return "non-finite, not drawn: " + "; ".join(parts) if parts else None
+
+
 def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int, xlabel: str,
                 xlim: tuple[float, float]) -> None:
     from matplotlib.ticker import MaxNLocator
@@ -281,6 +248,9 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
             else:
                 ax.plot(part_steps, part, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
                         label=label, zorder=3)
+            lone = isolated(part)  # (a one-step stage, a value between two non-finite ones: no line shows it)
+            if lone:
+                ax.plot([part_steps[i] for i in lone], [part[i] for i in lone], "o", color=colour, ms=3, zorder=4)
     ax.set_title(panel.title, fontsize=11, pad=16 if spans else 6)
     ax.set_xlabel(xlabel)
     ax.set_xlim(*xlim)  # one step axis for every panel, so held-out points line up with training curves
@@ -310,7 +280,7 @@ def build_report(records: Sequence[dict], title: str | None = None):
         raise ValueError("no metrics records to plot")
     kind = run_kind(records)
     spans = stage_spans(records) if kind == "grpo" else []
-    candidates = GRPO_PANELS if kind == "grpo" else SFT_PANELS
+    candidates = panels_for(kind, records)
     why = {p.title: _left_out(records, p) for p in candidates}
     panels = [p for p in candidates if why[p.title] is None]
     missing = [why[p.title] for p in candidates if why[p.title] is not None]
@@ -336,7 +306,8 @@ def build_report(records: Sequence[dict], title: str | None = None):
     logged = sorted({r["step"] for r in records if r.get("kind") == "train"})
     gaps = [b - a for a, b in zip(logged, logged[1:])]
     every = max(set(gaps), key=gaps.count) if gaps else 1  # the usual gap (the last record may come sooner)
-    per = "per step" if every == 1 else f"means over each {every} steps (train.log_every)"
+    per = ("per step" if every == 1 else
+           f"means over each {every} steps (train.log_every; the learning rate: its value at the step)")
     if window > 1 and train_steps > window:
         detail += (f"; thin lines: {per}, thick: centred moving average of {2 * (window // 2) + 1} points"
                    + (" within each stage" if spans else ""))
@@ -344,6 +315,9 @@ def build_report(records: Sequence[dict], title: str | None = None):
         detail += f"; training values: {per}"
     if missing:
         detail += "\nnot plotted: " + "; ".join(missing)
+    note = non_finite_note(records, panels)
+    if note:
+        detail += "\n" + note
     # (wrapped to the figure's width: a long list of panels left out ran off both edges)
     lines = [textwrap.fill(line, width=70 * cols) for line in f"({detail})".split("\n")]
     fig.suptitle("\n".join([heading, *lines]), fontsize=12)
