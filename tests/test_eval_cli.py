@@ -247,7 +247,7 @@ def test_progress_without_a_terminal_is_plain_lines_after_the_loading(dataset, t
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "fxjax eval: loading the model" and "\r" not in "".join(lines)
     assert [line.split(" (")[0] for line in lines[1:]] == ["eval: image 2/5", "eval: image 4/5", "eval: image 5/5"]
-    assert lines[1].endswith("s, compiling included if any)") and lines[2].endswith(" s/image)"), lines
+    assert lines[1].endswith("s, compiling included if any)") and lines[2].endswith(" s/image on the clock)"), lines
 
 
 def test_a_cut_last_row_is_dropped_at_its_byte_offset_after_rows_of_non_ascii_text(tmp_path):

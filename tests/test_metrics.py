@@ -101,7 +101,7 @@ def test_progress_without_a_terminal_is_a_line_every_tenth(capsys, monkeypatch):
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(" reward")[0] for line in lines] == [f"grpo: step {k}/30" for k in (1, *range(3, 31, 3))]
     assert lines[0].endswith("reward=1.5 (60.0 s, compiling included if any)")
-    assert all(line.endswith("reward=1.5 (2.00 s/step)") for line in lines[1:]), lines
+    assert all(line.endswith("reward=1.5 (2.00 s/step on the clock)") for line in lines[1:]), lines
     ProgressBar(total=30, initial=0, enabled=False).update(30, {})
     assert capsys.readouterr().err == ""
 

@@ -404,8 +404,8 @@ def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_ran(monkeypatch, 
     monkeypatch.setattr(training, "run_training", lambda *a: (None, result))
     monkeypatch.setattr(training, "report", lambda *a: None)
     assert sft_command.run(argparse.Namespace()) == 0
-    assert capsys.readouterr().out.strip() == ("fxjax sft: step 9 reached, 4 steps run from step 5 in 21s, final "
-                                               "loss 0.5000; checkpoints in runs/sft/checkpoints")
+    assert capsys.readouterr().out.strip() == ("fxjax sft: step 9 reached, 4 steps run from step 5 in 21s, the last "
+                                               "step's loss 0.5000; checkpoints in runs/sft/checkpoints")
     result.resumed_from = None
     assert sft_command.run(argparse.Namespace()) == 0
-    assert capsys.readouterr().out.startswith("fxjax sft: 9 steps in 21s, final loss 0.5000;")
+    assert capsys.readouterr().out.startswith("fxjax sft: 9 steps in 21s, the last step's loss 0.5000;")

@@ -298,7 +298,8 @@ class ProgressBar:
                 took = f"{now - state['start']:.1f} s, compiling included if any"
             elif state["done"] >= state["next_at"] or state["done"] == state["total"]:
                 since, at = state["after_first"]
-                took = f"{(now - since) / max(1, state['done'] - at):.2f} s/{state['unit']}"
+                # (on the clock since the first: saves and evaluations in it, unlike a logged step_time)
+                took = f"{(now - since) / max(1, state['done'] - at):.2f} s/{state['unit']} on the clock"
             else:
                 return
             state["next_at"] = (state["done"] // state["every"] + 1) * state["every"]  # (updates of n > 1 too)

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     done = (f"{result.steps} steps" if not result.resumed_from else
             f"step {result.steps} reached, {result.steps - result.resumed_from} steps run from step "
             f"{result.resumed_from}")
-    print(f"fxjax sft: {done} in {result.seconds:.0f}s, final loss {loss}; checkpoints in {result.checkpoint_dir}")
+    print(f"fxjax sft: {done} in {result.seconds:.0f}s, the last step's loss {loss}; checkpoints in "
+          f"{result.checkpoint_dir}")
     report("sft", args, cfg)
     return 0
