@@ -455,9 +455,11 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
     assert main(["report", str(broken)]) == 0 and (broken / "report.png").is_file()
 
 
-def test_report_of_a_folder_of_eval_folders_compares_them_in_step_order(dataset, tokenizer_dir, tmp_path, capsys):
+def test_report_of_a_folder_of_eval_folders_compares_them_in_step_order(dataset, tokenizer_dir, tmp_path, capsys,
+                                                                        monkeypatch):
     """`fxjax report OUT` of `fxjax eval --step A B --out OUT`: its eval folders, ordered by the step each
-    recorded (gamma's end before a later step named by number), named by folder, into OUT/eval_report.png."""
+    recorded (gamma's end before a later step named by number), named as `fxjax eval` names them (it named
+    them by folder: "alpha" there was "alpha (step 2)" in eval's own chart), into OUT/eval_report.png."""
     from fxjax.cli import main
     from fxjax.commands.report import eval_subfolders
 
@@ -465,14 +467,21 @@ def test_report_of_a_folder_of_eval_folders_compares_them_in_step_order(dataset,
     for name, step in (("step-9", 9), ("gamma", 6), ("alpha", 2)):
         run_scripted(dataset, tokenizer_dir, out / name, ScriptedDecoder(SCRIPT), settings={"model": {"step": step}})
     (out / "notes").mkdir()  # not an eval folder: left out
-    assert eval_subfolders(out) == [out / "alpha", out / "gamma", out / "step-9"]
+    assert eval_subfolders(out) == [(out / "alpha", 2), (out / "gamma", 6), (out / "step-9", 9)]
     assert eval_subfolders(out / "alpha") == []  # an eval folder is itself, not a folder of them
+    from fxjax.commands import report
+
+    drawn = []
+    write = report.write_eval_report
+    monkeypatch.setattr(report, "write_eval_report", lambda dirs, out, labels, title: drawn.append(labels) or
+                        write(dirs, out, labels, title))
     assert main(["report", str(out)]) == 0
     assert f"wrote {out / 'eval_report.png'}" in capsys.readouterr().err
     assert (out / "eval_report.png").stat().st_size > 20_000
+    assert drawn == [["alpha (step 2)", "gamma (step 6)", "step 9"]]  # the names `fxjax eval --step` gives them
     (out / "extra").mkdir()  # without a recorded step: by name
     run_scripted(dataset, tokenizer_dir, out / "extra", ScriptedDecoder(SCRIPT), settings={"model": "scripted"})
-    assert eval_subfolders(out) == [out / name for name in ("alpha", "extra", "gamma", "step-9")]
+    assert [d for d, _ in eval_subfolders(out)] == [out / name for name in ("alpha", "extra", "gamma", "step-9")]
 
 
 def test_held_out_loss_and_greedy_decoding_trace_the_model_under_the_mesh(dataset, tiny_vl_dir, monkeypatch):

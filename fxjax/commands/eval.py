@@ -502,20 +502,22 @@ def step_folder(value: int | str) -> str:
 
 def _evaluate_steps(args, records, report, detectors, settings: list[dict], steps: list, out: Path, say) -> int:
     """Several steps of one run, each into out/<step_folder>, on one loaded model (each step's LoRA swapped
-    in: `Detector.load(after=...)`); then a table with a row per step and out/eval_report.png."""
-    from fxjax.commands.eval_report import write_eval_report
+    in: `Detector.load(after=...)`); then a table with a row per step and out/eval_report.png, in step order
+    (as `fxjax report OUT` draws them)."""
+    from fxjax.commands.eval_report import step_label, write_eval_report
     from fxjax.detection_metrics import steps_table
 
-    rows, dirs, loaded = [], [], None
+    rows, loaded = [], None
     for value, detector, step_settings in zip(steps, detectors, settings):
         folder = out / step_folder(value)
         say(f"step {detector.source['step']}" + (f" (the end of stage {value})" if isinstance(value, str) else "")
             + f" -> {folder}")
         summary = _evaluate_detector(args, records, report, detector, step_settings, folder, say, after=loaded)
         loaded = detector if detector.model is not None else loaded  # (it took the model of the one before)
-        label = f"{value} (step {detector.source['step']})" if isinstance(value, str) else f"step {value}"
-        rows.append((label, summary))
-        dirs.append(folder)
+        rows.append((detector.source["step"], step_label(folder.name, detector.source["step"]), summary, folder))
+    rows.sort(key=lambda row: row[0])
+    dirs = [folder for *_, folder in rows]
+    rows = [(label, summary) for _, label, summary, _ in rows]
     png = write_eval_report(dirs, out / "eval_report.png", labels=[label for label, _ in rows],
                             title=f"held-out evaluation of {args.run} by step")
     print(steps_table(rows))

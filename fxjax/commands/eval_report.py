@@ -26,6 +26,14 @@ EVAL_PANELS: tuple[tuple[str, str, str | None], ...] = (
 )
 
 
+def step_label(folder: str, step: int | None) -> str:
+    """A step's bar and row name in a multi-step eval (`fxjax eval --step A B`, and `fxjax report` of its
+    --out): "beta (step 20)" for a folder named for a stage, "step 30" for step-30."""
+    if step is None:
+        return folder
+    return f"step {step}" if folder == f"step-{step}" else f"{folder} (step {step})"
+
+
 def is_eval_dir(path: str | Path) -> bool:
     """Whether `path` is an `fxjax eval` output folder (or its metrics.json). A folder that also holds a
     training run's metrics.jsonl (`fxjax eval --out RUN_DIR`) is the run's."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fxjax.commands.eval_report import EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, write_eval_report
+from fxjax.commands.eval_report import (EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, step_label,
+                                        write_eval_report)
 from fxjax.commands.report_panels import STEP_LABELS, Panel, panels_for
 
 HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG, or compare `fxjax eval` folders"
@@ -362,10 +363,10 @@ def report_after_run(output_dir: str | Path, say: Callable[[str], None]) -> None
         say(f"no report ({type(err).__name__}: {err}); run `fxjax report {output_dir}` to retry")
 
 
-def eval_subfolders(folder: str | Path) -> list[Path]:
-    """The `fxjax eval` folders directly inside `folder` (the --out of `fxjax eval --step A B ...`), in the
-    order of the checkpoint step each recorded (by name when one has none); [] for a folder that is itself
-    a run or an eval folder."""
+def eval_subfolders(folder: str | Path) -> list[tuple[Path, int | None]]:
+    """The `fxjax eval` folders directly inside `folder` (the --out of `fxjax eval --step A B ...`), each
+    with the checkpoint step it recorded, in step order (by name when one has none); [] for a folder that is
+    itself a run or an eval folder."""
     folder = Path(folder)
     if not folder.is_dir() or is_eval_dir(folder) or (folder / "metrics.jsonl").is_file():
         return []
@@ -379,13 +380,14 @@ def eval_subfolders(folder: str | Path) -> list[Path]:
         return step if isinstance(step, int) else None
 
     steps = [recorded_step(d) for d in found]
-    return [d for _, d in sorted(zip(steps, found))] if None not in steps else found
+    return sorted(zip(found, steps), key=lambda x: x[1]) if None not in steps else list(zip(found, steps))
 
 
 def run(args: argparse.Namespace) -> int:
     inside = eval_subfolders(args.run[0]) if len(args.run) == 1 else []
-    if inside:  # a multi-step eval's --out: its step folders, compared
-        args.run, args.out = [str(d) for d in inside], args.out or str(Path(args.run[0]) / EVAL_REPORT_FILE)
+    if inside:  # a multi-step eval's --out: its step folders, compared, named as `fxjax eval` names them
+        args.run, args.out = [str(d) for d, _ in inside], args.out or str(Path(args.run[0]) / EVAL_REPORT_FILE)
+        args.labels = args.labels or ",".join(step_label(d.name, step) for d, step in inside)
     evals = [is_eval_dir(d) for d in args.run]
     if all(evals):
         labels = args.labels.split(",") if args.labels else None
