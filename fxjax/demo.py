@@ -407,13 +407,13 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     phases.done("export", f"fxjax export: merged HF checkpoint {written['merged']} and PEFT adapter "
                           f"{written['adapter']} (step {written['step']}); their logits agree to {agree:.1e}")
 
-    from fxjax.commands.eval_report import write_eval_report
+    from fxjax.commands.eval_report import EVAL_REPORT_FILE, write_eval_report
     from fxjax.commands.report import write_report
     from fxjax.overlay import overlay_sheet
 
     reports = [write_report(out / "sft", out / "report" / "sft_report.png", title="demo: SFT"),
                write_report(out / "grpo", out / "report" / "grpo_report.png", title="demo: GRPO alpha -> beta -> gamma"),
-               write_eval_report(eval_dirs, out / "report" / "eval_report.png", labels=[t for t, _ in evals],
+               write_eval_report(eval_dirs, out / "report" / EVAL_REPORT_FILE, labels=[t for t, _ in evals],
                                  title=f"demo: held-out evaluation by phase (seed {seed})")]
     sheet = overlay_sheet(overlay_images, overlays, out / "report" / "detect_overlays.png")
     phases.done("report", f"fxjax report and fxjax detect: {', '.join(str(p) for p in reports)}, {sheet}")

@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["CONFIG_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
            "describe_run", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
+METRICS_FILE = "metrics.jsonl"  # a run's log in its train.output_dir (fxjax.train.metrics writes it)
 DATA_STATE_FILE = Path("data") / "data_state.json"  # its "data" item (the data position, GRPO's stage ends)
 # CONFIG_FILE's key, beside the config's sections, of the reward values a GRPO run read from its reward file
 # at the start (train.grpo_stages.reward_record): recorded for a resume to compare, not a config section

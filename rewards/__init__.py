@@ -35,5 +35,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+def __dir__() -> list[str]:  # the public names and submodules, not this module's own imports (as fxjax's)
+    return sorted({name for name in globals() if not name.startswith("_")
+                   and name not in ("annotations", "importlib", "Any")} | set(__all__))

@@ -191,6 +191,8 @@ def test_every_public_name_and_subpackage_resolves_after_a_bare_import():
             # dir(): the public names and the subpackages, not the package's own imports (a notebook's listing)
             "d = dir(fxjax); assert {'rewards', 'model', 'data', 'train', *fxjax.__all__} <= set(d), d; "
             "assert not {'annotations', 'TYPE_CHECKING', 'lazy_exports'} & set(d), d; "
+            "r = dir(fxjax.rewards); assert set(fxjax.rewards.__all__) <= set(r), r; "  # (its own copy of __dir__)
+            "assert not {'annotations', 'importlib', 'Any', '_EXPORTS'} & set(r), r; "
             "print(len(fxjax.__all__))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and int(run.stdout) >= 19, run.stderr[-2000:]

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from fxjax import run_files
 from fxjax.file_modes import make_readable
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["COMPLETIONS_FILE", "CompletionLog", "IntervalMeans", "MetricsLogger", "ProgressBar", "read_metrics",
            "tensorboard_writer"]
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = run_files.METRICS_FILE  # (named in fxjax.run_files, which `fxjax report` reads without jax)
 COMPLETIONS_FILE = "completions.jsonl"
 
 

@@ -195,7 +195,7 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
 # The step metrics of rewards.score's terms: with the weights/* of the step, their means give the total's
 # (total = base + w_iou x iou_relaxed + label_minus + (label_plus - label_minus) x label + the same for format,
 # + each grpo.reward_funcs term's weight x its mean); iou is the raw matched IoU, which R_G relaxes.
-REWARD_TERMS = ("total", "format", "label", "iou", "iou_relaxed")
+REWARD_TERMS = SCORE_KEYS  # (every term rewards.score returns: one added there is logged here too)
 
 
 def _sum_and_m2(values) -> list[float]:

@@ -504,7 +504,7 @@ def _evaluate_steps(args, records, report, detectors, settings: list[dict], step
     """Several steps of one run, each into out/<step_folder>, on one loaded model (each step's LoRA swapped
     in: `Detector.load(after=...)`); then a table with a row per step and out/eval_report.png, in step order
     (as `fxjax report OUT` draws them)."""
-    from fxjax.commands.eval_report import step_label, write_eval_report
+    from fxjax.commands.eval_report import EVAL_REPORT_FILE, step_label, write_eval_report
     from fxjax.detection_metrics import steps_table
 
     rows, loaded = [], None
@@ -518,7 +518,7 @@ def _evaluate_steps(args, records, report, detectors, settings: list[dict], step
     rows.sort(key=lambda row: row[0])
     dirs = [folder for *_, folder in rows]
     rows = [(label, summary) for _, label, summary, _ in rows]
-    png = write_eval_report(dirs, out / "eval_report.png", labels=[label for label, _ in rows],
+    png = write_eval_report(dirs, out / EVAL_REPORT_FILE, labels=[label for label, _ in rows],
                             title=f"held-out evaluation of {args.run} by step")
     print(steps_table(rows))
     print(f"\nwrote {', '.join(str(d) for d in dirs)} (each: {METRICS}, {PREDICTIONS}) and the comparison {png}")

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from fxjax.commands.eval import METRICS  # (eval's module-level imports are the standard library's)
+from fxjax.commands.eval import METRICS  # (eval's module-level imports load no jax nor fxjax.train: --help)
+from fxjax.run_files import METRICS_FILE
 
 EVAL_REPORT_FILE = "eval_report.png"
 # (metrics.json key, panel title, interval key in metrics.json["ci95"] or None)
@@ -39,8 +40,7 @@ def is_eval_dir(path: str | Path) -> bool:
     training run's metrics.jsonl (`fxjax eval --out RUN_DIR`) is the run's."""
     path = Path(path)
     if path.is_dir():
-        # metrics.jsonl: fxjax.train.metrics.METRICS_FILE (not imported: `fxjax --help` must not load fxjax.train)
-        return (path / METRICS).is_file() and not (path / "metrics.jsonl").is_file()
+        return (path / METRICS).is_file() and not (path / METRICS_FILE).is_file()
     return path.name == METRICS
 
 

@@ -25,7 +25,9 @@ from typing import Any, Callable, Sequence
 
 from fxjax.commands.eval_report import (EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, step_label,
                                         write_eval_report)
+from fxjax.commands.eval import SETTINGS
 from fxjax.commands.report_panels import STEP_LABELS, Panel, panels_for
+from fxjax.run_files import METRICS_FILE
 
 HELP = "plot a run's metrics.jsonl (SFT or GRPO) into one PNG, or compare `fxjax eval` folders"
 
@@ -328,7 +330,7 @@ def build_report(records: Sequence[dict], title: str | None = None):
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
     """Read RUN_DIR/metrics.jsonl (or that file), draw the report, save it as PNG; returns its path."""
-    from fxjax.train.metrics import METRICS_FILE, read_metrics
+    from fxjax.train.metrics import read_metrics
 
     source = Path(run_dir)
     metrics_file = source / METRICS_FILE if source.is_dir() else source
@@ -368,13 +370,13 @@ def eval_subfolders(folder: str | Path) -> list[tuple[Path, int | None]]:
     with the checkpoint step it recorded, in step order (by name when one has none); [] for a folder that is
     itself a run or an eval folder."""
     folder = Path(folder)
-    if not folder.is_dir() or is_eval_dir(folder) or (folder / "metrics.jsonl").is_file():
+    if not folder.is_dir() or is_eval_dir(folder) or (folder / METRICS_FILE).is_file():
         return []
     found = [d for d in sorted(folder.iterdir()) if d.is_dir() and is_eval_dir(d)]
 
     def recorded_step(d: Path):
         try:
-            step = json.loads((d / "settings.json").read_text(encoding="utf-8"))["model"]["step"]
+            step = json.loads((d / SETTINGS).read_text(encoding="utf-8"))["model"]["step"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return step if isinstance(step, int) else None

@@ -9,8 +9,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from fxjax.rewards.scoring import KEYS as SCORE_KEYS
-
 __all__ = ["GRPO_PANELS", "Line", "Panel", "SFT_PANELS", "STEP_LABELS", "own_terms_panel", "panels_for"]
 
 
@@ -92,6 +90,8 @@ GRPO_PANELS = (
 def own_terms(records: Sequence[dict]) -> list[str]:
     """The names of the reward terms of the user's own (grpo.reward_funcs) the records log, in the order
     first logged."""
+    from fxjax.rewards.scoring import KEYS as SCORE_KEYS  # (not at the top: `fxjax --help` loads no jax)
+
     names: list[str] = []
     for r in records:
         for key in r:
