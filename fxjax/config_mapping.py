@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "SEED_LIMIT", "build_config", "check_positive", "check_seed", "load_yaml", "to_plain", "type_name"]
+__all__ = ["ConfigError", "SEED_LIMIT", "as_written", "build_config", "check_positive", "check_seed", "load_yaml", "to_plain", "type_name"]
 
 
 class ConfigError(ValueError):
@@ -72,6 +72,18 @@ def load_yaml(text: str) -> Any:
 
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def as_written(value: Any) -> str:
+    """A config value as one would write it after --set key= (null, true, [a, b]): how every message that
+    shows a config value shows it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(as_written(v) for v in value) + "]"
+    return str(value)
 
 
 def check_positive(value, where: str) -> None:

@@ -99,13 +99,14 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> Qwen25
     text_section = {**raw, **nested} if isinstance(nested, dict) else raw
     vision = vision_config_from_dict(raw["vision_config"], source)
     tie = bool(raw.get("tie_word_embeddings", False) or text_section.get("tie_word_embeddings", False))
+    default = Qwen25VLConfig  # (its field defaults: Qwen2.5-VL's token ids, for a file without them)
     try:
         return Qwen25VLConfig(
             vision=vision, text=text, tie_word_embeddings=tie,
-            image_token_id=int(raw.get("image_token_id", text_section.get("image_token_id", 151655))),
-            video_token_id=int(raw.get("video_token_id", text_section.get("video_token_id", 151656))),
-            vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
-            vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
+            image_token_id=int(raw.get("image_token_id", text_section.get("image_token_id", default.image_token_id))),
+            video_token_id=int(raw.get("video_token_id", text_section.get("video_token_id", default.video_token_id))),
+            vision_start_token_id=int(raw.get("vision_start_token_id", default.vision_start_token_id)),
+            vision_end_token_id=int(raw.get("vision_end_token_id", default.vision_end_token_id)),
             bos_token_id=text_section.get("bos_token_id"),
             eos_token_id=_eos_tuple(text_section.get("eos_token_id")),
             pad_token_id=text_section.get("pad_token_id"),

@@ -107,7 +107,8 @@ def steps_text(steps: list[int]) -> str:
 
 
 def saved_run_kind(saved: dict) -> str:
-    """"grpo" or "sft": the phase whose resolved config (a checkpoint's config.json) this is."""
+    """"grpo" or "sft": the phase whose resolved config (a checkpoint's config.json, or the sections a config
+    file and its --set give) this is."""
     return "grpo" if "grpo" in saved or "stages" in saved else "sft"
 
 

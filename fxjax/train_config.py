@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from fxjax.config_mapping import ConfigError, build_config, load_yaml, to_plain, type_name
+from fxjax.config_mapping import ConfigError, as_written, build_config, load_yaml, to_plain, type_name
 from fxjax.config_sections import (CheckpointSection, DataSection, DistributedSection, EvalSection, ExportSection,
                                    LoRASection, MeshSection, ModelSection, OptimSection, TrainSection)
 
@@ -357,7 +357,7 @@ def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
         old = _get_dotted(out, key)
         if old != value:
             _set_dotted(out, key, value, root)
-            notes.append(f"{key}: {_show(old)} -> {_show(value)} ({why})")
+            notes.append(f"{key}: {as_written(old)} -> {as_written(value)} ({why})")
 
     for key, value in parsed:
         _set_dotted(out, key, value, root)
@@ -388,20 +388,9 @@ def apply_overrides(data: Mapping[str, Any] | None, overrides: Sequence[str],
         if key in given and _empty(given[key]):
             for dependent, off in dependents.items():
                 if dependent not in given:
-                    derive(dependent, off, f"--set {key}={_show(given[key])} leaves nothing for it; "
+                    derive(dependent, off, f"--set {key}={as_written(given[key])} leaves nothing for it; "
                                            f"--set {dependent} to choose")
     return out
-
-
-def _show(value: Any) -> str:
-    """A value as one would write it after --set key=."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    return str(value)
 
 
 def shipped_run_configs() -> dict[str, Path]:

@@ -218,6 +218,10 @@ def test_check_resume_config_warns_on_what_changed_the_run():
     quiet["data"]["seed"] = 3
     assert [w.split(":")[-2:] for w in check_resume_config(saved, quiet, print)] == [
         [" model.dtype", " bfloat16 -> float32"], [" data.seed", " 0 -> 3"]]
+    flags = json.loads(json.dumps(saved))  # values as --set writes them (it said True, ['q_proj'])
+    flags["lora"].update(use_rslora=True, target_modules=["q_proj", "v_proj"])
+    (line,) = check_resume_config(saved, flags, print)
+    assert "lora.target_modules: all-linear -> [q_proj, v_proj]; lora.use_rslora: false -> true" in line, line
     # where the LoRA started is not the base model, and a resume goes on from its checkpoint's LoRA: said so
     # (it said "the base model changed" for model.from_run_step beta -> alpha, and kept beta's)
     started = json.loads(json.dumps(saved))

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from fxjax.config_mapping import as_written
 from fxjax.config_sections import DataSection, ModelSection
 
 __all__ = ["WATCHED", "Watched", "changed_keys", "check_resume_config", "different_config"]
@@ -59,10 +60,6 @@ WATCHED: tuple[Watched, ...] = (
 )
 
 
-def _show(value: Any) -> str:
-    return "null" if value is None else str(value)
-
-
 def _same_items(saved: Any, current: Any) -> bool:
     """Two lists of mappings (GRPO's stages) are the same when their items hold the same values, a key one
     lacks counting as null: a checkpoint written before a key was added (a stage's `epochs`) is not a
@@ -78,10 +75,10 @@ def changed_keys(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | N
     """`key: old -> new` for each key of a section whose value differs (all keys, or only `keys`); a section
     that is not a mapping (GRPO's list of stages) is compared whole."""
     if not isinstance(saved or {}, Mapping) or not isinstance(current or {}, Mapping):
-        return [] if _same_items(saved, current) else [f"{_show(saved)} -> {_show(current)}"]
+        return [] if _same_items(saved, current) else [f"{as_written(saved)} -> {as_written(current)}"]
     saved, current = dict(saved or {}), dict(current or {})
     names = keys if keys is not None else sorted(set(saved) | set(current))
-    return [f"{k}: {_show(saved.get(k))} -> {_show(current.get(k))}" for k in names if saved.get(k) != current.get(k)]
+    return [f"{k}: {as_written(saved.get(k))} -> {as_written(current.get(k))}" for k in names if saved.get(k) != current.get(k)]
 
 
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], log: Callable[[str], None],

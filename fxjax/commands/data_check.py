@@ -339,6 +339,7 @@ def _config_data(path: str, overrides: list[str]):
     """(the DataConfig a training config's run reads its data with, its train + eval files)."""
     from fxjax.config_mapping import ConfigError
     from fxjax.grpo_config import load_grpo_config
+    from fxjax.run_files import saved_run_kind
     from fxjax.train import grpo, sft
     from fxjax.train_config import load_sft_config, read_yaml_config
 
@@ -346,7 +347,7 @@ def _config_data(path: str, overrides: list[str]):
     # a GRPO config has a grpo or stages section, in the file or in a --set; one without them (their
     # defaults) is told from an SFT config by loading: GRPO's steps come from its stages, SFT needs train.steps
     given = set(raw) | {o.split("=", 1)[0].split(".", 1)[0].strip() for o in overrides}
-    if given & {"grpo", "stages"}:
+    if saved_run_kind(dict.fromkeys(given)) == "grpo":
         cfg, data_config = load_grpo_config(path, overrides), grpo.data_config
     else:
         try:
