@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from fxjax.data.demo_data import make_demo_data
+from fxjax.run_files import committed_steps
 from launch import decoded_sources, launch_two, stream_sources, subprocess_env, traced_events, wait_all
 
 TIMEOUT = 300
@@ -129,10 +130,6 @@ def adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
 
 def completions(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
-
-
-def committed_steps(ckpt: Path) -> list[int]:
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 @pytest.fixture(scope="module")

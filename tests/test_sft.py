@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from fxjax.run_files import committed_steps
 from launch import (decoded_sources, launch_two, stream_sources, subprocess_env, traced_events, traced_step_calls,
                     wait_all)
 
@@ -99,10 +101,6 @@ def adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(directory / "adapter_model.safetensors"))
-
-
-def committed_steps(ckpt: Path) -> list[int]:
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def eval_at_end_args(setup) -> list[str]:
