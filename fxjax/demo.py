@@ -269,19 +269,14 @@ def _overlay_records(test_file: Path, counts: dict) -> list[dict]:
 
 
 def _detect(detector, decoder, images: list[dict]) -> list[dict]:
-    """`fxjax detect` on the images with a phase's detector (its regions in original-image pixels)."""
-    from fxjax.commands.detect import detect, detect_prompt, image_records
-    from fxjax.data.config import DataConfig
+    """`fxjax detect` on the images with a phase's detector (its regions in original-image pixels): its
+    inputs and data config as the command builds them."""
+    from fxjax.commands.detect import detect, detect_config, detect_inputs
 
-    data = detector.data
-    records, failed, _ = image_records([m["image"] for m in images], **detect_prompt(data),
-                                       min_pixels=data["min_pixels"], max_pixels=data["max_pixels"])
+    records, failed, _, fit = detect_inputs([m["image"] for m in images], detector, None)
     if failed:
         raise RuntimeError(f"fxjax detect could not read {failed}")
-    config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer, min_pixels=data["min_pixels"],
-                        max_pixels=data["max_pixels"], max_length=data["max_length"], mode="prompt",
-                        prompts="auto", batch_size=decoder.batch_size, drop_remainder=False, shuffle=False,
-                        num_epochs=1, shard_index=0, shard_count=1)
+    config = detect_config(detector, fit, decoder.batch_size, None)
     return detect(records, decoder, config, out=None, emit=lambda result: None)
 
 

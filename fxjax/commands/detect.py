@@ -316,29 +316,49 @@ def remove_empty(path: Path, top: Path) -> None:
             return
 
 
+def detect_inputs(images: Sequence[str], detector, max_image_pixels: int | None):
+    """(records, failed, shrunk, fit) of the images to analyse with `detector` (model_args.Detector): each
+    image read and given the detector's prompts, shrunk where it would not fit max_length (`fit`: the
+    largest pixel count that fits, `fitting_max_pixels`); the unreadable ones in `failed`, (path, why)."""
+    from fxjax.data.examples import tokens_for
+
+    data = detector.data
+    prompt = detect_prompt(data)
+    before, after = tokens_for(detector.tokenizer).prompt(prompt["system"], prompt["user"])
+    fit = fitting_max_pixels(data["max_pixels"], data["max_length"], len(before) + len(after))
+    records, failed, shrunk = image_records(images, **prompt, min_pixels=data["min_pixels"],
+                                            max_pixels=data["max_pixels"], fit_pixels=fit,
+                                            max_image_pixels=max_image_pixels, max_length=data["max_length"])
+    return records, failed, shrunk, fit
+
+
+def detect_config(detector, fit: int, batch_size: int, max_image_pixels: int | None):
+    """The prompt-mode DataConfig `detect` decodes `detect_inputs`' records with."""
+    from fxjax.data.config import DataConfig
+
+    data = detector.data
+    return DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer,
+                      min_pixels=min(data["min_pixels"], fit), max_pixels=fit, max_length=data["max_length"],
+                      mode="prompt", prompts="auto", batch_size=batch_size, drop_remainder=False,
+                      shuffle=False, num_epochs=1, shard_index=0, shard_count=1, on_error="skip",
+                      max_image_pixels=max_image_pixels or DataConfig.max_image_pixels)
+
+
 def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     """`run` once --out exists: the model resolved, each image read, analysed and reported."""
     from fxjax.commands.model_args import check_model_arguments
 
     check_model_arguments(args)
     from fxjax.commands.model_args import resolve_detector
-    from fxjax.data.config import DataConfig
     from fxjax.train.inference import GreedyDecoder
 
     detector = resolve_detector(args)
     data = detector.data
     batch_size = detector.batch_size(args.batch_size, default=4)  # checked before any weights load
-    from fxjax.data.examples import tokens_for
-
-    prompt = detect_prompt(data)
     note = own_prompts_note(data, args.system_prompt is not None, args.user_prompt is not None)
     if note:
         say(f"note: {note}")
-    before, after = tokens_for(detector.tokenizer).prompt(prompt["system"], prompt["user"])
-    fit = fitting_max_pixels(data["max_pixels"], data["max_length"], len(before) + len(after))
-    records, failed, shrunk = image_records(args.images, **prompt, min_pixels=data["min_pixels"],
-                                            max_pixels=data["max_pixels"], fit_pixels=fit,
-                                            max_image_pixels=args.max_image_pixels, max_length=data["max_length"])
+    records, failed, shrunk, fit = detect_inputs(args.images, detector, args.max_image_pixels)
 
     def report_failed(path, why):
         say(f"{path}: cannot be analysed: {why}")
@@ -355,11 +375,7 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         detector.load()
         decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=batch_size,
                                 max_new_tokens=detector.max_new_tokens, mesh=detector.mesh)
-        config = DataConfig(data_files=("(images)",), tokenizer=detector.tokenizer,
-                            min_pixels=min(data["min_pixels"], fit), max_pixels=fit, max_length=data["max_length"],
-                            mode="prompt", prompts="auto", batch_size=batch_size, drop_remainder=False,
-                            shuffle=False, num_epochs=1, shard_index=0, shard_count=1, on_error="skip",
-                            max_image_pixels=args.max_image_pixels or DataConfig.max_image_pixels)
+        config = detect_config(detector, fit, batch_size, args.max_image_pixels)
         emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))
         results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit,
