@@ -1,4 +1,4 @@
-"""Autoregressive decoding with the KV cache: one jitted prefill, then one jitted decode loop.
+"""Autoregressive decoding with the KV cache: a prefill, then a decode loop, in one jitted program.
 
 Layers, from low to high:
 
