@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fxjax.config_mapping import ConfigError, checked_config
+from fxjax.data.formats import IM_END
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json, gather_json_to_main
@@ -258,7 +259,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     ends = cfg.stage_ends()  # each saved and kept from pruning: the model after alpha, after beta, ...
     model = build_model(cfg, mesh)
     keep_start_lora(model, recorded)  # (the run's own start: already kept when it resumes through the copy)
-    eos_ids = stop_token_ids(model, token_id(tokenizer, "<|im_end|>"))  # as TRL: the tokenizer's + generation config's
+    eos_ids = stop_token_ids(model, token_id(tokenizer, IM_END))  # as TRL: the tokenizer's + generation config's
     # Two graphs over the same variables: the update runs in train mode (LoRA dropout, reseeded per step as
     # in SFT); sampling and the old/reference log-probs in eval mode.
     model.train()

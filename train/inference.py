@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from fxjax.data.formats import IM_END
 from fxjax.data.pipeline import DataPipeline, tokens_for
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.model.generate import generate_device
@@ -41,7 +42,7 @@ class GreedyDecoder:
             require_batch_split(mesh, batch_size, batch_name)
         self.model = model
         self.tokenizer = load_tokenizer(tokenizer)
-        self.im_end = token_id(self.tokenizer, "<|im_end|>")
+        self.im_end = token_id(self.tokenizer, IM_END)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.mesh = mesh
