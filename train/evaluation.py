@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
-from fxjax import rewards
+from fxjax import detection_metrics
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 from fxjax.device_mesh import batch_shards, splits_batch, use_mesh
@@ -140,19 +139,18 @@ class Evaluator:
         return texts, metas
 
     def generation_metrics(self, model, n_samples: int = 2) -> EvalResult:
+        """The held-out greedy completions scored as `fxjax eval` scores them (fxjax.detection_metrics: one
+        owner of the format rate, verdict accuracy and mean IoU on generated images), and a few of them."""
         texts, metas = self.completions(model)
-        targets = [{"label": m["label"], "boxes": np.asarray(m["boxes"], np.float64).reshape(-1, 4)} for m in metas]
-        scores = rewards.score(texts, targets, stage="alpha")
-        has_boxes = np.array([len(t["boxes"]) > 0 for t in targets])
+        rows = detection_metrics.score_completions(texts, [{"label": m["label"], "boxes": m["boxes"]} for m in metas])
+        summary = detection_metrics.summarize(rows) if rows else {}
         samples = []
         for label in ("generated", "real"):
             for text, meta in zip(texts, metas):
                 if meta["label"] == label and sum(s["label"] == label for s in samples) < max(1, n_samples // 2):
                     samples.append({"label": label, "record_id": meta["record_id"], "completion": text})
-        return EvalResult(format_rate=float(scores["format"].mean()) if texts else None,
-                          verdict_accuracy=float(scores["label"].mean()) if texts else None,
-                          mean_iou=float(scores["iou"][has_boxes].mean()) if has_boxes.any() else None,
-                          examples=len(texts), samples=samples)
+        return EvalResult(format_rate=summary.get("format_rate"), verdict_accuracy=summary.get("accuracy"),
+                          mean_iou=summary.get("mean_iou"), examples=len(texts), samples=samples)
 
     def evaluate(self, model, params, base, rest, *, generate: bool = True) -> EvalResult:
         start = time.perf_counter()
