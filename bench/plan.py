@@ -247,6 +247,7 @@ def prefill_program(cfg, graphdef, params, base, rest, mesh, a):
     import jax
     from flax import nnx
 
+    from fxjax.device_mesh import inputs_shardings
     from fxjax.model.generate import prefill
     from fxjax.model.inputs import prepare_inputs
     from fxjax.train.step import OnMesh
@@ -262,7 +263,7 @@ def prefill_program(cfg, graphdef, params, base, rest, mesh, a):
         model.eval()
         return prefill(model, inputs, cache_len)
 
-    args = (*_sampler_args(params, base, rest, mesh), shaped(inputs, input_shardings(inputs, mesh)))
+    args = (*_sampler_args(params, base, rest, mesh), shaped(inputs, inputs_shardings(inputs, mesh)))
     return OnMesh(jax.jit(run), mesh), args, f"B{a.batch} x L{a.prompt_len}, cache {cache_len}"
 
 
@@ -301,24 +302,6 @@ def vision_shards(mesh, rows: int) -> int:
 
     shards = batch_shards(mesh)
     return shards if rows % shards == 0 else 1
-
-
-def input_shardings(inputs, mesh):
-    """The shardings fxjax.device_mesh.shard_inputs gives ModelInputs: batch over (data, fsdp); vision packed per
-    batch shard over the same axes, one packed sequence replicated."""
-    from jax.sharding import NamedSharding
-
-    from fxjax.model.inputs import ModelInputs
-    from fxjax.model.vision import VisionInputs
-    from fxjax.device_mesh import REPLICATED, batch_spec
-
-    def s(x, dim):
-        return None if x is None else NamedSharding(mesh, REPLICATED if dim is None else batch_spec(x.ndim, dim))
-
-    v = inputs.vision
-    vision = None if v is None else VisionInputs(*(s(x, 0 if v.valid.ndim == 2 else None) for x in v))
-    return ModelInputs(s(inputs.input_ids, 0), s(inputs.attention_mask, 0), s(inputs.position_ids, 1),
-                       s(inputs.rope_deltas, 0), s(inputs.image_feature_index, 0), vision)
 
 
 def sh_of(tree):

@@ -108,23 +108,6 @@ def abstract_model(cfg, rank: int):
     return nnx.split(model, LORA_PARAMS, ...)
 
 
-def input_shardings(inputs, mesh):
-    """What fxjax.device_mesh.shard_inputs gives: batch over (data, fsdp); per-shard vision over the same axes,
-    one packed vision sequence replicated."""
-    from jax.sharding import NamedSharding
-
-    from fxjax.device_mesh import REPLICATED, batch_spec
-
-    def s(x, dim):
-        return None if x is None else NamedSharding(mesh, REPLICATED if dim is None else batch_spec(x.ndim, dim))
-
-    v = inputs.vision
-    vision_dim = 0 if v.valid.ndim == 2 else None
-    vision = type(v)(*(s(x, vision_dim) for x in v))
-    return type(inputs)(s(inputs.input_ids, 0), s(inputs.attention_mask, 0), s(inputs.position_ids, 1),
-                        s(inputs.rope_deltas, 0), s(inputs.image_feature_index, 0), vision)
-
-
 def shaped(tree, shardings):
     import jax
 
@@ -164,7 +147,7 @@ def measure(cfg, graphdef, params, rest, host: dict, mesh_shape, layout: str, ba
     from plan import with_shardings  # bench/plan.py: parameters as ShapeDtypeStructs with their shardings
 
     from fxjax.model.inputs import prepare_inputs
-    from fxjax.device_mesh import MeshConfig, batch_shards, make_mesh, use_mesh
+    from fxjax.device_mesh import MeshConfig, batch_shards, inputs_shardings, make_mesh, use_mesh
     from fxjax.partition_rules import param_shardings
 
     mesh = make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:math.prod(mesh_shape)])
@@ -172,7 +155,7 @@ def measure(cfg, graphdef, params, rest, host: dict, mesh_shape, layout: str, ba
     inputs = prepare_inputs(cfg, host["input_ids"], host["attention_mask"], host["pixel_values"],
                             host["image_grid_thw"], batch_shards=shards if layout == "sharded" else None)
     args = (with_shardings(params, param_shardings(params, mesh)), with_shardings(rest, param_shardings(rest, mesh)),
-            shaped(inputs, input_shardings(inputs, mesh)))
+            shaped(inputs, inputs_shardings(inputs, mesh)))
 
     def embed(params, rest, inputs):
         return nnx.merge(graphdef, params, rest).embed(inputs)

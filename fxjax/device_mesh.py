@@ -261,6 +261,29 @@ def process_batch_shards(mesh: Mesh, process: int | None = None) -> tuple[int, .
     return tuple(sorted(held))
 
 
+def along_batch(mesh: Mesh, x, dim: int | None, split: bool = True) -> NamedSharding | None:
+    """The sharding of array `x` whose batch (rows) is at `dim`: split over ("data", "fsdp"), or replicated
+    (`dim` None, or `split` False); None for an absent field."""
+    if x is None:
+        return None
+    return NamedSharding(mesh, batch_spec(np.ndim(x), dim) if split and dim is not None else REPLICATED)
+
+
+def inputs_shardings(inputs, mesh: Mesh, *, batch_dim: int = 0, split: bool = True):
+    """The NamedShardings of model.ModelInputs whose batch is at `batch_dim` (1 for a step's micro-batches
+    [A, B, ...]): [.., B, ...] fields shard B over ("data", "fsdp"), position_ids [.., 3, B, L] theirs; vision
+    prepared per batch shard (valid [.., S, P]) shards S the same way, one packed vision sequence (not a
+    batch axis) is replicated; `split` False replicates everything. The one owner of that layout:
+    `shard_inputs`, train.batching and GRPO's batches take it from here."""
+    per_shard = inputs.vision is not None and np.ndim(inputs.vision.valid) == batch_dim + 2
+    on = lambda x, dim: along_batch(mesh, x, dim, split)  # noqa: E731
+    vision = None if inputs.vision is None else type(inputs.vision)(
+        *(on(v, batch_dim if per_shard else None) for v in inputs.vision))
+    return type(inputs)(input_ids=on(inputs.input_ids, batch_dim), attention_mask=on(inputs.attention_mask, batch_dim),
+                        position_ids=on(inputs.position_ids, batch_dim + 1), rope_deltas=on(inputs.rope_deltas, batch_dim),
+                        image_feature_index=on(inputs.image_feature_index, batch_dim), vision=vision)
+
+
 def shard_inputs(inputs, mesh: Mesh):
     """model.ModelInputs (host arrays, the same on every process) -> global arrays on `mesh`.
 
@@ -273,21 +296,11 @@ def shard_inputs(inputs, mesh: Mesh):
     if not splits_batch(mesh, batch):
         raise ShardingError(f"batch {batch} is not divisible by data x fsdp = {batch_shards(mesh)}")
 
-    def on(x, batch_dim):
-        x = np.asarray(x)
-        spec = REPLICATED if batch_dim is None else batch_spec(x.ndim, batch_dim)
-        return put(x, NamedSharding(mesh, spec))
-
     vision = inputs.vision
-    if vision is not None:
-        per_shard = np.ndim(vision.valid) == 2
-        if per_shard and np.shape(vision.valid)[0] != batch_shards(mesh):
-            raise ShardingError(f"vision packed for {np.shape(vision.valid)[0]} batch shards, but data x fsdp = "
-                                f"{batch_shards(mesh)}")
-        vision = type(vision)(*(None if v is None else on(v, 0 if per_shard else None) for v in vision))
-    return type(inputs)(input_ids=on(inputs.input_ids, 0), attention_mask=on(inputs.attention_mask, 0),
-                        position_ids=on(inputs.position_ids, 1), rope_deltas=on(inputs.rope_deltas, 0),
-                        image_feature_index=on(inputs.image_feature_index, 0), vision=vision)
+    if vision is not None and np.ndim(vision.valid) == 2 and np.shape(vision.valid)[0] != batch_shards(mesh):
+        raise ShardingError(f"vision packed for {np.shape(vision.valid)[0]} batch shards, but data x fsdp = "
+                            f"{batch_shards(mesh)}")
+    return jax.tree.map(lambda x, sharding: put(np.asarray(x), sharding), inputs, inputs_shardings(inputs, mesh))
 
 
 # ---- gathering and synchronising --------------------------------------------------------------------

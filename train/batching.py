@@ -32,7 +32,7 @@ from fxjax.distributed import allgather_json
 from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs, stack_vision
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
-from fxjax.device_mesh import REPLICATED, batch_spec, process_batch_shards, put
+from fxjax.device_mesh import along_batch, inputs_shardings, process_batch_shards, put
 from fxjax.device_mesh import batch_shards as mesh_batch_shards
 from fxjax.train.losses import IGNORE_INDEX, LossTargets, loss_targets
 
@@ -213,11 +213,7 @@ def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True, *,
     packed vision sequence [A, P, ...] is replicated. `batch_axis` False replicates everything (batches
     smaller than the data-parallel degree; their vision must be one packed sequence). `built_shards`: the
     number of batch shards `batch` holds when it is one process's part (`place_local_batch`); default all."""
-    def s(x, dim):
-        return NamedSharding(mesh, batch_spec(np.ndim(x), dim) if batch_axis and dim is not None else REPLICATED)
-
     i = batch.inputs
-    vision_dim = None
     if i.vision is not None and np.ndim(i.vision.valid) == 3:  # [A, S, P]: per batch shard
         shards = int(np.shape(i.vision.valid)[1])
         want = mesh_batch_shards(mesh) if batch_axis else 1
@@ -227,11 +223,9 @@ def batch_shardings(batch: StepBatch, mesh: Mesh, batch_axis: bool = True, *,
             raise ValueError(f"the batch's vision is packed for {shards} batch shards but the mesh {dict(mesh.shape)} "
                              f"{'splits the batch ' + str(want) + ' ways' if batch_axis else 'replicates the batch'}: "
                              f"build it with build_step_batch(..., batch_shards={want})")
-        vision_dim = 1
-    vision = None if i.vision is None else VisionInputs(*(None if v is None else s(v, vision_dim) for v in i.vision))
-    inputs = ModelInputs(s(i.input_ids, 1), s(i.attention_mask, 1), s(i.position_ids, 2), s(i.rope_deltas, 1),
-                         s(i.image_feature_index, 1), vision)
-    return StepBatch(inputs, LossTargets(*(s(t, 1) for t in batch.targets)))  # [A, N]: N over the batch axes
+    inputs = inputs_shardings(i, mesh, batch_dim=1, split=batch_axis)
+    # [A, N]: N over the batch axes
+    return StepBatch(inputs, LossTargets(*(along_batch(mesh, t, 1, batch_axis) for t in batch.targets)))
 
 
 def place_batch(batch: StepBatch, shardings: StepBatch):

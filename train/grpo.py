@@ -58,7 +58,7 @@ from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.run_files import REWARDS_KEY, kept_stage_end_steps
 from fxjax.model.qwen2_5_vl import as_dtype
-from fxjax.device_mesh import MeshConfig, batch_spec, make_mesh, use_mesh
+from fxjax.device_mesh import MeshConfig, along_batch, batch_spec, inputs_shardings, make_mesh, use_mesh
 from fxjax import rewards
 from fxjax.train import faults
 from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, inputs_with_patch_dtype,
@@ -141,39 +141,24 @@ def left_pad(batch: dict, length: int, pad_id: int) -> dict:
 
 
 def _inputs_shardings(inputs, mesh, shard_rows: bool, batch_dim: int):
-    """ModelInputs' shardings: [.., B, ...] fields shard B (at `batch_dim`; position_ids' one further) over
-    (data, fsdp); vision packed per batch shard ([.., S, ...]) shards S the same way, one packed sequence
-    is replicated. Nothing is split when the batch is replicated (`shard_rows` False)."""
-    def s(x, dim):
-        if x is None:
-            return None
-        spec = [None] * np.ndim(x)
-        if shard_rows and dim is not None:
-            spec[dim] = ("data", "fsdp")
-        return NamedSharding(mesh, P(*spec))
-
-    vision_dim = None
-    if inputs.vision is not None and np.ndim(inputs.vision.valid) == batch_dim + 2:
-        if not shard_rows:
-            raise ValueError("vision packed per batch shard, but the batch is replicated: build it with "
-                             "batch_shards=1")
-        vision_dim = batch_dim
-    vision = None if inputs.vision is None else type(inputs.vision)(*(s(v, vision_dim) for v in inputs.vision))
-    return type(inputs)(s(inputs.input_ids, batch_dim), s(inputs.attention_mask, batch_dim),
-                        s(inputs.position_ids, batch_dim + 1), s(inputs.rope_deltas, batch_dim),
-                        s(inputs.image_feature_index, batch_dim), vision), s
+    """ModelInputs' shardings (fxjax.device_mesh.inputs_shardings), with the batch replicated when
+    `shard_rows` is False, where vision packed per batch shard cannot be."""
+    if not shard_rows and inputs.vision is not None and np.ndim(inputs.vision.valid) == batch_dim + 2:
+        raise ValueError("vision packed per batch shard, but the batch is replicated: build it with batch_shards=1")
+    return inputs_shardings(inputs, mesh, batch_dim=batch_dim, split=shard_rows)
 
 
 def _group_batch_shardings(batch: GroupBatch, mesh, shard_rows: bool) -> GroupBatch:
     """[A, R, ...] arrays shard R over (data, fsdp) (shared prompts [A, P, ...]: P); position_ids [A, 3, R, L]
     too; vision packed per batch shard ([A, S, ...]) and the loss slots [A, S, n] shard S the same way, one
     packed vision sequence is replicated."""
-    inputs, s = _inputs_shardings(batch.inputs, mesh, shard_rows, 1)
+    inputs = _inputs_shardings(batch.inputs, mesh, shard_rows, 1)
+    s = lambda x, dim: along_batch(mesh, x, dim, shard_rows)  # noqa: E731
     return GroupBatch(inputs, s(batch.completion_ids, 1), s(batch.completion_mask, 1), s(batch.advantages, 1),
                       s(batch.old_logps, 1), s(batch.ref_logps, 1),
                       None if batch.slots is None else CompletionSlots(*(s(x, 1) for x in batch.slots)),
                       None if batch.completions is None
-                      else _inputs_shardings(batch.completions, mesh, shard_rows, 1)[0])
+                      else _inputs_shardings(batch.completions, mesh, shard_rows, 1))
 
 
 def local_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
@@ -331,7 +316,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         if agreed != local:  # another process needs more room
             padded, inputs, _ = build(agreed)
         inputs = inputs_with_patch_dtype(inputs, patch_dtype)
-        return padded, place_local_batch(inputs, _inputs_shardings(inputs, mesh, shard_rows, 0)[0], built), agreed
+        return padded, place_local_batch(inputs, _inputs_shardings(inputs, mesh, shard_rows, 0), built), agreed
 
     def group_part(prompts: dict, rollout, floor: dict) -> tuple[GroupBatch, dict, dict]:
         """This process's part of the GroupBatch (its prompts' groups), padded to the sizes every process
