@@ -104,7 +104,6 @@ def worker_torch(workdir: Path, args) -> dict:
 
 def worker_fxjax(workdir: Path, args) -> dict:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     import fxjax
@@ -112,7 +111,7 @@ def worker_fxjax(workdir: Path, args) -> dict:
     from fxjax.model.lora import LoRAConfig, apply_lora
     from fxjax.train.batching import build_step_batch
     from fxjax.train.optimizer import make_optimizer
-    from fxjax.train.step import RNG_IMPL, TrainState, make_train_step, split_model
+    from fxjax.train.step import TrainState, make_train_step, split_model
 
     fw.jax_setup(args)
     data = dict(np.load(workdir / "batch.npz"))
@@ -124,8 +123,7 @@ def worker_fxjax(workdir: Path, args) -> dict:
     graphdef, params, base, rest = split_model(model)
     tx, schedule = make_optimizer(OptimSection(learning_rate=1e-4, warmup_steps=0, schedule="constant",
                                                max_grad_norm=1.0), 1000)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                       jax.random.key_data(jax.random.key(0, impl=RNG_IMPL)))
+    state = TrainState.fresh(params, tx, seed=0)
     step_fn = make_train_step(graphdef, tx, schedule, loss_chunk=args.loss_chunk, remat=args.remat,
                               remat_vision=args.remat)
     host = {k: v for k, v in data.items() if k != "mm_token_type_ids"}

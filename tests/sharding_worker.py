@@ -293,7 +293,6 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
     the step's gradients (with_grads), updated LoRA parameters; plus logits of a forward pass."""
     _setup(8)
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     import fxjax
@@ -302,7 +301,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
     from fxjax.train.batching import batch_shardings, build_step_batch, place_batch
     from fxjax.train.optimizer import make_optimizer
     from fxjax.train.run_setup import init_state
-    from fxjax.train.step import RNG_IMPL, OnMesh, TrainState, make_train_step, split_model
+    from fxjax.train.step import OnMesh, TrainState, make_train_step, split_model
     from fxjax.config_sections import OptimSection
 
     assert jax.device_count() == 8, jax.devices()
@@ -325,8 +324,7 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
         host = build_step_batch(micro, model.config, pad_id=0, batch_shards=shards)
         kw = dict(loss_chunk=loss_chunk, remat=None, remat_vision=None, with_grads=True)
         if mesh is None:
-            state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                               jax.random.key_data(jax.random.key(0, impl=RNG_IMPL)))
+            state = TrainState.fresh(params, tx, seed=0)
             step_fn = make_train_step(graphdef, tx, schedule, **kw)
             placed = jax.device_put(host)
         else:

@@ -832,5 +832,5 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
     assert f"{tmp_path / 'empty'}: not an HF checkpoint directory (no config.json); as a fxjax run: " \
            f"{tmp_path / 'empty'} holds no checkpoints" in capsys.readouterr().err
     assert main(["info", str(staged / "checkpoints" / "3")]) == 2  # (a step's folder: said as such)
-    assert f"is the checkpoint of step 3, not a run: name the run's folder and the step apart" in \
+    assert "is the checkpoint of step 3, not a run: name the run's folder and the step apart" in \
         (err := capsys.readouterr().err) and f"info: fxjax info {staged / 'checkpoints'})" in err

@@ -32,7 +32,7 @@ from fxjax.train.grpo_loss import grpo_loss
 from fxjax.train.grpo_step import LossOptions, completion_logps, make_grpo_step
 from fxjax.train.rollout import (Rollout, build_group_batch, combine_rollout_sums, completion_mask, rollout_metrics,
                                  rollout_sums, update_slot_count)
-from fxjax.train.step import RNG_IMPL, TrainState, split_model
+from fxjax.train.step import TrainState, split_model
 
 G = 3
 N = 5
@@ -161,8 +161,7 @@ def _step_setup(model, prompts, r, n_micro, share_prompts=False):
     graphdef, params, base, rest = split_model(model)
     tx = optax.sgd(1.0)
     params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the model's own arrays
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                       jax.random.key_data(jax.random.key(0, impl=RNG_IMPL)))
+    state = TrainState.fresh(params, tx, seed=0)
     batch, _ = build_group_batch(prompts, r, model.config, num_generations=G, n_micro=n_micro, floor={},
                                  share_prompts=share_prompts)
     return graphdef, tx, state, base, rest, batch

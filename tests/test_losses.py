@@ -186,8 +186,7 @@ def test_a_skipped_update_keeps_the_moments_and_still_advances_the_schedule():
 def _step(model, micro_batches, remat=None, floor=None, with_grads=False):
     graphdef, params, base, rest = split_model(model)
     tx, schedule = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0), 10)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                       jax.random.key_data(jax.random.key(0, impl="rbg")))
+    state = TrainState.fresh(params, tx, seed=0)
     step = make_train_step(graphdef, tx, schedule, loss_chunk=16, remat=remat, remat_vision=remat,
                            with_grads=with_grads)
     batch = build_step_batch(micro_batches, model.config, 0, floor=floor)

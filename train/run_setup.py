@@ -42,7 +42,7 @@ from fxjax.train.export import check_export_targets
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.resume import check_resume_mesh, other_phase_message, process_rows_per_batch, resume_run
 from fxjax.train.resume_check import WATCHED
-from fxjax.train.step import RNG_IMPL, TrainState
+from fxjax.train.step import TrainState
 from fxjax.config_mapping import ConfigError
 from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR,
                              committed_steps, resumes_from_kept_start, saved_run_kind, start_step_text)
@@ -288,9 +288,7 @@ def init_state(params, base, rest, tx, *, seed: int, mesh) -> tuple[TrainState, 
     opt_sh = opt_state_shardings(tx, params, params_sh, replicated)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     state_sh = TrainState(replicated, params_sh, opt_sh, replicated)
-    rng = jax.random.key_data(jax.random.key(seed, impl=RNG_IMPL))
-    state = TrainState(put(np.zeros((), np.int32), replicated), params, opt_state, put(np.asarray(rng), replicated))
-    state = jax.tree.map(place, state_sh, state)
+    state = jax.tree.map(place, state_sh, TrainState.fresh(params, tx, seed, opt_state))
     shardings = StateShardings(state_sh, param_shardings(base, mesh), jax.tree.map(lambda _: replicated, rest),
                                replicated)
     return state, shardings

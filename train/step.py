@@ -43,6 +43,13 @@ class TrainState(NamedTuple):
     opt_state: Any
     rng: jax.Array  # uint32 key data of the run's root key
 
+    @classmethod
+    def fresh(cls, params, tx, seed: int, opt_state=None) -> "TrainState":
+        """The state a run starts from: step 0, `opt_state` (default: tx.init(params)) and the root key of
+        `seed` (train.run_setup.init_state places it on a mesh)."""
+        return cls(jnp.zeros((), jnp.int32), params, tx.init(params) if opt_state is None else opt_state,
+                   jax.random.key_data(jax.random.key(seed, impl=RNG_IMPL)))
+
 
 def split_model(model):
     """(graphdef, LoRA params, base params and other parameters, rest) of a model with LoRA adapters."""
