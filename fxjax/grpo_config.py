@@ -130,6 +130,10 @@ class GRPOSection:
     def validate(self, where: str) -> None:
         for name in ("num_generations", "max_completion_length", "num_iterations"):
             check_positive(getattr(self, name), f"{where}.{name}")
+        for name in ("temperature", "top_p", "epsilon", "epsilon_high", "beta", "delta"):
+            value = getattr(self, name)  # (NaN passes every comparison's negation test; inf passes most)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{where}.{name}: must be a finite number, got {value}")
         check_seed(self.seed, f"{where}.seed")
         if self.num_generations < 2:  # one sample per prompt: every advantage is 0, nothing is learned
             raise ConfigError(f"{where}.num_generations: must be >= 2 (the advantage compares a prompt's "

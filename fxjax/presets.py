@@ -63,4 +63,7 @@ def load_preset(name_or_path: str | Path) -> Qwen25VLConfig:
         data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise PresetError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(data, dict) or not data:  # (an empty file read as every default: a 7B-sized model)
+        raise PresetError(f"{path}: a model preset is a mapping of the model's settings (vision:, text:, ...), "
+                          f"got {'an empty file' if data is None or data == {} else type(data).__name__}")
     return config_from_yaml_dict(data, str(path))

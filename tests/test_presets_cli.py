@@ -58,6 +58,17 @@ def test_preset_errors_name_the_key():
         load_preset("no-such-preset")
 
 
+def test_an_empty_preset_file_is_refused_not_read_as_every_default(tmp_path):
+    """(An empty preset YAML gave the model config's defaults: `fxjax info empty.yaml` described an 8.3B model
+    and `--preset empty.yaml` would have built one.)"""
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(PresetError, match=r"empty.yaml: a model preset is a mapping .*, got an empty file"):
+        load_preset(tmp_path / "empty.yaml")
+    with pytest.raises(PresetError, match=r"list.yaml: a model preset is a mapping .*, got list"):
+        load_preset(tmp_path / "list.yaml")
+
+
 def test_random_init_exports_a_checkpoint_transformers_loads(tmp_path):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration

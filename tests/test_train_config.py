@@ -303,6 +303,10 @@ def test_grpo_needs_two_completions_per_prompt():
         grpo_from_dict({**data, "grpo": {"seed": 2**32}})
     with pytest.raises(ConfigError, match=r"grpo.epsilon_high: must be >= 0 or null, got -0.5"):
         grpo_from_dict({**data, "grpo": {"epsilon_high": -0.5}})  # (a clip range turned over)
+    for key, value in (("beta", float("nan")), ("temperature", float("inf")), ("delta", float("inf")),
+                       ("epsilon_high", float("inf"))):  # (they passed, and failed a step later, or never)
+        with pytest.raises(ConfigError, match=rf"grpo.{key}: must be a finite number, got {value}"):
+            grpo_from_dict({**data, "grpo": {key: value}})
     with pytest.raises(ConfigError, match=r"train.seed: a seed must be in \[0, 2\*\*32\), got -1"):
         grpo_from_dict({**data, "train": {"seed": -1}})  # (GRPO checks its train section itself)
 
