@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
-from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed
+from fxjax.config_mapping import ConfigError, build_config, check_positive, check_seed, load_yaml
 from fxjax.rewards.scoring import KEYS as SCORE_KEYS
 from fxjax.rewards.stages import RewardWeights
 from fxjax.config_sections import EvalSection, TrainSection, steps_for_epochs
@@ -160,6 +160,31 @@ class GRPOSection:
         names = [f.name for f in self.reward_funcs]
         if len(set(names)) < len(names):
             raise ConfigError(f"{where}.reward_funcs: each needs a name of its own, got {names}")
+
+
+def read_reward_config(path: str | None) -> dict:
+    """The reward config a GRPO run scores with (grpo.reward_config; None: the shipped configs/rewards.yaml),
+    read as the run configs are (fxjax.config_mapping.load_yaml: a key given twice, the second of which won,
+    is an error, and 010 or 1:30 are the integers YAML 1.2 reads, not YAML 1.1's 8 and 90) and checked key
+    by key (rewards.load_config), every error naming the file."""
+    import yaml
+
+    from fxjax.rewards.stages import CONFIG_PATH, load_config
+
+    file = Path(path) if path is not None else CONFIG_PATH
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reward config {file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
+        raise ValueError(f"reward config {file}: cannot be read ({getattr(err, 'strerror', None) or err})") from None
+    try:
+        values = load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"reward config {file}: invalid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: expected a mapping with a 'stages' key")
+    return load_config(values, name=str(file))
 
 
 def _default_stages() -> tuple[StageSection, ...]:

@@ -150,12 +150,13 @@ def config_name(config: ConfigLike) -> str:
     return MAPPING_NAME if isinstance(config, Mapping) else str(config or CONFIG_PATH)
 
 
-def load_config(path: ConfigLike = None) -> dict:
+def load_config(path: ConfigLike = None, name: Optional[str] = None) -> dict:
     """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`), checked key by key; a mapping
-    (values `load_config` returned before) is checked and copied."""
+    (a YAML file's values, read otherwise, or what `load_config` returned before) is checked, its errors
+    naming it `name`, and copied."""
     if isinstance(path, Mapping):
         values = copy.deepcopy(dict(path))
-        _check_config(values, MAPPING_NAME)
+        _check_config(values, name or MAPPING_NAME)
         return values
     if path is None:
         if not CONFIG_PATH.is_file():

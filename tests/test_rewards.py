@@ -554,6 +554,32 @@ def test_a_reward_config_given_as_values_scores_as_its_file_and_is_checked_as_on
     assert load_stage("alpha", values).w_iou == 1.0
 
 
+def test_a_runs_reward_file_is_read_as_its_config_is(tmp_path):
+    """fxjax.grpo_config.read_reward_config, what `fxjax grpo` reads its reward file with: a key given twice
+    (the second alpha won, silently) and YAML 1.1's integers (010 was 8, 1:30 was 90) as the run config
+    loader reads them, every error naming the file."""
+    from fxjax.grpo_config import read_reward_config
+
+    text = CONFIG_PATH.read_text()
+    assert read_reward_config(None) == load_config()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "eta: 5\n")
+    with pytest.raises(ValueError, match=rf"reward config {twice}: invalid YAML .*eta"):
+        read_reward_config(str(twice))
+    octal = tmp_path / "octal.yaml"
+    octal.write_text(text.replace("label_plus: 2.0", "label_plus: 010", 1))
+    assert read_reward_config(str(octal))["stages"]["beta"]["label_plus"] == 10  # (safe_load: 8)
+    for bad, message in (("- 1\n", "expected a mapping with a 'stages' key"), ("", "expected a mapping"),
+                         (text.replace("w_iou: 1.0", "w_iou: -1.0", 1), r"stages.alpha.w_iou: must be >= 0")):
+        (tmp_path / "bad.yaml").write_text(bad)
+        with pytest.raises(ValueError, match=rf"{tmp_path / 'bad.yaml'}: {message}"):
+            read_reward_config(str(tmp_path / "bad.yaml"))
+    with pytest.raises(FileNotFoundError, match=rf"reward config {tmp_path / 'none.yaml'} does not exist"):
+        read_reward_config(str(tmp_path / "none.yaml"))
+    with pytest.raises(ValueError, match=rf"reward config {tmp_path}: cannot be read"):
+        read_reward_config(str(tmp_path))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"w_iou": float("nan")}, r"reward weights: w_iou: must be a finite number, got nan"),
     ({"w_iou": True}, r"reward weights: w_iou: must be a finite number, got True"),

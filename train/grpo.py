@@ -53,13 +53,12 @@ from fxjax.data.formats import IM_END
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.distributed import allgather_json, gather_json_to_main
-from fxjax.grpo_config import GRPOConfig, GRPOSection
+from fxjax.grpo_config import GRPOConfig, GRPOSection, read_reward_config
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.run_files import REWARDS_KEY, kept_stage_end_steps
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, along_batch, batch_spec, inputs_shardings, make_mesh, use_mesh
-from fxjax import rewards
 from fxjax.train import faults
 from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, inputs_with_patch_dtype,
                                   place_local_batch, process_rows, with_patch_dtype)
@@ -213,9 +212,9 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     # The reward config is read once, now (a bad file reported before the model loads): every step scores
     # with these values and every checkpoint records them, so an edit of the file during the run changes
     # nothing, and a resume after one says which weight changed.
-    reward_values = rewards.load_config(g.reward_config)
+    reward_values = read_reward_config(g.reward_config)
     if g.schedule == "continuous":
-        stage_weights(cfg, 0, reward_values)
+        stage_weights(cfg, 0, g.reward_config)  # (its error names the file)
     else:
         from fxjax.rewards.stages import missing_stage
 
