@@ -39,6 +39,8 @@ def test_a_function_that_does_not_import_is_named_before_the_model_loads(tmp_pat
     (tmp_path / "my_rewards.py").write_text("def brevity(completions, **kwargs):\n    return [0.0] * len(completions)\n"
                                             "NOT_A_FUNCTION = 3\n")
     (tmp_path / "broken_rewards.py").write_text("import no_such_package\n")
+    (tmp_path / "odd_rewards.py").write_text("def nokw(completions):\n    return [0.0] * len(completions)\n"
+                                            "def some(completions, *, label, boxes):\n    return []\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = config({"name": "brevity", "function": "my_rewards:brevity", "weight": 0.5})
     (func,) = load_reward_funcs(cfg.grpo.reward_funcs)
@@ -47,7 +49,11 @@ def test_a_function_that_does_not_import_is_named_before_the_model_loads(tmp_pat
                           ("broken_rewards:f", r"cannot import 'broken_rewards' \(ModuleNotFoundError: No module "
                                                r"named 'no_such_package'\)"),
                           ("my_rewards:nope", r"my_rewards has no function 'nope'"),
-                          ("my_rewards:NOT_A_FUNCTION", r"my_rewards has no function 'NOT_A_FUNCTION'")):
+                          ("my_rewards:NOT_A_FUNCTION", r"my_rewards has no function 'NOT_A_FUNCTION'"),
+                          # a signature that cannot take the columns: said now, not after a step's sampling
+                          ("odd_rewards:nokw", r"odd_rewards:nokw cannot be called as a reward function is \(got an "
+                                               r"unexpected keyword argument 'label'\): define it as def nokw"),
+                          ("odd_rewards:some", r"unexpected keyword argument 'captions'")):
         with pytest.raises(ConfigError, match=message):
             load_reward_funcs(config({"name": "x", "function": spec}).grpo.reward_funcs)
 
@@ -77,6 +83,10 @@ def test_the_terms_are_added_to_the_total_with_each_completions_columns():
     assert seen["captions"] == [["warped fingers"]] * 2 + [[]] * 2
     assert seen["tags"] == [["texture quality"]] * 2 + [[]] * 2
     for bad, message in ((lambda c, **k: [1.0] * 3, r"brevity \(m:brevity\) returned \(3,\) values for 4 completions"),
+                         (lambda c, **k: ["0", "1", "0", "1"], r"returned '0' for completion 0 \(of t.jsonl:1\): give a number"),
+                         (lambda c, **k: [True] * 4, r"returned True for completion 0"),
+                         (lambda c, **k: (len(x) for x in c), r"returned a generator: give a list of 4 numbers"),
+                         (lambda c, **k: exit(0), r"brevity \(m:brevity\) failed on 4 completions: SystemExit"),
                          (lambda c, **k: [0.0, float("nan"), 0, 0], r"returned nan for completion 1 \(of t.jsonl:1\)"),
                          (lambda c, **k: 1 / 0, r"brevity \(m:brevity\) failed on 4 completions: ZeroDivisionError")):
         with pytest.raises((ValueError, RuntimeError), match=message):

@@ -21,6 +21,8 @@ the step (metrics.jsonl).
 from __future__ import annotations
 
 import importlib
+import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,7 +30,23 @@ import numpy as np
 
 from fxjax.config_mapping import ConfigError
 
-__all__ = ["RewardFunc", "add_reward_funcs", "load_reward_funcs"]
+__all__ = ["COLUMNS", "RewardFunc", "add_reward_funcs", "load_reward_funcs"]
+
+COLUMNS = ("label", "boxes", "captions", "tags", "record")  # the keyword arguments a function gets
+
+
+def _call_problem(function) -> str | None:
+    """Why `function` cannot take a step's completions and the COLUMNS keywords (a wrong signature was found
+    only after the model had loaded, compiled and sampled its first step), None when it can."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # (a builtin or C function without one: called as it is)
+        return None
+    try:
+        signature.bind([], **dict.fromkeys(COLUMNS))
+    except TypeError as err:
+        return str(err)
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,8 +71,28 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
         function = getattr(module, attr, None)
         if not callable(function):
             raise ConfigError(f"{where}[{i}].function: {module_name} has no function {attr!r}")
+        problem = _call_problem(function)
+        if problem:
+            raise ConfigError(f"{where}[{i}].function: {section.function} cannot be called as a reward function is "
+                              f"({problem}): define it as def {attr}(completions, *, {', '.join(COLUMNS)}) or "
+                              f"def {attr}(completions, **kwargs)")
         out.append(RewardFunc(section.name, function, float(section.weight), section.function))
     return tuple(out)
+
+
+def _numbers(raw: Any, func: RewardFunc, n: int, records: Sequence[str]) -> np.ndarray:
+    """A function's values as float64, when they are one int or float per completion (a string that reads
+    as a number, or a bool, was taken as one without a word)."""
+    where = f"grpo.reward_funcs {func.name} ({func.spec})"
+    if isinstance(raw, (str, bytes)) or not hasattr(raw, "__len__"):
+        raise ValueError(f"{where} returned a {type(raw).__name__}: give a list of {n} numbers, one per completion")
+    if np.shape(raw) != (n,):
+        raise ValueError(f"{where} returned {np.shape(raw)} values for {n} completions: give one number per "
+                         "completion")
+    for i, value in enumerate(raw):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
+            raise ValueError(f"{where} returned {value!r} for completion {i} (of {records[i]}): give a number")
+    return np.asarray(raw, np.float64)
 
 
 def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc], completions: Sequence[str],
@@ -66,7 +104,7 @@ def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc],
     if not funcs:
         return scores
     n = len(completions)
-    columns = {"label": [t["label"] for t in targets for _ in range(num_generations)],
+    columns = {"label": [t["label"] for t in targets for _ in range(num_generations)],  # (COLUMNS, in order)
                "boxes": [np.asarray(t["boxes"], np.float64) for t in targets for _ in range(num_generations)],
                "captions": [list(m["captions"]) for m in metas for _ in range(num_generations)],
                "tags": [list(m["tags"]) for m in metas for _ in range(num_generations)],
@@ -75,13 +113,11 @@ def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc],
     total = np.asarray(out["total"], np.float64).copy()
     for func in funcs:
         try:
-            values = np.asarray(func.function(list(completions), **columns), np.float64)
-        except Exception as err:
+            raw = func.function(list(completions), **columns)
+        except (Exception, SystemExit) as err:  # (a sys.exit in the function: not the run's exit status)
             raise RuntimeError(f"grpo.reward_funcs {func.name} ({func.spec}) failed on {n} completions: "
                                f"{type(err).__name__}: {err}") from err
-        if values.shape != (n,):
-            raise ValueError(f"grpo.reward_funcs {func.name} ({func.spec}) returned {values.shape} values for {n} "
-                             "completions: give one number per completion")
+        values = _numbers(raw, func, n, columns["record"])
         if not np.isfinite(values).all():
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
             raise ValueError(f"grpo.reward_funcs {func.name} ({func.spec}) returned {values[bad]} for completion "
