@@ -357,6 +357,23 @@ def test_a_run_whose_starting_adapter_moved_exports_from_its_own_copy(setup, str
         load_run(moved.parent)
 
 
+def test_a_resume_with_renamed_stages_keeps_the_names_its_checkpoints_were_trained_under():
+    """Resumed at step 2 of alpha x1, beta x1 with stages gamma x1, beta x2: every later checkpoint recorded
+    gamma ending at 1 (the model that finished alpha, under `--step gamma`) and alpha nowhere."""
+    from fxjax.train.grpo_stages import trained_stage_ends
+
+    said = []
+    ends = trained_stage_ends([("alpha", 1), ("beta", 2)], [("gamma", 1), ("beta", 3)], 2, said.append)
+    assert ends == [("alpha", 1), ("beta", 2), ("beta", 3)]  # (beta twice: --step beta asks for the number)
+    assert said == ["warning: the stages ended by step 2 keep the names and ends they were trained under (alpha "
+                    "at step 1, beta at step 2), whatever the stages list now says; fxjax eval, detect and "
+                    "export's --step STAGE find them so"]
+    said.clear()  # unchanged stages, or a stage lengthened past the step resumed from: nothing to say
+    assert trained_stage_ends([("alpha", 1), ("beta", 2)], [("alpha", 1), ("beta", 4)], 1, said.append) == \
+        [("alpha", 1), ("beta", 4)]
+    assert trained_stage_ends(None, [("alpha", 3)], 2, said.append) == [("alpha", 3)] and said == []
+
+
 def test_updates_done_counts_steps_and_rejects_a_foreign_count():
     from fxjax.train.grpo import updates_done
 

@@ -56,7 +56,7 @@ from fxjax.distributed import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection, read_reward_config
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
-from fxjax.run_files import REWARDS_KEY, kept_stage_end_steps
+from fxjax.run_files import REWARDS_KEY, RunLoadError, kept_stage_end_steps, recorded_stage_ends
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, along_batch, batch_spec, inputs_shardings, make_mesh, use_mesh
 from fxjax.train import faults
@@ -65,7 +65,7 @@ from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, 
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
 from fxjax.train.grpo_stages import (reward_record, say_stage_weights, stage_weights, stages_in_steps,
-                                     weights_metrics)
+                                     trained_stage_ends, weights_metrics)
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make_grpo_step, make_logps_fn
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
@@ -184,6 +184,14 @@ def batch_order(name: str, mine: ProcessRows, rows: list, *, main_only: bool = F
     return [row for s in sorted(by_shard) for row in by_shard[s]]
 
 
+def _recorded_stage_ends(checkpoint_dir, step: int):
+    """The stage ends the checkpoint of `step` records (None when it records none it can say)."""
+    try:
+        return recorded_stage_ends(checkpoint_dir, step)
+    except RunLoadError:
+        return None
+
+
 def _batch_rewards(mine: ProcessRows):
     """For scale_rewards "batch" when each process scores only its rows: this process's total rewards ->
     (every process's, in the global batch's order; the positions of this process's rows in them), through
@@ -270,6 +278,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         log=say, watched=GRPO_WATCHED, recorded=resolved,
         # this config's stage ends, and those the checkpoints record (a resume with changed stages keeps them)
         preserve=sorted({end for _, end in ends} | kept_stage_end_steps(cfg.checkpoint_dir)))
+    if latest:
+        ends = trained_stage_ends(_recorded_stage_ends(checkpointer.directory, latest), ends, latest, say)
     result = GRPOResult(steps=0, total_steps=steps_total, checkpoint_dir=str(checkpointer.directory),
                        resumed_from=latest)
     step_now = updates_done(int(jax.device_get(state.step)), g.num_iterations, latest)

@@ -15,7 +15,8 @@ from fxjax.grpo_config import GRPOConfig
 from fxjax.rewards.stages import ConfigLike
 from fxjax.train.run_setup import evaluates
 
-__all__ = ["reward_record", "say_stage_weights", "stage_weights", "stages_in_steps", "weights_metrics"]
+__all__ = ["reward_record", "say_stage_weights", "stage_weights", "stages_in_steps", "trained_stage_ends",
+           "weights_metrics"]
 
 
 def stage_weights(cfg: GRPOConfig, step: int, reward_config: ConfigLike = None) -> tuple[str, rewards.RewardWeights]:
@@ -27,6 +28,22 @@ def stage_weights(cfg: GRPOConfig, step: int, reward_config: ConfigLike = None) 
         return "continuous", rewards.continuous_weights(step, cfg.total_steps, config)
     _, stage = cfg.stage_at(step)
     return stage.name, rewards.load_stage(stage.name, config)
+
+
+def trained_stage_ends(recorded: Sequence[tuple[str, int]] | None, planned: Sequence[tuple[str, int]],
+                       resumed_at: int, say: Callable[[str], None]) -> list[tuple[str, int]]:
+    """The stage ends a run resumed at step `resumed_at` records in its checkpoints: those its checkpoint
+    `recorded` up to that step (the stages those steps were trained under, whatever this config calls them:
+    a resume that renamed them put the new names on checkpoints trained under the old, and `--step gamma`
+    picked the model that had finished alpha), then this config's `planned` ones after it."""
+    if recorded is None:
+        return list(planned)
+    done = [(name, end) for name, end in recorded if end <= resumed_at]
+    if done != [(name, end) for name, end in planned if end <= resumed_at]:
+        say(f"warning: the stages ended by step {resumed_at} keep the names and ends they were trained under "
+            f"({', '.join(f'{n} at step {e}' for n, e in done) or 'none'}), whatever the stages list now says; "
+            "fxjax eval, detect and export's --step STAGE find them so")
+    return done + [(name, end) for name, end in planned if end > resumed_at]
 
 
 def reward_record(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
