@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fxjax {args.command}: error: {err}{_record_hint(err, args)}", file=sys.stderr)
         _leave_run(err, 2)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C outside a training loop's steps (loading, compiling, decoding)
+        _interrupted(args.command, err)
     except BaseException as err:
         _leave_run(err, 1, with_traceback=True)
         raise
@@ -315,6 +317,24 @@ def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
     sets = "".join(f" --set {shlex.quote(item)}" for item in (getattr(args, "set", None) or []))
     return (f" [{err.kind}] (`fxjax data check --config {args.config}{sets}` lists every invalid record; "
             f"--set data.on_error=skip trains without them)")
+
+
+INTERRUPTED = 130  # a shell's status for a command ended by SIGINT
+
+
+def _interrupted(command: str, err: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line and exit status 130, at once. A normal exit tore XLA down under a compilation still
+    running in its threads (a segmentation fault, status 139, whenever the interrupt landed in one) and
+    printed a traceback. What a command leaves is safe to stop at any point: exports are written aside and
+    renamed, an eval resumes from its predictions, a training run saves on the first Ctrl-C by itself."""
+    import os
+
+    print(f"\nfxjax {command}: interrupted (Ctrl-C); running the same command again resumes or redoes it",
+          file=sys.stderr)
+    _leave_run(err, INTERRUPTED)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 def _leave_run(err: BaseException, code: int, *, with_traceback: bool = False) -> None:

@@ -213,3 +213,16 @@ def test_a_training_runs_invalid_record_names_its_kind_and_how_to_see_every_one(
     assert f"fxjax sft: error: {data}:2: missing image: " in err
     assert (f" [image_missing] (`fxjax data check --config {config} --set data.seed=3` lists every invalid record; "
             f"--set data.on_error=skip trains without them)") in err  # (with the run's own --set: its files)
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130():
+    """A KeyboardInterrupt out of a command (Ctrl-C while a model loads, compiles or decodes) printed a
+    traceback, and when it landed in an XLA compilation the interpreter's exit crashed (status 139)."""
+    code = ("import sys, fxjax.commands.report as report\n"
+            "def run(args):\n    raise KeyboardInterrupt\n"
+            "report.run = run\n"
+            "from fxjax.cli import main\nsys.exit(main(['report', '.']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == ("fxjax report: interrupted (Ctrl-C); running the same command again resumes or "
+                                   "redoes it") and "Traceback" not in proc.stderr
