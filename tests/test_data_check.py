@@ -57,7 +57,9 @@ def test_good_dataset(capsys, tmp_path, tokenizer_dir):
     assert (f"of them {len(IMAGES)} whose prompt with its image tokens alone reaches max_length, so training drops "
             f"them whatever it cuts (e.g. {path}:1): lower data.max_pixels (--max-pixels) or raise data.max_length"
             ) in out
-    assert "OK: 0 of 4 records invalid" in out
+    # every valid record dropped: nothing to train on, which "OK" and exit 0 hid
+    assert rc == 1 and ("FAILED: 0 of 4 records invalid; training would drop every valid one (4) as too long for "
+                        "max_length 20") in out
 
     # data.long_images "shrink" (the default): the images that leave an example over max_length are shrunk, so
     # fewer are over it, and the lengths are those of the examples the pipeline builds (long_samples "drop":

@@ -41,7 +41,8 @@ of the root, are refused unless --allow-absolute-paths is given. The record form
 _EPILOG = """\
 exit status:
   0  every record is valid
-  1  at least one record is invalid (all of them are listed)
+  1  at least one record is invalid (all of them are listed), or (with a tokenizer) every valid one is too
+     long for max_length whatever training cuts: nothing would train
   2  the check could not run (a missing or empty file, a bad option, a missing tokenizer)
 
 examples:
@@ -277,7 +278,9 @@ def _by_label(records) -> str:
     return ", ".join(f"{k} {labels[k]}" for k in ("real", "generated") if labels[k])
 
 
-def _describe_tokens(records, cfg, bins: int) -> list[str]:
+def _describe_tokens(records, cfg, bins: int) -> tuple[list[str], int]:
+    """(the token-length lines, how many records training drops whatever it cuts: GRPO prompts over
+    max_length, SFT examples whose prompt alone reaches it)."""
     from fxjax.data.examples import ExampleBuilder, empty_written_box
 
     builder = ExampleBuilder(cfg, len(records))
@@ -314,8 +317,8 @@ def _describe_tokens(records, cfg, bins: int) -> list[str]:
         lines.append(f"  of them {len(prompt_over)} whose prompt with its image tokens alone reaches max_length, so "
                      f"training drops them whatever it cuts (e.g. {prompt_over[0]}): "
                      + ("lower data.max_pixels (--max-pixels) or raise data.max_length" if cfg.long_images == "drop"
-                        else "raise data.max_length"))
-    return lines + _histogram(totals, bins)
+                        else "raise data.max_length, or lower data.min_pixels (shrinking stops there)"))
+    return lines + _histogram(totals, bins), len(over) if prompts_only else len(prompt_over)
 
 
 def _describe_image_tokens(records, cfg) -> list[str]:
@@ -409,10 +412,12 @@ def run(args: argparse.Namespace) -> int:
              f"records: {report.lines}, valid {len(records)}, invalid {invalid}"]
     if invalid:
         lines.append("  invalid by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(report.counts().items())))
+    unusable = 0  # valid records that training would drop all the same (too long whatever it cuts)
     if records:
         lines += _describe_records(records, args.bins)
         if cfg.tokenizer:
-            lines += _describe_tokens(records, cfg, args.bins)
+            token_lines, unusable = _describe_tokens(records, cfg, args.bins)
+            lines += token_lines
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
                           "`fxjax init` writes)", *_describe_image_tokens(records, cfg)]
@@ -423,7 +428,10 @@ def run(args: argparse.Namespace) -> int:
     if invalid:
         lines += ["", f"invalid records ({invalid}):"]
         lines += [f"  {e.where}: [{e.kind}] {e.problem}" for e in report.skipped]
-    lines += ["", f"{'FAILED' if invalid else 'OK'}: {invalid} of {report.lines} records invalid"
+    nothing_left = bool(records) and unusable == len(records)  # (valid, every one, yet nothing to train on)
+    lines += ["", f"{'FAILED' if invalid or nothing_left else 'OK'}: {invalid} of {report.lines} records invalid"
+              + (f"; training would drop every valid one ({unusable}) as too long for max_length {cfg.max_length}"
+                 if nothing_left else "")
               + (f"; {len(warnings)} warning(s) above" if warnings else "")]
     print("\n".join(lines))
-    return 1 if invalid else 0
+    return 1 if invalid or nothing_left else 0
