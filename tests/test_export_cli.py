@@ -240,7 +240,8 @@ def test_export_on_a_multi_device_host_places_the_run_on_every_device(two_proces
                 np.testing.assert_array_equal(two[name], one[name], err_msg=f"{other} {part} {name}")
 
 
-def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_process_run, tmp_path, capsys):
+def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_process_run, tmp_path, capsys,
+                                                                         monkeypatch):
     assert main(["export", "--run", str(two_process_run), "--step", "7", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "step 7 has no checkpoint in" in err and "steps that exist: 2, 3" in err
@@ -279,6 +280,23 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
     (broken / "checkpoints" / "2" / "config" / "config.json").unlink()
     assert main(["export", "--run", str(broken), "--step", "2", "--out", str(tmp_path / "z")]) == 2
     assert "step 2 in" in (err := capsys.readouterr().err) and "is incomplete or corrupted" in err
+
+    # a step pruned while it is read (a run still training there, checkpoint.keep): not called corrupted
+    import orbax.checkpoint as ocp
+
+    live = tmp_path / "live"
+    shutil.copytree(two_process_run / "checkpoints", live / "checkpoints")
+    restore = ocp.Checkpointer.restore
+
+    def pruned_meanwhile(self, *args, **kwargs):
+        shutil.rmtree(live / "checkpoints" / "2")
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.Checkpointer, "restore", pruned_meanwhile)
+    assert main(["export", "--run", str(live), "--step", "2", "--out", str(tmp_path / "t"), "--adapter-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint of step 2 in {live / 'checkpoints'} was removed while it was read: a run still training " \
+           "there keeps only its newest checkpoints (checkpoint.keep); give a step it keeps (steps now: 3)" in err
 
     assert main(["export", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "w")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -318,6 +318,11 @@ def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> 
     except RunLoadError:
         raise
     except Exception as err:  # orbax raises many types for missing or damaged files; the message says which
+        if not (ckpt / str(step)).exists():  # (not damaged: a run still writing there pruned it meanwhile)
+            raise RunLoadError(f"the checkpoint of step {step} in {ckpt} was removed while it was read: a run still "
+                               f"training there keeps only its newest checkpoints (checkpoint.keep); give a step it "
+                               f"keeps (steps now: {steps_text(committed_steps(ckpt))}) or wait for it to end"
+                               ) from err
         raise RunLoadError(f"the checkpoint of step {step} in {ckpt} cannot be restored (incomplete or corrupted: "
                            f"{brief_error(err)}); steps that exist: {steps_text(steps)}"
                            ) from err
