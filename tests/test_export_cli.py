@@ -766,16 +766,16 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
 def test_several_steps_each_get_a_folder_of_their_own():
     """Two --step values whose folders would be one (a stage named like a step's folder) or a stage name
     that is not a folder name are refused, naming the step number to give instead."""
-    from fxjax.commands.eval import _check_distinct_steps, step_folder
+    from fxjax.commands.eval_steps import check_distinct_steps, step_folder
 
     assert (step_folder("alpha"), step_folder(300)) == ("alpha", "step-300")
     with pytest.raises(ValueError, match=r"step-3 and 3 would both be evaluated into --out/step-3; give the step "
                                          r"number \(3\)"):
-        _check_distinct_steps(["step-3", 3], [2, 3])
+        check_distinct_steps(["step-3", 3], [2, 3])
     for name in ("..", "a/b", "."):
         with pytest.raises(ValueError, match=f"--step {re.escape(name)}: the stage's name is not a folder name"):
-            _check_distinct_steps([name, 5], [4, 5])
-    _check_distinct_steps(["alpha", "beta", 7], [2, 4, 7])
+            check_distinct_steps([name, 5], [4, 5])
+    check_distinct_steps(["alpha", "beta", 7], [2, 4, 7])
 
 
 def test_a_run_given_relative_paths_loads_from_any_folder(two_process_run, tiny_vl_dir, tmp_path, monkeypatch, capsys):

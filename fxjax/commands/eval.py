@@ -440,43 +440,25 @@ def run(args: argparse.Namespace) -> int:
         args.max_new_tokens = max(d.max_new_tokens for d in detectors)
     settings = [settings_of(args, d.source, d.data, d.tokenizer) for d in detectors]  # (hashes the data: once)
     if len(detectors) > 1:
-        _check_distinct_steps(steps, [d.source["step"] for d in detectors])
+        from fxjax.commands.eval_steps import check_distinct_steps, evaluate_steps, step_folder
+
+        check_distinct_steps(steps, [d.source["step"] for d in detectors])
         if not args.fresh:  # a folder that would refuse its step: said now, not after the steps before it ran
             for value, step_settings in zip(steps, settings):
                 require_same_settings(Path(args.out) / step_folder(value), step_settings)
     args.batch_size = detectors[0].batch_size(args.batch_size, default=8)  # checked before any weights load
     out = Path(args.out)
     if len(detectors) == 1:
-        summary = _evaluate_detector(args, records, report, detectors[0], settings[0], out, say)
+        summary = evaluate_detector(args, records, report, detectors[0], settings[0], out, say)
         from fxjax.detection_metrics import metrics_table
 
         print(metrics_table(summary))
         print(f"\nwrote {out / METRICS} and {out / PREDICTIONS} ({summary['examples']} images)")
         return 0
-    return _evaluate_steps(args, records, report, detectors, settings, steps, out, say)
+    return evaluate_steps(args, records, report, detectors, settings, steps, out, say)
 
 
-def _check_distinct_steps(given: list, resolved: list[int]) -> None:
-    """Several --step values: each a checkpoint of its own, each with a folder of its own under --out."""
-    seen: dict[int, Any] = {}
-    folders: dict[str, Any] = {}
-    for value, step in zip(given, resolved):
-        if step in seen:
-            if seen[step] == value:
-                raise ValueError(f"--step: {value} is given twice; give each step once")
-            raise ValueError(f"--step: {seen[step]} and {value} name the same checkpoint (step {step}); give it once")
-        seen[step] = value
-        folder = step_folder(value)
-        if folder in (".", "..") or Path(folder).name != folder or "\\" in folder:
-            raise ValueError(f"--step {value}: the stage's name is not a folder name; with several --step values "
-                             f"each is evaluated into --out/<stage>: give its step number ({step}) instead")
-        if folder in folders:
-            raise ValueError(f"--step: {folders[folder]} and {value} would both be evaluated into --out/{folder}; "
-                             f"give the step number ({step}) instead of the stage's name")
-        folders[folder] = value
-
-
-def _evaluate_detector(args, records, report, detector, settings: dict, out: Path, say, after=None) -> dict:
+def evaluate_detector(args, records, report, detector, settings: dict, out: Path, say, after=None) -> dict:
     """`evaluate` of one detector (`settings`: its `settings_of`) into `out` (its weights loaded only when
     something is left to decode; `after`: a loaded detector of another step of the run, whose model it
     reuses, `Detector.load`)."""
@@ -493,33 +475,3 @@ def _evaluate_detector(args, records, report, detector, settings: dict, out: Pat
         summary["invalid_records"] = [str(e) for e in report.skipped]
         (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
-
-
-def step_folder(value: int | str) -> str:
-    """The subfolder of --out for one of several --step values: the stage's name, or step-N."""
-    return f"step-{value}" if isinstance(value, int) else str(value)
-
-
-def _evaluate_steps(args, records, report, detectors, settings: list[dict], steps: list, out: Path, say) -> int:
-    """Several steps of one run, each into out/<step_folder>, on one loaded model (each step's LoRA swapped
-    in: `Detector.load(after=...)`); then a table with a row per step and out/eval_report.png, in step order
-    (as `fxjax report OUT` draws them)."""
-    from fxjax.commands.eval_report import EVAL_REPORT_FILE, step_label, write_eval_report
-    from fxjax.detection_metrics import steps_table
-
-    rows, loaded = [], None
-    for value, detector, step_settings in zip(steps, detectors, settings):
-        folder = out / step_folder(value)
-        say(f"step {detector.source['step']}" + (f" (the end of stage {value})" if isinstance(value, str) else "")
-            + f" -> {folder}")
-        summary = _evaluate_detector(args, records, report, detector, step_settings, folder, say, after=loaded)
-        loaded = detector if detector.model is not None else loaded  # (it took the model of the one before)
-        rows.append((detector.source["step"], step_label(folder.name, detector.source["step"]), summary, folder))
-    rows.sort(key=lambda row: row[0])
-    dirs = [folder for *_, folder in rows]
-    rows = [(label, summary) for _, label, summary, _ in rows]
-    png = write_eval_report(dirs, out / EVAL_REPORT_FILE, labels=[label for label, _ in rows],
-                            title=f"held-out evaluation of {args.run} by step")
-    print(steps_table(rows))
-    print(f"\nwrote {', '.join(str(d) for d in dirs)} (each: {METRICS}, {PREDICTIONS}) and the comparison {png}")
-    return 0
