@@ -411,6 +411,13 @@ def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_di
             assert segment[:, 1] == pytest.approx([low, high]), key
     texts = [t.get_text() for t in fig.axes[2].texts]
     assert texts == [f"{summaries[0]['f1']:.3f}", f"{summaries[1]['f1']:.3f}"]
+    # the IoU bars say how many images they rest on (2 of 8 looked as sure as 8 of 8)
+    assert [t.get_text() for t in fig.axes[3].texts] == [f"{s['mean_iou']:.3f}\n{s['iou_images']} img" for s in summaries]
+    # completions cut at --max-new-tokens (no verdict: the bars then measure the limit) are said, per evaluation
+    cut = build_eval_report([dict(summaries[0], truncated_rate=1.0), dict(summaries[1], truncated_rate=0.0)],
+                            ["before", "after"])
+    assert "cut at --max-new-tokens (raise it): before 100%" in cut._suptitle.get_text()
+    assert "cut at" not in fig._suptitle.get_text()
     no_iou = dict(summaries[0], mean_iou=None, ci95=dict(summaries[0]["ci95"], mean_iou=None))
     one = build_eval_report([no_iou], ["x"])
     assert "n/a" in [t.get_text() for t in one.axes[3].texts]

@@ -98,6 +98,8 @@ def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: s
                 below, above = max(0.0, value - interval[0]), max(0.0, interval[1] - value)  # Wilson: 1.0 - ulp
                 ax.errorbar(k, value, yerr=[[below], [above]], color="black", capsize=4, linewidth=1)
             text = "n/a" if value is None else f"{value:.3f}" if key in ("mean_iou", "f1") else f"{value:.0%}"
+            if key == "mean_iou" and value is not None and isinstance(summary.get("iou_images"), int):
+                text += f"\n{summary['iou_images']} img"  # (how many images the mean and its interval rest on)
             inside = value is not None and value > 0.12  # the value inside its bar, else above bar and whisker
             top = max(value or 0.0, interval[1] if value is not None and interval else 0.0)
             ax.text(k, 0.02 if inside else top + 0.02, text, ha="center", va="bottom", fontsize=9,
@@ -109,6 +111,10 @@ def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: s
     # two lines: one was wider than the 8-inch figure of one to four evaluations, cut off at both ends
     detail = (f"{sizes.pop()} held-out examples each" if len(sizes) == 1 else "different numbers of examples") + \
         "; greedy decoding"
+    cut = [(label, s["truncated_rate"]) for label, s in zip(labels, summaries) if s.get("truncated_rate")]
+    if cut:  # (a completion cut at --max-new-tokens has no verdict: the bars then measure the length limit)
+        detail += ("\ncut at --max-new-tokens (raise it): "
+                   + ", ".join(f"{label.splitlines()[0]} {rate:.0%}" for label, rate in cut))
     if any(s.get(key) is None for s in summaries for key, _, _ in EVAL_PANELS):  # (said where a bar says n/a)
         detail += "\nn/a: not defined (F1: images of one true class only; IoU: no generated image)"
     datasets = {_data_identity(s) for s in summaries}
