@@ -77,7 +77,11 @@ def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
     assert "thin lines: per step, thick: centred moving average of 3 points" in fig._suptitle.get_text()
     assert fig.axes[0].get_yscale() == "linear"  # the loss falls about 7x: a linear axis shows it
     steep = [dict(r, loss=12 * math.exp(-r["step"] / 5)) if r["kind"] == "train" else r for r in sft_records()]
-    assert build_report(steep).axes[0].get_yscale() == "log"  # 12 -> 0.004: on a log axis
+    log_axis = build_report(steep).axes[0]
+    assert log_axis.get_yscale() == "log"  # 12 -> 0.004: on a log axis
+    log_axis.figure.canvas.draw()  # (tick labels are made at drawing) 2x and 5x labelled, not decades alone
+    minor = {t.get_text() for t in log_axis.get_yticklabels(minor=True) if t.get_text()}
+    assert {"0.005", "0.02", "0.05", "0.2", "0.5", "2", "5"} <= minor, minor
     # every panel shares the step axis, so the held-out points line up with the training curves
     assert len({ax.get_xlim() for ax in fig.axes}) == 1
 
