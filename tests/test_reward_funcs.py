@@ -72,7 +72,9 @@ def test_the_terms_are_added_to_the_total_with_each_completions_columns():
         return [-len(c) for c in completions]
 
     scores = {"total": np.array([1.0, 2.0, 3.0, 4.0]), "format": np.ones(4)}
-    funcs = [RewardFunc("brevity", brevity, 0.5, "m:brevity"), RewardFunc("one", lambda c, **k: np.ones(len(c)), -2, "m:one")]
+    import jax.numpy as jnp  # (a jax array of numbers is numbers, as a numpy one or a list)
+
+    funcs = [RewardFunc("brevity", brevity, 0.5, "m:brevity"), RewardFunc("one", lambda c, **k: jnp.ones(len(c)), -2, "m:one")]
     out = add_reward_funcs(scores, funcs, TEXTS, TARGETS, METAS, 2)
     np.testing.assert_allclose(out["total"], [1 - 0.5 - 2, 2 - 1.5 - 2, 3 - 1 - 2, 4 - 2 - 2])
     np.testing.assert_array_equal(out["brevity"], [-1, -3, -2, -4])

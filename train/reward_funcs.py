@@ -86,13 +86,16 @@ def _numbers(raw: Any, func: RewardFunc, n: int, records: Sequence[str]) -> np.n
     where = f"grpo.reward_funcs {func.name} ({func.spec})"
     if isinstance(raw, (str, bytes)) or not hasattr(raw, "__len__"):
         raise ValueError(f"{where} returned a {type(raw).__name__}: give a list of {n} numbers, one per completion")
-    if np.shape(raw) != (n,):
-        raise ValueError(f"{where} returned {np.shape(raw)} values for {n} completions: give one number per "
+    values = np.asarray(raw)  # (a list, a numpy or jax array)
+    if values.shape != (n,):
+        raise ValueError(f"{where} returned {values.shape} values for {n} completions: give one number per "
                          "completion")
-    for i, value in enumerate(raw):
+    if values.dtype.kind in "iuf":
+        return values.astype(np.float64)
+    for i, value in enumerate(raw):  # (strings, bools, None, objects: the first named)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
             raise ValueError(f"{where} returned {value!r} for completion {i} (of {records[i]}): give a number")
-    return np.asarray(raw, np.float64)
+    return np.asarray(list(raw), np.float64)
 
 
 def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc], completions: Sequence[str],
