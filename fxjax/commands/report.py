@@ -36,8 +36,8 @@ Plot the metrics of a fxjax sft or grpo run (RUN_DIR/metrics.jsonl) into one PNG
 
 SFT panels: loss (training and held-out token cross-entropy; log scale when it falls more than 20x),
 learning rate, gradient norm, held-out generation metrics (format rate, verdict accuracy, mean IoU; greedy
-decoding). Training values are means over the steps between two records (train.log_every).
-SFT panels also: throughput (tokens / s).
+decoding), throughput (tokens / s). Training values are means over the steps between two records
+(train.log_every), the learning rate its value at the record's step.
 GRPO panels: total reward (mean and std over the step's completions), reward components (format rate,
 verdict accuracy, the IoU term R_G and the raw matched IoU, means over the step's completions), the terms
 of your own (grpo.reward_funcs, each with its weight), the stage's reward weights, mean IoU on generated
