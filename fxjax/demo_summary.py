@@ -30,8 +30,9 @@ def stage_trends(history: list[dict]) -> str:
     import numpy as np
 
     parts = []
-    for stage in STAGES:
-        r = np.array([h["reward/total_mean"] for h in history if h["stage"] == stage])
+    for stage in dict.fromkeys(h["stage"] for h in history):  # (in the order run: any stage names)
+        r = np.array([float(h["reward/total_mean"]) for h in history if h["stage"] == stage])
+        r = r[np.isfinite(r)]  # (a step whose reward is NaN tells nothing of the trend)
         if not r.size:
             continue
         k = max(1, r.size // 3)

@@ -132,7 +132,7 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
             in fig._suptitle.get_text())
 
 
-def test_terms_of_your_own_their_weights_lone_and_non_finite_values_are_shown(tmp_path):
+def test_terms_of_your_own_their_weights_lone_and_non_finite_values_are_shown(tmp_path, capsys):
     """grpo.reward_funcs terms (reward/<name>_mean, weights/<name>) were in no panel, so the total could not
     be reconciled with the components drawn; a one-step stage and a value between two NaNs were not drawn
     at all once a run had 15 steps, and NaN / inf values left gaps no one was told of."""
@@ -156,6 +156,18 @@ def test_terms_of_your_own_their_weights_lone_and_non_finite_values_are_shown(tm
     assert dots(fig.axes[titles(fig).index("GRPO loss")]) == [5, 15]
     assert "non-finite, not drawn: mean_iou_generated at step 3; loss at steps 4, 6" in fig._suptitle.get_text()
     assert "non-finite, not drawn: mean_iou_generated at step 3)" in build_report(grpo_records())._suptitle.get_text()
+    # the training reward's trend in each stage, in numbers, in the order run (any stage names)
+    write_metrics(tmp_path / "metrics.jsonl", records)
+    assert main(["report", str(tmp_path)]) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "training reward by stage" in x]
+    def thirds(stage):
+        values = [r["reward/total_mean"] for r in records if r["kind"] == "train" and r["stage"] == stage]
+        k = max(1, len(values) // 3)
+        return f"{stage} {sum(values[:k]) / k:+.2f} -> {sum(values[-k:]) / k:+.2f}"
+
+    assert line.startswith("fxjax report: training reward by stage (mean of its first third -> last third): "
+                           f"{thirds('alpha')} (slope"), line
+    assert f"; {thirds('beta')} (slope" in line and f"; {thirds('delta')}; {thirds('gamma')} (slope" in line, line
     # before its first step's record, a GRPO run's evaluations at its stage ends say what it is
     evals = [{"step": 2, "kind": "eval", "tag": "end of stage alpha", "format_rate": 1.0, "verdict_accuracy": 1.0}]
     assert run_kind(evals) == "grpo" and run_kind([dict(evals[0], tag="start")]) == "sft"

@@ -355,6 +355,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     if fig.missing_panels:
         print(f"fxjax report: panels left out (named in the subtitle): {'; '.join(fig.missing_panels)}",
               file=sys.stderr)
+    staged = [{"stage": r["stage"], "reward/total_mean": _number(r["reward/total_mean"])} for r in records
+              if _is_grpo_step(r) and "stage" in r and "reward/total_mean" in r]
+    if staged:  # (what a reader looks for first in a GRPO run, in numbers beside the panels)
+        from fxjax.demo_summary import stage_trends
+
+        print(f"fxjax report: training reward by stage (mean of its first third -> last third): "
+              f"{stage_trends(staged)}", file=sys.stderr)
     return path
 
 
