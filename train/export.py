@@ -67,12 +67,14 @@ def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = N
 def _tokenizer_to_export(model, tokenizer_dir: str | Path | None) -> str | Path | None:
     """`tokenizer_dir`, checked before any weight is written; None: the model's own directory's tokenizer,
     when it has one."""
+    from fxjax.data.tokenizer import tokenizer_json
+
     source = getattr(model, "hf_source", None)
     if tokenizer_dir is None:
-        if source is not None and (Path(source.directory) / "tokenizer.json").is_file():
+        if source is not None and tokenizer_json(source.directory) is not None:
             return source.directory
         return None
-    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():  # before the weights, not after
+    if not Path(tokenizer_dir).is_dir() or tokenizer_json(tokenizer_dir) is None:  # before the weights, not after
         raise FileNotFoundError(f"the tokenizer to export: no tokenizer.json in {tokenizer_dir}")
     return tokenizer_dir
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from pathlib import Path
 from typing import Iterator, Sequence
 
 _DESCRIPTION = """\
@@ -398,7 +397,9 @@ def run(args: argparse.Namespace) -> int:
     if args.bins < 1 or args.threads < 1:
         raise ValueError("--bins and --threads must be at least 1")
     cfg = _data_config(args)
-    if cfg.tokenizer and not (Path(cfg.tokenizer) / "tokenizer.json").is_file() and not Path(cfg.tokenizer).is_file():
+    from fxjax.data.tokenizer import tokenizer_json
+
+    if cfg.tokenizer and tokenizer_json(cfg.tokenizer) is None:
         # before every image is read and decoded, which can take minutes
         raise FileNotFoundError(f"tokenizer: no tokenizer.json in {cfg.tokenizer} (--tokenizer or data.tokenizer)")
     with _quiet("fxjax.data.records"):

@@ -112,8 +112,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | str | None =
 
 def tokenizer_to_export(cfg, given: str | None = None) -> str:
     """`given`, else the run's tokenizer (data.tokenizer, else its base model's), where it holds tokenizer.json."""
+    from fxjax.data.tokenizer import tokenizer_json
+
     tokenizer = given or cfg.tokenizer
-    if not (Path(tokenizer) / "tokenizer.json").is_file():
+    if not Path(tokenizer).is_dir() or tokenizer_json(tokenizer) is None:
         hint = "" if given else "; the run's tokenizer (data.tokenizer, else model.path) moved? pass --tokenizer DIR"
         raise FileNotFoundError(f"the tokenizer to export: no tokenizer.json in {tokenizer}{hint}")
     return tokenizer

@@ -275,7 +275,9 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         source = {"model": str(model_dir.resolve()), "adapter": str(Path(args.adapter).resolve()) if args.adapter
                   else None, "dtype": args.dtype or "float32",
                   "prompt_settings": "from the export" if trained else "fxjax defaults (no fxjax_prompt_settings.json)"}
-    if not (Path(tokenizer) / "tokenizer.json").is_file() and not Path(tokenizer).is_file():
+    from fxjax.data.tokenizer import tokenizer_json
+
+    if tokenizer_json(tokenizer) is None:
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
     for key in ("min_pixels", "max_pixels", "max_length", "system_prompt", "user_prompt"):
         value = getattr(args, key, None)

@@ -28,6 +28,7 @@ def check_paths(cfg) -> None:
     """The config's input paths exist (checked before jax starts, so a typo costs a second and the error
     names the key). A resuming run's starting adapter or run may be gone when the run kept its own copy
     (train.run_setup.resumed_start uses it)."""
+    from fxjax.data.tokenizer import tokenizer_json
     from fxjax.run_files import resumes_from_kept_start
 
     kept_copy = resumes_from_kept_start(cfg)
@@ -40,7 +41,7 @@ def check_paths(cfg) -> None:
             raise FileNotFoundError(f"{key}: {value} does not exist")
         if key.startswith("model.") and not Path(value).is_dir():  # (found here, not in the tokenizer's parser)
             raise NotADirectoryError(f"{key}: {value} is a file; give the {FOLDER_OF[key]} folder")
-        if key == "data.tokenizer" and Path(value).is_dir() and not (Path(value) / "tokenizer.json").is_file():
+        if key == "data.tokenizer" and Path(value).is_dir() and tokenizer_json(value) is None:
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json in {value}")
 
 

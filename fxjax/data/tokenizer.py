@@ -245,6 +245,15 @@ def ensure_format_markers(tok) -> list[str]:
     return missing
 
 
+def tokenizer_json(path: str | Path) -> Path | None:
+    """The tokenizer.json a model or tokenizer directory holds, or `path` itself when it is that file; None
+    when there is none (the one test of "this names a tokenizer": each caller says in its own words what to
+    give instead)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    return file if file.is_file() else None
+
+
 def load_tokenizer(path: str | Path, add_format_markers: bool = True):
     """A ``tokenizers.Tokenizer`` from a model/tokenizer directory (its tokenizer.json) or a tokenizer.json."""
     from tokenizers import Tokenizer
@@ -253,8 +262,8 @@ def load_tokenizer(path: str | Path, add_format_markers: bool = True):
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (expected a model or tokenizer directory holding "
                                 f"tokenizer.json)")
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
+    file = tokenizer_json(path)
+    if file is None:
         raise FileNotFoundError(f"no tokenizer.json in {path}; build one with "
                                 "fxjax.data.tokenizer.build_qwen_tokenizer(dir)")
     try:
@@ -290,7 +299,7 @@ def export_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
     if not src.is_dir():
         raise FileNotFoundError(f"{src} does not exist or is not a directory (expected a model or tokenizer "
                                 f"directory holding tokenizer.json)")
-    if not (src / "tokenizer.json").is_file():
+    if tokenizer_json(src) is None:
         raise FileNotFoundError(f"no tokenizer.json in {src}")
     out.mkdir(parents=True, exist_ok=True)
     if src.resolve() != out.resolve():
