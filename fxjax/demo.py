@@ -406,8 +406,10 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     from fxjax.commands.report import write_report
     from fxjax.overlay import overlay_sheet
 
-    reports = [write_report(out / "sft", out / "report" / "sft_report.png", title="demo: SFT"),
-               write_report(out / "grpo", out / "report" / "grpo_report.png", title="demo: GRPO alpha -> beta -> gamma"),
+    # (without the wall-clock panels: the PNGs are then the same at every run, docs/'s byte for byte)
+    reports = [write_report(out / "sft", out / "report" / "sft_report.png", title="demo: SFT", timings=False),
+               write_report(out / "grpo", out / "report" / "grpo_report.png", title="demo: GRPO alpha -> beta -> gamma",
+                            timings=False),
                write_eval_report(eval_dirs, out / "report" / EVAL_REPORT_FILE, labels=[t for t, _ in evals],
                                  title=f"demo: held-out evaluation by phase (seed {seed})")]
     sheet = overlay_sheet(overlay_images, overlays, out / "report" / "detect_overlays.png")

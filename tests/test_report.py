@@ -119,6 +119,11 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
                                                                list(range(21, 31))]
     # one entry each, not three; the std over the step's completions beside the mean (TRL's reward_std)
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["mean", "std"]
+    # the wall-clock panels left out on request (the demo's PNGs are then the same at every run), unnamed
+    steady = build_report(grpo_records(), timings=False)
+    assert titles(steady) == [t for t in titles(fig) if t != "Time per step"]
+    assert "Time per step" not in steady._suptitle.get_text()
+    assert "Throughput" not in titles(build_report(sft_records(), timings=False))
     # a panel without values is named, not silently dropped
     records = [{k: v for k, v in r.items() if k != "kl"} for r in grpo_records()]
     fig = build_report(records)

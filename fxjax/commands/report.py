@@ -277,8 +277,10 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
         ax.legend(fontsize=8, loc="best", framealpha=0.85)
 
 
-def build_report(records: Sequence[dict], title: str | None = None):
-    """The report figure (matplotlib Figure; each panel's title names it) of a run's metrics records."""
+def build_report(records: Sequence[dict], title: str | None = None, timings: bool = True):
+    """The report figure (matplotlib Figure; each panel's title names it) of a run's metrics records;
+    `timings` False leaves out the wall-clock panels (the demo's report is then the same, byte for byte, at
+    every run)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -288,7 +290,7 @@ def build_report(records: Sequence[dict], title: str | None = None):
         raise ValueError("no metrics records to plot")
     kind = run_kind(records)
     spans = stage_spans(records) if kind == "grpo" else []
-    candidates = panels_for(kind, records)
+    candidates = [p for p in panels_for(kind, records) if timings or not p.timing]
     why = {p.title: _left_out(records, p) for p in candidates}
     panels = [p for p in candidates if why[p.title] is None]
     missing = [why[p.title] for p in candidates if why[p.title] is not None]
@@ -333,8 +335,10 @@ def build_report(records: Sequence[dict], title: str | None = None):
     return fig
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
-    """Read RUN_DIR/metrics.jsonl (or that file), draw the report, save it as PNG; returns its path."""
+def write_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None,
+                 timings: bool = True) -> Path:
+    """Read RUN_DIR/metrics.jsonl (or that file), draw the report (`timings`: as `build_report`'s), save it
+    as PNG; returns its path."""
     from fxjax.train.metrics import read_metrics
 
     source = Path(run_dir)
@@ -349,7 +353,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
         raise ValueError(f"{metrics_file}: holds the training records of an SFT run ({len(train) - grpo}) and of a "
                          f"GRPO run ({grpo}); put each run's records in a file of its own to plot it")
     run_name = metrics_file.parent.name or str(metrics_file.parent)
-    fig = build_report(records, title or f"{run_name}: {run_kind(records).upper()}")
+    fig = build_report(records, title or f"{run_name}: {run_kind(records).upper()}", timings)
     path = png_path(out, metrics_file.parent, REPORT_FILE)
     fig.savefig(path, dpi=110)
     if fig.missing_panels:

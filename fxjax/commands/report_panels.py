@@ -29,6 +29,7 @@ class Panel:
     log_scale: bool = False  # a logarithmic y axis when the values are positive and span more than 20x
     # when every value is 0 the panel says nothing: left out, and named in the subtitle with this reason
     when_all_zero: str | None = None
+    timing: bool = False  # wall-clock values: they differ from run to run (a report can leave them out)
 
 
 # GRPO's step is a generation batch, and grpo.num_iterations optimiser updates are made on each
@@ -43,7 +44,8 @@ SFT_PANELS = (
     Panel("Learning rate", "learning rate", (Line("train", "learning_rate", "learning rate", smooth=False),)),
     Panel("Gradient norm", "global L2 norm (before clipping)", (Line("train", "grad_norm", "gradient norm"),)),
     Panel("Held-out generation (greedy)", "rate, or IoU (0 to 1)", HELD_OUT_LINES, unit_interval=True),
-    Panel("Throughput", "tokens / s (prompt and target)", (Line("train", "tokens_per_s", "tokens per second"),)),
+    Panel("Throughput", "tokens / s (prompt and target)", (Line("train", "tokens_per_s", "tokens per second"),),
+          timing=True),
 )
 
 # The weights of the paper's reward that can change between stages (the *_minus ones are drawn in the
@@ -82,7 +84,7 @@ GRPO_PANELS = (
           when_all_zero="all 0: nothing clipped, as with grpo.num_iterations 1, where the ratio is 1"),
     Panel("Time per step", "seconds (held-out evaluations and saves not included)",
           (Line("train", "step_time", "step"), Line("train", "rollout_time", "sampling and scoring"),
-           Line("train", "update_time", "update(s)"))),
+           Line("train", "update_time", "update(s)")), timing=True),
     Panel("Held-out evaluation (greedy)", "rate, or IoU (0 to 1)", HELD_OUT_LINES, unit_interval=True),
 )
 
