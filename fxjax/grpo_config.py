@@ -167,24 +167,9 @@ def read_reward_config(path: str | None) -> dict:
     read as the run configs are (fxjax.config_mapping.load_yaml: a key given twice, the second of which won,
     is an error, and 010 or 1:30 are the integers YAML 1.2 reads, not YAML 1.1's 8 and 90) and checked key
     by key (rewards.load_config), every error naming the file."""
-    import yaml
+    from fxjax.rewards.stages import load_config
 
-    from fxjax.rewards.stages import CONFIG_PATH, load_config
-
-    file = Path(path) if path is not None else CONFIG_PATH
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"reward config {file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
-        raise ValueError(f"reward config {file}: cannot be read ({getattr(err, 'strerror', None) or err})") from None
-    try:
-        values = load_yaml(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"reward config {file}: invalid YAML ({err})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{file}: expected a mapping with a 'stages' key")
-    return load_config(values, name=str(file))
+    return load_config(path, parse=load_yaml)
 
 
 def _default_stages() -> tuple[StageSection, ...]:

@@ -10,7 +10,7 @@ import functools
 import os
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
@@ -61,23 +61,24 @@ TOP_KEYS = ("relaxation", "eta", "power", "stages", "continuous")
 CONTINUOUS_KEYS = ("w_iou_start", "w_iou_end", "base", "label_plus", "label_minus", "format_plus", "format_minus")
 
 
-def _load_yaml(path: str) -> dict:
+def _load_yaml(path: str, parse: Optional[Callable[[str], Any]] = None) -> dict:
     """The checked reward config at `path`, read again when the file changed (an edit between two runs of
-    one process, a notebook's, was ignored) and copied, so that a caller's change to the dict is its own."""
+    one process, a notebook's, was ignored) and copied, so that a caller's change to the dict is its own.
+    `parse`: text -> values (default yaml.safe_load; one that raises yaml.YAMLError for what it refuses)."""
     try:
         stamp = os.stat(path).st_mtime_ns
     except OSError:
         stamp = None  # (_read_yaml says what is wrong)
-    return copy.deepcopy(_read_yaml(path, stamp))
+    return copy.deepcopy(_read_yaml(path, stamp, parse))
 
 
 @functools.lru_cache(maxsize=8)
-def _read_yaml(path: str, stamp: int | None) -> dict:
+def _read_yaml(path: str, stamp: int | None, parse: Optional[Callable[[str], Any]]) -> dict:
     import yaml
 
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            cfg = (parse or yaml.safe_load)(f.read())
     except FileNotFoundError:
         raise FileNotFoundError(f"reward config {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
@@ -150,20 +151,20 @@ def config_name(config: ConfigLike) -> str:
     return MAPPING_NAME if isinstance(config, Mapping) else str(config or CONFIG_PATH)
 
 
-def load_config(path: ConfigLike = None, name: Optional[str] = None) -> dict:
-    """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`), checked key by key; a mapping
-    (a YAML file's values, read otherwise, or what `load_config` returned before) is checked, its errors
-    naming it `name`, and copied."""
+def load_config(path: ConfigLike = None, parse: Optional[Callable[[str], Any]] = None) -> dict:
+    """The reward config: `path`, else configs/rewards.yaml (`CONFIG_PATH`), checked key by key (`parse`:
+    the file's text -> values, as `_load_yaml`'s); a mapping (what `load_config` returned before) is checked
+    and copied."""
     if isinstance(path, Mapping):
         values = copy.deepcopy(dict(path))
-        _check_config(values, name or MAPPING_NAME)
+        _check_config(values, MAPPING_NAME)
         return values
     if path is None:
         if not CONFIG_PATH.is_file():
             raise FileNotFoundError(f"{CONFIG_PATH}: reward presets not found (fxjax installed without its "
                                     "configs/; reinstall it, or pass the YAML path)")
         path = CONFIG_PATH
-    return _load_yaml(str(Path(path).resolve()))
+    return _load_yaml(str(Path(path).resolve()), parse)
 
 
 def load_stage(stage: str, config: ConfigLike = None) -> RewardWeights:
