@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
@@ -106,7 +106,7 @@ def steps_text(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
 
-def saved_run_kind(saved: dict) -> str:
+def saved_run_kind(saved: Collection[str]) -> str:
     """"grpo" or "sft": the phase whose resolved config (a checkpoint's config.json, or the sections a config
     file and its --set give) this is."""
     return "grpo" if "grpo" in saved or "stages" in saved else "sft"

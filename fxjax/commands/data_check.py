@@ -349,7 +349,7 @@ def _config_data(path: str, overrides: list[str]):
     # a GRPO config has a grpo or stages section, in the file or in a --set; one without them (their
     # defaults) is told from an SFT config by loading: GRPO's steps come from its stages, SFT needs train.steps
     given = set(raw) | {o.split("=", 1)[0].split(".", 1)[0].strip() for o in overrides}
-    if saved_run_kind(dict.fromkeys(given)) == "grpo":
+    if saved_run_kind(given) == "grpo":
         cfg, data_config = load_grpo_config(path, overrides), grpo.data_config
     else:
         try:

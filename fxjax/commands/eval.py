@@ -218,11 +218,11 @@ def earlier_metrics(out: Path, settings: dict) -> dict:
     return metrics
 
 
-def too_long_before(out: Path, settings: dict) -> set[str]:
-    """Records an earlier run of this eval with the same settings left out as too long for max_length
-    (metrics.json's not_evaluated_why): the same prompt is as long again, so a finished eval loads no model
-    for them. An image that failed to decode is tried again."""
-    why = earlier_metrics(out, settings).get("not_evaluated_why")
+def too_long_before(earlier: dict) -> set[str]:
+    """Records an earlier run of this eval with the same settings (`earlier_metrics`) left out as too long
+    for max_length (metrics.json's not_evaluated_why): the same prompt is as long again, so a finished eval
+    loads no model for them. An image that failed to decode is tried again."""
+    why = earlier.get("not_evaluated_why")
     return {s for s, kind in why.items() if kind == "too_long"} if isinstance(why, dict) else set()
 
 
@@ -293,7 +293,8 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     check_settings(out, settings, fresh)
     pred_path = out / PREDICTIONS
     done = read_predictions(pred_path, say)
-    too_long = too_long_before(out, settings)
+    earlier = earlier_metrics(out, settings)  # (its too-long records, and the runs that decoded before)
+    too_long = too_long_before(earlier)
     todo = [r for r in records if source_key(r.source) not in done and r.source not in too_long]
     known = {f.name for f in dataclasses.fields(records[0])}
     raw = raw_objects(records) if set(group_by) - known else {}
@@ -308,7 +309,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
             + (" or too long for max_length (metrics.json)" if too_long else ""))
     bar = None
     why = {source: "too_long" for source in too_long}  # of each record the pipeline left out
-    runs = list(earlier_metrics(out, settings).get("decoding") or [])
+    runs = list(earlier.get("decoding") or [])
     if todo:
         decoder = make_decoder()
         started, decoded = time.perf_counter(), 0
