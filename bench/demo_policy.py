@@ -38,11 +38,11 @@ import yaml
 
 from fxjax import rewards
 from fxjax.commands.eval import prompt_data_config
-from fxjax.commands.model_args import resolve_detector
+from fxjax.commands.eval import step_detector
 from fxjax.data.pipeline import DataPipeline
 from fxjax.data.records import load_records
 from fxjax.data.tokenizer import token_id
-from fxjax.demo import STAGES, _model_args
+from fxjax.demo import STAGES, _eval_args, _model_flags
 from fxjax.model.generate import decode_step, generate_device, next_positions, prefill, sample_groups
 from fxjax.train.inference import GreedyDecoder
 
@@ -53,25 +53,24 @@ BATCH = 10
 SEED = 1234  # the common random numbers: the same key for every checkpoint
 
 
-def checkpoints(demo: Path) -> list[tuple[str, argparse.Namespace]]:
-    """(name, model arguments) after SFT and at the end of each GRPO stage (the stages of grpo.yaml; the run
+def checkpoints(demo: Path) -> list[tuple[str, list[str]]]:
+    """(name, `fxjax eval`'s model options) after SFT and at the end of each GRPO stage (the stages of grpo.yaml; the run
     keeps each stage's end, `--step NAME`)."""
     config = yaml.safe_load((demo / "grpo.yaml").read_text(encoding="utf-8"))
-    out = [("after SFT", _model_args(model=demo / "base-model", adapter=demo / "sft-adapter"))]
+    out = [("after SFT", _model_flags(model=demo / "base-model", adapter=demo / "sft-adapter"))]
     for stage in config["stages"]:
         out.append((f"after {stage['name']}",
-                    _model_args(model=demo / "base-model", run=demo / "grpo", step=stage["name"])))
+                    _model_flags(model=demo / "base-model", run=demo / "grpo", step=stage["name"])))
     return out
 
 
 class Policy:
     """One checkpoint's model, tokenizer and prompt batches of the held-out records."""
 
-    def __init__(self, source: argparse.Namespace, test_file: Path, records, max_new_tokens: int):
-        args = argparse.Namespace(**vars(source), data=[str(test_file)], root=None, format="auto",
-                                  allow_absolute_paths=False, on_error="raise", batch_size=BATCH,
-                                  max_image_pixels=None)
-        detector = resolve_detector(args)
+    def __init__(self, model_flags: list[str], test_file: Path, records, max_new_tokens: int):
+        args = _eval_args(model_flags, test_file, Path("unused"),
+                          dict(examples=len(records), batch_size=BATCH, max_new_tokens=max_new_tokens))
+        detector = step_detector(args, args.step[0] if args.step else None)
         detector.load()
         self.model = detector.model
         self.decoder = GreedyDecoder(self.model, detector.tokenizer, batch_size=BATCH, max_new_tokens=max_new_tokens)

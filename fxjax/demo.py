@@ -168,52 +168,51 @@ class _Phases:
 
 # ---- evaluation through `fxjax eval` ---------------------------------------------------------------------
 
-def _model_args(*, model: Path, adapter: Path | None = None, run: Path | None = None, step: int | str | None = None,
-                command: str = "eval") -> argparse.Namespace:
-    return argparse.Namespace(command=command, model=str(model), adapter=str(adapter) if adapter else None,
-                              run=str(run) if run else None, step=step, dtype=None, mesh=None, tokenizer=None,
-                              min_pixels=None, max_pixels=None, system_prompt=DEMO["system_prompt"],
-                              user_prompt=DEMO["user_prompt"])
+def _model_flags(*, model: Path, adapter: Path | None = None, run: Path | None = None,
+                 step: int | str | None = None) -> list[str]:
+    """The model options of `fxjax eval` naming one phase's detector, with the demo's prompts."""
+    flags = ["--model", str(model), "--system-prompt", DEMO["system_prompt"], "--user-prompt", DEMO["user_prompt"]]
+    for name, value in (("--adapter", adapter), ("--run", run), ("--step", step)):
+        flags += [name, str(value)] if value is not None else []
+    return flags
 
 
-def _evaluate(phase: str, source: argparse.Namespace, test_file: Path, out: Path, ev: dict,
+def _eval_args(model_flags: list[str], test_file: Path, out: Path, ev: dict) -> argparse.Namespace:
+    """`fxjax eval MODEL_FLAGS --data TEST ... --out OUT` as the command's own parser reads it (so its
+    defaults are the command's, whatever options it gains), with no breakdown by generator."""
+    from fxjax.cli import build_parser
+
+    return build_parser().parse_args(
+        ["eval", *model_flags, "--data", str(test_file), "--limit", str(ev["examples"]), "--batch-size",
+         str(ev["batch_size"]), "--max-new-tokens", str(ev["max_new_tokens"]), "--group-by", "--fresh",
+         "--no-progress", "--out", str(out)])
+
+
+def _evaluate(phase: str, model_flags: list[str], test_file: Path, out: Path, ev: dict,
               after=None) -> tuple[dict, Any]:
-    """`fxjax eval` of one phase's detector on the held-out file; returns (metrics + mean gamma reward, the
-    detector and decoder it used, for `fxjax detect`). `after`: the detector of another step of the same
-    run, whose model takes this step's LoRA, as `fxjax eval --step alpha beta gamma` does."""
+    """`fxjax eval` of one phase's detector on the held-out file (the command's steps, from its parsed
+    arguments to metrics.json in out/phase); returns (metrics + each stage's mean reward, the detector and
+    decoder it used, for `fxjax detect`). `after`: the detector of another step of the same run, whose model
+    takes this step's LoRA, as `fxjax eval --step alpha beta gamma` does."""
     import numpy as np
 
     from fxjax import rewards
-    from fxjax.commands.eval import PREDICTIONS, evaluate, prompt_data_config, settings_of
-    from fxjax.commands.model_args import resolve_detector
-    from fxjax.data.records import load_records
-    from fxjax.train.inference import GreedyDecoder
+    from fxjax.commands.eval import PREDICTIONS, eval_records, evaluate_detector, settings_of, step_detector
 
-    args = argparse.Namespace(**vars(source), data=[str(test_file)], root=None, format="auto",
-                              allow_absolute_paths=False, on_error="raise", limit=ev["examples"], group_by=[],
-                              batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"], max_image_pixels=None)
-    records, _ = load_records(args.data, None, "auto", "raise")
-    records = records[:ev["examples"]]
-    detector = resolve_detector(args)
-    decoder = []
-
-    def make_decoder():
-        detector.load(after=after)
-        decoder.append(GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
-                                     max_new_tokens=args.max_new_tokens, mesh=detector.mesh))
-        return decoder[-1]
-
+    say = lambda text: _say(f"      eval: {text}")  # noqa: E731
+    args = _eval_args(model_flags, test_file, out / phase, ev)
+    records, report = eval_records(args, say)
+    detector = step_detector(args, args.step[0] if args.step else None)
+    args.batch_size = detector.batch_size(args.batch_size, default=8)
     settings = settings_of(args, detector.source, detector.data, detector.tokenizer)
-    summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer),
-                       out / phase, settings=settings, fresh=True, progress=False,
-                       say=lambda text: _say(f"      eval: {text}"))
+    summary = evaluate_detector(args, records, report, detector, settings, out / phase, say, after=after)
     rows = [json.loads(line) for line in (out / phase / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
     completions = [r["completion"] for r in rows]
     targets = [{"label": r["label"], "boxes": r["true_boxes"]} for r in rows]
     summary["stage_rewards"] = {stage: float(np.mean(rewards.score(completions, targets, stage=stage)["total"]))
                                 for stage in STAGES}
     summary["gamma_reward"] = summary["stage_rewards"]["gamma"]
-    return summary, (detector, decoder[-1] if decoder else make_decoder())
+    return summary, (detector, detector.decoder(args.batch_size, args.max_new_tokens))
 
 
 def _balanced_prompts(train_file: Path, out_file: Path, seed: int) -> Path:
@@ -328,10 +327,10 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     overlay_images = _overlay_records(files["test"], QUICK["overlay_images"] if quick else DEMO["overlay_images"])
     overlays: dict[str, list[dict]] = {}
 
-    def held_out(phase: str, title: str, source: argparse.Namespace, overlay: str | None = None, after=None):
+    def held_out(phase: str, title: str, model_flags: list[str], overlay: str | None = None, after=None):
         """`fxjax eval` of one phase; with `overlay`, also `fxjax detect` on the overlay images (that column).
         Returns the phase's detector (`after` of the next step of the same run)."""
-        summary, (detector, decoder) = _evaluate(phase, source, files["test"], out / "eval", ev, after)
+        summary, (detector, decoder) = _evaluate(phase, model_flags, files["test"], out / "eval", ev, after)
         evals.append((title, summary))
         eval_dirs.append(out / "eval" / phase)
         if overlay:
@@ -341,7 +340,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
                                      f"-> {out / 'eval' / phase}")
         return detector
 
-    held_out("before-sft", "before SFT", _model_args(model=model_dir), overlay="before SFT")
+    held_out("before-sft", "before SFT", _model_flags(model=model_dir), overlay="before SFT")
 
     from fxjax.train.sft import run_sft
     from fxjax.train_config import from_dict
@@ -363,7 +362,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
         _say(f"fxjax demo: interrupted at step {result.steps}; resume with `fxjax sft --config {out / 'sft.yaml'}`")
         return 130
     phases.done("sft", f"SFT: {result.steps} steps, adapter in {out / 'sft-adapter'}")
-    held_out("after-sft", "after SFT", _model_args(model=model_dir, adapter=out / "sft-adapter"), overlay="after SFT")
+    held_out("after-sft", "after SFT", _model_flags(model=model_dir, adapter=out / "sft-adapter"), overlay="after SFT")
 
     from fxjax.grpo_config import grpo_from_dict
     from fxjax.train.grpo import run_grpo
@@ -391,7 +390,7 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     stage_detector = None  # each stage's end: one base model, the stage's LoRA read into it (`--step alpha beta gamma`)
     for stage in STAGES:  # (the run keeps each stage's end: `fxjax eval --run RUN --step alpha`)
         stage_detector = held_out(f"after-{stage}", f"after GRPO {stage}",
-                                  _model_args(model=model_dir, run=out / "grpo", step=stage),
+                                  _model_flags(model=model_dir, run=out / "grpo", step=stage),
                                   overlay="after GRPO (all stages)" if stage == STAGES[-1] else None,
                                   after=stage_detector)
 

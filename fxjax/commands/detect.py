@@ -350,7 +350,6 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     check_model_arguments(args)
     from fxjax.commands.model_args import resolve_detector
-    from fxjax.train.inference import GreedyDecoder
 
     detector = resolve_detector(args)
     data = detector.data
@@ -372,9 +371,7 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         say(f"{path}: {note}")
         notes[str(path)] = "; ".join(n for n in (notes.get(str(path)), note) if n)
     if records:
-        detector.load()
-        decoder = GreedyDecoder(detector.model, detector.tokenizer, batch_size=batch_size,
-                                max_new_tokens=detector.max_new_tokens, mesh=detector.mesh)
+        decoder = detector.decoder(batch_size, detector.max_new_tokens)
         config = detect_config(detector, fit, batch_size, args.max_image_pixels)
         emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))

@@ -422,21 +422,9 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     require_writable(args.out, "--out")
-    from fxjax.commands.model_args import resolve_detector
-    from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
-    from fxjax.data.records import load_records
-
-    records, report = load_records(args.data, args.root, args.format, args.on_error,
-                                   allow_absolute_paths=args.allow_absolute_paths,
-                                   max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
-    if report.skipped:
-        say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in report.skipped))
-    if not records:
-        raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
-    if args.limit:
-        records = records[:args.limit]
+    records, report = eval_records(args, say)
     steps = args.step if isinstance(args.step, list) else [args.step]
-    detectors = [resolve_detector(argparse.Namespace(**{**vars(args), "step": step})) for step in steps]
+    detectors = [step_detector(args, step) for step in steps]
     if args.max_new_tokens is None:  # (the steps of one run: the longest any of them was evaluated with)
         args.max_new_tokens = max(d.max_new_tokens for d in detectors)
     settings = [settings_of(args, d.source, d.data, d.tokenizer) for d in detectors]  # (hashes the data: once)
@@ -459,16 +447,35 @@ def run(args: argparse.Namespace) -> int:
     return evaluate_steps(args, records, report, detectors, settings, steps, out, say)
 
 
+def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, Any]:
+    """The records --data names (--root, --format, --on-error, --allow-absolute-paths, --max-image-pixels),
+    the first --limit of them, and the load report (the skipped ones said)."""
+    from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
+    from fxjax.data.records import load_records
+
+    records, report = load_records(args.data, args.root, args.format, args.on_error,
+                                   allow_absolute_paths=args.allow_absolute_paths,
+                                   max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+    if report.skipped:
+        say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in report.skipped))
+    if not records:
+        raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
+    return (records[:args.limit] if args.limit else records), report
+
+
+def step_detector(args: argparse.Namespace, step):
+    """The detector of one of --step's values (or of --model / --adapter: step None)."""
+    from fxjax.commands.model_args import resolve_detector
+
+    return resolve_detector(argparse.Namespace(**{**vars(args), "step": step}))
+
+
 def evaluate_detector(args, records, report, detector, settings: dict, out: Path, say, after=None) -> dict:
     """`evaluate` of one detector (`settings`: its `settings_of`) into `out` (its weights loaded only when
     something is left to decode; `after`: a loaded detector of another step of the run, whose model it
     reuses, `Detector.load`)."""
     def make_decoder():
-        from fxjax.train.inference import GreedyDecoder
-
-        detector.load(after=after)
-        return GreedyDecoder(detector.model, detector.tokenizer, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, mesh=detector.mesh)
+        return detector.decoder(args.batch_size, args.max_new_tokens, after=after)
 
     summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
                        settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say)

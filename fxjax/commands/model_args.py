@@ -197,6 +197,19 @@ class Detector:
             self.model.eval()
         return self
 
+    def decoder(self, batch_size: int, max_new_tokens: int, after: "Detector | None" = None):
+        """The greedy decoder of this detector's model (its weights loaded first, `after` as for `load`), made
+        once for these settings: `fxjax eval` and `fxjax detect` on the same detector (the demo's phases)
+        share its compiled programs."""
+        made = getattr(self, "_decoder", None)
+        if made is None or (made.batch_size, made.max_new_tokens) != (batch_size, max_new_tokens):
+            from fxjax.train.inference import GreedyDecoder
+
+            self.load(after=after)
+            self._decoder = GreedyDecoder(self.model, self.tokenizer, batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens, mesh=self.mesh)
+        return self._decoder
+
 
 def _pixels_of(model_dir: Path) -> dict[str, int]:
     path = model_dir / "preprocessor_config.json"
