@@ -180,10 +180,10 @@ def _model_flags(*, model: Path, adapter: Path | None = None, run: Path | None =
 def _eval_args(model_flags: list[str], test_file: Path, out: Path, ev: dict) -> argparse.Namespace:
     """`fxjax eval MODEL_FLAGS --data TEST ... --out OUT` as the command's own parser reads it (so its
     defaults are the command's, whatever options it gains), with no breakdown by generator."""
-    from fxjax.cli import build_parser
+    from fxjax.commands.eval import parse_eval_args
 
-    return build_parser().parse_args(
-        ["eval", *model_flags, "--data", str(test_file), "--limit", str(ev["examples"]), "--batch-size",
+    return parse_eval_args(
+        [*model_flags, "--data", str(test_file), "--limit", str(ev["examples"]), "--batch-size",
          str(ev["batch_size"]), "--max-new-tokens", str(ev["max_new_tokens"]), "--group-by", "--fresh",
          "--no-progress", "--out", str(out)])
 

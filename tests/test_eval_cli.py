@@ -601,3 +601,17 @@ def test_mesh_flag_gives_data_the_devices_the_other_axes_leave():
     with pytest.raises(ValueError, match=r"--mesh: at most one axis may be -1 \(the rest of the devices\), got "
                                          r"data=-1,fsdp=-1"):
         parse_mesh("data=-1,fsdp=-1")
+
+
+def test_parse_eval_args_reads_as_the_cli_does():
+    """The demo and bench/demo_policy.py build `fxjax eval`'s arguments with parse_eval_args: the same
+    namespace as the CLI's parser gives (every default, --step as a list, --group-by alone as no breakdown)."""
+    from fxjax.cli import build_parser
+    from fxjax.commands.eval import parse_eval_args
+
+    argv = ["--run", "r", "--step", "alpha", "beta", "--data", "t.jsonl", "--limit", "60", "--group-by", "--fresh"]
+    ours, cli = vars(parse_eval_args(argv)), vars(build_parser().parse_args(["eval", *argv]))
+    assert ours.keys() == cli.keys() and ours == cli
+    assert ours["step"] == ["alpha", "beta"] and ours["group_by"] == [] and ours["command"] == "eval"
+    with pytest.raises(SystemExit):
+        parse_eval_args(["--run", "r"])  # --data is required, as on the command line

@@ -110,6 +110,14 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`fxjax eval ARGV` as the command reads it (its defaults, its checks of each option), for a caller in
+    Python: the demo's phases, bench/demo_policy.py."""
+    parser = argparse.ArgumentParser(prog="fxjax")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["eval", *argv])
+
+
 # ---- predictions.jsonl -----------------------------------------------------------------------------
 
 def source_key(source: str) -> str:
