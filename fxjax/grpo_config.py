@@ -28,7 +28,8 @@ __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grp
 class RewardFuncSection:
     """A reward term of your own, added to the paper's reward (TRL's reward_funcs): `function`, "module:name"
     importable where the run runs, is called on each step's completions and returns one number per
-    completion; the step's total reward gains `weight` x that number, in every stage (fxjax.train.reward_funcs)."""
+    completion; the step's total reward gains `weight` x that number, in every stage (a function that takes
+    `step` or `stage` can shape its number over the run: fxjax.train.reward_funcs)."""
 
     name: str = ""
     function: str = ""

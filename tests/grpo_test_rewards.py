@@ -18,4 +18,8 @@ def brevity(completions, *, label, boxes, captions, tags, record, **kwargs):
         row = json.loads(Path(path).read_text().splitlines()[int(line) - 1])
         assert label[i] == row["label"] and tags[i] == list(row.get("tags", [])), (source, tags[i])
         assert captions[i] == [r["caption"] for r in row.get("regions", [])] and len(captions[i]) == len(boxes[i])
+    # where training is (train.reward_funcs.PROGRESS, for a function that takes **kwargs): the sampling step
+    # as metrics.jsonl numbers it, and its stage (the runs' stages: alpha, beta, gamma)
+    assert set(kwargs) == {"step", "stage"}, kwargs
+    assert isinstance(kwargs["step"], int) and kwargs["step"] >= 1 and kwargs["stage"] in ("alpha", "beta", "gamma")
     return [-len(c) / 100 for c in completions]

@@ -95,6 +95,35 @@ def test_the_terms_are_added_to_the_total_with_each_completions_columns():
             add_reward_funcs(scores, [RewardFunc("brevity", bad, 1.0, "m:brevity")], TEXTS, TARGETS, METAS, 2)
 
 
+def test_a_function_that_takes_the_step_or_stage_gets_them_and_one_that_does_not_still_works(tmp_path, monkeypatch):
+    """Reward shaping over the run (TRL's trainer_state): `step` and `stage` go to a function that names them or
+    takes **kwargs; one written with the columns alone keeps working (it is not given them)."""
+    (tmp_path / "shaped_rewards.py").write_text(
+        "SEEN = []\n"
+        "def by_stage(completions, *, label, boxes, captions, tags, record, stage):\n"
+        "    SEEN.append(('by_stage', stage))\n"
+        "    return [{'alpha': 0.0, 'gamma': 1.0}[stage]] * len(completions)\n"
+        "def anything(completions, **kwargs):\n"
+        "    SEEN.append(('anything', kwargs['step'], kwargs['stage']))\n"
+        "    return [0.0] * len(completions)\n"
+        "def columns_only(completions, *, label, boxes, captions, tags, record):\n"
+        "    SEEN.append(('columns_only',))\n"
+        "    return [0.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shaped_rewards
+
+    funcs = load_reward_funcs(config(*({"name": n, "function": f"shaped_rewards:{n}"}
+                                       for n in ("by_stage", "anything", "columns_only"))).grpo.reward_funcs)
+    assert [f.progress for f in funcs] == [("stage",), ("step", "stage"), ()]
+    scores = {"total": np.zeros(4)}
+    alpha = add_reward_funcs(scores, funcs, TEXTS, TARGETS, METAS, 2, progress={"step": 3, "stage": "alpha"})
+    gamma = add_reward_funcs(scores, funcs, TEXTS, TARGETS, METAS, 2, progress={"step": 21, "stage": "gamma"})
+    np.testing.assert_array_equal(alpha["total"], np.zeros(4))
+    np.testing.assert_array_equal(gamma["total"], np.ones(4))
+    assert shaped_rewards.SEEN == [("by_stage", "alpha"), ("anything", 3, "alpha"), ("columns_only",),
+                                   ("by_stage", "gamma"), ("anything", 21, "gamma"), ("columns_only",)]
+
+
 def test_a_terms_step_metrics_combine_over_processes_as_over_the_batch():
     def rollout(rows, values):
         n = len(rows)

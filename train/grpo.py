@@ -360,6 +360,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                 mask_truncated=g.mask_truncated_completions, mesh=mesh, batch_rewards=batch_rewards,
                 # never sample the image placeholder (TRL passes suppress_tokens=[image_token_id] for a VLM)
                 suppress_token_ids=(model.config.image_token_id,), reward_funcs=funcs,
+                progress={"step": step_now + 1, "stage": stage},  # (the step as metrics.jsonl numbers it)
                 host=lambda x: local_rows(x, rows_sharding))  # this process's rows only
             t_rollout = time.perf_counter() - t0
             faults.point("rollout", step_now + 1, control.signals.local_stop)

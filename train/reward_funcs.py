@@ -12,7 +12,10 @@ A function gets the step's completions (this process's rows: each prompt's G com
 as keyword arguments aligned with them, each completion's prompt's `label` ("real" / "generated"),
 `boxes` (its true boxes, float [n, 4] in the pixels of the image the model saw, as the completion's),
 `captions` (its true regions' captions, a list aligned with `boxes`), `tags` (the record's image-level
-tags, a list) and `record` (the record's file:line); it returns one finite number per completion. The step's total reward,
+tags, a list) and `record` (the record's file:line); and, if it takes them (by name, or **kwargs), where
+training is, for reward shaping over the run as TRL's `trainer_state` allows: `step` (the sampling step,
+1-based, as metrics.jsonl numbers it) and `stage` (its reward stage's name: alpha, beta, gamma, or
+"continuous"). It returns one finite number per completion. The step's total reward,
 from which the group advantages are computed, gains weight x that number in every stage; the raw number is
 logged as `reward/<name>` for each completion (completions.jsonl) and as `reward/<name>_mean` / `_std` for
 the step (metrics.jsonl).
@@ -33,6 +36,7 @@ from fxjax.config_mapping import ConfigError
 __all__ = ["COLUMNS", "RewardFunc", "add_reward_funcs", "load_reward_funcs"]
 
 COLUMNS = ("label", "boxes", "captions", "tags", "record")  # the keyword arguments a function gets
+PROGRESS = ("step", "stage")  # given to a function that takes them (by name or **kwargs): where training is
 
 
 def _call_problem(function) -> str | None:
@@ -43,10 +47,23 @@ def _call_problem(function) -> str | None:
     except (TypeError, ValueError):  # (a builtin or C function without one: called as it is)
         return None
     try:
-        signature.bind([], **dict.fromkeys(COLUMNS))
+        signature.bind([], **dict.fromkeys(COLUMNS + _progress_taken(function)))
     except TypeError as err:
         return str(err)
     return None
+
+
+def _progress_taken(function) -> tuple[str, ...]:
+    """The PROGRESS keywords `function` takes: those it names, all with **kwargs (none without a signature).
+    Only to those: a function written before they existed, without **kwargs, keeps working."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return PROGRESS
+    named = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return tuple(k for k in PROGRESS if k in named)
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class RewardFunc:
     function: Callable[..., Sequence[float]]
     weight: float
     spec: str  # "module:name", for messages
+    progress: tuple[str, ...] = ()  # the PROGRESS keywords it takes
 
 
 def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> tuple[RewardFunc, ...]:
@@ -74,9 +92,10 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
         problem = _call_problem(function)
         if problem:
             raise ConfigError(f"{where}[{i}].function: {section.function} cannot be called as a reward function is "
-                              f"({problem}): define it as def {attr}(completions, *, {', '.join(COLUMNS)}) or "
-                              f"def {attr}(completions, **kwargs)")
-        out.append(RewardFunc(section.name, function, float(section.weight), section.function))
+                              f"({problem}): define it as def {attr}(completions, *, {', '.join(COLUMNS)}) (and "
+                              f"{' and '.join(PROGRESS)} if it wants them) or def {attr}(completions, **kwargs)")
+        out.append(RewardFunc(section.name, function, float(section.weight), section.function,
+                              _progress_taken(function)))
     return tuple(out)
 
 
@@ -100,9 +119,10 @@ def _numbers(raw: Any, func: RewardFunc, n: int, records: Sequence[str]) -> np.n
 
 def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc], completions: Sequence[str],
                      targets: Sequence[Mapping[str, Any]], metas: Sequence[Mapping[str, Any]],
-                     num_generations: int) -> dict[str, np.ndarray]:
+                     num_generations: int, progress: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """`scores` (rewards.score's, one value per completion) with each function's values under its name and
-    weight x them added to "total". A function that raises, or returns other than one finite number per
+    weight x them added to "total". `progress`: the step's PROGRESS values, each given to the functions
+    that take it. A function that raises, or returns other than one finite number per
     completion, is an error naming it (a NaN total would train on nothing, silently)."""
     if not funcs:
         return scores
@@ -116,7 +136,8 @@ def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc],
     total = np.asarray(out["total"], np.float64).copy()
     for func in funcs:
         try:
-            raw = func.function(list(completions), **columns)
+            raw = func.function(list(completions), **columns,
+                                **{k: progress[k] for k in func.progress if progress and k in progress})
         except (Exception, SystemExit) as err:  # (a sys.exit in the function: not the run's exit status)
             raise RuntimeError(f"grpo.reward_funcs {func.name} ({func.spec}) failed on {n} completions: "
                                f"{type(err).__name__}: {err}") from err

@@ -118,7 +118,8 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
                      num_generations: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float, rng: jax.Array,
                      weights: rewards.RewardWeights, reward_config, scale_rewards: str,
                      mask_truncated: bool, host, mesh=None, batch_rewards=None,
-                     suppress_token_ids: Sequence[int] = (), reward_funcs: Sequence[RewardFunc] = ()) -> Rollout:
+                     suppress_token_ids: Sequence[int] = (), reward_funcs: Sequence[RewardFunc] = (),
+                     progress: Mapping[str, Any] | None = None) -> Rollout:
     """Sample G completions per prompt with the model as it is (the current policy), decode and score them.
 
     `inputs` are the prepared (and placed) prompts, `metas` the meta of the prompts whose completions
@@ -129,7 +130,8 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     rewards, except under scale_rewards "batch": `batch_rewards` (when the rows here are not the whole
     batch) maps these rows' total rewards to (every row's, the positions of these rows in them).
     `suppress_token_ids` are never sampled (the image placeholder, as TRL's GRPO suppresses it);
-    `reward_funcs` (grpo.reward_funcs, train.reward_funcs) add terms of the user's own to the total."""
+    `reward_funcs` (grpo.reward_funcs, train.reward_funcs) add terms of the user's own to the total, given
+    `progress` (the step and its stage, train.reward_funcs.PROGRESS) if they take it."""
     with use_mesh(mesh):
         out = sampler.sample_groups(model, inputs, num_generations=num_generations, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_k=top_k or None,
@@ -142,7 +144,7 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     texts = decode_completions(tokenizer, tokens, attention, eos_ids)
     targets = targets_of(metas)
     scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
-    scores = add_reward_funcs(scores, reward_funcs, texts, targets, metas, num_generations)
+    scores = add_reward_funcs(scores, reward_funcs, texts, targets, metas, num_generations, progress)
     totals, mine = np.asarray(scores["total"], np.float32), slice(None)
     if scale_rewards == "batch" and batch_rewards is not None:
         totals, mine = batch_rewards(totals)
