@@ -227,3 +227,46 @@ def test_a_nearly_constant_series_has_no_axis_offset_over_the_stage_names():
     (entropy,) = [ax for ax in fig.axes if ax.get_title() == "Policy entropy"]
     assert entropy.yaxis.get_offset_text().get_text() == ""
     assert all("+" not in ax.yaxis.get_offset_text().get_text() for ax in fig.axes)  # (a 1e-4 multiplier stays)
+
+
+def test_several_runs_are_compared_on_the_same_panels(tmp_path, capsys):
+    """`fxjax report RUN_A RUN_B`: every panel with each run's series, a line style per run named in the
+    legend; the stages shaded when the runs share them, listed per run when they differ; the own reward
+    terms of every run in their panel; each run's reward trend printed; the errors name what is wrong."""
+    from fxjax.commands.report_compare import build_comparison
+
+    other = [dict(r, **{"reward/total_mean": r["reward/total_mean"] + 0.5, "reward/brevity_mean": -0.1,
+                        "weights/brevity": 0.5}) if r["kind"] == "train" else r for r in grpo_records()]
+    a = write_metrics((tmp_path / "seed0").mkdir() or tmp_path / "seed0" / "metrics.jsonl", grpo_records()).parent
+    b = write_metrics((tmp_path / "seed4").mkdir() or tmp_path / "seed4" / "metrics.jsonl", other).parent
+    assert main(["report", str(a), str(b), "--labels", "seed 0,seed 4"]) == 0
+    err = capsys.readouterr().err
+    assert f"wrote {tmp_path / 'compare_report.png'}" in err and (tmp_path / "compare_report.png").stat().st_size > 20_000
+    assert "fxjax report: seed 0: training reward by stage" in err and "fxjax report: seed 4: training reward" in err
+    fig = build_comparison([("seed 0", grpo_records()), ("seed 4", other)])
+    single = titles(build_report(other))
+    assert titles(fig) == single  # (the own terms' panel: one run has it, so the comparison has it)
+    total = fig.axes[0]
+    styles = {line.get_linestyle() for line in total.get_lines() if line.get_color() == "#1f77b4"}
+    assert styles == {"-", "--"}  # the mean reward of each run, in its own line style
+    legend = [t.get_text() for t in total.get_legend().get_texts()]
+    assert legend == ["mean", "std", "seed 0", "seed 4"]
+    means = [line for line in total.get_lines() if line.get_color() == "#1f77b4" and line.get_linewidth() == 2]
+    assert sorted(tuple(line.get_xdata()) for line in means) == sorted(
+        [tuple(range(1, 11)), tuple(range(11, 21)), tuple(range(21, 31))] * 2)  # no line crosses a stage boundary
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.texts] == ["alpha", "beta", "gamma"], ax.get_title()
+    assert "runs: seed 0 solid, seed 4 dashed; stages alpha 1-10, beta 11-20, gamma 21-30" in fig._suptitle.get_text()
+    # other stages: not shaded, each run's listed, each run's lines still stop at its own boundaries
+    shifted = [dict(r, stage="alpha" if r["step"] <= 15 else "gamma") if r["kind"] == "train" else r for r in other]
+    fig = build_comparison([("seed 0", grpo_records()), ("long alpha", shifted)])
+    assert all(not ax.texts for ax in fig.axes)
+    assert ("the runs' stages differ (not shaded): seed 0 alpha 1-10, beta 11-20, gamma 21-30; long alpha alpha 1-15, "
+            "gamma 16-30") in fig._suptitle.get_text()
+    # what cannot be compared
+    sft = write_metrics((tmp_path / "sft").mkdir() or tmp_path / "sft" / "metrics.jsonl", sft_records()).parent
+    for argv, message in (([str(a), str(sft)], "the runs compared must be of one kind: seed0 is GRPO, sft is SFT"),
+                          ([str(a), str(b), "--labels", "one"], "--labels: 1 names for 2 runs"),
+                          ([str(a)] * 5, "a comparison draws 2 to 4 runs (a line style each), got 5")):
+        assert main(["report", *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -55,6 +55,10 @@ left out and named in the subtitle and on stderr; non-finite values ("nan", "inf
 the subtitle names their series and steps; a value with no finite neighbour is drawn as a dot.
 `fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report.
 
+Given several runs of one kind (2 to 4 RUN_DIRs: seeds, settings), it draws each panel with every run's
+series in it, a line style per run (solid, dashed, dotted, dash-dot), the stages shaded when the runs
+share them; written to compare_report.png beside the first run unless --out.
+
 Given `fxjax eval` output folders instead (one or more, each holding metrics.json), it draws their held-out
 metrics side by side: format rate, verdict accuracy, F1 for "generated" and mean IoU on generated images,
 one bar per folder in the order given, with the 95% intervals `fxjax eval` computed. Given the --out of
@@ -64,10 +68,12 @@ EPILOG = """\
 examples:
   fxjax report runs/sft                   # writes runs/sft/report.png
   fxjax report runs/grpo --out grpo.png
+  fxjax report runs/grpo-seed0 runs/grpo-seed4 --labels "seed 0,seed 4"   # writes runs/compare_report.png
   fxjax report eval/step100 eval/step200 --labels "step 100,step 200"   # writes eval/eval_report.png
   fxjax report runs/grpo/eval   # the folders of `fxjax eval --step alpha beta gamma --out runs/grpo/eval`"""
 
 REPORT_FILE = "report.png"
+COMPARE_REPORT_FILE = "compare_report.png"  # (fxjax.commands.report_compare draws it)
 EVAL_MARKERS = ("o", "s", "^", "D", "v", "P")  # the held-out points' shapes, by the series' place in its panel
 STAGE_SHADES = ("#f2f2f2", "#ffffff")
 
@@ -76,21 +82,22 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="DIR", nargs="+",
-                   help="a run's train.output_dir (holding metrics.jsonl) or that file; or one or more `fxjax eval` "
-                        "output folders (holding metrics.json) to compare, or a folder of them (`fxjax eval --step "
-                        "A B --out DIR`)")
+                   help="a run's train.output_dir (holding metrics.jsonl) or that file; 2 to 4 such runs of one "
+                        "kind to compare; or one or more `fxjax eval` output folders (holding metrics.json) to "
+                        "compare, or a folder of them (`fxjax eval --step A B --out DIR`)")
     p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG: a file (.png added when missing) or a directory "
-                        f"(default: RUN_DIR/{REPORT_FILE}; for eval folders {EVAL_REPORT_FILE} next to the first)")
+                        f"(default: RUN_DIR/{REPORT_FILE}; for several runs {COMPARE_REPORT_FILE} in the folder "
+                        f"holding the first; for eval folders {EVAL_REPORT_FILE} next to the first)")
     p.add_argument("--title", help="figure title (default: the run directory and its kind; for eval folders "
                                    "'held-out evaluation')")
-    p.add_argument("--labels", metavar="A,B,...", help="eval folders only: the bars' names, comma-separated, one per folder "
-                                                        "(default: the folder names)")
+    p.add_argument("--labels", metavar="A,B,...", help="the names of the runs compared, or of the eval folders' bars, "
+                                                        "comma-separated, one per DIR (default: the folder names)")
     p.set_defaults(func=run)
 
 
 # ---- data -----------------------------------------------------------------------------------------
 
-def _number(value: Any) -> float:
+def metric_value(value: Any) -> float:
     """A metrics value as a float: metrics.jsonl writes non-finite numbers as strings ("nan", "inf")."""
     if isinstance(value, bool) or value is None:
         return math.nan
@@ -106,7 +113,7 @@ def series(records: Sequence[dict], kind: str, key: str) -> tuple[list[int], lis
     for r in records:
         if r.get("kind") == kind and key in r:
             steps.append(int(r["step"]))
-            values.append(_number(r[key]))
+            values.append(metric_value(r[key]))
     return steps, values
 
 
@@ -131,14 +138,14 @@ def stage_spans(records: Sequence[dict]) -> list[StageSpan]:
     return spans
 
 
-def _is_grpo_step(record: dict) -> bool:
+def is_grpo_step(record: dict) -> bool:
     return record.get("kind") == "train" and ("stage" in record or "reward/total_mean" in record)
 
 
 def run_kind(records: Sequence[dict]) -> str:
     """"grpo" when a training record has a stage or a reward (or, before the first step's record, an
     evaluation is tagged with a stage's end), else "sft"."""
-    grpo = any(map(_is_grpo_step, records)) or any(
+    grpo = any(map(is_grpo_step, records)) or any(
         r.get("kind") == "eval" and str(r.get("tag", "")).startswith("end of stage") for r in records)
     return "grpo" if grpo else "sft"
 
@@ -154,7 +161,7 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _segments(steps: Sequence[int], values: Sequence[float], spans: Sequence[StageSpan]):
+def stage_segments(steps: Sequence[int], values: Sequence[float], spans: Sequence[StageSpan]):
     """(steps, values) of each stage (the whole series without stages): a stage's total reward has other
     weights than the next one's, so neither a line nor an average crosses a boundary."""
     if not spans:
@@ -180,7 +187,7 @@ def _all_zero(records: Sequence[dict], panel: Panel) -> bool:
     return all(v == 0 for line in panel.lines for v in series(records, line.kind, line.key)[1] if math.isfinite(v))
 
 
-def _left_out(records: Sequence[dict], panel: Panel) -> str | None:
+def left_out(records: Sequence[dict], panel: Panel) -> str | None:
     """Why a panel is not drawn (None: it is)."""
     if not _has_data(records, panel):
         return f"{panel.title} (no values in the metrics)"
@@ -189,7 +196,7 @@ def _left_out(records: Sequence[dict], panel: Panel) -> str | None:
     return None
 
 
-def _mark_stages(ax, spans: Sequence[StageSpan]) -> None:
+def mark_stages(ax, spans: Sequence[StageSpan]) -> None:
     """Shade each stage, draw a dashed line at each boundary and name the stage at the top of the panel."""
     from matplotlib.transforms import blended_transform_factory
 
@@ -223,38 +230,13 @@ def non_finite_note(records: Sequence[dict], panels: Sequence[Panel]) -> str | N
     return "non-finite, not drawn: " + "; ".join(parts) if parts else None
 
 
-def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int, xlabel: str,
+def format_axes(ax, panel: Panel, plotted: Sequence[float], staged: bool, xlabel: str,
                 xlim: tuple[float, float]) -> None:
+    """A panel's title, axes, scale and grid, once its lines are drawn (`plotted`: their finite values;
+    `staged`: the stage names sit above the plotting area)."""
     from matplotlib.ticker import MaxNLocator
 
-    if spans:
-        _mark_stages(ax, spans)
-    plotted = []
-    for colour, marker, line in zip(COLOURS, EVAL_MARKERS, panel.lines):
-        steps, values = series(records, line.kind, line.key)
-        if not steps or not any(math.isfinite(v) for v in values):
-            continue
-        plotted += [v for v in values if math.isfinite(v)]
-        if line.kind == "eval":
-            # Evaluations are a few points: markers, joined by a faint dotted line that does not pretend to
-            # know the values in between (a solid line between step 0 and the end read as a linear rise).
-            label = f"{line.label} (evaluated at {len(steps)} step{'s' if len(steps) > 1 else ''})"
-            # a shape each, hollow: equal values (format, verdict and IoU all 0) show every series, not the last
-            ax.plot(steps, values, marker, color=colour, label=label, ms=7, zorder=4, mfc="none", mew=1.5)
-            ax.plot(steps, values, ":", color=colour, lw=1, alpha=0.6, zorder=3)
-            continue
-        for i, (part_steps, part) in enumerate(_segments(steps, values, spans)):
-            label = line.label if i == 0 else None  # one legend entry per series
-            if line.smooth and window > 1 and len(values) > window:
-                ax.plot(part_steps, part, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (figure title)
-                ax.plot(part_steps, moving_average(part, window), color=colour, lw=2, label=label, zorder=3)
-            else:
-                ax.plot(part_steps, part, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
-                        label=label, zorder=3)
-            lone = isolated(part)  # (a one-step stage, a value between two non-finite ones: no line shows it)
-            if lone:
-                ax.plot([part_steps[i] for i in lone], [part[i] for i in lone], "o", color=colour, ms=3, zorder=4)
-    ax.set_title(panel.title, fontsize=11, pad=16 if spans else 6)
+    ax.set_title(panel.title, fontsize=11, pad=16 if staged else 6)
     ax.set_xlabel(xlabel)
     ax.set_xlim(*xlim)  # one step axis for every panel, so held-out points line up with training curves
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -272,6 +254,51 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
         ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.grid(True, alpha=0.3, zorder=0)
+
+
+def draw_eval_points(ax, steps: Sequence[int], values: Sequence[float], colour: str, marker: str,
+                     label: str | None, join: Any = ":") -> None:
+    """Evaluations are a few points: markers, joined by a faint line (`join`'s style) that does not pretend
+    to know the values in between (a solid line between step 0 and the end read as a linear rise). A shape
+    each, hollow: equal values (format, verdict and IoU all 0) show every series, not the last."""
+    ax.plot(steps, values, marker, color=colour, label=label, ms=7, zorder=4, mfc="none", mew=1.5)
+    ax.plot(steps, values, ls=join, color=colour, lw=1, alpha=0.6, zorder=3)
+
+
+def draw_train_series(ax, steps: Sequence[int], values: Sequence[float], spans: Sequence[StageSpan], *,
+                      colour: str, window: int, smooth: bool, label: str | None, style: str = "-") -> None:
+    """A training series, stage by stage (no line crosses a boundary): per step thin and its centred moving
+    average thick when `smooth` and long enough, else one line; values with no finite neighbour as dots."""
+    for i, (part_steps, part) in enumerate(stage_segments(steps, values, spans)):
+        name = label if i == 0 else None  # one legend entry per series
+        if smooth and window > 1 and len(values) > window:
+            ax.plot(part_steps, part, style, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (figure title)
+            ax.plot(part_steps, moving_average(part, window), style, color=colour, lw=2, label=name, zorder=3)
+        else:
+            ax.plot(part_steps, part, style, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
+                    label=name, zorder=3)
+        lone = isolated(part)  # (a one-step stage, a value between two non-finite ones: no line shows it)
+        if lone:
+            ax.plot([part_steps[i] for i in lone], [part[i] for i in lone], "o", color=colour, ms=3, zorder=4)
+
+
+def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int, xlabel: str,
+                xlim: tuple[float, float]) -> None:
+    if spans:
+        mark_stages(ax, spans)
+    plotted = []
+    for colour, marker, line in zip(COLOURS, EVAL_MARKERS, panel.lines):
+        steps, values = series(records, line.kind, line.key)
+        if not steps or not any(math.isfinite(v) for v in values):
+            continue
+        plotted += [v for v in values if math.isfinite(v)]
+        if line.kind == "eval":
+            label = f"{line.label} (evaluated at {len(steps)} step{'s' if len(steps) > 1 else ''})"
+            draw_eval_points(ax, steps, values, colour, marker, label)
+        else:
+            draw_train_series(ax, steps, values, spans, colour=colour, window=window, smooth=line.smooth,
+                              label=line.label)
+    format_axes(ax, panel, plotted, bool(spans), xlabel, xlim)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(fontsize=8, loc="best", framealpha=0.85)
@@ -291,7 +318,7 @@ def build_report(records: Sequence[dict], title: str | None = None, timings: boo
     kind = run_kind(records)
     spans = stage_spans(records) if kind == "grpo" else []
     candidates = [p for p in panels_for(kind, records) if timings or not p.timing]
-    why = {p.title: _left_out(records, p) for p in candidates}
+    why = {p.title: left_out(records, p) for p in candidates}
     panels = [p for p in candidates if why[p.title] is None]
     missing = [why[p.title] for p in candidates if why[p.title] is not None]
     if not panels:
@@ -335,10 +362,8 @@ def build_report(records: Sequence[dict], title: str | None = None, timings: boo
     return fig
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None,
-                 timings: bool = True) -> Path:
-    """Read RUN_DIR/metrics.jsonl (or that file), draw the report (`timings`: as `build_report`'s), save it
-    as PNG; returns its path."""
+def read_run_metrics(run_dir: str | Path) -> tuple[Path, list[dict]]:
+    """(metrics file, its records) of RUN_DIR (or its metrics.jsonl): one run's, or an error naming the file."""
     from fxjax.train.metrics import read_metrics
 
     source = Path(run_dir)
@@ -348,10 +373,24 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
                                 f"<train.output_dir>/{METRICS_FILE})")
     records = read_metrics(metrics_file)
     train = [r for r in records if r.get("kind") == "train"]
-    grpo = sum(map(_is_grpo_step, train))
+    grpo = sum(map(is_grpo_step, train))
     if 0 < grpo < len(train):  # two runs appended to one file: one report would plot only one of them
         raise ValueError(f"{metrics_file}: holds the training records of an SFT run ({len(train) - grpo}) and of a "
                          f"GRPO run ({grpo}); put each run's records in a file of its own to plot it")
+    return metrics_file, records
+
+
+def staged_rewards(records: Sequence[dict]) -> list[dict]:
+    """The GRPO steps' stage and mean total reward (what `stage_trends` reads)."""
+    return [{"stage": r["stage"], "reward/total_mean": metric_value(r["reward/total_mean"])} for r in records
+            if is_grpo_step(r) and "stage" in r and "reward/total_mean" in r]
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None,
+                 timings: bool = True) -> Path:
+    """Read RUN_DIR/metrics.jsonl (or that file), draw the report (`timings`: as `build_report`'s), save it
+    as PNG; returns its path."""
+    metrics_file, records = read_run_metrics(run_dir)
     run_name = metrics_file.parent.name or str(metrics_file.parent)
     fig = build_report(records, title or f"{run_name}: {run_kind(records).upper()}", timings)
     path = png_path(out, metrics_file.parent, REPORT_FILE)
@@ -359,8 +398,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     if fig.missing_panels:
         print(f"fxjax report: panels left out (named in the subtitle): {'; '.join(fig.missing_panels)}",
               file=sys.stderr)
-    staged = [{"stage": r["stage"], "reward/total_mean": _number(r["reward/total_mean"])} for r in records
-              if _is_grpo_step(r) and "stage" in r and "reward/total_mean" in r]
+    staged = staged_rewards(records)
     if staged:  # (what a reader looks for first in a GRPO run, in numbers beside the panels)
         from fxjax.demo_summary import stage_trends
 
@@ -417,11 +455,17 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 0
     if len(args.run) > 1:
-        runs = [d for d, e in zip(args.run, evals) if not e]
-        raise ValueError(f"{runs[0]}: not an `fxjax eval` folder (no metrics.json); several folders are compared only "
-                         f"when each is one (a training run's report takes one RUN_DIR)")
+        if any(evals):
+            mixed = [d for d, e in zip(args.run, evals) if e]
+            raise ValueError(f"{mixed[0]} is an `fxjax eval` folder and {args.run[evals.index(False)]} is not: compare "
+                             "eval folders with eval folders, or training runs with training runs")
+        from fxjax.commands.report_compare import write_comparison
+
+        path = write_comparison(args.run, args.out, args.labels.split(",") if args.labels else None, args.title)
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
     if args.labels:
-        raise ValueError("--labels names the bars of eval folders; a training run's report has none")
+        raise ValueError("--labels names the bars of eval folders, or the runs compared; one run's report has none")
     path = write_report(args.run[0], args.out, args.title)
     print(f"wrote {path}", file=sys.stderr)
     return 0
