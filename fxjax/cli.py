@@ -291,12 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except SystemExit:
         raise
+    except BrokenPipeError:  # `fxjax info 3b | head -1`: the reader has what it wanted; nothing more to say
+        return _stdout_closed()
     except (ValueError, OSError) as err:  # a user's path or value, a full disk: said in one line
         print(f"fxjax {args.command}: error: {err}{_record_hint(err, args)}", file=sys.stderr)
         _leave_run(err, 2)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C outside a training loop's steps (loading, compiling, decoding)
-        _interrupted(args.command, err)
+        _interrupted(args.command, err, exit_now=argv is None)
+        raise  # (main([...]) from Python, a notebook: the caller's KeyboardInterrupt, its kernel alive)
     except BaseException as err:
         _leave_run(err, 1, with_traceback=True)
         raise
@@ -320,17 +323,34 @@ def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
 
 
 INTERRUPTED = 130  # a shell's status for a command ended by SIGINT
+PIPE_CLOSED = 141  # a shell's status for a command ended by SIGPIPE (as `yes | head -1` leaves `yes`)
 
 
-def _interrupted(command: str, err: KeyboardInterrupt) -> None:
-    """Ctrl-C: one line and exit status 130, at once. A normal exit tore XLA down under a compilation still
-    running in its threads (a segmentation fault, status 139, whenever the interrupt landed in one) and
-    printed a traceback. What a command leaves is safe to stop at any point: exports are written aside and
-    renamed, an eval resumes from its predictions, a training run saves on the first Ctrl-C by itself."""
+def _stdout_closed() -> int:
+    """The reader of our stdout went away: stdout pointed at /dev/null, so that the interpreter's own flush
+    at exit does not fail and print a second error, and the status a SIGPIPE'd command has."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # (a stdout without a file descriptor: nothing to redirect)
+        pass
+    return PIPE_CLOSED
+
+
+def _interrupted(command: str, err: KeyboardInterrupt, exit_now: bool) -> None:
+    """Ctrl-C: one line, and from the command line (`exit_now`) exit status 130, at once. A normal exit tore
+    XLA down under a compilation still running in its threads (a segmentation fault, status 139, whenever
+    the interrupt landed in one) and printed a traceback. What a command leaves is safe to stop at any
+    point: exports are written aside and renamed, an eval resumes from its predictions, a training run saves
+    on the first Ctrl-C by itself. Called from Python (main([...]) in a notebook) it returns, and the caller
+    gets the KeyboardInterrupt: exiting would end the notebook's kernel."""
     import os
 
     print(f"\nfxjax {command}: interrupted (Ctrl-C); running the same command again resumes or redoes it",
           file=sys.stderr)
+    if not exit_now:
+        return
     _leave_run(err, INTERRUPTED)
     sys.stdout.flush()
     sys.stderr.flush()

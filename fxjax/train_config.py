@@ -404,8 +404,8 @@ def shipped_run_configs() -> dict[str, Path]:
 
 def config_file(path: str | Path) -> Path:
     """The file `--config` names: a path, else the name of a shipped run config (`--config sft`, `--config
-    recipes/paper_3b_sft`: usable where the repository's configs/ is not, after `pip install`); a missing
-    one is an error listing the shipped names."""
+    recipes/paper_3b_sft`, or its path in the repository, `configs/sft.yaml`: usable where the repository's
+    configs/ is not, after `pip install`); a missing one is an error listing the shipped names."""
     p = Path(path)
     if p.is_file():
         return p
@@ -415,6 +415,9 @@ def config_file(path: str | Path) -> Path:
     name = str(path).removesuffix(".yaml")
     if name in shipped:
         return shipped[name]
+    # configs/sft.yaml, as the README and --help write it, where the repository's configs/ is not (pip install)
+    if name.startswith("configs/") and name.removeprefix("configs/") in shipped and not p.exists():
+        return shipped[name.removeprefix("configs/")]
     if p.is_dir():
         raise ConfigError(f"config file {p} is a directory; give the YAML file")
     raise ConfigError(f"config file {p} not found (from {Path.cwd()}); or name one that fxjax ships: "

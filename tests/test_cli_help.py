@@ -215,14 +215,43 @@ def test_a_training_runs_invalid_record_names_its_kind_and_how_to_see_every_one(
             f"--set data.on_error=skip trains without them)") in err  # (with the run's own --set: its files)
 
 
-def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130():
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130(monkeypatch, capsys):
     """A KeyboardInterrupt out of a command (Ctrl-C while a model loads, compiles or decodes) printed a
-    traceback, and when it landed in an XLA compilation the interpreter's exit crashed (status 139)."""
+    traceback, and when it landed in an XLA compilation the interpreter's exit crashed (status 139). From
+    Python (main([...]) in a notebook) the caller gets the KeyboardInterrupt after the same line: an exit
+    there ended the notebook's kernel."""
     code = ("import sys, fxjax.commands.report as report\n"
             "def run(args):\n    raise KeyboardInterrupt\n"
             "report.run = run\n"
-            "from fxjax.cli import main\nsys.exit(main(['report', '.']))\n")
+            "sys.argv = ['fxjax', 'report', '.']\n"
+            "from fxjax.cli import main\nsys.exit(main())\n")  # (the console script's call: its own command line)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == ("fxjax report: interrupted (Ctrl-C); running the same command again resumes or "
                                    "redoes it") and "Traceback" not in proc.stderr
+    import fxjax.commands.report as report
+    from fxjax.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["report", "."])
+    assert capsys.readouterr().err.strip().startswith("fxjax report: interrupted (Ctrl-C)")
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`fxjax info 3b | head -1` printed "fxjax info: error: [Errno 32] Broken pipe" and exited 2: a reader
+    that has what it wanted is not an error of the command (status 141, a SIGPIPE'd command's, and no word).
+    (Here the pipe's reader is gone before the command writes: what `head` does after its first line.)"""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fxjax", "info", "3b"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)

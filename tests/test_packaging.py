@@ -46,7 +46,9 @@ def test_wheel_and_sdist_carry_every_module_and_config(tmp_path):
     assert len(wanted) > 50 and sorted(wanted - in_wheel) == []
     with tarfile.open(tmp_path / "dist" / sdist_name) as sdist:
         in_sdist = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    needed = {f for f in files if f.startswith(("tests/", *[d + "/" for d in MAPPED])) or f == "tpu_setup.sh"}
+    # (the suite reads docs/ and bench/ too: tests/test_data_check.py docs/data.md, tests/test_plan.py bench/plan.py)
+    needed = {f for f in files if f.startswith(("tests/", "docs/", "bench/", *[d + "/" for d in MAPPED]))
+              or f == "tpu_setup.sh"}
     assert sorted(needed - in_sdist) == []
 
 
@@ -81,3 +83,54 @@ def test_no_dependency_floor_is_below_what_the_other_dependencies_require():
                     too_low.append(f"{r.name}>={spec.version}, but {by} requires {name}>={need}")
     assert floors.get("jax"), "no dependency's floor on jax was found: the check reads nothing"
     assert not too_low, too_low
+
+
+def _installed_closure(names) -> set[str]:
+    """The distributions `names` install, with what each requires at run time (no extras), normalised."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    norm = lambda n: n.lower().replace("_", "-")  # noqa: E731
+    seen, todo = set(), [norm(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            texts = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for text in texts:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(norm(req.name))
+    return seen
+
+
+def test_everything_fxjax_imports_or_its_readme_example_needs_installs_with_it():
+    """`pip install fxjax` (no test extra) brings every third-party package our modules import, and jinja2,
+    which transformers' apply_chat_template in the README's Python example needs and transformers itself
+    leaves optional (CI had it only through torch, of the test extra)."""
+    import ast
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+
+    declared = [Requirement(r).name for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    closure = _installed_closure(declared)
+    owners = packages_distributions()
+    imported = set()
+    for folder in MAPPED:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {(a.name.split(".")[0], path.name) for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add((node.module.split(".")[0], path.name))
+    missing = sorted({(top, where, tuple(owners[top])) for top, where in imported
+                      if top in owners and top != "fxjax" and not {d.lower().replace("_", "-") for d in owners[top]} & closure})
+    assert len(imported) > 20 and not missing, missing
+    assert "jinja2" in closure

@@ -592,9 +592,14 @@ def test_config_names_a_file_or_a_config_fxjax_ships(tmp_path, monkeypatch):
     assert config_file("grpo") == CONFIG_DIR / "grpo.yaml"
     (tmp_path / "grpo.yaml").write_text("grpo: {}\n")  # the user's own copy, edited: before fxjax's
     assert config_file("grpo") == Path("grpo.yaml")
-    with pytest.raises(ConfigError, match=rf"config file configs/sft.yaml not found \(from {tmp_path}\); or name one "
+    # the repository's path of a shipped config, as the README writes it, where no configs/ folder is (pip install)
+    assert config_file("configs/recipes/paper_3b_sft.yaml") == CONFIG_DIR / "recipes" / "paper_3b_sft.yaml"
+    with pytest.raises(ConfigError, match=rf"config file configs/sfft.yaml not found \(from {tmp_path}\); or name one "
                                           r"that fxjax ships: --config grpo, --config recipes/paper_3b_grpo, "):
-        config_file("configs/sft.yaml")
+        config_file("configs/sfft.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "sft.yaml").write_text("train: {steps: 3}\n")  # a configs/ of the user's: theirs
+    assert config_file("configs/sft.yaml") == Path("configs/sft.yaml")
 
 
 def test_a_config_built_in_code_is_checked_as_a_yaml_one_is(tmp_path):

@@ -217,20 +217,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     """run_grpo once its process has joined the run and holds the run's folders."""
     recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
     g = cfg.grpo
-    # The reward config is read once, now (a bad file reported before the model loads): every step scores
-    # with these values and every checkpoint records them, so an edit of the file during the run changes
-    # nothing, and a resume after one says which weight changed.
-    reward_values = read_reward_config(g.reward_config)
-    if g.schedule == "continuous":
-        stage_weights(cfg, 0, g.reward_config)  # (its error names the file)
-    else:
-        from fxjax.rewards.stages import missing_stage
-
-        for i, stage in enumerate(cfg.stages):  # (a bad reward file: load_config's own error, naming it)
-            problem = missing_stage(stage.name, g.reward_config)
-            if problem:
-                raise ConfigError(f"stages[{i}].name: {problem}")
-    funcs = load_reward_funcs(g.reward_funcs)  # (each process imports them; a wrong name is said now)
+    reward_values, funcs = _read_rewards(cfg)
     mesh = make_mesh(MeshConfig(**cfg.mesh.axes()))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh, micro_batches=cfg.optim.grad_accum,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
@@ -258,14 +245,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     train_graphdef = split_model(model)[0]
     model.eval()
     graphdef, params, base, rest = split_model(model)
-    n_lora = sum(int(x.size) for x in jax.tree.leaves(params))
-    stages = ("continuous" if g.schedule == "continuous"
-              else " -> ".join(f"{s.name} x {s.steps}" for s in cfg.stages))
-    say(f"grpo: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"mesh {dict(mesh.shape)}; model {start_description(cfg)} ({cfg.model.dtype}), "
-        f"{n_lora:,} LoRA parameters; {_count(len(pipeline), 'prompt')}; {_count(steps_total, 'step')} of "
-        f"{_count(cfg.data.batch_size, 'prompt')} x {_count(g.num_generations, 'completion')}; stages {stages}; "
-        f"loss {g.loss_type}, beta {g.beta}")
+    say(_start_line(cfg, mesh, sum(int(x.size) for x in jax.tree.leaves(params)), len(pipeline)))
     if main:
         say_stage_weights(cfg, steps_total, say, reward_values)
     say_cpu_memory_note(jax.devices()[0].platform, say)  # (on a CPU: what the host allocator does)
@@ -407,6 +387,37 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                                        iou_gen=round(values["mean_iou_generated"], 3)))  # (real images score 1)
         control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result
+
+
+def _read_rewards(cfg: GRPOConfig) -> tuple[dict, tuple]:
+    """(the reward config's values, the user's reward functions), read once at the start, before the model
+    loads (a bad file or function name costs seconds): every step scores with these values and every
+    checkpoint records them, so an edit of the file during the run changes nothing, and a resume after one
+    says which weight changed. Each stage must have weights in the file."""
+    g = cfg.grpo
+    reward_values = read_reward_config(g.reward_config)
+    if g.schedule == "continuous":
+        stage_weights(cfg, 0, g.reward_config)  # (its error names the file)
+    else:
+        from fxjax.rewards.stages import missing_stage
+
+        for i, stage in enumerate(cfg.stages):  # (a bad reward file: load_config's own error, naming it)
+            problem = missing_stage(stage.name, g.reward_config)
+            if problem:
+                raise ConfigError(f"stages[{i}].name: {problem}")
+    return reward_values, load_reward_funcs(g.reward_funcs)  # (each process imports them)
+
+
+def _start_line(cfg: GRPOConfig, mesh, n_lora: int, prompts: int) -> str:
+    """What the run says it is about to do: processes, devices, mesh, model, prompts, steps, stages, loss."""
+    g = cfg.grpo
+    stages = ("continuous" if g.schedule == "continuous"
+              else " -> ".join(f"{s.name} x {s.steps}" for s in cfg.stages))
+    return (f"grpo: {jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), "
+            f"mesh {dict(mesh.shape)}; model {start_description(cfg)} ({cfg.model.dtype}), "
+            f"{n_lora:,} LoRA parameters; {_count(prompts, 'prompt')}; {_count(cfg.total_steps, 'step')} of "
+            f"{_count(cfg.data.batch_size, 'prompt')} x {_count(g.num_generations, 'completion')}; stages {stages}; "
+            f"loss {g.loss_type}, beta {g.beta}")
 
 
 def rollout_key(seed: int, step: int) -> jax.Array:
