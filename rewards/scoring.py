@@ -31,6 +31,11 @@ def _target(t: Mapping[str, Any]) -> tuple[str, np.ndarray]:
         raise ValueError(f"a target needs a 'label' key, got {t!r}") from None
     if label not in LABELS:
         raise ValueError(f"target label must be one of {LABELS}, got {t['label']!r}")
+    if "boxes" not in t and label == "generated":  # (IoU 0 for every completion, silently, before)
+        near = sorted(k for k in t if k in ("bbox", "bboxes", "box", "regions"))
+        raise ValueError(f"a generated target needs its true boxes under 'boxes' ([[x1, y1, x2, y2], ...]; [] for "
+                         f"none), got the keys {sorted(t)}" + (f": {near[0]!r} is not read (a native record's "
+                         "regions: 'boxes': [r['bbox'] for r in record['regions']])" if near else ""))
     raw = t.get("boxes")
     boxes = np.zeros((0, 4)) if raw is None or len(raw) == 0 else np.asarray(raw, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4:

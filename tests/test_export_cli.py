@@ -142,6 +142,15 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     assert prompting("--model", str(out / "merged")) == trained
     assert prompting("--model", str(tiny_vl_dir))["max_pixels"] == 12845056
     assert prompting("--model", str(out / "merged"), "--max-pixels", "6272")["max_pixels"] == 6272
+    # an adapter without the settings (fxjax.save_peft_adapter's, or peft's own): the defaults, said
+    bare = tmp_path / "bare-adapter"
+    shutil.copytree(out / "adapter", bare, ignore=shutil.ignore_patterns("fxjax_prompt_settings.json"))
+    capsys.readouterr()
+    assert prompting("--model", str(tiny_vl_dir), "--adapter", str(bare))["max_pixels"] == 12845056
+    assert (f"note: {bare} has no fxjax_prompt_settings.json (`fxjax export` and fxjax.train.export.save_adapter write "
+            "it): the prompts are built with fxjax's defaults (pixels 3136-12845056, max length 8192") in capsys.readouterr().err
+    prompting("--model", str(tiny_vl_dir), "--adapter", str(out / "adapter"))  # (with them: no note)
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_export_of_a_bfloat16_base_loads_it_in_bfloat16_and_writes_what_float32_would(two_process_run, tiny_vl_dir,

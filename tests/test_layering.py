@@ -188,6 +188,10 @@ def test_every_public_name_and_subpackage_resolves_after_a_bare_import():
             "missing = [n for n in fxjax.__all__ if getattr(fxjax, n, None) is None]; assert not missing, missing; "
             "assert callable(fxjax.rewards.score) and callable(fxjax.distributed.initialize); "
             "assert callable(fxjax.model.lora.remove_lora) and fxjax.remove_lora is fxjax.model.lora.remove_lora; "
+            # fxjax.data's modules by name, as the README writes fxjax.data.prompts.serving_prompt
+            "assert callable(fxjax.data.prompts.serving_prompt); import pathlib; "
+            "mods = {p.stem for p in pathlib.Path(fxjax.data.__file__).parent.glob('*.py')} - {'__init__'}; "
+            "assert mods == set(fxjax.data._SUBMODULES) and mods <= set(dir(fxjax.data)), mods; "
             # dir(): the public names and the subpackages, not the package's own imports (a notebook's listing)
             "d = dir(fxjax); assert {'rewards', 'model', 'data', 'train', *fxjax.__all__} <= set(d), d; "
             "assert not {'annotations', 'TYPE_CHECKING', 'lazy_exports'} & set(d), d; "

@@ -327,6 +327,11 @@ def test_grouping_and_validation():
                 {"label": "generated", "boxes": [[0, 0, float("nan"), 1]]}):
         with pytest.raises(ValueError):
             score([GOOD], [bad])
+    # a generated target's boxes under another key (a native record's bbox) scored IoU 0, silently
+    with pytest.raises(ValueError, match=r"a generated target needs its true boxes under 'boxes' .*got the keys "
+                                         r"\['bbox', 'label'\]: 'bbox' is not read"):
+        score([GOOD], [{"label": "generated", "bbox": GT["boxes"]}])
+    assert score([GOOD], [{"label": "generated", "boxes": []}])["iou"][0] == 0  # (no true boxes: said so, allowed)
 
 
 def test_public_api():

@@ -407,3 +407,17 @@ def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_ran(monkeypatch, 
     result.resumed_from = None
     assert sft_command.run(argparse.Namespace()) == 0
     assert capsys.readouterr().out.startswith("fxjax sft: 9 steps in 21s, the last step's loss 0.5000;")
+
+
+def test_a_runs_result_echoed_in_a_notebook_leaves_out_its_arrays():
+    """`r = run_sft(cfg); r` printed the dataclass with every LoRA array and the model (440k characters on the
+    tiny model): the result's repr names its numbers, not the weights it carries."""
+    import numpy as np
+
+    from fxjax.train.grpo import GRPOResult
+    from fxjax.train.sft import SFTResult
+
+    for result in (SFTResult(steps=3, total_steps=3, final_loss=0.5, params={"lora": np.zeros(100_000)}, model=[0] * 100_000),
+                   GRPOResult(steps=2, total_steps=2, params={"lora": np.zeros(100_000)}, model=[0] * 100_000)):
+        text = repr(result)
+        assert len(text) < 600 and "params" not in text and "model=" not in text and "steps=" in text, text

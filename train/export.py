@@ -138,7 +138,7 @@ def write_greedy_generation_config(folder: Path) -> None:
 
 def write_exports(parts: list[tuple[str, Path, Callable[[], Path]]], step: int,
                   say: Callable[[str], None]) -> dict[str, str]:
-    """Run each export writer of `parts` ((name, folder, write), in order); {name: folder written}.
+    """Run each export writer of `parts` ((name, folder, write), in order); {name: absolute folder written}.
 
     Each folder is replaced whole or not at all (`written_whole`), but two of them are two replacements: when
     a later one fails (a full disk) after an earlier one was written, the folders hold different steps, and a
@@ -147,7 +147,7 @@ def write_exports(parts: list[tuple[str, Path, Callable[[], Path]]], step: int,
     written: dict[str, str] = {}
     for name, folder, write in parts:
         try:
-            written[name] = str(write())
+            written[name] = str(Path(write()).absolute())  # (a run's result stays right after a chdir)
         except BaseException:
             if written:  # (what the failed folder holds now: `written_whole` leaves it as it was, or empty)
                 held = "an earlier export" if (Path(folder) / PROMPT_SETTINGS_FILE).is_file() else "no export"

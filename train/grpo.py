@@ -108,8 +108,8 @@ class GRPOResult:
     checkpoint_dir: str | None = None
     exported: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    params: Any = None
-    model: Any = None
+    params: Any = field(default=None, repr=False)  # (as SFTResult's: not in the repr)
+    model: Any = field(default=None, repr=False)
 
 
 def data_config(cfg: GRPOConfig) -> DataConfig:

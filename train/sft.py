@@ -69,8 +69,9 @@ class SFTResult:
     exported: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     host_seconds: float = 0.0  # the loop's wait for host batches (built, or taken from the prefetch queue)
-    params: Any = None  # final LoRA parameters (nnx.State of jax arrays)
-    model: Any = None  # the model with the final LoRA parameters
+    # (not in the repr: a notebook echoing the result printed every LoRA array, 440k characters on the tiny model)
+    params: Any = field(default=None, repr=False)  # final LoRA parameters (nnx.State of jax arrays)
+    model: Any = field(default=None, repr=False)  # the model with the final LoRA parameters
 
 
 # ---- set-up ----------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     resolved, its config read), without loading weights."""
     from fxjax.config_sections import DataSection
     from fxjax.data.formats import check_prompt
-    from fxjax.train.export import PROMPT_SETTING_KEYS, read_prompt_settings
+    from fxjax.train.export import PROMPT_SETTING_KEYS, PROMPT_SETTINGS_FILE, read_prompt_settings
 
     check_model_arguments(args)
     data: dict[str, Any] = {key: getattr(DataSection(), key) for key in PROMPT_SETTING_KEYS}
@@ -308,6 +308,14 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         raise ValueError(f"min_pixels {data['min_pixels']} is above max_pixels {data['max_pixels']} (--min-pixels, "
                          "--max-pixels, or the model's preprocessor_config.json / the run's data settings)")
     detector = Detector(args=args, tokenizer=str(tokenizer), data=data, source=source)
+    if args.run is None and args.adapter and source["prompt_settings"].startswith("fxjax defaults"):
+        given = [f for f in ("min_pixels", "max_pixels", "max_length", "system_prompt") if getattr(args, f, None)]
+        if len(given) < 4:  # (an adapter saved by fxjax.save_peft_adapter, or by peft: how it trained is unknown)
+            detector._say(f"note: {args.adapter} has no {PROMPT_SETTINGS_FILE} (`fxjax export` and "
+                          "fxjax.train.export.save_adapter write it): the prompts are built with fxjax's defaults "
+                          f"(pixels {data['min_pixels']}-{data['max_pixels']}, max length {data['max_length']}, "
+                          "the paper's system prompt), which may not be what the adapter trained with; pass "
+                          "--min-pixels, --max-pixels, --max-length and --system-prompt as it trained")
     if args.run is not None:
         detector.run_mesh = cfg.mesh
     if getattr(args, "max_new_tokens", None) is not None:

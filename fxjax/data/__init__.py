@@ -45,4 +45,7 @@ __all__ = [
 ]
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+# its modules by name too (`fxjax.data.prompts.serving_prompt` after `import fxjax`, as the README writes it)
+_SUBMODULES = ("batching", "config", "demo_data", "examples", "formats", "images", "pipeline", "prompts", "records",
+               "tokenizer")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), _SUBMODULES)
