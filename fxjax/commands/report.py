@@ -456,9 +456,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if len(args.run) > 1:
         if any(evals):
-            mixed = [d for d, e in zip(args.run, evals) if e]
-            raise ValueError(f"{mixed[0]} is an `fxjax eval` folder and {args.run[evals.index(False)]} is not: compare "
-                             "eval folders with eval folders, or training runs with training runs")
+            raise ValueError(f"{args.run[evals.index(False)]}: not an `fxjax eval` folder (no metrics.json), beside "
+                             f"{args.run[evals.index(True)]}, which is: compare eval folders with eval folders, or "
+                             "training runs with training runs")
         from fxjax.commands.report_compare import write_comparison
 
         path = write_comparison(args.run, args.out, args.labels.split(",") if args.labels else None, args.title)
