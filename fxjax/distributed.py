@@ -439,13 +439,26 @@ def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
     thread dispatches. Each process must call it with the same `name`s in the same order. `cancelled`
     (checked every half second while waiting for a peer) ends the wait with `GatherCancelled`: a peer that
     stopped (its run ended or was preempted) never answers."""
-    if jax.process_count() == 1:
+    me, processes = _place()
+    if processes == 1:
         return [value]
     client, key, count = _publish("allgather_json", name, value)
-    out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, cancelled)) for p in range(jax.process_count())]
+    out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, cancelled)) for p in range(processes)]
     if count > 1:  # every process has made call count - 1, so read all keys of count - 2: drop this one's
-        client.key_value_delete(f"fxjax/{name}/{count - 2}/{jax.process_index()}")
+        client.key_value_delete(f"fxjax/{name}/{count - 2}/{me}")
     return out
+
+
+def _place() -> tuple[int, int]:
+    """(this process's index, the number of processes), from JAX's distributed state when joined: no backend
+    is started for them (`jax.process_count()` starts one, and on several processes that waits for every
+    peer's device topology: a peer that failed before the start-checks exchange left the others there for
+    minutes, `join_run`)."""
+    from jax._src.distributed import global_state
+
+    if _client() is not None:
+        return int(global_state.process_id), int(global_state.num_processes)
+    return jax.process_index(), jax.process_count()
 
 
 def _publish(caller: str, name: str, value: Any) -> tuple[Any, str, int]:
@@ -459,7 +472,7 @@ def _publish(caller: str, name: str, value: Any) -> tuple[Any, str, int]:
         raise DistributedError(f"{caller} needs jax.distributed to be initialized")
     count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
     key = f"fxjax/{name}/{count}"
-    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    client.key_value_set(f"{key}/{_place()[0]}", json.dumps(value))
     return client, key, count
 
 
@@ -470,13 +483,14 @@ def gather_json_to_main(name: str, value: Any, *, timeout_s: int = 600) -> list[
     process's part to every process, N x the bytes through the coordination service on N hosts. The others
     write their part and go on without waiting; process 0 reads the parts and deletes them. Each process
     must call it with the same `name`s in the same order."""
-    if jax.process_count() == 1:
+    me, processes = _place()
+    if processes == 1:
         return [value]
     client, key, _ = _publish("gather_json_to_main", name, value)
-    if jax.process_index() != 0:
+    if me != 0:
         return None
-    out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, None)) for p in range(jax.process_count())]
-    for p in range(jax.process_count()):
+    out = [json.loads(_wait_for(client, f"{key}/{p}", timeout_s, None)) for p in range(processes)]
+    for p in range(processes):
         client.key_value_delete(f"{key}/{p}")
     return out
 

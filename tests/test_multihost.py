@@ -21,6 +21,8 @@ from conftest import free_port
 import sharding_worker as worker
 from launch import launch_two, subprocess_env, wait_all
 
+from fxjax.run_files import committed_steps
+
 MESHES = ("1,8,1", "2,2,2")
 TOL = 1e-5
 TIMEOUT = 240  # seconds for both processes together (about 15 s normally)
@@ -159,8 +161,10 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
 
 PER_RANK_CLI = """
 import os, sys
-from fxjax.cli import main
 rank = os.environ['FXJAX_PROCESS_ID']
+if os.environ.get(f"FAULT_{rank}"):  # a fault armed in this process only (train/faults.py)
+    os.environ["FXJAX_FAULT"] = os.environ[f"FAULT_{rank}"]
+from fxjax.cli import main
 if os.environ.get(f"FULL_DISK_{rank}"):  # this host's disk is full when the adapter is written
     import fxjax.peft_io
     def full_disk(*args, **kwargs):
@@ -237,6 +241,19 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     assert ("fxjax sft: error: process 1 of the run failed, so this process stopped too: export.adapter_dir: "
             in text[0]), text[0][-2500:]
 
+    # a config that differs on one process (another --set): its devices trained their copies otherwise
+    # (a learning rate: silently; a LoRA rank: an abort in gloo; a step count: a hang), none named
+    text = run("config", EXTRA_1="optim.learning_rate=0.1")
+    for rank in range(2):
+        assert ("the processes of the run were given different configs (optim.learning_rate: 0.0001 on process 0, "
+                "0.1 on process 1): start every process with the same --config and --set") in text[rank], text[rank][-2500:]
+
+    # an input that is not there on one host: process 0 waited in the join for 300 s, then aborted naming nothing
+    text = run("path", EXTRA_1=f"data.train_files=[{tmp_path / 'not-here.jsonl'}]")
+    assert f"fxjax sft: error: data.train_files: {tmp_path / 'not-here.jsonl'} does not exist" in text[1]
+    assert ("fxjax sft: error: process 1 of the run failed, so this process stopped too: data.train_files: "
+            in text[0]), text[0][-2500:]
+
     # the run lock, which process 0 takes, held by another run
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time, yaml\nfrom fxjax.train.run_lock import locked_run_dirs\n"
@@ -276,6 +293,29 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     assert "fxjax sft: error: [Errno 28] No space left on device" in text[0], text[0][-2500:]
     assert ("fxjax sft: error: process 0 of the run failed, so this process stopped too: [Errno 28] No space left "
             "on device") in text[1], text[1][-2500:]
+
+
+def test_a_stop_signal_while_a_run_loads_stops_it_after_its_first_step(tmp_path, tokenizer_dir):
+    """Joining a multi-process run starts JAX's preemption service, whose SIGTERM handler dropped the signal:
+    a preemption notice while the model loaded (minutes on a pod) was lost, and the run trained on. Now it is
+    held for the loop: every process stops after the first step with its checkpoint, and says why."""
+    _tiny_sft_run(tmp_path, tokenizer_dir, steps=3, checkpoint={"every": 100})
+    procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml")], subprocess_env(FAULT_1="joined@0"),
+                             tmp_path / "held", entry=("-c", PER_RANK_CLI))
+    try:
+        start = time.time()
+        while "fxjax-fault: paused at joined@0" not in logs[1].read_text():
+            assert time.time() - start < 120 and all(p.poll() is None for p in procs), logs[1].read_text()[-2000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [proc.wait(timeout=200) for proc in procs]
+    except subprocess.TimeoutExpired:
+        codes = wait_all(procs, logs, timeout=0)
+    text = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(t[-2500:] for t in text)
+    assert committed_steps(tmp_path / "run" / "checkpoints") == [1]
+    assert "sft: another process of the run received a stop signal; saved step 1 to" in text[0], text[0][-2500:]
+    assert "preempted at step 1/3" in text[0], text[0][-2500:]
 
 
 def test_the_processes_resume_from_one_checkpoint_they_all_restore(tmp_path, tokenizer_dir):

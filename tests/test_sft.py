@@ -156,7 +156,7 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(interrupted):
 def test_sigterm_saves_and_exits_cleanly(interrupted):
     code, log, steps = interrupted["sigterm"]
     assert code == 0, log[-3000:]
-    assert "resumed from step 2" in log and "received signal 15; saved step 3" in log and "preempted at step 3/4" in log
+    assert "resumed from step 2" in log and "received SIGTERM; saved step 3" in log and "preempted at step 3/4" in log
     assert steps == [2, 3]
     # the trace it had started (updates 2-6 asked, cut to the run's 2-3; the signal came after 2) was
     # written on the way out

@@ -9,6 +9,8 @@ to stderr and sleeps until a signal arrives: the test SIGKILLs it there (a crash
 or sends SIGTERM, after which the run goes on and takes its normal preemption path (save, exit 0).
 
 Points:
+    joined      SFT and GRPO, step 0: a multi-process run joined, its model not yet loaded (its stop signals
+                held: `fxjax.train.preemption.hold_stop_signals`)
     rollout     GRPO: completions sampled and scored, the update not yet computed
     update      GRPO: the update computed on the device, not yet logged or saved
     after_step  SFT and GRPO: the step is done and its checkpoint (if it saves one) committed
@@ -28,7 +30,7 @@ import sys
 import time
 
 ENV = "FXJAX_FAULT"
-POINTS = ("rollout", "update", "after_step", "save", "save_error", "nan_batch")
+POINTS = ("joined", "rollout", "update", "after_step", "save", "save_error", "nan_batch")
 
 
 def parse(spec: str | None) -> frozenset[tuple[str, int]]:

@@ -192,12 +192,15 @@ class LoopControl:
         self.save(step)
         self.checkpointer.wait()
         self.bar.close()
+        # (a process of the run that got no signal itself stops because another did)
+        got = f"received {self.signals.name()}" if self.signals.received is not None else \
+            "another process of the run received a stop signal"
         if step == self.steps_total:  # exits now all the same: an export may take longer than a grace period
-            self.say(f"{self.name}: received signal {self.signals.received} after the last step; saved step {step} to "
+            self.say(f"{self.name}: {got} after the last step; saved step {step} to "
                      f"{self.checkpointer.directory}: training is complete, but the evaluation at the end and the "
                      "exports did not run; run the same command again to do them")
         else:
-            self.say(f"{self.name}: received signal {self.signals.received}; saved step {step} to "
+            self.say(f"{self.name}: {got}; saved step {step} to "
                      f"{self.checkpointer.directory}; exiting (resume by running the same command)")
         return True
 

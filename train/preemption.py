@@ -11,16 +11,42 @@ from typing import Any
 import jax
 
 
+_HELD: "PreemptionSignals | None" = None  # from joining a multi-process run until its loop takes them
+
+
+def hold_stop_signals() -> None:
+    """From now until a training loop takes them (`PreemptionSignals`), keep SIGTERM and SIGHUP for it:
+    joining a multi-process run starts JAX's preemption service, whose own SIGTERM handler caught the signal
+    and dropped it, so a preemption notice while the model loaded or a checkpoint was restored (minutes on a
+    pod) was lost and the run trained on until the VM was killed. The loop then stops after its first step,
+    with a checkpoint, as for a signal during training. (Ctrl-C is left as it is: it stops a start at once.)"""
+    global _HELD
+    if _HELD is None:
+        _HELD = PreemptionSignals((signal.SIGTERM, signal.SIGHUP)).__enter__()
+
+
+def held_signal() -> bool:
+    """Whether a signal arrived while held (`hold_stop_signals`), before a loop took them."""
+    return _HELD is not None and _HELD.received is not None
+
+
 class PreemptionSignals:
     """Context manager: SIGTERM/SIGINT/SIGHUP set a flag; `stop_requested()` is true on every process once any
-    process got one (a second Ctrl-C raises KeyboardInterrupt at once)."""
+    process got one (a second Ctrl-C raises KeyboardInterrupt at once). A signal held since the run's start
+    (`hold_stop_signals`) counts as received."""
 
-    def __init__(self):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._signals = tuple(signals)
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        global _HELD
+        held, _HELD = _HELD, None
+        if held is not None:  # (its handlers go back first, so that these give back the ones before it)
+            held.__exit__()
+            self.received = held.received
+        for sig in self._signals:
             if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                 continue  # (started under nohup: a hang-up is meant to leave the run going)
             try:
@@ -33,6 +59,10 @@ class PreemptionSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
+
+    def name(self) -> str | None:
+        """The signal this process received ("SIGTERM"), None if none."""
+        return None if self.received is None else signal.Signals(self.received).name
 
     def local_stop(self) -> bool:
         """This process got a signal (no collective: safe to poll in a wait loop)."""

@@ -37,9 +37,11 @@ from fxjax.peft_io import load_peft_adapter
 from fxjax.device_mesh import barrier, batch_shards, put, splits_batch
 from fxjax.partition_rules import (UnsplitParametersWarning, param_shardings, shard_model, split_heads_message,
                                     unsplit_message)
+from fxjax.train import faults
 from fxjax.train.checkpointing import TrainCheckpointer
 from fxjax.train.export import check_export_targets
 from fxjax.train.optimizer import make_optimizer
+from fxjax.train.preemption import held_signal, hold_stop_signals
 from fxjax.train.resume import check_resume_mesh, other_phase_message, process_rows_per_batch, resume_run
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.step import TrainState
@@ -363,6 +365,9 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     """Join the multi-process run (cfg.distributed), check the config trains LoRA, and return (this is
     process 0, the console logger: `log` or stderr on process 0, silent elsewhere)."""
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
+    if distributed.joined():  # (several processes; no backend started: a failing peer must not be waited for)
+        hold_stop_signals()  # (a preemption notice while the model loads: kept for the loop, not dropped)
+        faults.point("joined", 0, held_signal)
     try:
         _check_start(name, cfg)
         failure = None
@@ -371,13 +376,16 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     # Each host checks what it sees (its folders, its copy of a file): the processes agree before going on,
     # so that a check failing on one host stops every process with that error (the others would wait for it
     # in JAX's backend start-up, minutes, and then fail with a timeout that names nothing)
-    every = (distributed.allgather_json("fxjax.start-checks", None if failure is None else str(failure))
+    every = (distributed.allgather_json("fxjax.start-checks", {"error": None if failure is None else str(failure),
+                                                               "config": comparable_config(cfg)})
              if distributed.joined() else [])  # (one process: no exchange, and no backend started for it)
     if failure is not None:
         raise failure
-    for process, error in enumerate(every):
-        if error is not None:
-            raise distributed.PeerFailed(process, error)
+    for process, report in enumerate(every):
+        if report["error"] is not None:
+            raise distributed.PeerFailed(process, report["error"])
+    if every:
+        check_same_config([report["config"] for report in every])
     if distributed.joined() and jax.process_count() > 1:
         check_shared_folder(cfg.checkpoint_dir, "checkpoint.dir")
     if jax.process_index() != 0:
@@ -418,6 +426,45 @@ def check_shared_folder(directory: Path, key: str, wait_s: float = 30.0) -> None
                           f"process 0 wrote in {directory}: every process writes its part of each checkpoint there, so it must "
                           f"be one folder all hosts share (NFS, Filestore, gcsfuse), at the same path on each; on "
                           f"disks of their own the first checkpoint would wait 10 minutes and fail")
+
+
+# What may differ between the processes of a run: each one's place in it; the data files, whose records every
+# process compares itself (fxjax.train.batching's check_same_records: the same records under another path on
+# another host are the same data); and the run's folders, which must be one shared folder whatever each host
+# calls it (check_shared_folder: it names the processes that do not see process 0's file).
+PER_PROCESS_KEYS = ("distributed.", "data.train_files", "data.eval_files", "data.root", "train.output_dir",
+                    "checkpoint.dir")
+
+
+def comparable_config(cfg) -> dict[str, Any]:
+    """The resolved config as flat dotted keys (JSON values), less PER_PROCESS_KEYS."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = value
+
+    walk(json.loads(json.dumps(cfg.to_dict(), default=str)), "")
+    return {k: v for k, v in flat.items() if not k.startswith(PER_PROCESS_KEYS)}
+
+
+def check_same_config(configs: list[dict[str, Any]]) -> None:
+    """Every process runs the config process 0 runs: one started with another --set trained its devices'
+    copies of the weights otherwise (a learning rate: silently), or made other collectives (a LoRA rank: an
+    abort in gloo) or another number of steps (a hang in JAX's shutdown barrier), none named. A ConfigError on
+    every process naming the keys that differ and each process's value."""
+    keys = sorted({k for c in configs for k in c if any(c.get(k, "<unset>") != configs[0].get(k, "<unset>")
+                                                        for c in configs)})
+    if not keys:
+        return
+    said = "; ".join(f"{k}: " + ", ".join(f"{c.get(k, '<unset>')!r} on process {p}" for p, c in enumerate(configs))
+                     for k in keys[:5]) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+    raise ConfigError(f"the processes of the run were given different configs ({said}): start every process with "
+                      "the same --config and --set (only distributed.*, the data files' and the run folders' paths may "
+                      "differ)")
 
 
 def _check_start(name: str, cfg) -> None:

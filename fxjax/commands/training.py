@@ -54,7 +54,15 @@ def run_training(command: str, args, load_config: Callable[..., Any], runner: st
     ("module:function", imported only now so that --help and config errors answer without jax). The
     result is None (the error printed) when the loop stopped on a non-finite loss."""
     cfg = load_config(args.config, overrides=args.set or [], log=say(command))
-    check_paths(cfg)
+    try:
+        check_paths(cfg)
+    except (OSError, ValueError):
+        # joined first, so that the error reaches the run's other processes (fxjax.cli stops them with it):
+        # they would wait for this one in the join, minutes, and then abort naming nothing
+        from fxjax import distributed
+
+        distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
+        raise
     from fxjax import distributed
 
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
