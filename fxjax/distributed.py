@@ -282,6 +282,7 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout)
+        _check_process_count(cfg.initialization_timeout)
         return cfg
     found, line = auto_detect(environ)
     joining = found is not None and not opted_out(environ)
@@ -300,6 +301,29 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
 
     return replace(cfg, num_processes=getattr(global_state, "num_processes", None),
                    process_id=getattr(global_state, "process_id", None))
+
+
+def _check_process_count(timeout_s: int) -> None:
+    """This process was given the count process 0 was: one given more (3 where the run has 2) joined all the
+    same (the coordinator counts process 0's), logged "process 1 of 3" and waited in every exchange for a
+    process that never comes. A DistributedError naming both counts (the run's size is process 0's, so the
+    error stops the others without waiting for that process)."""
+    global _RUN_SIZE
+    client = _client()
+    if client is None:
+        return
+    from jax._src.distributed import global_state
+
+    me, count = int(global_state.process_id), int(global_state.num_processes)
+    client.key_value_set(f"fxjax/process_count/{me}", str(count))
+    if me == 0:
+        return
+    theirs = int(client.blocking_key_value_get("fxjax/process_count/0", int(timeout_s * 1000)))
+    if theirs != count:
+        _RUN_SIZE = theirs
+        raise DistributedError(f"this process (process {me}) was started as one of {count} processes and process 0 as "
+                               f"one of {theirs}: give every process the same count (distributed.num_processes, "
+                               "FXJAX_NUM_PROCESSES)")
 
 
 def join_line(cfg: DistributedConfig, environ: Mapping[str, str]) -> str:
@@ -343,6 +367,7 @@ class PeerFailed(DistributedError):
 FAILED_DIR = "fxjax/failed/"  # a failed process's one-line error, under its process index
 FINISHED_DIR = "fxjax/finished/"  # a process whose command ended normally
 _STOP_WAIT_S = 60.0  # how long a failed process waits for the others to stop before it exits regardless
+_RUN_SIZE: int | None = None  # process 0's count, where this process was given another (_check_process_count)
 BARRIER_TIMEOUT_S = 24 * 3600  # a barrier waits for slow peers (a large file written or removed); failed ones
 # end the wait at once (PeerFailed), dead ones through JAX's heartbeat
 
@@ -414,7 +439,7 @@ def stop_peers(error: BaseException | str, *, wait_s: float = _STOP_WAIT_S) -> b
         return True
     from jax._src.distributed import global_state
 
-    me, count = int(global_state.process_id), int(global_state.num_processes)
+    me, count = int(global_state.process_id), _RUN_SIZE or int(global_state.num_processes)
     because_of = error.process if isinstance(error, PeerFailed) else None
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     try:

@@ -164,6 +164,8 @@ import os, sys
 rank = os.environ['FXJAX_PROCESS_ID']
 if os.environ.get(f"FAULT_{rank}"):  # a fault armed in this process only (train/faults.py)
     os.environ["FXJAX_FAULT"] = os.environ[f"FAULT_{rank}"]
+if os.environ.get(f"PROCESSES_{rank}"):  # this process told another process count
+    os.environ["FXJAX_NUM_PROCESSES"] = os.environ[f"PROCESSES_{rank}"]
 from fxjax.cli import main
 if os.environ.get(f"FULL_DISK_{rank}"):  # this host's disk is full when the adapter is written
     import fxjax.peft_io
@@ -253,6 +255,13 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     assert f"fxjax sft: error: data.train_files: {tmp_path / 'not-here.jsonl'} does not exist" in text[1]
     assert ("fxjax sft: error: process 1 of the run failed, so this process stopped too: data.train_files: "
             in text[0]), text[0][-2500:]
+
+    # a process given another process count: it joined (the coordinator counts process 0's), said "process 1
+    # of 3" and would wait in every exchange for a third process
+    text = run("count", PROCESSES_1="3")
+    assert ("fxjax sft: error: this process (process 1) was started as one of 3 processes and process 0 as one of 2"
+            in text[1]) and "neither stopped nor finished" not in text[1], text[1][-2500:]
+    assert "process 1 of the run failed, so this process stopped too: this process (process 1) was" in text[0]
 
     # the run lock, which process 0 takes, held by another run
     holder = subprocess.Popen(
