@@ -282,15 +282,21 @@ def draw_train_series(ax, steps: Sequence[int], values: Sequence[float], spans: 
             ax.plot([part_steps[i] for i in lone], [part[i] for i in lone], "o", color=colour, ms=3, zorder=4)
 
 
+def drawable_series(records: Sequence[dict], panel: Panel):
+    """(colour, marker, line, steps, values) of each of the panel's lines with a finite value in `records`
+    (a line's colour and held-out marker are its place in the panel's, whatever is drawn)."""
+    for colour, marker, line in zip(COLOURS, EVAL_MARKERS, panel.lines):
+        steps, values = series(records, line.kind, line.key)
+        if steps and any(math.isfinite(v) for v in values):
+            yield colour, marker, line, steps, values
+
+
 def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int, xlabel: str,
                 xlim: tuple[float, float]) -> None:
     if spans:
         mark_stages(ax, spans)
     plotted = []
-    for colour, marker, line in zip(COLOURS, EVAL_MARKERS, panel.lines):
-        steps, values = series(records, line.kind, line.key)
-        if not steps or not any(math.isfinite(v) for v in values):
-            continue
+    for colour, marker, line, steps, values in drawable_series(records, panel):
         plotted += [v for v in values if math.isfinite(v)]
         if line.kind == "eval":
             label = f"{line.label} (evaluated at {len(steps)} step{'s' if len(steps) > 1 else ''})"

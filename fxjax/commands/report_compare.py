@@ -17,8 +17,8 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from fxjax.commands.report import (COLOURS, COMPARE_REPORT_FILE, EVAL_MARKERS, draw_eval_points, draw_train_series, format_axes,
-                                   left_out, mark_stages, read_run_metrics, run_kind, series, stage_spans,
+from fxjax.commands.report import (COMPARE_REPORT_FILE, draw_eval_points, draw_train_series, drawable_series,
+                                   format_axes, left_out, mark_stages, read_run_metrics, run_kind, stage_spans,
                                    staged_rewards)
 from fxjax.commands.report_panels import STEP_LABELS, panels_for
 
@@ -79,10 +79,7 @@ def build_comparison(runs: Sequence[tuple[str, list[dict]]], title: str | None =
             mark_stages(ax, spans[labels[0]])
         plotted, drawn = [], {}
         for run_index, (label, records) in enumerate(runs):
-            for colour, marker, line in zip(COLOURS, EVAL_MARKERS, panel.lines):
-                x, y = series(records, line.kind, line.key)
-                if not x or not any(math.isfinite(v) for v in y):
-                    continue
+            for colour, marker, line, x, y in drawable_series(records, panel):
                 plotted += [v for v in y if math.isfinite(v)]
                 if line.kind == "eval":
                     draw_eval_points(ax, x, y, colour, marker, None, join=_EVAL_JOINS[run_index])
