@@ -18,7 +18,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "SEED_LIMIT", "as_written", "build_config", "check_positive", "check_seed", "load_yaml", "to_plain", "type_name"]
+__all__ = ["ConfigError", "SEED_LIMIT", "as_written", "build_config", "check_positive", "check_seed", "dotted_keys",
+           "load_yaml", "to_plain", "type_name"]
 
 
 class ConfigError(ValueError):
@@ -202,6 +203,18 @@ def build_config(cls, data: Any, where: str):
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def dotted_keys(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves under flat dotted keys (`{"optim": {"learning_rate": 1e-4}}` ->
+    `{"optim.learning_rate": 1e-4}`), `prefix` before each."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def to_plain(obj) -> Any:

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 from fxjax import rewards
+from fxjax.config_mapping import dotted_keys
 from fxjax.grpo_config import GRPOConfig
 from fxjax.rewards.stages import ConfigLike
 from fxjax.train.run_setup import evaluates
@@ -50,13 +51,7 @@ def reward_record(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     """A reward config's values (`rewards.load_config`) as flat dotted keys (`stages.beta.w_iou: 1.5`): what
     each GRPO checkpoint records as its config's `rewards` section, so that a resume names the one weight an
     edit of the file changed (the path alone, grpo.reward_config, stays the same through an edit)."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(reward_record(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return dotted_keys(values, prefix)
 
 
 def stages_in_steps(cfg: GRPOConfig, records: int, say: Callable[[str], None]) -> GRPOConfig:

@@ -39,15 +39,16 @@ COLUMNS = ("label", "boxes", "captions", "tags", "record")  # the keyword argume
 PROGRESS = ("step", "stage")  # given to a function that takes them (by name or **kwargs): where training is
 
 
-def _call_problem(function) -> str | None:
-    """Why `function` cannot take a step's completions and the COLUMNS keywords (a wrong signature was found
-    only after the model had loaded, compiled and sampled its first step), None when it can."""
+def _call_problem(function, progress: tuple[str, ...]) -> str | None:
+    """Why `function` cannot take a step's completions, the COLUMNS keywords and the `progress` ones it takes
+    (a wrong signature was found only after the model had loaded, compiled and sampled its first step),
+    None when it can."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # (a builtin or C function without one: called as it is)
         return None
     try:
-        signature.bind([], **dict.fromkeys(COLUMNS + _progress_taken(function)))
+        signature.bind([], **dict.fromkeys(COLUMNS + progress))
     except TypeError as err:
         return str(err)
     return None
@@ -89,13 +90,13 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
         function = getattr(module, attr, None)
         if not callable(function):
             raise ConfigError(f"{where}[{i}].function: {module_name} has no function {attr!r}")
-        problem = _call_problem(function)
+        progress = _progress_taken(function)
+        problem = _call_problem(function, progress)
         if problem:
             raise ConfigError(f"{where}[{i}].function: {section.function} cannot be called as a reward function is "
                               f"({problem}): define it as def {attr}(completions, *, {', '.join(COLUMNS)}) (and "
                               f"{' and '.join(PROGRESS)} if it wants them) or def {attr}(completions, **kwargs)")
-        out.append(RewardFunc(section.name, function, float(section.weight), section.function,
-                              _progress_taken(function)))
+        out.append(RewardFunc(section.name, function, float(section.weight), section.function, progress))
     return tuple(out)
 
 

@@ -45,7 +45,7 @@ from fxjax.train.preemption import held_signal, hold_stop_signals
 from fxjax.train.resume import check_resume_mesh, other_phase_message, process_rows_per_batch, resume_run
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.step import TrainState
-from fxjax.config_mapping import ConfigError
+from fxjax.config_mapping import ConfigError, dotted_keys
 from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR,
                              committed_steps, resumes_from_kept_start, saved_run_kind, start_step_text)
 
@@ -438,16 +438,7 @@ PER_PROCESS_KEYS = ("distributed.", "data.train_files", "data.eval_files", "data
 
 def comparable_config(cfg) -> dict[str, Any]:
     """The resolved config as flat dotted keys (JSON values), less PER_PROCESS_KEYS."""
-    flat: dict[str, Any] = {}
-
-    def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(inner, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = value
-
-    walk(json.loads(json.dumps(cfg.to_dict(), default=str)), "")
+    flat = dotted_keys(json.loads(json.dumps(cfg.to_dict(), default=str)))
     return {k: v for k, v in flat.items() if not k.startswith(PER_PROCESS_KEYS)}
 
 
