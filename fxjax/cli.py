@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grounded AI-generated-image detection with Qwen2.5-VL in JAX/Flax: "
                     "HF-exact model, checkpoint import/export, LoRA training.",
         epilog="Start with `fxjax demo` (offline, 3.5-8 minutes on 2 CPU cores). The full path: a dataset (your JSONL, "
-               "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each. "
+               "or make-demo-data) -> sft -> grpo -> eval / detect / export. `fxjax COMMAND --help` explains each; "
+               "the docs/NAME.md that help texts cite, `fxjax docs NAME` prints. "
                "On a GPU or TPU compiled programs are kept in ~/.cache/fxjax/xla (JAX's persistent cache; "
                "FXJAX_COMPILATION_CACHE=DIR, or your JAX_COMPILATION_CACHE_DIR, puts it elsewhere and asks for "
                "it on a CPU; =off keeps none), so a resumed or repeated run does not compile them again.",
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         _leave_run(err, 1, with_traceback=True)
         raise
     if "jax" in sys.modules:  # (a peer that fails later need not wait for this process)
-        from fxjax.distributed import mark_finished
+        from fxjax.host_exchange import mark_finished
 
         mark_finished()
     return code
@@ -365,7 +366,7 @@ def _leave_run(err: BaseException, code: int, *, with_traceback: bool = False) -
     shutdown barrier."""
     if "jax" not in sys.modules:  # (nothing started a run)
         return
-    from fxjax.distributed import stop_peers
+    from fxjax.host_exchange import stop_peers
 
     if stop_peers(err, **({"wait_s": 5.0} if isinstance(err, KeyboardInterrupt) else {})):
         return

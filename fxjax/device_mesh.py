@@ -316,10 +316,10 @@ def gather(value) -> np.ndarray:
 
 def barrier(name: str) -> None:
     """Wait for every process (no-op with one): host-side, through the coordination service's key-value store
-    (`fxjax.distributed.allgather_json`), not a device collective, so that a process whose peer failed stops
+    (`fxjax.host_exchange.allgather_json`), not a device collective, so that a process whose peer failed stops
     with `PeerFailed` naming it instead of waiting in the barrier until JAX's timeouts end the run. Every
     barrier orders host work (files one process writes and the others read)."""
     if jax.process_count() > 1:
-        from fxjax.distributed import BARRIER_TIMEOUT_S, allgather_json
+        from fxjax.host_exchange import BARRIER_TIMEOUT_S, allgather_json
 
         allgather_json(f"barrier/{name}", None, timeout_s=BARRIER_TIMEOUT_S)

@@ -445,7 +445,7 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from fxjax import distributed
+    from fxjax import distributed, host_exchange
 
     cfg = distributed.initialize()  # everything from the FXJAX_* environment variables
     import fxjax
@@ -475,9 +475,9 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
         if i == 0:  # export from the model spread over both processes; process 0 writes
             fxjax.save_pretrained(model, out / "export")
     # the host-side exchange SFT agrees batch sizes and saves iterator states with (over the real store)
-    info["gathered"] = [distributed.allgather_json("worker-test", {"rank": rank, "call": c}) for c in range(3)]
+    info["gathered"] = [host_exchange.allgather_json("worker-test", {"rank": rank, "call": c}) for c in range(3)]
     # and the one to process 0 only (GRPO's completions): the others get None and do not wait
-    info["gathered_to_main"] = [distributed.gather_json_to_main("worker-main", {"rank": rank, "call": c})
+    info["gathered_to_main"] = [host_exchange.gather_json_to_main("worker-main", {"rank": rank, "call": c})
                                 for c in range(3)]
     (out / f"info_{rank}.json").write_text(json.dumps(info, default=str))
     distributed.shutdown()

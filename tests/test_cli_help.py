@@ -255,3 +255,28 @@ def test_output_piped_into_head_ends_quietly():
     finally:
         os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
+def test_fxjax_docs_prints_every_document_the_help_texts_and_messages_cite(capsys):
+    """Help texts and messages cite docs/NAME.md, which a `pip install` has no repository to open: `fxjax docs`
+    lists the documents with their titles and `fxjax docs NAME` (or docs/NAME.md) prints one as written.
+    Every docs/NAME.md that fxjax's code cites is one it can print."""
+    import re
+    from pathlib import Path
+
+    from fxjax.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["docs"]) == 0
+    listing = capsys.readouterr().out
+    on_disk = sorted(p.stem for p in (root / "docs").glob("*.md"))
+    assert [line.split()[0] for line in listing.splitlines()[:len(on_disk)]] == on_disk
+    assert "Datasets: the records fxjax reads" in listing  # (docs/data.md's title)
+    for name in ("data", "docs/format.md"):
+        assert main(["docs", name]) == 0
+        assert capsys.readouterr().out == (root / "docs" / f"{Path(name).stem}.md").read_text(encoding="utf-8")
+    cited = {m for folder in ("fxjax", "train", "rewards", "model") for p in (root / folder).rglob("*.py")
+             for m in re.findall(r"docs/([a-z_]+)\.md", p.read_text(encoding="utf-8"))}
+    assert {"data", "format", "rewards"} <= cited and sorted(cited - set(on_disk)) == []
+    assert main(["docs", "datasets"]) == 2
+    assert "no document named 'datasets'; there are: data, " in capsys.readouterr().err

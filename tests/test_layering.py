@@ -162,7 +162,7 @@ def test_a_non_editable_install_carries_its_configs(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "fxjax", "model", "train", "rewards", "configs"):
+    for name in ("pyproject.toml", "README.md", "fxjax", "model", "train", "rewards", "configs", "docs"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                         if (ROOT / name).is_dir() else {}))

@@ -184,6 +184,40 @@ def test_initialize_joins_a_detected_cluster(joins):
     assert lines == ["fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize()"]
 
 
+def test_a_detected_join_given_another_process_count_than_process_0_is_an_error(monkeypatch):
+    """A detected cluster's count is read on each host from its own variables: one host given 3 where process 0
+    has 4 joined all the same (the coordinator counts process 0's) and waited in every exchange for a process
+    that never comes. The count is compared after a detected join as after an explicit one."""
+    from jax._src.distributed import global_state
+
+    from fxjax import host_exchange
+
+    class Store:  # the coordination service's key-value store, process 0 having written its count
+        kv = {"fxjax/process_count/0": "4"}
+
+        def key_value_set(self, key, value):
+            self.kv[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            return self.kv[key]
+
+    def join(**kwargs):  # what jax.distributed.initialize leaves for process 1 told SLURM_NTASKS=3
+        for name, value in (("client", Store()), ("process_id", 1), ("num_processes", 3)):
+            monkeypatch.setattr(global_state, name, value)
+
+    monkeypatch.setattr(jax.distributed, "initialize", join)
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: False)
+    monkeypatch.setattr(host_exchange, "_RUN_SIZE", None)
+    collectives = jax.config.jax_cpu_collectives_implementation
+    try:
+        with pytest.raises(distributed.DistributedError, match=r"this process \(process 1\) was started as one of 3 "
+                           r"processes and process 0 as one of 4: .*SLURM_NTASKS"):
+            distributed.initialize(environ={**SLURM, "SLURM_NTASKS": "3"}, log=lambda line: None)
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
+    assert Store.kv["fxjax/process_count/1"] == "3" and host_exchange._RUN_SIZE == 4  # (stop_peers waits for 4)
+
+
 def test_explicit_settings_win_over_detection(joins):
     lines = []
     cfg = distributed.initialize(environ={**SLURM, "FXJAX_NUM_PROCESSES": "1"}, log=lines.append)

@@ -4,6 +4,7 @@ suite. CI installs editable, where a gap in pyproject's package mapping would no
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"fxjax": "fxjax", "model": "fxjax/model", "train": "fxjax/train", "rewards": "fxjax/rewards",
-          "configs": "fxjax/configs"}
+          "configs": "fxjax/configs", "docs": "fxjax/docs"}
 
 
 def tracked() -> list[str]:
@@ -42,8 +43,18 @@ def test_wheel_and_sdist_carry_every_module_and_config(tmp_path):
     wheel_name, sdist_name = built["wheel"], built["sdist"]
     in_wheel = set(zipfile.ZipFile(tmp_path / "dist" / wheel_name).namelist())
     wanted = {MAPPED[f.split("/")[0]] + f[len(f.split("/")[0]):] for f in files
-              if f.split("/")[0] in MAPPED and f.endswith((".py", ".yaml"))}
+              if f.split("/")[0] in MAPPED and f.endswith((".py", ".yaml", ".md"))}  # (docs/*.md: `fxjax docs`)
     assert len(wanted) > 50 and sorted(wanted - in_wheel) == []
+    # `fxjax docs` in the installed wheel prints the wheel's docs (there is no repository beside it)
+    site = tmp_path / "site"
+    zipfile.ZipFile(tmp_path / "dist" / wheel_name).extractall(site)
+    probe = "import fxjax.commands.docs as d; print(d.DOCS_DIR); print(' '.join(d.topics()))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(site)}, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    docs_dir, names = result.stdout.splitlines()
+    assert docs_dir == str(site / "fxjax" / "docs")
+    assert names.split() == sorted(Path(f).stem for f in files if f.startswith("docs/") and f.endswith(".md"))
     with tarfile.open(tmp_path / "dist" / sdist_name) as sdist:
         in_sdist = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     # (the suite reads docs/ and bench/ too: tests/test_data_check.py docs/data.md, tests/test_plan.py bench/plan.py)

@@ -201,7 +201,7 @@ def test_allgather_json_orders_by_process_and_stops_when_cancelled_or_timed_out(
     import jax
     from jax._src.distributed import global_state
 
-    from fxjax import distributed
+    from fxjax import host_exchange
 
     class Store:
         def __init__(self):
@@ -222,18 +222,18 @@ def test_allgather_json_orders_by_process_and_stops_when_cancelled_or_timed_out(
     monkeypatch.setattr(global_state, "client", store)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    monkeypatch.setattr(distributed, "_GATHERS", {})
+    monkeypatch.setattr(host_exchange, "_GATHERS", {})
     for call in range(3):
         store.kv[f"fxjax/shape/{call}/1"] = f'{{"n": {10 + call}}}'  # process 1's answer
-        assert distributed.allgather_json("shape", {"n": call}) == [{"n": call}, {"n": 10 + call}]
+        assert host_exchange.allgather_json("shape", {"n": call}) == [{"n": call}, {"n": 10 + call}]
     assert store.deleted == ["fxjax/shape/0/0"]  # keys every process has read are dropped
-    with pytest.raises(distributed.GatherCancelled, match="fxjax/shape/3/1"):
-        distributed.allgather_json("shape", 1, cancelled=lambda: True)
-    with pytest.raises(distributed.DistributedError, match="no process wrote fxjax/shape/4/1 within 1 s"):
-        distributed.allgather_json("shape", 1, timeout_s=1)
+    with pytest.raises(host_exchange.GatherCancelled, match="fxjax/shape/3/1"):
+        host_exchange.allgather_json("shape", 1, cancelled=lambda: True)
+    with pytest.raises(host_exchange.DistributedError, match="no process wrote fxjax/shape/4/1 within 1 s"):
+        host_exchange.allgather_json("shape", 1, timeout_s=1)
     store.blocking_key_value_get = lambda key, ms: (_ for _ in ()).throw(RuntimeError("UNAVAILABLE: gone"))
     with pytest.raises(RuntimeError, match="UNAVAILABLE"):
-        distributed.allgather_json("shape", 1)
+        host_exchange.allgather_json("shape", 1)
 
 
 def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monkeypatch):
@@ -242,7 +242,7 @@ def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monk
     import jax
     from jax._src.distributed import global_state
 
-    from fxjax import distributed
+    from fxjax import host_exchange
 
     class Store:
         def __init__(self):
@@ -262,15 +262,15 @@ def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monk
     store = Store()
     monkeypatch.setattr(global_state, "client", store)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(distributed, "_GATHERS", {})
+    monkeypatch.setattr(host_exchange, "_GATHERS", {})
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     for call in range(2):  # process 1 runs ahead: nothing to wait for
-        assert distributed.gather_json_to_main("rows", {"n": 10 + call}) is None
+        assert host_exchange.gather_json_to_main("rows", {"n": 10 + call}) is None
     assert store.kv == {"fxjax/rows/0/1": '{"n": 10}', "fxjax/rows/1/1": '{"n": 11}'} and store.read == []
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    monkeypatch.setattr(distributed, "_GATHERS", {})
+    monkeypatch.setattr(host_exchange, "_GATHERS", {})
     for call in range(2):
-        assert distributed.gather_json_to_main("rows", {"n": call}) == [{"n": call}, {"n": 10 + call}]
+        assert host_exchange.gather_json_to_main("rows", {"n": call}) == [{"n": call}, {"n": 10 + call}]
     assert store.deleted == ["fxjax/rows/0/0", "fxjax/rows/0/1", "fxjax/rows/1/0", "fxjax/rows/1/1"]
     assert store.kv == {}  # every part read once, then dropped
 

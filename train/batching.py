@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from fxjax.distributed import allgather_json
+from fxjax.host_exchange import allgather_json
 from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs, stack_vision
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
@@ -271,7 +271,7 @@ def agree_floor(floor: dict[str, int], batch: StepBatch, model_cfg, batch_shards
                 cancelled=None, **extra: int) -> tuple[dict[str, int], dict[str, int]]:
     """(the shape floor every process's part of this step must be padded to, the sums of `extra` over the
     processes): the element-wise max of every process's `grow_floor` (a global array has one shape, and
-    each process padded only its own rows). Host-only exchange (`fxjax.distributed.allgather_json`); the
+    each process padded only its own rows). Host-only exchange (`fxjax.host_exchange.allgather_json`); the
     same on every process. With one process: `grow_floor` and `extra` as given. `cancelled`: see
     `allgather_json`."""
     return agree_sizes("step-batch-shape", grow_floor(floor, batch, model_cfg, batch_shards), cancelled=cancelled,

@@ -52,7 +52,7 @@ from fxjax.config_mapping import ConfigError, checked_config
 from fxjax.data.formats import IM_END
 from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.data.tokenizer import load_tokenizer, token_id
-from fxjax.distributed import allgather_json, gather_json_to_main
+from fxjax.host_exchange import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection, read_reward_config
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids

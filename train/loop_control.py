@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from flax import nnx
 
-from fxjax.distributed import allgather_json
+from fxjax.host_exchange import allgather_json
 from fxjax.train import faults
 from fxjax.train.export import save_adapter, save_merged, write_exports
 from fxjax.train.metrics import ProgressBar

@@ -71,12 +71,12 @@ class PreemptionSignals:
     def stop_requested(self) -> bool:
         """Whether any process got a signal; every process must make the same calls (once per step, and once
         more before an evaluation the step is due). Agreed through the
-        coordination service's key-value store (fxjax.distributed.allgather_json), host to host: a device
+        coordination service's key-value store (fxjax.host_exchange.allgather_json), host to host: a device
         all-gather here would queue behind the step just dispatched and make every step wait for the
         previous one to finish."""
         flag = self.received is not None
         if jax.process_count() > 1:
-            from fxjax.distributed import allgather_json
+            from fxjax.host_exchange import allgather_json
 
             flag = any(allgather_json("stop_requested", flag))
         return flag

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 
 from fxjax.config_mapping import ConfigError
-from fxjax.distributed import allgather_json
+from fxjax.host_exchange import allgather_json
 from fxjax.run_files import RUN_CWD_KEY, RunLoadError, brief_error, saved_run_kind
 from fxjax.train.resume_check import WATCHED, check_resume_config
 from fxjax.train.step import TrainState
@@ -73,7 +73,7 @@ def per_process_state(state: dict, rows_per_batch: int) -> dict:
     """What a checkpoint stores for data iterators that differ by process (each reads its own rows):
     ``{"process_count": n, "processes": [the state of process 0, ..., of process n - 1], "rows_per_batch":
     [how many rows of each global batch each process reads]}``; every process calls it (a host-only
-    exchange, `fxjax.distributed.allgather_json`) and process 0 writes it."""
+    exchange, `fxjax.host_exchange.allgather_json`) and process 0 writes it."""
     every = allgather_json("iterator-state", {"state": state, "rows": int(rows_per_batch)})
     return {"process_count": jax.process_count(), "processes": [p["state"] for p in every],
             "rows_per_batch": [p["rows"] for p in every]}

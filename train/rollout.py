@@ -175,7 +175,7 @@ def completion_records(r: Rollout, metas: Sequence[Mapping[str, Any]], num_gener
 
 def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     """The sums and counts behind `rollout_metrics` for these rows (JSON-serialisable): processes exchange
-    them (`fxjax.distributed.allgather_json`) and `combine_rollout_sums` gives the whole batch's metrics.
+    them (`fxjax.host_exchange.allgather_json`) and `combine_rollout_sums` gives the whole batch's metrics.
     Per reward component: count, sum and the sum of squared deviations from this part's own mean (so the
     combined std is Chan et al.'s pairwise update, as stable as a two-pass std)."""
     out: dict[str, Any] = {"count": int(r.truncated.shape[0])}

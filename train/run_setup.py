@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fxjax import distributed
+from fxjax import distributed, host_exchange
 from fxjax.file_modes import require_writable
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.attention import current_platform, select_backend
@@ -365,7 +365,7 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     """Join the multi-process run (cfg.distributed), check the config trains LoRA, and return (this is
     process 0, the console logger: `log` or stderr on process 0, silent elsewhere)."""
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
-    if distributed.joined():  # (several processes; no backend started: a failing peer must not be waited for)
+    if host_exchange.joined():  # (several processes; no backend started: a failing peer must not be waited for)
         hold_stop_signals()  # (a preemption notice while the model loads: kept for the loop, not dropped)
         faults.point("joined", 0, held_signal)
     try:
@@ -376,17 +376,17 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     # Each host checks what it sees (its folders, its copy of a file): the processes agree before going on,
     # so that a check failing on one host stops every process with that error (the others would wait for it
     # in JAX's backend start-up, minutes, and then fail with a timeout that names nothing)
-    every = (distributed.allgather_json("fxjax.start-checks", {"error": None if failure is None else str(failure),
+    every = (host_exchange.allgather_json("fxjax.start-checks", {"error": None if failure is None else str(failure),
                                                                "config": comparable_config(cfg)})
-             if distributed.joined() else [])  # (one process: no exchange, and no backend started for it)
+             if host_exchange.joined() else [])  # (one process: no exchange, and no backend started for it)
     if failure is not None:
         raise failure
     for process, report in enumerate(every):
         if report["error"] is not None:
-            raise distributed.PeerFailed(process, report["error"])
+            raise host_exchange.PeerFailed(process, report["error"])
     if every:
         check_same_config([report["config"] for report in every])
-    if distributed.joined() and jax.process_count() > 1:
+    if host_exchange.joined() and jax.process_count() > 1:
         check_shared_folder(cfg.checkpoint_dir, "checkpoint.dir")
     if jax.process_index() != 0:
         return False, lambda text: None
@@ -410,14 +410,14 @@ def check_shared_folder(directory: Path, key: str, wait_s: float = 30.0) -> None
             sent = {"name": name}
         except OSError as err:
             sent = {"error": f"{key}: {directory}: process 0 cannot write there: {err}"}
-    first = distributed.allgather_json("fxjax.shared-folder", sent)[0]  # (after process 0 wrote)
+    first = host_exchange.allgather_json("fxjax.shared-folder", sent)[0]  # (after process 0 wrote)
     if "error" in first:
         raise ConfigError(first["error"])
     path = directory / first["name"]
     deadline = time.monotonic() + wait_s
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    seen = distributed.allgather_json("fxjax.shared-folder-seen", path.exists())
+    seen = host_exchange.allgather_json("fxjax.shared-folder-seen", path.exists())
     if me == 0:
         path.unlink(missing_ok=True)
     blind = [p for p, ok in enumerate(seen) if not ok]

@@ -8,4 +8,4 @@ the heavy imports live inside `run`.
 
 # Sub-commands in the order `fxjax --help` lists them, after the built-in ones of fxjax/cli.py (and sft,
 # which cli.py registers before the demo).
-COMMAND_MODULES: tuple[str, ...] = ("grpo", "data_check", "eval", "detect", "export", "report")
+COMMAND_MODULES: tuple[str, ...] = ("grpo", "data_check", "eval", "detect", "export", "report", "docs")

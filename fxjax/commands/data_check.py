@@ -35,7 +35,7 @@ With --config (an `fxjax sft` or `fxjax grpo` config) it checks that run's data:
 data.user_prompt) and, for GRPO, the prompt lengths the policy starts from.
 
 Image paths are relative to the JSONL file's folder (or --root); absolute paths, and symbolic links out
-of the root, are refused unless --allow-absolute-paths is given. The record formats: docs/data.md."""
+of the root, are refused unless --allow-absolute-paths is given. The record formats: docs/data.md (`fxjax docs data` prints it)."""
 
 _EPILOG = """\
 exit status:
@@ -229,8 +229,8 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
     broken = [(r.source, why) for r in records if (why := _answer_problem(r))]
     if broken:
         shown = "; ".join(f"{source}: {why}" for source, why in broken[:limit])
-        out.append(f"{len(broken)} ms-swift record(s) whose answer breaks the output format (docs/format.md): SFT "
-                   f"teaches it as written, and eval's format rate counts such an answer wrong: {shown}"
+        out.append(f"{len(broken)} ms-swift record(s) whose answer breaks the output format (docs/format.md; "
+                   f"`fxjax docs format`): SFT teaches it as written, and eval's format rate counts such an answer wrong: {shown}"
                    + (f"; and {len(broken) - limit} more" if len(broken) > limit else ""))
     return out
 

@@ -29,7 +29,7 @@ HELP = "measure the detector on a labelled JSONL test set: accuracy, P/R/F1, for
 DESCRIPTION = """\
 Evaluate a detector on a labelled dataset (native or ms-swift JSONL, e.g. the FakeXplain test split):
 greedy decoding with the KV cache in batches, each completion parsed and scored with the rewards'
-parser (docs/format.md, docs/rewards.md), and the paper's metrics.
+parser (docs/format.md, docs/rewards.md: `fxjax docs format`, `fxjax docs rewards`), and the paper's metrics.
 
 Metrics (metrics.json and the printed table):
   accuracy     share of images whose first <verdict> equals the truth

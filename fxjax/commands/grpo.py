@@ -22,9 +22,8 @@ Start from the SFT result: model.from_run = the SFT run directory (its base mode
 its newest step, or model.from_run_step), or model.path = the base HF directory and model.adapter = the
 PEFT adapter SFT wrote. Stages: the `stages` list (name + steps, or name + epochs: passes over the training
 records, the paper's one epoch a stage; one stage's: --set stages[1].steps=20), or grpo.schedule=continuous
-with train.steps. The prompts: JSONL
-records, native or ms-swift (docs/data.md; `fxjax data check` validates them), their boxes and verdicts
-the rewards' truth.
+with train.steps. The prompts: JSONL records, native or ms-swift (docs/data.md, which `fxjax docs data`
+prints; `fxjax data check` validates them), their boxes and verdicts the rewards' truth.
 Outputs under train.output_dir: metrics.jsonl (per step: reward and each component, format rate,
 verdict accuracy, mean IoU on generated images, KL, clip ratios, entropy, completion lengths,
 truncated and zero-std fractions, rollout/update times, the stage), TensorBoard events, checkpoints/

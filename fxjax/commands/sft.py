@@ -18,8 +18,8 @@ EPILOG = ("example: fxjax sft --config configs/sft.yaml --set model.path=DIR "
           "--set 'data.train_files=[data/train.jsonl]' --set train.steps=1000. A --set of one of a pair that "
           "excludes each other replaces the other (train.steps / train.epochs, model.path / model.preset); each "
           "key it changes besides is printed as a "
-          "note. The data: JSONL records, native or ms-swift (docs/data.md); `fxjax data check FILE.jsonl` "
-          "validates them first.")
+          "note. The data: JSONL records, native or ms-swift (docs/data.md: `fxjax docs data`); `fxjax data check "
+          "FILE.jsonl` validates them first.")
 
 
 def add_parser(sub) -> None:

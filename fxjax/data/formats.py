@@ -232,7 +232,7 @@ def _caption(value: Any, what: str) -> str:
     if "\n" in caption or "\r" in caption:
         shown = caption if len(caption) <= 60 else caption[:57] + "..."
         raise RecordProblem(f"{what} {shown!r} spans lines: a caption stays on one line, or the box after it is "
-                            "not read back (docs/format.md)", "schema")
+                            "not read back (docs/format.md; `fxjax docs format`)", "schema")
     return caption
 
 
