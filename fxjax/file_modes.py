@@ -54,3 +54,11 @@ def require_writable(path: str | Path, what: str) -> None:
         raise NotADirectoryError(f"{what}: {path} {where} a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: {path} cannot be written ({folder} is not writable)")
+    import tempfile
+
+    try:  # (root passes os.access everywhere, also where nothing can be created: /proc, a full quota)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what}: {path} cannot be written (a file in {folder} could not be created: "
+                         f"{err.strerror or err})") from None

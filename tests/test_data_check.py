@@ -150,7 +150,7 @@ def test_ms_swift_answers_that_break_the_output_format_are_warned_about(capsys, 
     path.write_text("\n".join(lines) + "\n")
     rc, out = check(capsys, path)
     assert rc == 0 and "OK: 0 of 4 records invalid" in out, out  # (warned, not refused)
-    assert (f"2 ms-swift record(s) whose answer breaks the output format (docs/format.md): SFT teaches it as "
+    assert (f"2 ms-swift record(s) whose answer breaks the output format (docs/format.md; `fxjax docs format`): SFT teaches it as "
             f"written, and eval's format rate counts such an answer wrong: {path}:1: no verdict; {path}:2: 2 verdicts"
             ) in out
     path.write_text(path.read_text() + json.dumps({**generated, "messages": [*generated["messages"][:-1], {

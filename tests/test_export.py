@@ -253,3 +253,26 @@ def test_an_export_replaces_its_folder_whole_and_a_failure_leaves_the_former_one
 
     adapter = json.loads((save_adapter(model, "adapter") / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(base.resolve())
+
+
+def test_the_chat_templates_default_system_prompt_is_any_text_as_written(tokenizer_dir):
+    """A system prompt of braces, quotes, newlines, Jinja's own delimiters and characters beyond the BMP goes
+    into Qwen's chat template as text (a Jinja string), renders exactly as an explicit system message does,
+    and an export of an export replaces it again (it is not nested, nor left at the first run's). A template
+    without Qwen's default (another model family's) is left alone."""
+    from transformers import AutoTokenizer
+
+    from fxjax.data.tokenizer import CHAT_TEMPLATE
+    from fxjax.train.export import set_template_system_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Real or generated?"}]}]
+    tricky = 'Say "{{ x }}" {% if %} {# no #} \\n and\nthen \U0001F600 [x1, y1] <|box_start|>'
+    template = set_template_system_prompt(CHAT_TEMPLATE, tricky)
+    again = set_template_system_prompt(template, "second")
+    for text, t in ((tricky, template), ("second", again)):
+        assert tokenizer.apply_chat_template(user, chat_template=t, add_generation_prompt=True, tokenize=False) == \
+            tokenizer.apply_chat_template([{"role": "system", "content": text}, *user], chat_template=CHAT_TEMPLATE,
+                                          add_generation_prompt=True, tokenize=False)
+    assert again == set_template_system_prompt(CHAT_TEMPLATE, "second")
+    assert set_template_system_prompt("{% for m in messages %}{{ m['content'] }}{% endfor %}", "x") is None

@@ -92,8 +92,40 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
 
     # the newest step (3) through the command; fxjax's logits from the run loaded on its own
     out = tmp_path / "export-3"
-    assert main(["export", "--run", str(two_process_run), "--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out)["step"] == "3"
+    assert main(["export", "--run", str(two_process_run), "--out", str(out), "--base-name", "Qwen/Qwen2.5-VL-3B"]) == 0
+    said = capsys.readouterr()
+    assert json.loads(said.out)["step"] == "3"
+    # what serving needs is said at the end: the folders, the prompts, the decoding that keeps the answer's
+    # markers, and that vLLM would drop this adapter's vision part (all-linear: the encoder's layers too)
+    for words in ("fxjax export: step 3 written; each folder's fxjax_export.json says which run and step",
+                  f"fxjax export: {out.absolute() / 'merged'}: transformers' Qwen2_5_VLForConditionalGeneration",
+                  "would drop this adapter's vision-encoder and merger parts: serve merged/ there",
+                  "decode with skip_special_tokens=False (vLLM: SamplingParams(skip_special_tokens=False))"):
+        assert words in said.err, said.err
+    # each folder says what it is an export of; the merged one decodes as long as the run evaluated
+    for part in ("merged", "adapter"):
+        record = json.loads((out / part / "fxjax_export.json").read_text())
+        assert {k: record[k] for k in ("checkpoints", "kind", "step", "stage", "max_new_tokens")} == {
+            "checkpoints": str(two_process_run / "checkpoints"), "kind": "sft", "step": 3, "stage": None,
+            "max_new_tokens": 512}
+    assert json.loads((out / "merged" / "generation_config.json").read_text())["max_new_tokens"] == 512
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "Qwen/Qwen2.5-VL-3B"
+    # the chat template's default system prompt is training's: a client that sends the image and the user
+    # prompt alone (an OpenAI-style request) gets the prompt the model trained with, in the tokenizer's
+    # template and the processor's (chat_template.jinja)
+    from transformers import AutoTokenizer
+
+    serve = json.loads((out / "merged" / "fxjax_prompt_settings.json").read_text())["serve"]
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": serve["user"]}]}
+    for part in ("merged", "adapter"):
+        tokenizer = AutoTokenizer.from_pretrained(str(out / part))
+        trained = tokenizer.apply_chat_template([{"role": "system", "content": serve["system"]}, user],
+                                                add_generation_prompt=True, tokenize=False)
+        assert serve["system"] in trained and "helpful assistant" not in trained
+        for template in (None, (out / part / "chat_template.jinja").read_text()):
+            assert tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False,
+                                                 chat_template=template) == trained
     run = load_run(two_process_run, dtype="float32")
     assert run.step == 3 and run.kind == "sft"
     ours = fxjax_logits(run)
@@ -142,6 +174,11 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     assert prompting("--model", str(out / "merged")) == trained
     assert prompting("--model", str(tiny_vl_dir))["max_pixels"] == 12845056
     assert prompting("--model", str(out / "merged"), "--max-pixels", "6272")["max_pixels"] == 6272
+    # and the answer length the run evaluated with (512, its export's record), not detect's 1024 of a bare model
+    lengths = {flags: resolve_detector(build_parser().parse_args(["detect", "x.png", *flags])).max_new_tokens
+               for flags in (("--model", str(out / "merged")), ("--model", str(tiny_vl_dir), "--adapter",
+                                                                  str(out / "adapter")), ("--model", str(tiny_vl_dir)))}
+    assert list(lengths.values()) == [512, 512, 1024]
     # an adapter without the settings (fxjax.save_peft_adapter's, or peft's own): the defaults, said
     bare = tmp_path / "bare-adapter"
     shutil.copytree(out / "adapter", bare, ignore=shutil.ignore_patterns("fxjax_prompt_settings.json"))
@@ -337,6 +374,15 @@ def test_export_refuses_a_users_folder_a_file_or_an_adapter_as_model_before_load
     assert f"--model: {adapter} is a PEFT adapter, not a model" in capsys.readouterr().err
     assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "x"), "--model", str(tmp_path)]) == 2
     assert f"--model: {tmp_path} holds no config.json; give the run's base model" in capsys.readouterr().err
+    # an empty --out wrote merged/ and adapter/ into the working folder; a folder nothing can be created in
+    # (root passes os.access there) failed only after the weights loaded
+    assert main(["export", "--run", str(two_process_run), "--out", ""]) == 2
+    assert "--out: give a folder (an empty text names none)" in capsys.readouterr().err
+    assert main(["export", "--run", str(two_process_run), "--out", "/proc/fxjax-export"]) == 2
+    assert "--out: /proc/fxjax-export/merged cannot be written" in capsys.readouterr().err
+    assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "y"), "--merged-only",
+                 "--base-name", "Qwen/Qwen2.5-VL-3B"]) == 2
+    assert "--base-name: it names the adapter's base, and --merged-only writes no adapter" in capsys.readouterr().err
 
 
 def test_an_export_that_fails_between_its_two_folders_says_they_now_hold_different_steps(two_process_run, tmp_path,

@@ -15,14 +15,16 @@ prompts to serve it with.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from fxjax.file_modes import require_writable
 
-__all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets", "read_prompt_settings",
-           "save_adapter", "save_merged", "write_exports", "write_greedy_generation_config",
+__all__ = ["EXPORT_RECORD_FILE", "PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
+           "read_export_record", "read_prompt_settings", "save_adapter", "save_merged", "serving_texts",
+           "set_template_system_prompt", "write_export_record", "write_exports", "write_greedy_generation_config",
            "write_preprocessor_config", "write_prompt_settings", "written_whole"]
 
 # Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
@@ -33,7 +35,8 @@ PROMPT_SETTING_KEYS = ("min_pixels", "max_pixels", "prompts", "system_prompt", "
 
 
 def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = None,
-                 tokenizer_dir: str | Path | None = None) -> Path:
+                 tokenizer_dir: str | Path | None = None, origin: Mapping[str, Any] | None = None,
+                 base_name: str | None = None) -> Path:
     """PEFT adapter directory (adapter_config.json + adapter_model.safetensors) of the model's LoRA, with the
     run's prompt settings (`write_prompt_settings`) and a preprocessor_config.json of its pixel limits when
     `data` (its DataSection) is given: a PEFT user's `AutoImageProcessor.from_pretrained(adapter)` resizes as
@@ -42,7 +45,12 @@ def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = N
     tokenizer_dir: the tokenizer training read (as `save_merged`'s; default: the model's own directory's,
     when it holds one), written with the six format markers: a Hub base model's tokenizer lacks them, so
     an adapter served with the base's tokenizer decoded `<think>...<verdict>generated</verdict>` as plain
-    "...generated", which no parser reads."""
+    "...generated", which no parser reads. With `data`, the chat template's default system prompt is the
+    one training used (`set_template_system_prompt`).
+
+    origin: what the export is of (run, step, stage, ...), written as EXPORT_RECORD_FILE. base_name: the
+    adapter_config.json's base_model_name_or_path (a Hub id to load the base from elsewhere; default: the
+    base model's absolute path here)."""
     import jax
 
     from fxjax.data.tokenizer import export_tokenizer
@@ -56,12 +64,24 @@ def save_adapter(model, out_dir: str | Path, *, data=None, dtype: str | None = N
             write_prompt_settings(folder, data)
         if jax.process_index() != 0:  # (process 0 writes the folder)
             return
+        if base_name is not None:
+            _set_base_name(folder, base_name)
         if data is not None:
             write_preprocessor_config(folder, data.min_pixels, data.max_pixels, vision=model.config.vision)
         if tokenizer_dir is not None:
             export_tokenizer(tokenizer_dir, folder)
+            _template_defaults_to_training(folder, data)
+        if origin is not None:
+            write_export_record(folder, origin)
 
     return written_whole(Path(out_dir), write)
+
+
+def _set_base_name(folder: Path, base_name: str) -> None:
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def _tokenizer_to_export(model, tokenizer_dir: str | Path | None) -> str | Path | None:
@@ -80,7 +100,8 @@ def _tokenizer_to_export(model, tokenizer_dir: str | Path | None) -> str | Path 
 
 
 def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokenizer_dir: str | Path | None = None,
-                image_pixels: tuple[int, int] | None = None, data=None) -> Path:
+                image_pixels: tuple[int, int] | None = None, data=None, max_new_tokens: int | None = None,
+                origin: Mapping[str, Any] | None = None) -> Path:
     """An HF checkpoint directory of base + LoRA merged (loads in transformers without peft), with the
     tokenizer and image-processor files.
 
@@ -89,7 +110,11 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
     image_pixels: (min_pixels, max_pixels) training resized images to (`cfg.data.min_pixels`,
         `cfg.data.max_pixels`); written to preprocessor_config.json. Default: keep the base model's file,
         or write the data pipeline's defaults when it had none.
-    data: the run's DataSection: its pixel limits (for image_pixels) and prompt settings (`write_prompt_settings`).
+    data: the run's DataSection: its pixel limits (for image_pixels) and prompt settings (`write_prompt_settings`),
+        and its system prompt the chat template's default (`set_template_system_prompt`).
+    max_new_tokens: the longest answer, for generation_config.json (the run's eval.max_new_tokens: without
+        one, transformers' `generate` stops after 20 tokens).
+    origin: what the export is of (run, step, stage, ...), written as EXPORT_RECORD_FILE.
     """
     import jax
 
@@ -107,11 +132,14 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
         save_pretrained(model, folder, dtype=dtype)
         if jax.process_index() != 0:
             return
-        write_greedy_generation_config(folder)
+        write_greedy_generation_config(folder, max_new_tokens)
         if data is not None:
             write_prompt_settings(folder, data)
         if tokenizer_dir is not None:
             export_tokenizer(tokenizer_dir, folder)
+            _template_defaults_to_training(folder, data)
+        if origin is not None:
+            write_export_record(folder, origin)
         if image_pixels is not None or not (folder / "preprocessor_config.json").is_file():
             write_preprocessor_config(folder, *(image_pixels or _default_pixels()), vision=model.config.vision)
 
@@ -125,14 +153,17 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon
                  "repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty")
 
 
-def write_greedy_generation_config(folder: Path) -> None:
+def write_greedy_generation_config(folder: Path, max_new_tokens: int | None = None) -> None:
     """The merged export's generation_config.json as `fxjax eval` and `fxjax detect` decode: greedily (the
-    base model's stop, pad and start tokens kept, its sampling settings dropped); a server that samples
-    passes its own."""
+    base model's stop, pad and start tokens kept, its sampling settings dropped), up to `max_new_tokens`
+    when given (transformers' default is 20 tokens in all, prompt included); a server that samples passes
+    its own."""
     path = folder / "generation_config.json"
     config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     config = {key: value for key, value in config.items() if key not in SAMPLING_KEYS}
     config["do_sample"] = False
+    if max_new_tokens is not None:
+        config["max_new_tokens"] = int(max_new_tokens)
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -271,13 +302,25 @@ def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
 
     if jax.process_index() != 0:
         return None
+    path = Path(out_dir) / PROMPT_SETTINGS_FILE
+    settings = {key: getattr(data, key) for key in PROMPT_SETTING_KEYS}
+    serve, own = serving_texts(data)
+    settings["own_prompt_files"] = own
+    path.write_text(json.dumps(dict(settings, serve=serve, about="how training built its prompts; fxjax eval / "
+                                    "detect read it (their flags override it); serve: the system and user "
+                                    "prompt `fxjax detect` sends with an image"), indent=2) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def serving_texts(data) -> tuple[dict[str, str], list[str]]:
+    """({"system", "user"[, "note"]}, the ms-swift train files with prompts of their own) of `data` (a
+    DataSection): the two texts to serve with, resolved (a null setting means fxjax's built-in prompt, or
+    the nine templates), what `fxjax detect` sends, so that a transformers server needs neither fxjax nor
+    its defaults; "note" when training used other prompts (ms-swift records' own)."""
     from fxjax.data.formats import file_starts_with_swift_record
     from fxjax.data.prompts import serving_prompt
 
-    path = Path(out_dir) / PROMPT_SETTINGS_FILE
-    settings = {key: getattr(data, key) for key in PROMPT_SETTING_KEYS}
-    # The two texts to serve with, resolved (null above means fxjax's built-in prompt, or the nine templates):
-    # what `fxjax detect` sends, so that a transformers server needs neither fxjax nor its defaults.
     serve = serving_prompt(data.system_prompt, data.user_prompt)
     # ms-swift train files keep their own system and user text (data.prompts other than 'templates'): named
     # here, since `fxjax detect --model` runs where the train files may not be
@@ -291,12 +334,7 @@ def write_prompt_settings(out_dir: str | Path, data) -> Path | None:
         serve["note"] = (f"the train files {', '.join(unread)} were not there to read at export: if they were "
                          f"ms-swift records with their own prompts (data.prompts {data.prompts!r}), serve with "
                          "those prompts instead of these")
-    settings["own_prompt_files"] = own
-    path.write_text(json.dumps(dict(settings, serve=serve, about="how training built its prompts; fxjax eval / "
-                                    "detect read it (their flags override it); serve: the system and user "
-                                    "prompt `fxjax detect` sends with an image"), indent=2) + "\n",
-                    encoding="utf-8")
-    return path
+    return serve, own
 
 
 def read_prompt_settings(directory: str | Path) -> dict:
@@ -318,3 +356,92 @@ def read_prompt_settings(directory: str | Path) -> dict:
     if own:
         settings["own_prompt_files"] = own
     return settings
+
+
+# The chat template's default system prompt (what a conversation without a system message gets): Qwen's
+# text, or one an earlier export of fxjax put in its place (a run started from an exported model).
+_DEFAULT_SYSTEM = re.compile(r'<\|im_start\|>system\n(?:You are a helpful assistant\.|\{\{ "(?:[^"\\]|\\.)*" \}\})'
+                             r'<\|im_end\|>')
+
+
+def set_template_system_prompt(template: str, system: str) -> str | None:
+    """`template` (a Qwen chat template, Jinja) with `system` as the system prompt of a conversation that
+    sends none (Qwen's is "You are a helpful assistant."): a client that sends the image and the user
+    prompt alone (an OpenAI-style request to vLLM) then gets the prompt the model trained with, not a text
+    it never saw. `system` goes in as a Jinja string expression, so braces, quotes and newlines in it stay
+    text. None when the template has no such default (another model family's: left as it is)."""
+    if not _DEFAULT_SYSTEM.search(template):
+        return None
+    literal = "{{ " + json.dumps(system, ensure_ascii=False) + " }}"
+    return _DEFAULT_SYSTEM.sub(lambda _: f"<|im_start|>system\n{literal}<|im_end|>", template)
+
+
+def _template_defaults_to_training(folder: Path, data) -> None:
+    """The exported tokenizer's chat templates (tokenizer_config.json's, chat_template.jinja and
+    chat_template.json, for the tokenizer and the processor) default to the system prompt training used
+    (`set_template_system_prompt`); left as they are without `data`, or when training used the ms-swift
+    records' own prompts (no one system prompt to default to)."""
+    if data is None:
+        return
+    serve, _ = serving_texts(data)
+    if "note" in serve:
+        return
+    system = serve["system"]
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        template = config.get("chat_template")
+        if isinstance(template, str):
+            config["chat_template"] = set_template_system_prompt(template, system) or template
+        elif isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            for entry in template:
+                if isinstance(entry, dict) and isinstance(entry.get("template"), str):
+                    entry["template"] = set_template_system_prompt(entry["template"], system) or entry["template"]
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        changed = set_template_system_prompt(jinja.read_text(encoding="utf-8"), system)
+        if changed is not None:
+            jinja.write_text(changed, encoding="utf-8")
+    processor = folder / "chat_template.json"
+    if processor.is_file():
+        config = json.loads(processor.read_text(encoding="utf-8"))
+        if isinstance(config.get("chat_template"), str):
+            changed = set_template_system_prompt(config["chat_template"], system)
+            if changed is not None:
+                config["chat_template"] = changed
+                processor.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+EXPORT_RECORD_FILE = "fxjax_export.json"
+
+
+def write_export_record(folder: Path, origin: Mapping[str, Any]) -> Path:
+    """EXPORT_RECORD_FILE: what the folder is an export of (`origin`: the run, its step and stage, ...), with
+    fxjax's version and the time, so that an export found later, or a merged / adapter pair side by side,
+    says which checkpoint it holds."""
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        fxjax_version = version("fxjax")
+    except PackageNotFoundError:
+        fxjax_version = None
+    record = {**origin, "fxjax": fxjax_version,
+              "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    path = folder / EXPORT_RECORD_FILE
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_export_record(directory: str | Path) -> dict[str, Any]:
+    """What `write_export_record` left in `directory` ({} when nothing: an export older than the record, or
+    another tool's folder)."""
+    path = Path(directory) / EXPORT_RECORD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return record if isinstance(record, dict) else {}

@@ -240,13 +240,20 @@ class LoopControl:
 def export_outputs(name: str, model, cfg, say: Callable[[str], None], step: int) -> dict[str, str]:
     """The PEFT adapter and / or merged HF checkpoint that cfg.export asks for, from the model's current LoRA
     (the state of `step`)."""
+    base = cfg.model.path or cfg.model.preset
+    origin = {"checkpoints": str(cfg.checkpoint_dir.absolute()), "kind": name, "step": step, "stage": None,
+              "stage_end": False, "base_model": str(Path(base).absolute()) if cfg.model.path else base,
+              "dtype": "the base model's", "max_new_tokens": cfg.eval.max_new_tokens, "at_end_of_training": True}
+
     def adapter() -> Path:
-        folder = save_adapter(model, cfg.export.adapter_dir, data=cfg.data, tokenizer_dir=cfg.tokenizer)
+        folder = save_adapter(model, cfg.export.adapter_dir, data=cfg.data, tokenizer_dir=cfg.tokenizer,
+                              origin=origin)
         say(f"{name}: wrote the PEFT adapter to {cfg.export.adapter_dir}")
         return folder
 
     def merged() -> Path:
-        folder = save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer, data=cfg.data)
+        folder = save_merged(model, cfg.export.merged_dir, tokenizer_dir=cfg.tokenizer, data=cfg.data,
+                             max_new_tokens=cfg.eval.max_new_tokens, origin=origin)
         say(f"{name}: wrote the merged HF checkpoint to {cfg.export.merged_dir}")
         return folder
 

@@ -63,7 +63,8 @@ def add_parser(sub) -> None:
                    help="images decoded together, a multiple of the mesh's data x fsdp devices (default: 4, "
                         "rounded up to such a multiple)")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="longest answer in tokens (default: with --run the run's eval.max_new_tokens, else 1024)")
+                   help="longest answer in tokens (default: the run's eval.max_new_tokens, with --run or as "
+                        "its export recorded it (fxjax_export.json), else 1024)")
     add_image_limit_argument(p)
     p.set_defaults(func=run)
 

@@ -101,8 +101,9 @@ def add_parser(sub) -> None:
                    help="prompts decoded together, a multiple of the mesh's data x fsdp devices (default: 8, "
                         "rounded up to such a multiple)")
     g.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="longest completion in tokens (default: with --run the run's eval.max_new_tokens, else "
-                        "1024); a longer one is cut and usually fails the format check")
+                   help="longest completion in tokens (default: the run's eval.max_new_tokens, with --run or as its "
+                        "export recorded it (fxjax_export.json), else 1024); a longer one is cut and usually fails "
+                        "the format check")
     g.add_argument("--out", default="eval", metavar="DIR",
                    help="output folder: predictions.jsonl, metrics.json, settings.json (default: ./eval)")
     g.add_argument("--fresh", action="store_true", help="discard predictions already in --out and start over")

@@ -44,14 +44,20 @@ folder moved. A missing or
 corrupted step is an error naming it and listing the steps that exist. Each folder is written whole
 into a hidden sibling (.merged.partial) that then takes its place: an export that fails part-way leaves
 the former one as it was. When OUT/adapter fails after OUT/merged was written, the two hold different
-steps, and that is said before the error."""
+steps, and that is said before the error.
+
+Serving: each folder's fxjax_export.json says what it is an export of (run, step, stage, base, the answer
+length the run evaluated with); merged/generation_config.json decodes greedily up to that length; the chat
+template's default system prompt is the one training used (a client that sends the image and the user
+prompt alone gets what the model trained with). The answer's markers and box tokens are special tokens:
+decode with skip_special_tokens=False. What to know is printed after the export."""
 
 EPILOG = """\
 examples:
   fxjax export --run runs/sft --out export/sft            # the newest step
   fxjax export --run runs/grpo --step 300 --out export/grpo-300 --dtype bfloat16
   fxjax export --run runs/grpo --step beta --out export/after-beta   # the model at the end of stage beta
-  fxjax export --run runs/grpo --out export/adapter --adapter-only
+  fxjax export --run runs/grpo --out export/adapter --adapter-only --base-name Qwen/Qwen2.5-VL-3B-Instruct
   fxjax export --run runs/grpo-72b --out export/grpo-72b --mesh fsdp=8   # the model split over 8 devices"""
 
 
@@ -79,6 +85,9 @@ def add_parser(sub) -> None:
                    help="where the base model and LoRA load, e.g. fsdp=8 to split a model that does not fit "
                         "one device (default: the run's fsdp and tensor axes when they fit the devices here, the other "
                         "devices on the data axis)")
+    p.add_argument("--base-name", metavar="ID",
+                   help="the adapter's base_model_name_or_path, e.g. the Hub id Qwen/Qwen2.5-VL-3B-Instruct, for "
+                        "loading it where the base model's folder here is not (default: that folder's absolute path)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT/merged, OUT/adapter if they exist (each is written whole into a sibling "
                         "folder, which then takes its place)")
@@ -87,7 +96,7 @@ def add_parser(sub) -> None:
 
 def export_run(run_dir: str | Path, out: str | Path, *, step: int | str | None = None, merged: bool = True,
                adapter: bool = True, dtype: str | None = None, model_path: str | None = None,
-               tokenizer: str | None = None, mesh=None, log=None) -> dict[str, str]:
+               tokenizer: str | None = None, mesh=None, base_name: str | None = None, log=None) -> dict[str, str]:
     """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}.
     tokenizer: the one OUT/merged gets (default: the run's). mesh: where the run loads
     (train.run_loading.load_run's default, `run_mesh`: the run's fsdp and tensor axes, the other devices on
@@ -107,7 +116,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | str | None =
     # forward pass, and auto picks one that runs on this platform and dtype
     loaded = load_run(run_dir, step, model_path=model_path, dtype="float32", param_dtype="exact", mesh=mesh,
                       attention="auto", log=log)
-    return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype, tokenizer=tokenizer, log=log)
+    return export_loaded(loaded, out, merged=merged, adapter=adapter, dtype=dtype, tokenizer=tokenizer,
+                         base_name=base_name, log=log)
 
 
 def tokenizer_to_export(cfg, given: str | None = None) -> str:
@@ -122,26 +132,52 @@ def tokenizer_to_export(cfg, given: str | None = None) -> str:
 
 
 def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool = True,
-                  dtype: str | None = None, tokenizer: str | None = None, log=None) -> dict[str, str]:
+                  dtype: str | None = None, tokenizer: str | None = None, base_name: str | None = None,
+                  log=None) -> dict[str, str]:
     """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun; base weights unrounded from
     the checkpoint's, as `export_run` loads them). `log`: where a failure that leaves OUT/merged and
-    OUT/adapter of different steps is said (`fxjax.train.export.write_exports`)."""
+    OUT/adapter of different steps is said (`fxjax.train.export.write_exports`). base_name: the adapter's
+    base_model_name_or_path (a Hub id; default: the base model's path here)."""
     from fxjax.train.export import save_adapter, save_merged, write_exports
 
     cfg, out = loaded.config, Path(out)
+    origin = export_origin(loaded, dtype)
     parts = []
     if merged:
         parts.append(("merged", out / "merged", lambda: save_merged(
-            loaded.model, out / "merged", dtype=dtype, tokenizer_dir=tokenizer or cfg.tokenizer, data=cfg.data)))
+            loaded.model, out / "merged", dtype=dtype, tokenizer_dir=tokenizer or cfg.tokenizer, data=cfg.data,
+            max_new_tokens=cfg.eval.max_new_tokens, origin=origin)))
     if adapter:
         parts.append(("adapter", out / "adapter",
                       lambda: save_adapter(loaded.model, out / "adapter", data=cfg.data, dtype=dtype,
-                                           tokenizer_dir=tokenizer or cfg.tokenizer)))
-    return {"step": str(loaded.step), **write_exports(parts, loaded.step, log or (lambda text: None))}
+                                           tokenizer_dir=tokenizer or cfg.tokenizer, origin=origin,
+                                           base_name=base_name)))
+    written = write_exports(parts, loaded.step, log or (lambda text: None))
+    return {"step": str(loaded.step), **({"stage": origin["stage"]} if origin["stage"] else {}), **written}
+
+
+def export_origin(loaded, dtype: str | None) -> dict:
+    """What an export of `loaded` (a LoadedRun) is of, for its record (fxjax_export.json): the run, its kind,
+    step and GRPO stage (the stage the step belongs to; `stage_end`: the step ends it), the base model, the
+    weights' dtype, and the answer length the run evaluated with (what `fxjax detect --model` decodes to)."""
+    from fxjax.run_files import recorded_stage_ends
+
+    ends = recorded_stage_ends(loaded.checkpoint_dir, loaded.step) if loaded.kind == "grpo" else None
+    stage = next(((name, end) for name, end in ends or [] if loaded.step <= end), None)
+    model = loaded.config.model
+    return {"checkpoints": str(Path(loaded.checkpoint_dir).absolute()), "kind": loaded.kind, "step": loaded.step,
+            "stage": stage[0] if stage else None, "stage_end": bool(stage) and loaded.step == stage[1],
+            "base_model": str(Path(model.path).absolute()) if model.path else model.preset,
+            "dtype": dtype or "the base model's", "max_new_tokens": loaded.config.eval.max_new_tokens}
 
 
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(f"fxjax export: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    if not args.out.strip():  # (Path("") is the working folder: merged/ and adapter/ would land there)
+        raise ValueError("--out: give a folder (an empty text names none)")
+    if args.base_name is not None and (args.merged_only or not args.base_name.strip()):
+        raise ValueError("--base-name: " + ("it names the adapter's base, and --merged-only writes no adapter"
+                                            if args.merged_only else "give a Hub id or a path"))
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # found now, not after the model has loaded
         raise NotADirectoryError(f"--out: {out} is a file, not a directory")
@@ -176,6 +212,34 @@ def run(args: argparse.Namespace) -> int:
                                     f"directory) when it moved since training")
     mesh = mesh_from_flag(args.mesh)  # checked before anything loads
     written = export_run(args.run, out, step=args.step, merged="merged" in parts, adapter="adapter" in parts,
-                         dtype=args.dtype, model_path=args.model, tokenizer=args.tokenizer, mesh=mesh, log=say)
+                         dtype=args.dtype, model_path=args.model, tokenizer=args.tokenizer, mesh=mesh,
+                         base_name=args.base_name, log=say)
     print(json.dumps(written))
+    for line in serving_notes(written):
+        say(line)
     return 0
+
+
+def serving_notes(written: dict[str, str]) -> list[str]:
+    """What to know to serve what was written (said after the JSON line, on stderr): where each folder is
+    and how it loads, the prompts, the decoding that keeps the answer's markers, and vLLM's limit."""
+    from fxjax.train.export import EXPORT_RECORD_FILE, PROMPT_SETTINGS_FILE
+
+    stage = f" (stage {written['stage']})" if written.get("stage") else ""
+    lines = [f"step {written['step']}{stage} written; each folder's {EXPORT_RECORD_FILE} says which run and step"]
+    if "merged" in written:
+        lines.append(f"{written['merged']}: transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained loads "
+                     "it alone; the folder to give vLLM")
+    if "adapter" in written:
+        line = (f"{written['adapter']}: peft.PeftModel.from_pretrained(base, this folder), with this folder's "
+                "tokenizer (it has the format markers) and preprocessor_config.json")
+        targets = json.loads((Path(written["adapter"]) / "adapter_config.json").read_text())["target_modules"]
+        if any(word in " ".join([targets] if isinstance(targets, str) else targets) for word in ("visual", "all-linear")):
+            line += ("; vLLM applies LoRA to the language model only and would drop this adapter's vision-encoder "
+                     "and merger parts: serve merged/ there")
+        lines.append(line)
+    lines.append(f"prompts: the system and user text under \"serve\" in {PROMPT_SETTINGS_FILE} (the chat template's "
+                 "default system prompt is training's); decode with skip_special_tokens=False (vLLM: "
+                 "SamplingParams(skip_special_tokens=False)): the answer's markers and box tokens are special "
+                 "tokens; the README's \"fxjax export\" section shows serving")
+    return lines

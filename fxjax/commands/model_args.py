@@ -129,7 +129,7 @@ class Detector:
     tokenizer: str  # directory (or file) holding tokenizer.json
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields: pixels, prompts, system prompt, ...
     source: dict[str, Any] = field(default_factory=dict)  # what is loaded, for the record (settings, metrics)
-    max_new_tokens: int = 1024  # --max-new-tokens left out: the run's eval.max_new_tokens, else this
+    max_new_tokens: int = 1024  # --max-new-tokens left out: the run's eval.max_new_tokens (recorded by its export), else this
     run_mesh: Any = None  # with --run: the run's mesh section (how it split the model)
     model: Any = None  # after load()
     mesh: Any = None  # after load(): jax Mesh, or None for one device
@@ -251,10 +251,11 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     resolved, its config read), without loading weights."""
     from fxjax.config_sections import DataSection
     from fxjax.data.formats import check_prompt
-    from fxjax.train.export import PROMPT_SETTING_KEYS, PROMPT_SETTINGS_FILE, read_prompt_settings
+    from fxjax.train.export import PROMPT_SETTING_KEYS, PROMPT_SETTINGS_FILE, read_export_record, read_prompt_settings
 
     check_model_arguments(args)
     data: dict[str, Any] = {key: getattr(DataSection(), key) for key in PROMPT_SETTING_KEYS}
+    exported: dict[str, Any] = {}  # (--model / --adapter: their export's record)
     if args.run is not None:
         from fxjax.config_mapping import ConfigError
         from fxjax.run_files import checkpoint_dir_of, resolve_step
@@ -284,6 +285,9 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         # what training used, written by its export: the merged model's, then the adapter's
         trained = {**read_prompt_settings(model_dir), **(read_prompt_settings(args.adapter) if args.adapter else {})}
         data.update(trained)
+        # the answer length the run evaluated with, as its export recorded it (the adapter's, then the model's)
+        exported = read_export_record(args.adapter) if args.adapter else {}
+        exported = exported or read_export_record(model_dir)
         tokenizer = args.tokenizer or str(model_dir)
         source = {"model": str(model_dir.resolve()), "adapter": str(Path(args.adapter).resolve()) if args.adapter
                   else None, "dtype": args.dtype or "float32",
@@ -322,4 +326,6 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         detector.max_new_tokens = args.max_new_tokens
     elif args.run is not None:  # (the length the run's own evaluation decoded, not a guess of 1024)
         detector.max_new_tokens = cfg.eval.max_new_tokens
+    elif isinstance(exported.get("max_new_tokens"), int) and exported["max_new_tokens"] > 0:
+        detector.max_new_tokens = exported["max_new_tokens"]
     return detector
