@@ -243,7 +243,7 @@ def export_outputs(name: str, model, cfg, say: Callable[[str], None], step: int)
     base = cfg.model.path or cfg.model.preset
     origin = {"checkpoints": str(cfg.checkpoint_dir.absolute()), "kind": name, "step": step, "stage": None,
               "stage_end": False, "base_model": str(Path(base).absolute()) if cfg.model.path else base,
-              "dtype": "the base model's", "max_new_tokens": cfg.eval.max_new_tokens, "at_end_of_training": True}
+              "dtype": None, "max_new_tokens": cfg.eval.max_new_tokens, "at_end_of_training": True}
 
     def adapter() -> Path:
         folder = save_adapter(model, cfg.export.adapter_dir, data=cfg.data, tokenizer_dir=cfg.tokenizer,

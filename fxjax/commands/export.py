@@ -159,7 +159,8 @@ def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool
 def export_origin(loaded, dtype: str | None) -> dict:
     """What an export of `loaded` (a LoadedRun) is of, for its record (fxjax_export.json): the run, its kind,
     step and GRPO stage (the stage the step belongs to; `stage_end`: the step ends it), the base model, the
-    weights' dtype, and the answer length the run evaluated with (what `fxjax detect --model` decodes to)."""
+    weights' dtype (--dtype; null: the merged model in the base's, the adapter in float32), and the answer
+    length the run evaluated with (what `fxjax detect --model` decodes to)."""
     from fxjax.run_files import recorded_stage_ends
 
     ends = recorded_stage_ends(loaded.checkpoint_dir, loaded.step) if loaded.kind == "grpo" else None
@@ -168,7 +169,7 @@ def export_origin(loaded, dtype: str | None) -> dict:
     return {"checkpoints": str(Path(loaded.checkpoint_dir).absolute()), "kind": loaded.kind, "step": loaded.step,
             "stage": stage[0] if stage else None, "stage_end": bool(stage) and loaded.step == stage[1],
             "base_model": str(Path(model.path).absolute()) if model.path else model.preset,
-            "dtype": dtype or "the base model's", "max_new_tokens": loaded.config.eval.max_new_tokens}
+            "dtype": dtype, "max_new_tokens": loaded.config.eval.max_new_tokens}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,8 +239,12 @@ def serving_notes(written: dict[str, str]) -> list[str]:
             line += ("; vLLM applies LoRA to the language model only and would drop this adapter's vision-encoder "
                      "and merger parts: serve merged/ there")
         lines.append(line)
-    lines.append(f"prompts: the system and user text under \"serve\" in {PROMPT_SETTINGS_FILE} (the chat template's "
-                 "default system prompt is training's); decode with skip_special_tokens=False (vLLM: "
+    folder = Path(written.get("merged") or written["adapter"])
+    serve = json.loads((folder / PROMPT_SETTINGS_FILE).read_text(encoding="utf-8"))["serve"]
+    prompts = ("its note: training used the records' own prompts" if "note" in serve else
+               "the chat template's default system prompt is training's")
+    lines.append(f"prompts: the system and user text under \"serve\" in {PROMPT_SETTINGS_FILE} ({prompts}); "
+                 "decode with skip_special_tokens=False (vLLM: "
                  "SamplingParams(skip_special_tokens=False)): the answer's markers and box tokens are special "
                  "tokens; the README's \"fxjax export\" section shows serving")
     return lines
