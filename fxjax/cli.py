@@ -14,16 +14,23 @@ from fxjax.compilation_cache import use_compilation_cache
 from fxjax.host_allocator import keep_freed_memory
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # (argparse's own message named the function: "invalid _seed value")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _seed(text: str) -> int:
     """argparse type of --seed: numpy, grain and nnx.Rngs all take [0, 2**32) (a larger seed overflowed nnx)."""
-    value = int(text)
+    value = _integer(text)
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
@@ -59,6 +66,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from fxjax.presets import load_preset, preset_names
 
     source = Path(args.model)
+    if source.is_dir() and (source / "adapter_config.json").is_file():  # a PEFT adapter (an export's, or peft's)
+        print("\n".join(_describe_adapter(source)))
+        return 0
     if source.is_dir() and not (source / "config.json").is_file():  # a training run (its steps and start)?
         from fxjax.run_files import RunLoadError, describe_run
 
@@ -86,7 +96,40 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{cfg.vision_end_token_id}, eos {list(cfg.eos_token_id)}")
     for part, n in abstract_parameter_counts(cfg).items():
         print(f"  {part:13s} {n:>16,d} parameters")
+    if source.is_dir():
+        print("\n".join(_export_origin(source)), end="\n" if _export_origin(source) else "")
     return 0
+
+
+def _describe_adapter(folder: Path) -> list[str]:
+    """`fxjax info ADAPTER`: a PEFT adapter's LoRA, its base, and what it is an export of (fxjax_export.json)."""
+    import json
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{folder / 'adapter_config.json'}: not valid JSON ({err})") from None
+    targets = config.get("target_modules")
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    vision = sum("visual" in str(n) for n in names)
+    where = (f"{len(names)} modules ({vision} in the vision encoder and merger)" if len(names) > 1
+             else f"target_modules {targets!r}")
+    lines = [f"PEFT adapter: r {config.get('r')}, lora_alpha {config.get('lora_alpha')}"
+             f"{', rsLoRA' if config.get('use_rslora') else ''}, {where}",
+             f"base: {config.get('base_model_name_or_path')}"]
+    return lines + _export_origin(folder)
+
+
+def _export_origin(folder: Path) -> list[str]:
+    """What an export folder is an export of, from its fxjax_export.json ([] without one)."""
+    from fxjax.train.export import read_export_record
+
+    origin = read_export_record(folder)
+    if not origin:
+        return []
+    stage = f", stage {origin['stage']}" if origin.get("stage") else ""
+    return [f"export of step {origin.get('step')}{stage} of the {origin.get('kind')} run in {origin.get('checkpoints')} "
+            f"(fxjax {origin.get('fxjax')}, {origin.get('exported_at')})"]
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
@@ -191,15 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
     p.set_defaults(func=_cmd_init)
 
-    p = sub.add_parser("info", help="describe a checkpoint directory, preset or training run",
+    p = sub.add_parser("info", help="describe a checkpoint directory, preset, training run or PEFT adapter",
                        description="Print the architecture and parameter counts of an HF checkpoint directory "
                                    "or a preset, without loading weights (works for 72B on a laptop); of a fxjax "
                                    "sft/grpo run, its checkpoint steps and GRPO stage ends (what --step of "
                                    "eval, detect and export takes), what its model started from, its LoRA and "
-                                   "tokenizer.")
+                                   "tokenizer; of a PEFT adapter, its LoRA and base; of an `fxjax export` folder, "
+                                   "also the run and step it holds.")
     p.add_argument("model", metavar="MODEL",
                    help="HF checkpoint directory (with config.json), preset name (tiny, 3b, 7b, 32b, 72b), "
-                        "preset YAML, or a run's train.output_dir / checkpoint.dir")
+                        "preset YAML, a run's train.output_dir / checkpoint.dir, or a PEFT adapter directory")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("make-demo-data", help="write a small native-format dataset made from scikit-image photos",
@@ -295,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fxjax info 3b | head -1`: the reader has what it wanted; nothing more to say
         return _stdout_closed()
     except (ValueError, OSError) as err:  # a user's path or value, a full disk: said in one line
-        print(f"fxjax {args.command}: error: {err}{_record_hint(err, args)}", file=sys.stderr)
+        name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # ("data check")
+        text = str(err).removeprefix(f"{args.command}: ")  # (run_demo's "demo: ...", said once)
+        print(f"fxjax {name}: error: {text}{_record_hint(err, args)}", file=sys.stderr)
         _leave_run(err, 2)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C outside a training loop's steps (loading, compiling, decoding)

@@ -3,6 +3,7 @@ Also the help texts that state facts of the code state them right."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -130,7 +131,7 @@ def test_a_file_where_a_model_or_tokenizer_folder_belongs_is_named_not_a_parser_
     assert main(["sft", *base, "--set", "model.preset=tiny", "--set", f"data.tokenizer={tmp_path / 'empty'}"]) == 2
     assert f"fxjax sft: error: data.tokenizer: no tokenizer.json in {tmp_path / 'empty'}" in capsys.readouterr().err
     assert main(["data", "check", str(data), "--tokenizer", str(config)]) == 2
-    assert f"fxjax data: error: {config} is not a tokenizer.json" in capsys.readouterr().err
+    assert f"fxjax data check: error: {config} is not a tokenizer.json" in capsys.readouterr().err
 
 
 def test_odd_inputs_get_messages_that_say_what_is_wrong(tmp_path, capsys):
@@ -151,8 +152,8 @@ def test_odd_inputs_get_messages_that_say_what_is_wrong(tmp_path, capsys):
              (["export", "--run", str(tmp_path), "--out", str(tmp_path / "ex"), "--adapter-only", "--tokenizer",
                str(tmp_path)], "--tokenizer: the tokenizer goes into OUT/merged, which --adapter-only does not write"),
              (["demo", "--n", "3", "--out", str(tmp_path / "demo")],
-              "demo: n_images (--n) 3 leaves no held-out images to evaluate on (the demo holds out 0.167 of them): "
-              "give --n 4 or more")]
+              "fxjax demo: error: n_images (--n) 3 leaves no held-out images to evaluate on (the demo holds out 0.167 "
+              "of them): give --n 4 or more")]  # (the API's "demo: " prefix said once: "demo: error: demo: n_images")
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -280,3 +281,49 @@ def test_fxjax_docs_prints_every_document_the_help_texts_and_messages_cite(capsy
     assert {"data", "format", "rewards"} <= cited and sorted(cited - set(on_disk)) == []
     assert main(["docs", "datasets"]) == 2
     assert "no document named 'datasets'; there are: data, " in capsys.readouterr().err
+
+
+def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer_dir, capsys):
+    """A CLI walk-through's findings: `data check --config sft FILE` refused the FILE (the shipped sft leaves
+    data.train_files empty) and read the data as GRPO does (sft has no train.steps); a --root that is not there
+    made every record's image "missing"; a folder as data.train_files got past the start-up check; argparse
+    named its helper ("invalid _seed value"); `fxjax data check` said "fxjax data: error"; `report` of one run
+    twice drew it over itself and `--out ''` wrote ./report.png; `info` of a PEFT adapter said "not a run";
+    `detect --tokenizer DIR` told to pass --tokenizer."""
+    from fxjax.cli import main
+
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"image": "a.png", "label": "real"}\n')
+    check = ["data", "check", "--config", "sft", "--set", "model.preset=tiny", "--set", f"data.tokenizer={tokenizer_dir}"]
+    for extra, kind in (([], "sft"), (["--kind", "grpo"], "grpo")):
+        assert main([*check, *extra, str(data)]) == 0
+        assert f"fxjax data check: {data} (as `fxjax {kind} --config sft` reads them)" in capsys.readouterr().out
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "r": 4, "lora_alpha": 8, "base_model_name_or_path": "Qwen/Qwen2.5-VL-3B-Instruct",
+        "target_modules": ["model.visual.blocks.0.attn.qkv", "model.language_model.layers.0.self_attn.q_proj"]}))
+    assert main(["info", str(adapter)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "PEFT adapter: r 4, lora_alpha 8, 2 modules (1 in the vision encoder and merger)",
+        "base: Qwen/Qwen2.5-VL-3B-Instruct"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
+    errors = [(["data", "check", str(data), "--root", str(tmp_path / "nope")],
+               f"fxjax data check: error: --root: {tmp_path / 'nope'} does not exist"),
+              (["data", "check", str(data), "--kind", "sft"], "fxjax data check: error: --kind says how --config's run reads its data; give the config"),
+              (["sft", "--config", "sft", "--set", "model.preset=tiny", "--set", f"data.tokenizer={tokenizer_dir}",
+                "--set", f"data.train_files=[{tmp_path}]", "--set", "train.steps=1"],
+               f"fxjax sft: error: data.train_files: {tmp_path} is a folder; give the JSONL files in it"),
+              (["report", str(run), str(run) + "/"], "given more than once: give each run or eval folder once"),
+              (["report", str(run), "--out", ""], "fxjax report: error: --out: give a file or a folder"),
+              (["detect", str(tmp_path / "a.png"), "--model", str(tmp_path), "--tokenizer", str(tmp_path)],
+               f"fxjax detect: error: --tokenizer: {tmp_path} holds no tokenizer.json")]
+    for argv, message in errors:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["demo", "--seed", "1.5"])
+    assert "argument --seed: expected an integer, got '1.5'" in capsys.readouterr().err

@@ -192,9 +192,11 @@ def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokeni
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data}))
     rc, out = check(capsys, "--config", tmp_path / "bare.yaml", "--set", "grpo.beta=0")
     assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
-    # ... or by its steps: GRPO runs that file as it is (its default stages), SFT refuses it without
-    # train.steps (data check read it as SFT and said "set exactly one of train.steps and train.epochs")
+    # ... or by --kind; without either it is SFT's, with or without a run length (a data check trains nothing:
+    # the shipped sft config, which leaves train.steps to the user, was read as GRPO's, prompt lengths only)
     rc, out = check(capsys, "--config", tmp_path / "bare.yaml")
+    assert rc == 0 and f"as `fxjax sft --config {tmp_path / 'bare.yaml'}` reads them" in out, out
+    rc, out = check(capsys, "--config", tmp_path / "bare.yaml", "--kind", "grpo")
     assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
     (tmp_path / "neither.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data,
                                                            "train": {"steps": 1, "epochs": 1}}))
@@ -290,7 +292,7 @@ def test_errors_that_stop_the_check(capsys, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     assert main(["data", "check", str(empty)]) == 2
-    assert f"fxjax data: error: {empty}: has no records: the file is empty" in capsys.readouterr().err
+    assert f"fxjax data check: error: {empty}: has no records: the file is empty" in capsys.readouterr().err
     assert main(["data", "check", str(tmp_path / "absent.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["data", "check", str(tmp_path)]) == 2

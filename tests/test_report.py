@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 
 
@@ -267,6 +268,8 @@ def test_several_runs_are_compared_on_the_same_panels(tmp_path, capsys):
     sft = write_metrics((tmp_path / "sft").mkdir() or tmp_path / "sft" / "metrics.jsonl", sft_records()).parent
     for argv, message in (([str(a), str(sft)], "the runs compared must be of one kind: seed0 is GRPO, sft is SFT"),
                           ([str(a), str(b), "--labels", "one"], "--labels: 1 names for 2 runs"),
-                          ([str(a)] * 5, "a comparison draws 2 to 4 runs (a line style each), got 5")):
+                          ([str(a), str(b), *(str(shutil.copytree(a, tmp_path / f"copy{i}")) for i in range(3))],
+                           "a comparison draws 2 to 4 runs (a line style each), got 5"),
+                          ([str(a), str(a)], f"{a} given more than once: give each run or eval folder once")):
         assert main(["report", *argv]) == 2
         assert message in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+from pathlib import Path
 from typing import Iterator, Sequence
 
 _DESCRIPTION = """\
@@ -67,6 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(GRPO: prompt lengths); the options below override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="with --config: override a config value, as the training command's --set (repeatable)")
+    p.add_argument("--kind", choices=("sft", "grpo"),
+                   help="with --config: read the data as that command does (GRPO: prompts without their answers; "
+                        "default: grpo for a config with a grpo or stages section, else sft)")
     p.add_argument("--root", metavar="DIR",
                    help="folder the image paths are relative to (default: each JSONL file's folder)")
     p.add_argument("--format", choices=("auto", "native", "swift"),
@@ -337,29 +341,34 @@ def _describe_image_tokens(records, cfg) -> list[str]:
             f"{tokens(large[0])} tokens): {fate}"]
 
 
-def _config_data(path: str, overrides: list[str]):
-    """(the DataConfig a training config's run reads its data with, its train + eval files)."""
-    from fxjax.config_mapping import ConfigError
+def _config_data(path: str, overrides: list[str], kind: str | None = None, files: Sequence[str] = ()):
+    """(the DataConfig a training config's run reads its data with, its train + eval files, "sft" or "grpo").
+
+    kind: how the run reads its data (None: "grpo" for a config with a grpo or stages section, in the file
+    or a --set, else "sft"). files: the FILEs given, which stand in for data.train_files (the shipped
+    configs leave it empty). A data check needs no run length: an SFT config without train.steps or
+    train.epochs (the shipped sft's) is checked all the same."""
+    import json
+
+    from fxjax.config_mapping import dotted_keys
     from fxjax.grpo_config import load_grpo_config
     from fxjax.run_files import saved_run_kind
     from fxjax.train import grpo, sft
     from fxjax.train_config import load_sft_config, read_yaml_config
 
     raw = read_yaml_config(path)
-    # a GRPO config has a grpo or stages section, in the file or in a --set; one without them (their
-    # defaults) is told from an SFT config by loading: GRPO's steps come from its stages, SFT needs train.steps
-    given = set(raw) | {o.split("=", 1)[0].split(".", 1)[0].strip() for o in overrides}
-    if saved_run_kind(given) == "grpo":
-        cfg, data_config = load_grpo_config(path, overrides), grpo.data_config
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    kind = kind or saved_run_kind(set(raw) | {key.split(".", 1)[0] for key in given})
+    extra = [f"data.train_files={json.dumps(list(files))}"] if files else []
+    lengths = {key for key, value in dotted_keys(raw).items() if value is not None} | {
+        key for key, _, value in (o.partition("=") for o in overrides) if value.strip() not in ("", "null", "~")}
+    if kind == "sft" and not {"train.steps", "train.epochs"} & {key.strip() for key in lengths}:
+        extra.append("train.steps=1")  # (the data check trains nothing)
+    if kind == "grpo":
+        cfg, data_config = load_grpo_config(path, [*overrides, *extra]), grpo.data_config
     else:
-        try:
-            cfg, data_config = load_sft_config(path, overrides), sft.data_config
-        except ConfigError as as_sft:
-            try:
-                cfg, data_config = load_grpo_config(path, overrides), grpo.data_config
-            except ConfigError:
-                raise as_sft from None
-    return data_config(cfg), (*cfg.data.train_files, *cfg.data.eval_files)
+        cfg, data_config = load_sft_config(path, [*overrides, *extra]), sft.data_config
+    return data_config(cfg), (*cfg.data.train_files, *cfg.data.eval_files), kind
 
 
 def _data_config(args: argparse.Namespace):
@@ -381,13 +390,18 @@ def _data_config(args: argparse.Namespace):
     if args.config is None:
         if args.set:
             raise ValueError("--set overrides values of --config; give the config")
+        if args.kind:
+            raise ValueError("--kind says how --config's run reads its data; give the config")
         if not args.files:
             raise ValueError("give the dataset files to check, or --config with a training config")
         # DataConfig validates the options and supplies the pipeline's defaults for those not given.
         base, files = DataConfig(data_files=tuple(args.files), tokenizer=""), tuple(args.files)
     else:
-        base, config_files = _config_data(args.config, args.set)
+        base, config_files, args.kind = _config_data(args.config, args.set, args.kind, args.files)
         files = tuple(args.files) or config_files
+    if args.root is not None and not Path(args.root).is_dir():  # (else every record's image is "missing")
+        raise NotADirectoryError(f"--root: {args.root} " + ("is a file, not a folder" if Path(args.root).exists()
+                                                            else "does not exist"))
     return dataclasses.replace(base, data_files=files, **options)
 
 
@@ -408,8 +422,7 @@ def run(args: argparse.Namespace) -> int:
                                        num_threads=args.threads, allow_absolute_paths=cfg.allow_absolute_paths)
     invalid = len(report.skipped)
     lines = [f"fxjax data check: {', '.join(cfg.data_files)}"
-             + (f" (as `fxjax {'grpo' if cfg.mode == 'prompt' else 'sft'} --config {args.config}` reads them)"
-                if args.config else ""),
+             + (f" (as `fxjax {args.kind} --config {args.config}` reads them)" if args.config else ""),
              f"records: {report.lines}, valid {len(records)}, invalid {invalid}"]
     if invalid:
         lines.append("  invalid by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(report.counts().items())))

@@ -295,6 +295,9 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     from fxjax.data.tokenizer import tokenizer_json
 
     if tokenizer_json(tokenizer) is None:
+        if args.tokenizer:
+            raise FileNotFoundError(f"--tokenizer: {args.tokenizer} " + ("holds no tokenizer.json" if
+                                    Path(args.tokenizer).is_dir() else "is not a folder (one with tokenizer.json)"))
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
     for key in ("min_pixels", "max_pixels", "max_length", "system_prompt", "user_prompt"):
         value = getattr(args, key, None)

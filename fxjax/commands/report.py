@@ -69,7 +69,7 @@ examples:
   fxjax report runs/sft                   # writes runs/sft/report.png
   fxjax report runs/grpo --out grpo.png
   fxjax report runs/grpo-seed0 runs/grpo-seed4 --labels "seed 0,seed 4"   # writes runs/compare_report.png
-  fxjax report eval/step100 eval/step200 --labels "step 100,step 200"   # writes eval/eval_report.png
+  fxjax report eval/step-100 eval/step-200 --labels "step 100,step 200"   # writes eval/eval_report.png
   fxjax report runs/grpo/eval   # the folders of `fxjax eval --step alpha beta gamma --out runs/grpo/eval`"""
 
 REPORT_FILE = "report.png"
@@ -446,6 +446,11 @@ def eval_subfolders(folder: str | Path) -> list[tuple[Path, int | None]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None and not args.out.strip():  # (Path("") is the working folder: ./report.png)
+        raise ValueError("--out: give a file or a folder (an empty text names none)")
+    same = sorted({d for d in args.run if sum(Path(d).resolve() == Path(e).resolve() for e in args.run) > 1})
+    if same:  # (compared with itself: one line drawn over another, without a word)
+        raise ValueError(f"{', '.join(same)} given more than once: give each run or eval folder once")
     inside = eval_subfolders(args.run[0]) if len(args.run) == 1 else []
     if inside:  # a multi-step eval's --out: its step folders, compared, named as `fxjax eval` names them
         args.run, args.out = [str(d) for d, _ in inside], args.out or str(Path(args.run[0]) / EVAL_REPORT_FILE)

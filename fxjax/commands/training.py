@@ -41,6 +41,8 @@ def check_paths(cfg) -> None:
             raise FileNotFoundError(f"{key}: {value} does not exist")
         if key.startswith("model.") and not Path(value).is_dir():  # (found here, not in the tokenizer's parser)
             raise NotADirectoryError(f"{key}: {value} is a file; give the {FOLDER_OF[key]} folder")
+        if key in ("data.train_files", "data.eval_files") and Path(value).is_dir():
+            raise IsADirectoryError(f"{key}: {value} is a folder; give the JSONL files in it")
         if key == "data.tokenizer" and Path(value).is_dir() and tokenizer_json(value) is None:
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json in {value}")
 
