@@ -114,7 +114,13 @@ def test_bad_arguments(tmp_path, capsys):
     assert not any((tmp_path / d).exists() for d in "fgh")
     # an empty --artefacts is an error, not "every kind"
     assert main(["make-demo-data", str(tmp_path / "i"), "--n", "10", "--artefacts", ""]) == 2
-    assert "artefacts must be a non-empty subset" in capsys.readouterr().err
+    assert "artefacts (--artefacts) must be a non-empty subset" in capsys.readouterr().err
+    # the flags named, not only the function's parameters ("n must be positive", "no multiple of 0 lies in")
+    for flags, message in ((["--n", "0"], "n (--n) must be positive, got 0"),
+                           (["--multiple", "0"], "multiple (--multiple) must be at least 1, got 0"),
+                           (["--test-fraction", "1"], "test_fraction (--test-fraction) must be in [0, 1), got 1.0")):
+        assert main(["make-demo-data", str(tmp_path / "j"), *flags]) == 2
+        assert f"fxjax make-demo-data: error: {message}" in capsys.readouterr().err
 
 
 def test_overwrite_with_fewer_images_leaves_none_of_the_old_ones(tmp_path):
@@ -238,7 +244,7 @@ def test_row_code_marks_each_token_row_alike_on_real_and_generated_images():
         make_demo_data("/nonexistent-demo", n=2, box_multiple=28, min_side=112, row_code=8, row_code_scope="band")
     with pytest.raises(ValueError, match="row_code"):
         make_demo_data("/nonexistent-demo", n=2, row_code=70)
-    with pytest.raises(ValueError, match="row_code needs box_multiple"):
+    with pytest.raises(ValueError, match=r"row_code \(--row-code\) needs box_multiple \(--box-multiple\)"):
         make_demo_data("/nonexistent-demo", n=2, row_code=8)
 
 
@@ -255,5 +261,5 @@ def test_artefacts_restricts_the_kinds_and_checks_names():
         _, every = make_demo_example(i, 0, True, photos, 112, 112, **kw)
         assert every["regions"][0]["bbox"] == record["regions"][0]["bbox"]  # the same region either way
     assert captions == {"posterised colour banding"}
-    with pytest.raises(ValueError, match="artefacts must be a non-empty subset"):
+    with pytest.raises(ValueError, match=r"artefacts \(--artefacts\) must be a non-empty subset"):
         make_demo_data("/nonexistent-demo", n=2, artefacts=["glitter"])

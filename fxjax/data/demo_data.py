@@ -330,37 +330,40 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     ``round(n * test_fraction)`` examples). Returns the paths of the JSONL files.
     """
     if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise ValueError(f"n (--n) must be positive, got {n}")
     check_seed(seed, "seed")
     if not 0 <= test_fraction < 1:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        raise ValueError(f"test_fraction (--test-fraction) must be in [0, 1), got {test_fraction}")
     if not 32 <= min_side <= max_side:
-        raise ValueError(f"need 32 <= min_side <= max_side, got {min_side}, {max_side}")
+        raise ValueError(f"need 32 <= min_side <= max_side (--min-side, --max-side), got {min_side}, {max_side}")
     if multiple < 1 or -(-min_side // multiple) * multiple > max_side:
-        raise ValueError(f"no multiple of {multiple} lies in [min_side, max_side] = [{min_side}, {max_side}]")
+        raise ValueError((f"multiple (--multiple) must be at least 1, got {multiple}" if multiple < 1 else
+                         f"no multiple of {multiple} (--multiple) lies in [min_side, max_side] = [{min_side}, {max_side}]"))
     if not 0 <= fingerprint <= 64:
-        raise ValueError(f"fingerprint must be in [0, 64] levels, got {fingerprint}")
+        raise ValueError(f"fingerprint (--fingerprint) must be in [0, 64] levels, got {fingerprint}")
     if not 0 <= row_code <= 64:
-        raise ValueError(f"row_code must be in [0, 64] levels, got {row_code}")
+        raise ValueError(f"row_code (--row-code) must be in [0, 64] levels, got {row_code}")
     if row_code > 0 and box_multiple < 2:
-        raise ValueError(f"row_code needs box_multiple >= 2 (the cell size of the code), got {box_multiple}")
+        raise ValueError(f"row_code (--row-code) needs box_multiple (--box-multiple) >= 2 (the cell size of the code), got {box_multiple}")
     known = [a.name for a in ARTEFACTS]
     if artefacts is not None:
         artefacts = tuple(artefacts)
         unknown = [a for a in artefacts if a not in known]
         if unknown or not artefacts:
-            raise ValueError(f"artefacts must be a non-empty subset of {known}, got {list(artefacts)}")
+            raise ValueError(f"artefacts (--artefacts) must be a non-empty subset of {known}, got {list(artefacts)}")
     if row_code_scope not in ROW_CODE_SCOPES:
         raise ValueError(f"row_code_scope must be one of {ROW_CODE_SCOPES}, got {row_code_scope!r}")
     if not 1 <= max_regions <= 8:
-        raise ValueError(f"max_regions must be in [1, 8], got {max_regions}")
+        raise ValueError(f"max_regions (--max-regions) must be in [1, 8], got {max_regions}")
     if fingerprint_scope not in FINGERPRINT_SCOPES:
         raise ValueError(f"fingerprint_scope must be one of {FINGERPRINT_SCOPES}, got {fingerprint_scope!r}")
     if region_layout not in REGION_LAYOUTS:
         raise ValueError(f"region_layout must be one of {REGION_LAYOUTS}, got {region_layout!r}")
     if not 1 <= box_multiple <= min_side // 2:
-        raise ValueError(f"box_multiple must be in [1, min_side // 2 = {min_side // 2}], got {box_multiple}")
+        raise ValueError(f"box_multiple (--box-multiple) must be in [1, min_side // 2 = {min_side // 2}], got {box_multiple}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a directory: give a folder for the dataset")
     files = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     if not overwrite and any(f.exists() for f in files.values()):
         raise FileExistsError(f"{out} already holds a dataset (train.jsonl / test.jsonl); overwrite=True "
