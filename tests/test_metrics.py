@@ -205,6 +205,18 @@ def test_check_resume_config_warns_on_what_changed_the_run():
     assert warnings[0].startswith("warning: resuming with a different lora config") and "lora.rank: 8 -> 16" in warnings[0]
     assert "optim.learning_rate: 0.0001 -> 0.0002" in warnings[1]
     assert warnings[2].endswith("(the step count, so the learning-rate schedule changed): train.steps: 100 -> 200")
+    # the LoRA's scale: refused (the restored B A would be scaled otherwise: another model than the trained one)
+    from fxjax.config_mapping import ConfigError
+    from fxjax.train.resume_check import check_lora_scale
+
+    check_lora_scale(saved, current, "step 10")  # (the rank: the restore's own error, arrays of other shapes)
+    alpha = saved["lora"]["alpha"]
+    for key, value, shown in (("alpha", 2 * alpha, f"lora.alpha: {alpha} -> {2 * alpha}"),
+                              ("use_rslora", True, "lora.use_rslora: false -> true")):
+        changed = json.loads(json.dumps(current))
+        changed["lora"][key] = value
+        with pytest.raises(ConfigError, match=shown + ": the checkpoint of step 10 was trained with the former"):
+            check_lora_scale(saved, changed, "step 10")
     current["train"].update(steps=None, epochs=3.0)
     (line,) = [w for w in check_resume_config(saved, current, print) if "different train config" in w]
     assert "train.steps: 100 -> null; train.epochs: null -> 3.0" in line

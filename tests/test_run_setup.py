@@ -440,6 +440,28 @@ def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_naming_it(tmp_
         assert "pid " in (tmp_path / "run" / LOCK_FILE).read_text()
 
 
+def test_a_run_given_another_runs_checkpoints_as_its_checkpoint_dir_is_refused(tmp_path):
+    """Run A keeps its checkpoints in its own folder (the default, A/checkpoints) and locked A only; run B of
+    another output folder with checkpoint.dir=A/checkpoints locked a file beside that folder that A never
+    took: both trained, each pruning the other's steps (a walk-through saw "Unable to find the step 4 for
+    deletion"). Both now lock the checkpoint folder's own file."""
+    from fxjax.config_mapping import ConfigError
+    from fxjax.train.run_lock import locked_run_dirs
+    from fxjax.train_config import from_dict
+
+    def config(output: str, **checkpoint: str):
+        return from_dict({"model": {"preset": "tiny"}, "train": {"output_dir": str(tmp_path / output), "steps": 1},
+                          "data": {"train_files": ["t.jsonl"], "tokenizer": str(tmp_path)}, "checkpoint": checkpoint})
+
+    with locked_run_dirs(config("A"), True, print):
+        with pytest.raises(ConfigError, match=f"checkpoint.dir: another fxjax run is training in {tmp_path / 'A'}/"
+                                              f"checkpoints"):
+            with locked_run_dirs(config("B", dir=str(tmp_path / "A" / "checkpoints")), True, print):
+                pass
+        with locked_run_dirs(config("C"), True, print):  # (another run's own folders: no conflict)
+            pass
+
+
 
 
 # In a fresh process: the `fxjax` command's start (main, here with --help), then a 64 MB malloc: how many

@@ -17,7 +17,7 @@ import jax
 from fxjax.config_mapping import ConfigError
 from fxjax.host_exchange import allgather_json
 from fxjax.run_files import RUN_CWD_KEY, RunLoadError, brief_error, saved_run_kind
-from fxjax.train.resume_check import WATCHED, check_resume_config
+from fxjax.train.resume_check import WATCHED, check_lora_scale, check_resume_config
 from fxjax.train.step import TrainState
 
 __all__ = ["Resumed", "check_resume_mesh", "checkpoint_data_state", "mesh_record", "other_phase_message",
@@ -144,6 +144,7 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
                           f"data.batch_size={saved_batch} and this run has {batch}; the saved data position counts "
                           f"each process's rows of a batch, so the run cannot continue where it stopped: set "
                           f"data.batch_size={saved_batch}, or start a new run from it with model.from_run") from None
+    check_lora_scale(saved_cfg, now, f"step {step} in {checkpointer.directory}")
     check_resume_config(saved_cfg, now, log, watched)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")

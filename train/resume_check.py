@@ -5,7 +5,9 @@
 A resumed run restores the LoRA parameters, optimiser state, step and data position; a config that
 differs in what produced them (model, LoRA, optimiser, data) or in the run's length (train.steps or
 train.epochs: the total step count, hence the learning-rate schedule) continues a different run than the
-one that was saved. That is allowed (lengthening a run is common) but never silent.
+one that was saved. That is allowed (lengthening a run is common) but never silent; a change of the LoRA's
+scale (lora.alpha, lora.use_rslora), which would make the restored adapter another model, is refused
+(`check_lora_scale`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from fxjax.config_mapping import as_written
+from fxjax.config_mapping import ConfigError, as_written
 from fxjax.config_sections import DataSection, ModelSection
 
-__all__ = ["WATCHED", "Watched", "changed_keys", "check_resume_config", "different_config"]
+__all__ = ["WATCHED", "Watched", "changed_keys", "check_lora_scale", "check_resume_config", "different_config"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,22 @@ def changed_keys(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | N
     saved, current = dict(saved or {}), dict(current or {})
     names = keys if keys is not None else sorted(set(saved) | set(current))
     return [f"{k}: {as_written(saved.get(k))} -> {as_written(current.get(k))}" for k in names if saved.get(k) != current.get(k)]
+
+
+SCALE_KEYS = ("alpha", "use_rslora")  # the LoRA's scale: alpha / r, or alpha / sqrt(r) with rsLoRA
+
+
+def check_lora_scale(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+    """ConfigError when the LoRA's scale differs from the checkpoint's (`where`: which checkpoint): the saved
+    B and A restore as they are and the scale multiplies their update, so the resumed model would not be
+    the one trained (a resume with lora.alpha 16 for 32 took a step-12 loss of 10.8 for 7.5, with only
+    a warning). Another rank or other targets fail in the restore itself (arrays of other shapes)."""
+    changes = changed_keys(saved.get("lora"), current.get("lora"), SCALE_KEYS) if "lora" in saved else []
+    if changes:
+        raise ConfigError(f"{'; '.join('lora.' + c for c in changes)}: the checkpoint of {where} was trained with the "
+                          "former, and the LoRA's scale multiplies its saved update, so the resumed model would not "
+                          "be the one trained: resume with the checkpoint's value, or start a new run (another "
+                          "train.output_dir) from it with model.from_run")
 
 
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], log: Callable[[str], None],

@@ -1,6 +1,6 @@
 """One run at a time in a run's folders: `locked_run_dirs(cfg)` holds an advisory lock (flock) on
-`<train.output_dir>/.fxjax-run.lock` while a run trains, and, for a checkpoint.dir outside that folder, on
-`.<its name>.fxjax-run.lock` beside it (not in it: the checkpoint directory holds steps only).
+`<train.output_dir>/.fxjax-run.lock` while a run trains, and on `.<name>.fxjax-run.lock` beside its
+checkpoint folder (not in it: the checkpoint directory holds steps only), wherever that folder is.
 
 Two runs in one folder (a second launch while the first still runs, a retry script that did not wait)
 write the same step numbers into one checkpoint directory and one metrics.jsonl: each prunes the other's
@@ -68,9 +68,10 @@ def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[
     try:
         if enabled and os.name == "posix":
             output, checkpoints = Path(cfg.train.output_dir).resolve(), Path(cfg.checkpoint_dir).resolve()
-            locks = [(output, output / LOCK_FILE, "train.output_dir")]
-            if output != checkpoints and output not in checkpoints.parents:
-                locks.append((checkpoints, checkpoints.with_name(f".{checkpoints.name}{LOCK_FILE}"), "checkpoint.dir"))
+            # the checkpoint folder's own lock always, also where it lies in the output folder (the default): a
+            # run of another output folder given this one's checkpoints as its checkpoint.dir takes that lock
+            locks = [(output, output / LOCK_FILE, "train.output_dir"),
+                     (checkpoints, checkpoints.with_name(f".{checkpoints.name}{LOCK_FILE}"), "checkpoint.dir")]
             for folder, path, key in locks:
                 fd = _lock(folder, path, key, say)
                 if fd is not None:
