@@ -313,6 +313,7 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
     (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
     errors = [(["data", "check", str(data), "--root", str(tmp_path / "nope")],
                f"fxjax data check: error: --root: {tmp_path / 'nope'} does not exist"),
+              (["data", "check", "/dev/null"], "dataset file /dev/null is not a regular file"),
               (["data", "check", str(data), "--kind", "sft"], "fxjax data check: error: --kind says how --config's run reads its data; give the config"),
               (["sft", "--config", "sft", "--set", "model.preset=tiny", "--set", f"data.tokenizer={tokenizer_dir}",
                 "--set", f"data.train_files=[{tmp_path}]", "--set", "train.steps=1"],

@@ -90,7 +90,7 @@ def test_good_dataset(capsys, tmp_path, tokenizer_dir):
                 in no_tokenizer and fate in no_tokenizer and rc == 0), no_tokenizer
     # a tokenizer that is not there: said before any image is read
     assert main(["data", "check", str(path), "--tokenizer", str(tmp_path / "nope")]) == 2
-    assert f"tokenizer: no tokenizer.json in {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert f"tokenizer: {tmp_path / 'nope'} does not exist (--tokenizer)" in capsys.readouterr().err
     assert re.search(bar_row("80-99", 2), out, re.M) and re.search(bar_row("100-120", 2), out, re.M)
 
 

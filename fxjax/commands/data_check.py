@@ -415,7 +415,9 @@ def run(args: argparse.Namespace) -> int:
 
     if cfg.tokenizer and tokenizer_json(cfg.tokenizer) is None:
         # before every image is read and decoded, which can take minutes
-        raise FileNotFoundError(f"tokenizer: no tokenizer.json in {cfg.tokenizer} (--tokenizer or data.tokenizer)")
+        source = ("--tokenizer" if args.tokenizer else "the config's data.tokenizer, else its model.path")
+        what = "does not exist" if not Path(cfg.tokenizer).exists() else "holds no tokenizer.json"
+        raise FileNotFoundError(f"tokenizer: {cfg.tokenizer} {what} ({source})")
     with _quiet("fxjax.data.records"):
         records, report = load_records(cfg.data_files, cfg.root, cfg.format, on_error="skip",
                                        check_decode=cfg.check_decode, max_image_pixels=cfg.max_image_pixels,

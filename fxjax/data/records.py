@@ -287,6 +287,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     for file_index, file in enumerate(map(Path, files)):
         if not file.is_file():
             raise FileNotFoundError(f"dataset file {file} " + ("is a directory, not a JSONL file" if file.is_dir()
+                                                               else "is not a regular file" if file.exists()
                                                                else "does not exist"))
         problem = whole_file_problem(file)
         if problem:
