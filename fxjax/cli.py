@@ -358,12 +358,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
-    """After a training run's first invalid record (data.on_error: raise): its kind, and how to see every
-    one, or train without them."""
+    """After the first invalid record of a training run (data.on_error: raise) or of `fxjax eval` (--on-error
+    raise): its kind, and how to see every one, or go on without them."""
     records = sys.modules.get("fxjax.data.records")  # (not imported: no record was read, and none is now)
-    if records is None or not isinstance(err, records.DataError) or args.command not in ("sft", "grpo") \
+    if records is None or not isinstance(err, records.DataError) or args.command not in ("sft", "grpo", "eval") \
             or ":" not in err.where:
         return ""
+    if args.command == "eval":
+        files = " ".join(shlex.quote(f) for f in args.data)
+        return (f" [{err.kind}] (`fxjax data check {files}` lists every invalid record; --on-error skip "
+                "evaluates without them)")
     sets = "".join(f" --set {shlex.quote(item)}" for item in (getattr(args, "set", None) or []))
     return (f" [{err.kind}] (`fxjax data check --config {args.config}{sets}` lists every invalid record; "
             f"--set data.on_error=skip trains without them)")

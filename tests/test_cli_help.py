@@ -308,12 +308,17 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
     assert capsys.readouterr().out.splitlines() == [
         "PEFT adapter: r 4, lora_alpha 8, 2 modules (1 in the vision encoder and merger)",
         "base: Qwen/Qwen2.5-VL-3B-Instruct"]
+    (tmp_path / "bad.jsonl").write_text('{"image": "nope.png", "label": "real"}\n')
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
     errors = [(["data", "check", str(data), "--root", str(tmp_path / "nope")],
                f"fxjax data check: error: --root: {tmp_path / 'nope'} does not exist"),
               (["data", "check", "/dev/null"], "dataset file /dev/null is not a regular file"),
+              (["eval", "--model", str(tokenizer_dir), "--data", str(tmp_path / "bad.jsonl"), "--out",
+                str(tmp_path / "ev")], f"{tmp_path / 'bad.jsonl'}:1: missing image: image {tmp_path / 'nope.png'} does "
+               f"not exist [image_missing] (`fxjax data check {tmp_path / 'bad.jsonl'}` lists every invalid record; "
+               "--on-error skip evaluates without them)"),
               (["data", "check", str(data), "--kind", "sft"], "fxjax data check: error: --kind says how --config's run reads its data; give the config"),
               (["sft", "--config", "sft", "--set", "model.preset=tiny", "--set", f"data.tokenizer={tokenizer_dir}",
                 "--set", f"data.train_files=[{tmp_path}]", "--set", "train.steps=1"],

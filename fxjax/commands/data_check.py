@@ -105,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
+def quiet_logger(logger_name: str) -> Iterator[None]:
     """The loader logs each skipped record; this command prints them itself, once."""
     log = logging.getLogger(logger_name)
     level = log.level
@@ -418,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
         source = ("--tokenizer" if args.tokenizer else "the config's data.tokenizer, else its model.path")
         what = "does not exist" if not Path(cfg.tokenizer).exists() else "holds no tokenizer.json"
         raise FileNotFoundError(f"tokenizer: {cfg.tokenizer} {what} ({source})")
-    with _quiet("fxjax.data.records"):
+    with quiet_logger("fxjax.data.records"):
         records, report = load_records(cfg.data_files, cfg.root, cfg.format, on_error="skip",
                                        check_decode=cfg.check_decode, max_image_pixels=cfg.max_image_pixels,
                                        num_threads=args.threads, allow_absolute_paths=cfg.allow_absolute_paths)

@@ -463,12 +463,14 @@ def run(args: argparse.Namespace) -> int:
 def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, Any]:
     """The records --data names (--root, --format, --on-error, --allow-absolute-paths, --max-image-pixels),
     the first --limit of them, and the load report (the skipped ones said)."""
+    from fxjax.commands.data_check import quiet_logger
     from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
     from fxjax.data.records import load_records
 
-    records, report = load_records(args.data, args.root, args.format, args.on_error,
-                                   allow_absolute_paths=args.allow_absolute_paths,
-                                   max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+    with quiet_logger("fxjax.data.records"):  # (it logs each skipped record, and a summary: said once below)
+        records, report = load_records(args.data, args.root, args.format, args.on_error,
+                                       allow_absolute_paths=args.allow_absolute_paths,
+                                       max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
     if report.skipped:
         say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in report.skipped))
     if not records:
