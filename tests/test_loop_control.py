@@ -284,23 +284,29 @@ def test_an_end_of_run_export_failing_after_the_adapter_says_the_folders_hold_di
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(loop_control, "save_adapter", lambda model, folder, data, tokenizer_dir: Path(folder))
+    origins = []
+    monkeypatch.setattr(loop_control, "save_adapter", lambda model, folder, data, tokenizer_dir, origin:
+                        origins.append(origin) or Path(folder))
     monkeypatch.setattr(loop_control, "save_merged", full_disk)
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / PROMPT_SETTINGS_FILE).write_text("{}")  # an earlier run's export
     export = SimpleNamespace(adapter_dir=str(tmp_path / "adapter"), merged_dir=str(tmp_path / "merged"))
-    cfg, said = SimpleNamespace(export=export, tokenizer=None, data=None), []
+    run = dict(tokenizer=None, data=None, model=SimpleNamespace(path=None, preset="tiny"),
+               checkpoint_dir=tmp_path / "ckpt", eval=SimpleNamespace(max_new_tokens=64))
+    cfg, said = SimpleNamespace(export=export, **run), []
     with pytest.raises(OSError, match="No space left"):
         loop_control.export_outputs("grpo", None, cfg, said.append, 30)
     assert said == [f"grpo: wrote the PEFT adapter to {tmp_path / 'adapter'}",
                     f"grpo: wrote the adapter ({tmp_path / 'adapter'}) of step 30, but writing the merged checkpoint "
                     f"failed (below): {tmp_path / 'merged'} still holds an earlier export, not step 30, so the "
                     "folders no longer match"]
+    # (the folder records which run and step it holds: fxjax_export.json)
+    assert {k: origins[0][k] for k in ("checkpoints", "kind", "step", "base_model", "max_new_tokens")} == {
+        "checkpoints": str(tmp_path / "ckpt"), "kind": "grpo", "step": 30, "base_model": "tiny", "max_new_tokens": 64}
     export = SimpleNamespace(adapter_dir=None, merged_dir=str(tmp_path / "new"))
     said.clear()
     with pytest.raises(OSError):  # one folder: nothing to match
-        loop_control.export_outputs("grpo", None, SimpleNamespace(export=export, tokenizer=None, data=None),
-                                    said.append, 30)
+        loop_control.export_outputs("grpo", None, SimpleNamespace(export=export, **run), said.append, 30)
     assert said == []
 
 
