@@ -341,12 +341,9 @@ def read_prompt_settings(directory: str | Path) -> dict:
     """The settings `write_prompt_settings` left in `directory` ({} when there are none); a malformed file is
     an error naming it."""
     path = Path(directory) / PROMPT_SETTINGS_FILE
-    if not path.is_file():
+    raw = _json_file(path)
+    if raw is None:
         return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object of {', '.join(PROMPT_SETTING_KEYS)}")
     settings = {key: raw[key] for key in PROMPT_SETTING_KEYS if key in raw}
@@ -437,11 +434,15 @@ def write_export_record(folder: Path, origin: Mapping[str, Any]) -> Path:
 def read_export_record(directory: str | Path) -> dict[str, Any]:
     """What `write_export_record` left in `directory` ({} when nothing: an export older than the record, or
     another tool's folder)."""
-    path = Path(directory) / EXPORT_RECORD_FILE
+    record = _json_file(Path(directory) / EXPORT_RECORD_FILE)
+    return record if isinstance(record, dict) else {}
+
+
+def _json_file(path: Path) -> Any:
+    """The JSON value in `path` (None when there is no such file); a malformed file is an error naming it."""
     if not path.is_file():
-        return {}
+        return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return record if isinstance(record, dict) else {}
