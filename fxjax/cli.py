@@ -96,8 +96,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{cfg.vision_end_token_id}, eos {list(cfg.eos_token_id)}")
     for part, n in abstract_parameter_counts(cfg).items():
         print(f"  {part:13s} {n:>16,d} parameters")
-    if source.is_dir():
-        print("\n".join(_export_origin(source)), end="\n" if _export_origin(source) else "")
+    for line in _export_origin(source) if source.is_dir() else []:  # (an `fxjax export` folder: its run and step)
+        print(line)
     return 0
 
 
@@ -128,8 +128,8 @@ def _export_origin(folder: Path) -> list[str]:
     if not origin:
         return []
     stage = f", stage {origin['stage']}" if origin.get("stage") else ""
-    return [f"export of step {origin.get('step')}{stage} of the {origin.get('kind')} run in {origin.get('checkpoints')} "
-            f"(fxjax {origin.get('fxjax')}, {origin.get('exported_at')})"]
+    return [f"export of step {origin.get('step')}{stage} of the {origin.get('kind')} run in "
+            f"{origin.get('checkpoints')} (fxjax {origin.get('fxjax')}, {origin.get('exported_at')})"]
 
 
 def _cmd_selfcheck(args: argparse.Namespace) -> int:

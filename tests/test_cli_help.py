@@ -295,7 +295,8 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
     Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
     data = tmp_path / "train.jsonl"
     data.write_text('{"image": "a.png", "label": "real"}\n')
-    check = ["data", "check", "--config", "sft", "--set", "model.preset=tiny", "--set", f"data.tokenizer={tokenizer_dir}"]
+    check = ["data", "check", "--config", "sft", "--set", "model.preset=tiny", "--set",
+             f"data.tokenizer={tokenizer_dir}"]
     for extra, kind in (([], "sft"), (["--kind", "grpo"], "grpo")):
         assert main([*check, *extra, str(data)]) == 0
         assert f"fxjax data check: {data} (as `fxjax {kind} --config sft` reads them)" in capsys.readouterr().out
@@ -319,7 +320,8 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
                 str(tmp_path / "ev")], f"{tmp_path / 'bad.jsonl'}:1: missing image: image {tmp_path / 'nope.png'} does "
                f"not exist [image_missing] (`fxjax data check {tmp_path / 'bad.jsonl'}` lists every invalid record; "
                "--on-error skip evaluates without them)"),
-              (["data", "check", str(data), "--kind", "sft"], "fxjax data check: error: --kind says how --config's run reads its data; give the config"),
+              (["data", "check", str(data), "--kind", "sft"],
+               "fxjax data check: error: --kind says how --config's run reads its data; give the config"),
               (["sft", "--config", "sft", "--set", "model.preset=tiny", "--set", f"data.tokenizer={tokenizer_dir}",
                 "--set", f"data.train_files=[{tmp_path}]", "--set", "train.steps=1"],
                f"fxjax sft: error: data.train_files: {tmp_path} is a folder; give the JSONL files in it"),

@@ -190,8 +190,9 @@ def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokeni
         assert f"max {lengths[-1]}" in out and f"over max_length 80: {sum(n > 80 for n in lengths)}" in out
     # a GRPO config whose file has no grpo or stages section (the default stages) is one by its --set
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data}))
-    rc, out = check(capsys, "--config", tmp_path / "bare.yaml", "--set", "grpo.beta=0")
-    assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
+    for key in ("grpo.beta=0", "stages[0].steps=1"):  # (a list key: its section is "stages", not "stages[0]")
+        rc, out = check(capsys, "--config", tmp_path / "bare.yaml", "--set", key)
+        assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
     # ... or by --kind; without either it is SFT's, with or without a run length (a data check trains nothing:
     # the shipped sft config, which leaves train.steps to the user, was read as GRPO's, prompt lengths only)
     rc, out = check(capsys, "--config", tmp_path / "bare.yaml")

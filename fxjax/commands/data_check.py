@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,7 +37,8 @@ With --config (an `fxjax sft` or `fxjax grpo` config) it checks that run's data:
 data.user_prompt) and, for GRPO, the prompt lengths the policy starts from.
 
 Image paths are relative to the JSONL file's folder (or --root); absolute paths, and symbolic links out
-of the root, are refused unless --allow-absolute-paths is given. The record formats: docs/data.md (`fxjax docs data` prints it)."""
+of the root, are refused unless --allow-absolute-paths is given. The record formats: docs/data.md (`fxjax
+docs data` prints it)."""
 
 _EPILOG = """\
 exit status:
@@ -234,7 +236,8 @@ def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -
     if broken:
         shown = "; ".join(f"{source}: {why}" for source, why in broken[:limit])
         out.append(f"{len(broken)} ms-swift record(s) whose answer breaks the output format (docs/format.md; "
-                   f"`fxjax docs format`): SFT teaches it as written, and eval's format rate counts such an answer wrong: {shown}"
+                   f"`fxjax docs format`): SFT teaches it as written, and eval's format rate counts such an answer "
+                   f"wrong: {shown}"
                    + (f"; and {len(broken) - limit} more" if len(broken) > limit else ""))
     return out
 
@@ -358,7 +361,8 @@ def _config_data(path: str, overrides: list[str], kind: str | None = None, files
 
     raw = read_yaml_config(path)
     given = {o.split("=", 1)[0].strip() for o in overrides}
-    kind = kind or saved_run_kind(set(raw) | {key.split(".", 1)[0] for key in given})
+    sections = {re.split(r"[.\[]", key, maxsplit=1)[0] for key in given}  # (stages[1].steps: "stages")
+    kind = kind or saved_run_kind(set(raw) | sections)
     extra = [f"data.train_files={json.dumps(list(files))}"] if files else []
     lengths = {key for key, value in dotted_keys(raw).items() if value is not None} | {
         key for key, _, value in (o.partition("=") for o in overrides) if value.strip() not in ("", "null", "~")}

@@ -235,7 +235,8 @@ def serving_notes(written: dict[str, str]) -> list[str]:
         line = (f"{written['adapter']}: peft.PeftModel.from_pretrained(base, this folder), with this folder's "
                 "tokenizer (it has the format markers) and preprocessor_config.json")
         targets = json.loads((Path(written["adapter"]) / "adapter_config.json").read_text())["target_modules"]
-        if any(word in " ".join([targets] if isinstance(targets, str) else targets) for word in ("visual", "all-linear")):
+        named = " ".join([targets] if isinstance(targets, str) else targets)
+        if "visual" in named or "all-linear" in named:
             line += ("; vLLM applies LoRA to the language model only and would drop this adapter's vision-encoder "
                      "and merger parts: serve merged/ there")
         lines.append(line)

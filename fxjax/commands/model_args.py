@@ -129,7 +129,7 @@ class Detector:
     tokenizer: str  # directory (or file) holding tokenizer.json
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields: pixels, prompts, system prompt, ...
     source: dict[str, Any] = field(default_factory=dict)  # what is loaded, for the record (settings, metrics)
-    max_new_tokens: int = 1024  # --max-new-tokens left out: the run's eval.max_new_tokens (recorded by its export), else this
+    max_new_tokens: int = 1024  # no --max-new-tokens: the run's eval.max_new_tokens (or its export's record), else this
     run_mesh: Any = None  # with --run: the run's mesh section (how it split the model)
     model: Any = None  # after load()
     mesh: Any = None  # after load(): jax Mesh, or None for one device

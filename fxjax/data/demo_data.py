@@ -338,13 +338,15 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
         raise ValueError(f"need 32 <= min_side <= max_side (--min-side, --max-side), got {min_side}, {max_side}")
     if multiple < 1 or -(-min_side // multiple) * multiple > max_side:
         raise ValueError((f"multiple (--multiple) must be at least 1, got {multiple}" if multiple < 1 else
-                         f"no multiple of {multiple} (--multiple) lies in [min_side, max_side] = [{min_side}, {max_side}]"))
+                         f"no multiple of {multiple} (--multiple) lies in [min_side, max_side] = "
+                         f"[{min_side}, {max_side}]"))
     if not 0 <= fingerprint <= 64:
         raise ValueError(f"fingerprint (--fingerprint) must be in [0, 64] levels, got {fingerprint}")
     if not 0 <= row_code <= 64:
         raise ValueError(f"row_code (--row-code) must be in [0, 64] levels, got {row_code}")
     if row_code > 0 and box_multiple < 2:
-        raise ValueError(f"row_code (--row-code) needs box_multiple (--box-multiple) >= 2 (the cell size of the code), got {box_multiple}")
+        raise ValueError(f"row_code (--row-code) needs box_multiple (--box-multiple) >= 2 (the cell size of the "
+                         f"code), got {box_multiple}")
     known = [a.name for a in ARTEFACTS]
     if artefacts is not None:
         artefacts = tuple(artefacts)
@@ -360,7 +362,8 @@ def make_demo_data(out: str | Path, n: int = 1000, seed: int = 0, test_fraction:
     if region_layout not in REGION_LAYOUTS:
         raise ValueError(f"region_layout must be one of {REGION_LAYOUTS}, got {region_layout!r}")
     if not 1 <= box_multiple <= min_side // 2:
-        raise ValueError(f"box_multiple (--box-multiple) must be in [1, min_side // 2 = {min_side // 2}], got {box_multiple}")
+        raise ValueError(f"box_multiple (--box-multiple) must be in [1, min_side // 2 = {min_side // 2}], "
+                         f"got {box_multiple}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file, not a directory: give a folder for the dataset")
