@@ -66,4 +66,8 @@ def load_preset(name_or_path: str | Path) -> Qwen25VLConfig:
     if not isinstance(data, dict) or not data:  # (an empty file read as every default: a 7B-sized model)
         raise PresetError(f"{path}: a model preset is a mapping of the model's settings (vision:, text:, ...), "
                           f"got {'an empty file' if data is None or data == {} else type(data).__name__}")
+    run_sections = sorted({"model", "train", "data", "lora", "stages", "grpo"} & set(data))
+    if run_sections and not {"vision", "text"} & set(data):  # (`fxjax info configs/sft.yaml`)
+        raise PresetError(f"{path}: a run config ({', '.join(run_sections)}), not a model preset (vision:, text:, "
+                          "...): describe its model by its model.path or model.preset")
     return config_from_yaml_dict(data, str(path))

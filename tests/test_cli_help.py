@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -327,6 +328,8 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
                f"fxjax sft: error: data.train_files: {tmp_path} is a folder; give the JSONL files in it"),
               (["report", str(run), str(run) + "/"], "given more than once: give each run or eval folder once"),
               (["report", str(run), "--out", ""], "fxjax report: error: --out: give a file or a folder"),
+              (["info", str(Path(__file__).parents[1] / "configs" / "sft.yaml")],
+               "a run config (data, lora, model, train), not a model preset"),
               (["detect", str(tmp_path / "a.png"), "--model", str(tmp_path), "--tokenizer", str(tmp_path)],
                f"fxjax detect: error: --tokenizer: {tmp_path} holds no tokenizer.json")]
     for argv, message in errors:
