@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_closed()
     except (ValueError, OSError) as err:  # a user's path or value, a full disk: said in one line
         name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # ("data check")
-        text = str(err).removeprefix(f"{args.command}: ")  # (run_demo's "demo: ...", said once)
+        text = str(err).removeprefix("demo: ") if args.command == "demo" else str(err)  # (run_demo's, said once)
         print(f"fxjax {name}: error: {text}{_record_hint(err, args)}", file=sys.stderr)
         _leave_run(err, 2)
         return 2
@@ -364,10 +364,13 @@ def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
     if records is None or not isinstance(err, records.DataError) or args.command not in ("sft", "grpo", "eval") \
             or ":" not in err.where:
         return ""
-    if args.command == "eval":
-        files = " ".join(shlex.quote(f) for f in args.data)
-        return (f" [{err.kind}] (`fxjax data check {files}` lists every invalid record; --on-error skip "
-                "evaluates without them)")
+    if args.command == "eval":  # (with the flags that change how records read: the same records listed)
+        given = {name: getattr(args, name, None) for name in ("root", "format", "max_image_pixels")}
+        flags = [*args.data, *(f"--{name.replace('_', '-')}={value}" for name, value in given.items()
+                               if value not in (None, "auto")),
+                 *(["--allow-absolute-paths"] if getattr(args, "allow_absolute_paths", False) else [])]
+        return (f" [{err.kind}] (`fxjax data check {' '.join(shlex.quote(f) for f in flags)}` lists every invalid "
+                "record; --on-error skip evaluates without them)")
     sets = "".join(f" --set {shlex.quote(item)}" for item in (getattr(args, "set", None) or []))
     return (f" [{err.kind}] (`fxjax data check --config {args.config}{sets}` lists every invalid record; "
             f"--set data.on_error=skip trains without them)")

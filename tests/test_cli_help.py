@@ -318,9 +318,10 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
                f"fxjax data check: error: --root: {tmp_path / 'nope'} does not exist"),
               (["data", "check", "/dev/null"], "dataset file /dev/null is not a regular file"),
               (["eval", "--model", str(tokenizer_dir), "--data", str(tmp_path / "bad.jsonl"), "--out",
-                str(tmp_path / "ev")], f"{tmp_path / 'bad.jsonl'}:1: missing image: image {tmp_path / 'nope.png'} does "
-               f"not exist [image_missing] (`fxjax data check {tmp_path / 'bad.jsonl'}` lists every invalid record; "
-               "--on-error skip evaluates without them)"),
+                str(tmp_path / "ev"), "--root", str(tmp_path)],
+               f"{tmp_path / 'bad.jsonl'}:1: missing image: image {tmp_path / 'nope.png'} does not exist "
+               f"[image_missing] (`fxjax data check {tmp_path / 'bad.jsonl'} --root={tmp_path}` lists every invalid "
+               "record; --on-error skip evaluates without them)"),
               (["data", "check", str(data), "--kind", "sft"],
                "fxjax data check: error: --kind says how --config's run reads its data; give the config"),
               (["sft", "--config", "sft", "--set", "model.preset=tiny", "--set", f"data.tokenizer={tokenizer_dir}",

@@ -199,6 +199,14 @@ def test_config_checks_a_runs_data_as_that_run_reads_it(capsys, tmp_path, tokeni
     assert rc == 0 and f"as `fxjax sft --config {tmp_path / 'bare.yaml'}` reads them" in out, out
     rc, out = check(capsys, "--config", tmp_path / "bare.yaml", "--kind", "grpo")
     assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'bare.yaml'}` reads them" in out, out
+    # an SFT config with its run length, read as GRPO reads it (GRPO's length comes from its stages); a GRPO
+    # config as SFT: refused, naming why
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data,
+                                                        "train": {"epochs": 1}}))
+    rc, out = check(capsys, "--config", tmp_path / "long.yaml", "--kind", "grpo")
+    assert rc == 0 and f"as `fxjax grpo --config {tmp_path / 'long.yaml'}` reads them" in out, out
+    assert main(["data", "check", "--config", str(tmp_path / "bare.yaml"), "--set", "grpo.beta=0", "--kind", "sft"]) == 2
+    assert "--kind sft: " in capsys.readouterr().err
     (tmp_path / "neither.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": data,
                                                            "train": {"steps": 1, "epochs": 1}}))
     assert main(["data", "check", "--config", str(tmp_path / "neither.yaml")]) == 2

@@ -100,7 +100,8 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     for words in ("fxjax export: step 3 written; each folder's fxjax_export.json says which run and step",
                   f"fxjax export: {out.absolute() / 'merged'}: transformers' Qwen2_5_VLForConditionalGeneration",
                   "would drop this adapter's vision-encoder and merger parts: serve merged/ there",
-                  "decode with skip_special_tokens=False (vLLM: SamplingParams(skip_special_tokens=False))"):
+                  "decode with skip_special_tokens=False (vLLM: SamplingParams(skip_special_tokens=False))",
+                  "(the chat template's default system prompt is training's)"):
         assert words in said.err, said.err
     # each folder says what it is an export of; the merged one decodes as long as the run evaluated
     for part in ("merged", "adapter"):

@@ -291,8 +291,9 @@ def test_an_end_of_run_export_failing_after_the_adapter_says_the_folders_hold_di
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / PROMPT_SETTINGS_FILE).write_text("{}")  # an earlier run's export
     export = SimpleNamespace(adapter_dir=str(tmp_path / "adapter"), merged_dir=str(tmp_path / "merged"))
-    run = dict(tokenizer=None, data=None, model=SimpleNamespace(path=None, preset="tiny"),
-               checkpoint_dir=tmp_path / "ckpt", eval=SimpleNamespace(max_new_tokens=64))
+    run = dict(tokenizer=None, data=None, model=SimpleNamespace(path=None, preset="tiny", from_run=None),
+               checkpoint_dir=tmp_path / "ckpt", eval=SimpleNamespace(max_new_tokens=64),
+               stage_ends=lambda: (("alpha", 10), ("beta", 20), ("gamma", 30)))
     cfg, said = SimpleNamespace(export=export, **run), []
     with pytest.raises(OSError, match="No space left"):
         loop_control.export_outputs("grpo", None, cfg, said.append, 30)
@@ -301,8 +302,10 @@ def test_an_end_of_run_export_failing_after_the_adapter_says_the_folders_hold_di
                     f"failed (below): {tmp_path / 'merged'} still holds an earlier export, not step 30, so the "
                     "folders no longer match"]
     # (the folder records which run and step it holds: fxjax_export.json)
-    assert {k: origins[0][k] for k in ("checkpoints", "kind", "step", "base_model", "max_new_tokens")} == {
-        "checkpoints": str(tmp_path / "ckpt"), "kind": "grpo", "step": 30, "base_model": "tiny", "max_new_tokens": 64}
+    assert {k: origins[0][k] for k in ("checkpoints", "kind", "step", "stage", "stage_end", "base_model",
+                                        "max_new_tokens")} == {
+        "checkpoints": str(tmp_path / "ckpt"), "kind": "grpo", "step": 30, "stage": "gamma", "stage_end": True,
+        "base_model": "tiny", "max_new_tokens": 64}
     export = SimpleNamespace(adapter_dir=None, merged_dir=str(tmp_path / "new"))
     said.clear()
     with pytest.raises(OSError):  # one folder: nothing to match

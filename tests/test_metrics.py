@@ -217,6 +217,10 @@ def test_check_resume_config_warns_on_what_changed_the_run():
         changed["lora"][key] = value
         with pytest.raises(ConfigError, match=shown + ": the checkpoint of step 10 was trained with the former"):
             check_lora_scale(saved, changed, "step 10")
+        # a run started from an adapter takes the adapter's scale: its lora section changes nothing
+        started = json.loads(json.dumps(changed))
+        started["model"]["adapter"] = "sft-adapter"
+        check_lora_scale({**saved, "model": started["model"]}, started, "step 10")
     current["train"].update(steps=None, epochs=3.0)
     (line,) = [w for w in check_resume_config(saved, current, print) if "different train config" in w]
     assert "train.steps: 100 -> null; train.epochs: null -> 3.0" in line

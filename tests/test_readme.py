@@ -108,8 +108,13 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     assert scope["photo"].size == (512, 300)  # displayed upright: 300 x 512 stored, turned by EXIF
     assert (scope["prompts"]["system"], scope["prompts"]["user"]) == ("Find the artefacts.",
                                                                       fxjax.data.prompts.USER_TEMPLATES[0])
-    # data.prompts "auto": ms-swift records keep theirs, and the export says so
+    # data.prompts "auto": ms-swift records keep theirs, and the export says so; its chat template defaults to
+    # Qwen's system prompt, what such records without a system text trained with
     assert "ms-swift records with their own prompts (swift.jsonl" in scope["prompts"]["note"]
+    from fxjax.train.export import template_defaults_to
+
+    assert template_defaults_to(Path("export/grpo-300/merged"), fxjax.data.prompts.QWEN_DEFAULT_SYSTEM)
+    assert not template_defaults_to(Path("export/grpo-300/merged"), "Find the artefacts.")
     assert scope["answer"] == detected["completion"] and len(scope["out"][0]) == scope["input_ids"].shape[1] + 24
 
 

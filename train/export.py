@@ -24,8 +24,8 @@ from fxjax.file_modes import require_writable
 
 __all__ = ["EXPORT_RECORD_FILE", "PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
            "read_export_record", "read_prompt_settings", "save_adapter", "save_merged", "serving_texts",
-           "set_template_system_prompt", "write_export_record", "write_exports", "write_greedy_generation_config",
-           "write_preprocessor_config", "write_prompt_settings", "written_whole"]
+           "set_template_system_prompt", "template_defaults_to", "write_export_record", "write_exports",
+           "write_greedy_generation_config", "write_preprocessor_config", "write_prompt_settings", "written_whole"]
 
 # Written into an exported adapter / merged directory: how training built its prompts, so that `fxjax eval`
 # and `fxjax detect` with --adapter / --model build them the same way (as they do with --run).
@@ -376,14 +376,15 @@ def set_template_system_prompt(template: str, system: str) -> str | None:
 def _template_defaults_to_training(folder: Path, data) -> None:
     """The exported tokenizer's chat templates (tokenizer_config.json's, chat_template.jinja and
     chat_template.json, for the tokenizer and the processor) default to the system prompt training used
-    (`set_template_system_prompt`); left as they are without `data`, or when training used the ms-swift
-    records' own prompts (no one system prompt to default to)."""
+    (`set_template_system_prompt`); without `data` left as they are. Training on ms-swift records' own
+    prompts: Qwen's default (what those without a system text trained with; a tokenizer from an earlier
+    fxjax export would otherwise keep that run's)."""
     if data is None:
         return
+    from fxjax.data.prompts import QWEN_DEFAULT_SYSTEM
+
     serve, _ = serving_texts(data)
-    if "note" in serve:
-        return
-    system = serve["system"]
+    system = QWEN_DEFAULT_SYSTEM if "note" in serve else serve["system"]
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -408,6 +409,15 @@ def _template_defaults_to_training(folder: Path, data) -> None:
             if changed is not None:
                 config["chat_template"] = changed
                 processor.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def template_defaults_to(folder: Path, system: str) -> bool:
+    """Whether the exported chat template (chat_template.jinja, else tokenizer_config.json's) gives a
+    conversation without a system message `system` (`set_template_system_prompt` put it there)."""
+    jinja = folder / "chat_template.jinja"
+    config = _json_file(folder / "tokenizer_config.json") or {}
+    text = jinja.read_text(encoding="utf-8") if jinja.is_file() else str(config.get("chat_template") or "")
+    return "{{ " + json.dumps(system, ensure_ascii=False) + " }}" in text
 
 
 EXPORT_RECORD_FILE = "fxjax_export.json"

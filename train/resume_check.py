@@ -90,13 +90,18 @@ def check_lora_scale(saved: Mapping[str, Any], current: Mapping[str, Any], where
     """ConfigError when the LoRA's scale differs from the checkpoint's (`where`: which checkpoint): the saved
     B and A restore as they are and the scale multiplies their update, so the resumed model would not be
     the one trained (a resume with lora.alpha 16 for 32 took a step-12 loss of 10.8 for 7.5, with only
-    a warning). Another rank or other targets fail in the restore itself (arrays of other shapes)."""
-    changes = changed_keys(saved.get("lora"), current.get("lora"), SCALE_KEYS) if "lora" in saved else []
+    a warning). Another rank or other targets fail in the restore itself (arrays of other shapes). A run
+    started from an adapter or another run (model.adapter, model.from_run) takes its LoRA's shape and scale
+    from that start (its kept copy), not from the lora section: there the section changes nothing."""
+    started = [(c.get("model") or {}) for c in (saved, current)]
+    if "lora" not in saved or any(m.get("adapter") or m.get("from_run") for m in started):
+        return
+    changes = changed_keys(saved.get("lora"), current.get("lora"), SCALE_KEYS)
     if changes:
         raise ConfigError(f"{'; '.join('lora.' + c for c in changes)}: the checkpoint of {where} was trained with the "
                           "former, and the LoRA's scale multiplies its saved update, so the resumed model would not "
-                          "be the one trained: resume with the checkpoint's value, or start a new run (another "
-                          "train.output_dir) from it with model.from_run")
+                          "be the one trained: resume with the checkpoint's value (another scale needs a new run, in "
+                          "another train.output_dir)")
 
 
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], log: Callable[[str], None],

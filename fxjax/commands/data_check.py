@@ -362,8 +362,14 @@ def _config_data(path: str, overrides: list[str], kind: str | None = None, files
     raw = read_yaml_config(path)
     given = {o.split("=", 1)[0].strip() for o in overrides}
     sections = {re.split(r"[.\[]", key, maxsplit=1)[0] for key in given}  # (stages[1].steps: "stages")
-    kind = kind or saved_run_kind(set(raw) | sections)
+    own = saved_run_kind(set(raw) | sections)
+    if kind == "sft" and own == "grpo":
+        raise ValueError(f"--kind sft: {path} is a GRPO config (it has a grpo or stages section): leave --kind out, "
+                         "or give an SFT config")
+    kind = kind or own
     extra = [f"data.train_files={json.dumps(list(files))}"] if files else []
+    if kind == "grpo" and own == "sft":  # (an SFT config's run length: GRPO's comes from its stages)
+        extra += ["train.steps=null", "train.epochs=null"]
     lengths = {key for key, value in dotted_keys(raw).items() if value is not None} | {
         key for key, _, value in (o.partition("=") for o in overrides) if value.strip() not in ("", "null", "~")}
     if kind == "sft" and not {"train.steps", "train.epochs"} & {key.strip() for key in lengths}:

@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 def serving_notes(written: dict[str, str]) -> list[str]:
     """What to know to serve what was written (said after the JSON line, on stderr): where each folder is
     and how it loads, the prompts, the decoding that keeps the answer's markers, and vLLM's limit."""
-    from fxjax.train.export import EXPORT_RECORD_FILE, PROMPT_SETTINGS_FILE
+    from fxjax.train.export import EXPORT_RECORD_FILE, PROMPT_SETTINGS_FILE, template_defaults_to
 
     stage = f" (stage {written['stage']})" if written.get("stage") else ""
     lines = [f"step {written['step']}{stage} written; each folder's {EXPORT_RECORD_FILE} says which run and step"]
@@ -243,7 +243,9 @@ def serving_notes(written: dict[str, str]) -> list[str]:
     folder = Path(written.get("merged") or written["adapter"])
     serve = json.loads((folder / PROMPT_SETTINGS_FILE).read_text(encoding="utf-8"))["serve"]
     prompts = ("its note: training used the records' own prompts" if "note" in serve else
-               "the chat template's default system prompt is training's")
+               "the chat template's default system prompt is training's"
+               if template_defaults_to(folder, serve["system"]) else
+               "send the system prompt: the chat template's default is not training's")
     lines.append(f"prompts: the system and user text under \"serve\" in {PROMPT_SETTINGS_FILE} ({prompts}); "
                  "decode with skip_special_tokens=False (vLLM: "
                  "SamplingParams(skip_special_tokens=False)): the answer's markers and box tokens are special "
