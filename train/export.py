@@ -18,12 +18,12 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from fxjax.file_modes import require_writable
 
 __all__ = ["EXPORT_RECORD_FILE", "PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
-           "read_export_record", "read_prompt_settings", "save_adapter", "save_merged", "serving_texts",
+           "export_origin", "read_export_record", "read_prompt_settings", "save_adapter", "save_merged", "serving_texts",
            "set_template_system_prompt", "template_defaults_to", "write_export_record", "write_exports",
            "write_greedy_generation_config", "write_preprocessor_config", "write_prompt_settings", "written_whole"]
 
@@ -421,6 +421,23 @@ def template_defaults_to(folder: Path, system: str) -> bool:
 
 
 EXPORT_RECORD_FILE = "fxjax_export.json"
+
+
+def export_origin(cfg, kind: str, step: int, checkpoint_dir: str | Path,
+                  stage_ends: Sequence[tuple[str, int]] | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """What an export of a run's `step` is of, for its record (`write_export_record`): the run's checkpoints,
+    its kind, the step and its GRPO stage (of `stage_ends`: the stage the step belongs to; `stage_end`: the
+    step ends it), the base model (for a run started from another run, that run's), the weights' dtype
+    (null: the merged model in the base's, the adapter in float32) and the answer length the run evaluated
+    with (what `fxjax detect --model` decodes to)."""
+    from fxjax.train_config import base_model_section
+
+    base = base_model_section(cfg)
+    stage = next(((name, end) for name, end in stage_ends or () if step <= end), None)
+    return {"checkpoints": str(Path(checkpoint_dir).absolute()), "kind": kind, "step": step,
+            "stage": stage[0] if stage else None, "stage_end": stage is not None and step == stage[1],
+            "base_model": None if base is None else str(Path(base.path).absolute()) if base.path else base.preset,
+            "dtype": dtype, "max_new_tokens": cfg.eval.max_new_tokens}
 
 
 def write_export_record(folder: Path, origin: Mapping[str, Any]) -> Path:

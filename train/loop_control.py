@@ -21,7 +21,7 @@ from flax import nnx
 
 from fxjax.host_exchange import allgather_json
 from fxjax.train import faults
-from fxjax.train.export import save_adapter, save_merged, write_exports
+from fxjax.train.export import export_origin, save_adapter, save_merged, write_exports
 from fxjax.train.metrics import ProgressBar
 from fxjax.train.preemption import PreemptionSignals
 from fxjax.train.step_trace import StepTrace
@@ -240,15 +240,8 @@ class LoopControl:
 def export_outputs(name: str, model, cfg, say: Callable[[str], None], step: int) -> dict[str, str]:
     """The PEFT adapter and / or merged HF checkpoint that cfg.export asks for, from the model's current LoRA
     (the state of `step`)."""
-    from fxjax.train_config import base_model_section
-
-    base = base_model_section(cfg)  # (a run started from another run: that run's base)
     ends = cfg.stage_ends() if hasattr(cfg, "stage_ends") else ()  # (GRPO's stages; resolved to steps by now)
-    origin = {"checkpoints": str(cfg.checkpoint_dir.absolute()), "kind": name, "step": step,
-              "stage": next((stage for stage, end in ends if step <= end), None),
-              "stage_end": any(end == step for _, end in ends),
-              "base_model": None if base is None else str(Path(base.path).absolute()) if base.path else base.preset,
-              "dtype": None, "max_new_tokens": cfg.eval.max_new_tokens, "at_end_of_training": True}
+    origin = export_origin(cfg, name, step, cfg.checkpoint_dir, ends) | {"at_end_of_training": True}
 
     def adapter() -> Path:
         folder = save_adapter(model, cfg.export.adapter_dir, data=cfg.data, tokenizer_dir=cfg.tokenizer,

@@ -138,10 +138,12 @@ def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool
     the checkpoint's, as `export_run` loads them). `log`: where a failure that leaves OUT/merged and
     OUT/adapter of different steps is said (`fxjax.train.export.write_exports`). base_name: the adapter's
     base_model_name_or_path (a Hub id; default: the base model's path here)."""
-    from fxjax.train.export import save_adapter, save_merged, write_exports
+    from fxjax.run_files import recorded_stage_ends
+    from fxjax.train.export import export_origin, save_adapter, save_merged, write_exports
 
     cfg, out = loaded.config, Path(out)
-    origin = export_origin(loaded, dtype)
+    ends = recorded_stage_ends(loaded.checkpoint_dir, loaded.step) if loaded.kind == "grpo" else None
+    origin = export_origin(cfg, loaded.kind, loaded.step, loaded.checkpoint_dir, ends, dtype)
     parts = []
     if merged:
         parts.append(("merged", out / "merged", lambda: save_merged(
@@ -154,22 +156,6 @@ def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool
                                            base_name=base_name)))
     written = write_exports(parts, loaded.step, log or (lambda text: None))
     return {"step": str(loaded.step), **({"stage": origin["stage"]} if origin["stage"] else {}), **written}
-
-
-def export_origin(loaded, dtype: str | None) -> dict:
-    """What an export of `loaded` (a LoadedRun) is of, for its record (fxjax_export.json): the run, its kind,
-    step and GRPO stage (the stage the step belongs to; `stage_end`: the step ends it), the base model, the
-    weights' dtype (--dtype; null: the merged model in the base's, the adapter in float32), and the answer
-    length the run evaluated with (what `fxjax detect --model` decodes to)."""
-    from fxjax.run_files import recorded_stage_ends
-
-    ends = recorded_stage_ends(loaded.checkpoint_dir, loaded.step) if loaded.kind == "grpo" else None
-    stage = next(((name, end) for name, end in ends or [] if loaded.step <= end), None)
-    model = loaded.config.model
-    return {"checkpoints": str(Path(loaded.checkpoint_dir).absolute()), "kind": loaded.kind, "step": loaded.step,
-            "stage": stage[0] if stage else None, "stage_end": bool(stage) and loaded.step == stage[1],
-            "base_model": str(Path(model.path).absolute()) if model.path else model.preset,
-            "dtype": dtype, "max_new_tokens": loaded.config.eval.max_new_tokens}
 
 
 def run(args: argparse.Namespace) -> int:
