@@ -106,6 +106,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_root(root: str | None) -> None:
+    """--root (of data check and eval) names a folder: else every record's image read as "missing"."""
+    if root is not None and not Path(root).is_dir():
+        raise NotADirectoryError(f"--root: {root} " + ("is a file, not a folder" if Path(root).exists()
+                                                       else "does not exist"))
+
+
 @contextlib.contextmanager
 def quiet_logger(logger_name: str) -> Iterator[None]:
     """The loader logs each skipped record; this command prints them itself, once."""
@@ -409,9 +416,7 @@ def _data_config(args: argparse.Namespace):
     else:
         base, config_files, args.kind = _config_data(args.config, args.set, args.kind, args.files)
         files = tuple(args.files) or config_files
-    if args.root is not None and not Path(args.root).is_dir():  # (else every record's image is "missing")
-        raise NotADirectoryError(f"--root: {args.root} " + ("is a file, not a folder" if Path(args.root).exists()
-                                                            else "does not exist"))
+    check_root(args.root)
     return dataclasses.replace(base, data_files=files, **options)
 
 

@@ -425,9 +425,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--data: {f} " + ("is a directory, not a JSONL file" if Path(f).is_dir()
                                                        else "is not a regular file" if Path(f).exists()
                                                        else "does not exist"))
-    if getattr(args, "root", None) is not None and not Path(args.root).is_dir():  # (else: every image "missing")
-        raise NotADirectoryError(f"--root: {args.root} " + ("is a file, not a folder" if Path(args.root).exists()
-                                                            else "does not exist"))
+    from fxjax.commands.data_check import check_root
+
+    check_root(getattr(args, "root", None))
     for name in ("batch_size", "max_new_tokens", "limit", "max_image_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
