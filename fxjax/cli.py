@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stdout_closed()
     except (ValueError, OSError) as err:  # a user's path or value, a full disk: said in one line
         name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # ("data check")
-        text = str(err).removeprefix("demo: ") if args.command == "demo" else str(err)  # (run_demo's, said once)
-        print(f"fxjax {name}: error: {text}{_record_hint(err, args)}", file=sys.stderr)
+        print(f"fxjax {name}: error: {err}{_record_hint(err, args)}", file=sys.stderr)
         _leave_run(err, 2)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C outside a training loop's steps (loading, compiling, decoding)

@@ -286,12 +286,12 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
     start = time.perf_counter()
     for name, value in (("steps", steps), ("n_images", n_images)):
         if value is not None and value < 1:  # (0 is not "the default": it used to run the default)
-            raise ValueError(f"demo: {name} must be a positive integer or None (the default), got {value}")
-    check_seed(seed, "demo: seed")
+            raise ValueError(f"{name} must be a positive integer or None (the default), got {value}")
+    check_seed(seed, "seed")
     n_images = n_images if n_images is not None else (QUICK["images"] if quick else DEMO["images"])
     if round(n_images * DEMO["test_fraction"]) == 0:  # before --out is made (make_demo_data named its own keys)
         least = next(n for n in range(1, 100) if round(n * DEMO["test_fraction"]) > 0)
-        raise ValueError(f"demo: n_images (--n) {n_images} leaves no held-out images to evaluate on (the demo holds out "
+        raise ValueError(f"n_images (--n) {n_images} leaves no held-out images to evaluate on (the demo holds out "
                          f"{DEMO['test_fraction']:.3g} of them): give --n {least} or more")
     out = Path(out).absolute()
     _prepare_dir(out, overwrite)

@@ -154,7 +154,7 @@ def test_odd_inputs_get_messages_that_say_what_is_wrong(tmp_path, capsys):
                str(tmp_path)], "--tokenizer: the tokenizer goes into OUT/merged, which --adapter-only does not write"),
              (["demo", "--n", "3", "--out", str(tmp_path / "demo")],
               "fxjax demo: error: n_images (--n) 3 leaves no held-out images to evaluate on (the demo holds out 0.167 "
-              "of them): give --n 4 or more")]  # (the API's "demo: " prefix said once: "demo: error: demo: n_images")
+              "of them): give --n 4 or more")]  # (once: it read "demo: error: demo: n_images")
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
