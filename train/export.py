@@ -369,8 +369,13 @@ def set_template_system_prompt(template: str, system: str) -> str | None:
     text. None when the template has no such default (another model family's: left as it is)."""
     if not _DEFAULT_SYSTEM.search(template):
         return None
-    literal = "{{ " + json.dumps(system, ensure_ascii=False) + " }}"
+    literal = _jinja_string(system)
     return _DEFAULT_SYSTEM.sub(lambda _: f"<|im_start|>system\n{literal}<|im_end|>", template)
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja expression that renders it as written (a JSON string is a Jinja string literal)."""
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
 
 
 def _template_defaults_to_training(folder: Path, data) -> None:
@@ -417,7 +422,7 @@ def template_defaults_to(folder: Path, system: str) -> bool:
     jinja = folder / "chat_template.jinja"
     config = _json_file(folder / "tokenizer_config.json") or {}
     text = jinja.read_text(encoding="utf-8") if jinja.is_file() else str(config.get("chat_template") or "")
-    return "{{ " + json.dumps(system, ensure_ascii=False) + " }}" in text
+    return _jinja_string(system) in text
 
 
 EXPORT_RECORD_FILE = "fxjax_export.json"
