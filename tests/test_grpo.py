@@ -447,6 +447,18 @@ def test_two_processes_equal_one_process(setup, straight):
     assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [6, 6]
 
 
+def test_an_invalid_held_out_file_is_refused_before_the_model_loads(setup):
+    """As SFT's (tests/test_sft.py): a missing held-out image stops the run before the model loads."""
+    train_file = Path(yaml.safe_load(setup["config"].read_text())["data"]["train_files"][0])
+    held_out = train_file.with_name("held_out_bad.jsonl")  # (its records' image paths resolve there)
+    good = train_file.read_text(encoding="utf-8").splitlines()[0]
+    held_out.write_text(good + "\n" + json.dumps({"image": "gone.png", "label": "real"}) + "\n", encoding="utf-8")
+    code, log = grpo(setup, "held_out_bad", sets=[f"data.eval_files=[{held_out}]", "eval.at_end=true"])
+    assert code == 2, log[-3000:]
+    assert f"fxjax grpo: error: {held_out}:2: missing image: image " in log and "Traceback" not in log, log[-3000:]
+    assert "grpo: 1 process(es)" not in log, log[-3000:]  # (the line that follows the model's load)
+
+
 def test_shared_prompts_train_as_full_sequences_on_two_devices(setup):
     """`grpo.share_prompts` on the 2-device mesh (prompts and completions sharded over the batch axis, the
     reference pass too) against the same run with full sequences. LoRA dropout off in both: with shared

@@ -309,7 +309,8 @@ def test_a_stop_signal_while_a_run_loads_stops_it_after_its_first_step(tmp_path,
     a preemption notice while the model loaded (minutes on a pod) was lost, and the run trained on. Now it is
     held for the loop: every process stops after the first step with its checkpoint, and says why."""
     _tiny_sft_run(tmp_path, tokenizer_dir, steps=3, checkpoint={"every": 100})
-    procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml")], subprocess_env(FAULT_1="joined@0"),
+    procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml"), "--no-report"],
+                             subprocess_env(FAULT_1="joined@0"),
                              tmp_path / "held", entry=("-c", PER_RANK_CLI))
     try:
         start = time.time()
@@ -336,7 +337,8 @@ def test_the_processes_resume_from_one_checkpoint_they_all_restore(tmp_path, tok
     _tiny_sft_run(tmp_path, tokenizer_dir, steps=3, checkpoint={"every": 1})
 
     def run(tag: str, **extra: str) -> tuple[list[int], list[str]]:
-        procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml"), "--set", "train.steps=4"],
+        procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml"), "--set", "train.steps=4",
+                                  "--no-report"],
                                  subprocess_env(**extra), tmp_path / tag, entry=("-c", PER_RANK_CLI))
         try:
             codes = [proc.wait(timeout=200) for proc in procs]
@@ -344,7 +346,8 @@ def test_the_processes_resume_from_one_checkpoint_they_all_restore(tmp_path, tok
             codes = wait_all(procs, logs, timeout=0)
         return codes, [log.read_text() for log in logs]
 
-    procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml")], subprocess_env(), tmp_path / "first")
+    procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml"), "--no-report"], subprocess_env(),
+                             tmp_path / "first")
     assert wait_all(procs, logs, timeout=200) == [0, 0], "\n".join(log.read_text()[-2500:] for log in logs)
     ckpt = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2", "3"]

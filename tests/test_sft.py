@@ -224,6 +224,20 @@ def test_an_eval_batch_the_mesh_would_replicate_is_refused_at_the_start(setup):
     assert "eval.batch_size = 3 does not divide over the 2 batch devices" in log and "Traceback" not in log
 
 
+def test_an_invalid_held_out_file_is_refused_before_the_model_loads(setup):
+    """The held-out records were read after the model loaded and the checkpoint restored (minutes on a pod)
+    before a missing image in them stopped the run; now it stops before the load, naming file and line."""
+    held_out = setup["files"]["test"].with_name("held_out_bad.jsonl")  # (its records' image paths resolve there)
+    good = setup["files"]["test"].read_text(encoding="utf-8").splitlines()[0]
+    held_out.write_text(good + "\n" + json.dumps({"image": "gone.png", "label": "real"}) + "\n", encoding="utf-8")
+    extra = [a for a in eval_at_end_args(setup) if a != "--set" and not a.startswith("data.eval_files")]
+    code, log = sft(setup, "held_out_bad", extra=[*extra, f"data.eval_files=[{held_out}]"])
+    assert code == 2, log[-3000:]
+    assert f"fxjax sft: error: {held_out}:2: missing image: image " in log and "Traceback" not in log, log[-3000:]
+    assert "sft: model " not in log, log[-3000:]  # (the line that follows the model's load)
+    assert not (setup["root"] / "held_out_bad" / "ckpt").exists()
+
+
 DECODE_TRACE = str(Path(__file__).with_name("decode_trace.py"))
 
 

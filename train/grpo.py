@@ -74,10 +74,9 @@ from fxjax.train.reward_funcs import load_reward_funcs
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
-from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, resumed_start, start_description, start_run,
-                                   warn_held_out_overlap)
-from fxjax.train.evaluation import Evaluator
+from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, join_run, keep_start_lora,
+                                   resumed_start, start_description, start_run)
+from fxjax.train.evaluation import held_out_evaluator
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
 
@@ -229,6 +228,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     per_shard, built = mine.shard_ids is not None, mine.built_shards
     pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows))
     check_same_records(pipeline)
+    evaluator = held_out_evaluator(cfg, sft_data_config(cfg), mesh, pipeline.records, say)  # (before the load)
     cfg = stages_in_steps(cfg, len(pipeline), say)
     rows_sharding = NamedSharding(mesh, batch_spec(2, 0) if shard_rows else P())  # sampled [P*G, N] tokens
     batch_rewards = _batch_rewards(mine) if jax.process_count() > 1 and mine.batch_rows is not None else None
@@ -269,13 +269,6 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                             resume_step=latest or 0)
     # (trimmed to the step this run starts from whether or not it logs: no record of a step it redoes stays)
     completions = CompletionLog(cfg.train.output_dir, enabled=main, resume_step=latest or 0)
-    evaluator = None
-    if evaluates(cfg):
-        evaluator = Evaluator(sft_data_config(cfg), cfg.data.eval_files, batch_size=cfg.eval.batch_size,
-                              max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
-                              loss_chunk=cfg.train.loss_chunk, mesh=mesh)
-        warn_held_out_overlap(pipeline.records, evaluator.loss_pipeline.records, say)
-
     run_eval = RunEvaluation("grpo", evaluator, metrics, result, cfg.eval.generate, say)
 
     def evaluate(tag: str) -> dict:

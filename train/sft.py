@@ -41,15 +41,14 @@ from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.train import faults
 from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, check_same_records, grow_floor,
                                   place_local_batch, process_rows, with_patch_dtype)
-from fxjax.train.evaluation import Evaluator
+from fxjax.train.evaluation import held_out_evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.run_lock import locked_run_dirs
-from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, evaluates, join_run,
-                                   keep_start_lora, resumed_start, start_description, start_run,
-                                   warn_held_out_overlap)
+from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, join_run, keep_start_lora,
+                                   resumed_start, start_description, start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 
@@ -123,6 +122,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
     shard_ids, built_shards = mine.shard_ids, mine.built_shards  # shard_ids None: one packed vision
     pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=mine.batch_rows))
     check_same_records(pipeline)
+    evaluator = held_out_evaluator(cfg, dcfg, mesh, pipeline.records, say)  # (its files checked before the load)
     steps_total = total_steps(cfg, len(pipeline))
     model = build_model(cfg, mesh)
     keep_start_lora(model, recorded)  # (the run's own start: already kept when it resumes through the copy)
@@ -141,12 +141,6 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
                        resumed_from=latest)
     step_now = int(jax.device_get(state.step))
 
-    evaluator = None
-    if evaluates(cfg):
-        evaluator = Evaluator(dcfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
-                              max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
-                              loss_chunk=cfg.train.loss_chunk, mesh=mesh)
-        warn_held_out_overlap(pipeline.records, evaluator.loss_pipeline.records, say)
     # (no checkpoint: a start from scratch, which drops what an attempt killed before its first one logged)
     metrics = MetricsLogger(cfg.train.output_dir, enabled=main, tensorboard=cfg.train.tensorboard,
                             resume_step=latest or 0)
