@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -213,6 +214,7 @@ class TrainCheckpointer:
                               f"{_RESUME_HINT}") from None
         if saved is not None:
             self._check_shapes(layout or abstract, saved, step)
+        ignore_reads_left_behind()  # (before: a failing read's others report from their threads at once)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout or abstract), data=_DataStateRestore(),
                                           config=ocp.args.JsonRestore()))
@@ -258,6 +260,33 @@ class TrainCheckpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def ignore_reads_left_behind() -> None:
+    """Quiet what a failed restore leaves behind. A restore that fails on one array leaves the reads of the
+    others running; when the process exits (the run's own error printed), Python collected them and printed
+    each one's fate: "Future exception was never retrieved" (asyncio's logger), "Exception ignored in:
+    <coroutine ... _read_array_index_and_device_put>" and "RuntimeError: Event loop is closed" (through
+    sys.unraisablehook), up to thousands of lines of TensorStore specs below the error, in some runs and not
+    others (by timing), some from TensorStore's threads while the error is still on its way. From the first
+    restore on, exactly those are dropped: orbax's coroutines, the closed loop, and never-retrieved futures
+    (after a restore, the reads it left; a save's errors reach the run through its own path). (Where a
+    step's array index itself cannot be read, TensorStore's threads can still print a closed-loop
+    traceback past every Python hook.)"""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fxjax_drops_left_behind_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        error, source = unraisable.exc_value, getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+        if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or "/orbax/" in source:
+            return
+        previous(unraisable)
+
+    hook._fxjax_drops_left_behind_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved"))
 
 
 def _abstract(leaf):
