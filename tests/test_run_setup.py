@@ -662,7 +662,6 @@ def test_a_restore_quiets_the_reads_a_failed_one_leaves_behind_and_nothing_else(
     is closed" tracebacks, "Exception ignored in: <coroutine ...>" and "Task exception was never retrieved"
     with TensorStore specs (up to 19,679 lines below the run's error, in some runs). A restore installs a
     filter for exactly those; other unraisable errors and asyncio records still print."""
-    import asyncio
     import logging
     import sys
     import types
