@@ -174,6 +174,13 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     by = run_scripted(dataset, tokenizer_dir, tmp_path, again, group_by=("camera",))["by"]["camera"]
     assert again.asked == [] and list(by) == ["dslr", "phone", "(none)"]
     assert by["dslr"]["accuracy"] == 0 and by["phone"]["accuracy"] == 1 and by["(none)"]["examples"] == 3
+    # the record's own fields group too; regions by their number (their boxes crashed the grouping: a Region
+    # is no JSON value), tags as their JSON list
+    counts = {r.source: len(r.regions) for r in load_records([dataset])[0]}
+    by = run_scripted(dataset, tokenizer_dir, tmp_path, again, group_by=("regions", "tags"))["by"]
+    assert {str(k): v["examples"] for k, v in by["regions"].items()} == {
+        str(n): sum(1 for c in counts.values() if c == n) for n in set(counts.values())}
+    assert again.asked == [] and all(k == "(none)" or isinstance(json.loads(k), list) for k in by["tags"])
     with pytest.raises(ValueError, match=r"--group-by camra: no record of the data has a field 'camra' \(fields: .*camera"):
         run_scripted(dataset, tokenizer_dir, tmp_path, again, group_by=("camra",))
     # a file saved with a UTF-8 byte order mark (as records.load_records accepts) groups by its own keys too

@@ -93,8 +93,9 @@ def add_parser(sub) -> None:
     g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N valid records only")
     add_image_limit_argument(g)
     g.add_argument("--group-by", nargs="*", default=["generator"], metavar="FIELD",
-                   help="break the metrics down by these fields: the generator, or any top-level key of the "
-                        "JSONL records (default: generator; --group-by alone: no breakdown)")
+                   help="break the metrics down by these fields: the generator, regions (their number), or "
+                        "any top-level key of the JSONL records (default: generator; --group-by alone: no "
+                        "breakdown)")
     add_prompt_arguments(p)
     g = p.add_argument_group("decoding and output")
     g.add_argument("--batch-size", type=int, metavar="B",
@@ -271,13 +272,25 @@ def raw_objects(records) -> dict[str, dict]:
 
 
 def groups_of(record, raw: dict | None, fields: Sequence[str]) -> dict[str, Any]:
+    """The record's group in each --group-by field: its value (a list or object as its JSON text); for
+    `regions`, how many regions it has (their boxes would make a group of every image)."""
     groups = {}
     for name in fields:
         value = getattr(record, name, None) if name in {f.name for f in dataclasses.fields(record)} else None
         if value is None and raw is not None:
             value = raw.get(name)
-        groups[name] = value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
+        if name == "regions" and isinstance(value, (tuple, list)):
+            value = len(value)
+        groups[name] = (value if value is None or isinstance(value, (str, int, float, bool))
+                        else json.dumps(value, default=_plain))
     return groups
+
+
+def _plain(value):
+    """json.dumps's fallback for a record's own values (dataclasses such as a Region)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
 def truth_of(meta: dict, groups: dict) -> dict:
