@@ -91,13 +91,14 @@ def eval_args(dataset, tokenizer_dir, batch_size=2):
 
 
 def run_scripted(dataset, tokenizer_dir, out, decoder, settings=None, group_by=("generator",), long_images="shrink",
-                 **kwargs):
+                 limit=None, say=lambda text: None, **kwargs):
     records, _ = load_records([dataset])
+    records = records[:limit]  # (as --limit)
     data = dict(min_pixels=3136, max_pixels=12845056, max_length=1024, prompts="auto", system_prompt=None,
                 user_prompt=None, seed=0, long_images=long_images)
     config = prompt_data_config(eval_args(dataset, tokenizer_dir), data, str(tokenizer_dir))
     return evaluate(records, lambda: decoder, config, out, settings=settings or {"model": "scripted"},
-                    group_by=group_by, progress=False, say=lambda text: None, **kwargs)
+                    group_by=group_by, progress=False, say=say, **kwargs)
 
 
 def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, tokenizer_dir, tmp_path):
@@ -229,6 +230,12 @@ def test_an_interrupted_eval_decodes_only_what_predictions_jsonl_lacks(dataset, 
 
     again = ScriptedDecoder(SCRIPT)  # finished: nothing to decode, and the runs that decoded are kept
     assert run_scripted(dataset, tokenizer_dir, out, again) == resumed and again.asked == []
+    # a smaller --limit: its metrics count its images, and say how many rows of predictions.jsonl they leave
+    said = []
+    fewer = run_scripted(dataset, tokenizer_dir, out, again, limit=2, say=said.append)
+    assert again.asked == [] and fewer["examples"] == 2 and fewer["predictions_outside"] == 3
+    assert any("also holds 3 image(s) this evaluation leaves out" in line for line in said), said
+    assert resumed["predictions_outside"] == 0
 
     with pytest.raises(ValueError, match="other settings .*model: 'scripted' then, 'other' now.*--fresh"):
         run_scripted(dataset, tokenizer_dir, out, ScriptedDecoder(SCRIPT), settings={"model": "other"})

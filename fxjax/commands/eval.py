@@ -371,9 +371,16 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
             f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
     if not rows:
         raise ValueError("no record could be evaluated")
+    # rows of records not evaluated now (an earlier run of a larger --limit): kept for a later resume, and
+    # counted, so that a reader of predictions.jsonl knows which of its rows metrics.json covers
+    wanted = {source_key(r.source) for r in records}
+    outside = sum(1 for key in done if key not in wanted)
+    if outside:
+        say(f"note: {pred_path} also holds {outside} image(s) this evaluation leaves out (of an earlier, larger "
+            f"--limit); metrics.json counts the {len(rows)} evaluated now (predictions_outside: {outside})")
     summary = detection_metrics.summarize(rows, group_by)
     summary.update(not_evaluated=missing, not_evaluated_why={s: why[s] for s in missing if s in why},
-                   settings=settings, decoding=runs)
+                   predictions_outside=outside, settings=settings, decoding=runs)
     (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
