@@ -357,6 +357,40 @@ def test_long_images_shrink_to_fit_and_keep_their_boxes(demo, tokenizer_dir, rec
         assert it.get_state()["dropped"] == {"too_long": len(shrunk)} and it.get_state()["shrunk"] == 0
 
 
+def test_a_long_image_shrinks_to_the_largest_size_that_fits(tmp_path, tokenizer_dir):
+    """For every max_length between the smallest and the full example's length, the size "shrink" picks is
+    the largest at which the example fits (or, when none does, the smallest min_pixels admits), against every
+    size smart_resize gives between. The size was estimated from the token overflow: smart_resize's rounding
+    took it below min_pixels, and a 301 x 157 image stayed at full size (271 tokens) for max_length 210,
+    dropped, where 56 x 140 fits in 209."""
+    Image.new("RGB", (301, 157), (90, 120, 30)).save(tmp_path / "a.png")
+    regions = [{"bbox": [20, 15, 140, 90], "caption": "a melted fence"},
+               {"bbox": [180, 60, 290, 150], "caption": "a sign with broken letters"}]
+    (tmp_path / "a.jsonl").write_text(json.dumps({"image": "a.png", "label": "generated", "regions": regions,
+                                                  "reasoning": "The fence and the sign look wrong."}) + "\n")
+    (record,), _ = load_records(tmp_path / "a.jsonl")
+    cfg = DataConfig(data_files=(str(tmp_path / "a.jsonl"),), tokenizer=str(tokenizer_dir), min_pixels=3136,
+                     max_pixels=12845056, max_length=100000, user_prompt="Real or generated?", long_images="drop")
+
+    def at(pixels: int):
+        text = ExampleBuilder(dataclasses.replace(cfg, max_pixels=pixels), 1).text(record)
+        return text.model_size, len(text.prompt_ids) + len(ExampleBuilder(cfg, 1).completion_ids(text.target))
+
+    full_size, full_length = at(cfg.max_pixels)
+    sizes = {}  # every size smart_resize gives from min_pixels to the full one: its example's length
+    for pixels in range(cfg.min_pixels, full_size[0] * full_size[1] + 1, 98):
+        size, length = at(pixels)
+        if size[0] * size[1] >= cfg.min_pixels:  # (what min_pixels admits)
+            sizes[size] = length
+    assert len(sizes) > 5 and sizes[full_size] == full_length
+    smallest = min(sizes, key=lambda s: s[0] * s[1])
+    for max_length in range(min(sizes.values()) - 2, full_length + 1):
+        fitting = [s for s, n in sizes.items() if n <= max_length]
+        want = max(fitting, key=lambda s: s[0] * s[1]) if fitting else smallest
+        text = ExampleBuilder(dataclasses.replace(cfg, max_length=max_length, long_images="shrink"), 1).text(record)
+        assert text.model_size == want, (max_length, text.model_size, want, sizes[want])
+        assert text.shrunk_from == (None if want == full_size else full_size)
+
 def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenizer_dir, records):
     """Training streams repeat forever: with every prompt longer than max_length no batch ever comes, so the
     iterator says so once every record has been dropped with none kept in between, instead of waiting."""
@@ -639,25 +673,37 @@ def test_empty_and_all_invalid_files_are_named(tokenizer_dir, tmp_path):
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_a_box_the_resized_image_writes_empty_is_named_or_skipped(tmp_path, tokenizer_dir, on_error, capsys):
     """A 2-pixel box on an image shrunk to a quarter is [3.5, 3.5, 4, 4] at the model's input: written in whole
-    pixels, [4, 4, 4, 4], an empty target box (data check and the record's own check passed it)."""
+    pixels, [4, 4, 4, 4], an empty target box (the record's own check passes it). The pipeline finds it when
+    it starts (it stopped the run at the step that first built the record, hours in), and data check fails
+    on it (it said OK and exited 0)."""
     Image.new("RGB", (224, 224)).save(tmp_path / "big.png")
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"image": "big.png", "label": "generated",
-                                "regions": [{"bbox": [14, 14, 16, 16], "caption": "speck"}]}) + "\n")
+    data.write_text(json.dumps({"image": "big.png", "label": "real"}) + "\n"
+                    + json.dumps({"image": "big.png", "label": "generated",
+                                  "regions": [{"bbox": [14, 14, 16, 16], "caption": "speck"}]}) + "\n")
     cfg = DataConfig(data_files=(str(data),), tokenizer=str(tokenizer_dir), min_pixels=3136, max_pixels=3136,
                      shuffle=False, num_epochs=1, batch_size=1, shard_index=0, shard_count=1, on_error=on_error)
     records, _ = load_records(data)
+    said = r"d\.jsonl:2: region 0 box \[3\.5, 3\.5, 4\.0, 4\.0\] is under one pixel wide or high at the model's input \(56x56\)"
     if on_error == "raise":
-        with pytest.raises(DataError, match=r"d\.jsonl:1: region 0 box \[3\.5, 3\.5, 4\.0, 4\.0\] is under one pixel "
-                                            r"wide or high at the model's input \(56x56\)") as info:
-            ExampleBuilder(cfg, 1).build(records[0])
+        with pytest.raises(DataError, match=said) as info:
+            ExampleBuilder(cfg, 2).build(records[1])
         assert info.value.kind == "box_tiny"
+        with pytest.raises(DataError, match=said):
+            DataPipeline(cfg)
     else:
-        built = ExampleBuilder(cfg, 1).build(records[0])
+        built = ExampleBuilder(cfg, 2).build(records[1])
         assert isinstance(built, Dropped) and built.kind == "box_tiny"
+        pipeline = DataPipeline(cfg)
+        assert [(r.source, r.index) for r in pipeline.records] == [(f"{data}:1", 0)]
+        assert [(e.where, e.kind) for e in pipeline.report.skipped] == [(f"{data}:2", "box_tiny")]
+        assert pipeline.report.loaded == 1
+        assert len(DataPipeline(dataclasses.replace(cfg, mode="prompt")).records) == 2  # (GRPO writes no box)
         from fxjax.cli import main
 
         assert main(["data", "check", str(data), "--tokenizer", str(tokenizer_dir), "--min-pixels", "3136",
-                     "--max-pixels", "3136"]) == 0
+                     "--max-pixels", "3136"]) == 1
+        out = capsys.readouterr().out
         assert (f"boxes under a pixel at the model's input: 1 record(s), which training refuses (data.on_error: skip "
-                f"leaves them out; e.g. {data}:1)") in capsys.readouterr().out
+                f"leaves them out; e.g. {data}:2; all listed below)") in out
+        assert f"[box_tiny]:\n  {data}:2\n" in out and "FAILED: 0 of 2 records invalid; training refuses 1 more" in out

@@ -291,9 +291,10 @@ def _by_label(records) -> str:
     return ", ".join(f"{k} {labels[k]}" for k in ("real", "generated") if labels[k])
 
 
-def _describe_tokens(records, cfg, bins: int) -> tuple[list[str], int]:
+def _describe_tokens(records, cfg, bins: int) -> tuple[list[str], int, list[str]]:
     """(the token-length lines, how many records training drops whatever it cuts: GRPO prompts over
-    max_length, SFT examples whose prompt alone reaches it)."""
+    max_length, SFT examples whose prompt alone reaches it; the SFT records training refuses, whose boxes
+    are under a pixel at the model's input)."""
     from fxjax.data.examples import ExampleBuilder, empty_written_box
 
     builder = ExampleBuilder(cfg, len(records))
@@ -324,14 +325,14 @@ def _describe_tokens(records, cfg, bins: int) -> tuple[list[str], int]:
                  + (f" ({_by_label(over)}){consequence}" if over else ""))
     if empty_boxes:
         lines.append(f"  boxes under a pixel at the model's input: {len(empty_boxes)} record(s), which training "
-                     f"refuses (data.on_error: skip leaves them out; e.g. {empty_boxes[0]}): raise data.max_pixels or "
-                     f"fix the boxes")
+                     f"refuses (data.on_error: skip leaves them out; e.g. {empty_boxes[0]}; all listed below): raise "
+                     f"data.max_pixels or fix the boxes")
     if prompt_over and not prompts_only:
         lines.append(f"  of them {len(prompt_over)} whose prompt with its image tokens alone reaches max_length, so "
                      f"training drops them whatever it cuts (e.g. {prompt_over[0]}): "
                      + ("lower data.max_pixels (--max-pixels) or raise data.max_length" if cfg.long_images == "drop"
                         else "raise data.max_length, or lower data.min_pixels (shrinking stops there)"))
-    return lines + _histogram(totals, bins), len(over) if prompts_only else len(prompt_over)
+    return lines + _histogram(totals, bins), len(over) if prompts_only else len(prompt_over), empty_boxes
 
 
 def _describe_image_tokens(records, cfg) -> list[str]:
@@ -444,10 +445,11 @@ def run(args: argparse.Namespace) -> int:
     if invalid:
         lines.append("  invalid by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(report.counts().items())))
     unusable = 0  # valid records that training would drop all the same (too long whatever it cuts)
+    refused = []  # valid records that SFT refuses (boxes under a pixel at the model's input)
     if records:
         lines += _describe_records(records, args.bins)
         if cfg.tokenizer:
-            token_lines, unusable = _describe_tokens(records, cfg, args.bins)
+            token_lines, unusable, refused = _describe_tokens(records, cfg, args.bins)
             lines += token_lines
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
@@ -459,10 +461,16 @@ def run(args: argparse.Namespace) -> int:
     if invalid:
         lines += ["", f"invalid records ({invalid}):"]
         lines += [f"  {e.where}: [{e.kind}] {e.problem}" for e in report.skipped]
+    if refused:
+        lines += ["", f"records training refuses ({len(refused)}; valid as records, their boxes under a pixel at the "
+                      f"model's input) [box_tiny]:"]
+        lines += [f"  {where}" for where in refused]
     nothing_left = bool(records) and unusable == len(records)  # (valid, every one, yet nothing to train on)
-    lines += ["", f"{'FAILED' if invalid or nothing_left else 'OK'}: {invalid} of {report.lines} records invalid"
+    failed = invalid or nothing_left or refused
+    lines += ["", f"{'FAILED' if failed else 'OK'}: {invalid} of {report.lines} records invalid"
+              + (f"; training refuses {len(refused)} more (box_tiny, above)" if refused else "")
               + (f"; training would drop every valid one ({unusable}) as too long for max_length {cfg.max_length}"
                  if nothing_left else "")
               + (f"; {len(warnings)} warning(s) above" if warnings else "")]
     print("\n".join(lines))
-    return 1 if invalid or nothing_left else 0
+    return 1 if failed else 0

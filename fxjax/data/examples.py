@@ -37,7 +37,7 @@ from fxjax.data.images import open_image
 from fxjax.data.prompts import IMAGE_PAD, USER_TEMPLATES, pick_template, prompt_parts, record_prompt, render_target
 from fxjax.data.records import DataError, Record
 from fxjax.data.tokenizer import load_tokenizer, token_id
-from fxjax.image_processing import PIXELS_PER_TOKEN, image_tokens, model_input_size, process_image
+from fxjax.image_processing import image_tokens, model_input_size, process_image
 from fxjax.rewards.output_format import (BOX_END, BOX_START, REF_END, REF_START, TAG_END, TAG_START, THINK_END,
                                          THINK_START, VERDICT_END, VERDICT_START, written_box)
 
@@ -114,6 +114,26 @@ def empty_written_box(boxes) -> int | None:
         if x1 == x2 or y1 == y2:
             return i
     return None
+
+
+def box_tiny_error(source: str, region: int, box, model_size: tuple[int, int]) -> DataError:
+    return DataError(source, f"region {region} box {[round(float(v), 2) for v in box]} is under one pixel wide "
+                             f"or high at the model's input ({model_size[1]}x{model_size[0]}): the target would "
+                             f"hold an empty box (raise min_pixels / max_pixels)", "box_tiny")
+
+
+def tiny_box_error(record: Record, cfg: DataConfig) -> DataError | None:
+    """The box_tiny error of a record whose SFT target would write a box empty at the model's input at
+    data.max_pixels (None when every box keeps a pixel): found for every record when a pipeline starts, not
+    at the step that first builds the record (hours into a run). An image that data.long_images shrinks
+    below max_pixels is checked again when its example is built."""
+    if not record.regions:
+        return None
+    height, width = model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels)
+    scale = np.array([width / record.width, height / record.height] * 2)
+    boxes = np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale
+    empty = empty_written_box(boxes.astype(np.float32))
+    return None if empty is None else box_tiny_error(record.source, empty, boxes[empty], (height, width))
 
 
 def truncate_reasoning(tokens: RecordTokens, ids: list[int], overflow: int) -> list[int] | None:
@@ -204,18 +224,50 @@ class ExampleBuilder:
             template = -1  # the record's own prompt or data.user_prompt: no template
         before, after = tk.prompt(system, user)
         text = self._sized(record, before, after, template, cfg.max_pixels)
-        if cfg.long_images == "drop":
+        if cfg.long_images == "drop" or self._length(text) <= cfg.max_length or cfg.max_pixels <= cfg.min_pixels:
             return text
-        for _ in range(3):  # (a smaller image writes its box numbers in as many digits or fewer: one pass fits)
-            over = self._length(text) - cfg.max_length
-            if over <= 0 or text.max_pixels <= cfg.min_pixels:  # fits; or at min_pixels: truncated or dropped
-                return text
-            fit_pixels = max((text.num_image_tokens - over) * PIXELS_PER_TOKEN, cfg.min_pixels)
-            smaller = self._sized(record, before, after, template, min(fit_pixels, text.max_pixels - 1))
-            if smaller.model_size[0] * smaller.model_size[1] < cfg.min_pixels:  # (smart_resize's floor at a
-                return text  # max_pixels near min_pixels can go below it: not an image min_pixels admits)
-            text = dataclasses.replace(smaller, shrunk_from=text.shrunk_from or text.model_size)
-        return text
+        smaller = self._largest_fitting(record, before, after, template, text.max_pixels - 1)
+        return dataclasses.replace(smaller, shrunk_from=text.model_size) if smaller is not None else text
+
+    def _largest_fitting(self, record: Record, before: list[int], after: list[int], template: int,
+                         below: int) -> ExampleText | None:
+        """The example at the largest image size (a max_pixels from min_pixels to `below`) whose length fits
+        max_length; when none does, at the smallest size min_pixels admits (its reasoning is then truncated,
+        or it is dropped); None when min_pixels admits none below. The size, and with it the length, falls
+        with max_pixels, so each is a bisection over max_pixels (two dozen lengths at Qwen's limits): an
+        estimate from the token overflow, rounded down by smart_resize, undershot min_pixels and left images
+        at full size that fit at a smaller one."""
+        cfg = self.cfg
+
+        def sized(pixels: int) -> ExampleText:
+            return self._sized(record, before, after, template, pixels)
+
+        def admitted(text: ExampleText) -> bool:  # (smart_resize's rounding at a max_pixels near min_pixels
+            return text.model_size[0] * text.model_size[1] >= cfg.min_pixels  # can go below it)
+
+        def largest(lo: int, hi: int, keep) -> ExampleText | None:  # the largest pixels in [lo, hi] that keep
+            found = None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                text = sized(mid)
+                if keep(text):
+                    found, lo = text, mid + 1
+                else:
+                    hi = mid - 1
+            return found
+
+        fitting = largest(cfg.min_pixels, below, lambda t: self._length(t) <= cfg.max_length)
+        if fitting is not None and admitted(fitting):
+            return fitting
+        lo, hi, smallest = cfg.min_pixels, below, None  # none fits: the smallest size min_pixels admits
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            text = sized(mid)
+            if admitted(text):
+                smallest, hi = text, mid - 1
+            else:
+                lo = mid + 1
+        return smallest
 
     def _sized(self, record: Record, before: list[int], after: list[int], template: int,
                max_pixels: int) -> ExampleText:
@@ -280,11 +332,8 @@ class ExampleBuilder:
                 raise error from None
             return Dropped("decode", str(error), record.source)
         empty = empty_written_box(text.boxes) if cfg.mode == "sft" else None
-        if empty is not None:  # (the record's check saw it in original pixels; the image shrank it further)
-            error = DataError(record.source, f"region {empty} box {[round(float(v), 2) for v in text.boxes[empty]]} "
-                                             f"is under one pixel wide or high at the model's input "
-                                             f"({text.model_size[1]}x{text.model_size[0]}): the target would hold "
-                                             f"an empty box (raise min_pixels / max_pixels)", "box_tiny")
+        if empty is not None:  # (the pipeline's start checked it at max_pixels; data.long_images shrank it further)
+            error = box_tiny_error(record.source, empty, text.boxes[empty], text.model_size)
             if cfg.on_error == "raise":
                 raise error
             return Dropped("box_tiny", str(error), record.source)
