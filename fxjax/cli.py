@@ -347,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         _interrupted(args.command, err, exit_now=argv is None)
         raise  # (main([...]) from Python, a notebook: the caller's KeyboardInterrupt, its kernel alive)
     except BaseException as err:
+        if _out_of_memory(err, args.command):  # (XLA's message and stack say nothing of what to change)
+            print(f"fxjax {args.command}: error: {_out_of_memory(err, args.command)}", file=sys.stderr)
+            _leave_run(err, 1)
+            return 1
         _leave_run(err, 1, with_traceback=True)
         raise
     if "jax" in sys.modules:  # (a peer that fails later need not wait for this process)
@@ -354,6 +358,26 @@ def main(argv: list[str] | None = None) -> int:
 
         mark_finished()
     return code
+
+
+_TRAINING_MEMORY = ("lower data.batch_size (raise optim.grad_accum to keep the batch), data.max_length or "
+                    "data.max_pixels, set model.remat: full, or spread the model over more devices (mesh.fsdp)")
+MEMORY_ADVICE = {  # what to change, by command, when the device runs out of memory
+    "detect": "give a lower --max-pixels (fewer image tokens) or --batch-size",
+    "eval": "give a lower --max-pixels (fewer image tokens) or --batch-size",
+    "sft": _TRAINING_MEMORY,
+    "grpo": _TRAINING_MEMORY + "; or fewer grpo.num_generations or a lower grpo.max_completion_length",
+}
+
+
+def _out_of_memory(err: BaseException, command: str) -> str:
+    """The one-line error of a device that ran out of memory (XLA's RESOURCE_EXHAUSTED), with what to change
+    for `command`; "" for any other error."""
+    text = str(err).strip()
+    if not isinstance(err, RuntimeError) or "RESOURCE_EXHAUSTED" not in text:
+        return ""
+    advice = MEMORY_ADVICE.get(command, "use smaller images or batches, or more devices")
+    return f"the device ran out of memory ({text.splitlines()[0][:300]}): {advice}"
 
 
 def _record_hint(err: BaseException, args: argparse.Namespace) -> str:

@@ -341,3 +341,29 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
     with pytest.raises(SystemExit):
         main(["demo", "--seed", "1.5"])
     assert "argument --seed: expected an integer, got '1.5'" in capsys.readouterr().err
+
+
+def test_a_device_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, capsys):
+    """XLA's RESOURCE_EXHAUSTED (a 4513 x 2999 image shrunk to 8030 tokens, on a CPU: 137 GB for the vision
+    encoder's attention) ended `fxjax detect` in a traceback naming nothing to change; now one line with what
+    to lower for the command. Other runtime errors keep their traceback."""
+    import jax
+
+    import fxjax.commands.detect as detect
+    from fxjax.cli import main
+
+    def out_of_memory(args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 137526805184 bytes.\nmore")
+
+    monkeypatch.setattr(detect, "run", out_of_memory)
+    assert main(["detect", "--run", "r", "x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("fxjax detect: error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating "
+                   "137526805184 bytes.): give a lower --max-pixels (fewer image tokens) or --batch-size\n")
+
+    def other(args):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(detect, "run", other)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        main(["detect", "--run", "r", "x.png"])
