@@ -245,6 +245,23 @@ BAD = {
 }
 
 
+def test_a_name_whose_accents_are_composed_otherwise_is_named(root):
+    """"névé.png" written decomposed (NFD, as macOS writes names) in a record, composed (NFC) on disk: the
+    missing-image error printed the two alike; now it says which file exists."""
+    import unicodedata
+
+    composed = unicodedata.normalize("NFC", "névé.png")
+    (root / "img" / composed).write_bytes((root / "img/ok.png").read_bytes())
+    decomposed = unicodedata.normalize("NFD", "névé.png")
+    path = root / "data.jsonl"
+    path.write_text(json.dumps(native(image=f"img/{decomposed}")) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"accents composed otherwise \(NFC\) exists: ") as info:
+        load_records(path)
+    assert info.value.kind == "image_missing" and repr(composed) in str(info.value)
+    path.write_text(json.dumps(native(image=f"img/{composed}")) + "\n", encoding="utf-8")
+    assert len(load_records(path)[0]) == 1
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_each_validation_error_names_the_record(root, case):
     record, kind, words = BAD[case]

@@ -229,11 +229,27 @@ def _backslash_hint(pending: _Pending) -> str:
                    and Path(str(pending.path)[:-len(rel)] + rel.strip()).is_file() else "")
                 + ")")
     if "\\" not in rel:
-        return ""
+        return _normalisation_hint(pending.path)
     posix = rel.replace("\\", "/")
     if not Path(str(pending.path).replace("\\", "/")).is_file():
         return " (the path has backslashes: write paths in the records with '/')"
     return f" (the path has backslashes; {posix!r} exists: write paths in the records with '/')"
+
+
+def _normalisation_hint(path: Path) -> str:
+    """A name whose accented letters are composed otherwise than the file's (macOS writes "é" as "e" and a
+    combining accent, NFD; most editors NFC): printed, the two look the same. Say which file it is."""
+    import unicodedata
+
+    name = path.name
+    if name.isascii() or not path.parent.is_dir():
+        return ""
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, name)
+        if other != name and (path.parent / other).is_file():
+            return (f" (a file of this name with its accents composed otherwise ({form}) exists: {other!r}, "
+                    f"not {name!r}; write the record's path as the file system has it)")
+    return ""
 
 
 def _check_image(pending: _Pending, max_image_pixels: int, check_decode: bool) -> Record | DataError:
