@@ -390,3 +390,27 @@ def test_the_docs_csv_conversion_gives_records_the_check_accepts(capsys, tmp_pat
                        {"regions": [], "image": "photo.png", "label": "real"}]
     rc, out = check(capsys, tmp_path / "train.jsonl")
     assert rc == 0 and "OK: 0 of 2 records invalid" in out, out
+
+
+def test_a_relative_data_file_found_beside_the_config_says_where_paths_resolve(capsys, tmp_path, monkeypatch,
+                                                                              tokenizer_dir):
+    """Relative data files resolve against the working folder (README); run from elsewhere, the error named
+    only `tinybox.jsonl`. Now it says the file lies beside the config, in data check and in a training run's
+    start-up check."""
+    import yaml
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"image": "a.png", "label": "real"}\n')
+    (folder / "run.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "train": {"steps": 1},
+                                                     "data": {"train_files": ["train.jsonl"],
+                                                              "tokenizer": str(tokenizer_dir)}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    hint = (f"train.jsonl does not exist (relative paths resolve against the working folder, {elsewhere}, not the "
+            f"config's; {folder / 'train.jsonl'} exists: run from {folder} or write the path from here)")
+    assert main(["data", "check", "--config", str(folder / "run.yaml")]) == 2
+    assert f"fxjax data check: error: dataset file {hint}" in capsys.readouterr().err
+    assert main(["sft", "--config", str(folder / "run.yaml")]) == 2
+    assert f"fxjax sft: error: data.train_files: {hint}" in capsys.readouterr().err

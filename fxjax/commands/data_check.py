@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from fxjax.commands.training import relative_to_config_hint
+
 _DESCRIPTION = """\
 Validate a JSONL dataset (native or ms-swift, e.g. the FakeXplain release) exactly as training and
 evaluation read it, and describe it.
@@ -418,6 +420,9 @@ def _data_config(args: argparse.Namespace):
         base, config_files, args.kind = _config_data(args.config, args.set, args.kind, args.files)
         files = tuple(args.files) or config_files
     check_root(args.root)
+    for file in files:  # (load_records's own error names the file only)
+        if not Path(file).exists() and relative_to_config_hint(file, args.config):
+            raise FileNotFoundError(f"dataset file {file} does not exist{relative_to_config_hint(file, args.config)}")
     return dataclasses.replace(base, data_files=files, **options)
 
 

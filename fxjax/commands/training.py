@@ -24,10 +24,21 @@ def say(command: str) -> Callable[[str], None]:
     return lambda text: print(f"fxjax {command}: {text}", file=sys.stderr)
 
 
-def check_paths(cfg) -> None:
+def relative_to_config_hint(value: str, config: str | None) -> str:
+    """Where a relative path that is not there from the working folder lies beside the config (they
+    resolve against the working folder, as the README says): that file, and how to reach it."""
+    if config is None or Path(value).is_absolute() or not (Path(config).parent / value).exists():
+        return ""
+    beside = Path(config).parent / value
+    return (f" (relative paths resolve against the working folder, {Path.cwd()}, not the config's; {beside} "
+            f"exists: run from {Path(config).parent or '.'} or write the path from here)")
+
+
+def check_paths(cfg, config: str | None = None) -> None:
     """The config's input paths exist (checked before jax starts, so a typo costs a second and the error
-    names the key). A resuming run's starting adapter or run may be gone when the run kept its own copy
-    (train.run_setup.resumed_start uses it)."""
+    names the key; a relative one found beside `config`, the config file, says so). A resuming run's
+    starting adapter or run may be gone when the run kept its own copy (train.run_setup.resumed_start uses
+    it)."""
     from fxjax.data.tokenizer import tokenizer_json
     from fxjax.run_files import resumes_from_kept_start
 
@@ -38,7 +49,7 @@ def check_paths(cfg) -> None:
         if not Path(value).exists():
             if kept_copy and key in ("model.adapter", "model.from_run"):
                 continue
-            raise FileNotFoundError(f"{key}: {value} does not exist")
+            raise FileNotFoundError(f"{key}: {value} does not exist{relative_to_config_hint(value, config)}")
         if key.startswith("model.") and not Path(value).is_dir():  # (found here, not in the tokenizer's parser)
             raise NotADirectoryError(f"{key}: {value} is a file; give the {FOLDER_OF[key]} folder")
         if key in ("data.train_files", "data.eval_files") and Path(value).is_dir():
@@ -57,7 +68,7 @@ def run_training(command: str, args, load_config: Callable[..., Any], runner: st
     result is None (the error printed) when the loop stopped on a non-finite loss."""
     cfg = load_config(args.config, overrides=args.set or [], log=say(command))
     try:
-        check_paths(cfg)
+        check_paths(cfg, args.config)
     except (OSError, ValueError):
         # joined first, so that the error reaches the run's other processes (fxjax.cli stops them with it):
         # they would wait for this one in the join, minutes, and then abort naming nothing
