@@ -197,7 +197,8 @@ def _evaluate(phase: str, model_flags: list[str], test_file: Path, out: Path, ev
     import numpy as np
 
     from fxjax import rewards
-    from fxjax.commands.eval import PREDICTIONS, eval_records, evaluate_detector, settings_of, step_detector
+    from fxjax.commands.eval import eval_records, settings_of, step_detector
+    from fxjax.commands.eval_folder import PREDICTIONS, evaluate_detector
 
     say = lambda text: _say(f"      eval: {text}")  # noqa: E731
     args = _eval_args(model_flags, test_file, out / phase, ev)

@@ -1,7 +1,7 @@
 """`fxjax eval`: the paper's metrics against a hand-computed case, resume from predictions.jsonl, and one real
 run of the command on a tiny model.
 
-The hand-computed cases go through the command's own path (`fxjax.commands.eval.evaluate`: records -> prompt
+The hand-computed cases go through the command's own path (`fxjax.commands.eval_folder.evaluate`: records -> prompt
 pipeline -> decoder -> scoring -> predictions.jsonl -> metrics.json) with a decoder whose model step returns
 known completions instead of decoding (`ScriptedDecoder` replaces GreedyDecoder.complete only)."""
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fxjax.commands.eval import PREDICTIONS, evaluate, prompt_data_config
+from fxjax.commands.eval_folder import PREDICTIONS, evaluate, prompt_data_config
 from fxjax.data.records import load_records
 from fxjax.train.inference import GreedyDecoder
 
@@ -190,7 +190,7 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     by = run_scripted(bom, tokenizer_dir, tmp_path / "bom", ScriptedDecoder(SCRIPT), group_by=("camera",))["by"]
     assert list(by["camera"]) == ["dslr", "phone", "(none)"]
     # a line that is not UTF-8, skipped by --on-error skip, is not read again for the grouping keys
-    from fxjax.commands.eval import raw_objects
+    from fxjax.commands.eval_folder import raw_objects
 
     broken = dataset.with_name("test_broken.jsonl")
     broken.write_bytes(dataset.read_bytes() + b'{"id": "bad \xff"}\n')
@@ -268,7 +268,7 @@ def test_a_cut_last_row_is_dropped_at_its_byte_offset_after_rows_of_non_ascii_te
     """The rows kept before a cut last line are counted in bytes: a completion in other scripts (a caption
     "région généré" or "生成") is more bytes than characters, and truncating at the character count cut the
     last whole row too."""
-    from fxjax.commands.eval import read_predictions
+    from fxjax.commands.eval_folder import read_predictions
 
     rows = [{"source": f"{tmp_path / 'd.jsonl'}:{n}", "completion": text}
             for n, text in ((1, "région généré ✓"), (2, "<ref>生成的手</ref>"))]

@@ -759,7 +759,7 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     import jax
     from PIL import Image
 
-    import fxjax.commands.eval as eval_command
+    import fxjax.commands.eval_folder as eval_command
     import fxjax.train.run_setup as run_setup
 
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from fxjax.commands.eval import METRICS  # (eval's module-level imports load no jax nor fxjax.train: --help)
+from fxjax.commands.eval_folder import METRICS  # (its module-level imports load no jax nor fxjax.train: --help)
 from fxjax.run_files import METRICS_FILE
 
 EVAL_REPORT_FILE = "eval_report.png"

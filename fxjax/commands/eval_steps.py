@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fxjax.commands.eval import METRICS, PREDICTIONS, evaluate_detector
+from fxjax.commands.eval_folder import METRICS, PREDICTIONS, evaluate_detector
 
 __all__ = ["check_distinct_steps", "evaluate_steps", "step_folder"]
 

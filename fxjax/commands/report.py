@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from fxjax.commands.eval_report import (EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, step_label,
                                         write_eval_report)
-from fxjax.commands.eval import SETTINGS
+from fxjax.commands.eval_folder import SETTINGS
 from fxjax.commands.report_panels import STEP_LABELS, Panel, panels_for
 from fxjax.run_files import METRICS_FILE
 
