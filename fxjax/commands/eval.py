@@ -6,6 +6,8 @@
 
 The decoding is `fxjax.train.inference.GreedyDecoder` (the training-time evaluation's); the prompts are
 built exactly as SFT built them (fxjax.data: same templates and seed, or an ms-swift record's own prompt).
+This module is the command (its arguments, the records, the detector, several steps); the folder it fills
+and the evaluation itself are fxjax.commands.eval_folder's.
 """
 
 from __future__ import annotations
