@@ -9,7 +9,8 @@ import shutil
 
 
 from fxjax.cli import main  # noqa: E402
-from fxjax.commands.report import build_report, moving_average, stage_spans, write_report  # noqa: E402
+from fxjax.commands.report import build_report, write_report  # noqa: E402
+from fxjax.commands.report_drawing import moving_average, stage_spans  # noqa: E402
 
 
 def write_metrics(path, records):
@@ -142,7 +143,7 @@ def test_terms_of_your_own_their_weights_lone_and_non_finite_values_are_shown(tm
     """grpo.reward_funcs terms (reward/<name>_mean, weights/<name>) were in no panel, so the total could not
     be reconciled with the components drawn; a one-step stage and a value between two NaNs were not drawn
     at all once a run had 15 steps, and NaN / inf values left gaps no one was told of."""
-    from fxjax.commands.report import run_kind
+    from fxjax.commands.report_drawing import run_kind
 
     records = [dict(r) for r in grpo_records()]
     for r in records:

@@ -17,9 +17,9 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from fxjax.commands.report import (COMPARE_REPORT_FILE, draw_eval_points, draw_train_series, drawable_series,
-                                   format_axes, left_out, mark_stages, read_run_metrics, run_kind, stage_spans,
-                                   staged_rewards)
+from fxjax.commands.report_drawing import (COMPARE_REPORT_FILE, draw_eval_points, draw_train_series,
+                                           drawable_series, format_axes, left_out, mark_stages, read_run_metrics,
+                                           run_kind, stage_spans, staged_rewards)
 from fxjax.commands.report_panels import STEP_LABELS, panels_for
 
 __all__ = ["COMPARE_REPORT_FILE", "RUN_STYLES", "build_comparison", "write_comparison"]
