@@ -629,3 +629,35 @@ def test_parse_eval_args_reads_as_the_cli_does():
     assert ours["step"] == ["alpha", "beta"] and ours["group_by"] == [] and ours["command"] == "eval"
     with pytest.raises(SystemExit):
         parse_eval_args(["--run", "r"])  # --data is required, as on the command line
+
+
+def test_a_resume_with_the_records_in_another_order_or_others_skipped_is_refused(dataset, tmp_path):
+    """A record's prompt template is drawn by its place among the loaded records: the --data files in another
+    order, or other records skipped (--on-error skip with another --max-image-pixels), prompt the same image
+    otherwise (15 of 20 completions differed), yet a resume took the rows of the first order and decoded
+    the rest under the second, into one metrics.json. The loaded records are now part of the settings."""
+    from fxjax.commands.eval import eval_records, parse_eval_args, settings_of
+    from fxjax.commands.eval_folder import PREDICTIONS, check_settings, require_same_settings
+    from fxjax.train.export import PROMPT_SETTING_KEYS
+
+    lines = dataset.read_text().splitlines(keepends=True)
+    a, b = dataset.with_name("half_a.jsonl"), dataset.with_name("half_b.jsonl")
+    a.write_text("".join(lines[:2]))
+    b.write_text("".join(lines[2:]))
+
+    def settings(*argv):
+        args = parse_eval_args(["--model", "m", *argv])
+        records, _, loaded = eval_records(args, lambda text: None)
+        return records, settings_of(args, {"model": "m"}, dict.fromkeys(PROMPT_SETTING_KEYS), str(tmp_path), loaded)
+
+    records, first = settings("--data", str(a), str(b))
+    out = tmp_path / "out"
+    check_settings(out, first, fresh=False)
+    (out / PREDICTIONS).write_text("")
+    require_same_settings(out, settings("--data", str(a), str(b), "--limit", "2")[1])  # (--limit may change)
+    with pytest.raises(ValueError, match=r"other settings \(records\.sha256: "):
+        require_same_settings(out, settings("--data", str(b), str(a))[1])
+    small = min(r.width * r.height for r in records)  # an image limit that skips the largest images
+    with pytest.raises(ValueError, match=r"other settings \(records\.count: 5 then, [1-4] now; records\.sha256"):
+        require_same_settings(out, settings("--data", str(a), str(b), "--on-error", "skip",
+                                            "--max-image-pixels", str(small))[1])

@@ -149,10 +149,13 @@ def _weights_identity(source: dict) -> dict:
     return identity
 
 
-def settings_of(args: argparse.Namespace, source: dict, data: dict, tokenizer: str) -> dict:
+def settings_of(args: argparse.Namespace, source: dict, data: dict, tokenizer: str, loaded: dict) -> dict:
     """What decides the predictions, recorded and compared on resume: the weights, decoding, prompt settings,
     the tokenizer, the data files' contents and where their images are read from (predictions are keyed by
-    file:line, so another --root would otherwise reuse answers about other images)."""
+    file:line, so another --root would otherwise reuse answers about other images), and `loaded`, the
+    fingerprint of every record loaded, in order (`eval_records`): a record's prompt template is drawn by its
+    place among them, so the files in another order, or other records skipped (--on-error skip, another
+    --max-image-pixels), prompt the same image otherwise."""
     from fxjax.train.export import PROMPT_SETTING_KEYS  # not at the top: --help imports no fxjax.train
 
     return {"model": {**source, **_weights_identity(source)}, "decoding": "greedy",
@@ -161,7 +164,7 @@ def settings_of(args: argparse.Namespace, source: dict, data: dict, tokenizer: s
             "tokenizer": str(Path(tokenizer).resolve()),
             "images": {"root": str(Path(args.root).resolve()) if args.root else None, "format": args.format,
                        "allow_absolute_paths": bool(args.allow_absolute_paths)},
-            "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}}
+            "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}, "records": loaded}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,12 +187,12 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     require_writable(args.out, "--out")
-    records, report = eval_records(args, say)
+    records, report, loaded = eval_records(args, say)
     steps = args.step if isinstance(args.step, list) else [args.step]
     detectors = [step_detector(args, step) for step in steps]
     if args.max_new_tokens is None:  # (the steps of one run: the longest any of them was evaluated with)
         args.max_new_tokens = max(d.max_new_tokens for d in detectors)
-    settings = [settings_of(args, d.source, d.data, d.tokenizer) for d in detectors]  # (hashes the data: once)
+    settings = [settings_of(args, d.source, d.data, d.tokenizer, loaded) for d in detectors]  # (hashes the data once)
     if len(detectors) > 1:
         from fxjax.commands.eval_steps import check_distinct_steps, evaluate_steps, step_folder
 
@@ -209,11 +212,13 @@ def run(args: argparse.Namespace) -> int:
     return evaluate_steps(args, records, report, detectors, settings, steps, out, say)
 
 
-def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, Any]:
+def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, Any, dict]:
     """The records --data names (--root, --format, --on-error, --allow-absolute-paths, --max-image-pixels),
-    the first --limit of them, and the load report (the skipped ones said)."""
+    the first --limit of them, the load report (the skipped ones said), and the fingerprint of every record
+    loaded (`settings_of`'s `loaded`)."""
     from fxjax.commands.data_check import quiet_logger
     from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
+    from fxjax.data.pipeline import records_fingerprint
     from fxjax.data.records import load_records
 
     with quiet_logger("fxjax.data.records"):  # (it logs each skipped record, and a summary: said once below)
@@ -224,7 +229,7 @@ def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[
         say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in report.skipped))
     if not records:
         raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
-    return (records[:args.limit] if args.limit else records), report
+    return (records[:args.limit] if args.limit else records), report, records_fingerprint(records)
 
 
 def step_detector(args: argparse.Namespace, step):
