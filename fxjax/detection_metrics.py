@@ -199,7 +199,8 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
     names = {"accuracy": "accuracy", "recall": "recall", "format_rate": "format", "mean_iou": "mean IoU"}
     shown = [f"{name} {ci[key][0]:.3f}-{ci[key][1]:.3f}" for key, name in names.items() if ci.get(key)]
     if shown:
-        table += ["", f"95% intervals ({summary['examples']} images; Wilson, IoU: mean +/- 1.96 SE): "
+        n = summary["examples"]
+        table += ["", f"95% intervals ({n} image{'s' * (n != 1)}; Wilson, IoU: mean +/- 1.96 SE within [0, 1]): "
                       + ", ".join(shown)]
     if summary.get("truncated_rate"):
         table += ["", f"truncated: {summary['truncated_rate']:.1%} of the completions reached the token limit "

@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         from fxjax.detection_metrics import metrics_table
 
         print(metrics_table(summary))
-        print(f"\nwrote {out / METRICS} and {out / PREDICTIONS} ({summary['examples']} images)")
+        n = summary["examples"]
+        print(f"\nwrote {out / METRICS} and {out / PREDICTIONS} ({n} image{'s' * (n != 1)})")
         return 0
     return evaluate_steps(args, records, report, detectors, settings, steps, out, say)
 
