@@ -151,7 +151,7 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
     """Fill the Params of an (abstract) model from HF tensors; returns the naming scheme seen. A tensor of
     layer i of stacked layers (scan_layers) fills slice i of its stacked parameter."""
     params = dict(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)))
-    loaded: set[tuple] = set()
+    loaded: dict[tuple, str] = {}  # fxjax path -> the tensor that filled it
     naming = HUB
     place = place or (lambda path, array: jax.device_put(array))
     for name, file, tensor in iter_tensors(files):
@@ -166,6 +166,9 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         target, index = (path, None) if path is None or path in params else unstack(path)
         if target not in params:
             raise CheckpointError(f"{file}: tensor {name!r} does not belong to this Qwen2.5-VL config")
+        if path in loaded:  # (both namings of one weight, e.g. model.embed_tokens and model.language_model.*)
+            raise CheckpointError(f"{file}: tensor {name!r} is the weight {loaded[path]!r} holds too: a checkpoint "
+                                  "holds each weight once (which of the two to load is unknown)")
         variable = params[target]
         want = tuple(variable.shape) if index is None else tuple(variable.shape[1:])
         if index is not None and index >= variable.shape[0]:
@@ -185,7 +188,7 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         else:
             variable.set_value(write_layer(variable.get_value(), placed, index, tuple(variable.shape)))
             del placed
-        loaded.add(path)
+        loaded[path] = name
     missing = [hf_name(p) for target, variable in params.items()
                for p in per_layer_paths(target, tuple(variable.shape)) if p not in loaded]
     if missing:

@@ -25,6 +25,19 @@ def _rope(section: dict[str, Any]) -> dict[str, Any]:
     return rope if isinstance(rope, dict) else {}
 
 
+def _slides(flat: dict[str, Any]) -> bool:
+    """Whether transformers' Qwen2.5-VL gives some decoder layer a sliding window: use_sliding_window with a
+    window, and a layer of layer_types "sliding_attention", or (layer_types unset) a layer at or past
+    max_window_layers (80 by default). use_sliding_window with max_window_layers at least the layer count
+    (the 3B's 70 for 36 layers) slides nowhere: every layer attends fully, as fxjax's do."""
+    if not flat.get("use_sliding_window") or flat.get("sliding_window", 4096) is None:
+        return False
+    types = flat.get("layer_types")
+    if types:
+        return "sliding_attention" in types
+    return int(flat.get("max_window_layers", 80)) < int(flat.get("num_hidden_layers", 0))
+
+
 def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
     """`flat` is the top-level dict (Hub layout) or, when the file has one, text_config (transformers 5.x)."""
     rope = _rope(flat)
@@ -37,8 +50,10 @@ def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
         raise HFConfigError(f"{source}: rope type {kind!r} in rope_parameters/rope_scaling is not supported: fxjax "
                           "implements Qwen2.5-VL's plain M-RoPE (rope type 'default' or 'mrope'); remove the "
                           "scaling keys to load the model as released")
-    if flat.get("use_sliding_window"):
-        raise HFConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5-VL releases have it off)")
+    if _slides(flat):
+        raise HFConfigError(f"{source}: use_sliding_window=true with layers that slide (from max_window_layers "
+                            f"{flat.get('max_window_layers', 80)}, or layer_types) is not supported: Qwen2.5-VL "
+                            "releases attend over the whole sequence in every layer")
     try:
         heads = int(flat["num_attention_heads"])
         return TextConfig(

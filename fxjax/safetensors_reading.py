@@ -23,5 +23,8 @@ def open_safetensors(path: str | Path, error: type[Exception] = ValueError) -> I
         with safe_open(str(path), framework="numpy") as f:
             yield f
     except SafetensorError as err:
+        if "does not contain tensor" in str(err):  # (the index names a tensor of another file: it is stale)
+            raise error(f"{path}: {err}, though model.safetensors.index.json says it does: the index is stale "
+                        "(written for other files); copy or export the checkpoint again") from None
         raise error(f"{path}: not a readable safetensors file ({err}); the file is truncated or corrupted: "
                     "copy or export it again") from None

@@ -391,6 +391,53 @@ def test_error_unexpected_tensor(tiny_checkpoint, tmp_path):
         fxjax.from_pretrained(bad)
 
 
+def test_error_a_weight_stored_under_both_namings(tiny_checkpoint, tmp_path):
+    """The embeddings under the Hub's name and again under transformers' (zeros): one of the two was kept
+    without a word (logits 32 away from transformers'); now an error naming both."""
+    bad = rewrite_checkpoint(tiny_checkpoint, tmp_path / "bad", lambda t: {
+        **t, "model.language_model.embed_tokens.weight": np.zeros_like(t["model.embed_tokens.weight"])})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.(language_model\.)?embed_tokens\."
+                                              r"weight' is the weight 'model\.(language_model\.)?embed_tokens\.weight'"
+                                              r" holds too"):
+        fxjax.from_pretrained(bad)
+
+
+def test_error_a_stale_index_is_named_as_the_index(tiny_checkpoint, tmp_path):
+    """An index naming a tensor its shard does not hold was reported as a truncated or corrupted file."""
+    bad = tmp_path / "bad"
+    save_hf_model(load_hf_model(tiny_checkpoint), bad, max_shard_size="20KB")
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["model.layers.0.extra.weight"] = first
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{first}: .*model\.layers\.0\.extra\.weight.*the index is stale"):
+        fxjax.from_pretrained(bad)
+
+
+def test_a_sliding_window_flag_is_refused_only_where_a_layer_slides():
+    """use_sliding_window=true was refused outright; transformers slides no layer when max_window_layers
+    is at least the layer count (the 3B's 70 for 36 layers) or layer_types says full attention: such a
+    config loads; one where a layer slides is refused (transformers' own layer_types as the oracle)."""
+    from transformers import Qwen2_5_VLTextConfig
+
+    from fxjax.hf_config import text_config_from_dict
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                use_sliding_window=True, sliding_window=16)
+    for extra, slides in ((dict(max_window_layers=2), False), (dict(max_window_layers=1), True),
+                          (dict(layer_types=["full_attention"] * 2, max_window_layers=0), False),
+                          (dict(layer_types=["full_attention", "sliding_attention"]), True),
+                          (dict(use_sliding_window=False, max_window_layers=0), False)):
+        raw = {**base, **extra}
+        assert ("sliding_attention" in Qwen2_5_VLTextConfig(**raw).layer_types) == slides, extra
+        if slides:
+            with pytest.raises(HFConfigError, match="use_sliding_window=true with layers that slide"):
+                text_config_from_dict(raw, "config.json")
+        else:
+            assert text_config_from_dict(raw, "config.json").num_hidden_layers == 2
+
+
 def test_error_wrong_shape(tiny_checkpoint, tmp_path):
     bad = rewrite_checkpoint(tiny_checkpoint, tmp_path / "bad",
                              lambda t: {**t, "model.layers.0.self_attn.k_proj.weight": np.ones((32, 32), np.float32)})
