@@ -82,14 +82,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
         raise FileNotFoundError(f"{args.model} does not exist and is not a preset; give an HF checkpoint "
                                 f"directory, a preset YAML or a preset name ({', '.join(preset_names())})")
+    from fxjax.hf_checkpoint import CheckpointError, config_as_loaded
     from fxjax.hf_config import load_config
     from fxjax.model_init import abstract_parameter_counts
 
-    cfg = load_config(source)[0] if source.is_dir() else load_preset(args.model)
+    cfg, untied = (load_preset(args.model), False) if not source.is_dir() else (None, False)
+    if source.is_dir():
+        try:  # (as from_pretrained builds it: a tied config whose stored head differs loads untied)
+            cfg, _, _, untied = config_as_loaded(source)
+        except CheckpointError:  # (no weights, or unreadable ones: the config alone says what it would be)
+            cfg = load_config(source)[0]
     t, v = cfg.text, cfg.vision
     print(f"text:   {t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/"
           f"{t.num_key_value_heads} kv, mlp {t.intermediate_size}, vocab {t.vocab_size}, "
-          f"mrope {list(t.mrope_section)}, tied {cfg.tie_word_embeddings}")
+          f"mrope {list(t.mrope_section)}, tied {cfg.tie_word_embeddings}"
+          + (" (config.json ties the head, but the stored lm_head.weight differs from the embeddings: loaded "
+             "untied, as transformers 5)" if untied else ""))
     print(f"vision: {v.depth} blocks, hidden {v.hidden_size}, heads {v.num_heads}, mlp {v.intermediate_size}, "
           f"window {v.window_size}px, full attention at {list(v.fullatt_block_indexes)}")
     print(f"tokens: image {cfg.image_token_id}, vision start/end {cfg.vision_start_token_id}/"

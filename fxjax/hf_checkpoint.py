@@ -242,6 +242,15 @@ def _stored_head_differs(files: dict[str, Path]) -> bool:
     return head.shape != embed.shape or not np.array_equal(head, embed)
 
 
+def config_as_loaded(directory: Path) -> tuple[Qwen25VLConfig, dict, dict[str, Path], bool]:
+    """(the config `from_pretrained` builds the model of, config.json as read, the weight files, whether a
+    tied config was untied because the checkpoint stores an lm_head.weight unequal to the embeddings)."""
+    cfg, raw = load_config(directory)
+    files = weight_files(directory)
+    untied = cfg.tie_word_embeddings and _stored_head_differs(files)
+    return (dataclasses.replace(cfg, tie_word_embeddings=False) if untied else cfg), raw, files, untied
+
+
 def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str | None = None,
                     *, mesh: jax.sharding.Mesh | None = None, adapter: str | Path | None = None,
                     lora: LoRAConfig | None = None, lora_seed: int = 0, scan_layers: bool = False) -> Qwen25VL:
@@ -259,13 +268,11 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
         raise CheckpointError(f"{directory}: not a directory" + (
             " (a Hub id? fxjax reads local directories only: download it first, e.g. "
             "huggingface_hub.snapshot_download, and pass that path)" if hub_id else ""))
-    cfg, raw = load_config(directory)
+    cfg, raw, files, untied = config_as_loaded(directory)
     cfg = cfg.with_scan_layers(scan_layers)
-    files = weight_files(directory)
-    if cfg.tie_word_embeddings and _stored_head_differs(files):
+    if untied:
         logger.warning("%s: config.json ties the output head to the embeddings, but the checkpoint stores an "
                        "lm_head.weight that differs from them: loaded untied, as transformers 5 does", directory)
-        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     model = abstract_model(cfg, as_dtype(dtype), as_dtype(param_dtype or dtype))
     naming = load_weights(model, files, placer(mesh) if mesh is not None else None)
     model.hf_source = HFSource(str(directory), json.dumps(raw), naming, _disk_dtype(files))

@@ -475,6 +475,19 @@ def test_a_tied_config_with_a_distinct_stored_head_loads_untied_as_transformers(
     model = fxjax.from_pretrained(tied, dtype="float32")
     assert not model.config.tie_word_embeddings and model.lm_head is not None
     assert rel_err(fx_logits(model, prompt), ref) <= TOL
+    # `fxjax info` says what loads (it read config.json alone: "tied True", and a count without the head)
+    import contextlib
+    import io
+
+    from fxjax.cli import main
+
+    for folder, tied_now in ((tied, False), (tiny_checkpoint, False)):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main(["info", str(folder)]) == 0
+        text = printed.getvalue()
+        assert f"tied {tied_now}" in text and "lm_head" in text, text
+        assert ("stored lm_head.weight differs from the embeddings: loaded untied" in text) == (folder == tied)
 
 
 def test_error_rope_scaling_is_refused(tiny_checkpoint, tmp_path):
