@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from fxjax import rewards
-from fxjax.commands.eval import prompt_data_config
+from fxjax.commands.eval_folder import prompt_data_config
 from fxjax.commands.eval import step_detector
 from fxjax.data.pipeline import DataPipeline
 from fxjax.data.records import load_records
