@@ -671,7 +671,7 @@ def test_empty_and_all_invalid_files_are_named(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
-def test_a_box_the_resized_image_writes_empty_is_named_or_skipped(tmp_path, tokenizer_dir, on_error, capsys):
+def test_a_box_the_resized_image_writes_empty_is_named_or_skipped(tmp_path, tokenizer_dir, on_error, capsys, caplog):
     """A 2-pixel box on an image shrunk to a quarter is [3.5, 3.5, 4, 4] at the model's input: written in whole
     pixels, [4, 4, 4, 4], an empty target box (the record's own check passes it). The pipeline finds it when
     it starts (it stopped the run at the step that first built the record, hours in), and data check fails
@@ -694,11 +694,16 @@ def test_a_box_the_resized_image_writes_empty_is_named_or_skipped(tmp_path, toke
     else:
         built = ExampleBuilder(cfg, 2).build(records[1])
         assert isinstance(built, Dropped) and built.kind == "box_tiny"
-        pipeline = DataPipeline(cfg)
-        assert [(r.source, r.index) for r in pipeline.records] == [(f"{data}:1", 0)]
-        assert [(e.where, e.kind) for e in pipeline.report.skipped] == [(f"{data}:2", "box_tiny")]
-        assert pipeline.report.loaded == 1
-        assert len(DataPipeline(dataclasses.replace(cfg, mode="prompt")).records) == 2  # (GRPO writes no box)
+        # skip: named when the pipeline starts, kept in place (the records' order and templates, and a
+        # checkpoint's stream, as before) and dropped where built
+        with caplog.at_level("WARNING", logger="fxjax.data.pipeline"):
+            pipeline = DataPipeline(cfg)
+        assert [r.source for r in pipeline.records] == [f"{data}:1", f"{data}:2"]
+        assert any(f"1 record(s) have a box under a pixel at the model's input, which training leaves out "
+                   f"(data.on_error: skip) [box_tiny]: {data}:2" in m.getMessage() for m in caplog.records)
+        it = iter(pipeline)
+        assert [m["source"] for b in it for m in b["meta"]] == [f"{data}:1"]
+        assert it.get_state()["dropped"] == {"box_tiny": 1}
         from fxjax.cli import main
 
         assert main(["data", "check", str(data), "--tokenizer", str(tokenizer_dir), "--min-pixels", "3136",
@@ -707,3 +712,6 @@ def test_a_box_the_resized_image_writes_empty_is_named_or_skipped(tmp_path, toke
         assert (f"boxes under a pixel at the model's input: 1 record(s), which training refuses (data.on_error: skip "
                 f"leaves them out; e.g. {data}:2; all listed below)") in out
         assert f"[box_tiny]:\n  {data}:2\n" in out and "FAILED: 0 of 2 records invalid; training refuses 1 more" in out
+        # without a tokenizer too (the box needs only the image's size and the pixel limits)
+        assert main(["data", "check", str(data), "--min-pixels", "3136", "--max-pixels", "3136"]) == 1
+        assert f"[box_tiny]:\n  {data}:2\n" in capsys.readouterr().out

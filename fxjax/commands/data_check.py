@@ -459,6 +459,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             lines += ["", "token length: skipped (give --tokenizer DIR, a directory with tokenizer.json such as "
                           "`fxjax init` writes)", *_describe_image_tokens(records, cfg)]
+            if cfg.mode == "sft":  # (the boxes at max_pixels need no tokenizer; shrinking for max_length does)
+                from fxjax.data.examples import box_tiny_at_max_pixels
+
+                refused = [r.source for r in records if box_tiny_at_max_pixels(r, cfg) is not None]
     warnings = _warnings(records, report.hints, threads=args.threads) + _coco_warning(report.skipped, records)
     if warnings:
         lines += ["", f"warnings ({len(warnings)}; the records are valid, but check these):"]

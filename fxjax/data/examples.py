@@ -117,12 +117,14 @@ def empty_written_box(boxes) -> int | None:
 
 
 def box_tiny_error(source: str, region: int, box, model_size: tuple[int, int]) -> DataError:
+    """The box_tiny error of record `source`'s region `region`, whose `box` (model-input pixels) the target
+    would write empty at `model_size` (height, width)."""
     return DataError(source, f"region {region} box {[round(float(v), 2) for v in box]} is under one pixel wide "
                              f"or high at the model's input ({model_size[1]}x{model_size[0]}): the target would "
                              f"hold an empty box (raise min_pixels / max_pixels)", "box_tiny")
 
 
-def tiny_box_error(record: Record, cfg: DataConfig) -> DataError | None:
+def box_tiny_at_max_pixels(record: Record, cfg: DataConfig) -> DataError | None:
     """The box_tiny error of a record whose SFT target would write a box empty at the model's input at
     data.max_pixels (None when every box keeps a pixel): found for every record when a pipeline starts, not
     at the step that first builds the record (hours into a run). An image that data.long_images shrinks

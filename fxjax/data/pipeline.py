@@ -32,7 +32,6 @@ record's file:line; truncations are counted too (``BatchIterator.report()``).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -43,7 +42,7 @@ import grain
 
 from fxjax.data.batching import BatchDataset, BatchIterator, bucket_length, collate
 from fxjax.data.config import DataConfig
-from fxjax.data.examples import IGNORE_INDEX, Dropped, ExampleBuilder, tiny_box_error, tokens_for
+from fxjax.data.examples import IGNORE_INDEX, Dropped, ExampleBuilder, box_tiny_at_max_pixels, tokens_for
 from fxjax.data.records import DataError, LoadReport, Record, load_records
 
 __all__ = [
@@ -134,11 +133,11 @@ class DataPipeline:
             records, report = load_records(cfg.data_files, cfg.root, cfg.format, cfg.on_error, cfg.check_decode,
                                            cfg.max_image_pixels, allow_absolute_paths=cfg.allow_absolute_paths)
             logger.info("%s", report.summary())
+            if cfg.mode == "sft":  # (records given were loaded, and checked, by the caller's pipeline)
+                self._check_tiny_boxes(records)
         self.records = list(records)
         self.report = report
         files = ", ".join(cfg.data_files)
-        if cfg.mode == "sft":
-            self.records = self._without_tiny_boxes(self.records)
         if not self.records:
             why = f": {report.summary()}" if report is not None else ""
             raise ValueError(f"no valid records in {files}{why}")
@@ -160,25 +159,21 @@ class DataPipeline:
                              "shards")
         self.pad_id = tokens_for(cfg.tokenizer).pad
 
-    def _without_tiny_boxes(self, records: list[Record]) -> list[Record]:
-        """The records whose boxes keep a pixel at the model's input (`tiny_box_error`): another is an error
-        now under data.on_error raise (it stopped the run at the step that first built it), or left out
-        under skip (listed in the load report, the rest numbered again as loading numbers them)."""
-        errors = [e for e in (tiny_box_error(r, self.cfg) for r in records) if e is not None]
+    def _check_tiny_boxes(self, records: Sequence[Record]) -> None:
+        """SFT records whose target would write a box empty at the model's input (`box_tiny_at_max_pixels`):
+        under data.on_error raise an error now (it stopped the run at the step that first built the record,
+        hours in); under skip a warning naming them, the records kept in place and each dropped where its
+        example is built (as before: the records' order, their prompt templates and the stream a checkpoint
+        holds are those of earlier runs of the same data)."""
+        errors = [e for e in (box_tiny_at_max_pixels(r, self.cfg) for r in records) if e is not None]
         if not errors:
-            return records
+            return
         if self.cfg.on_error == "raise":
             more = f" (and {len(errors) - 1} more record(s) like it)" if len(errors) > 1 else ""
             raise DataError(errors[0].where, errors[0].problem + more, errors[0].kind)
-        bad = {e.where for e in errors}
-        logger.warning("skipped %d record(s) whose boxes are under a pixel at the model's input [box_tiny], e.g. %s",
-                       len(errors), errors[0])
-        if self.report is not None:  # (once: a report can be shared by pipelines of the same records)
-            listed = {e.where for e in self.report.skipped}
-            new = [e for e in errors if e.where not in listed]
-            self.report.skipped.extend(new)
-            self.report.loaded -= len(new)
-        return [dataclasses.replace(r, index=i) for i, r in enumerate(r for r in records if r.source not in bad)]
+        logger.warning("%d record(s) have a box under a pixel at the model's input, which training leaves out "
+                       "(data.on_error: skip) [box_tiny]: %s", len(errors),
+                       "; ".join(e.where for e in errors[:10]) + (" ..." if len(errors) > 10 else ""))
 
     def __len__(self) -> int:
         """Records in this process's shard (one epoch)."""
