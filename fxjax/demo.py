@@ -202,10 +202,10 @@ def _evaluate(phase: str, model_flags: list[str], test_file: Path, out: Path, ev
 
     say = lambda text: _say(f"      eval: {text}")  # noqa: E731
     args = _eval_args(model_flags, test_file, out / phase, ev)
-    records, report, loaded = eval_records(args, say)
+    records, report, records_key = eval_records(args, say)
     detector = step_detector(args, args.step[0] if args.step else None)
     args.batch_size = detector.batch_size(args.batch_size, default=8)
-    settings = settings_of(args, detector.source, detector.data, detector.tokenizer, loaded)
+    settings = settings_of(args, detector.source, detector.data, detector.tokenizer, records_key)
     summary = evaluate_detector(args, records, report, detector, settings, out / phase, say, after=after)
     rows = [json.loads(line) for line in (out / phase / PREDICTIONS).read_text(encoding="utf-8").splitlines()]
     completions = [r["completion"] for r in rows]

@@ -647,8 +647,9 @@ def test_a_resume_with_the_records_in_another_order_or_others_skipped_is_refused
 
     def settings(*argv):
         args = parse_eval_args(["--model", "m", *argv])
-        records, _, loaded = eval_records(args, lambda text: None)
-        return records, settings_of(args, {"model": "m"}, dict.fromkeys(PROMPT_SETTING_KEYS), str(tmp_path), loaded)
+        records, _, records_key = eval_records(args, lambda text: None)
+        return records, settings_of(args, {"model": "m"}, dict.fromkeys(PROMPT_SETTING_KEYS), str(tmp_path),
+                                    records_key)
 
     records, first = settings("--data", str(a), str(b))
     out = tmp_path / "out"
@@ -661,3 +662,8 @@ def test_a_resume_with_the_records_in_another_order_or_others_skipped_is_refused
     with pytest.raises(ValueError, match=r"other settings \(records\.count: 5 then, [1-4] now; records\.sha256"):
         require_same_settings(out, settings("--data", str(a), str(b), "--on-error", "skip",
                                             "--max-image-pixels", str(small))[1])
+    # a folder written before the records were recorded resumes (as it did), and records them from then on
+    (out / "settings.json").write_text(json.dumps({k: v for k, v in first.items() if k != "records"}))
+    require_same_settings(out, settings("--data", str(b), str(a))[1])
+    check_settings(out, first, fresh=False)
+    assert json.loads((out / "settings.json").read_text())["records"] == first["records"]

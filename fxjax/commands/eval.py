@@ -71,7 +71,6 @@ examples:
   fxjax eval --model Qwen2.5-VL-3B --adapter runs/adapter --data test.jsonl --limit 100 --group-by generator"""
 
 
-
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +116,7 @@ def parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(["eval", *argv])
 
 
-# ---- predictions.jsonl -----------------------------------------------------------------------------
+# ---- what made the predictions (settings.json) ------------------------------------------------------
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -149,10 +148,11 @@ def _weights_identity(source: dict) -> dict:
     return identity
 
 
-def settings_of(args: argparse.Namespace, source: dict, data: dict, tokenizer: str, loaded: dict) -> dict:
+def settings_of(args: argparse.Namespace, source: dict, data: dict, tokenizer: str,
+                records_key: dict) -> dict:
     """What decides the predictions, recorded and compared on resume: the weights, decoding, prompt settings,
     the tokenizer, the data files' contents and where their images are read from (predictions are keyed by
-    file:line, so another --root would otherwise reuse answers about other images), and `loaded`, the
+    file:line, so another --root would otherwise reuse answers about other images), and `records_key`, the
     fingerprint of every record loaded, in order (`eval_records`): a record's prompt template is drawn by its
     place among them, so the files in another order, or other records skipped (--on-error skip, another
     --max-image-pixels), prompt the same image otherwise."""
@@ -164,7 +164,7 @@ def settings_of(args: argparse.Namespace, source: dict, data: dict, tokenizer: s
             "tokenizer": str(Path(tokenizer).resolve()),
             "images": {"root": str(Path(args.root).resolve()) if args.root else None, "format": args.format,
                        "allow_absolute_paths": bool(args.allow_absolute_paths)},
-            "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}, "records": loaded}
+            "data": {str(Path(f).resolve()): _sha256(f) for f in args.data}, "records": records_key}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,12 +187,13 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     require_writable(args.out, "--out")
-    records, report, loaded = eval_records(args, say)
+    records, report, records_key = eval_records(args, say)
     steps = args.step if isinstance(args.step, list) else [args.step]
     detectors = [step_detector(args, step) for step in steps]
     if args.max_new_tokens is None:  # (the steps of one run: the longest any of them was evaluated with)
         args.max_new_tokens = max(d.max_new_tokens for d in detectors)
-    settings = [settings_of(args, d.source, d.data, d.tokenizer, loaded) for d in detectors]  # (hashes the data once)
+    # (hashes the data once)
+    settings = [settings_of(args, d.source, d.data, d.tokenizer, records_key) for d in detectors]
     if len(detectors) > 1:
         from fxjax.commands.eval_steps import check_distinct_steps, evaluate_steps, step_folder
 
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, Any, dict]:
     """The records --data names (--root, --format, --on-error, --allow-absolute-paths, --max-image-pixels),
     the first --limit of them, the load report (the skipped ones said), and the fingerprint of every record
-    loaded (`settings_of`'s `loaded`)."""
+    loaded (`settings_of`'s `records_key`)."""
     from fxjax.commands.data_check import quiet_logger
     from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
     from fxjax.data.pipeline import records_fingerprint

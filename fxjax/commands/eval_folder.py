@@ -24,6 +24,7 @@ __all__ = ["METRICS", "PREDICTIONS", "SETTINGS", "evaluate", "evaluate_detector"
 
 PREDICTIONS, METRICS, SETTINGS = "predictions.jsonl", "metrics.json", "settings.json"
 
+
 def source_key(source: str) -> str:
     """A record's source (its data file as given, ':' line) with the file's absolute path: the same record
     whatever folder the eval runs from (a resume from another folder decoded every image again)."""
@@ -101,7 +102,7 @@ def require_same_settings(out: Path, settings: dict) -> None:
         if why:
             raise ValueError(f"{path} is damaged ({why}): what made the predictions beside it is unknown; pass "
                              "--fresh to start over, or another --out")
-        changed = _differences(saved, settings)
+        changed = _differences(saved, as_recorded_then(saved, settings))
         if any(key == "model.step" for key, _, _ in changed):  # (another checkpoint: its time differs too)
             changed = [c for c in changed if c[0] != "model.checkpoint_mtime_ns"]
         if changed:
@@ -117,9 +118,21 @@ def earlier_metrics(out: Path, settings: dict) -> dict:
         metrics = json.loads((out / METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not isinstance(metrics, dict) or metrics.get("settings") != json.loads(json.dumps(settings)):
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("settings"), dict):
+        return {}
+    if metrics["settings"] != json.loads(json.dumps(as_recorded_then(metrics["settings"], settings))):
         return {}
     return metrics
+
+
+# Settings keys added since eval folders were first written: a folder written before one was recorded
+# resumes (the setting unknown then, as it was before), and records it from now on.
+ADDED_SETTINGS = ("records",)
+
+
+def as_recorded_then(saved: dict, settings: dict) -> dict:
+    """`settings` without the keys `saved` (an older folder's settings) has not recorded (ADDED_SETTINGS)."""
+    return {k: v for k, v in settings.items() if k in saved or k not in ADDED_SETTINGS}
 
 
 def too_long_before(earlier: dict) -> set[str]:
