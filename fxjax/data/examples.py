@@ -116,6 +116,20 @@ def empty_written_box(boxes) -> int | None:
     return None
 
 
+def _last_true(lo: int, hi: int, make, keep):
+    """make(p) for the largest p in [lo, hi] with keep(make(p)), by bisection (keep true up to a point and
+    false after it); None when keep holds for none."""
+    found = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        made = make(mid)
+        if keep(made):
+            found, lo = made, mid + 1
+        else:
+            hi = mid - 1
+    return found
+
+
 def box_tiny_error(source: str, region: int, box, model_size: tuple[int, int]) -> DataError:
     """The box_tiny error of record `source`'s region `region`, whose `box` (model-input pixels) the target
     would write empty at `model_size` (height, width)."""
@@ -217,8 +231,9 @@ class ExampleBuilder:
 
         With data.long_images "shrink", an image whose tokens at data.max_pixels leave the example over
         max_length (beside the prompt's text and, in SFT, the whole target) is resized to the largest size
-        that fits, as `fxjax detect` does: a 4032 x 3024 phone photo is 15552 tokens at Qwen's max_pixels,
-        over max_length 8192, and "drop" would leave every such photo out of training."""
+        that fits: a 4032 x 3024 phone photo is 15552 tokens at Qwen's max_pixels, over max_length 8192, and
+        "drop" would leave every such photo out of training. (`fxjax detect` bounds the image by the tokens
+        left beside its prompt, `fitting_max_pixels`: a size at most one 28-pixel step smaller than this.)"""
         cfg, tk = self.cfg, self.tokens
         template = pick_template(cfg.seed, record.index, epoch) if template is None else template
         system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts, cfg.user_prompt)
@@ -226,50 +241,48 @@ class ExampleBuilder:
             template = -1  # the record's own prompt or data.user_prompt: no template
         before, after = tk.prompt(system, user)
         text = self._sized(record, before, after, template, cfg.max_pixels)
-        if cfg.long_images == "drop" or self._length(text) <= cfg.max_length or cfg.max_pixels <= cfg.min_pixels:
+        if cfg.long_images == "drop" or cfg.max_pixels <= cfg.min_pixels:
             return text
-        smaller = self._largest_fitting(record, before, after, template, text.max_pixels - 1)
+        length = self._length(text)
+        if length <= cfg.max_length:
+            return text
+        # A smaller image writes its box numbers in as many digits or fewer, so its completion is at most
+        # this long: a size whose prompt fits beside it fits without encoding the target again.
+        completion_bound = length - len(text.prompt_ids)
+        smaller = self._largest_fitting(record, before, after, template, text.max_pixels - 1, completion_bound)
         return dataclasses.replace(smaller, shrunk_from=text.model_size) if smaller is not None else text
 
     def _largest_fitting(self, record: Record, before: list[int], after: list[int], template: int,
-                         below: int) -> ExampleText | None:
+                         below: int, completion_bound: int) -> ExampleText | None:
         """The example at the largest image size (a max_pixels from min_pixels to `below`) whose length fits
         max_length; when none does, at the smallest size min_pixels admits (its reasoning is then truncated,
         or it is dropped); None when min_pixels admits none below. The size, and with it the length, falls
-        with max_pixels, so each is a bisection over max_pixels (two dozen lengths at Qwen's limits): an
-        estimate from the token overflow, rounded down by smart_resize, undershot min_pixels and left images
-        at full size that fit at a smaller one."""
+        with max_pixels, so each is a bisection over max_pixels: an estimate from the token overflow,
+        rounded down by smart_resize, undershot min_pixels and left images at full size that fit at a
+        smaller one. Only a size whose prompt alone leaves room for less than `completion_bound` (the
+        completion's length at full size) has its target encoded."""
         cfg = self.cfg
+        known: dict[tuple[int, int], bool] = {}  # model size -> fits (nearby max_pixels give the same size)
 
-        def sized(pixels: int) -> ExampleText:
-            return self._sized(record, before, after, template, pixels)
+        def fits(text: ExampleText) -> bool:
+            room = cfg.max_length - len(text.prompt_ids)
+            if room >= completion_bound or room <= 0:
+                return room > 0
+            if text.model_size not in known:
+                known[text.model_size] = self._length(text) <= cfg.max_length
+            return known[text.model_size]
 
         def admitted(text: ExampleText) -> bool:  # (smart_resize's rounding at a max_pixels near min_pixels
             return text.model_size[0] * text.model_size[1] >= cfg.min_pixels  # can go below it)
 
-        def largest(lo: int, hi: int, keep) -> ExampleText | None:  # the largest pixels in [lo, hi] that keep
-            found = None
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                text = sized(mid)
-                if keep(text):
-                    found, lo = text, mid + 1
-                else:
-                    hi = mid - 1
-            return found
+        def sized(pixels: int) -> ExampleText:
+            return self._sized(record, before, after, template, pixels)
 
-        fitting = largest(cfg.min_pixels, below, lambda t: self._length(t) <= cfg.max_length)
+        fitting = _last_true(cfg.min_pixels, below, sized, fits)  # (the largest size that fits)
         if fitting is not None and admitted(fitting):
             return fitting
-        lo, hi, smallest = cfg.min_pixels, below, None  # none fits: the smallest size min_pixels admits
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            text = sized(mid)
-            if admitted(text):
-                smallest, hi = text, mid - 1
-            else:
-                lo = mid + 1
-        return smallest
+        # none fits: the smallest size min_pixels admits (the last one, counting down, that it admits)
+        return _last_true(-below, -cfg.min_pixels, lambda p: sized(-p), admitted)
 
     def _sized(self, record: Record, before: list[int], after: list[int], template: int,
                max_pixels: int) -> ExampleText:
