@@ -233,7 +233,7 @@ class ExampleBuilder:
         max_length (beside the prompt's text and, in SFT, the whole target) is resized to the largest size
         that fits: a 4032 x 3024 phone photo is 15552 tokens at Qwen's max_pixels, over max_length 8192, and
         "drop" would leave every such photo out of training. (`fxjax detect` bounds the image by the tokens
-        left beside its prompt, `fitting_max_pixels`: a size at most one 28-pixel step smaller than this.)"""
+        left beside its prompt, `fitting_max_pixels`: a size no larger than this, often the same.)"""
         cfg, tk = self.cfg, self.tokens
         template = pick_template(cfg.seed, record.index, epoch) if template is None else template
         system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts, cfg.user_prompt)
