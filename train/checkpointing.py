@@ -269,10 +269,11 @@ def ignore_reads_left_behind() -> None:
     <coroutine ... _read_array_index_and_device_put>" and "RuntimeError: Event loop is closed" (through
     sys.unraisablehook), up to thousands of lines of TensorStore specs below the error, in some runs and not
     others (by timing), some from TensorStore's threads while the error is still on its way. From the first
-    restore on, exactly those are dropped: orbax's coroutines, the closed loop, and never-retrieved futures
-    (after a restore, the reads it left; a save's errors reach the run through its own path). (Where a
-    step's array index itself cannot be read, TensorStore's threads can still print a closed-loop
-    traceback past every Python hook.)"""
+    restore on (a run's, or `fxjax.train.run_loading`'s), exactly those are dropped: orbax's coroutines,
+    the closed loop, and never-retrieved futures of orbax's or TensorStore's reads (whose errors are the
+    restore's own, already reported); another asyncio error of the process still prints. (Where a step's
+    array index itself cannot be read, TensorStore's threads can still print a closed-loop traceback past
+    every Python hook.)"""
     previous = sys.unraisablehook
     if getattr(previous, "_fxjax_drops_left_behind_reads", False):
         return
@@ -285,8 +286,13 @@ def ignore_reads_left_behind() -> None:
 
     hook._fxjax_drops_left_behind_reads = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved"))
+    logging.getLogger("asyncio").addFilter(lambda record: not _left_behind_read(str(record.msg)))
+
+
+def _left_behind_read(message: str) -> bool:
+    """Whether an asyncio log message is a never-retrieved future or task of orbax's or TensorStore's reads."""
+    return (message.split("\n", 1)[0].endswith("exception was never retrieved")
+            and any(word in message for word in ("orbax", "OCDBT", "tensorstore", "TensorStore")))
 
 
 def _abstract(leaf):

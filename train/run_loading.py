@@ -21,7 +21,6 @@ load in one: orbax reassembles every array onto this process's mesh.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -261,28 +260,6 @@ def _resolved_paths(m):
                                      if (v := getattr(m, k)) is not None})
 
 
-def _quiet_abandoned_reads() -> None:
-    """A restore that fails stops at the first array that cannot be read and closes orbax's event loop,
-    and the reads of the other arrays still running then fail where nobody awaits them, each printed as a
-    traceback (TensorStore's whole spec, or "Event loop is closed") around the error that says what is
-    wrong. Those, and only those, are left unsaid from now on (set before a restore: some come before
-    the restore's own error)."""
-    if getattr(sys.unraisablehook, "quiets_abandoned_reads", False):
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        exc, obj = unraisable.exc_value, unraisable.object
-        abandoned_read = getattr(getattr(obj, "cr_code", None), "co_filename", "").endswith(
-            "orbax/checkpoint/_src/serialization/serialization.py")
-        closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-        if not (abandoned_read or closed_loop):
-            previous(unraisable)
-
-    hook.quiets_abandoned_reads = True
-    sys.unraisablehook = hook
-
-
 def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> None:
     """The LoRA parameters of checkpoint `step` into `model` (built from `cfg`), each onto its sharding."""
     import orbax.checkpoint as ocp
@@ -290,7 +267,7 @@ def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> 
     from flax import nnx
 
     from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
-    from fxjax.train.checkpointing import flatten_tree, unflatten_tree
+    from fxjax.train.checkpointing import flatten_tree, ignore_reads_left_behind, unflatten_tree
     from fxjax.train.step import split_model
 
     steps = committed_steps(ckpt)
@@ -299,7 +276,7 @@ def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> 
     # the optimiser state, step and RNG stay on disk.
     template = {f"params.{name}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                 for name, x in flatten_tree(params).items()}
-    _quiet_abandoned_reads()
+    ignore_reads_left_behind()
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             state_dir = ckpt / str(step) / "state"
