@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _TRAINING_MEMORY = ("lower data.batch_size (raise optim.grad_accum to keep the batch), data.max_length or "
-                    "data.max_pixels, set model.remat: full, or spread the model over more devices (mesh.fsdp)")
+                    "data.max_pixels, or spread the model over more devices (mesh.fsdp)")
 MEMORY_ADVICE = {  # what to change, by command, when the device runs out of memory
     "detect": "give a lower --max-pixels (fewer image tokens) or --batch-size",
     "eval": "give a lower --max-pixels (fewer image tokens) or --batch-size",
@@ -381,11 +381,12 @@ MEMORY_ADVICE = {  # what to change, by command, when the device runs out of mem
 def _out_of_memory(err: BaseException, command: str) -> str:
     """The one-line error of a device that ran out of memory (XLA's RESOURCE_EXHAUSTED), with what to change
     for `command`; "" for any other error."""
-    text = str(err).strip()
-    if not isinstance(err, RuntimeError) or "RESOURCE_EXHAUSTED" not in text:
+    text = str(err).strip()  # (XLA says "Out of memory allocating ..." on CPU and GPU, "Ran out of memory" on TPU;
+    # RESOURCE_EXHAUSTED alone is also a gRPC status of the coordination service)
+    if not isinstance(err, RuntimeError) or "RESOURCE_EXHAUSTED" not in text or "out of memory" not in text.lower():
         return ""
     advice = MEMORY_ADVICE.get(command, "use smaller images or batches, or more devices")
-    return f"the device ran out of memory ({text.splitlines()[0][:300]}): {advice}"
+    return f"the device ran out of memory ({text.splitlines()[0]}): {advice}"
 
 
 def _record_hint(err: BaseException, args: argparse.Namespace) -> str:

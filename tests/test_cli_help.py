@@ -361,9 +361,10 @@ def test_a_device_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, c
     assert err == ("fxjax detect: error: the device ran out of memory (RESOURCE_EXHAUSTED: Out of memory allocating "
                    "137526805184 bytes.): give a lower --max-pixels (fewer image tokens) or --batch-size\n")
 
-    def other(args):
-        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    for other in ("INTERNAL: something else", "RESOURCE_EXHAUSTED: the coordination service's gRPC quota"):
+        def fails(args, text=other):
+            raise jax.errors.JaxRuntimeError(text)
 
-    monkeypatch.setattr(detect, "run", other)
-    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        main(["detect", "--run", "r", "x.png"])
+        monkeypatch.setattr(detect, "run", fails)
+        with pytest.raises(jax.errors.JaxRuntimeError, match=other.split(":")[0]):
+            main(["detect", "--run", "r", "x.png"])
