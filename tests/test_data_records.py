@@ -253,11 +253,13 @@ def test_a_name_whose_accents_are_composed_otherwise_is_named(root):
     composed = unicodedata.normalize("NFC", "névé.png")
     (root / "img" / composed).write_bytes((root / "img/ok.png").read_bytes())
     decomposed = unicodedata.normalize("NFD", "névé.png")
+    if (root / "img" / decomposed).exists():
+        pytest.skip("this file system finds a name in either composition (macOS): nothing is missing")
     path = root / "data.jsonl"
     path.write_text(json.dumps(native(image=f"img/{decomposed}")) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"accents composed otherwise \(NFC\) exists: ") as info:
         load_records(path)
-    assert info.value.kind == "image_missing" and repr(composed) in str(info.value)
+    assert info.value.kind == "image_missing" and f"{ascii(composed)}, not {ascii(decomposed)}" in str(info.value)
     path.write_text(json.dumps(native(image=f"img/{composed}")) + "\n", encoding="utf-8")
     assert len(load_records(path)[0]) == 1
 

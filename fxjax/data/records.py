@@ -247,8 +247,9 @@ def _normalisation_hint(path: Path) -> str:
     for form in ("NFC", "NFD"):
         other = unicodedata.normalize(form, name)
         if other != name and (path.parent / other).is_file():
-            return (f" (a file of this name with its accents composed otherwise ({form}) exists: {other!r}, "
-                    f"not {name!r}; write the record's path as the file system has it)")
+            return (f" (a file of this name with its accents composed otherwise ({form}) exists: {ascii(other)}, "
+                    f"not {ascii(name)}; write the record's path as the file system has it)")  # (ascii: printed
+            # plainly, the two spellings look the same)
     return ""
 
 
