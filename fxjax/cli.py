@@ -86,8 +86,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from fxjax.hf_config import load_config
     from fxjax.model_init import abstract_parameter_counts
 
-    cfg, untied = (load_preset(args.model), False) if not source.is_dir() else (None, False)
-    if source.is_dir():
+    untied = False
+    if not source.is_dir():
+        cfg = load_preset(args.model)
+    else:
         try:  # (as from_pretrained builds it: a tied config whose stored head differs loads untied)
             cfg, _, _, untied = config_as_loaded(source)
         except CheckpointError:  # (no weights, or unreadable ones: the config alone says what it would be)

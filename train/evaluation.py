@@ -27,10 +27,9 @@ from fxjax.device_mesh import batch_shards, splits_batch, use_mesh
 from fxjax.train.batching import (batch_shardings, build_step_batch, check_same_records, grow_floor, pad_rows,
                                   place_batch)
 from fxjax.train.inference import GreedyDecoder
-from fxjax.train.run_setup import evaluates, warn_held_out_overlap
 from fxjax.train.step import make_eval_loss
 
-__all__ = ["EvalResult", "Evaluator", "held_out_evaluator"]
+__all__ = ["EvalResult", "Evaluator"]
 
 
 @dataclass
@@ -169,17 +168,3 @@ def _training(model) -> bool:
         if isinstance(module, nnx.Dropout):
             return not module.deterministic
     return False
-
-
-def held_out_evaluator(cfg, data_cfg: DataConfig, mesh, train_records, say) -> Evaluator | None:
-    """The run's Evaluator of cfg.data.eval_files (None when the run does not evaluate), built before the
-    model loads: a held-out file that is missing, has invalid records or differs between the processes is
-    then an error in seconds, not after minutes of loading and restoring on a pod; and the held-out images
-    that are training images are named (process 0)."""
-    if not evaluates(cfg):
-        return None
-    evaluator = Evaluator(data_cfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
-                          max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
-                          loss_chunk=cfg.train.loss_chunk, mesh=mesh)
-    warn_held_out_overlap(train_records, evaluator.loss_pipeline.records, say)
-    return evaluator

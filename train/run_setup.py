@@ -39,6 +39,7 @@ from fxjax.partition_rules import (UnsplitParametersWarning, param_shardings, sh
                                     unsplit_message)
 from fxjax.train import faults
 from fxjax.train.checkpointing import TrainCheckpointer
+from fxjax.train.evaluation import Evaluator
 from fxjax.train.export import check_export_targets
 from fxjax.train.optimizer import make_optimizer
 from fxjax.train.preemption import held_signal, hold_stop_signals
@@ -107,6 +108,20 @@ def evaluates(cfg) -> bool:
     are one when the rewards are staged)."""
     stage_ends = getattr(cfg.eval, "at_stage_ends", False) and cfg.grpo.schedule != "continuous"
     return bool(cfg.data.eval_files) and bool(cfg.eval.every or cfg.eval.at_start or cfg.eval.at_end or stage_ends)
+
+
+def held_out_evaluator(cfg, data_cfg, mesh, train_records, say) -> Evaluator | None:
+    """The run's Evaluator of cfg.data.eval_files (None when the run does not evaluate), built before the
+    model loads: a held-out file that is missing, has invalid records or differs between the processes is
+    then an error in seconds, not after minutes of loading and restoring on a pod; and the held-out images
+    that are training images are named (process 0)."""
+    if not evaluates(cfg):
+        return None
+    evaluator = Evaluator(data_cfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
+                          max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
+                          loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+    warn_held_out_overlap(train_records, evaluator.loss_pipeline.records, say)
+    return evaluator
 
 
 def check_eval_batch(cfg, mesh, log: Callable[[str], None]) -> None:

@@ -41,14 +41,13 @@ from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.train import faults
 from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, check_same_records, grow_floor,
                                   place_local_batch, process_rows, with_patch_dtype)
-from fxjax.train.evaluation import held_out_evaluator
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.run_lock import locked_run_dirs
-from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, join_run, keep_start_lora,
-                                   resumed_start, start_description, start_run)
+from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, held_out_evaluator, join_run,
+                                   keep_start_lora, resumed_start, start_description, start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 

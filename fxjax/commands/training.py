@@ -31,7 +31,7 @@ def relative_to_config_hint(value: str, config: str | None) -> str:
         return ""
     beside = Path(config).parent / value
     return (f" (relative paths resolve against the working folder, {Path.cwd()}, not the config's; {beside} "
-            f"exists: run from {Path(config).parent or '.'} or write the path from here)")
+            f"exists: run from {Path(config).parent} or write the path from here)")
 
 
 def check_paths(cfg, config: str | None = None) -> None:
