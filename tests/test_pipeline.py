@@ -357,12 +357,13 @@ def test_long_images_shrink_to_fit_and_keep_their_boxes(demo, tokenizer_dir, rec
         assert it.get_state()["dropped"] == {"too_long": len(shrunk)} and it.get_state()["shrunk"] == 0
 
 
-def test_a_long_image_shrinks_to_the_largest_size_that_fits(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("mode", ["sft", "prompt"])
+def test_a_long_image_shrinks_to_the_largest_size_that_fits(tmp_path, tokenizer_dir, mode):
     """For every max_length between the smallest and the full example's length, the size "shrink" picks is
     the largest at which the example fits (or, when none does, the smallest min_pixels admits), against every
     size smart_resize gives between. The size was estimated from the token overflow: smart_resize's rounding
     took it below min_pixels, and a 301 x 157 image stayed at full size (271 tokens) for max_length 210,
-    dropped, where 56 x 140 fits in 209."""
+    dropped, where 56 x 140 fits in 209. GRPO's prompts (mode "prompt") too: a prompt of max_length fits."""
     Image.new("RGB", (301, 157), (90, 120, 30)).save(tmp_path / "a.png")
     regions = [{"bbox": [20, 15, 140, 90], "caption": "a melted fence"},
                {"bbox": [180, 60, 290, 150], "caption": "a sign with broken letters"}]
@@ -370,11 +371,13 @@ def test_a_long_image_shrinks_to_the_largest_size_that_fits(tmp_path, tokenizer_
                                                   "reasoning": "The fence and the sign look wrong."}) + "\n")
     (record,), _ = load_records(tmp_path / "a.jsonl")
     cfg = DataConfig(data_files=(str(tmp_path / "a.jsonl"),), tokenizer=str(tokenizer_dir), min_pixels=3136,
-                     max_pixels=12845056, max_length=100000, user_prompt="Real or generated?", long_images="drop")
+                     max_pixels=12845056, max_length=100000, user_prompt="Real or generated?", long_images="drop",
+                     mode=mode)
 
     def at(pixels: int):
         text = ExampleBuilder(dataclasses.replace(cfg, max_pixels=pixels), 1).text(record)
-        return text.model_size, len(text.prompt_ids) + len(ExampleBuilder(cfg, 1).completion_ids(text.target))
+        completion = ExampleBuilder(cfg, 1).completion_ids(text.target) if mode == "sft" else []
+        return text.model_size, len(text.prompt_ids) + len(completion)
 
     full_size, full_length = at(cfg.max_pixels)
     sizes = {}  # every size smart_resize gives from min_pixels to the full one: its example's length

@@ -266,8 +266,10 @@ class ExampleBuilder:
 
         def fits(text: ExampleText) -> bool:
             room = cfg.max_length - len(text.prompt_ids)
-            if room >= completion_bound or room <= 0:
-                return room > 0
+            if room >= completion_bound:  # (GRPO's prompts: a bound of 0, a prompt of max_length fits)
+                return True
+            if room <= 0:
+                return False
             if text.model_size not in known:
                 known[text.model_size] = self._length(text) <= cfg.max_length
             return known[text.model_size]
