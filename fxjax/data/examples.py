@@ -138,6 +138,13 @@ def box_tiny_error(source: str, region: int, box, model_size: tuple[int, int]) -
                              f"hold an empty box (raise min_pixels / max_pixels)", "box_tiny")
 
 
+def model_boxes(record: Record, height: int, width: int) -> np.ndarray:
+    """The record's boxes (original-image pixels) in the pixels of its image resized to height x width,
+    float64, one row [x1, y1, x2, y2] per region."""
+    scale = np.array([width / record.width, height / record.height] * 2)
+    return np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale
+
+
 def box_tiny_at_max_pixels(record: Record, cfg: DataConfig) -> DataError | None:
     """The box_tiny error of a record whose SFT target would write a box empty at the model's input at
     data.max_pixels (None when every box keeps a pixel): found for every record when a pipeline starts, not
@@ -146,8 +153,7 @@ def box_tiny_at_max_pixels(record: Record, cfg: DataConfig) -> DataError | None:
     if not record.regions:
         return None
     height, width = model_input_size(record.height, record.width, cfg.min_pixels, cfg.max_pixels)
-    scale = np.array([width / record.width, height / record.height] * 2)
-    boxes = np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale
+    boxes = model_boxes(record, height, width)
     empty = empty_written_box(boxes.astype(np.float32))
     return None if empty is None else box_tiny_error(record.source, empty, boxes[empty], (height, width))
 
@@ -291,8 +297,7 @@ class ExampleBuilder:
         cfg = self.cfg
         height, width = model_input_size(record.height, record.width, cfg.min_pixels, max_pixels)
         n_image_tokens = image_tokens(height, width)
-        scale = np.array([width / record.width, height / record.height] * 2)
-        boxes = (np.array([r.bbox for r in record.regions], np.float64).reshape(-1, 4) * scale).astype(np.float32)
+        boxes = model_boxes(record, height, width).astype(np.float32)
         return ExampleText(prompt_ids=before + [self.tokens.image_pad] * n_image_tokens + after,
                            target=render_target(record, boxes), boxes=boxes, model_size=(height, width),
                            num_image_tokens=n_image_tokens, template=template, max_pixels=max_pixels)
