@@ -254,11 +254,16 @@ class CheckpointSection:
     keep: int = 3  # keep the last K checkpoints
     async_save: bool = True
     resume: bool = True  # continue from the latest checkpoint in dir when there is one
+    # Several processes: how long each waits at the start to see the file process 0 writes in dir (a network
+    # file system's caches may show a new file late), before calling the folder not shared.
+    shared_folder_wait: float = 30.0
 
     def validate(self, where: str) -> None:
         if self.every < 0:
             raise ConfigError(f"{where}.every: must be >= 0, got {self.every}")
         check_positive(self.keep, f"{where}.keep")
+        if not self.shared_folder_wait >= 0:
+            raise ConfigError(f"{where}.shared_folder_wait: must be >= 0 seconds, got {self.shared_folder_wait}")
 
 
 @dataclass(frozen=True)

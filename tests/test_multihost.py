@@ -334,7 +334,8 @@ def test_the_processes_resume_from_one_checkpoint_they_all_restore(tmp_path, tok
     checkpoint folders started one fresh and one resumed (hung). Now a step counts only when every process
     restored it, and different folders are an error on every process (the start's shared-folder check). (A failure inside orbax's read on one
     host only still waits in orbax's own barrier; here the host's error comes after the read.)"""
-    _tiny_sft_run(tmp_path, tokenizer_dir, steps=3, checkpoint={"every": 1})
+    # (each process looks for process 0's file for 2 s, not the default 30, before calling the folder not shared)
+    _tiny_sft_run(tmp_path, tokenizer_dir, steps=3, checkpoint={"every": 1, "shared_folder_wait": 2})
 
     def run(tag: str, **extra: str) -> tuple[list[int], list[str]]:
         procs, logs = launch_two(["sft", "--config", str(tmp_path / "run.yaml"), "--set", "train.steps=4",
@@ -360,6 +361,7 @@ def test_the_processes_resume_from_one_checkpoint_they_all_restore(tmp_path, tok
     for rank, folder in ((0, ckpt), (1, tmp_path / "elsewhere")):
         assert (f"fxjax sft: error: checkpoint.dir: process(es) 1 of 2 do not see the file process 0 wrote in "
                 f"{folder}: ") in text[rank], text[rank][-2500:]
+        assert "(they waited 2 s for it: checkpoint.shared_folder_wait)" in text[rank], text[rank][-2500:]
     assert not list(ckpt.glob(".fxjax-shared-check-*"))  # process 0 removed its file
 
     # process 1 cannot read step 3: both resume from step 2 (step 3 set aside) and train on to step 4

@@ -87,6 +87,7 @@ def test_the_shipped_configs_load_and_are_frozen():
     ({"optim": {"weight_decay": -1.0}}, "optim.weight_decay: must be >= 0, got -1.0"),
     ({"lora": {"alpha": 0.0}}, "lora.alpha: must be a positive number, got 0.0"),
     ({"eval": {"max_examples": -1}}, "eval.max_examples: must be positive, got -1"),
+    ({"checkpoint": {"shared_folder_wait": -1}}, "checkpoint.shared_folder_wait: must be >= 0 seconds, got -1"),
     # YAML 1.1 reads an unquoted no / on as a boolean: said where a text was meant
     ({"data": {"user_prompt": False}}, "data.user_prompt: expected a string or null, got False (YAML reads an "
                                        "unquoted yes, no, on, off, true or false as a boolean: quote the text"),

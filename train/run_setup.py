@@ -402,15 +402,16 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     if every:
         check_same_config([report["config"] for report in every])
     if host_exchange.joined() and jax.process_count() > 1:
-        check_shared_folder(cfg.checkpoint_dir, "checkpoint.dir")
+        check_shared_folder(cfg.checkpoint_dir, "checkpoint.dir", cfg.checkpoint.shared_folder_wait)
     if jax.process_index() != 0:
         return False, lambda text: None
     return True, log or (lambda text: print(text, file=sys.stderr, flush=True))
 
 
-def check_shared_folder(directory: Path, key: str, wait_s: float = 30.0) -> None:
-    """Every process sees the file process 0 writes in `directory` (within `wait_s`, for a network file
-    system's caches), else a ConfigError on every process naming those that do not. Each process writes its
+def check_shared_folder(directory: Path, key: str, wait_s: float) -> None:
+    """Every process sees the file process 0 writes in `directory` (within `wait_s` seconds, for a network file
+    system's caches: checkpoint.shared_folder_wait), else a ConfigError on every process naming those that do
+    not. Each process writes its
     part of a checkpoint there: on disks of their own, the first save waited 10 minutes in orbax and then
     failed, hours into a run."""
     me = jax.process_index()
@@ -440,7 +441,8 @@ def check_shared_folder(directory: Path, key: str, wait_s: float = 30.0) -> None
         raise ConfigError(f"{key}: process(es) {', '.join(map(str, blind))} of {len(seen)} do not see the file "
                           f"process 0 wrote in {directory}: every process writes its part of each checkpoint there, so it must "
                           f"be one folder all hosts share (NFS, Filestore, gcsfuse), at the same path on each; on "
-                          f"disks of their own the first checkpoint would wait 10 minutes and fail")
+                          f"disks of their own the first checkpoint would wait 10 minutes and fail (they waited "
+                          f"{wait_s:g} s for it: checkpoint.shared_folder_wait)")
 
 
 # What may differ between the processes of a run: each one's place in it; the data files, whose records every
