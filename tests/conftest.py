@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 
-from launch import COMPILE_ENV, COMPILE_XLA_FLAGS  # (imports no jax)
+from launch import COMPILE_ENV, COMPILE_XLA_FLAGS, suite_cache_env  # (imports no jax)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' compile settings (why: tests/launch.py), before JAX's backend starts; the processes the tests
 # start get them from launch.subprocess_env.
 for _key, _value in COMPILE_ENV.items():
     os.environ.setdefault(_key, _value)
-os.environ["FXJAX_COMPILATION_CACHE"] = "off"  # (a command run in this process compiles: tests/launch.py)
+os.environ["FXJAX_COMPILATION_CACHE"] = "off"  # (a command run in this process uses the suite's cache below)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_XLA_FLAGS}".strip()
+# One persistent XLA cache for this run of the suite (tests/launch.py suite_cache_env): both xdist workers (the
+# run's id is theirs: pytest_configure) and every process a test starts read and write it. A fresh folder
+# each run, removed at its end: no program carries from one run of the suite to the next.
+SUITE_RUN = os.environ.setdefault("PYTEST_XDIST_TESTRUNUID", uuid.uuid4().hex)
+os.environ.update(suite_cache_env(SUITE_RUN))
 
 import jax  # noqa: E402
 
@@ -209,3 +216,13 @@ SLOW_FIRST = ("test_grpo.py", "test_sft.py", "test_sharding.py", "test_traceable
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", "") is None:
+        config.option.testrunuid = SUITE_RUN  # (xdist's workers get this run's id, hence its cache)
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # (the controller, or the one process of -n 0)
+        shutil.rmtree(suite_cache_env(SUITE_RUN)["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -22,21 +22,39 @@ from numerics import free_port
 # ones. JAX_DISABLE_MOST_OPTIMIZATIONS: LLVM at -O0 (a third of the suite's time). The fusion emitters off:
 # XLA:CPU's older loop emitters for fused ops (the 8-device sharding worker: 32 -> 18 s for one mesh, 2 AMD
 # EPYC cores).
-# FXJAX_COMPILATION_CACHE off: a command a test runs compiles its programs (a cache under ~/.cache would
-# carry programs from one test, or one suite run, to the next); a test that wants a cache gives one
-# (`subprocess_env(compilation_cache=...)`).
+# FXJAX_COMPILATION_CACHE off: no cache under ~/.cache (it would carry programs from one suite run to the next);
+# the suite run's own cache instead (`suite_cache_env`), or one a test gives (`subprocess_env(compilation_cache=...)`).
 COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "FXJAX_COMPILATION_CACHE": "off"}
 COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+SUITE_CACHE_VARIABLE = "FXJAX_TEST_SUITE_CACHE"  # (conftest.py sets it: the suite run's XLA cache folder)
+
+
+def suite_cache_env(run_id: str) -> dict[str, str]:
+    """JAX's variables for the suite run's persistent XLA cache (a folder under the system's temporary folder
+    named by the run's id), which the pytest processes and every process `subprocess_env` describes share: a
+    program many tests compile (the tiny model's SFT step, its decoding) compiles once a suite run (the suite
+    10:52 -> 9:52, 2 Intel Xeon cores). It keeps the programs that took at least 0.2 s to compile: the large
+    ones are the point."""
+    import tempfile
+
+    folder = str(Path(tempfile.gettempdir()) / "fxjax-suite-xla" / run_id)
+    return {SUITE_CACHE_VARIABLE: folder, "JAX_COMPILATION_CACHE_DIR": folder,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def subprocess_env(xla_flags: str = "", *, compilation_cache: Path | None = None, **extra: str) -> dict[str, str]:
     """This process's environment for a process a test starts: CPU only, the tests' compile settings, XLA_FLAGS
     = those + `xla_flags` (not this process's own XLA_FLAGS: a device count given to pytest is not the
     subprocess's), no armed fault (FXJAX_FAULT), `extra` on top. With `compilation_cache`, a persistent XLA
-    cache there that keeps every program (the runs of a test module then compile each program once)."""
+    cache there that keeps every program (the runs of a test module then compile each program once); without, the
+    suite run's cache (conftest.py) when there is one."""
     env = {**COMPILE_ENV, **os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{COMPILE_XLA_FLAGS} {xla_flags}".strip(),
            "FXJAX_COMPILATION_CACHE": "off"}  # (whatever the developer's shell says: see COMPILE_ENV)
     env.pop("FXJAX_FAULT", None)
+    if compilation_cache is None and env.get(SUITE_CACHE_VARIABLE):  # (the suite run's cache: conftest.py)
+        env["FXJAX_COMPILATION_CACHE"] = env[SUITE_CACHE_VARIABLE]
     if compilation_cache is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), FXJAX_COMPILATION_CACHE=str(compilation_cache),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
