@@ -38,13 +38,28 @@ def _slides(flat: dict[str, Any]) -> bool:
     return int(flat.get("max_window_layers", 80)) < int(flat.get("num_hidden_layers", 0))
 
 
+TRANSFORMERS_MROPE_SECTION = (16, 24, 24)
+
+
+def _head_dim(flat: dict[str, Any]) -> int | None:
+    try:
+        return int(flat["hidden_size"]) // int(flat["num_attention_heads"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None  # (the missing or bad key is named where the text config is built)
+
+
 def text_config_from_dict(flat: dict[str, Any], source: str) -> TextConfig:
     """`flat` is the top-level dict (Hub layout) or, when the file has one, text_config (transformers 5.x)."""
     rope = _rope(flat)
     theta = rope.get("rope_theta", flat.get("rope_theta", 1000000.0))
     section = rope.get("mrope_section")
-    if section is None:
-        raise HFConfigError(f"{source}: no mrope_section in rope_parameters/rope_scaling")
+    if section is None:  # (transformers' Qwen2.5-VL rotary takes [16, 24, 24], the released models' split)
+        section = TRANSFORMERS_MROPE_SECTION
+        head_dim = _head_dim(flat)
+        if head_dim is not None and 2 * sum(section) != head_dim:
+            raise HFConfigError(f"{source}: no mrope_section in rope_parameters/rope_scaling, and transformers' "
+                                f"default {list(section)} does not fit head_dim {head_dim} (it must sum to "
+                                f"{head_dim // 2}): add the model's mrope_section to rope_parameters")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "mrope"):  # (transformers would scale the rotary angles: other logits)
         raise HFConfigError(f"{source}: rope type {kind!r} in rope_parameters/rope_scaling is not supported: fxjax "

@@ -414,6 +414,26 @@ def test_error_a_stale_index_is_named_as_the_index(tiny_checkpoint, tmp_path):
         fxjax.from_pretrained(bad)
 
 
+def test_a_config_without_mrope_section_takes_transformers_default_where_it_fits():
+    """rope_scaling null (or without mrope_section) was refused; transformers' rotary takes [16, 24, 24], so
+    such a config loads with that split where it fits the head size, and is refused naming it where not
+    (transformers would fail inside its forward)."""
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    from fxjax.hf_config import text_config_from_dict
+
+    base = dict(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2)  # (head_dim 128, as the released models')
+    for rope in ({"rope_scaling": None}, {"rope_scaling": {"type": "mrope"}}, {}):
+        raw = {**base, **rope}
+        oracle = tuple(Qwen2_5_VLRotaryEmbedding(Qwen2_5_VLTextConfig(**raw)).mrope_section)
+        assert text_config_from_dict(raw, "config.json").mrope_section == oracle == (16, 24, 24), rope
+    with pytest.raises(HFConfigError, match=r"config\.json: no mrope_section in rope_parameters/rope_scaling, and "
+                       r"transformers' default \[16, 24, 24\] does not fit head_dim 8 \(it must sum to 4\)"):
+        text_config_from_dict({**base, "hidden_size": 16, "rope_scaling": None}, "config.json")
+
+
 def test_a_sliding_window_flag_is_refused_only_where_a_layer_slides():
     """use_sliding_window=true was refused outright; transformers slides no layer when max_window_layers
     is at least the layer count (the 3B's 70 for 36 layers) or layer_types says full attention: such a
