@@ -165,7 +165,8 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         # A per-layer tensor of stacked layers fills slice `index` of the stacked parameter `target`.
         target, index = (path, None) if path is None or path in params else unstack(path)
         if target not in params:
-            raise CheckpointError(f"{file}: tensor {name!r} does not belong to this Qwen2.5-VL config")
+            raise CheckpointError(f"{file}: tensor {name!r} does not belong to this Qwen2.5-VL config"
+                                  + _beyond_the_layers(params, target, index))
         if path in loaded:  # (both namings of one weight, e.g. model.embed_tokens and model.language_model.*)
             raise CheckpointError(f"{file}: tensor {name!r} is the weight {loaded[path]!r} holds too: a checkpoint "
                                   "holds each weight once (which of the two to load is unknown)")
@@ -173,7 +174,7 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         want = tuple(variable.shape) if index is None else tuple(variable.shape[1:])
         if index is not None and index >= variable.shape[0]:
             raise CheckpointError(f"{file}: tensor {name!r} is for layer {index}, but this config has "
-                                  f"{variable.shape[0]} layers")
+                                  f"{variable.shape[0]} layers ({_depth_key(target)} in config.json)")
         hf_shape = tensor.shape
         array = to_fxjax(tensor, path)
         del tensor  # free each intermediate before the next copy: peak stays near one extra tensor
@@ -195,6 +196,21 @@ def load_weights(model: Qwen25VL, files: dict[str, Path],
         where = ", ".join(sorted({str(file.parent) for file in files.values()})) or "checkpoint"
         raise CheckpointError(f"{where}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
     return naming
+
+
+def _beyond_the_layers(params: dict, stacked: tuple, index: int | None) -> str:
+    """For a tensor of layer `index` of per-layer (unstacked) layers past the config's last one: ": it is for
+    layer i, but this config has n" (a checkpoint of a deeper model, or a config.json whose depth was cut)."""
+    if index is None:
+        return ""
+    layers = {i for path in params for stack, i in [unstack(path)] if stack[:2] == stacked[:2] and i is not None}
+    if not layers or index in layers:
+        return ""
+    return f": it is for layer {index}, but this config has {len(layers)} layers ({_depth_key(stacked)} in config.json)"
+
+
+def _depth_key(stacked: tuple) -> str:
+    return "num_hidden_layers" if stacked[0] == "decoder" else "vision_config.depth"
 
 
 def _hf_shape(shape, path) -> tuple[int, ...]:

@@ -387,8 +387,19 @@ def test_error_missing_tensor(tiny_checkpoint, tmp_path):
 def test_error_unexpected_tensor(tiny_checkpoint, tmp_path):
     bad = rewrite_checkpoint(tiny_checkpoint, tmp_path / "bad",
                              lambda t: {**t, "visual.blocks.7.norm1.weight": np.ones(32, np.float32)})
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*'visual\.blocks\.7\.norm1\.weight'"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*'visual\.blocks\.7\.norm1\.weight' does not "
+                       r"belong to this Qwen2\.5-VL config: it is for layer 7, but this config has 3 layers "
+                       r"\(vision_config\.depth in config\.json\)"):
         fxjax.from_pretrained(bad)
+    bad = rewrite_checkpoint(tiny_checkpoint, tmp_path / "deeper",
+                             lambda t: {**t, "model.layers.2.input_layernorm.weight": np.ones(32, np.float32)})
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.2\.input_layernorm\.weight' does not belong to "
+                       r"this Qwen2\.5-VL config: it is for layer 2, but this config has 2 layers "
+                       r"\(num_hidden_layers in config\.json\)"):
+        fxjax.from_pretrained(bad)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.2\.input_layernorm\.weight' is for layer 2, but "
+                       r"this config has 2 layers \(num_hidden_layers in config\.json\)"):
+        fxjax.from_pretrained(bad, scan_layers=True)  # (stacked layers: the same words)
 
 
 def test_error_a_weight_stored_under_both_namings(tiny_checkpoint, tmp_path):
