@@ -409,6 +409,25 @@ def test_a_comment_line_is_named_as_one(root):
         load_records(path)
 
 
+@pytest.mark.parametrize("line, hint", [
+    ('{"image": "img/ok.png", "label": "real",}', "(a comma before '}': JSON allows no trailing comma)"),
+    ('{"image": "img/ok.png", "label": "real", "boxes": [[1, 2, 3, 4],]}',
+     "(a comma before ']': JSON allows no trailing comma)"),
+    ("{'image': 'img/ok.png', 'label': 'real'}", "(JSON strings take double quotes; a Python dict written with "
+                                                "str() or print: write json.dumps(record))"),
+    ('{"image": "img/ok.png", "label": "real", "flag": True}', "(JSON writes True as true; a Python dict written "
+                                                              "with str(): write json.dumps(record))"),
+    ('{"image": "img/ok.png", "label": real}', "(a text value takes double quotes)"),
+])
+def test_hand_written_json_mistakes_are_named(root, line, hint):
+    """json's own words ("Expecting property name enclosed in double quotes") for a trailing comma, single
+    quotes, Python's True / None or a bare word: now said what the mistake is."""
+    path = root / "hand.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(DataError, match=r"hand\.jsonl:1: invalid JSON: .*" + re.escape(hint)):
+        load_records(path)
+
+
 def test_absolute_image_paths_only_when_allowed(root):
     absolute = str((root / "img/ok.png").resolve())
     path = write(root, native(image=absolute), {**swift(), "images": [absolute]})

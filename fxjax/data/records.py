@@ -196,6 +196,27 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+_PYTHON_WORDS = {"True": "true", "False": "false", "None": "null"}
+
+
+def _json_hint(line: str, err: json.JSONDecodeError) -> str:
+    """What the commonest hand-written (or str()-written) mistakes are, said plainly after json's message."""
+    if line.lstrip().startswith(("#", "//")):
+        return " (JSON Lines has no comments: delete the line)"
+    at, before = line[err.pos:], line[:err.pos].rstrip()
+    if at[:1] in ("}", "]") and before.endswith(","):
+        return f" (a comma before {at[0]!r}: JSON allows no trailing comma)"
+    if at[:1] == "'":
+        return (" (JSON strings take double quotes; a Python dict written with str() or print: write "
+                "json.dumps(record))")
+    word = next((w for w in _PYTHON_WORDS if at.startswith(w)), None)
+    if word:
+        return f" (JSON writes {word} as {_PYTHON_WORDS[word]}; a Python dict written with str(): write json.dumps(record))"
+    if at[:1].isalpha():
+        return " (a text value takes double quotes)"
+    return ""
+
+
 def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_paths: bool,
                 hints: dict | None = None) -> tuple[ParsedRecord, Path]:
     try:
@@ -203,8 +224,7 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
     except _RepeatedKey as err:  # (json keeps the last silently: "label": "real", "label": "generated")
         raise DataError(where, f"the key {err.key!r} is given twice in one object", "json") from None
     except json.JSONDecodeError as err:
-        hint = " (JSON Lines has no comments: delete the line)" if line.lstrip().startswith(("#", "//")) else ""
-        raise DataError(where, f"invalid JSON: {err}{hint}", "json") from None
+        raise DataError(where, f"invalid JSON: {err}{_json_hint(line, err)}", "json") from None
     if hints is not None:
         for pair in misspelt_fields(obj):
             hints.setdefault(pair, []).append(where.rpartition(":")[2])  # (the line numbers)
