@@ -200,10 +200,12 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
-def truth_of(meta: dict, groups: dict) -> dict:
-    """The scoring truth of one pipeline example (boxes already in the model's resized-image pixels)."""
+def truth_of(meta: dict) -> dict:
+    """The scoring truth of one pipeline example (boxes already in the model's resized-image pixels). No
+    --group-by groups: a row of predictions.jsonl serves every later grouping of a resume, which takes each
+    record's groups afresh."""
     return {"id": meta["record_id"], "source": meta["source"], "label": meta["label"], "boxes": meta["boxes"],
-            "model_size": list(meta["model_size"]), "original_size": list(meta["original_size"]), "groups": groups,
+            "model_size": list(meta["model_size"]), "original_size": list(meta["original_size"]),
             **{k: meta[k] for k in ("completion_tokens", "truncated") if k in meta}}
 
 
@@ -232,7 +234,6 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
             fields = sorted(known | {k for obj in raw.values() if isinstance(obj, dict) for k in obj})
             raise ValueError(f"--group-by {name}: no record of the data has a field {name!r} (fields: "
                              f"{', '.join(fields)})")
-    by_source = {r.source: r for r in records}
     if len(todo) < len(records):
         say(f"resuming: {len(records) - len(todo)} of {len(records)} images already in {pred_path}"
             + (" or too long for max_length (metrics.json)" if too_long else ""))
@@ -249,9 +250,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
         cfg = dataclasses.replace(prompt_config, batch_size=decoder.batch_size)
         with open(pred_path, "a", encoding="utf-8") as f:
             for texts, metas in decoder.batches(DataPipeline(cfg, records=todo)):
-                truths = [truth_of(m, groups_of(by_source[m["source"]], raw.get(m["source"]), group_by))
-                          for m in metas]
-                for row in detection_metrics.score_completions(texts, truths):
+                for row in detection_metrics.score_completions(texts, [truth_of(m) for m in metas]):
                     row["resolved_source"] = source_key(row["source"])
                     f.write(json.dumps(row) + "\n")
                     done[row["resolved_source"]] = row
