@@ -118,14 +118,18 @@ Multi-host start-up (how the TPU environment reaches JAX):
   gcsfuse mount): each process writes its own shards of a checkpoint there.
 
 Examples:
-  ./$PROG all --type v5litepod-8 --zone us-west4-a --project my-proj \\
-      --config configs/sft.yaml --set model.path=/data/Qwen2.5-VL-3B-Instruct \\
-      --set 'data.train_files=[/data/train.jsonl]' --set train.steps=1000
+  ./$PROG all --type v5litepod-8 --zone us-west4-a --project my-proj --detach \\
+      --config configs/sft.yaml --set mesh.fsdp=8 --set data.batch_size=8 --set model.scan_layers=true \\
+      --set model.path=/data/Qwen2.5-VL-3B-Instruct --set 'data.train_files=[/data/train.jsonl]' \\
+      --set train.steps=1000
   ./$PROG all --type v5p-64 --zone us-east5-a --project my-proj --queued --spot --detach \\
-      --config configs/sft.yaml --set mesh.fsdp=32 --set data.batch_size=32 \\
-      --set model.path=/mnt/shared/Qwen2.5-VL-7B-Instruct --set train.output_dir=/mnt/shared/runs/sft ...
+      --config configs/sft.yaml --set mesh.fsdp=32 --set data.batch_size=32 --set model.scan_layers=true \\
+      --set model.path=/mnt/shared/Qwen2.5-VL-7B-Instruct --set 'data.train_files=[/mnt/shared/data/train.jsonl]' \\
+      --set train.steps=1000 --set train.output_dir=/mnt/shared/runs/sft
   ./$PROG status --zone us-east5-a --project my-proj --queued
-  ./$PROG delete --zone us-east5-a --project my-proj --queued"
+  ./$PROG delete --zone us-east5-a --project my-proj --queued
+  (data.batch_size: a multiple of the chips, which split each batch; model.scan_layers: one layer compiled,
+  not every layer unrolled)"
 }
 
 die() {

@@ -20,8 +20,8 @@
 # (8 wheels, ~8 MB). Only wheels of those names are installed: never carry flax, optax or orbax: the image's JAX
 # (0.11.2 on 2026-12-04) is newer than the flax 0.12.8 of this venv supports (jax.experimental.hijax.HiPrimitive
 # is gone), and an --upgrade replaces the image's own flax for the rest of the lease (session 25 lost its lease's
-# runs to that). That the image's own flax imports with its JAX was not seen (the first command had already
-# replaced it). No flax on this machine's index can stand in: 0.12.1-0.12.8 use HiPrimitive, and 0.12.0 imports
+# runs to that). The image's own flax imports with its JAX (session 42's H100: jax 0.11.2 with flax 0.12.10;
+# session 25's first command had replaced it before that could be seen). No flax on this machine's index can stand in: 0.12.1-0.12.8 use HiPrimitive, and 0.12.0 imports
 # jax._src.core.mutable_array, which jax 0.10.2 already lacks (tried here); JAX 0.10.2's CUDA wheels are far over
 # the 64 MiB that travels. The preflight below stops the command at once when fxjax does not import there, before
 # any part spends device time.

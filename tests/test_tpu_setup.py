@@ -402,6 +402,26 @@ def test_readme_tpu_setup_examples_dry_run(fake_bin):
         assert commands(dry_run(fake_bin, *shlex.split(line)[1:])), line
 
 
+def test_the_training_examples_of_the_readme_and_help_would_start(fake_bin):
+    """Every `tpu_setup.sh all` example (README and --help) gives a config that divides its batch over the TPU's
+    chips and compiles one layer under scan: the first --help example ran configs/sft.yaml as shipped
+    (data.batch_size 1 on 8 chips: refused at the start) with every layer unrolled."""
+    from fxjax.train_config import load_sft_config
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    helped = run_script("--help", path=SYSTEM_PATH).stdout.replace("\\\n", " ").replace("./tpu_setup.sh", "./$PROG")
+    lines = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("./tpu_setup.sh all")]
+    lines += [line.strip().replace("./$PROG", "./tpu_setup.sh") for line in helped.splitlines()
+              if line.strip().startswith("./$PROG all")]
+    assert len(lines) == 4, lines  # (two in each)
+    for line in lines:
+        words = [w for w in shlex.split(line) if w != "..."]
+        chips = int(re.search(r"# \S+: (\d+) chip\(s\)", dry_run(fake_bin, *words[1:])).group(1))
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        cfg = load_sft_config(ROOT / words[words.index("--config") + 1], overrides=sets)
+        assert cfg.data.batch_size % chips == 0 and cfg.model.scan_layers, (line, cfg.data.batch_size, chips)
+
+
 def test_a_config_git_ignores_is_refused_before_anything_runs(fake_bin, tmp_path):
     """setup ships a checkout's tracked and not-ignored files: a --config under an ignored folder (out/,
     fxjax-demo/) was found here, passed the check, and was missing on every worker at launch."""
