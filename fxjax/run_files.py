@@ -33,10 +33,14 @@ START_FILE = "fxjax_start.json"  # in START_LORA_DIR: where the run started from
 def resumes_from_kept_start(cfg) -> bool:
     """Whether a run config resumes (checkpoint.resume) with its own start kept in its checkpoint folder
     (START_LORA_DIR, written by train.run_setup.keep_start_lora, naming the start the config does:
-    `kept_start`). Then model.adapter / model.from_run may be gone (train.run_setup.resumed_start uses the
-    copy). False without a readable copy or for a copy kept for another start (an earlier run in the same
-    directory)."""
-    return bool(cfg.checkpoint.resume) and kept_start(cfg, Path(cfg.checkpoint_dir)) is not None
+    `kept_start`) and a committed checkpoint to resume from. Then model.adapter / model.from_run may be gone
+    (train.run_setup.resumed_start uses the copy). False without a readable copy, for a copy kept for another
+    start (an earlier run in the same directory), and without a checkpoint: a run that stopped before its
+    first one trained nothing from the copy, and a from_run start's newest step may have moved on since (the
+    copy would have restarted it from the step it copied, silently)."""
+    directory = Path(cfg.checkpoint_dir)
+    return (bool(cfg.checkpoint.resume) and kept_start(cfg, directory) is not None
+            and bool(committed_steps(directory)))
 
 
 def kept_start(cfg, checkpoint_dir: Path) -> dict | None:

@@ -229,6 +229,12 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     first = adapter(1, "first")
     assert keep_start_lora(model, config(first, True)) == copy and kept_from(first)
     (copy / "marker").write_text("")
+    # the same run again before its first checkpoint: nothing trained from the copy, which is written again
+    # (a from_run start's newest step may have moved on: the copy restarted from the step it copied, silently)
+    keep_start_lora(model, config(first, True))
+    assert kept_from(first) and not (copy / "marker").exists()
+    (copy / "marker").write_text("")
+    (copy.parent / "1").mkdir()  # a committed checkpoint
     keep_start_lora(model, config(first, True))  # the same run resumed: its copy stays as it was
     assert (copy / "marker").exists()
     second = adapter(2, "second")
@@ -237,7 +243,7 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     (copy / "marker").write_text("")
     keep_start_lora(model, config(second, False))  # a new run from the same adapter: written again
     assert kept_from(second) and not (copy / "marker").exists()
-    assert sorted(p.name for p in copy.parent.iterdir()) == ["start_lora"]  # no partial or replaced folder left
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["1", "start_lora"]  # no partial or replaced folder left
 
     lines = []
     # still here: the copy all the same (the folder may hold another adapter since), and what changed is said
