@@ -40,7 +40,8 @@ def test_a_function_that_does_not_import_is_named_before_the_model_loads(tmp_pat
                                             "NOT_A_FUNCTION = 3\n")
     (tmp_path / "broken_rewards.py").write_text("import no_such_package\n")
     (tmp_path / "odd_rewards.py").write_text("def nokw(completions):\n    return [0.0] * len(completions)\n"
-                                            "def some(completions, *, label, boxes):\n    return []\n")
+                                            "def some(completions, *, label, boxes):\n    return []\n"
+                                            "def trl(prompts, completions, **kwargs):\n    return []\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = config({"name": "brevity", "function": "my_rewards:brevity", "weight": 0.5})
     (func,) = load_reward_funcs(cfg.grpo.reward_funcs)
@@ -53,9 +54,29 @@ def test_a_function_that_does_not_import_is_named_before_the_model_loads(tmp_pat
                           # a signature that cannot take the columns: said now, not after a step's sampling
                           ("odd_rewards:nokw", r"odd_rewards:nokw cannot be called as a reward function is \(got an "
                                                r"unexpected keyword argument 'label'\): define it as def nokw"),
-                          ("odd_rewards:some", r"unexpected keyword argument 'captions'")):
+                          ("odd_rewards:some", r"unexpected keyword argument 'captions'"),
+                          # TRL's signature: its prompts come first, and fxjax has none to give
+                          ("odd_rewards:trl", r"odd_rewards:trl cannot be called as a reward function is \(it takes "
+                                              r"TRL's `prompts` first; fxjax gives none")):
         with pytest.raises(ConfigError, match=message):
             load_reward_funcs(config({"name": "x", "function": spec}).grpo.reward_funcs)
+
+
+def test_a_module_in_the_working_folder_imports_as_python_there_would_find_it(tmp_path, monkeypatch):
+    """The README's my_rewards.py beside the user's config, `fxjax grpo` run in that folder: "No module named
+    'my_rewards'" (the fxjax command's sys.path lacks the working folder) unless PYTHONPATH=. was set."""
+    import sys
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "cwd_rewards.py").write_text("def brevity(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(folder))])
+    (func,) = load_reward_funcs(config({"name": "b", "function": "cwd_rewards:brevity"}).grpo.reward_funcs)
+    assert func.function(["a"]) == [0.0] and sys.path[-1] == str(folder)  # (last: it shadows no installed package)
+    with pytest.raises(ConfigError, match=r"cannot import 'nowhere_rewards' \(ModuleNotFoundError: .*\); it must be "
+                                          r"importable where the run runs: a module in the working folder \("):
+        load_reward_funcs(config({"name": "x", "function": "nowhere_rewards:f"}).grpo.reward_funcs)
 
 
 TARGETS = [{"label": "generated", "boxes": np.array([[1.0, 2.0, 3.0, 4.0]])}, {"label": "real", "boxes": np.zeros((0, 4))}]
@@ -84,7 +105,11 @@ def test_the_terms_are_added_to_the_total_with_each_completions_columns():
     assert [b.shape for b in seen["boxes"]] == [(1, 4), (1, 4), (0, 4), (0, 4)]
     assert seen["captions"] == [["warped fingers"]] * 2 + [[]] * 2
     assert seen["tags"] == [["texture quality"]] * 2 + [[]] * 2
-    for bad, message in ((lambda c, **k: [1.0] * 3, r"brevity \(m:brevity\) returned \(3,\) values for 4 completions"),
+    for bad, message in ((lambda c, **k: [1.0] * 3, r"brevity \(m:brevity\) returned 3 values for 4 completions"),
+                         (lambda c, **k: [[1.0]] * 4, r"returned an array of shape \(4, 1\) for 4 completions"),
+                         (lambda c, **k: [0.0, None, 0, 0], r"returned None for completion 1 \(of t.jsonl:1\): give a "
+                                                            r"number \(TRL's None, for a completion the term does not "
+                                                            r"apply to: give 0 here\)"),
                          (lambda c, **k: ["0", "1", "0", "1"], r"returned '0' for completion 0 \(of t.jsonl:1\): give a number"),
                          (lambda c, **k: [True] * 4, r"returned True for completion 0"),
                          (lambda c, **k: (len(x) for x in c), r"returned a generator: give a list of 4 numbers"),

@@ -26,6 +26,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import numbers
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -54,6 +56,14 @@ def _call_problem(function, progress: tuple[str, ...]) -> str | None:
     return None
 
 
+def _takes_prompts(function) -> bool:
+    try:
+        parameters = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(parameters) and parameters[0] == "prompts"
+
+
 def _progress_taken(function) -> tuple[str, ...]:
     """The PROGRESS keywords `function` takes: those it names, all with **kwargs (none without a signature).
     Only to those: a function written before they existed, without **kwargs, keeps working."""
@@ -76,6 +86,20 @@ class RewardFunc:
     progress: tuple[str, ...] = ()  # the PROGRESS keywords it takes
 
 
+def _import_user_module(name: str):
+    """`name` imported; one not found is looked for in the working folder too, as `python script.py` there
+    would find it (the `fxjax` command's sys.path does not hold that folder). The folder goes last on
+    sys.path: a file of the user's there never shadows an installed package (fxjax's own included)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != name.partition(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(name)
+
+
 def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> tuple[RewardFunc, ...]:
     """Each section's function imported (before the model loads, so a wrong name costs seconds): an import
     that fails or a name that is not a callable is a ConfigError naming the entry."""
@@ -83,16 +107,20 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
     for i, section in enumerate(sections):
         module_name, _, attr = section.function.partition(":")
         try:
-            module = importlib.import_module(module_name)
+            module = _import_user_module(module_name)
         except Exception as err:  # noqa: BLE001 - whatever the user's module raises on import, said with its entry
             raise ConfigError(f"{where}[{i}].function: cannot import {module_name!r} ({type(err).__name__}: {err}); "
-                              "it must be importable where the run runs (PYTHONPATH)") from None
+                              f"it must be importable where the run runs: a module in the working folder "
+                              f"({os.getcwd()}) or on PYTHONPATH") from None
         function = getattr(module, attr, None)
         if not callable(function):
             raise ConfigError(f"{where}[{i}].function: {module_name} has no function {attr!r}")
         progress = _progress_taken(function)
         problem = _call_problem(function, progress)
         if problem:
+            if _takes_prompts(function):  # (TRL's signature: its first argument is never given here)
+                problem = ("it takes TRL's `prompts` first; fxjax gives none, the prompts being images with the "
+                           "dataset's question: the completions come first")
             raise ConfigError(f"{where}[{i}].function: {section.function} cannot be called as a reward function is "
                               f"({problem}): define it as def {attr}(completions, *, {', '.join(COLUMNS)}) (and "
                               f"{' and '.join(PROGRESS)} if it wants them) or def {attr}(completions, **kwargs)")
@@ -108,13 +136,15 @@ def _numbers(raw: Any, func: RewardFunc, n: int, records: Sequence[str]) -> np.n
         raise ValueError(f"{where} returned a {type(raw).__name__}: give a list of {n} numbers, one per completion")
     values = np.asarray(raw)  # (a list, a numpy or jax array)
     if values.shape != (n,):
-        raise ValueError(f"{where} returned {values.shape} values for {n} completions: give one number per "
-                         "completion")
+        got = f"{values.size} values" if values.ndim == 1 else f"an array of shape {values.shape}"
+        raise ValueError(f"{where} returned {got} for {n} completions: give one number per completion")
     if values.dtype.kind in "iuf":
         return values.astype(np.float64)
     for i, value in enumerate(raw):  # (strings, bools, None, objects: the first named)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
-            raise ValueError(f"{where} returned {value!r} for completion {i} (of {records[i]}): give a number")
+            raise ValueError(f"{where} returned {value!r} for completion {i} (of {records[i]}): give a number"
+                             + (" (TRL's None, for a completion the term does not apply to: give 0 here)"
+                                if value is None else ""))
     return np.asarray(list(raw), np.float64)
 
 
