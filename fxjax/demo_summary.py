@@ -41,7 +41,7 @@ def stage_trends(history: list[dict]) -> str:
             slope, se = slope_with_error(r)
             verdict = "rises" if slope > 2 * se else "falls" if slope < -2 * se else "no trend beyond noise"
             if verdict.startswith("no trend"):  # how large a steady rise over the stage this noise would let show
-                verdict += f"; a rise shows from {2 * se * (r.size - 1):+.2f} over the stage"
+                verdict += f"; a steady rise would show from {2 * se * (r.size - 1):+.2f} over the stage"
             text += f" (slope {slope:+.3f} +/- {se:.3f}/step: {verdict})"
         parts.append(text)
     return "; ".join(parts)

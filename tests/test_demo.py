@@ -36,7 +36,7 @@ def test_stage_trends_compare_thirds_and_fit_a_slope():
                for s, values in zip(STAGES, ([0, 1, 2, 3, 4, 5], [5, 5, 5, 5, 5, 5], [3, 2, 1])) for v in values]
     text = stage_trends(history)
     assert "alpha +0.50 -> +4.50 (slope +1.000 +/- 0.000/step: rises)" in text
-    assert "beta +5.00 -> +5.00 (slope +0.000 +/- 0.000/step: no trend beyond noise; a rise shows from +0.00 over " \
+    assert "beta +5.00 -> +5.00 (slope +0.000 +/- 0.000/step: no trend beyond noise; a steady rise would show from +0.00 over " \
            "the stage)" in text
     assert "gamma +3.00 -> +1.00 (slope -1.000 +/- 0.000/step: falls)" in text
 
@@ -55,12 +55,12 @@ def test_stage_trends_call_a_slope_within_two_standard_errors_noise():
 
     fit = linregress(x, noisy)
     assert trends(noisy) == (f"alpha +2.00 -> +2.00 (slope {fit.slope:+.3f} +/- {fit.stderr:.3f}/step: "
-                             f"no trend beyond noise; a rise shows from {2 * fit.stderr * 5:+.2f} over the stage)")
+                             f"no trend beyond noise; a steady rise would show from {2 * fit.stderr * 5:+.2f} over the stage)")
     # Scatter without a slope of its own: the rise the text names, spread evenly over the 6 steps on top
     # of it, is just called one; 1% less is not.
     flat = np.array([1.0, 3.0, 1.0, 1.0, 3.0, 1.0])
     assert linregress(x, flat).slope == pytest.approx(0.0, abs=1e-12)
-    least = float(trends(flat).split("a rise shows from ")[1].split(" ")[0])
+    least = float(trends(flat).split("a steady rise would show from ")[1].split(" ")[0])
     assert least == pytest.approx(2 * linregress(x, flat).stderr * 5, abs=0.005)
     assert trends(flat + 1.01 * least * x / 5).endswith(": rises)")
     assert "no trend" in trends(flat + 0.99 * least * x / 5)

@@ -4,7 +4,7 @@
       reward_funcs:
         - {name: brevity, function: "my_rewards:brevity", weight: 0.5}
 
-    # my_rewards.py, importable where the run runs (every process of a multi-process run imports it)
+    # my_rewards.py, in the working folder or on PYTHONPATH (every process of a multi-process run imports it)
     def brevity(completions, *, label, boxes, record, **kwargs):
         return [-len(c) / 1000 for c in completions]
 
