@@ -40,7 +40,7 @@ class RewardWeights:
         unknown = set(m) - set(names)
         missing = set(names) - set(m)
         if unknown or missing:
-            raise ValueError(f"reward weights: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+            raise ValueError(f"reward weights: {_key_problems(sorted(map(str, unknown)), sorted(missing))}")
         values = {k: _number(m[k], f"reward weights: {k}") for k in names}  # (as a reward file's are checked)
         _check_signs(values, "reward weights")
         return cls(**values)
@@ -123,7 +123,7 @@ def _check_config(cfg: Any, path: str) -> None:
             raise ValueError(f"{path}: {where}: expected a mapping of {', '.join(names)}, got {section!r}")
         unknown, missing = sorted(map(str, set(section) - set(names))), sorted(set(names) - set(section))
         if unknown or missing:
-            raise ValueError(f"{path}: {where}: unknown keys {unknown}, missing keys {missing}")
+            raise ValueError(f"{path}: {where}: {_key_problems(unknown, missing)}")
         values = {name: _number(section[name], f"{path}: {where}.{name}") for name in names}
         _check_signs(values, f"{path}: {where}")
 
@@ -232,3 +232,8 @@ def resolve_weights(stage: Optional[str] = "alpha", weights: Optional[WeightsLik
             raise ValueError("stage='continuous' needs step and total_steps")
         return continuous_weights(step, total_steps, config)
     return load_stage(stage, config)
+
+
+def _key_problems(unknown: list[str], missing: list[str]) -> str:
+    """"unknown keys [...]", "missing keys [...]" or both: only the ones there are."""
+    return ", ".join(f"{what} keys {keys}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys)
