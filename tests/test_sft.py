@@ -168,6 +168,17 @@ def test_sigterm_saves_and_exits_cleanly(interrupted):
     assert "resumed from step 3" in log
 
 
+def test_a_stop_signal_while_the_model_loads_stops_after_the_first_step_with_its_checkpoint(setup):
+    """One process: a SIGTERM before the loop took the signals (loading the model, compiling: minutes on a real
+    model) killed the run, status 143, without a word. Now it is held for the loop, as a multi-process run's
+    is: it stops after its first step with a checkpoint, exits 0 and says why."""
+    code, log = sft(setup, "held", env={"FXJAX_FAULT": "joined@0"}, until="fxjax-fault: paused at joined@0",
+                    then=signal.SIGTERM)
+    assert code == 0, log[-3000:]
+    assert "received SIGTERM; saved step 1" in log and "preempted at step 1/4" in log, log[-3000:]
+    assert committed_steps(setup["root"] / "held" / "ckpt") == [1]
+
+
 def test_a_save_killed_midway_leaves_the_last_good_checkpoint(interrupted):
     code, steps, names = interrupted["killed_in_save"]
     assert code == -signal.SIGKILL

@@ -382,7 +382,7 @@ def join_run(name: str, cfg, log: Callable[[str], None] | None) -> tuple[bool, C
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
     if host_exchange.joined():  # (several processes; no backend started: a failing peer must not be waited for)
         hold_stop_signals()  # (a preemption notice while the model loads: kept for the loop, not dropped)
-        faults.point("joined", 0, held_signal)
+    faults.point("joined", 0, held_signal)
     try:
         _check_start(name, cfg)
         failure = None
