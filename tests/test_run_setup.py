@@ -95,6 +95,35 @@ def test_eval_and_detect_take_a_batch_the_mesh_splits_before_any_weights_load():
     assert dict(one.mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
 
 
+def test_a_save_that_fails_after_its_commit_names_the_step_on_disk_not_an_older_one(tmp_path, monkeypatch):
+    """A walk-through: an older checkpoint that could not be removed (an immutable folder) failed orbax's save
+    of step 9 after step 9 was committed; the run said "step 9 could not be saved ... the last good checkpoint
+    is step 7: free space", and a resume went on from step 9. Now it says that step 9 was written and is the
+    newest to resume from; a save that never committed is said as before."""
+    import jax.numpy as jnp
+
+    from fxjax.train.checkpointing import CheckpointSaveError, TrainCheckpointer
+
+    checkpointer = TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    checkpointer.save(1, {"w": jnp.ones(2)}, {"position": 1}, {})
+    checkpointer.save(2, {"w": jnp.ones(2)}, {"position": 2}, {})
+
+    def failed():
+        raise PermissionError(1, "Operation not permitted", "_CHECKPOINT_METADATA")
+
+    monkeypatch.setattr(checkpointer.manager, "wait_until_finished", failed)
+    monkeypatch.setattr(checkpointer.manager, "latest_step", lambda: 1)  # (orbax's list, without the step)
+    with pytest.raises(CheckpointSaveError, match=r"the checkpoint of step 2 was written to .*ckpt, but saving it "
+                       r"failed after \(removing older checkpoints or writing their metadata: PermissionError: .*\); "
+                       r"stopped after step 3; fix the folder and run the same command again to resume from step "
+                       r"2, the newest there"):
+        checkpointer.check_saved(3)
+    checkpointer._pending = 5  # a save that never committed: as before
+    with pytest.raises(CheckpointSaveError, match=r"the checkpoint of step 5 could not be saved to .* the last good "
+                                                  r"checkpoint is step 1: free space"):
+        checkpointer.check_saved(6)
+
+
 def test_resume_skips_an_unreadable_checkpoint_and_names_the_folder_when_none_restores(tmp_path):
     """restore_latest with the real checkpointer: a damaged newest step is set aside and the one before
     restores; when no step restores, a RunLoadError (the CLI's 'error:' line, exit 2, not a traceback) says

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from fxjax.config_mapping import ConfigError
 from fxjax.device_mesh import barrier
-from fxjax.run_files import CONFIG_FILE, DATA_STATE_FILE
+from fxjax.run_files import CONFIG_FILE, DATA_STATE_FILE, committed_steps
 from fxjax.train import faults
 from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
 
@@ -188,6 +188,13 @@ class TrainCheckpointer:
         try:
             self.manager.wait_until_finished()  # (finished: returns at once, or raises what the save raised)
         except Exception as err:  # whatever the write raised
+            on_disk = committed_steps(self.directory)  # (the manager's own list leaves out a step whose end failed)
+            if pending in on_disk:  # written and committed; orbax failed after (removing an older checkpoint, say)
+                raise CheckpointSaveError(
+                    f"the checkpoint of step {pending} was written to {self.directory}, but saving it failed after "
+                    f"(removing older checkpoints or writing their metadata: {type(err).__name__}: {err}); stopped "
+                    f"after step {step}; fix the folder and run the same command again to resume from step "
+                    f"{max(on_disk)}, the newest there") from err
             good = self.manager.latest_step()
             raise CheckpointSaveError(
                 f"the checkpoint of step {pending} could not be saved to {self.directory} ({type(err).__name__}: "
