@@ -320,7 +320,8 @@ def test_a_checkpoint_past_the_configs_steps_is_an_error_not_a_second_end():
 
     with pytest.raises(ConfigError, match=r"sft: the checkpoint this run resumes from is at step 10, past the 8 steps "
                                           r"this config gives \(train.steps / train.epochs\): nothing is left to "
-                                          r"train\. Give at least 10 steps"):
+                                          r"train\. Give more than 10 steps to train on \(10: the run ends "
+                                          r"where it is, for its exports\)"):
         _run(8, first=10)
     control, saved, _, _ = _run(8, first=8)  # (at its end: the same command again, for its exports): no error,
     assert control.done == 8 and saved == []  # nothing trained and its checkpoint not written again

@@ -138,8 +138,9 @@ class LoopControl:
             what = "its stages' steps" if self.name == "grpo" else "train.steps / train.epochs"
             raise ConfigError(f"{self.name}: the checkpoint this run resumes from is at step {first}, past the "
                               f"{self.steps_total} steps this config gives ({what}): nothing is left to train. "
-                              f"Give at least {first} steps to go on, or another train.output_dir (or "
-                              f"checkpoint.dir) for a new run; fxjax eval / export --step read what it has")
+                              f"Give more than {first} steps to train on ({first}: the run ends where it is, for "
+                              f"its exports), or another train.output_dir (or checkpoint.dir) for a new run; fxjax "
+                              f"eval / export --step read what it has")
         self.trace.plan(first, self.steps_total)
         if first < self.steps_total:  # (a quiet minute would read as a hang)
             self.say(f"{self.name}: step {first + 1} compiles its programs first (a minute or more on a CPU; "
