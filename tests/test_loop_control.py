@@ -363,3 +363,34 @@ def test_the_model_a_run_returns_is_ready_for_inference(monkeypatch):
     control.wrap_up(result, model, nnx.state(model, nnx.Param), skipped=0, cfg=SimpleNamespace(
         eval=SimpleNamespace(at_end=False)), started=0.0)
     assert result.model is model and model.layers[1].deterministic
+
+
+_PROBED: dict = {}
+
+
+def probe_runner(cfg):
+    """A training runner that records whether SIGTERM is held as the loop would find it, then fails before it."""
+    from fxjax.train import preemption
+
+    _PROBED["held"] = preemption._HELD is not None and signal.getsignal(signal.SIGTERM) is not _PROBED["before"]
+    raise RuntimeError("failed before the loop")
+
+
+def test_the_command_holds_a_stop_signal_until_the_loop_and_gives_it_back_when_none_runs(tmp_path, tokenizer_dir):
+    """`fxjax sft` / `grpo` hold SIGTERM from the join on (a preemption notice while the model loads stops the run
+    after its first step: tests/test_sft.py); a run that fails before its loop gives the handler back, so that
+    a process that goes on (a test's, a notebook's) keeps SIGTERM as it had it."""
+    from fxjax.commands.training import run_training
+    from fxjax.train import preemption
+    from fxjax.train_config import load_sft_config
+
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "label": "real"}\n')
+    (tmp_path / "run.yaml").write_text(
+        f"model: {{preset: tiny}}\ndata: {{tokenizer: {tokenizer_dir}, train_files: [{tmp_path / 'train.jsonl'}]}}\n"
+        f"train: {{steps: 1, output_dir: {tmp_path / 'run'}}}\n")
+    _PROBED.update(before=signal.getsignal(signal.SIGTERM))
+    with pytest.raises(RuntimeError, match="failed before the loop"):
+        run_training("sft", SimpleNamespace(config=str(tmp_path / "run.yaml"), set=[]), load_sft_config,
+                     f"{__name__}:probe_runner")
+    assert _PROBED["held"]
+    assert signal.getsignal(signal.SIGTERM) is _PROBED["before"] and preemption._HELD is None

@@ -25,6 +25,15 @@ def hold_stop_signals() -> None:
         _HELD = PreemptionSignals((signal.SIGTERM, signal.SIGHUP)).__enter__()
 
 
+def release_held_signals() -> None:
+    """The handlers from before `hold_stop_signals` back, when no loop took the signals (a run that failed before
+    its loop: a process that goes on, a test's or a notebook's, keeps SIGTERM as it had it)."""
+    global _HELD
+    held, _HELD = _HELD, None
+    if held is not None:
+        held.__exit__()
+
+
 def held_signal() -> bool:
     """Whether a signal arrived while held (`hold_stop_signals`), before a loop took them."""
     return _HELD is not None and _HELD.received is not None

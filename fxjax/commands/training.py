@@ -87,6 +87,7 @@ def run_training(command: str, args, load_config: Callable[..., Any], runner: st
     # replace ours.
     hold_stop_signals()
     from fxjax.train.loop_control import NonFiniteError
+    from fxjax.train.preemption import release_held_signals
 
     module, function = runner.split(":")
     try:
@@ -94,6 +95,8 @@ def run_training(command: str, args, load_config: Callable[..., Any], runner: st
     except NonFiniteError as err:
         say(command)(f"error: {err}")
         return cfg, None
+    finally:
+        release_held_signals()  # (a run that stopped before its loop took them)
 
 
 def report(command: str, args, cfg) -> None:
