@@ -202,12 +202,15 @@ def _data_state_stage_ends(checkpoint_dir: Path, step: int) -> list[tuple[str, i
 
 
 def kept_stage_end_steps(checkpoint_dir: str | Path) -> set[int]:
-    """Every stage end that the committed checkpoints in `checkpoint_dir` record: a run resumed with other
-    stages keeps the ends its earlier stages reached (its own config knows only the new ones)."""
+    """Every stage end that the committed checkpoints in `checkpoint_dir` record as reached (at or before their
+    own step): a run resumed with other stages keeps the ends its earlier stages reached (its own config knows
+    only the new ones). An end a checkpoint only planned (a later stage's, under the stages of then) is none:
+    kept, a step that ends no stage of the run would never have been pruned."""
     ckpt = Path(checkpoint_dir)
     if not ckpt.is_dir():
         return set()
-    return {end for step in committed_steps(ckpt) for _, end in (_data_state_stage_ends(ckpt, step) or [])}
+    return {end for step in committed_steps(ckpt) for _, end in (_data_state_stage_ends(ckpt, step) or [])
+            if end <= step}
 
 
 def recorded_stage_ends(checkpoint_dir: Path, step: int) -> list[tuple[str, int]] | None:
