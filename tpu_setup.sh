@@ -433,17 +433,18 @@ do_create() {
       note "(repeated every 30 s until the state is ACTIVE, for at most $QUEUE_TIMEOUT s)"
       return
     fi
-    local start=$SECONDS failures=0 err
+    local start=$SECONDS failures=0 err errors="${TMPDIR:-/tmp}/fxjax-tpu-describe.$$"
     while :; do
       # a passing API error must not end an hours-long wait: retried, up to 5 failures in a row
-      if ! state=$("${describe[@]}" 2>"${TMPDIR:-/tmp}/fxjax-tpu-describe.$$"); then
-        err=$(tail -n 1 "${TMPDIR:-/tmp}/fxjax-tpu-describe.$$")
+      if ! state=$("${describe[@]}" 2>"$errors"); then
+        err=$(tail -n 1 "$errors")
+        rm -f "$errors"  # (before die too: nothing left behind in TMPDIR)
         ((++failures < 5)) || die "describing queued resource $NAME failed 5 times in a row: $err"
         state="unknown (describe failed: $err)"
       else
+        rm -f "$errors"
         failures=0
       fi
-      rm -f "${TMPDIR:-/tmp}/fxjax-tpu-describe.$$"
       case $state in
         ACTIVE) note "queued resource $NAME is ACTIVE"; break ;;
         FAILED | SUSPENDED | SUSPENDING) die "queued resource $NAME is $state: see gcloud compute tpus queued-resources describe $NAME" ;;

@@ -288,7 +288,7 @@ def test_create_refuses_an_unusable_existing_tpu(fake_bin, existing, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_queued_create_waits_until_active(fake_bin, monkeypatch):
+def test_queued_create_waits_until_active(fake_bin, tmp_path, monkeypatch):
     # describe #1: not found -> create; describe #2: ACTIVE -> done (no 30 s sleep).
     env = {"FAKE_DIR": str(fake_bin), "FAKE_DESCRIBE": "missing,ACTIVE"}
     result = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued", "--spot",
@@ -309,9 +309,13 @@ def test_queued_create_waits_until_active(fake_bin, monkeypatch):
     assert flaky.returncode == 0, flaky.stderr
     assert "unknown (describe failed: NOT_FOUND); waiting" in flaky.stdout + flaky.stderr
     (fake_bin / "describe.count").unlink()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     broken = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
-                        path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "missing"})
+                        path=f"{fake_bin}:{SYSTEM_PATH}",
+                        extra_env={**env, "FAKE_DESCRIBE": "missing", "TMPDIR": str(temporary)})
     assert broken.returncode == 2 and "failed 5 times in a row: NOT_FOUND" in broken.stderr
+    assert not list(temporary.iterdir())  # the describe errors' file goes when the wait ends, as on each retry
 
 
 @pytest.fixture
