@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -152,6 +153,7 @@ class TrainCheckpointer:
                                                cleanup_tmp_directories=True)
         self._pending: int | None = None  # the step of the last save started (check_saved)
         _shorten_orbax_errors()
+        ignore_reads_left_behind()  # (a failed save's writes, as a failed restore's reads)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -221,7 +223,6 @@ class TrainCheckpointer:
                               f"{_RESUME_HINT}") from None
         if saved is not None:
             self._check_shapes(layout or abstract, saved, step)
-        ignore_reads_left_behind()  # (before: a failing read's others report from their threads at once)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout or abstract), data=_DataStateRestore(),
                                           config=ocp.args.JsonRestore()))
@@ -270,30 +271,44 @@ class TrainCheckpointer:
 
 
 def ignore_reads_left_behind() -> None:
-    """Quiet what a failed restore leaves behind. A restore that fails on one array leaves the reads of the
-    others running; when the process exits (the run's own error printed), Python collected them and printed
-    each one's fate: "Future exception was never retrieved" (asyncio's logger), "Exception ignored in:
-    <coroutine ... _read_array_index_and_device_put>" and "RuntimeError: Event loop is closed" (through
+    """Quiet what a failed restore or save leaves behind. A restore that fails on one array leaves the reads
+    of the others running; when the process exits (the run's own error printed), Python collected them and
+    printed each one's fate: "Future exception was never retrieved" (asyncio's logger), "Exception ignored
+    in: <coroutine ... _read_array_index_and_device_put>" and "RuntimeError: Event loop is closed" (through
     sys.unraisablehook), up to thousands of lines of TensorStore specs below the error, in some runs and not
-    others (by timing), some from TensorStore's threads while the error is still on its way. From the first
-    restore on (a run's, or `fxjax.train.run_loading`'s), exactly those are dropped: orbax's coroutines,
-    the closed loop, and never-retrieved futures of orbax's or TensorStore's reads (whose errors are the
-    restore's own, already reported); another asyncio error of the process still prints. (Where a step's
-    array index itself cannot be read, TensorStore's threads can still print a closed-loop traceback past
-    every Python hook.)"""
+    others (by timing), some from TensorStore's threads while the error is still on its way. A failed save
+    leaves writes behind alike: a TensorStore thread that wakes orbax's closed loop at exit printed the
+    closed-loop traceback after the run's one-line error, in one run of many (through sys.excepthook or the
+    unraisable hook: TensorStore calls PyErr_Print and PyErr_WriteUnraisable). From the first checkpointer
+    on (a run's, or `fxjax.train.run_loading`'s restore), exactly those are dropped: orbax's coroutines,
+    the closed loop (off the main thread, for sys.excepthook: the main thread's own error still prints), and
+    never-retrieved futures of orbax's or TensorStore's reads (whose errors are the restore's own, already
+    reported); another asyncio error of the process still prints."""
     previous = sys.unraisablehook
     if getattr(previous, "_fxjax_drops_left_behind_reads", False):
         return
 
     def hook(unraisable) -> None:
         error, source = unraisable.exc_value, getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
-        if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or "/orbax/" in source:
+        if _closed_loop(error) or "/orbax/" in source:
             return
         previous(unraisable)
 
+    previous_excepthook = sys.excepthook
+
+    def excepthook(kind, error, traceback) -> None:
+        if _closed_loop(error) and threading.current_thread() is not threading.main_thread():
+            return
+        previous_excepthook(kind, error, traceback)
+
     hook._fxjax_drops_left_behind_reads = True
-    sys.unraisablehook = hook
+    sys.unraisablehook, sys.excepthook = hook, excepthook
     logging.getLogger("asyncio").addFilter(lambda record: not _left_behind_read(str(record.msg)))
+
+
+def _closed_loop(error: BaseException | None) -> bool:
+    """Whether `error` is asyncio's refusal to schedule on a closed event loop (orbax's, after the run)."""
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def _left_behind_read(message: str) -> bool:
