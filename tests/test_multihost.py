@@ -219,7 +219,8 @@ def test_an_error_on_one_process_stops_every_process_with_it_not_a_hang(tmp_path
     from fxjax.train.run_lock import locked_run_dirs
     from fxjax.train_config import from_dict
 
-    config = _tiny_sft_run(tmp_path, tokenizer_dir, steps=1, checkpoint={"dir": str(tmp_path / "ckpt")})
+    # (3 steps, as the tests below: one program for the module, compiled once into the suite's cache)
+    config = _tiny_sft_run(tmp_path, tokenizer_dir, steps=3, checkpoint={"dir": str(tmp_path / "ckpt")})
     (tmp_path / "eval_b.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "label": "real"}) + "\n"
                                                    for i in (2, 3)))
     (tmp_path / "user_files").mkdir()

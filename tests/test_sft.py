@@ -401,7 +401,7 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_step_naming_the_last
     raw traceback. Now it stops after step 3 (the write fails at once; step 3 takes far longer) with one
     line naming the folder and what to do, which orbax's logged tracebacks (some 180 lines, one from each of
     its threads) no longer bury: each of its records is one line."""
-    code, log = sft(setup, "savefail", env={"FXJAX_FAULT": "save_error@2"}, extra=["train.steps=6"])
+    code, log = sft(setup, "savefail", env={"FXJAX_FAULT": "save_error@2"})  # (4 steps: the module's program)
     assert code == 2, log[-3000:]
     assert "Traceback" not in log and len(log.splitlines()) < 12, log[-3000:]
     assert ("Save Finalize thread (save_finalize) failed. (OSError: [Errno 28] No space left on device (FXJAX_FAULT "
