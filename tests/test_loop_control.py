@@ -28,7 +28,7 @@ class _Checkpointer:
 
 
 def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, metrics=None, profile=(2, 0),
-         sync=None, body=None, stage_ends=None, eval_stage_ends=False):
+         sync=None, body=None, stage_ends=None, eval_stage_ends=False, wrap_up=None):
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=every),
                           train=SimpleNamespace(progress_bar=False, output_dir="out", profile_start=profile[0],
                                                 profile_steps=profile[1]),
@@ -46,6 +46,8 @@ def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, 
                 body(update)
             if update + 1 == signal_at:
                 os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it
+        if wrap_up is not None:  # (in the block, as the loops' wrap_up: the control lets go of the run at its end)
+            wrap_up(control)
     return control, saved, evaluated, said
 
 
@@ -240,17 +242,15 @@ def test_a_complete_run_run_again_does_not_repeat_its_end_evaluation(tmp_path):
 
     def again(records):
         (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        control, _, evaluated, said = _run(4, every=2, first=4,
-                                           metrics=MetricsLogger(tmp_path, tensorboard=False, resume_step=4))
-        control.evaluate_at_end()
+        _, _, evaluated, said = _run(4, every=2, first=4, wrap_up=LoopControl.evaluate_at_end,
+                                     metrics=MetricsLogger(tmp_path, tensorboard=False, resume_step=4))
         return evaluated, said
 
     train_4 = {"step": 4, "kind": "train", "loss": 1.0}
     evaluated, said = again([train_4, {"step": 4, "kind": "eval", "loss": 1.5}])
     assert evaluated == [] and said[-1] == "sft: the evaluation at the end (step 4) is in metrics.jsonl already; not repeated"
     assert again([train_4])[0] == [("end", 4)]
-    control, _, evaluated, _ = _run(4, every=2, first=2)  # resumed before the end: evaluated at the end
-    control.evaluate_at_end()
+    _, _, evaluated, _ = _run(4, every=2, first=2, wrap_up=LoopControl.evaluate_at_end)  # resumed before the end
     assert evaluated == [("end", 4)]
 
 
@@ -394,3 +394,35 @@ def test_the_command_holds_a_stop_signal_until_the_loop_and_gives_it_back_when_n
                      f"{__name__}:probe_runner")
     assert _PROBED["held"]
     assert signal.getsignal(signal.SIGTERM) is _PROBED["before"] and preemption._HELD is None
+
+
+@pytest.mark.parametrize("error", [RuntimeError("RESOURCE_EXHAUSTED: Out of memory"), KeyboardInterrupt()])
+def test_an_error_in_the_start_evaluation_gives_back_the_signals_and_closes_the_run(error):
+    """The start evaluation (or a resumed run's made-up one) failing, or a second Ctrl-C during it, raised out
+    of LoopControl.__enter__, so its __exit__ never ran: a notebook's kernel kept the dead run's handlers (SIGTERM
+    then set a flag nobody read: the process ignored it) and its checkpointer, metrics files and data
+    workers. Now the start's error leaves the signals as they were and the run's parts closed; the run's
+    closures (its model and state) are dropped on the way out, as after any run."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    closed = []
+
+    class Checkpointer(_Checkpointer):
+        def close(self):
+            closed.append("checkpointer")
+
+    def evaluate(tag):
+        raise error
+
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=0),
+                          train=SimpleNamespace(progress_bar=False, output_dir="out", profile_start=2, profile_steps=0),
+                          eval=SimpleNamespace(every=0, at_start=True, at_end=True, at_stage_ends=False))
+    control = LoopControl("sft", cfg, steps_total=3, first=0, checkpointer=Checkpointer(), save=lambda step: None,
+                          say=lambda text: None, show_progress=False, evaluate=evaluate,
+                          metrics=SimpleNamespace(close=lambda: closed.append("metrics")),
+                          iterator=SimpleNamespace(close=lambda: closed.append("iterator")))
+    with pytest.raises(type(error)):
+        with control:
+            pass
+    assert {sig: signal.getsignal(sig) for sig in previous} == previous
+    assert closed == ["checkpointer", "metrics", "iterator"]
+    assert control._save is None and control.evaluate is None  # (nothing of the run's held from here)

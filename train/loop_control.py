@@ -107,25 +107,35 @@ class LoopControl:
 
     def __enter__(self) -> "LoopControl":
         """Take the preemption signals and, in a fresh run, evaluate at the start (cfg.eval.at_start); in a
-        resumed run, make up the periodic evaluation of its checkpoint's step when metrics.jsonl lacks it."""
+        resumed run, make up the periodic evaluation of its checkpoint's step when metrics.jsonl lacks it. An
+        error in either (or a second Ctrl-C) leaves nothing taken: Python calls __exit__ only once __enter__
+        has returned, and a notebook's kernel kept the run's SIGTERM handler (a dead run's flag) for good."""
         self.signals.__enter__()
-        if self.evaluate is not None and self.eval_at_start and self.last_saved is None:
-            self.evaluate("start")
-        due = None if self.last_saved is None else self._eval_due(self.last_saved)
-        if due is not None and not allgather_json("eval-logged", self.metrics.logged("eval", self.last_saved))[0]:
-            # the step's evaluation runs after its checkpoint is saved: a process killed in between (an
-            # evaluation takes a while) leaves the checkpoint without it. The main process's file decides.
-            self.evaluate(due)
+        try:
+            if self.evaluate is not None and self.eval_at_start and self.last_saved is None:
+                self.evaluate("start")
+            due = None if self.last_saved is None else self._eval_due(self.last_saved)
+            if due is not None and not allgather_json("eval-logged", self.metrics.logged("eval", self.last_saved))[0]:
+                # the step's evaluation runs after its checkpoint is saved: a process killed in between (an
+                # evaluation takes a while) leaves the checkpoint without it. The main process's file decides.
+                self.evaluate(due)
+        except BaseException as err:
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         """Give the signals back; finish pending saves; release the checkpointer, metrics files and the data
-        iterator's workers, whatever happened."""
+        iterator's workers, whatever happened; drop the run's closures (they hold its model and state: a
+        notebook's next run would find them in memory until Python's cycle collector ran)."""
         self.signals.__exit__(*exc)
         try:
             self.trace.stop()  # (a run that stopped early: what was traced is written; never raises)
         finally:
-            close_run(self.bar, self.checkpointer, *self._closing)
+            try:
+                close_run(self.bar, self.checkpointer, *self._closing)
+            finally:
+                self._save = self.evaluate = self._sync = None
 
     def updates(self, first: int):
         """The loop: yields the 0-based number of each update to run, from `first` on; after each one does the
