@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()  # (a CPU run: before JAX starts its threads; fxjax/host_allocator.py)
+    if argv is None:  # the `fxjax` command; main([...]) from Python (a notebook) leaves the process's malloc alone
+        keep_freed_memory()  # (a CPU run: before JAX starts its threads; fxjax/host_allocator.py)
     use_compilation_cache()  # (before JAX is imported, which reads its cache settings; fxjax/compilation_cache.py)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

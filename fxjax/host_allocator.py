@@ -15,7 +15,8 @@ GLIBC_TUNABLES setting says the user tuned it. The costs: the process keeps its 
 exits (+17% for the demo's SFT), and every thread's allocations above glibc's per-thread cache share one
 arena's lock, measured on 2 cores only (where it cost nothing visible). FXJAX_SYSTEM_MALLOC=1 leaves
 malloc as it is. Options set after JAX started its threads do not help (those threads have their arenas
-by then), hence the command line only: `import fxjax` in a program changes nothing.
+by then), hence the command line only: `import fxjax` in a program changes nothing, nor does
+`fxjax.cli.main([...])` (a notebook's kernel would keep its peak memory for the user's own work too).
 
 A preloaded tcmalloc (LD_PRELOAD) does the same and a little more (bench/README.md); `cpu_memory_note`
 says which of these a run has, once per process.
@@ -99,8 +100,8 @@ def cpu_memory_note(platform: str, environ: Mapping[str, str] | None = None) -> 
                 f"the process keeps its peak memory; {OPT_OUT}=1 leaves malloc as it is)")
     how = ("set JAX_PLATFORMS=cpu (a GPU or TPU plugin is installed, so the `fxjax` command could not know the "
            "run is on the CPU)" if _state["cli"] and not jax_on_cpu_only(environ) else
-           "start it through the `fxjax` command, which sets glibc's malloc to keep what XLA frees before JAX "
-           "starts")
+           "start it with the `fxjax` command in a shell, which sets glibc's malloc to keep what XLA frees before "
+           "JAX starts (from Python, fxjax.cli.main([...]) included, the process's malloc is left as it is)")
     return f"tip: a CPU run's steps take {MEASURED} when freed host memory is kept: {how}, or preload tcmalloc"
 
 

@@ -502,10 +502,11 @@ def test_a_run_given_another_runs_checkpoints_as_its_checkpoint_dir_is_refused(t
 # In a fresh process: the `fxjax` command's start (main, here with --help), then a 64 MB malloc: how many
 # mmapped blocks it added (glibc's mallinfo2().hblks), then JAX on the CPU and the run's note.
 _MALLOC_PROBE = """
-import ctypes
+import ctypes, sys
 from fxjax import cli, host_allocator as ha
-try:
-    cli.main(["--help"])
+sys.argv = ["fxjax", "--help"]
+try:  # as the fxjax command calls it (main() with no argv), or as Python code does (PROBE_FROM_PYTHON)
+    cli.main(["--help"]) if "PROBE_FROM_PYTHON" in __import__("os").environ else cli.main()
 except SystemExit:
     pass
 class Info(ctypes.Structure):
@@ -563,10 +564,13 @@ def test_cpu_runs_keep_freed_memory_only_where_jax_runs_on_the_cpu_alone(tmp_pat
     assert run() == ("0 | host memory: glibc's malloc keeps what XLA frees, so steps do not re-zero it "
                      f"({ha.MEASURED}; the process keeps its peak memory; FXJAX_SYSTEM_MALLOC=1 leaves malloc as it is)")
     assert run(FXJAX_SYSTEM_MALLOC="1") == "1 | -"  # opted out: glibc maps the block (and unmaps it at free)
+    # main([...]) from Python (a notebook's kernel): the process's malloc is left as it is, and the tip says so
+    tip = run(PROBE_FROM_PYTHON="1")
+    assert tip.startswith("1 | tip: ") and "fxjax.cli.main([...]) included" in tip, tip
     tip = run(JAX_PLATFORMS="", JAX_PLATFORM_NAME="cpu", XLA_FLAGS="")  # (the same, through the older variable)
     assert tip.startswith("0 | host memory:"), tip
     assert ha.cpu_memory_note("gpu") is None and ha.cpu_memory_note("tpu") is None
-    assert "start it through the `fxjax` command" in ha.cpu_memory_note("cpu", {})  # (not kept in this process)
+    assert "start it with the `fxjax` command in a shell" in ha.cpu_memory_note("cpu", {})  # (not kept here)
 
 
 def test_stage_end_checkpoints_outlive_keep_and_load_by_the_stage_name(tmp_path):
