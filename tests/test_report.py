@@ -6,8 +6,6 @@ import json
 import math
 import shutil
 
-
-
 from fxjax.cli import main  # noqa: E402
 from fxjax.commands.report import build_report, write_report  # noqa: E402
 from fxjax.commands.report_drawing import moving_average, stage_spans  # noqa: E402
@@ -274,3 +272,22 @@ def test_several_runs_are_compared_on_the_same_panels(tmp_path, capsys):
                           ([str(a), str(a)], f"{a} given more than once: give each run or eval folder once")):
         assert main(["report", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_drawing_reports_leaves_the_callers_matplotlib_backend(tmp_path):
+    """`matplotlib.use("Agg")` in each report switched a notebook's backend (its inline plots stopped showing)
+    once pyplot was imported; the reports draw on a Figure of their own and save it, which needs no backend."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from fxjax.commands.report_compare import build_comparison
+
+    before = plt.get_backend()
+    plt.switch_backend("svg")  # (stands for a notebook's inline backend)
+    try:
+        run = write_metrics(tmp_path / "metrics.jsonl", grpo_records()).parent
+        assert write_report(run).stat().st_size > 20_000
+        build_comparison([("a", grpo_records()), ("b", grpo_records())])
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        plt.switch_backend(before)

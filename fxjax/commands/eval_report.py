@@ -74,9 +74,6 @@ def read_eval_metrics(path: str | Path) -> dict:
 
 def build_eval_report(summaries: Sequence[dict], labels: Sequence[str], title: str | None = None):
     """The comparison figure (matplotlib Figure, one panel per metric) of eval summaries, in order."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     if not summaries:

@@ -118,9 +118,6 @@ def build_report(records: Sequence[dict], title: str | None = None, timings: boo
     """The report figure (matplotlib Figure; each panel's title names it) of a run's metrics records;
     `timings` False leaves out the wall-clock panels (the demo's report is then the same, byte for byte, at
     every run)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     if not records:

@@ -41,9 +41,6 @@ def _legend(ax, series_drawn: Sequence[tuple[str, str, str | None]], labels: Seq
 
 def build_comparison(runs: Sequence[tuple[str, list[dict]]], title: str | None = None, timings: bool = True):
     """The figure comparing `runs` ((label, metrics records) each, all SFT or all GRPO, 2 to len(RUN_STYLES))."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     if not 2 <= len(runs) <= len(RUN_STYLES):
