@@ -487,3 +487,28 @@ def test_a_record_read_in_the_other_format_says_it_looks_like_the_other_one(root
         with pytest.raises(DataError, match=re.escape(words)):
             load_records(path, format=format)
         assert load_records(path, format="auto")[0]  # (auto reads it)
+
+
+def test_opening_images_in_threads_leaves_the_processs_warning_filters_as_they_were(tmp_path):
+    """Each open_image silenced PIL's DecompressionBombWarning with warnings.catch_warnings, which saves and
+    restores the process's filter list: two threads' blocks that overlapped (the image threads of the data
+    check or the pipeline) left the `ignore` in place for good, so a notebook's own PIL code lost the warning.
+    (A short switch interval interleaves the threads at once: the old code left it in every run.)"""
+    import sys
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from fxjax.data.images import open_image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    before = list(warnings.filters)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            sizes = set(pool.map(lambda i: open_image(tmp_path / "a.png", decode=True).size, range(400)))
+    finally:
+        sys.setswitchinterval(interval)
+    assert sizes == {(32, 32)} and warnings.filters == before

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable
 
@@ -98,6 +100,20 @@ def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False) -> Pa
     return path
 
 
+_WARNING_FILTERS = threading.Lock()
+
+
+@contextmanager
+def _pil_bomb_warnings_off():
+    """PIL's DecompressionBombWarning ignored for the block, one thread at a time: warnings.catch_warnings
+    saves and restores the process's filter list, so two threads' blocks that overlapped (the data check's and
+    the pipeline's image threads) left the `ignore` in place for good, silencing PIL's warning for the rest of
+    the process (a notebook's own images too)."""
+    with _WARNING_FILTERS, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                decode: bool = True) -> Image.Image:
     """Open an image file safely: allowed formats only, size limit checked before decoding,
@@ -106,8 +122,7 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist" if not path.exists() else f"{path} is not a file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+    with _pil_bomb_warnings_off():  # we apply our own limit below
         try:
             image = Image.open(path, formats=ALLOWED_IMAGE_FORMATS)
         except Image.DecompressionBombError as err:
@@ -139,9 +154,11 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
         raise ImageError(f"image {path} is {width}x{height}: aspect ratio over Qwen2.5-VL's limit of "
                          f"{MAX_ASPECT_RATIO}", "image_aspect")
     if decode:
+        # PIL checks a GIF frame's or TIFF tile's size again as it decodes: only an image over PIL's own
+        # limit (max_image_pixels raised past it) can warn there, so only then is the decode serialised
+        quiet = _pil_bomb_warnings_off() if max_image_pixels > (Image.MAX_IMAGE_PIXELS or 0) else nullcontext()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with quiet:
                 image.load()
                 image = ImageOps.exif_transpose(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
