@@ -426,3 +426,23 @@ def test_an_error_in_the_start_evaluation_gives_back_the_signals_and_closes_the_
     assert {sig: signal.getsignal(sig) for sig in previous} == previous
     assert closed == ["checkpointer", "metrics", "iterator"]
     assert control._save is None and control.evaluate is None  # (nothing of the run's held from here)
+
+
+def test_a_stop_signal_is_said_at_once_and_a_second_ctrl_c_stops_at_once(capfd):
+    """A stop signal set a flag and said nothing until the step in progress (an evaluation, step 1's
+    compilation: minutes on a large model) had ended, which invited a second Ctrl-C. Now its handler says at
+    once what will happen, and how to stop at once; SIGTERM (a preemption) is said too, once."""
+    def body(update):
+        if update == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert capfd.readouterr().err == ("fxjax: received SIGINT: the run stops after the step in progress, "
+                                              "with a checkpoint; Ctrl-C again stops at once, without one\n")
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    control, saved, _, _ = _run(3, every=5, body=body)
+    assert control.preempted and saved == [1]
+    control, saved, _, _ = _run(3, every=5, body=lambda update: [os.kill(os.getpid(), signal.SIGTERM)] * 2)
+    assert control.preempted and saved == [1]
+    assert capfd.readouterr().err == ("fxjax: received SIGTERM: the run stops after the step in progress, with a "
+                                      "checkpoint\n")

@@ -5,6 +5,7 @@ under nohup (SIGHUP ignored) keeps ignoring it."""
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -39,6 +40,15 @@ def held_signal() -> bool:
     return _HELD is not None and _HELD.received is not None
 
 
+def _write_now(text: str) -> None:
+    """`text` to stderr's file descriptor in one write: a handler that printed through sys.stderr while the
+    interrupted code was printing would raise (a reentrant call into the same buffered stream)."""
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:  # (no stderr: nothing to tell)
+        pass
+
+
 class PreemptionSignals:
     """Context manager: SIGTERM/SIGINT/SIGHUP set a flag; `stop_requested()` is true on every process once any
     process got one (a second Ctrl-C raises KeyboardInterrupt at once). A signal held since the run's start
@@ -67,6 +77,10 @@ class PreemptionSignals:
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.received is None:  # (said at once: a step, an evaluation or a compilation can take minutes)
+            again = "; Ctrl-C again stops at once, without one" if signum == signal.SIGINT else ""
+            _write_now(f"fxjax: received {signal.Signals(signum).name}: the run stops after the step in progress, "
+                       f"with a checkpoint{again}\n")
         self.received = signum
 
     def name(self) -> str | None:
