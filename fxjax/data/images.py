@@ -170,6 +170,11 @@ SWAPPED_AXES = (5, 6, 7, 8)  # the EXIF orientations that swap width and height 
 
 
 def _orientation(image: Image.Image) -> int:
+    if image.format == "PNG" and "exif" not in image.info:
+        # PIL's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixel data (which
+        # writers put before it): "headers only" (data.check_decode false, data check --no-decode) decoded
+        # every PNG. No eXIf chunk before the pixels: as stored (one after them is read by a decode only).
+        return 1
     try:
         return int(image.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation
