@@ -414,3 +414,28 @@ def test_a_relative_data_file_found_beside_the_config_says_where_paths_resolve(c
     assert f"fxjax data check: error: dataset file {hint}" in capsys.readouterr().err
     assert main(["sft", "--config", str(folder / "run.yaml")]) == 2
     assert f"fxjax sft: error: data.train_files: {hint}" in capsys.readouterr().err
+
+
+def test_invalid_records_are_listed_up_to_a_count_per_kind_and_a_wrong_root_is_named(capsys, tmp_path):
+    """A wrong --root made every record invalid and printed one line each (10,000 records: 1.2 MB) with no word
+    of the root. Now the first --show (20) of each kind are listed, then how many more of each kind; every
+    image missing says where the paths were looked for."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"image": f"img/{i}.png", "label": "real"}) + "\n" for i in range(25))
+                    + json.dumps({"image": "img/0.png", "label": "fake"}) + "\n")
+    rc, out = check(capsys, path)
+    listed = out[out.index("invalid records (26):"):].splitlines()[1:]
+    assert rc == 1 and [line for line in listed if "[image_missing]" in line][-1].startswith(f"  {path}:20: ")
+    assert f"  {path}:26: [label] " in out  # (each kind its own count)
+    assert "  ... and 5 more (image_missing 5): --show all lists every one" in out
+    assert "no record's image" not in out  # (line 26's image was not looked for)
+    path.write_text("".join(json.dumps({"image": f"img/{i}.png", "label": "real"}) + "\n" for i in range(3)))
+    (tmp_path / "elsewhere").mkdir()
+    rc, out = check(capsys, path, "--root", tmp_path / "elsewhere")
+    assert (f"no record's image was found: their paths are read relative to --root {tmp_path / 'elsewhere'}; is "
+            "that where the images are?") in out
+    rc, out = check(capsys, path, "--show", "all")
+    assert "the folder of each file (no --root)" in out and "more (" not in out
+    with pytest.raises(SystemExit):
+        check(capsys, path, "--show", "0")
+    assert "expected a count of at least 1 or `all`, got '0'" in capsys.readouterr().err

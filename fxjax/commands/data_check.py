@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,7 +33,8 @@ Prints:
     than one record (labelled both ways: a contradiction) or in more than one file (a train/test leak),
     an image being its file's content (a copy under another name is the same image), and an id given to
     records of other images in one file;
-  * every invalid record as FILE:LINE: [kind] what is wrong.
+  * the invalid records as FILE:LINE: [kind] what is wrong (the first --show of each kind; --show all
+    lists every one).
 
 With --config (an `fxjax sft` or `fxjax grpo` config) it checks that run's data: its train and eval files
 (unless FILEs are given), its tokenizer, pixel limits, max_length, prompts (data.system_prompt,
@@ -105,7 +107,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="read image headers only: faster, but an image whose body is corrupt passes")
     p.add_argument("--bins", type=int, default=10, metavar="N", help="bars per histogram (default: 10)")
     p.add_argument("--threads", type=int, default=8, metavar="N", help="threads opening images (default: 8)")
+    p.add_argument("--show", type=_shown, default=SHOWN_PER_KIND, metavar="N|all",
+                   help=f"invalid records listed per kind of problem (default: {SHOWN_PER_KIND}; `all` lists every "
+                        "one): the counts by kind always cover all of them")
     p.set_defaults(func=run)
+
+
+SHOWN_PER_KIND = 20
+
+
+def _shown(text: str) -> int | None:
+    """--show: a count of at least 1, or "all" (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a count of at least 1 or `all`, got {text!r}")
+    return int(text)
 
 
 def check_root(root: str | None) -> None:
@@ -426,6 +443,22 @@ def _data_config(args: argparse.Namespace):
     return dataclasses.replace(base, data_files=files, **options)
 
 
+def _invalid_lines(errors, shown: int | None) -> list[str]:
+    """One line per invalid record, in file order, up to `shown` of each kind (None: all), then how many of
+    each kind were left out: 10,000 records of a wrong --root printed 10,000 lines, 1.2 MB."""
+    seen: Counter = Counter()
+    lines = []
+    for e in errors:
+        seen[e.kind] += 1
+        if shown is None or seen[e.kind] <= shown:
+            lines.append(f"  {e.where}: [{e.kind}] {e.problem}")
+    left = {kind: n - shown for kind, n in sorted(seen.items()) if shown is not None and n > shown}
+    if left:
+        lines.append(f"  ... and {sum(left.values())} more ({', '.join(f'{k} {n}' for k, n in left.items())}): "
+                     f"--show all lists every one")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from fxjax.data.records import load_records
 
@@ -468,8 +501,11 @@ def run(args: argparse.Namespace) -> int:
         lines += ["", f"warnings ({len(warnings)}; the records are valid, but check these):"]
         lines += [f"  {w}" for w in warnings]
     if invalid:
-        lines += ["", f"invalid records ({invalid}):"]
-        lines += [f"  {e.where}: [{e.kind}] {e.problem}" for e in report.skipped]
+        lines += ["", f"invalid records ({invalid}):", *_invalid_lines(report.skipped, args.show)]
+        if report.counts().get("image_missing") == report.lines:
+            relative_to = f"--root {cfg.root}" if cfg.root else "the folder of each file (no --root)"
+            lines.append(f"  no record's image was found: their paths are read relative to {relative_to}; is that "
+                         "where the images are? (--root DIR, or data.root)")
     if refused:
         lines += ["", f"records training refuses ({len(refused)}; valid as records, their boxes under a pixel at the "
                       f"model's input) [box_tiny]:"]
