@@ -536,3 +536,18 @@ def test_each_image_is_opened_once_and_a_png_header_read_decodes_nothing(root, m
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: decoded.append(self) or load(self))
     assert load_records(path, on_error="skip", check_decode=False)[1].loaded == 9 and decoded == []
     assert load_records(path, on_error="skip", check_decode=True)[1].loaded == 9 and decoded  # (a decode: it loads)
+
+
+def test_skipped_records_are_named_in_the_log_up_to_a_count_per_kind(root, caplog):
+    """data.on_error skip named every skipped record at each run's start (3,000 bad records: 3,000 lines on
+    every start and resume); now the first 20 of each kind, then how many more, and the summary counts all."""
+    import logging
+
+    path = write(root, *[native(image=f"img/no{i}.png") for i in range(23)], native(label="fake"))
+    with caplog.at_level(logging.WARNING, logger="fxjax.data.records"):
+        records, report = load_records(path, on_error="skip")
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping record: ")]
+    assert len(report.skipped) == 24 and len(named) == 21 and sum("'fake'" in m for m in named) == 1, named
+    assert ("skipping 3 more record(s) not named here (image_missing 3): `fxjax data check` lists them"
+            in caplog.text)
+    assert "skipped 24 (image_missing 23, label 1)" in caplog.text

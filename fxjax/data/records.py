@@ -308,6 +308,9 @@ def _check_image(pending: _Pending, size: tuple[int, int] | Exception) -> Record
                   system=parsed.system, user=parsed.user, assistant=parsed.assistant)
 
 
+LOGGED_PER_KIND = 20  # skipped records named in the log, per kind of problem (the summary counts every one)
+
+
 def load_records(files: str | Path | Sequence[str | Path], root: str | Path | None = None,
                  format: str = "auto", on_error: str = "raise", check_decode: bool = True,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_threads: int = 8,
@@ -387,9 +390,16 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     errors.sort(key=lambda e: e[0])
     if errors and on_error == "raise":
         raise errors[0][1]
+    logged: Counter = Counter()
     for _, err in errors:
-        logger.warning("skipping record: %s", err)
+        logged[err.kind] += 1
+        if logged[err.kind] <= LOGGED_PER_KIND:  # (each run's start logged 3,000 lines for 3,000 skipped records)
+            logger.warning("skipping record: %s", err)
         report.skipped.append(err)
+    unlogged = {kind: n - LOGGED_PER_KIND for kind, n in sorted(logged.items()) if n > LOGGED_PER_KIND}
+    if unlogged:
+        logger.warning("skipping %d more record(s) not named here (%s): `fxjax data check` lists them",
+                       sum(unlogged.values()), ", ".join(f"{k} {n}" for k, n in unlogged.items()))
     records = [dataclasses.replace(r, index=i) for i, r in enumerate(records)]
     report.loaded = len(records)
     if report.skipped:
