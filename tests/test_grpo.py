@@ -180,6 +180,7 @@ def test_stages_in_order_with_every_metric(setup, straight):
         assert {k[len("weights/"):]: v for k, v in train[first].items() if k.startswith("weights/")} == \
             {**dataclasses.asdict(weights), "brevity": 0.5}  # (and the grpo.reward_funcs term's)
         assert f"grpo: stage {stage} (steps {first + 1}-{first + 2}): {describe_weights(weights)}" in log
+    assert "grpo: reading the records of 1 file and checking each image file (decoded once: data.check_decode)" in log
     for key in ("reward/total_mean", "reward/total_std", "reward/format_mean", "reward/label_mean",
                 "reward/iou_mean", "format_rate", "verdict_accuracy", "kl", "clip_ratio/region_mean", "entropy",
                 "completion_length_mean", "completion_length_max", "truncated_fraction", "zero_std_group_fraction",

@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from fxjax.config_mapping import ConfigError, checked_config
 from fxjax.data.formats import IM_END
-from fxjax.data.pipeline import DataConfig, DataPipeline
+from fxjax.data.pipeline import DataConfig, DataPipeline, reading_note
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.host_exchange import allgather_json, gather_json_to_main
 from fxjax.grpo_config import GRPOConfig, GRPOSection, read_reward_config
@@ -225,6 +225,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     # the batch is replicated); images are packed per shard, so each device encodes only its rows' images.
     mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
     per_shard, built = mine.shard_ids is not None, mine.built_shards
+    say(f"grpo: {reading_note(data_config(cfg))}")
     pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows))
     check_same_records(pipeline)
     evaluator = held_out_evaluator(cfg, sft_data_config(cfg), mesh, pipeline.records, say)  # (before the load)

@@ -34,7 +34,7 @@ import jax
 
 from fxjax.config_mapping import checked_config
 from fxjax.config_sections import steps_for_epochs
-from fxjax.data.pipeline import DataConfig, DataPipeline
+from fxjax.data.pipeline import DataConfig, DataPipeline, reading_note
 from fxjax.model.qwen2_5_vl import as_dtype
 from fxjax.device_mesh import MeshConfig, make_mesh
 from fxjax.host_allocator import say_cpu_memory_note
@@ -119,6 +119,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
     # batch is replicated, or when its devices hold every shard).
     mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
     shard_ids, built_shards = mine.shard_ids, mine.built_shards  # shard_ids None: one packed vision
+    say(f"sft: {reading_note(dcfg)}")
     pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=mine.batch_rows))
     check_same_records(pipeline)
     evaluator = held_out_evaluator(cfg, dcfg, mesh, pipeline.records, say)  # (its files checked before the load)
