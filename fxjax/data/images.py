@@ -67,11 +67,12 @@ WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "
               "F": "32-bit float"}
 
 
-def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False) -> Path:
+def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False, root_resolved: bool = False) -> Path:
     """``root / rel`` if it stays inside ``root``; raises ValueError (with the reason) otherwise.
 
     ``allow_absolute``: take an absolute ``rel`` as it is, and follow symbolic links out of ``root`` (for
     datasets whose images live elsewhere and whose JSONL the user trusts); '..' is refused all the same.
+    ``root_resolved``: ``root`` is resolved already (a file's records share it: resolved once, not per record).
     """
     if not isinstance(rel, str) or not rel.strip():
         raise ValueError(f"image path must be a non-empty string, got {rel!r}")
@@ -89,7 +90,7 @@ def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False) -> Pa
                          "--allow-absolute-paths)")
     if ".." in re.split(r"[\\/]", rel):
         raise ValueError(f"image path {rel!r} escapes the dataset root {root} through '..'")
-    root = root.resolve()
+    root = root if root_resolved else root.resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
         if allow_absolute:  # a symbolic link inside the root to images elsewhere, in a dataset the user trusts
@@ -156,7 +157,8 @@ def open_image(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     if decode:
         # PIL checks a GIF frame's or TIFF tile's size again as it decodes: only an image over PIL's own
         # limit (max_image_pixels raised past it) can warn there, so only then is the decode serialised
-        quiet = _pil_bomb_warnings_off() if max_image_pixels > (Image.MAX_IMAGE_PIXELS or 0) else nullcontext()
+        raised = Image.MAX_IMAGE_PIXELS is not None and max_image_pixels > Image.MAX_IMAGE_PIXELS
+        quiet = _pil_bomb_warnings_off() if raised else nullcontext()
         try:
             with quiet:
                 image.load()

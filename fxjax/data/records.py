@@ -233,7 +233,7 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
     except RecordProblem as p:
         raise DataError(where, p.problem, p.kind) from None
     try:
-        path = resolve_image_path(base, parsed.image, allow_absolute=allow_absolute_paths)
+        path = resolve_image_path(base, parsed.image, allow_absolute=allow_absolute_paths, root_resolved=True)
     except ValueError as err:
         raise DataError(where, str(err), "image_path") from None
     return parsed, path
@@ -340,7 +340,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
         problem = whole_file_problem(file)
         if problem:
             raise DataError(str(file), problem, "json")
-        base = Path(root) if root is not None else file.parent
+        base = (Path(root) if root is not None else file.parent).resolve()  # (once per file, not per record)
         records_in_file = 0
         hints: dict[tuple[str, str], list[str]] = {}
         for n, line in numbered_lines(file):
