@@ -670,3 +670,24 @@ def test_a_resume_with_the_records_in_another_order_or_others_skipped_is_refused
     require_same_settings(out, settings("--data", str(b), str(a))[1])
     check_settings(out, first, fresh=False)
     assert json.loads((out / "settings.json").read_text())["records"] == first["records"]
+
+
+def test_skipped_records_are_said_up_to_a_count_per_kind_and_kept_in_full_for_the_metrics(tmp_path):
+    """--on-error skip said every skipped record in one line (a wrong --root: thousands); now the first 20 of each
+    kind, then how many more and where all of them are (metrics.json's invalid_records, from the full report)."""
+    import argparse
+
+    from PIL import Image
+
+    from fxjax.commands.eval import eval_records
+
+    Image.new("RGB", (56, 56)).save(tmp_path / "ok.png")
+    lines = [{"image": "ok.png", "label": "real"}] + [{"image": f"no{i}.png", "label": "real"} for i in range(22)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = argparse.Namespace(data=[str(tmp_path / "data.jsonl")], root=None, format="auto", on_error="skip",
+                              allow_absolute_paths=False, max_image_pixels=None, limit=None)
+    said = []
+    records, report, _ = eval_records(args, said.append)
+    assert len(records) == 1 and len(report.skipped) == 22 and len(said) == 1
+    assert said[0].count("missing image") == 20 and "no19.png" in said[0] and "no20.png" not in said[0]
+    assert said[0].endswith("; and 2 more (image_missing 2), named in metrics.json's invalid_records")

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import logging
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -446,16 +445,12 @@ def _data_config(args: argparse.Namespace):
 def _invalid_lines(errors, shown: int | None) -> list[str]:
     """One line per invalid record, in file order, up to `shown` of each kind (None: all), then how many of
     each kind were left out: 10,000 records of a wrong --root printed 10,000 lines, 1.2 MB."""
-    seen: Counter = Counter()
-    lines = []
-    for e in errors:
-        seen[e.kind] += 1
-        if shown is None or seen[e.kind] <= shown:
-            lines.append(f"  {e.where}: [{e.kind}] {e.problem}")
-    left = {kind: n - shown for kind, n in sorted(seen.items()) if shown is not None and n > shown}
+    from fxjax.data.records import first_of_each_kind, left_out_note
+
+    listed, left = first_of_each_kind(errors, shown)
+    lines = [f"  {e.where}: [{e.kind}] {e.problem}" for e in listed]
     if left:
-        lines.append(f"  ... and {sum(left.values())} more ({', '.join(f'{k} {n}' for k, n in left.items())}): "
-                     f"--show all lists every one")
+        lines.append(f"  ... and {left_out_note(left)}: --show all lists every one")
     return lines
 
 

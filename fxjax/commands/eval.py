@@ -221,14 +221,16 @@ def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[
     from fxjax.commands.data_check import quiet_logger
     from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
     from fxjax.data.pipeline import records_fingerprint
-    from fxjax.data.records import load_records
+    from fxjax.data.records import LOGGED_PER_KIND, first_of_each_kind, left_out_note, load_records
 
     with quiet_logger("fxjax.data.records"):  # (it logs each skipped record, and a summary: said once below)
         records, report = load_records(args.data, args.root, args.format, args.on_error,
                                        allow_absolute_paths=args.allow_absolute_paths,
                                        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
-    if report.skipped:
-        say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in report.skipped))
+    if report.skipped:  # (every one in metrics.json's invalid_records; a wrong --root makes thousands)
+        named, left = first_of_each_kind(report.skipped, LOGGED_PER_KIND)
+        say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in named)
+            + (f"; and {left_out_note(left)}, named in {METRICS}'s invalid_records" if left else ""))
     if not records:
         raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
     return (records[:args.limit] if args.limit else records), report, records_fingerprint(records)

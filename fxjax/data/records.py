@@ -24,7 +24,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from fxjax.data.formats import (SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, ParsedRecord, RecordProblem, boxes_in_pixels,
                                 misspelt_fields, parse_record)
@@ -36,12 +36,15 @@ __all__ = [
     "ALLOWED_IMAGE_FORMATS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DataError",
+    "LOGGED_PER_KIND",
     "LoadReport",
     "Record",
     "Region",
     "SWIFT_BBOX",
     "SWIFT_IMAGE",
     "SWIFT_REF",
+    "first_of_each_kind",
+    "left_out_note",
     "load_records",
     "numbered_lines",
     "open_image",
@@ -311,6 +314,23 @@ def _check_image(pending: _Pending, size: tuple[int, int] | Exception) -> Record
 LOGGED_PER_KIND = 20  # skipped records named in the log, per kind of problem (the summary counts every one)
 
 
+def first_of_each_kind(errors: Sequence[DataError], limit: int | None) -> tuple[list[DataError], dict[str, int]]:
+    """`errors` in their order, up to `limit` of each kind (None: all), and how many of each kind that leaves
+    out: what a log or a terminal shows of thousands of invalid records (a wrong root makes every one)."""
+    seen: Counter = Counter()
+    shown = []
+    for err in errors:
+        seen[err.kind] += 1
+        if limit is None or seen[err.kind] <= limit:
+            shown.append(err)
+    return shown, {kind: n - limit for kind, n in sorted(seen.items()) if limit is not None and n > limit}
+
+
+def left_out_note(left: Mapping[str, int]) -> str:
+    """"3 more (image_missing 2, label 1)" of `first_of_each_kind`'s counts."""
+    return f"{sum(left.values())} more ({', '.join(f'{k} {n}' for k, n in left.items())})"
+
+
 def load_records(files: str | Path | Sequence[str | Path], root: str | Path | None = None,
                  format: str = "auto", on_error: str = "raise", check_decode: bool = True,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_threads: int = 8,
@@ -390,16 +410,12 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     errors.sort(key=lambda e: e[0])
     if errors and on_error == "raise":
         raise errors[0][1]
-    logged: Counter = Counter()
-    for _, err in errors:
-        logged[err.kind] += 1
-        if logged[err.kind] <= LOGGED_PER_KIND:  # (each run's start logged 3,000 lines for 3,000 skipped records)
-            logger.warning("skipping record: %s", err)
-        report.skipped.append(err)
-    unlogged = {kind: n - LOGGED_PER_KIND for kind, n in sorted(logged.items()) if n > LOGGED_PER_KIND}
-    if unlogged:
-        logger.warning("skipping %d more record(s) not named here (%s): `fxjax data check` lists them",
-                       sum(unlogged.values()), ", ".join(f"{k} {n}" for k, n in unlogged.items()))
+    report.skipped.extend(err for _, err in errors)
+    named, unnamed = first_of_each_kind(report.skipped, LOGGED_PER_KIND)  # (each run's start named all 3,000)
+    for err in named:
+        logger.warning("skipping record: %s", err)
+    if unnamed:
+        logger.warning("skipping %s, not named here: `fxjax data check` lists them", left_out_note(unnamed))
     records = [dataclasses.replace(r, index=i) for i, r in enumerate(records)]
     report.loaded = len(records)
     if report.skipped:
