@@ -54,8 +54,9 @@ def score_completions(completions: Sequence[str], truths: Sequence[Mapping[str, 
         raise ValueError(f"{len(completions)} completions for {len(truths)} truths")
     if not completions:
         return []
-    targets = [{"label": t["label"], "boxes": np.asarray(t.get("boxes", ()), np.float64).reshape(-1, 4)}
-               for t in truths]
+    # (the label as rewards.score reads it: "Generated " was scored right, then neither counted nor confused)
+    targets = [{"label": str(t["label"]).strip().lower(),
+                "boxes": np.asarray(t.get("boxes", ()), np.float64).reshape(-1, 4)} for t in truths]
     # The rewards' own scoring: format check by the true label, label check, and the paper's box matching.
     scores = rewards.score(list(completions), targets, stage="alpha")
     rows = []
@@ -199,9 +200,9 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
     names = {"accuracy": "accuracy", "recall": "recall", "format_rate": "format", "mean_iou": "mean IoU"}
     shown = [f"{name} {ci[key][0]:.3f}-{ci[key][1]:.3f}" for key, name in names.items() if ci.get(key)]
     if shown:
-        n = summary["examples"]
-        table += ["", f"95% intervals ({n} image{'s' * (n != 1)}; Wilson, IoU: mean +/- 1.96 SE within [0, 1]): "
-                      + ", ".join(shown)]
+        n = summary["examples"]  # (recall rests on the generated images, mean IoU on those with boxes)
+        table += ["", f"95% intervals (of {n} image{'s' * (n != 1)}; Wilson, IoU: mean +/- 1.96 SE within [0, 1]; "
+                      "recall over the generated images, mean IoU over those with boxes): " + ", ".join(shown)]
     if summary.get("truncated_rate"):
         table += ["", f"truncated: {summary['truncated_rate']:.1%} of the completions reached the token limit "
                       f"without a stop token (their verdicts and regions may be cut off)"]

@@ -50,6 +50,8 @@ def matched_iou(pred, pred_mask, gt, gt_mask):
     n, g, _, t = iou.shape
     avail0 = jnp.broadcast_to(gt_mask[:, None, :], (n, g, t))
     inf = jnp.asarray(jnp.inf, dist.dtype)
+    # (a distance whose square overflows stays below the taken boxes' inf: else argmin took box 0 again)
+    dist = jnp.minimum(dist, jnp.finfo(dist.dtype).max)
 
     def step(carry, xs):
         avail, total = carry

@@ -152,6 +152,10 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
                                               {"label": "generated", "boxes": []}])
     boxless = summarize(scored)
     assert scored[1]["iou"] is None and boxless["iou_images"] == 1 and boxless["mean_iou"] == 1.0
+    # a label as rewards.score reads it ("Generated ": it scored the verdict right, then had no IoU, and the
+    # confusion matrix raised KeyError 'Generated ')
+    cased = score_completions([text], [{"label": "Generated ", "boxes": [[0, 0, 10, 10]]}])
+    assert cased[0]["label"] == "generated" and cased[0]["iou"] == 1.0 and summarize(cased)["accuracy"] == 1.0
     assert by["(none)"]["precision"] is None  # the real images
     assert by["B"]["accuracy"] == 0 and by["B"]["mean_iou"] == 0 and by["B"]["precision"] is None
     assert by["(none)"]["accuracy"] == pytest.approx(1 / 2) and by["(none)"]["mean_iou"] is None

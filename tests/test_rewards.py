@@ -149,6 +149,14 @@ def test_matching_extra_missing_and_no_predictions():
     assert iou_of([A], []) == 0.0  # generated with no GT boxes: nothing to match (0 / 0 -> 0)
 
 
+def test_matching_a_true_box_whose_distance_overflows_never_takes_a_box_twice():
+    """A true box far enough away that its squared centre distance overflows to inf tied with the taken boxes'
+    inf: argmin took box 0 a second time (IoU 1.0 for one of two boxes found); the far box is now the only one
+    left to take, at IoU 0."""
+    far = [1e200, 1e200, 1e200 + 1, 1e200 + 1]
+    assert iou_of([A, A], [A, far]) == 0.5
+
+
 def test_caption_with_newline_is_not_a_region():
     text = (f"<think>{REF_START}a\nb{REF_END}{BOX_START}[0, 0, 10, 10]{BOX_END}<tag>t</tag></think>"
             "<verdict>generated</verdict>")
