@@ -548,6 +548,6 @@ def test_skipped_records_are_named_in_the_log_up_to_a_count_per_kind(root, caplo
         records, report = load_records(path, on_error="skip")
     named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping record: ")]
     assert len(report.skipped) == 24 and len(named) == 21 and sum("'fake'" in m for m in named) == 1, named
-    assert ("skipping 3 more (image_missing 3), not named here: `fxjax data check` lists them"
+    assert ("skipping 3 more (image_missing 3), not named here: `fxjax data check --show all` lists them"
             in caplog.text)
     assert "skipped 24 (image_missing 23, label 1)" in caplog.text

@@ -415,7 +415,8 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     for err in named:
         logger.warning("skipping record: %s", err)
     if unnamed:
-        logger.warning("skipping %s, not named here: `fxjax data check` lists them", left_out_note(unnamed))
+        logger.warning("skipping %s, not named here: `fxjax data check --show all` lists them",
+                       left_out_note(unnamed))
     records = [dataclasses.replace(r, index=i) for i, r in enumerate(records)]
     report.loaded = len(records)
     if report.skipped:
