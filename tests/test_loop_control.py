@@ -446,3 +446,12 @@ def test_a_stop_signal_is_said_at_once_and_a_second_ctrl_c_stops_at_once(capfd):
     assert control.preempted and saved == [1]
     assert capfd.readouterr().err == ("fxjax: received SIGTERM: the run stops after the step in progress, with a "
                                       "checkpoint\n")
+    from fxjax.train import preemption
+
+    preemption.hold_stop_signals()  # (while a run loads: no step in progress yet)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.held_signal()
+    finally:
+        preemption.release_held_signals()
+    assert capfd.readouterr().err == "fxjax: received SIGTERM: the run stops after its first step, with a checkpoint\n"

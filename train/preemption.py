@@ -23,7 +23,7 @@ def hold_stop_signals() -> None:
     with a checkpoint, as for a signal during training. (Ctrl-C is left as it is: it stops a start at once.)"""
     global _HELD
     if _HELD is None:
-        _HELD = PreemptionSignals((signal.SIGTERM, signal.SIGHUP)).__enter__()
+        _HELD = PreemptionSignals((signal.SIGTERM, signal.SIGHUP), stops="after its first step").__enter__()
 
 
 def release_held_signals() -> None:
@@ -54,8 +54,11 @@ class PreemptionSignals:
     process got one (a second Ctrl-C raises KeyboardInterrupt at once). A signal held since the run's start
     (`hold_stop_signals`) counts as received."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP), stops="after the step in progress"):
+        """`stops`: when the run stops, as the handler says it at once (held while a run loads: after its
+        first step)."""
         self.received: int | None = None
+        self._stops = stops
         self._previous: dict[int, Any] = {}
         self._signals = tuple(signals)
 
@@ -79,8 +82,8 @@ class PreemptionSignals:
             raise KeyboardInterrupt
         if self.received is None:  # (said at once: a step, an evaluation or a compilation can take minutes)
             again = "; Ctrl-C again stops at once, without one" if signum == signal.SIGINT else ""
-            _write_now(f"fxjax: received {signal.Signals(signum).name}: the run stops after the step in progress, "
-                       f"with a checkpoint{again}\n")
+            _write_now(f"fxjax: received {signal.Signals(signum).name}: the run stops {self._stops}, with a "
+                       f"checkpoint{again}\n")
         self.received = signum
 
     def name(self) -> str | None:
