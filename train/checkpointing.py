@@ -153,7 +153,7 @@ class TrainCheckpointer:
                                                cleanup_tmp_directories=True)
         self._pending: int | None = None  # the step of the last save started (check_saved)
         _shorten_orbax_errors()
-        ignore_reads_left_behind()  # (a failed save's writes, as a failed restore's reads)
+        ignore_io_left_behind()  # (a failed save's writes, as a failed restore's reads)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -270,7 +270,7 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def ignore_reads_left_behind() -> None:
+def ignore_io_left_behind() -> None:
     """Quiet what a failed restore or save leaves behind. A restore that fails on one array leaves the reads
     of the others running; when the process exits (the run's own error printed), Python collected them and
     printed each one's fate: "Future exception was never retrieved" (asyncio's logger), "Exception ignored
@@ -285,7 +285,7 @@ def ignore_reads_left_behind() -> None:
     never-retrieved futures of orbax's or TensorStore's reads (whose errors are the restore's own, already
     reported); another asyncio error of the process still prints."""
     previous = sys.unraisablehook
-    if getattr(previous, "_fxjax_drops_left_behind_reads", False):
+    if getattr(previous, "_fxjax_drops_left_behind_io", False):
         return
 
     def hook(unraisable) -> None:
@@ -301,7 +301,7 @@ def ignore_reads_left_behind() -> None:
             return
         previous_excepthook(kind, error, traceback)
 
-    hook._fxjax_drops_left_behind_reads = True
+    hook._fxjax_drops_left_behind_io = True
     sys.unraisablehook, sys.excepthook = hook, excepthook
     logging.getLogger("asyncio").addFilter(lambda record: not _left_behind_read(str(record.msg)))
 

@@ -267,7 +267,7 @@ def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> 
     from flax import nnx
 
     from fxjax.train.checkpoint_layout import LayoutError, saved_layout, to_current_layout
-    from fxjax.train.checkpointing import flatten_tree, ignore_reads_left_behind, unflatten_tree
+    from fxjax.train.checkpointing import flatten_tree, ignore_io_left_behind, unflatten_tree
     from fxjax.train.step import split_model
 
     steps = committed_steps(ckpt)
@@ -276,7 +276,7 @@ def _restore_lora(model, cfg, ckpt: Path, step: int, model_path: str | None) -> 
     # the optimiser state, step and RNG stay on disk.
     template = {f"params.{name}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                 for name, x in flatten_tree(params).items()}
-    ignore_reads_left_behind()
+    ignore_io_left_behind()
     try:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             state_dir = ckpt / str(step) / "state"

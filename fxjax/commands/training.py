@@ -79,15 +79,14 @@ def run_training(command: str, args, load_config: Callable[..., Any], runner: st
     from fxjax import distributed
 
     distributed.initialize({k: v for k, v in vars(cfg.distributed).items() if v is not None})
-    from fxjax.train.preemption import hold_stop_signals
+    from fxjax.train.loop_control import NonFiniteError
+    from fxjax.train.preemption import hold_stop_signals, release_held_signals
 
     # A preemption notice (SIGTERM, SIGHUP) while the model loads or compiles: kept for the loop, which stops
     # after its first step with a checkpoint and exits 0 (one process was killed by it, status 143, silently;
     # a multi-process run's JAX service dropped it: join_run). After the join: its service's handler would
     # replace ours.
     hold_stop_signals()
-    from fxjax.train.loop_control import NonFiniteError
-    from fxjax.train.preemption import release_held_signals
 
     module, function = runner.split(":")
     try:
