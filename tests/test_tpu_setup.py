@@ -159,7 +159,8 @@ def test_the_install_pins_the_tested_jax_unless_told_and_v3_counts_tensorcores(f
     """jax[tpu] was installed unpinned (a fresh VM got a jax the flax of the suite does not import with);
     a v3-32 was described as 16 chips, where JAX sees 32 devices (one per TensorCore) to size a mesh by."""
     pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
-    assert {line.split("==")[0] for line in pins} == {"jax", "jaxlib", "flax"} and all("==" in line for line in pins)
+    assert ({line.split("==")[0] for line in pins} == {"jax", "jaxlib", "flax", "ml_dtypes"}
+            and all("==" in line for line in pins))
     base = ("setup", "--type", "v3-32", "--zone", "z", "--project", "p")
     out = dry_run(fake_bin, "create", *base[1:])
     assert "# v3-32: 16 chip(s) (32 JAX devices, one per TensorCore) on 4 workers (multi-host)" in out
