@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `fxjax` command; main([...]) from Python (a notebook) leaves the process's malloc alone
         keep_freed_memory()  # (a CPU run: before JAX starts its threads; fxjax/host_allocator.py)
+        say_stop_signals()  # (and its signal handlers)
     use_compilation_cache()  # (before JAX is imported, which reads its cache settings; fxjax/compilation_cache.py)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fxjax {name}: error: {err}{_record_hint(err, args)}", file=sys.stderr)
         _leave_run(err, 2)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl-C outside a training loop's steps (loading, compiling, decoding)
+    except KeyboardInterrupt as err:  # Ctrl-C (or SIGTERM, SIGHUP: Stopped) outside a training loop's steps
         _interrupted(args.command, err, exit_now=argv is None)
         raise  # (main([...]) from Python, a notebook: the caller's KeyboardInterrupt, its kernel alive)
     except BaseException as err:
@@ -427,6 +428,32 @@ def _stdout_closed() -> int:
     return PIPE_CLOSED
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside a training loop (which saves a checkpoint on them and exits 0): the command
+    stops as on Ctrl-C, saying so, with the status a shell gives a command that signal ended (143, 129)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def say_stop_signals() -> None:
+    """SIGTERM and SIGHUP (a preemption, a scheduler's cancel, a closed SSH session) ended an eval, a detect or
+    an export silently (status 143 / 129, no word of what was kept): they now raise `Stopped`, said in one line
+    as Ctrl-C is. A signal the process was started ignoring (nohup: SIGHUP) stays ignored; a training loop
+    takes both for its own (save, exit 0) and gives them back after it."""
+    import signal
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, stop)
+
+
 def _interrupted(command: str, err: KeyboardInterrupt, exit_now: bool) -> None:
     """Ctrl-C: one line, and from the command line (`exit_now`) exit status 130, at once. A normal exit tore
     XLA down under a compilation still running in its threads (a segmentation fault, status 139, whenever
@@ -436,14 +463,15 @@ def _interrupted(command: str, err: KeyboardInterrupt, exit_now: bool) -> None:
     gets the KeyboardInterrupt: exiting would end the notebook's kernel."""
     import os
 
-    print(f"\nfxjax {command}: interrupted (Ctrl-C); running the same command again resumes or redoes it",
-          file=sys.stderr)
+    why, code = ((f"stopped by {err.args[0]}", 128 + err.signum) if isinstance(err, Stopped)
+                 else ("interrupted (Ctrl-C)", INTERRUPTED))
+    print(f"\nfxjax {command}: {why}; running the same command again resumes or redoes it", file=sys.stderr)
     if not exit_now:
         return
-    _leave_run(err, INTERRUPTED)
+    _leave_run(err, code)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(INTERRUPTED)
+    os._exit(code)
 
 
 def _leave_run(err: BaseException, code: int, *, with_traceback: bool = False) -> None:

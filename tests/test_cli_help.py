@@ -4,6 +4,7 @@ Also the help texts that state facts of the code state them right."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -241,6 +242,29 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130(monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         main(["report", "."])
     assert capsys.readouterr().err.strip().startswith("fxjax report: interrupted (Ctrl-C)")
+
+
+@pytest.mark.parametrize("sig, ignored", [("SIGTERM", False), ("SIGHUP", False), ("SIGHUP", True)])
+def test_sigterm_or_sighup_outside_a_training_loop_is_one_line_and_the_signals_status(sig, ignored):
+    """SIGTERM / SIGHUP (a preemption, a cancelled job, a closed SSH session) ended `fxjax eval`, `detect` or
+    `export` silently. Now the command says it stopped and that the same command resumes, with the status a
+    shell gives a command that signal ended (128 + its number); a signal the process started ignoring (nohup)
+    stays ignored."""
+    code = ("import os, signal, sys, time, fxjax.commands.report as report\n"
+            "def run(args):\n    os.kill(os.getpid(), signal.%s)\n    time.sleep(0.5)\n    print('ran on')\n"
+            "    return 0\n"
+            "report.run = run\n"
+            "%s"
+            "sys.argv = ['fxjax', 'report', '.']\n"
+            "from fxjax.cli import main\nsys.exit(main())\n") % (sig, "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+                                                                  if ignored else "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if ignored:
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ran on\n", "")
+        return
+    assert proc.returncode == 128 + getattr(signal, sig), proc.stderr
+    assert proc.stderr.strip() == (f"fxjax report: stopped by {sig}; running the same command again resumes or "
+                                   "redoes it") and proc.stdout == ""
 
 
 def test_output_piped_into_head_ends_quietly():
