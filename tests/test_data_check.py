@@ -269,6 +269,25 @@ def test_valid_but_suspicious_records_are_warned_about(capsys, tmp_path):
     assert "more than one file" in out and "more than one record of a file" not in out
 
 
+def test_an_image_in_many_records_lists_a_few_of_them_with_each_label(capsys, tmp_path):
+    """An image in thousands of records listed every one of them on its warning's line (16k characters at
+    40k records); now five at most, in file order, the first of each label among them (the contradiction
+    stays visible), and how many more."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(tmp_path / "a.png")
+    labels = ["real"] * 11 + ["generated"] + ["real"] * 3
+    box = [{"bbox": [1, 2, 20, 20], "caption": "odd"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": "a.png", "label": label} | (
+        {"regions": box} if label == "generated" else {})) + "\n" for label in labels))
+    rc, out = check(capsys, tmp_path / "train.jsonl")
+    assert rc == 0, out
+    f, a = tmp_path / "train.jsonl", tmp_path / "a.png"
+    (line,) = [line for line in out.splitlines() if "labelled both real and generated" in line]
+    assert line == (f"  1 image(s) labelled both real and generated: {a} ({f}:1 real, {f}:2 real, {f}:3 real, "
+                    f"{f}:4 real, {f}:12 generated, and 10 more record(s))")
+
+
 def test_an_image_is_its_content_and_an_id_names_one_image(capsys, tmp_path):
     """A copy of a training image under another name in the test file is a leak all the same (the check
     compared paths only); an id that two records of other images share in one file is said, while records

@@ -198,110 +198,6 @@ def _describe_records(records, bins: int) -> list[str]:
     return out
 
 
-def _warnings(records, hints: Sequence[str], limit: int = 5, threads: int = 8) -> list[str]:
-    """What is valid record by record but suspicious over the dataset: keys that look misspelt, an image used
-    by more than one record (with different labels: a contradiction), an image in more than one file (a
-    train / test leak when the files are the two splits), an id given to two records of a file. An image is
-    its file's content: a copy under another name is the same image. At most `limit` examples each."""
-    from collections import defaultdict
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fxjax.data.images import SWAPPED_AXES, content_keys, exif_orientation
-
-    keys = content_keys((r.image for r in records), threads)
-    by_image = defaultdict(list)
-    for r in records:
-        by_image[keys[r.image]].append(r)
-    repeated = [(key, rs) for key, rs in by_image.items() if len(rs) > 1]
-    files = {key: [r.source.rsplit(":", 1)[0] for r in rs] for key, rs in repeated}  # source: "file:line"
-    out = list(hints)
-
-    def examples(items) -> str:
-        shown = []
-        for _, rs in items[:limit]:
-            paths = list(dict.fromkeys(r.image for r in rs))
-            named = len(paths) > 1  # copies: which record names which file
-            where = ", ".join(f"{r.source} {r.label}" + (f" {r.image}" if named else "") for r in rs)
-            shown.append(" = ".join(paths) + f" ({where})")
-        return "; ".join(shown) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
-
-    contradictory = [(i, rs) for i, rs in repeated if len({r.label for r in rs}) > 1]
-    if contradictory:
-        out.append(f"{len(contradictory)} image(s) labelled both real and generated: {examples(contradictory)}")
-    same = [(i, rs) for i, rs in repeated if len({r.label for r in rs}) == 1
-            and len(files[i]) > len(set(files[i]))]  # repeated within a file
-    if same:
-        out.append(f"{len(same)} image(s) in more than one record of a file (trained on more often): "
-                   f"{examples(same)}")
-    shared = [(i, rs) for i, rs in repeated if len(set(files[i])) > 1]
-    if shared:
-        out.append(f"{len(shared)} image(s) in more than one file (a leak if the files are train and test "
-                   f"splits): {examples(shared)}")
-    by_id = defaultdict(list)  # (a record without an id has its image's path as id: the same image)
-    for r in records:
-        by_id[(r.source.rsplit(":", 1)[0], r.record_id)].append(r)
-    reused = [(key, rs) for key, rs in by_id.items() if len({keys[r.image] for r in rs}) > 1]  # (copies: one image)
-    if reused:
-        shown = "; ".join(f"{key[1]!r} ({', '.join(r.source for r in rs)})" for key, rs in reused[:limit])
-        out.append(f"{len(reused)} id(s) given to records of other images in the same file (eval's predictions.jsonl "
-                   f"names records by id): {shown}"
-                   + (f"; and {len(reused) - limit} more" if len(reused) > limit else ""))
-    boxed = [r for r in records if r.regions]
-    with ThreadPoolExecutor(threads) as pool:  # (headers only; a network file system answers each in a round trip)
-        turned = [r for r, n in zip(boxed, pool.map(exif_orientation, [r.image for r in boxed])) if n in SWAPPED_AXES]
-    if turned:
-        shown = ", ".join(f"{r.source} ({r.width}x{r.height} displayed)" for r in turned[:limit])
-        out.append(f"{len(turned)} image(s) with boxes are stored rotated (EXIF orientation 5-8: width and height "
-                   f"swap when displayed), and their boxes are read in the displayed frame, as transformers' "
-                   f"load_image turns them: check that the annotations were drawn on that frame (a box drawn on the "
-                   f"stored one can still lie inside the image, misplaced): {shown}"
-                   + (f"; and {len(turned) - limit} more" if len(turned) > limit else ""))
-    broken = [(r.source, why) for r in records if (why := _answer_problem(r))]
-    if broken:
-        shown = "; ".join(f"{source}: {why}" for source, why in broken[:limit])
-        out.append(f"{len(broken)} ms-swift record(s) whose answer breaks the output format (docs/format.md; "
-                   f"`fxjax docs format`): SFT teaches it as written, and eval's format rate counts such an answer "
-                   f"wrong: {shown}"
-                   + (f"; and {len(broken) - limit} more" if len(broken) > limit else ""))
-    return out
-
-
-def _coco_warning(skipped, records) -> list[str]:
-    """Boxes refused as inverted that read as COCO's [x, y, w, h]: a file in that convention has others that
-    pass as corners (whenever w > x and h > y), wrong all the same, and nothing refuses those."""
-    coco = [e for e in skipped if e.kind == "box_inverted" and "COCO's [x, y, w, h]" in e.problem]
-    files = {e.where.rsplit(":", 1)[0] for e in coco}
-    passed = [r for r in records if r.regions and r.source.rsplit(":", 1)[0] in files]
-    if not coco or not passed:
-        return []
-    return [f"{len(coco)} record(s) refused for an inverted box that reads as COCO's [x, y, w, h] (e.g. "
-            f"{coco[0].where}): if {', '.join(sorted(files))} use that convention, the boxes of its "
-            f"{len(passed)} valid record(s) with regions are wrong too (a COCO box passes as corners whenever "
-            f"w > x and h > y; e.g. {passed[0].source}): convert every box to [x, y, x + w, y + h]"]
-
-
-def _answer_problem(record) -> str | None:
-    """What is wrong with an ms-swift record's assistant text as an SFT target (its placeholders filled as
-    training fills them): the authors' format check for its label fails, or it gives other than one verdict;
-    None when nothing is (a native record's target is rendered in the format)."""
-    from fxjax import rewards
-    from fxjax.data.prompts import render_target
-    from fxjax.rewards.output_format import REF_START, THINK_START, VERDICT_START
-
-    if record.format != "swift":
-        return None
-    target = render_target(record, [r.bbox for r in record.regions])
-    verdicts = target.count(VERDICT_START)
-    if verdicts != 1:
-        return f"{verdicts} verdicts" if verdicts else "no verdict"
-    if not rewards.format_ok(target, record.label):
-        if record.label == "generated" and THINK_START + REF_START not in target:
-            return "its <think> is not followed at once by its first region, as the format check of a generated image asks"
-        return f"its markers are not in the order the format check of a {record.label} image asks"
-    return None
-
-
 def _by_label(records) -> str:
     from collections import Counter
 
@@ -491,7 +387,9 @@ def run(args: argparse.Namespace) -> int:
                 from fxjax.data.examples import box_tiny_at_max_pixels
 
                 refused = [r.source for r in records if box_tiny_at_max_pixels(r, cfg) is not None]
-    warnings = _warnings(records, report.hints, threads=args.threads) + _coco_warning(report.skipped, records)
+    from fxjax.commands.dataset_warnings import coco_warning, dataset_warnings
+
+    warnings = dataset_warnings(records, report.hints, threads=args.threads) + coco_warning(report.skipped, records)
     if warnings:
         lines += ["", f"warnings ({len(warnings)}; the records are valid, but check these):"]
         lines += [f"  {w}" for w in warnings]
