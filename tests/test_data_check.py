@@ -458,3 +458,12 @@ def test_invalid_records_are_listed_up_to_a_count_per_kind_and_a_wrong_root_is_n
     with pytest.raises(SystemExit):
         check(capsys, path, "--show", "0")
     assert "expected a count of at least 1 or `all`, got '0'" in capsys.readouterr().err
+
+
+def test_data_check_lists_as_many_invalid_records_per_kind_as_a_run_logs():
+    """`data check --show`'s default is the count a training run or eval names per kind (its own constant:
+    data check's --help does not import the records module)."""
+    from fxjax.commands.data_check import SHOWN_PER_KIND
+    from fxjax.data.records import LOGGED_PER_KIND
+
+    assert SHOWN_PER_KIND == LOGGED_PER_KIND

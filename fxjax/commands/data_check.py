@@ -112,7 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SHOWN_PER_KIND = 20
+SHOWN_PER_KIND = 20  # = LOGGED_PER_KIND of fxjax/data/records.py (a test says so), not imported: `--help` loads no PIL
 
 
 def _shown(text: str) -> int | None:
