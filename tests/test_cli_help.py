@@ -216,6 +216,7 @@ def test_a_training_runs_invalid_record_names_its_kind_and_how_to_see_every_one(
     assert f"fxjax sft: error: {data}:2: missing image: " in err
     assert (f" [image_missing] (`fxjax data check --config {config} --set data.seed=3` lists every invalid record; "
             f"--set data.on_error=skip trains without them)") in err  # (with the run's own --set: its files)
+    assert not (tmp_path / "run").exists()  # (refused after its lock was taken: the folder it made went again)
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130(monkeypatch, capsys):

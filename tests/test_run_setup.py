@@ -499,6 +499,37 @@ def test_a_run_given_another_runs_checkpoints_as_its_checkpoint_dir_is_refused(t
 
 
 
+def test_a_run_that_fails_in_its_lock_leaves_no_folder_it_made_and_no_lock_file_it_made(tmp_path):
+    """A run refused after taking its locks (an invalid record found at load) left a new output folder holding
+    only its hidden lock file. Now what it created and left empty goes; a folder of the user's, or one the run
+    wrote into, stays (its lock file goes); a run that ends well keeps its lock files, as before."""
+    from fxjax.train.run_lock import LOCK_FILE, locked_run_dirs
+    from fxjax.train_config import from_dict
+
+    def config(output, checkpoints):
+        return from_dict({"model": {"preset": "tiny"}, "train": {"output_dir": str(output), "steps": 1},
+                          "data": {"train_files": ["t.jsonl"], "tokenizer": str(tmp_path)},
+                          "checkpoint": {"dir": str(checkpoints)}})
+
+    with pytest.raises(ValueError, match="bad record"):
+        with locked_run_dirs(config(tmp_path / "new" / "run", tmp_path / "new2" / "ckpt"), True, print):
+            assert (tmp_path / "new" / "run" / LOCK_FILE).is_file() and (tmp_path / "new2" / f".ckpt{LOCK_FILE}").is_file()
+            raise ValueError("bad record")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        with locked_run_dirs(config(tmp_path / "mine", tmp_path / "wrote" / "ckpt"), True, print):
+            (tmp_path / "wrote" / "ckpt").mkdir()
+            (tmp_path / "wrote" / "ckpt" / "1").write_text("a step")
+            raise KeyboardInterrupt
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "mine", "mine/notes.txt", "wrote", "wrote/ckpt", "wrote/ckpt/1"]
+    with locked_run_dirs(config(tmp_path / "done", tmp_path / "done" / "ckpt"), True, print):
+        pass
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted([LOCK_FILE, f".ckpt{LOCK_FILE}"])
+
+
 # In a fresh process: the `fxjax` command's start (main, here with --help), then a 64 MB malloc: how many
 # mmapped blocks it added (glibc's mallinfo2().hblks), then JAX on the CPU and the run's note.
 _MALLOC_PROBE = """

@@ -65,6 +65,7 @@ def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[
     """Hold the lock of the run's output folder and checkpoint folder for the `with` block (enabled: this
     is process 0); ConfigError naming the other run when one holds either."""
     fds: list[int] = []
+    made: list[Path] = []  # lock files and folders this run created: gone again if it fails (below)
     try:
         if enabled and os.name == "posix":
             output, checkpoints = Path(cfg.train.output_dir).resolve(), Path(cfg.checkpoint_dir).resolve()
@@ -73,10 +74,30 @@ def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[
             locks = [(output, output / LOCK_FILE, "train.output_dir"),
                      (checkpoints, checkpoints.with_name(f".{checkpoints.name}{LOCK_FILE}"), "checkpoint.dir")]
             for folder, path, key in locks:
+                new = [p for p in (path, *path.parents) if not p.exists()]
                 fd = _lock(folder, path, key, say)
                 if fd is not None:
                     fds.append(fd)
+                    made += [p for p in new if p not in made]
         yield
+    except BaseException:
+        _remove_what_is_left_empty(made)
+        raise
     finally:
         for fd in fds:
             os.close(fd)  # (closing the last descriptor of the open file drops its flock)
+
+
+def _remove_what_is_left_empty(made: list[Path]) -> None:
+    """A run refused after taking its locks (an invalid record, a config error found late) left a new output
+    folder holding nothing but its lock file. The lock files this run created go (while still locked: a run
+    starting now that opened one is refused as before, one that opens the path afterwards makes its own
+    file), then the folders it created, deepest first, where nothing else is in them."""
+    for path in made:
+        if path.name.endswith(LOCK_FILE):
+            with contextlib.suppress(OSError):
+                path.unlink()
+    for path in sorted((p for p in made if not p.name.endswith(LOCK_FILE)), key=lambda p: len(p.parts),
+                       reverse=True):
+        with contextlib.suppress(OSError):  # (not empty: the run wrote there, or another run locks it now)
+            path.rmdir()
