@@ -434,6 +434,12 @@ def test_the_closing_line_of_a_resumed_run_counts_the_steps_it_ran(monkeypatch, 
     result.resumed_from = None
     assert sft_command.run(argparse.Namespace()) == 0
     assert capsys.readouterr().out.startswith("fxjax sft: 9 steps in 21s, the last step's loss 0.5000;")
+    result.steps, result.resumed_from = 6, 5  # (one step: "1 step", not "1 steps"; a fresh 1-step run too)
+    assert sft_command.run(argparse.Namespace()) == 0
+    assert capsys.readouterr().out.startswith("fxjax sft: step 6 reached, 1 step run from step 5 in 21s,")
+    result.steps, result.resumed_from = 1, None
+    assert sft_command.run(argparse.Namespace()) == 0
+    assert capsys.readouterr().out.startswith("fxjax sft: 1 step in 21s,")
 
 
 def test_a_runs_result_echoed_in_a_notebook_leaves_out_its_arrays():

@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
                    f"{result.checkpoint_dir}")
         return 0
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-    done = (f"{result.steps} steps" if not result.resumed_from else
-            f"step {result.steps} reached, {result.steps - result.resumed_from} steps run from step "
-            f"{result.resumed_from}")
+    ran = result.steps - (result.resumed_from or 0)
+    done = (f"{result.steps} step{'s' * (ran != 1)}" if not result.resumed_from else
+            f"step {result.steps} reached, {ran} step{'s' * (ran != 1)} run from step {result.resumed_from}")
     print(f"fxjax sft: {done} in {result.seconds:.0f}s, the last step's loss {loss}; checkpoints in "
           f"{result.checkpoint_dir}")
     report("sft", args, cfg)
