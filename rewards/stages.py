@@ -191,14 +191,16 @@ def describe_weights(w: RewardWeights) -> str:
             f"+ format {w.format_plus:+g}/{w.format_minus:+g} (right/wrong)")
 
 
-def weight_warnings(w: RewardWeights) -> list[str]:
+def weight_warnings(w: RewardWeights, other_terms: bool = False) -> list[str]:
     """What in valid weights is probably a slip (said at the run's start, not refused: GRPO ranks completions
     within a group, so a positive *_minus below its *_plus still prefers the right answer): a penalty written
-    positive, and a reward that cannot vary (every completion scores the same: advantages 0, nothing learnt)."""
+    positive, and a reward that cannot vary (every completion scores the same: advantages 0, nothing learnt),
+    unless `other_terms` (reward terms of the user's own with a weight: the paper's terms all 0 is then how
+    one trains on those alone)."""
     out = [f"{term}_minus {getattr(w, term + '_minus'):+g} is positive: a wrong {what} earns a reward (the *_minus "
            f"values are added as written; a penalty is negative)"
            for term, what in (("label", "verdict"), ("format", "answer format")) if getattr(w, term + "_minus") > 0]
-    if w.w_iou == 0 and w.label_plus == w.label_minus and w.format_plus == w.format_minus:
+    if w.w_iou == 0 and w.label_plus == w.label_minus and w.format_plus == w.format_minus and not other_terms:
         out.append("every completion scores the same (w_iou 0, each *_plus equal to its *_minus): the advantages "
                    "are 0 and the stage learns nothing")
     return out

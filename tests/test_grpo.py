@@ -611,6 +611,17 @@ def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads
     assert said[0].startswith("grpo: continuous schedule: total = ") and said[0].endswith("at step 7")
     assert said[1] == ("note: grpo.schedule=continuous: the stages list (alpha) is not used (the weights follow the "
                        "reward config's continuous section over train.steps)")
+    # every paper weight 0 with a reward term of one's own (TRL's way of training on one's function alone):
+    # the term varies, so no "learns nothing" warning; with that term's weight 0 too, the warning
+    reward_file.write_text("stages:\n  zero: {" + ", ".join(f"{k}: 0.0" for k in ("base", "w_iou", "label_plus",
+                                                                                 "label_minus", "format_plus",
+                                                                                 "format_minus")) + "}\n")
+    for weight, warned in ((1.0, False), (0.0, True)):
+        said.clear()
+        own = grpo_from_dict({**base, "grpo": {"reward_config": str(reward_file), "reward_funcs": [
+            {"name": "brevity", "function": "my_rewards:brevity", "weight": weight}]}, "stages": [{"name": "zero", "steps": 2}]})
+        say_stage_weights(own, 2, said.append)
+        assert any("stage zero: every completion scores the same" in line for line in said) == warned, said
 
 
 def test_each_step_samples_with_its_own_key_and_weights():

@@ -79,12 +79,13 @@ def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], No
     from fxjax.rewards.stages import describe_weights, weight_warnings
 
     g = cfg.grpo
+    own_terms = any(func.weight != 0 for func in g.reward_funcs)  # (they vary where the paper's terms cannot)
     if g.schedule == "continuous":
         first = stage_weights(cfg, 0, reward_config)[1]
         last = stage_weights(cfg, max(steps_total - 1, 0), reward_config)[1]
         say(f"grpo: continuous schedule: {describe_weights(first)} at step 1, w_iou {last.w_iou:g} at step "
             f"{steps_total}")
-        for text in weight_warnings(first):
+        for text in weight_warnings(first, own_terms):
             say(f"warning: the continuous schedule: {text}")
         if cfg.stages != GRPOConfig().stages:
             say(f"note: grpo.schedule=continuous: the stages list ({', '.join(s.name for s in cfg.stages)}) is not "
@@ -94,7 +95,7 @@ def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], No
         for (name, end) in cfg.stage_ends():
             weights = rewards.load_stage(name, g.reward_config if reward_config is None else reward_config)
             say(f"grpo: stage {name} (steps {start + 1}-{end}): {describe_weights(weights)}")
-            for text in weight_warnings(weights):
+            for text in weight_warnings(weights, own_terms):
                 say(f"warning: stage {name}: {text}")
             start = end
     for func in g.reward_funcs:
