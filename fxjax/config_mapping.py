@@ -9,7 +9,9 @@ records.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -109,9 +111,17 @@ def type_name(tp) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         item = typing.get_args(tp)[0]
+        if dataclasses.is_dataclass(item):  # (not its class's name: StageSection says nothing to a YAML writer)
+            return f"a list of mappings, each with the keys {_keys_of(item)}"
         return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, type_name(item))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with the keys {_keys_of(tp)}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _keys_of(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
 def _takes_text(tp) -> bool:
@@ -153,7 +163,8 @@ def _convert(value: Any, tp, where: str) -> Any:
     if origin is tuple:
         (item,) = typing.get_args(tp)[:1]
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
+            one = f" (a list of one: [{value}])" if isinstance(value, str) and item is str else ""
+            raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}{one}")
         return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
@@ -178,7 +189,60 @@ def _convert(value: Any, tp, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {tp!r}")  # pragma: no cover
 
 
+_ROOT: contextvars.ContextVar = contextvars.ContextVar("the config class being built", default=None)
+
+
+def _key_paths(cls, prefix: str = "") -> dict[str, list[str]]:
+    """Each key name of a config class's tree -> the dotted paths that take it (`stages[i].steps`)."""
+    paths: dict[str, list[str]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        paths.setdefault(f.name, []).append(prefix + f.name)
+        tp = hints[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else tp
+        if dataclasses.is_dataclass(inner):
+            for name, more in _key_paths(inner, prefix + f.name + ("[i]." if inner is not tp else ".")).items():
+                paths.setdefault(name, []).extend(more)
+    return paths
+
+
+def _unknown_keys(keys: list[str], where: str, names: list[str]) -> ConfigError:
+    """The error for keys a section does not take, all of them at once, each with where it may belong: the
+    path of that name elsewhere in the config (a flat TRL-style file's `beta` is `grpo.beta`), what another
+    tool's name is here (the root class's FOREIGN_KEYS: `save_steps` is checkpoint.every), or a close
+    spelling in the section."""
+    root = _ROOT.get()
+    paths = _key_paths(root) if root is not None else {}
+    foreign = getattr(root, "FOREIGN_KEYS", {})
+
+    def hint(key: str) -> str:
+        here = f"{where}.{key}" if where else key
+        elsewhere = [p for p in paths.get(key, []) if p != here]
+        if elsewhere:
+            return f" (did you mean {' or '.join(elsewhere)}?)"
+        if key in foreign:
+            return f" ({foreign[key]})"
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        return f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+
+    named = [(f"{where}.{k}" if where else k) + hint(k) for k in keys]
+    if len(named) == 1:
+        key, _, said = named[0].partition(" (")
+        return ConfigError(f"{key}: unknown key{' (' + said if said else ''}; {where or 'the config'} takes {names}")
+    return ConfigError(f"unknown keys: {'; '.join(named)}; {where or 'the config'} takes {names}")
+
+
 def build_config(cls, data: Any, where: str):
+    if where:
+        return _build_config(cls, data, where)
+    token = _ROOT.set(cls)  # (the root: an unknown key's hint looks for its name in the whole config)
+    try:
+        return _build_config(cls, data, where)
+    finally:
+        _ROOT.reset(token)
+
+
+def _build_config(cls, data: Any, where: str):
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -187,8 +251,7 @@ def build_config(cls, data: Any, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(map(str, set(data) - set(names)))  # (str: a YAML key may be a number)
     if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{key}: unknown key; {where or 'the config'} takes {names}")
+        raise _unknown_keys(unknown, where, names)
     # other spellings a section takes for a value (VALUE_ALIASES: key -> ((given, meant), ...)), compared by
     # type and value, so that true is not 1
     aliases = getattr(cls, "VALUE_ALIASES", {})

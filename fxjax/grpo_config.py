@@ -198,6 +198,20 @@ class GRPOEvalSection(EvalSection):
 class GRPOConfig(RunConfig):
     """The `fxjax grpo` config: the run sections of SFT plus `grpo` and `stages` (configs/grpo.yaml)."""
 
+    FOREIGN_KEYS: ClassVar[dict[str, str]] = {  # TRL's GRPOConfig names (README, "Coming from TRL")
+        **RunConfig.FOREIGN_KEYS,
+        "per_device_train_batch_size": "here data.batch_size, in prompts: each is sampled grpo.num_generations "
+                                       "times; TRL's counts completions per device: data.batch_size = "
+                                       "per_device_train_batch_size x devices x gradient_accumulation_steps / "
+                                       "num_generations",
+        "gradient_accumulation_steps": "here optim.grad_accum, which splits data.batch_size into micro-batches "
+                                       "where TRL's multiplies the batch: fold it into data.batch_size",
+        "max_steps": "here each stage's stages[i].steps, or train.steps with grpo.schedule=continuous",
+        "num_train_epochs": "here each stage's stages[i].epochs",
+        "logging_steps": "here every step is logged",
+        "max_prompt_length": "here data.max_length (prompt tokens, image tokens included)",
+    }
+
     train: GRPOTrainSection = field(default_factory=GRPOTrainSection)
     eval: GRPOEvalSection = field(default_factory=GRPOEvalSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)

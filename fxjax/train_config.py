@@ -29,7 +29,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import yaml
 
@@ -91,6 +91,22 @@ def base_model_section(cfg):
 class RunConfig:
     """The sections every run config has (SFTConfig; fxjax.grpo_config.GRPOConfig adds `grpo` and `stages`),
     their checks section by section and across sections, the plain dict, and the derived paths."""
+
+    # Hugging Face Trainer's and peft's names that are other names here, for an unknown key's error (a name
+    # that is some section's key here, such as learning_rate, is found by itself)
+    FOREIGN_KEYS: ClassVar[dict[str, str]] = {
+        "per_device_train_batch_size": "here data.batch_size: a step's examples over all devices and "
+                                       "micro-batches (per device x devices x gradient_accumulation_steps)",
+        "gradient_accumulation_steps": "here optim.grad_accum, which splits data.batch_size into micro-batches "
+                                       "where Hugging Face's multiplies the batch",
+        "max_steps": "here train.steps", "num_train_epochs": "here train.epochs",
+        "save_steps": "here checkpoint.every", "save_total_limit": "here checkpoint.keep",
+        "logging_steps": "here train.log_every", "eval_steps": "here eval.every",
+        "lr_scheduler_type": "here optim.schedule", "resume_from_checkpoint": "here checkpoint.resume",
+        "bf16": "here model.dtype: bfloat16", "r": "here lora.rank", "lora_r": "here lora.rank",
+        "lora_alpha": "here lora.alpha", "lora_dropout": "here lora.dropout", "adam_beta1": "here optim.b1",
+        "adam_beta2": "here optim.b2", "adam_epsilon": "here optim.eps",
+    }
 
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)

@@ -148,7 +148,7 @@ def test_odd_inputs_get_messages_that_say_what_is_wrong(tmp_path, capsys):
     mixed.write_text("1: x\nfoo: y\n")
     cases = [(["sft", "--config", str(tmp_path)], f"config file {tmp_path} is a directory; give the YAML file"),
              (["sft", "--config", str(binary)], f"{binary}: not UTF-8 text (invalid start byte at byte 0)"),
-             (["sft", "--config", str(mixed)], "1: unknown key; the config takes"),
+             (["sft", "--config", str(mixed)], "unknown keys: 1; foo; the config takes"),
              (["export", "--run", str(binary), "--out", str(tmp_path / "ex")],
               f"run directory {binary} is a file; give the run's folder"),
              (["export", "--run", str(tmp_path), "--out", str(tmp_path / "ex"), "--adapter-only", "--tokenizer",

@@ -514,7 +514,7 @@ def test_a_stages_reward_is_said_and_its_slips_warned_about(tmp_path):
                                      "are added as written; a penalty is negative)"]
     flat = RewardWeights(base=1, w_iou=0, label_plus=0, label_minus=0, format_plus=0.5, format_minus=0.5)
     assert weight_warnings(flat)[-1].startswith("every completion scores the same")
-    assert weight_warnings(flat, other_terms=True) == []  # (the paper's terms off, a reward of one's own on)
+    assert weight_warnings(flat, other_terms=True) == weight_warnings(flat)[:-1]  # (a reward of one's own varies)
     with pytest.raises(ValueError, match=rf"no reward stage 'continuous' in {re.escape(str(CONFIG_PATH))} \(its "
                                          r"stages: alpha, beta, gamma\); the continuous schedule is not a stage: "
                                          r"grpo.schedule=continuous"):

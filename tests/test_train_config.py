@@ -54,12 +54,19 @@ def test_the_shipped_configs_load_and_are_frozen():
 
 
 @pytest.mark.parametrize("patch, message", [
-    ({"optim": {"learnin_rate": 1e-4}}, "optim.learnin_rate: unknown key"),
-    ({"trainer": {}}, "trainer: unknown key"),
+    ({"optim": {"learnin_rate": 1e-4}}, "optim.learnin_rate: unknown key (did you mean optim.learning_rate?); optim "
+                                         "takes ['learning_rate',"),
+    ({"trainer": {}}, "trainer: unknown key (did you mean train?); the config takes ['model',"),
+    # a flat Hugging Face-style file: every unknown key at once (one a run), each with where it is here
+    ({"learning_rate": 1e-5, "save_steps": 5, "seed": 1},
+     "unknown keys: learning_rate (did you mean optim.learning_rate?); save_steps (here checkpoint.every); seed (did "
+     "you mean data.seed or train.seed?); the config takes ['model',"),
+    ({"optim": {"lora_alpha": 16}}, "optim.lora_alpha: unknown key (here lora.alpha); optim takes"),
     ({"optim": {"learning_rate": "fast"}}, "optim.learning_rate: expected a number, got 'fast'"),
     ({"train": {"steps": 2.5}}, "train.steps: expected an integer"),
     ({"lora": {"use_rslora": "yes"}}, "lora.use_rslora: expected true or false"),
-    ({"data": {"train_files": "a.jsonl"}}, "data.train_files: expected a list of strings"),
+    ({"data": {"train_files": "a.jsonl"}}, "data.train_files: expected a list of strings, got 'a.jsonl' (a list of "
+                                           "one: [a.jsonl])"),
     ({"data": {"length_buckets": [64, "x"]}}, "data.length_buckets[1]: expected an integer"),
     ({"train": {"on_nonfinite": "ignore"}}, "train.on_nonfinite: must be one of 'stop', 'skip'"),
     ({"model": {"remat": "sometimes"}}, "model.remat: must be one of"),
@@ -310,6 +317,30 @@ def test_grpo_needs_two_completions_per_prompt():
             grpo_from_dict({**data, "grpo": {key: value}})
     with pytest.raises(ConfigError, match=r"train.seed: a seed must be in \[0, 2\*\*32\), got -1"):
         grpo_from_dict({**data, "train": {"seed": -1}})  # (GRPO checks its train section itself)
+
+
+def test_a_trl_grpo_configs_names_are_pointed_to_their_keys_here():
+    """A TRL GRPOConfig written as a flat file was refused one key at a time, naming none of the places its
+    keys have here (`beta: unknown key`); the keys TRL names otherwise (per_device_train_batch_size, whose
+    batch counts completions) now say what they are here, and a list of sections is described, not named by
+    its class (StageSection)."""
+    from fxjax.grpo_config import grpo_from_dict
+
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    with pytest.raises(ConfigError) as err:
+        grpo_from_dict({**data, "beta": 0.0, "num_generations": 4, "per_device_train_batch_size": 8, "max_steps": 9})
+    assert str(err.value).startswith(
+        "unknown keys: beta (did you mean grpo.beta?); max_steps (here each stage's stages[i].steps, or train.steps "
+        "with grpo.schedule=continuous); num_generations (did you mean grpo.num_generations?); "
+        "per_device_train_batch_size (here data.batch_size, in prompts: each is sampled grpo.num_generations times; "
+        "TRL's counts completions per device: data.batch_size = per_device_train_batch_size x devices x "
+        "gradient_accumulation_steps / num_generations); the config takes ['model',"), str(err.value)
+    with pytest.raises(ConfigError, match=r"^grpo.learning_rate: unknown key \(did you mean optim.learning_rate\?\); "
+                                          r"grpo takes \['num_generations',"):
+        grpo_from_dict({**data, "grpo": {"learning_rate": 1e-5}})
+    with pytest.raises(ConfigError, match=r"^stages: expected a list of mappings, each with the keys name, steps, "
+                                          r"epochs, got \{'alpha': \{'steps': 2\}\}$"):
+        grpo_from_dict({**data, "stages": {"alpha": {"steps": 2}}})
 
 
 def test_a_grpo_train_section_without_output_dir_writes_to_runs_grpo():
