@@ -115,7 +115,11 @@ def test_the_terms_are_added_to_the_total_with_each_completions_columns():
                          (lambda c, **k: (len(x) for x in c), r"returned a generator: give a list of 4 numbers"),
                          (lambda c, **k: exit(0), r"brevity \(m:brevity\) failed on 4 completions: SystemExit"),
                          (lambda c, **k: [0.0, float("nan"), 0, 0], r"returned nan for completion 1 \(of t.jsonl:1\)"),
-                         (lambda c, **k: 1 / 0, r"brevity \(m:brevity\) failed on 4 completions: ZeroDivisionError")):
+                         (lambda c, **k: 1 / 0, r"brevity \(m:brevity\) failed on 4 completions: ZeroDivisionError"),
+                         # a function written for TRL's conversational data: the completion is the text here
+                         (lambda c, **k: [len(x[0]["content"]) for x in c],
+                          r"failed on 4 completions: TypeError: string indices must be integers.* \(each completion is "
+                          r"a str here, the decoded text, not TRL's list of messages: c, not c\[0\]\['content'\]\)$")):
         with pytest.raises((ValueError, RuntimeError), match=message):
             add_reward_funcs(scores, [RewardFunc("brevity", bad, 1.0, "m:brevity")], TEXTS, TARGETS, METAS, 2)
 

@@ -170,8 +170,11 @@ def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc],
             raw = func.function(list(completions), **columns,
                                 **{k: progress[k] for k in func.progress if progress and k in progress})
         except (Exception, SystemExit) as err:  # (a sys.exit in the function: not the run's exit status)
+            # (a function written for TRL's conversational data reads c[0]["content"]: here c is the text)
+            trl = (" (each completion is a str here, the decoded text, not TRL's list of messages: c, not "
+                   "c[0]['content'])" if isinstance(err, TypeError) and "string indices" in str(err) else "")
             raise RuntimeError(f"grpo.reward_funcs {func.name} ({func.spec}) failed on {n} completions: "
-                               f"{type(err).__name__}: {err}") from err
+                               f"{type(err).__name__}: {err}{trl}") from err
         values = _numbers(raw, func, n, columns["record"])
         if not np.isfinite(values).all():
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
