@@ -323,8 +323,11 @@ def test_a_checkpoint_past_the_configs_steps_is_an_error_not_a_second_end():
                                           r"train\. Give more than 10 steps to train on \(10: the run ends "
                                           r"where it is, for its exports\)"):
         _run(8, first=10)
-    control, saved, _, _ = _run(8, first=8)  # (at its end: the same command again, for its exports): no error,
+    control, saved, _, said = _run(8, first=8)  # (at its end: the same command again, for its exports): no error,
     assert control.done == 8 and saved == []  # nothing trained and its checkpoint not written again
+    assert said[0] == ("note: sft: the checkpoint this run resumes from is its last step (8): nothing is left to "
+                       "train, only the end's evaluation and exports; to train with other settings, give the run its "
+                       "own train.output_dir (or checkpoint.dir), or more steps"), said
 
 
 def test_a_dropped_ssh_connection_stops_the_run_as_a_preemption():

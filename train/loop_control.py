@@ -151,6 +151,11 @@ class LoopControl:
                               f"Give more than {first} steps to train on ({first}: the run ends where it is, for "
                               f"its exports), or another train.output_dir (or checkpoint.dir) for a new run; fxjax "
                               f"eval / export --step read what it has")
+        if first == self.steps_total:  # (a finished run's folder given again, often with new settings meant as
+            # a new run: it trained nothing, said only by "0 steps run" at the end)
+            self.say(f"note: {self.name}: the checkpoint this run resumes from is its last step ({first}): nothing "
+                     f"is left to train, only the end's evaluation and exports; to train with other settings, give "
+                     f"the run its own train.output_dir (or checkpoint.dir), or more steps")
         self.trace.plan(first, self.steps_total)
         if first < self.steps_total:  # (a quiet minute would read as a hang)
             self.say(f"{self.name}: step {first + 1} compiles its programs first (a minute or more on a CPU; "
