@@ -3,8 +3,10 @@
 `fxjax.save_pretrained` merges every enabled adapter into its kernel and writes fxjax_merged_lora.json beside
 the weights: a fingerprint of each adapter merged so far (those the source checkpoint had merged, then this
 one). Loading the same adapter on top of that checkpoint (a PEFT adapter, or a run's LoRA) would add its
-update a second time with nothing to show for it but worse outputs, so it is refused by name; any other
-adapter (one trained on the merged model) loads.
+update a second time with nothing to show for it but worse outputs, so it is refused by name; an exported
+adapter that continued that LoRA (its fxjax_export.json's `continues`) or of another step of the run merged
+there is refused from the records (fxjax.commands.model_args.refuse_stacked_adapter); one trained on the
+merged model loads.
 """
 
 from __future__ import annotations

@@ -606,6 +606,46 @@ def test_a_run_can_start_from_another_runs_checkpoint(two_process_run, tiny_vl_d
             grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, **bad}, "data": data})
 
 
+def test_an_adapter_whose_lora_the_merged_export_holds_already_is_refused_on_it(two_process_run, tmp_path, capsys):
+    """`detect --model SFT/merged --adapter GRPO/adapter` (a GRPO run started from that SFT LoRA: its adapter is
+    that LoRA plus its updates) answered garbage without a word, as did an adapter of another step of the run
+    merged there; `--run GRPO` with the same --model was refused. Both are now refused from the export
+    records, before a weight loads; the export folder itself as --model names its merged/."""
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.device_mesh import MeshConfig, make_mesh
+    from fxjax.train.run_setup import build_model, keep_start_lora
+
+    sft = tmp_path / "sft-export"
+    assert main(["export", "--run", str(two_process_run), "--step", "2", "--out", str(sft), "--merged-only"]) == 0
+    # a GRPO run started from the SFT run's step 2 (its start kept as `fxjax grpo` keeps it), at its step 3
+    cfg = grpo_from_dict({"model": {"from_run": str(two_process_run), "from_run_step": 2, "dtype": "float32"},
+                          "data": {"train_files": [str(tmp_path / "train.jsonl")]},
+                          "checkpoint": {"dir": str(tmp_path / "grpo" / "checkpoints")}})
+    keep_start_lora(build_model(cfg, make_mesh(MeshConfig())), cfg)
+    shutil.copytree(two_process_run / "checkpoints" / "3", tmp_path / "grpo" / "checkpoints" / "3")
+    (tmp_path / "grpo" / "checkpoints" / "3" / "config" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    grpo = tmp_path / "grpo-export"
+    assert main(["export", "--run", str(tmp_path / "grpo"), "--out", str(grpo), "--adapter-only"]) == 0
+    record = json.loads((grpo / "adapter" / "fxjax_export.json").read_text())
+    assert len(record["continues"]) >= 1  # (the start's fingerprints: as saved in float32 / bfloat16, float16)
+    capsys.readouterr()
+    assert main(["detect", "x.png", "--model", str(sft / "merged"), "--adapter", str(grpo / "adapter")]) == 2
+    assert (f"--adapter: {grpo / 'adapter'} continues the LoRA merged into {sft / 'merged'} (its run started from "
+            f"it: `continues` in its fxjax_export.json): on those weights that LoRA's update would count twice. Apply "
+            f"it to the base model it was trained on ({record['base_model']}), or use {sft / 'merged'} alone"
+            ) in capsys.readouterr().err
+    step3 = tmp_path / "step3-export"
+    assert main(["export", "--run", str(two_process_run), "--step", "3", "--out", str(step3), "--adapter-only"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(sft / "merged"), "--adapter", str(step3 / "adapter"), "--data", "t.jsonl"]) == 2
+    assert (f"--adapter: {step3 / 'adapter'} (step 3) and {sft / 'merged'} (merged, step 2) are exports of one run "
+            f"({(two_process_run / 'checkpoints').absolute()}): its LoRA on those merged weights would count twice"
+            ) in capsys.readouterr().err
+    assert main(["detect", "x.png", "--model", str(sft)]) == 2
+    assert (f"--model: {sft} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass --model "
+            f"{sft / 'merged'}, or the base model with --adapter {sft / 'adapter'}") in capsys.readouterr().err
+
+
 def test_a_run_loads_with_the_lora_shape_it_started_from_when_its_adapter_folder_changed(two_process_run,
                                                                                          tmp_path):
     """model.adapter's folder later holding another adapter of the same rank and targets (another

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 from fxjax.file_modes import require_writable
 
 __all__ = ["EXPORT_RECORD_FILE", "PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
-           "export_origin", "read_export_record", "read_prompt_settings", "save_adapter", "save_merged", "serving_texts",
+           "export_origin", "read_export_record", "run_lineage", "read_prompt_settings", "save_adapter", "save_merged", "serving_texts",
            "set_template_system_prompt", "template_defaults_to", "write_export_record", "write_exports",
            "write_greedy_generation_config", "write_preprocessor_config", "write_prompt_settings", "written_whole"]
 
@@ -442,7 +442,21 @@ def export_origin(cfg, kind: str, step: int, checkpoint_dir: str | Path,
     return {"checkpoints": str(Path(checkpoint_dir).absolute()), "kind": kind, "step": step,
             "stage": stage[0] if stage else None, "stage_end": stage is not None and step == stage[1],
             "base_model": None if base is None else str(Path(base.path).absolute()) if base.path else base.preset,
-            "dtype": dtype, "max_new_tokens": cfg.eval.max_new_tokens}
+            "dtype": dtype, "max_new_tokens": cfg.eval.max_new_tokens,
+            "continues": run_lineage(checkpoint_dir)}
+
+
+def run_lineage(checkpoint_dir: str | Path) -> list[str]:
+    """The fingerprints (fxjax.merged_lora.merge_record) of the LoRA a run started from (model.adapter,
+    model.from_run) and of those that one continued in turn, from the run's kept start
+    (run_setup.keep_start_lora); [] for a run of fresh LoRA. An export records them (`continues`): its
+    adapter applied to a merged export of one of them would add that LoRA's update twice."""
+    from fxjax.run_files import START_FILE, START_LORA_DIR
+
+    start = _json_file(Path(checkpoint_dir) / START_LORA_DIR / START_FILE)
+    if not isinstance(start, dict):
+        return []
+    return list(dict.fromkeys([*start.get("lora_fingerprints", []), *start.get("continues", [])]))
 
 
 def write_export_record(folder: Path, origin: Mapping[str, Any]) -> Path:

@@ -47,7 +47,7 @@ from fxjax.train.resume import check_resume_mesh, other_phase_message, process_r
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.step import TrainState
 from fxjax.config_mapping import ConfigError, dotted_keys
-from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR,
+from fxjax.run_files import (CONFIG_FILE, START_FILE, START_LORA_DIR, checkpoint_dir_of,
                              committed_steps, resumes_from_kept_start, saved_run_kind, start_step_text)
 
 __all__ = ["RunStart", "StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
@@ -197,6 +197,7 @@ def keep_start_lora(model, cfg) -> Path | None:
     hold every LoRA value, but not which modules carry one, their ranks and alphas. Written once, before any
     checkpoint is restored (so with the starting values and their dtype); every process calls it (the
     adapter's arrays are gathered). Returns the directory, or None for a run with fresh LoRA."""
+    from fxjax.merged_lora import merge_record
     from fxjax.peft_io import save_peft_adapter
     from fxjax.train.export import written_whole
     from fxjax.train_config import base_model_section
@@ -210,6 +211,7 @@ def keep_start_lora(model, cfg) -> Path | None:
 
     def write(folder: Path) -> None:  # process 0 writes, every process gathers
         save_peft_adapter(model, folder)
+        fingerprints = merge_record(model)  # (gathers too)
         if jax.process_index() != 0:
             return
         source = getattr(model, "hf_source", None)
@@ -221,7 +223,9 @@ def keep_start_lora(model, cfg) -> Path | None:
                  # the base model (a from_run run's is the other run's): its directory, or preset and seed
                  "path": str(Path(source.directory).resolve()) if source is not None else None,
                  "preset": None if source is not None else base.preset, "init_seed": base.init_seed,
-                 "tokenizer": str(Path(cfg.tokenizer).resolve())}
+                 "tokenizer": str(Path(cfg.tokenizer).resolve()),
+                 # the starting LoRA and what it continued: an export of this run records them (`continues`)
+                 "lora_fingerprints": fingerprints, "continues": start_lineage(m)}
         (folder / START_FILE).write_text(json.dumps(start, indent=2))
 
     # whole or absent (a run killed while writing it writes it again); an earlier run's in this directory
@@ -229,6 +233,17 @@ def keep_start_lora(model, cfg) -> Path | None:
     written_whole(target, write)
     barrier("fxjax.keep_start_lora")
     return target
+
+
+def start_lineage(m) -> list[str]:
+    """What the LoRA a run starts from continued (`run_lineage`): an exported adapter's record says it, a run's
+    kept start does (model.section `m`)."""
+    from fxjax.train.export import read_export_record, run_lineage
+
+    if m.adapter is not None:
+        continues = read_export_record(m.adapter).get("continues")
+        return list(continues) if isinstance(continues, list) else []
+    return run_lineage(checkpoint_dir_of(m.from_run)) if m.from_run is not None else []
 
 
 def resumed_start(cfg, log: Callable[[str], None]):
