@@ -80,7 +80,7 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     from fxjax.train.export import save_merged
 
     serve = fenced_blocks("python")[3]
-    assert "max_new_tokens=1024" in serve
+    assert "max_new_tokens" not in serve.split("generate(")[1].split(")\n")[0]  # (the export's length, below)
     (init,) = [c for c in fxjax_commands() if c[:2] == ["init", "tiny-qwen"]]
     monkeypatch.chdir(tmp_path)
     assert main(init) == 0
@@ -92,7 +92,9 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     # the sampling settings Qwen2.5-VL-Instruct's generation_config.json ships (an export copies its base's):
     # generate(do_sample=False) would still apply their repetition penalty, which fxjax's decoding does not
     generation = Path("export/grpo-300/merged/generation_config.json")
-    generation.write_text(json.dumps({**json.loads(generation.read_text()), "do_sample": True,
+    # (and the answer length the run evaluated with, as an export records it: 24 here, a random model never stops;
+    # the block decodes up to it, as detect does: it passed max_new_tokens=1024, which went past it)
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "do_sample": True, "max_new_tokens": 24,
                                       "repetition_penalty": 1.05, "temperature": 0.1, "top_k": 1, "top_p": 0.001}))
     # a phone-like photo: stored sideways with an EXIF orientation, and with an alpha channel (put on white)
     rgba = np.dstack([data.astronaut(), np.tile(np.linspace(0, 255, 512, dtype=np.uint8), (512, 1))])
@@ -100,8 +102,7 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     exif[0x0112] = 6
     Image.fromarray(rgba[:, :300]).save("photo.png", exif=exif)
     scope: dict = {}
-    exec(compile(serve.replace("max_new_tokens=1024", "max_new_tokens=24"),  # a random model never stops
-                 str(README), "exec"), scope)
+    exec(compile(serve, str(README), "exec"), scope)
     capsys.readouterr()
     assert main(["detect", "photo.png", "--model", "export/grpo-300/merged", "--json", "--max-new-tokens", "24"]) == 0
     detected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
