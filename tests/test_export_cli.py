@@ -634,13 +634,14 @@ def test_an_adapter_whose_lora_the_merged_export_holds_already_is_refused_on_it(
             f"it: `continues` in its fxjax_export.json): on those weights that LoRA's update would count twice. Apply "
             f"it to the base model it was trained on ({record['base_model']}), or use {sft / 'merged'} alone"
             ) in capsys.readouterr().err
-    step3 = tmp_path / "step3-export"
-    assert main(["export", "--run", str(two_process_run), "--step", "3", "--out", str(step3), "--adapter-only"]) == 0
-    capsys.readouterr()
-    assert main(["eval", "--model", str(sft / "merged"), "--adapter", str(step3 / "adapter"), "--data", "t.jsonl"]) == 2
-    assert (f"--adapter: {step3 / 'adapter'} (step 3) and {sft / 'merged'} (merged, step 2) are exports of one run "
-            f"({(two_process_run / 'checkpoints').absolute()}): its LoRA on those merged weights would count twice"
-            ) in capsys.readouterr().err
+    # step 3's adapter beside step 2's merged weights: said (it was not), then refused on them
+    assert main(["export", "--run", str(two_process_run), "--step", "3", "--out", str(sft), "--adapter-only"]) == 0
+    run = (two_process_run / "checkpoints").absolute()
+    assert (f"fxjax export: note: {sft / 'merged'} is left as it was: step 2 of {run} (its fxjax_export.json), so "
+            f"the two folders of {sft} now hold different checkpoints") in capsys.readouterr().err
+    assert main(["eval", "--model", str(sft / "merged"), "--adapter", str(sft / "adapter"), "--data", "t.jsonl"]) == 2
+    assert (f"--adapter: {sft / 'adapter'} (step 3) and {sft / 'merged'} (merged, step 2) are exports of one run "
+            f"({run}): its LoRA on those merged weights would count twice") in capsys.readouterr().err
     assert main(["detect", "x.png", "--model", str(sft)]) == 2
     assert (f"--model: {sft} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass --model "
             f"{sft / 'merged'}, or the base model with --adapter {sft / 'adapter'}") in capsys.readouterr().err

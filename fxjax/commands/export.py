@@ -227,6 +227,15 @@ def serving_notes(written: dict[str, str]) -> list[str]:
                      "and merger parts: serve merged/ there")
         lines.append(line)
     folder = Path(written.get("merged") or written["adapter"])
+    other = folder.parent / ("adapter" if "merged" not in written else "merged")
+    if ("merged" in written) != ("adapter" in written) and (other / EXPORT_RECORD_FILE).is_file():
+        from fxjax.train.export import read_export_record
+
+        before, now = read_export_record(other), read_export_record(folder)
+        if (before.get("checkpoints"), before.get("step")) != (now.get("checkpoints"), now.get("step")):
+            lines.append(f"note: {other} is left as it was: step {before.get('step')} of {before.get('checkpoints')} "
+                         f"(its {EXPORT_RECORD_FILE}), so the two folders of {folder.parent} now hold different "
+                         f"checkpoints")
     serve = json.loads((folder / PROMPT_SETTINGS_FILE).read_text(encoding="utf-8"))["serve"]
     prompts = ("its note: training used the records' own prompts" if "note" in serve else
                "the chat template's default system prompt is training's"
