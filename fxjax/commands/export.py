@@ -227,7 +227,7 @@ def serving_notes(written: dict[str, str]) -> list[str]:
                      "and merger parts: serve merged/ there")
         lines.append(line)
     folder = Path(written.get("merged") or written["adapter"])
-    other = folder.parent / ("adapter" if "merged" not in written else "merged")
+    other = folder.parent / ("merged" if "merged" not in written else "adapter")
     if ("merged" in written) != ("adapter" in written) and (other / EXPORT_RECORD_FILE).is_file():
         from fxjax.train.export import read_export_record
 
