@@ -645,6 +645,18 @@ def test_an_adapter_whose_lora_the_merged_export_holds_already_is_refused_on_it(
     assert main(["detect", "x.png", "--model", str(sft)]) == 2
     assert (f"--model: {sft} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass --model "
             f"{sft / 'merged'}, or the base model with --adapter {sft / 'adapter'}") in capsys.readouterr().err
+    # an adapter on a base model other than the one it trained on: a note (a copy elsewhere is said too)
+    from fxjax.cli import build_parser
+    from fxjax.commands.model_args import resolve_detector
+
+    other = tmp_path / "other-base"
+    shutil.copytree(record["base_model"], other)
+    for base, noted in ((record["base_model"], False), (other, True)):
+        resolve_detector(build_parser().parse_args(["detect", "x.png", "--model", str(base), "--adapter",
+                                                    str(sft / "adapter")]))
+        note = (f"fxjax detect: note: {sft / 'adapter'} was trained on {record['base_model']} (its fxjax_export.json), "
+                f"not {base}: if these weights differ, its answers mean nothing")
+        assert (note in capsys.readouterr().err) == noted, base
 
 
 def test_a_run_loads_with_the_lora_shape_it_started_from_when_its_adapter_folder_changed(two_process_run,

@@ -355,6 +355,11 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
                           f"(pixels {data['min_pixels']}-{data['max_pixels']}, max length {data['max_length']}, "
                           "the paper's system prompt), which may not be what the adapter trained with; pass "
                           "--min-pixels, --max-pixels, --max-length and --system-prompt as it trained")
+    trained_on = read_export_record(args.adapter).get("base_model") if args.run is None and args.adapter else None
+    if isinstance(trained_on, str) and Path(trained_on).is_absolute() and Path(trained_on).resolve() != \
+            Path(args.model).resolve():  # (a preset's name is no folder to compare; a copy elsewhere is said too)
+        detector._say(f"note: {args.adapter} was trained on {trained_on} (its fxjax_export.json), not {args.model}: "
+                      f"if these weights differ, its answers mean nothing")
     if args.run is not None:
         detector.run_mesh = cfg.mesh
     if getattr(args, "max_new_tokens", None) is not None:
