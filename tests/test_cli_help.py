@@ -307,6 +307,16 @@ def test_fxjax_docs_prints_every_document_the_help_texts_and_messages_cite(capsy
     assert {"data", "format", "rewards"} <= cited and sorted(cited - set(on_disk)) == []
     assert main(["docs", "datasets"]) == 2
     assert "no document named 'datasets'; there are: data, " in capsys.readouterr().err
+    # the README too (help texts and docs cite its sections), whole or one section
+    assert main(["docs", "README.md"]) == 0
+    assert capsys.readouterr().out == (root / "README.md").read_text(encoding="utf-8")
+    assert main(["docs", "readme", "--section", "from trl"]) == 0
+    trl = capsys.readouterr().out
+    assert trl.startswith("### Coming from TRL\n") and "| `save_steps`, `save_total_limit`" in trl
+    assert "## After training" not in trl and trl in (root / "README.md").read_text(encoding="utf-8")
+    assert main(["docs", "readme", "--section", "nothing like it"]) == 2
+    assert "--section 'nothing like it': no heading of readme contains it; its headings: fxjax; Set-up;" in \
+        capsys.readouterr().err
 
 
 def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer_dir, capsys):

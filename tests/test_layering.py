@@ -174,11 +174,17 @@ def test_a_non_editable_install_carries_its_configs(tmp_path):
             "assert fxjax.__file__.startswith(%r), fxjax.__file__; "
             "print(p.load_preset('tiny').text.hidden_size, p.load_preset('3b').text.hidden_size); "
             "print(rewards.score(['<think>x</think>\\n<verdict>real</verdict>'], [{'label': 'real'}], "
-            "stage='gamma')['total'][0])") % str(site)
+            "stage='gamma')['total'][0]); "
+            # `fxjax docs readme`: no README beside the package, the one in its metadata
+            "from fxjax.commands import docs; t = docs.topics(); "
+            "print(sorted(t), docs.section(docs.text_of(t['readme']), 'from trl', 'readme').splitlines()[0])"
+            ) % str(site)
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "PYTHONPATH": str(site)})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["64", "2048", "2.0"]  # gamma: -1 + 2 x IoU 1 + 0.5 + 0.5
+    lines = run.stdout.splitlines()
+    assert lines[0].split() + lines[1].split() == ["64", "2048", "2.0"]  # gamma: -1 + 2 x IoU 1 + 0.5 + 0.5
+    assert lines[2] == "['data', 'demo_tuning', 'format', 'readme', 'rewards'] ### Coming from TRL", lines
 
 
 def test_every_public_name_and_subpackage_resolves_after_a_bare_import():

@@ -19,17 +19,46 @@ _HERE = Path(__file__).resolve().parents[1]
 DOCS_DIR = _HERE / "docs" if (_HERE / "docs").is_dir() else _HERE.parent / "docs"
 
 
+README = "readme"  # the project's README.md: a checkout's, else the one the install's metadata carries
+
+
 def topics() -> dict[str, Path]:
-    """name -> file: every docs/*.md ("data" for docs/data.md)."""
-    return {p.stem: p for p in sorted(DOCS_DIR.glob("*.md"))}
+    """name -> file: every docs/*.md ("data" for docs/data.md), and README."""
+    found = {p.stem: p for p in sorted(DOCS_DIR.glob("*.md"))}
+    if found or (_HERE.parent / "README.md").is_file():
+        found[README] = _HERE.parent / "README.md"
+    return found
+
+
+def text_of(path: Path) -> str:
+    """A document's text; README from the installed package's metadata when no checkout holds it (a wheel)."""
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    from importlib.metadata import metadata
+
+    return metadata("fxjax").get_payload() or ""
 
 
 def title(path: Path) -> str:
     """The document's first heading, without its '#'."""
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text_of(path).splitlines():
         if line.startswith("#"):
             return line.lstrip("#").strip()
     return ""
+
+
+def section(text: str, wanted: str, name: str) -> str:
+    """The part of `text` from the first heading that contains `wanted` (any case) to the next heading of
+    its level or above; ValueError listing the headings when none does."""
+    lines = text.splitlines(keepends=True)
+    heads = [(i, len(line) - len(line.lstrip("#"))) for i, line in enumerate(lines)
+             if line.startswith("#") and not text[:sum(map(len, lines[:i]))].count("```") % 2]
+    start = next(((i, level) for i, level in heads if wanted.lower() in lines[i].lower()), None)
+    if start is None:
+        listed = "; ".join(lines[i].strip("# \n") for i, _ in heads)
+        raise ValueError(f"--section {wanted!r}: no heading of {name} contains it; its headings: {listed}")
+    end = next((i for i, level in heads if i > start[0] and level <= start[1]), len(lines))
+    return "".join(lines[start[0]:end])
 
 
 def add_parser(sub) -> None:
@@ -38,10 +67,14 @@ def add_parser(sub) -> None:
         "cite them as docs/NAME.md: `fxjax docs NAME` prints that file from this install, so they are at "
         "hand after `pip install` too."),
         epilog="examples:\n  fxjax docs              # the list\n  fxjax docs data         # docs/data.md: "
-               "the dataset records\n  fxjax docs format | less",
+               "the dataset records\n  fxjax docs format | less\n  fxjax docs readme --section 'from TRL'   # a README section",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("topic", metavar="TOPIC", nargs="?", default=None,
-                   help="a document's name (data, format, rewards, ...; docs/NAME.md also works); none: the list")
+                   help="a document's name (data, format, rewards, readme, ...; docs/NAME.md also works); none: "
+                        "the list")
+    p.add_argument("--section", metavar="TEXT",
+                   help="print only the section whose heading contains TEXT (any case), e.g. `fxjax docs readme "
+                        "--section GRPO`")
     p.set_defaults(func=run)
 
 
@@ -55,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n`fxjax docs NAME` prints one.")
         return 0
     name = Path(args.topic).name.removesuffix(".md")
+    name = README if name.lower() == README else name
     if name not in found:
         raise ValueError(f"no document named {args.topic!r}; there are: {', '.join(found)}")
-    sys.stdout.write(found[name].read_text(encoding="utf-8"))
+    text = text_of(found[name])
+    sys.stdout.write(section(text, args.section, args.topic) if args.section else text)
     return 0
