@@ -255,10 +255,9 @@ def test_sigterm_or_sighup_outside_a_training_loop_is_one_line_and_the_signals_s
             "def run(args):\n    os.kill(os.getpid(), signal.%s)\n    time.sleep(0.5)\n    print('ran on')\n"
             "    return 0\n"
             "report.run = run\n"
-            "%s"
+            "signal.signal(signal.%s, signal.%s)\n"  # (as the process started: the suite may run under nohup)
             "sys.argv = ['fxjax', 'report', '.']\n"
-            "from fxjax.cli import main\nsys.exit(main())\n") % (sig, "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
-                                                                  if ignored else "")
+            "from fxjax.cli import main\nsys.exit(main())\n") % (sig, sig, "SIG_IGN" if ignored else "SIG_DFL")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     if ignored:
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ran on\n", "")

@@ -54,7 +54,8 @@ def test_wheel_and_sdist_carry_every_module_and_config(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     docs_dir, names = result.stdout.splitlines()
     assert docs_dir == str(site / "fxjax" / "docs")
-    assert names.split() == sorted(Path(f).stem for f in files if f.startswith("docs/") and f.endswith(".md"))
+    assert names.split() == sorted(Path(f).stem for f in files if f.startswith("docs/") and f.endswith(".md")) + [
+        "readme"]  # (the README: from the wheel's metadata, tests/test_layering.py)
     with tarfile.open(tmp_path / "dist" / sdist_name) as sdist:
         in_sdist = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     # (the suite reads docs/ and bench/ too: tests/test_data_check.py docs/data.md, tests/test_plan.py bench/plan.py)
