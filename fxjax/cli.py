@@ -45,17 +45,21 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     from fxjax.hf_checkpoint import save_pretrained
     from fxjax.model_init import init_model, parameter_counts
+    from fxjax.presets import load_preset
 
+    if args.tokenizer:  # (before anything is written: it wrote the model, then refused, leaving OUT half made)
+        from fxjax.data.tokenizer import FORMAT_MARKER_IDS
+
+        ids_needed, vocab = max(FORMAT_MARKER_IDS.values()) + 1, load_preset(args.preset).text.vocab_size
+        if vocab < ids_needed:
+            raise ValueError(f"--preset {args.preset} has vocab_size {vocab}, fewer than the Qwen2.5-VL tokenizer's "
+                             f"{ids_needed} ids; pass --no-tokenizer")
     model = init_model(args.preset, seed=args.seed, dtype=args.dtype)
     out = save_pretrained(model, args.out)
     what = "config and weights"
     if args.tokenizer:
-        from fxjax.data.tokenizer import FORMAT_MARKER_IDS, build_qwen_tokenizer
+        from fxjax.data.tokenizer import build_qwen_tokenizer
 
-        ids_needed = max(FORMAT_MARKER_IDS.values()) + 1
-        if model.config.text.vocab_size < ids_needed:
-            raise SystemExit(f"fxjax init: preset {args.preset} has vocab_size {model.config.text.vocab_size}, fewer "
-                             f"than the Qwen2.5-VL tokenizer's {ids_needed} ids; pass --no-tokenizer")
         build_qwen_tokenizer(out)
         what += ", and the Qwen2.5-VL tokenizer"
     print(f"wrote random-init {args.preset} ({parameter_counts(model)['total']:,} parameters) to {out}: {what}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -100,6 +102,17 @@ def test_cli_help_info_and_init(tmp_path, capsys):
     assert (out / "model.safetensors.index.json").exists() and (out / "notes.txt").read_text() == "mine"
     assert main(["info", str(out)]) == 0
     capsys.readouterr()
+    # a preset too small for the tokenizer: refused before anything is written (it wrote the model, then
+    # exited 1 without "error:", leaving a folder a retry needed --overwrite for)
+    from fxjax.presets import PRESET_DIR
+
+    small = tmp_path / "small.yaml"
+    text = (PRESET_DIR / "tiny.yaml").read_text()
+    small.write_text(re.sub(r"vocab_size: \d+", "vocab_size: 1000", text, count=1))
+    assert main(["init", str(tmp_path / "sm"), "--preset", str(small)]) == 2
+    assert capsys.readouterr().err == (f"fxjax init: error: --preset {small} has vocab_size 1000, fewer than the "
+                                       f"Qwen2.5-VL tokenizer's 151671 ids; pass --no-tokenizer\n")
+    assert not (tmp_path / "sm").exists()
     for missing in ("/nonexistent/path", "missing-preset", "./3b"):
         assert main(["info", missing]) == 2
         assert capsys.readouterr().err == (
