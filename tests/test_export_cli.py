@@ -465,8 +465,15 @@ def test_a_moved_tokenizer_follows_model_or_is_named_before_the_weights_load(two
     err = capsys.readouterr().err
     assert f"no tokenizer.json in {tmp_path / 'gone-tokenizer'}; the run's tokenizer" in err and "--tokenizer DIR" in err
     assert "loading" not in err and not (tmp_path / "b").exists()
-    assert main(["export", "--run", str(own), "--model", str(tiny_vl_dir), "--tokenizer", str(tiny_vl_dir),
-                 "--out", str(tmp_path / "b"), "--merged-only"]) == 0
+    # (its tokenizer.json, as eval and detect take it, was refused: "no tokenizer.json in .../tokenizer.json")
+    assert main(["export", "--run", str(own), "--model", str(tiny_vl_dir), "--tokenizer",
+                 str(tiny_vl_dir / "tokenizer.json"), "--out", str(tmp_path / "b"), "--merged-only"]) == 0
+    assert (tmp_path / "b" / "merged" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(["export", "--run", str(own), "--model", str(tiny_vl_dir), "--tokenizer",
+                 str(tiny_vl_dir / "config.json"), "--out", str(tmp_path / "c"), "--merged-only"]) == 2
+    assert (f"--tokenizer: {tiny_vl_dir / 'config.json'} is a file; the export copies the tokenizer's folder (its "
+            f"tokenizer.json and configs): give that folder") in capsys.readouterr().err
 
 
 def test_eval_and_detect_read_a_runs_settings_without_loading_it(two_process_run, tiny_vl_dir, tmp_path):

@@ -125,6 +125,11 @@ def tokenizer_to_export(cfg, given: str | None = None) -> str:
     from fxjax.data.tokenizer import tokenizer_json
 
     tokenizer = given or cfg.tokenizer
+    if given and Path(given).is_file():  # (eval and detect take the file: the export copies its folder with it)
+        if Path(given).name != "tokenizer.json":
+            raise ValueError(f"--tokenizer: {given} is a file; the export copies the tokenizer's folder (its "
+                             f"tokenizer.json and configs): give that folder")
+        tokenizer = str(Path(given).parent)
     if not Path(tokenizer).is_dir() or tokenizer_json(tokenizer) is None:
         hint = "" if given else "; the run's tokenizer (data.tokenizer, else model.path) moved? pass --tokenizer DIR"
         raise FileNotFoundError(f"the tokenizer to export: no tokenizer.json in {tokenizer}{hint}")
