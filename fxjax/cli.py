@@ -348,6 +348,15 @@ def main(argv: list[str] | None = None) -> int:
         several = " (several steps: fxjax eval only)" if args.command in ("export", "detect") and at >= 0 and \
             words[at + 2:at + 3] == extra[:1] else ""
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}{several}")
+    if args.command == "detect" and getattr(args, "step", None) is not None:  # `detect --step 1 2 a.png`: the 2
+        # went to the images (IMAGE ...), and was said as an image that is not there
+        words = list(argv if argv is not None else sys.argv[1:])
+        at = words.index("--step") if "--step" in words else -1
+        after = words[at + 2] if 0 <= at < len(words) - 2 else None
+        if after in args.images and not Path(after).exists():
+            (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            commands.choices["detect"].error(f"--step takes one step here; {after} is no image (several steps: "
+                                             f"fxjax eval only)")
     try:
         code = args.func(args)
     except SystemExit:

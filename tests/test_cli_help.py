@@ -191,6 +191,10 @@ def test_an_unknown_argument_is_said_by_the_commands_own_parser(capsys):
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith("usage: fxjax export ")
     assert err.strip().endswith("fxjax export: error: unrecognized arguments: beta (several steps: fxjax eval only)")
+    with pytest.raises(SystemExit) as exit:  # detect's second step went to its images: "2: no such file", status 1
+        main(["detect", "--run", "r", "--step", "1", "2", "a.png"])
+    assert exit.value.code == 2 and capsys.readouterr().err.strip().endswith(
+        "fxjax detect: error: --step takes one step here; 2 is no image (several steps: fxjax eval only)")
     with pytest.raises(SystemExit):  # a stray word elsewhere is not taken for a second step
         main(["export", "--run", "x", "--out", "y", "--step", "3", "--dtype", "float32", "extra"])
     assert capsys.readouterr().err.strip().endswith("fxjax export: error: unrecognized arguments: extra")
