@@ -368,6 +368,7 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
                 "--set", f"data.train_files=[{tmp_path}]", "--set", "train.steps=1"],
                f"fxjax sft: error: data.train_files: {tmp_path} is a folder; give the JSONL files in it"),
               (["report", str(run), str(run) + "/"], "given more than once: give each run or eval folder once"),
+              (["report", str(run), str(run / "metrics.jsonl")], "given more than once"),  # (its file: the run)
               (["report", str(run), "--out", ""], "fxjax report: error: --out: give a file or a folder"),
               (["info", str(Path(__file__).parents[1] / "configs" / "sft.yaml")],
                "a run config (data, lora, model, train), not a model preset"),

@@ -225,7 +225,11 @@ def eval_subfolders(folder: str | Path) -> list[tuple[Path, int | None]]:
 def run(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():  # (Path("") is the working folder: ./report.png)
         raise ValueError("--out: give a file or a folder (an empty text names none)")
-    same = sorted({d for d in args.run if sum(Path(d).resolve() == Path(e).resolve() for e in args.run) > 1})
+    def folder(given: str) -> Path:  # (a run's metrics.jsonl, or an eval's metrics.json, is its folder)
+        path = Path(given).resolve()
+        return path.parent if path.is_file() and path.name in ("metrics.jsonl", "metrics.json") else path
+
+    same = sorted({d for d in args.run if sum(folder(d) == folder(e) for e in args.run) > 1})
     if same:  # (compared with itself: one line drawn over another, without a word)
         raise ValueError(f"{', '.join(same)} given more than once: give each run or eval folder once")
     inside = eval_subfolders(args.run[0]) if len(args.run) == 1 else []
