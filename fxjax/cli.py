@@ -69,6 +69,17 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from fxjax.presets import load_preset, preset_names
 
+    if args.model is None:  # what `init --preset` and `--config NAME` take
+        from fxjax.model_init import abstract_parameter_counts
+        from fxjax.train_config import shipped_run_configs
+
+        print("model presets (init --preset, model.preset):")
+        for name in preset_names():
+            print(f"  {name:6s} {abstract_parameter_counts(load_preset(name))['total']:>15,} parameters")
+        print("run configs (sft / grpo / data check --config NAME):")
+        print("\n".join(f"  {name}" for name in shipped_run_configs()))
+        return 0
+
     source = Path(args.model)
     if source.is_dir() and (source / "adapter_config.json").is_file():  # a PEFT adapter (an export's, or peft's)
         print("\n".join(_describe_adapter(source)))
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fxjax.from_pretrained and transformers alike.")
     p.add_argument("out", metavar="OUT", help="output directory (must be empty or new, unless --overwrite)")
     p.add_argument("--preset", default="tiny",
-                   help="model preset (tiny, 3b, 7b, 32b, 72b; see `fxjax info`) or a preset YAML path "
+                   help="model preset (tiny, 3b, 7b, 32b, 72b; `fxjax info` lists them) or a preset YAML path "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=_seed, default=0, help="random-init seed (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -255,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "eval, detect and export takes), what its model started from, its LoRA and "
                                    "tokenizer; of a PEFT adapter, its LoRA and base; of an `fxjax export` folder, "
                                    "also the run and step it holds.")
-    p.add_argument("model", metavar="MODEL",
+    p.add_argument("model", metavar="MODEL", nargs="?",
                    help="HF checkpoint directory (with config.json), preset name (tiny, 3b, 7b, 32b, 72b), "
-                        "preset YAML, a run's train.output_dir / checkpoint.dir, or a PEFT adapter directory")
+                        "preset YAML, a run's train.output_dir / checkpoint.dir, or a PEFT adapter directory; "
+                        "none: the presets and the run configs fxjax ships (--config NAME)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("make-demo-data", help="write a small native-format dataset made from scikit-image photos",

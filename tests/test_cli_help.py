@@ -51,7 +51,7 @@ def run_probe(argv: list[str]) -> tuple[str, float]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in subcommands()),
-                                  ["sft"], ["info"], ["no-such-command"]],
+                                  ["sft"], ["detect"], ["no-such-command"]],
                          ids=lambda argv: " ".join(argv))
 def test_help_and_argument_errors_answer_without_importing_jax(argv):
     out, wall = run_probe(argv)

@@ -93,6 +93,10 @@ def test_cli_help_info_and_init(tmp_path, capsys):
     assert "selfcheck" in capsys.readouterr().out
     assert main(["info", "7b"]) == 0
     assert "8,292,166,656" in capsys.readouterr().out
+    assert main(["info"]) == 0  # (what `init --preset` and `--config NAME` take: only an error said them)
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0] == "model presets (init --preset, model.preset):" and "  7b       8,292,166,656 parameters" in listing
+    assert listing[-4:] == ["  grpo", "  recipes/paper_3b_grpo", "  recipes/paper_3b_sft", "  sft"], listing
     out = tmp_path / "m"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

@@ -103,7 +103,8 @@ def add_parser(sub) -> None:
                         "the format check")
     g.add_argument("--out", default="eval", metavar="DIR",
                    help="output folder: predictions.jsonl, metrics.json, settings.json (default: ./eval)")
-    g.add_argument("--fresh", action="store_true", help="discard predictions already in --out and start over")
+    g.add_argument("--fresh", "--overwrite", action="store_true",
+                   help="discard predictions already in --out and start over (--overwrite, as other commands spell it)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
