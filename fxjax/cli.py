@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     p.set_defaults(func=_cmd_make_demo_data)
 
-    importlib.import_module("fxjax.commands.sft").add_parser(sub)  # (listed before the demo, which runs it)
+    for name in ("sft", "grpo"):  # (listed before the demo, which runs them)
+        importlib.import_module(f"fxjax.commands.{name}").add_parser(sub)
 
     p = sub.add_parser("demo", help="the whole method on a tiny model in minutes: data, SFT, GRPO, eval, export, report",
                        description="make-demo-data -> a tiny random Qwen2.5-VL saved in HF layout with the real "
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     for name in COMMAND_MODULES:
-        importlib.import_module(f"fxjax.commands.{name}").add_parser(sub)
+        if name != "grpo":  # (above)
+            importlib.import_module(f"fxjax.commands.{name}").add_parser(sub)
     return parser
 
 
