@@ -375,6 +375,10 @@ def test_export_refuses_a_users_folder_a_file_or_an_adapter_as_model_before_load
     assert f"--model: {adapter} is a PEFT adapter, not a model" in capsys.readouterr().err
     assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "x"), "--model", str(tmp_path)]) == 2
     assert f"--model: {tmp_path} holds no config.json; give the run's base model" in capsys.readouterr().err
+    for model, said in ((tmp_path / "none", "does not exist"), (adapter / "adapter_config.json",
+                                                               "is a file; give an HF model directory")):
+        assert main(["export", "--run", str(two_process_run), "--out", str(tmp_path / "x"), "--model", str(model)]) == 2
+        assert f"--model: {model} {said}" in capsys.readouterr().err  # (as eval and detect word it)
     # an empty --out wrote merged/ and adapter/ into the working folder; a folder nothing can be created in
     # (root passes os.access there) failed only after the weights loaded
     assert main(["export", "--run", str(two_process_run), "--out", ""]) == 2

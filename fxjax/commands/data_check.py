@@ -101,7 +101,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="prompts for the token lengths: auto (ms-swift records keep their own; the default) or "
                         "templates")
     p.add_argument("--max-image-pixels", type=int, metavar="N",
-                   help="decompression-bomb limit in original pixels (default: the pipeline's)")
+                   help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
+                        "guard; default: --config's data.max_image_pixels, else 89478485, PIL's)")
     p.add_argument("--no-decode", action="store_true",
                    help="read image headers only: faster, but an image whose body is corrupt passes")
     p.add_argument("--bins", type=int, default=10, metavar="N", help="bars per histogram (default: 10)")

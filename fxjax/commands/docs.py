@@ -63,9 +63,9 @@ def section(text: str, wanted: str, name: str) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("docs", help=HELP, description=(
-        "Print one of fxjax's documents (Markdown) to stdout, or list them. Help texts and error messages "
-        "cite them as docs/NAME.md: `fxjax docs NAME` prints that file from this install, so they are at "
-        "hand after `pip install` too."),
+        "Print one of fxjax's documents (Markdown) to stdout, or list them. Help texts and error messages\n"
+        "cite them as docs/NAME.md: `fxjax docs NAME` prints that file from this install, so they are at\n"
+        "hand after `pip install` too; `fxjax docs readme` prints the README."),
         epilog="examples:\n  fxjax docs              # the list\n  fxjax docs data         # docs/data.md: "
                "the dataset records\n  fxjax docs format | less\n  fxjax docs readme --section 'from TRL'   # a README section",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -194,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model is not None:
         model = Path(args.model)
-        if not model.is_dir():
-            raise FileNotFoundError(f"--model: {args.model} is not a directory")
+        if not model.is_dir():  # (as eval and detect say it)
+            raise FileNotFoundError(f"--model: {args.model} " + ("is a file; give an HF model directory"
+                                                                 if model.exists() else "does not exist"))
         if is_adapter_not_model(model):
             raise ValueError(f"--model: {model} is a PEFT adapter, not a model; --model is the run's base model "
                              f"(an HF directory with config.json), when it moved since training")

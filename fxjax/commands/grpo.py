@@ -24,8 +24,9 @@ PEFT adapter SFT wrote. Stages: the `stages` list (name + steps, or name + epoch
 records, the paper's one epoch a stage; one stage's: --set stages[1].steps=20), or grpo.schedule=continuous
 with train.steps. Reward terms of your own (TRL's reward_funcs): grpo.reward_funcs. The grpo keys are TRL's
 GRPOConfig names; where TRL's other keys go here (its batch counts completions, data.batch_size prompts):
-`fxjax docs readme --section 'from TRL'`. The prompts: JSONL records, native or ms-swift (docs/data.md, which `fxjax docs data`
-prints; `fxjax data check` validates them), their boxes and verdicts the rewards' truth.
+`fxjax docs readme --section 'from TRL'`. The prompts: JSONL records, native or ms-swift (docs/data.md,
+which `fxjax docs data` prints; `fxjax data check` validates them), their boxes and verdicts the rewards'
+truth.
 Outputs under train.output_dir: metrics.jsonl (per step: reward and each component, format rate,
 verdict accuracy, mean IoU on generated images, KL, clip ratios, entropy, completion lengths,
 truncated and zero-std fractions, rollout/update times, the stage), TensorBoard events, checkpoints/

@@ -65,9 +65,9 @@ def add_image_limit_argument(p) -> None:
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("prompt and image size (default: the run's data config with --run, else the "
-                             "export's fxjax_prompt_settings.json, then the model directory's "
-                             "preprocessor_config.json and fxjax's defaults)")
+    g = p.add_argument_group("prompt and image size", "default: the run's data config with --run, else the "
+                             "export's fxjax_prompt_settings.json,\nthen the model directory's "
+                             "preprocessor_config.json and fxjax's defaults")
     g.add_argument("--min-pixels", type=int, metavar="N", help="smallest model-input image area (pixels)")
     g.add_argument("--max-pixels", type=int, metavar="N",
                    help="largest model-input image area (pixels); fewer pixels = fewer image tokens, faster")
