@@ -142,6 +142,12 @@ def test_an_answer_that_does_not_parse_is_shown_raw_with_a_note(tokenizer_dir, t
     # the same image twice: two overlays, neither overwritten
     assert [r["overlay"] for r in results] == [str(tmp_path / "out" / "rgb.detect.png"),
                                               str(tmp_path / "out" / "rgb-2.detect.png")]
+    # a second run into the same folder replaces them: collected, for detect's note (it was silent)
+    replaced = []
+    again = iter(["<think> hmm </think> <verdict>real</verdict>"] * 2)
+    detect(records, ScriptedDecoder(lambda meta: next(again)), prompt_config(tokenizer_dir), out=tmp_path / "out",
+           emit=lambda r: None, replaced=replaced)
+    assert replaced == [tmp_path / "out" / "rgb.detect.png", tmp_path / "out" / "rgb-2.detect.png"]
     # names that differ only in case get their own overlays (one file on a case-insensitive file system)
     from fxjax.commands.detect import overlay_path
 

@@ -245,10 +245,11 @@ def format_result(result: dict) -> str:
 
 
 def detect(records, decoder, prompt_config, *, out: Path | None,
-           emit: Callable[[dict], None], notes: dict[str, str] | None = None) -> list[dict]:
+           emit: Callable[[dict], None], notes: dict[str, str] | None = None,
+           replaced: list[Path] | None = None) -> list[dict]:
     """Decode every record's image, describe the answer, write its overlay into `out` (None: none) and
     emit each result as it comes; returns the results in order. `notes`: image -> a note to add to its
-    result (an image shrunk to fit max_length)."""
+    result (an image shrunk to fit max_length). `replaced` gets the overlays that replaced a file there."""
     import dataclasses
 
     from fxjax.data.pipeline import DataPipeline
@@ -266,6 +267,8 @@ def detect(records, decoder, prompt_config, *, out: Path | None,
             result["overlay"] = None  # (the key is always there for --json readers)
             if out is not None:
                 path = overlay_path(out, result["image"], taken)
+                if replaced is not None and path.exists():
+                    replaced.append(path)
                 write_overlay(result, path, cfg.max_image_pixels)
                 result["overlay"] = str(path)
             emit(result)
@@ -376,8 +379,12 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         config = detect_config(detector, fit, batch_size, args.max_image_pixels)
         emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))
+        replaced: list[Path] = []
         results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit,
-                         notes=notes)
+                         notes=notes, replaced=replaced)
+        if replaced:  # (silently before: an earlier run's overlays of the same names were gone)
+            say(f"note: {len(replaced)} overlay(s) replaced those an earlier run wrote in {args.out} (e.g. "
+                f"{replaced[0].name}); give another --out to keep both")
         done = {r["image"] for r in results}
         for record in records:
             if record.source not in done:  # the pipeline left it out (its warning is above)
