@@ -83,11 +83,12 @@ def dataset_warnings(records, hints: Sequence[str], limit: int = 5, threads: int
 def records_to_list(rs: Sequence, limit: int) -> list:
     """At most `limit` of an image's records, in file order, the first of each label among them (a
     contradiction stays visible however many records agree)."""
-    firsts = {id(next(r for r in rs if r.label == label)) for label in dict.fromkeys(r.label for r in rs)}
-    listed = [r for r in rs if id(r) in firsts]
-    listed += [r for r in rs if id(r) not in firsts][:max(0, limit - len(listed))]
-    order = {id(r): i for i, r in enumerate(rs)}
-    return sorted(listed, key=lambda r: order[id(r)])
+    first: dict[str, int] = {}
+    for i, r in enumerate(rs):
+        first.setdefault(r.label, i)
+    keep = set(first.values())
+    keep |= set([i for i in range(len(rs)) if i not in keep][:max(0, limit - len(keep))])
+    return [rs[i] for i in sorted(keep)]
 
 
 def coco_warning(skipped, records) -> list[str]:

@@ -51,8 +51,11 @@ def section(text: str, wanted: str, name: str) -> str:
     """The part of `text` from the first heading that contains `wanted` (any case) to the next heading of
     its level or above; ValueError listing the headings when none does."""
     lines = text.splitlines(keepends=True)
-    heads = [(i, len(line) - len(line.lstrip("#"))) for i, line in enumerate(lines)
-             if line.startswith("#") and not text[:sum(map(len, lines[:i]))].count("```") % 2]
+    heads, fenced = [], False  # (a '#' line inside a ``` block is code, not a heading)
+    for i, line in enumerate(lines):
+        fenced ^= line.lstrip().startswith("```")
+        if line.startswith("#") and not fenced:
+            heads.append((i, len(line) - len(line.lstrip("#"))))
     start = next(((i, level) for i, level in heads if wanted.lower() in lines[i].lower()), None)
     if start is None:
         listed = "; ".join(lines[i].strip("# \n") for i, _ in heads)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from fxjax.commands.eval_report import (EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, step_label,
                                         write_eval_report)
-from fxjax.commands.eval_folder import SETTINGS
+from fxjax.commands.eval_folder import METRICS as EVAL_METRICS, SETTINGS
 from fxjax.commands.report_drawing import (COMPARE_REPORT_FILE, StageSpan, draw_eval_points, draw_train_series,
                                            drawable_series, format_axes, left_out, mark_stages, non_finite_note,
                                            read_run_metrics, run_kind, stage_spans, staged_rewards)
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out: give a file or a folder (an empty text names none)")
     def folder(given: str) -> Path:  # (a run's metrics.jsonl, or an eval's metrics.json, is its folder)
         path = Path(given).resolve()
-        return path.parent if path.is_file() and path.name in ("metrics.jsonl", "metrics.json") else path
+        return path.parent if path.is_file() and path.name in (METRICS_FILE, EVAL_METRICS) else path
 
     same = sorted({d for d in args.run if sum(folder(d) == folder(e) for e in args.run) > 1})
     if same:  # (compared with itself: one line drawn over another, without a word)
