@@ -9,31 +9,9 @@ import sys
 from pathlib import Path
 
 from fxjax.commands import COMMAND_MODULES
-from fxjax.config_mapping import SEED_LIMIT
+from fxjax.commands.arg_types import number, positive_int, seed
 from fxjax.compilation_cache import use_compilation_cache
 from fxjax.host_allocator import keep_freed_memory
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:  # (argparse's own message named the function: "invalid _seed value")
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _seed(text: str) -> int:
-    """argparse type of --seed: numpy, grain and nnx.Rngs all take [0, 2**32) (a larger seed overflowed nnx)."""
-    value = _integer(text)
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -238,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Builds the tiny preset with random weights, writes it in HF layout, loads "
                                    "it back, runs a real photograph through the processor, the forward pass and "
                                    "cached greedy decoding, and checks that export reproduces every tensor.")
-    p.add_argument("--workdir", help="where to write the checkpoints (default: a temporary directory)")
+    p.add_argument("--out", "--workdir", dest="workdir", metavar="DIR",
+                   help="where to write the checkpoints (default: a temporary directory)")
     p.set_defaults(func=_cmd_selfcheck)
 
     p = sub.add_parser("init", help="write a random-initialised model in HF layout",
@@ -246,11 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(config.json, sharded safetensors, generation_config.json) and, unless "
                                    "--no-tokenizer, the Qwen2.5-VL tokenizer, so the directory loads with "
                                    "fxjax.from_pretrained and transformers alike.")
-    p.add_argument("out", metavar="OUT", help="output directory (must be empty or new, unless --overwrite)")
+    _add_out(p, "output directory (must be empty or new, unless --overwrite)")
     p.add_argument("--preset", default="tiny",
                    help="model preset (tiny, 3b, 7b, 32b, 72b; `fxjax info` lists them) or a preset YAML path "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=_seed, default=0, help="random-init seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, metavar="N", help="random-init seed (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weight dtype (default: %(default)s)")
     p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
@@ -277,34 +256,34 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with scikit-image; generated ones get 1 to --max-regions regions rewritten by "
                                    "procedural artefact generators, with captions and tags. Deterministic for a "
                                    "seed. The records are in the native JSONL format the data pipeline reads.")
-    p.add_argument("out", metavar="OUT", help="output directory (images/, train.jsonl, test.jsonl)")
-    p.add_argument("--n", type=int, default=1000,
+    _add_out(p, "output directory (images/, train.jsonl, test.jsonl)")
+    p.add_argument("--n", type=positive_int, metavar="N", default=1000,
                    help="number of images, half real, half generated (default: %(default)s)")
-    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--test-fraction", type=float, default=0.1,
+    p.add_argument("--seed", type=seed, default=0, metavar="N", help="random seed (default: %(default)s)")
+    p.add_argument("--test-fraction", type=number, metavar="X", default=0.1,
                    help="share of the images in test.jsonl (default: %(default)s)")
-    p.add_argument("--min-side", type=int, default=192,
+    p.add_argument("--min-side", type=positive_int, metavar="N", default=192,
                    help="smallest longer side of an image, pixels (default: %(default)s)")
-    p.add_argument("--max-side", type=int, default=384,
+    p.add_argument("--max-side", type=positive_int, metavar="N", default=384,
                    help="largest longer side of an image, pixels (default: %(default)s)")
-    p.add_argument("--multiple", type=int, default=1,
+    p.add_argument("--multiple", type=positive_int, metavar="N", default=1,
                    help="round both sides to multiples of this (28: the image processor keeps the pixels as they "
                         "are; default: %(default)s)")
-    p.add_argument("--fingerprint", type=float, default=0.0,
+    p.add_argument("--fingerprint", type=number, metavar="X", default=0.0,
                    help="amplitude (0-64 levels of 255) of a period-2 up-sampling checkerboard on every generated image "
                         f"(default 0: none; `fxjax demo` uses {DEMO['fingerprint']:g})")
     p.add_argument("--fingerprint-scope", choices=("frame", "regions", "frame+regions"), default="frame",
                    help="where the fingerprint goes: over the whole frame; inside the artefact regions only (then "
                         "finding it is finding the regions); or a third of it over the frame and all of it in the "
                         "regions (the demo's: the verdict and the regions both learnable; default: %(default)s)")
-    p.add_argument("--box-multiple", type=int, default=1,
+    p.add_argument("--box-multiple", type=positive_int, metavar="N", default=1,
                    help="put the regions' corners on multiples of this many pixels (default: %(default)s)")
     p.add_argument("--region-layout", choices=("boxes", "bands"), default="boxes",
                    help="boxes: regions anywhere; bands: each region spans the full width, so locating it is a "
                         "1-D search (`fxjax demo` uses bands; default: %(default)s)")
     p.add_argument("--brief", action="store_true",
                    help="one-clause reasoning texts without the scene description (fewer tokens to learn; the demo's)")
-    p.add_argument("--row-code", type=float, default=0.0,
+    p.add_argument("--row-code", type=number, metavar="X", default=0.0,
                    help="amplitude (0-64 levels of 255) of a code that tells each row of --box-multiple "
                         "cells where it is (stripes 1/2/4/8 px wide): a stand-in for the positional knowledge a "
                         "pretrained model has and a random one lacks (default 0: none; see `fxjax demo`)")
@@ -314,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artefacts", default=None, metavar="NAMES",
                    help="comma-separated artefact kinds a region may get (over_smoothed, repeated_texture, "
                         "checkerboard, colour_shift, copy_move, banding; default: all)")
-    p.add_argument("--max-regions", type=int, default=3,
+    p.add_argument("--max-regions", type=positive_int, metavar="N", default=3,
                    help="most artefact regions per generated image, 1-8 (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     p.set_defaults(func=_cmd_make_demo_data)
@@ -329,13 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "-> `fxjax export` (merged HF checkpoint + PEFT adapter) -> `fxjax report` PNGs "
                                    "(both runs; the held-out metrics by phase) and `fxjax detect` overlays before/after -> one table. Offline; 3.5-8 "
                                    "minutes on 2 CPU cores (each phase's time is printed).")
-    p.add_argument("--out", default="fxjax-demo",
+    p.add_argument("--out", default="fxjax-demo", metavar="DIR",
                    help="working directory (default: ./%(default)s); one the demo did not make is refused")
-    p.add_argument("--steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help=f"SFT steps (default: {DEMO['sft']['steps']}; fewer with --quick)")
-    p.add_argument("--n", type=_positive_int, default=None,
+    p.add_argument("--n", type=positive_int, default=None, metavar="N",
                    help=f"demo images to generate (default: {DEMO['images']}; fewer with --quick)")
-    p.add_argument("--seed", type=_seed, default=0,
+    p.add_argument("--seed", type=seed, default=0, metavar="N",
                    help="seed of the demo data and the model's init (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="every phase in a few steps: a smoke run of the pipeline (learns nothing)")
     p.add_argument("--overwrite", action="store_true",
@@ -346,6 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "grpo":  # (above)
             importlib.import_module(f"fxjax.commands.{name}").add_parser(sub)
     return parser
+
+
+def _add_out(p: argparse.ArgumentParser, what: str) -> None:
+    """The output folder of init and make-demo-data: OUT, or --out DIR as the other commands spell it."""
+    p.add_argument("out", metavar="OUT", nargs="?", help=what)
+    p.add_argument("--out", dest="out_option", metavar="DIR", help="the same as OUT")
+
+
+def _resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not hasattr(args, "out_option"):
+        return
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if args.out is not None and args.out_option is not None:
+        commands.choices[args.command].error(f"give the output folder once: OUT ({args.out}) or --out "
+                                             f"({args.out_option})")
+    if args.out is None and args.out_option is None:
+        commands.choices[args.command].error("the following arguments are required: OUT (or --out DIR)")
+    args.out = args.out if args.out is not None else args.out_option
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         several = " (several steps: fxjax eval only)" if args.command in ("export", "detect") and at >= 0 and \
             words[at + 2:at + 3] == extra[:1] else ""
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}{several}")
+    _resolve_out(parser, args)
     if args.command == "detect" and getattr(args, "step", None) is not None:  # `detect --step 1 2 a.png`: the 2
         # went to the images (IMAGE ...), and was said as an image that is not there
         words = list(argv if argv is not None else sys.argv[1:])

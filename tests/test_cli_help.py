@@ -163,6 +163,52 @@ def test_odd_inputs_get_messages_that_say_what_is_wrong(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+def test_a_bad_number_is_said_in_one_wording_by_every_command(capsys):
+    """Five wordings once said one mistake: argparse's "invalid int value: 'x'", "--batch-size must be >= 1"
+    (after parsing, without "argument"), "n (--n) must be positive", "must be a positive integer", "--bins and
+    --threads must be at least 1". Every numeric flag now says it at parse time, one way."""
+    from fxjax.cli import main
+
+    cases = [(["make-demo-data", "d", "--n", "0"], "--n", "must be a positive integer, got 0"),
+             (["make-demo-data", "d", "--multiple", "x"], "--multiple", "expected an integer, got 'x'"),
+             (["make-demo-data", "d", "--fingerprint", "x"], "--fingerprint", "expected a number, got 'x'"),
+             (["make-demo-data", "d", "--row-code", "inf"], "--row-code", "expected a finite number, got 'inf'"),
+             (["demo", "--steps", "0"], "--steps", "must be a positive integer, got 0"),
+             (["init", "d", "--seed", "-1"], "--seed", "a seed must be in [0, 2**32), got -1"),
+             (["eval", "--data", "a.jsonl", "--limit", "0"], "--limit", "must be a positive integer, got 0"),
+             (["eval", "--data", "a.jsonl", "--max-image-pixels", "-1"], "--max-image-pixels",
+              "must be a positive integer, got -1"),
+             (["eval", "--data", "a.jsonl", "--batch-size", "two"], "--batch-size", "expected an integer, got 'two'"),
+             (["detect", "a.png", "--max-new-tokens", "0"], "--max-new-tokens", "must be a positive integer, got 0"),
+             (["detect", "a.png", "--max-length", "0"], "--max-length", "must be a positive integer, got 0"),
+             (["detect", "a.png", "--max-image-pixels", "0"], "--max-image-pixels", "must be a positive integer, got 0"),
+             (["data", "check", "a.jsonl", "--bins", "0"], "--bins", "must be a positive integer, got 0"),
+             (["data", "check", "a.jsonl", "--threads", "1.5"], "--threads", "expected an integer, got '1.5'"),
+             (["data", "check", "a.jsonl", "--min-pixels", "0"], "--min-pixels", "must be a positive integer, got 0")]
+    for argv, flag, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        command = " ".join(argv[:2]) if argv[0] == "data" else argv[0]
+        assert stop.value.code == 2 and f"fxjax {command}: error: argument {flag}: {message}\n" in \
+            capsys.readouterr().err, argv
+
+
+def test_the_output_folder_of_init_and_make_demo_data_is_also_out(tmp_path, capsys):
+    """Every other command that writes a folder spells it --out (selfcheck: --workdir, kept as an alias);
+    `fxjax init --out DIR` was "the following arguments are required: OUT"."""
+    from fxjax.cli import build_parser, main
+
+    assert build_parser().parse_args(["selfcheck", "--out", "w"]).workdir == "w"
+    assert main(["make-demo-data", "--out", str(tmp_path / "data"), "--n", "10", "--min-side", "32",
+                 "--max-side", "32"]) == 0
+    assert (tmp_path / "data" / "train.jsonl").is_file()
+    for argv, message in ((["init"], "the following arguments are required: OUT (or --out DIR)"),
+                          (["init", "a", "--out", "b"], "give the output folder once: OUT (a) or --out (b)")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"fxjax init: error: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["demo", "--out", "{file}"], ["export", "--run", "{file}", "--out", "{file}"],
                                   ["make-demo-data", "{file}"]], ids=lambda argv: argv[0])
 def test_an_out_that_is_a_file_is_an_error_naming_it(argv, tmp_path, capsys):

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from fxjax.commands.arg_types import positive_int
 from fxjax.commands.training import relative_to_config_hint
 
 _DESCRIPTION = """\
@@ -87,12 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", metavar="DIR",
                    help="model or tokenizer directory with tokenizer.json (e.g. what `fxjax init` writes); "
                         "needed for the token-length histogram")
-    p.add_argument("--min-pixels", type=int, metavar="N",
+    p.add_argument("--min-pixels", type=positive_int, metavar="N",
                    help="smallest model-input image area, as data.min_pixels (default: the pipeline's)")
-    p.add_argument("--max-pixels", type=int, metavar="N",
+    p.add_argument("--max-pixels", type=positive_int, metavar="N",
                    help="largest model-input image area, as data.max_pixels; sets the image-token count "
                         "(default: the pipeline's)")
-    p.add_argument("--max-length", type=int, metavar="N",
+    p.add_argument("--max-length", type=positive_int, metavar="N",
                    help="count the examples longer than N tokens, as data.max_length (default: the pipeline's)")
     p.add_argument("--long-images", choices=("shrink", "drop"),
                    help="an image whose tokens leave the example over max_length, as data.long_images: shrink "
@@ -100,13 +101,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", choices=("auto", "templates"),
                    help="prompts for the token lengths: auto (ms-swift records keep their own; the default) or "
                         "templates")
-    p.add_argument("--max-image-pixels", type=int, metavar="N",
+    p.add_argument("--max-image-pixels", type=positive_int, metavar="N",
                    help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
                         "guard; default: --config's data.max_image_pixels, else 89478485, PIL's)")
     p.add_argument("--no-decode", action="store_true",
                    help="read image headers only: faster, but an image whose body is corrupt passes")
-    p.add_argument("--bins", type=int, default=10, metavar="N", help="bars per histogram (default: 10)")
-    p.add_argument("--threads", type=int, default=8, metavar="N", help="threads opening images (default: 8)")
+    p.add_argument("--bins", type=positive_int, default=10, metavar="N", help="bars per histogram (default: 10)")
+    p.add_argument("--threads", type=positive_int, default=8, metavar="N", help="threads opening images (default: 8)")
     p.add_argument("--show", type=_shown, default=SHOWN_PER_KIND, metavar="N|all",
                    help=f"invalid records listed per kind of problem (default: {SHOWN_PER_KIND}; `all` lists every "
                         "one): the counts by kind always cover all of them")
@@ -354,8 +355,6 @@ def _invalid_lines(errors, shown: int | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from fxjax.data.records import load_records
 
-    if args.bins < 1 or args.threads < 1:
-        raise ValueError("--bins and --threads must be at least 1")
     cfg = _data_config(args)
     from fxjax.data.tokenizer import tokenizer_json
 

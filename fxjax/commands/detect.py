@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fxjax.commands.arg_types import positive_int
 from fxjax.commands.model_args import add_image_limit_argument, add_model_arguments, add_prompt_arguments
 
 HELP = "run the detector on your own images: verdict, grounded regions, tags and an overlay PNG each"
@@ -59,10 +60,10 @@ def add_parser(sub) -> None:
                         "earlier run's overlay of the same name is replaced")
     p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write no overlay PNGs")
     p.add_argument("--json", action="store_true", help="print one JSON object per image and line")
-    p.add_argument("--batch-size", type=int, metavar="B",
+    p.add_argument("--batch-size", type=positive_int, metavar="B",
                    help="images decoded together, a multiple of the mesh's data x fsdp devices (default: 4, "
                         "rounded up to such a multiple)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                    help="longest answer in tokens (default: the run's eval.max_new_tokens, with --run or as "
                         "its export recorded it (fxjax_export.json), else 1024)")
     add_image_limit_argument(p)
@@ -278,9 +279,6 @@ def detect(records, decoder, prompt_config, *, out: Path | None,
 
 def run(args: argparse.Namespace) -> int:
     say = lambda text: print(f"fxjax detect: {text}", file=sys.stderr, flush=True)  # noqa: E731
-    for name in ("batch_size", "max_new_tokens", "max_image_pixels"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.overlay and Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the overlays (or --no-overlay)")
     made = None

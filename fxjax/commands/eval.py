@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fxjax.commands.arg_types import positive_int
 from fxjax.commands.eval_folder import METRICS, PREDICTIONS, evaluate_detector, require_same_settings
 from fxjax.commands.model_args import add_image_limit_argument, add_model_arguments, add_prompt_arguments
 from fxjax.file_modes import require_writable
@@ -86,7 +87,7 @@ def add_parser(sub) -> None:
                         "dataset you trust; refused by default)")
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="an invalid record: stop (default), or skip it (listed in metrics.json and on stderr)")
-    g.add_argument("--limit", type=int, metavar="N", help="evaluate the first N valid records only")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N valid records only")
     add_image_limit_argument(g)
     g.add_argument("--group-by", nargs="*", default=["generator"], metavar="FIELD",
                    help="break the metrics down by these fields: the generator, regions (their number), or "
@@ -94,10 +95,10 @@ def add_parser(sub) -> None:
                         "breakdown)")
     add_prompt_arguments(p)
     g = p.add_argument_group("decoding and output")
-    g.add_argument("--batch-size", type=int, metavar="B",
+    g.add_argument("--batch-size", type=positive_int, metavar="B",
                    help="prompts decoded together, a multiple of the mesh's data x fsdp devices (default: 8, "
                         "rounded up to such a multiple)")
-    g.add_argument("--max-new-tokens", type=int, metavar="N",
+    g.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                    help="longest completion in tokens (default: the run's eval.max_new_tokens, with --run or as its "
                         "export recorded it (fxjax_export.json), else 1024); a longer one is cut and usually fails "
                         "the format check")
@@ -181,10 +182,6 @@ def run(args: argparse.Namespace) -> int:
     from fxjax.commands.data_check import check_root
 
     check_root(getattr(args, "root", None))
-    for name in ("batch_size", "max_new_tokens", "limit", "max_image_pixels"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     require_writable(args.out, "--out")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fxjax.commands.arg_types import positive_int
 from fxjax.run_files import step_or_stage
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments",
@@ -59,7 +60,7 @@ def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False)
 
 def add_image_limit_argument(p) -> None:
     """--max-image-pixels, for commands that read images (the limit's error names it)."""
-    p.add_argument("--max-image-pixels", type=int, metavar="N",
+    p.add_argument("--max-image-pixels", type=positive_int, metavar="N",
                    help="refuse images of more pixels than this, before decoding them (a decompression-bomb "
                         "guard; default: 89478485, PIL's)")
 
@@ -68,10 +69,10 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt and image size", "default: the run's data config with --run, else the "
                              "export's fxjax_prompt_settings.json,\nthen the model directory's "
                              "preprocessor_config.json and fxjax's defaults")
-    g.add_argument("--min-pixels", type=int, metavar="N", help="smallest model-input image area (pixels)")
-    g.add_argument("--max-pixels", type=int, metavar="N",
+    g.add_argument("--min-pixels", type=positive_int, metavar="N", help="smallest model-input image area (pixels)")
+    g.add_argument("--max-pixels", type=positive_int, metavar="N",
                    help="largest model-input image area (pixels); fewer pixels = fewer image tokens, faster")
-    g.add_argument("--max-length", type=int, metavar="N",
+    g.add_argument("--max-length", type=positive_int, metavar="N",
                    help="longest prompt in tokens, image tokens included (default: the run's data.max_length, "
                         "else the export's recorded one, else 8192); an image whose tokens would not fit is "
                         "shrunk to fit (eval: as the run's data.long_images says; shrink by default)")
@@ -340,8 +341,6 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
             raise ValueError(f"{flag}: give a non-empty text (or leave {flag} out for the trained one)")
         if key.endswith("_prompt"):
             check_prompt(value, flag, user=key == "user_prompt")
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
         data[key] = value
     if data["min_pixels"] > data["max_pixels"]:  # (every image would fail to resize, one by one)
         raise ValueError(f"min_pixels {data['min_pixels']} is above max_pixels {data['max_pixels']} (--min-pixels, "
