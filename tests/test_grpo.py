@@ -196,8 +196,7 @@ def test_stages_in_order_with_every_metric(setup, straight):
                                                                 rel=1e-6)
     assert train[3]["learning_rate"] > 0.1 * float(schedule(0))
     assert " with the adapter " in log and "(its rank, alpha and targets; lora.* unused)" in log  # the adapter's
-    summary = json.loads([line for line in log.splitlines() if line.startswith('{"steps"')][-1])
-    assert summary["steps"] == 6 and summary["last"]["stage"] == "gamma"
+    assert "fxjax grpo: 6 steps in " in log and ", the last step (stage gamma): reward " in log
 
 
 def test_logged_completions_are_the_ones_scored(setup, straight):
@@ -546,9 +545,12 @@ def test_completion_log_keeps_each_step_once(tmp_path):
     assert (tmp_path / "completions.jsonl").read_text() == ""
 
 
-def test_the_closing_summary_is_strict_json_with_null_for_a_nan(monkeypatch, capsys):
-    """A last step without generated images has no mean IoU (NaN): the summary line says null, which every
-    JSON parser reads (json.dumps wrote the bare token NaN)."""
+def test_the_closing_line_says_the_last_step_as_sft_does_and_a_preempted_run_draws_no_report(monkeypatch,
+                                                                                                capsys):
+    """`fxjax grpo` ended on a JSON object where `fxjax sft` ends on a sentence; now both end on one line of
+    the same form: the steps reached (and run, when resumed), the time, what the last step gave, where the
+    checkpoints are. A last step without generated images has no mean IoU (NaN): "n/a", not "nan". A
+    preempted run says how it goes on and draws no report (as `fxjax sft`: its machine is being taken)."""
     import argparse
     from types import SimpleNamespace
 
@@ -557,22 +559,28 @@ def test_the_closing_summary_is_strict_json_with_null_for_a_nan(monkeypatch, cap
 
     result = SimpleNamespace(history=[{"stage": "gamma", "reward/total_mean": 1.5, "format_rate": 1.0,
                                        "verdict_accuracy": 0.5, "mean_iou_generated": float("nan")}],
-                             steps=3, total_steps=3, preempted=False, resumed_from=None, seconds=1.0, exported={})
-    monkeypatch.setattr(training, "run_training", lambda *a: (None, result))
-    monkeypatch.setattr(training, "report", lambda *a: None)
+                             steps=3, total_steps=3, preempted=False, resumed_from=None, seconds=1.0,
+                             checkpoint_dir="runs/g/checkpoints", exported={})
+    reports = []
+    monkeypatch.setattr(training, "report", lambda *a: reports.append(a[0]))
+    for run, line in ((result, "fxjax grpo: 3 steps in 1s, the last step (stage gamma): reward 1.500, format 100%, "
+                               "verdict 50%, mean IoU on generated images n/a (no generated image); checkpoints in "
+                               "runs/g/checkpoints\n"),
+                      (SimpleNamespace(**{**vars(result), "resumed_from": 2}), "fxjax grpo: step 3 reached, 1 step "
+                                                                             "run from step 2 in 1s, the last step"),
+                      (SimpleNamespace(**{**vars(result), "resumed_from": 3, "history": []}),
+                       "fxjax grpo: step 3 reached, 0 steps run from step 3 in 1s, no step run; checkpoints in")):
+        monkeypatch.setattr(training, "run_training", lambda *a, run=run: (None, run))
+        assert grpo_command.run(argparse.Namespace()) == 0
+        assert capsys.readouterr().out.startswith(line)
+    assert reports == ["grpo"] * 3
+    preempted = SimpleNamespace(**{**vars(result), "steps": 2, "preempted": True})
+    monkeypatch.setattr(training, "run_training", lambda *a: (None, preempted))
     assert grpo_command.run(argparse.Namespace()) == 0
-
-    def refuse(token):
-        raise ValueError(f"not JSON: {token}")
-
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)
-    assert (summary["steps"], summary["steps_run"]) == (3, 3)
-    assert summary["last"] == {"stage": "gamma", "reward/total_mean": 1.5, "format_rate": 1.0,
-                               "verdict_accuracy": 0.5, "mean_iou_generated": None}
-    resumed = SimpleNamespace(**{**vars(result), "resumed_from": 2})  # (resumed at step 2: one step run)
-    monkeypatch.setattr(training, "run_training", lambda *a: (None, resumed))
-    assert grpo_command.run(argparse.Namespace()) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps_run"] == 1
+    out, err = capsys.readouterr()
+    assert out == "" and ("fxjax grpo: preempted at step 2/3 (resume by running the same command); checkpoint in "
+                          "runs/g/checkpoints") in err
+    assert reports == ["grpo"] * 3
 
 
 def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from fxjax.commands.training import add_run_arguments
@@ -44,28 +43,30 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _json_value(value):
-    """null for a NaN (a step without generated images has no mean IoU): JSON has no NaN, and strict parsers
-    reject the bare token json.dumps writes for it."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def last_step_line(history: list[dict]) -> str:
+    """What the last step of this invocation gave: its stage, mean reward and the rates behind it."""
+    if not history:  # (a resumed run that had no step left)
+        return "no step run"
+    last = history[-1]
+
+    def share(key: str) -> str:
+        value = last.get(key)
+        return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.0f}%"
+
+    iou = last.get("mean_iou_generated")
+    iou = "n/a (no generated image)" if iou is None or not math.isfinite(iou) else f"{iou:.3f}"
+    return (f"the last step (stage {last.get('stage')}): reward {last.get('reward/total_mean', float('nan')):.3f}, "
+            f"format {share('format_rate')}, verdict {share('verdict_accuracy')}, mean IoU on generated images {iou}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from fxjax.commands.training import report, run_training
+    from fxjax.commands.training import finished, report, run_training
     from fxjax.grpo_config import load_grpo_config
 
     cfg, result = run_training("grpo", args, load_grpo_config, "fxjax.train.grpo:run_grpo")
     if result is None:  # stopped on a non-finite loss: the plot of how it got there is wanted most now
         report("grpo", args, cfg)
         return 3
-    last = result.history[-1] if result.history else {}
-    # steps: the step reached; steps_run: by this invocation (a resumed run's "last" is of those: {} for none)
-    summary = {"steps": result.steps, "steps_run": result.steps - (result.resumed_from or 0),
-               "total_steps": result.total_steps, "preempted": result.preempted,
-               "resumed_from": result.resumed_from, "seconds": round(result.seconds, 1),
-               "last": {k: _json_value(last[k]) for k in ("stage", "reward/total_mean", "format_rate",
-                                                         "verdict_accuracy", "mean_iou_generated") if k in last},
-               "exported": result.exported}
-    print(json.dumps(summary, allow_nan=False))
-    report("grpo", args, cfg)
+    if finished("grpo", result, last_step_line(result.history)):
+        report("grpo", args, cfg)
     return 0

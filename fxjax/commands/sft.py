@@ -32,24 +32,14 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fxjax.commands.training import report, run_training, say
+    from fxjax.commands.training import finished, report, run_training
     from fxjax.train_config import load_sft_config
 
     cfg, result = run_training("sft", args, load_sft_config, "fxjax.train.sft:run_sft")
     if result is None:  # stopped on a non-finite loss: the plot of how it got there is wanted most now
         report("sft", args, cfg)
         return 3
-    if result.preempted:
-        left = ("the end's evaluation and exports still to do" if result.steps == result.total_steps else
-                "resume by running the same command")
-        say("sft")(f"preempted at step {result.steps}/{result.total_steps} ({left}); checkpoint in "
-                   f"{result.checkpoint_dir}")
-        return 0
-    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-    ran = result.steps - (result.resumed_from or 0)
-    done = (f"{result.steps} step{'s' * (ran != 1)}" if not result.resumed_from else
-            f"step {result.steps} reached, {ran} step{'s' * (ran != 1)} run from step {result.resumed_from}")
-    print(f"fxjax sft: {done} in {result.seconds:.0f}s, the last step's loss {loss}; checkpoints in "
-          f"{result.checkpoint_dir}")
-    report("sft", args, cfg)
+    if finished("sft", result, "the last step's loss " + ("n/a" if result.final_loss is None else
+                                                        f"{result.final_loss:.4f}")):
+        report("sft", args, cfg)
     return 0

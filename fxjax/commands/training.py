@@ -58,6 +58,23 @@ def check_paths(cfg, config: str | None = None) -> None:
             raise FileNotFoundError(f"data.tokenizer: no tokenizer.json in {value}")
 
 
+def finished(command: str, result, last_step: str) -> bool:
+    """The line a training command ends with (stdout): the steps it reached and ran, its time, what its last
+    step gave (`last_step`), and where its checkpoints are; a preempted run says how it goes on (stderr).
+    Whether to draw the report: not for a preempted run, whose machine is being taken away."""
+    if result.preempted:
+        left = ("the end's evaluation and exports still to do" if result.steps == result.total_steps else
+                "resume by running the same command")
+        say(command)(f"preempted at step {result.steps}/{result.total_steps} ({left}); checkpoint in "
+                     f"{result.checkpoint_dir}")
+        return False
+    ran = result.steps - (result.resumed_from or 0)
+    done = (f"{result.steps} step{'s' * (ran != 1)}" if not result.resumed_from else
+            f"step {result.steps} reached, {ran} step{'s' * (ran != 1)} run from step {result.resumed_from}")
+    print(f"fxjax {command}: {done} in {result.seconds:.0f}s, {last_step}; checkpoints in {result.checkpoint_dir}")
+    return True
+
+
 FOLDER_OF = {"model.path": "HF checkpoint's", "model.adapter": "PEFT adapter's", "model.from_run": "fxjax run's"}
 
 
