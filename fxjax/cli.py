@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                "the docs/NAME.md that help texts cite, `fxjax docs NAME` prints. "
                "On a GPU or TPU compiled programs are kept in ~/.cache/fxjax/xla (JAX's persistent cache; "
                "FXJAX_COMPILATION_CACHE=DIR, or your JAX_COMPILATION_CACHE_DIR, puts it elsewhere and asks for "
-               "it on a CPU; =off keeps none), so a resumed or repeated run does not compile them again.",
+               "it on a CPU; =off keeps none), so a resumed or repeated run does not compile them again. "
+               f"{EXIT_STATUS}",
     )
     parser.add_argument("--version", action=_PrintVersion,
                         help="print the versions of fxjax, jax, flax, optax, orbax and transformers, and exit")
@@ -438,6 +439,12 @@ def _record_hint(err: BaseException, args: argparse.Namespace) -> str:
 
 
 INTERRUPTED = 130  # a shell's status for a command ended by SIGINT
+EXIT_STATUS = ("Exit status: 0 done; 1 some input could not be used (data check: invalid records; detect: an "
+               "image it could not read; the rest reported), the device ran out of memory (one line saying what "
+               "to lower), or an unexpected error (its traceback); 2 a bad option, config, path or input (one "
+               "line naming it); 3 a training run stopped on a non-finite loss (its last good checkpoint kept); "
+               "128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), except that a training loop "
+               "saves a checkpoint on SIGTERM or SIGHUP (and the first Ctrl-C) and exits 0.")
 PIPE_CLOSED = 141  # a shell's status for a command ended by SIGPIPE (as `yes | head -1` leaves `yes`)
 
 

@@ -453,3 +453,17 @@ def test_a_device_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, c
         monkeypatch.setattr(detect, "run", fails)
         with pytest.raises(jax.errors.JaxRuntimeError, match=other.split(":")[0]):
             main(["detect", "--run", "r", "x.png"])
+
+
+def test_the_exit_statuses_are_listed_in_the_help_and_the_readme_alike(capsys):
+    """A script around fxjax needs what each status means (data check and detect say 1 for inputs they could
+    not use, training 3 for a non-finite stop): one list, at the end of `fxjax --help` and in the README."""
+    from fxjax.cli import EXIT_STATUS, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert " ".join(EXIT_STATUS.split()) in said
+    assert " ".join(EXIT_STATUS.split()).replace("Exit status:", "Exit status (the end of `fxjax --help` says it "
+                                                                 "too):") in readme
