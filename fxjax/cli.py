@@ -262,11 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of images, half real, half generated (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=0, metavar="N", help="random seed (default: %(default)s)")
     p.add_argument("--test-fraction", type=number, metavar="X", default=0.1,
-                   help="share of the images in test.jsonl (default: %(default)s)")
+                   help="share of the images in test.jsonl, in [0, 1) (default: %(default)s)")
     p.add_argument("--min-side", type=positive_int, metavar="N", default=192,
-                   help="smallest longer side of an image, pixels (default: %(default)s)")
+                   help="smallest longer side of an image, pixels, 32 or more (default: %(default)s)")
     p.add_argument("--max-side", type=positive_int, metavar="N", default=384,
-                   help="largest longer side of an image, pixels (default: %(default)s)")
+                   help="largest longer side of an image, pixels, at least --min-side (default: %(default)s)")
     p.add_argument("--multiple", type=positive_int, metavar="N", default=1,
                    help="round both sides to multiples of this (28: the image processor keeps the pixels as they "
                         "are; default: %(default)s)")
@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "finding it is finding the regions); or a third of it over the frame and all of it in the "
                         "regions (the demo's: the verdict and the regions both learnable; default: %(default)s)")
     p.add_argument("--box-multiple", type=positive_int, metavar="N", default=1,
-                   help="put the regions' corners on multiples of this many pixels (default: %(default)s)")
+                   help="put the regions' corners on multiples of this many pixels (2 or more with --row-code; "
+                        "default: %(default)s)")
     p.add_argument("--region-layout", choices=("boxes", "bands"), default="boxes",
                    help="boxes: regions anywhere; bands: each region spans the full width, so locating it is a "
                         "1-D search (`fxjax demo` uses bands; default: %(default)s)")
