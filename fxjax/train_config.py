@@ -95,10 +95,10 @@ class RunConfig:
     # Hugging Face Trainer's and peft's names that are other names here, for an unknown key's error (a name
     # that is some section's key here, such as learning_rate, is found by itself)
     FOREIGN_KEYS: ClassVar[dict[str, str]] = {
-        "per_device_train_batch_size": "here data.batch_size: a step's examples over all devices and "
-                                       "micro-batches (per device x devices x gradient_accumulation_steps)",
-        "gradient_accumulation_steps": "here optim.grad_accum, which splits data.batch_size into micro-batches "
-                                       "where Hugging Face's multiplies the batch",
+        "per_device_train_batch_size": "here data.batch_size: a micro-batch's examples over all devices "
+                                       "(per device x devices)",
+        "gradient_accumulation_steps": "here optim.grad_accum: micro-batches of data.batch_size per update, "
+                                       "as Hugging Face's",
         "max_steps": "here train.steps", "num_train_epochs": "here train.epochs",
         "save_steps": "here checkpoint.every", "save_total_limit": "here checkpoint.keep",
         "logging_steps": "here train.log_every", "eval_steps": "here eval.every",
@@ -418,6 +418,17 @@ def shipped_run_configs() -> dict[str, Path]:
             for p in sorted(CONFIG_DIR.rglob("*.yaml")) if p.parent.name != "models" and p.name != "rewards.yaml"}
 
 
+def config_read(path: str | Path) -> str:
+    """Which file `--config path` read, where the name was not the file's path: "the config fxjax ships,
+    FILE" or "read FILE" (a file of yours named after a shipped config wins); "" where it was."""
+    from fxjax.presets import CONFIG_DIR
+
+    read = config_file(path)
+    if read == Path(path):
+        return ""
+    return f"the config fxjax ships, {read}" if CONFIG_DIR in read.parents else f"read {read}"
+
+
 def config_file(path: str | Path) -> Path:
     """The file `--config` names: a path, else the name of a shipped run config (`--config sft`, `--config
     recipes/paper_3b_sft`, or its path in the repository, `configs/sft.yaml`: usable where the repository's
@@ -468,10 +479,7 @@ def load_config_as(cls, path: str | Path | None = None, overrides: Sequence[str]
     data = read_yaml_config(read, base)
     notes: list[str] = []
     if read is not None and read != Path(path):
-        from fxjax.presets import CONFIG_DIR
-
-        notes.append(f"--config {path}: " + (f"the config fxjax ships, {read}" if CONFIG_DIR in read.parents
-                                             else f"read {read}"))
+        notes.append(f"--config {path}: {config_read(path)}")
     resolved = apply_overrides(data, overrides, notes, root=cls)
     for note in notes:
         (log or _logger.info)(f"note: {note}")

@@ -376,6 +376,7 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
     twice drew it over itself and `--out ''` wrote ./report.png; `info` of a PEFT adapter said "not a run";
     `detect --tokenizer DIR` told to pass --tokenizer."""
     from fxjax.cli import main
+    from fxjax.presets import CONFIG_DIR
 
     Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
     data = tmp_path / "train.jsonl"
@@ -384,7 +385,9 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
              f"data.tokenizer={tokenizer_dir}"]
     for extra, kind in (([], "sft"), (["--kind", "grpo"], "grpo")):
         assert main([*check, *extra, str(data)]) == 0
-        assert f"fxjax data check: {data} (as `fxjax {kind} --config sft` reads them)" in capsys.readouterr().out
+        # (and which file that name read: a ./sft.yaml of the user's would win, as in `fxjax sft`)
+        assert (f"fxjax data check: {data} (as `fxjax {kind} --config sft` reads them: the config fxjax ships, "
+                f"{CONFIG_DIR / 'sft.yaml'})") in capsys.readouterr().out
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({

@@ -335,6 +335,14 @@ def test_a_trl_grpo_configs_names_are_pointed_to_their_keys_here():
         "per_device_train_batch_size (here data.batch_size, in prompts: each is sampled grpo.num_generations times; "
         "TRL's counts completions per device: data.batch_size = per_device_train_batch_size x devices x "
         "gradient_accumulation_steps / num_generations); the config takes ['model',"), str(err.value)
+    # an HF Trainer config's batch keys, in an SFT config: grad_accum multiplies the batch here as there (the
+    # message said it split data.batch_size, which GRPO's does: a port would have set a batch 16x too large)
+    with pytest.raises(ConfigError) as err:
+        from_dict({**MINIMAL, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 16})
+    assert str(err.value).startswith(
+        "unknown keys: gradient_accumulation_steps (here optim.grad_accum: micro-batches of data.batch_size per "
+        "update, as Hugging Face's); per_device_train_batch_size (here data.batch_size: a micro-batch's examples "
+        "over all devices (per device x devices)); the config takes"), str(err.value)
     with pytest.raises(ConfigError, match=r"^grpo.learning_rate: unknown key \(did you mean optim.learning_rate\?\); "
                                           r"grpo takes \['num_generations',"):
         grpo_from_dict({**data, "grpo": {"learning_rate": 1e-5}})

@@ -354,6 +354,7 @@ def _invalid_lines(errors, shown: int | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from fxjax.data.records import load_records
+    from fxjax.train_config import config_read
 
     cfg = _data_config(args)
     from fxjax.data.tokenizer import tokenizer_json
@@ -368,8 +369,9 @@ def run(args: argparse.Namespace) -> int:
                                        check_decode=cfg.check_decode, max_image_pixels=cfg.max_image_pixels,
                                        num_threads=args.threads, allow_absolute_paths=cfg.allow_absolute_paths)
     invalid = len(report.skipped)
+    read = f": {config_read(args.config)}" if args.config and config_read(args.config) else ""
     lines = [f"fxjax data check: {', '.join(cfg.data_files)}"
-             + (f" (as `fxjax {args.kind} --config {args.config}` reads them)" if args.config else ""),
+             + (f" (as `fxjax {args.kind} --config {args.config}` reads them{read})" if args.config else ""),
              f"records: {report.lines}, valid {len(records)}, invalid {invalid}"]
     if invalid:
         lines.append("  invalid by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(report.counts().items())))

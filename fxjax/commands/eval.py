@@ -49,7 +49,8 @@ Outputs in --out:
                      verdict (null without one) and the predicted class (real, generated or none), regions
                      (caption, box in model-input pixels and in original pixels), tags, format_ok, correct,
                      per-image IoU (null for real images), completion_tokens and truncated (no stop token
-                     within --max-new-tokens)
+                     within --max-new-tokens), original_size and model_size as [height, width] (the order
+                     fxjax.rewards.parse_completion takes; `fxjax detect --json` writes [width, height])
   metrics.json       the metrics above, the settings, any record that could not be evaluated (and why:
                      too_long for --max-length, when a run trained with data.long_images: drop or not even
                      min_pixels fits; or an image that fails to decode) and `decoding`: for each run that
