@@ -5,7 +5,7 @@ the weights: a fingerprint of each adapter merged so far (those the source check
 one). Loading the same adapter on top of that checkpoint (a PEFT adapter, or a run's LoRA) would add its
 update a second time with nothing to show for it but worse outputs, so it is refused by name; an exported
 adapter that continued that LoRA (its fxjax_export.json's `continues`) or of another step of the run merged
-there is refused from the records (fxjax.commands.model_args.refuse_stacked_adapter); one trained on the
+there is refused from the records (`refuse_stacked_adapter`, before a weight is read); one trained on the
 merged model loads.
 """
 
@@ -19,11 +19,12 @@ import ml_dtypes
 import numpy as np
 
 from fxjax.device_mesh import gather
+from fxjax.export_record import read_export_record
 from fxjax.model.hf_names import layer_path
 from fxjax.model.lora import lora_linears, stacked_layers
 
 __all__ = ["MERGED_LORA_FILE", "MergedLoRAError", "lora_fingerprint", "merge_record", "merged_fingerprints",
-           "refuse_merged_twice", "write_merged_record"]
+           "refuse_merged_twice", "refuse_stacked_adapter", "write_merged_record"]
 
 MERGED_LORA_FILE = "fxjax_merged_lora.json"
 
@@ -93,6 +94,30 @@ def refuse_merged_twice(model, what: str) -> None:
         raise MergedLoRAError(
             f"{what} is already merged into the weights of {source.directory} ({MERGED_LORA_FILE}): applying it "
             f"again would add its update twice. Use {source.directory} alone, or the adapter on the base model.")
+
+
+def refuse_stacked_adapter(model: Path, adapter: Path, what: str) -> None:
+    """MergedLoRAError for an exported adapter on a merged export its LoRA already includes (both records say
+    it, without loading a weight): the adapter of a run that continued the merged LoRA (model.adapter /
+    model.from_run: it holds that LoRA plus its own updates), or an adapter of the very run merged there
+    (another step). Either adds that LoRA's update a second time, and the answers were garbage with no word.
+    An adapter trained on the merged export itself (its base) loads. `what` names the adapter in the error."""
+    merged = merged_fingerprints(model)
+    record, merged_record = read_export_record(adapter), read_export_record(model)
+    if not merged or not record or Path(str(record.get("base_model"))).resolve() == Path(model).resolve():
+        return
+    continues = record.get("continues") if isinstance(record.get("continues"), list) else []
+    if set(continues) & set(merged):
+        raise MergedLoRAError(f"{what} continues the LoRA merged into {model} (its run started from it: "
+                              f"`continues` in its fxjax_export.json): on those weights that LoRA's update would "
+                              f"count twice. Apply it to the base model it was trained on ({record.get('base_model')}"
+                              f"), or use {model} alone")
+    run = record.get("checkpoints")
+    if run is not None and run == merged_record.get("checkpoints"):
+        raise MergedLoRAError(f"{what} (step {record.get('step')}) and {model} (merged, step "
+                              f"{merged_record.get('step')}) are exports of one run ({run}): its LoRA on those "
+                              f"merged weights would count twice. Apply it to the base model "
+                              f"({record.get('base_model')}), or use {model} alone")
 
 
 def write_merged_record(out: Path, fingerprints: list[str]) -> None:

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
-from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
+from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice, refuse_stacked_adapter
 from fxjax.model.hf_names import (CONV3D, HUB, TRANSFORMERS, conv3d_kernel_shape, layer_path, module_kind,
                                   module_name, unstack)
 from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, has_lora, linear_layers, linears, lora_linears,
@@ -160,6 +160,9 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
                            f"{type(model).__name__}")
     directory = Path(adapter_dir)
     raw = _read_config(directory)
+    source = getattr(model, "hf_source", None)
+    if source is not None:  # (from the export records, before a weight is read)
+        refuse_stacked_adapter(Path(source.directory), directory, f"the adapter {directory}")
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     tensors, disk_dtype = _read_tensors(directory)
     if has_lora(model):

@@ -653,6 +653,14 @@ def test_an_adapter_whose_lora_the_merged_export_holds_already_is_refused_on_it(
     assert main(["eval", "--model", str(sft / "merged"), "--adapter", str(sft / "adapter"), "--data", "t.jsonl"]) == 2
     assert (f"--adapter: {sft / 'adapter'} (step 3) and {sft / 'merged'} (merged, step 2) are exports of one run "
             f"({run}): its LoRA on those merged weights would count twice") in capsys.readouterr().err
+    # the same two adapters loaded from Python (fxjax.from_pretrained(adapter=)): refused alike, by the records,
+    # before a weight is read (they loaded, and answered garbage)
+    import fxjax
+
+    for adapter, words in ((grpo / "adapter", "continues the LoRA merged into"), (sft / "adapter", "are exports of "
+                                                                                                 "one run")):
+        with pytest.raises(fxjax.MergedLoRAError, match=f"^the adapter {adapter}.* {words}"):
+            fxjax.from_pretrained(sft / "merged", adapter=adapter)
     assert main(["detect", "x.png", "--model", str(sft)]) == 2
     assert (f"--model: {sft} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass --model "
             f"{sft / 'merged'}, or the base model with --adapter {sft / 'adapter'}") in capsys.readouterr().err

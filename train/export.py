@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from fxjax.export_record import EXPORT_RECORD_FILE, json_file, read_export_record
 from fxjax.file_modes import require_writable
 
 __all__ = ["EXPORT_RECORD_FILE", "PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
@@ -341,7 +342,7 @@ def read_prompt_settings(directory: str | Path) -> dict:
     """The settings `write_prompt_settings` left in `directory` ({} when there are none); a malformed file is
     an error naming it."""
     path = Path(directory) / PROMPT_SETTINGS_FILE
-    raw = _json_file(path)
+    raw = json_file(path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -420,12 +421,9 @@ def template_defaults_to(folder: Path, system: str) -> bool:
     """Whether the exported chat template (chat_template.jinja, else tokenizer_config.json's) gives a
     conversation without a system message `system` (`set_template_system_prompt` put it there)."""
     jinja = folder / "chat_template.jinja"
-    config = _json_file(folder / "tokenizer_config.json") or {}
+    config = json_file(folder / "tokenizer_config.json") or {}
     text = jinja.read_text(encoding="utf-8") if jinja.is_file() else str(config.get("chat_template") or "")
     return _jinja_string(system) in text
-
-
-EXPORT_RECORD_FILE = "fxjax_export.json"
 
 
 def export_origin(cfg, kind: str, step: int, checkpoint_dir: str | Path,
@@ -453,7 +451,7 @@ def run_lineage(checkpoint_dir: str | Path) -> list[str]:
     adapter applied to a merged export of one of them would add that LoRA's update twice."""
     from fxjax.run_files import START_FILE, START_LORA_DIR
 
-    start = _json_file(Path(checkpoint_dir) / START_LORA_DIR / START_FILE)
+    start = json_file(Path(checkpoint_dir) / START_LORA_DIR / START_FILE)
     if not isinstance(start, dict):
         return []
     return list(dict.fromkeys([*start.get("lora_fingerprints", []), *start.get("continues", [])]))
@@ -475,20 +473,3 @@ def write_export_record(folder: Path, origin: Mapping[str, Any]) -> Path:
     path = folder / EXPORT_RECORD_FILE
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def read_export_record(directory: str | Path) -> dict[str, Any]:
-    """What `write_export_record` left in `directory` ({} when nothing: an export older than the record, or
-    another tool's folder)."""
-    record = _json_file(Path(directory) / EXPORT_RECORD_FILE)
-    return record if isinstance(record, dict) else {}
-
-
-def _json_file(path: Path) -> Any:
-    """The JSON value in `path` (None when there is no such file); a malformed file is an error naming it."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None

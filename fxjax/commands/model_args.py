@@ -243,35 +243,10 @@ def check_model_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--model: {model} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass "
                          f"--model {model / 'merged'}, or the base model with --adapter {model / 'adapter'}")
     if model is not None and getattr(args, "adapter", None) is not None:
-        refuse_stacked_adapter(model, Path(args.adapter))
+        from fxjax.merged_lora import refuse_stacked_adapter
+
+        refuse_stacked_adapter(model, Path(args.adapter), f"--adapter: {args.adapter}")
     parse_mesh(getattr(args, "mesh", None))
-
-
-def refuse_stacked_adapter(model: Path, adapter: Path) -> None:
-    """An exported adapter on a merged export its LoRA already includes (both records say it, without loading
-    a weight): the adapter of a run that continued the merged LoRA (model.adapter / model.from_run: it holds
-    that LoRA plus its own updates), or an adapter of the very run merged there (another step). Either adds
-    that LoRA's update a second time, and the answers were garbage with no word; `--run` was refused already
-    (its kept start is that LoRA). An adapter trained on the merged export itself (its base) loads."""
-    from fxjax.merged_lora import merged_fingerprints
-    from fxjax.train.export import read_export_record
-
-    merged = merged_fingerprints(model)
-    record, merged_record = read_export_record(adapter), read_export_record(model)
-    if not merged or not record or Path(str(record.get("base_model"))).resolve() == model.resolve():
-        return
-    continues = record.get("continues") if isinstance(record.get("continues"), list) else []
-    if set(continues) & set(merged):
-        raise ValueError(f"--adapter: {adapter} continues the LoRA merged into {model} (its run started from it: "
-                         f"`continues` in its fxjax_export.json): on those weights that LoRA's update would count "
-                         f"twice. Apply it to the base model it was trained on ({record.get('base_model')}), or use "
-                         f"{model} alone")
-    run = record.get("checkpoints")
-    if run is not None and run == merged_record.get("checkpoints"):
-        raise ValueError(f"--adapter: {adapter} (step {record.get('step')}) and {model} (merged, step "
-                         f"{merged_record.get('step')}) are exports of one run ({run}): its LoRA on those merged "
-                         f"weights would count twice. Apply it to the base model ({record.get('base_model')}), or "
-                         f"use {model} alone")
 
 
 def is_adapter_not_model(folder: Path) -> bool:
