@@ -88,7 +88,7 @@ def add_parser(sub) -> None:
                         "dataset you trust; refused by default)")
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="an invalid record: stop (default), or skip it (listed in metrics.json and on stderr)")
-    g.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N valid records only")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N valid records only (the images after them are not opened)")
     add_image_limit_argument(g)
     g.add_argument("--group-by", nargs="*", default=["generator"], metavar="FIELD",
                    help="break the metrics down by these fields: the generator, regions (their number), or "
@@ -215,8 +215,9 @@ def run(args: argparse.Namespace) -> int:
 
 def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, Any, dict]:
     """The records --data names (--root, --format, --on-error, --allow-absolute-paths, --max-image-pixels),
-    the first --limit of them, the load report (the skipped ones said), and the fingerprint of every record
-    loaded (`settings_of`'s `records_key`)."""
+    the first --limit of them (the images after them not opened), the load report (the skipped ones said),
+    and the fingerprint of every record loaded (`settings_of`'s `records_key`; those after --limit's counted
+    as valid: another --limit resumes the same folder)."""
     from fxjax.commands.data_check import quiet_logger
     from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS
     from fxjax.data.pipeline import records_fingerprint
@@ -225,14 +226,15 @@ def eval_records(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[
     with quiet_logger("fxjax.data.records"):  # (it logs each skipped record, and a summary: said once below)
         records, report = load_records(args.data, args.root, args.format, args.on_error,
                                        allow_absolute_paths=args.allow_absolute_paths,
-                                       max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+                                       max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
+                                       limit=args.limit)
     if report.skipped:  # (every one in metrics.json's invalid_records; a wrong --root makes thousands)
         named, left = first_of_each_kind(report.skipped, LOGGED_PER_KIND)
         say(f"{report.summary()}; skipped: " + "; ".join(str(e) for e in named)
             + (f"; and {left_out_note(left)}, named in {METRICS}'s invalid_records" if left else ""))
     if not records:
         raise ValueError(f"no valid records in {', '.join(args.data)}: {report.summary()}")
-    return (records[:args.limit] if args.limit else records), report, records_fingerprint(records)
+    return records, report, records_fingerprint(records, report.unchecked)
 
 
 def step_detector(args: argparse.Namespace, step):

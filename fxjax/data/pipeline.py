@@ -107,14 +107,16 @@ def reading_note(cfg: DataConfig) -> str:
             + ("(decoded once: data.check_decode)" if cfg.check_decode else "(its header: data.check_decode false)"))
 
 
-def records_fingerprint(records: Sequence[Record]) -> dict:
+def records_fingerprint(records: Sequence[Record], unchecked: Sequence[tuple[str, str, str]] = ()) -> dict:
     """The count and a hash of the records' ids, labels and image file names, in order: what a saved data
     position is valid for (where the files lie is left out, so a moved dataset still resumes; an edited
-    caption too, the stream's order being unchanged)."""
+    caption too, the stream's order being unchanged). `unchecked`: those of records after them whose images
+    a limit left unopened (`LoadReport.unchecked`), counted as the valid records they are unless an image
+    says otherwise: the same fingerprint as without a limit when every image is good."""
     digest = hashlib.sha256()
-    for r in records:
-        digest.update(f"{r.record_id}\t{r.label}\t{Path(r.image).name}\n".encode("utf-8", "surrogatepass"))
-    return {"count": len(records), "sha256": digest.hexdigest()[:16]}
+    for record_id, label, image in [(r.record_id, r.label, Path(r.image).name) for r in records] + list(unchecked):
+        digest.update(f"{record_id}\t{label}\t{image}\n".encode("utf-8", "surrogatepass"))
+    return {"count": len(records) + len(unchecked), "sha256": digest.hexdigest()[:16]}
 
 
 def records_in_view(n: int, batch_size: int, rows: Sequence[int] | None, shuffle: bool) -> int:

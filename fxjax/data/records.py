@@ -100,6 +100,9 @@ class LoadReport:
     loaded: int = 0
     skipped: list[DataError] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)  # keys that look misspelt (also logged as warnings)
+    # with a limit: (record id, label, image file name) of each record after the first `limit` valid ones,
+    # whose image was not checked (`records_fingerprint` counts them: another limit resumes the same eval)
+    unchecked: list[tuple[str, str, str]] = field(default_factory=list)
 
     def counts(self) -> Counter:
         return Counter(e.kind for e in self.skipped)
@@ -109,6 +112,8 @@ class LoadReport:
         if self.skipped:
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.counts().items()))
             text += f"; skipped {len(self.skipped)} ({kinds})"
+        if self.unchecked:
+            text += f"; the images of the {len(self.unchecked)} after them not checked (a limit of {self.loaded})"
         return text
 
 
@@ -334,12 +339,15 @@ def left_out_note(left: Mapping[str, int]) -> str:
 def load_records(files: str | Path | Sequence[str | Path], root: str | Path | None = None,
                  format: str = "auto", on_error: str = "raise", check_decode: bool = True,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_threads: int = 8,
-                 allow_absolute_paths: bool = False) -> tuple[list[Record], LoadReport]:
+                 allow_absolute_paths: bool = False, limit: int | None = None) -> tuple[list[Record], LoadReport]:
     """Parse and validate JSONL ``files``; image paths are relative to ``root`` (default: each file's folder).
 
     ``format``: "native", "swift" or "auto" (per record: a "messages" key means ms-swift).
     ``allow_absolute_paths``: accept absolute image paths as they are, and symbolic links out of the root
     (only for a dataset you trust).
+    ``limit``: the first ``limit`` valid records only: images are opened, in file order, until that many are
+    valid (``fxjax eval --limit``: a look at 100 images of a 40k-record test set read every image first);
+    the records after them are parsed but their images not opened (``report.unchecked``).
     Returns the valid records (``index`` = position in this list) and a report of what was skipped.
     """
     if on_error not in ("raise", "skip"):
@@ -393,20 +401,25 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     def size_of(path: Path) -> tuple[int, int] | Exception:
         return _image_size_or_error(path, max_image_pixels, check_decode)
 
-    paths = list(dict.fromkeys(item.path for item in pending))
-    if num_threads > 1:
-        with ThreadPoolExecutor(num_threads) as pool:
-            sizes = dict(zip(paths, pool.map(size_of, paths)))
-    else:
-        sizes = {path: size_of(path) for path in paths}
-    results = [_check_image(item, sizes[item.path]) for item in pending]
-
     records: list[Record] = []
-    for item, result in zip(pending, results):
-        if isinstance(result, DataError):
-            errors.append((item.position, result))
-        else:
-            records.append(result)
+    sizes: dict[Path, tuple[int, int] | Exception] = {}
+    done = 0  # pending records checked
+    with ThreadPoolExecutor(max(num_threads, 1)) as pool:
+        while done < len(pending) and (limit is None or len(records) < limit):
+            # all at once without a limit; with one, about as many as are still wanted (and a few more)
+            chunk = pending[done:] if limit is None else pending[done:done + max(2 * (limit - len(records)), 32)]
+            paths = [path for path in dict.fromkeys(item.path for item in chunk) if path not in sizes]
+            sizes.update(zip(paths, pool.map(size_of, paths) if num_threads > 1 else map(size_of, paths)))
+            for item in chunk:
+                if limit is not None and len(records) == limit:
+                    break
+                result = _check_image(item, sizes[item.path])
+                if isinstance(result, DataError):
+                    errors.append((item.position, result))
+                else:
+                    records.append(result)
+                done += 1
+    report.unchecked = [(item.parsed.record_id, item.parsed.label, item.path.name) for item in pending[done:]]
     errors.sort(key=lambda e: e[0])
     if errors and on_error == "raise":
         raise errors[0][1]
