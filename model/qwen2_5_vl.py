@@ -33,11 +33,19 @@ def place_features(features: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def as_dtype(dtype) -> jnp.dtype:
+    """A compute or storage dtype: one of DTYPES, by name or as a dtype (np.int8 gave a model of all-zero int8
+    logits, None float64)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
         return DTYPES[dtype]
-    return jnp.dtype(dtype)
+    try:
+        resolved = jnp.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} (a name or a jnp dtype)")
+    return resolved
 
 
 class Qwen25VL(nnx.Module):

@@ -361,27 +361,37 @@ class ParsedCompletion:
 
 def parse_completion(text, *, original_size: Optional[Sequence[float]] = None,
                      model_size: Optional[Sequence[float]] = None) -> ParsedCompletion:
-    """Parse a completion. Never raises on a string (bytes are decoded, None is the empty string).
+    """Parse a completion. Never raises on a string, whatever it holds (bytes are decoded, None is the empty
+    string); another type is a TypeError (token ids: decode them first).
 
-    With `original_size` and `model_size` ((h, w) each), `boxes_original` holds the boxes scaled from
-    model-input pixels back to original-image pixels. Invalid sizes leave `boxes_original` None.
+    With `original_size` and `model_size` ((height, width) each, not PIL's (width, height): the order of
+    `fxjax eval`'s predictions.jsonl), `boxes_original` holds the boxes scaled from model-input pixels back
+    to original-image pixels. Sizes that are not two positive numbers each, or one size without the other,
+    are a ValueError (they left `boxes_original` None without a word).
     """
     if text is None:
         text = ""
     elif isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8", errors="replace")
     elif not isinstance(text, str):
-        text = str(text)
+        raise TypeError(f"a completion is a string, got a {type(text).__name__}: decode the tokens first")
+    if (original_size is None) != (model_size is None):
+        raise ValueError("give both original_size and model_size ((height, width) each), or neither")
     captions, boxes, skipped = parse_regions(text)
     tag = _between(text, TAG_START, TAG_END)
     tags = () if tag is None else tuple(t.strip() for t in tag.split(",") if t.strip())
     think = _between(text, THINK_START, THINK_END)
     boxes_original = None
-    if original_size is not None and model_size is not None:
+    if original_size is not None:
         try:
-            boxes_original = tuple(tuple(float(v) for v in b) for b in scale_boxes(boxes, model_size, original_size))
+            sizes = [tuple(float(v) for v in size) for size in (original_size, model_size) if not isinstance(size, str)]
         except (ValueError, TypeError):
-            boxes_original = None
+            sizes = []
+        if [len(size) for size in sizes] != [2, 2] or min(min(size) for size in sizes) <= 0 or \
+                not np.isfinite(sizes).all():
+            raise ValueError(f"original_size and model_size are (height, width) pairs of positive numbers, got "
+                             f"{original_size!r} and {model_size!r}")
+        boxes_original = tuple(tuple(float(v) for v in b) for b in scale_boxes(boxes, model_size, original_size))
     return ParsedCompletion(
         format_ok_generated=format_ok(text, "generated"),
         format_ok_real=format_ok(text, "real"),

@@ -65,8 +65,11 @@ def prepare_batch(completions: Sequence[str], targets: Sequence[Mapping[str, Any
     labels, gts = zip(*(_target(t) for t in targets))
     preds, fmt, lab = [], np.zeros((n_t, g), bool), np.zeros((n_t, g), bool)
     for i, text in enumerate(completions):
-        if not isinstance(text, str):
-            text = "" if text is None else str(text)
+        if text is None:  # (no completion: scored as an empty one)
+            text = ""
+        elif not isinstance(text, str):  # (token ids were scored as the text "[1, 2, 3]": -1 each, no word)
+            raise TypeError(f"completions[{i}] is a {type(text).__name__}, not a string: decode the tokens first "
+                            "(tokenizer.decode), and pass the text")
         n, k = divmod(i, g)
         truth = labels[n]
         fmt[n, k] = format_ok(text, truth)
@@ -129,6 +132,7 @@ def score(completions: Sequence[str], targets: Sequence[Mapping[str, Any]], stag
         raise TypeError("completions must be a list of strings, got one string: pass [completion]")
     if isinstance(targets, Mapping):
         raise TypeError("targets must be a list of {'label': ..., 'boxes': ...} dicts, got one dict: pass [target]")
+    completions, targets = list(completions), list(targets)  # (a generator had "no len()")
     cfg = load_config(config)
     w = resolve_weights(stage, weights, step, total_steps, config)
     relax = relax_params(relaxation or cfg.get("relaxation", "paper"),

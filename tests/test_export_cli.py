@@ -82,6 +82,7 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     from peft import PeftModel
 
     from fxjax.commands.export import export_loaded
+    from fxjax.config_mapping import ConfigError
     from fxjax.train.run_loading import RunLoadError, load_run
 
     input_ids, mask, pixel_values, grid = prompt()
@@ -127,6 +128,8 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
         for template in (None, (out / part / "chat_template.jinja").read_text()):
             assert tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False,
                                                  chat_template=template) == trained
+    with pytest.raises(ConfigError, match=r"^model\.dtype: unknown dtype 'bf16'; use one of"):  # (it read
+        load_run(two_process_run, dtype="bf16")                                                # "model.unknown")
     run = load_run(two_process_run, dtype="float32")
     assert run.step == 3 and run.kind == "sft"
     ours = fxjax_logits(run)

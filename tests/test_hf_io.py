@@ -621,3 +621,8 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path):
         MeshConfig.from_dict({"fsdp": "x"})
     with pytest.raises(ValueError, match="min_pixels 20000 is above max_pixels 10000"):
         fxjax.process_image(np.zeros((64, 64, 3), np.uint8), min_pixels=20000, max_pixels=10000)
+    # a dtype that is not a float of the model's: np.int8 gave all-zero int8 logits, None float64 weights
+    for dtype in (np.int8, None, "bf16"):
+        with pytest.raises(ValueError, match=r"unknown dtype .*use one of \['bfloat16', 'float16', 'float32'\]"):
+            fxjax.from_pretrained(tiny_checkpoint, dtype=dtype)
+    assert fxjax.from_pretrained(tiny_checkpoint, dtype=np.float32).dtype == np.float32

@@ -79,7 +79,14 @@ def test_render_scaled_completion_scales_to_model_pixels_and_parse_scales_back()
     assert p.boxes == ((100.0, 50.0, 300.0, 150.0),)
     assert p.boxes_original == ((200.0, 100.0, 600.0, 300.0),)
     assert parse_completion(text).boxes_original is None
-    assert parse_completion(text, original_size=(0, 5), model_size=model).boxes_original is None
+    # sizes that cannot be (height, width) pairs, one size alone, token ids: said (they gave None, or a score of
+    # the text "[1, 2]", without a word)
+    for sizes in (dict(original_size=(0, 5), model_size=model), dict(original_size="100x200", model_size=model),
+                  dict(original_size=(1, 2, 3), model_size=model), dict(original_size=original)):
+        with pytest.raises(ValueError, match="original_size and model_size"):
+            parse_completion(text, **sizes)
+    with pytest.raises(TypeError, match="a completion is a string, got a list: decode the tokens first"):
+        parse_completion([1, 2])
     with pytest.raises(ValueError):
         render_scaled_completion("generated", [("hand", [0, 0, 1, 1])], original_size=original)
 
@@ -162,7 +169,8 @@ def test_format_golden(text, gen, real):
 def test_parse_non_strings():
     assert parse_completion(None).verdict is None
     assert parse_completion(b"<verdict>real</verdict>\xff").verdict == "real"
-    assert parse_completion(123).boxes == ()
+    with pytest.raises(TypeError, match="got a int"):  # (not a completion at all: a caller's mistake, said)
+        parse_completion(123)
 
 
 def test_pathological_completion_is_linear():

@@ -331,6 +331,10 @@ def test_grouping_and_validation():
         score(GOOD, [GT])
     with pytest.raises(TypeError, match="got one dict: pass \\[target\\]"):
         score([GOOD], GT)
+    # token ids (generate's rows) were scored as the text "[1, 2, 3]": -1, no word; a generator had "no len()"
+    with pytest.raises(TypeError, match=r"completions\[1\] is a list, not a string: decode the tokens first"):
+        score([GOOD, [1, 2, 3]], [GT, GT])
+    np.testing.assert_array_equal(score((c for c in [GOOD, None]), iter([GT, GT]))["format"], [1, 0])
     for bad in ({"label": "fake", "boxes": []}, {"boxes": []}, {"label": "generated", "boxes": [[1, 2, 3]]},
                 {"label": "generated", "boxes": [[0, 0, float("nan"), 1]]}):
         with pytest.raises(ValueError):

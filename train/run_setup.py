@@ -138,8 +138,12 @@ def build_model(cfg, mesh):
     `cfg` is any run config with `model` and `lora` sections (SFTConfig, GRPOConfig)."""
     m = cfg.model
     param_dtype = m.param_dtype or m.dtype
+    try:
+        dtype = as_dtype(m.dtype)
+    except ValueError as err:  # (load_run(dtype=) sets it unchecked by the config)
+        raise ConfigError(f"model.dtype: {err}") from None
     try:  # a kernel this machine cannot run fails here, before any weight is read
-        select_backend(m.attention, current_platform(), as_dtype(m.dtype))
+        select_backend(m.attention, current_platform(), dtype)
     except ValueError as err:
         raise ConfigError(f"model.{err}") from None
     if m.from_run is not None:
