@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,6 +405,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     weight_map = {k: renamed[v] for k, v in sorted(weight_map.items())}
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _remove_stale_weights(out, set(renamed.values()))
 
     raw = dict(source.raw_config) if source else config_to_hub_dict(model.config, dtype)
     if source:
@@ -417,6 +419,19 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     write_merged_record(out, record)
     barrier("fxjax.save_pretrained")
     return out
+
+
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def _remove_stale_weights(out: Path, written: set[str]) -> None:
+    """Weight files of an earlier save into `out` that this one did not write: shards of another count stayed
+    beside the new ones (a tool that globs *.safetensors saw two models), and a model.safetensors of one file
+    is what transformers loads before the index, so it would have served the old weights."""
+    for path in sorted(out.iterdir()):
+        if path.name not in written and _WEIGHT_FILE.fullmatch(path.name) and path.is_file():
+            logger.info("%s: removed %s, a weight file of an earlier save that this one replaces", out, path.name)
+            path.unlink()
 
 
 def _param_dtype(model: Qwen25VL):

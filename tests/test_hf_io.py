@@ -363,6 +363,15 @@ def test_sharded_export_round_trip(tiny_checkpoint, tmp_path, hf_ref, prompt):
     assert_same_tensors(read_tensors(again), read_tensors(tiny_checkpoint))
     back = _hf_load_clean(out)
     assert np.array_equal(hf_logits(back, prompt[0], None, prompt[1], prompt[2]), hf_ref[1])
+    # saved again into the same folder in fewer shards: the earlier ones went (they stayed beside the new, a
+    # second model for whatever globs *.safetensors); a model.safetensors there, which transformers loads
+    # before an index, too; files not of the weights stay
+    (out / "model.safetensors").write_bytes(b"stale")
+    (out / "notes-model-00001.safetensors.txt").write_text("mine")
+    fxjax.save_pretrained(model, out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
+    assert (out / "notes-model-00001.safetensors.txt").read_text() == "mine"
+    assert_same_tensors(read_tensors(out), read_tensors(tiny_checkpoint))
 
 
 def test_loaded_model_graphdef_is_hashable(tiny_checkpoint):
