@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -279,6 +280,10 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`). `scan_layers` stacks the decoder layers
     and the vision blocks and runs them under scan (model.config.TextConfig.scan_layers); the checkpoint is the
     same either way."""
+    _check_mesh(mesh)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"from_pretrained(path, ...): path is a checkpoint directory (str or Path), got "
+                        f"{type(path).__name__}")
     directory = Path(path)
     if not directory.is_dir():
         hub_id = len(Path(path).parts) == 2 and not str(path).startswith((".", "/", "~"))
@@ -351,6 +356,9 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     holds rounded (a bfloat16 model of a float32 checkpoint) is read from the checkpoint's file as stored,
     so the merge is PEFT's merge_and_unload of that checkpoint.
     """
+    if not isinstance(model, Qwen25VL):  # (save_pretrained(out, model) said "'str' object has no attribute")
+        raise TypeError(f"save_pretrained(model, out_dir): the first argument is the model (fxjax.from_pretrained), "
+                        f"got {type(model).__name__}")
     out = Path(out_dir)
     source: HFSource | None = getattr(model, "hf_source", None)
     if source is not None and out.resolve() == Path(source.directory).resolve():
@@ -419,6 +427,21 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     write_merged_record(out, record)
     barrier("fxjax.save_pretrained")
     return out
+
+
+def _check_mesh(mesh) -> None:
+    """`mesh` is fxjax's: a jax Mesh with the axes data, fsdp and tensor (a dict, or a Mesh of other axes,
+    failed deep inside the placement)."""
+    from fxjax.device_mesh import AXES
+
+    if mesh is None:
+        return
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh is a jax Mesh: fxjax.make_mesh(fxjax.MeshConfig(...)) (a dict goes into MeshConfig."
+                        f"from_dict), got {type(mesh).__name__}")
+    if tuple(mesh.axis_names) != tuple(AXES):
+        raise ValueError(f"mesh has the axes {tuple(mesh.axis_names)}; fxjax places weights on the axes {tuple(AXES)}: "
+                         f"build it with fxjax.make_mesh(fxjax.MeshConfig(...))")
 
 
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")

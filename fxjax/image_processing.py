@@ -93,6 +93,10 @@ def model_input_size(
     Callers scaling boxes between original and model pixel space need this;
     the grid is ``(h // patch_size, w // patch_size)``.
     """
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):  # ("12544" failed in a compare)
+        if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.number)) or \
+                not value >= 1 or not np.isfinite(value) or float(value) != int(value):
+            raise ValueError(f"{name} is a pixel count (a positive integer), got {value!r}")
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels {min_pixels} is above max_pixels {max_pixels}")
     return smart_resize(

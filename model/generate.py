@@ -287,6 +287,9 @@ def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int
         eos_token_ids = ()
     elif isinstance(eos_token_ids, (int, np.integer)):
         eos_token_ids = (int(eos_token_ids),)
+    if isinstance(eos_token_ids, (str, bytes)) or not all(isinstance(e, (int, np.integer)) for e in eos_token_ids):
+        raise TypeError(f"eos_token_ids are token ids (ints), got {eos_token_ids!r}: pass "
+                        "tokenizer.convert_tokens_to_ids('<|im_end|>') for a token's id")
     eos = [int(e) for e in eos_token_ids]
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if defaults.pad_token_id is None else defaults.pad_token_id
@@ -311,6 +314,10 @@ def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_t
         raise ValueError(f"num_generations (num_return_sequences) must be an int >= 1, got {num_generations!r}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    limit = model.config.text.max_position_embeddings
+    if inputs.input_ids.shape[1] + max_new_tokens > limit:  # (10**6 ran until killed; its cache alone is huge)
+        raise ValueError(f"a prompt of {inputs.input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} is "
+                         f"beyond the model's max_position_embeddings, {limit}: give fewer max_new_tokens")
     check_sampling_args(temperature, top_k, top_p)
     eos, pad = _special_tokens(model, eos_token_ids, pad_token_id)
     greedy = not temperature

@@ -604,7 +604,7 @@ def test_stop_token_ids_follow_the_generation_config(tiny_checkpoint, tmp_path):
     assert stop_token_ids(model, 151645) == (151645,)
 
 
-def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path):
+def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path, prompt):
     """What a user of the Python API gets wrong most easily gets an error that says so: a Hub id for a
     directory, saving over the directory the model came from, a bad dtype or naming (nothing written), a
     non-model for load_peft_adapter, a mesh size that is not a number, pixel limits the wrong way round."""
@@ -635,3 +635,20 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path):
         with pytest.raises(ValueError, match=r"unknown dtype .*use one of \['bfloat16', 'float16', 'float32'\]"):
             fxjax.from_pretrained(tiny_checkpoint, dtype=dtype)
     assert fxjax.from_pretrained(tiny_checkpoint, dtype=np.float32).dtype == np.float32
+    # arguments of the wrong kind, said as such (they failed deep in pathlib, placement or a comparison)
+    with pytest.raises(TypeError, match="path is a checkpoint directory .*got int"):
+        fxjax.from_pretrained(123)
+    with pytest.raises(TypeError, match=r"mesh is a jax Mesh: fxjax\.make_mesh\(fxjax\.MeshConfig\(\.\.\.\)\)"):
+        fxjax.from_pretrained(tiny_checkpoint, mesh={"fsdp": 1})
+    with pytest.raises(ValueError, match=r"mesh has the axes \('x',\); fxjax places weights on the axes"):
+        fxjax.from_pretrained(tiny_checkpoint, mesh=jax.make_mesh((1,), ("x",)))
+    with pytest.raises(TypeError, match="the first argument is the model .*got PosixPath"):
+        fxjax.save_pretrained(tmp_path / "swapped", model)
+    with pytest.raises(ValueError, match="max_pixels is a pixel count .*got '12544'"):
+        fxjax.process_image(np.zeros((64, 64, 3), np.uint8), max_pixels="12544")
+    with pytest.raises(TypeError, match="eos_token_ids are token ids .*convert_tokens_to_ids"):
+        fxjax.greedy_generate(model, prompt[0], None, prompt[1], prompt[2], max_new_tokens=1,
+                              eos_token_ids="<|im_end|>")
+    assert not (tmp_path / "swapped").exists()
+    with pytest.raises(ValueError, match=r"\+ max_new_tokens 10000000 is beyond the model's max_position_embeddings"):
+        fxjax.greedy_generate(model, prompt[0], None, prompt[1], prompt[2], max_new_tokens=10**7)
