@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXPORT_RECORD_FILE", "json_file", "read_export_record"]
+__all__ = ["EXPORT_RECORD_FILE", "OtherBaseWarning", "json_file", "other_base_note", "read_export_record"]
 
 EXPORT_RECORD_FILE = "fxjax_export.json"
 
@@ -29,3 +29,29 @@ def read_export_record(directory: str | Path) -> dict[str, Any]:
     another tool's folder)."""
     record = json_file(Path(directory) / EXPORT_RECORD_FILE)
     return record if isinstance(record, dict) else {}
+
+
+class OtherBaseWarning(UserWarning):
+    """An adapter loaded onto a base model other than the one it was trained on (`other_base_note`)."""
+
+
+def other_base_note(adapter: str | Path, model: str | Path) -> str:
+    """"" unless the adapter in `adapter` names a local base folder it was trained on (its fxjax_export.json's
+    base_model, else adapter_config.json's base_model_name_or_path) other than `model`: then what to know.
+    The names are compared, not the weights (a copy elsewhere is said too; a Hub id or a preset is no folder
+    to compare)."""
+    trained_on = read_export_record(adapter).get("base_model")
+    if not isinstance(trained_on, str):
+        config = json_file(Path(adapter) / "adapter_config.json")
+        trained_on = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+        if not isinstance(trained_on, str) or not Path(trained_on).is_dir():
+            return ""
+        where = "adapter_config.json's base_model_name_or_path"
+    else:
+        where = "its fxjax_export.json"
+    if not Path(trained_on).is_absolute() and not Path(trained_on).is_dir():
+        return ""
+    if Path(trained_on).resolve() == Path(model).resolve():
+        return ""
+    return f"{adapter} was trained on {trained_on} ({where}), not {model}: if these weights differ, its answers " \
+           "mean nothing"

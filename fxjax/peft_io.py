@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from fxjax.export_record import OtherBaseWarning, other_base_note
 from fxjax.file_modes import save_safetensors
 from fxjax.device_mesh import barrier, gather
 from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice, refuse_stacked_adapter
@@ -163,6 +164,9 @@ def load_peft_adapter(model, adapter_dir: str | Path, *, rngs: nnx.Rngs | None =
     source = getattr(model, "hf_source", None)
     if source is not None:  # (from the export records, before a weight is read)
         refuse_stacked_adapter(Path(source.directory), directory, f"the adapter {directory}")
+        note = other_base_note(directory, source.directory)
+        if note:  # (the shapes agree, or it would fail below: an adapter of another seed's model loaded mute)
+            warnings.warn(note, OtherBaseWarning, stacklevel=3)
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     tensors, disk_dtype = _read_tensors(directory)
     if has_lora(model):

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -679,6 +680,18 @@ def test_an_adapter_whose_lora_the_merged_export_holds_already_is_refused_on_it(
         note = (f"fxjax detect: note: {sft / 'adapter'} was trained on {record['base_model']} (its fxjax_export.json), "
                 f"not {base}: if these weights differ, its answers mean nothing")
         assert (note in capsys.readouterr().err) == noted, base
+    # from Python, a warning of its own category (it loaded without a word: shapes alike, another model), once
+    # on the command line (its note, above; the load's warning left out)
+    from fxjax.export_record import OtherBaseWarning
+
+    with pytest.warns(OtherBaseWarning, match=f"^{re.escape(str(sft / 'adapter'))} was trained on .*, not {other}: "):
+        fxjax.from_pretrained(other, adapter=sft / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherBaseWarning)
+        fxjax.from_pretrained(record["base_model"], adapter=sft / "adapter")
+        assert main(["detect", str(tmp_path / "none.png"), "--model", str(other), "--adapter", str(sft / "adapter"),
+                     "--no-overlay"]) == 1
+    assert capsys.readouterr().err.count(" was trained on ") == 1
 
 
 def test_a_run_loads_with_the_lora_shape_it_started_from_when_its_adapter_folder_changed(two_process_run,

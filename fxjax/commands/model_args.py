@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fxjax.commands.arg_types import positive_int
+from fxjax.export_record import OtherBaseWarning, other_base_note
 from fxjax.run_files import step_or_stage
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments",
@@ -194,7 +196,9 @@ class Detector:
 
             say(f"loading {args.model}" + (f" with the adapter {args.adapter}" if args.adapter else "")
                 + f" ({self.source['dtype']}" + (f", on mesh {dict(mesh.shape)})" if mesh is not None else ")"))
-            self.model = from_pretrained(args.model, dtype=self.source["dtype"], mesh=mesh, adapter=args.adapter)
+            with warnings.catch_warnings():  # (said as a note when the options were read: resolve_detector)
+                warnings.simplefilter("ignore", OtherBaseWarning)
+                self.model = from_pretrained(args.model, dtype=self.source["dtype"], mesh=mesh, adapter=args.adapter)
             self.model.eval()
         return self
 
@@ -329,11 +333,9 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
                           f"(pixels {data['min_pixels']}-{data['max_pixels']}, max length {data['max_length']}, "
                           "the paper's system prompt), which may not be what the adapter trained with; pass "
                           "--min-pixels, --max-pixels, --max-length and --system-prompt as it trained")
-    trained_on = read_export_record(args.adapter).get("base_model") if args.run is None and args.adapter else None
-    if isinstance(trained_on, str) and Path(trained_on).is_absolute() and Path(trained_on).resolve() != \
-            Path(args.model).resolve():  # (a preset's name is no folder to compare; a copy elsewhere is said too)
-        detector._say(f"note: {args.adapter} was trained on {trained_on} (its fxjax_export.json), not {args.model}: "
-                      f"if these weights differ, its answers mean nothing")
+    other_base = other_base_note(args.adapter, args.model) if args.run is None and args.adapter else ""
+    if other_base:  # (said here, before the weights load; from_pretrained's warning of it is left out)
+        detector._say(f"note: {other_base}")
     if args.run is not None:
         detector.run_mesh = cfg.mesh
     if getattr(args, "max_new_tokens", None) is not None:
