@@ -150,7 +150,10 @@ def load_config(path: str | Path) -> tuple[Qwen25VLConfig, dict[str, Any]]:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
-        raise HFConfigError(f"{file}: not found (expected an HF Qwen2.5-VL checkpoint directory)")
+        from fxjax.run_files import fxjax_folder_hint
+
+        raise HFConfigError(f"{file}: not found (expected an HF Qwen2.5-VL checkpoint directory)"
+                            + fxjax_folder_hint(path))
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as err:

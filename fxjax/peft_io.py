@@ -83,7 +83,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise AdapterError(f"{directory}: not a directory (expected a PEFT adapter directory)")
     path = directory / ADAPTER_CONFIG
     if not path.exists():
-        raise AdapterError(f"{path}: missing; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+        from fxjax.run_files import fxjax_folder_hint
+
+        raise AdapterError(f"{path}: missing; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+                           + fxjax_folder_hint(directory))
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:

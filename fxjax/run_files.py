@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
-           "describe_run", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
+           "describe_run", "fxjax_folder_hint", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 METRICS_FILE = "metrics.jsonl"  # a run's log in its train.output_dir (fxjax.train.metrics writes it)
@@ -98,6 +98,24 @@ def checkpoint_dir_of(run: str | Path) -> Path:
                            f"model.from_run={parent} with model.from_run_step={step}; info: fxjax info {parent})")
     raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
                        f"train.output_dir) or <step>/ folders (a checkpoint.dir)")
+
+
+def fxjax_folder_hint(folder: str | Path) -> str:
+    """What an fxjax folder given where an HF checkpoint or a PEFT adapter belongs is, and how to load it from
+    Python (" (...)"; "" for any other folder): a run, one step's checkpoint, or an `fxjax export` folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return ""
+    if (folder / "merged" / "config.json").is_file() or (folder / "adapter" / "adapter_config.json").is_file():
+        return (f" ({folder} is the folder of an `fxjax export`: load {folder / 'merged'}, or the base model with "
+                f"adapter={folder / 'adapter'})")
+    if folder.name.isdigit() and (folder / CONFIG_FILE).is_file():
+        return (f" ({folder} is the checkpoint of step {folder.name} of a run: "
+                f"fxjax.train.run_loading.load_run({str(folder.parent)!r}, {folder.name}).model loads it)")
+    if (folder / "checkpoints").is_dir() or committed_steps(folder):
+        return (f" ({folder} is an fxjax run: fxjax.train.run_loading.load_run({str(folder)!r}, step).model loads "
+                f"a step of it, the last without step; `fxjax export --run {folder}` writes one as HF)")
+    return ""
 
 
 def committed_steps(checkpoint_dir: str | Path) -> list[int]:

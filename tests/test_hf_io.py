@@ -650,5 +650,18 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path, prompt):
         fxjax.greedy_generate(model, prompt[0], None, prompt[1], prompt[2], max_new_tokens=1,
                               eos_token_ids="<|im_end|>")
     assert not (tmp_path / "swapped").exists()
+    # an fxjax folder where an HF checkpoint or an adapter belongs: what it is, and how Python loads it
+    step = tmp_path / "run" / "checkpoints" / "3"
+    (step / "config").mkdir(parents=True)
+    (step / "config" / "config.json").write_text("{}")
+    (tmp_path / "export" / "merged").mkdir(parents=True)
+    (tmp_path / "export" / "merged" / "config.json").write_text("{}")
+    for folder, said in ((tmp_path / "run", r"is an fxjax run: fxjax\.train\.run_loading\.load_run\("),
+                         (step, r"is the checkpoint of step 3 of a run: fxjax\.train\.run_loading\.load_run\("),
+                         (tmp_path / "export", r"is the folder of an `fxjax export`: load .*merged")):
+        with pytest.raises(ValueError, match=f"config.json: not found .*{said}"):
+            fxjax.from_pretrained(folder)
+        with pytest.raises(AdapterError, match=f"adapter_config.json: missing; .*{said}"):
+            fxjax.from_pretrained(tiny_checkpoint, adapter=folder)
     with pytest.raises(ValueError, match=r"\+ max_new_tokens 10000000 is beyond the model's max_position_embeddings"):
         fxjax.greedy_generate(model, prompt[0], None, prompt[1], prompt[2], max_new_tokens=10**7)
