@@ -433,6 +433,9 @@ def place_adapters(model) -> None:
 def apply_lora(model, cfg: LoRAConfig | None = None, *, rngs: nnx.Rngs | None = None) -> list[str]:
     """Attach fresh adapters (B = 0) to the Linears `cfg` targets (fxjax.model.lora.apply_lora), placed on the
     mesh of the model's weights. Returns the targeted HF module names."""
+    if cfg is not None and not isinstance(cfg, LoRAConfig):  # (a dict failed deep inside: "no attribute 'selects'")
+        raise TypeError(f"apply_lora(model, cfg): cfg is a LoRAConfig (fxjax.LoRAConfig(rank=..., alpha=...)), got "
+                        f"{type(cfg).__name__}")
     names = _apply_lora(model, cfg, rngs=rngs)
     place_adapters(model)
     return names
@@ -446,7 +449,8 @@ def attach_lora(model, *, adapter: str | Path | None = None, lora: LoRAConfig | 
         load_peft_adapter(model, adapter, rngs=nnx.Rngs(seed))
     elif lora is not None:
         if not isinstance(lora, LoRAConfig):
-            raise TypeError(f"lora= takes a LoRAConfig, got {type(lora).__name__}")
+            raise TypeError(f"lora= takes a LoRAConfig (fxjax.LoRAConfig(rank=..., alpha=...)), got "
+                            f"{type(lora).__name__}")
         apply_lora(model, lora, rngs=nnx.Rngs(seed))
 
 

@@ -636,6 +636,8 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path, prompt):
             fxjax.from_pretrained(tiny_checkpoint, dtype=dtype)
     assert fxjax.from_pretrained(tiny_checkpoint, dtype=np.float32).dtype == np.float32
     # arguments of the wrong kind, said as such (they failed deep in pathlib, placement or a comparison)
+    with pytest.raises(TypeError, match=r"cfg is a LoRAConfig \(fxjax\.LoRAConfig\(rank=\.\.\., alpha=\.\.\.\)\), got dict"):
+        fxjax.apply_lora(fxjax.from_pretrained(tiny_checkpoint), {"rank": 4})
     with pytest.raises(TypeError, match="path is a checkpoint directory .*got int"):
         fxjax.from_pretrained(123)
     with pytest.raises(TypeError, match=r"mesh is a jax Mesh: fxjax\.make_mesh\(fxjax\.MeshConfig\(\.\.\.\)\)"):
