@@ -359,6 +359,8 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     if not isinstance(model, Qwen25VL):  # (save_pretrained(out, model) said "'str' object has no attribute")
         raise TypeError(f"save_pretrained(model, out_dir): the first argument is the model (fxjax.from_pretrained), "
                         f"got {type(model).__name__}")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes is a positive int (bytes per safetensors file), got {max_shard_bytes!r}")
     out = Path(out_dir)
     source: HFSource | None = getattr(model, "hf_source", None)
     if source is not None and out.resolve() == Path(source.directory).resolve():

@@ -644,6 +644,8 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path, prompt):
         fxjax.from_pretrained(tiny_checkpoint, mesh={"fsdp": 1})
     with pytest.raises(ValueError, match=r"mesh has the axes \('x',\); fxjax places weights on the axes"):
         fxjax.from_pretrained(tiny_checkpoint, mesh=jax.make_mesh((1,), ("x",)))
+    with pytest.raises(ValueError, match="max_shard_bytes is a positive int .*got 0"):  # (a file per tensor)
+        fxjax.save_pretrained(model, tmp_path / "swapped", max_shard_bytes=0)
     with pytest.raises(TypeError, match="the first argument is the model .*got PosixPath"):
         fxjax.save_pretrained(tmp_path / "swapped", model)
     with pytest.raises(ValueError, match="max_pixels is a pixel count .*got '12544'"):
