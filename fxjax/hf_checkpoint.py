@@ -446,7 +446,7 @@ def _check_mesh(mesh) -> None:
                          f"build it with fxjax.make_mesh(fxjax.MeshConfig(...))")
 
 
-_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+_WEIGHT_FILE = re.compile(r"model(-\d{5}(-of-\d{5})?)?\.safetensors")  # (model-00001: a save's own, before its count)
 
 
 def _remove_stale_weights(out: Path, written: set[str]) -> None:

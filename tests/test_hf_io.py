@@ -367,6 +367,7 @@ def test_sharded_export_round_trip(tiny_checkpoint, tmp_path, hf_ref, prompt):
     # second model for whatever globs *.safetensors); a model.safetensors there, which transformers loads
     # before an index, too; files not of the weights stay
     (out / "model.safetensors").write_bytes(b"stale")
+    (out / "model-00007.safetensors").write_bytes(b"stale")  # (an interrupted save's, before its renames)
     (out / "notes-model-00001.safetensors.txt").write_text("mine")
     fxjax.save_pretrained(model, out)
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
