@@ -373,6 +373,10 @@ def save_peft_adapter(model, out_dir: str | Path, *, naming: str | None = None, 
         raise AdapterError(f"naming {naming!r}: use {HUB!r} (the Hub's module names) or {TRANSFORMERS!r} "
                            f"(transformers >= 4.52's)")
     out = Path(out_dir)
+    if (out / "config.json").is_file() and any(out.glob("model*.safetensors")):
+        # (transformers loads an adapter_config.json it finds beside a model's config.json with the model)
+        raise AdapterError(f"{out} holds an HF model (config.json and its weights): an adapter saved into it would "
+                           "be loaded with that model by transformers from then on; give a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     tensors, names, adapters = {}, [], []
     for linear_path, linear in items:

@@ -622,6 +622,9 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path, prompt):
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in Path(tiny_checkpoint).iterdir())
     with pytest.raises(CheckpointError, match="cannot save in dtype 'bf16'"):
         fxjax.save_pretrained(model, tmp_path / "out", dtype="bf16")
+    with pytest.raises(AdapterError, match="holds an HF model .*would be loaded with that model by transformers"):
+        fxjax.save_peft_adapter(model, tiny_checkpoint)
+    assert not (Path(tiny_checkpoint) / "adapter_config.json").exists()
     with pytest.raises(AdapterError, match="naming 'peft': use 'hub'"):
         fxjax.save_peft_adapter(model, tmp_path / "adapter", naming="peft")
     assert not (tmp_path / "out").exists() and not (tmp_path / "adapter").exists()
