@@ -125,7 +125,7 @@ def _describe_adapter(folder: Path) -> list[str]:
 
 def _export_origin(folder: Path) -> list[str]:
     """What an export folder is an export of, from its fxjax_export.json ([] without one)."""
-    from fxjax.train.export import read_export_record
+    from fxjax.export_record import read_export_record
 
     origin = read_export_record(folder)
     if not origin:

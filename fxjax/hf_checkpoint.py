@@ -506,7 +506,7 @@ def stop_token_ids(model: Qwen25VL, im_end: int) -> tuple[int, ...]:
 
 def generation_defaults(directory: str) -> GenerationDefaults:
     """The stop and pad tokens of a checkpoint's generation_config.json, which HF generate uses over
-    config.json's (None where the file, or the file itself, is missing). `from_pretrained` keeps them on
+    config.json's (None where a key, or the file itself, is missing). `from_pretrained` keeps them on
     the model (`model.generation_defaults`) for model.generate's defaults."""
     path = Path(directory) / "generation_config.json"
     if not path.is_file():

@@ -155,9 +155,9 @@ def load_config(path: str | Path) -> tuple[Qwen25VLConfig, dict[str, Any]]:
         raise HFConfigError(f"{file}: not found (expected an HF Qwen2.5-VL checkpoint directory)"
                             + fxjax_folder_hint(path))
     try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise HFConfigError(f"{file}: invalid JSON ({err})") from None
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:  # (not JSON, or not UTF-8: UnicodeDecodeError came out raw)
+        raise HFConfigError(f"{file}: not valid JSON ({err})") from None
     return config_from_dict(raw, str(file)), raw
 
 

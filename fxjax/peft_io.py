@@ -88,8 +88,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: missing; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
                            + fxjax_folder_hint(directory))
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # (not JSON, or not UTF-8: UnicodeDecodeError came out raw)
         raise AdapterError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object")

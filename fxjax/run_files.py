@@ -106,6 +106,8 @@ def fxjax_folder_hint(folder: str | Path) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         return ""
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return f" ({folder} is a PEFT adapter: load its base model with adapter={folder})"
     if (folder / "merged" / "config.json").is_file() or (folder / "adapter" / "adapter_config.json").is_file():
         return (f" ({folder} is the folder of an `fxjax export`: load {folder / 'merged'}, or the base model with "
                 f"adapter={folder / 'adapter'})")

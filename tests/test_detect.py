@@ -253,6 +253,14 @@ def test_an_empty_prompt_or_a_zero_length_is_refused_naming_the_flag(tiny_vl_dir
     assert f"--model: {photo} is a file; give an HF model directory" in capsys.readouterr().err
 
 
+def test_an_out_folder_nothing_can_be_written_into_is_refused_before_any_model_loads(unwritable_dir, capsys):
+    """(The same check as eval's and export's, `require_writable`: a write is tried, as root passes every mode.)"""
+    from fxjax.cli import main
+
+    assert main(["detect", "x.png", "--model", "no-model", "--out", str(unwritable_dir)]) == 2
+    assert f"--out (or pass --no-overlay): {unwritable_dir} cannot be written" in capsys.readouterr().err
+
+
 def test_an_out_folder_that_cannot_be_made_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
     """(It was made after the weights had loaded, and a permission error came out as a traceback.) A run
     that then fails leaves no empty folder behind (it left the one made for it), and one that existed stays."""

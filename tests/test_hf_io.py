@@ -671,5 +671,17 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path, prompt):
             fxjax.from_pretrained(folder)
         with pytest.raises(AdapterError, match=f"adapter_config.json: missing; .*{said}"):
             fxjax.from_pretrained(tiny_checkpoint, adapter=folder)
+    # a PEFT adapter given as the model; a config.json or adapter_config.json that is not UTF-8 (a raw
+    # UnicodeDecodeError)
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is a PEFT adapter: load its base model with adapter="):
+        fxjax.from_pretrained(tmp_path / "peft")
+    (tmp_path / "peft" / "adapter_config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not valid JSON"):
+        fxjax.from_pretrained(tiny_checkpoint, adapter=tmp_path / "peft")
+    (tmp_path / "export" / "merged" / "config.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        fxjax.from_pretrained(tmp_path / "export" / "merged")
     with pytest.raises(ValueError, match=r"\+ max_new_tokens 10000000 is beyond the model's max_position_embeddings"):
         fxjax.greedy_generate(model, prompt[0], None, prompt[1], prompt[2], max_new_tokens=10**7)

@@ -20,11 +20,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fxjax.export_record import EXPORT_RECORD_FILE, json_file, read_export_record
+from fxjax.export_record import EXPORT_RECORD_FILE, json_file
 from fxjax.file_modes import require_writable
 
-__all__ = ["EXPORT_RECORD_FILE", "PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
-           "export_origin", "read_export_record", "read_prompt_settings", "run_lineage", "save_adapter", "save_merged",
+__all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
+           "export_origin", "read_prompt_settings", "run_lineage", "save_adapter", "save_merged",
            "serving_texts", "set_template_system_prompt", "template_defaults_to", "write_export_record", "write_exports",
            "write_greedy_generation_config", "write_preprocessor_config", "write_prompt_settings", "written_whole"]
 

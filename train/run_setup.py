@@ -242,7 +242,8 @@ def keep_start_lora(model, cfg) -> Path | None:
 def start_lineage(m) -> list[str]:
     """What the LoRA a run starts from continued (`run_lineage`): an exported adapter's record says it, a run's
     kept start does (model.section `m`)."""
-    from fxjax.train.export import read_export_record, run_lineage
+    from fxjax.export_record import read_export_record
+    from fxjax.train.export import run_lineage
 
     if m.adapter is not None:
         continues = read_export_record(m.adapter).get("continues")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fxjax.commands.arg_types import positive_int
 from fxjax.commands.model_args import add_image_limit_argument, add_model_arguments, add_prompt_arguments
+from fxjax.file_modes import require_writable
 
 HELP = "run the detector on your own images: verdict, grounded regions, tags and an overlay PNG each"
 
@@ -126,7 +126,7 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
     examples never use."""
     from fxjax.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, image_size
     from fxjax.data.records import Record
-    from fxjax.image_processing import model_input_size
+    from fxjax.image_processing import PIXELS_PER_TOKEN, model_input_size
 
     records, failed, shrunk = [], [], []
     for path in paths:
@@ -139,8 +139,8 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
             if fit_pixels is not None and fit_pixels < mh * mw:
                 fh, fw = model_input_size(height, width, min(min_pixels, fit_pixels), fit_pixels)
                 shrunk.append((path, f"at max_pixels {max_pixels} it would be {mw}x{mh} at the model's input "
-                                     f"({mh * mw // 784} image tokens), more than max_length {max_length} allows; "
-                                     f"analysed at {fw}x{fh} ({fh * fw // 784} image tokens; --max-pixels, "
+                                     f"({mh * mw // PIXELS_PER_TOKEN} image tokens), more than max_length {max_length} allows; "
+                                     f"analysed at {fw}x{fh} ({fh * fw // PIXELS_PER_TOKEN} image tokens; --max-pixels, "
                                      f"--max-length)"))
             frames = _frame_count(path)
             if frames > 1:
@@ -288,8 +288,7 @@ def run(args: argparse.Namespace) -> int:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"--out: cannot create the overlay folder {args.out}: {err}") from None
-        if not os.access(args.out, os.W_OK):
-            raise ValueError(f"--out: {args.out} is not writable (or pass --no-overlay)")
+        require_writable(args.out, "--out (or pass --no-overlay)")
     try:
         return _detect_images(args, say)
     finally:  # a run that wrote no overlay (it failed, or no image could be read) leaves no empty folder made for it
@@ -348,12 +347,9 @@ def detect_config(detector, fit: int, batch_size: int, max_image_pixels: int | N
 
 def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     """`run` once --out exists: the model resolved, each image read, analysed and reported."""
-    from fxjax.commands.model_args import check_model_arguments
-
-    check_model_arguments(args)
     from fxjax.commands.model_args import resolve_detector
 
-    detector = resolve_detector(args)
+    detector = resolve_detector(args)  # (its options checked first: check_model_arguments)
     data = detector.data
     batch_size = detector.batch_size(args.batch_size, default=4)  # checked before any weights load
     note = own_prompts_note(data, args.system_prompt is not None, args.user_prompt is not None)

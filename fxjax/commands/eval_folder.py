@@ -76,7 +76,8 @@ def _differences(then: dict, now: dict, prefix: str = "") -> list[tuple[str, Any
 
 
 def check_settings(out: Path, settings: dict, fresh: bool) -> None:
-    """Write settings.json, or check that the predictions already in `out` were made with these settings."""
+    """Check that the predictions already in `out` (if any; none after `fresh`, which removes them) were made
+    with these settings, then write settings.json."""
     path = out / SETTINGS
     if fresh:
         for name in (PREDICTIONS, METRICS, SETTINGS):

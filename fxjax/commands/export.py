@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
 def serving_notes(written: dict[str, str]) -> list[str]:
     """What to know to serve what was written (said after the JSON line, on stderr): where each folder is
     and how it loads, the prompts, the decoding that keeps the answer's markers, and vLLM's limit."""
-    from fxjax.train.export import EXPORT_RECORD_FILE, PROMPT_SETTINGS_FILE, template_defaults_to
+    from fxjax.export_record import EXPORT_RECORD_FILE
+    from fxjax.train.export import PROMPT_SETTINGS_FILE, template_defaults_to
 
     stage = f" (stage {written['stage']})" if written.get("stage") else ""
     lines = [f"step {written['step']}{stage} written; each folder's {EXPORT_RECORD_FILE} says which run and step"]
@@ -235,7 +236,7 @@ def serving_notes(written: dict[str, str]) -> list[str]:
     folder = Path(written.get("merged") or written["adapter"])
     other = folder.parent / ("merged" if "merged" not in written else "adapter")
     if ("merged" in written) != ("adapter" in written) and (other / EXPORT_RECORD_FILE).is_file():
-        from fxjax.train.export import read_export_record
+        from fxjax.export_record import read_export_record
 
         before, now = read_export_record(other), read_export_record(folder)
         if (before.get("checkpoints"), before.get("step")) != (now.get("checkpoints"), now.get("step")):

@@ -263,7 +263,8 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
     resolved, its config read), without loading weights."""
     from fxjax.config_sections import DataSection
     from fxjax.data.formats import check_prompt
-    from fxjax.train.export import PROMPT_SETTING_KEYS, PROMPT_SETTINGS_FILE, read_export_record, read_prompt_settings
+    from fxjax.export_record import read_export_record
+    from fxjax.train.export import PROMPT_SETTING_KEYS, PROMPT_SETTINGS_FILE, read_prompt_settings
 
     check_model_arguments(args)
     data: dict[str, Any] = {key: getattr(DataSection(), key) for key in PROMPT_SETTING_KEYS}
