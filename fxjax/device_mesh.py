@@ -132,6 +132,19 @@ class MeshConfig:
         return replace(self, data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
 
 
+def require_fxjax_mesh(mesh) -> None:
+    """`mesh` (None, or where weights are placed) is fxjax's: a jax Mesh with the axes AXES (a dict, or a Mesh
+    of other axes, failed deep inside the placement)."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh is a jax Mesh: fxjax.make_mesh(fxjax.MeshConfig(...)) (a dict goes into MeshConfig."
+                        f"from_dict), got {type(mesh).__name__}")
+    if tuple(mesh.axis_names) != tuple(AXES):
+        raise ValueError(f"mesh has the axes {tuple(mesh.axis_names)}; fxjax places weights on the axes {tuple(AXES)}: "
+                         f"build it with fxjax.make_mesh(fxjax.MeshConfig(...))")
+
+
 def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None, devices: Iterable | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all global devices, every process's).
 

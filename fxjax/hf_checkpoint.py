@@ -29,9 +29,9 @@ from flax import nnx
 
 from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.peft_io import NP_DTYPES, attach_lora
-from fxjax.safetensors_reading import open_safetensors
+from fxjax.safetensors_reading import open_safetensors, stored_dtypes_by_name
 from fxjax.file_modes import save_safetensors
-from fxjax.device_mesh import barrier, gather
+from fxjax.device_mesh import barrier, gather, require_fxjax_mesh
 from fxjax.partition_rules import placer, warn_unsplit
 from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.hf_names import (HUB, TRANSFORMERS, hf_name, is_ignored, is_stacked, layer_path, naming_of,
@@ -219,13 +219,9 @@ def _hf_shape(shape, path) -> tuple[int, ...]:
     return tuple(reversed(shape)) if path[-1] == "kernel" else tuple(shape)
 
 
-def _dtype_name(safetensors_dtype: str) -> str:
-    return safetensors_dtype.lower().replace("bf16", "bfloat16").replace("f32", "float32").replace("f16", "float16")
-
-
 def _header_dtypes(files: dict[str, Path]) -> set[str]:
     """The dtypes of the named tensors (safetensors headers only, nothing read)."""
-    return set(_stored_dtypes_by_name(files).values())
+    return set(stored_dtypes_by_name(files, CheckpointError).values())
 
 
 def _disk_dtype(files: dict[str, Path], found: set[str] | None = None) -> str:
@@ -280,7 +276,7 @@ def from_pretrained(path: str | Path, dtype: str = "float32", param_dtype: str |
     (model.lora.LoRAConfig, B = 0, A drawn from `lora_seed`). `scan_layers` stacks the decoder layers
     and the vision blocks and runs them under scan (model.config.TextConfig.scan_layers); the checkpoint is the
     same either way."""
-    _check_mesh(mesh)
+    require_fxjax_mesh(mesh)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"from_pretrained(path, ...): path is a checkpoint directory (str or Path), got "
                         f"{type(path).__name__}")
@@ -431,21 +427,6 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     return out
 
 
-def _check_mesh(mesh) -> None:
-    """`mesh` is fxjax's: a jax Mesh with the axes data, fsdp and tensor (a dict, or a Mesh of other axes,
-    failed deep inside the placement)."""
-    from fxjax.device_mesh import AXES
-
-    if mesh is None:
-        return
-    if not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"mesh is a jax Mesh: fxjax.make_mesh(fxjax.MeshConfig(...)) (a dict goes into MeshConfig."
-                        f"from_dict), got {type(mesh).__name__}")
-    if tuple(mesh.axis_names) != tuple(AXES):
-        raise ValueError(f"mesh has the axes {tuple(mesh.axis_names)}; fxjax places weights on the axes {tuple(AXES)}: "
-                         f"build it with fxjax.make_mesh(fxjax.MeshConfig(...))")
-
-
 _WEIGHT_FILE = re.compile(r"model(-\d{5}(-of-\d{5})?)?\.safetensors")  # (model-00001: a save's own, before its count)
 
 
@@ -463,18 +444,6 @@ def _param_dtype(model: Qwen25VL):
     return model.embed_tokens.embedding.dtype
 
 
-def _stored_dtypes_by_name(files: dict[str, Path]) -> dict[str, str]:
-    """tensor name -> its dtype, from the safetensors headers (nothing read)."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    found = {}
-    for file, names in by_file.items():
-        with open_safetensors(file, CheckpointError) as f:
-            found.update((name, _dtype_name(str(f.get_slice(name).get_dtype()))) for name in names)
-    return found
-
-
 def _unrounded_base(model: Qwen25VL, source: HFSource | None) -> dict[str, tuple[Path, str]] | None:
     """HF name -> (file, stored dtype) of the checkpoint the model was loaded from, so that a tensor loading
     rounded (a bfloat16 model of a float32 checkpoint, or of one with float32 norms) is written from the
@@ -484,7 +453,7 @@ def _unrounded_base(model: Qwen25VL, source: HFSource | None) -> dict[str, tuple
         return None
     try:
         files = weight_files(Path(source.directory))
-        stored = _stored_dtypes_by_name(files)
+        stored = stored_dtypes_by_name(files, CheckpointError)
         if _disk_dtype(files, set(stored.values())) == source.dtype:
             return {name: (files[name], dtype) for name, dtype in stored.items()}
     except (CheckpointError, OSError):

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["open_safetensors"]
+__all__ = ["dtype_name", "open_safetensors", "stored_dtypes_by_name"]
 
 
 @contextlib.contextmanager
@@ -28,3 +28,20 @@ def open_safetensors(path: str | Path, error: type[Exception] = ValueError) -> I
                         "(written for other files); copy or export the checkpoint again") from None
         raise error(f"{path}: not a readable safetensors file ({err}); the file is truncated or corrupted: "
                     "copy or export it again") from None
+
+
+def dtype_name(safetensors_dtype: str) -> str:
+    """numpy's name of a safetensors header dtype ("BF16" -> "bfloat16")."""
+    return safetensors_dtype.lower().replace("bf16", "bfloat16").replace("f32", "float32").replace("f16", "float16")
+
+
+def stored_dtypes_by_name(files: dict[str, Path], error: type[Exception] = ValueError) -> dict[str, str]:
+    """tensor name -> its dtype, from the safetensors headers of `files` (name -> file; nothing read)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    found = {}
+    for file, names in by_file.items():
+        with open_safetensors(file, error) as f:
+            found.update((name, dtype_name(str(f.get_slice(name).get_dtype()))) for name in names)
+    return found

@@ -317,7 +317,8 @@ def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_fa
     """The lora section shapes fresh adapters only: a start from an adapter or a run says lora.* is unused
     (the SFT log printed the config's rank and alpha, and "model None" for a run), and enabled=false, which
     an adapter let through while training it all the same, is refused."""
-    from fxjax.train.run_setup import join_run, start_description
+    from fxjax.train.run_joining import join_run
+    from fxjax.train.run_setup import start_description
     from fxjax.train_config import ConfigError, load_sft_config
 
     base = ["data.train_files=[t.jsonl]", "data.tokenizer=tok", "train.steps=1"]
@@ -352,7 +353,7 @@ def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_fa
 def test_a_new_run_is_refused_where_an_earlier_run_has_checkpoints(tmp_path, tokenizer_dir):
     """checkpoint.resume false into a checkpoint directory that holds steps: an error naming the key, the
     directory and the steps, before anything is built (join_run, which sft and grpo call first)."""
-    from fxjax.train.run_setup import join_run
+    from fxjax.train.run_joining import join_run
     from fxjax.train_config import from_dict
 
     def config(resume):
@@ -393,7 +394,7 @@ def test_an_end_of_run_export_over_a_folder_of_other_files_or_an_unwritable_one_
     join_run (what sft and grpo call first) refuses both; an empty folder or a former export is replaced."""
     from fxjax.cli import main
     from fxjax.train.export import PROMPT_SETTINGS_FILE
-    from fxjax.train.run_setup import join_run
+    from fxjax.train.run_joining import join_run
     from fxjax.train_config import from_dict
 
     def config(**export):

@@ -74,8 +74,9 @@ from fxjax.train.reward_funcs import load_reward_funcs
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
-from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, held_out_evaluator, join_run,
-                                   keep_start_lora, resumed_start, start_description, start_run)
+from fxjax.train.run_joining import join_run
+from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, held_out_evaluator, keep_start_lora,
+                                   resumed_start, start_description, start_run)
 from fxjax.train.sft import data_config as sft_data_config
 from fxjax.train.step import RNG_IMPL, split_model
 

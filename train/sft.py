@@ -46,8 +46,9 @@ from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.run_lock import locked_run_dirs
-from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, held_out_evaluator, join_run,
-                                   keep_start_lora, resumed_start, start_description, start_run)
+from fxjax.train.run_joining import join_run
+from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, held_out_evaluator, keep_start_lora,
+                                   resumed_start, start_description, start_run)
 from fxjax.train.step import make_train_step, split_model
 from fxjax.train_config import SFTConfig
 

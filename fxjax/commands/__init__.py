@@ -6,6 +6,7 @@ jax nor fxjax.train: tests/test_cli_help.py checks) so `fxjax --help` and argume
 the heavy imports live inside `run`.
 """
 
-# Sub-commands in the order `fxjax --help` lists them, after the built-in ones of fxjax/cli.py (and sft,
-# which cli.py registers before the demo).
+# Sub-commands in the order `fxjax --help` lists them, after the built-in ones of fxjax/cli.py (and info, sft
+# and grpo, modules here too, which cli.py registers in their places among those: info after init, the
+# training commands before the demo).
 COMMAND_MODULES: tuple[str, ...] = ("grpo", "data_check", "eval", "detect", "export", "report", "docs")

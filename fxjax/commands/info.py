@@ -1,0 +1,113 @@
+"""`fxjax info [MODEL]`: what a checkpoint directory, preset, training run, PEFT adapter or export folder is,
+without loading a weight; with no argument, the presets and the run configs fxjax ships."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint directory, preset, training run or PEFT adapter",
+                       description="Print the architecture and parameter counts of an HF checkpoint directory "
+                                   "or a preset, without loading weights (works for 72B on a laptop); of a fxjax "
+                                   "sft/grpo run, its checkpoint steps and GRPO stage ends (what --step of "
+                                   "eval, detect and export takes), what its model started from, its LoRA and "
+                                   "tokenizer; of a PEFT adapter, its LoRA and base; of an `fxjax export` folder, "
+                                   "also the run and step it holds.")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="HF checkpoint directory (with config.json), preset name (tiny, 3b, 7b, 32b, 72b), "
+                        "preset YAML, a run's train.output_dir / checkpoint.dir, or a PEFT adapter directory; "
+                        "none: the presets and the run configs fxjax ships (--config NAME)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fxjax.presets import load_preset, preset_names
+
+    if args.model is None:  # what `init --preset` and `--config NAME` take
+        from fxjax.model_init import abstract_parameter_counts
+        from fxjax.train_config import shipped_run_configs
+
+        print("model presets (init --preset, model.preset):")
+        for name in preset_names():
+            print(f"  {name:6s} {abstract_parameter_counts(load_preset(name))['total']:>15,} parameters")
+        print("run configs (sft / grpo / data check --config NAME):")
+        print("\n".join(f"  {name}" for name in shipped_run_configs()))
+        return 0
+
+    source = Path(args.model)
+    if source.is_dir() and (source / "adapter_config.json").is_file():  # a PEFT adapter (an export's, or peft's)
+        print("\n".join(_describe_adapter(source)))
+        return 0
+    if source.is_dir() and not (source / "config.json").is_file():  # a training run (its steps and start)?
+        from fxjax.run_files import RunLoadError, describe_run
+
+        try:
+            lines = describe_run(source)
+        except RunLoadError as err:  # (what is wrong with it as a run: no checkpoints, a step folder, ...)
+            raise FileNotFoundError(f"{source}: not an HF checkpoint directory (no config.json); as a fxjax "
+                                    f"run: {err}") from None
+        print("\n".join(lines))
+        return 0
+    if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
+        raise FileNotFoundError(f"{args.model} does not exist and is not a preset; give an HF checkpoint "
+                                f"directory, a preset YAML or a preset name ({', '.join(preset_names())})")
+    from fxjax.hf_checkpoint import CheckpointError, config_as_loaded
+    from fxjax.hf_config import load_config
+    from fxjax.model_init import abstract_parameter_counts
+
+    untied = False
+    if not source.is_dir():
+        cfg = load_preset(args.model)
+    else:
+        try:  # (as from_pretrained builds it: a tied config whose stored head differs loads untied)
+            cfg, _, _, untied = config_as_loaded(source)
+        except CheckpointError:  # (no weights, or unreadable ones: the config alone says what it would be)
+            cfg = load_config(source)[0]
+    t, v = cfg.text, cfg.vision
+    print(f"text:   {t.num_hidden_layers} layers, hidden {t.hidden_size}, heads {t.num_attention_heads}/"
+          f"{t.num_key_value_heads} kv, mlp {t.intermediate_size}, vocab {t.vocab_size}, "
+          f"mrope {list(t.mrope_section)}, tied {cfg.tie_word_embeddings}"
+          + (" (config.json ties the head, but the stored lm_head.weight differs from the embeddings: loaded "
+             "untied, as transformers 5)" if untied else ""))
+    print(f"vision: {v.depth} blocks, hidden {v.hidden_size}, heads {v.num_heads}, mlp {v.intermediate_size}, "
+          f"window {v.window_size}px, full attention at {list(v.fullatt_block_indexes)}")
+    print(f"tokens: image {cfg.image_token_id}, vision start/end {cfg.vision_start_token_id}/"
+          f"{cfg.vision_end_token_id}, eos {list(cfg.eos_token_id)}")
+    for part, n in abstract_parameter_counts(cfg).items():
+        print(f"  {part:13s} {n:>16,d} parameters")
+    for line in _export_origin(source) if source.is_dir() else []:  # (an `fxjax export` folder: its run and step)
+        print(line)
+    return 0
+
+
+def _describe_adapter(folder: Path) -> list[str]:
+    """`fxjax info ADAPTER`: a PEFT adapter's LoRA, its base, and what it is an export of (fxjax_export.json)."""
+    import json
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{folder / 'adapter_config.json'}: not valid JSON ({err})") from None
+    targets = config.get("target_modules")
+    names = [targets] if isinstance(targets, str) else list(targets or [])
+    vision = sum("visual" in str(n) for n in names)
+    where = (f"{len(names)} modules ({vision} in the vision encoder and merger)" if len(names) > 1
+             else f"target_modules {targets!r}")
+    lines = [f"PEFT adapter: r {config.get('r')}, lora_alpha {config.get('lora_alpha')}"
+             f"{', rsLoRA' if config.get('use_rslora') else ''}, {where}",
+             f"base: {config.get('base_model_name_or_path')}"]
+    return lines + _export_origin(folder)
+
+
+def _export_origin(folder: Path) -> list[str]:
+    """What an export folder is an export of, from its fxjax_export.json ([] without one)."""
+    from fxjax.export_record import read_export_record
+
+    origin = read_export_record(folder)
+    if not origin:
+        return []
+    stage = f", stage {origin['stage']}" if origin.get("stage") else ""
+    return [f"export of step {origin.get('step')}{stage} of the {origin.get('kind')} run in "
+            f"{origin.get('checkpoints')} (fxjax {origin.get('fxjax')}, {origin.get('exported_at')})"]
