@@ -3,6 +3,7 @@ that says which numbers to change (or, opted in, a warning on every run), never 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -417,6 +418,16 @@ def test_an_end_of_run_export_over_a_folder_of_other_files_or_an_unwritable_one_
     (former / "adapter_model.safetensors").write_text("")
     assert join_run("sft", config(adapter_dir=str(former), merged_dir=str(empty)), None)[0]
     assert join_run("sft", config(merged_dir=str(tmp_path / "new" / "merged")), None)[0]
+    # an export of this run is replaced (a resume, a rerun); one of another run, which a config copied with only
+    # its train.output_dir changed replaced without a word (the SFT adapter a GRPO config starts from), is not
+    (former / "fxjax_export.json").write_text(json.dumps({"checkpoints": str((tmp_path / "run" / "checkpoints")
+                                                                             .absolute()), "step": 4}))
+    assert join_run("sft", config(adapter_dir=str(former)), None)[0]
+    with pytest.raises(FileExistsError, match=rf"export\.adapter_dir: {former} holds the export of another run "
+                                              rf"\(step 4 of {tmp_path / 'run' / 'checkpoints'}, its "
+                                              r"fxjax_export\.json\), which the export at the end of this run would "
+                                              r"replace: give this run its own export\.adapter_dir"):
+        join_run("sft", config(adapter_dir=str(former), output_dir=tmp_path / "other-run"), None)
     with pytest.raises(NotADirectoryError, match=r"export\.merged_dir: .*notes\.txt is a file, not a folder"):
         join_run("sft", config(merged_dir=str(precious / "notes.txt")), None)
     with pytest.raises(ValueError, match=rf"export\.adapter_dir: {unwritable_dir}/adapter cannot be written "

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fxjax.export_record import EXPORT_RECORD_FILE, json_file
+from fxjax.export_record import EXPORT_RECORD_FILE, json_file, read_export_record
 from fxjax.file_modes import require_writable
 
 __all__ = ["PROMPT_SETTINGS_FILE", "PROMPT_SETTING_KEYS", "check_export_targets",
@@ -190,11 +190,13 @@ def write_exports(parts: list[tuple[str, Path, Callable[[], Path]]], step: int,
     return written
 
 
-def check_export_targets(export) -> None:
+def check_export_targets(export, checkpoint_dir: str | Path | None = None) -> None:
     """Before a run trains: its end-of-run export folders (`export`, the config's ExportSection) can be
     written, and one that exists holds nothing or a former export (PROMPT_SETTINGS_FILE, which every export
-    of a run writes). The export replaces its folder whole, so a folder of the user's own files would be
-    deleted at the end of the run."""
+    of a run writes) of this run (`checkpoint_dir`: its fxjax_export.json's `checkpoints`). The export
+    replaces its folder whole, so a folder of the user's own files would be deleted at the end of the run,
+    and another run's export (a config copied with only train.output_dir changed: the SFT adapter a GRPO
+    config starts from) replaced without a word."""
     for key in ("adapter_dir", "merged_dir"):
         target = getattr(export, key)
         if not target:
@@ -205,6 +207,12 @@ def check_export_targets(export) -> None:
         if held:
             raise FileExistsError(f"export.{key}: {target} holds files that are not an fxjax export ({held}); the "
                                   "export at the end of the run replaces its folder whole: give an empty or new folder")
+        other = read_export_record(folder).get("checkpoints") if folder.is_dir() else None
+        if checkpoint_dir is not None and isinstance(other, str) and Path(other) != Path(checkpoint_dir).absolute():
+            step = read_export_record(folder).get("step")
+            raise FileExistsError(f"export.{key}: {target} holds the export of another run (step {step} of {other}, "
+                                  f"its {EXPORT_RECORD_FILE}), which the export at the end of this run would replace: "
+                                  f"give this run its own export.{key}, or remove that folder first")
 
 
 def foreign_files(folder: Path) -> str:

@@ -152,7 +152,7 @@ def _check_start(name: str, cfg) -> None:
         raise ConfigError(f"lora.enabled: {name.upper()} trains LoRA adapters only; set lora.enabled=true")
     refuse_new_run_over_checkpoints(cfg)
     refuse_other_phases_checkpoints(name, cfg)
-    check_export_targets(cfg.export)
+    check_export_targets(cfg.export, cfg.checkpoint_dir)
     require_writable(cfg.train.output_dir, "train.output_dir")
     require_writable(cfg.checkpoint_dir, "checkpoint.dir")
 
