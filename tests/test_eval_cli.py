@@ -724,3 +724,24 @@ def test_a_limit_opens_the_images_of_the_records_it_evaluates_only(tmp_path):
     assert [kind for kind in report.counts()] == ["image_missing"] and len(report.unchecked) == 2
     assert key == load("--on-error", "skip")[2] == load("--limit", "3", "--on-error", "skip")[2]
     assert key["count"] == 4
+
+
+def test_a_second_eval_into_the_same_out_is_refused_naming_the_first(dataset, tmp_path, capsys):
+    """Two evals with one --out (of one step or two) appended to one predictions.jsonl, each saying it wrote its
+    8 images (16 rows, a resume then scored the mix): the folder is locked while an eval writes there."""
+    from fxjax.cli import main
+    from fxjax.train.run_lock import EVAL_LOCK_FILE, locked_eval_folder
+
+    model, out = tmp_path / "model", tmp_path / "eval"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with locked_eval_folder(out, print):  # (a flock: a second open of the file is refused, here too)
+        assert main(["eval", "--model", str(model), "--data", str(dataset), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"fxjax eval: error: --out: another fxjax eval is writing in {out.resolve()} (pid {os.getpid()} on " in err
+    assert "two there would append to one predictions.jsonl, a mix of both" in err
+    # an eval that fails leaves no lock file (nor the folder it made for it); the held one stayed
+    assert (out / EVAL_LOCK_FILE).is_file()
+    fresh = tmp_path / "fresh"
+    assert main(["eval", "--model", str(model), "--data", str(dataset), "--out", str(fresh)]) == 2
+    assert not fresh.exists()

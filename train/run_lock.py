@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from fxjax.config_mapping import ConfigError
 
-__all__ = ["LOCK_FILE", "locked_run_dirs"]
+__all__ = ["EVAL_LOCK_FILE", "LOCK_FILE", "locked_eval_folder", "locked_run_dirs"]
 
 LOCK_FILE = ".fxjax-run.lock"
 
@@ -36,8 +36,13 @@ def _holder(path: Path) -> str:
     return text or "a process that has not written its name yet"
 
 
-def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None]) -> int | None:
-    """`path` opened and flock-ed for `folder` (None where the file system has no flock)."""
+_RUN_BUSY = ("another fxjax run is training in {folder} ({holder}); two runs there would prune and overwrite each "
+             "other's checkpoints: wait for it to end, or give this run its own train.output_dir / checkpoint.dir")
+
+
+def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None], busy: str = _RUN_BUSY) -> int | None:
+    """`path` opened and flock-ed for `folder` (None where the file system has no flock); `busy`: the error
+    when another process holds it (its {folder} and {holder} filled in)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,9 +51,7 @@ def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None]) -> int
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"{key}: another fxjax run is training in {folder} ({_holder(path)}); two runs there "
-                          "would prune and overwrite each other's checkpoints: wait for it to end, or give this "
-                          "run its own train.output_dir / checkpoint.dir") from None
+        raise ConfigError(f"{key}: " + busy.format(folder=folder, holder=_holder(path))) from None
     except OSError as err:
         os.close(fd)
         say(f"warning: {folder} cannot be locked ({err.strerror}): nothing stops a second run from writing there")
@@ -86,6 +89,38 @@ def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[
     finally:
         for fd in fds:
             os.close(fd)  # (closing the last descriptor of the open file drops its flock)
+
+
+EVAL_LOCK_FILE = ".fxjax-eval.lock"
+_EVAL_BUSY = ("another fxjax eval is writing in {folder} ({holder}); two there would append to one "
+              "predictions.jsonl, a mix of both: wait for it to end, or give this one its own --out")
+
+
+@contextlib.contextmanager
+def locked_eval_folder(out: str | Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of `fxjax eval`'s --out for the `with` block: a second eval there (of the same step or
+    another) appended its predictions to the first's and both said they wrote theirs (ConfigError now,
+    naming the first). A lock file this eval created goes again if it fails."""
+    if os.name != "posix":
+        yield
+        return
+    folder = Path(out).resolve()
+    path = folder / EVAL_LOCK_FILE
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    fd = _lock(folder, path, "--out", say, _EVAL_BUSY)
+    try:
+        yield
+    except BaseException:
+        if fd is not None and path in made:  # (and the folders it made, where nothing else went into them)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            for made_folder in made[1:]:
+                with contextlib.suppress(OSError):
+                    made_folder.rmdir()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _remove_what_is_left_empty(made: list[Path]) -> None:

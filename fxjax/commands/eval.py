@@ -186,6 +186,14 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     require_writable(args.out, "--out")
+    from fxjax.train.run_lock import locked_eval_folder
+
+    with locked_eval_folder(args.out, say):  # (one eval at a time in a folder: they mixed their predictions)
+        return _evaluate(args, say)
+
+
+def _evaluate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    """`run` once its options are checked and --out is locked."""
     records, report, records_key = eval_records(args, say)
     steps = args.step if isinstance(args.step, list) else [args.step]
     detectors = [step_detector(args, step) for step in steps]
