@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 
 import pytest
@@ -186,6 +187,30 @@ def test_read_metrics_gives_one_record_per_kind_and_step(tmp_path):
         path.write_bytes(b'{"step": 1, "kind": "train"}\n' + bad + b'\n{"step": 2, "kind": "train"}\n')
         with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics record"):
             read_metrics(path)
+
+
+def test_a_run_resumed_from_another_folder_is_warned_where_its_relative_paths_now_name_other_files(tmp_path,
+                                                                                                    monkeypatch):
+    """A run started in one project folder (model.path: d/base-model) and resumed from another holding its own
+    d/base-model went on with that folder's weights (the loss back at a fresh model's), its config unchanged as
+    text: said per path, where the folder it named then is still there (a project moved whole is not)."""
+    from fxjax.train.resume import warn_paths_read_elsewhere
+    from fxjax.train_config import SFTConfig
+
+    started, here = tmp_path / "started", tmp_path / "here"
+    for folder in (started, here):
+        (folder / "d" / "base-model").mkdir(parents=True)
+    config = SFTConfig().to_dict()
+    config["model"]["path"], config["data"]["tokenizer"] = "d/base-model", str(started / "d" / "base-model")
+    monkeypatch.chdir(here)
+    lines: list[str] = []
+    assert warn_paths_read_elsewhere(config, config, str(started), lines.append) == lines
+    assert lines == [f"warning: model.path: d/base-model is read from {here} now, {here / 'd' / 'base-model'}; the "
+                     f"run started in {started}, where it is {started / 'd' / 'base-model'}, still there: if they "
+                     f"differ, the run goes on with other inputs (run it from {started}, or give the path absolute)"]
+    assert warn_paths_read_elsewhere(config, config, str(here), print) == []  # (resumed where it started)
+    shutil.rmtree(started / "d")  # (the project moved here whole: its paths mean what they meant)
+    assert warn_paths_read_elsewhere(config, config, str(started), print) == []
 
 
 def test_check_resume_config_warns_on_what_changed_the_run():

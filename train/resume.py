@@ -16,7 +16,7 @@ import jax
 
 from fxjax.config_mapping import ConfigError
 from fxjax.host_exchange import allgather_json
-from fxjax.run_files import RUN_CWD_KEY, RunLoadError, brief_error, saved_run_kind
+from fxjax.run_files import RUN_CWD_KEY, RUN_PATH_KEYS, RunLoadError, brief_error, saved_run_kind
 from fxjax.train.resume_check import WATCHED, check_lora_scale, check_resume_config
 from fxjax.train.step import TrainState
 
@@ -146,9 +146,36 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
                           f"data.batch_size={saved_batch}, or start a new run from it with model.from_run") from None
     check_lora_scale(saved_cfg, now, f"step {step} in {checkpointer.directory}")
     check_resume_config(saved_cfg, now, log, watched)
+    warn_paths_read_elsewhere(saved_cfg, now, data_state.get(RUN_CWD_KEY), log)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
     return Resumed(state, data_state, step)
+
+
+def warn_paths_read_elsewhere(saved: Mapping[str, Any], now: Mapping[str, Any], saved_cwd: str | None,
+                              log: Callable[[str], None]) -> list[str]:
+    """A warning for each relative path of the run's inputs (RUN_PATH_KEYS) written the same as when the run
+    started but resumed from another folder, where it names another file or folder while the one it named
+    then is still there: a run resumed from another project folder trained on with that folder's base model
+    (another model's weights, the loss back at a fresh model's) with no word, its config unchanged as text."""
+    if not saved_cwd or Path(saved_cwd).resolve() == Path.cwd().resolve():
+        return []
+    said = []
+    for section, key in RUN_PATH_KEYS:
+        value = (saved.get(section) or {}).get(key)
+        if value != (now.get(section) or {}).get(key) or value is None:
+            continue  # (another value: check_resume_config's to say)
+        for path in value if isinstance(value, list) else [value]:
+            if not isinstance(path, str) or Path(path).is_absolute():
+                continue
+            then, here = Path(saved_cwd) / path, Path(path).absolute()
+            if then.exists() and then.resolve() != here.resolve():
+                said.append(f"warning: {section}.{key}: {path} is read from {Path.cwd()} now, {here}; the run "
+                            f"started in {saved_cwd}, where it is {then}, still there: if they differ, the run "
+                            f"goes on with other inputs (run it from {saved_cwd}, or give the path absolute)")
+    for line in said:
+        log(line)
+    return said
 
 
 def checkpoint_data_state(iterator: dict, shape_floor: dict, skipped: int, mesh, **extra) -> dict:
