@@ -51,7 +51,31 @@ def other_base_note(adapter: str | Path, model: str | Path) -> str:
         where = "its fxjax_export.json"
     if not Path(trained_on).is_absolute() and not Path(trained_on).is_dir():
         return ""
-    if Path(trained_on).resolve() == Path(model).resolve():
+    if Path(trained_on).resolve() == Path(model).resolve() or _looks_copied(Path(trained_on), Path(model)):
         return ""
     return f"{adapter} was trained on {trained_on} ({where}), not {model}: if these weights differ, its answers " \
            "mean nothing"
+
+
+def _looks_copied(a: Path, b: Path, sample: int = 1 << 16) -> bool:
+    """Whether folder `b` holds a copy of the checkpoint in `a` (a project copied elsewhere): the same
+    config.json and weight files of the same sizes whose first, middle and last `sample` bytes agree; another
+    seed's model of one config differs there. Never reads a whole weight file (a 72B one is 145 GB)."""
+    def fingerprint(folder: Path) -> list | None:
+        files = sorted(folder.glob("model*.safetensors"))
+        if not (folder / "config.json").is_file() or not files:
+            return None
+        parts: list = [(folder / "config.json").read_bytes()]
+        for file in files:
+            size = file.stat().st_size
+            with open(file, "rb") as f:
+                for at in (0, max(size // 2 - sample // 2, 0), max(size - sample, 0)):
+                    f.seek(at)
+                    parts.append((file.name, size, f.read(sample)))
+        return parts
+
+    try:
+        first = fingerprint(a)
+        return first is not None and first == fingerprint(b)
+    except OSError:
+        return False

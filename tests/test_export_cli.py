@@ -668,13 +668,17 @@ def test_an_adapter_whose_lora_the_merged_export_holds_already_is_refused_on_it(
     assert main(["detect", "x.png", "--model", str(sft)]) == 2
     assert (f"--model: {sft} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass --model "
             f"{sft / 'merged'}, or the base model with --adapter {sft / 'adapter'}") in capsys.readouterr().err
-    # an adapter on a base model other than the one it trained on: a note (a copy elsewhere is said too)
+    # an adapter on a base model other than the one it trained on: a note; a copy of it is no other model (the
+    # same config.json, weight files of the same sizes and sampled bytes): no note
     from fxjax.cli import build_parser
     from fxjax.commands.model_args import resolve_detector
 
-    other = tmp_path / "other-base"
+    other, copy = tmp_path / "other-base", tmp_path / "copied-base"
     shutil.copytree(record["base_model"], other)
-    for base, noted in ((record["base_model"], False), (other, True)):
+    shutil.copytree(record["base_model"], copy)
+    raw = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**raw, "note": "another model"}))
+    for base, noted in ((record["base_model"], False), (copy, False), (other, True)):
         resolve_detector(build_parser().parse_args(["detect", "x.png", "--model", str(base), "--adapter",
                                                     str(sft / "adapter")]))
         note = (f"fxjax detect: note: {sft / 'adapter'} was trained on {record['base_model']} (its fxjax_export.json), "

@@ -328,6 +328,20 @@ def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_fa
     adapter = load_sft_config(overrides=base + ["model.path=/m/base", "model.adapter=/m/adapter"])
     assert start_description(adapter) == ("/m/base with the adapter /m/adapter (its rank, alpha and targets; "
                                           "lora.* unused)")
+    # an adapter exported from a run on another base folder (not a copy of it): said in the run's first line (a
+    # raw OtherBaseWarning came out of the model's loading, with its source line)
+    for name in ("trained-on", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"name": name}))
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "fxjax_export.json").write_text(json.dumps({"base_model": str(tmp_path / "trained-on")}))
+    elsewhere = load_sft_config(overrides=base + [f"model.path={tmp_path / 'other'}",
+                                                  f"model.adapter={tmp_path / 'adapter'}"])
+    assert start_description(elsewhere).endswith(
+        f"(its rank, alpha and targets; lora.* unused) (warning: {tmp_path / 'adapter'} was trained on "
+        f"{tmp_path / 'trained-on'} (its fxjax_export.json), not {tmp_path / 'other'}: if these weights differ, its "
+        "answers mean nothing)")
     run = load_sft_config(overrides=base + ["model.from_run=runs/sft", "model.from_run_step=40"])
     assert start_description(run) == "the run runs/sft at step 40 (its base model and LoRA; lora.* unused)"
     for steps, text in (([3, 7], "step 7 (its newest)"), ([], "its newest step")):  # (was "at step newest")

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fxjax.export_record import OtherBaseWarning, other_base_note
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.attention import current_platform, select_backend
 from fxjax.model.lora import LoRAConfig, apply_lora
@@ -154,7 +155,9 @@ def build_model(cfg, mesh):
                            scan_layers=m.scan_layers)
     rngs = nnx.Rngs(params=cfg.lora.init_seed, dropout=cfg.lora.init_seed)
     if m.adapter is not None:
-        load_peft_adapter(model, m.adapter, rngs=rngs)
+        with warnings.catch_warnings():  # (said in the run's first line: start_description)
+            warnings.simplefilter("ignore", OtherBaseWarning)
+            load_peft_adapter(model, m.adapter, rngs=rngs)
     else:
         lc = cfg.lora
         try:
@@ -178,6 +181,8 @@ def start_description(cfg) -> str:
         text = f"the run {m.from_run} at {step} (its base model and LoRA; lora.* unused)"
     elif m.adapter is not None:
         text = f"{m.path or f'preset {m.preset}'} with the adapter {m.adapter} (its rank, alpha and targets; lora.* unused)"
+        other_base = other_base_note(m.adapter, m.path) if m.path is not None else ""
+        text += f" (warning: {other_base})" if other_base else ""
     else:
         text = f"{m.path or f'preset {m.preset}'}, fresh LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha}"
     try:
