@@ -205,6 +205,15 @@ def test_out_names_the_file_written(tmp_path, capsys):
     assert (tmp_path / "rep" / "report.png").is_file()
 
 
+def test_a_report_that_cannot_be_written_says_how_to_write_it_elsewhere(tmp_path, unwritable_dir, capsys):
+    """(A run folder on a read-only disk: "[Errno 30] Read-only file system: .../report.png" said nothing to do.)"""
+    (tmp_path / "run").mkdir()
+    run = write_metrics(tmp_path / "run" / "metrics.jsonl", sft_records()).parent
+    assert main(["report", str(run), "--out", str(unwritable_dir / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{unwritable_dir / 'r.png'} (the report cannot be written there: --out FILE.png writes it elsewhere)" in err
+
+
 def test_a_file_with_two_runs_is_refused_not_half_plotted(tmp_path, capsys):
     grpo = [{"step": s, "kind": "train", "stage": "alpha", "reward/total_mean": 1.0} for s in (1, 2)]
     path = write_metrics(tmp_path / "metrics.jsonl", sft_records() + grpo)  # steps 1, 2 read as the later (GRPO) ones

@@ -16,6 +16,7 @@ what each panel holds: fxjax.commands.report_panels; the pieces both draw with: 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import sys
@@ -223,6 +224,18 @@ def eval_subfolders(folder: str | Path) -> list[tuple[Path, int | None]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _report(args)
+    except OSError as err:  # (a run folder read-only, on a shared disk: the errno alone said nothing to do)
+        if str(getattr(err, "filename", "") or "").endswith(".png") and err.errno in (errno.EACCES, errno.EROFS,
+                                                                                    errno.EPERM, errno.ENOSPC):
+            raise OSError(err.errno, f"{err.strerror}: {err.filename} (the report cannot be written there: "
+                                     "--out FILE.png writes it elsewhere)") from None
+        raise
+
+
+def _report(args: argparse.Namespace) -> int:
+    """`run` itself."""
     if args.out is not None and not args.out.strip():  # (Path("") is the working folder: ./report.png)
         raise ValueError("--out: give a file or a folder (an empty text names none)")
     def folder(given: str) -> Path:  # (a run's metrics.jsonl, or an eval's metrics.json, is its folder)
