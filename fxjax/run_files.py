@@ -380,12 +380,23 @@ def describe_run(run: str | Path) -> list[str]:
     steps = committed_steps(ckpt)
     if not steps:
         raise RunLoadError(f"no committed checkpoint in {ckpt}")
-    cfg, kind = read_run_config(ckpt, steps[-1])
+    unreadable: list[str] = []
+    for newest in reversed(steps):  # (the newest whose config reads: a damaged one is said, as a resume sets it aside)
+        try:
+            cfg, kind = read_run_config(ckpt, newest)
+            break
+        except RunLoadError as err:
+            if newest == steps[0]:
+                raise
+            unreadable.append(f"step {newest}: {str(err).splitlines()[0]}")
     m, lora = cfg.model, cfg.lora
-    lines = [f"{kind} run in {ckpt}", f"  checkpoints: steps {steps_text(steps)} (--step N; default the newest, {steps[-1]})"]
-    ends = recorded_stage_ends(ckpt, steps[-1])
+    lines = [f"{kind} run in {ckpt}", f"  checkpoints: step{'s' * (len(steps) > 1)} {steps_text(steps)} (--step N; "
+                                      f"default the newest, {steps[-1]})"]
+    lines += [f"  unreadable: {line} (described from step {newest}; a resume sets it aside)" for line in unreadable]
+    ends = recorded_stage_ends(ckpt, newest)
     if ends:
-        lines.append("  stage ends: " + ", ".join(f"{name} at step {end}" + ("" if end in steps else " (no checkpoint)")
+        lines.append("  stage ends: " + ", ".join(f"{name} at step {end}" + ("" if end in steps else " (not reached yet)"
+                                                                              if end > steps[-1] else " (no checkpoint)")
                                                  for name, end in ends) + " (--step STAGE)")
     if m.from_run is not None:
         start = f"the run {m.from_run} at {start_step_text(m.from_run, m.from_run_step)}"
@@ -403,7 +414,7 @@ def describe_run(run: str | Path) -> list[str]:
         lines.append(f"  tokenizer: {cfg.tokenizer}")
     except (ValueError, OSError) as err:  # (a preset without data.tokenizer; a start run that is not here)
         lines.append(f"  tokenizer: not known here ({err}); eval, detect and export take --tokenizer")
-    cwd = _data_state(ckpt, steps[-1]).get(RUN_CWD_KEY)
+    cwd = _data_state(ckpt, newest).get(RUN_CWD_KEY)
     if cwd:
         lines.append(f"  started from: {cwd} " + ("(its relative paths are read from there)" if Path(cwd).is_dir()
                                                  else "(gone: its relative paths are read from the current folder)"))

@@ -1000,3 +1000,18 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
     assert main(["info", str(staged / "checkpoints" / "3")]) == 2  # (a step's folder: said as such)
     assert "is the checkpoint of step 3, not a run: name the run's folder and the step apart" in \
         (err := capsys.readouterr().err) and f"info: fxjax info {staged / 'checkpoints'})" in err
+    # a stage that ends after the newest step (a run preempted in alpha): not reached yet, not "no checkpoint"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "stage_ends": [["alpha", 2], ["beta", 9]]}))
+    assert main(["info", str(staged)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == ("  stage ends: alpha at step 2, beta at step 9 (not reached "
+                                                       "yet) (--step STAGE)")
+    # the newest step's config damaged: described from the step before, the damaged one named (it refused the run)
+    (staged / "checkpoints" / "3" / "config" / "config.json").write_text("{not json")
+    assert main(["info", str(staged)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "  checkpoints: steps 2, 3 (--step N; default the newest, 3)"
+    assert out[2].startswith(f"  unreadable: step 3: the checkpoint of step 3 in {staged / 'checkpoints'} is "
+                             "corrupted") and out[2].endswith("(described from step 2; a resume sets it aside)"), out
+    shutil.rmtree(staged / "checkpoints" / "3")
+    assert main(["info", str(staged)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("  checkpoints: step 2 (--step N;")  # (one: "step")
