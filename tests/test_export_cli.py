@@ -971,6 +971,27 @@ def test_a_run_given_relative_paths_loads_from_any_folder(two_process_run, tiny_
                f"not exist here; pass the base model's directory (--model" in err and "tokenizer" not in err, err
 
 
+def test_loading_a_run_names_the_folder_a_relative_base_path_was_read_from(two_process_run, tiny_vl_dir, tmp_path,
+                                                                           monkeypatch):
+    """A run whose model.path is relative, loaded where its start folder is gone, reads the base from the
+    current folder: the log said "base base", which folder unknown; now also the folder it read."""
+    from fxjax.train.run_loading import load_run
+
+    staged = staged_copy(two_process_run, tmp_path)
+    for step in (2, 3):
+        saved = staged / "checkpoints" / str(step) / "config" / "config.json"
+        config = json.loads(saved.read_text())
+        saved.write_text(json.dumps({**config, "model": {**config["model"], "path": "base"}}))
+        state = staged / "checkpoints" / str(step) / "data" / "data_state.json"
+        state.write_text(json.dumps({**json.loads(state.read_text()), "cwd": str(tmp_path / "gone")}))
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "base").symlink_to(tiny_vl_dir)
+    monkeypatch.chdir(tmp_path / "here")
+    said: list[str] = []
+    load_run(staged, dtype="float32", log=said.append)
+    assert any(f"at step 3: base base ({tmp_path / 'here' / 'base'}) (float32)" in line for line in said), said
+
+
 def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tiny_vl_dir, tmp_path, capsys):
     """`fxjax info RUN_DIR`: what --step takes (the steps, a GRPO run's stage ends) and what the run's model
     started from, without loading weights; a folder that is neither a run nor a checkpoint is named."""

@@ -213,6 +213,8 @@ def load_run(run: str | Path, step: int | str | None = None, *, mesh=None, model
         stored = cfg.model.param_dtype or cfg.model.dtype
         base = base_model_section(cfg) or cfg.model  # (a from_run run names its base through the runs before it)
         base_name = base.path or (f"preset {base.preset}" if base.preset else "that of the run it started from")
+        if base.path is not None and not Path(base.path).is_absolute():  # (which folder a relative one read)
+            base_name += f" ({Path(base.path).absolute()})"
         log(f"loading the {kind} run in {ckpt} at step {step}: base {base_name} "
             f"({cfg.model.dtype}" + (f", weights stored in {stored})" if stored != cfg.model.dtype else ")")
             + f", on mesh {dict(mesh.shape)}")
