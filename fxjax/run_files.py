@@ -287,7 +287,9 @@ def resolve_step(checkpoint_dir: str | Path, step: int | str | None) -> tuple[in
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise RunLoadError(f"step {step} has no checkpoint in {ckpt}; steps that exist: {steps_text(steps)}")
+        pruned = (" (older than the newest: a run keeps only its newest checkpoints, checkpoint.keep, and one still "
+                  "training there may have removed it since it was chosen)" if step < steps[-1] else "")
+        raise RunLoadError(f"step {step} has no checkpoint in {ckpt}; steps that exist: {steps_text(steps)}{pruned}")
     cfg, kind = read_run_config(ckpt, step)
     return step, cfg, kind
 

@@ -295,7 +295,12 @@ def test_missing_and_corrupted_steps_are_named_with_the_steps_that_exist(two_pro
                                                                          monkeypatch):
     assert main(["export", "--run", str(two_process_run), "--step", "7", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "step 7 has no checkpoint in" in err and "steps that exist: 2, 3" in err
+    assert "step 7 has no checkpoint in" in err and "steps that exist: 2, 3" in err and "older" not in err
+    # a step older than the newest: pruned, perhaps by the run still training there since eval chose it (said
+    # as "no checkpoint" and nothing more)
+    assert main(["export", "--run", str(two_process_run), "--step", "1", "--out", str(tmp_path / "x")]) == 2
+    assert ("steps that exist: 2, 3 (older than the newest: a run keeps only its newest checkpoints, "
+            "checkpoint.keep, and one still training there may have removed it") in capsys.readouterr().err
 
     broken = tmp_path / "broken"
     shutil.copytree(two_process_run / "checkpoints", broken / "checkpoints")
