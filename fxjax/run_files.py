@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Collection
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
-           "describe_run", "fxjax_folder_hint", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
+           "describe_run", "expand_home", "fxjax_folder_hint", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 METRICS_FILE = "metrics.jsonl"  # a run's log in its train.output_dir (fxjax.train.metrics writes it)
@@ -421,3 +422,24 @@ def describe_run(run: str | Path) -> list[str]:
         lines.append(f"  started from: {cwd} " + ("(its relative paths are read from there)" if Path(cwd).is_dir()
                                                  else "(gone: its relative paths are read from the current folder)"))
     return lines
+
+
+# The keys that name files or folders, whose `~` is the home folder as in a shell (`output_dir: ~/runs` made a
+# folder named "~" in the working folder; `--set key=~/x` is not expanded by the shell either)
+PATH_KEYS = (("model", "path"), ("model", "adapter"), ("model", "from_run"), ("model", "preset"), ("data", "tokenizer"),
+             ("data", "root"), ("data", "train_files"), ("data", "eval_files"), ("train", "output_dir"),
+             ("checkpoint", "dir"), ("export", "adapter_dir"), ("export", "merged_dir"), ("grpo", "reward_config"))
+
+
+def expand_home(config: dict) -> dict:
+    """`config` (plain sections) with a leading ~ of every PATH_KEYS value expanded, as a shell would."""
+    def expanded(value):
+        if isinstance(value, str) and value.startswith("~"):
+            return os.path.expanduser(value)
+        return [expanded(v) for v in value] if isinstance(value, list) else value
+
+    out = dict(config)
+    for section, key in PATH_KEYS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {**out[section], key: expanded(out[section][key])}
+    return out

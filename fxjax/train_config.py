@@ -36,6 +36,7 @@ import yaml
 from fxjax.config_mapping import ConfigError, as_written, build_config, load_yaml, to_plain, type_name
 from fxjax.config_sections import (CheckpointSection, DataSection, DistributedSection, EvalSection, ExportSection,
                                    LoRASection, MeshSection, ModelSection, OptimSection, TrainSection)
+from fxjax.run_files import expand_home
 
 _logger = logging.getLogger(__name__)
 
@@ -480,7 +481,7 @@ def load_config_as(cls, path: str | Path | None = None, overrides: Sequence[str]
     notes: list[str] = []
     if read is not None and read != Path(path):
         notes.append(f"--config {path}: {config_read(path)}")
-    resolved = apply_overrides(data, overrides, notes, root=cls)
+    resolved = expand_home(apply_overrides(data, overrides, notes, root=cls))
     for note in notes:
         (log or _logger.info)(f"note: {note}")
     return build_config(cls, resolved, "").validate()

@@ -671,3 +671,16 @@ def test_a_config_built_in_code_is_checked_as_a_yaml_one_is(tmp_path):
     with pytest.raises(ConfigError, match=r"data.train_files"):
         checked_config(SFTConfig(model=ModelSection(preset="tiny"), data=DataSection(train_files="t.jsonl"),
                                  train=TrainSection(steps=1)))
+
+
+def test_a_leading_tilde_of_a_path_is_the_home_folder(monkeypatch, tmp_path):
+    """`output_dir: ~/runs` (or `--set train.output_dir=~/x`, which the shell leaves as it is) made a folder
+    named "~" in the working folder; every key that names a file or folder now expands it, as a shell would."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_sft_config(overrides=["model.preset=tiny", "data.train_files=[~/t.jsonl, b.jsonl]", "data.tokenizer=~/tok",
+                                     "train.output_dir=~/runs/x", "train.steps=1", "export.adapter_dir=~user-x/a",
+                                     "data.system_prompt=~/not a path"])
+    assert (cfg.train.output_dir, cfg.data.tokenizer) == (str(tmp_path / "runs" / "x"), str(tmp_path / "tok"))
+    assert cfg.data.train_files == (str(tmp_path / "t.jsonl"), "b.jsonl")
+    assert cfg.export.adapter_dir == "~user-x/a"  # (no such user: left as written, as a shell leaves it)
+    assert cfg.data.system_prompt == "~/not a path"  # (a text, not a path: as written)
