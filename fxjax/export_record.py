@@ -47,10 +47,10 @@ def other_base_note(adapter: str | Path, model: str | Path) -> str:
         if not isinstance(trained_on, str) or not Path(trained_on).is_dir():
             return ""
         where = "adapter_config.json's base_model_name_or_path"
-    else:
+    else:  # (written absolute for a folder; a preset's name is no folder, whatever folder here has that name)
         where = "its fxjax_export.json"
-    if not Path(trained_on).is_absolute() and not Path(trained_on).is_dir():
-        return ""
+        if not Path(trained_on).is_absolute():
+            return ""
     if Path(trained_on).resolve() == Path(model).resolve() or _looks_copied(Path(trained_on), Path(model)):
         return ""
     return f"{adapter} was trained on {trained_on} ({where}), not {model}: if these weights differ, its answers " \

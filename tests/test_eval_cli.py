@@ -730,16 +730,24 @@ def test_a_second_eval_into_the_same_out_is_refused_naming_the_first(dataset, tm
     """Two evals with one --out (of one step or two) appended to one predictions.jsonl, each saying it wrote its
     8 images (16 rows, a resume then scored the mix): the folder is locked while an eval writes there."""
     from fxjax.cli import main
-    from fxjax.train.run_lock import EVAL_LOCK_FILE, locked_eval_folder
+    from fxjax.train.run_lock import EVAL_LOCK_FILE, locked_eval_folders
 
     model, out = tmp_path / "model", tmp_path / "eval"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    with locked_eval_folder(out, print):  # (a flock: a second open of the file is refused, here too)
+    with locked_eval_folders([out], print):  # (a flock: a second open of the file is refused, here too)
         assert main(["eval", "--model", str(model), "--data", str(dataset), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"fxjax eval: error: --out: another fxjax eval is writing in {out.resolve()} (pid {os.getpid()} on " in err
     assert "two there would append to one predictions.jsonl, a mix of both" in err
+    # several steps into OUT write OUT/<step>/, which a one-step eval may be given as its --out: locked too
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with locked_eval_folders([out / "alpha"], print):
+        assert main(["eval", "--run", str(run), "--step", "alpha", "beta", "--data", str(dataset), "--out",
+                     str(out)]) == 2
+    assert f"--out: another fxjax eval is writing in {(out / 'alpha').resolve()}" in capsys.readouterr().err
+    assert not (out / "beta").exists()  # (the folders it made for it: gone again)
     # an eval that fails leaves no lock file (nor the folder it made for it); the held one stayed
     assert (out / EVAL_LOCK_FILE).is_file()
     fresh = tmp_path / "fresh"

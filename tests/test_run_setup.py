@@ -314,7 +314,8 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     assert lines[-1] == f"model.adapter=sft is not here: the LoRA's shape from the run's copy in {copy}"
 
 
-def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_false_is_refused(tmp_path):
+def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_false_is_refused(tmp_path,
+                                                                                                monkeypatch):
     """The lora section shapes fresh adapters only: a start from an adapter or a run says lora.* is unused
     (the SFT log printed the config's rank and alpha, and "model None" for a run), and enabled=false, which
     an adapter let through while training it all the same, is refused."""
@@ -342,6 +343,11 @@ def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_fa
         f"(its rank, alpha and targets; lora.* unused) (warning: {tmp_path / 'adapter'} was trained on "
         f"{tmp_path / 'trained-on'} (its fxjax_export.json), not {tmp_path / 'other'}: if these weights differ, its "
         "answers mean nothing)")
+    # an adapter of a run on a preset records its name, no folder: a folder of that name here is not its base
+    (tmp_path / "adapter" / "fxjax_export.json").write_text(json.dumps({"base_model": "tiny"}))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert "warning" not in start_description(elsewhere)
     run = load_sft_config(overrides=base + ["model.from_run=runs/sft", "model.from_run_step=40"])
     assert start_description(run) == "the run runs/sft at step 40 (its base model and LoRA; lora.* unused)"
     for steps, text in (([3, 7], "step 7 (its newest)"), ([], "its newest step")):  # (was "at step newest")
@@ -434,9 +440,15 @@ def test_an_end_of_run_export_over_a_folder_of_other_files_or_an_unwritable_one_
     assert join_run("sft", config(merged_dir=str(tmp_path / "new" / "merged")), None)[0]
     # an export of this run is replaced (a resume, a rerun); one of another run, which a config copied with only
     # its train.output_dir changed replaced without a word (the SFT adapter a GRPO config starts from), is not
-    (former / "fxjax_export.json").write_text(json.dumps({"checkpoints": str((tmp_path / "run" / "checkpoints")
-                                                                             .absolute()), "step": 4}))
-    assert join_run("sft", config(adapter_dir=str(former)), None)[0]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    for spelt in (tmp_path / "run" / "checkpoints", tmp_path / "link" / "checkpoints"):  # (the same folder)
+        (former / "fxjax_export.json").write_text(json.dumps({"checkpoints": str(spelt), "step": 4}))
+        assert join_run("sft", config(adapter_dir=str(former)), None)[0]
+    (former / "fxjax_export.json").write_text(json.dumps({"checkpoints": str(tmp_path / "moved-away"), "step": 4}))
+    assert join_run("sft", config(adapter_dir=str(former), output_dir=tmp_path / "other-run"), None)[0]  # (gone)
+    (former / "fxjax_export.json").write_text(json.dumps({"checkpoints": str(tmp_path / "run" / "checkpoints"),
+                                                          "step": 4}))
     with pytest.raises(FileExistsError, match=rf"export\.adapter_dir: {former} holds the export of another run "
                                               rf"\(step 4 of {tmp_path / 'run' / 'checkpoints'}, its "
                                               r"fxjax_export\.json\), which the export at the end of this run would "

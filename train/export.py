@@ -15,6 +15,7 @@ prompts to serve it with.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -208,11 +209,23 @@ def check_export_targets(export, checkpoint_dir: str | Path | None = None) -> No
             raise FileExistsError(f"export.{key}: {target} holds files that are not an fxjax export ({held}); the "
                                   "export at the end of the run replaces its folder whole: give an empty or new folder")
         other = read_export_record(folder).get("checkpoints") if folder.is_dir() else None
-        if checkpoint_dir is not None and isinstance(other, str) and Path(other) != Path(checkpoint_dir).absolute():
+        if checkpoint_dir is not None and isinstance(other, str) and _another_folder(Path(other), Path(checkpoint_dir)):
             step = read_export_record(folder).get("step")
             raise FileExistsError(f"export.{key}: {target} holds the export of another run (step {step} of {other}, "
                                   f"its {EXPORT_RECORD_FILE}), which the export at the end of this run would replace: "
                                   f"give this run its own export.{key}, or remove that folder first")
+
+
+def _another_folder(recorded: Path, checkpoint_dir: Path) -> bool:
+    """Whether the checkpoint folder an export records is another than `checkpoint_dir`: one that is still
+    there and is not the same folder (a path spelt otherwise, through a symbolic link, or as another host of a
+    multi-process run mounts it, is the same; one no longer there, a project moved, is let through)."""
+    if not recorded.is_dir():
+        return False
+    try:
+        return not (checkpoint_dir.is_dir() and os.path.samefile(recorded, checkpoint_dir))
+    except OSError:
+        return False
 
 
 def foreign_files(folder: Path) -> str:

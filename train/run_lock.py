@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from fxjax.config_mapping import ConfigError
 
-__all__ = ["EVAL_LOCK_FILE", "LOCK_FILE", "locked_eval_folder", "locked_run_dirs"]
+__all__ = ["EVAL_LOCK_FILE", "LOCK_FILE", "locked_eval_folders", "locked_run_dirs"]
 
 LOCK_FILE = ".fxjax-run.lock"
 
@@ -40,13 +40,19 @@ _RUN_BUSY = ("another fxjax run is training in {folder} ({holder}); two runs the
              "other's checkpoints: wait for it to end, or give this run its own train.output_dir / checkpoint.dir")
 
 
-def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None], busy: str = _RUN_BUSY) -> int | None:
-    """`path` opened and flock-ed for `folder` (None where the file system has no flock); `busy`: the error
-    when another process holds it (its {folder} and {holder} filled in)."""
+def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None], busy: str = _RUN_BUSY,
+          what: str = "run") -> int | None:
+    """`path` opened and flock-ed for `folder` (None where the file system has no flock, or the lock file is
+    another user's, read-only to us); `busy`: the error when another process holds it (its {folder} and
+    {holder} filled in)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # (a folder shared by a group: the file of the user who ran there first)
+        say(f"warning: {folder} cannot be locked ({err.strerror}): nothing stops a second {what} from writing there")
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -54,7 +60,7 @@ def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None], busy: 
         raise ConfigError(f"{key}: " + busy.format(folder=folder, holder=_holder(path))) from None
     except OSError as err:
         os.close(fd)
-        say(f"warning: {folder} cannot be locked ({err.strerror}): nothing stops a second run from writing there")
+        say(f"warning: {folder} cannot be locked ({err.strerror}): nothing stops a second {what} from writing there")
         return None
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
@@ -97,29 +103,33 @@ _EVAL_BUSY = ("another fxjax eval is writing in {folder} ({holder}); two there w
 
 
 @contextlib.contextmanager
-def locked_eval_folder(out: str | Path, say: Callable[[str], None]) -> Iterator[None]:
-    """Hold the lock of `fxjax eval`'s --out for the `with` block: a second eval there (of the same step or
-    another) appended its predictions to the first's and both said they wrote theirs (ConfigError now,
-    naming the first). A lock file this eval created goes again if it fails."""
+def locked_eval_folders(folders: list[str | Path], say: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of each folder `fxjax eval` writes in (its --out; with several --step values, also each
+    step's subfolder, which a one-step eval may be given as its --out) for the `with` block: a second eval
+    there appended its predictions to the first's and both said they wrote theirs (ConfigError now, naming
+    the first). The lock files (and folders) this eval created go again if it fails."""
     if os.name != "posix":
         yield
         return
-    folder = Path(out).resolve()
-    path = folder / EVAL_LOCK_FILE
-    made = [p for p in (path, *path.parents) if not p.exists()]
-    fd = _lock(folder, path, "--out", say, _EVAL_BUSY)
+    fds: list[int] = []
+    made: list[Path] = []
     try:
+        for given in folders:
+            folder = Path(given).resolve()
+            path = folder / EVAL_LOCK_FILE
+            new = [p for p in (path, *path.parents) if not p.exists()]
+            fd = _lock(folder, path, "--out", say, _EVAL_BUSY, "eval")
+            if fd is not None:
+                fds.append(fd)
+                made += [p for p in new if p not in made]
         yield
     except BaseException:
-        if fd is not None and path in made:  # (and the folders it made, where nothing else went into them)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            for made_folder in made[1:]:
-                with contextlib.suppress(OSError):
-                    made_folder.rmdir()
+        for path in sorted(made, key=lambda p: (not p.name == EVAL_LOCK_FILE, -len(p.parts))):
+            with contextlib.suppress(OSError):  # (lock files first, then folders deepest first, if left empty)
+                path.unlink() if path.name == EVAL_LOCK_FILE else path.rmdir()
         raise
     finally:
-        if fd is not None:
+        for fd in fds:
             os.close(fd)
 
 

@@ -186,9 +186,12 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out: {args.out} is a file; give a directory for the predictions and metrics")
     require_writable(args.out, "--out")
-    from fxjax.train.run_lock import locked_eval_folder
+    from fxjax.commands.eval_steps import step_folder
+    from fxjax.train.run_lock import locked_eval_folders
 
-    with locked_eval_folder(args.out, say):  # (one eval at a time in a folder: they mixed their predictions)
+    steps = args.step if isinstance(args.step, list) and len(args.step) > 1 else []
+    # (one eval at a time in a folder, or in a step's folder of it: they mixed their predictions)
+    with locked_eval_folders([args.out, *(Path(args.out) / step_folder(value) for value in steps)], say):
         return _evaluate(args, say)
 
 
