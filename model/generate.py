@@ -314,9 +314,11 @@ def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_t
         raise ValueError(f"num_generations (num_return_sequences) must be an int >= 1, got {num_generations!r}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    limit, longest = model.config.text.max_position_embeddings, int(np.asarray(inputs.attention_mask).sum(1).max())
-    if longest + max_new_tokens > limit:  # (10**6 ran until killed; its cache alone is huge)
-        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} is beyond the model's "
+    # (10**6 ran until killed; its cache alone is huge. The prompts' padded width, known from the shape: their
+    # mask may be a global array of several processes, which this process cannot read)
+    limit, width = model.config.text.max_position_embeddings, inputs.input_ids.shape[1]
+    if width + max_new_tokens > limit:
+        raise ValueError(f"prompts of {width} tokens (padded) + max_new_tokens {max_new_tokens} are beyond the model's "
                          f"max_position_embeddings, {limit}: give fewer max_new_tokens")
     check_sampling_args(temperature, top_k, top_p)
     eos, pad = _special_tokens(model, eos_token_ids, pad_token_id)

@@ -21,14 +21,15 @@ def box_iou(a, b):
     """Plain IoU of broadcastable boxes [..., 4] (x1, y1, x2, y2); 0 where the union is not positive.
 
     The intersection's width and height are clamped at 0 separately (not their product, unlike the
-    authors' code), so the result lies in [0, 1] for any finite boxes, inverted ones included.
+    authors' code), so the result lies in [0, 1] for any finite boxes, inverted ones included (clipped at 1:
+    float32 rounds two equal boxes far from the origin to 1.0000001).
     """
     iw = jnp.maximum(jnp.minimum(a[..., 2], b[..., 2]) - jnp.maximum(a[..., 0], b[..., 0]), 0)
     ih = jnp.maximum(jnp.minimum(a[..., 3], b[..., 3]) - jnp.maximum(a[..., 1], b[..., 1]), 0)
     inter = iw * ih
     union = box_area(a) + box_area(b) - inter
     positive = union > 0
-    return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)
+    return jnp.where(positive, jnp.minimum(inter / jnp.where(positive, union, 1), 1), 0)
 
 
 def centre_dist2(a, b):

@@ -683,5 +683,5 @@ def test_python_api_mistakes_are_named(tiny_checkpoint, tmp_path, prompt):
     (tmp_path / "export" / "merged" / "config.json").write_bytes(b"\xff{")
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         fxjax.from_pretrained(tmp_path / "export" / "merged")
-    with pytest.raises(ValueError, match=r"\+ max_new_tokens 10000000 is beyond the model's max_position_embeddings"):
+    with pytest.raises(ValueError, match=r"\+ max_new_tokens 10000000 are beyond the model's max_position_embeddings"):
         fxjax.greedy_generate(model, prompt[0], None, prompt[1], prompt[2], max_new_tokens=10**7)

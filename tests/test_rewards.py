@@ -611,3 +611,10 @@ def test_weights_given_to_score_are_checked_as_a_reward_files_are(change, messag
         score([GOOD], [GT], weights=weights)
     with pytest.raises(ValueError, match=r"eta and power must be positive and finite"):
         score([GOOD], [GT], eta=-1.0)
+
+
+def test_iou_of_equal_boxes_far_from_the_origin_is_one_not_more():
+    """float32 rounds the area of a box 2.8e6 pixels from the origin, and an IoU of a box with itself came out
+    1.0000001 (one CI's draw of the property test above): clipped at 1."""
+    box = np.array([-2830874.6875, 0.0, 0.0, 77.0])
+    assert float(box_iou(box, box)) == 1.0

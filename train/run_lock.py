@@ -114,8 +114,7 @@ def locked_eval_folders(folders: list[str | Path], say: Callable[[str], None]) -
     fds: list[int] = []
     made: list[Path] = []
     try:
-        for given in folders:
-            folder = Path(given).resolve()
+        for folder in dict.fromkeys(Path(given).resolve() for given in folders):  # (`--step 3 3`: one folder, once)
             path = folder / EVAL_LOCK_FILE
             new = [p for p in (path, *path.parents) if not p.exists()]
             fd = _lock(folder, path, "--out", say, _EVAL_BUSY, "eval")
