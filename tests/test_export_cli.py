@@ -97,6 +97,11 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     assert main(["export", "--run", str(two_process_run), "--out", str(out), "--base-name", "Qwen/Qwen2.5-VL-3B"]) == 0
     said = capsys.readouterr()
     assert json.loads(said.out)["step"] == "3"
+    # `fxjax info OUT` (the export folder itself, as --help says it takes: it read "holds no checkpoints")
+    assert main(["info", str(out)]) == 0
+    described = capsys.readouterr().out.splitlines()
+    assert described[0] == f"fxjax export folder {out}: merged/ and adapter/" and described[1] == "merged/:"
+    assert "adapter/:" in described and sum("export of step 3 of the sft run" in line for line in described) == 2
     # what serving needs is said at the end: the folders, the prompts, the decoding that keeps the answer's
     # markers, and that vLLM would drop this adapter's vision part (all-linear: the encoder's layers too)
     for words in ("fxjax export: step 3 written; each folder's fxjax_export.json says which run and step",
@@ -1026,6 +1031,17 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
     assert main(["info", str(staged / "checkpoints" / "3")]) == 2  # (a step's folder: said as such)
     assert "is the checkpoint of step 3, not a run: name the run's folder and the step apart" in \
         (err := capsys.readouterr().err) and f"info: fxjax info {staged / 'checkpoints'})" in err
+    # a run training now (its lock held): said, with what the run wrote of itself
+    from types import SimpleNamespace
+
+    from fxjax.train.run_lock import locked_run_dirs
+
+    held = SimpleNamespace(train=SimpleNamespace(output_dir=str(staged)), checkpoint_dir=staged / "checkpoints")
+    with locked_run_dirs(held, True, print):
+        assert main(["info", str(staged)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"  training now: pid {os.getpid()} on ")
+    assert main(["info", str(staged)]) == 0
+    assert "training now" not in capsys.readouterr().out
     # a stage that ends after the newest step (a run preempted in alpha): not reached yet, not "no checkpoint"
     state.write_text(json.dumps({**json.loads(state.read_text()), "stage_ends": [["alpha", 2], ["beta", 9]]}))
     assert main(["info", str(staged)]) == 0

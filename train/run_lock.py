@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from fxjax.config_mapping import ConfigError
 
-__all__ = ["EVAL_LOCK_FILE", "LOCK_FILE", "locked_eval_folders", "locked_run_dirs"]
+__all__ = ["EVAL_LOCK_FILE", "LOCK_FILE", "locked_eval_folders", "locked_run_dirs", "training_now"]
 
 LOCK_FILE = ".fxjax-run.lock"
 
@@ -95,6 +95,29 @@ def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[
     finally:
         for fd in fds:
             os.close(fd)  # (closing the last descriptor of the open file drops its flock)
+
+
+def training_now(folder: str | Path) -> str | None:
+    """What the run training in `folder` (a train.output_dir, or a checkpoint folder) says of itself while it
+    holds its lock (`fxjax info`: a run still training, or one that ended); None when no run holds it."""
+    import fcntl
+
+    folder = Path(folder).resolve()
+    for path in (folder / LOCK_FILE, folder.with_name(f".{folder.name}{LOCK_FILE}"),
+                 folder / f".checkpoints{LOCK_FILE}"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return None
 
 
 EVAL_LOCK_FILE = ".fxjax-eval.lock"

@@ -4,6 +4,8 @@ without loading a weight; with no argument, the presets and the run configs fxja
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -40,6 +42,15 @@ def run(args: argparse.Namespace) -> int:
     if source.is_dir() and (source / "adapter_config.json").is_file():  # a PEFT adapter (an export's, or peft's)
         print("\n".join(_describe_adapter(source)))
         return 0
+    parts = [p for p in ("merged", "adapter") if source.is_dir() and (source / p).is_dir()]
+    if parts and not (source / "config.json").is_file() and not (source / "checkpoints").is_dir():
+        # an `fxjax export` folder (its --out): each part it holds (it read "holds no checkpoints")
+        print(f"fxjax export folder {source}: " + " and ".join(f"{p}/" for p in parts))
+        for part in parts:
+            print(f"{part}/:")
+            sys.stdout.flush()
+            run(argparse.Namespace(model=str(source / part)))
+        return 0
     if source.is_dir() and not (source / "config.json").is_file():  # a training run (its steps and start)?
         from fxjax.run_files import RunLoadError, describe_run
 
@@ -48,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         except RunLoadError as err:  # (what is wrong with it as a run: no checkpoints, a step folder, ...)
             raise FileNotFoundError(f"{source}: not an HF checkpoint directory (no config.json); as a fxjax "
                                     f"run: {err}") from None
-        print("\n".join(lines))
+        from fxjax.train.run_lock import training_now
+
+        holder = training_now(source) if os.name == "posix" else None
+        print("\n".join(lines + ([f"  training now: {holder}"] if holder else [])))
         return 0
     if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
         raise FileNotFoundError(f"{args.model} does not exist and is not a preset; give an HF checkpoint "
