@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "kept_start", "read_run_config", "resolve_step", "resumes_from_kept_start",
-           "describe_run", "expand_home", "fxjax_folder_hint", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
+           "describe_run", "expand_home", "fxjax_folder_hint", "is_adapter_not_model", "is_export_folder", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "start_from_kept_copy", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 METRICS_FILE = "metrics.jsonl"  # a run's log in its train.output_dir (fxjax.train.metrics writes it)
@@ -101,15 +101,27 @@ def checkpoint_dir_of(run: str | Path) -> Path:
                        f"train.output_dir) or <step>/ folders (a checkpoint.dir)")
 
 
+def is_adapter_not_model(folder: Path) -> bool:
+    """A PEFT adapter's folder (adapter_config.json, no config.json), given where a model's belongs."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def is_export_folder(folder: Path) -> bool:
+    """The folder of an `fxjax export` (its --out: merged/ and/or adapter/ in it, no model of its own, and no
+    checkpoints: a run whose export.adapter_dir lies in its own folder is a run)."""
+    return (not (folder / "config.json").is_file() and not (folder / "checkpoints").is_dir()
+            and ((folder / "merged" / "config.json").is_file() or (folder / "adapter" / "adapter_config.json").is_file()))
+
+
 def fxjax_folder_hint(folder: str | Path) -> str:
     """What an fxjax folder given where an HF checkpoint or a PEFT adapter belongs is, and how to load it from
     Python (" (...)"; "" for any other folder): a run, one step's checkpoint, or an `fxjax export` folder."""
     folder = Path(folder)
     if not folder.is_dir():
         return ""
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    if is_adapter_not_model(folder):
         return f" ({folder} is a PEFT adapter: load its base model with adapter={folder})"
-    if (folder / "merged" / "config.json").is_file() or (folder / "adapter" / "adapter_config.json").is_file():
+    if is_export_folder(folder):
         return (f" ({folder} is the folder of an `fxjax export`: load {folder / 'merged'}, or the base model with "
                 f"adapter={folder / 'adapter'})")
     if folder.name.isdigit() and (folder / CONFIG_FILE).is_file():

@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"--out: {target} holds files that are not an fxjax export ({held}); --overwrite "
                                   f"replaces only a former export: move them or give another --out")
         require_writable(target, "--out")
-    from fxjax.commands.model_args import is_adapter_not_model, mesh_from_flag
+    from fxjax.commands.model_args import mesh_from_flag
+    from fxjax.run_files import is_adapter_not_model
 
     if args.model is not None:
         model = Path(args.model)

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from fxjax.run_files import is_export_folder
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="describe a checkpoint directory, preset, training run or PEFT adapter",
@@ -42,9 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if source.is_dir() and (source / "adapter_config.json").is_file():  # a PEFT adapter (an export's, or peft's)
         print("\n".join(_describe_adapter(source)))
         return 0
-    parts = [p for p in ("merged", "adapter") if source.is_dir() and (source / p).is_dir()]
-    if parts and not (source / "config.json").is_file() and not (source / "checkpoints").is_dir():
-        # an `fxjax export` folder (its --out): each part it holds (it read "holds no checkpoints")
+    if source.is_dir() and is_export_folder(source):  # each part it holds (it read "holds no checkpoints")
+        parts = [p for p in ("merged", "adapter") if (source / p).is_dir()]
         print(f"fxjax export folder {source}: " + " and ".join(f"{p}/" for p in parts))
         for part in parts:
             print(f"{part}/:")

@@ -22,10 +22,10 @@ from typing import Any
 
 from fxjax.commands.arg_types import positive_int
 from fxjax.export_record import OtherBaseWarning, other_base_note
-from fxjax.run_files import step_or_stage
+from fxjax.run_files import is_adapter_not_model, is_export_folder, step_or_stage
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments",
-           "is_adapter_not_model", "mesh_from_flag", "parse_mesh", "resolve_detector"]
+           "mesh_from_flag", "parse_mesh", "resolve_detector"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False) -> None:
@@ -243,7 +243,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     if model is not None and is_adapter_not_model(model):
         raise ValueError(f"--model: {model} is a PEFT adapter, not a model: pass --model BASE_MODEL_DIR "
                          f"--adapter {model}")
-    if model is not None and not (model / "config.json").is_file() and (model / "merged" / "config.json").is_file():
+    if model is not None and is_export_folder(model) and (model / "merged" / "config.json").is_file():
         raise ValueError(f"--model: {model} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass "
                          f"--model {model / 'merged'}, or the base model with --adapter {model / 'adapter'}")
     if model is not None and getattr(args, "adapter", None) is not None:
@@ -251,11 +251,6 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
         refuse_stacked_adapter(model, Path(args.adapter), f"--adapter: {args.adapter}")
     parse_mesh(getattr(args, "mesh", None))
-
-
-def is_adapter_not_model(folder: Path) -> bool:
-    """A PEFT adapter's folder (adapter_config.json, no config.json) given where a model's belongs."""
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
 
 
 def resolve_detector(args: argparse.Namespace) -> Detector:
