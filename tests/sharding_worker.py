@@ -398,8 +398,9 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
 
 
 def check_sharded_init(checkpoint: Path) -> dict:
-    """The sharded random init (what init_model(cfg, mesh=) runs) is laid out by the rules, and with
-    fsdp = 8 its compiled per-device output (memory_analysis) matches the live per-device bytes."""
+    """The sharded random init (what init_model(cfg, mesh=) runs) is laid out by the rules, draws the values
+    the unsharded init draws (not other values per shard), and with fsdp = 8 its compiled per-device output
+    (memory_analysis) matches the live per-device bytes."""
     from flax import nnx
 
     from fxjax import device_mesh, partition_rules
@@ -416,7 +417,10 @@ def check_sharded_init(checkpoint: Path) -> dict:
         live = partition_rules.device_bytes(model, nnx.Param)
         report = shard_report(model, mesh)
         values = _flat_host(nnx.state(model, nnx.Param))
+        eager = _flat_host(nnx.state(build(), nnx.Param))  # the same seed built unsharded, on one device
         out[",".join(map(str, shape))] = dict(
+            same_names=sorted(values) == sorted(eager),
+            max_diff_to_unsharded=max(float(np.abs(values[k] - eager[k]).max()) for k in values if k in eager),
             bad=report["bad"], split=report["split"], live_max=max(live.values()), live_min=min(live.values()),
             compiled_output_bytes=int(compiled.memory_analysis().output_size_in_bytes),
             abstract_bytes=partition_rules.shard_bytes(model, mesh, nnx.Param),

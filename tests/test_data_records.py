@@ -320,8 +320,10 @@ def test_missing_file_and_bad_options(root):
 
 def test_resolve_image_path(root):
     assert resolve_image_path(root, "img/ok.png") == (root / "img/ok.png").resolve()
-    for bad in ["", "/abs.png", "C:\\x.png", "a/../../b.png", "..\\b.png", 3]:
-        with pytest.raises(ValueError):
+    for bad, says in [("", "non-empty string"), ("/abs.png", "is absolute"), ("C:\\x.png", "is absolute"),
+                      ("a/../../b.png", "escapes the dataset root"), ("..\\b.png", "escapes the dataset root"),
+                      (3, "non-empty string, got 3")]:
+        with pytest.raises(ValueError, match=says):
             resolve_image_path(root, bad)
 
 
@@ -341,7 +343,7 @@ def test_nine_distinct_templates_picked_deterministically():
     assert {p for row in picks for p in row} == set(range(9))  # all templates are used
     assert sum(len(set(row)) > 1 for row in picks) > 250  # the choice changes between epochs
     assert [pick_template(1, i, 0) for i in range(50)] != [row[0] for row in picks[:50]]  # and with the seed
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be >= 0, got \(0, -1, 0\)"):
         pick_template(0, -1, 0)
 
 

@@ -94,9 +94,9 @@ def test_every_artefact_generator_changes_a_region():
 
 
 def test_bad_arguments(tmp_path, capsys):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive, got 0"):
         make_demo_data(tmp_path / "a", n=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_side <= max_side"):
         make_demo_data(tmp_path / "b", n=2, min_side=100, max_side=50)
     with pytest.raises(ValueError, match="no multiple of 28"):
         make_demo_data(tmp_path / "c", n=2, min_side=60, max_side=80, multiple=28)

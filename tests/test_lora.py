@@ -64,8 +64,12 @@ def test_config_scaling_and_validation():
     assert LoRAConfig(rank=4, alpha=8, use_rslora=True).scaling == 4.0  # alpha / sqrt(r)
     assert LoRAConfig(target_modules=["q_proj", "qkv"]).target_modules == ("q_proj", "qkv")
     hash(LoRAConfig(target_modules=["q_proj"], exclude_modules=["o_proj"]))  # a graph static: must hash
-    for bad in (dict(rank=0), dict(rank=2.5), dict(dropout=1.0), dict(target_modules=[]), dict(target_modules=[3])):
-        with pytest.raises((ValueError, TypeError)):
+    for bad, error, says in ((dict(rank=0), ValueError, "rank must be a positive integer, got 0"),
+                             (dict(rank=2.5), ValueError, "rank must be a positive integer, got 2.5"),
+                             (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+                             (dict(target_modules=[]), ValueError, "target_modules is empty"),
+                             (dict(target_modules=[3]), TypeError, "sequence of strings, got \\[3\\]")):
+        with pytest.raises(error, match=says):
             LoRAConfig(**bad)
 
 

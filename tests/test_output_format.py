@@ -37,7 +37,7 @@ def test_render_completion_output_unchanged():
                    "<tag>texture quality, recognizability</tag>\n</think>\n<verdict>generated</verdict>")
     assert render_completion("real") == "<think>\n</think>\n<verdict>real</verdict>"
     assert render_completion("generated") == "<think>\n<tag></tag>\n</think>\n<verdict>generated</verdict>"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="label must be one of"):
         render_completion("fake")
 
 
@@ -87,7 +87,7 @@ def test_render_scaled_completion_scales_to_model_pixels_and_parse_scales_back()
             parse_completion(text, **sizes)
     with pytest.raises(TypeError, match="a completion is a string, got a list: decode the tokens first"):
         parse_completion([1, 2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give both original_size and model_size"):
         render_scaled_completion("generated", [("hand", [0, 0, 1, 1])], original_size=original)
 
 
@@ -97,7 +97,7 @@ def test_scale_boxes():
     np.testing.assert_allclose(s, [[20, 10, 60, 20], [0, 0, 2, 0.5]])
     np.testing.assert_allclose(scale_boxes(s, (50, 400), (100, 200)), b)
     assert scale_boxes([], (1, 1), (2, 2)).shape == (0, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="sizes must be positive"):
         scale_boxes(b, (0, 1), (1, 1))
 
 

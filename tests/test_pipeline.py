@@ -600,11 +600,15 @@ def test_worker_processes_give_the_same_batches_and_restore(demo, tokenizer_dir,
 def test_config_validation():
     ok = dict(data_files=("a.jsonl",), tokenizer="tok")
     DataConfig(**ok)
-    for bad in [dict(on_error="ignore"), dict(format="csv"), dict(long_samples="cut"), dict(batch_size=0),
-                dict(shard_index=0), dict(shard_index=2, shard_count=2), dict(length_buckets=(256, 128)),
-                dict(length_buckets=(128,), max_length=256), dict(num_epochs=0), dict(data_files=()),
-                dict(user_prompt=" ")]:
-        with pytest.raises(ValueError):
+    for bad, says in [(dict(on_error="ignore"), "on_error must be one of"), (dict(format="csv"), "format must be"),
+                      (dict(long_samples="cut"), "long_samples must be"), (dict(batch_size=0), "batch_size must be"),
+                      (dict(shard_index=0), "set both shard_index and shard_count"),
+                      (dict(shard_index=2, shard_count=2), r"shard_index 2 not in \[0, 2\)"),
+                      (dict(length_buckets=(256, 128)), "strictly increasing"),
+                      (dict(length_buckets=(128,), max_length=256), "below max_length 256"),
+                      (dict(num_epochs=0), "num_epochs must be"), (dict(data_files=()), "data_files must be"),
+                      (dict(user_prompt=" "), "user_prompt must be")]:
+        with pytest.raises(ValueError, match=says):
             DataConfig(**{**ok, **bad})
     cfg = DataConfig.from_dict({"data_files": "a.jsonl", "tokenizer": "tok", "length_buckets": [64, 8192]})
     assert cfg.data_files == ("a.jsonl",) and cfg.length_buckets == (64, 8192)

@@ -119,7 +119,7 @@ def test_serving_example_answers_as_fxjax_detect(tmp_path, monkeypatch, capsys):
     assert scope["answer"] == detected["completion"] and len(scope["out"][0]) == scope["input_ids"].shape[1] + 24
 
 
-def test_training_from_python_example_runs_as_written(monkeypatch):
+def test_training_from_python_example_configs_load_and_its_results_are_read(monkeypatch):
     """The README's notebook block, from the repository root: its configs load and validate as written and
     what it reads of the results is there. run_sft / run_grpo themselves (which the commands call, and
     tests/test_sft.py and test_grpo.py run) are replaced by ones that return results of the real types."""

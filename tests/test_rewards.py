@@ -232,9 +232,9 @@ def test_continuous_schedule():
     for t, w in ((0, 0.5), (50, 0.75), (100, 1.0)):
         out = score([GOOD, BAD], [GT, GT], stage="continuous", step=t, total_steps=100)
         np.testing.assert_allclose(out["total"], [w * 0.55 + 2, w * 0.55 - 2], atol=1e-12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs step and total_steps"):
         score([GOOD], [GT], stage="continuous")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="T must be positive, got 0"):
         continuous_weights(1, 0)
 
 
@@ -245,7 +245,7 @@ def test_presets_yaml_matches_reference_table():
     for stage, row in STAGES.items():
         assert load_stage(stage) == RewardWeights(*row)
         assert load_stage(stage, CONFIG_PATH) == RewardWeights(*row)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no reward stage 'delta'"):
         load_stage("delta")
 
 
@@ -311,11 +311,11 @@ def test_weights_override_and_options():
     assert score([GOOD], [GT], weights=w)["total"][0] == 10
     assert score([GOOD], [GT], weights=dict(base=0, w_iou=2, label_plus=0, label_minus=0, format_plus=0,
                                             format_minus=0))["total"][0] == pytest.approx(1.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"missing keys \['format_minus'"):
         score([GOOD], [GT], weights=dict(base=0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="relaxation must be one of"):
         score([GOOD], [GT], relaxation="cubic")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no reward stage 'delta'"):
         score([GOOD], [GT], stage="delta")
 
 
@@ -323,9 +323,9 @@ def test_grouping_and_validation():
     out = score([GOOD, BAD, REAL_GOOD, GOOD], [GT, {"label": "real"}])  # two groups of two
     np.testing.assert_array_equal(out["label"], [1, 0, 1, 0])
     assert score([], [])["total"].shape == (0,)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="3 completions do not split into groups over 2 targets"):
         score([GOOD] * 3, [GT, GT])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="4 completions != 2 targets x group size 3"):
         score([GOOD] * 4, [GT, GT], group_size=3)
     with pytest.raises(TypeError, match="got one string: pass \\[completion\\]"):  # not 26 characters scored
         score(GOOD, [GT])
@@ -335,9 +335,10 @@ def test_grouping_and_validation():
     with pytest.raises(TypeError, match=r"completions\[1\] is a list, not a string: decode the tokens first"):
         score([GOOD, [1, 2, 3]], [GT, GT])
     np.testing.assert_array_equal(score((c for c in [GOOD, None]), iter([GT, GT]))["format"], [1, 0])
-    for bad in ({"label": "fake", "boxes": []}, {"boxes": []}, {"label": "generated", "boxes": [[1, 2, 3]]},
-                {"label": "generated", "boxes": [[0, 0, float("nan"), 1]]}):
-        with pytest.raises(ValueError):
+    for bad, says in (({"label": "fake", "boxes": []}, "label must be one of"), ({"boxes": []}, "needs a 'label' key"),
+                      ({"label": "generated", "boxes": [[1, 2, 3]]}, r"got shape \(1, 3\)"),
+                      ({"label": "generated", "boxes": [[0, 0, float("nan"), 1]]}, "boxes must be finite")):
+        with pytest.raises(ValueError, match=says):
             score([GOOD], [bad])
     # a generated target's boxes under another key (a native record's bbox) scored IoU 0, silently
     with pytest.raises(ValueError, match=r"a generated target needs its true boxes under 'boxes' .*got the keys "

@@ -19,8 +19,7 @@ import numpy as np
 
 from fxjax.data.examples import IGNORE_INDEX  # the label of a token no loss is taken on
 
-__all__ = ["IGNORE_INDEX", "LossTargets", "chunked_cross_entropy", "cross_entropy_sum", "loss_targets",
-           "reference_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "LossTargets", "chunked_cross_entropy", "cross_entropy_sum", "loss_targets"]
 
 
 class LossTargets(NamedTuple):
@@ -112,9 +111,3 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, 
     mask = (shifted != IGNORE_INDEX).astype(jnp.float32)
     nll = _nll(logits[:, :-1], jnp.where(shifted == IGNORE_INDEX, 0, shifted))
     return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def reference_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean token NLL over the supervised tokens, from full logits (for tests and small models)."""
-    total, count = cross_entropy_sum(logits, labels)
-    return total / jnp.maximum(count, 1.0)
