@@ -97,8 +97,11 @@ def checkpoint_dir_of(run: str | Path) -> Path:
         raise RunLoadError(f"{run} is the checkpoint of step {step}, not a run: name the run's folder and the step "
                            f"apart (eval, detect, export: --run {parent} --step {step}; a training start: "
                            f"model.from_run={parent} with model.from_run_step={step}; info: fxjax info {parent})")
+    inside = [p for p in sorted(run.iterdir()) if p.is_dir() and not p.name.startswith(".") and committed_steps(p)]
+    hint = ("; in it, checkpoints in " + ", ".join(f"{p} (steps {steps_text(committed_steps(p))})" for p in inside[:3])
+            + ": a run with its own checkpoint.dir, give that folder") if inside else ""
     raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
-                       f"train.output_dir) or <step>/ folders (a checkpoint.dir)")
+                       f"train.output_dir) or <step>/ folders (a checkpoint.dir){hint}")
 
 
 def is_adapter_not_model(folder: Path) -> bool:

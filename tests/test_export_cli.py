@@ -5,7 +5,9 @@ corrupted steps are errors that name the step and list the steps that exist.
 The checkpoints: 2 processes (gloo on localhost, one CPU device each) write steps 2 and 3 of an SFT run of the
 tiny real-vocabulary model with LoRA on every linear layer (vision, merger, decoder) exactly as `fxjax sft`
 saves them (tests/checkpoint_worker.py: same model, state, checkpointer and config), with random LoRA
-parameters instead of trained ones: compiling the training step would cost a minute (test_sft.py covers it)."""
+parameters instead of trained ones: compiling the training step would cost a minute (test_sft.py covers it).
+`fxjax export --run` of the checkpoint a real two-process `fxjax sft` run wrote (its adapter and its merge):
+tests/test_sft.py::test_two_processes_killed_and_resumed_equal_one_process."""
 
 from __future__ import annotations
 

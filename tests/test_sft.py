@@ -280,9 +280,10 @@ def _wait_all(procs, logs, until: str | None = None) -> list[int]:
     return wait_all(procs, logs, timeout=TIMEOUT, until=until)
 
 
-def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
+def test_two_processes_killed_and_resumed_equal_one_process(setup, straight, capsys):
     """2 processes x 1 device: SIGKILL both after the checkpoint of step 2, resume both, finish, evaluate:
-    the LoRA parameters and the held-out evaluation equal the single-process straight run's."""
+    the LoRA parameters and the held-out evaluation equal the single-process straight run's, and `fxjax
+    export --run` of its checkpoint, from one process, writes that adapter and its merge."""
     root = setup["root"]
     procs, logs = _launch_two(setup, "multi", env={"FXJAX_FAULT": "after_step@2"})
     assert _wait_all(procs, logs, until="fxjax-fault: paused at after_step@2") == [-signal.SIGKILL] * 2
@@ -297,6 +298,7 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     for key in straight:
         np.testing.assert_allclose(multi[key], straight[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert committed_steps(root / "multi" / "ckpt") == [2, 4]
+    _check_export_of_the_two_process_run(root, multi, capsys)
     # the training loss of every step equals the one-process run's
     losses = {name: {r["step"]: r["loss"] for r in map(json.loads, (root / name / "metrics.jsonl").read_text()
                                                      .splitlines()) if r["kind"] == "train"}
@@ -329,6 +331,40 @@ def test_two_processes_killed_and_resumed_equal_one_process(setup, straight):
     # An untrained tiny model scores ~0 on both sides, so the greedy completions themselves must agree.
     assert one["samples"] and all(s["completion"] for s in one["samples"])
     assert two["samples"] == one["samples"]
+
+
+def _check_export_of_the_two_process_run(root: Path, adapter: dict[str, np.ndarray], capsys) -> None:
+    """`fxjax export --run` of the checkpoint the two processes wrote, from this one process: its adapter is
+    the run's own at the last step, and merged/ holds the base weight + (alpha / rank) B A of every LoRA
+    module (computed here in float64 from the exported adapter and the base checkpoint's tensors)."""
+    from fxjax.cli import main
+    from fxjax.hf_checkpoint import iter_tensors, weight_files
+
+    out = root / "multi-export"
+    # the run's output folder holds no checkpoints (its checkpoint.dir is multi/ckpt): the error names that folder
+    capsys.readouterr()
+    assert main(["export", "--run", str(root / "multi"), "--out", str(out)]) == 2 and not out.exists()
+    assert f"in it, checkpoints in {root / 'multi' / 'ckpt'} (steps 2, 4)" in capsys.readouterr().err
+    assert main(["export", "--run", str(root / "multi" / "ckpt"), "--out", str(out)]) == 0
+    exported = adapter_tensors(out / "adapter")
+    assert exported.keys() == adapter.keys()
+    for key, value in adapter.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    base = {name: t for name, _, t in iter_tensors(weight_files(root / "model"))}
+    merged = {name: t for name, _, t in iter_tensors(weight_files(out / "merged"))}
+    modules = sorted(key[len("base_model.model."):-len(".lora_A.weight")] for key in exported if ".lora_A." in key)
+    assert modules and set(merged) == set(base)
+    # PEFT names transformers 5's modules (model.language_model..., model.visual...); the checkpoint keeps
+    # the stored names (model.layers..., visual...), as transformers saves Qwen2.5-VL
+    stored = {m: m.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+              for m in modules}
+    for module in modules:
+        a, b = (exported[f"base_model.model.{module}.lora_{x}.weight"].astype(np.float64) for x in "AB")
+        name = f"{stored[module]}.weight"
+        want = base[name].astype(np.float64) + (8 / 4) * b @ a
+        np.testing.assert_allclose(merged[name], want, rtol=1e-6, atol=1e-6, err_msg=module)
+    untouched = [n for n in base if not any(n.startswith(m + ".") for m in stored.values())]
+    assert untouched and all(np.array_equal(merged[n], base[n]) for n in untouched)
 
 
 def test_a_per_process_data_state_restores_only_with_its_process_count_and_rows():
