@@ -214,6 +214,7 @@ def _unknown_keys(keys: list[str], where: str, names: list[str]) -> ConfigError:
     root = _ROOT.get()
     paths = _key_paths(root) if root is not None else {}
     foreign = getattr(root, "FOREIGN_KEYS", {})
+    prefixes = getattr(root, "FOREIGN_PREFIXES", {})
 
     def hint(key: str) -> str:
         here = f"{where}.{key}" if where else key
@@ -222,6 +223,9 @@ def _unknown_keys(keys: list[str], where: str, names: list[str]) -> ConfigError:
             return f" (did you mean {' or '.join(elsewhere)}?)"
         if key in foreign:
             return f" ({foreign[key]})"
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is not None:
+            return f" ({prefixes[prefix]})"
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
         return f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
 

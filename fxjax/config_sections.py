@@ -222,7 +222,7 @@ class TrainSection:
     loss_chunk: int = 256  # target tokens per lm_head chunk of the cross-entropy
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
     output_dir: str = "runs/sft"
-    log_every: int = 1  # SFT: metrics.jsonl / TensorBoard interval (steps; values are its means); GRPO: every step
+    log_every: int = 1  # SFT: metrics.jsonl / TensorBoard interval (steps; values are its means); GRPO: 1 only
     progress_bar: bool = True
     tensorboard: bool = True  # write TensorBoard events when a writer is installed
     profile_steps: int = 0  # updates (GRPO: steps) to trace with jax.profiler into <output_dir>/profile (0: off)

@@ -206,10 +206,62 @@ class GRPOConfig(RunConfig):
                                        "num_generations",
         "gradient_accumulation_steps": "here optim.grad_accum, which splits data.batch_size into micro-batches "
                                        "where TRL's multiplies the batch: fold it into data.batch_size",
-        "max_steps": "here each stage's stages[i].steps, or train.steps with grpo.schedule=continuous",
+        "max_steps": "here each stage's stages[i].steps, or train.steps with grpo.schedule=continuous: sampling "
+                     "steps, each grpo.num_iterations updates, where TRL's max_steps counts updates: divide it by "
+                     "num_iterations",
+        "save_steps": "here checkpoint.every, in sampling steps (each grpo.num_iterations updates; TRL counts "
+                      "updates)",
+        "eval_steps": "here eval.every, in sampling steps; the held-out evaluation decodes one greedy answer per "
+                      "image and scores format, verdict and IoU (TRL's samples num_generations_eval and logs their "
+                      "reward)",
+        "reward_weights": "here each stage's weights (grpo.reward_config, configs/rewards.yaml) and "
+                          "grpo.reward_funcs[i].weight for terms of your own",
+        "multi_objective_aggregation": "here the terms are summed, then normalised in the group (TRL's "
+                                       "sum_then_normalize); normalize_then_sum is not supported",
+        "generation_batch_size": "not supported: a step samples data.batch_size prompts x grpo.num_generations and "
+                                 "updates on them (grpo.num_iterations times), without off-policy mini-batches",
+        "steps_per_generation": "not supported: a step samples data.batch_size prompts x grpo.num_generations and "
+                                "updates on them (grpo.num_iterations times), without off-policy mini-batches",
+        "num_generations_eval": "not supported: the held-out evaluation decodes one greedy answer per image",
+        "min_p": "not supported: sampling takes grpo.temperature, top_k and top_p",
+        "repetition_penalty": "not supported: sampling takes grpo.temperature, top_k and top_p",
+        "generation_kwargs": "not supported: sampling takes grpo.temperature, top_k and top_p",
+        "top_entropy_quantile": "not supported: every completion token is in the loss (the entropy is logged)",
+        "entropy_coef": "not supported: no entropy bonus (the entropy is logged)",
+        "off_policy_mask_threshold": "not supported: the completions are sampled by the policy being updated",
+        "sync_ref_model": "not supported: the reference is the base model (LoRA off), fixed",
+        "ref_model_sync_steps": "not supported: the reference is the base model (LoRA off), fixed",
+        "ref_model_mixup_alpha": "not supported: the reference is the base model (LoRA off), fixed",
+        "use_vllm": "not supported: sampling runs in fxjax's own jitted decoder (KV cache), under the run's mesh",
+        "vllm_importance_sampling_correction": "not needed: the completions are sampled by the policy's own "
+                                               "decoder, its log-probs those of the update",
+        "cast_lm_head_to_fp32": "here the log-probs always come from float32 logits",
+        "num_completions_to_print": "here grpo.log_completions writes every sampled completion to completions.jsonl",
+        "log_unique_prompts": "here grpo.log_completions writes every sampled completion to completions.jsonl",
+        "log_multimodal": "here grpo.log_completions writes every sampled completion to completions.jsonl (with "
+                          "its record's id, not the image)",
+        "log_completions_hub_repo": "not supported: nothing is uploaded (grpo.log_completions: completions.jsonl)",
+        "model_init_kwargs": "here the model section (path, dtype, param_dtype, attention)",
+        "trust_remote_code": "not needed: Qwen2.5-VL is fxjax's own model",
+        "router_aux_loss_coef": "not supported: Qwen2.5-VL has no router (it is not a mixture of experts)",
+        "ds3_gather_for_generation": "not needed: no DeepSpeed; the mesh section shards the parameters",
+        "pad_to_multiple_of": "here data.length_buckets (prompts) and the decoder's own completion padding",
+        "chat_template_kwargs": "not supported: the tokenizer's chat template, with data.system_prompt and "
+                                "data.user_prompt",
+        "cache_implementation": "not needed: sampling uses fxjax's own KV cache",
+        "use_adaptive_entropy": "not supported: no entropy bonus (the entropy is logged)",
+        "max_tool_calling_iterations": "not supported: no tool calls",
         "num_train_epochs": "here each stage's stages[i].epochs",
         "logging_steps": "here every step is logged",
         "max_prompt_length": "here data.max_length (prompt tokens, image tokens included)",
+    }
+    # TRL's families of keys (its vLLM server, VESPO's loss, the entropy controller, transformers' batching)
+    FOREIGN_PREFIXES: ClassVar[dict[str, str]] = {
+        "vllm_": "not supported: sampling runs in fxjax's own jitted decoder (KV cache), under the run's mesh",
+        "vespo_": "not supported: loss_type vespo is not here (TRL 1.16's other seven are: grpo.loss_type)",
+        "entropy_": "not supported: no entropy bonus (the entropy is logged)",
+        "use_transformers_": "not needed: sampling runs in fxjax's own jitted decoder (KV cache)",
+        "transformers_continuous_batching": "not needed: sampling runs in fxjax's own jitted decoder (KV cache)",
     }
 
     train: GRPOTrainSection = field(default_factory=GRPOTrainSection)
@@ -240,6 +292,9 @@ class GRPOConfig(RunConfig):
         else:
             check_positive(self.train.steps, "train.steps")
         self.train.validate_all_but_length("train")  # the rest of the train section as SFT checks it
+        if self.train.log_every != 1:  # (SFT's interval: GRPO's metrics are each step's own, over its completions)
+            raise ConfigError(f"train.log_every: {self.train.log_every}, but GRPO logs every step (each a mean over "
+                              f"its completions; the interval is SFT's): leave it out or set 1")
         if self.optim.grad_accum != 1 and self.data.batch_size % self.optim.grad_accum:
             raise ConfigError(f"optim.grad_accum: {self.optim.grad_accum} must divide data.batch_size "
                               f"({self.data.batch_size} prompts per step): micro-batches hold whole groups")

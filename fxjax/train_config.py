@@ -107,6 +107,16 @@ class RunConfig:
         "bf16": "here model.dtype: bfloat16", "r": "here lora.rank", "lora_r": "here lora.rank",
         "lora_alpha": "here lora.alpha", "lora_dropout": "here lora.dropout", "adam_beta1": "here optim.b1",
         "adam_beta2": "here optim.b2", "adam_epsilon": "here optim.eps",
+        "model_name_or_path": "here model.path", "torch_dtype": "here model.dtype",
+        "gradient_checkpointing": "here model.remat (full by default; none: off)",
+        "per_device_eval_batch_size": "here eval.batch_size: examples a batch over all devices",
+        "eval_strategy": "here eval.every (steps; 0: none), eval.at_start and eval.at_end",
+        "evaluation_strategy": "here eval.every (steps; 0: none), eval.at_start and eval.at_end",
+        "save_strategy": "here checkpoint.every (steps)", "shuffle_dataset": "here data.shuffle",
+        "lora_target_modules": "here lora.target_modules", "use_peft": "here the LoRA is always on (the lora section)",
+        "report_to": "here metrics.jsonl always, and TensorBoard events with train.tensorboard",
+        "disable_dropout": "here lora.dropout: 0 (the model itself has no dropout)",
+        "use_liger_kernel": "not supported: the loss is fxjax's chunked cross-entropy (train.loss_chunk)",
     }
 
     model: ModelSection = field(default_factory=ModelSection)

@@ -605,6 +605,12 @@ def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads
     assert said[2] == ("warning: stage beta: label_minus +1 is positive: a wrong verdict earns a reward (the *_minus "
                        "values are added as written; a penalty is negative)")
     assert said[3].startswith("note: grpo.loss_type luspo with importance_sampling_level token") and len(said) == 4
+    said.clear()  # GSPO's sequence ratio with a loss that sums token terms weighs each sequence by its length (TRL warns)
+    gspo_dapo = grpo_from_dict({**base, "grpo": {"loss_type": "dapo", "importance_sampling_level": "sequence",
+                                                 "max_completion_length": 64}})
+    say_stage_weights(gspo_dapo, 300, said.append)
+    assert said[-1] == ("note: importance_sampling_level sequence with grpo.loss_type dapo: that loss sums per-token "
+                        "terms, so each sequence weighs as its length (TRL warns too); GSPO's setup is loss_type grpo")
     said.clear()  # held-out decoding longer than any rollout (eval.max_new_tokens 512 by default): a note
     with_eval = grpo_from_dict({**base, "data": {**base["data"], "eval_files": ["e.jsonl"]},
                                 "grpo": {"max_completion_length": 64}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -331,7 +332,8 @@ def test_a_trl_grpo_configs_names_are_pointed_to_their_keys_here():
         grpo_from_dict({**data, "beta": 0.0, "num_generations": 4, "per_device_train_batch_size": 8, "max_steps": 9})
     assert str(err.value).startswith(
         "unknown keys: beta (did you mean grpo.beta?); max_steps (here each stage's stages[i].steps, or train.steps "
-        "with grpo.schedule=continuous); num_generations (did you mean grpo.num_generations?); "
+        "with grpo.schedule=continuous: sampling steps, each grpo.num_iterations updates, where TRL's max_steps "
+        "counts updates: divide it by num_iterations); num_generations (did you mean grpo.num_generations?); "
         "per_device_train_batch_size (here data.batch_size, in prompts: each is sampled grpo.num_generations times; "
         "TRL's counts completions per device: data.batch_size = per_device_train_batch_size x devices x "
         "gradient_accumulation_steps / num_generations); the config takes ['model',"), str(err.value)
@@ -571,6 +573,37 @@ def test_cli_reports_a_distributed_setting_that_cannot_work_as_an_error(tmp_path
     assert main(["sft", "--config", str(path), "--set", "distributed.process_id=1"]) == 2
     err = capsys.readouterr().err
     assert "fxjax sft: error: process_id (FXJAX_PROCESS_ID) set without num_processes (FXJAX_NUM_PROCESSES)" in err
+
+
+def test_every_key_of_trls_grpo_config_is_pointed_to_its_place_here_or_said_unsupported():
+    """A TRL 1.16 GRPOConfig key of its own (not the Trainer's) in a GRPO config: each is refused saying where it
+    goes here or that it is not supported (reward_weights, steps_per_generation, min_p, vllm_*, ... said only
+    "unknown key" and listed the sections); read from the installed TRL, so a key a new TRL adds fails here."""
+    import transformers
+    import trl
+
+    from fxjax.grpo_config import grpo_from_dict
+
+    trainer = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    own = [f.name for f in dataclasses.fields(trl.GRPOConfig) if f.name not in trainer]
+    data = {k: dict(v) for k, v in MINIMAL.items() if k != "train"}
+    assert len(own) > 50
+    bare = []
+    for key in own:
+        with pytest.raises(ConfigError) as err:
+            grpo_from_dict({**data, key: 1})
+        if not str(err.value).startswith(f"{key}: unknown key ("):
+            bare.append(key)
+    assert bare == []
+    for key, says in (("reward_weights", "grpo.reward_funcs[i].weight"), ("vllm_mode", "not supported: sampling runs"),
+                      ("steps_per_generation", "without off-policy mini-batches"), ("shuffle_dataset", "data.shuffle"),
+                      ("save_steps", "here checkpoint.every, in sampling steps")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            grpo_from_dict({**data, key: 1})
+    # GRPO logs every step: train.log_every (SFT's interval) was taken and did nothing
+    with pytest.raises(ConfigError, match=r"^train.log_every: 10, but GRPO logs every step"):
+        grpo_from_dict({**data, "train": {"log_every": 10}})
+    grpo_from_dict({**data, "train": {"log_every": 1}})
 
 
 def test_scale_rewards_takes_trls_booleans_and_nothing_else_that_is_not_a_mode():

@@ -104,6 +104,9 @@ def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], No
     if g.loss_type == "luspo" and g.importance_sampling_level != "sequence":
         say("note: grpo.loss_type luspo with importance_sampling_level token: its paper (and TRL's warning) use "
             "sequence")
+    if g.importance_sampling_level == "sequence" and g.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        say(f"note: importance_sampling_level sequence with grpo.loss_type {g.loss_type}: that loss sums per-token "
+            f"terms, so each sequence weighs as its length (TRL warns too); GSPO's setup is loss_type grpo")
     if evaluates(cfg) and cfg.eval.max_new_tokens > g.max_completion_length:
         say(f"note: eval.max_new_tokens {cfg.eval.max_new_tokens} is above grpo.max_completion_length "
             f"{g.max_completion_length}: the held-out evaluation may decode longer than any rollout (its time "
