@@ -131,8 +131,10 @@ def test_bad_dataset_lists_every_invalid_record(capsys, tmp_path):
     # --allow-absolute-paths accepts line 9.
     rc, out = check(capsys, path, "--allow-absolute-paths")
     assert rc == 1 and f"records: 10, valid 5, invalid {len(bad) - 1}" in out and f"{path}:9: [" not in out
-    assert f"1 image(s) in more than one record of a file (trained on more often): {absolute} ({path}:1 generated, " \
-           f"{path}:9 generated)" in out  # line 9 names line 1's image by its absolute path
+    assert (f"1 image(s) in more than one record of a file (trained on more often; where these are an image's boxes "
+            f"one record each, merge them into one record's 'regions': each record's answer names only its own box, "
+            f"and teaches the others as absent): {absolute} ({path}:1 generated, {path}:9 generated)") in out
+    # (line 9 names line 1's image by its absolute path, with another box)
 
 
 def test_ms_swift_answers_that_break_the_output_format_are_warned_about(capsys, tmp_path):
@@ -382,6 +384,91 @@ def test_an_annotators_mistakes_are_named_where_they_would_train_silently(capsys
     assert main(["data", "check", str(wrapped)]) == 2
     err = capsys.readouterr().err
     assert f"{wrapped}: holds a record spread over lines (line 1 is not a whole JSON object" in err, err
+
+
+def test_a_dataset_of_another_layout_is_named_for_what_it_is(capsys, tmp_path):
+    """What a researcher's own dataset brings (a review in a user's shoes): boxes under COCO-like keys (a real
+    record's passed silently, a generated one's said only "must have at least one region"), the record's own
+    width/height of a resized copy (passed), a box a fraction of a pixel past the edge (no way out said), a
+    flat box (got the COCO hint and a false warning about the whole file), a tag with a comma (read back as
+    two tags), the image under another key, a file name in the wrong case, one record per box of an image,
+    a 10 x 10 image, a COCO annotation file and a CSV given as JSONL."""
+    from PIL import Image
+
+    Image.new("RGB", (200, 150), (30, 60, 90)).save(tmp_path / "plain.png")
+    Image.new("RGB", (10, 10), (90, 60, 30)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (64, 64), (60, 90, 30)).save(tmp_path / "other.png")
+    seam = {"bbox": [20, 30, 80, 90], "caption": "a seam"}
+    rows = [{"image": "plain.png", "label": "generated", "bbox": [20, 30, 80, 90], "caption": "x"},  # 1
+            {"image": "other.png", "label": "real", "bbox": [2, 3, 8, 9]},  # 2: passes, its box not read
+            {"image": "plain.png", "label": "generated", "regions": [seam], "width": 400, "height": 300},  # 3
+            {"image": "plain.png", "label": "generated", "regions": [{"bbox": [-0.5, 0, 50, 50], "caption": "c"}]},
+            {"image": "plain.png", "label": "generated", "regions": [{"bbox": [50, 60, 50, 90], "caption": "c"}]},
+            {"image": "plain.png", "label": "generated", "regions": [seam], "tags": ["texture, skin"]},  # 6
+            {"image_path": "plain.png", "label": "real"},  # 7
+            {"image": "Plain.PNG", "label": "real"},  # 8
+            {"image": "plain.png", "label": "generated", "regions": [{"bbox": [1, 2, 30, 40], "caption": "a"}]},
+            {"image": "tiny.png", "label": "real"}]  # 10
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out = check(capsys, path, "--show", "all")
+    assert rc == 1, out
+    assert (f"{path}:1: [no_regions] a generated image must have at least one region (it has 'bbox': boxes are read "
+            f"from 'regions' only") in out, out
+    assert f"{path}: 2 record(s) (lines 1, 2) have a key 'bbox' and no 'regions': fxjax reads boxes from 'regions'" in out
+    assert (f"1 record(s) give a width and height other than their image's ({path}:3: 400x300 given, the file "
+            f"200x150): boxes are read in the image file's pixels") in out, out
+    assert ("lies outside the 200x150 image (width x height); it is 0.5 px past the edge: clamped to the image it "
+            "is [0, 0, 50, 50]") in out, out
+    assert f"{path}:5: [box_tiny] region 0 bbox [50, 60, 50, 90] is empty: zero width (x1 = x2)" in out, out
+    assert "COCO" not in out  # (the flat box gave the COCO hint, and with it a warning about the file's valid boxes)
+    assert f"{path}:6: [schema] tag 0 'texture, skin' holds a comma" in out, out
+    assert (f"{path}:7: [schema] missing field 'image' (the record's keys: image_path, label; rename 'image_path' to "
+            f"'image')") in out, out
+    assert f"{path}:8: [image_missing]" in out and "('plain.png' exists: file names are case-sensitive here)" in out
+    assert ("image(s) in more than one record of a file (trained on more often; where these are an image's boxes "
+            "one record each, merge them into one record's 'regions'") in out, out
+    assert "1 image(s) under 28 pixels on a side (one image token is 28 x 28 pixels): each is enlarged" in out, out
+    assert f"{path}:10 (10x10)" in out and "labelled both" not in out
+    # whole files of another layout: one message naming it, not one error per line
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({"info": {}, "images": [{"id": 1, "file_name": "plain.png", "width": 200,
+                                                         "height": 150}],
+                                "annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4], "category_id": 1}],
+                                "categories": [{"id": 1, "name": "seam"}]}, indent=1))
+    table = tmp_path / "boxes.csv"
+    table.write_text("image,label,x,y,w,h,caption\nplain.png,generated,1,2,3,4,seam\n")
+    for given, says in ((coco, "looks like a COCO annotation file"), (table, "looks like CSV, not JSON Lines")):
+        assert main(["data", "check", str(given)]) == 2
+        assert f"{given}: {says}" in capsys.readouterr().err
+
+
+def test_the_docs_coco_conversion_gives_records_the_check_accepts(capsys, tmp_path, monkeypatch):
+    """docs/data.md's "From a COCO annotation file" block, run as it is: labels from having boxes, category
+    names as captions, [x, y, w, h] as corners, a box that slips past the edge clamped."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = docs.split("### From a COCO annotation file", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    Image.new("RGB", (300, 200), (30, 60, 90)).save(tmp_path / "fake.png")
+    Image.new("RGB", (120, 80), (90, 60, 30)).save(tmp_path / "photo.png")
+    (tmp_path / "instances.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "fake.png", "width": 300, "height": 200},
+                   {"id": 8, "file_name": "photo.png", "width": 120, "height": 80}],
+        "annotations": [{"id": 1, "image_id": 7, "bbox": [100, 50, 150, 120], "category_id": 3},
+                        {"id": 2, "image_id": 7, "bbox": [250.5, 10, 50, 30], "category_id": 4}],
+        "categories": [{"id": 3, "name": "melted hand"}, {"id": 4, "name": "seam"}]}))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/data.md", "exec"), {})
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert records == [{"image": "fake.png", "label": "generated",
+                        "regions": [{"bbox": [100, 50, 250, 170], "caption": "melted hand"},
+                                    {"bbox": [250.5, 10, 300, 40], "caption": "seam"}]},
+                       {"image": "photo.png", "label": "real", "regions": []}]
+    rc, out = check(capsys, tmp_path / "train.jsonl")
+    assert rc == 0 and "OK: 0 of 2 records invalid" in out, out
 
 
 def test_the_docs_csv_conversion_gives_records_the_check_accepts(capsys, tmp_path, monkeypatch):

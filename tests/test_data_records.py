@@ -185,9 +185,10 @@ BAD = {
     "box outside": (native(regions=[{"bbox": [10, 10, 65, 20], "caption": "c"}]), "box_outside", "outside the 64x48"),
     "box negative": (native(regions=[{"bbox": [-1, 10, 20, 20], "caption": "c"}]), "box_outside", "outside"),
     "box inverted": (native(regions=[{"bbox": [30, 10, 20, 20], "caption": "c"}]), "box_inverted",
-                     "inverted or empty (needs x1 < x2 and y1 < y2); if it is COCO's [x, y, w, h], write corners "
+                     "inverted (needs x1 < x2 and y1 < y2); if it is COCO's [x, y, w, h], write corners "
                      "[x, y, x + w, y + h] = [30, 10, 50, 30]"),
-    "box empty": (native(regions=[{"bbox": [10, 10, 10, 20], "caption": "c"}]), "box_inverted", "inverted or empty"),
+    "box empty": (native(regions=[{"bbox": [10, 10, 10, 20], "caption": "c"}]), "box_tiny",
+                  "region 0 bbox [10, 10, 10, 20] is empty: zero width (x1 = x2)$"),  # (no COCO hint: not a COCO box)
     "box nan": ('{"image": "img/ok.png", "label": "generated", "regions": [{"bbox": [1, NaN, 5, 9], '
                 '"caption": "c"}]}', "box_nonfinite", "non-finite"),
     "box inf": ('{"image": "img/ok.png", "label": "generated", "regions": [{"bbox": [1, 2, 1e999, 9], '
@@ -211,7 +212,9 @@ BAD = {
                                               "<verdict>maybe</verdict>"), "label", "unknown label 'maybe'"),
     "swift no verdict": (swift(assistant="<ref-object><bbox>"), "label", "no <verdict>"),
     "swift box outside": (swift(boxes=([2, 3, 20, 49],)), "box_outside",
-                          "object 0 bbox [2, 3, 20, 49] lies outside the 64x48 image (width x height)$"),
+                          "object 0 bbox [2, 3, 20, 49] lies outside the 64x48 image (width x height); it is 1 px "
+                          "past the edge: clamped to the image it is [2, 3, 20, 48] (x to [0, 64], y to [0, 48]; "
+                          "docs/data.md's conversion recipe clamps)$"),
     "swift generated without objects": (swift(assistant="<think> x\n</think><verdict>generated</verdict>", refs=(),
                                               boxes=()), "no_regions", "at least one region"),
     "swift two images": (swift(images=["img/ok.png", "img/gray.png"]), "schema", "exactly one image"),

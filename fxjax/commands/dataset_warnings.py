@@ -45,8 +45,12 @@ def dataset_warnings(records, hints: Sequence[str], limit: int = 5, threads: int
     same = [(i, rs) for i, rs in repeated if len({r.label for r in rs}) == 1
             and len(files[i]) > len(set(files[i]))]  # repeated within a file
     if same:
-        out.append(f"{len(same)} image(s) in more than one record of a file (trained on more often): "
-                   f"{examples(same)}")
+        boxed_apart = any(len({tuple(region.bbox for region in r.regions) for r in rs if r.regions}) > 1
+                          for _, rs in same)  # (records that box one image differently: its boxes one by one?)
+        out.append(f"{len(same)} image(s) in more than one record of a file (trained on more often"
+                   + ("; where these are an image's boxes one record each, merge them into one record's 'regions': "
+                      "each record's answer names only its own box, and teaches the others as absent"
+                      if boxed_apart else "") + f"): {examples(same)}")
     shared = [(i, rs) for i, rs in repeated if len(set(files[i])) > 1]
     if shared:
         out.append(f"{len(shared)} image(s) in more than one file (a leak if the files are train and test "
@@ -70,6 +74,12 @@ def dataset_warnings(records, hints: Sequence[str], limit: int = 5, threads: int
                    f"load_image turns them: check that the annotations were drawn on that frame (a box drawn on the "
                    f"stored one can still lie inside the image, misplaced): {shown}"
                    + (f"; and {len(turned) - limit} more" if len(turned) > limit else ""))
+    small = [r for r in records if min(r.width, r.height) < 28]
+    if small:
+        shown = ", ".join(f"{r.source} ({r.width}x{r.height})" for r in small[:limit])
+        out.append(f"{len(small)} image(s) under 28 pixels on a side (one image token is 28 x 28 pixels): each is "
+                   f"enlarged to data.min_pixels, its detail made up by the resize: {shown}"
+                   + (f"; and {len(small) - limit} more" if len(small) > limit else ""))
     broken = [(r.source, why) for r in records if (why := answer_problem(r))]
     if broken:
         shown = "; ".join(f"{source}: {why}" for source, why in broken[:limit])

@@ -97,6 +97,10 @@ class ParsedRecord:
 
 
 NATIVE_FIELDS = ("image", "label", "regions", "tags", "reasoning", "generator", "id")
+# where other datasets keep a record's boxes and image path (COCO-like exports, one box per record, HF datasets)
+BOX_KEYS = ("bbox", "bboxes", "box", "boxes", "annotations", "objects")
+IMAGE_KEYS = ("file_name", "filename", "image_path", "img_path", "path", "filepath", "file", "img", "image_file",
+              "images")
 
 
 def misspelt_fields(obj: Any) -> list[tuple[str, str]]:
@@ -108,8 +112,28 @@ def misspelt_fields(obj: Any) -> list[tuple[str, str]]:
     if not isinstance(obj, dict) or detect_format(obj) != "native":
         return []
     absent = [f for f in NATIVE_FIELDS if f not in obj]
-    return [(key, close[0]) for key in obj if key not in NATIVE_FIELDS
-            for close in [difflib.get_close_matches(str(key), absent, n=1, cutoff=0.75)] if close]
+    boxes = [(key, "regions") for key in obj if key in BOX_KEYS and "regions" not in obj]  # (read as no boxes)
+    return boxes + [(key, close[0]) for key in obj if key not in NATIVE_FIELDS and key not in BOX_KEYS
+                    for close in [difflib.get_close_matches(str(key), absent, n=1, cutoff=0.75)] if close]
+
+
+def _keys_note(obj: dict) -> str:
+    """The record's keys, for an error about one it lacks (`image_path` given for `image`)."""
+    if detect_format(obj) == "swift":  # (read as native by the format setting: that is said after this)
+        return ""
+    keys = list(map(str, obj))
+    shown = ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
+    alias = next((k for k in keys if k.lower() in IMAGE_KEYS and isinstance(obj[k], str)), None)
+    return f" (the record's keys: {shown}" + (f"; rename {alias!r} to 'image'" if alias else "") + ")"
+
+
+def _boxes_elsewhere_note(obj: dict) -> str:
+    """A generated record without regions whose boxes are under a key fxjax does not read."""
+    found = [k for k in obj if k in BOX_KEYS]
+    if not found:
+        return ""
+    return (f" (it has {', '.join(map(repr, found))}: boxes are read from 'regions' only, each "
+            "{\"bbox\": [x1, y1, x2, y2], \"caption\": \"...\"}; docs/data.md converts other layouts)")
 
 
 def detect_format(obj: dict) -> str:
@@ -143,7 +167,8 @@ def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
                 from None
         raise
     if parsed.label == "generated" and not parsed.regions:
-        raise RecordProblem("a generated image must have at least one region", "no_regions")
+        raise RecordProblem("a generated image must have at least one region" + _boxes_elsewhere_note(obj),
+                            "no_regions")
     if parsed.label == "real" and parsed.regions:
         raise RecordProblem(f"a real image must not have regions (has {len(parsed.regions)})", "schema")
     return parsed
@@ -180,7 +205,7 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int, orientation: 
                      f"{[_fmt(round(v, 2)) for v in box]} in pixels)") if parsed.bbox_type == "norm1" else \
                 [_fmt(v) for v in box]
             raise RecordProblem(f"{what} {i} bbox {shown} lies outside the {width}x{height} image (width x height)"
-                                + (_rotation_hint(width, height, orientation) or
+                                + (_rotation_hint(width, height, orientation) or _slip_hint(box, width, height) or
                                    _thousandths_hint(box, width, height, parsed.bbox_type)), "box_outside")
         if x2 - x1 < 1 or y2 - y1 < 1:  # (written in whole pixels, the model would learn an empty box)
             raise RecordProblem(f"{what} {i} bbox {[_fmt(round(v, 3)) for v in box]} is under one pixel wide or "
@@ -198,6 +223,18 @@ def _rotation_hint(width: int, height: int, orientation: int) -> str:
     return (f"; the file is stored as {height}x{width} with EXIF orientation {orientation}, and boxes are read in "
             f"the displayed {width}x{height} frame (as transformers' load_image turns it; PIL: "
             f"ImageOps.exif_transpose(image).size): convert boxes drawn on the stored frame")
+
+
+def _slip_hint(box: Box, width: int, height: int) -> str:
+    """A box past the edge by at most 2 pixels (an annotation tool's rounding, a drag past the border): say by
+    how much and what clamping it gives (nothing is clamped here: the fix is the dataset's)."""
+    x1, y1, x2, y2 = box
+    past = max(-x1, -y1, x2 - width, y2 - height)
+    if past > 2:
+        return ""
+    clamped = [_fmt(round(v, 3)) for v in (max(x1, 0), max(y1, 0), min(x2, width), min(y2, height))]
+    return (f"; it is {_fmt(round(past, 3))} px past the edge: clamped to the image it is {clamped} (x to [0, "
+            f"{width}], y to [0, {height}]; docs/data.md's conversion recipe clamps)")
 
 
 def _thousandths_hint(box: Box, width: int, height: int, bbox_type: str) -> str:
@@ -236,6 +273,17 @@ def _caption(value: Any, what: str) -> str:
     return caption
 
 
+def _tag(value: Any, what: str) -> str:
+    """One image-level tag, stripped: the answer lists the tags comma-separated on one line (`<tag>a, b</tag>`),
+    so a comma or a line break inside one reads back as other tags."""
+    tag = _text(value, what, allow_empty=False).strip()
+    if "," in tag or "\n" in tag or "\r" in tag:
+        raise RecordProblem(f"{what} {tag!r} holds a {'comma' if ',' in tag else 'line break'}: the answer lists the "
+                            "tags comma-separated on one line, so it would read back as other tags; give each tag "
+                            "as its own string", "schema")
+    return tag
+
+
 def _label(value: Any) -> str:
     if not isinstance(value, str) or value.strip().lower() not in LABELS:
         raise RecordProblem(f"unknown label {value!r}; expected one of {LABELS}", "label")
@@ -254,16 +302,19 @@ def _box_numbers(box: Any, what: str) -> Box:
         if not math.isfinite(v):
             raise RecordProblem(f"{what} has a non-finite coordinate {v!r}", "box_nonfinite")
     x1, y1, x2, y2 = (float(v) for v in box)
+    if (x2 == x1 and y2 >= y1) or (y2 == y1 and x2 >= x1):  # (no COCO hint: [x, y, w, h] is never flat so)
+        raise RecordProblem(f"{what} {[_fmt(v) for v in box]} is empty: zero {'width (x1 = x2)' if x2 == x1 else 'height (y1 = y2)'}",
+                            "box_tiny")
     if x2 <= x1 or y2 <= y1:
         # COCO's [x, y, w, h] read as corners is inverted whenever w <= x or h <= y: say how to convert it
         coco = (f"; if it is COCO's [x, y, w, h], write corners [x, y, x + w, y + h] = "
                 f"{[_fmt(x1), _fmt(y1), _fmt(x1 + x2), _fmt(y1 + y2)]}") if x2 > 0 and y2 > 0 else ""
-        raise RecordProblem(f"{what} {box!r} is inverted or empty (needs x1 < x2 and y1 < y2){coco}", "box_inverted")
+        raise RecordProblem(f"{what} {box!r} is inverted (needs x1 < x2 and y1 < y2){coco}", "box_inverted")
     return x1, y1, x2, y2
 
 
 def _fmt(v: float) -> int | float:
-    return int(v) if float(v).is_integer() else v
+    return int(v) if float(v).is_integer() and abs(v) < 1e15 else v  # (1e300 printed as 301 digits)
 
 
 def _record_id(obj: dict, image: str) -> str:
@@ -294,7 +345,7 @@ def _given(obj: dict, key: str, default: Any) -> Any:
 
 def _parse_native(obj: dict) -> ParsedRecord:
     if "image" not in obj:
-        raise RecordProblem("missing field 'image'", "schema")
+        raise RecordProblem("missing field 'image'" + _keys_note(obj), "schema")
     if "label" not in obj:
         raise RecordProblem("missing field 'label'", "label")
     label = _label(obj["label"])
@@ -321,7 +372,7 @@ def _parse_native(obj: dict) -> ParsedRecord:
     tags = _given(obj, "tags", [])
     if not isinstance(tags, list):
         raise RecordProblem(f"'tags' must be a list of strings, got {type(tags).__name__}", "schema")
-    tags = tuple(_text(t, f"tag {i}", allow_empty=False).strip() for i, t in enumerate(tags))
+    tags = tuple(_tag(t, f"tag {i}") for i, t in enumerate(tags))
     reasoning = _text(_given(obj, "reasoning", ""), "reasoning").strip()
     return ParsedRecord(image=obj["image"], record_id=_record_id(obj, obj["image"]), label=label,
                         regions=tuple(regions), format="native", tags=tags, reasoning=reasoning,

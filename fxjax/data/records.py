@@ -125,6 +125,7 @@ class _Pending:
     where: str
     parsed: ParsedRecord
     path: Path
+    declared: tuple[float, float] | None = None  # the record's own "width" and "height", where it gives both
 
 
 def numbered_lines(path: Path) -> Iterable[tuple[int, bytes]]:
@@ -151,6 +152,12 @@ def whole_file_problem(path: Path) -> str | None:
         return "is UTF-16 text: save it as UTF-8"
     text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     first = text.splitlines()[0].strip() if text else ""
+    if text.startswith("{") and '"images"' in text and any(f'"{k}"' in text for k in _COCO_KEYS):
+        return ("looks like a COCO annotation file (one object with 'images' and 'annotations'), not JSON Lines "
+                "records: convert it to one record per image (docs/data.md, \"From a COCO annotation file\")")
+    if first and not first.startswith(("{", "[")) and "," in first and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return ("looks like CSV, not JSON Lines (one JSON record per line): convert it (docs/data.md, \"From a CSV "
+                "or COCO's boxes\")")
     if first.startswith("[") and not first.endswith("]"):
         return "holds one JSON array, not JSON Lines (one record per line): convert it, e.g. jq -c '.[]' FILE"
     if first == "{":
@@ -167,6 +174,9 @@ def whole_file_problem(path: Path) -> str | None:
         except ValueError:
             pass
     return None
+
+
+_COCO_KEYS = ("annotations", "categories", "licenses", "info")
 
 
 def _spread_over_lines(text: str, first: str) -> bool:
@@ -226,7 +236,7 @@ def _json_hint(line: str, err: json.JSONDecodeError) -> str:
 
 
 def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_paths: bool,
-                hints: dict | None = None) -> tuple[ParsedRecord, Path]:
+                hints: dict | None = None) -> tuple[ParsedRecord, Path, tuple[float, float] | None]:
     try:
         obj = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
     except _RepeatedKey as err:  # (json keeps the last silently: "label": "real", "label": "generated")
@@ -244,7 +254,15 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
         path = resolve_image_path(base, parsed.image, allow_absolute=allow_absolute_paths, root_resolved=True)
     except ValueError as err:
         raise DataError(where, str(err), "image_path") from None
-    return parsed, path
+    return parsed, path, _declared_size(obj)
+
+
+def _declared_size(obj: dict) -> tuple[float, float] | None:
+    """The record's own "width" and "height" (COCO-derived records carry them), where it gives both as numbers."""
+    size = obj.get("width"), obj.get("height")
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size):
+        return size
+    return None
 
 
 def _backslash_hint(pending: _Pending) -> str:
@@ -257,7 +275,7 @@ def _backslash_hint(pending: _Pending) -> str:
                    and Path(str(pending.path)[:-len(rel)] + rel.strip()).is_file() else "")
                 + ")")
     if "\\" not in rel:
-        return _normalisation_hint(pending.path)
+        return _normalisation_hint(pending.path) or _case_hint(pending.path)
     posix = rel.replace("\\", "/")
     if not Path(str(pending.path).replace("\\", "/")).is_file():
         return " (the path has backslashes: write paths in the records with '/')"
@@ -279,6 +297,17 @@ def _normalisation_hint(path: Path) -> str:
                     f"not {ascii(name)}; write the record's path as the file system has it)")  # (ascii: printed
             # plainly, the two spellings look the same)
     return ""
+
+
+def _case_hint(path: Path) -> str:
+    """A name that differs from an existing file's in case only (a dataset made on macOS or Windows, whose file
+    systems ignore case): say which file it is."""
+    try:
+        same = [p.name for p in path.parent.iterdir() if p.name.lower() == path.name.lower()] \
+            if path.parent.is_dir() else []
+    except OSError:
+        return ""
+    return f" ({same[0]!r} exists: file names are case-sensitive here)" if same else ""
 
 
 def _image_size_or_error(path: Path, max_image_pixels: int, check_decode: bool) -> tuple[int, int] | Exception:
@@ -314,6 +343,16 @@ def _check_image(pending: _Pending, size: tuple[int, int] | Exception) -> Record
                   regions=tuple(Region(caption, box) for (caption, _), box in zip(parsed.regions, boxes)),
                   tags=parsed.tags, reasoning=parsed.reasoning, generator=parsed.generator, format=parsed.format,
                   system=parsed.system, user=parsed.user, assistant=parsed.assistant)
+
+
+def _resized_hint(resized: Sequence[tuple[str, tuple[float, float], tuple[int, int]]], limit: int = 3) -> str:
+    """Records whose own width/height are not their image's: boxes drawn on a resized copy (the size the
+    record gives) would train in the wrong place while lying inside the image."""
+    shown = "; ".join(f"{where}: {w:g}x{h:g} given, the file {fw}x{fh}" for where, (w, h), (fw, fh) in resized[:limit])
+    return (f"{len(resized)} record(s) give a width and height other than their image's ({shown}"
+            + (f"; and {len(resized) - limit} more" if len(resized) > limit else "")
+            + "): boxes are read in the image file's pixels (as displayed); if they were drawn on a copy of the "
+              "size the record gives, scale them")
 
 
 LOGGED_PER_KIND = 20  # skipped records named in the log, per kind of problem (the summary counts every one)
@@ -380,16 +419,20 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
             report.lines += 1
             where = f"{file}:{n}"
             try:
-                parsed, path = _parse_line(_decode(line, where), where, base, format, allow_absolute_paths, hints)
+                parsed, path, declared = _parse_line(_decode(line, where), where, base, format, allow_absolute_paths,
+                                                     hints)
             except DataError as err:
                 errors.append(((file_index, n), err))
                 continue
-            pending.append(_Pending((file_index, n), where, parsed, path))
+            pending.append(_Pending((file_index, n), where, parsed, path, declared))
         for (key, wanted), lines in sorted(hints.items()):
             at = ", ".join(lines[:5]) + (", ..." if len(lines) > 5 else "")
-            report.hints.append(f"{file}: {len(lines)} record(s) (line{'s' if len(lines) > 1 else ''} {at}) have a "
-                                f"key {key!r} and no {wanted!r}: a misspelling? (fxjax reads {wanted!r}; other keys "
-                                f"are kept for eval --group-by)")
+            which = f"{file}: {len(lines)} record(s) (line{'s' if len(lines) > 1 else ''} {at}) have a key {key!r}"
+            report.hints.append(
+                f"{which} and no 'regions': fxjax reads boxes from 'regions' only (each {{\"bbox\": [x1, y1, x2, y2], "
+                f"\"caption\": ...}}); {key!r} is not read" if wanted == "regions" else
+                f"{which} and no {wanted!r}: a misspelling? (fxjax reads {wanted!r}; other keys are kept for eval "
+                f"--group-by)")
             logger.warning("%s", report.hints[-1])
         # A file without one record is a wrong path or a broken export (unless we stopped reading early).
         if records_in_file == 0 and not (errors and on_error == "raise"):
@@ -402,6 +445,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
         return _image_size_or_error(path, max_image_pixels, check_decode)
 
     records: list[Record] = []
+    resized: list[tuple[str, tuple[float, float], tuple[int, int]]] = []  # (where, the record's size, the file's)
     sizes: dict[Path, tuple[int, int] | Exception] = {}
     done = 0  # pending records checked
     with ThreadPoolExecutor(max(num_threads, 1)) as pool:
@@ -418,7 +462,12 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                     errors.append((item.position, result))
                 else:
                     records.append(result)
+                    if item.declared is not None and tuple(item.declared) != (result.width, result.height):
+                        resized.append((item.where, item.declared, (result.width, result.height)))
                 done += 1
+    if resized:
+        report.hints.append(_resized_hint(resized))
+        logger.warning("%s", report.hints[-1])
     report.unchecked = [(item.parsed.record_id, item.parsed.label, item.path.name) for item in pending[done:]]
     errors.sort(key=lambda e: e[0])
     if errors and on_error == "raise":
