@@ -361,7 +361,7 @@ def test_fxjax_docs_prints_every_document_the_help_texts_and_messages_cite(capsy
     assert capsys.readouterr().out == (root / "README.md").read_text(encoding="utf-8")
     assert main(["docs", "readme", "--section", "from trl"]) == 0
     trl = capsys.readouterr().out
-    assert trl.startswith("### Coming from TRL\n") and "| `save_steps`, `save_total_limit`" in trl
+    assert trl.startswith("### Coming from TRL\n") and "| `save_total_limit`, `output_dir`" in trl
     assert "## After training" not in trl and trl in (root / "README.md").read_text(encoding="utf-8")
     assert main(["docs", "readme", "--section", "nothing like it"]) == 2
     assert "--section 'nothing like it': no heading of readme contains it; its headings: fxjax; Set-up;" in \

@@ -212,6 +212,7 @@ def test_resuming_another_runs_checkpoints_is_refused_naming_why(setup, straight
     assert committed_steps(root / "rank8" / "ckpt") == committed_steps(root / "straight" / "ckpt")
     config = yaml.safe_load(setup["config"].read_text())
     config["train"].pop("steps")
+    config["train"].pop("log_every")  # (SFT's interval: GRPO logs every step)
     config.update(grpo={"num_generations": 2, "max_completion_length": 4}, stages=[{"name": "alpha", "steps": 1}])
     path = root / "grpo.yaml"
     path.write_text(yaml.safe_dump(config))
