@@ -39,7 +39,7 @@ from fxjax.model.lora import (ALL_LINEAR, LoRAConfig, add_adapter, has_lora, lin
                               pattern_key, remove_lora, stacked_layers, target_matches)
 from fxjax.model.lora import apply_lora as _apply_lora
 from fxjax.partition_rules import shard_model
-from fxjax.safetensors_reading import open_safetensors
+from fxjax.safetensors_reading import dtype_name, open_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,7 +47,6 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 # the dtypes fxjax reads and writes safetensors in, by name (hf_checkpoint too)
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # adapter_config.json keys that change the weights or the forward pass in ways fxjax does not implement:
 # any of them set (truthy) is an error rather than a silently different model.
 _UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern",
@@ -136,7 +135,7 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:
     tensors, dtypes = {}, set()
     with open_safetensors(path, AdapterError) as f:
         for key in f.keys():
-            dtypes.add(_ST_DTYPES.get(f.get_slice(key).get_dtype(), f.get_slice(key).get_dtype()))
+            dtypes.add(dtype_name(str(f.get_slice(key).get_dtype())))
             tensors[key] = f.get_tensor(key)
     if not tensors:
         raise AdapterError(f"{path}: holds no tensors")

@@ -30,9 +30,14 @@ def open_safetensors(path: str | Path, error: type[Exception] = ValueError) -> I
                     "copy or export it again") from None
 
 
+_NUMPY_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool"}
+
+
 def dtype_name(safetensors_dtype: str) -> str:
-    """numpy's name of a safetensors header dtype ("BF16" -> "bfloat16")."""
-    return safetensors_dtype.lower().replace("bf16", "bfloat16").replace("f32", "float32").replace("f16", "float16")
+    """numpy's (ml_dtypes') name of a safetensors header dtype ("BF16" -> "bfloat16"; others as given, lower-case)."""
+    return _NUMPY_NAMES.get(safetensors_dtype, safetensors_dtype.lower())
 
 
 def stored_dtypes_by_name(files: dict[str, Path], error: type[Exception] = ValueError) -> dict[str, str]:

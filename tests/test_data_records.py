@@ -481,6 +481,22 @@ def _json_lines(text: str):
         yield json.dumps(obj)
 
 
+def test_chat_records_of_other_tools_say_how_they_differ_from_ms_swifts(root):
+    """A ShareGPT conversation, OpenAI-style content parts and a 0-1000 box scale said only that the role,
+    the content's type or the bbox_type was wrong, not what the record was or how to convert it."""
+    record = swift()
+    cases = (({**record, "messages": [{"from": "human", "value": "<image>Real?"}, {"from": "gpt", "value": "x"}]},
+              "message 0 must have role system, user or assistant (a ShareGPT message"),
+             ({**record, "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                                      record["messages"][2]]},
+              "message 0 (user) content is a list of parts: ms-swift's is one string, with <image> where"),
+             ({**record, "objects": {**record["objects"], "bbox_type": "norm1000"}},
+              "(boxes on a 0-1000 scale, as Qwen2-VL's grounding data: divide by 1000 and set norm1)"))
+    for bad, says in cases:
+        with pytest.raises(DataError, match=re.escape(says)):
+            load_records(write(root, bad))
+
+
 def test_a_record_read_in_the_other_format_says_it_looks_like_the_other_one(root):
     """--format native on an ms-swift record said "missing field 'image'", --format swift on a native one
     "'messages' must be a non-empty list", and neither that the record is of the other format."""

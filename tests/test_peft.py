@@ -243,8 +243,14 @@ def _drop(weights, module):
      r"names the layers selects the same modules"),
     # a full copy of a module trained besides the LoRA: named as such (not as a stray tensor)
     (lambda c: c | {"modules_to_save": ["lm_head"]}, None, r"adapter_config\.json: modules_to_save"),
+    # the tensors' dtypes, read from the file's header: one of fxjax's three, the same throughout
+    (None, lambda w: {k: v.astype(np.float64) for k, v in w.items()},
+     r"tensor dtypes \['float64'\]; expected one of \['bfloat16', 'float16', 'float32'\] throughout"),
+    (None, lambda w: {k: v.astype(np.float16) if "lora_A" in k else v for k, v in w.items()},
+     r"tensor dtypes \['float16', 'float32'\]; expected one of"),
 ], ids=["wrong-r", "unknown-module", "dora-key", "missing-B", "missing-module", "unselected", "unselected-half", "dora", "bias",
-        "peft-type", "bad-r", "mixed-naming", "target-modules-type", "pissa", "olora", "layer-0", "modules-to-save"])
+        "peft-type", "bad-r", "mixed-naming", "target-modules-type", "pissa", "olora", "layer-0", "modules-to-save",
+        "float64", "mixed-dtypes"])
 def test_bad_adapter_errors(bare, adapters, tmp_path, config, tensors, message):
     with pytest.raises(AdapterError, match=message):
         load_peft_adapter(bare, _broken(adapters, tmp_path, config=config, tensors=tensors))

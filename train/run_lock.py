@@ -70,31 +70,41 @@ def _lock(folder: Path, path: Path, key: str, say: Callable[[str], None], busy: 
 
 
 @contextlib.contextmanager
-def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[None]:
-    """Hold the lock of the run's output folder and checkpoint folder for the `with` block (enabled: this
-    is process 0); ConfigError naming the other run when one holds either."""
+def _holding(locks: list[tuple[Path, Path, str, str, str]], say: Callable[[str], None]) -> Iterator[None]:
+    """Each (folder, lock file, key, busy message, what) of `locks` flock-ed for the `with` block (`_lock`);
+    the lock files, and folders, this created go again if the block fails (`_remove_what_is_left_empty`)."""
     fds: list[int] = []
-    made: list[Path] = []  # lock files and folders this run created: gone again if it fails (below)
+    made: list[Path] = []  # lock files and folders created here
     try:
-        if enabled and os.name == "posix":
-            output, checkpoints = Path(cfg.train.output_dir).resolve(), Path(cfg.checkpoint_dir).resolve()
-            # the checkpoint folder's own lock always, also where it lies in the output folder (the default): a
-            # run of another output folder given this one's checkpoints as its checkpoint.dir takes that lock
-            locks = [(output, output / LOCK_FILE, "train.output_dir"),
-                     (checkpoints, checkpoints.with_name(f".{checkpoints.name}{LOCK_FILE}"), "checkpoint.dir")]
-            for folder, path, key in locks:
-                new = [p for p in (path, *path.parents) if not p.exists()]
-                fd = _lock(folder, path, key, say)
-                if fd is not None:
-                    fds.append(fd)
-                    made += [p for p in new if p not in made]
+        for folder, path, key, busy, what in locks:
+            new = [p for p in (path, *path.parents) if not p.exists()]
+            fd = _lock(folder, path, key, say, busy, what)
+            if fd is not None:
+                fds.append(fd)
+                made += [p for p in new if p not in made]
         yield
     except BaseException:
-        _remove_what_is_left_empty(made)
+        _remove_what_is_left_empty(made, {path for _, path, *_ in locks})
         raise
     finally:
         for fd in fds:
             os.close(fd)  # (closing the last descriptor of the open file drops its flock)
+
+
+@contextlib.contextmanager
+def locked_run_dirs(cfg, enabled: bool, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of the run's output folder and checkpoint folder for the `with` block (enabled: this
+    is process 0); ConfigError naming the other run when one holds either."""
+    locks = []
+    if enabled and os.name == "posix":
+        output, checkpoints = Path(cfg.train.output_dir).resolve(), Path(cfg.checkpoint_dir).resolve()
+        # the checkpoint folder's own lock always, also where it lies in the output folder (the default): a run
+        # of another output folder given this one's checkpoints as its checkpoint.dir takes that lock
+        locks = [(output, output / LOCK_FILE, "train.output_dir", _RUN_BUSY, "run"),
+                 (checkpoints, checkpoints.with_name(f".{checkpoints.name}{LOCK_FILE}"), "checkpoint.dir", _RUN_BUSY,
+                  "run")]
+    with _holding(locks, say):
+        yield
 
 
 def training_now(folder: str | Path) -> str | None:
@@ -131,40 +141,22 @@ def locked_eval_folders(folders: list[str | Path], say: Callable[[str], None]) -
     step's subfolder, which a one-step eval may be given as its --out) for the `with` block: a second eval
     there appended its predictions to the first's and both said they wrote theirs (ConfigError now, naming
     the first). The lock files (and folders) this eval created go again if it fails."""
-    if os.name != "posix":
+    locks = [(folder, folder / EVAL_LOCK_FILE, "--out", _EVAL_BUSY, "eval")
+             for folder in dict.fromkeys(Path(given).resolve() for given in folders)  # (`--step 3 3`: once)
+             ] if os.name == "posix" else []
+    with _holding(locks, say):
         yield
-        return
-    fds: list[int] = []
-    made: list[Path] = []
-    try:
-        for folder in dict.fromkeys(Path(given).resolve() for given in folders):  # (`--step 3 3`: one folder, once)
-            path = folder / EVAL_LOCK_FILE
-            new = [p for p in (path, *path.parents) if not p.exists()]
-            fd = _lock(folder, path, "--out", say, _EVAL_BUSY, "eval")
-            if fd is not None:
-                fds.append(fd)
-                made += [p for p in new if p not in made]
-        yield
-    except BaseException:
-        for path in sorted(made, key=lambda p: (not p.name == EVAL_LOCK_FILE, -len(p.parts))):
-            with contextlib.suppress(OSError):  # (lock files first, then folders deepest first, if left empty)
-                path.unlink() if path.name == EVAL_LOCK_FILE else path.rmdir()
-        raise
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
-def _remove_what_is_left_empty(made: list[Path]) -> None:
+def _remove_what_is_left_empty(made: list[Path], lock_files: set[Path]) -> None:
     """A run refused after taking its locks (an invalid record, a config error found late) left a new output
     folder holding nothing but its lock file. The lock files this run created go (while still locked: a run
     starting now that opened one is refused as before, one that opens the path afterwards makes its own
     file), then the folders it created, deepest first, where nothing else is in them."""
     for path in made:
-        if path.name.endswith(LOCK_FILE):
+        if path in lock_files:
             with contextlib.suppress(OSError):
                 path.unlink()
-    for path in sorted((p for p in made if not p.name.endswith(LOCK_FILE)), key=lambda p: len(p.parts),
-                       reverse=True):
+    for path in sorted((p for p in made if p not in lock_files), key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):  # (not empty: the run wrote there, or another run locks it now)
             path.rmdir()

@@ -389,7 +389,13 @@ def _swift_messages(obj: dict) -> tuple[str | None, str, str]:
     by_role: dict[str, list[str]] = {"system": [], "user": [], "assistant": []}
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in by_role:
-            raise RecordProblem(f"message {i} must have role system, user or assistant", "schema")
+            sharegpt = isinstance(m, dict) and "from" in m and "value" in m
+            raise RecordProblem(f"message {i} must have role system, user or assistant" + (
+                " (a ShareGPT message, {\"from\": ..., \"value\": ...}: ms-swift's is {\"role\": \"user\", "
+                "\"content\": ...}, from human -> user, gpt -> assistant)" if sharegpt else ""), "schema")
+        if isinstance(m.get("content"), list):  # (OpenAI-style parts: [{"type": "image"}, {"type": "text", ...}])
+            raise RecordProblem(f"message {i} ({m['role']}) content is a list of parts: ms-swift's is one string, "
+                                f"with {SWIFT_IMAGE} where the image goes (the image's path in 'images')", "schema")
         by_role[m["role"]].append(_text(m.get("content"), f"message {i} ({m['role']}) content", free_text=False))
     if len(by_role["user"]) != 1 or len(by_role["assistant"]) != 1 or len(by_role["system"]) > 1:
         raise RecordProblem("expected one user and one assistant message (and at most one system message), got "
@@ -447,7 +453,10 @@ def _parse_swift(obj: dict) -> ParsedRecord:
                             "'objects'", "placeholders")
     bbox_type = objects.get("bbox_type", "real")
     if bbox_type not in ("real", "norm1"):
-        raise RecordProblem(f"unsupported objects.bbox_type {bbox_type!r} (expected 'real' or 'norm1')", "schema")
+        scale = " (boxes on a 0-1000 scale, as Qwen2-VL's grounding data: divide by 1000 and set norm1)" \
+            if bbox_type in ("norm1000", "qwen") else ""
+        raise RecordProblem(f"unsupported objects.bbox_type {bbox_type!r} (expected 'real' or 'norm1'){scale}",
+                            "schema")
     verdict = parse_verdict(assistant)  # (the verdict as the label reward reads it back)
     if verdict is None and "label" not in obj:
         raise RecordProblem(f"no {VERDICT_START}...{VERDICT_END} in the assistant text and no 'label' field",
