@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["current_umask", "make_readable", "require_writable", "save_safetensors"]
+__all__ = ["current_umask", "make_readable", "require_writable", "save_safetensors", "write_json_whole"]
 
 
 def current_umask() -> int:
@@ -62,3 +62,14 @@ def require_writable(path: str | Path, what: str) -> None:
     except OSError as err:
         raise ValueError(f"{what}: {path} cannot be written (a file in {folder} could not be created: "
                          f"{err.strerror or err})") from None
+
+
+def write_json_whole(path: str | Path, obj) -> None:
+    """`obj` as indented JSON in `path`, written to a hidden sibling and renamed over it: a reader (a
+    dashboard polling eval's metrics.json) sees the old file or the new one, never half of one."""
+    import json
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)

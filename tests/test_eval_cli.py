@@ -354,6 +354,8 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     assert all(r["model_size"] == list(model_input_size(*r["original_size"], 3136, 3136)) for r in rows)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["examples"] == 5 and metrics["settings"]["max_new_tokens"] == 3
+    # metrics.json and settings.json are written whole (a hidden sibling renamed over them): none is left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
     # a random model says nothing parsable in 3 tokens: every verdict is "none"
     assert metrics["confusion"]["generated"]["none"] + metrics["confusion"]["real"]["none"] == 5
     # each row says how long its completion was and whether it hit the limit; the rate is their share
@@ -380,6 +382,15 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
         assert f"other settings (model.model_files.{weights.name}: " in err and err.count(" then, ") == 1, err
     finally:
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # --on-error skip: the records it could not read are in the metrics.json it writes, in one write
+    with_gone = tmp_path / "with_gone.jsonl"
+    with_gone.write_text(dataset.read_text() + json.dumps({"image": "gone.png", "label": "real"}) + "\n")
+    skipping = [a if a != str(dataset) else str(with_gone) for a in args]
+    skipping[skipping.index("--out") + 1] = str(tmp_path / "skipping")
+    assert main(skipping + ["--root", str(dataset.parent), "--on-error", "skip"]) == 0
+    written = json.loads((tmp_path / "skipping" / "metrics.json").read_text())
+    assert written["examples"] == 5 and len(written["invalid_records"]) == 1
+    assert "gone.png" in written["invalid_records"][0]
 
 
 def test_eval_errors_are_clear(dataset, tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     out = tmp_path / "export-3"
     assert main(["export", "--run", str(two_process_run), "--out", str(out), "--base-name", "Qwen/Qwen2.5-VL-3B"]) == 0
     said = capsys.readouterr()
-    assert json.loads(said.out)["step"] == "3"
+    assert json.loads(said.out)["step"] == 3  # (a number, as in fxjax_export.json; it was the string "3")
     # `fxjax info OUT` (the export folder itself, as --help says it takes: it read "holds no checkpoints")
     assert main(["info", str(out)]) == 0
     described = capsys.readouterr().out.splitlines()
@@ -157,7 +157,7 @@ def test_export_of_a_two_process_checkpoint_matches_fxjax_in_transformers_and_pe
     ours2 = fxjax_logits(run2)
     assert rel_err(ours2, ours) > 1e-3
     written = export_loaded(run2, tmp_path / "export-2", adapter=False)
-    assert written["step"] == "2" and not (tmp_path / "export-2" / "adapter").exists()
+    assert written["step"] == 2 and not (tmp_path / "export-2" / "adapter").exists()
     merged2 = hf_logits(load_hf_model(written["merged"]), input_ids, mask, pixel_values, grid)
     assert rel_err(merged2, ours2) <= 1e-5
 

@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fxjax.file_modes import write_json_whole
+
 __all__ = ["METRICS", "PREDICTIONS", "SETTINGS", "evaluate", "evaluate_detector", "prompt_data_config",
            "raw_objects", "read_predictions", "require_same_settings"]
 
@@ -84,7 +86,7 @@ def check_settings(out: Path, settings: dict, fresh: bool) -> None:
             (out / name).unlink(missing_ok=True)
     require_same_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    write_json_whole(path, settings)
 
 
 def require_same_settings(out: Path, settings: dict) -> None:
@@ -214,10 +216,10 @@ def truth_of(meta: dict) -> dict:
 
 def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path, *, settings: dict,
              group_by: Sequence[str] = (), fresh: bool = False, progress: bool = True,
-             say: Callable[[str], None] = print) -> dict:
+             say: Callable[[str], None] = print, extra: dict | None = None) -> dict:
     """Decode what predictions.jsonl in `out` lacks (less what an earlier run found too long,
     `too_long_before`), score it, and summarise every record; returns the
-    metrics (also written to metrics.json). `make_decoder()` gives a GreedyDecoder (its `batch_size` and
+    metrics (also written to metrics.json, with `extra`'s keys). `make_decoder()` gives a GreedyDecoder (its `batch_size` and
     `batches`); it is called only when something is left to decode, so a finished eval loads no model."""
     from fxjax import detection_metrics
     from fxjax.data.pipeline import DataPipeline
@@ -287,8 +289,8 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
             f"--limit); metrics.json counts the {len(rows)} evaluated now (predictions_outside: {outside})")
     summary = detection_metrics.summarize(rows, group_by)
     summary.update(not_evaluated=missing, not_evaluated_why={s: why[s] for s in missing if s in why},
-                   predictions_outside=outside, settings=settings, decoding=runs)
-    (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+                   predictions_outside=outside, settings=settings, decoding=runs, **(extra or {}))
+    write_json_whole(out / METRICS, summary)
     return summary
 
 
@@ -312,9 +314,7 @@ def evaluate_detector(args, records, report, detector, settings: dict, out: Path
     def make_decoder():
         return detector.decoder(args.batch_size, args.max_new_tokens, after=after)
 
-    summary = evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
-                       settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say)
-    if report.skipped:
-        summary["invalid_records"] = [str(e) for e in report.skipped]
-        (out / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+    invalid = {"invalid_records": [str(e) for e in report.skipped]} if report.skipped else None
+    return evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
+                    settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say,
+                    extra=invalid)

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from fxjax.file_modes import require_writable
 from fxjax.run_files import step_or_stage
@@ -96,8 +97,9 @@ def add_parser(sub) -> None:
 
 def export_run(run_dir: str | Path, out: str | Path, *, step: int | str | None = None, merged: bool = True,
                adapter: bool = True, dtype: str | None = None, model_path: str | None = None,
-               tokenizer: str | None = None, mesh=None, base_name: str | None = None, log=None) -> dict[str, str]:
-    """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"merged": dir, "adapter": dir, "step": N}.
+               tokenizer: str | None = None, mesh=None, base_name: str | None = None, log=None) -> dict[str, Any]:
+    """Write OUT/merged and/or OUT/adapter of `run_dir` at `step`; returns {"step": N (an integer), "stage": its
+    stage name (a GRPO run's stage end), "merged": dir, "adapter": dir} (`fxjax export`'s JSON line).
     tokenizer: the one OUT/merged gets (default: the run's). mesh: where the run loads
     (train.run_loading.load_run's default, `run_mesh`: the run's fsdp and tensor axes, the other devices on
     the data axis)."""
@@ -138,7 +140,7 @@ def tokenizer_to_export(cfg, given: str | None = None) -> str:
 
 def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool = True,
                   dtype: str | None = None, tokenizer: str | None = None, base_name: str | None = None,
-                  log=None) -> dict[str, str]:
+                  log=None) -> dict[str, Any]:
     """`export_run` of a run already loaded (fxjax.train.run_loading.LoadedRun; base weights unrounded from
     the checkpoint's, as `export_run` loads them). `log`: where a failure that leaves OUT/merged and
     OUT/adapter of different steps is said (`fxjax.train.export.write_exports`). base_name: the adapter's
@@ -160,7 +162,7 @@ def export_loaded(loaded, out: str | Path, *, merged: bool = True, adapter: bool
                                            tokenizer_dir=tokenizer or cfg.tokenizer, origin=origin,
                                            base_name=base_name)))
     written = write_exports(parts, loaded.step, log or (lambda text: None))
-    return {"step": str(loaded.step), **({"stage": origin["stage"]} if origin["stage"] else {}), **written}
+    return {"step": int(loaded.step), **({"stage": origin["stage"]} if origin["stage"] else {}), **written}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def serving_notes(written: dict[str, str]) -> list[str]:
+def serving_notes(written: dict[str, Any]) -> list[str]:
     """What to know to serve what was written (said after the JSON line, on stderr): where each folder is
     and how it loads, the prompts, the decoding that keeps the answer's markers, and vLLM's limit."""
     from fxjax.export_record import EXPORT_RECORD_FILE
