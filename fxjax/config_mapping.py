@@ -206,6 +206,32 @@ def _key_paths(cls, prefix: str = "") -> dict[str, list[str]]:
     return paths
 
 
+# Hugging Face Trainer's and peft's names that are other names here, for an unknown key's error (a name
+# that is some section's key here, such as learning_rate, is found by itself): RunConfig.FOREIGN_KEYS
+HF_TRAINER_KEYS: dict[str, str] = {
+    "per_device_train_batch_size": "here data.batch_size: a micro-batch's examples over all devices "
+                                   "(per device x devices)",
+    "gradient_accumulation_steps": "here optim.grad_accum: micro-batches of data.batch_size per update, "
+                                   "as Hugging Face's",
+    "max_steps": "here train.steps", "num_train_epochs": "here train.epochs",
+    "save_steps": "here checkpoint.every", "save_total_limit": "here checkpoint.keep",
+    "logging_steps": "here train.log_every", "eval_steps": "here eval.every",
+    "lr_scheduler_type": "here optim.schedule", "resume_from_checkpoint": "here checkpoint.resume",
+    "bf16": "here model.dtype: bfloat16", "r": "here lora.rank", "lora_r": "here lora.rank",
+    "lora_alpha": "here lora.alpha", "lora_dropout": "here lora.dropout", "adam_beta1": "here optim.b1",
+    "adam_beta2": "here optim.b2", "adam_epsilon": "here optim.eps",
+    "model_name_or_path": "here model.path", "torch_dtype": "here model.dtype", "shuffle_dataset": "here data.shuffle",
+    "gradient_checkpointing": "here model.remat (full by default; none: off)", "save_strategy": "here checkpoint.every",
+    "per_device_eval_batch_size": "here eval.batch_size: examples a batch over all devices",
+    **dict.fromkeys(("eval_strategy", "evaluation_strategy"), "here eval.every (steps; 0: none but eval.at_start "
+                                                              "and eval.at_end)"),
+    "lora_target_modules": "here lora.target_modules", "use_peft": "here the LoRA is always on (the lora section)",
+    "report_to": "here metrics.jsonl, and TensorBoard events with train.tensorboard",
+    "disable_dropout": "here lora.dropout: 0 (the model has no other dropout)",
+    "use_liger_kernel": "not supported: the loss is fxjax's chunked cross-entropy (train.loss_chunk)",
+}
+
+
 def _unknown_keys(keys: list[str], where: str, names: list[str]) -> ConfigError:
     """The error for keys a section does not take, all of them at once, each with where it may belong: the
     path of that name elsewhere in the config (a flat TRL-style file's `beta` is `grpo.beta`), what another

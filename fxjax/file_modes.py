@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import IO, Callable, Mapping
 
-__all__ = ["current_umask", "make_readable", "require_writable", "save_safetensors", "write_json_whole"]
+__all__ = ["current_umask", "make_readable", "replace_whole", "require_writable", "save_safetensors",
+           "write_json_whole"]
 
 
 def current_umask() -> int:
@@ -64,12 +65,30 @@ def require_writable(path: str | Path, what: str) -> None:
                          f"{err.strerror or err})") from None
 
 
-def write_json_whole(path: str | Path, obj) -> None:
-    """`obj` as indented JSON in `path`, written to a hidden sibling and renamed over it: a reader (a
-    dashboard polling eval's metrics.json) sees the old file or the new one, never half of one."""
-    import json
+
+def replace_whole(path: str | Path, write: Callable[[IO[str]], None]) -> None:
+    """`path` replaced by what `write(file)` writes, through a hidden sibling that is synced and then renamed
+    over it: a reader sees the old file or the new one, never half of one, and a failed write leaves the old
+    file and no sibling. The new file gets the usual mode (`make_readable`)."""
+    import tempfile
 
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        make_readable(tmp)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_whole(path: str | Path, obj) -> None:
+    """`obj` as indented JSON in `path`, replaced whole (`replace_whole`): a dashboard polling eval's
+    metrics.json never reads half of one."""
+    import json
+
+    replace_whole(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))

@@ -292,9 +292,6 @@ class GRPOConfig(RunConfig):
         else:
             check_positive(self.train.steps, "train.steps")
         self.train.validate_all_but_length("train")  # the rest of the train section as SFT checks it
-        if self.train.log_every != 1:  # (SFT's interval: GRPO's metrics are each step's own, over its completions)
-            raise ConfigError(f"train.log_every: {self.train.log_every}, but GRPO logs every step (each a mean over "
-                              f"its completions; the interval is SFT's): leave it out or set 1")
         if self.optim.grad_accum != 1 and self.data.batch_size % self.optim.grad_accum:
             raise ConfigError(f"optim.grad_accum: {self.optim.grad_accum} must divide data.batch_size "
                               f"({self.data.batch_size} prompts per step): micro-batches hold whole groups")
@@ -355,5 +352,11 @@ def grpo_from_dict(data: Mapping[str, Any]) -> GRPOConfig:
 def load_grpo_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                      base: Mapping[str, Any] | None = None,
                      log: Callable[[str], None] | None = None) -> GRPOConfig:
-    """YAML file (optional) + ``key=value`` overrides -> validated GRPOConfig."""
-    return load_config_as(GRPOConfig, path, overrides, base=base, log=log)
+    """YAML file (optional) + ``key=value`` overrides -> validated GRPOConfig; train.log_every, SFT's interval,
+    refused other than 1 (GRPO logs every step: it was taken and did nothing). Here, not in `validate`: a run
+    saved before with another value still loads (its export, eval and resume)."""
+    cfg = load_config_as(GRPOConfig, path, overrides, base=base, log=log)
+    if cfg.train.log_every != 1:
+        raise ConfigError(f"train.log_every: {cfg.train.log_every}, but GRPO logs every step (each a mean over its "
+                          f"completions; the interval is SFT's): leave it out or set 1")
+    return cfg

@@ -97,11 +97,23 @@ def checkpoint_dir_of(run: str | Path) -> Path:
         raise RunLoadError(f"{run} is the checkpoint of step {step}, not a run: name the run's folder and the step "
                            f"apart (eval, detect, export: --run {parent} --step {step}; a training start: "
                            f"model.from_run={parent} with model.from_run_step={step}; info: fxjax info {parent})")
-    inside = [p for p in sorted(run.iterdir()) if p.is_dir() and not p.name.startswith(".") and committed_steps(p)]
-    hint = ("; in it, checkpoints in " + ", ".join(f"{p} (steps {steps_text(committed_steps(p))})" for p in inside[:3])
-            + ": a run with its own checkpoint.dir, give that folder") if inside else ""
+    hint = _checkpoints_inside(run)
     raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
                        f"train.output_dir) or <step>/ folders (a checkpoint.dir){hint}")
+
+
+def _checkpoints_inside(run: Path) -> str:
+    """Where a folder without checkpoints of its own holds some in a subfolder (a run whose checkpoint.dir
+    lies in its output folder under another name), said for the error."""
+    try:
+        inside = [(p, steps) for p in sorted(run.iterdir()) if p.is_dir() and not p.name.startswith(".")
+                  for steps in [committed_steps(p)] if steps]
+    except OSError:
+        return ""
+    if not inside:
+        return ""
+    return ("; in it, checkpoints in " + ", ".join(f"{p} (steps {steps_text(steps)})" for p, steps in inside[:3])
+            + ": a run with its own checkpoint.dir, give that folder")
 
 
 def is_adapter_not_model(folder: Path) -> bool:

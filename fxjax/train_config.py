@@ -33,7 +33,8 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import yaml
 
-from fxjax.config_mapping import ConfigError, as_written, build_config, load_yaml, to_plain, type_name
+from fxjax.config_mapping import (HF_TRAINER_KEYS, ConfigError, as_written, build_config, load_yaml, to_plain,
+                                  type_name)
 from fxjax.config_sections import (CheckpointSection, DataSection, DistributedSection, EvalSection, ExportSection,
                                    LoRASection, MeshSection, ModelSection, OptimSection, TrainSection)
 from fxjax.run_files import expand_home
@@ -93,31 +94,7 @@ class RunConfig:
     """The sections every run config has (SFTConfig; fxjax.grpo_config.GRPOConfig adds `grpo` and `stages`),
     their checks section by section and across sections, the plain dict, and the derived paths."""
 
-    # Hugging Face Trainer's and peft's names that are other names here, for an unknown key's error (a name
-    # that is some section's key here, such as learning_rate, is found by itself)
-    FOREIGN_KEYS: ClassVar[dict[str, str]] = {
-        "per_device_train_batch_size": "here data.batch_size: a micro-batch's examples over all devices "
-                                       "(per device x devices)",
-        "gradient_accumulation_steps": "here optim.grad_accum: micro-batches of data.batch_size per update, "
-                                       "as Hugging Face's",
-        "max_steps": "here train.steps", "num_train_epochs": "here train.epochs",
-        "save_steps": "here checkpoint.every", "save_total_limit": "here checkpoint.keep",
-        "logging_steps": "here train.log_every", "eval_steps": "here eval.every",
-        "lr_scheduler_type": "here optim.schedule", "resume_from_checkpoint": "here checkpoint.resume",
-        "bf16": "here model.dtype: bfloat16", "r": "here lora.rank", "lora_r": "here lora.rank",
-        "lora_alpha": "here lora.alpha", "lora_dropout": "here lora.dropout", "adam_beta1": "here optim.b1",
-        "adam_beta2": "here optim.b2", "adam_epsilon": "here optim.eps",
-        "model_name_or_path": "here model.path", "torch_dtype": "here model.dtype",
-        "gradient_checkpointing": "here model.remat (full by default; none: off)",
-        "per_device_eval_batch_size": "here eval.batch_size: examples a batch over all devices",
-        "eval_strategy": "here eval.every (steps; 0: none), eval.at_start and eval.at_end",
-        "evaluation_strategy": "here eval.every (steps; 0: none), eval.at_start and eval.at_end",
-        "save_strategy": "here checkpoint.every (steps)", "shuffle_dataset": "here data.shuffle",
-        "lora_target_modules": "here lora.target_modules", "use_peft": "here the LoRA is always on (the lora section)",
-        "report_to": "here metrics.jsonl always, and TensorBoard events with train.tensorboard",
-        "disable_dropout": "here lora.dropout: 0 (the model itself has no dropout)",
-        "use_liger_kernel": "not supported: the loss is fxjax's chunked cross-entropy (train.loss_chunk)",
-    }
+    FOREIGN_KEYS: ClassVar[dict[str, str]] = HF_TRAINER_KEYS  # (an unknown key's hint: fxjax.config_mapping)
 
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)

@@ -390,8 +390,8 @@ def test_a_dataset_of_another_layout_is_named_for_what_it_is(capsys, tmp_path):
     """What a researcher's own dataset brings (a review in a user's shoes): boxes under COCO-like keys (a real
     record's passed silently, a generated one's said only "must have at least one region"), the record's own
     width/height of a resized copy (passed), a box a fraction of a pixel past the edge (no way out said), a
-    flat box (got the COCO hint and a false warning about the whole file), a tag with a comma (read back as
-    two tags), the image under another key, a file name in the wrong case, one record per box of an image,
+    flat box (got the COCO hint and a false warning about the whole file), a tag across lines (breaks the
+    answer's one line of tags), the image under another key, a file name in the wrong case, one record per box of an image,
     a 10 x 10 image, a COCO annotation file and a CSV given as JSONL."""
     from PIL import Image
 
@@ -404,11 +404,14 @@ def test_a_dataset_of_another_layout_is_named_for_what_it_is(capsys, tmp_path):
             {"image": "plain.png", "label": "generated", "regions": [seam], "width": 400, "height": 300},  # 3
             {"image": "plain.png", "label": "generated", "regions": [{"bbox": [-0.5, 0, 50, 50], "caption": "c"}]},
             {"image": "plain.png", "label": "generated", "regions": [{"bbox": [50, 60, 50, 90], "caption": "c"}]},
-            {"image": "plain.png", "label": "generated", "regions": [seam], "tags": ["texture, skin"]},  # 6
+            {"image": "plain.png", "label": "generated", "regions": [seam], "tags": ["texture,\nskin"]},  # 6
             {"image_path": "plain.png", "label": "real"},  # 7
             {"image": "Plain.PNG", "label": "real"},  # 8
             {"image": "plain.png", "label": "generated", "regions": [{"bbox": [1, 2, 30, 40], "caption": "a"}]},
-            {"image": "tiny.png", "label": "real"}]  # 10
+            {"image": "tiny.png", "label": "real"},  # 10
+            {"messages": [{"role": "user", "content": "<image>Real?"},  # 11: an ms-swift record's boxes are its objects
+                          {"role": "assistant", "content": "<verdict>generated</verdict>"}],
+             "images": ["plain.png"], "objects": {"ref": [], "bbox": []}}]
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rc, out = check(capsys, path, "--show", "all")
@@ -417,19 +420,21 @@ def test_a_dataset_of_another_layout_is_named_for_what_it_is(capsys, tmp_path):
             f"from 'regions' only") in out, out
     assert f"{path}: 2 record(s) (lines 1, 2) have a key 'bbox' and no 'regions': fxjax reads boxes from 'regions'" in out
     assert (f"1 record(s) give a width and height other than their image's ({path}:3: 400x300 given, the file "
-            f"200x150): boxes are read in the image file's pixels") in out, out
+            f"200x150 as displayed): boxes are read in the image file's pixels as displayed") in out, out
     assert ("lies outside the 200x150 image (width x height); it is 0.5 px past the edge: clamped to the image it "
             "is [0, 0, 50, 50]") in out, out
     assert f"{path}:5: [box_tiny] region 0 bbox [50, 60, 50, 90] is empty: zero width (x1 = x2)" in out, out
     assert "COCO" not in out  # (the flat box gave the COCO hint, and with it a warning about the file's valid boxes)
-    assert f"{path}:6: [schema] tag 0 'texture, skin' holds a comma" in out, out
+    assert f"{path}:6: [schema] tag 0 'texture,\\nskin' spans lines: the answer lists the tags on one line" in out, out
     assert (f"{path}:7: [schema] missing field 'image' (the record's keys: image_path, label; rename 'image_path' to "
             f"'image')") in out, out
     assert f"{path}:8: [image_missing]" in out and "('plain.png' exists: file names are case-sensitive here)" in out
     assert ("image(s) in more than one record of a file (trained on more often; where these are an image's boxes "
             "one record each, merge them into one record's 'regions'") in out, out
-    assert "1 image(s) under 28 pixels on a side (one image token is 28 x 28 pixels): each is enlarged" in out, out
+    assert "1 image(s) under 28 pixels on a side (one image token is 28 x 28 pixels): each such side is enlarged" \
+        in out, out
     assert f"{path}:10 (10x10)" in out and "labelled both" not in out
+    assert f"{path}:11: [no_regions] a generated image must have at least one region\n" in out, out
     # whole files of another layout: one message naming it, not one error per line
     coco = tmp_path / "instances.json"
     coco.write_text(json.dumps({"info": {}, "images": [{"id": 1, "file_name": "plain.png", "width": 200,
@@ -438,9 +443,21 @@ def test_a_dataset_of_another_layout_is_named_for_what_it_is(capsys, tmp_path):
                                 "categories": [{"id": 1, "name": "seam"}]}, indent=1))
     table = tmp_path / "boxes.csv"
     table.write_text("image,label,x,y,w,h,caption\nplain.png,generated,1,2,3,4,seam\n")
-    for given, says in ((coco, "looks like a COCO annotation file"), (table, "looks like CSV, not JSON Lines")):
+    tabs = tmp_path / "boxes.tsv"
+    tabs.write_text("image\tlabel\nplain.png\treal\n")
+    for given, says in ((coco, "looks like a COCO annotation file"), (table, "looks like CSV, not JSON Lines"),
+                        (tabs, "looks like CSV, not JSON Lines")):
         assert main(["data", "check", str(given)]) == 2
         assert f"{given}: {says}" in capsys.readouterr().err
+    # JSON Lines whose records have keys or words of COCO's ("info", "images", "annotations") are records
+    from fxjax.data.records import whole_file_problem
+
+    swift = {"messages": [{"role": "user", "content": "<image>Real?"}, {"role": "assistant", "content": "x"}],
+             "images": ["plain.png"], "info": "from the 2024 crawl", "objects": {"ref": ["info"], "bbox": []}}
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(json.dumps(swift) + "\n" + json.dumps({"image": "plain.png", "label": "real",
+                                                            "tags": ["annotations"]}) + "\n")
+    assert whole_file_problem(lines) is None
 
 
 def test_the_docs_coco_conversion_gives_records_the_check_accepts(capsys, tmp_path, monkeypatch):
@@ -465,8 +482,8 @@ def test_the_docs_coco_conversion_gives_records_the_check_accepts(capsys, tmp_pa
     records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert records == [{"image": "fake.png", "label": "generated",
                         "regions": [{"bbox": [100, 50, 250, 170], "caption": "melted hand"},
-                                    {"bbox": [250.5, 10, 300, 40], "caption": "seam"}]},
-                       {"image": "photo.png", "label": "real", "regions": []}]
+                                    {"bbox": [250.5, 10, 300, 40], "caption": "seam"}], "width": 300, "height": 200},
+                       {"image": "photo.png", "label": "real", "regions": [], "width": 120, "height": 80}]
     rc, out = check(capsys, tmp_path / "train.jsonl")
     assert rc == 0 and "OK: 0 of 2 records invalid" in out, out
 

@@ -481,6 +481,21 @@ def _json_lines(text: str):
         yield json.dumps(obj)
 
 
+def test_a_record_giving_a_rotated_images_stored_frame_is_said_to_and_a_point_box_is_empty_both_ways(root):
+    """img/rotated.jpg is stored 64x48 with EXIF orientation 6 (displayed 48x64): a record that gives 64 x 48
+    gives the stored frame, not a resized copy; a box of one point has zero width and height."""
+    path = write(root, native(image="img/rotated.jpg", label="real", width=W, height=H),
+                 native(image="img/ok.png", label="real", width=2 * W, height=2 * H))
+    _, report = load_records(path)
+    hint = report.hints[-1]
+    assert hint.startswith("2 record(s) give a width and height other than their image's (")
+    assert f"{path}:1: 64x48 given, the file 48x64 as displayed (its stored frame: EXIF-rotated)" in hint
+    assert f"{path}:2: 128x96 given, the file 64x48 as displayed)" in hint
+    with pytest.raises(DataError, match=re.escape("bbox [5, 5, 5, 5] is empty: zero width (x1 = x2) and height "
+                                                  "(y1 = y2)")):
+        load_records(write(root, native(regions=[{"bbox": [5, 5, 5, 5], "caption": "a dot"}])))
+
+
 def test_chat_records_of_other_tools_say_how_they_differ_from_ms_swifts(root):
     """A ShareGPT conversation, OpenAI-style content parts and a 0-1000 box scale said only that the role,
     the content's type or the bbox_type was wrong, not what the record was or how to convert it."""

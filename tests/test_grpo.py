@@ -217,6 +217,7 @@ def test_logged_completions_are_the_ones_scored(setup, straight):
         path, line = r["record"].rsplit(":", 1)
         record = json.loads(Path(path).read_text().splitlines()[int(line) - 1])
         assert (r["label"], len(r["true_boxes"])) == (record["label"], len(record["regions"])), r["record"]
+        assert r["id"] == str(record.get("id", record["image"]))  # (eval's predictions name records so)
     assert {r["label"] for r in got} == {"real", "generated"}
     train = {r["step"]: r for r in straight[1] if r.get("kind", "train") == "train"}
     for step in range(1, 7):

@@ -37,7 +37,7 @@ def small_model(seed=0, dropout=0.0) -> Qwen25VL:
 
 def hf_causal_lm_loss(logits, labels) -> float:
     """The oracle: transformers' own causal-LM loss (what a Qwen2.5-VL forward with labels= returns): the
-    mean NLL of labels shifted by one, -100 ignored, in float64."""
+    mean NLL of labels shifted by one, -100 ignored (in float32: it upcasts the logits to float, as fxjax)."""
     import torch
     from transformers.loss.loss_utils import ForCausalLMLoss
 

@@ -359,10 +359,13 @@ def _check_export_of_the_two_process_run(root: Path, adapter: dict[str, np.ndarr
     # the stored names (model.layers..., visual...), as transformers saves Qwen2.5-VL
     stored = {m: m.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
               for m in modules}
+    written = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    scaling = written["lora_alpha"] / written["r"]
+    assert scaling == 8 / 4  # (the run's lora.alpha / lora.rank)
     for module in modules:
         a, b = (exported[f"base_model.model.{module}.lora_{x}.weight"].astype(np.float64) for x in "AB")
         name = f"{stored[module]}.weight"
-        want = base[name].astype(np.float64) + (8 / 4) * b @ a
+        want = base[name].astype(np.float64) + scaling * b @ a
         np.testing.assert_allclose(merged[name], want, rtol=1e-6, atol=1e-6, err_msg=module)
     untouched = [n for n in base if not any(n.startswith(m + ".") for m in stored.values())]
     assert untouched and all(np.array_equal(merged[n], base[n]) for n in untouched)

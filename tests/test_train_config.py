@@ -601,9 +601,13 @@ def test_every_key_of_trls_grpo_config_is_pointed_to_its_place_here_or_said_unsu
         with pytest.raises(ConfigError, match=re.escape(says)):
             grpo_from_dict({**data, key: 1})
     # GRPO logs every step: train.log_every (SFT's interval) was taken and did nothing
+    from fxjax.grpo_config import load_grpo_config
+
     with pytest.raises(ConfigError, match=r"^train.log_every: 10, but GRPO logs every step"):
-        grpo_from_dict({**data, "train": {"log_every": 10}})
-    grpo_from_dict({**data, "train": {"log_every": 1}})
+        load_grpo_config(None, ["train.log_every=10"], base=data)
+    assert load_grpo_config(None, ["train.log_every=1"], base=data).train.log_every == 1
+    # a run saved with another value (before this check) still loads: its export, eval, detect and resume
+    assert grpo_from_dict({**data, "train": {"log_every": 10}}).train.log_every == 10
 
 
 def test_scale_rewards_takes_trls_booleans_and_nothing_else_that_is_not_a_mode():

@@ -368,7 +368,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                           rollout_tokens_per_s=tokens["rollout_tokens"] / max(t_rollout, 1e-9),
                           update_tokens_per_s=tokens["update_tokens"] / max(t_update, 1e-9),
                           skipped=skipped,
-                          stage_index=float(cfg.stage_at(step_now - 1)[0]), **weights_metrics(weights, funcs))
+                          stage_index=int(cfg.stage_at(step_now - 1)[0]), **weights_metrics(weights, funcs))
             metrics.log(step_now, "train", dict(values, stage=stage))
             if g.log_completions:
                 records = completion_records(rollout, prompts["meta"], g.num_generations, stage)

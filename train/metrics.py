@@ -14,15 +14,13 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from fxjax import run_files
-from fxjax.file_modes import make_readable
+from fxjax.file_modes import replace_whole
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +117,7 @@ def _drop_records_after(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            make_readable(tmp)  # mkstemp makes 0600; keep the file's usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_whole(path, lambda f: f.writelines(kept))
     return dropped
 
 

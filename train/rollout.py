@@ -158,13 +158,15 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
 
 def completion_records(r: Rollout, metas: Sequence[Mapping[str, Any]], num_generations: int,
                        stage: str) -> list[dict[str, Any]]:
-    """One plain record per completion of these rows (grpo.log_completions): the record it answers (file:line),
+    """One plain record per completion of these rows (grpo.log_completions): the record it answers (file:line, and
+    its id: what eval's predictions.jsonl names it by),
     its label and true boxes (in the model's resized frame, as the completion's), the sample's index in
     its group, the text, its token count and truncation, every reward term and its advantage."""
     out = []
     for i, text in enumerate(r.texts):
         prompt = i // num_generations
-        out.append({"stage": stage, "record": metas[prompt]["source"], "label": r.targets[prompt]["label"],
+        out.append({"stage": stage, "record": metas[prompt]["source"], "id": metas[prompt]["record_id"],
+                    "label": r.targets[prompt]["label"],
                     "true_boxes": np.asarray(r.targets[prompt]["boxes"]).tolist(), "sample": i % num_generations,
                     "completion": text, "completion_tokens": int(r.attention[i].sum()),
                     "truncated": bool(r.truncated[i]),

@@ -149,8 +149,8 @@ def locked_eval_folders(folders: list[str | Path], say: Callable[[str], None]) -
 
 
 def _remove_what_is_left_empty(made: list[Path], lock_files: set[Path]) -> None:
-    """A run refused after taking its locks (an invalid record, a config error found late) left a new output
-    folder holding nothing but its lock file. The lock files this run created go (while still locked: a run
+    """A run (or eval) refused after taking its locks (an invalid record, a config error found late) left a
+    new output folder holding nothing but its lock file. The lock files it created go (while still locked: a run
     starting now that opened one is refused as before, one that opens the path afterwards makes its own
     file), then the folders it created, deepest first, where nothing else is in them."""
     for path in made:

@@ -77,8 +77,8 @@ def dataset_warnings(records, hints: Sequence[str], limit: int = 5, threads: int
     small = [r for r in records if min(r.width, r.height) < 28]
     if small:
         shown = ", ".join(f"{r.source} ({r.width}x{r.height})" for r in small[:limit])
-        out.append(f"{len(small)} image(s) under 28 pixels on a side (one image token is 28 x 28 pixels): each is "
-                   f"enlarged to data.min_pixels, its detail made up by the resize: {shown}"
+        out.append(f"{len(small)} image(s) under 28 pixels on a side (one image token is 28 x 28 pixels): each such "
+                   f"side is enlarged (to 28, or to reach data.min_pixels), its detail made up by the resize: {shown}"
                    + (f"; and {len(small) - limit} more" if len(small) > limit else ""))
     broken = [(r.source, why) for r in records if (why := answer_problem(r))]
     if broken:

@@ -216,10 +216,10 @@ def truth_of(meta: dict) -> dict:
 
 def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path, *, settings: dict,
              group_by: Sequence[str] = (), fresh: bool = False, progress: bool = True,
-             say: Callable[[str], None] = print, extra: dict | None = None) -> dict:
+             say: Callable[[str], None] = print, invalid_records: Sequence[str] = ()) -> dict:
     """Decode what predictions.jsonl in `out` lacks (less what an earlier run found too long,
     `too_long_before`), score it, and summarise every record; returns the
-    metrics (also written to metrics.json, with `extra`'s keys). `make_decoder()` gives a GreedyDecoder (its `batch_size` and
+    metrics (also written to metrics.json, with `invalid_records`: those the records' check refused). `make_decoder()` gives a GreedyDecoder (its `batch_size` and
     `batches`); it is called only when something is left to decode, so a finished eval loads no model."""
     from fxjax import detection_metrics
     from fxjax.data.pipeline import DataPipeline
@@ -289,7 +289,9 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
             f"--limit); metrics.json counts the {len(rows)} evaluated now (predictions_outside: {outside})")
     summary = detection_metrics.summarize(rows, group_by)
     summary.update(not_evaluated=missing, not_evaluated_why={s: why[s] for s in missing if s in why},
-                   predictions_outside=outside, settings=settings, decoding=runs, **(extra or {}))
+                   predictions_outside=outside, settings=settings, decoding=runs)
+    if invalid_records:
+        summary["invalid_records"] = list(invalid_records)
     write_json_whole(out / METRICS, summary)
     return summary
 
@@ -314,7 +316,6 @@ def evaluate_detector(args, records, report, detector, settings: dict, out: Path
     def make_decoder():
         return detector.decoder(args.batch_size, args.max_new_tokens, after=after)
 
-    invalid = {"invalid_records": [str(e) for e in report.skipped]} if report.skipped else None
     return evaluate(records, make_decoder, prompt_data_config(args, detector.data, detector.tokenizer), out,
                     settings=settings, group_by=args.group_by, fresh=args.fresh, progress=args.progress, say=say,
-                    extra=invalid)
+                    invalid_records=[str(e) for e in report.skipped])

@@ -167,8 +167,8 @@ def parse_record(obj: Any, format: str = "auto") -> ParsedRecord:
                 from None
         raise
     if parsed.label == "generated" and not parsed.regions:
-        raise RecordProblem("a generated image must have at least one region" + _boxes_elsewhere_note(obj),
-                            "no_regions")
+        raise RecordProblem("a generated image must have at least one region"
+                            + (_boxes_elsewhere_note(obj) if parsed.format == "native" else ""), "no_regions")
     if parsed.label == "real" and parsed.regions:
         raise RecordProblem(f"a real image must not have regions (has {len(parsed.regions)})", "schema")
     return parsed
@@ -205,8 +205,9 @@ def boxes_in_pixels(parsed: ParsedRecord, width: int, height: int, orientation: 
                      f"{[_fmt(round(v, 2)) for v in box]} in pixels)") if parsed.bbox_type == "norm1" else \
                 [_fmt(v) for v in box]
             raise RecordProblem(f"{what} {i} bbox {shown} lies outside the {width}x{height} image (width x height)"
-                                + (_rotation_hint(width, height, orientation) or _slip_hint(box, width, height) or
-                                   _thousandths_hint(box, width, height, parsed.bbox_type)), "box_outside")
+                                + (_rotation_hint(width, height, orientation)
+                                   or (_slip_hint(box, width, height) if parsed.bbox_type == "real" else "")
+                                   or _thousandths_hint(box, width, height, parsed.bbox_type)), "box_outside")
         if x2 - x1 < 1 or y2 - y1 < 1:  # (written in whole pixels, the model would learn an empty box)
             raise RecordProblem(f"{what} {i} bbox {[_fmt(round(v, 3)) for v in box]} is under one pixel wide or "
                                 f"high on the {width}x{height} image: the target would hold an empty box",
@@ -274,13 +275,12 @@ def _caption(value: Any, what: str) -> str:
 
 
 def _tag(value: Any, what: str) -> str:
-    """One image-level tag, stripped: the answer lists the tags comma-separated on one line (`<tag>a, b</tag>`),
-    so a comma or a line break inside one reads back as other tags."""
+    """One image-level tag, stripped: the answer lists the tags on one line (`<tag>a, b</tag>`), so a line
+    break inside one breaks the answer's format (a comma makes it two tags: the same text as giving two)."""
     tag = _text(value, what, allow_empty=False).strip()
-    if "," in tag or "\n" in tag or "\r" in tag:
-        raise RecordProblem(f"{what} {tag!r} holds a {'comma' if ',' in tag else 'line break'}: the answer lists the "
-                            "tags comma-separated on one line, so it would read back as other tags; give each tag "
-                            "as its own string", "schema")
+    if "\n" in tag or "\r" in tag:
+        raise RecordProblem(f"{what} {tag!r} spans lines: the answer lists the tags on one line; give each tag "
+                            "as its own one-line string", "schema")
     return tag
 
 
@@ -302,9 +302,12 @@ def _box_numbers(box: Any, what: str) -> Box:
         if not math.isfinite(v):
             raise RecordProblem(f"{what} has a non-finite coordinate {v!r}", "box_nonfinite")
     x1, y1, x2, y2 = (float(v) for v in box)
-    if (x2 == x1 and y2 >= y1) or (y2 == y1 and x2 >= x1):  # (no COCO hint: [x, y, w, h] is never flat so)
-        raise RecordProblem(f"{what} {[_fmt(v) for v in box]} is empty: zero {'width (x1 = x2)' if x2 == x1 else 'height (y1 = y2)'}",
-                            "box_tiny")
+    if (x2 == x1 and y2 >= y1) or (y2 == y1 and x2 >= x1):
+        # (no COCO hint: a COCO [x, y, w, h] reads flat only where w == x or h == y exactly, far rarer than an
+        # empty box drawn by mistake; the file's inverted boxes, if it is COCO's, still name the convention)
+        zero = " and ".join(side for side, flat in (("width (x1 = x2)", x2 == x1), ("height (y1 = y2)", y2 == y1))
+                            if flat)
+        raise RecordProblem(f"{what} {[_fmt(v) for v in box]} is empty: zero {zero}", "box_tiny")
     if x2 <= x1 or y2 <= y1:
         # COCO's [x, y, w, h] read as corners is inverted whenever w <= x or h <= y: say how to convert it
         coco = (f"; if it is COCO's [x, y, w, h], write corners [x, y, x + w, y + h] = "
@@ -372,7 +375,7 @@ def _parse_native(obj: dict) -> ParsedRecord:
     tags = _given(obj, "tags", [])
     if not isinstance(tags, list):
         raise RecordProblem(f"'tags' must be a list of strings, got {type(tags).__name__}", "schema")
-    tags = tuple(_tag(t, f"tag {i}") for i, t in enumerate(tags))
+    tags = tuple(_tag(t, f"tag {i}") for i, t in enumerate(tags))  # (a comma in one renders as two: the same text)
     reasoning = _text(_given(obj, "reasoning", ""), "reasoning").strip()
     return ParsedRecord(image=obj["image"], record_id=_record_id(obj, obj["image"]), label=label,
                         regions=tuple(regions), format="native", tags=tags, reasoning=reasoning,

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
 import logging
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -152,10 +154,11 @@ def whole_file_problem(path: Path) -> str | None:
         return "is UTF-16 text: save it as UTF-8"
     text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     first = text.splitlines()[0].strip() if text else ""
-    if text.startswith("{") and '"images"' in text and any(f'"{k}"' in text for k in _COCO_KEYS):
+    if _looks_like_coco(text, first):
         return ("looks like a COCO annotation file (one object with 'images' and 'annotations'), not JSON Lines "
                 "records: convert it to one record per image (docs/data.md, \"From a COCO annotation file\")")
-    if first and not first.startswith(("{", "[")) and "," in first and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+    if first and not first.startswith(("{", "[")) and ("," in first or "\t" in first) and \
+            path.suffix.lower() in (".csv", ".tsv", ".txt"):
         return ("looks like CSV, not JSON Lines (one JSON record per line): convert it (docs/data.md, \"From a CSV "
                 "or COCO's boxes\")")
     if first.startswith("[") and not first.endswith("]"):
@@ -176,7 +179,20 @@ def whole_file_problem(path: Path) -> str | None:
     return None
 
 
-_COCO_KEYS = ("annotations", "categories", "licenses", "info")
+def _looks_like_coco(text: str, first: str) -> bool:
+    """A COCO annotation file: one object whose 'images' and 'annotations' are lists. Where the file's first
+    line is a whole JSON object, that object is looked at (a JSONL record with an "info" or "images" key of
+    its own is no COCO file); else (pretty-printed, or a first line past the 4 KiB read) its keys' shapes."""
+    if not text.startswith("{"):
+        return False
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        return isinstance(obj.get("images"), list) and isinstance(obj.get("annotations"), list)
+    return bool(re.search(r'"images"\s*:\s*\[\s*\{', text)
+                and re.search(r'"(annotations|categories|licenses)"\s*:\s*\[', text))
 
 
 def _spread_over_lines(text: str, first: str) -> bool:
@@ -303,11 +319,21 @@ def _case_hint(path: Path) -> str:
     """A name that differs from an existing file's in case only (a dataset made on macOS or Windows, whose file
     systems ignore case): say which file it is."""
     try:
-        same = [p.name for p in path.parent.iterdir() if p.name.lower() == path.name.lower()] \
-            if path.parent.is_dir() else []
+        stat = path.parent.stat()
     except OSError:
         return ""
-    return f" ({same[0]!r} exists: file names are case-sensitive here)" if same else ""
+    same = _names_by_lower_case(str(path.parent), stat.st_mtime_ns).get(path.name.lower())
+    return f" ({same!r} exists: file names are case-sensitive here)" if same else ""
+
+
+@functools.lru_cache(maxsize=8)
+def _names_by_lower_case(folder: str, mtime_ns: int) -> dict[str, str]:
+    """A folder's file names by their lower-case form, listed once per folder and version (its mtime): a
+    dataset of 100k records all named in the wrong case lists its folder once, not once per record."""
+    try:
+        return {p.name.lower(): p.name for p in Path(folder).iterdir()}
+    except OSError:
+        return {}
 
 
 def _image_size_or_error(path: Path, max_image_pixels: int, check_decode: bool) -> tuple[int, int] | Exception:
@@ -347,12 +373,15 @@ def _check_image(pending: _Pending, size: tuple[int, int] | Exception) -> Record
 
 def _resized_hint(resized: Sequence[tuple[str, tuple[float, float], tuple[int, int]]], limit: int = 3) -> str:
     """Records whose own width/height are not their image's: boxes drawn on a resized copy (the size the
-    record gives) would train in the wrong place while lying inside the image."""
-    shown = "; ".join(f"{where}: {w:g}x{h:g} given, the file {fw}x{fh}" for where, (w, h), (fw, fh) in resized[:limit])
+    record gives) would train in the wrong place while lying inside the image; the stored frame of an
+    EXIF-rotated image (width and height swapped) is said as such."""
+    shown = "; ".join(f"{where}: {w:g}x{h:g} given, the file {fw}x{fh} as displayed" + (
+        " (its stored frame: EXIF-rotated)" if (w, h) == (fh, fw) else "")
+        for where, (w, h), (fw, fh) in resized[:limit])
     return (f"{len(resized)} record(s) give a width and height other than their image's ({shown}"
             + (f"; and {len(resized) - limit} more" if len(resized) > limit else "")
-            + "): boxes are read in the image file's pixels (as displayed); if they were drawn on a copy of the "
-              "size the record gives, scale them")
+            + "): boxes are read in the image file's pixels as displayed; if they were drawn on a copy of the "
+              "size the record gives (or on a rotated image's stored frame), convert them")
 
 
 LOGGED_PER_KIND = 20  # skipped records named in the log, per kind of problem (the summary counts every one)
@@ -463,7 +492,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                 else:
                     records.append(result)
                     if item.declared is not None and tuple(item.declared) != (result.width, result.height):
-                        resized.append((item.where, item.declared, (result.width, result.height)))
+                        resized.append((item.where, tuple(item.declared), (result.width, result.height)))
                 done += 1
     if resized:
         report.hints.append(_resized_hint(resized))
