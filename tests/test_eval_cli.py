@@ -355,7 +355,25 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["examples"] == 5 and metrics["settings"]["max_new_tokens"] == 3
     # metrics.json and settings.json are written whole (a hidden sibling renamed over them): none is left
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") and "json" in p.name) == []
+    # `fxjax info` of the folder says what it evaluated and its metrics (it read "holds no checkpoints"); of a
+    # folder whose eval did not finish, how far it got; of a folder of step folders, each
+    assert main(["info", str(tmp_path)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"fxjax eval folder {tmp_path}: model {tiny_vl_dir.resolve()}, on {dataset.resolve()}"
+    assert said[1].startswith(f"  5 image(s): accuracy {metrics['accuracy']:.3f}, F1 (generated) ")
+    steps = tmp_path / "steps"
+    for name in ("1", "2"):
+        (steps / name).mkdir(parents=True)
+        for file in (PREDICTIONS, "settings.json"):
+            shutil.copy(tmp_path / file, steps / name / file)
+    assert main(["info", str(steps)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in said if not line.startswith(" ")] == [
+        f"fxjax eval folder {steps / '1'}", f"fxjax eval folder {steps / '2'}"]
+    assert said[1] == (f"  unfinished: 5 image(s) in {PREDICTIONS}, no metrics.json yet; the same eval command goes "
+                       f"on from them")
+    shutil.rmtree(steps)
     # a random model says nothing parsable in 3 tokens: every verdict is "none"
     assert metrics["confusion"]["generated"]["none"] + metrics["confusion"]["real"]["none"] == 5
     # each row says how long its completion was and whether it hit the limit; the rate is their share

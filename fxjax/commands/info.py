@@ -18,10 +18,13 @@ def add_parser(sub) -> None:
                                    "sft/grpo run, its checkpoint steps and GRPO stage ends (what --step of "
                                    "eval, detect and export takes), what its model started from, its LoRA and "
                                    "tokenizer; of a PEFT adapter, its LoRA and base; of an `fxjax export` folder, "
-                                   "also the run and step it holds.")
+                                   "also the run and step it holds; of an `fxjax eval` folder (its --out, or the "
+                                   "folder of one eval of several --step values), the weights and data it "
+                                   "evaluated and its metrics, or how many images an unfinished one holds.")
     p.add_argument("model", metavar="MODEL", nargs="?",
                    help="HF checkpoint directory (with config.json), preset name (tiny, 3b, 7b, 32b, 72b), "
-                        "preset YAML, a run's train.output_dir / checkpoint.dir, or a PEFT adapter directory; "
+                        "preset YAML, a run's train.output_dir / checkpoint.dir, a PEFT adapter directory, an "
+                        "export or eval folder; "
                         "none: the presets and the run configs fxjax ships (--config NAME)")
     p.set_defaults(func=run)
 
@@ -52,12 +55,19 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             run(argparse.Namespace(model=str(source / part)))
         return 0
+    if source.is_dir() and _eval_folders(source) == [source]:  # (it read "holds no checkpoints")
+        print("\n".join(_describe_eval(source)))
+        return 0
     if source.is_dir() and not (source / "config.json").is_file():  # a training run (its steps and start)?
         from fxjax.run_files import RunLoadError, describe_run
 
         try:
             lines = describe_run(source)
         except RunLoadError as err:  # (what is wrong with it as a run: no checkpoints, a step folder, ...)
+            evals = _eval_folders(source)  # (one eval of several --step values: a folder for each)
+            if evals:
+                print("\n".join(line for folder in evals for line in _describe_eval(folder)))
+                return 0
             raise FileNotFoundError(f"{source}: not an HF checkpoint directory (no config.json); as a fxjax "
                                     f"run: {err}") from None
         from fxjax.train.run_lock import training_now
@@ -95,6 +105,62 @@ def run(args: argparse.Namespace) -> int:
     for line in _export_origin(source) if source.is_dir() else []:  # (an `fxjax export` folder: its run and step)
         print(line)
     return 0
+
+
+def _eval_folders(folder: Path) -> list[Path]:
+    """`folder` when `fxjax eval` wrote into it (its settings.json, or predictions.jsonl), else its subfolders
+    that one eval of several --step values wrote (one per step); [] for any other folder."""
+    from fxjax.commands.eval_folder import PREDICTIONS, SETTINGS
+
+    def written(f: Path) -> bool:
+        return (f / SETTINGS).is_file() or (f / PREDICTIONS).is_file()
+
+    if written(folder):
+        return [folder]
+    try:
+        return [f for f in sorted(folder.iterdir()) if f.is_dir() and written(f)]
+    except OSError:
+        return []
+
+
+def _describe_eval(folder: Path) -> list[str]:
+    """What an eval folder holds: the weights and data it evaluated, its metrics, or how far it got."""
+    import json
+
+    from fxjax.commands.eval_folder import METRICS, PREDICTIONS, SETTINGS
+
+    def read(name: str) -> dict:
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    settings, metrics = read(SETTINGS), read(METRICS)
+    model = settings.get("model") or {}
+    what = (f"run {model['run']} at step {model.get('step')}" if model.get("run") else
+            f"model {model.get('model')}" + (f" with adapter {model['adapter']}" if model.get("adapter") else ""))
+    data = ", ".join(settings.get("data") or ()) or "(not recorded)"
+    lines = [f"fxjax eval folder {folder}: {what}, on {data}"]
+    try:
+        with open(folder / PREDICTIONS, "rb") as f:
+            rows = sum(1 for line in f if line.strip())
+    except OSError:
+        rows = 0
+    if not metrics:
+        lines.append(f"  unfinished: {rows} image(s) in {PREDICTIONS}, no {METRICS} yet; the same eval command "
+                     f"goes on from them")
+        return lines
+
+    def number(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines.append(f"  {metrics.get('examples')} image(s): accuracy {number('accuracy')}, F1 (generated) "
+                 f"{number('f1')}, format rate {number('format_rate')}, mean IoU {number('mean_iou')} (on "
+                 f"{metrics.get('iou_images', 0)} generated image(s)), truncated {number('truncated_rate')}")
+    if metrics.get("not_evaluated"):
+        lines.append(f"  not evaluated: {len(metrics['not_evaluated'])} record(s) ({METRICS}: not_evaluated)")
+    return lines
 
 
 def _describe_adapter(folder: Path) -> list[str]:
