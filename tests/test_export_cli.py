@@ -1043,7 +1043,12 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
         assert main(["info", str(staged)]) == 0
         assert capsys.readouterr().out.splitlines()[-1].startswith(f"  training now: pid {os.getpid()} on ")
     assert main(["info", str(staged)]) == 0
-    assert "training now" not in capsys.readouterr().out
+    assert "training now" not in (plain := capsys.readouterr().out)
+    # an eval written into the run's folder (--out runs/x/eval) leaves the run described as the run
+    (staged / "eval").mkdir()
+    (staged / "eval" / "settings.json").write_text("{}")
+    assert main(["info", str(staged)]) == 0 and capsys.readouterr().out == plain
+    shutil.rmtree(staged / "eval")
     # a stage that ends after the newest step (a run preempted in alpha): not reached yet, not "no checkpoint"
     state.write_text(json.dumps({**json.loads(state.read_text()), "stage_ends": [["alpha", 2], ["beta", 9]]}))
     assert main(["info", str(staged)]) == 0
