@@ -433,24 +433,26 @@ do_create() {
       note "(repeated every 30 s until the state is ACTIVE, for at most $QUEUE_TIMEOUT s)"
       return
     fi
-    local start=$SECONDS failures=0 err errors="${TMPDIR:-/tmp}/fxjax-tpu-describe.$$"
+    local start=$SECONDS failures=0 err errors
+    # (made by mktemp, kept through the loop and removed at each way out: not a name another user could
+    # plant a link at in a shared TMPDIR)
+    errors=$(mktemp "${TMPDIR:-/tmp}/fxjax-tpu-describe.XXXXXX")
     while :; do
       # a passing API error must not end an hours-long wait: retried, up to 5 failures in a row
       if ! state=$("${describe[@]}" 2>"$errors"); then
         err=$(tail -n 1 "$errors")
-        rm -f "$errors"  # (before die too: nothing left behind in TMPDIR)
-        ((++failures < 5)) || die "describing queued resource $NAME failed 5 times in a row: $err"
+        ((++failures < 5)) || { rm -f "$errors"; die "describing queued resource $NAME failed 5 times in a row: $err"; }
         state="unknown (describe failed: $err)"
       else
-        rm -f "$errors"
         failures=0
       fi
+      [[ $state == ACTIVE || $state == FAILED || $state == SUSPENDED || $state == SUSPENDING ]] && rm -f "$errors"
       case $state in
         ACTIVE) note "queued resource $NAME is ACTIVE"; break ;;
         FAILED | SUSPENDED | SUSPENDING) die "queued resource $NAME is $state: see gcloud compute tpus queued-resources describe $NAME" ;;
       esac
-      ((SECONDS - start < QUEUE_TIMEOUT)) ||
-        die "queued resource $NAME is still $state after $QUEUE_TIMEOUT s (it stays queued; rerun create to wait again)"
+      ((SECONDS - start < QUEUE_TIMEOUT)) || { rm -f "$errors"
+        die "queued resource $NAME is still $state after $QUEUE_TIMEOUT s (it stays queued; rerun create to wait again)"; }
       note "queued resource $NAME: $state; waiting"
       sleep 30
     done
@@ -484,7 +486,8 @@ do_setup() {
     if [[ $CONSTRAINTS == /* ]]; then file=$(q "$CONSTRAINTS"); else file=$dir/$(q "$CONSTRAINTS"); fi
     # (a checkout from before constraints.txt has none: said, not a bare uv error)
     pins=" -c $file"
-    check="{ test -f $file || { echo \"tpu_setup.sh: no constraints file $file on this worker (a checkout older than constraints.txt?): give --constraints none or a file\" >&2; false; }; } && "
+    # ($file is one quoted shell word: outside the message's double quotes, where its quoting holds)
+    check="{ test -f $file || { echo \"tpu_setup.sh: no constraints file \"$file\" on this worker (a checkout older than constraints.txt?): give --constraints none or a file\" >&2; false; }; } && "
   fi
   if [[ -d $SOURCE ]]; then
     local tmp

@@ -30,7 +30,7 @@ from flax import nnx
 from fxjax.hf_config import config_to_hub_dict, load_config
 from fxjax.peft_io import NP_DTYPES, attach_lora
 from fxjax.safetensors_reading import open_safetensors, stored_dtypes_by_name
-from fxjax.file_modes import save_safetensors
+from fxjax.file_modes import make_readable, save_safetensors
 from fxjax.device_mesh import barrier, gather, require_fxjax_mesh
 from fxjax.partition_rules import placer, warn_unsplit
 from fxjax.model import Qwen25VL, Qwen25VLConfig
@@ -77,8 +77,15 @@ def weight_files(directory: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard files, got "
+                                  f"{type(weight_map).__name__}")
+        for file in set(weight_map.values()):  # (a downloaded index naming /elsewhere/x.safetensors or ../x)
+            if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+                raise CheckpointError(f"{index}: names shard {file!r}, not a file name in {directory}: the shards "
+                                      f"of a checkpoint lie in its own folder")
         files = {name: directory / file for name, file in weight_map.items()}
         for file in set(files.values()):
             if not file.exists():
@@ -421,7 +428,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
     if source:
         for side in _SIDE_FILES:
             if (Path(source.directory) / side).exists():
-                shutil.copy(Path(source.directory) / side, out / side)
+                _copy_readable(Path(source.directory) / side, out / side)
     write_merged_record(out, record)
     barrier("fxjax.save_pretrained")
     return out
@@ -493,9 +500,16 @@ def generation_defaults(directory: str) -> GenerationDefaults:
     return GenerationDefaults(tuple(values) if value is not None else None, pad)
 
 
+def _copy_readable(source: Path, target: Path) -> None:
+    """A side file copied with the usual mode (shutil.copy kept the source's: a 0666 file stayed writable by
+    every user of a shared machine)."""
+    shutil.copyfile(source, target)
+    make_readable(target)
+
+
 def _write_generation_config(cfg: Qwen25VLConfig, out: Path, source: HFSource | None) -> None:
     if source and (Path(source.directory) / "generation_config.json").exists():
-        shutil.copy(Path(source.directory) / "generation_config.json", out / "generation_config.json")
+        _copy_readable(Path(source.directory) / "generation_config.json", out / "generation_config.json")
         return
     eos: Any = list(cfg.eos_token_id) if len(cfg.eos_token_id) != 1 else cfg.eos_token_id[0]
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,

@@ -496,6 +496,15 @@ def test_a_record_giving_a_rotated_images_stored_frame_is_said_to_and_a_point_bo
         load_records(write(root, native(regions=[{"bbox": [5, 5, 5, 5], "caption": "a dot"}])))
 
 
+def test_a_record_nested_past_pythons_recursion_limit_is_an_invalid_record(root):
+    """100k nested '[' ended the load (and data check) in a RecursionError traceback, --on-error skip or not."""
+    path = write(root, native(), "[" * 100_000 + "]" * 100_000, native(label="real"))
+    with pytest.raises(DataError, match=r":2: invalid JSON: nested too deeply to be a record"):
+        load_records(path)
+    records, report = load_records(path, on_error="skip")
+    assert len(records) == 2 and [e.kind for e in report.skipped] == ["json"]
+
+
 def test_chat_records_of_other_tools_say_how_they_differ_from_ms_swifts(root):
     """A ShareGPT conversation, OpenAI-style content parts and a 0-1000 box scale said only that the role,
     the content's type or the bbox_type was wrong, not what the record was or how to convert it."""

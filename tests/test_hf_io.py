@@ -4,6 +4,7 @@ embeddings, export back to transformers, and clear errors. The oracle is transfo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -551,6 +552,40 @@ def test_error_index_names_missing_shard(tiny_checkpoint, tmp_path):
     lost.unlink()
     with pytest.raises(CheckpointError, match=rf"model\.safetensors\.index\.json.*{lost.name}"):
         fxjax.from_pretrained(bad)
+
+
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tiny_checkpoint, tmp_path):
+    """A downloaded checkpoint's index named /elsewhere/x.safetensors or ../x.safetensors, and that file (another
+    user's, readable) loaded as the model's weights; a weight_map that is no mapping was an AttributeError."""
+    bad = tmp_path / "bad"
+    save_hf_model(load_hf_model(tiny_checkpoint), bad, max_shard_size="20KB")
+    index_path = bad / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / shard
+    shutil.copy(bad / shard, outside)
+    for named in (str(outside), f"../{shard}"):
+        index_path.write_text(json.dumps({**index, "weight_map": {k: named if v == shard else v
+                                                                   for k, v in index["weight_map"].items()}}))
+        with pytest.raises(CheckpointError, match=rf"names shard '{re.escape(named)}', not a file name in"):
+            fxjax.from_pretrained(bad)
+    index_path.write_text(json.dumps({**index, "weight_map": ["a"]}))
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard files, got list"):
+        fxjax.from_pretrained(bad)
+
+
+def test_exported_side_files_get_the_usual_mode_not_the_sources(tiny_checkpoint, tmp_path):
+    """generation_config.json (and the other files copied beside the weights) kept a world-writable source's
+    0666 under umask 022 (shutil.copy copies the mode)."""
+    import os
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint, source)
+    os.chmod(source / "generation_config.json", 0o666)
+    out = fxjax.save_pretrained(fxjax.from_pretrained(source, dtype="float32"), tmp_path / "export")
+    old = os.umask(0o022)
+    os.umask(old)
+    assert (out / "generation_config.json").stat().st_mode & 0o777 == 0o666 & ~old
 
 
 def test_error_no_weights_and_not_a_directory(tiny_checkpoint, tmp_path):

@@ -305,13 +305,15 @@ def test_queued_create_waits_until_active(fake_bin, tmp_path, monkeypatch):
     _executable(fake_bin / "sleep", "#!/usr/bin/env bash\nexit 0\n")  # no 30 s waits here
     for count in fake_bin.glob("describe.count"):
         count.unlink()
-    flaky = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
-                       path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "missing,missing,WAITING,ACTIVE"})
-    assert flaky.returncode == 0, flaky.stderr
-    assert "unknown (describe failed: NOT_FOUND); waiting" in flaky.stdout + flaky.stderr
-    (fake_bin / "describe.count").unlink()
     temporary = tmp_path / "tmp"
     temporary.mkdir()
+    flaky = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
+                       path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "missing,missing,WAITING,ACTIVE",
+                                                                   "TMPDIR": str(temporary)})
+    assert flaky.returncode == 0, flaky.stderr
+    assert "unknown (describe failed: NOT_FOUND); waiting" in flaky.stdout + flaky.stderr
+    assert not list(temporary.iterdir())  # (its errors' file, made by mktemp, gone at ACTIVE)
+    (fake_bin / "describe.count").unlink()
     broken = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
                         path=f"{fake_bin}:{SYSTEM_PATH}",
                         extra_env={**env, "FAKE_DESCRIBE": "missing", "TMPDIR": str(temporary)})
@@ -540,6 +542,14 @@ def test_setup_installs_uv_past_an_externally_managed_system_python(fake_bin, tm
         (worker / "fxjax" / "constraints.txt").unlink()
         done = subprocess.run([BASH, "-c", install], cwd=worker, capture_output=True, text=True, env=env, timeout=60)
         assert done.returncode != 0 and "no constraints file ./fxjax/constraints.txt on this worker" in done.stderr
+        # a constraints path with shell syntax in it is one word in the message too (it ran there: `$(...)`)
+        planted = tmp_path / "ran"
+        _, odd = gcloud(commands(dry_run(fake_bin, "setup", "--zone", "z", "--project", "p", "--source", str(source),
+                                         "--constraints", f"$(touch {planted})x")), "tpu-vm", "ssh")
+        done = subprocess.run([BASH, "-c", remote_command(odd)], cwd=worker, capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert done.returncode != 0 and f"no constraints file ./fxjax/$(touch {planted})x on this worker" in done.stderr
+        assert not planted.exists()
     assert any(c.startswith("-m uv pip install --python ./fxjax-venv/bin/python -e ./fxjax") for c in calls)
 
 

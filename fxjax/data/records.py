@@ -259,6 +259,8 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
         raise DataError(where, f"the key {err.key!r} is given twice in one object", "json") from None
     except json.JSONDecodeError as err:
         raise DataError(where, f"invalid JSON: {err}{_json_hint(line, err)}", "json") from None
+    except RecursionError:  # (Python's parser recurses per level: 100k nested '[' ended the load in a traceback)
+        raise DataError(where, "invalid JSON: nested too deeply to be a record", "json") from None
     if hints is not None:
         for pair in misspelt_fields(obj):
             hints.setdefault(pair, []).append(where.rpartition(":")[2])  # (the line numbers)
