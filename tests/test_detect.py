@@ -190,6 +190,10 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
     lines = [json.loads(line) for line in out.out.splitlines()]
     errors = {r["image"]: r["error"] for r in lines if "error" in r}
     assert set(errors) == {str(broken), str(missing)} and errors[str(missing)] == "no such file"
+    # the unreadable ones come first: each object's index is its image's place among those given
+    given = [*paths, str(broken), str(missing)]
+    assert sorted(r["index"] for r in lines) == list(range(len(given)))
+    assert all(given[r["index"]] == r["image"] for r in lines)
     results = [r for r in lines if "error" not in r]
     assert [r["image"] for r in results] == paths
     for r in results:  # a random model's 3 tokens: shown raw, with a note, never a crash

@@ -59,7 +59,9 @@ def add_parser(sub) -> None:
                    help="folder for the overlay PNGs, <image name>.detect.png (default: ./detections); an "
                         "earlier run's overlay of the same name is replaced")
     p.add_argument("--no-overlay", dest="overlay", action="store_false", help="write no overlay PNGs")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image and line")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per image and line (its 'index': the image's place among those "
+                        "given, from 0; unreadable images first, the others as their batches finish)")
     p.add_argument("--batch-size", type=positive_int, metavar="B",
                    help="images decoded together, a multiple of the mesh's data x fsdp devices (default: 4, "
                         "rounded up to such a multiple)")
@@ -356,11 +358,20 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     if note:
         say(f"note: {note}")
     records, failed, shrunk, fit = detect_inputs(args.images, detector, args.max_image_pixels)
+    # --json: each object's "index", the image's place among those given (0-based): the unreadable ones are
+    # said first, the others as their batches finish, so a script orders or joins by it
+    places: dict[str, list[int]] = {}
+    for i, given in enumerate(args.images):
+        places.setdefault(str(given), []).append(i)
+
+    def indexed(obj: dict) -> dict:
+        left = places.get(str(obj["image"]))
+        return {"index": left.pop(0) if left else None, **obj}
 
     def report_failed(path, why):
         say(f"{path}: cannot be analysed: {why}")
         if args.json:  # one object per image given, the unreadable ones too
-            print(json.dumps({"image": str(path), "error": why}), flush=True)
+            print(json.dumps(indexed({"image": str(path), "error": why})), flush=True)
 
     for path, why in failed:
         report_failed(path, why)
@@ -371,7 +382,7 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     if records:
         decoder = detector.decoder(batch_size, detector.max_new_tokens)
         config = detect_config(detector, fit, batch_size, args.max_image_pixels)
-        emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else \
+        emit = (lambda r: print(json.dumps(indexed(r)), flush=True)) if args.json else \
             (lambda r: print(format_result(r) + "\n", flush=True))
         replaced: list[Path] = []
         results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit,
