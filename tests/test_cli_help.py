@@ -7,15 +7,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from fxjax.cli import build_parser
-
-LIMIT_S = 1.5
 
 # Run main(argv) in a fresh interpreter; print the exit code, then whether jax (or anything heavy) loaded.
 PROBE = """
@@ -35,30 +32,21 @@ def subcommands() -> list[str]:
     return sorted(action.choices)
 
 
-def run_probe(argv: list[str]) -> tuple[str, float]:
-    """(the probe's output, its wall time); the faster of two runs, so a busy machine does not decide."""
-    best = None
-    for _ in range(2):
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60)
-        wall = time.perf_counter() - start
-        assert proc.returncode == 0, proc.stderr
-        out = proc.stdout.strip().splitlines()[-1]
-        best = (out, wall) if best is None or wall < best[1] else best
-        if wall < LIMIT_S:
-            break
-    return best
+def run_probe(argv: list[str]) -> str:
+    """The probe's output: main's exit code, then what heavy module it imported ("-" for none)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in subcommands()),
                                   ["sft"], ["detect"], ["no-such-command"]],
                          ids=lambda argv: " ".join(argv))
 def test_help_and_argument_errors_answer_without_importing_jax(argv):
-    out, wall = run_probe(argv)
+    out = run_probe(argv)
     code, heavy = out.split()
     assert code == ("0" if "--help" in argv or "--version" in argv else "2")
-    assert heavy == "-", f"fxjax {' '.join(argv)} imported {heavy}"
-    assert wall < LIMIT_S, f"fxjax {' '.join(argv)} took {wall:.2f}s"
+    assert heavy == "-", f"fxjax {' '.join(argv)} imported {heavy}"  # (what made --help slow: no timed assert)
 
 
 def test_version_names_fxjax_and_the_packages_a_bug_report_needs(capsys):
@@ -80,7 +68,7 @@ def test_version_names_fxjax_and_the_packages_a_bug_report_needs(capsys):
 
 
 def test_a_missing_config_file_fails_before_jax():
-    out, _ = run_probe(["sft", "--config", "/nonexistent/sft.yaml"])
+    out = run_probe(["sft", "--config", "/nonexistent/sft.yaml"])
     assert out == "2 -"
 
 

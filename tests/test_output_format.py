@@ -184,7 +184,8 @@ def test_pathological_completion_is_linear():
                  "<tag><think>" * 5000):
         t0 = time.perf_counter()
         parse_completion(text)
-        assert time.perf_counter() - t0 < 0.5
+        # a hang guard, not a speed claim: the backtracking regex takes hours on these, the parser milliseconds
+        assert time.perf_counter() - t0 < 10
 
 
 # ---- parsing: never raises, and agrees with the authors' regexes ----------------------------------
