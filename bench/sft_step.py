@@ -6,7 +6,8 @@ labelled as the assistant span). One child process per framework loads the same 
 (r 8, alpha 32, all-linear: vision, merger and decoder Linears; dropout 0) and times full training steps:
 
   torch   peft.get_peft_model; model(**inputs, labels=labels).loss.backward(); clip_grad_norm_(1.0);
-          AdamW.step(); zero_grad()  (transformers computes full [B, L, vocab] logits and the loss on them)
+          AdamW.step(); zero_grad()  (transformers computes full [B, L, vocab] logits and the loss on them;
+          with --hf-logits-to-keep only the labelled span's, `logits_to_keep`: the same work as fxjax's)
   fxjax   the jitted step of `fxjax sft` (train.step.make_train_step): chunked cross-entropy on the
           supervised tokens only, clipping, AdamW; state donated; batch prepared on the host beforehand
 
@@ -17,6 +18,7 @@ child's peak resident set size (model, optimiser, activations, runtime), from ge
     python bench/sft_step.py                  # mid config (~150M), batch 4, 5 timed steps (~3-5 min on 2 cores)
     python bench/sft_step.py --small --iters 2
     python bench/sft_step.py --vocab 151936   # the real vocabulary (the lm_head dominates)
+    python bench/sft_step.py --vocab 151936 --hf-logits-to-keep   # ... transformers' lm_head on the labels only
     python bench/sft_step.py --loop           # the whole `fxjax sft` loop: host time per step, in line vs overlapped
     python bench/sft_step.py --device cuda --dtype bfloat16 --config 3b --text-layers 12 --vision-depth 8 \
         --batch 8 --image-side 448 --loss-chunk 1024   # a GPU: Qwen2.5-VL-3B's layer shapes, a third of its depth
@@ -87,6 +89,11 @@ def worker_torch(workdir: Path, args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     inputs = {k: torch.as_tensor(v).to(device) for k, v in data.items() if k != "labels"}
     labels = torch.as_tensor(data["labels"]).to(device)
+    if args.hf_logits_to_keep:  # the lm_head on the labelled span and the position before it only (the loss
+        # shifts by one): the same loss, the work fxjax's chunked loss does
+        first = int((labels != -100).any(0).nonzero()[0])
+        keep = labels.shape[1] - first + 1
+        inputs["logits_to_keep"], labels = keep, labels[:, -keep:]
 
     def step():
         out = model(**inputs, labels=labels, use_cache=False)
@@ -222,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-chunk", type=int, default=48,
                     help="fxjax: supervised tokens per lm_head chunk (on a CPU keep chunk x vocab x 4 bytes under 32 MB)")
     ap.add_argument("--remat", default="none", help="fxjax: remat policy of decoder layers / vision blocks")
+    ap.add_argument("--hf-logits-to-keep", action="store_true",
+                    help="transformers runs its lm_head on the labelled span only (logits_to_keep), as fxjax does")
     ap.add_argument("--loop", action="store_true", help="time the whole sft loop in line vs overlapped (fxjax only)")
     ap.add_argument("--loop-pixels", type=int, default=200704, help="--loop: data.max_pixels of the images")
     fw.add_worker_args(ap)
@@ -256,7 +265,8 @@ def main(argv=None) -> int:
           f"{args.image_side}px image each), {args.target_tokens} labelled tokens per sample")
     print(fw.accelerator_line(args))  # the CPU model (and the GPU) with every figure
     passthrough = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--cores", str(args.cores),
-                   "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, *fw.device_passthrough(args)]
+                   "--loss-chunk", str(args.loss_chunk), "--remat", args.remat, *fw.device_passthrough(args),
+                   *(["--hf-logits-to-keep"] if args.hf_logits_to_keep else [])]
     results = fw.run_children(__file__, workdir, passthrough, env=fw.child_env(args))
     tmp.cleanup()
     tr, fx = results["torch"], results["fxjax"]
