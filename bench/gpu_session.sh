@@ -10,7 +10,8 @@
 # of the device tool's `run` (the wheels travel only when carried: .whl/ is git-ignored):
 #   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540)   # attention grpo_step, ~450 s
 #   run(command="PARTS='tests demo' bash bench/gpu_session.sh", carry=[".whl"], timeout_s=260)   # if >= 260 s left
-# (sft, measured on 2026-12-06's H100, and grpo_rollout are left to a lease with time to spare)
+# (sft, measured on 2026-12-06's H100, sft_same_work (its step with transformers given logits_to_keep: not run on
+# a GPU yet) and grpo_rollout are left to a lease with time to spare: PARTS='sft_same_work sft')
 # The machine has JAX, flax, optax, orbax, torch, transformers, peft and accelerate but not grain, dashscope,
 # trl or datasets: only their wheels travel, in .whl/ (git-ignored through .git/info/exclude), made here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -94,6 +95,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 # (70 s was not enough on the H100 for the four bfloat16 cases: the float16 ones then ran out of time)
 wants attention && (cd bench && XLA_PYTHON_CLIENT_MEM_FRACTION=.95 part attention_check 130 "$PY" attention_check.py "${ATTENTION_ARGS[@]}")
 wants sft && (cd bench && part sft_step 180 "$PY" sft_step.py "${SFT_ARGS[@]}")
+# (the same step with transformers' lm_head on the labelled span only, logits_to_keep: the same work as fxjax's)
+wants sft_same_work && (cd bench && part sft_step_same_work 180 "$PY" sft_step.py "${SFT_ARGS[@]}" --hf-logits-to-keep)
 wants grpo_step && (cd bench && part grpo_step 270 "$PY" grpo_step.py "${GRPO_ARGS[@]}")
 wants grpo_rollout && (cd bench && part grpo_rollout 150 "$PY" grpo_rollout.py "${ROLLOUT_ARGS[@]}")
 
