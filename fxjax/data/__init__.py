@@ -1,7 +1,7 @@
 """Data: dataset formats and validation, prompts, the Qwen tokenizer, the grain pipeline, demo data.
 
 Modules: records (Record, load_records) <- formats (native / ms-swift parsing) + images (paths, safe
-opening); prompts; tokenizer; config (DataConfig); examples (record -> ids, labels, pixels); batching
+opening) + file_layout (a whole file that is no JSONL) + path_hints (a missing image's near miss); prompts; tokenizer; config (DataConfig); examples (record -> ids, labels, pixels); batching
 (padding, buckets, the checkpointable iterator); pipeline (DataPipeline, the grain assembly); demo_data.
 
     records, report = load_records("data/train.jsonl")              # native or ms-swift JSONL, validated
@@ -46,6 +46,6 @@ __all__ = [
 
 
 # its modules by name too (`fxjax.data.prompts.serving_prompt` after `import fxjax`, as the README writes it)
-_SUBMODULES = ("batching", "config", "demo_data", "examples", "formats", "images", "pipeline", "prompts", "records",
-               "tokenizer")
+_SUBMODULES = ("batching", "config", "demo_data", "examples", "file_layout", "formats", "images", "path_hints",
+               "pipeline", "prompts", "records", "tokenizer")
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), _SUBMODULES)

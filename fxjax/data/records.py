@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import functools
 import json
 import logging
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from fxjax.data.file_layout import whole_file_problem
 from fxjax.data.formats import (SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, ParsedRecord, RecordProblem, boxes_in_pixels,
                                 misspelt_fields, parse_record)
 from fxjax.data.images import (ALLOWED_IMAGE_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, ImageError, exif_orientation,
-                               image_size, open_image,
-                               resolve_image_path)
+                               image_size, open_image, resolve_image_path)
+from fxjax.data.path_hints import missing_image_hint
 
 __all__ = [
     "ALLOWED_IMAGE_FORMATS",
@@ -51,6 +50,7 @@ __all__ = [
     "numbered_lines",
     "open_image",
     "resolve_image_path",
+    "whole_file_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,74 +142,6 @@ def numbered_lines(path: Path) -> Iterable[tuple[int, bytes]]:
                 yield n, raw[len(codecs.BOM_UTF8):] if n == 1 and raw.startswith(codecs.BOM_UTF8) else raw
 
 
-def whole_file_problem(path: Path) -> str | None:
-    """What makes a whole file other than JSON Lines, told from its start (each line's own error, 74 times
-    "invalid JSON" or "not valid UTF-8", said none of it): gzip, UTF-16, one JSON array, or one JSON object
-    over several lines. None for a file that may be JSONL."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"\x1f\x8b"):
-        return "is gzip-compressed: decompress it first (gunzip -k FILE)"
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "is UTF-16 text: save it as UTF-8"
-    text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
-    first = text.splitlines()[0].strip() if text else ""
-    if _looks_like_coco(text, first):
-        return ("looks like a COCO annotation file (one object with 'images' and 'annotations'), not JSON Lines "
-                "records: convert it to one record per image (docs/data.md, \"From a COCO annotation file\")")
-    if first and not first.startswith(("{", "[")) and ("," in first or "\t" in first) and \
-            path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        return ("looks like CSV, not JSON Lines (one JSON record per line): convert it (docs/data.md, \"From a CSV "
-                "or COCO's boxes\")")
-    if first.startswith("[") and not first.endswith("]"):
-        return "holds one JSON array, not JSON Lines (one record per line): convert it, e.g. jq -c '.[]' FILE"
-    if first == "{":
-        return "holds JSON spread over lines (pretty-printed), not JSON Lines (one record per line): convert it, " \
-               "e.g. jq -c . FILE"
-    if first.startswith("{") and _spread_over_lines(text, first):
-        return ("holds a record spread over lines (line 1 is not a whole JSON object, lines 1 and on are), not "
-                "JSON Lines (one record per line): put each record on one line, e.g. jq -c . FILE")
-    if first.startswith("[") and first.endswith("]"):
-        try:
-            if isinstance(json.loads(first), list):
-                return ("holds a JSON array on a line, not JSON Lines (one record per line): convert it, e.g. "
-                        "jq -c '.[]' FILE")
-        except ValueError:
-            pass
-    return None
-
-
-def _looks_like_coco(text: str, first: str) -> bool:
-    """A COCO annotation file: one object whose 'images' and 'annotations' are lists. Where the file's first
-    line is a whole JSON object, that object is looked at (a JSONL record with an "info" or "images" key of
-    its own is no COCO file); else (pretty-printed, or a first line past the 4 KiB read) its keys' shapes."""
-    if not text.startswith("{"):
-        return False
-    try:
-        obj = json.loads(first)
-    except ValueError:
-        obj = None
-    if isinstance(obj, dict):
-        return isinstance(obj.get("images"), list) and isinstance(obj.get("annotations"), list)
-    return bool(re.search(r'"images"\s*:\s*\[\s*\{', text)
-                and re.search(r'"(annotations|categories|licenses)"\s*:\s*\[', text))
-
-
-def _spread_over_lines(text: str, first: str) -> bool:
-    """Whether the file's first line is not a JSON value but its first lines together are one object (an
-    example record wrapped for reading, copied as it is)."""
-    try:
-        json.loads(first)
-        return False
-    except ValueError:
-        pass
-    try:
-        value, end = json.JSONDecoder().raw_decode(text)
-    except ValueError:
-        return False  # (a broken first line: its own error says where)
-    return isinstance(value, dict) and "\n" in text[:end]
-
-
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -283,61 +215,6 @@ def _declared_size(obj: dict) -> tuple[float, float] | None:
     return None
 
 
-def _backslash_hint(pending: _Pending) -> str:
-    """A record written on Windows ("images\\a.png") names a file this system reads as one name with a
-    backslash in it: say so when the path with '/' exists (the path is not rewritten silently)."""
-    rel = pending.parsed.image
-    if rel != rel.strip():  # (printed plainly, a trailing space cannot be seen)
-        return (f" (the path {rel!r} starts or ends with white space"
-                + (f"; {rel.strip()!r} exists" if str(pending.path).endswith(rel)
-                   and Path(str(pending.path)[:-len(rel)] + rel.strip()).is_file() else "")
-                + ")")
-    if "\\" not in rel:
-        return _normalisation_hint(pending.path) or _case_hint(pending.path)
-    posix = rel.replace("\\", "/")
-    if not Path(str(pending.path).replace("\\", "/")).is_file():
-        return " (the path has backslashes: write paths in the records with '/')"
-    return f" (the path has backslashes; {posix!r} exists: write paths in the records with '/')"
-
-
-def _normalisation_hint(path: Path) -> str:
-    """A name whose accented letters are composed otherwise than the file's (macOS writes "é" as "e" and a
-    combining accent, NFD; most editors NFC): printed, the two look the same. Say which file it is."""
-    import unicodedata
-
-    name = path.name
-    if name.isascii() or not path.parent.is_dir():
-        return ""
-    for form in ("NFC", "NFD"):
-        other = unicodedata.normalize(form, name)
-        if other != name and (path.parent / other).is_file():
-            return (f" (a file of this name with its accents composed otherwise ({form}) exists: {ascii(other)}, "
-                    f"not {ascii(name)}; write the record's path as the file system has it)")  # (ascii: printed
-            # plainly, the two spellings look the same)
-    return ""
-
-
-def _case_hint(path: Path) -> str:
-    """A name that differs from an existing file's in case only (a dataset made on macOS or Windows, whose file
-    systems ignore case): say which file it is."""
-    try:
-        stat = path.parent.stat()
-    except OSError:
-        return ""
-    same = _names_by_lower_case(str(path.parent), stat.st_mtime_ns).get(path.name.lower())
-    return f" ({same!r} exists: file names are case-sensitive here)" if same else ""
-
-
-@functools.lru_cache(maxsize=8)
-def _names_by_lower_case(folder: str, mtime_ns: int) -> dict[str, str]:
-    """A folder's file names by their lower-case form, listed once per folder and version (its mtime): a
-    dataset of 100k records all named in the wrong case lists its folder once, not once per record."""
-    try:
-        return {p.name.lower(): p.name for p in Path(folder).iterdir()}
-    except OSError:
-        return {}
-
-
 def _image_size_or_error(path: Path, max_image_pixels: int, check_decode: bool) -> tuple[int, int] | Exception:
     """Pass 2 for one image file: its displayed (width, height), or why it cannot be used."""
     try:
@@ -351,7 +228,7 @@ def _check_image(pending: _Pending, size: tuple[int, int] | Exception) -> Record
     every box lies inside it."""
     where, parsed = pending.where, pending.parsed
     if isinstance(size, FileNotFoundError):
-        return DataError(where, f"missing image: {size}{_backslash_hint(pending)}", "image_missing")
+        return DataError(where, f"missing image: {size}{missing_image_hint(pending.parsed.image, pending.path)}", "image_missing")
     if isinstance(size, ImageError):
         return DataError(where, str(size), size.kind)
     if isinstance(size, Exception):
