@@ -194,6 +194,11 @@ class GRPOEvalSection(EvalSection):
     at_stage_ends: bool = True  # with data.eval_files and staged rewards (the last stage's end is at_end's)
 
 
+# (hints shared by a TRL key and a family of them, below)
+_OWN_DECODER = "not supported: sampling runs in fxjax's own jitted decoder (KV cache), under the run's mesh"
+_NO_ENTROPY_BONUS = "not supported: no entropy bonus (the entropy is logged)"
+
+
 @dataclass(frozen=True)
 class GRPOConfig(RunConfig):
     """The `fxjax grpo` config: the run sections of SFT plus `grpo` and `stages` (configs/grpo.yaml)."""
@@ -218,26 +223,22 @@ class GRPOConfig(RunConfig):
                           "grpo.reward_funcs[i].weight for terms of your own",
         "multi_objective_aggregation": "here the terms are summed, then normalised in the group (TRL's "
                                        "sum_then_normalize); normalize_then_sum is not supported",
-        "generation_batch_size": "not supported: a step samples data.batch_size prompts x grpo.num_generations and "
-                                 "updates on them (grpo.num_iterations times), without off-policy mini-batches",
-        "steps_per_generation": "not supported: a step samples data.batch_size prompts x grpo.num_generations and "
-                                "updates on them (grpo.num_iterations times), without off-policy mini-batches",
+        **dict.fromkeys(("generation_batch_size", "steps_per_generation"),
+                        "not supported: a step samples data.batch_size prompts x grpo.num_generations and updates on "
+                        "them (grpo.num_iterations times), without off-policy mini-batches"),
         "num_generations_eval": "not supported: the held-out evaluation decodes one greedy answer per image",
-        "min_p": "not supported: sampling takes grpo.temperature, top_k and top_p",
-        "repetition_penalty": "not supported: sampling takes grpo.temperature, top_k and top_p",
-        "generation_kwargs": "not supported: sampling takes grpo.temperature, top_k and top_p",
+        **dict.fromkeys(("min_p", "repetition_penalty", "generation_kwargs"),
+                        "not supported: sampling takes grpo.temperature, top_k and top_p"),
         "top_entropy_quantile": "not supported: every completion token is in the loss (the entropy is logged)",
-        "entropy_coef": "not supported: no entropy bonus (the entropy is logged)",
         "off_policy_mask_threshold": "not supported: the completions are sampled by the policy being updated",
-        "sync_ref_model": "not supported: the reference is the base model (LoRA off), fixed",
-        "ref_model_sync_steps": "not supported: the reference is the base model (LoRA off), fixed",
-        "ref_model_mixup_alpha": "not supported: the reference is the base model (LoRA off), fixed",
-        "use_vllm": "not supported: sampling runs in fxjax's own jitted decoder (KV cache), under the run's mesh",
+        **dict.fromkeys(("sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha"),
+                        "not supported: the reference is the base model (LoRA off), fixed"),
+        "use_vllm": _OWN_DECODER,
         "vllm_importance_sampling_correction": "not needed: the completions are sampled by the policy's own "
                                                "decoder, its log-probs those of the update",
         "cast_lm_head_to_fp32": "here the log-probs always come from float32 logits",
-        "num_completions_to_print": "here grpo.log_completions writes every sampled completion to completions.jsonl",
-        "log_unique_prompts": "here grpo.log_completions writes every sampled completion to completions.jsonl",
+        **dict.fromkeys(("num_completions_to_print", "log_unique_prompts"),
+                        "here grpo.log_completions writes every sampled completion to completions.jsonl"),
         "log_multimodal": "here grpo.log_completions writes every sampled completion to completions.jsonl (with "
                           "its record's id, not the image)",
         "log_completions_hub_repo": "not supported: nothing is uploaded (grpo.log_completions: completions.jsonl)",
@@ -249,7 +250,7 @@ class GRPOConfig(RunConfig):
         "chat_template_kwargs": "not supported: the tokenizer's chat template, with data.system_prompt and "
                                 "data.user_prompt",
         "cache_implementation": "not needed: sampling uses fxjax's own KV cache",
-        "use_adaptive_entropy": "not supported: no entropy bonus (the entropy is logged)",
+        "use_adaptive_entropy": _NO_ENTROPY_BONUS,
         "max_tool_calling_iterations": "not supported: no tool calls",
         "num_train_epochs": "here each stage's stages[i].epochs",
         "logging_steps": "here every step is logged",
@@ -257,9 +258,9 @@ class GRPOConfig(RunConfig):
     }
     # TRL's families of keys (its vLLM server, VESPO's loss, the entropy controller, transformers' batching)
     FOREIGN_PREFIXES: ClassVar[dict[str, str]] = {
-        "vllm_": "not supported: sampling runs in fxjax's own jitted decoder (KV cache), under the run's mesh",
+        "vllm_": _OWN_DECODER,
         "vespo_": "not supported: loss_type vespo is not here (TRL 1.16's other seven are: grpo.loss_type)",
-        "entropy_": "not supported: no entropy bonus (the entropy is logged)",
+        "entropy_": _NO_ENTROPY_BONUS,
         "use_transformers_": "not needed: sampling runs in fxjax's own jitted decoder (KV cache)",
         "transformers_continuous_batching": "not needed: sampling runs in fxjax's own jitted decoder (KV cache)",
     }

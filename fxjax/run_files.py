@@ -208,18 +208,27 @@ def with_run_paths(saved: dict, cwd: str | None) -> dict:
     if not cwd or not Path(cwd).is_dir():
         return saved
 
-    def rebased(value):
-        if isinstance(value, list):
-            return [rebased(v) for v in value]
-        if not isinstance(value, str) or not value or Path(value).is_absolute():
+    def rebased(value: str) -> str:
+        if not value or Path(value).is_absolute():
             return value
         there = Path(cwd) / value
         return str(there) if there.exists() else value
 
-    out = dict(saved)
-    for section, key in RUN_PATH_KEYS:
+    return _with_paths_mapped(saved, RUN_PATH_KEYS, rebased)
+
+
+def _with_paths_mapped(config: dict, keys, change: Callable[[str], str]) -> dict:
+    """`config` (plain sections) with `change` applied to each path text of the `keys` (section, key) it has,
+    one by one in a list of them (data.train_files); other values as they are."""
+    def mapped(value):
+        if isinstance(value, list):
+            return [mapped(v) for v in value]
+        return change(value) if isinstance(value, str) else value
+
+    out = dict(config)
+    for section, key in keys:
         if isinstance(out.get(section), dict) and key in out[section]:
-            out[section] = dict(out[section], **{key: rebased(out[section][key])})
+            out[section] = {**out[section], key: mapped(out[section][key])}
     return out
 
 
@@ -460,13 +469,5 @@ PATH_KEYS = (("model", "path"), ("model", "adapter"), ("model", "from_run"), ("m
 
 def expand_home(config: dict) -> dict:
     """`config` (plain sections) with a leading ~ of every PATH_KEYS value expanded, as a shell would."""
-    def expanded(value):
-        if isinstance(value, str) and value.startswith("~"):
-            return os.path.expanduser(value)
-        return [expanded(v) for v in value] if isinstance(value, list) else value
-
-    out = dict(config)
-    for section, key in PATH_KEYS:
-        if isinstance(out.get(section), dict) and key in out[section]:
-            out[section] = {**out[section], key: expanded(out[section][key])}
-    return out
+    return _with_paths_mapped(config, PATH_KEYS, lambda value: os.path.expanduser(value) if value.startswith("~")
+                              else value)

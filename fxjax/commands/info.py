@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             run(argparse.Namespace(model=str(source / part)))
         return 0
-    if source.is_dir() and _eval_folders(source) == [source]:  # (it read "holds no checkpoints")
+    if source.is_dir() and _is_eval_folder(source):  # (it read "holds no checkpoints")
         print("\n".join(_describe_eval(source)))
         return 0
     if source.is_dir() and not (source / "config.json").is_file():  # a training run (its steps and start)?
@@ -107,18 +107,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_folders(folder: Path) -> list[Path]:
-    """`folder` when `fxjax eval` wrote into it (its settings.json, or predictions.jsonl), else its subfolders
-    that one eval of several --step values wrote (one per step); [] for any other folder."""
+def _is_eval_folder(folder: Path) -> bool:
+    """Whether `fxjax eval` wrote into `folder` (its settings.json, or predictions.jsonl)."""
     from fxjax.commands.eval_folder import PREDICTIONS, SETTINGS
 
-    def written(f: Path) -> bool:
-        return (f / SETTINGS).is_file() or (f / PREDICTIONS).is_file()
+    return (folder / SETTINGS).is_file() or (folder / PREDICTIONS).is_file()
 
-    if written(folder):
+
+def _eval_folders(folder: Path) -> list[Path]:
+    """`folder` when it is an eval folder, else its subfolders that one eval of several --step values wrote
+    (one per step); [] for any other folder."""
+    if _is_eval_folder(folder):
         return [folder]
     try:
-        return [f for f in sorted(folder.iterdir()) if f.is_dir() and written(f)]
+        return [f for f in sorted(folder.iterdir()) if f.is_dir() and _is_eval_folder(f)]
     except OSError:
         return []
 

@@ -266,22 +266,24 @@ def _text(value: Any, what: str, *, allow_empty: bool = True, free_text: bool = 
 def _caption(value: Any, what: str) -> str:
     """A region's caption, stripped: one line, as the output format reads it back (a caption across lines
     renders an SFT target whose box the parser, the IoU reward and eval never see)."""
-    caption = _text(value, what, allow_empty=False).strip()
-    if "\n" in caption or "\r" in caption:
-        shown = caption if len(caption) <= 60 else caption[:57] + "..."
-        raise RecordProblem(f"{what} {shown!r} spans lines: a caption stays on one line, or the box after it is "
-                            "not read back (docs/format.md; `fxjax docs format`)", "schema")
-    return caption
+    return _one_line(_text(value, what, allow_empty=False).strip(), what, "a caption stays on one line, or the "
+                     "box after it is not read back (docs/format.md; `fxjax docs format`)")
 
 
 def _tag(value: Any, what: str) -> str:
     """One image-level tag, stripped: the answer lists the tags on one line (`<tag>a, b</tag>`), so a line
     break inside one breaks the answer's format (a comma makes it two tags: the same text as giving two)."""
-    tag = _text(value, what, allow_empty=False).strip()
-    if "\n" in tag or "\r" in tag:
-        raise RecordProblem(f"{what} {tag!r} spans lines: the answer lists the tags on one line; give each tag "
-                            "as its own one-line string", "schema")
-    return tag
+    return _one_line(_text(value, what, allow_empty=False).strip(), what, "the answer lists the tags on one line; "
+                     "give each tag as its own one-line string")
+
+
+def _one_line(text: str, what: str, why: str) -> str:
+    """`text`, refused (`why`) where it spans lines: the output format reads a caption or the tags back within
+    one line."""
+    if "\n" in text or "\r" in text:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise RecordProblem(f"{what} {shown!r} spans lines: {why}", "schema")
+    return text
 
 
 def _label(value: Any) -> str:

@@ -228,7 +228,8 @@ def _check_image(pending: _Pending, size: tuple[int, int] | Exception) -> Record
     every box lies inside it."""
     where, parsed = pending.where, pending.parsed
     if isinstance(size, FileNotFoundError):
-        return DataError(where, f"missing image: {size}{missing_image_hint(pending.parsed.image, pending.path)}", "image_missing")
+        return DataError(where, f"missing image: {size}{missing_image_hint(pending.parsed.image, pending.path)}",
+                         "image_missing")
     if isinstance(size, ImageError):
         return DataError(where, str(size), size.kind)
     if isinstance(size, Exception):
