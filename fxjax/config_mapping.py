@@ -322,9 +322,17 @@ def to_plain(obj) -> Any:
     return obj
 
 
-def checked_config(cfg):
+def checked_config(cfg, expected: type, taker: str, built_by: str):
     """A run config built in code, converted and checked key by key as a YAML one is (`build_config`, then
-    its `validate`): run_sft and run_grpo take what `from_dict` would have refused (a negative learning
-    rate, a dtype that is no dtype, a list of stages that reached the checkpoint's JSON only after
-    training) and an error named no key."""
-    return build_config(type(cfg), to_plain(cfg), "").validate()
+    its `validate`, with a leading ~ of its paths expanded): run_sft and run_grpo took what `from_dict` would
+    have refused (a negative learning rate, a dtype that is no dtype, a list of stages that reached the
+    checkpoint's JSON only after training) and an error named no key. A config of another type than
+    `expected` is a TypeError naming the function (`taker`) and how to build one (`built_by`): run_sft trained
+    SFT on a GRPOConfig and recorded the run as GRPO's."""
+    from fxjax.run_files import expand_home
+
+    if type(cfg) is not expected:
+        got = "a dict" if isinstance(cfg, Mapping) else f"a {type(cfg).__name__}"
+        article = "an" if expected.__name__[0] in "AEFHILMNORSX" else "a"  # (as the letter's name is said)
+        raise TypeError(f"{taker} takes {article} {expected.__name__}, got {got}: build one with {built_by}")
+    return build_config(expected, expand_home(to_plain(cfg)), "").validate()

@@ -19,7 +19,7 @@ from fxjax.config_mapping import ConfigError, build_config, check_positive, chec
 from fxjax.rewards.scoring import KEYS as SCORE_KEYS
 from fxjax.rewards.stages import RewardWeights
 from fxjax.config_sections import EvalSection, TrainSection, steps_for_epochs
-from fxjax.run_files import step_or_stage
+from fxjax.run_files import expand_home, step_or_stage
 from fxjax.train_config import RunConfig, load_config_as
 
 __all__ = ["GRPOConfig", "GRPOSection", "StageSection", "load_grpo_config", "grpo_from_dict"]
@@ -346,18 +346,26 @@ class GRPOConfig(RunConfig):
         return len(self.stages) - 1, self.stages[-1]
 
 
+def refuse_grpo_log_every(cfg: GRPOConfig) -> GRPOConfig:
+    """train.log_every, SFT's interval, refused other than 1 in a GRPO run to start (GRPO logs every step: it
+    was taken and did nothing). Here, not in `validate`: a run saved before with another value still loads
+    (its export, eval and resume)."""
+    if cfg.train.log_every != 1:
+        raise ConfigError(f"train.log_every: {cfg.train.log_every}, but GRPO logs every step (each a mean over its "
+                          f"completions; the interval is SFT's): leave it out or set 1")
+    return cfg
+
+
 def grpo_from_dict(data: Mapping[str, Any]) -> GRPOConfig:
-    return build_config(GRPOConfig, data, "").validate()
+    """A plain mapping (parsed YAML, sections as keys) -> validated GRPOConfig (a leading ~ of a path is the
+    home folder, as in a file `load_grpo_config` reads). train.log_every other than 1 is taken here, where a
+    saved run's config is read back, and refused by run_grpo (`refuse_grpo_log_every`)."""
+    plain = expand_home(dict(data)) if isinstance(data, Mapping) else data
+    return build_config(GRPOConfig, plain, "").validate()
 
 
 def load_grpo_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                      base: Mapping[str, Any] | None = None,
                      log: Callable[[str], None] | None = None) -> GRPOConfig:
-    """YAML file (optional) + ``key=value`` overrides -> validated GRPOConfig; train.log_every, SFT's interval,
-    refused other than 1 (GRPO logs every step: it was taken and did nothing). Here, not in `validate`: a run
-    saved before with another value still loads (its export, eval and resume)."""
-    cfg = load_config_as(GRPOConfig, path, overrides, base=base, log=log)
-    if cfg.train.log_every != 1:
-        raise ConfigError(f"train.log_every: {cfg.train.log_every}, but GRPO logs every step (each a mean over its "
-                          f"completions; the interval is SFT's): leave it out or set 1")
-    return cfg
+    """YAML file (optional) + ``key=value`` overrides -> validated GRPOConfig (`refuse_grpo_log_every`)."""
+    return refuse_grpo_log_every(load_config_as(GRPOConfig, path, overrides, base=base, log=log))

@@ -198,8 +198,9 @@ class SFTConfig(RunConfig):
 
 
 def from_dict(data: Mapping[str, Any]) -> SFTConfig:
-    """A plain mapping (parsed YAML) -> validated SFTConfig."""
-    return build_config(SFTConfig, data, "").validate()
+    """A plain mapping (parsed YAML, sections as keys) -> validated SFTConfig (a leading ~ of a path is the
+    home folder, as in a file `load_sft_config` reads)."""
+    return build_config(SFTConfig, expand_home(dict(data)) if isinstance(data, Mapping) else data, "").validate()
 
 
 # ---- --set overrides ------------------------------------------------------------------------------

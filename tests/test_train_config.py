@@ -692,10 +692,11 @@ def test_a_config_built_in_code_is_checked_as_a_yaml_one_is(tmp_path):
 
     data = DataSection(train_files=("t.jsonl",), tokenizer="tok")
     good = SFTConfig(model=ModelSection(preset="tiny"), data=data, train=TrainSection(steps=3, output_dir=tmp_path))
-    checked = checked_config(good)
+    checked = checked_config(good, SFTConfig, "run_sft", "from_dict")
     assert checked.train.output_dir == str(tmp_path) and checked.data == data
     staged = checked_config(GRPOConfig(model=ModelSection(preset="tiny"), data=data,
-                                       stages=[StageSection("alpha", 2), StageSection("beta", 1)]))
+                                       stages=[StageSection("alpha", 2), StageSection("beta", 1)]),
+                            GRPOConfig, "run_grpo", "grpo_from_dict")
     assert staged.stages == (StageSection("alpha", 2), StageSection("beta", 1))
     bad = SFTConfig(model=ModelSection(preset="tiny"), data=data, optim=OptimSection(learning_rate=-1.0),
                     train=TrainSection(steps=3, output_dir=str(tmp_path / "run")))
@@ -704,10 +705,45 @@ def test_a_config_built_in_code_is_checked_as_a_yaml_one_is(tmp_path):
     assert not (tmp_path / "run").exists()  # (refused before the run made its folders)
     with pytest.raises(ConfigError, match=r"model.dtype"):
         checked_config(SFTConfig(model=ModelSection(preset="tiny", dtype="fp32"), data=data,
-                                 train=TrainSection(steps=1)))
+                                 train=TrainSection(steps=1)), SFTConfig, "run_sft", "from_dict")
     with pytest.raises(ConfigError, match=r"data.train_files"):
         checked_config(SFTConfig(model=ModelSection(preset="tiny"), data=DataSection(train_files="t.jsonl"),
-                                 train=TrainSection(steps=1)))
+                                 train=TrainSection(steps=1)), SFTConfig, "run_sft", "from_dict")
+
+
+def test_run_sft_and_run_grpo_refuse_a_config_of_the_other_phase_and_code_built_ones_are_checked_as_files(
+        monkeypatch, tmp_path):
+    """run_sft trained SFT on a GRPOConfig (and recorded the run as GRPO's), run_grpo failed late with an
+    AttributeError on an SFTConfig and a TypeError on a dict; a config built in code kept `~/runs` as a folder
+    named "~", and run_grpo took a train.log_every GRPO ignores. Each is refused (or expanded) first."""
+    from fxjax.grpo_config import grpo_from_dict
+    from fxjax.train.grpo import run_grpo
+    from fxjax.train.sft import run_sft
+    from fxjax.train_config import from_dict
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    plain = {"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"},
+             "train": {"output_dir": "~/runs/x", "steps": 1}}
+    sft = from_dict(plain)
+    grpo = grpo_from_dict({**plain, "train": {"output_dir": "~/runs/x"}})  # (GRPO's steps: its stages')
+    assert sft.train.output_dir == grpo.train.output_dir == str(tmp_path / "home" / "runs" / "x")
+    with pytest.raises(TypeError, match=r"run_sft takes an SFTConfig, got a GRPOConfig: build one with "
+                                        r"fxjax.train_config.from_dict"):
+        run_sft(grpo)
+    with pytest.raises(TypeError, match=r"run_grpo takes a GRPOConfig, got an? SFTConfig: build one with "
+                                        r"fxjax.grpo_config.grpo_from_dict"):
+        run_grpo(sft)
+    with pytest.raises(TypeError, match=r"run_grpo takes a GRPOConfig, got a dict"):
+        run_grpo(plain)
+    with pytest.raises(ConfigError, match=r"train.log_every: 5, but GRPO logs every step"):
+        run_grpo(dataclasses.replace(grpo, train=dataclasses.replace(grpo.train, log_every=5)))
+    # a config built from dataclasses: its ~ expanded by run_sft's check too (refused later, for its data)
+    from fxjax.config_mapping import checked_config
+    from fxjax.train_config import SFTConfig
+
+    built = dataclasses.replace(sft, train=dataclasses.replace(sft.train, output_dir="~/y"))
+    assert checked_config(built, SFTConfig, "run_sft", "from_dict").train.output_dir == str(tmp_path / "home" / "y")
+    assert not (tmp_path / "~").exists() and not list(tmp_path.glob("**/~"))
 
 
 def test_a_leading_tilde_of_a_path_is_the_home_folder(monkeypatch, tmp_path):

@@ -53,7 +53,7 @@ from fxjax.data.formats import IM_END
 from fxjax.data.pipeline import DataConfig, DataPipeline, reading_note
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.host_exchange import allgather_json, gather_json_to_main
-from fxjax.grpo_config import GRPOConfig, GRPOSection, read_reward_config
+from fxjax.grpo_config import GRPOConfig, GRPOSection, read_reward_config, refuse_grpo_log_every
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.run_files import REWARDS_KEY, RunLoadError, kept_stage_end_steps, recorded_stage_ends
@@ -206,7 +206,10 @@ def _batch_rewards(mine: ProcessRows):
 def run_grpo(cfg: GRPOConfig, *, log: Callable[[str], None] | None = None) -> GRPOResult:
     """Run (or resume) GRPO as configured. See the module docstring."""
     started = time.perf_counter()
-    cfg = checked_config(cfg)  # (a config built in code is checked as a YAML one is)
+    # (a config built in code is checked as a YAML one is)
+    cfg = checked_config(cfg, GRPOConfig, "run_grpo",
+                         "fxjax.grpo_config.grpo_from_dict(...) or load_grpo_config(path)")
+    refuse_grpo_log_every(cfg)
     main, say = join_run("grpo", cfg, log)
     with locked_run_dirs(cfg, main, say):  # (one run at a time in a run's folders)
         return _run_joined(cfg, main, say, started)

@@ -97,7 +97,8 @@ def run_sft(cfg: SFTConfig, *, log: Callable[[str], None] | None = None, overlap
     step, and a step's metrics are fetched after the next step is dispatched. False: both happen in line
     (bench/sft_step.py --loop compares the two); the logged values are the same either way."""
     started = time.perf_counter()
-    cfg = checked_config(cfg)  # (a config built in code is checked as a YAML one is)
+    # (a config built in code is checked as a YAML one is)
+    cfg = checked_config(cfg, SFTConfig, "run_sft", "fxjax.train_config.from_dict(...) or load_sft_config(path)")
     main, say = join_run("sft", cfg, log)
     with locked_run_dirs(cfg, main, say):  # (one run at a time in a run's folders)
         return _run_joined(cfg, main, say, started, overlap)
