@@ -24,6 +24,7 @@ Use:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
@@ -33,6 +34,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+_logger = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -146,7 +149,8 @@ def require_fxjax_mesh(mesh) -> None:
 
 
 def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None, devices: Iterable | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all global devices, every process's).
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all global devices, every process's);
+    `cfg` None: MeshConfig(fsdp=-1), every device on the fsdp axis.
 
     Axes are Auto (GSPMD propagation). The device grid is `device_grid`'s: topology-aware on TPU/GPU
     (jax.experimental.mesh_utils), process then local order on CPU, with the dcn_* factors crossing
@@ -154,8 +158,11 @@ def make_mesh(cfg: MeshConfig | Mapping[str, int] | None = None, devices: Iterab
     """
     if cfg is None:
         cfg = MeshConfig(fsdp=-1)
-    elif not isinstance(cfg, MeshConfig):
+    elif isinstance(cfg, Mapping):
         cfg = MeshConfig.from_dict(cfg)
+    elif not isinstance(cfg, MeshConfig):
+        raise TypeError(f"make_mesh takes a MeshConfig (MeshConfig(data=..., fsdp=..., tensor=...)), a mapping of "
+                        f"its keys ({{'fsdp': 4, 'tensor': 2}}) or None, got {type(cfg).__name__} {cfg!r}")
     devices = list(jax.devices() if devices is None else devices)
     cfg = cfg.resolve(len(devices))
     return Mesh(device_grid(cfg, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
@@ -195,7 +202,24 @@ def device_grid(cfg: MeshConfig, devices: Iterable) -> np.ndarray:
         raise ShardingError(
             f"the devices span {len(slices)} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
             f"dcn_data x dcn_fsdp = {len(slices)}, e.g. dcn_data={len(slices)}")
-    return mesh_utils.create_device_mesh(cfg.shape, devices)
+    try:
+        return mesh_utils.create_device_mesh(cfg.shape, devices)
+    except NotImplementedError:
+        # A shape that splits a physical axis of the chips' torus (a v5e-16's 4 x 4 as data 2 x fsdp 8): JAX
+        # refuses it unless asked to, and its message named a setting fxjax has no key for. It runs, with a
+        # mesh axis spread over part of several torus rings (slower collectives along it): said, then built.
+        _logger.warning("mesh %s splits a physical axis of the %s chips' torus (%s): built with JAX's "
+                        "allow_split_physical_axes; a shape whose axes follow the torus is faster",
+                        "x".join(map(str, cfg.shape)), devices[0].device_kind, _torus_shape(devices))
+        return mesh_utils.create_device_mesh(cfg.shape, devices, allow_split_physical_axes=True)
+
+
+def _torus_shape(devices: list) -> str:
+    """The chips' physical grid ("4x4x1"), from their coords (TPU devices carry them)."""
+    coords = [getattr(d, "coords", None) for d in devices]
+    if any(c is None for c in coords):
+        return "no coordinates"
+    return "x".join(str(len({c[i] for c in coords})) for i in range(len(coords[0])))
 
 
 def axis_sizes(mesh: Mesh | Mapping[str, int] | MeshConfig) -> dict[str, int]:

@@ -320,6 +320,7 @@ def join_line(cfg: DistributedConfig, environ: Mapping[str, str]) -> str:
 
 
 def shutdown() -> None:
+    """Leave the multi-process run `initialize` joined (jax.distributed.shutdown); nothing when none was."""
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
 

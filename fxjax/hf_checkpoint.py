@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fxjax.hf_config import config_to_hub_dict, load_config
+from fxjax.hf_config import CheckpointError, config_to_hub_dict, load_config
 from fxjax.peft_io import NP_DTYPES, attach_lora
 from fxjax.safetensors_reading import open_safetensors, stored_dtypes_by_name
 from fxjax.file_modes import make_readable, save_safetensors
@@ -49,10 +49,6 @@ _EMBED, _HEAD = ("embed_tokens", "embedding"), ("lm_head", "kernel")  # fxjax pa
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
                "chat_template.jinja", "video_preprocessor_config.json")
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

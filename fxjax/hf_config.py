@@ -14,8 +14,14 @@ from typing import Any
 from fxjax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
 
 
-class HFConfigError(ValueError):
-    """An HF config.json fxjax cannot build a model from (fxjax's own run configs: config_mapping.ConfigError)."""
+class CheckpointError(ValueError):
+    """A folder `from_pretrained` (or an export) cannot read as a Hugging Face Qwen2.5-VL checkpoint: no
+    config.json or weights there, a run's folder given instead, tensors missing or of other shapes."""
+
+
+class HFConfigError(CheckpointError):
+    """An HF config.json fxjax cannot build a model from (fxjax's own run configs: config_mapping.ConfigError):
+    a CheckpointError, so that `except fxjax.CheckpointError` catches every folder from_pretrained refuses."""
 
 
 def _rope(section: dict[str, Any]) -> dict[str, Any]:

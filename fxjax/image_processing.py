@@ -104,6 +104,11 @@ def model_input_size(
     )
 
 
+# PIL modes whose values are not 8-bit (16-bit integers, 32-bit integers, 32-bit floats), named for errors.
+WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+              "F": "32-bit float"}
+
+
 def pil_to_rgb(image: Image.Image) -> Image.Image:
     """A PIL image as the model sees it: RGB, with any transparency composited onto white (a new image)."""
     # HF composites anything with an alpha band (or a palette/tRNS transparency)
@@ -164,9 +169,22 @@ def process_image(
     ``[grid_h * grid_w, 3 * temporal_patch_size * patch_size**2]`` in merge-block
     order and int64 ``[[1, grid_h, grid_w]]``.  Numpy inputs are channels-last
     uint8 (HF would guess the layout and can misread e.g. a 3xWx3 image).
+
+    The image is taken as stored: no EXIF rotation (training and `fxjax detect` apply it first, with
+    ``PIL.ImageOps.exif_transpose``). A 16-bit, 32-bit or float PIL image is converted as HF converts it,
+    clipped to 8 bits (nearly all white, or black for values in [0, 1]), with a warning: training and
+    `fxjax detect` refuse such files.
     """
     if isinstance(image, Image.Image):
         width, height = image.size
+        if image.mode in WIDE_MODES:
+            import warnings
+
+            warnings.warn(f"process_image: a PIL image of {WIDE_MODES[image.mode]} pixels (mode {image.mode}) is "
+                          f"converted to RGB as transformers' processor does, clipping them to 8 bits instead of "
+                          f"scaling them: the model sees it nearly all "
+                          f"{'white' if image.mode.startswith('I') else 'black (values in [0, 1])'}; convert it to "
+                          f"8-bit RGB first", stacklevel=2)
     elif isinstance(image, np.ndarray):
         if image.ndim not in (2, 3):
             raise ValueError(f"numpy images must be HxWx3 (or HxW, HxWx1, HxWx4), got shape {image.shape}")

@@ -59,7 +59,9 @@ _AUTO_MAPPING = {"base_model_class": "Qwen2_5_VLForConditionalGeneration",
 
 
 class AdapterError(ValueError):
-    pass
+    """A PEFT adapter folder fxjax cannot load onto a model: no adapter_config.json or
+    adapter_model.safetensors there, a PEFT option fxjax does not support (a peft_type other than LORA, a
+    bias, DoRA and the like), tensors for modules the model lacks, or a model that has LoRA already."""
 
 
 @dataclass(frozen=True)

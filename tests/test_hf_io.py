@@ -503,6 +503,10 @@ def test_error_bad_model_type(tiny_checkpoint, tmp_path):
     (bad / "config.json").write_text(json.dumps({**raw, "model_type": "llava"}))
     with pytest.raises(HFConfigError, match=r"config\.json.*model_type 'llava'"):
         fxjax.from_pretrained(bad)
+    # one public error for every folder from_pretrained refuses: HFConfigError was a plain ValueError that
+    # `except fxjax.CheckpointError` (what a missing weight file raises) let through
+    with pytest.raises(fxjax.CheckpointError, match=r"model_type 'llava'"):
+        fxjax.from_pretrained(bad)
 
 
 def test_a_tied_config_with_a_distinct_stored_head_loads_untied_as_transformers(tiny_checkpoint, tmp_path, prompt):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import skimage.data
@@ -106,6 +108,18 @@ def _p_with_transparency() -> Image.Image:
 def test_pil_modes_match_hf(hf_small, mode):
     img = MODE_CASES[mode]()
     _assert_parity(hf_small, img, max_pixels=SMALL_MAX)
+
+
+def test_a_16_bit_or_float_image_is_converted_as_hf_does_with_a_warning(hf_small):
+    """process_image took an 'I;16' or 'F' image silently (clipped to 8 bits: nearly all white / black),
+    which training and `fxjax detect` refuse; it still matches HF's processor there, and warns."""
+    gray = np.asarray(_sized("camera", 96, 64).convert("L"), dtype=np.uint16) * 257  # 16-bit values
+    for img, looks in ((Image.fromarray(gray), "nearly all white"),
+                       (Image.fromarray(gray.astype(np.float32) / 65535), "nearly all black")):
+        assert img.mode in ("I;16", "F")
+        with pytest.warns(UserWarning, match=rf"mode {re.escape(img.mode)}\) is converted to RGB as transformers' "
+                                             rf"processor does.*{looks}"):
+            _assert_parity(hf_small, img, max_pixels=SMALL_MAX)
 
 
 def test_numpy_inputs_match_hf(hf_small):

@@ -89,6 +89,32 @@ def test_tpu_devices_of_several_slices_need_dcn_factors():
         device_mesh.device_grid(MeshConfig(data=2, fsdp=4).resolve(8), devices)
 
 
+def test_a_tpu_shape_that_splits_the_torus_is_built_with_a_warning_not_a_traceback(caplog):
+    """A v5e-16 (4 x 4 chips) as data 2 x fsdp 8: JAX's create_device_mesh raised NotImplementedError naming
+    allow_split_physical_axes, which fxjax has no key for (a traceback from `fxjax sft`). It is built with that
+    option, every chip once, and a warning says the shape splits the torus; a shape along it says nothing."""
+    chips = [SimpleNamespace(id=i, process_index=i // 4, platform="tpu", device_kind="TPU v5 lite",
+                             coords=(i % 4, i // 4, 0), core_on_chip=0, slice_index=0) for i in range(16)]
+    with pytest.raises(NotImplementedError):  # (what JAX does on its own: the case this test is about)
+        device_mesh.mesh_utils.create_device_mesh((2, 8, 1), chips)
+    with caplog.at_level(logging.WARNING, logger="fxjax.device_mesh"):
+        grid = device_mesh.device_grid(MeshConfig(data=2, fsdp=8).resolve(16), chips)
+    assert grid.shape == (2, 8, 1) and sorted(ids(grid).ravel().tolist()) == list(range(16))
+    assert "mesh 2x8x1 splits a physical axis of the TPU v5 lite chips' torus (4x4x1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fxjax.device_mesh"):
+        assert device_mesh.device_grid(MeshConfig(data=4, fsdp=4).resolve(16), chips).shape == (4, 4, 1)
+    assert "splits" not in caplog.text
+
+
+def test_make_mesh_names_what_it_takes_when_given_a_tuple_or_text():
+    for wrong in ((1, 1, 1), "1,1,1"):
+        with pytest.raises(TypeError, match=r"make_mesh takes a MeshConfig \(MeshConfig\(data=..., fsdp=..., "
+                                            r"tensor=...\)\), a mapping of its keys"):
+            device_mesh.make_mesh(wrong)
+    assert dict(device_mesh.make_mesh({"fsdp": -1}).shape) == dict(device_mesh.make_mesh().shape)
+
+
 # ---- DCN: hybrid meshes ----------------------------------------------------------------------------
 
 def test_dcn_data_puts_one_ici_block_per_host():

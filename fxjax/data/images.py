@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from PIL import Image, ImageOps
 
-from fxjax.image_processing import MAX_ASPECT_RATIO
+from fxjax.image_processing import MAX_ASPECT_RATIO, WIDE_MODES
 
 __all__ = [
     "ALLOWED_IMAGE_FORMATS",
@@ -60,11 +60,6 @@ class ImageError(ValueError):
 def _is_absolute(rel: str) -> bool:
     # Both conventions: a dataset written on Windows must not reach C:\ on a Linux reader either.
     return PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or bool(PureWindowsPath(rel).drive)
-
-
-# PIL modes whose values are not 8-bit (16-bit integers, 32-bit integers, 32-bit floats), named for errors.
-WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
-              "F": "32-bit float"}
 
 
 def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False, root_resolved: bool = False) -> Path:

@@ -90,6 +90,9 @@ def prompt_parts(system: str, user: str) -> tuple[str, str]:
 
 
 def render_prompt(system: str, user: str, image_tokens: int = 1) -> str:
+    """The chat text of one image and `user`'s question under `system`, up to the assistant's turn, with
+    `image_tokens` <|image_pad|> tokens: prod(image_grid_thw) // 4 for an image of `fxjax.process_image` (one
+    per 2x2 merged patches). The text training prompts with (and `fxjax detect` serves), byte for byte."""
     before, after = prompt_parts(system, user)
     return before + IMAGE_PAD * image_tokens + after
 
