@@ -42,9 +42,16 @@ def stage_trends(history: list[dict]) -> str:
             verdict = "rises" if slope > 2 * se else "falls" if slope < -2 * se else "no trend beyond noise"
             if verdict.startswith("no trend"):  # how large a steady rise over the stage this noise would let show
                 verdict += f"; a steady rise would show from {2 * se * (r.size - 1):+.2f} over the stage"
-            text += f" (slope {slope:+.3f} +/- {se:.3f}/step: {verdict})"
+            text += f" (slope {_per_step(slope, '+')} +/- {_per_step(se, '')}/step: {verdict})"
         parts.append(text)
     return "; ".join(parts)
+
+
+def _per_step(value: float, sign: str) -> str:
+    """A slope (or its error) per step: 3 decimals, or 3 digits in e-notation below 0.001 (a long stage's
+    slope of 3e-5 read "+0.000 +/- 0.000"); below 1e-9 (a straight line's rounding: 2e-16) 0."""
+    value = 0.0 if abs(value) < 1e-9 else value
+    return f"{value:{sign}.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:{sign}.2e}"
 
 
 def slope_with_error(values) -> tuple[float, float]:
@@ -55,7 +62,7 @@ def slope_with_error(values) -> tuple[float, float]:
     slope, intercept = np.polyfit(x, values, 1)
     residuals = values - (slope * x + intercept)
     se = float(np.sqrt(residuals @ residuals / (values.size - 2) / np.sum((x - x.mean()) ** 2)))
-    return round(float(slope), 4) + 0.0, se  # + 0.0: no -0.000
+    return float(slope), se
 
 
 def held_out_stage_rewards(evals: list[tuple[str, dict]]) -> str:

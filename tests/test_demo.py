@@ -67,6 +67,10 @@ def test_stage_trends_call_a_slope_within_two_standard_errors_noise():
     assert trends(2.0 + 0.1 * (noisy - 2.0) + 0.5 * x).endswith(": rises)")
     assert trends(2.0 + 0.1 * (noisy - 2.0) - 0.5 * x).endswith(": falls)")
     assert trends([1.0, 2.0]) == "alpha +1.00 -> +2.00"
+    # a long stage's small slope in e-notation (at 3 decimals 1,000 steps rising by 3e-5 each read +0.000)
+    long = 2.0 + 3e-5 * np.arange(1000) + 0.001 * np.tile([1.0, -1.0], 500)
+    fit = linregress(np.arange(1000), long)
+    assert f"(slope {fit.slope:+.2e} +/- {fit.stderr:.2e}/step: rises)" in trends(long)
 
 
 def test_held_out_stage_rewards_compare_each_stage_start_with_its_end():

@@ -291,6 +291,24 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
     assert completions(setup["root"] / "chain") == completions(setup["root"] / "straight")
 
 
+def test_a_non_finite_update_stops_the_run_with_its_step_the_last_record(setup):
+    """NaN pixel patches in step 2's update (FXJAX_FAULT=nan_batch@2): the run stops naming the step and the
+    last good checkpoint (step 1), and metrics.jsonl ends with the step, marked "stopped" (it ended at step
+    1, and the report read as a run that trained cleanly to its end)."""
+    code, log = grpo(setup, "nan-stop", env={"FXJAX_FAULT": "nan_batch@2"})
+    assert code == 3, log[-3000:]
+    assert "fxjax-fault: NaN patches at nan_batch@2" in log
+    assert "non-finite loss at step 2" in log and "the last good checkpoint is step 1" in log, log[-3000:]
+    assert committed_steps(setup["root"] / "nan-stop" / "checkpoints") == [1]
+    records = [json.loads(line) for line in (setup["root"] / "nan-stop" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and "stopped" not in train[0] and train[-1]["loss"] == "nan"
+    assert train[-1]["stopped"] == "non-finite" and train[-1]["stage"] == "alpha"
+    from fxjax.commands.report import build_report
+
+    assert "the run stopped at step 2: non-finite loss or gradient" in build_report(records).get_suptitle()
+
+
 def test_each_checkpoint_records_the_reward_values_and_a_resume_names_the_weight_edited(setup, straight):
     """The reward file is read once, at the start; its values go into every checkpoint's config (the path
     alone, grpo.reward_config, is the same after an edit), so a resume after an edit names the weight."""

@@ -8,7 +8,7 @@ import shutil
 
 from fxjax.cli import main  # noqa: E402
 from fxjax.commands.report import build_report, write_report  # noqa: E402
-from fxjax.commands.report_drawing import moving_average, stage_spans  # noqa: E402
+from fxjax.commands.report_drawing import STAGE_BOUNDARY, moving_average, stage_spans  # noqa: E402
 
 
 def write_metrics(path, records):
@@ -104,17 +104,17 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     for ax in fig.axes:
         names = [t.get_text() for t in ax.texts]
         assert names == ["alpha", "beta", "gamma"], (ax.get_title(), names)
-        boundaries = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
+        boundaries = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_gid() == STAGE_BOUNDARY)
         assert boundaries == [10.5, 20.5], ax.get_title()
         # a GRPO step is a generation batch (grpo.num_iterations updates), not one optimiser step
         assert ax.get_xlabel() == "GRPO step (one generation batch)", ax.get_title()
     assert "stages alpha 1-10, beta 11-20, gamma 21-30" in fig._suptitle.get_text()
     # the NaN of step 3 is a gap, not a crash or a zero
-    iou = [line for line in fig.axes[3].get_lines() if line.get_linestyle() != "--"][0]
+    iou = [line for line in fig.axes[3].get_lines() if line.get_gid() != STAGE_BOUNDARY][0]
     assert math.isnan(iou.get_ydata()[2])
     # no line crosses a stage boundary: the total reward is drawn per stage (raw and average, 3 x 2 lines), and
     # the average restarts in each stage
-    total = [line for line in fig.axes[0].get_lines() if line.get_linestyle() != "--"][:6]  # (the mean's; then the std's)
+    total = [line for line in fig.axes[0].get_lines() if line.get_gid() != STAGE_BOUNDARY][:6]  # (the mean's; then the std's)
     assert [list(line.get_xdata()) for line in total[::2]] == [list(range(1, 11)), list(range(11, 21)),
                                                                list(range(21, 31))]
     # one entry each, not three; the std over the step's completions beside the mean (TRL's reward_std)
@@ -181,7 +181,8 @@ def test_terms_of_your_own_their_weights_lone_and_non_finite_values_are_shown(tm
 def test_stage_spans_and_moving_average():
     recs = [{"step": s, "kind": "train", "stage": n} for s, n in [(1, "a"), (2, "a"), (3, "b"), (4, "a")]]
     assert [(s.name, s.first, s.last) for s in stage_spans(recs)] == [("a", 1, 2), ("b", 3, 3), ("a", 4, 4)]
-    assert moving_average([1.0, 3.0, math.nan, 5.0], 2) == [2.0, 2.0, 4.0, 5.0]  # centred on 3 points
+    # centred on 3 points; none at a NaN (the thick line ran on through a NaN loss, hiding it)
+    assert str(moving_average([1.0, 3.0, math.nan, 5.0], 2)) == str([2.0, 2.0, math.nan, 5.0])
     assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 5) == [2.0, 2.5, 3.0, 3.5, 4.0]
 
 
@@ -235,7 +236,27 @@ def test_a_nearly_constant_series_has_no_axis_offset_over_the_stage_names():
     FigureCanvasAgg(fig).draw()
     (entropy,) = [ax for ax in fig.axes if ax.get_title() == "Policy entropy"]
     assert entropy.yaxis.get_offset_text().get_text() == ""
-    assert all("+" not in ax.yaxis.get_offset_text().get_text() for ax in fig.axes)  # (a 1e-4 multiplier stays)
+    assert all("+" not in ax.yaxis.get_offset_text().get_text() for ax in fig.axes)
+
+
+def test_a_multiplier_is_in_the_y_label_and_equal_series_and_spikes_stay_visible(tmp_path):
+    """The learning rate's "1e-4" sat at the panel's top left, over the stage names: it is in the y label
+    now. Two series of equal values (w_iou and label_plus both 1.0 in alpha) drew one line over the other: a
+    panel's series have line styles of their own. One gradient-norm spike flattened the rest to 0: a log
+    scale where the values span more than 20x. A figure for a paper: --out fig.pdf writes a PDF."""
+    fig = build_report(grpo_records())
+    (rate,) = [ax for ax in fig.axes if ax.get_title() == "Learning rate"]
+    assert rate.get_ylabel() == "learning rate (x 1e\u22124)" and not rate.yaxis.get_offset_text().get_visible()
+    (weights,) = [ax for ax in fig.axes if ax.get_title() == "Reward weights of the stage"]
+    styles = {line.get_label(): line.get_linestyle() for line in weights.get_lines()
+              if line.get_label() in ("w_iou (x R_G)", "label_plus (right verdict)")}
+    assert styles == {"w_iou (x R_G)": "-", "label_plus (right verdict)": "--"}, styles
+    spiky = [dict(r, grad_norm=5e3 if r["step"] == 7 else 0.4) if r["kind"] == "train" else r for r in grpo_records()]
+    (norm,) = [ax for ax in build_report(spiky).axes if ax.get_title() == "Gradient norm"]
+    assert norm.get_yscale() == "log" and norm.get_ylabel().endswith(", log scale")
+    run = write_metrics(tmp_path / "metrics.jsonl", grpo_records()).parent
+    assert main(["report", str(run), "--out", str(tmp_path / "fig.pdf")]) == 0
+    assert (tmp_path / "fig.pdf").read_bytes()[:5] == b"%PDF-" and not (tmp_path / "fig.pdf.png").exists()
 
 
 def test_several_runs_are_compared_on_the_same_panels(tmp_path, capsys):
@@ -272,6 +293,17 @@ def test_several_runs_are_compared_on_the_same_panels(tmp_path, capsys):
     assert all(not ax.texts for ax in fig.axes)
     assert ("the runs' stages differ (not shaded): seed 0 alpha 1-10, beta 11-20, gamma 21-30; long alpha alpha 1-15, "
             "gamma 16-30") in fig._suptitle.get_text()
+    # a run stopped in gamma beside a finished one: the stages they share still shaded (they were not)
+    stopped = [r for r in other if r["step"] <= 25]
+    fig = build_comparison([("seed 0", grpo_records()), ("stopped", stopped)])
+    assert all([t.get_text() for t in ax.texts] == ["alpha", "beta", "gamma"] for ax in fig.axes)
+    assert "stages alpha 1-10, beta 11-20, gamma 21-30 (stopped stopped at step 25)" in fig._suptitle.get_text()
+    # each run's held-out points have a fill of their own (only a faint joining line told them apart)
+    fig = build_comparison([("seed 0", grpo_records()), ("seed 4", other)])
+    (held_out,) = [ax for ax in fig.axes if ax.get_title() == "Held-out evaluation (greedy)"]
+    fills = {(line.get_fillstyle(), str(line.get_markerfacecolor())) for line in held_out.get_lines()
+             if line.get_marker() not in ("None", None, "")}
+    assert {fill for fill, face in fills if face == "none"} == {"full"} and ("full", "#1f77b4") in fills, fills
     # what cannot be compared
     sft = write_metrics((tmp_path / "sft").mkdir() or tmp_path / "sft" / "metrics.jsonl", sft_records()).parent
     for argv, message in (([str(a), str(sft)], "the runs compared must be of one kind: seed0 is GRPO, sft is SFT"),

@@ -414,6 +414,16 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
         assert committed_steps(ckpt) == [1]
         report = setup["root"] / "nan-stop" / "report.png"  # (drawn all the same: how the run got there)
         assert f"wrote the report {report}" in log and report.stat().st_size > 10_000
+        # the stopping step is the last record, marked (metrics.jsonl ended at step 1, and the report read as a
+        # run that trained cleanly to its end)
+        records = [json.loads(line) for line in (setup["root"] / "nan-stop" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if r["kind"] == "train"]
+        assert [r["step"] for r in train] == [1, 2] and train[-1]["loss"] == "nan" and "stopped" not in train[0]
+        assert train[-1]["stopped"] == "non-finite" and train[-1]["skipped"] == 0
+        from fxjax.commands.report import build_report
+
+        assert ("the run stopped at step 2: non-finite loss or gradient (train.on_nonfinite: stop)"
+                in build_report(records).get_suptitle().replace("\n", " "))
     else:
         assert code == 0, log[-3000:]
         assert "step 2: non-finite loss/gradient" in log and "update skipped (1 so far)" in log
@@ -423,6 +433,10 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
         train = [r for r in records if r["kind"] == "train"]
         assert [r["skipped"] for r in train] == [0, 1, 2, 2]
         assert np.isfinite(train[-1]["loss"])  # the skipped updates left the parameters usable: step 4 trains
+        from fxjax.commands.report import build_report
+
+        assert ("2 update(s) skipped as non-finite (train.on_nonfinite: skip; not in the logged means), in the "
+                "records of step(s) 2, 3" in build_report(records).get_suptitle().replace("\n", " "))
         # The count lives in the checkpoint: resumed from step 3, step 4 again reports the two skipped updates.
         # Resumed on the other split of the two devices: allowed, and said (not bit for bit the same run).
         shutil.rmtree(ckpt / "4")

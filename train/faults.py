@@ -16,9 +16,10 @@ Points:
     after_step  SFT and GRPO: the step is done and its checkpoint (if it saves one) committed
     save        inside the background write of the step's checkpoint, so the crash leaves it half written
     save_error  SFT and GRPO: that background write fails as on a full disk (OSError ENOSPC; no pause)
-    nan_batch   SFT: the step's pixel patches are NaN (no pause): the real step computes a non-finite loss,
-                and the run stops or skips it (train.on_nonfinite), with the same compiled program as a
-                normal run (tests reuse its compilation cache instead of compiling for a diverging lr)
+    nan_batch   SFT and GRPO (its update's batch, after sampling): the step's pixel patches are NaN (no
+                pause): the real step computes a non-finite loss, and the run stops or skips it
+                (train.on_nonfinite), with the same compiled program as a normal run (tests reuse its
+                compilation cache instead of compiling for a diverging lr)
 
 This is the only test hook in the training code; with the variable unset each point is one dict lookup.
 """
@@ -85,7 +86,8 @@ def write_error(step: int) -> None:
 
 
 def nan_patches(batch, step: int):
-    """`batch` (a train.batching.StepBatch) with NaN pixel patches if ``nan_batch@step`` is armed."""
+    """`batch` (a train.batching.StepBatch or GRPO's GroupBatch) with NaN pixel patches if ``nan_batch@step``
+    is armed."""
     vision = batch.inputs.vision
     if vision is None or not armed("nan_batch", step):
         return batch

@@ -353,6 +353,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                 if need_old or need_ref:
                     logps_fn = make_logps_fn(graphdef, opts=opts, loss_chunk=cfg.train.loss_chunk,
                                              need_old=need_old, need_ref=need_ref)
+            batch = faults.nan_patches(batch, step_now + 1)  # test hook (FXJAX_FAULT=nan_batch@N); else a no-op
             placed = place_local_batch(batch, batch_sh, built)
             values: dict[str, float] = {}
             with use_mesh(mesh):  # activations pinned to the batch axes (see fxjax.model's shard_batch)
@@ -361,7 +362,11 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             faults.point("update", step_now + 1, control.signals.local_stop)
             t_update = time.perf_counter() - t1
             if not out["finite"]:
-                skipped = handle_nonfinite("grpo", cfg, step_now + 1, out, checkpointer, skipped, say)
+                skipped = handle_nonfinite(
+                    "grpo", cfg, step_now + 1, out, checkpointer, skipped, say,
+                    lambda: metrics.log(step_now + 1, "train", dict(
+                        {k: v for k, v in out.items() if k != "finite"}, skipped=skipped, stage=stage,
+                        stopped="non-finite")))
             step_now += 1  # from here on: the number of updates made (what the loop control counts too)
             # means over every process's completions, from each process's sums (host-only exchange)
             values.update(combine_rollout_sums(allgather_json("grpo-rollout-sums",

@@ -40,10 +40,13 @@ class NonFiniteError(RuntimeError):
 
 
 def handle_nonfinite(name: str, cfg, step: int, out: dict, checkpointer, skipped: int,
-                     say: Callable[[str], None]) -> int:
+                     say: Callable[[str], None], record_stop: Callable[[], None]) -> int:
     """A non-finite loss or gradient at update `step`: raise NonFiniteError (train.on_nonfinite = "stop", the
-    last good checkpoint kept) or count the skipped update ("skip"). Returns the new count of skipped updates."""
+    last good checkpoint kept), after `record_stop` logged the step (with "stopped": the run's metrics ended
+    at its last good record, and its report read as a run that trained cleanly to its end), or count the
+    skipped update ("skip"). Returns the new count of skipped updates."""
     if cfg.train.on_nonfinite == "stop":
+        record_stop()
         checkpointer.wait()
         raise NonFiniteError(step, out["loss"], out["grad_norm"], checkpointer.latest_step(), checkpointer.directory)
     say(f"{name}: step {step}: non-finite loss/gradient (loss {out['loss']}, grad norm {out['grad_norm']}); "

@@ -189,15 +189,24 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
         # from the later of its batch being taken and the previous step's end: overlapped, the device's time
         # for the step; in line, the step with its batch (no save or evaluation time either way)
         dt, last_done = now - max(start, last_done), now
+        values = dict(loss=out["loss"], grad_norm=out["grad_norm"], step_time=dt, tokens_per_s=tokens / dt,
+                      target_tokens=out["target_tokens"])
         if not out["finite"]:
-            skipped = handle_nonfinite("sft", cfg, step, out, checkpointer, skipped, say)
-        interval.add(dict(loss=out["loss"], grad_norm=out["grad_norm"], step_time=dt, tokens_per_s=tokens / dt,
-                          target_tokens=out["target_tokens"]))
+            skipped = handle_nonfinite("sft", cfg, step, out, checkpointer, skipped, say,
+                                       lambda: record_stop(step, values, out["learning_rate"]))
+        interval.add(values)
         result.final_loss, last_rate = out["loss"], out["learning_rate"]
         if step % cfg.train.log_every == 0 or step == steps_total:
             # means over the steps since the last record (HF Trainer's logged loss); the rate and count now
             metrics.log(step, "train", dict(interval.take(), learning_rate=out["learning_rate"], skipped=skipped))
         control.bar.update(1, dict(loss=out["loss"], lr=out["learning_rate"], tok_s=round(tokens / dt)))
+
+    def record_stop(step: int, values: dict, rate: float) -> None:
+        """The records of a run a non-finite step stops: the means of the good steps since the last record
+        (at the step before), then the step itself, marked "stopped"."""
+        if interval:
+            metrics.log(step - 1, "train", dict(interval.take(), learning_rate=last_rate, skipped=skipped))
+        metrics.log(step, "train", dict(values, learning_rate=rate, skipped=skipped, stopped="non-finite"))
 
     def evaluate(tag: str) -> dict:
         settle()

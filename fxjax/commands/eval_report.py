@@ -147,16 +147,20 @@ def eval_report_path(dirs: Sequence[str | Path], out: str | Path | None = None) 
     return png_path(out, first.absolute().parent, EVAL_REPORT_FILE)
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")  # (a paper wants vector figures; --out fig.pdf wrote fig.pdf.png)
+
+
 def png_path(out: str | Path | None, default_dir: Path, name: str) -> Path:
-    """Where a report PNG goes (its folder created): `out` as a file (.png added when missing, so the path
-    printed is the file matplotlib writes) or, given as an existing directory or with a trailing slash, as
-    the folder for `name`; without `out`, `default_dir / name`."""
+    """Where a report goes (its folder created): `out` as a file (.png, .pdf or .svg, matplotlib's format
+    for the suffix; .png added to any other name, so the path printed is the file matplotlib writes) or,
+    given as an existing directory or with a trailing slash, as the folder for `name`; without `out`,
+    `default_dir / name`."""
     if out is None:
         path = Path(default_dir) / name
     elif Path(out).is_dir() or str(out).endswith(("/", "\\")):
         path = Path(out) / name
     else:
         path = Path(out)
-        path = path if path.suffix.lower() == ".png" else path.with_name(path.name + ".png")
+        path = path if path.suffix.lower() in FIGURE_SUFFIXES else path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

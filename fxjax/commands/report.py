@@ -24,12 +24,13 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
-from fxjax.commands.eval_report import (EVAL_REPORT_FILE, eval_report_path, is_eval_dir, png_path, step_label,
-                                        write_eval_report)
+from fxjax.commands.eval_report import (EVAL_REPORT_FILE, FIGURE_SUFFIXES, eval_report_path, is_eval_dir, png_path,
+                                        step_label, write_eval_report)
 from fxjax.commands.eval_folder import METRICS as EVAL_METRICS, SETTINGS
-from fxjax.commands.report_drawing import (COMPARE_REPORT_FILE, StageSpan, draw_eval_points, draw_train_series,
-                                           drawable_series, format_axes, left_out, mark_stages, non_finite_note,
-                                           read_run_metrics, run_kind, stage_spans, staged_rewards)
+from fxjax.commands.report_drawing import (COMPARE_REPORT_FILE, LINE_STYLES, StageSpan, draw_eval_points,
+                                           draw_train_series, drawable_series, factor_into_labels, format_axes,
+                                           left_out, mark_stages, non_finite_note, read_run_metrics, run_kind,
+                                           stage_spans, staged_rewards, stop_notes)
 from fxjax.commands.report_panels import STEP_LABELS, Panel, panels_for
 from fxjax.run_files import METRICS_FILE
 
@@ -54,14 +55,19 @@ them; no line crosses a boundary.
 
 Steps are optimiser updates (SFT) or sampling steps (GRPO: each makes grpo.num_iterations updates). Noisy
 series are drawn thin, with a thick centred moving average (about a fifteenth of the steps, at most 25
-around each point; within each GRPO stage). Panels without values (or, for the clip ratios, all 0) are
-left out and named in the subtitle and on stderr; non-finite values ("nan", "inf") are not drawn, and
-the subtitle names their series and steps; a value with no finite neighbour is drawn as a dot.
+around each point; within each GRPO stage); the series of one panel differ in colour and line style (equal
+values stay visible). The loss, gradient norm and KL get a log scale when their values span more than 20x;
+an axis multiplier (x 1e-4) is in its y label. Panels without values (or, for the clip ratios, all 0) are
+left out and named in the subtitle and on stderr; non-finite values ("nan", "inf") are not drawn (nor the
+moving average there), and the subtitle names their series and steps, the updates skipped as non-finite
+(train.on_nonfinite: skip) and the step a non-finite loss stopped the run at (on_nonfinite: stop); a value
+with no finite neighbour is drawn as a dot. --out FILE.pdf (or .svg) writes a vector figure.
 `fxjax sft` and `fxjax grpo` write RUN_DIR/report.png when they finish, unless given --no-report.
 
 Given several runs of one kind (2 to 4 RUN_DIRs: seeds, settings), it draws each panel with every run's
-series in it, a line style per run (solid, dashed, dotted, dash-dot), the stages shaded when the runs
-share them; written to compare_report.png beside the first run unless --out.
+series in it, a line style per run (solid, dashed, dotted, dash-dot) and a fill of the held-out markers per
+run (hollow, full, half), the stages shaded when the runs share them (a run stopped partway shares those
+it reached); written to compare_report.png beside the first run unless --out.
 
 Given `fxjax eval` output folders instead (one or more, each holding metrics.json), it draws their held-out
 metrics side by side: format rate, verdict accuracy, F1 for "generated" and mean IoU on generated images,
@@ -84,7 +90,8 @@ def add_parser(sub) -> None:
                    help="a run's train.output_dir (holding metrics.jsonl) or that file; 2 to 4 such runs of one "
                         "kind to compare; or one or more `fxjax eval` output folders (holding metrics.json) to "
                         "compare, or a folder of them (`fxjax eval --step A B --out DIR`)")
-    p.add_argument("--out", metavar="FILE.png", help=f"where to write the PNG: a file (.png added when missing) or a directory "
+    p.add_argument("--out", metavar="FILE.png", help=f"where to write the figure: a file (.png, or .pdf / .svg for a vector "
+                        f"figure; .png added to another name) or a directory "
                         f"(default: RUN_DIR/{REPORT_FILE}; for several runs {COMPARE_REPORT_FILE} in the folder "
                         f"holding the first; for eval folders {EVAL_REPORT_FILE} next to the first)")
     p.add_argument("--title", help="figure title (default: the run directory and its kind; for eval folders "
@@ -108,7 +115,7 @@ def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[Stage
             draw_eval_points(ax, steps, values, colour, marker, label)
         else:
             draw_train_series(ax, steps, values, spans, colour=colour, window=window, smooth=line.smooth,
-                              label=line.label)
+                              label=line.label, style=LINE_STYLES[panel.lines.index(line) % len(LINE_STYLES)])
     format_axes(ax, panel, plotted, bool(spans), xlabel, xlim)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
@@ -151,8 +158,9 @@ def build_report(records: Sequence[dict], title: str | None = None, timings: boo
     logged = sorted({r["step"] for r in records if r.get("kind") == "train"})
     gaps = [b - a for a, b in zip(logged, logged[1:])]
     every = max(set(gaps), key=gaps.count) if gaps else 1  # the usual gap (the last record may come sooner)
-    per = ("per step" if every == 1 else
-           f"means over each {every} steps (train.log_every; the learning rate: its value at the step)")
+    # (a record at each checkpoint too: the usual gap is not always the interval, so it is not named)
+    per = ("per step" if every == 1 else "means over the steps since the previous record (train.log_every, and "
+           "each checkpoint; the learning rate: its value at the step)")
     if window > 1 and train_steps > window:
         detail += (f"; thin lines: {per}, thick: centred moving average of {2 * (window // 2) + 1} points"
                    + (" within each stage" if spans else ""))
@@ -160,12 +168,13 @@ def build_report(records: Sequence[dict], title: str | None = None, timings: boo
         detail += f"; training values: {per}"
     if missing:
         detail += "\nnot plotted: " + "; ".join(missing)
-    note = non_finite_note(records, panels)
-    if note:
-        detail += "\n" + note
+    for note in (non_finite_note(records, panels), *stop_notes(records)):
+        if note:
+            detail += "\n" + note
     # (wrapped to the figure's width: a long list of panels left out ran off both edges)
     lines = [textwrap.fill(line, width=70 * cols) for line in f"({detail})".split("\n")]
     fig.suptitle("\n".join([heading, *lines]), fontsize=12)
+    factor_into_labels(fig)
     fig.missing_panels = missing
     return fig
 
@@ -227,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _report(args)
     except OSError as err:  # (a run folder read-only, on a shared disk: the errno alone said nothing to do)
-        if str(getattr(err, "filename", "") or "").endswith(".png") and err.errno in (errno.EACCES, errno.EROFS,
+        if str(getattr(err, "filename", "") or "").endswith(FIGURE_SUFFIXES) and err.errno in (errno.EACCES, errno.EROFS,
                                                                                     errno.EPERM, errno.ENOSPC):
             raise OSError(err.errno, f"{err.strerror}: {err.filename} (the report cannot be written there: "
                                      "--out FILE.png writes it elsewhere)") from None

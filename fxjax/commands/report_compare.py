@@ -3,8 +3,9 @@
 Each panel a single run's report draws (fxjax.commands.report_panels), with every run's series in it: a
 colour per series as in a single report, a line style per run (solid, dashed, dotted, dash-dot; the legend
 names both), each run's moving average thick over its per-step values thin, and its evaluations as
-markers. The reward stages are shaded and named when every run has the same ones; otherwise no line of a
-run crosses its own stage boundaries and the subtitle lists each run's stages. A panel is drawn when any
+markers (a fill per run: hollow, full, half). The reward stages are shaded and named when the runs share
+them (a run stopped partway shares the stages it reached); otherwise no line of a run crosses its own stage
+boundaries and the subtitle lists each run's stages. A panel is drawn when any
 run has values for it; the subtitle names the ones left out. For GRPO runs each run's training reward
 trend per stage is printed, as `fxjax report RUN` prints one run's.
 """
@@ -18,14 +19,15 @@ from pathlib import Path
 from typing import Sequence
 
 from fxjax.commands.report_drawing import (COMPARE_REPORT_FILE, draw_eval_points, draw_train_series,
-                                           drawable_series, format_axes, left_out, mark_stages, read_run_metrics,
-                                           run_kind, stage_spans, staged_rewards)
+                                           drawable_series, factor_into_labels, format_axes, left_out, mark_stages,
+                                           read_run_metrics, run_kind, shared_stages, stage_spans, staged_rewards)
 from fxjax.commands.report_panels import STEP_LABELS, panels_for
 
 __all__ = ["COMPARE_REPORT_FILE", "RUN_STYLES", "build_comparison", "write_comparison"]
 
 RUN_STYLES = ("-", "--", ":", "-.")  # one per run: at most this many runs on one figure
 _EVAL_JOINS = (":", (0, (1, 4)), (0, (3, 3, 1, 3)), (0, (1, 1)))  # a held-out join's style, by run
+_EVAL_FILLS = ("none", "full", "left", "bottom")  # a held-out marker's fill, by run (the joins alone were faint)
 
 
 def _legend(ax, series_drawn: Sequence[tuple[str, str, str | None]], labels: Sequence[str]) -> None:
@@ -34,8 +36,10 @@ def _legend(ax, series_drawn: Sequence[tuple[str, str, str | None]], labels: Seq
 
     handles = [Line2D([], [], color=colour, lw=2, marker=marker or None, mfc="none", ls="-" if not marker else "none",
                       label=name) for name, colour, marker in series_drawn]
-    handles += [Line2D([], [], color="#333333", lw=1.5, ls=style, label=label)
-                for style, label in zip(RUN_STYLES, labels)]
+    evals = any(marker for _, _, marker in series_drawn)
+    handles += [Line2D([], [], color="#333333", lw=1.5, ls=style, label=label,
+                       **({"marker": "o", "fillstyle": fill, "mfcalt": "white"} if evals else {}))
+                for style, fill, label in zip(RUN_STYLES, _EVAL_FILLS, labels)]
     ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
 
 
@@ -54,7 +58,7 @@ def build_comparison(runs: Sequence[tuple[str, list[dict]]], title: str | None =
     kind = next(iter(kinds.values()))
     labels = [label for label, _ in runs]
     spans = {label: stage_spans(records) if kind == "grpo" else [] for label, records in runs}
-    same_stages = len({tuple(s) for s in spans.values()}) == 1
+    shaded = shared_stages(list(spans.values()))  # (one run stopped in a stage the others finished: shared)
     # (the panels of every run's records together: the own reward terms' panel holds every run's terms)
     candidates = [p for p in panels_for(kind, [r for _, records in runs for r in records]) if timings or not p.timing]
     why = {p.title: [left_out(records, p) for _, records in runs] for p in candidates}
@@ -72,36 +76,41 @@ def build_comparison(runs: Sequence[tuple[str, list[dict]]], title: str | None =
     fig = Figure(figsize=(6.4 * cols, 3.6 * rows + 0.9), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        if same_stages and spans[labels[0]]:
-            mark_stages(ax, spans[labels[0]])
+        if shaded:
+            mark_stages(ax, shaded)
         plotted, drawn = [], {}
         for run_index, (label, records) in enumerate(runs):
             for colour, marker, line, x, y in drawable_series(records, panel):
                 plotted += [v for v in y if math.isfinite(v)]
                 if line.kind == "eval":
-                    draw_eval_points(ax, x, y, colour, marker, None, join=_EVAL_JOINS[run_index])
+                    draw_eval_points(ax, x, y, colour, marker, None, join=_EVAL_JOINS[run_index],
+                                     fill=_EVAL_FILLS[run_index])
                     drawn.setdefault(line.label, (colour, marker))
                 else:
                     draw_train_series(ax, x, y, spans[label], colour=colour, window=window, smooth=line.smooth,
                                       label=None, style=RUN_STYLES[run_index])
                     drawn.setdefault(line.label, (colour, None))
-        format_axes(ax, panel, plotted, same_stages and bool(spans[labels[0]]), STEP_LABELS[kind], xlim)
+        format_axes(ax, panel, plotted, bool(shaded), STEP_LABELS[kind], xlim)
         _legend(ax, [(name, colour, marker) for name, (colour, marker) in drawn.items()], labels)
     for ax in list(axes.flat)[len(panels):]:
         fig.delaxes(ax)
     detail = "runs: " + ", ".join(f"{label} {style}" for label, style in zip(labels, ("solid", "dashed", "dotted",
                                                                                          "dash-dot")))
-    if kind == "grpo" and not same_stages:
+    if kind == "grpo" and not shaded:
         detail += ("\nthe runs' stages differ (not shaded): " + "; ".join(
             f"{label} " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans[label]) for label in labels))
-    elif spans[labels[0]]:
-        detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans[labels[0]])
+    elif shaded:
+        detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in shaded)
+        shorter = [label for label in labels if spans[label] != shaded]
+        if shorter:
+            detail += " (" + ", ".join(f"{label} stopped at step {spans[label][-1].last}" for label in shorter) + ")"
     if window > 1 and train_steps > window:
         detail += f"; thin lines: as logged, thick: centred moving average of {2 * (window // 2) + 1} points"
     if missing:
         detail += "\nnot plotted (no run has values): " + "; ".join(missing)
     lines = [textwrap.fill(line, width=70 * cols) for line in f"({detail})".split("\n")]
     fig.suptitle("\n".join([title or f"{kind.upper()} runs compared", *lines]), fontsize=12)
+    factor_into_labels(fig)
     fig.missing_panels = missing
     return fig
 

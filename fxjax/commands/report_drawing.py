@@ -15,7 +15,11 @@ from fxjax.run_files import METRICS_FILE
 
 COMPARE_REPORT_FILE = "compare_report.png"  # (fxjax.commands.report_compare draws it)
 EVAL_MARKERS = ("o", "s", "^", "D", "v", "P")  # the held-out points' shapes, by the series' place in its panel
+# a training series' line style, by its place in its panel: two series of equal values (w_iou and label_plus
+# both 1.0 in alpha) drew one line over the other, and the panel read as if one of them were not there
+LINE_STYLES = ("-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (3, 3)))
 STAGE_SHADES = ("#f2f2f2", "#ffffff")
+STAGE_BOUNDARY = "stage-boundary"  # the gid of a boundary's line (a series may be dashed too)
 
 
 def metric_value(value: Any) -> float:
@@ -73,12 +77,13 @@ def run_kind(records: Sequence[dict]) -> str:
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
     """Centred mean over the 2 * (window // 2) + 1 values around each one (fewer at the ends; NaNs skipped),
-    so the average neither lags the data nor mixes in values beyond the series' ends."""
+    so the average neither lags the data nor mixes in values beyond the series' ends. NaN at a non-finite
+    value: the thick line breaks where the data does (it ran on through a NaN loss, hiding it)."""
     half = window // 2
     out = []
-    for i in range(len(values)):
+    for i, value in enumerate(values):
         near = [v for v in values[max(0, i - half):i + half + 1] if math.isfinite(v)]
-        out.append(sum(near) / len(near) if near else math.nan)
+        out.append(sum(near) / len(near) if near and math.isfinite(value) else math.nan)
     return out
 
 
@@ -126,7 +131,7 @@ def mark_stages(ax, spans: Sequence[StageSpan]) -> None:
         lo, hi = span.first - 0.5, span.last + 0.5
         ax.axvspan(lo, hi, color=STAGE_SHADES[i % 2], zorder=0, lw=0)
         if i:
-            ax.axvline(lo, color="#555555", ls="--", lw=1.2, zorder=1)
+            ax.axvline(lo, color="#555555", ls="--", lw=1.2, zorder=1, gid=STAGE_BOUNDARY)
         # Above the plotting area, between the panel and its title: never under a curve or a legend.
         ax.text((lo + hi) / 2, 1.01, span.name, transform=to_axes, ha="center", va="bottom", fontsize=9,
                 color="#333333", fontweight="bold", clip_on=False)
@@ -149,6 +154,26 @@ def non_finite_note(records: Sequence[dict], panels: Sequence[Panel]) -> str | N
             shown = ", ".join(map(str, steps[:5])) + (f" and {len(steps) - 5} more" if len(steps) > 5 else "")
             parts.append(f"{key} at step{'s' if len(steps) > 1 else ''} {shown}")
     return "non-finite, not drawn: " + "; ".join(parts) if parts else None
+
+
+def stop_notes(records: Sequence[dict]) -> list[str]:
+    """What the subtitle says of updates a run skipped (train.on_nonfinite: skip; the logged means leave those
+    steps out) and of a run stopped by a non-finite step (on_nonfinite: stop; its last record says so):
+    without them such a run read as one that trained cleanly to its end."""
+    train = [r for r in records if r.get("kind") == "train"]
+    notes = []
+    counts = [(int(r["step"]), int(r["skipped"])) for r in train if isinstance(r.get("skipped"), (int, float))
+              and math.isfinite(r["skipped"])]
+    rises = [step for (_, before), (step, now) in zip([(0, 0), *counts], counts) if now > before]
+    if counts and counts[-1][1]:
+        where = ", ".join(map(str, rises[:5])) + (f" and {len(rises) - 5} more" if len(rises) > 5 else "")
+        notes.append(f"{counts[-1][1]} update(s) skipped as non-finite (train.on_nonfinite: skip; not in the "
+                     f"logged means), in the records of step(s) {where}")
+    stopped = [r for r in train if r.get("stopped")]
+    if stopped:
+        notes.append(f"the run stopped at step {stopped[-1]['step']}: {stopped[-1]['stopped']} loss or gradient "
+                     f"(train.on_nonfinite: stop); its checkpoints end before it")
+    return notes
 
 
 def format_axes(ax, panel: Panel, plotted: Sequence[float], staged: bool, xlabel: str,
@@ -178,29 +203,57 @@ def format_axes(ax, panel: Panel, plotted: Sequence[float], staged: bool, xlabel
 
 
 def draw_eval_points(ax, steps: Sequence[int], values: Sequence[float], colour: str, marker: str,
-                     label: str | None, join: Any = ":") -> None:
+                     label: str | None, join: Any = ":", fill: str = "none") -> None:
     """Evaluations are a few points: markers, joined by a faint line (`join`'s style) that does not pretend
     to know the values in between (a solid line between step 0 and the end read as a linear rise). A shape
-    each, hollow: equal values (format, verdict and IoU all 0) show every series, not the last."""
-    ax.plot(steps, values, marker, color=colour, label=label, ms=7, zorder=4, mfc="none", mew=1.5)
+    each, hollow: equal values (format, verdict and IoU all 0) show every series, not the last. `fill`: the
+    markers' fill style (a run's, in a comparison: "none", "full", "left", "bottom")."""
+    ax.plot(steps, values, marker, color=colour, label=label, ms=7, zorder=4, mew=1.5,
+            **({"mfc": "none"} if fill == "none" else {"fillstyle": fill, "mfcalt": "white"}))
     ax.plot(steps, values, ls=join, color=colour, lw=1, alpha=0.6, zorder=3)
 
 
 def draw_train_series(ax, steps: Sequence[int], values: Sequence[float], spans: Sequence[StageSpan], *,
-                      colour: str, window: int, smooth: bool, label: str | None, style: str = "-") -> None:
+                      colour: str, window: int, smooth: bool, label: str | None, style: Any = "-") -> None:
     """A training series, stage by stage (no line crosses a boundary): per step thin and its centred moving
     average thick when `smooth` and long enough, else one line; values with no finite neighbour as dots."""
     for i, (part_steps, part) in enumerate(stage_segments(steps, values, spans)):
         name = label if i == 0 else None  # one legend entry per series
         if smooth and window > 1 and len(values) > window:
-            ax.plot(part_steps, part, style, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (figure title)
-            ax.plot(part_steps, moving_average(part, window), style, color=colour, lw=2, label=name, zorder=3)
+            ax.plot(part_steps, part, ls=style, color=colour, alpha=0.3, lw=0.8, zorder=2)  # per step (figure title)
+            ax.plot(part_steps, moving_average(part, window), ls=style, color=colour, lw=2, label=name, zorder=3)
         else:
-            ax.plot(part_steps, part, style, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
+            ax.plot(part_steps, part, ls=style, color=colour, lw=1.5, marker="." if len(values) < 15 else None,
                     label=name, zorder=3)
         lone = isolated(part)  # (a one-step stage, a value between two non-finite ones: no line shows it)
         if lone:
             ax.plot([part_steps[i] for i in lone], [part[i] for i in lone], "o", color=colour, ms=3, zorder=4)
+
+
+def factor_into_labels(fig) -> None:
+    """Each panel's axis multiplier ("1e-4", which matplotlib draws at the panel's top left, over the stage
+    names there) moved into its y label, "learning rate (x 1e-4)". The multiplier is chosen as the figure
+    is drawn, so the figure is laid out once first."""
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        factor = ax.yaxis.get_offset_text().get_text()
+        if factor:
+            ax.yaxis.get_offset_text().set_visible(False)
+            ax.set_ylabel(f"{ax.get_ylabel()} (x {factor})", fontsize=9)
+
+
+def shared_stages(spans: Sequence[Sequence[StageSpan]]) -> list[StageSpan]:
+    """The stages to shade on runs compared: the longest run's, when every run's have its names and starts
+    (a run stopped in gamma beside a finished one still shares alpha and beta); [] when they differ."""
+    longest = max(spans, key=lambda s: s[-1].last if s else 0)
+    for run in spans:
+        if len(run) > len(longest):
+            return []
+        for i, (mine, theirs) in enumerate(zip(run, longest)):
+            ends_sooner = i == len(run) - 1 and mine.last < theirs.last  # (only where the run stopped)
+            if (mine.name, mine.first) != (theirs.name, theirs.first) or (mine.last != theirs.last and not ends_sooner):
+                return []
+    return list(longest)
 
 
 def drawable_series(records: Sequence[dict], panel: Panel):
