@@ -66,6 +66,27 @@ def require_writable(path: str | Path, what: str) -> None:
 
 
 
+def require_folder_renames(path: str | Path, what: str) -> None:
+    """ValueError naming `what` when a folder cannot be renamed where `path` is (its nearest existing folder):
+    orbax writes each checkpoint into a temporary folder and renames it when complete, which a gcsfuse mount
+    refuses unless told to (--rename-dir-limit): the run failed at its first checkpoint, hours in."""
+    import tempfile
+
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    made = Path(tempfile.mkdtemp(prefix=".fxjax-rename-check-", dir=folder))
+    moved = made.with_name(made.name + "-renamed")
+    try:
+        os.rename(made, moved)
+    except OSError as err:
+        os.rmdir(made)
+        raise ValueError(f"{what}: {path}: a folder cannot be renamed in {folder} ({err.strerror or err}), and each "
+                         f"checkpoint is written to a temporary folder renamed when complete; on gcsfuse, mount with "
+                         f"--rename-dir-limit (e.g. 200000) or use a bucket with hierarchical namespace") from None
+    os.rmdir(moved)
+
+
 def replace_whole(path: str | Path, write: Callable[[IO[str]], None]) -> None:
     """`path` replaced by what `write(file)` writes, through a hidden sibling that is synced and then renamed
     over it: a reader sees the old file or the new one, never half of one, and a failed write leaves the old

@@ -440,12 +440,20 @@ def test_processes_that_loaded_other_records_are_an_error(demo, tokenizer_dir, r
 
     pipeline = DataPipeline(make_cfg(demo, tokenizer_dir), records)
     short = records_fingerprint(records[:14])
-    monkeypatch.setattr(batching, "allgather_json", lambda name, value: [value, json.loads(json.dumps(value)), short])
+    monkeypatch.setattr(batching, "allgather_json",
+                        lambda name, value, timeout_s: [value, json.loads(json.dumps(value)), short])
     with pytest.raises(ValueError, match=r"test.jsonl: the processes loaded different records \(process 0: 15 "
                                          r"\(\w+\), process 2: 14 \(\w+\)\)"):
         batching.check_same_records(pipeline)
-    monkeypatch.setattr(batching, "allgather_json", lambda name, value: [value, json.loads(json.dumps(value))])
+    waits = []
+    monkeypatch.setattr(batching, "allgather_json",
+                        lambda name, value, timeout_s: waits.append(timeout_s) or [value, json.loads(json.dumps(value))])
     batching.check_same_records(pipeline)
+    # every host decodes every image first: a host on a cold network disk may come hours later, not the 10
+    # minutes a gather waits by default (the run failed there)
+    from fxjax.host_exchange import BARRIER_TIMEOUT_S
+
+    assert waits == [BARRIER_TIMEOUT_S]
 
 
 def test_a_drop_another_epochs_template_avoids_is_not_for_good(demo, tokenizer_dir, records):

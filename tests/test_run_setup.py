@@ -392,6 +392,36 @@ def test_a_new_run_is_refused_where_an_earlier_run_has_checkpoints(tmp_path, tok
         join_run("grpo", config(False), None)
 
 
+def test_a_checkpoint_folder_where_folders_cannot_be_renamed_is_refused_at_the_start(tmp_path, tokenizer_dir,
+                                                                                     monkeypatch):
+    """orbax renames each checkpoint's temporary folder when it is complete; a gcsfuse mount refuses folder
+    renames by default (--rename-dir-limit 0), so a run there failed at its first checkpoint, hours in:
+    join_run tries one first and says what to mount with. The check leaves nothing behind."""
+    import errno
+    import os
+
+    from fxjax.train.run_joining import join_run
+    from fxjax.train_config import from_dict
+
+    cfg = from_dict({"model": {"preset": "tiny"}, "data": {"tokenizer": str(tokenizer_dir), "train_files": ["t.jsonl"]},
+                     "train": {"output_dir": str(tmp_path / "run"), "steps": 1}})
+    assert join_run("sft", cfg, None)[0]
+    real = os.rename
+
+    def gcsfuse_rename(src, dst, *args, **kwargs):
+        if os.path.isdir(src):
+            raise OSError(errno.ENOTSUP, "Operation not supported", str(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", gcsfuse_rename)
+    with pytest.raises(ValueError, match=r"checkpoint.dir: .*run/checkpoints: a folder cannot be renamed in .* "
+                                         r"\(Operation not supported\), and each checkpoint is written to a "
+                                         r"temporary folder renamed when complete; on gcsfuse, mount with "
+                                         r"--rename-dir-limit"):
+        join_run("sft", cfg, None)
+    assert not [p for p in tmp_path.rglob(".fxjax-rename-check-*")]
+
+
 def test_a_warmup_as_long_as_the_run_is_a_warning_at_the_start():
     """warmup is clamped to the run: optim.warmup_steps >= the run's updates gives a run that only warms up
     (never decays), said once at the start; a shorter one says nothing."""

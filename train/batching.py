@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from fxjax.host_exchange import allgather_json
+from fxjax.host_exchange import BARRIER_TIMEOUT_S, allgather_json
 from fxjax.model.inputs import ModelInputs, pad_vision, prepare_inputs, stack_vision
 from fxjax.model.vision import VisionInputs
 from fxjax.model.vision_layout import round_up_to_bucket
@@ -336,7 +336,10 @@ def check_same_records(pipeline) -> None:
     files and the processes that differ, not a run whose processes disagree on every batch (or hang)."""
     from fxjax.data.pipeline import records_fingerprint
 
-    every = allgather_json("fxjax.data.records", records_fingerprint(pipeline.records))
+    # (each host reads, and with data.check_decode decodes, every image before it gets here: one on a colder
+    # network disk may take far longer than the 10 minutes a gather waits by default; a peer that failed
+    # ends the wait at once, a dead one through JAX's heartbeat)
+    every = allgather_json("fxjax.data.records", records_fingerprint(pipeline.records), timeout_s=BARRIER_TIMEOUT_S)
     differ = [i for i, f in enumerate(every) if f != every[0]]
     if differ:
         counts = ", ".join(f"process {i}: {every[i]['count']} ({every[i]['sha256']})" for i in [0, *differ])

@@ -18,7 +18,7 @@ import jax
 
 from fxjax import distributed, host_exchange
 from fxjax.config_mapping import ConfigError, dotted_keys
-from fxjax.file_modes import require_writable
+from fxjax.file_modes import require_folder_renames, require_writable
 from fxjax.run_files import CONFIG_FILE, committed_steps, saved_run_kind
 from fxjax.train import faults
 from fxjax.train.export import check_export_targets
@@ -155,6 +155,7 @@ def _check_start(name: str, cfg) -> None:
     check_export_targets(cfg.export, cfg.checkpoint_dir)
     require_writable(cfg.train.output_dir, "train.output_dir")
     require_writable(cfg.checkpoint_dir, "checkpoint.dir")
+    require_folder_renames(cfg.checkpoint_dir, "checkpoint.dir")
 
 
 def refuse_new_run_over_checkpoints(cfg) -> None:
