@@ -229,6 +229,25 @@ def describe(found: str | None, environ: Mapping[str, str]) -> str:
     return f"fxjax.distributed: {found} detected; joining via jax.distributed.initialize()"
 
 
+def slurm_gpu_note(environ: Mapping[str, str]) -> str | None:
+    """A warning when SLURM gives this node more GPUs than tasks and nothing says which a process takes:
+    JAX's SLURM detection then gives each process the one GPU of its SLURM_LOCALID (jax.distributed's
+    local_device_ids), so one task a node on 8 GPUs trained on 1 of them, quietly (mesh.data -1 takes the
+    devices there are). None otherwise (JAX_LOCAL_DEVICE_IDS set, no SLURM, no GPU count)."""
+    if not all(key in environ for key in SLURM_VARS) or environ.get("JAX_LOCAL_DEVICE_IDS", "").strip():
+        return None
+    gpus = re.match(r"\s*(\d+)", environ.get("SLURM_GPUS_ON_NODE", ""))
+    tasks = re.match(r"\s*(\d+)", environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", ""))
+    if gpus is None or tasks is None or int(gpus.group(1)) <= int(tasks.group(1)):
+        return None
+    gpus, tasks = int(gpus.group(1)), int(tasks.group(1))
+    hint = (f"or, one task a node, export JAX_LOCAL_DEVICE_IDS={','.join(map(str, range(gpus)))}" if tasks == 1 else
+            "or give each task its GPUs in JAX_LOCAL_DEVICE_IDS")
+    return (f"fxjax.distributed: warning: SLURM gives this node {gpus} GPUs and {tasks} task(s), and JAX gives each "
+            f"process only the GPU of its SLURM_LOCALID: {gpus - tasks} GPU(s) here would sit idle; run one task "
+            f"per GPU (srun --ntasks-per-node={gpus} --gpus-per-task=1), {hint}")
+
+
 def opted_out(environ: Mapping[str, str]) -> bool:
     """FXJAX_NO_AUTO_DISTRIBUTED set to anything but "" or "0"."""
     return environ.get(NO_AUTO_ENV, "").strip() not in ("", "0")
@@ -276,7 +295,10 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
             return cfg
         # said on every process before JAX waits: a peer that never comes ends in an abort after the timeout
         # (a C++ stack trace naming none of these), so the settings to check are on screen first
-        (log or (lambda text: print(text, file=sys.stderr, flush=True)))(join_line(cfg, environ))
+        say = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        say(join_line(cfg, environ))
+        if slurm_gpu_note(environ):
+            say(slurm_gpu_note(environ))
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout)
@@ -292,6 +314,8 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
         _LOG.info(line)
     if not joining:
         return cfg
+    if slurm_gpu_note(environ):
+        (log or (lambda text: print(text, file=sys.stderr, flush=True)))(slurm_gpu_note(environ))
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
     check_process_count(cfg.initialization_timeout)  # (the count JAX read from this host's cluster variables)

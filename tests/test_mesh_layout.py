@@ -210,6 +210,28 @@ def test_initialize_joins_a_detected_cluster(joins):
     assert lines == ["fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize()"]
 
 
+def test_a_slurm_node_with_more_gpus_than_tasks_is_warned_about_before_the_join(joins):
+    """One SLURM task a node on 8 GPUs: JAX gives each process the GPU of its SLURM_LOCALID, so the run trained
+    on 1 GPU of 8 a node without a word; the join says so and how to use them, unless JAX_LOCAL_DEVICE_IDS says
+    which GPUs a process takes or there are as many tasks as GPUs."""
+    lines = []
+    node = {**SLURM, "SLURM_GPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "1(x4)"}
+    distributed.initialize(environ=node, log=lines.append)
+    assert lines[-1] == ("fxjax.distributed: warning: SLURM gives this node 8 GPUs and 1 task(s), and JAX gives each "
+                         "process only the GPU of its SLURM_LOCALID: 7 GPU(s) here would sit idle; run one task per "
+                         "GPU (srun --ntasks-per-node=8 --gpus-per-task=1), or, one task a node, export "
+                         "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7")
+    lines.clear()
+    distributed.initialize(environ={**node, "FXJAX_COORDINATOR": "n1:8476", "FXJAX_NUM_PROCESSES": "4",
+                                    "FXJAX_PROCESS_ID": "0"}, log=lines.append)
+    assert "7 GPU(s) here would sit idle" in lines[-1]  # (explicit settings: JAX still picks the GPU by SLURM)
+    for quiet in ({**node, "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7"}, {**node, "SLURM_TASKS_PER_NODE": "8(x4)"},
+                  {**node, "SLURM_NTASKS_PER_NODE": "8"}, SLURM):
+        lines.clear()
+        distributed.initialize(environ=quiet, log=lines.append)
+        assert not any("warning" in line for line in lines), (quiet, lines)
+
+
 def test_a_detected_join_given_another_process_count_than_process_0_is_an_error(monkeypatch):
     """A detected cluster's count is read on each host from its own variables: one host given 3 where process 0
     has 4 joined all the same (the coordinator counts process 0's) and waited in every exchange for a process
