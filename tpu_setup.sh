@@ -26,8 +26,11 @@ Subcommands:
   launch     run \`fxjax STAGE --config CONFIG [--set KEY=VALUE ...]\` on every worker at once
   all        create, setup and launch
   status     describe the TPU (and queued resource) and print the end of each worker's log
+  stop       ask the fxjax that launch started on every worker to save a checkpoint and exit (SIGTERM
+             to the pid in LOG_DIR/worker-N.pid); a run still going refuses a second launch
   delete     delete the TPU VM (with --queued: the queued resource and its node)
   worker-run runs ON a worker (launch calls it there): sets the multi-host environment, runs fxjax, logs
+  worker-stop runs ON a worker (stop calls it there): the SIGTERM to that worker's fxjax
   help       this text
 
 TPU slice (flag, or the environment variable in brackets):
@@ -283,9 +286,9 @@ is_git_url() {
 
 validate() {
   case $SUBCOMMAND in
-    create | setup | launch | all | status | delete | worker-run) ;;
-    "") die "no subcommand: use create, setup, launch, all, status or delete (see ./$PROG --help)" ;;
-    *) die "unknown subcommand '$SUBCOMMAND': use create, setup, launch, all, status or delete" ;;
+    create | setup | launch | all | status | stop | delete | worker-run | worker-stop) ;;
+    "") die "no subcommand: use create, setup, launch, all, status, stop or delete (see ./$PROG --help)" ;;
+    *) die "unknown subcommand '$SUBCOMMAND': use create, setup, launch, all, status, stop or delete" ;;
   esac
   if [[ ! $PORT =~ ^[1-9][0-9]{0,4}$ ]] || ((PORT > 65535)); then die "--port $PORT is not a port number (1-65535)"; fi
   local kv
@@ -296,6 +299,7 @@ validate() {
     ((${#EXTRA[@]})) || die "worker-run needs the fxjax arguments after --"
     return
   fi
+  [[ $SUBCOMMAND == worker-stop ]] && return
   [[ -n $ZONE ]] || die "no zone: pass --zone (e.g. us-east5-a) or set FXJAX_TPU_ZONE"
   [[ -n $PROJECT ]] || die "no project: pass --project or set FXJAX_TPU_PROJECT"
   [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
@@ -449,7 +453,9 @@ do_create() {
       [[ $state == ACTIVE || $state == FAILED || $state == SUSPENDED || $state == SUSPENDING ]] && rm -f "$errors"
       case $state in
         ACTIVE) note "queued resource $NAME is ACTIVE"; break ;;
-        FAILED | SUSPENDED | SUSPENDING) die "queued resource $NAME is $state: see gcloud compute tpus queued-resources describe $NAME" ;;
+        FAILED | SUSPENDED | SUSPENDING) die "queued resource $NAME is $state: see gcloud compute tpus" \
+          "queued-resources describe $NAME (a Spot one preempted is SUSPENDED: './$PROG delete' it, then" \
+          "'./$PROG all' again; a run resumes from the checkpoints in its shared train.output_dir)" ;;
       esac
       ((SECONDS - start < QUEUE_TIMEOUT)) || { rm -f "$errors"
         die "queued resource $NAME is still $state after $QUEUE_TIMEOUT s (it stays queued; rerun create to wait again)"; }
@@ -527,6 +533,10 @@ do_status() {
   on_all_workers "tail -n 20 $(remote_path "$LOG_DIR")/worker-*.log 2>/dev/null || echo 'no fxjax log on this worker yet'"
 }
 
+do_stop() {
+  on_all_workers "cd $(remote_path "$REMOTE_DIR") && bash tpu_setup.sh worker-stop --log-dir $(q "$LOG_DIR")"
+}
+
 do_delete() {
   local quiet=()
   ((YES)) && quiet=(--quiet)
@@ -551,6 +561,29 @@ show_new_log() {  # show_new_log FILE: print FILE's bytes after LOG_SHOWN, and m
     tail -c +"$((LOG_SHOWN + 1))" -- "$1" | head -c "$((size - LOG_SHOWN))"
     LOG_SHOWN=$size
   fi
+}
+
+running_fxjax() {  # running_fxjax PIDFILE: print the pid it holds and succeed if that process is an fxjax
+  local pid
+  [[ -r $1 ]] && pid=$(<"$1") && [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  # (the pid of a run long gone may belong to another process by now)
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q fxjax || return 1
+  printf '%s\n' "$pid"
+}
+
+do_worker_stop() {
+  [[ $LOG_DIR == /* ]] || LOG_DIR=$HOME/$LOG_DIR
+  local pidfile pid found=0
+  for pidfile in "$LOG_DIR"/worker-*.pid; do
+    [[ -e $pidfile ]] || continue
+    if pid=$(running_fxjax "$pidfile"); then
+      kill -TERM "$pid"
+      found=1
+      printf '%s: sent SIGTERM to fxjax (pid %s): it saves a checkpoint and exits (its log: %s)\n' \
+        "${pidfile##*/}" "$pid" "${pidfile%.pid}.log"
+    fi
+  done
+  ((found)) || printf 'no fxjax running from %s on this worker\n' "$LOG_DIR"
 }
 
 do_worker_run() {
@@ -580,8 +613,22 @@ do_worker_run() {
         "server to read this worker's number from: pass --env FXJAX_PROCESS_ID=N too"
     export FXJAX_PROCESS_ID=$worker_id
   fi
+  if [[ -n ${FXJAX_NUM_PROCESSES:-} && $FXJAX_NUM_PROCESSES != 1 && -z ${FXJAX_COORDINATOR:-} ]]; then
+    # a count given without a coordinator (fxjax stopped with "need coordinator_address"): worker 0's, as above
+    local first
+    first=$(tpu_metadata worker-network-endpoints 2>/dev/null) ||
+      die "--env FXJAX_NUM_PROCESSES=$FXJAX_NUM_PROCESSES without FXJAX_COORDINATOR, and no TPU VM metadata" \
+        "server to read worker 0's address from: pass --env FXJAX_COORDINATOR=HOST:PORT too"
+    first=${first%%,*}
+    export FXJAX_COORDINATOR=${first##*:}:$PORT
+  fi
   mkdir -p "$LOG_DIR"
-  local log=$LOG_DIR/worker-$worker_id.log
+  local log=$LOG_DIR/worker-$worker_id.log pidfile=$LOG_DIR/worker-$worker_id.pid running
+  if running=$(running_fxjax "$pidfile"); then
+    # a second fxjax would rename the live log and meet the first at the coordinator's port
+    die "worker $worker_id: the fxjax launched before (pid $running, log $log) is still running: stop it" \
+      "first (./$PROG stop: it saves a checkpoint and exits) or wait for it to end"
+  fi
   if [[ -e $log ]]; then
     # a relaunch keeps the earlier run's log, named after its last write (status tails worker-*.log only)
     local stamp kept k=1
@@ -595,7 +642,7 @@ do_worker_run() {
     "${FXJAX_NUM_PROCESSES:-1}" "${FXJAX_COORDINATOR:-none}" "${EXTRA[*]}" "$log"
   if ((DETACH)); then
     nohup "$VENV/bin/fxjax" "${EXTRA[@]}" >"$log" 2>&1 </dev/null &
-    printf '%s\n' "$!" >"$LOG_DIR/worker-$worker_id.pid"
+    printf '%s\n' "$!" >"$pidfile"
     printf 'worker %s: started, pid %s\n' "$worker_id" "$!"
   else
     # fxjax writes the log itself, not through a pipe to tee: when the connection dropped, tee went with it
@@ -604,6 +651,7 @@ do_worker_run() {
     # and a connection gone without a signal leaves the run going (its log stays in LOG_DIR).
     "$VENV/bin/fxjax" "${EXTRA[@]}" >"$log" 2>&1 </dev/null &
     local pid=$! rc=0
+    printf '%s\n' "$pid" >"$pidfile"  # (stop finds it; a launch beside it is refused)
     LOG_SHOWN=0
     trap 'kill -TERM "$pid" 2>/dev/null || true' HUP INT TERM PIPE
     # The log as it grows, by byte offset, in short steps (a trap runs between them); then what is left
@@ -619,6 +667,7 @@ do_worker_run() {
     done
     show_new_log "$log"
     trap - HUP INT TERM PIPE
+    rm -f -- "$pidfile"
     return "$rc"
   fi
 }
@@ -634,6 +683,10 @@ main() {
     do_worker_run
     return
   fi
+  if [[ $SUBCOMMAND == worker-stop ]]; then
+    do_worker_stop
+    return
+  fi
   gc_where
   case $SUBCOMMAND in
     create) do_create ;;
@@ -646,6 +699,7 @@ main() {
       do_launch
       ;;
     status) do_status ;;
+    stop) do_stop ;;
     delete) do_delete ;;
   esac
 }

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,12 @@ def test_queued_create_waits_until_active(fake_bin, tmp_path, monkeypatch):
     failed = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
                         path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "missing,FAILED"})
     assert failed.returncode == 2 and "queued resource fxjax-tpu is FAILED" in failed.stderr
+    # a Spot resource preempted: what to do (it only said "see ... describe")
+    suspended = run_script("create", "--type", "v5litepod-16", "--zone", "z", "--project", "p", "--queued",
+                           path=f"{fake_bin}:{SYSTEM_PATH}", extra_env={**env, "FAKE_DESCRIBE": "SUSPENDED"})
+    assert suspended.returncode == 2 and "is SUSPENDED" in suspended.stderr
+    assert ("a Spot one preempted is SUSPENDED: './tpu_setup.sh delete' it, then './tpu_setup.sh all' again; a run "
+            "resumes from the checkpoints in its shared train.output_dir") in suspended.stderr
     # a describe that fails now and then (an API hiccup) is retried; five failures in a row end the wait
     _executable(fake_bin / "sleep", "#!/usr/bin/env bash\nexit 0\n")  # no 30 s waits here
     for count in fake_bin.glob("describe.count"):
@@ -373,6 +380,15 @@ def test_worker_run_with_a_given_process_count_names_its_log_after_the_worker(wo
     result = run_script(*args, path=f"{bin_dir}:{SYSTEM_PATH}", cwd=home)
     assert result.returncode == 2 and "without FXJAX_PROCESS_ID" in result.stderr
     assert "pass --env FXJAX_PROCESS_ID=N too" in result.stderr
+    # a count without a coordinator: worker 0's from the metadata, as without --env (fxjax stopped with "need
+    # coordinator_address")
+    result = run_script("worker-run", "--env", "FXJAX_NUM_PROCESSES=8", "--", "sft", path=f"{bin_dir}:{SYSTEM_PATH}",
+                        extra_env={"FAKE_WORKER_ID": "5", "FAKE_ENDPOINTS": "t1v-n-0-w-0,t1v-n-0-w-1"}, cwd=home)
+    assert result.returncode == 0, result.stderr
+    passed = dict(line.split("=", 1) for line in result.stdout.splitlines()
+                  if line.startswith("FXJAX_") and not line.endswith("=<unset>"))
+    assert passed == {"FXJAX_NUM_PROCESSES": "8", "FXJAX_COORDINATOR": "t1v-n-0-w-0:8482", "FXJAX_PROCESS_ID": "5"}
+    assert resolve(environ=passed).coordinator_address == "t1v-n-0-w-0:8482"
 
 
 def test_worker_run_single_host_sets_no_distributed_variables(worker_home):
@@ -603,3 +619,45 @@ def test_worker_run_in_the_foreground_stops_fxjax_with_a_checkpoint_on_a_hang_up
     result = run_script("worker-run", "--", "sft", path=env["PATH"], extra_env={**env, "FAKE_RC": "3", "FAKE_TICKS": "1"},
                         cwd=home)
     assert result.returncode == 3 and "finished without a signal" in result.stdout  # (its status passes through)
+
+
+def test_a_launch_beside_a_running_one_is_refused_and_stop_asks_it_to_save_and_exit(worker_home, fake_bin):
+    """A detached run could not be stopped but by hand, and a second launch renamed its live log and met it at
+    the coordinator's port. worker-run refuses while the fxjax of its pid file runs; worker-stop (what `stop`
+    runs on every worker) sends it SIGTERM (it saves and exits), and the next launch goes ahead."""
+    home, bin_dir = worker_home
+    _executable(home / "fxjax-venv" / "bin" / "fxjax", SIGNALLED_FXJAX)
+    env = {"FAKE_WORKER_ID": "0", "FAKE_ENDPOINTS": "t1v-n-0-w-0", "FAKE_TICKS": "600"}
+    path = f"{bin_dir}:{SYSTEM_PATH}"
+    first = run_script("worker-run", "--detach", "--", "sft", path=path, extra_env=env, cwd=home)
+    assert first.returncode == 0 and "worker 0: started, pid" in first.stdout, first.stderr
+    pid = int((home / "fxjax-logs" / "worker-0.pid").read_text())
+    try:
+        second = run_script("worker-run", "--detach", "--", "sft", path=path, extra_env=env, cwd=home)
+        assert second.returncode == 2, second.stdout
+        assert (f"worker 0: the fxjax launched before (pid {pid}, log {home / 'fxjax-logs' / 'worker-0.log'}) is "
+                "still running: stop it first (./tpu_setup.sh stop: it saves a checkpoint and exits)") in second.stderr
+        assert not list((home / "fxjax-logs").glob("worker-0.log.*"))  # its log left where it is
+        stopped = run_script("worker-stop", path=path, cwd=home)
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"worker-0.pid: sent SIGTERM to fxjax (pid {pid}): it saves a checkpoint and exits" in stopped.stdout
+        for _ in range(100):
+            if "got TERM" in (home / "fxjax-logs" / "worker-0.log").read_text():
+                break
+            time.sleep(0.1)
+        assert "got TERM: saved a checkpoint" in (home / "fxjax-logs" / "worker-0.log").read_text()
+    finally:
+        subprocess.run(["kill", "-KILL", str(pid)], capture_output=True)
+    for _ in range(100):  # (the fake has exited: its pid file names nothing that runs)
+        if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode:
+            break
+        time.sleep(0.1)
+    assert "no fxjax running" in run_script("worker-stop", path=path, cwd=home).stdout
+    third = run_script("worker-run", "--", "sft", path=path, extra_env={**env, "FAKE_TICKS": "1"}, cwd=home)
+    assert third.returncode == 0 and "finished without a signal" in third.stdout, third.stderr
+    assert not (home / "fxjax-logs" / "worker-0.pid").exists()  # (a foreground run's goes when it ends)
+    # stop runs worker-stop on every worker
+    cmds = commands(dry_run(fake_bin, "stop", "--zone", "z", "--project", "p"))
+    (ssh,) = gcloud(cmds, "tpu-vm", "ssh")
+    assert "--worker=all" in ssh and remote_words(ssh)[-4:] == ["tpu_setup.sh", "worker-stop", "--log-dir",
+                                                                "fxjax-logs"]
