@@ -267,6 +267,15 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     (copy.parent / "1").mkdir()  # a committed checkpoint
     keep_start_lora(model, config(first, True))  # the same run resumed: its copy stays as it was
     assert (copy / "marker").exists()
+    # process 0's view decides on every process (the write gathers: a host that decided alone could hang the
+    # others); here process 0 (stubbed) sees no copy to resume from, so this process writes it too
+    from fxjax.train import run_setup
+
+    with monkeypatch.context() as stub:
+        stub.setattr(run_setup, "allgather_json", lambda name, mine: [False, mine])
+        keep_start_lora(model, config(first, True))
+    assert kept_from(first) and not (copy / "marker").exists()
+    (copy / "marker").write_text("")
     second = adapter(2, "second")
     keep_start_lora(model, config(second, True))  # another start in the same directory: its own copy
     assert kept_from(second) and not (copy / "marker").exists()

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fxjax.export_record import OtherBaseWarning, other_base_note
+from fxjax.host_exchange import allgather_json
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.attention import current_platform, select_backend
 from fxjax.model.lora import LoRAConfig, apply_lora
@@ -209,7 +210,9 @@ def keep_start_lora(model, cfg) -> Path | None:
     if m.adapter is None and m.from_run is None:
         return None
     target = Path(cfg.checkpoint_dir) / START_LORA_DIR
-    if resumes_from_kept_start(cfg):  # kept when this run started
+    # kept when this run started: process 0's view decides for all (the write below gathers on every process,
+    # and a host whose network file system cached an older view of the folder would skip it and hang the rest)
+    if allgather_json("fxjax.keep-start-lora", resumes_from_kept_start(cfg))[0]:
         return target
 
     def write(folder: Path) -> None:  # process 0 writes, every process gathers
