@@ -99,7 +99,9 @@ class DistributedConfig:
     def multi_process(self) -> bool:
         return (self.num_processes or 1) > 1
 
-    def validate(self) -> "DistributedConfig":
+    def validate(self, cluster: bool = False) -> "DistributedConfig":
+        """Checked settings (`cluster`: a cluster environment was detected, whose count and id JAX reads:
+        a coordinator address alone is then what to join at, as jax.distributed.initialize takes it)."""
         if self.coordinator_address is not None:
             host, _, port = self.coordinator_address.rpartition(":")
             bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
@@ -115,13 +117,14 @@ class DistributedConfig:
             raise DistributedError(f"num_processes must be >= 1, got {self.num_processes}")
         if self.local_device_count is not None and self.local_device_count < 1:
             raise DistributedError(f"local_device_count must be >= 1, got {self.local_device_count}")
-        if self.num_processes is None and (self.coordinator_address is not None or self.process_id is not None):
+        coordinator_only = self.process_id is None and self.coordinator_address is not None
+        if self.num_processes is None and (self.process_id is not None or (coordinator_only and not cluster)):
             # (explicit settings skip cluster detection, so without a count every process would run alone)
             given = [f"{n} ({ENV_VARS[n][0]})" for n in ("coordinator_address", "process_id")
                      if getattr(self, n) is not None]
             raise DistributedError(f"{' and '.join(given)} set without num_processes "
                                    f"({ENV_VARS['num_processes'][0]}): set it too, or none of them to let a "
-                                   "cluster be detected")
+                                   "cluster be detected (a coordinator alone joins a detected cluster at it)")
         if self.multi_process:
             missing = [n for n in ("coordinator_address", "process_id") if getattr(self, n) is None]
             if missing:
@@ -143,7 +146,16 @@ def resolve(config: DistributedConfig | Mapping[str, Any] | None = None, *,
         merged = replace(merged, **{f.name: getattr(given, f.name) for f in fields(given)
                                     if getattr(given, f.name) != getattr(DistributedConfig(), f.name)})
     merged = replace(merged, **{k: v for k, v in overrides.items() if v is not None})
-    return merged.validate()
+    cluster = coordinator_joins_cluster(merged, os.environ if environ is None else environ)
+    return merged.validate(cluster=cluster)
+
+
+def coordinator_joins_cluster(cfg: DistributedConfig, environ: Mapping[str, str]) -> bool:
+    """A coordinator address is the only explicit setting, in a detected cluster (SLURM, Open MPI, a GKE TPU
+    pod): the cluster's join at that address, JAX reading the count and id from the cluster's variables (as
+    jax.distributed.initialize does given JAX_COORDINATOR_ADDRESS alone; fxjax refused it)."""
+    return (cfg.coordinator_address is not None and cfg.num_processes is None and cfg.process_id is None
+            and detect_cluster(environ) is not None and not opted_out(environ))
 
 
 def _count(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
@@ -290,7 +302,8 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
                 raise DistributedError(
                     f"local_device_count={cfg.local_device_count} must be set before JAX starts its backends "
                     f"(it runs with {jax.local_device_count()} device(s)): {err}") from None
-    if _explicit(cfg):
+    at = cfg.coordinator_address if coordinator_joins_cluster(cfg, environ) else None
+    if _explicit(cfg) and at is None:
         if not cfg.multi_process:
             return cfg
         # said on every process before JAX waits: a peer that never comes ends in an abort after the timeout
@@ -306,6 +319,8 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
         return cfg
     found, line = auto_detect(environ)
     joining = found is not None and not opted_out(environ)
+    if at is not None:
+        line += f" at the coordinator {at} given ({' or '.join(ENV_VARS['coordinator_address'])})"
     if log is not None:
         log(line)
     elif found is not None:  # a join (or a refused one) is worth seeing in every run's output
@@ -317,7 +332,8 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
     if slurm_gpu_note(environ):
         (log or (lambda text: print(text, file=sys.stderr, flush=True)))(slurm_gpu_note(environ))
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-    jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
+    jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout,
+                               **({"coordinator_address": at} if at is not None else {}))
     check_process_count(cfg.initialization_timeout)  # (the count JAX read from this host's cluster variables)
     # The count and id JAX chose, read without starting a backend (callers may still configure JAX).
     from jax._src.distributed import global_state

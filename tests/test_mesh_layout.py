@@ -210,6 +210,25 @@ def test_initialize_joins_a_detected_cluster(joins):
     assert lines == ["fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize()"]
 
 
+def test_a_coordinator_address_alone_joins_a_detected_cluster_at_it(joins):
+    """JAX takes JAX_COORDINATOR_ADDRESS alone under SLURM (the count and id from SLURM's variables); fxjax
+    refused it ("set without num_processes"). In a detected cluster it is the join's address now; outside
+    one it is still an error (every process would run alone)."""
+    lines = []
+    cfg = distributed.initialize(environ={**SLURM, "JAX_COORDINATOR_ADDRESS": "node1:9999"}, log=lines.append)
+    assert joins == [{"initialization_timeout": 300, "coordinator_address": "node1:9999"}]
+    assert lines == ["fxjax.distributed: SLURM (4 processes) detected; joining via jax.distributed.initialize() at "
+                     "the coordinator node1:9999 given (FXJAX_COORDINATOR or JAX_COORDINATOR_ADDRESS)"]
+    assert cfg.coordinator_address == "node1:9999"
+    with pytest.raises(distributed.DistributedError, match=r"coordinator_address \(FXJAX_COORDINATOR\) set without "
+                                                           r"num_processes"):
+        distributed.initialize(environ={"JAX_COORDINATOR_ADDRESS": "node1:9999"}, log=lines.append)
+    with pytest.raises(distributed.DistributedError, match=r"set without num_processes"):
+        distributed.initialize(environ={**SLURM, "JAX_COORDINATOR_ADDRESS": "node1:9999", "FXJAX_NO_AUTO_DISTRIBUTED": "1"},
+                               log=lines.append)
+    assert len(joins) == 1
+
+
 def test_a_slurm_node_with_more_gpus_than_tasks_is_warned_about_before_the_join(joins):
     """One SLURM task a node on 8 GPUs: JAX gives each process the GPU of its SLURM_LOCALID, so the run trained
     on 1 GPU of 8 a node without a word; the join says so and how to use them, unless JAX_LOCAL_DEVICE_IDS says
