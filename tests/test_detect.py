@@ -209,6 +209,33 @@ def test_detect_command_on_a_tiny_model(tiny_vl_dir, tmp_path, capsys):
         assert Image.open(r["overlay"]).size == (r["size"][0] * k, r["size"][1] * k)
 
 
+def test_the_python_detector_answers_as_the_command_for_paths_and_pil_images(tiny_vl_dir, tmp_path, capsys):
+    """fxjax.detector.ImageDetector: `fxjax detect` from a notebook (it needed six internal modules). Its
+    results are the command's --json objects for the same images (the command is the oracle), a PIL image's
+    as the PNG it saves; bad options are a ValueError naming the flag, not the parser's SystemExit."""
+    from fxjax.cli import main
+    from fxjax.detector import ImageDetector
+
+    paths = odd_images(tmp_path)[:2]
+    missing = str(tmp_path / "nope.png")
+    options = ["--max-new-tokens", "3", "--max-pixels", "3136", "--batch-size", "2"]
+    assert main(["detect", *paths, missing, "--model", str(tiny_vl_dir), "--json", "--no-overlay", *options]) == 1
+    want = sorted((json.loads(line) for line in capsys.readouterr().out.splitlines()), key=lambda r: r["index"])
+    detector = ImageDetector(tiny_vl_dir, max_new_tokens=3, max_pixels=3136, batch_size=2)
+    with Image.open(paths[1]) as second:
+        got = detector([paths[0], second.copy(), missing], overlays=tmp_path / "overlays")
+    assert [r["image"] for r in got] == [paths[0], "<PIL image 1>", missing]
+    assert got[2] == want[2] and got[2]["error"] == "no such file"
+    for mine, theirs in zip(got[:2], want[:2]):
+        assert Path(mine.pop("overlay")).is_file() and theirs.pop("overlay") is None
+        mine.pop("image"), theirs.pop("image")
+        assert mine == theirs and isinstance(mine["completion"], str)
+    with pytest.raises(ValueError, match=r"ImageDetector: .*--max-pixels: .*-5"):
+        ImageDetector(tiny_vl_dir, max_pixels=-5)
+    with pytest.raises(TypeError, match=r"unknown option 'max_pixel'"):
+        ImageDetector(tiny_vl_dir, max_pixel=5)
+
+
 def test_out_that_is_a_file_is_refused_before_any_model_loads(tmp_path, capsys):
     from fxjax.cli import main
 

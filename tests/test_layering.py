@@ -30,6 +30,7 @@ LAYER_OF_PREFIX = {
     "fxjax.demo_model": "app",  # the demo's base model (only the demo builds it)
     "fxjax.demo_summary": "app",  # the demo's closing lines
     "fxjax.selfcheck": "app",
+    "fxjax.detector": "app",  # `fxjax detect` from Python (it drives the command's resolution)
     "fxjax.commands": "app",
     "fxjax": "core",
 }

@@ -60,6 +60,9 @@ def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert np.array_equal(tokens[0, n], np.argmax(np.asarray(logits)[0, -1]))  # greedy continues the logits
     assert (tmp_path / "tiny-qwen-copy" / "config.json").is_file()
     assert capsys.readouterr().out.strip()  # the decoded completion was printed
+    result = scope["result"]  # the Python detector: an untrained model's answer, shown raw with a note
+    assert result["image"] == "<PIL image 0>" and result["verdict"] is None and not result["parsed"]
+    assert result["note"].startswith("the answer has no <verdict>")
     # the traceable example: a finite loss, and a gradient for (only) the LoRA parameters
     grads = nnx.to_flat_state(scope["grads"])
     assert np.isfinite(float(scope["loss"])) and grads and all(path[-1] in ("lora_a", "lora_b") for path, _ in grads)

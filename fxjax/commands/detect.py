@@ -351,15 +351,30 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     """`run` once --out exists: the model resolved, each image read, analysed and reported."""
     from fxjax.commands.model_args import resolve_detector
 
+    def show(obj: dict) -> None:
+        if "error" not in obj:
+            print(json.dumps(obj) if args.json else format_result(obj) + "\n", flush=True)
+        elif args.json:  # one object per image given, the unreadable ones too (said on stderr either way)
+            print(json.dumps(obj), flush=True)
+
     detector = resolve_detector(args)  # (its options checked first: check_model_arguments)
+    return 1 if analyse_images(args, detector, say, show) else 0
+
+
+def analyse_images(args: argparse.Namespace, detector, say: Callable[[str], None],
+                   emit: Callable[[dict], None]) -> list[tuple[str, str]]:
+    """Analyse args.images with `detector` (model_args.Detector; its weights loaded here once): emit each
+    result as it comes (with "index", the image's place among those given), and each image that cannot be
+    analysed as {"index", "image", "error"}; returns those (path, why). What `fxjax detect` and
+    fxjax.detector.ImageDetector run."""
     data = detector.data
     batch_size = detector.batch_size(args.batch_size, default=4)  # checked before any weights load
     note = own_prompts_note(data, args.system_prompt is not None, args.user_prompt is not None)
     if note:
         say(f"note: {note}")
     records, failed, shrunk, fit = detect_inputs(args.images, detector, args.max_image_pixels)
-    # --json: each object's "index", the image's place among those given (0-based): the unreadable ones are
-    # said first, the others as their batches finish, so a script orders or joins by it
+    # each object's "index", the image's place among those given (0-based): the unreadable ones are said
+    # first, the others as their batches finish, so a script orders or joins by it
     places: dict[str, list[int]] = {}
     for i, given in enumerate(args.images):
         places.setdefault(str(given), []).append(i)
@@ -370,8 +385,7 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     def report_failed(path, why):
         say(f"{path}: cannot be analysed: {why}")
-        if args.json:  # one object per image given, the unreadable ones too
-            print(json.dumps(indexed({"image": str(path), "error": why})), flush=True)
+        emit(indexed({"image": str(path), "error": why}))
 
     for path, why in failed:
         report_failed(path, why)
@@ -382,11 +396,9 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     if records:
         decoder = detector.decoder(batch_size, detector.max_new_tokens)
         config = detect_config(detector, fit, batch_size, args.max_image_pixels)
-        emit = (lambda r: print(json.dumps(indexed(r)), flush=True)) if args.json else \
-            (lambda r: print(format_result(r) + "\n", flush=True))
         replaced: list[Path] = []
-        results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None, emit=emit,
-                         notes=notes, replaced=replaced)
+        results = detect(records, decoder, config, out=Path(args.out) if args.overlay else None,
+                         emit=lambda r: emit(indexed(r)), notes=notes, replaced=replaced)
         if replaced:  # (silently before: an earlier run's overlays of the same names were gone)
             say(f"note: {len(replaced)} overlay(s) replaced those an earlier run wrote in {args.out} (e.g. "
                 f"{replaced[0].name}); give another --out to keep both")
@@ -395,4 +407,4 @@ def _detect_images(args: argparse.Namespace, say: Callable[[str], None]) -> int:
             if record.source not in done:  # the pipeline left it out (its warning is above)
                 failed.append((record.source, "left out by the data pipeline (see its warning above)"))
                 report_failed(*failed[-1])
-    return 1 if failed else 0
+    return failed

@@ -1,0 +1,103 @@
+"""`fxjax detect` from Python: a trained detector loaded once, then asked about images (files or PIL images).
+
+    from fxjax.detector import ImageDetector
+
+    detector = ImageDetector(model="export/merged")          # or adapter=..., or run="runs/grpo", step="gamma"
+    for result in detector([Image.open("photo.jpg"), "scan.png"]):
+        print(result["verdict"], [(r["caption"], r["box"]) for r in result["regions"]])
+
+Each result is the object `fxjax detect --json` prints for that image (verdict, regions with boxes in the
+original image's pixels, tags, parsed, note, truncated, completion, size, model_size, ...), in the order the
+images were given; an image that cannot be analysed gives {"index", "image", "error"}. The options are the
+command's, checked as the command checks them (the same parser), and the prompts, pixel limits and answer
+length are what the model trained with, resolved as the command resolves them: the one code path, so the
+answers are the command's. The weights load at the first call and stay; the compiled decoder is kept for
+calls with the same batch size.
+
+This module is the app layer (it drives the command's resolution, which reads training runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["ImageDetector"]
+
+# keyword -> the command's flag (values passed as text through its parser, so every check is the command's)
+_FLAGS = {"adapter": "--adapter", "run": "--run", "step": "--step", "dtype": "--dtype", "mesh": "--mesh",
+          "tokenizer": "--tokenizer", "batch_size": "--batch-size", "max_new_tokens": "--max-new-tokens",
+          "min_pixels": "--min-pixels", "max_pixels": "--max-pixels", "max_length": "--max-length",
+          "system_prompt": "--system-prompt", "user_prompt": "--user-prompt",
+          "max_image_pixels": "--max-image-pixels"}
+
+
+def _detect_arguments(model: str | Path | None, options: dict[str, Any]):
+    """The `fxjax detect` namespace of these options (no images yet), or a ValueError with the parser's
+    message: argparse would have exited the notebook's process (SystemExit) on a bad value."""
+    from fxjax.cli import build_parser
+
+    argv = ["detect", "IMAGE", "--no-overlay"] + (["--model", str(model)] if model is not None else [])
+    for key, value in options.items():
+        if key not in _FLAGS:
+            raise TypeError(f"ImageDetector: unknown option {key!r}; the options are model, "
+                            f"{', '.join(_FLAGS)} (those of `fxjax detect --help`)")
+        if value is not None:
+            argv += [_FLAGS[key], str(value)]
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return build_parser().parse_args(argv)
+    except SystemExit:
+        why = said.getvalue().strip().splitlines()
+        raise ValueError(f"ImageDetector: {why[-1] if why else 'invalid options'}") from None
+
+
+class ImageDetector:
+    """A detector (`fxjax detect`'s --model / --adapter / --run / --step and its other options, as keywords)
+    that analyses images given as paths or PIL images; see the module docstring."""
+
+    def __init__(self, model: str | Path | None = None, **options: Any) -> None:
+        from fxjax.commands.model_args import resolve_detector
+
+        self._args = _detect_arguments(model, options)
+        self._detector = resolve_detector(self._args)  # (paths, prompts and settings checked; nothing loaded)
+
+    def _say(self, text: str) -> None:
+        print(f"fxjax detect: {text}", file=sys.stderr, flush=True)
+
+    def __call__(self, images: Sequence[Any], overlays: str | Path | None = None) -> list[dict[str, Any]]:
+        """One result per image, in the order given (`overlays`: a folder for the overlay PNGs, as --out; their
+        paths in each result's "overlay"). A PIL image is analysed as the lossless PNG it saves to (its
+        "image" in the result: "<PIL image i>", i its place among the images)."""
+        from PIL import Image
+
+        from fxjax.commands.detect import analyse_images
+
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        with tempfile.TemporaryDirectory(prefix="fxjax-detect-") as scratch:
+            paths, names = [], {}
+            for i, image in enumerate(images):
+                if isinstance(image, Image.Image):
+                    path = Path(scratch) / f"image-{i}.png"
+                    image.save(path)
+                    names[str(path)] = f"<PIL image {i}>"
+                elif isinstance(image, (str, Path)):
+                    path = Path(image)
+                else:
+                    raise TypeError(f"image {i}: a path or a PIL image, got {type(image).__name__}")
+                paths.append(str(path))
+            self._args.images, self._args.overlay = paths, overlays is not None
+            self._args.out = str(overlays) if overlays is not None else None
+            if overlays is not None:
+                Path(overlays).mkdir(parents=True, exist_ok=True)
+            results: list[dict[str, Any]] = []
+            analyse_images(self._args, self._detector, self._say, results.append)
+        for result in results:
+            result["image"] = names.get(result["image"], result["image"])
+        return sorted(results, key=lambda r: r["index"])
