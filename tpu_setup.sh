@@ -613,7 +613,8 @@ do_worker_run() {
         "server to read this worker's number from: pass --env FXJAX_PROCESS_ID=N too"
     export FXJAX_PROCESS_ID=$worker_id
   fi
-  if [[ -n ${FXJAX_NUM_PROCESSES:-} && $FXJAX_NUM_PROCESSES != 1 && -z ${FXJAX_COORDINATOR:-} ]]; then
+  if [[ -n ${FXJAX_NUM_PROCESSES:-} && $FXJAX_NUM_PROCESSES != 1 && -z ${FXJAX_COORDINATOR:-} &&
+    -z ${JAX_COORDINATOR_ADDRESS:-} ]]; then
     # a count given without a coordinator (fxjax stopped with "need coordinator_address"): worker 0's, as above
     local first
     first=$(tpu_metadata worker-network-endpoints 2>/dev/null) ||

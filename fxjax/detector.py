@@ -46,8 +46,8 @@ def _detect_arguments(model: str | Path | None, options: dict[str, Any]):
         if key not in _FLAGS:
             raise TypeError(f"ImageDetector: unknown option {key!r}; the options are model, "
                             f"{', '.join(_FLAGS)} (those of `fxjax detect --help`)")
-        if value is not None:
-            argv += [_FLAGS[key], str(value)]
+        if value is not None:  # (one word: a prompt that starts with "-" is a value, not a flag)
+            argv.append(f"{_FLAGS[key]}={value}")
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
@@ -72,9 +72,11 @@ class ImageDetector:
 
     def __call__(self, images: Sequence[Any], overlays: str | Path | None = None) -> list[dict[str, Any]]:
         """One result per image, in the order given (`overlays`: a folder for the overlay PNGs, as --out; their
-        paths in each result's "overlay"). A PIL image is analysed as the lossless PNG it saves to (its
-        "image" in the result: "<PIL image i>", i its place among the images)."""
-        from PIL import Image
+        paths in each result's "overlay"). A PIL image is analysed as the file it would be: turned upright by
+        its EXIF orientation (an image opened from a phone's JPEG), saved losslessly in its own mode (TIFF:
+        CMYK and 16-bit images too, which the analysis then reads or refuses as it does files), its "image" in
+        the result "<PIL image i>", i its place among the images."""
+        from PIL import Image, ImageOps
 
         from fxjax.commands.detect import analyse_images
 
@@ -84,8 +86,9 @@ class ImageDetector:
             paths, names = [], {}
             for i, image in enumerate(images):
                 if isinstance(image, Image.Image):
-                    path = Path(scratch) / f"image-{i}.png"
-                    image.save(path)
+                    path = Path(scratch) / f"image-{i}.tiff"  # (PNG stores no CMYK, LAB or float image)
+                    upright = ImageOps.exif_transpose(image)  # (saved, the file would not say it any more)
+                    (upright if upright.mode != "HSV" else upright.convert("RGB")).save(path, compression="raw")
                     names[str(path)] = f"<PIL image {i}>"
                 elif isinstance(image, (str, Path)):
                     path = Path(image)

@@ -193,8 +193,8 @@ def device_grid(cfg: MeshConfig, devices: Iterable) -> np.ndarray:
                 f"mesh dcn_data={cfg.dcn_data} x dcn_fsdp={cfg.dcn_fsdp} = {dcn}, but the devices span "
                 f"{len(slices)} slice(s) and {len(processes)} process(es); the product must equal the number "
                 f"of slices (TPU multislice) or of hosts/processes (GPU)")
-        return mesh_utils.create_hybrid_device_mesh(cfg.ici_shape, cfg.dcn_shape, devices,
-                                                    process_is_granule=by_process)
+        return _split_if_needed(cfg, devices, lambda **split: mesh_utils.create_hybrid_device_mesh(
+            cfg.ici_shape, cfg.dcn_shape, devices, process_is_granule=by_process, **split))
     platform = devices[0].platform
     if platform == "cpu":
         return np.array(devices, dtype=object).reshape(cfg.shape)
@@ -202,16 +202,21 @@ def device_grid(cfg: MeshConfig, devices: Iterable) -> np.ndarray:
         raise ShardingError(
             f"the devices span {len(slices)} TPU slices: set mesh.dcn_data (or mesh.dcn_fsdp) so that "
             f"dcn_data x dcn_fsdp = {len(slices)}, e.g. dcn_data={len(slices)}")
+    return _split_if_needed(cfg, devices, lambda **split: mesh_utils.create_device_mesh(cfg.shape, devices, **split))
+
+
+def _split_if_needed(cfg: MeshConfig, devices: list, build) -> np.ndarray:
+    """`build()`'s grid (one of mesh_utils' functions), or, for a shape that splits a physical axis of the
+    chips' torus (a v5e-16's 4 x 4 as data 2 x fsdp 8), `build(allow_split_physical_axes=True)`'s with a
+    warning: JAX refused such a shape with a message naming a setting fxjax has no key for. It runs, with a
+    mesh axis spread over parts of several torus rings (slower collectives along it)."""
     try:
-        return mesh_utils.create_device_mesh(cfg.shape, devices)
+        return build()
     except NotImplementedError:
-        # A shape that splits a physical axis of the chips' torus (a v5e-16's 4 x 4 as data 2 x fsdp 8): JAX
-        # refuses it unless asked to, and its message named a setting fxjax has no key for. It runs, with a
-        # mesh axis spread over part of several torus rings (slower collectives along it): said, then built.
         _logger.warning("mesh %s splits a physical axis of the %s chips' torus (%s): built with JAX's "
                         "allow_split_physical_axes; a shape whose axes follow the torus is faster",
                         "x".join(map(str, cfg.shape)), devices[0].device_kind, _torus_shape(devices))
-        return mesh_utils.create_device_mesh(cfg.shape, devices, allow_split_physical_axes=True)
+        return build(allow_split_physical_axes=True)
 
 
 def _torus_shape(devices: list) -> str:

@@ -124,7 +124,7 @@ class DistributedConfig:
                      if getattr(self, n) is not None]
             raise DistributedError(f"{' and '.join(given)} set without num_processes "
                                    f"({ENV_VARS['num_processes'][0]}): set it too, or none of them to let a "
-                                   "cluster be detected (a coordinator alone joins a detected cluster at it)")
+                                   "cluster be detected (a coordinator alone joins a SLURM or Open MPI job at it)")
         if self.multi_process:
             missing = [n for n in ("coordinator_address", "process_id") if getattr(self, n) is None]
             if missing:
@@ -151,8 +151,8 @@ def resolve(config: DistributedConfig | Mapping[str, Any] | None = None, *,
 
 
 def coordinator_joins_cluster(cfg: DistributedConfig, environ: Mapping[str, str]) -> bool:
-    """A coordinator address is the only explicit setting, in a detected cluster (SLURM, Open MPI, a GKE TPU
-    pod): the cluster's join at that address, JAX reading the count and id from the cluster's variables (as
+    """A coordinator address is the only explicit setting, in a cluster its variables describe (SLURM, Open
+    MPI; a TPU pod, found through its metadata server, is not looked for here): the cluster's join at that address, JAX reading the count and id from the cluster's variables (as
     jax.distributed.initialize does given JAX_COORDINATOR_ADDRESS alone; fxjax refused it)."""
     return (cfg.coordinator_address is not None and cfg.num_processes is None and cfg.process_id is None
             and detect_cluster(environ) is not None and not opted_out(environ))

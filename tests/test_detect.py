@@ -230,6 +230,23 @@ def test_the_python_detector_answers_as_the_command_for_paths_and_pil_images(tin
         assert Path(mine.pop("overlay")).is_file() and theirs.pop("overlay") is None
         mine.pop("image"), theirs.pop("image")
         assert mine == theirs and isinstance(mine["completion"], str)
+    # a CMYK image (PNG stores none: the call failed) as the same image read from a file; a phone photo
+    # opened with PIL turned upright by its EXIF orientation, as its file is (its PNG copy lost the tag)
+    cmyk = Image.open(paths[0]).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.tiff")
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # (rotate 90 degrees to show it)
+    Image.open(paths[0]).convert("RGB").save(rotated, exif=exif)
+    with Image.open(rotated) as photo:
+        got = detector([cmyk, str(tmp_path / "cmyk.tiff"), photo, str(rotated)])
+    assert [r.get("error") for r in got] == [None] * 4
+    for mine, theirs in ((got[0], got[1]), (got[2], got[3])):
+        assert {k: v for k, v in mine.items() if k not in ("image", "index")} == \
+            {k: v for k, v in theirs.items() if k not in ("image", "index")}
+    assert got[3]["size"] == list(Image.open(paths[0]).size)[::-1]  # (upright: height and width swapped)
+    assert ImageDetector(tiny_vl_dir, user_prompt="-real or generated?")._detector.data["user_prompt"] == \
+        "-real or generated?"  # (a value that starts with "-" is a value)
     with pytest.raises(ValueError, match=r"ImageDetector: .*--max-pixels: .*-5"):
         ImageDetector(tiny_vl_dir, max_pixels=-5)
     with pytest.raises(TypeError, match=r"unknown option 'max_pixel'"):

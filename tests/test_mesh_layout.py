@@ -105,6 +105,13 @@ def test_a_tpu_shape_that_splits_the_torus_is_built_with_a_warning_not_a_traceba
     with caplog.at_level(logging.WARNING, logger="fxjax.device_mesh"):
         assert device_mesh.device_grid(MeshConfig(data=4, fsdp=4).resolve(16), chips).shape == (4, 4, 1)
     assert "splits" not in caplog.text
+    # multislice (two such slices over DCN): each slice's block built the same way
+    slices = [SimpleNamespace(**{**vars(c), "id": 16 * s + c.id, "process_index": 4 * s + c.process_index,
+                                 "slice_index": s}) for s in range(2) for c in chips]
+    with caplog.at_level(logging.WARNING, logger="fxjax.device_mesh"):
+        grid = device_mesh.device_grid(MeshConfig(data=2, fsdp=8, tensor=2, dcn_data=2).resolve(32), slices)
+    assert grid.shape == (2, 8, 2) and "mesh 2x8x2 splits a physical axis" in caplog.text
+    assert {d.slice_index for d in grid[0].ravel()} == {0} and {d.slice_index for d in grid[1].ravel()} == {1}
 
 
 def test_make_mesh_names_what_it_takes_when_given_a_tuple_or_text():

@@ -297,7 +297,13 @@ def test_several_runs_are_compared_on_the_same_panels(tmp_path, capsys):
     stopped = [r for r in other if r["step"] <= 25]
     fig = build_comparison([("seed 0", grpo_records()), ("stopped", stopped)])
     assert all([t.get_text() for t in ax.texts] == ["alpha", "beta", "gamma"] for ax in fig.axes)
-    assert "stages alpha 1-10, beta 11-20, gamma 21-30 (stopped stopped at step 25)" in fig._suptitle.get_text()
+    assert "stages alpha 1-10, beta 11-20, gamma 21-30 (stopped ends at step 25)" in fig._suptitle.get_text()
+    # a run without stage records shares none (its label was read as a stopped run's: an IndexError)
+    unstaged = [{k: v for k, v in r.items() if k != "stage"} for r in grpo_records()]
+    fig = build_comparison([("seed 0", grpo_records()), ("unstaged", unstaged)])
+    assert all(not ax.texts for ax in fig.axes) and "the runs' stages differ (not shaded)" in fig._suptitle.get_text()
+    fig = build_comparison([("a", unstaged), ("b", unstaged)])
+    assert "differ" not in fig._suptitle.get_text()
     # each run's held-out points have a fill of their own (only a faint joining line told them apart)
     fig = build_comparison([("seed 0", grpo_records()), ("seed 4", other)])
     (held_out,) = [ax for ax in fig.axes if ax.get_title() == "Held-out evaluation (greedy)"]

@@ -272,7 +272,7 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     from fxjax.train import run_setup
 
     with monkeypatch.context() as stub:
-        stub.setattr(run_setup, "allgather_json", lambda name, mine: [False, mine])
+        stub.setattr(run_setup, "allgather_json", lambda name, mine, timeout_s: [False, mine])
         keep_start_lora(model, config(first, True))
     assert kept_from(first) and not (copy / "marker").exists()
     (copy / "marker").write_text("")

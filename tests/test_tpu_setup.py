@@ -389,6 +389,11 @@ def test_worker_run_with_a_given_process_count_names_its_log_after_the_worker(wo
                   if line.startswith("FXJAX_") and not line.endswith("=<unset>"))
     assert passed == {"FXJAX_NUM_PROCESSES": "8", "FXJAX_COORDINATOR": "t1v-n-0-w-0:8482", "FXJAX_PROCESS_ID": "5"}
     assert resolve(environ=passed).coordinator_address == "t1v-n-0-w-0:8482"
+    # the user's own JAX_COORDINATOR_ADDRESS stays the one used (FXJAX_COORDINATOR would win over it)
+    result = run_script("worker-run", "--env", "FXJAX_NUM_PROCESSES=8", "--env", "JAX_COORDINATOR_ADDRESS=h:9",
+                        "--", "sft", path=f"{bin_dir}:{SYSTEM_PATH}",
+                        extra_env={"FAKE_WORKER_ID": "5", "FAKE_ENDPOINTS": "t1v-n-0-w-0,t1v-n-0-w-1"}, cwd=home)
+    assert result.returncode == 0 and "FXJAX_COORDINATOR=<unset>" in result.stdout.splitlines(), result.stderr
 
 
 def test_worker_run_single_host_sets_no_distributed_variables(worker_home):

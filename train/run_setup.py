@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fxjax.export_record import OtherBaseWarning, other_base_note
-from fxjax.host_exchange import allgather_json
+from fxjax.host_exchange import BARRIER_TIMEOUT_S, allgather_json
 from fxjax.hf_checkpoint import from_pretrained
 from fxjax.model.attention import current_platform, select_backend
 from fxjax.model.lora import LoRAConfig, apply_lora
@@ -212,7 +212,8 @@ def keep_start_lora(model, cfg) -> Path | None:
     target = Path(cfg.checkpoint_dir) / START_LORA_DIR
     # kept when this run started: process 0's view decides for all (the write below gathers on every process,
     # and a host whose network file system cached an older view of the folder would skip it and hang the rest)
-    if allgather_json("fxjax.keep-start-lora", resumes_from_kept_start(cfg))[0]:
+    # (after every host loaded the weights: one on a cold network disk may come long after the others)
+    if allgather_json("fxjax.keep-start-lora", resumes_from_kept_start(cfg), timeout_s=BARRIER_TIMEOUT_S)[0]:
         return target
 
     def write(folder: Path) -> None:  # process 0 writes, every process gathers

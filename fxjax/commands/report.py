@@ -56,7 +56,8 @@ them; no line crosses a boundary.
 Steps are optimiser updates (SFT) or sampling steps (GRPO: each makes grpo.num_iterations updates). Noisy
 series are drawn thin, with a thick centred moving average (about a fifteenth of the steps, at most 25
 around each point; within each GRPO stage); the series of one panel differ in colour and line style (equal
-values stay visible). The loss, gradient norm and KL get a log scale when their values span more than 20x;
+values stay visible). The loss, gradient norm and KL get a log scale when their values are positive and span
+more than 20x;
 an axis multiplier (x 1e-4) is in its y label. Panels without values (or, for the clip ratios, all 0) are
 left out and named in the subtitle and on stderr; non-finite values ("nan", "inf") are not drawn (nor the
 moving average there), and the subtitle names their series and steps, the updates skipped as non-finite

@@ -96,14 +96,14 @@ def build_comparison(runs: Sequence[tuple[str, list[dict]]], title: str | None =
         fig.delaxes(ax)
     detail = "runs: " + ", ".join(f"{label} {style}" for label, style in zip(labels, ("solid", "dashed", "dotted",
                                                                                          "dash-dot")))
-    if kind == "grpo" and not shaded:
+    if kind == "grpo" and not shaded and any(spans.values()):
         detail += ("\nthe runs' stages differ (not shaded): " + "; ".join(
             f"{label} " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in spans[label]) for label in labels))
     elif shaded:
         detail += "; stages " + ", ".join(f"{s.name} {s.first}-{s.last}" for s in shaded)
         shorter = [label for label in labels if spans[label] != shaded]
         if shorter:
-            detail += " (" + ", ".join(f"{label} stopped at step {spans[label][-1].last}" for label in shorter) + ")"
+            detail += " (" + ", ".join(f"{label} ends at step {spans[label][-1].last}" for label in shorter) + ")"
     if window > 1 and train_steps > window:
         detail += f"; thin lines: as logged, thick: centred moving average of {2 * (window // 2) + 1} points"
     if missing:

@@ -244,8 +244,11 @@ def factor_into_labels(fig) -> None:
 
 def shared_stages(spans: Sequence[Sequence[StageSpan]]) -> list[StageSpan]:
     """The stages to shade on runs compared: the longest run's, when every run's have its names and starts
-    (a run stopped in gamma beside a finished one still shares alpha and beta); [] when they differ."""
-    longest = max(spans, key=lambda s: s[-1].last if s else 0)
+    (a run stopped in gamma beside a finished one still shares alpha and beta); [] when they differ or a run
+    has none."""
+    if not all(spans):
+        return []
+    longest = max(spans, key=lambda s: s[-1].last)
     for run in spans:
         if len(run) > len(longest):
             return []
