@@ -304,6 +304,7 @@ def test_a_non_finite_update_stops_the_run_with_its_step_the_last_record(setup):
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and "stopped" not in train[0] and train[-1]["loss"] == "nan"
     assert train[-1]["stopped"] == "non-finite" and train[-1]["stage"] == "alpha"
+    assert records[-1] == {**records[-1], "step": 2, "kind": "end", "status": "non-finite"}
     from fxjax.commands.report import build_report
 
     assert "the run stopped at step 2: non-finite loss or gradient" in build_report(records).get_suptitle()
@@ -444,6 +445,8 @@ def test_two_processes_equal_one_process(setup, straight):
         np.testing.assert_allclose(multi[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
     # The metrics (process 0 writes them) saw the same completions and rewards.
     ours = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ours[-1] == {**ours[-1], "step": 6, "kind": "end", "status": "finished"}  # (written once, by process 0)
+    ours = [r for r in ours if r["kind"] == "train"]
     for a, b in zip(ours, straight[1]):
         for key in ("reward/total_mean", "completion_length_mean", "format_rate"):
             assert a[key] == pytest.approx(b[key]), key

@@ -38,7 +38,8 @@ def _run(steps, *, every=0, eval_every=0, at_end=True, signal_at=None, first=0, 
     control = LoopControl("sft", cfg, steps_total=steps, first=first, checkpointer=_Checkpointer(),
                           save=saved.append, say=said.append, show_progress=False,
                           evaluate=lambda tag: evaluated.append((tag, control.done)),
-                          metrics=metrics or SimpleNamespace(close=lambda: None), iterator=None, sync=sync,
+                          metrics=metrics or SimpleNamespace(close=lambda: None, log=lambda *args: None),
+                          iterator=None, sync=sync,
                           stage_ends=stage_ends)
     with control:
         for update in control.updates(first):
@@ -359,13 +360,16 @@ def test_the_model_a_run_returns_is_ready_for_inference(monkeypatch):
     import fxjax.train.loop_control as loop_control
 
     monkeypatch.setattr(loop_control, "export_outputs", lambda *args: {})
-    control, _, _, _ = _run(2, every=2, at_end=False)
+    logged = []
+    control, _, _, _ = _run(2, every=2, at_end=False,
+                            metrics=SimpleNamespace(close=lambda: None, log=lambda *args: logged.append(args)))
     model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
     model.train()
     result = SimpleNamespace(exported={})
     control.wrap_up(result, model, nnx.state(model, nnx.Param), skipped=0, cfg=SimpleNamespace(
         eval=SimpleNamespace(at_end=False)), started=0.0)
     assert result.model is model and model.layers[1].deterministic
+    assert logged == [(2, "end", {"status": "finished"})]  # (after the exports: the run's last record)
 
 
 _PROBED: dict = {}

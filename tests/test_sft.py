@@ -177,6 +177,12 @@ def test_a_stop_signal_while_the_model_loads_stops_after_the_first_step_with_its
     assert code == 0, log[-3000:]
     assert "received SIGTERM; saved step 1" in log and "preempted at step 1/4" in log, log[-3000:]
     assert committed_steps(setup["root"] / "held" / "ckpt") == [1]
+    records = read_metrics(setup["root"] / "held")
+    assert records[-1]["kind"] == "end" and (records[-1]["step"], records[-1]["status"]) == (1, "preempted")
+    from fxjax.commands.report import build_report
+
+    assert ("the run was stopped by a signal at step 1 (its checkpoint saved; the same command resumes it)"
+            in build_report(records).get_suptitle().replace("\n", " "))
 
 
 def test_a_save_killed_midway_leaves_the_last_good_checkpoint(interrupted):
@@ -197,6 +203,10 @@ def test_resumed_run_is_bitwise_equal_to_the_straight_run(setup, straight, inter
     records = {name: [(r["step"], *(r[k] for k in keys)) for r in read_metrics(setup["root"] / name)
                       if r["kind"] == "train"] for name in ("straight", "chain")}
     assert records["chain"] == records["straight"] and [r[0] for r in records["straight"]] == [2, 3, 4]
+    # a finished and a preempted run both exit 0: their last "end" record tells them apart
+    ends = {name: [(r["step"], r["status"]) for r in read_metrics(setup["root"] / name) if r["kind"] == "end"]
+            for name in ("straight", "chain")}
+    assert ends == {"straight": [(4, "finished")], "chain": [(3, "preempted"), (4, "finished")]}
 
 
 def test_resuming_another_runs_checkpoints_is_refused_naming_why(setup, straight):
@@ -420,6 +430,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(setup, mode):
         train = [r for r in records if r["kind"] == "train"]
         assert [r["step"] for r in train] == [1, 2] and train[-1]["loss"] == "nan" and "stopped" not in train[0]
         assert train[-1]["stopped"] == "non-finite" and train[-1]["skipped"] == 0
+        assert records[-1] == {**records[-1], "step": 2, "kind": "end", "status": "non-finite"}
         from fxjax.commands.report import build_report
 
         assert ("the run stopped at step 2: non-finite loss or gradient (train.on_nonfinite: stop)"

@@ -62,7 +62,7 @@ from fxjax.device_mesh import MeshConfig, along_batch, batch_spec, inputs_shardi
 from fxjax.train import faults
 from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, inputs_with_patch_dtype,
                                   place_local_batch, process_rows, with_patch_dtype)
-from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite
+from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite, log_end
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
 from fxjax.train.grpo_stages import (reward_record, say_stage_weights, stage_weights, stages_in_steps,
                                      trained_stage_ends, weights_metrics)
@@ -362,11 +362,12 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             faults.point("update", step_now + 1, control.signals.local_stop)
             t_update = time.perf_counter() - t1
             if not out["finite"]:
-                skipped = handle_nonfinite(
-                    "grpo", cfg, step_now + 1, out, checkpointer, skipped, say,
-                    lambda: metrics.log(step_now + 1, "train", dict(
-                        {k: v for k, v in out.items() if k != "finite"}, skipped=skipped, stage=stage,
-                        stopped="non-finite")))
+                def record_stop() -> None:
+                    metrics.log(step_now + 1, "train", dict({k: v for k, v in out.items() if k != "finite"},
+                                                            skipped=skipped, stage=stage, stopped="non-finite"))
+                    log_end(metrics, step_now + 1, "non-finite")
+
+                skipped = handle_nonfinite("grpo", cfg, step_now + 1, out, checkpointer, skipped, say, record_stop)
             step_now += 1  # from here on: the number of updates made (what the loop control counts too)
             # means over every process's completions, from each process's sums (host-only exchange)
             values.update(combine_rollout_sums(allgather_json("grpo-rollout-sums",

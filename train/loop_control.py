@@ -39,6 +39,14 @@ class NonFiniteError(RuntimeError):
                          f"Set train.on_nonfinite=skip to skip such updates instead.")
 
 
+def log_end(metrics, step: int, status: str) -> None:
+    """The run's last record in metrics.jsonl, {"kind": "end", "status": ...} at the step it ended at:
+    "finished" (trained to its end, evaluated and exported), "preempted" (a stop signal: its checkpoint saved,
+    the same command resumes it) or "non-finite" (train.on_nonfinite: stop). Both a finished and a preempted
+    run exit 0, so a script tells them apart by the last end record (a resumed run adds its own later)."""
+    metrics.log(step, "end", {"status": status})
+
+
 def handle_nonfinite(name: str, cfg, step: int, out: dict, checkpointer, skipped: int,
                      say: Callable[[str], None], record_stop: Callable[[], None]) -> int:
     """A non-finite loss or gradient at update `step`: raise NonFiniteError (train.on_nonfinite = "stop", the
@@ -244,7 +252,9 @@ class LoopControl:
         nnx.update(model, params)
         model.eval()  # (returned ready for inference: LoRA dropout off, as generate and a notebook expect)
         result.params, result.model = params, model
-        if not result.preempted:
+        if result.preempted:
+            log_end(self.metrics, self.done, "preempted")
+        else:
             if cfg.eval.at_end:
                 self.evaluate_at_end()
             try:
@@ -253,6 +263,7 @@ class LoopControl:
                 self.say(f"{self.name}: training is complete (step {self.done}), but the export at the end failed "
                          "(below): free space or fix the folder, then run the same command again to write it")
                 raise
+            log_end(self.metrics, self.done, "finished")
         result.seconds = time.perf_counter() - started
 
 

@@ -41,7 +41,7 @@ from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.train import faults
 from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, check_same_records, grow_floor,
                                   place_local_batch, process_rows, with_patch_dtype)
-from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite
+from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite, log_end
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
@@ -207,6 +207,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
         if interval:
             metrics.log(step - 1, "train", dict(interval.take(), learning_rate=last_rate, skipped=skipped))
         metrics.log(step, "train", dict(values, learning_rate=rate, skipped=skipped, stopped="non-finite"))
+        log_end(metrics, step, "non-finite")
 
     def evaluate(tag: str) -> dict:
         settle()

@@ -173,6 +173,10 @@ def stop_notes(records: Sequence[dict]) -> list[str]:
     if stopped:
         notes.append(f"the run stopped at step {stopped[-1]['step']}: {stopped[-1]['stopped']} loss or gradient "
                      f"(train.on_nonfinite: stop); its checkpoints end before it")
+    ends = [r for r in records if r.get("kind") == "end"]
+    if ends and ends[-1].get("status") == "preempted" and ends[-1]["step"] >= max(r["step"] for r in records):
+        notes.append(f"the run was stopped by a signal at step {ends[-1]['step']} (its checkpoint saved; the same "
+                     f"command resumes it)")
     return notes
 
 
