@@ -343,7 +343,8 @@ EXIT_STATUS = ("Exit status: 0 done; 1 some input could not be used (data check:
                "to lower), or an unexpected error (its traceback); 2 a bad option, config, path or input (one "
                "line naming it); 3 a training run stopped on a non-finite loss (its last good checkpoint kept); "
                "128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), except that a training loop "
-               "saves a checkpoint on SIGTERM or SIGHUP (and the first Ctrl-C) and exits 0.")
+               "saves a checkpoint on SIGTERM or SIGHUP (and the first Ctrl-C) and exits 0 (metrics.jsonl's last "
+               "record then says \"status\": \"preempted\", where a finished run's says \"finished\").")
 PIPE_CLOSED = 141  # a shell's status for a command ended by SIGPIPE (as `yes | head -1` leaves `yes`)
 
 
