@@ -55,8 +55,14 @@ def titles(fig):
     return [ax.get_title() for ax in fig.axes]
 
 
-def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path):
+def test_sft_report_has_the_loss_and_evaluation_panels(tmp_path, capsys):
     path = write_report(write_metrics(tmp_path / "metrics.jsonl", sft_records()).parent)
+    # the numbers beside the figure (an SFT report printed none)
+    last = sft_records()[-2]
+    err = capsys.readouterr().err
+    assert f"fxjax report: last training record (step 40): loss {last['loss']:.4g}" in err
+    assert ("fxjax report: last held-out evaluation (step 40): loss 1, format rate 1, verdict accuracy 0.9, mean "
+            "IoU 0.2") in err
     assert path == tmp_path / "report.png" and path.stat().st_size > 20_000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = build_report(sft_records())

@@ -30,7 +30,7 @@ from fxjax.commands.eval_folder import METRICS as EVAL_METRICS, SETTINGS
 from fxjax.commands.report_drawing import (COMPARE_REPORT_FILE, LINE_STYLES, StageSpan, draw_eval_points,
                                            draw_train_series, drawable_series, factor_into_labels, format_axes,
                                            left_out, mark_stages, non_finite_note, read_run_metrics, run_kind,
-                                           stage_spans, staged_rewards, stop_notes)
+                                           stage_spans, staged_rewards, stop_notes, summary_lines)
 from fxjax.commands.report_panels import STEP_LABELS, Panel, panels_for
 from fxjax.run_files import METRICS_FILE
 
@@ -192,6 +192,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     if fig.missing_panels:
         print(f"fxjax report: panels left out (named in the subtitle): {'; '.join(fig.missing_panels)}",
               file=sys.stderr)
+    for line in summary_lines(records):
+        print(f"fxjax report: {line}", file=sys.stderr)
     staged = staged_rewards(records)
     if staged:  # (what a reader looks for first in a GRPO run, in numbers beside the panels)
         from fxjax.demo_summary import stage_trends

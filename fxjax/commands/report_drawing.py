@@ -180,6 +180,26 @@ def stop_notes(records: Sequence[dict]) -> list[str]:
     return notes
 
 
+SUMMARY_KEYS = (("loss", "loss"), ("format_rate", "format rate"), ("verdict_accuracy", "verdict accuracy"),
+                ("mean_iou", "mean IoU"), ("reward/total_mean", "mean reward"))
+
+
+def summary_lines(records: Sequence[dict]) -> list[str]:
+    """The numbers a reader looks for first, printed beside the figure: the last training record's and the
+    last held-out evaluation's (SFT's and eval's reports printed none), and how the run ended."""
+    lines = []
+    for kind, what in (("train", "last training record"), ("eval", "last held-out evaluation")):
+        last = [r for r in records if r.get("kind") == kind]
+        if last:
+            parts = [f"{name} {metric_value(last[-1][key]):.4g}" for key, name in SUMMARY_KEYS if key in last[-1]]
+            if parts:
+                lines.append(f"{what} (step {last[-1]['step']}): {', '.join(parts)}")
+    ends = [r for r in records if r.get("kind") == "end"]
+    if ends:
+        lines.append(f"the run's end: {ends[-1].get('status')} at step {ends[-1]['step']}")
+    return lines
+
+
 def format_axes(ax, panel: Panel, plotted: Sequence[float], staged: bool, xlabel: str,
                 xlim: tuple[float, float]) -> None:
     """A panel's title, axes, scale and grid, once its lines are drawn (`plotted`: their finite values;
