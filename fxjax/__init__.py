@@ -26,7 +26,7 @@ from fxjax.lazy_exports import lazy_exports
 # public name -> the module that defines it
 _EXPORTS = {
     "from_pretrained": "fxjax.hf_checkpoint",
-    "save_pretrained": "fxjax.hf_checkpoint",
+    "save_pretrained": "fxjax.hf_save",
     "process_image": "fxjax.image_processing",
     "load_peft_adapter": "fxjax.peft_io",
     "save_peft_adapter": "fxjax.peft_io",
@@ -40,7 +40,7 @@ _EXPORTS = {
     "BASE_PARAMS": "fxjax.model.lora",
     "generate": "fxjax.model.generate",
     "greedy_generate": "fxjax.model.generate",
-    "CheckpointError": "fxjax.hf_checkpoint",
+    "CheckpointError": "fxjax.hf_config",
     "AdapterError": "fxjax.peft_io",
     "MergedLoRAError": "fxjax.merged_lora",
     "ShardingError": "fxjax.device_mesh",
@@ -54,7 +54,9 @@ __all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", 
            "ShardingError"]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from fxjax.hf_checkpoint import CheckpointError, from_pretrained, save_pretrained
+    from fxjax.hf_checkpoint import from_pretrained
+    from fxjax.hf_config import CheckpointError
+    from fxjax.hf_save import save_pretrained
     from fxjax.image_processing import process_image
     from fxjax.merged_lora import MergedLoRAError
     from fxjax.model.generate import generate, greedy_generate

@@ -21,7 +21,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
                               f"(files of the same names are replaced)")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    from fxjax.hf_checkpoint import save_pretrained
+    from fxjax.hf_save import save_pretrained
     from fxjax.model_init import init_model, parameter_counts
     from fxjax.presets import load_preset
 

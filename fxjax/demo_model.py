@@ -51,7 +51,7 @@ def make_demo_base_model(model_dir: Path, train_file: Path, *, seed: int, task_s
     import numpy as np
 
     from fxjax.data.tokenizer import build_qwen_tokenizer
-    from fxjax.hf_checkpoint import save_pretrained
+    from fxjax.hf_save import save_pretrained
     from fxjax.model_init import init_model, parameter_counts
 
     build_qwen_tokenizer(model_dir)

@@ -51,7 +51,7 @@ def setup(tokenizer_dir, tmp_path_factory):
     import jax
     from flax import nnx
 
-    from fxjax.hf_checkpoint import save_pretrained
+    from fxjax.hf_save import save_pretrained
     from fxjax.model.lora import LORA_PARAMS, LoRAConfig, apply_lora
     from fxjax.model_init import init_model
     from fxjax.peft_io import save_peft_adapter

@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
 import fxjax
-from fxjax.hf_checkpoint import save_pretrained, weight_files
+from fxjax.hf_checkpoint import weight_files
+from fxjax.hf_save import save_pretrained
 from fxjax.model.generate import generate
 from fxjax.model.hf_names import is_stacked, layer_path
 from fxjax.model.kv_cache import KVCache, repeat_rows

@@ -39,7 +39,7 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def setup(tokenizer_dir, tmp_path_factory):
     """A tiny random model in HF layout with the real tokenizer, 12 demo images, an SFT config."""
-    from fxjax.hf_checkpoint import save_pretrained
+    from fxjax.hf_save import save_pretrained
     from fxjax.model_init import init_model
 
     root = tmp_path_factory.mktemp("sft")

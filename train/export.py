@@ -121,7 +121,7 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
     import jax
 
     from fxjax.data.tokenizer import export_tokenizer
-    from fxjax.hf_checkpoint import save_pretrained
+    from fxjax.hf_save import save_pretrained
 
     out, source = Path(out_dir), getattr(model, "hf_source", None)
     if source is not None and out.resolve() == Path(source.directory).resolve():

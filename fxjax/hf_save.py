@@ -1,0 +1,217 @@
+"""Write an fxjax model as an HF Qwen2.5-VL checkpoint directory (reading one: fxjax.hf_checkpoint).
+
+One tensor at a time is gathered (a collective across processes), its enabled LoRA merged in, converted
+to HF layout and names, and written by process 0 into safetensors shards with their index, beside
+config.json, generation_config.json and the tokenizer and processor files of the directory the model was
+loaded from. Layers under scan come out one slice at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fxjax.device_mesh import barrier, gather
+from fxjax.file_modes import make_readable, save_safetensors
+from fxjax.hf_checkpoint import HFSource, disk_dtype, per_layer_paths, read_tensor, weight_files
+from fxjax.hf_config import CheckpointError, config_to_hub_dict
+from fxjax.merged_lora import merge_record, merged_fingerprints, write_merged_record
+from fxjax.model import Qwen25VL, Qwen25VLConfig
+from fxjax.model.hf_names import HUB, hf_name, is_stacked, to_fxjax, to_hf, unstack
+from fxjax.model.lora import BASE_PARAMS, lora_linears, merge_lora
+from fxjax.peft_io import NP_DTYPES
+from fxjax.safetensors_reading import stored_dtypes_by_name
+
+__all__ = ["hf_tensors", "save_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+# Files a checkpoint directory carries besides weights and config: copied on export so the output serves.
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+               "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+               "chat_template.jinja", "video_preprocessor_config.json")
+
+def hf_tensors(model: Qwen25VL, naming: str = HUB, base_files: dict[str, tuple[Path, str]] | None = None
+               ) -> Iterator[tuple[str, Callable[[], np.ndarray | None]]]:
+    """(HF name, thunk giving the host tensor) for each parameter (each layer of a stacked one); a thunk
+    gathers one tensor. `base_files` (HF name -> (file, stored dtype)): a tensor the model holds rounded
+    (in a narrower dtype than stored) is read from its file instead; there a thunk returns None on
+    processes other than 0, which only join the adapters' gathers."""
+    # Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B); the model is not changed.
+    adapters = {path: linear.lora for path, linear in lora_linears(model) if linear.lora.enabled}
+
+    def layer(value, index):  # slicing on the device first: only one layer comes to the host
+        return value if index is None else value[index]
+
+    for path, variable in nnx.to_flat_state(nnx.state(model, BASE_PARAMS)):
+        adapter = adapters.get(path[:-1]) if path[-1] == "kernel" else None
+        for layer_param in per_layer_paths(path, tuple(variable.shape)):
+            index = unstack(layer_param)[1] if is_stacked(path) else None
+            name = hf_name(layer_param, naming)
+            held = jnp.dtype(variable.dtype).name
+            file, stored = (base_files or {}).get(name, (None, held))
+            if stored == held or held == "float32":  # held as stored, or losslessly widened
+                file = None  # (the same on every process: the gathers stay in step)
+
+            def thunk(variable=variable, path=layer_param, adapter=adapter, index=index, name=name,
+                      file=file) -> np.ndarray | None:
+                if file is None:
+                    array = gather(layer(variable[...], index))  # a collective across processes
+                else:
+                    array = to_fxjax(read_tensor(file, name), path) if jax.process_index() == 0 else None
+                if adapter is not None:
+                    a, b = gather(layer(adapter.lora_a[...], index)), gather(layer(adapter.lora_b[...], index))
+                    array = None if array is None else merge_lora(array, a, b, adapter.scaling)
+                return None if array is None else to_hf(array, path, model.config.vision)
+
+            yield name, thunk
+
+
+def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
+                    max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write an HF checkpoint directory: config.json, generation_config.json and safetensors shards of at
+    most `max_shard_bytes` with their index; returns `out_dir`.
+
+    Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B in float32; the model itself is
+    not changed) and recorded in fxjax_merged_lora.json (fxjax.merged_lora), so the same adapter cannot be
+    loaded on top of the result. The tokenizer and processor files of the directory the model was loaded
+    from are copied along. dtype defaults to the dtype the checkpoint had on disk (or the parameter dtype for
+    a model not loaded from HF), so HF -> fxjax -> HF reproduces every tensor bit for bit; a tensor the model
+    holds rounded (a bfloat16 model of a float32 checkpoint) is read from the checkpoint's file as stored,
+    so the merge is PEFT's merge_and_unload of that checkpoint.
+    """
+    if not isinstance(model, Qwen25VL):  # (save_pretrained(out, model) said "'str' object has no attribute")
+        raise TypeError(f"save_pretrained(model, out_dir): the first argument is the model (fxjax.from_pretrained), "
+                        f"got {type(model).__name__}")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes is a positive int (bytes per safetensors file), got {max_shard_bytes!r}")
+    out = Path(out_dir)
+    source: HFSource | None = getattr(model, "hf_source", None)
+    if source is not None and out.resolve() == Path(source.directory).resolve():
+        raise CheckpointError(f"{out} is the directory the model was loaded from: write to another one (its "
+                              f"weights would be overwritten while they are the source of the side files)")
+    dtype = dtype or (source.dtype if source else jnp.dtype(_param_dtype(model)).name)
+    if dtype not in NP_DTYPES:
+        raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(NP_DTYPES)}")
+    # the adapters merged before (a malformed record fails here, before anything is written) and now; every
+    # process joins the fingerprint's gathers
+    record = (merged_fingerprints(source.directory) if source else []) + merge_record(model)
+    out.mkdir(parents=True, exist_ok=True)
+    naming = source.naming if source else HUB
+    base_files = _unrounded_base(model, source)
+    if jax.process_index() != 0:  # several processes: all join each tensor's gather, process 0 writes
+        for _, thunk in hf_tensors(model, naming, base_files):
+            thunk()
+        barrier("fxjax.save_pretrained")
+        return out
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    weight_map: dict[str, str] = {}
+    total = 0
+    written: list[str] = []
+
+    def flush() -> None:
+        if not shards[-1]:
+            return
+        name = f"model-{len(written) + 1:05d}.safetensors"
+        save_safetensors(shards[-1], out / name, metadata={"format": "pt"})  # mode 0644, not 0600
+        for key in shards[-1]:
+            weight_map[key] = name
+        written.append(name)
+        shards[-1] = {}
+        sizes[-1] = 0
+
+    for name, thunk in hf_tensors(model, naming, base_files):
+        array = thunk().astype(NP_DTYPES[dtype])
+        if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+            flush()
+        shards[-1][name] = array
+        sizes[-1] += array.nbytes
+        total += array.nbytes
+    flush()
+    count = len(written)
+    renamed = {}
+    for i, old in enumerate(written, start=1):
+        new = f"model-{i:05d}-of-{count:05d}.safetensors"
+        (out / old).rename(out / new)
+        renamed[old] = new
+    weight_map = {k: renamed[v] for k, v in sorted(weight_map.items())}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _remove_stale_weights(out, set(renamed.values()))
+
+    raw = dict(source.raw_config) if source else config_to_hub_dict(model.config, dtype)
+    if source:
+        raw["torch_dtype" if "torch_dtype" in raw else "dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    _write_generation_config(model.config, out, source)
+    if source:
+        for side in _SIDE_FILES:
+            if (Path(source.directory) / side).exists():
+                _copy_readable(Path(source.directory) / side, out / side)
+    write_merged_record(out, record)
+    barrier("fxjax.save_pretrained")
+    return out
+
+
+_WEIGHT_FILE = re.compile(r"model(-\d{5}(-of-\d{5})?)?\.safetensors")  # (model-00001: a save's own, before its count)
+
+
+def _remove_stale_weights(out: Path, written: set[str]) -> None:
+    """Weight files of an earlier save into `out` that this one did not write: shards of another count stayed
+    beside the new ones (a tool that globs *.safetensors saw two models), and a model.safetensors of one file
+    is what transformers loads before the index, so it would have served the old weights."""
+    for path in sorted(out.iterdir()):
+        if path.name not in written and _WEIGHT_FILE.fullmatch(path.name) and path.is_file():
+            logger.info("%s: removed %s, a weight file of an earlier save that this one replaces", out, path.name)
+            path.unlink()
+
+
+def _param_dtype(model: Qwen25VL):
+    return model.embed_tokens.embedding.dtype
+
+
+def _unrounded_base(model: Qwen25VL, source: HFSource | None) -> dict[str, tuple[Path, str]] | None:
+    """HF name -> (file, stored dtype) of the checkpoint the model was loaded from, so that a tensor loading
+    rounded (a bfloat16 model of a float32 checkpoint, or of one with float32 norms) is written from the
+    file as stored, its LoRA merged into that, as PEFT's merge_and_unload on the checkpoint does and `fxjax
+    export` (which loads it unrounded) did already. None without a source, or when its files changed since."""
+    if source is None or jnp.dtype(_param_dtype(model)).name == "float32":
+        return None
+    try:
+        files = weight_files(Path(source.directory))
+        stored = stored_dtypes_by_name(files, CheckpointError)
+        if disk_dtype(files, set(stored.values())) == source.dtype:
+            return {name: (files[name], dtype) for name, dtype in stored.items()}
+    except (CheckpointError, OSError):
+        pass
+    logger.warning("%s: the checkpoint the model was loaded from is gone or changed: the export holds the "
+                   "base weights as the model does", source.directory)
+    return None
+
+
+def _copy_readable(source: Path, target: Path) -> None:
+    """A side file copied with the usual mode (shutil.copy kept the source's: a 0666 file stayed writable by
+    every user of a shared machine)."""
+    shutil.copyfile(source, target)
+    make_readable(target)
+
+
+def _write_generation_config(cfg: Qwen25VLConfig, out: Path, source: HFSource | None) -> None:
+    if source and (Path(source.directory) / "generation_config.json").exists():
+        _copy_readable(Path(source.directory) / "generation_config.json", out / "generation_config.json")
+        return
+    eos: Any = list(cfg.eos_token_id) if len(cfg.eos_token_id) != 1 else cfg.eos_token_id[0]
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
+           "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
