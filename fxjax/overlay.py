@@ -12,6 +12,7 @@ for an answer without a verdict (with `note` saying why).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -27,16 +28,33 @@ VERDICT_COLOURS = {"generated": (200, 30, 30), "real": (20, 140, 60)}
 NO_VERDICT_COLOUR = (96, 96, 96)
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont:
+    """DejaVu Sans (matplotlib ships it: Latin, Greek, Cyrillic, many symbols) at `size`: Pillow's own font
+    drew accented letters, Greek and marks such as a check mark as empty boxes. Without FreeType, Pillow's
+    bitmap font (Latin-1 only: `_drawable` replaces what it lacks)."""
     try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        try:
+            return ImageFont.load_default(size=size)
+        except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+            return ImageFont.load_default()
+
+
+def _drawable(text: str, font) -> str:
+    """`text` as `font` can draw it: a bitmap font (no FreeType) takes Latin-1 only, and raised
+    UnicodeEncodeError on anything else; there, other characters become "?"."""
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def _label_size(draw: ImageDraw.ImageDraw, text: str, font, pad: int) -> tuple[int, int, int, int]:
     """(width, height, left, top) of a label: the text's box plus padding, and the text's own offsets."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    left, top, right, bottom = draw.textbbox((0, 0), _drawable(text, font), font=font)
     return right - left + 2 * pad, bottom - top + 2 * pad, left, top
 
 
@@ -44,6 +62,7 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, 
            pad: int) -> tuple[float, float, float, float]:
     """`text` on a filled rectangle whose top-left is `xy`, moved inside the image when it would leave it;
     returns the rectangle."""
+    text = _drawable(text, font)
     w, h, left, top = _label_size(draw, text, font, pad)
     x = min(max(0.0, xy[0]), max(0, bounds[0] - w))
     y = min(max(0.0, xy[1]), max(0, bounds[1] - h))

@@ -446,6 +446,32 @@ def test_an_overlay_draws_boxes_with_swapped_corners_and_boxes_at_the_border():
     assert edge.getpixel((75, 79)) == BOX_COLOURS[0] == edge.getpixel((75, 78))
 
 
+def test_an_overlay_draws_accented_greek_and_symbol_captions_and_a_bitmap_font_does_not_crash(monkeypatch):
+    """Pillow's own font drew "é", "Δ" and "✓" as the box it draws for a missing glyph (the same as for a
+    CJK character no font here has); the overlay's font draws them. Without FreeType, Pillow's bitmap font
+    raised UnicodeEncodeError on them: they become "?"."""
+    from PIL import ImageFont
+
+    from fxjax import overlay
+
+    from PIL import ImageDraw
+
+    def glyph(char: str, font) -> bytes:
+        image = Image.new("L", (40, 40))
+        ImageDraw.Draw(image).text((5, 5), char, font=font, fill=255)
+        return image.tobytes()
+
+    font = overlay._font(24)
+    for char in ("é", "Δ", "✓"):
+        assert glyph(char, font) != glyph("\u4e00", font), char
+    drawn = overlay.draw_detection(Image.new("RGB", (200, 120)), [("généré Δ ✓", (10, 60, 90, 110))], "generated")
+    assert drawn.size == (200, 120)
+    monkeypatch.setattr(overlay, "_font", lambda size: ImageFont.load_default_imagefont())
+    plain = overlay.draw_detection(Image.new("RGB", (200, 120)), [("généré Δ ✓ 一", (10, 60, 90, 110))], None,
+                                   note="réponse Δ")
+    assert plain.size == drawn.size
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_a_raised_image_pixel_limit_reaches_the_decoding_and_the_overlay_in_detect_and_eval(tiny_vl_dir, tmp_path,
                                                                                           capsys):

@@ -31,8 +31,8 @@ smaller images are untouched. For each image it prints
   * the regions the model grounded: caption and box [x1, y1, x2, y2] in the ORIGINAL image's pixels (the
     model answers in the pixels of its resized input; the boxes are scaled back per axis),
   * the image-level tags,
-and writes an overlay PNG to --out: the boxes and captions drawn on the original image, the verdict in the
-top-left corner. An answer that does not parse (no <verdict>real|generated</verdict>) is printed raw
+and writes an overlay PNG to --out: the boxes and captions drawn on the original image (in DejaVu Sans:
+Latin, Greek, Cyrillic and common symbols; not CJK), the verdict in the top-left corner. An answer that does not parse (no <verdict>real|generated</verdict>) is printed raw
 with a note; it is never an error. An image that cannot be read is reported and the others go on.
 
 With --json, one JSON object per image and line instead: image, size [w, h], model_size [w, h] (the
