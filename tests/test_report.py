@@ -245,6 +245,16 @@ def test_a_nearly_constant_series_has_no_axis_offset_over_the_stage_names():
     assert all("+" not in ax.yaxis.get_offset_text().get_text() for ax in fig.axes)
 
 
+def test_a_stage_too_narrow_for_its_name_is_not_named_over_its_neighbours():
+    """A one-step alpha before 29 steps of beta: "alpha" overprinted "beta" at the top of every panel; a
+    stage's name is drawn where it fits (the subtitle lists every stage)."""
+    records = [dict(r, stage="alpha" if r["step"] == 1 else "beta") if r["kind"] == "train" else r
+               for r in grpo_records()]
+    fig = build_report(records)
+    assert all([t.get_text() for t in ax.texts] == ["beta"] for ax in fig.axes)
+    assert "stages alpha 1-1, beta 2-30" in fig._suptitle.get_text()
+
+
 def test_a_multiplier_is_in_the_y_label_and_equal_series_and_spikes_stay_visible(tmp_path):
     """The learning rate's "1e-4" sat at the panel's top left, over the stage names: it is in the y label
     now. Two series of equal values (w_iou and label_plus both 1.0 in alpha) drew one line over the other: a

@@ -107,7 +107,7 @@ def add_parser(sub) -> None:
 def _draw_panel(ax, records: Sequence[dict], panel: Panel, spans: Sequence[StageSpan], window: int, xlabel: str,
                 xlim: tuple[float, float]) -> None:
     if spans:
-        mark_stages(ax, spans)
+        mark_stages(ax, spans, xlim)
     plotted = []
     for colour, marker, line, steps, values in drawable_series(records, panel):
         plotted += [v for v in values if math.isfinite(v)]

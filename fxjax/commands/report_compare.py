@@ -77,7 +77,7 @@ def build_comparison(runs: Sequence[tuple[str, list[dict]]], title: str | None =
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         if shaded:
-            mark_stages(ax, shaded)
+            mark_stages(ax, shaded, xlim)
         plotted, drawn = [], {}
         for run_index, (label, records) in enumerate(runs):
             for colour, marker, line, x, y in drawable_series(records, panel):

@@ -122,8 +122,14 @@ def left_out(records: Sequence[dict], panel: Panel) -> str | None:
     return None
 
 
-def mark_stages(ax, spans: Sequence[StageSpan]) -> None:
-    """Shade each stage, draw a dashed line at each boundary and name the stage at the top of the panel."""
+# A stage name's width, in panel widths per character (bold 9 pt on a panel about 5 inches wide)
+NAME_WIDTH_PER_CHAR = 0.016
+
+
+def mark_stages(ax, spans: Sequence[StageSpan], xlim: tuple[float, float]) -> None:
+    """Shade each stage, draw a dashed line at each boundary and name the stage at the top of the panel,
+    where its name fits over it (`xlim`: the panel's step range; the names of stages too narrow for them
+    overprinted their neighbours': the subtitle lists every stage)."""
     from matplotlib.transforms import blended_transform_factory
 
     to_axes = blended_transform_factory(ax.transData, ax.transAxes)  # x in steps, y in the panel's height
@@ -132,6 +138,8 @@ def mark_stages(ax, spans: Sequence[StageSpan]) -> None:
         ax.axvspan(lo, hi, color=STAGE_SHADES[i % 2], zorder=0, lw=0)
         if i:
             ax.axvline(lo, color="#555555", ls="--", lw=1.2, zorder=1, gid=STAGE_BOUNDARY)
+        if (hi - lo) / (xlim[1] - xlim[0]) < NAME_WIDTH_PER_CHAR * (len(span.name) + 1):
+            continue
         # Above the plotting area, between the panel and its title: never under a curve or a legend.
         ax.text((lo + hi) / 2, 1.01, span.name, transform=to_axes, ha="center", va="bottom", fontsize=9,
                 color="#333333", fontweight="bold", clip_on=False)
