@@ -264,11 +264,17 @@ def draw_train_series(ax, steps: Sequence[int], values: Sequence[float], spans: 
 
 def factor_into_labels(fig) -> None:
     """Each panel's axis multiplier ("1e-4", which matplotlib draws at the panel's top left, over the stage
-    names there) moved into its y label, "learning rate (x 1e-4)". The multiplier is chosen as the figure
-    is drawn, so the figure is laid out once first."""
-    fig.draw_without_rendering()
+    names there) moved into its y label, "learning rate (x 1e-4)". The tick formatter chooses it from the
+    ticks, which are asked for here (drawing the whole figure to have them took a second a figure)."""
+    from matplotlib.ticker import ScalarFormatter
+
     for ax in fig.axes:
-        factor = ax.yaxis.get_offset_text().get_text()
+        formatter = ax.yaxis.get_major_formatter()
+        if not isinstance(formatter, ScalarFormatter) or ax.get_yscale() != "linear":
+            continue
+        ax.get_ylim()  # (the data's limits settled: the ticks follow them)
+        formatter.set_locs(ax.yaxis.get_majorticklocs())
+        factor = formatter.get_offset()
         if factor:
             ax.yaxis.get_offset_text().set_visible(False)
             ax.set_ylabel(f"{ax.get_ylabel()} (x {factor})", fontsize=9)
