@@ -29,9 +29,10 @@ from fxjax.model import Qwen25VL, Qwen25VLConfig
 from fxjax.model.hf_names import HUB, hf_name, is_stacked, to_fxjax, to_hf, unstack
 from fxjax.model.lora import BASE_PARAMS, lora_linears, merge_lora
 from fxjax.peft_io import NP_DTYPES
+from fxjax.rewards.output_format import FORMAT_MARKERS
 from fxjax.safetensors_reading import stored_dtypes_by_name
 
-__all__ = ["hf_tensors", "save_pretrained"]
+__all__ = ["hf_tensors", "save_pretrained", "write_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,14 @@ def hf_tensors(model: Qwen25VL, naming: str = HUB, base_files: dict[str, tuple[P
 
 def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
                     max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write an HF checkpoint directory (`write_checkpoint`), with a warning when merged LoRA goes out
+    beside a tokenizer that lacks the output-format markers (`fxjax.train.export.save_merged` writes the
+    run's tokenizer instead, and says nothing)."""
+    return write_checkpoint(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, say_tokenizer=True)
+
+
+def write_checkpoint(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
+                     max_shard_bytes: int = 5 * 1024**3, say_tokenizer: bool = False) -> Path:
     """Write an HF checkpoint directory: config.json, generation_config.json and safetensors shards of at
     most `max_shard_bytes` with their index; returns `out_dir`.
 
@@ -104,7 +113,8 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
         raise CheckpointError(f"cannot save in dtype {dtype!r}; use one of {sorted(NP_DTYPES)}")
     # the adapters merged before (a malformed record fails here, before anything is written) and now; every
     # process joins the fingerprint's gathers
-    record = (merged_fingerprints(source.directory) if source else []) + merge_record(model)
+    merged_now = merge_record(model)
+    record = (merged_fingerprints(source.directory) if source else []) + merged_now
     out.mkdir(parents=True, exist_ok=True)
     naming = source.naming if source else HUB
     base_files = _unrounded_base(model, source)
@@ -160,8 +170,27 @@ def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None =
             if (Path(source.directory) / side).exists():
                 _copy_readable(Path(source.directory) / side, out / side)
     write_merged_record(out, record)
+    if merged_now and say_tokenizer:
+        _say_markerless_tokenizer(out)
     barrier("fxjax.save_pretrained")
     return out
+
+
+def _say_markerless_tokenizer(out: Path) -> None:
+    """A warning when the tokenizer copied beside merged LoRA lacks the output-format markers (a Hub base
+    model's does): the trained model answers in them, and that tokenizer decodes `<think>...<verdict>
+    generated</verdict>` as plain text no parser reads. fxjax.train.export.save_merged writes the run's."""
+    try:
+        added = {t.get("content") for t in json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+                 .get("added_tokens", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return  # (no tokenizer copied, or not one this can read: nothing to say)
+    missing = [m for m in FORMAT_MARKERS if m not in added]
+    if missing:
+        logger.warning("%s: the tokenizer copied beside the merged LoRA lacks the output-format markers (%s): "
+                       "decoded with it, the detector's answers lose them and no parser reads them; save with "
+                       "fxjax.train.export.save_merged(model, out, tokenizer_dir=the run's tokenizer, data=...) "
+                       "or `fxjax export`", out, ", ".join(missing))
 
 
 _WEIGHT_FILE = re.compile(r"model(-\d{5}(-of-\d{5})?)?\.safetensors")  # (model-00001: a save's own, before its count)

@@ -592,6 +592,36 @@ def test_exported_side_files_get_the_usual_mode_not_the_sources(tiny_checkpoint,
     assert (out / "generation_config.json").stat().st_mode & 0o777 == 0o666 & ~old
 
 
+def test_merged_lora_saved_beside_a_tokenizer_without_the_format_markers_is_warned_about(tiny_checkpoint, tmp_path,
+                                                                                         caplog):
+    """save_pretrained of a trained model copies its base's tokenizer: a Hub base's lacks the six format
+    markers, so the served detector's answers decoded without them and nothing said so. A warning names them
+    and save_merged; a model without LoRA, or a tokenizer that has them, says nothing."""
+    import logging
+
+    from fxjax.rewards.output_format import FORMAT_MARKERS
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint, source)
+    added = [{"id": 151643 + i, "content": t} for i, t in enumerate(("<|endoftext|>", "<|im_start|>"))]
+    (source / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
+    model = fxjax.from_pretrained(source, dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="fxjax.hf_save"):
+        fxjax.save_pretrained(model, tmp_path / "plain")
+    assert "format markers" not in caplog.text  # (no LoRA: the base model as it was)
+    fxjax.apply_lora(model, fxjax.LoRAConfig(rank=2, alpha=4, target_modules=("q_proj",)))
+    with caplog.at_level(logging.WARNING, logger="fxjax.hf_save"):
+        fxjax.save_pretrained(model, tmp_path / "merged")
+    assert (f"the tokenizer copied beside the merged LoRA lacks the output-format markers "
+            f"({', '.join(FORMAT_MARKERS)})") in caplog.text and "fxjax.train.export.save_merged" in caplog.text
+    caplog.clear()
+    marked = added + [{"id": 151665 + i, "content": m} for i, m in enumerate(FORMAT_MARKERS)]
+    (source / "tokenizer.json").write_text(json.dumps({"added_tokens": marked}))
+    with caplog.at_level(logging.WARNING, logger="fxjax.hf_save"):
+        fxjax.save_pretrained(model, tmp_path / "merged2")
+    assert "format markers" not in caplog.text
+
+
 def test_error_no_weights_and_not_a_directory(tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -121,7 +121,7 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
     import jax
 
     from fxjax.data.tokenizer import export_tokenizer
-    from fxjax.hf_save import save_pretrained
+    from fxjax.hf_save import write_checkpoint
 
     out, source = Path(out_dir), getattr(model, "hf_source", None)
     if source is not None and out.resolve() == Path(source.directory).resolve():
@@ -131,7 +131,7 @@ def save_merged(model, out_dir: str | Path, *, dtype: str | None = None, tokeniz
         image_pixels = (data.min_pixels, data.max_pixels)
 
     def write(folder: Path) -> None:
-        save_pretrained(model, folder, dtype=dtype)
+        write_checkpoint(model, folder, dtype=dtype)  # (the run's tokenizer follows: export_tokenizer)
         if jax.process_index() != 0:
             return
         write_greedy_generation_config(folder, max_new_tokens)
