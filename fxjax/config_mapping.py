@@ -275,8 +275,8 @@ def build_config(cls, data: Any, where: str):
 def _build_config(cls, data: Any, where: str):
     if data is None:
         data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    if not isinstance(data, Mapping):  # (a section may say what it is instead: NOT_A_MAPPING)
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}{getattr(cls, 'NOT_A_MAPPING', '')}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(map(str, set(data) - set(names)))  # (str: a YAML key may be a number)

@@ -36,6 +36,10 @@ class RewardFuncSection:
     weight: float = 1.0
 
     BUILT_IN: ClassVar[tuple[str, ...]] = SCORE_KEYS  # rewards.score's terms
+    # (TRL's reward_funcs are callables or model names: a list of those read "expected a mapping" alone)
+    NOT_A_MAPPING: ClassVar[str] = (": a term of your own is {name: ..., function: \"package.module:function\", "
+                                    "weight: ...}; the paper's format, verdict and IoU terms are built in "
+                                    "(grpo.reward_config and the stages), not named here")
     WEIGHTS: ClassVar[tuple[str, ...]] = tuple(f.name for f in dataclasses.fields(RewardWeights))
 
     def validate(self, where: str) -> None:

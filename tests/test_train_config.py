@@ -600,6 +600,10 @@ def test_every_key_of_trls_grpo_config_is_pointed_to_its_place_here_or_said_unsu
                       ("save_steps", "here checkpoint.every, in sampling steps")):
         with pytest.raises(ConfigError, match=re.escape(says)):
             grpo_from_dict({**data, key: 1})
+    # TRL's reward_funcs are callables or names: a list of names says what a term is here
+    with pytest.raises(ConfigError, match=r"grpo.reward_funcs\[0\]: expected a mapping, got 'accuracy_reward': a term "
+                                          r"of your own is \{name: ..., function: \"package.module:function\""):
+        grpo_from_dict({**data, "grpo": {"reward_funcs": ["accuracy_reward"]}})
     # GRPO logs every step: train.log_every (SFT's interval) was taken and did nothing
     from fxjax.grpo_config import load_grpo_config
 
