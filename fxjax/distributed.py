@@ -152,8 +152,9 @@ def resolve(config: DistributedConfig | Mapping[str, Any] | None = None, *,
 
 def coordinator_joins_cluster(cfg: DistributedConfig, environ: Mapping[str, str]) -> bool:
     """A coordinator address is the only explicit setting, in a cluster its variables describe (SLURM, Open
-    MPI; a TPU pod, found through its metadata server, is not looked for here): the cluster's join at that address, JAX reading the count and id from the cluster's variables (as
-    jax.distributed.initialize does given JAX_COORDINATOR_ADDRESS alone; fxjax refused it)."""
+    MPI; a TPU pod, found through its metadata server, is not looked for here): the cluster's join at that
+    address, JAX reading the count and id from the cluster's variables (as jax.distributed.initialize does
+    given JAX_COORDINATOR_ADDRESS alone; fxjax refused it)."""
     return (cfg.coordinator_address is not None and cfg.num_processes is None and cfg.process_id is None
             and detect_cluster(environ) is not None and not opted_out(environ))
 

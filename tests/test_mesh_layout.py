@@ -231,8 +231,8 @@ def test_a_coordinator_address_alone_joins_a_detected_cluster_at_it(joins):
                                                            r"num_processes"):
         distributed.initialize(environ={"JAX_COORDINATOR_ADDRESS": "node1:9999"}, log=lines.append)
     with pytest.raises(distributed.DistributedError, match=r"set without num_processes"):
-        distributed.initialize(environ={**SLURM, "JAX_COORDINATOR_ADDRESS": "node1:9999", "FXJAX_NO_AUTO_DISTRIBUTED": "1"},
-                               log=lines.append)
+        distributed.initialize(environ={**SLURM, "JAX_COORDINATOR_ADDRESS": "node1:9999",
+                                        "FXJAX_NO_AUTO_DISTRIBUTED": "1"}, log=lines.append)
     assert len(joins) == 1
 
 

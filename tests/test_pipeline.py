@@ -446,8 +446,8 @@ def test_processes_that_loaded_other_records_are_an_error(demo, tokenizer_dir, r
                                          r"\(\w+\), process 2: 14 \(\w+\)\)"):
         batching.check_same_records(pipeline)
     waits = []
-    monkeypatch.setattr(batching, "allgather_json",
-                        lambda name, value, timeout_s: waits.append(timeout_s) or [value, json.loads(json.dumps(value))])
+    monkeypatch.setattr(batching, "allgather_json", lambda name, value, timeout_s: waits.append(timeout_s) or
+                        [value, json.loads(json.dumps(value))])
     batching.check_same_records(pipeline)
     # every host decodes every image first: a host on a cold network disk may come hours later, not the 10
     # minutes a gather waits by default (the run failed there)

@@ -120,7 +120,8 @@ def test_grpo_report_marks_and_names_the_stages_on_every_panel(tmp_path):
     assert math.isnan(iou.get_ydata()[2])
     # no line crosses a stage boundary: the total reward is drawn per stage (raw and average, 3 x 2 lines), and
     # the average restarts in each stage
-    total = [line for line in fig.axes[0].get_lines() if line.get_gid() != STAGE_BOUNDARY][:6]  # (the mean's; then the std's)
+    # (the mean's; then the std's)
+    total = [line for line in fig.axes[0].get_lines() if line.get_gid() != STAGE_BOUNDARY][:6]
     assert [list(line.get_xdata()) for line in total[::2]] == [list(range(1, 11)), list(range(11, 21)),
                                                                list(range(21, 31))]
     # one entry each, not three; the std over the step's completions beside the mean (TRL's reward_std)

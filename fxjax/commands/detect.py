@@ -32,8 +32,9 @@ smaller images are untouched. For each image it prints
     model answers in the pixels of its resized input; the boxes are scaled back per axis),
   * the image-level tags,
 and writes an overlay PNG to --out: the boxes and captions drawn on the original image (in DejaVu Sans:
-Latin, Greek, Cyrillic and common symbols; not CJK), the verdict in the top-left corner. An answer that does not parse (no <verdict>real|generated</verdict>) is printed raw
-with a note; it is never an error. An image that cannot be read is reported and the others go on.
+Latin, Greek, Cyrillic and common symbols; not CJK), the verdict in the top-left corner. An answer that
+does not parse (no <verdict>real|generated</verdict>) is printed raw with a note; it is never an error.
+An image that cannot be read is reported and the others go on. From Python: fxjax.detector.ImageDetector.
 
 With --json, one JSON object per image and line instead: image, size [w, h], model_size [w, h] (the
 resized input), verdict, regions [{caption, box (original pixels), box_model}], tags, parsed, note,

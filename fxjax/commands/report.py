@@ -91,8 +91,9 @@ def add_parser(sub) -> None:
                    help="a run's train.output_dir (holding metrics.jsonl) or that file; 2 to 4 such runs of one "
                         "kind to compare; or one or more `fxjax eval` output folders (holding metrics.json) to "
                         "compare, or a folder of them (`fxjax eval --step A B --out DIR`)")
-    p.add_argument("--out", metavar="FILE.png", help=f"where to write the figure: a file (.png, or .pdf / .svg for a vector "
-                        f"figure; .png added to another name) or a directory "
+    p.add_argument("--out", metavar="FILE.png",
+                   help=f"where to write the figure: a file (.png, or .pdf / .svg for a vector figure; .png added "
+                        f"to another name) or a directory "
                         f"(default: RUN_DIR/{REPORT_FILE}; for several runs {COMPARE_REPORT_FILE} in the folder "
                         f"holding the first; for eval folders {EVAL_REPORT_FILE} next to the first)")
     p.add_argument("--title", help="figure title (default: the run directory and its kind; for eval folders "
@@ -239,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _report(args)
     except OSError as err:  # (a run folder read-only, on a shared disk: the errno alone said nothing to do)
-        if str(getattr(err, "filename", "") or "").endswith(FIGURE_SUFFIXES) and err.errno in (errno.EACCES, errno.EROFS,
-                                                                                    errno.EPERM, errno.ENOSPC):
+        written = str(getattr(err, "filename", "") or "").endswith(FIGURE_SUFFIXES)
+        if written and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC):
             raise OSError(err.errno, f"{err.strerror}: {err.filename} (the report cannot be written there: "
                                      "--out FILE.png writes it elsewhere)") from None
         raise
