@@ -1026,6 +1026,19 @@ def test_info_of_a_run_lists_its_steps_stage_ends_and_start(two_process_run, tin
     assert main(["info", str(staged)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (f"  started from: {tmp_path / 'gone'} (gone: its relative "
                                                          "paths are read from the current folder)")
+    # how the run ended, from the last end record of its metrics.jsonl (a finished and a preempted run both
+    # exit 0: nothing said which this one was)
+    (staged / "metrics.jsonl").write_text('{"step": 2, "kind": "end", "status": "preempted"}\n'
+                                          '{"step": 3, "kind": "train", "loss": 1.0}\n')
+    assert main(["info", str(staged)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "  ended: stopped by a signal (its checkpoint saved: the same command resumes it), at step 2")
+    with (staged / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "kind": "end", "status": "finished"}\n')
+    assert main(["info", str(staged)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "  ended: finished (trained to its end, evaluated and exported), at step 3")
+    (staged / "metrics.jsonl").unlink()
     (tmp_path / "empty").mkdir()
     assert main(["info", str(tmp_path / "empty")]) == 2
     assert f"{tmp_path / 'empty'}: not an HF checkpoint directory (no config.json); as a fxjax run: " \

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
                                    "or a preset, without loading weights (works for 72B on a laptop); of a fxjax "
                                    "sft/grpo run, its checkpoint steps and GRPO stage ends (what --step of "
                                    "eval, detect and export takes), what its model started from, its LoRA and "
-                                   "tokenizer; of a PEFT adapter, its LoRA and base; of an `fxjax export` folder, "
+                                   "tokenizer, and whether it is training now or how it ended; of a PEFT adapter, its LoRA and base; of an `fxjax export` folder, "
                                    "also the run and step it holds; of an `fxjax eval` folder (its --out, or the "
                                    "folder of one eval of several --step values), the weights and data it "
                                    "evaluated and its metrics, or how many images an unfinished one holds.")
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from fxjax.train.run_lock import training_now
 
         holder = training_now(source) if os.name == "posix" else None
-        print("\n".join(lines + ([f"  training now: {holder}"] if holder else [])))
+        ended = None if holder else _how_it_ended(source)
+        print("\n".join(lines + ([f"  training now: {holder}"] if holder else []) + ([ended] if ended else [])))
         return 0
     if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
         raise FileNotFoundError(f"{args.model} does not exist and is not a preset; give an HF checkpoint "
@@ -105,6 +106,33 @@ def run(args: argparse.Namespace) -> int:
     for line in _export_origin(source) if source.is_dir() else []:  # (an `fxjax export` folder: its run and step)
         print(line)
     return 0
+
+
+ENDINGS = {"finished": "finished (trained to its end, evaluated and exported)",
+           "preempted": "stopped by a signal (its checkpoint saved: the same command resumes it)",
+           "non-finite": "stopped by a non-finite loss or gradient (train.on_nonfinite: stop)"}
+
+
+def _how_it_ended(folder: Path) -> str | None:
+    """The run's last end record in its metrics.jsonl ({"kind": "end", "status": ...}), said; None without one
+    (a checkpoint folder given, a run still going or killed, or one of an fxjax before the record)."""
+    import json
+
+    from fxjax.run_files import METRICS_FILE
+
+    try:
+        lines = (folder / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("kind") == "end":
+            status = str(record.get("status"))
+            return f"  ended: {ENDINGS.get(status, status)}, at step {record.get('step')}"
+    return None
 
 
 def _is_eval_folder(folder: Path) -> bool:
