@@ -79,14 +79,6 @@ def hf_tensors(model: Qwen25VL, naming: str = HUB, base_files: dict[str, tuple[P
 
 def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
                     max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write an HF checkpoint directory (`write_checkpoint`), with a warning when merged LoRA goes out
-    beside a tokenizer that lacks the output-format markers (`fxjax.train.export.save_merged` writes the
-    run's tokenizer instead, and says nothing)."""
-    return write_checkpoint(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, say_tokenizer=True)
-
-
-def write_checkpoint(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
-                     max_shard_bytes: int = 5 * 1024**3, say_tokenizer: bool = False) -> Path:
     """Write an HF checkpoint directory: config.json, generation_config.json and safetensors shards of at
     most `max_shard_bytes` with their index; returns `out_dir`.
 
@@ -97,7 +89,16 @@ def write_checkpoint(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None 
     a model not loaded from HF), so HF -> fxjax -> HF reproduces every tensor bit for bit; a tensor the model
     holds rounded (a bfloat16 model of a float32 checkpoint) is read from the checkpoint's file as stored,
     so the merge is PEFT's merge_and_unload of that checkpoint.
+    A warning when merged LoRA goes out beside a tokenizer that lacks the six output-format markers (a Hub
+    base model's): `fxjax.train.export.save_merged` writes the run's tokenizer instead.
     """
+    return write_checkpoint(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, say_tokenizer=True)
+
+
+def write_checkpoint(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
+                     max_shard_bytes: int = 5 * 1024**3, say_tokenizer: bool = False) -> Path:
+    """`save_pretrained`'s writing, without its tokenizer warning unless `say_tokenizer` (save_merged writes
+    the run's tokenizer after it)."""
     if not isinstance(model, Qwen25VL):  # (save_pretrained(out, model) said "'str' object has no attribute")
         raise TypeError(f"save_pretrained(model, out_dir): the first argument is the model (fxjax.from_pretrained), "
                         f"got {type(model).__name__}")
