@@ -563,6 +563,11 @@ show_new_log() {  # show_new_log FILE: print FILE's bytes after LOG_SHOWN, and m
   fi
 }
 
+coordinator_of() {  # coordinator_of ENDPOINTS: worker 0's address and PORT, from worker-network-endpoints
+  local first=${1%%,*}  # (worker 0 comes first; an entry is a hostname, newer images, or name:id:ip, older)
+  printf '%s:%s\n' "${first##*:}" "$PORT"
+}
+
 running_fxjax() {  # running_fxjax PIDFILE: print the pid it holds and succeed if that process is an fxjax
   local pid
   [[ -r $1 ]] && pid=$(<"$1") && [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
@@ -594,14 +599,13 @@ do_worker_run() {
   for kv in ${ENVS[@]+"${ENVS[@]}"}; do export "${kv?}"; done
   local worker_id=${FXJAX_PROCESS_ID:-0}
   if [[ -z ${FXJAX_NUM_PROCESSES:-} ]]; then
-    local endpoints hosts=() first
+    local endpoints hosts=()
     worker_id=$(tpu_metadata agent-worker-number)
     endpoints=$(tpu_metadata worker-network-endpoints)
     IFS=, read -r -a hosts <<<"$endpoints"
     if ((${#hosts[@]} > 1)); then
-      first=${hosts[0]}
-      # An entry is a hostname (newer images) or name:id:ip (older ones); worker 0 comes first.
-      export FXJAX_COORDINATOR=${first##*:}:$PORT
+      FXJAX_COORDINATOR=$(coordinator_of "$endpoints")
+      export FXJAX_COORDINATOR
       export FXJAX_NUM_PROCESSES=${#hosts[@]}
       export FXJAX_PROCESS_ID=$worker_id
     fi
@@ -616,12 +620,12 @@ do_worker_run() {
   if [[ -n ${FXJAX_NUM_PROCESSES:-} && $FXJAX_NUM_PROCESSES != 1 && -z ${FXJAX_COORDINATOR:-} &&
     -z ${JAX_COORDINATOR_ADDRESS:-} ]]; then
     # a count given without a coordinator (fxjax stopped with "need coordinator_address"): worker 0's, as above
-    local first
-    first=$(tpu_metadata worker-network-endpoints 2>/dev/null) ||
+    local endpoints
+    endpoints=$(tpu_metadata worker-network-endpoints 2>/dev/null) ||
       die "--env FXJAX_NUM_PROCESSES=$FXJAX_NUM_PROCESSES without FXJAX_COORDINATOR, and no TPU VM metadata" \
         "server to read worker 0's address from: pass --env FXJAX_COORDINATOR=HOST:PORT too"
-    first=${first%%,*}
-    export FXJAX_COORDINATOR=${first##*:}:$PORT
+    FXJAX_COORDINATOR=$(coordinator_of "$endpoints")
+    export FXJAX_COORDINATOR
   fi
   mkdir -p "$LOG_DIR"
   local log=$LOG_DIR/worker-$worker_id.log pidfile=$LOG_DIR/worker-$worker_id.pid running

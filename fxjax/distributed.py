@@ -285,14 +285,14 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
     Idempotent: a second call once initialised does nothing.
     """
     environ = os.environ if environ is None else environ
+    say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     cfg = resolve(config, environ=environ, coordinator_address=coordinator_address,
                   num_processes=num_processes, process_id=process_id, local_device_count=local_device_count)
     if jax.distributed.is_initialized():
         return cfg
     forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
     if cfg.local_device_count is not None and forced and int(forced.group(1)) != cfg.local_device_count:
-        (log or (lambda text: print(text, file=sys.stderr, flush=True)))(
-            f"note: distributed.local_device_count={cfg.local_device_count} (or FXJAX_LOCAL_DEVICE_COUNT) replaces "
+        say(f"note: distributed.local_device_count={cfg.local_device_count} (or FXJAX_LOCAL_DEVICE_COUNT) replaces "
             f"XLA_FLAGS' --xla_force_host_platform_device_count={forced.group(1)}: {cfg.local_device_count} CPU "
             f"device(s) a process")
     if cfg.local_device_count is not None and jax.config.jax_num_cpu_devices != cfg.local_device_count:
@@ -309,10 +309,9 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
             return cfg
         # said on every process before JAX waits: a peer that never comes ends in an abort after the timeout
         # (a C++ stack trace naming none of these), so the settings to check are on screen first
-        say = log or (lambda text: print(text, file=sys.stderr, flush=True))
         say(join_line(cfg, environ))
-        if slurm_gpu_note(environ):
-            say(slurm_gpu_note(environ))
+        if idle_gpus := slurm_gpu_note(environ):
+            say(idle_gpus)
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id, initialization_timeout=cfg.initialization_timeout)
@@ -330,8 +329,8 @@ def initialize(config: DistributedConfig | Mapping[str, Any] | None = None, *,
         _LOG.info(line)
     if not joining:
         return cfg
-    if slurm_gpu_note(environ):
-        (log or (lambda text: print(text, file=sys.stderr, flush=True)))(slurm_gpu_note(environ))
+    if idle_gpus := slurm_gpu_note(environ):
+        say(idle_gpus)
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
     jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout,
                                **({"coordinator_address": at} if at is not None else {}))

@@ -44,12 +44,18 @@ def save_safetensors(tensors: Mapping, path: str | Path, metadata: Mapping[str, 
     make_readable(path)
 
 
-def require_writable(path: str | Path, what: str) -> None:
-    """ValueError naming `what` when `path` cannot be created or written: its nearest existing folder is
-    checked, so the error comes before a model loads or a run trains, not at its first write."""
+def nearest_existing(path: str | Path) -> Path:
+    """`path` (absolute) or its nearest parent that exists: where a folder not made yet would be made."""
     folder = Path(path).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    return folder
+
+
+def require_writable(path: str | Path, what: str) -> None:
+    """ValueError naming `what` when `path` cannot be created or written: its nearest existing folder is
+    checked, so the error comes before a model loads or a run trains, not at its first write."""
+    folder = nearest_existing(path)
     if not folder.is_dir():
         where = "is" if folder == Path(path).absolute() else f"lies under {folder}, which is"
         raise NotADirectoryError(f"{what}: {path} {where} a file, not a folder")
@@ -72,9 +78,7 @@ def require_folder_renames(path: str | Path, what: str) -> None:
     refuses unless told to (--rename-dir-limit): the run failed at its first checkpoint, hours in."""
     import tempfile
 
-    folder = Path(path).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(path)
     made = Path(tempfile.mkdtemp(prefix=".fxjax-rename-check-", dir=folder))
     moved = made.with_name(made.name + "-renamed")
     try:

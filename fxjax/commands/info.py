@@ -114,25 +114,19 @@ ENDINGS = {"finished": "finished (trained to its end, evaluated and exported)",
 
 
 def _how_it_ended(folder: Path) -> str | None:
-    """The run's last end record in its metrics.jsonl ({"kind": "end", "status": ...}), said; None without one
-    (a checkpoint folder given, a run still going or killed, or one of an fxjax before the record)."""
-    import json
-
+    """The run's last end record in its metrics.jsonl, said; None without one, or without a readable file."""
+    from fxjax.commands.report_drawing import last_end
     from fxjax.run_files import METRICS_FILE
+    from fxjax.train.metrics import read_metrics
 
     try:
-        lines = (folder / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        end = last_end(read_metrics(folder / METRICS_FILE))
+    except (OSError, ValueError):  # (no file, or a line that is no record: `fxjax report` names it)
         return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("kind") == "end":
-            status = str(record.get("status"))
-            return f"  ended: {ENDINGS.get(status, status)}, at step {record.get('step')}"
-    return None
+    if end is None:
+        return None
+    status = str(end.get("status"))
+    return f"  ended: {ENDINGS.get(status, status)}, at step {end['step']}"
 
 
 def _is_eval_folder(folder: Path) -> bool:

@@ -181,11 +181,18 @@ def stop_notes(records: Sequence[dict]) -> list[str]:
     if stopped:
         notes.append(f"the run stopped at step {stopped[-1]['step']}: {stopped[-1]['stopped']} loss or gradient "
                      f"(train.on_nonfinite: stop); its checkpoints end before it")
-    ends = [r for r in records if r.get("kind") == "end"]
-    if ends and ends[-1].get("status") == "preempted" and ends[-1]["step"] >= max(r["step"] for r in records):
-        notes.append(f"the run was stopped by a signal at step {ends[-1]['step']} (its checkpoint saved; the same "
+    end = last_end(records)
+    if end is not None and end.get("status") == "preempted" and end["step"] >= max(r["step"] for r in records):
+        notes.append(f"the run was stopped by a signal at step {end['step']} (its checkpoint saved; the same "
                      f"command resumes it)")
     return notes
+
+
+def last_end(records: Sequence[dict]) -> dict | None:
+    """The run's last {"kind": "end", "status": ...} record (train.loop_control.log_end) of `records` in
+    step order (`read_metrics`'); None without one (a run still going or killed, or one of an older fxjax)."""
+    ends = [r for r in records if r.get("kind") == "end"]
+    return ends[-1] if ends else None
 
 
 SUMMARY_KEYS = (("loss", "loss"), ("format_rate", "format rate"), ("verdict_accuracy", "verdict accuracy"),
@@ -202,9 +209,9 @@ def summary_lines(records: Sequence[dict]) -> list[str]:
             parts = [f"{name} {metric_value(last[-1][key]):.4g}" for key, name in SUMMARY_KEYS if key in last[-1]]
             if parts:
                 lines.append(f"{what} (step {last[-1]['step']}): {', '.join(parts)}")
-    ends = [r for r in records if r.get("kind") == "end"]
-    if ends:
-        lines.append(f"the run's end: {ends[-1].get('status')} at step {ends[-1]['step']}")
+    end = last_end(records)
+    if end is not None:
+        lines.append(f"the run's end: {end.get('status')} at step {end['step']}")
     return lines
 
 
