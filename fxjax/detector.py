@@ -19,8 +19,6 @@ This module is the app layer (it drives the command's resolution, which reads tr
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
 import tempfile
 from pathlib import Path
@@ -28,33 +26,9 @@ from typing import Any, Sequence
 
 __all__ = ["ImageDetector"]
 
-# keyword -> the command's flag (values passed as text through its parser, so every check is the command's)
-_FLAGS = {"adapter": "--adapter", "run": "--run", "step": "--step", "dtype": "--dtype", "mesh": "--mesh",
-          "tokenizer": "--tokenizer", "batch_size": "--batch-size", "max_new_tokens": "--max-new-tokens",
-          "min_pixels": "--min-pixels", "max_pixels": "--max-pixels", "max_length": "--max-length",
-          "system_prompt": "--system-prompt", "user_prompt": "--user-prompt",
-          "max_image_pixels": "--max-image-pixels"}
-
-
-def _detect_arguments(model: str | Path | None, options: dict[str, Any]):
-    """The `fxjax detect` namespace of these options (no images yet), or a ValueError with the parser's
-    message: argparse would have exited the notebook's process (SystemExit) on a bad value."""
-    from fxjax.cli import build_parser
-
-    argv = ["detect", "IMAGE", "--no-overlay"] + (["--model", str(model)] if model is not None else [])
-    for key, value in options.items():
-        if key not in _FLAGS:
-            raise TypeError(f"ImageDetector: unknown option {key!r}; the options are model, "
-                            f"{', '.join(_FLAGS)} (those of `fxjax detect --help`)")
-        if value is not None:  # (one word: a prompt that starts with "-" is a value, not a flag)
-            argv.append(f"{_FLAGS[key]}={value}")
-    said = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(said):
-            return build_parser().parse_args(argv)
-    except SystemExit:
-        why = said.getvalue().strip().splitlines()
-        raise ValueError(f"ImageDetector: {why[-1] if why else 'invalid options'}") from None
+# the command's options a detector takes as keywords (--images, --out, --json and the overlay are __call__'s)
+OPTIONS = ("adapter", "run", "step", "dtype", "mesh", "tokenizer", "batch_size", "max_new_tokens", "min_pixels",
+           "max_pixels", "max_length", "system_prompt", "user_prompt", "max_image_pixels")
 
 
 class ImageDetector:
@@ -64,7 +38,10 @@ class ImageDetector:
     def __init__(self, model: str | Path | None = None, **options: Any) -> None:
         from fxjax.commands.model_args import resolve_detector
 
-        self._args = _detect_arguments(model, options)
+        from fxjax.keyword_options import command_arguments
+
+        self._args = command_arguments("detect", ["IMAGE", "--no-overlay"], {"model": model, **options},
+                                       "ImageDetector", allowed=("model", *OPTIONS))
         self._detector = resolve_detector(self._args)  # (paths, prompts and settings checked; nothing loaded)
 
     def _say(self, text: str) -> None:

@@ -409,6 +409,21 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     written = json.loads((tmp_path / "skipping" / "metrics.json").read_text())
     assert written["examples"] == 5 and len(written["invalid_records"]) == 1
     assert "gone.png" in written["invalid_records"][0]
+    # fxjax.evaluate.evaluate: the command from Python (a notebook), its keywords read by the command's parser;
+    # what it returns is the command's metrics.json, the same as the shell's for the same options
+    from fxjax.evaluate import evaluate
+
+    got = evaluate(dataset, out=tmp_path / "python", model=tiny_vl_dir, batch_size=8, max_new_tokens=3,
+                   max_pixels=3136, progress=False)
+    assert got == json.loads((tmp_path / "python" / "metrics.json").read_text())
+    assert {k: v for k, v in got.items() if k != "decoding"} == {k: v for k, v in metrics.items() if k != "decoding"}
+    assert "accuracy" in capsys.readouterr().out  # (the command's table, as from a shell)
+    with pytest.raises(ValueError, match=r"evaluate: .*--batch-size: .*0"):
+        evaluate(dataset, out=tmp_path / "python", model=tiny_vl_dir, batch_size=0)
+    with pytest.raises(TypeError, match=r"evaluate: unknown option 'batch'; the options are .*batch_size"):
+        evaluate(dataset, out=tmp_path / "python", model=tiny_vl_dir, batch=8)
+    with pytest.raises(TypeError, match=r"evaluate: fresh is 'yes'; give True or False"):
+        evaluate(dataset, out=tmp_path / "python", model=tiny_vl_dir, fresh="yes")
 
 
 def test_eval_errors_are_clear(dataset, tmp_path, capsys):

@@ -921,6 +921,17 @@ def test_eval_of_several_steps_reads_the_base_once_and_writes_what_one_eval_each
     assert f"{other / 'step-3'} holds predictions made with other settings (max_new_tokens: 5 then, 6 now)" in \
         capsys.readouterr().err
     assert len(builds) == 3 and not (other / "alpha").exists()
+    # fxjax.evaluate.evaluate with several steps: each step's metrics.json, keyed by the step as given (a
+    # number as a number), the same as the command's
+    from fxjax.evaluate import evaluate as evaluate_from_python  # (evaluate: the patched one above)
+
+    got = evaluate_from_python(data, out=tmp_path / "python", run=common[1], step=["alpha", "3"], batch_size=2,
+                   max_new_tokens=6, progress=False, group_by=[])
+    assert list(got) == ["alpha", 3]
+    for key, folder in (("alpha", "alpha"), (3, "step-3")):
+        want = json.loads((tmp_path / "both" / folder / "metrics.json").read_text())
+        assert {k: v for k, v in got[key].items() if k != "decoding"} == \
+            {k: v for k, v in want.items() if k != "decoding"}
 
 
 def test_several_steps_each_get_a_folder_of_their_own():

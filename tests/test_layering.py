@@ -31,6 +31,8 @@ LAYER_OF_PREFIX = {
     "fxjax.demo_summary": "app",  # the demo's closing lines
     "fxjax.selfcheck": "app",
     "fxjax.detector": "app",  # `fxjax detect` from Python (it drives the command's resolution)
+    "fxjax.evaluate": "app",  # `fxjax eval` from Python (it runs the command)
+    "fxjax.keyword_options": "app",  # a command's options as Python keywords (read by its parser)
     "fxjax.commands": "app",
     "fxjax": "core",
 }

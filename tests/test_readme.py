@@ -63,6 +63,9 @@ def test_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     result = scope["result"]  # the Python detector: an untrained model's answer, shown raw with a note
     assert result["image"] == "<PIL image 0>" and result["verdict"] is None and not result["parsed"]
     assert result["note"].startswith("the answer has no <verdict>")
+    metrics = scope["metrics"]  # the Python eval: the command's metrics.json of the one real photo
+    assert metrics["examples"] == 1 and metrics["accuracy"] == 0.0 and metrics["confusion"]["real"]["none"] == 1
+    assert (tmp_path / "eval" / "predictions.jsonl").is_file()
     # the traceable example: a finite loss, and a gradient for (only) the LoRA parameters
     grads = nnx.to_flat_state(scope["grads"])
     assert np.isfinite(float(scope["loss"])) and grads and all(path[-1] in ("lora_a", "lora_b") for path, _ in grads)

@@ -62,7 +62,10 @@ With several --step values, those three files per step in --out/<stage> (--out/s
 Resume: run the same command again. Images already in predictions.jsonl are not decoded again (an
 interrupted eval loses at most the batch it was decoding), nor those metrics.json lists as too long for
 --max-length (the same settings make the same prompts); changed settings (model, step, pixels,
-prompts, max new tokens, data files) are refused unless --fresh."""
+prompts, max new tokens, data files) are refused unless --fresh.
+
+From Python: fxjax.evaluate.evaluate(DATA, out=..., run=..., step=...), these options as keywords; it returns
+metrics.json (for several steps, one per step)."""
 
 EPILOG = """\
 examples:

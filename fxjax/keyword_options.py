@@ -1,0 +1,72 @@
+"""A command's options given as Python keywords (`ImageDetector(...)`, `evaluate(...)`), read by the command's
+own parser: every check, default and spelling is the command's, and a bad value is a ValueError naming it
+(argparse would have exited the caller's process, a notebook's kernel, with SystemExit).
+
+A keyword is the option's name as the parsed arguments hold it (`--max-new-tokens` -> max_new_tokens, `--fresh`
+-> fresh, `--no-progress` -> progress=False). Values: True / False for a switch, a list for an option that takes
+several (a lone value is one of them), None to leave the command's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+from typing import Any, Collection, Mapping, Sequence
+
+__all__ = ["command_arguments"]
+
+
+def _parsers(command: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """`fxjax`'s parser and its COMMAND's."""
+    from fxjax.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser, commands.choices[command]
+
+
+def _options(parser: argparse.ArgumentParser, allowed: Collection[str] | None) -> dict[str, argparse.Action]:
+    """The parser's options by keyword (their `dest`), those in `allowed` only when it is given."""
+    return {a.dest: a for a in parser._actions
+            if a.option_strings and a.dest != "help" and (allowed is None or a.dest in allowed)}
+
+
+def _words(key: str, value: Any, action: argparse.Action, caller: str) -> list[str]:
+    """The command-line words of one keyword."""
+    flag = max(action.option_strings, key=len)  # (the long spelling)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{caller}: {key} is {value!r}; give True or False")
+        return [flag] if value is (not action.default) else []  # (a store_false's default is True)
+    several = action.nargs in ("+", "*")
+    values = list(value) if several and isinstance(value, (list, tuple)) else [value]
+    if not several and len(values) != 1:
+        raise TypeError(f"{caller}: {key} takes one value, not {value!r}")
+    if len(values) == 1:  # (one word: a value that starts with "-", a prompt, is a value, not a flag)
+        return [f"{flag}={values[0]}"]
+    return [flag, *map(str, values)]
+
+
+def command_arguments(command: str, words: Sequence[str], options: Mapping[str, Any], caller: str,
+                      allowed: Collection[str] | None = None) -> argparse.Namespace:
+    """`fxjax COMMAND WORDS --option value ...` as the command's parser reads it, `options` given as keywords
+    (those in `allowed` only, when it is given: the rest of the command's options are the caller's to set).
+    TypeError for an unknown keyword or a value of the wrong shape, ValueError with the parser's message for
+    a value the command refuses."""
+    parser, sub_parser = _parsers(command)
+    known = _options(sub_parser, allowed)
+    argv = [command, *words]
+    for key, value in options.items():
+        if key not in known:
+            raise TypeError(f"{caller}: unknown option {key!r}; the options are {', '.join(known)} (those of "
+                            f"`fxjax {command} --help`)")
+        if value is not None:
+            argv += _words(key, value, known[key], caller)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return parser.parse_args(argv)
+    except SystemExit:
+        why = said.getvalue().strip().splitlines()
+        raise ValueError(f"{caller}: {why[-1] if why else 'invalid options'}") from None
