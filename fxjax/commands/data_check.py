@@ -47,7 +47,7 @@ docs data` prints it)."""
 _EPILOG = """\
 exit status:
   0  every record is valid
-  1  at least one record is invalid (all of them are listed), or (with a tokenizer) every valid one is too
+  1  at least one record is invalid (the first --show of each kind listed), or (with a tokenizer) every valid one is too
      long for max_length whatever training cuts: nothing would train
   2  the check could not run (a missing or empty file, a bad option, a missing tokenizer)
 
