@@ -294,7 +294,7 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
 def test_a_non_finite_update_stops_the_run_with_its_step_the_last_record(setup):
     """NaN pixel patches in step 2's update (FXJAX_FAULT=nan_batch@2): the run stops naming the step and the
     last good checkpoint (step 1), and metrics.jsonl ends with the step, marked "stopped" (it ended at step
-    1, and the report read as a run that trained cleanly to its end)."""
+    1, and the report read as a run that trained cleanly to its end), its rewards in it."""
     code, log = grpo(setup, "nan-stop", env={"FXJAX_FAULT": "nan_batch@2"})
     assert code == 3, log[-3000:]
     assert "fxjax-fault: NaN patches at nan_batch@2" in log
@@ -304,6 +304,9 @@ def test_a_non_finite_update_stops_the_run_with_its_step_the_last_record(setup):
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and "stopped" not in train[0] and train[-1]["loss"] == "nan"
     assert train[-1]["stopped"] == "non-finite" and train[-1]["stage"] == "alpha"
+    # (and what the step sampled and scored before its update went non-finite: its rewards, as every step's)
+    assert {k for k in train[0] if k.startswith("reward/")} == {k for k in train[-1] if k.startswith("reward/")}
+    assert isinstance(train[-1]["reward/total_mean"], float) and "format_rate" in train[-1]
     assert records[-1] == {**records[-1], "step": 2, "kind": "end", "status": "non-finite"}
     from fxjax.commands.report import build_report
 

@@ -361,17 +361,18 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                 out = update_metrics(jax.device_get(updates))  # read once after the last update: no host sync
             faults.point("update", step_now + 1, control.signals.local_stop)
             t_update = time.perf_counter() - t1
+            # means over every process's completions, from each process's sums (host-only exchange; before the
+            # check below, so that the record of a step that stops the run has what it sampled and scored too)
+            values.update(combine_rollout_sums(allgather_json("grpo-rollout-sums",
+                                                              rollout_sums(rollout, g.num_generations))))
             if not out["finite"]:
                 def record_stop() -> None:
-                    metrics.log(step_now + 1, "train", dict({k: v for k, v in out.items() if k != "finite"},
+                    metrics.log(step_now + 1, "train", dict(values, **{k: v for k, v in out.items() if k != "finite"},
                                                             skipped=skipped, stage=stage, stopped="non-finite"))
                     log_end(metrics, step_now + 1, "non-finite")
 
                 skipped = handle_nonfinite("grpo", cfg, step_now + 1, out, checkpointer, skipped, say, record_stop)
             step_now += 1  # from here on: the number of updates made (what the loop control counts too)
-            # means over every process's completions, from each process's sums (host-only exchange)
-            values.update(combine_rollout_sums(allgather_json("grpo-rollout-sums",
-                                                              rollout_sums(rollout, g.num_generations))))
             values.update({k: v for k, v in out.items() if k != "finite"})
             values.update(rollout_time=t_rollout, update_time=t_update, step_time=time.perf_counter() - t0,
                           rollout_tokens_per_s=tokens["rollout_tokens"] / max(t_rollout, 1e-9),
