@@ -267,7 +267,7 @@ def test_out_that_is_a_file_is_refused_before_any_model_loads(tmp_path, capsys):
     assert taken.read_text() == "mine"
 
 
-def test_a_phone_photo_is_shrunk_to_fit_max_length_and_small_images_are_not():
+def test_a_phone_photo_is_shrunk_to_fit_max_length_and_small_images_are_not(tmp_path):
     from fxjax.commands.detect import fitting_max_pixels
 
     # Qwen's max_pixels and fxjax's max_length: a 4032 x 3024 photo is 15552 image tokens, over 8192
@@ -278,6 +278,19 @@ def test_a_phone_photo_is_shrunk_to_fit_max_length_and_small_images_are_not():
     height, width = model_input_size(3024, 4032, 3136, fit)
     assert 7000 < height * width // 784 <= 8192 - 200  # the largest size that fits, near the budget
     assert fitting_max_pixels(40000, 8192, 200) == 40000  # a smaller max_pixels already fits: kept
+    # an image is said to be shrunk only where it is: a 4000 x 30 strip is 2576 x 28 at max_pixels 50176 (over
+    # it, as HF's smart_resize makes it), 92 tokens, which max_length 2048 fits (it was said shrunk to itself)
+    from PIL import Image
+
+    Image.new("RGB", (4000, 30)).save(tmp_path / "strip.png")
+    Image.new("RGB", (600, 400)).save(tmp_path / "photo.png")
+    paths = [str(tmp_path / "strip.png"), str(tmp_path / "photo.png")]
+    records, failed, shrunk = image_records(paths, system="s", user="u", min_pixels=3136, max_pixels=50176,
+                                            fit_pixels=fitting_max_pixels(50176, 2048, 100), max_length=2048)
+    assert len(records) == 2 and failed == [] and shrunk == []
+    _, _, shrunk = image_records(paths, system="s", user="u", min_pixels=3136, max_pixels=50176,
+                                 fit_pixels=fitting_max_pixels(50176, 140, 100), max_length=140)
+    assert [path for path, _ in shrunk] == paths and "more than max_length 140 allows" in shrunk[1][1]  # (40 tokens)
     with pytest.raises(ValueError, match="max_length 100 leaves no room for an image beside the prompt's 98"):
         fitting_max_pixels(40000, 100, 98)
 

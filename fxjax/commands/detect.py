@@ -139,8 +139,9 @@ def image_records(paths: Sequence[str], *, system: str, user: str, min_pixels: i
         try:
             width, height = image_size(path, max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS, True)
             mh, mw = model_input_size(height, width, min_pixels, max_pixels)  # the processor's own checks
-            if fit_pixels is not None and fit_pixels < mh * mw:
-                fh, fw = model_input_size(height, width, min(min_pixels, fit_pixels), fit_pixels)
+            fh, fw = (mh, mw) if fit_pixels is None else \
+                model_input_size(height, width, min(min_pixels, fit_pixels), fit_pixels)
+            if (fh, fw) != (mh, mw):  # (a long thin image goes over max_pixels, as in HF, and may fit all the same)
                 shrunk.append((path, f"at max_pixels {max_pixels} it would be {mw}x{mh} at the model's input "
                                      f"({mh * mw // PIXELS_PER_TOKEN} image tokens), more than max_length {max_length} allows; "
                                      f"analysed at {fw}x{fh} ({fh * fw // PIXELS_PER_TOKEN} image tokens; --max-pixels, "
