@@ -606,6 +606,11 @@ def test_the_closing_line_says_the_last_step_as_sft_does_and_a_preempted_run_dra
     assert out == "" and ("fxjax grpo: preempted at step 2/3 (resume by running the same command); checkpoint in "
                           "runs/g/checkpoints") in err
     assert reports == ["grpo"] * 3
+    from fxjax.train.grpo import progress_postfix  # the progress line of such a step says it the same way
+
+    step = {"reward/total_mean": 1.5, "format_rate": 1.0, "mean_iou_generated": float("nan")}
+    assert progress_postfix(step, "gamma") == {"stage": "gamma", "reward": 1.5, "fmt": 1.0, "iou_gen": "n/a"}
+    assert progress_postfix({**step, "mean_iou_generated": 0.12345}, "alpha")["iou_gen"] == 0.123
 
 
 def test_the_start_says_each_stages_reward_and_what_runs_otherwise_than_it_reads(tmp_path):

@@ -38,6 +38,7 @@ Also exported: `group_advantages` and `grpo_loss` (fxjax.train.grpo_loss), TRL's
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -386,11 +387,17 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                 if ordered is not None:
                     completions.log(step_now, ordered)
             result.history.append(dict(values, step=step_now, stage=stage))
-            control.bar.update(1, dict(stage=stage, reward=round(values["reward/total_mean"], 3),
-                                       fmt=round(values["format_rate"], 2),
-                                       iou_gen=round(values["mean_iou_generated"], 3)))  # (real images score 1)
+            control.bar.update(1, progress_postfix(values, stage))
         control.wrap_up(result, model, state.params, skipped=skipped, cfg=cfg, started=started)
     return result
+
+
+def progress_postfix(values: dict, stage: str) -> dict:
+    """What the progress bar (or line) shows of a step: its stage, mean reward, format rate and mean IoU on
+    generated images ("n/a" for a step that drew none, as the closing line says it, not "nan")."""
+    iou = values["mean_iou_generated"]  # (over the generated images only: a real image scores 1 for no box)
+    return dict(stage=stage, reward=round(values["reward/total_mean"], 3), fmt=round(values["format_rate"], 2),
+                iou_gen=round(iou, 3) if math.isfinite(iou) else "n/a")
 
 
 def _read_rewards(cfg: GRPOConfig) -> tuple[dict, tuple]:
