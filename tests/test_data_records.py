@@ -423,6 +423,10 @@ def test_a_comment_line_is_named_as_one(root):
     ('{"image": "img/ok.png", "label": "real", "flag": True}', "(JSON writes True as true; a Python dict written "
                                                               "with str(): write json.dumps(record))"),
     ('{"image": "img/ok.png", "label": real}', "(a text value takes double quotes)"),
+    ('{"image": "img/ok.png", "label": "real"},', "Extra data at character 41 of the line (a comma "
+                                                 "after the record: JSON Lines separates records by line breaks only)"),
+    ('{"image": "img/ok.png", "label": "real"} {"image": "img/ok.png", "label": "real"}',
+     "(a second record on the same line: one record per line)"),
 ])
 def test_hand_written_json_mistakes_are_named(root, line, hint):
     """json's own words ("Expecting property name enclosed in double quotes") for a trailing comma, single

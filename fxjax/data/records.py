@@ -172,6 +172,11 @@ def _json_hint(line: str, err: json.JSONDecodeError) -> str:
     at, before = line[err.pos:], line[:err.pos].rstrip()
     if at[:1] in ("}", "]") and before.endswith(","):
         return f" (a comma before {at[0]!r}: JSON allows no trailing comma)"
+    if err.msg == "Extra data":  # (a record is done and the line goes on)
+        if at.lstrip().startswith(","):
+            return " (a comma after the record: JSON Lines separates records by line breaks only)"
+        if at.lstrip().startswith("{"):
+            return " (a second record on the same line: one record per line)"
     if at[:1] == "'":
         return (" (JSON strings take double quotes; a Python dict written with str() or print: write "
                 "json.dumps(record))")
@@ -190,7 +195,9 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
     except _RepeatedKey as err:  # (json keeps the last silently: "label": "real", "label": "generated")
         raise DataError(where, f"the key {err.key!r} is given twice in one object", "json") from None
     except json.JSONDecodeError as err:
-        raise DataError(where, f"invalid JSON: {err}{_json_hint(line, err)}", "json") from None
+        # (json's "line 1 column 44" counts lines within the record: said as the place in this line)
+        raise DataError(where, f"invalid JSON: {err.msg} at character {err.pos + 1} of the line"
+                               f"{_json_hint(line, err)}", "json") from None
     except RecursionError:  # (Python's parser recurses per level: 100k nested '[' ended the load in a traceback)
         raise DataError(where, "invalid JSON: nested too deeply to be a record", "json") from None
     if hints is not None:
