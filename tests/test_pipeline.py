@@ -360,8 +360,8 @@ def test_long_images_shrink_to_fit_and_keep_their_boxes(demo, tokenizer_dir, rec
 @pytest.mark.parametrize("mode", ["sft", "prompt"])
 def test_a_long_image_shrinks_to_the_largest_size_that_fits(tmp_path, tokenizer_dir, mode):
     """For every max_length between the smallest and the full example's length, the size "shrink" picks is
-    the largest at which the example fits (or, when none does, the smallest min_pixels admits), against every
-    size smart_resize gives between. The size was estimated from the token overflow: smart_resize's rounding
+    the largest at which the example fits (or, when none does, the largest at which it fits with its
+    reasoning cut, else the smallest min_pixels admits), against every size smart_resize gives between. The size was estimated from the token overflow: smart_resize's rounding
     took it below min_pixels, and a 301 x 157 image stayed at full size (271 tokens) for max_length 210,
     dropped, where 56 x 140 fits in 209. GRPO's prompts (mode "prompt") too: a prompt of max_length fits."""
     Image.new("RGB", (301, 157), (90, 120, 30)).save(tmp_path / "a.png")
@@ -380,19 +380,58 @@ def test_a_long_image_shrinks_to_the_largest_size_that_fits(tmp_path, tokenizer_
         return text.model_size, len(text.prompt_ids) + len(completion)
 
     full_size, full_length = at(cfg.max_pixels)
-    sizes = {}  # every size smart_resize gives from min_pixels to the full one: its example's length
+    sizes, pixels_of = {}, {}  # every size smart_resize gives from min_pixels to the full one: its example's length
     for pixels in range(cfg.min_pixels, full_size[0] * full_size[1] + 1, 98):
         size, length = at(pixels)
         if size[0] * size[1] >= cfg.min_pixels:  # (what min_pixels admits)
-            sizes[size] = length
+            sizes[size], pixels_of[size] = length, pixels
     assert len(sizes) > 5 and sizes[full_size] == full_length
     smallest = min(sizes, key=lambda s: s[0] * s[1])
-    for max_length in range(min(sizes.values()) - 2, full_length + 1):
+
+    def built_cut(size, max_length) -> bool:  # the example at this size builds, its reasoning cut (not dropped)
+        fixed = dataclasses.replace(cfg, max_pixels=pixels_of[size], max_length=max_length)
+        return not isinstance(ExampleBuilder(fixed, 1).build(record), Dropped)
+
+    cut_at = set()
+    for max_length in range(min(sizes.values()) - 40, full_length + 1):
         fitting = [s for s, n in sizes.items() if n <= max_length]
+        if not fitting and mode == "sft":  # (none fits whole: the largest at which the cut example fits)
+            fitting = [s for s in sizes if built_cut(s, max_length)]
+            cut_at.add(max_length) if fitting else None
         want = max(fitting, key=lambda s: s[0] * s[1]) if fitting else smallest
         text = ExampleBuilder(dataclasses.replace(cfg, max_length=max_length, long_images="shrink"), 1).text(record)
         assert text.model_size == want, (max_length, text.model_size, want, sizes[want])
         assert text.shrunk_from == (None if want == full_size else full_size)
+    assert mode == "prompt" or cut_at  # (max_lengths where the cut example fits at a size, none whole)
+
+
+def test_a_long_reasoning_beside_a_small_image_is_cut_and_the_image_kept_at_full_size(tmp_path, tokenizer_dir):
+    """A FakeXplain-like record: a 300 x 200 image (54 tokens at its full size) and a reasoning far over
+    max_length. No size fits the whole example, so the reasoning is cut at any size: the image stays at its
+    full size, the size GRPO, eval and detect read it at (it was shrunk to min_pixels, 6 tokens, and cut
+    all the same)."""
+    Image.new("RGB", (300, 200), (90, 120, 30)).save(tmp_path / "a.png")
+    reasoning = " ".join(f"Detail {i} of the scene looks plausible." for i in range(300))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"image": "a.png", "label": "generated", "reasoning": reasoning,
+                                                  "regions": [{"bbox": [20, 15, 140, 90], "caption": "a fence"}]})
+                                      + "\n")
+    (record,), _ = load_records(tmp_path / "a.jsonl")
+    cfg = DataConfig(data_files=(str(tmp_path / "a.jsonl"),), tokenizer=str(tokenizer_dir), min_pixels=3136,
+                     max_pixels=50176, max_length=1024, user_prompt="Real or generated?")
+    full = ExampleBuilder(dataclasses.replace(cfg, long_images="drop"), 1).build(record)
+    example = ExampleBuilder(cfg, 1).build(record)
+    assert example["meta"]["model_size"] == full["meta"]["model_size"] == (168, 252)  # (54 image tokens)
+    assert example["meta"]["shrunk_from"] is None and example["meta"]["truncated"] > 1000
+    assert len(example["input_ids"]) <= 1024 and np.array_equal(example["input_ids"], full["input_ids"])
+    # where the cut example does not fit at full size, the largest size at which it does: 10 tokens under the
+    # shortest max_length at which it builds at full size (a smaller image has up to 48 tokens fewer)
+    builds = lambda n: not isinstance(  # noqa: E731
+        ExampleBuilder(dataclasses.replace(cfg, max_length=n, long_images="drop"), 1).build(record), Dropped)
+    shortest = next(n for n in range(full["meta"]["prompt_length"] + 1, 1024) if builds(n))
+    tight = dataclasses.replace(cfg, max_length=shortest - 10)
+    text = ExampleBuilder(tight, 1).text(record)
+    assert text.shrunk_from == (168, 252) and text.model_size[0] * text.model_size[1] < 168 * 252
+    assert not isinstance(ExampleBuilder(tight, 1).build(record), Dropped)
 
 def test_a_stream_that_drops_every_example_is_an_error_not_a_hang(demo, tokenizer_dir, records):
     """Training streams repeat forever: with every prompt longer than max_length no batch ever comes, so the

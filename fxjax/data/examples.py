@@ -17,8 +17,10 @@ never touches the prompt, the image tokens, the grounded regions, the tags, the 
 ``<|im_end|>``; if removing the whole reasoning is not enough (or the prompt alone does not fit) the
 example is :class:`Dropped`. ``"drop"`` drops every over-long example.
 Before either, ``long_images="shrink"`` (the default) resizes an image whose tokens leave the example over
-max_length to the largest size at which the whole example fits (not below min_pixels); its boxes are
-scaled to that size as to any other. ``"drop"`` keeps every image at max_pixels.
+max_length to the largest size at which the whole example fits (not below min_pixels); where no size does,
+the reasoning is cut at any size, and the image keeps the largest size at which the cut example fits (its
+full size, when that one does). Its boxes are scaled to that size as to any other. ``"drop"`` keeps every
+image at max_pixels.
 """
 
 from __future__ import annotations
@@ -238,8 +240,9 @@ class ExampleBuilder:
         With data.long_images "shrink", an image whose tokens at data.max_pixels leave the example over
         max_length (beside the prompt's text and, in SFT, the whole target) is resized to the largest size
         that fits: a 4032 x 3024 phone photo is 15552 tokens at Qwen's max_pixels, over max_length 8192, and
-        "drop" would leave every such photo out of training. (`fxjax detect` bounds the image by the tokens
-        left beside its prompt, `fitting_max_pixels`: a size no larger than this, often the same.)"""
+        "drop" would leave every such photo out of training; where no size fits the whole example, see
+        `_largest_fitting`. (`fxjax detect` bounds the image by the tokens left beside its prompt,
+        `fitting_max_pixels`: a size no larger than this, often the same.)"""
         cfg, tk = self.cfg, self.tokens
         template = pick_template(cfg.seed, record.index, epoch) if template is None else template
         system, user = record_prompt(record, template, cfg.system_prompt, cfg.prompts, cfg.user_prompt)
@@ -252,21 +255,23 @@ class ExampleBuilder:
         length = self._length(text)
         if length <= cfg.max_length:
             return text
-        # A smaller image writes its box numbers in as many digits or fewer, so its completion is at most
-        # this long: a size whose prompt fits beside it fits without encoding the target again.
-        completion_bound = length - len(text.prompt_ids)
-        smaller = self._largest_fitting(record, before, after, template, text.max_pixels - 1, completion_bound)
-        return dataclasses.replace(smaller, shrunk_from=text.model_size) if smaller is not None else text
+        shrunk = self._largest_fitting(record, before, after, template, text.max_pixels - 1,
+                                       length - len(text.prompt_ids))
+        return dataclasses.replace(shrunk, shrunk_from=text.model_size) if shrunk is not None else text
 
     def _largest_fitting(self, record: Record, before: list[int], after: list[int], template: int,
                          below: int, completion_bound: int) -> ExampleText | None:
         """The example at the largest image size (a max_pixels from min_pixels to `below`) whose length fits
-        max_length; when none does, at the smallest size min_pixels admits (its reasoning is then truncated,
-        or it is dropped); None when min_pixels admits none below. The size, and with it the length, falls
-        with max_pixels, so each is a bisection over max_pixels: an estimate from the token overflow,
-        rounded down by smart_resize, undershot min_pixels and left images at full size that fit at a
-        smaller one. Only a size whose prompt alone leaves room for less than `completion_bound` (the
-        completion's length at full size) has its target encoded."""
+        max_length. When none does, its reasoning is cut at any size (data.long_samples: truncate) or it is
+        dropped: then None where the cut example fits at the full size (above `below`: a long reasoning
+        beside a small image was cut all the same and its image shrunk to min_pixels, a ninth of the pixels
+        eval and GRPO read it at), else the largest size at which the cut one fits, else the smallest size
+        min_pixels admits (to be dropped); None too when min_pixels admits none below. The size, and with it
+        the length, falls with max_pixels, so each is a bisection over max_pixels: an estimate from the
+        token overflow, rounded down by smart_resize, undershot min_pixels and left images at full size that
+        fit at a smaller one. `completion_bound`: the completion's length at full size, which a smaller
+        image's is not above (its box numbers take as many digits or fewer), so a size whose prompt leaves
+        room for it fits without encoding the target again."""
         cfg = self.cfg
         known: dict[tuple[int, int], bool] = {}  # model size -> fits (nearby max_pixels give the same size)
 
@@ -280,16 +285,29 @@ class ExampleBuilder:
                 known[text.model_size] = self._length(text) <= cfg.max_length
             return known[text.model_size]
 
+        def fits_cut(text: ExampleText) -> bool:
+            return self._fits(len(text.prompt_ids), text.target)
+
         def admitted(text: ExampleText) -> bool:  # (smart_resize's rounding at a max_pixels near min_pixels
             return text.model_size[0] * text.model_size[1] >= cfg.min_pixels  # can go below it)
 
         def sized(pixels: int) -> ExampleText:
             return self._sized(record, before, after, template, pixels)
 
-        fitting = _last_true(cfg.min_pixels, below, sized, fits)  # (the largest size that fits)
-        if fitting is not None and admitted(fitting):
+        def largest(keep) -> ExampleText | None:  # (keep holds up to a size, admitted from a size on)
+            found = _last_true(cfg.min_pixels, below, sized, keep)
+            return found if found is not None and admitted(found) else None
+
+        fitting = largest(fits)
+        if fitting is not None:
             return fitting
-        # none fits: the smallest size min_pixels admits (the last one, counting down, that it admits)
+        if cfg.mode == "sft" and cfg.long_samples == "truncate":
+            if fits_cut(sized(below + 1)):
+                return None
+            cut = largest(fits_cut)
+            if cut is not None:
+                return cut
+        # none fits at all: the smallest size min_pixels admits (the last one, counting down, that it admits)
         return _last_true(-below, -cfg.min_pixels, lambda p: sized(-p), admitted)
 
     def _sized(self, record: Record, before: list[int], after: list[int], template: int,
