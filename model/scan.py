@@ -9,7 +9,8 @@ What rides where in the scan:
 * parameters (nnx.Param, LoRA factors included): scanned inputs, sliced per layer, never returned (so
   no copy of the weights is built as a scan output);
 * every other variable (the LoRA dropout RNG stream: one stream per stacked Linear, advanced by each
-  layer's draw, so layers get different masks): the carry, written back after the scan;
+  layer's draw, so layers get different masks): the carry, written back after the scan where a dropout
+  draws (train mode; the looped layers leave a stream they do not draw from untouched);
 * per-layer inputs (`xs`, e.g. the KV cache's keys and values [layers, ...]) and outputs (`ys`): scanned.
 
 Rematerialisation applies to one layer's call (jax.checkpoint of the scan body), what wrapping each layer
@@ -69,9 +70,18 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, broadcast: tup
         return (carry, rest), ys_i
 
     (carry, rest), ys = jax.lax.scan(body, (carry, rest), (params, xs))
-    if nnx.to_flat_state(rest):
+    # Written back only where a layer drew from its stream: inside a decode loop (a lax.while_loop over this
+    # scan, LoRA dropout in eval mode) the write failed, "Cannot mutate RngCount from a different trace
+    # level", while the looped layers never touch a stream they do not draw from.
+    if nnx.to_flat_state(rest) and _draws_randomness(stack):
         nnx.update(stack, rest)
     return carry, ys
+
+
+def _draws_randomness(stack: nnx.Module) -> bool:
+    """Whether a call of the layers advances a random stream: an active dropout (train mode, rate > 0)."""
+    return any(isinstance(module, nnx.Dropout) and not module.deterministic and module.rate > 0
+               for _, module in nnx.iter_modules(stack))
 
 
 __all__ = ["RematPolicy", "stack_modules", "scan_stack"]

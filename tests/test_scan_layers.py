@@ -12,6 +12,7 @@ relative error ~1e-6); GRAD_TOL leaves room for that and nothing more (a mis-sli
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,27 @@ def test_generation_equals_loop(tmp_path_factory):
     greedy = generate(scan, ids, mask, max_new_tokens=10, num_return_sequences=2)
     np.testing.assert_array_equal(greedy, generate(loop, ids, mask, max_new_tokens=10, num_return_sequences=2))
     assert len(set(greedy[:, 6:].ravel().tolist())) > 3  # a wandering path, not one token repeated
+
+
+def test_generation_with_lora_dropout_equals_loop(tiny_checkpoint, peft_adapter, prompt):
+    """A scanned model with LoRA dropout (the recipes' 0.05; eval mode while decoding) generates as the looped
+    one: the scan wrote the dropout streams back from inside the decode loop and failed ("Cannot mutate
+    RngCount from a different trace level"), so GRPO's first rollout and SFT's closing eval died with
+    scan_layers. In train mode the streams still advance (test_lora_dropout_streams_advance_per_layer)."""
+    with_dropout = Path(peft_adapter) / "with_dropout"
+    with_dropout.mkdir()
+    for f in Path(peft_adapter).iterdir():
+        if f.is_file():
+            (with_dropout / f.name).write_bytes(f.read_bytes())
+    config = json.loads((with_dropout / "adapter_config.json").read_text())
+    (with_dropout / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.05}))
+    scan, loop = (fxjax.from_pretrained(tiny_checkpoint, adapter=with_dropout, scan_layers=stacked)
+                  for stacked in (True, False))
+    assert scan.decoder.layers.self_attn.q_proj.lora.dropout.rate == 0.05
+    # (an image row and a left-padded text row: the vision blocks' scan, under its cond, inside the decode too)
+    tokens = generate(scan, *prompt, max_new_tokens=6, num_return_sequences=2)
+    np.testing.assert_array_equal(tokens, generate(loop, *prompt, max_new_tokens=6, num_return_sequences=2))
+    assert int(scan.decoder.layers.self_attn.q_proj.lora.dropout.rngs.count[...]) == 0  # (no draw in eval mode)
 
 
 def test_stacked_cache_layout():
