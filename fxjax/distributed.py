@@ -258,7 +258,8 @@ def slurm_gpu_note(environ: Mapping[str, str]) -> str | None:
             "or give each task its GPUs in JAX_LOCAL_DEVICE_IDS")
     return (f"fxjax.distributed: warning: SLURM gives this node {gpus} GPUs and {tasks} task(s), and JAX gives each "
             f"process only the GPU of its SLURM_LOCALID: {gpus - tasks} GPU(s) here would sit idle; run one task "
-            f"per GPU (srun --ntasks-per-node={gpus} --gpus-per-task=1), {hint}")
+            f"per GPU (srun --ntasks-per-node={gpus} --gpus-per-node={gpus}, no --gpus-per-task: bound to a task, "
+            f"its GPU is device 0, not its SLURM_LOCALID), {hint}")
 
 
 def opted_out(environ: Mapping[str, str]) -> bool:

@@ -245,7 +245,8 @@ def test_a_slurm_node_with_more_gpus_than_tasks_is_warned_about_before_the_join(
     distributed.initialize(environ=node, log=lines.append)
     assert lines[-1] == ("fxjax.distributed: warning: SLURM gives this node 8 GPUs and 1 task(s), and JAX gives each "
                          "process only the GPU of its SLURM_LOCALID: 7 GPU(s) here would sit idle; run one task per "
-                         "GPU (srun --ntasks-per-node=8 --gpus-per-task=1), or, one task a node, export "
+                         "GPU (srun --ntasks-per-node=8 --gpus-per-node=8, no --gpus-per-task: bound to a task, its "
+                         "GPU is device 0, not its SLURM_LOCALID), or, one task a node, export "
                          "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7")
     lines.clear()
     distributed.initialize(environ={**node, "FXJAX_COORDINATOR": "n1:8476", "FXJAX_NUM_PROCESSES": "4",
