@@ -32,6 +32,8 @@ _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SPLASH_BLOCK = 128
 # Segment id of slots added only to fill a Splash tile: equal to no real or padding token's id.
 _FILL_SEGMENT = -(2 ** 30)
+# Float32 attention scores `xla_attention` holds at once (1 GiB); above it the queries run in chunks.
+XLA_SCORE_LIMIT = 2 ** 28
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -152,11 +154,48 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return xla_attention(q, k, v, mask.allowed)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                  score_limit: int = XLA_SCORE_LIMIT) -> jax.Array:
     """The reference. mask: bool, broadcastable to [..., Lq, Lk] (True = may attend). Scores and softmax
     run in float32, as HF's eager/sdpa do for fp32 and as a bf16 run needs for stability. A fully masked
     row yields a uniform average instead of NaN (HF's min-value masking does the same); callers ignore such
     rows.
+
+    Where the scores of all queries would exceed `score_limit` float32 elements, the queries run in chunks
+    that stay under it, one after another, each rematerialised in the backward pass (a query's softmax
+    reads only its own row of scores, so the rows are those of one pass): the vision encoder's full
+    attention over a 12.8-megapixel image (31,724 patches, 16 heads) held 60 GiB of scores at once.
+    """
+    *batch, lq, h, _ = q.shape
+    per_query = math.prod(batch) * h * k.shape[-3]  # (scores of one query row over every head and key)
+    if lq <= 1 or per_query * lq <= score_limit:
+        return _attend(q, k, v, mask)
+    return _attend_in_chunks(q, k, v, mask, chunk=max(1, score_limit // per_query))
+
+
+def _attend_in_chunks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int) -> jax.Array:
+    """`_attend` over `chunk` queries at a time (the last chunk padded, its padding rows attending every key)."""
+    n, lq = q.ndim - 3, q.shape[-3]
+    chunks = -(-lq // chunk)
+    pad = chunks * chunk - lq
+    q = jnp.pad(q, [(0, 0)] * n + [(0, pad), (0, 0), (0, 0)])
+    rows = mask is not None and mask.shape[-2] == lq  # (else one row broadcast to every query: a key mask)
+    if rows:
+        mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(0, pad), (0, 0)], constant_values=True)
+
+    @jax.checkpoint
+    def one(i):
+        q_i = jax.lax.dynamic_slice_in_dim(q, i * chunk, chunk, axis=n)
+        mask_i = jax.lax.dynamic_slice_in_dim(mask, i * chunk, chunk, axis=mask.ndim - 2) if rows else mask
+        return _attend(q_i, k, v, mask_i)
+
+    out = jax.lax.map(one, jnp.arange(chunks))  # [chunks, ..., chunk, H, D]
+    out = jnp.moveaxis(out, 0, n).reshape(*q.shape[:n], chunks * chunk, *q.shape[n + 1:])
+    return jax.lax.slice_in_dim(out, 0, lq, axis=n)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`xla_attention` of every query at once.
 
     Layout: the query groups of each KV head are folded into the query axis, so both matmuls are plain
     batched [kvh] matmuls with the score tensor as [..., kvh, groups * Lq, Lk]: XLA then fuses the

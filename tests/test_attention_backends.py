@@ -236,3 +236,42 @@ def test_the_splash_kernel_computes_the_reference_on_real_rows(case):
     if case == 2:  # the kernel, built while tracing, is cached: another program reuses it (no leaked tracer)
         again = jax.jit(lambda q, k, v, m: 2 * splash_attention(q, k, v, m, interpret=True))(q, k, v, mask)
         np.testing.assert_allclose(np.asarray(again)[real], 2 * out[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["rows", "keys", "none"])
+def test_xla_attention_over_its_score_limit_runs_the_queries_in_chunks_to_the_same_values(mask_kind):
+    """Over `score_limit` float32 scores the queries run in chunks (the last one padded): the same outputs
+    and gradients as every query at once, for a per-row mask (causal with padding), a key mask broadcast to
+    every row, and none; grouped KV heads and a leading batch axis; 13 queries in chunks of 4."""
+    from fxjax.model.attention import _attend
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=shape), F32) for shape in ((2, 13, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)))
+    causal = np.tril(np.ones((13, 11), bool), 2) & (np.arange(11) >= 1)  # (row 0 attends key 1 onward)
+    mask = {"rows": jnp.asarray(np.broadcast_to(causal, (2, 13, 11))),
+            "keys": jnp.asarray(np.arange(11) < 9)[None, None, :], "none": None}[mask_kind]
+    limit = 4 * 2 * 4 * 11  # (4 query rows over both batch rows, every head and key)
+
+    def loss(attend, q, k, v):
+        return (attend(q, k, v) * jnp.arange(8.0)).sum()
+
+    chunked = lambda q, k, v: xla_attention(q, k, v, mask, score_limit=limit)  # noqa: E731
+    whole = lambda q, k, v: _attend(q, k, v, mask)  # noqa: E731
+    np.testing.assert_allclose(chunked(q, k, v), whole(q, k, v), rtol=1e-6, atol=1e-6)
+    for got, want in zip(jax.grad(lambda *a: loss(chunked, *a), (0, 1, 2))(q, k, v),
+                         jax.grad(lambda *a: loss(whole, *a), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert "scan" in str(jax.make_jaxpr(chunked)(q, k, v)) and "scan" not in str(jax.make_jaxpr(whole)(q, k, v))
+
+
+def test_xla_attention_holds_one_chunk_of_scores_not_all_of_them():
+    """What the chunks are for: the compiled forward and backward of 4096 queries over 4096 keys and 4 heads
+    (64 M float32 scores, 256 MiB) hold a chunk's scores in temporaries, not every query's."""
+    q = jax.ShapeDtypeStruct((4096, 4, 64), F32)
+
+    def temporaries(limit):
+        grad = jax.jit(jax.grad(lambda q, k, v: xla_attention(q, k, v, None, score_limit=limit).sum(), (0, 1, 2)))
+        return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temporaries(2 ** 30), temporaries(2 ** 22)  # (the second: 256 query rows a chunk)
+    assert whole > 256 * 2 ** 20 and chunked < 64 * 2 ** 20, (whole, chunked)
