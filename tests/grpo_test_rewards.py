@@ -19,7 +19,11 @@ def brevity(completions, *, label, boxes, captions, tags, record, **kwargs):
         assert label[i] == row["label"] and tags[i] == list(row.get("tags", [])), (source, tags[i])
         assert captions[i] == [r["caption"] for r in row.get("regions", [])] and len(captions[i]) == len(boxes[i])
     # where training is (train.reward_funcs.PROGRESS, for a function that takes **kwargs): the sampling step
-    # as metrics.jsonl numbers it, and its stage (the runs' stages: alpha, beta, gamma)
-    assert set(kwargs) == {"step", "stage"}, kwargs
+    # as metrics.jsonl numbers it, and its stage (the runs' stages: alpha, beta, gamma); and TRL's
+    # completion_ids: each completion's token ids through its EOS (all of them, one cut at the length limit)
+    assert set(kwargs) == {"step", "stage", "completion_ids"}, kwargs
     assert isinstance(kwargs["step"], int) and kwargs["step"] >= 1 and kwargs["stage"] in ("alpha", "beta", "gamma")
+    ids = kwargs["completion_ids"]
+    assert len(ids) == len(completions) and all(isinstance(t, int) for row in ids for t in row)
+    assert all(len(row) >= 1 for row in ids), ids
     return [-len(c) / 100 for c in completions]

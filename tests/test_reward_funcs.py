@@ -57,7 +57,7 @@ def test_a_function_that_does_not_import_is_named_before_the_model_loads(tmp_pat
                           ("odd_rewards:some", r"unexpected keyword argument 'captions'"),
                           # TRL's signature: its prompts come first, and fxjax has none to give
                           ("odd_rewards:trl", r"odd_rewards:trl cannot be called as a reward function is \(it takes "
-                                              r"TRL's `prompts` first; fxjax gives none")):
+                                              r"TRL's `prompts` \(without a default\); fxjax gives none")):
         with pytest.raises(ConfigError, match=message):
             load_reward_funcs(config({"name": "x", "function": spec}).grpo.reward_funcs)
 
@@ -151,6 +151,29 @@ def test_a_function_that_takes_the_step_or_stage_gets_them_and_one_that_does_not
     np.testing.assert_array_equal(gamma["total"], np.ones(4))
     assert shaped_rewards.SEEN == [("by_stage", "alpha"), ("anything", 3, "alpha"), ("columns_only",),
                                    ("by_stage", "gamma"), ("anything", 21, "gamma"), ("columns_only",)]
+
+
+def test_trl_signatures_get_the_completions_and_their_token_ids_by_name(tmp_path, monkeypatch):
+    """TRL passes prompts=, completions=, completion_ids= by name: a function whose first parameter is not the
+    completions got the texts there (a token-length penalty on completion_ids counted characters) or None
+    for them (prompts=None first); now the completions go by name to a function that names them, and
+    completion_ids (token ids through EOS) to one that takes them. An async function is refused at load (it
+    returned a coroutine, said only after a step's sampling)."""
+    (tmp_path / "trl_rewards.py").write_text(
+        "def token_len(completion_ids, **kwargs):\n    return [-len(ids) for ids in completion_ids]\n"
+        "def prompts_default(prompts=None, completions=None, **kwargs):\n    return [len(c) for c in completions]\n"
+        "async def later(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    funcs = load_reward_funcs(config({"name": "tokens", "function": "trl_rewards:token_len"},
+                                     {"name": "chars", "function": "trl_rewards:prompts_default"}).grpo.reward_funcs)
+    assert [(f.by_name, f.trl) for f in funcs] == [(True, ("completion_ids",))] * 2
+    ids = [np.array([5, 6]), np.array([7, 8, 9, 10]), np.array([11]), np.array([12, 13, 14])]
+    out = add_reward_funcs({"total": np.zeros(4)}, funcs, TEXTS, TARGETS, METAS, 2, completion_ids=ids)
+    np.testing.assert_array_equal(out["tokens"], [-2, -4, -1, -3])  # (the texts' lengths are 1, 3, 2, 4)
+    np.testing.assert_array_equal(out["chars"], [1, 3, 2, 4])
+    with pytest.raises(ConfigError, match=r"trl_rewards:later is an async function; fxjax calls reward functions as "
+                                          r"plain functions"):
+        load_reward_funcs(config({"name": "x", "function": "trl_rewards:later"}).grpo.reward_funcs)
 
 
 def test_a_terms_step_metrics_combine_over_processes_as_over_the_batch():

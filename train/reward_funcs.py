@@ -8,14 +8,18 @@
     def brevity(completions, *, label, boxes, record, **kwargs):
         return [-len(c) / 1000 for c in completions]
 
-A function gets the step's completions (this process's rows: each prompt's G completions in a row) and,
+A function gets the step's completions (this process's rows: each prompt's G completions in a row: the
+decoded text, special tokens kept, `<|box_start|>` and the format's tags included; as `completions=` when
+it names that parameter, as TRL passes them, else as its first argument) and,
 as keyword arguments aligned with them, each completion's prompt's `label` ("real" / "generated"),
 `boxes` (its true boxes, float [n, 4] in the pixels of the image the model saw, as the completion's),
 `captions` (its true regions' captions, a list aligned with `boxes`), `tags` (the record's image-level
 tags, a list) and `record` (the record's file:line); and, if it takes them (by name, or **kwargs), where
 training is, for reward shaping over the run as TRL's `trainer_state` allows: `step` (the sampling step,
 1-based, as metrics.jsonl numbers it) and `stage` (its reward stage's name: alpha, beta, gamma, or
-"continuous"). It returns one finite number per completion. The step's total reward,
+"continuous"); and TRL's `completion_ids` (each completion's token ids, through its EOS) if it takes them.
+Other columns of the records are not given (`record` names the line to read them from). It returns one
+finite number per completion. The step's total reward,
 from which the group advantages are computed, gains weight x that number in every stage; the raw number is
 logged as `reward/<name>` for each completion (completions.jsonl) and as `reward/<name>_mean` / `_std` for
 the step (metrics.jsonl).
@@ -39,21 +43,36 @@ __all__ = ["COLUMNS", "RewardFunc", "add_reward_funcs", "load_reward_funcs"]
 
 COLUMNS = ("label", "boxes", "captions", "tags", "record")  # the keyword arguments a function gets
 PROGRESS = ("step", "stage")  # given to a function that takes them (by name or **kwargs): where training is
+TRL_KEYWORDS = ("completion_ids",)  # TRL's, given to a function that takes them (by name or **kwargs)
 
 
-def _call_problem(function, progress: tuple[str, ...]) -> str | None:
-    """Why `function` cannot take a step's completions, the COLUMNS keywords and the `progress` ones it takes
-    (a wrong signature was found only after the model had loaded, compiled and sampled its first step),
-    None when it can."""
+def _call_problem(function, keywords: tuple[str, ...], by_name: bool) -> str | None:
+    """Why `function` cannot take a step's completions (by name: `by_name`), the COLUMNS keywords and the
+    other `keywords` it takes (a wrong signature was found only after the model had loaded, compiled and
+    sampled its first step), None when it can."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # (a builtin or C function without one: called as it is)
         return None
     try:
-        signature.bind([], **dict.fromkeys(COLUMNS + progress))
+        signature.bind(*(() if by_name else ([],)), **({"completions": []} if by_name else {}),
+                       **dict.fromkeys(COLUMNS + keywords))
     except TypeError as err:
         return str(err)
     return None
+
+
+def _names_completions(function) -> bool:
+    """Whether `function` is written as TRL calls one, every argument by name: it has a parameter named
+    `completions`, or its first is another of TRL's (`completion_ids`, `prompts`; the completions then go to
+    its **kwargs). Else the completions are its first argument, whatever its name (`lambda c, **kwargs`)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    first = next((p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
+    return "completions" in named or (first is not None and first.name in ("completion_ids", "prompts"))
 
 
 def _takes_prompts(function) -> bool:
@@ -64,17 +83,18 @@ def _takes_prompts(function) -> bool:
     return bool(parameters) and parameters[0] == "prompts"
 
 
-def _progress_taken(function) -> tuple[str, ...]:
-    """The PROGRESS keywords `function` takes: those it names, all with **kwargs (none without a signature).
-    Only to those: a function written before they existed, without **kwargs, keeps working."""
+def _keywords_taken(function, offered: tuple[str, ...]) -> tuple[str, ...]:
+    """The `offered` keywords (PROGRESS, TRL_KEYWORDS) `function` takes: those it names, all with **kwargs
+    (none without a signature). Only to those: a function written before they existed, without **kwargs,
+    keeps working."""
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return ()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return PROGRESS
+        return offered
     named = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return tuple(k for k in PROGRESS if k in named)
+    return tuple(k for k in offered if k in named)
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,17 @@ class RewardFunc:
     weight: float
     spec: str  # "module:name", for messages
     progress: tuple[str, ...] = ()  # the PROGRESS keywords it takes
+    trl: tuple[str, ...] = ()  # the TRL_KEYWORDS it takes
+    by_name: bool = False  # the completions given as `completions=` (it names them), else first
+
+    def __call__(self, completions: list[str], columns: Mapping[str, Any], progress: Mapping[str, Any] | None,
+                 completion_ids: Sequence[Sequence[int]] | None):
+        keywords = {k: progress[k] for k in self.progress if progress and k in progress}
+        if "completion_ids" in self.trl and completion_ids is not None:
+            keywords["completion_ids"] = [list(map(int, ids)) for ids in completion_ids]
+        if self.by_name:
+            return self.function(completions=completions, **columns, **keywords)
+        return self.function(completions, **columns, **keywords)
 
 
 def _import_user_module(name: str):
@@ -115,16 +146,22 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
         function = getattr(module, attr, None)
         if not callable(function):
             raise ConfigError(f"{where}[{i}].function: {module_name} has no function {attr!r}")
-        progress = _progress_taken(function)
-        problem = _call_problem(function, progress)
+        if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+            raise ConfigError(f"{where}[{i}].function: {section.function} is an async function; fxjax calls reward "
+                              f"functions as plain functions (TRL awaits async ones): define it with def, not async "
+                              f"def")
+        progress, trl, by_name = _keywords_taken(function, PROGRESS), _keywords_taken(function, TRL_KEYWORDS), \
+            _names_completions(function)
+        problem = _call_problem(function, progress + trl, by_name)
         if problem:
             if _takes_prompts(function):  # (TRL's signature: its first argument is never given here)
-                problem = ("it takes TRL's `prompts` first; fxjax gives none, the prompts being images with the "
-                           "dataset's question: the completions come first")
+                problem = ("it takes TRL's `prompts` (without a default); fxjax gives none, the prompts being images "
+                           "with the dataset's question")
             raise ConfigError(f"{where}[{i}].function: {section.function} cannot be called as a reward function is "
                               f"({problem}): define it as def {attr}(completions, *, {', '.join(COLUMNS)}) (and "
-                              f"{' and '.join(PROGRESS)} if it wants them) or def {attr}(completions, **kwargs)")
-        out.append(RewardFunc(section.name, function, float(section.weight), section.function, progress))
+                              f"{', '.join(PROGRESS + TRL_KEYWORDS)} if it wants them) or def {attr}(completions, "
+                              f"**kwargs)")
+        out.append(RewardFunc(section.name, function, float(section.weight), section.function, progress, trl, by_name))
     return tuple(out)
 
 
@@ -150,10 +187,12 @@ def _numbers(raw: Any, func: RewardFunc, n: int, records: Sequence[str]) -> np.n
 
 def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc], completions: Sequence[str],
                      targets: Sequence[Mapping[str, Any]], metas: Sequence[Mapping[str, Any]],
-                     num_generations: int, progress: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+                     num_generations: int, progress: Mapping[str, Any] | None = None,
+                     completion_ids: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """`scores` (rewards.score's, one value per completion) with each function's values under its name and
     weight x them added to "total". `progress`: the step's PROGRESS values, each given to the functions
-    that take it. A function that raises, or returns other than one finite number per
+    that take it; `completion_ids`: each completion's token ids through its EOS, for those that take them.
+    A function that raises, or returns other than one finite number per
     completion, is an error naming it (a NaN total would train on nothing, silently)."""
     if not funcs:
         return scores
@@ -167,8 +206,7 @@ def add_reward_funcs(scores: dict[str, np.ndarray], funcs: Sequence[RewardFunc],
     total = np.asarray(out["total"], np.float64).copy()
     for func in funcs:
         try:
-            raw = func.function(list(completions), **columns,
-                                **{k: progress[k] for k in func.progress if progress and k in progress})
+            raw = func(list(completions), columns, progress, completion_ids)
         except (Exception, SystemExit) as err:  # (a sys.exit in the function: not the run's exit status)
             # (a function written for TRL's conversational data reads c[0]["content"]: here c is the text)
             trl = (" (each completion is a str here, the decoded text, not TRL's list of messages: c, not "

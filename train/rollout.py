@@ -144,7 +144,8 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     texts = decode_completions(tokenizer, tokens, attention, eos_ids)
     targets = targets_of(metas)
     scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
-    scores = add_reward_funcs(scores, reward_funcs, texts, targets, metas, num_generations, progress)
+    scores = add_reward_funcs(scores, reward_funcs, texts, targets, metas, num_generations, progress,
+                              completion_ids=[row[keep.astype(bool)] for row, keep in zip(tokens, attention)])
     totals, mine = np.asarray(scores["total"], np.float32), slice(None)
     if scale_rewards == "batch" and batch_rewards is not None:
         totals, mine = batch_rewards(totals)
