@@ -232,28 +232,35 @@ HF_TRAINER_KEYS: dict[str, str] = {
 }
 
 
-def _unknown_keys(keys: list[str], where: str, names: list[str]) -> ConfigError:
-    """The error for keys a section does not take, all of them at once, each with where it may belong: the
-    path of that name elsewhere in the config (a flat TRL-style file's `beta` is `grpo.beta`), what another
-    tool's name is here (the root class's FOREIGN_KEYS: `save_steps` is checkpoint.every), or a close
-    spelling in the section."""
-    root = _ROOT.get()
+def unknown_key_hint(root, where: str, key: str, names: list[str]) -> str:
+    """Where an unknown `key` of section `where` may belong (config class `root`): the path of that name
+    elsewhere in the config (a flat TRL-style file's `beta` is `grpo.beta`), what another tool's name is
+    here (the root class's FOREIGN_KEYS: `save_steps` is checkpoint.every), or a close spelling in the
+    section (`names`); "" when none."""
     paths = _key_paths(root) if root is not None else {}
     foreign = getattr(root, "FOREIGN_KEYS", {})
     prefixes = getattr(root, "FOREIGN_PREFIXES", {})
+    here = f"{where}.{key}" if where else key
+    elsewhere = [p for p in paths.get(key, []) if p != here]
+    if elsewhere:
+        return f"did you mean {' or '.join(elsewhere)}?"
+    if key in foreign:
+        return foreign[key]
+    prefix = next((p for p in prefixes if key.startswith(p)), None)
+    if prefix is not None:
+        return prefixes[prefix]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+    return f"did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+
+
+def _unknown_keys(keys: list[str], where: str, names: list[str]) -> ConfigError:
+    """The error for keys a section does not take, all of them at once, each with where it may belong
+    (`unknown_key_hint`)."""
+    root = _ROOT.get()
 
     def hint(key: str) -> str:
-        here = f"{where}.{key}" if where else key
-        elsewhere = [p for p in paths.get(key, []) if p != here]
-        if elsewhere:
-            return f" (did you mean {' or '.join(elsewhere)}?)"
-        if key in foreign:
-            return f" ({foreign[key]})"
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is not None:
-            return f" ({prefixes[prefix]})"
-        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
-        return f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+        said = unknown_key_hint(root, where, key, names)
+        return f" ({said})" if said else ""
 
     named = [(f"{where}.{k}" if where else k) + hint(k) for k in keys]
     if len(named) == 1:
@@ -289,13 +296,25 @@ def _build_config(cls, data: Any, where: str):
             for k, v in data.items()}
     # null for a list-valued key is the empty list (a YAML `key:` with nothing after it reads as null).
     values = {k: () if v is None and typing.get_origin(hints[k]) is tuple
-              else _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+              else _converted(cls, k, v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def _converted(cls, key: str, value: Any, tp, where: str) -> Any:
+    """`_convert`, its error followed by the section's word on that key where it has one (VALUE_HINTS: key ->
+    what a value of another tool's meaning is here)."""
+    try:
+        return _convert(value, tp, where)
+    except ConfigError as err:
+        hint = getattr(cls, "VALUE_HINTS", {}).get(key)
+        if hint is None:
+            raise
+        raise ConfigError(f"{err} ({hint})") from None
 
 
 def dotted_keys(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

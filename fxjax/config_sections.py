@@ -172,6 +172,9 @@ class OptimSection:
     """optax AdamW with linear warmup then cosine (or constant / linear) decay, global-norm clipping and
     gradient accumulation (grad_accum micro-batches per update, scanned inside the one jitted step)."""
 
+    # (transformers 5 reads a warmup_steps below 1 as a share of the run; here that is warmup_ratio)
+    VALUE_HINTS: ClassVar[dict[str, str]] = {"warmup_steps": "a share of the run is optim.warmup_ratio"}
+
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     b1: float = 0.9

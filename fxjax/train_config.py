@@ -34,7 +34,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import yaml
 
 from fxjax.config_mapping import (HF_TRAINER_KEYS, ConfigError, as_written, build_config, load_yaml, to_plain,
-                                  type_name)
+                                  type_name, unknown_key_hint)
 from fxjax.config_sections import (CheckpointSection, DataSection, DistributedSection, EvalSection, ExportSection,
                                    LoRASection, MeshSection, ModelSection, OptimSection, TrainSection)
 from fxjax.run_files import expand_home
@@ -244,8 +244,10 @@ def _section_class(parts: Sequence[str], key: str, root=None):
         name, index = _split_part(part)
         names = [f.name for f in dataclasses.fields(cls)]
         if name not in names:
-            section = ".".join(parts[:i]) or "the config"
-            raise ConfigError(f"{where}: unknown key (in --set {key}=...); {section} takes {names}")
+            section = ".".join(parts[:i])
+            said = unknown_key_hint(root or SFTConfig, section, name, names)  # (what a config file's key is told)
+            raise ConfigError(f"{where}: unknown key (in --set {key}=...{'; ' + said if said else ''}); "
+                              f"{section or 'the config'} takes {names}")
         hint = typing.get_type_hints(cls)[name]
         if index is not None:
             item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None

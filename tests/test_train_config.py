@@ -207,7 +207,7 @@ def test_set_reaches_one_grpo_stage_by_its_index(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[3\]: the config's stages list has 3 item\(s\) \(stages\[0\] to "
                                           r"stages\[2\]\); to set the whole list: --set 'stages=\[...\]'"):
         load_grpo_config("configs/grpo.yaml", base + ["stages[3].steps=5"])
-    with pytest.raises(ConfigError, match=r"stages\[0\].nme: unknown key \(in --set stages\[0\].nme=...\); "
+    with pytest.raises(ConfigError, match=r"stages\[0\].nme: unknown key \(in --set stages\[0\].nme=...; did you mean stages\[0\].name\?\); "
                                           r"stages\[0\] takes \['name', 'steps', 'epochs'\]"):
         load_grpo_config("configs/grpo.yaml", base + ["stages[0].nme=x"])
     with pytest.raises(ConfigError, match=r"grpo\[0\]: grpo is not a list of sections"):
@@ -282,9 +282,19 @@ def test_unknown_keys_through_set_list_the_valid_keys(tmp_path):
         load_sft_config(path, ["optim.lr=1"])
     names = [f.name for f in dataclasses.fields(SFTConfig().optim)]
     assert str(err.value) == f"optim.lr: unknown key (in --set optim.lr=...); optim takes {names}"
-    with pytest.raises(ConfigError, match=r"^trainer: unknown key \(in --set trainer.steps=...\); the config "
+    with pytest.raises(ConfigError, match=r"^trainer: unknown key \(in --set trainer.steps=...; did you mean train\?\); the config "
                                           r"takes \['model', 'lora'"):
         load_sft_config(path, ["trainer.steps=1"])
+    # a key of another tool's is told where it is here, as in a config file (it got the bare error)
+    with pytest.raises(ConfigError, match=r"^optim.warmup_ratio_typo: unknown key \(in --set optim.warmup_ratio_typo=...; "
+                                          r"did you mean optim.warmup_ratio\?\); optim takes"):
+        load_sft_config(path, ["optim.warmup_ratio_typo=0.1"])
+    with pytest.raises(ConfigError, match=r"^optim.warmup_steps: expected an integer or null, got 0.1 \(a share of "
+                                          r"the run is optim.warmup_ratio\)$"):
+        load_sft_config(path, ["optim.warmup_steps=0.1"])  # (transformers' meaning of a warmup_steps below 1)
+    with pytest.raises(ConfigError, match=r"^optim.save_steps: unknown key \(in --set optim.save_steps=...; did you "
+                                          r"mean checkpoint.every\?|here checkpoint.every\)"):
+        load_sft_config(path, ["optim.save_steps=10"])
 
 
 def test_cli_set_errors_and_notes(tmp_path, capsys):
