@@ -97,9 +97,30 @@ def checkpoint_dir_of(run: str | Path) -> Path:
         raise RunLoadError(f"{run} is the checkpoint of step {step}, not a run: name the run's folder and the step "
                            f"apart (eval, detect, export: --run {parent} --step {step}; a training start: "
                            f"model.from_run={parent} with model.from_run_step={step}; info: fxjax info {parent})")
-    hint = _checkpoints_inside(run)
+    hint = _checkpoints_inside(run) or _other_kind(run) or runs_inside(run)
     raise RunLoadError(f"{run} holds no checkpoints: expected {run / 'checkpoints'}/<step>/ (a fxjax sft/grpo "
                        f"train.output_dir) or <step>/ folders (a checkpoint.dir){hint}")
+
+
+def _other_kind(folder: Path) -> str:
+    """What a folder given as a run is instead, said for the error (the command-line way to give it)."""
+    if is_adapter_not_model(folder):
+        return f"; {folder} is a PEFT adapter: give --model BASE_MODEL --adapter {folder}"
+    if is_export_folder(folder):
+        return f"; {folder} is the folder of an `fxjax export`: give --model {folder / 'merged'}"
+    if (folder / "config.json").is_file():
+        return f"; {folder} is an HF model: give --model {folder}"
+    return ""
+
+
+def runs_inside(folder: Path) -> str:
+    """The fxjax runs in a folder's subfolders (`fxjax demo`'s out: sft/ and grpo/), said for an error about
+    the folder ("" for none)."""
+    try:
+        runs = [p for p in sorted(folder.iterdir()) if p.is_dir() and (p / "checkpoints").is_dir()]
+    except OSError:
+        return ""
+    return f"; the runs in it: {', '.join(str(p) for p in runs[:5])}" if runs else ""
 
 
 def _checkpoints_inside(run: Path) -> str:

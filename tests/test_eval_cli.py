@@ -441,6 +441,35 @@ def test_eval_errors_are_clear(dataset, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_a_folder_of_another_kind_is_named_as_such_for_model_and_run(dataset, tiny_vl_dir, tmp_path, capsys):
+    """A newcomer's --model runs/sft was asked for a tokenizer ("no tokenizer.json in runs/sft; pass
+    --tokenizer DIR"), and --run given an HF model, an adapter or a folder of runs said only that it holds
+    no checkpoints: each is now said as what it is, with the flag to give it by."""
+    import shutil
+
+    from fxjax.cli import main
+
+    (tmp_path / "runs" / "sft" / "checkpoints" / "3").mkdir(parents=True)
+    shutil.copytree(tiny_vl_dir, tmp_path / "model")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    common = ["--data", str(dataset), "--out", str(tmp_path / "eval")]
+    for flags, said in (
+            (["--model", str(tmp_path / "runs" / "sft")], f"--model: {tmp_path / 'runs' / 'sft'} is an fxjax training "
+                                                         f"run, not an HF model: pass --run {tmp_path / 'runs' / 'sft'}"),
+            (["--model", str(tmp_path / "runs")], f"--model: {tmp_path / 'runs'} holds no config.json: not an HF "
+                                                  f"model folder (the one with config.json and *.safetensors); the "
+                                                  f"runs in it: {tmp_path / 'runs' / 'sft'}"),
+            (["--run", str(tmp_path / "model")], f"{tmp_path / 'model'} is an HF model: give --model {tmp_path / 'model'}"),
+            (["--run", str(tmp_path / "adapter")], f"{tmp_path / 'adapter'} is a PEFT adapter: give --model BASE_MODEL "
+                                                   f"--adapter {tmp_path / 'adapter'}"),
+            (["--run", str(tmp_path / "runs")], f"holds no checkpoints: expected {tmp_path / 'runs' / 'checkpoints'}"
+                                                f"/<step>/ (a fxjax sft/grpo train.output_dir) or <step>/ folders (a "
+                                                f"checkpoint.dir); the runs in it: {tmp_path / 'runs' / 'sft'}")):
+        assert main(["eval", *flags, *common]) == 2, flags
+        assert said in capsys.readouterr().err, flags
+
+
 def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_dir, tmp_path, capsys):
     """`fxjax report EVAL_DIR EVAL_DIR --labels`: one bar per folder and metric, at the value `fxjax eval`
     wrote, its whisker the 95% interval; F1 without one; what is not defined is said, not drawn as 0."""

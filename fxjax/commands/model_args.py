@@ -22,7 +22,7 @@ from typing import Any
 
 from fxjax.commands.arg_types import positive_int
 from fxjax.export_record import OtherBaseWarning, other_base_note
-from fxjax.run_files import is_adapter_not_model, is_export_folder, step_or_stage
+from fxjax.run_files import committed_steps, is_adapter_not_model, is_export_folder, runs_inside, step_or_stage
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments",
            "mesh_from_flag", "parse_mesh", "resolve_detector"]
@@ -253,6 +253,18 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     parse_mesh(getattr(args, "mesh", None))
 
 
+def _require_model_folder(model: Path) -> None:
+    """--model names an HF model's folder (config.json in it): a run's folder, or a folder of runs, said as
+    such (it was asked for a tokenizer: "no tokenizer.json in runs/sft; pass --tokenizer DIR")."""
+    if (model / "config.json").is_file():
+        return
+    if (model / "checkpoints").is_dir() or committed_steps(model):
+        raise ValueError(f"--model: {model} is an fxjax training run, not an HF model: pass --run {model} "
+                         f"(and --step N or a stage's name for another step than the last)")
+    raise ValueError(f"--model: {model} holds no config.json: not an HF model folder (the one with config.json "
+                     f"and *.safetensors){runs_inside(model)}")
+
+
 def resolve_detector(args: argparse.Namespace) -> Detector:
     """The detector the options name: tokenizer, prompt settings and what will be loaded (the run's step
     resolved, its config read), without loading weights."""
@@ -289,6 +301,7 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
                   "base": args.model or (base and (base.path or base.preset)), "dtype": args.dtype or cfg.model.dtype}
     else:
         model_dir = Path(args.model)
+        _require_model_folder(model_dir)
         data.update(_pixels_of(model_dir))
         # what training used, written by its export: the merged model's, then the adapter's
         trained = {**read_prompt_settings(model_dir), **(read_prompt_settings(args.adapter) if args.adapter else {})}
