@@ -369,6 +369,9 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
     Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
     data = tmp_path / "train.jsonl"
     data.write_text('{"image": "a.png", "label": "real"}\n')
+    model = tmp_path / "model"  # (a model folder's config.json, for the --tokenizer slip below)
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     check = ["data", "check", "--config", "sft", "--set", "model.preset=tiny", "--set",
              f"data.tokenizer={tokenizer_dir}"]
     for extra, kind in (([], "sft"), (["--kind", "grpo"], "grpo")):
@@ -410,6 +413,8 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
               (["info", str(Path(__file__).parents[1] / "configs" / "sft.yaml")],
                "a run config (data, lora, model, train), not a model preset"),
               (["detect", str(tmp_path / "a.png"), "--model", str(tmp_path), "--tokenizer", str(tmp_path)],
+               f"fxjax detect: error: --model: {tmp_path} holds no config.json: not an HF model folder"),
+              (["detect", str(tmp_path / "a.png"), "--model", str(model), "--tokenizer", str(tmp_path)],
                f"fxjax detect: error: --tokenizer: {tmp_path} holds no tokenizer.json")]
     for argv, message in errors:
         assert main(argv) == 2, argv
