@@ -389,12 +389,28 @@ def test_a_file_without_records_is_named(root, content, on_error):
     assert info.value.kind == "empty_file"
 
 
+def _image_bytes(format: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(out, format=format)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("name, content, problem", [
     ("array.jsonl", lambda r: ("[\n" + json.dumps(r) + "\n]\n").encode(), "holds one JSON array, not JSON Lines"),
     ("array1.jsonl", lambda r: ("[" + json.dumps(r) + "]\n").encode(), "holds a JSON array on a line, not JSON Lines"),
     ("pretty.json", lambda r: json.dumps(r, indent=2).encode(), "holds JSON spread over lines (pretty-printed)"),
     ("data.jsonl.gz", lambda r: gzip.compress(json.dumps(r).encode()), "is gzip-compressed: decompress it first"),
     ("utf16.jsonl", lambda r: json.dumps(r).encode("utf-16"), "is UTF-16 text: save it as UTF-8"),
+    # an image given where its dataset's JSONL belongs: each "line" of it was an invalid record
+    ("photo.jpg", lambda r: _image_bytes("JPEG"), "is a JPEG image, not a JSON Lines file of records: give the "
+                                                  ".jsonl that names the images"),
+    ("photo.png", lambda r: _image_bytes("PNG"), "is a PNG image, not a JSON Lines file"),
+    ("photo.webp", lambda r: _image_bytes("WEBP"), "is a WebP image, not a JSON Lines file"),
+    ("photo.bmp", lambda r: _image_bytes("BMP"), "is a BMP image, not a JSON Lines file"),
 ])
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_a_file_that_is_not_json_lines_is_named_once(root, name, content, problem, on_error):

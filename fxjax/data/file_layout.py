@@ -20,6 +20,14 @@ def whole_file_problem(path: Path) -> str | None:
         head = f.read(4096)
     if head.startswith(b"\x1f\x8b"):
         return "is gzip-compressed: decompress it first (gunzip -k FILE)"
+    image = next((name for name, magic in _IMAGE_SIGNATURES if head.startswith(magic)), None)
+    if image is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        image = "WebP"
+    if image is None and head[:2] == b"BM" and head[6:10] == bytes(4):  # (a BMP's reserved bytes: not text)
+        image = "BMP"
+    if image is not None:
+        return (f"is a {image} image, not a JSON Lines file of records: give the .jsonl that names the "
+                f"images, one record per line (docs/data.md)")
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "is UTF-16 text: save it as UTF-8"
     text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
@@ -47,6 +55,11 @@ def whole_file_problem(path: Path) -> str | None:
         except ValueError:
             pass
     return None
+
+
+# the first bytes of the image files a dataset's JSONL names, given instead of it
+_IMAGE_SIGNATURES = (("JPEG", b"\xff\xd8\xff"), ("PNG", b"\x89PNG\r\n\x1a\n"), ("GIF", b"GIF8"),
+                     ("TIFF", b"II*\x00"), ("TIFF", b"MM\x00*"))
 
 
 def _looks_like_coco(text: str, first: str) -> bool:
