@@ -425,6 +425,9 @@ def run_demo(out: Path | str = "fxjax-demo", *, steps: int | None = None, n_imag
          f"after SFT | after GRPO; white: the true region): {sheet}\nwhat GRPO sampled, with its rewards: "
          f"{out / 'grpo' / 'completions.jsonl'}")
     _say(f"\nfxjax demo finished in {total / 60:.1f} min on {_device()}; outputs in {out}")
+    if quick:  # (a table of zeros and flat rewards read as a broken install)
+        _say(f"(--quick: a smoke run of every phase, {sft_steps} SFT and {len(STAGES)} x {stage_steps} GRPO steps, too "
+             f"few to learn anything: zeros and flat rewards above are expected; `fxjax demo` learns the task)")
     # Exit status 1 only when the pipeline is broken: SFT did not teach the format, or the export disagrees.
     ok = (evals[1][1].get("format_rate") or 0) > (evals[0][1].get("format_rate") or 0) and agree < 1e-3
     return 0 if ok or quick else 1

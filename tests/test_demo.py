@@ -129,6 +129,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys, monkeypatch):
         assert json.loads((out / "eval" / phase.lower().replace("grpo ", "").replace(" ", "-")
                            / "metrics.json").read_text())["examples"] > 0
     assert "phase times, wall (cpu):" in text
+    assert "(--quick: a smoke run of every phase" in text  # (its zeros read as a broken install)
     assert "at the stage's start -> end (same images): alpha " in text and "; gamma " in text
     for png in ("sft_report.png", "grpo_report.png", "eval_report.png", "detect_overlays.png"):
         assert (out / "report" / png).stat().st_size > 1000

@@ -462,3 +462,31 @@ def test_a_stop_signal_is_said_at_once_and_a_second_ctrl_c_stops_at_once(capfd):
     finally:
         preemption.release_held_signals()
     assert capfd.readouterr().err == "fxjax: received SIGTERM: the run stops after its first step, with a checkpoint\n"
+
+
+def test_a_grpo_run_of_steps_that_train_on_nothing_is_said_once_a_streak():
+    """Every group's rewards equal (zero_std_group_fraction 1.0) for QUIET_STEPS steps in a row: the log says
+    the updates trained on nothing, and why where every completion ran to the length limit (a start that has
+    not learned the format: a newcomer's 300-step run from the base model went by without a word)."""
+    from fxjax.train.signal_watch import QUIET_STEPS, SignalWatch
+
+    said = []
+    watch = SignalWatch(said.append)
+    truncated, quiet = ({"zero_std_group_fraction": 1.0, "truncated_fraction": t} for t in (1.0, 0.5))
+    signal = {"zero_std_group_fraction": 0.5, "truncated_fraction": 1.0}
+    for step in range(1, QUIET_STEPS):
+        watch.after_step(step, truncated)
+    watch.after_step(QUIET_STEPS, signal)  # (a step with signal ends the streak: nothing said)
+    assert said == []
+    for step in range(QUIET_STEPS + 1, 3 * QUIET_STEPS + 1):
+        watch.after_step(step, truncated)
+    assert len(said) == 1 and said[0].startswith(f"grpo: warning: steps {QUIET_STEPS + 1}-{2 * QUIET_STEPS}: in every "
+                                                 "group the completions got equal rewards")
+    assert "every completion ran to grpo.max_completion_length" in said[0] and "model.from_run" in said[0]
+    watch.after_step(100, signal)
+    for step in range(101, 101 + QUIET_STEPS):
+        watch.after_step(step, quiet)
+    assert len(said) == 2 and "(grpo.temperature, grpo.num_generations)" in said[1] and "max_completion" not in said[1]
+    for step in range(200, 200 + QUIET_STEPS):  # (a step without groups, NaN, is no quiet step)
+        watch.after_step(step, quiet if step % 2 else {"zero_std_group_fraction": float("nan")})
+    assert len(said) == 2

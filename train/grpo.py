@@ -79,6 +79,7 @@ from fxjax.train.run_joining import join_run
 from fxjax.train.run_setup import (batch_divides, build_model, check_eval_batch, held_out_evaluator, keep_start_lora,
                                    resumed_start, start_description, start_run)
 from fxjax.train.sft import data_config as sft_data_config
+from fxjax.train.signal_watch import SignalWatch
 from fxjax.train.step import RNG_IMPL, split_model
 
 
@@ -321,6 +322,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             batch, _ = build(agreed)
         return with_patch_dtype(batch, patch_dtype), agreed, tokens
 
+    quiet = SignalWatch(say if main else lambda text: None)
     with LoopControl("grpo", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
                      say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
                      metrics=metrics, iterator=iterator, stage_ends={end: name for name, end in ends}) as control:
@@ -381,6 +383,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                           skipped=skipped,
                           stage_index=int(cfg.stage_at(step_now - 1)[0]), **weights_metrics(weights, funcs))
             metrics.log(step_now, "train", dict(values, stage=stage))
+            quiet.after_step(step_now, values)  # (a run of steps that train on nothing: said in the log)
             if g.log_completions:
                 records = completion_records(rollout, prompts["meta"], g.num_generations, stage)
                 ordered = batch_order("grpo-completions", mine, records, main_only=True)  # process 0 writes
