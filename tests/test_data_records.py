@@ -616,3 +616,22 @@ def test_skipped_records_are_named_in_the_log_up_to_a_count_per_kind(root, caplo
     assert ("skipping 3 more (image_missing 3), not named here: `fxjax data check --show all` lists them"
             in caplog.text)
     assert "skipped 24 (image_missing 23, label 1)" in caplog.text
+
+
+def test_an_image_path_written_from_the_working_folder_is_said_so(root, monkeypatch):
+    """A newcomer's records in data/train.jsonl named their images as seen from the working folder
+    (img/ok.png, not ../img/ok.png): each image "missing", and the run's hint was to skip the records. The
+    error says where paths are read from and the setting that reads them from the working folder."""
+    (root / "data").mkdir()
+    path = write(root / "data", native(image="img/ok.png"), name="train.jsonl")
+    monkeypatch.chdir(root)
+    with pytest.raises(DataError, match=r"train\.jsonl:1: missing image: .* \(image paths are read relative to the "
+                                        r"folder of the records' file, not the working folder, where img/ok.png is: set "
+                                        r"data.root, or --root for fxjax data check and eval, to "):
+        load_records(path)
+    records, _ = load_records(path, root=str(root))  # (what the hint says works)
+    assert len(records) == 1
+    monkeypatch.chdir(root / "data")  # (from elsewhere, no such file here: no hint)
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert "working folder" not in str(err.value)

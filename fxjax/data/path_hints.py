@@ -19,11 +19,21 @@ def missing_image_hint(rel: str, path: Path) -> str:
                    and Path(str(path)[:-len(rel)] + rel.strip()).is_file() else "")
                 + ")")
     if "\\" not in rel:
-        return _normalisation_hint(path) or _case_hint(path)
+        return _normalisation_hint(path) or _case_hint(path) or _working_folder_hint(rel, path)
     posix = rel.replace("\\", "/")
     if not Path(str(path).replace("\\", "/")).is_file():
         return " (the path has backslashes: write paths in the records with '/')"
     return f" (the path has backslashes; {posix!r} exists: write paths in the records with '/')"
+
+
+def _working_folder_hint(rel: str, path: Path) -> str:
+    """A relative path written from the working folder rather than from the records' file's folder (where
+    they are read from): said with the setting that reads them from there."""
+    here = Path(rel)
+    if here.is_absolute() or not here.is_file() or here.resolve() == path.resolve():
+        return ""
+    return (f" (image paths are read relative to the folder of the records' file, not the working folder, where "
+            f"{rel} is: set data.root, or --root for fxjax data check and eval, to {Path.cwd()})")
 
 
 def _normalisation_hint(path: Path) -> str:
