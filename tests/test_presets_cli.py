@@ -97,6 +97,18 @@ def test_cli_help_info_and_init(tmp_path, capsys):
     listing = capsys.readouterr().out.splitlines()
     assert listing[0] == "model presets (init --preset, model.preset):" and "  7b       8,292,166,656 parameters" in listing
     assert listing[-4:] == ["  grpo", "  recipes/paper_3b_grpo", "  recipes/paper_3b_sft", "  sft"], listing
+    # a listed run config by its name: the file, as --config reads it (it said "does not exist and is not a
+    # preset"); a dataset file given instead: pointed to data check (it said "invalid YAML")
+    from fxjax.presets import CONFIG_DIR
+
+    assert main(["info", "recipes/paper_3b_sft"]) == 0
+    shown = capsys.readouterr().out
+    assert shown == (f"run config recipes/paper_3b_sft: {CONFIG_DIR / 'recipes' / 'paper_3b_sft.yaml'}\n\n"
+                     + (CONFIG_DIR / "recipes" / "paper_3b_sft.yaml").read_text())
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "label": "real"}\n')
+    assert main(["info", str(tmp_path / "train.jsonl")]) == 2
+    assert (f"{tmp_path / 'train.jsonl'} is a dataset file, not a model, preset or run: `fxjax data check "
+            f"{tmp_path / 'train.jsonl'}` describes its records") in capsys.readouterr().err
     out = tmp_path / "m"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

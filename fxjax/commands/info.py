@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print("model presets (init --preset, model.preset):")
         for name in preset_names():
             print(f"  {name:6s} {abstract_parameter_counts(load_preset(name))['total']:>15,} parameters")
-        print("run configs (sft / grpo / data check --config NAME):")
+        print("run configs (sft / grpo / data check --config NAME; fxjax info NAME prints one):")
         print("\n".join(f"  {name}" for name in shipped_run_configs()))
         return 0
 
@@ -76,6 +76,17 @@ def run(args: argparse.Namespace) -> int:
         ended = None if holder else _how_it_ended(source)
         print("\n".join(lines + ([f"  training now: {holder}"] if holder else []) + ([ended] if ended else [])))
         return 0
+    if not source.exists():
+        from fxjax.train_config import shipped_run_configs
+
+        shipped = shipped_run_configs().get(args.model)
+        if shipped is not None:  # (a run config fxjax lists by name: its keys and values, as --config reads it)
+            print(f"run config {args.model}: {shipped}\n")
+            print(shipped.read_text(encoding="utf-8"), end="")
+            return 0
+    if source.is_file() and source.suffix.lower() in (".jsonl", ".json", ".csv"):  # (it said: invalid YAML)
+        raise ValueError(f"{source} is a dataset file, not a model, preset or run: `fxjax data check {source}` "
+                         f"describes its records")
     if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below
         raise FileNotFoundError(f"{args.model} does not exist and is not a preset; give an HF checkpoint "
                                 f"directory, a preset YAML or a preset name ({', '.join(preset_names())})")
