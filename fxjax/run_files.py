@@ -352,6 +352,18 @@ def resolve_step(checkpoint_dir: str | Path, step: int | str | None) -> tuple[in
     return step, cfg, kind
 
 
+def _as_started(value: str, checkpoint_dir: Path) -> Path:
+    """A start's folder (model.adapter, model.from_run) as the run read it: a relative one from the folder the
+    run was started from, where it is there and not here (a run read from another folder noted its start
+    "is not here" though it was where the run read it)."""
+    path = Path(value)
+    if path.is_absolute() or path.is_dir():
+        return path
+    steps = committed_steps(checkpoint_dir) if checkpoint_dir.is_dir() else []
+    cwd = _data_state(checkpoint_dir, steps[-1]).get(RUN_CWD_KEY) if steps else None
+    return Path(cwd) / path if cwd and (Path(cwd) / path).is_dir() else path
+
+
 def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Callable[[str], None] | None):
     """The run's config with its own copy of the LoRA it started from (run_setup.keep_start_lora) in place of
     model.adapter / model.from_run: the copy gives the LoRA's shape (rank, alpha, rslora, dropout, targets),
@@ -370,11 +382,11 @@ def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Calla
     key, value = starts[0]
     copy = checkpoint_dir / START_LORA_DIR
     start = kept_start(cfg, checkpoint_dir)
-    if Path(value).is_dir():
+    if _as_started(value, checkpoint_dir).is_dir():
         if start is None:  # no copy (a run from before fxjax kept one) or one of another start: the folder
             return cfg
         if log is not None and key == "model.adapter":
-            changed = adapter_config_changes(Path(value), copy)
+            changed = adapter_config_changes(_as_started(value, checkpoint_dir), copy)
             if changed:
                 log(f"model.adapter {value} now holds another adapter than the run started from ({changed}): "
                     f"the run's copy in {copy} gives the LoRA's shape")

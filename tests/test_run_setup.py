@@ -321,6 +321,12 @@ def test_the_kept_start_lora_belongs_to_the_run_in_the_directory(tmp_path, token
     monkeypatch.chdir(tmp_path)  # here "sft" names a folder that is not there
     assert resumed_start(config(Path("sft"), True), lines.append).model.adapter == str(copy)
     assert lines[-1] == f"model.adapter=sft is not here: the LoRA's shape from the run's copy in {copy}"
+    # ... and read from another folder than the one the run started from, where "sft" is, it is there: not
+    # said to be missing (a newcomer's eval from another folder was told "is not here")
+    (copy.parent / "1" / "data").mkdir(parents=True, exist_ok=True)
+    (copy.parent / "1" / "data" / "data_state.json").write_text(json.dumps({"cwd": str(project)}))
+    said = len(lines)
+    assert resumed_start(config(Path("sft"), True), lines.append).model.adapter == str(copy) and len(lines) == said
 
 
 def test_the_first_log_line_names_what_the_model_starts_from_and_lora_enabled_false_is_refused(tmp_path,
