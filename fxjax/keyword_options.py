@@ -40,11 +40,15 @@ def _words(key: str, value: Any, action: argparse.Action, caller: str) -> list[s
             raise TypeError(f"{caller}: {key} is {value!r}; give True or False")
         return [flag] if value is (not action.default) else []  # (a store_false's default is True)
     several = action.nargs in ("+", "*")
-    values = list(value) if several and isinstance(value, (list, tuple)) else [value]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not several and len(values) != 1:
         raise TypeError(f"{caller}: {key} takes one value, not {value!r}")
     if len(values) == 1:  # (one word: a value that starts with "-", a prompt, is a value, not a flag)
         return [f"{flag}={values[0]}"]
+    dashed = next((v for v in values if str(v).startswith("-")), None)
+    if dashed is not None:  # (the parser would read it as a flag)
+        raise ValueError(f"{caller}: {key}: {dashed!r} starts with '-', which the command reads as a flag among "
+                         f"several values")
     return [flag, *map(str, values)]
 
 

@@ -105,11 +105,13 @@ def checkpoint_dir_of(run: str | Path) -> Path:
 def _other_kind(folder: Path) -> str:
     """What a folder given as a run is instead, said for the error (the command-line way to give it)."""
     if is_adapter_not_model(folder):
-        return f"; {folder} is a PEFT adapter: give --model BASE_MODEL --adapter {folder}"
+        return (f"; {folder} is a PEFT adapter: give --model BASE_MODEL --adapter {folder} (eval, detect, "
+                f"export), or model.adapter={folder} (a training config)")
     if is_export_folder(folder):
-        return f"; {folder} is the folder of an `fxjax export`: give --model {folder / 'merged'}"
+        return (f"; {folder} is the folder of an `fxjax export`: give --model {folder / 'merged'} (eval, detect), "
+                f"or model.path={folder / 'merged'} (a training config)")
     if (folder / "config.json").is_file():
-        return f"; {folder} is an HF model: give --model {folder}"
+        return f"; {folder} is an HF model: give --model {folder} (eval, detect), or model.path={folder} (a training config)"
     return ""
 
 
@@ -357,7 +359,7 @@ def _as_started(value: str, checkpoint_dir: Path) -> Path:
     run was started from, where it is there and not here (a run read from another folder noted its start
     "is not here" though it was where the run read it)."""
     path = Path(value)
-    if path.is_absolute() or path.is_dir():
+    if path.is_absolute():
         return path
     steps = committed_steps(checkpoint_dir) if checkpoint_dir.is_dir() else []
     cwd = _data_state(checkpoint_dir, steps[-1]).get(RUN_CWD_KEY) if steps else None
@@ -382,11 +384,12 @@ def start_from_kept_copy(cfg, checkpoint_dir: Path, moved_base: bool, log: Calla
     key, value = starts[0]
     copy = checkpoint_dir / START_LORA_DIR
     start = kept_start(cfg, checkpoint_dir)
-    if _as_started(value, checkpoint_dir).is_dir():
+    found = _as_started(value, checkpoint_dir)
+    if found.is_dir():
         if start is None:  # no copy (a run from before fxjax kept one) or one of another start: the folder
-            return cfg
+            return dataclasses.replace(cfg, model=dataclasses.replace(m, **{key.split(".")[1]: str(found)}))
         if log is not None and key == "model.adapter":
-            changed = adapter_config_changes(_as_started(value, checkpoint_dir), copy)
+            changed = adapter_config_changes(found, copy)
             if changed:
                 log(f"model.adapter {value} now holds another adapter than the run started from ({changed}): "
                     f"the run's copy in {copy} gives the LoRA's shape")

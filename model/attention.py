@@ -170,7 +170,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     per_query = math.prod(batch) * h * k.shape[-3]  # (scores of one query row over every head and key)
     if lq <= 1 or per_query * lq <= score_limit:
         return _attend(q, k, v, mask)
-    return _attend_in_chunks(q, k, v, mask, chunk=max(1, score_limit // per_query))
+    chunks = -(-lq // max(1, score_limit // per_query))
+    return _attend_in_chunks(q, k, v, mask, chunk=-(-lq // chunks))  # (as even as they go: little padding)
 
 
 def _attend_in_chunks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int) -> jax.Array:

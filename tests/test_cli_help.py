@@ -395,9 +395,9 @@ def test_a_users_slips_are_named_as_the_flag_or_key_they_are(tmp_path, tokenizer
     errors = [(["data", "check", str(data), "--root", str(tmp_path / "nope")],
                f"fxjax data check: error: --root: {tmp_path / 'nope'} does not exist"),
               (["data", "check", "/dev/null"], "dataset file /dev/null is not a regular file"),
-              (["eval", "--model", str(tokenizer_dir), "--data", str(tmp_path / "bad.jsonl"), "--root",
+              (["eval", "--model", str(model), "--data", str(tmp_path / "bad.jsonl"), "--root",
                 str(tmp_path / "nope")], f"fxjax eval: error: --root: {tmp_path / 'nope'} does not exist"),
-              (["eval", "--model", str(tokenizer_dir), "--data", str(tmp_path / "bad.jsonl"), "--out",
+              (["eval", "--model", str(model), "--data", str(tmp_path / "bad.jsonl"), "--out",
                 str(tmp_path / "ev"), "--root", str(tmp_path)],
                f"{tmp_path / 'bad.jsonl'}:1: missing image: image {tmp_path / 'nope.png'} does not exist "
                f"[image_missing] (`fxjax data check {tmp_path / 'bad.jsonl'} --root={tmp_path}` lists every invalid "

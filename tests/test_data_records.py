@@ -631,6 +631,9 @@ def test_an_image_path_written_from_the_working_folder_is_said_so(root, monkeypa
         load_records(path)
     records, _ = load_records(path, root=str(root))  # (what the hint says works)
     assert len(records) == 1
+    with pytest.raises(DataError, match=r"\(image paths are read relative to data.root \(--root\), not the working "
+                                        r"folder, where img/ok.png is"):
+        load_records(path, root=str(root / "data"))  # (a root given, and still not the working folder)
     monkeypatch.chdir(root / "data")  # (from elsewhere, no such file here: no hint)
     with pytest.raises(DataError) as err:
         load_records(path)

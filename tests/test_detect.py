@@ -251,6 +251,8 @@ def test_the_python_detector_answers_as_the_command_for_paths_and_pil_images(tin
         ImageDetector(tiny_vl_dir, max_pixels=-5)
     with pytest.raises(TypeError, match=r"unknown option 'max_pixel'"):
         ImageDetector(tiny_vl_dir, max_pixel=5)
+    with pytest.raises(TypeError, match=r"ImageDetector: user_prompt takes one value, not \['Real', 'or fake\?'\]"):
+        ImageDetector(tiny_vl_dir, user_prompt=["Real", "or fake?"])  # (it became the text "['Real', 'or fake?']")
 
 
 def test_out_that_is_a_file_is_refused_before_any_model_loads(tmp_path, capsys):
@@ -260,9 +262,12 @@ def test_out_that_is_a_file_is_refused_before_any_model_loads(tmp_path, capsys):
     taken.write_text("mine")
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n")
-    assert main(["detect", "x.png", "--model", str(tmp_path), "--out", str(taken)]) == 2
+    model = tmp_path / "model"  # (a model folder, as far as a check before loading sees)
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert main(["detect", "x.png", "--model", str(model), "--out", str(taken)]) == 2
     assert f"--out: {taken} is a file; give a directory for the overlays" in capsys.readouterr().err
-    assert main(["eval", "--data", str(data), "--model", str(tmp_path), "--out", str(taken)]) == 2
+    assert main(["eval", "--data", str(data), "--model", str(model), "--out", str(taken)]) == 2
     assert f"--out: {taken} is a file; give a directory for the predictions" in capsys.readouterr().err
     assert taken.read_text() == "mine"
 

@@ -433,10 +433,13 @@ def test_eval_errors_are_clear(dataset, tmp_path, capsys):
     assert "give --model PATH" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "nope"), "--data", str(dataset)]) == 2
     assert "--model: " in capsys.readouterr().err
-    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    model = tmp_path / "model"  # (a model folder, as far as a check before loading sees)
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert main(["eval", "--model", str(model), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data: " in capsys.readouterr().err
     # the image limit the error names is a flag of eval's (it was only data check's), checked before any model
-    assert main(["eval", "--model", str(tmp_path), "--data", str(dataset), "--max-image-pixels", "10"]) == 2
+    assert main(["eval", "--model", str(model), "--data", str(dataset), "--max-image-pixels", "10"]) == 2
     assert "over the decompression-bomb limit of 10 (data.max_image_pixels, --max-image-pixels)" in \
         capsys.readouterr().err
 
@@ -468,6 +471,17 @@ def test_a_folder_of_another_kind_is_named_as_such_for_model_and_run(dataset, ti
                                                 f"checkpoint.dir); the runs in it: {tmp_path / 'runs' / 'sft'}")):
         assert main(["eval", *flags, *common]) == 2, flags
         assert said in capsys.readouterr().err, flags
+    import fxjax.commands.eval as eval_command  # (the --model check needs no records: said before they are read)
+
+    def not_reached(*args):
+        raise AssertionError("the records were read before --model was checked")
+
+    eval_command.eval_records, kept = not_reached, eval_command.eval_records
+    try:
+        assert main(["eval", "--model", str(tmp_path / "runs" / "sft"), *common]) == 2
+    finally:
+        eval_command.eval_records = kept
+    assert "is an fxjax training run" in capsys.readouterr().err
 
 
 def test_report_compares_eval_folders_with_their_intervals(dataset, tokenizer_dir, tmp_path, capsys):

@@ -109,6 +109,15 @@ def test_cli_help_info_and_init(tmp_path, capsys):
     assert main(["info", str(tmp_path / "train.jsonl")]) == 2
     assert (f"{tmp_path / 'train.jsonl'} is a dataset file, not a model, preset or run: `fxjax data check "
             f"{tmp_path / 'train.jsonl'}` describes its records") in capsys.readouterr().err
+    import json
+
+    import yaml
+
+    from fxjax.presets import PRESET_DIR
+
+    (tmp_path / "tiny.json").write_text(json.dumps(yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())))
+    assert main(["info", str(tmp_path / "tiny.json")]) == 0  # (a preset in JSON, which is YAML: not a dataset)
+    assert "parameters" in capsys.readouterr().out
     out = tmp_path / "m"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

@@ -238,12 +238,12 @@ def test_generation_equals_loop(tmp_path_factory):
     assert len(set(greedy[:, 6:].ravel().tolist())) > 3  # a wandering path, not one token repeated
 
 
-def test_generation_with_lora_dropout_equals_loop(tiny_checkpoint, peft_adapter, prompt):
+def test_generation_with_lora_dropout_equals_loop(tiny_checkpoint, peft_adapter, prompt, tmp_path):
     """A scanned model with LoRA dropout (the recipes' 0.05; eval mode while decoding) generates as the looped
     one: the scan wrote the dropout streams back from inside the decode loop and failed ("Cannot mutate
     RngCount from a different trace level"), so GRPO's first rollout and SFT's closing eval died with
     scan_layers. In train mode the streams still advance (test_lora_dropout_streams_advance_per_layer)."""
-    with_dropout = Path(peft_adapter) / "with_dropout"
+    with_dropout = tmp_path / "with_dropout"  # (a copy: the module's adapter stays as the other tests load it)
     with_dropout.mkdir()
     for f in Path(peft_adapter).iterdir():
         if f.is_file():

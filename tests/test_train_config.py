@@ -292,8 +292,8 @@ def test_unknown_keys_through_set_list_the_valid_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"^optim.warmup_steps: expected an integer or null, got 0.1 \(a share of "
                                           r"the run is optim.warmup_ratio\)$"):
         load_sft_config(path, ["optim.warmup_steps=0.1"])  # (transformers' meaning of a warmup_steps below 1)
-    with pytest.raises(ConfigError, match=r"^optim.save_steps: unknown key \(in --set optim.save_steps=...; did you "
-                                          r"mean checkpoint.every\?|here checkpoint.every\)"):
+    with pytest.raises(ConfigError, match=r"^optim.save_steps: unknown key \(in --set optim.save_steps=...; (did "
+                                          r"you mean checkpoint.every\?|here checkpoint.every)\)"):
         load_sft_config(path, ["optim.save_steps=10"])
 
 

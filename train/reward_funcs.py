@@ -9,8 +9,9 @@
         return [-len(c) / 1000 for c in completions]
 
 A function gets the step's completions (this process's rows: each prompt's G completions in a row: the
-decoded text, special tokens kept, `<|box_start|>` and the format's tags included; as `completions=` when
-it names that parameter, as TRL passes them, else as its first argument) and,
+decoded text, special tokens kept, `<|box_start|>` and the format's tags included; as `completions=`, as
+TRL passes them, to a function written as TRL calls one: a `completions` parameter, or `completion_ids` or
+`prompts` first (the completions then go to its **kwargs); else as its first argument, whatever its name) and,
 as keyword arguments aligned with them, each completion's prompt's `label` ("real" / "generated"),
 `boxes` (its true boxes, float [n, 4] in the pixels of the image the model saw, as the completion's),
 `captions` (its true regions' captions, a list aligned with `boxes`), `tags` (the record's image-level
@@ -154,7 +155,7 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
             _names_completions(function)
         problem = _call_problem(function, progress + trl, by_name)
         if problem:
-            if _takes_prompts(function):  # (TRL's signature: its first argument is never given here)
+            if _takes_prompts(function) and "'prompts'" in problem:  # (TRL's first argument: never given here)
                 problem = ("it takes TRL's `prompts` (without a default); fxjax gives none, the prompts being images "
                            "with the dataset's question")
             raise ConfigError(f"{where}[{i}].function: {section.function} cannot be called as a reward function is "

@@ -40,4 +40,5 @@ class SignalWatch:
                "them, or its samples are too alike to compare (grpo.temperature, grpo.num_generations), or the "
                "rewards cannot tell them apart (docs/rewards.md)")
         self.say(f"grpo: warning: steps {first}-{last}: in every group the completions got equal rewards "
-                 f"(zero_std_group_fraction 1.0), so these updates trained on nothing;{why}")
+                 f"(zero_std_group_fraction 1.0), so these updates had no reward signal (at most the KL term's pull, "
+                 f"grpo.beta);{why}")

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"run config {args.model}: {shipped}\n")
             print(shipped.read_text(encoding="utf-8"), end="")
             return 0
-    if source.is_file() and source.suffix.lower() in (".jsonl", ".json", ".csv"):  # (it said: invalid YAML)
+    if source.is_file() and source.suffix.lower() in (".jsonl", ".csv"):  # (it said: invalid YAML)
         raise ValueError(f"{source} is a dataset file, not a model, preset or run: `fxjax data check {source}` "
                          f"describes its records")
     if not (source.exists() or args.model in preset_names()):  # checked before the slow imports below

@@ -246,6 +246,8 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     if model is not None and is_export_folder(model) and (model / "merged" / "config.json").is_file():
         raise ValueError(f"--model: {model} is the folder of an `fxjax export` (merged/ and adapter/ in it): pass "
                          f"--model {model / 'merged'}, or the base model with --adapter {model / 'adapter'}")
+    if model is not None and args.run is None:
+        _require_model_folder(model)
     if model is not None and getattr(args, "adapter", None) is not None:
         from fxjax.merged_lora import refuse_stacked_adapter
 
@@ -301,7 +303,6 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
                   "base": args.model or (base and (base.path or base.preset)), "dtype": args.dtype or cfg.model.dtype}
     else:
         model_dir = Path(args.model)
-        _require_model_folder(model_dir)
         data.update(_pixels_of(model_dir))
         # what training used, written by its export: the merged model's, then the adapter's
         trained = {**read_prompt_settings(model_dir), **(read_prompt_settings(args.adapter) if args.adapter else {})}

@@ -9,7 +9,7 @@ from pathlib import Path
 __all__ = ["missing_image_hint"]
 
 
-def missing_image_hint(rel: str, path: Path) -> str:
+def missing_image_hint(rel: str, path: Path, from_root: bool = False) -> str:
     """Why the image a record names as `rel` (resolved to `path`) is not there, where a file close to it is: a
     path with white space at an end, a Windows path ("images\\a.png" is one name with a backslash in it
     here), accents composed otherwise, another case. The path is not rewritten silently: the record is."""
@@ -19,21 +19,22 @@ def missing_image_hint(rel: str, path: Path) -> str:
                    and Path(str(path)[:-len(rel)] + rel.strip()).is_file() else "")
                 + ")")
     if "\\" not in rel:
-        return _normalisation_hint(path) or _case_hint(path) or _working_folder_hint(rel, path)
+        return _normalisation_hint(path) or _case_hint(path) or _working_folder_hint(rel, path, from_root)
     posix = rel.replace("\\", "/")
     if not Path(str(path).replace("\\", "/")).is_file():
         return " (the path has backslashes: write paths in the records with '/')"
     return f" (the path has backslashes; {posix!r} exists: write paths in the records with '/')"
 
 
-def _working_folder_hint(rel: str, path: Path) -> str:
-    """A relative path written from the working folder rather than from the records' file's folder (where
-    they are read from): said with the setting that reads them from there."""
+def _working_folder_hint(rel: str, path: Path, from_root: bool) -> str:
+    """A relative path written from the working folder rather than from where the paths are read (the records'
+    file's folder, or data.root where `from_root`): said with the setting that reads them from there."""
     here = Path(rel)
     if here.is_absolute() or not here.is_file() or here.resolve() == path.resolve():
         return ""
-    return (f" (image paths are read relative to the folder of the records' file, not the working folder, where "
-            f"{rel} is: set data.root, or --root for fxjax data check and eval, to {Path.cwd()})")
+    read_from = "data.root (--root)" if from_root else "the folder of the records' file"
+    return (f" (image paths are read relative to {read_from}, not the working folder, where {rel} is: set "
+            f"data.root, or --root for fxjax data check and eval, to {Path.cwd()})")
 
 
 def _normalisation_hint(path: Path) -> str:

@@ -230,12 +230,12 @@ def _image_size_or_error(path: Path, max_image_pixels: int, check_decode: bool) 
         return err
 
 
-def _check_image(pending: _Pending, size: tuple[int, int] | Exception) -> Record | DataError:
+def _check_image(pending: _Pending, size: tuple[int, int] | Exception, from_root: bool = False) -> Record | DataError:
     """Pass 2 for one record, given its image's `_image_size_or_error`: the image opens within the limits and
     every box lies inside it."""
     where, parsed = pending.where, pending.parsed
     if isinstance(size, FileNotFoundError):
-        return DataError(where, f"missing image: {size}{missing_image_hint(pending.parsed.image, pending.path)}",
+        return DataError(where, f"missing image: {size}{missing_image_hint(pending.parsed.image, pending.path, from_root)}",
                          "image_missing")
     if isinstance(size, ImageError):
         return DataError(where, str(size), size.kind)
@@ -373,7 +373,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
             for item in chunk:
                 if limit is not None and len(records) == limit:
                     break
-                result = _check_image(item, sizes[item.path])
+                result = _check_image(item, sizes[item.path], from_root=root is not None)
                 if isinstance(result, DataError):
                     errors.append((item.position, result))
                 else:
