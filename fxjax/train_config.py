@@ -56,9 +56,10 @@ __all__ = [
 
 def from_run_chain(cfg):
     """The saved configs of the runs `cfg` started from (model.from_run), followed run to run, nearest
-    first. Where a run's own model.from_run is gone, its kept record (run_files.start_from_kept_copy: the
+    first. Where a run's own model.from_run is gone, its kept record (run_start.start_from_kept_copy: the
     base model and tokenizer it started from) ends the chain, as loading the run does."""
-    from fxjax.run_files import RunLoadError, checkpoint_dir_of, resolve_step, start_from_kept_copy
+    from fxjax.run_files import RunLoadError, checkpoint_dir_of, resolve_step
+    from fxjax.run_start import start_from_kept_copy
 
     seen = set()
     while cfg.model.from_run is not None and cfg.model.from_run not in seen:

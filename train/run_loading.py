@@ -29,7 +29,8 @@ import jax
 
 from fxjax.merged_lora import MergedLoRAError, refuse_merged_twice
 from fxjax.run_files import (RunLoadError, brief_error, checkpoint_dir_of, committed_steps, read_run_config,
-                             resolve_step, start_from_kept_copy, steps_text)
+                             resolve_step, steps_text)
+from fxjax.run_start import start_from_kept_copy
 
 __all__ = ["LoadedRun", "RunLoadError", "check_run_paths", "checkpoint_dir_of", "committed_steps", "config_as_loaded",
            "load_run",

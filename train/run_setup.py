@@ -43,8 +43,8 @@ from fxjax.train.resume import check_resume_mesh, process_rows_per_batch, resume
 from fxjax.train.resume_check import WATCHED
 from fxjax.train.step import TrainState
 from fxjax.config_mapping import ConfigError
-from fxjax.run_files import (START_FILE, START_LORA_DIR, checkpoint_dir_of, committed_steps, resumes_from_kept_start,
-                             start_step_text)
+from fxjax.run_files import START_FILE, START_LORA_DIR, checkpoint_dir_of, committed_steps, start_step_text
+from fxjax.run_start import resumes_from_kept_start
 
 __all__ = ["RunStart", "StateShardings", "batch_divides", "build_model", "check_eval_batch", "evaluates", "init_state",
            "keep_start_lora", "opt_state_shardings", "place", "resumed_start", "start_run"]

@@ -40,7 +40,7 @@ def check_paths(cfg, config: str | None = None) -> None:
     starting adapter or run may be gone when the run kept its own copy (train.run_setup.resumed_start uses
     it)."""
     from fxjax.data.tokenizer import tokenizer_json
-    from fxjax.run_files import resumes_from_kept_start
+    from fxjax.run_start import resumes_from_kept_start
 
     kept_copy = resumes_from_kept_start(cfg)
     for key, value in cfg.input_paths():
