@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fxjax.commands import COMMAND_MODULES
 from fxjax.commands.arg_types import number, positive_int, seed
+from fxjax.commands.suggesting_parser import SuggestingParser
 from fxjax.compilation_cache import use_compilation_cache
 from fxjax.host_allocator import keep_freed_memory
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     # answer without importing jax. Each command imports what it needs when it runs.
     from fxjax.demo import DEMO
 
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="fxjax",
         description="Grounded AI-generated-image detection with Qwen2.5-VL in JAX/Flax: "
                     "HF-exact model, checkpoint import/export, LoRA training.",

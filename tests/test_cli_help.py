@@ -236,6 +236,14 @@ def test_an_unknown_argument_is_said_by_the_commands_own_parser(capsys):
         main(["eval", "--data", "d.jsonl", "--bogus"])
     err = capsys.readouterr().err
     assert err.startswith("usage: fxjax eval ") and err.strip().endswith("fxjax eval: error: unrecognized arguments: --bogus")
+    # a misspelt command or flag: the nearest one named (argparse listed the choices, or nothing)
+    for argv, said in ((["stf"], "invalid choice: 'stf' (choose from 'selfcheck', "),
+                       (["eval", "--data", "d.jsonl", "--stp", "3"], "fxjax eval: error: unrecognized arguments: --stp 3"),
+                       (["data", "chek"], "invalid choice: 'chek' (choose from 'check')")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert said in err and err.endswith(f" (did you mean {'sft' if argv == ['stf'] else '--step' if 'eval' in argv else 'check'}?)"), err
 
 
 def test_a_training_runs_invalid_record_names_its_kind_and_how_to_see_every_one(tmp_path, capsys, tokenizer_dir):
