@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "REWARDS_KEY", "START_FILE", "START_LORA_DIR", "RunLoadError", "brief_error", "checkpoint_dir_of",
            "committed_steps", "read_run_config", "resolve_step", "saved_data_state",
-           "describe_run", "expand_home", "fxjax_folder_hint", "is_adapter_not_model", "is_export_folder", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "step_or_stage", "steps_text"]
+           "describe_run", "expand_home", "fxjax_folder_hint", "is_adapter_not_model", "is_run_folder", "is_export_folder", "kept_stage_end_steps", "saved_run_kind", "start_step_text", "stage_end_step", "step_or_stage", "steps_text"]
 
 CONFIG_FILE = Path("config") / "config.json"  # TrainCheckpointer's "config" item
 METRICS_FILE = "metrics.jsonl"  # a run's log in its train.output_dir (fxjax.train.metrics writes it)
@@ -100,6 +100,11 @@ def _checkpoints_inside(run: Path) -> str:
             + ": a run with its own checkpoint.dir, give that folder")
 
 
+def is_run_folder(folder: Path) -> bool:
+    """An fxjax training run's folder (its checkpoints/), or a checkpoint.dir (committed <step>/ folders)."""
+    return (folder / "checkpoints").is_dir() or bool(committed_steps(folder))
+
+
 def is_adapter_not_model(folder: Path) -> bool:
     """A PEFT adapter's folder (adapter_config.json, no config.json), given where a model's belongs."""
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
@@ -126,7 +131,7 @@ def fxjax_folder_hint(folder: str | Path) -> str:
     if folder.name.isdigit() and (folder / CONFIG_FILE).is_file():
         return (f" ({folder} is the checkpoint of step {folder.name} of a run: "
                 f"fxjax.train.run_loading.load_run({str(folder.parent)!r}, {folder.name}).model loads it)")
-    if (folder / "checkpoints").is_dir() or committed_steps(folder):
+    if is_run_folder(folder):
         return (f" ({folder} is an fxjax run: fxjax.train.run_loading.load_run({str(folder)!r}, step).model loads "
                 f"a step of it, the last without step; `fxjax export --run {folder}` writes one as HF)")
     return ""

@@ -22,7 +22,7 @@ from typing import Any
 
 from fxjax.commands.arg_types import positive_int
 from fxjax.export_record import OtherBaseWarning, other_base_note
-from fxjax.run_files import committed_steps, is_adapter_not_model, is_export_folder, runs_inside, step_or_stage
+from fxjax.run_files import is_adapter_not_model, is_export_folder, is_run_folder, runs_inside, step_or_stage
 
 __all__ = ["Detector", "add_model_arguments", "add_prompt_arguments", "check_model_arguments",
            "mesh_from_flag", "parse_mesh", "resolve_detector"]
@@ -260,7 +260,7 @@ def _require_model_folder(model: Path) -> None:
     such (it was asked for a tokenizer: "no tokenizer.json in runs/sft; pass --tokenizer DIR")."""
     if (model / "config.json").is_file():
         return
-    if (model / "checkpoints").is_dir() or committed_steps(model):
+    if is_run_folder(model):
         raise ValueError(f"--model: {model} is an fxjax training run, not an HF model: pass --run {model} "
                          f"(and --step N or a stage's name for another step than the last)")
     raise ValueError(f"--model: {model} holds no config.json: not an HF model folder (the one with config.json "
