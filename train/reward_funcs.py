@@ -112,7 +112,7 @@ class RewardFunc:
                  completion_ids: Sequence[Sequence[int]] | None):
         keywords = {k: progress[k] for k in self.progress if progress and k in progress}
         if "completion_ids" in self.trl and completion_ids is not None:
-            keywords["completion_ids"] = [list(map(int, ids)) for ids in completion_ids]
+            keywords["completion_ids"] = [list(ids) for ids in completion_ids]  # (a copy each: the function's own)
         if self.by_name:
             return self.function(completions=completions, **columns, **keywords)
         return self.function(completions, **columns, **keywords)

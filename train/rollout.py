@@ -85,12 +85,17 @@ def completion_mask(tokens: np.ndarray, eos_ids: int | Sequence[int],
     return attention, truncated
 
 
+def completion_ids(tokens: np.ndarray, attention: np.ndarray) -> list[list[int]]:
+    """Each completion's token ids through its EOS (all of them when cut at the length limit), as TRL's."""
+    return [row[keep.astype(bool)].tolist() for row, keep in zip(tokens, attention)]
+
+
 def decode_completions(tokenizer, tokens: np.ndarray, attention: np.ndarray,
-                       eos_ids: int | Sequence[int]) -> list[str]:
-    """The text of each completion up to (not including) its EOS; special tokens kept (the format uses them)."""
+                       eos_ids: int | Sequence[int], ids_of_rows: list[list[int]] | None = None) -> list[str]:
+    """The text of each completion up to (not including) its EOS; special tokens kept (the format uses them).
+    `ids_of_rows`: `completion_ids` of these rows, when the caller has them already."""
     texts = []
-    for row, keep in zip(tokens, attention):
-        ids = row[keep.astype(bool)].tolist()
+    for ids in ids_of_rows if ids_of_rows is not None else completion_ids(tokens, attention):
         if ids and ids[-1] in np.atleast_1d(eos_ids):
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids, skip_special_tokens=False))
@@ -141,11 +146,12 @@ def sample_and_score(model, inputs, metas, *, tokenizer, eos_ids: Sequence[int],
     if tokens.shape[0] != len(metas) * num_generations:  # whole groups of exactly these prompts
         raise ValueError(f"{tokens.shape[0]} sampled rows fetched for {len(metas)} prompts x {num_generations}")
     attention, truncated = completion_mask(tokens, eos_ids, pad_id)
-    texts = decode_completions(tokenizer, tokens, attention, eos_ids)
+    ids = completion_ids(tokens, attention)
+    texts = decode_completions(tokenizer, tokens, attention, eos_ids, ids)
     targets = targets_of(metas)
     scores = rewards.score(texts, targets, weights=weights, config=reward_config, group_size=num_generations)
     scores = add_reward_funcs(scores, reward_funcs, texts, targets, metas, num_generations, progress,
-                              completion_ids=[row[keep.astype(bool)] for row, keep in zip(tokens, attention)])
+                              completion_ids=ids)
     totals, mine = np.asarray(scores["total"], np.float32), slice(None)
     if scale_rewards == "batch" and batch_rewards is not None:
         totals, mine = batch_rewards(totals)
