@@ -170,14 +170,15 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     per_query = math.prod(batch) * h * k.shape[-3]  # (scores of one query row over every head and key)
     if lq <= 1 or per_query * lq <= score_limit:
         return _attend(q, k, v, mask)
-    chunks = -(-lq // max(1, score_limit // per_query))
-    return _attend_in_chunks(q, k, v, mask, chunk=-(-lq // chunks))  # (as even as they go: little padding)
+    return _attend_in_chunks(q, k, v, mask, chunks=-(-lq // max(1, score_limit // per_query)))
 
 
-def _attend_in_chunks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunk: int) -> jax.Array:
-    """`_attend` over `chunk` queries at a time (the last chunk padded, its padding rows attending every key)."""
+def _attend_in_chunks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, chunks: int) -> jax.Array:
+    """`_attend` over the queries in `chunks` equal chunks, one after another (as even as they go: the last
+    padded, its padding rows attending every key)."""
     n, lq = q.ndim - 3, q.shape[-3]
-    chunks = -(-lq // chunk)
+    chunk = -(-lq // chunks)
+    chunks = -(-lq // chunk)  # (fewer where the rounded-up chunk covers the queries sooner)
     pad = chunks * chunk - lq
     q = jnp.pad(q, [(0, 0)] * n + [(0, pad), (0, 0), (0, 0)])
     rows = mask is not None and mask.shape[-2] == lq  # (else one row broadcast to every query: a key mask)

@@ -255,15 +255,14 @@ class ExampleBuilder:
         length = self._length(text)
         if length <= cfg.max_length:
             return text
-        shrunk = self._largest_fitting(record, before, after, template, text.max_pixels - 1,
-                                       length - len(text.prompt_ids))
+        shrunk = self._largest_fitting(record, before, after, template, text, length - len(text.prompt_ids))
         return dataclasses.replace(shrunk, shrunk_from=text.model_size) if shrunk is not None else text
 
     def _largest_fitting(self, record: Record, before: list[int], after: list[int], template: int,
-                         below: int, completion_bound: int) -> ExampleText | None:
-        """The example at the largest image size (a max_pixels from min_pixels to `below`) whose length fits
-        max_length. When none does, its reasoning is cut at any size (data.long_samples: truncate) or it is
-        dropped: then None where the cut example fits at the full size (above `below`: a long reasoning
+                         full: ExampleText, completion_bound: int) -> ExampleText | None:
+        """The example at the largest image size below `full`'s (a max_pixels from min_pixels on) whose length
+        fits max_length. When none does, its reasoning is cut at any size (data.long_samples: truncate) or it
+        is dropped: then None where the cut example fits at the full size (a long reasoning
         beside a small image was cut all the same and its image shrunk to min_pixels, a ninth of the pixels
         eval and GRPO read it at), else the largest size at which the cut one fits, else the smallest size
         min_pixels admits (to be dropped); None too when min_pixels admits none below. The size, and with it
@@ -272,7 +271,7 @@ class ExampleBuilder:
         fit at a smaller one. `completion_bound`: the completion's length at full size, which a smaller
         image's is not above (its box numbers take as many digits or fewer), so a size whose prompt leaves
         room for it fits without encoding the target again."""
-        cfg = self.cfg
+        cfg, below = self.cfg, full.max_pixels - 1
         known: dict[tuple[int, int], bool] = {}  # model size -> fits (nearby max_pixels give the same size)
 
         def fits(text: ExampleText) -> bool:
@@ -302,7 +301,7 @@ class ExampleBuilder:
         if fitting is not None:
             return fitting
         if cfg.mode == "sft" and cfg.long_samples == "truncate":
-            if fits_cut(sized(below + 1)):
+            if fits_cut(full):
                 return None
             cut = largest(fits_cut)
             if cut is not None:
