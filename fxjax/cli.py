@@ -234,15 +234,20 @@ def _add_out(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--out", dest="out_option", metavar="DIR", help="the same as OUT")
 
 
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """`build_parser()`'s parser of one COMMAND (its errors print that command's usage)."""
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices[command]
+
+
 def _resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not hasattr(args, "out_option"):
         return
-    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if args.out is not None and args.out_option is not None:
-        commands.choices[args.command].error(f"give the output folder once: OUT ({args.out}) or --out "
+        command_parser(parser, args.command).error(f"give the output folder once: OUT ({args.out}) or --out "
                                              f"({args.out_option})")
     if args.out is None and args.out_option is None:
-        commands.choices[args.command].error("the following arguments are required: OUT (or --out DIR)")
+        command_parser(parser, args.command).error("the following arguments are required: OUT (or --out DIR)")
     args.out = args.out if args.out is not None else args.out_option
 
 
@@ -254,12 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's own parser (its usage), not fxjax's: `export --step alpha beta`
-        (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         words = list(argv if argv is not None else sys.argv[1:])
         at = words.index("--step") if "--step" in words else -1
         several = " (several steps: fxjax eval only)" if args.command in ("export", "detect") and at >= 0 and \
             words[at + 2:at + 3] == extra[:1] else ""
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}{several}")
+        command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}{several}")
     _resolve_out(parser, args)
     if args.command == "detect" and getattr(args, "step", None) is not None:  # `detect --step 1 2 a.png`: the 2
         # went to the images (IMAGE ...), and was said as an image that is not there
@@ -267,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         at = words.index("--step") if "--step" in words else -1
         after = words[at + 2] if 0 <= at < len(words) - 2 else None
         if after in args.images and not Path(after).exists():
-            (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-            commands.choices["detect"].error(f"--step takes one step here; {after} is no image (several steps: "
+            command_parser(parser, "detect").error(f"--step takes one step here; {after} is no image (several steps: "
                                              f"fxjax eval only)")
     try:
         code = args.func(args)

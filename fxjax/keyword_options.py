@@ -19,11 +19,10 @@ __all__ = ["command_arguments"]
 
 def _parsers(command: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """`fxjax`'s parser and its COMMAND's."""
-    from fxjax.cli import build_parser
+    from fxjax.cli import build_parser, command_parser
 
     parser = build_parser()
-    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return parser, commands.choices[command]
+    return parser, command_parser(parser, command)
 
 
 def _options(parser: argparse.ArgumentParser, allowed: Collection[str] | None) -> dict[str, argparse.Action]:
