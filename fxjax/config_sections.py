@@ -103,6 +103,12 @@ class MeshSection:
     # A global batch that does not divide over data x fsdp is an error; true replicates it on every batch
     # device instead (each computes the whole batch: wasted hardware, warned on every run).
     allow_replicated_batch: bool = False
+    # With fsdp > 1: gather the weights once before each decoding pass (GRPO's rollout, the held-out
+    # evaluation) rather than per generated token (fxjax.decode_weights). auto: when the gathered copy takes
+    # at most half of the devices' free memory; true / false as TRL's ds3_gather_for_generation.
+    gather_for_decoding: Literal["auto", "always", "never"] = "auto"
+
+    VALUE_ALIASES: ClassVar[dict[str, tuple]] = {"gather_for_decoding": ((True, "always"), (False, "never"))}
 
     def axes(self) -> dict[str, int]:
         """The sizes fxjax.device_mesh.MeshConfig takes: MeshConfig(**section.axes())."""

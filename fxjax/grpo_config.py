@@ -249,7 +249,8 @@ class GRPOConfig(RunConfig):
         "model_init_kwargs": "here the model section (path, dtype, param_dtype, attention)",
         "trust_remote_code": "not needed: Qwen2.5-VL is fxjax's own model",
         "router_aux_loss_coef": "not supported: Qwen2.5-VL has no router (it is not a mixture of experts)",
-        "ds3_gather_for_generation": "not needed: no DeepSpeed; the mesh section shards the parameters",
+        "ds3_gather_for_generation": "here mesh.gather_for_decoding (auto, always, never; true / false as TRL's): "
+                                     "weights split over mesh.fsdp gathered once per rollout",
         "pad_to_multiple_of": "here data.length_buckets (prompts) and the decoder's own completion padding",
         "chat_template_kwargs": "not supported: the tokenizer's chat template, with data.system_prompt and "
                                 "data.user_prompt",

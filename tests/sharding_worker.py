@@ -125,6 +125,62 @@ def _host_inputs(model, data, batch_shards=None):
                          batch_shards=batch_shards)
 
 
+DECODE_TOKENS = 5
+DECODE_MESHES = ((1, 8, 1), (2, 2, 2))  # fsdp alone, and with data and tensor
+LOOP_COLLECTIVE = r"all-gather(?:-start)?\("
+
+
+def decode_loop_all_gathers(compiled_text: str) -> int:
+    """All-gathers inside the while bodies of a compiled program (the decode loop, and the layer scan
+    inside it with scan_layers): what runs again for every generated token."""
+    import re
+
+    blocks = {}
+    for block in re.split(r"\n(?=\S)", compiled_text):
+        name = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
+        if name:
+            blocks[name.group(1)] = block
+    bodies = set(re.findall(r"while\(.*?body=%?([\w.\-]+)", compiled_text))
+    return sum(len(re.findall(LOOP_COLLECTIVE, blocks[b])) for b in bodies)
+
+
+def decode_report(model, mesh, data) -> dict:
+    """Greedy tokens of `data`'s prompts and the all-gathers in the compiled decode loop, by the real
+    sampler (model.generate.sample_groups: rollout_jit), with the weights as placed ("sharded") and as
+    fxjax.decode_weights gathers them for decoding ("gathered"); plus the gathered copy's layout and
+    whether the model's own weights kept theirs."""
+    import jax
+    from flax import nnx
+
+    from fxjax import device_mesh
+    from fxjax.decode_weights import decode_plan, weights_for_decoding
+    from fxjax.model import generate
+
+    model.eval()
+    inputs = _host_inputs(model, data, None if mesh is None else device_mesh.batch_shards(mesh))
+    if mesh is not None:
+        inputs = device_mesh.shard_inputs(inputs, mesh)
+    report = {}
+    models = {"sharded": model}
+    if mesh is not None:
+        models["gathered"] = weights_for_decoding(model, decode_plan(model, "always"))
+        specs = lambda m: {str(k): str(v.get_value().sharding.spec) for k, v in nnx.to_flat_state(nnx.state(m))}
+        report["gathered_specs_with_fsdp"] = [k for k, v in specs(models["gathered"]).items() if "fsdp" in v]
+        report["model_specs_with_fsdp"] = len([k for k, v in specs(model).items() if "fsdp" in v])
+    args = dict(eos_token_ids=(2,), pad_token_id=0)
+    for name, m in models.items():
+        with device_mesh.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            out = generate.generate_device(m, inputs, max_new_tokens=DECODE_TOKENS, **args)
+            if mesh is not None:  # (the program generate_device ran: its arguments as sample_groups passes them)
+                eos, pad = generate._special_tokens(m, (2,), 0)
+                lowered = generate.rollout_jit.lower(m, inputs, jax.random.key(0), eos, np.int32(pad), np.float32(1.0),
+                                                     None, num_generations=1, max_new_tokens=DECODE_TOKENS, greedy=True,
+                                                     top_k=None, top_p=None)
+                report[f"{name}_loop_all_gathers"] = decode_loop_all_gathers(lowered.compile().as_text())
+        report[f"{name}_tokens"] = np.asarray(device_mesh.gather(out.tokens)).tolist()
+    return report
+
+
 def _local_part_check(model, data, mesh) -> tuple[tuple[int, ...], bool]:
     """(the batch shards this process holds, whether the global step batch assembled from each process's
     part (its rows only, `place_local_batch`) has on this process's devices exactly what the whole batch
@@ -362,7 +418,8 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
                    reference_step_changed=sum(not np.array_equal(ref["before"][k], ref["stepped"][k])
                                               for k in ref["stepped"]),
                    reference_grad_nonzero=sum(bool(np.any(g)) for g in ref["grads"].values()),
-                   reference_step_min_rel=min(rel(ref["stepped"][k], ref["before"][k]) for k in ref["stepped"]))
+                   reference_step_min_rel=min(rel(ref["stepped"][k], ref["before"][k]) for k in ref["stepped"]),
+                   reference_decode=decode_report(ref_model, None, batch(1)))
     for shape in meshes:
         t = time.time()
         mesh = device_mesh.make_mesh(device_mesh.MeshConfig(*shape))
@@ -383,6 +440,8 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
                                    "vision_shape", "vision_spec", "vision_shard_shapes", "placement",
                                    "loss_collectives")},
             **report)
+        if shape in DECODE_MESHES:  # the stepped model decoding, as GRPO's rollout and the evaluation do
+            entry["decode"] = decode_report(model, mesh, batch(1))
         if shape == (2, 2, 2):  # export from the sharded model: one tensor gathered at a time
             export = out.parent / "export_222"
             from fxjax.model.lora import remove_lora
@@ -392,6 +451,11 @@ def run_meshes(checkpoint: Path, out: Path, meshes) -> None:
         entry["seconds"] = time.time() - t
         results["meshes"][",".join(map(str, shape))] = entry
         print(shape, json.dumps({k: v for k, v in entry.items() if k not in ("bad",)}), flush=True)
+    # the decoder layers stacked and scanned (model.scan_layers): the layer loop is a while loop inside the
+    # decode loop, whose body gathered each layer's weights for every token
+    mesh = device_mesh.make_mesh(device_mesh.MeshConfig(1, 8, 1))
+    results["decode_scan"] = decode_report(fxjax.from_pretrained(checkpoint, mesh=mesh, scan_layers=True), mesh, batch(1))
+    results["decode_scan_reference"] = decode_report(fxjax.from_pretrained(checkpoint), None, batch(1))
     results["init"] = check_sharded_init(checkpoint)
     results["total_seconds"] = time.time() - t0
     out.write_text(json.dumps(results, indent=1))

@@ -446,6 +446,22 @@ def test_vision_is_packed_per_batch_shard(mesh_results, mesh):
     assert r["vision_shard_shapes"] == [[accum, 1, slots, patch_dim]]
 
 
+@pytest.mark.parametrize("mesh", [",".join(map(str, m)) for m in worker.DECODE_MESHES] + ["1,8,1 scan_layers"])
+def test_weights_gathered_for_decoding_leave_the_decode_loop_without_all_gathers(mesh_results, mesh):
+    """fxjax.decode_weights (GRPO's rollout, the held-out evaluation): the weights split over fsdp, gathered
+    once, decode the same greedy tokens as one device, and the compiled decode loop (the real sampler's
+    rollout_jit) then holds no all-gather, where with the weights as placed it gathered in every token's
+    iteration; the gathered copy holds no fsdp split while the model's own weights keep theirs."""
+    if mesh.endswith("scan_layers"):  # a fresh load, layers stacked: its one-device tokens are a fresh load's
+        r, want = mesh_results["decode_scan"], mesh_results["decode_scan_reference"]["sharded_tokens"]
+    else:  # the model after the mesh's SFT step, against the one-device model after its step
+        r, want = mesh_results["meshes"][mesh]["decode"], mesh_results["reference_decode"]["sharded_tokens"]
+    assert len(want) == worker.BATCH and len(set(map(tuple, want))) > 4  # (rows that differ: a real decode)
+    assert r["sharded_tokens"] == want and r["gathered_tokens"] == want
+    assert r["sharded_loop_all_gathers"] > 0 and r["gathered_loop_all_gathers"] == 0
+    assert r["gathered_specs_with_fsdp"] == [] and r["model_specs_with_fsdp"] > 10
+
+
 def test_export_from_sharded_model_is_bit_exact(mesh_results):
     assert mesh_results["meshes"]["2,2,2"]["export_mismatch"] == []
 

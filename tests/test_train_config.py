@@ -498,7 +498,7 @@ def test_every_data_setting_reaches_the_pipeline_with_the_pipelines_default():
 
 def test_the_mesh_section_is_the_mesh_config_it_names():
     """sft and grpo built the mesh from the section's sizes by position: every size of the section, by
-    name, and nothing else (allow_replicated_batch is the run's, not the mesh's)."""
+    name, and nothing else (allow_replicated_batch and gather_for_decoding are the run's, not the mesh's)."""
     import dataclasses
 
     from fxjax.config_sections import MeshSection
@@ -507,7 +507,8 @@ def test_the_mesh_section_is_the_mesh_config_it_names():
     section = MeshSection(data=2, fsdp=-1, tensor=2, dcn_data=2, dcn_fsdp=1)
     assert MeshConfig(**section.axes()) == MeshConfig(data=2, fsdp=-1, tensor=2, dcn_data=2, dcn_fsdp=1)
     assert set(section.axes()) == {f.name for f in dataclasses.fields(MeshConfig)}
-    assert set(section.axes()) | {"allow_replicated_batch"} == {f.name for f in dataclasses.fields(MeshSection)}
+    assert set(section.axes()) | {"allow_replicated_batch", "gather_for_decoding"} == \
+        {f.name for f in dataclasses.fields(MeshSection)}
     assert MeshConfig.data_takes_rest(fsdp=4).resolve(8).shape == (2, 4, 1)
     assert MeshConfig.data_takes_rest(fsdp=-1, tensor=2).resolve(8).shape == (1, 4, 2)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from flax import nnx
 
@@ -58,7 +58,8 @@ class Evaluator:
     """
 
     def __init__(self, data_cfg: DataConfig, eval_files, *, batch_size: int, max_examples: int | None,
-                 max_new_tokens: int, loss_chunk: int, mesh=None):
+                 max_new_tokens: int, loss_chunk: int, mesh=None, gather_for_decoding: str = "auto",
+                 say: Callable[[str], None] | None = None):
         base = dataclasses.replace(data_cfg, data_files=tuple(eval_files), batch_size=batch_size, shuffle=False,
                                    num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1,
                                    worker_count=0)
@@ -77,7 +78,8 @@ class Evaluator:
         self.pad_id = self.loss_pipeline.pad_id
         # eval.batch_size against the mesh: checked with the run's other batch checks (batch_divides)
         self._decoder = GreedyDecoder(None, data_cfg.tokenizer, batch_size=batch_size,
-                                      max_new_tokens=max_new_tokens, mesh=mesh, allow_replicated=True)
+                                      max_new_tokens=max_new_tokens, mesh=mesh, allow_replicated=True,
+                                      gather_for_decoding=gather_for_decoding, say=say)
         self._eval_loss = None
         self._graphdef = None
         self._floor: dict[str, int] = {}

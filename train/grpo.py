@@ -59,6 +59,7 @@ from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.run_files import REWARDS_KEY, RunLoadError, kept_stage_end_steps, recorded_stage_ends
 from fxjax.model.qwen2_5_vl import as_dtype
+from fxjax.decode_weights import decode_plan, weights_for_decoding
 from fxjax.device_mesh import MeshConfig, along_batch, batch_spec, inputs_shardings, make_mesh, use_mesh
 from fxjax.train import faults
 from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, inputs_with_patch_dtype,
@@ -323,6 +324,9 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         return with_patch_dtype(batch, patch_dtype), agreed, tokens
 
     quiet = SignalWatch(say if main else lambda text: None)
+    decoding = decode_plan(model, cfg.mesh.gather_for_decoding)  # (after the state is placed: its free memory)
+    if decoding.splits:
+        say(f"rollouts: {decoding.reason}")
     with LoopControl("grpo", cfg, steps_total=steps_total, first=step_now, checkpointer=checkpointer, save=save,
                      say=say, show_progress=main, evaluate=evaluate if evaluator is not None else None,
                      metrics=metrics, iterator=iterator, stage_ends={end: name for name, end in ends}) as control:
@@ -332,7 +336,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             prompts, placed_inputs, floor = prompt_part(next(iterator), floor)  # this process's prompts
             nnx.update(model, state.params)
             rollout = sample_and_score(
-                model, placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_ids=eos_ids,
+                weights_for_decoding(model, decoding), placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_ids=eos_ids,
                 pad_id=pipeline.pad_id, num_generations=g.num_generations,
                 max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, rng=rollout_key(g.seed, step_now), weights=weights,

@@ -15,11 +15,12 @@ generation_config.json eos_token_id, as HF generate (`fxjax.hf_checkpoint.stop_t
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fxjax.data.formats import IM_END
 from fxjax.data.pipeline import DataPipeline, tokens_for
 from fxjax.data.tokenizer import load_tokenizer, token_id
+from fxjax.decode_weights import DecodePlan, decode_plan, weights_for_decoding
 from fxjax.model.generate import generate_device
 from fxjax.device_mesh import batch_shards, gather, require_batch_split, shard_inputs, splits_batch, use_mesh
 from fxjax.hf_checkpoint import stop_token_ids
@@ -32,10 +33,13 @@ class GreedyDecoder:
     """Greedy completions with the KV cache for the prompt batches of a DataPipeline in mode "prompt"."""
 
     def __init__(self, model, tokenizer: str, *, batch_size: int, max_new_tokens: int, mesh=None,
-                 allow_replicated: bool = False, batch_name: str = "--batch-size"):
+                 allow_replicated: bool = False, batch_name: str = "--batch-size",
+                 gather_for_decoding: str = "auto", say: Callable[[str], None] | None = None):
         """`model`: the Qwen25VL to decode with (may be set later, as the `model` attribute). A batch that
         does not divide over the mesh's batch devices is an error naming `batch_name` (every device would
-        decode the whole batch), unless `allow_replicated` (the caller checked and warned)."""
+        decode the whole batch), unless `allow_replicated` (the caller checked and warned).
+        `gather_for_decoding` (mesh.gather_for_decoding): weights split over fsdp are gathered once per pass
+        of `batches` (fxjax.decode_weights), decided at the first pass and said through `say`."""
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
         if mesh is not None and not allow_replicated:
@@ -49,6 +53,9 @@ class GreedyDecoder:
         self.pad_id = tokens_for(tokenizer).pad  # the pipeline's padding id
         self._floor: dict[str, int] = {}
         self.last_extents: list[dict] | None = None  # of the last `complete`: completion_tokens, truncated
+        self.gather_for_decoding = gather_for_decoding
+        self.plan: DecodePlan | None = None
+        self.say = say
 
     def batches(self, pipeline: DataPipeline) -> Iterator[tuple[list[str], list[dict]]]:
         """(completions, the examples' meta) per batch, in the pipeline's order; each meta also carries
@@ -58,10 +65,11 @@ class GreedyDecoder:
                              f"{pipeline.cfg.mode!r} and batch size {pipeline.cfg.batch_size}")
         iterator = iter(pipeline)
         self.dropped = iterator.dropped_sources  # source -> kind of each record the pipeline left out
+        decoding = self.decoding_model()  # (a gathered copy lives as long as this pass)
         try:
             for batch in iterator:
                 self.last_extents = None
-                texts = self.complete(batch)
+                texts = self.complete(batch, decoding)
                 extents = self.last_extents or [{}] * len(texts)
                 yield texts, [dict(meta, **extent) for meta, extent in zip(batch["meta"], extents)]
         finally:
@@ -69,13 +77,24 @@ class GreedyDecoder:
             if close is not None:
                 close()
 
-    def complete(self, batch: dict) -> list[str]:
-        """Greedy completions of one prompt batch (up to batch_size rows), one text per row."""
+    def decoding_model(self):
+        """The model to decode with: `model` in eval mode, its fsdp-split weights gathered when the plan
+        (made at the first call) says so."""
+        self.model.eval()
+        if self.plan is None:
+            self.plan = decode_plan(self.model, self.gather_for_decoding)
+            if self.plan.splits and self.say is not None:
+                self.say(f"greedy decoding: {self.plan.reason}")
+        return weights_for_decoding(self.model, self.plan)
+
+    def complete(self, batch: dict, model=None) -> list[str]:
+        """Greedy completions of one prompt batch (up to batch_size rows), one text per row; with `model`
+        (`decoding_model()`'s, reused over a pass) or else `model` as it is."""
         real = len(batch["meta"])
         stop = stop_token_ids(self.model, self.im_end)
         with use_mesh(self.mesh):  # traced under the mesh: activations' batch pinned, Splash per shard
             inputs = self.inputs(batch)
-            out = generate_device(self.model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
+            out = generate_device(self.model if model is None else model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
                                   pad_token_id=self.pad_id)
         tokens = gather(out.tokens)
         rows = [tokens[row].tolist() for row in range(real)]

@@ -115,7 +115,8 @@ def held_out_evaluator(cfg, data_cfg, mesh, train_records, say) -> Evaluator | N
         return None
     evaluator = Evaluator(data_cfg, cfg.data.eval_files, batch_size=cfg.eval.batch_size,
                           max_examples=cfg.eval.max_examples, max_new_tokens=cfg.eval.max_new_tokens,
-                          loss_chunk=cfg.train.loss_chunk, mesh=mesh)
+                          loss_chunk=cfg.train.loss_chunk, mesh=mesh,
+                          gather_for_decoding=cfg.mesh.gather_for_decoding, say=say)
     warn_held_out_overlap(train_records, evaluator.loss_pipeline.records, say)
     return evaluator
 

@@ -56,6 +56,10 @@ def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False)
                         "batches are split over data x fsdp (default: with --run the run's fsdp and tensor axes, "
                         "with --model none; the other devices on the data axis); sizes that multiply to fewer "
                         "devices than there are take the first ones (data=1: one device)")
+    g.add_argument("--gather-for-decoding", choices=("auto", "always", "never"), default="auto",
+                   help="with weights split over fsdp: gather them once before decoding rather than for every "
+                        "generated token (auto, the default: when that takes at most half of the devices' free "
+                        "memory; mesh.gather_for_decoding of a run config)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="directory with tokenizer.json (default: the model directory, or the run's tokenizer)")
 
@@ -212,7 +216,8 @@ class Detector:
 
             self.load(after=after)
             self._decoder = GreedyDecoder(self.model, self.tokenizer, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens, mesh=self.mesh)
+                                          max_new_tokens=max_new_tokens, mesh=self.mesh, say=self._say,
+                                          gather_for_decoding=getattr(self.args, "gather_for_decoding", "auto"))
         return self._decoder
 
 

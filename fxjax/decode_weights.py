@@ -1,0 +1,163 @@
+"""The weights gathered once for decoding, when the mesh shards them over `fsdp`.
+
+Under `mesh.fsdp` > 1 each device stores 1/fsdp of every large weight and a forward pass all-gathers each
+layer's weights where it uses them. A training step is one forward and backward pass over thousands of
+tokens, which carry that traffic; a decoding step is a forward pass of one token per row, so GRPO's
+rollout and the greedy evaluation would move the whole model over the interconnect for every generated
+token (the compiled decode loop holds an all-gather of each decoder weight inside its while body).
+
+Gathered once before a rollout (or an evaluation pass), the weights are whole on every device (still split
+over `tensor`) and the decoding is data parallel: each device decodes its rows with no weight traffic.
+This is TRL's `ds3_gather_for_generation` under DeepSpeed ZeRO-3. It costs the gathered copy's memory for
+as long as the decoding runs; the training state keeps its sharded layout throughout.
+
+    plan = decode_plan(model, "auto")           # once per run: whether to gather, and why (said in the log)
+    decoding = weights_for_decoding(model, plan)  # the model itself when there is nothing to gather
+    out = sample_groups(decoding, inputs, ...)
+
+`mesh.gather_for_decoding`: "auto" gathers when the extra memory per device is at most half of what the
+devices have free (the rest is left to the KV cache and the decode loop's temporaries), and always where
+the backend reports no memory (CPU); "always" and "never" decide without looking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = ["DecodePlan", "GATHER_SETTINGS", "choose_plan", "decode_plan", "gathered_spec", "weights_for_decoding"]
+
+GATHER_SETTINGS = ("auto", "always", "never")
+GATHERED_AXIS = "fsdp"
+FREE_FRACTION = 0.5  # auto: the gathered copy may take at most this share of the devices' free memory
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    gather: bool
+    reason: str  # for the run's log: what decoding does and why
+    splits: bool = True  # some weight is split over fsdp (False: nothing to decide, nothing worth saying)
+
+    def __bool__(self) -> bool:
+        return self.gather
+
+
+def gathered_spec(spec: P, axis: str = GATHERED_AXIS) -> P:
+    """`spec` without `axis`: the dimensions it split become whole (or split by the other axes only)."""
+    def drop(entry):
+        if entry is None or entry == axis:
+            return None
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != axis)
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+        return entry
+
+    return P(*(drop(e) for e in spec))
+
+
+def _split_over(spec: P, axis: str) -> bool:
+    return any(e == axis or (isinstance(e, tuple) and axis in e) for e in spec)
+
+
+def _devices_holding(sharding: NamedSharding, spec: P) -> int:
+    """How many shards a dimension layout `spec` cuts an array into on the sharding's mesh."""
+    names = [a for e in spec if e is not None for a in (e if isinstance(e, tuple) else (e,))]
+    return int(np.prod([sharding.mesh.shape[a] for a in names])) if names else 1
+
+
+def _gathered_leaves(state) -> list[tuple[int, jax.Array, NamedSharding]]:
+    """(leaf index, array, its gathered sharding) of every array of `state` split over the fsdp axis."""
+    out = []
+    for i, leaf in enumerate(jax.tree.leaves(state)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and _split_over(sharding.spec, GATHERED_AXIS):
+            out.append((i, leaf, NamedSharding(sharding.mesh, gathered_spec(sharding.spec))))
+    return out
+
+
+def _extra_bytes(leaves) -> int:
+    """Bytes each device holds beyond its shards once `leaves` are gathered."""
+    return sum(leaf.nbytes // _devices_holding(target, target.spec) - leaf.nbytes // _devices_holding(
+        leaf.sharding, leaf.sharding.spec) for _, leaf, target in leaves)
+
+
+def _free_bytes() -> int | None:
+    """The least free device memory among every process's devices (None: the backend reports none).
+    Every process gets the same answer, so all compile the same decoding program."""
+    free = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return _agree(None)
+        free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return _agree(min(free) if free else None)
+
+
+def _agree(value: int | None) -> int | None:
+    if jax.process_count() == 1:
+        return value
+    from fxjax.host_exchange import allgather_json
+
+    values = allgather_json("decode_plan_free_bytes", value)
+    return None if any(v is None for v in values) else min(values)
+
+
+def decode_plan(model, setting: Literal["auto", "always", "never"] = "auto") -> DecodePlan:
+    """Whether decoding runs on gathered weights (`setting`: mesh.gather_for_decoding), decided from the
+    model's current placement and, for "auto", the devices' free memory now."""
+    if setting not in GATHER_SETTINGS:
+        raise ValueError(f"gather_for_decoding: {setting!r} is not one of {', '.join(GATHER_SETTINGS)}")
+    leaves = _gathered_leaves(nnx.state(model))
+    if not leaves:
+        return DecodePlan(False, "no weight is split over fsdp; nothing to gather", splits=False)
+    return choose_plan(setting, fsdp=leaves[0][2].mesh.shape[GATHERED_AXIS], extra=_extra_bytes(leaves),
+                       free=_free_bytes() if setting == "auto" else None)
+
+
+def choose_plan(setting: str, *, fsdp: int, extra: int, free: int | None) -> DecodePlan:
+    """The plan for weights split `fsdp` ways whose gathered copy takes `extra` more bytes per device, with
+    `free` bytes free on the fullest device (None: the backend does not say)."""
+    size = f"{_size(extra)} more per device"
+    gathered = f"the weights are gathered over fsdp={fsdp} once per decoding pass ({size})"
+    sharded = (f"the weights stay split over fsdp={fsdp} while decoding, so the decode loop may gather each "
+               "layer's weights again for every generated token")
+    if setting == "always":
+        return DecodePlan(True, f"{gathered}: mesh.gather_for_decoding is always")
+    if setting == "never":
+        return DecodePlan(False, f"{sharded}: mesh.gather_for_decoding is never")
+    if free is None:
+        return DecodePlan(True, f"{gathered}: the devices report no memory limit")
+    if extra <= FREE_FRACTION * free:
+        return DecodePlan(True, f"{gathered}, {_size(free)} free")
+    return DecodePlan(False, f"{sharded} (gathering them needs {size}, more than half of the {_size(free)} free; "
+                             "mesh.gather_for_decoding: always forces it)")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def weights_for_decoding(model, plan: DecodePlan | bool):
+    """`model` with its fsdp-split arrays gathered (a new module over new arrays; `model` keeps its own), or
+    `model` itself when the plan says not to or nothing is split. Drop the result after decoding: it holds
+    the gathered copy."""
+    if not plan:
+        return model
+    graphdef, state = nnx.split(model)
+    leaves = _gathered_leaves(state)
+    if not leaves:
+        return model
+    # one jitted identity whose outputs are laid out whole over fsdp: XLA all-gathers each array once
+    # (across processes too), and the arrays that are not split over fsdp are not copied
+    gathered = jax.jit(lambda xs: xs, out_shardings=[target for _, _, target in leaves])([x for _, x, _ in leaves])
+    flat, treedef = jax.tree.flatten(state)
+    for (i, _, _), array in zip(leaves, gathered):
+        flat[i] = array
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, flat))
