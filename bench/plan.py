@@ -7,6 +7,11 @@ For each preset (3b, 7b, 32b, 72b; tiny for smoke runs) and each program
            sequences per prompt (grpo.share_prompts false; the default runs each prompt once, fewer tokens),
   prefill  the sampler's prefill (model.generate.prefill: vision encoder + prompt into a fresh KV cache),
   decode   one decode step of the sampler (model.generate.decode_step: one token per row into the cache),
+  rollout  the whole sampler as GRPO runs it (model.generate.rollout: prefill, then --completion-len tokens
+           in one while loop, batch / G prompts x G) with the weights as placed; its row adds the all-gathers
+           that run again for every generated token (inside the decode loop and the layer scan within it),
+  rollout-gathered  the same with the weights as fxjax.decode_weights gathers them before decoding
+           (mesh.gather_for_decoding),
 
 the model is built abstractly (nnx.eval_shape: no weight is allocated), every input is a
 jax.ShapeDtypeStruct carrying the sharding the training loop gives it (parameters by
@@ -46,7 +51,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-PROGRAMS = ("sft", "grpo", "prefill", "decode")
+PROGRAMS = ("sft", "grpo", "prefill", "decode", "rollout", "rollout-gathered")
 HEADER = (f"{'preset':6} {'program':8} {'mesh (d,f,t)':13} {'shape':34} {'args':>10} {'outputs':>10} "
           f"{'alias':>10} {'temp':>10} {'total':>10} {'lower s':>8} {'compile s':>9}")
 
@@ -54,7 +59,8 @@ HEADER = (f"{'preset':6} {'program':8} {'mesh (d,f,t)':13} {'shape':34} {'args':
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="3b,7b,32b,72b", help="comma-separated presets (fxjax.presets)")
-    ap.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, from {','.join(PROGRAMS)}")
+    ap.add_argument("--programs", default="sft,grpo,prefill,decode",
+                    help=f"comma-separated, from {','.join(PROGRAMS)} (default: the first four)")
     ap.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor sizes; their product = simulated devices")
     ap.add_argument("--batch", type=int, default=None,
                     help="rows per step (SFT examples; GRPO completions P x G; sampler rows); default data x fsdp")
@@ -295,6 +301,83 @@ def decode_program(cfg, graphdef, params, base, rest, mesh, a):
     return OnMesh(jax.jit(run, donate_argnums=(5,)), mesh), args, f"B{a.batch}, cache {cache_len}"
 
 
+def rollout_program(cfg, graphdef, params, base, rest, mesh, a, gathered: bool = False):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from fxjax.decode_weights import gathered_spec
+    from fxjax.device_mesh import inputs_shardings
+    from fxjax.model.generate import rollout
+    from fxjax.model.inputs import prepare_inputs
+    from fxjax.train.step import OnMesh
+
+    g = a.num_generations
+    if a.batch % g:
+        raise SystemExit(f"--batch {a.batch} is not a multiple of --num-generations {g} (rows = prompts x G)")
+    prompts = a.batch // g
+    host = rows_with_image(cfg, prompts, a.prompt_len, a.image_tokens, 0)
+    shards = vision_shards(mesh, prompts)
+    inputs = prepare_inputs(cfg, host["input_ids"], host["attention_mask"], host["pixel_values"],
+                            host["image_grid_thw"], batch_shards=shards if shards > 1 else None)
+
+    def run(params, base, rest, inputs, rng):
+        model = nnx.merge(graphdef, params, base, rest)
+        model.eval()
+        return rollout(model, inputs, rng, jnp.asarray([2, -1, -1, -1], jnp.int32), jnp.int32(0), 1.0,
+                       num_generations=g, max_new_tokens=a.completion_len, top_k=50)
+
+    weights = _sampler_args(params, base, rest, mesh)
+    if gathered:  # as fxjax.decode_weights.weights_for_decoding lays them out
+        whole = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(  # noqa: E731
+            mesh, gathered_spec(x.sharding.spec)))
+        weights = jax.tree.map(whole, weights)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    args = (*weights, shaped(inputs, inputs_shardings(inputs, mesh)), rng)
+    how = "gathered" if gathered else "as placed"
+    return OnMesh(jax.jit(run), mesh), args, f"{prompts}x G{g}, L{a.prompt_len}+{a.completion_len}, {how}"
+
+
+def per_token_all_gathers(compiled_text: str) -> tuple[int, int]:
+    """(all-gathers, their bytes) that run for each generated token: those in the decode loop's body (the
+    while loop with no known trip count) and, times their trip counts, in the loops inside it (the layer
+    scan). XLA:CPU's synchronous all-gathers; an async -start's result tuple counts its last shape."""
+    import re
+
+    import numpy as np
+
+    sizes = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+    blocks = {}
+    for block in re.split(r"\n(?=\S)", compiled_text):
+        name = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
+        if name:
+            blocks[name.group(1)] = block
+    loop = re.compile(r"while\(.*?body=%?([\w.\-]+)(.*)")
+
+    def gathers(body: str) -> tuple[int, int]:
+        count = size = 0
+        for line in blocks[body].splitlines():
+            m = re.search(r"= \(?(?:.*, )?(\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", line)
+            if m:
+                count += 1
+                size += sizes.get(m.group(1), 4) * int(np.prod([int(d) for d in m.group(2).split(",") if d]))
+            inner = loop.search(line)
+            if inner:
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inner.group(2))
+                n = int(trips.group(1)) if trips else 1
+                c, b = gathers(inner.group(1))
+                count, size = count + n * c, size + n * b
+        return count, size
+
+    count = size = 0
+    for body, rest in loop.findall(compiled_text):
+        if '"known_trip_count"' not in rest:  # the decode loop (a scan knows its trip count)
+            c, b = gathers(body)
+            count, size = count + c, size + b
+    return count, size
+
+
 def vision_shards(mesh, rows: int) -> int:
     """Batch shards the vision is packed for, as the training loop does: data x fsdp when `rows` (prompts for
     GRPO) split over them, else 1 (one replicated sequence)."""
@@ -310,7 +393,9 @@ def sh_of(tree):
     return jax.tree.map(lambda x: None if x is None else x.sharding, tree, is_leaf=lambda x: x is None)
 
 
-BUILDERS = dict(sft=sft_program, grpo=grpo_program, prefill=prefill_program, decode=decode_program)
+BUILDERS = {"sft": sft_program, "grpo": grpo_program, "prefill": prefill_program, "decode": decode_program,
+            "rollout": rollout_program,
+            "rollout-gathered": lambda *args: rollout_program(*args, gathered=True)}
 
 
 # ---- measuring ----------------------------------------------------------------------------------------------
@@ -326,9 +411,12 @@ def measure(program: str, preset: str, model, mesh, a) -> dict:
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
-    return dict(preset=preset, program=program, mesh=list(mesh.devices.shape), shape=shape, dtype=a.dtype,
-                lora_rank=a.lora_rank, argument=arg, output=out, alias=alias, temp=temp,
-                total=arg + out - alias + temp, lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1))
+    row = dict(preset=preset, program=program, mesh=list(mesh.devices.shape), shape=shape, dtype=a.dtype,
+               lora_rank=a.lora_rank, argument=arg, output=out, alias=alias, temp=temp,
+               total=arg + out - alias + temp, lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1))
+    if program.startswith("rollout"):
+        row["token_all_gathers"], row["token_all_gather_bytes"] = per_token_all_gathers(compiled.as_text())
+    return row
 
 
 def row_line(r: dict) -> str:
@@ -381,6 +469,11 @@ def main(argv=None) -> int:
             print(f"# {preset} {program}: lowering + compiling ...", file=sys.stderr, flush=True)
             r = dict(measure(program, preset, model, mesh, a), build_s=build_s)
             print(row_line(r), flush=True)
+            if "token_all_gathers" in r:
+                from sharding_memory import _fmt
+
+                print(f"       each generated token: {r['token_all_gathers']} all-gathers of "
+                      f"{_fmt(r['token_all_gather_bytes'])} per device", flush=True)
             if a.json:
                 with a.json.open("a") as f:
                     f.write(json.dumps(r) + "\n")

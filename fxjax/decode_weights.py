@@ -16,12 +16,14 @@ as long as the decoding runs; the training state keeps its sharded layout throug
     out = sample_groups(decoding, inputs, ...)
 
 `mesh.gather_for_decoding`: "auto" gathers when the extra memory per device is at most half of what the
-devices have free (the rest is left to the KV cache and the decode loop's temporaries), and always where
-the backend reports no memory (CPU); "always" and "never" decide without looking.
+devices have free (the rest is left to the KV cache and the decode loop's temporaries), on CPU devices
+always (they share the host's memory), and not on devices that report no memory; "always" and "never"
+decide without looking. At fsdp 1 nothing is split, so nothing is gathered or said.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,8 +64,12 @@ def gathered_spec(spec: P, axis: str = GATHERED_AXIS) -> P:
     return P(*(drop(e) for e in spec))
 
 
-def _split_over(spec: P, axis: str) -> bool:
-    return any(e == axis or (isinstance(e, tuple) and axis in e) for e in spec)
+def _split_over(sharding: NamedSharding, axis: str) -> bool:
+    """Whether `axis` really splits some dimension: named in the spec and of size > 1 (the rules name fsdp
+    whatever its size; at fsdp 1 a "gathered" copy would be a second copy of every such weight)."""
+    spec = sharding.spec
+    named = any(e == axis or (isinstance(e, tuple) and axis in e) for e in spec)
+    return named and sharding.mesh.shape.get(axis, 1) > 1
 
 
 def _devices_holding(sharding: NamedSharding, spec: P) -> int:
@@ -77,7 +83,7 @@ def _gathered_leaves(state) -> list[tuple[int, jax.Array, NamedSharding]]:
     out = []
     for i, leaf in enumerate(jax.tree.leaves(state)):
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding) and _split_over(sharding.spec, GATHERED_AXIS):
+        if isinstance(sharding, NamedSharding) and _split_over(sharding, GATHERED_AXIS):
             out.append((i, leaf, NamedSharding(sharding.mesh, gathered_spec(sharding.spec))))
     return out
 
@@ -89,7 +95,7 @@ def _extra_bytes(leaves) -> int:
 
 
 def _free_bytes() -> int | None:
-    """The least free device memory among every process's devices (None: the backend reports none).
+    """The least free device memory among every process's devices (None: a device reports none).
     Every process gets the same answer, so all compile the same decoding program."""
     free = []
     for device in jax.local_devices():
@@ -109,35 +115,54 @@ def _agree(value: int | None) -> int | None:
     return None if any(v is None for v in values) else min(values)
 
 
-def decode_plan(model, setting: Literal["auto", "always", "never"] = "auto") -> DecodePlan:
-    """Whether decoding runs on gathered weights (`setting`: mesh.gather_for_decoding), decided from the
-    model's current placement and, for "auto", the devices' free memory now."""
+def decode_plan(model, setting: Literal["auto", "always", "never"] = "auto", *,
+                source: str = "mesh.gather_for_decoding") -> DecodePlan:
+    """Whether decoding runs on gathered weights (`setting`, given as `source`: the config key or the CLI
+    flag), decided from the model's current placement and, for "auto", the devices' free memory now."""
     if setting not in GATHER_SETTINGS:
-        raise ValueError(f"gather_for_decoding: {setting!r} is not one of {', '.join(GATHER_SETTINGS)}")
+        raise ValueError(f"{source}: {setting!r} is not one of {', '.join(GATHER_SETTINGS)}")
     leaves = _gathered_leaves(nnx.state(model))
     if not leaves:
         return DecodePlan(False, "no weight is split over fsdp; nothing to gather", splits=False)
-    return choose_plan(setting, fsdp=leaves[0][2].mesh.shape[GATHERED_AXIS], extra=_extra_bytes(leaves),
-                       free=_free_bytes() if setting == "auto" else None)
+    mesh = leaves[0][2].mesh
+    cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    return choose_plan(setting, fsdp=mesh.shape[GATHERED_AXIS], extra=_extra_bytes(leaves),
+                       free=_free_bytes() if setting == "auto" else None, cpu=cpu, source=source)
 
 
-def choose_plan(setting: str, *, fsdp: int, extra: int, free: int | None) -> DecodePlan:
+def choose_plan(setting: str, *, fsdp: int, extra: int, free: int | None, cpu: bool = False,
+                source: str = "mesh.gather_for_decoding") -> DecodePlan:
     """The plan for weights split `fsdp` ways whose gathered copy takes `extra` more bytes per device, with
-    `free` bytes free on the fullest device (None: the backend does not say)."""
+    `free` bytes free on the fullest device (None: a device does not say; gathered on a CPU, whose devices
+    share the host's memory, and not elsewhere: a GPU or TPU that reports nothing is not guessed at)."""
     size = f"{_size(extra)} more per device"
     gathered = f"the weights are gathered over fsdp={fsdp} once per decoding pass ({size})"
     sharded = (f"the weights stay split over fsdp={fsdp} while decoding, so the decode loop may gather each "
                "layer's weights again for every generated token")
     if setting == "always":
-        return DecodePlan(True, f"{gathered}: mesh.gather_for_decoding is always")
+        return DecodePlan(True, f"{gathered}: {source} is always")
     if setting == "never":
-        return DecodePlan(False, f"{sharded}: mesh.gather_for_decoding is never")
+        return DecodePlan(False, f"{sharded}: {source} is never")
     if free is None:
-        return DecodePlan(True, f"{gathered}: the devices report no memory limit")
+        if cpu:
+            return DecodePlan(True, f"{gathered}: CPU devices, in the host's memory")
+        return DecodePlan(False, f"{sharded} (the devices report no free memory to size the gathered copy by; "
+                                 f"{source}: always gathers it)")
     if extra <= FREE_FRACTION * free:
         return DecodePlan(True, f"{gathered}, {_size(free)} free")
     return DecodePlan(False, f"{sharded} (gathering them needs {size}, more than half of the {_size(free)} free; "
-                             "mesh.gather_for_decoding: always forces it)")
+                             f"{source}: always forces it)")
+
+
+def _identity(arrays):
+    return arrays
+
+
+@functools.lru_cache(maxsize=8)
+def _gather_program(targets: tuple[NamedSharding, ...]):
+    """The jitted identity onto `targets`, made once per layout: a new function each call would be traced,
+    lowered and compiled again at every rollout."""
+    return jax.jit(_identity, out_shardings=list(targets))
 
 
 def _size(n: int) -> str:
@@ -156,7 +181,7 @@ def weights_for_decoding(model, plan: DecodePlan | bool):
         return model
     # one jitted identity whose outputs are laid out whole over fsdp: XLA all-gathers each array once
     # (across processes too), and the arrays that are not split over fsdp are not copied
-    gathered = jax.jit(lambda xs: xs, out_shardings=[target for _, _, target in leaves])([x for _, x, _ in leaves])
+    gathered = _gather_program(tuple(target for _, _, target in leaves))([x for _, x, _ in leaves])
     flat, treedef = jax.tree.flatten(state)
     for (i, _, _), array in zip(leaves, gathered):
         flat[i] = array

@@ -164,6 +164,14 @@ def decode_report(model, mesh, data) -> dict:
     models = {"sharded": model}
     if mesh is not None:
         models["gathered"] = weights_for_decoding(model, decode_plan(model, "always"))
+        compiles = []  # a second gather (the next rollout's) reuses the first's program
+        listener = lambda event, seconds, **_: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            weights_for_decoding(model, True)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        report["second_gather_compiles"] = len(compiles)
         specs = lambda m: {str(k): str(v.get_value().sharding.spec) for k, v in nnx.to_flat_state(nnx.state(m))}
         report["gathered_specs_with_fsdp"] = [k for k, v in specs(models["gathered"]).items() if "fsdp" in v]
         report["model_specs_with_fsdp"] = len([k for k, v in specs(model).items() if "fsdp" in v])

@@ -34,10 +34,30 @@ def test_auto_gathers_when_the_copy_takes_at_most_half_the_free_memory():
     assert "for every generated token" in big.reason
     assert choose_plan("auto", fsdp=2, extra=30 * GIB, free=60 * GIB).gather  # (half exactly)
     assert not choose_plan("auto", fsdp=2, extra=30 * GIB + 1, free=60 * GIB).gather
-    cpu = choose_plan("auto", fsdp=2, extra=3 * 1024 ** 2, free=None)
-    assert cpu.gather and cpu.reason.endswith("(3.0 MiB more per device): the devices report no memory limit")
+    cpu = choose_plan("auto", fsdp=2, extra=3 * 1024 ** 2, free=None, cpu=True)
+    assert cpu.gather and cpu.reason.endswith("(3.0 MiB more per device): CPU devices, in the host's memory")
+    # an accelerator that reports no memory is not guessed at
+    unknown = choose_plan("auto", fsdp=8, extra=GIB, free=None, source="--gather-for-decoding")
+    assert not unknown.gather and unknown.reason.endswith(
+        "(the devices report no free memory to size the gathered copy by; --gather-for-decoding: always gathers it)")
     assert choose_plan("always", fsdp=8, extra=120 * GIB, free=60 * GIB).gather
-    assert not choose_plan("never", fsdp=8, extra=GIB, free=None).gather
+    never = choose_plan("never", fsdp=8, extra=GIB, free=None, cpu=True, source="--gather-for-decoding")
+    assert not never.gather and never.reason.endswith(": --gather-for-decoding is never")
+
+
+def test_fsdp_of_one_gathers_nothing_and_says_nothing():
+    """The partition rules name fsdp in a weight's layout whatever its size; on a mesh of fsdp 1 (the data
+    parallel default, one device) "gathering" would have made a second copy of every such weight."""
+    from fxjax.decode_weights import decode_plan, weights_for_decoding
+    from fxjax.device_mesh import MeshConfig, make_mesh
+    from fxjax.model_init import init_model
+    from flax import nnx
+
+    model = init_model("tiny", seed=0, mesh=make_mesh(MeshConfig(1, 1, 1)))
+    assert any("fsdp" in str(v.get_value().sharding.spec) for _, v in nnx.to_flat_state(nnx.state(model)))
+    plan = decode_plan(model, "always")
+    assert not plan.gather and not plan.splits
+    assert weights_for_decoding(model, True) is model
 
 
 def test_the_config_key_takes_trl_s_booleans_and_refuses_other_values():

@@ -30,7 +30,10 @@ class ScriptedDecoder(GreedyDecoder):
     def __init__(self, script, batch_size=2):
         self.script, self.batch_size, self.asked = script, batch_size, []
 
-    def complete(self, batch):
+    def decoding_model(self):  # (no model: no weights to gather)
+        return None
+
+    def complete(self, batch, model=None):
         self.asked += [m["record_id"] for m in batch["meta"]]
         return [self.script(m) for m in batch["meta"]]
 

@@ -54,7 +54,13 @@ class ScriptedDecoder(GreedyDecoder):
     def __init__(self, script, batch_size=2):
         self.script, self.batch_size, self.asked = script, batch_size, []
 
-    def complete(self, batch):
+    def plan_decoding(self):  # (no model: no weights to gather)
+        return None
+
+    def decoding_model(self):
+        return None
+
+    def complete(self, batch, model=None):
         ids = [m["record_id"] for m in batch["meta"]]
         self.asked += ids
         return [self.script[i] for i in ids]

@@ -49,3 +49,24 @@ def test_plan_tiny_decode_on_two_devices(tmp_path):
     # the LoRA factors, the KV cache and the replicated norms add little.
     whole = _tiny_base_bytes("bfloat16")
     assert 0.45 * whole < row["argument"] < 0.75 * whole, (row["argument"], whole)
+
+
+def test_plan_rollout_gathers_weights_per_token_only_when_they_stay_split(tmp_path):
+    """The whole sampler (`rollout`, as GRPO runs it) with the decoder layers under scan on fsdp 2: as
+    placed, each generated token all-gathers the layers' weight shards again inside the decode loop; with
+    the weights gathered first (`rollout-gathered`, fxjax.decode_weights) what is left per token is a few KiB
+    of the sampler's own activations (the top-k over the batch)."""
+    rows_file = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(REPO / "bench" / "plan.py"), "--presets", "tiny", "--programs", "rollout,rollout-gathered",
+           "--mesh", "1,2,1", "--batch", "4", "--num-generations", "2", "--image-tokens", "4", "--prompt-len", "32",
+           "--completion-len", "4", "--scan-layers", "--json", str(rows_file)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    placed, gathered = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert (placed["program"], gathered["program"]) == ("rollout", "rollout-gathered")
+    assert "each generated token: " in proc.stdout
+    # (533 KiB a token here: the other device's half of the layers' bf16 weights and float32 LoRA r32 factors)
+    assert placed["token_all_gathers"] > 10 and placed["token_all_gather_bytes"] > 256 * 1024, placed
+    assert gathered["token_all_gather_bytes"] * 20 < placed["token_all_gather_bytes"], gathered
+    assert gathered["argument"] > placed["argument"]  # the gathered copy is what each device holds instead

@@ -34,12 +34,14 @@ class GreedyDecoder:
 
     def __init__(self, model, tokenizer: str, *, batch_size: int, max_new_tokens: int, mesh=None,
                  allow_replicated: bool = False, batch_name: str = "--batch-size",
-                 gather_for_decoding: str = "auto", say: Callable[[str], None] | None = None):
+                 gather_for_decoding: str = "auto", say: Callable[[str], None] | None = None,
+                 gather_source: str = "mesh.gather_for_decoding"):
         """`model`: the Qwen25VL to decode with (may be set later, as the `model` attribute). A batch that
         does not divide over the mesh's batch devices is an error naming `batch_name` (every device would
         decode the whole batch), unless `allow_replicated` (the caller checked and warned).
-        `gather_for_decoding` (mesh.gather_for_decoding): weights split over fsdp are gathered once per pass
-        of `batches` (fxjax.decode_weights), decided at the first pass and said through `say`."""
+        `gather_for_decoding` (`gather_source`: mesh.gather_for_decoding, or a command's flag): weights split
+        over fsdp are gathered once per pass of `batches` (fxjax.decode_weights), decided at the first pass
+        (or `plan_decoding`) and said through `say`."""
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
         if mesh is not None and not allow_replicated:
@@ -53,7 +55,7 @@ class GreedyDecoder:
         self.pad_id = tokens_for(tokenizer).pad  # the pipeline's padding id
         self._floor: dict[str, int] = {}
         self.last_extents: list[dict] | None = None  # of the last `complete`: completion_tokens, truncated
-        self.gather_for_decoding = gather_for_decoding
+        self.gather_for_decoding, self.gather_source = gather_for_decoding, gather_source
         self.plan: DecodePlan | None = None
         self.say = say
 
@@ -77,15 +79,20 @@ class GreedyDecoder:
             if close is not None:
                 close()
 
-    def decoding_model(self):
-        """The model to decode with: `model` in eval mode, its fsdp-split weights gathered when the plan
-        (made at the first call) says so."""
-        self.model.eval()
+    def plan_decoding(self) -> DecodePlan:
+        """Whether decoding gathers the weights (fxjax.decode_weights), decided once, for the model as it is
+        placed now, and said (where some weight is split over fsdp)."""
         if self.plan is None:
-            self.plan = decode_plan(self.model, self.gather_for_decoding)
+            self.plan = decode_plan(self.model, self.gather_for_decoding, source=self.gather_source)
             if self.plan.splits and self.say is not None:
                 self.say(f"greedy decoding: {self.plan.reason}")
-        return weights_for_decoding(self.model, self.plan)
+        return self.plan
+
+    def decoding_model(self):
+        """The model to decode with: `model` in eval mode, its fsdp-split weights gathered when the plan
+        says so."""
+        self.model.eval()
+        return weights_for_decoding(self.model, self.plan_decoding())
 
     def complete(self, batch: dict, model=None) -> list[str]:
         """Greedy completions of one prompt batch (up to batch_size rows), one text per row; with `model`

@@ -245,6 +245,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     runs = list(earlier.get("decoding") or [])
     if todo:
         decoder = make_decoder()
+        decoder.plan_decoding()  # (said now: not through the bar)
         started, decoded = time.perf_counter(), 0
         if progress:  # (after the loading, which says what it loads: not through a bar already drawn)
             from fxjax.train.metrics import ProgressBar  # tqdm on a terminal, else a line every tenth

@@ -57,9 +57,10 @@ def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False)
                         "with --model none; the other devices on the data axis); sizes that multiply to fewer "
                         "devices than there are take the first ones (data=1: one device)")
     g.add_argument("--gather-for-decoding", choices=("auto", "always", "never"), default="auto",
-                   help="with weights split over fsdp: gather them once before decoding rather than for every "
-                        "generated token (auto, the default: when that takes at most half of the devices' free "
-                        "memory; mesh.gather_for_decoding of a run config)")
+                   help="with weights split over fsdp (--mesh, or a --run's split): gather them once before "
+                        "decoding rather than in every generated token's step (auto, the default: when the copy "
+                        "takes at most half of the devices' free memory; as a run config's mesh.gather_for_decoding, "
+                        "which a --run's evaluation does not inherit)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="directory with tokenizer.json (default: the model directory, or the run's tokenizer)")
 
@@ -217,7 +218,8 @@ class Detector:
             self.load(after=after)
             self._decoder = GreedyDecoder(self.model, self.tokenizer, batch_size=batch_size,
                                           max_new_tokens=max_new_tokens, mesh=self.mesh, say=self._say,
-                                          gather_for_decoding=getattr(self.args, "gather_for_decoding", "auto"))
+                                          gather_for_decoding=getattr(self.args, "gather_for_decoding", "auto"),
+                                          gather_source="--gather-for-decoding")
         return self._decoder
 
 
