@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from .batch_axis import batch_parts, tensor_parts
 from .config import ATTENTION_BACKENDS
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -165,9 +166,12 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     that stay under it, one after another, each rematerialised in the backward pass (a query's softmax
     reads only its own row of scores, so the rows are those of one pass): the vision encoder's full
     attention over a 12.8-megapixel image (31,724 patches, 16 heads) held 60 GiB of scores at once.
+    The limit is per device: under a mesh (traced within `jax.sharding.set_mesh`) each device holds its
+    share of the batch (the leading axis over data x fsdp) and of the heads (over tensor).
     """
     *batch, lq, h, _ = q.shape
-    per_query = math.prod(batch) * h * k.shape[-3]  # (scores of one query row over every head and key)
+    rows = math.prod(batch) // (batch_parts(batch[0]) if batch else 1)  # this device's
+    per_query = rows * (h // tensor_parts(h)) * k.shape[-3]  # (scores of one query row over its heads and keys)
     if lq <= 1 or per_query * lq <= score_limit:
         return _attend(q, k, v, mask)
     return _attend_in_chunks(q, k, v, mask, chunks=-(-lq // max(1, score_limit // per_query)))

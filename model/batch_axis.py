@@ -34,6 +34,13 @@ def _size(axis: str) -> int:
     return mesh.shape[axis] if axis in mesh.axis_names else 1
 
 
+def tensor_parts(heads: int) -> int:
+    """Into how many parts the ambient mesh's "tensor" axis splits `heads` attention heads (the partition
+    rules split the projections' heads over it where it divides them; else 1)."""
+    tensor = _size("tensor")
+    return tensor if heads % tensor == 0 else 1
+
+
 def shard_batch_and_features(x: jax.Array) -> jax.Array:
     """A column-parallel layer's output: dim 0 over the batch axes (as `shard_batch`), the last (features)
     over "tensor", the layout its row-parallel successor takes. With fsdp and tensor both > 1, XLA's
