@@ -183,7 +183,8 @@ def test_stages_in_order_with_every_metric(setup, straight):
     assert "grpo: reading the records of 1 file and checking each image file (decoded once: data.check_decode)" in log
     for key in ("reward/total_mean", "reward/total_std", "reward/format_mean", "reward/label_mean",
                 "reward/iou_mean", "format_rate", "verdict_accuracy", "kl", "clip_ratio/region_mean", "entropy",
-                "completion_length_mean", "completion_length_max", "truncated_fraction", "zero_std_group_fraction",
+                "completion_length_mean", "completion_length_max", "completion_length_min", "terminated_length_mean",
+                "terminated_length_min", "terminated_length_max", "truncated_fraction", "zero_std_group_fraction",
                 "rollout_time", "update_time", "rollout_tokens_per_s", "loss", "grad_norm", "learning_rate"):
         assert all(key in r for r in train), key
     assert all(0 < r["completion_length_mean"] <= 6 for r in train)

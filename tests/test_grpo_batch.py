@@ -433,10 +433,23 @@ def test_rollout_metrics_from_parts_equal_the_whole_batch():
     assert want["reward/total_std"] == pytest.approx(float(nanstd(torch.tensor(scores["total"]))), rel=1e-6)
     assert want["reward/iou_mean"] == float(scores["iou"].mean())
     assert want["zero_std_group_fraction"] == pytest.approx(1 / 6) and 0 < want["truncated_fraction"] < 1
+    # TRL's completions/min_length and its terminated lengths (GRPOTrainer: the completions whose last id is
+    # EOS or pad; none terminated: TRL logs 0, here NaN)
+    lengths = torch.tensor(attention.sum(axis=1))
+    ended = lengths[~torch.tensor(truncated)]
+    assert 0 < len(ended) < len(lengths)
+    assert want["completion_length_min"] == float(lengths.float().min())
+    assert (want["terminated_length_mean"], want["terminated_length_min"], want["terminated_length_max"]) == \
+        pytest.approx((float(ended.float().mean()), float(ended.float().min()), float(ended.float().max())), rel=1e-12)
     got = combine_rollout_sums([json.loads(json.dumps(rollout_sums(part(lo, hi), g))) for lo, hi in ((0, 2), (2, 6))])
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    every_cut = Rollout(tokens, np.ones_like(attention), np.ones_like(attention, np.float32), np.ones(p * g, bool),
+                        [""] * (p * g), scores, np.zeros(p * g, np.float32), targets)
+    nothing_ended = rollout_metrics(every_cut, g)
+    assert np.isnan(nothing_ended["terminated_length_mean"]) and np.isnan(nothing_ended["terminated_length_max"])
+    assert nothing_ended["completion_length_min"] == n and nothing_ended["truncated_fraction"] == 1
 
 
 def test_batch_scaled_advantages_from_a_process_part(monkeypatch):

@@ -195,8 +195,11 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     generated = np.repeat([len(t["boxes"]) > 0 for t in r.targets], num_generations)
     out["iou_generated"] = [float(np.asarray(r.scores["iou"], np.float64)[generated].sum()), int(generated.sum())]
     lengths = r.attention.sum(axis=1)
-    out["length"] = [int(lengths.sum()), int(lengths.max(initial=0))]
+    out["length"] = [int(lengths.sum()), int(lengths.max(initial=0)), int(lengths.min(initial=r.attention.shape[1]))]
     out["truncated"] = int(r.truncated.sum())
+    ended = lengths[~r.truncated]  # the completions that stopped at EOS (TRL's terminated lengths)
+    out["terminated"] = [int(ended.sum()), int(ended.size), int(ended.min(initial=r.attention.shape[1])),
+                         int(ended.max(initial=0))]
     grouped = np.asarray(r.scores["total"], np.float64).reshape(-1, num_generations)
     # all alike, as group_advantages decides it (a float std of equal values need not be exactly 0)
     out["groups"] = [int((grouped.max(axis=1) == grouped.min(axis=1)).sum()), int(grouped.shape[0])]
@@ -226,8 +229,9 @@ def _mean_and_std(parts: Sequence[Mapping[str, Any]], sums: Sequence[list[float]
 def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The metrics of a generation batch from its parts' `rollout_sums` (one part: exactly as computed on
     the whole batch; several: the same up to the rounding of the sums): each reward component's mean and
-    std over the batch (Bessel-corrected, as TRL's `reward_std` and `rewards/*/std`: trl's nanstd), format rate, verdict accuracy, mean IoU on generated images, completion lengths,
-    truncated and zero-std-group fractions."""
+    std over the batch (Bessel-corrected, as TRL's `reward_std` and `rewards/*/std`: trl's nanstd), format rate, verdict accuracy, mean IoU on generated images, completion lengths
+    (mean, min, max; and of the completions that ended at EOS, TRL's terminated lengths), truncated and
+    zero-std-group fractions."""
     n = sum(p["count"] for p in parts)
     out: dict[str, float] = {}
     for key in REWARD_TERMS:
@@ -241,7 +245,14 @@ def combine_rollout_sums(parts: Sequence[Mapping[str, Any]]) -> dict[str, float]
                                  else float("nan"))
     out["completion_length_mean"] = sum(p["length"][0] for p in parts) / n
     out["completion_length_max"] = float(max(p["length"][1] for p in parts))
+    out["completion_length_min"] = float(min(p["length"][2] for p in parts))
     out["truncated_fraction"] = sum(p["truncated"] for p in parts) / n
+    # (none terminated: NaN, said "n/a"; TRL logs 0 for all three)
+    ended = [p["terminated"] for p in parts if p["terminated"][1]]
+    count = sum(e[1] for e in ended)
+    out["terminated_length_mean"] = sum(e[0] for e in ended) / count if count else float("nan")
+    out["terminated_length_min"] = float(min(e[2] for e in ended)) if count else float("nan")
+    out["terminated_length_max"] = float(max(e[3] for e in ended)) if count else float("nan")
     out["zero_std_group_fraction"] = sum(p["groups"][0] for p in parts) / sum(p["groups"][1] for p in parts)
     return out
 
