@@ -203,19 +203,19 @@ def test_metrics_of_known_completions_equal_the_hand_computed_ones(dataset, toke
     by = run_scripted(bom, tokenizer_dir, tmp_path / "bom", ScriptedDecoder(SCRIPT), group_by=("camera",))["by"]
     assert list(by["camera"]) == ["dslr", "phone", "(none)"]
     # a line that is not UTF-8, skipped by --on-error skip, is not read again for the grouping keys
-    from fxjax.commands.eval_folder import raw_objects
+    from fxjax.data.records import record_objects
 
     broken = dataset.with_name("test_broken.jsonl")
     broken.write_bytes(dataset.read_bytes() + b'{"id": "bad \xff"}\n')
     records, _ = load_records([broken], on_error="skip")
-    assert [obj.get("camera") for obj in raw_objects(records).values()] == [None, None, None, "phone", "dslr"]
+    assert [obj.get("camera") for obj in record_objects(records).values()] == [None, None, None, "phone", "dslr"]
     # line ends as load_records counts them: "\r\r\n" (a CRLF file converted once more: records on lines 1, 3,
     # 5, ...) took other records' values; lone "\r" ends (old Mac files) did not parse
     for name, end in (("crcrlf", b"\r\r\n"), ("cr", b"\r")):
         other = dataset.with_name(f"test_{name}.jsonl")
         other.write_bytes(dataset.read_bytes().replace(b"\n", end))
         records, _ = load_records([other])
-        assert [obj.get("camera") for obj in raw_objects(records).values()] == [None, None, None, "phone", "dslr"]
+        assert [obj.get("camera") for obj in record_objects(records).values()] == [None, None, None, "phone", "dslr"]
 
 
 def without_decoding(metrics: dict) -> dict:

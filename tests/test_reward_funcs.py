@@ -4,6 +4,8 @@ GRPO runs of tests/test_grpo.py train with one, tests/grpo_test_rewards.py, thro
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -190,3 +192,54 @@ def test_a_terms_step_metrics_combine_over_processes_as_over_the_batch():
     assert whole["reward/brevity_std"] == pytest.approx(np.std([-1, -3, -2, -8], ddof=1))
     for key in ("reward/brevity_mean", "reward/brevity_std", "reward/total_mean"):
         assert parts[key] == pytest.approx(whole[key]), key
+
+
+def test_the_records_other_keys_are_given_as_trl_gives_a_datasets_columns(tmp_path, monkeypatch):
+    """TRL passes every dataset column to a reward function (accuracy_reward(completions, solution, **kwargs)):
+    a key a function names, or every key with **kwargs, each completion's record's value (None where its
+    record lacks it); fxjax's own names win over a record key of the same name; a named key no record has,
+    without a default, is refused at the start naming the keys there are."""
+    from types import SimpleNamespace
+
+    from fxjax.train.reward_funcs import attach_record_columns
+
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"image": "a.png", "label": "generated", "solution": "hand", "difficulty": 2}) + "\n"
+                    + json.dumps({"image": "b.png", "label": "real", "record": "shadowed"}) + "\n")
+    (tmp_path / "column_rewards.py").write_text(
+        "def accuracy(completions, solution, **kwargs):\n"
+        "    return [float(s is not None and s in c) for c, s in zip(completions, solution)]\n"
+        "def seen(completions, label, record, **kwargs):\n"
+        "    seen.calls.append(dict(kwargs, label=label, record=record))\n"
+        "    return [0.0] * len(completions)\n"
+        "seen.calls = []\n"
+        "def named(completions, *, difficulty, label, boxes, captions, tags, record, hint='none'):\n"
+        "    return [float(d or 0) for d in difficulty]\n"
+        "def wants(completions, *, answer, **kwargs):\n"
+        "    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    funcs = load_reward_funcs(config(*({"name": n, "function": f"column_rewards:{n}"}
+                                       for n in ("accuracy", "seen", "named"))).grpo.reward_funcs)
+    records = [SimpleNamespace(source=f"{data}:1"), SimpleNamespace(source=f"{data}:2")]
+    funcs = attach_record_columns(funcs, records)
+    assert [f.columns for f in funcs] == [("difficulty", "image", "solution")] * 2 + [("difficulty",)]
+    metas = [dict(m, source=f"{data}:{i + 1}") for i, m in enumerate(METAS)]
+    out = add_reward_funcs({"total": np.zeros(4)}, funcs, ["a hand", "no", "hand", "x"], TARGETS, metas, 2)
+    np.testing.assert_array_equal(out["accuracy"], [1, 0, 0, 0])  # record 2 has no solution: None
+    np.testing.assert_array_equal(out["named"], [2, 2, 0, 0])
+    import column_rewards
+
+    (call,) = column_rewards.seen.calls
+    assert call["solution"] == ["hand", "hand", None, None] and call["image"] == ["a.png", "a.png", "b.png", "b.png"]
+    assert call["record"] == [f"{data}:1"] * 2 + [f"{data}:2"] * 2  # (fxjax's record, not the record's key)
+    assert call["label"] == ["generated", "generated", "real", "real"]
+    (wants,) = load_reward_funcs(config({"name": "wants", "function": "column_rewards:wants"}).grpo.reward_funcs)
+    with pytest.raises(ConfigError, match=r"grpo.reward_funcs\[0\]\.function: column_rewards:wants takes 'answer', "
+                                          r"which no training record has \(their other keys: difficulty, image, "
+                                          r"solution\)"):
+        attach_record_columns([wants], records)
+    # a function that takes no column reads no file
+    plain = load_reward_funcs(config({"name": "one", "function": "column_rewards:named"}).grpo.reward_funcs)
+    assert attach_record_columns([RewardFunc("b", lambda c, *, label, boxes, captions, tags, record: [], 1.0, "m:b")],
+                                 [SimpleNamespace(source="/nowhere.jsonl:1")])[0].columns == ()
+    assert plain[0].named == ("difficulty", "hint")

@@ -72,7 +72,7 @@ from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
                                  rollout_sums, sample_and_score)
-from fxjax.train.reward_funcs import load_reward_funcs
+from fxjax.train.reward_funcs import attach_record_columns, load_reward_funcs
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
@@ -235,6 +235,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     say(f"grpo: {reading_note(data_config(cfg))}")
     pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows))
     check_same_records(pipeline)
+    funcs = attach_record_columns(funcs, pipeline.records)  # (the columns they take, read once)
     evaluator = held_out_evaluator(cfg, sft_data_config(cfg), mesh, pipeline.records, say)  # (before the load)
     cfg = stages_in_steps(cfg, len(pipeline), say)
     rows_sharding = NamedSharding(mesh, batch_spec(2, 0) if shard_rows else P())  # sampled [P*G, N] tokens

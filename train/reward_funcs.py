@@ -18,9 +18,11 @@ as keyword arguments aligned with them, each completion's prompt's `label` ("rea
 tags, a list) and `record` (the record's file:line); and, if it takes them (by name, or **kwargs), where
 training is, for reward shaping over the run as TRL's `trainer_state` allows: `step` (the sampling step,
 1-based, as metrics.jsonl numbers it) and `stage` (its reward stage's name: alpha, beta, gamma, or
-"continuous"); and TRL's `completion_ids` (each completion's token ids, through its EOS) if it takes them.
-Other columns of the records are not given (`record` names the line to read them from). It returns one
-finite number per completion. The step's total reward,
+"continuous"); TRL's `completion_ids` (each completion's token ids, through its EOS) if it takes them; and,
+as TRL passes a dataset's columns, the records' other top-level keys (a `solution`, a `difficulty`: the
+value as the JSONL line holds it, None for a record without the key) to a function that names them or
+takes **kwargs. A name above wins over a record key of the same name, and TRL's `prompts` are not given
+(the prompts are images with the dataset's question). It returns one finite number per completion. The step's total reward,
 from which the group advantages are computed, gains weight x that number in every stage; the raw number is
 logged as `reward/<name>` for each completion (completions.jsonl) and as `reward/<name>_mean` / `_std` for
 the step (metrics.jsonl).
@@ -33,6 +35,7 @@ import inspect
 import numbers
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,11 +43,13 @@ import numpy as np
 
 from fxjax.config_mapping import ConfigError
 
-__all__ = ["COLUMNS", "RewardFunc", "add_reward_funcs", "load_reward_funcs"]
+__all__ = ["COLUMNS", "RewardFunc", "add_reward_funcs", "attach_record_columns", "load_reward_funcs"]
 
 COLUMNS = ("label", "boxes", "captions", "tags", "record")  # the keyword arguments a function gets
 PROGRESS = ("step", "stage")  # given to a function that takes them (by name or **kwargs): where training is
 TRL_KEYWORDS = ("completion_ids",)  # TRL's, given to a function that takes them (by name or **kwargs)
+# names that are never a record column (a record key of one of these names is not given)
+RESERVED = frozenset(COLUMNS + PROGRESS + TRL_KEYWORDS + ("completions", "prompts"))
 
 
 def _call_problem(function, keywords: tuple[str, ...], by_name: bool) -> str | None:
@@ -107,10 +112,16 @@ class RewardFunc:
     progress: tuple[str, ...] = ()  # the PROGRESS keywords it takes
     trl: tuple[str, ...] = ()  # the TRL_KEYWORDS it takes
     by_name: bool = False  # the completions given as `completions=` (it names them), else first
+    named: tuple[str, ...] = ()  # the other names it takes: record columns, checked by attach_record_columns
+    takes_any: bool = False  # it has **kwargs: every record column
+    columns: tuple[str, ...] = ()  # the record columns it gets (attach_record_columns)
+    values: Mapping[str, Mapping[str, Any]] | None = None  # source -> {column: value}, of those columns
 
     def __call__(self, completions: list[str], columns: Mapping[str, Any], progress: Mapping[str, Any] | None,
                  completion_ids: Sequence[Sequence[int]] | None):
         keywords = {k: progress[k] for k in self.progress if progress and k in progress}
+        for column in self.columns:  # (each its own list, as the function's own)
+            keywords[column] = [self.values[source].get(column) for source in columns["record"]]
         if "completion_ids" in self.trl and completion_ids is not None:
             keywords["completion_ids"] = [list(ids) for ids in completion_ids]  # (a copy each: the function's own)
         if self.by_name:
@@ -153,7 +164,8 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
                               f"def")
         progress, trl, by_name = _keywords_taken(function, PROGRESS), _keywords_taken(function, TRL_KEYWORDS), \
             _names_completions(function)
-        problem = _call_problem(function, progress + trl, by_name)
+        named = _other_names(function, by_name)
+        problem = _call_problem(function, progress + trl + named, by_name)
         if problem:
             if _takes_prompts(function) and "'prompts'" in problem:  # (TRL's first argument: never given here)
                 problem = ("it takes TRL's `prompts` (without a default); fxjax gives none, the prompts being images "
@@ -162,8 +174,61 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
                               f"({problem}): define it as def {attr}(completions, *, {', '.join(COLUMNS)}) (and "
                               f"{', '.join(PROGRESS + TRL_KEYWORDS)} if it wants them) or def {attr}(completions, "
                               f"**kwargs)")
-        out.append(RewardFunc(section.name, function, float(section.weight), section.function, progress, trl, by_name))
+        out.append(RewardFunc(section.name, function, float(section.weight), section.function, progress, trl, by_name,
+                              named, _has_var_keyword(function)))
     return tuple(out)
+
+
+def _other_names(function, by_name: bool) -> tuple[str, ...]:
+    """The parameters `function` names beyond the completions and the RESERVED keywords: record columns."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not by_name and named and named[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        named = named[1:]  # (the completions, whatever its name)
+    return tuple(p.name for p in named if p.name not in RESERVED)
+
+
+def attach_record_columns(funcs: Sequence[RewardFunc], records: Sequence,
+                          where: str = "grpo.reward_funcs") -> tuple[RewardFunc, ...]:
+    """`funcs` with the record columns each takes (TRL passes a dataset's columns): those it names, or all
+    with **kwargs, read from the training records' JSON lines (`records`: their `source`s) once. A named
+    column without a default that no record has is a ConfigError naming the entry and the keys there are."""
+    if not any(f.named or f.takes_any for f in funcs):
+        return tuple(funcs)
+    from fxjax.data.records import record_objects
+
+    objects = record_objects(records)
+    keys = sorted({str(k) for obj in objects.values() if isinstance(obj, dict) for k in obj} - RESERVED)
+    out = []
+    for i, func in enumerate(funcs):
+        required = _required(func.function)
+        missing = [n for n in func.named if n not in keys and n in required]
+        if missing:
+            raise ConfigError(f"{where}[{i}].function: {func.spec} takes {', '.join(map(repr, missing))}, which no "
+                              f"training record has (their other keys: {', '.join(keys) or 'none'}); give it a "
+                              f"default, or add the key to the records")
+        columns = tuple(keys) if func.takes_any else tuple(n for n in func.named if n in keys)
+        values = {source: {c: obj.get(c) for c in columns} for source, obj in objects.items()} if columns else None
+        out.append(dataclasses.replace(func, columns=columns, values=values))
+    return tuple(out)
+
+
+def _has_var_keyword(function) -> bool:
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
+def _required(function) -> set[str]:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in parameters if p.default is inspect.Parameter.empty}
 
 
 def _numbers(raw: Any, func: RewardFunc, n: int, records: Sequence[str]) -> np.ndarray:

@@ -19,10 +19,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fxjax.data.records import record_objects
 from fxjax.file_modes import write_json_whole
 
 __all__ = ["METRICS", "PREDICTIONS", "SETTINGS", "evaluate", "evaluate_detector", "prompt_data_config",
-           "raw_objects", "read_predictions", "require_same_settings"]
+           "read_predictions", "require_same_settings"]
 
 PREDICTIONS, METRICS, SETTINGS = "predictions.jsonl", "metrics.json", "settings.json"
 
@@ -162,25 +163,6 @@ def decoding_run(decoder, images: int, seconds: float) -> dict:
 
 # ---- truths and groups -----------------------------------------------------------------------------
 
-def raw_objects(records) -> dict[str, dict]:
-    """source (file:line) -> the record's JSON object, for grouping fields fxjax does not model."""
-    wanted: dict[str, set[int]] = {}
-    for r in records:
-        file, _, line = r.source.rpartition(":")
-        wanted.setdefault(file, set()).add(int(line))
-    from fxjax.data.records import numbered_lines
-
-    out = {}
-    for file, lines in wanted.items():
-        # numbered as load_records numbers them (a lone "\r" ends a line too: a file with "\r\r\n" ends
-        # took other records' values); bytes, so a line that is not UTF-8 (skipped there under --on-error
-        # skip) is never decoded
-        for n, line in numbered_lines(Path(file)):
-            if n in lines:
-                out[f"{file}:{n}"] = json.loads(line)
-    return out
-
-
 def groups_of(record, raw: dict | None, fields: Sequence[str]) -> dict[str, Any]:
     """The record's group in each --group-by field: its value (a list or object as its JSON text); for
     `regions`, how many regions it has (their boxes would make a group of every image)."""
@@ -231,7 +213,7 @@ def evaluate(records, make_decoder: Callable[[], Any], prompt_config, out: Path,
     too_long = too_long_before(earlier)
     todo = [r for r in records if source_key(r.source) not in done and r.source not in too_long]
     known = {f.name for f in dataclasses.fields(records[0])}
-    raw = raw_objects(records) if set(group_by) - known else {}
+    raw = record_objects(records) if set(group_by) - known else {}
     for name in set(group_by) - known:  # a typo would make one group of every image, "(none)"
         if not any(isinstance(obj, dict) and name in obj for obj in raw.values()):
             fields = sorted(known | {k for obj in raw.values() if isinstance(obj, dict) for k in obj})

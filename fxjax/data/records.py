@@ -49,6 +49,7 @@ __all__ = [
     "load_records",
     "numbered_lines",
     "open_image",
+    "record_objects",
     "resolve_image_path",
     "whole_file_problem",
 ]
@@ -140,6 +141,24 @@ def numbered_lines(path: Path) -> Iterable[tuple[int, bytes]]:
             for raw in chunk.splitlines() or [b""]:  # b"\r" is never inside a UTF-8 character
                 n += 1
                 yield n, raw[len(codecs.BOM_UTF8):] if n == 1 and raw.startswith(codecs.BOM_UTF8) else raw
+
+
+def record_objects(records: Iterable) -> dict[str, dict]:
+    """source (file:line) -> the record's JSON object as its file holds it: the keys fxjax does not model
+    (`fxjax eval --group-by`, the columns GRPO's reward functions get)."""
+    wanted: dict[str, set[int]] = {}
+    for r in records:
+        file, _, line = r.source.rpartition(":")
+        wanted.setdefault(file, set()).add(int(line))
+    out = {}
+    for file, lines in wanted.items():
+        # numbered as load_records numbers them (a lone "\r" ends a line too: a file with "\r\r\n" ends
+        # took other records' values); bytes, so a line that is not UTF-8 (skipped there under --on-error
+        # skip) is never decoded
+        for n, line in numbered_lines(Path(file)):
+            if n in lines:
+                out[f"{file}:{n}"] = json.loads(line)
+    return out
 
 
 def _decode(raw: bytes, where: str) -> str:
