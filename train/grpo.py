@@ -54,7 +54,7 @@ from fxjax.data.formats import IM_END
 from fxjax.data.pipeline import DataConfig, DataPipeline, reading_note
 from fxjax.data.tokenizer import load_tokenizer, token_id
 from fxjax.host_exchange import allgather_json, gather_json_to_main
-from fxjax.grpo_config import GRPOConfig, GRPOSection, read_reward_config, refuse_grpo_log_every
+from fxjax.grpo_config import GRPOConfig, GRPOSection, refuse_grpo_log_every
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.hf_checkpoint import stop_token_ids
 from fxjax.run_files import REWARDS_KEY, RunLoadError, kept_stage_end_steps, recorded_stage_ends
@@ -66,13 +66,13 @@ from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, 
                                   place_local_batch, process_rows, with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite, log_end
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
-from fxjax.train.grpo_stages import (reward_record, say_stage_weights, stage_weights, stages_in_steps,
+from fxjax.train.grpo_stages import (read_rewards, reward_record, say_stage_weights, stage_weights, stages_in_steps,
                                      trained_stage_ends, weights_metrics)
 from fxjax.train.grpo_step import CompletionSlots, GroupBatch, LossOptions, make_grpo_step, make_logps_fn
 from fxjax.train.metrics import CompletionLog, MetricsLogger
 from fxjax.train.rollout import (build_group_batch, combine_rollout_sums, completion_records, prompt_inputs,
                                  rollout_sums, sample_and_score)
-from fxjax.train.reward_funcs import attach_record_columns, load_reward_funcs
+from fxjax.train.reward_funcs import attach_record_columns
 from fxjax.train.resume import checkpoint_data_state, per_process_state, process_rows_per_batch
 from fxjax.train.resume_check import WATCHED, Watched, different_config
 from fxjax.train.run_lock import locked_run_dirs
@@ -222,7 +222,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     """run_grpo once its process has joined the run and holds the run's folders."""
     recorded, cfg = cfg, resumed_start(cfg, say)  # a resume: its start from the run's own copy (start_lora)
     g = cfg.grpo
-    reward_values, funcs = _read_rewards(cfg)
+    reward_values, funcs = read_rewards(cfg)
     mesh = make_mesh(MeshConfig(**cfg.mesh.axes()))
     shard_rows = batch_divides("data.batch_size", cfg.data.batch_size, mesh, micro_batches=cfg.optim.grad_accum,
                                allow_replicated=cfg.mesh.allow_replicated_batch, log=say,
@@ -406,25 +406,6 @@ def progress_postfix(values: dict, stage: str) -> dict:
     iou = values["mean_iou_generated"]  # (over the generated images only: a real image scores 1 for no box)
     return dict(stage=stage, reward=round(values["reward/total_mean"], 3), fmt=round(values["format_rate"], 2),
                 iou_gen=round(iou, 3) if math.isfinite(iou) else "n/a")
-
-
-def _read_rewards(cfg: GRPOConfig) -> tuple[dict, tuple]:
-    """(the reward config's values, the user's reward functions), read once at the start, before the model
-    loads (a bad file or function name costs seconds): every step scores with these values and every
-    checkpoint records them, so an edit of the file during the run changes nothing, and a resume after one
-    says which weight changed. Each stage must have weights in the file."""
-    g = cfg.grpo
-    reward_values = read_reward_config(g.reward_config)
-    if g.schedule == "continuous":
-        stage_weights(cfg, 0, g.reward_config)  # (its error names the file)
-    else:
-        from fxjax.rewards.stages import missing_stage
-
-        for i, stage in enumerate(cfg.stages):  # (a bad reward file: load_config's own error, naming it)
-            problem = missing_stage(stage.name, g.reward_config)
-            if problem:
-                raise ConfigError(f"stages[{i}].name: {problem}")
-    return reward_values, load_reward_funcs(g.reward_funcs)  # (each process imports them)
 
 
 def _start_line(cfg: GRPOConfig, mesh, n_lora: int, prompts: int) -> str:

@@ -11,9 +11,10 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 from fxjax import rewards
-from fxjax.config_mapping import dotted_keys
-from fxjax.grpo_config import GRPOConfig
+from fxjax.config_mapping import ConfigError, dotted_keys
+from fxjax.grpo_config import GRPOConfig, read_reward_config
 from fxjax.rewards.stages import ConfigLike
+from fxjax.train.reward_funcs import load_reward_funcs
 from fxjax.train.run_setup import evaluates
 
 __all__ = ["reward_record", "say_stage_weights", "stage_weights", "stages_in_steps", "trained_stage_ends",
@@ -111,3 +112,22 @@ def say_stage_weights(cfg: GRPOConfig, steps_total: int, say: Callable[[str], No
         say(f"note: eval.max_new_tokens {cfg.eval.max_new_tokens} is above grpo.max_completion_length "
             f"{g.max_completion_length}: the held-out evaluation may decode longer than any rollout (its time "
             f"grows with it); --set eval.max_new_tokens={g.max_completion_length} to match")
+
+
+def read_rewards(cfg: GRPOConfig) -> tuple[dict, tuple]:
+    """(the reward config's values, the user's reward functions), read once at the start, before the model
+    loads (a bad file or function name costs seconds): every step scores with these values and every
+    checkpoint records them, so an edit of the file during the run changes nothing, and a resume after one
+    says which weight changed. Each stage must have weights in the file."""
+    g = cfg.grpo
+    reward_values = read_reward_config(g.reward_config)
+    if g.schedule == "continuous":
+        stage_weights(cfg, 0, g.reward_config)  # (its error names the file)
+    else:
+        from fxjax.rewards.stages import missing_stage
+
+        for i, stage in enumerate(cfg.stages):  # (a bad reward file: load_config's own error, naming it)
+            problem = missing_stage(stage.name, g.reward_config)
+            if problem:
+                raise ConfigError(f"stages[{i}].name: {problem}")
+    return reward_values, load_reward_funcs(g.reward_funcs)  # (each process imports them)
