@@ -340,24 +340,26 @@ def rollout_program(cfg, graphdef, params, base, rest, mesh, a, gathered: bool =
 
 
 def per_token_all_gathers(compiled_text: str) -> tuple[int, int]:
-    """(all-gathers, their bytes) that run for each generated token: those in the decode loop's body (the
-    while loop with no known trip count) and, times their trip counts, in the loops inside it (the layer
-    scan). XLA:CPU's synchronous all-gathers; an async -start's result tuple counts its last shape."""
+    """(all-gathers, their bytes) that run for each generated token: those in the decode loop's body (a while
+    loop of the entry computation with no known trip count) and in what it runs: the loops inside it (the
+    layer scan) times their trip counts, the computations it calls, a conditional's costliest branch.
+    XLA:CPU's synchronous all-gathers; an async -start's result tuple counts its last shape."""
     import re
 
     import numpy as np
 
     sizes = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
-    blocks = {}
+    blocks, entry = {}, ""
     for block in re.split(r"\n(?=\S)", compiled_text):
-        name = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
+        name = re.match(r"(ENTRY )?%?([\w.\-]+)", block)
         if name:
-            blocks[name.group(1)] = block
+            blocks[name.group(2)] = block
+            entry = block if name.group(1) else entry
     loop = re.compile(r"while\(.*?body=%?([\w.\-]+)(.*)")
 
     def gathers(body: str) -> tuple[int, int]:
         count = size = 0
-        for line in blocks[body].splitlines():
+        for line in blocks.get(body, "").splitlines():
             m = re.search(r"= \(?(?:.*, )?(\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", line)
             if m:
                 count += 1
@@ -368,10 +370,19 @@ def per_token_all_gathers(compiled_text: str) -> tuple[int, int]:
                 n = int(trips.group(1)) if trips else 1
                 c, b = gathers(inner.group(1))
                 count, size = count + n * c, size + n * b
+            called = re.search(r" call\(.*?to_apply=%?([\w.\-]+)", line)
+            if called:
+                c, b = gathers(called.group(1))
+                count, size = count + c, size + b
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+            if branches:
+                costs = [gathers(b.strip().lstrip("%")) for b in branches.group(1).split(",")]
+                c, b = max(costs, key=lambda cost: cost[1])
+                count, size = count + c, size + b
         return count, size
 
     count = size = 0
-    for body, rest in loop.findall(compiled_text):
+    for body, rest in loop.findall(entry):
         if '"known_trip_count"' not in rest:  # the decode loop (a scan knows its trip count)
             c, b = gathers(body)
             count, size = count + c, size + b

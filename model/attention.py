@@ -141,22 +141,23 @@ def segment_mask(segment_ids: jax.Array, valid: jax.Array, backend: str = "xla")
 # -------------------------------------------------------------------------------------- dispatch
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: AttentionMask | jax.Array | None) -> jax.Array:
+                          mask: AttentionMask | jax.Array | None, *, rows_pinned: bool = False) -> jax.Array:
     """Softmax attention with grouped KV heads: q [..., Lq, H, D]; k, v [..., Lk, KVH, D] (H a multiple of
     KVH) -> [..., Lq, H, D]. A plain boolean mask (or None) runs xla; an AttentionMask runs the backend it
-    names (select_backend, on the platform JAX runs on)."""
+    names (select_backend, on the platform JAX runs on). `rows_pinned`: the caller pinned q's leading axis
+    to the mesh's batch axes (model.batch_axis.shard_batch), so xla's score limit counts a device's rows."""
     if not isinstance(mask, AttentionMask):
-        return xla_attention(q, k, v, mask)
+        return xla_attention(q, k, v, mask, rows_pinned=rows_pinned)
     backend = select_backend(mask.backend, current_platform(), q.dtype)
     if backend == "cudnn":
         return fused_attention(q, k, v, mask, implementation="cudnn")
     if backend == "splash" and mask.q_segments is not None:
         return splash_attention(q, k, v, mask)
-    return xla_attention(q, k, v, mask.allowed)
+    return xla_attention(q, k, v, mask.allowed, rows_pinned=rows_pinned)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                  score_limit: int = XLA_SCORE_LIMIT) -> jax.Array:
+                  score_limit: int = XLA_SCORE_LIMIT, *, rows_pinned: bool = False) -> jax.Array:
     """The reference. mask: bool, broadcastable to [..., Lq, Lk] (True = may attend). Scores and softmax
     run in float32, as HF's eager/sdpa do for fp32 and as a bf16 run needs for stability. A fully masked
     row yields a uniform average instead of NaN (HF's min-value masking does the same); callers ignore such
@@ -167,10 +168,13 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     reads only its own row of scores, so the rows are those of one pass): the vision encoder's full
     attention over a 12.8-megapixel image (31,724 patches, 16 heads) held 60 GiB of scores at once.
     The limit is per device: under a mesh (traced within `jax.sharding.set_mesh`) each device holds its
-    share of the batch (the leading axis over data x fsdp) and of the heads (over tensor).
+    share of the heads (over tensor) and, where the caller pinned the leading axis to the batch axes
+    (`rows_pinned`: the decoder's rows, the vision encoder's per-shard axis), of the rows (over data x
+    fsdp); a leading axis nothing pins (the windows of one packed image sequence) counts whole.
     """
     *batch, lq, h, _ = q.shape
-    rows = math.prod(batch) // (batch_parts(batch[0]) if batch else 1)  # this device's
+    split = batch_parts(batch[0]) if batch and rows_pinned else 1
+    rows = math.prod(batch) // split  # this device's
     per_query = rows * (h // tensor_parts(h)) * k.shape[-3]  # (scores of one query row over its heads and keys)
     if lq <= 1 or per_query * lq <= score_limit:
         return _attend(q, k, v, mask)

@@ -34,7 +34,8 @@ class DecoderAttention(nnx.Module):
             k = write(kv[0], k, start)
             v = write(kv[1], v, start)
             kv = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        # (the rows: pinned to the batch axes with the embeddings, model.qwen2_5_vl)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, rows_pinned=True)
         return self.o_proj(out.reshape(b, length, -1)), kv
 
 

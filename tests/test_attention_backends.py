@@ -266,23 +266,27 @@ def test_xla_attention_over_its_score_limit_runs_the_queries_in_chunks_to_the_sa
 
 
 def test_xla_attention_score_limit_counts_one_devices_share_under_a_mesh():
-    """Traced under a mesh, a device holds its share of the batch (over data x fsdp) and of the heads (over
-    tensor): the chunks are sized by that share (the whole batch's count made them 4x smaller than needed
-    on data 2 x tensor 2, 8 chunks of 2 queries where 2 of 8 stay under the limit)."""
+    """Traced under a mesh, a device holds its share of the heads (over tensor) and, where the caller pinned
+    the rows to the batch axes (the decoder's, `rows_pinned`), of the rows (over data x fsdp): the chunks
+    are sized by that share (the whole batch's count made them 4x smaller than needed on data 2 x tensor 2,
+    8 chunks of 2 queries where 2 of 8 stay under the limit). A leading axis nothing pins (the windows of
+    one packed image sequence) counts whole: it may be replicated."""
     from jax.sharding import AbstractMesh, use_abstract_mesh
 
     q, k = jax.ShapeDtypeStruct((2, 16, 4, 8), F32), jax.ShapeDtypeStruct((2, 11, 2, 8), F32)
     limit = 2 * 2 * 4 * 11  # 2 query rows of both batch rows over every head and key
 
-    def scan_length(mesh_sizes):
+    def scan_length(mesh_sizes, rows_pinned=True):
+        attend = lambda q, k: xla_attention(q, k, k, None, score_limit=limit, rows_pinned=rows_pinned)  # noqa: E731
         with use_abstract_mesh(AbstractMesh(mesh_sizes, ("data", "fsdp", "tensor"))):
-            jaxpr = str(jax.make_jaxpr(lambda q, k: xla_attention(q, k, k, None, score_limit=limit))(q, k))
+            jaxpr = str(jax.make_jaxpr(attend)(q, k))
         return int(re.search(r"length=(\d+)", jaxpr).group(1)) if "scan" in jaxpr else 1
 
     assert scan_length((1, 1, 1)) == 8  # one device: 2 queries a chunk
     assert scan_length((2, 1, 1)) == 4 and scan_length((1, 2, 1)) == 4  # a batch row a device: 4 a chunk
     assert scan_length((2, 1, 2)) == 2  # and 2 of the 4 heads: 8 a chunk
     assert scan_length((1, 1, 3)) == 8  # (3 does not divide 4 heads: they are not split)
+    assert scan_length((2, 1, 1), rows_pinned=False) == 8 and scan_length((2, 1, 2), rows_pinned=False) == 4
 
 
 def test_xla_attention_holds_one_chunk_of_scores_not_all_of_them():

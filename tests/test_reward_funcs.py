@@ -204,7 +204,9 @@ def test_the_records_other_keys_are_given_as_trl_gives_a_datasets_columns(tmp_pa
     from fxjax.train.reward_funcs import attach_record_columns
 
     data = tmp_path / "t.jsonl"
-    data.write_text(json.dumps({"image": "a.png", "label": "generated", "solution": "hand", "difficulty": 2}) + "\n"
+    data.write_text(json.dumps({"image": "a.png", "label": "generated", "solution": "hand", "difficulty": 2,
+                                "meta": {"camera": "phone"},
+                                "prompt": "TRL's prompt column: never passed"}) + "\n"
                     + json.dumps({"image": "b.png", "label": "real", "record": "shadowed"}) + "\n")
     (tmp_path / "column_rewards.py").write_text(
         "def accuracy(completions, solution, **kwargs):\n"
@@ -216,13 +218,17 @@ def test_the_records_other_keys_are_given_as_trl_gives_a_datasets_columns(tmp_pa
         "def named(completions, *, difficulty, label, boxes, captions, tags, record, hint='none'):\n"
         "    return [float(d or 0) for d in difficulty]\n"
         "def wants(completions, *, answer, **kwargs):\n"
-        "    return []\n")
+        "    return []\n"
+        "def positional(c, /, solution, **kwargs):\n"
+        "    assert kwargs['meta'][0] == {'camera': 'phone'}, kwargs['meta']\n"
+        "    kwargs['meta'][0]['camera'] = 'changed'  # (its own values: the next call reads the line again)\n"
+        "    return [float(s is None) for s in solution]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     funcs = load_reward_funcs(config(*({"name": n, "function": f"column_rewards:{n}"}
                                        for n in ("accuracy", "seen", "named"))).grpo.reward_funcs)
     records = [SimpleNamespace(source=f"{data}:1"), SimpleNamespace(source=f"{data}:2")]
     funcs = attach_record_columns(funcs, records)
-    assert [f.columns for f in funcs] == [("difficulty", "image", "solution")] * 2 + [("difficulty",)]
+    assert [f.columns for f in funcs] == [("difficulty", "image", "meta", "solution")] * 2 + [("difficulty",)]
     metas = [dict(m, source=f"{data}:{i + 1}") for i, m in enumerate(METAS)]
     out = add_reward_funcs({"total": np.zeros(4)}, funcs, ["a hand", "no", "hand", "x"], TARGETS, metas, 2)
     np.testing.assert_array_equal(out["accuracy"], [1, 0, 0, 0])  # record 2 has no solution: None
@@ -233,10 +239,16 @@ def test_the_records_other_keys_are_given_as_trl_gives_a_datasets_columns(tmp_pa
     assert call["solution"] == ["hand", "hand", None, None] and call["image"] == ["a.png", "a.png", "b.png", "b.png"]
     assert call["record"] == [f"{data}:1"] * 2 + [f"{data}:2"] * 2  # (fxjax's record, not the record's key)
     assert call["label"] == ["generated", "generated", "real", "real"]
+    (positional,) = attach_record_columns(load_reward_funcs(config(
+        {"name": "positional", "function": "column_rewards:positional"}).grpo.reward_funcs), records)
+    for _ in range(2):
+        out = add_reward_funcs({"total": np.zeros(4)}, [positional], TEXTS, TARGETS, metas, 2)
+        np.testing.assert_array_equal(out["positional"], [0, 0, 1, 1])
+    assert column_rewards.seen.calls[0]["image"][0] == "a.png" and len(column_rewards.seen.calls) == 1
     (wants,) = load_reward_funcs(config({"name": "wants", "function": "column_rewards:wants"}).grpo.reward_funcs)
     with pytest.raises(ConfigError, match=r"grpo.reward_funcs\[0\]\.function: column_rewards:wants takes 'answer', "
                                           r"which no training record has \(their other keys: difficulty, image, "
-                                          r"solution\)"):
+                                          r"meta, solution\)"):
         attach_record_columns([wants], records)
     # a function that takes no column reads no file
     plain = load_reward_funcs(config({"name": "one", "function": "column_rewards:named"}).grpo.reward_funcs)

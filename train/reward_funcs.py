@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import numbers
 import os
 import sys
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -49,7 +51,8 @@ COLUMNS = ("label", "boxes", "captions", "tags", "record")  # the keyword argume
 PROGRESS = ("step", "stage")  # given to a function that takes them (by name or **kwargs): where training is
 TRL_KEYWORDS = ("completion_ids",)  # TRL's, given to a function that takes them (by name or **kwargs)
 # names that are never a record column (a record key of one of these names is not given)
-RESERVED = frozenset(COLUMNS + PROGRESS + TRL_KEYWORDS + ("completions", "prompts"))
+# (and TRL's own: it passes no dataset column named prompt, completion or completion_ids either)
+RESERVED = frozenset(COLUMNS + PROGRESS + TRL_KEYWORDS + ("completions", "prompts", "prompt", "completion"))
 
 
 def _call_problem(function, keywords: tuple[str, ...], by_name: bool) -> str | None:
@@ -115,13 +118,13 @@ class RewardFunc:
     named: tuple[str, ...] = ()  # the other names it takes: record columns, checked by attach_record_columns
     takes_any: bool = False  # it has **kwargs: every record column
     columns: tuple[str, ...] = ()  # the record columns it gets (attach_record_columns)
-    values: Mapping[str, Mapping[str, Any]] | None = None  # source -> {column: value}, of those columns
+    lines: "RecordLines | None" = None  # where each training record's line is, to read its columns from
 
     def __call__(self, completions: list[str], columns: Mapping[str, Any], progress: Mapping[str, Any] | None,
                  completion_ids: Sequence[Sequence[int]] | None):
         keywords = {k: progress[k] for k in self.progress if progress and k in progress}
-        for column in self.columns:  # (each its own list, as the function's own)
-            keywords[column] = [self.values[source].get(column) for source in columns["record"]]
+        if self.columns:  # (read from the records' lines for each call: values of the function's own)
+            keywords.update(self.lines.columns(columns["record"], self.columns))
         if "completion_ids" in self.trl and completion_ids is not None:
             keywords["completion_ids"] = [list(ids) for ids in completion_ids]  # (a copy each: the function's own)
         if self.by_name:
@@ -185,23 +188,51 @@ def _other_names(function, by_name: bool) -> tuple[str, ...]:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
         return ()
+    if not by_name and parameters and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                             inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        parameters = parameters[1:]  # (the completions, whatever its name, positional-only too)
     named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if not by_name and named and named[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
-        named = named[1:]  # (the completions, whatever its name)
     return tuple(p.name for p in named if p.name not in RESERVED)
+
+
+class RecordLines:
+    """Where each training record's JSON line is (file, byte offset, length), and the keys the records
+    have: a step's columns are read from the lines of its records only, so nothing of the dataset stays in
+    memory over the run (a 2 GB file of records held as Python objects took about 9 GB)."""
+
+    def __init__(self, records: Sequence):
+        from fxjax.data.records import numbered_line_spans
+
+        wanted: dict[str, set[int]] = {}
+        for r in records:
+            file, _, line = r.source.rpartition(":")
+            wanted.setdefault(file, set()).add(int(line))
+        self.spans: dict[str, tuple[str, int, int]] = {}
+        keys: set[str] = set()
+        for file, lines in wanted.items():
+            for n, offset, raw in numbered_line_spans(Path(file)):
+                if n in lines:
+                    self.spans[f"{file}:{n}"] = (file, offset, len(raw))
+                    keys.update(map(str, json.loads(raw)))  # (load_records read it as a JSON object)
+        self.keys = tuple(sorted(keys - RESERVED))
+
+    def columns(self, sources: Sequence[str], names: Sequence[str]) -> dict[str, list]:
+        """{name: [the value of each source's record (None where it has no such key)]}."""
+        from fxjax.data.records import line_at
+
+        objects = {source: json.loads(line_at(*self.spans[source])) for source in dict.fromkeys(sources)}
+        return {name: [objects[source].get(name) for source in sources] for name in names}
 
 
 def attach_record_columns(funcs: Sequence[RewardFunc], records: Sequence,
                           where: str = "grpo.reward_funcs") -> tuple[RewardFunc, ...]:
     """`funcs` with the record columns each takes (TRL passes a dataset's columns): those it names, or all
-    with **kwargs, read from the training records' JSON lines (`records`: their `source`s) once. A named
+    with **kwargs, of the training records (`records`: their `source`s, file:line; `RecordLines`). A named
     column without a default that no record has is a ConfigError naming the entry and the keys there are."""
     if not any(f.named or f.takes_any for f in funcs):
         return tuple(funcs)
-    from fxjax.data.records import record_objects
-
-    objects = record_objects(records)
-    keys = sorted({str(k) for obj in objects.values() if isinstance(obj, dict) for k in obj} - RESERVED)
+    lines = RecordLines(records)
+    keys = lines.keys
     out = []
     for i, func in enumerate(funcs):
         required = _required(func.function)
@@ -211,8 +242,7 @@ def attach_record_columns(funcs: Sequence[RewardFunc], records: Sequence,
                               f"training record has (their other keys: {', '.join(keys) or 'none'}); give it a "
                               f"default, or add the key to the records")
         columns = tuple(keys) if func.takes_any else tuple(n for n in func.named if n in keys)
-        values = {source: {c: obj.get(c) for c in columns} for source, obj in objects.items()} if columns else None
-        out.append(dataclasses.replace(func, columns=columns, values=values))
+        out.append(dataclasses.replace(func, columns=columns, lines=lines if columns else None))
     return tuple(out)
 
 

@@ -197,7 +197,7 @@ def rollout_sums(r: Rollout, num_generations: int) -> dict[str, Any]:
     lengths = r.attention.sum(axis=1)
     out["length"] = [int(lengths.sum()), int(lengths.max(initial=0)), int(lengths.min(initial=r.attention.shape[1]))]
     out["truncated"] = int(r.truncated.sum())
-    ended = lengths[~r.truncated]  # the completions that stopped at EOS (TRL's terminated lengths)
+    ended = lengths[~r.truncated]  # the completions not cut at the length limit (TRL's terminated lengths)
     out["terminated"] = [int(ended.sum()), int(ended.size), int(ended.min(initial=r.attention.shape[1])),
                          int(ended.max(initial=0))]
     grouped = np.asarray(r.scores["total"], np.float64).reshape(-1, num_generations)

@@ -47,6 +47,8 @@ __all__ = [
     "first_of_each_kind",
     "left_out_note",
     "load_records",
+    "line_at",
+    "numbered_line_spans",
     "numbered_lines",
     "open_image",
     "record_objects",
@@ -135,12 +137,29 @@ def numbered_lines(path: Path) -> Iterable[tuple[int, bytes]]:
     """The file's lines as bytes, numbered as a text editor does (\n, \r\n or \r ends a line), a leading
     BOM (Windows editors) dropped. Bytes, so that a line that is not UTF-8 is that line's error (decoding
     the file as text reports it on whichever line its read-ahead chunk began)."""
+    for n, _, raw in numbered_line_spans(path):
+        yield n, raw
+
+
+def numbered_line_spans(path: Path) -> Iterable[tuple[int, int, bytes]]:
+    """(number, byte offset, bytes) of each line, as `numbered_lines` numbers them: `line_at(path, offset,
+    len(bytes))` reads one back without the rest of the file."""
     with open(path, "rb") as f:
-        n = 0
+        n = offset = 0
         for chunk in f:
-            for raw in chunk.splitlines() or [b""]:  # b"\r" is never inside a UTF-8 character
+            for part in chunk.splitlines(keepends=True) or [b""]:  # b"\r" is never inside a UTF-8 character
                 n += 1
-                yield n, raw[len(codecs.BOM_UTF8):] if n == 1 and raw.startswith(codecs.BOM_UTF8) else raw
+                raw, start = part.rstrip(b"\r\n"), offset  # (a part holds one separator: \n, \r\n or \r)
+                if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+                offset += len(part)
+                yield n, start, raw
+
+
+def line_at(path: str | Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
 
 
 def record_objects(records: Iterable) -> dict[str, dict]:
