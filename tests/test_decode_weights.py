@@ -75,3 +75,21 @@ def test_the_config_key_takes_trl_s_booleans_and_refuses_other_values():
     with pytest.raises(ConfigError, match=r"ds3_gather_for_generation: unknown key \(here mesh.gather_for_decoding "):
         grpo_from_dict({"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"},
                         "ds3_gather_for_generation": True})
+
+
+def test_eval_and_detect_take_the_flag_else_the_runs_own_setting():
+    """`fxjax eval` / `detect`: --gather-for-decoding when given, else a --run's mesh.gather_for_decoding
+    (its split is the run's too), else auto; the plan's reason names which."""
+    import argparse
+
+    from fxjax.commands.model_args import Detector
+    from fxjax.config_sections import MeshSection
+
+    def setting(flag, run_mesh):
+        return Detector(argparse.Namespace(gather_for_decoding=flag), "tok", run_mesh=run_mesh).gather_setting()
+
+    assert setting(None, None) == ("auto", "--gather-for-decoding")
+    assert setting(None, MeshSection(fsdp=8, gather_for_decoding="never")) == ("never", "the run's mesh.gather_for_decoding")
+    assert setting("always", MeshSection(gather_for_decoding="never")) == ("always", "--gather-for-decoding")
+    assert choose_plan("never", fsdp=8, extra=GIB, free=None, source="the run's mesh.gather_for_decoding").reason \
+        .endswith(": the run's mesh.gather_for_decoding is never")

@@ -56,11 +56,11 @@ def add_model_arguments(p: argparse.ArgumentParser, several_steps: bool = False)
                         "batches are split over data x fsdp (default: with --run the run's fsdp and tensor axes, "
                         "with --model none; the other devices on the data axis); sizes that multiply to fewer "
                         "devices than there are take the first ones (data=1: one device)")
-    g.add_argument("--gather-for-decoding", choices=("auto", "always", "never"), default="auto",
+    g.add_argument("--gather-for-decoding", choices=("auto", "always", "never"),
                    help="with weights split over fsdp (--mesh, or a --run's split): gather them once before "
-                        "decoding rather than in every generated token's step (auto, the default: when the copy "
-                        "takes at most half of the devices' free memory; as a run config's mesh.gather_for_decoding, "
-                        "which a --run's evaluation does not inherit)")
+                        "decoding rather than in every generated token's step (default: a --run's own "
+                        "mesh.gather_for_decoding, else auto: when the copy takes at most half of the devices' "
+                        "free memory)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="directory with tokenizer.json (default: the model directory, or the run's tokenizer)")
 
@@ -207,6 +207,17 @@ class Detector:
             self.model.eval()
         return self
 
+    def gather_setting(self) -> tuple[str, str]:
+        """(mesh.gather_for_decoding's value for decoding, where it comes from): --gather-for-decoding, else a
+        --run's own setting, else auto."""
+        given = getattr(self.args, "gather_for_decoding", None)
+        if given is not None:
+            return given, "--gather-for-decoding"
+        recorded = getattr(self.run_mesh, "gather_for_decoding", None)
+        if recorded is not None:
+            return recorded, "the run's mesh.gather_for_decoding"
+        return "auto", "--gather-for-decoding"
+
     def decoder(self, batch_size: int, max_new_tokens: int, after: "Detector | None" = None):
         """The greedy decoder of this detector's model (its weights loaded first, `after` as for `load`), made
         once for these settings: `fxjax eval` and `fxjax detect` on the same detector (the demo's phases)
@@ -216,10 +227,10 @@ class Detector:
             from fxjax.train.inference import GreedyDecoder
 
             self.load(after=after)
+            setting, source = self.gather_setting()
             self._decoder = GreedyDecoder(self.model, self.tokenizer, batch_size=batch_size,
                                           max_new_tokens=max_new_tokens, mesh=self.mesh, say=self._say,
-                                          gather_for_decoding=getattr(self.args, "gather_for_decoding", "auto"),
-                                          gather_source="--gather-for-decoding")
+                                          gather_for_decoding=setting, gather_source=source)
         return self._decoder
 
 
