@@ -185,9 +185,13 @@ def test_stages_in_order_with_every_metric(setup, straight):
                 "reward/iou_mean", "format_rate", "verdict_accuracy", "kl", "clip_ratio/region_mean", "entropy",
                 "completion_length_mean", "completion_length_max", "completion_length_min", "terminated_length_mean",
                 "terminated_length_min", "terminated_length_max", "truncated_fraction", "zero_std_group_fraction",
+                "num_tokens",
                 "rollout_time", "update_time", "rollout_tokens_per_s", "loss", "grad_norm", "learning_rate"):
         assert all(key in r for r in train), key
     assert all(0 < r["completion_length_mean"] <= 6 for r in train)
+    # TRL's num_tokens: every step's prompt + completion tokens so far (each step's as update_tokens_per_s counts)
+    each = [r["update_tokens_per_s"] * r["update_time"] for r in train]
+    assert [r["num_tokens"] for r in train] == pytest.approx(list(np.cumsum(each)), rel=1e-6)
     # The policy starts away from the reference (a non-zero adapter): the KL and the update are not zero.
     assert all(r["kl"] > 0 and r["grad_norm"] > 1e-6 for r in train)
     # num_iterations 2: the schedule runs over all 12 updates, and a step logs the rate of its last update
@@ -290,6 +294,9 @@ def test_killed_everywhere_and_resumed_equals_uninterrupted(setup, straight):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     # completions.jsonl: what each attempt logged past the step it was resumed from is dropped
     assert completions(setup["root"] / "chain") == completions(setup["root"] / "straight")
+    # num_tokens carries on over the resumes (from the record of the step each resumed from)
+    assert [r["num_tokens"] for r in train_records(setup["root"] / "chain")] == \
+        [r["num_tokens"] for r in train_records(setup["root"] / "straight")]
 
 
 def test_a_non_finite_update_stops_the_run_with_its_step_the_last_record(setup):

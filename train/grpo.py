@@ -325,6 +325,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
         return with_patch_dtype(batch, patch_dtype), agreed, tokens
 
     quiet = SignalWatch(say if main else lambda text: None)
+    # TRL's num_tokens: prompt + completion tokens of every step so far (a resume carries on from its step's)
+    num_tokens = int(metrics.value_at("train", latest, "num_tokens") or 0) if latest else 0
     decoding = decode_plan(model, cfg.mesh.gather_for_decoding)  # (after the state is placed: its free memory)
     if decoding.splits:
         say(f"rollouts: {decoding.reason}")
@@ -381,10 +383,11 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
 
                 skipped = handle_nonfinite("grpo", cfg, step_now + 1, out, checkpointer, skipped, say, record_stop)
             step_now += 1  # from here on: the number of updates made (what the loop control counts too)
+            num_tokens += tokens["update_tokens"]
             values.update({k: v for k, v in out.items() if k != "finite"})
             values.update(rollout_time=t_rollout, update_time=t_update, step_time=time.perf_counter() - t0,
                           rollout_tokens_per_s=tokens["rollout_tokens"] / max(t_rollout, 1e-9),
-                          update_tokens_per_s=tokens["update_tokens"] / max(t_update, 1e-9),
+                          update_tokens_per_s=tokens["update_tokens"] / max(t_update, 1e-9), num_tokens=num_tokens,
                           skipped=skipped,
                           stage_index=int(cfg.stage_at(step_now - 1)[0]), **weights_metrics(weights, funcs))
             metrics.log(step_now, "train", dict(values, stage=stage))

@@ -216,6 +216,14 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
             self._tb.flush()
 
+    def value_at(self, kind: str, step: int, key: str) -> Any:
+        """`key` of the record of `kind` at `step` in metrics.jsonl (None: no such record or key, or this
+        process does not write): what a resumed run carries on from, such as GRPO's num_tokens."""
+        if not self.enabled or not self.path.exists():
+            return None
+        found = [r for _, r, _ in _records(self.path) if r is not None and r["kind"] == kind and r["step"] == step]
+        return found[-1].get(key) if found else None
+
     def logged(self, kind: str, step: int) -> bool:
         """Whether metrics.jsonl holds a record of `kind` at `step` (False where this process does not write)."""
         if not self.enabled or not self.path.exists():
