@@ -314,6 +314,58 @@ def test_header_only_check_defers_decoding(root):
     assert len(records) == 1  # the pipeline reports the decode error later (tests/test_pipeline.py)
 
 
+def test_processes_split_the_decode_and_keep_the_same_records(root, monkeypatch):
+    """data.check_decode on a pod: each process decodes its share of the images (every second one, in the
+    order the records name them) and reads the others' headers; the failures each found are exchanged, so
+    every process keeps the records (and skips, with the same reasons) one process decoding all would.
+    Two "processes" as threads, the exchange an allgather over a barrier."""
+    import threading
+
+    from fxjax.data import records as records_module
+    from fxjax.data.records import DecodeShare
+
+    names = ["ok.png", "truncated.png", "gray.png", "truncated.png", "rotated.jpg", "ok.png"]
+    path = write(root, *[native(image=f"img/{n}", label="real") for n in names], native(image="img/nope.png"))
+    whole, whole_report = load_records(path, on_error="skip")
+    assert [r.source.rsplit(":")[1] for r in whole] == ["1", "3", "5", "6"]  # (the truncated image left out)
+
+    decoded: dict[str, list[str]] = {}
+    real = records_module.image_size
+    monkeypatch.setattr(records_module, "image_size", lambda p, limit, decode: (
+        decoded.setdefault(threading.current_thread().name, []).append(Path(p).name) if decode else None,
+        real(p, limit, decode))[1])
+    barrier, posted = threading.Barrier(2), [None, None]
+
+    def exchange(index):
+        def allgather(value):
+            posted[index] = value
+            barrier.wait()
+            return list(posted)
+        return allgather
+
+    got = {}
+
+    def process(index):
+        got[index] = load_records(path, on_error="skip", num_threads=1,
+                                  decode_share=DecodeShare(index, 2, exchange(index)))
+
+    threads = [threading.Thread(target=process, args=(i,), name=f"process-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # images in the order the records name them: ok, truncated, gray, rotated, nope (missing: every process's
+    # header read finds that too)
+    assert decoded == {"process-0": ["ok.png", "gray.png", "nope.png"], "process-1": ["truncated.png", "rotated.jpg"]}
+    for index in range(2):
+        records, report = got[index]
+        assert [r.source for r in records] == [r.source for r in whole]
+        assert sorted((e.where, e.kind, str(e)) for e in report.skipped) == \
+            sorted((e.where, e.kind, str(e)) for e in whole_report.skipped)
+    with pytest.raises(ValueError, match="not with a limit"):
+        load_records(path, limit=2, decode_share=DecodeShare(0, 2, lambda value: [value]))
+
+
 def test_missing_file_and_bad_options(root):
     with pytest.raises(FileNotFoundError):
         load_records(root / "absent.jsonl")

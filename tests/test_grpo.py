@@ -450,6 +450,7 @@ def test_two_processes_equal_one_process(setup, straight):
     codes = wait_all(procs, logs, timeout=TIMEOUT)
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     assert "2 process(es), 2 cpu device(s)" in logs[0].read_text()
+    assert "checking each image file (each decoded once, by one of the 2 processes" in logs[0].read_text()
     multi, want = adapter_tensors(out / "adapter"), straight[0]
     assert multi.keys() == want.keys()
     for key in want:
@@ -475,6 +476,12 @@ def test_two_processes_equal_one_process(setup, straight):
         assert set(decoded[r]) <= set(stream[r::2]), (r, sorted(set(decoded[r]) - set(stream[r::2]))[:3])
         assert set(stream[r:12:2]) <= set(decoded[r])
     assert not set(decoded[0]) & set(decoded[1])
+    # the records' check at the start (data.check_decode): each image decoded whole by one process only
+    checked = [(out / f"decoded-checked-{r}.txt").read_text().split() for r in range(2)]
+    train_file = Path(yaml.safe_load(setup["config"].read_text())["data"]["train_files"][0])
+    images = {str((train_file.parent / json.loads(line)["image"]).resolve()) for line in train_file.read_text().splitlines()}
+    assert checked[0] and checked[1] and not set(checked[0]) & set(checked[1])
+    assert set(checked[0]) | set(checked[1]) == images and len(checked[0]) + len(checked[1]) == len(images)
     # each process's own prompt-iterator position is in the checkpoint
     saved = json.loads((out / "checkpoints" / "6" / "data" / "data_state.json").read_text())["iterator"]
     assert saved["process_count"] == 2 and [p["batches"] for p in saved["processes"]] == [6, 6]

@@ -328,6 +328,18 @@ def process_rows(mesh: Mesh, batch_size: int, shard_rows: bool) -> ProcessRows:
     return ProcessRows(shards, shard_ids, rows, batch_size, counted)
 
 
+def process_decode_share():
+    """How the processes of a run split data.check_decode's decode of the images (each decodes its share and
+    they exchange the failures: fxjax.data.records.DecodeShare); None with one process."""
+    if jax.process_count() == 1:
+        return None
+    from fxjax.data.records import DecodeShare
+
+    # (a share of a large dataset on a network disk may take longer than the 10 minutes a gather waits)
+    return DecodeShare(jax.process_index(), jax.process_count(),
+                       lambda found: allgather_json("fxjax.data.decode", found, timeout_s=BARRIER_TIMEOUT_S))
+
+
 def check_same_records(pipeline) -> None:
     """Every process loaded the same records (`fxjax.data.pipeline.records_fingerprint`): each process reads
     the data files itself, and the global stream's order, its length (the run's steps) and which rows a
@@ -336,7 +348,7 @@ def check_same_records(pipeline) -> None:
     files and the processes that differ, not a run whose processes disagree on every batch (or hang)."""
     from fxjax.data.pipeline import records_fingerprint
 
-    # (each host reads, and with data.check_decode decodes, every image before it gets here: one on a colder
+    # (each host reads every image's header, and with data.check_decode decodes its share, before it gets here: one on a colder
     # network disk may take far longer than the 10 minutes a gather waits by default; a peer that failed
     # ends the wait at once, a dead one through JAX's heartbeat)
     every = allgather_json("fxjax.data.records", records_fingerprint(pipeline.records), timeout_s=BARRIER_TIMEOUT_S)

@@ -43,7 +43,7 @@ import grain
 from fxjax.data.batching import BatchDataset, BatchIterator, bucket_length, collate
 from fxjax.data.config import DataConfig
 from fxjax.data.examples import IGNORE_INDEX, Dropped, ExampleBuilder, box_tiny_at_max_pixels, tokens_for
-from fxjax.data.records import DataError, LoadReport, Record, load_records
+from fxjax.data.records import DataError, DecodeShare, LoadReport, Record, load_records
 
 __all__ = [
     "IGNORE_INDEX",
@@ -99,12 +99,16 @@ class BatchRows(grain.MapDataset):
         return f"BatchRows(batch_size={self._batch_size}, rows={self._rows})"
 
 
-def reading_note(cfg: DataConfig) -> str:
+def reading_note(cfg: DataConfig, processes: int = 1) -> str:
     """What a pipeline's start does before its first count (the records of every file read, each image file
-    opened: a large dataset takes minutes there, which a run passed in silence)."""
+    opened: a large dataset takes minutes there, which a run passed in silence); `processes` split the
+    decode (`DecodeShare`)."""
     files = len(cfg.data_files)
+    decoded = ("(decoded once: data.check_decode)" if processes == 1 else
+               f"(each decoded once, by one of the {processes} processes, the others reading its header: "
+               "data.check_decode)")
     return (f"reading the records of {files} file{'s' if files != 1 else ''} and checking each image file "
-            + ("(decoded once: data.check_decode)" if cfg.check_decode else "(its header: data.check_decode false)"))
+            + (decoded if cfg.check_decode else "(its header: data.check_decode false)"))
 
 
 def records_fingerprint(records: Sequence[Record], unchecked: Sequence[tuple[str, str, str]] = ()) -> dict:
@@ -138,11 +142,12 @@ class DataPipeline:
     """
 
     def __init__(self, cfg: DataConfig, records: Sequence[Record] | None = None,
-                 report: LoadReport | None = None):
+                 report: LoadReport | None = None, decode_share: DecodeShare | None = None):
         self.cfg = cfg
-        if records is None:
+        if records is None:  # (decode_share: the processes of a run split the images' decode, load_records)
             records, report = load_records(cfg.data_files, cfg.root, cfg.format, cfg.on_error, cfg.check_decode,
-                                           cfg.max_image_pixels, allow_absolute_paths=cfg.allow_absolute_paths)
+                                           cfg.max_image_pixels, allow_absolute_paths=cfg.allow_absolute_paths,
+                                           decode_share=decode_share)
             logger.info("%s", report.summary())
             if cfg.mode == "sft":  # (records given were loaded, and checked, by the caller's pipeline)
                 self._check_tiny_boxes(records)

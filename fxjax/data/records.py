@@ -24,7 +24,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from fxjax.data.file_layout import whole_file_problem
 from fxjax.data.formats import (SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, ParsedRecord, RecordProblem, boxes_in_pixels,
@@ -37,6 +37,7 @@ __all__ = [
     "ALLOWED_IMAGE_FORMATS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DataError",
+    "DecodeShare",
     "LOGGED_PER_KIND",
     "LoadReport",
     "Record",
@@ -268,6 +269,22 @@ def _image_size_or_error(path: Path, max_image_pixels: int, check_decode: bool) 
         return err
 
 
+def _merge_decode_findings(sizes: dict[Path, tuple[int, int] | Exception], order: Mapping[Path, int],
+                           share: DecodeShare) -> None:
+    """`sizes` of this process's share of the images (decoded) and of the others (headers only) -> as if
+    this process had decoded every image: the failures each process's decodes found, exchanged (the
+    same on every process), replace the sizes its header reads gave."""
+    mine = {str(path): [getattr(result, "kind", "image_undecodable"), f"image {path} cannot be read: {result}"
+                        if not isinstance(result, ImageError) else str(result)]
+            for path, result in sizes.items()
+            if order[path] % share.count == share.index and isinstance(result, Exception)
+            and not isinstance(result, FileNotFoundError)}  # (a missing file: every process's header read sees it)
+    for found in share.exchange(mine):
+        for path, (kind, message) in found.items():
+            if not isinstance(sizes.get(Path(path)), Exception):
+                sizes[Path(path)] = ImageError(message, kind)
+
+
 def _check_image(pending: _Pending, size: tuple[int, int] | Exception, from_root: bool = False) -> Record | DataError:
     """Pass 2 for one record, given its image's `_image_size_or_error`: the image opens within the limits and
     every box lies inside it."""
@@ -329,10 +346,24 @@ def left_out_note(left: Mapping[str, int]) -> str:
     return f"{sum(left.values())} more ({', '.join(f'{k} {n}' for k, n in left.items())})"
 
 
+@dataclass(frozen=True)
+class DecodeShare:
+    """Processes that split `check_decode`'s full decode of the images (each process reads every record):
+    this one decodes the images whose index, in the order the records first name them, is `index` modulo
+    `count`, and reads only the headers of the others; `exchange` (every process's value in process order,
+    an allgather every process calls once per load) brings it the images the others found undecodable, so
+    that every process keeps the same records. A pod of 64 hosts then decodes each image once, not 64 times."""
+
+    index: int
+    count: int
+    exchange: Callable[[Any], list[Any]]
+
+
 def load_records(files: str | Path | Sequence[str | Path], root: str | Path | None = None,
                  format: str = "auto", on_error: str = "raise", check_decode: bool = True,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_threads: int = 8,
-                 allow_absolute_paths: bool = False, limit: int | None = None) -> tuple[list[Record], LoadReport]:
+                 allow_absolute_paths: bool = False, limit: int | None = None,
+                 decode_share: DecodeShare | None = None) -> tuple[list[Record], LoadReport]:
     """Parse and validate JSONL ``files``; image paths are relative to ``root`` (default: each file's folder).
 
     ``format``: "native", "swift" or "auto" (per record: a "messages" key means ms-swift).
@@ -341,12 +372,17 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     ``limit``: the first ``limit`` valid records only: images are opened, in file order, until that many are
     valid (``fxjax eval --limit``: a look at 100 images of a 40k-record test set read every image first);
     the records after them are parsed but their images not opened (``report.unchecked``).
+    ``decode_share``: with ``check_decode``, the processes of a run split the full decode (`DecodeShare`;
+    not with ``limit``).
     Returns the valid records (``index`` = position in this list) and a report of what was skipped.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if format not in ("auto", "native", "swift"):
         raise ValueError(f"format must be 'auto', 'native' or 'swift', got {format!r}")
+    if decode_share is not None and limit is not None:
+        raise ValueError("decode_share splits the decode of every image: not with a limit")
+    share = decode_share if check_decode and decode_share is not None and decode_share.count > 1 else None
     files = [files] if isinstance(files, (str, Path)) else list(files)
     report = LoadReport(files=[str(f) for f in files])
     errors: list[tuple[tuple[int, int], DataError]] = []  # ((file, line), error)
@@ -395,14 +431,21 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
 
     # Pass 2: images (I/O bound: threads), each file once however many records name it (several prompts or
     # annotations of one image: 40k records of 400 images took 20 s, not 0.3), then boxes against the size.
+    order = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in pending))}
+
     def size_of(path: Path) -> tuple[int, int] | Exception:
-        return _image_size_or_error(path, max_image_pixels, check_decode)
+        decode = check_decode and (share is None or order[path] % share.count == share.index)
+        return _image_size_or_error(path, max_image_pixels, decode)
 
     records: list[Record] = []
     resized: list[tuple[str, tuple[float, float], tuple[int, int]]] = []  # (where, the record's size, the file's)
     sizes: dict[Path, tuple[int, int] | Exception] = {}
     done = 0  # pending records checked
     with ThreadPoolExecutor(max(num_threads, 1)) as pool:
+        if share is not None:  # every image first, then what the other processes' decodes found
+            paths = list(order)
+            sizes.update(zip(paths, pool.map(size_of, paths) if num_threads > 1 else map(size_of, paths)))
+            _merge_decode_findings(sizes, order, share)
         while done < len(pending) and (limit is None or len(records) < limit):
             # all at once without a limit; with one, about as many as are still wanted (and a few more)
             chunk = pending[done:] if limit is None else pending[done:done + max(2 * (limit - len(records)), 32)]
