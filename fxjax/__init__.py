@@ -46,7 +46,8 @@ _EXPORTS = {
     "ShardingError": "fxjax.device_mesh",
 }
 # subpackages and modules reachable as attributes after a bare `import fxjax` (fxjax.rewards.score, ...)
-_SUBMODULES = ("model", "rewards", "train", "data", "distributed", "partition_rules", "presets")
+_SUBMODULES = ("model", "rewards", "train", "data", "distributed", "partition_rules", "presets", "evaluate", "detector",
+               "train_config", "grpo_config")
 
 __all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "remove_lora",
            "lora_disabled", "LORA_PARAMS", "BASE_PARAMS", "load_peft_adapter", "save_peft_adapter", "MeshConfig",

@@ -29,7 +29,7 @@ def evaluate(data: str | Path | Sequence[str | Path], out: str | Path = "eval", 
              **options: Any) -> dict[str, Any]:
     """`fxjax eval --data DATA --out OUT [--model MODEL] --option value ...`; returns its metrics.json (the
     metrics, their 95% intervals, the breakdown by group, the settings and any record left out), or, with
-    several steps (`step=[...]`), {each step as given: its metrics.json}. Errors are the command's
+    steps given as a list (`step=[...]`, one or several), {each step as given: its metrics.json}. Errors are the command's
     exceptions (a bad option: ValueError or TypeError naming it)."""
     from fxjax.commands.eval import run
     from fxjax.commands.eval_folder import METRICS
@@ -40,7 +40,8 @@ def evaluate(data: str | Path | Sequence[str | Path], out: str | Path = "eval", 
     args = command_arguments("eval", [], {"data": files, "out": out, "model": model, **options}, "evaluate")
     run(args)
     steps = args.step if isinstance(args.step, list) else [args.step]
-    if len(steps) == 1:
-        return json.loads((Path(args.out) / METRICS).read_text(encoding="utf-8"))
+    if len(steps) == 1:  # (a list of one step, as a list of several: {step: metrics}, its metrics in OUT)
+        metrics = json.loads((Path(args.out) / METRICS).read_text(encoding="utf-8"))
+        return {steps[0]: metrics} if isinstance(options.get("step"), (list, tuple)) else metrics
     return {value: json.loads((Path(args.out) / step_folder(value) / METRICS).read_text(encoding="utf-8"))
             for value in steps}

@@ -31,9 +31,27 @@ def _options(parser: argparse.ArgumentParser, allowed: Collection[str] | None) -
             if a.option_strings and a.dest != "help" and (allowed is None or a.dest in allowed)}
 
 
+def _mesh_text(value: Any) -> Any:
+    """`mesh=` as --mesh takes it: a MeshConfig, a {axis: size} mapping or a jax Mesh as AXIS=N,...; a string
+    as it is."""
+    import jax
+
+    from fxjax.device_mesh import AXES, MeshConfig
+
+    if isinstance(value, MeshConfig):
+        value = dict(zip(AXES, value.shape))
+    elif isinstance(value, jax.sharding.Mesh):
+        value = {a: int(value.shape[a]) for a in value.axis_names}
+    if isinstance(value, Mapping):
+        return ",".join(f"{axis}={size}" for axis, size in value.items())
+    return value
+
+
 def _words(key: str, value: Any, action: argparse.Action, caller: str) -> list[str]:
     """The command-line words of one keyword."""
     flag = max(action.option_strings, key=len)  # (the long spelling)
+    if key == "mesh":
+        value = _mesh_text(value)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise TypeError(f"{caller}: {key} is {value!r}; give True or False")

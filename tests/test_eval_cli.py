@@ -846,3 +846,48 @@ def test_a_second_eval_into_the_same_out_is_refused_naming_the_first(dataset, tm
     fresh = tmp_path / "fresh"
     assert main(["eval", "--model", str(model), "--data", str(dataset), "--out", str(fresh)]) == 2
     assert not fresh.exists()
+
+
+def test_evaluate_returns_steps_by_name_for_a_list_of_one_and_takes_a_mesh_as_its_types(monkeypatch, tmp_path):
+    """`evaluate(step=[...])` returns {step: metrics} for a list of one step as for several (code looping over
+    a list of stages broke on a list of one); `mesh=` takes the library's own types as --mesh does its text."""
+    import jax
+
+    from fxjax.commands import eval as eval_command
+    from fxjax.device_mesh import MeshConfig, make_mesh
+    from fxjax.evaluate import evaluate
+    from fxjax.keyword_options import command_arguments
+
+    def fake_run(args):  # (the command: its metrics.json in --out for one step)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "metrics.json").write_text(json.dumps({"accuracy": 1.0}))
+        return 0
+
+    monkeypatch.setattr(eval_command, "run", fake_run)
+    data = tmp_path / "d.jsonl"
+    assert evaluate(data, out=tmp_path / "a", run="runs/x", step=["alpha"]) == {"alpha": {"accuracy": 1.0}}
+    assert evaluate(data, out=tmp_path / "b", run="runs/x", step="alpha") == {"accuracy": 1.0}
+    for mesh, text in ((MeshConfig(data=1, fsdp=2), "data=1,fsdp=2,tensor=1"), ({"fsdp": 2}, "fsdp=2"),
+                       (make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]), "data=1,fsdp=1,tensor=1"),
+                       ("fsdp=2", "fsdp=2")):
+        assert command_arguments("eval", [], {"data": [str(data)], "mesh": mesh}, "evaluate").mesh == text
+
+
+def test_a_merged_folder_saved_from_python_decodes_to_its_generation_config_length(tiny_vl_dir, tmp_path):
+    """save_merged(..., max_new_tokens=8) from Python writes generation_config.json but no export record:
+    detect and eval decoded 1024 tokens where HF's generate stops at 8."""
+    import shutil
+
+    from fxjax.commands.model_args import resolve_detector
+    from fxjax.keyword_options import command_arguments
+
+    folder = tmp_path / "merged"
+    shutil.copytree(tiny_vl_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text()) \
+        if (folder / "generation_config.json").exists() else {}
+    (folder / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 8}))
+    args = command_arguments("eval", [], {"data": [str(tmp_path / "d.jsonl")], "model": str(folder)}, "t")
+    assert resolve_detector(args).max_new_tokens == 8
+    args = command_arguments("eval", [], {"data": [str(tmp_path / "d.jsonl")], "model": str(folder),
+                                          "max_new_tokens": 5}, "t")
+    assert resolve_detector(args).max_new_tokens == 5

@@ -238,3 +238,19 @@ def test_bad_token_ids_and_grids_are_named_before_the_model_runs():
     ids, pv, grid = image_prompt([(1, 2, 3)], np.random.RandomState(0))
     with pytest.raises(ValueError, match="multiples of the spatial merge size 2"):
         prepare_inputs(cfg, np.asarray([ids]), None, pv, grid)
+
+
+def test_decoding_refuses_a_model_whose_dropout_is_active():
+    """A model in train mode with LoRA dropout crashed inside the decode loop ("Cannot mutate RngCount from
+    a different trace level"); it is refused saying what to do, and decodes once in eval mode."""
+    import fxjax
+    from fxjax.model_init import init_model
+
+    model = init_model("tiny", seed=0)
+    fxjax.apply_lora(model, fxjax.LoRAConfig(rank=2, dropout=0.1))
+    ids = np.arange(3, 11, dtype=np.int32)[None]
+    model.train()
+    with pytest.raises(ValueError, match=r"LoRA dropout active .*call model.eval\(\) first"):
+        fxjax.greedy_generate(model, ids, max_new_tokens=2)
+    model.eval()
+    assert fxjax.greedy_generate(model, ids, max_new_tokens=2).shape == (1, 10)

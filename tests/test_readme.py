@@ -211,3 +211,12 @@ def test_readme_grpo_commands_pass_config_validation(monkeypatch):
         args = build_parser().parse_args(words)
         cfg = load_grpo_config(args.config, overrides=args.set or [], log=lambda text: None)
         assert cfg.data.train_files, words
+
+
+def test_import_fxjax_reaches_the_python_api_modules_the_readme_names():
+    """`fxjax.evaluate.evaluate`, `fxjax.detector.ImageDetector`, `fxjax.train_config.from_dict` and
+    `fxjax.grpo_config.grpo_from_dict` after a bare `import fxjax` (they raised AttributeError)."""
+    import fxjax
+
+    assert callable(fxjax.evaluate.evaluate) and callable(fxjax.detector.ImageDetector)
+    assert callable(fxjax.train_config.from_dict) and callable(fxjax.grpo_config.grpo_from_dict)

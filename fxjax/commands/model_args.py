@@ -372,4 +372,15 @@ def resolve_detector(args: argparse.Namespace) -> Detector:
         detector.max_new_tokens = cfg.eval.max_new_tokens
     elif isinstance(exported.get("max_new_tokens"), int) and exported["max_new_tokens"] > 0:
         detector.max_new_tokens = exported["max_new_tokens"]
+    elif _generation_length(Path(args.model)):  # (a merged folder saved from Python: save_merged's max_new_tokens)
+        detector.max_new_tokens = _generation_length(Path(args.model))
     return detector
+
+
+def _generation_length(model_dir: Path) -> int | None:
+    """The max_new_tokens of a model folder's generation_config.json, where it sets a positive one."""
+    try:
+        value = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8")).get("max_new_tokens")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
