@@ -21,6 +21,11 @@ def config(*funcs):
     return grpo_from_dict({**BASE, "grpo": {"reward_funcs": list(funcs)}})
 
 
+def functions_of(module: str, *names: str):
+    """The reward functions `names` of `module`, each entry named as its function, loaded as a run loads them."""
+    return load_reward_funcs(config(*({"name": n, "function": f"{module}:{n}"} for n in names)).grpo.reward_funcs)
+
+
 @pytest.mark.parametrize("func, message", [
     ({"name": "my term", "function": "m:f"}, r"reward_funcs\[0\]\.name: give a name such as brevity"),
     ({"name": "iou", "function": "m:f"}, r"reward_funcs\[0\]\.name: 'iou' is a reward term of the paper's"),
@@ -143,8 +148,7 @@ def test_a_function_that_takes_the_step_or_stage_gets_them_and_one_that_does_not
     monkeypatch.syspath_prepend(str(tmp_path))
     import shaped_rewards
 
-    funcs = load_reward_funcs(config(*({"name": n, "function": f"shaped_rewards:{n}"}
-                                       for n in ("by_stage", "anything", "columns_only"))).grpo.reward_funcs)
+    funcs = functions_of("shaped_rewards", "by_stage", "anything", "columns_only")
     assert [f.progress for f in funcs] == [("stage",), ("step", "stage"), ()]
     scores = {"total": np.zeros(4)}
     alpha = add_reward_funcs(scores, funcs, TEXTS, TARGETS, METAS, 2, progress={"step": 3, "stage": "alpha"})
@@ -224,8 +228,7 @@ def test_the_records_other_keys_are_given_as_trl_gives_a_datasets_columns(tmp_pa
         "    kwargs['meta'][0]['camera'] = 'changed'  # (its own values: the next call reads the line again)\n"
         "    return [float(s is None) for s in solution]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    funcs = load_reward_funcs(config(*({"name": n, "function": f"column_rewards:{n}"}
-                                       for n in ("accuracy", "seen", "named"))).grpo.reward_funcs)
+    funcs = functions_of("column_rewards", "accuracy", "seen", "named")
     records = [SimpleNamespace(source=f"{data}:1"), SimpleNamespace(source=f"{data}:2")]
     funcs = attach_record_columns(funcs, records)
     assert [f.columns for f in funcs] == [("difficulty", "image", "meta", "solution")] * 2 + [("difficulty",)]
@@ -239,19 +242,18 @@ def test_the_records_other_keys_are_given_as_trl_gives_a_datasets_columns(tmp_pa
     assert call["solution"] == ["hand", "hand", None, None] and call["image"] == ["a.png", "a.png", "b.png", "b.png"]
     assert call["record"] == [f"{data}:1"] * 2 + [f"{data}:2"] * 2  # (fxjax's record, not the record's key)
     assert call["label"] == ["generated", "generated", "real", "real"]
-    (positional,) = attach_record_columns(load_reward_funcs(config(
-        {"name": "positional", "function": "column_rewards:positional"}).grpo.reward_funcs), records)
+    (positional,) = attach_record_columns(functions_of("column_rewards", "positional"), records)
     for _ in range(2):
         out = add_reward_funcs({"total": np.zeros(4)}, [positional], TEXTS, TARGETS, metas, 2)
         np.testing.assert_array_equal(out["positional"], [0, 0, 1, 1])
     assert column_rewards.seen.calls[0]["image"][0] == "a.png" and len(column_rewards.seen.calls) == 1
-    (wants,) = load_reward_funcs(config({"name": "wants", "function": "column_rewards:wants"}).grpo.reward_funcs)
+    (wants,) = functions_of("column_rewards", "wants")
     with pytest.raises(ConfigError, match=r"grpo.reward_funcs\[0\]\.function: column_rewards:wants takes 'answer', "
                                           r"which no training record has \(their other keys: difficulty, image, "
                                           r"meta, solution\)"):
         attach_record_columns([wants], records)
     # a function that takes no column reads no file
-    plain = load_reward_funcs(config({"name": "one", "function": "column_rewards:named"}).grpo.reward_funcs)
+    plain = functions_of("column_rewards", "named")
     assert attach_record_columns([RewardFunc("b", lambda c, *, label, boxes, captions, tags, record: [], 1.0, "m:b")],
                                  [SimpleNamespace(source="/nowhere.jsonl:1")])[0].columns == ()
     assert plain[0].named == ("difficulty", "hint")
