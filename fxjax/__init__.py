@@ -12,6 +12,7 @@ Public API:
     model = fxjax.from_pretrained(path, dtype="bfloat16", mesh=mesh)   # each tensor straight to its shards
     tokens = fxjax.greedy_generate(model, input_ids, mask, pv, grid, max_new_tokens=256, eos_token_ids=[151645])
     fxjax.rewards.score(completions, targets, stage="alpha")   # the reward terms, as GRPO computes them
+    model = fxjax.init_model("tiny", seed=0)         # a preset's random weights (fxjax.presets), no download
 
 The names load on first use (PEP 562): `import fxjax` alone does not import jax, so the command line's
 --help and argument errors answer at once.
@@ -44,6 +45,7 @@ _EXPORTS = {
     "AdapterError": "fxjax.peft_io",
     "MergedLoRAError": "fxjax.merged_lora",
     "ShardingError": "fxjax.device_mesh",
+    "init_model": "fxjax.model_init",
 }
 # subpackages and modules reachable as attributes after a bare `import fxjax` (fxjax.rewards.score, ...)
 _SUBMODULES = ("model", "rewards", "train", "data", "distributed", "partition_rules", "presets", "evaluate", "detector",
@@ -52,7 +54,7 @@ _SUBMODULES = ("model", "rewards", "train", "data", "distributed", "partition_ru
 __all__ = ["from_pretrained", "save_pretrained", "process_image", "LoRAConfig", "apply_lora", "remove_lora",
            "lora_disabled", "LORA_PARAMS", "BASE_PARAMS", "load_peft_adapter", "save_peft_adapter", "MeshConfig",
            "make_mesh", "generate", "greedy_generate", "CheckpointError", "AdapterError", "MergedLoRAError",
-           "ShardingError"]
+           "ShardingError", "init_model"]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from fxjax.hf_checkpoint import from_pretrained
@@ -64,6 +66,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS, LoRAConfig, lora_disabled, remove_lora
     from fxjax.peft_io import AdapterError, apply_lora, load_peft_adapter, save_peft_adapter
     from fxjax.device_mesh import MeshConfig, ShardingError, make_mesh
+    from fxjax.model_init import init_model
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), _SUBMODULES)

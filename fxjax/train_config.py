@@ -171,7 +171,13 @@ class RunConfig:
         return to_plain(self)
 
     def replace(self, **sections):
-        return dataclasses.replace(self, **sections)
+        """A copy with `sections` replaced, each by its section's dataclass or by a mapping of some of its keys
+        (merged into the section as it is: `cfg.replace(train={"steps": 5})` keeps train's other keys; it had
+        replaced the whole section with the dict, its output_dir then the default). Checked where it runs
+        (run_sft / run_grpo check a config built in code as a YAML one)."""
+        merged = {name: dataclasses.replace(getattr(self, name), **value) if isinstance(value, Mapping) else value
+                  for name, value in sections.items()}
+        return dataclasses.replace(self, **merged)
 
     @property
     def checkpoint_dir(self) -> Path:

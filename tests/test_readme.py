@@ -220,3 +220,4 @@ def test_import_fxjax_reaches_the_python_api_modules_the_readme_names():
 
     assert callable(fxjax.evaluate.evaluate) and callable(fxjax.detector.ImageDetector)
     assert callable(fxjax.train_config.from_dict) and callable(fxjax.grpo_config.grpo_from_dict)
+    assert fxjax.init_model is __import__("fxjax.model_init").model_init.init_model  # (a random preset model)

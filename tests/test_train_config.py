@@ -772,3 +772,20 @@ def test_a_leading_tilde_of_a_path_is_the_home_folder(monkeypatch, tmp_path):
     assert cfg.data.train_files == (str(tmp_path / "t.jsonl"), "b.jsonl")
     assert cfg.export.adapter_dir == "~user-x/a"  # (no such user: left as written, as a shell leaves it)
     assert cfg.data.system_prompt == "~/not a path"  # (a text, not a path: as written)
+
+
+def test_replace_merges_a_mapping_into_its_section():
+    """`cfg.replace(train={"steps": 5})` changes train.steps and keeps train's other keys (it replaced the whole
+    section with the dict: run_sft then ran with every other train key at its default, output_dir too)."""
+    import dataclasses
+
+    from fxjax.train_config import from_dict
+
+    cfg = from_dict({"model": {"preset": "tiny"}, "data": {"train_files": ["t.jsonl"], "tokenizer": "tok"},
+                     "train": {"output_dir": "runs/mine", "steps": 3}})
+    new = cfg.replace(train={"steps": 5}, optim={"learning_rate": 1e-3})
+    assert (new.train.steps, new.train.output_dir, new.optim.learning_rate) == (5, "runs/mine", 1e-3)
+    assert new.optim.warmup_ratio == cfg.optim.warmup_ratio and cfg.train.steps == 3
+    assert cfg.replace(train=dataclasses.replace(cfg.train, steps=7)).train.steps == 7  # (a section, as before)
+    with pytest.raises(TypeError, match="stepz"):
+        cfg.replace(train={"stepz": 5})
