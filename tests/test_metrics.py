@@ -306,3 +306,25 @@ def test_interval_means_average_the_steps_between_two_records():
     means = interval.take()
     assert list(means) == ["loss"] and math.isnan(means["loss"])  # no finite value: NaN, not 0
     assert interval.take() == {}
+
+
+def test_a_run_rerun_with_its_paths_written_absolute_is_not_said_to_have_changed(tmp_path, monkeypatch):
+    """`run_sft(load_run("runs/sft").config)` re-runs a run with its paths given back absolute: the resume
+    warned "the base model changed: model.path: tiny-qwen -> /work/tiny-qwen" (and data.train_files) for the
+    same files. Compared where they resolve (relative ones from the folder the run started in); another
+    file is still said."""
+    from fxjax.train.resume import as_saved_where_same
+    from fxjax.train.resume_check import check_resume_config
+    from fxjax.train_config import SFTConfig
+
+    (tmp_path / "tiny-qwen").mkdir()
+    saved = SFTConfig().to_dict()
+    saved["model"]["path"], saved["data"]["train_files"] = "tiny-qwen", ["data/train.jsonl"]
+    now = json.loads(json.dumps(saved))
+    now["model"]["path"], now["data"]["train_files"] = str(tmp_path / "tiny-qwen"), [str(tmp_path / "data/train.jsonl")]
+    monkeypatch.chdir(tmp_path.parent)  # (re-run from elsewhere: relative paths resolve where the run started)
+    assert len(check_resume_config(saved, now, print)) == 2  # (as text: the model and the data stream "changed")
+    assert check_resume_config(saved, as_saved_where_same(saved, now, str(tmp_path)), print) == []
+    now["model"]["path"] = str(tmp_path / "other-model")
+    said = check_resume_config(saved, as_saved_where_same(saved, now, str(tmp_path)), print)
+    assert len(said) == 1 and "model.path: tiny-qwen -> " in said[0]

@@ -145,11 +145,31 @@ def resume_run(name: str, checkpointer, state: TrainState, iterator, cfg, log: C
                           f"each process's rows of a batch, so the run cannot continue where it stopped: set "
                           f"data.batch_size={saved_batch}, or start a new run from it with model.from_run") from None
     check_lora_scale(saved_cfg, now, f"step {step} in {checkpointer.directory}")
-    check_resume_config(saved_cfg, now, log, watched)
+    check_resume_config(saved_cfg, as_saved_where_same(saved_cfg, now, data_state.get(RUN_CWD_KEY)), log, watched)
     warn_paths_read_elsewhere(saved_cfg, now, data_state.get(RUN_CWD_KEY), log)
     extra = f" (stage {data_state['stage']})" if "stage" in data_state else ""
     log(f"{name}: resumed from step {step}{extra} in {checkpointer.directory}")
     return Resumed(state, data_state, step)
+
+
+def as_saved_where_same(saved: Mapping[str, Any], now: Mapping[str, Any], saved_cwd: str | None) -> dict:
+    """`now` with each input path of the run (RUN_PATH_KEYS) that names what the saved one named, but written
+    otherwise, written as saved: `load_run(...).config` gives a run's paths back absolute (`model.path:
+    tiny-qwen` is /work/tiny-qwen there), and re-running it warned that "the base model changed". Relative
+    paths resolve against the folder the run started in (`saved_cwd`) and the current one."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in now.items()}
+    started = Path(saved_cwd) if saved_cwd else Path.cwd()
+
+    def resolved(value, root: Path) -> list:
+        return [str((root / v).resolve()) if isinstance(v, str) else v
+                for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+    for section, key in RUN_PATH_KEYS:
+        then, current = (saved.get(section) or {}).get(key), (out.get(section) or {}).get(key)
+        if then is not None and current is not None and then != current and \
+                resolved(then, started) == resolved(current, Path.cwd()):
+            out[section][key] = then
+    return out
 
 
 def warn_paths_read_elsewhere(saved: Mapping[str, Any], now: Mapping[str, Any], saved_cwd: str | None,
