@@ -4,7 +4,9 @@ Under `mesh.fsdp` > 1 each device stores 1/fsdp of every large weight and a forw
 layer's weights where it uses them. A training step is one forward and backward pass over thousands of
 tokens, which carry that traffic; a decoding step is a forward pass of one token per row, so GRPO's
 rollout and the greedy evaluation would move the whole model over the interconnect for every generated
-token (the compiled decode loop holds an all-gather of each decoder weight inside its while body).
+token (with `model.scan_layers`, the compiled decode loop all-gathers each layer's weights inside its
+layer scan at every token: bench/plan.py's rollout program; with the layers unrolled, XLA's CPU compile
+hoisted most of the gathers out of the loop by itself, holding the whole model for the loop either way).
 
 Gathered once before a rollout (or an evaluation pass), the weights are whole on every device (still split
 over `tensor`) and the decoding is data parallel: each device decodes its rows with no weight traffic.
