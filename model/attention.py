@@ -169,8 +169,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     attention over a 12.8-megapixel image (31,724 patches, 16 heads) held 60 GiB of scores at once.
     The limit is per device: under a mesh (traced within `jax.sharding.set_mesh`) each device holds its
     share of the heads (over tensor) and, where the caller pinned the leading axis to the batch axes
-    (`rows_pinned`: the decoder's rows, the vision encoder's per-shard axis), of the rows (over data x
-    fsdp); a leading axis nothing pins (the windows of one packed image sequence) counts whole.
+    (`rows_pinned`: the decoder's rows), of the rows (over data x fsdp); a leading axis the caller does not
+    say is pinned counts whole (the vision encoder's: the windows of one packed image sequence may be
+    replicated; its per-shard axis is pinned but counted whole too, on the safe side).
     """
     *batch, lq, h, _ = q.shape
     split = batch_parts(batch[0]) if batch and rows_pinned else 1

@@ -340,7 +340,8 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
             prompts, placed_inputs, floor = prompt_part(next(iterator), floor)  # this process's prompts
             nnx.update(model, state.params)
             rollout = sample_and_score(
-                weights_for_decoding(model, decoding), placed_inputs, prompts["meta"], tokenizer=tokenizer, eos_ids=eos_ids,
+                weights_for_decoding(model, decoding), placed_inputs, prompts["meta"], tokenizer=tokenizer,
+                eos_ids=eos_ids,
                 pad_id=pipeline.pad_id, num_generations=g.num_generations,
                 max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                 top_p=g.top_p, rng=rollout_key(g.seed, step_now), weights=weights,

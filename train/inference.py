@@ -101,8 +101,8 @@ class GreedyDecoder:
         stop = stop_token_ids(self.model, self.im_end)
         with use_mesh(self.mesh):  # traced under the mesh: activations' batch pinned, Splash per shard
             inputs = self.inputs(batch)
-            out = generate_device(self.model if model is None else model, inputs, max_new_tokens=self.max_new_tokens, eos_token_ids=stop,
-                                  pad_token_id=self.pad_id)
+            out = generate_device(self.model if model is None else model, inputs, max_new_tokens=self.max_new_tokens,
+                                  eos_token_ids=stop, pad_token_id=self.pad_id)
         tokens = gather(out.tokens)
         rows = [tokens[row].tolist() for row in range(real)]
         ends = [self.stop_at(ids, stop) for ids in rows]
