@@ -44,6 +44,7 @@ from flax import nnx
 
 from .inputs import ModelInputs
 from .kv_cache import KVCache, repeat_rows
+from .layers import dropout_active
 from .sampling import check_sampling_args, choose_tokens, suppress_tokens
 
 
@@ -299,11 +300,6 @@ def _special_tokens(model, eos_token_ids, pad_token_id) -> tuple[np.ndarray, int
     return np.asarray(eos + [-1] * (size - len(eos)), np.int32), int(pad_token_id)
 
 
-def _dropout_active(model) -> bool:
-    return any(isinstance(module, nnx.Dropout) and not module.deterministic and module.rate > 0
-               for _, module in nnx.iter_modules(model))
-
-
 def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   rng: jax.Array | int | None = None, eos_token_ids: int | Sequence[int] | None = None,
@@ -326,7 +322,7 @@ def sample_groups(model, inputs: ModelInputs, *, num_generations: int, max_new_t
         raise ValueError(f"prompts of {width} tokens (padded) + max_new_tokens {max_new_tokens} are beyond the model's "
                          f"max_position_embeddings, {limit}: give fewer max_new_tokens")
     check_sampling_args(temperature, top_k, top_p)
-    if _dropout_active(model):  # (its random stream cannot advance inside the jitted decode loop)
+    if dropout_active(model):  # (its random stream cannot advance inside the jitted decode loop)
         raise ValueError("decoding with LoRA dropout active (the model is in train mode, model.train()): call "
                          "model.eval() first (decoding draws no dropout; model.train() switches it back)")
     eos, pad = _special_tokens(model, eos_token_ids, pad_token_id)

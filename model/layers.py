@@ -33,6 +33,12 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def dropout_active(module: nnx.Module) -> bool:
+    """Whether a call of `module` advances a random stream: an active dropout inside it (train mode,
+    rate > 0). Such a call cannot run inside a jitted loop whose trace the stream was not made in."""
+    return any(isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0 for _, m in nnx.iter_modules(module))
+
+
 def next_key(stream: nnx.RngStream) -> jax.Array:
     """The key `stream()` returns, advancing the stream the same way, without flax's in-place update.
 

@@ -29,6 +29,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from .layers import dropout_active
+
 RematPolicy = Callable[..., Any] | bool | None
 
 
@@ -73,15 +75,9 @@ def scan_stack(stack: nnx.Module, step: Callable, carry, xs=None, broadcast: tup
     # Written back only where a layer drew from its stream: inside a decode loop (a lax.while_loop over this
     # scan, LoRA dropout in eval mode) the write failed, "Cannot mutate RngCount from a different trace
     # level", while the looped layers never touch a stream they do not draw from.
-    if nnx.to_flat_state(rest) and _draws_randomness(stack):
+    if nnx.to_flat_state(rest) and dropout_active(stack):
         nnx.update(stack, rest)
     return carry, ys
-
-
-def _draws_randomness(stack: nnx.Module) -> bool:
-    """Whether a call of the layers advances a random stream: an active dropout (train mode, rate > 0)."""
-    return any(isinstance(module, nnx.Dropout) and not module.deterministic and module.rate > 0
-               for _, module in nnx.iter_modules(stack))
 
 
 __all__ = ["RematPolicy", "stack_modules", "scan_stack"]
