@@ -26,11 +26,11 @@ decide without looking. At fsdp 1 nothing is split, so nothing is gathered or sa
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -74,12 +74,6 @@ def _split_over(sharding: NamedSharding, axis: str) -> bool:
     return named and sharding.mesh.shape.get(axis, 1) > 1
 
 
-def _devices_holding(sharding: NamedSharding, spec: P) -> int:
-    """How many shards a dimension layout `spec` cuts an array into on the sharding's mesh."""
-    names = [a for e in spec if e is not None for a in (e if isinstance(e, tuple) else (e,))]
-    return int(np.prod([sharding.mesh.shape[a] for a in names])) if names else 1
-
-
 def _gathered_leaves(state) -> list[tuple[int, jax.Array, NamedSharding]]:
     """(leaf index, array, its gathered sharding) of every array of `state` split over the fsdp axis."""
     out = []
@@ -92,8 +86,8 @@ def _gathered_leaves(state) -> list[tuple[int, jax.Array, NamedSharding]]:
 
 def _extra_bytes(leaves) -> int:
     """Bytes each device holds beyond its shards once `leaves` are gathered."""
-    return sum(leaf.nbytes // _devices_holding(target, target.spec) - leaf.nbytes // _devices_holding(
-        leaf.sharding, leaf.sharding.spec) for _, leaf, target in leaves)
+    return sum((math.prod(target.shard_shape(leaf.shape)) - math.prod(leaf.sharding.shard_shape(leaf.shape)))
+               * leaf.dtype.itemsize for _, leaf, target in leaves)
 
 
 def _free_bytes() -> int | None:
