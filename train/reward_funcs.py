@@ -38,7 +38,6 @@ import os
 import sys
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -201,19 +200,13 @@ class RecordLines:
     memory over the run (a 2 GB file of records held as Python objects took about 9 GB)."""
 
     def __init__(self, records: Sequence):
-        from fxjax.data.records import numbered_line_spans
+        from fxjax.data.records import record_lines
 
-        wanted: dict[str, set[int]] = {}
-        for r in records:
-            file, _, line = r.source.rpartition(":")
-            wanted.setdefault(file, set()).add(int(line))
         self.spans: dict[str, tuple[str, int, int]] = {}
         keys: set[str] = set()
-        for file, lines in wanted.items():
-            for n, offset, raw in numbered_line_spans(Path(file)):
-                if n in lines:
-                    self.spans[f"{file}:{n}"] = (file, offset, len(raw))
-                    keys.update(map(str, json.loads(raw)))  # (load_records read it as a JSON object)
+        for source, file, offset, raw in record_lines(records):  # (one line in memory at a time)
+            self.spans[source] = (file, offset, len(raw))
+            keys.update(map(str, json.loads(raw)))  # (load_records read it as a JSON object)
         self.keys = tuple(sorted(keys - RESERVED))
 
     def columns(self, sources: Sequence[str], names: Sequence[str]) -> dict[str, list]:

@@ -52,6 +52,7 @@ __all__ = [
     "numbered_line_spans",
     "numbered_lines",
     "open_image",
+    "record_lines",
     "record_objects",
     "resolve_image_path",
     "whole_file_problem",
@@ -165,20 +166,23 @@ def line_at(path: str | Path, offset: int, length: int) -> bytes:
 
 def record_objects(records: Iterable) -> dict[str, dict]:
     """source (file:line) -> the record's JSON object as its file holds it: the keys fxjax does not model
-    (`fxjax eval --group-by`, the columns GRPO's reward functions get)."""
+    (`fxjax eval --group-by`)."""
+    return {source: json.loads(raw) for source, _, _, raw in record_lines(records)}
+
+
+def record_lines(records: Iterable) -> Iterable[tuple[str, str, int, bytes]]:
+    """(source file:line, file, byte offset, the line's bytes) of each record, one line at a time, in file
+    order: `line_at(file, offset, len(bytes))` reads it again. Numbered as load_records numbers them (a lone "\r" ends a line too: a file
+    with "\r\r\n" ends took other records' values); bytes, so a line that is not UTF-8 (skipped there under
+    --on-error skip) is never decoded."""
     wanted: dict[str, set[int]] = {}
     for r in records:
         file, _, line = r.source.rpartition(":")
         wanted.setdefault(file, set()).add(int(line))
-    out = {}
     for file, lines in wanted.items():
-        # numbered as load_records numbers them (a lone "\r" ends a line too: a file with "\r\r\n" ends
-        # took other records' values); bytes, so a line that is not UTF-8 (skipped there under --on-error
-        # skip) is never decoded
-        for n, line in numbered_lines(Path(file)):
+        for n, offset, raw in numbered_line_spans(Path(file)):
             if n in lines:
-                out[f"{file}:{n}"] = json.loads(line)
-    return out
+                yield f"{file}:{n}", file, offset, raw
 
 
 def _decode(raw: bytes, where: str) -> str:
