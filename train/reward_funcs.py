@@ -70,38 +70,36 @@ def _call_problem(function, keywords: tuple[str, ...], by_name: bool) -> str | N
     return None
 
 
+def _parameters(function) -> list[inspect.Parameter]:
+    """`function`'s parameters; none for one without a signature (a builtin or C function: called as it is)."""
+    try:
+        return list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
 def _names_completions(function) -> bool:
     """Whether `function` is written as TRL calls one, every argument by name: it has a parameter named
     `completions`, or its first is another of TRL's (`completion_ids`, `prompts`; the completions then go to
     its **kwargs). Else the completions are its first argument, whatever its name (`lambda c, **kwargs`)."""
-    try:
-        parameters = list(inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):
-        return False
+    parameters = _parameters(function)
     named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     first = next((p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)), None)
     return "completions" in named or (first is not None and first.name in ("completion_ids", "prompts"))
 
 
 def _takes_prompts(function) -> bool:
-    try:
-        parameters = list(inspect.signature(function).parameters)
-    except (TypeError, ValueError):
-        return False
-    return bool(parameters) and parameters[0] == "prompts"
+    parameters = _parameters(function)
+    return bool(parameters) and parameters[0].name == "prompts"
 
 
 def _keywords_taken(function, offered: tuple[str, ...]) -> tuple[str, ...]:
     """The `offered` keywords (PROGRESS, TRL_KEYWORDS) `function` takes: those it names, all with **kwargs
     (none without a signature). Only to those: a function written before they existed, without **kwargs,
     keeps working."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        return ()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    if _has_var_keyword(function):
         return offered
-    named = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    named = {p.name for p in _parameters(function) if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     return tuple(k for k in offered if k in named)
 
 
@@ -183,10 +181,7 @@ def load_reward_funcs(sections: Sequence, where: str = "grpo.reward_funcs") -> t
 
 def _other_names(function, by_name: bool) -> tuple[str, ...]:
     """The parameters `function` names beyond the completions and the RESERVED keywords: record columns."""
-    try:
-        parameters = list(inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):
-        return ()
+    parameters = _parameters(function)
     if not by_name and parameters and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                              inspect.Parameter.POSITIONAL_OR_KEYWORD):
         parameters = parameters[1:]  # (the completions, whatever its name, positional-only too)
@@ -240,18 +235,11 @@ def attach_record_columns(funcs: Sequence[RewardFunc], records: Sequence,
 
 
 def _has_var_keyword(function) -> bool:
-    try:
-        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):
-        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(function))
 
 
 def _required(function) -> set[str]:
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    return {p.name for p in parameters if p.default is inspect.Parameter.empty}
+    return {p.name for p in _parameters(function) if p.default is inspect.Parameter.empty}
 
 
 def _numbers(raw: Any, func: RewardFunc, n: int, records: Sequence[str]) -> np.ndarray:
