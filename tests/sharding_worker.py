@@ -127,23 +127,6 @@ def _host_inputs(model, data, batch_shards=None):
 
 DECODE_TOKENS = 5
 DECODE_MESHES = ((1, 8, 1), (2, 2, 2))  # fsdp alone, and with data and tensor
-LOOP_COLLECTIVE = r"all-gather(?:-start)?\("
-
-
-def decode_loop_all_gathers(compiled_text: str) -> int:
-    """All-gathers inside the while bodies of a compiled program (the decode loop, and the layer scan
-    inside it with scan_layers): what runs again for every generated token."""
-    import re
-
-    blocks = {}
-    for block in re.split(r"\n(?=\S)", compiled_text):
-        name = re.match(r"(?:ENTRY )?%?([\w.\-]+)", block)
-        if name:
-            blocks[name.group(1)] = block
-    bodies = set(re.findall(r"while\(.*?body=%?([\w.\-]+)", compiled_text))
-    return sum(len(re.findall(LOOP_COLLECTIVE, blocks[b])) for b in bodies)
-
-
 def decode_report(model, mesh, data) -> dict:
     """Greedy tokens of `data`'s prompts and the all-gathers in the compiled decode loop, by the real
     sampler (model.generate.sample_groups: rollout_jit), with the weights as placed ("sharded") and as
@@ -155,6 +138,9 @@ def decode_report(model, mesh, data) -> dict:
     from fxjax import device_mesh
     from fxjax.decode_weights import decode_plan, weights_for_decoding
     from fxjax.model import generate
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from plan import per_token_all_gathers
 
     model.eval()
     inputs = _host_inputs(model, data, None if mesh is None else device_mesh.batch_shards(mesh))
@@ -184,7 +170,8 @@ def decode_report(model, mesh, data) -> dict:
                 lowered = generate.rollout_jit.lower(m, inputs, jax.random.key(0), eos, np.int32(pad), np.float32(1.0),
                                                      None, num_generations=1, max_new_tokens=DECODE_TOKENS, greedy=True,
                                                      top_k=None, top_p=None)
-                report[f"{name}_loop_all_gathers"] = decode_loop_all_gathers(lowered.compile().as_text())
+                # (bench/plan.py's count of what each generated token runs: the decode loop and the loops in it)
+                report[f"{name}_loop_all_gathers"] = per_token_all_gathers(lowered.compile().as_text())[0]
         report[f"{name}_tokens"] = np.asarray(device_mesh.gather(out.tokens)).tolist()
     return report
 
