@@ -1,7 +1,8 @@
 """`python tests/decode_trace.py ARGS` = `python -m fxjax.cli ARGS`, with every example the data pipeline
 builds (decodes and tokenises) appended to ``$FXJAX_TEST_DECODE_LOG-<process id>.txt`` as
 ``<epoch> <record source>`` lines: the 2-process SFT test checks which records each process decoded; and
-each image the records' check decodes whole (data.check_decode) to ``...-checked-<process id>.txt``."""
+each image the records' check opens to ``...-checked-<process id>.txt``, as ``decoded <path>`` (decoded whole:
+data.check_decode) or ``header <path>``."""
 
 from __future__ import annotations
 
@@ -25,9 +26,8 @@ def _traced_build(self, record, epoch: int = 0):
 
 
 def _traced_image_size(path, max_image_pixels, decode=True):
-    if decode:
-        with open(_CHECKED, "a") as log:
-            log.write(f"{path}\n")
+    with open(_CHECKED, "a") as log:
+        log.write(f"{'decoded' if decode else 'header'} {path}\n")
     return _image_size(path, max_image_pixels, decode)
 
 

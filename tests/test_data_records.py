@@ -14,7 +14,7 @@ from PIL import Image
 
 from fxjax.data.prompts import (QWEN_DEFAULT_SYSTEM, SYSTEM_PROMPT, USER_TEMPLATES, pick_template, prompt_parts,
                                 record_prompt, render_prompt, render_target)
-from fxjax.data.records import DataError, load_records, resolve_image_path
+from fxjax.data.records import DataError, ImageShare, load_records, resolve_image_path
 from fxjax.rewards.output_format import render_completion
 
 W, H = 64, 48
@@ -314,25 +314,18 @@ def test_header_only_check_defers_decoding(root):
     assert len(records) == 1  # the pipeline reports the decode error later (tests/test_pipeline.py)
 
 
-def test_processes_split_the_decode_and_keep_the_same_records(root, monkeypatch):
-    """data.check_decode on a pod: each process decodes its share of the images (every second one, in the
-    order the records name them) and reads the others' headers; the failures each found are exchanged, so
-    every process keeps the records (and skips, with the same reasons) one process decoding all would.
-    Two "processes" as threads, the exchange an allgather over a barrier."""
+def _as_two_processes(path, monkeypatch, **kwargs):
+    """load_records(path) by two "processes" (threads) sharing the images (`ImageShare`, the exchange an
+    allgather over a barrier): (their results, the images each opened as (decoded?, name), the values each
+    posted)."""
     import threading
 
     from fxjax.data import records as records_module
-    from fxjax.data.records import DecodeShare
 
-    names = ["ok.png", "truncated.png", "gray.png", "truncated.png", "rotated.jpg", "ok.png"]
-    path = write(root, *[native(image=f"img/{n}", label="real") for n in names], native(image="img/nope.png"))
-    whole, whole_report = load_records(path, on_error="skip")
-    assert [r.source.rsplit(":")[1] for r in whole] == ["1", "3", "5", "6"]  # (the truncated image left out)
-
-    decoded: dict[str, list[str]] = {}
+    opened: dict[str, list[tuple[bool, str]]] = {}
     real = records_module.image_size
     monkeypatch.setattr(records_module, "image_size", lambda p, limit, decode: (
-        decoded.setdefault(threading.current_thread().name, []).append(Path(p).name) if decode else None,
+        opened.setdefault(threading.current_thread().name, []).append((decode, Path(p).name)),
         real(p, limit, decode))[1])
     barrier, posted = threading.Barrier(2), [None, None]
 
@@ -346,24 +339,55 @@ def test_processes_split_the_decode_and_keep_the_same_records(root, monkeypatch)
     got = {}
 
     def process(index):
-        got[index] = load_records(path, on_error="skip", num_threads=1,
-                                  decode_share=DecodeShare(index, 2, exchange(index)))
+        got[index] = load_records(path, num_threads=1, image_share=ImageShare(index, 2, exchange(index)), **kwargs)
 
     threads = [threading.Thread(target=process, args=(i,), name=f"process-{i}") for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    # images in the order the records name them: ok, truncated, gray, rotated, nope (missing: every process's
-    # header read finds that too)
-    assert decoded == {"process-0": ["ok.png", "gray.png", "nope.png"], "process-1": ["truncated.png", "rotated.jpg"]}
-    for index in range(2):
-        records, report = got[index]
-        assert [r.source for r in records] == [r.source for r in whole]
+    return [got[0], got[1]], opened, posted
+
+
+@pytest.mark.parametrize("check_decode", [True, False])
+def test_processes_split_the_images_and_keep_the_same_records(root, monkeypatch, check_decode):
+    """On a pod each process opens its share of the images (every second one, in the order the records name
+    them: the header, decoded whole with data.check_decode) and the others' findings are exchanged, so every
+    process keeps the records (and skips, with the same reasons) one process opening all would. Each host
+    opened every image's header before (64 reads of each image on a 64-host pod)."""
+    names = ["ok.png", "truncated.png", "gray.png", "truncated.png", "rotated.jpg", "ok.png"]
+    path = write(root, *[native(image=f"img/{n}", label="real") for n in names], native(image="img/nope.png"),
+                 native(image="img/thin.png"))
+    whole, whole_report = load_records(path, on_error="skip", check_decode=check_decode)
+    assert {e.kind for e in whole_report.skipped} == (
+        {"image_missing", "image_aspect"} | ({"image_undecodable"} if check_decode else set()))
+    got, opened, _ = _as_two_processes(path, monkeypatch, on_error="skip", check_decode=check_decode)
+    # images in the order the records name them: ok, truncated, gray, rotated, nope (missing), thin
+    assert opened == {"process-0": [(check_decode, n) for n in ("ok.png", "gray.png", "nope.png")],
+                      "process-1": [(check_decode, n) for n in ("truncated.png", "rotated.jpg", "thin.png")]}
+    for records, report in got:
+        assert [(r.source, r.width, r.height) for r in records] == [(r.source, r.width, r.height) for r in whole]
         assert sorted((e.where, e.kind, str(e)) for e in report.skipped) == \
             sorted((e.where, e.kind, str(e)) for e in whole_report.skipped)
     with pytest.raises(ValueError, match="not with a limit"):
-        load_records(path, limit=2, decode_share=DecodeShare(0, 2, lambda value: [value]))
+        load_records(path, limit=2, image_share=ImageShare(0, 2, lambda value: [value]))
+
+
+def test_a_wrong_root_exchanges_one_message(root, monkeypatch):
+    """What the processes exchange through the coordination service is one small entry per image: a wrong
+    root (every image missing, the commonest mistake) sends each problem's message once with the path left
+    out, not a message naming its path for each of two million images; each process's error is the one a
+    single process gives."""
+    path = write(root, *[native(image=f"img/missing_{i:03d}.png") for i in range(40)])
+    with pytest.raises(DataError) as alone:
+        load_records(path)
+    got, _, posted = _as_two_processes(path, monkeypatch, on_error="skip")
+    for records, report in got:
+        assert not records and len(report.skipped) == 40
+        assert str(report.skipped[0]) == str(alone.value)
+    for value in posted:
+        assert len(value["opened"]) == 20 and len(value["templates"]) == 1
+        assert len(json.dumps(value)) < 200
 
 
 def test_missing_file_and_bad_options(root):

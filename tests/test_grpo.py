@@ -180,7 +180,7 @@ def test_stages_in_order_with_every_metric(setup, straight):
         assert {k[len("weights/"):]: v for k, v in train[first].items() if k.startswith("weights/")} == \
             {**dataclasses.asdict(weights), "brevity": 0.5}  # (and the grpo.reward_funcs term's)
         assert f"grpo: stage {stage} (steps {first + 1}-{first + 2}): {describe_weights(weights)}" in log
-    assert "grpo: reading the records of 1 file and checking each image file (decoded once: data.check_decode)" in log
+    assert "grpo: reading the records of 1 file and checking each image file once (decoded whole: data.check_decode)" in log
     for key in ("reward/total_mean", "reward/total_std", "reward/format_mean", "reward/label_mean",
                 "reward/iou_mean", "format_rate", "verdict_accuracy", "kl", "clip_ratio/region_mean", "entropy",
                 "completion_length_mean", "completion_length_max", "completion_length_min", "terminated_length_mean",
@@ -450,7 +450,7 @@ def test_two_processes_equal_one_process(setup, straight):
     codes = wait_all(procs, logs, timeout=TIMEOUT)
     assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
     assert "2 process(es), 2 cpu device(s)" in logs[0].read_text()
-    assert "checking each image file (each decoded once, by one of the 2 processes" in logs[0].read_text()
+    assert "checking each image file once, by one of the 2 processes (decoded whole" in logs[0].read_text()
     multi, want = adapter_tensors(out / "adapter"), straight[0]
     assert multi.keys() == want.keys()
     for key in want:
@@ -476,8 +476,11 @@ def test_two_processes_equal_one_process(setup, straight):
         assert set(decoded[r]) <= set(stream[r::2]), (r, sorted(set(decoded[r]) - set(stream[r::2]))[:3])
         assert set(stream[r:12:2]) <= set(decoded[r])
     assert not set(decoded[0]) & set(decoded[1])
-    # the records' check at the start (data.check_decode): each image decoded whole by one process only
-    checked = [(out / f"decoded-checked-{r}.txt").read_text().split() for r in range(2)]
+    # the records' check at the start: each image opened (and decoded whole: data.check_decode) by one process only
+    opened = [[line.split(" ", 1) for line in (out / f"decoded-checked-{r}.txt").read_text().splitlines()]
+              for r in range(2)]
+    assert {how for lines in opened for how, _ in lines} == {"decoded"}
+    checked = [[path for _, path in lines] for lines in opened]
     train_file = Path(yaml.safe_load(setup["config"].read_text())["data"]["train_files"][0])
     images = {str((train_file.parent / json.loads(line)["image"]).resolve()) for line in train_file.read_text().splitlines()}
     assert checked[0] and checked[1] and not set(checked[0]) & set(checked[1])

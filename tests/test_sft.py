@@ -470,7 +470,7 @@ def test_a_failed_checkpoint_save_stops_the_run_at_the_next_step_naming_the_last
     assert code == 2, log[-3000:]
     assert "Traceback" not in log and len(log.splitlines()) < 14, log[-3000:]  # (of some 180)
     # (before the records' count, said: the images of a large dataset take minutes to check)
-    assert "sft: reading the records of 1 file and checking each image file (decoded once: data.check_decode)" in log
+    assert "sft: reading the records of 1 file and checking each image file once (decoded whole: data.check_decode)" in log
     assert ("Save Finalize thread (save_finalize) failed. (OSError: [Errno 28] No space left on device (FXJAX_FAULT "
             "save_error))") in log, log[-3000:]
     ckpt = setup["root"] / "savefail" / "ckpt"

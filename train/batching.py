@@ -328,16 +328,17 @@ def process_rows(mesh: Mesh, batch_size: int, shard_rows: bool) -> ProcessRows:
     return ProcessRows(shards, shard_ids, rows, batch_size, counted)
 
 
-def process_decode_share():
-    """How the processes of a run split data.check_decode's decode of the images (each decodes its share and
-    they exchange the failures: fxjax.data.records.DecodeShare); None with one process."""
+def process_image_share():
+    """How the processes of a run split the opening of the images at the records' check (each opens its share,
+    decoding it whole with data.check_decode, and they exchange what they found: fxjax.data.records.ImageShare);
+    None with one process."""
     if jax.process_count() == 1:
         return None
-    from fxjax.data.records import DecodeShare
+    from fxjax.data.records import ImageShare
 
     # (a share of a large dataset on a network disk may take longer than the 10 minutes a gather waits)
-    return DecodeShare(jax.process_index(), jax.process_count(),
-                       lambda found: allgather_json("fxjax.data.decode", found, timeout_s=BARRIER_TIMEOUT_S))
+    return ImageShare(jax.process_index(), jax.process_count(),
+                       lambda found: allgather_json("fxjax.data.images", found, timeout_s=BARRIER_TIMEOUT_S))
 
 
 def check_same_records(pipeline) -> None:
@@ -348,7 +349,7 @@ def check_same_records(pipeline) -> None:
     files and the processes that differ, not a run whose processes disagree on every batch (or hang)."""
     from fxjax.data.pipeline import records_fingerprint
 
-    # (each host reads every image's header, and with data.check_decode decodes its share, before it gets here: one on a colder
+    # (each host opens its share of the images, and with data.check_decode decodes it, before it gets here: one on a colder
     # network disk may take far longer than the 10 minutes a gather waits by default; a peer that failed
     # ends the wait at once, a dead one through JAX's heartbeat)
     every = allgather_json("fxjax.data.records", records_fingerprint(pipeline.records), timeout_s=BARRIER_TIMEOUT_S)

@@ -25,7 +25,7 @@ from fxjax.data.pipeline import DataConfig, DataPipeline
 from fxjax.model.lora import BASE_PARAMS, LORA_PARAMS
 from fxjax.device_mesh import batch_shards, splits_batch, use_mesh
 from fxjax.train.batching import (batch_shardings, build_step_batch, check_same_records, grow_floor, pad_rows,
-                                  place_batch, process_decode_share)
+                                  place_batch, process_image_share)
 from fxjax.train.inference import GreedyDecoder
 from fxjax.train.step import make_eval_loss
 
@@ -63,7 +63,7 @@ class Evaluator:
         base = dataclasses.replace(data_cfg, data_files=tuple(eval_files), batch_size=batch_size, shuffle=False,
                                    num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1,
                                    worker_count=0)
-        first = DataPipeline(base, decode_share=process_decode_share())  # (every process builds it)
+        first = DataPipeline(base, image_share=process_image_share())  # (every process builds it)
         records = first.records[:max_examples] if max_examples else first.records
         self.loss_pipeline = DataPipeline(base, records=records, report=first.report)
         # every process reads the eval files itself: different records (a per-host copy that differs, an image

@@ -63,7 +63,7 @@ from fxjax.decode_weights import decode_plan, weights_for_decoding
 from fxjax.device_mesh import MeshConfig, along_batch, batch_spec, inputs_shardings, make_mesh, use_mesh
 from fxjax.train import faults
 from fxjax.train.batching import (ProcessRows, agree_sizes, check_same_records, inputs_with_patch_dtype,
-                                  place_local_batch, process_decode_share, process_rows, with_patch_dtype)
+                                  place_local_batch, process_image_share, process_rows, with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, RunEvaluation, handle_nonfinite, log_end
 from fxjax.train.grpo_loss import group_advantages, grpo_loss
 from fxjax.train.grpo_stages import (read_rewards, reward_record, say_stage_weights, stage_weights, stages_in_steps,
@@ -234,7 +234,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     per_shard, built = mine.shard_ids is not None, mine.built_shards
     say(f"grpo: {reading_note(data_config(cfg), jax.process_count())}")
     pipeline = DataPipeline(dataclasses.replace(data_config(cfg), batch_rows=mine.batch_rows),
-                            decode_share=process_decode_share())
+                            image_share=process_image_share())
     check_same_records(pipeline)
     funcs = attach_record_columns(funcs, pipeline.records)  # (the columns they take, read once)
     evaluator = held_out_evaluator(cfg, sft_data_config(cfg), mesh, pipeline.records, say)  # (before the load)

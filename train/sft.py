@@ -40,7 +40,7 @@ from fxjax.device_mesh import MeshConfig, make_mesh
 from fxjax.host_allocator import say_cpu_memory_note
 from fxjax.train import faults
 from fxjax.train.batching import (agree_floor, batch_shardings, build_step_batch, check_same_records, grow_floor,
-                                  place_local_batch, process_decode_share, process_rows, with_patch_dtype)
+                                  place_local_batch, process_image_share, process_rows, with_patch_dtype)
 from fxjax.train.loop_control import LoopControl, NonFiniteError, RunEvaluation, handle_nonfinite, log_end
 from fxjax.train.metrics import IntervalMeans, MetricsLogger
 from fxjax.train.prefetch import StepBatches
@@ -122,7 +122,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
     mine = process_rows(mesh, cfg.data.batch_size, shard_rows)
     shard_ids, built_shards = mine.shard_ids, mine.built_shards  # shard_ids None: one packed vision
     say(f"sft: {reading_note(dcfg, jax.process_count())}")
-    pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=mine.batch_rows), decode_share=process_decode_share())
+    pipeline = DataPipeline(dataclasses.replace(dcfg, batch_rows=mine.batch_rows), image_share=process_image_share())
     check_same_records(pipeline)
     evaluator = held_out_evaluator(cfg, dcfg, mesh, pipeline.records, say)  # (its files checked before the load)
     steps_total = total_steps(cfg, len(pipeline))

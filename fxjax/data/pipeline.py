@@ -43,7 +43,7 @@ import grain
 from fxjax.data.batching import BatchDataset, BatchIterator, bucket_length, collate
 from fxjax.data.config import DataConfig
 from fxjax.data.examples import IGNORE_INDEX, Dropped, ExampleBuilder, box_tiny_at_max_pixels, tokens_for
-from fxjax.data.records import DataError, DecodeShare, LoadReport, Record, load_records
+from fxjax.data.records import DataError, ImageShare, LoadReport, Record, load_records
 
 __all__ = [
     "IGNORE_INDEX",
@@ -102,13 +102,12 @@ class BatchRows(grain.MapDataset):
 def reading_note(cfg: DataConfig, processes: int = 1) -> str:
     """What a pipeline's start does before its first count (the records of every file read, each image file
     opened: a large dataset takes minutes there, which a run passed in silence); `processes` split the
-    decode (`DecodeShare`)."""
+    opening of the images (`ImageShare`)."""
     files = len(cfg.data_files)
-    decoded = ("(decoded once: data.check_decode)" if processes == 1 else
-               f"(each decoded once, by one of the {processes} processes, the others reading its header: "
-               "data.check_decode)")
-    return (f"reading the records of {files} file{'s' if files != 1 else ''} and checking each image file "
-            + (decoded if cfg.check_decode else "(its header: data.check_decode false)"))
+    how = "decoded whole: data.check_decode" if cfg.check_decode else "its header: data.check_decode false"
+    who = "once" if processes == 1 else f"once, by one of the {processes} processes"
+    return (f"reading the records of {files} file{'s' if files != 1 else ''} and checking each image file {who} "
+            f"({how})")
 
 
 def records_fingerprint(records: Sequence[Record], unchecked: Sequence[tuple[str, str, str]] = ()) -> dict:
@@ -142,12 +141,12 @@ class DataPipeline:
     """
 
     def __init__(self, cfg: DataConfig, records: Sequence[Record] | None = None,
-                 report: LoadReport | None = None, decode_share: DecodeShare | None = None):
+                 report: LoadReport | None = None, image_share: ImageShare | None = None):
         self.cfg = cfg
-        if records is None:  # (decode_share: the processes of a run split the images' decode, load_records)
+        if records is None:  # (image_share: the processes of a run split the images' opening, load_records)
             records, report = load_records(cfg.data_files, cfg.root, cfg.format, cfg.on_error, cfg.check_decode,
                                            cfg.max_image_pixels, allow_absolute_paths=cfg.allow_absolute_paths,
-                                           decode_share=decode_share)
+                                           image_share=image_share)
             logger.info("%s", report.summary())
             if cfg.mode == "sft":  # (records given were loaded, and checked, by the caller's pipeline)
                 self._check_tiny_boxes(records)

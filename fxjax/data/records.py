@@ -6,7 +6,8 @@ Loading is two passes. Pass 1 reads the files in order and parses each line (fxj
 native and the ms-swift format, including the paper's FakeXplain release) and resolves its image path
 (fxjax.data.images: relative to the dataset root, by default the JSONL file's folder; absolute paths only
 with ``allow_absolute_paths``). Pass 2 opens the images in threads (size limits, EXIF orientation,
-``check_decode`` decodes them fully once) and checks every box against its image.
+``check_decode`` decodes them fully once; the processes of a run split them, :class:`ImageShare`) and checks
+every box against its image.
 
 Every problem is a :class:`DataError` whose message starts with ``file:line``. ``on_error="raise"``
 raises the first one in file order; ``"skip"`` drops those records, logs each (in file order) and counts
@@ -37,7 +38,7 @@ __all__ = [
     "ALLOWED_IMAGE_FORMATS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DataError",
-    "DecodeShare",
+    "ImageShare",
     "LOGGED_PER_KIND",
     "LoadReport",
     "Record",
@@ -273,20 +274,53 @@ def _image_size_or_error(path: Path, max_image_pixels: int, check_decode: bool) 
         return err
 
 
-def _merge_decode_findings(sizes: dict[Path, tuple[int, int] | Exception], order: Mapping[Path, int],
-                           share: DecodeShare) -> None:
-    """`sizes` of this process's share of the images (decoded) and of the others (headers only) -> as if
-    this process had decoded every image: the failures each process's decodes found, exchanged (the
-    same on every process), replace the sizes its header reads gave."""
-    mine = {str(path): [getattr(result, "kind", "image_undecodable"), f"image {path} cannot be read: {result}"
-                        if not isinstance(result, ImageError) else str(result)]
-            for path, result in sizes.items()
-            if order[path] % share.count == share.index and isinstance(result, Exception)
-            and not isinstance(result, FileNotFoundError)}  # (a missing file: every process's header read sees it)
-    for found in share.exchange(mine):
-        for path, (kind, message) in found.items():
-            if not isinstance(sizes.get(Path(path)), Exception):
-                sizes[Path(path)] = ImageError(message, kind)
+_PATH_MARK = "\x00"  # where a shared failure's message names its image (each process puts in its own path)
+
+
+def _opened_as_json(path: Path, result: tuple[int, int] | Exception, templates: dict[tuple, int]) -> list | int:
+    """One image's `_image_size_or_error` for `ImageShare.exchange`: its [width, height], or the index of
+    (what failed, the image's problem kind, the message with the path marked) in `templates`, which is
+    filled as it goes: a wrong root (every image missing) sends one template and an index per image, not
+    two million messages that each name their path through the coordination service."""
+    if not isinstance(result, Exception):
+        return list(result)
+    if isinstance(result, FileNotFoundError):
+        key = ("missing", "image_missing", str(result).replace(str(path), _PATH_MARK))
+    elif isinstance(result, ImageError):
+        key = ("image", result.kind, str(result).replace(str(path), _PATH_MARK))
+    else:  # (said as _check_image says it)
+        key = ("image", "image_undecodable", f"image {_PATH_MARK} cannot be read: "
+                                             + str(result).replace(str(path), _PATH_MARK))
+    return templates.setdefault(key, len(templates))
+
+
+def _opened_from_json(path: Path, value: list | int,
+                      templates: Sequence[Sequence[str]]) -> tuple[int, int] | Exception:
+    """`_opened_as_json`'s value back: the size, or the failure as the image's own process found it."""
+    if isinstance(value, list):
+        return int(value[0]), int(value[1])
+    what, kind, message = templates[value]
+    message = message.replace(_PATH_MARK, str(path))
+    return FileNotFoundError(message) if what == "missing" else ImageError(message, kind)
+
+
+def _open_shared(paths: Sequence[Path], size_of: Callable[[Path], tuple[int, int] | Exception],
+                 share: ImageShare, pool: ThreadPoolExecutor | None) -> dict[Path, tuple[int, int] | Exception]:
+    """Every image's size or failure, this process opening only its share of `paths` (every `share.count`-th
+    from `share.index`) and the others' results exchanged (the same on every process)."""
+    mine = paths[share.index::share.count]
+    opened = list(pool.map(size_of, mine) if pool is not None else map(size_of, mine))
+    templates: dict[tuple, int] = {}
+    values = [_opened_as_json(path, result, templates) for path, result in zip(mine, opened)]
+    sizes: dict[Path, tuple[int, int] | Exception] = {}
+    for process, theirs in enumerate(share.exchange({"opened": values, "templates": list(templates)})):
+        shared = paths[process::share.count]
+        if len(theirs["opened"]) != len(shared):
+            raise RuntimeError(f"process {process} opened {len(theirs['opened'])} images where this process "
+                               f"assigned it {len(shared)}: the processes read different records")
+        sizes.update((path, _opened_from_json(path, value, theirs["templates"]))
+                     for path, value in zip(shared, theirs["opened"]))
+    return sizes
 
 
 def _check_image(pending: _Pending, size: tuple[int, int] | Exception, from_root: bool = False) -> Record | DataError:
@@ -351,12 +385,13 @@ def left_out_note(left: Mapping[str, int]) -> str:
 
 
 @dataclass(frozen=True)
-class DecodeShare:
-    """Processes that split `check_decode`'s full decode of the images (each process reads every record):
-    this one decodes the images whose index, in the order the records first name them, is `index` modulo
-    `count`, and reads only the headers of the others; `exchange` (every process's value in process order,
-    an allgather every process calls once per load) brings it the images the others found undecodable, so
-    that every process keeps the same records. A pod of 64 hosts then decodes each image once, not 64 times."""
+class ImageShare:
+    """Processes that split the opening of the images (each process reads every record): this one opens the
+    images whose index, in the order the records first name them, is `index` modulo `count` (reads the
+    header; decodes it whole with `check_decode`), and `exchange` (every process's value in process order, an
+    allgather every process calls once per load) brings it the others' findings (each image's size, or why it
+    cannot be used), so that every process keeps the same records without opening the others' images. A pod
+    of 64 hosts then opens each image of a dataset on a network disk once, not 64 times."""
 
     index: int
     count: int
@@ -367,7 +402,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                  format: str = "auto", on_error: str = "raise", check_decode: bool = True,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_threads: int = 8,
                  allow_absolute_paths: bool = False, limit: int | None = None,
-                 decode_share: DecodeShare | None = None) -> tuple[list[Record], LoadReport]:
+                 image_share: ImageShare | None = None) -> tuple[list[Record], LoadReport]:
     """Parse and validate JSONL ``files``; image paths are relative to ``root`` (default: each file's folder).
 
     ``format``: "native", "swift" or "auto" (per record: a "messages" key means ms-swift).
@@ -376,17 +411,17 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     ``limit``: the first ``limit`` valid records only: images are opened, in file order, until that many are
     valid (``fxjax eval --limit``: a look at 100 images of a 40k-record test set read every image first);
     the records after them are parsed but their images not opened (``report.unchecked``).
-    ``decode_share``: with ``check_decode``, the processes of a run split the full decode (`DecodeShare`;
-    not with ``limit``).
+    ``image_share``: the processes of a run split the opening of the images (`ImageShare`; not with
+    ``limit``).
     Returns the valid records (``index`` = position in this list) and a report of what was skipped.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if format not in ("auto", "native", "swift"):
         raise ValueError(f"format must be 'auto', 'native' or 'swift', got {format!r}")
-    if decode_share is not None and limit is not None:
-        raise ValueError("decode_share splits the decode of every image: not with a limit")
-    share = decode_share if check_decode and decode_share is not None and decode_share.count > 1 else None
+    if image_share is not None and limit is not None:
+        raise ValueError("image_share splits the opening of every image: not with a limit")
+    share = image_share if image_share is not None and image_share.count > 1 else None
     files = [files] if isinstance(files, (str, Path)) else list(files)
     report = LoadReport(files=[str(f) for f in files])
     errors: list[tuple[tuple[int, int], DataError]] = []  # ((file, line), error)
@@ -438,18 +473,15 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     order = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in pending))}
 
     def size_of(path: Path) -> tuple[int, int] | Exception:
-        decode = check_decode and (share is None or order[path] % share.count == share.index)
-        return _image_size_or_error(path, max_image_pixels, decode)
+        return _image_size_or_error(path, max_image_pixels, check_decode)
 
     records: list[Record] = []
     resized: list[tuple[str, tuple[float, float], tuple[int, int]]] = []  # (where, the record's size, the file's)
     sizes: dict[Path, tuple[int, int] | Exception] = {}
     done = 0  # pending records checked
     with ThreadPoolExecutor(max(num_threads, 1)) as pool:
-        if share is not None:  # every image first, then what the other processes' decodes found
-            paths = list(order)
-            sizes.update(zip(paths, pool.map(size_of, paths) if num_threads > 1 else map(size_of, paths)))
-            _merge_decode_findings(sizes, order, share)
+        if share is not None:  # this process's share of the images, and what the others found in theirs
+            sizes.update(_open_shared(list(order), size_of, share, pool if num_threads > 1 else None))
         while done < len(pending) and (limit is None or len(records) < limit):
             # all at once without a limit; with one, about as many as are still wanted (and a few more)
             chunk = pending[done:] if limit is None else pending[done:done + max(2 * (limit - len(records)), 32)]
