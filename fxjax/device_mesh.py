@@ -245,14 +245,26 @@ def use_mesh(mesh: Mesh | None):
 
 # ---- placing host arrays --------------------------------------------------------------------------
 
-def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def put(array, sharding: NamedSharding) -> jax.Array:
     """Host array -> global jax.Array; each process materialises only its addressable shards.
 
-    Works with one process or many (each must pass the same global value). Every shard is a copy, so
-    no device buffer keeps the whole host tensor alive.
+    Works with one process or many (each must pass the same global value). `array` is a numpy array or
+    anything with a `shape` whose ``[index]`` gives that region as one (a tensor read from disk region by
+    region, fxjax.hf_checkpoint.StoredTensor: a process then reads its shards only), each region read once
+    however many of this process's devices hold it. Every shard is a copy, so no device buffer keeps the
+    whole host tensor alive.
     """
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.array(array[index], copy=True))
+    if not (hasattr(array, "shape") and hasattr(array, "__getitem__")):
+        array = np.asarray(array)
+    regions: dict[tuple, np.ndarray] = {}
+
+    def region(index: tuple) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)  # (slices are not hashable before Python 3.12)
+        if key not in regions:
+            regions[key] = np.asarray(array[index])
+        return np.array(regions[key], copy=True)
+
+    return jax.make_array_from_callback(tuple(array.shape), sharding, region)
 
 
 # ---- activations ------------------------------------------------------------------------------------

@@ -500,6 +500,22 @@ def _compare_checkpoints(a: Path, b: Path) -> list[str]:
     return bad
 
 
+def _count_checkpoint_reads() -> list[int]:
+    """The bytes each read of a checkpoint's tensor data returns from here on (a list the caller clears)."""
+    from fxjax.hf_checkpoint import StoredTensor
+
+    counted: list[int] = []
+    read = StoredTensor._read
+
+    def counting_read(self, index):
+        region = read(self, index)
+        counted.append(region.nbytes)
+        return region
+
+    StoredTensor._read = counting_read
+    return counted
+
+
 def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(REPO))
@@ -518,11 +534,14 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
     forward = _functions()
     rank = jax.process_index()
     data = batch()
+    read_bytes = _count_checkpoint_reads()
     info = dict(process_index=rank, process_count=jax.process_count(), device_count=jax.device_count(),
                 local_device_count=jax.local_device_count(), config=dataclasses.asdict(cfg), meshes={})
     for i, shape in enumerate(meshes):
         mesh = device_mesh.make_mesh(device_mesh.MeshConfig(*shape))
+        read_bytes.clear()
         model = fxjax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
+        checkpoint_read_bytes = sum(read_bytes)
         with device_mesh.use_mesh(mesh):  # images packed per batch shard, each process placing its shards
             logits = forward(model, device_mesh.shard_inputs(_host_inputs(model, data, device_mesh.batch_shards(mesh)), mesh))
         full = device_mesh.gather(logits)
@@ -531,6 +550,7 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
         key = ",".join(map(str, shape))
         held, part_equal = _local_part_check(model, data, mesh)
         info["meshes"][key] = dict(local_devices=len(local), local_base_bytes=sum(local.values()),
+                                   checkpoint_read_bytes=checkpoint_read_bytes,
                                    logits_fully_addressable=bool(logits.is_fully_addressable),
                                    bad=report["bad"], split=report["split"], total=report["total"],
                                    batch_shards_held=list(held), local_part_equal=part_equal)
