@@ -768,8 +768,8 @@ def test_held_out_records_that_show_a_training_image_are_warned_about(tmp_path):
     name included (paths alone missed it)."""
     from fxjax.train.run_setup import warn_held_out_overlap
 
-    def record(source, image):
-        return SimpleNamespace(source=source, image=image)
+    def record(source, image, size=(64, 48)):
+        return SimpleNamespace(source=source, image=image, width=size[0], height=size[1])
 
     train = [record("train.jsonl:1", "/d/a.png"), record("train.jsonl:2", "/d/b.png")]
     said: list[str] = []
@@ -784,6 +784,27 @@ def test_held_out_records_that_show_a_training_image_are_warned_about(tmp_path):
     held_out = [record("test.jsonl:1", str(tmp_path / "c.png")), record("test.jsonl:2", str(tmp_path / "a_copy.png"))]
     assert warn_held_out_overlap(train, held_out, said.append) == [held_out[1]]
     assert warn_held_out_overlap(train, held_out[:1], said.append) == []
+
+
+def test_the_held_out_overlap_reads_only_the_files_that_could_be_copies(tmp_path, monkeypatch):
+    """Process 0 hashed every file whose byte size another file shared, training files among themselves
+    included (most of a large dataset, while the other hosts waited): now only the files whose pixel size,
+    then byte size, a file of the other side has too."""
+    from fxjax.data import images
+    from fxjax.train.run_setup import warn_held_out_overlap
+
+    def record(source, name, content, size):
+        (tmp_path / name).write_bytes(content)
+        return SimpleNamespace(source=source, image=str(tmp_path / name), width=size[0], height=size[1])
+
+    train = [record(f"train.jsonl:{i}", f"t{i}.png", b"%03d" % i, (64, 48)) for i in range(20)]  # one byte size
+    train += [record("train.jsonl:21", "u.png", b"7777", (32, 32)), record("train.jsonl:22", "v.png", b"888", (32, 32))]
+    held_out = [record("test.jsonl:1", "h1.png", b"7777", (32, 32)), record("test.jsonl:2", "h2.png", b"99", (64, 48))]
+    hashed: list[str] = []
+    digest = images._content_digest
+    monkeypatch.setattr(images, "_content_digest", lambda path: (hashed.append(Path(path).name), digest(path))[1])
+    assert warn_held_out_overlap(train, held_out, lambda line: None) == [held_out[0]]
+    assert sorted(hashed) == ["h1.png", "u.png"]  # (v.png: same pixel size, another byte size; t*: no held-out byte size)
 
 
 def test_a_resume_with_another_batch_size_names_it(monkeypatch, tmp_path):

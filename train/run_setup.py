@@ -88,11 +88,13 @@ def warn_held_out_overlap(train_records, held_out_records, say: Callable[[str], 
     those records on process 0 ([] on the others, which neither read the files nor say it)."""
     if jax.process_index() != 0:  # (only process 0 says it: the others would read every file for nothing)
         return []
-    from fxjax.data.images import content_keys
+    from fxjax.data.images import images_in_both
 
-    keys = content_keys(r.image for r in [*train_records, *held_out_records])
-    images = {keys[r.image] for r in train_records}
-    shared = [r for r in held_out_records if keys[r.image] in images]
+    def pixel_sizes(records):
+        return {r.image: (r.width, r.height) for r in records}
+
+    in_both = images_in_both(pixel_sizes(train_records), pixel_sizes(held_out_records))
+    shared = [r for r in held_out_records if r.image in in_both]
     if shared:
         say(f"warning: {len(shared)} of the {len(held_out_records)} held-out record(s) show a training image "
             f"(e.g. {shared[0].source}: {shared[0].image}): the held-out metrics overstate what the model learned")

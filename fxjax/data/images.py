@@ -23,7 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable, Mapping
 
 from PIL import Image, ImageOps
 
@@ -35,6 +35,7 @@ __all__ = [
     "ImageError",
     "SWAPPED_AXES",
     "content_keys",
+    "images_in_both",
     "exif_orientation",
     "image_size",
     "open_image",
@@ -204,28 +205,48 @@ def image_size(path: str | Path, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
         image.close()
 
 
+def _byte_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _content_digest(path: str) -> str:
+    """The sha256 of the file's bytes; its path where it cannot be read now."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return path
+
+
 def content_keys(paths: Iterable[str], threads: int = 8) -> dict[str, str]:
     """A key per image file that copies of one file share under any name (the same photo in the train and
     the test split): the sha256 of the files whose byte size another file has too, else the path (no file
     can be its copy; most of a dataset is never read again). A file that cannot be read now keeps its path."""
-    def size(path: str) -> int | None:
-        try:
-            return os.stat(path).st_size
-        except OSError:
-            return None
-
-    def digest(path: str) -> str:
-        try:
-            with open(path, "rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
-        except OSError:
-            return path
-
     paths = sorted(set(paths))
     with ThreadPoolExecutor(threads) as pool:  # (a network file system answers each stat in a round trip)
-        sizes = dict(zip(paths, pool.map(size, paths)))
+        sizes = dict(zip(paths, pool.map(_byte_size, paths)))
         counts = Counter(sizes.values())
         shared = [p for p in paths if sizes[p] is not None and counts[sizes[p]] > 1]
         keys = {p: p for p in paths}
-        keys.update(zip(shared, pool.map(digest, shared)))
+        keys.update(zip(shared, pool.map(_content_digest, shared)))
     return keys
+
+
+def images_in_both(first: Mapping[str, Hashable], second: Mapping[str, Hashable], threads: int = 8) -> set[str]:
+    """The image files of `second` that are files of `first` or copies of one under another name (a held-out
+    image the run trains on). Each path maps to a key that copies share and that costs no I/O (the image's
+    pixel size); only the files whose key, and then whose byte size, occurs on both sides are read.
+    `content_keys` over both sets hashed every file whose byte size another one shared, training files among
+    themselves included: most of a large dataset, read by one host while the others waited."""
+    both = set(first.values()) & set(second.values())
+    ours, theirs = ([p for p, key in side.items() if key in both] for side in (first, second))
+    with ThreadPoolExecutor(threads) as pool:  # (a network file system answers each stat in a round trip)
+        ours_sizes, theirs_sizes = (dict(zip(paths, pool.map(_byte_size, paths))) for paths in (ours, theirs))
+        sizes = (set(ours_sizes.values()) & set(theirs_sizes.values())) - {None}
+        ours, theirs = ([p for p, size in side.items() if size in sizes] for side in (ours_sizes, theirs_sizes))
+        digests = set(pool.map(_content_digest, ours)) | set(first)
+        return {p for p, digest in zip(theirs, pool.map(_content_digest, theirs)) if digest in digests} | (
+            set(second) & set(first))
