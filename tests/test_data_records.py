@@ -327,6 +327,14 @@ def _as_two_processes(path, monkeypatch, **kwargs):
     monkeypatch.setattr(records_module, "image_size", lambda p, limit, decode: (
         opened.setdefault(threading.current_thread().name, []).append((decode, Path(p).name)),
         real(p, limit, decode))[1])
+    resolve = Path.resolve
+
+    def counted_resolve(self, *args, **kwargs):  # (images' paths: a round trip per file on a network disk)
+        if self.suffix in (".png", ".jpg"):
+            opened.setdefault(threading.current_thread().name, []).append(("resolved", self.name))
+        return resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "resolve", counted_resolve)
     barrier, posted = threading.Barrier(2), [None, None]
 
     def exchange(index):
@@ -355,18 +363,23 @@ def test_processes_split_the_images_and_keep_the_same_records(root, monkeypatch,
     them: the header, decoded whole with data.check_decode) and the others' findings are exchanged, so every
     process keeps the records (and skips, with the same reasons) one process opening all would. Each host
     opened every image's header before (64 reads of each image on a 64-host pod)."""
-    names = ["ok.png", "truncated.png", "gray.png", "truncated.png", "rotated.jpg", "ok.png"]
-    path = write(root, *[native(image=f"img/{n}", label="real") for n in names], native(image="img/nope.png"),
-                 native(image="img/thin.png"))
+    (root / "img/inside.png").symlink_to(root / "img/gray.png")  # (a link within the root: read as gray.png)
+    names = ["ok.png", "truncated.png", "gray.png", "truncated.png", "rotated.jpg", "ok.png", "nope.png", "thin.png",
+             "link.png", "inside.png"]  # (link.png: a symbolic link out of the root)
+    path = write(root, *[native(image=f"img/{n}", label="real") for n in names])
     whole, whole_report = load_records(path, on_error="skip", check_decode=check_decode)
     assert {e.kind for e in whole_report.skipped} == (
-        {"image_missing", "image_aspect"} | ({"image_undecodable"} if check_decode else set()))
+        {"image_missing", "image_aspect", "image_path"} | ({"image_undecodable"} if check_decode else set()))
     got, opened, _ = _as_two_processes(path, monkeypatch, on_error="skip", check_decode=check_decode)
-    # images in the order the records name them: ok, truncated, gray, rotated, nope (missing), thin
-    assert opened == {"process-0": [(check_decode, n) for n in ("ok.png", "gray.png", "nope.png")],
-                      "process-1": [(check_decode, n) for n in ("truncated.png", "rotated.jpg", "thin.png")]}
+    # each process resolves and opens its share of the images, in the order the records name them (ok,
+    # truncated, gray, rotated, nope, thin, link, inside): resolved, then opened where the path leads
+    resolved = lambda *names: [step for n in names for step in [("resolved", n), (check_decode, n)]]  # noqa: E731
+    assert opened == {"process-0": resolved("ok.png", "gray.png", "nope.png") + [("resolved", "link.png")],  # (not opened)
+                      "process-1": resolved("truncated.png", "rotated.jpg", "thin.png")
+                      + [("resolved", "inside.png"), (check_decode, "gray.png")]}
     for records, report in got:
-        assert [(r.source, r.width, r.height) for r in records] == [(r.source, r.width, r.height) for r in whole]
+        assert [(r.source, r.image, r.width, r.height) for r in records] == \
+            [(r.source, r.image, r.width, r.height) for r in whole]
         assert sorted((e.where, e.kind, str(e)) for e in report.skipped) == \
             sorted((e.where, e.kind, str(e)) for e in whole_report.skipped)
     with pytest.raises(ValueError, match="not with a limit"):
@@ -714,3 +727,11 @@ def test_an_image_path_written_from_the_working_folder_is_said_so(root, monkeypa
     with pytest.raises(DataError) as err:
         load_records(path)
     assert "working folder" not in str(err.value)
+
+
+def test_a_symbolic_link_loop_is_a_record_error(root):
+    """Resolving an image path whose links loop raised RuntimeError out of load_records (a traceback)."""
+    (root / "img/loop.png").symlink_to(root / "img/loop.png")
+    records, report = load_records(write(root, native(image="img/loop.png"), native()), on_error="skip")
+    assert len(records) == 1 and [e.kind for e in report.skipped] == ["image_path"]
+    assert "img/loop.png cannot be resolved" in str(report.skipped[0])

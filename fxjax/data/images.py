@@ -2,7 +2,8 @@
 
 * :func:`resolve_image_path` keeps a record's image inside the dataset root: relative paths only (``..``
   and symlinks that leave the root are refused), unless the caller allows absolute paths for a dataset it
-  trusts;
+  trusts (the checks of the text alone, `image_path_in_root`, and of where links lead, `outside_root_problem`,
+  apart for a loader that resolves many paths in threads);
 * :func:`open_image` accepts a whitelist of raster formats, checks the decompression-bomb limit and the
   aspect-ratio limit of Qwen2.5-VL's image processor from the header (before decoding), and applies the
   EXIF orientation as transformers' ``load_image`` does;
@@ -39,6 +40,8 @@ __all__ = [
     "exif_orientation",
     "image_size",
     "open_image",
+    "image_path_in_root",
+    "outside_root_problem",
     "resolve_image_path",
 ]
 
@@ -63,12 +66,12 @@ def _is_absolute(rel: str) -> bool:
     return PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or bool(PureWindowsPath(rel).drive)
 
 
-def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False, root_resolved: bool = False) -> Path:
-    """``root / rel`` if it stays inside ``root``; raises ValueError (with the reason) otherwise.
+def image_path_in_root(root: Path, rel: Any, allow_absolute: bool = False) -> Path:
+    """``root / rel`` as written (nothing on disk is looked at), if its text keeps it inside ``root``; raises
+    ValueError (with the reason) otherwise. Where symbolic links take it: `outside_root_problem`.
 
-    ``allow_absolute``: take an absolute ``rel`` as it is, and follow symbolic links out of ``root`` (for
-    datasets whose images live elsewhere and whose JSONL the user trusts); '..' is refused all the same.
-    ``root_resolved``: ``root`` is resolved already (a file's records share it: resolved once, not per record).
+    ``allow_absolute``: take an absolute ``rel`` as it is (for datasets whose images live elsewhere and whose
+    JSONL the user trusts); '..' is refused all the same.
     """
     if not isinstance(rel, str) or not rel.strip():
         raise ValueError(f"image path must be a non-empty string, got {rel!r}")
@@ -78,7 +81,7 @@ def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False, root_
         raise ValueError(f"image path {rel!r} is a URL: download the image and give its path")
     if _is_absolute(rel):
         if allow_absolute and Path(rel).is_absolute():
-            return Path(rel).resolve()
+            return Path(rel)
         if allow_absolute:
             raise ValueError(f"image path {rel!r} is absolute on another operating system, not on this one")
         raise ValueError(f"image path {rel!r} is absolute; paths must be relative to the dataset root {root.resolve()} "
@@ -86,14 +89,28 @@ def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False, root_
                          "--allow-absolute-paths)")
     if ".." in re.split(r"[\\/]", rel):
         raise ValueError(f"image path {rel!r} escapes the dataset root {root} through '..'")
+    return root / rel
+
+
+def outside_root_problem(rel: str, resolved: Path, root: Path, allow_absolute: bool = False) -> str | None:
+    """Why the image `rel`, whose path resolves (symbolic links followed) to `resolved`, may not be read from
+    the dataset root `root` (resolved): a link out of the root, unless ``allow_absolute`` (a dataset the user
+    trusts). None where it may."""
+    if allow_absolute or _is_absolute(rel) or resolved.is_relative_to(root):
+        return None
+    return (f"image path {rel!r} resolves to {resolved}, outside the dataset root {root} (a symbolic link? follow "
+            "links out of the root only for a dataset you trust: allow_absolute_paths / --allow-absolute-paths)")
+
+
+def resolve_image_path(root: Path, rel: Any, allow_absolute: bool = False, root_resolved: bool = False) -> Path:
+    """``root / rel`` resolved (symbolic links followed), if it stays inside ``root``: `image_path_in_root`'s
+    checks of the text, then `outside_root_problem`'s of the links; raises ValueError (with the reason).
+    ``root_resolved``: ``root`` is resolved already."""
     root = root if root_resolved else root.resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
-        if allow_absolute:  # a symbolic link inside the root to images elsewhere, in a dataset the user trusts
-            return path
-        raise ValueError(f"image path {rel!r} resolves to {path}, outside the dataset root {root} (a symbolic "
-                         "link? follow links out of the root only for a dataset you trust: allow_absolute_paths / "
-                         "--allow-absolute-paths)")
+    path = image_path_in_root(root, rel, allow_absolute).resolve()
+    problem = outside_root_problem(rel, path, root, allow_absolute)
+    if problem:
+        raise ValueError(problem)
     return path
 
 

@@ -3,11 +3,12 @@
     records, report = load_records(["train.jsonl"], on_error="skip")   # native or ms-swift, mixed per line
 
 Loading is two passes. Pass 1 reads the files in order and parses each line (fxjax.data.formats: the
-native and the ms-swift format, including the paper's FakeXplain release) and resolves its image path
+native and the ms-swift format, including the paper's FakeXplain release) and checks its image path's text
 (fxjax.data.images: relative to the dataset root, by default the JSONL file's folder; absolute paths only
-with ``allow_absolute_paths``). Pass 2 opens the images in threads (size limits, EXIF orientation,
-``check_decode`` decodes them fully once; the processes of a run split them, :class:`ImageShare`) and checks
-every box against its image.
+with ``allow_absolute_paths``). Pass 2 resolves the paths and opens the images in threads (links out of the
+root refused, size limits, EXIF orientation, ``check_decode`` decodes them fully once; the processes of a run
+split them, :class:`ImageShare`: on a network disk every lookup is a round trip) and checks every box
+against its image.
 
 Every problem is a :class:`DataError` whose message starts with ``file:line``. ``on_error="raise"``
 raises the first one in file order; ``"skip"`` drops those records, logs each (in file order) and counts
@@ -31,7 +32,8 @@ from fxjax.data.file_layout import whole_file_problem
 from fxjax.data.formats import (SWIFT_BBOX, SWIFT_IMAGE, SWIFT_REF, ParsedRecord, RecordProblem, boxes_in_pixels,
                                 misspelt_fields, parse_record)
 from fxjax.data.images import (ALLOWED_IMAGE_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, ImageError, exif_orientation,
-                               image_size, open_image, resolve_image_path)
+                               image_path_in_root, image_size, open_image, outside_root_problem,
+                               resolve_image_path)
 from fxjax.data.path_hints import missing_image_hint
 
 __all__ = [
@@ -127,13 +129,16 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class _Pending:
-    """A record that passed pass 1: where it is, what it says, and its resolved image path."""
+    """A record that passed pass 1: where it is, what it says, its image path as written under the dataset
+    root (resolved in pass 2, with the images: on a network disk each resolution is a round trip per file) and
+    that root (resolved)."""
 
     position: tuple[int, int]  # (file number, line number): the order errors are reported in
     where: str
     parsed: ParsedRecord
     path: Path
     declared: tuple[float, float] | None = None  # the record's own "width" and "height", where it gives both
+    root: Path | None = None
 
 
 def numbered_lines(path: Path) -> Iterable[tuple[int, bytes]]:
@@ -252,7 +257,7 @@ def _parse_line(line: str, where: str, base: Path, format: str, allow_absolute_p
     except RecordProblem as p:
         raise DataError(where, p.problem, p.kind) from None
     try:
-        path = resolve_image_path(base, parsed.image, allow_absolute=allow_absolute_paths, root_resolved=True)
+        path = image_path_in_root(base, parsed.image, allow_absolute=allow_absolute_paths)
     except ValueError as err:
         raise DataError(where, str(err), "image_path") from None
     return parsed, path, _declared_size(obj)
@@ -266,22 +271,38 @@ def _declared_size(obj: dict) -> tuple[float, float] | None:
     return None
 
 
-def _image_size_or_error(path: Path, max_image_pixels: int, check_decode: bool) -> tuple[int, int] | Exception:
-    """Pass 2 for one image file: its displayed (width, height), or why it cannot be used."""
+Size = tuple[int, int] | Exception  # an image's displayed (width, height), or why it cannot be used
+
+
+def _open_image_file(path: Path, roots: Iterable[Path], max_image_pixels: int, check_decode: bool,
+                     allow_absolute_paths: bool) -> tuple[Path, Size]:
+    """Pass 2 for one image path as written under `roots` (the dataset roots of the records naming it): (where
+    it resolves to, symbolic links followed; that file's displayed (width, height), or why it cannot be
+    used). A file a link takes out of every root is not opened (unless allowed: `outside_root_problem`)."""
     try:
-        return image_size(path, max_image_pixels, check_decode)
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as err:  # (a symbolic link loop)
+        return path, ImageError(f"image path {path} cannot be resolved: {err}", "image_path")
+    if not allow_absolute_paths and not any(resolved.is_relative_to(root) for root in roots):  # (said per record: _check_image)
+        return resolved, ImageError(f"image path {path} leads out of the dataset root", "image_path")
+    try:
+        return resolved, image_size(resolved, max_image_pixels, check_decode)
     except (OSError, ValueError, SyntaxError, ImageError) as err:  # (FileNotFoundError is an OSError)
-        return err
+        return resolved, err
 
 
 _PATH_MARK = "\x00"  # where a shared failure's message names its image (each process puts in its own path)
 
 
-def _opened_as_json(path: Path, result: tuple[int, int] | Exception, templates: dict[tuple, int]) -> list | int:
-    """One image's `_image_size_or_error` for `ImageShare.exchange`: its [width, height], or the index of
-    (what failed, the image's problem kind, the message with the path marked) in `templates`, which is
-    filled as it goes: a wrong root (every image missing) sends one template and an index per image, not
-    two million messages that each name their path through the coordination service."""
+def _opened_as_json(path: Path, opened: tuple[Path, Size], templates: dict[tuple, int]) -> list | int | dict:
+    """One image's `_open_image_file` for `ImageShare.exchange`: its [width, height], or the index of (what
+    failed, the image's problem kind, the message with the path marked) in `templates`, which is filled as it
+    goes (a wrong root, every image missing, sends one template and an index per image, not two million
+    messages that each name their path through the coordination service); as {"at": where it resolves to,
+    "is": that} where that is not `path` (a symbolic link)."""
+    resolved, result = opened
+    if resolved != path:
+        return {"at": str(resolved), "is": _opened_as_json(resolved, (resolved, result), templates)}
     if not isinstance(result, Exception):
         return list(result)
     if isinstance(result, FileNotFoundError):
@@ -294,25 +315,27 @@ def _opened_as_json(path: Path, result: tuple[int, int] | Exception, templates: 
     return templates.setdefault(key, len(templates))
 
 
-def _opened_from_json(path: Path, value: list | int,
-                      templates: Sequence[Sequence[str]]) -> tuple[int, int] | Exception:
-    """`_opened_as_json`'s value back: the size, or the failure as the image's own process found it."""
+def _opened_from_json(path: Path, value: list | int | dict, templates: Sequence[Sequence[str]]) -> tuple[Path, Size]:
+    """`_opened_as_json`'s value back: (where the path resolves to, the size or the failure as the image's
+    own process found it)."""
+    if isinstance(value, dict):
+        return _opened_from_json(Path(value["at"]), value["is"], templates)
     if isinstance(value, list):
-        return int(value[0]), int(value[1])
+        return path, (int(value[0]), int(value[1]))
     what, kind, message = templates[value]
     message = message.replace(_PATH_MARK, str(path))
-    return FileNotFoundError(message) if what == "missing" else ImageError(message, kind)
+    return path, FileNotFoundError(message) if what == "missing" else ImageError(message, kind)
 
 
-def _open_shared(paths: Sequence[Path], size_of: Callable[[Path], tuple[int, int] | Exception],
-                 share: ImageShare, pool: ThreadPoolExecutor | None) -> dict[Path, tuple[int, int] | Exception]:
-    """Every image's size or failure, this process opening only its share of `paths` (every `share.count`-th
-    from `share.index`) and the others' results exchanged (the same on every process)."""
+def _open_shared(paths: Sequence[Path], open_file: Callable[[Path], tuple[Path, Size]],
+                 share: ImageShare, pool: ThreadPoolExecutor | None) -> dict[Path, tuple[Path, Size]]:
+    """Every image's `_open_image_file`, this process opening only its share of `paths` (every
+    `share.count`-th from `share.index`) and the others' results exchanged (the same on every process)."""
     mine = paths[share.index::share.count]
-    opened = list(pool.map(size_of, mine) if pool is not None else map(size_of, mine))
+    opened = list(pool.map(open_file, mine) if pool is not None else map(open_file, mine))
     templates: dict[tuple, int] = {}
     values = [_opened_as_json(path, result, templates) for path, result in zip(mine, opened)]
-    sizes: dict[Path, tuple[int, int] | Exception] = {}
+    sizes: dict[Path, tuple[Path, Size]] = {}
     for process, theirs in enumerate(share.exchange({"opened": values, "templates": list(templates)})):
         shared = paths[process::share.count]
         if len(theirs["opened"]) != len(shared):
@@ -323,28 +346,33 @@ def _open_shared(paths: Sequence[Path], size_of: Callable[[Path], tuple[int, int
     return sizes
 
 
-def _check_image(pending: _Pending, size: tuple[int, int] | Exception, from_root: bool = False) -> Record | DataError:
-    """Pass 2 for one record, given its image's `_image_size_or_error`: the image opens within the limits and
-    every box lies inside it."""
+def _check_image(pending: _Pending, opened: tuple[Path, Size], from_root: bool = False,
+                 allow_absolute_paths: bool = False) -> Record | DataError:
+    """Pass 2 for one record, given its image's `_open_image_file`: the path leads to a file inside the
+    dataset root (unless allowed), the image opens within the limits and every box lies inside it."""
     where, parsed = pending.where, pending.parsed
+    path, size = opened
+    problem = outside_root_problem(parsed.image, path, pending.root, allow_absolute_paths)
+    if problem:
+        return DataError(where, problem, "image_path")
     if isinstance(size, FileNotFoundError):
-        return DataError(where, f"missing image: {size}{missing_image_hint(pending.parsed.image, pending.path, from_root)}",
+        return DataError(where, f"missing image: {size}{missing_image_hint(pending.parsed.image, path, from_root)}",
                          "image_missing")
     if isinstance(size, ImageError):
         return DataError(where, str(size), size.kind)
     if isinstance(size, Exception):
-        return DataError(where, f"image {pending.path} cannot be read: {size}", "image_undecodable")
+        return DataError(where, f"image {path} cannot be read: {size}", "image_undecodable")
     width, height = size
     try:
         boxes = boxes_in_pixels(parsed, width, height)
     except RecordProblem as p:
         if p.kind == "box_outside":  # said again with the file's EXIF orientation (its header read only now)
             try:
-                boxes_in_pixels(parsed, width, height, exif_orientation(pending.path))
+                boxes_in_pixels(parsed, width, height, exif_orientation(path))
             except RecordProblem as rotated:
                 p = rotated
         return DataError(where, p.problem, p.kind)
-    return Record(index=-1, source=where, record_id=parsed.record_id, image=str(pending.path), width=width,
+    return Record(index=-1, source=where, record_id=parsed.record_id, image=str(path), width=width,
                   height=height, label=parsed.label,
                   regions=tuple(Region(caption, box) for (caption, _), box in zip(parsed.regions, boxes)),
                   tags=parsed.tags, reasoning=parsed.reasoning, generator=parsed.generator, format=parsed.format,
@@ -453,7 +481,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
             except DataError as err:
                 errors.append(((file_index, n), err))
                 continue
-            pending.append(_Pending((file_index, n), where, parsed, path, declared))
+            pending.append(_Pending((file_index, n), where, parsed, path, declared, base))
         for (key, wanted), lines in sorted(hints.items()):
             at = ", ".join(lines[:5]) + (", ..." if len(lines) > 5 else "")
             which = f"{file}: {len(lines)} record(s) (line{'s' if len(lines) > 1 else ''} {at}) have a key {key!r}"
@@ -472,25 +500,29 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     # annotations of one image: 40k records of 400 images took 20 s, not 0.3), then boxes against the size.
     order = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in pending))}
 
-    def size_of(path: Path) -> tuple[int, int] | Exception:
-        return _image_size_or_error(path, max_image_pixels, check_decode)
+    roots: dict[Path, set[Path]] = {}
+    for item in pending:
+        roots.setdefault(item.path, set()).add(item.root)
+
+    def open_file(path: Path) -> tuple[Path, Size]:
+        return _open_image_file(path, roots[path], max_image_pixels, check_decode, allow_absolute_paths)
 
     records: list[Record] = []
     resized: list[tuple[str, tuple[float, float], tuple[int, int]]] = []  # (where, the record's size, the file's)
-    sizes: dict[Path, tuple[int, int] | Exception] = {}
+    sizes: dict[Path, tuple[Path, Size]] = {}  # image path as written -> _open_image_file's
     done = 0  # pending records checked
     with ThreadPoolExecutor(max(num_threads, 1)) as pool:
         if share is not None:  # this process's share of the images, and what the others found in theirs
-            sizes.update(_open_shared(list(order), size_of, share, pool if num_threads > 1 else None))
+            sizes.update(_open_shared(list(order), open_file, share, pool if num_threads > 1 else None))
         while done < len(pending) and (limit is None or len(records) < limit):
             # all at once without a limit; with one, about as many as are still wanted (and a few more)
             chunk = pending[done:] if limit is None else pending[done:done + max(2 * (limit - len(records)), 32)]
             paths = [path for path in dict.fromkeys(item.path for item in chunk) if path not in sizes]
-            sizes.update(zip(paths, pool.map(size_of, paths) if num_threads > 1 else map(size_of, paths)))
+            sizes.update(zip(paths, pool.map(open_file, paths) if num_threads > 1 else map(open_file, paths)))
             for item in chunk:
                 if limit is not None and len(records) == limit:
                     break
-                result = _check_image(item, sizes[item.path], from_root=root is not None)
+                result = _check_image(item, sizes[item.path], root is not None, allow_absolute_paths)
                 if isinstance(result, DataError):
                     errors.append((item.position, result))
                 else:
