@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -42,11 +43,12 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.
                "chat_template.jinja", "video_preprocessor_config.json")
 
 def hf_tensors(model: Qwen25VL, naming: str = HUB, base_files: dict[str, tuple[Path, str]] | None = None
-               ) -> Iterator[tuple[str, Callable[[], np.ndarray | None]]]:
-    """(HF name, thunk giving the host tensor) for each parameter (each layer of a stacked one); a thunk
-    gathers one tensor. `base_files` (HF name -> (file, stored dtype)): a tensor the model holds rounded
-    (in a narrower dtype than stored) is read from its file instead; there a thunk returns None on
-    processes other than 0, which only join the adapters' gathers."""
+               ) -> Iterator[tuple[str, int, Callable[[], np.ndarray | None]]]:
+    """(HF name, its number of elements, thunk giving the host tensor) for each parameter (each layer of a
+    stacked one); a thunk gathers one tensor. Processes other than 0 only join the gathers (their thunks
+    return None: process 0 writes; the merge and the conversion would be done for nothing on every other
+    host of a pod). `base_files` (HF name -> (file, stored dtype)): a tensor the model holds rounded (in a
+    narrower dtype than stored) is read from its file instead, by process 0."""
     # Enabled LoRA adapters are merged into their kernels (W + scaling * A @ B); the model is not changed.
     adapters = {path: linear.lora for path, linear in lora_linears(model) if linear.lora.enabled}
 
@@ -65,16 +67,18 @@ def hf_tensors(model: Qwen25VL, naming: str = HUB, base_files: dict[str, tuple[P
 
             def thunk(variable=variable, path=layer_param, adapter=adapter, index=index, name=name,
                       file=file) -> np.ndarray | None:
+                main = jax.process_index() == 0
                 if file is None:
                     array = gather(layer(variable[...], index))  # a collective across processes
                 else:
-                    array = to_fxjax(read_tensor(file, name), path) if jax.process_index() == 0 else None
+                    array = to_fxjax(read_tensor(file, name), path) if main else None
                 if adapter is not None:
                     a, b = gather(layer(adapter.lora_a[...], index)), gather(layer(adapter.lora_b[...], index))
-                    array = None if array is None else merge_lora(array, a, b, adapter.scaling)
-                return None if array is None else to_hf(array, path, model.config.vision)
+                    array = merge_lora(array, a, b, adapter.scaling) if main else None
+                return to_hf(array, path, model.config.vision) if main else None
 
-            yield name, thunk
+            elements = math.prod(variable.shape[1:] if index is not None else variable.shape)
+            yield name, elements, thunk
 
 
 def save_pretrained(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None = None,
@@ -119,47 +123,28 @@ def write_checkpoint(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None 
     out.mkdir(parents=True, exist_ok=True)
     naming = source.naming if source else HUB
     base_files = _unrounded_base(model, source)
+    tensors = list(hf_tensors(model, naming, base_files))
     if jax.process_index() != 0:  # several processes: all join each tensor's gather, process 0 writes
-        for _, thunk in hf_tensors(model, naming, base_files):
+        for _, _, thunk in tensors:
             thunk()
         barrier("fxjax.save_pretrained")
         return out
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
-    weight_map: dict[str, str] = {}
-    total = 0
-    written: list[str] = []
-
-    def flush() -> None:
-        if not shards[-1]:
-            return
-        name = f"model-{len(written) + 1:05d}.safetensors"
-        save_safetensors(shards[-1], out / name, metadata={"format": "pt"})  # mode 0644, not 0600
-        for key in shards[-1]:
-            weight_map[key] = name
-        written.append(name)
-        shards[-1] = {}
-        sizes[-1] = 0
-
-    for name, thunk in hf_tensors(model, naming, base_files):
-        array = thunk().astype(NP_DTYPES[dtype])
-        if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
-            flush()
-        shards[-1][name] = array
-        sizes[-1] += array.nbytes
-        total += array.nbytes
-    flush()
-    count = len(written)
-    renamed = {}
-    for i, old in enumerate(written, start=1):
-        new = f"model-{i:05d}-of-{count:05d}.safetensors"
-        (out / old).rename(out / new)
-        renamed[old] = new
-    weight_map = {k: renamed[v] for k, v in sorted(weight_map.items())}
+    itemsize = np.dtype(NP_DTYPES[dtype]).itemsize
+    shard_of = _shard_plan([(name, elements * itemsize) for name, elements, _ in tensors], max_shard_bytes)
+    count = max(shard_of.values(), default=0) + 1
+    files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]  # (named once: no renames,
+    shard: dict[str, np.ndarray] = {}  # each a copy of the file on a bucket)
+    for i, (name, _, thunk) in enumerate(tensors):
+        shard[name] = thunk().astype(NP_DTYPES[dtype])
+        if i + 1 == len(tensors) or shard_of[tensors[i + 1][0]] != shard_of[name]:
+            save_safetensors(shard, out / files[shard_of[name]], metadata={"format": "pt"})  # mode 0644, not 0600
+            shard = {}
+    weight_map = {name: files[shard_of[name]] for name in sorted(shard_of)}
+    total = sum(elements * itemsize for _, elements, _ in tensors)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    _remove_stale_weights(out, set(renamed.values()))
+    _remove_stale_weights(out, set(files))
 
     raw = dict(source.raw_config) if source else config_to_hub_dict(model.config, dtype)
     if source:
@@ -192,6 +177,19 @@ def _say_markerless_tokenizer(out: Path) -> None:
                        "decoded with it, the detector's answers lose them and no parser reads them; save with "
                        "fxjax.train.export.save_merged(model, out, tokenizer_dir=the run's tokenizer, data=...) "
                        "or `fxjax export`", out, ", ".join(missing))
+
+
+def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> dict[str, int]:
+    """Which shard (0, 1, ...) each tensor goes to, in order: a new shard where the next tensor would take
+    the current one over `max_shard_bytes` (a tensor larger than that alone fills one). Planned from the
+    sizes before anything is gathered, so each file is written once under its final `-of-N` name."""
+    plan, shard, used = {}, 0, 0
+    for name, nbytes in sizes:
+        if used and used + nbytes > max_shard_bytes:
+            shard, used = shard + 1, 0
+        plan[name] = shard
+        used += nbytes
+    return plan
 
 
 _WEIGHT_FILE = re.compile(r"model(-\d{5}(-of-\d{5})?)?\.safetensors")  # (model-00001: a save's own, before its count)

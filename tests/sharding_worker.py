@@ -556,7 +556,13 @@ def run_multihost(checkpoint: Path, out: Path, meshes) -> None:
                                    batch_shards_held=list(held), local_part_equal=part_equal)
         np.save(out / f"logits_{key.replace(',', '')}_{rank}.npy", full)
         if i == 0:  # export from the model spread over both processes; process 0 writes
+            from fxjax import hf_save
+
+            converted, to_hf = [], hf_save.to_hf
+            hf_save.to_hf = lambda *args: (converted.append(1), to_hf(*args))[1]
             fxjax.save_pretrained(model, out / "export")
+            hf_save.to_hf = to_hf
+            info["export_tensors_converted"] = len(converted)
     # the host-side exchange SFT agrees batch sizes and saves iterator states with (over the real store)
     info["gathered"] = [host_exchange.allgather_json("worker-test", {"rank": rank, "call": c}) for c in range(3)]
     # and the one to process 0 only (GRPO's completions): the others get None and do not wait

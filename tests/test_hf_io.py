@@ -349,9 +349,18 @@ def test_round_trip_bit_exact(disk_dtype, naming, tiny_checkpoint, bf16_checkpoi
     _hf_load_clean(out)
 
 
-def test_sharded_export_round_trip(tiny_checkpoint, tmp_path, hf_ref, prompt):
+def test_sharded_export_round_trip(tiny_checkpoint, tmp_path, hf_ref, prompt, monkeypatch):
+    """Each shard is written once under its final name (the count planned from the sizes first): renaming
+    model-00001.safetensors to model-00001-of-00015.safetensors after the count was known copied every file
+    again on a bucket (gcsfuse renames by copy and delete)."""
     model = fxjax.from_pretrained(tiny_checkpoint, dtype="float32")
-    out = fxjax.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
+
+    def no_rename(self, target):
+        raise AssertionError(f"renamed {self} to {target}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "rename", no_rename)
+        out = fxjax.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"

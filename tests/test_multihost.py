@@ -124,6 +124,9 @@ def test_fsdp_across_processes_halves_each_hosts_weights(two_processes, checkpoi
 
 
 def test_export_from_two_processes_is_bit_exact(two_processes, checkpoint):
+    """Both processes join each tensor's gather; only process 0, which writes, converts (and merges) them."""
+    converted = [info["export_tensors_converted"] for info in two_processes["infos"]]
+    assert converted[0] > 0 and converted[1] == 0, converted
     export = two_processes["out"] / "export"
     assert worker._compare_checkpoints(checkpoint, export) == []
     assert (export / "config.json").exists() and (export / "model.safetensors.index.json").exists()
