@@ -358,7 +358,7 @@ def _as_two_processes(path, monkeypatch, **kwargs):
 
 
 @pytest.mark.parametrize("check_decode", [True, False])
-def test_processes_split_the_images_and_keep_the_same_records(root, monkeypatch, check_decode):
+def test_processes_split_the_images_and_keep_the_same_records(root, monkeypatch, caplog, check_decode):
     """On a pod each process opens its share of the images (every second one, in the order the records name
     them: the header, decoded whole with data.check_decode) and the others' findings are exchanged, so every
     process keeps the records (and skips, with the same reasons) one process opening all would. Each host
@@ -370,7 +370,11 @@ def test_processes_split_the_images_and_keep_the_same_records(root, monkeypatch,
     whole, whole_report = load_records(path, on_error="skip", check_decode=check_decode)
     assert {e.kind for e in whole_report.skipped} == (
         {"image_missing", "image_aspect", "image_path"} | ({"image_undecodable"} if check_decode else set()))
+    caplog.clear()
     got, opened, _ = _as_two_processes(path, monkeypatch, on_error="skip", check_decode=check_decode)
+    # what the load finds is said once, by the first process (a pod's hosts each printed every skipped record)
+    said = {(r.threadName, r.levelno) for r in caplog.records if r.getMessage().startswith("skipping record")}
+    assert {name for name, level in said if level == logging.WARNING} == {"process-0"}
     # each process resolves and opens its share of the images, in the order the records name them (ok,
     # truncated, gray, rotated, nope, thin, link, inside): resolved, then opened where the path leads
     resolved = lambda *names: [step for n in names for step in [("resolved", n), (check_decode, n)]]  # noqa: E731

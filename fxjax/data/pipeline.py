@@ -143,6 +143,8 @@ class DataPipeline:
     def __init__(self, cfg: DataConfig, records: Sequence[Record] | None = None,
                  report: LoadReport | None = None, image_share: ImageShare | None = None):
         self.cfg = cfg
+        # the records' warnings are the same on every process of a run: said by the first (load_records too)
+        self._warn = logger.warning if image_share is None or image_share.index == 0 else logger.debug
         if records is None:  # (image_share: the processes of a run split the images' opening, load_records)
             records, report = load_records(cfg.data_files, cfg.root, cfg.format, cfg.on_error, cfg.check_decode,
                                            cfg.max_image_pixels, allow_absolute_paths=cfg.allow_absolute_paths,
@@ -163,7 +165,7 @@ class DataPipeline:
                                  "have no prompts of their own); use 'auto' or 'templates'")
         own = sum(r.format == "swift" for r in self.records)
         if own and cfg.prompts == "auto" and (cfg.system_prompt is not None or cfg.user_prompt is not None):
-            logger.warning("data.system_prompt / data.user_prompt do not apply to the %d ms-swift record(s) of %s: "
+            self._warn("data.system_prompt / data.user_prompt do not apply to the %d ms-swift record(s) of %s: "
                            "with data.prompts=auto they keep their own prompts (data.prompts=templates uses yours)",
                            own, files)
         self.shard = cfg.shard_options()
@@ -186,7 +188,7 @@ class DataPipeline:
         if self.cfg.on_error == "raise":
             more = f" (and {len(errors) - 1} more record(s) like it)" if len(errors) > 1 else ""
             raise DataError(errors[0].where, errors[0].problem + more, errors[0].kind)
-        logger.warning("%d record(s) have a box under a pixel at the model's input, which training leaves out "
+        self._warn("%d record(s) have a box under a pixel at the model's input, which training leaves out "
                        "(data.on_error: skip) [box_tiny]: %s", len(errors),
                        "; ".join(e.where for e in errors[:10]) + (" ..." if len(errors) > 10 else ""))
 

@@ -450,6 +450,9 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     if image_share is not None and limit is not None:
         raise ValueError("image_share splits the opening of every image: not with a limit")
     share = image_share if image_share is not None and image_share.count > 1 else None
+    # what the load finds is the same on every process sharing the images: said by the first only (a pod's
+    # 64 hosts printed each skipped record 64 times), at debug level by the others
+    warn = logger.warning if share is None or share.index == 0 else logger.debug
     files = [files] if isinstance(files, (str, Path)) else list(files)
     report = LoadReport(files=[str(f) for f in files])
     errors: list[tuple[tuple[int, int], DataError]] = []  # ((file, line), error)
@@ -490,7 +493,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                 f"\"caption\": ...}}); {key!r} is not read" if wanted == "regions" else
                 f"{which} and no {wanted!r}: a misspelling? (fxjax reads {wanted!r}; other keys are kept for eval "
                 f"--group-by)")
-            logger.warning("%s", report.hints[-1])
+            warn("%s", report.hints[-1])
         # A file without one record is a wrong path or a broken export (unless we stopped reading early).
         if records_in_file == 0 and not (errors and on_error == "raise"):
             raise DataError(str(file), "has no records: the file is empty or holds only blank lines",
@@ -532,7 +535,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
                 done += 1
     if resized:
         report.hints.append(_resized_hint(resized))
-        logger.warning("%s", report.hints[-1])
+        warn("%s", report.hints[-1])
     report.unchecked = [(item.parsed.record_id, item.parsed.label, item.path.name) for item in pending[done:]]
     errors.sort(key=lambda e: e[0])
     if errors and on_error == "raise":
@@ -540,12 +543,12 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     report.skipped.extend(err for _, err in errors)
     named, unnamed = first_of_each_kind(report.skipped, LOGGED_PER_KIND)  # (each run's start named all 3,000)
     for err in named:
-        logger.warning("skipping record: %s", err)
+        warn("skipping record: %s", err)
     if unnamed:
-        logger.warning("skipping %s, not named here: `fxjax data check --show all` lists them",
+        warn("skipping %s, not named here: `fxjax data check --show all` lists them",
                        left_out_note(unnamed))
     records = [dataclasses.replace(r, index=i) for i, r in enumerate(records)]
     report.loaded = len(records)
     if report.skipped:
-        logger.warning("%s", report.summary())
+        warn("%s", report.summary())
     return records, report
