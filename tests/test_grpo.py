@@ -579,6 +579,35 @@ def test_batch_order_takes_each_shard_once_in_the_batch_order(monkeypatch):
     assert grpo.batch_order("test", mine, ["c0", "c1", "d0", "d1"], main_only=True) is None
 
 
+def test_the_run_logs_are_synced_with_each_checkpoint_and_opened_once(tmp_path, monkeypatch):
+    """gcsfuse uploads a file when it is synced or closed: metrics.jsonl, open for the whole run, reached the
+    bucket only at its end (a preempted attempt lost its log though its checkpoints were kept), and
+    completions.jsonl, reopened every step, was uploaded whole at every step. The log and its companions are
+    fsynced at each checkpoint (MetricsLogger.sync, which the loops' saves call) and opened once."""
+    from fxjax.train import metrics as metrics_module
+
+    opened, synced = [], []
+    real_open, real_fsync = open, os.fsync
+    monkeypatch.setattr(metrics_module, "open", lambda *a, **k: (opened.append(Path(a[0]).name), real_open(*a, **k))[1],
+                        raising=False)
+    monkeypatch.setattr(metrics_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    run_log = metrics_module.MetricsLogger(tmp_path, resume_step=0, tensorboard=False)  # (its writer syncs itself)
+    completions = metrics_module.CompletionLog(tmp_path, resume_step=0)
+    run_log.companions.append(completions)
+    for step in (1, 2, 3):
+        run_log.log(step, "train", {"loss": 1.0})
+        completions.log(step, [{"completion": f"{step}a"}])
+    assert opened.count("completions.jsonl") == 1 and not synced
+    run_log.sync()
+    assert len(synced) == 2  # (both files)
+    run_log.close()
+    assert len((tmp_path / "completions.jsonl").read_text().splitlines()) == 3
+    for module in ("sft", "grpo"):  # each loop's save syncs the log before it saves the checkpoint
+        source = (Path(__file__).parents[1] / "train" / f"{module}.py").read_text()
+        save = source[source.index("    def save(step: int) -> None:"):]
+        assert save.index("metrics.sync()") < save.index("checkpointer.save(")
+
+
 def test_completion_log_keeps_each_step_once(tmp_path):
     """A run starts by dropping the records past the step it starts from: all of them for a run from
     scratch (an attempt killed before its first checkpoint), those after step N when it resumes from N."""
@@ -587,7 +616,10 @@ def test_completion_log_keeps_each_step_once(tmp_path):
     log = CompletionLog(tmp_path, resume_step=0)
     for step in (1, 2, 3):
         log.log(step, [{"completion": f"{step}a"}, {"completion": f"{step}b"}])
-    CompletionLog(tmp_path, resume_step=2).log(3, [{"completion": "3c"}])
+    log.close()
+    again = CompletionLog(tmp_path, resume_step=2)
+    again.log(3, [{"completion": "3c"}])
+    again.close()
     rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert [(r["step"], r["kind"], r["completion"]) for r in rows] == [
         (1, "completion", "1a"), (1, "completion", "1b"), (2, "completion", "2a"), (2, "completion", "2b"),

@@ -278,6 +278,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
                             resume_step=latest or 0)
     # (trimmed to the step this run starts from whether or not it logs: no record of a step it redoes stays)
     completions = CompletionLog(cfg.train.output_dir, enabled=main, resume_step=latest or 0)
+    metrics.companions.append(completions)  # (synced at each checkpoint, closed with the run's metrics)
     run_eval = RunEvaluation("grpo", evaluator, metrics, result, cfg.eval.generate, say)
 
     def evaluate(tag: str) -> dict:
@@ -289,6 +290,7 @@ def _run_joined(cfg: GRPOConfig, main: bool, say: Callable[[str], None], started
     def save(step: int) -> None:
         stage = stage_weights(cfg, max(step - 1, 0), reward_values)[0]  # the stage of update `step` (1-based)
         iterator_states = per_process_state(iterator.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
+        metrics.sync()  # (the log on disk through the checkpoint's step: a bucket holds it once synced)
         checkpointer.save(step, state, checkpoint_data_state(iterator_states, floor, skipped, mesh, stage=stage,
                                                              stage_ends=[list(e) for e in ends]), resolved)
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -187,6 +188,7 @@ class MetricsLogger:
         self.path = Path(output_dir) / METRICS_FILE
         self._file = None
         self._tb = None
+        self.companions: list = []  # other files of the run's log (CompletionLog), synced and closed with it
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept_through = _kept_through(resume_step)
@@ -230,6 +232,16 @@ class MetricsLogger:
             return False
         return any(r is not None and r["kind"] == kind and r["step"] == step for _, r, _ in _records(self.path))
 
+    def sync(self) -> None:
+        """Everything logged so far on disk (fsync), the companions' too: called at each checkpoint, so that a
+        run on gcsfuse, which uploads a file only when it is synced or closed, does not lose the metrics of an
+        attempt that is preempted (its checkpoint kept, its log never uploaded)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        for companion in self.companions:
+            companion.sync()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -237,6 +249,8 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for companion in self.companions:
+            companion.close()
 
 
 class CompletionLog:
@@ -244,11 +258,13 @@ class CompletionLog:
     completion with ``step`` and ``kind`` "completion" (metrics.jsonl's line format, several lines a step).
     `resume_step`: the step the run starts from (0 for a run from scratch): the records an earlier attempt
     wrote after it are dropped first, so every step's completions appear once. Only the main process writes;
-    each step's lines are written at once."""
+    each step's lines are written at once, to a file kept open (`sync`, `close`: reopened every step, a file
+    on gcsfuse was uploaded whole at every step)."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / COMPLETIONS_FILE
+        self._file = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept_through = _kept_through(resume_step)
@@ -258,9 +274,21 @@ class CompletionLog:
     def log(self, step: int, records: list[Mapping[str, Any]]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"step": int(step), "kind": "completion", **{k: _plain(v) for k, v in r.items()}})
-                         + "\n" for r in records)
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.writelines(json.dumps({"step": int(step), "kind": "completion",
+                                          **{k: _plain(v) for k, v in r.items()}}) + "\n" for r in records)
+        self._file.flush()
+
+    def sync(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class ProgressBar:

@@ -220,6 +220,7 @@ def _run_joined(cfg: SFTConfig, main: bool, say: Callable[[str], None], started:
         if interval:
             metrics.log(step, "train", dict(interval.take(), learning_rate=last_rate, skipped=skipped))
         iterator_states = per_process_state(batches.get_state(), process_rows_per_batch(pipeline.cfg))  # each process's own
+        metrics.sync()  # (the log on disk through the checkpoint's step: a bucket holds it once synced)
         checkpointer.save(step, state, checkpoint_data_state(iterator_states, batches.floor, skipped, mesh), resolved)
 
     step_fn = None
