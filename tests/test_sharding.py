@@ -215,6 +215,9 @@ def test_allgather_json_orders_by_process_and_stops_when_cancelled_or_timed_out(
                 return self.kv[key]
             raise RuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
 
+        def key_value_dir_get(self, key):
+            return sorted((k, v) for k, v in self.kv.items() if k.startswith(key.rstrip("/") + "/"))
+
         def key_value_delete(self, key):
             self.deleted.append(key)
 
@@ -236,6 +239,50 @@ def test_allgather_json_orders_by_process_and_stops_when_cancelled_or_timed_out(
         host_exchange.allgather_json("shape", 1)
 
 
+def test_an_exchange_reads_every_part_in_a_few_requests(monkeypatch):
+    """Each process read the other processes' parts one blocking get at a time: 64 requests per process and
+    4,096 at the coordinator for an exchange on a 64-host pod, several exchanges a step. Now one listing of
+    the call's keys when all have arrived, and a wait for the first missing one otherwise (a fake store for
+    process 0 of 64; the real one under tests/test_multihost.py)."""
+    import jax
+    from jax._src.distributed import global_state
+
+    from fxjax import host_exchange
+
+    class Store:
+        def __init__(self):
+            self.kv, self.requests, self.late = {}, [], {}
+
+        def key_value_set(self, key, value):
+            self.kv[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            self.requests.append(("get", key))
+            self.kv.update(self.late)  # (the late processes arrive while this one waits)
+            return self.kv[key]
+
+        def key_value_dir_get(self, key):
+            self.requests.append(("list", key))
+            return sorted((k, v) for k, v in self.kv.items() if k.startswith(key + "/"))
+
+        def key_value_delete(self, key):
+            self.kv.pop(key, None)
+
+    store = Store()
+    monkeypatch.setattr(global_state, "client", store)
+    monkeypatch.setattr(jax, "process_count", lambda: 64)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(host_exchange, "_GATHERS", {})
+    store.kv.update({f"fxjax/sizes/0/{p}": str(p) for p in range(1, 64)})  # all there already
+    assert host_exchange.allgather_json("sizes", 0) == list(range(64))
+    assert store.requests == [("list", "fxjax/sizes/0")]
+    store.requests.clear()
+    store.kv.update({f"fxjax/sizes/1/{p}": str(p) for p in range(1, 40)})
+    store.late = {f"fxjax/sizes/1/{p}": str(p) for p in range(40, 64)}  # 24 processes not there yet
+    assert host_exchange.allgather_json("sizes", 0) == list(range(64))
+    assert store.requests == [("list", "fxjax/sizes/1"), ("get", "fxjax/sizes/1/40"), ("list", "fxjax/sizes/1")]
+
+
 def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monkeypatch):
     """What only process 0 writes (GRPO's completions) goes to it alone: process 0 reads every part and deletes
     them; another process writes its part and returns None without reading anyone's (against a fake store)."""
@@ -254,6 +301,10 @@ def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monk
         def blocking_key_value_get(self, key, timeout_ms):
             self.read.append(key)
             return self.kv[key]
+
+        def key_value_dir_get(self, key):
+            self.read.append(key)
+            return sorted((k, v) for k, v in self.kv.items() if k.startswith(key.rstrip("/") + "/"))
 
         def key_value_delete(self, key):
             self.deleted.append(key)
