@@ -38,11 +38,14 @@ class ImageDetector:
     def __init__(self, model: str | Path | None = None, **options: Any) -> None:
         from fxjax.commands.model_args import resolve_detector
 
-        from fxjax.keyword_options import command_arguments
+        from fxjax.keyword_options import command_arguments, in_keyword_words
 
         self._args = command_arguments("detect", ["IMAGE", "--no-overlay"], {"model": model, **options},
                                        "ImageDetector", allowed=("model", *OPTIONS))
-        self._detector = resolve_detector(self._args)  # (paths, prompts and settings checked; nothing loaded)
+        try:
+            self._detector = resolve_detector(self._args)  # (paths, prompts and settings checked; nothing loaded)
+        except (ValueError, TypeError, OSError) as err:  # (said in the keywords' words: model=PATH, not --model)
+            raise in_keyword_words(err, "detect")
 
     def _say(self, text: str) -> None:
         print(f"fxjax detect: {text}", file=sys.stderr, flush=True)
@@ -56,6 +59,7 @@ class ImageDetector:
         from PIL import Image, ImageOps
 
         from fxjax.commands.detect import analyse_images
+        from fxjax.keyword_options import in_keyword_words
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
@@ -77,7 +81,10 @@ class ImageDetector:
             if overlays is not None:
                 Path(overlays).mkdir(parents=True, exist_ok=True)
             results: list[dict[str, Any]] = []
-            analyse_images(self._args, self._detector, self._say, results.append)
+            try:
+                analyse_images(self._args, self._detector, self._say, results.append)
+            except (ValueError, TypeError, OSError) as err:
+                raise in_keyword_words(err, "detect")
         for result in results:
             result["image"] = names.get(result["image"], result["image"])
         return sorted(results, key=lambda r: r["index"])

@@ -30,15 +30,18 @@ def evaluate(data: str | Path | Sequence[str | Path], out: str | Path = "eval", 
     """`fxjax eval --data DATA --out OUT [--model MODEL] --option value ...`; returns its metrics.json (the
     metrics, their 95% intervals, the breakdown by group, the settings and any record left out), or, with
     steps given as a list (`step=[...]`, one or several), {each step as given: its metrics.json}. Errors are the command's
-    exceptions (a bad option: ValueError or TypeError naming it)."""
+    exceptions (a bad option: ValueError or TypeError naming it), which name the options as keywords."""
     from fxjax.commands.eval import run
     from fxjax.commands.eval_folder import METRICS
     from fxjax.commands.eval_steps import step_folder
-    from fxjax.keyword_options import command_arguments
+    from fxjax.keyword_options import command_arguments, in_keyword_words
 
     files = [data] if isinstance(data, (str, Path)) else list(data)
     args = command_arguments("eval", [], {"data": files, "out": out, "model": model, **options}, "evaluate")
-    run(args)
+    try:
+        run(args)
+    except (ValueError, TypeError, OSError) as err:  # (said in the keywords' words: fresh=True, not --fresh)
+        raise in_keyword_words(err, "eval")
     steps = args.step if isinstance(args.step, list) else [args.step]
     if len(steps) == 1:  # (a list of one step, as a list of several: {step: metrics}, its metrics in OUT)
         metrics = json.loads((Path(args.out) / METRICS).read_text(encoding="utf-8"))

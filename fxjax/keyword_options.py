@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 from typing import Any, Collection, Mapping, Sequence
 
-__all__ = ["command_arguments"]
+__all__ = ["command_arguments", "in_keyword_words"]
 
 
 def _parsers(command: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -90,4 +91,28 @@ def command_arguments(command: str, words: Sequence[str], options: Mapping[str, 
             return parser.parse_args(argv)
     except SystemExit:
         why = said.getvalue().strip().splitlines()
-        raise ValueError(f"{caller}: {why[-1] if why else 'invalid options'}") from None
+        raise in_keyword_words(ValueError(f"{caller}: {why[-1] if why else 'invalid options'}"), command) from None
+
+
+_FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)(=| (?=[A-Z][A-Z_]*\b))?")
+
+
+def in_keyword_words(err: BaseException, command: str) -> BaseException:
+    """`err`, raised by running COMMAND for a Python caller (`evaluate`, `ImageDetector`), its message in the
+    caller's words: each of the command's flags as the keyword that sets it (`--fresh` -> `fresh=True`,
+    `--no-progress` -> `progress=False`, `--model PATH` -> `model=PATH`, `--step` -> `step`). Changed in
+    place where the message is the exception's one argument (its type and traceback kept); returned."""
+    if len(err.args) != 1 or not isinstance(err.args[0], str):
+        return err
+    known = {flag: action for action in _parsers(command)[1]._actions for flag in action.option_strings}
+
+    def keyword(match: re.Match) -> str:
+        action = known.get(match.group(1))
+        if action is None or action.dest == "help":
+            return match.group(0)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{action.dest}={not action.default}"
+        return f"{action.dest}=" if match.group(2) else action.dest
+
+    err.args = (_FLAG.sub(keyword, err.args[0]),)
+    return err

@@ -250,8 +250,11 @@ def test_the_python_detector_answers_as_the_command_for_paths_and_pil_images(tin
     assert got[3]["size"] == list(Image.open(paths[0]).size)[::-1]  # (upright: height and width swapped)
     assert ImageDetector(tiny_vl_dir, user_prompt="-real or generated?")._detector.data["user_prompt"] == \
         "-real or generated?"  # (a value that starts with "-" is a value)
-    with pytest.raises(ValueError, match=r"ImageDetector: .*--max-pixels: .*-5"):
+    with pytest.raises(ValueError, match=r"ImageDetector: .*argument max_pixels: .*-5"):  # (in keywords' words)
         ImageDetector(tiny_vl_dir, max_pixels=-5)
+    with pytest.raises(ValueError, match=r"^give model=PATH \(an HF directory, optionally with adapter=DIR\) or "
+                                         r"run=RUN_DIR"):  # (the command said "give --model PATH ...")
+        ImageDetector(step="alpha")
     with pytest.raises(TypeError, match=r"unknown option 'max_pixel'"):
         ImageDetector(tiny_vl_dir, max_pixel=5)
     with pytest.raises(TypeError, match=r"ImageDetector: user_prompt takes one value, not \['Real', 'or fake\?'\]"):

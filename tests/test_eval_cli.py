@@ -424,8 +424,11 @@ def test_eval_command_on_a_tiny_model(dataset, tiny_vl_dir, tmp_path, capsys):
     assert got == json.loads((tmp_path / "python" / "metrics.json").read_text())
     assert {k: v for k, v in got.items() if k != "decoding"} == {k: v for k, v in metrics.items() if k != "decoding"}
     assert "accuracy" in capsys.readouterr().out  # (the command's table, as from a shell)
-    with pytest.raises(ValueError, match=r"evaluate: .*--batch-size: .*0"):
+    with pytest.raises(ValueError, match=r"evaluate: .*argument batch_size: .*0"):  # (the keyword, not --batch-size)
         evaluate(dataset, out=tmp_path / "python", model=tiny_vl_dir, batch_size=0)
+    (tmp_path / "python" / "predictions.jsonl").write_text("not a row\n")
+    with pytest.raises(ValueError, match=r"pass fresh=True to start over"):  # (the command said --fresh)
+        evaluate(dataset, out=tmp_path / "python", model=tiny_vl_dir, batch_size=8)
     with pytest.raises(TypeError, match=r"evaluate: unknown option 'batch'; the options are .*batch_size"):
         evaluate(dataset, out=tmp_path / "python", model=tiny_vl_dir, batch=8)
     with pytest.raises(TypeError, match=r"evaluate: fresh is 'yes'; give True or False"):
