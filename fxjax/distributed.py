@@ -17,8 +17,8 @@ arguments so that JAX fills in the coordinator, process count and id. It logs on
 FXJAX_NO_AUTO_DISTRIBUTED=1 to stay a single process. Explicit settings always win over detection.
 With one process it does nothing but apply `local_device_count`. On CPU the cross-process collectives run
 over gloo. After it, `fxjax.device_mesh.make_mesh` spans every process's
-devices, `fxjax.from_pretrained(..., mesh=mesh)` loads onto the global mesh (each process reads each
-tensor and keeps only its shards) and `fxjax.save_pretrained` gathers one tensor at a time and writes
+devices, `fxjax.from_pretrained(..., mesh=mesh)` loads onto the global mesh (each process reads from the
+files only the regions of each tensor its devices hold) and `fxjax.save_pretrained` gathers one tensor at a time and writes
 from process 0.
 """
 
