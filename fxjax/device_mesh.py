@@ -254,8 +254,8 @@ def put(array, sharding: NamedSharding) -> jax.Array:
     however many of this process's devices hold it. Every shard is a copy, so no device buffer keeps the
     whole host tensor alive.
     """
-    if not (hasattr(array, "shape") and hasattr(array, "__getitem__")):
-        array = np.asarray(array)
+    if isinstance(array, jax.Array) or not (hasattr(array, "shape") and hasattr(array, "__getitem__")):
+        array = np.asarray(array)  # (a device array: to the host once, not a device op per region)
     regions: dict[tuple, np.ndarray] = {}
 
     def region(index: tuple) -> np.ndarray:

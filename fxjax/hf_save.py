@@ -130,6 +130,10 @@ def write_checkpoint(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None 
         barrier("fxjax.save_pretrained")
         return out
 
+    # an earlier save's index first: a save killed while it writes its shards over that save's (the same names
+    # for the same count) leaves no index that loads a mix of the two models
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    (out / "model.safetensors").unlink(missing_ok=True)
     itemsize = np.dtype(NP_DTYPES[dtype]).itemsize
     shard_of = _shard_plan([(name, elements * itemsize) for name, elements, _ in tensors], max_shard_bytes)
     count = max(shard_of.values(), default=0) + 1

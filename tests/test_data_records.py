@@ -739,3 +739,37 @@ def test_a_symbolic_link_loop_is_a_record_error(root):
     records, report = load_records(write(root, native(image="img/loop.png"), native()), on_error="skip")
     assert len(records) == 1 and [e.kind for e in report.skipped] == ["image_path"]
     assert "img/loop.png cannot be resolved" in str(report.skipped[0])
+
+
+def test_a_limit_keeps_the_records_fingerprint_of_linked_images(root):
+    """`--limit`'s records past the limit count in the records' fingerprint by the name of the file their path
+    leads to, as the loaded records do: with the paths resolved in pass 2, a linked image counted by the
+    link's name there and by its target's name among the loaded ones (another fingerprint than without a
+    limit, so an eval with --limit and one without no longer counted as one)."""
+    from fxjax.data.pipeline import records_fingerprint
+
+    (root / "img/inside.png").symlink_to(root / "img/gray.png")
+    path = write(root, native(image="img/ok.png"), native(image="img/inside.png"), native(image="img/ok.png"))
+    whole, _ = load_records(path)
+    limited, report = load_records(path, limit=1)
+    assert [name for _, _, name in report.unchecked] == ["gray.png", "ok.png"]
+    assert records_fingerprint(limited, report.unchecked) == records_fingerprint(whole)
+
+
+def test_a_symbolic_link_loop_is_a_record_error_whatever_the_python(root, monkeypatch):
+    """Python 3.13's non-strict Path.resolve returns a loop's path as it is (3.11 and 3.12 raise): the loop
+    is found by the strict resolve, so it is an image_path error there too, not a file that cannot be read."""
+    (root / "img/loop.png").symlink_to(root / "img/loop.png")
+    resolve = Path.resolve
+
+    def as_python_3_13(self, strict=False):
+        try:
+            return resolve(self, strict=strict)
+        except RuntimeError:
+            if strict:
+                raise OSError(40, "Too many levels of symbolic links", str(self)) from None
+            return self
+
+    monkeypatch.setattr(Path, "resolve", as_python_3_13)
+    records, report = load_records(write(root, native(image="img/loop.png"), native()), on_error="skip")
+    assert len(records) == 1 and [e.kind for e in report.skipped] == ["image_path"]

@@ -369,6 +369,25 @@ def test_sharded_export_round_trip(tiny_checkpoint, tmp_path, hf_ref, prompt, mo
             sizes = [f.get_tensor(k).nbytes for k in f.keys()]
         assert sum(sizes) <= 20_000 or len(sizes) == 1
     assert_same_tensors(read_tensors(out), read_tensors(tiny_checkpoint))
+    # a save killed while it writes its shards over an earlier save's (the same names for the same count)
+    # leaves no index: the earlier index would load a mix of the two models
+    from fxjax import hf_save
+
+    written = hf_save.save_safetensors
+
+    def killed_after_two(tensors, path, **kwargs):
+        if len(list(out.glob("model-*.safetensors.killed"))) == 2:
+            raise KeyboardInterrupt
+        written(tensors, path, **kwargs)
+        (out / f"{Path(path).name}.killed").write_text("")
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(hf_save, "save_safetensors", killed_after_two)
+        fxjax.save_pretrained(model, out, max_shard_bytes=20_000)
+    assert not (out / "model.safetensors.index.json").exists()
+    for marker in out.glob("*.killed"):
+        marker.unlink()
+    out = fxjax.save_pretrained(model, out, max_shard_bytes=20_000)
     again = fxjax.save_pretrained(fxjax.from_pretrained(out, dtype="float32"), tmp_path / "again")
     assert_same_tensors(read_tensors(again), read_tensors(tiny_checkpoint))
     back = _hf_load_clean(out)

@@ -578,6 +578,16 @@ def test_swift_records_keep_their_prompts_and_fill_placeholders(demo, tokenizer_
         DataPipeline(dataclasses.replace(cfg, user_prompt="Box it."))
     assert any("do not apply to the 2 ms-swift record(s)" in r.getMessage() and str(path) in r.getMessage()
                for r in caplog.records)
+    # on the second process of a run it is said at debug level only (the first says it for all: the held-out
+    # evaluator's pipelines of given records said it on every host)
+    from fxjax.data.records import ImageShare
+
+    loaded = DataPipeline(cfg).records
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fxjax.data.pipeline"):
+        DataPipeline(dataclasses.replace(cfg, user_prompt="Box it."), records=loaded,
+                     image_share=ImageShare(1, 2, lambda value: [value, value]))
+    assert not caplog.records
 
 
 def test_prompt_mode_is_left_padded_without_targets(demo, tokenizer_dir, records):

@@ -63,14 +63,15 @@ class Evaluator:
         base = dataclasses.replace(data_cfg, data_files=tuple(eval_files), batch_size=batch_size, shuffle=False,
                                    num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1,
                                    worker_count=0)
-        first = DataPipeline(base, image_share=process_image_share())  # (every process builds it)
+        share = process_image_share()  # (every process builds them; what they warn of, the first one says)
+        first = DataPipeline(base, image_share=share)
         records = first.records[:max_examples] if max_examples else first.records
-        self.loss_pipeline = DataPipeline(base, records=records, report=first.report)
+        self.loss_pipeline = DataPipeline(base, records=records, report=first.report, image_share=share)
         # every process reads the eval files itself: different records (a per-host copy that differs, an image
         # one host skipped) would log a mix of two evaluations, or hang the process with more batches
         check_same_records(self.loss_pipeline)
         self.prompt_pipeline = DataPipeline(dataclasses.replace(base, mode="prompt"), records=records,
-                                            report=first.report)
+                                            report=first.report, image_share=share)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.loss_chunk = loss_chunk

@@ -71,7 +71,7 @@ def image_path_in_root(root: Path, rel: Any, allow_absolute: bool = False) -> Pa
     ValueError (with the reason) otherwise. Where symbolic links take it: `outside_root_problem`.
 
     ``allow_absolute``: take an absolute ``rel`` as it is (for datasets whose images live elsewhere and whose
-    JSONL the user trusts); '..' is refused all the same.
+    JSONL the user trusts); '..' in a relative path is refused all the same.
     """
     if not isinstance(rel, str) or not rel.strip():
         raise ValueError(f"image path must be a non-empty string, got {rel!r}")

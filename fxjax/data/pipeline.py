@@ -143,7 +143,8 @@ class DataPipeline:
     def __init__(self, cfg: DataConfig, records: Sequence[Record] | None = None,
                  report: LoadReport | None = None, image_share: ImageShare | None = None):
         self.cfg = cfg
-        # the records' warnings are the same on every process of a run: said by the first (load_records too)
+        # the records' warnings are the same on every process of a run: said by the first (load_records too;
+        # `image_share` with `records` given: only which process this is)
         self._warn = logger.warning if image_share is None or image_share.index == 0 else logger.debug
         if records is None:  # (image_share: the processes of a run split the images' opening, load_records)
             records, report = load_records(cfg.data_files, cfg.root, cfg.format, cfg.on_error, cfg.check_decode,

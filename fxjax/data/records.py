@@ -274,13 +274,29 @@ def _declared_size(obj: dict) -> tuple[float, float] | None:
 Size = tuple[int, int] | Exception  # an image's displayed (width, height), or why it cannot be used
 
 
+def _resolved(path: Path) -> Path:
+    """`path` with its symbolic links followed; a missing file's path as far as it resolves. A link loop
+    raises (RuntimeError, or OSError ELOOP: Python 3.13's non-strict resolve returns a loop's path as it is)."""
+    try:
+        return path.resolve(strict=True)
+    except FileNotFoundError:
+        return path.resolve()
+
+
+def _name_where_it_leads(path: Path) -> str:
+    try:
+        return _resolved(path).name
+    except (OSError, RuntimeError):
+        return path.name
+
+
 def _open_image_file(path: Path, roots: Iterable[Path], max_image_pixels: int, check_decode: bool,
                      allow_absolute_paths: bool) -> tuple[Path, Size]:
     """Pass 2 for one image path as written under `roots` (the dataset roots of the records naming it): (where
     it resolves to, symbolic links followed; that file's displayed (width, height), or why it cannot be
     used). A file a link takes out of every root is not opened (unless allowed: `outside_root_problem`)."""
     try:
-        resolved = path.resolve()
+        resolved = _resolved(path)
     except (OSError, RuntimeError) as err:  # (a symbolic link loop)
         return path, ImageError(f"image path {path} cannot be resolved: {err}", "image_path")
     if not allow_absolute_paths and not any(resolved.is_relative_to(root) for root in roots):  # (said per record: _check_image)
@@ -536,7 +552,11 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     if resized:
         report.hints.append(_resized_hint(resized))
         warn("%s", report.hints[-1])
-    report.unchecked = [(item.parsed.record_id, item.parsed.label, item.path.name) for item in pending[done:]]
+    # the records a limit left unopened, by their files' names where the paths lead (as the loaded ones'):
+    # a record fingerprint with a limit is the one without when every image is good
+    with ThreadPoolExecutor(max(num_threads, 1)) as pool:
+        names = list(pool.map(lambda item: _name_where_it_leads(item.path), pending[done:]))
+    report.unchecked = [(item.parsed.record_id, item.parsed.label, name) for item, name in zip(pending[done:], names)]
     errors.sort(key=lambda e: e[0])
     if errors and on_error == "raise":
         raise errors[0][1]
