@@ -378,7 +378,8 @@ def test_processes_split_the_images_and_keep_the_same_records(root, monkeypatch,
     # each process resolves and opens its share of the images, in the order the records name them (ok,
     # truncated, gray, rotated, nope, thin, link, inside): resolved, then opened where the path leads
     resolved = lambda *names: [step for n in names for step in [("resolved", n), (check_decode, n)]]  # noqa: E731
-    assert opened == {"process-0": resolved("ok.png", "gray.png", "nope.png") + [("resolved", "link.png")],  # (not opened)
+    assert opened == {"process-0": resolved("ok.png", "gray.png") + [("resolved", "nope.png")]  # (strictly, then not)
+                      + resolved("nope.png") + [("resolved", "link.png")],  # (link.png's target not opened)
                       "process-1": resolved("truncated.png", "rotated.jpg", "thin.png")
                       + [("resolved", "inside.png"), (check_decode, "gray.png")]}
     for records, report in got:
