@@ -163,8 +163,9 @@ def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
     me, processes = _place()
     if processes == 1:
         return [value]
-    client, key, count = _publish("allgather_json", name, value)
-    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, cancelled)]
+    client, key, count, size = _publish("allgather_json", name, value)
+    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, cancelled,
+                                                      relist=size <= _RELIST_BYTES)]
     if count > 1:  # every process has made call count - 1, so read all keys of count - 2: drop this one's
         client.key_value_delete(f"fxjax/{name}/{count - 2}/{me}")
     return out
@@ -182,10 +183,10 @@ def _place() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def _publish(caller: str, name: str, value: Any) -> tuple[Any, str, int]:
+def _publish(caller: str, name: str, value: Any) -> tuple[Any, str, int, int]:
     """Write this process's `value` for call number `count` of `name` in the coordination service's
     key-value store (jax.distributed initialised, else DistributedError): (client, the call's key prefix,
-    count); process p's part is at <prefix>/p."""
+    count, the part's length in characters); process p's part is at <prefix>/p."""
     from jax._src.distributed import global_state  # the one handle on the key-value store JAX offers
 
     client = global_state.client
@@ -193,8 +194,9 @@ def _publish(caller: str, name: str, value: Any) -> tuple[Any, str, int]:
         raise DistributedError(f"{caller} needs jax.distributed to be initialized")
     count = _GATHERS[name] = _GATHERS.get(name, -1) + 1
     key = f"fxjax/{name}/{count}"
-    client.key_value_set(f"{key}/{_place()[0]}", json.dumps(value))
-    return client, key, count
+    part = json.dumps(value)
+    client.key_value_set(f"{key}/{_place()[0]}", part)
+    return client, key, count, len(part)
 
 
 def gather_json_to_main(name: str, value: Any, *, timeout_s: int = 600) -> list[Any] | None:
@@ -207,29 +209,38 @@ def gather_json_to_main(name: str, value: Any, *, timeout_s: int = 600) -> list[
     me, processes = _place()
     if processes == 1:
         return [value]
-    client, key, _ = _publish("gather_json_to_main", name, value)
+    client, key, _, size = _publish("gather_json_to_main", name, value)
     if me != 0:
         return None
-    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, None)]
+    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, None,
+                                                      relist=size <= _RELIST_BYTES)]
     for p in range(processes):
         client.key_value_delete(f"{key}/{p}")
     return out
 
 
+_RELIST_BYTES = 64 * 1024  # parts up to this long: list the call's keys again after each wait
+
+
 def _wait_for_all(client, key: str, processes: int, timeout_s: float,
-                  cancelled: Callable[[], bool] | None) -> list[str]:
+                  cancelled: Callable[[], bool] | None, relist: bool = True) -> list[str]:
     """Every process's part of call `key` (<key>/<p>), in process order: one listing of the call's keys
-    (key_value_dir_get) once all have arrived, else a wait for the first missing part and another listing.
-    A few requests per exchange, not one per process: a 64-host pod made 64 gets per process, 4,096 at the
-    coordinator, for each of the exchanges a step makes."""
+    (key_value_dir_get) once all have arrived, else a wait for the first missing part and, for small parts
+    (`relist`), another listing. A few requests per exchange, not one per process: a 64-host pod made 64
+    gets per process, 4,096 at the coordinator, for each of the exchanges a step makes. Large parts (the
+    images' sizes of a run's start) are then waited for one by one instead: each listing fetches every part
+    again, some 20 MB a time for two million images."""
     found: dict[int, str] = {}
     while True:
         for name, value in client.key_value_dir_get(key):
             found[int(name.rsplit("/", 1)[-1])] = value
-        missing = next((p for p in range(processes) if p not in found), None)
-        if missing is None:
+        missing = [p for p in range(processes) if p not in found]
+        if not missing:
             return [found[p] for p in range(processes)]
-        found[missing] = _wait_for(client, f"{key}/{missing}", timeout_s, cancelled)
+        for p in missing if not relist else missing[:1]:
+            found[p] = _wait_for(client, f"{key}/{p}", timeout_s, cancelled)
+        if not relist:
+            return [found[p] for p in range(processes)]
 
 
 def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] | None) -> str:

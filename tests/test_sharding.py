@@ -242,8 +242,9 @@ def test_allgather_json_orders_by_process_and_stops_when_cancelled_or_timed_out(
 def test_an_exchange_reads_every_part_in_a_few_requests(monkeypatch):
     """Each process read the other processes' parts one blocking get at a time: 64 requests per process and
     4,096 at the coordinator for an exchange on a 64-host pod, several exchanges a step. Now one listing of
-    the call's keys when all have arrived, and a wait for the first missing one otherwise (a fake store for
-    process 0 of 64; the real one under tests/test_multihost.py)."""
+    the call's keys when all have arrived, and a wait for the first missing one otherwise, then another
+    listing for small parts, the other missing ones one by one for large ones (a fake store for process 0 of
+    64; the real one under tests/test_multihost.py)."""
     import jax
     from jax._src.distributed import global_state
 
@@ -281,6 +282,14 @@ def test_an_exchange_reads_every_part_in_a_few_requests(monkeypatch):
     store.late = {f"fxjax/sizes/1/{p}": str(p) for p in range(40, 64)}  # 24 processes not there yet
     assert host_exchange.allgather_json("sizes", 0) == list(range(64))
     assert store.requests == [("list", "fxjax/sizes/1"), ("get", "fxjax/sizes/1/40"), ("list", "fxjax/sizes/1")]
+    # large parts (a run's images' sizes): after the first listing the missing ones one by one, not listings
+    # that fetch every part again
+    store.requests.clear()
+    big = "x" * (host_exchange._RELIST_BYTES + 1)
+    store.kv.update({f"fxjax/sizes/2/{p}": f'"{big}"' for p in range(1, 61)})
+    store.late = {f"fxjax/sizes/2/{p}": f'"{big}"' for p in range(61, 64)}
+    assert host_exchange.allgather_json("sizes", big) == [big] * 64
+    assert store.requests == [("list", "fxjax/sizes/2")] + [("get", f"fxjax/sizes/2/{p}") for p in (61, 62, 63)]
 
 
 def test_gather_json_to_main_reads_at_process_0_only_and_drops_what_it_read(monkeypatch):
