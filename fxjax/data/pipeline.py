@@ -43,7 +43,7 @@ import grain
 from fxjax.data.batching import BatchDataset, BatchIterator, bucket_length, collate
 from fxjax.data.config import DataConfig
 from fxjax.data.examples import IGNORE_INDEX, Dropped, ExampleBuilder, box_tiny_at_max_pixels, tokens_for
-from fxjax.data.records import DataError, ImageShare, LoadReport, Record, load_records
+from fxjax.data.records import DataError, ImageShare, LoadReport, Record, load_records, load_warning
 
 __all__ = [
     "IGNORE_INDEX",
@@ -143,9 +143,9 @@ class DataPipeline:
     def __init__(self, cfg: DataConfig, records: Sequence[Record] | None = None,
                  report: LoadReport | None = None, image_share: ImageShare | None = None):
         self.cfg = cfg
-        # the records' warnings are the same on every process of a run: said by the first (load_records too;
-        # `image_share` with `records` given: only which process this is)
-        self._warn = logger.warning if image_share is None or image_share.index == 0 else logger.debug
+        # the records' warnings, said by the first process of a run (`image_share` with `records` given: only
+        # which process this is)
+        self._warn = load_warning(image_share, logger)
         if records is None:  # (image_share: the processes of a run split the images' opening, load_records)
             records, report = load_records(cfg.data_files, cfg.root, cfg.format, cfg.on_error, cfg.check_decode,
                                            cfg.max_image_pixels, allow_absolute_paths=cfg.allow_absolute_paths,

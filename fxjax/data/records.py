@@ -442,6 +442,13 @@ class ImageShare:
     exchange: Callable[[Any], list[Any]]
 
 
+def load_warning(share: ImageShare | None, log: logging.Logger = logger) -> Callable[..., None]:
+    """How a load's findings are said on `log`: what the load finds is the same on every process sharing the
+    images, so the first says it (log.warning) and the others at debug level (a pod's 64 hosts printed each
+    skipped record 64 times)."""
+    return log.warning if share is None or share.index == 0 else log.debug
+
+
 def load_records(files: str | Path | Sequence[str | Path], root: str | Path | None = None,
                  format: str = "auto", on_error: str = "raise", check_decode: bool = True,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, num_threads: int = 8,
@@ -466,9 +473,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     if image_share is not None and limit is not None:
         raise ValueError("image_share splits the opening of every image: not with a limit")
     share = image_share if image_share is not None and image_share.count > 1 else None
-    # what the load finds is the same on every process sharing the images: said by the first only (a pod's
-    # 64 hosts printed each skipped record 64 times), at debug level by the others
-    warn = logger.warning if share is None or share.index == 0 else logger.debug
+    warn = load_warning(share)
     files = [files] if isinstance(files, (str, Path)) else list(files)
     report = LoadReport(files=[str(f) for f in files])
     errors: list[tuple[tuple[int, int], DataError]] = []  # ((file, line), error)
@@ -517,9 +522,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
 
     # Pass 2: images (I/O bound: threads), each file once however many records name it (several prompts or
     # annotations of one image: 40k records of 400 images took 20 s, not 0.3), then boxes against the size.
-    order = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in pending))}
-
-    roots: dict[Path, set[Path]] = {}
+    roots: dict[Path, set[Path]] = {}  # each image path as written, in the order the records name them
     for item in pending:
         roots.setdefault(item.path, set()).add(item.root)
 
@@ -532,7 +535,7 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
     done = 0  # pending records checked
     with ThreadPoolExecutor(max(num_threads, 1)) as pool:
         if share is not None:  # this process's share of the images, and what the others found in theirs
-            sizes.update(_open_shared(list(order), open_file, share, pool if num_threads > 1 else None))
+            sizes.update(_open_shared(list(roots), open_file, share, pool if num_threads > 1 else None))
         while done < len(pending) and (limit is None or len(records) < limit):
             # all at once without a limit; with one, about as many as are still wanted (and a few more)
             chunk = pending[done:] if limit is None else pending[done:done + max(2 * (limit - len(records)), 32)]
@@ -554,8 +557,10 @@ def load_records(files: str | Path | Sequence[str | Path], root: str | Path | No
         warn("%s", report.hints[-1])
     # the records a limit left unopened, by their files' names where the paths lead (as the loaded ones'):
     # a record fingerprint with a limit is the one without when every image is good
-    with ThreadPoolExecutor(max(num_threads, 1)) as pool:
-        names = list(pool.map(lambda item: _name_where_it_leads(item.path), pending[done:]))
+    names = []
+    if done < len(pending):
+        with ThreadPoolExecutor(max(num_threads, 1)) as pool:
+            names = list(pool.map(lambda item: _name_where_it_leads(item.path), pending[done:]))
     report.unchecked = [(item.parsed.record_id, item.parsed.label, name) for item, name in zip(pending[done:], names)]
     errors.sort(key=lambda e: e[0])
     if errors and on_error == "raise":
