@@ -264,6 +264,6 @@ def images_in_both(first: Mapping[str, Hashable], second: Mapping[str, Hashable]
         ours_sizes, theirs_sizes = (dict(zip(paths, pool.map(_byte_size, paths))) for paths in (ours, theirs))
         sizes = (set(ours_sizes.values()) & set(theirs_sizes.values())) - {None}
         ours, theirs = ([p for p, size in side.items() if size in sizes] for side in (ours_sizes, theirs_sizes))
-        digests = set(pool.map(_content_digest, ours)) | set(first)
-        return {p for p, digest in zip(theirs, pool.map(_content_digest, theirs)) if digest in digests} | (
-            set(second) & set(first))
+        digests = set(pool.map(_content_digest, ours))
+        copies = {p for p, digest in zip(theirs, pool.map(_content_digest, theirs)) if digest in digests}
+    return copies | (set(second) & set(first))  # (a file on both sides: the same image, read or not)
