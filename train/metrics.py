@@ -236,9 +236,7 @@ class MetricsLogger:
         """Everything logged so far on disk (fsync), the companions' too: called at each checkpoint, so that a
         run on gcsfuse, which uploads a file only when it is synced or closed, does not lose the metrics of an
         attempt that is preempted (its checkpoint kept, its log never uploaded)."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        _sync(self._file)
         for companion in self.companions:
             companion.sync()
 
@@ -251,6 +249,13 @@ class MetricsLogger:
             self._tb = None
         for companion in self.companions:
             companion.close()
+
+
+def _sync(file) -> None:
+    """An open log file's lines on disk (None: nothing open)."""
+    if file is not None:
+        file.flush()
+        os.fsync(file.fileno())
 
 
 class CompletionLog:
@@ -281,9 +286,7 @@ class CompletionLog:
         self._file.flush()
 
     def sync(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        _sync(self._file)
 
     def close(self) -> None:
         if self._file is not None:
