@@ -8,6 +8,7 @@ loaded from. Layers under scan come out one slice at a time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -134,18 +135,15 @@ def write_checkpoint(model: Qwen25VL, out_dir: str | Path, *, dtype: str | None 
     # for the same count) leaves no index that loads a mix of the two models
     (out / "model.safetensors.index.json").unlink(missing_ok=True)
     (out / "model.safetensors").unlink(missing_ok=True)
-    itemsize = np.dtype(NP_DTYPES[dtype]).itemsize
-    shard_of = _shard_plan([(name, elements * itemsize) for name, elements, _ in tensors], max_shard_bytes)
+    sizes = [(name, elements * np.dtype(NP_DTYPES[dtype]).itemsize) for name, elements, _ in tensors]
+    shard_of = _shard_plan(sizes, max_shard_bytes)
     count = max(shard_of.values(), default=0) + 1
     files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]  # (named once: no renames,
-    shard: dict[str, np.ndarray] = {}  # each a copy of the file on a bucket)
-    for i, (name, _, thunk) in enumerate(tensors):
-        shard[name] = thunk().astype(NP_DTYPES[dtype])
-        if i + 1 == len(tensors) or shard_of[tensors[i + 1][0]] != shard_of[name]:
-            save_safetensors(shard, out / files[shard_of[name]], metadata={"format": "pt"})  # mode 0644, not 0600
-            shard = {}
+    for shard, members in itertools.groupby(tensors, key=lambda t: shard_of[t[0]]):  # each a copy on a bucket)
+        save_safetensors({name: thunk().astype(NP_DTYPES[dtype]) for name, _, thunk in members}, out / files[shard],
+                         metadata={"format": "pt"})  # mode 0644, not 0600
     weight_map = {name: files[shard_of[name]] for name in sorted(shard_of)}
-    total = sum(elements * itemsize for _, elements, _ in tensors)
+    total = sum(nbytes for _, nbytes in sizes)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     _remove_stale_weights(out, set(files))
