@@ -164,8 +164,7 @@ def allgather_json(name: str, value: Any, *, timeout_s: int = 600,
     if processes == 1:
         return [value]
     client, key, count, size = _publish("allgather_json", name, value)
-    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, cancelled,
-                                                      relist=size <= _RELIST_BYTES)]
+    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, cancelled, size)]
     if count > 1:  # every process has made call count - 1, so read all keys of count - 2: drop this one's
         client.key_value_delete(f"fxjax/{name}/{count - 2}/{me}")
     return out
@@ -212,8 +211,7 @@ def gather_json_to_main(name: str, value: Any, *, timeout_s: int = 600) -> list[
     client, key, _, size = _publish("gather_json_to_main", name, value)
     if me != 0:
         return None
-    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, None,
-                                                      relist=size <= _RELIST_BYTES)]
+    out = [json.loads(part) for part in _wait_for_all(client, key, processes, timeout_s, None, size)]
     for p in range(processes):
         client.key_value_delete(f"{key}/{p}")
     return out
@@ -223,24 +221,24 @@ _RELIST_BYTES = 64 * 1024  # parts up to this long: list the call's keys again a
 
 
 def _wait_for_all(client, key: str, processes: int, timeout_s: float,
-                  cancelled: Callable[[], bool] | None, relist: bool = True) -> list[str]:
+                  cancelled: Callable[[], bool] | None, part_size: int) -> list[str]:
     """Every process's part of call `key` (<key>/<p>), in process order: one listing of the call's keys
     (key_value_dir_get) once all have arrived, else a wait for the first missing part and, for small parts
-    (`relist`), another listing. A few requests per exchange, not one per process: a 64-host pod made 64
-    gets per process, 4,096 at the coordinator, for each of the exchanges a step makes. Large parts (the
-    images' sizes of a run's start) are then waited for one by one instead: each listing fetches every part
-    again, some 20 MB a time for two million images."""
+    (this process's `part_size` up to _RELIST_BYTES), another listing. A few requests per exchange, not one
+    per process: a 64-host pod made 64 gets per process, 4,096 at the coordinator, for each of the exchanges
+    a step makes. Large parts (the images' sizes of a run's start) are then waited for one by one instead:
+    each listing fetches every part again, some 20 MB a time for two million images."""
     found: dict[int, str] = {}
     while True:
         for name, value in client.key_value_dir_get(key):
             found[int(name.rsplit("/", 1)[-1])] = value
         missing = [p for p in range(processes) if p not in found]
-        if not missing:
-            return [found[p] for p in range(processes)]
-        for p in missing if not relist else missing[:1]:
-            found[p] = _wait_for(client, f"{key}/{p}", timeout_s, cancelled)
-        if not relist:
-            return [found[p] for p in range(processes)]
+        if missing and part_size > _RELIST_BYTES:
+            found.update((p, _wait_for(client, f"{key}/{p}", timeout_s, cancelled)) for p in missing)
+        elif missing:
+            found[missing[0]] = _wait_for(client, f"{key}/{missing[0]}", timeout_s, cancelled)
+            continue
+        return [found[p] for p in range(processes)]
 
 
 def _wait_for(client, key: str, timeout_s: float, cancelled: Callable[[], bool] | None) -> str:
