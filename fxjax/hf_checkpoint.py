@@ -169,13 +169,12 @@ class StoredTensor:
 
     @functools.cached_property
     def _flattened(self) -> np.ndarray:
-        return to_fxjax(self._read(()), self.path)
+        return to_fxjax(self._read(tuple(slice(None) for _ in self.hf_shape)), self.path)
 
     def _read(self, index: tuple) -> np.ndarray:
         """The region `index` of the tensor as stored."""
         with open_safetensors(self.file, CheckpointError) as f:
-            stored = f.get_slice(self.name)
-            return stored[index] if index else stored[tuple(slice(None) for _ in self.hf_shape)]
+            return f.get_slice(self.name)[index]
 
 
 def abstract_model(cfg: Qwen25VLConfig, dtype, param_dtype) -> Qwen25VL:
